@@ -1,0 +1,1 @@
+"""DCP images package."""

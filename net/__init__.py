@@ -1,0 +1,1 @@
+"""DCP net package."""

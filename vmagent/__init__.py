@@ -1,0 +1,1 @@
+"""DCP vmagent package."""
