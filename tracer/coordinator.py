@@ -1,0 +1,120 @@
+"""The seam between the tracer and the OSS: intercepted calls in, decisions out.
+
+The tracer turns every intercepted syscall entry into a `SyscallCall` value and
+asks a `Coordinator` for a `Decision`.  The coordinator never touches ptrace:
+it sees plain values (numbers, decoded paths and argv) and answers with values
+(let it run, run it with rewritten arguments, or complete it with a result).
+The embedded coordinator answers in-process; a remote one forwards to `dcp-oss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# A rewritten argument: an int replaces the register value; bytes are written
+# into the tracee as a NUL-terminated string and the register points at it; a
+# tuple of bytes becomes a NULL-terminated array of such strings (argv, envp).
+ArgValue = int | bytes | tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SyscallCall:
+    """One intercepted syscall entry, as the coordinator sees it."""
+
+    pid: int  # thread-group id (the process)
+    tid: int  # the thread that made the call
+    nr: int
+    name: str
+    args: tuple[int, ...]  # the six raw argument registers
+    # Path arguments, by argument index, exactly as the program passed them.
+    paths: Mapping[int, bytes] = field(default_factory=dict)
+    # For each *relative* path argument: the real directory the kernel would
+    # resolve it against (the process cwd, or the path behind its dirfd).
+    bases: Mapping[int, bytes] = field(default_factory=dict)
+    # execve/execveat only: the argument vector.
+    argv: tuple[bytes, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Run the syscall unchanged."""
+
+    observe_result: bool = False  # call `Coordinator.on_result` at syscall exit
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Run the syscall with some arguments replaced (registers restored after)."""
+
+    args: Mapping[int, ArgValue]
+    observe_result: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Do not run the syscall; return `result` (negative errno for an error).
+
+    `writes` are (address, data) pairs copied into the tracee first, for calls
+    that fill a buffer (getcwd, readlink).
+    """
+
+    result: int
+    writes: tuple[tuple[int, bytes], ...] = ()
+
+
+Decision = Allow | Rewrite | Complete
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpawned:
+    """A new traced process (or thread, when `thread` is true) appeared."""
+
+    pid: int
+    ppid: int
+    thread: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExec:
+    """A process replaced its image; `argv` is what the program asked to run."""
+
+    pid: int
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExited:
+    """A traced process ended: `exit_status` or `signal` is set."""
+
+    pid: int
+    exit_status: int | None
+    signal: int | None
+
+
+ProcessEvent = ProcessSpawned | ProcessExec | ProcessExited
+
+
+class Coordinator(Protocol):
+    """What the tracer needs from the OSS (embedded or remote)."""
+
+    def interception(self) -> frozenset[str]:
+        """Names of the syscalls whose entry must stop the program."""
+        ...
+
+    def on_syscall(self, call: SyscallCall) -> Decision:
+        """Decide what happens to one intercepted call."""
+        ...
+
+    def on_result(self, call: SyscallCall, result: int) -> Complete | None:
+        """Optionally replace the result of a call allowed with observe_result."""
+        ...
+
+    def on_process(self, event: ProcessEvent) -> None:
+        """Learn about process lifecycle (spawn, exec, exit)."""
+        ...
+
+    def instance_of(self, pid: int) -> str:
+        """The compute instance a process runs on (for records and summaries)."""
+        ...
