@@ -1,0 +1,34 @@
+"""How a home process becomes a deputy: the command line that replaces its execve."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# The deputy runs as a file (python -I -S ignores PYTHONPATH and site-packages,
+# which is what keeps it fast and immune to the program's environment).
+DEPUTY_SCRIPT = str(Path(__file__).resolve().parent / "deputy.py")
+
+
+def interpreter() -> bytes:
+    """The real Python binary (not a shim script: a shim costs ~30 ms per exec)."""
+    return os.fsencode(os.path.realpath(sys.executable))
+
+
+def deputy_argv(
+    agent: str,
+    instance: str,
+    ticket: str,
+    path: bytes,
+    argv: tuple[bytes, ...],
+    reconnect_window: float | None = None,
+) -> tuple[bytes, ...]:
+    """argv of the deputy standing in for `execve(path, argv, ...)` run on `instance`."""
+    head: list[bytes] = [b"python3", b"-I", b"-S", os.fsencode(DEPUTY_SCRIPT)]
+    head += [b"--agent", agent.encode(), b"--instance", instance.encode()]
+    head += [b"--ticket", ticket.encode()]
+    if reconnect_window is not None:
+        head += [b"--reconnect", str(reconnect_window).encode()]
+    # An empty argv is legal for execve; the deputy still needs an argv[0] slot.
+    return (*head, b"--", path, *(argv or (path,)))
