@@ -1,0 +1,219 @@
+"""`dcptrace [options] -- program [args...]`: run an unmodified program under DCP."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Iterator
+from typing import TextIO
+
+import click
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from oss.embedded import EmbeddedCoordinator
+from oss.pathmap import PathMap, PathMapError, parse_mapping
+from tracer.coordinator import Coordinator
+from tracer.errors import SpawnError, TracerError, UsageError
+from tracer.report import build_record, write_record, write_summary
+from tracer.runner import Runner, reraise
+from tracer.spawn import resolve
+from tracer.syscalls import table_for
+
+log = logging.getLogger("dcptrace")
+PLACEMENTS = ("spread", "pack", "local")
+
+
+class FileConfig(BaseModel):
+    """`--config FILE` (TOML). Every key is optional; unknown keys are rejected.
+
+    map:        virtual path prefix -> real path prefix (like --map)
+    instances:  number of local compute instances (like --instances)
+    placement:  spread | pack | local (like --placement)
+    oss:        URL of a running dcp-oss (like --oss)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    map: dict[str, str] = {}
+    instances: int = 0
+    placement: str = "spread"
+    oss: str | None = None
+
+    @field_validator("map")
+    @classmethod
+    def _absolute(cls, value: dict[str, str]) -> dict[str, str]:
+        for src, dst in value.items():
+            parse_mapping(f"{src}={dst}")
+        return value
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, value: str) -> str:
+        if value not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}")
+        return value
+
+
+def load_config(path: str) -> FileConfig:
+    """Read and validate a TOML config file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return FileConfig.model_validate(data)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"config {path}: {where}: {first['msg']}") from exc
+
+
+@contextlib.contextmanager
+def _coordinator(
+    inner: EmbeddedCoordinator, instances: int, placement: str, oss_url: str | None
+) -> Iterator[Coordinator]:
+    if instances <= 1 and oss_url is None:
+        yield inner
+        return
+    try:
+        from vmagent.wiring import clustered
+    except ImportError as exc:
+        raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
+    with clustered(inner, instances=instances, placement=placement, oss_url=oss_url) as coord:
+        yield coord
+
+
+@click.command(
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
+)
+@click.option("--trace", is_flag=True, help="Print every syscall, strace-style.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write --trace lines to FILE instead of stderr.",
+)
+@click.option(
+    "--summary",
+    is_flag=True,
+    help="Print counts, errors and time per syscall, by category and service.",
+)
+@click.option(
+    "--record",
+    "record_path",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write a JSON run record to FILE.",
+)
+@click.option(
+    "--map",
+    "maps",
+    multiple=True,
+    metavar="SRC=DST",
+    help="Show real directory DST to the program as SRC (repeatable).",
+)
+@click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
+@click.option(
+    "--instances",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Run on N local compute instances.",
+)
+@click.option(
+    "--placement",
+    type=click.Choice(PLACEMENTS),
+    default=None,
+    help="Where new programs run (default spread).",
+)
+@click.option("--oss", "oss_url", metavar="URL", help="Use a running dcp-oss coordinator.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr.")
+@click.argument("program", nargs=-1, required=True, type=click.UNPROCESSED)
+def command(
+    trace: bool,
+    output: str | None,
+    summary: bool,
+    record_path: str | None,
+    maps: tuple[str, ...],
+    config_path: str | None,
+    instances: int | None,
+    placement: str | None,
+    oss_url: str | None,
+    verbose: int,
+    program: tuple[str, ...],
+) -> int:
+    """Run PROGRAM under DCP, as if the cluster were one computer."""
+    logging.basicConfig(
+        level=logging.WARNING - 10 * verbose, format="dcptrace: %(levelname)s: %(message)s"
+    )
+    config = load_config(config_path) if config_path else FileConfig()
+    mapping = dict(config.map)
+    for spec in maps:
+        src, dst = parse_mapping(spec)
+        mapping[src] = dst
+    table = table_for(os.uname().machine)
+    env = dict(os.environ)
+    path = resolve(program[0], env)
+    inner = EmbeddedCoordinator(table, PathMap(mapping))
+    observe = trace or summary or record_path is not None
+    trace_out: TextIO | None = None
+    if trace:
+        trace_out = open(output, "w", buffering=1 << 16) if output else sys.stderr
+    n = config.instances if instances is None else instances
+    where = placement or config.placement
+    try:
+        with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+            runner = Runner(program, env, path, table, coordinator, observe, trace_out)
+            outcome = runner.run()
+            if outcome.error:
+                click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
+            if summary:
+                write_summary(outcome.stats, sys.stderr)
+            if record_path:
+                record = build_record(
+                    program, outcome.exit_status, outcome.signal, outcome.machine,
+                    outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
+                )  # fmt: skip
+                write_record(record, record_path)
+    finally:
+        if trace_out is not None and trace_out is not sys.stderr:
+            trace_out.close()
+        elif trace_out is not None:
+            trace_out.flush()
+    if outcome.signal:
+        sys.stdout.flush()
+        reraise(outcome.signal)
+        return 128 + outcome.signal
+    return outcome.exit_status if outcome.exit_status is not None else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line on stderr for every user error."""
+    try:
+        code = command.main(args=argv, prog_name="dcptrace", standalone_mode=False)
+    except click.UsageError as exc:
+        msg = exc.format_message()
+        if isinstance(exc, click.MissingParameter):
+            msg = "no program given: usage: dcptrace [OPTIONS] -- PROGRAM [ARGS]..."
+        click.echo(f"dcptrace: {msg}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except SpawnError as exc:
+        click.echo(f"dcptrace: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (UsageError, PathMapError) as exc:
+        click.echo(f"dcptrace: {exc}", err=True)
+        sys.exit(2)
+    except TracerError as exc:
+        click.echo(f"dcptrace: {exc}", err=True)
+        sys.exit(125)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
