@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,7 @@ _warned: set[str] = set()
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        log.warning("%s", message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +133,7 @@ class LocalCluster:
             else:
                 _warn_once(
                     "no-isolation",
-                    "dcp: not root: local instances are plain processes on 127.0.0.1 "
+                    "not root: local instances are plain processes on 127.0.0.1 "
                     "(no network/UTS/PID namespaces, no cgroup limits)",
                 )
                 for name in self.names:
@@ -151,7 +150,7 @@ class LocalCluster:
         if not wanted <= cgroup_v2_controllers():
             _warn_once(
                 "no-cgroup",
-                "dcp: cgroup v2 cpu/memory controllers are not available at "
+                "cgroup v2 cpu/memory controllers are not available at "
                 f"{CGROUP_ROOT} (v1 or hybrid hierarchy): instances run without CPU/memory limits",
             )
             return None
@@ -161,7 +160,7 @@ class LocalCluster:
             self._cgroups.append(parent)
             (parent / "cgroup.subtree_control").write_text("+cpu +memory")
         except OSError as exc:
-            _warn_once("no-cgroup", f"dcp: cannot create cgroups ({exc}): no CPU/memory limits")
+            _warn_once("no-cgroup", f"cannot create cgroups ({exc}): no CPU/memory limits")
             return None
         return parent
 

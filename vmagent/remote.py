@@ -32,3 +32,18 @@ def deputy_argv(
         head += [b"--reconnect", str(reconnect_window).encode()]
     # An empty argv is legal for execve; the deputy still needs an argv[0] slot.
     return (*head, b"--", path, *(argv or (path,)))
+
+
+def original_argv(argv: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The program's own argv if `argv` is a deputy's command line, else None.
+
+    For records and summaries: a placed process shows the deputy's argv in
+    /proc, but the user wants to see the program it stands in for.
+    """
+    if len(argv) < 6 or os.fsencode(argv[3] if len(argv) > 3 else "") != os.fsencode(DEPUTY_SCRIPT):
+        return None
+    try:
+        cut = argv.index("--")
+    except ValueError:
+        return None
+    return tuple(argv[cut + 2 :]) or None
