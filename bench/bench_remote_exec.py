@@ -39,8 +39,13 @@ def spawn_wait(path: str, argv: list[str], **kw: object) -> int:
 
 
 def deputy(inst: Instance, *argv: str) -> list[str]:
-    args = deputy_argv(inst.address, inst.name, tickets.mint(inst.token, inst.name),
-                       os.fsencode(argv[0]), tuple(os.fsencode(a) for a in argv))
+    args = deputy_argv(
+        inst.address,
+        inst.name,
+        tickets.mint(inst.token, inst.name),
+        os.fsencode(argv[0]),
+        tuple(os.fsencode(a) for a in argv),
+    )
     return [PY, *(os.fsdecode(a) for a in args[1:])]
 
 
@@ -101,16 +106,22 @@ def main() -> None:
         r95 = sorted(remote)[int(len(remote) * 0.95)] * 1e3
         print(f"fork+exec /bin/true, local : median {lm:6.2f} ms  (n={args.runs})")
         print(f"fork+exec /bin/true, remote: median {rm:6.2f} ms  p95 {r95:6.2f} ms")
-        print(f"extra latency of a remote exec: {rm - lm:6.2f} ms (target < 20 ms) "
-              f"-> {'OK' if rm - lm < 20 else 'MISSED'}")
+        print(
+            f"extra latency of a remote exec: {rm - lm:6.2f} ms (target < 20 ms) "
+            f"-> {'OK' if rm - lm < 20 else 'MISSED'}"
+        )
         native = drain(["head", "-c", str(nbytes), "/dev/zero"], nbytes)
         out = drain(deputy(inst, "/usr/bin/head", "-c", str(nbytes), "/dev/zero"), nbytes)
         inp = feed(deputy(inst, "/bin/sh", "-c", "cat > /dev/null"), nbytes)
         print(f"stdout, native pipe         : {native:8.0f} MB/s")
-        print(f"stdout, remote -> deputy    : {out:8.0f} MB/s  ({out / native:.2f}x native) "
-              f"-> {'OK' if out >= 500 else 'MISSED'} (target >= 500)")
-        print(f"stdin,  deputy -> remote    : {inp:8.0f} MB/s  ({inp / native:.2f}x native) "
-              f"-> {'OK' if inp >= 500 else 'MISSED'} (target >= 500)")
+        print(
+            f"stdout, remote -> deputy    : {out:8.0f} MB/s  ({out / native:.2f}x native) "
+            f"-> {'OK' if out >= 500 else 'MISSED'} (target >= 500)"
+        )
+        print(
+            f"stdin,  deputy -> remote    : {inp:8.0f} MB/s  ({inp / native:.2f}x native) "
+            f"-> {'OK' if inp >= 500 else 'MISSED'} (target >= 500)"
+        )
         cluster.remove_logs()
 
 

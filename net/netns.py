@@ -18,13 +18,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetNS, netns
 
 log = logging.getLogger(__name__)
 
-LAB_SUPERNET = ipaddress.ip_network("10.213.0.0/16")
+LAB_SUPERNET = ipaddress.IPv4Network("10.213.0.0/16")
 NETNS_DIR = "/run/netns"
 
 
@@ -42,7 +43,7 @@ class Attachment:
     host_veth: str
 
 
-def used_networks(ipr: IPRoute) -> list[ipaddress.IPv4Network]:
+def used_networks(ipr: IPRoute) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """IPv4 networks of the host's addresses and routes."""
     nets = []
     for msg in ipr.get_addr(family=2):
@@ -56,12 +57,14 @@ def used_networks(ipr: IPRoute) -> list[ipaddress.IPv4Network]:
     return nets
 
 
-def choose_subnet(used: list[ipaddress.IPv4Network], seed: int) -> ipaddress.IPv4Network:
+def choose_subnet(
+    used: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], seed: int
+) -> ipaddress.IPv4Network:
     """A free /24 in the lab supernet, starting the search at `seed` (pure)."""
-    subnets = list(LAB_SUPERNET.subnets(new_prefix=24))
+    subnets: list[ipaddress.IPv4Network] = list(LAB_SUPERNET.subnets(new_prefix=24))
     for i in range(len(subnets)):
         candidate = subnets[(seed + i) % len(subnets)]
-        if not any(candidate.overlaps(u) for u in used):
+        if not any(u.version == 4 and candidate.overlaps(u) for u in used):  # type: ignore[arg-type]
             return candidate
     raise NetError("no free /24 left in 10.213.0.0/16")
 

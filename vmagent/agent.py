@@ -233,14 +233,20 @@ class Session:
         offsets = []
         for fd, ours in self.paths.items():
             with contextlib.suppress(OSError):
-                offsets.append(P.record([str(fd).encode(), str(os.lseek(ours, 0, os.SEEK_CUR)).encode()]))
+                offsets.append(
+                    P.record([str(fd).encode(), str(os.lseek(ours, 0, os.SEEK_CUR)).encode()])
+                )
         status = self.status
         if os.WIFSIGNALED(status):
             kind, value = b"signal", os.WTERMSIG(status)
         else:
             kind, value = b"status", os.WEXITSTATUS(status)
         self.send(
-            P.EXIT, 0, P.unpairs({b"kind": kind, b"value": str(value).encode(), b"offsets": P.record(offsets)})
+            P.EXIT,
+            0,
+            P.unpairs(
+                {b"kind": kind, b"value": str(value).encode(), b"offsets": P.record(offsets)}
+            ),
         )
         self.service.finished(self, kind.decode(), value)
 
@@ -248,7 +254,13 @@ class Session:
         """The program could not start: report like an exec failure."""
         self.finished = True
         value = 126 if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127
-        self.send(P.EXIT, 0, P.unpairs({b"kind": b"error", b"value": str(value).encode(), b"message": message.encode()}))
+        self.send(
+            P.EXIT,
+            0,
+            P.unpairs(
+                {b"kind": b"error", b"value": str(value).encode(), b"message": message.encode()}
+            ),
+        )
 
     # -- connection --------------------------------------------------------------
     def attach(self, proto: ExecProtocol, peer_last: int) -> None:
@@ -459,7 +471,9 @@ class ExecService:
             return
         log.warning(
             "deputy of %s pid=%d did not reconnect within %.1fs: killing it",
-            session.program, session.pid, self.config.reconnect_window,
+            session.program,
+            session.pid,
+            self.config.reconnect_window,
         )
         self.counts["abandoned"] += 1
         session.kill()
@@ -581,7 +595,9 @@ class Agent:
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
         self.service.install()
-        self.runner = web.AppRunner(make_app(self.config, self.service, self.sampler), access_log=None)
+        self.runner = web.AppRunner(
+            make_app(self.config, self.service, self.sampler), access_log=None
+        )
         await self.runner.setup()
         http = self.runner.server
         assert http is not None

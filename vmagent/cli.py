@@ -57,8 +57,13 @@ async def serve(config: AgentConfig) -> None:
 @click.option("--token", envvar="DCP_INSTANCE_TOKEN", required=True, help="Instance token.")
 @click.option("--listen", envvar="DCP_LISTEN", default="0.0.0.0:7070", show_default=True)
 @click.option("--hostname", default=None, help="Set the UTS hostname first (own namespace).")
-@click.option("--reconnect-window", default=10.0, show_default=True, type=float,
-              help="Seconds a session waits for its deputy to reconnect.")
+@click.option(
+    "--reconnect-window",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds a session waits for its deputy to reconnect.",
+)
 @click.option("--trace", default="", help="Command prefix to run programs under (e.g. the tracer).")
 @click.option("-v", "--verbose", is_flag=True)
 def main(

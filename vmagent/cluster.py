@@ -29,8 +29,12 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vmagent.errors import ClusterError
+
+if TYPE_CHECKING:
+    from net.netns import LabNetwork
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +111,7 @@ class LocalCluster:
         self._agent_pids: dict[str, int] = {}
         self._tokens: dict[str, tuple[str, str, str | None]] = {}  # name -> token, host, netns
         self._cgroups: list[Path] = []
-        self._net = None
+        self._net: LabNetwork | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -167,19 +171,33 @@ class LocalCluster:
     def _start_one(self, name: str, host: str, ns: str | None, cgroups: Path | None) -> None:
         token = secrets.token_urlsafe(24)
         agent = [
-            sys.executable, "-m", "vmagent",
-            "--instance", name,
-            "--token", token,
-            "--reconnect-window", str(self.reconnect_window),
+            sys.executable,
+            "-m",
+            "vmagent",
+            "--instance",
+            name,
+            "--token",
+            token,
+            "--reconnect-window",
+            str(self.reconnect_window),
         ]
         if self.trace:
             agent += ["--trace", " ".join(self.trace)]
         if ns is not None:
             agent += ["--listen", f"0.0.0.0:{AGENT_PORT}", "--hostname", name]
             argv = [
-                "nsenter", f"--net=/run/netns/{ns}", "--",
-                "unshare", "--uts", "--pid", "--mount", "--mount-proc", "--fork",
-                "--kill-child", "--", *agent,
+                "nsenter",
+                f"--net=/run/netns/{ns}",
+                "--",
+                "unshare",
+                "--uts",
+                "--pid",
+                "--mount",
+                "--mount-proc",
+                "--fork",
+                "--kill-child",
+                "--",
+                *agent,
             ]
         else:
             agent += ["--listen", f"{host}:0"]
@@ -191,8 +209,12 @@ class LocalCluster:
         stderr = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                env=env, start_new_session=True,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                start_new_session=True,
             )
         finally:
             stderr.close()
@@ -216,7 +238,9 @@ class LocalCluster:
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-                raise ClusterError(name, f"agent did not start in {self.start_timeout}s ({self._tail(name)})")
+                raise ClusterError(
+                    name, f"agent did not start in {self.start_timeout}s ({self._tail(name)})"
+                )
             chunk = os.read(proc.stdout.fileno(), 256)
             if not chunk:
                 raise ClusterError(name, f"agent exited: {self._tail(name)}")
@@ -229,10 +253,17 @@ class LocalCluster:
             kids = _children(proc.pid)  # unshare's child is the agent (PID 1 inside)
             agent_pid = kids[0] if kids else proc.pid
         self._agent_pids[name] = agent_pid
-        return Instance(name, address, token, int(health["cpus"]), str(health["hostname"]),
-                        agent_pid, ns is not None)
+        return Instance(
+            name,
+            address,
+            token,
+            int(health["cpus"]),
+            str(health["hostname"]),
+            agent_pid,
+            ns is not None,
+        )
 
-    def _health(self, name: str, address: str) -> dict[str, object]:
+    def _health(self, name: str, address: str) -> dict[str, Any]:
         try:
             with urllib.request.urlopen(f"http://{address}/v1/health", timeout=5) as resp:
                 data = json.load(resp)
@@ -263,7 +294,7 @@ class LocalCluster:
 
     def close(self) -> None:
         """Stop every agent (TERM, then KILL) and remove namespaces, links, cgroups."""
-        for name, pid in self._agent_pids.items():
+        for pid in self._agent_pids.values():
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -277,8 +308,7 @@ class LocalCluster:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("instance %s did not stop: killing it", name)
-                pid = self._agent_pids.get(name)
-                for target in filter(None, (pid, proc.pid)):
+                for target in (self._agent_pids.get(name, proc.pid), proc.pid):
                     try:
                         os.kill(target, signal.SIGKILL)
                     except ProcessLookupError:

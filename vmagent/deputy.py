@@ -145,7 +145,9 @@ def classify_fds() -> tuple[list[bytes], list[int], list[int]]:
         elif kind == P.FD_OUT:
             outs.append(fd)
         keep = flags & (ACCMODE | os.O_APPEND | os.O_NONBLOCK)
-        records.append(P.record([str(fd).encode(), kind, path, str(keep).encode(), str(pos).encode()]))
+        records.append(
+            P.record([str(fd).encode(), kind, path, str(keep).encode(), str(pos).encode()])
+        )
     return records, ins, outs
 
 

@@ -98,7 +98,11 @@ class OssLink:
                         await self._post(
                             http,
                             "/v1/agents/heartbeat",
-                            {"instance": self.instance, "seq": self.seq, "load": self.sample().as_json()},
+                            {
+                                "instance": self.instance,
+                                "seq": self.seq,
+                                "load": self.sample().as_json(),
+                            },
                         )
                         self.heartbeats_sent += 1
                         await asyncio.sleep(interval)

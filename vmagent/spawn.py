@@ -189,8 +189,10 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
             os.execve(path, argv, dict(_env_pairs(request.env)))
         except OSError as exc:
             try:
-                os.write(err_fd if "err_fd" in locals() else write_end,
-                         f"{exc.errno or errno.EIO} {step}".encode())
+                os.write(
+                    err_fd if "err_fd" in locals() else write_end,
+                    f"{exc.errno or errno.EIO} {step}".encode(),
+                )
             except OSError:
                 pass
         finally:

@@ -34,9 +34,7 @@ def mint(token: str, instance: str, ttl: float = TICKET_TTL, now: float | None =
 class TicketCheck:
     """The agent side: verify and burn tickets."""
 
-    def __init__(
-        self, token: str, instance: str, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, token: str, instance: str, clock: Callable[[], float] = time.time) -> None:
         self._token = token
         self._instance = instance
         self._clock = clock

@@ -102,9 +102,21 @@ def oss() -> Iterator[ContractOss]:
 def start_agent(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vmagent", "--instance", "a1", "--token", TOKEN,
-         "--listen", "127.0.0.1:0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "vmagent",
+            "--instance",
+            "a1",
+            "--token",
+            TOKEN,
+            "--listen",
+            "127.0.0.1:0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
@@ -142,7 +154,10 @@ def test_registers_heartbeats_and_survives_an_oss_restart(oss: ContractOss) -> N
         seqs = [h["seq"] for h in oss.heartbeats]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
         assert set(oss.heartbeats[0]["load"]) == {
-            "cpu_percent", "memory_used_mb", "runqueue", "processes"
+            "cpu_percent",
+            "memory_used_mb",
+            "runqueue",
+            "processes",
         }
         oss.stop()
         before = len(oss.registrations)
@@ -192,7 +207,8 @@ def test_bad_options_give_a_usage_error_not_a_traceback() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = subprocess.run(
         [sys.executable, "-m", "vmagent", "--instance", "a1", "--token", "t", "--listen", "nope"],
-        capture_output=True, env=env,
+        capture_output=True,
+        env=env,
     )
     assert res.returncode == 2
     assert b"expected HOST:PORT" in res.stderr and b"Traceback" not in res.stderr

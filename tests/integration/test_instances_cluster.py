@@ -23,8 +23,12 @@ pytestmark = [
 
 def deputy(inst: Instance, *argv: str, window: float | None = None) -> list[str]:
     args = deputy_argv(
-        inst.address, inst.name, tickets.mint(inst.token, inst.name), os.fsencode(argv[0]),
-        tuple(os.fsencode(a) for a in argv), window,
+        inst.address,
+        inst.name,
+        tickets.mint(inst.token, inst.name),
+        os.fsencode(argv[0]),
+        tuple(os.fsencode(a) for a in argv),
+        window,
     )
     return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]
 
@@ -70,7 +74,8 @@ def test_kill_9_of_a_namespaced_agent_takes_its_processes_along() -> None:
         marker = f"{time.time_ns() % 10**6 + 1000}.25"
         proc = subprocess.Popen(
             deputy(inst, "/bin/sh", "-c", f"sleep {marker}; echo never", window=1),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 10
         while not processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:

@@ -20,14 +20,17 @@ IS_ROOT = os.geteuid() == 0
 def dcptrace(*args: str, cwd: Path | None = None, **kw: object) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "tracer.cli", *args], cwd=cwd, env=env,
-        capture_output=True, timeout=240, **kw,  # type: ignore[call-overload]
+        [sys.executable, "-m", "tracer.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        timeout=240,
+        **kw,  # type: ignore[call-overload]
     )
 
 
 SIX_CHILDREN = (
-    'for i in 1 2 3 4 5 6; do (echo "child $i on $(hostname)") & done; wait; '
-    'echo "all done: $?"'
+    'for i in 1 2 3 4 5 6; do (echo "child $i on $(hostname)") & done; wait; echo "all done: $?"'
 )
 
 
@@ -51,8 +54,8 @@ def test_six_background_children_spread_over_three_instances() -> None:
 def test_exit_statuses_and_signal_deaths_propagate() -> None:
     script = (
         'sh -c "exit 7"; echo "status $?"; '
-        'sh -c \'kill -TERM $$\'; echo "status $?"; '
-        'sh -c \'kill -SEGV $$\' 2>/dev/null; echo "status $?"; '
+        "sh -c 'kill -TERM $$'; echo \"status $?\"; "
+        "sh -c 'kill -SEGV $$' 2>/dev/null; echo \"status $?\"; "
         "exec sh -c 'exit 3'"
     )
     native = subprocess.run(["bash", "-c", script], capture_output=True)
@@ -69,8 +72,14 @@ def test_hundred_megabyte_pipeline_across_instances(tmp_path: Path) -> None:
     expected = hashlib.sha256(blob.read_bytes()).hexdigest()
     record = tmp_path / "rec.json"
     traced = dcptrace(
-        "--instances", "2", "--record", str(record), "--",
-        "bash", "-c", f"cat {blob} | cat | sha256sum",
+        "--instances",
+        "2",
+        "--record",
+        str(record),
+        "--",
+        "bash",
+        "-c",
+        f"cat {blob} | cat | sha256sum",
     )
     assert traced.returncode == 0, traced.stderr
     assert traced.stdout.split()[0].decode() == expected
@@ -105,8 +114,10 @@ def write_project(where: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("make") is None or shutil.which("cc") is None,
-                    reason="needs make and a C compiler (.ci/apt-agent.txt)")
+@pytest.mark.skipif(
+    shutil.which("make") is None or shutil.which("cc") is None,
+    reason="needs make and a C compiler (.ci/apt-agent.txt)",
+)
 def test_make_j6_on_three_instances_builds_identical_objects(tmp_path: Path) -> None:
     # Same absolute directory for both builds (debug info and __FILE__ embed it).
     src = tmp_path / "proj"

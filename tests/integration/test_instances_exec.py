@@ -29,8 +29,14 @@ def cluster() -> Iterator[LocalCluster]:
         c.remove_logs()
 
 
-def deputy(inst: Instance, *argv: str, path: str | None = None, window: float | None = None,
-           address: str | None = None, ticket: str | None = None) -> list[str]:
+def deputy(
+    inst: Instance,
+    *argv: str,
+    path: str | None = None,
+    window: float | None = None,
+    address: str | None = None,
+    ticket: str | None = None,
+) -> list[str]:
     """The deputy command line for running argv on `inst` (as the coordinator builds it)."""
     args = deputy_argv(
         address or inst.address,
@@ -92,7 +98,11 @@ def test_process_context_is_the_deputys(cluster: LocalCluster, tmp_path: Path) -
     cmd = deputy(inst, "sh", "-c", script, "zero", "one", path="/bin/sh")
     res = subprocess.run(cmd, capture_output=True, cwd=tmp_path, env=env, preexec_fn=preexec)
     assert res.stdout.decode().splitlines() == [
-        str(tmp_path), "0027", "321", "a b\tc=d", "zero one"
+        str(tmp_path),
+        "0027",
+        "321",
+        "a b\tc=d",
+        "zero one",
     ]
     assert res.returncode == 0
 
@@ -121,7 +131,8 @@ def test_read_offset_of_a_regular_stdin_is_shared(cluster: LocalCluster, tmp_pat
     cmd = " ".join(f"'{a}'" for a in deputy(inst, "/usr/bin/head", "-1"))
     res = subprocess.run(
         ["bash", "-c", f'read a; echo "a=$a"; {cmd}; read b; echo "b=$b"'],
-        stdin=data.open("rb"), capture_output=True,
+        stdin=data.open("rb"),
+        capture_output=True,
     )
     assert res.stdout == b"a=1\n2\nb=3\n"
 
@@ -208,7 +219,7 @@ class Cutter:
         host, _, port = target.rpartition(":")
         self.target = (host, int(port))
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.socks: list[socket.socket] = []
         self.lock = threading.Lock()
         self.moved = 0
