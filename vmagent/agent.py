@@ -25,6 +25,7 @@ from vmagent import protocol as P
 from vmagent.config import AgentConfig
 from vmagent.errors import AgentError, AuthError, BadRequest
 from vmagent.load import LoadSampler
+from vmagent.remote import tracer_prefix
 from vmagent.spawn import ExecRequest, SpawnFailed, become_subreaper, parse_hello, spawn
 from vmagent.tickets import TicketCheck
 
@@ -399,7 +400,7 @@ class ExecService:
     def __init__(self, config: AgentConfig, tickets: TicketCheck) -> None:
         self.config = config
         self.tickets = tickets
-        self.wrap = tuple(os.fsencode(a) for a in config.trace)
+        self.wrap = tracer_prefix() if config.trace else ()
         self.sessions: dict[bytes, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.counts = {"started": 0, "exited": 0, "signaled": 0, "failed": 0, "abandoned": 0}

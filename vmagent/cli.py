@@ -64,7 +64,7 @@ async def serve(config: AgentConfig) -> None:
     type=float,
     help="Seconds a session waits for its deputy to reconnect.",
 )
-@click.option("--trace", default="", help="Command prefix to run programs under (e.g. the tracer).")
+@click.option("--trace", is_flag=True, help="Run programs under dcptrace (placement local).")
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     oss_url: str | None,
@@ -73,7 +73,7 @@ def main(
     listen: str,
     hostname: str | None,
     reconnect_window: float,
-    trace: str,
+    trace: bool,
     verbose: bool,
 ) -> None:
     """Serve exec sessions for deputies; register and heartbeat with the OSS."""
@@ -91,7 +91,7 @@ def main(
             oss_url=oss_url or None,
             hostname=hostname,
             reconnect_window=reconnect_window,
-            trace=tuple(trace.split()) if trace else (),
+            trace=trace,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -90,7 +90,7 @@ class LocalCluster:
         cpus: int | None = None,
         memory_mb: int | None = None,
         reconnect_window: float = 10.0,
-        trace: tuple[str, ...] = (),
+        trace: bool = False,
         start_timeout: float = 15.0,
         prefix: str = "node",
     ) -> None:
@@ -182,7 +182,7 @@ class LocalCluster:
             str(self.reconnect_window),
         ]
         if self.trace:
-            agent += ["--trace", " ".join(self.trace)]
+            agent += ["--trace"]
         if ns is not None:
             agent += ["--listen", f"0.0.0.0:{AGENT_PORT}", "--hostname", name]
             argv = [

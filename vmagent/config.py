@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vmagent.errors import AgentError
 
@@ -32,7 +32,7 @@ class AgentConfig:
     reconnect_window: float = 10.0  # how long a session waits for its deputy to come back
     drain_grace: float = 0.5  # after the program exits, wait this long for its pipes' EOF
     call_timeout: float = 5.0  # timeout of every call to the OSS
-    trace: tuple[str, ...] = field(default=())  # command prefix to run programs under
+    trace: bool = False  # run programs under dcptrace (placement local) on this instance
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance:

@@ -34,10 +34,11 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
+from tracer.errors import TracerError, UsageError
 from vmagent import tickets
 from vmagent.cluster import LocalCluster
 from vmagent.errors import AgentError
-from vmagent.placement import HOME, Placement
+from vmagent.placement import HOME, Placement, UnknownPolicy
 from vmagent.remote import deputy_argv, interpreter
 
 log = logging.getLogger(__name__)
@@ -183,15 +184,29 @@ class ClusterCoordinator:
 def clustered(
     inner: Coordinator, instances: int, placement: str, oss_url: str | None
 ) -> Iterator[Coordinator]:
-    """Start `instances` local instances (or use the OSS's) and place execs on them."""
-    if oss_url is not None and instances == 0:
-        raise OssModeUnavailable(
-            f"--oss {oss_url}: placing processes on OSS-registered instances needs exec "
-            "tickets minted by the OSS (instance tokens are stored hashed there); use "
-            "--instances N for local instances"
-        )
-    policy = Placement(placement, [])  # validates the policy name before starting anything
-    with LocalCluster(instances) as cluster:
+    """Start `instances` local instances (or use the OSS's) and place execs on them.
+
+    Set-up failures come out as the tracer's own errors (UsageError for bad
+    options, TracerError for instances that do not start), so dcptrace prints
+    one line instead of a traceback.
+    """
+    stack = contextlib.ExitStack()
+    try:
+        if oss_url is not None and instances == 0:
+            raise OssModeUnavailable(
+                f"--oss {oss_url}: placing processes on OSS-registered instances needs exec "
+                "tickets minted by the OSS (instance tokens are stored hashed there); use "
+                "--instances N for local instances"
+            )
+        Placement(placement, [])  # validate the policy before starting anything
+        cluster = stack.enter_context(LocalCluster(instances))
+    except (UnknownPolicy, OssModeUnavailable) as exc:
+        stack.close()
+        raise UsageError(str(exc)) from exc
+    except AgentError as exc:
+        stack.close()
+        raise TracerError(f"local instances: {exc}") from exc
+    with stack:
         policy = Placement(placement, [(i.name, i.cpus) for i in cluster.instances])
         targets = [Target(i.name, i.address, i.token, i.cpus) for i in cluster.instances]
         yield ClusterCoordinator(inner, targets, policy, cluster.reconnect_window)

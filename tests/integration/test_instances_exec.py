@@ -313,3 +313,49 @@ def test_killed_instance_fails_the_program_cleanly(tmp_path: Path) -> None:
         assert f"instance {inst.name}" in err and "lost" in err
         assert wait_gone(remote), "the remote program outlived its agent"
         c.remove_logs()
+
+
+def test_malformed_exec_connections_get_an_error_and_the_agent_lives_on(
+    cluster: LocalCluster,
+) -> None:
+    from vmagent import protocol as P
+
+    inst = cluster.instances[0]
+    host, _, port = inst.address.rpartition(":")
+    cases = [
+        P.MAGIC + P.HEADER.pack(42, 0, 0, 0),  # unknown frame kind
+        P.MAGIC + P.frame(P.DATA, 1, b"x", 1),  # data before HELLO
+        P.MAGIC + P.frame(P.HELLO, 0, b"\x00\x00\x00\x05ab"),  # truncated record
+        P.MAGIC + P.frame(P.HELLO, 0, P.unpairs({b"ticket": b"t"})),  # missing fields
+        P.MAGIC + P.frame(P.RESUME, 0, b"no-such-session"),
+    ]
+    for wire in cases:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(wire)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        frames = P.FrameParser().feed(reply)
+        assert [f[0] for f in frames] == [P.ERROR], wire
+        assert frames[0][3]  # a message saying why
+    res = subprocess.run(deputy(inst, "/bin/sh", "-c", "exit 5"))
+    assert res.returncode == 5
+
+
+def test_programs_can_run_under_the_tracer_on_their_instance(tmp_path: Path) -> None:
+    with LocalCluster(1, isolate=False, trace=True) as c:
+        inst = c.instances[0]
+        script = "grep TracerPid /proc/self/status | tr -d ' \\t'; echo $0; exit 4"
+        res = subprocess.run(deputy(inst, "/bin/sh", "-c", script, "zero"), capture_output=True)
+        lines = res.stdout.decode().splitlines()
+        assert res.returncode == 4, res.stderr
+        assert lines[0].startswith("TracerPid:") and lines[0] != "TracerPid:0"
+        assert lines[1] == "zero"
+        pidfile = tmp_path / "pid"
+        proc = subprocess.Popen(
+            deputy(inst, "/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"),
+        )
+        read_pid(pidfile, 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        c.remove_logs()

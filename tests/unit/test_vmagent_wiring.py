@@ -134,3 +134,17 @@ def test_inner_completion_wins_and_other_calls_are_delegated() -> None:
     openat = SyscallCall(1, 1, 257, "openat", (0,) * 6, {1: b"/etc/hosts"})
     assert isinstance(c.on_syscall(openat), Allow)
     assert inner.calls == ["execve", "openat"]
+
+
+def test_clustered_reports_bad_options_as_tracer_usage_errors() -> None:
+    import pytest
+
+    from tracer.errors import UsageError
+    from vmagent.wiring import clustered
+
+    with pytest.raises(UsageError, match="unknown placement"):
+        with clustered(FakeInner(), 2, "random", None):
+            pass
+    with pytest.raises(UsageError, match="exec tickets"):
+        with clustered(FakeInner(), 0, "spread", "http://127.0.0.1:1"):
+            pass
