@@ -91,12 +91,16 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
     )
 
 
-def _proc_status_mask(field: bytes) -> int:
+def _signal_masks() -> tuple[int, int]:
+    """(ignored, blocked) signal masks of this process, from /proc/self/status."""
+    ignored = blocked = 0
     with open("/proc/self/status", "rb") as f:
         for line in f:
-            if line.startswith(field):
-                return int(line.split()[1], 16)
-    return 0
+            if line.startswith(b"SigIgn:"):
+                ignored = int(line.split()[1], 16)
+            elif line.startswith(b"SigBlk:"):
+                blocked = int(line.split()[1], 16)
+    return ignored, blocked
 
 
 def _fdinfo(fd: int) -> tuple[int, int]:
@@ -152,15 +156,19 @@ def classify_fds() -> tuple[list[bytes], list[int], list[int]]:
 
 
 def _rlimits() -> bytes:
-    import resource  # a C module
+    """Every rlimit, from /proc/self/limits (rows in RLIMIT_* order; -1 = unlimited).
 
+    Reading the file avoids loading the `resource` extension module (~0.3 ms).
+    """
     items: list[bytes] = []
-    for res in range(16):  # RLIM_NLIMITS on Linux
-        try:
-            soft, hard = resource.getrlimit(res)
-        except (ValueError, OSError):
+    with open("/proc/self/limits", "rb") as f:
+        rows = f.read().splitlines()[1:]
+    for res, row in enumerate(rows):
+        fields = row[26:].split()
+        if len(fields) < 2:
             continue
-        items.append(P.record([str(res).encode(), str(soft).encode(), str(hard).encode()]))
+        soft, hard = (b"-1" if v == b"unlimited" else v for v in fields[:2])
+        items.append(P.record([str(res).encode(), soft, hard]))
     return P.record(items)
 
 
@@ -175,8 +183,8 @@ def build_hello(ticket: bytes, rest: list[bytes], fd_records: list[bytes]) -> by
     os.umask(mask)
     # Python ignores SIGPIPE and SIGXFSZ itself; every other ignored signal was
     # inherited across the exec and must stay ignored remotely.
-    ignored = _proc_status_mask(b"SigIgn:") & ~((1 << (13 - 1)) | (1 << (25 - 1)))
-    blocked = _proc_status_mask(b"SigBlk:")
+    ignored, blocked = _signal_masks()
+    ignored &= ~((1 << (13 - 1)) | (1 << (25 - 1)))
     return P.unpairs(
         {
             b"ticket": ticket,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import resource
 import signal
@@ -116,9 +117,18 @@ def _signals_of(mask: int) -> set[int]:
     return {n for n in range(1, 65) if mask & (1 << (n - 1))}
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def become_subreaper() -> None:
     """Orphans of remote programs are re-parented to the agent (so it can reap/kill them)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+# Signals Python itself sets to SIG_IGN at start-up; SIG_IGN survives exec.
+PYTHON_IGNORED = frozenset({int(signal.SIGPIPE), int(signal.SIGXFSZ)})
 
 
 class SpawnFailed(Exception):
@@ -139,22 +149,27 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
     path, argv = request.path, list(request.argv)
     if wrap:
         path, argv = wrap[0], [*wrap, request.path, *argv[1:]]
-    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = _libc().prctl
+    # Only ignored dispositions survive exec (caught ones reset by themselves):
+    # undo the agent's, apply the deputy's.
+    ignore = _signals_of(request.sigign) - {int(signal.SIGKILL), int(signal.SIGSTOP)}
+    default = PYTHON_IGNORED - ignore
+    blocked = _signals_of(request.sigblk)
+    env = dict(_env_pairs(request.env))
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish work, never return
         step = "setup"
         try:
             os.close(read_end)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             os.setsid()
             signal.set_wakeup_fd(-1)
-            ignored = _signals_of(request.sigign)
-            for sig in range(1, signal.NSIG):
-                if sig in (signal.SIGKILL, signal.SIGSTOP):
-                    continue
+            for sig in default:
+                signal.signal(sig, signal.SIG_DFL)
+            for sig in ignore:
                 try:
-                    signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+                    signal.signal(sig, signal.SIG_IGN)
                 except (OSError, ValueError):
                     pass
             step = "credentials"
@@ -184,9 +199,9 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
                     os.closerange(low, target)
                 low = target + 1
             os.closerange(low, 1 << 20)
-            signal.pthread_sigmask(signal.SIG_SETMASK, _signals_of(request.sigblk))
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             step = "exec " + os.fsdecode(path)
-            os.execve(path, argv, dict(_env_pairs(request.env)))
+            os.execve(path, argv, env)
         except OSError as exc:
             try:
                 os.write(

@@ -359,3 +359,13 @@ def test_programs_can_run_under_the_tracer_on_their_instance(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == -signal.SIGTERM
         c.remove_logs()
+
+
+def test_ignored_signals_carry_over_and_pythons_own_do_not(cluster: LocalCluster) -> None:
+    cmd = " ".join(
+        f"'{a}'" for a in deputy(cluster.instances[1], "/bin/grep", "SigIgn", "/proc/self/status")
+    )
+    res = subprocess.run(["bash", "-c", f"trap '' USR2; exec {cmd}"], capture_output=True)
+    mask = int(res.stdout.split()[1], 16)
+    assert mask & (1 << (signal.SIGUSR2 - 1))  # the shell's trap '' survives, as across exec
+    assert not mask & (1 << (signal.SIGPIPE - 1))  # the deputy's Python ignores it; not passed on
