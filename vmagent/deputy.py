@@ -367,10 +367,7 @@ class Deputy:
                     elif kind == P.EOF:
                         if fd not in self.dead_outputs:
                             self.dead_outputs.add(fd)
-                            try:
-                                os.close(fd)
-                            except OSError:
-                                pass
+                            self._release(fd)
                     elif kind == P.ACK:
                         with link.lock:
                             link.outbox.ack(seq)
@@ -397,6 +394,19 @@ class Deputy:
             self.wake(("lost", 0, str(exc).encode(), b""))
         except P.FrameError as exc:
             self.wake(("lost", 0, f"protocol error: {exc}".encode(), b""))
+
+    def _release(self, fd: int) -> None:
+        """The remote program closed `fd`: drop our reference (readers see EOF).
+
+        /dev/null takes its place instead of a plain close, so the number stays
+        taken and a reconnect's socket can never land on a program descriptor.
+        """
+        try:
+            null = os.open("/dev/null", os.O_RDWR)
+            os.dup2(null, fd, inheritable=False)
+            os.close(null)
+        except OSError:
+            pass
 
     def _output(self, fd: int, data: bytes) -> None:
         if fd in self.dead_outputs:
