@@ -138,3 +138,33 @@ def test_make_j6_on_three_instances_builds_identical_objects(tmp_path: Path) -> 
     assert run.stdout == b"dcp 108\n"
     where = [p["instance"] for p in json.loads(record.read_text())["processes"]]
     assert {"node0", "node1", "node2"} <= set(where)
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.skipif(not IS_ROOT, reason="hostnames differ only in namespaced instances (root)")
+def test_nested_execs_stay_on_the_instance_of_their_program() -> None:
+    script = "sh -c 'echo outer $(hostname); sh -c \"echo inner \\$(hostname)\"'"
+    traced = dcptrace("--instances", "3", "--", "bash", "-c", script)
+    assert traced.returncode == 0, traced.stderr
+    outer, inner = traced.stdout.decode().split("\n")[:2]
+    assert outer.startswith("outer node") and inner == outer.replace("outer", "inner")
+
+
+@pytest.mark.parametrize(
+    ("placement", "want"),
+    [("pack", ["node0", "node0", "node1", "node1"]), ("local", ["local"] * 4)],
+)
+def test_pack_and_local_placement(tmp_path: Path, placement: str, want: list[str]) -> None:
+    # Four concurrent sleeps; every instance has the host's CPU count (2 here).
+    if (os.cpu_count() or 1) != 2:
+        pytest.skip("the expected packing assumes 2 CPUs per instance")
+    record = tmp_path / "rec.json"
+    traced = dcptrace(
+        "--instances", "3", "--placement", placement, "--record", str(record), "--",
+        "bash", "-c", "for i in 1 2 3 4; do sleep 2 & done; wait",
+    )
+    assert traced.returncode == 0, traced.stderr
+    procs = json.loads(record.read_text())["processes"]
+    sleeps = [p["instance"] for p in procs if p["pid"] != procs[0]["pid"]]
+    assert sorted(sleeps) == want
