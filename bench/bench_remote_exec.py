@@ -91,6 +91,24 @@ def feed(cmd: list[str], nbytes: int) -> float:
     return nbytes / (time.perf_counter() - t) / 1e6
 
 
+def under_dcptrace(runs: int) -> tuple[float, float]:
+    """Seconds per exec of /bin/true in a bash loop: dcptrace alone vs --instances 2."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root)
+    loop = f"for i in $(seq {runs}); do /bin/true; done"
+    out = []
+    for extra in ([], ["--instances", "2"]):
+        cmd = [sys.executable, "-m", "tracer.cli", *extra, "--", "bash", "-c", loop]
+        base = [sys.executable, "-m", "tracer.cli", *extra, "--", "bash", "-c", "true"]
+        t = time.perf_counter()
+        subprocess.run(base, check=True, env=env, stderr=subprocess.DEVNULL)
+        fixed = time.perf_counter() - t
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
+        out.append((time.perf_counter() - t - fixed) / runs)
+    return out[0], out[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -123,6 +141,13 @@ def main() -> None:
             f"-> {'OK' if inp >= 500 else 'MISSED'} (target >= 500)"
         )
         cluster.remove_logs()
+    if (Path(__file__).resolve().parents[1] / "tracer" / "cli.py").exists():
+        alone, placed = under_dcptrace(min(args.runs, 100))
+        print(
+            f"per exec in a traced bash loop: dcptrace {alone * 1e3:6.2f} ms, "
+            f"dcptrace --instances 2 {placed * 1e3:6.2f} ms "
+            f"(+{(placed - alone) * 1e3:.2f} ms per remote exec)"
+        )
 
 
 if __name__ == "__main__":
