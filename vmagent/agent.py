@@ -10,6 +10,7 @@ nothing lost; a session whose deputy never returns has its program killed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -31,8 +32,10 @@ from vmagent.tickets import TicketCheck
 
 log = logging.getLogger(__name__)
 
-INPUT_HIGH = 8 << 20  # buffered stdin bytes before the agent stops reading the deputy
-WRITE_HIGH = 4 << 20  # transport buffer before the agent stops reading program output
+WRITE_HIGH = 4 << 20
+JOB_CONTROL = frozenset(
+    {int(signal.SIGSTOP), int(signal.SIGCONT)}
+)  # transport buffer before the agent stops reading program output
 
 
 class Session:
@@ -53,8 +56,10 @@ class Session:
         self.status: int | None = None  # raw wait status once reaped
         self.outs: dict[int, int] = {}  # target fd -> our read end
         self.ins: dict[int, int] = {}  # target fd -> our write end
-        self.in_buf: dict[int, bytearray] = {}
+        self.in_buf: dict[int, collections.deque[tuple[int, bytes]]] = {}  # fd -> (seq, data)
         self.in_eof: set[int] = set()
+        self._acked_upto = 0  # highest seq acknowledged to the deputy
+        self._unacked_bytes = 0  # delivered since that ack
         self.paths: dict[int, int] = {}  # target fd -> our copy (same file description)
         self.reading = False
         self.finished = False
@@ -87,7 +92,7 @@ class Session:
                     os.set_blocking(w, False)
                     ours.append(r)
                     self.ins[spec.fd] = w
-                    self.in_buf[spec.fd] = bytearray()
+                    self.in_buf[spec.fd] = collections.deque()
                     sources[spec.fd] = r
             for fd in (*self.outs.values(), *self.ins.values()):
                 with contextlib.suppress(OSError):
@@ -111,7 +116,7 @@ class Session:
             return
         if kind == P.DATA:
             if fd in self.ins:
-                self.in_buf[fd] += payload
+                self.in_buf[fd].append((seq, payload))
                 self._pump(fd)
         elif kind == P.EOF:
             if fd in self.ins:
@@ -125,41 +130,64 @@ class Session:
         elif kind == P.SIGNAL:
             if self.status is None and self.pid and 0 < fd < signal.NSIG:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, fd)
+                    if fd in JOB_CONTROL:
+                        os.killpg(self.pid, fd)  # stop/continue the whole remote job
+                    else:
+                        os.kill(self.pid, fd)
         elif kind == P.ACK:
             self.outbox.ack(seq)
             self._flow()
         elif kind == P.BYE:
             self.service.forget(self)
-        if self.inbox.ack_due() and self.proto is not None:
-            self.proto.write(P.frame(P.ACK, 0, b"", self.inbox.acked()))
+        if kind in P.SEQUENCED:
+            self._delivered(len(payload) + P.HEADER_SIZE)
+
+    def _delivered(self, nbytes: int) -> None:
+        """Acknowledge input once it is in the program's pipes, not merely received.
+
+        This is the input flow control: the deputy stops sending when its outbox
+        holds OUTBOX_LIMIT unacknowledged bytes, so what the agent buffers for a
+        program that does not read is bounded, and the agent never has to stop
+        reading the connection (which would also stop ACKs and signals).
+        """
+        self._unacked_bytes += nbytes
+        if self._unacked_bytes < P.ACK_EVERY or self.proto is None:
+            return
+        pending = [chunks[0][0] for chunks in self.in_buf.values() if chunks]
+        upto = min(pending) - 1 if pending else self.inbox.last
+        if upto > self._acked_upto:
+            self._acked_upto = upto
+            self._unacked_bytes = 0
+            self.proto.write(P.frame(P.ACK, 0, b"", upto))
 
     def _pump(self, fd: int) -> None:
         w = self.ins.get(fd)
-        if w is None:
+        chunks = self.in_buf.get(fd)
+        if chunks is None:
             return
-        buf = self.in_buf[fd]
+        if w is None:
+            chunks.clear()  # the program closed its stdin: what it did not read is gone
+            return
         try:
-            while buf:
-                n = os.write(w, buf[: P.CHUNK])
-                del buf[:n]
+            while chunks:
+                seq, data = chunks[0]
+                n = os.write(w, data[: P.CHUNK])
+                if n < len(data):
+                    chunks[0] = (seq, data[n:])
+                else:
+                    chunks.popleft()
         except BlockingIOError:
             self.loop.add_writer(w, self._pump, fd)
-            self._input_flow()
             return
         except OSError:
-            buf.clear()  # the program closed its stdin: what it did not read is gone
+            chunks.clear()
             self._close_in(fd)
-            self._input_flow()
+            self._delivered(0)
             return
         self.loop.remove_writer(w)
         if fd in self.in_eof:
             self._close_in(fd)
-        self._input_flow()
-
-    def _input_flow(self) -> None:
-        if self.proto is not None:
-            self.proto.input_backlog(sum(len(b) for b in self.in_buf.values()) > INPUT_HIGH)
+        self._delivered(0)
 
     def _close_in(self, fd: int) -> None:
         w = self.ins.pop(fd, None)
@@ -329,7 +357,6 @@ class ExecProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self._skip = len(P.MAGIC)
-        self._input_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -369,15 +396,6 @@ class ExecProtocol(asyncio.Protocol):
         log.warning("refused exec connection: %s", message)
         self.write(P.frame(P.ERROR, 0, message.encode()))
         self.close()
-
-    def input_backlog(self, high: bool) -> None:
-        if self.transport is None or high == self._input_paused:
-            return
-        self._input_paused = high
-        if high:
-            self.transport.pause_reading()
-        else:
-            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -48,6 +48,9 @@ FORWARDED = (
     _signal.SIGCONT,
     _signal.SIGWINCH,
 )
+# Job control: forwarded, then the deputy stops itself so that the parent's
+# waitpid(WUNTRACED) and the shell's job table see the job stopped.
+STOPPERS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 WAKE = _signal.SIGRTMIN + 3  # internal: the receiver thread wakes the main thread
 ACCMODE = 3  # O_ACCMODE
 
@@ -172,7 +175,9 @@ def _rlimits() -> bytes:
     return P.record(items)
 
 
-def build_hello(ticket: bytes, rest: list[bytes], fd_records: list[bytes]) -> bytes:
+def build_hello(
+    ticket: bytes, rest: list[bytes], fd_records: list[bytes], masks: tuple[int, int] | None = None
+) -> bytes:
     """The HELLO payload describing this process and the program to start."""
     with open("/proc/self/environ", "rb") as f:
         # The environment as exec'd, before Python touched it (locale coercion).
@@ -183,7 +188,7 @@ def build_hello(ticket: bytes, rest: list[bytes], fd_records: list[bytes]) -> by
     os.umask(mask)
     # Python ignores SIGPIPE and SIGXFSZ itself; every other ignored signal was
     # inherited across the exec and must stay ignored remotely.
-    ignored, blocked = _signal_masks()
+    ignored, blocked = masks if masks is not None else _signal_masks()
     ignored &= ~((1 << (13 - 1)) | (1 << (25 - 1)))
     return P.unpairs(
         {
@@ -220,6 +225,11 @@ class Link:
         self.sock: _socket.socket | None = None
         self.session = b""
         self.ack_wanted = False
+        # Written by the receiver thread without the lock (it must never wait for
+        # a sender blocked in sendall: that sender may be waiting for the agent,
+        # which may be waiting for us to read).  Senders apply them under the lock.
+        self.peer_acked = 0
+        self.deferred: list[tuple[int, int]] = []  # (kind, fd) frames to send later
         # Frames that arrived together with WELCOME on a resume, for the receiver.
         self.pending: list[tuple[int, int, int, bytes]] = []
 
@@ -245,33 +255,48 @@ class Link:
         """Send a sequenced frame; kept until acknowledged, replayed after reconnect."""
         while True:
             with self.lock:
+                self.outbox.ack(self.peer_acked)
                 if kind != P.DATA or not self.outbox.full():
-                    data = self.outbox.add(kind, fd, payload)
-                    if self.ack_wanted:
-                        data = P.frame(P.ACK, 0, b"", self.inbox.acked()) + data
-                        self.ack_wanted = False
-                    self._write(data)
+                    self._write(self._extras() + self.outbox.add(kind, fd, payload))
                     return
             time.sleep(0.002)  # outbox full: wait for acks (the source pipe fills meanwhile)
 
+    def _extras(self) -> bytes:
+        """Pending ACK and deferred frames, encoded (call with the lock held)."""
+        out = b""
+        if self.ack_wanted:
+            out += P.frame(P.ACK, 0, b"", self.inbox.acked())
+            self.ack_wanted = False
+        while self.deferred:
+            kind, fd = self.deferred.pop(0)
+            out += self.outbox.add(kind, fd, b"")
+        return out
+
+    def post(self, kind: int, fd: int) -> None:
+        """From the receiver thread: send an empty sequenced frame, never blocking."""
+        self.deferred.append((kind, fd))
+        self.ack()
+
     def ack(self) -> None:
         """Acknowledge what was received, unless a sender holds the lock (it will)."""
+        self.ack_wanted = True
         if self.lock.acquire(False):
             try:
-                self._write(P.frame(P.ACK, 0, b"", self.inbox.acked()))
-                self.ack_wanted = False
+                self._write(self._extras())
             finally:
                 self.lock.release()
-        else:
-            self.ack_wanted = True
 
     def control(self, kind: int) -> None:
-        with self.lock:
-            self._write(P.frame(kind, 0, b"", self.inbox.last))
+        """Best effort, never blocking (BYE at exit: the agent also copes without)."""
+        if self.lock.acquire(False):
+            try:
+                self._write(P.frame(kind, 0, b"", self.inbox.last))
+            finally:
+                self.lock.release()
 
     def _write(self, data: bytes) -> None:
         sock = self.sock
-        if sock is None:
+        if sock is None or not data:
             return  # disconnected: the receiver thread reconnects and replays
         try:
             sock.sendall(data)
@@ -355,7 +380,12 @@ class Deputy:
                     except OSError:
                         data = b""
                     if not data:
-                        link.sock = None
+                        old, link.sock = link.sock, None
+                        if old is not None:
+                            try:  # unblock a sender stuck in sendall on it
+                                old.shutdown(_socket.SHUT_RDWR)
+                            except OSError:
+                                pass
                         link.reconnect("connection closed")
                         continue
                     frames = link.parser.feed(data)
@@ -369,8 +399,7 @@ class Deputy:
                             self.dead_outputs.add(fd)
                             self._release(fd)
                     elif kind == P.ACK:
-                        with link.lock:
-                            link.outbox.ack(seq)
+                        link.peer_acked = max(link.peer_acked, seq)
                     elif kind == P.WELCOME:
                         link.session = P.pairs(payload).get(b"session", b"")
                     elif kind == P.EXIT:
@@ -388,7 +417,7 @@ class Deputy:
                     elif kind == P.ERROR:
                         self.wake(("refused", 0, payload, b""))
                         return
-                if link.inbox.ack_due():
+                if link.inbox.ack_due() or link.deferred:
                     link.ack()
         except LostError as exc:
             self.wake(("lost", 0, str(exc).encode(), b""))
@@ -419,7 +448,7 @@ class Deputy:
             # Our reader is gone (EPIPE): tell the agent, which closes the remote
             # pipe so the remote writer gets SIGPIPE/EPIPE as it would locally.
             self.dead_outputs.add(fd)
-            self.link.send(P.EOF, fd, b"")
+            self.link.post(P.EOF, fd)
 
     def forward_input(self, fd: int) -> None:
         """Input thread: stream one readable descriptor to the remote program."""
@@ -471,8 +500,9 @@ def main(argv: list[str]) -> int:
         _say(str(exc))
         return USAGE_STATUS
     fd_records, ins, _outs = classify_fds()
-    hello = build_hello(ticket, rest, fd_records)
-    sigs = set(FORWARDED) | {WAKE}
+    masks = _signal_masks()
+    hello = build_hello(ticket, rest, fd_records, masks)
+    sigs = set(FORWARDED) | set(STOPPERS) | {WAKE}
     # Block before any thread starts so every thread inherits the mask and only
     # the main thread's sigwait sees them.
     _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
@@ -489,7 +519,15 @@ def main(argv: list[str]) -> int:
     while deputy.result is None:
         sig = _signal.sigwait(sigs)
         if sig != WAKE and deputy.result is None:
-            link.send(P.SIGNAL, sig, b"")
+            if sig in STOPPERS:
+                if masks[0] & (1 << (sig - 1)):
+                    continue  # the program ignored it: so does the remote one
+                # The remote job is a session of its own, hence an orphaned process
+                # group, where the kernel discards TSTP/TTIN/TTOU: send SIGSTOP.
+                link.send(P.SIGNAL, _signal.SIGSTOP, b"")
+                os.kill(os.getpid(), _signal.SIGSTOP)  # SIGCONT resumes us, then is forwarded
+            else:
+                link.send(P.SIGNAL, sig, b"")
     return deputy.finish()
 
 

@@ -146,13 +146,17 @@ def test_hundred_megabytes_through_a_pipeline_across_two_instances(
             f.write(os.urandom(1 << 20))
     expected = hashlib.sha256(blob.read_bytes()).hexdigest()
     a, b = cluster.instances
+    # producer (a) | relay (b) | consumer (a): the relay streams both ways at once
+    # (this once dead-locked when input backpressure also stopped ACKs).
     producer = subprocess.Popen(deputy(a, "/bin/cat", str(blob)), stdout=subprocess.PIPE)
+    relay = subprocess.Popen(deputy(b, "/bin/cat"), stdin=producer.stdout, stdout=subprocess.PIPE)
     consumer = subprocess.run(
-        deputy(b, "/usr/bin/sha256sum"), stdin=producer.stdout, capture_output=True
+        deputy(a, "/usr/bin/sha256sum"), stdin=relay.stdout, capture_output=True, timeout=120
     )
-    assert producer.stdout is not None
+    assert producer.stdout is not None and relay.stdout is not None
     producer.stdout.close()
-    assert producer.wait() == 0
+    relay.stdout.close()
+    assert producer.wait(timeout=30) == 0 and relay.wait(timeout=30) == 0
     assert consumer.returncode == 0
     assert consumer.stdout.split()[0].decode() == expected
 
@@ -300,7 +304,9 @@ def test_killed_instance_fails_the_program_cleanly(tmp_path: Path) -> None:
         inst = c.instances[0]
         pidfile = tmp_path / "pid"
         proc = subprocess.Popen(
-            deputy(inst, "/bin/sh", "-c", f"echo $$ > {pidfile}; sleep 60", window=2),
+            # exec: without root there is no PID namespace, so only the agent's
+            # direct child is covered by PDEATHSIG (grandchildren: docs/INSTANCES.md).
+            deputy(inst, "/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60", window=2),
             stderr=subprocess.PIPE,
         )
         remote = read_pid(pidfile)
@@ -369,3 +375,27 @@ def test_ignored_signals_carry_over_and_pythons_own_do_not(cluster: LocalCluster
     mask = int(res.stdout.split()[1], 16)
     assert mask & (1 << (signal.SIGUSR2 - 1))  # the shell's trap '' survives, as across exec
     assert not mask & (1 << (signal.SIGPIPE - 1))  # the deputy's Python ignores it; not passed on
+
+
+def proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_job_control_stop_and_continue_are_mirrored(cluster: LocalCluster, tmp_path: Path) -> None:
+    pidfile, flag = tmp_path / "pid", tmp_path / "flag"
+    script = f"echo $$ > {pidfile}; while [ ! -e {flag} ]; do sleep 0.05; done"
+    proc = subprocess.Popen(deputy(cluster.instances[0], "/bin/sh", "-c", script))
+    remote = read_pid(pidfile)
+    proc.send_signal(signal.SIGTSTP)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+    deadline = time.monotonic() + 10
+    while proc_state(remote) != "T" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc_state(remote) == "T"  # the remote job is stopped too
+    proc.send_signal(signal.SIGCONT)
+    while proc_state(remote) == "T" and time.monotonic() < deadline + 10:
+        time.sleep(0.02)
+    assert proc_state(remote) != "T"  # resumed
+    flag.touch()
+    assert proc.wait(timeout=30) == 0
