@@ -17,9 +17,10 @@ from oss.embedded import EmbeddedCoordinator
 from oss.pathmap import PathMap, PathMapError, parse_mapping
 from tracer.coordinator import Coordinator
 from tracer.errors import SpawnError, TracerError, UsageError
+from tracer.front import TracerLink, run_split
 from tracer.report import build_record, write_record, write_summary
 from tracer.runner import Runner, reraise
-from tracer.spawn import resolve
+from tracer.spawn import initial_dispositions, resolve
 from tracer.syscalls import table_for
 
 log = logging.getLogger("dcptrace")
@@ -158,37 +159,50 @@ def command(
     table = table_for(os.uname().machine)
     env = dict(os.environ)
     path = resolve(program[0], env)
-    inner = EmbeddedCoordinator(table, PathMap(mapping))
+    pathmap = PathMap(mapping)
     observe = trace or summary or record_path is not None
-    trace_out: TextIO | None = None
-    if trace:
-        trace_out = open(output, "w", buffering=1 << 16) if output else sys.stderr
     n = config.instances if instances is None else instances
     where = placement or config.placement
-    try:
-        with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
-            runner = Runner(program, env, path, table, coordinator, observe, trace_out)
-            outcome = runner.run()
-            if outcome.error:
-                click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
-            if summary:
-                write_summary(outcome.stats, sys.stderr)
-            if record_path:
-                record = build_record(
-                    program, outcome.exit_status, outcome.signal, outcome.machine,
-                    outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
+    dispositions = initial_dispositions()
+
+    def tracer_main(link: TracerLink) -> int:
+        trace_out: TextIO | None = None
+        if trace:
+            trace_out = open(output, "w", buffering=1 << 16) if output else sys.stderr
+        inner = EmbeddedCoordinator(table, pathmap)
+        try:
+            with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+                runner = Runner(
+                    program, env, path, table, coordinator, observe, trace_out,
+                    report=link.send, dispositions=dispositions,
                 )  # fmt: skip
-                write_record(record, record_path)
-    finally:
-        if trace_out is not None and trace_out is not sys.stderr:
-            trace_out.close()
-        elif trace_out is not None:
-            trace_out.flush()
-    if outcome.signal:
+                outcome = runner.run()
+                if outcome.error:
+                    click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
+                if summary:
+                    write_summary(outcome.stats, sys.stderr)
+                if record_path:
+                    record = build_record(
+                        program, outcome.exit_status, outcome.signal, outcome.machine,
+                        outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
+                    )  # fmt: skip
+                    write_record(record, record_path)
+        except TracerError as exc:
+            click.echo(f"dcptrace: {exc}", err=True)
+            return 125
+        finally:
+            if trace_out is not None:
+                trace_out.flush()
+                if trace_out is not sys.stderr:
+                    trace_out.close()
+        return 0
+
+    end = run_split(tracer_main, wait_for_tracer=observe)
+    if end.signal:
         sys.stdout.flush()
-        reraise(outcome.signal)
-        return 128 + outcome.signal
-    return outcome.exit_status if outcome.exit_status is not None else 1
+        reraise(end.signal)
+        return 128 + end.signal
+    return end.exit_status if end.exit_status is not None else 125
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,14 +13,13 @@ import logging
 import os
 import signal
 import struct
-import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
 from tracer import ptraceio
-from tracer.coordinator import Complete, Coordinator, Rewrite, SyscallCall
+from tracer.coordinator import Complete, Coordinator, ProcessExited, Rewrite, SyscallCall
 from tracer.decode import AT_FDCWD, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
@@ -64,7 +63,6 @@ FORWARDED_SIGNALS = frozenset(
     {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
      signal.SIGUSR1, signal.SIGUSR2}
 )  # fmt: skip
-_SI_KERNEL = 0x80
 # Calls whose output buffer the coordinator may want to see at exit.
 _OUTPUT_ARG = {"readlink": 1, "readlinkat": 2, "getcwd": 0}
 
@@ -93,7 +91,11 @@ class Runner:
         coordinator: Coordinator,
         trace_all: bool,
         trace_out: TextIO | None = None,
+        report: Callable[[str], None] | None = None,
+        dispositions: Mapping[int, int] | None = None,
     ) -> None:
+        self.report = report or (lambda line: None)
+        self.dispositions = dict(dispositions or {})
         self.argv = tuple(argv)
         self.env = dict(env)
         self.path = path
@@ -122,17 +124,14 @@ class Runner:
         filt = PreparedFilter(
             build_filter(self.intercept, trace_all=self.trace_all), no_new_privs=os.geteuid() != 0
         )
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         started = time.perf_counter()
-        try:
-            spawned = spawn(self.argv, self.env, filt, self.path, old_mask)
-            machine = self.machine = Machine(
-                spawned.pid, self.intercept, self.trace_all, argv=self.argv
-            )
-            _Forwarder(spawned.pid).start()
-            self._loop(machine)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        spawned = spawn(self.argv, self.env, filt, self.path, mask, self.dispositions)
+        machine = self.machine = Machine(
+            spawned.pid, self.intercept, self.trace_all, argv=self.argv
+        )
+        self.report(f"pid {spawned.pid}")
+        self._loop(machine)
         wall = time.perf_counter() - started
         error = exec_failure(spawned)
         status, sig = machine.main_exit or (None, None)
@@ -213,8 +212,13 @@ class Runner:
                     self._observe(action)
                 case Notify(event):
                     self.coordinator.on_process(event)
-                case MirrorStop():
-                    _mirror_stop()
+                    if isinstance(event, ProcessExited) and event.pid == self.machine.main_pid:
+                        if event.signal:
+                            self.report(f"signal {event.signal}")
+                        else:
+                            self.report(f"exit {event.exit_status}")
+                case MirrorStop(sig):
+                    self.report(f"stop {sig}")
 
     def _consult(self, action: Consult) -> None:
         assert self.machine is not None
@@ -349,7 +353,7 @@ def _align(addr: int, to: int = 16) -> int:
     return addr & ~(to - 1)
 
 
-def _mirror_stop() -> None:
+def mirror_stop() -> None:
     """Stop dcptrace itself when the program was stopped from its terminal.
 
     Only when dcptrace is in the terminal's foreground group: the shell then
@@ -369,29 +373,12 @@ def _mirror_stop() -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-class _Forwarder(threading.Thread):
-    """Passes signals sent to dcptrace on to the program's main process."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(name="dcptrace-signals", daemon=True)
-        self.pid = pid
-
-    def run(self) -> None:
-        while True:
-            info = signal.sigwaitinfo(FORWARDED_SIGNALS)
-            if info.si_code == _SI_KERNEL:
-                continue  # from the terminal: the program's group got it too
-            try:
-                os.kill(self.pid, info.si_signo)
-            except ProcessLookupError:
-                return
-
-
 def reraise(sig: int) -> None:
     """Die by `sig` as the program did (without leaving a core of dcptrace)."""
     import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(sig, signal.SIG_DFL)
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
     os.kill(os.getpid(), sig)

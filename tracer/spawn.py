@@ -21,8 +21,23 @@ from tracer import ptraceio
 from tracer.errors import SpawnError
 from tracer.seccomp import PreparedFilter
 
-# Signals Python sets to SIG_IGN at start-up; exec keeps SIG_IGN, so reset them.
-_PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+# Signals whose disposition dcptrace changes (Python ignores SIGPIPE and SIGXFSZ;
+# the tracer ignores the terminal's); exec keeps SIG_IGN, so the child puts back
+# what the user started dcptrace with.
+RESTORED_SIGNALS = (
+    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT,
+    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+)  # fmt: skip
+
+
+def initial_dispositions() -> dict[int, int]:
+    """SIG_IGN or SIG_DFL for each restored signal, as the user's shell gave them."""
+    out = {}
+    for sig in RESTORED_SIGNALS:
+        handler = signal.getsignal(sig)
+        ignored = handler == signal.SIG_IGN and sig not in (signal.SIGPIPE, signal.SIGXFSZ)
+        out[int(sig)] = signal.SIG_IGN if ignored else signal.SIG_DFL
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +77,7 @@ def spawn(
     filt: PreparedFilter,
     path: str,
     sigmask: set[signal.Signals],
+    dispositions: Mapping[int, int],
 ) -> Spawned:
     """Fork, seize and exec `argv` under `filt` with `sigmask`; run on the tracer thread."""
     args = [os.fsencode(a) for a in argv]
@@ -77,8 +93,8 @@ def spawn(
             os.close(err_r)
             os.read(go_r, 1)
             os.close(go_r)
-            for sig in _PYTHON_IGNORED:
-                signal.signal(sig, signal.SIG_DFL)
+            for sig in RESTORED_SIGNALS:
+                signal.signal(sig, dispositions.get(int(sig), signal.SIG_DFL))
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             err = filt.install()
             if err:
