@@ -112,6 +112,8 @@ class Formatter:
         """The decoded argument list."""
         out = []
         fmts = spec.args
+        if "oflags" in fmts and not args[fmts.index("oflags")] & (os.O_CREAT | 0o20000000):
+            fmts = fmts[: fmts.index("oflags") + 1]  # the mode only matters when creating
         for i, fmt in enumerate(fmts):
             value = args[i]
             size = args[i + 1] if i + 1 < len(fmts) else 0
