@@ -6,12 +6,11 @@ import contextlib
 import logging
 import os
 import sys
-import tomllib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TextIO
 
 import click
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from oss.embedded import EmbeddedCoordinator
 from oss.pathmap import PathMap, PathMapError, parse_mapping
@@ -27,51 +26,14 @@ log = logging.getLogger("dcptrace")
 PLACEMENTS = ("spread", "pack", "local")
 
 
-class FileConfig(BaseModel):
-    """`--config FILE` (TOML). Every key is optional; unknown keys are rejected.
+@dataclass(frozen=True)
+class RunDefaults:
+    """Settings a config file may provide (see tracer.config.FileConfig)."""
 
-    map:        virtual path prefix -> real path prefix (like --map)
-    instances:  number of local compute instances (like --instances)
-    placement:  spread | pack | local (like --placement)
-    oss:        URL of a running dcp-oss (like --oss)
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    map: dict[str, str] = {}
+    map: dict[str, str] = field(default_factory=dict)
     instances: int = 0
     placement: str = "spread"
     oss: str | None = None
-
-    @field_validator("map")
-    @classmethod
-    def _absolute(cls, value: dict[str, str]) -> dict[str, str]:
-        for src, dst in value.items():
-            parse_mapping(f"{src}={dst}")
-        return value
-
-    @field_validator("placement")
-    @classmethod
-    def _placement(cls, value: str) -> str:
-        if value not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}")
-        return value
-
-
-def load_config(path: str) -> FileConfig:
-    """Read and validate a TOML config file."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-        return FileConfig.model_validate(data)
-    except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"config {path}: {where}: {first['msg']}") from exc
 
 
 @contextlib.contextmanager
@@ -151,7 +113,12 @@ def command(
     logging.basicConfig(
         level=logging.WARNING - 10 * verbose, format="dcptrace: %(levelname)s: %(message)s"
     )
-    config = load_config(config_path) if config_path else FileConfig()
+    if config_path:
+        from tracer.config import load_config  # pydantic costs ~30 ms of start-up
+
+        config: RunDefaults = load_config(config_path)
+    else:
+        config = RunDefaults()
     mapping = dict(config.map)
     for spec in maps:
         src, dst = parse_mapping(spec)
