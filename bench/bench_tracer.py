@@ -41,8 +41,16 @@ def columns() -> dict[str, list[str]]:
     return {
         "native": [],
         "strace": ["strace", "-f", "-o", "/dev/null", "--"],
-        "strace-seccomp": ["strace", "-f", "--seccomp-bpf", "-e", f"trace={INTERCEPTION}",
-                           "-o", "/dev/null", "--"],  # fmt: skip
+        "strace-seccomp": [
+            "strace",
+            "-f",
+            "--seccomp-bpf",
+            "-e",
+            f"trace={INTERCEPTION}",
+            "-o",
+            "/dev/null",
+            "--",
+        ],  # fmt: skip
         "dcptrace": [*dcp, "--"],
         "dcptrace --trace": [*dcp, "--trace", "-o", "/dev/null", "--"],
     }

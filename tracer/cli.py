@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -16,6 +16,9 @@ from oss.embedded import EmbeddedCoordinator
 from oss.pathmap import PathMap, PathMapError, parse_mapping
 from tracer.coordinator import Coordinator
 from tracer.errors import SpawnError, TracerError, UsageError
+
+if TYPE_CHECKING:
+    from tracer.config import FileConfig
 from tracer.front import TracerLink, run_split
 from tracer.report import build_record, write_record, write_summary
 from tracer.runner import Runner, reraise
@@ -116,7 +119,7 @@ def command(
     if config_path:
         from tracer.config import load_config  # pydantic costs ~30 ms of start-up
 
-        config: RunDefaults = load_config(config_path)
+        config: RunDefaults | FileConfig = load_config(config_path)
     else:
         config = RunDefaults()
     mapping = dict(config.map)

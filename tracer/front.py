@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,12 +101,18 @@ def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -
             link = TracerLink(status_w, lifeline_r, keep_stderr=wait_for_tracer)
             link.watch_lifeline()
             code = tracer_main(link)
+        except BaseException:
+            traceback.print_exc()
+            code = 125
         finally:
             os._exit(code)
     os.close(status_w)
     os.close(lifeline_r)
     end = _follow(status_r, tracer_pid)
-    os.write(lifeline_w, _RELEASE)
+    try:
+        os.write(lifeline_w, _RELEASE)
+    except BrokenPipeError:
+        pass  # the tracer already finished
     if wait_for_tracer:
         _reap(tracer_pid)
     os.close(lifeline_w)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import enum
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tracer.coordinator import (
     Allow,
@@ -250,7 +252,7 @@ class Machine:
 
     def step(self, stop: Stop) -> list[Action]:
         """Advance on one stop; return what the runner must do."""
-        handler = _HANDLERS[type(stop)]
+        handler: Callable[[Machine, Stop], list[Action]] = _HANDLERS[type(stop)]
         return handler(self, stop)
 
     # -- helpers
@@ -402,7 +404,7 @@ class Machine:
         return out
 
 
-_HANDLERS = {
+_HANDLERS: dict[type, Any] = {
     SeccompStop: Machine._seccomp,
     SyscallExitStop: Machine._syscall_exit,
     ForkStop: Machine._fork,

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import struct
+from typing import Protocol, cast
 
 from ptrace.binding.func import ptrace as _ptrace
 from ptrace.binding.func import ptrace_registers_t
@@ -140,26 +141,38 @@ def syscall_info(pid: int) -> SyscallInfo:
     return SyscallInfo(_info_buf.raw)
 
 
-Registers = ptrace_registers_t
+class Registers(Protocol):
+    """The x86_64 user_regs_struct fields DCP reads and writes (python-ptrace is untyped)."""
+
+    rax: int
+    orig_rax: int
+    rsp: int
+    rdi: int
+    rsi: int
+    rdx: int
+    r10: int
+    r8: int
+    r9: int
 
 
 def get_regs(pid: int) -> Registers:
     """PTRACE_GETREGS."""
     regs = ptrace_registers_t()
     _request(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
-    return regs
+    return cast(Registers, regs)
 
 
 def set_regs(pid: int, regs: Registers) -> None:
     """PTRACE_SETREGS."""
-    _request(PTRACE_SETREGS, pid, 0, ctypes.addressof(regs))
+    _request(PTRACE_SETREGS, pid, 0, ctypes.addressof(cast(ctypes.Structure, regs)))
 
 
 def copy_regs(regs: Registers) -> Registers:
     """An independent copy of a register set."""
     out = ptrace_registers_t()
-    ctypes.memmove(ctypes.addressof(out), ctypes.addressof(regs), ctypes.sizeof(regs))
-    return out
+    src = cast(ctypes.Structure, regs)
+    ctypes.memmove(ctypes.addressof(out), ctypes.addressof(src), ctypes.sizeof(src))
+    return cast(Registers, out)
 
 
 def read_memory(pid: int, addr: int, size: int) -> bytes:

@@ -92,7 +92,7 @@ class Runner:
         trace_all: bool,
         trace_out: TextIO | None = None,
         report: Callable[[str], None] | None = None,
-        dispositions: Mapping[int, int] | None = None,
+        dispositions: Mapping[int, signal.Handlers] | None = None,
     ) -> None:
         self.report = report or (lambda line: None)
         self.dispositions = dict(dispositions or {})
@@ -212,7 +212,8 @@ class Runner:
                     self._observe(action)
                 case Notify(event):
                     self.coordinator.on_process(event)
-                    if isinstance(event, ProcessExited) and event.pid == self.machine.main_pid:
+                    main = self.machine.main_pid if self.machine else -1
+                    if isinstance(event, ProcessExited) and event.pid == main:
                         if event.signal:
                             self.report(f"signal {event.signal}")
                         else:

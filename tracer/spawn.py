@@ -30,9 +30,9 @@ RESTORED_SIGNALS = (
 )  # fmt: skip
 
 
-def initial_dispositions() -> dict[int, int]:
+def initial_dispositions() -> dict[int, signal.Handlers]:
     """SIG_IGN or SIG_DFL for each restored signal, as the user's shell gave them."""
-    out = {}
+    out: dict[int, signal.Handlers] = {}
     for sig in RESTORED_SIGNALS:
         handler = signal.getsignal(sig)
         ignored = handler == signal.SIG_IGN and sig not in (signal.SIGPIPE, signal.SIGXFSZ)
@@ -76,8 +76,8 @@ def spawn(
     env: Mapping[str, str],
     filt: PreparedFilter,
     path: str,
-    sigmask: set[signal.Signals],
-    dispositions: Mapping[int, int],
+    sigmask: set[int | signal.Signals],
+    dispositions: Mapping[int, signal.Handlers],
 ) -> Spawned:
     """Fork, seize and exec `argv` under `filt` with `sigmask`; run on the tracer thread."""
     args = [os.fsencode(a) for a in argv]
