@@ -116,7 +116,7 @@ def test_small_sets_fit_struct_sock_filter() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: jump offsets > 255 do not fit sock_filter's u8 jt (struct.error in PreparedFilter)",
+    reason="BUG: jump offsets > 255 overflow sock_filter u8 jt (struct.error in PreparedFilter)",
 )
 def test_whole_table_fits_struct_sock_filter() -> None:
     # Intercepting every syscall of the table (362) must either build a program

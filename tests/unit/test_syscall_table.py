@@ -1,4 +1,4 @@
-"""Invariants of the declarative syscall table, checked over every entry (gVisor linux64_test style)."""
+"""Invariants of the syscall table over every entry (gVisor linux64_test style)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,9 @@ def test_path_args_of_non_at_calls_are_cwd_relative() -> None:
         ("rename", ((0, None), (1, None))),
     ],
 )
-def test_dirfd_pairing_of_known_calls(name: str, expected: tuple[tuple[int, int | None], ...]) -> None:
+def test_dirfd_pairing_of_known_calls(
+    name: str, expected: tuple[tuple[int, int | None], ...]
+) -> None:
     assert NAMES[name].path_args() == expected
 
 
