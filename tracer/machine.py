@@ -243,6 +243,8 @@ class Machine:
             main_pid: Process(main_pid, 0, argv, threads={main_pid})
         }
         self.main_exit: tuple[int | None, int | None] | None = None
+        # Exits of tasks whose fork event had not arrived yet (waitpid order).
+        self._early_exits: dict[int, tuple[int | None, int | None]] = {}
         self._now = time.perf_counter
 
     @property
@@ -333,8 +335,17 @@ class Machine:
 
     def _fork(self, stop: ForkStop) -> list[Action]:
         parent = self._thread(stop.tid)
+        early = self._early_exits.pop(stop.child, None)
+        if early is not None:
+            out: list[Action] = [Notify(ProcessSpawned(stop.child, parent.tgid, stop.thread))]
+            if not stop.thread:
+                proc = Process(stop.child, parent.tgid, (), early[0], early[1])
+                self.processes[stop.child] = proc
+                out.append(Notify(ProcessExited(stop.child, early[0], early[1])))
+            out.append(Resume(stop.tid, self._mode(parent)))
+            return out
         child = self._thread(stop.child)
-        out: list[Action] = []
+        out = []
         if stop.thread:
             child.tgid = parent.tgid
             proc = self.processes.get(parent.tgid)
@@ -390,7 +401,9 @@ class Machine:
             return []
         proc = self.processes.get(th.tgid)
         out: list[Action] = []
-        if proc is not None:
+        if proc is None:
+            self._early_exits[stop.tid] = (stop.exit_status, stop.signal)
+        else:
             proc.threads.discard(stop.tid)
             if stop.tid == proc.pid:
                 proc.exit_status, proc.signal = stop.exit_status, stop.signal

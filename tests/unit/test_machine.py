@@ -304,10 +304,6 @@ def test_early_thread_event_stop_gets_the_right_group() -> None:
     assert 1001 in m.processes[MAIN].threads
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a ForkStop reported after the child's exit resurrects it (alive stays True)",
-)
 def test_fork_stop_after_child_exit_does_not_resurrect_it() -> None:
     m = make()
     m.step(EventStop(2000))  # the child's first stop beats the fork event...

@@ -114,10 +114,6 @@ def test_small_sets_fit_struct_sock_filter() -> None:
     assert len(prog) <= BPF_MAXINSNS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: jump offsets > 255 overflow sock_filter u8 jt (struct.error in PreparedFilter)",
-)
 def test_whole_table_fits_struct_sock_filter() -> None:
     # Intercepting every syscall of the table (362) must either build a program
     # the kernel can load or fail with SeccompError, never a struct.error later.
@@ -130,10 +126,6 @@ def test_whole_table_fits_struct_sock_filter() -> None:
         assert run_filter(prog, nr) == SECCOMP_RET_TRACE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the length check allows len(numbers)+7 instructions, one over BPF_MAXINSNS",
-)
 def test_length_check_matches_program_length() -> None:
     n = BPF_MAXINSNS - 6  # the largest set the check accepts
     try:
