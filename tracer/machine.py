@@ -339,8 +339,7 @@ class Machine:
         if early is not None:
             out: list[Action] = [Notify(ProcessSpawned(stop.child, parent.tgid, stop.thread))]
             if not stop.thread:
-                proc = Process(stop.child, parent.tgid, (), early[0], early[1])
-                self.processes[stop.child] = proc
+                self.processes[stop.child] = Process(stop.child, parent.tgid, (), *early)
                 out.append(Notify(ProcessExited(stop.child, early[0], early[1])))
             out.append(Resume(stop.tid, self._mode(parent)))
             return out
