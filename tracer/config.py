@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from oss.pathmap import parse_mapping
 from tracer.cli import PLACEMENTS  # noqa: E402
@@ -23,7 +23,7 @@ class FileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     map: dict[str, str] = {}
-    instances: int = 0
+    instances: int = Field(default=0, ge=0)
     placement: str = "spread"
     oss: str | None = None
 
@@ -50,6 +50,8 @@ def load_config(path: str) -> FileConfig:
         return FileConfig.model_validate(data)
     except OSError as exc:
         raise UsageError(f"cannot read config {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config {path} is not UTF-8 text: {exc.reason}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
     except ValidationError as exc:

@@ -37,7 +37,8 @@ def signed(value: int, bits: int = 64) -> int:
 def quote(data: bytes, limit: int = STRING_LIMIT) -> str:
     """A C-style quoted string, truncated with ... as strace does."""
     out = []
-    for b in data[:limit]:
+    shown = data[:limit]
+    for i, b in enumerate(shown):
         c = chr(b)
         if c == '"' or c == "\\":
             out.append("\\" + c)
@@ -47,6 +48,8 @@ def quote(data: bytes, limit: int = STRING_LIMIT) -> str:
             out.append("\\t")
         elif 32 <= b < 127:
             out.append(c)
+        elif i + 1 < len(shown) and 48 <= shown[i + 1] <= 57:
+            out.append(f"\\{b:03o}")  # a digit follows: \0012 is not \12
         else:
             out.append(f"\\{b:o}")
     return '"' + "".join(out) + '"' + ("..." if len(data) > limit else "")
