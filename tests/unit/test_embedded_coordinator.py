@@ -13,6 +13,7 @@ from tracer.coordinator import (
     Allow,
     Complete,
     Coordinator,
+    ProcessEvent,
     ProcessExited,
     ProcessSpawned,
     Rewrite,
@@ -259,7 +260,7 @@ def test_instance_of_is_local(coord: EmbeddedCoordinator) -> None:
 
 
 def test_on_process_keeps_events_in_order(coord: EmbeddedCoordinator) -> None:
-    events = [ProcessSpawned(2, 1, False), ProcessExited(2, 0, None)]
+    events: list[ProcessEvent] = [ProcessSpawned(2, 1, False), ProcessExited(2, 0, None)]
     for e in events:
         coord.on_process(e)
     assert coord.events == events

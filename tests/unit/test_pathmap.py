@@ -273,8 +273,10 @@ def test_round_trip_under_the_virtual_prefix(
     assert m.resolve(p, None, no_links) == real
 
 
-@PROPS
-@given(vparts=components, rparts=components, extra=component, suffix=st.lists(component))
+@settings(PROPS, max_examples=60)
+@given(
+    vparts=components, rparts=components, extra=component, suffix=st.lists(component, max_size=3)
+)
 def test_siblings_sharing_a_name_prefix_are_not_mapped(
     vparts: list[str], rparts: list[str], extra: str, suffix: list[str]
 ) -> None:
