@@ -333,6 +333,14 @@ def test_short_argv_has_no_ellipsis(tracee: FakeTracee) -> None:
     assert split_line(line)[2] == 'NULL, ["ls", "-l"], NULL'
 
 
+def test_argv_of_exactly_the_limit_has_no_ellipsis(tracee: FakeTracee) -> None:
+    tracee.arrays[0x4000] = tuple(b"x" for _ in range(ARRAY_LIMIT))
+    line = tracee.formatter().line(PID, NR["execve"], args(0, 0x4000, 0), 0)
+    shown = split_line(line)[2]
+    assert "..." not in shown
+    assert shown.count('"x"') == ARRAY_LIMIT
+
+
 def test_unreadable_argv_shows_address(tracee: FakeTracee) -> None:
     line = tracee.formatter().line(PID, NR["execve"], args(0, 0x4000, 0x5000), -14)
     assert split_line(line)[2] == "NULL, 0x4000, 0x5000"

@@ -150,6 +150,16 @@ def test_symlink_relative_target_is_kept(coord: EmbeddedCoordinator) -> None:
     assert d == Rewrite({0: REAL + b"/t"})
 
 
+def test_relative_target_is_never_resolved_against_a_directory(
+    coord: EmbeddedCoordinator,
+) -> None:
+    # Even with a known (mapped) base, a target is stored content, not a lookup.
+    d = coord.on_syscall(
+        call("symlink", (BUF, BUF + 64), paths={0: b"sub/t", 1: b"/tmp/l"}, bases={0: REAL})
+    )
+    assert d == Allow()
+
+
 def test_path_already_real_is_not_rewritten(coord: EmbeddedCoordinator) -> None:
     assert coord.on_syscall(call("open", (BUF,), paths={0: REAL + b"/f"})) == Allow()
 
@@ -160,8 +170,10 @@ def test_path_already_real_is_not_rewritten(coord: EmbeddedCoordinator) -> None:
 @pytest.mark.parametrize("name", ["mq_open", "mq_unlink"])
 def test_message_queue_names_are_not_paths(coord: EmbeddedCoordinator, name: str) -> None:
     # "/data" names a POSIX message queue, not a file: a rewritten name with more
-    # slashes makes mq_open fail with EACCES.
-    assert coord.on_syscall(call(name, (BUF,), paths={0: b"/data"})) == Allow()
+    # slashes makes mq_open fail with EACCES.  The paths are those the runner
+    # reads: the spec's path arguments only.
+    paths = {i: b"/data" for i, _ in NAMES[name].path_args()}
+    assert coord.on_syscall(call(name, (BUF,), paths=paths)) == Allow()
 
 
 # ---- getcwd -------------------------------------------------------------------
