@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -50,6 +51,7 @@ READ, GETPID, OPENAT, EXECVE, READLINK, CLONE = 0, 39, 257, 59, 89, 56
 INTERCEPT = frozenset({OPENAT, EXECVE, READLINK})
 ARGS = (0xFFFFFF9C, 0x7FFF0000, 0, 0, 0, 0)
 REWRITE = Rewrite({1: b"/srv/data/f"})
+A = TypeVar("A")
 
 
 def make(trace_all: bool = False, intercept: frozenset[int] = INTERCEPT) -> Machine:
@@ -65,7 +67,7 @@ def resumes(actions: list[Action]) -> list[Resume]:
     return [a for a in actions if isinstance(a, Resume)]
 
 
-def of_type(actions: list[Action], kind: type) -> list[Action]:
+def of_type(actions: list[Action], kind: type[A]) -> list[A]:
     return [a for a in actions if isinstance(a, kind)]
 
 
@@ -277,7 +279,7 @@ def test_fork_during_a_traced_clone_resumes_to_exit() -> None:
     m = make(trace_all=True)
     m.step(SeccompStop(MAIN, CLONE, ARGS))
     assert resumes(m.step(ForkStop(MAIN, 2000, False))) == [Resume(MAIN, Mode.SYSCALL)]
-    assert of_type(m.step(SyscallExitStop(MAIN, 2000)), Record)[0].rval == 2000  # type: ignore[attr-defined]
+    assert of_type(m.step(SyscallExitStop(MAIN, 2000)), Record)[0].rval == 2000
 
 
 def test_child_event_stop_before_parent_fork_stop() -> None:
@@ -329,7 +331,8 @@ def test_exec_from_a_non_leader_thread() -> None:
     # The execve call moved with the thread: its exit is reported under the leader's tid.
     assert th.pending is not None and th.pending.nr == EXECVE and th.pending.exec_seen
     out = m.step(SyscallExitStop(MAIN, 0))
-    assert of_type(out, Record) == [Record(MAIN, EXECVE, ARGS, 0, out[0].seconds)]  # type: ignore[union-attr]
+    records = of_type(out, Record)
+    assert records == [Record(MAIN, EXECVE, ARGS, 0, records[0].seconds)]
     # The dropped siblings' late exit reports are ignored.
     assert m.step(ExitStop(1001, 0, None)) == []
     assert m.alive
@@ -476,10 +479,10 @@ decisions = st.one_of(
 class Sim:
     """A tiny kernel model that produces only stop sequences a real tracee could."""
 
-    def __init__(self, trace_all: bool, draw: Callable[..., object]) -> None:
+    def __init__(self, trace_all: bool, data: st.DataObject) -> None:
         self.m = make(trace_all)
         self.trace_all = trace_all
-        self.draw = draw
+        self.data = data
         self.live: dict[int, SimThread] = {MAIN: SimThread(MAIN, MAIN)}
         self.next_tid = MAIN + 1
         self.records = 0
@@ -495,14 +498,14 @@ class Sim:
                 self.live[a.tid].in_call = a.mode == Mode.SYSCALL
         for a in out:
             if isinstance(a, Consult):
-                d = self.draw(decisions)
+                d = self.data.draw(decisions)
                 assert isinstance(d, Allow | Rewrite | Complete)
                 th = self.live[a.tid]
                 th.rewritten = isinstance(d, Rewrite)
                 th.observe = not isinstance(d, Complete) and d.observe_result
                 self.feed(Decided(a.tid, d))
             elif isinstance(a, Observe):
-                self.feed(Observed(a.tid, self.draw(st.integers(-10, 10))))
+                self.feed(Observed(a.tid, self.data.draw(st.integers(-10, 10))))
 
     def _expected_record(self, stop: Stop, th: SimThread | None) -> int:
         if not self.trace_all or th is None:
@@ -559,7 +562,7 @@ class Sim:
     # -- stop generators
 
     def next_stop(self) -> Stop:
-        tid = self.draw(st.sampled_from(sorted(self.live)))
+        tid = self.data.draw(st.sampled_from(sorted(self.live)))
         th = self.live[tid]
         # Fork events come from inside clone(), traced to its exit or not.
         kinds = ["signal", "group", "event", "exit", "fork", "thread"]
@@ -569,17 +572,17 @@ class Sim:
             kinds += ["seccomp"] * 8
         if th.nr == EXECVE and not th.exec_seen:
             kinds += ["exec"] * 6
-        kind = self.draw(st.sampled_from(kinds))
+        kind = self.data.draw(st.sampled_from(kinds))
         if kind == "seccomp":
-            nr = self.draw(st.sampled_from(NRS))
+            nr = self.data.draw(st.sampled_from(NRS))
             th.nr, th.rewritten, th.observe, th.exec_seen = nr, False, False, False
             return SeccompStop(tid, nr, ARGS)
         if kind == "sysexit":
-            return SyscallExitStop(tid, self.draw(st.integers(-4095, 4096)))
+            return SyscallExitStop(tid, self.data.draw(st.integers(-4095, 4096)))
         if kind == "signal":
-            return SignalStop(tid, self.draw(st.sampled_from([signal.SIGINT, signal.SIGCHLD])))
+            return SignalStop(tid, self.data.draw(st.sampled_from([signal.SIGINT, signal.SIGCHLD])))
         if kind == "group":
-            return GroupStop(tid, self.draw(st.sampled_from(sorted(
+            return GroupStop(tid, self.data.draw(st.sampled_from(sorted(
                 [signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU]))))  # fmt: skip
         if kind == "event":
             return EventStop(tid)
@@ -602,13 +605,13 @@ class Sim:
                 del self.live[other]
         else:
             del self.live[tid]
-        return ExitStop(tid, self.draw(st.integers(0, 255)), None)
+        return ExitStop(tid, self.data.draw(st.integers(0, 255)), None)
 
 
 @settings(max_examples=60, deadline=None, database=None, derandomize=True)
 @given(trace_all=st.booleans(), data=st.data())
 def test_generated_sequences_keep_the_invariants(trace_all: bool, data: st.DataObject) -> None:
-    sim = Sim(trace_all, data.draw)
+    sim = Sim(trace_all, data)
     for _ in range(data.draw(st.integers(1, 40))):
         if not sim.live:
             break
