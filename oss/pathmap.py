@@ -57,9 +57,12 @@ class PathMap:
     def _swap(path: bytes, pairs: list[tuple[bytes, bytes]]) -> bytes | None:
         for src, dst in pairs:
             if src == b"/":
-                return dst + path if dst != b"/" else path
-            if path == src or path.startswith(src + b"/"):
-                return dst + path[len(src) :]
+                rest = b"" if path == b"/" else path
+            elif path == src or path.startswith(src + b"/"):
+                rest = path[len(src) :]
+            else:
+                continue
+            return ((b"" if dst == b"/" else dst) + rest) or b"/"
         return None
 
     def to_real(self, virtual: bytes) -> bytes | None:

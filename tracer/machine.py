@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import errno
 import signal
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class SeccompStop:
     tid: int
     nr: int
     args: tuple[int, ...]
+    foreign: bool = False  # a call of another ABI (i386 int 0x80, x32): nr is not ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +276,15 @@ class Machine:
 
     def _seccomp(self, stop: SeccompStop) -> list[Action]:
         th = self._thread(stop.tid)
+        if stop.foreign:
+            # The table cannot interpret it; when calls are being served (paths
+            # mapped, programs placed) refuse it so nothing escapes the OSS.
+            if self.intercept:
+                return [
+                    ApplyComplete(stop.tid, Complete(-errno.ENOSYS)),
+                    Resume(stop.tid, Mode.CONT),
+                ]
+            return [Resume(stop.tid, Mode.CONT)]
         th.pending = Pending(stop.nr, stop.args, self._now(), want_exit=self.trace_all)
         if stop.nr in self.intercept:
             return [Consult(stop.tid, stop.nr, stop.args)]

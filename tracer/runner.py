@@ -163,7 +163,7 @@ class Runner:
                 info = ptraceio.syscall_info(pid)
                 if self.trace_out is not None:
                     self._pre_render(pid, info.nr, info.args)
-                return SeccompStop(pid, info.nr, info.args)
+                return SeccompStop(pid, info.nr, info.args, info.arch != ptraceio.AUDIT_ARCH_X86_64)
             if sig == _SIGTRAP_SYSGOOD:
                 info = ptraceio.syscall_info(pid)
                 if info.op == ptraceio.SYSCALL_INFO_EXIT:

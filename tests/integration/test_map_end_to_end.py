@@ -106,3 +106,34 @@ def test_map_matches_a_native_run_in_the_real_directory(tmp_path: Path) -> None:
     assert mapped.returncode == native.returncode == 0
     assert mapped.stdout == native.stdout.replace(str(native_dir).encode(), b"/data")
     assert (real / "g").read_bytes() == (native_dir / "g").read_bytes()
+
+
+I386_GETPID = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    long r;
+    __asm__ volatile ("int $0x80" : "=a"(r) : "a"(20L) : "memory");  /* i386 getpid */
+    printf("%ld %d\n", r, r == (long)getpid());
+    return 0;
+}
+"""
+
+
+def test_foreign_abi_calls_cannot_escape_the_map(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    src = tmp_path / "i386.c"
+    src.write_text(I386_GETPID)
+    exe = tmp_path / "i386"
+    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
+    native = run([str(exe)])
+    if native.returncode != 0 or not native.stdout.endswith(b" 1\n"):
+        pytest.skip(f"this kernel has no i386 syscall emulation: {native.stdout!r}")
+    plain = traced([str(exe)])
+    assert plain.stdout.endswith(b" 1\n")  # nothing intercepted: the call runs
+    mapped = traced([str(exe)], "--map", f"/data={tmp_path}")
+    assert mapped.stdout == b"-38 0\n"  # served calls: a foreign ABI gets ENOSYS

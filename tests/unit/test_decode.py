@@ -8,7 +8,7 @@ import re
 import signal
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tracer.decode import (
@@ -80,14 +80,11 @@ def test_quote_truncates_with_ellipsis() -> None:
 @PROPS
 @given(st.binary(max_size=48))
 def test_quote_round_trips(data: bytes) -> None:
-    # An octal escape followed by a digit is ambiguous (see the xfail below).
-    assume(not re.search(rb"[^\x20-\x7e\n\t][0-7]", data))
     text = quote(data)
     assert all(32 <= ord(c) < 127 for c in text)  # one terminal line, always
     assert c_unquote(text) == (data[:STRING_LIMIT], len(data) > STRING_LIMIT)
 
 
-@pytest.mark.xfail(strict=True, reason=r"BUG: quote(b'\x01' b'2') gives \12 (a newline in C)")
 def test_quote_octal_escape_before_a_digit() -> None:
     assert c_unquote(quote(b"\x012"))[0] == b"\x012"
 
@@ -376,4 +373,7 @@ def test_every_table_entry_renders(tracee: FakeTracee) -> None:
     for spec in TABLE.values():
         line = f.line(PID, spec.nr, args(1, 2, 3, 4, 5, 6), 0)
         assert split_line(line)[1] == spec.name
-        assert line.count(", ") >= max(len(spec.args) - 1, 0)
+        shown = len(spec.args)
+        if "oflags" in spec.args:  # these flag values carry no O_CREAT: the mode is not shown
+            shown = spec.args.index("oflags") + 1
+        assert line.count(", ") >= max(shown - 1, 0)

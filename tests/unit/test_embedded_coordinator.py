@@ -164,9 +164,6 @@ def test_path_already_real_is_not_rewritten(coord: EmbeddedCoordinator) -> None:
     assert coord.on_syscall(call("open", (BUF,), paths={0: REAL + b"/f"})) == Allow()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: mq_open/mq_unlink queue names are rewritten as if they were paths"
-)
 @pytest.mark.parametrize("name", ["mq_open", "mq_unlink"])
 def test_message_queue_names_are_not_paths(coord: EmbeddedCoordinator, name: str) -> None:
     # "/data" names a POSIX message queue, not a file: a rewritten name with more
@@ -230,10 +227,6 @@ def test_readlinkat_result_uses_its_own_buffer_and_size(coord: EmbeddedCoordinat
     assert coord.on_result(c, len(out), out) == Complete(6, ((BUF + 256, b"/data/"),))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a real target the kernel truncated to the buffer is not mapped back in full",
-)
 def test_on_result_when_the_real_target_did_not_fit(tmp_path: Path) -> None:
     # The virtual target (12 bytes) fits the program's 12-byte buffer, but the
     # kernel filled it with the first 12 bytes of the longer real target.

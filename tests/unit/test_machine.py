@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -620,3 +621,15 @@ def test_generated_sequences_keep_the_invariants(trace_all: bool, data: st.DataO
     if MAIN not in sim.live and sim.m.main_exit is None:
         # MAIN's tid is reused by exec only; if it is gone it exited.
         pytest.fail("main thread gone without main_exit")
+
+
+def test_foreign_abi_calls_are_refused_while_calls_are_served() -> None:
+    m = Machine(MAIN, frozenset({2}), trace_all=False)
+    out = m.step(SeccompStop(MAIN, 2, ARGS, foreign=True))
+    assert out == [ApplyComplete(MAIN, Complete(-errno.ENOSYS)), Resume(MAIN, Mode.CONT)]
+    assert m.threads[MAIN].pending is None
+
+
+def test_foreign_abi_calls_run_when_nothing_is_intercepted() -> None:
+    m = Machine(MAIN, frozenset(), trace_all=True)
+    assert m.step(SeccompStop(MAIN, 2, ARGS, foreign=True)) == [Resume(MAIN, Mode.CONT)]
