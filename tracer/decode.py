@@ -73,8 +73,12 @@ def open_flags(value: int) -> str:
     return flags(value & ~3, _O_FLAGS, _O_ACCMODE.get(value & 3, str(value & 3)))
 
 
-def result(rval: int) -> str:
-    """`= 3` or `= -1 ENOENT (No such file or directory)`."""
+# Calls whose result is an address: shown in hex, every other result in decimal.
+POINTER_RESULTS = frozenset({"mmap", "mremap", "brk", "shmat"})
+
+
+def result(rval: int, pointer: bool = False) -> str:
+    """`= 3` or `= -1 ENOENT (No such file or directory)`; addresses in hex."""
     if -4096 < rval < 0:
         err = -rval
         name = errno.errorcode.get(err, f"E{err}")
@@ -83,7 +87,7 @@ def result(rval: int) -> str:
         if err in (513, 514, 516):
             return f"? ERESTART ({err})"
         return f"-1 {name} ({os.strerror(err)})"
-    if rval > 0xFFFF:
+    if pointer:
         return hex(rval & 0xFFFFFFFFFFFFFFFF)
     return str(rval)
 
@@ -142,7 +146,8 @@ class Formatter:
         if spec is None:
             shown = ", ".join(hex(a) for a in args)
             return f"{pid} syscall_{nr}({shown}) = {result(rval)}"
-        return f"{pid} {spec.name}({self.arguments(pid, spec, args, rval)}) = {result(rval)}"
+        shown = self.arguments(pid, spec, args, rval)
+        return f"{pid} {spec.name}({shown}) = {result(rval, spec.name in POINTER_RESULTS)}"
 
     def arguments(self, pid: int, spec: SyscallSpec, args: tuple[int, ...], rval: int) -> str:
         """The decoded argument list."""

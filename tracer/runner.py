@@ -20,7 +20,7 @@ from typing import TextIO
 
 from tracer import ptraceio
 from tracer.coordinator import Complete, Coordinator, ProcessExited, Rewrite, SyscallCall
-from tracer.decode import AT_FDCWD, Formatter, result, signed
+from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
     Action,
@@ -346,7 +346,7 @@ class Runner:
         if text is None or spec is None:
             line = self.formatter.line(pid, action.nr, action.args, rval)
         else:
-            line = f"{pid} {spec.name}({text}) = {result(rval)}"
+            line = f"{pid} {spec.name}({text}) = {result(rval, spec.name in POINTER_RESULTS)}"
         self.trace_out.write(line + "\n")
 
 
