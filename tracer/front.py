@@ -21,10 +21,11 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracer.runner import FORWARDED_SIGNALS, mirror_stop
+from tracer.runner import FORWARDED_SIGNALS
 
 _RELEASE = b"r"
 TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+_FRONT_STOP_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,15 @@ def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -
             os._exit(code)
     os.close(status_w)
     os.close(lifeline_r)
-    end = _follow(status_r, tracer_pid)
+    # The front stops only by mirroring the program's main process (see
+    # runner.mirror_stop): stopping on the terminal's own SIGTSTP as well would
+    # stop it a second time after the shell's SIGCONT.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _FRONT_STOP_SIGNALS}
+    try:
+        end = _follow(status_r, tracer_pid)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     try:
         os.write(lifeline_w, _RELEASE)
     except BrokenPipeError:
@@ -141,11 +150,38 @@ def _follow(status_r: int, tracer_pid: int) -> MainEnd:
                 elif kind == "signal":
                     return MainEnd(None, n)
                 elif kind == "stop":
-                    mirror_stop()
+                    mirror_stop(n)
     # The tracer ended without a word about the main process: it failed.
     _, status = os.waitpid(tracer_pid, 0)
     code = os.waitstatus_to_exitcode(status)
     return MainEnd(code if code > 0 else 125, None)
+
+
+def mirror_stop(sig: int) -> None:
+    """Stop dcptrace with `sig` when the program's main process stopped on it.
+
+    Only when dcptrace is in its terminal's foreground group: the shell then
+    sees the job stopped (with the same signal) and resumes the whole group,
+    dcptrace and program, with SIGCONT on `fg`.
+    """
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return
+    try:
+        foreground = os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        foreground = False
+    finally:
+        os.close(fd)
+    if not foreground:
+        return
+    previous = signal.signal(sig, signal.SIG_DFL)
+    try:
+        # Sent to this thread, the stop takes effect before pthread_kill returns.
+        signal.pthread_kill(threading.get_ident(), sig)
+    finally:
+        signal.signal(sig, previous)
 
 
 def _reap(pid: int) -> None:

@@ -354,26 +354,6 @@ def _align(addr: int, to: int = 16) -> int:
     return addr & ~(to - 1)
 
 
-def mirror_stop() -> None:
-    """Stop dcptrace itself when the program was stopped from its terminal.
-
-    Only when dcptrace is in the terminal's foreground group: the shell then
-    resumes the whole group (dcptrace and program) with SIGCONT on `fg`.
-    """
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:
-        return
-    try:
-        foreground = os.tcgetpgrp(fd) == os.getpgrp()
-    except OSError:
-        foreground = False
-    finally:
-        os.close(fd)
-    if foreground:
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
 def reraise(sig: int) -> None:
     """Die by `sig` as the program did (without leaving a core of dcptrace)."""
     import resource
