@@ -6,7 +6,10 @@ Each workload runs natively, under `strace -f -o /dev/null`, under
 `strace -f --seccomp-bpf -e trace=<DCP's interception set>`, under dcptrace
 (default) and under `dcptrace --trace -o /dev/null`; each cell is the best of
 N wall-clock runs, interleaved so machine noise spreads over every column.
-Prints seconds and ratios (dcptrace/native, dcptrace --trace / strace).
+Prints seconds and ratios (dcptrace/native, dcptrace --trace / strace), the
+fixed start-up cost of each column (the same run of /bin/true), and
+dcptrace/native with that fixed cost taken off (the steady-state overhead).
+`--long` adds a 5,000,000-syscall dd in the columns that finish in seconds.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="dd count=50000 (smoke run)")
+    parser.add_argument("--long", action="store_true", help="also dd count=5000000")
     args = parser.parse_args()
     if shutil.which("strace") is None:
         sys.exit("bench_tracer: strace is not installed (apt-get install strace)")
@@ -79,9 +83,15 @@ def main() -> None:
     if args.quick:
         work["dd bs=1 count=50000"] = work.pop("dd bs=1 count=500000")
         work["dd bs=1 count=50000"][-1] = "count=50000"
-    print(f"# {os.cpu_count()} CPUs, best of {args.repeat}, python {sys.version.split()[0]}")
+    print(f"# {os.cpu_count()} CPUs, best of {args.repeat}, python {sys.version.split()[0]}, "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    start = {c: min(timed([*p, "/bin/true"], env) for _ in range(max(5, args.repeat)))
+             for c, p in cols.items()}  # fmt: skip
+    fixed = start["dcptrace"] - start["native"]
+    shown = ", ".join(f"{c} {1000 * v:.1f} ms" for c, v in start.items())
+    print(f"# start-up (/bin/true): {shown}")
     header = f"{'workload':<24}" + "".join(f"{c:>18}" for c in cols)
-    print(header + f"{'dcp/native':>12}{'trace/strace':>14}")
+    print(header + f"{'dcp/native':>12}{'steady':>8}{'trace/strace':>14}")
     for name, argv in work.items():
         best = {c: float("inf") for c in cols}
         for _ in range(args.repeat):
@@ -89,8 +99,18 @@ def main() -> None:
                 best[c] = min(best[c], timed([*prefix, *argv], env))
         row = f"{name:<24}" + "".join(f"{best[c]:>17.3f}s" for c in cols)
         row += f"{best['dcptrace'] / best['native']:>12.3f}"
+        row += f"{(best['dcptrace'] - fixed) / best['native']:>8.3f}"
         row += f"{best['dcptrace --trace'] / best['strace']:>14.3f}"
         print(row, flush=True)
+    if args.long:
+        argv = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=5000000"]
+        best = {c: min(timed([*cols[c], *argv], env) for _ in range(args.repeat))
+                for c in ("native", "strace-seccomp", "dcptrace")}  # fmt: skip
+        print(
+            f"{'dd bs=1 count=5000000':<24}"
+            + "".join(f"{c} {v:.3f}s  " for c, v in best.items())
+            + f"dcp/native {best['dcptrace'] / best['native']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ _libc.process_vm_writev.restype = ctypes.c_ssize_t
 # The hot requests (resume, syscall info, event message) go straight to libc:
 # python-ptrace's generic wrapper costs ~2.5 us a call, four calls a syscall.
 _raw_ptrace = _libc.ptrace
-_raw_ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_raw_ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong]
 _raw_ptrace.restype = ctypes.c_long
 
 _INFO = struct.Struct("<B3xIQQ")  # op, arch, instruction pointer, stack pointer
@@ -99,7 +99,7 @@ def seize(pid: int) -> None:
 
 def resume(pid: int, request: int, sig: int = 0) -> None:
     """PTRACE_CONT / PTRACE_SYSCALL / PTRACE_LISTEN; a vanished tracee is ignored."""
-    if _raw_ptrace(request, pid, None, sig or None) == -1:
+    if _raw_ptrace(request, pid, 0, sig) == -1:
         err = ctypes.get_errno()
         if err != errno.ESRCH:
             raise PtraceRequestError(pid=pid, request=request, errno=err)
@@ -113,7 +113,7 @@ def interrupt(pid: int) -> None:
 def event_message(pid: int) -> int:
     """PTRACE_GETEVENTMSG: the new pid of a fork event, the former tid of an exec."""
     out = ctypes.c_ulong(0)
-    if _raw_ptrace(PTRACE_GETEVENTMSG, pid, None, ctypes.addressof(out)) == -1:
+    if _raw_ptrace(PTRACE_GETEVENTMSG, pid, 0, ctypes.addressof(out)) == -1:
         raise PtraceRequestError(pid=pid, request=PTRACE_GETEVENTMSG, errno=ctypes.get_errno())
     return out.value
 
@@ -123,7 +123,7 @@ class SyscallInfo:
 
     __slots__ = ("op", "arch", "sp", "nr", "args", "rval", "is_error")
 
-    def __init__(self, buf: bytes) -> None:
+    def __init__(self, buf: ctypes.Array[ctypes.c_char]) -> None:
         self.op, self.arch, _ip, self.sp = _INFO.unpack_from(buf, 0)
         self.nr = -1
         self.args: tuple[int, ...] = ()
@@ -146,7 +146,7 @@ def syscall_info(pid: int) -> SyscallInfo:
     if _raw_ptrace(PTRACE_GET_SYSCALL_INFO, pid, 128, _info_addr) == -1:
         err = ctypes.get_errno()
         raise PtraceRequestError(pid=pid, request=PTRACE_GET_SYSCALL_INFO, errno=err)
-    return SyscallInfo(_info_buf.raw)
+    return SyscallInfo(_info_buf)  # parsed in place: no copy of the buffer
 
 
 class Registers(Protocol):
