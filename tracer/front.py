@@ -21,9 +21,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracer.runner import FORWARDED_SIGNALS
-
 _RELEASE = b"r"
+# Signals sent to dcptrace by another process (kill) are passed to the program;
+# the same signals from the terminal already reached the program's process group.
+FORWARDED_SIGNALS = frozenset(
+    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+     signal.SIGUSR1, signal.SIGUSR2}
+)  # fmt: skip
 TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 _FRONT_STOP_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 

@@ -23,6 +23,7 @@ from tracer.coordinator import Complete, Coordinator, ProcessExited, Rewrite, Sy
 from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
+    STOP_SIGNALS,
     Action,
     ApplyComplete,
     ApplyRewrite,
@@ -56,13 +57,6 @@ log = logging.getLogger(__name__)
 WALL = 0x40000000  # __WALL: wait for threads and processes alike
 _MASK64 = (1 << 64) - 1
 _SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
-_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-# Signals sent to dcptrace by another process (kill) are passed to the program;
-# the same signals from the terminal already reached the program's process group.
-FORWARDED_SIGNALS = frozenset(
-    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-     signal.SIGUSR1, signal.SIGUSR2}
-)  # fmt: skip
 # Calls whose output buffer the coordinator may want to see at exit.
 _OUTPUT_ARG = {"readlink": 1, "readlinkat": 2, "getcwd": 0}
 
@@ -179,7 +173,7 @@ class Runner:
                 former = ptraceio.event_message(pid)
                 return ExecStop(pid, former, ptraceio.cmdline(pid))
             if event == ptraceio.EVENT_STOP:
-                if sig in _STOP_SIGNALS:
+                if sig in STOP_SIGNALS:
                     return GroupStop(pid, sig)
                 return EventStop(pid)
             if event:
