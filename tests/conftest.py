@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +58,13 @@ def has_ptrace() -> None:
     scope = Path("/proc/sys/kernel/yama/ptrace_scope")
     if scope.exists() and scope.read_text().strip() == "3":
         pytest.skip("ptrace is disabled (yama ptrace_scope=3)")
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll `predicate` until true or `seconds` pass (bounded; for process state)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

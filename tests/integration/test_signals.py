@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dcptrace_argv, run, traced, traced_env
+from tests.conftest import dcptrace_argv, run, traced, traced_env, wait_for
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 PR_SET_CHILD_SUBREAPER = 36
@@ -55,15 +55,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_for(predicate, seconds: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture

@@ -13,22 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dcptrace_argv, traced_env
+from tests.conftest import dcptrace_argv, traced_env, wait_for
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
 
 def state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def wait_for(predicate, seconds: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def on_terminal(argv: list[str]) -> tuple[subprocess.Popen[bytes], int]:
