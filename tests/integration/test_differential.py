@@ -176,3 +176,56 @@ def test_killed_by_signal(tmp_path: Path, sig: str) -> None:
 def test_reads_stdin(tmp_path: Path) -> None:
     data = bytes(range(256)) * 4000
     differential(tmp_path, ["sh", "-c", "wc -c; echo done"], stdin=data)
+
+
+PTHREADS = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static long total;
+static void *work(void *arg) {
+    long n = (long)arg;
+    for (long i = 0; i < 20000; i++) {
+        pthread_mutex_lock(&lock);
+        total += n;
+        pthread_mutex_unlock(&lock);
+    }
+    return NULL;
+}
+static void *exec_from_thread(void *arg) {
+    (void)arg;
+    char *argv[] = {"/bin/echo", "exec-from-a-thread", NULL};
+    execv(argv[0], argv);
+    return NULL;
+}
+int main(int argc, char **argv) {
+    pthread_t t[8];
+    for (long i = 0; i < 8; i++) pthread_create(&t[i], NULL, work, (void *)(i + 1));
+    for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
+    printf("total %ld\n", total);
+    fflush(stdout);
+    if (argc > 1) {
+        pthread_t e, busy;
+        pthread_create(&busy, NULL, work, (void *)1);
+        pthread_create(&e, NULL, exec_from_thread, NULL);
+        pthread_join(e, NULL);
+        puts("not reached");
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.usefixtures("has_ptrace")
+@pytest.mark.parametrize("exec_from_thread", [False, True], ids=["threads", "exec-from-thread"])
+def test_pthreads(tmp_path: Path, exec_from_thread: bool) -> None:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    src = tmp_path / "threads.c"
+    src.write_text(PTHREADS)
+    exe = tmp_path / "threads"
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)
+    differential(tmp_path, [str(exe), *(["x"] if exec_from_thread else [])])
