@@ -91,7 +91,8 @@ def spawn(
         try:
             os.close(go_w)
             os.close(err_r)
-            os.read(go_r, 1)
+            if not os.read(go_r, 1):
+                os._exit(125)  # the parent could not seize us: never run untraced
             os.close(go_r)
             for sig in RESTORED_SIGNALS:
                 signal.signal(sig, dispositions.get(int(sig), signal.SIG_DFL))
@@ -116,14 +117,34 @@ def spawn(
     os.close(err_w)
     try:
         ptraceio.seize(pid)
-    except Exception:
+    except ptraceio.PtraceRequestError as exc:
+        os.close(go_w)  # the child reads EOF and exits without running the program
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise
-    finally:
-        os.write(go_w, b"x")
-        os.close(go_w)
+        os.close(err_r)
+        tracer = _tracer_of_self()
+        if tracer:
+            raise SpawnError(
+                argv[0],
+                f"cannot trace it: dcptrace is itself traced by pid "
+                f"{tracer}, and a process has only one tracer",
+                125,
+            ) from exc
+        raise SpawnError(argv[0], f"cannot trace it: {exc}", 125) from exc
+    os.write(go_w, b"x")
+    os.close(go_w)
     return Spawned(pid, path, err_r)
+
+
+def _tracer_of_self() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def exec_failure(spawned: Spawned) -> str | None:

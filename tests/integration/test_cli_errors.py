@@ -93,3 +93,13 @@ def test_script_without_shebang_runs_with_sh(tmp_path: Path) -> None:
     res = run([*dcptrace_argv(), "--", str(script)], env=traced_env())
     assert res.stdout == b"plain-script\n"
     assert res.returncode == 0
+
+
+def test_under_another_tracer_one_clear_line() -> None:
+    # The outer dcptrace traces the inner one's children: a second tracer cannot attach.
+    inner = " ".join(dcptrace_argv("--", "echo", "never"))
+    res = run([*dcptrace_argv(), "--", "sh", "-c", inner], env=traced_env())
+    assert res.returncode == 125
+    assert b"never" not in res.stdout
+    line = one_line(res.stderr.decode())
+    assert "itself traced" in line
