@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 LOCAL_INSTANCE = "local"
 _OUTPUT_SIZE_ARG = {"readlink": 2, "readlinkat": 3}
 _OUTPUT_BUF_ARG = {"readlink": 1, "readlinkat": 2}
+_LINK_PATH_ARG = {"readlink": 0, "readlinkat": 1}
 
 
 def _readlink(path: bytes) -> bytes | None:
@@ -87,14 +88,33 @@ class EmbeddedCoordinator:
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
         """Show a symlink's target as the program stored it (virtual)."""
-        if output is None or not output.startswith(b"/"):
+        if output is None:
+            return None
+        size = call.args[_OUTPUT_SIZE_ARG[call.name]]
+        if result >= size:
+            # The kernel may have cut the real target to the program's buffer,
+            # and the virtual one can be shorter: read the whole target.
+            full = self._read_link(call)
+            if full is not None:
+                output = full
+        if not output.startswith(b"/"):
             return None
         virtual = self.pathmap.to_virtual(output)
         if virtual == output:
             return None
-        size = call.args[_OUTPUT_SIZE_ARG[call.name]]
         data = virtual[:size]
         return Complete(len(data), ((call.args[_OUTPUT_BUF_ARG[call.name]], data),))
+
+    def _read_link(self, call: SyscallCall) -> bytes | None:
+        index = _LINK_PATH_ARG[call.name]
+        path = call.paths.get(index)
+        if path is None:
+            return None
+        real = self.pathmap.resolve(path, call.bases.get(index), _readlink)
+        if real is None and not path.startswith(b"/"):
+            base = call.bases.get(index)
+            real = base + b"/" + path if base is not None else None
+        return _readlink(real or path)
 
     def on_process(self, event: ProcessEvent) -> None:
         """Keep the lifecycle events (the record reads them)."""

@@ -24,6 +24,18 @@ def _components(path: bytes) -> list[bytes]:
     return [c for c in path.split(b"/") if c and c != b"."]
 
 
+def _walk(stack: list[bytes], path: bytes) -> list[bytes]:
+    """Lexically apply `path`'s components (with `..`) to a directory stack."""
+    out = list(stack)
+    for comp in _components(path):
+        if comp == b"..":
+            if out:
+                out.pop()
+        else:
+            out.append(comp)
+    return out
+
+
 def _norm(path: str) -> bytes:
     if not path.startswith("/"):
         raise PathMapError(f"not an absolute path: {path!r}")
@@ -45,9 +57,12 @@ class PathMap:
     def _swap(path: bytes, pairs: list[tuple[bytes, bytes]]) -> bytes | None:
         for src, dst in pairs:
             if src == b"/":
-                return dst + path if dst != b"/" else path
-            if path == src or path.startswith(src + b"/"):
-                return dst + path[len(src) :]
+                rest = b"" if path == b"/" else path
+            elif path == src or path.startswith(src + b"/"):
+                rest = path[len(src) :]
+            else:
+                continue
+            return ((b"" if dst == b"/" else dst) + rest) or b"/"
         return None
 
     def to_real(self, virtual: bytes) -> bytes | None:
@@ -68,7 +83,7 @@ class PathMap:
             return None
         if path.startswith(b"/"):
             stack: list[bytes] = []
-            touched = False
+            touched = self.to_real(b"/") is not None
         else:
             if base is None:
                 return None
@@ -84,18 +99,19 @@ class PathMap:
                     links += 1
                     stack.pop()
                     if target.startswith(b"/"):
-                        stack = _components(self.to_virtual(target))
+                        stack = _walk([], self.to_virtual(target))
                     else:
-                        stack.extend(c for c in _components(target) if c != b"..")
+                        stack = _walk(stack, target)
                 if stack:
                     stack.pop()
                 continue
             stack.append(comp)
             if not touched and self.to_real(b"/" + b"/".join(stack)) is not None:
                 touched = True
+        virtual = b"/" + b"/".join(stack)
+        touched = touched or self.to_real(virtual) is not None
         if not touched:
             return None
-        virtual = b"/" + b"/".join(stack)
         real = self.to_real(virtual) or virtual
         if path.endswith(b"/") and not real.endswith(b"/"):
             real += b"/"
@@ -109,8 +125,7 @@ class PathMap:
         """The stored content for a new symlink whose target is `target`, or None to keep it."""
         if not target.startswith(b"/"):
             return None
-        virtual = b"/" + b"/".join(_components(target))
-        return self.to_real(virtual)
+        return self.to_real(b"/" + b"/".join(_walk([], target)))
 
 
 def parse_mapping(spec: str) -> tuple[str, str]:

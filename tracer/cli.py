@@ -6,71 +6,37 @@ import contextlib
 import logging
 import os
 import sys
-import tomllib
 from collections.abc import Iterator
-from typing import TextIO
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TextIO
 
 import click
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from oss.embedded import EmbeddedCoordinator
 from oss.pathmap import PathMap, PathMapError, parse_mapping
 from tracer.coordinator import Coordinator
 from tracer.errors import SpawnError, TracerError, UsageError
+
+if TYPE_CHECKING:
+    from tracer.config import FileConfig
+from tracer.front import TracerLink, run_split
 from tracer.report import build_record, write_record, write_summary
 from tracer.runner import Runner, reraise
-from tracer.spawn import resolve
+from tracer.spawn import initial_dispositions, resolve
 from tracer.syscalls import table_for
 
 log = logging.getLogger("dcptrace")
 PLACEMENTS = ("spread", "pack", "local")
 
 
-class FileConfig(BaseModel):
-    """`--config FILE` (TOML). Every key is optional; unknown keys are rejected.
+@dataclass(frozen=True)
+class RunDefaults:
+    """Settings a config file may provide (see tracer.config.FileConfig)."""
 
-    map:        virtual path prefix -> real path prefix (like --map)
-    instances:  number of local compute instances (like --instances)
-    placement:  spread | pack | local (like --placement)
-    oss:        URL of a running dcp-oss (like --oss)
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    map: dict[str, str] = {}
+    map: dict[str, str] = field(default_factory=dict)
     instances: int = 0
     placement: str = "spread"
     oss: str | None = None
-
-    @field_validator("map")
-    @classmethod
-    def _absolute(cls, value: dict[str, str]) -> dict[str, str]:
-        for src, dst in value.items():
-            parse_mapping(f"{src}={dst}")
-        return value
-
-    @field_validator("placement")
-    @classmethod
-    def _placement(cls, value: str) -> str:
-        if value not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}")
-        return value
-
-
-def load_config(path: str) -> FileConfig:
-    """Read and validate a TOML config file."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-        return FileConfig.model_validate(data)
-    except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config {path} is not valid TOML: {exc}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"config {path}: {where}: {first['msg']}") from exc
 
 
 @contextlib.contextmanager
@@ -150,7 +116,12 @@ def command(
     logging.basicConfig(
         level=logging.WARNING - 10 * verbose, format="dcptrace: %(levelname)s: %(message)s"
     )
-    config = load_config(config_path) if config_path else FileConfig()
+    if config_path:
+        from tracer.config import load_config  # pydantic costs ~30 ms of start-up
+
+        config: RunDefaults | FileConfig = load_config(config_path)
+    else:
+        config = RunDefaults()
     mapping = dict(config.map)
     for spec in maps:
         src, dst = parse_mapping(spec)
@@ -158,37 +129,50 @@ def command(
     table = table_for(os.uname().machine)
     env = dict(os.environ)
     path = resolve(program[0], env)
-    inner = EmbeddedCoordinator(table, PathMap(mapping))
+    pathmap = PathMap(mapping)
     observe = trace or summary or record_path is not None
-    trace_out: TextIO | None = None
-    if trace:
-        trace_out = open(output, "w", buffering=1 << 16) if output else sys.stderr
     n = config.instances if instances is None else instances
     where = placement or config.placement
-    try:
-        with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
-            runner = Runner(program, env, path, table, coordinator, observe, trace_out)
-            outcome = runner.run()
-            if outcome.error:
-                click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
-            if summary:
-                write_summary(outcome.stats, sys.stderr)
-            if record_path:
-                record = build_record(
-                    program, outcome.exit_status, outcome.signal, outcome.machine,
-                    outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
+    dispositions = initial_dispositions()
+
+    def tracer_main(link: TracerLink) -> int:
+        trace_out: TextIO | None = None
+        if trace:
+            trace_out = open(output, "w", buffering=1 << 16) if output else sys.stderr
+        inner = EmbeddedCoordinator(table, pathmap)
+        try:
+            with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+                runner = Runner(
+                    program, env, path, table, coordinator, observe, trace_out,
+                    report=link.send, dispositions=dispositions,
                 )  # fmt: skip
-                write_record(record, record_path)
-    finally:
-        if trace_out is not None and trace_out is not sys.stderr:
-            trace_out.close()
-        elif trace_out is not None:
-            trace_out.flush()
-    if outcome.signal:
+                outcome = runner.run()
+                if outcome.error:
+                    click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
+                if summary:
+                    write_summary(outcome.stats, sys.stderr)
+                if record_path:
+                    record = build_record(
+                        program, outcome.exit_status, outcome.signal, outcome.machine,
+                        outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
+                    )  # fmt: skip
+                    write_record(record, record_path)
+        except TracerError as exc:
+            click.echo(f"dcptrace: {exc}", err=True)
+            return 125
+        finally:
+            if trace_out is not None:
+                trace_out.flush()
+                if trace_out is not sys.stderr:
+                    trace_out.close()
+        return 0
+
+    end = run_split(tracer_main, wait_for_tracer=observe)
+    if end.signal:
         sys.stdout.flush()
-        reraise(outcome.signal)
-        return 128 + outcome.signal
-    return outcome.exit_status if outcome.exit_status is not None else 1
+        reraise(end.signal)
+        return 128 + end.signal
+    return end.exit_status if end.exit_status is not None else 125
 
 
 def main(argv: list[str] | None = None) -> None:

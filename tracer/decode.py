@@ -37,7 +37,8 @@ def signed(value: int, bits: int = 64) -> int:
 def quote(data: bytes, limit: int = STRING_LIMIT) -> str:
     """A C-style quoted string, truncated with ... as strace does."""
     out = []
-    for b in data[:limit]:
+    shown = data[:limit]
+    for i, b in enumerate(shown):
         c = chr(b)
         if c == '"' or c == "\\":
             out.append("\\" + c)
@@ -47,6 +48,8 @@ def quote(data: bytes, limit: int = STRING_LIMIT) -> str:
             out.append("\\t")
         elif 32 <= b < 127:
             out.append(c)
+        elif i + 1 < len(shown) and 48 <= shown[i + 1] <= 57:
+            out.append(f"\\{b:03o}")  # a digit follows: \0012 is not \12
         else:
             out.append(f"\\{b:o}")
     return '"' + "".join(out) + '"' + ("..." if len(data) > limit else "")
@@ -70,8 +73,12 @@ def open_flags(value: int) -> str:
     return flags(value & ~3, _O_FLAGS, _O_ACCMODE.get(value & 3, str(value & 3)))
 
 
-def result(rval: int) -> str:
-    """`= 3` or `= -1 ENOENT (No such file or directory)`."""
+# Calls whose result is an address: shown in hex, every other result in decimal.
+POINTER_RESULTS = frozenset({"mmap", "mremap", "brk", "shmat"})
+
+
+def result(rval: int, pointer: bool = False) -> str:
+    """`= 3` or `= -1 ENOENT (No such file or directory)`; addresses in hex."""
     if -4096 < rval < 0:
         err = -rval
         name = errno.errorcode.get(err, f"E{err}")
@@ -80,13 +87,21 @@ def result(rval: int) -> str:
         if err in (513, 514, 516):
             return f"? ERESTART ({err})"
         return f"-1 {name} ({os.strerror(err)})"
-    if rval > 0xFFFF:
+    if pointer:
         return hex(rval & 0xFFFFFFFFFFFFFFFF)
     return str(rval)
 
 
+Decoder = Callable[[int, int, int, int], str]  # (pid, value, size, rval) -> text
+
+
 class Formatter:
-    """Renders one syscall as an strace-like line, reading the tracee through callables."""
+    """Renders one syscall as an strace-like line, reading the tracee through callables.
+
+    Each syscall gets a decoding plan once (one decoder per argument), so the
+    per-call work is a loop over prepared functions: --trace runs it twice a
+    syscall on the tracer's hot path.
+    """
 
     def __init__(
         self,
@@ -99,6 +114,31 @@ class Formatter:
         self._str = read_string
         self._mem = read_memory
         self._arr = read_array
+        self._decoders: dict[str, Decoder] = {
+            "path": self._string, "target": self._string, "str": self._string,
+            "fd": self._fd, "dirfd": self._dirfd, "buf_in": self._buf_in,
+            "buf_out": self._buf_out, "argv": self._argv, "envp": self._envp,
+            "oflags": lambda p, v, s, r: open_flags(v), "prot": self._prot,
+            "mode": lambda p, v, s, r: f"0{v & 0o7777:o}", "signo": self._signo,
+            "int": lambda p, v, s, r: str(signed(v, 32)),
+            "pid": lambda p, v, s, r: str(signed(v, 32)),
+            "size": lambda p, v, s, r: str(v), "ptr": lambda p, v, s, r: hex(v) if v else "NULL",
+        }  # fmt: skip
+        self._plans: dict[int, tuple[tuple[Decoder, int, int], ...]] = {}
+        self._oflags: dict[int, int] = {}
+
+    def _plan(self, spec: SyscallSpec) -> tuple[tuple[Decoder, int, int], ...]:
+        plan = self._plans.get(spec.nr)
+        if plan is None:
+            fmts = spec.args
+            plan = tuple(
+                (self._decoders.get(fmt, _other), i, i + 1 if i + 1 < len(fmts) else -1)
+                for i, fmt in enumerate(fmts)
+            )
+            self._plans[spec.nr] = plan
+            if "oflags" in fmts:
+                self._oflags[spec.nr] = fmts.index("oflags")
+        return plan
 
     def line(self, pid: int, nr: int, args: tuple[int, ...], rval: int) -> str:
         """`PID name(args) = result` (buffers of output arguments are read now)."""
@@ -106,55 +146,68 @@ class Formatter:
         if spec is None:
             shown = ", ".join(hex(a) for a in args)
             return f"{pid} syscall_{nr}({shown}) = {result(rval)}"
-        return f"{pid} {spec.name}({self.arguments(pid, spec, args, rval)}) = {result(rval)}"
+        shown = self.arguments(pid, spec, args, rval)
+        return f"{pid} {spec.name}({shown}) = {result(rval, spec.name in POINTER_RESULTS)}"
 
     def arguments(self, pid: int, spec: SyscallSpec, args: tuple[int, ...], rval: int) -> str:
         """The decoded argument list."""
-        out = []
-        fmts = spec.args
-        for i, fmt in enumerate(fmts):
-            value = args[i]
-            size = args[i + 1] if i + 1 < len(fmts) else 0
-            out.append(self.argument(pid, fmt, value, size, rval))
-        return ", ".join(out)
+        plan = self._plan(spec)
+        flags_at = self._oflags.get(spec.nr)
+        if flags_at is not None and not args[flags_at] & (os.O_CREAT | 0o20000000):
+            plan = plan[: flags_at + 1]  # the mode only matters when creating
+        return ", ".join(dec(pid, args[i], args[j] if j >= 0 else 0, rval) for dec, i, j in plan)
 
     def argument(self, pid: int, fmt: str, value: int, size: int, rval: int) -> str:
         """One decoded argument."""
-        if fmt in ("path", "target", "str"):
-            s = self._str(pid, value) if value else None
-            return "NULL" if not value else (quote(s, 4096) if s is not None else hex(value))
-        if fmt in ("fd", "dirfd"):
-            v = signed(value, 32)
-            return "AT_FDCWD" if fmt == "dirfd" and v == AT_FDCWD else str(v)
-        if fmt == "buf_in":
-            return quote(self._mem(pid, value, min(size, STRING_LIMIT + 1)))
-        if fmt == "buf_out":
-            if rval < 0 or not value:
-                return hex(value)
-            return quote(self._mem(pid, value, min(rval, STRING_LIMIT + 1)))
-        if fmt in ("argv", "envp"):
-            arr = self._arr(pid, value) if value else None
-            if arr is None:
-                return "NULL" if not value else hex(value)
-            if fmt == "envp":
-                return f"{hex(value)} /* {len(arr)} vars */"
-            shown = ", ".join(quote(a) for a in arr[:ARRAY_LIMIT])
-            return "[" + shown + (", ..." if len(arr) > ARRAY_LIMIT else "") + "]"
-        if fmt == "oflags":
-            return open_flags(value)
-        if fmt == "prot":
-            return flags(value & 0xFFFFFFFF, _PROT) if value else "PROT_NONE"
-        if fmt == "mode":
-            return f"0{value & 0o7777:o}"
-        if fmt == "signo":
-            try:
-                return signal.Signals(value).name
-            except ValueError:
-                return str(value)
-        if fmt in ("int", "pid"):
-            return str(signed(value, 32))
-        if fmt == "size":
+        return self._decoders.get(fmt, _other)(pid, value, size, rval)
+
+    def _string(self, pid: int, value: int, size: int, rval: int) -> str:
+        if not value:
+            return "NULL"
+        s = self._str(pid, value)
+        return quote(s, 4096) if s is not None else hex(value)
+
+    @staticmethod
+    def _fd(pid: int, value: int, size: int, rval: int) -> str:
+        return str(signed(value, 32))
+
+    @staticmethod
+    def _dirfd(pid: int, value: int, size: int, rval: int) -> str:
+        v = signed(value, 32)
+        return "AT_FDCWD" if v == AT_FDCWD else str(v)
+
+    def _buf_in(self, pid: int, value: int, size: int, rval: int) -> str:
+        return quote(self._mem(pid, value, min(size, STRING_LIMIT + 1)))
+
+    def _buf_out(self, pid: int, value: int, size: int, rval: int) -> str:
+        if rval < 0 or not value:
+            return hex(value)
+        return quote(self._mem(pid, value, min(rval, STRING_LIMIT + 1)))
+
+    def _argv(self, pid: int, value: int, size: int, rval: int) -> str:
+        arr = self._arr(pid, value) if value else None
+        if arr is None:
+            return "NULL" if not value else hex(value)
+        shown = ", ".join(quote(a) for a in arr[:ARRAY_LIMIT])
+        return "[" + shown + (", ..." if len(arr) > ARRAY_LIMIT else "") + "]"
+
+    def _envp(self, pid: int, value: int, size: int, rval: int) -> str:
+        arr = self._arr(pid, value) if value else None
+        if arr is None:
+            return "NULL" if not value else hex(value)
+        return f"{hex(value)} /* {len(arr)} vars */"
+
+    @staticmethod
+    def _prot(pid: int, value: int, size: int, rval: int) -> str:
+        return flags(value & 0xFFFFFFFF, _PROT) if value else "PROT_NONE"
+
+    @staticmethod
+    def _signo(pid: int, value: int, size: int, rval: int) -> str:
+        try:
+            return signal.Signals(value).name
+        except ValueError:
             return str(value)
-        if fmt == "ptr":
-            return hex(value) if value else "NULL"
-        return hex(value) if value > 0xFFFF else str(value)
+
+
+def _other(pid: int, value: int, size: int, rval: int) -> str:
+    return hex(value) if value > 0xFFFF else str(value)

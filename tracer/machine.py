@@ -17,9 +17,12 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import errno
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tracer.coordinator import (
     Allow,
@@ -52,6 +55,7 @@ class SeccompStop:
     tid: int
     nr: int
     args: tuple[int, ...]
+    foreign: bool = False  # a call of another ABI (i386 int 0x80, x32): nr is not ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +245,8 @@ class Machine:
             main_pid: Process(main_pid, 0, argv, threads={main_pid})
         }
         self.main_exit: tuple[int | None, int | None] | None = None
+        # Exits of tasks whose fork event had not arrived yet (waitpid order).
+        self._early_exits: dict[int, tuple[int | None, int | None]] = {}
         self._now = time.perf_counter
 
     @property
@@ -250,7 +256,7 @@ class Machine:
 
     def step(self, stop: Stop) -> list[Action]:
         """Advance on one stop; return what the runner must do."""
-        handler = _HANDLERS[type(stop)]
+        handler: Callable[[Machine, Stop], list[Action]] = _HANDLERS[type(stop)]
         return handler(self, stop)
 
     # -- helpers
@@ -270,6 +276,15 @@ class Machine:
 
     def _seccomp(self, stop: SeccompStop) -> list[Action]:
         th = self._thread(stop.tid)
+        if stop.foreign:
+            # The table cannot interpret it; when calls are being served (paths
+            # mapped, programs placed) refuse it so nothing escapes the OSS.
+            if self.intercept:
+                return [
+                    ApplyComplete(stop.tid, Complete(-errno.ENOSYS)),
+                    Resume(stop.tid, Mode.CONT),
+                ]
+            return [Resume(stop.tid, Mode.CONT)]
         th.pending = Pending(stop.nr, stop.args, self._now(), want_exit=self.trace_all)
         if stop.nr in self.intercept:
             return [Consult(stop.tid, stop.nr, stop.args)]
@@ -331,8 +346,16 @@ class Machine:
 
     def _fork(self, stop: ForkStop) -> list[Action]:
         parent = self._thread(stop.tid)
+        early = self._early_exits.pop(stop.child, None)
+        if early is not None:
+            out: list[Action] = [Notify(ProcessSpawned(stop.child, parent.tgid, stop.thread))]
+            if not stop.thread:
+                self.processes[stop.child] = Process(stop.child, parent.tgid, (), *early)
+                out.append(Notify(ProcessExited(stop.child, early[0], early[1])))
+            out.append(Resume(stop.tid, self._mode(parent)))
+            return out
         child = self._thread(stop.child)
-        out: list[Action] = []
+        out = []
         if stop.thread:
             child.tgid = parent.tgid
             proc = self.processes.get(parent.tgid)
@@ -388,7 +411,9 @@ class Machine:
             return []
         proc = self.processes.get(th.tgid)
         out: list[Action] = []
-        if proc is not None:
+        if proc is None:
+            self._early_exits[stop.tid] = (stop.exit_status, stop.signal)
+        else:
             proc.threads.discard(stop.tid)
             if stop.tid == proc.pid:
                 proc.exit_status, proc.signal = stop.exit_status, stop.signal
@@ -402,7 +427,7 @@ class Machine:
         return out
 
 
-_HANDLERS = {
+_HANDLERS: dict[type, Any] = {
     SeccompStop: Machine._seccomp,
     SyscallExitStop: Machine._syscall_exit,
     ForkStop: Machine._fork,

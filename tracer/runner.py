@@ -13,17 +13,17 @@ import logging
 import os
 import signal
 import struct
-import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
 from tracer import ptraceio
-from tracer.coordinator import Complete, Coordinator, Rewrite, SyscallCall
-from tracer.decode import AT_FDCWD, Formatter, result, signed
+from tracer.coordinator import Complete, Coordinator, ProcessExited, Rewrite, SyscallCall
+from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
+    STOP_SIGNALS,
     Action,
     ApplyComplete,
     ApplyRewrite,
@@ -57,14 +57,6 @@ log = logging.getLogger(__name__)
 WALL = 0x40000000  # __WALL: wait for threads and processes alike
 _MASK64 = (1 << 64) - 1
 _SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
-_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-# Signals sent to dcptrace by another process (kill) are passed to the program;
-# the same signals from the terminal already reached the program's process group.
-FORWARDED_SIGNALS = frozenset(
-    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-     signal.SIGUSR1, signal.SIGUSR2}
-)  # fmt: skip
-_SI_KERNEL = 0x80
 # Calls whose output buffer the coordinator may want to see at exit.
 _OUTPUT_ARG = {"readlink": 1, "readlinkat": 2, "getcwd": 0}
 
@@ -93,7 +85,11 @@ class Runner:
         coordinator: Coordinator,
         trace_all: bool,
         trace_out: TextIO | None = None,
+        report: Callable[[str], None] | None = None,
+        dispositions: Mapping[int, signal.Handlers] | None = None,
     ) -> None:
+        self.report = report or (lambda line: None)
+        self.dispositions = dict(dispositions or {})
         self.argv = tuple(argv)
         self.env = dict(env)
         self.path = path
@@ -122,17 +118,14 @@ class Runner:
         filt = PreparedFilter(
             build_filter(self.intercept, trace_all=self.trace_all), no_new_privs=os.geteuid() != 0
         )
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         started = time.perf_counter()
-        try:
-            spawned = spawn(self.argv, self.env, filt, self.path, old_mask)
-            machine = self.machine = Machine(
-                spawned.pid, self.intercept, self.trace_all, argv=self.argv
-            )
-            _Forwarder(spawned.pid).start()
-            self._loop(machine)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        spawned = spawn(self.argv, self.env, filt, self.path, mask, self.dispositions)
+        machine = self.machine = Machine(
+            spawned.pid, self.intercept, self.trace_all, argv=self.argv
+        )
+        self.report(f"pid {spawned.pid}")
+        self._loop(machine)
         wall = time.perf_counter() - started
         error = exec_failure(spawned)
         status, sig = machine.main_exit or (None, None)
@@ -164,7 +157,7 @@ class Runner:
                 info = ptraceio.syscall_info(pid)
                 if self.trace_out is not None:
                     self._pre_render(pid, info.nr, info.args)
-                return SeccompStop(pid, info.nr, info.args)
+                return SeccompStop(pid, info.nr, info.args, info.arch != ptraceio.AUDIT_ARCH_X86_64)
             if sig == _SIGTRAP_SYSGOOD:
                 info = ptraceio.syscall_info(pid)
                 if info.op == ptraceio.SYSCALL_INFO_EXIT:
@@ -180,7 +173,7 @@ class Runner:
                 former = ptraceio.event_message(pid)
                 return ExecStop(pid, former, ptraceio.cmdline(pid))
             if event == ptraceio.EVENT_STOP:
-                if sig in _STOP_SIGNALS:
+                if sig in STOP_SIGNALS:
                     return GroupStop(pid, sig)
                 return EventStop(pid)
             if event:
@@ -213,8 +206,14 @@ class Runner:
                     self._observe(action)
                 case Notify(event):
                     self.coordinator.on_process(event)
-                case MirrorStop():
-                    _mirror_stop()
+                    main = self.machine.main_pid if self.machine else -1
+                    if isinstance(event, ProcessExited) and event.pid == main:
+                        if event.signal:
+                            self.report(f"signal {event.signal}")
+                        else:
+                            self.report(f"exit {event.exit_status}")
+                case MirrorStop(sig):
+                    self.report(f"stop {sig}")
 
     def _consult(self, action: Consult) -> None:
         assert self.machine is not None
@@ -341,7 +340,7 @@ class Runner:
         if text is None or spec is None:
             line = self.formatter.line(pid, action.nr, action.args, rval)
         else:
-            line = f"{pid} {spec.name}({text}) = {result(rval)}"
+            line = f"{pid} {spec.name}({text}) = {result(rval, spec.name in POINTER_RESULTS)}"
         self.trace_out.write(line + "\n")
 
 
@@ -349,49 +348,12 @@ def _align(addr: int, to: int = 16) -> int:
     return addr & ~(to - 1)
 
 
-def _mirror_stop() -> None:
-    """Stop dcptrace itself when the program was stopped from its terminal.
-
-    Only when dcptrace is in the terminal's foreground group: the shell then
-    resumes the whole group (dcptrace and program) with SIGCONT on `fg`.
-    """
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:
-        return
-    try:
-        foreground = os.tcgetpgrp(fd) == os.getpgrp()
-    except OSError:
-        foreground = False
-    finally:
-        os.close(fd)
-    if foreground:
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
-class _Forwarder(threading.Thread):
-    """Passes signals sent to dcptrace on to the program's main process."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(name="dcptrace-signals", daemon=True)
-        self.pid = pid
-
-    def run(self) -> None:
-        while True:
-            info = signal.sigwaitinfo(FORWARDED_SIGNALS)
-            if info.si_code == _SI_KERNEL:
-                continue  # from the terminal: the program's group got it too
-            try:
-                os.kill(self.pid, info.si_signo)
-            except ProcessLookupError:
-                return
-
-
 def reraise(sig: int) -> None:
     """Die by `sig` as the program did (without leaving a core of dcptrace)."""
     import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(sig, signal.SIG_DFL)
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
     os.kill(os.getpid(), sig)

@@ -36,20 +36,22 @@ def build_filter(numbers: Iterable[int], trace_all: bool = False) -> list[Insn]:
     if trace_all:
         return [(BPF_RET_K, 0, 0, SECCOMP_RET_TRACE)]
     nrs = sorted(set(numbers))
-    if len(nrs) + 6 > BPF_MAXINSNS:
-        raise SeccompError(f"too many syscalls to intercept: {len(nrs)}")
     prog: list[Insn] = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
         (BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
         (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        (BPF_JGE_K, len(nrs) + 1, 0, X32_SYSCALL_BIT),
+        (BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
     ]
-    # One compare per number: jump to the TRACE return at the end on a match.
-    for i, nr in enumerate(nrs):
-        prog.append((BPF_JEQ_K, len(nrs) - i, 0, nr))
+    # Each match returns right after its compare: jump offsets stay within the
+    # u8 of struct sock_filter however many calls are intercepted.
+    for nr in nrs:
+        prog.append((BPF_JEQ_K, 0, 1, nr))
+        prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
     prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
-    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
+    if len(prog) > BPF_MAXINSNS:
+        raise SeccompError(f"too many syscalls to intercept: {len(nrs)}")
     return prog
 
 

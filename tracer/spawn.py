@@ -21,8 +21,23 @@ from tracer import ptraceio
 from tracer.errors import SpawnError
 from tracer.seccomp import PreparedFilter
 
-# Signals Python sets to SIG_IGN at start-up; exec keeps SIG_IGN, so reset them.
-_PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+# Signals whose disposition dcptrace changes (Python ignores SIGPIPE and SIGXFSZ;
+# the tracer ignores the terminal's); exec keeps SIG_IGN, so the child puts back
+# what the user started dcptrace with.
+RESTORED_SIGNALS = (
+    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT,
+    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+)  # fmt: skip
+
+
+def initial_dispositions() -> dict[int, signal.Handlers]:
+    """SIG_IGN or SIG_DFL for each restored signal, as the user's shell gave them."""
+    out: dict[int, signal.Handlers] = {}
+    for sig in RESTORED_SIGNALS:
+        handler = signal.getsignal(sig)
+        ignored = handler == signal.SIG_IGN and sig not in (signal.SIGPIPE, signal.SIGXFSZ)
+        out[int(sig)] = signal.SIG_IGN if ignored else signal.SIG_DFL
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +76,8 @@ def spawn(
     env: Mapping[str, str],
     filt: PreparedFilter,
     path: str,
-    sigmask: set[signal.Signals],
+    sigmask: set[int | signal.Signals],
+    dispositions: Mapping[int, signal.Handlers],
 ) -> Spawned:
     """Fork, seize and exec `argv` under `filt` with `sigmask`; run on the tracer thread."""
     args = [os.fsencode(a) for a in argv]
@@ -75,10 +91,11 @@ def spawn(
         try:
             os.close(go_w)
             os.close(err_r)
-            os.read(go_r, 1)
+            if not os.read(go_r, 1):
+                os._exit(125)  # the parent could not seize us: never run untraced
             os.close(go_r)
-            for sig in _PYTHON_IGNORED:
-                signal.signal(sig, signal.SIG_DFL)
+            for sig in RESTORED_SIGNALS:
+                signal.signal(sig, dispositions.get(int(sig), signal.SIG_DFL))
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             err = filt.install()
             if err:
@@ -100,14 +117,34 @@ def spawn(
     os.close(err_w)
     try:
         ptraceio.seize(pid)
-    except Exception:
+    except ptraceio.PtraceRequestError as exc:
+        os.close(go_w)  # the child reads EOF and exits without running the program
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise
-    finally:
-        os.write(go_w, b"x")
-        os.close(go_w)
+        os.close(err_r)
+        tracer = _tracer_of_self()
+        if tracer:
+            raise SpawnError(
+                argv[0],
+                f"cannot trace it: dcptrace is itself traced by pid "
+                f"{tracer}, and a process has only one tracer",
+                125,
+            ) from exc
+        raise SpawnError(argv[0], f"cannot trace it: {exc}", 125) from exc
+    os.write(go_w, b"x")
+    os.close(go_w)
     return Spawned(pid, path, err_r)
+
+
+def _tracer_of_self() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def exec_failure(spawned: Spawned) -> str | None:
