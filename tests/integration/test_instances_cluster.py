@@ -12,6 +12,7 @@ import pytest
 from net.netns import leftover_links, leftover_namespaces
 from vmagent import tickets
 from vmagent.cluster import Instance, LocalCluster
+from vmagent.errors import ClusterError
 from vmagent.remote import deputy_argv, interpreter
 
 pytestmark = [
@@ -93,3 +94,24 @@ def test_kill_9_of_a_namespaced_agent_takes_its_processes_along() -> None:
         other = cluster.instances[0]
         assert subprocess.run(deputy(other, "/bin/true")).returncode == 0
         cluster.remove_logs()
+
+
+def test_a_failed_start_tears_down_everything() -> None:
+    cluster = LocalCluster(2, start_timeout=0.001)  # no agent can be ready that fast
+    with pytest.raises(ClusterError, match="did not start"):
+        cluster.start()
+    assert leftover_namespaces(cluster.tag) == [] and leftover_links(cluster.tag) == []
+    deadline = time.monotonic() + 10
+    while processes_with(f"dcp-{cluster.tag}-") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(f"dcp-{cluster.tag}-") == []  # nsenter/unshare/agents all gone
+    cluster.remove_logs()
+
+
+def test_close_stops_every_agent() -> None:
+    cluster = LocalCluster(2)
+    pids = [i.pid for i in cluster.start()]
+    cluster.close()
+    cluster.remove_logs()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()

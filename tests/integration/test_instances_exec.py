@@ -399,3 +399,18 @@ def test_job_control_stop_and_continue_are_mirrored(cluster: LocalCluster, tmp_p
     assert proc_state(remote) != "T"  # resumed
     flag.touch()
     assert proc.wait(timeout=30) == 0
+
+
+def test_a_deputy_killed_with_sigkill_does_not_leave_its_remote_running(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    # The agent cannot tell a dead deputy from a network cut: it waits the
+    # reconnect window (3 s for this cluster), then kills the program.
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen(
+        deputy(cluster.instances[0], "/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60")
+    )
+    remote = read_pid(pidfile)
+    proc.kill()
+    proc.wait()
+    assert wait_gone(remote, 30)
