@@ -26,6 +26,7 @@ from vmagent import protocol as P
 from vmagent.config import AgentConfig
 from vmagent.errors import AgentError, AuthError, BadRequest
 from vmagent.load import LoadSampler
+from vmagent.readers import ReaderProbe
 from vmagent.remote import tracer_prefix
 from vmagent.spawn import ExecRequest, SpawnFailed, become_subreaper, parse_hello, spawn
 from vmagent.tickets import TicketCheck
@@ -33,6 +34,8 @@ from vmagent.tickets import TicketCheck
 log = logging.getLogger(__name__)
 
 WRITE_HIGH = 4 << 20
+WATCH_FIRST = 0.001  # first look for a reader of a streamed input (s)
+WATCH_MAX = 0.1  # slowest look, for a program that does not read its input
 JOB_CONTROL = frozenset(
     {int(signal.SIGSTOP), int(signal.SIGCONT)}
 )  # transport buffer before the agent stops reading program output
@@ -61,6 +64,8 @@ class Session:
         self._acked_upto = 0  # highest seq acknowledged to the deputy
         self._unacked_bytes = 0  # delivered since that ack
         self.paths: dict[int, int] = {}  # target fd -> our copy (same file description)
+        self.unwanted: dict[int, int] = {}  # pipe inode -> input fd not yet read remotely
+        self._watch: asyncio.TimerHandle | None = None
         self.reading = False
         self.finished = False
         self.forgotten = False
@@ -94,6 +99,7 @@ class Session:
                     self.ins[spec.fd] = w
                     self.in_buf[spec.fd] = collections.deque()
                     sources[spec.fd] = r
+                    self.unwanted[os.fstat(r).st_ino] = spec.fd
             for fd in (*self.outs.values(), *self.ins.values()):
                 with contextlib.suppress(OSError):
                     fcntl_setpipe(fd)
@@ -108,6 +114,23 @@ class Session:
         for fd, r in self.outs.items():
             self.loop.add_reader(r, self._readable, fd, r)
         self.reading = True
+        if self.unwanted:
+            self._watch = self.loop.call_later(WATCH_FIRST, self._watch_inputs, WATCH_FIRST)
+
+    def _watch_inputs(self, interval: float) -> None:
+        """Tell the deputy to start forwarding an input once the program reads it.
+
+        Polls /proc (a few small reads, on the loop: cheaper than a thread hop),
+        quickly at first, then backing off to WATCH_MAX while nobody reads.
+        """
+        self._watch = None
+        if self.status is not None or not self.unwanted or self.forgotten:
+            return
+        for ino in self.service.probe.waiting(self.pid, self.unwanted):
+            self.send(P.WANT, self.unwanted.pop(ino), b"")
+        if self.unwanted:
+            nxt = min(interval * 2, WATCH_MAX)
+            self._watch = self.loop.call_later(nxt, self._watch_inputs, nxt)
 
     # -- frames from the deputy -----------------------------------------------
     def on_frame(self, kind: int, fd: int, seq: int, payload: bytes) -> None:
@@ -335,7 +358,7 @@ class Session:
             with contextlib.suppress(OSError):
                 os.close(ours)
         self.paths.clear()
-        for handle in (self._abandon, self._drain):
+        for handle in (self._abandon, self._drain, self._watch):
             if handle is not None:
                 handle.cancel()
 
@@ -421,6 +444,7 @@ class ExecService:
         self.wrap = tracer_prefix() if config.trace else ()
         self.sessions: dict[bytes, Session] = {}
         self.by_pid: dict[int, Session] = {}
+        self.probe = ReaderProbe(os.uname().machine)
         self.counts = {"started": 0, "exited": 0, "signaled": 0, "failed": 0, "abandoned": 0}
 
     def install(self) -> None:

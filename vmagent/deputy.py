@@ -360,6 +360,7 @@ class Deputy:
         self.main = _thread.get_ident()
         self.result: tuple[str, int, bytes, bytes] | None = None  # kind, value, msg, offsets
         self.dead_outputs: set[int] = set()
+        self.gates: dict[int, _thread.LockType] = {}  # input fd -> released on WANT
 
     def wake(self, result: tuple[str, int, bytes, bytes]) -> None:
         if self.result is None:
@@ -400,6 +401,10 @@ class Deputy:
                             self._release(fd)
                     elif kind == P.ACK:
                         link.peer_acked = max(link.peer_acked, seq)
+                    elif kind == P.WANT:
+                        gate = self.gates.pop(fd, None)
+                        if gate is not None:
+                            gate.release()
                     elif kind == P.WELCOME:
                         link.session = P.pairs(payload).get(b"session", b"")
                     elif kind == P.EXIT:
@@ -450,8 +455,15 @@ class Deputy:
             self.dead_outputs.add(fd)
             self.link.post(P.EOF, fd)
 
-    def forward_input(self, fd: int) -> None:
-        """Input thread: stream one readable descriptor to the remote program."""
+    def forward_input(self, fd: int, wanted: _thread.LockType) -> None:
+        """Input thread: once the remote program reads `fd`, stream it there.
+
+        Waiting for WANT keeps the deputy from consuming input that a later
+        process sharing the descriptor would read (`... | while read l; do
+        remote_cmd; done`): a remote program that never reads its stdin leaves
+        every byte in place, as a local one would.
+        """
+        wanted.acquire()
         while True:
             try:
                 data = os.read(fd, P.CHUNK)
@@ -515,7 +527,10 @@ def main(argv: list[str]) -> int:
         return deputy.finish()
     _thread.start_new_thread(deputy.receive, ())
     for fd in ins:
-        _thread.start_new_thread(deputy.forward_input, (fd,))
+        gate = _thread.allocate_lock()
+        gate.acquire()
+        deputy.gates[fd] = gate
+        _thread.start_new_thread(deputy.forward_input, (fd, gate))
     while deputy.result is None:
         sig = _signal.sigwait(sigs)
         if sig != WAKE and deputy.result is None:

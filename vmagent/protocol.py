@@ -43,8 +43,9 @@ EXIT = 8  # agent -> deputy: record (kind, value, message, fd offsets...)
 ACK = 9  # either way: seq = highest contiguous seq received
 ERROR = 10  # agent -> deputy: refused (record: message); the agent then closes
 BYE = 11  # deputy -> agent: EXIT received; the session may be forgotten
+WANT = 12  # agent -> deputy: the remote program reads stream `fd`: start forwarding it
 
-SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT})
+SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT})
 
 # Kinds of forwarded descriptors in a HELLO.
 FD_IN = b"in"  # the deputy reads its fd and streams it to the remote program
@@ -119,7 +120,7 @@ class FrameParser:
         end = len(buf)
         while end - pos >= HEADER_SIZE:
             kind, fd, length, seq = HEADER.unpack_from(buf, pos)
-            if length > MAX_PAYLOAD or kind == 0 or kind > BYE:
+            if length > MAX_PAYLOAD or kind == 0 or kind > WANT:
                 raise FrameError(f"bad frame header kind={kind} length={length}")
             if end - pos - HEADER_SIZE < length:
                 break

@@ -145,11 +145,15 @@ class ClusterCoordinator:
         if name == HOME:
             return None
         target = self.targets[name]
+        # A relative path stays relative: the remote side runs in the same cwd,
+        # and a script's interpreter gets the path as given (its $0).  Only a
+        # path relative to some other directory (execveat's dirfd) is joined.
+        fd_relative = call.name == "execveat" and call.args[0] != AT_FDCWD
         argv = deputy_argv(
             target.address,
             name,
             tickets.mint(target.token, name),
-            path if path.startswith(b"/") else real,
+            real if fd_relative else path,
             call.argv,
             self.reconnect_window,
         )

@@ -176,3 +176,21 @@ def test_pack_and_local_placement(tmp_path: Path, placement: str, want: list[str
     procs = json.loads(record.read_text())["processes"]
     sleeps = [p["instance"] for p in procs if p["pid"] != procs[0]["pid"]]
     assert sorted(sleeps) == want
+
+
+def test_stdin_relative_paths_and_shebangless_scripts_match_native(tmp_path: Path) -> None:
+    with_shebang = tmp_path / "with.sh"
+    with_shebang.write_text('#!/bin/sh\necho "with $0 $# $1"\n')
+    without = tmp_path / "without.sh"
+    without.write_text('echo "without $0 $1"\n')  # ENOEXEC: bash runs it itself
+    for script in (with_shebang, without):
+        script.chmod(0o755)
+    body = "./with.sh 'a b'; ./without.sh x; sort -r; ./missing 2>/dev/null; echo \"missing $?\""
+    native = subprocess.run(
+        ["bash", "-c", body], cwd=tmp_path, input=b"1\n3\n2\n", capture_output=True
+    )
+    traced = dcptrace(
+        "--instances", "2", "--", "bash", "-c", body, cwd=tmp_path, input=b"1\n3\n2\n"
+    )
+    assert native.stdout == b"with ./with.sh 1 a b\nwithout ./without.sh x\n3\n2\n1\nmissing 127\n"
+    assert (traced.returncode, traced.stdout) == (native.returncode, native.stdout)

@@ -414,3 +414,23 @@ def test_a_deputy_killed_with_sigkill_does_not_leave_its_remote_running(
     proc.kill()
     proc.wait()
     assert wait_gone(remote, 30)
+
+
+def test_a_remote_program_that_does_not_read_stdin_leaves_it_in_place(
+    cluster: LocalCluster,
+) -> None:
+    inst = cluster.instances[1]
+
+    def cmd(*argv: str) -> str:
+        return " ".join(f"'{a}'" for a in deputy(inst, *argv))
+
+    # A `while read l; do remote_cmd "$l"; done` loop, unrolled (one ticket per
+    # exec): each remote program never reads stdin, so each `read` must still
+    # see its line (an eager deputy would swallow the rest of the pipe).
+    turns = "; ".join(f'read l; {cmd("/bin/echo", "got")} "$l"' for _ in range(3))
+    res = subprocess.run(["bash", "-c", turns], input=b"1\n2\n3\n", capture_output=True)
+    assert res.stdout == b"got 1\ngot 2\ngot 3\n", res.stderr
+    # A remote reader gets the stream as soon as it reads.
+    script = f'{cmd("/bin/true")}; read a; echo "a=$a"; {cmd("/bin/cat")}'
+    res = subprocess.run(["bash", "-c", script], input=b"l1\nl2\nl3\n", capture_output=True)
+    assert res.stdout == b"a=l1\nl2\nl3\n"

@@ -143,3 +143,20 @@ def test_deputy_argv_shape_and_inverse() -> None:
     assert argv[argv.index(b"--") :] == (b"--", b"/bin/echo", b"echo", b"hi")
     assert original_argv(tuple(a.decode() for a in argv)) == ("echo", "hi")
     assert original_argv(("make", "-j6")) is None
+
+
+# -- reader probe ------------------------------------------------------------------------
+
+
+def test_reader_probe_parsing() -> None:
+    from vmagent.readers import ReaderProbe, UnknownMachine, parse_syscall, session_of
+
+    assert parse_syscall("0 0x3 0x7ffd 0x1000 0x0 0x0 0x0 0x7ffc 0x7f00\n") == (
+        0,
+        [3, 0x7FFD, 0x1000, 0, 0, 0],
+    )
+    assert parse_syscall("running\n") is None
+    assert parse_syscall("-1 0x7ffc 0x7f00\n") is None
+    assert session_of("42 (we ird) comm) S 1 42 77 0 -1") == 77
+    with pytest.raises(UnknownMachine):
+        ReaderProbe("pdp11")

@@ -109,11 +109,23 @@ def test_unplaceable_execs_stay_home(tmp_path: Path) -> None:
     assert c.placed == 0
 
 
-def test_relative_path_is_resolved_against_the_callers_directory() -> None:
+def test_relative_path_is_checked_in_the_callers_directory_and_kept_relative() -> None:
     c = coordinator()
     d = c.on_syscall(execve(8, b"true", (b"true",), base=b"/bin"))
     assert isinstance(d, Rewrite)
     argv = d.args[1]
+    assert isinstance(argv, tuple) and argv[argv.index(b"--") + 1] == b"true"  # $0 as given
+    assert isinstance(c.on_syscall(execve(8, b"true", (b"true",), base=b"/etc")), Allow)
+
+
+def test_execveat_relative_to_a_directory_descriptor_is_joined() -> None:
+    c = coordinator()
+    call = SyscallCall(
+        9, 9, 322, "execveat", (5, 0, 0, 0, 0, 0), {1: b"true"}, {1: b"/bin"}, (b"t",)
+    )
+    d = c.on_syscall(call)
+    assert isinstance(d, Rewrite)
+    argv = d.args[2]
     assert isinstance(argv, tuple) and argv[argv.index(b"--") + 1] == b"/bin/true"
 
 
