@@ -360,7 +360,7 @@ class Deputy:
         self.main = _thread.get_ident()
         self.result: tuple[str, int, bytes, bytes] | None = None  # kind, value, msg, offsets
         self.dead_outputs: set[int] = set()
-        self.gates: dict[int, _thread.LockType] = {}  # input fd -> released on WANT
+        self.inputs: set[int] = set()  # streamed inputs whose thread awaits WANT
 
     def wake(self, result: tuple[str, int, bytes, bytes]) -> None:
         if self.result is None:
@@ -402,9 +402,9 @@ class Deputy:
                     elif kind == P.ACK:
                         link.peer_acked = max(link.peer_acked, seq)
                     elif kind == P.WANT:
-                        gate = self.gates.pop(fd, None)
-                        if gate is not None:
-                            gate.release()
+                        if fd in self.inputs:
+                            self.inputs.discard(fd)
+                            _thread.start_new_thread(self.forward_input, (fd,))
                     elif kind == P.WELCOME:
                         link.session = P.pairs(payload).get(b"session", b"")
                     elif kind == P.EXIT:
@@ -455,15 +455,14 @@ class Deputy:
             self.dead_outputs.add(fd)
             self.link.post(P.EOF, fd)
 
-    def forward_input(self, fd: int, wanted: _thread.LockType) -> None:
-        """Input thread: once the remote program reads `fd`, stream it there.
+    def forward_input(self, fd: int) -> None:
+        """Input thread, started on WANT: the remote program reads `fd`; stream it.
 
         Waiting for WANT keeps the deputy from consuming input that a later
         process sharing the descriptor would read (`... | while read l; do
         remote_cmd; done`): a remote program that never reads its stdin leaves
         every byte in place, as a local one would.
         """
-        wanted.acquire()
         while True:
             try:
                 data = os.read(fd, P.CHUNK)
@@ -525,12 +524,8 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         deputy.result = ("lost", 0, (exc.strerror or str(exc)).encode(), b"")
         return deputy.finish()
+    deputy.inputs.update(ins)  # before the receiver runs: it may get WANT at once
     _thread.start_new_thread(deputy.receive, ())
-    for fd in ins:
-        gate = _thread.allocate_lock()
-        gate.acquire()
-        deputy.gates[fd] = gate
-        _thread.start_new_thread(deputy.forward_input, (fd, gate))
     while deputy.result is None:
         sig = _signal.sigwait(sigs)
         if sig != WAKE and deputy.result is None:
