@@ -71,7 +71,7 @@ def record(items: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def unrecord(data: bytes) -> list[bytes]:
+def unrecord(data: bytes | bytearray) -> list[bytes]:
     """Decode `record()` output; raises FrameError on truncation."""
     items: list[bytes] = []
     pos = 0
@@ -88,7 +88,7 @@ def unrecord(data: bytes) -> list[bytes]:
     return items
 
 
-def pairs(data: bytes) -> dict[bytes, bytes]:
+def pairs(data: bytes | bytearray) -> dict[bytes, bytes]:
     """Decode a record of alternating keys and values."""
     items = unrecord(data)
     if len(items) % 2:
@@ -120,8 +120,7 @@ class FrameParser:
         end = len(buf)
         while end - pos >= HEADER_SIZE:
             kind, fd, length, seq = HEADER.unpack_from(buf, pos)
-            if length > MAX_PAYLOAD or kind == 0 or kind > WANT:
-                raise FrameError(f"bad frame header kind={kind} length={length}")
+            FrameParser.check(kind, length)
             if end - pos - HEADER_SIZE < length:
                 break
             start = pos + HEADER_SIZE
@@ -134,6 +133,18 @@ class FrameParser:
     def pending(self) -> int:
         """Bytes held that do not yet form a complete frame."""
         return len(self._buf)
+
+    def leftover(self) -> bytes:
+        """Hand over (and forget) the bytes of an incomplete frame."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    @staticmethod
+    def check(kind: int, length: int) -> None:
+        """Raise FrameError for a header no valid peer sends."""
+        if length > MAX_PAYLOAD or kind == 0 or kind > WANT:
+            raise FrameError(f"bad frame header kind={kind} length={length}")
 
 
 class Outbox:
