@@ -389,6 +389,10 @@ class ExecProtocol(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, P.KEEPALIVE_IDLE)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, P.KEEPALIVE_INTVL)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, P.KEEPALIVE_CNT)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

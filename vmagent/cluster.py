@@ -288,6 +288,10 @@ class LocalCluster:
                 return inst
         raise ClusterError(name, "no such instance")
 
+    def netns_of(self, name: str) -> str | None:
+        """The network namespace of an isolated instance (None without isolation)."""
+        return self._tokens[name][2] if name in self._tokens else None
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to an instance's agent (tests: simulate a crashed instance)."""
         os.kill(self._agent_pids[name], sig)

@@ -237,6 +237,10 @@ class Link:
         sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
         try:
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPIDLE, P.KEEPALIVE_IDLE)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPINTVL, P.KEEPALIVE_INTVL)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPCNT, P.KEEPALIVE_CNT)
             sock.settimeout(5.0)
             sock.connect(self.addr)
             sock.settimeout(None)

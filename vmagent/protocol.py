@@ -45,6 +45,12 @@ ERROR = 10  # agent -> deputy: refused (record: message); the agent then closes
 BYE = 11  # deputy -> agent: EXIT received; the session may be forgotten
 WANT = 12  # agent -> deputy: the remote program reads stream `fd`: start forwarding it
 
+# TCP keepalive on exec connections: a peer whose host vanished without a
+# FIN/RST (a VM killed, a cable cut) is noticed after IDLE + INTVL * CNT seconds.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTVL = 2
+KEEPALIVE_CNT = 3
+
 SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT})
 
 # Kinds of forwarded descriptors in a HELLO.

@@ -115,3 +115,38 @@ def test_close_stops_every_agent() -> None:
     cluster.remove_logs()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.slow
+def test_an_instance_that_goes_silent_is_detected_without_a_hang() -> None:
+    # Its link goes down: no FIN, no RST, just silence (a VM whose host died).
+    # TCP keepalive (5 s idle, 3 probes 2 s apart) notices, the deputy retries
+    # for its window and fails cleanly; the agent kills the orphaned session.
+    from pyroute2 import NetNS
+
+    with LocalCluster(1, reconnect_window=2.0) as cluster:
+        inst = cluster.instances[0]
+        marker = f"{time.time_ns() % 10**6 + 1000}.75"
+        proc = subprocess.Popen(
+            deputy(inst, "/bin/sh", "-c", f"exec sleep {marker}", window=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while not processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ns_name = cluster.netns_of(inst.name)
+        assert ns_name is not None
+        ns = NetNS(ns_name)
+        try:
+            ns.link("set", index=ns.link_lookup(ifname="eth0")[0], state="down")
+        finally:
+            ns.close()
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 255
+        assert f"instance {inst.name} ({inst.address}) lost".encode() in err
+        deadline = time.monotonic() + 60
+        while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_with(f"sleep\0{marker}") == []
+        cluster.remove_logs()
