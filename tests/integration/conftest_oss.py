@@ -99,6 +99,9 @@ class OssServer:
         return self
 
     def stop(self) -> None:
+        """Stop the server (idempotent)."""
+        if self.loop.is_closed():
+            return
         fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop)
         fut.result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
