@@ -37,4 +37,5 @@ def test_leases_fencing_and_persistence(oss_factory: object, tmp_path: object) -
 
 
 def test_locking_is_not_reachable_by_clients() -> None:
-    assert not [r for r in ROUTES if "lock" in r.path or "lease" in r.path]
+    assert not [r for r in ROUTES if "lock" in r.path or "/lease" in r.path]
+    assert not [r for r in ROUTES if "locking" in r.handler.__module__]
