@@ -41,6 +41,12 @@ class ApiError(errors.OssError):
     code = "api_error"
 
 
+class Unreachable(errors.OssError):
+    """The OSS could not be reached (connection failed, reset or timed out)."""
+
+    code = "unreachable"
+
+
 class OssClient:
     """One API session (connection pool) with one bearer token."""
 
@@ -91,16 +97,20 @@ class OssClient:
             )
         headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"}
         q = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items() if v is not None}
-        async with asyncio.timeout(self._timeout):
-            async with self._session.request(
-                method, self.base_url + path, data=data, headers=headers, params=q
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise _error(resp.status, raw)
-                if resp.content_type == "application/json":
-                    return json.loads(raw)
-                return raw.decode()
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._session.request(
+                    method, self.base_url + path, data=data, headers=headers, params=q
+                ) as resp:
+                    raw = await resp.read()
+                    status, ctype = resp.status, resp.content_type
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise Unreachable(f"{method} {path}: {exc!r}") from exc
+        if status >= 400:
+            raise _error(status, raw)
+        if ctype == "application/json":
+            return json.loads(raw)
+        return raw.decode()
 
     async def _get(self, model: type[T], method: str, path: str, body: Any = None, params: Any = None) -> T:
         return model.model_validate(await self.request(method, path, body, params))
