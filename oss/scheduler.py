@@ -134,7 +134,7 @@ def place(
             if choice is not None:
                 width += 1
         if choice is None:
-            raise NoCapacity(f"program {program}: {len(out)} of {processes} processes placed")
+            raise NoCapacity(f"program {program}: only {sum(out.values())} of {processes} processes fit")
         free[choice] -= 1
         out[choice] = out.get(choice, 0) + 1
         used.add(choice)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -615,7 +616,7 @@ def openapi() -> dict[str, Any]:
     for rt in ROUTES:
         op: dict[str, Any] = {
             "summary": rt.summary,
-            "operationId": rt.handler.__name__[2:] + "_" + rt.method.lower(),
+            "operationId": rt.method.lower() + re.sub(r"[^a-z0-9]+", "_", rt.path.lower()).rstrip("_"),
             "x-scope": rt.scope,
             "responses": {
                 "default": {
