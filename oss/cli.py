@@ -31,31 +31,61 @@ def _hostport(value: str) -> tuple[str, int]:
 @click.option("--log-level", default="WARNING", show_default=True, help="Python log level.")
 def main(log_level: str) -> None:
     """DCP operating system service."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:8470", show_default=True, help="HOST:PORT (port 0: any).")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="State directory.")
-@click.option("--heartbeat-interval", default=1.0, show_default=True, help="Seconds between agent heartbeats.")
-@click.option("--heartbeat-timeout", default=5.0, show_default=True, help="Silent longer -> instance failed.")
-@click.option("--tick", default=1.0, show_default=True, help="Seconds between metering/availability passes.")
-@click.option("--slots-per-cpu", default=4, show_default=True, help="Processes per CPU on an instance.")
+@click.option(
+    "--listen", default="127.0.0.1:8470", show_default=True, help="HOST:PORT (port 0: any)."
+)
+@click.option(
+    "--data", "data_dir", required=True, type=click.Path(path_type=Path), help="State directory."
+)
+@click.option(
+    "--heartbeat-interval", default=1.0, show_default=True, help="Seconds between agent heartbeats."
+)
+@click.option(
+    "--heartbeat-timeout", default=5.0, show_default=True, help="Silent longer -> instance failed."
+)
+@click.option(
+    "--tick", default=1.0, show_default=True, help="Seconds between metering/availability passes."
+)
+@click.option(
+    "--slots-per-cpu", default=4, show_default=True, help="Processes per CPU on an instance."
+)
 @click.option("--public-url", default=None, help="OSS URL handed to new instances.")
-@click.option("--premium-pct", default=20, show_default=True, help="Premium pricing model surcharge.")
-@click.option("--storage-rate", default=0, show_default=True, help="Micros per GiB-second of storage.")
+@click.option(
+    "--premium-pct", default=20, show_default=True, help="Premium pricing model surcharge."
+)
+@click.option(
+    "--storage-rate", default=0, show_default=True, help="Micros per GiB-second of storage."
+)
 @click.option("--net-rate", default=0, show_default=True, help="Micros per GiB of network traffic.")
 def serve(
-    listen: str, data_dir: Path, heartbeat_interval: float, heartbeat_timeout: float, tick: float,
-    slots_per_cpu: int, public_url: str | None, premium_pct: int, storage_rate: int, net_rate: int,
+    listen: str,
+    data_dir: Path,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    tick: float,
+    slots_per_cpu: int,
+    public_url: str | None,
+    premium_pct: int,
+    storage_rate: int,
+    net_rate: int,
 ) -> None:
     """Run the OSS HTTP API."""
     host, port = _hostport(listen)
     try:
         config = OssConfig(
-            data_dir=data_dir, heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout, tick=tick, slots_per_cpu=slots_per_cpu,
-            public_url=public_url, rates=Rates(storage_rate, net_rate, premium_pct),
+            data_dir=data_dir,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            tick=tick,
+            slots_per_cpu=slots_per_cpu,
+            public_url=public_url,
+            rates=Rates(storage_rate, net_rate, premium_pct),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -83,7 +113,9 @@ async def _serve(config: OssConfig, host: str, port: int) -> None:
 
 @main.command("instance-token")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--pool", default=None, help="Pool the instance belongs to (sets its type and price).")
+@click.option(
+    "--pool", default=None, help="Pool the instance belongs to (sets its type and price)."
+)
 @click.argument("name")
 def instance_token(data_dir: Path, pool: str | None, name: str) -> None:
     """Create instance NAME (or re-key it) and print its bearer token."""
@@ -107,7 +139,9 @@ def account() -> None:
 def account_create(data_dir: Path, admin: bool, pricing: str, user: str, name: str) -> None:
     """Create account NAME and print its first user's token (ids on stderr)."""
     try:
-        cred = credentials.create_account_sync(data_dir, name, admin=admin, pricing_model=pricing, user=user)
+        cred = credentials.create_account_sync(
+            data_dir, name, admin=admin, pricing_model=pricing, user=user
+        )
     except OssError as exc:
         raise click.ClickException(exc.message) from exc
     click.echo(f"account {cred.account_id} user {cred.user_id}", err=True)

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from oss import errors
 from oss import models as m
@@ -27,9 +27,18 @@ T = TypeVar("T", bound=BaseModel)
 _BY_CODE: dict[str, type[errors.OssError]] = {
     cls.code: cls
     for cls in (
-        errors.InvalidRequest, errors.ValidationFailed, errors.PayloadTooLarge, errors.Unauthorized,
-        errors.Forbidden, errors.NotFound, errors.Conflict, errors.BudgetExhausted,
-        errors.NoCapacity, errors.ProviderError, errors.StoreError, errors.LeaseError,
+        errors.InvalidRequest,
+        errors.ValidationFailed,
+        errors.PayloadTooLarge,
+        errors.Unauthorized,
+        errors.Forbidden,
+        errors.NotFound,
+        errors.Conflict,
+        errors.BudgetExhausted,
+        errors.NoCapacity,
+        errors.ProviderError,
+        errors.StoreError,
+        errors.LeaseError,
         errors.LimitExceeded,
     )
 }
@@ -81,7 +90,10 @@ class OssClient:
             self._session = None
 
     async def request(
-        self, method: str, path: str, body: BaseModel | dict[str, Any] | None = None,
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON or raise the server's error type."""
@@ -96,7 +108,11 @@ class OssClient:
                 else json.dumps(body)
             )
         headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"}
-        q = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items() if v is not None}
+        q = {
+            k: str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in (params or {}).items()
+            if v is not None
+        }
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._session.request(
@@ -112,11 +128,14 @@ class OssClient:
             return json.loads(raw)
         return raw.decode()
 
-    async def _get(self, model: type[T], method: str, path: str, body: Any = None, params: Any = None) -> T:
+    async def _get(
+        self, model: type[T], method: str, path: str, body: Any = None, params: Any = None
+    ) -> T:
         return model.model_validate(await self.request(method, path, body, params))
 
     async def _list(self, model: type[T], path: str, params: Any = None) -> list[T]:
-        return TypeAdapter(list[model]).validate_python(await self.request("GET", path, None, params))  # type: ignore[valid-type]
+        raw = await self.request("GET", path, None, params)
+        return [model.model_validate(x) for x in raw]
 
     # -- programs --------------------------------------------------------------
 
@@ -136,7 +155,9 @@ class OssClient:
         """Cancel a program."""
         return await self._get(m.Program, "POST", f"/v1/programs/{program_id}/cancel")
 
-    async def finish(self, program_id: str, exit_status: int | None, signal: int | None = None) -> m.Program:
+    async def finish(
+        self, program_id: str, exit_status: int | None, signal: int | None = None
+    ) -> m.Program:
         """Report that the program ended."""
         body = m.ProgramFinish(exit_status=exit_status, signal=signal)
         return await self._get(m.Program, "POST", f"/v1/programs/{program_id}/finish", body)
@@ -144,7 +165,9 @@ class OssClient:
     async def place(self, program_id: str, processes: int = 1) -> m.PlacementResult:
         """Ask where new processes of the program run."""
         body = m.PlacementRequest(processes=processes)
-        return await self._get(m.PlacementResult, "POST", f"/v1/programs/{program_id}/placements", body)
+        return await self._get(
+            m.PlacementResult, "POST", f"/v1/programs/{program_id}/placements", body
+        )
 
     async def release(self, program_id: str, instance: str, processes: int = 1) -> None:
         """Processes of the program on an instance ended."""
@@ -157,20 +180,27 @@ class OssClient:
 
     async def logs(self, program_id: str, stream: str | None = None, **filters: Any) -> m.LogPage:
         """Read the program's consolidated log (or one stream of it)."""
-        path = f"/v1/programs/{program_id}/" + (stream if stream in ("stdout", "stderr") else "logs")
+        path = f"/v1/programs/{program_id}/" + (
+            stream if stream in ("stdout", "stderr") else "logs"
+        )
         params = dict(filters)
         if stream == "log":
             params["stream"] = "log"
         return await self._get(m.LogPage, "GET", path, None, params)
 
-    async def follow(self, program_id: str, stream: str | None = None) -> AsyncIterator[m.LogLineOut]:
+    async def follow(
+        self, program_id: str, stream: str | None = None
+    ) -> AsyncIterator[m.LogLineOut]:
         """Stream the program's log lines until it ends."""
         if self._session is None:
             await self.__aenter__()
         assert self._session is not None
-        path = f"/v1/programs/{program_id}/" + (stream if stream in ("stdout", "stderr") else "logs")
+        path = f"/v1/programs/{program_id}/" + (
+            stream if stream in ("stdout", "stderr") else "logs"
+        )
         async with self._session.get(
-            self.base_url + path, params={"follow": "true"},
+            self.base_url + path,
+            params={"follow": "true"},
             headers={"Authorization": f"Bearer {self._token}"},
         ) as resp:
             if resp.status >= 400:
@@ -204,13 +234,20 @@ class OssClient:
 
     async def create_token(self, user_id: str | None = None, label: str = "") -> m.TokenCreated:
         """Mint a token."""
-        return await self._get(m.TokenCreated, "POST", "/v1/tokens", m.TokenCreate(user_id=user_id, label=label))
+        return await self._get(
+            m.TokenCreated, "POST", "/v1/tokens", m.TokenCreate(user_id=user_id, label=label)
+        )
 
-    async def set_limits(self, limits: m.LimitsBody, *, user_id: str | None = None, program_id: str | None = None) -> None:
+    async def set_limits(
+        self, limits: m.LimitsBody, *, user_id: str | None = None, program_id: str | None = None
+    ) -> None:
         """Set account (default), user or program limits."""
         path = (
-            f"/v1/users/{user_id}/limits" if user_id else
-            f"/v1/programs/{program_id}/limits" if program_id else "/v1/limits"
+            f"/v1/users/{user_id}/limits"
+            if user_id
+            else f"/v1/programs/{program_id}/limits"
+            if program_id
+            else "/v1/limits"
         )
         await self.request("PUT", path, limits)
 
@@ -230,7 +267,9 @@ class OssClient:
 
     async def create_instance(self, name: str, pool: str | None = None) -> str:
         """Create an instance credential (admin); returns the instance token."""
-        res = await self._get(m.InstanceToken, "POST", "/v1/instances", m.InstanceCreate(name=name, pool=pool))
+        res = await self._get(
+            m.InstanceToken, "POST", "/v1/instances", m.InstanceCreate(name=name, pool=pool)
+        )
         return res.token
 
     async def put_instance_type(self, t: m.InstanceTypeBody) -> None:
@@ -257,7 +296,7 @@ class OssClient:
 
 
 def _error(status: int, raw: bytes) -> errors.OssError:
-    """Rebuild the server's error type; str(exc) is the server's message, .status the HTTP status."""
+    """Rebuild the server's error type (str(exc): its message; .status: the HTTP status)."""
     try:
         body = m.ErrorBody.model_validate_json(raw)
         code, message, fields = body.error, body.message, dict(body.fields)

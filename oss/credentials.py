@@ -34,7 +34,12 @@ async def mint_instance_token(data_dir: Path, name: str, pool: str | None = None
 
 
 async def create_account(
-    data_dir: Path, name: str, *, admin: bool = False, pricing_model: str = "sum", user: str = "admin"
+    data_dir: Path,
+    name: str,
+    *,
+    admin: bool = False,
+    pricing_model: str = "sum",
+    user: str = "admin",
 ) -> AccountCredentials:
     """Create an account with a first user and return its token."""
     store = Store(data_dir)
@@ -52,7 +57,12 @@ def mint_instance_token_sync(data_dir: Path, name: str, pool: str | None = None)
 
 
 def create_account_sync(
-    data_dir: Path, name: str, *, admin: bool = False, pricing_model: str = "sum", user: str = "admin"
+    data_dir: Path,
+    name: str,
+    *,
+    admin: bool = False,
+    pricing_model: str = "sum",
+    user: str = "admin",
 ) -> AccountCredentials:
     """Blocking `create_account` (not from inside a running event loop)."""
     return asyncio.run(

@@ -39,7 +39,9 @@ class LockService:
         now = self._clock()
 
         def op(c: Conn) -> Lease:
-            r = c.execute("SELECT holder, fencing, expires FROM leases WHERE name=?", (name,)).fetchone()
+            r = c.execute(
+                "SELECT holder, fencing, expires FROM leases WHERE name=?", (name,)
+            ).fetchone()
             if r is None:
                 fencing = 1
             elif r["holder"] == holder and r["expires"] > now:
@@ -71,7 +73,9 @@ class LockService:
         now = self._clock()
 
         def op(c: Conn) -> None:
-            r = c.execute("SELECT holder, fencing, expires FROM leases WHERE name=?", (name,)).fetchone()
+            r = c.execute(
+                "SELECT holder, fencing, expires FROM leases WHERE name=?", (name,)
+            ).fetchone()
             if r is None or r["fencing"] != fencing or r["holder"] is None or r["expires"] <= now:
                 raise LeaseError(f"stale fencing token {fencing} for {name}", name=name)
 

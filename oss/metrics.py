@@ -61,15 +61,21 @@ class MetricsCollector:
         self.registry = CollectorRegistry()
         r = self.registry
         pl = ["program", "instance"]
-        self._sys = Counter("dcp_program_syscalls", "Syscalls by OSS service", [*pl, "service"], registry=r)
+        self._sys = Counter(
+            "dcp_program_syscalls", "Syscalls by OSS service", [*pl, "service"], registry=r
+        )
         self._lat = Counter(
-            "dcp_program_call_latency_seconds", "Summed call latency by OSS service",
-            [*pl, "service"], registry=r,
+            "dcp_program_call_latency_seconds",
+            "Summed call latency by OSS service",
+            [*pl, "service"],
+            registry=r,
         )
         self._cpu = Counter("dcp_program_cpu_seconds", "CPU seconds", pl, registry=r)
         self._mem = Gauge("dcp_program_memory_bytes", "Resident memory", pl, registry=r)
         self._io = Counter("dcp_program_io_bytes", "I/O bytes", [*pl, "direction"], registry=r)
-        self._net = Counter("dcp_program_net_bytes", "Network bytes", [*pl, "direction"], registry=r)
+        self._net = Counter(
+            "dcp_program_net_bytes", "Network bytes", [*pl, "direction"], registry=r
+        )
         il = ["instance"]
         self._icpu = Gauge("dcp_instance_cpu_percent", "Instance CPU utilisation", il, registry=r)
         self._imem = Gauge("dcp_instance_memory_used_mb", "Instance memory used", il, registry=r)
@@ -77,7 +83,10 @@ class MetricsCollector:
         self._iproc = Gauge("dcp_instance_processes", "Processes on the instance", il, registry=r)
         self._hb = Counter("dcp_heartbeats", "Heartbeats processed", registry=r)
         self.api_latency = Histogram(
-            "dcp_api_request_seconds", "API request latency", ["route"], registry=r,
+            "dcp_api_request_seconds",
+            "API request latency",
+            ["route"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
         self.decisions = Counter(
@@ -133,9 +142,7 @@ class MetricsCollector:
             if inst == instance and (programs is None or prog in programs):
                 out["cpu_seconds"] = out.get("cpu_seconds", 0.0) + acc.cpu_seconds
                 out["syscalls"] = out.get("syscalls", 0.0) + sum(acc.syscalls.values())
-                out["net_bytes"] = (
-                    out.get("net_bytes", 0.0) + acc.net_rx_bytes + acc.net_tx_bytes
-                )
+                out["net_bytes"] = out.get("net_bytes", 0.0) + acc.net_rx_bytes + acc.net_tx_bytes
                 out["io_bytes"] = out.get("io_bytes", 0.0) + acc.io_read_bytes + acc.io_write_bytes
         return out
 

@@ -157,8 +157,14 @@ class Policies(Api):
 class ProgramSubmit(Api):
     """Submit a program execution."""
 
-    argv: Annotated[list[Annotated[str, StringConstraints(max_length=4096)]], Field(min_length=1, max_length=4096)]
-    env: dict[Annotated[str, StringConstraints(max_length=4096)], Annotated[str, StringConstraints(max_length=65536)]] = {}
+    argv: Annotated[
+        list[Annotated[str, StringConstraints(max_length=4096)]],
+        Field(min_length=1, max_length=4096),
+    ]
+    env: dict[
+        Annotated[str, StringConstraints(max_length=4096)],
+        Annotated[str, StringConstraints(max_length=65536)],
+    ] = {}
     cwd: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = "/"
     image: Annotated[str, StringConstraints(max_length=1024)] | None = None
     processes: Annotated[int, Field(ge=1, le=1024)] = 1
@@ -282,7 +288,9 @@ class MetricsReport(Api):
 
     instance: Id | None = None
     syscalls: dict[Annotated[str, StringConstraints(max_length=64)], NonNeg] = {}
-    latency_seconds: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[float, Field(ge=0, le=1e9)]] = {}
+    latency_seconds: dict[
+        Annotated[str, StringConstraints(max_length=64)], Annotated[float, Field(ge=0, le=1e9)]
+    ] = {}
     cpu_seconds: Annotated[float, Field(ge=0, le=1e9)] = 0.0
     memory_bytes: NonNeg | None = None
     io_read_bytes: NonNeg = 0

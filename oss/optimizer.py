@@ -94,7 +94,9 @@ def decide(goal: Goal, load: ProgramLoad, current_target: int, lo: int, hi: int)
                 Action.UP, current_target + 1, "runqueue over twice the cpus, budget allows"
             )
         if current_target > lo and not sat:
-            return Decision(Action.DOWN, current_target - 1, "lowest cost: narrow when not saturated")
+            return Decision(
+                Action.DOWN, current_target - 1, "lowest cost: narrow when not saturated"
+            )
     if sat and not can_widen:
         why = (
             "limits"

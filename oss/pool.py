@@ -40,7 +40,9 @@ class Credentials:
 class Provider(Protocol):
     """Creates and destroys compute instances (local processes, libvirt VMs, ...)."""
 
-    async def create(self, name: str, instance_type: InstanceType, credentials: Credentials) -> None:
+    async def create(
+        self, name: str, instance_type: InstanceType, credentials: Credentials
+    ) -> None:
         """Start instance `name`; it registers itself with the OSS when up."""
         ...
 

@@ -89,5 +89,7 @@ def charge(m: Metered, model: PricingModel, rates: Rates) -> Charge:
     storage = Fraction(m.storage_mb * m.seconds * rates.storage_micros_per_gb_s, 1024)
     net = Fraction(m.net_bytes * rates.net_micros_per_gb, GIB)
     base = inst + storage + net
-    premium = base * Fraction(rates.premium_pct, 100) if model is PricingModel.PREMIUM else Fraction(0)
+    premium = (
+        base * Fraction(rates.premium_pct, 100) if model is PricingModel.PREMIUM else Fraction(0)
+    )
     return Charge(math.ceil(base + premium), inst, storage, net, premium)

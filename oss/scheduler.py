@@ -134,7 +134,9 @@ def place(
             if choice is not None:
                 width += 1
         if choice is None:
-            raise NoCapacity(f"program {program}: only {sum(out.values())} of {processes} processes fit")
+            raise NoCapacity(
+                f"program {program}: only {sum(out.values())} of {processes} processes fit"
+            )
         free[choice] -= 1
         out[choice] = out.get(choice, 0) + 1
         used.add(choice)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
+from aiohttp.typedefs import Handler as AioHandler
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
@@ -145,8 +146,12 @@ async def h_openapi(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> web.R
     return web.json_response(openapi())
 
 
-async def h_create_account(oss: Oss, r: web.Request, who: Any, b: m.AccountCreate, q: Any) -> m.AccountCreated:
-    acct, user, token = await oss.store.create_account(b.name, b.admin, b.pricing_model.value, b.user)
+async def h_create_account(
+    oss: Oss, r: web.Request, who: Any, b: m.AccountCreate, q: Any
+) -> m.AccountCreated:
+    acct, user, token = await oss.store.create_account(
+        b.name, b.admin, b.pricing_model.value, b.user
+    )
     return m.AccountCreated(account=m.Account(**acct), user=m.User(**user), token=token)
 
 
@@ -178,9 +183,13 @@ async def h_user(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.User:
     return m.User(**(await oss.store.users(_acct(who).account_id, r.match_info["user_id"]))[0])
 
 
-async def h_create_token(oss: Oss, r: web.Request, who: Any, b: m.TokenCreate, q: Any) -> m.TokenCreated:
+async def h_create_token(
+    oss: Oss, r: web.Request, who: Any, b: m.TokenCreate, q: Any
+) -> m.TokenCreated:
     p = _acct(who)
-    return m.TokenCreated(**await oss.store.create_token(p.account_id, b.user_id or p.user_id, b.label))
+    return m.TokenCreated(
+        **await oss.store.create_token(p.account_id, b.user_id or p.user_id, b.label)
+    )
 
 
 async def h_tokens(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.TokenInfo]:
@@ -229,8 +238,12 @@ async def h_submit(oss: Oss, r: web.Request, who: Any, b: m.ProgramSubmit, q: An
     return m.Program(**await oss.submit(_acct(who), b))
 
 
-async def h_programs(oss: Oss, r: web.Request, who: Any, b: Any, q: ProgramQuery) -> list[m.Program]:
-    return [m.Program(**p) for p in await oss.store.programs(_acct(who).account_id, q.state, q.limit)]
+async def h_programs(
+    oss: Oss, r: web.Request, who: Any, b: Any, q: ProgramQuery
+) -> list[m.Program]:
+    return [
+        m.Program(**p) for p in await oss.store.programs(_acct(who).account_id, q.state, q.limit)
+    ]
 
 
 async def h_program(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:
@@ -247,14 +260,18 @@ async def h_finish(oss: Oss, r: web.Request, who: Any, b: m.ProgramFinish, q: An
     )
 
 
-async def h_place(oss: Oss, r: web.Request, who: Any, b: m.PlacementRequest, q: Any) -> m.PlacementResult:
+async def h_place(
+    oss: Oss, r: web.Request, who: Any, b: m.PlacementRequest, q: Any
+) -> m.PlacementResult:
     pid = r.match_info["program_id"]
     got = await oss.store.place(_acct(who).account_id, pid, b.processes)
     return m.PlacementResult(program_id=pid, assignments=[m.Placement(**a) for a in got])
 
 
 async def h_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any) -> m.Ok:
-    await oss.store.release(_acct(who).account_id, r.match_info["program_id"], b.instance, b.processes)
+    await oss.store.release(
+        _acct(who).account_id, r.match_info["program_id"], b.instance, b.processes
+    )
     return m.Ok()
 
 
@@ -266,7 +283,9 @@ def _lines(body: m.LogAppend, now: float) -> list[logmod.LogLine]:
 
 
 async def h_append_logs(oss: Oss, r: web.Request, who: Any, b: m.LogAppend, q: Any) -> m.Ok:
-    await oss.store.append_logs(_acct(who).account_id, r.match_info["program_id"], _lines(b, oss.clock()))
+    await oss.store.append_logs(
+        _acct(who).account_id, r.match_info["program_id"], _lines(b, oss.clock())
+    )
     return m.Ok()
 
 
@@ -286,7 +305,9 @@ async def _read_log(
     cursor = q.cursor
     while True:
         lines, cursor = await oss.store.read_logs(
-            account, program, logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit)
+            account,
+            program,
+            logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit),
         )
         for _, ln in lines:
             await resp.write(_out(ln).model_dump_json().encode() + b"\n")
@@ -349,16 +370,23 @@ async def h_prometheus(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> we
     return web.Response(body=oss.metrics.exposition(), content_type="text/plain")
 
 
-async def h_put_type(oss: Oss, r: web.Request, who: Any, b: m.InstanceTypeBody, q: Any) -> m.InstanceTypeBody:
-    await oss.store.put_instance_type(InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage))
+async def h_put_type(
+    oss: Oss, r: web.Request, who: Any, b: m.InstanceTypeBody, q: Any
+) -> m.InstanceTypeBody:
+    await oss.store.put_instance_type(
+        InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage)
+    )
     return b
 
 
 async def h_types(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.InstanceTypeBody]:
     return [
         m.InstanceTypeBody(
-            name=t.name, cpus=t.cpus, memory_mb=t.memory_mb,
-            price_micros_per_s=t.price_micros_per_s, storage=t.storage,
+            name=t.name,
+            cpus=t.cpus,
+            memory_mb=t.memory_mb,
+            price_micros_per_s=t.price_micros_per_s,
+            storage=t.storage,
         )
         for t in await oss.store.instance_types()
     ]
@@ -377,7 +405,9 @@ async def h_pool(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Pool:
     return m.Pool(**(await oss.store.pools(r.match_info["pool"]))[0])
 
 
-async def h_create_instance(oss: Oss, r: web.Request, who: Any, b: m.InstanceCreate, q: Any) -> m.InstanceToken:
+async def h_create_instance(
+    oss: Oss, r: web.Request, who: Any, b: m.InstanceCreate, q: Any
+) -> m.InstanceToken:
     return m.InstanceToken(instance=b.name, token=await oss.mint_instance_token(b.name, b.pool))
 
 
@@ -407,7 +437,9 @@ async def h_billing(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Bil
     return m.Billing(total_micros=total, records=[m.BillingRecord(**x) for x in recs])
 
 
-async def h_register(oss: Oss, r: web.Request, who: Any, b: m.AgentRegister, q: Any) -> m.AgentRegistered:
+async def h_register(
+    oss: Oss, r: web.Request, who: Any, b: m.AgentRegister, q: Any
+) -> m.AgentRegistered:
     if b.instance != who:
         raise Unauthorized("token does not belong to this instance")
     await oss.register(b)
@@ -423,7 +455,9 @@ async def h_heartbeat(oss: Oss, r: web.Request, who: Any, b: m.AgentHeartbeat, q
 
 async def h_agent_logs(oss: Oss, r: web.Request, who: Any, b: m.AgentLogAppend, q: Any) -> m.Ok:
     lines = [
-        logmod.LogLine(ln.ts if ln.ts is not None else oss.clock(), ln.stream, ln.text, str(who), ln.pid)
+        logmod.LogLine(
+            ln.ts if ln.ts is not None else oss.clock(), ln.stream, ln.text, str(who), ln.pid
+        )
         for ln in b.lines
     ]
     await oss.store.append_logs(None, b.program_id, lines, instance_owner=str(who))
@@ -434,57 +468,303 @@ P = "/v1/programs/{program_id}"
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", h_health, "public", "Liveness", response=m.Ok),
     Route("GET", "/openapi.json", h_openapi, "public", "This document"),
-    Route("GET", "/metrics", h_prometheus, "admin", "Prometheus metrics", content_type="text/plain"),
-    Route("POST", "/v1/accounts", h_create_account, "admin", "Create an account", m.AccountCreate, m.AccountCreated),
-    Route("GET", "/v1/accounts", h_accounts, "account", "List visible accounts", response=m.Account, many=True),
-    Route("GET", "/v1/accounts/{account_id}", h_account, "account", "Inspect an account", response=m.Account),
+    Route(
+        "GET", "/metrics", h_prometheus, "admin", "Prometheus metrics", content_type="text/plain"
+    ),
+    Route(
+        "POST",
+        "/v1/accounts",
+        h_create_account,
+        "admin",
+        "Create an account",
+        m.AccountCreate,
+        m.AccountCreated,
+    ),
+    Route(
+        "GET",
+        "/v1/accounts",
+        h_accounts,
+        "account",
+        "List visible accounts",
+        response=m.Account,
+        many=True,
+    ),
+    Route(
+        "GET",
+        "/v1/accounts/{account_id}",
+        h_account,
+        "account",
+        "Inspect an account",
+        response=m.Account,
+    ),
     Route("POST", "/v1/users", h_create_user, "account", "Create a user", m.UserCreate, m.User),
     Route("GET", "/v1/users", h_users, "account", "List users", response=m.User, many=True),
     Route("GET", "/v1/users/{user_id}", h_user, "account", "Inspect a user", response=m.User),
-    Route("GET", "/v1/users/{user_id}/limits", h_get_limits, "account", "User limits", response=m.LimitsBody),
-    Route("PUT", "/v1/users/{user_id}/limits", h_put_limits, "account", "Set user limits", m.LimitsBody, m.LimitsBody),
-    Route("POST", "/v1/tokens", h_create_token, "account", "Mint a token", m.TokenCreate, m.TokenCreated),
+    Route(
+        "GET",
+        "/v1/users/{user_id}/limits",
+        h_get_limits,
+        "account",
+        "User limits",
+        response=m.LimitsBody,
+    ),
+    Route(
+        "PUT",
+        "/v1/users/{user_id}/limits",
+        h_put_limits,
+        "account",
+        "Set user limits",
+        m.LimitsBody,
+        m.LimitsBody,
+    ),
+    Route(
+        "POST",
+        "/v1/tokens",
+        h_create_token,
+        "account",
+        "Mint a token",
+        m.TokenCreate,
+        m.TokenCreated,
+    ),
     Route("GET", "/v1/tokens", h_tokens, "account", "List tokens", response=m.TokenInfo, many=True),
-    Route("DELETE", "/v1/tokens/{token_id}", h_revoke_token, "account", "Revoke a token", response=m.Ok),
+    Route(
+        "DELETE",
+        "/v1/tokens/{token_id}",
+        h_revoke_token,
+        "account",
+        "Revoke a token",
+        response=m.Ok,
+    ),
     Route("GET", "/v1/limits", h_get_limits, "account", "Account limits", response=m.LimitsBody),
-    Route("PUT", "/v1/limits", h_put_limits, "account", "Set account limits", m.LimitsBody, m.LimitsBody),
-    Route("GET", "/v1/policies", h_get_policies, "account", "Default policies", response=m.Policies),
-    Route("PUT", "/v1/policies", h_put_policies, "account", "Set default policies", m.Policies, m.Policies),
-    Route("POST", "/v1/programs", h_submit, "account", "Submit a program execution", m.ProgramSubmit, m.Program),
-    Route("GET", "/v1/programs", h_programs, "account", "List programs", response=m.Program, many=True, query=ProgramQuery),
+    Route(
+        "PUT",
+        "/v1/limits",
+        h_put_limits,
+        "account",
+        "Set account limits",
+        m.LimitsBody,
+        m.LimitsBody,
+    ),
+    Route(
+        "GET", "/v1/policies", h_get_policies, "account", "Default policies", response=m.Policies
+    ),
+    Route(
+        "PUT",
+        "/v1/policies",
+        h_put_policies,
+        "account",
+        "Set default policies",
+        m.Policies,
+        m.Policies,
+    ),
+    Route(
+        "POST",
+        "/v1/programs",
+        h_submit,
+        "account",
+        "Submit a program execution",
+        m.ProgramSubmit,
+        m.Program,
+    ),
+    Route(
+        "GET",
+        "/v1/programs",
+        h_programs,
+        "account",
+        "List programs",
+        response=m.Program,
+        many=True,
+        query=ProgramQuery,
+    ),
     Route("GET", P, h_program, "account", "Inspect a program", response=m.Program),
     Route("POST", P + "/cancel", h_cancel, "account", "Cancel a program", response=m.Program),
-    Route("POST", P + "/finish", h_finish, "account", "Report a program's end", m.ProgramFinish, m.Program),
-    Route("POST", P + "/placements", h_place, "account", "Place more processes", m.PlacementRequest, m.PlacementResult),
-    Route("POST", P + "/release", h_release, "account", "Processes ended on an instance", m.ReleaseRequest, m.Ok),
+    Route(
+        "POST",
+        P + "/finish",
+        h_finish,
+        "account",
+        "Report a program's end",
+        m.ProgramFinish,
+        m.Program,
+    ),
+    Route(
+        "POST",
+        P + "/placements",
+        h_place,
+        "account",
+        "Place more processes",
+        m.PlacementRequest,
+        m.PlacementResult,
+    ),
+    Route(
+        "POST",
+        P + "/release",
+        h_release,
+        "account",
+        "Processes ended on an instance",
+        m.ReleaseRequest,
+        m.Ok,
+    ),
     Route("GET", P + "/limits", h_get_limits, "account", "Program limits", response=m.LimitsBody),
-    Route("PUT", P + "/limits", h_put_limits, "account", "Set program limits", m.LimitsBody, m.LimitsBody),
-    Route("POST", P + "/logs", h_append_logs, "account", "Append log/stdout/stderr lines", m.LogAppend, m.Ok),
-    Route("GET", P + "/logs", h_logs, "account", "Consolidated log (follow=true streams NDJSON)", response=m.LogPage, query=LogQueryParams),
-    Route("GET", P + "/stdout", h_stdout, "account", "Standard output", response=m.LogPage, query=StreamQueryParams),
-    Route("GET", P + "/stderr", h_stderr, "account", "Standard error", response=m.LogPage, query=StreamQueryParams),
-    Route("POST", P + "/metrics", h_report_metrics, "account", "Report counters", m.MetricsReport, m.Ok),
-    Route("GET", P + "/metrics", h_program_metrics, "account", "Program counters", response=m.Counters),
+    Route(
+        "PUT",
+        P + "/limits",
+        h_put_limits,
+        "account",
+        "Set program limits",
+        m.LimitsBody,
+        m.LimitsBody,
+    ),
+    Route(
+        "POST",
+        P + "/logs",
+        h_append_logs,
+        "account",
+        "Append log/stdout/stderr lines",
+        m.LogAppend,
+        m.Ok,
+    ),
+    Route(
+        "GET",
+        P + "/logs",
+        h_logs,
+        "account",
+        "Consolidated log (follow=true streams NDJSON)",
+        response=m.LogPage,
+        query=LogQueryParams,
+    ),
+    Route(
+        "GET",
+        P + "/stdout",
+        h_stdout,
+        "account",
+        "Standard output",
+        response=m.LogPage,
+        query=StreamQueryParams,
+    ),
+    Route(
+        "GET",
+        P + "/stderr",
+        h_stderr,
+        "account",
+        "Standard error",
+        response=m.LogPage,
+        query=StreamQueryParams,
+    ),
+    Route(
+        "POST",
+        P + "/metrics",
+        h_report_metrics,
+        "account",
+        "Report counters",
+        m.MetricsReport,
+        m.Ok,
+    ),
+    Route(
+        "GET", P + "/metrics", h_program_metrics, "account", "Program counters", response=m.Counters
+    ),
     Route("GET", P + "/billing", h_billing, "account", "Program billing", response=m.Billing),
     Route("GET", "/v1/billing", h_billing, "account", "Account billing", response=m.Billing),
-    Route("GET", "/v1/metrics", h_metrics_json, "account", "Counters as JSON", response=m.MetricsJson),
-    Route("GET", "/v1/instances", h_instances, "account", "List visible instances", response=m.Instance, many=True),
-    Route("POST", "/v1/instances", h_create_instance, "admin", "Create an instance credential", m.InstanceCreate, m.InstanceToken),
-    Route("GET", "/v1/instances/{instance}", h_instance, "account", "Inspect an instance", response=m.Instance),
-    Route("GET", "/v1/instances/{instance}/metrics", h_instance_metrics, "account", "Instance counters", response=m.MetricsJson),
-    Route("GET", "/v1/instance-types", h_types, "account", "List instance types", response=m.InstanceTypeBody, many=True),
-    Route("PUT", "/v1/instance-types", h_put_type, "admin", "Create an instance type", m.InstanceTypeBody, m.InstanceTypeBody),
+    Route(
+        "GET", "/v1/metrics", h_metrics_json, "account", "Counters as JSON", response=m.MetricsJson
+    ),
+    Route(
+        "GET",
+        "/v1/instances",
+        h_instances,
+        "account",
+        "List visible instances",
+        response=m.Instance,
+        many=True,
+    ),
+    Route(
+        "POST",
+        "/v1/instances",
+        h_create_instance,
+        "admin",
+        "Create an instance credential",
+        m.InstanceCreate,
+        m.InstanceToken,
+    ),
+    Route(
+        "GET",
+        "/v1/instances/{instance}",
+        h_instance,
+        "account",
+        "Inspect an instance",
+        response=m.Instance,
+    ),
+    Route(
+        "GET",
+        "/v1/instances/{instance}/metrics",
+        h_instance_metrics,
+        "account",
+        "Instance counters",
+        response=m.MetricsJson,
+    ),
+    Route(
+        "GET",
+        "/v1/instance-types",
+        h_types,
+        "account",
+        "List instance types",
+        response=m.InstanceTypeBody,
+        many=True,
+    ),
+    Route(
+        "PUT",
+        "/v1/instance-types",
+        h_put_type,
+        "admin",
+        "Create an instance type",
+        m.InstanceTypeBody,
+        m.InstanceTypeBody,
+    ),
     Route("GET", "/v1/pools", h_pools, "account", "List pools", response=m.Pool, many=True),
     Route("PUT", "/v1/pools", h_put_pool, "admin", "Create or resize a pool", m.PoolCreate, m.Pool),
     Route("GET", "/v1/pools/{pool}", h_pool, "account", "Inspect a pool", response=m.Pool),
-    Route("GET", "/v1/oss/logs", h_oss_logs, "admin", "The OSS log", response=m.LogPage, query=StreamQueryParams),
-    Route("POST", "/v1/agents/register", h_register, "agent", "Agent registration", m.AgentRegister, m.AgentRegistered),
-    Route("POST", "/v1/agents/heartbeat", h_heartbeat, "agent", "Agent heartbeat", m.AgentHeartbeat, m.Ok),
-    Route("POST", "/v1/agents/logs", h_agent_logs, "agent", "Agent appends program log lines", m.AgentLogAppend, m.Ok),
+    Route(
+        "GET",
+        "/v1/oss/logs",
+        h_oss_logs,
+        "admin",
+        "The OSS log",
+        response=m.LogPage,
+        query=StreamQueryParams,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/register",
+        h_register,
+        "agent",
+        "Agent registration",
+        m.AgentRegister,
+        m.AgentRegistered,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/heartbeat",
+        h_heartbeat,
+        "agent",
+        "Agent heartbeat",
+        m.AgentHeartbeat,
+        m.Ok,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/logs",
+        h_agent_logs,
+        "agent",
+        "Agent appends program log lines",
+        m.AgentLogAppend,
+        m.Ok,
+    ),
 )
 
 
-def _error(status: int, code: str, message: str, fields: dict[str, Any] | None = None) -> web.Response:
+def _error(
+    status: int, code: str, message: str, fields: dict[str, Any] | None = None
+) -> web.Response:
     body = m.ErrorBody(error=code, message=message, fields=fields or {})
     return web.Response(status=status, body=body.model_dump_json(), content_type="application/json")
 
@@ -551,13 +831,11 @@ def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
 
 
 @web.middleware
-async def _errors(
-    r: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _errors(request: web.Request, handler: AioHandler) -> web.StreamResponse:
     t0 = time.perf_counter()
-    route = r.match_info.route.resource.canonical if r.match_info.route.resource else "unmatched"
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
-        return await handler(r)
+        return await handler(request)
     except OssError as exc:
         return _error(status_of(exc), exc.code, exc.message, _jsonable(exc.fields))
     except web.HTTPRequestEntityTooLarge as exc:
@@ -569,10 +847,10 @@ async def _errors(
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("unhandled error on %s %s", r.method, r.path)
+        log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(500, "internal", "internal error (a bug: see the OSS log)")
     finally:
-        r.app[OSS_KEY].metrics.api_latency.labels(route).observe(time.perf_counter() - t0)
+        request.app[OSS_KEY].metrics.api_latency.labels(route).observe(time.perf_counter() - t0)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -616,7 +894,8 @@ def openapi() -> dict[str, Any]:
     for rt in ROUTES:
         op: dict[str, Any] = {
             "summary": rt.summary,
-            "operationId": rt.method.lower() + re.sub(r"[^a-z0-9]+", "_", rt.path.lower()).rstrip("_"),
+            "operationId": rt.method.lower()
+            + re.sub(r"[^a-z0-9]+", "_", rt.path.lower()).rstrip("_"),
             "x-scope": rt.scope,
             "responses": {
                 "default": {
@@ -630,7 +909,8 @@ def openapi() -> dict[str, Any]:
             if rt.many:
                 schema = {"type": "array", "items": schema}
             op["responses"]["200"] = {
-                "description": "ok", "content": {"application/json": {"schema": schema}}
+                "description": "ok",
+                "content": {"application/json": {"schema": schema}},
             }
         else:
             op["responses"]["200"] = {"description": "ok", "content": {rt.content_type: {}}}

@@ -96,7 +96,9 @@ class PoolManager:
         self._oss.oss_log(f"pool {pool}: creating instance {name}")
         try:
             async with asyncio.timeout(self._oss.config.provider_timeout):
-                await provider.create(name, itype, Credentials(name, token, self._oss.config.public_url))
+                await provider.create(
+                    name, itype, Credentials(name, token, self._oss.config.public_url)
+                )
         except (OSError, TimeoutError, OssError) as exc:
             await self._oss.store.set_instance_state(name, "failed")
             raise ProviderError(f"create {name}: {exc!r}", instance=name) from exc
@@ -228,7 +230,11 @@ class Oss:
     async def register(self, body: AgentRegister) -> None:
         """An agent came up."""
         await self.store.register_instance(
-            body.instance, body.address, body.hostname, body.cpus, body.memory_mb,
+            body.instance,
+            body.address,
+            body.hostname,
+            body.cpus,
+            body.memory_mb,
             self.config.slots_per_cpu,
         )
         self._last_seen[body.instance] = self.clock()
@@ -237,7 +243,9 @@ class Oss:
     def heartbeat(self, body: AgentHeartbeat) -> None:
         """An agent is alive (kept in memory, persisted each tick)."""
         if body.instance not in self._last_seen:
-            raise Conflict(f"instance {body.instance} is not registered (or failed): register again")
+            raise Conflict(
+                f"instance {body.instance} is not registered (or failed): register again"
+            )
         now = self.clock()
         self._last_seen[body.instance] = now
         self._beats[body.instance] = (now, body.load.model_dump_json())
@@ -256,7 +264,9 @@ class Oss:
         reason = f"no heartbeat for over {self.config.heartbeat_timeout:g}s"
         programs = await self.store.fail_instances(names, reason)
         for f in failures:
-            self.oss_log(f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance)
+            self.oss_log(
+                f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
+            )
         for p in sorted(set(programs)):
             await self.program_log(p, f"marked for recovery: instance lost ({reason})")
         # Replacements: failed instances no longer count as live in their pools.
@@ -280,7 +290,9 @@ class Oss:
         await self.program_log(
             prog["id"],
             f"submitted by {who.user_id}: {prog['state']}, placements "
-            + (", ".join(f"{p['instance']}x{p['processes']}" for p in prog["placements"]) or "none"),
+            + (
+                ", ".join(f"{p['instance']}x{p['processes']}" for p in prog["placements"]) or "none"
+            ),
         )
         return prog
 
@@ -320,7 +332,10 @@ class Oss:
                 limit_headroom=p["headroom"],
             )
             d = optimizer.decide(
-                optimizer.Goal(sp["goal"]), load, p["target_instances"], sp["min_instances"],
+                optimizer.Goal(sp["goal"]),
+                load,
+                p["target_instances"],
+                sp["min_instances"],
                 sp["max_instances"],
             )
             self.metrics.decisions.labels(d.action.value).inc()
@@ -345,8 +360,12 @@ class Oss:
     ) -> dict[str, Any]:
         """The program ended on its own."""
         state = "finished" if signal is None and exit_status == 0 else "failed"
-        reason = f"exited with status {exit_status}" if signal is None else f"killed by signal {signal}"
-        prog = await self.store.end_program(who.account_id, program_id, state, reason, exit_status, signal)
+        reason = (
+            f"exited with status {exit_status}" if signal is None else f"killed by signal {signal}"
+        )
+        prog = await self.store.end_program(
+            who.account_id, program_id, state, reason, exit_status, signal
+        )
         await self.program_log(program_id, reason)
         return prog
 
@@ -355,7 +374,10 @@ class Oss:
 
         def op(c: Any) -> set[str]:
             return {
-                r[0] for r in c.execute("SELECT program_id FROM placements WHERE instance=?", (instance,))
+                r[0]
+                for r in c.execute(
+                    "SELECT program_id FROM placements WHERE instance=?", (instance,)
+                )
             }
 
         return await self.store.read(op)

@@ -308,7 +308,8 @@ class Store:
                 raise Conflict(f"account {name!r} exists")
             aid, uid = new_id("acct"), new_id("user")
             c.execute(
-                "INSERT INTO accounts VALUES(?,?,?,?,?)", (aid, name, int(admin), pricing_model, now)
+                "INSERT INTO accounts VALUES(?,?,?,?,?)",
+                (aid, name, int(admin), pricing_model, now),
             )
             c.execute("INSERT INTO users VALUES(?,?,?,?)", (uid, aid, user, now))
             c.execute(
@@ -352,11 +353,13 @@ class Store:
         """All accounts (None) or one."""
 
         def op(c: Conn) -> list[dict[str, Any]]:
-            q = "SELECT * FROM accounts" + (" WHERE id=?" if account_id else "") + " ORDER BY created"
+            q = (
+                "SELECT * FROM accounts"
+                + (" WHERE id=?" if account_id else "")
+                + " ORDER BY created"
+            )
             rows = c.execute(q, (account_id,) if account_id else ()).fetchall()
-            return [
-                dict(r) | {"admin": bool(r["admin"])} for r in rows
-            ]
+            return [dict(r) | {"admin": bool(r["admin"])} for r in rows]
 
         return await self.read(op)
 
@@ -408,7 +411,9 @@ class Store:
                 "INSERT INTO tokens VALUES(?,?,?,?,?,?,0)",
                 (tid, user_id, account_id, hash_token(token), label, now),
             )
-            return dict(id=tid, user_id=user_id, label=label, created=now, revoked=False, token=token)
+            return dict(
+                id=tid, user_id=user_id, label=label, created=now, revoked=False, token=token
+            )
 
         return await self.write(op)
 
@@ -499,7 +504,9 @@ class Store:
 
         def op(c: Conn) -> list[InstanceType]:
             return [
-                InstanceType(r["name"], r["cpus"], r["memory_mb"], r["price_micros_per_s"], r["storage"])
+                InstanceType(
+                    r["name"], r["cpus"], r["memory_mb"], r["price_micros_per_s"], r["storage"]
+                )
                 for r in c.execute("SELECT * FROM instance_types ORDER BY name")
             ]
 
@@ -512,7 +519,9 @@ class Store:
         now = self.clock()
 
         def op(c: Conn) -> None:
-            if not c.execute("SELECT 1 FROM instance_types WHERE name=?", (instance_type,)).fetchone():
+            if not c.execute(
+                "SELECT 1 FROM instance_types WHERE name=?", (instance_type,)
+            ).fetchone():
                 raise NotFound(f"instance type {instance_type}")
             c.execute(
                 "INSERT INTO pools VALUES(?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET"
@@ -575,11 +584,17 @@ class Store:
                     " state IN ('pending','ready') ORDER BY created, name",
                     (p["name"],),
                 ).fetchall()
-                idle = tuple(r["name"] for r in rows if r["state"] == "ready" and r["used_slots"] == 0)
+                idle = tuple(
+                    r["name"] for r in rows if r["state"] == "ready" and r["used_slots"] == 0
+                )
                 pending = sum(1 for r in rows if r["state"] == "pending")
                 st = PoolState(p["name"], p["warm_target"], p["max_size"], len(rows), idle, pending)
                 it = InstanceType(
-                    p["instance_type"], p["cpus"], p["memory_mb"], p["price_micros_per_s"], p["storage"]
+                    p["instance_type"],
+                    p["cpus"],
+                    p["memory_mb"],
+                    p["price_micros_per_s"],
+                    p["storage"],
                 )
                 out.append((st, p["provider"], it))
             return out
@@ -699,8 +714,13 @@ class Store:
                         "UPDATE programs SET state='recovering', lost_processes=lost_processes+?,"
                         " processes=processes-?, status_reason=?, updated=? WHERE id=? AND"
                         " state IN ('running','recovering')",
-                        (p["processes"], p["processes"], f"instance {name} failed: {reason}",
-                         now, p["program_id"]),
+                        (
+                            p["processes"],
+                            p["processes"],
+                            f"instance {name} failed: {reason}",
+                            now,
+                            p["program_id"],
+                        ),
                     )
                     affected.append(p["program_id"])
                 c.execute("DELETE FROM placements WHERE instance=?", (name,))
@@ -728,18 +748,28 @@ class Store:
             policy = spec["resource_policy"]
             scaling = spec["scaling_policy"]
             if slots_limits:
-                c.execute(
-                    "INSERT INTO limits VALUES('program',?,?)", (pid, _j(dict(slots_limits)))
-                )
+                c.execute("INSERT INTO limits VALUES('program',?,?)", (pid, _j(dict(slots_limits))))
             c.execute(
                 "INSERT INTO programs(id, account_id, user_id, state, status_reason, argv, env,"
                 " cwd, image, processes, target_instances, resource_policy, scaling_policy,"
                 " storage_mb, bandwidth_mbps, created, updated, last_metered)"
                 " VALUES(?,?,?,'pending','waiting for capacity',?,?,?,?,0,?,?,?,?,?,?,?,?)",
                 (
-                    pid, who.account_id, who.user_id, _j(spec["argv"]), _j(spec["env"]),
-                    spec["cwd"], spec["image"], scaling["min_instances"], _j(policy),
-                    _j(scaling), 0, 0, now, now, now,
+                    pid,
+                    who.account_id,
+                    who.user_id,
+                    _j(spec["argv"]),
+                    _j(spec["env"]),
+                    spec["cwd"],
+                    spec["image"],
+                    scaling["min_instances"],
+                    _j(policy),
+                    _j(scaling),
+                    0,
+                    0,
+                    now,
+                    now,
+                    now,
                 ),
             )
             # Storage and bandwidth are reserved whether or not it places now.
@@ -751,7 +781,9 @@ class Store:
             try:
                 _place(c, pid, spec["processes"], now)
             except NoCapacity:
-                c.execute("UPDATE programs SET lost_processes=? WHERE id=?", (spec["processes"], pid))
+                c.execute(
+                    "UPDATE programs SET lost_processes=? WHERE id=?", (spec["processes"], pid)
+                )
             return _program(c, pid, who.account_id)
 
         return await self.write(op)
@@ -811,7 +843,8 @@ class Store:
             k = min(n, r["processes"])
             if k == r["processes"]:
                 c.execute(
-                    "DELETE FROM placements WHERE program_id=? AND instance=?", (program_id, instance)
+                    "DELETE FROM placements WHERE program_id=? AND instance=?",
+                    (program_id, instance),
                 )
             else:
                 c.execute(
@@ -848,7 +881,9 @@ class Store:
         """One program of the account."""
         return await self.read(lambda c: _program(c, program_id, account_id))
 
-    async def programs(self, account_id: str, state: str | None, limit: int) -> list[dict[str, Any]]:
+    async def programs(
+        self, account_id: str, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
         """The account's programs, newest first."""
 
         def op(c: Conn) -> list[dict[str, Any]]:
@@ -863,9 +898,7 @@ class Store:
         """Every active program with its placements (for the optimizer)."""
 
         def op(c: Conn) -> list[dict[str, Any]]:
-            ids = [
-                r["id"] for r in c.execute("SELECT id FROM programs WHERE state='running'")
-            ]
+            ids = [r["id"] for r in c.execute("SELECT id FROM programs WHERE state='running'")]
             out = []
             for i in ids:
                 p = _program(c, i, None)
@@ -891,9 +924,7 @@ class Store:
 
     # -- metering and billing ------------------------------------------------
 
-    async def meter(
-        self, rates: pricing.Rates, net_bytes: Mapping[str, int]
-    ) -> MeterResult:
+    async def meter(self, rates: pricing.Rates, net_bytes: Mapping[str, int]) -> MeterResult:
         """Bill every running program for the whole seconds since it was last metered.
 
         Then stop programs whose spending reached a hard budget at any level.
@@ -911,7 +942,10 @@ class Store:
                     continue
                 uses = [
                     pricing.InstanceUse(
-                        r["instance"], r["price_micros_per_s"], r["processes"], r["slots"],
+                        r["instance"],
+                        r["price_micros_per_s"],
+                        r["processes"],
+                        r["slots"],
                         r["dedicated_to"] == p["id"],
                     )
                     for r in c.execute(
@@ -934,8 +968,17 @@ class Store:
                 c.execute(
                     "INSERT INTO billing(program_id, account_id, user_id, start, end, seconds,"
                     " model, amount_micros, detail) VALUES(?,?,?,?,?,?,?,?,?)",
-                    (p["id"], p["account_id"], p["user_id"], p["last_metered"], end, secs,
-                     model.value, ch.amount_micros, _j(detail)),
+                    (
+                        p["id"],
+                        p["account_id"],
+                        p["user_id"],
+                        p["last_metered"],
+                        end,
+                        secs,
+                        model.value,
+                        ch.amount_micros,
+                        _j(detail),
+                    ),
                 )
                 c.execute(
                     "UPDATE programs SET spent_micros=spent_micros+?, last_metered=? WHERE id=?",
@@ -975,9 +1018,15 @@ class Store:
             rows = c.execute(q + " ORDER BY id", args).fetchall()
             recs = [
                 dict(
-                    id=r["id"], program_id=r["program_id"], user_id=r["user_id"], start=r["start"],
-                    end=r["end"], seconds=r["seconds"], model=r["model"],
-                    amount_micros=r["amount_micros"], **json.loads(r["detail"]),
+                    id=r["id"],
+                    program_id=r["program_id"],
+                    user_id=r["user_id"],
+                    start=r["start"],
+                    end=r["end"],
+                    seconds=r["seconds"],
+                    model=r["model"],
+                    amount_micros=r["amount_micros"],
+                    **json.loads(r["detail"]),
                 )
                 for r in rows
             ]
@@ -988,7 +1037,10 @@ class Store:
     # -- logs ----------------------------------------------------------------
 
     async def append_logs(
-        self, account_id: str | None, program_id: str | None, lines: Sequence[logmod.LogLine],
+        self,
+        account_id: str | None,
+        program_id: str | None,
+        lines: Sequence[logmod.LogLine],
         instance_owner: str | None = None,
     ) -> int:
         """Append lines (one zstd chunk per instance); durable on return."""
@@ -1005,15 +1057,18 @@ class Store:
             if program_id is not None:
                 p = _program_row(c, program_id, account_id)
                 acct = p["account_id"]
-                if instance_owner is not None and not c.execute(
-                    "SELECT 1 FROM placements WHERE program_id=? AND instance=?",
-                    (program_id, instance_owner),
-                ).fetchone():
+                if (
+                    instance_owner is not None
+                    and not c.execute(
+                        "SELECT 1 FROM placements WHERE program_id=? AND instance=?",
+                        (program_id, instance_owner),
+                    ).fetchone()
+                ):
                     raise NotFound(f"program {program_id} on instance {instance_owner}")
             for inst, lo, hi, n, blob in blobs:
                 c.execute(
-                    "INSERT INTO log_chunks(account_id, program_id, instance, ts_min, ts_max, n, data)"
-                    " VALUES(?,?,?,?,?,?,?)",
+                    "INSERT INTO log_chunks(account_id, program_id, instance, ts_min, ts_max,"
+                    " n, data) VALUES(?,?,?,?,?,?,?)",
                     (acct, program_id, inst, lo, hi, n, blob),
                 )
             return sum(b[3] for b in blobs)
@@ -1067,7 +1122,8 @@ def _mint_instance(c: Conn, name: str, pool: str | None, token: str, now: float)
     t = None
     if pool is not None:
         t = c.execute(
-            "SELECT t.* FROM pools p JOIN instance_types t ON t.name=p.instance_type WHERE p.name=?",
+            "SELECT t.* FROM pools p JOIN instance_types t ON t.name=p.instance_type"
+            " WHERE p.name=?",
             (pool,),
         ).fetchone()
         if t is None:
@@ -1078,9 +1134,14 @@ def _mint_instance(c: Conn, name: str, pool: str | None, token: str, now: float)
             "INSERT INTO instances(name, pool, instance_type, state, cpus, memory_mb,"
             " price_micros_per_s, storage, created) VALUES(?,?,?,'pending',?,?,?,?,?)",
             (
-                name, pool, t["name"] if t else None, t["cpus"] if t else 0,
-                t["memory_mb"] if t else 0, t["price_micros_per_s"] if t else 0,
-                t["storage"] if t else None, now,
+                name,
+                pool,
+                t["name"] if t else None,
+                t["cpus"] if t else 0,
+                t["memory_mb"] if t else 0,
+                t["price_micros_per_s"] if t else 0,
+                t["storage"] if t else None,
+                now,
             ),
         )
     c.execute(
@@ -1090,16 +1151,27 @@ def _mint_instance(c: Conn, name: str, pool: str | None, token: str, now: float)
 
 def _instance_row(r: sqlite3.Row) -> dict[str, Any]:
     return dict(
-        name=r["name"], pool=r["pool"], instance_type=r["instance_type"], state=r["state"],
-        address=r["address"], hostname=r["hostname"], cpus=r["cpus"], memory_mb=r["memory_mb"],
-        price_micros_per_s=r["price_micros_per_s"], storage=r["storage"], slots=r["slots"],
-        used_slots=r["used_slots"], dedicated=r["dedicated_to"] is not None,
+        name=r["name"],
+        pool=r["pool"],
+        instance_type=r["instance_type"],
+        state=r["state"],
+        address=r["address"],
+        hostname=r["hostname"],
+        cpus=r["cpus"],
+        memory_mb=r["memory_mb"],
+        price_micros_per_s=r["price_micros_per_s"],
+        storage=r["storage"],
+        slots=r["slots"],
+        used_slots=r["used_slots"],
+        dedicated=r["dedicated_to"] is not None,
         last_heartbeat=r["last_heartbeat"],
     )
 
 
 def _limits(c: Conn, scope: str, scope_id: str) -> dict[str, Any]:
-    r = c.execute("SELECT body FROM limits WHERE scope=? AND scope_id=?", (scope, scope_id)).fetchone()
+    r = c.execute(
+        "SELECT body FROM limits WHERE scope=? AND scope_id=?", (scope, scope_id)
+    ).fetchone()
     return json.loads(r["body"]) if r else {}
 
 
@@ -1163,7 +1235,11 @@ def _levels(c: Conn, program_id: str) -> list[tuple[lim.Level, lim.Limits, lim.U
     return [
         (lim.Level.ACCOUNT, _as_limits(_limits(c, "account", p[0])), _usage(c, "account_id", p[0])),
         (lim.Level.USER, _as_limits(_limits(c, "user", p[1])), _usage(c, "user_id", p[1])),
-        (lim.Level.PROGRAM, _as_limits(_limits(c, "program", program_id)), _usage(c, "id", program_id)),
+        (
+            lim.Level.PROGRAM,
+            _as_limits(_limits(c, "program", program_id)),
+            _usage(c, "id", program_id),
+        ),
     ]
 
 
@@ -1182,7 +1258,9 @@ def _headroom(c: Conn, program_id: str) -> int:
     return max(room, 0)
 
 
-def _candidates(c: Conn, program_id: str, policy: scheduler.SelectionPolicy) -> list[scheduler.Candidate]:
+def _candidates(
+    c: Conn, program_id: str, policy: scheduler.SelectionPolicy
+) -> list[scheduler.Candidate]:
     """Pre-filter in SQL (ready, free slots, hard requirements), capped for speed.
 
     The program's own instances are always included (locality).
@@ -1228,8 +1306,11 @@ def _place(c: Conn, program_id: str, processes: int, now: float) -> list[dict[st
     ).fetchone()
     rp = json.loads(p["resource_policy"])
     policy = scheduler.SelectionPolicy(
-        rp.get("instance_type"), rp.get("min_price_micros"), rp.get("max_price_micros"),
-        rp.get("storage"), scheduler.Tenancy(rp.get("tenancy", "shared")),
+        rp.get("instance_type"),
+        rp.get("min_price_micros"),
+        rp.get("max_price_micros"),
+        rp.get("storage"),
+        scheduler.Tenancy(rp.get("tenancy", "shared")),
     )
     current = {
         r[0]: r[1]
@@ -1238,7 +1319,11 @@ def _place(c: Conn, program_id: str, processes: int, now: float) -> list[dict[st
         )
     }
     plan = scheduler.place(
-        program_id, processes, policy, _candidates(c, program_id, policy), current,
+        program_id,
+        processes,
+        policy,
+        _candidates(c, program_id, policy),
+        current,
         p["target_instances"],
     )
     new = sum(1 for a in plan if a.new_for_program)
@@ -1267,9 +1352,7 @@ def _place(c: Conn, program_id: str, processes: int, now: float) -> list[dict[st
 
 
 def _free_slots(c: Conn, instance: str, n: int, program_id: str) -> None:
-    c.execute(
-        "UPDATE instances SET used_slots=max(used_slots-?, 0) WHERE name=?", (n, instance)
-    )
+    c.execute("UPDATE instances SET used_slots=max(used_slots-?, 0) WHERE name=?", (n, instance))
     c.execute(
         "UPDATE instances SET dedicated_to=NULL WHERE name=? AND dedicated_to=? AND"
         " NOT EXISTS (SELECT 1 FROM placements WHERE instance=? AND program_id=?)",
@@ -1278,8 +1361,13 @@ def _free_slots(c: Conn, instance: str, n: int, program_id: str) -> None:
 
 
 def _end(
-    c: Conn, program_id: str, state: str, reason: str, exit_status: int | None,
-    signal: int | None, now: float,
+    c: Conn,
+    program_id: str,
+    state: str,
+    reason: str,
+    exit_status: int | None,
+    signal: int | None,
+    now: float,
 ) -> None:
     for r in c.execute(
         "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)

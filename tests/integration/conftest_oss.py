@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 
+from oss.pool import Provider
 from oss.server import make_app
 from oss.service import Oss, OssConfig
-from oss.pool import Provider
 
 T = TypeVar("T")
 
@@ -53,8 +53,11 @@ class OssServer:
     """A real OSS on loopback in a thread."""
 
     def __init__(
-        self, data_dir: Path, clock: Clock | None = None,
-        providers: dict[str, Provider] | None = None, **config: Any,
+        self,
+        data_dir: Path,
+        clock: Clock | None = None,
+        providers: dict[str, Provider] | None = None,
+        **config: Any,
     ) -> None:
         config.setdefault("tick", 3600.0)  # duties are driven by the tests
         self.config = OssConfig(data_dir=data_dir, **config)
@@ -114,21 +117,33 @@ class OssServer:
 
     def account(self, name: str, admin: bool = False, pricing_model: str = "sum") -> Account:
         """Create an account directly in the store; return its ids and token."""
-        acct, user, token = self.call(self.oss.store.create_account(name, admin, pricing_model, "u"))
+        acct, user, token = self.call(
+            self.oss.store.create_account(name, admin, pricing_model, "u")
+        )
         return Account(acct["id"], user["id"], token)
 
     def instance(self, name: str, cpus: int = 2, pool: str | None = None) -> str:
         """Create and register an instance (as its agent would); return its token."""
         token = self.call(self.oss.mint_instance_token(name, pool))
-        r = http(self, "POST", "/v1/agents/register", token, {
-            "instance": name, "address": "127.0.0.1:1", "hostname": name, "cpus": cpus,
-            "memory_mb": 1024,
-        })
+        r = http(
+            self,
+            "POST",
+            "/v1/agents/register",
+            token,
+            {
+                "instance": name,
+                "address": "127.0.0.1:1",
+                "hostname": name,
+                "cpus": cpus,
+                "memory_mb": 1024,
+            },
+        )
         assert r.status == 200, r.body
         return token
 
-    def http(self, method: str, path: str, token: str | None = None, body: Any = None,
-             **kw: Any) -> Response:
+    def http(
+        self, method: str, path: str, token: str | None = None, body: Any = None, **kw: Any
+    ) -> Response:
         return http(self, method, path, token, body, **kw)
 
 
@@ -143,8 +158,13 @@ _NO_BODY = object()
 
 
 def http(
-    srv: OssServer, method: str, path: str, token: str | None = None, body: Any = _NO_BODY,
-    raw: bytes | None = None, headers: dict[str, str] | None = None,
+    srv: OssServer,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = _NO_BODY,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """One blocking HTTP request to the server."""
     conn = httpclient.HTTPConnection("127.0.0.1", srv.port, timeout=60)
@@ -168,14 +188,17 @@ def http(
     return Response(resp.status, parsed, payload, ctype)
 
 
-
 @pytest.fixture
 def oss_factory(tmp_path: Path) -> Iterator[Any]:
     """Factory: start OSS servers (each in its own data dir); all stopped at teardown."""
     servers: list[OssServer] = []
 
-    def make(clock: Clock | None = None, providers: dict[str, Provider] | None = None,
-             data_dir: Path | None = None, **config: Any) -> OssServer:
+    def make(
+        clock: Clock | None = None,
+        providers: dict[str, Provider] | None = None,
+        data_dir: Path | None = None,
+        **config: Any,
+    ) -> OssServer:
         d = data_dir or tmp_path / f"oss{len(servers)}"
         srv = OssServer(d, clock, providers, **config).start()
         servers.append(srv)

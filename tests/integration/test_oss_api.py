@@ -7,11 +7,13 @@ import json
 from typing import Any
 
 import pytest
-from conftest_oss import Clock, OssServer, oss_factory, srv  # noqa: F401
+from conftest_oss import OssServer
 
 from oss import models as m
 from oss.client import OssClient
 from oss.errors import Conflict, NotFound
+
+pytest_plugins = ["conftest_oss"]
 
 
 def _submit(srv: OssServer, token: str, **kw: Any) -> Any:
@@ -21,13 +23,24 @@ def _submit(srv: OssServer, token: str, **kw: Any) -> Any:
 
 def test_agent_contract_register_and_heartbeat(srv: OssServer) -> None:
     token = srv.call(srv.oss.mint_instance_token("vm1"))
-    r = srv.http("POST", "/v1/agents/register", token, {
-        "instance": "vm1", "address": "10.0.0.2:7070", "hostname": "g1", "cpus": 2,
-        "memory_mb": 2048,
-    })
+    r = srv.http(
+        "POST",
+        "/v1/agents/register",
+        token,
+        {
+            "instance": "vm1",
+            "address": "10.0.0.2:7070",
+            "hostname": "g1",
+            "cpus": 2,
+            "memory_mb": 2048,
+        },
+    )
     assert r.status == 200 and r.body == {"instance": "vm1", "heartbeat_interval": 1.0}
-    hb = {"instance": "vm1", "seq": 1,
-          "load": {"cpu_percent": 12.5, "memory_used_mb": 300, "runqueue": 0.5, "processes": 7}}
+    hb = {
+        "instance": "vm1",
+        "seq": 1,
+        "load": {"cpu_percent": 12.5, "memory_used_mb": 300, "runqueue": 0.5, "processes": 7},
+    }
     r = srv.http("POST", "/v1/agents/heartbeat", token, hb)
     assert r.status == 200 and r.body == {"ok": True}
     # Bad token: 401; another instance's name with this token: 401.
@@ -76,13 +89,28 @@ def test_no_capacity_pending_then_placed_when_instance_registers(srv: OssServer)
 
 def test_placements_pack_then_spread_with_policy(srv: OssServer) -> None:
     admin = srv.account("root", admin=True)
-    srv.http("PUT", "/v1/instance-types", admin.token,
-             {"name": "small", "cpus": 1, "memory_mb": 512, "price_micros_per_s": 10})
-    srv.http("PUT", "/v1/instance-types", admin.token,
-             {"name": "big", "cpus": 4, "memory_mb": 4096, "price_micros_per_s": 100})
+    srv.http(
+        "PUT",
+        "/v1/instance-types",
+        admin.token,
+        {"name": "small", "cpus": 1, "memory_mb": 512, "price_micros_per_s": 10},
+    )
+    srv.http(
+        "PUT",
+        "/v1/instance-types",
+        admin.token,
+        {"name": "big", "cpus": 4, "memory_mb": 4096, "price_micros_per_s": 100},
+    )
     for t in ("small", "big"):
-        assert srv.http("PUT", "/v1/pools", admin.token,
-                        {"name": f"p{t}", "instance_type": t, "warm_target": 0}).status == 200
+        assert (
+            srv.http(
+                "PUT",
+                "/v1/pools",
+                admin.token,
+                {"name": f"p{t}", "instance_type": t, "warm_target": 0},
+            ).status
+            == 200
+        )
     srv.instance("s1", cpus=1, pool="psmall")
     srv.instance("s2", cpus=1, pool="psmall")
     srv.instance("b1", cpus=4, pool="pbig")
@@ -96,8 +124,12 @@ def test_placements_pack_then_spread_with_policy(srv: OssServer) -> None:
     q = _submit(srv, a.token, resource_policy={"instance_type": "big"}).body
     assert q["placements"] == [{"instance": "b1", "processes": 1}]
     # Release, then the slots are free again.
-    assert srv.http("POST", f"/v1/programs/{p['id']}/release", a.token,
-                    {"instance": "s2", "processes": 2}).status == 200
+    assert (
+        srv.http(
+            "POST", f"/v1/programs/{p['id']}/release", a.token, {"instance": "s2", "processes": 2}
+        ).status
+        == 200
+    )
     assert srv.http("GET", "/v1/instances/s2", admin.token).body["used_slots"] == 0
 
 
@@ -130,15 +162,22 @@ def test_logs_ordered_compressed_queryable_and_streamed(srv: OssServer) -> None:
     assert [ln["text"] for ln in all_] == ["out-1", "out-2"]
     cons = [ln["text"] for ln in srv.http("GET", base + "/logs", a.token).body["lines"]]
     assert cons.index("out-1") < cons.index("out-2") < cons.index("err-1")
-    assert [ln["text"] for ln in srv.http("GET", base + "/stderr", a.token).body["lines"]] == ["err-1"]
+    assert [ln["text"] for ln in srv.http("GET", base + "/stderr", a.token).body["lines"]] == [
+        "err-1"
+    ]
     by_inst = srv.http("GET", base + "/logs?instance=vm2", a.token).body["lines"]
     assert [ln["text"] for ln in by_inst] == ["out-2", "err-1"]
     window = srv.http("GET", base + "/logs?since=10.5&until=11.5", a.token).body["lines"]
     assert [ln["text"] for ln in window] == ["out-2"]
     # Stored compressed: the chunks in SQLite are zstd frames.
-    blobs = srv.call(srv.oss.store.read(
-        lambda c: [r[0] for r in c.execute("SELECT data FROM log_chunks WHERE program_id=?", (p["id"],))]
-    ))
+    blobs = srv.call(
+        srv.oss.store.read(
+            lambda c: [
+                r[0]
+                for r in c.execute("SELECT data FROM log_chunks WHERE program_id=?", (p["id"],))
+            ]
+        )
+    )
     assert blobs and all(b[:4] == b"\x28\xb5\x2f\xfd" for b in blobs)
 
     async def follow() -> list[str]:
@@ -173,7 +212,9 @@ def test_oss_log_records_decisions(srv: OssServer) -> None:
     text = [ln["text"] for ln in srv.http("GET", "/v1/oss/logs", admin.token).body["lines"]]
     assert any("registered" in t for t in text)
     assert any(p["id"] in t and "optimizer" in t for t in text)
-    plog = [ln["text"] for ln in srv.http("GET", f"/v1/programs/{p['id']}/logs", a.token).body["lines"]]
+    plog = [
+        ln["text"] for ln in srv.http("GET", f"/v1/programs/{p['id']}/logs", a.token).body["lines"]
+    ]
     assert any(t.startswith("submitted by") for t in plog)
     assert any("optimizer: hold" in t and "within bounds" in t for t in plog)
     assert srv.http("GET", "/v1/oss/logs", a.token).status == 403
@@ -184,9 +225,17 @@ def test_metrics_prometheus_and_json(srv: OssServer) -> None:
     admin = srv.account("root", admin=True)
     a = srv.account("a")
     p = _submit(srv, a.token).body
-    rep = {"instance": "vm1", "syscalls": {"storage": 5, "process": 2},
-           "latency_seconds": {"storage": 0.01}, "cpu_seconds": 1.5, "memory_bytes": 1000,
-           "io_read_bytes": 10, "io_write_bytes": 20, "net_rx_bytes": 30, "net_tx_bytes": 40}
+    rep = {
+        "instance": "vm1",
+        "syscalls": {"storage": 5, "process": 2},
+        "latency_seconds": {"storage": 0.01},
+        "cpu_seconds": 1.5,
+        "memory_bytes": 1000,
+        "io_read_bytes": 10,
+        "io_write_bytes": 20,
+        "net_rx_bytes": 30,
+        "net_tx_bytes": 40,
+    }
     assert srv.http("POST", f"/v1/programs/{p['id']}/metrics", a.token, rep).status == 200
     assert srv.http("POST", f"/v1/programs/{p['id']}/metrics", a.token, rep).status == 200
     c = srv.http("GET", f"/v1/programs/{p['id']}/metrics", a.token).body
@@ -198,7 +247,10 @@ def test_metrics_prometheus_and_json(srv: OssServer) -> None:
     prom = srv.http("GET", "/metrics", admin.token)
     text = prom.raw.decode()
     assert prom.status == 200
-    assert f'dcp_program_syscalls_total{{instance="vm1",program="{p["id"]}",service="storage"}} 10.0' in text
+    assert (
+        f'dcp_program_syscalls_total{{instance="vm1",program="{p["id"]}",service="storage"}} 10.0'
+        in text
+    )
     assert "dcp_api_request_seconds_bucket" in text
     assert srv.http("GET", "/metrics", a.token).status == 403
 

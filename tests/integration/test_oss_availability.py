@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from conftest_oss import Clock, OssServer, oss_factory  # noqa: F401
+from conftest_oss import Clock, OssServer
 
 from oss import models as m
 from oss.client import OssClient
 from oss.pool import Credentials, InstanceType
+
+pytest_plugins = ["conftest_oss"]
 
 
 class RegisteringProvider:
@@ -24,23 +26,36 @@ class RegisteringProvider:
         self.created: list[tuple[str, str]] = []
         self.destroyed: list[str] = []
 
-    async def create(self, name: str, instance_type: InstanceType, credentials: Credentials) -> None:
+    async def create(
+        self, name: str, instance_type: InstanceType, credentials: Credentials
+    ) -> None:
         self.created.append((name, instance_type.name))
         async with OssClient(self.url, credentials.token) as c:
-            await c.register(m.AgentRegister(
-                instance=name, address="127.0.0.1:1", hostname=name, cpus=instance_type.cpus,
-                memory_mb=instance_type.memory_mb,
-            ))
+            await c.register(
+                m.AgentRegister(
+                    instance=name,
+                    address="127.0.0.1:1",
+                    hostname=name,
+                    cpus=instance_type.cpus,
+                    memory_mb=instance_type.memory_mb,
+                )
+            )
 
     async def destroy(self, name: str) -> None:
         self.destroyed.append(name)
 
 
 def _beat(srv: OssServer, name: str, token: str, seq: int = 1) -> None:
-    r = srv.http("POST", "/v1/agents/heartbeat", token, {
-        "instance": name, "seq": seq,
-        "load": {"cpu_percent": 5, "memory_used_mb": 1, "runqueue": 0, "processes": 1},
-    })
+    r = srv.http(
+        "POST",
+        "/v1/agents/heartbeat",
+        token,
+        {
+            "instance": name,
+            "seq": seq,
+            "load": {"cpu_percent": 5, "memory_used_mb": 1, "runqueue": 0, "processes": 1},
+        },
+    )
     assert r.status == 200, r.body
 
 
@@ -50,11 +65,21 @@ def test_silent_instance_fails_and_program_recovers_on_replacement(oss_factory: 
     srv: OssServer = oss_factory(clock=clock, providers={"test": prov}, heartbeat_timeout=3.0)
     prov.url = srv.url
     admin = srv.account("root", admin=True)
-    srv.http("PUT", "/v1/instance-types", admin.token,
-             {"name": "t", "cpus": 1, "memory_mb": 64, "price_micros_per_s": 1})
-    assert srv.http("PUT", "/v1/pools", admin.token,
-                    {"name": "p", "instance_type": "t", "warm_target": 1, "provider": "test"}
-                    ).status == 200
+    srv.http(
+        "PUT",
+        "/v1/instance-types",
+        admin.token,
+        {"name": "t", "cpus": 1, "memory_mb": 64, "price_micros_per_s": 1},
+    )
+    assert (
+        srv.http(
+            "PUT",
+            "/v1/pools",
+            admin.token,
+            {"name": "p", "instance_type": "t", "warm_target": 1, "provider": "test"},
+        ).status
+        == 200
+    )
     srv.call(srv.oss.pools.reconcile())
     assert len(prov.created) == 1
     first = prov.created[0][0]
@@ -96,12 +121,21 @@ def test_silent_instance_fails_and_program_recovers_on_replacement(oss_factory: 
     log = [ln["text"] for ln in srv.http("GET", "/v1/oss/logs", admin.token).body["lines"]]
     assert any(f"instance {first} failed" in t for t in log)
     assert any("requesting replacements" in t for t in log)
-    plog = [ln["text"] for ln in srv.http("GET", f"/v1/programs/{p['id']}/logs", a.token).body["lines"]]
+    plog = [
+        ln["text"] for ln in srv.http("GET", f"/v1/programs/{p['id']}/logs", a.token).body["lines"]
+    ]
     assert any("marked for recovery" in t for t in plog)
     # A failed instance's heartbeat is refused until it registers again.
-    r = srv.http("POST", "/v1/agents/heartbeat", tok1, {
-        "instance": first, "seq": 9,
-        "load": {"cpu_percent": 5, "memory_used_mb": 1, "runqueue": 0, "processes": 1}})
+    r = srv.http(
+        "POST",
+        "/v1/agents/heartbeat",
+        tok1,
+        {
+            "instance": first,
+            "seq": 9,
+            "load": {"cpu_percent": 5, "memory_used_mb": 1, "runqueue": 0, "processes": 1},
+        },
+    )
     assert r.status == 409 and "register again" in r.body["message"]
 
 
@@ -110,15 +144,28 @@ def test_optimizer_scales_up_saturated_program_within_limits(oss_factory: Any) -
     srv: OssServer = oss_factory(clock=clock)
     toks = {f"vm{i}": srv.instance(f"vm{i}", cpus=1) for i in range(3)}
     a = srv.account("a")
-    p = srv.http("POST", "/v1/programs", a.token, {
-        "argv": ["x"], "processes": 3,
-        "scaling_policy": {"goal": "fastest", "min_instances": 1, "max_instances": 3},
-        "limits": {"max_instances": 2},
-    }).body
+    p = srv.http(
+        "POST",
+        "/v1/programs",
+        a.token,
+        {
+            "argv": ["x"],
+            "processes": 3,
+            "scaling_policy": {"goal": "fastest", "min_instances": 1, "max_instances": 3},
+            "limits": {"max_instances": 2},
+        },
+    ).body
     (pl,) = p["placements"]
-    srv.http("POST", "/v1/agents/heartbeat", toks[pl["instance"]], {
-        "instance": pl["instance"], "seq": 1,
-        "load": {"cpu_percent": 99, "memory_used_mb": 1, "runqueue": 3, "processes": 3}})
+    srv.http(
+        "POST",
+        "/v1/agents/heartbeat",
+        toks[pl["instance"]],
+        {
+            "instance": pl["instance"],
+            "seq": 1,
+            "load": {"cpu_percent": 99, "memory_used_mb": 1, "runqueue": 3, "processes": 3},
+        },
+    )
     srv.call(srv.oss.optimize())
     got = srv.http("GET", f"/v1/programs/{p['id']}", a.token).body
     assert got["target_instances"] == 2
@@ -128,7 +175,9 @@ def test_optimizer_scales_up_saturated_program_within_limits(oss_factory: Any) -
     srv.call(srv.oss.optimize())
     got = srv.http("GET", f"/v1/programs/{p['id']}", a.token).body
     assert got["target_instances"] == 2  # held by the program's instance limit
-    logs = [ln["text"] for ln in srv.http("GET", f"/v1/programs/{p['id']}/logs", a.token).body["lines"]]
+    logs = [
+        ln["text"] for ln in srv.http("GET", f"/v1/programs/{p['id']}/logs", a.token).body["lines"]
+    ]
     assert any("scale_up to 2" in t and "saturated" in t for t in logs)
 
     async def _noop() -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from conftest_oss import Clock, OssServer, oss_factory  # noqa: F401
+from conftest_oss import Clock, OssServer
 
 from oss.pricing import Rates
+
+pytest_plugins = ["conftest_oss"]
 
 
 def _setup(srv: OssServer) -> None:
     admin = srv.account("root", admin=True)
-    srv.http("PUT", "/v1/instance-types", admin.token,
-             {"name": "t2", "cpus": 2, "memory_mb": 1, "price_micros_per_s": 1000})
+    srv.http(
+        "PUT",
+        "/v1/instance-types",
+        admin.token,
+        {"name": "t2", "cpus": 2, "memory_mb": 1, "price_micros_per_s": 1000},
+    )
     srv.http("PUT", "/v1/pools", admin.token, {"name": "p", "instance_type": "t2"})
     srv.instance("vm1", cpus=2, pool="p")  # 8 slots
     srv.instance("vm2", cpus=2, pool="p")
@@ -25,11 +31,17 @@ def test_sum_and_premium_models(oss_factory: object) -> None:
     prem = srv.account("prem", pricing_model="premium")
     body = {"argv": ["x"], "processes": 2, "storage_mb": 512}
     p1 = srv.http("POST", "/v1/programs", plain.token, body).body
-    p2 = srv.http("POST", "/v1/programs", prem.token,
-                  {**body, "resource_policy": {"tenancy": "dedicated"}}).body
+    p2 = srv.http(
+        "POST", "/v1/programs", prem.token, {**body, "resource_policy": {"tenancy": "dedicated"}}
+    ).body
+    assert p2["state"] == "running"
     # 1 GiB of traffic for p1, reported as metrics.
-    srv.http("POST", f"/v1/programs/{p1['id']}/metrics", plain.token,
-             {"net_rx_bytes": 1 << 29, "net_tx_bytes": 1 << 29})
+    srv.http(
+        "POST",
+        f"/v1/programs/{p1['id']}/metrics",
+        plain.token,
+        {"net_rx_bytes": 1 << 29, "net_tx_bytes": 1 << 29},
+    )
     clock.advance(10.7)  # 10 whole seconds billed, 0.7 carried over
     srv.call(srv.oss.meter())
     # sum: shared, 2 of 8 slots: 10 s x 1000 x 2/8 = 2500; storage 0.5 GiB x 10 s x 1024 = 5120;
@@ -37,8 +49,14 @@ def test_sum_and_premium_models(oss_factory: object) -> None:
     b1 = srv.http("GET", "/v1/billing", plain.token).body
     assert b1["total_micros"] == 9668
     (r1,) = b1["records"]
-    assert (r1["seconds"], r1["model"], r1["instance_micros"], r1["storage_micros"],
-            r1["net_micros"], r1["premium_micros"]) == (10, "sum", 2500, 5120, 2048, 0)
+    assert (
+        r1["seconds"],
+        r1["model"],
+        r1["instance_micros"],
+        r1["storage_micros"],
+        r1["net_micros"],
+        r1["premium_micros"],
+    ) == (10, "sum", 2500, 5120, 2048, 0)
     # premium: dedicated -> whole instance 10 x 1000 = 10000; storage 5120; no traffic;
     # premium 25% of 15120 = 3780.  Total 18900.
     b2 = srv.http("GET", "/v1/billing", prem.token).body

@@ -23,7 +23,11 @@ pytestmark = pytest.mark.slow
 def _cli(*args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "oss", *args], env=env, check=True, capture_output=True, text=True,
+        [sys.executable, "-m", "oss", *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     return out.stdout.strip()
@@ -35,9 +39,24 @@ class Served:
     def __init__(self, data: Path) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(data),
-             "--tick", "0.2", "--heartbeat-timeout", "30"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "oss",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                str(data),
+                "--tick",
+                "0.2",
+                "--heartbeat-timeout",
+                "30",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -76,8 +95,11 @@ def test_kill_9_loses_no_acknowledged_write(served: Any, tmp_path: Path) -> None
 
     async def workload() -> list[m.BillingRecord]:
         async with OssClient(first.url, itok) as agent, OssClient(first.url, admin) as c:
-            await agent.register(m.AgentRegister(
-                instance="vm1", address="127.0.0.1:1", hostname="vm1", cpus=256, memory_mb=1))
+            await agent.register(
+                m.AgentRegister(
+                    instance="vm1", address="127.0.0.1:1", hostname="vm1", cpus=256, memory_mb=1
+                )
+            )
             p0 = await c.submit(m.ProgramSubmit(argv=["seed"]))
             acked_programs.append(p0.id)
             # Wait for metering to write billing records, and read them (acknowledged).
@@ -108,8 +130,10 @@ def test_kill_9_loses_no_acknowledged_write(served: Any, tmp_path: Path) -> None
 
     billing_seen = asyncio.run(workload())
     n_lines = sum(map(len, acked_lines.values()))
-    print(f"acknowledged before SIGKILL: {len(acked_programs)} submissions, {n_lines} log lines,"
-          f" {len(billing_seen)} billing records")
+    print(
+        f"acknowledged before SIGKILL: {len(acked_programs)} submissions, {n_lines} log lines,"
+        f" {len(billing_seen)} billing records"
+    )
     assert len(acked_programs) > 10 and n_lines > 10
 
     second = served()

@@ -21,12 +21,18 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.slow
 
-JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+JSON_LEAF = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+)
 ANY_JSON = st.recursive(
     JSON_LEAF,
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4)
+    ),
     max_leaves=12,
 )
+
+pytest_plugins = ["conftest_oss"]
 
 
 class SchemaStrategies:
@@ -57,7 +63,9 @@ class SchemaStrategies:
         if t == "integer":
             return st.integers(s.get("minimum", -(2**63)), s.get("maximum", 2**63))
         if t == "number":
-            return st.floats(s.get("minimum"), s.get("maximum"), allow_nan=False, allow_infinity=False)
+            return st.floats(
+                s.get("minimum"), s.get("maximum"), allow_nan=False, allow_infinity=False
+            )
         if t == "string":
             if "pattern" in s:
                 return st.from_regex(s["pattern"], fullmatch=True).filter(
@@ -67,7 +75,8 @@ class SchemaStrategies:
         if t == "array":
             return st.lists(
                 self.of(s.get("items", {}), depth + 1),
-                min_size=s.get("minItems", 0), max_size=min(s.get("maxItems", 4), 4),
+                min_size=s.get("minItems", 0),
+                max_size=min(s.get("maxItems", 4), 4),
             )
         if t == "object" or "properties" in s:
             props = s.get("properties", {})
@@ -92,8 +101,14 @@ def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
         prog = srv.http("POST", "/v1/programs", root.token, {"argv": ["x"]}).body
         user = srv.http("POST", "/v1/users", root.token, {"name": "u2"}).body
         tok = srv.http("POST", "/v1/tokens", root.token, {"user_id": user["id"]}).body
-        pools = {"program_id": prog["id"], "user_id": user["id"], "token_id": tok["id"],
-                 "account_id": root.id, "instance": "vm1", "pool": "nope"}
+        pools = {
+            "program_id": prog["id"],
+            "user_id": user["id"],
+            "token_id": tok["id"],
+            "account_id": root.id,
+            "instance": "vm1",
+            "pool": "nope",
+        }
         doc = srv.http("GET", "/openapi.json").body
         yield srv, root.token, itok, pools, doc
     finally:
@@ -111,7 +126,9 @@ def test_fuzz_operation_never_500(fuzz_world: Any, method: str, path: str) -> No
     srv, token, itok, pools, doc = fuzz_world
     op = doc["paths"][path][method.lower()]
     strat = SchemaStrategies(doc["components"]["schemas"])
-    body_schema = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+    body_schema = (
+        op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+    )
     body_st: st.SearchStrategy[Any] = st.none()
     if body_schema is not None:
         good = strat.of(body_schema)
@@ -121,21 +138,37 @@ def test_fuzz_operation_never_500(fuzz_world: Any, method: str, path: str) -> No
         body_st = st.one_of(good, good, extra, ANY_JSON)
     params = [p for p in op.get("parameters", []) if p["name"] != "follow"]
     path_st = {
-        p["name"]: st.one_of(st.just(pools[p["name"]]), st.text(
-            st.characters(codec="ascii", exclude_characters="/?#%"), min_size=1, max_size=12))
-        for p in params if p["in"] == "path"
+        p["name"]: st.one_of(
+            st.just(pools[p["name"]]),
+            st.text(
+                st.characters(codec="ascii", exclude_characters="/?#%"), min_size=1, max_size=12
+            ),
+        )
+        for p in params
+        if p["in"] == "path"
     }
     query_st = {
-        p["name"]: st.one_of(strat.of(p["schema"]).map(lambda v: json.dumps(v).strip('"')),
-                             st.text(st.characters(codec="ascii"), max_size=8))
-        for p in params if p["in"] == "query"
+        p["name"]: st.one_of(
+            strat.of(p["schema"]).map(lambda v: json.dumps(v).strip('"')),
+            st.text(st.characters(codec="ascii"), max_size=8),
+        )
+        for p in params
+        if p["in"] == "query"
     }
     tok = itok if path.startswith("/v1/agents") else token
 
-    @settings(max_examples=int(os.environ.get("OSS_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=os.environ.get("OSS_FUZZ_RANDOM") is None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(body=body_st, pp=st.fixed_dictionaries(path_st),
-           qq=st.fixed_dictionaries({}, optional=query_st))
+    @settings(
+        max_examples=int(os.environ.get("OSS_FUZZ_EXAMPLES", "40")),
+        deadline=None,
+        derandomize=os.environ.get("OSS_FUZZ_RANDOM") is None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        body=body_st,
+        pp=st.fixed_dictionaries(path_st),
+        qq=st.fixed_dictionaries({}, optional=query_st),
+    )
     def run(body: Any, pp: dict[str, str], qq: dict[str, str]) -> None:
         url = path
         for k, v in pp.items():

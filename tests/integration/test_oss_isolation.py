@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import pytest
-from conftest_oss import OssServer, oss_factory  # noqa: F401
+from conftest_oss import OssServer
 
 from oss.server import ROUTES, Route
 
@@ -39,11 +39,16 @@ LISTS = {
 }
 # Routes that only create objects in the caller's own account, or are global catalogues.
 OWN_WRITES = {
-    ("POST", "/v1/users"), ("POST", "/v1/tokens"), ("PUT", "/v1/limits"), ("PUT", "/v1/policies"),
+    ("POST", "/v1/users"),
+    ("POST", "/v1/tokens"),
+    ("PUT", "/v1/limits"),
+    ("PUT", "/v1/policies"),
     ("POST", "/v1/programs"),
 }
 CATALOGUE = {("GET", "/v1/instance-types"), ("GET", "/v1/pools"), ("GET", "/v1/pools/{pool}")}
 PUBLIC = {("GET", "/healthz"), ("GET", "/openapi.json")}
+
+pytest_plugins = ["conftest_oss"]
 
 
 def _params(r: Route) -> list[str]:
@@ -58,20 +63,36 @@ class World:
         self.root = srv.account("root", admin=True)
         self.a = srv.account("alpha")
         self.b = srv.account("beta")
-        srv.http("PUT", "/v1/instance-types", self.root.token,
-                 {"name": "t", "cpus": 1, "memory_mb": 512, "price_micros_per_s": 7})
+        srv.http(
+            "PUT",
+            "/v1/instance-types",
+            self.root.token,
+            {"name": "t", "cpus": 1, "memory_mb": 512, "price_micros_per_s": 7},
+        )
         srv.http("PUT", "/v1/pools", self.root.token, {"name": "pool1", "instance_type": "t"})
         srv.instance("vm1", pool="pool1")
         srv.instance("vm2", pool="pool1")
-        self.prog = srv.http("POST", "/v1/programs", self.a.token,
-                             {"argv": ["a"], "resource_policy": {"tenancy": "dedicated"}}).body
+        self.prog = srv.http(
+            "POST",
+            "/v1/programs",
+            self.a.token,
+            {"argv": ["a"], "resource_policy": {"tenancy": "dedicated"}},
+        ).body
         self.b_prog = srv.http("POST", "/v1/programs", self.b.token, {"argv": ["b"]}).body
         self.user = srv.http("POST", "/v1/users", self.a.token, {"name": "u2"}).body
         self.tok = srv.http("POST", "/v1/tokens", self.a.token, {"label": "t"}).body
-        srv.http("POST", f"/v1/programs/{self.prog['id']}/logs", self.a.token,
-                 {"lines": [{"text": "secret-a"}]})
-        srv.http("POST", f"/v1/programs/{self.prog['id']}/metrics", self.a.token,
-                 {"syscalls": {"storage": 3}, "instance": "vm1"})
+        srv.http(
+            "POST",
+            f"/v1/programs/{self.prog['id']}/logs",
+            self.a.token,
+            {"lines": [{"text": "secret-a"}]},
+        )
+        srv.http(
+            "POST",
+            f"/v1/programs/{self.prog['id']}/metrics",
+            self.a.token,
+            {"syscalls": {"storage": 3}, "instance": "vm1"},
+        )
         srv.clock.advance(5)  # type: ignore[union-attr]
         srv.call(srv.oss.meter())
         self.values = {
@@ -148,8 +169,9 @@ def test_admin_routes_forbidden_to_tenants(world: World, route: Route) -> None:
     assert r.status == 403 and r.body["error"] == "forbidden"
 
 
-@pytest.mark.parametrize("route", [r for r in ROUTES if r.scope != "public"],
-                         ids=lambda r: f"{r.method} {r.path}")
+@pytest.mark.parametrize(
+    "route", [r for r in ROUTES if r.scope != "public"], ids=lambda r: f"{r.method} {r.path}"
+)
 def test_no_token_401(world: World, route: Route) -> None:
     path = route.path
     for p in _params(route):
@@ -161,7 +183,9 @@ def test_no_token_401(world: World, route: Route) -> None:
 
 def test_b_cannot_append_to_or_bill_a(world: World) -> None:
     pid = world.prog["id"]
-    r = world.srv.http("POST", f"/v1/programs/{pid}/logs", world.b.token, {"lines": [{"text": "x"}]})
+    r = world.srv.http(
+        "POST", f"/v1/programs/{pid}/logs", world.b.token, {"lines": [{"text": "x"}]}
+    )
     assert r.status == 404
     a_total = world.srv.http("GET", "/v1/billing", world.a.token).body["records"]
     assert a_total and all(rec["program_id"] == pid for rec in a_total)

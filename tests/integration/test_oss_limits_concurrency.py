@@ -6,20 +6,24 @@ import asyncio
 from typing import Any
 
 import pytest
-from conftest_oss import OssServer, oss_factory, srv  # noqa: F401
+from conftest_oss import OssServer
 
 from oss import models as m
 from oss.client import OssClient
 from oss.errors import BudgetExhausted, LimitExceeded, OssError
 
+pytest_plugins = ["conftest_oss"]
+
 
 async def _storm(url: str, token: str, n: int, spec: m.ProgramSubmit) -> list[Any]:
     async with OssClient(url, token) as c:
+
         async def one() -> Any:
             try:
                 return await c.submit(spec)
             except OssError as exc:
                 return exc
+
         return await asyncio.gather(*(one() for _ in range(n)))
 
 
@@ -30,9 +34,11 @@ def _usage(srv: OssServer, account_id: str) -> tuple[int, int]:
         ).fetchone()[0]
         storage = c.execute(
             "SELECT coalesce(sum(storage_mb),0) FROM programs WHERE account_id=? AND"
-            " state IN ('pending','running','recovering')", (account_id,)
+            " state IN ('pending','running','recovering')",
+            (account_id,),
         ).fetchone()[0]
         return inst, storage
+
     return srv.call(srv.oss.store.read(op))
 
 
@@ -75,9 +81,16 @@ def test_program_limit_and_budget_block_scale_up(srv: OssServer) -> None:
     srv.instance("vm1", cpus=1)
     srv.instance("vm2", cpus=1)
     a = srv.account("a")
-    p = srv.http("POST", "/v1/programs", a.token, {
-        "argv": ["x"], "processes": 4, "limits": {"max_instances": 1},
-    }).body
+    p = srv.http(
+        "POST",
+        "/v1/programs",
+        a.token,
+        {
+            "argv": ["x"],
+            "processes": 4,
+            "limits": {"max_instances": 1},
+        },
+    ).body
     r = srv.http("POST", f"/v1/programs/{p['id']}/placements", a.token, {"processes": 1})
     assert r.status == 409 and r.body["error"] == "limit_exceeded"
     assert r.body["fields"]["level"] == "program" and r.body["fields"]["resource"] == "instances"
@@ -85,11 +98,13 @@ def test_program_limit_and_budget_block_scale_up(srv: OssServer) -> None:
 
     async def storm() -> list[Any]:
         async with OssClient(srv.url, a.token) as c:
+
             async def one() -> Any:
                 try:
                     return await c.place(p["id"], 1)
                 except OssError as exc:
                     return exc
+
             return await asyncio.gather(*(one() for _ in range(10)))
 
     res = asyncio.run(storm())
@@ -101,8 +116,12 @@ def test_program_limit_and_budget_block_scale_up(srv: OssServer) -> None:
 @pytest.mark.parametrize("level", ["account", "program"])
 def test_budget_exhausted_blocks_new_instances(srv: OssServer, level: str) -> None:
     admin = srv.account("root", admin=True)
-    srv.http("PUT", "/v1/instance-types", admin.token,
-             {"name": "t", "cpus": 1, "memory_mb": 1, "price_micros_per_s": 100})
+    srv.http(
+        "PUT",
+        "/v1/instance-types",
+        admin.token,
+        {"name": "t", "cpus": 1, "memory_mb": 1, "price_micros_per_s": 100},
+    )
     srv.http("PUT", "/v1/pools", admin.token, {"name": "p", "instance_type": "t"})
     srv.instance("vm1", cpus=1, pool="p")
     srv.instance("vm2", cpus=1, pool="p")
@@ -126,15 +145,25 @@ def test_hard_budget_stops_program_with_clear_status(srv: OssServer) -> None:
     with pytest.raises(BudgetExhausted):
         raise BudgetExhausted("x")  # the type exists for the 402 path
     admin = srv.account("root", admin=True)
-    srv.http("PUT", "/v1/instance-types", admin.token,
-             {"name": "t", "cpus": 1, "memory_mb": 1, "price_micros_per_s": 100})
+    srv.http(
+        "PUT",
+        "/v1/instance-types",
+        admin.token,
+        {"name": "t", "cpus": 1, "memory_mb": 1, "price_micros_per_s": 100},
+    )
     srv.http("PUT", "/v1/pools", admin.token, {"name": "p", "instance_type": "t"})
     srv.instance("vm1", cpus=1, pool="p")
     a = srv.account("a")
-    p = srv.http("POST", "/v1/programs", a.token, {
-        "argv": ["x"], "resource_policy": {"tenancy": "dedicated"},
-        "limits": {"budget_micros": 500, "hard_budget_micros": 1000},
-    }).body
+    p = srv.http(
+        "POST",
+        "/v1/programs",
+        a.token,
+        {
+            "argv": ["x"],
+            "resource_policy": {"tenancy": "dedicated"},
+            "limits": {"budget_micros": 500, "hard_budget_micros": 1000},
+        },
+    ).body
     srv.clock.advance(5)  # type: ignore[union-attr]
     srv.call(srv.oss.meter())
     assert srv.http("GET", f"/v1/programs/{p['id']}", a.token).body["state"] == "running"

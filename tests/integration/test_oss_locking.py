@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest_oss import Clock, OssServer, oss_factory  # noqa: F401
+from conftest_oss import Clock, OssServer
 
 from oss.errors import LeaseError
 from oss.server import ROUTES
+
+pytest_plugins = ["conftest_oss"]
 
 
 def test_leases_fencing_and_persistence(oss_factory: object, tmp_path: object) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest_oss import OssServer, oss_factory, srv  # noqa: F401
+from conftest_oss import OssServer
+
+pytest_plugins = ["conftest_oss"]
 
 
 @pytest.mark.parametrize(
@@ -16,10 +18,18 @@ from conftest_oss import OssServer, oss_factory, srv  # noqa: F401
         (b'{"argv": []}', 422, "validation_failed", "argv"),
         (b'{"argv": ["a"], "processes": "many"}', 422, "validation_failed", "processes"),
         (b'{"argv": ["a"], "processes": -1}', 422, "validation_failed", "processes"),
-        (b'{"argv": ["a"], "scaling_policy": {"min_instances": 3, "max_instances": 1}}', 422,
-         "validation_failed", "min_instances"),
-        (b'{"argv": ["a"], "resource_policy": {"tenancy": "solo"}}', 422, "validation_failed",
-         "tenancy"),
+        (
+            b'{"argv": ["a"], "scaling_policy": {"min_instances": 3, "max_instances": 1}}',
+            422,
+            "validation_failed",
+            "min_instances",
+        ),
+        (
+            b'{"argv": ["a"], "resource_policy": {"tenancy": "solo"}}',
+            422,
+            "validation_failed",
+            "tenancy",
+        ),
         (b"[1, 2]", 422, "validation_failed", "error"),
         (b"null", 422, "validation_failed", "error"),
         (b'"str"', 422, "validation_failed", "error"),
@@ -27,8 +37,9 @@ from conftest_oss import OssServer, oss_factory, srv  # noqa: F401
 )
 def test_bad_bodies(srv: OssServer, raw: bytes, status: int, code: str, needle: str) -> None:
     a = srv.account("a")
-    r = srv.http("POST", "/v1/programs", a.token, raw=raw,
-                 headers={"Content-Type": "application/json"})
+    r = srv.http(
+        "POST", "/v1/programs", a.token, raw=raw, headers={"Content-Type": "application/json"}
+    )
     assert r.status == status, r.body
     assert r.body["error"] == code
     assert needle in r.raw.decode()
@@ -39,8 +50,9 @@ def test_oversized_body_413(oss_factory: object) -> None:
     srv = oss_factory(max_body_bytes=4096)  # type: ignore[operator]
     a = srv.account("a")
     big = b'{"argv": ["' + b"x" * 10_000 + b'"]}'
-    r = srv.http("POST", "/v1/programs", a.token, raw=big,
-                 headers={"Content-Type": "application/json"})
+    r = srv.http(
+        "POST", "/v1/programs", a.token, raw=big, headers={"Content-Type": "application/json"}
+    )
     assert r.status == 413 and r.body["error"] == "payload_too_large"
     assert "4096" in r.body["message"]
     assert srv.http("GET", "/v1/programs", a.token).body == []
@@ -77,8 +89,12 @@ def test_bad_tokens_401(srv: OssServer, auth: str | None) -> None:
 
 def test_agent_body_wrong_types(srv: OssServer) -> None:
     tok = srv.instance("vm1")
-    r = srv.http("POST", "/v1/agents/heartbeat", tok,
-                 {"instance": "vm1", "seq": "one", "load": {"cpu_percent": "hot"}})
+    r = srv.http(
+        "POST",
+        "/v1/agents/heartbeat",
+        tok,
+        {"instance": "vm1", "seq": "one", "load": {"cpu_percent": "hot"}},
+    )
     assert r.status == 422
     locs = {tuple(e["loc"]) for e in r.body["fields"]["errors"]}
     assert ("seq",) in locs and ("load", "cpu_percent") in locs

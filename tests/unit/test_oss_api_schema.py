@@ -41,8 +41,18 @@ def test_models_forbid_unknown_fields() -> None:
         models.ProgramSubmit.model_validate({"argv": ["a"], "nope": 1})
     with pytest.raises(ValidationError):
         models.AgentHeartbeat.model_validate(
-            {"instance": "a", "seq": 1, "load": {"cpu_percent": 1, "memory_used_mb": 1,
-                                                 "runqueue": 0, "processes": 1, "x": 1}})
+            {
+                "instance": "a",
+                "seq": 1,
+                "load": {
+                    "cpu_percent": 1,
+                    "memory_used_mb": 1,
+                    "runqueue": 0,
+                    "processes": 1,
+                    "x": 1,
+                },
+            }
+        )
     with pytest.raises(ValidationError, match="min_instances"):
         models.ScalingPolicy(min_instances=2, max_instances=1)
 
@@ -60,10 +70,21 @@ def test_openapi_covers_every_route_and_is_closed() -> None:
 
 def test_agent_wire_contract_shapes() -> None:
     doc = openapi()["components"]["schemas"]
-    assert set(doc["AgentRegister"]["properties"]) == {"instance", "address", "hostname", "cpus", "memory_mb"}
+    assert set(doc["AgentRegister"]["properties"]) == {
+        "instance",
+        "address",
+        "hostname",
+        "cpus",
+        "memory_mb",
+    }
     assert set(doc["AgentRegistered"]["properties"]) == {"instance", "heartbeat_interval"}
     assert set(doc["AgentHeartbeat"]["properties"]) == {"instance", "seq", "load"}
-    assert set(doc["Load"]["properties"]) == {"cpu_percent", "memory_used_mb", "runqueue", "processes"}
+    assert set(doc["Load"]["properties"]) == {
+        "cpu_percent",
+        "memory_used_mb",
+        "runqueue",
+        "processes",
+    }
 
 
 def test_config_validation(tmp_path: object) -> None:

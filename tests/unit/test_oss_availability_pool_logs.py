@@ -14,7 +14,9 @@ def test_silent_instances_past_timeout_only() -> None:
     assert silent({}, 0.0, 1.0) == []
 
 
-def pool(target: int, live: int, idle: tuple[str, ...] = (), pending: int = 0, max_size: int = 100) -> PoolState:
+def pool(
+    target: int, live: int, idle: tuple[str, ...] = (), pending: int = 0, max_size: int = 100
+) -> PoolState:
     return PoolState("p", target, max_size, live, idle, pending)
 
 
@@ -45,7 +47,9 @@ def test_log_chunks_roundtrip_and_order() -> None:
 
 
 def test_log_query_filters() -> None:
-    lines = [LogLine(float(i), "stdout" if i % 2 else "stderr", str(i), f"i{i % 3}") for i in range(10)]
+    lines = [
+        LogLine(float(i), "stdout" if i % 2 else "stderr", str(i), f"i{i % 3}") for i in range(10)
+    ]
     chunks = [(7, encode(lines))]
     assert [ln.text for _, ln in select(chunks, LogQuery(instance="i0"))] == ["0", "3", "6", "9"]
     assert [ln.text for _, ln in select(chunks, LogQuery(since=3, until=5))] == ["3", "4", "5"]
@@ -54,5 +58,7 @@ def test_log_query_filters() -> None:
 
 
 def test_compression_actually_compresses() -> None:
-    lines = [LogLine(float(i), "stdout", "the same line of output again", None) for i in range(1000)]
+    lines = [
+        LogLine(float(i), "stdout", "the same line of output again", None) for i in range(1000)
+    ]
     assert len(encode(lines)) < 2000

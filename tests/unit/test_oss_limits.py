@@ -27,8 +27,9 @@ def test_each_resource(lim: Limits, use: Usage, delta: Delta, resource: str) -> 
 
 
 def test_exactly_at_limit_is_allowed() -> None:
-    check([(Level.PROGRAM, Limits(max_instances=3, max_storage_mb=100), Usage(2, 60))],
-          Delta(1, 40))
+    check(
+        [(Level.PROGRAM, Limits(max_instances=3, max_storage_mb=100), Usage(2, 60))], Delta(1, 40)
+    )
 
 
 def test_first_violated_level_reported() -> None:
@@ -59,5 +60,8 @@ def test_budget_states() -> None:
     assert budget_state(100, lim) is BudgetState.EXHAUSTED
     assert budget_state(200, lim) is BudgetState.HARD_STOP
     assert budget_state(10**9, Limits()) is BudgetState.OK
-    assert worst([BudgetState.OK, BudgetState.HARD_STOP, BudgetState.EXHAUSTED]) is BudgetState.HARD_STOP
+    assert (
+        worst([BudgetState.OK, BudgetState.HARD_STOP, BudgetState.EXHAUSTED])
+        is BudgetState.HARD_STOP
+    )
     assert worst([]) is BudgetState.OK

@@ -8,8 +8,15 @@ from oss.optimizer import Action, Goal, ProgramLoad, decide
 
 
 def load(**kw: object) -> ProgramLoad:
-    base = dict(processes=8, instances=1, cpus=2, cpu_percent=50.0, runqueue=1.0,
-                budget_left_fraction=None, limit_headroom=10)
+    base = dict(
+        processes=8,
+        instances=1,
+        cpus=2,
+        cpu_percent=50.0,
+        runqueue=1.0,
+        budget_left_fraction=None,
+        limit_headroom=10,
+    )
     base.update(kw)
     return ProgramLoad(**base)  # type: ignore[arg-type]
 

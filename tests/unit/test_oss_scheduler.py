@@ -8,8 +8,15 @@ from oss.errors import NoCapacity
 from oss.scheduler import Assignment, Candidate, SelectionPolicy, Tenancy, eligible, place
 
 
-def c(name: str, price: int = 10, slots: int = 4, used: int = 0, itype: str = "t",
-      storage: str | None = None, ded: str | None = None) -> Candidate:
+def c(
+    name: str,
+    price: int = 10,
+    slots: int = 4,
+    used: int = 0,
+    itype: str = "t",
+    storage: str | None = None,
+    ded: str | None = None,
+) -> Candidate:
     return Candidate(name, itype, slots // 4 or 1, price, storage, slots, used, ded)
 
 
