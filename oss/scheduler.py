@@ -19,6 +19,7 @@ speed); `place` decides where each new process goes.  Rules:
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -106,16 +107,16 @@ def place(
     if processes < 1:
         raise ValueError("processes must be >= 1")
     free: dict[str, int] = {}
-    pool: dict[str, Candidate] = {}
+    fresh: list[Candidate] = []
     for c in candidates:
         if c.free > 0 and eligible(c, policy, program):
             free[c.name] = c.free
-            pool[c.name] = c
+            if c.name not in current:
+                fresh.append(c)
     used = set(current)
     out: dict[str, int] = {}
-    new_ranked = sorted(
-        (c for c in pool.values() if c.name not in used), key=lambda c: _new_instance_key(c, policy)
-    )
+    # At most `processes` new instances are ever needed: a partial selection, not a sort.
+    new_ranked = heapq.nsmallest(processes, fresh, key=lambda c: _new_instance_key(c, policy))
     new_iter = iter(new_ranked)
     width = len(used)
     for _ in range(processes):

@@ -833,7 +833,11 @@ def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
 @web.middleware
 async def _errors(request: web.Request, handler: AioHandler) -> web.StreamResponse:
     t0 = time.perf_counter()
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    route = (
+        request.match_info.route.resource.canonical
+        if request.match_info.route.resource
+        else "unmatched"
+    )
     try:
         return await handler(request)
     except OssError as exc:

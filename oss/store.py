@@ -101,7 +101,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE leases(name TEXT PRIMARY KEY, holder TEXT, fencing INTEGER NOT NULL,
         expires REAL NOT NULL);
     """,
+    # 2: running spend totals, so limit checks do not sum the billing table each time.
+    """
+    ALTER TABLE accounts ADD COLUMN spent_micros INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN spent_micros INTEGER NOT NULL DEFAULT 0;
+    UPDATE accounts SET spent_micros=(SELECT coalesce(sum(amount_micros), 0) FROM billing
+        WHERE billing.account_id=accounts.id);
+    UPDATE users SET spent_micros=(SELECT coalesce(sum(amount_micros), 0) FROM billing
+        WHERE billing.user_id=users.id);
+    """,
+    # 3: placement candidates are read in this order and cut at CANDIDATES: walk an index.
+    """
+    CREATE INDEX instances_place ON instances(state, price_micros_per_s, used_slots, name);
+    """,
 )
+
+CANDIDATES = 32  # instances the SQL pre-filter hands the scheduler (plus the program's own)
 
 
 def hash_token(token: str) -> str:
@@ -308,10 +323,13 @@ class Store:
                 raise Conflict(f"account {name!r} exists")
             aid, uid = new_id("acct"), new_id("user")
             c.execute(
-                "INSERT INTO accounts VALUES(?,?,?,?,?)",
+                "INSERT INTO accounts(id, name, admin, pricing_model, created) VALUES(?,?,?,?,?)",
                 (aid, name, int(admin), pricing_model, now),
             )
-            c.execute("INSERT INTO users VALUES(?,?,?,?)", (uid, aid, user, now))
+            c.execute(
+                "INSERT INTO users(id, account_id, name, created) VALUES(?,?,?,?)",
+                (uid, aid, user, now),
+            )
             c.execute(
                 "INSERT INTO tokens VALUES(?,?,?,?,?,?,0)",
                 (new_id("tok"), uid, aid, hash_token(token), "initial", now),
@@ -354,7 +372,7 @@ class Store:
 
         def op(c: Conn) -> list[dict[str, Any]]:
             q = (
-                "SELECT * FROM accounts"
+                "SELECT id, name, admin, pricing_model, created FROM accounts"
                 + (" WHERE id=?" if account_id else "")
                 + " ORDER BY created"
             )
@@ -373,7 +391,10 @@ class Store:
             ).fetchone():
                 raise Conflict(f"user {name!r} exists")
             uid = new_id("user")
-            c.execute("INSERT INTO users VALUES(?,?,?,?)", (uid, account_id, name, now))
+            c.execute(
+                "INSERT INTO users(id, account_id, name, created) VALUES(?,?,?,?)",
+                (uid, account_id, name, now),
+            )
             return dict(id=uid, account_id=account_id, name=name, created=now)
 
         return await self.write(op)
@@ -384,11 +405,14 @@ class Store:
         def op(c: Conn) -> list[dict[str, Any]]:
             if user_id is None:
                 rows = c.execute(
-                    "SELECT * FROM users WHERE account_id=? ORDER BY created", (account_id,)
+                    "SELECT id, account_id, name, created FROM users WHERE account_id=?"
+                    " ORDER BY created",
+                    (account_id,),
                 ).fetchall()
             else:
                 rows = c.execute(
-                    "SELECT * FROM users WHERE account_id=? AND id=?", (account_id, user_id)
+                    "SELECT id, account_id, name, created FROM users WHERE account_id=? AND id=?",
+                    (account_id, user_id),
                 ).fetchall()
                 if not rows:
                     raise NotFound(f"user {user_id}")
@@ -984,6 +1008,14 @@ class Store:
                     "UPDATE programs SET spent_micros=spent_micros+?, last_metered=? WHERE id=?",
                     (ch.amount_micros, end, p["id"]),
                 )
+                c.execute(
+                    "UPDATE accounts SET spent_micros=spent_micros+? WHERE id=?",
+                    (ch.amount_micros, p["account_id"]),
+                )
+                c.execute(
+                    "UPDATE users SET spent_micros=spent_micros+? WHERE id=?",
+                    (ch.amount_micros, p["user_id"]),
+                )
                 n += 1
             stopped = []
             for p in c.execute(
@@ -1220,9 +1252,8 @@ def _usage(c: Conn, col: str, val: str) -> lim.Usage:
         f" WHERE {col}=? AND state IN ('pending','running','recovering')",
         (val,),
     ).fetchone()
-    spent = c.execute(
-        f"SELECT coalesce(sum(amount_micros),0) FROM billing WHERE {col}=?", (val,)
-    ).fetchone()[0]
+    table = "accounts" if col == "account_id" else "users"
+    spent = c.execute(f"SELECT spent_micros FROM {table} WHERE id=?", (val,)).fetchone()[0]
     return lim.Usage(inst, r[0], r[1], spent)
 
 
@@ -1284,7 +1315,7 @@ def _candidates(
     cols = "name, instance_type, cpus, price_micros_per_s, storage, slots, used_slots, dedicated_to"
     rows = c.execute(
         f"SELECT {cols} FROM instances WHERE {' AND '.join(where)}"
-        " ORDER BY price_micros_per_s, used_slots, name LIMIT 64",
+        f" ORDER BY price_micros_per_s, used_slots, name LIMIT {CANDIDATES}",
         args,
     ).fetchall()
     own = c.execute(
