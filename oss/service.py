@@ -31,6 +31,8 @@ from oss.store import Principal, Store, hash_token
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_FLUSH_TICKS = 5  # persist heartbeats every this many ticks
+
 
 @dataclass(frozen=True, slots=True)
 class OssConfig:
@@ -135,6 +137,7 @@ class Oss:
         self._decided: dict[str, str] = {}
         self._runner: asyncio.Task[None] | None = None
         self.heartbeats_processed = 0
+        self._ticks = 0
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -153,7 +156,7 @@ class Oss:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        await self._flush()
+        await self._flush_all()
         await self.store.close()
 
     async def _loop(self) -> None:
@@ -177,9 +180,21 @@ class Oss:
                 log.error("periodic duty %s failed: %s", duty.__name__, exc)
 
     async def _flush(self) -> None:
+        await self._flush_logs()
+        self._ticks += 1
+        # Heartbeats are liveness hints, not acknowledged data: persisting them every few
+        # ticks is enough for a restart (which grants every instance a full timeout anyway).
+        if self._beats and self._ticks % HEARTBEAT_FLUSH_TICKS == 0:
+            beats, self._beats = self._beats, {}
+            await self.store.flush_heartbeats(beats)
+
+    async def _flush_all(self) -> None:
+        await self._flush_logs()
         if self._beats:
             beats, self._beats = self._beats, {}
             await self.store.flush_heartbeats(beats)
+
+    async def _flush_logs(self) -> None:
         if self._oss_lines:
             lines, self._oss_lines = self._oss_lines, []
             await self.store.append_logs(None, None, lines)

@@ -922,7 +922,16 @@ class Store:
         """Every active program with its placements (for the optimizer)."""
 
         def op(c: Conn) -> list[dict[str, Any]]:
-            ids = [r["id"] for r in c.execute("SELECT id FROM programs WHERE state='running'")]
+            # Fixed-width programs (min == max == target) need no decision.
+            ids = [
+                r["id"]
+                for r in c.execute(
+                    "SELECT id FROM programs WHERE state='running' AND ("
+                    " json_extract(scaling_policy, '$.min_instances')"
+                    "   != json_extract(scaling_policy, '$.max_instances')"
+                    " OR target_instances != json_extract(scaling_policy, '$.min_instances'))"
+                )
+            ]
             out = []
             for i in ids:
                 p = _program(c, i, None)
@@ -1018,9 +1027,24 @@ class Store:
                 )
                 n += 1
             stopped = []
+            # Only programs under some hard budget can be stopped: find those first.
+            hard = {
+                (r[0], r[1])
+                for r in c.execute(
+                    "SELECT scope, scope_id FROM limits"
+                    " WHERE json_extract(body, '$.hard_budget_micros') IS NOT NULL"
+                )
+            }
             for p in c.execute(
-                "SELECT id FROM programs WHERE state IN ('running','recovering','pending')"
+                "SELECT id, account_id, user_id FROM programs"
+                " WHERE state IN ('running','recovering','pending')"
             ).fetchall():
+                if not hard & {
+                    ("account", p["account_id"]),
+                    ("user", p["user_id"]),
+                    ("program", p["id"]),
+                }:
+                    continue
                 levels = _levels(c, p["id"])
                 for level, limits_, use in levels:
                     if lim.budget_state(use.spent_micros, limits_) is lim.BudgetState.HARD_STOP:
@@ -1262,16 +1286,22 @@ def _as_limits(d: Mapping[str, Any]) -> lim.Limits:
 
 
 def _levels(c: Conn, program_id: str) -> list[tuple[lim.Level, lim.Limits, lim.Usage]]:
+    """Limits and usage at each level.  A level without any limit gets zero usage
+    without querying it: with every limit None, no check can fail there."""
     p = c.execute("SELECT account_id, user_id FROM programs WHERE id=?", (program_id,)).fetchone()
-    return [
-        (lim.Level.ACCOUNT, _as_limits(_limits(c, "account", p[0])), _usage(c, "account_id", p[0])),
-        (lim.Level.USER, _as_limits(_limits(c, "user", p[1])), _usage(c, "user_id", p[1])),
-        (
-            lim.Level.PROGRAM,
-            _as_limits(_limits(c, "program", program_id)),
-            _usage(c, "id", program_id),
-        ),
-    ]
+    out = []
+    for level, scope, col, sid in (
+        (lim.Level.ACCOUNT, "account", "account_id", p[0]),
+        (lim.Level.USER, "user", "user_id", p[1]),
+        (lim.Level.PROGRAM, "program", "id", program_id),
+    ):
+        limits_ = _as_limits(_limits(c, scope, sid))
+        use = _usage(c, col, sid) if limits_ != _NO_LIMITS else lim.Usage()
+        out.append((level, limits_, use))
+    return out
+
+
+_NO_LIMITS = lim.Limits()
 
 
 def _check_limits(c: Conn, program_id: str, delta: lim.Delta) -> None:

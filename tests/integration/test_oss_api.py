@@ -206,7 +206,7 @@ def test_oss_log_records_decisions(srv: OssServer) -> None:
     srv.instance("vm1")
     admin = srv.account("root", admin=True)
     a = srv.account("a")
-    p = _submit(srv, a.token).body
+    p = _submit(srv, a.token, scaling_policy={"min_instances": 1, "max_instances": 2}).body
     srv.call(srv.oss.optimize())
     srv.call(srv.oss.tick())
     text = [ln["text"] for ln in srv.http("GET", "/v1/oss/logs", admin.token).body["lines"]]
