@@ -230,6 +230,43 @@ async def _clients(
     return {"lat": lat, "errs": errs, "placements": placements}
 
 
+async def _place_storm(
+    url: str, token: str, conc: int, seconds: float
+) -> tuple[float, list[float]]:
+    """Closed loop, no think time: `conc` callers place then release; placements/s and latencies."""
+    h = {"Authorization": f"Bearer {token}"}
+    lat: list[float] = []
+    n = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc), headers=h) as s:
+        progs = []
+        for k in range(conc):
+            async with s.post(url + "/v1/programs", json={"argv": ["storm", str(k)]}) as r:
+                progs.append((await r.json())["id"])
+        stop = time.perf_counter() + seconds
+
+        async def worker(pid: str) -> None:
+            nonlocal n
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                async with s.post(
+                    url + f"/v1/programs/{pid}/placements", json={"processes": 1}
+                ) as r:
+                    got = await r.json()
+                lat.append(time.perf_counter() - t0)
+                if r.status != 200:
+                    continue
+                n += 1
+                inst = got["assignments"][0]["instance"]
+                async with s.post(
+                    url + f"/v1/programs/{pid}/release", json={"instance": inst, "processes": 1}
+                ) as r:
+                    await r.read()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(p) for p in progs))
+        return n / (time.perf_counter() - t0), lat
+
+
 def _run_instances(url: str, toks: dict[str, str], start: float, stop: float, q: Any) -> None:
     q.put(("instances", asyncio.run(_instances(url, toks, start, stop))))
 
@@ -305,6 +342,7 @@ def main() -> None:
         "--think", type=float, default=0.1, help="mean seconds between a client's requests"
     )
     ap.add_argument("--tick", type=float, default=1.0, help="the server's --tick")
+    ap.add_argument("--storm", type=float, default=5.0, help="seconds of closed-loop API placement")
     ap.add_argument("--skip-inproc", action="store_true", help="skip the in-process measures")
     args = ap.parse_args()
 
@@ -331,6 +369,7 @@ def main() -> None:
                 p.start()
             while time.time() < start:
                 time.sleep(0.1)
+            psi0 = _pressure()
             m0 = _scrape(url, admin)
             cpu0 = _cpu(proc.pid)
             while time.time() < stop:
@@ -341,6 +380,8 @@ def main() -> None:
             res = dict(q.get(timeout=120) for _ in ps)
             for p in ps:
                 p.join(60)
+            psi1 = _pressure()
+            storm_rate, storm_lat = asyncio.run(_place_storm(url, admin, 32, args.storm))
         finally:
             proc.kill()
             proc.wait()
@@ -367,9 +408,19 @@ def main() -> None:
             f"{_hist_q(_hist(m0, True), _hist(m1, True), 0.99)}",
         ),
         ("placements/s through the API", f"{cli['placements'] / args.duration:,.0f}"),
+        (
+            "placements/s through the API, closed loop (32 callers)",
+            f"{storm_rate:,.0f} (p50 {pct(storm_lat, 0.5):.1f}"
+            f" / p99 {pct(storm_lat, 0.99):.1f} ms)",
+        ),
         ("placements/s in-process, durable (store)", f"{store_rate:,.0f}"),
         ("placement decisions/s in-process (scheduler)", f"{sched:,.0f}"),
         ("server CPU (cores busy)", f"{(cpu1 - cpu0) / args.duration:.2f}"),
+        (
+            "server CPU per request (incl. heartbeats)",
+            f"{1000 * (cpu1 - cpu0) / max(1, len(all_lat) + hb1 - hb0):.2f} ms",
+        ),
+        ("host CPU pressure 'some' avg10 at start / end (other sessions)", f"{psi0} / {psi1}"),
     ]
     for op in sorted(cli["lat"]):
         v = cli["lat"][op]
@@ -388,7 +439,7 @@ def main() -> None:
         t.add_column("value", justify="right")
         for r in rows:
             t.add_row(*r)
-        Console().print(t)
+        Console(width=130).print(t)
     except ImportError:
         for k, v in rows:
             print(f"{k:50} {v}")
@@ -426,6 +477,15 @@ def _hist_q(a: dict[float, float], b: dict[float, float], q: float) -> str:
         if b[le] - a.get(le, 0.0) >= q * total:
             return "<= " + ("inf" if le == float("inf") else f"{le * 1000:g}")
     return "n/a"
+
+
+def _pressure() -> str:
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return "n/a"
+    mt = re.search(r"avg10=(\S+)", line)
+    return f"{mt.group(1)}%" if mt else "n/a"
 
 
 def _cpu(pid: int) -> float:
