@@ -108,11 +108,25 @@ def place(
         raise ValueError("processes must be >= 1")
     free: dict[str, int] = {}
     fresh: list[Candidate] = []
+    # The hot loop: `eligible` inlined (same rules), since it runs over every candidate.
+    itype, lo, hi = policy.instance_type, policy.min_price_micros, policy.max_price_micros
+    dedicated = policy.tenancy is Tenancy.DEDICATED
     for c in candidates:
-        if c.free > 0 and eligible(c, policy, program):
-            free[c.name] = c.free
-            if c.name not in current:
-                fresh.append(c)
+        f = c.slots - c.used_slots
+        if f <= 0 or (itype is not None and c.instance_type != itype):
+            continue
+        if (lo is not None and c.price_micros_per_s < lo) or (
+            hi is not None and c.price_micros_per_s > hi
+        ):
+            continue
+        if dedicated:
+            if c.dedicated_to != program and (c.dedicated_to is not None or c.used_slots):
+                continue
+        elif c.dedicated_to is not None:
+            continue
+        free[c.name] = f
+        if c.name not in current:
+            fresh.append(c)
     used = set(current)
     out: dict[str, int] = {}
     # At most `processes` new instances are ever needed: a partial selection, not a sort.

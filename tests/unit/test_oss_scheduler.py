@@ -78,3 +78,29 @@ def test_deterministic() -> None:
     a = place("p", 5, SelectionPolicy(), cands, {}, 2)
     b = place("p", 5, SelectionPolicy(), list(reversed(cands)), {}, 2)
     assert a == b and sum(x.processes for x in a) == 5
+
+
+def test_inlined_filter_agrees_with_eligible() -> None:
+    import itertools
+
+    pols = [
+        SelectionPolicy(),
+        SelectionPolicy(tenancy=Tenancy.DEDICATED),
+        SelectionPolicy(instance_type="m", max_price_micros=20),
+        SelectionPolicy(min_price_micros=15, tenancy=Tenancy.DEDICATED),
+    ]
+    cands = [
+        c(f"x{i}", price=p, used=u, itype=t, ded=d)
+        for i, (p, u, t, d) in enumerate(
+            itertools.product((10, 20, 30), (0, 2), ("t", "m"), (None, "p", "q"))
+        )
+    ]
+    for pol in pols:
+        want = {x.name for x in cands if x.free > 0 and eligible(x, pol, "p")}
+        got: set[str] = set()
+        for x in cands:
+            try:
+                got |= {a.instance for a in place("p", 1, pol, [x], {}, 1)}
+            except NoCapacity:
+                pass
+        assert got == want, pol
