@@ -10,6 +10,7 @@ Order: (timestamp, chunk id, position in chunk), i.e. arrival order breaks ties.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,17 +42,35 @@ class LogQuery:
     limit: int = 10_000
 
 
+# zstd contexts are costly to create and not thread-safe: one pair per thread.
+_ctx = threading.local()
+
+
+def _zc() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_ctx, "c", None)
+    if c is None:
+        c = _ctx.c = zstandard.ZstdCompressor(level=3)
+    return c
+
+
+def _zd() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_ctx, "d", None)
+    if d is None:
+        d = _ctx.d = zstandard.ZstdDecompressor()
+    return d
+
+
 def encode(lines: Sequence[LogLine]) -> bytes:
     """Compress a chunk of lines."""
     raw = json.dumps(
         [[ln.ts, ln.stream, ln.text, ln.instance, ln.pid] for ln in lines], separators=(",", ":")
     ).encode()
-    return zstandard.ZstdCompressor(level=3).compress(raw)
+    return _zc().compress(raw)
 
 
 def decode(blob: bytes) -> list[LogLine]:
     """Decompress a chunk of lines."""
-    rows = json.loads(zstandard.ZstdDecompressor().decompress(blob))
+    rows = json.loads(_zd().decompress(blob))
     return [LogLine(float(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
 
 

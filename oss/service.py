@@ -134,6 +134,7 @@ class Oss:
         self._beats: dict[str, tuple[float, str]] = {}
         self._oss_lines: list[logmod.LogLine] = []
         self._token_cache: dict[str, tuple[Principal, float]] = {}
+        self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
         self._runner: asyncio.Task[None] | None = None
         self.heartbeats_processed = 0
@@ -231,11 +232,25 @@ class Oss:
 
     async def mint_instance_token(self, name: str, pool: str | None = None) -> str:
         """Create instance `name` (or re-key it) and return its bearer token."""
-        return await self.store.mint_instance_token(name, pool)
+        token = await self.store.mint_instance_token(name, pool)
+        self._instance_cache.clear()  # a re-key invalidates the old token at once
+        return token
 
     async def authenticate_instance(self, token: str, claimed: str | None) -> str:
-        """The instance behind an instance token; 401 if the body names another one."""
-        name = await self.store.authenticate_instance(token)
+        """The instance behind an instance token; 401 if the body names another one.
+
+        Cached like account tokens: a heartbeat then never leaves the event loop.
+        """
+        h = hash_token(token)
+        now = time.monotonic()
+        hit = self._instance_cache.get(h)
+        if hit is not None and hit[1] > now:
+            name = hit[0]
+        else:
+            name = await self.store.authenticate_instance(token)
+            if len(self._instance_cache) > 100_000:
+                self._instance_cache.clear()
+            self._instance_cache[h] = (name, now + self.config.token_cache_seconds)
         if claimed is not None and claimed != name:
             raise Unauthorized("token does not belong to this instance")
         return name
