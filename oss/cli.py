@@ -95,12 +95,15 @@ def serve(
 # The event loop shares the GIL with the SQLite threads; a short switch interval bounds
 # how long a loop callback waits for it (the default 5 ms shows up directly in p99).
 GIL_SWITCH_INTERVAL = 0.0005
+SHUTDOWN_TIMEOUT = 5.0  # seconds open requests (log followers) get on SIGTERM
 
 
 async def _serve(config: OssConfig, host: str, port: int) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     oss = Oss(config)
-    runner = web.AppRunner(make_app(oss), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        make_app(oss), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()

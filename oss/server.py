@@ -303,20 +303,25 @@ async def _read_log(
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(r)
     cursor = q.cursor
-    while True:
-        lines, cursor = await oss.store.read_logs(
-            account,
-            program,
-            logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit),
-        )
-        for _, ln in lines:
-            await resp.write(_out(ln).model_dump_json().encode() + b"\n")
-        if not lines:
-            prog = await oss.store.program(account or "", program)
-            if prog["state"] not in ("pending", "running", "recovering"):
-                break
-            await asyncio.sleep(oss.config.follow_poll)
-    await resp.write_eof()
+    try:
+        while True:
+            lines, cursor = await oss.store.read_logs(
+                account,
+                program,
+                logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit),
+            )
+            for _, ln in lines:
+                await resp.write(_out(ln).model_dump_json().encode() + b"\n")
+            if not lines:
+                if r.transport is None or r.transport.is_closing():
+                    break  # the follower hung up; nothing to write to notice it by
+                prog = await oss.store.program(account or "", program)
+                if prog["state"] not in ("pending", "running", "recovering"):
+                    break
+                await asyncio.sleep(oss.config.follow_poll)
+        await resp.write_eof()
+    except ConnectionError:  # includes aiohttp's ClientConnectionResetError
+        log.debug("log follower of %s went away", program)  # the client hung up: done
     return resp
 
 

@@ -179,6 +179,9 @@ class Oss:
                 await duty()
             except (OssError, OSError) as exc:
                 log.error("periodic duty %s failed: %s", duty.__name__, exc)
+            except Exception:
+                # A bug in one duty must not stop metering or failure detection for good.
+                log.exception("periodic duty %s crashed", duty.__name__)
 
     async def _flush(self) -> None:
         await self._flush_logs()

@@ -87,7 +87,7 @@ class OssServer:
         if self.clock is not None:
             kw["clock"] = self.clock
         self.oss = Oss(self.config, **kw)
-        self._runner = web.AppRunner(make_app(self.oss), access_log=None)
+        self._runner = web.AppRunner(make_app(self.oss), access_log=None, shutdown_timeout=5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

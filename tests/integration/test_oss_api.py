@@ -282,3 +282,27 @@ def test_openapi_served_and_complete(srv: OssServer) -> None:
         if schema.get("type") == "object":
             assert schema.get("additionalProperties") is False, name
     json.dumps(doc)
+
+
+def test_follower_hanging_up_is_harmless(srv: OssServer, caplog: pytest.LogCaptureFixture) -> None:
+    import aiohttp
+
+    srv.instance("vm1")
+    a = srv.account("a")
+    p = _submit(srv, a.token).body
+    line = {"lines": [{"text": "one", "stream": "stdout"}]}
+    srv.http("POST", f"/v1/programs/{p['id']}/logs", a.token, line)
+
+    async def hang_up() -> bytes:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(
+                f"{srv.url}/v1/programs/{p['id']}/stdout?follow=true",
+                headers={"Authorization": f"Bearer {a.token}"},
+            ) as r:
+                assert r.status == 200
+                return await r.content.readline()
+
+    assert b'"one"' in asyncio.run(hang_up())
+    srv.http("POST", f"/v1/programs/{p['id']}/logs", a.token, {"lines": [{"text": "two"}]})
+    assert srv.http("GET", "/healthz").status == 200
+    assert not [r for r in caplog.records if "unhandled" in r.getMessage()]
