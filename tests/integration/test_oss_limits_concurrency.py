@@ -11,6 +11,7 @@ from conftest_oss import OssServer
 from oss import models as m
 from oss.client import OssClient
 from oss.errors import BudgetExhausted, LimitExceeded, OssError
+from oss.scheduler import Tenancy
 
 pytest_plugins = ["conftest_oss"]
 
@@ -47,7 +48,7 @@ def test_instance_limit_never_overshoots_under_concurrent_submissions(srv: OssSe
         srv.instance(f"vm{i:02d}", cpus=1)
     a = srv.account("a")
     assert srv.http("PUT", "/v1/limits", a.token, {"max_instances": 5}).status == 200
-    spec = m.ProgramSubmit(argv=["x"], resource_policy=m.ResourcePolicy(tenancy="dedicated"))
+    spec = m.ProgramSubmit(argv=["x"], resource_policy=m.ResourcePolicy(tenancy=Tenancy.DEDICATED))
     results = asyncio.run(_storm(srv.url, a.token, 60, spec))
     ok = [r for r in results if isinstance(r, m.Program)]
     refused = [r for r in results if isinstance(r, LimitExceeded)]

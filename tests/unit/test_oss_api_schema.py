@@ -10,8 +10,8 @@ from oss.server import ROUTES, STATUS, openapi, status_of
 from oss.service import OssConfig
 
 
-def _subclasses(cls: type) -> list[type]:
-    out = []
+def _subclasses(cls: type[errors.OssError]) -> list[type[errors.OssError]]:
+    out: list[type[errors.OssError]] = []
     for s in cls.__subclasses__():
         out += [s, *_subclasses(s)]
     return out

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from oss.optimizer import Action, Goal, ProgramLoad, decide
 
 
-def load(**kw: object) -> ProgramLoad:
-    base = dict(
+def load(**kw: Any) -> ProgramLoad:
+    base: dict[str, Any] = dict(
         processes=8,
         instances=1,
         cpus=2,
