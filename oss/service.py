@@ -4,7 +4,8 @@
 its background tasks (one TaskGroup, cancelled and awaited by `close`).  Every
 `tick` seconds it: persists heartbeats, fails silent instances (availability),
 meters running programs (pricing), retries pending/recovering placements,
-runs the optimizer, reconciles pools (pool manager) and flushes the OSS log.
+runs the optimizer and flushes the OSS log; a second loop reconciles pools (pool
+manager) so slow providers never delay the duties.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,16 +83,20 @@ class PoolManager:
                 continue
             self._busy.add(state.name)
             try:
-                async with asyncio.TaskGroup() as tg:
-                    for _ in range(plan.create):
-                        tg.create_task(self._create(state.name, provider, itype))
-                    for name in plan.destroy:
-                        tg.create_task(self._destroy(name, provider))
-            except* ProviderError as eg:
-                for e in eg.exceptions:
-                    self._oss.oss_log(f"pool {state.name}: {e}")
+                # Not a TaskGroup: one failed create must not cancel its siblings.  gather
+                # still awaits every call before this returns.
+                results = await asyncio.gather(
+                    *(self._create(state.name, provider, itype) for _ in range(plan.create)),
+                    *(self._destroy(name, provider) for name in plan.destroy),
+                    return_exceptions=True,
+                )
             finally:
                 self._busy.discard(state.name)
+            for r in results:
+                if isinstance(r, ProviderError):
+                    self._oss.oss_log(f"pool {state.name}: {r}")
+                elif isinstance(r, BaseException):
+                    raise r
 
     async def _create(self, pool: str, provider: Provider, itype: Any) -> None:
         name, token = await self._oss.store.new_pool_instance(pool)
@@ -101,7 +106,7 @@ class PoolManager:
                 await provider.create(
                     name, itype, Credentials(name, token, self._oss.config.public_url)
                 )
-        except (OSError, TimeoutError, OssError) as exc:
+        except Exception as exc:  # provider code is foreign: any failure fails this instance
             await self._oss.store.set_instance_state(name, "failed")
             raise ProviderError(f"create {name}: {exc!r}", instance=name) from exc
 
@@ -111,7 +116,7 @@ class PoolManager:
         try:
             async with asyncio.timeout(self._oss.config.provider_timeout):
                 await provider.destroy(name)
-        except (OSError, TimeoutError, OssError) as exc:
+        except Exception as exc:  # provider code is foreign
             raise ProviderError(f"destroy {name}: {exc!r}", instance=name) from exc
 
 
@@ -161,9 +166,24 @@ class Oss:
         await self.store.close()
 
     async def _loop(self) -> None:
+        # Pools get their own loop: a provider may take minutes to boot a VM, and that must
+        # not hold up metering or failure detection.
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._every_tick(self.tick), name="oss-duties")
+            tg.create_task(self._every_tick(self._reconcile_pools), name="oss-pools")
+
+    async def _every_tick(self, duty: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(self.config.tick)
-            await self.tick()
+            await duty()
+
+    async def _reconcile_pools(self) -> None:
+        try:
+            await self.pools.reconcile()
+        except (OssError, OSError) as exc:
+            log.error("pool reconcile failed: %s", exc)
+        except Exception:
+            log.exception("pool reconcile crashed")
 
     async def tick(self) -> None:
         """One pass of every periodic duty; one failing duty does not stop the others."""
@@ -173,7 +193,6 @@ class Oss:
             self.meter,
             self.retry_waiting,
             self.optimize,
-            self.pools.reconcile,
         ):
             try:
                 await duty()

@@ -184,3 +184,47 @@ def test_optimizer_scales_up_saturated_program_within_limits(oss_factory: Any) -
         await asyncio.sleep(0)
 
     asyncio.run(_noop())
+
+
+class BrokenProvider:
+    """A provider whose create fails with a foreign exception type."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def create(
+        self, name: str, instance_type: InstanceType, credentials: Credentials
+    ) -> None:
+        self.calls += 1
+        raise RuntimeError("hypervisor on fire")
+
+    async def destroy(self, name: str) -> None:
+        raise AssertionError("not called")
+
+
+def test_failing_provider_marks_instance_failed_and_is_logged(oss_factory: Any) -> None:
+    prov = BrokenProvider()
+    srv: OssServer = oss_factory(providers={"broken": prov})
+    admin = srv.account("root", admin=True)
+    srv.http(
+        "PUT",
+        "/v1/instance-types",
+        admin.token,
+        {"name": "t", "cpus": 1, "memory_mb": 64, "price_micros_per_s": 1},
+    )
+    srv.http(
+        "PUT",
+        "/v1/pools",
+        admin.token,
+        {"name": "p", "instance_type": "t", "warm_target": 2, "provider": "broken"},
+    )
+    srv.call(srv.oss.pools.reconcile())
+    assert prov.calls == 2
+    insts = srv.http("GET", "/v1/instances", admin.token).body
+    assert [i["state"] for i in insts] == ["failed", "failed"]
+    srv.call(srv.oss.tick())
+    log = [ln["text"] for ln in srv.http("GET", "/v1/oss/logs", admin.token).body["lines"]]
+    assert sum("hypervisor on fire" in t for t in log) == 2
+    # The next reconcile tries again (failed instances are not live).
+    srv.call(srv.oss.pools.reconcile())
+    assert prov.calls == 4
