@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -92,6 +93,8 @@ class MetricsCollector:
         self.decisions = Counter(
             "dcp_optimizer_decisions", "Optimizer decisions", ["action"], registry=r
         )
+        self._igauges: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._api_children: dict[str, Any] = {}
         self._programs: dict[str, _Acc] = defaultdict(_Acc)
         self._by_instance: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
         self._loads: dict[str, Load] = {}
@@ -118,10 +121,27 @@ class MetricsCollector:
         """Record an instance's load."""
         self._loads[instance] = load
         self._hb.inc()
-        self._icpu.labels(instance).set(load.cpu_percent)
-        self._imem.labels(instance).set(load.memory_used_mb)
-        self._irq.labels(instance).set(load.runqueue)
-        self._iproc.labels(instance).set(load.processes)
+        # labels() costs a lock and a lookup; heartbeats are the hottest path, so keep
+        # each instance's gauge children.
+        g = self._igauges.get(instance)
+        if g is None:
+            g = self._igauges[instance] = (
+                self._icpu.labels(instance),
+                self._imem.labels(instance),
+                self._irq.labels(instance),
+                self._iproc.labels(instance),
+            )
+        g[0].set(load.cpu_percent)
+        g[1].set(load.memory_used_mb)
+        g[2].set(load.runqueue)
+        g[3].set(load.processes)
+
+    def observe_api(self, route: str, seconds: float) -> None:
+        """Record one API request's latency."""
+        h = self._api_children.get(route)
+        if h is None:
+            h = self._api_children[route] = self.api_latency.labels(route)
+        h.observe(seconds)
 
     def load(self, instance: str) -> Load | None:
         """The last load an instance reported."""

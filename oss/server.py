@@ -859,7 +859,7 @@ async def _errors(request: web.Request, handler: AioHandler) -> web.StreamRespon
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(500, "internal", "internal error (a bug: see the OSS log)")
     finally:
-        request.app[OSS_KEY].metrics.api_latency.labels(route).observe(time.perf_counter() - t0)
+        request.app[OSS_KEY].metrics.observe_api(route, time.perf_counter() - t0)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
