@@ -294,6 +294,24 @@ class OssClient:
         """Agent heartbeat."""
         await self.request("POST", "/v1/agents/heartbeat", body)
 
+    async def lease(self, name: str, ttl: float = 10.0) -> m.LeaseOut:
+        """Acquire or renew a lease for this instance (LeaseError: held by another)."""
+        return await self._get(
+            m.LeaseOut, "POST", "/v1/agents/leases/acquire", m.LeaseAcquire(name=name, ttl=ttl)
+        )
+
+    async def release_lease(self, name: str, fencing: int) -> None:
+        """Release this instance's lease."""
+        await self.request(
+            "POST", "/v1/agents/leases/release", m.LeaseRef(name=name, fencing=fencing)
+        )
+
+    async def validate_lease(self, name: str, fencing: int) -> None:
+        """LeaseError unless `fencing` is the current token for `name`."""
+        await self.request(
+            "POST", "/v1/agents/leases/validate", m.LeaseRef(name=name, fencing=fencing)
+        )
+
 
 def _error(status: int, raw: bytes) -> errors.OssError:
     """Rebuild the server's error type (str(exc): its message; .status: the HTTP status)."""

@@ -5,7 +5,8 @@ Each new grant of a name increments its fencing token; a resource guarded by
 a lease accepts a write only with the current token (`validate`), so a holder
 that lost its lease (paused, partitioned) cannot clobber the new holder's
 work.  Leases persist in SQLite, so fencing tokens never go backwards across
-restarts.  There is deliberately no HTTP route to this module.
+restarts.  Clients (account tokens) cannot reach it: only instances, with their
+own tokens, through /v1/agents/leases/* (the holder is always the calling instance).
 """
 
 from __future__ import annotations
@@ -59,11 +60,15 @@ class LockService:
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up (no-op if it already passed to someone else)."""
+        await self.release_token(lease.name, lease.holder, lease.fencing)
+
+    async def release_token(self, name: str, holder: str, fencing: int) -> None:
+        """Give up `holder`'s lease on `name` with this fencing token (no-op otherwise)."""
 
         def op(c: Conn) -> None:
             c.execute(
                 "UPDATE leases SET holder=NULL, expires=0 WHERE name=? AND holder=? AND fencing=?",
-                (lease.name, lease.holder, lease.fencing),
+                (name, holder, fencing),
             )
 
         await self._store.lease_op(op)

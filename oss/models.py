@@ -449,3 +449,32 @@ class AgentHeartbeat(Api):
     instance: Name
     seq: NonNeg
     load: Load
+
+
+# -- leases (locking service; instance tokens only) ---------------------------
+
+
+LeaseName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class LeaseAcquire(Api):
+    """Acquire or renew a lease for the calling instance."""
+
+    name: LeaseName
+    ttl: Annotated[float, Field(gt=0, le=3600)] = 10.0
+
+
+class LeaseRef(Api):
+    """A lease by name and fencing token (release, validate)."""
+
+    name: LeaseName
+    fencing: Annotated[int, Field(ge=1, le=2**62)]
+
+
+class LeaseOut(Api):
+    """A granted lease."""
+
+    name: str
+    holder: str
+    fencing: int
+    expires: float

@@ -39,5 +39,39 @@ def test_leases_fencing_and_persistence(oss_factory: object, tmp_path: object) -
 
 
 def test_locking_is_not_reachable_by_clients() -> None:
-    assert not [r for r in ROUTES if "lock" in r.path or "/lease" in r.path]
-    assert not [r for r in ROUTES if "locking" in r.handler.__module__]
+    lease_routes = [r for r in ROUTES if "/leases" in r.path or "/lock" in r.path]
+    assert lease_routes and all(r.scope == "agent" for r in lease_routes)
+
+
+def test_instances_coordinate_through_lease_routes(oss_factory: object) -> None:
+    import asyncio
+
+    from oss.client import OssClient
+
+    clock = Clock()
+    srv: OssServer = oss_factory(clock=clock)  # type: ignore[operator]
+    t1, t2 = srv.instance("vm1"), srv.instance("vm2")
+    acct = srv.account("a")
+    # An account token cannot touch leases at all.
+    r = srv.http("POST", "/v1/agents/leases/acquire", acct.token, {"name": "x"})
+    assert r.status == 401
+
+    async def go() -> None:
+        async with OssClient(srv.url, t1) as a, OssClient(srv.url, t2) as b:
+            la = await a.lease("shm/42", ttl=5)
+            assert (la.holder, la.fencing) == ("vm1", 1)
+            with pytest.raises(LeaseError):
+                await b.lease("shm/42")
+            clock.advance(6)
+            lb = await b.lease("shm/42", ttl=5)
+            assert (lb.holder, lb.fencing) == ("vm2", 2)
+            with pytest.raises(LeaseError):
+                await a.validate_lease("shm/42", la.fencing)
+            await b.validate_lease("shm/42", lb.fencing)
+            await a.release_lease("shm/42", lb.fencing)  # not a's lease: no effect
+            await b.validate_lease("shm/42", lb.fencing)
+            await b.release_lease("shm/42", lb.fencing)
+            with pytest.raises(LeaseError):
+                await b.validate_lease("shm/42", lb.fencing)
+
+    asyncio.run(go())
