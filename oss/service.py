@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,7 +21,7 @@ from typing import Any
 
 from oss import availability, optimizer
 from oss import logs as logmod
-from oss.errors import Conflict, NotFound, OssError, ProviderError, Unauthorized
+from oss.errors import Conflict, OssError, ProviderError, Unauthorized
 from oss.locking import LockService
 from oss.metrics import MetricsCollector
 from oss.models import AgentHeartbeat, AgentRegister, Policies, ProgramSubmit
@@ -433,11 +432,3 @@ class Oss:
             }
 
         return await self.store.read(op)
-
-
-def policy_json(p: Mapping[str, Any]) -> str:
-    """Stable JSON of a policy (for logs)."""
-    return json.dumps(p, sort_keys=True)
-
-
-__all__ = ["NotFound", "Oss", "OssConfig", "PoolManager"]

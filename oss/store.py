@@ -26,7 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -1442,8 +1442,3 @@ def _end(
         " updated=? WHERE id=?",
         (state, reason, exit_status, signal, now, program_id),
     )
-
-
-def iter_rows(rows: Iterable[sqlite3.Row]) -> list[dict[str, Any]]:
-    """Rows as dicts."""
-    return [dict(r) for r in rows]
