@@ -142,11 +142,6 @@ class Builder:
 
     def check(self) -> None:
         """Fail early and clearly on bad input (before any long step)."""
-        missing = [t for t in TOOLS if shutil.which(t) is None and not _in_sbin(t)]
-        if missing:
-            raise ToolMissing(
-                f"missing build tools: {', '.join(missing)} (see .ci/apt-vm.txt)", missing[0]
-            )
         out = self.config.out_dir
         if out is not None:
             if out.exists() and not out.is_dir():
@@ -161,6 +156,11 @@ class Builder:
         for pkg in spec.DCP_PACKAGES:
             if not (self.config.source_dir / pkg / "__init__.py").is_file():
                 raise ImageError(f"{self.config.source_dir} is not a DCP checkout (no {pkg}/)")
+        missing = [t for t in TOOLS if shutil.which(t) is None and not _in_sbin(t)]
+        if missing:
+            raise ToolMissing(
+                f"missing build tools: {', '.join(missing)} (see .ci/apt-vm.txt)", missing[0]
+            )
 
     def _kernel(self) -> tuple[Path, str]:
         versions = [p.name for p in Path("/lib/modules").glob("*") if p.is_dir()]
