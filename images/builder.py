@@ -314,7 +314,9 @@ class Builder:
         return Image.load(entry, cached=False)
 
     def _bootstrap(self, root: Path, inputs: _Inputs) -> None:
-        with self.reporter.step(f"mmdebstrap {inputs.spec.suite} ({len(inputs.debian_packages)} packages)"):
+        with self.reporter.step(
+            f"mmdebstrap {inputs.spec.suite} ({len(inputs.debian_packages)} packages)"
+        ):
             argv = [
                 "mmdebstrap",
                 "--variant=minbase",
@@ -338,10 +340,25 @@ class Builder:
             site.mkdir(parents=True, exist_ok=True)
             nodot = version.replace(".", "")
             argv = [
-                sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                "--no-warn-conflicts", "--target", str(site), "--only-binary=:all:",
-                "--platform", "manylinux2014_x86_64", "--python-version", version,
-                "--implementation", "cp", "--abi", f"cp{nodot}", *wheels,
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-warn-conflicts",
+                "--target",
+                str(site),
+                "--only-binary=:all:",
+                "--platform",
+                "manylinux2014_x86_64",
+                "--python-version",
+                version,
+                "--implementation",
+                "cp",
+                "--abi",
+                f"cp{nodot}",
+                *wheels,
             ]
             _run("wheels", argv, timeout=600)
             shutil.rmtree(site / "bin", ignore_errors=True)
@@ -374,10 +391,14 @@ class Builder:
             for name in names:
                 res = subprocess.run(
                     ["modprobe", "-S", version, "--show-depends", name],
-                    capture_output=True, text=True, timeout=30,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
                 )
                 if res.returncode != 0:
-                    raise StepFailed(f"module {name} not found for {version}", "modules", res.stderr)
+                    raise StepFailed(
+                        f"module {name} not found for {version}", "modules", res.stderr
+                    )
                 for path in map(Path, spec.parse_show_depends(res.stdout)):
                     target = dst / path.relative_to(src)
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -415,7 +436,9 @@ class Builder:
     def _package_versions(self, root: Path) -> dict[str, str]:
         res = subprocess.run(
             ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Package}\t${Version}\n"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return dict(line.split("\t", 1) for line in res.stdout.splitlines() if "\t" in line)
 
@@ -435,7 +458,8 @@ class Builder:
             if not busybox.exists():
                 busybox = root / "usr/bin/busybox"
             entries = [
-                cpio.Entry.directory(d) for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules")
+                cpio.Entry.directory(d)
+                for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules")
             ]
             entries.append(cpio.Entry.file("bin/busybox", busybox.read_bytes(), 0o755))
             names = []
@@ -451,8 +475,19 @@ class Builder:
             size_mb = spec.disk_size_mb(used)
             _run(
                 "mkfs.ext4",
-                ["mkfs.ext4", "-q", "-F", "-L", "dcproot", "-d", str(root),
-                 "-E", "root_owner=0:0", str(raw), f"{size_mb}M"],
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-L",
+                    "dcproot",
+                    "-d",
+                    str(root),
+                    "-E",
+                    "root_owner=0:0",
+                    str(raw),
+                    f"{size_mb}M",
+                ],
                 timeout=600,
             )
             _run("qemu-img", ["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], 600)

@@ -51,14 +51,33 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Directory to put the image files in (default: only the cache).")
-@click.option("--kernel", type=click.Path(path_type=Path), default=None,
-              help="Kernel to boot (default: the newest /boot/vmlinuz-*).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
-              help="Image cache (default: ~/.cache/dcp/images).")
-@click.option("--source", "source_dir", type=click.Path(path_type=Path), default=None,
-              help="DCP checkout whose packages go into the guest (default: this one).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory to put the image files in (default: only the cache).",
+)
+@click.option(
+    "--kernel",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Kernel to boot (default: the newest /boot/vmlinuz-*).",
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Image cache (default: ~/.cache/dcp/images).",
+)
+@click.option(
+    "--source",
+    "source_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="DCP checkout whose packages go into the guest (default: this one).",
+)
 @click.option("--suite", default="bookworm", show_default=True, help="Debian suite.")
 @click.option("--force", is_flag=True, help="Rebuild even if the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

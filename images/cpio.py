@@ -39,7 +39,19 @@ def _pad(n: int) -> bytes:
 
 def _header(ino: int, entry: Entry, name: bytes) -> bytes:
     fields = [
-        ino, entry.mode, 0, 0, 1, 0, len(entry.data), 0, 0, 0, 0, len(name) + 1, 0,
+        ino,
+        entry.mode,
+        0,
+        0,
+        1,
+        0,
+        len(entry.data),
+        0,
+        0,
+        0,
+        0,
+        len(name) + 1,
+        0,
     ]
     return b"070701" + b"".join(b"%08X" % f for f in fields)
 

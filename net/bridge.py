@@ -85,9 +85,7 @@ def create_bridge(spec: BridgeSpec, ns: str | None = None) -> bool:
             if not existed:
                 ipr.link("add", ifname=spec.name, kind="bridge")
             idx = ipr.link_lookup(ifname=spec.name)[0]
-            have = {
-                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)
-            }
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
             want = (str(spec.address.ip), spec.address.network.prefixlen)
             if want not in have:
                 ipr.addr("add", index=idx, address=want[0], prefixlen=want[1])
@@ -166,4 +164,3 @@ def _setns(path: Path) -> None:
 
 def _ipr(ns: str | None) -> IPRoute:
     return IPRoute(netns=ns) if ns else IPRoute()
-

@@ -441,9 +441,13 @@ class LibvirtProvider:
                 if self.uri.remote:
                     raise ProviderError("manage_bridge works on the local host only")
                 spec = bridge.BridgeSpec(self.config.bridge, self.addresses.gateway)
-                self._made_bridge = await self._net(bridge.create_bridge, spec, self.config.bridge_netns)
+                self._made_bridge = await self._net(
+                    bridge.create_bridge, spec, self.config.bridge_netns
+                )
             self.domain_type = await self._detect_domain_type()
-            log.info("libvirt provider on %s: domain type %s", self.config.uri, self.domain_type.value)
+            log.info(
+                "libvirt provider on %s: domain type %s", self.config.uri, self.domain_type.value
+            )
         except BaseException:
             await self.close()
             raise
@@ -533,7 +537,9 @@ class LibvirtProvider:
             return DomainType.QEMU
         ok = await self._probe(DomainType.KVM)
         if not ok:
-            log.warning("KVM guest showed no kernel output in %.0f s: using TCG", self.config.probe_timeout)
+            log.warning(
+                "KVM guest showed no kernel output in %.0f s: using TCG", self.config.probe_timeout
+            )
         return DomainType.KVM if ok else DomainType.QEMU
 
     async def _probe(self, dtype: DomainType) -> bool:
@@ -542,10 +548,16 @@ class LibvirtProvider:
         serial = self.config.state_dir / "serial" / f"{name}.log"
         serial.unlink(missing_ok=True)
         spec = DomainSpec(
-            name=name, domain_type=dtype, cpus=1, memory_mb=256,
-            image=GuestImage(self._image.base, self._image.kernel, None), disk=None,
-            cmdline="console=ttyS0 panic=-1 earlyprintk=serial", mac=mac_for(name),
-            bridge=None, serial_log=serial,
+            name=name,
+            domain_type=dtype,
+            cpus=1,
+            memory_mb=256,
+            image=GuestImage(self._image.base, self._image.kernel, None),
+            disk=None,
+            cmdline="console=ttyS0 panic=-1 earlyprintk=serial",
+            mac=mac_for(name),
+            bridge=None,
+            serial_log=serial,
         )
         try:
             dom = await self._call("probe start", self.conn.createXML, domain_xml(spec), 0)
@@ -592,24 +604,38 @@ class LibvirtProvider:
             await self._release(inst)
             raise
 
-    async def _boot(
-        self, inst: Instance, itype: InstanceTypeLike, cred: CredentialsLike
-    ) -> None:
+    async def _boot(self, inst: Instance, itype: InstanceTypeLike, cred: CredentialsLike) -> None:
         assert self._image is not None and self.domain_type is not None
         if not self.uri.remote:
             inst.serial_log.unlink(missing_ok=True)
         capacity = await self._base_capacity()
         vol = await self._call(
-            "overlay create", self._pool.createXML, overlay_xml(inst.volume, self._image.base, capacity), 0
+            "overlay create",
+            self._pool.createXML,
+            overlay_xml(inst.volume, self._image.base, capacity),
+            0,
         )
         disk = Path(await self._call("overlay path", vol.path))
         cmdline = kernel_cmdline(
-            inst.name, cred.token, cred.oss_url, inst.address, self.addresses.gateway.ip,
-            self.config.listen_port, self.config.extra_cmdline,
+            inst.name,
+            cred.token,
+            cred.oss_url,
+            inst.address,
+            self.addresses.gateway.ip,
+            self.config.listen_port,
+            self.config.extra_cmdline,
         )
         spec = DomainSpec(
-            inst.domain, self.domain_type, itype.cpus, itype.memory_mb, self._image, disk,
-            cmdline, inst.mac, self.config.bridge, inst.serial_log,
+            inst.domain,
+            self.domain_type,
+            itype.cpus,
+            itype.memory_mb,
+            self._image,
+            disk,
+            cmdline,
+            inst.mac,
+            self.config.bridge,
+            inst.serial_log,
         )
         try:
             await self._call("domain create", self.conn.createXML, domain_xml(spec), 0)
@@ -619,7 +645,8 @@ class LibvirtProvider:
         if await self.state(inst.name) is not DomainState.RUNNING:
             tail = _read_text(inst.serial_log)[-600:]
             raise BootFailed(
-                f"instance {inst.name} stopped right after starting; serial log: {tail!r}", inst.name
+                f"instance {inst.name} stopped right after starting; serial log: {tail!r}",
+                inst.name,
             )
         log.info("instance %s booting: %s %s", inst.name, inst.address, inst.mac)
 
@@ -645,7 +672,9 @@ class LibvirtProvider:
     async def _release(self, inst: Instance) -> None:
         if self._pool is not None:
             with contextlib.suppress(ProviderError):
-                vol = await self._call("overlay lookup", self._pool.storageVolLookupByName, inst.volume)
+                vol = await self._call(
+                    "overlay lookup", self._pool.storageVolLookupByName, inst.volume
+                )
                 await self._call("overlay delete", vol.delete, 0)
         self.addresses.release(inst.name)
         self.instances.pop(inst.name, None)
@@ -692,9 +721,13 @@ class LibvirtProvider:
                         )
                     await asyncio.sleep(0.25)
         except TimeoutError as exc:
-            raise BootFailed(f"instance {name}: no {needle!r} on the console in {timeout:.0f} s", name) from exc
+            raise BootFailed(
+                f"instance {name}: no {needle!r} on the console in {timeout:.0f} s", name
+            ) from exc
 
-    async def wait_state(self, name: str, want: DomainState | set[DomainState], timeout: float) -> DomainState:
+    async def wait_state(
+        self, name: str, want: DomainState | set[DomainState], timeout: float
+    ) -> DomainState:
         """Poll the domain until its state is in `want`."""
         wanted = {want} if isinstance(want, DomainState) else want
         async with asyncio.timeout(timeout):
