@@ -127,6 +127,7 @@ def initramfs_init(modules: Iterable[str], init: str = "/sbin/dcp-init") -> str:
     names = " ".join(modules)
     return f"""#!/bin/busybox sh
 # DCP initramfs: load the modules the root file system needs and switch to it.
+echo "dcp-initramfs: started"
 /bin/busybox mkdir -p /proc /sys /dev /newroot /bin /sbin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc

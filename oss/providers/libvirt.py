@@ -130,7 +130,7 @@ def mac_for(name: str, taken: Iterable[str] = ()) -> str:
     used = set(taken)
     for salt in range(1000):
         digest = hashlib.sha256(f"{name}/{salt}".encode()).digest()
-        mac = "52:54:00:%02x:%02x:%02x" % (digest[0], digest[1], digest[2])
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
         if mac not in used:
             return mac
     raise BadInstance(f"no free MAC address for {name}", name)
@@ -344,7 +344,8 @@ class LibvirtConfig:
     domain_type: str = "auto"  # auto | kvm | qemu
     probe_timeout: float = 10.0
     call_timeout: float = 30.0
-    boot_check: float = 1.0  # a domain still running this long after start counts as started
+    boot_marker: str = "dcp-initramfs:"  # first console line of a booting DCP guest
+    boot_timeout: float = 60.0  # no boot_marker on the console by then: BootFailed
     listen_port: int = 7070
     extra_cmdline: str = ""
     max_memory_mb: int = 4096
@@ -601,6 +602,7 @@ class LibvirtProvider:
         try:
             await self._boot(inst, instance_type, credentials)
         except BaseException:
+            await self._destroy_domain(inst.domain)
             await self._release(inst)
             raise
 
@@ -641,13 +643,9 @@ class LibvirtProvider:
             await self._call("domain create", self.conn.createXML, domain_xml(spec), 0)
         except ProviderError as exc:
             raise BootFailed(f"instance {inst.name} did not start: {exc}", inst.name) from exc
-        await asyncio.sleep(self.config.boot_check)
-        if await self.state(inst.name) is not DomainState.RUNNING:
-            tail = _read_text(inst.serial_log)[-600:]
-            raise BootFailed(
-                f"instance {inst.name} stopped right after starting; serial log: {tail!r}",
-                inst.name,
-            )
+        if self.config.boot_marker and not self.uri.remote:
+            # A kernel that does not boot leaves qemu running with a silent console.
+            await self.wait_serial(inst.name, self.config.boot_marker, self.config.boot_timeout)
         log.info("instance %s booting: %s %s", inst.name, inst.address, inst.mac)
 
     async def _base_capacity(self) -> int:
@@ -661,13 +659,15 @@ class LibvirtProvider:
     async def destroy(self, name: str) -> None:
         """Stop instance `name` and delete its overlay (idempotent)."""
         inst = self.instances.get(name)
-        domain = inst.domain if inst else f"{self.config.prefix}{name}"
-        with contextlib.suppress(ProviderError):
-            dom = await self._call("lookup", self.conn.lookupByName, domain)
-            with contextlib.suppress(ProviderError):  # already gone: fine
-                await self._call("destroy", dom.destroy)
+        await self._destroy_domain(inst.domain if inst else f"{self.config.prefix}{name}")
         if inst is not None:
             await self._release(inst)
+
+    async def _destroy_domain(self, domain: str) -> None:
+        with contextlib.suppress(ProviderError):  # not found: already gone, fine
+            dom = await self._call("lookup", self.conn.lookupByName, domain)
+            with contextlib.suppress(ProviderError):  # it may power off meanwhile
+                await self._call("destroy", dom.destroy)
 
     async def _release(self, inst: Instance) -> None:
         if self._pool is not None:
@@ -715,6 +715,9 @@ class LibvirtProvider:
                     if needle in text:
                         return text
                     if await self.state(name) is not DomainState.RUNNING:
+                        text = await asyncio.to_thread(_read_text, path)
+                        if needle in text:
+                            return text
                         raise BootFailed(
                             f"instance {name} stopped before {needle!r}; log tail: {text[-600:]!r}",
                             name,
