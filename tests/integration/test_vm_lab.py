@@ -60,7 +60,6 @@ from oss.providers.libvirt import (  # noqa: E402
     DomainState,
     GuestImage,
     ImageMissing,
-    LibvirtConfig,
     LibvirtProvider,
     Unreachable,
 )
@@ -123,7 +122,8 @@ def test_image_builds_then_rebuild_is_cached(lab: Lab) -> None:
     for pkg in ("python3", "criu", "iproute2", "procps", "kmod"):
         assert pkg in packages, pkg
     assert cold.manifest["modules"][0] == "virtio_pci"  # type: ignore[index]
-    again = Builder(BuildConfig(source_dir=source_checkout(), cache_dir=cold.directory.parent)).build()
+    cache = cold.directory.parent
+    again = Builder(BuildConfig(source_dir=source_checkout(), cache_dir=cache)).build()
     assert again.cached is True
     assert again.manifest["content_sha256"] == cold.manifest["content_sha256"]
     assert again.directory == cold.directory
@@ -247,8 +247,12 @@ def test_kernel_that_does_not_boot_is_a_clear_error(lab: Lab) -> None:
     os.link(lab.image.base, bad / "base.qcow2")
     (bad / "vmlinuz").write_bytes(b"this is not a kernel\n" * 4096)
     cfg = lab.provider_config(
-        lab.work / "state-bad", image=GuestImage(bad / "base.qcow2", bad / "vmlinuz"),
-        manage_bridge=False, domain_type="qemu", call_timeout=30.0, boot_timeout=20.0,
+        lab.work / "state-bad",
+        image=GuestImage(bad / "base.qcow2", bad / "vmlinuz"),
+        manage_bridge=False,
+        domain_type="qemu",
+        call_timeout=30.0,
+        boot_timeout=20.0,
     )
 
     async def attempt() -> tuple[str, list[str]]:
@@ -267,10 +271,15 @@ def test_kernel_that_does_not_boot_is_a_clear_error(lab: Lab) -> None:
 def test_unreachable_libvirt_uri_is_a_clear_error(lab: Lab) -> None:
     # Port 1 on loopback: nothing listens, the connection is refused at once.
     cfg = lab.provider_config(
-        lab.work / "state-unreachable", uri="qemu+tcp://127.0.0.1:1/system",
-        bridge=None, domain_type="qemu", call_timeout=20.0,
+        lab.work / "state-unreachable",
+        uri="qemu+tcp://127.0.0.1:1/system",
+        bridge=None,
+        domain_type="qemu",
+        call_timeout=20.0,
     )
-    with pytest.raises(Unreachable, match="cannot reach libvirt at qemu\\+tcp://127.0.0.1:1/system"):
+    with pytest.raises(
+        Unreachable, match="cannot reach libvirt at qemu\\+tcp://127.0.0.1:1/system"
+    ):
         lab.loop.run(LibvirtProvider(cfg).open(), timeout=60)
 
 

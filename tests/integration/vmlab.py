@@ -91,12 +91,9 @@ class OssHarness:
         return None
 
     @staticmethod
-    async def start(
-        data_dir: Path, netns: str, host: str, heartbeat_timeout: float
-    ) -> OssHarness:
+    async def start(data_dir: Path, netns: str, host: str, heartbeat_timeout: float) -> OssHarness:
         """Serve the OSS on host:<any port> inside `netns` (the guests' gateway)."""
         from aiohttp import web
-
         from oss.server import make_app
         from oss.service import Oss, OssConfig
 
@@ -165,9 +162,7 @@ class Lab:
     async def start(self) -> None:
         """Start libvirtd in the namespace, the OSS on the bridge, and the provider."""
         assert self.image is not None
-        self.daemon = PrivateLibvirtd(
-            LibvirtdConfig(netns=self.netns, run_dir=self.work / "run")
-        )
+        self.daemon = PrivateLibvirtd(LibvirtdConfig(netns=self.netns, run_dir=self.work / "run"))
         await self.daemon.start()
         self.daemon_pids = dict(self.daemon.pids)
         self.provider = LibvirtProvider(self.provider_config(self.work / "state"))
