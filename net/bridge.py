@@ -7,6 +7,7 @@ Blocking netlink calls: callers on an event loop run these with
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ipaddress
 import os
 import socket
@@ -40,6 +41,17 @@ class BridgeSpec:
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
+
+    @property
+    def mac(self) -> str:
+        """A fixed, locally administered MAC derived from the name.
+
+        A bridge without an explicit MAC takes the lowest MAC of its ports, so it
+        changes when a VM's tap leaves; the other guests' ARP entries for the
+        gateway then point nowhere until they expire (~30 s without traffic).
+        """
+        digest = hashlib.sha256(self.name.encode()).digest()
+        return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
 
 
 def check_ifname(name: str) -> None:
@@ -85,6 +97,7 @@ def create_bridge(spec: BridgeSpec, ns: str | None = None) -> bool:
             if not existed:
                 ipr.link("add", ifname=spec.name, kind="bridge")
             idx = ipr.link_lookup(ifname=spec.name)[0]
+            ipr.link("set", index=idx, address=spec.mac)
             have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
             want = (str(spec.address.ip), spec.address.network.prefixlen)
             if want not in have:

@@ -202,3 +202,12 @@ def test_volume_and_pool_xml() -> None:
     assert vol.findtext("backingStore/path") == "/s/base.qcow2"
     pool = ET.fromstring(pool_xml("p", Path("/s/overlays")))
     assert pool.get("type") == "dir" and pool.findtext("target/path") == "/s/overlays"
+
+
+def test_bridge_mac_is_fixed_and_local() -> None:
+    from net.bridge import BridgeSpec
+
+    spec = BridgeSpec("dcpbr0", ipaddress.IPv4Interface("10.231.5.1/24"))
+    assert spec.mac == BridgeSpec("dcpbr0", spec.address).mac
+    assert spec.mac.startswith("02:") and len(spec.mac.split(":")) == 6
+    assert spec.mac != BridgeSpec("dcpbr1", spec.address).mac
