@@ -416,6 +416,9 @@ class Builder:
             etc = root / "etc"
             (etc / "dcp").mkdir(exist_ok=True)
             (etc / "dcp/modules").write_text("\n".join(image_spec.guest_modules) + "\n")
+            dhcp = etc / "dcp/udhcpc.sh"
+            dhcp.write_text(spec.UDHCPC_SCRIPT)
+            dhcp.chmod(0o755)
             (etc / "hostname").write_text("dcp-guest\n")
             (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
             (etc / "fstab").write_text("/dev/vda / ext4 rw 0 1\n")

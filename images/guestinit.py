@@ -9,7 +9,9 @@ worst case, never a hang on a prompt.
 
 Settings come from the kernel command line (CONTRACTS.md):
 `dcp.oss=URL dcp.instance=NAME dcp.token=TOKEN dcp.ip=A.B.C.D/NN dcp.gw=A.B.C.D
-dcp.listen=0.0.0.0:7070`, plus `dcp.ssh=1` to start dropbear (Vagrant lab).
+dcp.listen=0.0.0.0:7070`, plus, for the Vagrant lab: `dcp.ssh=1` (start
+dropbear), `dcp.ip=dhcp` (ask busybox udhcpc) and `dcp.role=agent|oss|none`
+(what to run: the agent, the OSS listening on dcp.listen, or nothing).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import time
 from dataclasses import dataclass
 
 MODULES_FILE = "/etc/dcp/modules"
+UDHCPC_SCRIPT = "/etc/dcp/udhcpc.sh"
+OSS_DATA = "/var/lib/dcp-oss"
+ROLES = ("agent", "oss", "none")
 DEFAULT_LISTEN = "0.0.0.0:7070"
 PYTHON = "/usr/bin/python3"
 RB_POWER_OFF = 0x4321FEDC
@@ -40,6 +45,8 @@ class GuestSettings:
     gw: str | None = None
     listen: str = DEFAULT_LISTEN
     ssh: bool = False
+    role: str = "agent"
+    alias: str | None = None  # an extra static address (the lab coordinator's fixed one)
 
 
 def parse_cmdline(text: str) -> GuestSettings:
@@ -57,6 +64,8 @@ def parse_cmdline(text: str) -> GuestSettings:
         gw=values.get("gw") or None,
         listen=values.get("listen") or DEFAULT_LISTEN,
         ssh=values.get("ssh", "0") in ("1", "yes", "true"),
+        role=values.get("role") if values.get("role") in ROLES else "agent",
+        alias=values.get("alias") or None,
     )
 
 
@@ -70,6 +79,18 @@ def agent_argv(settings: GuestSettings, python: str = PYTHON) -> list[str]:
         argv += ["--token", settings.token]
     argv += ["--listen", settings.listen]
     return argv
+
+
+def service_argv(settings: GuestSettings, python: str = PYTHON) -> list[str] | None:
+    """What this guest runs for its role (None: nothing)."""
+    if settings.role == "none":
+        return None
+    if settings.role == "oss":
+        argv = [python, "-m", "oss", "serve", "--listen", settings.listen, "--data", OSS_DATA]
+        if settings.oss:
+            argv += ["--public-url", settings.oss]
+        return argv
+    return agent_argv(settings, python)
 
 
 def redacted(argv: list[str]) -> str:
@@ -149,8 +170,13 @@ def configure_network(settings: GuestSettings) -> None:
         log("no network interface")
         return
     run("/sbin/ip", "link", "set", nic, "up")
-    if settings.ip:
+    if settings.ip == "dhcp":
+        busybox = next((b for b in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(b)), "")
+        run(busybox, "udhcpc", "-i", nic, "-s", UDHCPC_SCRIPT, "-n", "-q", "-t", "10")
+    elif settings.ip:
         run("/sbin/ip", "addr", "add", settings.ip, "dev", nic)
+    if settings.alias:
+        run("/sbin/ip", "addr", "add", settings.alias, "dev", nic)
     if settings.gw:
         run("/sbin/ip", "route", "add", "default", "via", settings.gw)
     log(f"network {nic} {settings.ip or '-'} gw {settings.gw or '-'}")
@@ -188,8 +214,12 @@ def start_ssh() -> subprocess.Popen[bytes] | None:
 
 
 def supervise(settings: GuestSettings) -> None:
-    """Start the agent, reap every orphan, restart the agent with backoff if it exits."""
-    argv = agent_argv(settings)
+    """Start the role's service, reap every orphan, restart the service with backoff."""
+    argv = service_argv(settings)
+    if argv is None:
+        log("dcp.role=none: running nothing")
+        while True:
+            os.waitpid(-1, 0) if _has_children() else time.sleep(3600)
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
@@ -197,8 +227,9 @@ def supervise(settings: GuestSettings) -> None:
         "LANG": "C.UTF-8",
     }
     delay = 1.0
+    os.makedirs(OSS_DATA, exist_ok=True)
     while True:
-        log(f"starting agent: {redacted(argv)}")
+        log(f"starting {settings.role}: {redacted(argv)}")
         started = time.monotonic()
         agent = subprocess.Popen(argv, env=env, cwd="/")
         while True:
@@ -206,9 +237,17 @@ def supervise(settings: GuestSettings) -> None:
             if pid == agent.pid:
                 agent.returncode = os.waitstatus_to_exitcode(status)
                 break
-        log(f"agent exited with status {agent.returncode}")
+        log(f"{settings.role} exited with status {agent.returncode}")
         delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
         time.sleep(delay)
+
+
+def _has_children() -> bool:
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
 
 
 def main() -> None:

@@ -49,6 +49,20 @@ GUEST_MODULES: tuple[str, ...] = (
 # DCP's own packages copied into the guest's site-packages.
 DCP_PACKAGES: tuple[str, ...] = ("tracer", "vmagent", "oss", "net")
 
+# busybox udhcpc calls this with the lease in the environment (`dcp.ip=dhcp`).
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  deconfig) /sbin/ip addr flush dev "$interface" ;;
+  bound|renew)
+    /sbin/ip addr flush dev "$interface"
+    /sbin/ip addr add "$ip/$mask" dev "$interface"
+    if [ -n "$router" ]; then /sbin/ip route replace default via "${router%% *}"; fi
+    echo "dcp-init: dhcp $interface $ip/$mask router ${router:-none}" >/dev/console
+    ;;
+esac
+exit 0
+"""
+
 # Trimmed from the rootfs: docs, manuals, locales and apt's lists and caches.
 DPKG_EXCLUDES: tuple[str, ...] = (
     "/usr/share/doc/*",

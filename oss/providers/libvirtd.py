@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,3 +159,51 @@ def _socket_alive(path: Path) -> bool:
         return False
     finally:
         s.close()
+
+
+async def stop_by_pidfiles(config: LibvirtdConfig) -> list[int]:
+    """Stop daemons a previous `start` left running (their pid files), remove the netns."""
+    stopped = []
+    for name in ("libvirtd", "virtlogd"):
+        pidfile = config.run_dir / f"{name}.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            continue
+        await _terminate(pid, config.stop_timeout)
+        pidfile.unlink(missing_ok=True)
+        stopped.append(pid)
+    if config.netns is not None:
+        await asyncio.to_thread(bridge.remove_netns, config.netns)
+    return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m oss.providers.libvirtd start|stop [--netns NAME]` (for the Vagrant lab)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python3 -m oss.providers.libvirtd", description=main.__doc__)
+    ap.add_argument("action", choices=("start", "stop"))
+    ap.add_argument("--netns", default="dcp-lab", help="namespace ('' for the host's)")
+    ap.add_argument("--run-dir", default=str(LibvirtdConfig.run_dir))
+    args = ap.parse_args(argv)
+    config = LibvirtdConfig(netns=args.netns or None, run_dir=Path(args.run_dir))
+    try:
+        if args.action == "start":
+            daemon = PrivateLibvirtd(config)
+            asyncio.run(daemon.start())
+            print(
+                f"libvirtd pid {daemon.pids['libvirtd']} virtlogd pid {daemon.pids['virtlogd']}"
+                f" netns {config.netns or '-'}: {daemon.uri}"
+            )
+        else:
+            pids = asyncio.run(stop_by_pidfiles(config))
+            print(f"stopped {pids or 'nothing'}")
+    except LibvirtdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

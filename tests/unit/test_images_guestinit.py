@@ -56,3 +56,26 @@ def test_token_never_logged() -> None:
     line = redacted(agent_argv(parse_cmdline(CMDLINE)))
     assert "s3cr=t" not in line
     assert "--token sha256:" in line and "--instance vm-1" in line
+
+
+def test_roles() -> None:
+    from images.guestinit import OSS_DATA, service_argv
+
+    assert service_argv(parse_cmdline(CMDLINE)) == agent_argv(parse_cmdline(CMDLINE))
+    oss = service_argv(parse_cmdline("dcp.role=oss dcp.listen=0.0.0.0:8470 dcp.oss=http://c:8470"))
+    assert oss == [
+        "/usr/bin/python3",
+        "-m",
+        "oss",
+        "serve",
+        "--listen",
+        "0.0.0.0:8470",
+        "--data",
+        OSS_DATA,
+        "--public-url",
+        "http://c:8470",
+    ]
+    assert service_argv(parse_cmdline("dcp.role=none")) is None
+    assert parse_cmdline("dcp.role=bogus").role == "agent"
+    assert parse_cmdline("dcp.ip=dhcp").ip == "dhcp"
+    assert parse_cmdline("dcp.alias=10.231.9.2/24").alias == "10.231.9.2/24"
