@@ -186,6 +186,10 @@ def set_hostname(name: str) -> None:
     """The instance name becomes the hostname."""
     try:
         socket.sethostname(name)
+        with open("/etc/hostname", "w") as f:
+            f.write(name + "\n")
+        with open("/etc/hosts", "w") as f:  # sudo and others resolve their own name
+            f.write(f"127.0.0.1 localhost\n127.0.1.1 {name}\n::1 localhost\n")
     except OSError as exc:
         log(f"sethostname: {exc}")
 
