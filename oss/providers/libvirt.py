@@ -34,7 +34,7 @@ from net import bridge
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=:-]{1,512}$")
 BOOT_MARKER = "Linux version"
 
@@ -42,12 +42,27 @@ BOOT_MARKER = "Linux version"
 # ---- errors ------------------------------------------------------------------------
 
 
-class ProviderError(Exception):
+try:
+    # Inside the OSS's error tree when issue 3's oss.errors is present, so the pool
+    # manager's `except OssError` / `except* ProviderError` handle provider failures.
+    from oss.errors import ProviderError as _OssProviderError
+except ImportError:  # pragma: no cover - a checkout without issue 3
+    _OssProviderError = None  # type: ignore[assignment,misc]
+
+
+class ProviderError(_OssProviderError or Exception):  # type: ignore[misc]
     """The libvirt provider failed."""
 
     def __init__(self, message: str, instance: str | None = None) -> None:
-        super().__init__(message)
+        if _OssProviderError is not None:
+            super().__init__(message, instance=instance)
+        else:
+            super().__init__(message)
+        self.text = message
         self.instance = instance
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class BadUri(ProviderError):
@@ -120,9 +135,9 @@ def parse_uri(uri: str) -> UriInfo:
 
 
 def check_name(name: str) -> None:
-    """Instance names: lowercase letters, digits and '-', at most 40 characters."""
+    """Instance names: letters, digits, '_', '.', '-'; at most 63 characters."""
     if not NAME_RE.match(name):
-        raise BadInstance(f"bad instance name {name!r} (a-z, 0-9, '-', at most 40)", name)
+        raise BadInstance(f"bad instance name {name!r} (A-Z a-z 0-9 _ . -, at most 63)", name)
 
 
 def mac_for(name: str, taken: Iterable[str] = ()) -> str:

@@ -261,6 +261,67 @@ def test_destroyed_vm_is_detected(booted: Lab) -> None:
     assert vm1 is not None and vm1["state"] == "ready"  # the other one keeps beating
 
 
+def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
+    """The OSS's pool manager keeps one instance booted via LibvirtProvider.create."""
+    lab = booted
+    if lab.oss is None:
+        pytest.skip(f"no OSS pool manager: {lab.oss_missing}")
+    store = lab.oss.oss.store
+    if not (hasattr(store, "put_pool") and hasattr(store, "put_instance_type")):
+        pytest.skip("this OSS has no pools API (store.put_pool)")
+    import subprocess
+
+    from oss.pool import InstanceType as OssInstanceType
+
+    from vmagent import remote, tickets
+
+    assert lab.provider is not None
+    prov = lab.provider
+
+    async def fill() -> str:
+        await store.put_instance_type(OssInstanceType("tcg", 1, 512, 1))
+        await store.put_pool("warm", "tcg", 1, 1, "libvirt")
+        async with asyncio.timeout(180):
+            while True:
+                for name in list(prov.instances):
+                    if name.startswith("warm-"):
+                        row = await lab.oss.instance(name)  # type: ignore[union-attr]
+                        if row and row.get("state") == "ready":
+                            return name
+                await asyncio.sleep(0.5)
+
+    name = lab.loop.run(fill(), timeout=240)
+    assert lab.loop.run(prov.state(name)) is DomainState.RUNNING
+    # The warm instance takes a program at once.
+    argv = remote.deputy_argv(
+        f"{prov.address(name)}:7070",
+        name,
+        tickets.mint(lab.tokens[name], name),
+        b"/bin/hostname",
+        (b"hostname",),
+    )
+    res = subprocess.run(
+        ["ip", "netns", "exec", lab.netns, *map(bytes.decode, argv)],
+        capture_output=True,
+        timeout=60,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.stdout.decode().strip() == name, res.stderr.decode()
+
+    async def shrink() -> None:
+        await store.put_pool("warm", "tcg", 0, 1, "libvirt")
+        await prov.wait_state(name, DomainState.GONE, 120)
+        async with asyncio.timeout(30):  # destroy() then deletes the overlay and forgets it
+            while name in prov.instances:
+                await asyncio.sleep(0.2)
+
+    lab.loop.run(shrink(), timeout=150)
+    assert name not in prov.instances
+    overlays = prov.config.state_dir / "overlays"
+    assert not (overlays / f"dcp-{name}.qcow2").exists()
+
+
 # ---- bad input ------------------------------------------------------------------------
 
 

@@ -91,27 +91,35 @@ class OssHarness:
         return None
 
     @staticmethod
-    async def start(data_dir: Path, netns: str, host: str, heartbeat_timeout: float) -> OssHarness:
+    async def start(
+        data_dir: Path,
+        netns: str,
+        host: str,
+        heartbeat_timeout: float,
+        providers: dict[str, Any],
+    ) -> OssHarness:
         """Serve the OSS on host:<any port> inside `netns` (the guests' gateway)."""
         from aiohttp import web
         from oss.server import make_app
         from oss.service import Oss, OssConfig
 
+        sock = await asyncio.to_thread(bridge.listening_socket, netns, host, 0)
+        url = f"http://{host}:{sock.getsockname()[1]}"
         oss = Oss(
             OssConfig(
                 data_dir=data_dir,
                 heartbeat_interval=1.0,
                 heartbeat_timeout=heartbeat_timeout,
                 tick=0.5,
-            )
+                public_url=url,
+            ),
+            providers=providers,
         )
         runner = web.AppRunner(make_app(oss), access_log=None, handle_signals=False)
         await runner.setup()
-        sock = await asyncio.to_thread(bridge.listening_socket, netns, host, 0)
         site = web.SockSite(runner, sock)
         await site.start()
-        port = sock.getsockname()[1]
-        return OssHarness(oss, runner, f"http://{host}:{port}")
+        return OssHarness(oss, runner, url)
 
     async def token(self, name: str) -> str:
         """A fresh instance token for `name`."""
@@ -125,6 +133,23 @@ class OssHarness:
     async def close(self) -> None:
         """Stop serving (make_app's cleanup closes the OSS)."""
         await self.runner.cleanup()
+
+
+class TokenKeeper:
+    """The real provider, remembering the tokens the OSS hands it (tests exec with them)."""
+
+    def __init__(self, provider: LibvirtProvider, tokens: dict[str, str]) -> None:
+        self.provider = provider
+        self.tokens = tokens
+
+    async def create(self, name: str, instance_type: Any, credentials: Any) -> None:
+        """Remember the token, then LibvirtProvider.create."""
+        self.tokens[name] = credentials.token
+        await self.provider.create(name, instance_type, credentials)
+
+    async def destroy(self, name: str) -> None:
+        """LibvirtProvider.destroy."""
+        await self.provider.destroy(name)
 
 
 @dataclass
@@ -170,7 +195,11 @@ class Lab:
         self.oss_missing = OssHarness.available()
         if self.oss_missing is None:
             self.oss = await OssHarness.start(
-                self.work / "oss", self.netns, str(self.gateway), self.heartbeat_timeout
+                self.work / "oss",
+                self.netns,
+                str(self.gateway),
+                self.heartbeat_timeout,
+                {"libvirt": TokenKeeper(self.provider, self.tokens)},
             )
 
     def provider_config(self, state: Path, **kw: Any) -> LibvirtConfig:

@@ -91,7 +91,8 @@ def test_config_from_mapping() -> None:
 
 def test_names() -> None:
     check_name("vm-1")
-    for bad in ("", "VM", "a_b", "-x", "x" * 41, "a b"):
+    check_name("warm-1a2b3c")
+    for bad in ("", "-x", "x" * 64, "a b", "a/b", "a;b"):
         with pytest.raises(BadInstance):
             check_name(bad)
     check_ifname("dcpbr0")
