@@ -64,7 +64,7 @@ def parse_cmdline(text: str) -> GuestSettings:
         gw=values.get("gw") or None,
         listen=values.get("listen") or DEFAULT_LISTEN,
         ssh=values.get("ssh", "0") in ("1", "yes", "true"),
-        role=values.get("role") if values.get("role") in ROLES else "agent",
+        role=values["role"] if values.get("role") in ROLES else "agent",
         alias=values.get("alias") or None,
     )
 
