@@ -161,8 +161,16 @@ def test_pack_and_local_placement(tmp_path: Path, placement: str, want: list[str
         pytest.skip("the expected packing assumes 2 CPUs per instance")
     record = tmp_path / "rec.json"
     traced = dcptrace(
-        "--instances", "3", "--placement", placement, "--record", str(record), "--",
-        "bash", "-c", "for i in 1 2 3 4; do sleep 2 & done; wait",
+        "--instances",
+        "3",
+        "--placement",
+        placement,
+        "--record",
+        str(record),
+        "--",
+        "bash",
+        "-c",
+        "for i in 1 2 3 4; do sleep 2 & done; wait",
     )
     assert traced.returncode == 0, traced.stderr
     procs = json.loads(record.read_text())["processes"]

@@ -272,7 +272,6 @@ def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
     import subprocess
 
     from oss.pool import InstanceType as OssInstanceType
-
     from vmagent import remote, tickets
 
     assert lab.provider is not None

@@ -100,6 +100,7 @@ class OssHarness:
     ) -> OssHarness:
         """Serve the OSS on host:<any port> inside `netns` (the guests' gateway)."""
         from aiohttp import web
+
         from oss.server import make_app
         from oss.service import Oss, OssConfig
 
