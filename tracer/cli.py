@@ -54,6 +54,13 @@ def _coordinator(
         yield coord
 
 
+def _open_output(path: str, flag: str) -> TextIO:
+    try:
+        return open(path, "w", buffering=1 << 16)
+    except OSError as exc:
+        raise UsageError(f"cannot write the {flag} file {path}: {exc.strerror}") from exc
+
+
 @click.command(
     context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
 )
@@ -135,10 +142,15 @@ def command(
     where = placement or config.placement
     dispositions = initial_dispositions()
 
+    # Output files are opened before the program runs: a bad path is a usage
+    # error, not a run whose record is lost at the end.
+    trace_file = _open_output(output, "--output") if trace and output else None
+    record_file = _open_output(record_path, "--record") if record_path else None
+
     def tracer_main(link: TracerLink) -> int:
         trace_out: TextIO | None = None
         if trace:
-            trace_out = open(output, "w", buffering=1 << 16) if output else sys.stderr
+            trace_out = trace_file or sys.stderr
         inner = EmbeddedCoordinator(table, pathmap)
         try:
             with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
@@ -151,12 +163,12 @@ def command(
                     click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
                 if summary:
                     write_summary(outcome.stats, sys.stderr)
-                if record_path:
+                if record_file is not None:
                     record = build_record(
                         program, outcome.exit_status, outcome.signal, outcome.machine,
                         outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
                     )  # fmt: skip
-                    write_record(record, record_path)
+                    write_record(record, record_file)
         except TracerError as exc:
             click.echo(f"dcptrace: {exc}", err=True)
             return 125

@@ -126,8 +126,8 @@ def build_record(
     return record
 
 
-def write_record(record: dict[str, Any], path: str) -> None:
-    """Write the record as JSON."""
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+def write_record(record: dict[str, Any], out: TextIO) -> None:
+    """Write the record as JSON to an open file, and close it."""
+    with out:
+        json.dump(record, out, indent=2)
+        out.write("\n")

@@ -103,3 +103,12 @@ def test_under_another_tracer_one_clear_line() -> None:
     assert b"never" not in res.stdout
     line = one_line(res.stderr.decode())
     assert "itself traced" in line
+
+
+@pytest.mark.parametrize("flag", [["--trace", "-o"], ["--record"]])
+def test_unwritable_output_fails_before_the_program_runs(tmp_path: Path, flag: list[str]) -> None:
+    marker = tmp_path / "ran"
+    code, err = dcptrace(*flag, str(tmp_path / "missing-dir" / "out"), "--", "touch", str(marker))
+    assert code == 2
+    assert "cannot write" in one_line(err)
+    assert not marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import select
 import signal
 import subprocess
 import termios
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dcptrace_argv, traced_env, wait_for
+from tests.conftest import dcptrace_argv, traced_env
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
@@ -37,6 +38,21 @@ def on_terminal(argv: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     return proc, master
 
 
+def read_until(master: int, needle: bytes, seconds: float = 15.0) -> bytes:
+    """Read the terminal until `needle` appears (bounded by `seconds`)."""
+    out = b""
+    deadline = time.monotonic() + seconds
+    while needle not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                out += os.read(master, 4096)
+            except OSError:
+                break
+    assert needle in out, out
+    return out
+
+
 def read_all(master: int) -> bytes:
     out = b""
     while True:
@@ -52,7 +68,7 @@ def read_all(master: int) -> bytes:
 def test_ctrl_c_interrupts_the_program_and_dcptrace_reports_it() -> None:
     proc, master = on_terminal(["sh", "-c", "echo ready; sleep 30; echo not-reached"])
     try:
-        assert wait_for(lambda: b"ready" in os.read(master, 100))
+        read_until(master, b"ready")
         time.sleep(0.3)
         os.write(master, b"\x03")  # the terminal sends SIGINT to the foreground group
         assert proc.wait(timeout=15) == -signal.SIGINT
@@ -80,9 +96,7 @@ def job_control_session(command: str) -> bytes:
     os.close(slave)
     out = b""
     try:
-        deadline = time.monotonic() + 15
-        while b"ready" not in out and time.monotonic() < deadline:
-            out += os.read(master, 4096)
+        out = read_until(master, b"ready")
         time.sleep(0.3)
         os.write(master, b"\x1a")  # Ctrl-Z: SIGTSTP to the foreground job
         assert proc.wait(timeout=20) == 0

@@ -1,0 +1,5 @@
+"""python -m images: the dcp-image CLI."""
+
+from images.cli import main
+
+main()

@@ -1,0 +1,280 @@
+#!/usr/bin/python3 -IS
+"""PID 1 of a DCP guest: mounts, modules, address, then runs the agent.
+
+This file is copied into the image as /sbin/dcp-init and runs with the
+guest's Python and the standard library only (`-S`: no site packages), so it
+must not import anything from DCP. It never starts an interactive shell: if
+something essential fails it powers the VM off, so a host-side timeout is the
+worst case, never a hang on a prompt.
+
+Settings come from the kernel command line (CONTRACTS.md):
+`dcp.oss=URL dcp.instance=NAME dcp.token=TOKEN dcp.ip=A.B.C.D/NN dcp.gw=A.B.C.D
+dcp.listen=0.0.0.0:7070`, plus, for the Vagrant lab: `dcp.ssh=1` (start
+dropbear), `dcp.ip=dhcp` (ask busybox udhcpc) and `dcp.role=agent|oss|none`
+(what to run: the agent, the OSS listening on dcp.listen, or nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+MODULES_FILE = "/etc/dcp/modules"
+UDHCPC_SCRIPT = "/etc/dcp/udhcpc.sh"
+OSS_DATA = "/var/lib/dcp-oss"
+ROLES = ("agent", "oss", "none")
+DEFAULT_LISTEN = "0.0.0.0:7070"
+PYTHON = "/usr/bin/python3"
+RB_POWER_OFF = 0x4321FEDC
+
+
+@dataclass(frozen=True)
+class GuestSettings:
+    """What the host asked of this guest through the kernel command line."""
+
+    instance: str = "dcp-guest"
+    oss: str | None = None
+    token: str | None = None
+    ip: str | None = None
+    gw: str | None = None
+    listen: str = DEFAULT_LISTEN
+    ssh: bool = False
+    role: str = "agent"
+    alias: str | None = None  # an extra static address (the lab coordinator's fixed one)
+
+
+def parse_cmdline(text: str) -> GuestSettings:
+    """Read the `dcp.*` words of a kernel command line; other words are ignored."""
+    values: dict[str, str] = {}
+    for word in text.split():
+        if word.startswith("dcp.") and "=" in word:
+            key, value = word[4:].split("=", 1)
+            values[key] = value
+    return GuestSettings(
+        instance=values.get("instance") or "dcp-guest",
+        oss=values.get("oss") or None,
+        token=values.get("token") or None,
+        ip=values.get("ip") or None,
+        gw=values.get("gw") or None,
+        listen=values.get("listen") or DEFAULT_LISTEN,
+        ssh=values.get("ssh", "0") in ("1", "yes", "true"),
+        role=values["role"] if values.get("role") in ROLES else "agent",
+        alias=values.get("alias") or None,
+    )
+
+
+def agent_argv(settings: GuestSettings, python: str = PYTHON) -> list[str]:
+    """The agent command line of CONTRACTS.md for these settings."""
+    argv = [python, "-m", "vmagent"]
+    if settings.oss:
+        argv += ["--oss", settings.oss]
+    argv += ["--instance", settings.instance]
+    if settings.token:
+        argv += ["--token", settings.token]
+    argv += ["--listen", settings.listen]
+    return argv
+
+
+def service_argv(settings: GuestSettings, python: str = PYTHON) -> list[str] | None:
+    """What this guest runs for its role (None: nothing)."""
+    if settings.role == "none":
+        return None
+    if settings.role == "oss":
+        argv = [python, "-m", "oss", "serve", "--listen", settings.listen, "--data", OSS_DATA]
+        if settings.oss:
+            argv += ["--public-url", settings.oss]
+        return argv
+    return agent_argv(settings, python)
+
+
+def redacted(argv: list[str]) -> str:
+    """The command line for the log, with the token replaced by a short hash."""
+    shown = list(argv)
+    for i, word in enumerate(shown[:-1]):
+        if word == "--token":
+            digest = hashlib.sha256(shown[i + 1].encode()).hexdigest()[:12]
+            shown[i + 1] = f"sha256:{digest}"
+    return " ".join(shown)
+
+
+def log(message: str) -> None:
+    """One line on the serial console."""
+    sys.stdout.write(f"dcp-init: {message}\n")
+    sys.stdout.flush()
+
+
+def run(*argv: str) -> bool:
+    """Run a helper program; log and return False on failure."""
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"{argv[0]} failed: {exc}")
+        return False
+    if res.returncode != 0:
+        log(f"{' '.join(argv)} -> {res.returncode}: {res.stderr.strip()}")
+        return False
+    return True
+
+
+def mount_all() -> None:
+    """The pseudo file systems a Debian userland expects."""
+    table = [
+        ("proc", "/proc", "proc", "nosuid,nodev,noexec"),
+        ("sysfs", "/sys", "sysfs", "nosuid,nodev,noexec"),
+        ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
+        ("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666"),
+        ("tmpfs", "/dev/shm", "tmpfs", "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", "mode=1777"),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", "nsdelegate"),
+    ]
+    for source, target, fstype, opts in table:
+        os.makedirs(target, exist_ok=True)
+        if os.path.ismount(target):
+            continue
+        run("/bin/mount", "-t", fstype, "-o", opts, source, target)
+    run("/bin/mount", "-o", "remount,rw", "/")
+
+
+def load_modules(path: str = MODULES_FILE) -> None:
+    """modprobe each module named in the image's list, in order (virtio_pci first)."""
+    try:
+        with open(path) as f:
+            names = [w for w in (line.strip() for line in f) if w and not w.startswith("#")]
+    except FileNotFoundError:
+        return
+    for name in names:
+        run("/sbin/modprobe", "-q", name)
+
+
+def first_nic() -> str | None:
+    """The first network interface that is not loopback."""
+    try:
+        names = sorted(os.listdir("/sys/class/net"))
+    except FileNotFoundError:
+        return None
+    return next((n for n in names if n != "lo"), None)
+
+
+def configure_network(settings: GuestSettings) -> None:
+    """Loopback up; the static address and default route from the command line."""
+    run("/sbin/ip", "link", "set", "lo", "up")
+    nic = first_nic()
+    if nic is None:
+        log("no network interface")
+        return
+    run("/sbin/ip", "link", "set", nic, "up")
+    if settings.ip == "dhcp":
+        busybox = next((b for b in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(b)), "")
+        run(busybox, "udhcpc", "-i", nic, "-s", UDHCPC_SCRIPT, "-n", "-q", "-t", "10")
+    elif settings.ip:
+        run("/sbin/ip", "addr", "add", settings.ip, "dev", nic)
+    if settings.alias:
+        run("/sbin/ip", "addr", "add", settings.alias, "dev", nic)
+    if settings.gw:
+        run("/sbin/ip", "route", "add", "default", "via", settings.gw)
+    log(f"network {nic} {settings.ip or '-'} gw {settings.gw or '-'}")
+
+
+def set_hostname(name: str) -> None:
+    """The instance name becomes the hostname."""
+    try:
+        socket.sethostname(name)
+        with open("/etc/hostname", "w") as f:
+            f.write(name + "\n")
+        with open("/etc/hosts", "w") as f:  # sudo and others resolve their own name
+            f.write(f"127.0.0.1 localhost\n127.0.1.1 {name}\n::1 localhost\n")
+    except OSError as exc:
+        log(f"sethostname: {exc}")
+
+
+def power_off() -> None:
+    """Sync and power off (with <acpi/> the domain then disappears)."""
+    os.sync()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.reboot(RB_POWER_OFF)
+    finally:
+        os._exit(1)
+
+
+def start_ssh() -> subprocess.Popen[bytes] | None:
+    """dropbear for the Vagrant lab (host keys made on first connection)."""
+    os.makedirs("/etc/dropbear", exist_ok=True)
+    for exe in ("/usr/sbin/dropbear",):
+        if os.path.exists(exe):
+            log("starting dropbear")
+            return subprocess.Popen([exe, "-R", "-F", "-E", "-p", "22"])
+    log("dcp.ssh=1 but dropbear is not installed")
+    return None
+
+
+def supervise(settings: GuestSettings) -> None:
+    """Start the role's service, reap every orphan, restart the service with backoff."""
+    argv = service_argv(settings)
+    if argv is None:
+        log("dcp.role=none: running nothing")
+        while True:
+            os.waitpid(-1, 0) if _has_children() else time.sleep(3600)
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "PYTHONUNBUFFERED": "1",
+        "LANG": "C.UTF-8",
+    }
+    delay = 1.0
+    os.makedirs(OSS_DATA, exist_ok=True)
+    while True:
+        log(f"starting {settings.role}: {redacted(argv)}")
+        started = time.monotonic()
+        agent = subprocess.Popen(argv, env=env, cwd="/")
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == agent.pid:
+                agent.returncode = os.waitstatus_to_exitcode(status)
+                break
+        log(f"{settings.role} exited with status {agent.returncode}")
+        delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+        time.sleep(delay)
+
+
+def _has_children() -> bool:
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+
+
+def main() -> None:
+    """Bring the guest up and run the agent for ever."""
+    if os.getpid() != 1:
+        print("dcp-init must run as PID 1", file=sys.stderr)
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, lambda *_: power_off())
+    try:
+        mount_all()
+        with open("/proc/cmdline") as f:
+            settings = parse_cmdline(f.read())
+        load_modules()
+        set_hostname(settings.instance)
+        configure_network(settings)
+        if settings.ssh:
+            start_ssh()
+        log(f"ready instance={settings.instance}")
+        supervise(settings)
+    except BaseException as exc:  # PID 1 must never return: report and power off.
+        log(f"fatal: {exc!r}")
+        power_off()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,784 @@
+"""Compute instances as libvirt domains (VMs booted from a DCP guest image).
+
+Pure parts first (URI classification, names, addresses, MACs, the domain and
+volume XML), then the adapter `LibvirtProvider`, which runs every blocking
+libvirt-python call on a worker thread under `asyncio.timeout`.
+
+One provider owns: a transient `dir` storage pool for the per-instance qcow2
+overlays (created through libvirt, so it works against remote hosts too),
+optionally the lab bridge (local hosts only), and the domains named
+`<prefix><instance>`. `close()` releases all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+from net import bridge
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=:-]{1,512}$")
+BOOT_MARKER = "Linux version"
+
+
+# ---- errors ------------------------------------------------------------------------
+
+
+try:
+    # Inside the OSS's error tree when issue 3's oss.errors is present, so the pool
+    # manager's `except OssError` / `except* ProviderError` handle provider failures.
+    from oss.errors import ProviderError as _OssProviderError
+except ImportError:  # pragma: no cover - a checkout without issue 3
+    _OssProviderError = None  # type: ignore[assignment,misc]
+
+
+class ProviderError(_OssProviderError or Exception):  # type: ignore[misc]
+    """The libvirt provider failed."""
+
+    def __init__(self, message: str, instance: str | None = None) -> None:
+        if _OssProviderError is not None:
+            super().__init__(message, instance=instance)
+        else:
+            super().__init__(message)
+        self.text = message
+        self.instance = instance
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class BadUri(ProviderError):
+    """The libvirt URI is not a qemu URI this provider can use."""
+
+
+class Unreachable(ProviderError):
+    """The libvirt daemon could not be reached."""
+
+
+class ImageMissing(ProviderError):
+    """A file of the guest image does not exist."""
+
+
+class BadInstance(ProviderError):
+    """The instance request is invalid (name, size, token)."""
+
+
+class BootFailed(ProviderError):
+    """The domain did not start, or stopped while booting."""
+
+
+class NoAddress(ProviderError):
+    """The lab subnet has no free address left."""
+
+
+class LibvirtTimeout(ProviderError):
+    """A libvirt call did not answer in time."""
+
+
+# ---- pure parts --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UriInfo:
+    """What a libvirt URI says about where the VMs run."""
+
+    uri: str
+    driver: str
+    transport: str | None
+    host: str | None
+    path: str
+
+    @property
+    def remote(self) -> bool:
+        """True when the domains run on another machine (files must exist there)."""
+        return self.host not in (None, "", "localhost", "127.0.0.1", "::1") or self.transport in (
+            "ssh",
+            "libssh",
+            "libssh2",
+        )
+
+
+def parse_uri(uri: str) -> UriInfo:
+    """Classify `qemu:///system`, `qemu+ssh://host/system`, `qemu+tcp://h:p/system`, ..."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme
+    if not scheme:
+        raise BadUri(f"libvirt URI {uri!r} has no scheme (expected e.g. qemu:///system)")
+    driver, _, transport = scheme.partition("+")
+    if driver != "qemu":
+        raise BadUri(f"libvirt URI {uri!r}: only the qemu driver is supported, not {driver!r}")
+    if transport not in ("", "unix", "ssh", "libssh", "libssh2", "tcp", "tls"):
+        raise BadUri(f"libvirt URI {uri!r}: unknown transport {transport!r}")
+    if parts.path not in ("/system", "/session"):
+        raise BadUri(f"libvirt URI {uri!r}: path must be /system or /session")
+    if transport in ("ssh", "libssh", "libssh2", "tcp", "tls") and not parts.hostname:
+        raise BadUri(f"libvirt URI {uri!r}: transport {transport} needs a host")
+    return UriInfo(uri, driver, transport or None, parts.hostname, parts.path)
+
+
+def check_name(name: str) -> None:
+    """Instance names: letters, digits, '_', '.', '-'; at most 63 characters."""
+    if not NAME_RE.match(name):
+        raise BadInstance(f"bad instance name {name!r} (A-Z a-z 0-9 _ . -, at most 63)", name)
+
+
+def mac_for(name: str, taken: Iterable[str] = ()) -> str:
+    """A stable locally administered MAC (qemu's 52:54:00 prefix) distinct from `taken`."""
+    used = set(taken)
+    for salt in range(1000):
+        digest = hashlib.sha256(f"{name}/{salt}".encode()).digest()
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+        if mac not in used:
+            return mac
+    raise BadInstance(f"no free MAC address for {name}", name)
+
+
+@dataclass
+class AddressBook:
+    """Static guest addresses on the lab subnet: .1 is the gateway, guests from `first`."""
+
+    subnet: ipaddress.IPv4Network
+    first: int = 10
+    leases: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Interface:
+        """The bridge's (host side) address."""
+        return ipaddress.IPv4Interface(f"{self.subnet[1]}/{self.subnet.prefixlen}")
+
+    def lease(self, name: str) -> ipaddress.IPv4Interface:
+        """The address for `name` (the same one while leased)."""
+        if name not in self.leases:
+            used = set(self.leases.values())
+            hosts = list(self.subnet.hosts())[self.first - 1 :]
+            free = next((a for a in hosts if a not in used), None)
+            if free is None:
+                raise NoAddress(f"no free address in {self.subnet}", name)
+            self.leases[name] = free
+        return ipaddress.IPv4Interface(f"{self.leases[name]}/{self.subnet.prefixlen}")
+
+    def release(self, name: str) -> None:
+        """Give the address back."""
+        self.leases.pop(name, None)
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """The files of a guest image as seen by the libvirt host."""
+
+    base: Path
+    kernel: Path
+    initrd: Path | None = None
+
+    @staticmethod
+    def from_dir(directory: Path) -> GuestImage:
+        """The image `dcp-image build --out DIR` wrote."""
+        initrd = directory / "initrd.img"
+        return GuestImage(
+            directory / "base.qcow2", directory / "vmlinuz", initrd if initrd.exists() else None
+        )
+
+    def files(self) -> list[Path]:
+        """Every file the domain needs."""
+        return [self.base, self.kernel] + ([self.initrd] if self.initrd else [])
+
+
+def kernel_cmdline(
+    name: str,
+    token: str | None,
+    oss_url: str | None,
+    address: ipaddress.IPv4Interface,
+    gateway: ipaddress.IPv4Address,
+    listen_port: int,
+    extra: str = "",
+    quiet: bool = True,
+) -> str:
+    """The guest's command line (CONTRACTS.md: dcp.oss, dcp.instance, dcp.token, ...)."""
+    if token is not None and not TOKEN_RE.match(token):
+        raise BadInstance("the token has characters a kernel command line cannot carry", name)
+    if oss_url is not None and (not oss_url or any(c.isspace() for c in oss_url)):
+        raise BadInstance(f"bad OSS URL {oss_url!r}", name)
+    words = ["console=ttyS0", "panic=-1", "root=/dev/vda", "rw"]
+    if quiet:
+        words.append("quiet")
+    if oss_url:
+        words.append(f"dcp.oss={oss_url}")
+    words.append(f"dcp.instance={name}")
+    if token:
+        words.append(f"dcp.token={token}")
+    words += [f"dcp.ip={address}", f"dcp.gw={gateway}", f"dcp.listen=0.0.0.0:{listen_port}"]
+    if extra:
+        words.append(extra)
+    return " ".join(words)
+
+
+class DomainType(enum.Enum):
+    """How qemu runs the guest."""
+
+    KVM = "kvm"
+    QEMU = "qemu"  # TCG: slow, always works
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything one domain's XML says."""
+
+    name: str
+    domain_type: DomainType
+    cpus: int
+    memory_mb: int
+    image: GuestImage
+    disk: Path | None
+    cmdline: str
+    mac: str
+    bridge: str | None
+    serial_log: Path
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    """Transient domain XML: direct kernel boot, virtio disk and NIC, serial to a file.
+
+    No <graphics> (type='none' is rejected) and <acpi/> (without it poweroff only halts).
+    """
+    dom = ET.Element("domain", type=spec.domain_type.value)
+    ET.SubElement(dom, "name").text = spec.name
+    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
+    ET.SubElement(dom, "vcpu").text = str(spec.cpus)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
+    ET.SubElement(os_el, "kernel").text = str(spec.image.kernel)
+    if spec.image.initrd is not None:
+        ET.SubElement(os_el, "initrd").text = str(spec.image.initrd)
+    ET.SubElement(os_el, "cmdline").text = spec.cmdline
+    feats = ET.SubElement(dom, "features")
+    ET.SubElement(feats, "acpi")
+    if spec.domain_type is DomainType.KVM:
+        ET.SubElement(dom, "cpu", mode="host-passthrough")
+    else:
+        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact")
+        ET.SubElement(cpu, "model", fallback="allow").text = "qemu64"
+    ET.SubElement(dom, "clock", offset="utc")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        # A guest that powers off, panics (panic=-1 reboots) or crashes goes away.
+        ET.SubElement(dom, event).text = "destroy"
+    dev = ET.SubElement(dom, "devices")
+    if spec.disk is not None:
+        disk = ET.SubElement(dev, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+        ET.SubElement(disk, "source", file=str(spec.disk))
+        ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    if spec.bridge is not None:
+        nic = ET.SubElement(dev, "interface", type="bridge")
+        ET.SubElement(nic, "source", bridge=spec.bridge)
+        ET.SubElement(nic, "mac", address=spec.mac)
+        ET.SubElement(nic, "model", type="virtio")
+    serial = ET.SubElement(dev, "serial", type="file")
+    ET.SubElement(serial, "source", path=str(spec.serial_log))
+    ET.SubElement(serial, "target", port="0")
+    video = ET.SubElement(dev, "video")
+    ET.SubElement(video, "model", type="none")
+    ET.SubElement(dev, "memballoon", model="none")
+    return ET.tostring(dom, encoding="unicode")
+
+
+def pool_xml(name: str, path: Path) -> str:
+    """A transient directory storage pool for the overlays."""
+    pool = ET.Element("pool", type="dir")
+    ET.SubElement(pool, "name").text = name
+    target = ET.SubElement(pool, "target")
+    ET.SubElement(target, "path").text = str(path)
+    return ET.tostring(pool, encoding="unicode")
+
+
+def overlay_xml(name: str, base: Path, capacity_bytes: int) -> str:
+    """A qcow2 volume backed by the (read-only) base image."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(capacity_bytes)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type="qcow2")
+    backing = ET.SubElement(vol, "backingStore")
+    ET.SubElement(backing, "path").text = str(base)
+    ET.SubElement(backing, "format", type="qcow2")
+    return ET.tostring(vol, encoding="unicode")
+
+
+# ---- configuration -----------------------------------------------------------------
+
+
+class InstanceTypeLike(Protocol):
+    """The part of `oss.pool.InstanceType` the provider reads."""
+
+    @property
+    def cpus(self) -> int: ...
+
+    @property
+    def memory_mb(self) -> int: ...
+
+
+class CredentialsLike(Protocol):
+    """The part of `oss.pool.Credentials` the provider reads."""
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def oss_url(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    """Configuration of one libvirt provider (one libvirt host)."""
+
+    uri: str
+    image: GuestImage
+    state_dir: Path  # on the libvirt host: staged image, overlays, serial logs
+    subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.231.5.0/24")
+    bridge: str | None = "dcpbr0"
+    manage_bridge: bool = True  # create (and later delete) the bridge; local hosts only
+    bridge_netns: str | None = None  # the namespace the libvirt daemon (and bridge) lives in
+    prefix: str = "dcp-"
+    domain_type: str = "auto"  # auto | kvm | qemu
+    probe_timeout: float = 10.0
+    call_timeout: float = 30.0
+    boot_marker: str = "dcp-initramfs:"  # first console line of a booting DCP guest
+    boot_timeout: float = 60.0  # no boot_marker on the console by then: BootFailed
+    listen_port: int = 7070
+    extra_cmdline: str = ""
+    max_memory_mb: int = 4096
+    max_cpus: int = 2
+
+    def __post_init__(self) -> None:
+        parse_uri(self.uri)
+        if self.domain_type not in ("auto", "kvm", "qemu"):
+            raise BadInstance(f"domain_type must be auto, kvm or qemu, not {self.domain_type!r}")
+        if self.bridge is not None:
+            bridge.check_ifname(self.bridge)
+
+
+@dataclass
+class Instance:
+    """One VM the provider started."""
+
+    name: str
+    domain: str
+    address: ipaddress.IPv4Interface
+    mac: str
+    volume: str
+    serial_log: Path
+    started_at: float
+
+
+class DomainState(enum.Enum):
+    """What libvirt says about an instance's domain."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+    GONE = "gone"
+
+
+# ---- adapter -----------------------------------------------------------------------
+
+
+class LibvirtProvider:
+    """Boots DCP guests as transient libvirt domains (implements oss.pool.Provider)."""
+
+    def __init__(self, config: LibvirtConfig) -> None:
+        self.config = config
+        self.uri = parse_uri(config.uri)
+        self.addresses = AddressBook(config.subnet)
+        self.instances: dict[str, Instance] = {}
+        self.domain_type: DomainType | None = None
+        self._conn: Any = None
+        self._pool: Any = None
+        self._image: GuestImage | None = None
+        self._made_bridge = False
+        self._lock = asyncio.Lock()
+
+    # -- plumbing --
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking libvirt call on a thread, bounded by the call timeout."""
+        import libvirt
+
+        try:
+            async with asyncio.timeout(self.config.call_timeout):
+                return await asyncio.to_thread(fn, *args)
+        except TimeoutError as exc:
+            raise LibvirtTimeout(
+                f"libvirt {what} did not answer within {self.config.call_timeout:.0f} s"
+            ) from exc
+        except libvirt.libvirtError as exc:
+            raise ProviderError(f"libvirt {what}: {exc.get_error_message()}") from exc
+
+    @property
+    def conn(self) -> Any:
+        """The open libvirt connection."""
+        if self._conn is None:
+            raise ProviderError("the provider is not open (call open() first)")
+        return self._conn
+
+    # -- lifecycle --
+
+    async def open(self) -> None:
+        """Connect, stage the image, create the overlay pool and bridge, pick KVM or TCG."""
+        import libvirt
+
+        for f in self.config.image.files():
+            if not self.uri.remote and not f.is_file():
+                raise ImageMissing(f"guest image file {f} does not exist (run dcp-image build)")
+        libvirt.registerErrorHandler(_quiet_libvirt_errors, None)
+        try:
+            self._conn = await self._call("connect", libvirt.open, self.config.uri)
+        except ProviderError as exc:
+            raise Unreachable(f"cannot reach libvirt at {self.config.uri}: {exc}") from exc
+        try:
+            self._image = await asyncio.to_thread(self._stage_image)
+            await self._open_pool()
+            if self.config.bridge is not None and self.config.manage_bridge:
+                if self.uri.remote:
+                    raise ProviderError("manage_bridge works on the local host only")
+                spec = bridge.BridgeSpec(self.config.bridge, self.addresses.gateway)
+                self._made_bridge = await self._net(
+                    bridge.create_bridge, spec, self.config.bridge_netns
+                )
+            self.domain_type = await self._detect_domain_type()
+            log.info(
+                "libvirt provider on %s: domain type %s", self.config.uri, self.domain_type.value
+            )
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aenter__(self) -> LibvirtProvider:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Destroy every instance of this provider, the pool and the bridge it made."""
+        for name in list(self.instances):
+            with contextlib.suppress(ProviderError):
+                await self.destroy(name)
+        if self._pool is not None:
+            with contextlib.suppress(ProviderError):
+                await self._call("pool destroy", self._pool.destroy)
+            self._pool = None
+        if self._made_bridge and self.config.bridge is not None:
+            await self._net(bridge.delete_link, self.config.bridge, self.config.bridge_netns)
+            self._made_bridge = False
+        if self._conn is not None:
+            with contextlib.suppress(ProviderError):
+                await self._call("close", self._conn.close)
+            self._conn = None
+
+    async def _net(self, fn: Callable[..., T], *args: Any) -> T:
+        async with asyncio.timeout(self.config.call_timeout):
+            return await asyncio.to_thread(fn, *args)
+
+    def _stage_image(self) -> GuestImage:
+        """Local hosts: link the image into state_dir, which qemu's user can traverse."""
+        if self.uri.remote:
+            return self.config.image
+        img_dir = self.config.state_dir / "image"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.config.state_dir, img_dir):
+            d.chmod(0o755)
+        staged: dict[str, Path] = {}
+        for f in self.config.image.files():
+            dst = img_dir / f.name
+            if not dst.exists() or dst.stat().st_ino != f.stat().st_ino:
+                dst.unlink(missing_ok=True)
+                try:
+                    os.link(f, dst)
+                except OSError:
+                    shutil.copyfile(f, dst)
+            staged[str(f)] = dst
+        img = self.config.image
+        return GuestImage(
+            staged[str(img.base)],
+            staged[str(img.kernel)],
+            staged[str(img.initrd)] if img.initrd else None,
+        )
+
+    async def _open_pool(self) -> None:
+        import libvirt
+
+        path = self.config.state_dir / "overlays"
+        name = f"{self.config.prefix}overlays-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        if not self.uri.remote:
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o755)
+            (self.config.state_dir / "serial").mkdir(exist_ok=True)
+            (self.config.state_dir / "serial").chmod(0o755)
+        try:
+            old = await self._call("pool lookup", self.conn.storagePoolLookupByName, name)
+            with contextlib.suppress(ProviderError):
+                await self._call("pool destroy", old.destroy)
+        except ProviderError:
+            pass
+        self._pool = await self._call(
+            "pool create",
+            self.conn.storagePoolCreateXML,
+            pool_xml(name, path),
+            libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD,
+        )
+
+    async def _detect_domain_type(self) -> DomainType:
+        """KVM only if a KVM guest really prints its first kernel line in time."""
+        wanted = self.config.domain_type
+        if wanted != "auto":
+            return DomainType(wanted)
+        if not self.uri.remote and not Path("/dev/kvm").exists():
+            return DomainType.QEMU
+        ok = await self._probe(DomainType.KVM)
+        if not ok:
+            log.warning(
+                "KVM guest showed no kernel output in %.0f s: using TCG", self.config.probe_timeout
+            )
+        return DomainType.KVM if ok else DomainType.QEMU
+
+    async def _probe(self, dtype: DomainType) -> bool:
+        assert self._image is not None
+        name = f"{self.config.prefix}probe-{os.getpid()}"
+        serial = self.config.state_dir / "serial" / f"{name}.log"
+        serial.unlink(missing_ok=True)
+        spec = DomainSpec(
+            name=name,
+            domain_type=dtype,
+            cpus=1,
+            memory_mb=256,
+            image=GuestImage(self._image.base, self._image.kernel, None),
+            disk=None,
+            cmdline="console=ttyS0 panic=-1 earlyprintk=serial",
+            mac=mac_for(name),
+            bridge=None,
+            serial_log=serial,
+        )
+        try:
+            dom = await self._call("probe start", self.conn.createXML, domain_xml(spec), 0)
+        except ProviderError as exc:
+            log.warning("KVM probe domain did not start: %s", exc)
+            return False
+        try:
+            deadline = time.monotonic() + self.config.probe_timeout
+            while time.monotonic() < deadline:
+                if BOOT_MARKER in _read_text(serial):
+                    return True
+                await asyncio.sleep(0.2)
+            return False
+        finally:
+            with contextlib.suppress(ProviderError):
+                await self._call("probe destroy", dom.destroy)
+            serial.unlink(missing_ok=True)
+
+    # -- Provider protocol --
+
+    async def create(
+        self, name: str, instance_type: InstanceTypeLike, credentials: CredentialsLike
+    ) -> None:
+        """Boot instance `name`; its agent registers with the OSS when up."""
+        check_name(name)
+        if not 1 <= instance_type.cpus <= self.config.max_cpus:
+            raise BadInstance(f"cpus must be 1..{self.config.max_cpus}", name)
+        if not 128 <= instance_type.memory_mb <= self.config.max_memory_mb:
+            raise BadInstance(f"memory_mb must be 128..{self.config.max_memory_mb}", name)
+        if self._image is None or self.domain_type is None:
+            raise ProviderError("the provider is not open (call open() first)", name)
+        async with self._lock:
+            if name in self.instances:
+                raise BadInstance(f"instance {name} already exists", name)
+            address = self.addresses.lease(name)
+            mac = mac_for(name, (i.mac for i in self.instances.values()))
+            domain = f"{self.config.prefix}{name}"
+            serial = self.config.state_dir / "serial" / f"{name}.log"
+            inst = Instance(name, domain, address, mac, f"{domain}.qcow2", serial, time.monotonic())
+            self.instances[name] = inst
+        try:
+            await self._boot(inst, instance_type, credentials)
+        except BaseException:
+            await self._destroy_domain(inst.domain)
+            await self._release(inst)
+            raise
+
+    async def _boot(self, inst: Instance, itype: InstanceTypeLike, cred: CredentialsLike) -> None:
+        assert self._image is not None and self.domain_type is not None
+        if not self.uri.remote:
+            inst.serial_log.unlink(missing_ok=True)
+        capacity = await self._base_capacity()
+        vol = await self._call(
+            "overlay create",
+            self._pool.createXML,
+            overlay_xml(inst.volume, self._image.base, capacity),
+            0,
+        )
+        disk = Path(await self._call("overlay path", vol.path))
+        cmdline = kernel_cmdline(
+            inst.name,
+            cred.token,
+            cred.oss_url,
+            inst.address,
+            self.addresses.gateway.ip,
+            self.config.listen_port,
+            self.config.extra_cmdline,
+        )
+        spec = DomainSpec(
+            inst.domain,
+            self.domain_type,
+            itype.cpus,
+            itype.memory_mb,
+            self._image,
+            disk,
+            cmdline,
+            inst.mac,
+            self.config.bridge,
+            inst.serial_log,
+        )
+        try:
+            await self._call("domain create", self.conn.createXML, domain_xml(spec), 0)
+        except ProviderError as exc:
+            raise BootFailed(f"instance {inst.name} did not start: {exc}", inst.name) from exc
+        if self.config.boot_marker and not self.uri.remote:
+            # A kernel that does not boot leaves qemu running with a silent console.
+            await self.wait_serial(inst.name, self.config.boot_marker, self.config.boot_timeout)
+        log.info("instance %s booting: %s %s", inst.name, inst.address, inst.mac)
+
+    async def _base_capacity(self) -> int:
+        assert self._image is not None
+        if self.uri.remote:
+            return 8 * 2**30
+        from images.qcow2 import virtual_size
+
+        return await asyncio.to_thread(virtual_size, self._image.base)
+
+    async def destroy(self, name: str) -> None:
+        """Stop instance `name` and delete its overlay (idempotent)."""
+        inst = self.instances.get(name)
+        await self._destroy_domain(inst.domain if inst else f"{self.config.prefix}{name}")
+        if inst is not None:
+            await self._release(inst)
+
+    async def _destroy_domain(self, domain: str) -> None:
+        with contextlib.suppress(ProviderError):  # not found: already gone, fine
+            dom = await self._call("lookup", self.conn.lookupByName, domain)
+            with contextlib.suppress(ProviderError):  # it may power off meanwhile
+                await self._call("destroy", dom.destroy)
+
+    async def _release(self, inst: Instance) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(ProviderError):
+                vol = await self._call(
+                    "overlay lookup", self._pool.storageVolLookupByName, inst.volume
+                )
+                await self._call("overlay delete", vol.delete, 0)
+        self.addresses.release(inst.name)
+        self.instances.pop(inst.name, None)
+
+    async def state(self, name: str) -> DomainState:
+        """Running, stopped, or gone, as libvirt sees the domain now."""
+        import libvirt
+
+        domain = f"{self.config.prefix}{name}"
+        try:
+            dom = await self._call("lookup", self.conn.lookupByName, domain)
+            st, _reason = await self._call("state", dom.state)
+        except ProviderError:
+            return DomainState.GONE
+        return DomainState.RUNNING if st == libvirt.VIR_DOMAIN_RUNNING else DomainState.STOPPED
+
+    async def domains(self) -> list[str]:
+        """Names of this provider's running domains (by prefix)."""
+        ids = await self._call("list", self.conn.listAllDomains, 0)
+        names = [d.name() for d in ids]
+        return [n for n in names if n.startswith(self.config.prefix)]
+
+    def serial_log(self, name: str) -> Path:
+        """Where instance `name`'s serial console goes."""
+        return self.config.state_dir / "serial" / f"{name}.log"
+
+    def address(self, name: str) -> ipaddress.IPv4Address:
+        """Instance `name`'s address on the lab subnet."""
+        return self.instances[name].address.ip
+
+    async def wait_serial(self, name: str, needle: str, timeout: float) -> str:
+        """Wait until the serial log contains `needle`; return the log. BootFailed otherwise."""
+        path = self.serial_log(name)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    text = await asyncio.to_thread(_read_text, path)
+                    if needle in text:
+                        return text
+                    if await self.state(name) is not DomainState.RUNNING:
+                        text = await asyncio.to_thread(_read_text, path)
+                        if needle in text:
+                            return text
+                        raise BootFailed(
+                            f"instance {name} stopped before {needle!r}; log tail: {text[-600:]!r}",
+                            name,
+                        )
+                    await asyncio.sleep(0.25)
+        except TimeoutError as exc:
+            raise BootFailed(
+                f"instance {name}: no {needle!r} on the console in {timeout:.0f} s", name
+            ) from exc
+
+    async def wait_state(
+        self, name: str, want: DomainState | set[DomainState], timeout: float
+    ) -> DomainState:
+        """Poll the domain until its state is in `want`."""
+        wanted = {want} if isinstance(want, DomainState) else want
+        async with asyncio.timeout(timeout):
+            while True:
+                st = await self.state(name)
+                if st in wanted:
+                    return st
+                await asyncio.sleep(0.25)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except (FileNotFoundError, PermissionError):
+        return ""
+
+
+def _quiet_libvirt_errors(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; we raise them instead."""
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> LibvirtConfig:
+    """A config from plain data (a TOML/JSON table), unknown keys rejected."""
+    known = set(LibvirtConfig.__dataclass_fields__)
+    unknown = set(data) - known - {"image_dir"}
+    if unknown:
+        raise BadInstance(f"unknown libvirt provider settings: {', '.join(sorted(unknown))}")
+    values = {k: v for k, v in data.items() if k != "image_dir"}
+    if "image_dir" in data:
+        values["image"] = GuestImage.from_dir(Path(data["image_dir"]))
+    for key in ("state_dir",):
+        if key in values:
+            values[key] = Path(values[key])
+    if "subnet" in values:
+        values["subnet"] = ipaddress.IPv4Network(values["subnet"])
+    return LibvirtConfig(**values)

@@ -1,0 +1,396 @@
+"""Real VMs under TCG: image build, libvirt provider, agents, failure detection, cleanup.
+
+One module-scoped lab (image, private libvirtd in a namespace, bridge, OSS,
+provider) is shared by the tests in file order; the last test closes it and
+checks that nothing it started is left. Serial logs are kept on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vm, pytest.mark.libvirt, pytest.mark.root, pytest.mark.slow]
+
+NEEDED = ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4")
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (libvirtd, namespaces, mmdebstrap)"
+    for tool in NEEDED:
+        if not (shutil.which(tool) or any(Path(d, tool).exists() for d in ("/usr/sbin", "/sbin"))):
+            return f"{tool} is not installed (see .ci/apt-vm.txt)"
+    if not sorted(Path("/boot").glob("vmlinuz-*")):
+        return "no /boot/vmlinuz-* (install linux-image-amd64)"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "libvirt-python is not installed (pip install '.[vm]')"
+    if Path("/run/libvirt/libvirt-sock").exists():
+        import socket as s
+
+        probe = s.socket(s.AF_UNIX)
+        try:
+            probe.connect("/run/libvirt/libvirt-sock")
+            return "a libvirtd is already running on this host (the lab starts its own)"
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    return None
+
+
+_reason = _why_not()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
+from vmlab import LoopThread, make_lab, qemu_pid, remove_tree  # noqa: E402
+
+from images.builder import BuildConfig, Builder, source_checkout  # noqa: E402
+from net import bridge  # noqa: E402
+from oss.providers.libvirt import (  # noqa: E402
+    BootFailed,
+    DomainState,
+    GuestImage,
+    ImageMissing,
+    LibvirtProvider,
+    Unreachable,
+)
+from oss.providers.libvirtd import pid_alive  # noqa: E402
+
+from vmlab import Credentials, InstanceType, Lab  # noqa: E402  isort: skip
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+@pytest.fixture(scope="module")
+def lab(
+    request: pytest.FixtureRequest, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Lab]:
+    """The shared lab; closed by the last test (or here, if a test stopped early)."""
+    failed_before = request.session.testsfailed
+    lab = make_lab(loop, "t")
+    try:
+        lab.cold = lab.build_image(tmp_path_factory.mktemp("image-cache"))
+        lab.image = lab.cold
+        loop.run(lab.start(), timeout=120)
+        yield lab
+    finally:
+        if not lab.closed:
+            loop.run(lab.aclose(), timeout=120)
+        if request.session.testsfailed > failed_before:
+            print(f"\nVM lab failed: serial logs kept in {lab.work}/state/serial", file=sys.stderr)
+        else:
+            remove_tree(lab.work)
+
+
+@pytest.fixture(scope="module")
+def booted(lab: Lab) -> Lab:
+    """The lab with vm1 and vm2 booted (once per module)."""
+    if not lab.booted:
+        lab.loop.run(lab.boot(["vm1", "vm2"]), timeout=240)
+    return lab
+
+
+def serial(lab: Lab, name: str) -> str:
+    assert lab.provider is not None
+    return lab.provider.serial_log(name).read_text(errors="replace")
+
+
+# ---- the image ------------------------------------------------------------------------
+
+
+def test_image_builds_then_rebuild_is_cached(lab: Lab) -> None:
+    cold = lab.cold
+    assert cold is not None and cold.cached is False
+    for f in (cold.base, cold.kernel, cold.initrd, cold.box):
+        assert f.is_file() and f.stat().st_size > 0
+    packages = cold.manifest["packages"]
+    assert isinstance(packages, dict)
+    for pkg in ("python3", "criu", "iproute2", "procps", "kmod"):
+        assert pkg in packages, pkg
+    assert cold.manifest["modules"][0] == "virtio_pci"  # type: ignore[index]
+    cache = cold.directory.parent
+    again = Builder(BuildConfig(source_dir=source_checkout(), cache_dir=cache)).build()
+    assert again.cached is True
+    assert again.manifest["content_sha256"] == cold.manifest["content_sha256"]
+    assert again.directory == cold.directory
+
+
+# ---- two instances --------------------------------------------------------------------
+
+
+def test_two_instances_boot_and_start_the_agent(booted: Lab) -> None:
+    lab = booted
+    assert lab.provider is not None
+    domains = lab.loop.run(lab.provider.domains())
+    assert {"dcp-vm1", "dcp-vm2"} <= set(domains)
+    macs = {lab.provider.instances[n].mac for n in ("vm1", "vm2")}
+    assert len(macs) == 2
+    for n in ("vm1", "vm2"):
+        log = serial(lab, n)
+        assert f"dcp-init: ready instance={n}" in log
+        expected = (
+            f"/usr/bin/python3 -m vmagent --oss {lab.oss_url} --instance {n} "
+            f"--token {lab.token_digest(n)} --listen 0.0.0.0:7070"
+        )
+        assert f"dcp-init: starting agent: {expected}" in log, log[-2000:]
+        assert f"dcp-init: network eth0 {lab.provider.address(n)}/24" in log
+
+
+def test_guests_answer_tcp_from_the_lab_namespace(booted: Lab) -> None:
+    lab = booted
+    assert lab.provider is not None
+
+    async def banner(name: str) -> bytes:
+        addr = str(lab.provider.address(name))  # type: ignore[union-attr]
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    s = await asyncio.to_thread(bridge.connect, lab.netns, addr, 22, 3.0)
+                except OSError:
+                    await asyncio.sleep(0.5)
+                    continue
+                with s:
+                    s.settimeout(10)
+                    return await asyncio.to_thread(s.recv, 64)
+
+    for n in ("vm1", "vm2"):
+        assert lab.loop.run(banner(n)).startswith(b"SSH-2.0-")
+    # The host namespace has no route into the lab: the guests are only reachable inside it.
+    assert not bridge.link_exists(lab.bridge_name)
+
+
+def test_agents_register_with_the_oss(booted: Lab) -> None:
+    lab = booted
+    if lab.oss is None:
+        pytest.skip(f"registration not shown: {lab.oss_missing}")
+
+    async def registered(name: str) -> dict[str, object]:
+        async with asyncio.timeout(120):
+            while True:
+                row = await lab.oss.instance(name)  # type: ignore[union-attr]
+                if row and row.get("state") == "ready":
+                    return row
+                await asyncio.sleep(0.5)
+
+    for n in ("vm1", "vm2"):
+        row = lab.loop.run(registered(n), timeout=150)
+        assert row["hostname"] == n
+        assert str(row["address"]).startswith(str(lab.provider.address(n)))  # type: ignore[union-attr]
+
+
+def test_programs_run_in_each_vm_through_its_agent(booted: Lab) -> None:
+    """A deputy on the host (in the lab namespace) runs a program in each guest.
+
+    This is the exec path dcptrace's remote placement uses; `dcptrace --oss URL`
+    itself needs OSS-minted tickets (not wired yet), so the test mints them from
+    the instance tokens it holds.
+    """
+    lab = booted
+    if lab.oss is None:
+        pytest.skip(f"no agent in the guests: {lab.oss_missing}")
+    import subprocess
+
+    from vmagent import remote, tickets
+
+    assert lab.provider is not None
+    for n in ("vm1", "vm2"):
+        argv = remote.deputy_argv(
+            f"{lab.provider.address(n)}:7070",
+            n,
+            tickets.mint(lab.tokens[n], n),
+            b"/bin/sh",
+            (b"sh", b"-c", b"hostname; echo to-stderr >&2; exit 3"),
+        )
+        res = subprocess.run(
+            ["ip", "netns", "exec", lab.netns, *map(bytes.decode, argv)],
+            capture_output=True,
+            timeout=120,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+        )
+        assert res.stdout.decode().strip() == n, res.stderr.decode()
+        assert b"to-stderr" in res.stderr
+        assert res.returncode == 3
+
+
+# ---- failure detection ----------------------------------------------------------------
+
+
+def test_destroyed_vm_is_detected(booted: Lab) -> None:
+    """Kill vm2's domain behind the provider's back (a crash) and watch it be noticed."""
+    lab = booted
+    assert lab.provider is not None
+    prov = lab.provider
+
+    async def crash() -> None:
+        dom = await asyncio.to_thread(prov.conn.lookupByName, "dcp-vm2")
+        await asyncio.to_thread(dom.destroy)
+
+    lab.loop.run(crash())
+    state = lab.loop.run(prov.wait_state("vm2", DomainState.GONE, 30))
+    assert state is DomainState.GONE
+    assert not pid_alive(lab.qemu_pids["vm2"]) if lab.qemu_pids.get("vm2") else True
+    if lab.oss is None:
+        pytest.skip(f"heartbeat detection not shown (libvirt state only): {lab.oss_missing}")
+
+    async def failed() -> dict[str, object]:
+        async with asyncio.timeout(lab.heartbeat_timeout + 30):
+            while True:
+                row = await lab.oss.instance("vm2")  # type: ignore[union-attr]
+                if row and row.get("state") == "failed":
+                    return row
+                await asyncio.sleep(0.5)
+
+    row = lab.loop.run(failed())
+    assert row["state"] == "failed"
+    vm1 = lab.loop.run(lab.oss.instance("vm1"))
+    assert vm1 is not None and vm1["state"] == "ready"  # the other one keeps beating
+
+
+def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
+    """The OSS's pool manager keeps one instance booted via LibvirtProvider.create."""
+    lab = booted
+    if lab.oss is None:
+        pytest.skip(f"no OSS pool manager: {lab.oss_missing}")
+    store = lab.oss.oss.store
+    if not (hasattr(store, "put_pool") and hasattr(store, "put_instance_type")):
+        pytest.skip("this OSS has no pools API (store.put_pool)")
+    import subprocess
+
+    from oss.pool import InstanceType as OssInstanceType
+    from vmagent import remote, tickets
+
+    assert lab.provider is not None
+    prov = lab.provider
+
+    async def fill() -> str:
+        await store.put_instance_type(OssInstanceType("tcg", 1, 512, 1))
+        await store.put_pool("warm", "tcg", 1, 1, "libvirt")
+        async with asyncio.timeout(180):
+            while True:
+                for name in list(prov.instances):
+                    if name.startswith("warm-"):
+                        row = await lab.oss.instance(name)  # type: ignore[union-attr]
+                        if row and row.get("state") == "ready":
+                            return name
+                await asyncio.sleep(0.5)
+
+    name = lab.loop.run(fill(), timeout=240)
+    assert lab.loop.run(prov.state(name)) is DomainState.RUNNING
+    # The warm instance takes a program at once.
+    argv = remote.deputy_argv(
+        f"{prov.address(name)}:7070",
+        name,
+        tickets.mint(lab.tokens[name], name),
+        b"/bin/hostname",
+        (b"hostname",),
+    )
+    res = subprocess.run(
+        ["ip", "netns", "exec", lab.netns, *map(bytes.decode, argv)],
+        capture_output=True,
+        timeout=60,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.stdout.decode().strip() == name, res.stderr.decode()
+
+    async def shrink() -> None:
+        await store.put_pool("warm", "tcg", 0, 1, "libvirt")
+        await prov.wait_state(name, DomainState.GONE, 120)
+        async with asyncio.timeout(30):  # destroy() then deletes the overlay and forgets it
+            while name in prov.instances:
+                await asyncio.sleep(0.2)
+
+    lab.loop.run(shrink(), timeout=150)
+    assert name not in prov.instances
+    overlays = prov.config.state_dir / "overlays"
+    assert not (overlays / f"dcp-{name}.qcow2").exists()
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+
+def test_missing_image_is_a_clear_error(lab: Lab) -> None:
+    cfg = lab.provider_config(
+        lab.work / "state-missing",
+        image=GuestImage.from_dir(lab.work / "no-such-image"),
+        bridge=None,
+        domain_type="qemu",
+    )
+    with pytest.raises(ImageMissing, match="no-such-image/base.qcow2 does not exist"):
+        lab.loop.run(LibvirtProvider(cfg).open(), timeout=30)
+
+
+def test_kernel_that_does_not_boot_is_a_clear_error(lab: Lab) -> None:
+    assert lab.image is not None
+    bad = lab.work / "bad-image"
+    bad.mkdir()
+    os.link(lab.image.base, bad / "base.qcow2")
+    (bad / "vmlinuz").write_bytes(b"this is not a kernel\n" * 4096)
+    cfg = lab.provider_config(
+        lab.work / "state-bad",
+        image=GuestImage(bad / "base.qcow2", bad / "vmlinuz"),
+        manage_bridge=False,
+        domain_type="qemu",
+        call_timeout=30.0,
+        boot_timeout=20.0,
+    )
+
+    async def attempt() -> tuple[str, list[str]]:
+        async with LibvirtProvider(cfg) as prov:
+            try:
+                await prov.create("badkernel", InstanceType(), Credentials("badkernel", "t", None))
+            except BootFailed as exc:
+                return str(exc), await prov.domains()
+        raise AssertionError("a garbage kernel booted")
+
+    message, domains = lab.loop.run(attempt(), timeout=120)
+    assert "badkernel" in message and "dcp-initramfs:" in message
+    assert "dcp-badkernel" not in domains  # the failed domain was destroyed
+
+
+def test_unreachable_libvirt_uri_is_a_clear_error(lab: Lab) -> None:
+    # Port 1 on loopback: nothing listens, the connection is refused at once.
+    cfg = lab.provider_config(
+        lab.work / "state-unreachable",
+        uri="qemu+tcp://127.0.0.1:1/system",
+        bridge=None,
+        domain_type="qemu",
+        call_timeout=20.0,
+    )
+    with pytest.raises(
+        Unreachable, match="cannot reach libvirt at qemu\\+tcp://127.0.0.1:1/system"
+    ):
+        lab.loop.run(LibvirtProvider(cfg).open(), timeout=60)
+
+
+# ---- cleanup (runs last) --------------------------------------------------------------
+
+
+def test_everything_started_is_gone_afterwards(lab: Lab) -> None:
+    assert lab.provider is not None
+    overlays = lab.provider.config.state_dir / "overlays"
+    qemu = dict(lab.qemu_pids)
+    left = lab.loop.run(lab.aclose(), timeout=120)
+    assert left == []  # no domain of ours listed by libvirt just before it stopped
+    for name, pid in qemu.items():
+        assert pid == 0 or not pid_alive(pid), f"qemu of {name} (pid {pid}) still alive"
+        assert qemu_pid(f"dcp-{name}") == 0
+    assert lab.daemon_pids and not any(pid_alive(p) for p in lab.daemon_pids.values())
+    assert not bridge.netns_exists(lab.netns)  # and with it the bridge and the taps
+    assert not bridge.link_exists(lab.bridge_name)
+    assert not [p for p in overlays.glob("*") if p.suffix == ".qcow2"]
