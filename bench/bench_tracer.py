@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("strace") is None:
         sys.exit("bench_tracer: strace is not installed (apt-get install strace)")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # dcptrace records each run in the local OSS state: keep it out of $HOME.
+    data = tempfile.mkdtemp(prefix="dcp-bench-data-")
+    env = dict(os.environ, PYTHONPATH=str(REPO), DCP_DATA=data)
     cols = columns()
     work = dict(WORKLOADS)
     if args.quick:

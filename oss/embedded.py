@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 
 from oss.pathmap import PathMap
 from tracer.coordinator import (
@@ -41,10 +42,16 @@ def _readlink(path: bytes) -> bytes | None:
 class EmbeddedCoordinator:
     """Serves intercepted calls on this machine: path mapping, process records."""
 
-    def __init__(self, table: SyscallTable, pathmap: PathMap | None = None) -> None:
+    def __init__(
+        self,
+        table: SyscallTable,
+        pathmap: PathMap | None = None,
+        listener: Callable[[ProcessEvent], None] | None = None,
+    ) -> None:
         self.table = table
         self.pathmap = pathmap or PathMap({})
         self.events: list[ProcessEvent] = []
+        self._listener = listener
 
     def interception(self) -> frozenset[str]:
         """Path-taking calls (and getcwd) when paths are mapped; nothing otherwise."""
@@ -117,8 +124,10 @@ class EmbeddedCoordinator:
         return _readlink(real or path)
 
     def on_process(self, event: ProcessEvent) -> None:
-        """Keep the lifecycle events (the record reads them)."""
+        """Keep the lifecycle events and pass them to the local state."""
         self.events.append(event)
+        if self._listener is not None:
+            self._listener(event)
 
     def instance_of(self, pid: int) -> str:
         """Everything runs on this machine."""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,8 +35,15 @@ def dcptrace_argv(*options: str) -> list[str]:
     return [sys.executable, "-m", "tracer.cli", *options]
 
 
+# Runs under test record their local OSS state here, never in the user's home
+# (set for the whole test process, so every subprocess inherits it).
+DATA_DIR = tempfile.mkdtemp(prefix="dcp-test-data-")
+os.environ["DCP_DATA"] = DATA_DIR
+
+
 def traced_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env["DCP_DATA"] = DATA_DIR
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env

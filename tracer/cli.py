@@ -8,11 +8,13 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import click
 
 from oss.embedded import EmbeddedCoordinator
+from oss.local import LocalOss, default_data_dir
 from oss.pathmap import PathMap, PathMapError, parse_mapping
 from tracer.coordinator import Coordinator
 from tracer.errors import SpawnError, TracerError, UsageError
@@ -104,6 +106,13 @@ def _open_output(path: str, flag: str) -> TextIO:
     help="Where new programs run (default spread).",
 )
 @click.option("--oss", "oss_url", metavar="URL", help="Use a running dcp-oss coordinator.")
+@click.option(
+    "--data",
+    "data_dir",
+    metavar="DIR",
+    help="Local OSS state (default $DCP_DATA or ~/.local/share/dcp).",
+)
+@click.option("--no-state", is_flag=True, help="Do not record this run in the local OSS state.")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr.")
 @click.argument("program", nargs=-1, required=True, type=click.UNPROCESSED)
 def command(
@@ -116,6 +125,8 @@ def command(
     instances: int | None,
     placement: str | None,
     oss_url: str | None,
+    data_dir: str | None,
+    no_state: bool,
     verbose: int,
     program: tuple[str, ...],
 ) -> int:
@@ -147,16 +158,31 @@ def command(
     trace_file = _open_output(output, "--output") if trace and output else None
     record_file = _open_output(record_path, "--record") if record_path else None
 
+    state_dir = Path(data_dir) if data_dir else default_data_dir()
+
     def tracer_main(link: TracerLink) -> int:
         trace_out: TextIO | None = None
         if trace:
             trace_out = trace_file or sys.stderr
-        inner = EmbeddedCoordinator(table, pathmap)
+        local = None if no_state else LocalOss(state_dir, program, os.getcwd())
+
+        def report(line: str) -> None:
+            link.send(line)
+            if local is None:
+                return
+            kind, _, value = line.partition(" ")
+            if kind == "pid":
+                local.start()  # the program runs: record it off the tracer's path
+            elif kind in ("exit", "signal"):
+                n = int(value)
+                local.finish(n if kind == "exit" else None, n if kind == "signal" else None)
+
+        inner = EmbeddedCoordinator(table, pathmap, local.event if local else None)
         try:
             with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,
-                    report=link.send, dispositions=dispositions,
+                    report=report, dispositions=dispositions,
                 )  # fmt: skip
                 outcome = runner.run()
                 if outcome.error:
@@ -173,6 +199,8 @@ def command(
             click.echo(f"dcptrace: {exc}", err=True)
             return 125
         finally:
+            if local is not None:
+                local.close(timeout=30)
             if trace_out is not None:
                 trace_out.flush()
                 if trace_out is not sys.stderr:
