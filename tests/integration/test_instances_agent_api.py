@@ -1,19 +1,19 @@
-"""The agent's HTTP side and its OSS link (register, heartbeat, re-register after restarts).
+"""The agent's HTTP side, and its OSS link against the real dcp-oss.
 
-The OSS here is a small aiohttp server on loopback implementing the agent<->OSS
-contract of CONTRACTS.md (the real dcp-oss lives on another branch); the agent
-is the real `python -m vmagent` process.
+The OSS is `python -m oss serve` over a fresh data directory (a real aiohttp
+server and SQLite, on loopback); the instance token comes from
+`python -m oss instance-token`, as CONTRACTS.md specifies.  The agent is the
+real `python -m vmagent` process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,65 +22,60 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "inst-token-123"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+TOKEN = "inst-token-123"  # for agents without an OSS
 
 
-class ContractOss:
-    """register/heartbeat per CONTRACTS.md, on a fixed loopback port, restartable."""
+def oss_cli(*args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, "-m", "oss", *args], capture_output=True, env=ENV, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.decode().strip()
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.registrations: list[dict[str, Any]] = []
-        self.heartbeats: list[dict[str, Any]] = []
-        self.accept = True
-        self.runner: web.AppRunner | None = None
-        self.port = 0
 
-    def _auth(self, request: web.Request) -> None:
-        if not self.accept or request.headers.get("Authorization") != f"Bearer {TOKEN}":
-            raise web.HTTPUnauthorized(text="bad token")
+class RealOss:
+    """dcp-oss serve in a subprocess; restartable on the same port and data."""
 
-    async def _register(self, request: web.Request) -> web.Response:
-        self._auth(request)
-        body = await request.json()
-        self.registrations.append(body)
-        return web.json_response({"instance": body["instance"], "heartbeat_interval": 0.1})
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.instance_token = oss_cli("instance-token", "--data", str(data), "n7")
+        self.admin = oss_cli("account", "create", "--data", str(data), "--admin", "ops")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
 
-    async def _heartbeat(self, request: web.Request) -> web.Response:
-        self._auth(request)
-        self.heartbeats.append(await request.json())
-        return web.json_response({"ok": True})
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/agents/register", self._register)
-        app.router.add_post("/v1/agents/heartbeat", self._heartbeat)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def _stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-    def start(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+    def start(self, port: int = 0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "oss", "serve", "--data", str(self.data),
+             "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", "0.2", "--tick", "0.2"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        found = re.search(r"http://[0-9.]+:\d+", line)
+        assert found, f"dcp-oss did not start: {line!r}"
+        self.url = found.group(0)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
 
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+    @property
+    def port(self) -> int:
+        return int(self.url.rpartition(":")[2])
+
+    def instance(self, name: str) -> dict[str, Any] | None:
+        status, body = get(f"{self.url}/v1/instances", self.admin)
+        assert status == 200, body
+        return next((i for i in body if i["name"] == name), None)
 
 
 def wait_for(cond: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
@@ -92,32 +87,21 @@ def wait_for(cond: Callable[[], bool], what: str, seconds: float = 20.0) -> None
 
 
 @pytest.fixture
-def oss() -> Iterator[ContractOss]:
-    server = ContractOss()
+def oss(tmp_path: Path) -> Iterator[RealOss]:
+    server = RealOss(tmp_path / "oss")
     server.start()
     yield server
-    server.close()
+    server.stop()
 
 
-def start_agent(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def start_agent(
+    *extra: str, token: str = TOKEN, name: str = "n7"
+) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vmagent",
-            "--instance",
-            "a1",
-            "--token",
-            TOKEN,
-            "--listen",
-            "127.0.0.1:0",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
+        [sys.executable, "-m", "vmagent", "--instance", name, "--token", token,
+         "--listen", "127.0.0.1:0", "-v", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    )  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     assert line.startswith("listening "), proc.stderr.read() if proc.stderr else line
@@ -144,53 +128,44 @@ def get(url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
         return exc.code, {"text": exc.read().decode()}
 
 
-def test_registers_heartbeats_and_survives_an_oss_restart(oss: ContractOss) -> None:
-    proc, address = start_agent("--oss", f"http://127.0.0.1:{oss.port}")
+def test_registers_heartbeats_and_survives_an_oss_restart(oss: RealOss) -> None:
+    proc, address = start_agent("--oss", oss.url, token=oss.instance_token)
     try:
-        wait_for(lambda: len(oss.heartbeats) >= 3, "three heartbeats")
-        reg = oss.registrations[0]
-        assert reg["instance"] == "a1" and reg["address"] == address
-        assert reg["cpus"] >= 1 and reg["memory_mb"] > 0 and reg["hostname"]
-        seqs = [h["seq"] for h in oss.heartbeats]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-        assert set(oss.heartbeats[0]["load"]) == {
-            "cpu_percent",
-            "memory_used_mb",
-            "runqueue",
-            "processes",
-        }
+        wait_for(lambda: (oss.instance("n7") or {}).get("state") == "ready", "registration")
+        inst = oss.instance("n7")
+        assert inst is not None
+        assert inst["address"] == address and inst["cpus"] >= 1 and inst["memory_mb"] > 0
+        first = inst["last_heartbeat"]
+        wait_for(lambda: (oss.instance("n7") or {})["last_heartbeat"] > first, "heartbeats")
+        port = oss.port
         oss.stop()
-        before = len(oss.registrations)
-        time.sleep(0.5)  # heartbeats fail meanwhile; the agent backs off
-        oss.start()  # same port
-        wait_for(lambda: len(oss.registrations) > before, "re-registration after restart")
-        after = len(oss.heartbeats)
-        wait_for(lambda: len(oss.heartbeats) > after, "heartbeats after restart")
-        assert oss.heartbeats[-1]["seq"] > seqs[-1]  # seq keeps increasing
+        time.sleep(1.0)  # heartbeats fail meanwhile; the agent backs off and retries
         assert proc.poll() is None
+        oss.start(port)  # same port, same data
+        before = (oss.instance("n7") or {})["last_heartbeat"]
+        wait_for(lambda: (oss.instance("n7") or {})["last_heartbeat"] > before, "heartbeats after")
+        assert (oss.instance("n7") or {}).get("state") == "ready"
     finally:
         stop_agent(proc)
 
 
-def test_refused_token_is_retried_without_crashing(oss: ContractOss) -> None:
-    oss.accept = False
-    proc, _ = start_agent("--oss", f"http://127.0.0.1:{oss.port}")
+def test_refused_token_is_retried_without_crashing(oss: RealOss) -> None:
+    proc, _ = start_agent("--oss", oss.url, token="not-the-token")
     try:
         time.sleep(1.0)
-        assert proc.poll() is None and oss.registrations == []
-        oss.accept = True
-        wait_for(lambda: len(oss.registrations) == 1, "registration once accepted")
+        assert proc.poll() is None
+        assert (oss.instance("n7") or {}).get("state") != "ready"
     finally:
         stop_agent(proc)
     assert proc.stderr is not None
-    assert b"refused the token of instance a1" in proc.stderr.read()
+    assert b"refused the token of instance n7" in proc.stderr.read()
 
 
 def test_http_api_health_load_and_auth() -> None:
     proc, address = start_agent()
     try:
         status, health = get(f"http://{address}/v1/health")
-        assert status == 200 and health["instance"] == "a1" and health["ok"] is True
+        assert status == 200 and health["instance"] == "n7" and health["ok"] is True
         status, body = get(f"http://{address}/v1/load")
         assert status == 401 and "bearer token" in body["text"]
         status, load = get(f"http://{address}/v1/load", TOKEN)
