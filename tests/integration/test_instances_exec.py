@@ -389,12 +389,15 @@ def test_job_control_stop_and_continue_are_mirrored(cluster: LocalCluster, tmp_p
     proc.send_signal(signal.SIGTSTP)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
-    deadline = time.monotonic() + 10
+    # Generous: a process in uninterruptible I/O wait ("D", e.g. paging in
+    # /bin/sleep on a busy disk) only stops once that wait ends.
+    deadline = time.monotonic() + 60
     while proc_state(remote) != "T" and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc_state(remote) == "T"  # the remote job is stopped too
     proc.send_signal(signal.SIGCONT)
-    while proc_state(remote) == "T" and time.monotonic() < deadline + 10:
+    deadline = time.monotonic() + 60
+    while proc_state(remote) == "T" and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc_state(remote) != "T"  # resumed
     flag.touch()
