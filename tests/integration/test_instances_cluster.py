@@ -78,7 +78,7 @@ def test_kill_9_of_a_namespaced_agent_takes_its_processes_along() -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert processes_with(f"sleep\0{marker}")
@@ -86,7 +86,7 @@ def test_kill_9_of_a_namespaced_agent_takes_its_processes_along() -> None:
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 255 and out == b""
         assert f"instance {inst.name} ({inst.address}) lost".encode() in err
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert processes_with(f"sleep\0{marker}") == []
@@ -132,7 +132,7 @@ def test_an_instance_that_goes_silent_is_detected_without_a_hang() -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
             time.sleep(0.05)
         ns_name = cluster.netns_of(inst.name)

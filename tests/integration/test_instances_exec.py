@@ -49,7 +49,7 @@ def deputy(
     return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]
 
 
-def wait_gone(pid: int, seconds: float = 10.0) -> bool:
+def wait_gone(pid: int, seconds: float = 30.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -66,7 +66,7 @@ def wait_gone(pid: int, seconds: float = 10.0) -> bool:
     return False
 
 
-def read_pid(path: Path, seconds: float = 10.0) -> int:
+def read_pid(path: Path, seconds: float = 30.0) -> int:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         text = path.read_text() if path.exists() else ""
