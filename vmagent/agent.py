@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 from collections.abc import Callable
 
 from aiohttp import web
@@ -86,6 +87,9 @@ class Session:
                             os.lseek(fd, spec.pos, os.SEEK_SET)
                     self.paths[spec.fd] = fd
                     sources[spec.fd] = fd
+                elif spec.rdev and (tty := _same_terminal(spec.path, spec.flags, spec.rdev)):
+                    self.paths[spec.fd] = tty  # this host sees the deputy's terminal
+                    sources[spec.fd] = tty
                 elif spec.kind == P.FD_OUT:
                     r, w = os.pipe2(os.O_CLOEXEC)
                     os.set_blocking(r, False)  # only our end: the program's stays blocking
@@ -361,6 +365,19 @@ class Session:
         for handle in (self._abandon, self._drain, self._watch):
             if handle is not None:
                 handle.cancel()
+
+
+def _same_terminal(path: bytes, flags: int, rdev: int) -> int | None:
+    """Open `path` if it is the terminal device `rdev` (same host), else None."""
+    try:
+        fd = os.open(path, (flags & os.O_ACCMODE) | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev:
+        return fd
+    os.close(fd)
+    return None
 
 
 def fcntl_setpipe(fd: int, size: int = 1 << 20) -> None:

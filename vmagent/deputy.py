@@ -139,12 +139,18 @@ def classify_fds() -> tuple[list[bytes], list[int], list[int]]:
             path = os.readlink(f"/proc/self/fd/{fd}").encode()
             if path.startswith(b"/") and not path.endswith(b" (deleted)"):
                 kind = P.FD_PATH
+        rdev = b""
         if not kind and fmt in (0o010000, 0o140000, 0o020000, 0o100000):
             # pipes, sockets, ttys and files open for writing are streamed
             if acc == os.O_RDONLY or (acc == os.O_RDWR and fd == 0):
                 kind = P.FD_IN
             else:
                 kind = P.FD_OUT
+            if tty:
+                # An instance that sees this very terminal device (same host)
+                # reopens it, so the program gets a real tty; others stream.
+                path = os.readlink(f"/proc/self/fd/{fd}").encode()
+                rdev = str(st.st_rdev).encode()
         if not kind:
             continue  # directories, event fds...: the remote program goes without
         if kind == P.FD_IN:
@@ -152,9 +158,8 @@ def classify_fds() -> tuple[list[bytes], list[int], list[int]]:
         elif kind == P.FD_OUT:
             outs.append(fd)
         keep = flags & (ACCMODE | os.O_APPEND | os.O_NONBLOCK)
-        records.append(
-            P.record([str(fd).encode(), kind, path, str(keep).encode(), str(pos).encode()])
-        )
+        items = [str(fd).encode(), kind, path, str(keep).encode(), str(pos).encode()]
+        records.append(P.record([*items, rdev] if rdev else items))
     return records, ins, outs
 
 

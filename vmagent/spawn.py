@@ -33,6 +33,7 @@ class FdSpec:
     path: bytes = b""
     flags: int = 0
     pos: int = 0
+    rdev: int = 0  # a terminal's device number: reopen `path` if it is that device
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +81,13 @@ def parse_hello(payload: bytes) -> tuple[str, ExecRequest]:
             rlimits.append((res, soft, hard))
         fds = []
         for item in P.unrecord(fields.get(b"fds", b"")):
-            fd_s, kind, path, flags_s, pos_s = P.unrecord(item)
+            fd_s, kind, path, flags_s, pos_s, *extra = P.unrecord(item)
             if kind not in (P.FD_IN, P.FD_OUT, P.FD_PATH):
                 raise BadRequest(f"unknown descriptor kind {kind!r}")
-            if kind == P.FD_PATH and not path.startswith(b"/"):
+            if (kind == P.FD_PATH or extra) and not path.startswith(b"/"):
                 raise BadRequest("descriptor path must be absolute")
-            fds.append(FdSpec(int(fd_s), kind, path, int(flags_s), int(pos_s)))
+            rdev = int(extra[0]) if extra else 0
+            fds.append(FdSpec(int(fd_s), kind, path, int(flags_s), int(pos_s), rdev))
         groups_raw = fields.get(b"groups", b"")
         groups = tuple(int(g) for g in groups_raw.split(b",") if g)
     except (P.FrameError, ValueError) as exc:

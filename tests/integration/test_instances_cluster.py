@@ -150,3 +150,22 @@ def test_an_instance_that_goes_silent_is_detected_without_a_hang() -> None:
             time.sleep(0.2)
         assert processes_with(f"sleep\0{marker}") == []
         cluster.remove_logs()
+
+
+def test_a_namespaced_instance_reopens_the_users_terminal() -> None:
+    master, slave = os.openpty()
+    try:
+        with LocalCluster(1) as cluster:
+            res = subprocess.run(
+                deputy(cluster.instances[0], "/bin/sh", "-c", "test -t 1 && hostname"),
+                stdout=slave,
+                stderr=subprocess.PIPE,
+                timeout=60,
+            )
+            assert res.returncode == 0, res.stderr
+            out = os.read(master, 4096).replace(b"\r", b"")
+            assert out == b"node0\n"
+            cluster.remove_logs()
+    finally:
+        os.close(master)
+        os.close(slave)

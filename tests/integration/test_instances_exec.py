@@ -437,3 +437,32 @@ def test_a_remote_program_that_does_not_read_stdin_leaves_it_in_place(
     script = f'{cmd("/bin/true")}; read a; echo "a=$a"; {cmd("/bin/cat")}'
     res = subprocess.run(["bash", "-c", script], input=b"l1\nl2\nl3\n", capture_output=True)
     assert res.stdout == b"a=l1\nl2\nl3\n"
+
+
+def test_a_terminal_stays_a_terminal_on_an_instance_that_sees_it(cluster: LocalCluster) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 99, 0, 0))
+        script = "test -t 0 && test -t 1 && echo is-a-tty; stty size; read x; echo got-$x"
+        proc = subprocess.Popen(
+            deputy(cluster.instances[0], "/bin/sh", "-c", script),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+        )
+        os.write(master, b"hello\n")
+        out = b""
+        deadline = time.monotonic() + 30
+        while b"got-hello" not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                out += os.read(master, 4096)
+        assert proc.wait(timeout=30) == 0
+        lines = out.replace(b"\r", b"").split(b"\n")
+        assert b"is-a-tty" in lines and b"33 99" in lines and b"got-hello" in lines
+    finally:
+        os.close(master)
+        os.close(slave)

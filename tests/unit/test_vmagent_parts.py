@@ -160,3 +160,31 @@ def test_reader_probe_parsing() -> None:
     assert session_of("42 (we ird) comm) S 1 42 77 0 -1") == 77
     with pytest.raises(UnknownMachine):
         ReaderProbe("pdp11")
+
+
+def test_terminal_is_reopened_only_if_it_is_the_same_device() -> None:
+    import os
+
+    from vmagent.agent import _same_terminal
+
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave).encode()
+        rdev = os.fstat(slave).st_rdev
+        fd = _same_terminal(path, os.O_RDWR, rdev)
+        assert fd is not None and os.isatty(fd)
+        os.close(fd)
+        assert _same_terminal(path, os.O_RDWR, rdev + 1) is None  # another host's tty
+        assert _same_terminal(b"/dev/nonexistent-tty", os.O_RDWR, rdev) is None
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_parse_hello_reads_a_terminals_device_number() -> None:
+    tty = P.record([b"1", P.FD_OUT, b"/dev/pts/3", b"1", b"0", b"34819"])
+    _, req = parse_hello(hello({b"fds": P.record([tty])}))
+    assert req.fds[0].rdev == 34819 and req.fds[0].path == b"/dev/pts/3"
+    bad = P.record([b"1", P.FD_OUT, b"pts/3", b"1", b"0", b"34819"])
+    with pytest.raises(BadRequest, match="absolute"):
+        parse_hello(hello({b"fds": P.record([bad])}))
