@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 AT_FDCWD = -100 & 0xFFFFFFFFFFFFFFFF
 AT_EMPTY_PATH = 0x1000
 EXEC_CALLS = frozenset({"execve", "execveat"})
+TRACE_REMOTE_ENV = "DCP_TRACE_REMOTE"  # "1": programs run under dcptrace on their instance
 
 
 class OssModeUnavailable(AgentError):
@@ -203,7 +204,10 @@ def clustered(
                 "--instances N for local instances"
             )
         Placement(placement, [])  # validate the policy before starting anything
-        cluster = stack.enter_context(LocalCluster(instances))
+        # Opt-in until the tracer can seize programs the agent starts: a dcptrace
+        # start per remote exec costs ~0.1 s (docs/INSTANCES.md, Known limits).
+        trace = os.environ.get(TRACE_REMOTE_ENV) == "1"
+        cluster = stack.enter_context(LocalCluster(instances, trace=trace))
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc

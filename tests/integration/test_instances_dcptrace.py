@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
 
 
+DCPTRACE_ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
 def dcptrace(*args: str, cwd: Path | None = None, **kw: object) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = kw.pop("env", DCPTRACE_ENV)
     return subprocess.run(
         [sys.executable, "-m", "tracer.cli", *args],
         cwd=cwd,
@@ -194,3 +197,14 @@ def test_stdin_relative_paths_and_shebangless_scripts_match_native(tmp_path: Pat
     )
     assert native.stdout == b"with ./with.sh 1 a b\nwithout ./without.sh x\n3\n2\n1\nmissing 127\n"
     assert (traced.returncode, traced.stdout) == (native.returncode, native.stdout)
+
+
+def test_remote_programs_can_run_under_their_instances_tracer() -> None:
+    script = 'sh -c "exit 7"; echo "status $?"; grep TracerPid /proc/self/status'
+    traced = dcptrace(
+        "--instances", "2", "--", "bash", "-c", script, env=dict(DCPTRACE_ENV, DCP_TRACE_REMOTE="1")
+    )
+    assert traced.returncode == 0, traced.stderr
+    lines = traced.stdout.decode().splitlines()
+    assert lines[0] == "status 7"
+    assert lines[1].startswith("TracerPid:") and lines[1].split()[1] != "0"
