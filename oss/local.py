@@ -17,10 +17,8 @@ A failure here is reported once and never affects the run.
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +118,7 @@ class LocalOss:
         # Imported here: the OSS core (pydantic models, SQLite) is not needed
         # before the program runs, and this import happens off the tracer's path.
         import asyncio
+        import socket
 
         from oss.models import AgentHeartbeat, AgentRegister, Load, ProgramSubmit
         from oss.service import Oss, OssConfig
@@ -168,6 +167,8 @@ class LocalOss:
             await oss.close()
 
     async def _principal(self, oss: Any) -> Any:
+        import getpass
+
         token_file = self.data_dir / TOKEN_FILE
         if token_file.exists():
             return await oss.authenticate(token_file.read_text().strip())
