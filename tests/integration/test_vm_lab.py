@@ -227,6 +227,48 @@ def test_programs_run_in_each_vm_through_its_agent(booted: Lab) -> None:
         assert res.returncode == 3
 
 
+def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None:
+    """`dcptrace --oss URL -- sh -c 'hostname; hostname'` from the lab namespace."""
+    lab = booted
+    if lab.oss is None:
+        pytest.skip(f"no OSS/agent: {lab.oss_missing}")
+    if not (source_checkout() / "tracer" / "cli.py").is_file():
+        pytest.skip("dcptrace (tracer/cli.py) is not in this checkout")
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(source_checkout()))
+    res = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.netns,
+            sys.executable,
+            "-m",
+            "tracer.cli",
+            "--oss",
+            lab.oss_url,
+            "--placement",
+            "spread",
+            "--",
+            "/bin/sh",
+            "-c",
+            "/bin/hostname; /bin/hostname; exit 5",
+        ],
+        capture_output=True,
+        timeout=180,
+        cwd="/",
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    err = res.stderr.decode(errors="replace")
+    not_wired = ("exec tickets", "No module named", "No such option: --oss")
+    if res.returncode != 5 and any(w in err for w in not_wired):
+        pytest.skip(f"dcptrace --oss is not wired in this checkout: {err.strip()[-300:]}")
+    assert res.returncode == 5, err
+    assert sorted(res.stdout.decode().split()) == ["vm1", "vm2"], err
+
+
 # ---- failure detection ----------------------------------------------------------------
 
 
