@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,8 +203,6 @@ def test_programs_run_in_each_vm_through_its_agent(booted: Lab) -> None:
     lab = booted
     if lab.oss is None:
         pytest.skip(f"no agent in the guests: {lab.oss_missing}")
-    import subprocess
-
     from vmagent import remote, tickets
 
     assert lab.provider is not None
@@ -234,8 +233,6 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
         pytest.skip(f"no OSS/agent: {lab.oss_missing}")
     if not (source_checkout() / "tracer" / "cli.py").is_file():
         pytest.skip("dcptrace (tracer/cli.py) is not in this checkout")
-    import subprocess
-
     env = dict(os.environ, PYTHONPATH=str(source_checkout()))
     res = subprocess.run(
         [
@@ -311,10 +308,7 @@ def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
     store = lab.oss.oss.store
     if not (hasattr(store, "put_pool") and hasattr(store, "put_instance_type")):
         pytest.skip("this OSS has no pools API (store.put_pool)")
-    import subprocess
-
-    from oss.pool import InstanceType as OssInstanceType
-
+    from oss.pool import InstanceType as OssInstanceType  # noqa: I001 (grouping differs by checkout)
     from vmagent import remote, tickets
 
     assert lab.provider is not None

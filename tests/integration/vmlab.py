@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiohttp import web
+
 from images.builder import BuildConfig, Builder, Image, source_checkout
 from net import bridge
 from oss.providers.libvirt import GuestImage, LibvirtConfig, LibvirtProvider
@@ -99,7 +101,6 @@ class OssHarness:
         providers: dict[str, Any],
     ) -> OssHarness:
         """Serve the OSS on host:<any port> inside `netns` (the guests' gateway)."""
-        from aiohttp import web
         from oss.server import make_app
         from oss.service import Oss, OssConfig
 
