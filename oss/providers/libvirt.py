@@ -364,6 +364,7 @@ class LibvirtConfig:
     listen_port: int = 7070
     extra_cmdline: str = ""
     max_memory_mb: int = 4096
+    remote_disk_bytes: int = 8 * 2**30  # overlay size when a remote base is in no pool
     max_cpus: int = 2
 
     def __post_init__(self) -> None:
@@ -664,12 +665,21 @@ class LibvirtProvider:
         log.info("instance %s booting: %s %s", inst.name, inst.address, inst.mac)
 
     async def _base_capacity(self) -> int:
+        """The base image's virtual size: from its qcow2 header here, via libvirt remotely."""
         assert self._image is not None
-        if self.uri.remote:
-            return 8 * 2**30
-        from images.qcow2 import virtual_size
+        if not self.uri.remote:
+            from images.qcow2 import virtual_size
 
-        return await asyncio.to_thread(virtual_size, self._image.base)
+            return await asyncio.to_thread(virtual_size, self._image.base)
+        try:
+            vol = await self._call(
+                "base lookup", self.conn.storageVolLookupByPath, str(self._image.base)
+            )
+            info = await self._call("base info", vol.info)
+            return int(info[1])
+        except ProviderError:
+            # The base is in no libvirt pool on that host: qemu-img's view is the same size.
+            return self.config.remote_disk_bytes
 
     async def destroy(self, name: str) -> None:
         """Stop instance `name` and delete its overlay (idempotent)."""
