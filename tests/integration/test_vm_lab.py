@@ -48,6 +48,14 @@ def _why_not() -> str | None:
     return None
 
 
+if os.geteuid() == 0 and shutil.which("ip"):
+    try:
+        from vmlab import reap_stale_labs
+
+        reap_stale_labs()  # a killed earlier run must not make this one skip
+    except ImportError:
+        pass
+
 _reason = _why_not()
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
