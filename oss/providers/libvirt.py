@@ -508,12 +508,12 @@ class LibvirtProvider:
         staged: dict[str, Path] = {}
         for f in self.config.image.files():
             dst = img_dir / f.name
-            if not dst.exists() or dst.stat().st_ino != f.stat().st_ino:
+            if not _same_file(f, dst):
                 dst.unlink(missing_ok=True)
                 try:
                     os.link(f, dst)
-                except OSError:
-                    shutil.copyfile(f, dst)
+                except OSError:  # another file system: a copy with the same mtime
+                    shutil.copy2(f, dst)
             staged[str(f)] = dst
         img = self.config.image
         return GuestImage(
@@ -550,7 +550,17 @@ class LibvirtProvider:
         wanted = self.config.domain_type
         if wanted != "auto":
             return DomainType(wanted)
-        if not self.uri.remote and not Path("/dev/kvm").exists():
+        if self.uri.remote:
+            # The probe reads the console file, which is on the other host: there,
+            # trust what libvirt advertises (set domain_type to override).
+            try:
+                await self._call(
+                    "kvm capabilities", self.conn.getDomainCapabilities, None, "x86_64", None, "kvm"
+                )
+                return DomainType.KVM
+            except ProviderError:
+                return DomainType.QEMU
+        if not Path("/dev/kvm").exists():
             return DomainType.QEMU
         ok = await self._probe(DomainType.KVM)
         if not ok:
@@ -764,6 +774,17 @@ class LibvirtProvider:
                 if st in wanted:
                     return st
                 await asyncio.sleep(0.25)
+
+
+def _same_file(src: Path, dst: Path) -> bool:
+    """dst is src (hard link) or a copy of it (same size and mtime)."""
+    try:
+        a, b = src.stat(), dst.stat()
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (
+        a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
+    )
 
 
 def _read_text(path: Path) -> str:
