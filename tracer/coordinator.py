@@ -35,6 +35,8 @@ class SyscallCall:
     bases: Mapping[int, bytes] = field(default_factory=dict)
     # execve/execveat only: the argument vector.
     argv: tuple[bytes, ...] | None = None
+    # getcwd only: the real working directory of the calling thread.
+    cwd: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +109,12 @@ class Coordinator(Protocol):
         """Decide what happens to one intercepted call."""
         ...
 
-    def on_result(self, call: SyscallCall, result: int) -> Complete | None:
-        """Optionally replace the result of a call allowed with observe_result."""
+    def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
+        """Optionally replace the result of a call allowed with observe_result.
+
+        `output` holds the bytes the call wrote to its output buffer (readlink,
+        readlinkat, getcwd), when it succeeded.
+        """
         ...
 
     def on_process(self, event: ProcessEvent) -> None:

@@ -1,0 +1,161 @@
+"""`dcp-oss`: run the OSS, mint credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+from aiohttp import web
+
+from oss import credentials
+from oss.errors import OssError
+from oss.pricing import Rates
+from oss.server import make_app
+from oss.service import Oss, OssConfig
+
+log = logging.getLogger(__name__)
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@click.group()
+@click.option("--log-level", default="WARNING", show_default=True, help="Python log level.")
+def main(log_level: str) -> None:
+    """DCP operating system service."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@main.command()
+@click.option(
+    "--listen", default="127.0.0.1:8470", show_default=True, help="HOST:PORT (port 0: any)."
+)
+@click.option(
+    "--data", "data_dir", required=True, type=click.Path(path_type=Path), help="State directory."
+)
+@click.option(
+    "--heartbeat-interval", default=1.0, show_default=True, help="Seconds between agent heartbeats."
+)
+@click.option(
+    "--heartbeat-timeout", default=5.0, show_default=True, help="Silent longer -> instance failed."
+)
+@click.option(
+    "--tick", default=1.0, show_default=True, help="Seconds between metering/availability passes."
+)
+@click.option(
+    "--slots-per-cpu", default=4, show_default=True, help="Processes per CPU on an instance."
+)
+@click.option("--public-url", default=None, help="OSS URL handed to new instances.")
+@click.option(
+    "--premium-pct", default=20, show_default=True, help="Premium pricing model surcharge."
+)
+@click.option(
+    "--storage-rate", default=0, show_default=True, help="Micros per GiB-second of storage."
+)
+@click.option("--net-rate", default=0, show_default=True, help="Micros per GiB of network traffic.")
+def serve(
+    listen: str,
+    data_dir: Path,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    tick: float,
+    slots_per_cpu: int,
+    public_url: str | None,
+    premium_pct: int,
+    storage_rate: int,
+    net_rate: int,
+) -> None:
+    """Run the OSS HTTP API."""
+    host, port = _hostport(listen)
+    try:
+        config = OssConfig(
+            data_dir=data_dir,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            tick=tick,
+            slots_per_cpu=slots_per_cpu,
+            public_url=public_url,
+            rates=Rates(storage_rate, net_rate, premium_pct),
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    asyncio.run(_serve(config, host, port))
+
+
+# The event loop shares the GIL with the SQLite threads; a short switch interval bounds
+# how long a loop callback waits for it (the default 5 ms shows up directly in p99).
+GIL_SWITCH_INTERVAL = 0.0005
+SHUTDOWN_TIMEOUT = 5.0  # seconds open requests (log followers) get on SIGTERM
+
+
+async def _serve(config: OssConfig, host: str, port: int) -> None:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    oss = Oss(config)
+    runner = web.AppRunner(
+        make_app(oss), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    addr = runner.addresses[0]
+    click.echo(f"dcp-oss listening on http://{addr[0]}:{addr[1]}", nl=True)
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+@main.command("instance-token")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--pool", default=None, help="Pool the instance belongs to (sets its type and price)."
+)
+@click.argument("name")
+def instance_token(data_dir: Path, pool: str | None, name: str) -> None:
+    """Create instance NAME (or re-key it) and print its bearer token."""
+    try:
+        click.echo(credentials.mint_instance_token_sync(data_dir, name, pool))
+    except OssError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+@main.group()
+def account() -> None:
+    """Manage accounts."""
+
+
+@account.command("create")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--admin", is_flag=True, help="An operator account (manages accounts, pools).")
+@click.option("--pricing", type=click.Choice(["sum", "premium"]), default="sum", show_default=True)
+@click.option("--user", default="admin", show_default=True, help="Name of the first user.")
+@click.argument("name")
+def account_create(data_dir: Path, admin: bool, pricing: str, user: str, name: str) -> None:
+    """Create account NAME and print its first user's token (ids on stderr)."""
+    try:
+        cred = credentials.create_account_sync(
+            data_dir, name, admin=admin, pricing_model=pricing, user=user
+        )
+    except OssError as exc:
+        raise click.ClickException(exc.message) from exc
+    click.echo(f"account {cred.account_id} user {cred.user_id}", err=True)
+    click.echo(cred.token)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Credential minting against an OSS data directory (for the CLI, providers, tests).
+
+These open the SQLite store directly, so they work whether or not a
+`dcp-oss serve` is running on the same directory (WAL + BEGIN IMMEDIATE make
+the two processes safe together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from oss.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCredentials:
+    """A new account's ids and its first user's bearer token."""
+
+    account_id: str
+    user_id: str
+    token: str
+
+
+async def mint_instance_token(data_dir: Path, name: str, pool: str | None = None) -> str:
+    """Create instance `name` (or re-key it) and return its bearer token (stored hashed)."""
+    store = Store(data_dir)
+    await store.open()
+    try:
+        return await store.mint_instance_token(name, pool)
+    finally:
+        await store.close()
+
+
+async def create_account(
+    data_dir: Path,
+    name: str,
+    *,
+    admin: bool = False,
+    pricing_model: str = "sum",
+    user: str = "admin",
+) -> AccountCredentials:
+    """Create an account with a first user and return its token."""
+    store = Store(data_dir)
+    await store.open()
+    try:
+        acct, usr, token = await store.create_account(name, admin, pricing_model, user)
+        return AccountCredentials(acct["id"], usr["id"], token)
+    finally:
+        await store.close()
+
+
+def mint_instance_token_sync(data_dir: Path, name: str, pool: str | None = None) -> str:
+    """Blocking `mint_instance_token` (not from inside a running event loop)."""
+    return asyncio.run(mint_instance_token(data_dir, name, pool))
+
+
+def create_account_sync(
+    data_dir: Path,
+    name: str,
+    *,
+    admin: bool = False,
+    pricing_model: str = "sum",
+    user: str = "admin",
+) -> AccountCredentials:
+    """Blocking `create_account` (not from inside a running event loop)."""
+    return asyncio.run(
+        create_account(data_dir, name, admin=admin, pricing_model=pricing_model, user=user)
+    )

@@ -1,0 +1,94 @@
+"""Resource limits at account, user and program level (pure decisions).
+
+The store runs `check` inside the same write transaction that reserves the
+resources (see oss.store), so concurrent submissions are serialised and the
+invariant "usage <= limit at every level after every committed placement"
+holds; this module only decides.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from oss.errors import BudgetExhausted, LimitExceeded
+
+
+class Level(enum.StrEnum):
+    """Where a limit applies."""
+
+    ACCOUNT = "account"
+    USER = "user"
+    PROGRAM = "program"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits at one level; None means unlimited.
+
+    `budget_micros` is the soft budget (no scale-up past it);
+    `hard_budget_micros` stops the program.
+    """
+
+    max_instances: int | None = None
+    max_storage_mb: int | None = None
+    max_bandwidth_mbps: int | None = None
+    budget_micros: int | None = None
+    hard_budget_micros: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Current usage at one level."""
+
+    instances: int = 0
+    storage_mb: int = 0
+    bandwidth_mbps: int = 0
+    spent_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What a placement or scale-up adds."""
+
+    instances: int = 0
+    storage_mb: int = 0
+    bandwidth_mbps: int = 0
+
+
+class BudgetState(enum.StrEnum):
+    """Where spending stands against the budgets."""
+
+    OK = "ok"
+    EXHAUSTED = "exhausted"  # no further scale-up
+    HARD_STOP = "hard_stop"  # stop the program
+
+
+def check(levels: Sequence[tuple[Level, Limits, Usage]], delta: Delta) -> None:
+    """Raise LimitExceeded/BudgetExhausted if `delta` would break any level's limit."""
+    for level, lim, use in levels:
+        for resource, limit, now, add in (
+            ("instances", lim.max_instances, use.instances, delta.instances),
+            ("storage_mb", lim.max_storage_mb, use.storage_mb, delta.storage_mb),
+            ("bandwidth_mbps", lim.max_bandwidth_mbps, use.bandwidth_mbps, delta.bandwidth_mbps),
+        ):
+            if add > 0 and limit is not None and now + add > limit:
+                raise LimitExceeded(level.value, resource, limit, now + add)
+        if delta.instances > 0 and budget_state(use.spent_micros, lim) is not BudgetState.OK:
+            raise BudgetExhausted(f"{level.value} has spent {use.spent_micros} micros")
+
+
+def budget_state(spent_micros: int, lim: Limits) -> BudgetState:
+    """Classify spending against one level's budgets."""
+    if lim.hard_budget_micros is not None and spent_micros >= lim.hard_budget_micros:
+        return BudgetState.HARD_STOP
+    if lim.budget_micros is not None and spent_micros >= lim.budget_micros:
+        return BudgetState.EXHAUSTED
+    return BudgetState.OK
+
+
+def worst(states: Sequence[BudgetState]) -> BudgetState:
+    """The most severe of several budget states."""
+    order = [BudgetState.OK, BudgetState.EXHAUSTED, BudgetState.HARD_STOP]
+    return max(states, key=order.index, default=BudgetState.OK)

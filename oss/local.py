@@ -1,0 +1,197 @@
+"""The OSS core embedded in dcptrace: each run recorded in the user's local state.
+
+Zero set-up: the same `Oss` that `dcp-oss serve` runs, on its own event loop in
+a background thread of the tracer process, over SQLite under the user's data
+directory (`$DCP_DATA`, else `$XDG_DATA_HOME/dcp`, else `~/.local/share/dcp`).
+A run becomes a program of the local account placed on the instance `local`
+(this machine, heartbeating while the run lasts); process lifecycle events go
+to the program's consolidated log and the end status is recorded.
+`dcp-oss serve --data` on the same directory shows it all through the API.
+
+The program never waits for any of this: the thread starts once the program
+is running and stays idle for its first `START_DELAY` seconds (or until it
+ends), so a short run pays nothing while it runs and the recording happens
+after dcptrace has returned; a long run appears in the state while it runs.
+A failure here is reported once and never affects the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracer.coordinator import ProcessEvent, ProcessExec, ProcessExited, ProcessSpawned
+
+log = logging.getLogger(__name__)
+
+LOCAL_ACCOUNT = "local"
+LOCAL_INSTANCE = "local"
+TOKEN_FILE = "local-account.token"
+START_DELAY = 2.0  # seconds the recorder idles before touching the state
+
+
+def default_data_dir() -> Path:
+    """Where the embedded OSS keeps its state."""
+    if os.environ.get("DCP_DATA"):
+        return Path(os.environ["DCP_DATA"])
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "dcp"
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    exit_status: int | None
+    signal: int | None
+
+
+_Item = ProcessEvent | _Finish
+
+
+class LocalOss:
+    """Records one dcptrace run in the local OSS state, off the tracer's path."""
+
+    def __init__(self, data_dir: Path, argv: tuple[str, ...], cwd: str) -> None:
+        self.data_dir = data_dir
+        self.argv = argv
+        self.cwd = cwd
+        self.program_id: str | None = None
+        self.error: str | None = None
+        self._pending: list[_Item] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._go = threading.Event()  # set when the program ends
+        self._thread = threading.Thread(target=self._run, name="dcp-local-oss", daemon=True)
+
+    def start(self) -> None:
+        """Start the background OSS (call once the program runs)."""
+        self._thread.start()
+
+    def event(self, event: ProcessEvent) -> None:
+        """Queue a process event (thread-safe, never blocks the tracer)."""
+        self._put(event)
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        """The main process ended: record the status."""
+        self._put(_Finish(exit_status, signal))
+        self._go.set()
+
+    def close(self, timeout: float) -> None:
+        """Wait (bounded) until everything is written; say so once if it was not."""
+        if self._thread.ident is None:
+            return  # never started: the program did not run
+        self._go.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.error = self.error or f"still writing after {timeout:.0f} s"
+        if self.error:
+            log.warning("this run is not recorded in %s: %s", self.data_dir, self.error)
+
+    def _put(self, item: _Item) -> None:
+        with self._lock:
+            if self._loop is None or self._queue is None:
+                self._pending.append(item)
+                return
+            loop, queue = self._loop, self._queue
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop already ended (an error was recorded)
+
+    def _run(self) -> None:
+        self._go.wait(START_DELAY)
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:  # report, never disturb the traced program
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    async def _main(self) -> None:
+        # Imported here: the OSS core (pydantic models, SQLite) is not needed
+        # before the program runs, and this import happens off the tracer's path.
+        from oss.models import AgentHeartbeat, AgentRegister, Load, ProgramSubmit
+        from oss.service import Oss, OssConfig
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        oss = Oss(OssConfig(data_dir=self.data_dir, heartbeat_timeout=30.0))
+        await oss.start()
+        try:
+            who = await self._principal(oss)
+            await oss.mint_instance_token(LOCAL_INSTANCE)
+            await oss.register(
+                AgentRegister(
+                    instance=LOCAL_INSTANCE, address="embedded", hostname=socket.gethostname(),
+                    cpus=os.cpu_count() or 1, memory_mb=_memory_mb(),
+                )
+            )  # fmt: skip
+            submit = ProgramSubmit(argv=list(self.argv)[:4096] or ["?"], cwd=self.cwd or "/")
+            program = await oss.submit(who, submit)
+            self.program_id = program["id"]
+            queue: asyncio.Queue[_Item] = asyncio.Queue()
+            with self._lock:
+                self._loop, self._queue = asyncio.get_running_loop(), queue
+                for item in self._pending:
+                    queue.put_nowait(item)
+                self._pending.clear()
+            beat = 0
+
+            def heartbeat() -> None:
+                nonlocal beat
+                beat += 1
+                load = Load(cpu_percent=0.0, memory_used_mb=0, runqueue=os.getloadavg()[0],
+                            processes=0)  # fmt: skip
+                oss.heartbeat(AgentHeartbeat(instance=LOCAL_INSTANCE, seq=beat, load=load))
+
+            while True:
+                heartbeat()
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except TimeoutError:
+                    continue
+                if isinstance(item, _Finish):
+                    await oss.finish(who, self.program_id, item.exit_status, item.signal)
+                    return
+                await oss.program_log(self.program_id, _describe(item))
+        finally:
+            await oss.close()
+
+    async def _principal(self, oss: Any) -> Any:
+        token_file = self.data_dir / TOKEN_FILE
+        if token_file.exists():
+            return await oss.authenticate(token_file.read_text().strip())
+        _account, _user, token = await oss.store.create_account(
+            LOCAL_ACCOUNT, True, "sum", getpass.getuser()
+        )
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return await oss.authenticate(token)
+
+
+def _describe(event: ProcessEvent) -> str:
+    match event:
+        case ProcessSpawned(pid, ppid, thread):
+            return f"{'thread' if thread else 'process'} {pid} started by {ppid} on local"
+        case ProcessExec(pid, argv):
+            return f"process {pid} exec {' '.join(argv)[:1000]}"
+        case ProcessExited(pid, status, sig):
+            how = f"exit status {status}" if sig is None else f"signal {sig}"
+            return f"process {pid} ended: {how}"
+    return repr(event)
+
+
+def _memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return max(1, int(line.split()[1]) // 1024)
+    except (OSError, ValueError):
+        pass
+    return 1

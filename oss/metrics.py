@@ -1,0 +1,187 @@
+"""Metrics collector: per-program and per-instance counters, Prometheus and JSON.
+
+Counters live in memory (they are rates for the optimizer and the operator,
+not billing records; billing is metered separately into SQLite).  Each
+collector has its own prometheus registry: no module-level singletons.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from oss.models import Counters, Load, MetricsReport
+
+_NONE = "-"
+
+
+@dataclass
+class _Acc:
+    syscalls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    latency_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    cpu_seconds: float = 0.0
+    memory_bytes: int = 0
+    io_read_bytes: int = 0
+    io_write_bytes: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+
+    def add(self, r: MetricsReport) -> None:
+        for k, v in r.syscalls.items():
+            self.syscalls[k] += v
+        for k, f in r.latency_seconds.items():
+            self.latency_seconds[k] += f
+        self.cpu_seconds += r.cpu_seconds
+        if r.memory_bytes is not None:
+            self.memory_bytes = r.memory_bytes
+        self.io_read_bytes += r.io_read_bytes
+        self.io_write_bytes += r.io_write_bytes
+        self.net_rx_bytes += r.net_rx_bytes
+        self.net_tx_bytes += r.net_tx_bytes
+
+    def model(self) -> Counters:
+        return Counters(
+            syscalls=dict(self.syscalls),
+            latency_seconds=dict(self.latency_seconds),
+            cpu_seconds=self.cpu_seconds,
+            memory_bytes=self.memory_bytes,
+            io_read_bytes=self.io_read_bytes,
+            io_write_bytes=self.io_write_bytes,
+            net_rx_bytes=self.net_rx_bytes,
+            net_tx_bytes=self.net_tx_bytes,
+        )
+
+
+class MetricsCollector:
+    """Accumulates counters and exposes them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        pl = ["program", "instance"]
+        self._sys = Counter(
+            "dcp_program_syscalls", "Syscalls by OSS service", [*pl, "service"], registry=r
+        )
+        self._lat = Counter(
+            "dcp_program_call_latency_seconds",
+            "Summed call latency by OSS service",
+            [*pl, "service"],
+            registry=r,
+        )
+        self._cpu = Counter("dcp_program_cpu_seconds", "CPU seconds", pl, registry=r)
+        self._mem = Gauge("dcp_program_memory_bytes", "Resident memory", pl, registry=r)
+        self._io = Counter("dcp_program_io_bytes", "I/O bytes", [*pl, "direction"], registry=r)
+        self._net = Counter(
+            "dcp_program_net_bytes", "Network bytes", [*pl, "direction"], registry=r
+        )
+        il = ["instance"]
+        self._icpu = Gauge("dcp_instance_cpu_percent", "Instance CPU utilisation", il, registry=r)
+        self._imem = Gauge("dcp_instance_memory_used_mb", "Instance memory used", il, registry=r)
+        self._irq = Gauge("dcp_instance_runqueue", "Instance run-queue length", il, registry=r)
+        self._iproc = Gauge("dcp_instance_processes", "Processes on the instance", il, registry=r)
+        self._hb = Counter("dcp_heartbeats", "Heartbeats processed", registry=r)
+        self.api_latency = Histogram(
+            "dcp_api_request_seconds",
+            "API request latency",
+            ["route"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.decisions = Counter(
+            "dcp_optimizer_decisions", "Optimizer decisions", ["action"], registry=r
+        )
+        self._igauges: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._api_children: dict[str, Any] = {}
+        self._programs: dict[str, _Acc] = defaultdict(_Acc)
+        self._by_instance: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
+        self._loads: dict[str, Load] = {}
+        self._net_billed: dict[str, int] = defaultdict(int)
+
+    def report(self, program: str, r: MetricsReport) -> None:
+        """Add a program's counter increments."""
+        self._programs[program].add(r)
+        inst = r.instance or _NONE
+        self._by_instance[(program, inst)].add(r)
+        for k, v in r.syscalls.items():
+            self._sys.labels(program, inst, k).inc(v)
+        for k, f in r.latency_seconds.items():
+            self._lat.labels(program, inst, k).inc(f)
+        self._cpu.labels(program, inst).inc(r.cpu_seconds)
+        if r.memory_bytes is not None:
+            self._mem.labels(program, inst).set(r.memory_bytes)
+        self._io.labels(program, inst, "read").inc(r.io_read_bytes)
+        self._io.labels(program, inst, "write").inc(r.io_write_bytes)
+        self._net.labels(program, inst, "rx").inc(r.net_rx_bytes)
+        self._net.labels(program, inst, "tx").inc(r.net_tx_bytes)
+
+    def heartbeat(self, instance: str, load: Load) -> None:
+        """Record an instance's load."""
+        self._loads[instance] = load
+        self._hb.inc()
+        # labels() costs a lock and a lookup; heartbeats are the hottest path, so keep
+        # each instance's gauge children.
+        g = self._igauges.get(instance)
+        if g is None:
+            g = self._igauges[instance] = (
+                self._icpu.labels(instance),
+                self._imem.labels(instance),
+                self._irq.labels(instance),
+                self._iproc.labels(instance),
+            )
+        g[0].set(load.cpu_percent)
+        g[1].set(load.memory_used_mb)
+        g[2].set(load.runqueue)
+        g[3].set(load.processes)
+
+    def observe_api(self, route: str, seconds: float) -> None:
+        """Record one API request's latency."""
+        h = self._api_children.get(route)
+        if h is None:
+            h = self._api_children[route] = self.api_latency.labels(route)
+        h.observe(seconds)
+
+    def load(self, instance: str) -> Load | None:
+        """The last load an instance reported."""
+        return self._loads.get(instance)
+
+    def program(self, program: str) -> Counters:
+        """A program's accumulated counters."""
+        acc = self._programs.get(program)
+        return (acc or _Acc()).model()
+
+    def instance(self, instance: str, programs: set[str] | None = None) -> dict[str, float]:
+        """An instance's load and the counters of (the given) programs on it."""
+        out: dict[str, float] = {}
+        load = self._loads.get(instance)
+        if load is not None and programs is None:
+            out.update(load.model_dump())
+        for (prog, inst), acc in self._by_instance.items():
+            if inst == instance and (programs is None or prog in programs):
+                out["cpu_seconds"] = out.get("cpu_seconds", 0.0) + acc.cpu_seconds
+                out["syscalls"] = out.get("syscalls", 0.0) + sum(acc.syscalls.values())
+                out["net_bytes"] = out.get("net_bytes", 0.0) + acc.net_rx_bytes + acc.net_tx_bytes
+                out["io_bytes"] = out.get("io_bytes", 0.0) + acc.io_read_bytes + acc.io_write_bytes
+        return out
+
+    def take_net_bytes(self) -> dict[str, int]:
+        """Network bytes per program not yet billed; marks them billed."""
+        out = {}
+        for prog, acc in self._programs.items():
+            total = acc.net_rx_bytes + acc.net_tx_bytes
+            delta = total - self._net_billed[prog]
+            if delta > 0:
+                out[prog] = delta
+                self._net_billed[prog] = total
+        return out
+
+    def untake_net_bytes(self, taken: dict[str, int]) -> None:
+        """Give back bytes whose billing failed, so the next pass bills them."""
+        for prog, n in taken.items():
+            self._net_billed[prog] -= n
+
+    def exposition(self) -> bytes:
+        """Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,480 @@
+"""API request/response models (pydantic v2, unknown fields rejected).
+
+These are the wire types; /openapi.json is generated from them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from oss.optimizer import Goal
+from oss.pricing import PricingModel
+from oss.scheduler import Tenancy
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+NonNeg = Annotated[int, Field(ge=0, le=2**62)]
+Text = Annotated[str, StringConstraints(max_length=65536)]
+
+
+class Api(BaseModel):
+    """Base of every wire model: unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(Api):
+    """Every 4xx/5xx body."""
+
+    error: str
+    message: str
+    fields: dict[str, object] = {}
+
+
+class Ok(Api):
+    """A plain acknowledgement."""
+
+    ok: bool = True
+
+
+# -- accounts, users, tokens -------------------------------------------------
+
+
+class AccountCreate(Api):
+    """Create a client account with a first user and token (admin only)."""
+
+    name: Name
+    admin: bool = False
+    pricing_model: PricingModel = PricingModel.SUM
+    user: Name = "admin"
+
+
+class Account(Api):
+    """A client account."""
+
+    id: str
+    name: str
+    admin: bool
+    pricing_model: PricingModel
+    created: float
+
+
+class UserCreate(Api):
+    """Create a user under the caller's account."""
+
+    name: Name
+
+
+class User(Api):
+    """A user of an account."""
+
+    id: str
+    account_id: str
+    name: str
+    created: float
+
+
+class AccountCreated(Api):
+    """A new account, its first user and that user's token (shown once)."""
+
+    account: Account
+    user: User
+    token: str
+
+
+class TokenCreate(Api):
+    """Mint a token for a user of the caller's account (default: the caller)."""
+
+    user_id: Id | None = None
+    label: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+class TokenInfo(Api):
+    """A token's metadata (the secret is never stored)."""
+
+    id: str
+    user_id: str
+    label: str
+    created: float
+    revoked: bool
+
+
+class TokenCreated(TokenInfo):
+    """A new token; `token` is shown only here."""
+
+    token: str
+
+
+# -- limits and policies -----------------------------------------------------
+
+
+class LimitsBody(Api):
+    """Resource limits; null or absent means unlimited."""
+
+    max_instances: NonNeg | None = None
+    max_storage_mb: NonNeg | None = None
+    max_bandwidth_mbps: NonNeg | None = None
+    budget_micros: NonNeg | None = None
+    hard_budget_micros: NonNeg | None = None
+
+
+class ResourcePolicy(Api):
+    """How instances are selected for a program."""
+
+    instance_type: Name | None = None
+    min_price_micros: NonNeg | None = None
+    max_price_micros: NonNeg | None = None
+    storage: Name | None = None
+    tenancy: Tenancy = Tenancy.SHARED
+
+
+class ScalingPolicy(Api):
+    """How the optimizer scales a program."""
+
+    goal: Goal = Goal.FASTEST
+    min_instances: Annotated[int, Field(ge=1, le=10_000)] = 1
+    max_instances: Annotated[int, Field(ge=1, le=10_000)] = 1
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingPolicy:
+        if self.min_instances > self.max_instances:
+            raise ValueError("min_instances must be <= max_instances")
+        return self
+
+
+class Policies(Api):
+    """An account's default policies."""
+
+    resource_policy: ResourcePolicy = ResourcePolicy()
+    scaling_policy: ScalingPolicy = ScalingPolicy()
+
+
+# -- programs ----------------------------------------------------------------
+
+
+class ProgramSubmit(Api):
+    """Submit a program execution."""
+
+    argv: Annotated[
+        list[Annotated[str, StringConstraints(max_length=4096)]],
+        Field(min_length=1, max_length=4096),
+    ]
+    env: dict[
+        Annotated[str, StringConstraints(max_length=4096)],
+        Annotated[str, StringConstraints(max_length=65536)],
+    ] = {}
+    cwd: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = "/"
+    image: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    processes: Annotated[int, Field(ge=1, le=1024)] = 1
+    resource_policy: ResourcePolicy | None = None
+    scaling_policy: ScalingPolicy | None = None
+    limits: LimitsBody | None = None
+    storage_mb: NonNeg = 0
+    bandwidth_mbps: NonNeg = 0
+
+
+class Placement(Api):
+    """Some of a program's processes on one instance."""
+
+    instance: str
+    processes: int
+
+
+ProgramState = Literal[
+    "pending", "running", "recovering", "finished", "failed", "cancelled", "stopped_budget"
+]
+
+
+class Program(Api):
+    """A program execution."""
+
+    id: str
+    account_id: str
+    user_id: str
+    state: ProgramState
+    status_reason: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    image: str | None
+    processes: int
+    lost_processes: int
+    target_instances: int
+    resource_policy: ResourcePolicy
+    scaling_policy: ScalingPolicy
+    storage_mb: int
+    bandwidth_mbps: int
+    exit_status: int | None
+    signal: int | None
+    spent_micros: int
+    created: float
+    updated: float
+    placements: list[Placement]
+
+
+class PlacementRequest(Api):
+    """Place more processes of a running program (an exec/fork landing)."""
+
+    processes: Annotated[int, Field(ge=1, le=1024)] = 1
+
+
+class PlacementResult(Api):
+    """Where the new processes go."""
+
+    program_id: str
+    assignments: list[Placement]
+
+
+class ReleaseRequest(Api):
+    """Some processes of a program on an instance ended."""
+
+    instance: Id
+    processes: Annotated[int, Field(ge=1, le=1024)] = 1
+
+
+class ProgramFinish(Api):
+    """The program ended."""
+
+    exit_status: Annotated[int, Field(ge=0, le=255)] | None = None
+    signal: Annotated[int, Field(ge=1, le=64)] | None = None
+
+
+# -- logs and metrics --------------------------------------------------------
+
+
+class LogLineIn(Api):
+    """One line to append (ts defaults to the server's clock)."""
+
+    ts: Annotated[float, Field(ge=0, le=1e11)] | None = None
+    stream: Literal["stdout", "stderr", "log"] = "log"
+    text: Text
+    instance: Id | None = None
+    pid: Annotated[int, Field(ge=0, le=2**31)] | None = None
+
+
+class LogAppend(Api):
+    """Lines to append to a program's log."""
+
+    lines: Annotated[list[LogLineIn], Field(min_length=1, max_length=10_000)]
+
+
+class AgentLogAppend(LogAppend):
+    """Lines an agent appends to a program's log."""
+
+    program_id: Id
+
+
+class LogLineOut(Api):
+    """One line of a log."""
+
+    ts: float
+    stream: str
+    text: str
+    instance: str | None
+    pid: int | None
+
+
+class LogPage(Api):
+    """Lines of a log, in order; `cursor` resumes after the last chunk read."""
+
+    lines: list[LogLineOut]
+    cursor: int
+
+
+class MetricsReport(Api):
+    """Counter increments for one program (on one instance, if given)."""
+
+    instance: Id | None = None
+    syscalls: dict[Annotated[str, StringConstraints(max_length=64)], NonNeg] = {}
+    latency_seconds: dict[
+        Annotated[str, StringConstraints(max_length=64)], Annotated[float, Field(ge=0, le=1e9)]
+    ] = {}
+    cpu_seconds: Annotated[float, Field(ge=0, le=1e9)] = 0.0
+    memory_bytes: NonNeg | None = None
+    io_read_bytes: NonNeg = 0
+    io_write_bytes: NonNeg = 0
+    net_rx_bytes: NonNeg = 0
+    net_tx_bytes: NonNeg = 0
+
+
+class Counters(Api):
+    """Accumulated counters for a program or an instance."""
+
+    syscalls: dict[str, int]
+    latency_seconds: dict[str, float]
+    cpu_seconds: float
+    memory_bytes: int
+    io_read_bytes: int
+    io_write_bytes: int
+    net_rx_bytes: int
+    net_tx_bytes: int
+
+
+class MetricsJson(Api):
+    """Counters per program and per instance visible to the caller."""
+
+    programs: dict[str, Counters]
+    instances: dict[str, dict[str, float]]
+
+
+# -- instances and pools -----------------------------------------------------
+
+
+class InstanceTypeBody(Api):
+    """An instance type."""
+
+    name: Name
+    cpus: Annotated[int, Field(ge=1, le=4096)]
+    memory_mb: Annotated[int, Field(ge=1, le=2**40)]
+    price_micros_per_s: NonNeg
+    storage: Name | None = None
+
+
+class PoolCreate(Api):
+    """Create (or resize) a pool (admin only)."""
+
+    name: Name
+    instance_type: Name
+    warm_target: Annotated[int, Field(ge=0, le=100_000)] = 0
+    max_size: Annotated[int, Field(ge=0, le=100_000)] = 1000
+    provider: Name = "local"
+
+
+class Pool(Api):
+    """A pool of instances of one type."""
+
+    name: str
+    instance_type: InstanceTypeBody
+    warm_target: int
+    max_size: int
+    provider: str
+    live: int
+    idle: int
+
+
+class InstanceCreate(Api):
+    """Register an instance by name (admin only); returns its bearer token once."""
+
+    name: Name
+    pool: Name | None = None
+
+
+class InstanceToken(Api):
+    """An instance's bearer token (shown once)."""
+
+    instance: str
+    token: str
+
+
+class Instance(Api):
+    """A compute instance."""
+
+    name: str
+    pool: str | None
+    instance_type: str | None
+    state: Literal["pending", "ready", "failed", "destroyed"]
+    address: str | None
+    hostname: str | None
+    cpus: int
+    memory_mb: int
+    price_micros_per_s: int
+    storage: str | None
+    slots: int
+    used_slots: int
+    dedicated: bool
+    last_heartbeat: float | None
+
+
+# -- billing -----------------------------------------------------------------
+
+
+class BillingRecord(Api):
+    """One metering interval of one program."""
+
+    id: int
+    program_id: str
+    user_id: str
+    start: float
+    end: float
+    seconds: int
+    model: PricingModel
+    amount_micros: int
+    instance_micros: float
+    storage_micros: float
+    net_micros: float
+    premium_micros: float
+
+
+class Billing(Api):
+    """Billing records and their total."""
+
+    total_micros: int
+    records: list[BillingRecord]
+
+
+# -- agents (wire contract in CONTRACTS.md) ----------------------------------
+
+
+class AgentRegister(Api):
+    """An agent announces itself."""
+
+    instance: Name
+    address: Annotated[str, StringConstraints(max_length=300)]
+    hostname: Annotated[str, StringConstraints(max_length=300)]
+    cpus: Annotated[int, Field(ge=1, le=4096)]
+    memory_mb: Annotated[int, Field(ge=1, le=2**40)]
+
+
+class AgentRegistered(Api):
+    """How often the agent must heartbeat."""
+
+    instance: str
+    heartbeat_interval: float
+
+
+class Load(Api):
+    """An instance's load."""
+
+    cpu_percent: Annotated[float, Field(ge=0, le=1e6)]
+    memory_used_mb: NonNeg
+    runqueue: Annotated[float, Field(ge=0, le=1e9)]
+    processes: NonNeg
+
+
+class AgentHeartbeat(Api):
+    """An agent is alive."""
+
+    instance: Name
+    seq: NonNeg
+    load: Load
+
+
+# -- leases (locking service; instance tokens only) ---------------------------
+
+
+LeaseName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class LeaseAcquire(Api):
+    """Acquire or renew a lease for the calling instance."""
+
+    name: LeaseName
+    ttl: Annotated[float, Field(gt=0, le=3600)] = 10.0
+
+
+class LeaseRef(Api):
+    """A lease by name and fencing token (release, validate)."""
+
+    name: LeaseName
+    fencing: Annotated[int, Field(ge=1, le=2**62)]
+
+
+class LeaseOut(Api):
+    """A granted lease."""
+
+    name: str
+    holder: str
+    fencing: int
+    expires: float

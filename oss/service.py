@@ -1,0 +1,434 @@
+"""The OSS core: wires the store, the decision modules and the background loops.
+
+`Oss` is what the HTTP server (oss.server) and an embedded user call.  It owns
+its background tasks (one TaskGroup, cancelled and awaited by `close`).  Every
+`tick` seconds it: persists heartbeats, fails silent instances (availability),
+meters running programs (pricing), retries pending/recovering placements,
+runs the optimizer and flushes the OSS log; a second loop reconciles pools (pool
+manager) so slow providers never delay the duties.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oss import availability, optimizer
+from oss import logs as logmod
+from oss.errors import Conflict, OssError, ProviderError, Unauthorized
+from oss.locking import LockService
+from oss.metrics import MetricsCollector
+from oss.models import AgentHeartbeat, AgentRegister, Policies, ProgramSubmit
+from oss.pool import Credentials, Provider, fill_plan
+from oss.pricing import Rates
+from oss.store import Principal, Store, hash_token
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_FLUSH_TICKS = 5  # persist heartbeats every this many ticks
+
+
+@dataclass(frozen=True, slots=True)
+class OssConfig:
+    """Configuration of one OSS process (validated on construction)."""
+
+    data_dir: Path
+    heartbeat_interval: float = 1.0  # what agents are told
+    heartbeat_timeout: float = 5.0  # silent longer than this -> failed
+    tick: float = 1.0  # period of metering, availability, optimizer, pools
+    slots_per_cpu: int = 4  # processes per CPU on an instance
+    rates: Rates = field(default_factory=Rates)
+    provider_timeout: float = 300.0  # one provider create/destroy call
+    public_url: str | None = None  # handed to new instances as their OSS URL
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    follow_poll: float = 0.2  # log follow polling period
+    token_cache_seconds: float = 5.0  # how long a verified token is trusted
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval", "heartbeat_timeout", "tick", "provider_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.heartbeat_timeout < self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must be >= heartbeat_interval")
+        if self.slots_per_cpu < 1:
+            raise ValueError("slots_per_cpu must be >= 1")
+
+
+class PoolManager:
+    """Fills pools through their providers (adapter around pool.fill_plan)."""
+
+    def __init__(self, oss: Oss, providers: Mapping[str, Provider]) -> None:
+        self._oss = oss
+        self._providers = providers
+        self._busy: set[str] = set()
+
+    async def reconcile(self) -> None:
+        """Create or destroy instances so each pool meets its warm target."""
+        for state, provider_name, itype in await self._oss.store.pool_states():
+            if state.name in self._busy:
+                continue
+            plan = fill_plan(state)
+            if not plan.create and not plan.destroy:
+                continue
+            provider = self._providers.get(provider_name)
+            if provider is None:
+                self._oss.oss_log(f"pool {state.name}: no provider {provider_name!r} configured")
+                continue
+            self._busy.add(state.name)
+            try:
+                # Not a TaskGroup: one failed create must not cancel its siblings.  gather
+                # still awaits every call before this returns.
+                results = await asyncio.gather(
+                    *(self._create(state.name, provider, itype) for _ in range(plan.create)),
+                    *(self._destroy(name, provider) for name in plan.destroy),
+                    return_exceptions=True,
+                )
+            finally:
+                self._busy.discard(state.name)
+            for r in results:
+                if isinstance(r, ProviderError):
+                    self._oss.oss_log(f"pool {state.name}: {r}")
+                elif isinstance(r, BaseException):
+                    raise r
+
+    async def _create(self, pool: str, provider: Provider, itype: Any) -> None:
+        name, token = await self._oss.store.new_pool_instance(pool)
+        self._oss.oss_log(f"pool {pool}: creating instance {name}")
+        try:
+            async with asyncio.timeout(self._oss.config.provider_timeout):
+                await provider.create(
+                    name, itype, Credentials(name, token, self._oss.config.public_url)
+                )
+        except Exception as exc:  # provider code is foreign: any failure fails this instance
+            await self._oss.store.set_instance_state(name, "failed")
+            raise ProviderError(f"create {name}: {exc!r}", instance=name) from exc
+
+    async def _destroy(self, name: str, provider: Provider) -> None:
+        await self._oss.store.set_instance_state(name, "destroyed")
+        self._oss.oss_log(f"destroying surplus idle instance {name}")
+        try:
+            async with asyncio.timeout(self._oss.config.provider_timeout):
+                await provider.destroy(name)
+        except Exception as exc:  # provider code is foreign
+            raise ProviderError(f"destroy {name}: {exc!r}", instance=name) from exc
+
+
+class Oss:
+    """The operating system service."""
+
+    def __init__(
+        self,
+        config: OssConfig,
+        providers: Mapping[str, Provider] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = Store(config.data_dir, clock)
+        self.metrics = MetricsCollector()
+        self.locks = LockService(self.store, clock)
+        self.pools = PoolManager(self, providers or {})
+        self._last_seen: dict[str, float] = {}
+        self._beats: dict[str, tuple[float, str]] = {}
+        self._oss_lines: list[logmod.LogLine] = []
+        self._token_cache: dict[str, tuple[Principal, float]] = {}
+        self._instance_cache: dict[str, tuple[str, float]] = {}
+        self._decided: dict[str, str] = {}
+        self._runner: asyncio.Task[None] | None = None
+        self.heartbeats_processed = 0
+        self._ticks = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and start the background loop."""
+        await self.store.open()
+        now = self.clock()
+        # After a restart every ready instance gets a full timeout to heartbeat again.
+        self._last_seen = {name: now for name in await self.store.ready_instances()}
+        self._runner = asyncio.create_task(self._loop(), name="oss-background")
+        self.oss_log("oss started")
+
+    async def close(self) -> None:
+        """Stop the background loop, flush, close the store."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        await self._flush_all()
+        await self.store.close()
+
+    async def _loop(self) -> None:
+        # Pools get their own loop: a provider may take minutes to boot a VM, and that must
+        # not hold up metering or failure detection.
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._every_tick(self.tick), name="oss-duties")
+            tg.create_task(self._every_tick(self._reconcile_pools), name="oss-pools")
+
+    async def _every_tick(self, duty: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick)
+            await duty()
+
+    async def _reconcile_pools(self) -> None:
+        try:
+            await self.pools.reconcile()
+        except (OssError, OSError) as exc:
+            log.error("pool reconcile failed: %s", exc)
+        except Exception:
+            log.exception("pool reconcile crashed")
+
+    async def tick(self) -> None:
+        """One pass of every periodic duty; one failing duty does not stop the others."""
+        for duty in (
+            self._flush,
+            self.check_availability,
+            self.meter,
+            self.retry_waiting,
+            self.optimize,
+        ):
+            try:
+                await duty()
+            except (OssError, OSError) as exc:
+                log.error("periodic duty %s failed: %s", duty.__name__, exc)
+            except Exception:
+                # A bug in one duty must not stop metering or failure detection for good.
+                log.exception("periodic duty %s crashed", duty.__name__)
+
+    async def _flush(self) -> None:
+        await self._flush_logs()
+        self._ticks += 1
+        # Heartbeats are liveness hints, not acknowledged data: persisting them every few
+        # ticks is enough for a restart (which grants every instance a full timeout anyway).
+        if self._beats and self._ticks % HEARTBEAT_FLUSH_TICKS == 0:
+            beats, self._beats = self._beats, {}
+            await self.store.flush_heartbeats(beats)
+
+    async def _flush_all(self) -> None:
+        await self._flush_logs()
+        if self._beats:
+            beats, self._beats = self._beats, {}
+            await self.store.flush_heartbeats(beats)
+
+    async def _flush_logs(self) -> None:
+        if self._oss_lines:
+            lines, self._oss_lines = self._oss_lines, []
+            await self.store.append_logs(None, None, lines)
+
+    # -- logs ----------------------------------------------------------------
+
+    def oss_log(self, text: str, instance: str | None = None) -> None:
+        """Add a line to the OSS log (written on the next flush)."""
+        log.info("%s", text)
+        self._oss_lines.append(logmod.LogLine(self.clock(), "log", text, instance))
+
+    async def program_log(self, program_id: str, text: str) -> None:
+        """Append an OSS decision line to a program's log."""
+        await self.store.append_logs(None, program_id, [logmod.LogLine(self.clock(), "log", text)])
+
+    # -- auth ----------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> Principal:
+        """The caller behind a bearer token (cached briefly; revocation clears the cache)."""
+        h = hash_token(token)
+        hit = self._token_cache.get(h)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        p = await self.store.authenticate(token)
+        if len(self._token_cache) > 100_000:
+            self._token_cache.clear()
+        self._token_cache[h] = (p, now + self.config.token_cache_seconds)
+        return p
+
+    def forget_tokens(self) -> None:
+        """Drop cached token checks (after a revocation)."""
+        self._token_cache.clear()
+
+    async def mint_instance_token(self, name: str, pool: str | None = None) -> str:
+        """Create instance `name` (or re-key it) and return its bearer token."""
+        token = await self.store.mint_instance_token(name, pool)
+        self._instance_cache.clear()  # a re-key invalidates the old token at once
+        return token
+
+    async def authenticate_instance(self, token: str, claimed: str | None) -> str:
+        """The instance behind an instance token; 401 if the body names another one.
+
+        Cached like account tokens: a heartbeat then never leaves the event loop.
+        """
+        h = hash_token(token)
+        now = time.monotonic()
+        hit = self._instance_cache.get(h)
+        if hit is not None and hit[1] > now:
+            name = hit[0]
+        else:
+            name = await self.store.authenticate_instance(token)
+            if len(self._instance_cache) > 100_000:
+                self._instance_cache.clear()
+            self._instance_cache[h] = (name, now + self.config.token_cache_seconds)
+        if claimed is not None and claimed != name:
+            raise Unauthorized("token does not belong to this instance")
+        return name
+
+    # -- agents --------------------------------------------------------------
+
+    async def register(self, body: AgentRegister) -> None:
+        """An agent came up."""
+        await self.store.register_instance(
+            body.instance,
+            body.address,
+            body.hostname,
+            body.cpus,
+            body.memory_mb,
+            self.config.slots_per_cpu,
+        )
+        self._last_seen[body.instance] = self.clock()
+        self.oss_log(f"instance {body.instance} registered at {body.address}", body.instance)
+
+    def heartbeat(self, body: AgentHeartbeat) -> None:
+        """An agent is alive (kept in memory, persisted each tick)."""
+        if body.instance not in self._last_seen:
+            raise Conflict(
+                f"instance {body.instance} is not registered (or failed): register again"
+            )
+        now = self.clock()
+        self._last_seen[body.instance] = now
+        self._beats[body.instance] = (now, body.load.model_dump_json())
+        self.metrics.heartbeat(body.instance, body.load)
+        self.heartbeats_processed += 1
+
+    async def check_availability(self) -> list[str]:
+        """Fail instances silent past the timeout; mark their programs for recovery."""
+        failures = availability.silent(self._last_seen, self.clock(), self.config.heartbeat_timeout)
+        if not failures:
+            return []
+        names = [f.instance for f in failures]
+        for n in names:
+            self._last_seen.pop(n, None)
+            self._beats.pop(n, None)
+        reason = f"no heartbeat for over {self.config.heartbeat_timeout:g}s"
+        programs = await self.store.fail_instances(names, reason)
+        for f in failures:
+            self.oss_log(
+                f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
+            )
+        for p in sorted(set(programs)):
+            await self.program_log(p, f"marked for recovery: instance lost ({reason})")
+        # Replacements: failed instances no longer count as live in their pools.
+        self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
+        return names
+
+    # -- programs ------------------------------------------------------------
+
+    async def submit(self, who: Principal, body: ProgramSubmit) -> dict[str, Any]:
+        """Create and place a program (account defaults fill missing policies)."""
+        defaults = Policies.model_validate(await self.store.get_policies(who.account_id))
+        spec = body.model_dump(mode="json")
+        spec["resource_policy"] = (body.resource_policy or defaults.resource_policy).model_dump(
+            mode="json"
+        )
+        spec["scaling_policy"] = (body.scaling_policy or defaults.scaling_policy).model_dump(
+            mode="json"
+        )
+        limits = body.limits.model_dump(exclude_none=True) if body.limits else None
+        prog = await self.store.submit(who, spec, limits)
+        await self.program_log(
+            prog["id"],
+            f"submitted by {who.user_id}: {prog['state']}, placements "
+            + (
+                ", ".join(f"{p['instance']}x{p['processes']}" for p in prog["placements"]) or "none"
+            ),
+        )
+        return prog
+
+    async def retry_waiting(self) -> None:
+        """Place pending and recovering programs where capacity appeared."""
+        for pid in await self.store.retry_waiting():
+            await self.program_log(pid, "placed: running")
+
+    async def meter(self) -> None:
+        """Per-second metering into billing records; hard budgets stop programs."""
+        net = self.metrics.take_net_bytes()
+        try:
+            res = await self.store.meter(self.config.rates, net)
+        except OssError:
+            self.metrics.untake_net_bytes(net)
+            raise
+        for pid, reason in res.stopped:
+            await self.program_log(pid, reason)
+            self.oss_log(f"program {pid} {reason}")
+
+    async def optimize(self) -> None:
+        """Run the optimizer on every running program; log each changed decision."""
+        for p in await self.store.active_programs():
+            sp = p["scaling_policy"]
+            names = [pl["instance"] for pl in p["placements"]]
+            loads = [ld for ld in (self.metrics.load(n) for n in names) if ld is not None]
+            cpus = int(p["cpus"])
+            soft = p["budget_micros"]
+            left = None if soft is None else max(0.0, 1.0 - p["spent_micros"] / max(soft, 1))
+            load = optimizer.ProgramLoad(
+                processes=p["processes"],
+                instances=len(names),
+                cpus=cpus,
+                cpu_percent=sum(ld.cpu_percent for ld in loads) / len(loads) if loads else 0.0,
+                runqueue=sum(ld.runqueue for ld in loads),
+                budget_left_fraction=left,
+                limit_headroom=p["headroom"],
+            )
+            d = optimizer.decide(
+                optimizer.Goal(sp["goal"]),
+                load,
+                p["target_instances"],
+                sp["min_instances"],
+                sp["max_instances"],
+            )
+            self.metrics.decisions.labels(d.action.value).inc()
+            if d.target != p["target_instances"]:
+                await self.store.set_target(p["id"], d.target)
+            line = f"optimizer: {d.action.value} to {d.target} instance(s): {d.reason}"
+            if self._decided.get(p["id"]) != line:
+                self._decided[p["id"]] = line
+                await self.program_log(p["id"], line)
+                self.oss_log(f"program {p['id']} {line}")
+
+    async def cancel(self, who: Principal, program_id: str) -> dict[str, Any]:
+        """Cancel an active program."""
+        prog = await self.store.end_program(
+            who.account_id, program_id, "cancelled", f"cancelled by {who.user_id}"
+        )
+        await self.program_log(program_id, f"cancelled by {who.user_id}")
+        return prog
+
+    async def finish(
+        self, who: Principal, program_id: str, exit_status: int | None, signal: int | None
+    ) -> dict[str, Any]:
+        """The program ended on its own."""
+        state = "finished" if signal is None and exit_status == 0 else "failed"
+        reason = (
+            f"exited with status {exit_status}" if signal is None else f"killed by signal {signal}"
+        )
+        prog = await self.store.end_program(
+            who.account_id, program_id, state, reason, exit_status, signal
+        )
+        await self.program_log(program_id, reason)
+        return prog
+
+    async def instance_programs(self, instance: str) -> set[str]:
+        """Ids of programs placed on an instance."""
+
+        def op(c: Any) -> set[str]:
+            return {
+                r[0]
+                for r in c.execute(
+                    "SELECT program_id FROM placements WHERE instance=?", (instance,)
+                )
+            }
+
+        return await self.store.read(op)

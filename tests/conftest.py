@@ -1,0 +1,85 @@
+"""Shared test helpers: run programs natively and under dcptrace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A harness may start the tests with SIGINT and SIGQUIT ignored (a background
+# job of a non-interactive shell), and ignored signals survive exec: give the
+# programs under test what an interactive user's shell gives them.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def dcptrace_argv(*options: str) -> list[str]:
+    """The command line that runs dcptrace from this checkout."""
+    return [sys.executable, "-m", "tracer.cli", *options]
+
+
+# Runs under test record their local OSS state here, never in the user's home
+# (set for the whole test process, so every subprocess inherits it).
+DATA_DIR = tempfile.mkdtemp(prefix="dcp-test-data-")
+os.environ["DCP_DATA"] = DATA_DIR
+
+
+def traced_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DCP_DATA"] = DATA_DIR
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run(
+    argv: Sequence[str],
+    cwd: Path | str | None = None,
+    stdin: bytes = b"",
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> Run:
+    p = subprocess.run(
+        list(argv), cwd=cwd, input=stdin, capture_output=True, env=env, timeout=timeout
+    )
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def traced(argv: Sequence[str], *options: str, **kw: object) -> Run:
+    """Run argv under dcptrace with options."""
+    return run([*dcptrace_argv(*options), "--", *argv], env=traced_env(), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def has_ptrace() -> None:
+    """Skip (with the reason) where ptrace is not allowed."""
+    scope = Path("/proc/sys/kernel/yama/ptrace_scope")
+    if scope.exists() and scope.read_text().strip() == "3":
+        pytest.skip("ptrace is disabled (yama ptrace_scope=3)")
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll `predicate` until true or `seconds` pass (bounded; for process state)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

@@ -1,0 +1,401 @@
+"""Agent exec API + deputy, without the tracer: real agents on loopback, real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmagent import tickets
+from vmagent.cluster import Instance, LocalCluster
+from vmagent.remote import deputy_argv, interpreter
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(2, isolate=False, reconnect_window=3.0) as c:
+        yield c
+        c.remove_logs()
+
+
+def deputy(
+    inst: Instance,
+    *argv: str,
+    path: str | None = None,
+    window: float | None = None,
+    address: str | None = None,
+    ticket: str | None = None,
+) -> list[str]:
+    """The deputy command line for running argv on `inst` (as the coordinator builds it)."""
+    args = deputy_argv(
+        address or inst.address,
+        inst.name,
+        ticket or tickets.mint(inst.token, inst.name),
+        os.fsencode(path or argv[0]),
+        tuple(os.fsencode(a) for a in argv),
+        window,
+    )
+    return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]
+
+
+def wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie still answers kill(0): check its state.
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def read_pid(path: Path, seconds: float = 10.0) -> int:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if text.endswith("\n"):
+            return int(text)
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never written")
+
+
+def test_exit_status_and_output(cluster: LocalCluster) -> None:
+    inst = cluster.instances[0]
+    res = subprocess.run(
+        deputy(inst, "/bin/sh", "-c", "echo hi; echo oops >&2; exit 3"), capture_output=True
+    )
+    assert (res.returncode, res.stdout, res.stderr) == (3, b"hi\n", b"oops\n")
+
+
+def test_process_context_is_the_deputys(cluster: LocalCluster, tmp_path: Path) -> None:
+    inst = cluster.instances[1]
+    script = 'pwd; umask; ulimit -n; printf "%s\\n" "$WEIRD"; echo "$0 $1"'
+    env = {"PATH": "/usr/bin:/bin", "WEIRD": "a b\tc=d"}
+
+    def preexec() -> None:
+        os.umask(0o027)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (321, 4096))
+
+    cmd = deputy(inst, "sh", "-c", script, "zero", "one", path="/bin/sh")
+    res = subprocess.run(cmd, capture_output=True, cwd=tmp_path, env=env, preexec_fn=preexec)
+    assert res.stdout.decode().splitlines() == [
+        str(tmp_path),
+        "0027",
+        "321",
+        "a b\tc=d",
+        "zero one",
+    ]
+    assert res.returncode == 0
+
+
+def test_inherited_pipe_descriptor_is_forwarded(cluster: LocalCluster) -> None:
+    inst = cluster.instances[0]
+    r, w = os.pipe()
+    try:
+        cmd = " ".join(f"'{a}'" for a in deputy(inst, "/bin/sh", "-c", "echo side >&5; echo main"))
+        res = subprocess.run(
+            ["bash", "-c", f"exec 5>&{w} {w}>&-; exec {cmd}"], capture_output=True, pass_fds=(w,)
+        )
+        os.close(w)
+        assert res.stdout == b"main\n"
+        assert os.read(r, 100) == b"side\n"
+        assert os.read(r, 100) == b""  # EOF: the remote writer closed
+    finally:
+        os.close(r)
+
+
+def test_read_offset_of_a_regular_stdin_is_shared(cluster: LocalCluster, tmp_path: Path) -> None:
+    # (read a; <remote head -1>; read b) < file must see line 3 in b, as natively.
+    data = tmp_path / "lines"
+    data.write_text("1\n2\n3\n")
+    inst = cluster.instances[0]
+    cmd = " ".join(f"'{a}'" for a in deputy(inst, "/usr/bin/head", "-1"))
+    res = subprocess.run(
+        ["bash", "-c", f'read a; echo "a=$a"; {cmd}; read b; echo "b=$b"'],
+        stdin=data.open("rb"),
+        capture_output=True,
+    )
+    assert res.stdout == b"a=1\n2\nb=3\n"
+
+
+def test_hundred_megabytes_through_a_pipeline_across_two_instances(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    blob = tmp_path / "blob"
+    with blob.open("wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1 << 20))
+    expected = hashlib.sha256(blob.read_bytes()).hexdigest()
+    a, b = cluster.instances
+    # producer (a) | relay (b) | consumer (a): the relay streams both ways at once
+    # (this once dead-locked when input backpressure also stopped ACKs).
+    producer = subprocess.Popen(deputy(a, "/bin/cat", str(blob)), stdout=subprocess.PIPE)
+    relay = subprocess.Popen(deputy(b, "/bin/cat"), stdin=producer.stdout, stdout=subprocess.PIPE)
+    consumer = subprocess.run(
+        deputy(a, "/usr/bin/sha256sum"), stdin=relay.stdout, capture_output=True, timeout=120
+    )
+    assert producer.stdout is not None and relay.stdout is not None
+    producer.stdout.close()
+    relay.stdout.close()
+    assert producer.wait(timeout=30) == 0 and relay.wait(timeout=30) == 0
+    assert consumer.returncode == 0
+    assert consumer.stdout.split()[0].decode() == expected
+
+
+def test_remote_death_by_signal_becomes_the_deputys(cluster: LocalCluster) -> None:
+    res = subprocess.run(deputy(cluster.instances[0], "/bin/sh", "-c", "kill -USR1 $$"))
+    assert res.returncode == -signal.SIGUSR1
+
+
+def test_sigpipe_reaches_the_remote_writer(cluster: LocalCluster) -> None:
+    cmd = " ".join(f"'{a}'" for a in deputy(cluster.instances[0], "/usr/bin/yes"))
+    res = subprocess.run(
+        ["bash", "-c", f"{cmd} | head -2; echo ${{PIPESTATUS[0]}}"], capture_output=True
+    )
+    assert res.stdout == b"y\ny\n141\n"
+
+
+def test_kill_term_of_the_deputy_terminates_the_remote(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen(
+        deputy(cluster.instances[1], "/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60")
+    )
+    remote = read_pid(pidfile)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == -signal.SIGTERM
+    assert wait_gone(remote)
+
+
+def test_signals_are_forwarded_not_just_term(cluster: LocalCluster, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    script = f"trap 'echo got-usr1; exit 7' USR1; echo $$ > {pidfile}; while :; do sleep 0.05; done"
+    proc = subprocess.Popen(
+        deputy(cluster.instances[0], "/bin/sh", "-c", script), stdout=subprocess.PIPE
+    )
+    read_pid(pidfile)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=20)
+    assert (proc.returncode, out) == (7, b"got-usr1\n")
+
+
+def test_exec_failure_is_reported_like_a_shell(cluster: LocalCluster) -> None:
+    res = subprocess.run(deputy(cluster.instances[0], "/no/such/program"), capture_output=True)
+    assert res.returncode == 127
+    assert b"No such file or directory" in res.stderr and b"node0" in res.stderr
+
+
+def test_bad_ticket_is_refused_with_a_message(cluster: LocalCluster) -> None:
+    inst = cluster.instances[0]
+    res = subprocess.run(deputy(inst, "/bin/true", ticket="v1.x.1.y"), capture_output=True)
+    assert res.returncode == 255
+    assert b"refused" in res.stderr and b"node0" in res.stderr
+    used = tickets.mint(inst.token, inst.name)
+    assert subprocess.run(deputy(inst, "/bin/true", ticket=used)).returncode == 0
+    replay = subprocess.run(deputy(inst, "/bin/true", ticket=used), capture_output=True)
+    assert replay.returncode == 255 and b"already used" in replay.stderr
+
+
+class Cutter:
+    """A TCP proxy whose connections the test can cut (to force a reconnect)."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.moved = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                self.moved += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_a_cut_connection_resumes_without_losing_bytes(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(24 << 20))
+    expected = hashlib.sha256(blob.read_bytes()).hexdigest()
+    inst = cluster.instances[0]
+    proxy = Cutter(inst.address)
+    try:
+        # Slow the remote writer a little so the cuts land mid-stream.
+        script = f"for i in 1 2 3 4 5 6; do head -c 4194304; sleep 0.2; done < {blob}"
+        proc = subprocess.Popen(
+            deputy(inst, "/bin/sh", "-c", script, address=proxy.address, window=10),
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        digest = hashlib.sha256()
+        cuts = 0
+        while chunk := proc.stdout.read(1 << 16):
+            digest.update(chunk)
+            if cuts < 2 and proxy.moved > (cuts + 1) * (6 << 20):
+                proxy.cut()
+                cuts += 1
+        assert proc.wait(timeout=30) == 0
+        assert cuts == 2
+        assert digest.hexdigest() == expected
+    finally:
+        proxy.close()
+
+
+def test_killed_instance_fails_the_program_cleanly(tmp_path: Path) -> None:
+    with LocalCluster(1, isolate=False, reconnect_window=3.0) as c:
+        inst = c.instances[0]
+        pidfile = tmp_path / "pid"
+        proc = subprocess.Popen(
+            # exec: without root there is no PID namespace, so only the agent's
+            # direct child is covered by PDEATHSIG (grandchildren: docs/INSTANCES.md).
+            deputy(inst, "/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60", window=2),
+            stderr=subprocess.PIPE,
+        )
+        remote = read_pid(pidfile)
+        c.kill(inst.name)
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 30)
+        assert ready, "the deputy hung after its instance died"
+        assert proc.wait(timeout=30) == 255
+        err = proc.stderr.read().decode()
+        assert f"instance {inst.name}" in err and "lost" in err
+        assert wait_gone(remote), "the remote program outlived its agent"
+        c.remove_logs()
+
+
+def test_malformed_exec_connections_get_an_error_and_the_agent_lives_on(
+    cluster: LocalCluster,
+) -> None:
+    from vmagent import protocol as P
+
+    inst = cluster.instances[0]
+    host, _, port = inst.address.rpartition(":")
+    cases = [
+        P.MAGIC + P.HEADER.pack(42, 0, 0, 0),  # unknown frame kind
+        P.MAGIC + P.frame(P.DATA, 1, b"x", 1),  # data before HELLO
+        P.MAGIC + P.frame(P.HELLO, 0, b"\x00\x00\x00\x05ab"),  # truncated record
+        P.MAGIC + P.frame(P.HELLO, 0, P.unpairs({b"ticket": b"t"})),  # missing fields
+        P.MAGIC + P.frame(P.RESUME, 0, b"no-such-session"),
+    ]
+    for wire in cases:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(wire)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        frames = P.FrameParser().feed(reply)
+        assert [f[0] for f in frames] == [P.ERROR], wire
+        assert frames[0][3]  # a message saying why
+    res = subprocess.run(deputy(inst, "/bin/sh", "-c", "exit 5"))
+    assert res.returncode == 5
+
+
+def test_programs_can_run_under_the_tracer_on_their_instance(tmp_path: Path) -> None:
+    with LocalCluster(1, isolate=False, trace=True) as c:
+        inst = c.instances[0]
+        script = "grep TracerPid /proc/self/status | tr -d ' \\t'; echo $0; exit 4"
+        res = subprocess.run(deputy(inst, "/bin/sh", "-c", script, "zero"), capture_output=True)
+        lines = res.stdout.decode().splitlines()
+        assert res.returncode == 4, res.stderr
+        assert lines[0].startswith("TracerPid:") and lines[0] != "TracerPid:0"
+        assert lines[1] == "zero"
+        pidfile = tmp_path / "pid"
+        proc = subprocess.Popen(
+            deputy(inst, "/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"),
+        )
+        read_pid(pidfile, 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        c.remove_logs()
+
+
+def test_ignored_signals_carry_over_and_pythons_own_do_not(cluster: LocalCluster) -> None:
+    cmd = " ".join(
+        f"'{a}'" for a in deputy(cluster.instances[1], "/bin/grep", "SigIgn", "/proc/self/status")
+    )
+    res = subprocess.run(["bash", "-c", f"trap '' USR2; exec {cmd}"], capture_output=True)
+    mask = int(res.stdout.split()[1], 16)
+    assert mask & (1 << (signal.SIGUSR2 - 1))  # the shell's trap '' survives, as across exec
+    assert not mask & (1 << (signal.SIGPIPE - 1))  # the deputy's Python ignores it; not passed on
+
+
+def proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_job_control_stop_and_continue_are_mirrored(cluster: LocalCluster, tmp_path: Path) -> None:
+    pidfile, flag = tmp_path / "pid", tmp_path / "flag"
+    script = f"echo $$ > {pidfile}; while [ ! -e {flag} ]; do sleep 0.05; done"
+    proc = subprocess.Popen(deputy(cluster.instances[0], "/bin/sh", "-c", script))
+    remote = read_pid(pidfile)
+    proc.send_signal(signal.SIGTSTP)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+    deadline = time.monotonic() + 10
+    while proc_state(remote) != "T" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc_state(remote) == "T"  # the remote job is stopped too
+    proc.send_signal(signal.SIGCONT)
+    while proc_state(remote) == "T" and time.monotonic() < deadline + 10:
+        time.sleep(0.02)
+    assert proc_state(remote) != "T"  # resumed
+    flag.touch()
+    assert proc.wait(timeout=30) == 0

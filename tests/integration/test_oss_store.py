@@ -1,0 +1,96 @@
+"""The SQLite store: migrations, pragmas, group commit with per-operation rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oss.errors import Conflict
+from oss.store import MIGRATIONS, Store, connect
+
+
+def test_pragmas_and_latest_schema(tmp_path: Path) -> None:
+    async def go() -> None:
+        s = Store(tmp_path)
+        await s.open()
+        try:
+            mode = await s.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+            ver = await s.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+            sync = await s.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+            assert (mode, ver, sync) == ("wal", len(MIGRATIONS), 2)  # 2 = FULL
+        finally:
+            await s.close()
+
+    asyncio.run(go())
+
+
+def test_migration_2_backfills_spend_from_version_1(tmp_path: Path) -> None:
+    path = tmp_path / "oss.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(f"BEGIN;\n{MIGRATIONS[0]}\nPRAGMA user_version=1;\nCOMMIT;")
+    conn.execute("INSERT INTO accounts VALUES('a1','acme',0,'sum',0)")
+    conn.execute("INSERT INTO users VALUES('u1','a1','bob',0)")
+    for amount in (5, 7):
+        conn.execute(
+            "INSERT INTO billing(program_id, account_id, user_id, start, end, seconds, model,"
+            " amount_micros, detail) VALUES('p','a1','u1',0,1,1,'sum',?,'{}')",
+            (amount,),
+        )
+    conn.close()
+    c = connect(path)
+    from oss.store import migrate
+
+    migrate(c)
+    assert c.execute("SELECT spent_micros FROM accounts").fetchone()[0] == 12
+    assert c.execute("SELECT spent_micros FROM users").fetchone()[0] == 12
+    assert c.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    c.close()
+
+
+def test_failing_operation_rolls_back_alone_in_a_group_commit(tmp_path: Path) -> None:
+    async def go() -> list[Any]:
+        s = Store(tmp_path)
+        await s.open()
+        try:
+
+            def ok(i: int) -> Any:
+                return lambda c: (
+                    c.execute("INSERT INTO leases VALUES(?,NULL,1,0)", (f"k{i}",)).rowcount
+                )
+
+            def bad(c: Any) -> None:
+                c.execute("INSERT INTO leases VALUES('doomed',NULL,1,0)")
+                raise Conflict("no")
+
+            res = await asyncio.gather(
+                *(s.write(ok(i)) for i in range(50)), s.write(bad), return_exceptions=True
+            )
+            names = await s.read(lambda c: {r[0] for r in c.execute("SELECT name FROM leases")})
+            assert "doomed" not in names and len(names) == 50
+            return res
+        finally:
+            await s.close()
+
+    res = asyncio.run(go())
+    assert res[:50] == [1] * 50 and isinstance(res[50], Conflict)
+
+
+def test_second_process_style_connection_sees_committed_state(tmp_path: Path) -> None:
+    async def go() -> None:
+        s = Store(tmp_path)
+        await s.open()
+        try:
+            await s.create_account("acme", False, "sum", "u")
+            other = connect(s.path)
+            assert other.execute("SELECT name FROM accounts").fetchone()[0] == "acme"
+            other.close()
+            with pytest.raises(Conflict):
+                await s.create_account("acme", False, "sum", "u")
+        finally:
+            await s.close()
+
+    asyncio.run(go())

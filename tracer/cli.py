@@ -1,0 +1,243 @@
+"""`dcptrace [options] -- program [args...]`: run an unmodified program under DCP."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+import click
+
+from oss.embedded import EmbeddedCoordinator
+from oss.local import LocalOss, default_data_dir
+from oss.pathmap import PathMap, PathMapError, parse_mapping
+from tracer.coordinator import Coordinator
+from tracer.errors import SpawnError, TracerError, UsageError
+
+if TYPE_CHECKING:
+    from tracer.config import FileConfig
+from tracer.front import TracerLink, run_split
+from tracer.report import build_record, write_record, write_summary
+from tracer.runner import Runner, reraise
+from tracer.spawn import initial_dispositions, resolve
+from tracer.syscalls import table_for
+
+log = logging.getLogger("dcptrace")
+PLACEMENTS = ("spread", "pack", "local")
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """Settings a config file may provide (see tracer.config.FileConfig)."""
+
+    map: dict[str, str] = field(default_factory=dict)
+    instances: int = 0
+    placement: str = "spread"
+    oss: str | None = None
+
+
+@contextlib.contextmanager
+def _coordinator(
+    inner: EmbeddedCoordinator, instances: int, placement: str, oss_url: str | None
+) -> Iterator[Coordinator]:
+    if instances <= 1 and oss_url is None:
+        yield inner
+        return
+    try:
+        from vmagent.wiring import clustered
+    except ImportError as exc:
+        raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
+    with clustered(inner, instances=instances, placement=placement, oss_url=oss_url) as coord:
+        yield coord
+
+
+def _open_output(path: str, flag: str) -> TextIO:
+    try:
+        return open(path, "w", buffering=1 << 16)
+    except OSError as exc:
+        raise UsageError(f"cannot write the {flag} file {path}: {exc.strerror}") from exc
+
+
+@click.command(
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
+)
+@click.option("--trace", is_flag=True, help="Print every syscall, strace-style.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write --trace lines to FILE instead of stderr.",
+)
+@click.option(
+    "--summary",
+    is_flag=True,
+    help="Print counts, errors and time per syscall, by category and service.",
+)
+@click.option(
+    "--record",
+    "record_path",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write a JSON run record to FILE.",
+)
+@click.option(
+    "--map",
+    "maps",
+    multiple=True,
+    metavar="SRC=DST",
+    help="Show real directory DST to the program as SRC (repeatable).",
+)
+@click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
+@click.option(
+    "--instances",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Run on N local compute instances.",
+)
+@click.option(
+    "--placement",
+    type=click.Choice(PLACEMENTS),
+    default=None,
+    help="Where new programs run (default spread).",
+)
+@click.option("--oss", "oss_url", metavar="URL", help="Use a running dcp-oss coordinator.")
+@click.option(
+    "--data",
+    "data_dir",
+    metavar="DIR",
+    help="Local OSS state (default $DCP_DATA or ~/.local/share/dcp).",
+)
+@click.option("--no-state", is_flag=True, help="Do not record this run in the local OSS state.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr.")
+@click.argument("program", nargs=-1, required=True, type=click.UNPROCESSED)
+def command(
+    trace: bool,
+    output: str | None,
+    summary: bool,
+    record_path: str | None,
+    maps: tuple[str, ...],
+    config_path: str | None,
+    instances: int | None,
+    placement: str | None,
+    oss_url: str | None,
+    data_dir: str | None,
+    no_state: bool,
+    verbose: int,
+    program: tuple[str, ...],
+) -> int:
+    """Run PROGRAM under DCP, as if the cluster were one computer."""
+    logging.basicConfig(
+        level=logging.WARNING - 10 * verbose, format="dcptrace: %(levelname)s: %(message)s"
+    )
+    if config_path:
+        from tracer.config import load_config  # pydantic costs ~30 ms of start-up
+
+        config: RunDefaults | FileConfig = load_config(config_path)
+    else:
+        config = RunDefaults()
+    mapping = dict(config.map)
+    for spec in maps:
+        src, dst = parse_mapping(spec)
+        mapping[src] = dst
+    table = table_for(os.uname().machine)
+    env = dict(os.environ)
+    path = resolve(program[0], env)
+    pathmap = PathMap(mapping)
+    observe = trace or summary or record_path is not None
+    n = config.instances if instances is None else instances
+    where = placement or config.placement
+    dispositions = initial_dispositions()
+
+    # Output files are opened before the program runs: a bad path is a usage
+    # error, not a run whose record is lost at the end.
+    trace_file = _open_output(output, "--output") if trace and output else None
+    record_file = _open_output(record_path, "--record") if record_path else None
+
+    state_dir = Path(data_dir) if data_dir else default_data_dir()
+
+    def tracer_main(link: TracerLink) -> int:
+        trace_out: TextIO | None = None
+        if trace:
+            trace_out = trace_file or sys.stderr
+        local = None if no_state else LocalOss(state_dir, program, os.getcwd())
+
+        def report(line: str) -> None:
+            link.send(line)
+            if local is None:
+                return
+            kind, _, value = line.partition(" ")
+            if kind == "pid":
+                local.start()  # the program runs: record it off the tracer's path
+            elif kind in ("exit", "signal"):
+                n = int(value)
+                local.finish(n if kind == "exit" else None, n if kind == "signal" else None)
+
+        inner = EmbeddedCoordinator(table, pathmap, local.event if local else None)
+        try:
+            with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+                runner = Runner(
+                    program, env, path, table, coordinator, observe, trace_out,
+                    report=report, dispositions=dispositions,
+                )  # fmt: skip
+                outcome = runner.run()
+                if outcome.error:
+                    click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
+                if summary:
+                    write_summary(outcome.stats, sys.stderr)
+                if record_file is not None:
+                    record = build_record(
+                        program, outcome.exit_status, outcome.signal, outcome.machine,
+                        outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
+                    )  # fmt: skip
+                    write_record(record, record_file)
+        except TracerError as exc:
+            click.echo(f"dcptrace: {exc}", err=True)
+            return 125
+        finally:
+            if local is not None:
+                local.close(timeout=30)
+            if trace_out is not None:
+                trace_out.flush()
+                if trace_out is not sys.stderr:
+                    trace_out.close()
+        return 0
+
+    end = run_split(tracer_main, wait_for_tracer=observe)
+    if end.signal:
+        sys.stdout.flush()
+        reraise(end.signal)
+        return 128 + end.signal
+    return end.exit_status if end.exit_status is not None else 125
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line on stderr for every user error."""
+    try:
+        code = command.main(args=argv, prog_name="dcptrace", standalone_mode=False)
+    except click.UsageError as exc:
+        msg = exc.format_message()
+        if isinstance(exc, click.MissingParameter):
+            msg = "no program given: usage: dcptrace [OPTIONS] -- PROGRAM [ARGS]..."
+        click.echo(f"dcptrace: {msg}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except SpawnError as exc:
+        click.echo(f"dcptrace: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (UsageError, PathMapError) as exc:
+        click.echo(f"dcptrace: {exc}", err=True)
+        sys.exit(2)
+    except TracerError as exc:
+        click.echo(f"dcptrace: {exc}", err=True)
+        sys.exit(125)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

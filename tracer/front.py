@@ -1,0 +1,216 @@
+"""dcptrace's two processes: the front the shell waits on, and the tracer behind it.
+
+The front exits with the program's status as soon as the program's main
+process ends, as a native run would, while the tracer child keeps serving
+any background processes the program left running (their seccomp filter
+needs a tracer: without one, intercepted calls fail with ENOSYS).
+
+Lifeline: the front holds the write end of a pipe.  If the front dies without
+writing its release byte (kill -9), the tracer sees EOF and exits at once;
+PTRACE_O_EXITKILL then kills every tracee.  No tracee outlives an abnormal end.
+
+Messages tracer -> front, one line each: `pid N`, `exit N`, `signal N`, `stop N`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_RELEASE = b"r"
+# Signals sent to dcptrace by another process (kill) are passed to the program;
+# the same signals from the terminal already reached the program's process group.
+FORWARDED_SIGNALS = frozenset(
+    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+     signal.SIGUSR1, signal.SIGUSR2}
+)  # fmt: skip
+TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+_FRONT_STOP_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+@dataclass(frozen=True, slots=True)
+class MainEnd:
+    """How the program's main process ended."""
+
+    exit_status: int | None
+    signal: int | None
+
+
+class TracerLink:
+    """The tracer child's side: report to the front, die with it."""
+
+    def __init__(self, status_w: int, lifeline_r: int, keep_stderr: bool) -> None:
+        self._status = status_w
+        self._lifeline = lifeline_r
+        self._keep_stderr = keep_stderr
+        self.released = threading.Event()
+
+    def watch_lifeline(self) -> None:
+        """Exit the tracer (killing the tracees) if the front dies unreleased."""
+
+        def watch() -> None:
+            data = os.read(self._lifeline, 1)
+            if data == _RELEASE:
+                self.released.set()
+                return
+            os._exit(1)
+
+        threading.Thread(target=watch, name="dcptrace-lifeline", daemon=True).start()
+
+    def send(self, line: str) -> None:
+        """One message to the front (ignored once the front is gone)."""
+        try:
+            os.write(self._status, line.encode() + b"\n")
+        except OSError:
+            pass
+        kind = line.split(" ", 1)[0]
+        # The tracer must not hold the caller's pipes open: a reader of
+        # dcptrace's output sees EOF when the program's own processes close it.
+        if kind == "pid":
+            _to_devnull(0, 1)
+        elif kind in ("exit", "signal") and not self._keep_stderr:
+            _to_devnull(2)
+
+
+def _to_devnull(*fds: int) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -> MainEnd:
+    """Fork the tracer child running `tracer_main`; return how the main process ended.
+
+    With `wait_for_tracer` (observation outputs requested) the front also waits
+    for the tracer to finish, so summaries and records are complete on return.
+    """
+    status_r, status_w = os.pipe()
+    lifeline_r, lifeline_w = os.pipe()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    tracer_pid = os.fork()
+    if tracer_pid == 0:
+        code = 1
+        try:
+            os.close(status_r)
+            os.close(lifeline_w)
+            # The terminal's signals reach the program's group directly; the
+            # tracer must survive them to keep serving it.
+            for sig in TTY_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            link = TracerLink(status_w, lifeline_r, keep_stderr=wait_for_tracer)
+            link.watch_lifeline()
+            code = tracer_main(link)
+        except BaseException:
+            traceback.print_exc()
+            code = 125
+        finally:
+            os._exit(code)
+    os.close(status_w)
+    os.close(lifeline_r)
+    # The front stops only by mirroring the program's main process (see
+    # runner.mirror_stop): stopping on the terminal's own SIGTSTP as well would
+    # stop it a second time after the shell's SIGCONT.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _FRONT_STOP_SIGNALS}
+    try:
+        end = _follow(status_r, tracer_pid)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        os.write(lifeline_w, _RELEASE)
+    except BrokenPipeError:
+        pass  # the tracer already finished
+    if wait_for_tracer:
+        _reap(tracer_pid)
+    os.close(lifeline_w)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return end
+
+
+def _follow(status_r: int, tracer_pid: int) -> MainEnd:
+    buf = b""
+    forwarder: _Forwarder | None = None
+    with os.fdopen(status_r, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                kind, _, value = line.decode().partition(" ")
+                n = int(value)
+                if kind == "pid":
+                    forwarder = _Forwarder(n)
+                    forwarder.start()
+                elif kind == "exit":
+                    return MainEnd(n, None)
+                elif kind == "signal":
+                    return MainEnd(None, n)
+                elif kind == "stop":
+                    mirror_stop(n)
+    # The tracer ended without a word about the main process: it failed.
+    _, status = os.waitpid(tracer_pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return MainEnd(code if code > 0 else 125, None)
+
+
+def mirror_stop(sig: int) -> None:
+    """Stop dcptrace with `sig` when the program's main process stopped on it.
+
+    Only when dcptrace is in its terminal's foreground group: the shell then
+    sees the job stopped (with the same signal) and resumes the whole group,
+    dcptrace and program, with SIGCONT on `fg`.
+    """
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return
+    try:
+        foreground = os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        foreground = False
+    finally:
+        os.close(fd)
+    if not foreground:
+        return
+    previous = signal.signal(sig, signal.SIG_DFL)
+    try:
+        # Sent to this thread, the stop takes effect before pthread_kill returns.
+        signal.pthread_kill(threading.get_ident(), sig)
+    finally:
+        signal.signal(sig, previous)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+_SI_KERNEL = 0x80
+
+
+class _Forwarder(threading.Thread):
+    """Passes signals sent to dcptrace on to the program's main process."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(name="dcptrace-signals", daemon=True)
+        self.pid = pid
+
+    def run(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(FORWARDED_SIGNALS)
+            if info.si_code == _SI_KERNEL:
+                continue  # from the terminal: the program's group got it too
+            try:
+                os.kill(self.pid, info.si_signo)
+            except ProcessLookupError:
+                return

@@ -1,0 +1,133 @@
+"""What a run produced: per-syscall statistics, the --summary table, the --record JSON."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from tracer.machine import Machine
+from tracer.syscalls import SyscallTable
+
+
+class RunStats:
+    """Counts, errors and in-call time per syscall number."""
+
+    def __init__(self, table: SyscallTable) -> None:
+        self.table = table
+        self.calls: Counter[int] = Counter()
+        self.errors: Counter[int] = Counter()
+        self.seconds: defaultdict[int, float] = defaultdict(float)
+
+    def add(self, nr: int, rval: int, seconds: float) -> None:
+        """Count one finished call."""
+        self.calls[nr] += 1
+        self.seconds[nr] += seconds
+        if -4096 < rval < 0:
+            self.errors[nr] += 1
+
+    def name(self, nr: int) -> str:
+        """The syscall's name, or syscall_N for numbers outside the table."""
+        spec = self.table.get(nr)
+        return spec.name if spec else f"syscall_{nr}"
+
+    def by_name(self) -> dict[str, int]:
+        """Call counts by syscall name."""
+        return {self.name(nr): n for nr, n in self.calls.most_common()}
+
+    def grouped(self, key: Callable[[int], str]) -> dict[str, dict[str, float]]:
+        """Calls, errors and seconds summed by a grouping of syscall numbers."""
+        out: dict[str, dict[str, float]] = {}
+        for nr, n in self.calls.items():
+            g = out.setdefault(key(nr), {"calls": 0, "errors": 0, "seconds": 0.0})
+            g["calls"] += n
+            g["errors"] += self.errors[nr]
+            g["seconds"] += self.seconds[nr]
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]["calls"]))
+
+    def category(self, nr: int) -> str:
+        """The category of a syscall number."""
+        spec = self.table.get(nr)
+        return spec.category.value if spec else "other"
+
+    def service(self, nr: int) -> str:
+        """The OSS service of a syscall number."""
+        spec = self.table.get(nr)
+        return spec.service.value if spec else "local"
+
+
+def write_summary(stats: RunStats, out: TextIO) -> None:
+    """An `strace -c`-like table, then totals by category and by OSS service."""
+    total = sum(stats.seconds.values()) or 1e-12
+    out.write(
+        f"{'% time':>7} {'seconds':>11} {'usecs/call':>11} {'calls':>9} {'errors':>9} syscall\n"
+    )
+    out.write(f"{'-' * 7} {'-' * 11} {'-' * 11} {'-' * 9} {'-' * 9} {'-' * 16}\n")
+    for nr, secs in sorted(stats.seconds.items(), key=lambda kv: -kv[1]):
+        calls = stats.calls[nr]
+        errs = stats.errors[nr] or ""
+        out.write(
+            f"{100 * secs / total:7.2f} {secs:11.6f} {1e6 * secs / calls:11.0f} "
+            f"{calls:9d} {errs!s:>9} {stats.name(nr)}\n"
+        )
+    out.write(f"{'-' * 7} {'-' * 11} {'-' * 11} {'-' * 9} {'-' * 9} {'-' * 16}\n")
+    out.write(
+        f"{100.0:7.2f} {sum(stats.seconds.values()):11.6f} {'':>11} "
+        f"{sum(stats.calls.values()):9d} {sum(stats.errors.values()) or '':>9} total\n"
+    )
+    for title, key in (("category", stats.category), ("OSS service", stats.service)):
+        out.write(f"\nby {title}:\n")
+        for name, g in stats.grouped(key).items():
+            out.write(
+                f"  {name:<10} {int(g['calls']):9d} calls {int(g['errors']):7d} errors "
+                f"{g['seconds']:11.6f} s\n"
+            )
+
+
+def build_record(
+    argv: tuple[str, ...],
+    exit_status: int | None,
+    sig: int | None,
+    machine: Machine,
+    stats: RunStats,
+    wall_seconds: float,
+    instance_of: Callable[[int], str],
+    scope: str,
+) -> dict[str, Any]:
+    """The JSON run record."""
+    processes = [
+        {
+            "pid": p.pid,
+            "ppid": p.ppid,
+            "argv": list(p.argv),
+            "instance": instance_of(p.pid),
+            "exit_status": p.exit_status,
+            "signal": signal.Signals(p.signal).name if p.signal else None,
+        }
+        for p in machine.processes.values()
+    ]
+    record: dict[str, Any] = {
+        "argv": list(argv),
+        "exit_status": exit_status,
+        "signal": signal.Signals(sig).name if sig else None,
+        "wall_seconds": round(wall_seconds, 6),
+        "processes": processes,
+        "syscalls": {
+            "scope": scope,
+            "total": sum(stats.calls.values()),
+            "by_name": stats.by_name(),
+            "by_category": {k: int(v["calls"]) for k, v in stats.grouped(stats.category).items()},
+            "by_service": {k: int(v["calls"]) for k, v in stats.grouped(stats.service).items()},
+            "errors_by_name": {stats.name(nr): n for nr, n in stats.errors.most_common()},
+        },
+    }
+    return record
+
+
+def write_record(record: dict[str, Any], out: TextIO) -> None:
+    """Write the record as JSON to an open file, and close it."""
+    with out:
+        json.dump(record, out, indent=2)
+        out.write("\n")

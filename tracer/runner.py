@@ -1,0 +1,359 @@
+"""The tracer loop: waitpid -> Stop -> Machine.step -> actions -> ptrace.
+
+Runs on one dedicated thread (the one that seized the program), blocking in
+waitpid(-1, __WALL); it never sleep-polls.  Everything that talks to the kernel
+about tracees lives here or in `ptraceio`; decisions live in `machine` and the
+coordinator.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+from tracer import ptraceio
+from tracer.coordinator import Complete, Coordinator, ProcessExited, Rewrite, SyscallCall
+from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
+from tracer.errors import TracerError
+from tracer.machine import (
+    STOP_SIGNALS,
+    Action,
+    ApplyComplete,
+    ApplyRewrite,
+    Consult,
+    Decided,
+    EventStop,
+    ExecStop,
+    ExitStop,
+    ForkStop,
+    GroupStop,
+    Machine,
+    MirrorStop,
+    Notify,
+    Observe,
+    Observed,
+    Record,
+    RestoreArgs,
+    Resume,
+    SeccompStop,
+    SignalStop,
+    Stop,
+    SyscallExitStop,
+)
+from tracer.report import RunStats
+from tracer.seccomp import PreparedFilter, build_filter
+from tracer.spawn import exec_failure, spawn
+from tracer.syscalls import SyscallSpec, SyscallTable, by_name
+
+log = logging.getLogger(__name__)
+
+WALL = 0x40000000  # __WALL: wait for threads and processes alike
+_MASK64 = (1 << 64) - 1
+_SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
+# Calls whose output buffer the coordinator may want to see at exit.
+_OUTPUT_ARG = {"readlink": 1, "readlinkat": 2, "getcwd": 0}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the traced program ended and what the tracer saw."""
+
+    exit_status: int | None
+    signal: int | None
+    machine: Machine
+    stats: RunStats
+    wall_seconds: float
+    error: str | None  # the exec failure of the program itself, if any
+
+
+class Runner:
+    """Runs one program under the tracer with a coordinator."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        path: str,
+        table: SyscallTable,
+        coordinator: Coordinator,
+        trace_all: bool,
+        trace_out: TextIO | None = None,
+        report: Callable[[str], None] | None = None,
+        dispositions: Mapping[int, signal.Handlers] | None = None,
+    ) -> None:
+        self.report = report or (lambda line: None)
+        self.dispositions = dict(dispositions or {})
+        self.argv = tuple(argv)
+        self.env = dict(env)
+        self.path = path
+        self.table = table
+        self.names = by_name(table)
+        self.coordinator = coordinator
+        self.trace_all = trace_all
+        self.trace_out = trace_out
+        self.stats = RunStats(table)
+        self.formatter = Formatter(
+            table, ptraceio.read_string, ptraceio.read_memory, ptraceio.read_string_array
+        )
+        unknown = coordinator.interception() - self.names.keys()
+        if unknown:
+            raise TracerError(f"coordinator asks for unknown syscalls: {sorted(unknown)}")
+        self.intercept = frozenset(self.names[n].nr for n in coordinator.interception())
+        self._calls: dict[int, SyscallCall] = {}
+        self._saved: dict[int, ptraceio.Registers] = {}
+        self._entry_text: dict[int, str] = {}
+        self.machine: Machine | None = None
+
+    # -- the loop
+
+    def run(self) -> Outcome:
+        """Spawn the program, trace it until every traced process is gone."""
+        filt = PreparedFilter(
+            build_filter(self.intercept, trace_all=self.trace_all), no_new_privs=os.geteuid() != 0
+        )
+        started = time.perf_counter()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        spawned = spawn(self.argv, self.env, filt, self.path, mask, self.dispositions)
+        machine = self.machine = Machine(
+            spawned.pid, self.intercept, self.trace_all, argv=self.argv
+        )
+        self.report(f"pid {spawned.pid}")
+        self._loop(machine)
+        wall = time.perf_counter() - started
+        error = exec_failure(spawned)
+        status, sig = machine.main_exit or (None, None)
+        return Outcome(status, sig, machine, self.stats, wall, error)
+
+    def _loop(self, machine: Machine) -> None:
+        step = machine.step
+        execute = self._execute
+        decode = self._decode
+        while machine.alive:
+            try:
+                pid, status = os.waitpid(-1, WALL)
+            except ChildProcessError:
+                log.warning("no traced process left, %d unaccounted for", len(machine.threads))
+                return
+            stop = decode(pid, status)
+            if stop is not None:
+                execute(step(stop))
+
+    def _decode(self, pid: int, status: int) -> Stop | None:
+        if os.WIFEXITED(status):
+            return ExitStop(pid, os.WEXITSTATUS(status), None)
+        if os.WIFSIGNALED(status):
+            return ExitStop(pid, None, os.WTERMSIG(status))
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        try:
+            if event == ptraceio.EVENT_SECCOMP:
+                info = ptraceio.syscall_info(pid)
+                if self.trace_out is not None:
+                    self._pre_render(pid, info.nr, info.args)
+                return SeccompStop(pid, info.nr, info.args, info.arch != ptraceio.AUDIT_ARCH_X86_64)
+            if sig == _SIGTRAP_SYSGOOD:
+                info = ptraceio.syscall_info(pid)
+                if info.op == ptraceio.SYSCALL_INFO_EXIT:
+                    return SyscallExitStop(pid, info.rval)
+                return EventStop(pid)
+            if event in (ptraceio.EVENT_FORK, ptraceio.EVENT_VFORK, ptraceio.EVENT_CLONE):
+                child = ptraceio.event_message(pid)
+                thread = event == ptraceio.EVENT_CLONE and ptraceio.tgid_of(
+                    child
+                ) == ptraceio.tgid_of(pid)
+                return ForkStop(pid, child, thread)
+            if event == ptraceio.EVENT_EXEC:
+                former = ptraceio.event_message(pid)
+                return ExecStop(pid, former, ptraceio.cmdline(pid))
+            if event == ptraceio.EVENT_STOP:
+                if sig in STOP_SIGNALS:
+                    return GroupStop(pid, sig)
+                return EventStop(pid)
+            if event:
+                return EventStop(pid)
+            return SignalStop(pid, sig)
+        except ptraceio.PtraceRequestError as exc:
+            if exc.errno == errno.ESRCH:
+                return None  # killed under us; its exit is reported next
+            raise
+
+    # -- actions
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Resume(tid, mode, sig):
+                    ptraceio.resume(tid, mode, sig)
+                case Record():
+                    self._record(action)
+                case Consult():
+                    self._consult(action)
+                case ApplyRewrite(tid, rewrite):
+                    self._apply_rewrite(tid, rewrite)
+                case ApplyComplete(tid, complete):
+                    self._apply_complete(tid, complete)
+                    self._calls.pop(tid, None)
+                case RestoreArgs(tid):
+                    self._restore_args(tid)
+                case Observe():
+                    self._observe(action)
+                case Notify(event):
+                    self.coordinator.on_process(event)
+                    main = self.machine.main_pid if self.machine else -1
+                    if isinstance(event, ProcessExited) and event.pid == main:
+                        if event.signal:
+                            self.report(f"signal {event.signal}")
+                        else:
+                            self.report(f"exit {event.exit_status}")
+                case MirrorStop(sig):
+                    self.report(f"stop {sig}")
+
+    def _consult(self, action: Consult) -> None:
+        assert self.machine is not None
+        call = self._build_call(action.tid, action.nr, action.args)
+        try:
+            decision = self.coordinator.on_syscall(call)
+        except Exception:
+            # Failing the call is safer than running it unmapped: data must not
+            # land somewhere the program does not expect.
+            log.exception("coordinator failed on %s; the call returns EIO", call.name)
+            decision = Complete(-errno.EIO)
+        self._calls[action.tid] = call
+        self._execute(self.machine.step(Decided(action.tid, decision)))
+
+    def _build_call(self, tid: int, nr: int, args: tuple[int, ...]) -> SyscallCall:
+        spec: SyscallSpec = self.table[nr]
+        pid = (
+            self.machine.threads[tid].tgid if self.machine and tid in self.machine.threads else tid
+        )
+        paths: dict[int, bytes] = {}
+        bases: dict[int, bytes] = {}
+        for index, dirfd_index in spec.path_args():
+            raw = ptraceio.read_string(tid, args[index])
+            if raw is None:
+                continue
+            paths[index] = raw
+            if raw and not raw.startswith(b"/"):
+                base = self._base(tid, None if dirfd_index is None else args[dirfd_index])
+                if base is not None:
+                    bases[index] = base
+        for i, fmt in enumerate(spec.args):
+            if fmt == "target":
+                raw = ptraceio.read_string(tid, args[i])
+                if raw is not None:
+                    paths[i] = raw
+        argv = None
+        if "argv" in spec.args:
+            argv = ptraceio.read_string_array(tid, args[spec.args.index("argv")])
+        cwd = ptraceio.proc_link(tid, "cwd") if spec.name == "getcwd" else None
+        return SyscallCall(pid, tid, nr, spec.name, args, paths, bases, argv, cwd)
+
+    @staticmethod
+    def _base(tid: int, dirfd: int | None) -> bytes | None:
+        if dirfd is None or signed(dirfd, 32) == AT_FDCWD:
+            return ptraceio.proc_link(tid, "cwd")
+        return ptraceio.proc_link(tid, f"fd/{signed(dirfd, 32)}")
+
+    def _apply_rewrite(self, tid: int, rewrite: Rewrite) -> None:
+        regs = ptraceio.get_regs(tid)
+        self._saved[tid] = ptraceio.copy_regs(regs)
+        sp = regs.rsp - ptraceio.RED_ZONE
+        for index, value in rewrite.args.items():
+            if isinstance(value, int):
+                new = value & _MASK64
+            elif isinstance(value, bytes):
+                sp = _align(sp - len(value) - 1)
+                ptraceio.write_memory(tid, sp, value + b"\0")
+                new = sp
+            else:
+                pointers = []
+                for item in value:
+                    sp = _align(sp - len(item) - 1, 1)
+                    ptraceio.write_memory(tid, sp, item + b"\0")
+                    pointers.append(sp)
+                table = struct.pack(f"<{len(pointers) + 1}Q", *pointers, 0)
+                sp = _align(sp - len(table))
+                ptraceio.write_memory(tid, sp, table)
+                new = sp
+            setattr(regs, ptraceio.ARG_REGS[index], new)
+        ptraceio.set_regs(tid, regs)
+
+    def _restore_args(self, tid: int) -> None:
+        saved = self._saved.pop(tid, None)
+        if saved is None:
+            return
+        regs = ptraceio.get_regs(tid)
+        for name in ptraceio.ARG_REGS:
+            setattr(regs, name, getattr(saved, name))
+        ptraceio.set_regs(tid, regs)
+
+    def _apply_complete(self, tid: int, complete: Complete) -> None:
+        for addr, data in complete.writes:
+            ptraceio.write_memory(tid, addr, data)
+        regs = ptraceio.get_regs(tid)
+        regs.orig_rax = _MASK64  # -1: the kernel skips the call and keeps rax
+        regs.rax = complete.result & _MASK64
+        ptraceio.set_regs(tid, regs)
+
+    def _observe(self, action: Observe) -> None:
+        assert self.machine is not None
+        call = self._calls.pop(action.tid, None)
+        rval = action.rval
+        if call is not None:
+            output = None
+            out_index = _OUTPUT_ARG.get(call.name)
+            if out_index is not None and rval > 0:
+                output = ptraceio.read_memory(action.tid, call.args[out_index], rval)
+            replacement = self.coordinator.on_result(call, rval, output)
+            if replacement is not None:
+                for addr, data in replacement.writes:
+                    ptraceio.write_memory(action.tid, addr, data)
+                regs = ptraceio.get_regs(action.tid)
+                regs.rax = replacement.result & _MASK64
+                ptraceio.set_regs(action.tid, regs)
+                rval = replacement.result
+        self._execute(self.machine.step(Observed(action.tid, rval)))
+
+    def _pre_render(self, tid: int, nr: int, args: tuple[int, ...]) -> None:
+        spec = self.table.get(nr)
+        # Input arguments are rendered at entry: after an execve, or once the
+        # call consumed them, the memory may hold something else.
+        if spec is not None and "buf_out" not in spec.args:
+            self._entry_text[tid] = self.formatter.arguments(tid, spec, args, 0)
+
+    def _record(self, action: Record) -> None:
+        rval = signed(action.rval)
+        self.stats.add(action.nr, rval, action.seconds)
+        if self.trace_out is None:
+            return
+        assert self.machine is not None
+        pid = action.tid
+        text = self._entry_text.pop(action.tid, None)
+        spec = self.table.get(action.nr)
+        if text is None or spec is None:
+            line = self.formatter.line(pid, action.nr, action.args, rval)
+        else:
+            line = f"{pid} {spec.name}({text}) = {result(rval, spec.name in POINTER_RESULTS)}"
+        self.trace_out.write(line + "\n")
+
+
+def _align(addr: int, to: int = 16) -> int:
+    return addr & ~(to - 1)
+
+
+def reraise(sig: int) -> None:
+    """Die by `sig` as the program did (without leaving a core of dcptrace)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+    os.kill(os.getpid(), sig)

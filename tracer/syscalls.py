@@ -1,0 +1,94 @@
+"""Syscall catalog types: one `SyscallSpec` per syscall, kept as data per architecture.
+
+Each entry names the syscall's argument formats (how the tracer decodes and
+rewrites them), its category (what kind of resource it touches) and the OSS
+service that serves it when a program runs on the cluster (`LOCAL` means the
+instance's own kernel answers it, as the seed's "local resources" split).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class Category(enum.Enum):
+    """What a syscall touches."""
+
+    MEMORY = "memory"
+    STORAGE = "storage"
+    PROCESS = "process"
+    SIGNAL = "signal"
+    NETWORK = "network"
+    IPC = "ipc"
+    TIME = "time"
+    OTHER = "other"
+
+
+class Service(enum.Enum):
+    """The OSS service that implements a syscall on the cluster."""
+
+    COMPUTE = "compute"
+    MEMORY = "memory"
+    STORAGE = "storage"
+    NETWORK = "network"
+    IPC = "ipc"
+    LOCAL = "local"
+
+
+# Argument formats.  `path` is a NUL-terminated path the kernel resolves (relative
+# to the nearest preceding `dirfd`, else the cwd); `target` is a symlink's
+# stored content; `buf_in`/`buf_out` are byte buffers whose length is the next
+# `size` argument (read at entry / at exit); `argv`/`envp` are string arrays.
+ARG_FORMATS = frozenset(
+    {
+        "int", "uint", "ulong", "ptr", "size", "fd", "dirfd", "path", "target", "str",
+        "buf_in", "buf_out", "argv", "envp", "oflags", "mode", "prot", "signo", "pid",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SyscallSpec:
+    """One syscall of one architecture."""
+
+    nr: int
+    name: str
+    args: tuple[str, ...]
+    category: Category
+    service: Service
+
+    def path_args(self) -> tuple[tuple[int, int | None], ...]:
+        """(path index, index of the dirfd it is relative to or None) for each path argument."""
+        out = []
+        dirfd: int | None = None
+        for i, fmt in enumerate(self.args):
+            if fmt == "dirfd":
+                dirfd = i
+            elif fmt == "path":
+                out.append((i, dirfd))
+                dirfd = None
+        return tuple(out)
+
+
+SyscallTable = Mapping[int, SyscallSpec]
+
+
+def spec(nr: int, name: str, args: str, category: Category, service: Service) -> SyscallSpec:
+    """Build one table entry from its one-line form."""
+    return SyscallSpec(nr, name, tuple(args.split()), category, service)
+
+
+def table_for(arch: str) -> SyscallTable:
+    """The syscall table of an architecture (only x86_64 today)."""
+    if arch == "x86_64":
+        from tracer.syscalls_x86_64 import SYSCALLS
+
+        return SYSCALLS
+    raise ValueError(f"unsupported architecture: {arch}")
+
+
+def by_name(table: SyscallTable) -> dict[str, SyscallSpec]:
+    """Index a table by syscall name."""
+    return {s.name: s for s in table.values()}

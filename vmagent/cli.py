@@ -1,0 +1,102 @@
+"""`dcp-agent` / `python3 -m vmagent`: the daemon on every compute instance."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+import click
+
+from vmagent.agent import Agent
+from vmagent.config import AgentConfig, ConfigError, parse_hostport
+from vmagent.osslink import OssLink, advertised_address
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: AgentConfig) -> None:
+    """Run the agent until SIGTERM/SIGINT."""
+    if config.hostname:
+        socket.sethostname(config.hostname)
+    agent = Agent(config)
+    address = await agent.start()
+    # The parent (LocalCluster, an init script) reads this line to learn the port.
+    print(f"listening {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            link_task = None
+            if config.oss_url:
+                port = int(address.rpartition(":")[2])
+                link = OssLink(
+                    config.oss_url,
+                    config.instance,
+                    config.token,
+                    advertised_address(config.listen_host, port, config.oss_url),
+                    agent.sampler.sample,
+                    agent.sampler.memory_mb(),
+                    config.call_timeout,
+                )
+                link_task = tasks.create_task(link.run())
+            await stop.wait()
+            if link_task is not None:
+                link_task.cancel()
+    finally:
+        await agent.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--oss", "oss_url", envvar="DCP_OSS_URL", default=None, help="OSS base URL.")
+@click.option("--instance", envvar="DCP_INSTANCE", required=True, help="Instance name.")
+@click.option("--token", envvar="DCP_INSTANCE_TOKEN", required=True, help="Instance token.")
+@click.option("--listen", envvar="DCP_LISTEN", default="0.0.0.0:7070", show_default=True)
+@click.option("--hostname", default=None, help="Set the UTS hostname first (own namespace).")
+@click.option(
+    "--reconnect-window",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds a session waits for its deputy to reconnect.",
+)
+@click.option("--trace", is_flag=True, help="Run programs under dcptrace (placement local).")
+@click.option("-v", "--verbose", is_flag=True)
+def main(
+    oss_url: str | None,
+    instance: str,
+    token: str,
+    listen: str,
+    hostname: str | None,
+    reconnect_window: float,
+    trace: bool,
+    verbose: bool,
+) -> None:
+    """Serve exec sessions for deputies; register and heartbeat with the OSS."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format=f"%(asctime)s agent[{instance}] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        host, port = parse_hostport(listen)
+        config = AgentConfig(
+            instance=instance,
+            token=token,
+            listen_host=host,
+            listen_port=port,
+            oss_url=oss_url or None,
+            hostname=hostname,
+            reconnect_window=reconnect_window,
+            trace=trace,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        click.echo(f"dcp-agent: {exc}", err=True)
+        sys.exit(1)

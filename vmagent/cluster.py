@@ -1,0 +1,334 @@
+"""LocalCluster: N compute instances on this machine, each an agent process.
+
+As root each agent runs as PID 1 of its own PID, UTS and mount namespace
+(hostname = instance name, a private /proc) inside its own network namespace,
+reachable from the host over the lab bridge (net.netns).  Being PID 1 means a
+`kill -9` of the agent takes every process of that instance with it, as a
+crashed VM would.  Where cgroup v2 has the cpu and memory controllers, each
+instance also gets `cpu.max` / `memory.max` limits.
+
+Without root the agents are plain processes on 127.0.0.1 ports with no
+isolation; this is said once, with a warning.
+
+`close()` tears everything down by PID and by name, also after a failed start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmagent.errors import ClusterError
+
+if TYPE_CHECKING:
+    from net.netns import LabNetwork
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+AGENT_PORT = 7070
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s", message)
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A running local instance."""
+
+    name: str
+    address: str  # HOST:PORT of its agent
+    token: str
+    cpus: int
+    hostname: str
+    pid: int  # host PID of the agent process
+    isolated: bool
+
+
+def cgroup_v2_controllers(root: Path = CGROUP_ROOT) -> set[str]:
+    """Controllers available at the cgroup v2 root (empty if v1/hybrid)."""
+    try:
+        return set((root / "cgroup.controllers").read_text().split())
+    except OSError:
+        return set()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+class LocalCluster:
+    """Start/stop N local agents (context manager)."""
+
+    def __init__(
+        self,
+        count: int,
+        *,
+        isolate: bool | None = None,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        reconnect_window: float = 10.0,
+        trace: bool = False,
+        start_timeout: float = 15.0,
+        prefix: str = "node",
+    ) -> None:
+        if count < 1:
+            raise ClusterError("-", f"need at least one instance, got {count}")
+        self.count = count
+        self.isolate = (os.geteuid() == 0) if isolate is None else isolate
+        self.cpus = cpus or os.cpu_count() or 1
+        self.memory_mb = memory_mb
+        self.reconnect_window = reconnect_window
+        self.trace = trace
+        self.start_timeout = start_timeout
+        self.tag = secrets.token_hex(3)
+        self.names = [f"{prefix}{i}" for i in range(count)]
+        self.instances: list[Instance] = []
+        self.logdir = Path(tempfile.mkdtemp(prefix=f"dcp-cluster-{self.tag}-"))
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._agent_pids: dict[str, int] = {}
+        self._tokens: dict[str, tuple[str, str, str | None]] = {}  # name -> token, host, netns
+        self._cgroups: list[Path] = []
+        self._net: LabNetwork | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> list[Instance]:
+        """Start every instance; on any failure tear down what exists and raise."""
+        try:
+            if self.isolate:
+                if os.geteuid() != 0:
+                    raise ClusterError("-", "isolated instances need root")
+                from net.netns import LabNetwork  # pyroute2 only where it is used
+
+                self._net = LabNetwork(self.tag)
+                attachments = self._net.create(self.names)
+                cgroups = self._cgroup_parent()
+                for att in attachments:
+                    self._start_one(att.name, att.address, att.netns, cgroups)
+            else:
+                _warn_once(
+                    "no-isolation",
+                    "not root: local instances are plain processes on 127.0.0.1 "
+                    "(no network/UTS/PID namespaces, no cgroup limits)",
+                )
+                for name in self.names:
+                    self._start_one(name, "127.0.0.1", None, None)
+            for name in self.names:
+                self.instances.append(self._wait_ready(name))
+        except BaseException:
+            self.close()
+            raise
+        return list(self.instances)
+
+    def _cgroup_parent(self) -> Path | None:
+        wanted = {"cpu", "memory"}
+        if not wanted <= cgroup_v2_controllers():
+            _warn_once(
+                "no-cgroup",
+                "cgroup v2 cpu/memory controllers are not available at "
+                f"{CGROUP_ROOT} (v1 or hybrid hierarchy): instances run without CPU/memory limits",
+            )
+            return None
+        parent = CGROUP_ROOT / f"dcp-{self.tag}"
+        try:
+            parent.mkdir()
+            self._cgroups.append(parent)
+            (parent / "cgroup.subtree_control").write_text("+cpu +memory")
+        except OSError as exc:
+            _warn_once("no-cgroup", f"cannot create cgroups ({exc}): no CPU/memory limits")
+            return None
+        return parent
+
+    def _start_one(self, name: str, host: str, ns: str | None, cgroups: Path | None) -> None:
+        token = secrets.token_urlsafe(24)
+        agent = [
+            sys.executable,
+            "-m",
+            "vmagent",
+            "--instance",
+            name,
+            "--token",
+            token,
+            "--reconnect-window",
+            str(self.reconnect_window),
+        ]
+        if self.trace:
+            agent += ["--trace"]
+        if ns is not None:
+            agent += ["--listen", f"0.0.0.0:{AGENT_PORT}", "--hostname", name]
+            argv = [
+                "nsenter",
+                f"--net=/run/netns/{ns}",
+                "--",
+                "unshare",
+                "--uts",
+                "--pid",
+                "--mount",
+                "--mount-proc",
+                "--fork",
+                "--kill-child",
+                "--",
+                *agent,
+            ]
+        else:
+            agent += ["--listen", f"{host}:0"]
+            argv = agent
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        stderr = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            stderr.close()
+        self._procs[name] = proc
+        self._tokens[name] = (token, host, ns)
+        if cgroups is not None:
+            group = cgroups / name
+            group.mkdir()
+            self._cgroups.append(group)
+            (group / "cpu.max").write_text(f"{self.cpus * 100000} 100000")
+            if self.memory_mb:
+                (group / "memory.max").write_text(str(self.memory_mb << 20))
+            (group / "cgroup.procs").write_text(str(proc.pid))
+
+    def _wait_ready(self, name: str) -> Instance:
+        proc = self._procs[name]
+        token, host, ns = self._tokens[name]
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.start_timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                raise ClusterError(
+                    name, f"agent did not start in {self.start_timeout}s ({self._tail(name)})"
+                )
+            chunk = os.read(proc.stdout.fileno(), 256)
+            if not chunk:
+                raise ClusterError(name, f"agent exited: {self._tail(name)}")
+            line += chunk
+        port = int(line.decode().split()[1].rpartition(":")[2])
+        address = f"{host}:{port}"
+        health = self._health(name, address)
+        agent_pid = proc.pid
+        if ns is not None:
+            kids = _children(proc.pid)  # unshare's child is the agent (PID 1 inside)
+            agent_pid = kids[0] if kids else proc.pid
+        self._agent_pids[name] = agent_pid
+        return Instance(
+            name,
+            address,
+            token,
+            int(health["cpus"]),
+            str(health["hostname"]),
+            agent_pid,
+            ns is not None,
+        )
+
+    def _health(self, name: str, address: str) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(f"http://{address}/v1/health", timeout=5) as resp:
+                data = json.load(resp)
+        except OSError as exc:
+            raise ClusterError(name, f"agent at {address} does not answer: {exc}") from exc
+        if data.get("instance") != name:
+            raise ClusterError(name, f"agent at {address} says it is {data.get('instance')!r}")
+        return dict(data)
+
+    def _tail(self, name: str) -> str:
+        try:
+            text = (self.logdir / f"{name}.log").read_text(errors="replace").strip()
+        except OSError:
+            return "no log"
+        return text.splitlines()[-1] if text else f"log {self.logdir / (name + '.log')} empty"
+
+    # -- operations for tests and wiring ------------------------------------------------
+    def instance(self, name: str) -> Instance:
+        """The running instance called `name`."""
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        raise ClusterError(name, "no such instance")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to an instance's agent (tests: simulate a crashed instance)."""
+        os.kill(self._agent_pids[name], sig)
+
+    def close(self) -> None:
+        """Stop every agent (TERM, then KILL) and remove namespaces, links, cgroups."""
+        for pid in self._agent_pids.values():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for name, proc in self._procs.items():
+            if name not in self._agent_pids and proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5.0
+        for name, proc in self._procs.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("instance %s did not stop: killing it", name)
+                for target in (self._agent_pids.get(name, proc.pid), proc.pid):
+                    try:
+                        os.kill(target, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait(timeout=5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._procs.clear()
+        self._agent_pids.clear()
+        for group in reversed(self._cgroups):
+            try:
+                group.rmdir()
+            except OSError as exc:
+                log.warning("could not remove cgroup %s: %s", group, exc)
+        self._cgroups.clear()
+        if self._net is not None:
+            self._net.destroy()
+            self._net = None
+        self.instances.clear()
+
+    def remove_logs(self) -> None:
+        """Delete the agents' log directory (kept by close() for post-mortems)."""
+        shutil.rmtree(self.logdir, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""The agent's link to the OSS: register, then heartbeat with load (CONTRACTS.md).
+
+Any failure (OSS down, restarted, 5xx, timeout) leads back to registering
+again after an exponential backoff (0.5 s doubling to 30 s), so the link
+survives a restart of either side.  Heartbeats are state, not events: a lost
+heartbeat is replaced by the next one, whose `seq` keeps increasing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from vmagent.errors import AgentError
+from vmagent.load import Load
+
+log = logging.getLogger(__name__)
+
+
+class OssRefused(AgentError):
+    """The OSS rejected this instance's credential (401): retrying will not help soon."""
+
+
+def advertised_address(listen_host: str, port: int, oss_url: str) -> str:
+    """The address the OSS should use for us: the local IP on the route to the OSS."""
+    if listen_host not in ("0.0.0.0", "", "::"):
+        return f"{listen_host}:{port}"
+    host = urlsplit(oss_url).hostname or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # UDP connect sends nothing; it only picks a route
+        return f"{probe.getsockname()[0]}:{port}"
+
+
+class OssLink:
+    """Registers and heartbeats until cancelled."""
+
+    def __init__(
+        self,
+        url: str,
+        instance: str,
+        token: str,
+        address: str,
+        sample: Callable[[], Load],
+        memory_mb: int,
+        timeout: float = 5.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.instance = instance
+        self.address = address
+        self.sample = sample
+        self.memory_mb = memory_mb
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.seq = 0
+        self.registered = asyncio.Event()
+        self.heartbeats_sent = 0
+
+    async def _post(self, http: aiohttp.ClientSession, path: str, body: dict) -> dict:
+        async with asyncio.timeout(self.timeout):
+            async with http.post(self.url + path, json=body, headers=self.headers) as resp:
+                if resp.status == 401:
+                    raise OssRefused(f"OSS refused the token of instance {self.instance}")
+                resp.raise_for_status()
+                data = await resp.json()
+        if not isinstance(data, dict):
+            raise AgentError(f"OSS answered {path} with a non-object")
+        return data
+
+    async def run(self) -> None:
+        """Register and heartbeat forever, re-registering after any failure."""
+        backoff = 0.5
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    reply = await self._post(
+                        http,
+                        "/v1/agents/register",
+                        {
+                            "instance": self.instance,
+                            "address": self.address,
+                            "hostname": socket.gethostname(),
+                            "cpus": os.cpu_count() or 1,
+                            "memory_mb": self.memory_mb,
+                        },
+                    )
+                    interval = float(reply.get("heartbeat_interval", 2.0))
+                    self.registered.set()
+                    log.info("registered with %s as %s", self.url, self.instance)
+                    backoff = 0.5
+                    while True:
+                        self.seq += 1
+                        await self._post(
+                            http,
+                            "/v1/agents/heartbeat",
+                            {
+                                "instance": self.instance,
+                                "seq": self.seq,
+                                "load": self.sample().as_json(),
+                            },
+                        )
+                        self.heartbeats_sent += 1
+                        await asyncio.sleep(interval)
+                except (aiohttp.ClientError, TimeoutError, AgentError, ValueError) as exc:
+                    self.registered.clear()
+                    log.warning("OSS link: %s; retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)

@@ -1,0 +1,205 @@
+"""The exec wire protocol between a deputy and an agent (pure; stdlib C modules only).
+
+A deputy connects to the agent's listen address, sends `MAGIC`, then frames.
+Every frame is a 17-byte header `(kind u8, fd u32, length u32, seq u64)` and
+`length` payload bytes.  Payloads of control frames are *records*: lists of byte
+strings, each prefixed by its u32 length (no json: the deputy must start fast,
+and importing json costs ~6 ms).
+
+Reliability: DATA, EOF, SIGNAL, STARTED and EXIT frames carry a per-direction
+sequence number from 1.  The sender keeps them in an `Outbox` until the peer
+acknowledges them (ACK frame, seq = highest contiguous seq received); after a
+reconnect (RESUME / WELCOME carry the last seq each side received) the sender
+replays what is unacknowledged and the receiver's `Inbox` drops duplicates.
+The outbox is bounded: a sender that reaches `OUTBOX_LIMIT` unacknowledged
+bytes stops reading its source (the pipe fills, the writer blocks) until acks
+free room, so nothing is ever dropped; it only slows the producer.
+
+This module is imported by the deputy as it starts inside a traced program's
+process, so it imports nothing beyond `_struct` (no enum, no dataclasses).
+"""
+
+from __future__ import annotations
+
+import _struct
+
+MAGIC = b"DCPX"
+HEADER = _struct.Struct("!BIIQ")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 1 << 24  # a peer announcing more is broken or hostile
+CHUNK = 1 << 18  # how much a forwarder reads from a pipe at once
+ACK_EVERY = 1 << 20  # receiver acknowledges after this many payload bytes
+OUTBOX_LIMIT = 64 << 20  # unacknowledged bytes a sender keeps before it pauses
+
+# Frame kinds.  Unsequenced control frames carry seq 0 (or a seq they report).
+HELLO = 1  # deputy -> agent: start a program (record of key/value pairs)
+RESUME = 2  # deputy -> agent: reattach to a session; seq = last seq received
+WELCOME = 3  # agent -> deputy: session id, instance; seq = last seq received
+DATA = 4  # either way: bytes for the stream `fd`
+EOF = 5  # either way: the stream `fd` ended
+SIGNAL = 6  # deputy -> agent: deliver signal number `fd` to the remote process
+STARTED = 7  # agent -> deputy: the remote process runs (record: pid)
+EXIT = 8  # agent -> deputy: record (kind, value, message, fd offsets...)
+ACK = 9  # either way: seq = highest contiguous seq received
+ERROR = 10  # agent -> deputy: refused (record: message); the agent then closes
+BYE = 11  # deputy -> agent: EXIT received; the session may be forgotten
+
+SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT})
+
+# Kinds of forwarded descriptors in a HELLO.
+FD_IN = b"in"  # the deputy reads its fd and streams it to the remote program
+FD_OUT = b"out"  # the remote program writes; the agent streams it to the deputy
+FD_PATH = b"path"  # the agent reopens the same file (shared file system)
+
+
+class FrameError(ValueError):
+    """The byte stream is not a valid sequence of frames."""
+
+
+def frame(kind: int, fd: int = 0, payload: bytes = b"", seq: int = 0) -> bytes:
+    """Encode one frame."""
+    return HEADER.pack(kind, fd, len(payload), seq) + payload
+
+
+def record(items: list[bytes]) -> bytes:
+    """Encode a list of byte strings."""
+    out = bytearray()
+    for item in items:
+        out += _struct.pack("!I", len(item))
+        out += item
+    return bytes(out)
+
+
+def unrecord(data: bytes) -> list[bytes]:
+    """Decode `record()` output; raises FrameError on truncation."""
+    items: list[bytes] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if pos + 4 > end:
+            raise FrameError("truncated record length")
+        (n,) = _struct.unpack_from("!I", data, pos)
+        pos += 4
+        if pos + n > end:
+            raise FrameError("truncated record item")
+        items.append(bytes(data[pos : pos + n]))
+        pos += n
+    return items
+
+
+def pairs(data: bytes) -> dict[bytes, bytes]:
+    """Decode a record of alternating keys and values."""
+    items = unrecord(data)
+    if len(items) % 2:
+        raise FrameError("odd number of items in a key/value record")
+    return {items[i]: items[i + 1] for i in range(0, len(items), 2)}
+
+
+def unpairs(mapping: dict[bytes, bytes]) -> bytes:
+    """Encode a dict of byte strings as a record of alternating keys and values."""
+    items: list[bytes] = []
+    for key, value in mapping.items():
+        items.append(key)
+        items.append(value)
+    return record(items)
+
+
+class FrameParser:
+    """Incremental decoder: feed bytes, get (kind, fd, seq, payload) tuples."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        """Add bytes; return every frame now complete, in order."""
+        buf = self._buf
+        buf += data
+        frames: list[tuple[int, int, int, bytes]] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= HEADER_SIZE:
+            kind, fd, length, seq = HEADER.unpack_from(buf, pos)
+            if length > MAX_PAYLOAD or kind == 0 or kind > BYE:
+                raise FrameError(f"bad frame header kind={kind} length={length}")
+            if end - pos - HEADER_SIZE < length:
+                break
+            start = pos + HEADER_SIZE
+            frames.append((kind, fd, seq, bytes(buf[start : start + length])))
+            pos = start + length
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def pending(self) -> int:
+        """Bytes held that do not yet form a complete frame."""
+        return len(self._buf)
+
+
+class Outbox:
+    """Sequenced frames sent but not yet acknowledged (not thread-safe; callers lock)."""
+
+    def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
+        self.limit = limit
+        self.next_seq = 1
+        self._frames: list[tuple[int, bytes]] = []  # (seq, encoded frame), ascending
+        self._head = 0  # index of the oldest unacknowledged frame in _frames
+        self.held = 0  # encoded bytes held
+
+    def add(self, kind: int, fd: int, payload: bytes) -> bytes:
+        """Assign the next seq to a frame, keep it, and return its encoding."""
+        seq = self.next_seq
+        self.next_seq += 1
+        data = frame(kind, fd, payload, seq)
+        self._frames.append((seq, data))
+        self.held += len(data)
+        return data
+
+    def ack(self, seq: int) -> None:
+        """Forget every frame up to and including `seq`."""
+        frames = self._frames
+        head = self._head
+        while head < len(frames) and frames[head][0] <= seq:
+            self.held -= len(frames[head][1])
+            head += 1
+        if head > 1024 and head * 2 > len(frames):
+            del frames[:head]
+            head = 0
+        self._head = head
+
+    def after(self, seq: int) -> list[bytes]:
+        """Encoded frames with a seq greater than `seq` (to replay after a reconnect)."""
+        return [data for s, data in self._frames[self._head :] if s > seq]
+
+    def full(self) -> bool:
+        """True when the sender should stop reading its sources until acks arrive."""
+        return self.held >= self.limit
+
+    def __len__(self) -> int:
+        return len(self._frames) - self._head
+
+
+class Inbox:
+    """Receiver side of the sequencing: drops replays, decides when to ack."""
+
+    def __init__(self) -> None:
+        self.last = 0  # highest contiguous seq accepted
+        self._unacked_bytes = 0
+
+    def accept(self, seq: int, size: int) -> bool:
+        """True if the frame is new (apply it); False for a replayed duplicate."""
+        if seq <= self.last:
+            return False
+        if seq != self.last + 1:
+            raise FrameError(f"sequence gap: expected {self.last + 1}, got {seq}")
+        self.last = seq
+        self._unacked_bytes += size + HEADER_SIZE
+        return True
+
+    def ack_due(self) -> bool:
+        """True when enough was received that the sender should hear an ack."""
+        return self._unacked_bytes >= ACK_EVERY
+
+    def acked(self) -> int:
+        """Note that an ack for `last` goes out now; return the seq to ack."""
+        self._unacked_bytes = 0
+        return self.last

@@ -1,0 +1,213 @@
+"""`clustered()`: the coordinator dcptrace uses with --instances / --oss.
+
+It wraps the embedded coordinator (`inner`) and takes over exactly one
+decision: where a program started by execve/execveat runs.  When placement
+picks another instance, the call is rewritten into the home deputy
+(`vmagent/deputy.py`) with envp untouched, so the traced process itself becomes
+the deputy and keeps its pid, descriptors, cwd, environment, umask and rlimits.
+
+A call stays home (is not placed) when the kernel would fail it or treat it in
+a way a remote start cannot mirror:
+- the very first exec (the tracer starting the program itself);
+- execveat on a descriptor (AT_EMPTY_PATH, fexecve);
+- a path that is not an executable regular file beginning with `#!` or ELF
+  (execvp and shells retry other PATH entries after ENOENT/EACCES, and run
+  ENOEXEC files with /bin/sh themselves: they must see the real error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from tracer.coordinator import (
+    Allow,
+    Complete,
+    Coordinator,
+    Decision,
+    ProcessEvent,
+    ProcessExited,
+    Rewrite,
+    SyscallCall,
+)
+from tracer.errors import TracerError, UsageError
+from vmagent import tickets
+from vmagent.cluster import LocalCluster
+from vmagent.errors import AgentError
+from vmagent.placement import HOME, Placement, UnknownPolicy
+from vmagent.remote import deputy_argv, interpreter
+
+log = logging.getLogger(__name__)
+
+AT_FDCWD = -100 & 0xFFFFFFFFFFFFFFFF
+AT_EMPTY_PATH = 0x1000
+EXEC_CALLS = frozenset({"execve", "execveat"})
+
+
+class OssModeUnavailable(AgentError):
+    """Placing processes on OSS-registered instances needs exec tickets from the OSS."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """An instance programs can be placed on."""
+
+    name: str
+    address: str
+    token: str
+    cpus: int
+
+
+def resolve_exec_path(call: SyscallCall) -> tuple[int, bytes] | None:
+    """(path argument index, path as the kernel will open it), or None if not placeable."""
+    if call.name == "execveat":
+        if call.args[4] & AT_EMPTY_PATH:
+            return None
+        index = 1
+    else:
+        index = 0
+    path = call.paths.get(index)
+    if not path:
+        return None
+    return index, path
+
+
+def is_placeable_file(path: bytes) -> bool:
+    """True for an executable regular file starting with '#!' or an ELF header."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"#!") or head == b"\x7fELF"
+
+
+class ClusterCoordinator:
+    """Delegates to `inner`, except for where exec'd programs run."""
+
+    def __init__(
+        self,
+        inner: Coordinator,
+        targets: Sequence[Target],
+        placement: Placement,
+        reconnect_window: float | None = None,
+    ) -> None:
+        self.inner = inner
+        self.targets = {t.name: t for t in targets}
+        self.placement = placement
+        self.reconnect_window = reconnect_window
+        self._interpreter = interpreter()
+        self._inner_calls = inner.interception()
+        self._seen_first_exec = False
+        self._where: dict[int, str] = {}  # pid -> instance it was placed on
+        self._running: dict[int, str] = {}  # placed pids not yet exited
+        self.placed = 0
+
+    def interception(self) -> frozenset[str]:
+        """The inner coordinator's calls plus execve/execveat."""
+        return self._inner_calls | EXEC_CALLS
+
+    def on_syscall(self, call: SyscallCall) -> Decision:
+        """Place exec'd programs; everything else is the inner coordinator's."""
+        if call.name not in EXEC_CALLS:
+            return self.inner.on_syscall(call)
+        decision: Decision = (
+            self.inner.on_syscall(call) if call.name in self._inner_calls else Allow()
+        )
+        if isinstance(decision, Complete):
+            return decision
+        if not self._seen_first_exec:
+            self._seen_first_exec = True  # the tracer starting the program: stays home
+            return decision
+        placed = self._place(call, decision)
+        return placed if placed is not None else decision
+
+    def _place(self, call: SyscallCall, decision: Allow | Rewrite) -> Rewrite | None:
+        found = resolve_exec_path(call)
+        if found is None or call.argv is None:
+            return None
+        index, path = found
+        if isinstance(decision, Rewrite):
+            mapped = decision.args.get(index)
+            if isinstance(mapped, bytes):
+                path = mapped  # the inner coordinator mapped a virtual path
+        real = path if path.startswith(b"/") else os.path.join(call.bases.get(index, b""), path)
+        if not is_placeable_file(real):
+            return None
+        name = self.placement.choose()
+        if name == HOME:
+            return None
+        target = self.targets[name]
+        argv = deputy_argv(
+            target.address,
+            name,
+            tickets.mint(target.token, name),
+            path if path.startswith(b"/") else real,
+            call.argv,
+            self.reconnect_window,
+        )
+        self.placement.started(name)
+        self._where[call.pid] = name
+        self._running[call.pid] = name
+        self.placed += 1
+        log.debug("pid %d: %s placed on %s", call.pid, path, name)
+        observe = decision.observe_result
+        if call.name == "execveat":
+            return Rewrite({0: AT_FDCWD, 1: self._interpreter, 2: argv, 4: 0}, observe)
+        return Rewrite({0: self._interpreter, 1: argv}, observe)
+
+    def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
+        """The inner coordinator's."""
+        return self.inner.on_result(call, result, output)
+
+    def on_process(self, event: ProcessEvent) -> None:
+        """Free a placement slot when a deputy ends; pass every event on."""
+        if isinstance(event, ProcessExited):
+            name = self._running.pop(event.pid, None)
+            if name is not None:
+                self.placement.finished(name)
+        self.inner.on_process(event)
+
+    def instance_of(self, pid: int) -> str:
+        """Where the process's (last) program ran."""
+        return self._where.get(pid) or self.inner.instance_of(pid)
+
+
+@contextlib.contextmanager
+def clustered(
+    inner: Coordinator, instances: int, placement: str, oss_url: str | None
+) -> Iterator[Coordinator]:
+    """Start `instances` local instances (or use the OSS's) and place execs on them.
+
+    Set-up failures come out as the tracer's own errors (UsageError for bad
+    options, TracerError for instances that do not start), so dcptrace prints
+    one line instead of a traceback.
+    """
+    stack = contextlib.ExitStack()
+    try:
+        if oss_url is not None and instances == 0:
+            raise OssModeUnavailable(
+                f"--oss {oss_url}: placing processes on OSS-registered instances needs exec "
+                "tickets minted by the OSS (instance tokens are stored hashed there); use "
+                "--instances N for local instances"
+            )
+        Placement(placement, [])  # validate the policy before starting anything
+        cluster = stack.enter_context(LocalCluster(instances))
+    except (UnknownPolicy, OssModeUnavailable) as exc:
+        stack.close()
+        raise UsageError(str(exc)) from exc
+    except AgentError as exc:
+        stack.close()
+        raise TracerError(f"local instances: {exc}") from exc
+    with stack:
+        policy = Placement(placement, [(i.name, i.cpus) for i in cluster.instances])
+        targets = [Target(i.name, i.address, i.token, i.cpus) for i in cluster.instances]
+        yield ClusterCoordinator(inner, targets, policy, cluster.reconnect_window)
+        cluster.remove_logs()
