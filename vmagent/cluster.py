@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 AGENT_PORT = 7070
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Process-wide on purpose: "say once" means once per dcptrace run, however many
+# clusters it starts (a memo of what was said, not shared state to configure).
 _warned: set[str] = set()
 
 
