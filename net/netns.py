@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 LAB_SUPERNET = ipaddress.IPv4Network("10.213.0.0/16")
 NETNS_DIR = "/run/netns"
+# One marker per live lab, naming the process that owns it, so a lab whose
+# owner died without tearing down (SIGKILL) can be found and removed later.
+MARKER_DIR = "/run/dcp-labs"
 
 
 class NetError(Exception):
@@ -89,6 +92,9 @@ class LabNetwork:
 
     def create(self, names: list[str]) -> list[Attachment]:
         """Bridge + one namespace per name; returns where each instance lives."""
+        os.makedirs(MARKER_DIR, exist_ok=True)
+        with open(os.path.join(MARKER_DIR, self.tag), "w") as f:
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
         with IPRoute() as ipr:
             self.subnet = choose_subnet(used_networks(ipr), os.getpid() % 256)
             ipr.link("add", ifname=self.bridge, kind="bridge")
@@ -139,6 +145,61 @@ class LabNetwork:
                     log.warning("could not remove netns %s: %s", ns_name, exc)
         self.attachments.clear()
         self._namespaces.clear()
+        destroy_by_tag(self.tag)  # whatever a partial create() left, and the marker
+
+
+def _start_time(pid: int) -> int:
+    """A process's start time in clock ticks (tells a pid apart from its reuse)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def owner_alive(marker: str) -> bool:
+    """Whether the process named in a lab marker ("PID STARTTIME") still runs."""
+    try:
+        pid_s, start_s = marker.split()
+        return _start_time(int(pid_s)) == int(start_s)
+    except (OSError, ValueError):
+        return False
+
+
+def destroy_by_tag(tag: str) -> None:
+    """Remove every link and namespace of lab `tag`, and its marker (by name only)."""
+    with IPRoute() as ipr:
+        for name in leftover_links(tag):
+            for idx in ipr.link_lookup(ifname=name):
+                try:
+                    ipr.link("del", index=idx)
+                except Exception as exc:  # noqa: BLE001 - keep tearing down
+                    log.warning("could not delete link %s: %s", name, exc)
+    for ns_name in leftover_namespaces(tag):
+        try:
+            netns.remove(ns_name)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not remove netns %s: %s", ns_name, exc)
+    try:
+        os.unlink(os.path.join(MARKER_DIR, tag))
+    except FileNotFoundError:
+        pass
+
+
+def sweep_stale() -> list[str]:
+    """Remove the labs whose owning process is gone; return their tags."""
+    try:
+        tags = os.listdir(MARKER_DIR)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for tag in tags:
+        try:
+            with open(os.path.join(MARKER_DIR, tag)) as f:
+                marker = f.read()
+        except OSError:
+            continue
+        if tag.isalnum() and not owner_alive(marker):
+            destroy_by_tag(tag)
+            removed.append(tag)
+    return removed
 
 
 def leftover_links(tag: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -29,6 +30,23 @@ async def serve(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.lifeline is not None:
+        lifeline = config.lifeline
+
+        def parent_gone() -> None:
+            try:
+                if os.read(lifeline, 64):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            log.warning("the process that started this agent is gone: stopping")
+            loop.remove_reader(lifeline)
+            stop.set()
+
+        os.set_blocking(lifeline, False)
+        loop.add_reader(lifeline, parent_gone)
     try:
         async with asyncio.TaskGroup() as tasks:
             link_task = None
@@ -65,6 +83,12 @@ async def serve(config: AgentConfig) -> None:
     help="Seconds a session waits for its deputy to reconnect.",
 )
 @click.option("--trace", is_flag=True, help="Run programs under dcptrace (placement local).")
+@click.option(
+    "--lifeline",
+    type=int,
+    default=None,
+    help="Stop when this inherited fd reaches EOF (the starter died).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     oss_url: str | None,
@@ -74,6 +98,7 @@ def main(
     hostname: str | None,
     reconnect_window: float,
     trace: bool,
+    lifeline: int | None,
     verbose: bool,
 ) -> None:
     """Serve exec sessions for deputies; register and heartbeat with the OSS."""
@@ -92,6 +117,7 @@ def main(
             hostname=hostname,
             reconnect_window=reconnect_window,
             trace=trace,
+            lifeline=lifeline,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -15,6 +15,7 @@ isolation; this is said once, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -114,6 +115,10 @@ class LocalCluster:
         self._tokens: dict[str, tuple[str, str, str | None]] = {}  # name -> token, host, netns
         self._cgroups: list[Path] = []
         self._net: LabNetwork | None = None
+        # Lifeline: agents hold the read end; when this process dies (even by
+        # SIGKILL) the write end closes and every agent stops by itself.  Both
+        # ends are close-on-exec here, so the traced program never inherits them.
+        self._lifeline_r, self._lifeline_w = os.pipe()
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -129,8 +134,10 @@ class LocalCluster:
             if self.isolate:
                 if os.geteuid() != 0:
                     raise ClusterError("-", "isolated instances need root")
-                from net.netns import LabNetwork  # pyroute2 only where it is used
+                from net.netns import LabNetwork, sweep_stale  # pyroute2 only here
 
+                for stale in sweep_stale():
+                    log.warning("removed the lab network of a dead dcptrace (%s)", stale)
                 self._net = LabNetwork(self.tag)
                 attachments = self._net.create(self.names)
                 cgroups = self._cgroup_parent()
@@ -182,6 +189,8 @@ class LocalCluster:
             token,
             "--reconnect-window",
             str(self.reconnect_window),
+            "--lifeline",
+            str(self._lifeline_r),
         ]
         if self.trace:
             agent += ["--trace"]
@@ -217,6 +226,7 @@ class LocalCluster:
                 stderr=stderr,
                 env=env,
                 start_new_session=True,
+                pass_fds=(self._lifeline_r,),
             )
         finally:
             stderr.close()
@@ -300,6 +310,10 @@ class LocalCluster:
 
     def close(self) -> None:
         """Stop every agent (TERM, then KILL) and remove namespaces, links, cgroups."""
+        for fd in (self._lifeline_r, self._lifeline_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._lifeline_r = self._lifeline_w = -1
         for pid in self._agent_pids.values():
             try:
                 os.kill(pid, signal.SIGTERM)

@@ -33,6 +33,7 @@ class AgentConfig:
     drain_grace: float = 0.5  # after the program exits, wait this long for its pipes' EOF
     call_timeout: float = 5.0  # timeout of every call to the OSS
     trace: bool = False  # run programs under dcptrace (placement local) on this instance
+    lifeline: int | None = None  # fd whose EOF means "the process that started us died"
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -169,3 +170,38 @@ def test_a_namespaced_instance_reopens_the_users_terminal() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+OWNER = """
+import sys, time
+from vmagent.cluster import LocalCluster
+c = LocalCluster(2, isolate={isolate})
+c.start()
+print(c.tag, *[i.pid for i in c.instances], flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_sigkill_of_the_owner_stops_its_agents_and_the_lab_is_swept(isolate: bool) -> None:
+    from net.netns import sweep_stale
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER.format(isolate=isolate)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert owner.stdout is not None
+    tag, *pids = owner.stdout.readline().decode().split()
+    agents = [int(p) for p in pids]
+    assert len(agents) == 2 and all(Path(f"/proc/{p}").exists() for p in agents)
+    owner.kill()  # no teardown can run
+    owner.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() for p in agents) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{p}").exists() for p in agents)  # the lifeline stopped them
+    if isolate:
+        assert leftover_namespaces(tag)  # kernel objects outlive their owner...
+        assert tag in sweep_stale()  # ...until the next start sweeps them
+        assert leftover_namespaces(tag) == [] and leftover_links(tag) == []
