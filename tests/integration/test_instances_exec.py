@@ -388,20 +388,20 @@ def test_job_control_stop_and_continue_are_mirrored(cluster: LocalCluster, tmp_p
     remote = read_pid(pidfile)
     proc.send_signal(signal.SIGTSTP)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP, status
     # Generous: a process in uninterruptible I/O wait ("D", e.g. paging in
     # /bin/sleep on a busy disk) only stops once that wait ends.
     deadline = time.monotonic() + 60
     while proc_state(remote) != "T" and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert proc_state(remote) == "T"  # the remote job is stopped too
+    assert proc_state(remote) == "T", f"remote not stopped: {proc_state(remote)}"
     proc.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 60
     while proc_state(remote) == "T" and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert proc_state(remote) != "T"  # resumed
+    assert proc_state(remote) != "T", "remote not resumed"
     flag.touch()
-    assert proc.wait(timeout=30) == 0
+    assert proc.wait(timeout=60) == 0
 
 
 def test_a_deputy_killed_with_sigkill_does_not_leave_its_remote_running(
