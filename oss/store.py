@@ -224,17 +224,22 @@ class _Writer:
                 conn.execute("ROLLBACK")
             err = StoreError(f"commit failed: {exc}")
             results = [(fut, None, err) for _, fut in batch]
-        for fut, r, e in results:
-            fut.get_loop().call_soon_threadsafe(_resolve, fut, r, e)
+        # One wake-up per loop for the whole batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for item in results:
+            by_loop.setdefault(item[0].get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, items)
 
 
-def _resolve(fut: asyncio.Future[Any], r: Any, e: BaseException | None) -> None:
-    if fut.cancelled():
-        return
-    if e is not None:
-        fut.set_exception(e)
-    else:
-        fut.set_result(r)
+def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, r, e in items:
+        if fut.cancelled():
+            continue
+        if e is not None:
+            fut.set_exception(e)
+        else:
+            fut.set_result(r)
 
 
 def connect(path: Path) -> Conn:
