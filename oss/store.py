@@ -160,6 +160,7 @@ class _Writer:
         self._thread = threading.Thread(target=self._run, name="oss-store-writer", daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._thread.start()
@@ -168,10 +169,14 @@ class _Writer:
             raise StoreError(str(self._error)) from self._error
 
     def stop(self) -> None:
+        self._closed = True
         self._q.put(None)
         self._thread.join()
 
     def submit(self, fn: Callable[[Conn], Any], fut: asyncio.Future[Any]) -> None:
+        # Checked here so a write after close fails instead of waiting forever.
+        if self._closed or not self._thread.is_alive():
+            raise StoreError("the store is closed")
         self._q.put((fn, fut))
 
     def _run(self) -> None:
@@ -218,10 +223,13 @@ class _Writer:
                     conn.execute("RELEASE op")
                     results.append((fut, r, None))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # disk full, I/O error...: the whole batch fails, loudly
             log.exception("store commit failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("store rollback failed")
             err = StoreError(f"commit failed: {exc}")
             results = [(fut, None, err) for _, fut in batch]
         # One wake-up per loop for the whole batch, not one per operation.
@@ -274,6 +282,7 @@ class Store:
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     async def open(self) -> None:
         """Start the writer (runs migrations) and the readers."""
@@ -282,6 +291,7 @@ class Store:
 
     async def close(self) -> None:
         """Finish queued writes and close every connection."""
+        self._closed = True
         await asyncio.to_thread(self._writer.stop)
         if self._readers is not None:
             self._readers.shutdown(wait=True)
@@ -298,7 +308,8 @@ class Store:
 
     async def read(self, fn: Callable[[Conn], T]) -> T:
         """Run `fn` on a reader connection (sees committed state)."""
-        assert self._readers is not None, "store not open"
+        if self._readers is None or self._closed:
+            raise StoreError("the store is not open")
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, fn)
 
     def _read(self, fn: Callable[[Conn], T]) -> T:
