@@ -32,6 +32,20 @@ pytest_plugins = ["conftest_oss"]
         ),
         (b"[1, 2]", 422, "validation_failed", "error"),
         (b"null", 422, "validation_failed", "error"),
+        pytest.param(
+            b"[" * 200_000 + b"]" * 200_000,
+            400,
+            "invalid_request",
+            "nested too deeply",
+            id="deeply-nested",
+        ),
+        (b'{"argv": ["a"], "processes": 1e400}', 422, "validation_failed", "processes"),
+        (
+            b'{"argv": ["a"], "storage_mb": 100000000000000000000000000}',
+            422,
+            "validation_failed",
+            "storage_mb",
+        ),
         (b'"str"', 422, "validation_failed", "error"),
     ],
 )
