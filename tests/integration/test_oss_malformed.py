@@ -40,6 +40,7 @@ pytest_plugins = ["conftest_oss"]
             id="deeply-nested",
         ),
         (b'{"argv": ["a"], "processes": 1e400}', 422, "validation_failed", "processes"),
+        (b'{"argv": ["\\ud800"]}', 422, "validation_failed", "unicode"),
         (
             b'{"argv": ["a"], "storage_mb": 100000000000000000000000000}',
             422,
