@@ -114,6 +114,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX instances_place ON instances(state, price_micros_per_s, used_slots, name);
     """,
+    # 4: newest-first program lists and log reads in chunk order without a sort.
+    """
+    CREATE INDEX programs_recent ON programs(account_id, created);
+    CREATE INDEX log_program_chunk ON log_chunks(program_id, id);
+    """,
 )
 
 CANDIDATES = 32  # instances the SQL pre-filter hands the scheduler (plus the program's own)
@@ -1364,9 +1369,12 @@ def _candidates(
         f" ORDER BY price_micros_per_s, used_slots, name LIMIT {CANDIDATES}",
         args,
     ).fetchall()
+    # CROSS JOIN fixes the loop order (SQLite's rule): the program's few placements
+    # outside, instances by primary key inside; otherwise it walks every ready instance.
+    icols = ", ".join(f"i.{x.strip()}" for x in cols.split(","))
     own = c.execute(
-        f"SELECT {cols} FROM instances WHERE name IN (SELECT instance FROM placements"
-        " WHERE program_id=?) AND state='ready'",
+        f"SELECT {icols} FROM placements p CROSS JOIN instances i ON i.name=p.instance"
+        " WHERE p.program_id=? AND i.state='ready'",
         (program_id,),
     ).fetchall()
     seen: dict[str, scheduler.Candidate] = {}
