@@ -345,7 +345,24 @@ def main() -> None:
     ap.add_argument("--storm", type=float, default=5.0, help="seconds of closed-loop API placement")
     ap.add_argument("--batch", type=int, default=16, help="processes per placement request")
     ap.add_argument("--skip-inproc", action="store_true", help="skip the in-process measures")
+    ap.add_argument(
+        "--inproc-only", action="store_true", help="only the in-process placement measures"
+    )
     args = ap.parse_args()
+    if args.inproc_only:
+        with tempfile.TemporaryDirectory(prefix="bench-oss-") as tmp:
+            p0 = _pressure()
+            durable = asyncio.run(bench_store_place(Path(tmp), args.instances, 5.0))
+            pre = bench_scheduler(CANDIDATES, 2.0)
+            full = bench_scheduler(args.instances, 2.0)
+            print(f"host CPU pressure at start / end: {p0} / {_pressure()}")
+            print(
+                f"durable placements/s in-process (store, {args.instances} instances):"
+                f" {durable:,.0f}"
+            )
+            print(f"placement decisions/s, {CANDIDATES} pre-filtered candidates: {pre:,.0f}")
+            print(f"placement decisions/s, full scan of {args.instances}: {full:,.0f}")
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-oss-") as tmp:
         tmpd = Path(tmp)
