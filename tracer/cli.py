@@ -45,7 +45,7 @@ class RunDefaults:
 def _coordinator(
     inner: EmbeddedCoordinator, instances: int, placement: str, oss_url: str | None
 ) -> Iterator[Coordinator]:
-    if instances <= 1 and oss_url is None:
+    if instances == 0 and oss_url is None:
         yield inner
         return
     try:

@@ -109,6 +109,9 @@ class Runner:
         self._calls: dict[int, SyscallCall] = {}
         self._saved: dict[int, ptraceio.Registers] = {}
         self._entry_text: dict[int, str] = {}
+        # argv of an execve the coordinator rewrote (a placed program runs
+        # through its deputy): records show what the program asked to run.
+        self._exec_argv: dict[int, tuple[str, ...]] = {}
         self.machine: Machine | None = None
 
     # -- the loop
@@ -171,7 +174,8 @@ class Runner:
                 return ForkStop(pid, child, thread)
             if event == ptraceio.EVENT_EXEC:
                 former = ptraceio.event_message(pid)
-                return ExecStop(pid, former, ptraceio.cmdline(pid))
+                argv = self._exec_argv.pop(former, None) or ptraceio.cmdline(pid)
+                return ExecStop(pid, former, argv)
             if event == ptraceio.EVENT_STOP:
                 if sig in STOP_SIGNALS:
                     return GroupStop(pid, sig)
@@ -226,6 +230,8 @@ class Runner:
             log.exception("coordinator failed on %s; the call returns EIO", call.name)
             decision = Complete(-errno.EIO)
         self._calls[action.tid] = call
+        if isinstance(decision, Rewrite) and call.argv is not None:
+            self._exec_argv[action.tid] = tuple(a.decode(errors="replace") for a in call.argv)
         self._execute(self.machine.step(Decided(action.tid, decision)))
 
     def _build_call(self, tid: int, nr: int, args: tuple[int, ...]) -> SyscallCall:
@@ -286,6 +292,7 @@ class Runner:
         ptraceio.set_regs(tid, regs)
 
     def _restore_args(self, tid: int) -> None:
+        self._exec_argv.pop(tid, None)  # the call returned: no exec happened
         saved = self._saved.pop(tid, None)
         if saved is None:
             return
