@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -155,9 +156,14 @@ def _follow(status_r: int, tracer_pid: int) -> MainEnd:
                     return MainEnd(None, n)
                 elif kind == "stop":
                     mirror_stop(n)
-    # The tracer ended without a word about the main process: it failed.
+    # The tracer ended without a word about the main process: it failed (its
+    # own error line, if it could write one, is already on stderr).
     _, status = os.waitpid(tracer_pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        name = signal.Signals(-code).name
+        print(f"dcptrace: the tracer was killed by {name}; the program was stopped with it",
+              file=sys.stderr)  # fmt: skip
     return MainEnd(code if code > 0 else 125, None)
 
 

@@ -160,3 +160,18 @@ def test_many_threads_and_execs() -> None:
     res = traced([sys.executable, "-c", script])
     assert res.stdout == b"ok 1\n"
     assert res.returncode == 0
+
+
+def test_tracer_killed_stops_the_program_with_one_clear_line(subreaper: None) -> None:
+    proc = start(["sh", "-c", "sleep 300; echo not-reached"])
+    assert wait_for(lambda: len(program_pids(proc.pid)) >= 2)
+    program = program_pids(proc.pid)
+    tracer = next(iter(descendants(proc.pid) - program))
+    os.kill(tracer, signal.SIGKILL)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 125
+    assert b"not-reached" not in out
+    assert err.decode().strip() == (
+        "dcptrace: the tracer was killed by SIGKILL; the program was stopped with it"
+    )
+    assert wait_for(lambda: not any(alive(p) for p in program))
