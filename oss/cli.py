@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -238,8 +239,20 @@ def lab(
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        owner = os.getpid()
+
+        # Not loop.add_signal_handler: pyroute2 forks helpers to work inside a namespace
+        # and SIGTERMs them when done; with the loop's wakeup fd (shared after fork) a
+        # helper's SIGTERM would reach this loop as ours. A helper dies as by default.
+        def on_signal(signum: int, _frame: object) -> None:
+            if os.getpid() != owner:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            loop.call_soon_threadsafe(stop.set)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            signal.signal(sig, on_signal)
         await labmod.serve_lab(cfg, oss_config, addr, guest_port, stop, announce)
 
     try:
