@@ -219,6 +219,21 @@ max_size = 1
         assert pid_alive(qemu)
         assert (state / "overlays" / f"dcp-{name}.qcow2").is_file()
 
+        # A second lab while this one's libvirtd owns the socket: one clear error, and the
+        # first lab's namespace and daemons are untouched.
+        second = subprocess.run(
+            [sys.executable, "-m", "oss", "lab", "--config", str(work / "lab.toml")]
+            + ["--data", str(work / "oss2"), "--listen", "127.0.0.1:0"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert second.returncode == 1
+        assert second.stderr.startswith("Error: a libvirtd already listens on"), second.stderr
+        assert bridge.netns_exists(netns) and all(pid_alive(p) for p in pids.values())
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, (work / "lab.err").read_text()[-2000:]
     finally:
