@@ -78,3 +78,36 @@ def test_unreachable_uri(tmp_path: Path) -> None:
     )
     one_error_line(res, "cannot reach libvirt at qemu+tcp://127.0.0.1:1/system")
     assert not (tmp_path / "s").exists()  # failed before staging anything
+
+
+def test_retire_marks_only_the_lab_pools_live_instances_destroyed(tmp_path: Path) -> None:
+    """What start-up (leftovers of a killed lab) and shutdown do to the store."""
+    import asyncio
+
+    from oss.lab import retire_instances
+    from oss.pool import InstanceType
+    from oss.store import Store
+
+    async def go() -> dict[str, str]:
+        s = Store(tmp_path)
+        await s.open()
+        try:
+            await s.put_instance_type(InstanceType("t", 1, 512, 0))
+            await s.put_pool("warm", "t", 2, 2, "libvirt")
+            await s.put_pool("other", "t", 1, 1, "local")
+            booting, _ = await s.new_pool_instance("warm")
+            ready, _ = await s.new_pool_instance("warm")
+            await s.register_instance(ready, "10.0.0.2:7070", ready, 1, 512, 4)
+            elsewhere, _ = await s.new_pool_instance("other")
+            retired = await retire_instances(s, "lab restarted")
+            assert sorted(retired) == sorted([booting, ready])
+            assert await retire_instances(s, "again") == []  # idempotent
+            rows = await s.instances(None)
+            return {r["name"]: r["state"] for r in rows} | {"_other": elsewhere}
+        finally:
+            await s.close()
+
+    states = asyncio.run(go())
+    other = states.pop("_other")
+    assert states.pop(other) == "pending"  # another provider's pool is not the lab's
+    assert set(states.values()) == {"destroyed"}
