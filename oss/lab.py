@@ -23,18 +23,29 @@ import dataclasses
 import ipaddress
 import logging
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from net import bridge
 from net.bridge import NetError
 from oss.errors import OssError
 from oss.pool import InstanceType
-from oss.providers.libvirt import LibvirtConfig, ProviderError, config_from_mapping, parse_uri
-from oss.providers.libvirtd import LibvirtdConfig
+from oss.providers.libvirt import (
+    LibvirtConfig,
+    LibvirtProvider,
+    ProviderError,
+    config_from_mapping,
+    parse_uri,
+)
+from oss.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
+from oss.server import make_app
+from oss.service import Oss, OssConfig
+from oss.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +274,7 @@ class LabAddresses:
     daemon_pids: Mapping[str, int]
 
 
-async def retire_instances(store: Any, reason: str) -> list[str]:
+async def retire_instances(store: Store, reason: str) -> list[str]:
     """Mark the live instances of the lab's pools destroyed (their VMs are gone).
 
     At start-up these are left over from a previous run (the provider starts with
@@ -282,7 +293,7 @@ async def retire_instances(store: Any, reason: str) -> list[str]:
 
 async def serve_lab(
     config: LabConfig,
-    oss_config: Any,
+    oss_config: OssConfig,
     listen: tuple[str, int] | None,
     guest_port: int,
     stop: asyncio.Event,
@@ -319,18 +330,10 @@ async def serve_lab(
 async def _start(
     stack: contextlib.AsyncExitStack,
     config: LabConfig,
-    oss_config: Any,
+    oss_config: OssConfig,
     listen: tuple[str, int] | None,
     guest_port: int,
 ) -> LabAddresses:
-    from aiohttp import web
-
-    from net import bridge
-    from oss.providers.libvirt import LibvirtProvider
-    from oss.providers.libvirtd import PrivateLibvirtd
-    from oss.server import make_app
-    from oss.service import Oss
-
     pids: dict[str, int] = {}
     if config.libvirtd is not None:
         daemon = PrivateLibvirtd(config.libvirtd)
@@ -380,7 +383,7 @@ async def _start(
     return LabAddresses(url, public_url, config.guest_netns, pids)
 
 
-async def _retire(oss: Any, reason: str) -> None:
+async def _retire(oss: Oss, reason: str) -> None:
     try:
         names = await retire_instances(oss.store, reason)
     except OssError as exc:  # the store may be failing: the next start-up retires them
@@ -390,7 +393,7 @@ async def _retire(oss: Any, reason: str) -> None:
         log.info("instances destroyed with the lab: %s", ", ".join(names))
 
 
-async def _bounded(what: str, coro: Any, timeout: float) -> None:
+async def _bounded(what: str, coro: Coroutine[Any, Any, None], timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
             await coro

@@ -24,8 +24,9 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -127,12 +128,6 @@ class Lines:
         return line.decode()
 
 
-def _get(url: str, token: str) -> Any:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture
 def work() -> Iterator[Path]:
     # Recorded like vmlab.make_lab's dirs, so reap_stale_labs can clean up after a kill.
@@ -144,12 +139,47 @@ def work() -> Iterator[Path]:
     shutil.rmtree(w, ignore_errors=True)
 
 
-def test_dcp_oss_lab_keeps_a_warm_vm_and_cleans_up_on_sigterm(work: Path) -> None:
-    image = _image()
-    netns = (work / "netns").read_text()
-    br = f"dcpbrl{os.getpid() % 10000}"
-    state = work / "state"
-    (work / "lab.toml").write_text(
+@dataclass
+class RunningLab:
+    """One `dcp-oss lab` subprocess and what it said about itself."""
+
+    work: Path
+    proc: subprocess.Popen[bytes]
+    err: BinaryIO
+    token: str
+    netns: str
+    bridge: str
+    url: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    qemu: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Path:
+        return self.work / "oss"
+
+    def log(self) -> str:
+        return (self.work / "lab.err").read_text(errors="replace")[-3000:]
+
+    def get(self, path: str) -> Any:
+        req = urllib.request.Request(
+            self.url + path, headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def instances(self, state: str) -> list[dict[str, Any]]:
+        """The warm pool's instances in `state`, as the API lists them."""
+        return [r for r in self.get("/v1/instances") if r["pool"] == "warm" and r["state"] == state]
+
+    def remember_qemu(self, name: str) -> None:
+        path = Path(f"/run/libvirt/qemu/dcp-{name}.pid")
+        if path.exists():
+            self.qemu[name] = int(path.read_text())
+
+
+def lab_file(work: Path, image: Path, netns: str, br: str) -> Path:
+    path = work / "lab.toml"
+    path.write_text(
         f"""
 [libvirtd]
 netns = "{netns}"
@@ -157,7 +187,7 @@ run_dir = "{work / "run"}"
 
 [libvirt]
 image_dir = "{image}"
-state_dir = "{state}"
+state_dir = "{work / "state"}"
 subnet = "10.231.8.0/24"
 bridge = "{br}"
 domain_type = "qemu"
@@ -172,9 +202,19 @@ warm_target = 1
 max_size = 1
 """
     )
-    data = work / "oss"
+    return path
+
+
+@pytest.fixture
+def running(work: Path) -> Iterator[RunningLab]:
+    """`dcp-oss lab` started and up (its three stdout lines read); killed if a test fails."""
+    image = _image()
+    netns = (work / "netns").read_text()
+    br = f"dcpbrl{os.getpid() % 10000}"
+    config = lab_file(work, image, netns, br)
     token = subprocess.run(
-        [sys.executable, "-m", "oss", "account", "create", "--data", str(data), "--admin", "ops"],
+        [sys.executable, "-m", "oss", "account", "create"]
+        + ["--data", str(work / "oss"), "--admin", "ops"],
         env=_env(),
         capture_output=True,
         text=True,
@@ -183,79 +223,100 @@ max_size = 1
     ).stdout.strip()
     err = open(work / "lab.err", "wb")  # noqa: SIM115 (closed after the process ends)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "oss", "lab", "--config", str(work / "lab.toml")]
-        + ["--data", str(data), "--listen", "127.0.0.1:0", "--heartbeat-timeout", "20"],
+        [sys.executable, "-m", "oss", "lab", "--config", str(config)]
+        + ["--data", str(work / "oss"), "--listen", "127.0.0.1:0", "--heartbeat-timeout", "20"],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=err,
         cwd="/",
     )
-    pids: dict[str, int] = {}
-    qemu = 0
+    lab = RunningLab(work, proc, err, token, netns, br)
     try:
         out = Lines(proc, work / "lab.err")
-        url = out.next(60).removeprefix("dcp-oss listening on ")
+        lab.url = out.next(60).removeprefix("dcp-oss listening on ")
         guest = out.next(10)
         assert guest == f"dcp-oss instances use http://10.231.8.1:8470 (netns {netns})"
         words = out.next(10).split()  # dcp-oss libvirtd pid N virtlogd pid M
-        pids = {"libvirtd": int(words[3]), "virtlogd": int(words[6])}
-        assert all(pid_alive(p) for p in pids.values())
-        assert bridge.netns_exists(netns) and bridge.link_exists(br, netns)
-
-        # The pool manager boots one VM; its agent registers through the bridge.
-        deadline = time.monotonic() + 180
-        warm: dict[str, Any] | None = None
-        while warm is None:
-            assert proc.poll() is None, (work / "lab.err").read_text()[-2000:]
-            assert time.monotonic() < deadline, (work / "lab.err").read_text()[-2000:]
-            rows = _get(f"{url}/v1/instances", token)
-            warm = next((r for r in rows if r["pool"] == "warm" and r["state"] == "ready"), None)
-            time.sleep(1)
-        name = warm["name"]
-        assert warm["hostname"] == name and warm["address"].startswith("10.231.8.")
-        pools = {p["name"]: p for p in _get(f"{url}/v1/pools", token)}
-        assert pools["warm"]["provider"] == "libvirt" and pools["warm"]["live"] == 1
-        qemu = int(Path(f"/run/libvirt/qemu/dcp-{name}.pid").read_text())
-        assert pid_alive(qemu)
-        assert (state / "overlays" / f"dcp-{name}.qcow2").is_file()
-
-        # A second lab while this one's libvirtd owns the socket: one clear error, and the
-        # first lab's namespace and daemons are untouched.
-        second = subprocess.run(
-            [sys.executable, "-m", "oss", "lab", "--config", str(work / "lab.toml")]
-            + ["--data", str(work / "oss2"), "--listen", "127.0.0.1:0"],
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/",
-        )
-        assert second.returncode == 1
-        assert second.stderr.startswith("Error: a libvirtd already listens on"), second.stderr
-        assert bridge.netns_exists(netns) and all(pid_alive(p) for p in pids.values())
-
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0, (work / "lab.err").read_text()[-2000:]
+        lab.pids = {"libvirtd": int(words[3]), "virtlogd": int(words[6])}
+        yield lab
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
         err.close()
-        for pid in [qemu, *pids.values()]:  # only after a failure is anything still alive
-            if pid and pid_alive(pid):
+        for pid in [*lab.qemu.values(), *lab.pids.values()]:  # alive only after a failure
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if bridge.netns_exists(netns):
             bridge.remove_netns(netns)
-    assert not pid_alive(qemu), f"qemu of {name} (pid {qemu}) still alive"
-    assert not Path(f"/run/libvirt/qemu/dcp-{name}.pid").exists()
-    assert not any(pid_alive(p) for p in pids.values()), pids
+
+
+def stop_and_check_everything_is_gone(lab: RunningLab) -> None:
+    """SIGTERM: exit 0, and every VM, overlay, daemon, bridge and namespace is gone."""
+    lab.proc.send_signal(signal.SIGTERM)
+    assert lab.proc.wait(120) == 0, lab.log()
+    for name, pid in lab.qemu.items():
+        assert not pid_alive(pid), f"qemu of {name} (pid {pid}) still alive"
+        assert not Path(f"/run/libvirt/qemu/dcp-{name}.pid").exists()
+    assert lab.pids and not any(pid_alive(p) for p in lab.pids.values()), lab.pids
     assert not _socket_alive(SOCKET)
-    assert not bridge.netns_exists(netns)  # and with it the bridge and the taps
-    assert not bridge.link_exists(br)
-    assert not list((state / "overlays").glob("*.qcow2"))
-    assert not list((work / "run").glob("*.pid"))
-    with sqlite3.connect(data / "oss.sqlite3") as db:
-        (st,) = db.execute("SELECT state FROM instances WHERE name=?", (name,)).fetchone()
-    assert st == "destroyed"
-    log = (work / "lab.err").read_text()
-    assert "Traceback" not in log
+    assert not bridge.netns_exists(lab.netns)  # and with it the bridge and the taps
+    assert not bridge.link_exists(lab.bridge)
+    assert not list((lab.work / "state" / "overlays").glob("*.qcow2"))
+    assert not list((lab.work / "run").glob("*.pid"))
+    with sqlite3.connect(lab.data / "oss.sqlite3") as db:
+        states = {n: st for n, st in db.execute("SELECT name, state FROM instances")}
+    assert states and set(states.values()) == {"destroyed"}, states
+    assert "Traceback" not in lab.log()
+
+
+def test_dcp_oss_lab_keeps_a_warm_vm_and_cleans_up_on_sigterm(running: RunningLab) -> None:
+    lab = running
+    assert all(pid_alive(p) for p in lab.pids.values())
+    assert bridge.netns_exists(lab.netns) and bridge.link_exists(lab.bridge, lab.netns)
+
+    # The pool manager boots one VM; its agent registers through the bridge.
+    deadline = time.monotonic() + 180
+    while not (ready := lab.instances("ready")):
+        assert lab.proc.poll() is None, lab.log()
+        assert time.monotonic() < deadline, lab.log()
+        time.sleep(1)
+    warm = ready[0]
+    name = warm["name"]
+    assert warm["hostname"] == name and warm["address"].startswith("10.231.8.")
+    pools = {p["name"]: p for p in lab.get("/v1/pools")}
+    assert pools["warm"]["provider"] == "libvirt" and pools["warm"]["live"] == 1
+    lab.remember_qemu(name)
+    assert pid_alive(lab.qemu[name])
+    assert (lab.work / "state" / "overlays" / f"dcp-{name}.qcow2").is_file()
+
+    # A second lab while this one's libvirtd owns the socket: one clear error, and the
+    # first lab's namespace and daemons are untouched.
+    second = subprocess.run(
+        [sys.executable, "-m", "oss", "lab", "--config", str(lab.work / "lab.toml")]
+        + ["--data", str(lab.work / "oss2"), "--listen", "127.0.0.1:0"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert second.returncode == 1
+    assert second.stderr.startswith("Error: a libvirtd already listens on"), second.stderr
+    assert bridge.netns_exists(lab.netns) and all(pid_alive(p) for p in lab.pids.values())
+
+    stop_and_check_everything_is_gone(lab)
+
+
+def test_sigterm_while_the_warm_vm_boots_undoes_the_boot(running: RunningLab) -> None:
+    """The pool manager's create() is cancelled mid-boot; nothing of it is left."""
+    lab = running
+    deadline = time.monotonic() + 60
+    while not (booting := lab.instances("pending")) or not lab.qemu:
+        assert lab.proc.poll() is None, lab.log()
+        assert time.monotonic() < deadline, lab.log()
+        if booting:
+            lab.remember_qemu(booting[0]["name"])
+        time.sleep(0.2)
+    # (Its agent needs ~10 s more under TCG to register: the stop lands mid-boot.)
+    stop_and_check_everything_is_gone(lab)
