@@ -23,7 +23,7 @@ import dataclasses
 import ipaddress
 import logging
 import tomllib
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 PROVIDER = "libvirt"  # the provider name the lab's pools use
 TOP_LEVEL = ("libvirt", "libvirtd", "pools")
 LIVE = ("pending", "ready")
+# Destroying every domain and the bridge; each libvirt call has its own call_timeout too.
+PROVIDER_CLOSE_TIMEOUT = 120.0
 
 
 class LabConfigError(OssError):
@@ -343,7 +345,7 @@ async def _start(
 
     provider = LibvirtProvider(config.libvirt)
     await provider.open()  # creates the bridge the guests' OSS address lives on
-    stack.push_async_callback(_bounded, "provider close", provider.close(), 120.0)
+    stack.push_async_callback(_bounded, "provider close", provider.close, PROVIDER_CLOSE_TIMEOUT)
 
     public_url = oss_config.public_url
     guest_sock = None
@@ -393,9 +395,9 @@ async def _retire(oss: Oss, reason: str) -> None:
         log.info("instances destroyed with the lab: %s", ", ".join(names))
 
 
-async def _bounded(what: str, coro: Coroutine[Any, Any, None], timeout: float) -> None:
+async def _bounded(what: str, fn: Callable[[], Awaitable[None]], timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
-            await coro
+            await fn()
     except TimeoutError:
         log.error("%s did not finish within %.0f s", what, timeout)
