@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -191,6 +192,116 @@ def account_create(data_dir: Path, admin: bool, pricing: str, user: str, name: s
         raise click.ClickException(exc.message) from exc
     click.echo(f"account {cred.account_id} user {cred.user_id}", err=True)
     click.echo(cred.token)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Lab file (TOML): [libvirt], optional [libvirtd] and [[pools]] (docs/VMS.md).",
+)
+@click.option(
+    "--data", "data_dir", required=True, type=click.Path(path_type=Path), help="State directory."
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:8470",
+    show_default=True,
+    help="HOST:PORT on the host for operators and clients (port 0: any; 'none': not served).",
+)
+@click.option(
+    "--guest-port",
+    default=8470,
+    show_default=True,
+    help="Port on the bridge's gateway address (in the lab namespace) the instances use.",
+)
+@click.option(
+    "--public-url", default=None, help="OSS URL for the instances instead of the bridge gateway."
+)
+@click.option("--heartbeat-interval", default=1.0, show_default=True)
+@click.option("--heartbeat-timeout", default=5.0, show_default=True)
+@click.option("--tick", default=1.0, show_default=True)
+@click.option("--slots-per-cpu", default=4, show_default=True)
+def lab(
+    config_file: Path,
+    data_dir: Path,
+    listen: str,
+    guest_port: int,
+    public_url: str | None,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    tick: float,
+    slots_per_cpu: int,
+) -> None:
+    """Run the OSS with libvirt VMs: own libvirtd, provider, warm pools (stopped on exit).
+
+    \b
+    Example:
+      dcp-oss lab --config docs/lab.example.toml --data /var/lib/dcp-lab
+    """
+    from oss import lab as labmod
+    from oss.providers.libvirtd import LibvirtdError
+
+    addr = None if listen == "none" else _hostport(listen)
+    try:
+        cfg = labmod.load_config(config_file)
+        labmod.check_files(cfg)
+        oss_config = OssConfig(
+            data_dir=data_dir,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            tick=tick,
+            slots_per_cpu=slots_per_cpu,
+            public_url=public_url,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except OssError as exc:
+        raise click.ClickException(exc.message) from exc
+
+    def announce(a: labmod.LabAddresses) -> None:
+        if a.url is not None:
+            click.echo(f"dcp-oss listening on {a.url}")
+        click.echo(f"dcp-oss instances use {a.guest_url} (netns {a.netns or '-'})")
+        if a.daemon_pids:
+            click.echo(
+                "dcp-oss libvirtd pid {libvirtd} virtlogd pid {virtlogd}".format(**a.daemon_pids)
+            )
+        sys.stdout.flush()
+
+    async def run() -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        owner = os.getpid()
+
+        # Not loop.add_signal_handler: pyroute2 forks helpers to work inside a namespace
+        # and SIGTERMs them when done; with the loop's wakeup fd (shared after fork) a
+        # helper's SIGTERM would reach this loop as ours. A helper dies as by default.
+        def on_signal(signum: int, _frame: object) -> None:
+            if os.getpid() != owner:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            loop.call_soon_threadsafe(stop.set)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        await labmod.serve_lab(cfg, oss_config, addr, guest_port, stop, announce)
+
+    try:
+        asyncio.run(run())
+    except OssError as exc:
+        raise click.ClickException(exc.message) from exc
+    except ImportError as exc:
+        raise click.ClickException(f"{exc} (pip install '.[vm]')") from exc
+    except (LibvirtdError, OSError) as exc:
+        raise click.ClickException(str(exc) or type(exc).__name__) from exc
+    except Exception as exc:  # net.bridge's NetError, libvirt: still one line, not a trace
+        log.debug("lab failed", exc_info=True)
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 if __name__ == "__main__":
