@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.exit(128 + signal.SIGINT)
     except SpawnError as exc:
         click.echo(f"dcptrace: {exc}", err=True)
         sys.exit(exc.exit_code)

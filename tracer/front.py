@@ -130,6 +130,11 @@ def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -
     if wait_for_tracer:
         _reap(tracer_pid)
     os.close(lifeline_w)
+    # A signal still pending here (the terminal's Ctrl-C reached this process
+    # too) was meant for the program, which has ended: drop it, do not let it
+    # interrupt dcptrace as it exits with the program's status.
+    while signal.sigtimedwait(FORWARDED_SIGNALS, 0) is not None:
+        pass
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return end
 
