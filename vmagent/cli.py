@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import socket
 import sys
@@ -42,6 +43,7 @@ async def serve(config: AgentConfig) -> None:
                     agent.sampler.sample,
                     agent.sampler.memory_mb(),
                     config.call_timeout,
+                    config.exec_key,
                 )
                 link_task = tasks.create_task(link.run())
             await stop.wait()
@@ -92,6 +94,8 @@ def main(
             hostname=hostname,
             reconnect_window=reconnect_window,
             trace=trace,
+            # With an OSS, clients get exec tickets from it, MAC'd with this key.
+            exec_key=secrets.token_hex(32) if oss_url else None,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmagent.errors import AgentError
 
@@ -33,6 +33,9 @@ class AgentConfig:
     drain_grace: float = 0.5  # after the program exits, wait this long for its pipes' EOF
     call_timeout: float = 5.0  # timeout of every call to the OSS
     trace: bool = False  # run programs under dcptrace (placement local) on this instance
+    # Per-process key for exec tickets minted by the OSS (sent when registering;
+    # a restarted agent has a new one, which retires tickets for the old process).
+    exec_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance:
