@@ -17,17 +17,17 @@ A failure here is reported once and never affects the run.
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import logging
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracer.coordinator import ProcessEvent, ProcessExec, ProcessExited, ProcessSpawned
+
+if TYPE_CHECKING:  # asyncio is imported by the recorder thread, off dcptrace's start-up
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ class LocalOss:
 
     def _run(self) -> None:
         self._go.wait(START_DELAY)
+        import asyncio
+
         try:
             asyncio.run(self._main())
         except Exception as exc:  # report, never disturb the traced program
@@ -115,6 +117,9 @@ class LocalOss:
     async def _main(self) -> None:
         # Imported here: the OSS core (pydantic models, SQLite) is not needed
         # before the program runs, and this import happens off the tracer's path.
+        import asyncio
+        import socket
+
         from oss.models import AgentHeartbeat, AgentRegister, Load, ProgramSubmit
         from oss.service import Oss, OssConfig
 
@@ -162,6 +167,8 @@ class LocalOss:
             await oss.close()
 
     async def _principal(self, oss: Any) -> Any:
+        import getpass
+
         token_file = self.data_dir / TOKEN_FILE
         if token_file.exists():
             return await oss.authenticate(token_file.read_text().strip())

@@ -64,7 +64,18 @@ def _open_output(path: str, flag: str) -> TextIO:
 
 
 @click.command(
-    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]}
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  dcptrace -- ./build.sh                      run under the embedded coordinator
+  dcptrace --summary -- make -j4              where the syscalls went
+  dcptrace --trace -o trace.txt -- python3 x.py
+  dcptrace --map /data=/srv/dcp/data -- ./app   the program sees /srv/dcp/data as /data
+  dcptrace --instances 3 -- make -j6          processes placed on 3 local instances
+
+The exit status is the program's (a death by signal is re-raised); 127 and 126
+mean the program could not be found or run, 2 a usage error, 125 a tracer
+failure.""",
 )
 @click.option("--trace", is_flag=True, help="Print every syscall, strace-style.")
 @click.option(
@@ -114,7 +125,9 @@ def _open_output(path: str, flag: str) -> TextIO:
 )
 @click.option("--no-state", is_flag=True, help="Do not record this run in the local OSS state.")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr.")
-@click.argument("program", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument(
+    "program", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- PROGRAM [ARGS]..."
+)
 def command(
     trace: bool,
     output: str | None,

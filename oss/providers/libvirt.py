@@ -364,6 +364,7 @@ class LibvirtConfig:
     listen_port: int = 7070
     extra_cmdline: str = ""
     max_memory_mb: int = 4096
+    remote_disk_bytes: int = 8 * 2**30  # overlay size when a remote base is in no pool
     max_cpus: int = 2
 
     def __post_init__(self) -> None:
@@ -507,12 +508,12 @@ class LibvirtProvider:
         staged: dict[str, Path] = {}
         for f in self.config.image.files():
             dst = img_dir / f.name
-            if not dst.exists() or dst.stat().st_ino != f.stat().st_ino:
+            if not _same_file(f, dst):
                 dst.unlink(missing_ok=True)
                 try:
                     os.link(f, dst)
-                except OSError:
-                    shutil.copyfile(f, dst)
+                except OSError:  # another file system: a copy with the same mtime
+                    shutil.copy2(f, dst)
             staged[str(f)] = dst
         img = self.config.image
         return GuestImage(
@@ -549,7 +550,17 @@ class LibvirtProvider:
         wanted = self.config.domain_type
         if wanted != "auto":
             return DomainType(wanted)
-        if not self.uri.remote and not Path("/dev/kvm").exists():
+        if self.uri.remote:
+            # The probe reads the console file, which is on the other host: there,
+            # trust what libvirt advertises (set domain_type to override).
+            try:
+                await self._call(
+                    "kvm capabilities", self.conn.getDomainCapabilities, None, "x86_64", None, "kvm"
+                )
+                return DomainType.KVM
+            except ProviderError:
+                return DomainType.QEMU
+        if not Path("/dev/kvm").exists():
             return DomainType.QEMU
         ok = await self._probe(DomainType.KVM)
         if not ok:
@@ -664,12 +675,21 @@ class LibvirtProvider:
         log.info("instance %s booting: %s %s", inst.name, inst.address, inst.mac)
 
     async def _base_capacity(self) -> int:
+        """The base image's virtual size: from its qcow2 header here, via libvirt remotely."""
         assert self._image is not None
-        if self.uri.remote:
-            return 8 * 2**30
-        from images.qcow2 import virtual_size
+        if not self.uri.remote:
+            from images.qcow2 import virtual_size
 
-        return await asyncio.to_thread(virtual_size, self._image.base)
+            return await asyncio.to_thread(virtual_size, self._image.base)
+        try:
+            vol = await self._call(
+                "base lookup", self.conn.storageVolLookupByPath, str(self._image.base)
+            )
+            info = await self._call("base info", vol.info)
+            return int(info[1])
+        except ProviderError:
+            # The base is in no libvirt pool on that host: qemu-img's view is the same size.
+            return self.config.remote_disk_bytes
 
     async def destroy(self, name: str) -> None:
         """Stop instance `name` and delete its overlay (idempotent)."""
@@ -754,6 +774,17 @@ class LibvirtProvider:
                 if st in wanted:
                     return st
                 await asyncio.sleep(0.25)
+
+
+def _same_file(src: Path, dst: Path) -> bool:
+    """dst is src (hard link) or a copy of it (same size and mtime)."""
+    try:
+        a, b = src.stat(), dst.stat()
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (
+        a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
+    )
 
 
 def _read_text(path: Path) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiohttp import web
+
 from images.builder import BuildConfig, Builder, Image, source_checkout
 from net import bridge
 from oss.providers.libvirt import GuestImage, LibvirtConfig, LibvirtProvider
@@ -99,8 +101,6 @@ class OssHarness:
         providers: dict[str, Any],
     ) -> OssHarness:
         """Serve the OSS on host:<any port> inside `netns` (the guests' gateway)."""
-        from aiohttp import web
-
         from oss.server import make_app
         from oss.service import Oss, OssConfig
 
@@ -269,11 +269,47 @@ class Lab:
         return left
 
 
+def reap_stale_labs() -> list[int]:
+    """Stop the daemons of labs whose test process died without cleaning up.
+
+    Only labs made by make_lab (their work dir records the owner's PID) whose owner
+    is gone; their libvirtd/virtlogd are found by the lab's own pid files.
+    """
+    from oss.providers.libvirtd import LibvirtdConfig, pid_alive, stop_by_pidfiles
+
+    stopped: list[int] = []
+    for work in Path("/var/tmp").glob("dcp-vmlab-*"):
+        try:
+            owner = int((work / "owner.pid").read_text())
+            netns = (work / "netns").read_text().strip()
+        except (FileNotFoundError, ValueError):
+            continue
+        if pid_alive(owner):
+            continue
+        # Its VMs first: qemu outlives libvirtd (the next libvirtd would adopt them).
+        for pidfile in Path("/run/libvirt/qemu").glob("dcp-*.pid"):
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if pid_alive(pid):
+                os.kill(pid, 9)
+                stopped.append(pid)
+            pidfile.unlink(missing_ok=True)
+            pidfile.with_suffix(".xml").unlink(missing_ok=True)
+        cfg = LibvirtdConfig(netns=netns, run_dir=work / "run")
+        stopped += asyncio.run(stop_by_pidfiles(cfg))
+        shutil.rmtree(work, ignore_errors=True)
+    return stopped
+
+
 def make_lab(loop: LoopThread, tag: str) -> Lab:
     """A lab with names and a work dir unique to this process."""
     work = Path(tempfile.mkdtemp(prefix=f"dcp-vmlab-{tag}-", dir="/var/tmp"))
     work.chmod(0o755)  # qemu runs as libvirt-qemu and must reach the overlays and logs
+    (work / "owner.pid").write_text(str(os.getpid()))
     n = os.getpid() % 10000
+    (work / "netns").write_text(f"dcp-vm{tag}{n}")
     return Lab(
         loop=loop,
         work=work,
