@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,6 +32,13 @@ where=$(tr '\\0' ' ' < /proc/$PPID/cmdline | sed -n 's/.*--instance \\([^ ]*\\).
 echo "on ${where:-home}"
 exit "${1:-0}"
 """
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def _env() -> dict[str, str]:
@@ -62,11 +70,13 @@ class Lab:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
-    def start(self, *argv: str) -> tuple[subprocess.Popen[bytes], str]:
+    def start(
+        self, *argv: str, prefix: tuple[str, ...] = ()
+    ) -> tuple[subprocess.Popen[bytes], str]:
         log = open(self.data / f"proc{len(self.procs)}.log", "wb")  # noqa: SIM115
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", *argv],
+                [*prefix, sys.executable, "-m", *argv],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=_env(),
             )  # fmt: skip
         finally:
@@ -78,6 +88,9 @@ class Lab:
     def stop(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
+                # `unshare --fork` waits for its child: the agent (PID 1 inside) gets the TERM.
+                for kid in _children(p.pid) if p.args[0] == "nsenter" else []:
+                    os.kill(kid, signal.SIGTERM)
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
             try:
@@ -89,36 +102,76 @@ class Lab:
                 p.stdout.close()
 
 
+def start_lab(lab: Lab, listen: str, agents: dict[str, tuple[str, ...]]) -> None:
+    """Accounts, instance tokens, `dcp-oss serve` on `listen`, one agent per name.
+
+    `agents` maps each instance name to (command prefix, agent --listen, extra options).
+    """
+    lab.token = _cli("account", "create", "--data", str(lab.data), "acme")
+    lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
+    tokens = {n: _cli("instance-token", "--data", str(lab.data), n) for n in agents}
+    _proc, line = lab.start(
+        "oss", "serve", "--listen", f"{listen}:0", "--data", str(lab.data),
+        "--heartbeat-interval", "0.5", "--tick", "0.5",
+    )  # fmt: skip
+    assert "listening on " in line, line
+    lab.url = line.split("listening on ", 1)[1].strip()
+    for name, (*prefix, agent_listen, extra) in agents.items():
+        _proc, line = lab.start(
+            "vmagent", "--oss", lab.url, "--instance", name, "--token", tokens[name],
+            "--listen", agent_listen, *extra.split(), prefix=tuple(prefix),
+        )  # fmt: skip
+        assert line.startswith("listening "), line
+
+    def ready() -> bool:
+        rows = lab.get("/v1/instances", lab.admin)
+        return sorted(r["name"] for r in rows if r["state"] == "ready") == sorted(agents)
+
+    assert wait_for(ready, 30), lab.get("/v1/instances", lab.admin)
+    (lab.data / "marker.sh").write_text(MARKER)
+    (lab.data / "marker.sh").chmod(0o755)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Two loopback agents registered with a loopback dcp-oss serve."""
     lab = Lab(tmp_path_factory.mktemp("oss"))
     try:
-        lab.token = _cli("account", "create", "--data", str(lab.data), "acme")
-        lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
-        tokens = {n: _cli("instance-token", "--data", str(lab.data), n) for n in ("n0", "n1")}
-        _proc, line = lab.start(
-            "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data),
-            "--heartbeat-interval", "0.5", "--tick", "0.5",
-        )  # fmt: skip
-        assert "listening on " in line, line
-        lab.url = line.split("listening on ", 1)[1].strip()
-        for name, token in tokens.items():
-            _proc, line = lab.start(
-                "vmagent", "--oss", lab.url, "--instance", name, "--token", token,
-                "--listen", "127.0.0.1:0",
-            )  # fmt: skip
-            assert line.startswith("listening "), line
-
-        def ready() -> bool:
-            rows = lab.get("/v1/instances", lab.admin)
-            return sorted(r["name"] for r in rows if r["state"] == "ready") == ["n0", "n1"]
-
-        assert wait_for(ready, 30), lab.get("/v1/instances", lab.admin)
-        (lab.data / "marker.sh").write_text(MARKER)
-        (lab.data / "marker.sh").chmod(0o755)
+        start_lab(lab, "127.0.0.1", {n: ("127.0.0.1:0", "") for n in ("n0", "n1")})
         yield lab
     finally:
         lab.stop()
+
+
+@pytest.fixture
+def ns_lab(tmp_path: Path) -> Iterator[Lab]:
+    """Two agents in their own network/UTS/PID namespaces (hostname = instance name).
+
+    The OSS listens on the lab bridge's host address, which the namespaces route to.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("namespaced instances need root")
+    from net.netns import LabNetwork, leftover_links, leftover_namespaces
+
+    tag = secrets.token_hex(3)
+    net = LabNetwork(tag)
+    lab = Lab(tmp_path)
+    try:
+        attachments = net.create(["n0", "n1"])
+        agents = {
+            a.name: (
+                "nsenter", f"--net=/run/netns/{a.netns}", "--", "unshare", "--uts", "--pid",
+                "--mount", "--mount-proc", "--fork", "--kill-child", "--",
+                "0.0.0.0:7070", f"--hostname {a.name}",
+            )
+            for a in attachments
+        }  # fmt: skip
+        start_lab(lab, net.gateway, agents)
+        yield lab
+    finally:
+        lab.stop()  # unshare dies, and --kill-child takes the agent with it
+        net.destroy()
+    assert leftover_links(tag) == [] and leftover_namespaces(tag) == []
 
 
 def dcptrace(lab: Lab | None, url: str, *argv: str, token: str | None = None, **opts: str) -> Any:
@@ -166,6 +219,18 @@ def test_background_children_run_on_both_instances_and_the_oss_records_the_run(l
     # Every placement was released: no slot stays taken on either instance.
     rows = lab.get("/v1/instances", lab.admin)
     assert {r["name"]: r["used_slots"] for r in rows} == {"n0": 0, "n1": 0}
+
+
+@pytest.mark.root
+@pytest.mark.netns
+def test_children_run_in_two_namespaced_instances(ns_lab: Lab) -> None:
+    script = "for i in 1 2 3 4; do (hostname) & done; wait; exit 5"
+    res = dcptrace(ns_lab, ns_lab.url, "sh", "-c", script, token=ns_lab.token)
+    assert res.returncode == 5, res.stderr.decode()
+    names = sorted(res.stdout.decode().split())
+    assert len(names) == 4 and set(names) == {"n0", "n1"}, names
+    prog = newest_program(ns_lab)
+    assert prog["exit_status"] == 5 and prog["placements"] == []
 
 
 def test_sequential_children_alternate_and_statuses_propagate(lab: Lab) -> None:
