@@ -295,3 +295,35 @@ def test_an_unreachable_oss_is_one_clear_line() -> None:
 def test_a_bad_url_is_one_clear_line() -> None:
     err = _one_line(dcptrace(None, "ftp://example.invalid", "/bin/true", token="dcp_x"))
     assert "http(s) URL" in err
+
+
+def test_an_oss_gone_mid_run_leaves_the_processes_here(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    try:
+        start_lab(lab, "127.0.0.1", {"n0": ("127.0.0.1:0", "")})
+        script = "./marker.sh; while [ ! -f gone ]; do :; done; ./marker.sh; exit 6"
+        env = dict(traced_env(), DCP_TOKEN=lab.token)
+        p = subprocess.Popen(
+            [*dcptrace_argv("--no-state", "--oss", lab.url), "--", "sh", "-c", script],
+            cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert p.stdout is not None
+            assert p.stdout.readline() == b"on n0\n"
+            serve = lab.procs[0]
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(timeout=20)
+            (lab.data / "gone").touch()
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 6, err.decode()
+        assert out == b"on home\n"
+        text = err.decode()
+        assert "Traceback" not in text
+        assert text.count("the OSS placed no process") == 1, text
+    finally:
+        lab.stop()

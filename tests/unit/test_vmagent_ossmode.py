@@ -90,6 +90,7 @@ def test_the_register_body_carries_the_exec_key_only_when_there_is_one() -> None
     with_key = OssLink("http://o", "n1", "tok", "1.2.3.4:7070", sample, 512, exec_key=KEY)
     body = with_key.register_body()
     assert body["exec_key"] == KEY and body["instance"] == "n1"
+    assert with_key.register_body()["exec_key"] == KEY  # a re-registration sends the same key
     AgentRegister.model_validate(body)  # what the OSS accepts
     without = OssLink("http://o", "n1", "tok", "1.2.3.4:7070", sample, 512).register_body()
     assert "exec_key" not in without
