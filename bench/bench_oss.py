@@ -268,13 +268,17 @@ async def _place_storm(
 
 
 def _run_instances(url: str, toks: dict[str, str], start: float, stop: float, q: Any) -> None:
-    q.put(("instances", asyncio.run(_instances(url, toks, start, stop))))
+    res = asyncio.run(_instances(url, toks, start, stop))
+    res["cpu"] = time.process_time()  # the generator's own CPU (it shares the cores)
+    q.put(("instances", res))
 
 
 def _run_clients(
     url: str, token: str, n: int, think: float, start: float, stop: float, q: Any
 ) -> None:
-    q.put(("clients", asyncio.run(_clients(url, token, n, think, start, stop))))
+    res = asyncio.run(_clients(url, token, n, think, start, stop))
+    res["cpu"] = time.process_time()
+    q.put(("clients", res))
 
 
 # -- in-process placement ---------------------------------------------------------
@@ -345,7 +349,24 @@ def main() -> None:
     ap.add_argument("--storm", type=float, default=5.0, help="seconds of closed-loop API placement")
     ap.add_argument("--batch", type=int, default=16, help="processes per placement request")
     ap.add_argument("--skip-inproc", action="store_true", help="skip the in-process measures")
+    ap.add_argument(
+        "--inproc-only", action="store_true", help="only the in-process placement measures"
+    )
     args = ap.parse_args()
+    if args.inproc_only:
+        with tempfile.TemporaryDirectory(prefix="bench-oss-") as tmp:
+            p0 = _pressure()
+            durable = asyncio.run(bench_store_place(Path(tmp), args.instances, 5.0))
+            pre = bench_scheduler(CANDIDATES, 2.0)
+            full = bench_scheduler(args.instances, 2.0)
+            print(f"host CPU pressure at start / end: {p0} / {_pressure()}")
+            print(
+                f"durable placements/s in-process (store, {args.instances} instances):"
+                f" {durable:,.0f}"
+            )
+            print(f"placement decisions/s, {CANDIDATES} pre-filtered candidates: {pre:,.0f}")
+            print(f"placement decisions/s, full scan of {args.instances}: {full:,.0f}")
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-oss-") as tmp:
         tmpd = Path(tmp)
@@ -434,10 +455,14 @@ def main() -> None:
         ),
         ("server CPU (cores busy)", f"{(cpu1 - cpu0) / args.duration:.2f}"),
         (
+            "load generators' CPU, whole run incl. set-up (seconds)",
+            f"instances {inst['cpu']:.1f}, clients {cli['cpu']:.1f}",
+        ),
+        (
             "server CPU per request (incl. heartbeats)",
             f"{1000 * (cpu1 - cpu0) / max(1, len(all_lat) + hb1 - hb0):.2f} ms",
         ),
-        ("host CPU pressure 'some' avg10 at start / end (other sessions)", f"{psi0} / {psi1}"),
+        ("host CPU pressure 'some' avg10 at start / end (incl. this bench)", f"{psi0} / {psi1}"),
     ]
     for op in sorted(cli["lat"]):
         v = cli["lat"][op]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import inspect
 import logging
 import signal
 import sys
@@ -13,6 +15,7 @@ from aiohttp import web
 
 from oss import credentials
 from oss.errors import OssError
+from oss.pool import Provider
 from oss.pricing import Rates
 from oss.server import make_app
 from oss.service import Oss, OssConfig
@@ -63,6 +66,13 @@ def main(log_level: str) -> None:
     "--storage-rate", default=0, show_default=True, help="Micros per GiB-second of storage."
 )
 @click.option("--net-rate", default=0, show_default=True, help="Micros per GiB of network traffic.")
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    metavar="NAME=MODULE:FACTORY",
+    help="Instance provider for pools naming NAME: FACTORY() must return an oss.pool.Provider.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -74,9 +84,13 @@ def serve(
     premium_pct: int,
     storage_rate: int,
     net_rate: int,
+    providers: tuple[str, ...],
 ) -> None:
     """Run the OSS HTTP API."""
     host, port = _hostport(listen)
+    loaded = dict(load_provider(spec) for spec in providers)
+    if public_url is None and port != 0:
+        public_url = f"http://{host}:{port}"
     try:
         config = OssConfig(
             data_dir=data_dir,
@@ -89,7 +103,27 @@ def serve(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    asyncio.run(_serve(config, host, port))
+    asyncio.run(_serve(config, host, port, loaded))
+
+
+def load_provider(spec: str) -> tuple[str, Provider]:
+    """Parse NAME=MODULE:FACTORY, import MODULE, call FACTORY(), check it is a Provider."""
+    name, eq, target = spec.partition("=")
+    module, colon, attr = target.partition(":")
+    if not eq or not colon or not name or not module or not attr:
+        raise click.BadParameter(f"{spec!r}: expected NAME=MODULE:FACTORY", param_hint="--provider")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+        provider = factory()
+    except Exception as exc:  # any import/constructor failure is a bad flag value
+        raise click.BadParameter(f"{spec!r}: {exc!r}", param_hint="--provider") from exc
+    for method in ("create", "destroy"):
+        if not inspect.iscoroutinefunction(getattr(provider, method, None)):
+            raise click.BadParameter(
+                f"{spec!r}: {type(provider).__name__} has no async {method}()",
+                param_hint="--provider",
+            )
+    return name, provider
 
 
 # The event loop shares the GIL with the SQLite threads; a short switch interval bounds
@@ -98,9 +132,11 @@ GIL_SWITCH_INTERVAL = 0.0005
 SHUTDOWN_TIMEOUT = 5.0  # seconds open requests (log followers) get on SIGTERM
 
 
-async def _serve(config: OssConfig, host: str, port: int) -> None:
+async def _serve(
+    config: OssConfig, host: str, port: int, providers: dict[str, Provider] | None = None
+) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    oss = Oss(config)
+    oss = Oss(config, providers)
     runner = web.AppRunner(
         make_app(oss), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )

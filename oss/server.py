@@ -860,6 +860,8 @@ def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
                 data = json.loads(raw) if raw.strip() else {}
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+            except RecursionError as exc:
+                raise InvalidRequest("body is nested too deeply") from exc
             try:
                 body = route.body.model_validate(data)
             except ValidationError as exc:

@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 HEARTBEAT_FLUSH_TICKS = 5  # persist heartbeats every this many ticks
 
 
+class ContextLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes messages with their context: `[program=... instance=...] message`."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        ctx = " ".join(f"{k}={v}" for k, v in (self.extra or {}).items() if v is not None)
+        return (f"[{ctx}] {msg}" if ctx else msg), kwargs
+
+
 @dataclass(frozen=True, slots=True)
 class OssConfig:
     """Configuration of one OSS process (validated on construction)."""
@@ -225,11 +233,12 @@ class Oss:
 
     def oss_log(self, text: str, instance: str | None = None) -> None:
         """Add a line to the OSS log (written on the next flush)."""
-        log.info("%s", text)
+        ContextLog(log, {"instance": instance}).info("%s", text)
         self._oss_lines.append(logmod.LogLine(self.clock(), "log", text, instance))
 
     async def program_log(self, program_id: str, text: str) -> None:
         """Append an OSS decision line to a program's log."""
+        ContextLog(log, {"program": program_id}).debug("%s", text)
         await self.store.append_logs(None, program_id, [logmod.LogLine(self.clock(), "log", text)])
 
     # -- auth ----------------------------------------------------------------

@@ -114,7 +114,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX instances_place ON instances(state, price_micros_per_s, used_slots, name);
     """,
-    # 4: the agent's exec key (exec tickets for clients); never returned by any API.
+    # 4: newest-first program lists and log reads in chunk order without a sort.
+    """
+    CREATE INDEX programs_recent ON programs(account_id, created);
+    CREATE INDEX log_program_chunk ON log_chunks(program_id, id);
+    """,
+    # 5: the agent's exec key (exec tickets for clients); never returned by any API.
     """
     ALTER TABLE instances ADD COLUMN exec_key TEXT;
     """,
@@ -164,6 +169,7 @@ class _Writer:
         self._thread = threading.Thread(target=self._run, name="oss-store-writer", daemon=True)
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._thread.start()
@@ -172,10 +178,14 @@ class _Writer:
             raise StoreError(str(self._error)) from self._error
 
     def stop(self) -> None:
+        self._closed = True
         self._q.put(None)
         self._thread.join()
 
     def submit(self, fn: Callable[[Conn], Any], fut: asyncio.Future[Any]) -> None:
+        # Checked here so a write after close fails instead of waiting forever.
+        if self._closed or not self._thread.is_alive():
+            raise StoreError("the store is closed")
         self._q.put((fn, fut))
 
     def _run(self) -> None:
@@ -222,23 +232,31 @@ class _Writer:
                     conn.execute("RELEASE op")
                     results.append((fut, r, None))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # disk full, I/O error...: the whole batch fails, loudly
             log.exception("store commit failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("store rollback failed")
             err = StoreError(f"commit failed: {exc}")
             results = [(fut, None, err) for _, fut in batch]
-        for fut, r, e in results:
-            fut.get_loop().call_soon_threadsafe(_resolve, fut, r, e)
+        # One wake-up per loop for the whole batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for item in results:
+            by_loop.setdefault(item[0].get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, items)
 
 
-def _resolve(fut: asyncio.Future[Any], r: Any, e: BaseException | None) -> None:
-    if fut.cancelled():
-        return
-    if e is not None:
-        fut.set_exception(e)
-    else:
-        fut.set_result(r)
+def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, r, e in items:
+        if fut.cancelled():
+            continue
+        if e is not None:
+            fut.set_exception(e)
+        else:
+            fut.set_result(r)
 
 
 def connect(path: Path) -> Conn:
@@ -273,6 +291,7 @@ class Store:
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     async def open(self) -> None:
         """Start the writer (runs migrations) and the readers."""
@@ -281,6 +300,7 @@ class Store:
 
     async def close(self) -> None:
         """Finish queued writes and close every connection."""
+        self._closed = True
         await asyncio.to_thread(self._writer.stop)
         if self._readers is not None:
             self._readers.shutdown(wait=True)
@@ -297,7 +317,8 @@ class Store:
 
     async def read(self, fn: Callable[[Conn], T]) -> T:
         """Run `fn` on a reader connection (sees committed state)."""
-        assert self._readers is not None, "store not open"
+        if self._readers is None or self._closed:
+            raise StoreError("the store is not open")
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, fn)
 
     def _read(self, fn: Callable[[Conn], T]) -> T:
@@ -1376,9 +1397,12 @@ def _candidates(
         f" ORDER BY price_micros_per_s, used_slots, name LIMIT {CANDIDATES}",
         args,
     ).fetchall()
+    # CROSS JOIN fixes the loop order (SQLite's rule): the program's few placements
+    # outside, instances by primary key inside; otherwise it walks every ready instance.
+    icols = ", ".join(f"i.{x.strip()}" for x in cols.split(","))
     own = c.execute(
-        f"SELECT {cols} FROM instances WHERE name IN (SELECT instance FROM placements"
-        " WHERE program_id=?) AND state='ready'",
+        f"SELECT {icols} FROM placements p CROSS JOIN instances i ON i.name=p.instance"
+        " WHERE p.program_id=? AND i.state='ready'",
         (program_id,),
     ).fetchall()
     seen: dict[str, scheduler.Candidate] = {}

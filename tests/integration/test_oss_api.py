@@ -306,3 +306,14 @@ def test_follower_hanging_up_is_harmless(srv: OssServer, caplog: pytest.LogCaptu
     srv.http("POST", f"/v1/programs/{p['id']}/logs", a.token, {"lines": [{"text": "two"}]})
     assert srv.http("GET", "/healthz").status == 200
     assert not [r for r in caplog.records if "unhandled" in r.getMessage()]
+
+
+def test_no_capacity_for_more_processes_is_503_with_reason(srv: OssServer) -> None:
+    srv.instance("vm1", cpus=1)  # 4 slots
+    a = srv.account("a")
+    p = _submit(srv, a.token, processes=3).body
+    r = srv.http("POST", f"/v1/programs/{p['id']}/placements", a.token, {"processes": 2})
+    assert r.status == 503 and r.body["error"] == "no_capacity"
+    assert "only 1 of 2 processes fit" in r.body["message"]
+    got = srv.http("GET", f"/v1/programs/{p['id']}", a.token).body
+    assert got["processes"] == 3  # all-or-nothing: nothing was half-placed

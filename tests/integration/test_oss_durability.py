@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -110,13 +111,13 @@ def test_kill_9_loses_no_acknowledged_write(served: Any, tmp_path: Path) -> None
                     seen = (await c.billing()).records
 
             async def submitter(k: int) -> None:
-                for i in range(1000):
+                for i in itertools.count():
                     p = await c.submit(m.ProgramSubmit(argv=["w", str(k), str(i)]))
                     acked_programs.append(p.id)
 
             async def logger(k: int) -> None:
                 pid = p0.id
-                for i in range(1000):
+                for i in itertools.count():
                     text = f"line {k}-{i}"
                     await c.append_logs(pid, [m.LogLineIn(stream="stdout", text=text)])
                     acked_lines.setdefault(pid, []).append(text)

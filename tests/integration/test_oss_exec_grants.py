@@ -136,4 +136,4 @@ def test_store_schema_has_the_exec_key_column(srv: OssServer) -> None:
     finally:
         conn.close()
     assert "exec_key" in cols
-    assert version >= 4
+    assert version >= 5

@@ -158,7 +158,7 @@ def test_fuzz_operation_never_500(fuzz_world: Any, method: str, path: str) -> No
     tok = itok if path.startswith("/v1/agents") else token
 
     @settings(
-        max_examples=int(os.environ.get("OSS_FUZZ_EXAMPLES", "40")),
+        max_examples=int(os.environ.get("OSS_FUZZ_EXAMPLES", "100")),
         deadline=None,
         derandomize=os.environ.get("OSS_FUZZ_RANDOM") is None,
         database=None,
@@ -179,7 +179,10 @@ def test_fuzz_operation_never_500(fuzz_world: Any, method: str, path: str) -> No
             url += "?" + urlencode(qq)
         raw = json.dumps(body).encode() if body_schema is not None else None
         r = srv.http(method, url, tok, raw=raw, headers={"Content-Type": "application/json"})
-        assert r.status < 500, (method, url, body, r.status, r.raw[:300])
+        # 503 no_capacity is a designed answer (the cluster is full: retry later), not a
+        # crash; every other 5xx is a bug.
+        designed = r.status == 503 and r.body and r.body.get("error") == "no_capacity"
+        assert r.status < 500 or designed, (method, url, body, r.status, r.raw[:300])
         if r.status >= 400:
             assert r.body["error"] and r.body["message"]
 

@@ -32,6 +32,21 @@ pytest_plugins = ["conftest_oss"]
         ),
         (b"[1, 2]", 422, "validation_failed", "error"),
         (b"null", 422, "validation_failed", "error"),
+        pytest.param(
+            b"[" * 200_000 + b"]" * 200_000,
+            400,
+            "invalid_request",
+            "nested too deeply",
+            id="deeply-nested",
+        ),
+        (b'{"argv": ["a"], "processes": 1e400}', 422, "validation_failed", "processes"),
+        (b'{"argv": ["\\ud800"]}', 422, "validation_failed", "unicode"),
+        (
+            b'{"argv": ["a"], "storage_mb": 100000000000000000000000000}',
+            422,
+            "validation_failed",
+            "storage_mb",
+        ),
         (b'"str"', 422, "validation_failed", "error"),
     ],
 )

@@ -94,3 +94,38 @@ def test_second_process_style_connection_sees_committed_state(tmp_path: Path) ->
             await s.close()
 
     asyncio.run(go())
+
+
+def test_use_after_close_fails_fast(tmp_path: Path) -> None:
+    from oss.errors import StoreError
+
+    async def go() -> None:
+        s = Store(tmp_path)
+        await s.open()
+        await s.close()
+        with pytest.raises(StoreError, match="closed"):
+            await s.write(lambda c: None)
+        with pytest.raises(StoreError, match="not open"):
+            await s.read(lambda c: None)
+
+    asyncio.run(go())
+
+
+def test_failed_commit_fails_the_batch_and_the_writer_survives(tmp_path: Path) -> None:
+    from oss.errors import StoreError
+
+    async def go() -> None:
+        s = Store(tmp_path)
+        await s.open()
+        try:
+            # An operation that breaks the writer's own bookkeeping: its RELEASE then fails.
+            def sabotage(c: Any) -> None:
+                c.execute("RELEASE op")
+
+            with pytest.raises(StoreError):
+                await s.write(sabotage)
+            assert await s.write(lambda c: 42) == 42  # the writer thread is still there
+        finally:
+            await s.close()
+
+    asyncio.run(go())
