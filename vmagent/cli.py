@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import signal
 import socket
 import sys
+from secrets import token_hex
 
 import click
 
@@ -91,11 +91,11 @@ def main(
             listen_host=host,
             listen_port=port,
             oss_url=oss_url or None,
+            # With an OSS, clients get exec tickets from it, MAC'd with this key.
+            exec_key=token_hex(32) if oss_url else None,
             hostname=hostname,
             reconnect_window=reconnect_window,
             trace=trace,
-            # With an OSS, clients get exec tickets from it, MAC'd with this key.
-            exec_key=secrets.token_hex(32) if oss_url else None,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -31,11 +31,11 @@ class AgentConfig:
     hostname: str | None = None  # set the UTS hostname first (fresh UTS namespace only)
     reconnect_window: float = 10.0  # how long a session waits for its deputy to come back
     drain_grace: float = 0.5  # after the program exits, wait this long for its pipes' EOF
-    call_timeout: float = 5.0  # timeout of every call to the OSS
-    trace: bool = False  # run programs under dcptrace (placement local) on this instance
     # Per-process key for exec tickets minted by the OSS (sent when registering;
     # a restarted agent has a new one, which retires tickets for the old process).
     exec_key: str | None = field(default=None, repr=False)
+    call_timeout: float = 5.0  # timeout of every call to the OSS
+    trace: bool = False  # run programs under dcptrace (placement local) on this instance
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance:
