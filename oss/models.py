@@ -443,7 +443,7 @@ class AgentRegister(Api):
     exec_key: (
         Annotated[str, StringConstraints(min_length=32, max_length=256, pattern=r"^[0-9a-f]+$")]
         | None
-    ) = Field(default=None, repr=False)
+    ) = Field(default=None, repr=False, json_schema_extra={"writeOnly": True})
 
 
 class AgentRegistered(Api):

@@ -252,3 +252,17 @@ def test_close_finishes_with_the_root_status_or_cancels() -> None:
     link = FakeLink()
     OssCoordinator(FakeInner(), "spread", link, "/").close()  # never started: nothing
     assert link.calls == []
+
+
+def test_openapi_documents_the_exec_key_grants_and_hint() -> None:
+    from oss.server import openapi
+
+    schemas = openapi()["components"]["schemas"]
+    key = schemas["AgentRegister"]["properties"]["exec_key"]
+    assert key.get("writeOnly") is True
+    assert "exec_key" not in schemas["AgentRegister"]["required"]
+    assert set(schemas["ExecGrant"]["properties"]) == {"instance", "address", "tickets"}
+    assert "exec_grants" in schemas["PlacementResult"]["properties"]
+    assert "avoid" in schemas["PlacementRequest"]["properties"]
+    assert not any("exec_key" in s.get("properties", {}) for n, s in schemas.items()
+                   if n != "AgentRegister")  # fmt: skip
