@@ -162,9 +162,13 @@ class OssClient:
         body = m.ProgramFinish(exit_status=exit_status, signal=signal)
         return await self._get(m.Program, "POST", f"/v1/programs/{program_id}/finish", body)
 
-    async def place(self, program_id: str, processes: int = 1) -> m.PlacementResult:
-        """Ask where new processes of the program run."""
+    async def place(
+        self, program_id: str, processes: int = 1, avoid: list[str] | None = None
+    ) -> m.PlacementResult:
+        """Ask where new processes of the program run (with exec tickets where possible)."""
         body = m.PlacementRequest(processes=processes)
+        if avoid:
+            body = m.PlacementRequest(processes=processes, avoid=avoid)
         return await self._get(
             m.PlacementResult, "POST", f"/v1/programs/{program_id}/placements", body
         )

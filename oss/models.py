@@ -218,6 +218,17 @@ class PlacementRequest(Api):
     """Place more processes of a running program (an exec/fork landing)."""
 
     processes: Annotated[int, Field(ge=1, le=1024)] = 1
+    # A spread hint: among otherwise equal new instances, these come last (e.g. the
+    # instance the previous process went to, so sequential processes alternate).
+    avoid: Annotated[list[Name], Field(max_length=64)] = []
+
+
+class ExecGrant(Api):
+    """What a client needs to start the placed processes on one instance itself."""
+
+    instance: str
+    address: str  # HOST:PORT of the instance's agent
+    tickets: list[str]  # one single-use exec ticket per placed process
 
 
 class PlacementResult(Api):
@@ -225,6 +236,8 @@ class PlacementResult(Api):
 
     program_id: str
     assignments: list[Placement]
+    # For instances whose agent registered an exec key (others: none).
+    exec_grants: list[ExecGrant] = []
 
 
 class ReleaseRequest(Api):
@@ -425,6 +438,12 @@ class AgentRegister(Api):
     hostname: Annotated[str, StringConstraints(max_length=300)]
     cpus: Annotated[int, Field(ge=1, le=4096)]
     memory_mb: Annotated[int, Field(ge=1, le=2**40)]
+    # The agent's per-process key for exec tickets the OSS mints for clients
+    # (kept with the instance, never returned by any API, never logged).
+    exec_key: (
+        Annotated[str, StringConstraints(min_length=32, max_length=256, pattern=r"^[0-9a-f]+$")]
+        | None
+    ) = Field(default=None, repr=False, json_schema_extra={"writeOnly": True})
 
 
 class AgentRegistered(Api):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from oss.errors import NoCapacity
@@ -86,9 +86,12 @@ def eligible(c: Candidate, policy: SelectionPolicy, program: str) -> bool:
     return c.dedicated_to is None
 
 
-def _new_instance_key(c: Candidate, policy: SelectionPolicy) -> tuple[int, int, float, float, str]:
+def _new_instance_key(
+    c: Candidate, policy: SelectionPolicy, avoid: Collection[str] = ()
+) -> tuple[int, int, float, bool, float, str]:
     storage_miss = 0 if policy.storage is None or c.storage == policy.storage else 1
-    return (storage_miss, c.price_micros_per_s, c.used_slots / max(c.slots, 1), c.runqueue, c.name)
+    load = c.used_slots / max(c.slots, 1)
+    return (storage_miss, c.price_micros_per_s, load, c.name in avoid, c.runqueue, c.name)
 
 
 def place(
@@ -98,11 +101,13 @@ def place(
     candidates: Sequence[Candidate],
     current: Mapping[str, int],
     target_instances: int,
+    avoid: Collection[str] = (),
 ) -> list[Assignment]:
     """Place `processes` new processes; raise NoCapacity if any cannot be placed.
 
     `current` maps the instances the program already uses to its process count
-    there.  The result is all-or-nothing.
+    there.  The result is all-or-nothing.  `avoid` is a soft hint: among new
+    instances that are otherwise equal (storage, price, load), those come last.
     """
     if processes < 1:
         raise ValueError("processes must be >= 1")
@@ -130,7 +135,9 @@ def place(
     used = set(current)
     out: dict[str, int] = {}
     # At most `processes` new instances are ever needed: a partial selection, not a sort.
-    new_ranked = heapq.nsmallest(processes, fresh, key=lambda c: _new_instance_key(c, policy))
+    new_ranked = heapq.nsmallest(
+        processes, fresh, key=lambda c: _new_instance_key(c, policy, avoid)
+    )
     new_iter = iter(new_ranked)
     width = len(used)
     for _ in range(processes):

@@ -264,8 +264,11 @@ async def h_place(
     oss: Oss, r: web.Request, who: Any, b: m.PlacementRequest, q: Any
 ) -> m.PlacementResult:
     pid = r.match_info["program_id"]
-    got = await oss.store.place(_acct(who).account_id, pid, b.processes)
-    return m.PlacementResult(program_id=pid, assignments=[m.Placement(**a) for a in got])
+    got = await oss.store.place(_acct(who).account_id, pid, b.processes, b.avoid)
+    grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got)]
+    return m.PlacementResult(
+        program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
+    )
 
 
 async def h_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any) -> m.Ok:

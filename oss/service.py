@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oss import availability, optimizer
+from oss import availability, exectickets, optimizer
 from oss import logs as logmod
 from oss.errors import Conflict, OssError, ProviderError, Unauthorized
 from oss.locking import LockService
@@ -296,9 +296,23 @@ class Oss:
             body.cpus,
             body.memory_mb,
             self.config.slots_per_cpu,
+            body.exec_key,
         )
         self._last_seen[body.instance] = self.clock()
         self.oss_log(f"instance {body.instance} registered at {body.address}", body.instance)
+
+    async def exec_grants(self, assignments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """A fresh exec ticket per placed process, for instances whose agent sent an exec key."""
+        keys = await self.store.exec_targets([a["instance"] for a in assignments])
+        grants = []
+        for a in assignments:
+            found = keys.get(a["instance"])
+            if found is None:
+                continue
+            address, key = found
+            tickets = [exectickets.mint(key, a["instance"]) for _ in range(a["processes"])]
+            grants.append(dict(instance=a["instance"], address=address, tickets=tickets))
+        return grants
 
     def heartbeat(self, body: AgentHeartbeat) -> None:
         """An agent is alive (kept in memory, persisted each tick)."""

@@ -119,6 +119,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX programs_recent ON programs(account_id, created);
     CREATE INDEX log_program_chunk ON log_chunks(program_id, id);
     """,
+    # 5: the agent's exec key (exec tickets for clients); never returned by any API.
+    """
+    ALTER TABLE instances ADD COLUMN exec_key TEXT;
+    """,
 )
 
 CANDIDATES = 32  # instances the SQL pre-filter hands the scheduler (plus the program's own)
@@ -667,9 +671,16 @@ class Store:
         await self.write(op)
 
     async def register_instance(
-        self, name: str, address: str, hostname: str, cpus: int, memory_mb: int, slots_per_cpu: int
+        self,
+        name: str,
+        address: str,
+        hostname: str,
+        cpus: int,
+        memory_mb: int,
+        slots_per_cpu: int,
+        exec_key: str | None = None,
     ) -> None:
-        """An agent registered: the instance is ready."""
+        """An agent registered: the instance is ready (with its exec key, if it sent one)."""
         now = self.clock()
 
         def op(c: Conn) -> None:
@@ -680,8 +691,8 @@ class Store:
                 raise Conflict(f"instance {name} was destroyed")
             c.execute(
                 "UPDATE instances SET state='ready', address=?, hostname=?, cpus=?, memory_mb=?,"
-                " slots=?, last_heartbeat=? WHERE name=?",
-                (address, hostname, cpus, memory_mb, cpus * slots_per_cpu, now, name),
+                " slots=?, last_heartbeat=?, exec_key=? WHERE name=?",
+                (address, hostname, cpus, memory_mb, cpus * slots_per_cpu, now, exec_key, name),
             )
 
         await self.write(op)
@@ -833,7 +844,9 @@ class Store:
 
         return await self.write(op)
 
-    async def place(self, account_id: str, program_id: str, processes: int) -> list[dict[str, Any]]:
+    async def place(
+        self, account_id: str, program_id: str, processes: int, avoid: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
         """Place more processes of an active program (limits checked atomically)."""
         now = self.clock()
 
@@ -841,9 +854,22 @@ class Store:
             p = _program_row(c, program_id, account_id)
             if p["state"] not in ("running", "recovering"):
                 raise Conflict(f"program {program_id} is {p['state']}")
-            return _place(c, program_id, processes, now)
+            return _place(c, program_id, processes, now, frozenset(avoid))
 
         return await self.write(op)
+
+    async def exec_targets(self, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """{instance: (agent address, exec key)} for the ready ones that registered a key."""
+
+        def op(c: Conn) -> dict[str, tuple[str, str]]:
+            q = (
+                "SELECT name, address, exec_key FROM instances WHERE state='ready' AND"
+                f" exec_key IS NOT NULL AND address IS NOT NULL AND name IN"
+                f" ({','.join('?' * len(names))})"
+            )
+            return {r[0]: (r[1], r[2]) for r in c.execute(q, list(names))}
+
+        return await self.read(op) if names else {}
 
     async def retry_waiting(self) -> list[str]:
         """Place what pending and recovering programs still miss; return programs now running."""
@@ -1224,6 +1250,8 @@ def _mint_instance(c: Conn, name: str, pool: str | None, token: str, now: float)
     c.execute(
         "INSERT OR REPLACE INTO instance_tokens VALUES(?,?,?)", (name, hash_token(token), now)
     )
+    # A re-key also retires the old agent's exec key: tickets wait for a new registration.
+    c.execute("UPDATE instances SET exec_key=NULL WHERE name=?", (name,))
 
 
 def _instance_row(r: sqlite3.Row) -> dict[str, Any]:
@@ -1383,7 +1411,9 @@ def _candidates(
     return list(seen.values())
 
 
-def _place(c: Conn, program_id: str, processes: int, now: float) -> list[dict[str, Any]]:
+def _place(
+    c: Conn, program_id: str, processes: int, now: float, avoid: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
     """Decide (scheduler), check limits, reserve: one atomic step in the caller's transaction."""
     p = c.execute(
         "SELECT account_id, user_id, resource_policy, target_instances FROM programs WHERE id=?",
@@ -1410,6 +1440,7 @@ def _place(c: Conn, program_id: str, processes: int, now: float) -> list[dict[st
         _candidates(c, program_id, policy),
         current,
         p["target_instances"],
+        avoid,
     )
     new = sum(1 for a in plan if a.new_for_program)
     _check_limits(c, program_id, lim.Delta(instances=new))

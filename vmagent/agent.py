@@ -651,7 +651,10 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.sampler = LoadSampler()
-        self.service = ExecService(config, TicketCheck(config.token, config.instance))
+        keys = (config.exec_key,) if config.exec_key else ()
+        self.service = ExecService(
+            config, TicketCheck(config.token, config.instance, exec_keys=keys)
+        )
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
         self.address = ""

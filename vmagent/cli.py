@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from secrets import token_hex
 
 import click
 
@@ -60,6 +61,7 @@ async def serve(config: AgentConfig) -> None:
                     agent.sampler.sample,
                     agent.sampler.memory_mb(),
                     config.call_timeout,
+                    config.exec_key,
                 )
                 link_task = tasks.create_task(link.run())
             await stop.wait()
@@ -114,6 +116,8 @@ def main(
             listen_host=host,
             listen_port=port,
             oss_url=oss_url or None,
+            # With an OSS, clients get exec tickets from it, MAC'd with this key.
+            exec_key=token_hex(32) if oss_url else None,
             hostname=hostname,
             reconnect_window=reconnect_window,
             trace=trace,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmagent.errors import AgentError
 
@@ -31,6 +31,9 @@ class AgentConfig:
     hostname: str | None = None  # set the UTS hostname first (fresh UTS namespace only)
     reconnect_window: float = 10.0  # how long a session waits for its deputy to come back
     drain_grace: float = 0.5  # after the program exits, wait this long for its pipes' EOF
+    # Per-process key for exec tickets minted by the OSS (sent when registering;
+    # a restarted agent has a new one, which retires tickets for the old process).
+    exec_key: str | None = field(default=None, repr=False)
     call_timeout: float = 5.0  # timeout of every call to the OSS
     trace: bool = False  # run programs under dcptrace (placement local) on this instance
     lifeline: int | None = None  # fd whose EOF means "the process that started us died"

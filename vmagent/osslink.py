@@ -49,8 +49,10 @@ class OssLink:
         sample: Callable[[], Load],
         memory_mb: int,
         timeout: float = 5.0,
+        exec_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.exec_key = exec_key  # the same key on every (re-)registration of this process
         self.instance = instance
         self.address = address
         self.sample = sample
@@ -72,23 +74,26 @@ class OssLink:
             raise AgentError(f"OSS answered {path} with a non-object")
         return data
 
+    def register_body(self) -> dict[str, object]:
+        """The body of POST /v1/agents/register (CONTRACTS.md, plus the optional exec key)."""
+        body: dict[str, object] = {
+            "instance": self.instance,
+            "address": self.address,
+            "hostname": socket.gethostname(),
+            "cpus": os.cpu_count() or 1,
+            "memory_mb": self.memory_mb,
+        }
+        if self.exec_key:
+            body["exec_key"] = self.exec_key
+        return body
+
     async def run(self) -> None:
         """Register and heartbeat forever, re-registering after any failure."""
         backoff = 0.5
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
-                    reply = await self._post(
-                        http,
-                        "/v1/agents/register",
-                        {
-                            "instance": self.instance,
-                            "address": self.address,
-                            "hostname": socket.gethostname(),
-                            "cpus": os.cpu_count() or 1,
-                            "memory_mb": self.memory_mb,
-                        },
-                    )
+                    reply = await self._post(http, "/v1/agents/register", self.register_body())
                     interval = float(reply.get("heartbeat_interval", 2.0))
                     self.registered.set()
                     log.info("registered with %s as %s", self.url, self.instance)

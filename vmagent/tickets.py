@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from vmagent.errors import AuthError
 
@@ -32,10 +32,23 @@ def mint(token: str, instance: str, ttl: float = TICKET_TTL, now: float | None =
 
 
 class TicketCheck:
-    """The agent side: verify and burn tickets."""
+    """The agent side: verify and burn tickets.
 
-    def __init__(self, token: str, instance: str, clock: Callable[[], float] = time.time) -> None:
+    A ticket is valid when MAC'd with the instance token (local coordinators)
+    or with one of `exec_keys` (the agent's per-process key, registered with the
+    OSS, which mints tickets for its clients).
+    """
+
+    def __init__(
+        self,
+        token: str,
+        instance: str,
+        clock: Callable[[], float] = time.time,
+        *,
+        exec_keys: Sequence[str] = (),
+    ) -> None:
         self._token = token
+        self._keys = (token, *exec_keys)
         self._instance = instance
         self._clock = clock
         self._used: dict[str, int] = {}  # nonce -> expiry
@@ -46,7 +59,8 @@ class TicketCheck:
         if len(parts) != 4 or parts[0] != "v1" or not parts[2].isdigit():
             raise AuthError("malformed exec ticket")
         body = ".".join(parts[:3])
-        if not hmac.compare_digest(parts[3], _mac(self._token, body + "." + self._instance)):
+        signed = body + "." + self._instance
+        if not any(hmac.compare_digest(parts[3], _mac(key, signed)) for key in self._keys):
             raise AuthError("exec ticket not valid for this instance")
         now = self._clock()
         expiry = int(parts[2])

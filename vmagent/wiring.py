@@ -153,7 +153,7 @@ class ClusterCoordinator:
         argv = deputy_argv(
             target.address,
             name,
-            tickets.mint(target.token, name),
+            self._ticket(target),
             real if fd_relative else path,
             call.argv,
             self.reconnect_window,
@@ -167,6 +167,10 @@ class ClusterCoordinator:
         if call.name == "execveat":
             return Rewrite({0: AT_FDCWD, 1: self._interpreter, 2: argv, 4: 0}, observe)
         return Rewrite({0: self._interpreter, 1: argv}, observe)
+
+    def _ticket(self, target: Target) -> str:
+        """A single-use exec ticket for `target` (minted here: its token is known)."""
+        return tickets.mint(target.token, target.name)
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
         """The inner coordinator's."""
@@ -195,14 +199,14 @@ def clustered(
     options, TracerError for instances that do not start), so dcptrace prints
     one line instead of a traceback.
     """
+    if oss_url is not None and instances == 0:
+        from vmagent.ossmode import oss_clustered  # the OSS client only where it is used
+
+        with oss_clustered(inner, placement, oss_url) as coordinator:
+            yield coordinator
+        return
     stack = contextlib.ExitStack()
     try:
-        if oss_url is not None and instances == 0:
-            raise OssModeUnavailable(
-                f"--oss {oss_url}: placing processes on OSS-registered instances needs exec "
-                "tickets minted by the OSS (instance tokens are stored hashed there); use "
-                "--instances N for local instances"
-            )
         Placement(placement, [])  # validate the policy before starting anything
         # Opt-in until the tracer can seize programs the agent starts: a dcptrace
         # start per remote exec costs ~0.1 s (docs/INSTANCES.md, Known limits).

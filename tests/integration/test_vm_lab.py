@@ -241,7 +241,11 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
         pytest.skip(f"no OSS/agent: {lab.oss_missing}")
     if not (source_checkout() / "tracer" / "cli.py").is_file():
         pytest.skip("dcptrace (tracer/cli.py) is not in this checkout")
-    env = dict(os.environ, PYTHONPATH=str(source_checkout()))
+    # dcptrace --oss runs the program as an account's program: it needs an account token.
+    _acct, _user, token = lab.loop.run(
+        lab.oss.oss.store.create_account("dcptrace", False, "sum", "u")  # type: ignore[union-attr]
+    )
+    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
     res = subprocess.run(
         [
             "ip",

@@ -76,6 +76,14 @@ def test_agent_wire_contract_shapes() -> None:
         "hostname",
         "cpus",
         "memory_mb",
+        "exec_key",  # optional: the agent's key for OSS-minted exec tickets
+    }
+    assert set(doc["AgentRegister"]["required"]) == {
+        "instance",
+        "address",
+        "hostname",
+        "cpus",
+        "memory_mb",
     }
     assert set(doc["AgentRegistered"]["properties"]) == {"instance", "heartbeat_interval"}
     assert set(doc["AgentHeartbeat"]["properties"]) == {"instance", "seq", "load"}

@@ -1,0 +1,268 @@
+"""`dcptrace --oss` pieces without a network: exec keys, tickets, config, the coordinator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from pydantic import ValidationError
+
+from oss import exectickets, scheduler
+from oss.models import AgentRegister, PlacementRequest
+from tracer.coordinator import (
+    Allow,
+    Complete,
+    Decision,
+    ProcessEvent,
+    ProcessExited,
+    Rewrite,
+    SyscallCall,
+)
+from vmagent import tickets
+from vmagent.config import AgentConfig
+from vmagent.errors import AuthError
+from vmagent.load import Load
+from vmagent.osslink import OssLink
+from vmagent.ossmode import Grant, OssCoordinator, OssModeConfig, OssModeError
+
+KEY = "ab" * 32
+
+
+class FakeInner:
+    """Implements the Coordinator protocol: allows everything, records events."""
+
+    def __init__(self) -> None:
+        self.events: list[ProcessEvent] = []
+
+    def interception(self) -> frozenset[str]:
+        return frozenset()
+
+    def on_syscall(self, call: SyscallCall) -> Decision:
+        return Allow()
+
+    def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
+        return None
+
+    def on_process(self, event: ProcessEvent) -> None:
+        self.events.append(event)
+
+    def instance_of(self, pid: int) -> str:
+        return "local"
+
+
+def execve(pid: int, path: bytes, argv: tuple[bytes, ...]) -> SyscallCall:
+    return SyscallCall(pid, pid, 59, "execve", (0,) * 6, {0: path}, {}, argv)
+
+
+# -- tickets and keys --------------------------------------------------------------------
+
+
+def test_tickets_mac_d_with_the_token_or_an_exec_key_are_accepted_once() -> None:
+    check = tickets.TicketCheck("tok", "n1", exec_keys=[KEY])
+    by_token = tickets.mint("tok", "n1")
+    by_key = exectickets.mint(KEY, "n1")  # the OSS's minting, same format
+    check.verify(by_token)
+    check.verify(by_key)
+    for t in (by_token, by_key):
+        with pytest.raises(AuthError, match="already used"):
+            check.verify(t)
+
+
+def test_tickets_with_another_key_instance_or_expiry_are_refused() -> None:
+    check = tickets.TicketCheck("tok", "n1", clock=lambda: 1000.0, exec_keys=[KEY])
+    with pytest.raises(AuthError, match="not valid"):
+        check.verify(exectickets.mint("cd" * 32, "n1", now=1000.0))
+    with pytest.raises(AuthError, match="not valid"):
+        check.verify(exectickets.mint(KEY, "n2", now=1000.0))
+    with pytest.raises(AuthError, match="expired"):
+        check.verify(exectickets.mint(KEY, "n1", ttl=10, now=900.0))
+    with pytest.raises(AuthError, match="malformed"):
+        check.verify("v1.x")
+    # Without exec keys (stand-alone agent) only the token's tickets count.
+    with pytest.raises(AuthError, match="not valid"):
+        tickets.TicketCheck("tok", "n1").verify(exectickets.mint(KEY, "n1"))
+
+
+def test_the_register_body_carries_the_exec_key_only_when_there_is_one() -> None:
+    def sample() -> Load:
+        return Load(0.0, 0, 0.0, 0)
+
+    with_key = OssLink("http://o", "n1", "tok", "1.2.3.4:7070", sample, 512, exec_key=KEY)
+    body = with_key.register_body()
+    assert body["exec_key"] == KEY and body["instance"] == "n1"
+    assert with_key.register_body()["exec_key"] == KEY  # a re-registration sends the same key
+    AgentRegister.model_validate(body)  # what the OSS accepts
+    without = OssLink("http://o", "n1", "tok", "1.2.3.4:7070", sample, 512).register_body()
+    assert "exec_key" not in without
+    AgentRegister.model_validate(without)
+
+
+def test_keys_stay_out_of_reprs_and_bad_keys_are_rejected() -> None:
+    base = {"instance": "n1", "address": "a:1", "hostname": "h", "cpus": 1, "memory_mb": 1}
+    assert KEY not in repr(AgentRegister.model_validate({**base, "exec_key": KEY}))
+    cfg = AgentConfig(instance="n1", token="tok", listen_host="h", listen_port=0, exec_key=KEY)
+    assert KEY not in repr(cfg)
+    for bad in ("", "abc", "G" * 64, "a" * 257):
+        with pytest.raises(ValidationError):
+            AgentRegister.model_validate({**base, "exec_key": bad})
+    with pytest.raises(ValidationError):
+        PlacementRequest.model_validate({"avoid": ["no spaces allowed"]})
+
+
+def test_avoid_orders_only_otherwise_equal_new_instances() -> None:
+    def cand(name: str, price: int = 1) -> scheduler.Candidate:
+        return scheduler.Candidate(name, None, 1, price, None, 4, 0, None)
+
+    pol = scheduler.SelectionPolicy()
+    (a,) = scheduler.place("p", 1, pol, [cand("x1"), cand("x2")], {}, 1, avoid={"x1"})
+    assert a.instance == "x2"
+    (a,) = scheduler.place("p", 1, pol, [cand("x1"), cand("x2", price=2)], {}, 1, avoid={"x1"})
+    assert a.instance == "x1"  # a hint: it never beats a cheaper instance
+    (a,) = scheduler.place("p", 1, pol, [cand("x1")], {}, 1, avoid={"x1"})
+    assert a.instance == "x1"  # nor leaves a process without a place
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def test_config_needs_a_token_a_url_a_policy_and_a_sane_timeout() -> None:
+    env = {"DCP_TOKEN": " dcp_tok \n"}
+    cfg = OssModeConfig.load("http://o:1/", "spread", env)
+    assert (cfg.url, cfg.token, cfg.timeout) == ("http://o:1", "dcp_tok", 10.0)
+    assert "dcp_tok" not in repr(cfg)
+    with pytest.raises(OssModeError, match="DCP_TOKEN"):
+        OssModeConfig.load("http://o:1", "spread", {})
+    with pytest.raises(OssModeError, match="DCP_TOKEN"):
+        OssModeConfig.load("http://o:1", "spread", {"DCP_TOKEN": "  "})
+    with pytest.raises(OssModeError, match="http"):
+        OssModeConfig.load("o:1", "spread", env)
+    with pytest.raises(OssModeError, match="unknown placement"):
+        OssModeConfig.load("http://o:1", "wide", env)
+    for bad in ("0", "-1", "x", "1e9"):
+        with pytest.raises(OssModeError, match="DCP_OSS_TIMEOUT"):
+            OssModeConfig.load("http://o:1", "pack", {**env, "DCP_OSS_TIMEOUT": bad})
+    assert (
+        OssModeConfig.load("http://o:1", "pack", {**env, "DCP_OSS_TIMEOUT": "2.5"}).timeout == 2.5
+    )
+
+
+# -- the coordinator, against a fake OSS -------------------------------------------------
+
+
+class FakeLink:
+    """Implements ProgramLink: grants round robin over two instances, records calls."""
+
+    def __init__(self, grant: bool = True) -> None:
+        self.grant = grant
+        self.calls: list[tuple[object, ...]] = []
+        self.n = 0
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        self.calls.append(("submit", tuple(argv), cwd))
+
+    def place(self, avoid: Sequence[str]) -> Grant | None:
+        self.calls.append(("place", tuple(avoid)))
+        if not self.grant:
+            return None
+        self.n += 1
+        name = f"x{self.n % 2}"
+        return Grant(name, f"10.0.0.{self.n % 2}:7070", f"ticket-{self.n}")
+
+    def release(self, instance: str) -> None:
+        self.calls.append(("release", instance))
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        self.calls.append(("finish", exit_status, signal))
+
+
+def _arg(argv: tuple[bytes, ...], flag: bytes) -> bytes:
+    return argv[argv.index(flag) + 1]
+
+
+def started(
+    policy: str = "spread", link: FakeLink | None = None
+) -> tuple[OssCoordinator, FakeLink]:
+    link = link or FakeLink()
+    c = OssCoordinator(FakeInner(), policy, link, "/work/dir")
+    assert isinstance(c.on_syscall(execve(1, b"/bin/sh", (b"sh", b"-c", b"x\xff"))), Allow)
+    return c, link
+
+
+def test_the_first_exec_submits_the_program_and_stays_home() -> None:
+    c, link = started()
+    assert link.calls == [("submit", ("sh", "-c", "x\ufffd"), "/work/dir")]
+    assert c.instance_of(1) == "local"
+
+
+def test_a_placed_exec_becomes_the_deputy_with_the_oss_grant() -> None:
+    c, link = started()
+    d = c.on_syscall(execve(2, b"/bin/echo", (b"echo", b"hi")))
+    assert isinstance(d, Rewrite) and set(d.args) == {0, 1}
+    argv = d.args[1]
+    assert isinstance(argv, tuple)
+    assert _arg(argv, b"--agent") == b"10.0.0.1:7070"
+    assert _arg(argv, b"--instance") == b"x1"
+    assert _arg(argv, b"--ticket") == b"ticket-1"
+    assert argv[argv.index(b"--") :] == (b"--", b"/bin/echo", b"echo", b"hi")
+    assert c.instance_of(2) == "x1"
+    # spread hints the OSS away from the instance used last
+    c.on_syscall(execve(3, b"/bin/echo", (b"echo",)))
+    assert [x for x in link.calls if x[0] == "place"] == [("place", ()), ("place", ("x1",))]
+    c.on_process(ProcessExited(2, 0, None))
+    c.on_process(ProcessExited(3, None, 9))
+    assert link.calls[-2:] == [("release", "x1"), ("release", "x0")]
+
+
+def test_pack_sends_no_hint_and_local_never_asks() -> None:
+    c, link = started("pack")
+    c.on_syscall(execve(2, b"/bin/echo", (b"echo",)))
+    c.on_syscall(execve(3, b"/bin/echo", (b"echo",)))
+    assert [x for x in link.calls if x[0] == "place"] == [("place", ()), ("place", ())]
+    c, link = started("local")
+    assert isinstance(c.on_syscall(execve(2, b"/bin/echo", (b"echo",))), Allow)
+    assert [x[0] for x in link.calls] == ["submit"]
+
+
+def test_no_grant_keeps_the_process_home_and_releases_nothing() -> None:
+    c, link = started(link=FakeLink(grant=False))
+    assert isinstance(c.on_syscall(execve(2, b"/bin/echo", (b"echo",))), Allow)
+    c.on_process(ProcessExited(2, 0, None))
+    assert [x[0] for x in link.calls] == ["submit", "place"]
+    assert c.instance_of(2) == "local"
+
+
+def test_files_that_are_not_placeable_never_reach_the_oss() -> None:
+    c, link = started()
+    assert isinstance(c.on_syscall(execve(2, b"/nonexistent/prog", (b"prog",))), Allow)
+    assert [x[0] for x in link.calls] == ["submit"]
+
+
+def test_close_finishes_with_the_root_status_or_cancels() -> None:
+    c, link = started()
+    c.on_process(ProcessExited(1, 4, None))
+    c.close()
+    assert link.calls[-1] == ("finish", 4, None)
+    c, link = started()
+    c.on_process(ProcessExited(1, None, 15))
+    c.close()
+    assert link.calls[-1] == ("finish", None, 15)
+    c, link = started()
+    c.close()  # the root's end was never seen
+    assert link.calls[-1] == ("finish", None, None)
+    link = FakeLink()
+    OssCoordinator(FakeInner(), "spread", link, "/").close()  # never started: nothing
+    assert link.calls == []
+
+
+def test_openapi_documents_the_exec_key_grants_and_hint() -> None:
+    from oss.server import openapi
+
+    schemas = openapi()["components"]["schemas"]
+    key = schemas["AgentRegister"]["properties"]["exec_key"]
+    assert key.get("writeOnly") is True
+    assert "exec_key" not in schemas["AgentRegister"]["required"]
+    assert set(schemas["ExecGrant"]["properties"]) == {"instance", "address", "tickets"}
+    assert "exec_grants" in schemas["PlacementResult"]["properties"]
+    assert "avoid" in schemas["PlacementRequest"]["properties"]
+    assert not any("exec_key" in s.get("properties", {}) for n, s in schemas.items()
+                   if n != "AgentRegister")  # fmt: skip

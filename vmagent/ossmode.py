@@ -1,0 +1,430 @@
+"""`dcptrace --oss URL`: processes placed on the instances of a running dcp-oss.
+
+The run becomes a program of the caller's account (token in `DCP_TOKEN`):
+- set-up checks the URL and the token (GET /v1/limits) before the program runs,
+  so a wrong one is one clear line and no run;
+- the program's first exec (the tracer starting it) submits it, in the
+  background, with its argv and cwd.  The root process runs here, so the slot
+  the submission reserved for it is released at once;
+- each exec the home coordinator would place asks the OSS for one placement
+  (`POST /v1/programs/{id}/placements`, processes=1): the OSS scheduler picks
+  the instance and answers with its agent's address and a single-use exec
+  ticket MAC'd with the agent's exec key.  The execve becomes the deputy, as
+  with local instances (`ClusterCoordinator`);
+- a placed process's end releases its placement (in the background);
+- the run's end finishes the program with the root's exit status.
+
+Every call runs under the OSS client's timeout.  During the run an OSS error
+never disturbs the program: the process runs here instead, and the reason is
+said once.
+
+`--placement spread` submits the program with a fixed target width (the
+account's instance limit, at most SPREAD_WIDTH) and hints the OSS away from the
+instance used last, so concurrent and sequential children spread; `pack`
+leaves the width to the account's scaling policy (locality first); `local`
+never places anything remotely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from tracer.coordinator import Coordinator, Decision, ProcessEvent, ProcessExited, SyscallCall
+from tracer.errors import TracerError, UsageError
+from vmagent.errors import AgentError
+from vmagent.placement import HOME, Placement, UnknownPolicy
+from vmagent.wiring import EXEC_CALLS, ClusterCoordinator, Target
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TOKEN_ENV = "DCP_TOKEN"
+TIMEOUT_ENV = "DCP_OSS_TIMEOUT"
+SPREAD_WIDTH = 64  # target width of a spread program when the account sets no instance limit
+ARG_MAX = 4096  # the OSS's limits on argv items and their length
+
+
+class OssModeError(AgentError):
+    """`--oss` cannot be used as configured."""
+
+
+class OssRefused(OssModeError):
+    """The OSS refused the account token."""
+
+
+class OssUnreachable(OssModeError):
+    """The OSS could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class OssModeConfig:
+    """Settings of one `dcptrace --oss` run (loaded from flags and the environment)."""
+
+    url: str  # the OSS base URL
+    token: str = field(repr=False)  # the account's bearer token (DCP_TOKEN)
+    placement: str = "spread"  # spread | pack | local
+    timeout: float = 10.0  # seconds, every call to the OSS
+
+    @classmethod
+    def load(cls, url: str, placement: str, environ: Mapping[str, str]) -> OssModeConfig:
+        """Validate the URL, the placement, the token and the timeout; OssModeError if bad."""
+        if not url.startswith(("http://", "https://")):
+            raise OssModeError(f"--oss must be an http(s) URL, got {url!r}")
+        try:
+            Placement(placement, [])
+        except UnknownPolicy as exc:
+            raise OssModeError(str(exc)) from exc
+        token = environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            raise OssModeError(
+                f"--oss {url} needs an account token in the environment variable {TOKEN_ENV} "
+                "(`dcp-oss account create` prints one)"
+            )
+        raw = environ.get(TIMEOUT_ENV, "10")
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout <= 3600:
+            raise OssModeError(f"{TIMEOUT_ENV} must be seconds in (0, 3600], got {raw!r}")
+        return cls(url.rstrip("/"), token, placement, timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One placed process: where to start it and the ticket its agent accepts."""
+
+    instance: str
+    address: str
+    ticket: str
+
+
+class ProgramLink(Protocol):
+    """The OSS as the coordinator uses it (blocking calls, made on the tracer thread)."""
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        """Start submitting the program (returns at once)."""
+        ...
+
+    def place(self, avoid: Sequence[str]) -> Grant | None:
+        """One process placed, or None: it runs here (the reason is logged)."""
+        ...
+
+    def release(self, instance: str) -> None:
+        """A placed process ended (returns at once)."""
+        ...
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        """The run ended: record the root's status (None, None: cancel)."""
+        ...
+
+
+class OssPlacement(Placement):
+    """`Placement` whose choices come from the OSS (grants kept for the ticket)."""
+
+    def __init__(self, policy: str, link: ProgramLink, targets: dict[str, Target]) -> None:
+        super().__init__(policy, [])
+        self._link = link
+        self._targets = targets  # the coordinator's: a grant's address goes in here
+        self._last: str | None = None
+        self.granted: dict[str, str] = {}  # instance -> the ticket of its latest grant
+
+    def choose(self) -> str:
+        """Ask the OSS for one placement (HOME for `local` or when it cannot place)."""
+        if self.policy == "local":
+            return HOME
+        avoid = [self._last] if self.policy == "spread" and self._last else []
+        grant = self._link.place(avoid)
+        if grant is None:
+            return HOME
+        self._last = grant.instance
+        self._targets[grant.instance] = Target(grant.instance, grant.address, "", 0)
+        self.granted[grant.instance] = grant.ticket
+        return grant.instance
+
+    def started(self, name: str) -> None:
+        """The OSS counted the slot when it placed the process."""
+
+    def finished(self, name: str) -> None:
+        """Give the slot back to the OSS."""
+        self._link.release(name)
+
+
+class OssCoordinator(ClusterCoordinator):
+    """ClusterCoordinator over the OSS's instances; records the run as an OSS program."""
+
+    def __init__(
+        self,
+        inner: Coordinator,
+        placement: str,
+        link: ProgramLink,
+        cwd: str,
+        reconnect_window: float | None = None,
+    ) -> None:
+        super().__init__(inner, [], Placement(placement, []), reconnect_window)
+        self.oss_placement = OssPlacement(placement, link, self.targets)
+        self.placement = self.oss_placement
+        self._link = link
+        self._cwd = cwd
+        self._root: int | None = None
+        self._root_status: tuple[int | None, int | None] | None = None
+
+    def on_syscall(self, call: SyscallCall) -> Decision:
+        """The program's first exec submits it; then as ClusterCoordinator."""
+        if self._root is None and call.name in EXEC_CALLS:
+            self._root = call.pid
+            argv = [a.decode(errors="replace")[:ARG_MAX] for a in (call.argv or ())[:ARG_MAX]]
+            self._link.submit(argv or ["?"], self._cwd)
+        return super().on_syscall(call)
+
+    def _ticket(self, target: Target) -> str:
+        return self.oss_placement.granted.pop(target.name)
+
+    def on_process(self, event: ProcessEvent) -> None:
+        """Note the root's end status; release placements (ClusterCoordinator)."""
+        if isinstance(event, ProcessExited) and event.pid == self._root:
+            self._root_status = (event.exit_status, event.signal)
+        super().on_process(event)
+
+    def close(self) -> None:
+        """Finish the program with the root's status (cancel it if the root was not seen)."""
+        if self._root is None:
+            return  # never submitted
+        status, sig = self._root_status or (None, None)
+        self._link.finish(status, sig)
+
+
+class _Bridge:
+    """A private event loop in a thread, running OSS client calls for the tracer thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="dcp-oss-client", daemon=True
+        )
+        self._thread.start()
+        self._later: set[concurrent.futures.Future[Any]] = set()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run `coro` on the loop and wait (the coroutine enforces its own timeout too)."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise
+
+    def later(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """Run `coro` on the loop without waiting; `drain` waits for it."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._later.add(fut)
+        fut.add_done_callback(self._later.discard)
+        return fut
+
+    def drain(self, timeout: float) -> None:
+        """Wait (bounded) for everything started with `later`."""
+        if self._later:
+            concurrent.futures.wait(list(self._later), timeout)
+
+    def close(self, timeout: float) -> None:
+        """Cancel what is left, stop the loop, join the thread."""
+        for fut in list(self._later):
+            fut.cancel()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an OSS client error (the cause of an unreachable OSS, not its repr)."""
+    from oss.client import Unreachable
+
+    if isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError):
+        return "timed out"
+    if isinstance(exc, Unreachable) and exc.__cause__ is not None:
+        return str(exc.__cause__) or type(exc.__cause__).__name__
+    return str(exc) or type(exc).__name__
+
+
+class OssProgramLink:
+    """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
+
+    def __init__(self, config: OssModeConfig) -> None:
+        from oss.client import OssClient  # pydantic and aiohttp only in --oss mode
+
+        self.config = config
+        self._bridge = _Bridge()
+        self._client = OssClient(config.url, config.token, timeout=config.timeout)
+        self._submitted: concurrent.futures.Future[str | None] | None = None
+        self._width = SPREAD_WIDTH
+        self._warned: set[str] = set()
+        self.program_id: str | None = None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._bridge.call(coro, self.config.timeout + 5)
+
+    def check(self) -> int | None:
+        """Reach the OSS with the token before the program runs; the account's instance limit."""
+        from oss import errors
+
+        try:
+            limits = self._call(self._client.request("GET", "/v1/limits"))
+        except errors.Unauthorized as exc:
+            raise OssRefused(
+                f"the OSS at {self.config.url} refused the token in {TOKEN_ENV}: {exc}"
+            ) from exc
+        except (errors.OssError, TimeoutError) as exc:
+            reason = _reason(exc)
+            raise OssUnreachable(f"cannot use the OSS at {self.config.url}: {reason}") from exc
+        limit = limits.get("max_instances") if isinstance(limits, dict) else None
+        return limit if isinstance(limit, int) else None
+
+    def start(self, width: int | None) -> None:
+        """Remember the spread width (from `check`)."""
+        self._width = max(1, min(SPREAD_WIDTH, width if width is not None else SPREAD_WIDTH))
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        """Submit in the background; the first placement waits for it."""
+        self._submitted = self._bridge.later(self._submit(list(argv), cwd))
+
+    async def _submit(self, argv: list[str], cwd: str) -> str | None:
+        from oss import errors
+        from oss import models as m
+
+        spec: dict[str, Any] = {"argv": argv, "cwd": cwd or "/"}
+        if self.config.placement == "spread":
+            spec["scaling_policy"] = m.ScalingPolicy(
+                min_instances=self._width, max_instances=self._width
+            )
+        try:
+            prog = await self._client.submit(m.ProgramSubmit(**spec))
+            # The root process runs here, not on the instance the submission reserved.
+            for p in prog.placements:
+                await self._client.release(prog.id, p.instance, p.processes)
+        except (errors.OssError, ValueError) as exc:
+            self._warn_once(
+                "submit", f"the OSS did not take the program ({_reason(exc)}): it all runs here"
+            )
+            return None
+        if prog.state == "pending":
+            self._warn_once(
+                "pending", f"no OSS instance has room for program {prog.id}: processes run here"
+            )
+        self.program_id = prog.id
+        return prog.id
+
+    def _program(self) -> str | None:
+        if self._submitted is None:
+            return None
+        try:
+            return self._submitted.result(self.config.timeout * 2 + 5)
+        except (Exception, concurrent.futures.CancelledError) as exc:
+            # Never the program's problem: its processes run here.
+            self._warn_once("submit", f"the OSS did not take the program: {_reason(exc)}")
+            return None
+
+    def place(self, avoid: Sequence[str]) -> Grant | None:
+        """One placement with its exec ticket, or None (this process runs here)."""
+        from oss import errors
+
+        pid = self._program()
+        if pid is None:
+            return None
+        try:
+            got = self._call(self._client.place(pid, 1, list(avoid)))
+        except Exception as exc:  # an OSS failure must not fail the program's exec
+            code = exc.code if isinstance(exc, errors.OssError) else type(exc).__name__
+            self._warn_once(
+                f"place:{code}", f"the OSS placed no process ({_reason(exc)}): they run here"
+            )
+            return None
+        for g in got.exec_grants:
+            if g.tickets:
+                return Grant(g.instance, g.address, g.tickets[0])
+        for a in got.assignments:  # placed where no ticket can be had: give it back
+            self.release(a.instance)
+            self._warn_once(
+                f"noticket:{a.instance}",
+                f"instance {a.instance} takes no exec tickets (its agent sent no exec key): "
+                "processes placed there run here",
+            )
+        return None
+
+    def release(self, instance: str) -> None:
+        """Release one process's placement in the background."""
+        if self.program_id is not None:
+            self._bridge.later(self._release(self.program_id, instance))
+
+    async def _release(self, pid: str, instance: str) -> None:
+        from oss import errors
+
+        try:
+            await self._client.release(pid, instance, 1)
+        except errors.OssError as exc:
+            log.debug("release of %s on %s: %s", pid, instance, exc)
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        """Wait for the releases, then finish (or cancel) the program."""
+        from oss import errors
+
+        pid = self._program()
+        if pid is None:
+            return
+        self._bridge.drain(self.config.timeout + 5)
+        try:
+            if exit_status is None and signal is None:
+                self._call(self._client.cancel(pid))
+            else:
+                self._call(self._client.finish(pid, exit_status, signal))
+        except (errors.OssError, TimeoutError) as exc:
+            log.warning("the OSS did not record the end of program %s: %s", pid, _reason(exc))
+
+    def close(self) -> None:
+        """Close the client and the private loop."""
+        with contextlib.suppress(Exception):
+            self._call(self._client.close())
+        self._bridge.close(5.0)
+
+
+@contextlib.contextmanager
+def oss_clustered(
+    inner: Coordinator,
+    placement: str,
+    oss_url: str,
+    environ: Mapping[str, str] | None = None,
+    reconnect_window: float | None = None,
+) -> Iterator[OssCoordinator]:
+    """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors."""
+    try:
+        config = OssModeConfig.load(oss_url, placement, os.environ if environ is None else environ)
+    except OssModeError as exc:
+        raise UsageError(str(exc)) from exc
+    link = OssProgramLink(config)
+    try:
+        try:
+            link.start(link.check())
+        except OssRefused as exc:
+            raise UsageError(str(exc)) from exc
+        except OssUnreachable as exc:
+            raise TracerError(str(exc)) from exc
+        coordinator = OssCoordinator(inner, placement, link, os.getcwd(), reconnect_window)
+        try:
+            yield coordinator
+        finally:
+            coordinator.close()
+    finally:
+        link.close()
