@@ -16,6 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The OSS tests share fixtures from tests/integration/conftest_oss.py, which
+# they import by name: let pytest rewrite its asserts too.
+pytest.register_assert_rewrite("conftest_oss")
+
 # A harness may start the tests with SIGINT and SIGQUIT ignored (a background
 # job of a non-interactive shell), and ignored signals survive exec: give the
 # programs under test what an interactive user's shell gives them.
