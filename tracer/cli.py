@@ -209,6 +209,10 @@ def command(
                         outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
                     )  # fmt: skip
                     write_record(record, record_file)
+                if trace_out is not None:
+                    trace_out.flush()
+                # The front may return now; local state and cluster teardown follow.
+                link.send("done 0")
         except TracerError as exc:
             click.echo(f"dcptrace: {exc}", err=True)
             return 125

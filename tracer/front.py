@@ -9,7 +9,8 @@ Lifeline: the front holds the write end of a pipe.  If the front dies without
 writing its release byte (kill -9), the tracer sees EOF and exits at once;
 PTRACE_O_EXITKILL then kills every tracee.  No tracee outlives an abnormal end.
 
-Messages tracer -> front, one line each: `pid N`, `exit N`, `signal N`, `stop N`.
+Messages tracer -> front, one line each: `pid N`, `exit N`, `signal N`, `stop N`,
+and `done 0` once the observation outputs (summary, record, trace) are written.
 """
 
 from __future__ import annotations
@@ -115,11 +116,11 @@ def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -
     os.close(status_w)
     os.close(lifeline_r)
     # The front stops only by mirroring the program's main process (see
-    # runner.mirror_stop): stopping on the terminal's own SIGTSTP as well would
+    # mirror_stop): stopping on the terminal's own SIGTSTP as well would
     # stop it a second time after the shell's SIGCONT.
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _FRONT_STOP_SIGNALS}
     try:
-        end = _follow(status_r, tracer_pid)
+        end = _follow(status_r, tracer_pid, until_done=wait_for_tracer)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -127,8 +128,6 @@ def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -
         os.write(lifeline_w, _RELEASE)
     except BrokenPipeError:
         pass  # the tracer already finished
-    if wait_for_tracer:
-        _reap(tracer_pid)
     os.close(lifeline_w)
     # A signal still pending here (the terminal's Ctrl-C reached this process
     # too) was meant for the program, which has ended: drop it, do not let it
@@ -139,8 +138,10 @@ def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -
     return end
 
 
-def _follow(status_r: int, tracer_pid: int) -> MainEnd:
+def _follow(status_r: int, tracer_pid: int, until_done: bool) -> MainEnd:
+    """How the main process ended; with `until_done`, once the outputs are written too."""
     buf = b""
+    end: MainEnd | None = None
     forwarder: _Forwarder | None = None
     with os.fdopen(status_r, "rb", buffering=0) as f:
         while True:
@@ -155,12 +156,16 @@ def _follow(status_r: int, tracer_pid: int) -> MainEnd:
                 if kind == "pid":
                     forwarder = _Forwarder(n)
                     forwarder.start()
-                elif kind == "exit":
-                    return MainEnd(n, None)
-                elif kind == "signal":
-                    return MainEnd(None, n)
+                elif kind in ("exit", "signal"):
+                    end = MainEnd(n, None) if kind == "exit" else MainEnd(None, n)
+                    if not until_done:
+                        return end
+                elif kind == "done" and end is not None:
+                    return end
                 elif kind == "stop":
                     mirror_stop(n)
+    if end is not None:
+        return end  # the tracer ended after reporting the main process
     # The tracer ended without a word about the main process: it failed (its
     # own error line, if it could write one, is already on stderr).
     _, status = os.waitpid(tracer_pid, 0)
@@ -197,13 +202,6 @@ def mirror_stop(sig: int) -> None:
         signal.pthread_kill(threading.get_ident(), sig)
     finally:
         signal.signal(sig, previous)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 _SI_KERNEL = 0x80
