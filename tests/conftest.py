@@ -87,3 +87,18 @@ def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def compile_c(directory: Path, source: str, name: str, *flags: str) -> Path:
+    """Compile a C test program with gcc; skip (saying why) where that cannot be done."""
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    src = directory / f"{name}.c"
+    src.write_text(source)
+    exe = directory / name
+    res = subprocess.run(["gcc", "-O1", *flags, "-o", str(exe), str(src)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot build {name} with gcc {' '.join(flags)}: {res.stderr.decode()[:200]}")
+    return exe

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run, traced
+from tests.conftest import compile_c, run, traced
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -114,18 +112,7 @@ int main(int argc, char **argv) {
 @pytest.mark.usefixtures("has_ptrace")
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_c_program(tmp_path: Path, static: bool) -> None:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    src = tmp_path / "prog.c"
-    src.write_text(C_SOURCE)
-    exe = tmp_path / "prog"
-    cmd = ["gcc", "-O1", "-o", str(exe), str(src)] + (["-static"] if static else [])
-    res = subprocess.run(cmd, capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(
-            f"cannot build the {'static' if static else 'dynamic'} test program: "
-            f"{res.stderr.decode()[:200]}"
-        )
+    exe = compile_c(tmp_path, C_SOURCE, "prog", *(["-static"] if static else []))
     differential(tmp_path, [str(exe), "a", "b"], stdin=b"hello from stdin\n")
 
 
@@ -222,10 +209,5 @@ int main(int argc, char **argv) {
 @pytest.mark.usefixtures("has_ptrace")
 @pytest.mark.parametrize("exec_from_thread", [False, True], ids=["threads", "exec-from-thread"])
 def test_pthreads(tmp_path: Path, exec_from_thread: bool) -> None:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    src = tmp_path / "threads.c"
-    src.write_text(PTHREADS)
-    exe = tmp_path / "threads"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)
+    exe = compile_c(tmp_path, PTHREADS, "threads", "-pthread")
     differential(tmp_path, [str(exe), *(["x"] if exec_from_thread else [])])

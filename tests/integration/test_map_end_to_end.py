@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run, traced
+from tests.conftest import compile_c, run, traced
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
@@ -121,15 +121,7 @@ int main(void) {
 
 
 def test_foreign_abi_calls_cannot_escape_the_map(tmp_path: Path) -> None:
-    import shutil
-    import subprocess
-
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    src = tmp_path / "i386.c"
-    src.write_text(I386_GETPID)
-    exe = tmp_path / "i386"
-    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
+    exe = compile_c(tmp_path, I386_GETPID, "i386")
     native = run([str(exe)])
     if native.returncode != 0 or not native.stdout.endswith(b" 1\n"):
         pytest.skip(f"this kernel has no i386 syscall emulation: {native.stdout!r}")

@@ -29,45 +29,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from vmcheck import LIBVIRT_SOCKET, socket_alive, why_no_vm_lab
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt, pytest.mark.root, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-NEEDED = ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4")
-SOCKET = Path("/run/libvirt/libvirt-sock")
-
-
-def _why_not() -> str | None:
-    """The same reasons as test_vm_lab.py: root, the tools, a free libvirtd socket."""
-    if os.geteuid() != 0:
-        return "needs root (libvirtd, namespaces, mmdebstrap)"
-    for tool in NEEDED:
-        if not (shutil.which(tool) or any(Path(d, tool).exists() for d in ("/usr/sbin", "/sbin"))):
-            return f"{tool} is not installed (see .ci/apt-vm.txt)"
-    if not sorted(Path("/boot").glob("vmlinuz-*")):
-        return "no /boot/vmlinuz-* (install linux-image-amd64)"
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        return "libvirt-python is not installed (pip install '.[vm]')"
-    if _socket_alive(SOCKET):
-        return "a libvirtd is already running on this host (the lab starts its own)"
-    return None
-
-
-def _socket_alive(path: Path) -> bool:
-    import socket
-
-    if not path.exists():
-        return False
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+SOCKET = LIBVIRT_SOCKET
 
 
 if os.geteuid() == 0 and shutil.which("ip"):
@@ -78,7 +45,7 @@ if os.geteuid() == 0 and shutil.which("ip"):
     except ImportError:
         pass
 
-_reason = _why_not()
+_reason = why_no_vm_lab()
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
@@ -259,7 +226,7 @@ def stop_and_check_everything_is_gone(lab: RunningLab) -> None:
         assert not pid_alive(pid), f"qemu of {name} (pid {pid}) still alive"
         assert not Path(f"/run/libvirt/qemu/dcp-{name}.pid").exists()
     assert lab.pids and not any(pid_alive(p) for p in lab.pids.values()), lab.pids
-    assert not _socket_alive(SOCKET)
+    assert not socket_alive(SOCKET)
     assert not bridge.netns_exists(lab.netns)  # and with it the bridge and the taps
     assert not bridge.link_exists(lab.bridge)
     assert not list((lab.work / "state" / "overlays").glob("*.qcow2"))

@@ -9,54 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from vmcheck import why_no_vm_lab
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt, pytest.mark.root, pytest.mark.slow]
 
-NEEDED = ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4")
-
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (libvirtd, namespaces, mmdebstrap)"
-    for tool in NEEDED:
-        if not (shutil.which(tool) or any(Path(d, tool).exists() for d in ("/usr/sbin", "/sbin"))):
-            return f"{tool} is not installed (see .ci/apt-vm.txt)"
-    if not sorted(Path("/boot").glob("vmlinuz-*")):
-        return "no /boot/vmlinuz-* (install linux-image-amd64)"
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        return "libvirt-python is not installed (pip install '.[vm]')"
-    if Path("/run/libvirt/libvirt-sock").exists():
-        import socket as s
-
-        probe = s.socket(s.AF_UNIX)
-        try:
-            probe.connect("/run/libvirt/libvirt-sock")
-            return "a libvirtd is already running on this host (the lab starts its own)"
-        except OSError:
-            pass
-        finally:
-            probe.close()
-    return None
-
-
-if os.geteuid() == 0 and shutil.which("ip"):
-    try:
-        from vmlab import reap_stale_labs
-
-        reap_stale_labs()  # a killed earlier run must not make this one skip
-    except ImportError:
-        pass
-
-_reason = _why_not()
+_reason = why_no_vm_lab()
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
