@@ -27,9 +27,9 @@ from tracer.syscalls import SyscallTable
 log = logging.getLogger(__name__)
 
 LOCAL_INSTANCE = "local"
-_OUTPUT_SIZE_ARG = {"readlink": 2, "readlinkat": 3}
-_OUTPUT_BUF_ARG = {"readlink": 1, "readlinkat": 2}
-_LINK_PATH_ARG = {"readlink": 0, "readlinkat": 1}
+# Calls whose result (a symlink's target) is shown back as a virtual path; the
+# table says which argument is the link, the buffer and its size.
+_LINK_READERS = frozenset({"readlink", "readlinkat"})
 
 
 def _readlink(path: bytes) -> bytes | None:
@@ -76,7 +76,7 @@ class EmbeddedCoordinator:
                 real = self.pathmap.resolve(path, call.bases.get(index), _readlink)
             if real is not None and real != path:
                 rewrites[index] = real
-        observe = call.name in _OUTPUT_BUF_ARG
+        observe = call.name in _LINK_READERS
         if rewrites:
             log.debug("%s: %s", call.name, rewrites)
             return Rewrite(rewrites, observe_result=observe)
@@ -97,7 +97,9 @@ class EmbeddedCoordinator:
         """Show a symlink's target as the program stored it (virtual)."""
         if output is None:
             return None
-        size = call.args[_OUTPUT_SIZE_ARG[call.name]]
+        buf_index = self.table[call.nr].output_arg()
+        assert buf_index is not None  # only link readers are observed
+        size = call.args[buf_index + 1]
         if result >= size:
             # The kernel may have cut the real target to the program's buffer,
             # and the virtual one can be shorter: read the whole target.
@@ -110,10 +112,10 @@ class EmbeddedCoordinator:
         if virtual == output:
             return None
         data = virtual[:size]
-        return Complete(len(data), ((call.args[_OUTPUT_BUF_ARG[call.name]], data),))
+        return Complete(len(data), ((call.args[buf_index], data),))
 
     def _read_link(self, call: SyscallCall) -> bytes | None:
-        index = _LINK_PATH_ARG[call.name]
+        ((index, _dirfd),) = self.table[call.nr].path_args()
         path = call.paths.get(index)
         if path is None:
             return None

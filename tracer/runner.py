@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 WALL = 0x40000000  # __WALL: wait for threads and processes alike
 _MASK64 = (1 << 64) - 1
 _SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
-# Calls whose output buffer the coordinator may want to see at exit.
-_OUTPUT_ARG = {"readlink": 1, "readlinkat": 2, "getcwd": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,11 +299,13 @@ class Runner:
             setattr(regs, name, getattr(saved, name))
         ptraceio.set_regs(tid, regs)
 
-    def _apply_complete(self, tid: int, complete: Complete) -> None:
+    def _apply_complete(self, tid: int, complete: Complete, skip_call: bool = True) -> None:
+        """Copy the writes in and set the result; at entry, also skip the call itself."""
         for addr, data in complete.writes:
             ptraceio.write_memory(tid, addr, data)
         regs = ptraceio.get_regs(tid)
-        regs.orig_rax = _MASK64  # -1: the kernel skips the call and keeps rax
+        if skip_call:
+            regs.orig_rax = _MASK64  # -1: the kernel skips the call and keeps rax
         regs.rax = complete.result & _MASK64
         ptraceio.set_regs(tid, regs)
 
@@ -315,16 +315,12 @@ class Runner:
         rval = action.rval
         if call is not None:
             output = None
-            out_index = _OUTPUT_ARG.get(call.name)
+            out_index = self.table[call.nr].output_arg()
             if out_index is not None and rval > 0:
                 output = ptraceio.read_memory(action.tid, call.args[out_index], rval)
             replacement = self.coordinator.on_result(call, rval, output)
             if replacement is not None:
-                for addr, data in replacement.writes:
-                    ptraceio.write_memory(action.tid, addr, data)
-                regs = ptraceio.get_regs(action.tid)
-                regs.rax = replacement.result & _MASK64
-                ptraceio.set_regs(action.tid, regs)
+                self._apply_complete(action.tid, replacement, skip_call=False)
                 rval = replacement.result
         self._execute(self.machine.step(Observed(action.tid, rval)))
 

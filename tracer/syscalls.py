@@ -71,6 +71,10 @@ class SyscallSpec:
                 dirfd = None
         return tuple(out)
 
+    def output_arg(self) -> int | None:
+        """Index of the buffer the call fills (`buf_out`); its size is the next argument."""
+        return self.args.index("buf_out") if "buf_out" in self.args else None
+
 
 SyscallTable = Mapping[int, SyscallSpec]
 
