@@ -66,6 +66,14 @@ def per_exec(options: list[str], execs: int, token: str) -> float:
     return (full - base) / execs
 
 
+def token_file(directory: Path, token: str) -> str:
+    """A 0600 file holding an instance token (agents never take one on argv)."""
+    fd, path = tempfile.mkstemp(prefix="token-", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=200)
@@ -80,7 +88,8 @@ def main() -> None:
             url = line.split("listening on ", 1)[1].strip()
             for n in ("b0", "b1"):
                 itok = cli(data, "instance-token", n)
-                start(procs, "vmagent", "--oss", url, "--instance", n, "--token", itok,
+                start(procs, "vmagent", "--oss", url, "--instance", n,
+                      "--token-file", token_file(data, itok),
                       "--listen", "127.0.0.1:0")  # fmt: skip
             time.sleep(1.0)  # registration
             link = OssProgramLink(OssModeConfig.load(url, "spread", {"DCP_TOKEN": token}))

@@ -16,7 +16,6 @@ dropbear), `dcp.ip=dhcp` (ask busybox udhcpc) and `dcp.role=agent|oss|none`
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -31,6 +30,7 @@ OSS_DATA = "/var/lib/dcp-oss"
 ROLES = ("agent", "oss", "none")
 DEFAULT_LISTEN = "0.0.0.0:7070"
 PYTHON = "/usr/bin/python3"
+TOKEN_FILE = "/run/dcp/instance.token"  # 0600, root's: how the token reaches the agent
 RB_POWER_OFF = 0x4321FEDC
 
 
@@ -76,7 +76,7 @@ def agent_argv(settings: GuestSettings, python: str = PYTHON) -> list[str]:
         argv += ["--oss", settings.oss]
     argv += ["--instance", settings.instance]
     if settings.token:
-        argv += ["--token", settings.token]
+        argv += ["--token-file", TOKEN_FILE]
     argv += ["--listen", settings.listen]
     return argv
 
@@ -93,14 +93,17 @@ def service_argv(settings: GuestSettings, python: str = PYTHON) -> list[str] | N
     return agent_argv(settings, python)
 
 
+def write_token(token: str, path: str = TOKEN_FILE) -> None:
+    """Hand the instance token to the agent in a file only root can read."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+
+
 def redacted(argv: list[str]) -> str:
-    """The command line for the log, with the token replaced by a short hash."""
-    shown = list(argv)
-    for i, word in enumerate(shown[:-1]):
-        if word == "--token":
-            digest = hashlib.sha256(shown[i + 1].encode()).hexdigest()[:12]
-            shown[i + 1] = f"sha256:{digest}"
-    return " ".join(shown)
+    """The command line for the log (it carries no secret: the token is in a file)."""
+    return " ".join(argv)
 
 
 def log(message: str) -> None:
@@ -232,6 +235,8 @@ def supervise(settings: GuestSettings) -> None:
     }
     delay = 1.0
     os.makedirs(OSS_DATA, exist_ok=True)
+    if settings.token:
+        write_token(settings.token)
     while True:
         log(f"starting {settings.role}: {redacted(argv)}")
         started = time.monotonic()

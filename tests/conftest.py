@@ -79,6 +79,14 @@ def has_ptrace() -> None:
         pytest.skip("ptrace is disabled (yama ptrace_scope=3)")
 
 
+def secret_file(secret: str, directory: Path | str | None = None) -> str:
+    """Write `secret` to a new 0600 file (how secrets reach an agent); return its path."""
+    fd, path = tempfile.mkstemp(prefix="dcp-secret-", dir=directory)  # mkstemp: mode 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return path
+
+
 def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
     """Poll `predicate` until true or `seconds` pass (bounded; for process state)."""
     deadline = time.monotonic() + seconds

@@ -13,7 +13,7 @@ from secrets import token_hex
 import click
 
 from vmagent.agent import Agent
-from vmagent.config import AgentConfig, ConfigError, parse_hostport
+from vmagent.config import AgentConfig, ConfigError, parse_hostport, read_token
 from vmagent.osslink import OssLink, advertised_address
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,17 @@ async def serve(config: AgentConfig) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--oss", "oss_url", envvar="DCP_OSS_URL", default=None, help="OSS base URL.")
 @click.option("--instance", envvar="DCP_INSTANCE", required=True, help="Instance name.")
-@click.option("--token", envvar="DCP_INSTANCE_TOKEN", required=True, help="Instance token.")
+@click.option(
+    "--token-file",
+    default=None,
+    help="File holding the instance token (a regular file, mode 0600, owned by this user).",
+)
+@click.option(
+    "--token-fd",
+    type=int,
+    default=None,
+    help="Read the instance token from this inherited fd to EOF (the starter writes it).",
+)
 @click.option("--listen", envvar="DCP_LISTEN", default="0.0.0.0:7070", show_default=True)
 @click.option("--hostname", default=None, help="Set the UTS hostname first (own namespace).")
 @click.option(
@@ -95,7 +105,8 @@ async def serve(config: AgentConfig) -> None:
 def main(
     oss_url: str | None,
     instance: str,
-    token: str,
+    token_file: str | None,
+    token_fd: int | None,
     listen: str,
     hostname: str | None,
     reconnect_window: float,
@@ -112,7 +123,7 @@ def main(
         host, port = parse_hostport(listen)
         config = AgentConfig(
             instance=instance,
-            token=token,
+            token=read_token(token_file, token_fd),
             listen_host=host,
             listen_port=port,
             oss_url=oss_url or None,

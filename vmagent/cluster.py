@@ -179,14 +179,16 @@ class LocalCluster:
 
     def _start_one(self, name: str, host: str, ns: str | None, cgroups: Path | None) -> None:
         token = secrets.token_urlsafe(24)
+        # The token goes through a pipe the agent inherits, never argv or environ.
+        token_r, token_w = os.pipe()
         agent = [
             sys.executable,
             "-m",
             "vmagent",
             "--instance",
             name,
-            "--token",
-            token,
+            "--token-fd",
+            str(token_r),
             "--reconnect-window",
             str(self.reconnect_window),
             "--lifeline",
@@ -219,6 +221,8 @@ class LocalCluster:
         )
         stderr = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
         try:
+            os.write(token_w, token.encode())  # a pipe holds far more than one token
+            os.close(token_w)
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -226,9 +230,10 @@ class LocalCluster:
                 stderr=stderr,
                 env=env,
                 start_new_session=True,
-                pass_fds=(self._lifeline_r,),
+                pass_fds=(self._lifeline_r, token_r),
             )
         finally:
+            os.close(token_r)
             stderr.close()
         self._procs[name] = proc
         self._tokens[name] = (token, host, ns)

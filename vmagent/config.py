@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 
 from vmagent.errors import AgentError
@@ -24,7 +26,7 @@ class AgentConfig:
     """Settings of one `dcp-agent` process."""
 
     instance: str  # this instance's name (as the OSS knows it)
-    token: str  # per-instance credential: OSS bearer token and exec-ticket key
+    token: str = field(repr=False)  # per-instance credential: OSS bearer + exec-ticket key
     listen_host: str  # where the exec/HTTP API listens
     listen_port: int  # 0 = any free port (reported on stdout as `listening HOST:PORT`)
     oss_url: str | None = None  # register + heartbeat here; None = stand-alone
@@ -42,8 +44,53 @@ class AgentConfig:
         if not self.instance or "/" in self.instance:
             raise ConfigError("--instance must be a non-empty name without '/'")
         if not self.token:
-            raise ConfigError("--token is required (the per-instance credential)")
+            raise ConfigError("an instance token is required (--token-file or --token-fd)")
         if self.reconnect_window <= 0 or self.call_timeout <= 0:
             raise ConfigError("timeouts must be positive")
         if self.oss_url is not None and not self.oss_url.startswith(("http://", "https://")):
             raise ConfigError(f"--oss must be an http(s) URL, got {self.oss_url!r}")
+
+
+MAX_TOKEN = 4096  # bytes; a token file larger than this is not a token
+
+
+def read_token(path: str | None, fd: int | None) -> str:
+    """The instance token from a private file or an inherited fd (never argv or env).
+
+    A file must be a regular file owned by this user with no group/other
+    permission bits: a token others can read is already leaked, so refuse it.
+    The fd is read to EOF and closed.
+    """
+    if (path is None) == (fd is None):
+        raise ConfigError("give the instance token by exactly one of --token-file or --token-fd")
+    if path is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the token file {path}: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)
+            raise ConfigError(
+                f"refusing the token file {path}: it must be a regular file owned by uid "
+                f"{os.geteuid()} with mode 0600 (it is uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):04o})"
+            )
+    assert fd is not None
+    data = b""
+    try:
+        while len(data) <= MAX_TOKEN:
+            chunk = os.read(fd, MAX_TOKEN + 1)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(f"cannot read the instance token: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN:
+        raise ConfigError(f"the instance token is longer than {MAX_TOKEN} bytes")
+    token = data.decode("ascii", errors="replace").strip()
+    if not token or any(not c.isprintable() or c.isspace() for c in token):
+        raise ConfigError("the instance token is empty or holds non-printable characters")
+    return token

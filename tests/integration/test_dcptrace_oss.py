@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, dcptrace_argv, traced_env, wait_for
+from tests.conftest import REPO, dcptrace_argv, secret_file, traced_env, wait_for
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow]
 
@@ -118,7 +118,8 @@ def start_lab(lab: Lab, listen: str, agents: dict[str, tuple[str, ...]]) -> None
     lab.url = line.split("listening on ", 1)[1].strip()
     for name, (*prefix, agent_listen, extra) in agents.items():
         _proc, line = lab.start(
-            "vmagent", "--oss", lab.url, "--instance", name, "--token", tokens[name],
+            "vmagent", "--oss", lab.url, "--instance", name,
+            "--token-file", secret_file(tokens[name], lab.data),
             "--listen", agent_listen, *extra.split(), prefix=tuple(prefix),
         )  # fmt: skip
         assert line.startswith("listening "), line

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import secret_file
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 TOKEN = "inst-token-123"  # for agents without an OSS
@@ -98,7 +100,7 @@ def start_agent(
     *extra: str, token: str = TOKEN, name: str = "n7"
 ) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vmagent", "--instance", name, "--token", token,
+        [sys.executable, "-m", "vmagent", "--instance", name, "--token-file", secret_file(token),
          "--listen", "127.0.0.1:0", "-v", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
     )  # fmt: skip
@@ -181,7 +183,8 @@ def test_http_api_health_load_and_auth() -> None:
 def test_bad_options_give_a_usage_error_not_a_traceback() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = subprocess.run(
-        [sys.executable, "-m", "vmagent", "--instance", "a1", "--token", "t", "--listen", "nope"],
+        [sys.executable, "-m", "vmagent", "--instance", "a1", "--token-file", secret_file("t"),
+         "--listen", "nope"],
         capture_output=True,
         env=env,
     )

@@ -115,9 +115,10 @@ def test_two_instances_boot_and_start_the_agent(booted: Lab) -> None:
         assert f"dcp-init: ready instance={n}" in log
         expected = (
             f"/usr/bin/python3 -m vmagent --oss {lab.oss_url} --instance {n} "
-            f"--token {lab.token_digest(n)} --listen 0.0.0.0:7070"
+            "--token-file /run/dcp/instance.token --listen 0.0.0.0:7070"
         )
         assert f"dcp-init: starting agent: {expected}" in log, log[-2000:]
+        assert lab.tokens[n] not in log, "the instance token reached the serial console"
         assert f"dcp-init: network eth0 {lab.provider.address(n)}/24" in log
 
 

@@ -8,7 +8,6 @@ every resource it starts and `close()` releases them all by name and PID.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import os
 import shutil
@@ -241,10 +240,6 @@ class Lab:
     def oss_url(self) -> str:
         """The URL the guests were given."""
         return self.oss.url if self.oss else f"http://{self.gateway}:9"
-
-    def token_digest(self, name: str) -> str:
-        """How dcp-init logs the token (sha256 prefix)."""
-        return "sha256:" + hashlib.sha256(self.tokens[name].encode()).hexdigest()[:12]
 
     async def aclose(self) -> list[str]:
         """Release everything; returns the domains still listed after the provider closed."""

@@ -39,8 +39,8 @@ def test_agent_argv_matches_contract() -> None:
         "http://10.231.5.1:8080",
         "--instance",
         "vm-1",
-        "--token",
-        "s3cr=t",
+        "--token-file",
+        "/run/dcp/instance.token",
         "--listen",
         "0.0.0.0:7070",
     ]
@@ -48,14 +48,14 @@ def test_agent_argv_matches_contract() -> None:
 
 def test_standalone_agent_has_no_oss_flag() -> None:
     argv = agent_argv(parse_cmdline("dcp.instance=a"))
-    assert "--oss" not in argv and "--token" not in argv
+    assert "--oss" not in argv and "--token-file" not in argv
     assert argv[-4:] == ["--instance", "a", "--listen", DEFAULT_LISTEN]
 
 
 def test_token_never_logged() -> None:
     line = redacted(agent_argv(parse_cmdline(CMDLINE)))
     assert "s3cr=t" not in line
-    assert "--token sha256:" in line and "--instance vm-1" in line
+    assert "--token-file /run/dcp/instance.token" in line and "--instance vm-1" in line
 
 
 def test_roles() -> None:
