@@ -7,11 +7,23 @@ must not import anything from DCP. It never starts an interactive shell: if
 something essential fails it powers the VM off, so a host-side timeout is the
 worst case, never a hang on a prompt.
 
-Settings come from the kernel command line (CONTRACTS.md):
-`dcp.oss=URL dcp.instance=NAME dcp.token=TOKEN dcp.ip=A.B.C.D/NN dcp.gw=A.B.C.D
-dcp.listen=0.0.0.0:7070`, plus, for the Vagrant lab: `dcp.ssh=1` (start
-dropbear), `dcp.ip=dhcp` (ask busybox udhcpc) and `dcp.role=agent|oss|none`
-(what to run: the agent, the OSS listening on dcp.listen, or nothing).
+Settings come from two places (CONTRACTS.md):
+
+- the kernel command line, for what is not secret: `dcp.oss=URL
+  dcp.instance=NAME dcp.ip=A.B.C.D/NN dcp.gw=A.B.C.D dcp.listen=0.0.0.0:7070
+  dcp.config=disk`, plus, for the Vagrant lab: `dcp.ssh=1` (start dropbear),
+  `dcp.ip=dhcp` (ask busybox udhcpc) and `dcp.role=agent|oss|none` (what to
+  run: the agent, the OSS listening on dcp.listen, or nothing). The command
+  line is readable by every guest user and shows on the host in qemu's argv,
+  so `dcp.token=` there is ignored (and said so on the console);
+- the config disk, for secrets: a small raw virtio disk (serial `dcp-config`)
+  holding `DCP-CONFIG 1` and `token=TOKEN` lines (`encode_config`). Its block
+  device node is root's (0600 on devtmpfs), so only root in the guest reads it.
+  `dcp.config=disk` on the command line says the host attached one: init waits
+  for it a few seconds, then goes on without a token if it never appears.
+
+The token then reaches the agent as a 0600 file (`--token-file`); it is never
+printed.
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 MODULES_FILE = "/etc/dcp/modules"
 UDHCPC_SCRIPT = "/etc/dcp/udhcpc.sh"
@@ -31,6 +44,12 @@ ROLES = ("agent", "oss", "none")
 DEFAULT_LISTEN = "0.0.0.0:7070"
 PYTHON = "/usr/bin/python3"
 TOKEN_FILE = "/run/dcp/instance.token"  # 0600, root's: how the token reaches the agent
+CONFIG_MAGIC = b"DCP-CONFIG 1\n"
+CONFIG_BYTES = 4096  # the whole config disk: one page, a whole number of sectors
+CONFIG_SERIAL = "dcp-config"  # the virtio disk's serial number
+CONFIG_KEYS = ("token",)  # what a config disk may carry
+CONFIG_WAIT = 10.0  # seconds init waits for the disk when dcp.config=disk
+MAX_CONFIG_DEVICE = 2**20  # block devices larger than this are never read as a config disk
 RB_POWER_OFF = 0x4321FEDC
 
 
@@ -47,6 +66,85 @@ class GuestSettings:
     ssh: bool = False
     role: str = "agent"
     alias: str | None = None  # an extra static address (the lab coordinator's fixed one)
+    config_disk: bool = False  # dcp.config=disk: the host attached a config disk
+    token_on_cmdline: bool = False  # dcp.token= was on the command line (and is ignored)
+
+
+class ConfigError(ValueError):
+    """The config disk is malformed."""
+
+
+def encode_config(values: dict[str, str]) -> bytes:
+    """The config disk's bytes: magic, `key=value` lines, NUL padding to CONFIG_BYTES."""
+    lines = [CONFIG_MAGIC]
+    for key, value in values.items():
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"unknown config key {key!r}")
+        if not value or not value.isprintable() or any(c.isspace() for c in value):
+            raise ConfigError(f"config value for {key!r} must be printable, without spaces")
+        lines.append(f"{key}={value}\n".encode())
+    data = b"".join(lines)
+    if len(data) > CONFIG_BYTES:
+        raise ConfigError(f"config is {len(data)} bytes, more than {CONFIG_BYTES}")
+    return data + b"\0" * (CONFIG_BYTES - len(data))
+
+
+def parse_config(data: bytes) -> dict[str, str] | None:
+    """The settings on a config disk (None: not a config disk); unknown keys are skipped."""
+    if not data.startswith(CONFIG_MAGIC):
+        return None
+    body = data[len(CONFIG_MAGIC) :].split(b"\0", 1)[0]
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config disk is not ASCII") from exc
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError("config disk line without '='")
+        if key in CONFIG_KEYS and value:
+            values[key] = value
+    return values
+
+
+def with_config(settings: GuestSettings, values: dict[str, str]) -> GuestSettings:
+    """The settings with the config disk's secrets added."""
+    return replace(settings, token=values.get("token") or settings.token)
+
+
+def read_config_disk(sys_block: str = "/sys/block", dev: str = "/dev") -> dict[str, str] | None:
+    """The settings of the first small block device that is a config disk (None: none)."""
+    try:
+        names = sorted(os.listdir(sys_block))
+    except FileNotFoundError:
+        return None
+
+    def serial(name: str) -> str:
+        try:
+            with open(os.path.join(sys_block, name, "serial")) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    # The disk with our serial first; then any other small disk (Vagrant may set none).
+    for name in sorted(names, key=lambda n: serial(n) != CONFIG_SERIAL):
+        try:
+            with open(os.path.join(sys_block, name, "size")) as f:
+                size = int(f.read().strip()) * 512
+        except (OSError, ValueError):
+            continue
+        if not 0 < size <= MAX_CONFIG_DEVICE:
+            continue
+        try:
+            with open(os.path.join(dev, name), "rb") as disk:
+                data = disk.read(CONFIG_BYTES)
+        except OSError:
+            continue
+        values = parse_config(data)
+        if values is not None:
+            return values
+    return None
 
 
 def parse_cmdline(text: str) -> GuestSettings:
@@ -59,14 +157,41 @@ def parse_cmdline(text: str) -> GuestSettings:
     return GuestSettings(
         instance=values.get("instance") or "dcp-guest",
         oss=values.get("oss") or None,
-        token=values.get("token") or None,
+        token=None,  # never from the command line: see the module's docstring
         ip=values.get("ip") or None,
         gw=values.get("gw") or None,
         listen=values.get("listen") or DEFAULT_LISTEN,
         ssh=values.get("ssh", "0") in ("1", "yes", "true"),
         role=values["role"] if values.get("role") in ROLES else "agent",
         alias=values.get("alias") or None,
+        config_disk=values.get("config") == "disk",
+        token_on_cmdline="token" in values,
     )
+
+
+def load_config(
+    settings: GuestSettings,
+    wait: float = CONFIG_WAIT,
+    reader: Callable[[], dict[str, str] | None] = read_config_disk,
+) -> GuestSettings:
+    """Add the config disk's secrets; wait up to `wait` s for it when dcp.config=disk."""
+    if settings.token_on_cmdline:
+        log("dcp.token= on the kernel command line is ignored: secrets come from the config disk")
+    deadline = time.monotonic() + (wait if settings.config_disk else 0.0)
+    while True:
+        try:
+            values = reader()
+        except ConfigError as exc:
+            log(f"config disk: {exc}")
+            return settings
+        if values is not None:
+            log(f"config disk: {', '.join(sorted(values)) or 'empty'}")  # names only
+            return with_config(settings, values)
+        if time.monotonic() >= deadline:
+            if settings.config_disk:
+                log(f"dcp.config=disk but no config disk appeared in {wait:.0f} s")
+            return settings
+        time.sleep(0.2)
 
 
 def agent_argv(settings: GuestSettings, python: str = PYTHON) -> list[str]:
@@ -270,6 +395,7 @@ def main() -> None:
         with open("/proc/cmdline") as f:
             settings = parse_cmdline(f.read())
         load_modules()
+        settings = load_config(settings)
         set_hostname(settings.instance)
         configure_network(settings)
         if settings.ssh:

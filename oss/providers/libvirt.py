@@ -5,9 +5,18 @@ volume XML), then the adapter `LibvirtProvider`, which runs every blocking
 libvirt-python call on a worker thread under `asyncio.timeout`.
 
 One provider owns: a transient `dir` storage pool for the per-instance qcow2
-overlays (created through libvirt, so it works against remote hosts too),
-optionally the lab bridge (local hosts only), and the domains named
+overlays and config disks (created through libvirt, so it works against remote
+hosts too), optionally the lab bridge (local hosts only), and the domains named
 `<prefix><instance>`. `close()` releases all of them.
+
+Secrets never go on the kernel command line (it shows in the domain XML, in
+qemu's argv on the host and in the guest's /proc/cmdline). The instance token
+reaches the guest on a per-instance config disk: a 4 KiB raw volume
+(`images.guestinit.encode_config`), mode 0600, uploaded through libvirt into the
+pool and attached read-only as a virtio disk with serial `dcp-config`; the guest
+init reads it as a block device, which only root there can open. The command
+line says only `dcp.config=disk`. On a local host the pool and the serial log
+directories are 0711 and 0700 and every file in them 0600.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ T = TypeVar("T")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=:-]{1,512}$")
 BOOT_MARKER = "Linux version"
+CONFIG_SERIAL = "dcp-config"  # = images.guestinit.CONFIG_SERIAL
 
 
 # ---- errors ------------------------------------------------------------------------
@@ -203,31 +213,43 @@ class GuestImage:
 
 def kernel_cmdline(
     name: str,
-    token: str | None,
     oss_url: str | None,
     address: ipaddress.IPv4Interface,
     gateway: ipaddress.IPv4Address,
     listen_port: int,
     extra: str = "",
     quiet: bool = True,
+    config_disk: bool = False,
 ) -> str:
-    """The guest's command line (CONTRACTS.md: dcp.oss, dcp.instance, dcp.token, ...)."""
-    if token is not None and not TOKEN_RE.match(token):
-        raise BadInstance("the token has characters a kernel command line cannot carry", name)
+    """The guest's command line (CONTRACTS.md: dcp.oss, dcp.instance, ...): no secrets."""
     if oss_url is not None and (not oss_url or any(c.isspace() for c in oss_url)):
         raise BadInstance(f"bad OSS URL {oss_url!r}", name)
+    if any(w.startswith("dcp.token=") for w in extra.split()):
+        raise BadInstance("extra_cmdline must not carry dcp.token: it goes on the config disk")
     words = ["console=ttyS0", "panic=-1", "root=/dev/vda", "rw"]
     if quiet:
         words.append("quiet")
     if oss_url:
         words.append(f"dcp.oss={oss_url}")
     words.append(f"dcp.instance={name}")
-    if token:
-        words.append(f"dcp.token={token}")
+    if config_disk:
+        words.append("dcp.config=disk")
     words += [f"dcp.ip={address}", f"dcp.gw={gateway}", f"dcp.listen=0.0.0.0:{listen_port}"]
     if extra:
         words.append(extra)
     return " ".join(words)
+
+
+def config_disk(name: str, token: str | None) -> bytes:
+    """The config disk's content for an instance (images.guestinit reads it)."""
+    from images.guestinit import ConfigError, encode_config
+
+    if token is not None and not TOKEN_RE.match(token):
+        raise BadInstance("the token has characters a config disk cannot carry", name)
+    try:
+        return encode_config({"token": token} if token else {})
+    except ConfigError as exc:
+        raise BadInstance(f"config disk: {exc}", name) from exc
 
 
 class DomainType(enum.Enum):
@@ -251,6 +273,7 @@ class DomainSpec:
     mac: str
     bridge: str | None
     serial_log: Path
+    config_disk: Path | None = None  # raw, read-only, serial CONFIG_SERIAL
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -285,6 +308,13 @@ def domain_xml(spec: DomainSpec) -> str:
         ET.SubElement(disk, "driver", name="qemu", type="qcow2")
         ET.SubElement(disk, "source", file=str(spec.disk))
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    if spec.config_disk is not None:
+        disk = ET.SubElement(dev, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="raw")
+        ET.SubElement(disk, "source", file=str(spec.config_disk))
+        ET.SubElement(disk, "target", dev="vdb", bus="virtio")
+        ET.SubElement(disk, "serial").text = CONFIG_SERIAL
+        ET.SubElement(disk, "readonly")
     if spec.bridge is not None:
         nic = ET.SubElement(dev, "interface", type="bridge")
         ET.SubElement(nic, "source", bridge=spec.bridge)
@@ -300,12 +330,27 @@ def domain_xml(spec: DomainSpec) -> str:
 
 
 def pool_xml(name: str, path: Path) -> str:
-    """A transient directory storage pool for the overlays."""
+    """A transient directory storage pool for the overlays and config disks (0711)."""
     pool = ET.Element("pool", type="dir")
     ET.SubElement(pool, "name").text = name
     target = ET.SubElement(pool, "target")
     ET.SubElement(target, "path").text = str(path)
+    perms = ET.SubElement(target, "permissions")
+    ET.SubElement(perms, "mode").text = "0711"
     return ET.tostring(pool, encoding="unicode")
+
+
+def config_volume_xml(name: str, size: int) -> str:
+    """A raw volume for a config disk, 0600 (libvirt hands it to qemu's user while it runs)."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(size)
+    ET.SubElement(vol, "allocation", unit="bytes").text = str(size)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type="raw")
+    perms = ET.SubElement(target, "permissions")
+    ET.SubElement(perms, "mode").text = "0600"
+    return ET.tostring(vol, encoding="unicode")
 
 
 def overlay_xml(name: str, base: Path, capacity_bytes: int) -> str:
@@ -386,6 +431,11 @@ class Instance:
     volume: str
     serial_log: Path
     started_at: float
+
+    @property
+    def config_volume(self) -> str:
+        """The name of the instance's config disk volume in the pool."""
+        return self.domain + ".config"
 
 
 class DomainState(enum.Enum):
@@ -528,10 +578,12 @@ class LibvirtProvider:
         path = self.config.state_dir / "overlays"
         name = f"{self.config.prefix}overlays-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
         if not self.uri.remote:
+            # qemu's user opens the volumes by path (0711: it can, nobody can list them);
+            # libvirt opens the serial logs itself and hands qemu the descriptor (0700).
             path.mkdir(parents=True, exist_ok=True)
-            path.chmod(0o755)
+            path.chmod(0o711)
             (self.config.state_dir / "serial").mkdir(exist_ok=True)
-            (self.config.state_dir / "serial").chmod(0o755)
+            (self.config.state_dir / "serial").chmod(0o700)
         try:
             old = await self._call("pool lookup", self.conn.storagePoolLookupByName, name)
             with contextlib.suppress(ProviderError):
@@ -573,7 +625,7 @@ class LibvirtProvider:
         assert self._image is not None
         name = f"{self.config.prefix}probe-{os.getpid()}"
         serial = self.config.state_dir / "serial" / f"{name}.log"
-        serial.unlink(missing_ok=True)
+        _private_file(serial)
         spec = DomainSpec(
             name=name,
             domain_type=dtype,
@@ -634,8 +686,18 @@ class LibvirtProvider:
 
     async def _boot(self, inst: Instance, itype: InstanceTypeLike, cred: CredentialsLike) -> None:
         assert self._image is not None and self.domain_type is not None
+        config = config_disk(inst.name, cred.token)
+        cmdline = kernel_cmdline(
+            inst.name,
+            cred.oss_url,
+            inst.address,
+            self.addresses.gateway.ip,
+            self.config.listen_port,
+            self.config.extra_cmdline,
+            config_disk=True,
+        )
         if not self.uri.remote:
-            inst.serial_log.unlink(missing_ok=True)
+            await asyncio.to_thread(_private_file, inst.serial_log)
         capacity = await self._base_capacity()
         vol = await self._call(
             "overlay create",
@@ -644,15 +706,7 @@ class LibvirtProvider:
             0,
         )
         disk = Path(await self._call("overlay path", vol.path))
-        cmdline = kernel_cmdline(
-            inst.name,
-            cred.token,
-            cred.oss_url,
-            inst.address,
-            self.addresses.gateway.ip,
-            self.config.listen_port,
-            self.config.extra_cmdline,
-        )
+        config_path = await self._upload_config(inst.config_volume, config)
         spec = DomainSpec(
             inst.domain,
             self.domain_type,
@@ -664,6 +718,7 @@ class LibvirtProvider:
             inst.mac,
             self.config.bridge,
             inst.serial_log,
+            config_path,
         )
         try:
             await self._call("domain create", self.conn.createXML, domain_xml(spec), 0)
@@ -673,6 +728,26 @@ class LibvirtProvider:
             # A kernel that does not boot leaves qemu running with a silent console.
             await self.wait_serial(inst.name, self.config.boot_marker, self.config.boot_timeout)
         log.info("instance %s booting: %s %s", inst.name, inst.address, inst.mac)
+
+    async def _upload_config(self, volume: str, data: bytes) -> Path:
+        """Create the 0600 config volume in the pool and write `data` into it via libvirt."""
+        vol = await self._call(
+            "config create", self._pool.createXML, config_volume_xml(volume, len(data)), 0
+        )
+
+        def upload() -> None:
+            stream = self.conn.newStream(0)
+            try:
+                vol.upload(stream, 0, len(data), 0)
+                stream.send(data)
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    stream.abort()
+                raise
+
+        await self._call("config upload", upload)
+        return Path(await self._call("config path", vol.path))
 
     async def _base_capacity(self) -> int:
         """The base image's virtual size: from its qcow2 header here, via libvirt remotely."""
@@ -706,11 +781,12 @@ class LibvirtProvider:
 
     async def _release(self, inst: Instance) -> None:
         if self._pool is not None:
-            with contextlib.suppress(ProviderError):
-                vol = await self._call(
-                    "overlay lookup", self._pool.storageVolLookupByName, inst.volume
-                )
-                await self._call("overlay delete", vol.delete, 0)
+            for volume in (inst.volume, inst.config_volume):
+                with contextlib.suppress(ProviderError):
+                    vol = await self._call(
+                        "volume lookup", self._pool.storageVolLookupByName, volume
+                    )
+                    await self._call("volume delete", vol.delete, 0)
         self.addresses.release(inst.name)
         self.instances.pop(inst.name, None)
 
@@ -785,6 +861,12 @@ def _same_file(src: Path, dst: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (
         a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
     )
+
+
+def _private_file(path: Path) -> None:
+    """An empty file only root can read at `path` (a serial log libvirt will append to)."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
 
 
 def _read_text(path: Path) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from images.guestinit import CONFIG_BYTES, CONFIG_SERIAL, parse_config
 from net.bridge import BadName, check_ifname
 from oss.providers.libvirt import (
     AddressBook,
@@ -17,7 +18,9 @@ from oss.providers.libvirt import (
     LibvirtConfig,
     NoAddress,
     check_name,
+    config_disk,
     config_from_mapping,
+    config_volume_xml,
     domain_xml,
     kernel_cmdline,
     mac_for,
@@ -121,15 +124,15 @@ def test_address_book() -> None:
     assert book.lease("d") == b
 
 
-def test_kernel_cmdline_follows_contract() -> None:
+def test_kernel_cmdline_follows_contract_and_carries_no_secret() -> None:
     line = kernel_cmdline(
         "vm1",
-        "tok",
         "http://10.231.5.1:8080",
         ipaddress.IPv4Interface("10.231.5.10/24"),
         ipaddress.IPv4Address("10.231.5.1"),
         7070,
         extra="dcp.ssh=1",
+        config_disk=True,
     )
     words = line.split()
     assert {"console=ttyS0", "panic=-1", "root=/dev/vda"} <= set(words)
@@ -137,21 +140,33 @@ def test_kernel_cmdline_follows_contract() -> None:
     assert words[i : i + 6] == [
         "dcp.oss=http://10.231.5.1:8080",
         "dcp.instance=vm1",
-        "dcp.token=tok",
+        "dcp.config=disk",
         "dcp.ip=10.231.5.10/24",
         "dcp.gw=10.231.5.1",
         "dcp.listen=0.0.0.0:7070",
     ]
     assert words[-1] == "dcp.ssh=1"
-    with pytest.raises(BadInstance, match="token"):
+    assert not [w for w in words if w.startswith("dcp.token")]
+    with pytest.raises(BadInstance, match="must not carry dcp.token"):
         kernel_cmdline(
             "vm1",
-            "two words",
             None,
             ipaddress.IPv4Interface("10.0.0.2/24"),
             ipaddress.IPv4Address("10.0.0.1"),
             7070,
+            extra="dcp.ssh=1 dcp.token=leak",
         )
+
+
+def test_config_disk_carries_the_token_for_the_guest_init() -> None:
+    data = config_disk("vm1", "dcpi_abc=+/")
+    assert len(data) == CONFIG_BYTES and len(data) % 512 == 0
+    assert parse_config(data) == {"token": "dcpi_abc=+/"}
+    assert parse_config(config_disk("vm1", None)) == {}
+    with pytest.raises(BadInstance, match="token"):
+        config_disk("vm1", "two words")
+    with pytest.raises(BadInstance, match="token"):
+        config_disk("vm1", "x" * 513)
 
 
 def _spec(dtype: DomainType) -> DomainSpec:
@@ -185,6 +200,19 @@ def test_domain_xml_tcg() -> None:
     assert root.find("devices/serial").get("type") == "file"  # type: ignore[union-attr]
     assert root.find("devices/video/model").get("type") == "none"  # type: ignore[union-attr]
     assert root.findtext("on_crash") == "destroy"
+    assert len(root.findall("devices/disk")) == 1  # no config disk asked for
+
+
+def test_domain_xml_config_disk_is_a_readonly_raw_virtio_disk() -> None:
+    spec = DomainSpec(**{**_spec(DomainType.QEMU).__dict__, "config_disk": Path("/s/o/c")})
+    root = ET.fromstring(domain_xml(spec))
+    root_disk, config = root.findall("devices/disk")
+    assert root_disk.find("target").get("dev") == "vda"  # type: ignore[union-attr]
+    assert config.find("source").get("file") == "/s/o/c"  # type: ignore[union-attr]
+    assert config.find("driver").get("type") == "raw"  # type: ignore[union-attr]
+    assert config.find("target").get("bus") == "virtio"  # type: ignore[union-attr]
+    assert config.findtext("serial") == CONFIG_SERIAL
+    assert config.find("readonly") is not None
 
 
 def test_domain_xml_kvm_and_escaping() -> None:
@@ -203,6 +231,11 @@ def test_volume_and_pool_xml() -> None:
     assert vol.findtext("backingStore/path") == "/s/base.qcow2"
     pool = ET.fromstring(pool_xml("p", Path("/s/overlays")))
     assert pool.get("type") == "dir" and pool.findtext("target/path") == "/s/overlays"
+    assert pool.findtext("target/permissions/mode") == "0711"
+    cfg = ET.fromstring(config_volume_xml("dcp-vm1.config", 4096))
+    assert cfg.findtext("capacity") == "4096"
+    assert cfg.find("target/format").get("type") == "raw"  # type: ignore[union-attr]
+    assert cfg.findtext("target/permissions/mode") == "0600"
 
 
 def test_bridge_mac_is_fixed_and_local() -> None:
