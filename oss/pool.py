@@ -28,8 +28,10 @@ class InstanceType:
 class Credentials:
     """What a new instance needs to join: its name, its bearer token, the OSS URL.
 
-    Providers pass these to the guest (kernel command line `dcp.oss=URL
-    dcp.instance=NAME dcp.token=TOKEN`, or the agent's flags for local ones).
+    Providers pass these to the guest: the name and URL openly (kernel command line
+    `dcp.oss=URL dcp.instance=NAME`), the token only by a channel no other user can
+    read (libvirt: a root-only config disk; local agents: a 0600 file or an fd),
+    never on a command line.
     """
 
     instance: str
