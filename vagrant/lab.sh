@@ -26,6 +26,7 @@ up)
     mkdir -p /var/lib/libvirt/images
     virsh -c qemu:///system pool-create-as default dir --target /var/lib/libvirt/images
   }
+  chmod 711 /var/lib/libvirt/images   # qemu opens volumes by path; nobody lists them
   in_ns vagrant up coordinator
   rm -f .lab/tokens
   i=1
@@ -36,6 +37,22 @@ up)
     i=$((i + 1))
   done
   chmod 600 .lab/tokens
+  # Each token goes on a config disk (0600 raw volume, read by dcp-init as root),
+  # never on a kernel command line. The script comes on stdin: no token in any argv.
+  python3 - .lab/tokens /var/lib/libvirt/images <<'PY'
+import os, sys
+from images.guestinit import encode_config
+tokens, pool = sys.argv[1:]
+for line in open(tokens):
+    name, token = line.split()
+    path = os.path.join(pool, f"dcp-lab-{name}.config")
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(encode_config({"token": token}))
+PY
+  virsh -c qemu:///system pool-refresh default >/dev/null
   in_ns vagrant up
   ;;
 status)
@@ -51,6 +68,7 @@ down)
   python3 -m oss.providers.libvirtd stop --netns "$NETNS"
   # vagrant-libvirt keeps the uploaded box volume in the pool directory.
   rm -f /var/lib/libvirt/images/dcp_vagrant_box_image_*_box.img
+  rm -f /var/lib/libvirt/images/dcp-lab-*.config   # allow_existing disks stay otherwise
   rm -rf .lab
   ;;
 *)
