@@ -58,10 +58,10 @@ def _coordinator(
         yield coord
 
 
-def _in_view(pathmap: PathMap, path: str) -> str:
-    """Where the program's path leads in the mapped view, for an exec that failed."""
+def _real_in_view(pathmap: PathMap, path: str) -> str:
+    """The real path behind a path the program sees (itself when not mapped)."""
     if not pathmap:
-        return ""
+        return path
 
     def readlink(p: bytes) -> bytes | None:
         try:
@@ -70,11 +70,16 @@ def _in_view(pathmap: PathMap, path: str) -> str:
             return None
 
     real = pathmap.resolve(os.fsencode(path), os.fsencode(os.getcwd()), readlink)
-    if real is None:
+    return path if real is None else os.fsdecode(real)
+
+
+def _in_view(pathmap: PathMap, path: str) -> str:
+    """Where a program's path leads in the mapped view, for a start that failed."""
+    real = _real_in_view(pathmap, path)
+    if real == path:
         return ""
-    shown = os.fsdecode(real)
     missing = "" if os.path.lexists(real) else ", which does not exist"
-    return f" (under --map, {path} is {shown}{missing})"
+    return f" (under --map, {path} is {real}{missing})"
 
 
 def _program_status(exit_status: int | None, sig: int | None) -> str:
@@ -196,8 +201,16 @@ def command(
         mapping[src] = dst
     table = table_for(os.uname().machine)
     env = dict(os.environ)
-    path = resolve(program[0], env)
     pathmap = PathMap(mapping)
+    # The program is found as it will see the filesystem: through the map.
+    try:
+        path = resolve(program[0], env, lambda p: _real_in_view(pathmap, p))
+    except SpawnError as exc:
+        if "/" in program[0]:
+            where = _in_view(pathmap, program[0])
+        else:
+            where = " in the --map view" if pathmap else ""
+        raise SpawnError(exc.program, exc.reason + where, exc.exit_code) from exc
     observe = trace or summary or record_path is not None
     n = config.instances if instances is None else instances
     where = placement or config.placement

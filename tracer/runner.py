@@ -121,8 +121,12 @@ class Runner:
 
     def run(self) -> Outcome:
         """Spawn the program, trace it until every traced process is gone."""
+        # While calls are served, a call newer than the table must stop too:
+        # it may take a path (as fchmodat2 did) and would get around the map.
+        beyond = max(self.table) + 1 if self.intercept else None
         filt = PreparedFilter(
-            build_filter(self.intercept, trace_all=self.trace_all), no_new_privs=os.geteuid() != 0
+            build_filter(self.intercept, trace_all=self.trace_all, trace_from=beyond),
+            no_new_privs=os.geteuid() != 0,
         )
         started = time.perf_counter()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -174,7 +178,12 @@ class Runner:
                 info = ptraceio.syscall_info(pid)
                 if self.trace_out is not None:
                     self._pre_render(pid, info.nr, info.args)
-                return SeccompStop(pid, info.nr, info.args, info.arch != ptraceio.AUDIT_ARCH_X86_64)
+                # A call of another ABI, or (while calls are served) one the
+                # table does not know: the machine refuses it with ENOSYS.
+                foreign = info.arch != ptraceio.AUDIT_ARCH_X86_64 or (
+                    bool(self.intercept) and info.nr not in self.table
+                )
+                return SeccompStop(pid, info.nr, info.args, foreign)
             if sig == _SIGTRAP_SYSGOOD:
                 info = ptraceio.syscall_info(pid)
                 if info.op == ptraceio.SYSCALL_INFO_EXIT:
