@@ -218,8 +218,12 @@ def command(
 
     # Output files are opened before the program runs: a bad path is a usage
     # error, not a run whose record is lost at the end.
+    if output and not (trace or summary):
+        raise UsageError("-o/--output needs --trace or --summary")
+    if output and record_path and os.path.realpath(output) == os.path.realpath(record_path):
+        raise UsageError(f"-o and --record name the same file {output}")
     out_file = None
-    if output and (trace or summary):
+    if output:
         out_file = open_output(output, "trace" if trace else "summary", "--output")
     record_out = open_output(record_path, "record", "--record") if record_path else None
 

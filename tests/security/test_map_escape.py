@@ -113,6 +113,14 @@ def test_a_program_missing_from_the_view_is_named_with_its_real_path(tmp_path: P
     assert f"{empty}/bin/ls" in line and "does not exist" in line, line
 
 
+def test_a_command_missing_from_the_view_is_searched_there(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = dcptrace("--map", f"/={empty}", "--", "ls", "/")
+    assert code == 127
+    assert err.strip() == "dcptrace: ls: command not found in the --map view"
+
+
 def _io_uring_usable(probe: Path) -> None:
     knob = Path("/proc/sys/kernel/io_uring_disabled")
     if knob.exists() and knob.read_text().strip() == "2":

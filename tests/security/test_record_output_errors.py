@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import dcptrace_argv, run, traced_env
+from tests.conftest import dcptrace_argv, run, traced_env, wait_for
 
 pytestmark = [pytest.mark.security, pytest.mark.usefixtures("has_ptrace")]
 
@@ -100,3 +102,21 @@ def test_a_written_record_replaces_the_file_whole(tmp_path: Path) -> None:
     assert record.read_text().startswith("{") and record.read_text().endswith("}\n")
     assert oct(record.stat().st_mode & 0o777) == oct(0o640)  # its mode is kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_killing_dcptrace_leaves_no_partial_record(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [*dcptrace_argv("--record", str(out / "run.json")), "--", "sleep", "60"]
+    front = subprocess.Popen(argv, env=traced_env(), stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: any(out.iterdir()))  # the record is being written beside
+        front.send_signal(signal.SIGKILL)
+        front.wait(timeout=30)
+        # The tracer sees its lifeline close, removes the temporary file and
+        # exits (PTRACE_O_EXITKILL takes the program with it).
+        assert wait_for(lambda: not any(out.iterdir())), list(out.iterdir())
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.wait(timeout=30)
