@@ -30,6 +30,12 @@ LOCAL_INSTANCE = "local"
 # Calls whose result (a symlink's target) is shown back as a virtual path; the
 # table says which argument is the link, the buffer and its size.
 _LINK_READERS = frozenset({"readlink", "readlinkat"})
+# Refused with ENOSYS while paths are mapped, since they would reach files
+# around the map: an io_uring's IORING_OP_OPENAT, STATX, UNLINKAT, ... take
+# paths the kernel reads from the ring, never seen here; a file handle names
+# an inode on a filesystem, not a path.  Programs fall back to the plain
+# syscalls (liburing users on kernels without io_uring do), which are mapped.
+_REFUSED_WHEN_MAPPED = frozenset({"io_uring_setup", "open_by_handle_at"})
 
 
 def _readlink(path: bytes) -> bytes | None:
@@ -54,12 +60,12 @@ class EmbeddedCoordinator:
         self._listener = listener
 
     def interception(self) -> frozenset[str]:
-        """Path-taking calls (and getcwd) when paths are mapped; nothing otherwise."""
+        """Path-taking calls (getcwd, the refused ones) when paths are mapped; else nothing."""
         if not self.pathmap:
             return frozenset()
         names = {s.name for s in self.table.values() if "path" in s.args or "target" in s.args}
         names.add("getcwd")
-        return frozenset(names)
+        return frozenset(names | _REFUSED_WHEN_MAPPED)
 
     def on_syscall(self, call: SyscallCall) -> Decision:
         """Rewrite mapped paths; answer getcwd with the virtual directory."""
@@ -67,6 +73,8 @@ class EmbeddedCoordinator:
             return Allow()
         if call.name == "getcwd":
             return self._getcwd(call)
+        if call.name in _REFUSED_WHEN_MAPPED:
+            return Complete(-errno.ENOSYS)
         spec = self.table[call.nr]
         rewrites: dict[int, bytes] = {}
         for index, path in call.paths.items():

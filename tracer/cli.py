@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,12 +18,13 @@ from oss.embedded import EmbeddedCoordinator
 from oss.local import LocalOss, default_data_dir
 from oss.pathmap import PathMap, PathMapError, parse_mapping
 from tracer.coordinator import Coordinator
-from tracer.errors import SpawnError, TracerError, UsageError
+from tracer.errors import OutputError, SpawnError, TracerError, UsageError
+from tracer.outputs import Output, open_output, stderr_output
 
 if TYPE_CHECKING:
     from tracer.config import FileConfig
 from tracer.front import TracerLink, run_split
-from tracer.report import build_record, write_record, write_summary
+from tracer.report import build_record, render_record, write_summary
 from tracer.runner import Runner, reraise
 from tracer.spawn import initial_dispositions, resolve
 from tracer.syscalls import table_for
@@ -57,11 +58,50 @@ def _coordinator(
         yield coord
 
 
-def _open_output(path: str, flag: str) -> TextIO:
-    try:
-        return open(path, "w", buffering=1 << 16)
-    except OSError as exc:
-        raise UsageError(f"cannot write the {flag} file {path}: {exc.strerror}") from exc
+def _real_in_view(pathmap: PathMap, path: str) -> str:
+    """The real path behind a path the program sees (itself when not mapped)."""
+    if not pathmap:
+        return path
+
+    def readlink(p: bytes) -> bytes | None:
+        try:
+            return os.readlink(p)
+        except OSError:
+            return None
+
+    real = pathmap.resolve(os.fsencode(path), os.fsencode(os.getcwd()), readlink)
+    return path if real is None else os.fsdecode(real)
+
+
+def _in_view(pathmap: PathMap, path: str) -> str:
+    """Where a program's path leads in the mapped view, for a start that failed."""
+    real = _real_in_view(pathmap, path)
+    if real == path:
+        return ""
+    missing = "" if os.path.lexists(real) else ", which does not exist"
+    return f" (under --map, {path} is {real}{missing})"
+
+
+def _program_status(exit_status: int | None, sig: int | None) -> str:
+    """How the program ended, for a line about outputs lost after it ran."""
+    if sig:
+        return f"the program was killed by {signal.Signals(sig).name}"
+    if exit_status:
+        return f"the program exited with status {exit_status}"
+    return ""
+
+
+def _finish(outputs: list[Output], program_status: str) -> bool:
+    """Put every output in place; one line per one that failed. True if all were written."""
+    ok = True
+    for out in dict.fromkeys(outputs):  # -o may carry both the trace and the summary
+        try:
+            out.finish()
+        except OutputError as exc:
+            ok = False
+            suffix = f" ({program_status})" if program_status else ""
+            click.echo(f"dcptrace: {exc}{suffix}", err=True)
+    return ok
 
 
 @click.command(
@@ -76,7 +116,8 @@ Examples:
 
 The exit status is the program's (a death by signal is re-raised); 127 and 126
 mean the program could not be found or run, 2 a usage error, 125 a tracer
-failure.""",
+failure, including a requested output (-o, --record) that could not be
+written: the program ran, but what was asked of dcptrace is lost.""",
 )
 @click.option("--trace", is_flag=True, help="Print every syscall, strace-style.")
 @click.option(
@@ -84,7 +125,7 @@ failure.""",
     "--output",
     "output",
     type=click.Path(dir_okay=False, writable=True),
-    help="Write --trace lines to FILE instead of stderr.",
+    help="Write the --trace lines and the --summary table to FILE instead of stderr.",
 )
 @click.option(
     "--summary",
@@ -160,8 +201,16 @@ def command(
         mapping[src] = dst
     table = table_for(os.uname().machine)
     env = dict(os.environ)
-    path = resolve(program[0], env)
     pathmap = PathMap(mapping)
+    # The program is found as it will see the filesystem: through the map.
+    try:
+        path = resolve(program[0], env, lambda p: _real_in_view(pathmap, p))
+    except SpawnError as exc:
+        if "/" in program[0]:
+            where = _in_view(pathmap, program[0])
+        else:
+            where = " in the --map view" if pathmap else ""
+        raise SpawnError(exc.program, exc.reason + where, exc.exit_code) from exc
     observe = trace or summary or record_path is not None
     n = config.instances if instances is None else instances
     where = placement or config.placement
@@ -169,15 +218,22 @@ def command(
 
     # Output files are opened before the program runs: a bad path is a usage
     # error, not a run whose record is lost at the end.
-    trace_file = _open_output(output, "--output") if trace and output else None
-    record_file = _open_output(record_path, "--record") if record_path else None
+    if output and not (trace or summary):
+        raise UsageError("-o/--output needs --trace or --summary")
+    if output and record_path and os.path.realpath(output) == os.path.realpath(record_path):
+        raise UsageError(f"-o and --record name the same file {output}")
+    out_file = None
+    if output:
+        out_file = open_output(output, "trace" if trace else "summary", "--output")
+    record_out = open_output(record_path, "record", "--record") if record_path else None
 
     state_dir = Path(data_dir) if data_dir else default_data_dir()
 
     def tracer_main(link: TracerLink) -> int:
-        trace_out: TextIO | None = None
-        if trace:
-            trace_out = trace_file or sys.stderr
+        trace_out = (out_file or stderr_output("trace", sys.stderr)) if trace else None
+        outputs = [o for o in (trace_out, out_file, record_out) if o is not None]
+        for out in outputs:
+            link.on_abandon(out.discard)  # no temporary file outlives a killed front
         local = None if no_state else LocalOss(state_dir, program, os.getcwd())
 
         def report(line: str) -> None:
@@ -191,41 +247,44 @@ def command(
                 n = int(value)
                 local.finish(n if kind == "exit" else None, n if kind == "signal" else None)
 
+        def complain(message: str) -> None:
+            click.echo(f"dcptrace: {program[0]}: {message}{_in_view(pathmap, path)}", err=True)
+
         inner = EmbeddedCoordinator(table, pathmap, local.event if local else None)
         try:
             with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,
-                    report=report, dispositions=dispositions,
+                    report=report, dispositions=dispositions, complain=complain,
                 )  # fmt: skip
                 outcome = runner.run()
-                if outcome.error:
-                    click.echo(f"dcptrace: {program[0]}: {outcome.error}", err=True)
                 if summary:
-                    write_summary(outcome.stats, sys.stderr)
-                if record_file is not None:
+                    summary_out = out_file or stderr_output("summary", sys.stderr)
+                    outputs.append(summary_out)
+                    write_summary(outcome.stats, summary_out)
+                if record_out is not None:
                     record = build_record(
                         program, outcome.exit_status, outcome.signal, outcome.machine,
                         outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
                     )  # fmt: skip
-                    write_record(record, record_file)
-                if trace_out is not None:
-                    trace_out.flush()
+                    record_out.write(render_record(record))
+                status = _program_status(outcome.exit_status, outcome.signal)
+                written = _finish(outputs, status)
                 # The front may return now; local state and cluster teardown follow.
-                link.send("done 0")
+                link.send(f"done {0 if written else 125}")
         except TracerError as exc:
             click.echo(f"dcptrace: {exc}", err=True)
             return 125
         finally:
+            for out in outputs:
+                out.discard()  # a no-op for outputs already in place
             if local is not None:
                 local.close(timeout=30)
-            if trace_out is not None:
-                trace_out.flush()
-                if trace_out is not sys.stderr:
-                    trace_out.close()
         return 0
 
     end = run_split(tracer_main, wait_for_tracer=observe)
+    if end.outputs_lost:
+        return 125  # the tracer said which output and how the program ended
     if end.signal:
         sys.stdout.flush()
         reraise(end.signal)

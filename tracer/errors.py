@@ -31,3 +31,11 @@ class SeccompError(TracerError):
 
 class UsageError(TracerError):
     """The command line or configuration is invalid."""
+
+
+class OutputError(TracerError):
+    """A requested output (trace, summary, record) could not be written."""
+
+    def __init__(self, what: str, path: str, strerror: str) -> None:
+        self.what, self.path, self.strerror = what, path, strerror
+        super().__init__(f"cannot write the {what} to {path}: {strerror}")

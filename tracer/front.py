@@ -10,7 +10,8 @@ writing its release byte (kill -9), the tracer sees EOF and exits at once;
 PTRACE_O_EXITKILL then kills every tracee.  No tracee outlives an abnormal end.
 
 Messages tracer -> front, one line each: `pid N`, `exit N`, `signal N`, `stop N`,
-and `done 0` once the observation outputs (summary, record, trace) are written.
+and `done N` once the observation outputs (summary, record, trace) are finished:
+N is 0 when all were written, 125 when one was lost (the tracer said which).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class MainEnd:
 
     exit_status: int | None
     signal: int | None
+    outputs_lost: bool = False  # a requested output (trace, summary, record) was not written
 
 
 class TracerLink:
@@ -50,6 +52,11 @@ class TracerLink:
         self._lifeline = lifeline_r
         self._keep_stderr = keep_stderr
         self.released = threading.Event()
+        self._abandon: list[Callable[[], None]] = []
+
+    def on_abandon(self, cleanup: Callable[[], None]) -> None:
+        """Run `cleanup` (remove a temporary file) if the front dies unreleased."""
+        self._abandon.append(cleanup)
 
     def watch_lifeline(self) -> None:
         """Exit the tracer (killing the tracees) if the front dies unreleased."""
@@ -59,6 +66,8 @@ class TracerLink:
             if data == _RELEASE:
                 self.released.set()
                 return
+            for cleanup in self._abandon:
+                cleanup()
             os._exit(1)
 
         threading.Thread(target=watch, name="dcptrace-lifeline", daemon=True).start()
@@ -161,11 +170,13 @@ def _follow(status_r: int, tracer_pid: int, until_done: bool) -> MainEnd:
                     if not until_done:
                         return end
                 elif kind == "done" and end is not None:
-                    return end
+                    return MainEnd(end.exit_status, end.signal, outputs_lost=n != 0)
                 elif kind == "stop":
                     mirror_stop(n)
     if end is not None:
-        return end  # the tracer ended after reporting the main process
+        # The tracer ended after reporting the main process; when outputs were
+        # asked for, ending without `done` means they were not all written.
+        return MainEnd(end.exit_status, end.signal, outputs_lost=until_done)
     # The tracer ended without a word about the main process: it failed (its
     # own error line, if it could write one, is already on stderr).
     _, status = os.waitpid(tracer_pid, 0)

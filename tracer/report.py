@@ -6,10 +6,17 @@ import json
 import signal
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Protocol
 
 from tracer.machine import Machine
 from tracer.syscalls import SyscallTable
+
+
+class Writer(Protocol):
+    """Where text output goes: a file, stderr, or a `tracer.outputs.Output`."""
+
+    def write(self, text: str, /) -> object:
+        """Write `text`."""
 
 
 class RunStats:
@@ -58,7 +65,7 @@ class RunStats:
         return spec.service.value if spec else "local"
 
 
-def write_summary(stats: RunStats, out: TextIO) -> None:
+def write_summary(stats: RunStats, out: Writer) -> None:
     """An `strace -c`-like table, then totals by category and by OSS service."""
     total = sum(stats.seconds.values()) or 1e-12
     out.write(
@@ -126,8 +133,6 @@ def build_record(
     return record
 
 
-def write_record(record: dict[str, Any], out: TextIO) -> None:
-    """Write the record as JSON to an open file, and close it."""
-    with out:
-        json.dump(record, out, indent=2)
-        out.write("\n")
+def render_record(record: dict[str, Any]) -> str:
+    """The record as the JSON text of a --record file."""
+    return json.dumps(record, indent=2) + "\n"

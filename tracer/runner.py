@@ -16,7 +16,6 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TextIO
 
 from tracer import ptraceio
 from tracer.coordinator import Complete, Coordinator, ProcessExited, Rewrite, SyscallCall
@@ -47,9 +46,9 @@ from tracer.machine import (
     Stop,
     SyscallExitStop,
 )
-from tracer.report import RunStats
+from tracer.report import RunStats, Writer
 from tracer.seccomp import PreparedFilter, build_filter
-from tracer.spawn import exec_failure, spawn
+from tracer.spawn import Spawned, exec_failure, spawn
 from tracer.syscalls import SyscallSpec, SyscallTable, by_name
 
 log = logging.getLogger(__name__)
@@ -82,11 +81,15 @@ class Runner:
         table: SyscallTable,
         coordinator: Coordinator,
         trace_all: bool,
-        trace_out: TextIO | None = None,
+        trace_out: Writer | None = None,
         report: Callable[[str], None] | None = None,
         dispositions: Mapping[int, signal.Handlers] | None = None,
+        complain: Callable[[str], None] | None = None,
     ) -> None:
         self.report = report or (lambda line: None)
+        # Told why the program could not be started, before its exit is
+        # reported (the front may return, and stderr close, right after).
+        self.complain = complain or (lambda message: None)
         self.dispositions = dict(dispositions or {})
         self.argv = tuple(argv)
         self.env = dict(env)
@@ -111,26 +114,43 @@ class Runner:
         # through its deputy): records show what the program asked to run.
         self._exec_argv: dict[int, tuple[str, ...]] = {}
         self.machine: Machine | None = None
+        self._spawned: Spawned | None = None
+        self._exec_error: str | None = None
 
     # -- the loop
 
     def run(self) -> Outcome:
         """Spawn the program, trace it until every traced process is gone."""
+        # While calls are served, a call newer than the table must stop too:
+        # it may take a path (as fchmodat2 did) and would get around the map.
+        beyond = max(self.table) + 1 if self.intercept else None
         filt = PreparedFilter(
-            build_filter(self.intercept, trace_all=self.trace_all), no_new_privs=os.geteuid() != 0
+            build_filter(self.intercept, trace_all=self.trace_all, trace_from=beyond),
+            no_new_privs=os.geteuid() != 0,
         )
         started = time.perf_counter()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        spawned = spawn(self.argv, self.env, filt, self.path, mask, self.dispositions)
+        spawned = self._spawned = spawn(
+            self.argv, self.env, filt, self.path, mask, self.dispositions
+        )
         machine = self.machine = Machine(
             spawned.pid, self.intercept, self.trace_all, argv=self.argv
         )
         self.report(f"pid {spawned.pid}")
         self._loop(machine)
         wall = time.perf_counter() - started
-        error = exec_failure(spawned)
+        self._read_exec_error()
         status, sig = machine.main_exit or (None, None)
-        return Outcome(status, sig, machine, self.stats, wall, error)
+        return Outcome(status, sig, machine, self.stats, wall, self._exec_error)
+
+    def _read_exec_error(self) -> None:
+        """Once the main process has ended: did its exec of the program fail, and why."""
+        spawned, self._spawned = self._spawned, None
+        if spawned is None:
+            return
+        self._exec_error = exec_failure(spawned)
+        if self._exec_error:
+            self.complain(self._exec_error)
 
     def _loop(self, machine: Machine) -> None:
         step = machine.step
@@ -158,7 +178,12 @@ class Runner:
                 info = ptraceio.syscall_info(pid)
                 if self.trace_out is not None:
                     self._pre_render(pid, info.nr, info.args)
-                return SeccompStop(pid, info.nr, info.args, info.arch != ptraceio.AUDIT_ARCH_X86_64)
+                # A call of another ABI, or (while calls are served) one the
+                # table does not know: the machine refuses it with ENOSYS.
+                foreign = info.arch != ptraceio.AUDIT_ARCH_X86_64 or (
+                    bool(self.intercept) and info.nr not in self.table
+                )
+                return SeccompStop(pid, info.nr, info.args, foreign)
             if sig == _SIGTRAP_SYSGOOD:
                 info = ptraceio.syscall_info(pid)
                 if info.op == ptraceio.SYSCALL_INFO_EXIT:
@@ -210,6 +235,7 @@ class Runner:
                     self.coordinator.on_process(event)
                     main = self.machine.main_pid if self.machine else -1
                     if isinstance(event, ProcessExited) and event.pid == main:
+                        self._read_exec_error()
                         if event.signal:
                             self.report(f"signal {event.signal}")
                         else:

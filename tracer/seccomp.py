@@ -4,7 +4,9 @@ Pure builder (`build_filter`) plus the installer that runs in the child between
 fork and exec.  Syscalls in the set return SECCOMP_RET_TRACE (a
 PTRACE_EVENT_SECCOMP stop for the tracer); everything else SECCOMP_RET_ALLOW and
 runs at native speed, the technique of `strace --seccomp-bpf`.  Calls from a
-foreign ABI (i386 `int 0x80`, x32) always stop, so no path escapes interception.
+foreign ABI (i386 `int 0x80`, x32) always stop, so no path escapes interception;
+so do, with `trace_from`, numbers past the end of the syscall table (calls
+newer than dcptrace, which it cannot interpret and refuses while it serves).
 """
 
 from __future__ import annotations
@@ -31,8 +33,13 @@ BPF_MAXINSNS = 4096
 Insn = tuple[int, int, int, int]  # code, jt, jf, k
 
 
-def build_filter(numbers: Iterable[int], trace_all: bool = False) -> list[Insn]:
-    """A BPF program returning TRACE for `numbers` (or every call) and ALLOW otherwise."""
+def build_filter(
+    numbers: Iterable[int], trace_all: bool = False, trace_from: int | None = None
+) -> list[Insn]:
+    """A BPF program returning TRACE for `numbers` (or every call) and ALLOW otherwise.
+
+    With `trace_from`, every number from it up also returns TRACE.
+    """
     if trace_all:
         return [(BPF_RET_K, 0, 0, SECCOMP_RET_TRACE)]
     nrs = sorted(set(numbers))
@@ -44,6 +51,9 @@ def build_filter(numbers: Iterable[int], trace_all: bool = False) -> list[Insn]:
         (BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
         (BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
     ]
+    if trace_from is not None:
+        prog.append((BPF_JGE_K, 0, 1, trace_from))
+        prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
     # Each match returns right after its compare: jump offsets stay within the
     # u8 of struct sock_filter however many calls are intercepted.
     for nr in nrs:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tracer import ptraceio
@@ -49,24 +48,35 @@ class Spawned:
     errors: int  # read end of a CLOEXEC pipe: EOF on success, errno text on failure
 
 
-def resolve(program: str, env: Mapping[str, str]) -> str:
-    """Find the program as execvp would; raise SpawnError with the shell's exit code."""
+def resolve(
+    program: str, env: Mapping[str, str], real_of: Callable[[str], str] | None = None
+) -> str:
+    """Find the program as execvp would; raise SpawnError with the shell's exit code.
+
+    `real_of` turns a path the program sees into the real one (under --map);
+    the path returned is the one the program sees, which its exec will use.
+    """
+    real = real_of or (lambda p: p)
     if "/" in program:
         path = program
     else:
-        found = shutil.which(program, path=env.get("PATH", os.defpath))
-        if found is None:
+        for directory in env.get("PATH", os.defpath).split(os.pathsep):
+            candidate = os.path.join(directory or ".", program)
+            found = real(candidate)
+            if os.path.isfile(found) and os.access(found, os.X_OK):
+                path = candidate
+                break
+        else:
             raise SpawnError(program, "command not found", 127)
-        path = found
     try:
-        st = os.stat(path)
+        st = os.stat(real(path))
     except FileNotFoundError:
         raise SpawnError(program, "No such file or directory", 127) from None
     except OSError as exc:
         raise SpawnError(program, exc.strerror or str(exc), 126) from None
     if stat.S_ISDIR(st.st_mode):
         raise SpawnError(program, "Is a directory", 126)
-    if not os.access(path, os.X_OK):
+    if not os.access(real(path), os.X_OK):
         raise SpawnError(program, "Permission denied", 126)
     return path
 

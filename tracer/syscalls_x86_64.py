@@ -376,6 +376,27 @@ _ENTRIES: tuple[SyscallSpec, ...] = (
     _s(448, "process_mrelease", "fd uint", MEMORY, Service.MEMORY),
     _s(449, "futex_waitv", "ptr uint uint ptr int", IPC, Service.IPC),
     _s(450, "set_mempolicy_home_node", "ulong ulong ulong ulong", MEMORY, Service.MEMORY),
+    # Newer than some <asm/unistd_64.h>: the path-taking ones must be here, or
+    # --map would not see them (fchmodat2 is glibc's fchmodat since 2.39).
+    _s(451, "cachestat", "fd ptr ptr uint", STORAGE, Service.STORAGE),
+    _s(452, "fchmodat2", "dirfd path mode int", STORAGE, Service.STORAGE),
+    _s(453, "map_shadow_stack", "uint size uint", MEMORY, Service.MEMORY),
+    _s(454, "futex_wake", "ptr ulong int uint", IPC, Service.IPC),
+    _s(455, "futex_wait", "ptr ulong ulong uint ptr int", IPC, Service.IPC),
+    _s(456, "futex_requeue", "ptr uint int int", IPC, Service.IPC),
+    _s(457, "statmount", "ptr ptr size uint", STORAGE, Service.STORAGE),
+    _s(458, "listmount", "ptr ptr size uint", STORAGE, Service.STORAGE),
+    _s(459, "lsm_get_self_attr", "uint ptr ptr uint", PROCESS, COMPUTE),
+    _s(460, "lsm_set_self_attr", "uint ptr size uint", PROCESS, COMPUTE),
+    _s(461, "lsm_list_modules", "ptr ptr uint", PROCESS, COMPUTE),
+    _s(462, "mseal", "uint size ulong", MEMORY, Service.MEMORY),
+    _s(463, "setxattrat", "dirfd path uint str ptr size", STORAGE, Service.STORAGE),
+    _s(464, "getxattrat", "dirfd path uint str ptr size", STORAGE, Service.STORAGE),
+    _s(465, "listxattrat", "dirfd path uint ptr size", STORAGE, Service.STORAGE),
+    _s(466, "removexattrat", "dirfd path uint str", STORAGE, Service.STORAGE),
+    _s(467, "open_tree_attr", "dirfd path uint ptr size", STORAGE, Service.STORAGE),
+    _s(468, "file_getattr", "dirfd path ptr size uint", STORAGE, Service.STORAGE),
+    _s(469, "file_setattr", "dirfd path ptr size uint", STORAGE, Service.STORAGE),
 )
 # fmt: on
 

@@ -112,3 +112,18 @@ def test_unwritable_output_fails_before_the_program_runs(tmp_path: Path, flag: l
     assert code == 2
     assert "cannot write" in one_line(err)
     assert not marker.exists()
+
+
+def test_output_without_trace_or_summary_is_a_usage_error(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    code, err = dcptrace("-o", str(tmp_path / "out"), "--", "touch", str(marker))
+    assert code == 2
+    assert "-o/--output needs --trace or --summary" in one_line(err)
+    assert not marker.exists()
+
+
+def test_output_and_record_to_one_file_is_a_usage_error(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    code, err = dcptrace("--trace", "-o", out, "--record", out, "--", "true")
+    assert code == 2
+    assert "name the same file" in one_line(err)

@@ -69,8 +69,20 @@ def test_no_map_intercepts_nothing_and_allows(pathmap: PathMap | None) -> None:
 def test_interception_covers_every_path_and_target_call(coord: EmbeddedCoordinator) -> None:
     names = coord.interception()
     expected = {s.name for s in TABLE.values() if s.path_args() or "target" in s.args} | {"getcwd"}
-    assert names == expected
+    # ...and the calls that would get around the map, which are refused.
+    assert names == expected | {"io_uring_setup", "open_by_handle_at"}
     assert names <= NAMES.keys()  # the runner rejects unknown names
+
+
+@pytest.mark.parametrize("name", ["io_uring_setup", "open_by_handle_at"])
+def test_calls_around_the_map_get_enosys(coord: EmbeddedCoordinator, name: str) -> None:
+    assert coord.on_syscall(call(name)) == Complete(-errno.ENOSYS)
+
+
+def test_nothing_is_refused_without_a_map() -> None:
+    plain = EmbeddedCoordinator(TABLE)
+    assert plain.interception() == frozenset()
+    assert plain.on_syscall(call("io_uring_setup")) == Allow()
 
 
 @pytest.mark.parametrize(

@@ -133,3 +133,12 @@ def test_length_check_matches_program_length() -> None:
     except SeccompError:
         return
     assert len(prog) <= BPF_MAXINSNS
+
+
+def test_numbers_past_the_table_stop_when_asked() -> None:
+    prog = build_filter([257], trace_from=470)
+    assert run_filter(prog, 257) == SECCOMP_RET_TRACE
+    assert run_filter(prog, 470) == SECCOMP_RET_TRACE
+    assert run_filter(prog, 1000) == SECCOMP_RET_TRACE
+    assert run_filter(prog, 469) == SECCOMP_RET_ALLOW
+    assert run_filter(build_filter([257]), 470) == SECCOMP_RET_ALLOW

@@ -178,10 +178,14 @@ def test_every_header_syscall_is_in_the_table() -> None:
 
 def test_every_table_syscall_is_in_the_header() -> None:
     header = _header_syscalls()
-    extra = sorted(s.name for s in TABLE.values() if s.name not in header)
+    # The installed header may be older than the running kernel: the table
+    # may know calls numbered past the header's last one, and only those.
+    last = max(header.values())
+    extra = sorted(s.name for s in TABLE.values() if s.name not in header and s.nr <= last)
     assert extra == []
     by_nr = {nr: n for n, nr in header.items()}
-    wrong = {s.nr: (s.name, by_nr.get(s.nr)) for s in TABLE.values() if by_nr.get(s.nr) != s.name}
+    known = [s for s in TABLE.values() if s.nr <= last]
+    wrong = {s.nr: (s.name, by_nr.get(s.nr)) for s in known if by_nr.get(s.nr) != s.name}
     assert wrong == {}
 
 
