@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from oss import credentials
+from oss import credentials, datadir
 from oss.errors import OssError
 from oss.pool import Provider
 from oss.pricing import Rates
@@ -104,7 +104,16 @@ def serve(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    _private_data_dir(data_dir)
     asyncio.run(_serve(config, host, port, loaded))
+
+
+def _private_data_dir(data_dir: Path) -> None:
+    """Create the data directory 0700 or refuse, in one line, one others can read."""
+    try:
+        datadir.prepare(data_dir)
+    except OssError as exc:
+        raise click.ClickException(exc.message) from exc
 
 
 def load_provider(spec: str) -> tuple[str, Provider]:

@@ -111,3 +111,9 @@ class PayloadTooLarge(InvalidRequest):
     """The request body is too large."""
 
     code = "payload_too_large"
+
+
+class UnsafeDataDir(OssError):
+    """Refusing a data directory others could read (it holds tokens and exec keys)"""
+
+    code = "unsafe_data_dir"

@@ -298,7 +298,8 @@ async def _read_log(
     streams = frozenset([stream]) if stream else None
     lq = logmod.LogQuery(q.instance, q.since, q.until, streams, q.cursor, q.limit)
     if not q.follow:
-        lines, cursor = await oss.store.read_logs(account, program, lq)
+        lines, cursor, decoded = await oss.store.read_logs(account, program, lq)
+        oss.metrics.log_chunks_decoded.inc(decoded)
         return m.LogPage(lines=[_out(ln) for _, ln in lines], cursor=cursor)
     if program is None:
         raise InvalidRequest("follow is only supported for program logs")
@@ -308,11 +309,12 @@ async def _read_log(
     cursor = q.cursor
     try:
         while True:
-            lines, cursor = await oss.store.read_logs(
+            lines, cursor, decoded = await oss.store.read_logs(
                 account,
                 program,
                 logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit),
             )
+            oss.metrics.log_chunks_decoded.inc(decoded)
             for _, ln in lines:
                 await resp.write(_out(ln).model_dump_json().encode() + b"\n")
             if not lines:
@@ -350,7 +352,9 @@ async def h_oss_logs(oss: Oss, r: web.Request, who: Any, b: Any, q: StreamQueryP
 
 async def h_report_metrics(oss: Oss, r: web.Request, who: Any, b: m.MetricsReport, q: Any) -> m.Ok:
     pid = r.match_info["program_id"]
-    await oss.store.program(_acct(who).account_id, pid)
+    # Only the caller's own program, and an instance label only where it runs: a tenant
+    # never reports for an instance (instance load comes from agents' heartbeats alone).
+    await oss.store.check_placed(_acct(who).account_id, pid, b.instance)
     oss.metrics.report(pid, b)
     return m.Ok()
 
@@ -375,7 +379,11 @@ async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> 
 
 
 async def h_prometheus(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> web.Response:
-    return web.Response(body=oss.metrics.exposition(), content_type="text/plain")
+    # Rendering walks every series: off the loop (prometheus_client locks each metric while
+    # it copies its children), one render at a time.
+    async with oss.metrics.render_lock:
+        body = await asyncio.to_thread(oss.metrics.exposition)
+    return web.Response(body=body, content_type="text/plain")
 
 
 async def h_put_type(
