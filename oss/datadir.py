@@ -21,7 +21,9 @@ DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm")
 
 def _check(path: Path, st: os.stat_result) -> None:
     if st.st_uid != os.geteuid():
-        raise UnsafeDataDir(f"{path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()})")
+        raise UnsafeDataDir(
+            f"{path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()})"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise UnsafeDataDir(
             f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; group/others must have no access"

@@ -113,7 +113,13 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
-class UnsafeDataDir(OssError):
+class UnsafeDataDir(StoreError):
     """Refusing a data directory others could read (it holds tokens and exec keys)"""
 
     code = "unsafe_data_dir"
+
+
+class RequestTimeout(OssError):
+    """The request was not received in time"""
+
+    code = "request_timeout"

@@ -2,8 +2,9 @@
 
 The schema is fixed: a report carries the counters of `MetricsReport` only, keyed
 by OSS service (a closed set), so one program on one instance owns a bounded
-number of series whatever a tenant sends.  Counters live in memory (they are rates for the optimizer and the operator,
-not billing records; billing is metered separately into SQLite).  Each
+number of series whatever a tenant sends.  Counters live in memory (they are
+rates for the optimizer and the operator, not billing records; billing is
+metered separately into SQLite).  Each
 collector has its own prometheus registry: no module-level singletons.
 """
 

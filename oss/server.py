@@ -36,10 +36,12 @@ from oss.errors import (
     OssError,
     PayloadTooLarge,
     ProviderError,
+    RequestTimeout,
     StoreError,
     Unauthorized,
     ValidationFailed,
 )
+from oss.listener import ListenerLimits
 from oss.pool import InstanceType
 from oss.service import Oss
 from oss.store import Principal
@@ -47,10 +49,12 @@ from oss.store import Principal
 log = logging.getLogger(__name__)
 
 OSS_KEY = web.AppKey("oss", Oss)
+LIMITS_KEY = web.AppKey("limits", ListenerLimits)
 
 # The one error -> HTTP status table (most specific class first).
 STATUS: tuple[tuple[type[OssError], int], ...] = (
     (PayloadTooLarge, 413),
+    (RequestTimeout, 408),
     (ValidationFailed, 422),
     (InvalidRequest, 400),
     (Unauthorized, 401),
@@ -128,6 +132,10 @@ class Route:
     many: bool = False  # the response is a list of `response`
     query: type[m.Api] = NoQuery
     content_type: str = "application/json"
+    big_body: bool = False  # body up to OssConfig.max_body_bytes, else SMALL_BODY
+
+
+SMALL_BODY = 64 << 10  # bytes: the body cap of every route but the few that carry bulk
 
 
 # -- handlers (oss, request, caller, body, query) -> result -------------------
@@ -600,6 +608,7 @@ ROUTES: tuple[Route, ...] = (
         "Submit a program execution",
         m.ProgramSubmit,
         m.Program,
+        big_body=True,
     ),
     Route(
         "GET",
@@ -658,6 +667,7 @@ ROUTES: tuple[Route, ...] = (
         "Append log/stdout/stderr lines",
         m.LogAppend,
         m.Ok,
+        big_body=True,
     ),
     Route(
         "GET",
@@ -820,6 +830,7 @@ ROUTES: tuple[Route, ...] = (
         "Agent appends program log lines",
         m.AgentLogAppend,
         m.Ok,
+        big_body=True,
     ),
 )
 
@@ -848,6 +859,44 @@ def _validation_fields(e: ValidationError) -> dict[str, Any]:
     }
 
 
+def _validate_body(model: type[m.Api], raw: bytes, data: Any) -> m.Api:
+    """The body as `model`, strictly: "5" or true is not an integer, 1 is not a string.
+
+    JSON-mode strict validation still takes enum values as their strings.  Text
+    that Python's json accepts but pydantic's parser does not (a lone surrogate)
+    is validated from the parsed value instead, which names the bad string.
+    """
+    try:
+        return model.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            try:
+                model.model_validate(data)
+            except ValidationError as exc2:
+                exc = exc2
+        raise ValidationFailed(
+            f"{exc.error_count()} error(s) in the body", **_validation_fields(exc)
+        ) from exc
+
+
+async def _read_body(r: web.Request, cap: int, timeout: float) -> bytes:
+    """The request body, refused (413) past `cap` bytes and (408) past `timeout` seconds."""
+    if r.content_length is not None and r.content_length > cap:
+        raise PayloadTooLarge(f"limit is {cap} bytes")
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await r.content.readany():
+                size += len(chunk)
+                if size > cap:
+                    raise PayloadTooLarge(f"limit is {cap} bytes")
+                parts.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"body not received within {timeout:g} s") from exc
+    return b"".join(parts)
+
+
 def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(r: web.Request) -> web.StreamResponse:
         oss = r.app[OSS_KEY]
@@ -860,22 +909,16 @@ def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
             who = await oss.authenticate_instance(_bearer(r), None)
         body: Any = None
         if route.body is not None:
-            try:
-                raw = await r.read()
-            except web.HTTPRequestEntityTooLarge as exc:
-                raise PayloadTooLarge(f"limit is {oss.config.max_body_bytes} bytes") from exc
+            # Read only now, after the token checked out, and never more than the cap.
+            cap = oss.config.max_body_bytes if route.big_body else SMALL_BODY
+            raw = await _read_body(r, cap, r.app[LIMITS_KEY].body_timeout)
             try:
                 data = json.loads(raw) if raw.strip() else {}
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
             except RecursionError as exc:
                 raise InvalidRequest("body is nested too deeply") from exc
-            try:
-                body = route.body.model_validate(data)
-            except ValidationError as exc:
-                raise ValidationFailed(
-                    f"{exc.error_count()} error(s) in the body", **_validation_fields(exc)
-                ) from exc
+            body = _validate_body(route.body, raw if raw.strip() else b"{}", data)
         try:
             query = route.query.model_validate(dict(r.query))
         except ValidationError as exc:
@@ -905,7 +948,11 @@ async def _errors(request: web.Request, handler: AioHandler) -> web.StreamRespon
     try:
         return await handler(request)
     except OssError as exc:
-        return _error(status_of(exc), exc.code, exc.message, _jsonable(exc.fields))
+        resp = _error(status_of(exc), exc.code, exc.message, _jsonable(exc.fields))
+        if not request.content.at_eof():
+            # A refused body is not drained: close rather than read what nobody wants.
+            resp.force_close()
+        return resp
     except web.HTTPRequestEntityTooLarge as exc:
         return _error(413, PayloadTooLarge.code, f"{PayloadTooLarge().message}: {exc.text}")
     except web.HTTPException as exc:
@@ -929,10 +976,13 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
         return {k: str(v) for k, v in d.items()}
 
 
-def make_app(oss: Oss, *, manage: bool = True) -> web.Application:
+def make_app(
+    oss: Oss, *, manage: bool = True, limits: ListenerLimits | None = None
+) -> web.Application:
     """The aiohttp application; with `manage`, it starts and closes `oss` with the app."""
     app = web.Application(client_max_size=oss.config.max_body_bytes, middlewares=[_errors])
     app[OSS_KEY] = oss
+    app[LIMITS_KEY] = limits or ListenerLimits()
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _dispatch(route))
     if manage:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from oss import datadir, pricing, scheduler
 from oss import limits as lim
 from oss import logs as logmod
-from oss import datadir, pricing, scheduler
 from oss.errors import Conflict, NoCapacity, NotFound, StoreError, Unauthorized
 from oss.pool import InstanceType, PoolState
 
