@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,29 @@ class ListenerLimits:
             "max_line_size": self.max_line_size,
             "max_field_size": self.max_field_size,
             "max_headers": self.max_headers,
+            "logger": ProtocolLog(logging.getLogger("aiohttp.server"), {}),
         }
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's connection logger, minus tracebacks for requests it refused as malformed.
+
+    aiohttp logs a request it cannot parse (a 100 KB URL, a bad header) with
+    `logger.exception`: a traceback at ERROR for the client's mistake.  That is
+    one line at INFO here; real server errors keep their traceback.
+    """
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        """Log a client's malformed request in one line, anything else with its traceback."""
+        if isinstance(exc_info, HttpProcessingError) and 400 <= exc_info.code < 500:
+            self.info(
+                "%s: refused %s (%d)",
+                str(msg) % args if args else msg,
+                type(exc_info).__name__,
+                exc_info.code,
+            )
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kw)
 
 
 class ConnectionGuard:
