@@ -34,6 +34,7 @@ class ListenerLimits:
     header_timeout: float = 10.0  # connect -> first request's headers complete
     idle_timeout: float = 30.0  # keep-alive connection without a request
     body_timeout: float = 30.0  # headers complete -> body received (checked by the API)
+    linger_timeout: float = 0.5  # a refused request's unread body is discarded this long
     max_connections: int = 2048  # open connections in total
     max_connections_per_peer: int = 256  # open connections from one address
     max_line_size: int = 8190  # request line (URL) bytes; longer: 400 without a trace
@@ -52,6 +53,9 @@ class ListenerLimits:
         """The keyword arguments these limits give `web.AppRunner` (its request handlers)."""
         return {
             "keepalive_timeout": self.idle_timeout,
+            # After refusing a body (401, 413) aiohttp reads and discards the rest so the
+            # client sees the reply rather than a reset; for this long only, then closes.
+            "lingering_time": self.linger_timeout,
             "max_line_size": self.max_line_size,
             "max_field_size": self.max_field_size,
             "max_headers": self.max_headers,

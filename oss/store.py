@@ -956,10 +956,13 @@ class Store:
 
         def op(c: Conn) -> None:
             _program_row(c, program_id, account_id)
-            if instance is not None and not c.execute(
-                "SELECT 1 FROM placements WHERE program_id=? AND instance=?",
-                (program_id, instance),
-            ).fetchone():
+            if (
+                instance is not None
+                and not c.execute(
+                    "SELECT 1 FROM placements WHERE program_id=? AND instance=?",
+                    (program_id, instance),
+                ).fetchone()
+            ):
                 raise NotFound(f"program {program_id} is not placed on instance {instance}")
 
         await self.read(op)
