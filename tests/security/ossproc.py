@@ -58,7 +58,8 @@ class OssProcess:
         line = self.proc.stdout.readline().decode()
         if "listening on " not in line:
             self.stop()
-            raise AssertionError(f"dcp-oss serve did not start: {line}{self.log()}")
+            log = self.log_path.read_text(errors="replace")
+            raise AssertionError(f"dcp-oss serve did not start: {line}{log}")
         self.url = line.split("listening on ", 1)[1].strip()
         self.port = int(self.url.rsplit(":", 1)[1])
 
@@ -113,7 +114,8 @@ class OssProcess:
         raise AssertionError(f"{name} not exposed")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
