@@ -59,6 +59,7 @@ class OssProcess:
         if "listening on " not in line:
             self.stop()
             log = self.log_path.read_text(errors="replace")
+            self.cleanup()
             raise AssertionError(f"dcp-oss serve did not start: {line}{log}")
         self.url = line.split("listening on ", 1)[1].strip()
         self.port = int(self.url.rsplit(":", 1)[1])
