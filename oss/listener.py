@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -200,3 +201,24 @@ class GuardedSite(web.TCPSite):
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+class GuardedSockSite(web.SockSite):
+    """A site on a ready listening socket whose connections go through a `ConnectionGuard`."""
+
+    def __init__(
+        self, runner: web.BaseRunner, sock: socket.socket, limits: ListenerLimits, **kw: Any
+    ) -> None:
+        super().__init__(runner, sock, **kw)
+        self._limits = limits
+        self.guard: ConnectionGuard | None = None
+
+    async def start(self) -> None:
+        """Serve the socket, handing each connection to aiohttp through the guard."""
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self.guard = ConnectionGuard(server, self._limits)
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+        )
