@@ -136,6 +136,8 @@ class Route:
 
 
 SMALL_BODY = 64 << 10  # bytes: the body cap of every route but the few that carry bulk
+INLINE_BODY = 8 << 10  # bytes: bodies up to this size are validated on the loop
+MAX_ERRORS = 20  # validation errors listed in a 422 (the count says how many in all)
 
 
 # -- handlers (oss, request, caller, body, query) -> result -------------------
@@ -308,7 +310,13 @@ async def _read_log(
     if not q.follow:
         lines, cursor, decoded = await oss.store.read_logs(account, program, lq)
         oss.metrics.log_chunks_decoded.inc(decoded)
-        return m.LogPage(lines=[_out(ln) for _, ln in lines], cursor=cursor)
+
+        def render() -> str:
+            return m.LogPage(lines=[_out(ln) for _, ln in lines], cursor=cursor).model_dump_json()
+
+        # A page may hold 100,000 lines: build and serialise it off the loop.
+        text = render() if len(lines) <= 100 else await asyncio.to_thread(render)
+        return web.Response(text=text, content_type="application/json")
     if program is None:
         raise InvalidRequest("follow is only supported for program logs")
     await oss.store.program(account or "", program)  # 404 before the stream starts
@@ -854,26 +862,38 @@ def _validation_fields(e: ValidationError) -> dict[str, Any]:
     return {
         "errors": [
             {"loc": [str(x) for x in err["loc"]], "msg": err["msg"], "type": err["type"]}
-            for err in e.errors(include_url=False, include_input=False, include_context=False)
+            for err in e.errors(include_url=False, include_input=False, include_context=False)[
+                :MAX_ERRORS
+            ]
         ]
     }
 
 
-def _validate_body(model: type[m.Api], raw: bytes, data: Any) -> m.Api:
+def _parse_body(model: type[m.Api], raw: bytes) -> m.Api:
     """The body as `model`, strictly: "5" or true is not an integer, 1 is not a string.
 
     JSON-mode strict validation still takes enum values as their strings.  Text
-    that Python's json accepts but pydantic's parser does not (a lone surrogate)
-    is validated from the parsed value instead, which names the bad string.
+    pydantic's parser refuses is parsed again by Python's to say why (400), and
+    text only Python's accepts (a lone surrogate) is validated from its value.
     """
+    text = raw if raw.strip() else b"{}"
     try:
-        return model.model_validate_json(raw, strict=True)
+        return model.model_validate_json(text, strict=True)
     except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            try:
-                model.model_validate(data)
-            except ValidationError as exc2:
-                exc = exc2
+        if not any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise ValidationFailed(
+                f"{exc.error_count()} error(s) in the body", **_validation_fields(exc)
+            ) from exc
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc2:
+            raise InvalidRequest(f"body is not valid JSON: {exc2}") from exc2
+        except RecursionError as exc2:
+            raise InvalidRequest("body is nested too deeply") from exc2
+        try:
+            model.model_validate(data)
+        except ValidationError as exc2:
+            exc = exc2
         raise ValidationFailed(
             f"{exc.error_count()} error(s) in the body", **_validation_fields(exc)
         ) from exc
@@ -912,13 +932,10 @@ def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
             # Read only now, after the token checked out, and never more than the cap.
             cap = oss.config.max_body_bytes if route.big_body else SMALL_BODY
             raw = await _read_body(r, cap, r.app[LIMITS_KEY].body_timeout)
-            try:
-                data = json.loads(raw) if raw.strip() else {}
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
-            except RecursionError as exc:
-                raise InvalidRequest("body is nested too deeply") from exc
-            body = _validate_body(route.body, raw if raw.strip() else b"{}", data)
+            if len(raw) <= INLINE_BODY:
+                body = _parse_body(route.body, raw)
+            else:  # a big body takes milliseconds to validate: not on the loop
+                body = await asyncio.to_thread(_parse_body, route.body, raw)
         try:
             query = route.query.model_validate(dict(r.query))
         except ValidationError as exc:
