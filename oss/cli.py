@@ -14,14 +14,16 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from oss import credentials
+from oss import credentials, datadir
 from oss.errors import OssError
+from oss.listener import GuardedSite, ListenerLimits
 from oss.pool import Provider
 from oss.pricing import Rates
 from oss.server import make_app
 from oss.service import Oss, OssConfig
 
 log = logging.getLogger(__name__)
+DEFAULT_LIMITS = ListenerLimits()
 
 
 def _hostport(value: str) -> tuple[str, int]:
@@ -74,6 +76,36 @@ def main(log_level: str) -> None:
     metavar="NAME=MODULE:FACTORY",
     help="Instance provider for pools naming NAME: FACTORY() must return an oss.pool.Provider.",
 )
+@click.option(
+    "--header-timeout",
+    default=DEFAULT_LIMITS.header_timeout,
+    show_default=True,
+    help="Seconds a new connection has to send its first request's headers.",
+)
+@click.option(
+    "--idle-timeout",
+    default=DEFAULT_LIMITS.idle_timeout,
+    show_default=True,
+    help="Seconds a keep-alive connection may sit without a request.",
+)
+@click.option(
+    "--body-timeout",
+    default=DEFAULT_LIMITS.body_timeout,
+    show_default=True,
+    help="Seconds a request body may take to arrive.",
+)
+@click.option(
+    "--max-connections",
+    default=DEFAULT_LIMITS.max_connections,
+    show_default=True,
+    help="Open connections in total; more are closed on arrival.",
+)
+@click.option(
+    "--max-connections-per-peer",
+    default=DEFAULT_LIMITS.max_connections_per_peer,
+    show_default=True,
+    help="Open connections from one address; more are closed on arrival.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -86,6 +118,11 @@ def serve(
     storage_rate: int,
     net_rate: int,
     providers: tuple[str, ...],
+    header_timeout: float,
+    idle_timeout: float,
+    body_timeout: float,
+    max_connections: int,
+    max_connections_per_peer: int,
 ) -> None:
     """Run the OSS HTTP API."""
     host, port = _hostport(listen)
@@ -102,9 +139,25 @@ def serve(
             public_url=public_url,
             rates=Rates(storage_rate, net_rate, premium_pct),
         )
+        limits = ListenerLimits(
+            header_timeout=header_timeout,
+            idle_timeout=idle_timeout,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
+            max_connections_per_peer=max_connections_per_peer,
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    asyncio.run(_serve(config, host, port, loaded))
+    _private_data_dir(data_dir)
+    asyncio.run(_serve(config, host, port, loaded, limits))
+
+
+def _private_data_dir(data_dir: Path) -> None:
+    """Create the data directory 0700 or refuse, in one line, one others can read."""
+    try:
+        datadir.prepare(data_dir)
+    except OssError as exc:
+        raise click.ClickException(exc.message) from exc
 
 
 def load_provider(spec: str) -> tuple[str, Provider]:
@@ -134,15 +187,24 @@ SHUTDOWN_TIMEOUT = 5.0  # seconds open requests (log followers) get on SIGTERM
 
 
 async def _serve(
-    config: OssConfig, host: str, port: int, providers: dict[str, Provider] | None = None
+    config: OssConfig,
+    host: str,
+    port: int,
+    providers: dict[str, Provider] | None = None,
+    limits: ListenerLimits | None = None,
 ) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    limits = limits or ListenerLimits()
     oss = Oss(config, providers)
     runner = web.AppRunner(
-        make_app(oss), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        make_app(oss, limits=limits),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **limits.runner_args(),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site = GuardedSite(runner, host, port, limits, backlog=1024)
     await site.start()
     addr = runner.addresses[0]
     click.echo(f"dcp-oss listening on http://{addr[0]}:{addr[1]}", nl=True)

@@ -111,3 +111,15 @@ class PayloadTooLarge(InvalidRequest):
     """The request body is too large."""
 
     code = "payload_too_large"
+
+
+class UnsafeDataDir(StoreError):
+    """Refusing a data directory others could read (it holds tokens and exec keys)"""
+
+    code = "unsafe_data_dir"
+
+
+class RequestTimeout(OssError):
+    """The request was not received in time"""
+
+    code = "request_timeout"

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from net import bridge
 from net.bridge import NetError
 from oss.errors import OssError
+from oss.listener import GuardedSite, GuardedSockSite, ListenerLimits
 from oss.pool import InstanceType
 from oss.providers.libvirt import (
     LibvirtConfig,
@@ -366,14 +367,20 @@ async def _start(
     if retired:
         oss.oss_log(f"lab: {len(retired)} instance(s) of a previous run marked destroyed")
 
-    runner = web.AppRunner(make_app(oss, manage=False), access_log=None, handle_signals=False)
+    limits = ListenerLimits()
+    runner = web.AppRunner(
+        make_app(oss, manage=False, limits=limits),
+        access_log=None,
+        handle_signals=False,
+        **limits.runner_args(),
+    )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     url = None
     if guest_sock is not None:
-        await web.SockSite(runner, guest_sock).start()
+        await GuardedSockSite(runner, guest_sock, limits).start()
     if listen is not None:
-        site = web.TCPSite(runner, listen[0], listen[1])
+        site = GuardedSite(runner, listen[0], listen[1], limits)
         await site.start()
         host_addr = runner.addresses[-1]
         url = f"http://{host_addr[0]}:{host_addr[1]}"

@@ -123,7 +123,7 @@ class LocalOss:
         from oss.models import AgentHeartbeat, AgentRegister, Load, ProgramSubmit
         from oss.service import Oss, OssConfig
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The store creates the directory 0700 (or refuses one others can read).
         oss = Oss(OssConfig(data_dir=self.data_dir, heartbeat_timeout=30.0))
         await oss.start()
         try:

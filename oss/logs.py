@@ -3,8 +3,14 @@
 A program's consolidated log is the ordered union of its chunks (stdout,
 stderr and log lines from all its processes and instances); the OSS log is
 the chunks with no program.  Each appended batch becomes one chunk per
-instance, compressed, with its time range so queries skip chunks outside it.
-Order: (timestamp, chunk id, position in chunk), i.e. arrival order breaks ties.
+instance, at most `CHUNK_LINES` lines, sorted by time, compressed, with its time
+range so queries skip chunks outside it.  Order: (chunk id, position in chunk),
+i.e. arrival order, time order within one appended batch of one instance.
+
+Reading costs what it returns: a page decodes chunks in order from its cursor
+and stops at the chunk holding its last line.  The cursor names the next line:
+`chunk id << CURSOR_BITS | position`, so paging with any limit returns every
+line exactly once, in order.
 """
 
 from __future__ import annotations
@@ -38,8 +44,28 @@ class LogQuery:
     since: float | None = None
     until: float | None = None
     streams: frozenset[str] | None = None
-    after_chunk: int = 0  # for following: only chunks with a larger id
+    cursor: int = 0  # the next line (see `cursor`); 0: from the start
     limit: int = 10_000
+
+
+CHUNK_LINES = 1024  # lines per stored chunk: the most one read decodes beyond its page
+CURSOR_BITS = 16  # position within a chunk (CHUNK_LINES < 2**CURSOR_BITS)
+
+
+def cursor(chunk: int, position: int) -> int:
+    """The cursor naming line `position` of chunk `chunk`."""
+    return chunk << CURSOR_BITS | position
+
+
+def split_cursor(c: int) -> tuple[int, int]:
+    """(chunk id, position) of a cursor."""
+    return c >> CURSOR_BITS, c & ((1 << CURSOR_BITS) - 1)
+
+
+def chunks_of(lines: Sequence[LogLine]) -> list[list[LogLine]]:
+    """Split one instance's appended lines into stored chunks, each in time order."""
+    ordered = sorted(lines, key=lambda ln: ln.ts)  # stable: equal times keep arrival order
+    return [ordered[i : i + CHUNK_LINES] for i in range(0, len(ordered), CHUNK_LINES)]
 
 
 # zstd contexts are costly to create and not thread-safe: one pair per thread.
@@ -74,19 +100,36 @@ def decode(blob: bytes) -> list[LogLine]:
     return [LogLine(float(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
 
 
-def select(chunks: Iterable[tuple[int, bytes]], q: LogQuery) -> list[tuple[int, LogLine]]:
-    """Decode chunks (id, blob) and return matching lines in log order, with chunk ids."""
-    out: list[tuple[float, int, int, LogLine]] = []
+def matches(ln: LogLine, q: LogQuery) -> bool:
+    """Whether a line passes the query's filters."""
+    return (
+        (q.instance is None or ln.instance == q.instance)
+        and (q.since is None or ln.ts >= q.since)
+        and (q.until is None or ln.ts <= q.until)
+        and (q.streams is None or ln.stream in q.streams)
+    )
+
+
+def page(
+    chunks: Iterable[tuple[int, bytes]], q: LogQuery
+) -> tuple[list[tuple[int, LogLine]], int | None, int]:
+    """Matching lines from `q.cursor` on, decoding chunks (id order) lazily.
+
+    Returns (lines with chunk ids, cursor after the last line or None when the
+    chunks ran out before `q.limit`, chunks decoded).  `chunks` is consumed only
+    as far as needed, so a lazy iterator over the database reads no further.
+    """
+    start_chunk, start_pos = split_cursor(q.cursor)
+    out: list[tuple[int, LogLine]] = []
+    decoded = 0
     for cid, blob in chunks:
-        for i, ln in enumerate(decode(blob)):
-            if q.instance is not None and ln.instance != q.instance:
-                continue
-            if q.since is not None and ln.ts < q.since:
-                continue
-            if q.until is not None and ln.ts > q.until:
-                continue
-            if q.streams is not None and ln.stream not in q.streams:
-                continue
-            out.append((ln.ts, cid, i, ln))
-    out.sort(key=lambda t: (t[0], t[1], t[2]))
-    return [(cid, ln) for _, cid, _, ln in out[: q.limit]]
+        if cid < start_chunk:
+            continue
+        decoded += 1
+        lines = decode(blob)
+        for i in range(start_pos if cid == start_chunk else 0, len(lines)):
+            if matches(lines[i], q):
+                out.append((cid, lines[i]))
+                if len(out) >= q.limit:
+                    return out, cursor(cid, i + 1), decoded
+    return out, None, decoded

@@ -1,12 +1,16 @@
 """Metrics collector: per-program and per-instance counters, Prometheus and JSON.
 
-Counters live in memory (they are rates for the optimizer and the operator,
-not billing records; billing is metered separately into SQLite).  Each
+The schema is fixed: a report carries the counters of `MetricsReport` only, keyed
+by OSS service (a closed set), so one program on one instance owns a bounded
+number of series whatever a tenant sends.  Counters live in memory (they are
+rates for the optimizer and the operator, not billing records; billing is
+metered separately into SQLite).  Each
 collector has its own prometheus registry: no module-level singletons.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,14 +101,20 @@ class MetricsCollector:
         self._api_children: dict[str, Any] = {}
         self._programs: dict[str, _Acc] = defaultdict(_Acc)
         self._by_instance: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
+        self._on_instance: dict[str, set[str]] = defaultdict(set)  # instance -> programs
         self._loads: dict[str, Load] = {}
         self._net_billed: dict[str, int] = defaultdict(int)
+        self.render_lock = asyncio.Lock()  # one exposition render at a time
+        self.log_chunks_decoded = Counter(
+            "dcp_log_chunks_decoded", "Log chunks decompressed to answer reads", registry=r
+        )
 
     def report(self, program: str, r: MetricsReport) -> None:
         """Add a program's counter increments."""
         self._programs[program].add(r)
         inst = r.instance or _NONE
         self._by_instance[(program, inst)].add(r)
+        self._on_instance[inst].add(program)
         for k, v in r.syscalls.items():
             self._sys.labels(program, inst, k).inc(v)
         for k, f in r.latency_seconds.items():
@@ -158,8 +168,9 @@ class MetricsCollector:
         load = self._loads.get(instance)
         if load is not None and programs is None:
             out.update(load.model_dump())
-        for (prog, inst), acc in self._by_instance.items():
-            if inst == instance and (programs is None or prog in programs):
+        for prog in self._on_instance.get(instance, ()):
+            if programs is None or prog in programs:
+                acc = self._by_instance[(prog, instance)]
                 out["cpu_seconds"] = out.get("cpu_seconds", 0.0) + acc.cpu_seconds
                 out["syscalls"] = out.get("syscalls", 0.0) + sum(acc.syscalls.values())
                 out["net_bytes"] = out.get("net_bytes", 0.0) + acc.net_rx_bytes + acc.net_tx_bytes

@@ -290,20 +290,23 @@ class LogLineOut(Api):
 
 
 class LogPage(Api):
-    """Lines of a log, in order; `cursor` resumes after the last chunk read."""
+    """Lines of a log, in order; `cursor` names the next line (pass it back to go on)."""
 
     lines: list[LogLineOut]
     cursor: int
 
 
+# The OSS services a syscall is counted under (tracer.syscalls.Service): the only keys a
+# metrics report may use, so the series per program are a fixed, small set.
+ServiceName = Literal["compute", "memory", "storage", "network", "ipc", "local"]
+
+
 class MetricsReport(Api):
-    """Counter increments for one program (on one instance, if given)."""
+    """Counter increments for one program (on one instance it is placed on, if given)."""
 
     instance: Id | None = None
-    syscalls: dict[Annotated[str, StringConstraints(max_length=64)], NonNeg] = {}
-    latency_seconds: dict[
-        Annotated[str, StringConstraints(max_length=64)], Annotated[float, Field(ge=0, le=1e9)]
-    ] = {}
+    syscalls: dict[ServiceName, NonNeg] = {}
+    latency_seconds: dict[ServiceName, Annotated[float, Field(ge=0, le=1e9)]] = {}
     cpu_seconds: Annotated[float, Field(ge=0, le=1e9)] = 0.0
     memory_bytes: NonNeg | None = None
     io_read_bytes: NonNeg = 0

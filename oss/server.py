@@ -36,10 +36,12 @@ from oss.errors import (
     OssError,
     PayloadTooLarge,
     ProviderError,
+    RequestTimeout,
     StoreError,
     Unauthorized,
     ValidationFailed,
 )
+from oss.listener import ListenerLimits
 from oss.pool import InstanceType
 from oss.service import Oss
 from oss.store import Principal
@@ -47,10 +49,12 @@ from oss.store import Principal
 log = logging.getLogger(__name__)
 
 OSS_KEY = web.AppKey("oss", Oss)
+LIMITS_KEY = web.AppKey("limits", ListenerLimits)
 
 # The one error -> HTTP status table (most specific class first).
 STATUS: tuple[tuple[type[OssError], int], ...] = (
     (PayloadTooLarge, 413),
+    (RequestTimeout, 408),
     (ValidationFailed, 422),
     (InvalidRequest, 400),
     (Unauthorized, 401),
@@ -128,6 +132,12 @@ class Route:
     many: bool = False  # the response is a list of `response`
     query: type[m.Api] = NoQuery
     content_type: str = "application/json"
+    big_body: bool = False  # body up to OssConfig.max_body_bytes, else SMALL_BODY
+
+
+SMALL_BODY = 64 << 10  # bytes: the body cap of every route but the few that carry bulk
+INLINE_BODY = 8 << 10  # bytes: bodies up to this size are validated on the loop
+MAX_ERRORS = 20  # validation errors listed in a 422 (the count says how many in all)
 
 
 # -- handlers (oss, request, caller, body, query) -> result -------------------
@@ -298,8 +308,15 @@ async def _read_log(
     streams = frozenset([stream]) if stream else None
     lq = logmod.LogQuery(q.instance, q.since, q.until, streams, q.cursor, q.limit)
     if not q.follow:
-        lines, cursor = await oss.store.read_logs(account, program, lq)
-        return m.LogPage(lines=[_out(ln) for _, ln in lines], cursor=cursor)
+        lines, cursor, decoded = await oss.store.read_logs(account, program, lq)
+        oss.metrics.log_chunks_decoded.inc(decoded)
+
+        def render() -> str:
+            return m.LogPage(lines=[_out(ln) for _, ln in lines], cursor=cursor).model_dump_json()
+
+        # A page may hold 100,000 lines: build and serialise it off the loop.
+        text = render() if len(lines) <= 100 else await asyncio.to_thread(render)
+        return web.Response(text=text, content_type="application/json")
     if program is None:
         raise InvalidRequest("follow is only supported for program logs")
     await oss.store.program(account or "", program)  # 404 before the stream starts
@@ -308,11 +325,12 @@ async def _read_log(
     cursor = q.cursor
     try:
         while True:
-            lines, cursor = await oss.store.read_logs(
+            lines, cursor, decoded = await oss.store.read_logs(
                 account,
                 program,
                 logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit),
             )
+            oss.metrics.log_chunks_decoded.inc(decoded)
             for _, ln in lines:
                 await resp.write(_out(ln).model_dump_json().encode() + b"\n")
             if not lines:
@@ -350,7 +368,9 @@ async def h_oss_logs(oss: Oss, r: web.Request, who: Any, b: Any, q: StreamQueryP
 
 async def h_report_metrics(oss: Oss, r: web.Request, who: Any, b: m.MetricsReport, q: Any) -> m.Ok:
     pid = r.match_info["program_id"]
-    await oss.store.program(_acct(who).account_id, pid)
+    # Only the caller's own program, and an instance label only where it runs: a tenant
+    # never reports for an instance (instance load comes from agents' heartbeats alone).
+    await oss.store.check_placed(_acct(who).account_id, pid, b.instance)
     oss.metrics.report(pid, b)
     return m.Ok()
 
@@ -375,7 +395,11 @@ async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> 
 
 
 async def h_prometheus(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> web.Response:
-    return web.Response(body=oss.metrics.exposition(), content_type="text/plain")
+    # Rendering walks every series: off the loop (prometheus_client locks each metric while
+    # it copies its children), one render at a time.
+    async with oss.metrics.render_lock:
+        body = await asyncio.to_thread(oss.metrics.exposition)
+    return web.Response(body=body, content_type="text/plain")
 
 
 async def h_put_type(
@@ -592,6 +616,7 @@ ROUTES: tuple[Route, ...] = (
         "Submit a program execution",
         m.ProgramSubmit,
         m.Program,
+        big_body=True,
     ),
     Route(
         "GET",
@@ -650,6 +675,7 @@ ROUTES: tuple[Route, ...] = (
         "Append log/stdout/stderr lines",
         m.LogAppend,
         m.Ok,
+        big_body=True,
     ),
     Route(
         "GET",
@@ -812,6 +838,7 @@ ROUTES: tuple[Route, ...] = (
         "Agent appends program log lines",
         m.AgentLogAppend,
         m.Ok,
+        big_body=True,
     ),
 )
 
@@ -835,9 +862,59 @@ def _validation_fields(e: ValidationError) -> dict[str, Any]:
     return {
         "errors": [
             {"loc": [str(x) for x in err["loc"]], "msg": err["msg"], "type": err["type"]}
-            for err in e.errors(include_url=False, include_input=False, include_context=False)
+            for err in e.errors(include_url=False, include_input=False, include_context=False)[
+                :MAX_ERRORS
+            ]
         ]
     }
+
+
+def _parse_body(model: type[m.Api], raw: bytes) -> m.Api:
+    """The body as `model`, strictly: "5" or true is not an integer, 1 is not a string.
+
+    JSON-mode strict validation still takes enum values as their strings.  Text
+    pydantic's parser refuses is parsed again by Python's to say why (400), and
+    text only Python's accepts (a lone surrogate) is validated from its value.
+    """
+    text = raw if raw.strip() else b"{}"
+    try:
+        return model.model_validate_json(text, strict=True)
+    except ValidationError as exc:
+        if not any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise ValidationFailed(
+                f"{exc.error_count()} error(s) in the body", **_validation_fields(exc)
+            ) from exc
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc2:
+            raise InvalidRequest(f"body is not valid JSON: {exc2}") from exc2
+        except RecursionError as exc2:
+            raise InvalidRequest("body is nested too deeply") from exc2
+        try:
+            model.model_validate(data)
+        except ValidationError as exc2:
+            exc = exc2
+        raise ValidationFailed(
+            f"{exc.error_count()} error(s) in the body", **_validation_fields(exc)
+        ) from exc
+
+
+async def _read_body(r: web.Request, cap: int, timeout: float) -> bytes:
+    """The request body, refused (413) past `cap` bytes and (408) past `timeout` seconds."""
+    if r.content_length is not None and r.content_length > cap:
+        raise PayloadTooLarge(f"limit is {cap} bytes")
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await r.content.readany():
+                size += len(chunk)
+                if size > cap:
+                    raise PayloadTooLarge(f"limit is {cap} bytes")
+                parts.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"body not received within {timeout:g} s") from exc
+    return b"".join(parts)
 
 
 def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -852,22 +929,13 @@ def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
             who = await oss.authenticate_instance(_bearer(r), None)
         body: Any = None
         if route.body is not None:
-            try:
-                raw = await r.read()
-            except web.HTTPRequestEntityTooLarge as exc:
-                raise PayloadTooLarge(f"limit is {oss.config.max_body_bytes} bytes") from exc
-            try:
-                data = json.loads(raw) if raw.strip() else {}
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
-            except RecursionError as exc:
-                raise InvalidRequest("body is nested too deeply") from exc
-            try:
-                body = route.body.model_validate(data)
-            except ValidationError as exc:
-                raise ValidationFailed(
-                    f"{exc.error_count()} error(s) in the body", **_validation_fields(exc)
-                ) from exc
+            # Read only now, after the token checked out, and never more than the cap.
+            cap = oss.config.max_body_bytes if route.big_body else SMALL_BODY
+            raw = await _read_body(r, cap, r.app[LIMITS_KEY].body_timeout)
+            if len(raw) <= INLINE_BODY:
+                body = _parse_body(route.body, raw)
+            else:  # a big body takes milliseconds to validate: not on the loop
+                body = await asyncio.to_thread(_parse_body, route.body, raw)
         try:
             query = route.query.model_validate(dict(r.query))
         except ValidationError as exc:
@@ -897,7 +965,11 @@ async def _errors(request: web.Request, handler: AioHandler) -> web.StreamRespon
     try:
         return await handler(request)
     except OssError as exc:
-        return _error(status_of(exc), exc.code, exc.message, _jsonable(exc.fields))
+        resp = _error(status_of(exc), exc.code, exc.message, _jsonable(exc.fields))
+        if not request.content.at_eof():
+            # A refused body is not drained: close rather than read what nobody wants.
+            resp.force_close()
+        return resp
     except web.HTTPRequestEntityTooLarge as exc:
         return _error(413, PayloadTooLarge.code, f"{PayloadTooLarge().message}: {exc.text}")
     except web.HTTPException as exc:
@@ -921,10 +993,13 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
         return {k: str(v) for k, v in d.items()}
 
 
-def make_app(oss: Oss, *, manage: bool = True) -> web.Application:
+def make_app(
+    oss: Oss, *, manage: bool = True, limits: ListenerLimits | None = None
+) -> web.Application:
     """The aiohttp application; with `manage`, it starts and closes `oss` with the app."""
     app = web.Application(client_max_size=oss.config.max_body_bytes, middlewares=[_errors])
     app[OSS_KEY] = oss
+    app[LIMITS_KEY] = limits or ListenerLimits()
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _dispatch(route))
     if manage:

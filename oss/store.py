@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from oss import datadir, pricing, scheduler
 from oss import limits as lim
 from oss import logs as logmod
-from oss import pricing, scheduler
 from oss.errors import Conflict, NoCapacity, NotFound, StoreError, Unauthorized
 from oss.pool import InstanceType, PoolState
 
@@ -283,8 +283,7 @@ class Store:
     """Async facade over the SQLite state."""
 
     def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "oss.sqlite3"
+        self.path = datadir.prepare(data_dir)
         self.clock = clock
         self._writer = _Writer(self.path)
         self._local = threading.local()
@@ -952,6 +951,22 @@ class Store:
         """One program of the account."""
         return await self.read(lambda c: _program(c, program_id, account_id))
 
+    async def check_placed(self, account_id: str, program_id: str, instance: str | None) -> None:
+        """NotFound unless the account's program exists (and is placed on `instance`)."""
+
+        def op(c: Conn) -> None:
+            _program_row(c, program_id, account_id)
+            if (
+                instance is not None
+                and not c.execute(
+                    "SELECT 1 FROM placements WHERE program_id=? AND instance=?",
+                    (program_id, instance),
+                ).fetchone()
+            ):
+                raise NotFound(f"program {program_id} is not placed on instance {instance}")
+
+        await self.read(op)
+
     async def programs(
         self, account_id: str, state: str | None, limit: int
     ) -> list[dict[str, Any]]:
@@ -1146,13 +1161,14 @@ class Store:
         lines: Sequence[logmod.LogLine],
         instance_owner: str | None = None,
     ) -> int:
-        """Append lines (one zstd chunk per instance); durable on return."""
+        """Append lines (zstd chunks of up to CHUNK_LINES per instance); durable on return."""
         groups: dict[str | None, list[logmod.LogLine]] = {}
         for ln in lines:
             groups.setdefault(ln.instance, []).append(ln)
         blobs = [
-            (inst, min(g_.ts for g_ in g), max(g_.ts for g_ in g), len(g), logmod.encode(g))
+            (inst, chunk[0].ts, chunk[-1].ts, len(chunk), logmod.encode(chunk))
             for inst, g in groups.items()
+            for chunk in logmod.chunks_of(g)
         ]
 
         def op(c: Conn) -> int:
@@ -1180,14 +1196,25 @@ class Store:
 
     async def read_logs(
         self, account_id: str | None, program_id: str | None, q: logmod.LogQuery
-    ) -> tuple[list[tuple[int, logmod.LogLine]], int]:
-        """Lines of a program's log (or the OSS log: program None) and the last chunk id."""
+    ) -> tuple[list[tuple[int, logmod.LogLine]], int, int]:
+        """A page of a program's log (or the OSS log: program None) from `q.cursor`.
 
-        def op(c: Conn) -> tuple[list[tuple[int, bytes]], int]:
+        Returns (lines, the cursor after them, chunks decoded).  Chunks are read
+        and decompressed one at a time on a reader thread, up to the one holding
+        the page's last line: the cost follows what is returned, not the log size.
+        """
+        start_chunk, _ = logmod.split_cursor(q.cursor)
+
+        def op(c: Conn) -> tuple[list[tuple[int, logmod.LogLine]], int, int]:
             if program_id is not None:
                 _program_row(c, program_id, account_id)
-            where = ["program_id IS ?", "id > ?"]
-            args: list[Any] = [program_id, q.after_chunk]
+            # The last chunk first: chunks committed while this page is read are not
+            # skipped by the cursor (the read transaction is one snapshot anyway).
+            last = c.execute(
+                "SELECT coalesce(max(id), 0) FROM log_chunks WHERE program_id IS ?", (program_id,)
+            ).fetchone()[0]
+            where = ["program_id IS ?", "id >= ?", "id <= ?"]
+            args: list[Any] = [program_id, start_chunk, last]
             if q.instance is not None:
                 where.append("instance IS ?")
                 args.append(q.instance)
@@ -1200,16 +1227,13 @@ class Store:
             rows = c.execute(
                 "SELECT id, data FROM log_chunks WHERE " + " AND ".join(where) + " ORDER BY id",
                 args,
-            ).fetchall()
-            last = c.execute(
-                "SELECT coalesce(max(id), 0) FROM log_chunks WHERE program_id IS ?", (program_id,)
-            ).fetchone()[0]
-            return [(r["id"], r["data"]) for r in rows], max(last, q.after_chunk)
+            )
+            lines, after, decoded = logmod.page(((r[0], r[1]) for r in rows), q)
+            if after is None:  # read to the end: resume after the last chunk
+                after = max(q.cursor, logmod.cursor(last + 1, 0))
+            return lines, after, decoded
 
-        chunks, last = await self.read(op)
-        # Decompression is CPU work: keep it off the loop as well.
-        lines = await asyncio.to_thread(logmod.select, chunks, q)
-        return lines, last
+        return await self.read(op)
 
     # -- leases (locking service) ------------------------------------------
 

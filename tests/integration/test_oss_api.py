@@ -227,7 +227,7 @@ def test_metrics_prometheus_and_json(srv: OssServer) -> None:
     p = _submit(srv, a.token).body
     rep = {
         "instance": "vm1",
-        "syscalls": {"storage": 5, "process": 2},
+        "syscalls": {"storage": 5, "compute": 2},
         "latency_seconds": {"storage": 0.01},
         "cpu_seconds": 1.5,
         "memory_bytes": 1000,
@@ -239,7 +239,7 @@ def test_metrics_prometheus_and_json(srv: OssServer) -> None:
     assert srv.http("POST", f"/v1/programs/{p['id']}/metrics", a.token, rep).status == 200
     assert srv.http("POST", f"/v1/programs/{p['id']}/metrics", a.token, rep).status == 200
     c = srv.http("GET", f"/v1/programs/{p['id']}/metrics", a.token).body
-    assert c["syscalls"] == {"storage": 10, "process": 4} and c["cpu_seconds"] == 3.0
+    assert c["syscalls"] == {"storage": 10, "compute": 4} and c["cpu_seconds"] == 3.0
     assert c["net_rx_bytes"] == 60 and c["memory_bytes"] == 1000
     j = srv.http("GET", "/v1/metrics", a.token).body
     assert j["programs"][p["id"]]["io_write_bytes"] == 40

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from oss.availability import Failure, silent
-from oss.logs import LogLine, LogQuery, decode, encode, select
+from oss.logs import LogLine, LogQuery, chunks_of, cursor, decode, encode, page
 from oss.pool import FillPlan, PoolState, fill_plan
 
 
@@ -42,8 +42,20 @@ def test_log_chunks_roundtrip_and_order() -> None:
     b = [LogLine(2.0, "log", "c", "i2", None)]
     blob = encode(a)
     assert blob[:4] == b"\x28\xb5\x2f\xfd" and decode(blob) == a
-    got = select([(1, encode(a)), (2, encode(b))], LogQuery())
-    assert [ln.text for _, ln in got] == ["a", "b", "c"]  # ts, then chunk id
+    (ca,) = chunks_of(a)  # a stored chunk is in time order
+    got, after, decoded = page([(1, encode(ca)), (2, encode(b))], LogQuery())
+    assert [ln.text for _, ln in got] == ["a", "b", "c"]  # chunk id, then position
+    assert after is None and decoded == 2
+
+
+def test_log_page_resumes_at_its_cursor_and_decodes_only_what_it_returns() -> None:
+    lines = [LogLine(float(i), "stdout", str(i)) for i in range(5)]
+    chunks = [(3, encode(lines)), (8, encode(lines))]
+    got, after, decoded = page(iter(chunks), LogQuery(limit=2))
+    assert [ln.text for _, ln in got] == ["0", "1"] and after == cursor(3, 2) and decoded == 1
+    got, after, _ = page(iter(chunks), LogQuery(cursor=cursor(3, 4), limit=3))
+    assert [(cid, ln.text) for cid, ln in got] == [(3, "4"), (8, "0"), (8, "1")]
+    assert after == cursor(8, 2)
 
 
 def test_log_query_filters() -> None:
@@ -51,9 +63,9 @@ def test_log_query_filters() -> None:
         LogLine(float(i), "stdout" if i % 2 else "stderr", str(i), f"i{i % 3}") for i in range(10)
     ]
     chunks = [(7, encode(lines))]
-    assert [ln.text for _, ln in select(chunks, LogQuery(instance="i0"))] == ["0", "3", "6", "9"]
-    assert [ln.text for _, ln in select(chunks, LogQuery(since=3, until=5))] == ["3", "4", "5"]
-    only = select(chunks, LogQuery(streams=frozenset({"stderr"}), limit=2))
+    assert [ln.text for _, ln in page(chunks, LogQuery(instance="i0"))[0]] == ["0", "3", "6", "9"]
+    assert [ln.text for _, ln in page(chunks, LogQuery(since=3, until=5))[0]] == ["3", "4", "5"]
+    only, _, _ = page(chunks, LogQuery(streams=frozenset({"stderr"}), limit=2))
     assert [ln.text for _, ln in only] == ["0", "2"]
 
 
