@@ -167,6 +167,8 @@ def test_http_api_health_load_and_auth() -> None:
     proc, address = start_agent()
     try:
         status, health = get(f"http://{address}/v1/health")
+        assert status == 200 and health == {"ok": True}  # anonymous: liveness only
+        status, health = get(f"http://{address}/v1/health", TOKEN)
         assert status == 200 and health["instance"] == "n7" and health["ok"] is True
         status, body = get(f"http://{address}/v1/load")
         assert status == 401 and "bearer token" in body["text"]
