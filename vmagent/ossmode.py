@@ -33,7 +33,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -41,6 +41,7 @@ from tracer.coordinator import Coordinator, Decision, ProcessEvent, ProcessExite
 from tracer.errors import TracerError, UsageError
 from vmagent.errors import AgentError
 from vmagent.placement import HOME, Placement, UnknownPolicy
+from vmagent.remote import credentials
 from vmagent.wiring import EXEC_CALLS, ClusterCoordinator, Ident, Target
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,10 @@ class OssCoordinator(ClusterCoordinator):
         link: ProgramLink,
         cwd: str,
         reconnect_window: float | None = None,
+        *,
+        creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
     ) -> None:
-        super().__init__(inner, [], Placement(placement, []), reconnect_window)
+        super().__init__(inner, [], Placement(placement, []), reconnect_window, creds=creds)
         self.oss_placement = OssPlacement(placement, link, self.targets)
         self.placement = self.oss_placement
         self._link = link

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tracer.coordinator import (
@@ -109,8 +109,11 @@ class ClusterCoordinator:
         targets: Sequence[Target],
         placement: Placement,
         reconnect_window: float | None = None,
+        *,
+        creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
     ) -> None:
         self.inner = inner
+        self._creds = creds  # pid -> (real uid, real gid, groups): what tickets vouch for
         self.targets = {t.name: t for t in targets}
         self.placement = placement
         self.reconnect_window = reconnect_window
@@ -155,7 +158,7 @@ class ClusterCoordinator:
         if not is_placeable_file(real):
             return None
         try:
-            uid, gid, groups = credentials(call.pid)
+            uid, gid, groups = self._creds(call.pid)
         except (OSError, ValueError):
             return None  # the process is gone or unreadable: let the kernel decide
         # A relative path stays relative: the remote side runs in the same cwd,

@@ -53,8 +53,15 @@ def execve(pid: int, path: bytes, argv: tuple[bytes, ...], base: bytes = b"/") -
     return SyscallCall(pid, pid, 59, "execve", (0,) * 6, {0: path}, bases, argv)
 
 
+def fake_creds(pid: int) -> tuple[int, int, tuple[int, ...]]:
+    """The tracee's ids, as /proc would give them (the pids here are made up)."""
+    return 1000, 1000, (1000,)
+
+
 def coordinator(policy: str = "spread", inner: FakeInner | None = None) -> ClusterCoordinator:
-    c = ClusterCoordinator(inner or FakeInner(), TARGETS, Placement(policy, [("n0", 2), ("n1", 2)]))
+    c = ClusterCoordinator(
+        inner or FakeInner(), TARGETS, Placement(policy, [("n0", 2), ("n1", 2)]), creds=fake_creds
+    )
     c.on_syscall(execve(1, b"/bin/sh", (b"sh",)))  # the tracer's own start of the program
     return c
 
