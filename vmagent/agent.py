@@ -440,8 +440,6 @@ class ExecProtocol(asyncio.Protocol):
         parser = self.parser
         parser.push(data)
         try:
-            if not self.authenticated and parser.pending() > 2 * (P.PRE_AUTH_MAX + P.HEADER_SIZE):
-                raise P.FrameError("too much data before authentication")
             while (got := parser.next()) is not None:
                 kind, fd, seq, payload = got
                 if self.session is not None:
@@ -453,6 +451,8 @@ class ExecProtocol(asyncio.Protocol):
                     self.session = self.service.open(self, kind, seq, payload, self.grant)
                 if self.transport is None or self.transport.is_closing():
                     return
+            if not self.authenticated and parser.pending() > P.PRE_AUTH_MAX + P.HEADER_SIZE:
+                raise P.FrameError("too much data before authentication")
         except AgentError as exc:
             self.refuse(str(exc))
         except P.FrameError as exc:
