@@ -67,9 +67,9 @@ def run_attacked(instances: int, execs: int) -> tuple[Any, dict[str, Any]]:
 def test_no_ticket_read_from_proc_runs_anything_and_the_victim_runs_all() -> None:
     victim, seen = run_attacked(2, EXECS)
     assert seen["agents"], f"the attacker saw no deputy (nothing was placed?): {seen}"
-    assert seen["ticket_files"] >= 1 and seen["ticket_files_read"] == 0, seen
     assert seen["tried"] > 0, seen
     assert seen["wins"] == [], seen["wins"]
+    assert seen["ticket_files"] >= 1 and seen["ticket_files_read"] == 0, seen
     lines = victim.stdout.decode().split()
     assert lines == [f"ok-{i}" for i in range(1, EXECS + 1)], victim.stderr.decode()[-2000:]
     assert victim.returncode == 0, victim.stderr
