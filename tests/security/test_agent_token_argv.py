@@ -18,13 +18,13 @@ pytestmark = pytest.mark.security
 
 def test_no_instance_token_in_proc_and_nothing_found_runs_as_root() -> None:
     victim, seen = run_attacked(2, 4)
+    assert seen["tried"] > 0, seen
+    assert seen["wins"] == [], seen["wins"]
     assert len(seen["agents"]) == 2 and seen["instances"] == ["node0", "node1"], seen
     # The agents' own command lines were in view (and say where the token came from).
     agents = [c for c in seen["agent_cmdlines"] if " -m vmagent " in c]
     assert len(agents) >= 2, seen  # (other runs on this machine may add theirs)
     assert all("--token-fd" in c and "--token " not in c for c in agents), agents
     assert seen["environ_read"] == 0, seen  # root's environments are not nobody's to read
-    assert seen["tried"] > 0, seen
-    assert seen["wins"] == [], seen["wins"]
     assert victim.returncode == 0, victim.stderr
     assert victim.stdout.decode().split() == ["ok-1", "ok-2", "ok-3", "ok-4"]
