@@ -91,3 +91,9 @@ def test_a_ticket_runs_only_its_exec_as_its_uid_briefly_and_once() -> None:
         assert after[0]["error"] and "before this agent started" in after[0]["error"], after
         assert after[1]["error"] and "before this agent started" in after[1]["error"], after
         assert after[2] == ok, after
+        agent.stop()
+        # Its log says why each was refused, and holds no secret.
+        assert "already used" in agent.log and "before this agent started" in agent.log
+        assert token not in agent.log
+        for t in (once, used, unused):
+            assert t.rpartition(".")[2] not in agent.log
