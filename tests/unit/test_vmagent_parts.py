@@ -191,3 +191,39 @@ def test_parse_hello_reads_a_terminals_device_number() -> None:
     bad = P.record([b"1", P.FD_OUT, b"pts/3", b"1", b"0", b"34819"])
     with pytest.raises(BadRequest, match="absolute"):
         parse_hello(hello({b"fds": P.record([bad])}))
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        (
+            {b"fds": P.record([P.record([b"0", P.FD_PATH, b"/x", b"0", str(2**70).encode()])])},
+            "descriptor offset is out of range",
+        ),
+        ({b"uid": b"-5"}, "field uid is out of range"),
+        ({b"uid": str(2**40).encode()}, "field uid is out of range"),
+        ({b"umask": str(2**80).encode()}, "field umask is out of range"),
+        ({b"argv": P.record([b"a\0b"])}, r"NUL byte in argv\[0\]"),
+        ({b"cwd": b"/tmp\0x"}, "NUL byte in cwd"),
+        ({b"rlimits": P.record([P.record([b"99", b"1", b"1"])])}, "rlimit is out of range"),
+    ],
+)
+def test_parse_hello_refuses_values_it_cannot_apply(over: dict[bytes, bytes], message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        parse_hello(hello(over))
+
+
+def test_bind_runs_the_tickets_exec_as_the_tickets_ids() -> None:
+    from vmagent.spawn import bind
+    from vmagent.tickets import exec_digest, parse, split
+
+    req = parse_hello(hello())
+    ticket = mint("tok", "n0", uid=1000, gid=100, groups=(100, 27),
+                  digest=exec_digest(b"/bin/true", (b"true",)))  # fmt: skip
+    grant = parse(split(ticket)[0])
+    bound = bind(req, grant)
+    assert (bound.uid, bound.gid, bound.groups) == (1000, 100, (100, 27))
+    with pytest.raises(AuthError, match="another program"):
+        bind(parse_hello(hello({b"argv": P.record([b"false"])})), grant)
+    with pytest.raises(AuthError, match="vouches for uid 1000"):
+        bind(parse_hello(hello({b"uid": b"0"})), grant)
