@@ -78,11 +78,13 @@ class TicketDrop:
     """
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="dcp-tickets-")
-        os.chmod(self.dir, 0o711)
+        self.dir = ""  # created on the first ticket (most coordinators never place)
         self._subdirs: dict[int, str] = {}
 
     def _subdir(self, uid: int, gid: int) -> str:
+        if not self.dir:
+            self.dir = tempfile.mkdtemp(prefix="dcp-tickets-")
+            os.chmod(self.dir, 0o711)
         found = self._subdirs.get(uid)
         if found is None:
             found = os.path.join(self.dir, f"u{uid}")
@@ -112,7 +114,10 @@ class TicketDrop:
 
     def close(self) -> None:
         """Remove every ticket file and directory."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = ""
+            self._subdirs.clear()
 
 
 def credentials(pid: int) -> tuple[int, int, tuple[int, ...]]:

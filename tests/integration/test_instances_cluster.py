@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ pytestmark = [
 
 
 DROP = TicketDrop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ticket_files() -> Iterator[None]:
+    yield
+    DROP.close()
 
 
 def deputy(inst: Instance, *argv: str, window: float | None = None) -> list[str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -184,6 +186,12 @@ class FakeLink:
 
 def _arg(argv: tuple[bytes, ...], flag: bytes) -> bytes:
     return argv[argv.index(flag) + 1]
+
+
+@pytest.fixture(autouse=True)
+def _tickets_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticket files of the coordinators made here land in the test's tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def started(

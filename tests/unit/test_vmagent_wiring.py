@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from tracer.coordinator import (
     Allow,
@@ -56,6 +59,12 @@ def execve(pid: int, path: bytes, argv: tuple[bytes, ...], base: bytes = b"/") -
 def fake_creds(pid: int) -> tuple[int, int, tuple[int, ...]]:
     """The tracee's ids, as /proc would give them (the pids here are made up)."""
     return 1000, 1000, (1000,)
+
+
+@pytest.fixture(autouse=True)
+def _tickets_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticket files of the coordinators made here land in the test's tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def coordinator(policy: str = "spread", inner: FakeInner | None = None) -> ClusterCoordinator:
