@@ -10,9 +10,9 @@ deputy proves it holds the ticket's secret before the agent runs anything.
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +30,39 @@ EXECS = 30
 def run_attacked(instances: int, execs: int) -> tuple[Any, dict[str, Any]]:
     """Run a victim under `dcptrace --instances N` while the attacker harvests; both results."""
     require_attacker()
-    import subprocess
-
     shared = Path(tempfile.mkdtemp(prefix="dcp-theft-"))
     shared.chmod(0o777)
     result: dict[str, Any] = {}
+    victim = subprocess.Popen(
+        [*dcptrace_argv("--no-state", "--instances", str(instances)), "--",
+         "sh", "-c", victim_script(shared, execs)],
+        env=traced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
 
     def attacker() -> None:
         result["res"] = as_nobody(
-            HARVEST, str(shared / "stop"), str(shared / "done"), "150", timeout=200
-        )
+            HARVEST, str(shared / "stop"), str(shared / "done"), "150", str(victim.pid),
+            timeout=200,
+        )  # fmt: skip
 
     thread = threading.Thread(target=attacker)
     thread.start()
     try:
-        time.sleep(0.2)  # (not a timing assumption: the attacker only sees less if late)
-        victim = subprocess.run(
-            [*dcptrace_argv("--no-state", "--instances", str(instances)), "--",
-             "sh", "-c", victim_script(shared, execs)],
-            env=traced_env(), capture_output=True, timeout=240, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        out, err = victim.communicate(timeout=240)
         (shared / "stop").touch()  # the victim failed early: stop the attacker all the same
         thread.join(240)
         res = result["res"]
         assert res.returncode == 0, res.stderr
-        return victim, json.loads(res.stdout)
+        return subprocess.CompletedProcess(victim.args, victim.returncode, out, err), json.loads(
+            res.stdout
+        )
     finally:
         (shared / "stop").touch()
         (shared / "done").touch()
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
         thread.join(240)
         for p in shared.iterdir():
             p.unlink()

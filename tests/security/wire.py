@@ -193,13 +193,15 @@ class RealAgent:
         self.log = ""
 
     def start(self) -> None:
+        token_file = secret_file(self.token)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmagent", "--instance", self.name,
-             "--token-file", secret_file(self.token), "--listen", "127.0.0.1:0", "-v"],
+             "--token-file", token_file, "--listen", "127.0.0.1:0", "-v"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
+        os.unlink(token_file)  # read before the agent listens
         assert line.startswith("listening "), line
         self.address = line.split()[1]
 
@@ -247,7 +249,31 @@ HARVEST = (
     + r"""
 # The attacker: poll every process's cmdline and environ while a victim runs,
 # then try everything found against every agent seen, as soon as it is seen.
-stop, done, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+stop, done, seconds, root = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+# Only the victim's processes (descendants of `root`): other runs on this machine
+# are not this test's business.
+parents = {}
+
+
+def ppid(pid):
+    if pid not in parents:
+        try:
+            with open("/proc/%s/stat" % pid, "rb") as f:
+                parents[pid] = f.read().rsplit(b")", 1)[1].split()[1].decode()
+        except (OSError, IndexError):
+            parents[pid] = "0"
+    return parents[pid]
+
+
+def mine(pid):
+    for _ in range(64):
+        if pid == root:
+            return True
+        if pid in ("0", "1", ""):
+            return False
+        pid = ppid(pid)
+    return False
+
 TOKENISH = re.compile(rb"[A-Za-z0-9_\-\.]{20,}")
 agents, candidates, tried = set(), set(), set()
 ticket_files, ticket_files_read, environ_read = set(), 0, 0
@@ -258,7 +284,7 @@ wins = []
 def harvest():
     global ticket_files_read, environ_read
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not pid.isdigit() or int(pid) == os.getpid() or not mine(pid):
             continue
         try:
             with open("/proc/%s/cmdline" % pid, "rb") as f:
