@@ -26,9 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vmagent import tickets  # noqa: E402
 from vmagent.cluster import Instance, LocalCluster  # noqa: E402
-from vmagent.remote import deputy_argv, interpreter  # noqa: E402
+from vmagent.remote import TicketDrop, deputy_command, interpreter, ticket_for_self  # noqa: E402
 
 PY = os.fsdecode(interpreter())
 
@@ -38,15 +37,14 @@ def spawn_wait(path: str, argv: list[str], **kw: object) -> int:
     return os.waitpid(pid, 0)[1]
 
 
+DROP = TicketDrop()
+
+
 def deputy(inst: Instance, *argv: str) -> list[str]:
-    args = deputy_argv(
-        inst.address,
-        inst.name,
-        tickets.mint(inst.token, inst.name),
-        os.fsencode(argv[0]),
-        tuple(os.fsencode(a) for a in argv),
-    )
-    return [PY, *(os.fsdecode(a) for a in args[1:])]
+    path = os.fsencode(argv[0])
+    args = tuple(os.fsencode(a) for a in argv)
+    ticket = ticket_for_self(inst.token, inst.name, path, args)
+    return deputy_command(DROP, inst.address, inst.name, ticket, path, args)
 
 
 def latency(runs: int, inst: Instance) -> tuple[list[float], list[float]]:
@@ -141,6 +139,7 @@ def main() -> None:
             f"-> {'OK' if inp >= 500 else 'MISSED'} (target >= 500)"
         )
         cluster.remove_logs()
+    DROP.close()
     if (Path(__file__).resolve().parents[1] / "tracer" / "cli.py").exists():
         alone, placed = under_dcptrace(min(args.runs, 100))
         print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import statistics
 import subprocess
@@ -61,19 +62,23 @@ async def boot_to_registered(lab: Lab, name: str) -> tuple[float, float]:
 
 def exec_times(lab: Lab, name: str, count: int) -> list[float]:
     """Wall seconds of `/bin/true` run on the instance through a deputy (host side)."""
-    from vmagent import remote, tickets
+    from vmagent import remote
+
+    DROP = remote.TicketDrop()  # noqa: N806 - removed by the process exit hook below
+    atexit.register(DROP.close)
 
     assert lab.provider is not None
     out = []
     for _ in range(count):
-        argv = remote.deputy_argv(
+        argv = remote.deputy_command(
+            DROP,
             f"{lab.provider.address(name)}:7070",
             name,
-            tickets.mint(lab.tokens[name], name),
+            remote.ticket_for_self(lab.tokens[name], name, b"/bin/true", (b"true",)),
             b"/bin/true",
             (b"true",),
         )
-        cmd = ["ip", "netns", "exec", lab.netns, *map(bytes.decode, argv)]
+        cmd = ["ip", "netns", "exec", lab.netns, *argv]
         t0 = time.monotonic()
         res = subprocess.run(cmd, capture_output=True, cwd="/", stdin=subprocess.DEVNULL)
         out.append(time.monotonic() - t0)

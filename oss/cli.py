@@ -243,12 +243,19 @@ def account() -> None:
 @click.option("--admin", is_flag=True, help="An operator account (manages accounts, pools).")
 @click.option("--pricing", type=click.Choice(["sum", "premium"]), default="sum", show_default=True)
 @click.option("--user", default="admin", show_default=True, help="Name of the first user.")
+@click.option(
+    "--allow-root",
+    is_flag=True,
+    help="Its processes may run as uid/gid 0 on instances (default: refused).",
+)
 @click.argument("name")
-def account_create(data_dir: Path, admin: bool, pricing: str, user: str, name: str) -> None:
+def account_create(
+    data_dir: Path, admin: bool, pricing: str, user: str, allow_root: bool, name: str
+) -> None:
     """Create account NAME and print its first user's token (ids on stderr)."""
     try:
         cred = credentials.create_account_sync(
-            data_dir, name, admin=admin, pricing_model=pricing, user=user
+            data_dir, name, admin=admin, pricing_model=pricing, user=user, allow_root=allow_root
         )
     except OssError as exc:
         raise click.ClickException(exc.message) from exc

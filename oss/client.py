@@ -163,12 +163,19 @@ class OssClient:
         return await self._get(m.Program, "POST", f"/v1/programs/{program_id}/finish", body)
 
     async def place(
-        self, program_id: str, processes: int = 1, avoid: list[str] | None = None
+        self,
+        program_id: str,
+        processes: int = 1,
+        avoid: list[str] | None = None,
+        exec_as: dict[str, Any] | None = None,
     ) -> m.PlacementResult:
         """Ask where new processes of the program run (with exec tickets where possible)."""
-        body = m.PlacementRequest(processes=processes)
+        spec: dict[str, Any] = {"processes": processes}
         if avoid:
-            body = m.PlacementRequest(processes=processes, avoid=avoid)
+            spec["avoid"] = avoid
+        if exec_as is not None:
+            spec["exec_as"] = m.ExecIdentity(**exec_as)
+        body = m.PlacementRequest(**spec)
         return await self._get(
             m.PlacementResult, "POST", f"/v1/programs/{program_id}/placements", body
         )

@@ -40,12 +40,13 @@ async def create_account(
     admin: bool = False,
     pricing_model: str = "sum",
     user: str = "admin",
+    allow_root: bool = False,
 ) -> AccountCredentials:
     """Create an account with a first user and return its token."""
     store = Store(data_dir)
     await store.open()
     try:
-        acct, usr, token = await store.create_account(name, admin, pricing_model, user)
+        acct, usr, token = await store.create_account(name, admin, pricing_model, user, allow_root)
         return AccountCredentials(acct["id"], usr["id"], token)
     finally:
         await store.close()
@@ -63,8 +64,16 @@ def create_account_sync(
     admin: bool = False,
     pricing_model: str = "sum",
     user: str = "admin",
+    allow_root: bool = False,
 ) -> AccountCredentials:
     """Blocking `create_account` (not from inside a running event loop)."""
     return asyncio.run(
-        create_account(data_dir, name, admin=admin, pricing_model=pricing_model, user=user)
+        create_account(
+            data_dir,
+            name,
+            admin=admin,
+            pricing_model=pricing_model,
+            user=user,
+            allow_root=allow_root,
+        )
     )

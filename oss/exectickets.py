@@ -1,9 +1,12 @@
 """Exec tickets the OSS mints for a client that runs a process on an instance.
 
 The same format as `vmagent.tickets` (kept apart so `oss` does not depend on
-`vmagent`): `v1.<nonce>.<expiry>.<hmac-sha256(key, "v1.<nonce>.<expiry>.<instance>")>`.
-The key is the instance agent's per-process exec key, sent at registration;
-the agent accepts a ticket once, before its expiry.
+`vmagent`): public part
+`v2.x.<nonce>.<issued_ms>.<expiry_ms>.<uid>.<gid>.<groups>.<digest>` and secret
+`hmac-sha256(exec_key, public + "." + instance)`, handed out as `public.secret`.
+The key is the instance agent's per-process exec key, sent at registration.
+`digest` binds the ticket to one exec (the client computes it over the path and
+argv); uid/gid/groups are credentials the account may use (`Account.exec_ids`).
 """
 
 from __future__ import annotations
@@ -12,14 +15,37 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Sequence
 
-TICKET_TTL = 300.0  # seconds; the agent remembers used nonces this long
+TICKET_TTL = 20.0  # seconds; agents refuse tickets living longer than 30 s
 
 
-def mint(key: str, instance: str, ttl: float = TICKET_TTL, now: float | None = None) -> str:
-    """A fresh single-use ticket for `instance`, MAC'd with its agent's exec key."""
+def mint(
+    key: str,
+    instance: str,
+    *,
+    uid: int,
+    gid: int,
+    digest: str,
+    groups: Sequence[int] = (),
+    ttl: float = TICKET_TTL,
+    now: float | None = None,
+) -> str:
+    """A fresh single-use ticket for one exec on `instance`, MAC'd with its agent's exec key."""
     # Wall time, not the OSS clock: the agent checks the expiry against its own clock.
-    expiry = int((time.time() if now is None else now) + ttl)
-    body = f"v1.{secrets.token_hex(12)}.{expiry}"
-    mac = hmac.new(key.encode(), f"{body}.{instance}".encode(), hashlib.sha256).hexdigest()
-    return f"{body}.{mac}"
+    issued = int((time.time() if now is None else now) * 1000)
+    public = ".".join(
+        (
+            "v2",
+            "x",
+            secrets.token_hex(12),
+            str(issued),
+            str(issued + int(ttl * 1000)),
+            str(uid),
+            str(gid),
+            ",".join(str(g) for g in groups) or "-",
+            digest,
+        )
+    )
+    mac = hmac.new(key.encode(), f"{public}.{instance}".encode(), hashlib.sha256).hexdigest()
+    return f"{public}.{mac}"

@@ -214,10 +214,21 @@ class Program(Api):
     placements: list[Placement]
 
 
+class ExecIdentity(Api):
+    """The exec the placed processes run and the ids they run as (bound into tickets)."""
+
+    uid: Annotated[int, Field(ge=0, le=2**32 - 2)]
+    gid: Annotated[int, Field(ge=0, le=2**32 - 2)]
+    groups: Annotated[list[Annotated[int, Field(ge=0, le=2**32 - 2)]], Field(max_length=256)] = []
+    digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # sha256, path + argv
+
+
 class PlacementRequest(Api):
     """Place more processes of a running program (an exec/fork landing)."""
 
     processes: Annotated[int, Field(ge=1, le=1024)] = 1
+    # Exec tickets are minted only for a placement that says what it runs and as whom.
+    exec_as: ExecIdentity | None = None
     # A spread hint: among otherwise equal new instances, these come last (e.g. the
     # instance the previous process went to, so sequential processes alternate).
     avoid: Annotated[list[Name], Field(max_length=64)] = []

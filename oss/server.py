@@ -274,8 +274,9 @@ async def h_place(
     oss: Oss, r: web.Request, who: Any, b: m.PlacementRequest, q: Any
 ) -> m.PlacementResult:
     pid = r.match_info["program_id"]
+    await oss.may_exec_as(_acct(who).account_id, b.exec_as)
     got = await oss.store.place(_acct(who).account_id, pid, b.processes, b.avoid)
-    grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got)]
+    grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as)]
     return m.PlacementResult(
         program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
     )
@@ -474,7 +475,7 @@ async def h_register(
 ) -> m.AgentRegistered:
     if b.instance != who:
         raise Unauthorized("token does not belong to this instance")
-    await oss.register(b)
+    await oss.register(b, r.remote)
     return m.AgentRegistered(instance=b.instance, heartbeat_interval=oss.config.heartbeat_interval)
 
 

@@ -21,10 +21,10 @@ from typing import Any
 
 from oss import availability, exectickets, optimizer
 from oss import logs as logmod
-from oss.errors import Conflict, OssError, ProviderError, Unauthorized
+from oss.errors import Conflict, Forbidden, OssError, ProviderError, Unauthorized
 from oss.locking import LockService
 from oss.metrics import MetricsCollector
-from oss.models import AgentHeartbeat, AgentRegister, Policies, ProgramSubmit
+from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
 from oss.pool import Credentials, Provider, fill_plan
 from oss.pricing import Rates
 from oss.store import Principal, Store, hash_token
@@ -287,11 +287,36 @@ class Oss:
 
     # -- agents --------------------------------------------------------------
 
-    async def register(self, body: AgentRegister) -> None:
-        """An agent came up."""
+    async def may_exec_as(self, account_id: str, exec_as: ExecIdentity | None) -> None:
+        """Forbidden unless the account may run processes with these ids.
+
+        uid 0 and gid 0 (also as a supplementary group) need the operator's
+        `allow_root` on the account; any other id is the tenant's own business
+        on its instances.
+        """
+        if exec_as is None:
+            return
+        if 0 in (exec_as.uid, exec_as.gid, *exec_as.groups) and not await self.store.allows_root(
+            account_id
+        ):
+            raise Forbidden(
+                "this account may not run processes as uid 0 or gid 0 on instances"
+                " (an operator can allow it: dcp-oss account create --allow-root)"
+            )
+
+    async def register(self, body: AgentRegister, peer: str | None = None) -> None:
+        """An agent came up; `peer` is the host it connected from (its advertised address's host).
+
+        The OSS hands out `peer:port`, not the address the body claims: an
+        instance token alone cannot point clients at another host.
+        """
+        address = body.address
+        if peer:
+            port = body.address.rpartition(":")[2]
+            address = f"[{peer}]:{port}" if ":" in peer else f"{peer}:{port}"
         await self.store.register_instance(
             body.instance,
-            body.address,
+            address,
             body.hostname,
             body.cpus,
             body.memory_mb,
@@ -299,10 +324,18 @@ class Oss:
             body.exec_key,
         )
         self._last_seen[body.instance] = self.clock()
-        self.oss_log(f"instance {body.instance} registered at {body.address}", body.instance)
+        self.oss_log(f"instance {body.instance} registered at {address}", body.instance)
 
-    async def exec_grants(self, assignments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """A fresh exec ticket per placed process, for instances whose agent sent an exec key."""
+    async def exec_grants(
+        self, assignments: Sequence[Mapping[str, Any]], exec_as: ExecIdentity | None
+    ) -> list[dict[str, Any]]:
+        """A fresh exec ticket per placed process, for instances whose agent sent an exec key.
+
+        Tickets are bound to `exec_as` (one exec, its uid/gid/groups); without it none
+        are minted.  The caller checked that the account may use those ids.
+        """
+        if exec_as is None:
+            return []
         keys = await self.store.exec_targets([a["instance"] for a in assignments])
         grants = []
         for a in assignments:
@@ -310,7 +343,17 @@ class Oss:
             if found is None:
                 continue
             address, key = found
-            tickets = [exectickets.mint(key, a["instance"]) for _ in range(a["processes"])]
+            tickets = [
+                exectickets.mint(
+                    key,
+                    a["instance"],
+                    uid=exec_as.uid,
+                    gid=exec_as.gid,
+                    groups=exec_as.groups,
+                    digest=exec_as.digest,
+                )
+                for _ in range(a["processes"])
+            ]
             grants.append(dict(instance=a["instance"], address=address, tickets=tickets))
         return grants
 

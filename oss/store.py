@@ -123,6 +123,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE instances ADD COLUMN exec_key TEXT;
     """,
+    # 6: may the account's exec tickets name uid/gid 0 (set by the operator only)?
+    """
+    ALTER TABLE accounts ADD COLUMN allow_root INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 CANDIDATES = 32  # instances the SQL pre-filter hands the scheduler (plus the program's own)
@@ -336,7 +340,7 @@ class Store:
     # -- accounts, users, tokens ---------------------------------------------
 
     async def create_account(
-        self, name: str, admin: bool, pricing_model: str, user: str
+        self, name: str, admin: bool, pricing_model: str, user: str, allow_root: bool = False
     ) -> tuple[dict[str, Any], dict[str, Any], str]:
         """Create an account, its first user and a token; return (account, user, token)."""
         token = "dcp_" + secrets.token_urlsafe(32)
@@ -347,8 +351,9 @@ class Store:
                 raise Conflict(f"account {name!r} exists")
             aid, uid = new_id("acct"), new_id("user")
             c.execute(
-                "INSERT INTO accounts(id, name, admin, pricing_model, created) VALUES(?,?,?,?,?)",
-                (aid, name, int(admin), pricing_model, now),
+                "INSERT INTO accounts(id, name, admin, pricing_model, created, allow_root)"
+                " VALUES(?,?,?,?,?,?)",
+                (aid, name, int(admin), pricing_model, now, int(allow_root)),
             )
             c.execute(
                 "INSERT INTO users(id, account_id, name, created) VALUES(?,?,?,?)",
@@ -856,6 +861,15 @@ class Store:
             return _place(c, program_id, processes, now, frozenset(avoid))
 
         return await self.write(op)
+
+    async def allows_root(self, account_id: str) -> bool:
+        """May the account's exec tickets name uid 0 or gid 0 (operator's choice)?"""
+
+        def op(c: Conn) -> bool:
+            r = c.execute("SELECT allow_root FROM accounts WHERE id=?", (account_id,)).fetchone()
+            return bool(r and r[0])
+
+        return await self.read(op)
 
     async def exec_targets(self, names: Sequence[str]) -> dict[str, tuple[str, str]]:
         """{instance: (agent address, exec key)} for the ready ones that registered a key."""

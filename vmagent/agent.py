@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import hmac
 import logging
 import os
 import secrets
@@ -24,13 +25,14 @@ from collections.abc import Callable
 from aiohttp import web
 
 from vmagent import protocol as P
+from vmagent import tickets
 from vmagent.config import AgentConfig
 from vmagent.errors import AgentError, AuthError, BadRequest
 from vmagent.load import LoadSampler
 from vmagent.readers import ReaderProbe
 from vmagent.remote import tracer_prefix
-from vmagent.spawn import ExecRequest, SpawnFailed, become_subreaper, parse_hello, spawn
-from vmagent.tickets import TicketCheck
+from vmagent.spawn import ExecRequest, SpawnFailed, become_subreaper, bind, parse_hello, spawn
+from vmagent.tickets import Grant, TicketCheck
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Session:
         self.reading = False
         self.finished = False
         self.forgotten = False
+        self.nonce = ""  # of the ticket that started the session (a resume must show it)
         self._abandon: asyncio.TimerHandle | None = None
         self._drain: asyncio.TimerHandle | None = None
 
@@ -388,15 +391,25 @@ def fcntl_setpipe(fd: int, size: int = 1 << 20) -> None:
 
 
 class ExecProtocol(asyncio.Protocol):
-    """One deputy connection (after the MAGIC bytes)."""
+    """One deputy connection (after the MAGIC bytes).
 
-    def __init__(self, service: ExecService) -> None:
+    Before anything else the deputy and the agent prove to each other that they
+    hold the ticket's secret T (AUTH, CHALLENGE, PROOF); until then only small
+    frames are accepted and the connection lives at most HANDSHAKE_TIMEOUT.
+    """
+
+    def __init__(self, service: ExecService, gate: Gate | None = None) -> None:
         self.service = service
-        self.parser = P.FrameParser()
+        self.gate = gate
+        self.parser = P.FrameParser(P.PRE_AUTH_MAX)
         self.session: Session | None = None
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self._skip = len(P.MAGIC)
+        self.grant: Grant | None = None  # the ticket shown in AUTH
+        self._secret = ""
+        self._challenge = b""
+        self.authenticated = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -424,16 +437,50 @@ class ExecProtocol(asyncio.Protocol):
             cut = min(self._skip, len(data))
             data = data[cut:]
             self._skip -= cut
+        parser = self.parser
+        parser.push(data)
         try:
-            for kind, fd, seq, payload in self.parser.feed(data):
-                if self.session is None:
-                    self.session = self.service.open(self, kind, seq, payload)
-                else:
+            while (got := parser.next()) is not None:
+                kind, fd, seq, payload = got
+                if self.session is not None:
                     self.session.on_frame(kind, fd, seq, payload)
+                elif not self.authenticated:
+                    self._handshake(kind, payload)
+                else:
+                    assert self.grant is not None
+                    self.session = self.service.open(self, kind, seq, payload, self.grant)
+                if self.transport is None or self.transport.is_closing():
+                    return
+            if not self.authenticated and parser.pending() > P.PRE_AUTH_MAX + P.HEADER_SIZE:
+                raise P.FrameError("too much data before authentication")
         except AgentError as exc:
             self.refuse(str(exc))
         except P.FrameError as exc:
             self.refuse(f"protocol error: {exc}")
+
+    def _handshake(self, kind: int, payload: bytes) -> None:
+        """AUTH -> answer with our proof and a challenge; PROOF -> authenticated."""
+        if kind == P.AUTH and self.grant is None:
+            items = P.unrecord(payload)
+            if len(items) != 2 or len(items[1]) != P.NONCE_SIZE:
+                raise BadRequest("malformed AUTH frame")
+            self.grant, self._secret = self.service.tickets.secret(
+                items[0].decode("ascii", errors="replace")
+            )
+            self._challenge = secrets.token_bytes(P.NONCE_SIZE)
+            mine = tickets.proof(self._secret, b"agent", items[1])
+            self.write(P.frame(P.CHALLENGE, 0, P.record([mine, self._challenge])))
+        elif kind == P.PROOF and self.grant is not None:
+            items = P.unrecord(payload)
+            want = tickets.proof(self._secret, b"deputy", self._challenge)
+            if len(items) != 1 or not hmac.compare_digest(items[0], want):
+                raise AuthError("exec ticket not valid for this instance")
+            self.authenticated = True
+            self.parser.limit = P.MAX_PAYLOAD
+            if self.gate is not None:
+                self.gate.settle()
+        else:
+            raise BadRequest(f"expected the exec handshake, got frame kind {kind}")
 
     def refuse(self, message: str) -> None:
         """Send ERROR and hang up (bad ticket, malformed request)."""
@@ -452,6 +499,8 @@ class ExecProtocol(asyncio.Protocol):
             self.session._flow()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.gate is not None:
+            self.gate.settle()
         if self.session is not None:
             self.session.detach(self)
 
@@ -487,20 +536,27 @@ class ExecService:
             if session is not None:
                 session.exited(status)
 
-    def open(self, proto: ExecProtocol, kind: int, seq: int, payload: bytes) -> Session:
-        """Handle the first frame of a connection: HELLO or RESUME."""
+    def open(
+        self, proto: ExecProtocol, kind: int, seq: int, payload: bytes, grant: Grant
+    ) -> Session:
+        """Handle the first frame after the handshake: HELLO or RESUME.
+
+        A session resumes only over a connection authenticated with the ticket
+        that started it: its id alone is not a credential.
+        """
         if kind == P.RESUME:
             session = self.sessions.get(payload)
-            if session is None or session.forgotten:
+            if session is None or session.forgotten or session.nonce != grant.nonce:
                 raise AuthError("no such session (it ended or was abandoned)")
             session.attach(proto, seq)
             return session
         if kind != P.HELLO:
             raise BadRequest(f"expected HELLO or RESUME, got frame kind {kind}")
-        ticket, request = parse_hello(payload)
-        self.tickets.verify(ticket)
+        request = bind(parse_hello(payload), grant)
+        self.tickets.burn(grant)
         program = os.fsdecode(request.argv[0])
         session = Session(self, secrets.token_bytes(16), request, program)
+        session.nonce = grant.nonce
         self.sessions[session.sid] = session
         session.attach(proto, 0)
         try:
@@ -513,6 +569,10 @@ class ExecService:
             self.counts["failed"] += 1
             session.fail(exc.errno or errno.EIO, f"cannot set up descriptors: {exc.strerror}")
             return session
+        except Exception as exc:  # never leave a half-started session registered
+            self.counts["failed"] += 1
+            self.forget(session)
+            raise BadRequest(f"cannot start the program: {exc}") from exc
         self.by_pid[session.pid] = session
         self.counts["started"] += 1
         session.send(P.STARTED, 0, P.unpairs({b"pid": str(session.pid).encode()}))
@@ -550,36 +610,81 @@ class ExecService:
             self.forget(session)
 
 
+HANDSHAKE_TIMEOUT = 5.0  # s an unauthenticated exec connection may take to authenticate
+HTTP_LIFETIME = 30.0  # s any HTTP connection may stay open (the API's calls are short)
+MAX_UNAUTHENTICATED = 128  # concurrent connections that have not authenticated yet
+
+
+class Gate:
+    """Bounds one connection until it authenticates: a deadline and a shared count."""
+
+    def __init__(self, counter: list[int], transport: asyncio.Transport) -> None:
+        self._counter = counter
+        self._counter[0] += 1
+        self._open = True
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, transport.close
+        )
+
+    def extend(self, transport: asyncio.Transport, seconds: float) -> None:
+        """Stop counting the connection; close it after `seconds` all the same (HTTP)."""
+        self.settle()
+        self._timer = asyncio.get_running_loop().call_later(seconds, transport.close)
+
+    def settle(self) -> None:
+        """Authenticated: no deadline, no longer counted."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._open:
+            self._open = False
+            self._counter[0] -= 1
+
+
 class Sniffer(asyncio.Protocol):
     """Chooses, from the first bytes, between the exec protocol and HTTP."""
 
     def __init__(
         self,
-        exec_factory: Callable[[], asyncio.Protocol],
+        exec_factory: Callable[[Gate], asyncio.Protocol],
         http_factory: Callable[[], asyncio.Protocol],
+        counter: list[int],
     ) -> None:
         self._exec = exec_factory
         self._http = http_factory
+        self._counter = counter
         self._transport: asyncio.Transport | None = None
+        self._gate: Gate | None = None
         self._buf = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._counter[0] >= MAX_UNAUTHENTICATED:
+            transport.abort()  # too many strangers at once: this one waits its turn
+            return
+        self._gate = Gate(self._counter, transport)
 
     def data_received(self, data: bytes) -> None:
-        assert self._transport is not None
+        if self._transport is None or self._gate is None:
+            return  # refused in connection_made
         self._buf += data
         if len(self._buf) < len(P.MAGIC) and P.MAGIC.startswith(self._buf):
             return
-        proto = self._exec() if self._buf.startswith(P.MAGIC) else self._http()
+        proto: asyncio.Protocol
+        if self._buf.startswith(P.MAGIC):
+            proto = self._exec(self._gate)
+        else:
+            proto = self._http()
+            self._gate.extend(self._transport, HTTP_LIFETIME)
         self._transport.set_protocol(proto)
         proto.connection_made(self._transport)
         proto.data_received(self._buf)
         self._buf = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
-        pass
+        if self._gate is not None:
+            self._gate.settle()
 
 
 SERVICE: web.AppKey[ExecService] = web.AppKey("service", ExecService)
@@ -587,14 +692,22 @@ SAMPLER: web.AppKey[LoadSampler] = web.AppKey("sampler", LoadSampler)
 CONFIG: web.AppKey[AgentConfig] = web.AppKey("config", AgentConfig)
 
 
-def _authorized(request: web.Request) -> None:
+def _is_authorized(request: web.Request) -> bool:
     token = request.app[CONFIG].token
-    if request.headers.get("Authorization", "") != f"Bearer {token}":
+    given = request.headers.get("Authorization", "").encode()
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+def _authorized(request: web.Request) -> None:
+    if not _is_authorized(request):
         raise web.HTTPUnauthorized(text="missing or wrong bearer token\n")
 
 
 async def _health(request: web.Request) -> web.Response:
+    """Liveness for anyone; details (instance, pid, sessions) for the token's holder."""
     config = request.app[CONFIG]
+    if not _is_authorized(request):
+        return web.json_response({"ok": True})
     return web.json_response(
         {
             "ok": True,
@@ -651,10 +764,10 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.sampler = LoadSampler()
-        keys = (config.exec_key,) if config.exec_key else ()
         self.service = ExecService(
-            config, TicketCheck(config.token, config.instance, exec_keys=keys)
+            config, TicketCheck(config.token, config.instance, exec_key=config.exec_key)
         )
+        self._unauthenticated = [0]  # connections counted by their Gate
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
         self.address = ""
@@ -663,14 +776,18 @@ class Agent:
         """Listen; return the bound HOST:PORT."""
         self.service.install()
         self.runner = web.AppRunner(
-            make_app(self.config, self.service, self.sampler), access_log=None
+            make_app(self.config, self.service, self.sampler),
+            access_log=None,
+            keepalive_timeout=HTTP_LIFETIME / 2,
         )
         await self.runner.setup()
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: Sniffer(lambda: ExecProtocol(self.service), http),
+            lambda: Sniffer(
+                lambda gate: ExecProtocol(self.service, gate), http, self._unauthenticated
+            ),
             self.config.listen_host,
             self.config.listen_port,
             reuse_address=True,

@@ -109,6 +109,8 @@ class LocalCluster:
         self.tag = secrets.token_hex(3)
         self.names = [f"{prefix}{i}" for i in range(count)]
         self.instances: list[Instance] = []
+        # mkdtemp makes it 0700; the logs in it are 0600 (they never hold a secret,
+        # but what programs do is the user's business).
         self.logdir = Path(tempfile.mkdtemp(prefix=f"dcp-cluster-{self.tag}-"))
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._agent_pids: dict[str, int] = {}
@@ -219,7 +221,10 @@ class LocalCluster:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])]
         )
-        stderr = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        log_fd = os.open(
+            self.logdir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        stderr = open(log_fd, "wb")  # noqa: SIM115 - owned by the child
         try:
             os.write(token_w, token.encode())  # a pipe holds far more than one token
             os.close(token_w)
@@ -281,8 +286,12 @@ class LocalCluster:
         )
 
     def _health(self, name: str, address: str) -> dict[str, Any]:
+        token = self._tokens[name][0]
+        req = urllib.request.Request(
+            f"http://{address}/v1/health", headers={"Authorization": f"Bearer {token}"}
+        )
         try:
-            with urllib.request.urlopen(f"http://{address}/v1/health", timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=5) as resp:
                 data = json.load(resp)
         except OSError as exc:
             raise ClusterError(name, f"agent at {address} does not answer: {exc}") from exc

@@ -1,10 +1,14 @@
 """The home deputy: stands in for a program that runs on another instance.
 
 The coordinator rewrites a traced process's execve into
-`python3 -I -S .../vmagent/deputy.py --agent HOST:PORT --instance NAME --ticket T
--- PATH ARGV...`, leaving envp alone, so this module runs *in the original
-process*: same pid, parent, file descriptors, cwd, environment, umask, rlimits.
-It sends all of that to the agent, which starts PATH there; it then
+`python3 -I -S .../vmagent/deputy.py --agent HOST:PORT --instance NAME
+--ticket-file F -- PATH ARGV...`, leaving envp alone, so this module runs *in
+the original process*: same pid, parent, file descriptors, cwd, environment,
+umask, rlimits.  F is a 0600 file of the process's own uid holding its exec
+ticket (argv is world-readable: the ticket never goes there); the deputy reads
+and deletes it, proves to the agent that it holds the ticket's secret and
+checks the agent's proof before it sends anything (vmagent.tickets), then
+sends all of that to the agent, which starts PATH there; it then
 
 - streams its readable pipes/ttys to the remote program and the remote
   program's writes back into its own descriptors (so pipes, `$(...)`, files
@@ -27,6 +31,7 @@ import sys
 if not __package__:  # run as a file by path (-I drops the script dir from sys.path)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _hashlib  # noqa: E402
 import _signal  # noqa: E402
 import _socket  # noqa: E402
 import _thread  # noqa: E402
@@ -53,6 +58,10 @@ FORWARDED = (
 STOPPERS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 WAKE = _signal.SIGRTMIN + 3  # internal: the receiver thread wakes the main thread
 ACCMODE = 3  # O_ACCMODE
+HANDSHAKE_TIMEOUT = 5.0  # s to connect and authenticate the agent
+# Never forwarded to an instance: the account's OSS token.
+PRIVATE_ENV = (b"DCP_TOKEN=",)
+MAX_TICKET = 4096
 
 
 def _say(message: str) -> None:
@@ -60,6 +69,20 @@ def _say(message: str) -> None:
         os.write(2, b"dcp: " + message.encode(errors="replace") + b"\n")
     except OSError:
         pass
+
+
+def read_ticket(path: str) -> bytes:
+    """The ticket `B.T` from its one-shot file (deleted once read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, MAX_TICKET + 1)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return data.strip()
 
 
 def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
@@ -81,15 +104,18 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
             agent = value
         elif arg == "--instance":
             instance = value
-        elif arg == "--ticket":
-            ticket = os.fsencode(value)
+        elif arg == "--ticket-file":
+            try:
+                ticket = read_ticket(value)
+            except OSError as exc:
+                raise SystemExit(f"cannot read the exec ticket: {exc.strerror}") from None
         elif arg == "--reconnect":
             window = float(value)
         else:
             break
         i += 2
     raise SystemExit(
-        "usage: deputy --agent HOST:PORT [--instance NAME] --ticket T "
+        "usage: deputy --agent HOST:PORT [--instance NAME] --ticket-file F "
         "[--reconnect SECONDS] -- PATH ARGV0 [ARGS...]"
     )
 
@@ -181,14 +207,12 @@ def _rlimits() -> bytes:
 
 
 def build_hello(
-    ticket: bytes, rest: list[bytes], fd_records: list[bytes], masks: tuple[int, int] | None = None
+    rest: list[bytes], fd_records: list[bytes], masks: tuple[int, int] | None = None
 ) -> bytes:
     """The HELLO payload describing this process and the program to start."""
     with open("/proc/self/environ", "rb") as f:
         # The environment as exec'd, before Python touched it (locale coercion).
-        env = f.read().split(b"\0")
-    if env and env[-1] == b"":
-        env.pop()
+        env = [e for e in f.read().split(b"\0") if e and not e.startswith(PRIVATE_ENV)]
     mask = os.umask(0)
     os.umask(mask)
     # Python ignores SIGPIPE and SIGXFSZ itself; every other ignored signal was
@@ -197,7 +221,6 @@ def build_hello(
     ignored &= ~((1 << (13 - 1)) | (1 << (25 - 1)))
     return P.unpairs(
         {
-            b"ticket": ticket,
             b"path": rest[0],
             b"argv": P.record(rest[1:]),
             b"env": P.record(env),
@@ -217,8 +240,9 @@ def build_hello(
 class Link:
     """The deputy's end of one exec session: sequenced sends, replay on reconnect."""
 
-    def __init__(self, agent: str, instance: str, window: float) -> None:
+    def __init__(self, agent: str, instance: str, window: float, ticket: bytes = b"") -> None:
         host, _, port = agent.rpartition(":")
+        self.public, _, self.secret = ticket.rpartition(b".")
         self.addr = (host.strip("[]"), int(port))
         self.agent = agent
         self.instance = instance
@@ -246,18 +270,55 @@ class Link:
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPIDLE, P.KEEPALIVE_IDLE)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPINTVL, P.KEEPALIVE_INTVL)
             sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPCNT, P.KEEPALIVE_CNT)
-            sock.settimeout(5.0)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
             sock.connect(self.addr)
-            sock.settimeout(None)
         except OSError:
             sock.close()
             raise
         return sock
 
-    def open(self, hello: bytes) -> None:
-        """First connection: send HELLO (raises OSError if the agent is unreachable)."""
+    def _mac(self, role: bytes, challenge: bytes) -> bytes:
+        return _hashlib.hmac_digest(self.secret, role + challenge, "sha256")
+
+    def handshake(self, first: bytes) -> tuple[_socket.socket, P.FrameParser, list]:
+        """Connect, authenticate the agent, then send `first` (HELLO or RESUME).
+
+        Nothing about the program leaves this process before the agent proved
+        it knows the ticket's secret.  Returns the socket, the parser holding
+        what followed the agent's first answer, and the frames already decoded.
+        Raises LostError if the agent refuses or fails the proof, OSError if
+        it cannot be reached.
+        """
         sock = self.dial()
-        sock.sendall(P.MAGIC + P.frame(P.HELLO, 0, hello))
+        try:
+            mine = os.urandom(P.NONCE_SIZE)
+            sock.sendall(P.MAGIC + P.frame(P.AUTH, 0, P.record([self.public, mine])))
+            parser = P.FrameParser(P.PRE_AUTH_MAX)
+            frames: list = []
+            while not frames:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("agent closed the connection")
+                frames = parser.feed(data)
+            kind, _fd, _seq, payload = frames.pop(0)
+            if kind == P.ERROR:
+                raise LostError(bytes(payload).decode(errors="replace"))
+            items = P.unrecord(payload) if kind == P.CHALLENGE else []
+            if len(items) != 2 or not _hashlib.compare_digest(items[0], self._mac(b"agent", mine)):
+                raise LostError("the agent failed to prove it holds the instance key")
+            sock.sendall(P.frame(P.PROOF, 0, P.record([self._mac(b"deputy", items[1])])) + first)
+            sock.settimeout(None)
+            parser.limit = P.MAX_PAYLOAD
+        except BaseException:
+            sock.close()
+            raise
+        return sock, parser, frames
+
+    def open(self, hello: bytes) -> None:
+        """First connection: authenticate, send HELLO (OSError if unreachable)."""
+        sock, parser, frames = self.handshake(P.frame(P.HELLO, 0, hello))
+        self.rx = bytearray(parser.leftover())
+        self.pending = list(frames)
         self.sock = sock
 
     def send(self, kind: int, fd: int, payload: bytes) -> None:
@@ -357,10 +418,9 @@ class Link:
         last = why
         while True:
             try:
-                sock = self.dial()
-                sock.sendall(P.MAGIC + P.frame(P.RESUME, 0, self.session, self.inbox.last))
-                parser = P.FrameParser()
-                frames: list[tuple[int, int, int, bytes]] = []
+                sock, parser, frames = self.handshake(
+                    P.frame(P.RESUME, 0, self.session, self.inbox.last)
+                )
                 while not frames:
                     data = sock.recv(65536)
                     if not data:
@@ -551,17 +611,20 @@ def main(argv: list[str]) -> int:
         return USAGE_STATUS
     fd_records, ins, _outs = classify_fds()
     masks = _signal_masks()
-    hello = build_hello(ticket, rest, fd_records, masks)
+    hello = build_hello(rest, fd_records, masks)
     sigs = set(FORWARDED) | set(STOPPERS) | {WAKE}
     # Block before any thread starts so every thread inherits the mask and only
     # the main thread's sigwait sees them.
     _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
-    link = Link(agent, instance, window)
+    link = Link(agent, instance, window, ticket)
     deputy = Deputy(link, rest[1] if len(rest) > 1 else rest[0])
     try:
         link.open(hello)
     except OSError as exc:
         deputy.result = ("lost", 0, (exc.strerror or str(exc)).encode(), b"")
+        return deputy.finish()
+    except LostError as exc:
+        deputy.result = ("refused", 0, str(exc).encode(), b"")
         return deputy.finish()
     deputy.inputs.update(ins)  # before the receiver runs: it may get WANT at once
     _thread.start_new_thread(deputy.receive, ())

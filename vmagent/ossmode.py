@@ -33,7 +33,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -41,7 +41,8 @@ from tracer.coordinator import Coordinator, Decision, ProcessEvent, ProcessExite
 from tracer.errors import TracerError, UsageError
 from vmagent.errors import AgentError
 from vmagent.placement import HOME, Placement, UnknownPolicy
-from vmagent.wiring import EXEC_CALLS, ClusterCoordinator, Target
+from vmagent.remote import credentials
+from vmagent.wiring import EXEC_CALLS, ClusterCoordinator, Ident, Target
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,8 +115,8 @@ class ProgramLink(Protocol):
         """Start submitting the program (returns at once)."""
         ...
 
-    def place(self, avoid: Sequence[str]) -> Grant | None:
-        """One process placed, or None: it runs here (the reason is logged)."""
+    def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
+        """One process placed with a ticket bound to `ident`, or None: it runs here."""
         ...
 
     def release(self, instance: str) -> None:
@@ -138,11 +139,15 @@ class OssPlacement(Placement):
         self.granted: dict[str, str] = {}  # instance -> the ticket of its latest grant
 
     def choose(self) -> str:
+        """Without the exec's identity no ticket can be had: the process runs here."""
+        return HOME
+
+    def choose_for(self, ident: Ident) -> str:
         """Ask the OSS for one placement (HOME for `local` or when it cannot place)."""
         if self.policy == "local":
             return HOME
         avoid = [self._last] if self.policy == "spread" and self._last else []
-        grant = self._link.place(avoid)
+        grant = self._link.place(avoid, ident)
         if grant is None:
             return HOME
         self._last = grant.instance
@@ -168,8 +173,10 @@ class OssCoordinator(ClusterCoordinator):
         link: ProgramLink,
         cwd: str,
         reconnect_window: float | None = None,
+        *,
+        creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
     ) -> None:
-        super().__init__(inner, [], Placement(placement, []), reconnect_window)
+        super().__init__(inner, [], Placement(placement, []), reconnect_window, creds=creds)
         self.oss_placement = OssPlacement(placement, link, self.targets)
         self.placement = self.oss_placement
         self._link = link
@@ -185,7 +192,10 @@ class OssCoordinator(ClusterCoordinator):
             self._link.submit(argv or ["?"], self._cwd)
         return super().on_syscall(call)
 
-    def _ticket(self, target: Target) -> str:
+    def _choose(self, ident: Ident) -> str:
+        return self.oss_placement.choose_for(ident)
+
+    def _ticket(self, target: Target, ident: Ident) -> str:
         return self.oss_placement.granted.pop(target.name)
 
     def on_process(self, event: ProcessEvent) -> None:
@@ -196,6 +206,7 @@ class OssCoordinator(ClusterCoordinator):
 
     def close(self) -> None:
         """Finish the program with the root's status (cancel it if the root was not seen)."""
+        super().close()
         if self._root is None:
             return  # never submitted
         status, sig = self._root_status or (None, None)
@@ -337,7 +348,7 @@ class OssProgramLink:
             self._warn_once("submit", f"the OSS did not take the program: {_reason(exc)}")
             return None
 
-    def place(self, avoid: Sequence[str]) -> Grant | None:
+    def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
         """One placement with its exec ticket, or None (this process runs here)."""
         from oss import errors
 
@@ -345,7 +356,19 @@ class OssProgramLink:
         if pid is None:
             return None
         try:
-            got = self._call(self._client.place(pid, 1, list(avoid)))
+            got = self._call(
+                self._client.place(
+                    pid,
+                    1,
+                    list(avoid),
+                    exec_as={
+                        "uid": ident.uid,
+                        "gid": ident.gid,
+                        "groups": list(ident.groups),
+                        "digest": ident.digest,
+                    },
+                )
+            )
         except Exception as exc:  # an OSS failure must not fail the program's exec
             code = exc.code if isinstance(exc, errors.OssError) else type(exc).__name__
             self._warn_once(

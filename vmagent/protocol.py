@@ -27,6 +27,7 @@ MAGIC = b"DCPX"
 HEADER = _struct.Struct("!BIIQ")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 24  # a peer announcing more is broken or hostile
+PRE_AUTH_MAX = 4096  # largest frame accepted before the peer proved it holds the ticket
 CHUNK = 1 << 18  # how much a forwarder reads from a pipe at once
 ACK_EVERY = 1 << 20  # receiver acknowledges after this many payload bytes
 OUTBOX_LIMIT = 64 << 20  # unacknowledged bytes a sender keeps before it pauses
@@ -44,6 +45,11 @@ ACK = 9  # either way: seq = highest contiguous seq received
 ERROR = 10  # agent -> deputy: refused (record: message); the agent then closes
 BYE = 11  # deputy -> agent: EXIT received; the session may be forgotten
 WANT = 12  # agent -> deputy: the remote program reads stream `fd`: start forwarding it
+# The handshake, before HELLO or RESUME (see vmagent.tickets): T never crosses the wire.
+AUTH = 13  # deputy -> agent: record (ticket public part B, challenge c1)
+CHALLENGE = 14  # agent -> deputy: record (HMAC(T, "agent" + c1), challenge c2)
+PROOF = 15  # deputy -> agent: record (HMAC(T, "deputy" + c2,)); then HELLO or RESUME
+NONCE_SIZE = 16  # bytes of each challenge
 
 # TCP keepalive on exec connections: a peer whose host vanished without a
 # FIN/RST (a VM killed, a cable cut) is noticed after IDLE + INTVL * CNT seconds.
@@ -114,27 +120,34 @@ def unpairs(mapping: dict[bytes, bytes]) -> bytes:
 class FrameParser:
     """Incremental decoder: feed bytes, get (kind, fd, seq, payload) tuples."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray()
+        self.limit = limit  # largest payload accepted now (raised after authentication)
 
     def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
         """Add bytes; return every frame now complete, in order."""
-        buf = self._buf
-        buf += data
+        self.push(data)
         frames: list[tuple[int, int, int, bytes]] = []
-        pos = 0
-        end = len(buf)
-        while end - pos >= HEADER_SIZE:
-            kind, fd, length, seq = HEADER.unpack_from(buf, pos)
-            FrameParser.check(kind, length)
-            if end - pos - HEADER_SIZE < length:
-                break
-            start = pos + HEADER_SIZE
-            frames.append((kind, fd, seq, bytes(buf[start : start + length])))
-            pos = start + length
-        if pos:
-            del buf[:pos]
+        while (got := self.next()) is not None:
+            frames.append(got)
         return frames
+
+    def push(self, data: bytes) -> None:
+        """Add bytes without decoding (take frames one by one with `next`)."""
+        self._buf += data
+
+    def next(self) -> tuple[int, int, int, bytes] | None:
+        """The next complete frame, checked against the limit in force now, or None."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return None
+        kind, fd, length, seq = HEADER.unpack_from(buf, 0)
+        FrameParser.check(kind, length, self.limit)
+        if len(buf) - HEADER_SIZE < length:
+            return None
+        payload = bytes(buf[HEADER_SIZE : HEADER_SIZE + length])
+        del buf[: HEADER_SIZE + length]
+        return kind, fd, seq, payload
 
     def pending(self) -> int:
         """Bytes held that do not yet form a complete frame."""
@@ -147,9 +160,9 @@ class FrameParser:
         return data
 
     @staticmethod
-    def check(kind: int, length: int) -> None:
+    def check(kind: int, length: int, limit: int = MAX_PAYLOAD) -> None:
         """Raise FrameError for a header no valid peer sends."""
-        if length > MAX_PAYLOAD or kind == 0 or kind > WANT:
+        if length > limit or kind == 0 or kind > PROOF:
             raise FrameError(f"bad frame header kind={kind} length={length}")
 
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
+
+from vmagent import tickets
 
 # The deputy runs as a file (python -I -S ignores PYTHONPATH and site-packages,
 # which is what keeps it fast and immune to the program's environment).
@@ -37,19 +44,97 @@ def interpreter() -> bytes:
 def deputy_argv(
     agent: str,
     instance: str,
-    ticket: str,
+    ticket_file: str,
     path: bytes,
     argv: tuple[bytes, ...],
     reconnect_window: float | None = None,
 ) -> tuple[bytes, ...]:
-    """argv of the deputy standing in for `execve(path, argv, ...)` run on `instance`."""
+    """argv of the deputy standing in for `execve(path, argv, ...)` run on `instance`.
+
+    The ticket itself is in `ticket_file` (see TicketDrop): argv is world-readable.
+    """
     head: list[bytes] = [b"python3", b"-I", b"-S", os.fsencode(DEPUTY_SCRIPT)]
     head += [b"--agent", agent.encode(), b"--instance", instance.encode()]
-    head += [b"--ticket", ticket.encode()]
+    head += [b"--ticket-file", os.fsencode(ticket_file)]
     if reconnect_window is not None:
         head += [b"--reconnect", str(reconnect_window).encode()]
-    # An empty argv is legal for execve; the deputy still needs an argv[0] slot.
-    return (*head, b"--", path, *(argv or (path,)))
+    return (*head, b"--", *remote_exec(path, argv))
+
+
+def remote_exec(path: bytes, argv: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """(path, *argv) exactly as the deputy sends it (what a ticket's digest covers).
+
+    An empty argv is legal for execve; the deputy still needs an argv[0] slot.
+    """
+    return (path, *(argv or (path,)))
+
+
+class TicketDrop:
+    """One-shot ticket files for deputies: `<dir>/u<uid>/<random>`, mode 0600.
+
+    The top directory (0711) is this process's; each uid gets a 0700
+    subdirectory of its own, so a deputy can read and delete its ticket and
+    nobody else can list, read or replace it.  `close` removes everything.
+    """
+
+    def __init__(self) -> None:
+        self.dir = ""  # created on the first ticket (most coordinators never place)
+        self._subdirs: dict[int, str] = {}
+
+    def _subdir(self, uid: int, gid: int) -> str:
+        if not self.dir:
+            self.dir = tempfile.mkdtemp(prefix="dcp-tickets-")
+            os.chmod(self.dir, 0o711)
+        found = self._subdirs.get(uid)
+        if found is None:
+            found = os.path.join(self.dir, f"u{uid}")
+            os.mkdir(found, 0o700)
+            if os.geteuid() == 0 and uid != 0:
+                os.chown(found, uid, gid)
+            self._subdirs[uid] = found
+        return found
+
+    def put(self, ticket: str, uid: int, gid: int) -> str:
+        """Write `ticket` readable by `uid` only; its path (not a secret)."""
+        path = os.path.join(self._subdir(uid, gid), secrets.token_hex(16))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        try:
+            if os.geteuid() == 0 and uid != 0:
+                os.fchown(fd, uid, gid)
+            os.write(fd, ticket.encode())
+        finally:
+            os.close(fd)
+        return path
+
+    def discard(self, path: str) -> None:
+        """Delete a ticket file its deputy did not consume (the deputy died first)."""
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    def close(self) -> None:
+        """Remove every ticket file and directory."""
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = ""
+            self._subdirs.clear()
+
+
+def credentials(pid: int) -> tuple[int, int, tuple[int, ...]]:
+    """(real uid, real gid, supplementary groups) of process `pid`, from /proc."""
+    uid = gid = -1
+    groups: tuple[int, ...] = ()
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Uid:"):
+                uid = int(line.split()[1])
+            elif line.startswith(b"Gid:"):
+                gid = int(line.split()[1])
+            elif line.startswith(b"Groups:"):
+                groups = tuple(int(g) for g in line.split()[1:])
+    if uid < 0 or gid < 0:
+        raise OSError(f"no credentials in /proc/{pid}/status")
+    return uid, gid, groups
 
 
 def original_argv(argv: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -65,3 +150,28 @@ def original_argv(argv: tuple[str, ...]) -> tuple[str, ...] | None:
     except ValueError:
         return None
     return tuple(argv[cut + 2 :]) or None
+
+
+def ticket_for_self(
+    token: str, instance: str, path: bytes, argv: tuple[bytes, ...], **kw: Any
+) -> str:
+    """A ticket for this process's credentials running `path argv` (tools and tests)."""
+    uid, gid, groups = credentials(os.getpid())
+    bound = remote_exec(path, argv)
+    digest = tickets.exec_digest(bound[0], bound[1:])
+    return tickets.mint(token, instance, uid=uid, gid=gid, groups=groups, digest=digest, **kw)
+
+
+def deputy_command(
+    drop: TicketDrop,
+    address: str,
+    instance: str,
+    ticket: str,
+    path: bytes,
+    argv: tuple[bytes, ...],
+    reconnect_window: float | None = None,
+) -> list[str]:
+    """A runnable deputy command line (real interpreter) with `ticket` in a ticket file."""
+    ticket_file = drop.put(ticket, os.getuid(), os.getgid())
+    args = deputy_argv(address, instance, ticket_file, path, argv, reconnect_window)
+    return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]

@@ -9,6 +9,7 @@ cwd and every forwarded descriptor at its original number, then execs.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -18,7 +19,8 @@ import signal
 from dataclasses import dataclass
 
 from vmagent import protocol as P
-from vmagent.errors import BadRequest
+from vmagent.errors import AuthError, BadRequest
+from vmagent.tickets import Grant, exec_digest
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -54,31 +56,64 @@ class ExecRequest:
     sigblk: int
 
 
-def _int(fields: dict[bytes, bytes], key: bytes, default: int | None = None) -> int:
+MAX_ID = (1 << 32) - 2  # largest uid/gid
+MAX_FD = (1 << 20) - 1  # spawn closes descriptors up to 2^20
+MAX_OFFSET = (1 << 63) - 1
+MAX_MASK = (1 << 64) - 1
+RLIMIT_COUNT = 16  # RLIM_NLIMITS on Linux
+
+
+def _int(
+    fields: dict[bytes, bytes], key: bytes, default: int | None, low: int, high: int
+) -> int | None:
     raw = fields.get(key)
     if raw is None:
-        if default is None:
-            raise BadRequest(f"exec request lacks {key.decode()}")
         return default
+    return _ranged(raw, key.decode(), low, high)
+
+
+def _ranged(raw: bytes, what: str, low: int, high: int) -> int:
+    """An integer field in [low, high]; BadRequest naming the field otherwise."""
+    if len(raw) > 24:
+        raise BadRequest(f"exec request field {what} is out of range")
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError as exc:
-        raise BadRequest(f"exec request field {key.decode()} is not an integer") from exc
+        raise BadRequest(f"exec request field {what} is not an integer") from exc
+    if not low <= value <= high:
+        raise BadRequest(f"exec request field {what} is out of range ({value})")
+    return value
 
 
-def parse_hello(payload: bytes) -> tuple[str, ExecRequest]:
-    """(ticket, request) from a HELLO payload; BadRequest if malformed."""
+def _no_nul(items: tuple[bytes, ...] | list[bytes], what: str) -> None:
+    for i, item in enumerate(items):
+        if b"\0" in item:
+            raise BadRequest(f"exec request has a NUL byte in {what}[{i}]")
+
+
+def parse_hello(payload: bytes) -> ExecRequest:
+    """The request of a HELLO payload; BadRequest (with the reason) if malformed.
+
+    uid/gid/groups here are what the deputy says; `bind` replaces them with
+    the ticket's.  Absent uid/gid come out as -1 (the ticket decides).
+    """
     try:
         fields = P.pairs(payload)
-        for key in (b"ticket", b"path", b"argv", b"cwd"):
+        for key in (b"path", b"argv", b"cwd"):
             if key not in fields:
                 raise BadRequest(f"exec request lacks {key.decode()}")
         argv = tuple(P.unrecord(fields[b"argv"]))
         env = tuple(P.unrecord(fields.get(b"env", b"")))
         rlimits = []
         for item in P.unrecord(fields.get(b"rlimits", b"")):
-            res, soft, hard = (int(v) for v in P.unrecord(item))
-            rlimits.append((res, soft, hard))
+            res, soft, hard = P.unrecord(item)
+            rlimits.append(
+                (
+                    _ranged(res, "rlimit", 0, RLIMIT_COUNT - 1),
+                    _ranged(soft, "rlimit", -1, MAX_OFFSET),
+                    _ranged(hard, "rlimit", -1, MAX_OFFSET),
+                )
+            )
         fds = []
         for item in P.unrecord(fields.get(b"fds", b"")):
             fd_s, kind, path, flags_s, pos_s, *extra = P.unrecord(item)
@@ -86,33 +121,70 @@ def parse_hello(payload: bytes) -> tuple[str, ExecRequest]:
                 raise BadRequest(f"unknown descriptor kind {kind!r}")
             if (kind == P.FD_PATH or extra) and not path.startswith(b"/"):
                 raise BadRequest("descriptor path must be absolute")
-            rdev = int(extra[0]) if extra else 0
-            fds.append(FdSpec(int(fd_s), kind, path, int(flags_s), int(pos_s), rdev))
+            _no_nul([path], "descriptor path")
+            rdev = _ranged(extra[0], "descriptor rdev", 0, MAX_MASK) if extra else 0
+            fds.append(
+                FdSpec(
+                    _ranged(fd_s, "descriptor number", 0, MAX_FD),
+                    kind,
+                    path,
+                    _ranged(flags_s, "descriptor flags", 0, (1 << 31) - 1),
+                    _ranged(pos_s, "descriptor offset", 0, MAX_OFFSET),
+                    rdev,
+                )
+            )
         groups_raw = fields.get(b"groups", b"")
-        groups = tuple(int(g) for g in groups_raw.split(b",") if g)
+        groups = tuple(_ranged(g, "groups", 0, MAX_ID) for g in groups_raw.split(b",") if g)
     except (P.FrameError, ValueError) as exc:
         raise BadRequest(f"malformed exec request: {exc}") from exc
     if not argv:
         raise BadRequest("exec request has an empty argv")
-    if b"\0" in fields[b"path"] or not fields[b"path"]:
-        raise BadRequest("exec request has a bad path")
-    if len({f.fd for f in fds}) != len(fds) or any(f.fd < 0 for f in fds):
-        raise BadRequest("exec request repeats or misnumbers a descriptor")
-    request = ExecRequest(
-        path=fields[b"path"],
+    path = fields[b"path"]
+    if not path:
+        raise BadRequest("exec request has an empty path")
+    _no_nul([path], "path")
+    _no_nul(argv, "argv")
+    _no_nul(env, "env")
+    _no_nul([fields[b"cwd"]], "cwd")
+    if len({f.fd for f in fds}) != len(fds):
+        raise BadRequest("exec request repeats a descriptor")
+    uid = _int(fields, b"uid", -1, 0, MAX_ID)
+    gid = _int(fields, b"gid", -1, 0, MAX_ID)
+    umask = _int(fields, b"umask", 0o022, 0, 0o777)
+    sigign = _int(fields, b"sigign", 0, 0, MAX_MASK)
+    sigblk = _int(fields, b"sigblk", 0, 0, MAX_MASK)
+    assert uid is not None and gid is not None and umask is not None
+    assert sigign is not None and sigblk is not None
+    return ExecRequest(
+        path=path,
         argv=argv,
         env=env,
         cwd=fields[b"cwd"],
-        umask=_int(fields, b"umask", 0o022),
+        umask=umask,
         rlimits=tuple(rlimits),
         fds=tuple(fds),
-        uid=_int(fields, b"uid", os.getuid()),
-        gid=_int(fields, b"gid", os.getgid()),
+        uid=uid,
+        gid=gid,
         groups=groups,
-        sigign=_int(fields, b"sigign", 0),
-        sigblk=_int(fields, b"sigblk", 0),
+        sigign=sigign,
+        sigblk=sigblk,
     )
-    return fields[b"ticket"].decode(errors="replace"), request
+
+
+def bind(request: ExecRequest, grant: Grant) -> ExecRequest:
+    """The request as the ticket allows it: its exec, run as its uid/gid/groups.
+
+    The HELLO's own ids are only a cross-check: one that differs from the
+    ticket's is refused, never obeyed.
+    """
+    if exec_digest(request.path, request.argv) != grant.digest:
+        raise AuthError("the exec ticket was issued for another program or argv")
+    if request.uid not in (-1, grant.uid) or request.gid not in (-1, grant.gid):
+        raise AuthError(
+            f"the request names uid {request.uid} gid {request.gid} but the exec ticket "
+            f"vouches for uid {grant.uid} gid {grant.gid}"
+        )
+    return dataclasses.replace(request, uid=grant.uid, gid=grant.gid, groups=grant.groups)
 
 
 def _signals_of(mask: int) -> set[int]:
@@ -175,7 +247,7 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
                 except (OSError, ValueError):
                     pass
             step = "credentials"
-            if os.getuid() == 0 and (request.uid, request.gid) != (0, 0):
+            if os.getuid() == 0:
                 os.setgroups(list(request.groups))
                 os.setgid(request.gid)
                 os.setuid(request.uid)

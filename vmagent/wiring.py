@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tracer.coordinator import (
@@ -39,7 +39,7 @@ from vmagent import tickets
 from vmagent.cluster import LocalCluster
 from vmagent.errors import AgentError
 from vmagent.placement import HOME, Placement, UnknownPolicy
-from vmagent.remote import deputy_argv, interpreter
+from vmagent.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ TRACE_REMOTE_ENV = "DCP_TRACE_REMOTE"  # "1": programs run under dcptrace on the
 
 class OssModeUnavailable(AgentError):
     """Placing processes on OSS-registered instances needs exec tickets from the OSS."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ident:
+    """Who runs an exec and which exec: what a ticket is bound to."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    digest: str  # tickets.exec_digest of the path and argv the deputy sends
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +109,11 @@ class ClusterCoordinator:
         targets: Sequence[Target],
         placement: Placement,
         reconnect_window: float | None = None,
+        *,
+        creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
     ) -> None:
         self.inner = inner
+        self._creds = creds  # pid -> (real uid, real gid, groups): what tickets vouch for
         self.targets = {t.name: t for t in targets}
         self.placement = placement
         self.reconnect_window = reconnect_window
@@ -109,6 +122,8 @@ class ClusterCoordinator:
         self._seen_first_exec = False
         self._where: dict[int, str] = {}  # pid -> instance it was placed on
         self._running: dict[int, str] = {}  # placed pids not yet exited
+        self._ticket_files: dict[int, str] = {}  # placed pid -> its ticket file
+        self.drop = TicketDrop()
         self.placed = 0
 
     def interception(self) -> frozenset[str]:
@@ -142,21 +157,25 @@ class ClusterCoordinator:
         real = path if path.startswith(b"/") else os.path.join(call.bases.get(index, b""), path)
         if not is_placeable_file(real):
             return None
-        name = self.placement.choose()
-        if name == HOME:
-            return None
-        target = self.targets[name]
+        try:
+            uid, gid, groups = self._creds(call.pid)
+        except (OSError, ValueError):
+            return None  # the process is gone or unreadable: let the kernel decide
         # A relative path stays relative: the remote side runs in the same cwd,
         # and a script's interpreter gets the path as given (its $0).  Only a
         # path relative to some other directory (execveat's dirfd) is joined.
         fd_relative = call.name == "execveat" and call.args[0] != AT_FDCWD
+        exec_path = real if fd_relative else path
+        bound = remote_exec(exec_path, call.argv)
+        ident = Ident(uid, gid, groups, tickets.exec_digest(bound[0], bound[1:]))
+        name = self._choose(ident)
+        if name == HOME:
+            return None
+        target = self.targets[name]
+        ticket_file = self.drop.put(self._ticket(target, ident), uid, gid)
+        self._ticket_files[call.pid] = ticket_file
         argv = deputy_argv(
-            target.address,
-            name,
-            self._ticket(target),
-            real if fd_relative else path,
-            call.argv,
-            self.reconnect_window,
+            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window
         )
         self.placement.started(name)
         self._where[call.pid] = name
@@ -168,9 +187,24 @@ class ClusterCoordinator:
             return Rewrite({0: AT_FDCWD, 1: self._interpreter, 2: argv, 4: 0}, observe)
         return Rewrite({0: self._interpreter, 1: argv}, observe)
 
-    def _ticket(self, target: Target) -> str:
+    def _choose(self, ident: Ident) -> str:
+        """Where this exec runs (an instance name or HOME)."""
+        return self.placement.choose()
+
+    def _ticket(self, target: Target, ident: Ident) -> str:
         """A single-use exec ticket for `target` (minted here: its token is known)."""
-        return tickets.mint(target.token, target.name)
+        return tickets.mint(
+            target.token,
+            target.name,
+            uid=ident.uid,
+            gid=ident.gid,
+            groups=ident.groups,
+            digest=ident.digest,
+        )
+
+    def close(self) -> None:
+        """Remove the ticket files (deputies that started have read theirs)."""
+        self.drop.close()
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
         """The inner coordinator's."""
@@ -179,6 +213,9 @@ class ClusterCoordinator:
     def on_process(self, event: ProcessEvent) -> None:
         """Free a placement slot when a deputy ends; pass every event on."""
         if isinstance(event, ProcessExited):
+            ticket_file = self._ticket_files.pop(event.pid, None)
+            if ticket_file is not None:
+                self.drop.discard(ticket_file)
             name = self._running.pop(event.pid, None)
             if name is not None:
                 self.placement.finished(name)
@@ -221,5 +258,9 @@ def clustered(
     with stack:
         policy = Placement(placement, [(i.name, i.cpus) for i in cluster.instances])
         targets = [Target(i.name, i.address, i.token, i.cpus) for i in cluster.instances]
-        yield ClusterCoordinator(inner, targets, policy, cluster.reconnect_window)
+        local = ClusterCoordinator(inner, targets, policy, cluster.reconnect_window)
+        try:
+            yield local
+        finally:
+            local.close()
         cluster.remove_logs()

@@ -107,7 +107,8 @@ def start_lab(lab: Lab, listen: str, agents: dict[str, tuple[str, ...]]) -> None
 
     `agents` maps each instance name to (command prefix, agent --listen, extra options).
     """
-    lab.token = _cli("account", "create", "--data", str(lab.data), "acme")
+    # The tests run as root: the operator lets this account run processes as uid 0.
+    lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
     lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
     tokens = {n: _cli("instance-token", "--data", str(lab.data), n) for n in agents}
     _proc, line = lab.start(

@@ -167,6 +167,8 @@ def test_http_api_health_load_and_auth() -> None:
     proc, address = start_agent()
     try:
         status, health = get(f"http://{address}/v1/health")
+        assert status == 200 and health == {"ok": True}  # anonymous: liveness only
+        status, health = get(f"http://{address}/v1/health", TOKEN)
         assert status == 200 and health["instance"] == "n7" and health["ok"] is True
         status, body = get(f"http://{address}/v1/load")
         assert status == 401 and "bearer token" in body["text"]
@@ -183,8 +185,17 @@ def test_http_api_health_load_and_auth() -> None:
 def test_bad_options_give_a_usage_error_not_a_traceback() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = subprocess.run(
-        [sys.executable, "-m", "vmagent", "--instance", "a1", "--token-file", secret_file("t"),
-         "--listen", "nope"],
+        [
+            sys.executable,
+            "-m",
+            "vmagent",
+            "--instance",
+            "a1",
+            "--token-file",
+            secret_file("t"),
+            "--listen",
+            "nope",
+        ],
         capture_output=True,
         env=env,
     )

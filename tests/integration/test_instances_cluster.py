@@ -6,15 +6,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from net.netns import leftover_links, leftover_namespaces
-from vmagent import tickets
 from vmagent.cluster import Instance, LocalCluster
 from vmagent.errors import ClusterError
-from vmagent.remote import deputy_argv, interpreter
+from vmagent.remote import TicketDrop, deputy_command, ticket_for_self
 
 pytestmark = [
     pytest.mark.root,
@@ -23,16 +23,20 @@ pytestmark = [
 ]
 
 
+DROP = TicketDrop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ticket_files() -> Iterator[None]:
+    yield
+    DROP.close()
+
+
 def deputy(inst: Instance, *argv: str, window: float | None = None) -> list[str]:
-    args = deputy_argv(
-        inst.address,
-        inst.name,
-        tickets.mint(inst.token, inst.name),
-        os.fsencode(argv[0]),
-        tuple(os.fsencode(a) for a in argv),
-        window,
-    )
-    return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]
+    path = os.fsencode(argv[0])
+    args = tuple(os.fsencode(a) for a in argv)
+    ticket = ticket_for_self(inst.token, inst.name, path, args)
+    return deputy_command(DROP, inst.address, inst.name, ticket, path, args, window)
 
 
 def processes_with(marker: str) -> list[int]:

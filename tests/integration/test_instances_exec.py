@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from vmagent import tickets
 from vmagent.cluster import Instance, LocalCluster
-from vmagent.remote import deputy_argv, interpreter
+from vmagent.remote import TicketDrop, deputy_command, ticket_for_self
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+DROP = TicketDrop()
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,7 @@ def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(2, isolate=False, reconnect_window=3.0) as c:
         yield c
         c.remove_logs()
+    DROP.close()
 
 
 def deputy(
@@ -38,15 +41,17 @@ def deputy(
     ticket: str | None = None,
 ) -> list[str]:
     """The deputy command line for running argv on `inst` (as the coordinator builds it)."""
-    args = deputy_argv(
+    exec_path = os.fsencode(path or argv[0])
+    exec_argv = tuple(os.fsencode(a) for a in argv)
+    return deputy_command(
+        DROP,
         address or inst.address,
         inst.name,
-        ticket or tickets.mint(inst.token, inst.name),
-        os.fsencode(path or argv[0]),
-        tuple(os.fsencode(a) for a in argv),
+        ticket or ticket_for_self(inst.token, inst.name, exec_path, exec_argv),
+        exec_path,
+        exec_argv,
         window,
     )
-    return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]
 
 
 def wait_gone(pid: int, seconds: float = 30.0) -> bool:
@@ -210,7 +215,7 @@ def test_bad_ticket_is_refused_with_a_message(cluster: LocalCluster) -> None:
     res = subprocess.run(deputy(inst, "/bin/true", ticket="v1.x.1.y"), capture_output=True)
     assert res.returncode == 255
     assert b"refused" in res.stderr and b"node0" in res.stderr
-    used = tickets.mint(inst.token, inst.name)
+    used = ticket_for_self(inst.token, inst.name, b"/bin/true", (b"/bin/true",))
     assert subprocess.run(deputy(inst, "/bin/true", ticket=used)).returncode == 0
     replay = subprocess.run(deputy(inst, "/bin/true", ticket=used), capture_output=True)
     assert replay.returncode == 255 and b"already used" in replay.stderr
@@ -330,10 +335,10 @@ def test_malformed_exec_connections_get_an_error_and_the_agent_lives_on(
     host, _, port = inst.address.rpartition(":")
     cases = [
         P.MAGIC + P.HEADER.pack(42, 0, 0, 0),  # unknown frame kind
-        P.MAGIC + P.frame(P.DATA, 1, b"x", 1),  # data before HELLO
-        P.MAGIC + P.frame(P.HELLO, 0, b"\x00\x00\x00\x05ab"),  # truncated record
-        P.MAGIC + P.frame(P.HELLO, 0, P.unpairs({b"ticket": b"t"})),  # missing fields
-        P.MAGIC + P.frame(P.RESUME, 0, b"no-such-session"),
+        P.MAGIC + P.frame(P.DATA, 1, b"x", 1),  # data before the handshake
+        P.MAGIC + P.frame(P.AUTH, 0, b"\x00\x00\x00\x05ab"),  # truncated record
+        P.MAGIC + P.frame(P.HELLO, 0, P.unpairs({b"path": b"/bin/true"})),  # no handshake
+        P.MAGIC + P.frame(P.RESUME, 0, b"no-such-session"),  # no handshake
     ]
     for wire in cases:
         with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -430,9 +435,10 @@ def test_a_remote_program_that_does_not_read_stdin_leaves_it_in_place(
     # A `while read l; do remote_cmd "$l"; done` loop, unrolled (one ticket per
     # exec): each remote program never reads stdin, so each `read` must still
     # see its line (an eager deputy would swallow the rest of the pipe).
-    turns = "; ".join(f'read l; {cmd("/bin/echo", "got")} "$l"' for _ in range(3))
+    # (A ticket covers its exact argv: the line is echoed beside the remote program.)
+    turns = "; ".join(f'read l; {cmd("/bin/echo", "got")}; echo "$l"' for _ in range(3))
     res = subprocess.run(["bash", "-c", turns], input=b"1\n2\n3\n", capture_output=True)
-    assert res.stdout == b"got 1\ngot 2\ngot 3\n", res.stderr
+    assert res.stdout == b"got\n1\ngot\n2\ngot\n3\n", res.stderr
     # A remote reader gets the stream as soon as it reads.
     script = f'{cmd("/bin/true")}; read a; echo "a=$a"; {cmd("/bin/cat")}'
     res = subprocess.run(["bash", "-c", script], input=b"l1\nl2\nl3\n", capture_output=True)

@@ -15,7 +15,7 @@ import pytest
 from conftest_oss import OssServer
 
 from vmagent.errors import AuthError
-from vmagent.tickets import TicketCheck
+from vmagent.tickets import TicketCheck, parse, split
 
 pytest_plugins = ["conftest_oss"]
 
@@ -38,27 +38,56 @@ def submit(srv: OssServer, token: str) -> str:
     return str(r.body["id"])
 
 
+DIGEST = "ab" * 32
+AS_USER = {"uid": 1000, "gid": 1000, "groups": [1000, 27], "digest": DIGEST}
+
+
 def test_placement_carries_a_ticket_the_agent_accepts_once(srv: OssServer) -> None:
     key = secrets.token_hex(32)
     token = register(srv, "x1", key, "10.1.2.3:7070")
     acct = srv.account("acme")
     pid = submit(srv, acct.token)
-    r = srv.http("POST", f"/v1/programs/{pid}/placements", acct.token, {"processes": 2})
+    body = {"processes": 2, "exec_as": AS_USER}
+    r = srv.http("POST", f"/v1/programs/{pid}/placements", acct.token, body)
     assert r.status == 200, r.body
     assert r.body["assignments"] == [{"instance": "x1", "processes": 2}]
     (grant,) = r.body["exec_grants"]
-    assert grant["instance"] == "x1" and grant["address"] == "10.1.2.3:7070"
+    # The host is the one the agent registered from (loopback), only the port is its word.
+    assert grant["instance"] == "x1" and grant["address"] == "127.0.0.1:7070"
     assert len(grant["tickets"]) == 2 and len(set(grant["tickets"])) == 2
-    check = TicketCheck(token, "x1", exec_keys=[key])
+    bound = parse(split(grant["tickets"][0])[0])
+    assert (bound.uid, bound.gid, bound.groups, bound.digest) == (1000, 1000, (1000, 27), DIGEST)
+    check = TicketCheck(token, "x1", exec_key=key)
     for t in grant["tickets"]:
         check.verify(t)
     with pytest.raises(AuthError, match="already used"):
         check.verify(grant["tickets"][0])
     # Minted with the exec key, not with anything the instance token would verify.
-    with pytest.raises(AuthError, match="not valid"):
+    with pytest.raises(AuthError, match="exec key this agent does not have"):
         TicketCheck(token, "x1").verify(grant["tickets"][1])
     with pytest.raises(AuthError, match="not valid"):
-        TicketCheck(token, "x2", exec_keys=[key]).verify(grant["tickets"][1])
+        TicketCheck(token, "x2", exec_key=key).verify(grant["tickets"][1])
+
+
+def test_root_tickets_need_the_operators_allow_root(srv: OssServer) -> None:
+    register(srv, "x1", secrets.token_hex(32))
+    acct = srv.account("acme")
+    pid = submit(srv, acct.token)
+    url = f"/v1/programs/{pid}/placements"
+    for ids in (
+        {"uid": 0, "gid": 1000},
+        {"uid": 1000, "gid": 0},
+        {"uid": 5, "gid": 5, "groups": [0]},
+    ):
+        r = srv.http("POST", url, acct.token, {"exec_as": {**ids, "digest": DIGEST}})
+        assert r.status == 403 and "uid 0 or gid 0" in r.body["message"], (ids, r.body)
+    # Without an exec identity the OSS places but mints nothing (a ticket must be bound).
+    r = srv.http("POST", url, acct.token, {"processes": 1})
+    assert r.status == 200 and r.body["exec_grants"] == []
+    # The operator's permission (dcp-oss account create --allow-root) allows it.
+    srv.call(srv.oss.store.write(lambda c: c.execute("UPDATE accounts SET allow_root=1")))
+    r = srv.http("POST", url, acct.token, {"exec_as": {"uid": 0, "gid": 0, "digest": DIGEST}})
+    assert r.status == 200 and len(r.body["exec_grants"]) == 1, r.body
 
 
 def test_the_exec_key_is_never_returned_and_a_rekey_retires_it(
@@ -84,7 +113,8 @@ def test_the_exec_key_is_never_returned_and_a_rekey_retires_it(
     # A new instance token (re-key) retires the old agent's exec key: no tickets until it
     # registers again.
     srv.call(srv.oss.mint_instance_token("x1"))
-    r = srv.http("POST", f"/v1/programs/{pid}/placements", acct.token, {"processes": 1})
+    body = {"processes": 1, "exec_as": AS_USER}
+    r = srv.http("POST", f"/v1/programs/{pid}/placements", acct.token, body)
     assert r.status == 200 and r.body["exec_grants"] == []
 
 
@@ -92,7 +122,8 @@ def test_agents_without_an_exec_key_get_no_grants_and_bad_keys_are_422(srv: OssS
     token = register(srv, "x1", None)
     acct = srv.account("acme")
     pid = submit(srv, acct.token)
-    r = srv.http("POST", f"/v1/programs/{pid}/placements", acct.token, {"processes": 1})
+    body = {"processes": 1, "exec_as": AS_USER}
+    r = srv.http("POST", f"/v1/programs/{pid}/placements", acct.token, body)
     assert r.status == 200 and r.body["exec_grants"] == []
     base = {"instance": "x1", "address": "a:1", "hostname": "h", "cpus": 1, "memory_mb": 1}
     for bad in ("short", "Z" * 64, "a" * 257, 7):

@@ -8,6 +8,7 @@ checks that nothing it started is left. Serial logs are kept on failure.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import subprocess
 import sys
@@ -174,19 +175,28 @@ def test_programs_run_in_each_vm_through_its_agent(booted: Lab) -> None:
     lab = booted
     if lab.oss is None:
         pytest.skip(f"no agent in the guests: {lab.oss_missing}")
-    from vmagent import remote, tickets
+    from vmagent import remote
+
+    DROP = remote.TicketDrop()  # noqa: N806 - removed by the process exit hook below
+    atexit.register(DROP.close)
 
     assert lab.provider is not None
     for n in ("vm1", "vm2"):
-        argv = remote.deputy_argv(
+        argv = remote.deputy_command(
+            DROP,
             f"{lab.provider.address(n)}:7070",
             n,
-            tickets.mint(lab.tokens[n], n),
+            remote.ticket_for_self(
+                lab.tokens[n],
+                n,
+                b"/bin/sh",
+                (b"sh", b"-c", b"hostname; echo to-stderr >&2; exit 3"),
+            ),
             b"/bin/sh",
             (b"sh", b"-c", b"hostname; echo to-stderr >&2; exit 3"),
         )
         res = subprocess.run(
-            ["ip", "netns", "exec", lab.netns, *map(bytes.decode, argv)],
+            ["ip", "netns", "exec", lab.netns, *argv],
             capture_output=True,
             timeout=120,
             cwd="/",
@@ -285,7 +295,10 @@ def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
     if not (hasattr(store, "put_pool") and hasattr(store, "put_instance_type")):
         pytest.skip("this OSS has no pools API (store.put_pool)")
     from oss.pool import InstanceType as OssInstanceType  # noqa: I001 (grouping differs by checkout)
-    from vmagent import remote, tickets
+    from vmagent import remote
+
+    DROP = remote.TicketDrop()  # noqa: N806 - removed by the process exit hook below
+    atexit.register(DROP.close)
 
     assert lab.provider is not None
     prov = lab.provider
@@ -305,15 +318,16 @@ def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
     name = lab.loop.run(fill(), timeout=240)
     assert lab.loop.run(prov.state(name)) is DomainState.RUNNING
     # The warm instance takes a program at once.
-    argv = remote.deputy_argv(
+    argv = remote.deputy_command(
+        DROP,
         f"{prov.address(name)}:7070",
         name,
-        tickets.mint(lab.tokens[name], name),
+        remote.ticket_for_self(lab.tokens[name], name, b"/bin/hostname", (b"hostname",)),
         b"/bin/hostname",
         (b"hostname",),
     )
     res = subprocess.run(
-        ["ip", "netns", "exec", lab.netns, *map(bytes.decode, argv)],
+        ["ip", "netns", "exec", lab.netns, *argv],
         capture_output=True,
         timeout=60,
         cwd="/",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -24,6 +27,7 @@ from vmagent.errors import AuthError
 from vmagent.load import Load
 from vmagent.osslink import OssLink
 from vmagent.ossmode import Grant, OssCoordinator, OssModeConfig, OssModeError
+from vmagent.wiring import Ident
 
 KEY = "ab" * 32
 
@@ -57,10 +61,13 @@ def execve(pid: int, path: bytes, argv: tuple[bytes, ...]) -> SyscallCall:
 # -- tickets and keys --------------------------------------------------------------------
 
 
+IDS = {"uid": 1000, "gid": 1000, "digest": "ab" * 32}
+
+
 def test_tickets_mac_d_with_the_token_or_an_exec_key_are_accepted_once() -> None:
-    check = tickets.TicketCheck("tok", "n1", exec_keys=[KEY])
-    by_token = tickets.mint("tok", "n1")
-    by_key = exectickets.mint(KEY, "n1")  # the OSS's minting, same format
+    check = tickets.TicketCheck("tok", "n1", exec_key=KEY)
+    by_token = tickets.mint("tok", "n1", **IDS)
+    by_key = exectickets.mint(KEY, "n1", **IDS)  # the OSS's minting, same format
     check.verify(by_token)
     check.verify(by_key)
     for t in (by_token, by_key):
@@ -69,18 +76,18 @@ def test_tickets_mac_d_with_the_token_or_an_exec_key_are_accepted_once() -> None
 
 
 def test_tickets_with_another_key_instance_or_expiry_are_refused() -> None:
-    check = tickets.TicketCheck("tok", "n1", clock=lambda: 1000.0, exec_keys=[KEY])
+    check = tickets.TicketCheck("tok", "n1", clock=lambda: 1000.0, exec_key=KEY, started=0.0)
     with pytest.raises(AuthError, match="not valid"):
-        check.verify(exectickets.mint("cd" * 32, "n1", now=1000.0))
+        check.verify(exectickets.mint("cd" * 32, "n1", now=1000.0, **IDS))
     with pytest.raises(AuthError, match="not valid"):
-        check.verify(exectickets.mint(KEY, "n2", now=1000.0))
+        check.verify(exectickets.mint(KEY, "n2", now=1000.0, **IDS))
     with pytest.raises(AuthError, match="expired"):
-        check.verify(exectickets.mint(KEY, "n1", ttl=10, now=900.0))
+        check.verify(exectickets.mint(KEY, "n1", ttl=10, now=900.0, **IDS))
     with pytest.raises(AuthError, match="malformed"):
         check.verify("v1.x")
-    # Without exec keys (stand-alone agent) only the token's tickets count.
-    with pytest.raises(AuthError, match="not valid"):
-        tickets.TicketCheck("tok", "n1").verify(exectickets.mint(KEY, "n1"))
+    # Without an exec key (stand-alone agent) only the token's tickets count.
+    with pytest.raises(AuthError, match="exec key this agent does not have"):
+        tickets.TicketCheck("tok", "n1").verify(exectickets.mint(KEY, "n1", **IDS))
 
 
 def test_the_register_body_carries_the_exec_key_only_when_there_is_one() -> None:
@@ -155,13 +162,15 @@ class FakeLink:
     def __init__(self, grant: bool = True) -> None:
         self.grant = grant
         self.calls: list[tuple[object, ...]] = []
+        self.idents: list[Ident] = []
         self.n = 0
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
         self.calls.append(("submit", tuple(argv), cwd))
 
-    def place(self, avoid: Sequence[str]) -> Grant | None:
+    def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
         self.calls.append(("place", tuple(avoid)))
+        self.idents.append(ident)
         if not self.grant:
             return None
         self.n += 1
@@ -179,11 +188,17 @@ def _arg(argv: tuple[bytes, ...], flag: bytes) -> bytes:
     return argv[argv.index(flag) + 1]
 
 
+@pytest.fixture(autouse=True)
+def _tickets_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticket files of the coordinators made here land in the test's tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def started(
     policy: str = "spread", link: FakeLink | None = None
 ) -> tuple[OssCoordinator, FakeLink]:
     link = link or FakeLink()
-    c = OssCoordinator(FakeInner(), policy, link, "/work/dir")
+    c = OssCoordinator(FakeInner(), policy, link, "/work/dir", creds=lambda pid: (7, 8, (8,)))
     assert isinstance(c.on_syscall(execve(1, b"/bin/sh", (b"sh", b"-c", b"x\xff"))), Allow)
     return c, link
 
@@ -202,8 +217,17 @@ def test_a_placed_exec_becomes_the_deputy_with_the_oss_grant() -> None:
     assert isinstance(argv, tuple)
     assert _arg(argv, b"--agent") == b"10.0.0.1:7070"
     assert _arg(argv, b"--instance") == b"x1"
-    assert _arg(argv, b"--ticket") == b"ticket-1"
+    # The ticket travels in a 0600 file of the tracee's uid, never on argv.
+    ticket_file = _arg(argv, b"--ticket-file")
+    assert b"ticket-1" not in b" ".join(argv)
+    with open(ticket_file, "rb") as f:
+        assert f.read() == b"ticket-1"
+    assert os.stat(ticket_file).st_mode & 0o777 == 0o600
     assert argv[argv.index(b"--") :] == (b"--", b"/bin/echo", b"echo", b"hi")
+    # The OSS was told whom and what the ticket is for.
+    bound = link.idents[0]
+    assert (bound.uid, bound.gid, bound.groups) == (7, 8, (8,))
+    assert bound.digest == tickets.exec_digest(b"/bin/echo", (b"echo", b"hi"))
     assert c.instance_of(2) == "x1"
     # spread hints the OSS away from the instance used last
     c.on_syscall(execve(3, b"/bin/echo", (b"echo",)))

@@ -18,26 +18,31 @@ from vmagent.tickets import TicketCheck, mint
 # -- tickets -------------------------------------------------------------------
 
 
+IDS = {"uid": 1000, "gid": 1000, "digest": "cd" * 32}
+
+
 def test_ticket_is_accepted_once() -> None:
     check = TicketCheck("tok", "n0", clock=lambda: 1000.0)
-    ticket = mint("tok", "n0", now=1000.0)
+    ticket = mint("tok", "n0", now=1000.0, **IDS)
     check.verify(ticket)
     with pytest.raises(AuthError, match="already used"):
         check.verify(ticket)
 
 
 @pytest.mark.parametrize(
-    ("token", "instance", "now", "message"),
+    ("token", "instance", "now", "ttl", "message"),
     [
-        ("other", "n0", 1000.0, "not valid"),
-        ("tok", "n1", 1000.0, "not valid"),
-        ("tok", "n0", 1000.0 - 400, "expired"),
+        ("other", "n0", 1000.0, 20, "not valid"),
+        ("tok", "n1", 1000.0, 20, "not valid"),
+        ("tok", "n0", 1000.0 - 400, 20, "expired"),
+        ("tok", "n0", 1000.0, 3600, "longer than 30 s"),  # whatever the minter wrote
+        ("tok", "n0", 999.0, 20, "issued before this agent started"),
     ],
 )
-def test_ticket_refusals(token: str, instance: str, now: float, message: str) -> None:
-    check = TicketCheck("tok", "n0", clock=lambda: 1000.0)
+def test_ticket_refusals(token: str, instance: str, now: float, ttl: float, message: str) -> None:
+    check = TicketCheck("tok", "n0", clock=lambda: 1000.0, started=1000.0 if now == 999.0 else 0.0)
     with pytest.raises(AuthError, match=message):
-        check.verify(mint(token, instance, now=now))
+        check.verify(mint(token, instance, now=now, ttl=ttl, **IDS))
 
 
 def test_malformed_ticket() -> None:
@@ -66,7 +71,6 @@ def test_load_parsing() -> None:
 
 def hello(over: dict[bytes, bytes] | None = None) -> bytes:
     fields = {
-        b"ticket": b"t",
         b"path": b"/bin/true",
         b"argv": P.record([b"true"]),
         b"env": P.record([b"A=1", b"B=x=y"]),
@@ -80,8 +84,7 @@ def hello(over: dict[bytes, bytes] | None = None) -> bytes:
 
 
 def test_parse_hello_round_trip() -> None:
-    ticket, req = parse_hello(hello())
-    assert ticket == "t"
+    req = parse_hello(hello())
     assert req.argv == (b"true",) and req.env == (b"A=1", b"B=x=y")
     assert req.umask == 0o22 and req.rlimits == ((7, 1024, 4096),)
     assert [(f.fd, f.kind) for f in req.fds] == [(1, P.FD_OUT)]
@@ -95,7 +98,7 @@ def test_parse_hello_round_trip() -> None:
         ({b"fds": P.record([P.record([b"1", b"weird", b"", b"0", b"0"])])}, "descriptor kind"),
         ({b"fds": P.record([P.record([b"1", P.FD_PATH, b"rel", b"0", b"0"])])}, "absolute"),
         ({b"fds": b"\x00\x00\x00\x09abc"}, "malformed"),
-        ({b"path": b""}, "bad path"),
+        ({b"path": b""}, "empty path"),
     ],
 )
 def test_parse_hello_rejects_bad_requests(over: dict[bytes, bytes], message: str) -> None:
@@ -105,7 +108,7 @@ def test_parse_hello_rejects_bad_requests(over: dict[bytes, bytes], message: str
 
 def test_parse_hello_requires_fields() -> None:
     with pytest.raises(BadRequest, match="lacks cwd"):
-        parse_hello(P.unpairs({b"ticket": b"t", b"path": b"/x", b"argv": P.record([b"x"])}))
+        parse_hello(P.unpairs({b"path": b"/x", b"argv": P.record([b"x"])}))
 
 
 # -- config ---------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def test_choose_subnet_avoids_used_networks() -> None:
 
 
 def test_deputy_argv_shape_and_inverse() -> None:
-    argv = deputy_argv("10.0.0.2:7070", "n1", "tick", b"/bin/echo", (b"echo", b"hi"), 3.0)
+    argv = deputy_argv("10.0.0.2:7070", "n1", "/t/f", b"/bin/echo", (b"echo", b"hi"), 3.0)
     assert argv[:4] == (b"python3", b"-I", b"-S", DEPUTY_SCRIPT.encode())
     assert argv[argv.index(b"--") :] == (b"--", b"/bin/echo", b"echo", b"hi")
     assert original_argv(tuple(a.decode() for a in argv)) == ("echo", "hi")
@@ -183,8 +186,44 @@ def test_terminal_is_reopened_only_if_it_is_the_same_device() -> None:
 
 def test_parse_hello_reads_a_terminals_device_number() -> None:
     tty = P.record([b"1", P.FD_OUT, b"/dev/pts/3", b"1", b"0", b"34819"])
-    _, req = parse_hello(hello({b"fds": P.record([tty])}))
+    req = parse_hello(hello({b"fds": P.record([tty])}))
     assert req.fds[0].rdev == 34819 and req.fds[0].path == b"/dev/pts/3"
     bad = P.record([b"1", P.FD_OUT, b"pts/3", b"1", b"0", b"34819"])
     with pytest.raises(BadRequest, match="absolute"):
         parse_hello(hello({b"fds": P.record([bad])}))
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        (
+            {b"fds": P.record([P.record([b"0", P.FD_PATH, b"/x", b"0", str(2**70).encode()])])},
+            "descriptor offset is out of range",
+        ),
+        ({b"uid": b"-5"}, "field uid is out of range"),
+        ({b"uid": str(2**40).encode()}, "field uid is out of range"),
+        ({b"umask": str(2**80).encode()}, "field umask is out of range"),
+        ({b"argv": P.record([b"a\0b"])}, r"NUL byte in argv\[0\]"),
+        ({b"cwd": b"/tmp\0x"}, "NUL byte in cwd"),
+        ({b"rlimits": P.record([P.record([b"99", b"1", b"1"])])}, "rlimit is out of range"),
+    ],
+)
+def test_parse_hello_refuses_values_it_cannot_apply(over: dict[bytes, bytes], message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        parse_hello(hello(over))
+
+
+def test_bind_runs_the_tickets_exec_as_the_tickets_ids() -> None:
+    from vmagent.spawn import bind
+    from vmagent.tickets import exec_digest, parse, split
+
+    req = parse_hello(hello())
+    ticket = mint("tok", "n0", uid=1000, gid=100, groups=(100, 27),
+                  digest=exec_digest(b"/bin/true", (b"true",)))  # fmt: skip
+    grant = parse(split(ticket)[0])
+    bound = bind(req, grant)
+    assert (bound.uid, bound.gid, bound.groups) == (1000, 100, (100, 27))
+    with pytest.raises(AuthError, match="another program"):
+        bind(parse_hello(hello({b"argv": P.record([b"false"])})), grant)
+    with pytest.raises(AuthError, match="vouches for uid 1000"):
+        bind(parse_hello(hello({b"uid": b"0"})), grant)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from tracer.coordinator import (
     Allow,
@@ -53,8 +56,21 @@ def execve(pid: int, path: bytes, argv: tuple[bytes, ...], base: bytes = b"/") -
     return SyscallCall(pid, pid, 59, "execve", (0,) * 6, {0: path}, bases, argv)
 
 
+def fake_creds(pid: int) -> tuple[int, int, tuple[int, ...]]:
+    """The tracee's ids, as /proc would give them (the pids here are made up)."""
+    return 1000, 1000, (1000,)
+
+
+@pytest.fixture(autouse=True)
+def _tickets_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticket files of the coordinators made here land in the test's tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def coordinator(policy: str = "spread", inner: FakeInner | None = None) -> ClusterCoordinator:
-    c = ClusterCoordinator(inner or FakeInner(), TARGETS, Placement(policy, [("n0", 2), ("n1", 2)]))
+    c = ClusterCoordinator(
+        inner or FakeInner(), TARGETS, Placement(policy, [("n0", 2), ("n1", 2)]), creds=fake_creds
+    )
     c.on_syscall(execve(1, b"/bin/sh", (b"sh",)))  # the tracer's own start of the program
     return c
 
