@@ -102,7 +102,13 @@ coordinator_secret() {
 create_lab() {
   n=$1
   mkdir -p "$LAB/boot"
-  [ -f "$IMAGE/dcp.box" ] || "$PY" -m images build --out "$IMAGE"
+  # Built from this checkout (reused from the image cache when nothing changed),
+  # unless DCP_IMAGE names a finished image.
+  if [ -n "${DCP_IMAGE:-}" ]; then
+    [ -f "$IMAGE/dcp.box" ] || die "DCP_IMAGE=$IMAGE has no dcp.box"
+  else
+    "$PY" -m images build --out "$IMAGE"
+  fi
   mkdir -p "$BOOTDIR" && chmod 755 /var/lib/dcp "$BOOTDIR"
   cp "$IMAGE/vmlinuz" "$IMAGE/initrd.img" "$BOOTDIR/"
   ln -sfn "$BOOTDIR/vmlinuz" "$LAB/boot/vmlinuz"
