@@ -183,17 +183,8 @@ def test_http_api_health_load_and_auth() -> None:
 def test_bad_options_give_a_usage_error_not_a_traceback() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vmagent",
-            "--instance",
-            "a1",
-            "--token-file",
-            secret_file("t"),
-            "--listen",
-            "nope",
-        ],
+        [sys.executable, "-m", "vmagent", "--instance", "a1", "--token-file", secret_file("t"),
+         "--listen", "nope"],
         capture_output=True,
         env=env,
     )
