@@ -419,6 +419,11 @@ class Builder:
             dhcp = etc / "dcp/udhcpc.sh"
             dhcp.write_text(spec.UDHCPC_SCRIPT)
             dhcp.chmod(0o755)
+            for name in spec.POWER_COMMANDS:
+                command = root / "usr/sbin" / name
+                command.unlink(missing_ok=True)
+                command.write_text(spec.POWER_SCRIPT)
+                command.chmod(0o755)
             (etc / "hostname").write_text("dcp-guest\n")
             (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
             (etc / "fstab").write_text("/dev/vda / ext4 rw 0 1\n")

@@ -31,8 +31,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -51,6 +53,13 @@ CONFIG_KEYS = ("token",)  # what a config disk may carry
 CONFIG_WAIT = 10.0  # seconds init waits for the disk when dcp.config=disk
 MAX_CONFIG_DEVICE = 2**20  # block devices larger than this are never read as a config disk
 RB_POWER_OFF = 0x4321FEDC
+RB_AUTOBOOT = 0x01234567
+STOP_GRACE = 10.0  # seconds the services get between SIGTERM and SIGKILL at power-off
+# struct input_event on x86_64: struct timeval (two longs), u16 type, u16 code, s32 value.
+INPUT_EVENT = struct.Struct("llHHi")
+EV_KEY = 1
+KEY_POWER = 116
+POWER_BUTTON_WAIT = 5.0  # seconds init looks for the ACPI power button after modprobe
 
 
 @dataclass(frozen=True)
@@ -334,6 +343,107 @@ def power_off() -> None:
         os._exit(1)
 
 
+def stop_everything(grace: float = STOP_GRACE) -> None:
+    """SIGTERM every other process, reap them (SIGKILL after `grace` s), sync, / read-only."""
+    with_children = _has_children()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.kill(-1, sig)  # from PID 1: every process but init itself
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while with_children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                with_children = False
+                break
+            if pid == 0:
+                time.sleep(0.1)
+        if not with_children:
+            break
+    os.sync()
+    run("/bin/mount", "-o", "remount,ro", "/")
+
+
+def shutdown(how: str) -> None:
+    """Stop every process cleanly, then power off ("poweroff") or reboot ("reboot")."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # one shutdown at a time
+    log(f"{how}: stopping every process")
+    try:
+        stop_everything()
+    finally:
+        log(how)
+        if how == "reboot":
+            os.sync()
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).reboot(RB_AUTOBOOT)
+        power_off()
+
+
+def install_shutdown_handlers() -> None:
+    """TERM, USR1, USR2 (shutdown, poweroff, halt, the power button) power off; INT reboots."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda *_: shutdown("poweroff"))
+    signal.signal(signal.SIGINT, lambda *_: shutdown("reboot"))
+
+
+def find_power_button(sys_input: str = "/sys/class/input") -> str | None:
+    """The event device name (eventN) of the ACPI power button, if the kernel made one."""
+    try:
+        names = sorted(n for n in os.listdir(sys_input) if n.startswith("event"))
+    except FileNotFoundError:
+        return None
+    for name in names:
+        try:
+            with open(os.path.join(sys_input, name, "device", "name")) as f:
+                if f.read().strip() == "Power Button":
+                    return name
+        except OSError:
+            continue
+    return None
+
+
+def is_power_press(data: bytes) -> bool:
+    """Whether one input_event record is the power key going down."""
+    _sec, _usec, kind, code, value = INPUT_EVENT.unpack(data)
+    return kind == EV_KEY and code == KEY_POWER and value == 1
+
+
+def watch_power_button(wait: float = POWER_BUTTON_WAIT) -> None:
+    """Turn a press of the ACPI power button into SIGUSR2 to this process (PID 1).
+
+    libvirt's shutdown and `vagrant halt -f` press that button; the kernel's
+    `button` driver reports it as a key on an input device (read through evdev).
+    """
+    deadline = time.monotonic() + wait
+    name = find_power_button()
+    while name is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        name = find_power_button()
+    if name is None:
+        log("no ACPI power button: the host can only power this guest off hard")
+        return
+
+    def read_events() -> None:
+        try:
+            with open(os.path.join("/dev/input", name), "rb", buffering=0) as dev:
+                while True:
+                    data = dev.read(INPUT_EVENT.size)
+                    if len(data) < INPUT_EVENT.size:
+                        return
+                    if is_power_press(data):
+                        log("ACPI power button pressed")
+                        os.kill(os.getpid(), signal.SIGUSR2)
+        except OSError as exc:
+            log(f"power button {name}: {exc}")
+
+    threading.Thread(target=read_events, name="power-button", daemon=True).start()
+    log(f"power button on /dev/input/{name}")
+
+
 def start_ssh() -> subprocess.Popen[bytes] | None:
     """dropbear for the Vagrant lab (host keys made on first connection)."""
     os.makedirs("/etc/dropbear", exist_ok=True)
@@ -359,7 +469,8 @@ def supervise(settings: GuestSettings) -> None:
         "LANG": "C.UTF-8",
     }
     delay = 1.0
-    os.makedirs(OSS_DATA, exist_ok=True)
+    if settings.role == "oss":  # private: dcp-oss serve refuses a data dir others can read
+        os.makedirs(OSS_DATA, mode=0o700, exist_ok=True)
     if settings.token:
         write_token(settings.token)
     while True:
@@ -389,12 +500,13 @@ def main() -> None:
     if os.getpid() != 1:
         print("dcp-init must run as PID 1", file=sys.stderr)
         sys.exit(2)
-    signal.signal(signal.SIGTERM, lambda *_: power_off())
+    install_shutdown_handlers()
     try:
         mount_all()
         with open("/proc/cmdline") as f:
             settings = parse_cmdline(f.read())
         load_modules()
+        watch_power_button()
         settings = load_config(settings)
         set_hostname(settings.instance)
         configure_network(settings)

@@ -44,6 +44,8 @@ GUEST_MODULES: tuple[str, ...] = (
     "af_packet_diag",
     "nfnetlink",
     "nf_tables",
+    "button",  # the ACPI power button (libvirt shutdown, `vagrant halt -f`) as an input device
+    "evdev",  # /dev/input/eventN, where dcp-init reads that button
 )
 
 # DCP's own packages copied into the guest's site-packages.
@@ -61,6 +63,21 @@ case "$1" in
     ;;
 esac
 exit 0
+"""
+
+# /sbin/shutdown, poweroff, halt and reboot in the guest (`vagrant halt` runs
+# `shutdown -h now`): they signal dcp-init (PID 1), which stops every process,
+# syncs, remounts / read-only and powers off (USR2) or reboots (INT), as busybox
+# init takes the same signals.
+POWER_COMMANDS: tuple[str, ...] = ("shutdown", "poweroff", "halt", "reboot")
+POWER_SCRIPT = """#!/bin/sh
+# dcp-init is PID 1: USR2 asks it to power off, INT to reboot.
+sig=USR2
+case "${0##*/}" in
+  reboot) sig=INT ;;
+  shutdown) for a in "$@"; do case "$a" in -r|--reboot) sig=INT ;; esac; done ;;
+esac
+exec kill -s "$sig" 1
 """
 
 # Trimmed from the rootfs: docs, manuals, locales and apt's lists and caches.

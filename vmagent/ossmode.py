@@ -16,7 +16,10 @@ The run becomes a program of the caller's account (token in `DCP_TOKEN`):
 
 Every call runs under the OSS client's timeout.  During the run an OSS error
 never disturbs the program: the process runs here instead, and the reason is
-said once.
+said once.  At the start it is different: when the OSS cannot take the program
+(every instance failed, none is registered, or none has room), the submission
+is made before the program runs and dcptrace stops with that reason, unless
+`DCP_OSS_FALLBACK=local` asks for the whole run on this machine instead.
 
 `--placement spread` submits the program with a fixed target width (the
 account's instance limit, at most SPREAD_WIDTH) and hints the OSS away from the
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -37,7 +41,14 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from tracer.coordinator import Coordinator, Decision, ProcessEvent, ProcessExited, SyscallCall
+from tracer.coordinator import (
+    Complete,
+    Coordinator,
+    Decision,
+    ProcessEvent,
+    ProcessExited,
+    SyscallCall,
+)
 from tracer.errors import TracerError, UsageError
 from vmagent.errors import AgentError
 from vmagent.placement import HOME, Placement, UnknownPolicy
@@ -49,6 +60,7 @@ T = TypeVar("T")
 
 TOKEN_ENV = "DCP_TOKEN"
 TIMEOUT_ENV = "DCP_OSS_TIMEOUT"
+FALLBACK_ENV = "DCP_OSS_FALLBACK"  # "local": without OSS instances, run everything here
 SPREAD_WIDTH = 64  # target width of a spread program when the account sets no instance limit
 ARG_MAX = 4096  # the OSS's limits on argv items and their length
 
@@ -65,6 +77,10 @@ class OssUnreachable(OssModeError):
     """The OSS could not be reached or answered with an error."""
 
 
+class OssCannotRun(OssModeError):
+    """The OSS cannot take the program now (no ready instance with room, or it refused)."""
+
+
 @dataclass(frozen=True, slots=True)
 class OssModeConfig:
     """Settings of one `dcptrace --oss` run (loaded from flags and the environment)."""
@@ -73,6 +89,7 @@ class OssModeConfig:
     token: str = field(repr=False)  # the account's bearer token (DCP_TOKEN)
     placement: str = "spread"  # spread | pack | local
     timeout: float = 10.0  # seconds, every call to the OSS
+    fallback_local: bool = False  # DCP_OSS_FALLBACK=local: no OSS instance -> run here
 
     @classmethod
     def load(cls, url: str, placement: str, environ: Mapping[str, str]) -> OssModeConfig:
@@ -96,7 +113,10 @@ class OssModeConfig:
             timeout = -1.0
         if not 0 < timeout <= 3600:
             raise OssModeError(f"{TIMEOUT_ENV} must be seconds in (0, 3600], got {raw!r}")
-        return cls(url.rstrip("/"), token, placement, timeout)
+        fallback = environ.get(FALLBACK_ENV, "").strip()
+        if fallback not in ("", "none", "local"):
+            raise OssModeError(f"{FALLBACK_ENV} must be 'local' or 'none', got {fallback!r}")
+        return cls(url.rstrip("/"), token, placement, timeout, fallback == "local")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +132,7 @@ class ProgramLink(Protocol):
     """The OSS as the coordinator uses it (blocking calls, made on the tracer thread)."""
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
-        """Start submitting the program (returns at once)."""
+        """Start submitting the program; OssCannotRun if it must not run at all."""
         ...
 
     def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
@@ -183,13 +203,20 @@ class OssCoordinator(ClusterCoordinator):
         self._cwd = cwd
         self._root: int | None = None
         self._root_status: tuple[int | None, int | None] | None = None
+        self.refused: str | None = None  # why the OSS could not take the program
 
     def on_syscall(self, call: SyscallCall) -> Decision:
         """The program's first exec submits it; then as ClusterCoordinator."""
         if self._root is None and call.name in EXEC_CALLS:
             self._root = call.pid
             argv = [a.decode(errors="replace")[:ARG_MAX] for a in (call.argv or ())[:ARG_MAX]]
-            self._link.submit(argv or ["?"], self._cwd)
+            try:
+                self._link.submit(argv or ["?"], self._cwd)
+            except OssCannotRun as exc:
+                # The program never starts: its exec fails and dcptrace reports it.
+                self.refused = str(exc)
+                log.error("%s", exc)
+                return Complete(-errno.EHOSTDOWN)
         return super().on_syscall(call)
 
     def _choose(self, ident: Ident) -> str:
@@ -309,11 +336,38 @@ class OssProgramLink:
         self._width = max(1, min(SPREAD_WIDTH, width if width is not None else SPREAD_WIDTH))
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
-        """Submit in the background; the first placement waits for it."""
-        self._submitted = self._bridge.later(self._submit(list(argv), cwd))
+        """Submit (in the background with a local fallback: the first placement waits).
 
-    async def _submit(self, argv: list[str], cwd: str) -> str | None:
+        Without the fallback the answer is awaited: when the OSS has no instance
+        for the program, it is cancelled there and OssCannotRun says why.
+        """
+        if self.config.fallback_local:
+            self._submitted = self._bridge.later(self._submit(list(argv), cwd))
+            return
         from oss import errors
+
+        try:
+            prog = self._call(self._submit_now(list(argv), cwd))
+        except (errors.OssError, ValueError, TimeoutError) as exc:
+            raise OssCannotRun(
+                f"the OSS at {self.config.url} did not take the program ({_reason(exc)}): "
+                f"nothing ran ({FALLBACK_ENV}=local runs it on this machine instead)"
+            ) from exc
+        if prog.state == "pending":
+            with contextlib.suppress(errors.OssError, TimeoutError):
+                self._call(self._client.cancel(prog.id))
+            raise OssCannotRun(
+                f"the OSS at {self.config.url} has no ready instance with room for the program "
+                "(every instance failed, none is registered, or all are full): nothing ran "
+                f"({FALLBACK_ENV}=local runs it on this machine instead)"
+            )
+        self.program_id = prog.id
+        done: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+        done.set_result(prog.id)
+        self._submitted = done
+
+    async def _submit_now(self, argv: list[str], cwd: str) -> Any:
+        """Submit the program; release what it reserved for the root (which runs here)."""
         from oss import models as m
 
         spec: dict[str, Any] = {"argv": argv, "cwd": cwd or "/"}
@@ -321,11 +375,16 @@ class OssProgramLink:
             spec["scaling_policy"] = m.ScalingPolicy(
                 min_instances=self._width, max_instances=self._width
             )
+        prog = await self._client.submit(m.ProgramSubmit(**spec))
+        for p in prog.placements:
+            await self._client.release(prog.id, p.instance, p.processes)
+        return prog
+
+    async def _submit(self, argv: list[str], cwd: str) -> str | None:
+        from oss import errors
+
         try:
-            prog = await self._client.submit(m.ProgramSubmit(**spec))
-            # The root process runs here, not on the instance the submission reserved.
-            for p in prog.placements:
-                await self._client.release(prog.id, p.instance, p.processes)
+            prog = await self._submit_now(argv, cwd)
         except (errors.OssError, ValueError) as exc:
             self._warn_once(
                 "submit", f"the OSS did not take the program ({_reason(exc)}): it all runs here"

@@ -176,11 +176,21 @@ def ns_lab(tmp_path: Path) -> Iterator[Lab]:
     assert leftover_links(tag) == [] and leftover_namespaces(tag) == []
 
 
-def dcptrace(lab: Lab | None, url: str, *argv: str, token: str | None = None, **opts: str) -> Any:
+def dcptrace(
+    lab: Lab | None,
+    url: str,
+    *argv: str,
+    token: str | None = None,
+    fallback: str | None = None,
+    **opts: str,
+) -> Any:
     env = traced_env()
     env.pop("DCP_TOKEN", None)
+    env.pop("DCP_OSS_FALLBACK", None)
     if token is not None:
         env["DCP_TOKEN"] = token
+    if fallback is not None:
+        env["DCP_OSS_FALLBACK"] = fallback
     options = ["--no-state", "--oss", url]
     for k, v in opts.items():
         options += [f"--{k}", v]
@@ -329,3 +339,51 @@ def test_an_oss_gone_mid_run_leaves_the_processes_here(tmp_path: Path) -> None:
         assert text.count("the OSS placed no process") == 1, text
     finally:
         lab.stop()
+
+
+def _stopped_without_instances(lab: Lab) -> None:
+    """dcptrace stops with one clear line, the program never ran, the OSS run is cancelled."""
+    res = dcptrace(lab, lab.url, "sh", "-c", "touch ran", token=lab.token)
+    err = res.stderr.decode()
+    assert "Traceback" not in err, err
+    assert res.returncode == 127 and err.count("\n") == 1, (res.returncode, err)  # never started
+    assert "has no ready instance" in err and "DCP_OSS_FALLBACK=local" in err, err
+    assert not (lab.data / "ran").exists()
+    assert lab.get("/v1/programs")[0]["state"] == "cancelled"
+
+
+def test_no_registered_instance_stops_dcptrace_unless_a_local_fallback_is_asked(
+    tmp_path: Path,
+) -> None:
+    lab = Lab(tmp_path)
+    try:
+        start_lab(lab, "127.0.0.1", {})
+        _stopped_without_instances(lab)
+        res = dcptrace(lab, lab.url, "sh", "-c", "touch ran", token=lab.token, fallback="local")
+        assert res.returncode == 0, res.stderr.decode()
+        assert (lab.data / "ran").exists()
+        assert res.stderr.decode().count("processes run here") == 1, res.stderr.decode()
+    finally:
+        lab.stop()
+
+
+def test_every_instance_failed_stops_dcptrace(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    try:
+        start_lab(lab, "127.0.0.1", {"n0": ("127.0.0.1:0", "")})
+        agent = lab.procs[1]
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=20)
+
+        def failed() -> bool:
+            return lab.get("/v1/instances", lab.admin)[0]["state"] == "failed"
+
+        assert wait_for(failed, 60), lab.get("/v1/instances", lab.admin)
+        _stopped_without_instances(lab)
+    finally:
+        lab.stop()
+
+
+def test_a_bad_fallback_is_one_clear_line(lab: Lab) -> None:
+    err = _one_line(dcptrace(lab, lab.url, "/bin/true", token=lab.token, fallback="maybe"))
+    assert "DCP_OSS_FALLBACK must be 'local' or 'none'" in err

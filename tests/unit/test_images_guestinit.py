@@ -178,3 +178,50 @@ def test_load_config(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert load_config(parse_cmdline(""), wait=0.0, reader=broken).token is None
     assert "config disk: config disk is not ASCII" in capsys.readouterr().out
+
+
+def test_power_button_is_found_by_its_input_device_name(tmp_path: Path) -> None:
+    from images.guestinit import find_power_button
+
+    for name, label in (("event0", "AT Translated Set 2 keyboard"), ("event1", "Power Button")):
+        (tmp_path / name / "device").mkdir(parents=True)
+        (tmp_path / name / "device" / "name").write_text(label + "\n")
+    (tmp_path / "input0").mkdir()
+    assert find_power_button(str(tmp_path)) == "event1"
+    assert find_power_button(str(tmp_path / "missing")) is None
+
+
+def test_only_the_power_key_going_down_is_a_press() -> None:
+    from images.guestinit import EV_KEY, INPUT_EVENT, KEY_POWER, is_power_press
+
+    assert is_power_press(INPUT_EVENT.pack(1, 2, EV_KEY, KEY_POWER, 1))
+    assert not is_power_press(INPUT_EVENT.pack(1, 2, EV_KEY, KEY_POWER, 0))  # release
+    assert not is_power_press(INPUT_EVENT.pack(1, 2, 0, 0, 0))  # EV_SYN
+    assert not is_power_press(INPUT_EVENT.pack(1, 2, EV_KEY, 30, 1))  # another key
+    assert INPUT_EVENT.size == 24
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "signal"),
+    [
+        ("shutdown", ["-h", "now"], "USR2"),
+        ("shutdown", ["-r", "now"], "INT"),
+        ("poweroff", [], "USR2"),
+        ("halt", [], "USR2"),
+        ("reboot", [], "INT"),
+    ],
+)
+def test_power_commands_signal_pid_1(
+    tmp_path: Path, name: str, args: list[str], signal: str
+) -> None:
+    import subprocess
+
+    from images.spec import POWER_COMMANDS, POWER_SCRIPT
+
+    assert name in POWER_COMMANDS
+    # The script's `kill` is replaced by one that prints what it was asked to send.
+    script = tmp_path / name
+    script.write_text(POWER_SCRIPT.replace("exec kill", "echo"))
+    script.chmod(0o755)
+    out = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=10)
+    assert out.stdout.split() == ["-s", signal, "1"]

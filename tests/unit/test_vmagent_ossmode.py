@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from vmagent.config import AgentConfig
 from vmagent.errors import AuthError
 from vmagent.load import Load
 from vmagent.osslink import OssLink
-from vmagent.ossmode import Grant, OssCoordinator, OssModeConfig, OssModeError
+from vmagent.ossmode import Grant, OssCannotRun, OssCoordinator, OssModeConfig, OssModeError
 from vmagent.wiring import Ident
 
 KEY = "ab" * 32
@@ -201,6 +202,33 @@ def started(
     c = OssCoordinator(FakeInner(), policy, link, "/work/dir", creds=lambda pid: (7, 8, (8,)))
     assert isinstance(c.on_syscall(execve(1, b"/bin/sh", (b"sh", b"-c", b"x\xff"))), Allow)
     return c, link
+
+
+def test_the_local_fallback_is_off_unless_asked_and_other_values_are_refused() -> None:
+    env = {"DCP_TOKEN": "dcp_tok"}
+    assert not OssModeConfig.load("http://o:1", "spread", env).fallback_local
+    for value, local in (("none", False), ("local", True), (" local ", True)):
+        cfg = OssModeConfig.load("http://o:1", "spread", {**env, "DCP_OSS_FALLBACK": value})
+        assert cfg.fallback_local is local
+    with pytest.raises(OssModeError, match="DCP_OSS_FALLBACK must be 'local' or 'none'"):
+        OssModeConfig.load("http://o:1", "spread", {**env, "DCP_OSS_FALLBACK": "yes"})
+
+
+class RefusingLink(FakeLink):
+    """An OSS without a ready instance: the submission says the program cannot run."""
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        super().submit(argv, cwd)
+        raise OssCannotRun("the OSS at http://o:1 has no ready instance with room")
+
+
+def test_a_program_the_oss_cannot_take_never_starts() -> None:
+    link = RefusingLink()
+    c = OssCoordinator(FakeInner(), "spread", link, "/work/dir")
+    d = c.on_syscall(execve(1, b"/bin/sh", (b"sh", b"-c", b"x")))
+    assert isinstance(d, Complete) and d.result == -errno.EHOSTDOWN
+    assert c.refused is not None and "no ready instance" in c.refused
+    assert [call[0] for call in link.calls] == ["submit"]
 
 
 def test_the_first_exec_submits_the_program_and_stays_home() -> None:
