@@ -216,7 +216,10 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
         pytest.skip("dcptrace (tracer/cli.py) is not in this checkout")
     # dcptrace --oss runs the program as an account's program: it needs an account token.
     _acct, _user, token = lab.loop.run(
-        lab.oss.oss.store.create_account("dcptrace", False, "sum", "u")  # type: ignore[union-attr]
+        # The test runs dcptrace as root: the operator lets this account run root programs.
+        lab.oss.oss.store.create_account(  # type: ignore[union-attr]
+            "dcptrace", False, "sum", "u", allow_root=True
+        )
     )
     env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
     res = subprocess.run(

@@ -206,22 +206,28 @@ def test_domain_xml_and_qemu_argv_carry_no_token(lab: Lab) -> None:
 
 def test_guest_cmdline_has_no_token_and_only_root_reads_the_config_disk(lab: Lab) -> None:
     assert lab.provider is not None
-    from vmagent import remote, tickets
+    from vmagent import remote
 
-    argv = remote.deputy_argv(
+    drop = remote.TicketDrop()
+    path, argv0 = b"/bin/sh", (b"sh", b"-c", IN_GUEST.encode())
+    argv = remote.deputy_command(
+        drop,
         f"{lab.provider.address(NAME)}:7070",
         NAME,
-        tickets.mint(lab.tokens[NAME], NAME),
-        b"/bin/sh",
-        (b"sh", b"-c", IN_GUEST.encode()),
+        remote.ticket_for_self(lab.tokens[NAME], NAME, path, argv0),
+        path,
+        argv0,
     )
-    res = subprocess.run(
-        ["ip", "netns", "exec", lab.netns, *map(bytes.decode, argv)],
-        capture_output=True,
-        timeout=120,
-        cwd="/",
-        stdin=subprocess.DEVNULL,
-    )
+    try:
+        res = subprocess.run(
+            ["ip", "netns", "exec", lab.netns, *argv],
+            capture_output=True,
+            timeout=120,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        drop.close()
     out = res.stdout.decode(errors="replace")
     assert res.returncode == 0, res.stderr.decode(errors="replace")
     cmdline = out.splitlines()[0]
