@@ -151,16 +151,8 @@ def test_agents_register_with_the_oss(booted: Lab) -> None:
     if lab.oss is None:
         pytest.skip(f"registration not shown: {lab.oss_missing}")
 
-    async def registered(name: str) -> dict[str, object]:
-        async with asyncio.timeout(120):
-            while True:
-                row = await lab.oss.instance(name)  # type: ignore[union-attr]
-                if row and row.get("state") == "ready":
-                    return row
-                await asyncio.sleep(0.5)
-
     for n in ("vm1", "vm2"):
-        row = lab.loop.run(registered(n), timeout=150)
+        row = lab.loop.run(lab.registered(n), timeout=150)
         assert row["hostname"] == n
         assert str(row["address"]).startswith(str(lab.provider.address(n)))  # type: ignore[union-attr]
 
@@ -214,6 +206,8 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
         pytest.skip(f"no OSS/agent: {lab.oss_missing}")
     if not (source_checkout() / "tracer" / "cli.py").is_file():
         pytest.skip("dcptrace (tracer/cli.py) is not in this checkout")
+    for n in ("vm1", "vm2"):  # dcptrace --oss refuses to run when no instance is ready
+        lab.loop.run(lab.registered(n), timeout=150)
     # dcptrace --oss runs the program as an account's program: it needs an account token.
     _acct, _user, token = lab.loop.run(
         # The test runs dcptrace as root: the operator lets this account run root programs.

@@ -236,6 +236,16 @@ class Lab:
             for n in names:
                 tg.create_task(self.provider.wait_serial(n, "dcp-init: starting agent", 120))
 
+    async def registered(self, name: str, seconds: float = 120) -> dict[str, object]:
+        """The OSS's row for instance `name` once its agent registered (state ready)."""
+        assert self.oss is not None
+        async with asyncio.timeout(seconds):
+            while True:
+                row = await self.oss.instance(name)
+                if row and row.get("state") == "ready":
+                    return row
+                await asyncio.sleep(0.5)
+
     @property
     def oss_url(self) -> str:
         """The URL the guests were given."""
