@@ -16,7 +16,7 @@ import click
 
 from oss.embedded import EmbeddedCoordinator
 from oss.local import LocalOss, default_data_dir
-from oss.pathmap import PathMap, PathMapError, parse_mapping
+from oss.storage.pathmap import PathMap, PathMapError, parse_mapping
 from tracer.coordinator import Coordinator
 from tracer.errors import OutputError, SpawnError, TracerError, UsageError
 from tracer.outputs import Output, open_output, stderr_output
@@ -51,7 +51,7 @@ def _coordinator(
         yield inner
         return
     try:
-        from vmagent.wiring import clustered
+        from vmagent.cluster.coordinator import clustered
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(inner, instances=instances, placement=placement, oss_url=oss_url) as coord:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from oss.embedded import LOCAL_INSTANCE, EmbeddedCoordinator
-from oss.pathmap import PathMap
+from oss.storage.pathmap import PathMap
 from tracer.coordinator import (
     Allow,
     Complete,

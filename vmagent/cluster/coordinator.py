@@ -3,7 +3,7 @@
 It wraps the embedded coordinator (`inner`) and takes over exactly one
 decision: where a program started by execve/execveat runs.  When placement
 picks another instance, the call is rewritten into the home deputy
-(`vmagent/deputy.py`) with envp untouched, so the traced process itself becomes
+(`vmagent/exec/deputy.py`) with envp untouched, so the traced process itself becomes
 the deputy and keeps its pid, descriptors, cwd, environment, umask and rlimits.
 
 A call stays home (is not placed) when the kernel would fail it or treat it in
@@ -35,11 +35,11 @@ from tracer.coordinator import (
     SyscallCall,
 )
 from tracer.errors import TracerError, UsageError
-from vmagent import tickets
-from vmagent.cluster import LocalCluster
+from vmagent.cluster.local import LocalCluster
+from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
-from vmagent.placement import HOME, Placement, UnknownPolicy
-from vmagent.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
+from vmagent.exec import tickets
+from vmagent.exec.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def clustered(
     one line instead of a traceback.
     """
     if oss_url is not None and instances == 0:
-        from vmagent.ossmode import oss_clustered  # the OSS client only where it is used
+        from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
         with oss_clustered(inner, placement, oss_url) as coordinator:
             yield coordinator
