@@ -23,11 +23,11 @@ from tracer.outputs import Output, open_output, stderr_output
 
 if TYPE_CHECKING:
     from tracer.config import FileConfig
+from tracer.arch import table_for
 from tracer.front import TracerLink, run_split
 from tracer.report import build_record, render_record, write_summary
 from tracer.runner import Runner, reraise
 from tracer.spawn import initial_dispositions, resolve
-from tracer.syscalls import table_for
 
 log = logging.getLogger("dcptrace")
 PLACEMENTS = ("spread", "pack", "local")
