@@ -7,7 +7,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from oss.storage.pathmap import parse_mapping
-from tracer.cli import PLACEMENTS  # noqa: E402
+from tracer.compose import PLACEMENTS
 from tracer.errors import UsageError
 
 

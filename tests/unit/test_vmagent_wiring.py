@@ -167,8 +167,8 @@ def test_inner_completion_wins_and_other_calls_are_delegated() -> None:
 def test_clustered_reports_bad_options_as_tracer_usage_errors(monkeypatch: object) -> None:
     import pytest
 
+    from tracer.compose import clustered
     from tracer.errors import UsageError
-    from vmagent.cluster.coordinator import clustered
 
     with pytest.raises(UsageError, match="unknown placement"):
         with clustered(FakeInner(), 2, "random", None):
