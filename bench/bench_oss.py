@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from oss import models as m  # noqa: E402
-from oss.scheduler import Candidate, SelectionPolicy, place  # noqa: E402
-from oss.store import CANDIDATES, Principal, Store  # noqa: E402
+from oss.compute.scheduler import Candidate, SelectionPolicy, place  # noqa: E402
+from oss.db.store import CANDIDATES, Principal, Store  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vmagent.ossmode import OssModeConfig, OssProgramLink  # noqa: E402
-from vmagent.wiring import Ident  # noqa: E402
+from vmagent.cluster.coordinator import Ident  # noqa: E402
+from vmagent.cluster.ossmode import OssModeConfig, OssProgramLink  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 

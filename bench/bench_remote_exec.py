@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vmagent.cluster import Instance, LocalCluster  # noqa: E402
-from vmagent.remote import TicketDrop, deputy_command, interpreter, ticket_for_self  # noqa: E402
+from vmagent.cluster.local import Instance, LocalCluster  # noqa: E402
+from vmagent.exec.remote import TicketDrop, deputy_command, interpreter, ticket_for_self  # noqa: E402
 
 PY = os.fsdecode(interpreter())
 

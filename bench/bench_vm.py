@@ -62,7 +62,7 @@ async def boot_to_registered(lab: Lab, name: str) -> tuple[float, float]:
 
 def exec_times(lab: Lab, name: str, count: int) -> list[float]:
     """Wall seconds of `/bin/true` run on the instance through a deputy (host side)."""
-    from vmagent import remote
+    from vmagent.exec import remote
 
     DROP = remote.TicketDrop()  # noqa: N806 - removed by the process exit hook below
     atexit.register(DROP.close)

@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from oss import credentials, datadir
+from oss.accounts import credentials
+from oss.billing.pricing import Rates
+from oss.compute.pool import Provider
+from oss.db import datadir
 from oss.errors import OssError
 from oss.listener import GuardedSite, ListenerLimits
-from oss.pool import Provider
-from oss.pricing import Rates
 from oss.server import make_app
 from oss.service import Oss, OssConfig
 
@@ -74,7 +75,10 @@ def main(log_level: str) -> None:
     "providers",
     multiple=True,
     metavar="NAME=MODULE:FACTORY",
-    help="Instance provider for pools naming NAME: FACTORY() must return an oss.pool.Provider.",
+    help=(
+        "Instance provider for pools naming NAME: FACTORY() must return an "
+        "oss.compute.pool.Provider."
+    ),
 )
 @click.option(
     "--header-timeout",
@@ -311,7 +315,7 @@ def lab(
       dcp-oss lab --config docs/lab.example.toml --data /var/lib/dcp-lab
     """
     from oss import lab as labmod
-    from oss.providers.libvirtd import LibvirtdError
+    from oss.compute.providers.libvirtd import LibvirtdError
 
     addr = None if listen == "none" else _hostport(listen)
     try:

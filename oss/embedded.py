@@ -2,7 +2,7 @@
 
 Zero set-up: one local instance (this machine), the storage service's path
 mapping, and process bookkeeping.  The standalone service (`dcp-oss`) and the
-cluster wiring (`vmagent.wiring`) wrap or replace it behind the same
+cluster wiring (`vmagent.cluster.coordinator`) wrap or replace it behind the same
 `tracer.coordinator.Coordinator` protocol.
 """
 
@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from oss.pathmap import PathMap
+from oss.storage.pathmap import PathMap
 from tracer.coordinator import (
     Allow,
     Complete,

@@ -2,7 +2,7 @@
 
 A lab file (TOML) says what to start:
 
-    [libvirt]          # oss.providers.libvirt.config_from_mapping (unknown keys rejected)
+    [libvirt]          # oss.compute.providers.libvirt.config_from_mapping (unknown keys rejected)
     [libvirtd]         # optional: our own virtlogd + libvirtd, in a namespace we create
     [[pools]]          # optional: pools created/resized at start-up (provider "libvirt")
 
@@ -33,20 +33,20 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from net import bridge
 from net.bridge import NetError
-from oss.errors import OssError
-from oss.listener import GuardedSite, GuardedSockSite, ListenerLimits
-from oss.pool import InstanceType
-from oss.providers.libvirt import (
+from oss.compute.pool import InstanceType
+from oss.compute.providers.libvirt import (
     LibvirtConfig,
     LibvirtProvider,
     ProviderError,
     config_from_mapping,
     parse_uri,
 )
-from oss.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
+from oss.compute.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
+from oss.db.store import Store
+from oss.errors import OssError
+from oss.listener import GuardedSite, GuardedSockSite, ListenerLimits
 from oss.server import make_app
 from oss.service import Oss, OssConfig
-from oss.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from oss.optimizer import Goal
-from oss.pricing import PricingModel
-from oss.scheduler import Tenancy
+from oss.billing.pricing import PricingModel
+from oss.compute.optimizer import Goal
+from oss.compute.scheduler import Tenancy
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]

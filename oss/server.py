@@ -22,8 +22,9 @@ from aiohttp.typedefs import Handler as AioHandler
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from oss import logs as logmod
 from oss import models as m
+from oss.compute.pool import InstanceType
+from oss.db.store import Principal
 from oss.errors import (
     BudgetExhausted,
     Conflict,
@@ -42,9 +43,8 @@ from oss.errors import (
     ValidationFailed,
 )
 from oss.listener import ListenerLimits
-from oss.pool import InstanceType
 from oss.service import Oss
-from oss.store import Principal
+from oss.telemetry import logs as logmod
 
 log = logging.getLogger(__name__)
 

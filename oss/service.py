@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oss import availability, exectickets, optimizer
-from oss import logs as logmod
+from oss.billing.pricing import Rates
+from oss.compute import availability, exectickets, optimizer
+from oss.compute.pool import Credentials, Provider, fill_plan
+from oss.db.store import Principal, Store, hash_token
 from oss.errors import Conflict, Forbidden, OssError, ProviderError, Unauthorized
-from oss.locking import LockService
-from oss.metrics import MetricsCollector
+from oss.ipc.locking import LockService
 from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
-from oss.pool import Credentials, Provider, fill_plan
-from oss.pricing import Rates
-from oss.store import Principal, Store, hash_token
+from oss.telemetry import logs as logmod
+from oss.telemetry.metrics import MetricsCollector
 
 log = logging.getLogger(__name__)
 

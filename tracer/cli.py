@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from oss.embedded import EmbeddedCoordinator
-from oss.local import LocalOss, default_data_dir
-from oss.pathmap import PathMap, PathMapError, parse_mapping
-from tracer.coordinator import Coordinator
+from oss.storage.pathmap import PathMap, PathMapError, parse_mapping
+from tracer import compose
+from tracer.arch import table_for
+from tracer.compose import PLACEMENTS
 from tracer.errors import OutputError, SpawnError, TracerError, UsageError
-from tracer.outputs import Output, open_output, stderr_output
-
-if TYPE_CHECKING:
-    from tracer.config import FileConfig
 from tracer.front import TracerLink, run_split
+from tracer.outputs import Output, open_output, stderr_output
 from tracer.report import build_record, render_record, write_summary
 from tracer.runner import Runner, reraise
 from tracer.spawn import initial_dispositions, resolve
-from tracer.syscalls import table_for
+
+if TYPE_CHECKING:
+    from tracer.config import FileConfig
 
 log = logging.getLogger("dcptrace")
-PLACEMENTS = ("spread", "pack", "local")
 
 
 @dataclass(frozen=True)
@@ -41,21 +36,6 @@ class RunDefaults:
     instances: int = 0
     placement: str = "spread"
     oss: str | None = None
-
-
-@contextlib.contextmanager
-def _coordinator(
-    inner: EmbeddedCoordinator, instances: int, placement: str, oss_url: str | None
-) -> Iterator[Coordinator]:
-    if instances == 0 and oss_url is None:
-        yield inner
-        return
-    try:
-        from vmagent.wiring import clustered
-    except ImportError as exc:
-        raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
-    with clustered(inner, instances=instances, placement=placement, oss_url=oss_url) as coord:
-        yield coord
 
 
 def _real_in_view(pathmap: PathMap, path: str) -> str:
@@ -227,14 +207,14 @@ def command(
         out_file = open_output(output, "trace" if trace else "summary", "--output")
     record_out = open_output(record_path, "record", "--record") if record_path else None
 
-    state_dir = Path(data_dir) if data_dir else default_data_dir()
+    state_dir = compose.state_dir(data_dir)
 
     def tracer_main(link: TracerLink) -> int:
         trace_out = (out_file or stderr_output("trace", sys.stderr)) if trace else None
         outputs = [o for o in (trace_out, out_file, record_out) if o is not None]
         for out in outputs:
             link.on_abandon(out.discard)  # no temporary file outlives a killed front
-        local = None if no_state else LocalOss(state_dir, program, os.getcwd())
+        local = None if no_state else compose.local_state(state_dir, program, os.getcwd())
 
         def report(line: str) -> None:
             link.send(line)
@@ -250,9 +230,9 @@ def command(
         def complain(message: str) -> None:
             click.echo(f"dcptrace: {program[0]}: {message}{_in_view(pathmap, path)}", err=True)
 
-        inner = EmbeddedCoordinator(table, pathmap, local.event if local else None)
+        inner = compose.embedded(table, pathmap, local)
         try:
-            with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+            with compose.coordinator(inner, n, where, oss_url or config.oss) as coordinator:
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,
                     report=report, dispositions=dispositions, complain=complain,

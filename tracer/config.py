@@ -6,8 +6,8 @@ import tomllib
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from oss.pathmap import parse_mapping
-from tracer.cli import PLACEMENTS  # noqa: E402
+from oss.storage.pathmap import parse_mapping
+from tracer.compose import PLACEMENTS
 from tracer.errors import UsageError
 
 

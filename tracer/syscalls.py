@@ -84,15 +84,6 @@ def spec(nr: int, name: str, args: str, category: Category, service: Service) ->
     return SyscallSpec(nr, name, tuple(args.split()), category, service)
 
 
-def table_for(arch: str) -> SyscallTable:
-    """The syscall table of an architecture (only x86_64 today)."""
-    if arch == "x86_64":
-        from tracer.syscalls_x86_64 import SYSCALLS
-
-        return SYSCALLS
-    raise ValueError(f"unsupported architecture: {arch}")
-
-
 def by_name(table: SyscallTable) -> dict[str, SyscallSpec]:
     """Index a table by syscall name."""
     return {s.name: s for s in table.values()}

@@ -47,12 +47,12 @@ dcptrace_cmd() {
 }
 
 ours_alive() { [ -f "$RUNDIR/libvirtd.pid" ] && kill -0 "$(cat "$RUNDIR/libvirtd.pid")" 2>/dev/null; }
-socket_alive() { "$PY" -c 'import sys; from oss.providers.libvirtd import _socket_alive, SYSTEM_SOCKET; sys.exit(not _socket_alive(SYSTEM_SOCKET))'; }
+socket_alive() { "$PY" -c 'import sys; from oss.compute.providers.libvirtd import _socket_alive, SYSTEM_SOCKET; sys.exit(not _socket_alive(SYSTEM_SOCKET))'; }
 
 start_libvirtd() {
   ours_alive && return
   socket_alive && die "another libvirtd owns /run/libvirt/libvirt-sock (stop it, or wait for the VM tests using it)"
-  "$PY" -m oss.providers.libvirtd start --netns "$NETNS" --run-dir "$RUNDIR"
+  "$PY" -m oss.compute.providers.libvirtd start --netns "$NETNS" --run-dir "$RUNDIR"
   virsh -c qemu:///system pool-info default >/dev/null 2>&1 || {
     mkdir -p "$POOL"
     virsh -c qemu:///system pool-create-as default dir --target "$POOL" >/dev/null
@@ -220,7 +220,7 @@ down)
       virsh -c qemu:///system net-undefine "$net" >/dev/null 2>&1 || true
     done
   fi
-  "$PY" -m oss.providers.libvirtd stop --netns "$NETNS" --run-dir "$RUNDIR"
+  "$PY" -m oss.compute.providers.libvirtd stop --netns "$NETNS" --run-dir "$RUNDIR"
   # What vagrant-libvirt and libvirt leave in shared directories, by the lab's names only.
   rm -f "$POOL"/dcp_vagrant_box_image_*_box.img "$POOL"/dcp-lab-*.config \
         "$POOL"/vagrant_coordinator.img "$POOL"/vagrant_inst*.img \

@@ -24,15 +24,15 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from vmagent import protocol as P
-from vmagent import tickets
 from vmagent.config import AgentConfig
 from vmagent.errors import AgentError, AuthError, BadRequest
+from vmagent.exec import protocol as P
+from vmagent.exec import tickets
+from vmagent.exec.readers import ReaderProbe
+from vmagent.exec.remote import tracer_prefix
+from vmagent.exec.spawn import ExecRequest, SpawnFailed, become_subreaper, bind, parse_hello, spawn
+from vmagent.exec.tickets import Grant, TicketCheck
 from vmagent.load import LoadSampler
-from vmagent.readers import ReaderProbe
-from vmagent.remote import tracer_prefix
-from vmagent.spawn import ExecRequest, SpawnFailed, become_subreaper, bind, parse_hello, spawn
-from vmagent.tickets import Grant, TicketCheck
 
 log = logging.getLogger(__name__)
 

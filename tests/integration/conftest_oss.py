@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 
-from oss.pool import Provider
+from oss.compute.pool import Provider
 from oss.server import make_app
 from oss.service import Oss, OssConfig
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from net.netns import leftover_links, leftover_namespaces
-from vmagent.cluster import Instance, LocalCluster
+from vmagent.cluster.local import Instance, LocalCluster
 from vmagent.errors import ClusterError
-from vmagent.remote import TicketDrop, deputy_command, ticket_for_self
+from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
 
 pytestmark = [
     pytest.mark.root,
@@ -178,7 +178,7 @@ def test_a_namespaced_instance_reopens_the_users_terminal() -> None:
 
 OWNER = """
 import sys, time
-from vmagent.cluster import LocalCluster
+from vmagent.cluster.local import LocalCluster
 c = LocalCluster(2, isolate={isolate})
 c.start()
 print(c.tag, *[i.pid for i in c.instances], flush=True)

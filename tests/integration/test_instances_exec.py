@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vmagent.cluster import Instance, LocalCluster
-from vmagent.remote import TicketDrop, deputy_command, ticket_for_self
+from vmagent.cluster.local import Instance, LocalCluster
+from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -329,7 +329,7 @@ def test_killed_instance_fails_the_program_cleanly(tmp_path: Path) -> None:
 def test_malformed_exec_connections_get_an_error_and_the_agent_lives_on(
     cluster: LocalCluster,
 ) -> None:
-    from vmagent import protocol as P
+    from vmagent.exec import protocol as P
 
     inst = cluster.instances[0]
     host, _, port = inst.address.rpartition(":")

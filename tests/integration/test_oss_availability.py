@@ -9,7 +9,7 @@ from conftest_oss import Clock, OssServer
 
 from oss import models as m
 from oss.client import OssClient
-from oss.pool import Credentials, InstanceType
+from oss.compute.pool import Credentials, InstanceType
 
 pytest_plugins = ["conftest_oss"]
 
@@ -17,7 +17,7 @@ pytest_plugins = ["conftest_oss"]
 class RegisteringProvider:
     """A provider whose 'instances' are agents-in-miniature: each registers over HTTP.
 
-    It implements oss.pool.Provider against the real server; what a VM's agent
+    It implements oss.compute.pool.Provider against the real server; what a VM's agent
     would do on boot is one POST /v1/agents/register with the minted token.
     """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest_oss import Clock, OssServer
 
-from oss.pricing import Rates
+from oss.billing.pricing import Rates
 
 pytest_plugins = ["conftest_oss"]
 

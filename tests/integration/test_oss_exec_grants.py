@@ -15,7 +15,7 @@ import pytest
 from conftest_oss import OssServer
 
 from vmagent.errors import AuthError
-from vmagent.tickets import TicketCheck, parse, split
+from vmagent.exec.tickets import TicketCheck, parse, split
 
 pytest_plugins = ["conftest_oss"]
 

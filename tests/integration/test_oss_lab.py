@@ -50,7 +50,7 @@ if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
 from net import bridge  # noqa: E402
-from oss.providers.libvirtd import pid_alive  # noqa: E402
+from oss.compute.providers.libvirtd import pid_alive  # noqa: E402
 
 
 def _image() -> Path:

@@ -84,9 +84,9 @@ def test_retire_marks_only_the_lab_pools_live_instances_destroyed(tmp_path: Path
     """What start-up (leftovers of a killed lab) and shutdown do to the store."""
     import asyncio
 
+    from oss.compute.pool import InstanceType
+    from oss.db.store import Store
     from oss.lab import retire_instances
-    from oss.pool import InstanceType
-    from oss.store import Store
 
     async def go() -> dict[str, str]:
         s = Store(tmp_path)

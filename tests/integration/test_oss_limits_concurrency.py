@@ -10,8 +10,8 @@ from conftest_oss import OssServer
 
 from oss import models as m
 from oss.client import OssClient
+from oss.compute.scheduler import Tenancy
 from oss.errors import BudgetExhausted, LimitExceeded, OssError
-from oss.scheduler import Tenancy
 
 pytest_plugins = ["conftest_oss"]
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from oss.db.store import MIGRATIONS, Store, connect
 from oss.errors import Conflict
-from oss.store import MIGRATIONS, Store, connect
 
 
 def test_pragmas_and_latest_schema(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_migration_2_backfills_spend_from_version_1(tmp_path: Path) -> None:
         )
     conn.close()
     c = connect(path)
-    from oss.store import migrate
+    from oss.db.store import migrate
 
     migrate(c)
     assert c.execute("SELECT spent_micros FROM accounts").fetchone()[0] == 12

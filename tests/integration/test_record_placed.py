@@ -23,7 +23,7 @@ def test_placed_processes_are_recorded_with_their_own_argv(tmp_path: Path) -> No
     echoes = [p for p in procs if p["argv"][:1] == ["/bin/echo"]]
     assert len(echoes) == 4, procs
     assert {p["instance"] for p in echoes} == {"node0", "node1"}
-    assert not any("vmagent.deputy" in " ".join(p["argv"]) for p in procs)
+    assert not any("vmagent.exec.deputy" in " ".join(p["argv"]) for p in procs)
 
 
 def test_one_instance_means_one_placed_instance(tmp_path: Path) -> None:

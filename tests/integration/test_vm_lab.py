@@ -27,7 +27,7 @@ from vmlab import LoopThread, make_lab, qemu_pid, remove_tree  # noqa: E402
 
 from images.builder import BuildConfig, Builder, source_checkout  # noqa: E402
 from net import bridge  # noqa: E402
-from oss.providers.libvirt import (  # noqa: E402
+from oss.compute.providers.libvirt import (  # noqa: E402
     BootFailed,
     DomainState,
     GuestImage,
@@ -35,7 +35,7 @@ from oss.providers.libvirt import (  # noqa: E402
     LibvirtProvider,
     Unreachable,
 )
-from oss.providers.libvirtd import pid_alive  # noqa: E402
+from oss.compute.providers.libvirtd import pid_alive  # noqa: E402
 
 from vmlab import Credentials, InstanceType, Lab  # noqa: E402  isort: skip
 
@@ -167,7 +167,7 @@ def test_programs_run_in_each_vm_through_its_agent(booted: Lab) -> None:
     lab = booted
     if lab.oss is None:
         pytest.skip(f"no agent in the guests: {lab.oss_missing}")
-    from vmagent import remote
+    from vmagent.exec import remote
 
     DROP = remote.TicketDrop()  # noqa: N806 - removed by the process exit hook below
     atexit.register(DROP.close)
@@ -291,8 +291,8 @@ def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
     store = lab.oss.oss.store
     if not (hasattr(store, "put_pool") and hasattr(store, "put_instance_type")):
         pytest.skip("this OSS has no pools API (store.put_pool)")
-    from oss.pool import InstanceType as OssInstanceType  # noqa: I001 (grouping differs by checkout)
-    from vmagent import remote
+    from oss.compute.pool import InstanceType as OssInstanceType  # noqa: I001 (grouping differs by checkout)
+    from vmagent.exec import remote
 
     DROP = remote.TicketDrop()  # noqa: N806 - removed by the process exit hook below
     atexit.register(DROP.close)

@@ -23,8 +23,8 @@ from aiohttp import web
 
 from images.builder import BuildConfig, Builder, Image, source_checkout
 from net import bridge
-from oss.providers.libvirt import GuestImage, LibvirtConfig, LibvirtProvider
-from oss.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
+from oss.compute.providers.libvirt import GuestImage, LibvirtConfig, LibvirtProvider
+from oss.compute.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ class LoopThread:
 
 @dataclass(frozen=True)
 class InstanceType:
-    """Matches oss.pool.InstanceType structurally."""
+    """Matches oss.compute.pool.InstanceType structurally."""
 
     name: str = "tcg-small"
     cpus: int = 1
@@ -63,7 +63,7 @@ class InstanceType:
 
 @dataclass(frozen=True)
 class Credentials:
-    """Matches oss.pool.Credentials structurally."""
+    """Matches oss.compute.pool.Credentials structurally."""
 
     instance: str
     token: str
@@ -280,7 +280,7 @@ def reap_stale_labs() -> list[int]:
     Only labs made by make_lab (their work dir records the owner's PID) whose owner
     is gone; their libvirtd/virtlogd are found by the lab's own pid files.
     """
-    from oss.providers.libvirtd import LibvirtdConfig, pid_alive, stop_by_pidfiles
+    from oss.compute.providers.libvirtd import LibvirtdConfig, pid_alive, stop_by_pidfiles
 
     stopped: list[int] = []
     for work in Path("/var/tmp").glob("dcp-vmlab-*"):

@@ -26,7 +26,7 @@ from attack import as_nobody, require_attacker
 from conftest_oss import OssServer
 from wire import CLIENT
 
-from vmagent.remote import TicketDrop, deputy_command, ticket_for_self
+from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
 
 pytestmark = pytest.mark.security
 pytest_plugins = ["conftest_oss"]

@@ -16,7 +16,7 @@ import pytest
 from attack import as_nobody, require_attacker
 from wire import CLIENT, real_agent
 
-from vmagent import tickets
+from vmagent.exec import tickets
 
 pytestmark = pytest.mark.security
 

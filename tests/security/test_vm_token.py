@@ -206,7 +206,7 @@ def test_domain_xml_and_qemu_argv_carry_no_token(lab: Lab) -> None:
 
 def test_guest_cmdline_has_no_token_and_only_root_reads_the_config_disk(lab: Lab) -> None:
     assert lab.provider is not None
-    from vmagent import remote
+    from vmagent.exec import remote
 
     drop = remote.TicketDrop()
     path, argv0 = b"/bin/sh", (b"sh", b"-c", IN_GUEST.encode())

@@ -40,6 +40,13 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert FileConfig().map == {} and FileConfig().oss is None
 
 
+def test_placement_choices_are_the_cluster_policies() -> None:
+    """The command spells the choices out (no vmagent import to parse options): same set."""
+    from vmagent.cluster.placement import POLICIES
+
+    assert PLACEMENTS == POLICIES
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_every_placement_accepted(tmp_path: Path, placement: str) -> None:
     assert load_config(write(tmp_path, f'placement = "{placement}"')).placement == placement

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tracer.arch import table_for
 from tracer.decode import (
     ARRAY_LIMIT,
     AT_FDCWD,
@@ -22,7 +23,7 @@ from tracer.decode import (
     result,
     signed,
 )
-from tracer.syscalls import by_name, table_for
+from tracer.syscalls import by_name
 
 PROPS = settings(max_examples=200, deadline=None, database=None, derandomize=True)
 TABLE = table_for("x86_64")

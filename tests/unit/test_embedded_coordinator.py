@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from oss.embedded import LOCAL_INSTANCE, EmbeddedCoordinator
-from oss.pathmap import PathMap
+from oss.storage.pathmap import PathMap
+from tracer.arch import table_for
 from tracer.coordinator import (
     Allow,
     Complete,
@@ -19,7 +20,7 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
-from tracer.syscalls import by_name, table_for
+from tracer.syscalls import by_name
 
 TABLE = table_for("x86_64")
 NAMES = by_name(TABLE)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from oss.availability import Failure, silent
-from oss.logs import LogLine, LogQuery, chunks_of, cursor, decode, encode, page
-from oss.pool import FillPlan, PoolState, fill_plan
+from oss.compute.availability import Failure, silent
+from oss.compute.pool import FillPlan, PoolState, fill_plan
+from oss.telemetry.logs import LogLine, LogQuery, chunks_of, cursor, decode, encode, page
 
 
 def test_silent_instances_past_timeout_only() -> None:

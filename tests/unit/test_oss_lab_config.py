@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from oss.compute.pool import InstanceType
 from oss.lab import LabConfigError, check_files, load_config, parse_config
-from oss.pool import InstanceType
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "lab.example.toml"
 

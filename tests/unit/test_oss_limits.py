@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from oss.billing.limits import BudgetState, Delta, Level, Limits, Usage, budget_state, check, worst
 from oss.errors import BudgetExhausted, LimitExceeded
-from oss.limits import BudgetState, Delta, Level, Limits, Usage, budget_state, check, worst
 
 
 def test_unlimited_passes() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from oss.optimizer import Action, Goal, ProgramLoad, decide
+from oss.compute.optimizer import Action, Goal, ProgramLoad, decide
 
 
 def load(**kw: Any) -> ProgramLoad:

@@ -7,7 +7,15 @@ from fractions import Fraction
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oss.pricing import GIB, InstanceUse, Metered, PricingModel, Rates, charge, whole_seconds
+from oss.billing.pricing import (
+    GIB,
+    InstanceUse,
+    Metered,
+    PricingModel,
+    Rates,
+    charge,
+    whole_seconds,
+)
 
 
 def test_sum_of_resources() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from oss.compute.scheduler import Assignment, Candidate, SelectionPolicy, Tenancy, eligible, place
 from oss.errors import NoCapacity
-from oss.scheduler import Assignment, Candidate, SelectionPolicy, Tenancy, eligible, place
 
 
 def c(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oss.pathmap import MAX_LINKS, PathMap, PathMapError, ReadLink, parse_mapping
+from oss.storage.pathmap import MAX_LINKS, PathMap, PathMapError, ReadLink, parse_mapping
 
 PROPS = settings(max_examples=100, deadline=None, database=None, derandomize=True)
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tracer.arch import table_for
 from tracer.errors import SeccompError, TracerError
 from tracer.seccomp import (
     AUDIT_ARCH_X86_64,
@@ -18,7 +19,6 @@ from tracer.seccomp import (
     build_filter,
     run_filter,
 )
-from tracer.syscalls import table_for
 
 TABLE_NRS = sorted(table_for("x86_64"))
 AUDIT_ARCH_I386 = 0x40000003

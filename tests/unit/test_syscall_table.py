@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tracer.arch import table_for
 from tracer.syscalls import (
     ARG_FORMATS,
     Category,
@@ -15,7 +16,6 @@ from tracer.syscalls import (
     SyscallSpec,
     by_name,
     spec,
-    table_for,
 )
 
 UNISTD_64 = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")

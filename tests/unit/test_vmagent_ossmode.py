@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from oss import exectickets, scheduler
+from oss.compute import exectickets, scheduler
 from oss.models import AgentRegister, PlacementRequest
 from tracer.coordinator import (
     Allow,
@@ -22,13 +22,13 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
-from vmagent import tickets
+from vmagent.cluster.coordinator import Ident
+from vmagent.cluster.ossmode import Grant, OssCannotRun, OssCoordinator, OssModeConfig, OssModeError
 from vmagent.config import AgentConfig
 from vmagent.errors import AuthError
+from vmagent.exec import tickets
 from vmagent.load import Load
 from vmagent.osslink import OssLink
-from vmagent.ossmode import Grant, OssCannotRun, OssCoordinator, OssModeConfig, OssModeError
-from vmagent.wiring import Ident
 
 KEY = "ab" * 32
 

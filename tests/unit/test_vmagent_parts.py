@@ -7,13 +7,13 @@ import ipaddress
 import pytest
 
 from net.netns import choose_subnet
-from vmagent import protocol as P
 from vmagent.config import AgentConfig, ConfigError, parse_hostport
 from vmagent.errors import AuthError, BadRequest
+from vmagent.exec import protocol as P
+from vmagent.exec.remote import DEPUTY_SCRIPT, deputy_argv, original_argv
+from vmagent.exec.spawn import parse_hello
+from vmagent.exec.tickets import TicketCheck, mint
 from vmagent.load import cpu_percent, parse_cpu_times, parse_loadavg, parse_meminfo
-from vmagent.remote import DEPUTY_SCRIPT, deputy_argv, original_argv
-from vmagent.spawn import parse_hello
-from vmagent.tickets import TicketCheck, mint
 
 # -- tickets -------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ def test_deputy_argv_shape_and_inverse() -> None:
 
 
 def test_reader_probe_parsing() -> None:
-    from vmagent.readers import ReaderProbe, UnknownMachine, parse_syscall, session_of
+    from vmagent.exec.readers import ReaderProbe, UnknownMachine, parse_syscall, session_of
 
     assert parse_syscall("0 0x3 0x7ffd 0x1000 0x0 0x0 0x0 0x7ffc 0x7f00\n") == (
         0,
@@ -214,8 +214,8 @@ def test_parse_hello_refuses_values_it_cannot_apply(over: dict[bytes, bytes], me
 
 
 def test_bind_runs_the_tickets_exec_as_the_tickets_ids() -> None:
-    from vmagent.spawn import bind
-    from vmagent.tickets import exec_digest, parse, split
+    from vmagent.exec.spawn import bind
+    from vmagent.exec.tickets import exec_digest, parse, split
 
     req = parse_hello(hello())
     ticket = mint("tok", "n0", uid=1000, gid=100, groups=(100, 27),

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import NoInstances
-from vmagent.placement import HOME, Placement, UnknownPolicy
 
 THREE = [("i0", 2), ("i1", 2), ("i2", 2)]
 

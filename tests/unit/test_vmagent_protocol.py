@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmagent import protocol as p
+from vmagent.exec import protocol as p
 
 
 def test_frames_survive_arbitrary_splits() -> None:

@@ -17,9 +17,9 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
-from vmagent.placement import Placement
-from vmagent.remote import DEPUTY_SCRIPT
-from vmagent.wiring import AT_FDCWD, ClusterCoordinator, Target
+from vmagent.cluster.coordinator import AT_FDCWD, ClusterCoordinator, Target
+from vmagent.cluster.placement import Placement
+from vmagent.exec.remote import DEPUTY_SCRIPT
 
 TARGETS = [Target("n0", "10.0.0.10:7070", "t0", 2), Target("n1", "10.0.0.11:7070", "t1", 2)]
 
@@ -167,8 +167,8 @@ def test_inner_completion_wins_and_other_calls_are_delegated() -> None:
 def test_clustered_reports_bad_options_as_tracer_usage_errors(monkeypatch: object) -> None:
     import pytest
 
+    from tracer.compose import clustered
     from tracer.errors import UsageError
-    from vmagent.wiring import clustered
 
     with pytest.raises(UsageError, match="unknown placement"):
         with clustered(FakeInner(), 2, "random", None):

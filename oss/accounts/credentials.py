@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from oss.store import Store
+from oss.db.store import Store
 
 
 @dataclass(frozen=True, slots=True)

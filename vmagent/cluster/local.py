@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 AGENT_PORT = 7070
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Process-wide on purpose: "say once" means once per dcptrace run, however many

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oss import datadir, pricing, scheduler
-from oss import limits as lim
-from oss import logs as logmod
+from oss.billing import limits as lim
+from oss.billing import pricing
+from oss.compute import scheduler
+from oss.compute.pool import InstanceType, PoolState
+from oss.db import datadir
 from oss.errors import Conflict, NoCapacity, NotFound, StoreError, Unauthorized
-from oss.pool import InstanceType, PoolState
+from oss.telemetry import logs as logmod
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -1252,7 +1254,7 @@ class Store:
     # -- leases (locking service) ------------------------------------------
 
     async def lease_op(self, fn: Callable[[Conn], T]) -> T:
-        """Run a lease transaction (oss.locking builds `fn`)."""
+        """Run a lease transaction (oss.ipc.locking builds `fn`)."""
         return await self.write(fn)
 
 

@@ -1,9 +1,12 @@
-"""`clustered()`: the coordinator dcptrace uses with --instances / --oss.
+"""`ClusterCoordinator`: the coordinator dcptrace uses with --instances / --oss.
+
+`tracer.compose.clustered()` builds it around local instances (`LocalCluster`);
+`vmagent.cluster.ossmode` derives the OSS mode's coordinator from it.
 
 It wraps the embedded coordinator (`inner`) and takes over exactly one
 decision: where a program started by execve/execveat runs.  When placement
 picks another instance, the call is rewritten into the home deputy
-(`vmagent/deputy.py`) with envp untouched, so the traced process itself becomes
+(`vmagent/exec/deputy.py`) with envp untouched, so the traced process itself becomes
 the deputy and keeps its pid, descriptors, cwd, environment, umask and rlimits.
 
 A call stays home (is not placed) when the kernel would fail it or treat it in
@@ -17,11 +20,10 @@ a way a remote start cannot mirror:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tracer.coordinator import (
@@ -34,12 +36,10 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
-from tracer.errors import TracerError, UsageError
-from vmagent import tickets
-from vmagent.cluster import LocalCluster
+from vmagent.cluster.placement import HOME, Placement
 from vmagent.errors import AgentError
-from vmagent.placement import HOME, Placement, UnknownPolicy
-from vmagent.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
+from vmagent.exec import tickets
+from vmagent.exec.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
 
 log = logging.getLogger(__name__)
 
@@ -224,43 +224,3 @@ class ClusterCoordinator:
     def instance_of(self, pid: int) -> str:
         """Where the process's (last) program ran."""
         return self._where.get(pid) or self.inner.instance_of(pid)
-
-
-@contextlib.contextmanager
-def clustered(
-    inner: Coordinator, instances: int, placement: str, oss_url: str | None
-) -> Iterator[Coordinator]:
-    """Start `instances` local instances (or use the OSS's) and place execs on them.
-
-    Set-up failures come out as the tracer's own errors (UsageError for bad
-    options, TracerError for instances that do not start), so dcptrace prints
-    one line instead of a traceback.
-    """
-    if oss_url is not None and instances == 0:
-        from vmagent.ossmode import oss_clustered  # the OSS client only where it is used
-
-        with oss_clustered(inner, placement, oss_url) as coordinator:
-            yield coordinator
-        return
-    stack = contextlib.ExitStack()
-    try:
-        Placement(placement, [])  # validate the policy before starting anything
-        # Opt-in until the tracer can seize programs the agent starts: a dcptrace
-        # start per remote exec costs ~0.1 s (docs/INSTANCES.md, Known limits).
-        trace = os.environ.get(TRACE_REMOTE_ENV) == "1"
-        cluster = stack.enter_context(LocalCluster(instances, trace=trace))
-    except (UnknownPolicy, OssModeUnavailable) as exc:
-        stack.close()
-        raise UsageError(str(exc)) from exc
-    except AgentError as exc:
-        stack.close()
-        raise TracerError(f"local instances: {exc}") from exc
-    with stack:
-        policy = Placement(placement, [(i.name, i.cpus) for i in cluster.instances])
-        targets = [Target(i.name, i.address, i.token, i.cpus) for i in cluster.instances]
-        local = ClusterCoordinator(inner, targets, policy, cluster.reconnect_window)
-        try:
-            yield local
-        finally:
-            local.close()
-        cluster.remove_logs()

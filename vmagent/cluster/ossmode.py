@@ -50,10 +50,10 @@ from tracer.coordinator import (
     SyscallCall,
 )
 from tracer.errors import TracerError, UsageError
+from vmagent.cluster.coordinator import EXEC_CALLS, ClusterCoordinator, Ident, Target
+from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
-from vmagent.placement import HOME, Placement, UnknownPolicy
-from vmagent.remote import credentials
-from vmagent.wiring import EXEC_CALLS, ClusterCoordinator, Ident, Target
+from vmagent.exec.remote import credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

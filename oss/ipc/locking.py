@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from oss.db.store import Conn, Store
 from oss.errors import LeaseError
-from oss.store import Conn, Store
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Resource limits at account, user and program level (pure decisions).
 
 The store runs `check` inside the same write transaction that reserves the
-resources (see oss.store), so concurrent submissions are serialised and the
+resources (see oss.db.store), so concurrent submissions are serialised and the
 invariant "usage <= limit at every level after every committed placement"
 holds; this module only decides.
 """

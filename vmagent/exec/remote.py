@@ -11,14 +11,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vmagent import tickets
+from vmagent.exec import tickets
 
 # The deputy runs as a file (python -I -S ignores PYTHONPATH and site-packages,
 # which is what keeps it fast and immune to the program's environment).
 DEPUTY_SCRIPT = str(Path(__file__).resolve().parent / "deputy.py")
 
 
-PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
 def tracer_prefix() -> tuple[bytes, ...]:

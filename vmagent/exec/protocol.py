@@ -45,7 +45,7 @@ ACK = 9  # either way: seq = highest contiguous seq received
 ERROR = 10  # agent -> deputy: refused (record: message); the agent then closes
 BYE = 11  # deputy -> agent: EXIT received; the session may be forgotten
 WANT = 12  # agent -> deputy: the remote program reads stream `fd`: start forwarding it
-# The handshake, before HELLO or RESUME (see vmagent.tickets): T never crosses the wire.
+# The handshake, before HELLO or RESUME (see vmagent.exec.tickets): T never crosses the wire.
 AUTH = 13  # deputy -> agent: record (ticket public part B, challenge c1)
 CHALLENGE = 14  # agent -> deputy: record (HMAC(T, "agent" + c1), challenge c2)
 PROOF = 15  # deputy -> agent: record (HMAC(T, "deputy" + c2,)); then HELLO or RESUME

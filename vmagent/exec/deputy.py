@@ -1,13 +1,13 @@
 """The home deputy: stands in for a program that runs on another instance.
 
 The coordinator rewrites a traced process's execve into
-`python3 -I -S .../vmagent/deputy.py --agent HOST:PORT --instance NAME
+`python3 -I -S .../vmagent/exec/deputy.py --agent HOST:PORT --instance NAME
 --ticket-file F -- PATH ARGV...`, leaving envp alone, so this module runs *in
 the original process*: same pid, parent, file descriptors, cwd, environment,
 umask, rlimits.  F is a 0600 file of the process's own uid holding its exec
 ticket (argv is world-readable: the ticket never goes there); the deputy reads
 and deletes it, proves to the agent that it holds the ticket's secret and
-checks the agent's proof before it sends anything (vmagent.tickets), then
+checks the agent's proof before it sends anything (vmagent.exec.tickets), then
 sends all of that to the agent, which starts PATH there; it then
 
 - streams its readable pipes/ttys to the remote program and the remote
@@ -29,7 +29,7 @@ import os
 import sys
 
 if not __package__:  # run as a file by path (-I drops the script dir from sys.path)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import _hashlib  # noqa: E402
 import _signal  # noqa: E402
@@ -37,7 +37,7 @@ import _socket  # noqa: E402
 import _thread  # noqa: E402
 import time  # noqa: E402  (a builtin module: no import cost)
 
-from vmagent import protocol as P  # noqa: E402
+from vmagent.exec import protocol as P  # noqa: E402
 
 # Exit status of a deputy whose instance was lost (the program "fails cleanly").
 LOST_STATUS = 255

@@ -179,10 +179,12 @@ async def stop_by_pidfiles(config: LibvirtdConfig) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python3 -m oss.providers.libvirtd start|stop [--netns NAME]` (for the Vagrant lab)."""
+    """`python3 -m oss.compute.providers.libvirtd start|stop [--netns NAME]` (Vagrant lab)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python3 -m oss.providers.libvirtd", description=main.__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m oss.compute.providers.libvirtd", description=main.__doc__
+    )
     ap.add_argument("action", choices=("start", "stop"))
     ap.add_argument("--netns", default="dcp-lab", help="namespace ('' for the host's)")
     ap.add_argument("--run-dir", default=str(LibvirtdConfig.run_dir))

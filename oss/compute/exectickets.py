@@ -1,6 +1,6 @@
 """Exec tickets the OSS mints for a client that runs a process on an instance.
 
-The same format as `vmagent.tickets` (kept apart so `oss` does not depend on
+The same format as `vmagent.exec.tickets` (kept apart so `oss` does not depend on
 `vmagent`): public part
 `v2.x.<nonce>.<issued_ms>.<expiry_ms>.<uid>.<gid>.<groups>.<digest>` and secret
 `hmac-sha256(exec_key, public + "." + instance)`, handed out as `public.secret`.

@@ -18,9 +18,9 @@ import resource
 import signal
 from dataclasses import dataclass
 
-from vmagent import protocol as P
 from vmagent.errors import AuthError, BadRequest
-from vmagent.tickets import Grant, exec_digest
+from vmagent.exec import protocol as P
+from vmagent.exec.tickets import Grant, exec_digest
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36

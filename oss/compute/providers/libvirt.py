@@ -370,7 +370,7 @@ def overlay_xml(name: str, base: Path, capacity_bytes: int) -> str:
 
 
 class InstanceTypeLike(Protocol):
-    """The part of `oss.pool.InstanceType` the provider reads."""
+    """The part of `oss.compute.pool.InstanceType` the provider reads."""
 
     @property
     def cpus(self) -> int: ...
@@ -380,7 +380,7 @@ class InstanceTypeLike(Protocol):
 
 
 class CredentialsLike(Protocol):
-    """The part of `oss.pool.Credentials` the provider reads."""
+    """The part of `oss.compute.pool.Credentials` the provider reads."""
 
     @property
     def token(self) -> str: ...
@@ -450,7 +450,7 @@ class DomainState(enum.Enum):
 
 
 class LibvirtProvider:
-    """Boots DCP guests as transient libvirt domains (implements oss.pool.Provider)."""
+    """Boots DCP guests as transient libvirt domains (implements oss.compute.pool.Provider)."""
 
     def __init__(self, config: LibvirtConfig) -> None:
         self.config = config

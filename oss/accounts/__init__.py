@@ -1,0 +1,1 @@
+"""Accounts: accounts, users and their tokens; credentials for the CLI."""

@@ -1,0 +1,6 @@
+"""Instance providers: they create and destroy compute instances for the OSS pools.
+
+`oss.compute.providers.libvirt.LibvirtProvider` boots real VMs through libvirt;
+`oss.compute.providers.libvirtd.PrivateLibvirtd` runs a lab's own libvirt daemons.
+Both implement the `Provider` protocol of `oss.compute.pool` structurally.
+"""

@@ -1,0 +1,1 @@
+"""IPC: the internal locking service (leases with fencing tokens); signals next."""

@@ -1,6 +1,0 @@
-"""Instance providers: they create and destroy compute instances for the OSS pools.
-
-`oss.providers.libvirt.LibvirtProvider` boots real VMs through libvirt;
-`oss.providers.libvirtd.PrivateLibvirtd` runs a lab's own libvirt daemons.
-Both implement the `Provider` protocol of `oss.pool` structurally.
-"""

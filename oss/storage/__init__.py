@@ -1,0 +1,3 @@
+"""Storage: what a program's paths mean on the cluster (path mapping today; storage
+tiers next).
+"""

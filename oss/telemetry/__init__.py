@@ -1,0 +1,3 @@
+"""Telemetry: the metrics collector (counters, Prometheus) and the consolidated logs
+(zstd chunks, queries).
+"""
