@@ -227,12 +227,17 @@ def command(
                 n = int(value)
                 local.finish(n if kind == "exit" else None, n if kind == "signal" else None)
 
-        def complain(message: str) -> None:
-            click.echo(f"dcptrace: {program[0]}: {message}{_in_view(pathmap, path)}", err=True)
 
         inner = compose.embedded(table, pathmap, local)
         try:
             with compose.coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+
+                def complain(message: str) -> None:
+                    if getattr(coordinator, "refused", None):
+                        return  # the coordinator refused to start the program and said why
+                    shown = f"{message}{_in_view(pathmap, path)}"
+                    click.echo(f"dcptrace: {program[0]}: {shown}", err=True)
+
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,
                     report=report, dispositions=dispositions, complain=complain,
