@@ -514,6 +514,7 @@ class ExecService:
         self.wrap = tracer_prefix() if config.trace else ()
         self.sessions: dict[bytes, Session] = {}
         self.by_pid: dict[int, Session] = {}
+        self.by_nonce: dict[str, Session] = {}  # ticket nonce -> the session it started
         self.probe = ReaderProbe(os.uname().machine)
         self.counts = {"started": 0, "exited": 0, "signaled": 0, "failed": 0, "abandoned": 0}
 
@@ -542,7 +543,11 @@ class ExecService:
         """Handle the first frame after the handshake: HELLO or RESUME.
 
         A session resumes only over a connection authenticated with the ticket
-        that started it: its id alone is not a credential.
+        that started it: its id alone is not a credential.  A HELLO whose ticket
+        already started a live session is the same deputy again, whose first
+        connection was cut before our WELCOME reached it (a handshake deadline
+        under load): it is attached to that session, with `seq` the last frame
+        it received, never started twice.
         """
         if kind == P.RESUME:
             session = self.sessions.get(payload)
@@ -552,12 +557,18 @@ class ExecService:
             return session
         if kind != P.HELLO:
             raise BadRequest(f"expected HELLO or RESUME, got frame kind {kind}")
+        again = self.by_nonce.get(grant.nonce)
+        if again is not None and not again.forgotten:
+            log.info("deputy of session=%s said HELLO again: attached", again.sid.hex()[:8])
+            again.attach(proto, seq)
+            return again
         request = bind(parse_hello(payload), grant)
         self.tickets.burn(grant)
         program = os.fsdecode(request.argv[0])
         session = Session(self, secrets.token_bytes(16), request, program)
         session.nonce = grant.nonce
         self.sessions[session.sid] = session
+        self.by_nonce[grant.nonce] = session
         session.attach(proto, 0)
         try:
             session.start()
@@ -588,6 +599,8 @@ class ExecService:
         session.forgotten = True
         session.close_fds()
         self.sessions.pop(session.sid, None)
+        if self.by_nonce.get(session.nonce) is session:
+            del self.by_nonce[session.nonce]
 
     def abandon(self, session: Session) -> None:
         """The deputy never came back: kill the program, drop the session."""

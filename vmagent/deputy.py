@@ -42,6 +42,7 @@ from vmagent import protocol as P  # noqa: E402
 # Exit status of a deputy whose instance was lost (the program "fails cleanly").
 LOST_STATUS = 255
 USAGE_STATUS = 2
+EPIPE = 32
 FORWARDED = (
     _signal.SIGHUP,
     _signal.SIGINT,
@@ -253,6 +254,7 @@ class Link:
         self.rx = bytearray()  # bytes received past the last whole frame (after a resume)
         self.sock: _socket.socket | None = None
         self.session = b""
+        self.hello = b""  # sent again if no WELCOME came back (the agent starts it once)
         self.ack_wanted = False
         # Written by the receiver thread without the lock (it must never wait for
         # a sender blocked in sendall: that sender may be waiting for the agent,
@@ -315,11 +317,31 @@ class Link:
         return sock, parser, frames
 
     def open(self, hello: bytes) -> None:
-        """First connection: authenticate, send HELLO (OSError if unreachable)."""
-        sock, parser, frames = self.handshake(P.frame(P.HELLO, 0, hello))
+        """First connection: authenticate, send HELLO; retried like a reconnect.
+
+        A connection cut during the handshake (the agent's pre-authentication
+        deadline, a timeout of ours while either side is starved of CPU) is not
+        the end of the program: the deputy dials again within the window.
+        Until the agent's WELCOME arrives the deputy sends HELLO again, and an
+        agent that already started the program for this ticket attaches the
+        connection to it instead (`ExecService.open`): a program starts once.
+        Raises LostError if the agent refuses or stays unreachable.
+        """
+        self.hello = hello
+        try:
+            sock, parser, frames = self.handshake(self.first_frame())
+        except OSError as exc:
+            self.reconnect(exc.strerror or str(exc))
+            return
         self.rx = bytearray(parser.leftover())
         self.pending = list(frames)
         self.sock = sock
+
+    def first_frame(self) -> bytes:
+        """RESUME once the session is known, else HELLO (seq: the last seq received)."""
+        if self.session:
+            return P.frame(P.RESUME, 0, self.session, self.inbox.last)
+        return P.frame(P.HELLO, 0, self.hello, self.inbox.last)
 
     def send(self, kind: int, fd: int, payload: bytes) -> None:
         """Send a sequenced frame; kept until acknowledged, replayed after reconnect."""
@@ -418,9 +440,7 @@ class Link:
         last = why
         while True:
             try:
-                sock, parser, frames = self.handshake(
-                    P.frame(P.RESUME, 0, self.session, self.inbox.last)
-                )
+                sock, parser, frames = self.handshake(self.first_frame())
                 while not frames:
                     data = sock.recv(65536)
                     if not data:
@@ -431,6 +451,7 @@ class Link:
                     raise LostError(payload.decode(errors="replace"))
                 if kind != P.WELCOME:
                     raise LostError(f"unexpected frame {kind} on resume")
+                self.session = P.pairs(payload).get(b"session", self.session)
                 with self.lock:
                     self.outbox.ack(seq)
                     self.rx = bytearray(parser.leftover())
@@ -445,13 +466,26 @@ class Link:
             except OSError as exc:
                 last = exc.strerror or str(exc)
             if time.monotonic() + delay > deadline:
-                raise LostError(last)
+                raise Unreachable(last)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
 
+def _wait_ready(fd: int, writable: bool) -> None:
+    """Block until `fd` is readable (or writable); for descriptors left non-blocking."""
+    import select  # a C module, loaded only on this rare path
+
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if writable else select.POLLIN)
+    poller.poll()
+
+
 class LostError(Exception):
     """The session cannot continue (agent gone or refused)."""
+
+
+class Unreachable(LostError):
+    """The agent could not be reached (or authenticated with) within the window."""
 
 
 class Deputy:
@@ -464,6 +498,9 @@ class Deputy:
         self.result: tuple[str, int, bytes, bytes] | None = None  # kind, value, msg, offsets
         self.dead_outputs: set[int] = set()
         self.inputs: set[int] = set()  # streamed inputs whose thread awaits WANT
+        # Streams that could not be carried whole (a read or write error other
+        # than a reader hanging up): the exit status then says so (`finish`).
+        self.broken: list[str] = []
 
     def wake(self, result: tuple[str, int, bytes, bytes]) -> None:
         if self.result is None:
@@ -547,10 +584,18 @@ class Deputy:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(fd, view) :]
-        except OSError:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    # Someone sharing the description made it non-blocking: wait
+                    # as a blocking write would, never drop the bytes.
+                    _wait_ready(fd, writable=True)
+        except OSError as exc:
             # Our reader is gone (EPIPE): tell the agent, which closes the remote
             # pipe so the remote writer gets SIGPIPE/EPIPE as it would locally.
+            # Any other error loses output: that is said at exit.
+            if exc.errno != EPIPE:
+                self.broken.append(f"writing descriptor {fd} failed: {exc.strerror}")
             self.dead_outputs.add(fd)
             self.link.post(P.EOF, fd)
 
@@ -565,7 +610,13 @@ class Deputy:
         while True:
             try:
                 data = os.read(fd, P.CHUNK)
-            except OSError:
+            except BlockingIOError:
+                _wait_ready(fd, writable=False)  # a non-blocking description: wait
+                continue
+            except OSError as exc:
+                # Not an end of input: the remote program gets EOF (it must not
+                # wait forever) and the exit status says the input was cut.
+                self.broken.append(f"reading descriptor {fd} failed: {exc.strerror}")
                 data = b""
             if not data:
                 self.link.send(P.EOF, fd, b"")
@@ -583,6 +634,12 @@ class Deputy:
                     os.lseek(int(fd_s), int(off_s), os.SEEK_SET)
                 except OSError:
                     pass
+        if self.broken:
+            # Never a success status for a run that lost some of its data.
+            where = f"instance {self.link.instance}"
+            _say(f"{self.program.decode(errors='replace')} on {where}: {self.broken[0]}")
+            if kind == "status":
+                return value or LOST_STATUS
         if kind == "status":
             return value
         if kind == "signal":
@@ -620,11 +677,9 @@ def main(argv: list[str]) -> int:
     deputy = Deputy(link, rest[1] if len(rest) > 1 else rest[0])
     try:
         link.open(hello)
-    except OSError as exc:
-        deputy.result = ("lost", 0, (exc.strerror or str(exc)).encode(), b"")
-        return deputy.finish()
     except LostError as exc:
-        deputy.result = ("refused", 0, str(exc).encode(), b"")
+        kind = "lost" if isinstance(exc, Unreachable) else "refused"
+        deputy.result = (kind, 0, str(exc).encode(), b"")
         return deputy.finish()
     deputy.inputs.update(ins)  # before the receiver runs: it may get WANT at once
     _thread.start_new_thread(deputy.receive, ())

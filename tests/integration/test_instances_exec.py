@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -472,3 +473,109 @@ def test_a_terminal_stays_a_terminal_on_an_instance_that_sees_it(cluster: LocalC
     finally:
         os.close(master)
         os.close(slave)
+
+
+def relay(src: socket.socket, dst: socket.socket) -> None:
+    """Copy one direction of a proxied connection until either side ends."""
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    for s in (src, dst):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+class FirstConnectionSpoiler:
+    """A TCP proxy that spoils only the first connection through it, then relays.
+
+    `hold`: the first connection's bytes are never forwarded, so the agent sees
+    a deputy that does not authenticate and hangs up at its handshake deadline
+    (what a deputy or agent starved of CPU on a loaded machine looks like).
+    `drop_welcome`: the first connection carries the handshake and the HELLO,
+    but is cut as the agent's WELCOME comes back: the program was started and
+    the deputy never learnt its session.
+    """
+
+    def __init__(self, target: str, mode: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.mode = mode
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.spoiled = threading.Event()  # the first connection is over
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        first = True
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            if first:
+                first = False
+                threading.Thread(target=self._spoil, args=(client, upstream), daemon=True).start()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=relay, args=(a, b), daemon=True).start()
+
+    def _spoil(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            if self.mode == "hold":
+                while upstream.recv(1 << 16):  # until the agent gives up on it
+                    pass
+            else:
+                threading.Thread(target=relay, args=(client, upstream), daemon=True).start()
+                head = b""
+                while len(head) < 17:  # the CHALLENGE frame goes through...
+                    head += upstream.recv(17 - len(head))
+                length = int.from_bytes(head[5:9], "big")
+                body = b""
+                while len(body) < length:
+                    body += upstream.recv(length - len(body))
+                client.sendall(head + body)
+                upstream.recv(1)  # ...the WELCOME that follows the HELLO does not
+        except OSError:
+            pass
+        for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.spoiled.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["hold", "drop_welcome"])
+def test_a_spoiled_first_connection_loses_nothing(
+    cluster: LocalCluster, tmp_path: Path, mode: str
+) -> None:
+    """The deputy dials again, and the program starts once and gets all its input.
+
+    Before the fix a first connection cut by the agent's handshake deadline
+    made the deputy exit 255 ("lost ... timed out") having sent nothing: in
+    `cat big | cat | sha256sum` the last stage then hashed empty input, exit 0.
+    """
+    blob = os.urandom(8 << 20)
+    count = tmp_path / "starts"
+    inst = cluster.instances[0]
+    proxy = FirstConnectionSpoiler(inst.address, mode)
+    try:
+        script = f"echo started >> {count}; cat"
+        res = subprocess.run(
+            deputy(inst, "/bin/sh", "-c", script, address=proxy.address, window=30),
+            input=blob,
+            capture_output=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr
+        assert proxy.spoiled.is_set()
+        assert hashlib.sha256(res.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()
+        assert count.read_text() == "started\n"  # started once, never twice
+    finally:
+        proxy.close()
