@@ -255,6 +255,7 @@ class Link:
         self.sock: _socket.socket | None = None
         self.session = b""
         self.hello = b""  # sent again if no WELCOME came back (the agent starts it once)
+        self.dialed = False  # a HELLO may have reached the agent: later ones say AGAIN
         self.ack_wanted = False
         # Written by the receiver thread without the lock (it must never wait for
         # a sender blocked in sendall: that sender may be waiting for the agent,
@@ -308,6 +309,7 @@ class Link:
             items = P.unrecord(payload) if kind == P.CHALLENGE else []
             if len(items) != 2 or not _hashlib.compare_digest(items[0], self._mac(b"agent", mine)):
                 raise LostError("the agent failed to prove it holds the instance key")
+            self.dialed = True
             sock.sendall(P.frame(P.PROOF, 0, P.record([self._mac(b"deputy", items[1])])) + first)
             sock.settimeout(None)
             parser.limit = P.MAX_PAYLOAD
@@ -341,7 +343,7 @@ class Link:
         """RESUME once the session is known, else HELLO (seq: the last seq received)."""
         if self.session:
             return P.frame(P.RESUME, 0, self.session, self.inbox.last)
-        return P.frame(P.HELLO, 0, self.hello, self.inbox.last)
+        return P.frame(P.HELLO, P.AGAIN if self.dialed else 0, self.hello, self.inbox.last)
 
     def send(self, kind: int, fd: int, payload: bytes) -> None:
         """Send a sequenced frame; kept until acknowledged, replayed after reconnect."""
