@@ -579,3 +579,38 @@ def test_a_spoiled_first_connection_loses_nothing(
         assert count.read_text() == "started\n"  # started once, never twice
     finally:
         proxy.close()
+
+
+def test_a_non_blocking_stdin_is_waited_for_not_taken_for_its_end(
+    cluster: LocalCluster,
+) -> None:
+    """A reader that finds a non-blocking pipe empty waits (EAGAIN is not EOF).
+
+    Before, the deputy took EAGAIN for the end of its input: the remote `cat`
+    saw EOF after the first chunk and exited 0, the rest silently lost.
+    """
+    inst = cluster.instances[1]
+    r, w = os.pipe()
+    os.set_blocking(r, False)  # the description the deputy inherits
+    proc = subprocess.Popen(deputy(inst, "/bin/cat"), stdin=r, stdout=subprocess.PIPE)
+    os.close(r)
+    assert proc.stdout is not None
+    sent = hashlib.sha256()
+    got = hashlib.sha256()
+    try:
+        for _ in range(4):
+            chunk = os.urandom(1 << 16)
+            sent.update(chunk)
+            os.write(w, chunk)
+            # Wait for it to come back: the pipe is then empty and still open.
+            back = b""
+            while len(back) < len(chunk):
+                more = proc.stdout.read1(len(chunk) - len(back))
+                assert more, "the remote program ended before its input did"
+                back += more
+            got.update(back)
+    finally:
+        os.close(w)
+    assert proc.stdout.read() == b""
+    assert proc.wait(timeout=30) == 0
+    assert got.hexdigest() == sent.hexdigest()
