@@ -82,6 +82,27 @@ def _in_view(pathmap: PathMap, path: str) -> str:
     return f" (under --map, {path} is {real}{missing})"
 
 
+# Exit status of a run whose program said 0 while a placed process lost data
+# (the deputy's own status for a lost instance).
+LOST_STATUS = 255
+
+
+def _fail_on_loss(line: str, placed: list[Coordinator]) -> str:
+    """The root's `exit 0` report becomes a failure if a placed process lost data.
+
+    A shell keeps only a pipeline's last status, so `a | b | c` with `b` cut
+    off from its instance would end in 0 with c's input lost.  The placing
+    coordinator (vmagent.wiring) lists such losses; the run then ends in
+    LOST_STATUS with one line naming the first.
+    """
+    lost: list[str] = getattr(placed[0], "lost", []) if placed else []
+    if line != "exit 0" or not lost:
+        return line
+    more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+    click.echo(f"dcptrace: data was lost: {lost[0]}{more}", err=True)
+    return f"exit {LOST_STATUS}"
+
+
 def _program_status(exit_status: int | None, sig: int | None) -> str:
     """How the program ended, for a line about outputs lost after it ran."""
     if sig:
@@ -236,7 +257,10 @@ def command(
             link.on_abandon(out.discard)  # no temporary file outlives a killed front
         local = None if no_state else LocalOss(state_dir, program, os.getcwd())
 
+        placed: list[Coordinator] = []  # the coordinator, once it exists
+
         def report(line: str) -> None:
+            line = _fail_on_loss(line, placed)
             link.send(line)
             if local is None:
                 return
@@ -253,6 +277,7 @@ def command(
         inner = EmbeddedCoordinator(table, pathmap, local.event if local else None)
         try:
             with _coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+                placed.append(coordinator)
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,
                     report=report, dispositions=dispositions, complain=complain,

@@ -86,8 +86,8 @@ def read_ticket(path: str) -> bytes:
     return data.strip()
 
 
-def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
-    agent = instance = ""
+def _parse(argv: list[str]) -> tuple[str, str, bytes, str, float, list[bytes]]:
+    agent = instance = ticket_file = ""
     ticket = b""
     window = 10.0
     i = 0
@@ -97,7 +97,7 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
             rest = [os.fsencode(a) for a in argv[i + 1 :]]
             if not agent or not ticket or len(rest) < 1:
                 break
-            return agent, instance or agent, ticket, window, rest
+            return agent, instance or agent, ticket, ticket_file, window, rest
         if i + 1 >= len(argv):
             break
         value = argv[i + 1]
@@ -106,6 +106,7 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
         elif arg == "--instance":
             instance = value
         elif arg == "--ticket-file":
+            ticket_file = value
             try:
                 ticket = read_ticket(value)
             except OSError as exc:
@@ -503,6 +504,7 @@ class Deputy:
         # Streams that could not be carried whole (a read or write error other
         # than a reader hanging up): the exit status then says so (`finish`).
         self.broken: list[str] = []
+        self.loss_note = ""  # where to tell the coordinator that data was lost
 
     def wake(self, result: tuple[str, int, bytes, bytes]) -> None:
         if self.result is None:
@@ -601,6 +603,28 @@ class Deputy:
             self.dead_outputs.add(fd)
             self.link.post(P.EOF, fd)
 
+    def _note_loss(self, why: str) -> None:
+        """Leave a note beside the ticket file: the coordinator fails the run.
+
+        A shell drops the status of all but a pipeline's last stage, so a lost
+        middle stage would otherwise end in status 0 (vmagent.wiring reads it).
+        """
+        if not self.loss_note or self.loss_note == P.LOSS_SUFFIX:
+            return
+        program = self.program.decode(errors="replace")
+        line = f"{program} on instance {self.link.instance}: {why}"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.loss_note, flags, 0o600)
+        except OSError:
+            return
+        try:
+            os.write(fd, line.encode(errors="replace")[:MAX_TICKET])
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def forward_input(self, fd: int) -> None:
         """Input thread, started on WANT: the remote program reads `fd`; stream it.
 
@@ -629,6 +653,8 @@ class Deputy:
         """Mirror the remote outcome on this process (never returns on a signal)."""
         assert self.result is not None
         kind, value, message, offsets = self.result
+        if kind in ("lost", "refused") or self.broken:
+            self._note_loss(self.broken[0] if self.broken else message.decode(errors="replace"))
         if offsets:
             for item in P.unrecord(offsets):
                 fd_s, off_s = P.unrecord(item)
@@ -664,7 +690,7 @@ class Deputy:
 def main(argv: list[str]) -> int:
     """Run PATH remotely and mirror it; return the exit status."""
     try:
-        agent, instance, ticket, window, rest = _parse(argv)
+        agent, instance, ticket, ticket_file, window, rest = _parse(argv)
     except SystemExit as exc:
         _say(str(exc))
         return USAGE_STATUS
@@ -677,6 +703,7 @@ def main(argv: list[str]) -> int:
     _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
     link = Link(agent, instance, window, ticket)
     deputy = Deputy(link, rest[1] if len(rest) > 1 else rest[0])
+    deputy.loss_note = ticket_file + P.LOSS_SUFFIX
     try:
         link.open(hello)
     except LostError as exc:

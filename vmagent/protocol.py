@@ -54,6 +54,9 @@ NONCE_SIZE = 16  # bytes of each challenge
 # reached it (its connection was cut first).  The agent attaches it to the
 # session that ticket started, if any, instead of refusing a used ticket.
 AGAIN = 1
+# Not on the wire: a deputy that lost data leaves a note at its ticket file's
+# path + LOSS_SUFFIX, which the home coordinator reads when the deputy exits.
+LOSS_SUFFIX = ".lost"
 
 # TCP keepalive on exec connections: a peer whose host vanished without a
 # FIN/RST (a VM killed, a cable cut) is noticed after IDLE + INTVL * CNT seconds.

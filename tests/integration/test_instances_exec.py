@@ -614,3 +614,17 @@ def test_a_non_blocking_stdin_is_waited_for_not_taken_for_its_end(
     assert proc.stdout.read() == b""
     assert proc.wait(timeout=30) == 0
     assert got.hexdigest() == sent.hexdigest()
+
+
+def test_a_lost_deputy_leaves_a_note_for_the_coordinator(cluster: LocalCluster) -> None:
+    """Exit 255, one line, and `<ticket file>.lost` for the home side to fail the run."""
+    inst = cluster.instances[0]
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    cmd = deputy(inst, "/bin/cat", address=address, window=0.5)
+    note = Path(cmd[cmd.index("--ticket-file") + 1] + ".lost")
+    res = subprocess.run(cmd, input=b"data", capture_output=True, timeout=60)
+    assert res.returncode == 255
+    assert res.stderr.count(b"\n") == 1 and b"lost while running /bin/cat" in res.stderr
+    assert note.read_text().startswith(f"/bin/cat on instance {inst.name}: ")
+    note.unlink()
