@@ -15,6 +15,7 @@ from oss.storage.pathmap import PathMap, PathMapError, parse_mapping
 from tracer import compose
 from tracer.arch import table_for
 from tracer.compose import PLACEMENTS
+from tracer.coordinator import Coordinator
 from tracer.errors import OutputError, SpawnError, TracerError, UsageError
 from tracer.front import TracerLink, run_split
 from tracer.outputs import Output, open_output, stderr_output
@@ -60,6 +61,27 @@ def _in_view(pathmap: PathMap, path: str) -> str:
         return ""
     missing = "" if os.path.lexists(real) else ", which does not exist"
     return f" (under --map, {path} is {real}{missing})"
+
+
+# Exit status of a run whose program said 0 while a placed process lost data
+# (the deputy's own status for a lost instance).
+LOST_STATUS = 255
+
+
+def _fail_on_loss(line: str, placed: list[Coordinator]) -> str:
+    """The root's `exit 0` report becomes a failure if a placed process lost data.
+
+    A shell keeps only a pipeline's last status, so `a | b | c` with `b` cut
+    off from its instance would end in 0 with c's input lost.  The placing
+    coordinator (vmagent.wiring) lists such losses; the run then ends in
+    LOST_STATUS with one line naming the first.
+    """
+    lost: list[str] = getattr(placed[0], "lost", []) if placed else []
+    if line != "exit 0" or not lost:
+        return line
+    more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+    click.echo(f"dcptrace: data was lost: {lost[0]}{more}", err=True)
+    return f"exit {LOST_STATUS}"
 
 
 def _program_status(exit_status: int | None, sig: int | None) -> str:
@@ -216,7 +238,10 @@ def command(
             link.on_abandon(out.discard)  # no temporary file outlives a killed front
         local = None if no_state else compose.local_state(state_dir, program, os.getcwd())
 
+        placed: list[Coordinator] = []  # the coordinator, once it exists
+
         def report(line: str) -> None:
+            line = _fail_on_loss(line, placed)
             link.send(line)
             if local is None:
                 return
@@ -227,17 +252,15 @@ def command(
                 n = int(value)
                 local.finish(n if kind == "exit" else None, n if kind == "signal" else None)
 
+        def complain(message: str) -> None:
+            if placed and getattr(placed[0], "refused", None):
+                return  # the coordinator refused to start the program and said why
+            click.echo(f"dcptrace: {program[0]}: {message}{_in_view(pathmap, path)}", err=True)
 
         inner = compose.embedded(table, pathmap, local)
         try:
             with compose.coordinator(inner, n, where, oss_url or config.oss) as coordinator:
-
-                def complain(message: str) -> None:
-                    if getattr(coordinator, "refused", None):
-                        return  # the coordinator refused to start the program and said why
-                    shown = f"{message}{_in_view(pathmap, path)}"
-                    click.echo(f"dcptrace: {program[0]}: {shown}", err=True)
-
+                placed.append(coordinator)
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,
                     report=report, dispositions=dispositions, complain=complain,

@@ -448,7 +448,7 @@ class ExecProtocol(asyncio.Protocol):
                     self._handshake(kind, payload)
                 else:
                     assert self.grant is not None
-                    self.session = self.service.open(self, kind, seq, payload, self.grant)
+                    self.session = self.service.open(self, kind, fd, seq, payload, self.grant)
                 if self.transport is None or self.transport.is_closing():
                     return
             if not self.authenticated and parser.pending() > P.PRE_AUTH_MAX + P.HEADER_SIZE:
@@ -514,6 +514,7 @@ class ExecService:
         self.wrap = tracer_prefix() if config.trace else ()
         self.sessions: dict[bytes, Session] = {}
         self.by_pid: dict[int, Session] = {}
+        self.by_nonce: dict[str, Session] = {}  # ticket nonce -> the session it started
         self.probe = ReaderProbe(os.uname().machine)
         self.counts = {"started": 0, "exited": 0, "signaled": 0, "failed": 0, "abandoned": 0}
 
@@ -537,12 +538,24 @@ class ExecService:
                 session.exited(status)
 
     def open(
-        self, proto: ExecProtocol, kind: int, seq: int, payload: bytes, grant: Grant
+        self,
+        proto: ExecProtocol,
+        kind: int,
+        fd: int,
+        seq: int,
+        payload: bytes,
+        grant: Grant,
     ) -> Session:
         """Handle the first frame after the handshake: HELLO or RESUME.
 
         A session resumes only over a connection authenticated with the ticket
-        that started it: its id alone is not a credential.
+        that started it: its id alone is not a credential.  A HELLO marked
+        AGAIN whose ticket already started a live session is the same deputy
+        again (only it holds the ticket's secret), whose first connection was
+        cut before our WELCOME reached it (a handshake deadline under load): it
+        is attached to that session, with `seq` the last frame it received.
+        The program is never started twice; an unmarked HELLO of a used ticket
+        is refused as before.
         """
         if kind == P.RESUME:
             session = self.sessions.get(payload)
@@ -552,12 +565,18 @@ class ExecService:
             return session
         if kind != P.HELLO:
             raise BadRequest(f"expected HELLO or RESUME, got frame kind {kind}")
+        again = self.by_nonce.get(grant.nonce) if fd == P.AGAIN else None
+        if again is not None and not again.forgotten:
+            log.info("deputy of session=%s said HELLO again: attached", again.sid.hex()[:8])
+            again.attach(proto, seq)
+            return again
         request = bind(parse_hello(payload), grant)
         self.tickets.burn(grant)
         program = os.fsdecode(request.argv[0])
         session = Session(self, secrets.token_bytes(16), request, program)
         session.nonce = grant.nonce
         self.sessions[session.sid] = session
+        self.by_nonce[grant.nonce] = session
         session.attach(proto, 0)
         try:
             session.start()
@@ -588,6 +607,8 @@ class ExecService:
         session.forgotten = True
         session.close_fds()
         self.sessions.pop(session.sid, None)
+        if self.by_nonce.get(session.nonce) is session:
+            del self.by_nonce[session.nonce]
 
     def abandon(self, session: Session) -> None:
         """The deputy never came back: kill the program, drop the session."""

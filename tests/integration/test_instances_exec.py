@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -472,3 +473,158 @@ def test_a_terminal_stays_a_terminal_on_an_instance_that_sees_it(cluster: LocalC
     finally:
         os.close(master)
         os.close(slave)
+
+
+def relay(src: socket.socket, dst: socket.socket) -> None:
+    """Copy one direction of a proxied connection until either side ends."""
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    for s in (src, dst):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+class FirstConnectionSpoiler:
+    """A TCP proxy that spoils only the first connection through it, then relays.
+
+    `hold`: the first connection's bytes are never forwarded, so the agent sees
+    a deputy that does not authenticate and hangs up at its handshake deadline
+    (what a deputy or agent starved of CPU on a loaded machine looks like).
+    `drop_welcome`: the first connection carries the handshake and the HELLO,
+    but is cut as the agent's WELCOME comes back: the program was started and
+    the deputy never learnt its session.
+    """
+
+    def __init__(self, target: str, mode: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.mode = mode
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.spoiled = threading.Event()  # the first connection is over
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        first = True
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            if first:
+                first = False
+                threading.Thread(target=self._spoil, args=(client, upstream), daemon=True).start()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=relay, args=(a, b), daemon=True).start()
+
+    def _spoil(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            if self.mode == "hold":
+                while upstream.recv(1 << 16):  # until the agent gives up on it
+                    pass
+            else:
+                threading.Thread(target=relay, args=(client, upstream), daemon=True).start()
+                head = b""
+                while len(head) < 17:  # the CHALLENGE frame goes through...
+                    head += upstream.recv(17 - len(head))
+                length = int.from_bytes(head[5:9], "big")
+                body = b""
+                while len(body) < length:
+                    body += upstream.recv(length - len(body))
+                client.sendall(head + body)
+                upstream.recv(1)  # ...the WELCOME that follows the HELLO does not
+        except OSError:
+            pass
+        for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.spoiled.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["hold", "drop_welcome"])
+def test_a_spoiled_first_connection_loses_nothing(
+    cluster: LocalCluster, tmp_path: Path, mode: str
+) -> None:
+    """The deputy dials again, and the program starts once and gets all its input.
+
+    Before the fix a first connection cut by the agent's handshake deadline
+    made the deputy exit 255 ("lost ... timed out") having sent nothing: in
+    `cat big | cat | sha256sum` the last stage then hashed empty input, exit 0.
+    """
+    blob = os.urandom(8 << 20)
+    count = tmp_path / "starts"
+    inst = cluster.instances[0]
+    proxy = FirstConnectionSpoiler(inst.address, mode)
+    try:
+        script = f"echo started >> {count}; cat"
+        res = subprocess.run(
+            deputy(inst, "/bin/sh", "-c", script, address=proxy.address, window=30),
+            input=blob,
+            capture_output=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr
+        assert proxy.spoiled.is_set()
+        assert hashlib.sha256(res.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()
+        assert count.read_text() == "started\n"  # started once, never twice
+    finally:
+        proxy.close()
+
+
+def test_a_non_blocking_stdin_is_waited_for_not_taken_for_its_end(
+    cluster: LocalCluster,
+) -> None:
+    """A reader that finds a non-blocking pipe empty waits (EAGAIN is not EOF).
+
+    Before, the deputy took EAGAIN for the end of its input: the remote `cat`
+    saw EOF after the first chunk and exited 0, the rest silently lost.
+    """
+    inst = cluster.instances[1]
+    r, w = os.pipe()
+    os.set_blocking(r, False)  # the description the deputy inherits
+    proc = subprocess.Popen(deputy(inst, "/bin/cat"), stdin=r, stdout=subprocess.PIPE)
+    os.close(r)
+    assert proc.stdout is not None
+    sent = hashlib.sha256()
+    got = hashlib.sha256()
+    try:
+        for _ in range(4):
+            chunk = os.urandom(1 << 16)
+            sent.update(chunk)
+            os.write(w, chunk)
+            # Wait for it to come back: the pipe is then empty and still open.
+            back = b""
+            while len(back) < len(chunk):
+                more = proc.stdout.read1(len(chunk) - len(back))
+                assert more, "the remote program ended before its input did"
+                back += more
+            got.update(back)
+    finally:
+        os.close(w)
+    assert proc.stdout.read() == b""
+    assert proc.wait(timeout=30) == 0
+    assert got.hexdigest() == sent.hexdigest()
+
+
+def test_a_lost_deputy_leaves_a_note_for_the_coordinator(cluster: LocalCluster) -> None:
+    """Exit 255, one line, and `<ticket file>.lost` for the home side to fail the run."""
+    inst = cluster.instances[0]
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    cmd = deputy(inst, "/bin/cat", address=address, window=0.5)
+    note = Path(cmd[cmd.index("--ticket-file") + 1] + ".lost")
+    res = subprocess.run(cmd, input=b"data", capture_output=True, timeout=60)
+    assert res.returncode == 255
+    assert res.stderr.count(b"\n") == 1 and b"lost while running /bin/cat" in res.stderr
+    assert note.read_text().startswith(f"/bin/cat on instance {inst.name}: ")
+    note.unlink()

@@ -227,3 +227,24 @@ def test_bind_runs_the_tickets_exec_as_the_tickets_ids() -> None:
         bind(parse_hello(hello({b"argv": P.record([b"false"])})), grant)
     with pytest.raises(AuthError, match="vouches for uid 1000"):
         bind(parse_hello(hello({b"uid": b"0"})), grant)
+
+
+# -- the deputy's first frame ---------------------------------------------------------------
+
+
+def test_deputy_says_hello_then_hello_again_then_resume() -> None:
+    """HELLO until a WELCOME names the session; AGAIN once a HELLO may have arrived."""
+    from vmagent.exec.deputy import Link
+
+    link = Link("127.0.0.1:9", "n0", 1.0, b"public.secret")
+    link.hello = b"request"
+    kind, fd, length, seq = P.HEADER.unpack(link.first_frame()[: P.HEADER_SIZE])
+    assert (kind, fd, seq) == (P.HELLO, 0, 0)
+    link.dialed = True  # a handshake got as far as sending PROOF + HELLO
+    link.inbox.accept(1, 0)
+    frame = link.first_frame()
+    assert P.HEADER.unpack(frame[: P.HEADER_SIZE]) == (P.HELLO, P.AGAIN, len(b"request"), 1)
+    assert frame[P.HEADER_SIZE :] == b"request"
+    link.session = b"sid"
+    kind, fd, length, seq = P.HEADER.unpack(link.first_frame()[: P.HEADER_SIZE])
+    assert (kind, seq) == (P.RESUME, 1)

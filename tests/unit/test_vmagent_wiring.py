@@ -177,3 +177,33 @@ def test_clustered_reports_bad_options_as_tracer_usage_errors(monkeypatch: objec
     with pytest.raises(UsageError, match="DCP_TOKEN"):
         with clustered(FakeInner(), 0, "spread", "http://127.0.0.1:1"):
             pass
+
+
+def test_a_deputys_loss_note_is_collected_when_it_exits() -> None:
+    """A deputy that lost data leaves `<ticket file>.lost`; the run learns of it."""
+    c = coordinator()
+    for pid in (20, 21):
+        d = c.on_syscall(execve(pid, b"/bin/cat", (b"cat",)))
+        assert isinstance(d, Rewrite)
+    argv = d.args[1]
+    assert isinstance(argv, tuple)
+    ticket_file = os.fsdecode(argv[argv.index(b"--ticket-file") + 1])
+    Path(ticket_file + ".lost").write_text("cat on instance n1: timed out")
+    c.on_process(ProcessExited(20, 0, None))  # the other deputy: no note
+    assert c.lost == []
+    c.on_process(ProcessExited(21, 255, None))
+    assert c.lost == ["cat on instance n1: timed out"]
+    assert not Path(ticket_file + ".lost").exists()
+    c.close()
+
+
+def test_a_zero_exit_becomes_a_failure_when_a_placed_process_lost_data() -> None:
+    from tracer.cli import LOST_STATUS, _fail_on_loss
+
+    c = coordinator()
+    assert _fail_on_loss("exit 0", [c]) == "exit 0"
+    c.lost.append("cat on instance n1: timed out")
+    assert _fail_on_loss("exit 0", [c]) == f"exit {LOST_STATUS}"
+    assert _fail_on_loss("exit 3", [c]) == "exit 3"  # already a failure: kept
+    assert _fail_on_loss("pid 7", [c]) == "pid 7"
+    assert _fail_on_loss("exit 0", []) == "exit 0"

@@ -38,6 +38,7 @@ from tracer.coordinator import (
 )
 from vmagent.cluster.placement import HOME, Placement
 from vmagent.errors import AgentError
+from vmagent.exec import protocol as P
 from vmagent.exec import tickets
 from vmagent.exec.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
 
@@ -125,6 +126,9 @@ class ClusterCoordinator:
         self._ticket_files: dict[int, str] = {}  # placed pid -> its ticket file
         self.drop = TicketDrop()
         self.placed = 0
+        # One line per placed process that lost data (its instance, a refused
+        # session, a stream cut): the run must not end in status 0 (tracer.cli).
+        self.lost: list[str] = []
 
     def interception(self) -> frozenset[str]:
         """The inner coordinator's calls plus execve/execveat."""
@@ -216,6 +220,9 @@ class ClusterCoordinator:
             ticket_file = self._ticket_files.pop(event.pid, None)
             if ticket_file is not None:
                 self.drop.discard(ticket_file)
+                note = self.drop.take_note(ticket_file + P.LOSS_SUFFIX)
+                if note is not None:
+                    self.lost.append(note)
             name = self._running.pop(event.pid, None)
             if name is not None:
                 self.placement.finished(name)

@@ -42,6 +42,7 @@ from vmagent.exec import protocol as P  # noqa: E402
 # Exit status of a deputy whose instance was lost (the program "fails cleanly").
 LOST_STATUS = 255
 USAGE_STATUS = 2
+EPIPE = 32
 FORWARDED = (
     _signal.SIGHUP,
     _signal.SIGINT,
@@ -85,8 +86,8 @@ def read_ticket(path: str) -> bytes:
     return data.strip()
 
 
-def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
-    agent = instance = ""
+def _parse(argv: list[str]) -> tuple[str, str, bytes, str, float, list[bytes]]:
+    agent = instance = ticket_file = ""
     ticket = b""
     window = 10.0
     i = 0
@@ -96,7 +97,7 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
             rest = [os.fsencode(a) for a in argv[i + 1 :]]
             if not agent or not ticket or len(rest) < 1:
                 break
-            return agent, instance or agent, ticket, window, rest
+            return agent, instance or agent, ticket, ticket_file, window, rest
         if i + 1 >= len(argv):
             break
         value = argv[i + 1]
@@ -105,6 +106,7 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, float, list[bytes]]:
         elif arg == "--instance":
             instance = value
         elif arg == "--ticket-file":
+            ticket_file = value
             try:
                 ticket = read_ticket(value)
             except OSError as exc:
@@ -253,6 +255,8 @@ class Link:
         self.rx = bytearray()  # bytes received past the last whole frame (after a resume)
         self.sock: _socket.socket | None = None
         self.session = b""
+        self.hello = b""  # sent again if no WELCOME came back (the agent starts it once)
+        self.dialed = False  # a HELLO may have reached the agent: later ones say AGAIN
         self.ack_wanted = False
         # Written by the receiver thread without the lock (it must never wait for
         # a sender blocked in sendall: that sender may be waiting for the agent,
@@ -306,6 +310,7 @@ class Link:
             items = P.unrecord(payload) if kind == P.CHALLENGE else []
             if len(items) != 2 or not _hashlib.compare_digest(items[0], self._mac(b"agent", mine)):
                 raise LostError("the agent failed to prove it holds the instance key")
+            self.dialed = True
             sock.sendall(P.frame(P.PROOF, 0, P.record([self._mac(b"deputy", items[1])])) + first)
             sock.settimeout(None)
             parser.limit = P.MAX_PAYLOAD
@@ -315,11 +320,31 @@ class Link:
         return sock, parser, frames
 
     def open(self, hello: bytes) -> None:
-        """First connection: authenticate, send HELLO (OSError if unreachable)."""
-        sock, parser, frames = self.handshake(P.frame(P.HELLO, 0, hello))
+        """First connection: authenticate, send HELLO; retried like a reconnect.
+
+        A connection cut during the handshake (the agent's pre-authentication
+        deadline, a timeout of ours while either side is starved of CPU) is not
+        the end of the program: the deputy dials again within the window.
+        Until the agent's WELCOME arrives the deputy sends HELLO again, and an
+        agent that already started the program for this ticket attaches the
+        connection to it instead (`ExecService.open`): a program starts once.
+        Raises LostError if the agent refuses or stays unreachable.
+        """
+        self.hello = hello
+        try:
+            sock, parser, frames = self.handshake(self.first_frame())
+        except OSError as exc:
+            self.reconnect(exc.strerror or str(exc))
+            return
         self.rx = bytearray(parser.leftover())
         self.pending = list(frames)
         self.sock = sock
+
+    def first_frame(self) -> bytes:
+        """RESUME once the session is known, else HELLO (seq: the last seq received)."""
+        if self.session:
+            return P.frame(P.RESUME, 0, self.session, self.inbox.last)
+        return P.frame(P.HELLO, P.AGAIN if self.dialed else 0, self.hello, self.inbox.last)
 
     def send(self, kind: int, fd: int, payload: bytes) -> None:
         """Send a sequenced frame; kept until acknowledged, replayed after reconnect."""
@@ -418,9 +443,7 @@ class Link:
         last = why
         while True:
             try:
-                sock, parser, frames = self.handshake(
-                    P.frame(P.RESUME, 0, self.session, self.inbox.last)
-                )
+                sock, parser, frames = self.handshake(self.first_frame())
                 while not frames:
                     data = sock.recv(65536)
                     if not data:
@@ -431,6 +454,7 @@ class Link:
                     raise LostError(payload.decode(errors="replace"))
                 if kind != P.WELCOME:
                     raise LostError(f"unexpected frame {kind} on resume")
+                self.session = P.pairs(payload).get(b"session", self.session)
                 with self.lock:
                     self.outbox.ack(seq)
                     self.rx = bytearray(parser.leftover())
@@ -445,13 +469,26 @@ class Link:
             except OSError as exc:
                 last = exc.strerror or str(exc)
             if time.monotonic() + delay > deadline:
-                raise LostError(last)
+                raise Unreachable(last)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
 
+def _wait_ready(fd: int, writable: bool) -> None:
+    """Block until `fd` is readable (or writable); for descriptors left non-blocking."""
+    import select  # a C module, loaded only on this rare path
+
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if writable else select.POLLIN)
+    poller.poll()
+
+
 class LostError(Exception):
     """The session cannot continue (agent gone or refused)."""
+
+
+class Unreachable(LostError):
+    """The agent could not be reached (or authenticated with) within the window."""
 
 
 class Deputy:
@@ -464,6 +501,10 @@ class Deputy:
         self.result: tuple[str, int, bytes, bytes] | None = None  # kind, value, msg, offsets
         self.dead_outputs: set[int] = set()
         self.inputs: set[int] = set()  # streamed inputs whose thread awaits WANT
+        # Streams that could not be carried whole (a read or write error other
+        # than a reader hanging up): the exit status then says so (`finish`).
+        self.broken: list[str] = []
+        self.loss_note = ""  # where to tell the coordinator that data was lost
 
     def wake(self, result: tuple[str, int, bytes, bytes]) -> None:
         if self.result is None:
@@ -547,12 +588,42 @@ class Deputy:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(fd, view) :]
-        except OSError:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    # Someone sharing the description made it non-blocking: wait
+                    # as a blocking write would, never drop the bytes.
+                    _wait_ready(fd, writable=True)
+        except OSError as exc:
             # Our reader is gone (EPIPE): tell the agent, which closes the remote
             # pipe so the remote writer gets SIGPIPE/EPIPE as it would locally.
+            # Any other error loses output: that is said at exit.
+            if exc.errno != EPIPE:
+                self.broken.append(f"writing descriptor {fd} failed: {exc.strerror}")
             self.dead_outputs.add(fd)
             self.link.post(P.EOF, fd)
+
+    def _note_loss(self, why: str) -> None:
+        """Leave a note beside the ticket file: the coordinator fails the run.
+
+        A shell drops the status of all but a pipeline's last stage, so a lost
+        middle stage would otherwise end in status 0 (vmagent.wiring reads it).
+        """
+        if not self.loss_note or self.loss_note == P.LOSS_SUFFIX:
+            return
+        program = self.program.decode(errors="replace")
+        line = f"{program} on instance {self.link.instance}: {why}"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.loss_note, flags, 0o600)
+        except OSError:
+            return
+        try:
+            os.write(fd, line.encode(errors="replace")[:MAX_TICKET])
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def forward_input(self, fd: int) -> None:
         """Input thread, started on WANT: the remote program reads `fd`; stream it.
@@ -565,7 +636,13 @@ class Deputy:
         while True:
             try:
                 data = os.read(fd, P.CHUNK)
-            except OSError:
+            except BlockingIOError:
+                _wait_ready(fd, writable=False)  # a non-blocking description: wait
+                continue
+            except OSError as exc:
+                # Not an end of input: the remote program gets EOF (it must not
+                # wait forever) and the exit status says the input was cut.
+                self.broken.append(f"reading descriptor {fd} failed: {exc.strerror}")
                 data = b""
             if not data:
                 self.link.send(P.EOF, fd, b"")
@@ -576,6 +653,8 @@ class Deputy:
         """Mirror the remote outcome on this process (never returns on a signal)."""
         assert self.result is not None
         kind, value, message, offsets = self.result
+        if kind in ("lost", "refused") or self.broken:
+            self._note_loss(self.broken[0] if self.broken else message.decode(errors="replace"))
         if offsets:
             for item in P.unrecord(offsets):
                 fd_s, off_s = P.unrecord(item)
@@ -583,6 +662,12 @@ class Deputy:
                     os.lseek(int(fd_s), int(off_s), os.SEEK_SET)
                 except OSError:
                     pass
+        if self.broken:
+            # Never a success status for a run that lost some of its data.
+            where = f"instance {self.link.instance}"
+            _say(f"{self.program.decode(errors='replace')} on {where}: {self.broken[0]}")
+            if kind == "status":
+                return value or LOST_STATUS
         if kind == "status":
             return value
         if kind == "signal":
@@ -605,7 +690,7 @@ class Deputy:
 def main(argv: list[str]) -> int:
     """Run PATH remotely and mirror it; return the exit status."""
     try:
-        agent, instance, ticket, window, rest = _parse(argv)
+        agent, instance, ticket, ticket_file, window, rest = _parse(argv)
     except SystemExit as exc:
         _say(str(exc))
         return USAGE_STATUS
@@ -618,13 +703,12 @@ def main(argv: list[str]) -> int:
     _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
     link = Link(agent, instance, window, ticket)
     deputy = Deputy(link, rest[1] if len(rest) > 1 else rest[0])
+    deputy.loss_note = ticket_file + P.LOSS_SUFFIX
     try:
         link.open(hello)
-    except OSError as exc:
-        deputy.result = ("lost", 0, (exc.strerror or str(exc)).encode(), b"")
-        return deputy.finish()
     except LostError as exc:
-        deputy.result = ("refused", 0, str(exc).encode(), b"")
+        kind = "lost" if isinstance(exc, Unreachable) else "refused"
+        deputy.result = (kind, 0, str(exc).encode(), b"")
         return deputy.finish()
     deputy.inputs.update(ins)  # before the receiver runs: it may get WANT at once
     _thread.start_new_thread(deputy.receive, ())

@@ -50,6 +50,13 @@ AUTH = 13  # deputy -> agent: record (ticket public part B, challenge c1)
 CHALLENGE = 14  # agent -> deputy: record (HMAC(T, "agent" + c1), challenge c2)
 PROOF = 15  # deputy -> agent: record (HMAC(T, "deputy" + c2,)); then HELLO or RESUME
 NONCE_SIZE = 16  # bytes of each challenge
+# HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
+# reached it (its connection was cut first).  The agent attaches it to the
+# session that ticket started, if any, instead of refusing a used ticket.
+AGAIN = 1
+# Not on the wire: a deputy that lost data leaves a note at its ticket file's
+# path + LOSS_SUFFIX, which the home coordinator reads when the deputy exits.
+LOSS_SUFFIX = ".lost"
 
 # TCP keepalive on exec connections: a peer whose host vanished without a
 # FIN/RST (a VM killed, a cable cut) is noticed after IDLE + INTVL * CNT seconds.

@@ -107,6 +107,22 @@ class TicketDrop:
             os.close(fd)
         return path
 
+    def take_note(self, path: str) -> str | None:
+        """Read and delete a deputy's note beside its ticket file (None if absent)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            text = os.read(fd, 4096).decode(errors="replace").strip()
+        except OSError:
+            text = ""
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return text or "a placed process lost data"
+
     def discard(self, path: str) -> None:
         """Delete a ticket file its deputy did not consume (the deputy died first)."""
         with contextlib.suppress(OSError):
