@@ -73,7 +73,7 @@ def _fail_on_loss(line: str, placed: list[Coordinator]) -> str:
 
     A shell keeps only a pipeline's last status, so `a | b | c` with `b` cut
     off from its instance would end in 0 with c's input lost.  The placing
-    coordinator (vmagent.wiring) lists such losses; the run then ends in
+    coordinator (vmagent.cluster.coordinator) lists such losses; the run then ends in
     LOST_STATUS with one line naming the first.
     """
     lost: list[str] = getattr(placed[0], "lost", []) if placed else []

@@ -607,7 +607,7 @@ class Deputy:
         """Leave a note beside the ticket file: the coordinator fails the run.
 
         A shell drops the status of all but a pipeline's last stage, so a lost
-        middle stage would otherwise end in status 0 (vmagent.wiring reads it).
+        middle stage would otherwise end in status 0 (vmagent.cluster.coordinator reads it).
         """
         if not self.loss_note or self.loss_note == P.LOSS_SUFFIX:
             return
