@@ -2,7 +2,7 @@
 
 A lab file (TOML) says what to start:
 
-    [libvirt]          # oss.compute.providers.libvirt.config_from_mapping (unknown keys rejected)
+    [libvirt]          # oss.compute.providers.domain.config_from_mapping (unknown keys rejected)
     [libvirtd]         # optional: our own virtlogd + libvirtd, in a namespace we create
     [[pools]]          # optional: pools created/resized at start-up (provider "libvirt")
 
@@ -34,13 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from net import bridge
 from net.bridge import NetError
 from oss.compute.pool import InstanceType
-from oss.compute.providers.libvirt import (
+from oss.compute.providers.domain import (
     LibvirtConfig,
-    LibvirtProvider,
     ProviderError,
     config_from_mapping,
     parse_uri,
 )
+from oss.compute.providers.libvirt import LibvirtProvider
 from oss.compute.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
 from oss.db.store import Store
 from oss.errors import OssError

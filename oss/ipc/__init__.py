@@ -1,1 +1,5 @@
-"""IPC: the internal locking service (leases with fencing tokens); signals next."""
+"""IPC: coordination between a program's processes across instances.
+
+It owns the internal locking service (`locking.py`: leases with fencing tokens,
+never exposed to clients); cross-instance signals come here next.
+"""

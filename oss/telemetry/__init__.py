@@ -1,3 +1,6 @@
-"""Telemetry: the metrics collector (counters, Prometheus) and the consolidated logs
-(zstd chunks, queries).
+"""Telemetry: what the OSS knows about running programs and instances.
+
+It owns the metrics collector (`metrics.py`: per-program and per-instance
+counters, Prometheus and JSON exposition) and the consolidated logs (`logs.py`:
+zstd chunks, query filtering).
 """

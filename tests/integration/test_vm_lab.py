@@ -27,14 +27,13 @@ from vmlab import LoopThread, make_lab, qemu_pid, remove_tree  # noqa: E402
 
 from images.builder import BuildConfig, Builder, source_checkout  # noqa: E402
 from net import bridge  # noqa: E402
-from oss.compute.providers.libvirt import (  # noqa: E402
+from oss.compute.providers.domain import (  # noqa: E402
     BootFailed,
-    DomainState,
     GuestImage,
     ImageMissing,
-    LibvirtProvider,
     Unreachable,
 )
+from oss.compute.providers.libvirt import DomainState, LibvirtProvider  # noqa: E402
 from oss.compute.providers.libvirtd import pid_alive  # noqa: E402
 
 from vmlab import Credentials, InstanceType, Lab  # noqa: E402  isort: skip

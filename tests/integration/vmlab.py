@@ -23,7 +23,8 @@ from aiohttp import web
 
 from images.builder import BuildConfig, Builder, Image, source_checkout
 from net import bridge
-from oss.compute.providers.libvirt import GuestImage, LibvirtConfig, LibvirtProvider
+from oss.compute.providers.domain import GuestImage, LibvirtConfig
+from oss.compute.providers.libvirt import LibvirtProvider
 from oss.compute.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
 
 T = TypeVar("T")

@@ -8,7 +8,7 @@ import pytest
 
 from images.guestinit import CONFIG_BYTES, CONFIG_SERIAL, parse_config
 from net.bridge import BadName, check_ifname
-from oss.compute.providers.libvirt import (
+from oss.compute.providers.domain import (
     AddressBook,
     BadInstance,
     BadUri,
