@@ -234,8 +234,6 @@ def command(
     def tracer_main(link: TracerLink) -> int:
         trace_out = (out_file or stderr_output("trace", sys.stderr)) if trace else None
         outputs = [o for o in (trace_out, out_file, record_out) if o is not None]
-        for out in outputs:
-            link.on_abandon(out.discard)  # no temporary file outlives a killed front
         local = None if no_state else compose.local_state(state_dir, program, os.getcwd())
 
         placed: list[Coordinator] = []  # the coordinator, once it exists
@@ -290,7 +288,9 @@ def command(
                 local.close(timeout=30)
         return 0
 
-    end = run_split(tracer_main, wait_for_tracer=observe)
+    # No temporary output file outlives a killed front, even one killed at once.
+    made = [o.discard for o in (out_file, record_out) if o is not None]
+    end = run_split(tracer_main, wait_for_tracer=observe, abandon=made)
     if end.outputs_lost:
         return 125  # the tracer said which output and how the program ended
     if end.signal:

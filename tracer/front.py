@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _RELEASE = b"r"
@@ -47,16 +47,18 @@ class MainEnd:
 class TracerLink:
     """The tracer child's side: report to the front, die with it."""
 
-    def __init__(self, status_w: int, lifeline_r: int, keep_stderr: bool) -> None:
+    def __init__(
+        self,
+        status_w: int,
+        lifeline_r: int,
+        keep_stderr: bool,
+        abandon: Sequence[Callable[[], None]] = (),
+    ) -> None:
         self._status = status_w
         self._lifeline = lifeline_r
         self._keep_stderr = keep_stderr
         self.released = threading.Event()
-        self._abandon: list[Callable[[], None]] = []
-
-    def on_abandon(self, cleanup: Callable[[], None]) -> None:
-        """Run `cleanup` (remove a temporary file) if the front dies unreleased."""
-        self._abandon.append(cleanup)
+        self._abandon: list[Callable[[], None]] = list(abandon)
 
     def watch_lifeline(self) -> None:
         """Exit the tracer (killing the tracees) if the front dies unreleased."""
@@ -94,11 +96,18 @@ def _to_devnull(*fds: int) -> None:
     os.close(null)
 
 
-def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -> MainEnd:
+def run_split(
+    tracer_main: Callable[[TracerLink], int],
+    wait_for_tracer: bool,
+    abandon: Sequence[Callable[[], None]] = (),
+) -> MainEnd:
     """Fork the tracer child running `tracer_main`; return how the main process ended.
 
     With `wait_for_tracer` (observation outputs requested) the front also waits
     for the tracer to finish, so summaries and records are complete on return.
+    `abandon` cleans up what the front made before the fork (temporary output
+    files) if the front dies: known to the tracer before it watches the lifeline,
+    so a front killed at once leaves nothing behind either.
     """
     status_r, status_w = os.pipe()
     lifeline_r, lifeline_w = os.pipe()
@@ -114,7 +123,7 @@ def run_split(tracer_main: Callable[[TracerLink], int], wait_for_tracer: bool) -
             for sig in TTY_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            link = TracerLink(status_w, lifeline_r, keep_stderr=wait_for_tracer)
+            link = TracerLink(status_w, lifeline_r, keep_stderr=wait_for_tracer, abandon=abandon)
             link.watch_lifeline()
             code = tracer_main(link)
         except BaseException:

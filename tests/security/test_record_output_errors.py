@@ -104,13 +104,40 @@ def test_a_written_record_replaces_the_file_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
+def _running_under(ancestor: int, comm: str) -> bool:
+    """Whether a process named `comm` runs below `ancestor` (walking /proc's ppids)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        names[pid] = stat_line[stat_line.index("(") + 1 : stat_line.rindex(")")]
+        parents[pid] = int(stat_line[stat_line.rindex(")") + 2 :].split()[1])
+    for pid, name in names.items():
+        p = pid
+        while name == comm and p > 1:
+            p = parents.get(p, 0)
+            if p == ancestor:
+                return True
+    return False
+
+
 def test_killing_dcptrace_leaves_no_partial_record(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     argv = [*dcptrace_argv("--record", str(out / "run.json")), "--", "sleep", "60"]
     front = subprocess.Popen(argv, env=traced_env(), stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: any(out.iterdir()))  # the record is being written beside
+        # Killed while the program runs (the record is being written beside).
+        # Not in the first milliseconds, while the front alone exists: a front
+        # SIGKILLed before it forks its tracer has nobody left to remove the file.
+        assert wait_for(lambda: _running_under(front.pid, "sleep"))
+        assert any(out.iterdir())
         front.send_signal(signal.SIGKILL)
         front.wait(timeout=30)
         # The tracer sees its lifeline close, removes the temporary file and
