@@ -234,7 +234,7 @@ def test_bind_runs_the_tickets_exec_as_the_tickets_ids() -> None:
 
 def test_deputy_says_hello_then_hello_again_then_resume() -> None:
     """HELLO until a WELCOME names the session; AGAIN once a HELLO may have arrived."""
-    from vmagent.exec.deputy import Link
+    from vmagent.exec.link import Link
 
     link = Link("127.0.0.1:9", "n0", 1.0, b"public.secret")
     link.hello = b"request"
