@@ -168,7 +168,7 @@ def test_reader_probe_parsing() -> None:
 def test_terminal_is_reopened_only_if_it_is_the_same_device() -> None:
     import os
 
-    from vmagent.agent import _same_terminal
+    from vmagent.exec.session import _same_terminal
 
     master, slave = os.openpty()
     try:
