@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import pytest
 
@@ -166,9 +167,8 @@ def test_reader_probe_parsing() -> None:
 
 
 def test_terminal_is_reopened_only_if_it_is_the_same_device() -> None:
-    import os
 
-    from vmagent.agent import _same_terminal
+    from vmagent.exec.session import _same_terminal
 
     master, slave = os.openpty()
     try:
@@ -234,7 +234,7 @@ def test_bind_runs_the_tickets_exec_as_the_tickets_ids() -> None:
 
 def test_deputy_says_hello_then_hello_again_then_resume() -> None:
     """HELLO until a WELCOME names the session; AGAIN once a HELLO may have arrived."""
-    from vmagent.exec.deputy import Link
+    from vmagent.exec.link import Link
 
     link = Link("127.0.0.1:9", "n0", 1.0, b"public.secret")
     link.hello = b"request"
@@ -248,3 +248,42 @@ def test_deputy_says_hello_then_hello_again_then_resume() -> None:
     link.session = b"sid"
     kind, fd, length, seq = P.HEADER.unpack(link.first_frame()[: P.HEADER_SIZE])
     assert (kind, seq) == (P.RESUME, 1)
+
+
+# -- the deputy's rule ------------------------------------------------------------------------
+
+
+def _imported(*args: str) -> list[str]:
+    """Modules the deputy's interpreter imports for `args` (from -X importtime)."""
+    import subprocess
+
+    from vmagent.exec.remote import interpreter
+
+    cmd = [os.fsdecode(interpreter()), "-I", "-S", "-X", "importtime", *args]
+    err = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stderr
+    return [line.split("|")[2].strip() for line in err.splitlines() if line.count("|") == 2][1:]
+
+
+def test_deputy_imports_only_c_modules_of_the_standard_library() -> None:
+    """deputy.py and every module it imports: builtin/extension stdlib modules, vmagent.exec.
+
+    The deputy is on the path of every remote exec: a pure-Python module of the standard
+    library costs a file read and an unmarshal each time (json ~6 ms).
+    """
+    import importlib.util
+    import sys
+
+    baseline = set(_imported("-c", "pass"))  # what the interpreter loads anyway
+    extra = [m for m in _imported(DEPUTY_SCRIPT, "--help") if m not in baseline]
+    ours = {m for m in extra if m == "vmagent" or m.startswith("vmagent.")}
+    assert {"vmagent.exec.protocol", "vmagent.exec.link", "vmagent.exec.hello"} <= ours, extra
+    assert all(m in ("vmagent", "vmagent.exec") or m.startswith("vmagent.exec.") for m in ours)
+    pure = []
+    for name in set(extra) - ours:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        # Frozen modules (os and what it needs) live in the interpreter binary: no file read.
+        if name in sys.builtin_module_names or origin == "frozen" or (origin or "").endswith(".so"):
+            continue
+        pure.append(f"{name} ({origin})")
+    assert not pure, f"the deputy loads pure-Python modules: {pure}"

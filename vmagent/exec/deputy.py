@@ -7,8 +7,9 @@ the original process*: same pid, parent, file descriptors, cwd, environment,
 umask, rlimits.  F is a 0600 file of the process's own uid holding its exec
 ticket (argv is world-readable: the ticket never goes there); the deputy reads
 and deletes it, proves to the agent that it holds the ticket's secret and
-checks the agent's proof before it sends anything (vmagent.exec.tickets), then
-sends all of that to the agent, which starts PATH there; it then
+checks the agent's proof before it sends anything (vmagent.exec.tickets,
+vmagent.exec.link), then sends all of that (vmagent.exec.hello) to the agent,
+which starts PATH there; it then
 
 - streams its readable pipes/ttys to the remote program and the remote
   program's writes back into its own descriptors (so pipes, `$(...)`, files
@@ -19,10 +20,12 @@ sends all of that to the agent, which starts PATH there; it then
   itself, so the parent's wait() sees exactly what a local run gives.
 
 It must start fast (it is on the path of every remote exec), so it imports only
-C modules (`_socket`, `_signal`, `_thread`, `_struct`), parses its own argv and
-keeps the standard library's pure-Python modules out.  Read-only regular files
-and character devices are not streamed: the agent reopens them by path (the
-file system is shared), and read offsets are copied back at exit.
+C modules (`_socket`, `_signal`, `_thread`, `_struct`, `_hashlib`), parses its own
+argv and keeps the standard library's pure-Python modules out; so does every
+module it imports (`vmagent.exec.protocol`, `.link`, `.hello`; the package's
+`__init__` imports nothing).  Read-only regular files and character devices
+are not streamed: the agent reopens them by path (the file system is shared),
+and read offsets are copied back at exit.
 """
 
 import os
@@ -31,13 +34,13 @@ import sys
 if not __package__:  # run as a file by path (-I drops the script dir from sys.path)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import _hashlib  # noqa: E402
 import _signal  # noqa: E402
 import _socket  # noqa: E402
 import _thread  # noqa: E402
-import time  # noqa: E402  (a builtin module: no import cost)
 
 from vmagent.exec import protocol as P  # noqa: E402
+from vmagent.exec.hello import _signal_masks, build_hello, classify_fds  # noqa: E402
+from vmagent.exec.link import Link, LostError, Unreachable  # noqa: E402
 
 # Exit status of a deputy whose instance was lost (the program "fails cleanly").
 LOST_STATUS = 255
@@ -58,10 +61,6 @@ FORWARDED = (
 # waitpid(WUNTRACED) and the shell's job table see the job stopped.
 STOPPERS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 WAKE = _signal.SIGRTMIN + 3  # internal: the receiver thread wakes the main thread
-ACCMODE = 3  # O_ACCMODE
-HANDSHAKE_TIMEOUT = 5.0  # s to connect and authenticate the agent
-# Never forwarded to an instance: the account's OSS token.
-PRIVATE_ENV = (b"DCP_TOKEN=",)
 MAX_TICKET = 4096
 
 
@@ -122,358 +121,6 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, str, float, list[bytes]]:
     )
 
 
-def _signal_masks() -> tuple[int, int]:
-    """(ignored, blocked) signal masks of this process, from /proc/self/status."""
-    ignored = blocked = 0
-    with open("/proc/self/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"SigIgn:"):
-                ignored = int(line.split()[1], 16)
-            elif line.startswith(b"SigBlk:"):
-                blocked = int(line.split()[1], 16)
-    return ignored, blocked
-
-
-def _fdinfo(fd: int) -> tuple[int, int]:
-    """(flags, pos) of a descriptor from /proc/self/fdinfo."""
-    flags = pos = 0
-    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-        for line in f:
-            if line.startswith(b"flags:"):
-                flags = int(line.split()[1], 8)
-            elif line.startswith(b"pos:"):
-                pos = int(line.split()[1])
-    return flags, pos
-
-
-def classify_fds() -> tuple[list[bytes], list[int], list[int]]:
-    """Describe the inherited descriptors: (HELLO records, fds to stream in, out)."""
-    records: list[bytes] = []
-    ins: list[int] = []
-    outs: list[int] = []
-    fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
-    for fd in fds:
-        try:
-            st = os.fstat(fd)
-            flags, pos = _fdinfo(fd)
-        except OSError:
-            continue  # the descriptor of the listdir itself, already closed
-        fmt = st.st_mode & 0o170000
-        acc = flags & ACCMODE
-        tty = os.isatty(fd)
-        kind = b""
-        path = b""
-        if (fmt == 0o100000 and acc != os.O_WRONLY) or (fmt == 0o020000 and not tty):
-            path = os.readlink(f"/proc/self/fd/{fd}").encode()
-            if path.startswith(b"/") and not path.endswith(b" (deleted)"):
-                kind = P.FD_PATH
-        rdev = b""
-        if not kind and fmt in (0o010000, 0o140000, 0o020000, 0o100000):
-            # pipes, sockets, ttys and files open for writing are streamed
-            if acc == os.O_RDONLY or (acc == os.O_RDWR and fd == 0):
-                kind = P.FD_IN
-            else:
-                kind = P.FD_OUT
-            if tty:
-                # An instance that sees this very terminal device (same host)
-                # reopens it, so the program gets a real tty; others stream.
-                path = os.readlink(f"/proc/self/fd/{fd}").encode()
-                rdev = str(st.st_rdev).encode()
-        if not kind:
-            continue  # directories, event fds...: the remote program goes without
-        if kind == P.FD_IN:
-            ins.append(fd)
-        elif kind == P.FD_OUT:
-            outs.append(fd)
-        keep = flags & (ACCMODE | os.O_APPEND | os.O_NONBLOCK)
-        items = [str(fd).encode(), kind, path, str(keep).encode(), str(pos).encode()]
-        records.append(P.record([*items, rdev] if rdev else items))
-    return records, ins, outs
-
-
-def _rlimits() -> bytes:
-    """Every rlimit, from /proc/self/limits (rows in RLIMIT_* order; -1 = unlimited).
-
-    Reading the file avoids loading the `resource` extension module (~0.3 ms).
-    """
-    items: list[bytes] = []
-    with open("/proc/self/limits", "rb") as f:
-        rows = f.read().splitlines()[1:]
-    for res, row in enumerate(rows):
-        fields = row[26:].split()
-        if len(fields) < 2:
-            continue
-        soft, hard = (b"-1" if v == b"unlimited" else v for v in fields[:2])
-        items.append(P.record([str(res).encode(), soft, hard]))
-    return P.record(items)
-
-
-def build_hello(
-    rest: list[bytes], fd_records: list[bytes], masks: tuple[int, int] | None = None
-) -> bytes:
-    """The HELLO payload describing this process and the program to start."""
-    with open("/proc/self/environ", "rb") as f:
-        # The environment as exec'd, before Python touched it (locale coercion).
-        env = [e for e in f.read().split(b"\0") if e and not e.startswith(PRIVATE_ENV)]
-    mask = os.umask(0)
-    os.umask(mask)
-    # Python ignores SIGPIPE and SIGXFSZ itself; every other ignored signal was
-    # inherited across the exec and must stay ignored remotely.
-    ignored, blocked = masks if masks is not None else _signal_masks()
-    ignored &= ~((1 << (13 - 1)) | (1 << (25 - 1)))
-    return P.unpairs(
-        {
-            b"path": rest[0],
-            b"argv": P.record(rest[1:]),
-            b"env": P.record(env),
-            b"cwd": os.getcwdb(),
-            b"umask": str(mask).encode(),
-            b"rlimits": _rlimits(),
-            b"fds": P.record(fd_records),
-            b"uid": str(os.getuid()).encode(),
-            b"gid": str(os.getgid()).encode(),
-            b"groups": b",".join(str(g).encode() for g in os.getgroups()),
-            b"sigign": str(ignored).encode(),
-            b"sigblk": str(blocked).encode(),
-        }
-    )
-
-
-class Link:
-    """The deputy's end of one exec session: sequenced sends, replay on reconnect."""
-
-    def __init__(self, agent: str, instance: str, window: float, ticket: bytes = b"") -> None:
-        host, _, port = agent.rpartition(":")
-        self.public, _, self.secret = ticket.rpartition(b".")
-        self.addr = (host.strip("[]"), int(port))
-        self.agent = agent
-        self.instance = instance
-        self.window = window
-        self.lock = _thread.allocate_lock()
-        self.outbox = P.Outbox()
-        self.inbox = P.Inbox()
-        self.rx = bytearray()  # bytes received past the last whole frame (after a resume)
-        self.sock: _socket.socket | None = None
-        self.session = b""
-        self.hello = b""  # sent again if no WELCOME came back (the agent starts it once)
-        self.dialed = False  # a HELLO may have reached the agent: later ones say AGAIN
-        self.ack_wanted = False
-        # Written by the receiver thread without the lock (it must never wait for
-        # a sender blocked in sendall: that sender may be waiting for the agent,
-        # which may be waiting for us to read).  Senders apply them under the lock.
-        self.peer_acked = 0
-        self.deferred: list[tuple[int, int]] = []  # (kind, fd) frames to send later
-        # Frames that arrived together with WELCOME on a resume, for the receiver.
-        self.pending: list[tuple[int, int, int, bytes | bytearray]] = []
-
-    def dial(self) -> _socket.socket:
-        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPIDLE, P.KEEPALIVE_IDLE)
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPINTVL, P.KEEPALIVE_INTVL)
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_KEEPCNT, P.KEEPALIVE_CNT)
-            sock.settimeout(HANDSHAKE_TIMEOUT)
-            sock.connect(self.addr)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    def _mac(self, role: bytes, challenge: bytes) -> bytes:
-        return _hashlib.hmac_digest(self.secret, role + challenge, "sha256")
-
-    def handshake(self, first: bytes) -> tuple[_socket.socket, P.FrameParser, list]:
-        """Connect, authenticate the agent, then send `first` (HELLO or RESUME).
-
-        Nothing about the program leaves this process before the agent proved
-        it knows the ticket's secret.  Returns the socket, the parser holding
-        what followed the agent's first answer, and the frames already decoded.
-        Raises LostError if the agent refuses or fails the proof, OSError if
-        it cannot be reached.
-        """
-        sock = self.dial()
-        try:
-            mine = os.urandom(P.NONCE_SIZE)
-            sock.sendall(P.MAGIC + P.frame(P.AUTH, 0, P.record([self.public, mine])))
-            parser = P.FrameParser(P.PRE_AUTH_MAX)
-            frames: list = []
-            while not frames:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError("agent closed the connection")
-                frames = parser.feed(data)
-            kind, _fd, _seq, payload = frames.pop(0)
-            if kind == P.ERROR:
-                raise LostError(bytes(payload).decode(errors="replace"))
-            items = P.unrecord(payload) if kind == P.CHALLENGE else []
-            if len(items) != 2 or not _hashlib.compare_digest(items[0], self._mac(b"agent", mine)):
-                raise LostError("the agent failed to prove it holds the instance key")
-            self.dialed = True
-            sock.sendall(P.frame(P.PROOF, 0, P.record([self._mac(b"deputy", items[1])])) + first)
-            sock.settimeout(None)
-            parser.limit = P.MAX_PAYLOAD
-        except BaseException:
-            sock.close()
-            raise
-        return sock, parser, frames
-
-    def open(self, hello: bytes) -> None:
-        """First connection: authenticate, send HELLO; retried like a reconnect.
-
-        A connection cut during the handshake (the agent's pre-authentication
-        deadline, a timeout of ours while either side is starved of CPU) is not
-        the end of the program: the deputy dials again within the window.
-        Until the agent's WELCOME arrives the deputy sends HELLO again, and an
-        agent that already started the program for this ticket attaches the
-        connection to it instead (`ExecService.open`): a program starts once.
-        Raises LostError if the agent refuses or stays unreachable.
-        """
-        self.hello = hello
-        try:
-            sock, parser, frames = self.handshake(self.first_frame())
-        except OSError as exc:
-            self.reconnect(exc.strerror or str(exc))
-            return
-        self.rx = bytearray(parser.leftover())
-        self.pending = list(frames)
-        self.sock = sock
-
-    def first_frame(self) -> bytes:
-        """RESUME once the session is known, else HELLO (seq: the last seq received)."""
-        if self.session:
-            return P.frame(P.RESUME, 0, self.session, self.inbox.last)
-        return P.frame(P.HELLO, P.AGAIN if self.dialed else 0, self.hello, self.inbox.last)
-
-    def send(self, kind: int, fd: int, payload: bytes) -> None:
-        """Send a sequenced frame; kept until acknowledged, replayed after reconnect."""
-        while True:
-            with self.lock:
-                self.outbox.ack(self.peer_acked)
-                if kind != P.DATA or not self.outbox.full():
-                    self._write(self._extras() + self.outbox.add(kind, fd, payload))
-                    return
-            time.sleep(0.002)  # outbox full: wait for acks (the source pipe fills meanwhile)
-
-    def _extras(self) -> bytes:
-        """Pending ACK and deferred frames, encoded (call with the lock held)."""
-        out = b""
-        if self.ack_wanted:
-            out += P.frame(P.ACK, 0, b"", self.inbox.acked())
-            self.ack_wanted = False
-        while self.deferred:
-            kind, fd = self.deferred.pop(0)
-            out += self.outbox.add(kind, fd, b"")
-        return out
-
-    def post(self, kind: int, fd: int) -> None:
-        """From the receiver thread: send an empty sequenced frame, never blocking."""
-        self.deferred.append((kind, fd))
-        self.ack()
-
-    def ack(self) -> None:
-        """Acknowledge what was received, unless a sender holds the lock (it will)."""
-        self.ack_wanted = True
-        if self.lock.acquire(False):
-            try:
-                self._write(self._extras())
-            finally:
-                self.lock.release()
-
-    def control(self, kind: int) -> None:
-        """Best effort, never blocking (BYE at exit: the agent also copes without)."""
-        if self.lock.acquire(False):
-            try:
-                self._write(P.frame(kind, 0, b"", self.inbox.last))
-            finally:
-                self.lock.release()
-
-    def _write(self, data: bytes) -> None:
-        sock = self.sock
-        if sock is None or not data:
-            return  # disconnected: the receiver thread reconnects and replays
-        try:
-            sock.sendall(data)
-        except OSError:
-            self.sock = None
-            try:
-                sock.shutdown(_socket.SHUT_RDWR)  # wake the receiver thread
-            except OSError:
-                pass
-
-    def read_frame(self) -> tuple[int, int, int, bytes | bytearray] | None:
-        """The next frame, its payload received straight into its own buffer.
-
-        Header then payload with recv_into: one copy per byte (kernel to
-        payload), which matters at hundreds of MB/s.  None when the connection
-        ended (a partly read frame is replayed by the agent after a resume).
-        """
-        sock = self.sock
-        if sock is None:
-            return None
-        try:
-            head = self._read_exact(sock, P.HEADER_SIZE)
-            kind, fd, length, seq = P.HEADER.unpack(head)
-            P.FrameParser.check(kind, length)
-            payload = self._read_exact(sock, length) if length else b""
-        except (OSError, EOFError):
-            return None
-        return kind, fd, seq, payload
-
-    def _read_exact(self, sock: _socket.socket, n: int) -> bytearray:
-        out = bytearray(n)
-        view = memoryview(out)
-        got = 0
-        if self.rx:
-            got = min(n, len(self.rx))
-            view[:got] = self.rx[:got]
-            del self.rx[:got]
-        while got < n:
-            k = sock.recv_into(view[got:])
-            if not k:
-                raise EOFError
-            got += k
-        return out
-
-    def reconnect(self, why: str) -> None:
-        """Reattach to the session within the window, or raise LostError."""
-        deadline = time.monotonic() + self.window
-        delay = 0.05
-        last = why
-        while True:
-            try:
-                sock, parser, frames = self.handshake(self.first_frame())
-                while not frames:
-                    data = sock.recv(65536)
-                    if not data:
-                        raise ConnectionResetError("agent closed the connection")
-                    frames = parser.feed(data)
-                kind, _fd, seq, payload = frames[0]
-                if kind == P.ERROR:
-                    raise LostError(payload.decode(errors="replace"))
-                if kind != P.WELCOME:
-                    raise LostError(f"unexpected frame {kind} on resume")
-                self.session = P.pairs(payload).get(b"session", self.session)
-                with self.lock:
-                    self.outbox.ack(seq)
-                    self.rx = bytearray(parser.leftover())
-                    replay = b"".join(self.outbox.after(seq))
-                    self.sock = sock
-                    if replay:
-                        self._write(replay)
-                self.pending = list(frames[1:])
-                return
-            except LostError:
-                raise
-            except OSError as exc:
-                last = exc.strerror or str(exc)
-            if time.monotonic() + delay > deadline:
-                raise Unreachable(last)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-
 def _wait_ready(fd: int, writable: bool) -> None:
     """Block until `fd` is readable (or writable); for descriptors left non-blocking."""
     import select  # a C module, loaded only on this rare path
@@ -481,14 +128,6 @@ def _wait_ready(fd: int, writable: bool) -> None:
     poller = select.poll()
     poller.register(fd, select.POLLOUT if writable else select.POLLIN)
     poller.poll()
-
-
-class LostError(Exception):
-    """The session cannot continue (agent gone or refused)."""
-
-
-class Unreachable(LostError):
-    """The agent could not be reached (or authenticated with) within the window."""
 
 
 class Deputy:

@@ -16,10 +16,9 @@ bytes stops reading its source (the pipe fills, the writer blocks) until acks
 free room, so nothing is ever dropped; it only slows the producer.
 
 This module is imported by the deputy as it starts inside a traced program's
-process, so it imports nothing beyond `_struct` (no enum, no dataclasses).
+process, so it imports nothing beyond `_struct` (no enum, no dataclasses; not even
+`__future__`, a pure-Python module: the annotations here are valid at run time).
 """
-
-from __future__ import annotations
 
 import _struct
 

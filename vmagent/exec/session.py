@@ -1,0 +1,379 @@
+"""One program the agent runs for a deputy, and the streams that mirror it there.
+
+A `Session` opens the descriptors the deputy described in HELLO (files and this
+host's own terminal by path, pipes for what is streamed), forks the program,
+then carries frames both ways: the deputy's input into the program's pipes
+(acknowledged once delivered, which bounds what the agent buffers), the
+program's output back as sequenced frames kept until acknowledged, signals to
+the program, and its exit status with the file offsets once its output is
+drained.  It outlives its connection for the reconnect window, replaying what
+the deputy did not acknowledge when it resumes (`vmagent.exec.server` owns the
+connections and the set of sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import os
+import signal
+import stat
+from typing import TYPE_CHECKING
+
+from vmagent.exec import protocol as P
+from vmagent.exec.spawn import ExecRequest, spawn
+
+if TYPE_CHECKING:
+    from vmagent.exec.server import ExecProtocol, ExecService
+
+WATCH_FIRST = 0.001  # first look for a reader of a streamed input (s)
+WATCH_MAX = 0.1  # slowest look, for a program that does not read its input
+JOB_CONTROL = frozenset({int(signal.SIGSTOP), int(signal.SIGCONT)})  # sent to the whole job
+
+
+class Session:
+    """One remote program and the streams that mirror it to its deputy."""
+
+    def __init__(
+        self, service: ExecService, sid: bytes, request: ExecRequest, program: str
+    ) -> None:
+        self.service = service
+        self.sid = sid
+        self.request = request
+        self.program = program
+        self.loop = asyncio.get_running_loop()
+        self.outbox = P.Outbox()
+        self.inbox = P.Inbox()
+        self.proto: ExecProtocol | None = None
+        self.pid = 0
+        self.status: int | None = None  # raw wait status once reaped
+        self.outs: dict[int, int] = {}  # target fd -> our read end
+        self.ins: dict[int, int] = {}  # target fd -> our write end
+        self.in_buf: dict[int, collections.deque[tuple[int, bytes]]] = {}  # fd -> (seq, data)
+        self.in_eof: set[int] = set()
+        self._acked_upto = 0  # highest seq acknowledged to the deputy
+        self._unacked_bytes = 0  # delivered since that ack
+        self.paths: dict[int, int] = {}  # target fd -> our copy (same file description)
+        self.unwanted: dict[int, int] = {}  # pipe inode -> input fd not yet read remotely
+        self._watch: asyncio.TimerHandle | None = None
+        self.reading = False
+        self.finished = False
+        self.forgotten = False
+        self.nonce = ""  # of the ticket that started the session (a resume must show it)
+        self._abandon: asyncio.TimerHandle | None = None
+        self._drain: asyncio.TimerHandle | None = None
+
+    # -- start ---------------------------------------------------------------
+    def start(self) -> None:
+        """Create the descriptors and fork+exec the program (raises SpawnFailed)."""
+        sources: dict[int, int] = {}
+        ours: list[int] = []
+        try:
+            for spec in self.request.fds:
+                if spec.kind == P.FD_PATH:
+                    fd = os.open(spec.path, spec.flags & ~os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY)
+                    if spec.pos and (spec.flags & os.O_APPEND) == 0:
+                        with contextlib.suppress(OSError):
+                            os.lseek(fd, spec.pos, os.SEEK_SET)
+                    self.paths[spec.fd] = fd
+                    sources[spec.fd] = fd
+                elif spec.rdev and (tty := _same_terminal(spec.path, spec.flags, spec.rdev)):
+                    self.paths[spec.fd] = tty  # this host sees the deputy's terminal
+                    sources[spec.fd] = tty
+                elif spec.kind == P.FD_OUT:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    os.set_blocking(r, False)  # only our end: the program's stays blocking
+                    ours.append(w)
+                    self.outs[spec.fd] = r
+                    sources[spec.fd] = w
+                else:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    os.set_blocking(w, False)
+                    ours.append(r)
+                    self.ins[spec.fd] = w
+                    self.in_buf[spec.fd] = collections.deque()
+                    sources[spec.fd] = r
+                    self.unwanted[os.fstat(r).st_ino] = spec.fd
+            for fd in (*self.outs.values(), *self.ins.values()):
+                with contextlib.suppress(OSError):
+                    fcntl_setpipe(fd)
+            self.pid = spawn(self.request, sources, self.service.wrap)
+        except Exception:
+            self.close_fds()
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+            # The child holds its own blocking ends; ours for the program side are closed.
+        for fd, r in self.outs.items():
+            self.loop.add_reader(r, self._readable, fd, r)
+        self.reading = True
+        if self.unwanted:
+            self._watch = self.loop.call_later(WATCH_FIRST, self._watch_inputs, WATCH_FIRST)
+
+    def _watch_inputs(self, interval: float) -> None:
+        """Tell the deputy to start forwarding an input once the program reads it.
+
+        Polls /proc (a few small reads, on the loop: cheaper than a thread hop),
+        quickly at first, then backing off to WATCH_MAX while nobody reads.
+        """
+        self._watch = None
+        if self.status is not None or not self.unwanted or self.forgotten:
+            return
+        for ino in self.service.probe.waiting(self.pid, self.unwanted):
+            self.send(P.WANT, self.unwanted.pop(ino), b"")
+        if self.unwanted:
+            nxt = min(interval * 2, WATCH_MAX)
+            self._watch = self.loop.call_later(nxt, self._watch_inputs, nxt)
+
+    # -- frames from the deputy -----------------------------------------------
+    def on_frame(self, kind: int, fd: int, seq: int, payload: bytes) -> None:
+        """Apply one frame received from the deputy."""
+        if kind in P.SEQUENCED and not self.inbox.accept(seq, len(payload)):
+            return
+        if kind == P.DATA:
+            if fd in self.ins:
+                self.in_buf[fd].append((seq, payload))
+                self._pump(fd)
+        elif kind == P.EOF:
+            if fd in self.ins:
+                self.in_eof.add(fd)
+                self._pump(fd)
+            elif fd in self.outs:
+                # The deputy's reader went away: close our read end so the remote
+                # writer gets SIGPIPE/EPIPE, as it would have locally.
+                self._close_out(fd)
+                self._maybe_finish()
+        elif kind == P.SIGNAL:
+            if self.status is None and self.pid and 0 < fd < signal.NSIG:
+                with contextlib.suppress(ProcessLookupError):
+                    if fd in JOB_CONTROL:
+                        os.killpg(self.pid, fd)  # stop/continue the whole remote job
+                    else:
+                        os.kill(self.pid, fd)
+        elif kind == P.ACK:
+            self.outbox.ack(seq)
+            self._flow()
+        elif kind == P.BYE:
+            self.service.forget(self)
+        if kind in P.SEQUENCED:
+            self._delivered(len(payload) + P.HEADER_SIZE)
+
+    def _delivered(self, nbytes: int) -> None:
+        """Acknowledge input once it is in the program's pipes, not merely received.
+
+        This is the input flow control: the deputy stops sending when its outbox
+        holds OUTBOX_LIMIT unacknowledged bytes, so what the agent buffers for a
+        program that does not read is bounded, and the agent never has to stop
+        reading the connection (which would also stop ACKs and signals).
+        """
+        self._unacked_bytes += nbytes
+        if self._unacked_bytes < P.ACK_EVERY or self.proto is None:
+            return
+        pending = [chunks[0][0] for chunks in self.in_buf.values() if chunks]
+        upto = min(pending) - 1 if pending else self.inbox.last
+        if upto > self._acked_upto:
+            self._acked_upto = upto
+            self._unacked_bytes = 0
+            self.proto.write(P.frame(P.ACK, 0, b"", upto))
+
+    def _pump(self, fd: int) -> None:
+        w = self.ins.get(fd)
+        chunks = self.in_buf.get(fd)
+        if chunks is None:
+            return
+        if w is None:
+            chunks.clear()  # the program closed its stdin: what it did not read is gone
+            return
+        try:
+            while chunks:
+                seq, data = chunks[0]
+                n = os.write(w, data[: P.CHUNK])
+                if n < len(data):
+                    chunks[0] = (seq, data[n:])
+                else:
+                    chunks.popleft()
+        except BlockingIOError:
+            self.loop.add_writer(w, self._pump, fd)
+            return
+        except OSError:
+            chunks.clear()
+            self._close_in(fd)
+            self._delivered(0)
+            return
+        self.loop.remove_writer(w)
+        if fd in self.in_eof:
+            self._close_in(fd)
+        self._delivered(0)
+
+    def _close_in(self, fd: int) -> None:
+        w = self.ins.pop(fd, None)
+        if w is not None:
+            self.loop.remove_writer(w)
+            os.close(w)
+
+    # -- program output ----------------------------------------------------------
+    def _readable(self, fd: int, r: int) -> None:
+        try:
+            data = os.read(r, P.CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.send(P.DATA, fd, data)
+            return
+        self._close_out(fd)
+        self.send(P.EOF, fd, b"")
+        self._maybe_finish()
+
+    def _close_out(self, fd: int) -> None:
+        r = self.outs.pop(fd, None)
+        if r is not None:
+            self.loop.remove_reader(r)
+            os.close(r)
+
+    def send(self, kind: int, fd: int, payload: bytes) -> None:
+        """Queue a sequenced frame for the deputy (kept until acknowledged)."""
+        data = self.outbox.add(kind, fd, payload)
+        if self.proto is not None:
+            self.proto.write(data)
+        self._flow()
+
+    def _flow(self) -> None:
+        """Stop reading program output while the deputy cannot keep up."""
+        blocked = self.outbox.full() or self.proto is None or self.proto.write_paused
+        if blocked and self.reading:
+            for r in self.outs.values():
+                self.loop.remove_reader(r)
+            self.reading = False
+        elif not blocked and not self.reading:
+            for fd, r in self.outs.items():
+                self.loop.add_reader(r, self._readable, fd, r)
+            self.reading = True
+
+    # -- the end ----------------------------------------------------------------
+    def exited(self, status: int) -> None:
+        """The program was reaped; send EXIT once its output is drained."""
+        self.status = status
+        if self.outs:
+            # Output still in the pipes, or an orphan of the program holds them open.
+            self._drain = self.loop.call_later(self.service.config.drain_grace, self._finish)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.status is not None and not self.outs:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.finished or self.status is None:
+            return
+        self.finished = True
+        if self._drain is not None:
+            self._drain.cancel()
+        # Read what is left without waiting for EOF (an orphan may keep a pipe open).
+        for fd, r in list(self.outs.items()):
+            with contextlib.suppress(OSError):
+                while data := os.read(r, P.CHUNK):
+                    self.send(P.DATA, fd, data)
+        offsets = []
+        for fd, ours in self.paths.items():
+            with contextlib.suppress(OSError):
+                offsets.append(
+                    P.record([str(fd).encode(), str(os.lseek(ours, 0, os.SEEK_CUR)).encode()])
+                )
+        status = self.status
+        if os.WIFSIGNALED(status):
+            kind, value = b"signal", os.WTERMSIG(status)
+        else:
+            kind, value = b"status", os.WEXITSTATUS(status)
+        self.send(
+            P.EXIT,
+            0,
+            P.unpairs(
+                {b"kind": kind, b"value": str(value).encode(), b"offsets": P.record(offsets)}
+            ),
+        )
+        self.service.finished(self, kind.decode(), value)
+
+    def fail(self, err: int, message: str) -> None:
+        """The program could not start: report like an exec failure."""
+        self.finished = True
+        value = 126 if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127
+        self.send(
+            P.EXIT,
+            0,
+            P.unpairs(
+                {b"kind": b"error", b"value": str(value).encode(), b"message": message.encode()}
+            ),
+        )
+
+    # -- connection --------------------------------------------------------------
+    def attach(self, proto: ExecProtocol, peer_last: int) -> None:
+        """A (re)connected deputy: welcome it and replay what it has not acknowledged."""
+        if self.proto is not None and self.proto is not proto:
+            self.proto.close()
+        self.proto = proto
+        if self._abandon is not None:
+            self._abandon.cancel()
+            self._abandon = None
+        self.outbox.ack(peer_last)
+        proto.write(P.frame(P.WELCOME, 0, P.unpairs({b"session": self.sid}), self.inbox.last))
+        for data in self.outbox.after(peer_last):
+            proto.write(data)
+        self._flow()
+
+    def detach(self, proto: ExecProtocol) -> None:
+        """The deputy's connection is gone: wait for a resume, then give up."""
+        if self.proto is not proto:
+            return
+        self.proto = None
+        self._flow()
+        if not self.forgotten:
+            self._abandon = self.loop.call_later(
+                self.service.config.reconnect_window, self.service.abandon, self
+            )
+
+    def kill(self) -> None:
+        """SIGKILL the program and its process group (its session leader is the program)."""
+        if self.pid and self.status is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def close_fds(self) -> None:
+        """Release every descriptor the session holds."""
+        for fd in list(self.outs):
+            self._close_out(fd)
+        for fd in list(self.ins):
+            self._close_in(fd)
+        for ours in self.paths.values():
+            with contextlib.suppress(OSError):
+                os.close(ours)
+        self.paths.clear()
+        for handle in (self._abandon, self._drain, self._watch):
+            if handle is not None:
+                handle.cancel()
+
+
+def _same_terminal(path: bytes, flags: int, rdev: int) -> int | None:
+    """Open `path` if it is the terminal device `rdev` (same host), else None."""
+    try:
+        fd = os.open(path, (flags & os.O_ACCMODE) | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev:
+        return fd
+    os.close(fd)
+    return None
+
+
+def fcntl_setpipe(fd: int, size: int = 1 << 20) -> None:
+    """Grow a pipe to 1 MiB so each read moves more data (fewer loop turns)."""
+    import fcntl
+
+    fcntl.fcntl(fd, 1031, size)  # F_SETPIPE_SZ
