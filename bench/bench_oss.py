@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from oss import models as m  # noqa: E402
 from oss.compute.scheduler import Candidate, SelectionPolicy, place  # noqa: E402
 from oss.db.store import CANDIDATES, Principal, Store  # noqa: E402
+from oss.schema import VERSIONS  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -51,7 +52,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def _setup(data: Path, n: int) -> tuple[str, dict[str, str]]:
-    store = Store(data)
+    store = Store(data, VERSIONS)
     await store.open()
     try:
         _, _, admin = await store.create_account("bench", True, "sum", "u")
@@ -303,7 +304,7 @@ def bench_scheduler(n_instances: int, seconds: float) -> float:
 
 async def bench_store_place(data: Path, n_instances: int, seconds: float) -> float:
     """Durable placements per second through the store (no HTTP), 64 concurrent callers."""
-    store = Store(data)
+    store = Store(data, VERSIONS)
     await store.open()
     try:
         acct, user, _ = await store.create_account("s", False, "sum", "u")

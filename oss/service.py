@@ -26,6 +26,7 @@ from oss.db.store import Principal, Store, hash_token
 from oss.errors import Conflict, Forbidden, OssError, ProviderError, Unauthorized
 from oss.ipc.locking import LockService
 from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
+from oss.schema import VERSIONS
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
 
@@ -138,7 +139,7 @@ class Oss:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.data_dir, clock)
+        self.store = Store(config.data_dir, VERSIONS, clock)
         self.metrics = MetricsCollector()
         self.locks = LockService(self.store, clock)
         self.pools = PoolManager(self, providers or {})
@@ -488,13 +489,4 @@ class Oss:
 
     async def instance_programs(self, instance: str) -> set[str]:
         """Ids of programs placed on an instance."""
-
-        def op(c: Any) -> set[str]:
-            return {
-                r[0]
-                for r in c.execute(
-                    "SELECT program_id FROM placements WHERE instance=?", (instance,)
-                )
-            }
-
-        return await self.store.read(op)
+        return await self.store.instance_programs(instance)

@@ -37,6 +37,7 @@ from oss.billing import pricing
 from oss.compute import scheduler
 from oss.compute.pool import InstanceType, PoolState
 from oss.db import datadir
+from oss.db.migrations import Version, migrate
 from oss.errors import Conflict, NoCapacity, NotFound, StoreError, Unauthorized
 from oss.telemetry import logs as logmod
 
@@ -45,91 +46,6 @@ T = TypeVar("T")
 Conn = sqlite3.Connection
 
 ACTIVE = ("pending", "running", "recovering")
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the initial schema.
-    """
-    CREATE TABLE accounts(id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, admin INTEGER NOT NULL,
-        pricing_model TEXT NOT NULL, created REAL NOT NULL);
-    CREATE TABLE users(id TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts(id),
-        name TEXT NOT NULL, created REAL NOT NULL, UNIQUE(account_id, name));
-    CREATE TABLE tokens(id TEXT PRIMARY KEY, user_id TEXT NOT NULL REFERENCES users(id),
-        account_id TEXT NOT NULL REFERENCES accounts(id), hash TEXT NOT NULL UNIQUE,
-        label TEXT NOT NULL, created REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
-    CREATE TABLE instance_tokens(instance TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,
-        created REAL NOT NULL);
-    CREATE TABLE limits(scope TEXT NOT NULL, scope_id TEXT NOT NULL, body TEXT NOT NULL,
-        PRIMARY KEY(scope, scope_id));
-    CREATE TABLE policies(account_id TEXT PRIMARY KEY REFERENCES accounts(id), body TEXT NOT NULL);
-    CREATE TABLE instance_types(name TEXT PRIMARY KEY, cpus INTEGER NOT NULL,
-        memory_mb INTEGER NOT NULL, price_micros_per_s INTEGER NOT NULL, storage TEXT);
-    CREATE TABLE pools(name TEXT PRIMARY KEY, instance_type TEXT NOT NULL
-        REFERENCES instance_types(name), warm_target INTEGER NOT NULL, max_size INTEGER NOT NULL,
-        provider TEXT NOT NULL, created REAL NOT NULL);
-    CREATE TABLE instances(name TEXT PRIMARY KEY, pool TEXT, instance_type TEXT,
-        state TEXT NOT NULL, address TEXT, hostname TEXT, cpus INTEGER NOT NULL DEFAULT 0,
-        memory_mb INTEGER NOT NULL DEFAULT 0, price_micros_per_s INTEGER NOT NULL DEFAULT 0,
-        storage TEXT, slots INTEGER NOT NULL DEFAULT 0, used_slots INTEGER NOT NULL DEFAULT 0,
-        dedicated_to TEXT, last_heartbeat REAL, load TEXT, created REAL NOT NULL);
-    CREATE INDEX instances_free ON instances(state, price_micros_per_s);
-    CREATE TABLE programs(id TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts(id),
-        user_id TEXT NOT NULL REFERENCES users(id), state TEXT NOT NULL,
-        status_reason TEXT NOT NULL, argv TEXT NOT NULL, env TEXT NOT NULL, cwd TEXT NOT NULL,
-        image TEXT, processes INTEGER NOT NULL, lost_processes INTEGER NOT NULL DEFAULT 0,
-        target_instances INTEGER NOT NULL, resource_policy TEXT NOT NULL,
-        scaling_policy TEXT NOT NULL, storage_mb INTEGER NOT NULL, bandwidth_mbps INTEGER NOT NULL,
-        exit_status INTEGER, signal INTEGER, spent_micros INTEGER NOT NULL DEFAULT 0,
-        created REAL NOT NULL, updated REAL NOT NULL, last_metered REAL NOT NULL);
-    CREATE INDEX programs_account ON programs(account_id, state);
-    CREATE INDEX programs_user ON programs(user_id, state);
-    CREATE INDEX programs_state ON programs(state);
-    CREATE TABLE placements(program_id TEXT NOT NULL REFERENCES programs(id),
-        instance TEXT NOT NULL REFERENCES instances(name), processes INTEGER NOT NULL,
-        account_id TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY(program_id, instance));
-    CREATE INDEX placements_instance ON placements(instance);
-    CREATE INDEX placements_account ON placements(account_id, instance);
-    CREATE INDEX placements_user ON placements(user_id, instance);
-    CREATE TABLE billing(id INTEGER PRIMARY KEY AUTOINCREMENT, program_id TEXT NOT NULL,
-        account_id TEXT NOT NULL, user_id TEXT NOT NULL, start REAL NOT NULL, end REAL NOT NULL,
-        seconds INTEGER NOT NULL, model TEXT NOT NULL, amount_micros INTEGER NOT NULL,
-        detail TEXT NOT NULL);
-    CREATE INDEX billing_account ON billing(account_id);
-    CREATE INDEX billing_user ON billing(user_id);
-    CREATE INDEX billing_program ON billing(program_id);
-    CREATE TABLE log_chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, account_id TEXT,
-        program_id TEXT, instance TEXT, ts_min REAL NOT NULL, ts_max REAL NOT NULL,
-        n INTEGER NOT NULL, data BLOB NOT NULL);
-    CREATE INDEX log_program ON log_chunks(program_id, ts_max);
-    CREATE TABLE leases(name TEXT PRIMARY KEY, holder TEXT, fencing INTEGER NOT NULL,
-        expires REAL NOT NULL);
-    """,
-    # 2: running spend totals, so limit checks do not sum the billing table each time.
-    """
-    ALTER TABLE accounts ADD COLUMN spent_micros INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE users ADD COLUMN spent_micros INTEGER NOT NULL DEFAULT 0;
-    UPDATE accounts SET spent_micros=(SELECT coalesce(sum(amount_micros), 0) FROM billing
-        WHERE billing.account_id=accounts.id);
-    UPDATE users SET spent_micros=(SELECT coalesce(sum(amount_micros), 0) FROM billing
-        WHERE billing.user_id=users.id);
-    """,
-    # 3: placement candidates are read in this order and cut at CANDIDATES: walk an index.
-    """
-    CREATE INDEX instances_place ON instances(state, price_micros_per_s, used_slots, name);
-    """,
-    # 4: newest-first program lists and log reads in chunk order without a sort.
-    """
-    CREATE INDEX programs_recent ON programs(account_id, created);
-    CREATE INDEX log_program_chunk ON log_chunks(program_id, id);
-    """,
-    # 5: the agent's exec key (exec tickets for clients); never returned by any API.
-    """
-    ALTER TABLE instances ADD COLUMN exec_key TEXT;
-    """,
-    # 6: may the account's exec tickets name uid/gid 0 (set by the operator only)?
-    """
-    ALTER TABLE accounts ADD COLUMN allow_root INTEGER NOT NULL DEFAULT 0;
-    """,
-)
 
 CANDIDATES = 32  # instances the SQL pre-filter hands the scheduler (plus the program's own)
 
@@ -169,8 +85,9 @@ def _j(v: Any) -> str:
 class _Writer:
     """The writer thread: group commit of queued operations."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, versions: Sequence[Version]) -> None:
         self._path = path
+        self._versions = versions
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="oss-store-writer", daemon=True)
         self._ready = threading.Event()
@@ -197,7 +114,7 @@ class _Writer:
     def _run(self) -> None:
         try:
             conn = connect(self._path)
-            migrate(conn)
+            migrate(conn, self._versions)
         except BaseException as exc:  # reported to start()
             self._error = exc
             self._ready.set()
@@ -276,22 +193,19 @@ def connect(path: Path) -> Conn:
     return conn
 
 
-def migrate(conn: Conn) -> None:
-    """Apply the migrations the database has not seen yet."""
-    have = conn.execute("PRAGMA user_version").fetchone()[0]
-    for n, script in enumerate(MIGRATIONS, start=1):
-        if n > have:
-            conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={n};\nCOMMIT;")
-            log.info("store migrated to version %d", n)
-
-
 class Store:
     """Async facade over the SQLite state."""
 
-    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        versions: Sequence[Version],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`versions`: the schema sequence to migrate to (oss.schema.VERSIONS)."""
         self.path = datadir.prepare(data_dir)
         self.clock = clock
-        self._writer = _Writer(self.path)
+        self._writer = _Writer(self.path, versions)
         self._local = threading.local()
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []
@@ -966,6 +880,19 @@ class Store:
     async def program(self, account_id: str, program_id: str) -> dict[str, Any]:
         """One program of the account."""
         return await self.read(lambda c: _program(c, program_id, account_id))
+
+    async def instance_programs(self, instance: str) -> set[str]:
+        """Ids of programs placed on an instance."""
+
+        def op(c: Conn) -> set[str]:
+            return {
+                r[0]
+                for r in c.execute(
+                    "SELECT program_id FROM placements WHERE instance=?", (instance,)
+                )
+            }
+
+        return await self.read(op)
 
     async def check_placed(self, account_id: str, program_id: str, instance: str | None) -> None:
         """NotFound unless the account's program exists (and is placed on `instance`)."""

@@ -87,9 +87,10 @@ def test_retire_marks_only_the_lab_pools_live_instances_destroyed(tmp_path: Path
     from oss.compute.pool import InstanceType
     from oss.db.store import Store
     from oss.lab import retire_instances
+    from oss.schema import VERSIONS
 
     async def go() -> dict[str, str]:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         try:
             await s.put_instance_type(InstanceType("t", 1, 512, 0))

@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 from oss.db.store import Store
+from oss.schema import VERSIONS
 
 GOLDEN = Path(__file__).parent / "data" / "schema.sql"
 
@@ -34,7 +35,7 @@ def dump(db: Path) -> str:
 
 def test_fresh_database_has_the_recorded_schema(tmp_path: Path) -> None:
     async def go() -> None:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         await s.close()
 
