@@ -23,8 +23,8 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from oss import models as m
+from oss.accounts.store import Principal
 from oss.compute.pool import InstanceType
-from oss.db.store import Principal
 from oss.errors import (
     BudgetExhausted,
     Conflict,
@@ -159,7 +159,7 @@ async def h_openapi(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> web.R
 async def h_create_account(
     oss: Oss, r: web.Request, who: Any, b: m.AccountCreate, q: Any
 ) -> m.AccountCreated:
-    acct, user, token = await oss.store.create_account(
+    acct, user, token = await oss.accounts.create_account(
         b.name, b.admin, b.pricing_model.value, b.user
     )
     return m.AccountCreated(account=m.Account(**acct), user=m.User(**user), token=token)
@@ -167,7 +167,7 @@ async def h_create_account(
 
 async def h_accounts(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.Account]:
     p = _acct(who)
-    return [m.Account(**a) for a in await oss.store.accounts(None if p.admin else p.account_id)]
+    return [m.Account(**a) for a in await oss.accounts.accounts(None if p.admin else p.account_id)]
 
 
 async def h_account(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Account:
@@ -175,22 +175,22 @@ async def h_account(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Acc
     aid = r.match_info["account_id"]
     if not p.admin and aid != p.account_id:
         raise NotFound(f"account {aid}")
-    rows = await oss.store.accounts(aid)
+    rows = await oss.accounts.accounts(aid)
     if not rows:
         raise NotFound(f"account {aid}")
     return m.Account(**rows[0])
 
 
 async def h_create_user(oss: Oss, r: web.Request, who: Any, b: m.UserCreate, q: Any) -> m.User:
-    return m.User(**await oss.store.create_user(_acct(who).account_id, b.name))
+    return m.User(**await oss.accounts.create_user(_acct(who).account_id, b.name))
 
 
 async def h_users(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.User]:
-    return [m.User(**u) for u in await oss.store.users(_acct(who).account_id)]
+    return [m.User(**u) for u in await oss.accounts.users(_acct(who).account_id)]
 
 
 async def h_user(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.User:
-    return m.User(**(await oss.store.users(_acct(who).account_id, r.match_info["user_id"]))[0])
+    return m.User(**(await oss.accounts.users(_acct(who).account_id, r.match_info["user_id"]))[0])
 
 
 async def h_create_token(
@@ -198,16 +198,16 @@ async def h_create_token(
 ) -> m.TokenCreated:
     p = _acct(who)
     return m.TokenCreated(
-        **await oss.store.create_token(p.account_id, b.user_id or p.user_id, b.label)
+        **await oss.accounts.create_token(p.account_id, b.user_id or p.user_id, b.label)
     )
 
 
 async def h_tokens(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.TokenInfo]:
-    return [m.TokenInfo(**t) for t in await oss.store.tokens(_acct(who).account_id)]
+    return [m.TokenInfo(**t) for t in await oss.accounts.tokens(_acct(who).account_id)]
 
 
 async def h_revoke_token(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Ok:
-    await oss.store.revoke_token(_acct(who).account_id, r.match_info["token_id"])
+    await oss.accounts.revoke_token(_acct(who).account_id, r.match_info["token_id"])
     oss.forget_tokens()
     return m.Ok()
 
@@ -215,32 +215,32 @@ async def h_revoke_token(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> 
 async def _limits_scope(oss: Oss, r: web.Request, p: Principal) -> tuple[str, str]:
     if "user_id" in r.match_info:
         uid = r.match_info["user_id"]
-        await oss.store.users(p.account_id, uid)
+        await oss.accounts.users(p.account_id, uid)
         return "user", uid
     if "program_id" in r.match_info:
         pid = r.match_info["program_id"]
-        await oss.store.program(p.account_id, pid)
+        await oss.programs.program(p.account_id, pid)
         return "program", pid
     return "account", p.account_id
 
 
 async def h_get_limits(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.LimitsBody:
     scope, sid = await _limits_scope(oss, r, _acct(who))
-    return m.LimitsBody(**await oss.store.get_limits(scope, sid))
+    return m.LimitsBody(**await oss.billing.get_limits(scope, sid))
 
 
 async def h_put_limits(oss: Oss, r: web.Request, who: Any, b: m.LimitsBody, q: Any) -> m.LimitsBody:
     scope, sid = await _limits_scope(oss, r, _acct(who))
-    await oss.store.set_limits(scope, sid, b.model_dump(exclude_none=True))
+    await oss.billing.set_limits(scope, sid, b.model_dump(exclude_none=True))
     return b
 
 
 async def h_get_policies(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Policies:
-    return m.Policies.model_validate(await oss.store.get_policies(_acct(who).account_id))
+    return m.Policies.model_validate(await oss.programs.get_policies(_acct(who).account_id))
 
 
 async def h_put_policies(oss: Oss, r: web.Request, who: Any, b: m.Policies, q: Any) -> m.Policies:
-    await oss.store.set_policies(_acct(who).account_id, b.model_dump(mode="json"))
+    await oss.programs.set_policies(_acct(who).account_id, b.model_dump(mode="json"))
     return b
 
 
@@ -252,12 +252,14 @@ async def h_programs(
     oss: Oss, r: web.Request, who: Any, b: Any, q: ProgramQuery
 ) -> list[m.Program]:
     return [
-        m.Program(**p) for p in await oss.store.programs(_acct(who).account_id, q.state, q.limit)
+        m.Program(**p) for p in await oss.programs.programs(_acct(who).account_id, q.state, q.limit)
     ]
 
 
 async def h_program(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:
-    return m.Program(**await oss.store.program(_acct(who).account_id, r.match_info["program_id"]))
+    return m.Program(
+        **await oss.programs.program(_acct(who).account_id, r.match_info["program_id"])
+    )
 
 
 async def h_cancel(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:
@@ -275,7 +277,7 @@ async def h_place(
 ) -> m.PlacementResult:
     pid = r.match_info["program_id"]
     await oss.may_exec_as(_acct(who).account_id, b.exec_as)
-    got = await oss.store.place(_acct(who).account_id, pid, b.processes, b.avoid)
+    got = await oss.programs.place(_acct(who).account_id, pid, b.processes, b.avoid)
     grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as)]
     return m.PlacementResult(
         program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
@@ -283,7 +285,7 @@ async def h_place(
 
 
 async def h_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any) -> m.Ok:
-    await oss.store.release(
+    await oss.programs.release(
         _acct(who).account_id, r.match_info["program_id"], b.instance, b.processes
     )
     return m.Ok()
@@ -297,7 +299,7 @@ def _lines(body: m.LogAppend, now: float) -> list[logmod.LogLine]:
 
 
 async def h_append_logs(oss: Oss, r: web.Request, who: Any, b: m.LogAppend, q: Any) -> m.Ok:
-    await oss.store.append_logs(
+    await oss.logs.append_logs(
         _acct(who).account_id, r.match_info["program_id"], _lines(b, oss.clock())
     )
     return m.Ok()
@@ -309,7 +311,7 @@ async def _read_log(
     streams = frozenset([stream]) if stream else None
     lq = logmod.LogQuery(q.instance, q.since, q.until, streams, q.cursor, q.limit)
     if not q.follow:
-        lines, cursor, decoded = await oss.store.read_logs(account, program, lq)
+        lines, cursor, decoded = await oss.logs.read_logs(account, program, lq)
         oss.metrics.log_chunks_decoded.inc(decoded)
 
         def render() -> str:
@@ -320,13 +322,13 @@ async def _read_log(
         return web.Response(text=text, content_type="application/json")
     if program is None:
         raise InvalidRequest("follow is only supported for program logs")
-    await oss.store.program(account or "", program)  # 404 before the stream starts
+    await oss.programs.program(account or "", program)  # 404 before the stream starts
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(r)
     cursor = q.cursor
     try:
         while True:
-            lines, cursor, decoded = await oss.store.read_logs(
+            lines, cursor, decoded = await oss.logs.read_logs(
                 account,
                 program,
                 logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit),
@@ -337,7 +339,7 @@ async def _read_log(
             if not lines:
                 if r.transport is None or r.transport.is_closing():
                     break  # the follower hung up; nothing to write to notice it by
-                prog = await oss.store.program(account or "", program)
+                prog = await oss.programs.program(account or "", program)
                 if prog["state"] not in ("pending", "running", "recovering"):
                     break
                 await asyncio.sleep(oss.config.follow_poll)
@@ -371,22 +373,22 @@ async def h_report_metrics(oss: Oss, r: web.Request, who: Any, b: m.MetricsRepor
     pid = r.match_info["program_id"]
     # Only the caller's own program, and an instance label only where it runs: a tenant
     # never reports for an instance (instance load comes from agents' heartbeats alone).
-    await oss.store.check_placed(_acct(who).account_id, pid, b.instance)
+    await oss.programs.check_placed(_acct(who).account_id, pid, b.instance)
     oss.metrics.report(pid, b)
     return m.Ok()
 
 
 async def h_program_metrics(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Counters:
     pid = r.match_info["program_id"]
-    await oss.store.program(_acct(who).account_id, pid)
+    await oss.programs.program(_acct(who).account_id, pid)
     return oss.metrics.program(pid)
 
 
 async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:
     p = _acct(who)
-    progs = await oss.store.programs(p.account_id, None, 10_000)
+    progs = await oss.programs.programs(p.account_id, None, 10_000)
     ids = {x["id"] for x in progs}
-    insts = await oss.store.instances(None if p.admin else p.account_id)
+    insts = await oss.instances.instances(None if p.admin else p.account_id)
     return m.MetricsJson(
         programs={i: oss.metrics.program(i) for i in sorted(ids)},
         instances={
@@ -406,7 +408,7 @@ async def h_prometheus(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> we
 async def h_put_type(
     oss: Oss, r: web.Request, who: Any, b: m.InstanceTypeBody, q: Any
 ) -> m.InstanceTypeBody:
-    await oss.store.put_instance_type(
+    await oss.instances.put_instance_type(
         InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage)
     )
     return b
@@ -421,21 +423,21 @@ async def h_types(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.
             price_micros_per_s=t.price_micros_per_s,
             storage=t.storage,
         )
-        for t in await oss.store.instance_types()
+        for t in await oss.instances.instance_types()
     ]
 
 
 async def h_put_pool(oss: Oss, r: web.Request, who: Any, b: m.PoolCreate, q: Any) -> m.Pool:
-    await oss.store.put_pool(b.name, b.instance_type, b.warm_target, b.max_size, b.provider)
-    return m.Pool(**(await oss.store.pools(b.name))[0])
+    await oss.instances.put_pool(b.name, b.instance_type, b.warm_target, b.max_size, b.provider)
+    return m.Pool(**(await oss.instances.pools(b.name))[0])
 
 
 async def h_pools(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.Pool]:
-    return [m.Pool(**p) for p in await oss.store.pools()]
+    return [m.Pool(**p) for p in await oss.instances.pools()]
 
 
 async def h_pool(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Pool:
-    return m.Pool(**(await oss.store.pools(r.match_info["pool"]))[0])
+    return m.Pool(**(await oss.instances.pools(r.match_info["pool"]))[0])
 
 
 async def h_create_instance(
@@ -446,27 +448,31 @@ async def h_create_instance(
 
 async def h_instances(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.Instance]:
     p = _acct(who)
-    return [m.Instance(**i) for i in await oss.store.instances(None if p.admin else p.account_id)]
+    return [
+        m.Instance(**i) for i in await oss.instances.instances(None if p.admin else p.account_id)
+    ]
 
 
 async def h_instance(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Instance:
     p = _acct(who)
-    rows = await oss.store.instances(None if p.admin else p.account_id, r.match_info["instance"])
+    rows = await oss.instances.instances(
+        None if p.admin else p.account_id, r.match_info["instance"]
+    )
     return m.Instance(**rows[0])
 
 
 async def h_instance_metrics(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:
     p = _acct(who)
     name = r.match_info["instance"]
-    await oss.store.instances(None if p.admin else p.account_id, name)
-    progs = {x["id"] for x in await oss.store.programs(p.account_id, None, 10_000)}
+    await oss.instances.instances(None if p.admin else p.account_id, name)
+    progs = {x["id"] for x in await oss.programs.programs(p.account_id, None, 10_000)}
     return m.MetricsJson(
         programs={}, instances={name: oss.metrics.instance(name, None if p.admin else progs)}
     )
 
 
 async def h_billing(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Billing:
-    total, recs = await oss.store.billing(_acct(who).account_id, r.match_info.get("program_id"))
+    total, recs = await oss.billing.billing(_acct(who).account_id, r.match_info.get("program_id"))
     return m.Billing(total_micros=total, records=[m.BillingRecord(**x) for x in recs])
 
 
@@ -493,7 +499,7 @@ async def h_agent_logs(oss: Oss, r: web.Request, who: Any, b: m.AgentLogAppend, 
         )
         for ln in b.lines
     ]
-    await oss.store.append_logs(None, b.program_id, lines, instance_owner=str(who))
+    await oss.logs.append_logs(None, b.program_id, lines, instance_owner=str(who))
     return m.Ok()
 
 

@@ -11,6 +11,8 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+from oss.accounts.store import Accounts
+from oss.compute.instances import Instances
 from oss.db.store import Store
 from oss.schema import VERSIONS
 
@@ -29,7 +31,7 @@ async def mint_instance_token(data_dir: Path, name: str, pool: str | None = None
     store = Store(data_dir, VERSIONS)
     await store.open()
     try:
-        return await store.mint_instance_token(name, pool)
+        return await Instances(store).mint_instance_token(name, pool)
     finally:
         await store.close()
 
@@ -47,7 +49,9 @@ async def create_account(
     store = Store(data_dir, VERSIONS)
     await store.open()
     try:
-        acct, usr, token = await store.create_account(name, admin, pricing_model, user, allow_root)
+        acct, usr, token = await Accounts(store).create_account(
+            name, admin, pricing_model, user, allow_root
+        )
         return AccountCredentials(acct["id"], usr["id"], token)
     finally:
         await store.close()

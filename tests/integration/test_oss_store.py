@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from oss.accounts.store import Accounts
 from oss.db.migrations import migrate, script
 from oss.db.store import Store, connect
 from oss.errors import Conflict
@@ -84,12 +85,12 @@ def test_second_process_style_connection_sees_committed_state(tmp_path: Path) ->
         s = Store(tmp_path, VERSIONS)
         await s.open()
         try:
-            await s.create_account("acme", False, "sum", "u")
+            await Accounts(s).create_account("acme", False, "sum", "u")
             other = connect(s.path)
             assert other.execute("SELECT name FROM accounts").fetchone()[0] == "acme"
             other.close()
             with pytest.raises(Conflict):
-                await s.create_account("acme", False, "sum", "u")
+                await Accounts(s).create_account("acme", False, "sum", "u")
         finally:
             await s.close()
 

@@ -211,7 +211,7 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
     # dcptrace --oss runs the program as an account's program: it needs an account token.
     _acct, _user, token = lab.loop.run(
         # The test runs dcptrace as root: the operator lets this account run root programs.
-        lab.oss.oss.store.create_account(  # type: ignore[union-attr]
+        lab.oss.oss.accounts.create_account(  # type: ignore[union-attr]
             "dcptrace", False, "sum", "u", allow_root=True
         )
     )

@@ -270,13 +270,7 @@ def test_one_composition_module() -> None:
 
 def test_oss_services_keep_to_themselves() -> None:
     bad = oss_violations()
-    # Until the store split is finished its queries still sit in oss.db.store: the rule
-    # holds everywhere else now, and there from the split's last step on.
-    unsplit = [line for line in bad if line.startswith("oss.db.store:")]
-    rest = [line for line in bad if not line.startswith("oss.db.store:")]
-    assert not rest, "\n".join(rest)
-    if unsplit:
-        pytest.skip(f"oss.db.store still holds {len(unsplit)} service queries/imports (split)")
+    assert not bad, "\n".join(bad)
 
 
 def test_the_rules_catch_what_they_forbid(tmp_path: Path) -> None:
