@@ -24,10 +24,11 @@ from oss.billing.pricing import Rates
 from oss.billing.store import Billing, BudgetCheck
 from oss.compute import availability, exectickets, optimizer
 from oss.compute.instances import Instances
-from oss.compute.pool import Credentials, Provider, fill_plan
+from oss.compute.pool import Provider
+from oss.compute.pools import PoolManager
 from oss.compute.programs import Programs
 from oss.db.store import Store
-from oss.errors import Conflict, Forbidden, OssError, ProviderError, Unauthorized
+from oss.errors import Conflict, Forbidden, OssError, Unauthorized
 from oss.ipc.locking import LockService
 from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
 from oss.schema import VERSIONS
@@ -74,65 +75,6 @@ class OssConfig:
             raise ValueError("slots_per_cpu must be >= 1")
 
 
-class PoolManager:
-    """Fills pools through their providers (adapter around pool.fill_plan)."""
-
-    def __init__(self, oss: Oss, providers: Mapping[str, Provider]) -> None:
-        self._oss = oss
-        self._providers = providers
-        self._busy: set[str] = set()
-
-    async def reconcile(self) -> None:
-        """Create or destroy instances so each pool meets its warm target."""
-        for state, provider_name, itype in await self._oss.instances.pool_states():
-            if state.name in self._busy:
-                continue
-            plan = fill_plan(state)
-            if not plan.create and not plan.destroy:
-                continue
-            provider = self._providers.get(provider_name)
-            if provider is None:
-                self._oss.oss_log(f"pool {state.name}: no provider {provider_name!r} configured")
-                continue
-            self._busy.add(state.name)
-            try:
-                # Not a TaskGroup: one failed create must not cancel its siblings.  gather
-                # still awaits every call before this returns.
-                results = await asyncio.gather(
-                    *(self._create(state.name, provider, itype) for _ in range(plan.create)),
-                    *(self._destroy(name, provider) for name in plan.destroy),
-                    return_exceptions=True,
-                )
-            finally:
-                self._busy.discard(state.name)
-            for r in results:
-                if isinstance(r, ProviderError):
-                    self._oss.oss_log(f"pool {state.name}: {r}")
-                elif isinstance(r, BaseException):
-                    raise r
-
-    async def _create(self, pool: str, provider: Provider, itype: Any) -> None:
-        name, token = await self._oss.instances.new_pool_instance(pool)
-        self._oss.oss_log(f"pool {pool}: creating instance {name}")
-        try:
-            async with asyncio.timeout(self._oss.config.provider_timeout):
-                await provider.create(
-                    name, itype, Credentials(name, token, self._oss.config.public_url)
-                )
-        except Exception as exc:  # provider code is foreign: any failure fails this instance
-            await self._oss.instances.set_instance_state(name, "failed")
-            raise ProviderError(f"create {name}: {exc!r}", instance=name) from exc
-
-    async def _destroy(self, name: str, provider: Provider) -> None:
-        await self._oss.instances.set_instance_state(name, "destroyed")
-        self._oss.oss_log(f"destroying surplus idle instance {name}")
-        try:
-            async with asyncio.timeout(self._oss.config.provider_timeout):
-                await provider.destroy(name)
-        except Exception as exc:  # provider code is foreign
-            raise ProviderError(f"destroy {name}: {exc!r}", instance=name) from exc
-
-
 class Oss:
     """The operating system service."""
 
@@ -152,7 +94,13 @@ class Oss:
         self.logs = Logs(self.store)
         self.metrics = MetricsCollector()
         self.locks = LockService(self.store, clock)
-        self.pools = PoolManager(self, providers or {})
+        self.pools = PoolManager(
+            self.instances,
+            providers or {},
+            self.oss_log,
+            config.provider_timeout,
+            config.public_url,
+        )
         self._last_seen: dict[str, float] = {}
         self._beats: dict[str, tuple[float, str]] = {}
         self._oss_lines: list[logmod.LogLine] = []

@@ -29,8 +29,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 PACKAGES = ("net", "images", "tracer", "oss", "vmagent")
