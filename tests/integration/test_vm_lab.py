@@ -288,9 +288,9 @@ def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
     lab = booted
     if lab.oss is None:
         pytest.skip(f"no OSS pool manager: {lab.oss_missing}")
-    store = lab.oss.oss.store
+    store = lab.oss.oss.instances
     if not (hasattr(store, "put_pool") and hasattr(store, "put_instance_type")):
-        pytest.skip("this OSS has no pools API (store.put_pool)")
+        pytest.skip("this OSS has no pools API (instances.put_pool)")
     from oss.compute.pool import InstanceType as OssInstanceType  # noqa: I001 (grouping differs by checkout)
     from vmagent.exec import remote
 
