@@ -35,8 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from oss import models as m  # noqa: E402
+from oss.accounts.store import Accounts, Principal  # noqa: E402
+from oss.billing.store import BudgetCheck  # noqa: E402
+from oss.compute.instances import CANDIDATES, Instances  # noqa: E402
+from oss.compute.programs import Programs  # noqa: E402
 from oss.compute.scheduler import Candidate, SelectionPolicy, place  # noqa: E402
-from oss.db.store import CANDIDATES, Principal, Store  # noqa: E402
+from oss.db.store import Store  # noqa: E402
+from oss.schema import VERSIONS  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -51,12 +56,13 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def _setup(data: Path, n: int) -> tuple[str, dict[str, str]]:
-    store = Store(data)
+    store = Store(data, VERSIONS)
     await store.open()
+    accounts, instances = Accounts(store), Instances(store)
     try:
-        _, _, admin = await store.create_account("bench", True, "sum", "u")
+        _, _, admin = await accounts.create_account("bench", True, "sum", "u")
         names = [f"sim{i:05d}" for i in range(n)]
-        toks = await asyncio.gather(*(store.mint_instance_token(x) for x in names))
+        toks = await asyncio.gather(*(instances.mint_instance_token(x) for x in names))
         return admin, dict(zip(names, toks, strict=True))
     finally:
         await store.close()
@@ -303,27 +309,29 @@ def bench_scheduler(n_instances: int, seconds: float) -> float:
 
 async def bench_store_place(data: Path, n_instances: int, seconds: float) -> float:
     """Durable placements per second through the store (no HTTP), 64 concurrent callers."""
-    store = Store(data)
+    store = Store(data, VERSIONS)
     await store.open()
+    accounts, instances = Accounts(store), Instances(store)
+    programs = Programs(store, BudgetCheck())
     try:
-        acct, user, _ = await store.create_account("s", False, "sum", "u")
+        acct, user, _ = await accounts.create_account("s", False, "sum", "u")
         who = Principal(acct["id"], user["id"], False, "t")
-        await asyncio.gather(*(store.mint_instance_token(f"i{i}") for i in range(n_instances)))
+        await asyncio.gather(*(instances.mint_instance_token(f"i{i}") for i in range(n_instances)))
         await asyncio.gather(
-            *(store.register_instance(f"i{i}", "a", "h", 2, 1, 4) for i in range(n_instances))
+            *(instances.register_instance(f"i{i}", "a", "h", 2, 1, 4) for i in range(n_instances))
         )
         spec = m.ProgramSubmit(argv=["x"]).model_dump(mode="json")
         spec["resource_policy"] = m.ResourcePolicy().model_dump(mode="json")
         spec["scaling_policy"] = m.ScalingPolicy().model_dump(mode="json")
-        progs = [await store.submit(who, spec, None) for _ in range(64)]
+        progs = [await programs.submit(who, spec, None) for _ in range(64)]
         n = 0
         stop = time.perf_counter() + seconds
 
         async def worker(pid: str) -> None:
             nonlocal n
             while time.perf_counter() < stop:
-                (a,) = await store.place(acct["id"], pid, 1)
-                await store.release(acct["id"], pid, a["instance"], 1)
+                (a,) = await programs.place(acct["id"], pid, 1)
+                await programs.release(acct["id"], pid, a["instance"], 1)
                 n += 1
 
         t0 = time.perf_counter()

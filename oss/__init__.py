@@ -1,17 +1,19 @@
-"""The OSS: the services that serve a program's OS interfaces across the cluster.
+"""DCP's operating system service (dcp-oss): the services that serve a program's OS
+interfaces across the cluster, on one SQLite database, behind one HTTP API.
 
-It owns one subpackage per service the seed names, each with its pure decisions
-(and, as the store split lands, its SQL and routes): `compute/` (instance pools and
-providers, the process scheduler, availability, the optimizer, exec tickets),
-`billing/` (pricing, limits, budgets), `accounts/` (accounts, users, tokens),
-`storage/` (path mapping), `ipc/` (locks), `telemetry/` (metrics, logs), on the
-shared `db/` layer (SQLite, group commit, migrations).  Around them: `service.py`
-(`Oss`, which wires the services and runs their loops), `server.py` (the HTTP API,
-the one error->status table, `/openapi.json`), `models.py` + `client.py` (the wire
-contract and its typed client), `errors.py` (the one error tree), `listener.py`
-(connection limits), the commands `cli.py` (`dcp-oss`) and `lab.py`
-(`dcp-oss lab`), and the OSS embedded in `dcptrace`: `embedded.py` serves the
-tracer's `Coordinator` seam in-process and `local.py` records the run in the
-user's local state.  Layer 2: it imports `tracer` (the seam's values, the syscall
-table), `net` and `images`, never `vmagent` or the `dcptrace` command.
+One subpackage per service the seed names, each owning its pure deciding modules,
+its tables (DDL in `schema.py`, queries in its repository modules) and its HTTP
+routes (`routes.py`): `compute/` (instance pools and providers, the process
+scheduler, availability, the optimizer, exec tickets), `billing/` (pricing, limits,
+budgets), `accounts/` (accounts, users, tokens), `storage/` (path mapping), `ipc/`
+(locks), `telemetry/` (metrics, logs).  Shared: `db/` (the store, group commit,
+migrations), `schema.py` (the one ordered migration sequence), `api.py` +
+`server.py` (route vocabulary, dispatch, the one error->status table,
+`/openapi.json`), `listener.py` (connection limits), `models.py` + `client.py` (the
+wire contract and its typed client), `errors.py`, `service.py` (`Oss`, which wires
+the repositories and runs the background duties), the commands `cli.py` and
+`lab.py`, and the OSS inside dcptrace: `embedded.py` serves the tracer's
+`Coordinator` seam in-process and `local.py` records the run in the user's local
+state.  Layer 2: it imports the tracer engine, `net` and `images`, never `vmagent`
+or the dcptrace command (`tests/unit/test_layering.py`).
 """

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from net import bridge
 from net.bridge import NetError
+from oss.compute.instances import Instances
 from oss.compute.pool import InstanceType
 from oss.compute.providers.domain import (
     LibvirtConfig,
@@ -42,7 +43,6 @@ from oss.compute.providers.domain import (
 )
 from oss.compute.providers.libvirt import LibvirtProvider
 from oss.compute.providers.libvirtd import LibvirtdConfig, PrivateLibvirtd
-from oss.db.store import Store
 from oss.errors import OssError
 from oss.listener import GuardedSite, GuardedSockSite, ListenerLimits
 from oss.server import make_app
@@ -277,20 +277,20 @@ class LabAddresses:
     daemon_pids: Mapping[str, int]
 
 
-async def retire_instances(store: Store, reason: str) -> list[str]:
+async def retire_instances(instances: Instances, reason: str) -> list[str]:
     """Mark the live instances of the lab's pools destroyed (their VMs are gone).
 
     At start-up these are left over from a previous run (the provider starts with
     no VMs); at shutdown they are the ones the provider is about to destroy.
     Ready ones are failed first, so programs placed on them go to recovery.
     """
-    pools = {p["name"] for p in await store.pools() if p["provider"] == PROVIDER}
-    rows = [i for i in await store.instances(None) if i["pool"] in pools and i["state"] in LIVE]
+    pools = {p["name"] for p in await instances.pools() if p["provider"] == PROVIDER}
+    rows = [i for i in await instances.instances(None) if i["pool"] in pools and i["state"] in LIVE]
     ready = [i["name"] for i in rows if i["state"] == "ready"]
     if ready:
-        await store.fail_instances(ready, reason)
+        await instances.fail_instances(ready, reason)
     for i in rows:
-        await store.set_instance_state(i["name"], "destroyed")
+        await instances.set_instance_state(i["name"], "destroyed")
     return [i["name"] for i in rows]
 
 
@@ -363,7 +363,7 @@ async def _start(
     await oss.start()
     stack.push_async_callback(oss.close)
     stack.push_async_callback(_retire, oss, "lab stopped: its VM was destroyed")
-    retired = await retire_instances(oss.store, "lab restarted: its VM is gone")
+    retired = await retire_instances(oss.instances, "lab restarted: its VM is gone")
     if retired:
         oss.oss_log(f"lab: {len(retired)} instance(s) of a previous run marked destroyed")
 
@@ -386,15 +386,17 @@ async def _start(
         url = f"http://{host_addr[0]}:{host_addr[1]}"
 
     for p in config.pools:
-        await oss.store.put_instance_type(p.instance_type)
-        await oss.store.put_pool(p.name, p.instance_type.name, p.warm_target, p.max_size, PROVIDER)
+        await oss.instances.put_instance_type(p.instance_type)
+        await oss.instances.put_pool(
+            p.name, p.instance_type.name, p.warm_target, p.max_size, PROVIDER
+        )
         oss.oss_log(f"lab: pool {p.name} warm_target {p.warm_target} max_size {p.max_size}")
     return LabAddresses(url, public_url, config.guest_netns, pids)
 
 
 async def _retire(oss: Oss, reason: str) -> None:
     try:
-        names = await retire_instances(oss.store, reason)
+        names = await retire_instances(oss.instances, reason)
     except OssError as exc:  # the store may be failing: the next start-up retires them
         log.error("could not mark the lab's instances destroyed: %s", exc)
         return

@@ -172,7 +172,7 @@ class LocalOss:
         token_file = self.data_dir / TOKEN_FILE
         if token_file.exists():
             return await oss.authenticate(token_file.read_text().strip())
-        _account, _user, token = await oss.store.create_account(
+        _account, _user, token = await oss.accounts.create_account(
             LOCAL_ACCOUNT, True, "sum", getpass.getuser()
         )
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

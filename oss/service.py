@@ -1,4 +1,4 @@
-"""The OSS core: wires the store, the decision modules and the background loops.
+"""The OSS core: wires the repositories, the decision modules and the background loops.
 
 `Oss` is what the HTTP server (oss.server) and an embedded user call.  It owns
 its background tasks (one TaskGroup, cancelled and awaited by `close`).  Every
@@ -19,15 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oss.accounts.store import Accounts, Principal, hash_token
 from oss.billing.pricing import Rates
+from oss.billing.store import Billing, BudgetCheck
 from oss.compute import availability, exectickets, optimizer
-from oss.compute.pool import Credentials, Provider, fill_plan
-from oss.db.store import Principal, Store, hash_token
-from oss.errors import Conflict, Forbidden, OssError, ProviderError, Unauthorized
+from oss.compute.instances import Instances
+from oss.compute.pool import Provider
+from oss.compute.pools import PoolManager
+from oss.compute.programs import Programs
+from oss.db.store import Store
+from oss.errors import Conflict, Forbidden, OssError, Unauthorized
 from oss.ipc.locking import LockService
 from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
+from oss.schema import VERSIONS
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
+from oss.telemetry.store import Logs
 
 log = logging.getLogger(__name__)
 
@@ -68,65 +75,6 @@ class OssConfig:
             raise ValueError("slots_per_cpu must be >= 1")
 
 
-class PoolManager:
-    """Fills pools through their providers (adapter around pool.fill_plan)."""
-
-    def __init__(self, oss: Oss, providers: Mapping[str, Provider]) -> None:
-        self._oss = oss
-        self._providers = providers
-        self._busy: set[str] = set()
-
-    async def reconcile(self) -> None:
-        """Create or destroy instances so each pool meets its warm target."""
-        for state, provider_name, itype in await self._oss.store.pool_states():
-            if state.name in self._busy:
-                continue
-            plan = fill_plan(state)
-            if not plan.create and not plan.destroy:
-                continue
-            provider = self._providers.get(provider_name)
-            if provider is None:
-                self._oss.oss_log(f"pool {state.name}: no provider {provider_name!r} configured")
-                continue
-            self._busy.add(state.name)
-            try:
-                # Not a TaskGroup: one failed create must not cancel its siblings.  gather
-                # still awaits every call before this returns.
-                results = await asyncio.gather(
-                    *(self._create(state.name, provider, itype) for _ in range(plan.create)),
-                    *(self._destroy(name, provider) for name in plan.destroy),
-                    return_exceptions=True,
-                )
-            finally:
-                self._busy.discard(state.name)
-            for r in results:
-                if isinstance(r, ProviderError):
-                    self._oss.oss_log(f"pool {state.name}: {r}")
-                elif isinstance(r, BaseException):
-                    raise r
-
-    async def _create(self, pool: str, provider: Provider, itype: Any) -> None:
-        name, token = await self._oss.store.new_pool_instance(pool)
-        self._oss.oss_log(f"pool {pool}: creating instance {name}")
-        try:
-            async with asyncio.timeout(self._oss.config.provider_timeout):
-                await provider.create(
-                    name, itype, Credentials(name, token, self._oss.config.public_url)
-                )
-        except Exception as exc:  # provider code is foreign: any failure fails this instance
-            await self._oss.store.set_instance_state(name, "failed")
-            raise ProviderError(f"create {name}: {exc!r}", instance=name) from exc
-
-    async def _destroy(self, name: str, provider: Provider) -> None:
-        await self._oss.store.set_instance_state(name, "destroyed")
-        self._oss.oss_log(f"destroying surplus idle instance {name}")
-        try:
-            async with asyncio.timeout(self._oss.config.provider_timeout):
-                await provider.destroy(name)
-        except Exception as exc:  # provider code is foreign
-            raise ProviderError(f"destroy {name}: {exc!r}", instance=name) from exc
-
-
 class Oss:
     """The operating system service."""
 
@@ -138,10 +86,21 @@ class Oss:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.data_dir, clock)
+        self.store = Store(config.data_dir, VERSIONS, clock)
+        self.accounts = Accounts(self.store)
+        self.instances = Instances(self.store)
+        self.programs = Programs(self.store, BudgetCheck())
+        self.billing = Billing(self.store)
+        self.logs = Logs(self.store)
         self.metrics = MetricsCollector()
         self.locks = LockService(self.store, clock)
-        self.pools = PoolManager(self, providers or {})
+        self.pools = PoolManager(
+            self.instances,
+            providers or {},
+            self.oss_log,
+            config.provider_timeout,
+            config.public_url,
+        )
         self._last_seen: dict[str, float] = {}
         self._beats: dict[str, tuple[float, str]] = {}
         self._oss_lines: list[logmod.LogLine] = []
@@ -159,7 +118,7 @@ class Oss:
         await self.store.open()
         now = self.clock()
         # After a restart every ready instance gets a full timeout to heartbeat again.
-        self._last_seen = {name: now for name in await self.store.ready_instances()}
+        self._last_seen = {name: now for name in await self.instances.ready_instances()}
         self._runner = asyncio.create_task(self._loop(), name="oss-background")
         self.oss_log("oss started")
 
@@ -216,18 +175,18 @@ class Oss:
         # ticks is enough for a restart (which grants every instance a full timeout anyway).
         if self._beats and self._ticks % HEARTBEAT_FLUSH_TICKS == 0:
             beats, self._beats = self._beats, {}
-            await self.store.flush_heartbeats(beats)
+            await self.instances.flush_heartbeats(beats)
 
     async def _flush_all(self) -> None:
         await self._flush_logs()
         if self._beats:
             beats, self._beats = self._beats, {}
-            await self.store.flush_heartbeats(beats)
+            await self.instances.flush_heartbeats(beats)
 
     async def _flush_logs(self) -> None:
         if self._oss_lines:
             lines, self._oss_lines = self._oss_lines, []
-            await self.store.append_logs(None, None, lines)
+            await self.logs.append_logs(None, None, lines)
 
     # -- logs ----------------------------------------------------------------
 
@@ -239,7 +198,7 @@ class Oss:
     async def program_log(self, program_id: str, text: str) -> None:
         """Append an OSS decision line to a program's log."""
         ContextLog(log, {"program": program_id}).debug("%s", text)
-        await self.store.append_logs(None, program_id, [logmod.LogLine(self.clock(), "log", text)])
+        await self.logs.append_logs(None, program_id, [logmod.LogLine(self.clock(), "log", text)])
 
     # -- auth ----------------------------------------------------------------
 
@@ -250,7 +209,7 @@ class Oss:
         now = time.monotonic()
         if hit is not None and hit[1] > now:
             return hit[0]
-        p = await self.store.authenticate(token)
+        p = await self.accounts.authenticate(token)
         if len(self._token_cache) > 100_000:
             self._token_cache.clear()
         self._token_cache[h] = (p, now + self.config.token_cache_seconds)
@@ -262,7 +221,7 @@ class Oss:
 
     async def mint_instance_token(self, name: str, pool: str | None = None) -> str:
         """Create instance `name` (or re-key it) and return its bearer token."""
-        token = await self.store.mint_instance_token(name, pool)
+        token = await self.instances.mint_instance_token(name, pool)
         self._instance_cache.clear()  # a re-key invalidates the old token at once
         return token
 
@@ -277,7 +236,7 @@ class Oss:
         if hit is not None and hit[1] > now:
             name = hit[0]
         else:
-            name = await self.store.authenticate_instance(token)
+            name = await self.instances.authenticate_instance(token)
             if len(self._instance_cache) > 100_000:
                 self._instance_cache.clear()
             self._instance_cache[h] = (name, now + self.config.token_cache_seconds)
@@ -296,7 +255,7 @@ class Oss:
         """
         if exec_as is None:
             return
-        if 0 in (exec_as.uid, exec_as.gid, *exec_as.groups) and not await self.store.allows_root(
+        if 0 in (exec_as.uid, exec_as.gid, *exec_as.groups) and not await self.accounts.allows_root(
             account_id
         ):
             raise Forbidden(
@@ -314,7 +273,7 @@ class Oss:
         if peer:
             port = body.address.rpartition(":")[2]
             address = f"[{peer}]:{port}" if ":" in peer else f"{peer}:{port}"
-        await self.store.register_instance(
+        await self.instances.register_instance(
             body.instance,
             address,
             body.hostname,
@@ -336,7 +295,7 @@ class Oss:
         """
         if exec_as is None:
             return []
-        keys = await self.store.exec_targets([a["instance"] for a in assignments])
+        keys = await self.instances.exec_targets([a["instance"] for a in assignments])
         grants = []
         for a in assignments:
             found = keys.get(a["instance"])
@@ -379,7 +338,7 @@ class Oss:
             self._last_seen.pop(n, None)
             self._beats.pop(n, None)
         reason = f"no heartbeat for over {self.config.heartbeat_timeout:g}s"
-        programs = await self.store.fail_instances(names, reason)
+        programs = await self.instances.fail_instances(names, reason)
         for f in failures:
             self.oss_log(
                 f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
@@ -394,7 +353,7 @@ class Oss:
 
     async def submit(self, who: Principal, body: ProgramSubmit) -> dict[str, Any]:
         """Create and place a program (account defaults fill missing policies)."""
-        defaults = Policies.model_validate(await self.store.get_policies(who.account_id))
+        defaults = Policies.model_validate(await self.programs.get_policies(who.account_id))
         spec = body.model_dump(mode="json")
         spec["resource_policy"] = (body.resource_policy or defaults.resource_policy).model_dump(
             mode="json"
@@ -403,7 +362,7 @@ class Oss:
             mode="json"
         )
         limits = body.limits.model_dump(exclude_none=True) if body.limits else None
-        prog = await self.store.submit(who, spec, limits)
+        prog = await self.programs.submit(who, spec, limits)
         await self.program_log(
             prog["id"],
             f"submitted by {who.user_id}: {prog['state']}, placements "
@@ -415,14 +374,14 @@ class Oss:
 
     async def retry_waiting(self) -> None:
         """Place pending and recovering programs where capacity appeared."""
-        for pid in await self.store.retry_waiting():
+        for pid in await self.programs.retry_waiting():
             await self.program_log(pid, "placed: running")
 
     async def meter(self) -> None:
         """Per-second metering into billing records; hard budgets stop programs."""
         net = self.metrics.take_net_bytes()
         try:
-            res = await self.store.meter(self.config.rates, net)
+            res = await self.billing.meter(self.config.rates, net)
         except OssError:
             self.metrics.untake_net_bytes(net)
             raise
@@ -432,7 +391,7 @@ class Oss:
 
     async def optimize(self) -> None:
         """Run the optimizer on every running program; log each changed decision."""
-        for p in await self.store.active_programs():
+        for p in await self.programs.active_programs():
             sp = p["scaling_policy"]
             names = [pl["instance"] for pl in p["placements"]]
             loads = [ld for ld in (self.metrics.load(n) for n in names) if ld is not None]
@@ -457,7 +416,7 @@ class Oss:
             )
             self.metrics.decisions.labels(d.action.value).inc()
             if d.target != p["target_instances"]:
-                await self.store.set_target(p["id"], d.target)
+                await self.programs.set_target(p["id"], d.target)
             line = f"optimizer: {d.action.value} to {d.target} instance(s): {d.reason}"
             if self._decided.get(p["id"]) != line:
                 self._decided[p["id"]] = line
@@ -466,7 +425,7 @@ class Oss:
 
     async def cancel(self, who: Principal, program_id: str) -> dict[str, Any]:
         """Cancel an active program."""
-        prog = await self.store.end_program(
+        prog = await self.programs.end_program(
             who.account_id, program_id, "cancelled", f"cancelled by {who.user_id}"
         )
         await self.program_log(program_id, f"cancelled by {who.user_id}")
@@ -480,7 +439,7 @@ class Oss:
         reason = (
             f"exited with status {exit_status}" if signal is None else f"killed by signal {signal}"
         )
-        prog = await self.store.end_program(
+        prog = await self.programs.end_program(
             who.account_id, program_id, state, reason, exit_status, signal
         )
         await self.program_log(program_id, reason)
@@ -488,13 +447,4 @@ class Oss:
 
     async def instance_programs(self, instance: str) -> set[str]:
         """Ids of programs placed on an instance."""
-
-        def op(c: Any) -> set[str]:
-            return {
-                r[0]
-                for r in c.execute(
-                    "SELECT program_id FROM placements WHERE instance=?", (instance,)
-                )
-            }
-
-        return await self.store.read(op)
+        return await self.programs.instance_programs(instance)

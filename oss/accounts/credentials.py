@@ -11,7 +11,10 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+from oss.accounts.store import Accounts
+from oss.compute.instances import Instances
 from oss.db.store import Store
+from oss.schema import VERSIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +28,10 @@ class AccountCredentials:
 
 async def mint_instance_token(data_dir: Path, name: str, pool: str | None = None) -> str:
     """Create instance `name` (or re-key it) and return its bearer token (stored hashed)."""
-    store = Store(data_dir)
+    store = Store(data_dir, VERSIONS)
     await store.open()
     try:
-        return await store.mint_instance_token(name, pool)
+        return await Instances(store).mint_instance_token(name, pool)
     finally:
         await store.close()
 
@@ -43,10 +46,12 @@ async def create_account(
     allow_root: bool = False,
 ) -> AccountCredentials:
     """Create an account with a first user and return its token."""
-    store = Store(data_dir)
+    store = Store(data_dir, VERSIONS)
     await store.open()
     try:
-        acct, usr, token = await store.create_account(name, admin, pricing_model, user, allow_root)
+        acct, usr, token = await Accounts(store).create_account(
+            name, admin, pricing_model, user, allow_root
+        )
         return AccountCredentials(acct["id"], usr["id"], token)
     finally:
         await store.close()

@@ -1,6 +1,5 @@
-"""Billing: what programs cost and how much they may use.
-
-It owns per-second metering and the two pricing models (`pricing.py`) and the
-resource limits and budgets at account, user and program level (`limits.py`),
-both pure decisions that the placement and metering transactions apply.
+"""Billing: per-second metering and the pricing models, resource limits and budgets
+at account, user and program level.  Owns the limits and billing tables
+(`schema.py`; the `Billing` repository and `BudgetCheck`, compute's `Budget`, in
+`store.py`) and the limits and billing routes (`routes.py`).
 """

@@ -1,9 +1,9 @@
 """Resource limits at account, user and program level (pure decisions).
 
-The store runs `check` inside the same write transaction that reserves the
-resources (see oss.db.store), so concurrent submissions are serialised and the
-invariant "usage <= limit at every level after every committed placement"
-holds; this module only decides.
+Placement runs `check` (through billing's BudgetCheck) inside the same write
+transaction that reserves the resources (oss.compute.programs), so concurrent
+submissions are serialised and the invariant "usage <= limit at every level
+after every committed placement" holds; this module only decides.
 """
 
 from __future__ import annotations

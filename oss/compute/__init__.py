@@ -1,10 +1,8 @@
-"""Compute: the instances programs run on and where a program's processes go.
-
-It owns instance pools and their fill decisions (`pool.py`) and the providers that
-boot instances (`providers/`: libvirt), the process scheduler that places a
-program's processes on instances (`scheduler.py`), availability (`availability.py`:
-silent instances fail), the optimizer that sets a program's target width
-(`optimizer.py`), and the exec tickets minted for placed processes
-(`exectickets.py`).  Its decision modules are pure; the pool manager and the
-placement transaction call them.
+"""Compute: instance pools and their providers, the process scheduler (placement of
+a program's processes on instances), availability (silent instances fail) and the
+optimizer (a program's target width), with exec tickets for placed processes.  Owns
+the instance_types, pools, instances, instance_tokens, programs, placements and
+policies tables (`schema.py`; repositories `instances.py`, `programs.py`, which
+checks limits through the `Budget` protocol billing implements), the pool manager
+(`pools.py`) and the program, instance, pool and agent routes (`routes.py`).
 """

@@ -4,7 +4,7 @@ A pool keeps `warm_target` idle instances of one instance type ready (pending
 or registered but running nothing), never more than `max_size` live instances
 in all.  Failed instances no longer count as live, so the next reconcile
 replaces them.  Providers (local, libvirt) live in oss/compute/providers and implement
-`Provider`; the pool manager adapter is `PoolManager` in oss.service.
+`Provider`; the pool manager adapter is `PoolManager` in oss.compute.pools.
 """
 
 from __future__ import annotations

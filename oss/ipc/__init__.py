@@ -1,5 +1,4 @@
-"""IPC: coordination between a program's processes across instances.
-
-It owns the internal locking service (`locking.py`: leases with fencing tokens,
-never exposed to clients); cross-instance signals come here next.
+"""IPC: the internal locking service (leases with fencing tokens; signals next).  Owns
+the leases table (`schema.py`; queries in `locking.py`) and the agents' lease routes
+(`routes.py`).
 """

@@ -56,7 +56,7 @@ class LockService:
             )
             return Lease(name, holder, fencing, now + ttl)
 
-        return await self._store.lease_op(op)
+        return await self._store.write(op)
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up (no-op if it already passed to someone else)."""
@@ -71,7 +71,7 @@ class LockService:
                 (name, holder, fencing),
             )
 
-        await self._store.lease_op(op)
+        await self._store.write(op)
 
     async def validate(self, name: str, fencing: int) -> None:
         """LeaseError unless `fencing` is the current, unexpired token for `name`."""
@@ -84,4 +84,4 @@ class LockService:
             if r is None or r["fencing"] != fencing or r["holder"] is None or r["expires"] <= now:
                 raise LeaseError(f"stale fencing token {fencing} for {name}", name=name)
 
-        await self._store.lease_op(op)
+        await self._store.write(op)

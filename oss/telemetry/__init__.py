@@ -1,6 +1,4 @@
-"""Telemetry: what the OSS knows about running programs and instances.
-
-It owns the metrics collector (`metrics.py`: per-program and per-instance
-counters, Prometheus and JSON exposition) and the consolidated logs (`logs.py`:
-zstd chunks, query filtering).
+"""Telemetry: the metrics collector (counters, Prometheus) and the consolidated logs
+(zstd chunks, paged queries).  Owns the log_chunks table (`schema.py`; the `Logs`
+repository in `store.py`) and the log and metrics routes (`routes.py`).
 """

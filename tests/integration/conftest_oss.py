@@ -118,7 +118,7 @@ class OssServer:
     def account(self, name: str, admin: bool = False, pricing_model: str = "sum") -> Account:
         """Create an account directly in the store; return its ids and token."""
         acct, user, token = self.call(
-            self.oss.store.create_account(name, admin, pricing_model, "u")
+            self.oss.accounts.create_account(name, admin, pricing_model, "u")
         )
         return Account(acct["id"], user["id"], token)
 

@@ -84,25 +84,28 @@ def test_retire_marks_only_the_lab_pools_live_instances_destroyed(tmp_path: Path
     """What start-up (leftovers of a killed lab) and shutdown do to the store."""
     import asyncio
 
+    from oss.compute.instances import Instances
     from oss.compute.pool import InstanceType
     from oss.db.store import Store
     from oss.lab import retire_instances
+    from oss.schema import VERSIONS
 
     async def go() -> dict[str, str]:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         try:
-            await s.put_instance_type(InstanceType("t", 1, 512, 0))
-            await s.put_pool("warm", "t", 2, 2, "libvirt")
-            await s.put_pool("other", "t", 1, 1, "local")
-            booting, _ = await s.new_pool_instance("warm")
-            ready, _ = await s.new_pool_instance("warm")
-            await s.register_instance(ready, "10.0.0.2:7070", ready, 1, 512, 4)
-            elsewhere, _ = await s.new_pool_instance("other")
-            retired = await retire_instances(s, "lab restarted")
+            inst = Instances(s)
+            await inst.put_instance_type(InstanceType("t", 1, 512, 0))
+            await inst.put_pool("warm", "t", 2, 2, "libvirt")
+            await inst.put_pool("other", "t", 1, 1, "local")
+            booting, _ = await inst.new_pool_instance("warm")
+            ready, _ = await inst.new_pool_instance("warm")
+            await inst.register_instance(ready, "10.0.0.2:7070", ready, 1, 512, 4)
+            elsewhere, _ = await inst.new_pool_instance("other")
+            retired = await retire_instances(inst, "lab restarted")
             assert sorted(retired) == sorted([booting, ready])
-            assert await retire_instances(s, "again") == []  # idempotent
-            rows = await s.instances(None)
+            assert await retire_instances(inst, "again") == []  # idempotent
+            rows = await inst.instances(None)
             return {r["name"]: r["state"] for r in rows} | {"_other": elsewhere}
         finally:
             await s.close()

@@ -9,19 +9,22 @@ from typing import Any
 
 import pytest
 
-from oss.db.store import MIGRATIONS, Store, connect
+from oss.accounts.store import Accounts
+from oss.db.migrations import migrate, script
+from oss.db.store import Store, connect
 from oss.errors import Conflict
+from oss.schema import VERSIONS
 
 
 def test_pragmas_and_latest_schema(tmp_path: Path) -> None:
     async def go() -> None:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         try:
             mode = await s.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
             ver = await s.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
             sync = await s.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
-            assert (mode, ver, sync) == ("wal", len(MIGRATIONS), 2)  # 2 = FULL
+            assert (mode, ver, sync) == ("wal", len(VERSIONS), 2)  # 2 = FULL
         finally:
             await s.close()
 
@@ -31,7 +34,7 @@ def test_pragmas_and_latest_schema(tmp_path: Path) -> None:
 def test_migration_2_backfills_spend_from_version_1(tmp_path: Path) -> None:
     path = tmp_path / "oss.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript(f"BEGIN;\n{MIGRATIONS[0]}\nPRAGMA user_version=1;\nCOMMIT;")
+    conn.executescript(script(VERSIONS[0]))
     conn.execute("INSERT INTO accounts VALUES('a1','acme',0,'sum',0)")
     conn.execute("INSERT INTO users VALUES('u1','a1','bob',0)")
     for amount in (5, 7):
@@ -42,18 +45,16 @@ def test_migration_2_backfills_spend_from_version_1(tmp_path: Path) -> None:
         )
     conn.close()
     c = connect(path)
-    from oss.db.store import migrate
-
-    migrate(c)
+    migrate(c, VERSIONS)
     assert c.execute("SELECT spent_micros FROM accounts").fetchone()[0] == 12
     assert c.execute("SELECT spent_micros FROM users").fetchone()[0] == 12
-    assert c.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert c.execute("PRAGMA user_version").fetchone()[0] == len(VERSIONS)
     c.close()
 
 
 def test_failing_operation_rolls_back_alone_in_a_group_commit(tmp_path: Path) -> None:
     async def go() -> list[Any]:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         try:
 
@@ -81,15 +82,15 @@ def test_failing_operation_rolls_back_alone_in_a_group_commit(tmp_path: Path) ->
 
 def test_second_process_style_connection_sees_committed_state(tmp_path: Path) -> None:
     async def go() -> None:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         try:
-            await s.create_account("acme", False, "sum", "u")
+            await Accounts(s).create_account("acme", False, "sum", "u")
             other = connect(s.path)
             assert other.execute("SELECT name FROM accounts").fetchone()[0] == "acme"
             other.close()
             with pytest.raises(Conflict):
-                await s.create_account("acme", False, "sum", "u")
+                await Accounts(s).create_account("acme", False, "sum", "u")
         finally:
             await s.close()
 
@@ -100,7 +101,7 @@ def test_use_after_close_fails_fast(tmp_path: Path) -> None:
     from oss.errors import StoreError
 
     async def go() -> None:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         await s.close()
         with pytest.raises(StoreError, match="closed"):
@@ -115,7 +116,7 @@ def test_failed_commit_fails_the_batch_and_the_writer_survives(tmp_path: Path) -
     from oss.errors import StoreError
 
     async def go() -> None:
-        s = Store(tmp_path)
+        s = Store(tmp_path, VERSIONS)
         await s.open()
         try:
             # An operation that breaks the writer's own bookkeeping: its RELEASE then fails.

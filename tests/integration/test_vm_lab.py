@@ -210,7 +210,7 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
     # dcptrace --oss runs the program as an account's program: it needs an account token.
     _acct, _user, token = lab.loop.run(
         # The test runs dcptrace as root: the operator lets this account run root programs.
-        lab.oss.oss.store.create_account(  # type: ignore[union-attr]
+        lab.oss.oss.accounts.create_account(  # type: ignore[union-attr]
             "dcptrace", False, "sum", "u", allow_root=True
         )
     )
@@ -287,9 +287,9 @@ def test_warm_pool_is_filled_through_the_provider(booted: Lab) -> None:
     lab = booted
     if lab.oss is None:
         pytest.skip(f"no OSS pool manager: {lab.oss_missing}")
-    store = lab.oss.oss.store
+    store = lab.oss.oss.instances
     if not (hasattr(store, "put_pool") and hasattr(store, "put_instance_type")):
-        pytest.skip("this OSS has no pools API (store.put_pool)")
+        pytest.skip("this OSS has no pools API (instances.put_pool)")
     from oss.compute.pool import InstanceType as OssInstanceType  # noqa: I001 (grouping differs by checkout)
     from vmagent.exec import remote
 

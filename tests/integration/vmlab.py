@@ -128,7 +128,7 @@ class OssHarness:
 
     async def instance(self, name: str) -> dict[str, Any] | None:
         """The OSS's record of instance `name`."""
-        rows = await self.oss.store.instances(None, name)
+        rows = await self.oss.instances.instances(None, name)
         return dict(rows[0]) if rows else None
 
     async def close(self) -> None:

@@ -1,0 +1,237 @@
+"""The billing repository: limits at every scope, metering into billing records.
+
+`BudgetCheck` is the `Budget` the compute repository places programs under: it
+reads limits here, usage through compute's and spend totals through accounts'
+conn-level functions, inside compute's transaction (so the check and the
+reservation stay one atomic step).  Metering charges the program (compute) and
+its account and user (accounts), and stops programs at a hard budget, in one
+writer transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from oss.accounts import store as accounts
+from oss.billing import limits as lim
+from oss.billing import pricing
+from oss.compute import programs
+from oss.db.store import Conn, Store, to_json
+
+
+@dataclass(frozen=True, slots=True)
+class MeterResult:
+    """What a metering pass did."""
+
+    records: int
+    stopped: tuple[tuple[str, str], ...]  # (program id, reason)
+
+
+class Billing:
+    """Limits and billing records; the metering pass."""
+
+    def __init__(self, db: Store) -> None:
+        self._db = db
+
+    async def get_limits(self, scope: str, scope_id: str) -> dict[str, Any]:
+        """Limits at one scope (empty dict: unlimited)."""
+        return await self._db.read(lambda c: limits(c, scope, scope_id))
+
+    async def set_limits(self, scope: str, scope_id: str, body: Mapping[str, Any]) -> None:
+        """Replace the limits at one scope."""
+
+        def op(c: Conn) -> None:
+            c.execute(
+                "INSERT OR REPLACE INTO limits VALUES(?,?,?)", (scope, scope_id, to_json(body))
+            )
+
+        await self._db.write(op)
+
+    async def meter(self, rates: pricing.Rates, net_bytes: Mapping[str, int]) -> MeterResult:
+        """Bill every running program for the whole seconds since it was last metered.
+
+        Then stop programs whose spending reached a hard budget at any level.
+        """
+        now = self._db.clock()
+
+        def op(c: Conn) -> MeterResult:
+            n = 0
+            models: dict[str, str] = {}
+            for p in programs.metered(c):
+                secs = pricing.whole_seconds(p["last_metered"], now)
+                if secs == 0:
+                    continue
+                uses = [
+                    pricing.InstanceUse(
+                        r["instance"],
+                        r["price_micros_per_s"],
+                        r["processes"],
+                        r["slots"],
+                        r["dedicated_to"] == p["id"],
+                    )
+                    for r in programs.instance_uses(c, p["id"])
+                ]
+                m = pricing.Metered(secs, uses, p["storage_mb"], net_bytes.get(p["id"], 0))
+                if p["account_id"] not in models:
+                    models[p["account_id"]] = accounts.pricing_model(c, p["account_id"])
+                model = pricing.PricingModel(models[p["account_id"]])
+                ch = pricing.charge(m, model, rates)
+                end = p["last_metered"] + secs
+                detail = dict(
+                    instance_micros=float(ch.instance_micros),
+                    storage_micros=float(ch.storage_micros),
+                    net_micros=float(ch.net_micros),
+                    premium_micros=float(ch.premium_micros),
+                )
+                c.execute(
+                    "INSERT INTO billing(program_id, account_id, user_id, start, end, seconds,"
+                    " model, amount_micros, detail) VALUES(?,?,?,?,?,?,?,?,?)",
+                    (
+                        p["id"],
+                        p["account_id"],
+                        p["user_id"],
+                        p["last_metered"],
+                        end,
+                        secs,
+                        model.value,
+                        ch.amount_micros,
+                        to_json(detail),
+                    ),
+                )
+                programs.charge(c, p["id"], ch.amount_micros, end)
+                accounts.add_spent(c, p["account_id"], p["user_id"], ch.amount_micros)
+                n += 1
+            stopped = []
+            # Only programs under some hard budget can be stopped: find those first.
+            hard = {
+                (r[0], r[1])
+                for r in c.execute(
+                    "SELECT scope, scope_id FROM limits"
+                    " WHERE json_extract(body, '$.hard_budget_micros') IS NOT NULL"
+                )
+            }
+            for p in programs.active_owners(c):
+                if not hard & {
+                    ("account", p["account_id"]),
+                    ("user", p["user_id"]),
+                    ("program", p["id"]),
+                }:
+                    continue
+                levels = _levels(c, p["id"])
+                for level, limits_, use in levels:
+                    if lim.budget_state(use.spent_micros, limits_) is lim.BudgetState.HARD_STOP:
+                        reason = (
+                            f"stopped: {level.value} hard budget of {limits_.hard_budget_micros}"
+                            f" micros reached (spent {use.spent_micros})"
+                        )
+                        programs.end(c, p["id"], "stopped_budget", reason, None, None, now)
+                        stopped.append((p["id"], reason))
+                        break
+            return MeterResult(n, tuple(stopped))
+
+        return await self._db.write(op)
+
+    async def billing(
+        self, account_id: str, program_id: str | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """The account's (or one program's) billing records and total."""
+
+        def op(c: Conn) -> tuple[int, list[dict[str, Any]]]:
+            if program_id is not None:
+                programs.program_row(c, program_id, account_id)
+            q = "SELECT * FROM billing WHERE account_id=?" + (
+                " AND program_id=?" if program_id else ""
+            )
+            args = (account_id, program_id) if program_id else (account_id,)
+            rows = c.execute(q + " ORDER BY id", args).fetchall()
+            recs = [
+                dict(
+                    id=r["id"],
+                    program_id=r["program_id"],
+                    user_id=r["user_id"],
+                    start=r["start"],
+                    end=r["end"],
+                    seconds=r["seconds"],
+                    model=r["model"],
+                    amount_micros=r["amount_micros"],
+                    **json.loads(r["detail"]),
+                )
+                for r in rows
+            ]
+            return sum(r["amount_micros"] for r in recs), recs
+
+        return await self._db.read(op)
+
+
+class BudgetCheck:
+    """Compute's `Budget`: limits and budgets at account, user and program level."""
+
+    def check(
+        self, c: Conn, program_id: str, instances: int, storage_mb: int, bandwidth_mbps: int
+    ) -> None:
+        """Raise LimitExceeded/BudgetExhausted if the program may not add these resources."""
+        lim.check(_levels(c, program_id), lim.Delta(instances, storage_mb, bandwidth_mbps))
+
+    def set_program_limits(self, c: Conn, program_id: str, body: Mapping[str, Any]) -> None:
+        """Set a new program's own limits."""
+        c.execute("INSERT INTO limits VALUES('program',?,?)", (program_id, to_json(dict(body))))
+
+    def headroom(self, c: Conn, program_id: str) -> int:
+        """How many more instances the limits allow this program (large if unlimited)."""
+        room = 1 << 30
+        for _, limits_, use in _levels(c, program_id):
+            if limits_.max_instances is not None:
+                room = min(room, limits_.max_instances - use.instances)
+            if lim.budget_state(use.spent_micros, limits_) is not lim.BudgetState.OK:
+                room = 0
+        return max(room, 0)
+
+    def program_budget(self, c: Conn, program_id: str) -> int | None:
+        """The program's own soft budget in micros (None: none)."""
+        budget = limits(c, "program", program_id).get("budget_micros")
+        return None if budget is None else int(budget)
+
+
+# -- run inside a transaction (this repository's or compute's) -------------------
+
+
+def limits(c: Conn, scope: str, scope_id: str) -> dict[str, Any]:
+    """The limits set at one scope (empty dict: unlimited)."""
+    r = c.execute(
+        "SELECT body FROM limits WHERE scope=? AND scope_id=?", (scope, scope_id)
+    ).fetchone()
+    return json.loads(r["body"]) if r else {}
+
+
+def _usage(c: Conn, scope: str, scope_id: str) -> lim.Usage:
+    """Usage of active programs in a scope (account, user or program)."""
+    inst, storage, bandwidth, spent = programs.usage(c, scope, scope_id)
+    if scope != "program":
+        spent = accounts.spent(c, scope, scope_id)
+    return lim.Usage(inst, storage, bandwidth, spent)
+
+
+def _as_limits(d: Mapping[str, Any]) -> lim.Limits:
+    return lim.Limits(**{k: d.get(k) for k in lim.Limits.__dataclass_fields__})
+
+
+def _levels(c: Conn, program_id: str) -> list[tuple[lim.Level, lim.Limits, lim.Usage]]:
+    """Limits and usage at each level.  A level without any limit gets zero usage
+    without querying it: with every limit None, no check can fail there."""
+    account_id, user_id = programs.owner(c, program_id)
+    out = []
+    for level, scope, sid in (
+        (lim.Level.ACCOUNT, "account", account_id),
+        (lim.Level.USER, "user", user_id),
+        (lim.Level.PROGRAM, "program", program_id),
+    ):
+        limits_ = _as_limits(limits(c, scope, sid))
+        use = _usage(c, scope, sid) if limits_ != _NO_LIMITS else lim.Usage()
+        out.append((level, limits_, use))
+    return out
+
+
+_NO_LIMITS = lim.Limits()

@@ -1,0 +1,496 @@
+"""The compute repository of programs: programs, their placements, account policies.
+
+Placement is one step in one writer transaction: the scheduler decides over the
+instances' free slots, the limits are checked, the slots are reserved.  The limit
+check goes through a `Budget` (implemented by billing, injected by oss.service), so
+compute imports nothing of billing and the step stays atomic.  The conn-level
+functions at the end run inside billing's and telemetry's transactions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from oss.accounts.store import Principal
+from oss.compute import scheduler
+from oss.compute.instances import candidates, free_slots
+from oss.db.store import Conn, Store, new_id, to_json
+from oss.errors import BudgetExhausted, Conflict, LimitExceeded, NoCapacity, NotFound
+
+ACTIVE = ("pending", "running", "recovering")
+
+
+class Budget(Protocol):
+    """The limits and budgets a program is held to (billing implements it).
+
+    Every method runs inside the caller's transaction (`c`).
+    """
+
+    def check(
+        self, c: Conn, program_id: str, instances: int, storage_mb: int, bandwidth_mbps: int
+    ) -> None:
+        """Raise LimitExceeded/BudgetExhausted if the program may not add these resources."""
+
+    def set_program_limits(self, c: Conn, program_id: str, body: Mapping[str, Any]) -> None:
+        """Set a new program's own limits."""
+
+    def headroom(self, c: Conn, program_id: str) -> int:
+        """How many more instances the limits allow the program (large if unlimited)."""
+
+    def program_budget(self, c: Conn, program_id: str) -> int | None:
+        """The program's own soft budget in micros (None: none)."""
+
+
+class Programs:
+    """Programs and their placements on instances; account default policies."""
+
+    def __init__(self, db: Store, budget: Budget) -> None:
+        self._db = db
+        self._budget = budget
+
+    async def get_policies(self, account_id: str) -> dict[str, Any]:
+        """The account's default policies."""
+
+        def op(c: Conn) -> dict[str, Any]:
+            r = c.execute("SELECT body FROM policies WHERE account_id=?", (account_id,)).fetchone()
+            return json.loads(r["body"]) if r else {}
+
+        return await self._db.read(op)
+
+    async def set_policies(self, account_id: str, body: Mapping[str, Any]) -> None:
+        """Replace the account's default policies."""
+
+        def op(c: Conn) -> None:
+            c.execute("INSERT OR REPLACE INTO policies VALUES(?,?)", (account_id, to_json(body)))
+
+        await self._db.write(op)
+
+    async def submit(
+        self,
+        who: Principal,
+        spec: Mapping[str, Any],
+        slots_limits: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Create a program and place its first processes, limits checked atomically.
+
+        If no instance fits right now the program is created `pending` (its
+        storage and bandwidth are still reserved against the limits).
+        """
+        now = self._db.clock()
+        pid = new_id("prog")
+
+        def op(c: Conn) -> dict[str, Any]:
+            policy = spec["resource_policy"]
+            scaling = spec["scaling_policy"]
+            if slots_limits:
+                self._budget.set_program_limits(c, pid, dict(slots_limits))
+            c.execute(
+                "INSERT INTO programs(id, account_id, user_id, state, status_reason, argv, env,"
+                " cwd, image, processes, target_instances, resource_policy, scaling_policy,"
+                " storage_mb, bandwidth_mbps, created, updated, last_metered)"
+                " VALUES(?,?,?,'pending','waiting for capacity',?,?,?,?,0,?,?,?,?,?,?,?,?)",
+                (
+                    pid,
+                    who.account_id,
+                    who.user_id,
+                    to_json(spec["argv"]),
+                    to_json(spec["env"]),
+                    spec["cwd"],
+                    spec["image"],
+                    scaling["min_instances"],
+                    to_json(policy),
+                    to_json(scaling),
+                    0,
+                    0,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            # Storage and bandwidth are reserved whether or not it places now.
+            self._budget.check(c, pid, 0, spec["storage_mb"], spec["bandwidth_mbps"])
+            c.execute(
+                "UPDATE programs SET storage_mb=?, bandwidth_mbps=? WHERE id=?",
+                (spec["storage_mb"], spec["bandwidth_mbps"], pid),
+            )
+            try:
+                place(c, self._budget, pid, spec["processes"], now)
+            except NoCapacity:
+                c.execute(
+                    "UPDATE programs SET lost_processes=? WHERE id=?", (spec["processes"], pid)
+                )
+            return program_dict(c, pid, who.account_id)
+
+        return await self._db.write(op)
+
+    async def place(
+        self, account_id: str, program_id: str, processes: int, avoid: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Place more processes of an active program (limits checked atomically)."""
+        now = self._db.clock()
+
+        def op(c: Conn) -> list[dict[str, Any]]:
+            p = program_row(c, program_id, account_id)
+            if p["state"] not in ("running", "recovering"):
+                raise Conflict(f"program {program_id} is {p['state']}")
+            return place(c, self._budget, program_id, processes, now, frozenset(avoid))
+
+        return await self._db.write(op)
+
+    async def retry_waiting(self) -> list[str]:
+        """Place what pending and recovering programs still miss; return programs now running."""
+        now = self._db.clock()
+
+        def op(c: Conn) -> list[str]:
+            done = []
+            for r in c.execute(
+                "SELECT id, lost_processes FROM programs WHERE state IN ('pending','recovering')"
+                " ORDER BY created"
+            ).fetchall():
+                c.execute("SAVEPOINT retry")
+                try:
+                    if r["lost_processes"] > 0:
+                        place(c, self._budget, r["id"], r["lost_processes"], now)
+                    c.execute(
+                        "UPDATE programs SET state='running', lost_processes=0, status_reason=?"
+                        " WHERE id=?",
+                        ("running", r["id"]),
+                    )
+                except (NoCapacity, LimitExceeded, BudgetExhausted):
+                    c.execute("ROLLBACK TO retry")
+                    c.execute("RELEASE retry")
+                    continue
+                c.execute("RELEASE retry")
+                done.append(r["id"])
+            return done
+
+        return await self._db.write(op)
+
+    async def release(self, account_id: str, program_id: str, instance: str, n: int) -> None:
+        """Some of a program's processes on an instance ended."""
+
+        def op(c: Conn) -> None:
+            program_row(c, program_id, account_id)
+            r = c.execute(
+                "SELECT processes FROM placements WHERE program_id=? AND instance=?",
+                (program_id, instance),
+            ).fetchone()
+            if r is None:
+                raise NotFound(f"placement of {program_id} on {instance}")
+            k = min(n, r["processes"])
+            if k == r["processes"]:
+                c.execute(
+                    "DELETE FROM placements WHERE program_id=? AND instance=?",
+                    (program_id, instance),
+                )
+            else:
+                c.execute(
+                    "UPDATE placements SET processes=processes-? WHERE program_id=? AND instance=?",
+                    (k, program_id, instance),
+                )
+            c.execute("UPDATE programs SET processes=processes-? WHERE id=?", (k, program_id))
+            free_slots(c, instance, k, program_id)
+
+        await self._db.write(op)
+
+    async def end_program(
+        self,
+        account_id: str | None,
+        program_id: str,
+        state: str,
+        reason: str,
+        exit_status: int | None = None,
+        signal: int | None = None,
+    ) -> dict[str, Any]:
+        """Move an active program to a final state and free its instances."""
+        now = self._db.clock()
+
+        def op(c: Conn) -> dict[str, Any]:
+            p = program_row(c, program_id, account_id)
+            if p["state"] not in ACTIVE:
+                raise Conflict(f"program {program_id} already {p['state']}")
+            end(c, program_id, state, reason, exit_status, signal, now)
+            return program_dict(c, program_id, p["account_id"])
+
+        return await self._db.write(op)
+
+    async def program(self, account_id: str, program_id: str) -> dict[str, Any]:
+        """One program of the account."""
+        return await self._db.read(lambda c: program_dict(c, program_id, account_id))
+
+    async def instance_programs(self, instance: str) -> set[str]:
+        """Ids of programs placed on an instance."""
+
+        def op(c: Conn) -> set[str]:
+            return {
+                r[0]
+                for r in c.execute(
+                    "SELECT program_id FROM placements WHERE instance=?", (instance,)
+                )
+            }
+
+        return await self._db.read(op)
+
+    async def check_placed(self, account_id: str, program_id: str, instance: str | None) -> None:
+        """NotFound unless the account's program exists (and is placed on `instance`)."""
+
+        def op(c: Conn) -> None:
+            program_row(c, program_id, account_id)
+            if (
+                instance is not None
+                and not c.execute(
+                    "SELECT 1 FROM placements WHERE program_id=? AND instance=?",
+                    (program_id, instance),
+                ).fetchone()
+            ):
+                raise NotFound(f"program {program_id} is not placed on instance {instance}")
+
+        await self._db.read(op)
+
+    async def programs(
+        self, account_id: str, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The account's programs, newest first."""
+
+        def op(c: Conn) -> list[dict[str, Any]]:
+            q = "SELECT id FROM programs WHERE account_id=?" + (" AND state=?" if state else "")
+            args: list[Any] = [account_id] + ([state] if state else [])
+            ids = [r["id"] for r in c.execute(q + " ORDER BY created DESC LIMIT ?", (*args, limit))]
+            return [program_dict(c, i, account_id) for i in ids]
+
+        return await self._db.read(op)
+
+    async def active_programs(self) -> list[dict[str, Any]]:
+        """Every active program with its placements (for the optimizer)."""
+
+        def op(c: Conn) -> list[dict[str, Any]]:
+            # Fixed-width programs (min == max == target) need no decision.
+            ids = [
+                r["id"]
+                for r in c.execute(
+                    "SELECT id FROM programs WHERE state='running' AND ("
+                    " json_extract(scaling_policy, '$.min_instances')"
+                    "   != json_extract(scaling_policy, '$.max_instances')"
+                    " OR target_instances != json_extract(scaling_policy, '$.min_instances'))"
+                )
+            ]
+            out = []
+            for i in ids:
+                p = program_dict(c, i, None)
+                p["headroom"] = self._budget.headroom(c, i)
+                p["budget_micros"] = self._budget.program_budget(c, i)
+                p["cpus"] = c.execute(
+                    "SELECT coalesce(sum(i.cpus),0) FROM placements pl JOIN instances i"
+                    " ON i.name=pl.instance WHERE pl.program_id=?",
+                    (i,),
+                ).fetchone()[0]
+                out.append(p)
+            return out
+
+        return await self._db.read(op)
+
+    async def set_target(self, program_id: str, target: int) -> None:
+        """Set a program's target width (the optimizer's decision)."""
+
+        def op(c: Conn) -> None:
+            c.execute("UPDATE programs SET target_instances=? WHERE id=?", (target, program_id))
+
+        await self._db.write(op)
+
+
+# -- run inside a transaction (this repository's or another service's) ----------
+
+
+def program_row(c: Conn, program_id: str, account_id: str | None) -> sqlite3.Row:
+    """The program row; NotFound for another account's program (tenant isolation)."""
+    if account_id is None:
+        r = c.execute("SELECT * FROM programs WHERE id=?", (program_id,)).fetchone()
+    else:
+        r = c.execute(
+            "SELECT * FROM programs WHERE id=? AND account_id=?", (program_id, account_id)
+        ).fetchone()
+    if r is None:
+        raise NotFound(f"program {program_id}")
+    return r
+
+
+def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, Any]:
+    """A program as the API shows it, with its placements."""
+    r = program_row(c, program_id, account_id)
+    d = dict(r)
+    for k in ("argv", "env", "resource_policy", "scaling_policy"):
+        d[k] = json.loads(d[k])
+    d.pop("last_metered")
+    d["placements"] = [
+        dict(instance=p["instance"], processes=p["processes"])
+        for p in c.execute(
+            "SELECT instance, processes FROM placements WHERE program_id=? ORDER BY instance",
+            (program_id,),
+        )
+    ]
+    return d
+
+
+def place(
+    c: Conn,
+    budget: Budget,
+    program_id: str,
+    processes: int,
+    now: float,
+    avoid: frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    """Decide (scheduler), check limits, reserve: one atomic step in the caller's transaction."""
+    p = c.execute(
+        "SELECT account_id, user_id, resource_policy, target_instances FROM programs WHERE id=?",
+        (program_id,),
+    ).fetchone()
+    rp = json.loads(p["resource_policy"])
+    policy = scheduler.SelectionPolicy(
+        rp.get("instance_type"),
+        rp.get("min_price_micros"),
+        rp.get("max_price_micros"),
+        rp.get("storage"),
+        scheduler.Tenancy(rp.get("tenancy", "shared")),
+    )
+    current = {
+        r[0]: r[1]
+        for r in c.execute(
+            "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)
+        )
+    }
+    plan = scheduler.place(
+        program_id,
+        processes,
+        policy,
+        candidates(c, program_id, policy),
+        current,
+        p["target_instances"],
+        avoid,
+    )
+    new = sum(1 for a in plan if a.new_for_program)
+    budget.check(c, program_id, new, 0, 0)
+    dedicated = policy.tenancy is scheduler.Tenancy.DEDICATED
+    for a in plan:
+        c.execute(
+            "INSERT INTO placements VALUES(?,?,?,?,?) ON CONFLICT(program_id, instance)"
+            " DO UPDATE SET processes=processes+excluded.processes",
+            (program_id, a.instance, a.processes, p["account_id"], p["user_id"]),
+        )
+        c.execute(
+            "UPDATE instances SET used_slots=used_slots+?, dedicated_to=? WHERE name=?",
+            (a.processes, program_id if dedicated else None, a.instance),
+        )
+    c.execute(
+        "UPDATE programs SET processes=processes+?, state='running', status_reason='running',"
+        " updated=? WHERE id=? AND state IN ('pending','running')",
+        (processes, now, program_id),
+    )
+    c.execute(
+        "UPDATE programs SET processes=processes+?, updated=? WHERE id=? AND state='recovering'",
+        (processes, now, program_id),
+    )
+    return [dict(instance=a.instance, processes=a.processes) for a in plan]
+
+
+def end(
+    c: Conn,
+    program_id: str,
+    state: str,
+    reason: str,
+    exit_status: int | None,
+    signal: int | None,
+    now: float,
+) -> None:
+    """Move a program to a final state and free its instances."""
+    for r in c.execute(
+        "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)
+    ).fetchall():
+        c.execute(
+            "DELETE FROM placements WHERE program_id=? AND instance=?", (program_id, r["instance"])
+        )
+        free_slots(c, r["instance"], r["processes"], program_id)
+    c.execute(
+        "UPDATE programs SET state=?, status_reason=?, exit_status=?, signal=?, processes=0,"
+        " updated=? WHERE id=?",
+        (state, reason, exit_status, signal, now, program_id),
+    )
+
+
+def is_placed(c: Conn, program_id: str, instance: str) -> bool:
+    """Has the program processes on the instance?"""
+    return (
+        c.execute(
+            "SELECT 1 FROM placements WHERE program_id=? AND instance=?", (program_id, instance)
+        ).fetchone()
+        is not None
+    )
+
+
+def owner(c: Conn, program_id: str) -> tuple[str, str]:
+    """(account id, user id) of a program."""
+    p = c.execute("SELECT account_id, user_id FROM programs WHERE id=?", (program_id,)).fetchone()
+    return p[0], p[1]
+
+
+_USAGE_COLUMN = {"account": "account_id", "user": "user_id"}
+
+
+def usage(c: Conn, scope: str, scope_id: str) -> tuple[int, int, int, int]:
+    """(instances, storage MB, bandwidth Mbps, spent micros) of active programs in a scope.
+
+    `scope` is "account", "user" or "program".  Spent is the program's own at program
+    scope; an account's or user's total is kept by accounts (0 here).
+    """
+    if scope == "program":
+        inst = c.execute(
+            "SELECT count(*) FROM placements WHERE program_id=?", (scope_id,)
+        ).fetchone()[0]
+        r = c.execute(
+            "SELECT storage_mb, bandwidth_mbps, spent_micros FROM programs WHERE id=?",
+            (scope_id,),
+        ).fetchone()
+        return inst, r[0], r[1], r[2]
+    col = _USAGE_COLUMN[scope]
+    inst = c.execute(
+        f"SELECT count(DISTINCT instance) FROM placements WHERE {col}=?", (scope_id,)
+    ).fetchone()[0]
+    r = c.execute(
+        f"SELECT coalesce(sum(storage_mb),0), coalesce(sum(bandwidth_mbps),0) FROM programs"
+        f" WHERE {col}=? AND state IN ('pending','running','recovering')",
+        (scope_id,),
+    ).fetchone()
+    return inst, r[0], r[1], 0
+
+
+def metered(c: Conn) -> list[sqlite3.Row]:
+    """The programs metering bills: running or recovering."""
+    return c.execute("SELECT * FROM programs WHERE state IN ('running','recovering')").fetchall()
+
+
+def instance_uses(c: Conn, program_id: str) -> list[sqlite3.Row]:
+    """The program's placements with their instance's price, slots and dedication."""
+    return c.execute(
+        "SELECT pl.instance, pl.processes, i.price_micros_per_s, i.slots,"
+        " i.dedicated_to FROM placements pl JOIN instances i ON i.name=pl.instance"
+        " WHERE pl.program_id=?",
+        (program_id,),
+    ).fetchall()
+
+
+def charge(c: Conn, program_id: str, amount_micros: int, metered_until: float) -> None:
+    """Add a charge to the program's spend; it is metered up to `metered_until`."""
+    c.execute(
+        "UPDATE programs SET spent_micros=spent_micros+?, last_metered=? WHERE id=?",
+        (amount_micros, metered_until, program_id),
+    )
+
+
+def active_owners(c: Conn) -> list[sqlite3.Row]:
+    """(id, account_id, user_id) of every active program."""
+    return c.execute(
+        "SELECT id, account_id, user_id FROM programs"
+        " WHERE state IN ('running','recovering','pending')"
+    ).fetchall()

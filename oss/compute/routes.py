@@ -1,0 +1,283 @@
+"""The compute service's HTTP routes: programs and their placements, default policies,
+instances, instance types, pools, agent registration and heartbeats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field
+
+from oss import models as m
+from oss.api import PROGRAM_PATH, Route, principal
+from oss.compute.pool import InstanceType
+from oss.errors import Unauthorized
+from oss.service import Oss
+
+
+class ProgramQuery(m.Api):
+    """Filters for listing programs."""
+
+    state: m.ProgramState | None = None
+    limit: int = Field(100, ge=1, le=10_000)
+
+
+async def h_get_policies(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Policies:
+    return m.Policies.model_validate(await oss.programs.get_policies(principal(who).account_id))
+
+
+async def h_put_policies(oss: Oss, r: web.Request, who: Any, b: m.Policies, q: Any) -> m.Policies:
+    await oss.programs.set_policies(principal(who).account_id, b.model_dump(mode="json"))
+    return b
+
+
+async def h_submit(oss: Oss, r: web.Request, who: Any, b: m.ProgramSubmit, q: Any) -> m.Program:
+    return m.Program(**await oss.submit(principal(who), b))
+
+
+async def h_programs(
+    oss: Oss, r: web.Request, who: Any, b: Any, q: ProgramQuery
+) -> list[m.Program]:
+    return [
+        m.Program(**p)
+        for p in await oss.programs.programs(principal(who).account_id, q.state, q.limit)
+    ]
+
+
+async def h_program(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:
+    return m.Program(
+        **await oss.programs.program(principal(who).account_id, r.match_info["program_id"])
+    )
+
+
+async def h_cancel(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:
+    return m.Program(**await oss.cancel(principal(who), r.match_info["program_id"]))
+
+
+async def h_finish(oss: Oss, r: web.Request, who: Any, b: m.ProgramFinish, q: Any) -> m.Program:
+    return m.Program(
+        **await oss.finish(principal(who), r.match_info["program_id"], b.exit_status, b.signal)
+    )
+
+
+async def h_place(
+    oss: Oss, r: web.Request, who: Any, b: m.PlacementRequest, q: Any
+) -> m.PlacementResult:
+    pid = r.match_info["program_id"]
+    await oss.may_exec_as(principal(who).account_id, b.exec_as)
+    got = await oss.programs.place(principal(who).account_id, pid, b.processes, b.avoid)
+    grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as)]
+    return m.PlacementResult(
+        program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
+    )
+
+
+async def h_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any) -> m.Ok:
+    await oss.programs.release(
+        principal(who).account_id, r.match_info["program_id"], b.instance, b.processes
+    )
+    return m.Ok()
+
+
+async def h_put_type(
+    oss: Oss, r: web.Request, who: Any, b: m.InstanceTypeBody, q: Any
+) -> m.InstanceTypeBody:
+    await oss.instances.put_instance_type(
+        InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage)
+    )
+    return b
+
+
+async def h_types(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.InstanceTypeBody]:
+    return [
+        m.InstanceTypeBody(
+            name=t.name,
+            cpus=t.cpus,
+            memory_mb=t.memory_mb,
+            price_micros_per_s=t.price_micros_per_s,
+            storage=t.storage,
+        )
+        for t in await oss.instances.instance_types()
+    ]
+
+
+async def h_put_pool(oss: Oss, r: web.Request, who: Any, b: m.PoolCreate, q: Any) -> m.Pool:
+    await oss.instances.put_pool(b.name, b.instance_type, b.warm_target, b.max_size, b.provider)
+    return m.Pool(**(await oss.instances.pools(b.name))[0])
+
+
+async def h_pools(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.Pool]:
+    return [m.Pool(**p) for p in await oss.instances.pools()]
+
+
+async def h_pool(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Pool:
+    return m.Pool(**(await oss.instances.pools(r.match_info["pool"]))[0])
+
+
+async def h_create_instance(
+    oss: Oss, r: web.Request, who: Any, b: m.InstanceCreate, q: Any
+) -> m.InstanceToken:
+    return m.InstanceToken(instance=b.name, token=await oss.mint_instance_token(b.name, b.pool))
+
+
+async def h_instances(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.Instance]:
+    p = principal(who)
+    return [
+        m.Instance(**i) for i in await oss.instances.instances(None if p.admin else p.account_id)
+    ]
+
+
+async def h_instance(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Instance:
+    p = principal(who)
+    rows = await oss.instances.instances(
+        None if p.admin else p.account_id, r.match_info["instance"]
+    )
+    return m.Instance(**rows[0])
+
+
+async def h_register(
+    oss: Oss, r: web.Request, who: Any, b: m.AgentRegister, q: Any
+) -> m.AgentRegistered:
+    if b.instance != who:
+        raise Unauthorized("token does not belong to this instance")
+    await oss.register(b, r.remote)
+    return m.AgentRegistered(instance=b.instance, heartbeat_interval=oss.config.heartbeat_interval)
+
+
+async def h_heartbeat(oss: Oss, r: web.Request, who: Any, b: m.AgentHeartbeat, q: Any) -> m.Ok:
+    if b.instance != who:
+        raise Unauthorized("token does not belong to this instance")
+    oss.heartbeat(b)
+    return m.Ok()
+
+
+P = PROGRAM_PATH
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/v1/policies", h_get_policies, "account", "Default policies", response=m.Policies
+    ),
+    Route(
+        "PUT",
+        "/v1/policies",
+        h_put_policies,
+        "account",
+        "Set default policies",
+        m.Policies,
+        m.Policies,
+    ),
+    Route(
+        "POST",
+        "/v1/programs",
+        h_submit,
+        "account",
+        "Submit a program execution",
+        m.ProgramSubmit,
+        m.Program,
+        big_body=True,
+    ),
+    Route(
+        "GET",
+        "/v1/programs",
+        h_programs,
+        "account",
+        "List programs",
+        response=m.Program,
+        many=True,
+        query=ProgramQuery,
+    ),
+    Route("GET", P, h_program, "account", "Inspect a program", response=m.Program),
+    Route("POST", P + "/cancel", h_cancel, "account", "Cancel a program", response=m.Program),
+    Route(
+        "POST",
+        P + "/finish",
+        h_finish,
+        "account",
+        "Report a program's end",
+        m.ProgramFinish,
+        m.Program,
+    ),
+    Route(
+        "POST",
+        P + "/placements",
+        h_place,
+        "account",
+        "Place more processes",
+        m.PlacementRequest,
+        m.PlacementResult,
+    ),
+    Route(
+        "POST",
+        P + "/release",
+        h_release,
+        "account",
+        "Processes ended on an instance",
+        m.ReleaseRequest,
+        m.Ok,
+    ),
+    Route(
+        "GET",
+        "/v1/instances",
+        h_instances,
+        "account",
+        "List visible instances",
+        response=m.Instance,
+        many=True,
+    ),
+    Route(
+        "POST",
+        "/v1/instances",
+        h_create_instance,
+        "admin",
+        "Create an instance credential",
+        m.InstanceCreate,
+        m.InstanceToken,
+    ),
+    Route(
+        "GET",
+        "/v1/instances/{instance}",
+        h_instance,
+        "account",
+        "Inspect an instance",
+        response=m.Instance,
+    ),
+    Route(
+        "GET",
+        "/v1/instance-types",
+        h_types,
+        "account",
+        "List instance types",
+        response=m.InstanceTypeBody,
+        many=True,
+    ),
+    Route(
+        "PUT",
+        "/v1/instance-types",
+        h_put_type,
+        "admin",
+        "Create an instance type",
+        m.InstanceTypeBody,
+        m.InstanceTypeBody,
+    ),
+    Route("GET", "/v1/pools", h_pools, "account", "List pools", response=m.Pool, many=True),
+    Route("PUT", "/v1/pools", h_put_pool, "admin", "Create or resize a pool", m.PoolCreate, m.Pool),
+    Route("GET", "/v1/pools/{pool}", h_pool, "account", "Inspect a pool", response=m.Pool),
+    Route(
+        "POST",
+        "/v1/agents/register",
+        h_register,
+        "agent",
+        "Agent registration",
+        m.AgentRegister,
+        m.AgentRegistered,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/heartbeat",
+        h_heartbeat,
+        "agent",
+        "Agent heartbeat",
+        m.AgentHeartbeat,
+        m.Ok,
+    ),
+)

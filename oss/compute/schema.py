@@ -1,0 +1,51 @@
+"""The compute service's tables: DDL fragments of the one migration sequence (oss.schema)."""
+
+# Instance types, pools, instances and their tokens, programs, placements, policies.
+V1 = """
+    CREATE TABLE instance_tokens(instance TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL);
+    CREATE TABLE policies(account_id TEXT PRIMARY KEY REFERENCES accounts(id), body TEXT NOT NULL);
+    CREATE TABLE instance_types(name TEXT PRIMARY KEY, cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL, price_micros_per_s INTEGER NOT NULL, storage TEXT);
+    CREATE TABLE pools(name TEXT PRIMARY KEY, instance_type TEXT NOT NULL
+        REFERENCES instance_types(name), warm_target INTEGER NOT NULL, max_size INTEGER NOT NULL,
+        provider TEXT NOT NULL, created REAL NOT NULL);
+    CREATE TABLE instances(name TEXT PRIMARY KEY, pool TEXT, instance_type TEXT,
+        state TEXT NOT NULL, address TEXT, hostname TEXT, cpus INTEGER NOT NULL DEFAULT 0,
+        memory_mb INTEGER NOT NULL DEFAULT 0, price_micros_per_s INTEGER NOT NULL DEFAULT 0,
+        storage TEXT, slots INTEGER NOT NULL DEFAULT 0, used_slots INTEGER NOT NULL DEFAULT 0,
+        dedicated_to TEXT, last_heartbeat REAL, load TEXT, created REAL NOT NULL);
+    CREATE INDEX instances_free ON instances(state, price_micros_per_s);
+    CREATE TABLE programs(id TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts(id),
+        user_id TEXT NOT NULL REFERENCES users(id), state TEXT NOT NULL,
+        status_reason TEXT NOT NULL, argv TEXT NOT NULL, env TEXT NOT NULL, cwd TEXT NOT NULL,
+        image TEXT, processes INTEGER NOT NULL, lost_processes INTEGER NOT NULL DEFAULT 0,
+        target_instances INTEGER NOT NULL, resource_policy TEXT NOT NULL,
+        scaling_policy TEXT NOT NULL, storage_mb INTEGER NOT NULL, bandwidth_mbps INTEGER NOT NULL,
+        exit_status INTEGER, signal INTEGER, spent_micros INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL, updated REAL NOT NULL, last_metered REAL NOT NULL);
+    CREATE INDEX programs_account ON programs(account_id, state);
+    CREATE INDEX programs_user ON programs(user_id, state);
+    CREATE INDEX programs_state ON programs(state);
+    CREATE TABLE placements(program_id TEXT NOT NULL REFERENCES programs(id),
+        instance TEXT NOT NULL REFERENCES instances(name), processes INTEGER NOT NULL,
+        account_id TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY(program_id, instance));
+    CREATE INDEX placements_instance ON placements(instance);
+    CREATE INDEX placements_account ON placements(account_id, instance);
+    CREATE INDEX placements_user ON placements(user_id, instance);
+"""
+
+# Placement candidates are read in this order and cut at CANDIDATES: walk an index.
+V3 = """
+    CREATE INDEX instances_place ON instances(state, price_micros_per_s, used_slots, name);
+"""
+
+# Newest-first program lists without a sort.
+V4 = """
+    CREATE INDEX programs_recent ON programs(account_id, created);
+"""
+
+# The agent's exec key (exec tickets for clients); never returned by any API.
+V5 = """
+    ALTER TABLE instances ADD COLUMN exec_key TEXT;
+"""

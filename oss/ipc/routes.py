@@ -1,0 +1,61 @@
+"""The IPC service's HTTP routes: the agents' leases (locking service)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from oss import models as m
+from oss.api import Route
+from oss.service import Oss
+
+
+async def h_lease_acquire(
+    oss: Oss, r: web.Request, who: Any, b: m.LeaseAcquire, q: Any
+) -> m.LeaseOut:
+    lease = await oss.locks.acquire(b.name, str(who), b.ttl)
+    return m.LeaseOut(
+        name=lease.name, holder=lease.holder, fencing=lease.fencing, expires=lease.expires
+    )
+
+
+async def h_lease_release(oss: Oss, r: web.Request, who: Any, b: m.LeaseRef, q: Any) -> m.Ok:
+    await oss.locks.release_token(b.name, str(who), b.fencing)
+    return m.Ok()
+
+
+async def h_lease_validate(oss: Oss, r: web.Request, who: Any, b: m.LeaseRef, q: Any) -> m.Ok:
+    await oss.locks.validate(b.name, b.fencing)
+    return m.Ok()
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/agents/leases/acquire",
+        h_lease_acquire,
+        "agent",
+        "Acquire or renew a lease (409 if held)",
+        m.LeaseAcquire,
+        m.LeaseOut,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/leases/release",
+        h_lease_release,
+        "agent",
+        "Release a lease",
+        m.LeaseRef,
+        m.Ok,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/leases/validate",
+        h_lease_validate,
+        "agent",
+        "Check a fencing token is current (409 if stale)",
+        m.LeaseRef,
+        m.Ok,
+    ),
+)

@@ -1,0 +1,25 @@
+"""The one ordered sequence of OSS schema versions (`PRAGMA user_version` 1..N).
+
+Each service keeps the DDL of its own tables in its `schema.py`; this list says
+which fragments make each version, in order.  Append-only: a new migration is a
+fragment in the owner's schema.py plus one line here.
+"""
+
+from __future__ import annotations
+
+from oss.accounts import schema as accounts
+from oss.billing import schema as billing
+from oss.compute import schema as compute
+from oss.db.migrations import Version, check_sequence
+from oss.ipc import schema as ipc
+from oss.telemetry import schema as telemetry
+
+VERSIONS: tuple[Version, ...] = (
+    (1, (accounts.V1, compute.V1, billing.V1, telemetry.V1, ipc.V1)),  # the initial schema
+    (2, (accounts.V2,)),  # running spend totals (back-filled from billing records)
+    (3, (compute.V3,)),  # instances_place index
+    (4, (compute.V4, telemetry.V4)),  # newest-first lists, log reads in chunk order
+    (5, (compute.V5,)),  # the agent's exec key
+    (6, (accounts.V6,)),  # allow_root
+)
+check_sequence(VERSIONS)

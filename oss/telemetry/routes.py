@@ -1,0 +1,271 @@
+"""The telemetry service's HTTP routes: program, agent and OSS logs; metrics (JSON,
+Prometheus, reported counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import Field
+
+from oss import models as m
+from oss.api import PROGRAM_PATH, Result, Route, principal
+from oss.errors import InvalidRequest
+from oss.service import Oss
+from oss.telemetry import logs as logmod
+
+log = logging.getLogger(__name__)
+
+
+class LogQueryParams(m.Api):
+    """Filters for reading a log."""
+
+    stream: Literal["stdout", "stderr", "log"] | None = None
+    instance: str | None = Field(None, max_length=64)
+    since: float | None = Field(None, ge=0, le=1e11)
+    until: float | None = Field(None, ge=0, le=1e11)
+    cursor: int = Field(0, ge=0, le=2**62)
+    limit: int = Field(10_000, ge=1, le=100_000)
+    follow: bool = False
+
+
+class StreamQueryParams(m.Api):
+    """Filters for reading one output stream."""
+
+    instance: str | None = Field(None, max_length=64)
+    since: float | None = Field(None, ge=0, le=1e11)
+    until: float | None = Field(None, ge=0, le=1e11)
+    cursor: int = Field(0, ge=0, le=2**62)
+    limit: int = Field(10_000, ge=1, le=100_000)
+    follow: bool = False
+
+
+def _lines(body: m.LogAppend, now: float) -> list[logmod.LogLine]:
+    return [
+        logmod.LogLine(ln.ts if ln.ts is not None else now, ln.stream, ln.text, ln.instance, ln.pid)
+        for ln in body.lines
+    ]
+
+
+async def h_append_logs(oss: Oss, r: web.Request, who: Any, b: m.LogAppend, q: Any) -> m.Ok:
+    await oss.logs.append_logs(
+        principal(who).account_id, r.match_info["program_id"], _lines(b, oss.clock())
+    )
+    return m.Ok()
+
+
+async def _read_log(
+    oss: Oss, r: web.Request, account: str | None, program: str | None, q: Any, stream: str | None
+) -> m.LogPage | web.StreamResponse:
+    streams = frozenset([stream]) if stream else None
+    lq = logmod.LogQuery(q.instance, q.since, q.until, streams, q.cursor, q.limit)
+    if not q.follow:
+        lines, cursor, decoded = await oss.logs.read_logs(account, program, lq)
+        oss.metrics.log_chunks_decoded.inc(decoded)
+
+        def render() -> str:
+            return m.LogPage(lines=[_out(ln) for _, ln in lines], cursor=cursor).model_dump_json()
+
+        # A page may hold 100,000 lines: build and serialise it off the loop.
+        text = render() if len(lines) <= 100 else await asyncio.to_thread(render)
+        return web.Response(text=text, content_type="application/json")
+    if program is None:
+        raise InvalidRequest("follow is only supported for program logs")
+    await oss.programs.program(account or "", program)  # 404 before the stream starts
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(r)
+    cursor = q.cursor
+    try:
+        while True:
+            lines, cursor, decoded = await oss.logs.read_logs(
+                account,
+                program,
+                logmod.LogQuery(q.instance, q.since, q.until, streams, cursor, q.limit),
+            )
+            oss.metrics.log_chunks_decoded.inc(decoded)
+            for _, ln in lines:
+                await resp.write(_out(ln).model_dump_json().encode() + b"\n")
+            if not lines:
+                if r.transport is None or r.transport.is_closing():
+                    break  # the follower hung up; nothing to write to notice it by
+                prog = await oss.programs.program(account or "", program)
+                if prog["state"] not in ("pending", "running", "recovering"):
+                    break
+                await asyncio.sleep(oss.config.follow_poll)
+        await resp.write_eof()
+    except ConnectionError:  # includes aiohttp's ClientConnectionResetError
+        log.debug("log follower of %s went away", program)  # the client hung up: done
+    return resp
+
+
+def _out(ln: logmod.LogLine) -> m.LogLineOut:
+    return m.LogLineOut(ts=ln.ts, stream=ln.stream, text=ln.text, instance=ln.instance, pid=ln.pid)
+
+
+async def h_logs(oss: Oss, r: web.Request, who: Any, b: Any, q: LogQueryParams) -> Result:
+    return await _read_log(
+        oss, r, principal(who).account_id, r.match_info["program_id"], q, q.stream
+    )
+
+
+async def h_stdout(oss: Oss, r: web.Request, who: Any, b: Any, q: StreamQueryParams) -> Result:
+    return await _read_log(
+        oss, r, principal(who).account_id, r.match_info["program_id"], q, "stdout"
+    )
+
+
+async def h_stderr(oss: Oss, r: web.Request, who: Any, b: Any, q: StreamQueryParams) -> Result:
+    return await _read_log(
+        oss, r, principal(who).account_id, r.match_info["program_id"], q, "stderr"
+    )
+
+
+async def h_oss_logs(oss: Oss, r: web.Request, who: Any, b: Any, q: StreamQueryParams) -> Result:
+    return await _read_log(oss, r, None, None, q, None)
+
+
+async def h_agent_logs(oss: Oss, r: web.Request, who: Any, b: m.AgentLogAppend, q: Any) -> m.Ok:
+    lines = [
+        logmod.LogLine(
+            ln.ts if ln.ts is not None else oss.clock(), ln.stream, ln.text, str(who), ln.pid
+        )
+        for ln in b.lines
+    ]
+    await oss.logs.append_logs(None, b.program_id, lines, instance_owner=str(who))
+    return m.Ok()
+
+
+async def h_report_metrics(oss: Oss, r: web.Request, who: Any, b: m.MetricsReport, q: Any) -> m.Ok:
+    pid = r.match_info["program_id"]
+    # Only the caller's own program, and an instance label only where it runs: a tenant
+    # never reports for an instance (instance load comes from agents' heartbeats alone).
+    await oss.programs.check_placed(principal(who).account_id, pid, b.instance)
+    oss.metrics.report(pid, b)
+    return m.Ok()
+
+
+async def h_program_metrics(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Counters:
+    pid = r.match_info["program_id"]
+    await oss.programs.program(principal(who).account_id, pid)
+    return oss.metrics.program(pid)
+
+
+async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:
+    p = principal(who)
+    progs = await oss.programs.programs(p.account_id, None, 10_000)
+    ids = {x["id"] for x in progs}
+    insts = await oss.instances.instances(None if p.admin else p.account_id)
+    return m.MetricsJson(
+        programs={i: oss.metrics.program(i) for i in sorted(ids)},
+        instances={
+            i["name"]: oss.metrics.instance(i["name"], None if p.admin else ids) for i in insts
+        },
+    )
+
+
+async def h_prometheus(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> web.Response:
+    # Rendering walks every series: off the loop (prometheus_client locks each metric while
+    # it copies its children), one render at a time.
+    async with oss.metrics.render_lock:
+        body = await asyncio.to_thread(oss.metrics.exposition)
+    return web.Response(body=body, content_type="text/plain")
+
+
+async def h_instance_metrics(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:
+    p = principal(who)
+    name = r.match_info["instance"]
+    await oss.instances.instances(None if p.admin else p.account_id, name)
+    progs = {x["id"] for x in await oss.programs.programs(p.account_id, None, 10_000)}
+    return m.MetricsJson(
+        programs={}, instances={name: oss.metrics.instance(name, None if p.admin else progs)}
+    )
+
+
+P = PROGRAM_PATH
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/metrics", h_prometheus, "admin", "Prometheus metrics", content_type="text/plain"
+    ),
+    Route(
+        "POST",
+        P + "/logs",
+        h_append_logs,
+        "account",
+        "Append log/stdout/stderr lines",
+        m.LogAppend,
+        m.Ok,
+        big_body=True,
+    ),
+    Route(
+        "GET",
+        P + "/logs",
+        h_logs,
+        "account",
+        "Consolidated log (follow=true streams NDJSON)",
+        response=m.LogPage,
+        query=LogQueryParams,
+    ),
+    Route(
+        "GET",
+        P + "/stdout",
+        h_stdout,
+        "account",
+        "Standard output",
+        response=m.LogPage,
+        query=StreamQueryParams,
+    ),
+    Route(
+        "GET",
+        P + "/stderr",
+        h_stderr,
+        "account",
+        "Standard error",
+        response=m.LogPage,
+        query=StreamQueryParams,
+    ),
+    Route(
+        "POST",
+        P + "/metrics",
+        h_report_metrics,
+        "account",
+        "Report counters",
+        m.MetricsReport,
+        m.Ok,
+    ),
+    Route(
+        "GET", P + "/metrics", h_program_metrics, "account", "Program counters", response=m.Counters
+    ),
+    Route(
+        "GET", "/v1/metrics", h_metrics_json, "account", "Counters as JSON", response=m.MetricsJson
+    ),
+    Route(
+        "GET",
+        "/v1/instances/{instance}/metrics",
+        h_instance_metrics,
+        "account",
+        "Instance counters",
+        response=m.MetricsJson,
+    ),
+    Route(
+        "GET",
+        "/v1/oss/logs",
+        h_oss_logs,
+        "admin",
+        "The OSS log",
+        response=m.LogPage,
+        query=StreamQueryParams,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/logs",
+        h_agent_logs,
+        "agent",
+        "Agent appends program log lines",
+        m.AgentLogAppend,
+        m.Ok,
+        big_body=True,
+    ),
+)
