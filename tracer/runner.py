@@ -116,6 +116,7 @@ class Runner:
         self.machine: Machine | None = None
         self._spawned: Spawned | None = None
         self._exec_error: str | None = None
+        self._main_dumped = False  # the main process was killed and dumped core
 
     # -- the loop
 
@@ -170,6 +171,8 @@ class Runner:
         if os.WIFEXITED(status):
             return ExitStop(pid, os.WEXITSTATUS(status), None)
         if os.WIFSIGNALED(status):
+            if os.WCOREDUMP(status) and self.machine and pid == self.machine.main_pid:
+                self._main_dumped = True
             return ExitStop(pid, None, os.WTERMSIG(status))
         sig = os.WSTOPSIG(status)
         event = status >> 16
@@ -237,7 +240,8 @@ class Runner:
                     if isinstance(event, ProcessExited) and event.pid == main:
                         self._read_exec_error()
                         if event.signal:
-                            self.report(f"signal {event.signal}")
+                            kind = "dumped" if self._main_dumped else "signal"
+                            self.report(f"{kind} {event.signal}")
                         else:
                             self.report(f"exit {event.exit_status}")
                 case MirrorStop(sig):
@@ -377,12 +381,62 @@ def _align(addr: int, to: int = 16) -> int:
     return addr & ~(to - 1)
 
 
-def reraise(sig: int) -> None:
-    """Die by `sig` as the program did (without leaving a core of dcptrace)."""
+def reraise(sig: int, core_dumped: bool = False) -> None:
+    """Die by `sig` as the program did, with the core-dump bit when its death had it.
+
+    The bit is only set by a core actually written: dcptrace then dumps a
+    core of its own (memory left out) into a private directory that a
+    cleaner child removes once dcptrace is gone, so no core of dcptrace
+    stays behind; the program's own core is where the kernel put it.
+    """
     import resource
 
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if core_dumped and hard != 0 and _core_pattern_is_relative():
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+        _dump_into_private_dir()
+    else:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if sig not in (signal.SIGKILL, signal.SIGSTOP):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
     os.kill(os.getpid(), sig)
+
+
+def _core_pattern_is_relative() -> bool:
+    """Cores go to the dumping process's directory (not a pipe, not an absolute path)."""
+    try:
+        with open("/proc/sys/kernel/core_pattern", "rb") as f:
+            pattern = f.read().strip()
+    except OSError:
+        return False
+    return bool(pattern) and not pattern.startswith((b"|", b"/"))
+
+
+def _dump_into_private_dir() -> None:
+    """Make this process's core dump small and land in a directory removed after it."""
+    import shutil
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="dcptrace-core-")
+    gone_r, gone_w = os.pipe()
+    if os.fork() == 0:  # the cleaner: waits for dcptrace's death, removes the dump
+        try:
+            os.setsid()  # out of the job: the shell's signals are not for it
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, gone_r)
+            os.closerange(gone_r + 1, 1 << 16)
+            # EOF once dcptrace's files are closed: after the kernel wrote its core.
+            os.read(gone_r, 1)
+            shutil.rmtree(where, ignore_errors=True)
+        finally:
+            os._exit(0)
+    os.close(gone_r)
+    os.chdir(where)
+    try:
+        with open("/proc/self/coredump_filter", "w") as f:
+            f.write("0")  # no memory in the core: headers and registers only
+    except OSError:
+        pass

@@ -1,0 +1,184 @@
+"""Plain dcptrace is transparent: native vs dcptrace, same output, stderr and status.
+
+Signals use a handshake (the program says "ready" once its handlers are in
+place, and "got NAME" for each signal it receives), never a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import dcptrace_argv, traced_env, wait_for
+from tracer.front import FORWARDED_SIGNALS
+
+pytestmark = pytest.mark.usefixtures("has_ptrace")
+
+# Every signal dcptrace passes on that a Python handler can take (SIGCHLD
+# included: one a process sends is the program's, as natively).
+CATCHABLE = sorted(int(s) for s in FORWARDED_SIGNALS)
+
+# Handles every signal it is given, says which, ends on EOF of stdin.
+RECEIVER = textwrap.dedent("""
+    import os, signal, sys
+    def name(n):
+        return signal.Signals(n).name if n < signal.SIGRTMIN else f"SIGRTMIN+{n - signal.SIGRTMIN}"
+    def got(n, frame):
+        sys.stdout.write(f"got {name(n)}\\n"); sys.stdout.flush()
+    for n in map(int, sys.argv[1:]):
+        signal.signal(n, got)
+    print("ready", os.getpid(), flush=True)
+    sys.stdin.read()
+    print("finished", flush=True)
+""")
+
+
+def start(argv: Sequence[str], under: bool, **kw: object) -> subprocess.Popen[bytes]:
+    full = [*dcptrace_argv(), "--", *argv] if under else list(argv)
+    return subprocess.Popen(
+        full, env=traced_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def ready(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for the program's "ready PID" line; return the program's pid."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert line[:1] == [b"ready"], f"no handshake: {line!r}"
+    return int(line[1])
+
+
+def each_signal_received(under: bool, signals: list[int]) -> tuple[list[bytes], bytes, int]:
+    proc = start([sys.executable, "-c", RECEIVER, *map(str, signals)], under)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        ready(proc)
+        lines = []
+        for sig in signals:
+            os.kill(proc.pid, sig)
+            lines.append(proc.stdout.readline())  # the program saw it: next one
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        err = proc.stderr.read() if proc.stderr else b""
+        return lines + [rest], err, proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_every_catchable_signal_reaches_the_program(attempt: int) -> None:
+    native = each_signal_received(False, CATCHABLE)
+    under = each_signal_received(True, CATCHABLE)
+    assert under == native
+    assert native[0][-1] == b"finished\n"
+
+
+@pytest.mark.parametrize("sig", ["ALRM", "VTALRM", "PROF", "IO", "PWR", "SYS", "TRAP", "XCPU"])
+def test_shell_trap_runs_on_a_signal_sent_to_dcptrace(sig: str) -> None:
+    script = (
+        f'got=; trap "echo got {sig}; got=1" {sig}; echo ready $$; '
+        'while [ -z "$got" ]; do sleep 0.05; done; echo finished'
+    )
+
+    def once(under: bool) -> tuple[bytes, bytes, int]:
+        proc = start(["sh", "-c", script], under)
+        ready(proc)
+        os.kill(proc.pid, signal.Signals[f"SIG{sig}"])
+        out, err = proc.communicate(timeout=30)
+        return out, err, proc.returncode
+
+    native = once(False)
+    assert native == (f"got {sig}\nfinished\n".encode(), b"", 0)
+    assert once(True) == native
+
+
+def state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_kill_tstp_stops_program_and_dcptrace_cont_resumes_both(attempt: int) -> None:
+    def once(under: bool) -> tuple[bool, int, str, bool, bytes, int]:
+        proc = start([sys.executable, "-c", RECEIVER], under)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            program = ready(proc)
+            os.kill(proc.pid, signal.SIGTSTP)
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)
+            stopped = os.WIFSTOPPED(status)
+            how = os.WSTOPSIG(status) if stopped else -1
+            # The program is stopped too ('T' natively, 't' under a tracer:
+            # see test_self_stop_shows_T).
+            program_state = state(program).upper()
+            os.kill(proc.pid, signal.SIGCONT)
+            _, status = os.waitpid(proc.pid, os.WCONTINUED)
+            resumed = os.WIFCONTINUED(status)
+            proc.stdin.close()
+            out = proc.stdout.read()
+            _, status = os.waitpid(proc.pid, 0)
+            return stopped, how, program_state, resumed, out, os.waitstatus_to_exitcode(status)
+        finally:
+            if proc.returncode is None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    os.waitpid(proc.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+
+    native = once(False)
+    assert native == (True, signal.SIGTSTP, "T", True, b"finished\n", 0)
+    assert once(True) == native
+
+
+def test_kill_stop_of_dcptrace_stops_the_program() -> None:
+    pytest.skip(
+        "remaining difference: SIGSTOP cannot be caught, so dcptrace cannot pass it on; "
+        "`kill -STOP` stops dcptrace only (README, transparency)"
+    )
+
+
+CRASH = ["sh", "-c", "kill -SEGV $$"]
+
+
+def crash_status(under: bool, cwd: Path, core_limit: int, tmpdir: Path) -> tuple[int, bool]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (core_limit, core_limit))
+
+    full = [*dcptrace_argv(), "--", *CRASH] if under else CRASH
+    env = traced_env({"TMPDIR": str(tmpdir)})
+    proc = subprocess.Popen(full, cwd=cwd, env=env, preexec_fn=limit,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    _, status = os.waitpid(proc.pid, 0)
+    proc.returncode = 0  # reaped here, with the core bit Popen would drop
+    return os.WTERMSIG(status), os.WCOREDUMP(status)
+
+
+@pytest.mark.parametrize("core_limit", [0, resource.RLIM_INFINITY], ids=["no-core", "core"])
+def test_death_by_signal_keeps_the_core_dump_bit(tmp_path: Path, core_limit: int) -> None:
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    if core_limit and pattern.startswith(("|", "/")):
+        pytest.skip(f"core_pattern {pattern!r} does not write cores into the cwd")
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if core_limit and hard != resource.RLIM_INFINITY and os.geteuid() != 0:
+        pytest.skip("the hard core limit is finite and cannot be raised as non-root")
+    runs = {}
+    for name in ("native", "traced"):
+        cwd, tmpdir = tmp_path / name, tmp_path / f"{name}-tmp"
+        cwd.mkdir()
+        tmpdir.mkdir()
+        runs[name] = crash_status(name == "traced", cwd, core_limit, tmpdir)
+        # Only what the program left: dcptrace's own core directory is gone.
+        assert wait_for(lambda d=tmpdir: not any(d.iterdir())), list(tmpdir.iterdir())  # type: ignore[misc]
+    assert runs["traced"] == runs["native"] == (signal.SIGSEGV, bool(core_limit))
+    assert sorted(os.listdir(tmp_path / "traced")) == sorted(os.listdir(tmp_path / "native"))
