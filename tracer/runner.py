@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -199,6 +200,7 @@ class Runner:
                 ) == ptraceio.tgid_of(pid)
                 return ForkStop(pid, child, thread)
             if event == ptraceio.EVENT_EXEC:
+                refuse_lost_privilege(pid)
                 former = ptraceio.event_message(pid)
                 argv = self._exec_argv.pop(former, None) or ptraceio.cmdline(pid)
                 return ExecStop(pid, former, argv)
@@ -375,6 +377,64 @@ class Runner:
         else:
             line = f"{pid} {spec.name}({text}) = {result(rval, spec.name in POINTER_RESULTS)}"
         self.trace_out.write(line + "\n")
+
+
+# exit_group(126): mov eax, 231; mov edi, 126; syscall
+_EXIT_126 = bytes.fromhex("b8e7000000bf7e0000000f05")
+
+
+def refuse_lost_privilege(pid: int) -> None:
+    """A set-user-ID/-group (or file-capability) program exec'd without its privilege ends.
+
+    A traced exec only gains privilege when the tracer may (root with
+    CAP_SYS_PTRACE, no no_new_privs): otherwise the program would run as its
+    caller, silently wrong.  Stopped at PTRACE_EVENT_EXEC, before its first
+    instruction, it says why in one line and exits with 126 instead.
+    """
+    exe = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(exe)
+        if os.statvfs(exe).f_flag & os.ST_NOSUID:
+            return  # natively no privilege either
+        ids = _status_ids(pid)
+    except OSError:
+        return
+    euid, egid, capprm = ids
+    what = None
+    if st.st_mode & stat.S_ISUID and st.st_uid != euid:
+        what = f"set-user-ID (uid {st.st_uid})"
+    elif st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP and st.st_gid != egid:
+        what = f"set-group-ID (gid {st.st_gid})"
+    elif euid != 0 and capprm == 0 and _has_file_caps(exe):
+        what = "file-capability"
+    if what is None:
+        return
+    path = os.fsdecode(ptraceio.proc_link(pid, "exe") or exe.encode())
+    line = (
+        f"dcptrace: {path}: {what} program; it cannot gain that privilege under "
+        "dcptrace (it lacks CAP_SYS_PTRACE): not run\n"
+    )
+    os.write(2, line.encode())
+    regs = ptraceio.get_regs(pid)
+    ptraceio.force_write(pid, regs.rip, _EXIT_126)
+
+
+def _status_ids(pid: int) -> tuple[int, int, int]:
+    """Effective uid, effective gid and permitted capabilities of `pid`."""
+    fields: dict[str, list[str]] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return int(fields["Uid"][1]), int(fields["Gid"][1]), int(fields["CapPrm"][0], 16)
+
+
+def _has_file_caps(path: str) -> bool:
+    try:
+        os.getxattr(path, "security.capability")
+    except OSError:
+        return False
+    return True
 
 
 def _align(addr: int, to: int = 16) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dcptrace_argv, traced_env, wait_for
+from tests.conftest import compile_c, dcptrace_argv, traced_env, wait_for
 from tracer.front import FORWARDED_SIGNALS
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
@@ -182,3 +182,74 @@ def test_death_by_signal_keeps_the_core_dump_bit(tmp_path: Path, core_limit: int
         assert wait_for(lambda d=tmpdir: not any(d.iterdir())), list(tmpdir.iterdir())  # type: ignore[misc]
     assert runs["traced"] == runs["native"] == (signal.SIGSEGV, bool(core_limit))
     assert sorted(os.listdir(tmp_path / "traced")) == sorted(os.listdir(tmp_path / "native"))
+
+
+EUID = (
+    "#include <stdio.h>\n#include <unistd.h>\n"
+    'int main(void) { printf("%d\\n", (int)geteuid()); return 0; }\n'
+)
+
+
+@pytest.fixture
+def setuid_nobody(tmp_path: Path) -> Path:
+    """A copy of a program printing geteuid(), set-user-ID to nobody, on a suid mount."""
+    if os.geteuid() != 0:
+        pytest.skip("making a set-user-ID program of another user needs root")
+    where = tmp_path / "bin"
+    where.mkdir()
+    tmp_path.chmod(0o755)
+    where.chmod(0o755)
+    exe = compile_c(where, EUID, "euid")
+    if os.statvfs(exe).f_flag & os.ST_NOSUID:
+        pytest.skip(f"{where} is on a nosuid mount")
+    os.chown(exe, 65534, 65534)
+    exe.chmod(0o4755)
+    return exe
+
+
+def test_setuid_program_is_refused_in_one_line_never_run_silently_wrong(
+    setuid_nobody: Path,
+) -> None:
+    """Root without CAP_SETUID/CAP_SYS_PTRACE: a traced exec cannot take the set-user-ID."""
+    drop = ["setpriv", "--bounding-set=-sys_ptrace,-setuid,-setgid"]
+    env = traced_env()
+    native = subprocess.run([*drop, str(setuid_nobody)], capture_output=True, env=env)
+    assert (native.stdout, native.returncode) == (b"65534\n", 0)
+    script = f"{setuid_nobody}; echo status $?"
+    under = subprocess.run([*drop, *dcptrace_argv(), "--", "sh", "-c", script],
+                           capture_output=True, env=env, timeout=60)  # fmt: skip
+    assert under.stdout == b"status 126\n"  # never "0": not silently without privilege
+    lines = under.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"dcptrace: {setuid_nobody}: set-user-ID (uid 65534) program")
+
+
+def test_setuid_program_run_by_nobody_is_refused(setuid_nobody: Path) -> None:
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*as_nobody, sys.executable, "-c", "import tracer.cli"],
+                           capture_output=True, env=traced_env())  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"uid nobody cannot run this checkout's Python ({sys.executable}): "
+                    f"{probe.stderr.decode().strip()[-120:]}")  # fmt: skip
+    root_owned = setuid_nobody.with_name("euid-root")
+    root_owned.write_bytes(setuid_nobody.read_bytes())
+    root_owned.chmod(0o4755)  # root's set-user-ID program: nobody gets euid 0 natively
+    native = subprocess.run([*as_nobody, str(root_owned)], capture_output=True)
+    assert (native.stdout, native.returncode) == (b"0\n", 0)
+    under = subprocess.run([*as_nobody, *dcptrace_argv(), "--", str(root_owned)],
+                           capture_output=True, env=traced_env(), timeout=60)  # fmt: skip
+    assert (under.stdout, under.returncode) == (b"", 126)
+    assert under.stderr.decode().startswith(f"dcptrace: {root_owned}: set-user-ID (uid 0)")
+
+
+def test_own_setuid_program_runs_as_natively(setuid_nobody: Path) -> None:
+    """Set-user-ID to the caller itself gains nothing: it runs, not refused."""
+    as_nobody_ids = ["setpriv", "--bounding-set=-sys_ptrace,-setuid,-setgid"]
+    own = setuid_nobody.with_name("euid-own")
+    own.write_bytes(setuid_nobody.read_bytes())
+    own.chmod(0o4755)  # owned by root, run by root
+    native = subprocess.run([*as_nobody_ids, str(own)], capture_output=True)
+    under = subprocess.run([*as_nobody_ids, *dcptrace_argv(), "--", str(own)],
+                           capture_output=True, env=traced_env(), timeout=60)  # fmt: skip
+    assert (under.stdout, under.stderr, under.returncode) == (native.stdout, native.stderr, 0)
+    assert native.stdout == b"0\n"
