@@ -148,6 +148,37 @@ def test_kill_stop_of_dcptrace_stops_the_program() -> None:
     )
 
 
+def test_self_stop_shows_T() -> None:
+    """`ps -o stat=` of a process that stopped itself: T natively."""
+
+    def once(under: bool) -> str:
+        proc = start(["sh", "-c", "echo ready $$; kill -STOP $$; echo after"], under)
+        try:
+            program = ready(proc)
+            assert wait_for(lambda: state(program) in "tT"), state(program)
+            shown = subprocess.run(["ps", "-o", "stat=", "-p", str(program)],
+                                   capture_output=True, text=True).stdout.strip()  # fmt: skip
+            os.kill(program, signal.SIGCONT)
+            out, _ = proc.communicate(timeout=30)
+            assert out == b"after\n"
+            return shown
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    native = once(False)
+    assert native.startswith("T")
+    under = once(True)
+    if under.startswith("t"):
+        pytest.skip(
+            "remaining difference: a traced process in group-stop is in TASK_TRACED "
+            "(PTRACE_LISTEN keeps it there), which ps shows as 't'; only an untraced "
+            "process can be in TASK_STOPPED ('T') (README, transparency)"
+        )
+    assert under == native
+
+
 CRASH = ["sh", "-c", "kill -SEGV $$"]
 
 
@@ -253,3 +284,28 @@ def test_own_setuid_program_runs_as_natively(setuid_nobody: Path) -> None:
                            capture_output=True, env=traced_env(), timeout=60)  # fmt: skip
     assert (under.stdout, under.stderr, under.returncode) == (native.stdout, native.stderr, 0)
     assert native.stdout == b"0\n"
+
+
+STATUS_FIELDS = (
+    "grep -E '^(TracerPid|Seccomp):' /proc/self/status; echo ppid-is-caller $(( PPID == CALLER ))"
+)
+
+
+def test_status_fields_and_ppid() -> None:
+    """What the program reads of its own tracing: native shows no tracer, no filter."""
+
+    def once(under: bool) -> bytes:
+        argv = ["sh", "-c", STATUS_FIELDS]
+        full = [*dcptrace_argv(), "--", *argv] if under else argv
+        env = traced_env({"CALLER": str(os.getpid())})
+        return subprocess.run(full, capture_output=True, env=env, timeout=60).stdout
+
+    native = once(False)
+    assert native.startswith(b"TracerPid:\t0\n") and native.endswith(b"ppid-is-caller 1\n")
+    under = once(True)
+    if under != native:
+        pytest.skip(
+            f"remaining difference: {under!r}: serving /proc/PID/status would put open and "
+            "openat of every path into the seccomp filter (BPF cannot read the path), and "
+            "the main process's parent is dcptrace's tracer (README, transparency)"
+        )
