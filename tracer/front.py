@@ -25,20 +25,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tracer.spawn import CATCHABLE_SIGNALS
+
 _RELEASE = b"r"
-# glibc keeps the first two real-time signals for its threads (cancellation,
-# setxid); they are neither blockable through it nor anyone else's to send.
-_LIBC_RESERVED = frozenset({32, 33})
 # Every signal another process sends to dcptrace (kill, sigqueue) is passed to
 # the program's main process, as if sent to it: all of them but SIGKILL and
 # SIGSTOP, which cannot be caught.  The same signals from the terminal, or any
 # the kernel raises for the front itself (a child's SIGCHLD, SIGPIPE of its own
 # write), are not: si_code tells them apart (see _Forwarder).
-FORWARDED_SIGNALS = frozenset(
-    signal.Signals(n) if n < signal.SIGRTMIN else n
-    for n in range(1, signal.SIGRTMAX + 1)
-    if n not in (signal.SIGKILL, signal.SIGSTOP) and n not in _LIBC_RESERVED
-)
+FORWARDED_SIGNALS = CATCHABLE_SIGNALS
 TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 _FRONT_STOP_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -98,6 +93,10 @@ class TracerLink:
             _to_devnull(2)
 
 
+def _survive(sig: int, frame: object) -> None:
+    """The tracer's handler of a signal sent to its process group: carry on."""
+
+
 def _to_devnull(*fds: int) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in fds:
@@ -127,10 +126,13 @@ def run_split(
         try:
             os.close(status_r)
             os.close(lifeline_w)
-            # The terminal's signals reach the program's group directly; the
-            # tracer must survive them to keep serving it.
-            for sig in TTY_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+            # The terminal's signals reach the program's group directly, and
+            # so do those sent to the group (`timeout` signals its own): the
+            # tracer must survive them to keep serving it.  A handler rather
+            # than SIG_IGN where it can: processes it starts get SIG_DFL.
+            for sig in FORWARDED_SIGNALS - {signal.SIGCHLD}:
+                tty = sig in TTY_SIGNALS
+                signal.signal(sig, signal.SIG_IGN if tty else _survive)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             link = TracerLink(status_w, lifeline_r, keep_stderr=wait_for_tracer, abandon=abandon)
             link.watch_lifeline()

@@ -309,3 +309,49 @@ def test_status_fields_and_ppid() -> None:
             "openat of every path into the seccomp filter (BPF cannot read the path), and "
             "the main process's parent is dcptrace's tracer (README, transparency)"
         )
+
+
+@pytest.mark.parametrize("sig", ["TERM", "ALRM", "USR1", "HUP"])
+def test_signal_to_the_process_group_reaches_the_program_and_spares_the_tracer(sig: str) -> None:
+    """`timeout` and job control signal the whole group: the tracer in it carries on.
+
+    The program also gets the signal a second time, passed on by dcptrace (a
+    remaining difference): its handler ends it at the first.
+    """
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        def got(n, frame):
+            sys.stdout.write("got {sig}\\n"); sys.stdout.flush(); os._exit(3)
+        signal.signal(signal.SIG{sig}, got)
+        print("ready", os.getpid(), flush=True)
+        while True:
+            signal.pause()
+    """)
+
+    def once(under: bool) -> tuple[bytes, bytes, int]:
+        proc = start([sys.executable, "-c", script], under, process_group=0)
+        try:
+            ready(proc)
+            os.killpg(proc.pid, signal.Signals[f"SIG{sig}"])
+            out, err = proc.communicate(timeout=30)
+            return out, err, proc.returncode
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    native = once(False)
+    assert native == (f"got {sig}\n".encode(), b"", 3)
+    assert once(True) == native
+
+
+def test_ignored_signals_stay_ignored_and_others_default() -> None:
+    """What the caller ignores (nohup, `trap '' SIG`) the program inherits, nothing more."""
+    show = "grep -E '^Sig(Ign|Blk)' /proc/self/status"
+    native = subprocess.run(["sh", "-c", f"trap '' USR1 ALRM HUP; exec {show}"],
+                            capture_output=True).stdout  # fmt: skip
+    traced_show = " ".join([*dcptrace_argv(), "--", "sh", "-c", repr(show)])
+    under = subprocess.run(["sh", "-c", f"trap '' USR1 ALRM HUP; exec {traced_show}"],
+                           capture_output=True, env=traced_env()).stdout  # fmt: skip
+    assert native == b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000002201\n"
+    assert under == native
