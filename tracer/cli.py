@@ -246,9 +246,9 @@ def command(
             kind, _, value = line.partition(" ")
             if kind == "pid":
                 local.start()  # the program runs: record it off the tracer's path
-            elif kind in ("exit", "signal"):
+            elif kind in ("exit", "signal", "dumped"):
                 n = int(value)
-                local.finish(n if kind == "exit" else None, n if kind == "signal" else None)
+                local.finish(n if kind == "exit" else None, None if kind == "exit" else n)
 
         def complain(message: str) -> None:
             if placed and getattr(placed[0], "refused", None):
@@ -295,7 +295,7 @@ def command(
         return 125  # the tracer said which output and how the program ended
     if end.signal:
         sys.stdout.flush()
-        reraise(end.signal)
+        reraise(end.signal, end.core_dumped)
         return 128 + end.signal
     return end.exit_status if end.exit_status is not None else 125
 

@@ -9,7 +9,8 @@ Lifeline: the front holds the write end of a pipe.  If the front dies without
 writing its release byte (kill -9), the tracer sees EOF and exits at once;
 PTRACE_O_EXITKILL then kills every tracee.  No tracee outlives an abnormal end.
 
-Messages tracer -> front, one line each: `pid N`, `exit N`, `signal N`, `stop N`,
+Messages tracer -> front, one line each: `pid N`, `exit N`, `signal N`,
+`dumped N` (killed by signal N, core written), `stop N`,
 and `done N` once the observation outputs (summary, record, trace) are finished:
 N is 0 when all were written, 125 when one was lost (the tracer said which).
 """
@@ -24,13 +25,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tracer.spawn import CATCHABLE_SIGNALS
+
 _RELEASE = b"r"
-# Signals sent to dcptrace by another process (kill) are passed to the program;
-# the same signals from the terminal already reached the program's process group.
-FORWARDED_SIGNALS = frozenset(
-    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-     signal.SIGUSR1, signal.SIGUSR2}
-)  # fmt: skip
+# Every signal another process sends to dcptrace (kill, sigqueue) is passed to
+# the program's main process, as if sent to it: all of them but SIGKILL and
+# SIGSTOP, which cannot be caught.  The same signals from the terminal, or any
+# the kernel raises for the front itself (a child's SIGCHLD, SIGPIPE of its own
+# write), are not: si_code tells them apart (see _Forwarder).
+FORWARDED_SIGNALS = CATCHABLE_SIGNALS
 TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 _FRONT_STOP_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -42,6 +45,7 @@ class MainEnd:
     exit_status: int | None
     signal: int | None
     outputs_lost: bool = False  # a requested output (trace, summary, record) was not written
+    core_dumped: bool = False  # killed by `signal` with a core written
 
 
 class TracerLink:
@@ -85,8 +89,12 @@ class TracerLink:
         # dcptrace's output sees EOF when the program's own processes close it.
         if kind == "pid":
             _to_devnull(0, 1)
-        elif kind in ("exit", "signal") and not self._keep_stderr:
+        elif kind in ("exit", "signal", "dumped") and not self._keep_stderr:
             _to_devnull(2)
+
+
+def _survive(sig: int, frame: object) -> None:
+    """The tracer's handler of a signal sent to its process group: carry on."""
 
 
 def _to_devnull(*fds: int) -> None:
@@ -118,10 +126,13 @@ def run_split(
         try:
             os.close(status_r)
             os.close(lifeline_w)
-            # The terminal's signals reach the program's group directly; the
-            # tracer must survive them to keep serving it.
-            for sig in TTY_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+            # The terminal's signals reach the program's group directly, and
+            # so do those sent to the group (`timeout` signals its own): the
+            # tracer must survive them to keep serving it.  A handler rather
+            # than SIG_IGN where it can: processes it starts get SIG_DFL.
+            for sig in FORWARDED_SIGNALS - {signal.SIGCHLD}:
+                tty = sig in TTY_SIGNALS
+                signal.signal(sig, signal.SIG_IGN if tty else _survive)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             link = TracerLink(status_w, lifeline_r, keep_stderr=wait_for_tracer, abandon=abandon)
             link.watch_lifeline()
@@ -174,18 +185,22 @@ def _follow(status_r: int, tracer_pid: int, until_done: bool) -> MainEnd:
                 if kind == "pid":
                     forwarder = _Forwarder(n)
                     forwarder.start()
-                elif kind in ("exit", "signal"):
+                elif kind in ("exit", "signal", "dumped"):
                     end = MainEnd(n, None) if kind == "exit" else MainEnd(None, n)
+                    end = MainEnd(end.exit_status, end.signal, core_dumped=kind == "dumped")
                     if not until_done:
                         return end
                 elif kind == "done" and end is not None:
-                    return MainEnd(end.exit_status, end.signal, outputs_lost=n != 0)
+                    return MainEnd(end.exit_status, end.signal, n != 0, end.core_dumped)
                 elif kind == "stop":
-                    mirror_stop(n)
+                    sent = forwarder is not None and forwarder.stop_sent.is_set()
+                    if forwarder is not None:
+                        forwarder.stop_sent.clear()
+                    mirror_stop(n, always=sent)
     if end is not None:
         # The tracer ended after reporting the main process; when outputs were
         # asked for, ending without `done` means they were not all written.
-        return MainEnd(end.exit_status, end.signal, outputs_lost=until_done)
+        return MainEnd(end.exit_status, end.signal, until_done, end.core_dumped)
     # The tracer ended without a word about the main process: it failed (its
     # own error line, if it could write one, is already on stderr).
     _, status = os.waitpid(tracer_pid, 0)
@@ -197,34 +212,38 @@ def _follow(status_r: int, tracer_pid: int, until_done: bool) -> MainEnd:
     return MainEnd(code if code > 0 else 125, None)
 
 
-def mirror_stop(sig: int) -> None:
+def mirror_stop(sig: int, always: bool = False) -> None:
     """Stop dcptrace with `sig` when the program's main process stopped on it.
 
-    Only when dcptrace is in its terminal's foreground group: the shell then
-    sees the job stopped (with the same signal) and resumes the whole group,
-    dcptrace and program, with SIGCONT on `fg`.
+    When dcptrace passed the stop on (`always`: someone ran `kill -TSTP` on
+    it), or when it is in its terminal's foreground group: the shell then sees
+    the job stopped (with the same signal) and resumes the whole group,
+    dcptrace and program, with SIGCONT on `fg`; a SIGCONT to dcptrace alone is
+    passed on to the program as well.
     """
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:
-        return
-    try:
-        foreground = os.tcgetpgrp(fd) == os.getpgrp()
-    except OSError:
-        foreground = False
-    finally:
-        os.close(fd)
-    if not foreground:
+    if not always and not _in_foreground():
         return
     previous = signal.signal(sig, signal.SIG_DFL)
     try:
         # Sent to this thread, the stop takes effect before pthread_kill returns.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         signal.pthread_kill(threading.get_ident(), sig)
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [sig])
         signal.signal(sig, previous)
 
 
-_SI_KERNEL = 0x80
+def _in_foreground() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class _Forwarder(threading.Thread):
@@ -233,12 +252,19 @@ class _Forwarder(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(name="dcptrace-signals", daemon=True)
         self.pid = pid
+        # A stop signal passed on: the program's stop it causes stops dcptrace too.
+        self.stop_sent = threading.Event()
 
     def run(self) -> None:
         while True:
             info = signal.sigwaitinfo(FORWARDED_SIGNALS)
-            if info.si_code == _SI_KERNEL:
-                continue  # from the terminal: the program's group got it too
+            # si_code > 0: raised by the kernel (the terminal's keys and
+            # SIGWINCH, which reached the program's group too; the tracer's
+            # SIGCHLD); <= 0: sent by a process (kill, sigqueue, tgkill).
+            if info.si_code > 0:
+                continue
+            if info.si_signo in _FRONT_STOP_SIGNALS:
+                self.stop_sent.set()
             try:
                 os.kill(self.pid, info.si_signo)
             except ProcessLookupError:

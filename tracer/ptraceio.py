@@ -155,6 +155,7 @@ class Registers(Protocol):
     rax: int
     orig_rax: int
     rsp: int
+    rip: int
     rdi: int
     rsi: int
     rdx: int
@@ -260,6 +261,18 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         raise TracerError(
             f"cannot write {len(data)} bytes at {addr:#x} in pid {pid}: {os.strerror(err)}"
         )
+
+
+def force_write(pid: int, addr: int, data: bytes) -> None:
+    """Write `data` at `addr` even into read-only text (the tracee's private copy)."""
+    try:
+        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(addr)
+            mem.write(data)
+    except OSError as exc:
+        raise TracerError(
+            f"cannot write {len(data)} bytes at {addr:#x} in pid {pid}: {exc}"
+        ) from exc
 
 
 def proc_link(pid: int, name: str) -> bytes | None:

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -116,6 +117,7 @@ class Runner:
         self.machine: Machine | None = None
         self._spawned: Spawned | None = None
         self._exec_error: str | None = None
+        self._main_dumped = False  # the main process was killed and dumped core
 
     # -- the loop
 
@@ -170,6 +172,8 @@ class Runner:
         if os.WIFEXITED(status):
             return ExitStop(pid, os.WEXITSTATUS(status), None)
         if os.WIFSIGNALED(status):
+            if os.WCOREDUMP(status) and self.machine and pid == self.machine.main_pid:
+                self._main_dumped = True
             return ExitStop(pid, None, os.WTERMSIG(status))
         sig = os.WSTOPSIG(status)
         event = status >> 16
@@ -196,6 +200,7 @@ class Runner:
                 ) == ptraceio.tgid_of(pid)
                 return ForkStop(pid, child, thread)
             if event == ptraceio.EVENT_EXEC:
+                refuse_lost_privilege(pid)
                 former = ptraceio.event_message(pid)
                 argv = self._exec_argv.pop(former, None) or ptraceio.cmdline(pid)
                 return ExecStop(pid, former, argv)
@@ -237,7 +242,8 @@ class Runner:
                     if isinstance(event, ProcessExited) and event.pid == main:
                         self._read_exec_error()
                         if event.signal:
-                            self.report(f"signal {event.signal}")
+                            kind = "dumped" if self._main_dumped else "signal"
+                            self.report(f"{kind} {event.signal}")
                         else:
                             self.report(f"exit {event.exit_status}")
                 case MirrorStop(sig):
@@ -373,16 +379,124 @@ class Runner:
         self.trace_out.write(line + "\n")
 
 
+# exit_group(126): mov eax, 231; mov edi, 126; syscall
+_EXIT_126 = bytes.fromhex("b8e7000000bf7e0000000f05")
+
+
+def refuse_lost_privilege(pid: int) -> None:
+    """A set-user-ID/-group (or file-capability) program exec'd without its privilege ends.
+
+    A traced exec only gains privilege when the tracer may (root with
+    CAP_SYS_PTRACE, no no_new_privs): otherwise the program would run as its
+    caller, silently wrong.  Stopped at PTRACE_EVENT_EXEC, before its first
+    instruction, it says why in one line and exits with 126 instead.
+    """
+    exe = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(exe)
+        if os.statvfs(exe).f_flag & os.ST_NOSUID:
+            return  # natively no privilege either
+        ids = _status_ids(pid)
+    except OSError:
+        return
+    euid, egid, capprm = ids
+    what = None
+    if st.st_mode & stat.S_ISUID and st.st_uid != euid:
+        what = f"set-user-ID (uid {st.st_uid})"
+    elif st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP and st.st_gid != egid:
+        what = f"set-group-ID (gid {st.st_gid})"
+    elif euid != 0 and capprm == 0 and _has_file_caps(exe):
+        what = "file-capability"
+    if what is None:
+        return
+    path = os.fsdecode(ptraceio.proc_link(pid, "exe") or exe.encode())
+    line = (
+        f"dcptrace: {path}: {what} program; it cannot gain that privilege under "
+        "dcptrace (it lacks CAP_SYS_PTRACE): not run\n"
+    )
+    os.write(2, line.encode())
+    regs = ptraceio.get_regs(pid)
+    ptraceio.force_write(pid, regs.rip, _EXIT_126)
+
+
+def _status_ids(pid: int) -> tuple[int, int, int]:
+    """Effective uid, effective gid and permitted capabilities of `pid`."""
+    fields: dict[str, list[str]] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    return int(fields["Uid"][1]), int(fields["Gid"][1]), int(fields["CapPrm"][0], 16)
+
+
+def _has_file_caps(path: str) -> bool:
+    try:
+        os.getxattr(path, "security.capability")
+    except OSError:
+        return False
+    return True
+
+
 def _align(addr: int, to: int = 16) -> int:
     return addr & ~(to - 1)
 
 
-def reraise(sig: int) -> None:
-    """Die by `sig` as the program did (without leaving a core of dcptrace)."""
+def reraise(sig: int, core_dumped: bool = False) -> None:
+    """Die by `sig` as the program did, with the core-dump bit when its death had it.
+
+    The bit is only set by a core actually written: dcptrace then dumps a
+    core of its own (memory left out) into a private directory that a
+    cleaner child removes once dcptrace is gone, so no core of dcptrace
+    stays behind; the program's own core is where the kernel put it.
+    """
     import resource
 
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if core_dumped and hard != 0 and _core_pattern_is_relative():
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+        _dump_into_private_dir()
+    else:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if sig not in (signal.SIGKILL, signal.SIGSTOP):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
     os.kill(os.getpid(), sig)
+
+
+def _core_pattern_is_relative() -> bool:
+    """Cores go to the dumping process's directory (not a pipe, not an absolute path)."""
+    try:
+        with open("/proc/sys/kernel/core_pattern", "rb") as f:
+            pattern = f.read().strip()
+    except OSError:
+        return False
+    return bool(pattern) and not pattern.startswith((b"|", b"/"))
+
+
+def _dump_into_private_dir() -> None:
+    """Make this process's core dump small and land in a directory removed after it."""
+    import shutil
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="dcptrace-core-")
+    gone_r, gone_w = os.pipe()
+    if os.fork() == 0:  # the cleaner: waits for dcptrace's death, removes the dump
+        try:
+            os.setsid()  # out of the job: the shell's signals are not for it
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, gone_r)
+            os.closerange(gone_r + 1, 1 << 16)
+            # EOF once dcptrace's files are closed: after the kernel wrote its core.
+            os.read(gone_r, 1)
+            shutil.rmtree(where, ignore_errors=True)
+        finally:
+            os._exit(0)
+    os.close(gone_r)
+    os.chdir(where)
+    try:
+        with open("/proc/self/coredump_filter", "w") as f:
+            f.write("0")  # no memory in the core: headers and registers only
+    except OSError:
+        pass

@@ -20,13 +20,20 @@ from tracer import ptraceio
 from tracer.errors import SpawnError
 from tracer.seccomp import PreparedFilter
 
-# Signals whose disposition dcptrace changes (Python ignores SIGPIPE and SIGXFSZ;
-# the tracer ignores the terminal's); exec keeps SIG_IGN, so the child puts back
-# what the user started dcptrace with.
-RESTORED_SIGNALS = (
-    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT,
-    signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
-)  # fmt: skip
+# glibc keeps the first two real-time signals for its threads (cancellation,
+# setxid); they are neither blockable through it nor anyone else's to send.
+_LIBC_RESERVED = frozenset({32, 33})
+# Every signal a process can catch: dcptrace passes each on to the program
+# (front.py) and its tracer survives each (the tracer child handles them).
+CATCHABLE_SIGNALS = frozenset(
+    signal.Signals(n) if n < signal.SIGRTMIN else n
+    for n in range(1, signal.SIGRTMAX + 1)
+    if n not in (signal.SIGKILL, signal.SIGSTOP) and n not in _LIBC_RESERVED
+)
+# Dispositions dcptrace changes (Python ignores SIGPIPE and SIGXFSZ; the tracer
+# ignores or handles the rest); exec keeps SIG_IGN, so the child puts back
+# what the user started dcptrace with (SIG_IGN under nohup or `trap '' SIG`).
+RESTORED_SIGNALS = tuple(sorted(CATCHABLE_SIGNALS))
 
 
 def initial_dispositions() -> dict[int, signal.Handlers]:
