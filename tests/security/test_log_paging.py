@@ -8,10 +8,9 @@ line; paging with any limit, and following, returns every line once, in order.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
-from attack import as_nobody, require_attacker
+from attack import as_nobody
 from ossproc import OssProcess
 
 pytestmark = pytest.mark.security
@@ -46,16 +45,6 @@ tail = [json.loads(line)["text"] for line in rest]
 out["follow"] = [ln["text"] for ln in half["lines"]] + tail
 print(json.dumps(out))
 """
-
-
-@pytest.fixture
-def oss() -> Iterator[OssProcess]:
-    require_attacker()
-    srv = OssProcess()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
 
 
 def test_paging_returns_every_line_once_in_order(oss: OssProcess) -> None:

@@ -9,10 +9,9 @@ chunks it decodes (`dcp_log_chunks_decoded_total`), which is what this checks.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
-from attack import as_nobody, require_attacker
+from attack import as_nobody
 from ossproc import OssProcess
 
 pytestmark = pytest.mark.security
@@ -35,16 +34,6 @@ for t in ts: t.start()
 for t in ts: t.join()
 print(json.dumps([len(p["lines"]) for p in pages]))
 """
-
-
-@pytest.fixture
-def oss() -> Iterator[OssProcess]:
-    require_attacker()
-    srv = OssProcess()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
 
 
 def test_reading_one_line_decodes_one_chunk(oss: OssProcess) -> None:

@@ -10,10 +10,9 @@ instance its program is not on, and the exposition stays small.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
-from attack import as_nobody, require_attacker
+from attack import as_nobody
 from ossproc import OssProcess
 
 pytestmark = pytest.mark.security
@@ -51,16 +50,6 @@ t.join()
 print(json.dumps({"flood": statuses, "foreign": foreign, "instance": on_instance,
                   "fine": fine, "health": health}))
 """
-
-
-@pytest.fixture
-def oss() -> Iterator[OssProcess]:
-    require_attacker()
-    srv = OssProcess()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
 
 
 def test_metric_key_flood_is_refused_and_memory_stays_bounded(oss: OssProcess) -> None:

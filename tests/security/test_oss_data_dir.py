@@ -13,11 +13,10 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from attack import NOBODY_GID, NOBODY_UID, as_nobody, require_attacker
+from attack import NOBODY_GID, NOBODY_UID, as_nobody
 from ossproc import OssProcess, oss_argv, oss_env
 
 pytestmark = pytest.mark.security
@@ -40,16 +39,6 @@ for name in ("oss.sqlite3", "oss.sqlite3-wal", "oss.sqlite3-shm"):
         got.append(f"refused {name} {e.errno}")
 print("\n".join(got))
 """
-
-
-@pytest.fixture
-def oss() -> Iterator[OssProcess]:
-    require_attacker()
-    srv = OssProcess()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
 
 
 def test_nobody_cannot_read_the_state_or_any_key(oss: OssProcess) -> None:
