@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,11 +82,20 @@ def has_ptrace() -> None:
 
 
 def secret_file(secret: str, directory: Path | str | None = None) -> str:
-    """Write `secret` to a new 0600 file (how secrets reach an agent); return its path."""
+    """Write `secret` to a new 0600 file (how secrets reach an agent); return its path.
+
+    The file is removed when the test process exits (an agent reads it at start).
+    """
     fd, path = tempfile.mkstemp(prefix="dcp-secret-", dir=directory)  # mkstemp: mode 0600
     with os.fdopen(fd, "w") as f:
         f.write(secret)
+    atexit.register(_remove_quietly, path)
     return path
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
