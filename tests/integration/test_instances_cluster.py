@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,7 +189,7 @@ time.sleep(600)
 
 @pytest.mark.parametrize("isolate", [True, False])
 def test_sigkill_of_the_owner_stops_its_agents_and_the_lab_is_swept(isolate: bool) -> None:
-    from net.netns import sweep_stale
+    from vmagent.cluster.local import sweep_dead_labs
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     owner = subprocess.Popen(
@@ -207,5 +208,8 @@ def test_sigkill_of_the_owner_stops_its_agents_and_the_lab_is_swept(isolate: boo
     assert not any(Path(f"/proc/{p}").exists() for p in agents)  # the lifeline stopped them
     if isolate:
         assert leftover_namespaces(tag)  # kernel objects outlive their owner...
-        assert tag in sweep_stale()  # ...until the next start sweeps them
+        logs = list(Path(tempfile.gettempdir()).glob(f"dcp-cluster-{tag}-*"))
+        assert logs  # so do the agents' log files
+        assert tag in sweep_dead_labs()  # ...until the next start sweeps them
         assert leftover_namespaces(tag) == [] and leftover_links(tag) == []
+        assert not any(d.exists() for d in logs)

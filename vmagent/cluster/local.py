@@ -47,6 +47,19 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 _warned: set[str] = set()
 
 
+def sweep_dead_labs() -> list[str]:
+    """Remove what clusters of dead owners left (network, namespaces, log dirs); their tags."""
+    from net.netns import sweep_stale  # pyroute2 only here
+
+    tags = sweep_stale()
+    for tag in tags:
+        for d in Path(tempfile.gettempdir()).glob(f"dcp-cluster-{tag}-*"):
+            with contextlib.suppress(OSError):  # ours only, never through a symlink
+                if d.lstat().st_uid == os.geteuid() and d.is_dir() and not d.is_symlink():
+                    shutil.rmtree(d, ignore_errors=True)
+    return tags
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -136,9 +149,9 @@ class LocalCluster:
             if self.isolate:
                 if os.geteuid() != 0:
                     raise ClusterError("-", "isolated instances need root")
-                from net.netns import LabNetwork, sweep_stale  # pyroute2 only here
+                from net.netns import LabNetwork  # pyroute2 only here
 
-                for stale in sweep_stale():
+                for stale in sweep_dead_labs():
                     log.warning("removed the lab network of a dead dcptrace (%s)", stale)
                 self._net = LabNetwork(self.tag)
                 attachments = self._net.create(self.names)
