@@ -1,10 +1,11 @@
 """Exec tickets the OSS mints for a client that runs a process on an instance.
 
-The same format as `vmagent.exec.tickets` (kept apart so `oss` does not depend on
-`vmagent`): public part
-`v2.x.<nonce>.<issued_ms>.<expiry_ms>.<uid>.<gid>.<groups>.<digest>` and secret
+The one minter of the ticket format (`vmagent.exec.tickets` checks tickets and
+mints local ones through this function: `oss` may not import `vmagent`): public part
+`v2.<key>.<nonce>.<issued_ms>.<expiry_ms>.<uid>.<gid>.<groups>.<digest>` and secret
 `hmac-sha256(exec_key, public + "." + instance)`, handed out as `public.secret`.
-The key is the instance agent's per-process exec key, sent at registration.
+`key` is `x` for the instance agent's per-process exec key, sent at registration
+(the OSS's tickets), or `i` for the instance token (a local coordinator's).
 `digest` binds the ticket to one exec (the client computes it over the path and
 argv); uid/gid/groups are credentials the account may use (`Account.exec_ids`).
 """
@@ -30,14 +31,15 @@ def mint(
     groups: Sequence[int] = (),
     ttl: float = TICKET_TTL,
     now: float | None = None,
+    kind: str = "x",
 ) -> str:
-    """A fresh single-use ticket for one exec on `instance`, MAC'd with its agent's exec key."""
+    """A fresh single-use ticket for one exec on `instance`, MAC'd with `key` (of `kind`)."""
     # Wall time, not the OSS clock: the agent checks the expiry against its own clock.
     issued = int((time.time() if now is None else now) * 1000)
     public = ".".join(
         (
             "v2",
-            "x",
+            kind,
             secrets.token_hex(12),
             str(issued),
             str(issued + int(ttl * 1000)),

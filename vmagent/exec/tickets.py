@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from oss.compute import exectickets
 from vmagent.errors import AuthError
 
 VERSION = "v2"
@@ -73,22 +73,10 @@ def mint(
     key: str = KEY_TOKEN,
 ) -> str:
     """A fresh ticket `B.T` for one exec on `instance`, MAC'd with `token`."""
-    issued = int((time.time() if now is None else now) * 1000)
-    group_s = ",".join(str(g) for g in groups) or "-"
-    public = ".".join(
-        (
-            VERSION,
-            key,
-            secrets.token_hex(12),
-            str(issued),
-            str(issued + int(ttl * 1000)),
-            str(uid),
-            str(gid),
-            group_s,
-            digest,
-        )
-    )
-    return f"{public}.{secret_of(token, public, instance)}"
+    return exectickets.mint(
+        token, instance, uid=uid, gid=gid, digest=digest, groups=groups, ttl=ttl, now=now,
+        kind=key,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
