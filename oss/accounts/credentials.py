@@ -8,6 +8,8 @@ the two processes safe together).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +28,21 @@ class AccountCredentials:
     token: str
 
 
-async def mint_instance_token(data_dir: Path, name: str, pool: str | None = None) -> str:
-    """Create instance `name` (or re-key it) and return its bearer token (stored hashed)."""
+@contextlib.asynccontextmanager
+async def _opened(data_dir: Path) -> AsyncIterator[Store]:
+    """The store of `data_dir`, open for the duration of the block."""
     store = Store(data_dir, VERSIONS)
     await store.open()
     try:
-        return await Instances(store).mint_instance_token(name, pool)
+        yield store
     finally:
         await store.close()
+
+
+async def mint_instance_token(data_dir: Path, name: str, pool: str | None = None) -> str:
+    """Create instance `name` (or re-key it) and return its bearer token (stored hashed)."""
+    async with _opened(data_dir) as store:
+        return await Instances(store).mint_instance_token(name, pool)
 
 
 async def create_account(
@@ -46,15 +55,11 @@ async def create_account(
     allow_root: bool = False,
 ) -> AccountCredentials:
     """Create an account with a first user and return its token."""
-    store = Store(data_dir, VERSIONS)
-    await store.open()
-    try:
+    async with _opened(data_dir) as store:
         acct, usr, token = await Accounts(store).create_account(
             name, admin, pricing_model, user, allow_root
         )
         return AccountCredentials(acct["id"], usr["id"], token)
-    finally:
-        await store.close()
 
 
 def mint_instance_token_sync(data_dir: Path, name: str, pool: str | None = None) -> str:
