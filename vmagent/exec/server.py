@@ -28,6 +28,7 @@ from vmagent.config import AgentConfig
 from vmagent.errors import AgentError, AuthError, BadRequest
 from vmagent.exec import protocol as P
 from vmagent.exec import tickets
+from vmagent.exec.hooks import HookList
 from vmagent.exec.readers import ReaderProbe
 from vmagent.exec.remote import tracer_prefix
 from vmagent.exec.session import Session
@@ -164,6 +165,7 @@ class ExecService:
         self.config = config
         self.tickets = tickets
         self.wrap = tracer_prefix() if config.trace else ()
+        self.hooks = HookList()  # other agent services observe sessions through this
         self.sessions: dict[bytes, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.by_nonce: dict[str, Session] = {}  # ticket nonce -> the session it started

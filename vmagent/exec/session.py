@@ -107,6 +107,7 @@ class Session:
             for fd in ours:
                 os.close(fd)
             # The child holds its own blocking ends; ours for the program side are closed.
+        self.service.hooks.started(self)
         for fd, r in self.outs.items():
             self.loop.add_reader(r, self._readable, fd, r)
         self.reading = True
@@ -224,6 +225,7 @@ class Session:
             data = b""
         if data:
             self.send(P.DATA, fd, data)
+            self.service.hooks.output(self, fd, data)
             return
         self._close_out(fd)
         self.send(P.EOF, fd, b"")
@@ -258,6 +260,7 @@ class Session:
     def exited(self, status: int) -> None:
         """The program was reaped; send EXIT once its output is drained."""
         self.status = status
+        self.service.hooks.ended(self, status)
         if self.outs:
             # Output still in the pipes, or an orphan of the program holds them open.
             self._drain = self.loop.call_later(self.service.config.drain_grace, self._finish)
@@ -278,6 +281,7 @@ class Session:
             with contextlib.suppress(OSError):
                 while data := os.read(r, P.CHUNK):
                     self.send(P.DATA, fd, data)
+                    self.service.hooks.output(self, fd, data)
         offsets = []
         for fd, ours in self.paths.items():
             with contextlib.suppress(OSError):
