@@ -30,10 +30,19 @@ from oss.compute.programs import Programs
 from oss.db.store import Store
 from oss.errors import Conflict, Forbidden, OssError, Unauthorized
 from oss.ipc.locking import LockService
-from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
+from oss.models import (
+    AgentHeartbeat,
+    AgentRegister,
+    AgentReport,
+    ExecIdentity,
+    Policies,
+    ProgramSubmit,
+    ReportAck,
+)
 from oss.schema import VERSIONS
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
+from oss.telemetry.processes import Processes, measured_counters, seeded
 from oss.telemetry.store import Logs
 
 log = logging.getLogger(__name__)
@@ -92,6 +101,7 @@ class Oss:
         self.programs = Programs(self.store, BudgetCheck())
         self.billing = Billing(self.store)
         self.logs = Logs(self.store)
+        self.processes = Processes(self.store)
         self.metrics = MetricsCollector()
         self.locks = LockService(self.store, clock)
         self.pools = PoolManager(
@@ -119,6 +129,7 @@ class Oss:
         now = self.clock()
         # After a restart every ready instance gets a full timeout to heartbeat again.
         self._last_seen = {name: now for name in await self.instances.ready_instances()}
+        await self._seed_metrics()
         self._runner = asyncio.create_task(self._loop(), name="oss-background")
         self.oss_log("oss started")
 
@@ -349,6 +360,28 @@ class Oss:
         self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
         return names
 
+    # -- measured usage (issue 10: telemetry) ----------------------------------
+
+    async def report(self, instance: str, body: AgentReport) -> ReportAck:
+        """Apply an agent's telemetry batch: usage into `processes` and the metrics,
+        output lines and events into the programs' logs.  A replayed batch is acked, not
+        applied again."""
+        if body.instance != instance:
+            raise Unauthorized("token does not belong to this instance")
+        done = await self.processes.apply(instance, body)
+        for program_id, inst, _pid, delta in done.deltas:
+            self.metrics.report(program_id, measured_counters(delta, inst))
+        if done.refused:
+            self.oss_log(
+                f"refused {done.refused} telemetry row(s) of programs not run here", instance
+            )
+        return ReportAck(acked_seq=done.acked_seq, refused=done.refused)
+
+    async def _seed_metrics(self) -> None:
+        """After a restart the collector starts from the durable measured totals."""
+        for program_id, inst, totals in seeded(await self.processes.totals()):
+            self.metrics.report(program_id, measured_counters(totals, inst))
+
     # -- programs ------------------------------------------------------------
 
     async def submit(self, who: Principal, body: ProgramSubmit) -> dict[str, Any]:
@@ -379,12 +412,7 @@ class Oss:
 
     async def meter(self) -> None:
         """Per-second metering into billing records; hard budgets stop programs."""
-        net = self.metrics.take_net_bytes()
-        try:
-            res = await self.billing.meter(self.config.rates, net)
-        except OssError:
-            self.metrics.untake_net_bytes(net)
-            raise
+        res = await self.billing.meter(self.config.rates)
         for pid, reason in res.stopped:
             await self.program_log(pid, reason)
             self.oss_log(f"program {pid} {reason}")

@@ -20,6 +20,7 @@ from oss.billing import limits as lim
 from oss.billing import pricing
 from oss.compute import programs
 from oss.db.store import Conn, Store, to_json
+from oss.telemetry import processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +51,19 @@ class Billing:
 
         await self._db.write(op)
 
-    async def meter(self, rates: pricing.Rates, net_bytes: Mapping[str, int]) -> MeterResult:
+    async def meter(self, rates: pricing.Rates) -> MeterResult:
         """Bill every running program for the whole seconds since it was last metered.
 
-        Then stop programs whose spending reached a hard budget at any level.
+        Network is billed from the bytes the instances measured (telemetry's
+        `measured_net`), taken in this transaction: bytes are billed exactly once, by
+        the first pass after they were reported.  Then stop programs whose spending
+        reached a hard budget at any level.
         """
         now = self._db.clock()
 
         def op(c: Conn) -> MeterResult:
             n = 0
+            net_bytes = processes.take_net(c)
             models: dict[str, str] = {}
             for p in programs.metered(c):
                 secs = pricing.whole_seconds(p["last_metered"], now)

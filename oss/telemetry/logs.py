@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-STREAMS = ("stdout", "stderr", "log")
+STREAMS = ("stdout", "stderr", "log", "event")  # event: lifecycle of placed processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,3 +133,23 @@ def page(
                 if len(out) >= q.limit:
                     return out, cursor(cid, i + 1), decoded
     return out, None, decoded
+
+
+def event_text(
+    kind: str,
+    argv: Sequence[str] = (),
+    status: int | None = None,
+    signal: int | None = None,
+    text: str = "",
+) -> str:
+    """The log text of a lifecycle event: `exec cc -c a.c`, `exit 0`, `signal 9`."""
+    words = [kind]
+    if argv:
+        words.append(" ".join(argv))
+    if status is not None:
+        words.append(str(status))
+    if signal is not None:
+        words.append(str(signal))
+    if text:
+        words.append(text if not argv else f"({text})")
+    return " ".join(words)

@@ -103,7 +103,6 @@ class MetricsCollector:
         self._by_instance: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
         self._on_instance: dict[str, set[str]] = defaultdict(set)  # instance -> programs
         self._loads: dict[str, Load] = {}
-        self._net_billed: dict[str, int] = defaultdict(int)
         self.render_lock = asyncio.Lock()  # one exposition render at a time
         self.log_chunks_decoded = Counter(
             "dcp_log_chunks_decoded", "Log chunks decompressed to answer reads", registry=r
@@ -177,21 +176,13 @@ class MetricsCollector:
                 out["io_bytes"] = out.get("io_bytes", 0.0) + acc.io_read_bytes + acc.io_write_bytes
         return out
 
-    def take_net_bytes(self) -> dict[str, int]:
-        """Network bytes per program not yet billed; marks them billed."""
-        out = {}
-        for prog, acc in self._programs.items():
-            total = acc.net_rx_bytes + acc.net_tx_bytes
-            delta = total - self._net_billed[prog]
-            if delta > 0:
-                out[prog] = delta
-                self._net_billed[prog] = total
-        return out
-
-    def untake_net_bytes(self, taken: dict[str, int]) -> None:
-        """Give back bytes whose billing failed, so the next pass bills them."""
-        for prog, n in taken.items():
-            self._net_billed[prog] -= n
+    def by_instance(self, program: str) -> dict[str, Counters]:
+        """A program's counters on each instance it reported from."""
+        return {
+            inst: acc.model()
+            for (prog, inst), acc in sorted(self._by_instance.items())
+            if prog == program
+        }
 
     def exposition(self) -> bytes:
         """Prometheus text format."""
