@@ -15,10 +15,12 @@ line exactly once, in order.
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
@@ -153,3 +155,47 @@ def event_text(
     if text:
         words.append(text if not argv else f"({text})")
     return " ".join(words)
+
+
+class Reorder:
+    """Puts followed lines in time order: a line is let out once `window` seconds passed
+    since it arrived (instances report each `interval`; a later batch may hold earlier
+    lines), earliest first.  `rest()` lets out everything, at the end."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._held: list[tuple[float, int, float, LogLine]] = []  # (ts, order, arrival, line)
+        self._n = 0
+
+    def push(self, line: LogLine, now: float) -> None:
+        """Hold a line that arrived at `now`."""
+        self._n += 1
+        self._held.append((line.ts, self._n, now, line))
+
+    def ready(self, now: float) -> list[LogLine]:
+        """The lines to print now, in time order: every line up to the latest one that
+        has waited the window (earlier lines cannot be overtaken any more)."""
+        ripe = [h for h in self._held if now - h[2] >= self.window]
+        if not ripe:
+            return []
+        upto = max(h[0] for h in ripe)
+        self._held.sort(key=lambda h: (h[0], h[1]))
+        out = [h for h in self._held if h[0] <= upto]
+        self._held = [h for h in self._held if h[0] > upto]
+        return [h[3] for h in out]
+
+    def rest(self) -> list[LogLine]:
+        """Everything held, in time order."""
+        self._held.sort(key=lambda h: (h[0], h[1]))
+        out = [h[3] for h in self._held]
+        self._held = []
+        return out
+
+
+def render(line: LogLine, tz: Any = None) -> str:
+    """`HH:MM:SS.mmm INSTANCE PID STREAM text` (local time)."""
+    t = datetime.datetime.fromtimestamp(line.ts, tz)
+    stamp = t.strftime("%H:%M:%S.") + f"{t.microsecond // 1000:03d}"
+    inst = line.instance or "-"
+    pid = "-" if line.pid is None else str(line.pid)
+    return f"{stamp} {inst} {pid} {line.stream} {line.text}"

@@ -80,6 +80,7 @@ async def _read_log(
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(r)
     cursor = q.cursor
+    seen_end = 0.0  # when this follower first saw the program ended (monotonic)
     try:
         while True:
             lines, cursor, decoded = await oss.logs.read_logs(
@@ -94,13 +95,24 @@ async def _read_log(
                 if r.transport is None or r.transport.is_closing():
                     break  # the follower hung up; nothing to write to notice it by
                 prog = await oss.programs.program(account or "", program)
+                # Instances report a program's last lines up to a batch interval after it
+                # ended: follow on that long after the end before closing.
                 if prog["state"] not in ("pending", "running", "recovering"):
-                    break
+                    now = time.monotonic()
+                    seen_end = seen_end or now
+                    if (
+                        oss.clock() - prog["updated"] >= FOLLOW_AFTER_END
+                        or now - seen_end >= FOLLOW_AFTER_END
+                    ):
+                        break
                 await asyncio.sleep(oss.config.follow_poll)
         await resp.write_eof()
     except ConnectionError:  # includes aiohttp's ClientConnectionResetError
         log.debug("log follower of %s went away", program)  # the client hung up: done
     return resp
+
+
+FOLLOW_AFTER_END = 2.5  # seconds: the agents' report interval, settle time and margin
 
 
 def _out(ln: logmod.LogLine) -> m.LogLineOut:

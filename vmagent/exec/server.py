@@ -158,6 +158,12 @@ class ExecProtocol(asyncio.Protocol):
             self.session.detach(self)
 
 
+def program_of(grant: Grant) -> str | None:
+    """The OSS program an exec ticket vouches for (None: a ticket of no program)."""
+    program = getattr(grant, "program", None)  # tickets v3 (issue 10, chunk B)
+    return program if isinstance(program, str) and program not in ("", "-") else None
+
+
 class ExecService:
     """All sessions of this agent; reaps children (the agent is a subreaper)."""
 
@@ -229,6 +235,7 @@ class ExecService:
         program = os.fsdecode(request.argv[0])
         session = Session(self, secrets.token_bytes(16), request, program)
         session.nonce = grant.nonce
+        session.program_id = program_of(grant)
         self.sessions[session.sid] = session
         self.by_nonce[grant.nonce] = session
         session.attach(proto, 0)

@@ -214,3 +214,39 @@ class Uplink:
         except TimeoutError:
             return False
         return True
+
+
+class HttpPost:
+    """Posts report bodies to `POST /v1/agents/report` with the instance token."""
+
+    PATH = "/v1/agents/report"
+
+    def __init__(self, url: str, token: str, timeout: float) -> None:
+        self.url = url.rstrip("/") + self.PATH
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._http: Any = None
+
+    async def __call__(self, raw: bytes) -> dict[str, Any]:
+        """Send one body; ReportRejected for a refusal a retry cannot fix."""
+        import aiohttp
+
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        async with asyncio.timeout(self.timeout):
+            async with self._http.post(self.url, data=raw, headers=self._headers) as resp:
+                body = await resp.read()
+                if resp.status >= 500 or resp.status in (401, 408, 429):
+                    raise OSError(f"OSS answered {resp.status}")
+                if resp.status >= 400:
+                    raise ReportRejected(f"{resp.status}: {body[:200].decode(errors='replace')}")
+                data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ReportRejected("the OSS answered the report with a non-object")
+        return data
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None

@@ -1,0 +1,289 @@
+"""The telemetry observer of exec sessions: what a placed program does, to the uplink.
+
+For each session of an OSS program (`session.program_id`, vouched for by its exec
+ticket) it reports:
+- every line the program writes on stdout/stderr (`LineSplitter` per descriptor;
+  the terminal path is untouched: this sees the data after it was queued);
+- the instance tracer's records (`trace_message`): `op=event` as lifecycle events
+  and `op=usage` as final usage rows;
+- live totals of the program's processes every `interval` seconds (/proc, for
+  budgets), and, for processes whose final figures the tracer did not send, the
+  last sample as final figures once the session has ended.
+
+Rows carry `started` so a reused pid is another process; a pid's start time is
+taken once (the session start, a spawn event or /proc) and kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vmagent.telemetry import sampler
+from vmagent.telemetry.lines import LineSplitter
+from vmagent.telemetry.uplink import Row, Uplink
+
+if TYPE_CHECKING:
+    from vmagent.exec.session import Session
+
+log = logging.getLogger(__name__)
+
+STREAMS = {1: "stdout", 2: "stderr"}
+SETTLE = 0.5  # seconds after a session ended before missing final rows are made up
+
+
+@dataclass
+class Watch:
+    """What the reporter keeps for one live session."""
+
+    program: str
+    root: int
+    parent: tuple[str, int] | None
+    live: dict[int, float] = field(default_factory=dict)  # pid -> started
+    last: dict[int, dict[str, int]] = field(default_factory=dict)  # pid -> last sample
+    argv: dict[int, list[str]] = field(default_factory=dict)
+    splitters: dict[int, LineSplitter] = field(default_factory=dict)
+    traced: bool = False  # the instance tracer reports this session
+    ended: bool = False
+
+
+def _text(v: bytes) -> str:
+    return v.decode("utf-8", "replace")
+
+
+def _int(record: dict[bytes, bytes], key: bytes) -> int | None:
+    v = record.get(key)
+    if v is None or v == b"" or v == b"-":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+def parse_parent(raw: bytes) -> tuple[str, int] | None:
+    """`INSTANCE:PID` of the process that placed this one (None if absent or malformed)."""
+    inst, _, pid = raw.decode("ascii", "replace").rpartition(":")
+    if not inst or not pid.isdigit() or not 0 < int(pid) < 2**31 or len(inst) > 63:
+        return None
+    return inst, int(pid)
+
+
+class Reporter:
+    """SessionHooks that feed the uplink (install with `service.hooks.add`)."""
+
+    def __init__(
+        self, uplink: Uplink, interval: float = 1.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.uplink = uplink
+        self.interval = interval
+        self.clock = clock
+        self.watches: dict[bytes, Watch] = {}  # session id -> watch
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._final_status: dict[bytes, int] = {}  # session id -> raw wait status
+
+    # -- hooks -------------------------------------------------------------------------
+    def started(self, session: Session) -> None:
+        """Watch a session of an OSS program."""
+        program = session.program_id
+        if program is None or not session.pid:
+            return
+        parent = parse_parent(getattr(session.request, "parent", b""))
+        w = Watch(program, session.pid, parent)
+        now = self.clock()
+        argv = [_text(a) for a in session.request.argv][:256]
+        w.live[session.pid] = round(now, 6)
+        w.argv[session.pid] = argv
+        self.watches[session.sid] = w
+        self.uplink.usage(self._row(w, session.pid, {}))
+        self.uplink.event(self._event(w, session.pid, "exec", now, argv=argv))
+        self.uplink.urgent()
+
+    def output(self, session: Session, fd: int, data: bytes) -> None:
+        """Cut the program's output into log lines."""
+        w = self.watches.get(session.sid)
+        stream = STREAMS.get(fd)
+        if w is None or stream is None:
+            return
+        sp = w.splitters.get(fd)
+        if sp is None:
+            sp = w.splitters[fd] = LineSplitter()
+        lines = sp.feed(data)
+        if lines:
+            now = self.clock()
+            for text in lines:
+                self.uplink.line(w.program, w.root, stream, text, now)
+
+    def ended(self, session: Session, status: int) -> None:
+        """The session's program was reaped: settle its figures shortly."""
+        w = self.watches.get(session.sid)
+        if w is None:
+            return
+        w.ended = True
+        if not w.traced:
+            now = self.clock()
+            if os.WIFSIGNALED(status):
+                ev = self._event(w, w.root, "signal", now, signal=os.WTERMSIG(status))
+            else:
+                ev = self._event(w, w.root, "exit", now, status=os.WEXITSTATUS(status))
+            self.uplink.event(ev)
+        w.last.setdefault(w.root, {})
+        self._final_status[session.sid] = status
+        loop = self.loop or asyncio.get_running_loop()
+        loop.call_later(SETTLE, self._settle, session)
+
+    def trace_message(self, session: Session, record: dict[bytes, bytes]) -> None:
+        """A record of the session's instance tracer."""
+        w = self.watches.get(session.sid)
+        if w is None:
+            return
+        w.traced = True
+        op = record.get(b"op")
+        pid = _int(record, b"pid")
+        if pid is None or pid <= 0:
+            return
+        if op == b"event":
+            self._trace_event(w, pid, record)
+        elif op == b"usage":
+            self._trace_usage(w, pid, record)
+
+    # -- tracer records -----------------------------------------------------------------
+    def _trace_event(self, w: Watch, pid: int, record: dict[bytes, bytes]) -> None:
+        kind = _text(record.get(b"kind", b""))
+        ts_raw = record.get(b"ts")
+        try:
+            ts = float(ts_raw) if ts_raw else self.clock()
+        except ValueError:
+            ts = self.clock()
+        argv = [_text(a) for a in record.get(b"argv", b"").split(b"\0") if a][:256]
+        if kind == "spawn":
+            w.live.setdefault(pid, round(ts, 6))
+            return  # the exec that follows is what the log shows
+        if kind == "exec":
+            w.live.setdefault(pid, round(ts, 6))
+            if argv:
+                w.argv[pid] = argv
+            self.uplink.event(self._event(w, pid, "exec", ts, argv=argv))
+        elif kind == "exit":
+            sig = _int(record, b"signal")
+            if sig:
+                self.uplink.event(self._event(w, pid, "signal", ts, signal=sig))
+            else:
+                self.uplink.event(self._event(w, pid, "exit", ts, status=_int(record, b"status")))
+
+    def _trace_usage(self, w: Watch, pid: int, record: dict[bytes, bytes]) -> None:
+        figures = {
+            k: v
+            for k in (
+                "cpu_us",
+                "maxrss_kb",
+                "rchar",
+                "wchar",
+                "rbytes",
+                "wbytes",
+                "net_rx",
+                "net_tx",
+            )
+            if (v := _int(record, k.encode())) is not None and v >= 0
+        }
+        calls: dict[str, int] = {}
+        for part in record.get(b"sys", b"").split(b","):
+            name, _, n = part.partition(b"=")
+            if name and n.isdigit():
+                calls[_text(name)] = int(n)
+        final = record.get(b"final") in (b"1", b"true")
+        row = self._row(w, pid, figures, final=final)
+        if calls:
+            row["syscalls"] = calls
+        if final:
+            w.live.pop(pid, None)
+            w.last.pop(pid, None)
+            status = _int(record, b"status")
+            sig = _int(record, b"signal")
+            if sig:
+                row["signal"] = sig
+            elif status is not None:
+                row["exit_status"] = status
+        self.uplink.usage(row)
+
+    # -- live samples --------------------------------------------------------------------
+    async def run(self) -> None:
+        """Sample the live processes of every watched session each `interval` seconds."""
+        self.loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.sample_once)
+
+    def sample_once(self) -> None:
+        """One sample of every watched session (off the loop: it reads /proc)."""
+        roots = {w.root: w for w in list(self.watches.values()) if not w.ended}
+        members = sampler.sessions_members(set(roots))
+        rows: list[Row] = []
+        for root, w in roots.items():
+            for st in members.get(root, ()):
+                if st.pid not in w.live:
+                    w.live[st.pid] = st.started
+                fig = sampler.usage_of(st.pid)
+                if fig is None:
+                    continue
+                w.last[st.pid] = fig
+                rows.append(self._row(w, st.pid, fig))
+        if rows and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._send_samples, rows)
+
+    def _send_samples(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.uplink.usage(row)
+
+    # -- end of a session ------------------------------------------------------------------
+    def _settle(self, session: Session) -> None:
+        """Flush partial lines once output is drained; make up missing final rows."""
+        w = self.watches.get(session.sid)
+        if w is None:
+            return
+        if not (session.finished or not session.outs):
+            (self.loop or asyncio.get_running_loop()).call_later(SETTLE, self._settle, session)
+            return
+        now = self.clock()
+        for fd, sp in w.splitters.items():
+            for text in sp.flush():
+                self.uplink.line(w.program, w.root, STREAMS[fd], text, now)
+        status = self._final_status.pop(session.sid, None)
+        for pid in list(w.live):
+            row = self._row(w, pid, w.last.get(pid, {}), final=True)
+            if pid == w.root and status is not None:
+                if os.WIFSIGNALED(status):
+                    row["signal"] = os.WTERMSIG(status)
+                else:
+                    row["exit_status"] = os.WEXITSTATUS(status)
+            self.uplink.usage(row)
+        del self.watches[session.sid]
+        self.uplink.urgent()
+
+    # -- rows -----------------------------------------------------------------------------
+    def _row(self, w: Watch, pid: int, figures: dict[str, int], final: bool = False) -> Row:
+        row: Row = {
+            "program_id": w.program,
+            "pid": pid,
+            "started": w.live.get(pid) or round(self.clock(), 6),
+            "final": final,
+            **figures,
+        }
+        if pid == w.root and w.parent is not None:
+            row["parent_instance"], row["parent_pid"] = w.parent
+        argv = w.argv.get(pid)
+        if argv:
+            row["argv"] = argv
+        return row
+
+    def _event(self, w: Watch, pid: int, kind: str, ts: float, **kw: Any) -> Row:
+        row: Row = {"program_id": w.program, "pid": pid, "ts": ts, "kind": kind}
+        row.update({k: v for k, v in kw.items() if v is not None and v != []})
+        return row
