@@ -27,3 +27,8 @@ def test_a_64_kib_line_is_logged_in_16_kib_pieces() -> None:
 
 def test_invalid_utf8_is_replaced_not_fatal() -> None:
     assert LineSplitter().feed(b"a\xffb\n") == ["a\ufffdb"]
+
+
+def test_a_line_of_exactly_four_pieces_leaves_no_empty_line() -> None:
+    s = LineSplitter()
+    assert [len(x) for x in s.feed(b"y" * (4 * MAX_LINE) + b"\nnext\n")] == [MAX_LINE] * 4 + [4]

@@ -17,6 +17,7 @@ class LineSplitter:
     def __init__(self, max_line: int = MAX_LINE) -> None:
         self.max_line = max_line
         self._partial = bytearray()
+        self._cut = False  # the line so far was logged in pieces, nothing of it held
 
     def feed(self, data: bytes) -> list[str]:
         """The lines `data` completes (with what earlier calls left over)."""
@@ -29,13 +30,16 @@ class LineSplitter:
                 buf += data[start:]
                 break
             buf += data[start:nl]
-            out.extend(self._pieces(bytes(buf), final=True))
+            if buf or not self._cut:  # a line that ended right after a cut is logged
+                out.extend(self._pieces(bytes(buf), final=True))
             buf.clear()
+            self._cut = False
             start = nl + 1
         if len(buf) >= self.max_line:
             whole = len(buf) - len(buf) % self.max_line
             out.extend(self._pieces(bytes(buf[:whole]), final=True))
             del buf[:whole]
+            self._cut = True
         return out
 
     def flush(self) -> list[str]:
@@ -44,6 +48,7 @@ class LineSplitter:
             return []
         rest = bytes(self._partial)
         self._partial.clear()
+        self._cut = False
         return self._pieces(rest, final=True)
 
     @property

@@ -1,0 +1,149 @@
+"""Issue 10 (chunks C, D) end to end: what placed programs do reaches the OSS.
+
+A real `dcp-oss serve`, two real agents registered with it and real `dcptrace --oss`:
+the placed processes' output lines and lifecycle events land in the program's log
+with instance and pid (`dcp-oss logs`), their measured usage in the processes
+record and the metrics, while the terminal gets exactly the bytes a native run
+writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from test_dcptrace_oss import Lab, dcptrace, newest_program, start_lab
+
+from tests.conftest import REPO, dcptrace_argv, traced_env, wait_for
+
+pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow]
+
+EMIT = """#!/bin/sh
+printf 'alpha\\nbeta\\n'
+echo "warning: $1" >&2
+printf 'gamma'
+exit 4
+"""
+
+
+@pytest.fixture(scope="module")
+def tlab(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two loopback agents registered with a loopback dcp-oss serve."""
+    lab = Lab(tmp_path_factory.mktemp("tel"))
+    try:
+        start_lab(lab, "127.0.0.1", {n: ("127.0.0.1:0", "") for n in ("n0", "n1")})
+        (lab.data / "emit.sh").write_text(EMIT)
+        (lab.data / "emit.sh").chmod(0o755)
+        yield lab
+    finally:
+        lab.stop()
+
+
+def logs(lab: Lab, program: str, *args: str, timeout: float = 60) -> list[list[str]]:
+    """`dcp-oss logs PROGRAM ARGS` split into (time, instance, pid, stream, text)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "oss", "logs", program, "--url", lab.url, *args],
+        capture_output=True, timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(REPO), DCP_TOKEN=lab.token),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr.decode()
+    return [ln.split(" ", 4) for ln in res.stdout.decode().splitlines()]
+
+
+def settled(lab: Lab, program: str) -> dict[str, Any]:
+    """The program's processes once every one has its final figures."""
+    got: dict[str, Any] = {}
+
+    def done() -> bool:
+        got.update(lab.get(f"/v1/programs/{program}/processes?final_wait=1"))
+        return bool(got["processes"]) and not got["incomplete"]
+
+    assert wait_for(done, 30), got
+    return got
+
+
+def test_placed_output_is_logged_with_instance_and_pid_and_the_terminal_unchanged(
+    tlab: Lab,
+) -> None:
+    script = './emit.sh one; echo "status $?"; ./emit.sh two; echo "status $?"'
+    native = subprocess.run(["sh", "-c", script], cwd=tlab.data, capture_output=True)
+    res = dcptrace(tlab, tlab.url, "sh", "-c", script, token=tlab.token, placement="spread")
+    assert (res.returncode, res.stdout, res.stderr) == (0, native.stdout, native.stderr)
+    prog = newest_program(tlab)
+    rows = settled(tlab, prog["id"])["processes"]
+    placed = {(p["instance"], p["pid"]) for p in rows}
+    assert {i for i, _ in placed} == {"n0", "n1"} and len(placed) == 2
+    got = logs(tlab, prog["id"])
+    mine = [g for g in got if g[1] in ("n0", "n1")]
+    # Per placed process: its exec, its lines (the unterminated one flushed at its end),
+    # its exit, all with its instance and pid, in time order.
+    for inst, pid in placed:
+        of = [(st, t) for _, i, p, st, t in mine if (i, p) == (inst, str(pid))]
+        assert [t for st, t in of if st == "stdout"] == ["alpha", "beta", "gamma"], of
+        (warning,) = [t for st, t in of if st == "stderr"]
+        events = [t for st, t in of if st == "event"]
+        assert events[0].startswith("exec ") and "emit.sh" in events[0], of
+        assert events[-1] == "exit 4", of
+        assert f"{events[0].split()[-1]}" in warning  # the argument it was run with
+    stamps = [g[0] for g in got]
+    assert stamps == sorted(stamps)
+    # --instance and --stream filter.
+    only = logs(tlab, prog["id"], "--instance", "n1")
+    assert only and {g[1] for g in only} == {"n1"}
+    errs = logs(tlab, prog["id"], "--stream", "stderr")
+    assert sorted(g[4] for g in errs) == ["warning: one", "warning: two"]
+
+
+def test_follow_ends_with_the_program(tlab: Lab) -> None:
+    script = "./emit.sh first; sleep 1.5; ./emit.sh last; true"
+    env = traced_env()
+    env["DCP_TOKEN"] = tlab.token
+    before = {p["id"] for p in tlab.get("/v1/programs")}
+    run = subprocess.Popen(
+        [*dcptrace_argv("--no-state", "--oss", tlab.url), "--", "sh", "-c", script],
+        cwd=tlab.data, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        found: list[str] = []
+
+        def submitted() -> bool:
+            found[:] = [p["id"] for p in tlab.get("/v1/programs") if p["id"] not in before]
+            return bool(found)
+
+        assert wait_for(submitted, 30)
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "oss", "logs", found[0], "--url", tlab.url, "--follow"],
+            env=dict(os.environ, PYTHONPATH=str(REPO), DCP_TOKEN=tlab.token),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            out, err = follower.communicate(timeout=90)  # returns only if follow ended
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+        assert run.wait(timeout=60) == 0
+        assert follower.returncode == 0, err.decode()
+        texts = [ln.split(" ", 4)[4] for ln in out.decode().splitlines()]
+        assert texts.count("warning: first") == 1 and texts.count("warning: last") == 1, texts
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.wait()
+        if run.stderr is not None:
+            run.stderr.close()
+
+
+def test_a_64_kib_line_is_logged_in_16_kib_pieces(tlab: Lab) -> None:
+    (tlab.data / "long.sh").write_text("#!/bin/sh\nhead -c 65536 /dev/zero | tr '\\0' x; echo\n")
+    (tlab.data / "long.sh").chmod(0o755)
+    res = dcptrace(tlab, tlab.url, "sh", "-c", "./long.sh", token=tlab.token)
+    assert res.returncode == 0 and res.stdout == b"x" * 65536 + b"\n"
+    prog = newest_program(tlab)
+    settled(tlab, prog["id"])
+    out = [g[4] for g in logs(tlab, prog["id"], "--stream", "stdout")]
+    assert out == ["x" * 16384] * 4
