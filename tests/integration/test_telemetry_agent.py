@@ -53,13 +53,13 @@ def logs(lab: Lab, program: str, *args: str, timeout: float = 60) -> list[list[s
     return [ln.split(" ", 4) for ln in res.stdout.decode().splitlines()]
 
 
-def settled(lab: Lab, program: str) -> dict[str, Any]:
-    """The program's processes once every one has its final figures."""
+def settled(lab: Lab, program: str, n: int) -> dict[str, Any]:
+    """The program's `n` processes once every one has its final figures."""
     got: dict[str, Any] = {}
 
     def done() -> bool:
         got.update(lab.get(f"/v1/programs/{program}/processes?final_wait=1"))
-        return bool(got["processes"]) and not got["incomplete"]
+        return len(got["processes"]) == n and not got["incomplete"]
 
     assert wait_for(done, 30), got
     return got
@@ -73,7 +73,7 @@ def test_placed_output_is_logged_with_instance_and_pid_and_the_terminal_unchange
     res = dcptrace(tlab, tlab.url, "sh", "-c", script, token=tlab.token, placement="spread")
     assert (res.returncode, res.stdout, res.stderr) == (0, native.stdout, native.stderr)
     prog = newest_program(tlab)
-    rows = settled(tlab, prog["id"])["processes"]
+    rows = settled(tlab, prog["id"], 2)["processes"]
     placed = {(p["instance"], p["pid"]) for p in rows}
     assert {i for i, _ in placed} == {"n0", "n1"} and len(placed) == 2
     got = logs(tlab, prog["id"])
@@ -144,6 +144,6 @@ def test_a_64_kib_line_is_logged_in_16_kib_pieces(tlab: Lab) -> None:
     res = dcptrace(tlab, tlab.url, "sh", "-c", "./long.sh", token=tlab.token)
     assert res.returncode == 0 and res.stdout == b"x" * 65536 + b"\n"
     prog = newest_program(tlab)
-    settled(tlab, prog["id"])
+    settled(tlab, prog["id"], 1)
     out = [g[4] for g in logs(tlab, prog["id"], "--stream", "stdout")]
     assert out == ["x" * 16384] * 4
