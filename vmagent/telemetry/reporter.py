@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from net.sockdiag import NetMeter, decode_counters
 from vmagent.telemetry import sampler
 from vmagent.telemetry.lines import LineSplitter
 from vmagent.telemetry.uplink import Row, Uplink
@@ -87,6 +88,7 @@ class Reporter:
         self.watches: dict[bytes, Watch] = {}  # session id -> watch
         self.loop: asyncio.AbstractEventLoop | None = None
         self._final_status: dict[bytes, int] = {}  # session id -> raw wait status
+        self.net = NetMeter()  # per-process TCP bytes (samples, tracer exit stops)
 
     # -- hooks -------------------------------------------------------------------------
     def started(self, session: Session) -> None:
@@ -198,6 +200,12 @@ class Reporter:
             if name and n.isdigit():
                 calls[_text(name)] = int(n)
         final = record.get(b"final") in (b"1", b"true")
+        tcp = record.get(b"tcp")
+        if tcp:
+            self.net.merge(pid, decode_counters(tcp))
+        figures["net_rx"], figures["net_tx"] = (
+            self.net.forget(pid) if final else self.net.totals(pid)
+        )
         row = self._row(w, pid, figures, final=final)
         if calls:
             row["syscalls"] = calls
@@ -225,6 +233,7 @@ class Reporter:
         """One sample of every watched session (off the loop: it reads /proc)."""
         roots = {w.root: w for w in list(self.watches.values()) if not w.ended}
         members = sampler.sessions_members(set(roots))
+        self.net.look([st.pid for group in members.values() for st in group])
         rows: list[Row] = []
         for root, w in roots.items():
             for st in members.get(root, ()):
@@ -233,6 +242,7 @@ class Reporter:
                 fig = sampler.usage_of(st.pid)
                 if fig is None:
                     continue
+                fig["net_rx"], fig["net_tx"] = self.net.totals(st.pid)
                 w.last[st.pid] = fig
                 rows.append(self._row(w, st.pid, fig))
         if rows and self.loop is not None:
@@ -257,7 +267,9 @@ class Reporter:
                 self.uplink.line(w.program, w.root, STREAMS[fd], text, now)
         status = self._final_status.pop(session.sid, None)
         for pid in list(w.live):
-            row = self._row(w, pid, w.last.get(pid, {}), final=True)
+            fig = dict(w.last.get(pid, {}))
+            fig["net_rx"], fig["net_tx"] = self.net.forget(pid)
+            row = self._row(w, pid, fig, final=True)
             if pid == w.root and status is not None:
                 if os.WIFSIGNALED(status):
                     row["signal"] = os.WTERMSIG(status)
