@@ -9,6 +9,7 @@ writes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,41 @@ def test_a_64_kib_line_is_logged_in_16_kib_pieces(tlab: Lab) -> None:
     settled(tlab, prog["id"], 1)
     out = [g[4] for g in logs(tlab, prog["id"], "--stream", "stdout")]
     assert out == ["x" * 16384] * 4
+
+
+def test_the_record_holds_the_placed_processes_usage(tlab: Lab) -> None:
+    record = tlab.data / "run.json"
+    res = dcptrace(
+        tlab, tlab.url, "sh", "-c", "./emit.sh rec; true", token=tlab.token, record=str(record)
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    got = json.loads(record.read_text())
+    (row,) = got["placed_processes"]
+    assert row["instance"] in ("n0", "n1") and row["argv"] == ["./emit.sh", "rec"]
+    assert row["exit_status"] == 4 and row["signal"] is None
+    assert row["parent"].startswith("home:") or row["parent"] is None
+    assert got["incomplete"] == [] and set(got["syscalls"]["by_instance"]) == {row["instance"]}
+
+
+CPU_LOOP = """#!/usr/bin/env python3
+import resource, time
+t = time.process_time()
+while time.process_time() - t < 2.5:
+    pass
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(ru.ru_utime + ru.ru_stime)
+"""
+
+
+def test_a_placed_cpu_loop_is_measured_within_20_percent_of_its_rusage(tlab: Lab) -> None:
+    (tlab.data / "spin.py").write_text(CPU_LOOP)
+    (tlab.data / "spin.py").chmod(0o755)
+    res = dcptrace(tlab, tlab.url, "sh", "-c", "./spin.py", token=tlab.token)
+    assert res.returncode == 0, res.stderr.decode()
+    own = float(res.stdout)
+    prog = newest_program(tlab)
+    (row,) = settled(tlab, prog["id"], 1)["processes"]
+    assert abs(row["cpu_seconds"] - own) <= 0.2 * own, (row, own)
+    metrics = tlab.get(f"/v1/programs/{prog['id']}/metrics")
+    assert abs(metrics["cpu_seconds"] - row["cpu_seconds"]) < 1e-6
+    assert metrics["by_instance"][row["instance"]]["cpu_seconds"] == metrics["cpu_seconds"]

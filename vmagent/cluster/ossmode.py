@@ -143,6 +143,10 @@ class ProgramLink(Protocol):
         """A placed process ended (returns at once)."""
         ...
 
+    def processes(self, final_wait: float) -> dict[str, Any] | None:
+        """The OSS's record of the placed processes (`GET /v1/programs/{id}/processes`)."""
+        ...
+
     def finish(self, exit_status: int | None, signal: int | None) -> None:
         """The run ended: record the root's status (None, None: cancel)."""
         ...
@@ -230,6 +234,12 @@ class OssCoordinator(ClusterCoordinator):
         if isinstance(event, ProcessExited) and event.pid == self._root:
             self._root_status = (event.exit_status, event.signal)
         super().on_process(event)
+
+    def measured(self, final_wait: float) -> dict[str, Any] | None:
+        """The placed processes as the OSS measured them (for --record)."""
+        if self._root is None:
+            return None
+        return self._link.processes(final_wait)
 
     def close(self) -> None:
         """Finish the program with the root's status (cancel it if the root was not seen)."""
@@ -458,6 +468,21 @@ class OssProgramLink:
             await self._client.release(pid, instance, 1)
         except errors.OssError as exc:
             log.debug("release of %s on %s: %s", pid, instance, exc)
+
+    def processes(self, final_wait: float) -> dict[str, Any] | None:
+        """The OSS's record of the placed processes, once each has its final figures (at
+        most `final_wait` s); None without a program or when the OSS cannot say."""
+        from oss import errors
+
+        pid = self._program()
+        if pid is None:
+            return None
+        try:
+            got = self._call(self._client.processes(pid, final_wait))
+        except (errors.OssError, TimeoutError) as exc:
+            log.warning("the OSS did not give the processes of %s: %s", pid, _reason(exc))
+            return None
+        return got.model_dump(mode="json")
 
     def finish(self, exit_status: int | None, signal: int | None) -> None:
         """Wait for the releases, then finish (or cancel) the program."""
