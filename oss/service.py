@@ -48,6 +48,8 @@ from oss.telemetry.store import Logs
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FLUSH_TICKS = 5  # persist heartbeats every this many ticks
+PLACED_REMEMBERED = 3600.0  # seconds an instance may report for a program placed there
+PLACED_KEPT = 100_000  # (program, instance) placements remembered for that
 
 
 class ContextLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -114,6 +116,8 @@ class Oss:
         self._last_seen: dict[str, float] = {}
         self._beats: dict[str, tuple[float, str]] = {}
         self._oss_lines: list[logmod.LogLine] = []
+        self._event_lines: dict[str, list[logmod.LogLine]] = {}  # program -> placed events
+        self._placed_on: dict[tuple[str, str], float] = {}  # (program, instance) -> when
         self._token_cache: dict[str, tuple[Principal, float]] = {}
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
@@ -195,6 +199,12 @@ class Oss:
             await self.instances.flush_heartbeats(beats)
 
     async def _flush_logs(self) -> None:
+        events, self._event_lines = self._event_lines, {}
+        for program_id, lines in events.items():
+            try:
+                await self.logs.append_logs(None, program_id, lines)
+            except OssError as exc:
+                log.warning("placement events of %s not logged: %s", program_id, exc)
         if self._oss_lines:
             lines, self._oss_lines = self._oss_lines, []
             await self.logs.append_logs(None, None, lines)
@@ -368,7 +378,15 @@ class Oss:
         applied again."""
         if body.instance != instance:
             raise Unauthorized("token does not belong to this instance")
-        done = await self.processes.apply(instance, body)
+        now = self.clock()
+        placed = {
+            prog
+            for prog in {u.program_id for u in body.usage}
+            | {ln.program_id for ln in body.logs}
+            | {e.program_id for e in body.events}
+            if now - self._placed_on.get((prog, instance), -1e18) <= PLACED_REMEMBERED
+        }
+        done = await self.processes.apply(instance, body, placed)
         for program_id, inst, _pid, delta in done.deltas:
             self.metrics.report(program_id, measured_counters(delta, inst))
         if done.refused:
@@ -376,6 +394,22 @@ class Oss:
                 f"refused {done.refused} telemetry row(s) of programs not run here", instance
             )
         return ReportAck(acked_seq=done.acked_seq, refused=done.refused)
+
+    def placed(self, program_id: str, assignments: Sequence[Mapping[str, Any]]) -> None:
+        """Processes of a program were placed: their instances may report for it (even
+        after the placement is released), and the program's log gets `placed` events."""
+        now = self.clock()
+        for a in assignments:
+            self._placed_on[(program_id, a["instance"])] = now
+            n = a["processes"]
+            self._event_lines.setdefault(program_id, []).append(
+                logmod.LogLine(
+                    now, "event", f"placed {n} process{'es' if n > 1 else ''}", a["instance"]
+                )
+            )
+        if len(self._placed_on) > PLACED_KEPT:  # forget the oldest half
+            keep = sorted(self._placed_on.items(), key=lambda kv: kv[1])[PLACED_KEPT // 2 :]
+            self._placed_on = dict(keep)
 
     async def _seed_metrics(self) -> None:
         """After a restart the collector starts from the durable measured totals."""
@@ -396,6 +430,7 @@ class Oss:
         )
         limits = body.limits.model_dump(exclude_none=True) if body.limits else None
         prog = await self.programs.submit(who, spec, limits)
+        self.placed(prog["id"], prog["placements"])
         await self.program_log(
             prog["id"],
             f"submitted by {who.user_id}: {prog['state']}, placements "

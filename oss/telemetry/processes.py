@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,13 @@ class Processes:
     def __init__(self, db: Store) -> None:
         self._db = db
 
-    async def apply(self, instance: str, report: m.AgentReport) -> Applied:
-        """Apply one agent report (durable on return) unless its batch was applied before."""
+    async def apply(
+        self, instance: str, report: m.AgentReport, placed: Collection[str] = ()
+    ) -> Applied:
+        """Apply one agent report (durable on return) unless its batch was applied before.
+
+        `placed`: programs placed on the instance lately (their placement may already
+        be released when the first report of a short process arrives)."""
         # Compress outside the writer: the transaction only inserts.
         blobs = {p: chunk_blobs(lines) for p, lines in report_lines(instance, report).items()}
         now = self._db.clock()
@@ -94,7 +99,7 @@ class Processes:
 
             def account_of(program_id: str) -> str | None:
                 if program_id not in allowed:
-                    allowed[program_id] = _may_report(c, program_id, instance)
+                    allowed[program_id] = _may_report(c, program_id, instance, placed)
                 return allowed[program_id]
 
             refused = 0
@@ -180,15 +185,16 @@ class Processes:
         return await self._db.write(op)
 
 
-def _may_report(c: Conn, program_id: str, instance: str) -> str | None:
-    """The program's account if `instance` may report for it (placed there, or already
-    recorded there), else None."""
+def _may_report(c: Conn, program_id: str, instance: str, placed: Collection[str]) -> str | None:
+    """The program's account if `instance` may report for it (placed there now or lately,
+    or already recorded there), else None."""
     try:
         p = programs.program_row(c, program_id, None)
     except NotFound:
         return None
     if (
-        programs.is_placed(c, program_id, instance)
+        program_id in placed
+        or programs.is_placed(c, program_id, instance)
         or c.execute(
             "SELECT 1 FROM processes WHERE program_id=? AND instance=? LIMIT 1",
             (program_id, instance),

@@ -173,3 +173,20 @@ def test_final_wait_returns_once_every_process_ended(srv: OssServer) -> None:
     w.report(2, usage=[w.row(pid=1, final=True, signal=9)])
     got = srv.http("GET", f"/v1/programs/{w.id}/processes?final_wait=5", w.a.token).body
     assert got["incomplete"] == [] and [p["signal"] for p in got["processes"]] == [9, None]
+
+
+def test_a_report_after_the_placement_was_released_still_counts(srv: OssServer) -> None:
+    """A short process: its home releases the placement before the agent's first batch."""
+    w = World(srv)
+    r = srv.http("POST", f"/v1/programs/{w.id}/placements", w.a.token, {"processes": 1})
+    assert r.status == 200 and r.body["assignments"] == [{"instance": "vm1", "processes": 1}]
+    for _ in range(2):  # the submission's slot and this one
+        srv.http("POST", f"/v1/programs/{w.id}/release", w.a.token, {"instance": "vm1"})
+    assert srv.http("GET", f"/v1/programs/{w.id}", w.a.token).body["placements"] == []
+    assert w.report(1, usage=[w.row(final=True, cpu_us=10)]).body["refused"] == 0
+    srv.call(srv.oss.tick())
+    ev = srv.http("GET", f"/v1/programs/{w.id}/logs?stream=event", w.a.token).body["lines"]
+    assert [(ln["instance"], ln["text"]) for ln in ev] == [
+        ("vm1", "placed 1 process"),
+        ("vm1", "placed 1 process"),
+    ]
