@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from net.sockdiag import NetMeter, decode_counters
+from vmagent.exec import protocol as P
 from vmagent.telemetry import sampler
 from vmagent.telemetry.lines import LineSplitter
 from vmagent.telemetry.uplink import Row, Uplink
@@ -52,6 +53,8 @@ class Watch:
     splitters: dict[int, LineSplitter] = field(default_factory=dict)
     traced: bool = False  # the instance tracer reports this session
     ended: bool = False
+    start_ts: float = 0.0
+    held: dict[int, Row] = field(default_factory=dict)  # final rows awaiting their exit
 
 
 def _text(v: bytes) -> str:
@@ -87,7 +90,8 @@ class Reporter:
         self.clock = clock
         self.watches: dict[bytes, Watch] = {}  # session id -> watch
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._final_status: dict[bytes, int] = {}  # session id -> raw wait status
+        # session id -> (raw wait status, when reaped)
+        self._final_status: dict[bytes, tuple[int, float]] = {}
         self.net = NetMeter()  # per-process TCP bytes (samples, tracer exit stops)
 
     # -- hooks -------------------------------------------------------------------------
@@ -102,9 +106,9 @@ class Reporter:
         argv = [_text(a) for a in session.request.argv][:256]
         w.live[session.pid] = round(now, 6)
         w.argv[session.pid] = argv
+        w.start_ts = now
         self.watches[session.sid] = w
-        self.uplink.usage(self._row(w, session.pid, {}))
-        self.uplink.event(self._event(w, session.pid, "exec", now, argv=argv))
+        self.uplink.usage(self._row(w, session.pid, {}))  # the record waits for it
         self.uplink.urgent()
 
     def output(self, session: Session, fd: int, data: bytes) -> None:
@@ -128,15 +132,8 @@ class Reporter:
         if w is None:
             return
         w.ended = True
-        if not w.traced:
-            now = self.clock()
-            if os.WIFSIGNALED(status):
-                ev = self._event(w, w.root, "signal", now, signal=os.WTERMSIG(status))
-            else:
-                ev = self._event(w, w.root, "exit", now, status=os.WEXITSTATUS(status))
-            self.uplink.event(ev)
         w.last.setdefault(w.root, {})
-        self._final_status[session.sid] = status
+        self._final_status[session.sid] = (status, self.clock())
         loop = self.loop or asyncio.get_running_loop()
         loop.call_later(SETTLE, self._settle, session)
 
@@ -163,7 +160,10 @@ class Reporter:
             ts = float(ts_raw) if ts_raw else self.clock()
         except ValueError:
             ts = self.clock()
-        argv = [_text(a) for a in record.get(b"argv", b"").split(b"\0") if a][:256]
+        try:
+            argv = [_text(a) for a in P.unrecord(record.get(b"argv", b""))][:256]
+        except P.FrameError:
+            argv = []
         if kind == "spawn":
             w.live.setdefault(pid, round(ts, 6))
             return  # the exec that follows is what the log shows
@@ -174,10 +174,18 @@ class Reporter:
             self.uplink.event(self._event(w, pid, "exec", ts, argv=argv))
         elif kind == "exit":
             sig = _int(record, b"signal")
+            status = _int(record, b"status")
             if sig:
                 self.uplink.event(self._event(w, pid, "signal", ts, signal=sig))
             else:
-                self.uplink.event(self._event(w, pid, "exit", ts, status=_int(record, b"status")))
+                self.uplink.event(self._event(w, pid, "exit", ts, status=status))
+            row = w.held.pop(pid, None)  # its usage came at the exit stop, just before
+            if row is not None:
+                if sig:
+                    row["signal"] = sig
+                elif status is not None and 0 <= status <= 255:
+                    row["exit_status"] = status
+                self.uplink.usage(row)
 
     def _trace_usage(self, w: Watch, pid: int, record: dict[bytes, bytes]) -> None:
         figures = {
@@ -212,12 +220,8 @@ class Reporter:
         if final:
             w.live.pop(pid, None)
             w.last.pop(pid, None)
-            status = _int(record, b"status")
-            sig = _int(record, b"signal")
-            if sig:
-                row["signal"] = sig
-            elif status is not None:
-                row["exit_status"] = status
+            w.held[pid] = row  # sent with the exit status the exit event brings
+            return
         self.uplink.usage(row)
 
     # -- live samples --------------------------------------------------------------------
@@ -265,7 +269,20 @@ class Reporter:
         for fd, sp in w.splitters.items():
             for text in sp.flush():
                 self.uplink.line(w.program, w.root, STREAMS[fd], text, now)
-        status = self._final_status.pop(session.sid, None)
+        status, reaped = self._final_status.pop(session.sid, (None, now))
+        if not w.traced:  # no tracer told the root's exec and exit: say them here
+            argv = w.argv.get(w.root, [])
+            self.uplink.event(self._event(w, w.root, "exec", w.start_ts, argv=argv))
+            if status is not None and os.WIFSIGNALED(status):
+                self.uplink.event(
+                    self._event(w, w.root, "signal", reaped, signal=os.WTERMSIG(status))
+                )
+            elif status is not None:
+                self.uplink.event(
+                    self._event(w, w.root, "exit", reaped, status=os.WEXITSTATUS(status))
+                )
+        for row in w.held.values():  # exit events that never came
+            self.uplink.usage(row)
         for pid in list(w.live):
             fig = dict(w.last.get(pid, {}))
             fig["net_rx"], fig["net_tx"] = self.net.forget(pid)

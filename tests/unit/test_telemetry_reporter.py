@@ -1,0 +1,116 @@
+"""Reporter: tracer records and session ends become usage rows, events and lines."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmagent.exec import protocol as P
+from vmagent.telemetry.reporter import Reporter
+from vmagent.telemetry.uplink import Uplink
+
+
+@dataclass
+class FakeRequest:
+    argv: tuple[bytes, ...] = (b"cc", b"-c", b"a.c")
+    parent: bytes = b"home:77"
+
+
+@dataclass
+class FakeSession:
+    """What the reporter reads of a session."""
+
+    sid: bytes = b"s1"
+    pid: int = 100
+    program_id: str | None = "prog_1"
+    request: FakeRequest = field(default_factory=FakeRequest)
+    finished: bool = True
+    outs: dict[int, int] = field(default_factory=dict)
+
+
+async def _never(raw: bytes) -> dict[str, Any]:
+    raise AssertionError("not sent in this test")
+
+
+def _reporter() -> tuple[Reporter, Uplink]:
+    up = Uplink("vm1", _never, interval=3600)
+    return Reporter(up, clock=lambda: 50.0), up
+
+
+def _usage(up: Uplink) -> list[dict[str, Any]]:
+    return list(up._usage.values())
+
+
+def _items(up: Uplink, kind: str) -> list[dict[str, Any]]:
+    return [row for k, row, _ in up._items if k == kind]
+
+
+def test_traced_session_rows_carry_exit_status_and_tracer_figures() -> None:
+    async def go() -> None:
+        r, up = _reporter()
+        s: Any = FakeSession()
+        r.started(s)
+        r.output(s, 1, b"hello\npart")
+        r.trace_message(
+            s,
+            {b"op": b"event", b"kind": b"exec", b"pid": b"100", b"ts": b"51.5",
+             b"argv": P.record([b"cc", b"-c", b"a.c"])},
+        )  # fmt: skip
+        r.trace_message(
+            s,
+            {b"op": b"usage", b"pid": b"100", b"final": b"1", b"cpu_us": b"2500000",
+             b"maxrss_kb": b"900", b"rchar": b"10", b"sys": b"storage=3,compute=1"},
+        )  # fmt: skip
+        assert [u["final"] for u in _usage(up)] == [False]  # held for its exit status
+        r.trace_message(
+            s, {b"op": b"event", b"kind": b"exit", b"pid": b"100", b"status": b"3", b"ts": b"53"}
+        )
+        (row,) = _usage(up)
+        assert (row["final"], row["cpu_us"], row["exit_status"], row["syscalls"]) == (
+            True,
+            2_500_000,
+            3,
+            {"storage": 3, "compute": 1},
+        )
+        assert (row["parent_instance"], row["parent_pid"], row["argv"]) == (
+            "home",
+            77,
+            ["cc", "-c", "a.c"],
+        )
+        r.ended(s, 3 << 8)
+        r._settle(s)  # output drained: the rest of the line goes, no made-up events
+        events = [(e["kind"], e["ts"], e.get("status")) for e in _items(up, "events")]
+        assert events == [("exec", 51.5, None), ("exit", 53.0, 3)]
+        assert [(ln["stream"], ln["text"]) for ln in _items(up, "logs")] == [
+            ("stdout", "hello"),
+            ("stdout", "part"),
+        ]
+
+    asyncio.run(go())
+
+
+def test_untraced_session_gets_its_exec_and_exit_from_the_agent() -> None:
+    async def go() -> None:
+        r, up = _reporter()
+        s: Any = FakeSession()
+        r.started(s)
+        r.ended(s, 9)  # killed by SIGKILL
+        r._settle(s)
+        kinds = [(e["kind"], e.get("signal")) for e in _items(up, "events")]
+        assert kinds == [("exec", None), ("signal", 9)]
+        (row,) = _usage(up)
+        assert row["final"] and row["signal"] == 9
+
+    asyncio.run(go())
+
+
+def test_sessions_without_a_program_are_not_reported() -> None:
+    async def go() -> None:
+        r, up = _reporter()
+        s: Any = FakeSession(program_id=None)
+        r.started(s)
+        r.output(s, 1, b"x\n")
+        assert up.waiting == 0 and r.watches == {}
+
+    asyncio.run(go())
