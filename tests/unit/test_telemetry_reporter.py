@@ -114,3 +114,20 @@ def test_sessions_without_a_program_are_not_reported() -> None:
         assert up.waiting == 0 and r.watches == {}
 
     asyncio.run(go())
+
+
+def test_a_final_row_after_its_exit_event_goes_at_once() -> None:
+    """The instance tracer sends the exit event, then the usage (ProcessUsage)."""
+
+    async def go() -> None:
+        r, up = _reporter()
+        s: Any = FakeSession()
+        r.started(s)
+        r.trace_message(
+            s, {b"op": b"event", b"kind": b"exit", b"pid": b"100", b"signal": b"15", b"ts": b"9"}
+        )
+        r.trace_message(s, {b"op": b"usage", b"pid": b"100", b"final": b"1", b"cpu_us": b"7"})
+        (row,) = _usage(up)
+        assert (row["final"], row["signal"], row["cpu_us"]) == (True, 15, 7)
+
+    asyncio.run(go())

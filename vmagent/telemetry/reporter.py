@@ -55,6 +55,7 @@ class Watch:
     ended: bool = False
     start_ts: float = 0.0
     held: dict[int, Row] = field(default_factory=dict)  # final rows awaiting their exit
+    exits: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
 
 
 def _text(v: bytes) -> str:
@@ -179,13 +180,10 @@ class Reporter:
                 self.uplink.event(self._event(w, pid, "signal", ts, signal=sig))
             else:
                 self.uplink.event(self._event(w, pid, "exit", ts, status=status))
-            row = w.held.pop(pid, None)  # its usage came at the exit stop, just before
+            w.exits[pid] = (status, sig)
+            row = w.held.pop(pid, None)  # its usage came first: it waited for this
             if row is not None:
-                if sig:
-                    row["signal"] = sig
-                elif status is not None and 0 <= status <= 255:
-                    row["exit_status"] = status
-                self.uplink.usage(row)
+                self._send_final(w, pid, row)
 
     def _trace_usage(self, w: Watch, pid: int, record: dict[bytes, bytes]) -> None:
         figures = {
@@ -220,8 +218,20 @@ class Reporter:
         if final:
             w.live.pop(pid, None)
             w.last.pop(pid, None)
-            w.held[pid] = row  # sent with the exit status the exit event brings
+            if pid in w.exits:
+                self._send_final(w, pid, row)
+            else:
+                w.held[pid] = row  # sent with the exit status the exit event brings
             return
+        self.uplink.usage(row)
+
+    def _send_final(self, w: Watch, pid: int, row: Row) -> None:
+        """A final row with the process's exit status or signal."""
+        status, sig = w.exits.pop(pid)
+        if sig:
+            row["signal"] = sig
+        elif status is not None and 0 <= status <= 255:
+            row["exit_status"] = status
         self.uplink.usage(row)
 
     # -- live samples --------------------------------------------------------------------
