@@ -66,6 +66,9 @@ def test_traced_session_rows_carry_exit_status_and_tracer_figures() -> None:
         r.trace_message(
             s, {b"op": b"event", b"kind": b"exit", b"pid": b"100", b"status": b"3", b"ts": b"53"}
         )
+        assert [u["final"] for u in _usage(up)] == [False]  # the program's row waits for
+        r.ended(s, 3 << 8)  # its session to end and its output to drain
+        r._settle(s)
         (row,) = _usage(up)
         assert (row["final"], row["cpu_us"], row["exit_status"], row["syscalls"]) == (
             True,
@@ -78,8 +81,6 @@ def test_traced_session_rows_carry_exit_status_and_tracer_figures() -> None:
             77,
             ["cc", "-c", "a.c"],
         )
-        r.ended(s, 3 << 8)
-        r._settle(s)  # output drained: the rest of the line goes, no made-up events
         events = [(e["kind"], e["ts"], e.get("status")) for e in _items(up, "events")]
         assert events == [("exec", 51.5, None), ("exit", 53.0, 3)]
         assert [(ln["stream"], ln["text"]) for ln in _items(up, "logs")] == [
@@ -124,10 +125,10 @@ def test_a_final_row_after_its_exit_event_goes_at_once() -> None:
         s: Any = FakeSession()
         r.started(s)
         r.trace_message(
-            s, {b"op": b"event", b"kind": b"exit", b"pid": b"100", b"signal": b"15", b"ts": b"9"}
+            s, {b"op": b"event", b"kind": b"exit", b"pid": b"101", b"signal": b"15", b"ts": b"9"}
         )
-        r.trace_message(s, {b"op": b"usage", b"pid": b"100", b"final": b"1", b"cpu_us": b"7"})
-        (row,) = _usage(up)
+        r.trace_message(s, {b"op": b"usage", b"pid": b"101", b"final": b"1", b"cpu_us": b"7"})
+        (row,) = [u for u in _usage(up) if u["pid"] == 101]
         assert (row["final"], row["signal"], row["cpu_us"]) == (True, 15, 7)
 
     asyncio.run(go())

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STREAMS = {1: "stdout", 2: "stderr"}
-SETTLE = 0.5  # seconds after a session ended before missing final rows are made up
+SETTLE = 0.05  # seconds between looks for a session's output to be drained
 
 
 @dataclass
@@ -56,6 +56,8 @@ class Watch:
     start_ts: float = 0.0
     held: dict[int, Row] = field(default_factory=dict)  # final rows awaiting their exit
     exits: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
+    root_final: Row | None = None  # the program's final row, sent when the session settles
+    drained: bool = False  # the session's output ended: its last lines were sent
 
 
 def _text(v: bytes) -> str:
@@ -135,8 +137,7 @@ class Reporter:
         w.ended = True
         w.last.setdefault(w.root, {})
         self._final_status[session.sid] = (status, self.clock())
-        loop = self.loop or asyncio.get_running_loop()
-        loop.call_later(SETTLE, self._settle, session)
+        (self.loop or asyncio.get_running_loop()).call_soon(self._settle, session)
 
     def trace_message(self, session: Session, record: dict[bytes, bytes]) -> None:
         """A record of the session's instance tracer."""
@@ -226,13 +227,19 @@ class Reporter:
         self.uplink.usage(row)
 
     def _send_final(self, w: Watch, pid: int, row: Row) -> None:
-        """A final row with the process's exit status or signal."""
+        """A final row with the process's exit status or signal.
+
+        The session's program's own row waits for the session to settle: once its
+        final figures are in, every line of its output is too (one batch)."""
         status, sig = w.exits.pop(pid)
         if sig:
             row["signal"] = sig
         elif status is not None and 0 <= status <= 255:
             row["exit_status"] = status
-        self.uplink.usage(row)
+        if pid == w.root and not w.drained:
+            w.root_final = row
+        else:
+            self.uplink.usage(row)
 
     # -- live samples --------------------------------------------------------------------
     async def run(self) -> None:
@@ -245,7 +252,7 @@ class Reporter:
 
     def sample_once(self) -> None:
         """One sample of every watched session (off the loop: it reads /proc)."""
-        roots = {w.root: w for w in list(self.watches.values()) if not w.ended}
+        roots = {w.root: w for w in list(self.watches.values())}
         members = sampler.sessions_members(set(roots))
         self.net.look([st.pid for group in members.values() for st in group])
         rows: list[Row] = []
@@ -268,17 +275,34 @@ class Reporter:
 
     # -- end of a session ------------------------------------------------------------------
     def _settle(self, session: Session) -> None:
-        """Flush partial lines once output is drained; make up missing final rows."""
+        """The end of a session, in steps, looked at every SETTLE seconds.
+
+        1. Once its output is drained: the unterminated lines go, then the program's
+           final row if the tracer sent it (so a final row means its lines are in).
+        2. Once its tracer is done (or it had none): events and final rows the
+           tracer did not send are made up from the last samples, and the watch ends.
+           Until then the session's orphans are still traced: they keep being sampled.
+        """
         w = self.watches.get(session.sid)
         if w is None:
             return
+        loop = self.loop or asyncio.get_running_loop()
         if not (session.finished or not session.outs):
-            (self.loop or asyncio.get_running_loop()).call_later(SETTLE, self._settle, session)
+            loop.call_later(SETTLE, self._settle, session)
             return
         now = self.clock()
-        for fd, sp in w.splitters.items():
-            for text in sp.flush():
-                self.uplink.line(w.program, w.root, STREAMS[fd], text, now)
+        if not w.drained:
+            w.drained = True
+            for fd, sp in w.splitters.items():
+                for text in sp.flush():
+                    self.uplink.line(w.program, w.root, STREAMS[fd], text, now)
+            self.uplink.urgent()
+        if w.root_final is not None:
+            self.uplink.usage(w.root_final)
+            w.root_final = None
+        if getattr(session, "trace_sock", None) is not None:  # the tracer still runs
+            loop.call_later(SETTLE if w.root in w.live else self.interval, self._settle, session)
+            return
         status, reaped = self._final_status.pop(session.sid, (None, now))
         if not w.traced:  # no tracer told the root's exec and exit: say them here
             argv = w.argv.get(w.root, [])
