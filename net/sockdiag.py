@@ -61,18 +61,38 @@ def tcp_bytes(inodes: Collection[int]) -> dict[int, tuple[int, int]]:
     return out
 
 
-class NetMeter:
-    """Per-process TCP totals: the last counters seen of every socket it held.
+def held_counters(pid: int) -> dict[str, int]:
+    """`net_rx`/`net_tx` of the TCP sockets process `pid` holds now ({} if none): what
+    the instance tracer adds to a process's figures at its exit stop."""
+    inodes = socket_inodes(pid)
+    if not inodes:
+        return {}
+    counters = tcp_bytes(inodes)
+    if not counters:
+        return {}
+    return {
+        "net_rx": sum(v[0] for v in counters.values()),
+        "net_tx": sum(v[1] for v in counters.values()),
+    }
 
-    A socket closed between two looks keeps the figures of the last look, so a
-    process's total never goes down; a socket opened and closed between two looks
-    is not seen at all (the price of not tracing close).
+
+class NetMeter:
+    """Per-process TCP totals from periodic looks (the agent's samples).
+
+    Each socket keeps the counters of the last look that saw it.  A socket a look
+    no longer finds in its process is closed: its figures are final.  At the end of
+    a process, `final` adds the closed sockets' figures to what the tracer read at
+    the exit stop (the sockets still held then); without an exit-stop reading, every
+    socket's last figures count.  A socket opened and closed between two looks, or
+    closed after the last look and before the exit, is not (fully) counted: the
+    price of not tracing close.
     """
 
     FORGOTTEN_KEPT = 4096  # ended pids a late look must not bring back
 
     def __init__(self) -> None:
-        self._seen: dict[int, dict[int, tuple[int, int]]] = {}  # pid -> inode -> counters
+        # pid -> inode -> (rx, tx, still held at the last look)
+        self._seen: dict[int, dict[int, tuple[int, int, bool]]] = {}
         self._forgotten: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()  # looks run on a worker thread
 
@@ -85,46 +105,28 @@ class NetMeter:
                 if pid in self._forgotten:
                     continue
                 seen = self._seen.setdefault(pid, {})
+                for ino, (rx, tx, _open) in list(seen.items()):
+                    if ino not in inodes:
+                        seen[ino] = (rx, tx, False)
                 for ino in inodes:
                     if ino in counters:
-                        seen[ino] = counters[ino]
-
-    def merge(self, pid: int, counters: dict[int, tuple[int, int]]) -> None:
-        """Counters of the process's sockets read elsewhere (the tracer's exit stop)."""
-        with self._lock:
-            self._forgotten.pop(pid, None)  # a reused pid is a new process
-            seen = self._seen.setdefault(pid, {})
-            for ino, (rx, tx) in counters.items():
-                old = seen.get(ino, (0, 0))
-                seen[ino] = (max(old[0], rx), max(old[1], tx))
+                        seen[ino] = (*counters[ino], True)
 
     def totals(self, pid: int) -> tuple[int, int]:
-        """(rx, tx) bytes of a process so far."""
+        """(rx, tx) bytes of a live process so far."""
         with self._lock:
             seen = list(self._seen.get(pid, {}).values())
         return sum(v[0] for v in seen), sum(v[1] for v in seen)
 
-    def forget(self, pid: int) -> tuple[int, int]:
-        """The process ended: its totals, and nothing kept."""
-        out = self.totals(pid)
+    def final(self, pid: int, at_exit: tuple[int, int] | None) -> tuple[int, int]:
+        """The process ended: its (rx, tx), nothing kept.  `at_exit`: the tracer's reading
+        of the sockets it held at its exit stop (None: there was none)."""
         with self._lock:
-            self._seen.pop(pid, None)
+            seen = list(self._seen.pop(pid, {}).values())
             self._forgotten[pid] = None
             if len(self._forgotten) > self.FORGOTTEN_KEPT:
                 self._forgotten.popitem(last=False)
-        return out
-
-
-def encode_counters(counters: dict[int, tuple[int, int]]) -> bytes:
-    """`ino:rx:tx,...` (the tracer's usage record field `tcp`)."""
-    return ",".join(f"{i}:{rx}:{tx}" for i, (rx, tx) in sorted(counters.items())).encode()
-
-
-def decode_counters(raw: bytes) -> dict[int, tuple[int, int]]:
-    """The inverse of `encode_counters`; malformed items are skipped."""
-    out: dict[int, tuple[int, int]] = {}
-    for item in raw.split(b","):
-        parts = item.split(b":")
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
-            out[int(parts[0])] = (int(parts[1]), int(parts[2]))
-    return out
+        if at_exit is None:
+            return sum(v[0] for v in seen), sum(v[1] for v in seen)
+        closed = [v for v in seen if not v[2]]
+        return at_exit[0] + sum(v[0] for v in closed), at_exit[1] + sum(v[1] for v in closed)

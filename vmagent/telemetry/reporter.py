@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from net.sockdiag import NetMeter, decode_counters
+from net.sockdiag import NetMeter
 from vmagent.exec import protocol as P
 from vmagent.telemetry import sampler
 from vmagent.telemetry.lines import LineSplitter
@@ -207,12 +207,13 @@ class Reporter:
             if name and n.isdigit():
                 calls[_text(name)] = int(n)
         final = record.get(b"final") in (b"1", b"true")
-        tcp = record.get(b"tcp")
-        if tcp:
-            self.net.merge(pid, decode_counters(tcp))
-        figures["net_rx"], figures["net_tx"] = (
-            self.net.forget(pid) if final else self.net.totals(pid)
-        )
+        if final:
+            # What the exit stop read of the sockets still held (io counters present:
+            # the stop happened), plus the sockets the samples saw closed before.
+            at_exit = (
+                (figures.get("net_rx", 0), figures.get("net_tx", 0)) if "rchar" in figures else None
+            )
+            figures["net_rx"], figures["net_tx"] = self.net.final(pid, at_exit)
         row = self._row(w, pid, figures, final=final)
         if calls:
             row["syscalls"] = calls
@@ -319,7 +320,7 @@ class Reporter:
             self.uplink.usage(row)
         for pid in list(w.live):
             fig = dict(w.last.get(pid, {}))
-            fig["net_rx"], fig["net_tx"] = self.net.forget(pid)
+            fig["net_rx"], fig["net_tx"] = self.net.final(pid, None)
             row = self._row(w, pid, fig, final=True)
             if pid == w.root and status is not None:
                 if os.WIFSIGNALED(status):
