@@ -30,12 +30,20 @@ exit 4
 """
 
 
+NET_RATE = 1_000_000  # micros per GiB of network traffic, in this lab
+
+
 @pytest.fixture(scope="module")
 def tlab(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Two loopback agents registered with a loopback dcp-oss serve."""
     lab = Lab(tmp_path_factory.mktemp("tel"))
     try:
-        start_lab(lab, "127.0.0.1", {n: ("127.0.0.1:0", "") for n in ("n0", "n1")})
+        start_lab(
+            lab,
+            "127.0.0.1",
+            {n: ("127.0.0.1:0", "") for n in ("n0", "n1")},
+            ("--net-rate", str(NET_RATE)),
+        )
         (lab.data / "emit.sh").write_text(EMIT)
         (lab.data / "emit.sh").chmod(0o755)
         yield lab
@@ -186,3 +194,64 @@ def test_a_placed_cpu_loop_is_measured_within_20_percent_of_its_rusage(tlab: Lab
     metrics = tlab.get(f"/v1/programs/{prog['id']}/metrics")
     assert abs(metrics["cpu_seconds"] - row["cpu_seconds"]) < 1e-6
     assert metrics["by_instance"][row["instance"]]["cpu_seconds"] == metrics["cpu_seconds"]
+
+
+SERVER = """#!/usr/bin/env python3
+import os, socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+open(sys.argv[2], "w").close()  # listening
+conn, _ = srv.accept()
+got = 0
+while data := conn.recv(1 << 16):
+    got += len(data)
+conn.sendall(b"k")
+print(got, flush=True)
+os._exit(0)  # the connection is still open at the exit: its tracer reads it
+"""
+
+CLIENT = """#!/usr/bin/env python3
+import os, socket, sys, time
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c.sendall(b"x" * (10 << 20))
+c.shutdown(socket.SHUT_WR)
+assert c.recv(1) == b"k"
+os._exit(0)
+"""
+
+
+def test_10_mb_of_tcp_between_two_placed_processes_is_measured_and_billed(
+    tlab: Lab,
+) -> None:
+    import socket
+
+    for name, text in (("tcpsrv.py", SERVER), ("tcpcli.py", CLIENT)):
+        (tlab.data / name).write_text(text)
+        (tlab.data / name).chmod(0o755)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flag = tlab.data / f"listening.{port}"
+    script = f"./tcpsrv.py {port} {flag} & ./tcpcli.py {port} {flag}; wait"
+    res = dcptrace(tlab, tlab.url, "sh", "-c", script, token=tlab.token, placement="spread")
+    assert res.returncode == 0 and res.stdout == b"%d\n" % (10 << 20), res.stderr.decode()
+    prog = newest_program(tlab)
+    rows = {
+        next(a.rsplit("/", 1)[-1] for a in p["argv"] if a.endswith(".py")): p
+        for p in settled(tlab, prog["id"], 2)["processes"]
+    }
+    lo, hi = 10 << 20, int(10.5 * (1 << 20))
+    assert lo <= rows["tcpsrv.py"]["net_rx_bytes"] <= hi, rows
+    assert lo <= rows["tcpcli.py"]["net_tx_bytes"] <= hi, rows
+    measured = sum(p["net_rx_bytes"] + p["net_tx_bytes"] for p in rows.values())
+    metrics = tlab.get(f"/v1/programs/{prog['id']}/metrics")
+    assert metrics["net_rx_bytes"] + metrics["net_tx_bytes"] == measured
+
+    expected = measured * NET_RATE / (1 << 30)  # micros
+
+    def billed() -> bool:  # the OSS meters each tick (0.5 s in this lab)
+        recs = tlab.get(f"/v1/programs/{prog['id']}/billing")["records"]
+        return abs(sum(r["net_micros"] for r in recs) - expected) < 1e-6 * expected
+
+    assert wait_for(billed, 15), tlab.get(f"/v1/programs/{prog['id']}/billing")
