@@ -20,6 +20,7 @@ from oss.billing import limits as lim
 from oss.billing import pricing
 from oss.compute import programs
 from oss.db.store import Conn, Store, to_json
+from oss.errors import NotFound
 from oss.telemetry import processes
 
 
@@ -67,7 +68,7 @@ class Billing:
             models: dict[str, str] = {}
             for p in programs.metered(c):
                 secs = pricing.whole_seconds(p["last_metered"], now)
-                if secs == 0:
+                if secs == 0 and not net_bytes.get(p["id"]):
                     continue
                 uses = [
                     pricing.InstanceUse(
@@ -109,6 +110,11 @@ class Billing:
                 programs.charge(c, p["id"], ch.amount_micros, end)
                 accounts.add_spent(c, p["account_id"], p["user_id"], ch.amount_micros)
                 n += 1
+                net_bytes.pop(p["id"], None)
+            # Bytes measured after a program stopped running (its last processes'
+            # final figures) are billed too: a record of no seconds, network only.
+            for program_id, nbytes in sorted(net_bytes.items()):
+                n += _bill_late_net(c, program_id, nbytes, rates, models)
             stopped = []
             # Only programs under some hard budget can be stopped: find those first.
             hard = {
@@ -201,6 +207,37 @@ class BudgetCheck:
 
 
 # -- run inside a transaction (this repository's or compute's) -------------------
+
+
+def _bill_late_net(
+    c: Conn, program_id: str, nbytes: int, rates: pricing.Rates, models: dict[str, str]
+) -> int:
+    """Bill measured bytes of a program no longer metered; the records written (0/1)."""
+    try:
+        p = programs.program_row(c, program_id, None)
+    except NotFound:
+        return 0
+    if p["account_id"] not in models:
+        models[p["account_id"]] = accounts.pricing_model(c, p["account_id"])
+    model = pricing.PricingModel(models[p["account_id"]])
+    ch = pricing.charge(pricing.Metered(0, [], 0, nbytes), model, rates)
+    detail = dict(
+        instance_micros=0.0,
+        storage_micros=0.0,
+        net_micros=float(ch.net_micros),
+        premium_micros=float(ch.premium_micros),
+    )
+    c.execute(
+        "INSERT INTO billing(program_id, account_id, user_id, start, end, seconds,"
+        " model, amount_micros, detail) VALUES(?,?,?,?,?,?,?,?,?)",
+        (
+            p["id"], p["account_id"], p["user_id"], p["last_metered"], p["last_metered"], 0,
+            model.value, ch.amount_micros, to_json(detail),
+        ),
+    )  # fmt: skip
+    programs.charge(c, p["id"], ch.amount_micros, p["last_metered"])
+    accounts.add_spent(c, p["account_id"], p["user_id"], ch.amount_micros)
+    return 1
 
 
 def limits(c: Conn, scope: str, scope_id: str) -> dict[str, Any]:

@@ -190,3 +190,18 @@ def test_a_report_after_the_placement_was_released_still_counts(srv: OssServer) 
         ("vm1", "placed 1 process"),
         ("vm1", "placed 1 process"),
     ]
+
+
+def test_bytes_measured_after_the_program_ended_are_billed(oss_factory: Any) -> None:
+    clock = Clock()
+    srv = oss_factory(clock=clock, rates=Rates(net_micros_per_gb=1 << 30))  # 1 micro/byte
+    w = World(srv)
+    clock.advance(3)
+    srv.call(srv.oss.meter())
+    srv.http("POST", f"/v1/programs/{w.id}/finish", w.a.token, {"exit_status": 0})
+    w.report(1, usage=[w.row(net_rx=700, net_tx=300, final=True)])  # the last process's
+    srv.call(srv.oss.meter())
+    recs = srv.http("GET", f"/v1/programs/{w.id}/billing", w.a.token).body["records"]
+    assert [(r["seconds"], r["net_micros"]) for r in recs] == [(3, 0), (0, 1000)]
+    srv.call(srv.oss.meter())  # billed once
+    assert len(srv.http("GET", f"/v1/programs/{w.id}/billing", w.a.token).body["records"]) == 2
