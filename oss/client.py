@@ -224,15 +224,15 @@ class OssClient:
                 if line.strip():
                     yield m.LogLineOut.model_validate_json(line)
 
-    async def processes(self, program_id: str, final_wait: float = 0.0) -> m.ProcessList:
+    async def processes(
+        self, program_id: str, final_wait: float = 0.0, expect: int = 0
+    ) -> m.ProcessList:
         """The program's processes with their measured usage (waiting up to `final_wait`
-        seconds for every one to have its final figures)."""
+        seconds for `expect` of them to be recorded and every one to have its final
+        figures)."""
+        params = {"final_wait": final_wait, "expect": expect} if final_wait else None
         return await self._get(
-            m.ProcessList,
-            "GET",
-            f"/v1/programs/{program_id}/processes",
-            None,
-            {"final_wait": final_wait} if final_wait else None,
+            m.ProcessList, "GET", f"/v1/programs/{program_id}/processes", None, params
         )
 
     async def report_metrics(self, program_id: str, report: m.MetricsReport) -> None:

@@ -447,9 +447,11 @@ class ProcessRow(Api):
 
 
 class ProcessQuery(Api):
-    """`?final_wait=S`: wait up to S seconds until every recorded process has ended."""
+    """`?final_wait=S&expect=N`: wait up to S seconds until at least N processes are
+    recorded and every one has ended."""
 
     final_wait: Annotated[float, Field(ge=0, le=10)] = 0.0
+    expect: Annotated[int, Field(ge=0, le=1_000_000)] = 0
 
 
 class ProcessList(Api):

@@ -201,7 +201,8 @@ FINAL_POLL = 0.05  # seconds between looks while a processes read waits for fina
 async def h_processes(
     oss: Oss, r: web.Request, who: Any, b: Any, q: m.ProcessQuery
 ) -> m.ProcessList:
-    """The program's processes; with final_wait, first wait (bounded) until all ended."""
+    """The program's processes; with final_wait, first wait (bounded) until `expect` are
+    recorded and all ended."""
     pid = r.match_info["program_id"]
     account = principal(who).account_id
     deadline = time.monotonic() + q.final_wait
@@ -209,7 +210,7 @@ async def h_processes(
         rows = await oss.processes.processes(account, pid)
         out = [procmod.process_row(x) for x in rows]
         incomplete = [f"{p.instance}:{p.pid}" for p in out if p.state == "running"]
-        if not incomplete or time.monotonic() >= deadline:
+        if (not incomplete and len(out) >= q.expect) or time.monotonic() >= deadline:
             return m.ProcessList(processes=out, incomplete=incomplete)
         await asyncio.sleep(FINAL_POLL)
 

@@ -173,6 +173,9 @@ def test_final_wait_returns_once_every_process_ended(srv: OssServer) -> None:
     w.report(2, usage=[w.row(pid=1, final=True, signal=9)])
     got = srv.http("GET", f"/v1/programs/{w.id}/processes?final_wait=5", w.a.token).body
     assert got["incomplete"] == [] and [p["signal"] for p in got["processes"]] == [9, None]
+    # `expect`: a process the home placed may not be reported yet: wait for it (bounded).
+    got = srv.http("GET", f"/v1/programs/{w.id}/processes?final_wait=0.2&expect=3", w.a.token).body
+    assert len(got["processes"]) == 2
 
 
 def test_a_report_after_the_placement_was_released_still_counts(srv: OssServer) -> None:

@@ -316,6 +316,7 @@ class OssProgramLink:
         self._width = SPREAD_WIDTH
         self._warned: set[str] = set()
         self.program_id: str | None = None
+        self.placed = 0  # processes placed with a ticket (the record waits for their rows)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -446,6 +447,7 @@ class OssProgramLink:
             return None
         for g in got.exec_grants:
             if g.tickets:
+                self.placed += 1
                 return Grant(g.instance, g.address, g.tickets[0])
         for a in got.assignments:  # placed where no ticket can be had: give it back
             self.release(a.instance)
@@ -478,7 +480,7 @@ class OssProgramLink:
         if pid is None:
             return None
         try:
-            got = self._call(self._client.processes(pid, final_wait))
+            got = self._call(self._client.processes(pid, final_wait, self.placed))
         except (errors.OssError, TimeoutError) as exc:
             log.warning("the OSS did not give the processes of %s: %s", pid, _reason(exc))
             return None
