@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -366,6 +367,7 @@ class Oss:
             )
         for p in sorted(set(programs)):
             await self.program_log(p, f"marked for recovery: instance lost ({reason})")
+        await self._lose_processes(failures)
         # Replacements: failed instances no longer count as live in their pools.
         self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
         return names
@@ -410,6 +412,19 @@ class Oss:
         if len(self._placed_on) > PLACED_KEPT:  # forget the oldest half
             keep = sorted(self._placed_on.items(), key=lambda kv: kv[1])[PLACED_KEPT // 2 :]
             self._placed_on = dict(keep)
+
+    async def _lose_processes(self, failures: Sequence[availability.Failure]) -> None:
+        """The running processes of failed instances are lost: rows and `lost` events."""
+        now = self.clock()
+        for f in failures:
+            for row in await self.processes.lose(f.instance, now):
+                argv = " ".join(json.loads(row["argv"]))
+                text = (
+                    f"lost: pid {row['pid']} ({argv}) on {f.instance}: silent {f.silent_for:.1f} s"
+                )
+                self._event_lines.setdefault(row["program_id"], []).append(
+                    logmod.LogLine(now, "event", text, f.instance, row["pid"])
+                )
 
     async def _seed_metrics(self) -> None:
         """After a restart the collector starts from the durable measured totals."""

@@ -208,3 +208,18 @@ def test_bytes_measured_after_the_program_ended_are_billed(oss_factory: Any) -> 
     assert [(r["seconds"], r["net_micros"]) for r in recs] == [(3, 0), (0, 1000)]
     srv.call(srv.oss.meter())  # billed once
     assert len(srv.http("GET", f"/v1/programs/{w.id}/billing", w.a.token).body["records"]) == 2
+
+
+def test_processes_of_a_failed_instance_are_lost_with_an_event(srv: OssServer) -> None:
+    w = World(srv)
+    w.report(1, usage=[w.row(pid=4242, argv=["cc", "-c", "a.c"]), w.row(pid=7, final=True)])
+    assert srv.clock is not None
+    srv.clock.advance(srv.oss.config.heartbeat_timeout + 1)
+    srv.call(srv.oss.check_availability())
+    srv.call(srv.oss.tick())
+    procs = srv.http("GET", f"/v1/programs/{w.id}/processes", w.a.token).body["processes"]
+    assert {p["pid"]: p["state"] for p in procs} == {4242: "lost", 7: "exited"}
+    ev = srv.http("GET", f"/v1/programs/{w.id}/logs?stream=event", w.a.token).body["lines"]
+    lost = [ln for ln in ev if ln["text"].startswith("lost")]
+    assert [(ln["instance"], ln["pid"]) for ln in lost] == [("vm1", 4242)]
+    assert lost[0]["text"].startswith("lost: pid 4242 (cc -c a.c) on vm1: silent ")
