@@ -199,3 +199,76 @@ def render(line: LogLine, tz: Any = None) -> str:
     inst = line.instance or "-"
     pid = "-" if line.pid is None else str(line.pid)
     return f"{stamp} {inst} {pid} {line.stream} {line.text}"
+
+
+# A session of a program on an instance: (instance, pid of the session's program).
+SessionKey = tuple[str, int]
+
+
+class RelayFilter:
+    """Drops the lines a relaying session repeats from the sessions placed under it.
+
+    A process placed from an instance (a compiler placed by a placed `make`) is logged
+    by its own instance, and its output comes back through the placing session's
+    pipes, which log it again.  `link(child, parent)` says `child` was placed from a
+    process of `parent`.  Every line a child session writes is noted as unmatched for
+    its parent (before any filtering of the child's own stream: a grandchild's line
+    relayed by the child is relayed again by the parent); a parent's line equal
+    (stream and text) to the oldest unmatched line of one of its children is dropped
+    and matches it.  While a parent has live children its other lines wait `hold`
+    seconds (the child's copy may arrive in a later batch); a child line that arrives
+    meanwhile drops the oldest equal waiting line.  Identical lines may swap
+    attribution, never count twice.
+    """
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+        self._parent: dict[SessionKey, SessionKey] = {}
+        self._children: dict[SessionKey, set[SessionKey]] = {}
+        self._live: set[SessionKey] = set()
+        self._unmatched: dict[SessionKey, list[tuple[str, str]]] = {}
+        self._held: dict[SessionKey, list[tuple[float, LogLine]]] = {}
+
+    def link(self, child: SessionKey, parent: SessionKey) -> None:
+        """`child` was placed from a process of session `parent`."""
+        self._parent[child] = parent
+        self._children.setdefault(parent, set()).add(child)
+        self._live.add(child)
+
+    def ended(self, session: SessionKey) -> None:
+        """The session's program ended: its parent stops waiting for it."""
+        self._live.discard(session)
+
+    def offer(self, session: SessionKey, line: LogLine, now: float) -> list[LogLine]:
+        """A line of `session`: the lines to log now (it, or none)."""
+        key = (line.stream, line.text)
+        parent = self._parent.get(session)
+        if parent is not None and not self._match_held(parent, key):
+            self._unmatched.setdefault(session, []).append(key)
+        for child in self._children.get(session, ()):
+            pending = self._unmatched.get(child)
+            if pending and pending[0] == key:
+                pending.pop(0)
+                return []  # the child logged it already
+        if any(c in self._live for c in self._children.get(session, ())):
+            self._held.setdefault(session, []).append((now + self.hold, line))
+            return []
+        return [line]
+
+    def due(self, now: float) -> list[LogLine]:
+        """Held lines whose wait is over (no child's copy came): log them."""
+        out: list[LogLine] = []
+        for session, held in list(self._held.items()):
+            ready = [ln for t, ln in held if t <= now]
+            if ready:
+                self._held[session] = [(t, ln) for t, ln in held if t > now]
+                out.extend(ready)
+        return sorted(out, key=lambda ln: ln.ts)
+
+    def _match_held(self, parent: SessionKey, key: tuple[str, str]) -> bool:
+        held = self._held.get(parent, [])
+        for i, (_t, ln) in enumerate(held):
+            if (ln.stream, ln.text) == key:
+                del held[i]
+                return True
+        return False

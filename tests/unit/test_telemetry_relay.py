@@ -1,0 +1,53 @@
+"""RelayFilter: a nested placement's line is logged once, whichever copy comes first."""
+
+from __future__ import annotations
+
+from oss.telemetry.logs import LogLine, RelayFilter
+
+A = ("nodeA", 10)  # a placed make
+B = ("nodeB", 20)  # a cc placed by it
+G = ("nodeC", 30)  # a process placed by the cc
+
+
+def _ln(text: str, stream: str = "stdout") -> LogLine:
+    return LogLine(1.0, stream, text)
+
+
+def test_the_relayed_copy_after_the_original_is_dropped() -> None:
+    f = RelayFilter(hold=1.0)
+    f.link(B, A)
+    assert f.offer(B, _ln("cc: warning"), now=0.0) == [_ln("cc: warning")]
+    assert f.offer(A, _ln("cc: warning"), now=0.1) == []  # A relays it: dropped
+    assert f.offer(A, _ln("make: done"), now=0.2) == []  # held while B lives
+    assert f.due(0.5) == [] and f.due(1.3) == [_ln("make: done")]
+
+
+def test_the_relayed_copy_before_the_original_is_dropped_when_it_comes() -> None:
+    f = RelayFilter(hold=1.0)
+    f.link(B, A)
+    assert f.offer(A, _ln("x"), now=0.0) == []  # held: B's copy may come later
+    assert f.offer(B, _ln("x"), now=0.5) == [_ln("x")]
+    assert f.due(5.0) == []  # the held copy was dropped
+
+
+def test_streams_differ_and_identical_lines_count_once_each() -> None:
+    f = RelayFilter(hold=1.0)
+    f.link(B, A)
+    f.ended(B)
+    for _ in range(2):
+        assert f.offer(B, _ln("same"), now=0.0) == [_ln("same")]
+    assert f.offer(A, _ln("same", "stderr"), now=0.0) == [_ln("same", "stderr")]
+    assert f.offer(A, _ln("same"), now=0.0) == []
+    assert f.offer(A, _ln("same"), now=0.0) == []
+    assert f.offer(A, _ln("same"), now=0.0) == [_ln("same")]  # A's own, third copy
+
+
+def test_a_grandchilds_line_is_logged_once_through_two_relays() -> None:
+    f = RelayFilter(hold=1.0)
+    f.link(B, A)
+    f.link(G, B)
+    f.ended(G)
+    f.ended(B)
+    assert f.offer(G, _ln("deep"), now=0.0) == [_ln("deep")]
+    assert f.offer(B, _ln("deep"), now=0.0) == []
+    assert f.offer(A, _ln("deep"), now=0.0) == []
