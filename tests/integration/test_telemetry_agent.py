@@ -19,8 +19,16 @@ import pytest
 from test_dcptrace_oss import Lab, dcptrace, newest_program, start_lab
 
 from tests.conftest import REPO, dcptrace_argv, traced_env, wait_for
+from vmagent.exec.tickets import Grant
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow]
+
+if "program" not in getattr(Grant, "__dataclass_fields__", {}):
+    pytest.skip(
+        "exec tickets do not name the OSS program yet (tickets v3, issue 10 chunk B):"
+        " an agent cannot tell whose program a session runs",
+        allow_module_level=True,
+    )
 
 EMIT = """#!/bin/sh
 printf 'alpha\\nbeta\\n'
