@@ -37,13 +37,14 @@ from oss.models import (
     AgentReport,
     ExecIdentity,
     Policies,
+    ProcessList,
     ProgramSubmit,
     ReportAck,
 )
 from oss.schema import VERSIONS
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
-from oss.telemetry.processes import Processes, measured_counters, seeded
+from oss.telemetry.processes import Processes, measured_counters, process_row, seeded
 from oss.telemetry.store import Logs
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_FLUSH_TICKS = 5  # persist heartbeats every this many ticks
 PLACED_REMEMBERED = 3600.0  # seconds an instance may report for a program placed there
 PLACED_KEPT = 100_000  # (program, instance) placements remembered for that
+FINAL_POLL = 0.05  # seconds between looks while a processes read waits for final rows
 
 
 class ContextLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -412,6 +414,20 @@ class Oss:
         if len(self._placed_on) > PLACED_KEPT:  # forget the oldest half
             keep = sorted(self._placed_on.items(), key=lambda kv: kv[1])[PLACED_KEPT // 2 :]
             self._placed_on = dict(keep)
+
+    async def process_list(
+        self, account_id: str, program_id: str, final_wait: float = 0.0, expect: int = 0
+    ) -> ProcessList:
+        """The program's processes; with `final_wait`, first wait (at most that long)
+        until `expect` are recorded and every one has its final figures."""
+        deadline = time.monotonic() + final_wait
+        while True:
+            rows = [process_row(x) for x in await self.processes.processes(account_id, program_id)]
+            incomplete = [f"{p.instance}:{p.pid}" for p in rows if p.state == "running"]
+            done = not incomplete and len(rows) >= expect
+            if done or time.monotonic() >= deadline:
+                return ProcessList(processes=rows, incomplete=incomplete)
+            await asyncio.sleep(FINAL_POLL)
 
     async def _lose_processes(self, failures: Sequence[availability.Failure]) -> None:
         """The running processes of failed instances are lost: rows and `lost` events."""

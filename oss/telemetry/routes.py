@@ -195,24 +195,12 @@ async def h_agent_report(
     return await oss.report(str(who), b)
 
 
-FINAL_POLL = 0.05  # seconds between looks while a processes read waits for final rows
-
-
 async def h_processes(
     oss: Oss, r: web.Request, who: Any, b: Any, q: m.ProcessQuery
 ) -> m.ProcessList:
-    """The program's processes; with final_wait, first wait (bounded) until `expect` are
-    recorded and all ended."""
-    pid = r.match_info["program_id"]
-    account = principal(who).account_id
-    deadline = time.monotonic() + q.final_wait
-    while True:
-        rows = await oss.processes.processes(account, pid)
-        out = [procmod.process_row(x) for x in rows]
-        incomplete = [f"{p.instance}:{p.pid}" for p in out if p.state == "running"]
-        if (not incomplete and len(out) >= q.expect) or time.monotonic() >= deadline:
-            return m.ProcessList(processes=out, incomplete=incomplete)
-        await asyncio.sleep(FINAL_POLL)
+    return await oss.process_list(
+        principal(who).account_id, r.match_info["program_id"], q.final_wait, q.expect
+    )
 
 
 async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:

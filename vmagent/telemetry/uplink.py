@@ -222,7 +222,9 @@ class HttpPost:
     PATH = "/v1/agents/report"
 
     def __init__(self, url: str, token: str, timeout: float) -> None:
-        self.url = url.rstrip("/") + self.PATH
+        self.socket_path = url[len("unix:") :] if url.startswith("unix:") else None
+        base = "http://oss" if self.socket_path is not None else url.rstrip("/")
+        self.url = base + self.PATH
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._http: Any = None
@@ -232,7 +234,12 @@ class HttpPost:
         import aiohttp
 
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            connector = (
+                aiohttp.UnixConnector(path=self.socket_path)
+                if self.socket_path is not None
+                else None
+            )
+            self._http = aiohttp.ClientSession(connector=connector)
         async with asyncio.timeout(self.timeout):
             async with self._http.post(self.url, data=raw, headers=self._headers) as resp:
                 body = await resp.read()
