@@ -132,3 +132,24 @@ def test_a_final_row_after_its_exit_event_goes_at_once() -> None:
         assert (row["final"], row["signal"], row["cpu_us"]) == (True, 15, 7)
 
     asyncio.run(go())
+
+
+def test_the_programs_own_peak_wins_over_rusage() -> None:
+    """rusage's maxrss counts what the child had of the agent before its exec."""
+
+    async def go() -> None:
+        r, up = _reporter()
+        s: Any = FakeSession()
+        r.started(s)
+        r.trace_message(
+            s, {b"op": b"event", b"kind": b"exit", b"pid": b"101", b"status": b"0", b"ts": b"9"}
+        )
+        r.trace_message(
+            s,
+            {b"op": b"usage", b"pid": b"101", b"final": b"1", b"maxrss_kb": b"40000",
+             b"hwm_kb": b"1200"},
+        )  # fmt: skip
+        (row,) = [u for u in _usage(up) if u["pid"] == 101]
+        assert row["maxrss_kb"] == 1200
+
+    asyncio.run(go())

@@ -201,6 +201,11 @@ class Reporter:
             )
             if (v := _int(record, k.encode())) is not None and v >= 0
         }
+        hwm = _int(record, b"hwm_kb")
+        if hwm is not None and hwm > 0:
+            # The peak of the program itself (VmHWM, reset at exec): rusage's maxrss also
+            # counts the agent's memory the child had before it exec'd.
+            figures["maxrss_kb"] = hwm
         calls: dict[str, int] = {}
         for part in record.get(b"sys", b"").split(b","):
             name, _, n = part.partition(b"=")

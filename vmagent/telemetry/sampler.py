@@ -106,3 +106,15 @@ def sessions_members(sessions: set[int]) -> dict[int, list[Stat]]:
         if st is not None and st.session in sessions:
             out.setdefault(st.session, []).append(st)
     return out
+
+
+def peak_of(pid: int) -> dict[str, int]:
+    """`hwm_kb`: the process's peak resident memory since its exec (VmHWM), {} if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return {"hwm_kb": int(line.split()[1])}
+    except (OSError, ValueError, IndexError):
+        pass
+    return {}
