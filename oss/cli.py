@@ -442,6 +442,11 @@ async def _print_logs(
             sys.stdout.flush()
 
     async with OssClient(url, token, timeout=30.0) as oss:
+
+        async def links() -> list[tuple[logmod.SessionKey, logmod.SessionKey]]:
+            # A nested placement's lines come twice (its instance, the relaying one).
+            return logmod.relay_links((await oss.processes(program)).processes)
+
         if not follow:
             cursor, got = 0, []
             while True:
@@ -452,10 +457,13 @@ async def _print_logs(
                 if not page.lines:
                     break
                 cursor = page.cursor
-            emit(sorted(got, key=lambda ln: ln.ts))
+            emit(logmod.drop_relayed(sorted(got, key=lambda ln: ln.ts), await links()))
             return
         held = logmod.Reorder(REPORT_INTERVAL + 0.5)
         loop = asyncio.get_running_loop()
+        drop = logmod.RelayDropper()
+        drop.link(await links())
+        looked = loop.time()
         stream_iter = oss.follow(program, stream, instance=instance, since=since).__aiter__()
         nxt: asyncio.Task[m.LogLineOut] | None = None
         try:
@@ -471,8 +479,13 @@ async def _print_logs(
                     finally:
                         nxt = None
                     held.push(line_of(x), loop.time())
-                emit(held.ready(loop.time()))
+                ready = held.ready(loop.time())
+                if ready and loop.time() - looked >= REPORT_INTERVAL:
+                    drop.link(await links())  # sessions placed since the last look
+                    looked = loop.time()
+                emit(drop(ready))
         finally:
             if nxt is not None:
                 nxt.cancel()
-        emit(held.rest())
+        drop.link(await links())
+        emit(drop(held.rest()))

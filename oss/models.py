@@ -366,6 +366,7 @@ class UsageRow(Api):
     started: Stamp  # with pid, names the process (pids are reused)
     parent_instance: Name | None = None  # the instance of the process that placed it
     parent_pid: Pid | None = None
+    session: Pid | None = None  # the pid of the program its agent session runs
     argv: Annotated[list[ArgvItem], Field(max_length=256)] = []
     final: bool = False  # the process ended: these are its last figures
     exit_status: Annotated[int, Field(ge=0, le=255)] | None = None
@@ -430,6 +431,7 @@ class ProcessRow(Api):
     instance: str
     started: float
     parent: str | None  # "INSTANCE:PID" of the process that placed it
+    session: int | None  # the pid of its session's program (whose output it shares)
     argv: list[str]
     state: Literal["running", "exited", "lost"]
     ended: float | None

@@ -272,3 +272,55 @@ class RelayFilter:
                 del held[i]
                 return True
         return False
+
+
+def relay_links(processes: Sequence[Any]) -> list[tuple[SessionKey, SessionKey]]:
+    """(child session, parent session) of every process placed from an instance.
+
+    `processes` are `ProcessRow`s: a placed process names its `parent` process
+    (`INSTANCE:PID`); the parent's row names its session (the program of the agent
+    session whose pipes its output goes through)."""
+    by_key = {(p.instance, p.pid): p for p in processes}
+    links = []
+    for p in processes:
+        if not p.parent:
+            continue
+        inst, _, pid = p.parent.rpartition(":")
+        parent = by_key.get((inst, int(pid))) if pid.isdigit() else None
+        if parent is None:
+            continue  # placed from home (or not reported): nothing relays its output
+        links.append(((p.instance, p.session or p.pid), (inst, parent.session or parent.pid)))
+    return links
+
+
+class RelayDropper:
+    """Drops, from lines in time order, the copies relaying sessions logged again (the
+    reader's side of the nested placements: every session counts as ended)."""
+
+    def __init__(self) -> None:
+        self._filter = RelayFilter(hold=0.0)
+
+    def link(self, links: Sequence[tuple[SessionKey, SessionKey]]) -> None:
+        """Learn (child, parent) session links (again: idempotent)."""
+        for child, parent in links:
+            self._filter.link(child, parent)
+            self._filter.ended(child)
+
+    def __call__(self, lines: Sequence[LogLine]) -> list[LogLine]:
+        """The lines to print."""
+        out: list[LogLine] = []
+        for ln in lines:
+            if ln.stream in ("stdout", "stderr") and ln.instance and ln.pid is not None:
+                out.extend(self._filter.offer((ln.instance, ln.pid), ln, ln.ts))
+            else:
+                out.append(ln)
+        return out
+
+
+def drop_relayed(
+    lines: Sequence[LogLine], links: Sequence[tuple[SessionKey, SessionKey]]
+) -> list[LogLine]:
+    """Lines in time order without the copies relaying sessions logged again."""
+    drop = RelayDropper()
+    drop.link(links)
+    return drop(lines)

@@ -223,12 +223,12 @@ def _merge_row(c: Conn, instance: str, u: m.UsageRow, now: float) -> usage.Figur
     if old is None:
         c.execute(
             "INSERT INTO processes(program_id, instance, pid, started, parent_instance,"
-            " parent_pid, argv, "
+            " parent_pid, session_pid, argv, "
             + ", ".join(vals)
-            + ") VALUES(?,?,?,?,?,?,?"
+            + ") VALUES(?,?,?,?,?,?,?,?"
             + ",?" * len(vals)
             + ")",
-            (*key, u.parent_instance, u.parent_pid, to_json(u.argv), *vals.values()),
+            (*key, u.parent_instance, u.parent_pid, u.session, to_json(u.argv), *vals.values()),
         )
     else:
         if u.argv:
@@ -266,6 +266,7 @@ def process_row(r: sqlite3.Row) -> m.ProcessRow:
     )
     return m.ProcessRow(
         pid=r["pid"], instance=r["instance"], started=r["started"], parent=parent,
+        session=r["session_pid"],
         argv=json.loads(r["argv"]), state=r["state"], ended=r["ended"],
         exit_status=r["exit_status"], signal=r["signal"], cpu_seconds=r["cpu_us"] / 1e6,
         max_rss_kb=r["maxrss_kb"], io_read_bytes=r["rchar"], io_write_bytes=r["wchar"],

@@ -19,6 +19,7 @@ V4 = """
 V7 = """
     CREATE TABLE processes(program_id TEXT NOT NULL, instance TEXT NOT NULL,
         pid INTEGER NOT NULL, started REAL NOT NULL, parent_instance TEXT, parent_pid INTEGER,
+        session_pid INTEGER,
         argv TEXT NOT NULL, ended REAL, exit_status INTEGER, signal INTEGER,
         cpu_us INTEGER NOT NULL DEFAULT 0, maxrss_kb INTEGER NOT NULL DEFAULT 0,
         rchar INTEGER NOT NULL DEFAULT 0, wchar INTEGER NOT NULL DEFAULT 0,

@@ -51,3 +51,28 @@ def test_a_grandchilds_line_is_logged_once_through_two_relays() -> None:
     assert f.offer(G, _ln("deep"), now=0.0) == [_ln("deep")]
     assert f.offer(B, _ln("deep"), now=0.0) == []
     assert f.offer(A, _ln("deep"), now=0.0) == []
+
+
+def test_links_from_the_processes_record_and_the_readers_dedupe() -> None:
+    from types import SimpleNamespace as Row
+
+    from oss.telemetry.logs import drop_relayed, relay_links
+
+    rows = [
+        Row(instance="nodeA", pid=10, session=10, parent="home:1"),  # the placed make
+        Row(instance="nodeA", pid=11, session=10, parent=None),  # its deputy for the cc
+        Row(instance="nodeB", pid=20, session=20, parent="nodeA:11"),  # the cc
+    ]
+    links = relay_links(rows)
+    assert links == [(B, A)]
+    lines = [
+        LogLine(1.0, "stdout", "cc: warning", "nodeB", 20),
+        LogLine(1.1, "event", "exit 0", "nodeB", 20),
+        LogLine(1.2, "stdout", "cc: warning", "nodeA", 10),  # relayed through the deputy
+        LogLine(1.3, "stdout", "make: done", "nodeA", 10),
+    ]
+    assert [(ln.instance, ln.text) for ln in drop_relayed(lines, links)] == [
+        ("nodeB", "cc: warning"),
+        ("nodeB", "exit 0"),
+        ("nodeA", "make: done"),
+    ]

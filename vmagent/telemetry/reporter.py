@@ -342,6 +342,7 @@ class Reporter:
             "program_id": w.program,
             "pid": pid,
             "started": w.live.get(pid) or round(self.clock(), 6),
+            "session": w.root,
             "final": final,
             **figures,
         }
