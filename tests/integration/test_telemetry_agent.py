@@ -263,3 +263,22 @@ def test_10_mb_of_tcp_between_two_placed_processes_is_measured_and_billed(
         return abs(sum(r["net_micros"] for r in recs) - expected) < 1e-6 * expected
 
     assert wait_for(billed, 15), tlab.get(f"/v1/programs/{prog['id']}/billing")
+
+
+def test_a_nested_placements_line_is_logged_once(tlab: Lab) -> None:
+    """A placed `sh` whose child is placed again: the child's lines come from its own
+    instance and, relayed through the placing session's pipes, from the first one."""
+    try:
+        import vmagent.trace.placer  # noqa: F401
+    except ImportError:
+        pytest.skip("placement from an instance (issue 10 chunk B) is not in this tree")
+    script = "sh -c './emit.sh deep; true'; true"
+    res = dcptrace(tlab, tlab.url, "sh", "-c", script, token=tlab.token, placement="spread")
+    assert res.returncode == 0 and res.stdout == b"alpha\nbeta\ngamma", res.stderr.decode()
+    prog = newest_program(tlab)
+    rows = settled(tlab, prog["id"], 2)["processes"]
+    nested = [p for p in rows if p["parent"] and not p["parent"].startswith("home:")]
+    assert len(nested) == 1, rows  # emit.sh, placed from the placed sh's instance
+    got = logs(tlab, prog["id"], "--stream", "stdout")
+    assert [g[4] for g in got] == ["alpha", "beta", "gamma"], got
+    assert {(g[1], g[2]) for g in got} == {(nested[0]["instance"], str(nested[0]["pid"]))}
