@@ -102,6 +102,7 @@ class MetricsCollector:
         self._programs: dict[str, _Acc] = defaultdict(_Acc)
         self._by_instance: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
         self._on_instance: dict[str, set[str]] = defaultdict(set)  # instance -> programs
+        self._instances_of: dict[str, set[str]] = defaultdict(set)  # program -> instances
         self._loads: dict[str, Load] = {}
         self.render_lock = asyncio.Lock()  # one exposition render at a time
         self.log_chunks_decoded = Counter(
@@ -114,6 +115,7 @@ class MetricsCollector:
         inst = r.instance or _NONE
         self._by_instance[(program, inst)].add(r)
         self._on_instance[inst].add(program)
+        self._instances_of[program].add(inst)
         for k, v in r.syscalls.items():
             self._sys.labels(program, inst, k).inc(v)
         for k, f in r.latency_seconds.items():
@@ -179,9 +181,8 @@ class MetricsCollector:
     def by_instance(self, program: str) -> dict[str, Counters]:
         """A program's counters on each instance it reported from."""
         return {
-            inst: acc.model()
-            for (prog, inst), acc in sorted(self._by_instance.items())
-            if prog == program
+            inst: self._by_instance[(program, inst)].model()
+            for inst in sorted(self._instances_of.get(program, ()))
         }
 
     def exposition(self) -> bytes:

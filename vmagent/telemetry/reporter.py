@@ -58,6 +58,7 @@ class Watch:
     exits: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
     root_final: Row | None = None  # the program's final row, sent when the session settles
     drained: bool = False  # the session's output ended: its last lines were sent
+    gone: set[int] = field(default_factory=set)  # pids whose final row the tracer sent
 
 
 def _text(v: bytes) -> str:
@@ -167,6 +168,7 @@ class Reporter:
         except P.FrameError:
             argv = []
         if kind == "spawn":
+            w.gone.discard(pid)  # a reused pid: a new process
             w.live.setdefault(pid, round(ts, 6))
             return  # the exec that follows is what the log shows
         if kind == "exec":
@@ -225,6 +227,7 @@ class Reporter:
         if final:
             w.live.pop(pid, None)
             w.last.pop(pid, None)
+            w.gone.add(pid)  # a sample read just before its end must not bring it back
             if pid in w.exits:
                 self._send_final(w, pid, row)
             else:
@@ -264,6 +267,8 @@ class Reporter:
         rows: list[Row] = []
         for root, w in roots.items():
             for st in members.get(root, ()):
+                if st.pid in w.gone:
+                    continue
                 if st.pid not in w.live:
                     w.live[st.pid] = st.started
                 fig = sampler.usage_of(st.pid)
