@@ -153,3 +153,39 @@ def test_the_programs_own_peak_wins_over_rusage() -> None:
         assert row["maxrss_kb"] == 1200
 
     asyncio.run(go())
+
+
+def test_rows_from_odd_records_still_fit_the_oss_models() -> None:
+    """One row the OSS refuses would cost the whole batch: rows are cut to fit."""
+    from oss import models as m
+
+    async def go() -> None:
+        r, up = _reporter()
+        s: Any = FakeSession(request=FakeRequest(argv=(b"x" * 10_000,) * 300, parent=b"!!:12"))
+        r.started(s)
+        r.trace_message(
+            s,
+            {b"op": b"event", b"kind": b"exec", b"pid": b"101", b"ts": b"1",
+             b"argv": P.record([b"\xff" * 9000] * 400)},
+        )  # fmt: skip
+        r.trace_message(
+            s, {b"op": b"event", b"kind": b"exit", b"pid": b"101", b"signal": b"99", b"ts": b"2"}
+        )
+        r.trace_message(
+            s,
+            {b"op": b"usage", b"pid": b"101", b"final": b"1", b"cpu_us": b"9" * 30,
+             b"sys": b"storage=3,bogus=4,ipc=99999999999999999999999"},
+        )  # fmt: skip
+        r.trace_message(s, {b"op": b"usage", b"pid": b"99999999999", b"final": b"1"})
+        r.output(s, 2, b"y" * 70_000 + b"\n")
+        r.ended(s, 0)
+        r._settle(s)
+        for row in _usage(up):
+            m.UsageRow.model_validate(row, strict=True)
+        for kind, row, _ in up._items:
+            (m.EventRow if kind == "events" else m.AgentLogLine).model_validate(row, strict=True)
+        (child,) = [u for u in _usage(up) if u["pid"] == 101]
+        assert child["syscalls"] == {"storage": 3} and "cpu_us" not in child
+        assert len(child["argv"]) == 256 and all(len(a) == 4096 for a in child["argv"])
+
+    asyncio.run(go())

@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from net.sockdiag import NetMeter
+from tracer.syscalls import Service
 from vmagent.exec import protocol as P
 from vmagent.telemetry import sampler
 from vmagent.telemetry.lines import LineSplitter
@@ -61,24 +63,37 @@ class Watch:
     gone: set[int] = field(default_factory=set)  # pids whose final row the tracer sent
 
 
+# What the OSS accepts (oss.models): a row outside these bounds would have the OSS
+# refuse the whole batch, so rows are cut to fit here.
+MAX_ARGV = 256
+MAX_ARG = 4096
+SERVICES = frozenset(s.value for s in Service)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
 def _text(v: bytes) -> str:
     return v.decode("utf-8", "replace")
 
 
+def _argv(items: list[bytes] | tuple[bytes, ...]) -> list[str]:
+    return [_text(a[: MAX_ARG * 4])[:MAX_ARG] for a in items[:MAX_ARGV]]
+
+
 def _int(record: dict[bytes, bytes], key: bytes) -> int | None:
     v = record.get(key)
-    if v is None or v == b"" or v == b"-":
+    if v is None or not 0 < len(v) < 20:
         return None
     try:
-        return int(v)
+        n = int(v)
     except ValueError:
         return None
+    return n if 0 <= n <= 2**62 else None
 
 
 def parse_parent(raw: bytes) -> tuple[str, int] | None:
     """`INSTANCE:PID` of the process that placed this one (None if absent or malformed)."""
     inst, _, pid = raw.decode("ascii", "replace").rpartition(":")
-    if not inst or not pid.isdigit() or not 0 < int(pid) < 2**31 or len(inst) > 63:
+    if not NAME.match(inst) or not pid.isdigit() or not 0 < int(pid) < 2**31:
         return None
     return inst, int(pid)
 
@@ -107,7 +122,7 @@ class Reporter:
         parent = parse_parent(getattr(session.request, "parent", b""))
         w = Watch(program, session.pid, parent)
         now = self.clock()
-        argv = [_text(a) for a in session.request.argv][:256]
+        argv = _argv(session.request.argv)
         w.live[session.pid] = round(now, 6)
         w.argv[session.pid] = argv
         w.start_ts = now
@@ -148,7 +163,7 @@ class Reporter:
         w.traced = True
         op = record.get(b"op")
         pid = _int(record, b"pid")
-        if pid is None or pid <= 0:
+        if pid is None or not 0 < pid <= 2**31:
             return
         if op == b"event":
             self._trace_event(w, pid, record)
@@ -164,7 +179,7 @@ class Reporter:
         except ValueError:
             ts = self.clock()
         try:
-            argv = [_text(a) for a in P.unrecord(record.get(b"argv", b""))][:256]
+            argv = _argv(P.unrecord(record.get(b"argv", b"")))
         except P.FrameError:
             argv = []
         if kind == "spawn":
@@ -178,7 +193,9 @@ class Reporter:
             self.uplink.event(self._event(w, pid, "exec", ts, argv=argv))
         elif kind == "exit":
             sig = _int(record, b"signal")
+            sig = sig if sig is not None and 0 < sig <= 64 else None
             status = _int(record, b"status")
+            status = status if status is not None and status <= 255 else None
             if sig:
                 self.uplink.event(self._event(w, pid, "signal", ts, signal=sig))
             else:
@@ -211,7 +228,7 @@ class Reporter:
         calls: dict[str, int] = {}
         for part in record.get(b"sys", b"").split(b","):
             name, _, n = part.partition(b"=")
-            if name and n.isdigit():
+            if _text(name) in SERVICES and n.isdigit() and len(n) < 19:
                 calls[_text(name)] = int(n)
         final = record.get(b"final") in (b"1", b"true")
         if final:
