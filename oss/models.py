@@ -406,6 +406,13 @@ class EventRow(Api):
     text: Annotated[str, StringConstraints(max_length=4096)] = ""
 
 
+class StorageRow(Api):
+    """The storage a program's view holds, as its instance walked it (kB of st_blocks)."""
+
+    program_id: Id
+    kb: NonNeg
+
+
 class AgentReport(Api):
     """One batch of an agent's telemetry; `seq` increases per batch (a retry keeps it)."""
 
@@ -414,6 +421,7 @@ class AgentReport(Api):
     usage: Annotated[list[UsageRow], Field(max_length=4096)] = []
     logs: Annotated[list[AgentLogLine], Field(max_length=10_000)] = []
     events: Annotated[list[EventRow], Field(max_length=4096)] = []
+    storage: Annotated[list[StorageRow], Field(max_length=4096)] = []
 
 
 class ReportAck(Api):

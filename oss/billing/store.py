@@ -80,7 +80,12 @@ class Billing:
                     )
                     for r in programs.instance_uses(c, p["id"])
                 ]
-                m = pricing.Metered(secs, uses, p["storage_mb"], net_bytes.get(p["id"], 0))
+                # Storage as the program's instances measured its view; the declared
+                # figure only where none did (no view, or a walk cut at its cap).
+                storage = processes.storage_mb(c, p["id"], now)
+                if storage is None:
+                    storage = p["storage_mb"]
+                m = pricing.Metered(secs, uses, storage, net_bytes.get(p["id"], 0))
                 if p["account_id"] not in models:
                     models[p["account_id"]] = accounts.pricing_model(c, p["account_id"])
                 model = pricing.PricingModel(models[p["account_id"]])

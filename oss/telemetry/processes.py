@@ -121,6 +121,15 @@ class Processes:
                         " AND instance=? AND pid=? AND state='running'",
                         (ev.ts, ev.program_id, instance, ev.pid),
                     )
+            for st in report.storage:
+                if account_of(st.program_id) is None:
+                    refused += 1
+                    continue
+                c.execute(
+                    "INSERT INTO measured_storage VALUES(?,?,?,?) ON CONFLICT(program_id,"
+                    " instance) DO UPDATE SET kb=excluded.kb, at=excluded.at",
+                    (st.program_id, instance, st.kb, now),
+                )
             for program_id, bl in blobs.items():
                 acct = account_of(program_id)
                 if acct is None:
@@ -257,6 +266,20 @@ def take_net(c: Conn) -> dict[str, int]:
     ).fetchall()
     c.execute("UPDATE measured_net SET billed=bytes WHERE bytes > billed")
     return {r[0]: int(r[1]) for r in rows}
+
+
+STORAGE_FRESH = 120.0  # seconds a storage walk stands for the program's storage
+
+
+def storage_mb(c: Conn, program_id: str, now: float) -> int | None:
+    """The storage a program's view holds in MB, as measured within STORAGE_FRESH
+    seconds (the largest figure of its instances: they walk the same view); None when
+    no instance measured it lately."""
+    r = c.execute(
+        "SELECT max(kb) FROM measured_storage WHERE program_id=? AND at >= ?",
+        (program_id, now - STORAGE_FRESH),
+    ).fetchone()
+    return None if r is None or r[0] is None else -(-int(r[0]) // 1024)
 
 
 def process_row(r: sqlite3.Row) -> m.ProcessRow:

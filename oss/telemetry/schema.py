@@ -15,7 +15,8 @@ V4 = """
 
 # Measured usage (issue 10): one row per process an agent ran for a program, with its
 # highest reported totals; the last report batch applied per instance (a replayed batch
-# is dropped); per program, the measured network bytes and how many are billed.
+# is dropped); per program, the measured network bytes and how many are billed, and the
+# storage its view holds as each instance last walked it.
 V7 = """
     CREATE TABLE processes(program_id TEXT NOT NULL, instance TEXT NOT NULL,
         pid INTEGER NOT NULL, started REAL NOT NULL, parent_instance TEXT, parent_pid INTEGER,
@@ -31,4 +32,6 @@ V7 = """
     CREATE TABLE report_seq(instance TEXT PRIMARY KEY, seq INTEGER NOT NULL);
     CREATE TABLE measured_net(program_id TEXT PRIMARY KEY, bytes INTEGER NOT NULL,
         billed INTEGER NOT NULL);
+    CREATE TABLE measured_storage(program_id TEXT NOT NULL, instance TEXT NOT NULL,
+        kb INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY(program_id, instance));
 """

@@ -223,3 +223,19 @@ def test_processes_of_a_failed_instance_are_lost_with_an_event(srv: OssServer) -
     lost = [ln for ln in ev if ln["text"].startswith("lost")]
     assert [(ln["instance"], ln["pid"]) for ln in lost] == [("vm1", 4242)]
     assert lost[0]["text"].startswith("lost: pid 4242 (cc -c a.c) on vm1: silent ")
+
+
+def test_storage_is_billed_as_measured_while_a_walk_is_fresh(oss_factory: Any) -> None:
+    clock = Clock()
+    srv = oss_factory(clock=clock, rates=Rates(storage_micros_per_gb_s=1024))
+    w = World(srv)  # declares no storage
+    body = {"instance": "vm1", "seq": 1, "storage": [{"program_id": w.id, "kb": 1 << 20}]}
+    assert srv.http("POST", "/v1/agents/report", w.vm1, body).body["refused"] == 0
+    clock.advance(2)
+    srv.call(srv.oss.meter())  # 1024 MB x 2 s x 1024 micros per GiB-second = 2048
+    clock.advance(200)  # the walk is stale: back to the declared 0 MB
+    srv.call(srv.oss.meter())
+    recs = srv.http("GET", f"/v1/programs/{w.id}/billing", w.a.token).body["records"]
+    assert [r["storage_micros"] for r in recs] == [2048, 0]
+    other = {"instance": "vm2", "seq": 1, "storage": [{"program_id": w.id, "kb": 5}]}
+    assert srv.http("POST", "/v1/agents/report", w.vm2, other).body["refused"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from net.sockdiag import NetMeter, held_counters, socket_inodes, tcp_bytes
 
@@ -37,3 +38,14 @@ def test_tcp_bytes_of_a_process_are_kept_after_its_socket_closed() -> None:
         assert meter.totals(os.getpid()) == (0, 0)
         meter.look([os.getpid()])  # an ended pid is not brought back by a late look
         assert meter.totals(os.getpid()) == (0, 0)
+
+
+def test_storage_walk_counts_blocks_once_and_gives_up_past_its_cap(tmp_path: Path) -> None:
+    from vmagent.telemetry.sampler import storage_kb
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(os.urandom(256 << 10))
+    os.link(tmp_path / "d" / "a", tmp_path / "b")  # the same file twice
+    got = storage_kb([str(tmp_path)])
+    assert got is not None and 256 <= got <= 256 + 64  # + directory blocks
+    assert storage_kb([str(tmp_path)], cap=2) is None

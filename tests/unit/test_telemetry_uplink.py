@@ -128,3 +128,20 @@ def test_a_refused_batch_is_dropped_and_counted() -> None:
         await _with(up, body())
 
     asyncio.run(go())
+
+
+def test_storage_walks_coalesce_per_program() -> None:
+    async def go() -> None:
+        oss = FakeOss()
+        up = Uplink("vm1", oss.post, interval=3600)
+
+        async def body() -> None:
+            up.storage("p", 10)
+            up.storage("p", 12)
+            assert up.waiting == 1
+            await up.drain(5)
+            assert oss.bodies[0]["storage"] == [{"program_id": "p", "kb": 12}]
+
+        await _with(up, body())
+
+    asyncio.run(go())

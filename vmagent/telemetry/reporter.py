@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STREAMS = {1: "stdout", 2: "stderr"}
 SETTLE = 0.05  # seconds between looks for a session's output to be drained
+STORAGE_EVERY = 30.0  # seconds between walks of a program's view (storage billing)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Watch:
     root_final: Row | None = None  # the program's final row, sent when the session settles
     drained: bool = False  # the session's output ended: its last lines were sent
     gone: set[int] = field(default_factory=set)  # pids whose final row the tracer sent
+    view_dirs: tuple[str, ...] = ()  # the real directories the program's view maps
 
 
 # What the OSS accepts (oss.models): a row outside these bounds would have the OSS
@@ -88,6 +90,13 @@ def _int(record: dict[bytes, bytes], key: bytes) -> int | None:
     except ValueError:
         return None
     return n if 0 <= n <= 2**62 else None
+
+
+def view_dirs(session: Session) -> tuple[str, ...]:
+    """The real directories of the session's view (`--map VIRTUAL=REAL`), if any."""
+    view = getattr(session.request, "view", None)  # vmagent.exec.view.View (chunk B)
+    maps = getattr(view, "maps", ()) or ()
+    return tuple(sorted({real for _virtual, real in maps if isinstance(real, str)}))
 
 
 def parse_parent(raw: bytes) -> tuple[str, int] | None:
@@ -126,6 +135,7 @@ class Reporter:
         w.live[session.pid] = round(now, 6)
         w.argv[session.pid] = argv
         w.start_ts = now
+        w.view_dirs = view_dirs(session)
         self.watches[session.sid] = w
         self.uplink.usage(self._row(w, session.pid, {}))  # the record waits for it
         self.uplink.urgent()
@@ -269,12 +279,32 @@ class Reporter:
 
     # -- live samples --------------------------------------------------------------------
     async def run(self) -> None:
-        """Sample the live processes of every watched session each `interval` seconds."""
+        """Sample the live processes of every watched session each `interval` seconds;
+        walk the views of the programs running here each STORAGE_EVERY seconds."""
         self.loop = asyncio.get_running_loop()
+        walked = 0.0
         while True:
             await asyncio.sleep(self.interval)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self.sample_once)
+            if self.loop.time() - walked >= STORAGE_EVERY:
+                walked = self.loop.time()
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(self.walk_views)
+
+    def walk_views(self) -> None:
+        """The storage each program's view holds, from the real directories it maps
+        (off the loop).  A walk cut at its cap reports nothing: the OSS bills the
+        declared figure."""
+        dirs: dict[str, set[str]] = {}
+        for w in list(self.watches.values()):
+            dirs.setdefault(w.program, set()).update(w.view_dirs)
+        for program, real in dirs.items():
+            if not real:
+                continue
+            kb = sampler.storage_kb(sorted(real))
+            if kb is not None and self.loop is not None:
+                self.loop.call_soon_threadsafe(self.uplink.storage, program, kb)
 
     def sample_once(self) -> None:
         """One sample of every watched session (off the loop: it reads /proc)."""

@@ -118,3 +118,37 @@ def peak_of(pid: int) -> dict[str, int]:
     except (OSError, ValueError, IndexError):
         pass
     return {}
+
+
+WALK_CAP = 100_000  # directory entries one storage walk reads at most
+
+
+def storage_kb(dirs: list[str], cap: int = WALK_CAP) -> int | None:
+    """kB allocated (st_blocks) under the directories, each file once (hard links, a
+    directory inside another); None if the walk would read more than `cap` entries."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    entries = 0
+    stack = list(dirs)
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                entries += 1
+                if entries > cap:
+                    return None
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+                total += st.st_blocks * 512
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+    return total // 1024

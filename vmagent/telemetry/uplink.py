@@ -64,6 +64,7 @@ class Uplink:
         self.max_held = max_held
         self.seq = time.time_ns() // 1000
         self._usage: dict[ProcessKey, Row] = {}
+        self._storage: dict[str, int] = {}  # program -> kB (the newest walk)
         self._ended: collections.OrderedDict[ProcessKey, None] = collections.OrderedDict()
         self._items: collections.deque[tuple[str, Row, int]] = collections.deque()
         self._held = 0  # bytes of lines and events waiting
@@ -88,6 +89,11 @@ class Uplink:
             if len(self._ended) > ENDED_KEPT:
                 self._ended.popitem(last=False)
             self._urgent = True
+        self._poke()
+
+    def storage(self, program_id: str, kb: int) -> None:
+        """The storage a program's view holds (kB), as this instance walked it."""
+        self._storage[program_id] = kb
         self._poke()
 
     def line(self, program_id: str, pid: int, stream: str, text: str, ts: float) -> None:
@@ -126,7 +132,7 @@ class Uplink:
     @property
     def waiting(self) -> int:
         """Items not sent yet."""
-        return len(self._items) + len(self._usage)
+        return len(self._items) + len(self._usage) + len(self._storage)
 
     # -- sender ----------------------------------------------------------------------
     def _take(self) -> dict[str, Any]:
@@ -149,6 +155,9 @@ class Uplink:
         self.seq += 1
         body: dict[str, Any] = {"instance": self.instance, "seq": self.seq, "usage": usage}
         body.update(out)
+        if self._storage:
+            body["storage"] = [{"program_id": p, "kb": kb} for p, kb in self._storage.items()]
+            self._storage = {}
         return body
 
     async def run(self) -> None:
@@ -197,6 +206,8 @@ class Uplink:
         """Put an unsent batch back (cancelled mid-send: a later `run` sends it)."""
         for row in body["usage"]:
             self._usage.setdefault((row["program_id"], row["pid"], row["started"]), row)
+        for row in body.get("storage", ()):
+            self._storage.setdefault(row["program_id"], row["kb"])
         for kind in ("events", "logs"):
             for row in reversed(body[kind]):
                 self._items.appendleft((kind, row, ROW_OVERHEAD))
