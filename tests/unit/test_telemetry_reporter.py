@@ -189,3 +189,29 @@ def test_rows_from_odd_records_still_fit_the_oss_models() -> None:
         assert len(child["argv"]) == 256 and all(len(a) == 4096 for a in child["argv"])
 
     asyncio.run(go())
+
+
+def test_a_programs_view_is_walked_when_new_then_every_30_s(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    (tmp_path / "data").write_bytes(b"z" * 100_000)
+    view = SimpleNamespace(maps=(("/mnt/v", str(tmp_path)),))
+
+    async def go() -> None:
+        r, up = _reporter()
+        r.loop = asyncio.get_running_loop()
+        s: Any = FakeSession(request=FakeRequest())
+        s.request.view = view
+        r.started(s)
+        r.walk_views(1000.0)
+        await asyncio.sleep(0)
+        assert up._storage["prog_1"] >= 96  # kB allocated
+        up._storage.clear()
+        r.walk_views(1010.0)  # not due yet
+        await asyncio.sleep(0)
+        assert up._storage == {}
+        r.walk_views(1031.0)
+        await asyncio.sleep(0)
+        assert "prog_1" in up._storage
+
+    asyncio.run(go())

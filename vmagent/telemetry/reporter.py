@@ -121,6 +121,7 @@ class Reporter:
         # session id -> (raw wait status, when reaped)
         self._final_status: dict[bytes, tuple[int, float]] = {}
         self.net = NetMeter()  # per-process TCP bytes (samples, tracer exit stops)
+        self._walked: dict[str, float] = {}  # program -> when its view was last walked
 
     # -- hooks -------------------------------------------------------------------------
     def started(self, session: Session) -> None:
@@ -282,26 +283,27 @@ class Reporter:
         """Sample the live processes of every watched session each `interval` seconds;
         walk the views of the programs running here each STORAGE_EVERY seconds."""
         self.loop = asyncio.get_running_loop()
-        walked = 0.0
         while True:
             await asyncio.sleep(self.interval)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self.sample_once)
-            if self.loop.time() - walked >= STORAGE_EVERY:
-                walked = self.loop.time()
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(self.walk_views)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.walk_views, self.loop.time())
 
-    def walk_views(self) -> None:
+    def walk_views(self, now: float) -> None:
         """The storage each program's view holds, from the real directories it maps
-        (off the loop).  A walk cut at its cap reports nothing: the OSS bills the
-        declared figure."""
+        (off the loop): a program new here at once, then every STORAGE_EVERY seconds.
+        A walk cut at its cap reports nothing: the OSS bills the declared figure."""
         dirs: dict[str, set[str]] = {}
         for w in list(self.watches.values()):
             dirs.setdefault(w.program, set()).update(w.view_dirs)
+        for program in list(self._walked):
+            if program not in dirs:
+                del self._walked[program]  # nothing of it runs here any more
         for program, real in dirs.items():
-            if not real:
+            if not real or now - self._walked.get(program, -STORAGE_EVERY) < STORAGE_EVERY:
                 continue
+            self._walked[program] = now
             kb = sampler.storage_kb(sorted(real))
             if kb is not None and self.loop is not None:
                 self.loop.call_soon_threadsafe(self.uplink.storage, program, kb)
