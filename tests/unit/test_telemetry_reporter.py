@@ -215,3 +215,16 @@ def test_a_programs_view_is_walked_when_new_then_every_30_s(tmp_path: Any) -> No
         assert "prog_1" in up._storage
 
     asyncio.run(go())
+
+
+def test_program_events_go_to_each_session_of_the_program() -> None:
+    async def go() -> None:
+        r, up = _reporter()
+        r.started(FakeSession(sid=b"s1", pid=100))  # type: ignore[arg-type]
+        r.started(FakeSession(sid=b"s2", pid=200))  # type: ignore[arg-type]
+        r.started(FakeSession(sid=b"s3", pid=300, program_id="other"))  # type: ignore[arg-type]
+        assert r.program_event("prog_1", "frozen", "hard budget") == 2
+        got = [(e["pid"], e["kind"], e["text"]) for e in _items(up, "events")]
+        assert got == [(100, "frozen", "hard budget"), (200, "frozen", "hard budget")]
+
+    asyncio.run(go())

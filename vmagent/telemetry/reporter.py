@@ -181,6 +181,19 @@ class Reporter:
         elif op == b"usage":
             self._trace_usage(w, pid, record)
 
+    def program_event(self, program_id: str, kind: str, text: str = "") -> int:
+        """A lifecycle event of a whole program here (`frozen`, `killed`: limits), logged
+        for each of its sessions on this instance; how many."""
+        now = self.clock()
+        n = 0
+        for w in list(self.watches.values()):
+            if w.program == program_id:
+                self.uplink.event(self._event(w, w.root, kind, now, text=text[:4096]))
+                n += 1
+        if n:
+            self.uplink.urgent()
+        return n
+
     # -- tracer records -----------------------------------------------------------------
     def _trace_event(self, w: Watch, pid: int, record: dict[bytes, bytes]) -> None:
         kind = _text(record.get(b"kind", b""))
