@@ -21,6 +21,7 @@ from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.trace.zygote import Tracing
 
 SERVICE: web.AppKey[ExecService] = web.AppKey("service", ExecService)
 SAMPLER: web.AppKey[LoadSampler] = web.AppKey("sampler", LoadSampler)
@@ -94,13 +95,25 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
 
 
 class Agent:
-    """The running agent: listener, sessions, optional OSS link."""
+    """The running agent: listener, sessions, optional OSS link.
 
-    def __init__(self, config: AgentConfig) -> None:
+    Every program runs under the instance tracer: `tracing` is the zygote
+    `dcp-agent` forked before its loop (`Tracing.fork`); without one, a fresh
+    zygote is exec'd.  `untraced` is for a benchmark's baseline only.
+    """
+
+    def __init__(
+        self, config: AgentConfig, tracing: Tracing | None = None, *, untraced: bool = False
+    ) -> None:
         self.config = config
         self.sampler = LoadSampler()
+        if tracing is None and not untraced:
+            tracing = Tracing.spawn(config.instance)
+        self.tracing = tracing
         self.service = ExecService(
-            config, TicketCheck(config.token, config.instance, exec_key=config.exec_key)
+            config,
+            TicketCheck(config.token, config.instance, exec_key=config.exec_key),
+            tracing,
         )
         self._unauthenticated = [0]  # connections counted by their Gate
         self.runner: web.AppRunner | None = None
@@ -134,6 +147,8 @@ class Agent:
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
+        if self.tracing is not None:
+            self.tracing.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:

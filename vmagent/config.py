@@ -37,7 +37,6 @@ class AgentConfig:
     # a restarted agent has a new one, which retires tickets for the old process).
     exec_key: str | None = field(default=None, repr=False)
     call_timeout: float = 5.0  # timeout of every call to the OSS
-    trace: bool = False  # run programs under dcptrace (placement local) on this instance
     lifeline: int | None = None  # fd whose EOF means "the process that started us died"
 
     def __post_init__(self) -> None:

@@ -17,16 +17,21 @@ import asyncio
 import collections
 import contextlib
 import errno
+import logging
 import os
 import signal
+import socket
 import stat
 from typing import TYPE_CHECKING
 
 from vmagent.exec import protocol as P
-from vmagent.exec.spawn import ExecRequest, spawn
+from vmagent.exec.spawn import ExecRequest, GateClosed, spawn
+from vmagent.trace import channel
 
 if TYPE_CHECKING:
     from vmagent.exec.server import ExecProtocol, ExecService
+
+log = logging.getLogger(__name__)
 
 WATCH_FIRST = 0.001  # first look for a reader of a streamed input (s)
 WATCH_MAX = 0.1  # slowest look, for a program that does not read its input
@@ -64,6 +69,9 @@ class Session:
         self.nonce = ""  # of the ticket that started the session (a resume must show it)
         self._abandon: asyncio.TimerHandle | None = None
         self._drain: asyncio.TimerHandle | None = None
+        self.view = b""  # what the program sees (path maps...), applied by its tracer
+        self.trace_sock: socket.socket | None = None  # channel from the instance tracer
+        self.tracer_pid = 0  # the instance tracer T (killing it kills the whole tree)
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -99,20 +107,90 @@ class Session:
             for fd in (*self.outs.values(), *self.ins.values()):
                 with contextlib.suppress(OSError):
                     fcntl_setpipe(fd)
-            self.pid = spawn(self.request, sources, self.service.wrap)
+            tracing = self.service.tracing
+            if tracing is None:  # benchmarks' untraced baseline only
+                self.pid = spawn(self.request, sources, None)
+            else:
+                gate = tracing.gate(self.view, self.request.uid)
+
+                def hand_off(pid: int, go_w: int) -> None:
+                    self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)
+
+                self.pid = spawn(self.request, sources, gate, hand_off)
+        except GateClosed as exc:
+            self.close_fds()
+            raise GateClosed(self._refusal()) from exc
         except Exception:
             self.close_fds()
+            self._close_trace()
             raise
         finally:
             for fd in ours:
                 os.close(fd)
             # The child holds its own blocking ends; ours for the program side are closed.
         self.service.hooks.started(self)
+        if self.trace_sock is not None:
+            self.loop.add_reader(self.trace_sock, self._trace_readable)
         for fd, r in self.outs.items():
             self.loop.add_reader(r, self._readable, fd, r)
         self.reading = True
         if self.unwanted:
             self._watch = self.loop.call_later(WATCH_FIRST, self._watch_inputs, WATCH_FIRST)
+
+    # -- the instance tracer ------------------------------------------------------
+    def _refusal(self) -> str:
+        """Why the tracer never released the program (its `op=failed`), one line."""
+        message = "instance tracer unavailable"
+        if self.trace_sock is not None:
+            with contextlib.suppress(OSError, channel.ChannelError):
+                while True:
+                    data, _fds = channel.receive(self.trace_sock)
+                    if not data:
+                        break
+                    record = channel.decode(data)
+                    if record[b"op"] == channel.OP_FAILED:
+                        reason = record.get(b"message", b"").decode(errors="replace")
+                        message = (
+                            f"cannot trace {self.program} on {self.service.config.instance}: "
+                            f"{reason}"
+                        )
+                        break
+        self._close_trace()
+        return message
+
+    def _trace_readable(self) -> None:
+        """Records from the instance tracer: hand each to the session hooks."""
+        sock = self.trace_sock
+        if sock is None:
+            return
+        while True:
+            try:
+                data, fds = channel.receive(sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self._close_trace()  # the tracer is gone (op=done, or killed)
+                return
+            try:
+                record = channel.decode(data)
+            except channel.ChannelError as exc:
+                log.warning("session %s: %s", self.sid.hex()[:8], exc)
+                continue
+            if record[b"op"] == channel.OP_SEIZED:
+                with contextlib.suppress(channel.ChannelError):
+                    self.tracer_pid = channel.number(record, b"tracer")
+            self.service.hooks.trace_message(self, record)
+
+    def _close_trace(self) -> None:
+        sock, self.trace_sock = self.trace_sock, None
+        if sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(sock)
+            sock.close()
 
     def _watch_inputs(self, interval: float) -> None:
         """Tell the deputy to start forwarding an input once the program reads it.
@@ -302,10 +380,11 @@ class Session:
         )
         self.service.finished(self, kind.decode(), value)
 
-    def fail(self, err: int, message: str) -> None:
-        """The program could not start: report like an exec failure."""
+    def fail(self, err: int, message: str, value: int | None = None) -> None:
+        """The program could not start: report like an exec failure (or with `value`)."""
         self.finished = True
-        value = 126 if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127
+        if value is None:
+            value = 126 if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127
         self.send(
             P.EXIT,
             0,
@@ -341,7 +420,10 @@ class Session:
             )
 
     def kill(self) -> None:
-        """SIGKILL the program and its process group (its session leader is the program)."""
+        """SIGKILL the program's tracer (EXITKILL: its whole tree) and its process group."""
+        if self.tracer_pid and self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.tracer_pid, signal.SIGKILL)
         if self.pid and self.status is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ cwd and every forwarded descriptor at its original number, then execs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -15,15 +16,39 @@ import fcntl
 import functools
 import os
 import resource
+import select
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from tracer.seccomp import PreparedFilter
 from vmagent.errors import AuthError, BadRequest
 from vmagent.exec import protocol as P
 from vmagent.exec.tickets import Grant, exec_digest
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PTRACER = 0x59616D61  # Yama: who may trace this process (and that one's descendants)
+NOT_TRACED = 125  # exit status of a program whose tracer never released it
+GATE_TIMEOUT = 10.0  # s from fork to exec (the tracer's fork and seize; slow under TCG)
+_GATE_CLOSED = b"gate"  # the child's report: its gate closed before it was released
+_READY = b"R"  # the child's first byte when it must name its tracer first (Yama)
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Hold the forked child until its tracer has seized it, then install `filter` and exec.
+
+    The child blocks reading a pipe whose write end the agent hands to the
+    tracer with the child's pid (`hand_off`); the tracer writes one byte
+    once it has seized the child.  EOF instead (the tracer refused or died)
+    and the child exits NOT_TRACED without running anything.  `ptracer`
+    (Yama ptrace_scope 1 only): the process whose descendants may trace the
+    child (the zygote).
+    """
+
+    filter: PreparedFilter
+    ptracer: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,15 +239,32 @@ class SpawnFailed(Exception):
         self.step = step
 
 
-def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...] = ()) -> int:
+class GateClosed(SpawnFailed):
+    """The child's tracer never released it: the program did not run."""
+
+    def __init__(self, message: str = "instance tracer unavailable") -> None:
+        Exception.__init__(self, message)
+        self.errno = errno.EPERM
+        self.step = "trace"
+        self.status = NOT_TRACED
+
+
+def spawn(
+    request: ExecRequest,
+    sources: dict[int, int],
+    gate: Gate | None,
+    hand_off: Callable[[int, int], None] | None = None,
+) -> int:
     """Fork and exec `request`, with descriptor `sources[n]` placed at number n.
 
-    `wrap` prefixes the command (e.g. the tracer: `python3 -m tracer.cli --`).
-    Blocks until the child has exec'd or failed (an exec takes ~1 ms).
+    With a `gate`, `hand_off(pid, go_w)` gets the child's pid and the write
+    end of its gate (it owns and closes it) before the child may go on; if
+    it raises, the child exits unrun and its exception propagates.  `gate`
+    None runs the program untraced (benchmarks' baseline only).  Blocks
+    until the child has exec'd or failed (an exec takes ~1 ms; traced, the
+    hand-off adds the tracer's fork and seize).
     """
     path, argv = request.path, list(request.argv)
-    if wrap:
-        path, argv = wrap[0], [*wrap, request.path, *argv[1:]]
     prctl = _libc().prctl
     # Only ignored dispositions survive exec (caught ones reset by themselves):
     # undo the agent's, apply the deputy's.
@@ -231,12 +273,18 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
     blocked = _signals_of(request.sigblk)
     env = dict(_env_pairs(request.env))
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if gate is not None else (-1, -1)
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish work, never return
         step = "setup"
         try:
             os.close(read_end)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if gate is not None:
+                os.close(go_w)
+                if gate.ptracer:
+                    prctl(PR_SET_PTRACER, gate.ptracer, 0, 0, 0)
+                    os.write(write_end, _READY)
             os.setsid()
             signal.set_wakeup_fd(-1)
             for sig in default:
@@ -260,19 +308,30 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
             step = "chdir " + os.fsdecode(request.cwd)
             os.chdir(request.cwd)
             step = "descriptors"
-            top = max([*sources, *sources.values(), write_end, 2]) + 1
+            top = max([*sources, *sources.values(), write_end, go_r, 2]) + 1
             err_fd = fcntl.fcntl(write_end, fcntl.F_DUPFD_CLOEXEC, top)
+            go_fd = fcntl.fcntl(go_r, fcntl.F_DUPFD_CLOEXEC, top) if gate is not None else -1
             high = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, top) for t, s in sources.items()}
             for target, src in high.items():
                 os.dup2(src, target, inheritable=True)
             # Close every other descriptor.  Never call closerange(a, a): CPython
             # turns closerange(0, 0) into close_range(0, UINT_MAX) (closes all).
             low = 0
-            for target in [*sorted(high), err_fd]:
+            for target in sorted({*high, err_fd, go_fd} - {-1}):
                 if low < target:
                     os.closerange(low, target)
                 low = target + 1
             os.closerange(low, 1 << 20)
+            if gate is not None:
+                step = "trace"
+                if not os.read(go_fd, 1):
+                    os.write(err_fd, _GATE_CLOSED)
+                    os._exit(NOT_TRACED)  # never run untraced
+                os.close(go_fd)
+                step = "seccomp"
+                err = gate.filter.install()
+                if err:
+                    raise OSError(err, os.strerror(err))
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             step = "exec " + os.fsdecode(path)
             os.execve(path, argv, env)
@@ -287,17 +346,53 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
         finally:
             os._exit(127)
     os.close(write_end)
+    handed: BaseException | None = None
+    report: bytes | None = b""
     try:
-        report = b""
-        while chunk := os.read(read_end, 512):
-            report += chunk
+        if gate is not None:
+            os.close(go_r)
+            if gate.ptracer:  # the tracer may only seize once the child named it
+                report = _read_report(read_end, GATE_TIMEOUT, len(_READY))
+            if report in (b"", _READY):
+                try:
+                    assert hand_off is not None
+                    hand_off(pid, go_w)
+                except BaseException as exc:  # the child reads EOF and exits unrun
+                    handed = exc
+                    with contextlib.suppress(OSError):
+                        os.close(go_w)
+                report = _read_report(read_end, GATE_TIMEOUT)
+            else:
+                os.close(go_w)
+        else:
+            report = _read_report(read_end, None)
     finally:
         os.close(read_end)
-    if report:
-        os.waitpid(pid, 0)
-        code, _, step = report.decode(errors="replace").partition(" ")
-        raise SpawnFailed(int(code) if code.isdigit() else errno.EIO, step)
-    return pid
+    if report == b"" and handed is None:
+        return pid
+    if report is None:  # neither exec'd nor failed in time: the gate hung
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if handed is not None:
+        raise handed
+    if report is None or report == _GATE_CLOSED:
+        raise GateClosed()
+    code, _, step = report.decode(errors="replace").partition(" ")
+    raise SpawnFailed(int(code) if code.isdigit() else errno.EIO, step)
+
+
+def _read_report(fd: int, timeout: float | None, limit: int = 1 << 16) -> bytes | None:
+    """What the child wrote on its error pipe until EOF or `limit` bytes; None on timeout."""
+    report = b""
+    while len(report) < limit:
+        if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+            return None
+        chunk = os.read(fd, min(512, limit - len(report)))
+        if not chunk:
+            break
+        report += chunk
+    return report
 
 
 def _env_pairs(env: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:

@@ -1,0 +1,249 @@
+"""The zygote Z, and the agent's handle on it (`Tracing`).
+
+`dcp-agent` forks Z in `main()` before its event loop or any thread exists
+(forking a threaded process is unsafe, and a tracer *thread* in the agent
+would race the agent's reaper).  Z has the tracer imported and blocks on a
+`SOCK_SEQPACKET` socket; for each `op=trace` (with the descriptors `[chan,
+go_w]`) it forks one tracer T (`vmagent.trace.host`) and reaps it when it
+ends.  A dead Z is replaced by a fresh *exec'd* one (the agent is threaded by
+then); until then sessions are refused with `instance tracer unavailable`:
+nothing runs untraced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from tracer.arch import table_for
+from tracer.runner import interception_filter
+from tracer.seccomp import PreparedFilter
+from tracer.syscalls import by_name
+from vmagent.errors import AgentError
+from vmagent.exec.spawn import Gate
+from vmagent.trace import channel, host
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+SEND_TIMEOUT = 2.0  # s to queue one request for Z (it only forks)
+ZYGOTE_FD = 3  # where an exec'd zygote finds its socket
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+YAMA_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
+
+
+class TracerUnavailable(AgentError):
+    """instance tracer unavailable"""
+
+    def __init__(self) -> None:
+        super().__init__(self.__doc__)
+
+
+# -- Z ----------------------------------------------------------------------------
+
+
+def main(fd: int = ZYGOTE_FD) -> NoReturn:
+    """Entry of an exec'd zygote: serve the socket at `fd`."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s zygote %(levelname)s: %(message)s"
+    )
+    serve(socket.socket(fileno=fd))
+
+
+def serve(sock: socket.socket) -> NoReturn:
+    """Fork a tracer per `op=trace` until the agent closes its end."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(0)  # the agent died before PDEATHSIG was armed
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # tracers are reaped by the kernel
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    sock.setblocking(True)
+    table = table_for(os.uname().machine)
+    while True:
+        try:
+            data, fds = channel.receive(sock)
+        except OSError:
+            os._exit(0)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            os._exit(0)  # the agent closed its end
+        try:
+            request = channel.decode(data)
+            if request[b"op"] != channel.OP_TRACE or len(fds) != 2:
+                raise channel.ChannelError("expected op=trace with two descriptors")
+            pid = channel.number(request, b"pid")
+        except channel.ChannelError as exc:
+            log.error("zygote: %s", exc)
+            for fd in fds:
+                os.close(fd)
+            continue
+        chan, go_w = fds
+        if os.fork() == 0:
+            code = 1
+            try:
+                sock.close()
+                host.become_tracer()
+                code = host.serve(
+                    socket.socket(fileno=chan),
+                    go_w,
+                    pid,
+                    request.get(b"instance", b"").decode(errors="replace"),
+                    request.get(b"view", b""),
+                    table,
+                )
+            except BaseException:
+                log.exception("instance tracer of pid %d failed", pid)
+            finally:
+                os._exit(code)
+        os.close(chan)
+        os.close(go_w)
+
+
+# -- the agent's side ------------------------------------------------------------------
+
+
+class Tracing:
+    """The agent's handle on its zygote: gates for children, hand-offs to tracers."""
+
+    def __init__(self, instance: str, sock: socket.socket, pid: int) -> None:
+        self.instance = instance
+        self.sock = sock
+        self.pid = pid
+        self.table = table_for(os.uname().machine)
+        self._filters: dict[tuple[str, bool], PreparedFilter] = {}
+        self._yama = _yama_restricted()
+        self.restarts = 0
+
+    @classmethod
+    def fork(cls, instance: str) -> Tracing:
+        """Fork Z now: call before any thread exists (the agent's main, before its loop)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 0)
+                os.dup2(null, 1)
+                fd = theirs.fileno()  # above 2: 0-2 are open
+                if fd > 3:
+                    os.closerange(3, fd)
+                os.closerange(fd + 1, 1 << 16)
+                serve(theirs)
+            finally:
+                os._exit(1)
+        theirs.close()
+        ours.settimeout(SEND_TIMEOUT)
+        return cls(instance, ours, pid)
+
+    @classmethod
+    def spawn(cls, instance: str) -> Tracing:
+        """Start Z as a fresh process (safe from a threaded process)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = _exec_zygote(theirs)
+        theirs.close()
+        ours.settimeout(SEND_TIMEOUT)
+        return cls(instance, ours, pid)
+
+    def restart(self) -> None:
+        """Replace a dead Z with a fresh exec'd one."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.pid = _exec_zygote(theirs)
+        finally:
+            theirs.close()
+        ours.settimeout(SEND_TIMEOUT)
+        self.sock = ours
+        self.restarts += 1
+        log.warning("instance tracer restarted (zygote pid %d)", self.pid)
+
+    def alive(self) -> bool:
+        """Z still holds its end (it never writes: anything readable is its EOF)."""
+        if self.sock.fileno() < 0:
+            return False
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return not ready
+
+    def gate(self, view: bytes, uid: int) -> Gate:
+        """The gate of a child running as `uid` under `view`; TracerUnavailable if Z is gone."""
+        if not self.alive():
+            self.restart()
+            raise TracerUnavailable()
+        nnp = uid != 0
+        key = (hashlib.sha256(view).hexdigest()[:32], nnp)
+        filt = self._filters.get(key)
+        if filt is None:
+            names = host.interception(self.table, channel.view_maps(view))
+            numbers = by_name(self.table)
+            intercept = frozenset(numbers[n].nr for n in names)
+            filt = self._filters[key] = interception_filter(
+                self.table, intercept, trace_all=False, no_new_privs=nnp
+            )
+        return Gate(filt, ptracer=self.pid if self._yama else 0)
+
+    def hand_off(self, session: str, pid: int, go_w: int, view: bytes) -> socket.socket:
+        """Ask Z for a tracer of `pid` (takes `go_w`); the agent's end of T's channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            channel.send(
+                self.sock,
+                channel.trace_request(session, pid, self.instance, view),
+                (theirs.fileno(), go_w),
+            )
+        except OSError as exc:
+            ours.close()
+            log.warning("instance tracer unavailable: %s", exc)
+            self.restart()
+            raise TracerUnavailable() from exc
+        finally:
+            theirs.close()
+            os.close(go_w)
+        ours.setblocking(False)
+        return ours
+
+    def close(self) -> None:
+        """Let Z go (it exits at EOF; running tracers finish their sessions)."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _exec_zygote(theirs: socket.socket) -> int:
+    boot = (
+        f"import sys; sys.path.insert(0, {PROJECT_ROOT!r}); "
+        f"from vmagent.trace.zygote import main; main({ZYGOTE_FD})"
+    )
+    python = os.path.realpath(sys.executable)
+    return os.posix_spawn(
+        python,
+        [python, "-I", "-c", boot],
+        dict(os.environ),
+        file_actions=[
+            (os.POSIX_SPAWN_DUP2, theirs.fileno(), ZYGOTE_FD),
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+        ],
+        setsid=True,
+    )
+
+
+def _yama_restricted() -> bool:
+    """Yama ptrace_scope 1: only ancestors (or a named tracer) may attach."""
+    try:
+        with open(YAMA_SCOPE) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
