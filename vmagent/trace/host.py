@@ -51,38 +51,48 @@ def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> froz
     return coordinator_for(table, maps, lambda _m: None).interception()
 
 
-def serve(
-    chan: socket.socket, go_w: int, pid: int, instance: str, view: bytes, table: SyscallTable
-) -> int:
-    """Trace `pid` to the end; the process exit code of T."""
+class Tracer:
+    """One T: a runner prepared ahead (for the empty view), then one session traced."""
 
-    def report(message: bytes) -> None:
-        with contextlib.suppress(OSError):  # the agent is gone: tracing goes on
-            channel.send(chan, message)
+    def __init__(self, table: SyscallTable) -> None:
+        self.table = table
+        self.chan: socket.socket | None = None
+        self._ready = self._runner(b"")  # built while T waits for its session
 
-    try:
-        ptraceio.seize(pid, OPTIONS)
-    except ptraceio.PtraceRequestError as exc:
-        report(channel.encode(channel.OP_FAILED, pid=pid, message=os.strerror(exc.errno)))
-        os.close(go_w)  # P reads EOF and exits 125: it never runs
-        return 1
-    try:
-        maps = channel.view_maps(view)
-        coordinator = coordinator_for(table, maps, report)
-        runner = Runner((), {}, "", table, coordinator, trace_all=False, measure=measure_exit)
-    except Exception as exc:
-        # A bad view: P must not run untraced nor unmapped.  EXITKILL at our exit.
-        log.error("cannot trace pid %d on %s: %s", pid, instance, exc)
-        report(channel.encode(channel.OP_FAILED, pid=pid, message=str(exc)))
+    def report(self, message: bytes) -> None:
+        """Send one record to the agent (fire and forget)."""
+        if self.chan is not None:
+            with contextlib.suppress(OSError):  # the agent is gone: tracing goes on
+                channel.send(self.chan, message)
+
+    def _runner(self, view: bytes) -> Runner:
+        coordinator = coordinator_for(self.table, channel.view_maps(view), self.report)
+        return Runner((), {}, "", self.table, coordinator, trace_all=False, measure=measure_exit)
+
+    def serve(self, chan: socket.socket, go_w: int, pid: int, instance: str, view: bytes) -> int:
+        """Trace `pid` to the end; the process exit code of T."""
+        self.chan = chan
+        try:
+            ptraceio.seize(pid, OPTIONS)
+        except ptraceio.PtraceRequestError as exc:
+            self.report(channel.encode(channel.OP_FAILED, pid=pid, message=os.strerror(exc.errno)))
+            os.close(go_w)  # P reads EOF and exits 125: it never runs
+            return 1
+        try:
+            runner = self._ready if not view else self._runner(view)
+        except Exception as exc:
+            # A bad view: P must not run untraced nor unmapped.  EXITKILL at our exit.
+            log.error("cannot trace pid %d on %s: %s", pid, instance, exc)
+            self.report(channel.encode(channel.OP_FAILED, pid=pid, message=str(exc)))
+            os.close(go_w)
+            return 1
+        os.write(go_w, b"x")
         os.close(go_w)
-        return 1
-    os.write(go_w, b"x")
-    os.close(go_w)
-    report(channel.encode(channel.OP_SEIZED, pid=pid, tracer=os.getpid()))
-    report(channel.spawned(pid, 0))
-    runner.attach(pid)
-    report(channel.encode(channel.OP_DONE))
-    return 0
+        self.report(channel.encode(channel.OP_SEIZED, pid=pid, tracer=os.getpid()))
+        self.report(channel.spawned(pid, 0))
+        runner.attach(pid)
+        self.report(channel.encode(channel.OP_DONE))
+        return 0
 
 
 def become_tracer() -> None:

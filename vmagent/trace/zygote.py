@@ -27,7 +27,7 @@ from typing import NoReturn
 from tracer.arch import table_for
 from tracer.runner import interception_filter
 from tracer.seccomp import PreparedFilter
-from tracer.syscalls import by_name
+from tracer.syscalls import SyscallTable, by_name
 from vmagent.errors import AgentError
 from vmagent.exec.spawn import Gate
 from vmagent.trace import channel, host
@@ -60,7 +60,11 @@ def main(fd: int = ZYGOTE_FD) -> NoReturn:
 
 
 def serve(sock: socket.socket) -> NoReturn:
-    """Fork a tracer per `op=trace` until the agent closes its end."""
+    """Hand each `op=trace` to a waiting tracer, until the agent closes its end.
+
+    One tracer is always forked ahead and waits (its runner prepared) on a
+    socket of its own: a session never waits for a fork.
+    """
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(0)  # the agent died before PDEATHSIG was armed
@@ -69,6 +73,7 @@ def serve(sock: socket.socket) -> NoReturn:
         signal.signal(sig, signal.SIG_IGN)
     sock.setblocking(True)
     table = table_for(os.uname().machine)
+    warm = _fork_tracer(sock, table)
     while True:
         try:
             data, fds = channel.receive(sock)
@@ -77,37 +82,58 @@ def serve(sock: socket.socket) -> NoReturn:
         if not data:
             for fd in fds:
                 os.close(fd)
-            os._exit(0)  # the agent closed its end
+            os._exit(0)  # the agent closed its end: the waiting tracer sees EOF too
         try:
             request = channel.decode(data)
             if request[b"op"] != channel.OP_TRACE or len(fds) != 2:
                 raise channel.ChannelError("expected op=trace with two descriptors")
-            pid = channel.number(request, b"pid")
         except channel.ChannelError as exc:
             log.error("zygote: %s", exc)
             for fd in fds:
                 os.close(fd)
             continue
-        chan, go_w = fds
-        if os.fork() == 0:
-            code = 1
-            try:
-                sock.close()
-                host.become_tracer()
-                code = host.serve(
-                    socket.socket(fileno=chan),
-                    go_w,
-                    pid,
-                    request.get(b"instance", b"").decode(errors="replace"),
-                    request.get(b"view", b""),
-                    table,
-                )
-            except BaseException:
-                log.exception("instance tracer of pid %d failed", pid)
-            finally:
-                os._exit(code)
-        os.close(chan)
-        os.close(go_w)
+        try:
+            channel.send(warm, data, tuple(fds))
+        except OSError:  # the waiting tracer died: a fresh one takes this session
+            warm.close()
+            warm = _fork_tracer(sock, table)
+            channel.send(warm, data, tuple(fds))
+        for fd in fds:
+            os.close(fd)
+        warm.close()
+        warm = _fork_tracer(sock, table)
+
+
+def _fork_tracer(listening: socket.socket, table: SyscallTable) -> socket.socket:
+    """Fork a tracer that prepares, then waits for its session; Z's end of its socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:
+        code = 1
+        pid = 0
+        try:
+            listening.close()
+            ours.close()
+            host.become_tracer()
+            tracer = host.Tracer(table)
+            data, fds = channel.receive(theirs)
+            theirs.close()
+            if not data or len(fds) != 2:
+                os._exit(0)  # the zygote is gone, or no session after all
+            request = channel.decode(data)
+            pid = channel.number(request, b"pid")
+            code = tracer.serve(
+                socket.socket(fileno=fds[0]),
+                fds[1],
+                pid,
+                request.get(b"instance", b"").decode(errors="replace"),
+                request.get(b"view", b""),
+            )
+        except BaseException:
+            log.exception("instance tracer of pid %d failed", pid)
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours
 
 
 # -- the agent's side ------------------------------------------------------------------
