@@ -210,3 +210,26 @@ def test_a_refused_seize_is_one_clear_line_and_the_program_never_runs(tmp_path: 
         assert not ran.exists()
     finally:
         a.stop()
+
+
+@pytest.mark.root
+@pytest.mark.netns
+def test_a_namespaced_instance_traces_its_programs() -> None:
+    # The agent is pid 1 of its PID namespace there: its zygote must not take
+    # that for its parent's death.
+    if os.geteuid() != 0:
+        pytest.skip("namespaced instances need root")
+    from vmagent.cluster.local import LocalCluster
+
+    with LocalCluster(1, isolate=True) as cluster:
+        inst = cluster.instances[0]
+        path, argv = b"/bin/sh", (b"/bin/sh", b"-c", b"cat /proc/self/status; hostname")
+        ticket = ticket_for_self(inst.token, inst.name, path, argv)
+        cmd = deputy_command(DROP, inst.address, inst.name, ticket, path, argv)
+        res = subprocess.run(cmd, capture_output=True, timeout=120)
+        cluster.remove_logs()
+    assert res.returncode == 0, res.stderr
+    text = res.stdout.decode()
+    assert int(status_field(text, "TracerPid")) != 0
+    assert status_field(text, "Seccomp") == "2"
+    assert text.splitlines()[-1] == inst.name

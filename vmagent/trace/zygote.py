@@ -51,23 +51,23 @@ class TracerUnavailable(AgentError):
 # -- Z ----------------------------------------------------------------------------
 
 
-def main(fd: int = ZYGOTE_FD) -> NoReturn:
-    """Entry of an exec'd zygote: serve the socket at `fd`."""
+def main(fd: int, agent: int) -> NoReturn:
+    """Entry of an exec'd zygote: serve the socket at `fd` for the agent of pid `agent`."""
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s zygote %(levelname)s: %(message)s"
     )
-    serve(socket.socket(fileno=fd))
+    serve(socket.socket(fileno=fd), agent)
 
 
-def serve(sock: socket.socket) -> NoReturn:
+def serve(sock: socket.socket, agent: int) -> NoReturn:
     """Hand each `op=trace` to a waiting tracer, until the agent closes its end.
 
     One tracer is always forked ahead and waits (its runner prepared) on a
     socket of its own: a session never waits for a fork.
     """
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:
-        os._exit(0)  # the agent died before PDEATHSIG was armed
+    if os.getppid() != agent:
+        os._exit(0)  # the agent died before PDEATHSIG was armed (it may be pid 1)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # tracers are reaped by the kernel
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
@@ -155,6 +155,7 @@ class Tracing:
     def fork(cls, instance: str) -> Tracing:
         """Fork Z now: call before any thread exists (the agent's main, before its loop)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        agent = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
@@ -167,7 +168,7 @@ class Tracing:
                 if fd > 3:
                     os.closerange(3, fd)
                 os.closerange(fd + 1, 1 << 16)
-                serve(theirs)
+                serve(theirs, agent)
             finally:
                 os._exit(1)
         theirs.close()
@@ -250,7 +251,7 @@ class Tracing:
 def _exec_zygote(theirs: socket.socket) -> int:
     boot = (
         f"import sys; sys.path.insert(0, {PROJECT_ROOT!r}); "
-        f"from vmagent.trace.zygote import main; main({ZYGOTE_FD})"
+        f"from vmagent.trace.zygote import main; main({ZYGOTE_FD}, {os.getpid()})"
     )
     python = os.path.realpath(sys.executable)
     return os.posix_spawn(
