@@ -14,6 +14,8 @@ import asyncio
 import hmac
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -115,6 +117,8 @@ class Agent:
             TicketCheck(config.token, config.instance, exec_key=config.exec_key),
             tracing,
         )
+        # Observers of the OSS's commands to this instance (heartbeat reply `commands`).
+        self.command_handlers: list[Callable[[list[dict[str, Any]]], None]] = []
         self._unauthenticated = [0]  # connections counted by their Gate
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
@@ -143,6 +147,11 @@ class Agent:
         host, port = self.server.sockets[0].getsockname()[:2]
         self.address = f"{host}:{port}"
         return self.address
+
+    def on_commands(self, commands: list[dict[str, Any]]) -> None:
+        """Commands the OSS sent this instance: every handler gets them, in order."""
+        for handler in self.command_handlers:
+            handler(commands)
 
     async def close(self) -> None:
         """Stop listening and kill every program still running."""

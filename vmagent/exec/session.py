@@ -119,7 +119,7 @@ class Session:
                 self.pid = spawn(self.request, sources, gate, hand_off)
         except GateClosed as exc:
             self.close_fds()
-            raise GateClosed(self._refusal()) from exc
+            raise GateClosed(self._refusal(str(exc))) from exc
         except Exception:
             self.close_fds()
             self._close_trace()
@@ -138,9 +138,8 @@ class Session:
             self._watch = self.loop.call_later(WATCH_FIRST, self._watch_inputs, WATCH_FIRST)
 
     # -- the instance tracer ------------------------------------------------------
-    def _refusal(self) -> str:
-        """Why the tracer never released the program (its `op=failed`), one line."""
-        message = "instance tracer unavailable"
+    def _refusal(self, message: str) -> str:
+        """Why the tracer never released the program (its `op=failed`, else `message`)."""
         if self.trace_sock is not None:
             with contextlib.suppress(OSError, channel.ChannelError):
                 while True:

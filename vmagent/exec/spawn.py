@@ -373,10 +373,12 @@ def spawn(
     if report is None:  # neither exec'd nor failed in time: the gate hung
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        # Not waited for here: a hung tracer holds its exit; the agent's reaper takes it.
+        raise GateClosed("the instance tracer did not answer")
     os.waitpid(pid, 0)
     if handed is not None:
         raise handed
-    if report is None or report == _GATE_CLOSED:
+    if report == _GATE_CLOSED:
         raise GateClosed()
     code, _, step = report.decode(errors="replace").partition(" ")
     raise SpawnFailed(int(code) if code.isdigit() else errno.EIO, step)
