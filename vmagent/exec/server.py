@@ -190,7 +190,8 @@ class ExecService:
             if pid == 0:
                 return
             if self.tracing is not None and pid == self.tracing.pid:
-                log.warning("the instance tracer's zygote (pid %d) died", pid)
+                if not self.tracing.closed:
+                    log.warning("the instance tracer's zygote (pid %d) died", pid)
                 continue  # replaced at the next session (which is refused meanwhile)
             session = self.by_pid.pop(pid, None)
             if session is not None:

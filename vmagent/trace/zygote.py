@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 SEND_TIMEOUT = 2.0  # s to queue one request for Z (it only forks)
-ZYGOTE_FD = 3  # where an exec'd zygote finds its socket
+ZYGOTE_FD = 3
+ZYGOTE_NICE = 10  # where an exec'd zygote finds its socket
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 YAMA_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
 
@@ -73,6 +74,11 @@ def serve(sock: socket.socket, agent: int) -> NoReturn:
         signal.signal(sig, signal.SIG_IGN)
     sock.setblocking(True)
     table = table_for(os.uname().machine)
+    # Z's forks (one per session, right after the hand-off) must not compete with
+    # the session it just started: Z runs niced; a tracer returns to the agent's
+    # priority once it has its session (root only: others may not lower a nice).
+    if os.geteuid() == 0:
+        os.nice(ZYGOTE_NICE)
     warm = _fork_tracer(sock, table)
     while True:
         try:
@@ -117,6 +123,8 @@ def _fork_tracer(listening: socket.socket, table: SyscallTable) -> socket.socket
             tracer = host.Tracer(table)
             data, fds = channel.receive(theirs)
             theirs.close()
+            if os.geteuid() == 0:
+                os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) - ZYGOTE_NICE)
             if not data or len(fds) != 2:
                 os._exit(0)  # the zygote is gone, or no session after all
             request = channel.decode(data)
@@ -150,6 +158,7 @@ class Tracing:
         self._filters: dict[tuple[str, bool], PreparedFilter] = {}
         self._yama = _yama_restricted()
         self.restarts = 0
+        self.closed = False
 
     @classmethod
     def fork(cls, instance: str) -> Tracing:
@@ -244,6 +253,7 @@ class Tracing:
 
     def close(self) -> None:
         """Let Z go (it exits at EOF; running tracers finish their sessions)."""
+        self.closed = True
         with contextlib.suppress(OSError):
             self.sock.close()
 
