@@ -31,7 +31,7 @@ from vmagent.exec import tickets
 from vmagent.exec.hooks import HookList
 from vmagent.exec.readers import ReaderProbe
 from vmagent.exec.session import Session
-from vmagent.exec.spawn import GateClosed, SpawnFailed, become_subreaper, bind, parse_hello
+from vmagent.exec.spawn import GateClosed, become_subreaper, bind, parse_hello
 from vmagent.exec.tickets import Grant, TicketCheck
 from vmagent.trace.zygote import TracerUnavailable, Tracing
 
@@ -240,7 +240,7 @@ class ExecService:
         session.attach(proto, 0)
         try:
             session.start()
-        except GateClosed as exc:
+        except GateClosed as exc:  # refused before the hand-off (Yama gate)
             self.counts["failed"] += 1
             log.warning("%s not started: %s", program, exc)
             session.fail(exc.errno, str(exc), exc.status)
@@ -249,10 +249,6 @@ class ExecService:
             self.counts["failed"] += 1
             self.forget(session)
             raise
-        except SpawnFailed as exc:
-            self.counts["failed"] += 1
-            session.fail(exc.errno, str(exc))
-            return session
         except OSError as exc:
             self.counts["failed"] += 1
             session.fail(exc.errno or errno.EIO, f"cannot set up descriptors: {exc.strerror}")
@@ -261,10 +257,8 @@ class ExecService:
             self.counts["failed"] += 1
             self.forget(session)
             raise BadRequest(f"cannot start the program: {exc}") from exc
+        # Forked: the session sends STARTED (or EXIT kind=error) once the exec settles.
         self.by_pid[session.pid] = session
-        self.counts["started"] += 1
-        session.send(P.STARTED, 0, P.unpairs({b"pid": str(session.pid).encode()}))
-        log.info("started %s pid=%d session=%s", program, session.pid, session.sid.hex()[:8])
         return session
 
     def finished(self, session: Session, kind: str, value: int) -> None:

@@ -25,7 +25,15 @@ import stat
 from typing import TYPE_CHECKING
 
 from vmagent.exec import protocol as P
-from vmagent.exec.spawn import ExecRequest, GateClosed, spawn
+from vmagent.exec.spawn import (
+    GATE_HUNG,
+    GATE_TIMEOUT,
+    ExecRequest,
+    GateClosed,
+    SpawnFailed,
+    fork_program,
+    parse_report,
+)
 from vmagent.trace import channel
 
 if TYPE_CHECKING:
@@ -72,10 +80,18 @@ class Session:
         self.view = b""  # what the program sees (path maps...), applied by its tracer
         self.trace_sock: socket.socket | None = None  # channel from the instance tracer
         self.tracer_pid = 0  # the instance tracer T (killing it kills the whole tree)
+        self._trace_failure = ""  # the tracer's op=failed message
+        self._errors = -1  # the child's exec-report pipe, until it exec'd or failed
+        self._report = b""
+        self._gate_timer: asyncio.TimerHandle | None = None
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
-        """Create the descriptors and fork+exec the program (raises SpawnFailed)."""
+        """Create the descriptors and fork the program; its exec is settled on the loop.
+
+        Raises when nothing was forked (descriptors, a dead instance tracer).
+        The exec's outcome arrives later: STARTED, or EXIT kind=error.
+        """
         sources: dict[int, int] = {}
         ours: list[int] = []
         try:
@@ -109,14 +125,14 @@ class Session:
                     fcntl_setpipe(fd)
             tracing = self.service.tracing
             if tracing is None:  # benchmarks' untraced baseline only
-                self.pid = spawn(self.request, sources, None)
+                forked = fork_program(self.request, sources, None)
             else:
                 gate = tracing.gate(self.view, self.request.uid)
 
                 def hand_off(pid: int, go_w: int) -> None:
                     self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)
 
-                self.pid = spawn(self.request, sources, gate, hand_off)
+                forked = fork_program(self.request, sources, gate, hand_off)
         except GateClosed as exc:
             self.close_fds()
             raise GateClosed(self._refusal(str(exc))) from exc
@@ -128,6 +144,11 @@ class Session:
             for fd in ours:
                 os.close(fd)
             # The child holds its own blocking ends; ours for the program side are closed.
+        self.pid = forked.pid
+        self._errors = forked.errors
+        os.set_blocking(self._errors, False)
+        self.loop.add_reader(self._errors, self._exec_readable)
+        self._gate_timer = self.loop.call_later(GATE_TIMEOUT, self._gate_hung)
         self.service.hooks.started(self)
         if self.trace_sock is not None:
             self.loop.add_reader(self.trace_sock, self._trace_readable)
@@ -137,9 +158,76 @@ class Session:
         if self.unwanted:
             self._watch = self.loop.call_later(WATCH_FIRST, self._watch_inputs, WATCH_FIRST)
 
+    # -- the exec ---------------------------------------------------------------------
+    def _exec_readable(self) -> None:
+        """The child's report pipe: a failure report, or EOF once it exec'd."""
+        try:
+            data = os.read(self._errors, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data and len(self._report) < 4096:
+            self._report += data
+            return
+        self._exec_settled(self._report)
+
+    def _settle_now(self) -> None:
+        """Settle the exec before anything that implies it ended (output, the exit)."""
+        while self._errors >= 0:
+            try:
+                data = os.read(self._errors, 4096)
+            except BlockingIOError:
+                return  # still between fork and exec: the reader settles it
+            except OSError:
+                data = b""
+            if not data:
+                self._exec_settled(self._report)
+            else:
+                self._report += data
+
+    def _gate_hung(self) -> None:
+        self._gate_timer = None
+        if self._errors >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # the reaper takes it
+            self._exec_settled(None)
+
+    def _stop_watching_exec(self) -> None:
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+            self._gate_timer = None
+        if self._errors >= 0:
+            self.loop.remove_reader(self._errors)
+            os.close(self._errors)
+            self._errors = -1
+
+    def _exec_settled(self, report: bytes | None) -> None:
+        """The program exec'd (STARTED) or never will (EXIT kind=error)."""
+        self._stop_watching_exec()
+        failed: SpawnFailed | None = GateClosed(GATE_HUNG) if report is None else None
+        if report is not None:
+            failed = parse_report(report)
+        counts = self.service.counts
+        if failed is None:
+            counts["started"] += 1
+            self.send(P.STARTED, 0, P.unpairs({b"pid": str(self.pid).encode()}))
+            log.info("started %s pid=%d session=%s", self.program, self.pid, self.sid.hex()[:8])
+            return
+        counts["failed"] += 1
+        self.close_fds()
+        if isinstance(failed, GateClosed):
+            message = self._refusal(str(failed))
+            log.warning("%s not started: %s", self.program, message)
+            self.fail(failed.errno, message, failed.status)
+        else:
+            self.fail(failed.errno, str(failed))
+
     # -- the instance tracer ------------------------------------------------------
     def _refusal(self, message: str) -> str:
         """Why the tracer never released the program (its `op=failed`, else `message`)."""
+        if self._trace_failure:
+            return self._cannot_trace(self._trace_failure)
         if self.trace_sock is not None:
             with contextlib.suppress(OSError, channel.ChannelError):
                 while True:
@@ -148,14 +236,15 @@ class Session:
                         break
                     record = channel.decode(data)
                     if record[b"op"] == channel.OP_FAILED:
-                        reason = record.get(b"message", b"").decode(errors="replace")
-                        message = (
-                            f"cannot trace {self.program} on {self.service.config.instance}: "
-                            f"{reason}"
-                        )
+                        message = self._cannot_trace(record.get(b"message", b""))
                         break
         self._close_trace()
         return message
+
+    def _cannot_trace(self, reason: bytes | str) -> str:
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        return f"cannot trace {self.program} on {self.service.config.instance}: {reason}"
 
     def _trace_readable(self) -> None:
         """Records from the instance tracer: hand each to the session hooks."""
@@ -182,6 +271,8 @@ class Session:
             if record[b"op"] == channel.OP_SEIZED:
                 with contextlib.suppress(channel.ChannelError):
                     self.tracer_pid = channel.number(record, b"tracer")
+            elif record[b"op"] == channel.OP_FAILED:
+                self._trace_failure = record.get(b"message", b"").decode(errors="replace")
             self.service.hooks.trace_message(self, record)
 
     def _close_trace(self) -> None:
@@ -294,6 +385,8 @@ class Session:
 
     # -- program output ----------------------------------------------------------
     def _readable(self, fd: int, r: int) -> None:
+        if self._errors >= 0:
+            self._settle_now()  # output means it exec'd: STARTED goes first
         try:
             data = os.read(r, P.CHUNK)
         except BlockingIOError:
@@ -336,6 +429,10 @@ class Session:
     # -- the end ----------------------------------------------------------------
     def exited(self, status: int) -> None:
         """The program was reaped; send EXIT once its output is drained."""
+        if self._errors >= 0:
+            self._settle_now()  # its report is complete now that it is gone
+            if self._errors >= 0:  # the pipe outlived it (cannot happen: CLOEXEC)
+                self._exec_settled(self._report)
         self.status = status
         self.service.hooks.ended(self, status)
         if self.outs:
@@ -431,6 +528,7 @@ class Session:
 
     def close_fds(self) -> None:
         """Release every descriptor the session holds."""
+        self._stop_watching_exec()
         for fd in list(self.outs):
             self._close_out(fd)
         for fd in list(self.ins):

@@ -1,9 +1,12 @@
 """Starting a remote program: the HELLO request as a value, and fork+exec (adapter).
 
 `parse_hello` is pure (validates the wire request into an `ExecRequest`).
-`spawn` forks the agent and, in the child, recreates the deputy's process
-context exactly: session, signal dispositions and mask, ids, umask, rlimits,
-cwd and every forwarded descriptor at its original number, then execs.
+`fork_program` forks the agent and, in the child, recreates the deputy's
+process context exactly: session, signal dispositions and mask, ids, umask,
+rlimits, cwd and every forwarded descriptor at its original number; then the
+child waits at its `Gate` until its instance tracer has seized it, installs
+the seccomp filter and execs.  The agent learns the exec's outcome from the
+child's report pipe (`Forked.errors`, `parse_report`) on its loop.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ NOT_TRACED = 125  # exit status of a program whose tracer never released it
 GATE_TIMEOUT = 10.0  # s from fork to exec (the tracer's fork and seize; slow under TCG)
 _GATE_CLOSED = b"gate"  # the child's report: its gate closed before it was released
 _READY = b"R"  # the child's first byte when it must name its tracer first (Yama)
+GATE_HUNG = "the instance tracer did not answer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,20 +253,40 @@ class GateClosed(SpawnFailed):
         self.status = NOT_TRACED
 
 
-def spawn(
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """A forked child on its way to exec: `errors` reaches EOF once it exec'd.
+
+    Before EOF the child may write its failure report (`failure` reads it).
+    """
+
+    pid: int
+    errors: int
+
+
+def parse_report(report: bytes) -> SpawnFailed | None:
+    """The failure a child's report describes (None for none: it exec'd)."""
+    if not report:
+        return None
+    if report == _GATE_CLOSED:
+        return GateClosed()
+    code, _, step = report.decode(errors="replace").partition(" ")
+    return SpawnFailed(int(code) if code.isdigit() else errno.EIO, step)
+
+
+def fork_program(
     request: ExecRequest,
     sources: dict[int, int],
     gate: Gate | None,
     hand_off: Callable[[int, int], None] | None = None,
-) -> int:
-    """Fork and exec `request`, with descriptor `sources[n]` placed at number n.
+) -> Forked:
+    """Fork the child of `request`, with descriptor `sources[n]` placed at number n.
 
     With a `gate`, `hand_off(pid, go_w)` gets the child's pid and the write
     end of its gate (it owns and closes it) before the child may go on; if
-    it raises, the child exits unrun and its exception propagates.  `gate`
-    None runs the program untraced (benchmarks' baseline only).  Blocks
-    until the child has exec'd or failed (an exec takes ~1 ms; traced, the
-    hand-off adds the tracer's fork and seize).
+    it raises, the child exits unrun (waited for here) and the exception
+    propagates.  `gate` None runs the program untraced (benchmarks' baseline
+    only).  Returns without waiting for the exec.
     """
     path, argv = request.path, list(request.argv)
     prctl = _libc().prctl
@@ -346,42 +370,26 @@ def spawn(
         finally:
             os._exit(127)
     os.close(write_end)
-    handed: BaseException | None = None
-    report: bytes | None = b""
+    if gate is None:
+        return Forked(pid, read_end)
+    os.close(go_r)
     try:
-        if gate is not None:
-            os.close(go_r)
-            if gate.ptracer:  # the tracer may only seize once the child named it
-                report = _read_report(read_end, GATE_TIMEOUT, len(_READY))
-            if report in (b"", _READY):
-                try:
-                    assert hand_off is not None
-                    hand_off(pid, go_w)
-                except BaseException as exc:  # the child reads EOF and exits unrun
-                    handed = exc
-                    with contextlib.suppress(OSError):
-                        os.close(go_w)
-                report = _read_report(read_end, GATE_TIMEOUT)
-            else:
-                os.close(go_w)
-        else:
-            report = _read_report(read_end, None)
-    finally:
+        if gate.ptracer:  # the tracer may only seize once the child named it
+            ready = _read_report(read_end, GATE_TIMEOUT, len(_READY))
+            if ready != _READY:  # it died first, or hangs: it never runs
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                raise GateClosed()
+        assert hand_off is not None
+        hand_off(pid, go_w)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(go_w)  # the child reads EOF and exits unrun
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
         os.close(read_end)
-    if report == b"" and handed is None:
-        return pid
-    if report is None:  # neither exec'd nor failed in time: the gate hung
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        # Not waited for here: a hung tracer holds its exit; the agent's reaper takes it.
-        raise GateClosed("the instance tracer did not answer")
-    os.waitpid(pid, 0)
-    if handed is not None:
-        raise handed
-    if report == _GATE_CLOSED:
-        raise GateClosed()
-    code, _, step = report.decode(errors="replace").partition(" ")
-    raise SpawnFailed(int(code) if code.isdigit() else errno.EIO, step)
+        raise
+    return Forked(pid, read_end)
 
 
 def _read_report(fd: int, timeout: float | None, limit: int = 1 << 16) -> bytes | None:
