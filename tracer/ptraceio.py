@@ -116,6 +116,11 @@ def interrupt(pid: int) -> None:
     resume(pid, PTRACE_INTERRUPT)
 
 
+def detach(pid: int) -> None:
+    """PTRACE_DETACH a stopped tracee (it runs on, untraced); a vanished one is ignored."""
+    resume(pid, PTRACE_DETACH)
+
+
 def event_message(pid: int) -> int:
     """PTRACE_GETEVENTMSG: the new pid of a fork event, the former tid of an exec."""
     out = ctypes.c_ulong(0)

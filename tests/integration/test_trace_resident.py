@@ -30,12 +30,12 @@ DROP = TicketDrop()
 class TracedAgent:
     """trace_agent.py running as a child; its records collected by a reader thread."""
 
-    def __init__(self, name: str, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, prefix: tuple[str, ...] = (), *extra: str) -> None:
         self.name = name
         self.token = os.urandom(18).hex()
         token_file = secret_file(self.token)
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, str(HELPER), name, token_file],
+            [*prefix, sys.executable, str(HELPER), name, token_file, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -193,6 +193,32 @@ def test_a_killed_zygote_refuses_one_session_then_is_replaced(tmp_path: Path) ->
     finally:
         log = a.stop()
     assert "zygote" in log  # the agent said why it replaced its tracer
+
+
+def test_a_stopped_zygote_times_out_the_session_then_the_next_is_served(
+    tmp_path: Path,
+) -> None:
+    a = TracedAgent("res3", (), "1.0")  # trace timeout 1 s
+    try:
+        os.kill(a.zygote, signal.SIGSTOP)
+        ran = tmp_path / "ran"
+        try:
+            res = a.run("/bin/sh", "-c", f"touch {ran}")
+        finally:
+            os.kill(a.zygote, signal.SIGCONT)
+        assert res.returncode == 125
+        lines = res.stderr.decode().splitlines()
+        assert len(lines) == 1 and "the instance tracer did not answer" in lines[0], lines
+        assert not ran.exists()
+        # The stale request reaches a tracer once the zygote runs again (its pidfd
+        # says the program is gone: it seizes nothing); the next session is served.
+        out = tmp_path / "status"
+        served = a.run("/bin/sh", "-c", f"cat /proc/self/status > {out}")
+        assert served.returncode == 0, served.stderr
+        assert int(status_field(out.read_text(), "TracerPid")) != 0
+        assert not ran.exists()
+    finally:
+        a.stop()
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to hold the program")

@@ -1,6 +1,6 @@
 """A real agent whose session hooks print every instance-tracer record (test helper).
 
-`python trace_agent.py INSTANCE TOKEN_FILE` starts the agent as `dcp-agent`
+`python trace_agent.py INSTANCE TOKEN_FILE [TRACE_TIMEOUT]` starts the agent as `dcp-agent`
 does (the zygote forked before the loop), adds a `SessionHooks` observer the
 way the agent's other services do, and prints on stdout:
 `listening HOST:PORT`, `agent PID zygote PID`, then one JSON object per record
@@ -59,6 +59,7 @@ def main() -> None:
         listen_host="127.0.0.1",
         listen_port=0,
         reconnect_window=3.0,
+        trace_timeout=float(sys.argv[3]) if len(sys.argv) > 3 else 10.0,
     )
     tracing = Tracing.fork(instance)
     asyncio.run(serve(config, tracing))

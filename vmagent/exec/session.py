@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from vmagent.exec import protocol as P
 from vmagent.exec.spawn import (
     GATE_HUNG,
-    GATE_TIMEOUT,
     ExecRequest,
     GateClosed,
     SpawnFailed,
@@ -132,7 +131,8 @@ class Session:
                 def hand_off(pid: int, go_w: int) -> None:
                     self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)
 
-                forked = fork_program(self.request, sources, gate, hand_off)
+                timeout = self.service.config.trace_timeout
+                forked = fork_program(self.request, sources, gate, hand_off, timeout)
         except GateClosed as exc:
             self.close_fds()
             raise GateClosed(self._refusal(str(exc))) from exc
@@ -148,7 +148,7 @@ class Session:
         self._errors = forked.errors
         os.set_blocking(self._errors, False)
         self.loop.add_reader(self._errors, self._exec_readable)
-        self._gate_timer = self.loop.call_later(GATE_TIMEOUT, self._gate_hung)
+        self._gate_timer = self.loop.call_later(self.service.config.trace_timeout, self._gate_hung)
         self.service.hooks.started(self)
         if self.trace_sock is not None:
             self.loop.add_reader(self.trace_sock, self._trace_readable)

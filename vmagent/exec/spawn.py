@@ -33,7 +33,6 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PTRACER = 0x59616D61  # Yama: who may trace this process (and that one's descendants)
 NOT_TRACED = 125  # exit status of a program whose tracer never released it
-GATE_TIMEOUT = 10.0  # s from fork to exec (the tracer's fork and seize; slow under TCG)
 _GATE_CLOSED = b"gate"  # the child's report: its gate closed before it was released
 _READY = b"R"  # the child's first byte when it must name its tracer first (Yama)
 GATE_HUNG = "the instance tracer did not answer"
@@ -279,6 +278,7 @@ def fork_program(
     sources: dict[int, int],
     gate: Gate | None,
     hand_off: Callable[[int, int], None] | None = None,
+    timeout: float = 10.0,
 ) -> Forked:
     """Fork the child of `request`, with descriptor `sources[n]` placed at number n.
 
@@ -286,7 +286,8 @@ def fork_program(
     end of its gate (it owns and closes it) before the child may go on; if
     it raises, the child exits unrun (waited for here) and the exception
     propagates.  `gate` None runs the program untraced (benchmarks' baseline
-    only).  Returns without waiting for the exec.
+    only).  Returns without waiting for the exec (`timeout` bounds the one
+    wait there is: for a child that must name its tracer first).
     """
     path, argv = request.path, list(request.argv)
     prctl = _libc().prctl
@@ -375,7 +376,7 @@ def fork_program(
     os.close(go_r)
     try:
         if gate.ptracer:  # the tracer may only seize once the child named it
-            ready = _read_report(read_end, GATE_TIMEOUT, len(_READY))
+            ready = _read_report(read_end, timeout, len(_READY))
             if ready != _READY:  # it died first, or hangs: it never runs
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

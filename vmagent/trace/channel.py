@@ -5,8 +5,8 @@ One `SOCK_SEQPACKET` message is one record of key/value pairs
 bytes, numbers in decimal.  Records by direction:
 
 agent -> zygote  `op=trace session pid instance view`, with descriptors
-                 `[chan, go_w]` (SCM_RIGHTS): trace `pid`, release it through
-                 `go_w`, report on `chan`.
+                 `[chan, go_w, pidfd]` (SCM_RIGHTS): trace `pid` (the process
+                 `pidfd` refers to), release it through `go_w`, report on `chan`.
 tracer -> agent  `op=seized pid tracer` (the tracer's own pid)
                  `op=failed pid message` (the program never runs)
                  `op=event kind=spawn pid ppid ts` (ppid 0: the session's program)
@@ -31,7 +31,7 @@ from vmagent.errors import AgentError
 from vmagent.exec import protocol as P
 
 MAX_MESSAGE = 1 << 20  # a record larger than this is broken (argv is bounded by the kernel)
-MAX_FDS = 2
+MAX_FDS = 3
 
 OP_TRACE = b"trace"
 OP_SEIZED = b"seized"
@@ -89,7 +89,7 @@ def now() -> bytes:
 
 
 def trace_request(session: str, pid: int, instance: str, view: bytes) -> bytes:
-    """agent -> zygote: trace `pid` of `session` (sent with `[chan, go_w]`)."""
+    """agent -> zygote: trace `pid` of `session` (sent with `[chan, go_w, pidfd]`)."""
     return encode(OP_TRACE, session=session, pid=pid, instance=instance, view=view)
 
 

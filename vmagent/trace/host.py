@@ -15,6 +15,7 @@ no process of the session ever runs untraced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from oss.embedded import EmbeddedCoordinator
 from oss.storage.pathmap import PathMap
 from tracer import ptraceio
-from tracer.runner import Runner
+from tracer.runner import WALL, Runner
 from tracer.syscalls import SyscallTable
 from vmagent.trace import channel
 from vmagent.trace.measure import measure_exit
@@ -69,15 +70,24 @@ class Tracer:
         coordinator = coordinator_for(self.table, channel.view_maps(view), self.report)
         return Runner((), {}, "", self.table, coordinator, trace_all=False, measure=measure_exit)
 
-    def serve(self, chan: socket.socket, go_w: int, pid: int, instance: str, view: bytes) -> int:
-        """Trace `pid` to the end; the process exit code of T."""
+    def serve(
+        self, chan: socket.socket, go_w: int, pidfd: int, pid: int, instance: str, view: bytes
+    ) -> int:
+        """Trace `pid` (the process of `pidfd`) to the end; the process exit code of T."""
         self.chan = chan
         try:
+            if not same_process(pidfd, pid):
+                raise ptraceio.PtraceRequestError(pid=pid, request=0, errno=errno.ESRCH)
             ptraceio.seize(pid, OPTIONS)
+            if not same_process(pidfd, pid):  # reaped and reused between check and seize
+                release(pid)
+                raise ptraceio.PtraceRequestError(pid=pid, request=0, errno=errno.ESRCH)
         except ptraceio.PtraceRequestError as exc:
             self.report(channel.encode(channel.OP_FAILED, pid=pid, message=os.strerror(exc.errno)))
             os.close(go_w)  # P reads EOF and exits 125: it never runs
             return 1
+        finally:
+            os.close(pidfd)
         try:
             runner = self._ready if not view else self._runner(view)
         except Exception as exc:
@@ -93,6 +103,28 @@ class Tracer:
         runner.attach(pid)
         self.report(channel.encode(channel.OP_DONE))
         return 0
+
+
+def same_process(pidfd: int, pid: int) -> bool:
+    """`pidfd` still refers to a live (unreaped) process numbered `pid`."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1]) == pid
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def release(pid: int) -> None:
+    """Let go of a process seized by mistake: stop it, detach (it runs on untouched)."""
+    try:
+        ptraceio.interrupt(pid)
+        os.waitpid(pid, WALL)
+        ptraceio.detach(pid)
+    except (OSError, ptraceio.PtraceRequestError):
+        log.warning("could not release pid %d seized by mistake", pid)
 
 
 def become_tracer() -> None:

@@ -91,8 +91,8 @@ def serve(sock: socket.socket, agent: int) -> NoReturn:
             os._exit(0)  # the agent closed its end: the waiting tracer sees EOF too
         try:
             request = channel.decode(data)
-            if request[b"op"] != channel.OP_TRACE or len(fds) != 2:
-                raise channel.ChannelError("expected op=trace with two descriptors")
+            if request[b"op"] != channel.OP_TRACE or len(fds) != 3:
+                raise channel.ChannelError("expected op=trace with three descriptors")
         except channel.ChannelError as exc:
             log.error("zygote: %s", exc)
             for fd in fds:
@@ -125,13 +125,14 @@ def _fork_tracer(listening: socket.socket, table: SyscallTable) -> socket.socket
             theirs.close()
             if os.geteuid() == 0:
                 os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) - ZYGOTE_NICE)
-            if not data or len(fds) != 2:
+            if not data or len(fds) != 3:
                 os._exit(0)  # the zygote is gone, or no session after all
             request = channel.decode(data)
             pid = channel.number(request, b"pid")
             code = tracer.serve(
                 socket.socket(fileno=fds[0]),
                 fds[1],
+                fds[2],
                 pid,
                 request.get(b"instance", b"").decode(errors="replace"),
                 request.get(b"view", b""),
@@ -232,13 +233,19 @@ class Tracing:
         return Gate(filt, ptracer=self.pid if self._yama else 0)
 
     def hand_off(self, session: str, pid: int, go_w: int, view: bytes) -> socket.socket:
-        """Ask Z for a tracer of `pid` (takes `go_w`); the agent's end of T's channel."""
+        """Ask Z for a tracer of `pid` (takes `go_w`); the agent's end of T's channel.
+
+        A pidfd goes along: should T only get to it after the agent gave up on
+        the child (a stopped zygote), it must not seize whatever reused the pid.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pidfd = -1
         try:
+            pidfd = os.pidfd_open(pid)
             channel.send(
                 self.sock,
                 channel.trace_request(session, pid, self.instance, view),
-                (theirs.fileno(), go_w),
+                (theirs.fileno(), go_w, pidfd),
             )
         except OSError as exc:
             ours.close()
@@ -248,6 +255,8 @@ class Tracing:
         finally:
             theirs.close()
             os.close(go_w)
+            if pidfd >= 0:
+                os.close(pidfd)
         ours.setblocking(False)
         return ours
 
