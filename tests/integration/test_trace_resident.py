@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import secret_file, wait_for
-from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
+from vmagent.exec import tickets
+from vmagent.exec.remote import (
+    TicketDrop,
+    deputy_argv,
+    deputy_command,
+    interpreter,
+    remote_exec,
+    ticket_for_self,
+)
 
 HELPER = Path(__file__).with_name("trace_agent.py")
 DROP = TicketDrop()
@@ -154,6 +163,44 @@ def test_nested_execs_arrive_as_records_and_output_equals_native(agent: TracedAg
     assert int(usage[root["pid"]]["wchar"]) >= len("err\n")
     assert "compute=" in usage[root["pid"]]["sys"]  # its two execve calls were intercepted
     assert records[-1]["op"] == "done"
+
+
+NOBODY = 65534
+
+
+def test_a_set_user_id_program_keeps_its_privilege_as_natively(agent: TracedAgent) -> None:
+    # The filter goes in before the child takes the user's ids, without
+    # no_new_privs: a set-user-ID program run by nobody gains root, as it would
+    # natively (its tracer, root, may trace it so).
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a set-user-ID root program, and a run as nobody)")
+    where = Path(tempfile.mkdtemp(prefix="dcp-suid-"))
+    try:
+        where.chmod(0o755)
+        prog = where / "id"
+        shutil.copy("/usr/bin/id", prog)
+        prog.chmod(0o4755)
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        native = subprocess.run([*as_nobody, str(prog), "-u"], capture_output=True, cwd=where)
+        if native.stdout != b"0\n":
+            pytest.skip(f"{where} does not honour set-user-ID here: {native.stdout!r}")
+        path, argv = os.fsencode(prog), (os.fsencode(prog), b"-u")
+        bound = remote_exec(path, argv)
+        ticket = tickets.mint(
+            agent.token,
+            agent.name,
+            uid=NOBODY,
+            gid=NOBODY,
+            digest=tickets.exec_digest(bound[0], bound[1:]),
+        )
+        ticket_file = DROP.put(ticket, NOBODY, NOBODY)
+        args = deputy_argv(agent.address, agent.name, ticket_file, path, argv)
+        cmd = [*as_nobody, os.fsdecode(interpreter()), *map(os.fsdecode, args[1:])]
+        remote = subprocess.run(cmd, capture_output=True, cwd=where, timeout=120)
+        assert (remote.returncode, remote.stdout) == (0, native.stdout), remote.stderr
+        assert [r for r in agent.session(str(prog)) if r.get("kind") == "exec"]  # traced
+    finally:
+        shutil.rmtree(where)
 
 
 def test_kill_9_of_the_tracer_kills_the_program_tree(agent: TracedAgent, tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ class Session:
             if tracing is None:  # benchmarks' untraced baseline only
                 forked = fork_program(self.request, sources, None)
             else:
-                gate = tracing.gate(self.view, self.request.uid)
+                gate = tracing.gate(self.view)
 
                 def hand_off(pid: int, go_w: int) -> None:
                     self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)

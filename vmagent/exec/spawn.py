@@ -45,7 +45,9 @@ class Gate:
     The child blocks reading a pipe whose write end the agent hands to the
     tracer with the child's pid (`hand_off`); the tracer writes one byte
     once it has seized the child.  EOF instead (the tracer refused or died)
-    and the child exits NOT_TRACED without running anything.  `ptracer`
+    and the child exits NOT_TRACED without running anything.  The filter is
+    installed right after, before the child takes the program's credentials
+    (`filter` sets no_new_privs only when the agent is not root).  `ptracer`
     (Yama ptrace_scope 1 only): the process whose descendants may trace the
     child (the zygote).
     """
@@ -319,6 +321,21 @@ def fork_program(
                     signal.signal(sig, signal.SIG_IGN)
                 except (OSError, ValueError):
                     pass
+            if gate is not None:
+                # Traced from here on.  The filter goes in with the agent's own
+                # credentials: as root it needs no no_new_privs, so a set-user-ID
+                # program the user runs keeps its privilege, as natively (its
+                # tracer is root too).  The calls below it are served like the
+                # program's (a mapped cwd is the view's).
+                step = "trace"
+                if not os.read(go_r, 1):
+                    os.write(write_end, _GATE_CLOSED)
+                    os._exit(NOT_TRACED)  # never run untraced
+                os.close(go_r)
+                step = "seccomp"
+                err = gate.filter.install()
+                if err:
+                    raise OSError(err, os.strerror(err))
             step = "credentials"
             if os.getuid() == 0:
                 os.setgroups(list(request.groups))
@@ -333,30 +350,19 @@ def fork_program(
             step = "chdir " + os.fsdecode(request.cwd)
             os.chdir(request.cwd)
             step = "descriptors"
-            top = max([*sources, *sources.values(), write_end, go_r, 2]) + 1
+            top = max([*sources, *sources.values(), write_end, 2]) + 1
             err_fd = fcntl.fcntl(write_end, fcntl.F_DUPFD_CLOEXEC, top)
-            go_fd = fcntl.fcntl(go_r, fcntl.F_DUPFD_CLOEXEC, top) if gate is not None else -1
             high = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, top) for t, s in sources.items()}
             for target, src in high.items():
                 os.dup2(src, target, inheritable=True)
             # Close every other descriptor.  Never call closerange(a, a): CPython
             # turns closerange(0, 0) into close_range(0, UINT_MAX) (closes all).
             low = 0
-            for target in sorted({*high, err_fd, go_fd} - {-1}):
+            for target in [*sorted(high), err_fd]:
                 if low < target:
                     os.closerange(low, target)
                 low = target + 1
             os.closerange(low, 1 << 20)
-            if gate is not None:
-                step = "trace"
-                if not os.read(go_fd, 1):
-                    os.write(err_fd, _GATE_CLOSED)
-                    os._exit(NOT_TRACED)  # never run untraced
-                os.close(go_fd)
-                step = "seccomp"
-                err = gate.filter.install()
-                if err:
-                    raise OSError(err, os.strerror(err))
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             step = "exec " + os.fsdecode(path)
             os.execve(path, argv, env)

@@ -215,12 +215,14 @@ class Tracing:
         ready, _, _ = select.select([self.sock], [], [], 0)
         return not ready
 
-    def gate(self, view: bytes, uid: int) -> Gate:
-        """The gate of a child running as `uid` under `view`; TracerUnavailable if Z is gone."""
+    def gate(self, view: bytes) -> Gate:
+        """The gate of a child running under `view`; TracerUnavailable if Z is gone."""
         if not self.alive():
             self.restart()
             raise TracerUnavailable()
-        nnp = uid != 0
+        # Installed before the child takes the program's ids: only a non-root agent
+        # needs no_new_privs for it.
+        nnp = os.geteuid() != 0
         key = (hashlib.sha256(view).hexdigest()[:32], nnp)
         filt = self._filters.get(key)
         if filt is None:
