@@ -25,6 +25,8 @@ from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.trace.zygote import Tracing
 
+ZYGOTE_EXIT = 2.0  # s the agent waits, when closing, for its zygote to be gone
+
 SERVICE: web.AppKey[ExecService] = web.AppKey("service", ExecService)
 SAMPLER: web.AppKey[LoadSampler] = web.AppKey("sampler", LoadSampler)
 CONFIG: web.AppKey[AgentConfig] = web.AppKey("config", AgentConfig)
@@ -156,9 +158,14 @@ class Agent:
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
-        if self.tracing is not None:
-            self.tracing.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.tracing is not None:
+            self.tracing.close()
+            # Reap the zygote while the loop still handles SIGCHLD: its exit
+            # during the loop's own shutdown would hit a closed wakeup fd.
+            deadline = asyncio.get_running_loop().time() + ZYGOTE_EXIT
+            while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)

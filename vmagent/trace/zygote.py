@@ -262,6 +262,14 @@ class Tracing:
         ours.setblocking(False)
         return ours
 
+    def reaped(self) -> bool:
+        """Z has exited and was reaped (here, or by the agent's reaper)."""
+        try:
+            pid, _status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        return pid != 0
+
     def close(self) -> None:
         """Let Z go (it exits at EOF; running tracers finish their sessions)."""
         self.closed = True
