@@ -386,7 +386,9 @@ class Session:
     # -- program output ----------------------------------------------------------
     def _readable(self, fd: int, r: int) -> None:
         if self._errors >= 0:
-            self._settle_now()  # output means it exec'd: STARTED goes first
+            self._settle_now()  # output (or EOF) first settles the exec: STARTED goes first
+            if fd not in self.outs:
+                return  # it failed: its descriptors are closed and EXIT sent
         try:
             data = os.read(r, P.CHUNK)
         except BlockingIOError:
