@@ -73,10 +73,16 @@ def logs(lab: Lab, program: str, *args: str, timeout: float = 60) -> list[list[s
 
 
 def leaves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The placed processes that run the program's code: a placed process that placed
-    its exec again (from its instance) stays behind as that one's deputy."""
-    parents = {p["parent"] for p in rows if p["parent"]}
-    return [p for p in rows if p["parent"] and f"{p['instance']}:{p['pid']}" not in parents]
+    """The placed processes whose output is their own: a process placed from an
+    instance has its deputy in a session there, which relays that output (and a
+    placed process that placed its exec again stays behind as that deputy)."""
+    by_key = {f"{p['instance']}:{p['pid']}": p for p in rows}
+    relaying = {  # sessions a process placed from holds the deputy of
+        (by_key[p["parent"]]["instance"], by_key[p["parent"]]["session"])
+        for p in rows
+        if p["parent"] in by_key
+    }
+    return [p for p in rows if p["parent"] and (p["instance"], p["session"]) not in relaying]
 
 
 def settled(lab: Lab, program: str, n: int) -> dict[str, Any]:
