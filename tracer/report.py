@@ -139,7 +139,8 @@ def build_record(
 
 
 REMOTE_FIELDS = (
-    "pid", "instance", "parent", "argv", "exit_status", "signal", "cpu_seconds", "max_rss_kb",
+    "pid", "instance", "parent", "session", "argv", "exit_status", "signal", "cpu_seconds",
+    "max_rss_kb",
     "io_read_bytes", "io_write_bytes", "net_rx_bytes", "net_tx_bytes", "syscalls_by_service",
 )  # fmt: skip
 
