@@ -461,7 +461,7 @@ async def _print_logs(
             return
         held = logmod.Reorder(REPORT_INTERVAL + 0.5)
         loop = asyncio.get_running_loop()
-        drop = logmod.RelayDropper()
+        drop = logmod.RelayDropper(REPORT_INTERVAL)
         drop.link(await links())
         looked = loop.time()
         stream_iter = oss.follow(program, stream, instance=instance, since=since).__aiter__()
@@ -483,9 +483,9 @@ async def _print_logs(
                 if ready and loop.time() - looked >= REPORT_INTERVAL:
                     drop.link(await links())  # sessions placed since the last look
                     looked = loop.time()
-                emit(drop(ready))
+                emit(drop(ready, loop.time()))
         finally:
             if nxt is not None:
                 nxt.cancel()
         drop.link(await links())
-        emit(drop(held.rest()))
+        emit(sorted(drop(held.rest(), loop.time()) + drop.rest(), key=lambda ln: ln.ts))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -294,33 +295,53 @@ def relay_links(processes: Sequence[Any]) -> list[tuple[SessionKey, SessionKey]]
 
 
 class RelayDropper:
-    """Drops, from lines in time order, the copies relaying sessions logged again (the
-    reader's side of the nested placements: every session counts as ended)."""
+    """The streaming reader's side (a followed log): relayed copies dropped as lines
+    come, a relaying session's lines held `hold` seconds for a child's copy that comes
+    later (the two copies are stamped on two instances: either may be first)."""
 
-    def __init__(self) -> None:
-        self._filter = RelayFilter(hold=0.0)
+    def __init__(self, hold: float) -> None:
+        self._filter = RelayFilter(hold)
 
     def link(self, links: Sequence[tuple[SessionKey, SessionKey]]) -> None:
         """Learn (child, parent) session links (again: idempotent)."""
         for child, parent in links:
             self._filter.link(child, parent)
-            self._filter.ended(child)
 
-    def __call__(self, lines: Sequence[LogLine]) -> list[LogLine]:
-        """The lines to print."""
+    def __call__(self, lines: Sequence[LogLine], now: float) -> list[LogLine]:
+        """The lines to print now: of `lines`, and held ones whose wait is over."""
         out: list[LogLine] = []
         for ln in lines:
             if ln.stream in ("stdout", "stderr") and ln.instance and ln.pid is not None:
-                out.extend(self._filter.offer((ln.instance, ln.pid), ln, ln.ts))
+                out.extend(self._filter.offer((ln.instance, ln.pid), ln, now))
             else:
                 out.append(ln)
-        return out
+        out.extend(self._filter.due(now))
+        return sorted(out, key=lambda ln: ln.ts)
+
+    def rest(self) -> list[LogLine]:
+        """Every held line (the end)."""
+        return self._filter.due(float("inf"))
 
 
 def drop_relayed(
     lines: Sequence[LogLine], links: Sequence[tuple[SessionKey, SessionKey]]
 ) -> list[LogLine]:
-    """Lines in time order without the copies relaying sessions logged again."""
-    drop = RelayDropper()
-    drop.link(links)
-    return drop(lines)
+    """The whole log without the copies relaying sessions logged again, whatever the
+    order the copies were stamped in: each relaying session loses as many of each
+    line as its child sessions wrote (their own lines and what they relayed)."""
+    written: dict[SessionKey, Counter[tuple[str, str]]] = {}
+    for ln in lines:
+        if ln.stream in ("stdout", "stderr") and ln.instance and ln.pid is not None:
+            written.setdefault((ln.instance, ln.pid), Counter())[(ln.stream, ln.text)] += 1
+    relayed: dict[SessionKey, Counter[tuple[str, str]]] = {}
+    for child, parent in links:
+        relayed.setdefault(parent, Counter()).update(written.get(child, Counter()))
+    out: list[LogLine] = []
+    for ln in lines:
+        budget = relayed.get((ln.instance or "", ln.pid or 0))
+        key = (ln.stream, ln.text)
+        if budget and ln.stream in ("stdout", "stderr") and budget[key] > 0:
+            budget[key] -= 1
+            continue
+        out.append(ln)
+    return out

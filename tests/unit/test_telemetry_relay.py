@@ -76,3 +76,21 @@ def test_links_from_the_processes_record_and_the_readers_dedupe() -> None:
         ("nodeB", "exit 0"),
         ("nodeA", "make: done"),
     ]
+
+
+def test_the_reader_drops_a_copy_stamped_before_its_original() -> None:
+    """The relaying instance may stamp its copy first (two agents, two clocks)."""
+    from oss.telemetry.logs import RelayDropper, drop_relayed
+
+    lines = [
+        LogLine(1.0, "stdout", "x", "nodeA", 10),  # the copy, stamped first
+        LogLine(1.1, "stdout", "x", "nodeB", 20),
+        LogLine(1.2, "stdout", "x", "nodeA", 10),  # A's own line, same text
+    ]
+    got = drop_relayed(lines, [(B, A)])
+    assert [(ln.instance, ln.ts) for ln in got] == [("nodeB", 1.1), ("nodeA", 1.2)]
+    follow = RelayDropper(hold=1.0)
+    follow.link([(B, A)])
+    assert follow(lines[:1], now=0.0) == []  # held: a child runs under A
+    assert follow(lines[1:2], now=0.1) == [lines[1]]  # its original drops the held copy
+    assert follow([], now=5.0) == [] and follow.rest() == []
