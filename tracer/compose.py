@@ -48,9 +48,17 @@ def embedded(table: SyscallTable, pathmap: PathMap, local: LocalOss | None) -> C
 
 @contextlib.contextmanager
 def coordinator(
-    inner: Coordinator, instances: int, placement: str, oss_url: str | None
+    inner: Coordinator,
+    instances: int,
+    placement: str,
+    oss_url: str | None,
+    maps: dict[str, str] | None = None,
 ) -> Iterator[Coordinator]:
-    """`inner` alone, or wrapped to place exec'd programs on instances."""
+    """`inner` alone, or wrapped to place exec'd programs on instances.
+
+    `maps` (`--map`, `[map]`) become the program's view, which every placed
+    process carries and its instance applies.
+    """
     if instances == 0 and oss_url is None:
         yield inner
         return
@@ -58,13 +66,19 @@ def coordinator(
         import vmagent.cluster.coordinator  # noqa: F401  (a missing package: one line)
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
-    with clustered(inner, instances=instances, placement=placement, oss_url=oss_url) as coord:
+    with clustered(
+        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps
+    ) as coord:
         yield coord
 
 
 @contextlib.contextmanager
 def clustered(
-    inner: Coordinator, instances: int, placement: str, oss_url: str | None
+    inner: Coordinator,
+    instances: int,
+    placement: str,
+    oss_url: str | None,
+    maps: dict[str, str] | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -72,10 +86,13 @@ def clustered(
     options, TracerError for instances that do not start), so dcptrace prints
     one line instead of a traceback.
     """
+    from vmagent.exec.view import View
+
+    view = View.of("", dict(maps or {}), placement)
     if oss_url is not None and instances == 0:
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
-        with oss_clustered(inner, placement, oss_url) as coord:
+        with oss_clustered(inner, placement, oss_url, view=view) as coord:
             yield coord
         return
     from vmagent.cluster.coordinator import (
@@ -104,7 +121,7 @@ def clustered(
     with stack:
         policy = Placement(placement, [(i.name, i.cpus) for i in cluster.instances])
         targets = [Target(i.name, i.address, i.token, i.cpus) for i in cluster.instances]
-        local = ClusterCoordinator(inner, targets, policy, cluster.reconnect_window)
+        local = ClusterCoordinator(inner, targets, policy, cluster.reconnect_window, view=view)
         try:
             yield local
         finally:

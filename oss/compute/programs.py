@@ -116,6 +116,11 @@ class Programs:
                 "UPDATE programs SET storage_mb=?, bandwidth_mbps=? WHERE id=?",
                 (spec["storage_mb"], spec["bandwidth_mbps"], pid),
             )
+            view = spec.get("view") or {}
+            c.execute(
+                "UPDATE programs SET view_json=?, placement=? WHERE id=?",
+                (to_json(view), view.get("placement", "spread"), pid),
+            )
             try:
                 place(c, self._budget, pid, spec["processes"], now)
             except NoCapacity:
@@ -234,6 +239,19 @@ class Programs:
 
         return await self._db.read(op)
 
+    async def view_of(self, program_id: str) -> tuple[str, dict[str, Any]]:
+        """(placement policy, stored view) of a program (issue 10: bound into its tickets)."""
+
+        def op(c: Conn) -> tuple[str, dict[str, Any]]:
+            r = c.execute(
+                "SELECT placement, view_json FROM programs WHERE id=?", (program_id,)
+            ).fetchone()
+            if r is None:
+                raise NotFound(f"program {program_id}")
+            return r[0], json.loads(r[1] or "{}")
+
+        return await self._db.read(op)
+
     async def check_placed(self, account_id: str, program_id: str, instance: str | None) -> None:
         """NotFound unless the account's program exists (and is placed on `instance`)."""
 
@@ -324,6 +342,8 @@ def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, 
     for k in ("argv", "env", "resource_policy", "scaling_policy"):
         d[k] = json.loads(d[k])
     d.pop("last_metered")
+    d["view"] = json.loads(d.pop("view_json", None) or "{}")  # issue 10 (B)
+    d.pop("placement", None)
     d["placements"] = [
         dict(instance=p["instance"], processes=p["processes"])
         for p in c.execute(

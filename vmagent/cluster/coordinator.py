@@ -41,6 +41,7 @@ from vmagent.errors import AgentError
 from vmagent.exec import protocol as P
 from vmagent.exec import tickets
 from vmagent.exec.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
+from vmagent.exec.view import EMPTY, View
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,15 @@ class ClusterCoordinator:
         reconnect_window: float | None = None,
         *,
         creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
+        view: View = EMPTY,
+        where: str = HOME,
     ) -> None:
         self.inner = inner
         self._creds = creds  # pid -> (real uid, real gid, groups): what tickets vouch for
+        # The program's view: every placed process carries it (the ticket binds its
+        # digest); `where` names this machine in the deputies' `--parent`.
+        self.view = view
+        self.where = where
         self.targets = {t.name: t for t in targets}
         self.placement = placement
         self.reconnect_window = reconnect_window
@@ -179,8 +186,9 @@ class ClusterCoordinator:
         ticket_file = self.drop.put(self._ticket(target, ident), uid, gid)
         self._ticket_files[call.pid] = ticket_file
         argv = deputy_argv(
-            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window
-        )
+            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window,
+            view=self.view.hex(), parent=f"{self.where}:{call.pid}",
+        )  # fmt: skip
         self.placement.started(name)
         self._where[call.pid] = name
         self._running[call.pid] = name
@@ -204,6 +212,7 @@ class ClusterCoordinator:
             gid=ident.gid,
             groups=ident.groups,
             digest=ident.digest,
+            view=self.view.digest(),
         )
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -54,6 +55,7 @@ from vmagent.cluster.coordinator import EXEC_CALLS, ClusterCoordinator, Ident, T
 from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
 from vmagent.exec.remote import credentials
+from vmagent.exec.view import EMPTY, View
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -195,8 +197,12 @@ class OssCoordinator(ClusterCoordinator):
         reconnect_window: float | None = None,
         *,
         creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
+        view: View = EMPTY,
     ) -> None:
-        super().__init__(inner, [], Placement(placement, []), reconnect_window, creds=creds)
+        super().__init__(
+            inner, [], Placement(placement, []), reconnect_window, creds=creds, view=view
+        )
+        self._base_view = view  # the OSS stored it with the program; its id goes in
         self.oss_placement = OssPlacement(placement, link, self.targets)
         self.placement = self.oss_placement
         self._link = link
@@ -220,7 +226,12 @@ class OssCoordinator(ClusterCoordinator):
         return super().on_syscall(call)
 
     def _choose(self, ident: Ident) -> str:
-        return self.oss_placement.choose_for(ident)
+        name = self.oss_placement.choose_for(ident)
+        program = getattr(self._link, "program_id", None)
+        if program and self.view.program != program:
+            # The tickets bind the OSS's program id: the deputies' view names it too.
+            self.view = dataclasses.replace(self._base_view, program=program)
+        return name
 
     def _ticket(self, target: Target, ident: Ident) -> str:
         return self.oss_placement.granted.pop(target.name)
@@ -296,10 +307,11 @@ def _reason(exc: BaseException) -> str:
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
-    def __init__(self, config: OssModeConfig) -> None:
+    def __init__(self, config: OssModeConfig, view: View = EMPTY) -> None:
         from oss.client import OssClient  # pydantic and aiohttp only in --oss mode
 
         self.config = config
+        self.view = view  # submitted with the program (issue 10)
         self._bridge = _Bridge()
         self._client = OssClient(config.url, config.token, timeout=config.timeout)
         self._submitted: concurrent.futures.Future[str | None] | None = None
@@ -371,6 +383,10 @@ class OssProgramLink:
         from oss import models as m
 
         spec: dict[str, Any] = {"argv": argv, "cwd": cwd or "/"}
+        v = self.view
+        spec["view"] = m.ViewSpec.model_validate(
+            {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
+        )
         if self.config.placement == "spread":
             spec["scaling_policy"] = m.ScalingPolicy(
                 min_instances=self._width, max_instances=self._width
@@ -489,13 +505,14 @@ def oss_clustered(
     oss_url: str,
     environ: Mapping[str, str] | None = None,
     reconnect_window: float | None = None,
+    view: View = EMPTY,
 ) -> Iterator[OssCoordinator]:
     """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors."""
     try:
         config = OssModeConfig.load(oss_url, placement, os.environ if environ is None else environ)
     except OssModeError as exc:
         raise UsageError(str(exc)) from exc
-    link = OssProgramLink(config)
+    link = OssProgramLink(config, view)
     try:
         try:
             link.start(link.check())
@@ -503,7 +520,9 @@ def oss_clustered(
             raise UsageError(str(exc)) from exc
         except OssUnreachable as exc:
             raise TracerError(str(exc)) from exc
-        coordinator = OssCoordinator(inner, placement, link, os.getcwd(), reconnect_window)
+        coordinator = OssCoordinator(
+            inner, placement, link, os.getcwd(), reconnect_window, view=view
+        )
         try:
             yield coordinator
         finally:
