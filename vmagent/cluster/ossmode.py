@@ -157,7 +157,7 @@ class OssPlacement(Placement):
         super().__init__(policy, [])
         self._link = link
         self._targets = targets  # the coordinator's: a grant's address goes in here
-        self._last: str | None = None
+        self._recent: list[str] = []  # instances granted, most recent first
         self.granted: dict[str, str] = {}  # instance -> the ticket of its latest grant
 
     def choose(self) -> str:
@@ -168,11 +168,13 @@ class OssPlacement(Placement):
         """Ask the OSS for one placement (HOME for `local` or when it cannot place)."""
         if self.policy == "local":
             return HOME
-        avoid = [self._last] if self.policy == "spread" and self._last else []
+        # Spread: the OSS ranks the instances used last after the others (most
+        # recent last), so sequential processes go round the instances.
+        avoid = list(self._recent) if self.policy == "spread" else []
         grant = self._link.place(avoid, ident)
         if grant is None:
             return HOME
-        self._last = grant.instance
+        self._recent = [grant.instance, *(n for n in self._recent if n != grant.instance)][:64]
         self._targets[grant.instance] = Target(grant.instance, grant.address, "", 0)
         self.granted[grant.instance] = grant.ticket
         return grant.instance
