@@ -241,6 +241,25 @@ class Programs:
 
         return await self._db.read(op)
 
+    async def placed_on(self, program_id: str, instance: str) -> str:
+        """The owner account of a program with processes on `instance`; NotFound otherwise.
+
+        What lets an instance place a program's processes (issue 10): it runs one
+        of them now.  Any other program, live or not, is not found for it.
+        """
+
+        def op(c: Conn) -> str:
+            r = c.execute(
+                "SELECT p.account_id, p.state FROM programs p JOIN placements l"
+                " ON l.program_id=p.id WHERE p.id=? AND l.instance=?",
+                (program_id, instance),
+            ).fetchone()
+            if r is None or r["state"] not in ("running", "recovering"):
+                raise NotFound(f"program {program_id} on instance {instance}")
+            return str(r["account_id"])
+
+        return await self._db.read(op)
+
     async def view_of(self, program_id: str) -> tuple[str, dict[str, Any]]:
         """(placement policy, stored view) of a program (issue 10: bound into its tickets)."""
 
