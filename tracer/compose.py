@@ -29,6 +29,7 @@ from tracer.syscalls import SyscallTable
 # spelled out here so that parsing options loads no vmagent module; a unit test
 # checks the two agree.
 PLACEMENTS = ("spread", "pack", "local")
+START_TIMEOUT = 15.0  # seconds for the run's OSS and its instances to come up
 
 
 def state_dir(data_dir: str | None) -> Path:
@@ -95,35 +96,51 @@ def clustered(
         with oss_clustered(inner, placement, oss_url, view=view) as coord:
             yield coord
         return
-    from vmagent.cluster.coordinator import (
-        TRACE_REMOTE_ENV,
-        ClusterCoordinator,
-        OssModeUnavailable,
-        Target,
-    )
+    from oss.local import PrivateOss, PrivateOssError
+    from vmagent.cluster.coordinator import TRACE_REMOTE_ENV, OssModeUnavailable
     from vmagent.cluster.local import LocalCluster
+    from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
     from vmagent.cluster.placement import Placement, UnknownPolicy
     from vmagent.errors import AgentError
 
+    # Always an OSS (issue 10): the run's own, on a thread of this process, serving
+    # its agents on a unix socket; it places every exec, from home or an instance.
     stack = contextlib.ExitStack()
     try:
         Placement(placement, [])  # validate the policy before starting anything
         # Opt-in until the tracer can seize programs the agent starts: a dcptrace
         # start per remote exec costs ~0.1 s (docs/INSTANCES.md, Known limits).
         trace = os.environ.get(TRACE_REMOTE_ENV) == "1"
-        cluster = stack.enter_context(LocalCluster(instances, trace=trace))
+        cluster = LocalCluster(instances, trace=trace)
+        stack.callback(cluster.close)
+        private = PrivateOss(cluster.logdir / "oss", cluster.logdir, cluster.names)
+        cluster.use_oss(private.url, private.tokens)
+        private.start()  # in parallel with the agents' start
+        stack.callback(private.close)
+        cluster.start()
+        private.wait_ready(START_TIMEOUT)
+        missing = private.registered(START_TIMEOUT)
+        if missing:
+            raise TracerError(
+                f"local instances: {', '.join(missing)} did not register with the run's OSS"
+            )
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc
-    except AgentError as exc:
+    except (AgentError, PrivateOssError) as exc:
         stack.close()
         raise TracerError(f"local instances: {exc}") from exc
+    except BaseException:
+        stack.close()
+        raise
     with stack:
-        policy = Placement(placement, [(i.name, i.cpus) for i in cluster.instances])
-        targets = [Target(i.name, i.address, i.token, i.cpus) for i in cluster.instances]
-        local = ClusterCoordinator(inner, targets, policy, cluster.reconnect_window, view=view)
+        link = LocalProgramLink(private, view)
+        local = OssCoordinator(
+            inner, placement, link, os.getcwd(), cluster.reconnect_window, view=view
+        )
         try:
             yield local
         finally:
             local.close()
+        stack.close()
         cluster.remove_logs()

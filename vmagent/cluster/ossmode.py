@@ -500,6 +500,116 @@ class OssProgramLink:
         self._bridge.close(5.0)
 
 
+class LocalProgramLink:
+    """`ProgramLink` to the OSS of a `dcptrace --instances` run: direct calls, no HTTP.
+
+    The OSS (`oss.local.PrivateOss`) runs on a loop thread of this process;
+    every call runs there under `timeout`.  Failures never fail the program:
+    the process runs here, and the reason is logged once.
+    """
+
+    def __init__(self, private: Any, view: View = EMPTY, timeout: float = 10.0) -> None:
+        self.private = private
+        self.view = view
+        self.timeout = timeout
+        self.program_id: str | None = None
+        self._later: set[concurrent.futures.Future[Any]] = set()
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        """Submit the program with its view; release the root's slot (it runs here)."""
+        from oss import errors
+
+        try:
+            prog = self.private.call(self._submit(list(argv), cwd), self.timeout)
+        except (errors.OssError, ValueError, TimeoutError) as exc:
+            raise OssCannotRun(f"the OSS of this run did not take the program: {exc}") from exc
+        if prog is None:
+            raise OssCannotRun(
+                "no local instance has room for the program (every one failed): nothing ran"
+            )
+        self.program_id = prog
+
+    async def _submit(self, argv: list[str], cwd: str) -> str | None:
+        from oss import models as m
+
+        oss, who, v = self.private.oss, self.private.principal, self.view
+        view = m.ViewSpec.model_validate(
+            {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
+        )
+        prog = await oss.submit(who, m.ProgramSubmit(argv=argv, cwd=cwd or "/", view=view))
+        if prog["state"] == "pending":
+            await oss.cancel(who, prog["id"])
+            return None
+        for p in prog["placements"]:
+            await oss.programs.release(who.account_id, prog["id"], p["instance"], p["processes"])
+        return str(prog["id"])
+
+    def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
+        """One placement with its exec ticket, or None (this process runs here)."""
+        if self.program_id is None:
+            return None
+        try:
+            got: Grant | None = self.private.call(self._place(list(avoid), ident), self.timeout)
+        except Exception as exc:  # an OSS failure must not fail the program's exec
+            self._warn_once(
+                f"place:{type(exc).__name__}", f"the OSS placed no process ({exc}): they run here"
+            )
+            return None
+        return got
+
+    async def _place(self, avoid: list[str], ident: Ident) -> Grant | None:
+        from oss import errors
+        from oss import models as m
+
+        oss, who, pid = self.private.oss, self.private.principal, self.program_id
+        try:
+            got = await oss.programs.place(who.account_id, pid, 1, avoid)
+        except (errors.NoCapacity, errors.LimitExceeded, errors.BudgetExhausted):
+            return None
+        exec_as = m.ExecIdentity(
+            uid=ident.uid, gid=ident.gid, groups=list(ident.groups), digest=ident.digest
+        )
+        for g in await oss.exec_grants(got, exec_as, pid):
+            if g["tickets"]:
+                return Grant(g["instance"], g["address"], g["tickets"][0])
+        for a in got:  # an instance without an exec key: give the slot back
+            await oss.programs.release(who.account_id, pid, a["instance"], a["processes"])
+        return None
+
+    def release(self, instance: str) -> None:
+        """Release one process's placement (in the background)."""
+        if self.program_id is None:
+            return
+        who = self.private.principal
+        fut = self.private.later(
+            self.private.oss.programs.release(who.account_id, self.program_id, instance, 1)
+        )
+        self._later.add(fut)
+        fut.add_done_callback(self._later.discard)
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        """Wait for the releases, then finish (or cancel) the program."""
+        if self.program_id is None:
+            return
+        concurrent.futures.wait(list(self._later), self.timeout)
+        oss, who = self.private.oss, self.private.principal
+        try:
+            if exit_status is None and signal is None:
+                self.private.call(oss.cancel(who, self.program_id), self.timeout)
+            else:
+                self.private.call(
+                    oss.finish(who, self.program_id, exit_status, signal), self.timeout
+                )
+        except Exception as exc:
+            log.debug("the OSS of this run did not record the end: %s", exc)
+
+
 @contextlib.contextmanager
 def oss_clustered(
     inner: Coordinator,
