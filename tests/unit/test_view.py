@@ -78,3 +78,12 @@ def test_bad_values_are_refused() -> None:
         V.View("p", metering="some")
     with pytest.raises(V.BadView):
         V.from_hex("zz")
+
+
+def test_real_paths_of_what_a_mapped_deputy_reads() -> None:
+    v = V.View.of("p", {"/mnt/v": "/srv/d"})
+    assert v.real(b"/mnt/v") == b"/srv/d"
+    assert v.real(b"/mnt/v/sub/a") == b"/srv/d/sub/a"
+    assert v.real(b"/mnt/vv") == b"/mnt/vv"
+    assert v.real(b"/etc/passwd") == b"/etc/passwd"
+    assert V.EMPTY.real(b"/mnt/v") == b"/mnt/v"

@@ -179,7 +179,7 @@ class ClusterCoordinator:
         exec_path = real if fd_relative else path
         bound = remote_exec(exec_path, call.argv)
         ident = Ident(uid, gid, groups, tickets.exec_digest(bound[0], bound[1:]))
-        name = self._choose(ident)
+        name = self._choose(ident, call)
         if name == HOME:
             return None
         target = self.targets[name]
@@ -199,7 +199,7 @@ class ClusterCoordinator:
             return Rewrite({0: AT_FDCWD, 1: self._interpreter, 2: argv, 4: 0}, observe)
         return Rewrite({0: self._interpreter, 1: argv}, observe)
 
-    def _choose(self, ident: Ident) -> str:
+    def _choose(self, ident: Ident, call: SyscallCall) -> str:
         """Where this exec runs (an instance name or HOME)."""
         return self.placement.choose()
 

@@ -227,7 +227,7 @@ class OssCoordinator(ClusterCoordinator):
                 return Complete(-errno.EHOSTDOWN)
         return super().on_syscall(call)
 
-    def _choose(self, ident: Ident) -> str:
+    def _choose(self, ident: Ident, call: SyscallCall) -> str:
         name = self.oss_placement.choose_for(ident)
         program = getattr(self._link, "program_id", None)
         if program and self.view.program != program:

@@ -193,9 +193,11 @@ def bind(request: ExecRequest, grant: Grant) -> ExecRequest:
             f"vouches for uid {grant.uid} gid {grant.gid}"
         )
     view = checked(request.view_raw, grant.program, grant.view)
+    fds = tuple(dataclasses.replace(f, path=view.real(f.path)) for f in request.fds)
     return dataclasses.replace(
-        request, uid=grant.uid, gid=grant.gid, groups=grant.groups, view=view
-    )
+        request, uid=grant.uid, gid=grant.gid, groups=grant.groups, view=view,
+        cwd=view.real(request.cwd), fds=fds,
+    )  # fmt: skip
 
 
 def _signals_of(mask: int) -> set[int]:

@@ -66,6 +66,19 @@ class View:
         """The maps as `PathMap` takes them (virtual -> real)."""
         return dict(self.maps)
 
+    def real(self, path: bytes) -> bytes:
+        """The real path of an absolute path the program sees (itself when unmapped).
+
+        A deputy runs under its view's tracer, so the cwd and descriptor paths it
+        reads (`getcwd`, `/proc/self/fd`) are virtual; the agent sets the placed
+        process up with their real paths before its tracer maps them back.
+        """
+        if not self.maps or not path.startswith(b"/"):
+            return path
+        from oss.storage.pathmap import PathMap  # only for views that map something
+
+        return PathMap(self.mapping()).to_real(path) or path
+
     def encode(self) -> bytes:
         """The canonical record of this view."""
         maps = P.record([P.record([v.encode(), r.encode()]) for v, r in self.maps])
