@@ -97,7 +97,7 @@ def clustered(
             yield coord
         return
     from oss.local import PrivateOss, PrivateOssError
-    from vmagent.cluster.coordinator import TRACE_REMOTE_ENV, OssModeUnavailable
+    from vmagent.cluster.coordinator import OssModeUnavailable
     from vmagent.cluster.local import LocalCluster
     from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
     from vmagent.cluster.placement import Placement, UnknownPolicy
@@ -108,10 +108,8 @@ def clustered(
     stack = contextlib.ExitStack()
     try:
         Placement(placement, [])  # validate the policy before starting anything
-        # Opt-in until the tracer can seize programs the agent starts: a dcptrace
-        # start per remote exec costs ~0.1 s (docs/INSTANCES.md, Known limits).
-        trace = os.environ.get(TRACE_REMOTE_ENV) == "1"
-        cluster = LocalCluster(instances, trace=trace)
+        # Each agent traces what it runs (vmagent.trace): nothing to ask for here.
+        cluster = LocalCluster(instances)
         stack.callback(cluster.close)
         private = PrivateOss(cluster.logdir / "oss", cluster.logdir, cluster.names)
         cluster.use_oss(private.url, private.tokens)
