@@ -47,6 +47,7 @@ class PlaceRequest:
     gid: int
     groups: tuple[int, ...]
     digest: str
+    avoid: tuple[str, ...] = ()  # instances granted last by this tracer, most recent first
 
 
 def place_request(record: dict[bytes, bytes]) -> PlaceRequest:
@@ -63,11 +64,18 @@ def place_request(record: dict[bytes, bytes]) -> PlaceRequest:
     digest = record.get(b"digest", b"").decode(errors="replace")
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise ValueError("op=place digest is not a sha256")
-    return PlaceRequest(num(b"req"), num(b"pid"), num(b"uid"), num(b"gid"), groups, digest)
+    avoid = tuple(a.decode() for a in P.unrecord(record.get(b"avoid", b""))[:32])
+    return PlaceRequest(num(b"req"), num(b"pid"), num(b"uid"), num(b"gid"), groups, digest, avoid)
 
 
 def place_record(
-    req: int, pid: int, uid: int, gid: int, groups: tuple[int, ...], digest: str
+    req: int,
+    pid: int,
+    uid: int,
+    gid: int,
+    groups: tuple[int, ...],
+    digest: str,
+    avoid: list[str] | None = None,
 ) -> bytes:
     """T -> agent: place this exec (T blocks on the answer)."""
     return P.unpairs(
@@ -79,6 +87,7 @@ def place_record(
             b"gid": str(gid).encode(),
             b"groups": b",".join(str(g).encode() for g in groups) or b"-",
             b"digest": digest.encode(),
+            b"avoid": P.record([a.encode() for a in (avoid or [])[:32]]),
         }
     )
 
@@ -137,6 +146,7 @@ class OssPlacements:
                     "groups": list(request.groups),
                     "digest": request.digest,
                 },
+                "avoid": list(request.avoid),
             },
         )
         if status != 200 or not isinstance(data, dict):
@@ -203,7 +213,7 @@ class Placer:
     async def _place(self, session: Session, record: dict[bytes, bytes]) -> None:
         try:
             request = place_request(record)
-        except ValueError as exc:
+        except (ValueError, P.FrameError, UnicodeDecodeError) as exc:
             log.warning("session %s: %s", session.sid.hex()[:8], exc)
             return
         view = getattr(session.request, "view", None)
