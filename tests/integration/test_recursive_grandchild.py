@@ -9,28 +9,43 @@ the deputy stays a signal to the placed process alone.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
+import shutil
 import signal
 import subprocess
+import tempfile
 import termios
 import time
+from pathlib import Path
 
 import pytest
 from test_terminal import read_all, read_until
 
-from tests.conftest import dcptrace_argv, traced_env
+from tests.conftest import dcptrace_argv, traced, traced_env
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
+# Placed again from the placed sh's instance; it forks a child that stays with it
+# (no exec): only a group signal on its instance reaches that child.
 GRANDCHILD = (
-    "import signal, sys, time\n"
-    "def on_int(*_):\n"
-    "    print('grandchild-int', flush=True)\n"
-    "    sys.exit(3)\n"
-    "signal.signal(signal.SIGINT, on_int)\n"
-    "print('ready', flush=True)\n"
-    "time.sleep(60)\n"
+    "import os, signal, sys, time\n"
+    "def on_int(who):\n"
+    "    def handler(*_):\n"
+    "        print(who + '-int', flush=True)\n"
+    "        sys.exit(3)\n"
+    "    return handler\n"
+    "child = os.fork()\n"
+    "signal.signal(signal.SIGINT, on_int('grandchild' if child else 'forked'))\n"
+    "if child:\n"
+    "    print('ready', flush=True)\n"
+    "    try:\n"
+    "        time.sleep(60)\n"
+    "    finally:\n"
+    "        os.waitpid(child, 0)\n"
+    "else:\n"
+    "    time.sleep(60)\n"
     "print('grandchild-slept', flush=True)\n"
 )
 
@@ -60,5 +75,37 @@ def test_ctrl_c_reaches_a_placed_process_s_child() -> None:
             proc.wait()
         out = read_all(master)
         os.close(master)
-    assert b"grandchild-int" in out, out
+    assert b"grandchild-int" in out and b"forked-int" in out, out
     assert b"grandchild-slept" not in out and b"inner-after" not in out, out
+
+
+def test_a_placed_shell_s_execs_are_placed_again() -> None:
+    """sh placed on node0 runs its commands on the other instances, stdio and status intact."""
+    rec_dir = tempfile.mkdtemp(prefix="dcp-grandchild-")
+    rec = Path(rec_dir) / "r.json"
+    inner = (
+        "hostname; hostname; "
+        "printf 'x\\ny\\n' | sort -r; "
+        "sh -c 'exit 7'; echo status=\\$?; "
+        "/bin/sh -c 'hostname >&2'"
+    )
+    try:
+        res = traced(
+            ["sh", "-c", f'/bin/sh -c "{inner}"'],
+            "--no-state", "--instances", "3", "--placement", "spread", "--record", str(rec),
+            timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        procs = json.loads(rec.read_text())["processes"]
+    finally:
+        shutil.rmtree(rec_dir, ignore_errors=True)
+    (placed_sh,) = [p for p in procs if p["argv"][:1] == ["/bin/sh"]]
+    where = placed_sh["instance"]
+    assert where.startswith("node"), procs
+    lines = res.stdout.decode().splitlines()
+    hosts, rest = lines[:2], lines[2:]
+    # Placed from `where`: elsewhere, and round the other instances (spread).
+    assert where not in hosts and len(set(hosts)) == 2, (where, hosts)
+    assert rest == ["y", "x", "status=7"], lines
+    # A grandchild's grandchild: placed from the second level too, its stderr intact.
+    assert res.stderr.decode().strip().splitlines()[-1].startswith("node"), res.stderr

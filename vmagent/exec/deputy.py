@@ -63,6 +63,32 @@ STOPPERS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 WAKE = _signal.SIGRTMIN + 3  # internal: the receiver thread wakes the main thread
 MAX_TICKET = 4096
 SI_KERNEL = 0x80  # si_code of a signal the kernel sent (the terminal's keys)
+SI_USER = 0  # si_code of kill()/killpg()
+
+
+def _group_signal(code: int, sender: int) -> bool:
+    """Did this signal go to our whole process group (terminal, or an agent's killpg)?
+
+    A deputy placed from an instance runs in the group of the program an agent
+    started there (the session leader, the agent's child): a signal from that
+    agent is its delivery of a group signal (it signals deputies no other way).
+    """
+    if code == SI_KERNEL:
+        return True
+    if code != SI_USER:
+        return False
+    try:
+        sid = os.getsid(0)
+        if sid == os.getpid():
+            return False
+        fd = os.open(f"/proc/{sid}/stat", os.O_RDONLY)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return sender == int(stat.rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _say(message: str) -> None:
@@ -375,10 +401,11 @@ def main(argv: list[str]) -> int:
                 # group, where the kernel discards TSTP/TTIN/TTOU: send SIGSTOP.
                 link.send(P.SIGNAL, _signal.SIGSTOP, b"")
                 os.kill(os.getpid(), _signal.SIGSTOP)  # SIGCONT resumes us, then is forwarded
-            elif info.si_code == SI_KERNEL:
-                # From the terminal (Ctrl-C, Ctrl-\\, hangup): it went to the whole
-                # foreground group here, so it goes to the remote program's group too,
-                # and reaches what it placed in turn (as a tty reaches make's compilers).
+            elif _group_signal(info.si_code, info.si_pid):
+                # From the terminal (Ctrl-C, Ctrl-\\, hangup), or the agent's delivery of
+                # one to our group: it went to the whole group here, so it goes to the
+                # remote program's group too, and on down the chain of deputies (as a
+                # tty reaches make's compilers).
                 link.send(P.SIGNAL, sig, P.GROUP)
             else:
                 link.send(P.SIGNAL, sig, b"")

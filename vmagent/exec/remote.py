@@ -176,8 +176,9 @@ def deputy_command(
     path: bytes,
     argv: tuple[bytes, ...],
     reconnect_window: float | None = None,
+    view: str = "",
 ) -> list[str]:
     """A runnable deputy command line (real interpreter) with `ticket` in a ticket file."""
     ticket_file = drop.put(ticket, os.getuid(), os.getgid())
-    args = deputy_argv(address, instance, ticket_file, path, argv, reconnect_window)
+    args = deputy_argv(address, instance, ticket_file, path, argv, reconnect_window, view=view)
     return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]
