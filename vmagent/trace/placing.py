@@ -32,6 +32,7 @@ from tracer.coordinator import (
 )
 from vmagent.cluster.coordinator import ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement
+from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer
 
@@ -200,9 +201,13 @@ class PlacingCoordinator(ClusterCoordinator):
     """
 
     def __init__(
-        self, inner: Coordinator, ask: Callable[[Ident, int, list[str]], Grant | None]
+        self,
+        inner: Coordinator,
+        ask: Callable[[Ident, int, list[str]], Grant | None],
+        *,
+        creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
     ) -> None:
-        super().__init__(inner, [], Placement("spread", []))
+        super().__init__(inner, [], Placement("spread", []), creds=creds)
         self._ask = ask
         self._granted: dict[str, str] = {}  # instance -> ticket of the grant being used
         self._recent: list[str] = []  # instances granted, most recent first
