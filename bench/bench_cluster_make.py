@@ -12,7 +12,9 @@ load from other work on the machine hits all three alike:
   (3 local instances: the run's OSS, agents, every compile placed; start-up of
   the instances included).
 
-Also `dcptrace --no-state --instances 3 -- true` alone (the cluster's start-up).
+Also `dcptrace --no-state --instances 3 -- true` alone (the cluster's start-up),
+and the cost of one exec placed from an instance (a placed sh running 20
+`/bin/true`, each placed again, minus the placed sh alone, / 20).
 Prints min / median / max wall seconds per way and the load average.
 """
 
@@ -58,6 +60,12 @@ def main() -> None:
             "cluster": [*DCPTRACE, "--instances", "3", "--placement", "spread", "--",
                         "make", "-j6"],
             "cluster start-up (true)": [*DCPTRACE, "--instances", "3", "--", "true"],
+            # A placed sh alone, and running 20 /bin/true each placed again from its
+            # instance: the difference / 20 is one placement from an instance.
+            "placed sh, no exec": [*DCPTRACE, "--instances", "3", "--", "sh", "-c",
+                                   "/bin/sh -c :"],
+            "placed sh, 20 placed execs": [*DCPTRACE, "--instances", "3", "--", "sh", "-c",
+                                           "/bin/sh -c '" + "/bin/true; " * 20 + "'"],
         }  # fmt: skip
         times: dict[str, list[float]] = {w: [] for w in ways}
         print(f"load before: {open('/proc/loadavg').read().strip()}")
@@ -72,6 +80,9 @@ def main() -> None:
                 f"{way:26s} min {min(t):6.2f} s  median {statistics.median(t):6.2f} s"
                 f"  max {max(t):6.2f} s  ({len(t)} runs)"
             )
+        base = statistics.median(times["placed sh, no exec"])
+        per = (statistics.median(times["placed sh, 20 placed execs"]) - base) / 20
+        print(f"one exec placed from an instance (deputy there + remote exec): {per * 1000:.0f} ms")
 
 
 if __name__ == "__main__":
