@@ -174,9 +174,7 @@ async def h_agent_place(
     )
 
 
-async def h_agent_release(
-    oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any
-) -> m.Ok:
+async def h_agent_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any) -> m.Ok:
     """A process an instance placed ended: its slot is free (404 unless the program runs there)."""
     pid = r.match_info["program_id"]
     account = await oss.programs.placed_on(pid, str(who))
