@@ -18,9 +18,11 @@ import subprocess
 import tempfile
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_dcptrace_oss import Lab, dcptrace, newest_program, start_lab
 from test_terminal import read_all, read_until
 
 from tests.conftest import dcptrace_argv, traced, traced_env
@@ -109,3 +111,31 @@ def test_a_placed_shell_s_execs_are_placed_again() -> None:
     assert rest == ["y", "x", "status=7"], lines
     # A grandchild's grandchild: placed from the second level too, its stderr intact.
     assert res.stderr.decode().strip().splitlines()[-1].startswith("node"), res.stderr
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Two loopback agents registered with a loopback dcp-oss serve (over HTTP)."""
+    lab = Lab(tmp_path_factory.mktemp("oss"))
+    try:
+        start_lab(lab, "127.0.0.1", {n: ("127.0.0.1:0", "") for n in ("n0", "n1")})
+        yield lab
+    finally:
+        lab.stop()
+
+
+def test_with_a_running_dcp_oss_an_instance_places_through_it(lab: Lab) -> None:
+    """`--oss URL`: a placed sh's children are placed again by its agent over HTTP, logged."""
+    res = dcptrace(lab, lab.url, "sh", "-c", "/bin/sh -c './marker.sh; ./marker.sh 4'",
+                   token=lab.token)  # fmt: skip
+    assert res.returncode == 4, res.stderr
+    where = res.stdout.decode().split("\n")[:-1]
+    # Each marker names the agent that started it: placed again, not the sh's child.
+    assert len(where) == 2 and set(where) <= {"on n0", "on n1"}, where
+    prog = newest_program(lab)
+    text = "\n".join(x["text"] for x in lab.get(f"/v1/programs/{prog['id']}/logs")["lines"])
+    # The markers, and their own tr and sed, each placed from an instance.
+    placed = [x for x in text.splitlines() if x.startswith("placed: pid")]
+    assert len(placed) >= 2 and all(" runs its exec on n" in x for x in placed), text
+    rows = lab.get("/v1/instances", lab.admin)
+    assert {r["name"]: r["used_slots"] for r in rows} == {"n0": 0, "n1": 0}  # all released
