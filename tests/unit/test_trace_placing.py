@@ -77,10 +77,11 @@ def test_the_program_s_own_exec_stays_and_the_next_becomes_a_deputy() -> None:
     c.close()
 
 
-def test_placement_local_never_asks() -> None:
+@pytest.mark.parametrize("view", [View("prog_1", placement="local"), View("")])
+def test_placement_local_or_a_run_without_an_oss_never_asks(view: View) -> None:
     ask = Asks([])
     c = PlacingCoordinator(AllowAll(), ask, creds=lambda pid: (7, 8, ()))
-    c.bind(View("prog_1", placement="local"), "node1")
+    c.bind(view, "node1")
     c.on_syscall(execve(5, b"/bin/sh", (b"sh",)))
     assert isinstance(c.on_syscall(execve(6, b"/bin/true", (b"true",))), Allow)
     assert ask.asked == []

@@ -218,8 +218,8 @@ class PlacingCoordinator(ClusterCoordinator):
         self.where = where
 
     def _choose(self, ident: Ident, call: SyscallCall) -> str:
-        if self.view.placement == "local":
-            return HOME
+        if self.view.placement == "local" or not self.view.program:
+            return HOME  # `local`, or a run no OSS knows (its agent could not place it)
         # Spread: the instances granted last rank last in the OSS (most recent
         # first), so sequential execs go round the instances, as from home.
         avoid = self._recent if self.view.placement == "spread" else []
