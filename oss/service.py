@@ -310,16 +310,34 @@ class Oss:
         self.oss_log(f"instance {body.instance} registered at {address}", body.instance)
 
     async def exec_grants(
-        self, assignments: Sequence[Mapping[str, Any]], exec_as: ExecIdentity | None
+        self,
+        assignments: Sequence[Mapping[str, Any]],
+        exec_as: ExecIdentity | None,
+        program_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """A fresh exec ticket per placed process, for instances whose agent sent an exec key.
 
         Tickets are bound to `exec_as` (one exec, its uid/gid/groups); without it none
         are minted.  The caller checked that the account may use those ids.
         """
+        if program_id is not None:
+            self.placed(program_id, assignments)  # telemetry: these instances report for it
         if exec_as is None:
             return []
         keys = await self.instances.exec_targets([a["instance"] for a in assignments])
+        # Issue 10: each ticket binds the program and the digest of its stored view.
+        bound: dict[str, Any] = {}
+        if program_id is not None:
+            _placement, view = await self.programs.view_of(program_id)
+            bound = dict(
+                program=program_id,
+                view=exectickets.view_digest(
+                    view.get("maps", ()),
+                    view.get("placement", "spread"),
+                    view.get("metering", "exec"),
+                    view.get("home", ""),
+                ),
+            )
         grants = []
         for a in assignments:
             found = keys.get(a["instance"])
@@ -334,6 +352,7 @@ class Oss:
                     gid=exec_as.gid,
                     groups=exec_as.groups,
                     digest=exec_as.digest,
+                    **bound,
                 )
                 for _ in range(a["processes"])
             ]

@@ -49,3 +49,11 @@ V4 = """
 V5 = """
     ALTER TABLE instances ADD COLUMN exec_key TEXT;
 """
+
+# Issue 10 (chunk B): the program's view (bound into its exec tickets) and its
+# placement policy (spread | pack | local: oss.compute.scheduler.choose; NULL, as
+# for programs submitted without a view: the width-and-locality rule of `place`).
+V7 = """
+    ALTER TABLE programs ADD COLUMN view_json TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE programs ADD COLUMN placement TEXT;
+"""

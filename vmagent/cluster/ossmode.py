@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -54,6 +55,7 @@ from vmagent.cluster.coordinator import EXEC_CALLS, ClusterCoordinator, Ident, T
 from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
 from vmagent.exec.remote import credentials
+from vmagent.exec.view import EMPTY, View
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -159,7 +161,7 @@ class OssPlacement(Placement):
         super().__init__(policy, [])
         self._link = link
         self._targets = targets  # the coordinator's: a grant's address goes in here
-        self._last: str | None = None
+        self._recent: list[str] = []  # instances granted, most recent first
         self.granted: dict[str, str] = {}  # instance -> the ticket of its latest grant
 
     def choose(self) -> str:
@@ -170,11 +172,13 @@ class OssPlacement(Placement):
         """Ask the OSS for one placement (HOME for `local` or when it cannot place)."""
         if self.policy == "local":
             return HOME
-        avoid = [self._last] if self.policy == "spread" and self._last else []
+        # Spread: the OSS ranks the instances used last after the others (most
+        # recent last), so sequential processes go round the instances.
+        avoid = list(self._recent) if self.policy == "spread" else []
         grant = self._link.place(avoid, ident)
         if grant is None:
             return HOME
-        self._last = grant.instance
+        self._recent = [grant.instance, *(n for n in self._recent if n != grant.instance)][:64]
         self._targets[grant.instance] = Target(grant.instance, grant.address, "", 0)
         self.granted[grant.instance] = grant.ticket
         return grant.instance
@@ -199,8 +203,12 @@ class OssCoordinator(ClusterCoordinator):
         reconnect_window: float | None = None,
         *,
         creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
+        view: View = EMPTY,
     ) -> None:
-        super().__init__(inner, [], Placement(placement, []), reconnect_window, creds=creds)
+        super().__init__(
+            inner, [], Placement(placement, []), reconnect_window, creds=creds, view=view
+        )
+        self._base_view = view  # the OSS stored it with the program; its id goes in
         self.oss_placement = OssPlacement(placement, link, self.targets)
         self.placement = self.oss_placement
         self._link = link
@@ -223,8 +231,13 @@ class OssCoordinator(ClusterCoordinator):
                 return Complete(-errno.EHOSTDOWN)
         return super().on_syscall(call)
 
-    def _choose(self, ident: Ident) -> str:
-        return self.oss_placement.choose_for(ident)
+    def _choose(self, ident: Ident, call: SyscallCall) -> str:
+        name = self.oss_placement.choose_for(ident)
+        program = getattr(self._link, "program_id", None)
+        if program and self.view.program != program:
+            # The tickets bind the OSS's program id: the deputies' view names it too.
+            self.view = dataclasses.replace(self._base_view, program=program)
+        return name
 
     def _ticket(self, target: Target, ident: Ident) -> str:
         return self.oss_placement.granted.pop(target.name)
@@ -306,10 +319,11 @@ def _reason(exc: BaseException) -> str:
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
-    def __init__(self, config: OssModeConfig) -> None:
+    def __init__(self, config: OssModeConfig, view: View = EMPTY) -> None:
         from oss.client import OssClient  # pydantic and aiohttp only in --oss mode
 
         self.config = config
+        self.view = view  # submitted with the program (issue 10)
         self._bridge = _Bridge()
         self._client = OssClient(config.url, config.token, timeout=config.timeout)
         self._submitted: concurrent.futures.Future[str | None] | None = None
@@ -382,6 +396,10 @@ class OssProgramLink:
         from oss import models as m
 
         spec: dict[str, Any] = {"argv": argv, "cwd": cwd or "/"}
+        v = self.view
+        spec["view"] = m.ViewSpec.model_validate(
+            {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
+        )
         if self.config.placement == "spread":
             spec["scaling_policy"] = m.ScalingPolicy(
                 min_instances=self._width, max_instances=self._width
@@ -509,6 +527,133 @@ class OssProgramLink:
         self._bridge.close(5.0)
 
 
+class LocalProgramLink:
+    """`ProgramLink` to the OSS of a `dcptrace --instances` run: direct calls, no HTTP.
+
+    The OSS (`oss.local.PrivateOss`) runs on a loop thread of this process;
+    every call runs there under `timeout`.  Failures never fail the program:
+    the process runs here, and the reason is logged once.
+    """
+
+    def __init__(self, private: Any, view: View = EMPTY, timeout: float = 10.0) -> None:
+        self.private = private
+        self.view = view
+        self.timeout = timeout
+        self.program_id: str | None = None
+        self._later: set[concurrent.futures.Future[Any]] = set()
+        self._warned: set[str] = set()
+        self.placed = 0  # processes placed with a ticket (the record waits for their rows)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        """Submit the program with its view; release the root's slot (it runs here)."""
+        from oss import errors
+
+        try:
+            prog = self.private.call(self._submit(list(argv), cwd), self.timeout)
+        except (errors.OssError, ValueError, TimeoutError) as exc:
+            raise OssCannotRun(f"the OSS of this run did not take the program: {exc}") from exc
+        if prog is None:
+            raise OssCannotRun(
+                "no local instance has room for the program (every one failed): nothing ran"
+            )
+        self.program_id = prog
+
+    async def _submit(self, argv: list[str], cwd: str) -> str | None:
+        from oss import models as m
+
+        oss, who, v = self.private.oss, self.private.principal, self.view
+        view = m.ViewSpec.model_validate(
+            {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
+        )
+        prog = await oss.submit(who, m.ProgramSubmit(argv=argv, cwd=cwd or "/", view=view))
+        if prog["state"] == "pending":
+            await oss.cancel(who, prog["id"])
+            return None
+        for p in prog["placements"]:
+            await oss.programs.release(who.account_id, prog["id"], p["instance"], p["processes"])
+        return str(prog["id"])
+
+    def processes(self, final_wait: float) -> dict[str, Any] | None:
+        """The run's OSS's record of the placed processes (for --record)."""
+        if self.program_id is None:
+            return None
+        try:
+            got = self.private.call(self._processes(final_wait), final_wait + self.timeout)
+        except Exception as exc:  # the record goes without them, said once
+            self._warn_once("processes", f"the OSS gave no processes record ({exc})")
+            return None
+        return dict(got.model_dump(mode="json"))
+
+    async def _processes(self, final_wait: float) -> Any:
+        oss, who = self.private.oss, self.private.principal
+        return await oss.process_list(who.account_id, self.program_id, final_wait, self.placed)
+
+    def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
+        """One placement with its exec ticket, or None (this process runs here)."""
+        if self.program_id is None:
+            return None
+        try:
+            got: Grant | None = self.private.call(self._place(list(avoid), ident), self.timeout)
+        except Exception as exc:  # an OSS failure must not fail the program's exec
+            self._warn_once(
+                f"place:{type(exc).__name__}", f"the OSS placed no process ({exc}): they run here"
+            )
+            return None
+        return got
+
+    async def _place(self, avoid: list[str], ident: Ident) -> Grant | None:
+        from oss import errors
+        from oss import models as m
+
+        oss, who, pid = self.private.oss, self.private.principal, self.program_id
+        try:
+            got = await oss.programs.place(who.account_id, pid, 1, avoid)
+        except (errors.NoCapacity, errors.LimitExceeded, errors.BudgetExhausted):
+            return None
+        exec_as = m.ExecIdentity(
+            uid=ident.uid, gid=ident.gid, groups=list(ident.groups), digest=ident.digest
+        )
+        for g in await oss.exec_grants(got, exec_as, pid):
+            if g["tickets"]:
+                self.placed += 1
+                return Grant(g["instance"], g["address"], g["tickets"][0])
+        for a in got:  # an instance without an exec key: give the slot back
+            await oss.programs.release(who.account_id, pid, a["instance"], a["processes"])
+        return None
+
+    def release(self, instance: str) -> None:
+        """Release one process's placement (in the background)."""
+        if self.program_id is None:
+            return
+        who = self.private.principal
+        fut = self.private.later(
+            self.private.oss.programs.release(who.account_id, self.program_id, instance, 1)
+        )
+        self._later.add(fut)
+        fut.add_done_callback(self._later.discard)
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        """Wait for the releases, then finish (or cancel) the program."""
+        if self.program_id is None:
+            return
+        concurrent.futures.wait(list(self._later), self.timeout)
+        oss, who = self.private.oss, self.private.principal
+        try:
+            if exit_status is None and signal is None:
+                self.private.call(oss.cancel(who, self.program_id), self.timeout)
+            else:
+                self.private.call(
+                    oss.finish(who, self.program_id, exit_status, signal), self.timeout
+                )
+        except Exception as exc:
+            log.debug("the OSS of this run did not record the end: %s", exc)
+
+
 @contextlib.contextmanager
 def oss_clustered(
     inner: Coordinator,
@@ -516,13 +661,14 @@ def oss_clustered(
     oss_url: str,
     environ: Mapping[str, str] | None = None,
     reconnect_window: float | None = None,
+    view: View = EMPTY,
 ) -> Iterator[OssCoordinator]:
     """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors."""
     try:
         config = OssModeConfig.load(oss_url, placement, os.environ if environ is None else environ)
     except OssModeError as exc:
         raise UsageError(str(exc)) from exc
-    link = OssProgramLink(config)
+    link = OssProgramLink(config, view)
     try:
         try:
             link.start(link.check())
@@ -530,7 +676,9 @@ def oss_clustered(
             raise UsageError(str(exc)) from exc
         except OssUnreachable as exc:
             raise TracerError(str(exc)) from exc
-        coordinator = OssCoordinator(inner, placement, link, os.getcwd(), reconnect_window)
+        coordinator = OssCoordinator(
+            inner, placement, link, os.getcwd(), reconnect_window, view=view
+        )
         try:
             yield coordinator
         finally:
