@@ -20,16 +20,8 @@ import pytest
 from test_dcptrace_oss import Lab, dcptrace, newest_program, start_lab
 
 from tests.conftest import REPO, dcptrace_argv, traced_env, wait_for
-from vmagent.exec.tickets import Grant
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow]
-
-if "program" not in getattr(Grant, "__dataclass_fields__", {}):
-    pytest.skip(
-        "exec tickets do not name the OSS program yet (tickets v3, issue 10 chunk B):"
-        " an agent cannot tell whose program a session runs",
-        allow_module_level=True,
-    )
 
 EMIT = """#!/bin/sh
 printf 'alpha\\nbeta\\n'
@@ -290,10 +282,6 @@ def test_10_mb_of_tcp_between_two_placed_processes_is_measured_and_billed(
 def test_a_nested_placements_line_is_logged_once(tlab: Lab) -> None:
     """A placed `sh` whose child is placed again: the child's lines come from its own
     instance and, relayed through the placing session's pipes, from the first one."""
-    try:
-        import vmagent.trace.placer  # noqa: F401
-    except ImportError:
-        pytest.skip("placement from an instance (issue 10 chunk B) is not in this tree")
     script = "sh -c './emit.sh deep; true'; true"
     res = dcptrace(tlab, tlab.url, "sh", "-c", script, token=tlab.token, placement="spread")
     assert res.returncode == 0 and res.stdout == b"alpha\nbeta\ngamma", res.stderr.decode()
@@ -313,10 +301,6 @@ def test_a_nested_placements_line_is_logged_once(tlab: Lab) -> None:
 
 def test_the_storage_a_placed_programs_view_holds_is_billed(tlab: Lab, tmp_path: Path) -> None:
     """The program declares no storage; its instance walks the directory it maps."""
-    try:
-        import vmagent.exec.view  # noqa: F401
-    except ImportError:
-        pytest.skip("program views (issue 10 chunk B) are not in this tree")
     data = tmp_path / "data"
     data.mkdir()
     (data / "blob").write_bytes(os.urandom(4 << 20))

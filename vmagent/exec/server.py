@@ -24,6 +24,7 @@ import signal
 import socket
 from collections.abc import Callable
 
+from oss.compute import exectickets
 from vmagent.config import AgentConfig
 from vmagent.errors import AgentError, AuthError, BadRequest
 from vmagent.exec import protocol as P
@@ -160,8 +161,7 @@ class ExecProtocol(asyncio.Protocol):
 
 def program_of(grant: Grant) -> str | None:
     """The OSS program an exec ticket vouches for (None: a ticket of no program)."""
-    program = getattr(grant, "program", None)  # tickets v3 (issue 10, chunk B)
-    return program if isinstance(program, str) and program not in ("", "-") else None
+    return grant.program if grant.program not in ("", exectickets.NO_PROGRAM) else None
 
 
 class ExecService:
