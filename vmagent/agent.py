@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
+from vmagent.checkpoint.local import Checkpointer
 from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
 from vmagent.exec.tickets import TicketCheck
@@ -86,6 +88,36 @@ async def _sessions(request: web.Request) -> web.Response:
     )
 
 
+CHECKPOINTER: web.AppKey[Checkpointer] = web.AppKey("checkpointer", Checkpointer)
+
+
+async def _checkpoint(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/checkpoint {"restore": bool, "images": dir?} (vmagent.checkpoint)."""
+    _authorized(request)
+    service = request.app[SERVICE]
+    try:
+        session = service.sessions.get(bytes.fromhex(request.match_info["sid"]))
+    except ValueError:
+        session = None
+    if session is None:
+        raise web.HTTPNotFound(text="no such session\n")
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise web.HTTPBadRequest(text="the body is not JSON\n") from None
+    restore = body.get("restore", False) if isinstance(body, dict) else None
+    images = body.get("images") if isinstance(body, dict) else None
+    if not isinstance(restore, bool) or not (images is None or isinstance(images, str)):
+        raise web.HTTPBadRequest(text='expected {"restore": bool, "images": path}\n')
+    try:
+        done = await request.app[CHECKPOINTER].checkpoint(session, restore=restore, images=images)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done.as_json())
+
+
 def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) -> web.Application:
     """The HTTP side of the agent."""
     app = web.Application()
@@ -95,6 +127,8 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/v1/load", _load)
     app.router.add_get("/v1/sessions", _sessions)
+    app[CHECKPOINTER] = Checkpointer(service)
+    app.router.add_post("/v1/sessions/{sid}/checkpoint", _checkpoint)
     return app
 
 

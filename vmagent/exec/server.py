@@ -173,6 +173,9 @@ class ExecService:
         self.by_nonce: dict[str, Session] = {}  # ticket nonce -> the session it started
         self.probe = ReaderProbe(os.uname().machine)
         self.counts = {"started": 0, "exited": 0, "signaled": 0, "failed": 0, "abandoned": 0}
+        # Helpers the agent runs as its own children (criu): their wait status goes
+        # to these futures, since the reaper below collects every child.
+        self.children: dict[int, asyncio.Future[int]] = {}
 
     def install(self) -> None:
         """Reap children on SIGCHLD (call from the running loop)."""
@@ -193,6 +196,11 @@ class ExecService:
                 if not self.tracing.closed:
                     log.warning("the instance tracer's zygote (pid %d) died", pid)
                 continue  # replaced at the next session (which is refused meanwhile)
+            waiter = self.children.pop(pid, None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(status)
+                continue
             session = self.by_pid.pop(pid, None)
             if session is not None:
                 session.exited(status)

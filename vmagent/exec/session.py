@@ -83,6 +83,8 @@ class Session:
         self._errors = -1  # the child's exec-report pipe, until it exec'd or failed
         self._report = b""
         self._gate_timer: asyncio.TimerHandle | None = None
+        # A checkpoint waits here for its tracer's `op=detached` (vmagent.checkpoint).
+        self.detached: asyncio.Future[tuple[int, ...]] | None = None
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -273,6 +275,12 @@ class Session:
                     self.tracer_pid = channel.number(record, b"tracer")
             elif record[b"op"] == channel.OP_FAILED:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
+            elif record[b"op"] == channel.OP_DETACHED:
+                if self.detached is not None and not self.detached.done():
+                    try:
+                        self.detached.set_result(channel.pids_of(record))
+                    except channel.ChannelError as exc:
+                        self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
 
     def _close_trace(self) -> None:
