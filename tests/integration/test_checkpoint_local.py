@@ -120,3 +120,98 @@ def test_a_checkpoint_of_an_unknown_session_is_refused(agent: TracedAgent) -> No
     with pytest.raises(urllib.error.HTTPError) as info:
         call(agent, "POST", "/v1/sessions/" + "00" * 16 + "/checkpoint", {"restore": False})
     assert info.value.code == 404
+
+
+HOLDER = r"""
+import hashlib, os, sys, time
+data = bytearray(os.urandom(64 << 20))
+print(hashlib.sha256(data).hexdigest(), flush=True)
+flag = sys.argv[1]
+with open(flag + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(flag + ".tmp", flag)
+while not os.path.exists(flag + ".go"):
+    time.sleep(0.01)
+print(hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
+
+def test_a_python_process_with_64_mb_keeps_its_checksum(agent: TracedAgent, tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        agent.deputy("/usr/bin/python3", "-c", HOLDER, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 120), "the holder never started"
+        sid = session_of(agent, int(flag.read_text()))
+        done = call(agent, "POST", f"/v1/sessions/{sid}/checkpoint", {"restore": True})
+        assert done["image_bytes"] > 64 << 20
+        Path(str(flag) + ".go").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    before, after = out.decode().split()
+    assert proc.returncode == 0, err.decode()
+    assert before == after
+
+
+def test_a_failed_dump_leaves_the_program_running_where_it_was_once(
+    agent: TracedAgent, tmp_path: Path
+) -> None:
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        agent.deputy("/usr/bin/python3", "-c", COUNTER, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 60), "the counter never started"
+        pid = int(flag.read_text())
+        sid = session_of(agent, pid)
+        with pytest.raises(urllib.error.HTTPError) as info:  # CRIU cannot write there
+            call(agent, "POST", f"/v1/sessions/{sid}/checkpoint", {"images": "/proc/sys"})
+        assert info.value.code == 409
+        assert "criu dump failed" in info.value.msg
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = out.decode().splitlines()
+    assert proc.returncode == 7, err.decode()
+    assert lines[-1] != "tracer 0"  # traced again after the failure
+    assert [int(line.split()[1]) for line in lines[:-1]] == list(range(400))
+
+
+def test_without_a_working_criu_a_checkpoint_fails_at_once_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DCP_CRIU", "/bin/false")
+    broken = TracedAgent("ckpt1")
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        broken.deputy("/usr/bin/python3", "-c", COUNTER, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 60), "the counter never started"
+        sid = session_of(broken, int(flag.read_text()))
+        with pytest.raises(urllib.error.HTTPError) as info:
+            call(broken, "POST", f"/v1/sessions/{sid}/checkpoint", {"restore": True})
+        assert info.value.code == 503
+        message = info.value.msg.split(": ", 1)[1]
+        assert message.startswith("checkpoint unavailable: /bin/false check failed")
+        assert "\n" not in message
+        out, _err = proc.communicate(timeout=120)
+        assert proc.returncode == 7  # untouched
+        assert len(out.decode().splitlines()) == 401
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        broken.stop()

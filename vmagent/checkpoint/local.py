@@ -106,6 +106,8 @@ class Checkpointer:
                     (os.POSIX_SPAWN_DUP2, 1, 2),
                 ],
             )
+        except OSError as exc:
+            raise C.CriuFailed(argv[1], f"cannot start {argv[0]}: {exc}") from exc
         finally:
             for fd in keep:
                 os.set_inheritable(fd, False)
@@ -149,15 +151,20 @@ class Checkpointer:
         finally:
             session.detached = None
         session.tracer_pid = 0  # that tracer exits: its tree is ours to give back
-        ends = program_pipe_ends(pids, _session_pipes(session))
+        ends: list[tuple[int, str]] = []
         try:
+            ends = program_pipe_ends(pids, _session_pipes(session))
             dumped = time.perf_counter()
-            code = await self.run(
-                C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
-            )
+            try:
+                code = await self.run(
+                    C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
+                )
+            except BaseException:
+                self._adopt(session, pids)  # the tree runs on where it was
+                raise
             dump_ms = (time.perf_counter() - dumped) * 1000
             if code != 0:
-                self._adopt(session, pids)  # the tree runs on where it was
+                self._adopt(session, pids)
                 said = _read(os.path.join(directory, "dump.log"))
                 raise C.CriuFailed("dump", C.first_error(said))
             restore_ms = 0.0
