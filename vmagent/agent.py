@@ -21,6 +21,7 @@ from aiohttp import web
 
 from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
 from vmagent.checkpoint.local import Checkpointer
+from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
 from vmagent.exec.tickets import TicketCheck
@@ -118,6 +119,72 @@ async def _checkpoint(request: web.Request) -> web.Response:
     return web.json_response(done.as_json())
 
 
+MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
+
+
+async def _migrate(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/migrate {"to": HOST:PORT, "instance": NAME, "ticket": T}."""
+    _authorized(request)
+    service = request.app[SERVICE]
+    try:
+        session = service.sessions.get(bytes.fromhex(request.match_info["sid"]))
+    except ValueError:
+        session = None
+    if session is None:
+        raise web.HTTPNotFound(text="no such session\n")
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    fields = [body.get(k) if isinstance(body, dict) else None for k in ("to", "instance", "ticket")]
+    if not all(isinstance(f, str) and f for f in fields):
+        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket"}\n')
+    to, instance, ticket = (str(f) for f in fields)
+    try:
+        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
+def _migration_ticket(request: web.Request) -> str:
+    scheme, _, ticket = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "DCP-Migrate" or not ticket:
+        raise web.HTTPUnauthorized(text="missing migration ticket\n")
+    return ticket
+
+
+async def _migration_check(request: web.Request) -> web.Response:
+    """POST /v1/migrations/check {"pids": [...]}: could this instance take that tree?"""
+    ticket = _migration_ticket(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    try:
+        await request.app[CHECKPOINTER].criu()
+        request.app[MIGRATOR].check(ticket, body.get("pids") if isinstance(body, dict) else None)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"ok": True})
+
+
+async def _migration_receive(request: web.Request) -> web.Response:
+    """POST /v1/migrations: a moved session (description + zstd images), restored here."""
+    ticket = _migration_ticket(request)
+    try:
+        done = await request.app[MIGRATOR].receive(ticket, request.content)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except (CheckpointError, asyncio.IncompleteReadError) as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
 def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) -> web.Application:
     """The HTTP side of the agent."""
     app = web.Application()
@@ -129,6 +196,12 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_get("/v1/sessions", _sessions)
     app[CHECKPOINTER] = Checkpointer(service)
     app.router.add_post("/v1/sessions/{sid}/checkpoint", _checkpoint)
+    app[MIGRATOR] = Migrator(
+        app[CHECKPOINTER], MigrationTickets(config.token, config.instance), config.instance
+    )
+    app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
+    app.router.add_post("/v1/migrations/check", _migration_check)
+    app.router.add_post("/v1/migrations", _migration_receive)
     return app
 
 

@@ -137,9 +137,31 @@ class Checkpointer:
             raise C.CheckpointError(f"{session.program} is not running under its tracer")
         directory = images or tempfile.mkdtemp(prefix=f"dcp-ckpt-{session.sid.hex()[:8]}-")
         os.makedirs(directory, exist_ok=True)
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        session.detached = loop.create_future()
+        pids = await self.detach(session)
+        ends: list[tuple[int, str]] = []
+        try:
+            ends = program_pipe_ends(pids, _session_pipes(session))
+            dump_ms = await self.dump(criu, session, pids, directory)
+            restore_ms = 0.0
+            if restore:
+                restore_ms = await self._restore_in_place(criu, session, pids, directory, ends)
+            self.adopt(session, pids)
+        finally:
+            for fd, _key in ends:
+                os.close(fd)
+        frozen = (time.perf_counter() - started) * 1000
+        result = Checkpoint(pids, directory, C.image_bytes(directory), frozen, dump_ms, restore_ms)
+        log.info("checkpoint of %s: %s", session.program, result.as_json())
+        if restore and images is None:
+            shutil.rmtree(directory, ignore_errors=True)
+        return result
+
+    async def detach(self, session: Session) -> tuple[int, ...]:
+        """Freeze: the session's tracer stops and detaches its tree; the tree's pids."""
+        if session.trace_sock is None:
+            raise C.CheckpointError(f"{session.program} is not running under its tracer")
+        session.detached = asyncio.get_running_loop().create_future()
         channel.send(session.trace_sock, channel.encode(channel.OP_DETACH))
         try:
             async with asyncio.timeout(DETACH_TIMEOUT):
@@ -151,35 +173,38 @@ class Checkpointer:
         finally:
             session.detached = None
         session.tracer_pid = 0  # that tracer exits: its tree is ours to give back
-        ends: list[tuple[int, str]] = []
+        return pids
+
+    async def dump(
+        self, criu: C.Criu, session: Session, pids: tuple[int, ...], directory: str
+    ) -> float:
+        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on."""
+        dumped = time.perf_counter()
         try:
-            ends = program_pipe_ends(pids, _session_pipes(session))
-            dumped = time.perf_counter()
-            try:
-                code = await self.run(
-                    C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
-                )
-            except BaseException:
-                self._adopt(session, pids)  # the tree runs on where it was
-                raise
-            dump_ms = (time.perf_counter() - dumped) * 1000
-            if code != 0:
-                self._adopt(session, pids)
-                said = _read(os.path.join(directory, "dump.log"))
-                raise C.CriuFailed("dump", C.first_error(said))
-            restore_ms = 0.0
-            if restore:
-                restore_ms = await self._restore_in_place(criu, session, pids, directory, ends)
-            self._adopt(session, pids)
-        finally:
-            for fd, _key in ends:
-                os.close(fd)
-        frozen = (time.perf_counter() - started) * 1000
-        result = Checkpoint(pids, directory, C.image_bytes(directory), frozen, dump_ms, restore_ms)
-        log.info("checkpoint of %s: %s", session.program, result.as_json())
-        if restore and images is None:
-            shutil.rmtree(directory, ignore_errors=True)
-        return result
+            code = await self.run(
+                C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
+            )
+        except BaseException:
+            self.adopt(session, pids)
+            raise
+        if code != 0:
+            self.adopt(session, pids)
+            raise C.CriuFailed("dump", C.first_error(_read(os.path.join(directory, "dump.log"))))
+        return (time.perf_counter() - dumped) * 1000
+
+    async def restore(self, criu: C.Criu, directory: str, ends: list[tuple[int, str]]) -> float:
+        """criu restore (detached, stopped, the agent its parent); ms.  CriuFailed otherwise."""
+        restoring = time.perf_counter()
+        code = await self.run(
+            C.restore_argv(criu.path, directory, ends),
+            os.path.join(directory, "restore.out"),
+            tuple(fd for fd, _key in ends),
+        )
+        if code != 0:
+            raise C.CriuFailed(
+                "restore", C.first_error(_read(os.path.join(directory, "restore.log")))
+            )
+        return (time.perf_counter() - restoring) * 1000
 
     async def _restore_in_place(
         self,
@@ -197,20 +222,15 @@ class Checkpointer:
         async with asyncio.timeout(FREE_TIMEOUT):
             while any(os.path.exists(f"/proc/{pid}") for pid in pids):
                 await asyncio.sleep(0.005)
-        restoring = time.perf_counter()
-        code = await self.run(
-            C.restore_argv(criu.path, directory, ends),
-            os.path.join(directory, "restore.out"),
-            tuple(fd for fd, _key in ends),
-        )
-        if code != 0:
-            detail = C.first_error(_read(os.path.join(directory, "restore.log")))
-            session.exited(code if os.WIFSIGNALED(code) else 255 << 8)
-            raise C.CriuFailed("restore", detail)
+        try:
+            took = await self.restore(criu, directory, ends)
+        except C.CriuFailed:
+            session.exited(255 << 8)  # dumped and killed, not back: the deputy hears so
+            raise
         self.service.by_pid[session.pid] = session
-        return (time.perf_counter() - restoring) * 1000
+        return took
 
-    def _adopt(self, session: Session, pids: tuple[int, ...]) -> None:
+    def adopt(self, session: Session, pids: tuple[int, ...]) -> None:
         """A fresh instance tracer takes the stopped tree and continues it."""
         tracing = self.service.tracing
         assert tracing is not None

@@ -120,6 +120,9 @@ class ExecProtocol(asyncio.Protocol):
             self.grant, self._secret = self.service.tickets.secret(
                 items[0].decode("ascii", errors="replace")
             )
+            moved = self.service.moved.get(self.grant.nonce)
+            if moved is not None:  # a session that moved here (vmagent.checkpoint)
+                self._secret = moved
             self._challenge = secrets.token_bytes(P.NONCE_SIZE)
             mine = tickets.proof(self._secret, b"agent", items[1])
             self.write(P.frame(P.CHALLENGE, 0, P.record([mine, self._challenge])))
@@ -176,6 +179,9 @@ class ExecService:
         # Helpers the agent runs as its own children (criu): their wait status goes
         # to these futures, since the reaper below collects every child.
         self.children: dict[int, asyncio.Future[int]] = {}
+        # Sessions that moved here from another instance: ticket nonce -> the key
+        # their deputy now proves (derived from its ticket's secret on each move).
+        self.moved: dict[str, str] = {}
 
     def install(self) -> None:
         """Reap children on SIGCHLD (call from the running loop)."""
@@ -243,6 +249,7 @@ class ExecService:
         program = os.fsdecode(request.argv[0])
         session = Session(self, secrets.token_bytes(16), request, program)
         session.nonce = grant.nonce
+        session.key = proto._secret
         self.sessions[session.sid] = session
         self.by_nonce[grant.nonce] = session
         session.attach(proto, 0)
@@ -284,6 +291,9 @@ class ExecService:
     def abandon(self, session: Session) -> None:
         """The deputy never came back: kill the program, drop the session."""
         if session.forgotten:
+            return
+        if session.moved:  # its deputy follows the program elsewhere (or never returns)
+            self.forget(session)
             return
         log.warning(
             "deputy of %s pid=%d did not reconnect within %.1fs: killing it",

@@ -85,6 +85,12 @@ class Session:
         self._gate_timer: asyncio.TimerHandle | None = None
         # A checkpoint waits here for its tracer's `op=detached` (vmagent.checkpoint).
         self.detached: asyncio.Future[tuple[int, ...]] | None = None
+        self.key = ""  # what the deputy proves (its ticket's secret, or a moved key)
+        # Migration (vmagent.checkpoint.migrate): while `migrating`, sequenced frames
+        # from the deputy are left unacknowledged (it replays them where the program
+        # lands); once `moved`, the program is no longer here: nothing is killed.
+        self.migrating = False
+        self.moved = False
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -308,6 +314,8 @@ class Session:
     # -- frames from the deputy -----------------------------------------------
     def on_frame(self, kind: int, fd: int, seq: int, payload: bytes) -> None:
         """Apply one frame received from the deputy."""
+        if (self.migrating or self.moved) and kind != P.ACK:
+            return  # unacknowledged: replayed to wherever the program runs next
         if kind in P.SEQUENCED and not self.inbox.accept(seq, len(payload)):
             return
         if kind == P.DATA:
@@ -527,6 +535,8 @@ class Session:
 
     def kill(self) -> None:
         """SIGKILL the program's tracer (EXITKILL: its whole tree) and its process group."""
+        if self.moved:
+            return  # the program runs on another instance now
         if self.tracer_pid and self.status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.tracer_pid, signal.SIGKILL)

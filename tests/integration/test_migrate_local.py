@@ -1,0 +1,128 @@
+"""Migration of a running program between two local instances (vmagent.checkpoint.migrate).
+
+Real namespaced instances (`LocalCluster`: each agent PID 1 of its own PID
+namespace), real deputies, real instance tracers, real CRIU; skipped with the
+reason when CRIU or root is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from vmagent.checkpoint import criu
+from vmagent.checkpoint.migrate import mint_ticket
+from vmagent.cluster.local import Instance, LocalCluster
+from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaced instances and CRIU need root")
+
+DROP = TicketDrop()
+
+COUNTER = r"""
+import os, socket, sys, time
+flag = sys.argv[1]
+i = 0
+while i < 600:
+    if i == 20:
+        with open(flag + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(flag + ".tmp", flag)
+    print(os.getpid(), i, socket.gethostname(), flush=True)
+    i += 1
+    time.sleep(0.01)
+status = open("/proc/self/status").read()
+print("tracer", [l.split()[1] for l in status.splitlines() if l.startswith("TracerPid")][0])
+sys.exit(7)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    try:
+        criu.check()
+    except criu.CriuUnavailable as exc:
+        pytest.skip(str(exc))
+    with LocalCluster(2) as c:
+        yield c
+    DROP.close()
+
+
+def deputy(inst: Instance, *argv: str) -> list[str]:
+    path = os.fsencode(argv[0])
+    args = tuple(os.fsencode(a) for a in argv)
+    ticket = ticket_for_self(inst.token, inst.name, path, args)
+    return deputy_command(DROP, inst.address, inst.name, ticket, path, args)
+
+
+def call(inst: Instance, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        f"http://{inst.address}{path}",
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {inst.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        exc.msg = f"{exc.msg}: {exc.read().decode(errors='replace').strip()}"
+        raise
+
+
+def session_of(inst: Instance, pid: int) -> str:
+    for s in call(inst, "GET", "/v1/sessions")["sessions"]:
+        if s["pid"] == pid and s["running"]:
+            return str(s["session"])
+    raise AssertionError(f"no session of pid {pid} on {inst.name}")
+
+
+def migrate(source: Instance, target: Instance, sid: str) -> Any:
+    ticket = mint_ticket(target.token, target.name, sid)
+    body = {"to": target.address, "instance": target.name, "ticket": ticket}
+    return call(source, "POST", f"/v1/sessions/{sid}/migrate", body)
+
+
+def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", COUNTER, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 60), "the counter never started"
+        pid = int(flag.read_text())
+        sid = session_of(a, pid)
+        there = migrate(a, b, sid)
+        assert (there["from"], there["to"], there["pid"]) == (a.name, b.name, pid)
+        assert there["freeze_ms"] > 0 and there["zstd_bytes"] > 0
+        back = migrate(b, a, sid)
+        assert (back["from"], back["to"]) == (b.name, a.name)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = out.decode().splitlines()
+    assert proc.returncode == 7, err.decode()
+    assert lines[-1].startswith("tracer ") and lines[-1] != "tracer 0"
+    rows = [line.split() for line in lines[:-1]]
+    assert [int(n) for _p, n, _h in rows] == list(range(600))  # no gap, no repeat
+    assert {int(p) for p, _n, _h in rows} == {pid}  # the pid it sees never changed
+    hosts = [h for _p, _n, h in rows]
+    seen = [h for i, h in enumerate(hosts) if i == 0 or hosts[i - 1] != h]
+    assert seen == [a.hostname, b.hostname, a.hostname]  # it ran there, then came back

@@ -1,0 +1,569 @@
+"""Migration of a session's tree to another instance, agent to agent.
+
+Source (`Migrator.migrate`, asked by whoever holds both instances' credentials
+with a *migration ticket* minted with the target's token):
+
+1. refuse before freezing anything: a program on a terminal; the target's
+   check (`POST /v1/migrations/check`: ticket, CRIU, every pid of the tree free);
+2. freeze (the tracer detaches the stopped tree), drain the program's output
+   pipes to the deputy, `criu dump --leave-stopped`, tar + zstd the images;
+3. `POST /v1/migrations` to the target (the ticket burnt there): a length-prefixed
+   JSON description of the session (its exec request, pipes, sequence numbers,
+   the deputy's next key) and the compressed images, streamed and bounded;
+4. the target restores the tree with the same pids (its agent becomes their
+   parent), creates the session's pipes anew (`--inherit-fd`), adopts the tree
+   with its own tracer (which continues it) and answers with the pid;
+5. only then the source kills its stopped copy and sends the deputy MOVED
+   (address, instance, salt): the deputy resumes the session at the target,
+   proving the key derived from its ticket's secret (`moved_key`), and replays
+   whatever the source left unacknowledged.
+
+Any failure before step 5 gives the stopped tree back to a tracer on the
+source: the program runs on where it was, and the deputy is made to reconnect
+so the frames held back during the attempt are replayed.  See docs/CHECKPOINT.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import tarfile
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import zstandard
+
+from vmagent.checkpoint import criu as C
+from vmagent.checkpoint.local import Checkpointer
+from vmagent.exec import protocol as P
+from vmagent.exec.session import Session
+from vmagent.exec.spawn import ExecRequest, FdSpec
+
+log = logging.getLogger(__name__)
+
+TICKET_TTL = 60.0  # s a migration ticket is valid
+MAX_META = 1 << 20  # bytes of a session description
+MAX_IMAGES = 16 << 30  # bytes of images (compressed, and again uncompressed) a target takes
+CHECK_TIMEOUT = 10.0  # s for the target's check
+TRANSFER_TIMEOUT = 600.0  # s for transfer + restore
+ZSTD_LEVEL = 1  # fast: the tree is frozen while this runs
+CHUNK = 1 << 20
+LAST_PID = "/proc/sys/kernel/ns_last_pid"
+
+
+class MigrationRefused(C.CheckpointError):
+    """the migration was refused"""
+
+
+# -- tickets (pure) ---------------------------------------------------------------------
+
+
+def mint_ticket(token: str, instance: str, session: str, now: float | None = None) -> str:
+    """A single-use ticket letting a source agent move `session` to `instance`."""
+    expiry = int(((time.time() if now is None else now) + TICKET_TTL) * 1000)
+    public = f"m1.{secrets.token_hex(12)}.{expiry}.{session}"
+    return f"{public}.{_ticket_mac(token, instance, public)}"
+
+
+def _ticket_mac(token: str, instance: str, public: str) -> str:
+    return hmac.new(token.encode(), f"migrate.{public}.{instance}".encode(), "sha256").hexdigest()
+
+
+class MigrationTickets:
+    """The target side: verify tickets with this instance's token, each burnt once."""
+
+    def __init__(self, token: str, instance: str, clock: Callable[[], float] = time.time) -> None:
+        self._token = token
+        self._instance = instance
+        self._clock = clock
+        self._used: dict[str, int] = {}
+
+    def check(self, ticket: str, *, burn: bool) -> str:
+        """The session id the ticket is for; MigrationRefused naming what is wrong."""
+        parts = ticket.split(".")
+        if len(parts) != 5 or parts[0] != "m1" or not parts[2].isdigit():
+            raise MigrationRefused("malformed migration ticket")
+        public = ".".join(parts[:4])
+        if not hmac.compare_digest(parts[4], _ticket_mac(self._token, self._instance, public)):
+            raise MigrationRefused(f"migration ticket not valid for {self._instance}")
+        now = int(self._clock() * 1000)
+        expiry = int(parts[2])
+        if expiry < now:
+            raise MigrationRefused("migration ticket expired")
+        if expiry - now > 2 * TICKET_TTL * 1000:
+            raise MigrationRefused("migration ticket lives too long")
+        self._used = {n: e for n, e in self._used.items() if e >= now}
+        if parts[1] in self._used:
+            raise MigrationRefused("migration ticket already used")
+        if burn:
+            self._used[parts[1]] = expiry
+        return parts[3]
+
+
+def moved_key(key: str, instance: str, salt: str) -> str:
+    """The key a deputy proves after MOVED (`vmagent.exec.link.Link.move` derives the same)."""
+    return hmac.new(key.encode(), f"moved.{instance}.{salt}".encode(), "sha256").hexdigest()
+
+
+# -- the session's description (pure) ----------------------------------------------------
+
+
+def _hex(value: bytes) -> str:
+    return value.hex()
+
+
+def describe(
+    session: Session,
+    pids: tuple[int, ...],
+    pipes: dict[str, dict[int, str]],
+    key: str,
+    out_seq: int,
+) -> dict[str, Any]:
+    """What the target needs to carry the session on (JSON-able)."""
+    r = session.request
+    return {
+        "session": session.sid.hex(),
+        "nonce": session.nonce,
+        "key": key,
+        "program": session.program,
+        "pid": session.pid,
+        "pids": list(pids),
+        "view": _hex(session.view),
+        "request": {
+            "path": _hex(r.path),
+            "argv": [_hex(a) for a in r.argv],
+            "env": [_hex(e) for e in r.env],
+            "cwd": _hex(r.cwd),
+            "umask": r.umask,
+            "rlimits": [list(x) for x in r.rlimits],
+            "fds": [
+                {
+                    "fd": f.fd,
+                    "kind": _hex(f.kind),
+                    "path": _hex(f.path),
+                    "flags": f.flags,
+                    "pos": f.pos,
+                    "rdev": f.rdev,
+                }
+                for f in r.fds
+            ],
+            "uid": r.uid,
+            "gid": r.gid,
+            "groups": list(r.groups),
+            "sigign": r.sigign,
+            "sigblk": r.sigblk,
+        },
+        "outs": {str(fd): k for fd, k in pipes["outs"].items()},
+        "ins": {str(fd): k for fd, k in pipes["ins"].items()},
+        "unwanted": sorted(session.unwanted.values()),
+        "out_seq": out_seq,
+        "in_last": session.inbox.last,
+    }
+
+
+class Description:
+    """A validated session description (MigrationRefused if anything is off)."""
+
+    def __init__(self, raw: Any) -> None:
+        try:
+            self.sid = bytes.fromhex(_str(raw["session"]))
+            self.nonce = _str(raw["nonce"])
+            self.key = _str(raw["key"])
+            self.program = _str(raw["program"])
+            self.pid = _int(raw["pid"])
+            self.pids = tuple(_int(p) for p in raw["pids"])
+            self.view = bytes.fromhex(_str(raw["view"]))
+            q = raw["request"]
+            self.request = ExecRequest(
+                path=bytes.fromhex(_str(q["path"])),
+                argv=tuple(bytes.fromhex(_str(a)) for a in q["argv"]),
+                env=tuple(bytes.fromhex(_str(e)) for e in q["env"]),
+                cwd=bytes.fromhex(_str(q["cwd"])),
+                umask=_int(q["umask"]),
+                rlimits=tuple((_int(a), _int(b, -1), _int(c, -1)) for a, b, c in q["rlimits"]),
+                fds=tuple(
+                    FdSpec(
+                        _int(f["fd"]),
+                        bytes.fromhex(_str(f["kind"])),
+                        bytes.fromhex(_str(f["path"])),
+                        _int(f["flags"]),
+                        _int(f["pos"]),
+                        _int(f["rdev"]),
+                    )
+                    for f in q["fds"]
+                ),
+                uid=_int(q["uid"]),
+                gid=_int(q["gid"]),
+                groups=tuple(_int(g) for g in q["groups"]),
+                sigign=_int(q["sigign"]),
+                sigblk=_int(q["sigblk"]),
+            )
+            self.outs = {_int(int(fd)): _pipe_key(k) for fd, k in raw["outs"].items()}
+            self.ins = {_int(int(fd)): _pipe_key(k) for fd, k in raw["ins"].items()}
+            self.unwanted = {_int(fd) for fd in raw["unwanted"]}
+            self.out_seq = _int(raw["out_seq"])
+            self.in_last = _int(raw["in_last"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MigrationRefused(f"malformed session description: {exc!r}") from None
+        if len(self.sid) != 16 or not self.pids or self.pids[0] != self.pid:
+            raise MigrationRefused("malformed session description: session or pids")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, low: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 1 << 64:
+        raise TypeError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _pipe_key(value: Any) -> str:
+    key = _str(value)
+    if not (key.startswith("pipe:[") and key.endswith("]") and key[6:-1].isdigit()):
+        raise ValueError(f"not a pipe key: {key!r}")
+    return key
+
+
+# -- images on the wire -------------------------------------------------------------------
+
+
+def pack(directory: str, archive: str) -> tuple[int, int]:
+    """tar + zstd `directory`'s images into `archive`; (raw bytes, compressed bytes)."""
+    raw = C.image_bytes(directory)
+    with open(archive, "wb") as out:
+        writer = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).stream_writer(out)
+        with tarfile.open(fileobj=writer, mode="w|") as tar:
+            for name in sorted(os.listdir(directory)):
+                if name.endswith(".img"):
+                    tar.add(os.path.join(directory, name), arcname=name)
+        writer.flush(zstandard.FLUSH_FRAME)
+    return raw, os.path.getsize(archive)
+
+
+def unpack(archive: str, directory: str) -> int:
+    """Extract the images (regular files only, bounded); raw bytes written."""
+    total = 0
+    with open(archive, "rb") as src:
+        reader = zstandard.ZstdDecompressor().stream_reader(src)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for member in tar:
+                name = os.path.basename(member.name)
+                if not member.isfile() or name != member.name or not name.endswith(".img"):
+                    raise MigrationRefused(f"unexpected entry in the images: {member.name!r}")
+                total += member.size
+                if total > MAX_IMAGES:
+                    raise MigrationRefused("the images are larger than this instance takes")
+                fileobj = tar.extractfile(member)
+                assert fileobj is not None
+                with open(os.path.join(directory, name), "wb") as out:
+                    shutil.copyfileobj(fileobj, out, CHUNK)
+    return total
+
+
+# -- /proc ------------------------------------------------------------------------------
+
+
+def tree_of(root: int) -> list[int]:
+    """`root` and its descendants (processes), root first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return out
+
+
+def busy(pids: list[int] | tuple[int, ...]) -> list[int]:
+    """Those of `pids` that name a process (or zombie) here."""
+    return [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def reserve_pids(pids: tuple[int, ...]) -> None:
+    """Let this namespace's next pids come after `pids` (criu's own helpers must not take them).
+
+    The agent is root and (on a local instance) PID 1 of its own namespace, so
+    `ns_last_pid` is its namespace's; elsewhere a failure just leaves the order.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open(LAST_PID) as f:
+            last = int(f.read())
+        if last < max(pids):
+            with open(LAST_PID, "w") as f:
+                f.write(str(max(pids)))
+
+
+# -- the source ---------------------------------------------------------------------------
+
+
+class Migrator:
+    """Both ends of migrations for one agent."""
+
+    def __init__(
+        self, checkpointer: Checkpointer, tickets: MigrationTickets, instance: str
+    ) -> None:
+        self.ckpt = checkpointer
+        self.service = checkpointer.service
+        self.tickets = tickets
+        self.instance = instance
+
+    async def migrate(
+        self, session: Session, to: str, instance: str, ticket: str
+    ) -> dict[str, Any]:
+        """Move `session`'s tree to the agent at `to`; what it took."""
+        criu = await self.ckpt.criu()
+        if session.status is not None or session.moved or session.trace_sock is None:
+            raise MigrationRefused(f"{session.program} is not running here")
+        for fd in session.paths.values():
+            if os.isatty(fd):
+                raise MigrationRefused(f"{session.program} is on a terminal: it cannot migrate yet")
+        tree = tree_of(session.pid)
+        async with aiohttp.ClientSession(
+            headers={"Authorization": f"DCP-Migrate {ticket}"}
+        ) as http:
+            await self._check(http, to, tree)
+            async with self.ckpt._lock:
+                return await self._move(http, criu, session, to, instance)
+
+    async def _check(self, http: aiohttp.ClientSession, to: str, tree: list[int]) -> None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                async with http.post(f"http://{to}/v1/migrations/check", json={"pids": tree}) as r:
+                    if r.status != 200:
+                        raise MigrationRefused(f"{to} refused: {(await r.text()).strip()}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise MigrationRefused(f"{to} cannot be reached: {exc or 'timeout'}") from None
+
+    async def _move(
+        self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, instance: str
+    ) -> dict[str, Any]:
+        directory = tempfile.mkdtemp(prefix=f"dcp-migrate-{session.sid.hex()[:8]}-")
+        session.migrating = True
+        started = time.perf_counter()
+        pids: tuple[int, ...] = ()
+        try:
+            pids = await self.ckpt.detach(session)
+            self._drain(session)
+            pipes = {
+                "outs": {fd: _key_of(r) for fd, r in session.outs.items()},
+                "ins": {fd: _key_of(w) for fd, w in session.ins.items()},
+            }
+            dump_ms = await self.ckpt.dump(criu, session, pids, directory)
+            archive = directory + ".tar.zst"
+            packing = time.perf_counter()
+            raw, packed = await asyncio.to_thread(pack, directory, archive)
+            pack_ms = (time.perf_counter() - packing) * 1000
+            salt = secrets.token_hex(8)
+            key = moved_key(session.key, instance, salt)
+            meta = describe(session, pids, pipes, key, session.outbox.next_seq + 1)
+            sending = time.perf_counter()
+            answer = await self._send(http, to, meta, archive)
+            transfer_ms = (time.perf_counter() - sending) * 1000
+        except BaseException:
+            if pids and session.trace_sock is None:
+                with contextlib.suppress(Exception):
+                    self.ckpt.adopt(session, pids)  # the program runs on here
+            self._resume_here(session)
+            raise
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(directory + ".tar.zst")
+        # The target runs it: ours, stopped all along, goes; the deputy follows.
+        frozen = (time.perf_counter() - started) * 1000
+        self.service.by_pid.pop(session.pid, None)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        session.moved = True
+        session.migrating = False
+        session.send(
+            P.MOVED,
+            0,
+            P.unpairs(
+                {b"addr": to.encode(), b"instance": instance.encode(), b"salt": salt.encode()}
+            ),
+        )
+        result = {
+            "from": self.instance,
+            "to": instance,
+            "pid": session.pid,
+            "freeze_ms": round(frozen, 1),
+            "dump_ms": round(dump_ms, 1),
+            "pack_ms": round(pack_ms, 1),
+            "transfer_ms": round(transfer_ms, 1),
+            "restore_ms": answer.get("restore_ms", 0),
+            "image_bytes": raw,
+            "zstd_bytes": packed,
+        }
+        log.info("migrated %s: %s", session.program, result)
+        return result
+
+    def _drain(self, session: Session) -> None:
+        """Send the deputy what the stopped program wrote; stop reading its pipes here."""
+        for fd, r in list(session.outs.items()):
+            with contextlib.suppress(ValueError, OSError):
+                session.loop.remove_reader(r)
+            with contextlib.suppress(OSError):
+                while data := os.read(r, P.CHUNK):
+                    session.send(P.DATA, fd, data)
+        session.reading = False
+        if session._watch is not None:
+            session._watch.cancel()
+            session._watch = None
+
+    def _resume_here(self, session: Session) -> None:
+        """After a failed attempt: read the pipes again; the deputy reconnects and replays."""
+        session.migrating = False
+        session.reading = False
+        session._flow()
+        if session.unwanted and session._watch is None:
+            session._watch_inputs(0.001)
+        if session.proto is not None:
+            session.proto.close()  # frames held back meanwhile come again on its resume
+
+    async def _send(
+        self, http: aiohttp.ClientSession, to: str, meta: dict[str, Any], archive: str
+    ) -> dict[str, Any]:
+        head = json.dumps(meta).encode()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield struct.pack(">I", len(head)) + head
+            with open(archive, "rb") as f:
+                while chunk := await asyncio.to_thread(f.read, CHUNK):
+                    yield chunk
+
+        try:
+            async with asyncio.timeout(TRANSFER_TIMEOUT):
+                async with http.post(f"http://{to}/v1/migrations", data=body()) as r:
+                    text = await r.text()
+                    if r.status != 200:
+                        raise MigrationRefused(f"{to} did not restore it: {text.strip()}")
+                    answer: dict[str, Any] = json.loads(text)
+                    return answer
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise MigrationRefused(f"{to} lost during the transfer: {exc or 'timeout'}") from None
+
+    # -- the target ------------------------------------------------------------------------
+
+    def check(self, ticket: str, pids: Any) -> None:
+        """The source's question before it freezes anything; MigrationRefused if not."""
+        self.tickets.check(ticket, burn=False)
+        if not isinstance(pids, list) or not pids or not all(isinstance(p, int) for p in pids):
+            raise MigrationRefused('expected {"pids": [numbers]}')
+        taken = busy(pids)
+        if taken:
+            raise MigrationRefused(f"pids {taken} are in use on {self.instance}")
+
+    async def receive(self, ticket: str, stream: aiohttp.StreamReader) -> dict[str, Any]:
+        """Take a moved session: images in, tree restored and adopted; the new pid."""
+        sid_hex = self.tickets.check(ticket, burn=True)
+        criu = await self.ckpt.criu()
+        size = struct.unpack(">I", await stream.readexactly(4))[0]
+        if size > MAX_META:
+            raise MigrationRefused("session description too large")
+        try:
+            meta = Description(json.loads(await stream.readexactly(size)))
+        except ValueError:
+            raise MigrationRefused("session description is not JSON") from None
+        if meta.sid.hex() != sid_hex:
+            raise MigrationRefused("the ticket is for another session")
+        here = self.service.sessions.get(meta.sid)
+        if here is not None and not here.moved:
+            raise MigrationRefused("that session is already here")
+        if here is not None:  # it left from here before and comes back: drop the husk
+            if here._abandon is not None:
+                here._abandon.cancel()
+            self.service.forget(here)
+        directory = tempfile.mkdtemp(prefix=f"dcp-restore-{sid_hex[:8]}-")
+        archive = directory + ".tar.zst"
+        try:
+            received = 0
+            with open(archive, "wb") as out:
+                async for chunk in stream.iter_chunked(CHUNK):
+                    received += len(chunk)
+                    if received > MAX_IMAGES:
+                        raise MigrationRefused("the images are larger than this instance takes")
+                    out.write(chunk)
+            await asyncio.to_thread(unpack, archive, directory)
+            return await self._restore(criu, meta, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(archive)
+
+    async def _restore(self, criu: C.Criu, meta: Description, directory: str) -> dict[str, Any]:
+        taken = busy(meta.pids)
+        if taken:
+            raise MigrationRefused(f"pids {taken} are in use on {self.instance}")
+        session = Session(self.service, meta.sid, meta.request, meta.program)
+        ends: list[tuple[int, str]] = []
+        try:
+            for fd, key in meta.outs.items():
+                r, w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(r, False)
+                session.outs[fd] = r
+                ends.append((w, key))
+            for fd, key in meta.ins.items():
+                r, w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(w, False)
+                session.ins[fd] = w
+                session.in_buf[fd] = collections.deque()
+                if fd in meta.unwanted:
+                    session.unwanted[os.fstat(r).st_ino] = fd
+                ends.append((r, key))
+            reserve_pids(meta.pids)
+            restore_ms = await self.ckpt.restore(criu, directory, ends)
+        except BaseException:
+            session.close_fds()
+            raise
+        finally:
+            for fd, _key in ends:
+                os.close(fd)
+        session.pid = meta.pid
+        session.view = meta.view
+        session.nonce = meta.nonce
+        session.key = meta.key
+        session.outbox.next_seq = meta.out_seq
+        session.inbox.last = meta.in_last
+        service = self.service
+        service.sessions[session.sid] = session
+        service.by_pid[session.pid] = session
+        service.by_nonce[session.nonce] = session
+        service.moved[session.nonce] = session.key
+        self.ckpt.adopt(session, meta.pids)  # its tracer continues it
+        for fd, r in session.outs.items():
+            session.loop.add_reader(r, session._readable, fd, r)
+        session.reading = True
+        if session.unwanted:
+            session._watch_inputs(0.001)
+        session._abandon = session.loop.call_later(
+            service.config.reconnect_window, service.abandon, session
+        )
+        return {"pid": session.pid, "restore_ms": round(restore_ms, 1)}
+
+
+def _key_of(fd: int) -> str:
+    """CRIU's key of the pipe our descriptor `fd` is an end of."""
+    return f"pipe:[{os.fstat(fd).st_ino}]"
