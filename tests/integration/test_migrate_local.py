@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -126,3 +127,91 @@ def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
     hosts = [h for _p, _n, h in rows]
     seen = [h for i, h in enumerate(hosts) if i == 0 or hosts[i - 1] != h]
     assert seen == [a.hostname, b.hostname, a.hostname]  # it ran there, then came back
+
+
+HOLDER = r"""
+import hashlib, os, socket, sys, time
+data = bytearray(os.urandom(64 << 20))
+print(hashlib.sha256(data).hexdigest(), socket.gethostname(), flush=True)
+flag = sys.argv[1]
+with open(flag + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(flag + ".tmp", flag)
+while not os.path.exists(flag + ".go"):
+    time.sleep(0.01)
+print(hashlib.sha256(data).hexdigest(), socket.gethostname(), flush=True)
+"""
+
+
+def test_a_python_process_with_64_mb_moves_with_its_checksum(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", HOLDER, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 120), "the holder never started"
+        done = migrate(a, b, session_of(a, int(flag.read_text())))
+        assert done["image_bytes"] > 64 << 20
+        Path(str(flag) + ".go").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    (before, host_before), (after, host_after) = (
+        line.split() for line in out.decode().splitlines()
+    )
+    assert before == after
+    assert (host_before, host_after) == (a.hostname, b.hostname)
+
+
+BALLAST = COUNTER.replace("i = 0\n", "ballast = bytearray(os.urandom(256 << 20))\ni = 0\n", 1)
+
+
+def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The target is killed while it receives the images (this test runs last: b dies)."""
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", BALLAST, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    before = set(Path("/tmp").glob("dcp-restore-*"))
+    try:
+        assert wait_for(flag.exists, 120), "the counter never started"
+        sid = session_of(a, int(flag.read_text()))
+        outcome: list[BaseException | Any] = []
+
+        def attempt() -> None:
+            try:
+                outcome.append(migrate(a, b, sid))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        mover = threading.Thread(target=attempt)
+        mover.start()
+        receiving = wait_for(lambda: bool(set(Path("/tmp").glob("dcp-restore-*")) - before), 120)
+        cluster.kill(b.name)
+        mover.join(timeout=300)
+        assert receiving, "the target never started receiving"
+        assert len(outcome) == 1 and isinstance(outcome[0], urllib.error.HTTPError)
+        assert outcome[0].code == 409 and b.address in outcome[0].msg
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = out.decode().splitlines()
+    assert proc.returncode == 7, err.decode()
+    rows = [line.split() for line in lines[:-1]]
+    assert [int(n) for _p, n, _h in rows] == list(range(600))  # ran once: no repeat
+    assert {h for _p, _n, h in rows} == {a.hostname}
