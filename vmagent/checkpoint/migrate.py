@@ -242,24 +242,27 @@ def _pipe_key(value: Any) -> str:
 # -- images on the wire -------------------------------------------------------------------
 
 
-def pack(directory: str, archive: str) -> tuple[int, int]:
-    """tar + zstd `directory`'s images into `archive`; (raw bytes, compressed bytes)."""
+def pack(directory: str, fd: int) -> tuple[int, int]:
+    """tar + zstd `directory`'s images into the pipe `fd` (closed at the end); (raw, zstd) bytes."""
     raw = C.image_bytes(directory)
-    with open(archive, "wb") as out:
-        writer = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).stream_writer(out)
+    with open(fd, "wb", buffering=CHUNK) as out:
+        writer = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).stream_writer(
+            out, closefd=False
+        )
         with tarfile.open(fileobj=writer, mode="w|") as tar:
             for name in sorted(os.listdir(directory)):
                 if name.endswith(".img"):
                     tar.add(os.path.join(directory, name), arcname=name)
         writer.flush(zstandard.FLUSH_FRAME)
-    return raw, os.path.getsize(archive)
+        packed = writer.tell()
+    return raw, packed
 
 
-def unpack(archive: str, directory: str) -> int:
-    """Extract the images (regular files only, bounded); raw bytes written."""
+def unpack(fd: int, directory: str) -> int:
+    """Extract the images from the pipe `fd` (regular files only, bounded); raw bytes written."""
     total = 0
-    with open(archive, "rb") as src:
-        reader = zstandard.ZstdDecompressor().stream_reader(src)
+    with open(fd, "rb", buffering=CHUNK) as src:
+        reader = zstandard.ZstdDecompressor().stream_reader(src, closefd=False)
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
                 name = os.path.basename(member.name)
@@ -272,6 +275,8 @@ def unpack(archive: str, directory: str) -> int:
                 assert fileobj is not None
                 with open(os.path.join(directory, name), "wb") as out:
                     shutil.copyfileobj(fileobj, out, CHUNK)
+        while src.read(CHUNK):  # the sender's tail (zstd frame end): let it finish writing
+            pass
     return total
 
 
@@ -370,15 +375,11 @@ class Migrator:
                 "ins": {fd: _key_of(w) for fd, w in session.ins.items()},
             }
             dump_ms = await self.ckpt.dump(criu, session, pids, directory)
-            archive = directory + ".tar.zst"
-            packing = time.perf_counter()
-            raw, packed = await asyncio.to_thread(pack, directory, archive)
-            pack_ms = (time.perf_counter() - packing) * 1000
             salt = secrets.token_hex(8)
             key = moved_key(session.key, instance, salt)
             meta = describe(session, pids, pipes, key, session.outbox.next_seq + 1)
             sending = time.perf_counter()
-            answer = await self._send(http, to, meta, archive)
+            answer, (raw, packed) = await self._send(http, to, meta, directory)
             transfer_ms = (time.perf_counter() - sending) * 1000
         except BaseException:
             if pids and session.trace_sock is None:
@@ -388,8 +389,6 @@ class Migrator:
             raise
         finally:
             shutil.rmtree(directory, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.unlink(directory + ".tar.zst")
         # The target runs it: ours, stopped all along, goes; the deputy follows.
         frozen = (time.perf_counter() - started) * 1000
         self.service.by_pid.pop(session.pid, None)
@@ -411,8 +410,7 @@ class Migrator:
             "pid": session.pid,
             "freeze_ms": round(frozen, 1),
             "dump_ms": round(dump_ms, 1),
-            "pack_ms": round(pack_ms, 1),
-            "transfer_ms": round(transfer_ms, 1),
+            "transfer_ms": round(transfer_ms, 1),  # pack, send, unpack, restore, adopt
             "restore_ms": answer.get("restore_ms", 0),
             "image_bytes": raw,
             "zstd_bytes": packed,
@@ -444,26 +442,32 @@ class Migrator:
             session.proto.close()  # frames held back meanwhile come again on its resume
 
     async def _send(
-        self, http: aiohttp.ClientSession, to: str, meta: dict[str, Any], archive: str
-    ) -> dict[str, Any]:
+        self, http: aiohttp.ClientSession, to: str, meta: dict[str, Any], directory: str
+    ) -> tuple[dict[str, Any], tuple[int, int]]:
+        """POST the description and the images, packed while they are sent; (answer, sizes)."""
         head = json.dumps(meta).encode()
+        r, w = os.pipe()
+        packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w))
 
         async def body() -> AsyncIterator[bytes]:
             yield struct.pack(">I", len(head)) + head
-            with open(archive, "rb") as f:
-                while chunk := await asyncio.to_thread(f.read, CHUNK):
-                    yield chunk
+            while chunk := await asyncio.to_thread(os.read, r, CHUNK):
+                yield chunk
 
         try:
             async with asyncio.timeout(TRANSFER_TIMEOUT):
-                async with http.post(f"http://{to}/v1/migrations", data=body()) as r:
-                    text = await r.text()
-                    if r.status != 200:
+                async with http.post(f"http://{to}/v1/migrations", data=body()) as resp:
+                    text = await resp.text()
+                    if resp.status != 200:
                         raise MigrationRefused(f"{to} did not restore it: {text.strip()}")
                     answer: dict[str, Any] = json.loads(text)
-                    return answer
+                    return answer, await packer
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise MigrationRefused(f"{to} lost during the transfer: {exc or 'timeout'}") from None
+        finally:
+            os.close(r)  # a packer still writing gets EPIPE and ends
+            with contextlib.suppress(Exception):
+                await packer
 
     # -- the target ------------------------------------------------------------------------
 
@@ -497,21 +501,29 @@ class Migrator:
                 here._abandon.cancel()
             self.service.forget(here)
         directory = tempfile.mkdtemp(prefix=f"dcp-restore-{sid_hex[:8]}-")
-        archive = directory + ".tar.zst"
+        r, w = os.pipe()
+        unpacker = asyncio.ensure_future(asyncio.to_thread(unpack, r, directory))
         try:
             received = 0
-            with open(archive, "wb") as out:
+            try:
                 async for chunk in stream.iter_chunked(CHUNK):
                     received += len(chunk)
                     if received > MAX_IMAGES:
                         raise MigrationRefused("the images are larger than this instance takes")
-                    out.write(chunk)
-            await asyncio.to_thread(unpack, archive, directory)
+                    await asyncio.to_thread(_write_all, w, chunk)
+            except BrokenPipeError:
+                pass  # the unpacker stopped early: its error says why
+            finally:
+                os.close(w)
+            try:
+                await unpacker
+            except (tarfile.TarError, zstandard.ZstdError, OSError) as exc:
+                raise MigrationRefused(f"the images do not unpack: {exc}") from None
             return await self._restore(criu, meta, directory)
         finally:
+            if not unpacker.done():
+                unpacker.cancel()
             shutil.rmtree(directory, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.unlink(archive)
 
     async def _restore(self, criu: C.Criu, meta: Description, directory: str) -> dict[str, Any]:
         taken = busy(meta.pids)
@@ -562,6 +574,12 @@ class Migrator:
             service.config.reconnect_window, service.abandon, session
         )
         return {"pid": session.pid, "restore_ms": round(restore_ms, 1)}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _key_of(fd: int) -> str:
