@@ -160,6 +160,8 @@ def dcp_migration(a: Instance, b: Instance, mb: int, kind: str) -> dict[str, flo
         if proc.returncode != 0 or not out.strip().isdigit():
             raise SystemExit(f"the moved program failed: {proc.returncode} {err.decode()}")
         done["total_ms"] = total
+        if os.environ.get("BENCH_VERBOSE"):
+            print(done, file=sys.stderr)
         return dict(done)
     finally:
         if proc.poll() is None:
@@ -185,20 +187,22 @@ def main() -> None:
         f"{'total/(d+r)':>11} {'raw MB':>8} {'zstd MB':>8}"
     )
     print(header)
-    with LocalCluster(2) as cluster:
-        a, b = cluster.instances
-        for mb, kind in rows:
-            alone = criu_alone(binary, mb, kind)
+    for mb, kind in rows:
+        alone = criu_alone(binary, mb, kind)
+        # A fresh pair per row: a moved program's pid must be free on the target,
+        # and small pid numbers collide between young instances.
+        with LocalCluster(2) as cluster:
+            a, b = cluster.instances
             moved = dcp_migration(a, b, mb, kind)
-            both = alone["dump"] + alone["restore"]
-            print(
-                f"{f'{mb} MB {kind}':>12} {alone['dump']:>8.0f}ms {alone['restore']:>8.0f}ms "
-                f"{both:>7.0f}ms {moved['freeze_ms']:>9.0f}ms {moved['total_ms']:>8.0f}ms "
-                f"{moved['dump_ms']:>5.0f}ms "
-                f"{moved['transfer_ms']:>8.0f}ms {moved['total_ms'] / both:>11.2f} "
-                f"{moved['image_bytes'] / 1e6:>8.1f} {moved['zstd_bytes'] / 1e6:>8.1f}",
-                flush=True,
-            )
+        both = alone["dump"] + alone["restore"]
+        print(
+            f"{f'{mb} MB {kind}':>12} {alone['dump']:>8.0f}ms {alone['restore']:>8.0f}ms "
+            f"{both:>7.0f}ms {moved['freeze_ms']:>9.0f}ms {moved['total_ms']:>8.0f}ms "
+            f"{moved['dump_ms']:>5.0f}ms "
+            f"{moved['transfer_ms']:>8.0f}ms {moved['total_ms'] / both:>11.2f} "
+            f"{moved['image_bytes'] / 1e6:>8.1f} {moved['zstd_bytes'] / 1e6:>8.1f}",
+            flush=True,
+        )
     DROP.close()
     with open("/proc/loadavg") as f:
         print(f"# loadavg after: {f.read().strip()}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import hmac
 import json
 import logging
@@ -35,7 +36,6 @@ import os
 import secrets
 import shutil
 import struct
-import tarfile
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -57,7 +57,7 @@ MAX_META = 1 << 20  # bytes of a session description
 MAX_IMAGES = 16 << 30  # bytes of images (compressed, and again uncompressed) a target takes
 CHECK_TIMEOUT = 10.0  # s for the target's check
 TRANSFER_TIMEOUT = 600.0  # s for transfer + restore
-ZSTD_LEVEL = 1  # fast: the tree is frozen while this runs
+ZSTD_LEVEL = 1  # fast: the tree is frozen while this runs (per block of CHUNK bytes)
 CHUNK = 1 << 20
 LAST_PID = "/proc/sys/kernel/ns_last_pid"
 
@@ -242,40 +242,85 @@ def _pipe_key(value: Any) -> str:
 # -- images on the wire -------------------------------------------------------------------
 
 
+# The images travel as records: a header `>HQ` (name length, size), the name,
+# then blocks `>BI` (1: zstd, 0: raw; length) of at most CHUNK bytes each once
+# inflated; a zero name length ends the stream.  A block zstd cannot shrink by
+# a tenth (judged on its first SAMPLE bytes) goes raw: random pages cost
+# neither end any compression work.
+RECORD = struct.Struct(">HQ")
+BLOCK = struct.Struct(">BI")
+RAW, ZSTD = 0, 1
+SAMPLE = 1 << 14  # bytes of a block tried first
+
+
 def pack(directory: str, fd: int) -> tuple[int, int]:
-    """tar + zstd `directory`'s images into the pipe `fd` (closed at the end); (raw, zstd) bytes."""
-    raw = C.image_bytes(directory)
-    with open(fd, "wb", buffering=CHUNK) as out:
-        writer = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).stream_writer(
-            out, closefd=False
-        )
-        with tarfile.open(fileobj=writer, mode="w|") as tar:
-            for name in sorted(os.listdir(directory)):
-                if name.endswith(".img"):
-                    tar.add(os.path.join(directory, name), arcname=name)
-        writer.flush(zstandard.FLUSH_FRAME)
-        packed = writer.tell()
-    return raw, packed
+    """Write `directory`'s images into the pipe `fd` (closed at the end); (raw, sent) bytes."""
+    raw = sent = 0
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    with open(fd, "wb", buffering=0) as out:
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(".img"):
+                continue
+            encoded = name.encode()
+            with open(os.path.join(directory, name), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                out.write(RECORD.pack(len(encoded), size) + encoded)
+                left = size
+                while left:
+                    data = f.read(min(CHUNK, left))
+                    if not data:
+                        raise OSError(f"{name} shrank while it was sent")
+                    kind, body = RAW, data
+                    # A sample first: a block whose start does not shrink goes raw.
+                    if len(compressor.compress(data[:SAMPLE])) < min(len(data), SAMPLE) * 0.9:
+                        small = compressor.compress(data)
+                        if len(small) < len(data) * 0.9:
+                            kind, body = ZSTD, small
+                    out.write(BLOCK.pack(kind, len(body)))
+                    out.write(body)
+                    sent += BLOCK.size + len(body)
+                    left -= len(data)
+            raw += size
+        out.write(RECORD.pack(0, 0))
+    return raw, sent
 
 
 def unpack(fd: int, directory: str) -> int:
-    """Extract the images from the pipe `fd` (regular files only, bounded); raw bytes written."""
+    """Write the images of the stream in the pipe `fd` into `directory` (bounded); raw bytes."""
     total = 0
+    decompressor = zstandard.ZstdDecompressor()
     with open(fd, "rb", buffering=CHUNK) as src:
-        reader = zstandard.ZstdDecompressor().stream_reader(src, closefd=False)
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for member in tar:
-                name = os.path.basename(member.name)
-                if not member.isfile() or name != member.name or not name.endswith(".img"):
-                    raise MigrationRefused(f"unexpected entry in the images: {member.name!r}")
-                total += member.size
-                if total > MAX_IMAGES:
-                    raise MigrationRefused("the images are larger than this instance takes")
-                fileobj = tar.extractfile(member)
-                assert fileobj is not None
-                with open(os.path.join(directory, name), "wb") as out:
-                    shutil.copyfileobj(fileobj, out, CHUNK)
-        while src.read(CHUNK):  # the sender's tail (zstd frame end): let it finish writing
+
+        def exactly(n: int) -> bytes:
+            data = src.read(n)
+            if len(data) != n:
+                raise MigrationRefused("the images end early")
+            return data
+
+        while True:
+            length, size = RECORD.unpack(exactly(RECORD.size))
+            if length == 0:
+                break
+            name = exactly(length).decode("utf-8", errors="replace")
+            if os.path.basename(name) != name or not name.endswith(".img") or name[0] == ".":
+                raise MigrationRefused(f"unexpected entry in the images: {name!r}")
+            total += size
+            if total > MAX_IMAGES:
+                raise MigrationRefused("the images are larger than this instance takes")
+            with open(os.path.join(directory, name), "xb") as out:
+                left = size
+                while left:
+                    kind, n = BLOCK.unpack(exactly(BLOCK.size))
+                    if n > 2 * CHUNK or kind not in (RAW, ZSTD):
+                        raise MigrationRefused("malformed block in the images")
+                    body = exactly(n)
+                    if kind == ZSTD:
+                        body = decompressor.decompress(body, max_output_size=CHUNK)
+                    if len(body) > left:
+                        raise MigrationRefused("a block runs past its file")
+                    out.write(body)
+                    left -= len(body)
+        while src.read(CHUNK):  # the sender's tail: let it finish writing
             pass
     return total
 
@@ -446,12 +491,12 @@ class Migrator:
     ) -> tuple[dict[str, Any], tuple[int, int]]:
         """POST the description and the images, packed while they are sent; (answer, sizes)."""
         head = json.dumps(meta).encode()
-        r, w = os.pipe()
+        r, w = _pipe()
         packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w))
 
         async def body() -> AsyncIterator[bytes]:
             yield struct.pack(">I", len(head)) + head
-            while chunk := await asyncio.to_thread(os.read, r, CHUNK):
+            while chunk := await asyncio.to_thread(_read_up_to, r, CHUNK):
                 yield chunk
 
         try:
@@ -501,23 +546,34 @@ class Migrator:
                 here._abandon.cancel()
             self.service.forget(here)
         directory = tempfile.mkdtemp(prefix=f"dcp-restore-{sid_hex[:8]}-")
-        r, w = os.pipe()
+        r, w = _pipe()
         unpacker = asyncio.ensure_future(asyncio.to_thread(unpack, r, directory))
         try:
             received = 0
             try:
-                async for chunk in stream.iter_chunked(CHUNK):
-                    received += len(chunk)
-                    if received > MAX_IMAGES:
-                        raise MigrationRefused("the images are larger than this instance takes")
-                    await asyncio.to_thread(_write_all, w, chunk)
+                # One thread hop per CHUNK, however small the pieces the socket gives.
+                pending: list[bytes] = []
+                held = 0
+                while True:
+                    piece = await stream.readany()
+                    if piece:
+                        pending.append(piece)
+                        held += len(piece)
+                        received += len(piece)
+                        if received > MAX_IMAGES:
+                            raise MigrationRefused("the images are larger than this instance takes")
+                    if pending and (held >= CHUNK or not piece):
+                        await asyncio.to_thread(_write_all, w, b"".join(pending))
+                        pending, held = [], 0
+                    if not piece:
+                        break
             except BrokenPipeError:
                 pass  # the unpacker stopped early: its error says why
             finally:
                 os.close(w)
             try:
                 await unpacker
-            except (tarfile.TarError, zstandard.ZstdError, OSError) as exc:
+            except (zstandard.ZstdError, OSError) as exc:
                 raise MigrationRefused(f"the images do not unpack: {exc}") from None
             return await self._restore(criu, meta, directory)
         finally:
@@ -574,6 +630,27 @@ class Migrator:
             service.config.reconnect_window, service.abandon, session
         )
         return {"pid": session.pid, "restore_ms": round(restore_ms, 1)}
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe as large as CHUNK allows (fewer wake-ups between packer and sender)."""
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)
+    return r, w
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    """Up to `n` bytes from `fd`, fewer only at EOF."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        part = os.read(fd, n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes) -> None:
