@@ -1,6 +1,6 @@
 """Benchmark: migration of a running program between two local instances, beside CRIU alone.
 
-    PYTHONPATH=$PWD python bench/bench_migrate.py [--sizes 16,64,256] [--runs 1]
+    PYTHONPATH=$PWD python bench/bench_migrate.py [--sizes 16,64,256] [--text 64] [--runs 3]
 
 For each size N (MB) of live data held by a Python process:
 
@@ -16,9 +16,11 @@ For each size N (MB) of live data held by a Python process:
   agent's own split (dump; pack + transfer + unpack + restore + adopt, which
   overlap: the images are packed while they are sent and unpacked as they come).
 
-The data is `os.urandom` (incompressible: zstd's worst case) and, in the
-`text` row, a 64 MB run of text lines (compressible).  Target (issue 12):
-total migration under 3x CRIU's own dump + restore.
+Each column is the best of `--runs` runs (a fresh pair of instances per run);
+images of both sides live in /dev/shm.  The data is `os.urandom`
+(incompressible: zstd's worst case) and, in the `text` row, a 64 MB run of
+text lines (compressible).  Target (issue 12): total migration under 3x
+CRIU's own dump + restore.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vmagent.checkpoint import criu  # noqa: E402
-from vmagent.checkpoint.migrate import mint_ticket  # noqa: E402
+from vmagent.checkpoint.migrate import mint_ticket, scratch  # noqa: E402
 from vmagent.cluster.local import Instance, LocalCluster  # noqa: E402
 from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self  # noqa: E402
 
@@ -82,7 +85,7 @@ def zstd_size(directory: str) -> int:
 
 def criu_alone(binary: str, mb: int, kind: str) -> dict[str, float]:
     """CRIU's own dump and restore of the holder (same host, same PID)."""
-    work = Path(tempfile.mkdtemp(prefix="bench-criu-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-criu-", dir=scratch()))  # where DCP's go too
     flag = work / "flag"
     images = work / "img"
     images.mkdir()
@@ -129,8 +132,13 @@ def call(inst: Instance, method: str, path: str, body: dict[str, Any] | None = N
         method=method,
         headers={"Authorization": f"Bearer {inst.token}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        return json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(
+            f"{path}: {exc.code} {exc.read().decode(errors='replace').strip()}"
+        ) from None
 
 
 def dcp_migration(a: Instance, b: Instance, mb: int, kind: str) -> dict[str, float]:
@@ -174,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256")
     parser.add_argument("--text", type=int, default=64, help="MB of the compressible row (0: none)")
+    parser.add_argument("--runs", type=int, default=3, help="best of this many runs per row")
     opts = parser.parse_args()
     binary = criu.check().path
     rows = [(int(s), "random") for s in opts.sizes.split(",")]
@@ -188,12 +197,18 @@ def main() -> None:
     )
     print(header)
     for mb, kind in rows:
-        alone = criu_alone(binary, mb, kind)
-        # A fresh pair per row: a moved program's pid must be free on the target,
-        # and small pid numbers collide between young instances.
-        with LocalCluster(2) as cluster:
-            a, b = cluster.instances
-            moved = dcp_migration(a, b, mb, kind)
+        alones, moves = [], []
+        for _ in range(opts.runs):
+            alones.append(criu_alone(binary, mb, kind))
+            # A fresh pair per run: a moved program's pid must be free on the target,
+            # and small pid numbers collide between young instances.
+            with LocalCluster(2) as cluster:
+                a, b = cluster.instances
+                moves.append(dcp_migration(a, b, mb, kind))
+        alone = {k: min(r[k] for r in alones) for k in alones[0]}
+        moved = {
+            k: min(r[k] for r in moves) for k in moves[0] if isinstance(moves[0][k], float | int)
+        }
         both = alone["dump"] + alone["restore"]
         print(
             f"{f'{mb} MB {kind}':>12} {alone['dump']:>8.0f}ms {alone['restore']:>8.0f}ms "

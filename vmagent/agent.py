@@ -11,6 +11,7 @@ lost; a session whose deputy never returns has its program killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 import socket
@@ -232,16 +233,20 @@ class Agent:
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
         self.address = ""
+        self._criu_check: asyncio.Future[None] | None = None
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
         self.service.install()
+        app = make_app(self.config, self.service, self.sampler)
         self.runner = web.AppRunner(
-            make_app(self.config, self.service, self.sampler),
+            app,
             access_log=None,
             keepalive_timeout=HTTP_LIFETIME / 2,
         )
         await self.runner.setup()
+        # `criu check` once, in the background: the first checkpoint does not wait for it.
+        self._criu_check = asyncio.ensure_future(app[CHECKPOINTER].warm())
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
@@ -265,6 +270,10 @@ class Agent:
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
+        if self._criu_check is not None:
+            self._criu_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._criu_check
         if self.server is not None:
             self.server.close()
         if self.runner is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -21,9 +22,10 @@ import pytest
 
 from tests.conftest import wait_for
 from vmagent.checkpoint import criu
-from vmagent.checkpoint.migrate import mint_ticket
+from vmagent.checkpoint.migrate import mint_ticket, scratch
 from vmagent.cluster.local import Instance, LocalCluster
 from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
+from vmagent.exec.session import PID_LOW
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaced instances and CRIU need root")
 
@@ -107,6 +109,7 @@ def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
     try:
         assert wait_for(flag.exists, 60), "the counter never started"
         pid = int(flag.read_text())
+        assert pid >= PID_LOW  # drawn from a random region: rarely taken on another instance
         sid = session_of(a, pid)
         there = migrate(a, b, sid)
         assert (there["from"], there["to"], there["pid"]) == (a.name, b.name, pid)
@@ -185,7 +188,8 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    before = set(Path("/tmp").glob("dcp-restore-*"))
+    where = Path(scratch() or tempfile.gettempdir())
+    before = set(where.glob("dcp-restore-*"))
     try:
         assert wait_for(flag.exists, 120), "the counter never started"
         sid = session_of(a, int(flag.read_text()))
@@ -199,7 +203,7 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
 
         mover = threading.Thread(target=attempt)
         mover.start()
-        receiving = wait_for(lambda: bool(set(Path("/tmp").glob("dcp-restore-*")) - before), 120)
+        receiving = wait_for(lambda: bool(set(where.glob("dcp-restore-*")) - before), 120)
         cluster.kill(b.name)
         mover.join(timeout=300)
         assert receiving, "the target never started receiving"

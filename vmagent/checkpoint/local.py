@@ -90,6 +90,11 @@ class Checkpointer:
             self._criu = C.remember(path, known)
         return self._criu
 
+    async def warm(self) -> None:
+        """Check CRIU ahead of the first request (its verdict is kept either way)."""
+        with contextlib.suppress(C.CheckpointError):
+            await self.criu()
+
     async def run(self, argv: list[str], out: str, keep: tuple[int, ...] = ()) -> int:
         """Run `argv` as our child (stdout+stderr to `out`, `keep` inherited); its wait status."""
         loop = asyncio.get_running_loop()

@@ -325,6 +325,16 @@ def unpack(fd: int, directory: str) -> int:
     return total
 
 
+def scratch() -> str | None:
+    """Where a migration's images live meanwhile: memory (/dev/shm) when it can, else $TMPDIR.
+
+    They are read back at once (by the sender, by criu restore): a disk would
+    only add its writeback to the freeze.
+    """
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 # -- /proc ------------------------------------------------------------------------------
 
 
@@ -408,7 +418,7 @@ class Migrator:
     async def _move(
         self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, instance: str
     ) -> dict[str, Any]:
-        directory = tempfile.mkdtemp(prefix=f"dcp-migrate-{session.sid.hex()[:8]}-")
+        directory = tempfile.mkdtemp(prefix=f"dcp-migrate-{session.sid.hex()[:8]}-", dir=scratch())
         session.migrating = True
         started = time.perf_counter()
         pids: tuple[int, ...] = ()
@@ -545,7 +555,7 @@ class Migrator:
             if here._abandon is not None:
                 here._abandon.cancel()
             self.service.forget(here)
-        directory = tempfile.mkdtemp(prefix=f"dcp-restore-{sid_hex[:8]}-")
+        directory = tempfile.mkdtemp(prefix=f"dcp-restore-{sid_hex[:8]}-", dir=scratch())
         r, w = _pipe()
         unpacker = asyncio.ensure_future(asyncio.to_thread(unpack, r, directory))
         try:

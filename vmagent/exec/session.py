@@ -140,6 +140,7 @@ class Session:
                     self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)
 
                 timeout = self.service.config.trace_timeout
+                spread_pids()
                 forked = fork_program(self.request, sources, gate, hand_off, timeout)
         except GateClosed as exc:
             self.close_fds()
@@ -573,6 +574,30 @@ def _same_terminal(path: bytes, flags: int, rdev: int) -> int | None:
         return fd
     os.close(fd)
     return None
+
+
+PID_LOW = 10_000  # programs' pids are drawn above this (below: the agent's own helpers)
+PID_SPAN = 1 << 16  # room kept above a program's pid for its descendants (at most)
+
+
+def spread_pids() -> None:
+    """Let the next program's pids start at a random place of this PID namespace.
+
+    A program migrates with its pids (vmagent.checkpoint.migrate), which must be
+    free on the target.  Agents of fresh instances all count up from 1 alike,
+    so sequential pids would collide; random regions rarely do.  Only for an
+    agent that is PID 1 of its own namespace (local instances, VMs): a host
+    namespace's allocation is not ours to move.
+    """
+    if os.getpid() != 1:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/sys/kernel/pid_max") as f:
+            most = int(f.read())
+        top = most - min(PID_SPAN, most // 8)
+        if top > PID_LOW:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(PID_LOW + int.from_bytes(os.urandom(4), "big") % (top - PID_LOW)))
 
 
 def fcntl_setpipe(fd: int, size: int = 1 << 20) -> None:
