@@ -198,7 +198,9 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app[CHECKPOINTER] = Checkpointer(service)
     app.router.add_post("/v1/sessions/{sid}/checkpoint", _checkpoint)
     app[MIGRATOR] = Migrator(
-        app[CHECKPOINTER], MigrationTickets(config.token, config.instance), config.instance
+        app[CHECKPOINTER],
+        MigrationTickets(config.token, config.instance, exec_key=config.exec_key),
+        config.instance,
     )
     app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
     app.router.add_post("/v1/migrations/check", _migration_check)

@@ -69,10 +69,20 @@ class MigrationRefused(C.CheckpointError):
 # -- tickets (pure) ---------------------------------------------------------------------
 
 
-def mint_ticket(token: str, instance: str, session: str, now: float | None = None) -> str:
-    """A single-use ticket letting a source agent move `session` to `instance`."""
+KEY_TOKEN, KEY_EXEC = "i", "x"  # minted with the instance token / the agent's exec key
+
+
+def mint_ticket(
+    token: str, instance: str, session: str, now: float | None = None, key: str = KEY_TOKEN
+) -> str:
+    """A single-use ticket letting a source agent move `session` to `instance`.
+
+    `m1.<key>.<nonce>.<expiry_ms>.<session>.<mac>`: `key` says which secret of the
+    target made the MAC (its instance token, or the exec key it registered with
+    the OSS, which knows no instance token in clear).
+    """
     expiry = int(((time.time() if now is None else now) + TICKET_TTL) * 1000)
-    public = f"m1.{secrets.token_hex(12)}.{expiry}.{session}"
+    public = f"m1.{key}.{secrets.token_hex(12)}.{expiry}.{session}"
     return f"{public}.{_ticket_mac(token, instance, public)}"
 
 
@@ -83,8 +93,16 @@ def _ticket_mac(token: str, instance: str, public: str) -> str:
 class MigrationTickets:
     """The target side: verify tickets with this instance's token, each burnt once."""
 
-    def __init__(self, token: str, instance: str, clock: Callable[[], float] = time.time) -> None:
-        self._token = token
+    def __init__(
+        self,
+        token: str,
+        instance: str,
+        clock: Callable[[], float] = time.time,
+        exec_key: str | None = None,
+    ) -> None:
+        self._keys = {KEY_TOKEN: token}
+        if exec_key:
+            self._keys[KEY_EXEC] = exec_key
         self._instance = instance
         self._clock = clock
         self._used: dict[str, int] = {}
@@ -92,23 +110,27 @@ class MigrationTickets:
     def check(self, ticket: str, *, burn: bool) -> str:
         """The session id the ticket is for; MigrationRefused naming what is wrong."""
         parts = ticket.split(".")
-        if len(parts) != 5 or parts[0] != "m1" or not parts[2].isdigit():
+        if len(parts) != 6 or parts[0] != "m1" or not parts[3].isdigit() or len(parts[3]) > 15:
             raise MigrationRefused("malformed migration ticket")
-        public = ".".join(parts[:4])
-        if not hmac.compare_digest(parts[4], _ticket_mac(self._token, self._instance, public)):
+        key = self._keys.get(parts[1])
+        public = ".".join(parts[:5])
+        if key is None or not hmac.compare_digest(
+            parts[5], _ticket_mac(key, self._instance, public)
+        ):
             raise MigrationRefused(f"migration ticket not valid for {self._instance}")
+        nonce, session = parts[2], parts[4]
         now = int(self._clock() * 1000)
-        expiry = int(parts[2])
+        expiry = int(parts[3])
         if expiry < now:
             raise MigrationRefused("migration ticket expired")
         if expiry - now > 2 * TICKET_TTL * 1000:
             raise MigrationRefused("migration ticket lives too long")
         self._used = {n: e for n, e in self._used.items() if e >= now}
-        if parts[1] in self._used:
+        if nonce in self._used:
             raise MigrationRefused("migration ticket already used")
         if burn:
-            self._used[parts[1]] = expiry
-        return parts[3]
+            self._used[nonce] = expiry
+        return session
 
 
 def moved_key(key: str, instance: str, salt: str) -> str:
