@@ -493,6 +493,17 @@ class Migrator:
             "zstd_bytes": packed,
         }
         log.info("migrated %s: %s", session.program, result)
+        # For the agent's other services (the OSS link, telemetry), as a tracer record would be.
+        self.service.hooks.trace_message(
+            session,
+            {
+                b"op": b"migrated",
+                b"pid": str(session.pid).encode(),
+                b"from": self.instance.encode(),
+                b"to": instance.encode(),
+                b"freeze_ms": f"{frozen:.1f}".encode(),
+            },
+        )
         return result
 
     def _drain(self, session: Session) -> None:

@@ -24,6 +24,9 @@ agent -> zygote  `op=adopt session pids instance view`, with `[chan]`: a tracer
                  seizes every thread of those stopped processes (a restored or
                  checkpointed tree), answers `op=seized pid tracer`, continues them
                  (SIGCONT) and serves them as if it had traced them from the start.
+agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
+                 agent's migration, `vmagent.checkpoint.migrate`, told to the
+                 session hooks as a record, for the OSS link and telemetry).
 
 `ts` is the tracer's wall clock (seconds, microsecond decimals).  Records
 after `op=seized` are fire-and-forget: the tracer never waits for the agent.
