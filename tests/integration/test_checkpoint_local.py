@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -215,3 +217,64 @@ def test_without_a_working_criu_a_checkpoint_fails_at_once_with_one_line(
             proc.kill()
             proc.wait()
         broken.stop()
+
+
+TCP_CLIENT = r"""
+import os, socket, sys
+port, flag = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(("127.0.0.1", port))
+with open(flag + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(flag + ".tmp", flag)
+f = s.makefile("rwb")
+for i in range(40):
+    f.write(b"%d\n" % i)
+    f.flush()
+    print(f.readline().decode().strip(), flush=True)
+"""
+
+
+def test_an_established_tcp_connection_survives_checkpoint_and_restore(
+    agent: TracedAgent, tmp_path: Path
+) -> None:
+    """The program talks to a server outside its tree; restored in place, it goes on talking."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    go = threading.Event()
+    answered: list[str] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                n = int(line)
+                if n == 5:
+                    go.wait(120)  # hold the client mid-conversation while it is checkpointed
+                answered.append(str(n))
+                f.write(b"echo %d\n" % n)
+                f.flush()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        agent.deputy("/usr/bin/python3", "-c", TCP_CLIENT, str(port), str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 60), "the client never connected"
+        sid = session_of(agent, int(flag.read_text()))
+        assert wait_for(lambda: len(answered) == 5, 60)
+        done = call(agent, "POST", f"/v1/sessions/{sid}/checkpoint", {"restore": True})
+        assert done["restore_ms"] > 0
+        go.set()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        go.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == [f"echo {i}" for i in range(40)]
