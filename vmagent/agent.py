@@ -174,6 +174,22 @@ async def _migration_check(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def _migration_commit(request: web.Request) -> web.Response:
+    """POST /v1/migrations/commit {"session": sid}: the source's go for a restored tree."""
+    ticket = _migration_ticket(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    try:
+        request.app[MIGRATOR].commit(
+            ticket, body.get("session") if isinstance(body, dict) else None
+        )
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"running": True})
+
+
 async def _migration_receive(request: web.Request) -> web.Response:
     """POST /v1/migrations: a moved session (description + zstd images), restored here."""
     ticket = _migration_ticket(request)
@@ -205,6 +221,7 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
     app.router.add_post("/v1/migrations/check", _migration_check)
     app.router.add_post("/v1/migrations", _migration_receive)
+    app.router.add_post("/v1/migrations/commit", _migration_commit)
     return app
 
 

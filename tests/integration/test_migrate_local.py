@@ -41,6 +41,8 @@ while i < 600:
             f.write(str(os.getpid()))
         os.rename(flag + ".tmp", flag)
     print(os.getpid(), i, socket.gethostname(), flush=True)
+    with open(flag + ".host", "w") as f:
+        f.write(socket.gethostname())
     i += 1
     time.sleep(0.01)
 status = open("/proc/self/status").read()
@@ -114,6 +116,8 @@ def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
         there = migrate(a, b, sid)
         assert (there["from"], there["to"], there["pid"]) == (a.name, b.name, pid)
         assert there["freeze_ms"] > 0 and there["zstd_bytes"] > 0
+        host = Path(str(flag) + ".host")
+        assert wait_for(lambda: host.read_text() == b.hostname, 60), "it never ran there"
         back = migrate(b, a, sid)
         assert (back["from"], back["to"]) == (b.name, a.name)
         out, err = proc.communicate(timeout=120)
@@ -130,6 +134,27 @@ def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
     hosts = [h for _p, _n, h in rows]
     seen = [h for i, h in enumerate(hosts) if i == 0 or hosts[i - 1] != h]
     assert seen == [a.hostname, b.hostname, a.hostname]  # it ran there, then came back
+
+
+def test_a_commit_without_a_held_migration_is_refused_and_a_forged_ticket_too(
+    cluster: LocalCluster,
+) -> None:
+    _a, b = cluster.instances
+    sid = "ab" * 16
+    for ticket, message in (
+        (mint_ticket(b.token, b.name, sid), "no migration of that session is waiting"),
+        (mint_ticket("not-the-token", b.name, sid), "not valid for"),
+    ):
+        req = urllib.request.Request(
+            f"http://{b.address}/v1/migrations/commit",
+            data=json.dumps({"session": sid}).encode(),
+            method="POST",
+            headers={"Authorization": f"DCP-Migrate {ticket}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=60)
+        assert info.value.code == 409
+        assert message in info.value.read().decode()
 
 
 HOLDER = r"""

@@ -39,6 +39,7 @@ import struct
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -59,6 +60,8 @@ CHECK_TIMEOUT = 10.0  # s for the target's check
 TRANSFER_TIMEOUT = 600.0  # s for transfer + restore
 ZSTD_LEVEL = 1  # fast: the tree is frozen while this runs (per block of CHUNK bytes)
 CHUNK = 1 << 20
+HOLD_TIMEOUT = 15.0  # s a restored tree waits (stopped, untraced) for the source's commit
+COMMIT_WINDOW = HOLD_TIMEOUT + 5.0  # s the source asks for the commit before resuming its copy
 LAST_PID = "/proc/sys/kernel/ns_last_pid"
 
 
@@ -107,8 +110,8 @@ class MigrationTickets:
         self._clock = clock
         self._used: dict[str, int] = {}
 
-    def check(self, ticket: str, *, burn: bool) -> str:
-        """The session id the ticket is for; MigrationRefused naming what is wrong."""
+    def _parts(self, ticket: str) -> list[str]:
+        """The ticket's fields once its form and MAC are right; MigrationRefused otherwise."""
         parts = ticket.split(".")
         if len(parts) != 6 or parts[0] != "m1" or not parts[3].isdigit() or len(parts[3]) > 15:
             raise MigrationRefused("malformed migration ticket")
@@ -118,6 +121,15 @@ class MigrationTickets:
             parts[5], _ticket_mac(key, self._instance, public)
         ):
             raise MigrationRefused(f"migration ticket not valid for {self._instance}")
+        return parts
+
+    def authentic(self, ticket: str) -> str:
+        """The session id of a ticket this instance's key made (expired or used alike)."""
+        return self._parts(ticket)[4]
+
+    def check(self, ticket: str, *, burn: bool) -> str:
+        """The session id the ticket is for; MigrationRefused naming what is wrong."""
+        parts = self._parts(ticket)
         nonce, session = parts[2], parts[4]
         now = int(self._clock() * 1000)
         expiry = int(parts[3])
@@ -399,6 +411,19 @@ def reserve_pids(pids: tuple[int, ...]) -> None:
 # -- the source ---------------------------------------------------------------------------
 
 
+@dataclass
+class Held:
+    """A restored tree, stopped and untraced, waiting for its source's commit."""
+
+    ticket: str
+    session: Session
+    pids: tuple[int, ...]
+    timer: asyncio.TimerHandle
+
+
+MAX_COMMITTED = 64  # commits remembered (a repeated commit is answered "runs")
+
+
 class Migrator:
     """Both ends of migrations for one agent."""
 
@@ -409,6 +434,8 @@ class Migrator:
         self.service = checkpointer.service
         self.tickets = tickets
         self.instance = instance
+        self.held: dict[bytes, Held] = {}  # session id -> restored, waiting for commit
+        self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
 
     async def migrate(
         self, session: Session, to: str, instance: str, ticket: str
@@ -458,6 +485,7 @@ class Migrator:
             sending = time.perf_counter()
             answer, (raw, packed) = await self._send(http, to, meta, directory)
             transfer_ms = (time.perf_counter() - sending) * 1000
+            await self._commit(http, to, session.sid.hex())
         except BaseException:
             if pids and session.trace_sock is None:
                 with contextlib.suppress(Exception):
@@ -557,6 +585,28 @@ class Migrator:
             with contextlib.suppress(Exception):
                 await packer
 
+    async def _commit(self, http: aiohttp.ClientSession, to: str, sid: str) -> None:
+        """Tell the target to run its copy; return once it does (MigrationRefused otherwise).
+
+        Our copy stays stopped meanwhile.  A target that says no, or stays silent
+        for COMMIT_WINDOW (by then it has dropped its held copy, HOLD_TIMEOUT),
+        leaves the program to us.
+        """
+        deadline = asyncio.get_running_loop().time() + COMMIT_WINDOW
+        url = f"http://{to}/v1/migrations/commit"
+        while True:
+            try:
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    async with http.post(url, json={"session": sid}) as resp:
+                        if resp.status == 200:
+                            return
+                        text = (await resp.text()).strip()
+                raise MigrationRefused(f"{to} did not run it: {text}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise MigrationRefused(f"{to} never confirmed: {exc or 'timeout'}") from None
+            await asyncio.sleep(0.2)
+
     # -- the target ------------------------------------------------------------------------
 
     def check(self, ticket: str, pids: Any) -> None:
@@ -618,13 +668,15 @@ class Migrator:
                 await unpacker
             except (zstandard.ZstdError, OSError) as exc:
                 raise MigrationRefused(f"the images do not unpack: {exc}") from None
-            return await self._restore(criu, meta, directory)
+            return await self._restore(criu, meta, directory, ticket)
         finally:
             if not unpacker.done():
                 unpacker.cancel()
             shutil.rmtree(directory, ignore_errors=True)
 
-    async def _restore(self, criu: C.Criu, meta: Description, directory: str) -> dict[str, Any]:
+    async def _restore(
+        self, criu: C.Criu, meta: Description, directory: str, ticket: str
+    ) -> dict[str, Any]:
         taken = busy(meta.pids)
         if taken:
             raise MigrationRefused(f"pids {taken} are in use on {self.instance}")
@@ -663,16 +715,56 @@ class Migrator:
         service.by_pid[session.pid] = session
         service.by_nonce[session.nonce] = session
         service.moved[session.nonce] = session.key
-        self.ckpt.adopt(session, meta.pids)  # its tracer continues it
+        # Held stopped and untraced until the source, whose copy is stopped too,
+        # commits: whatever gets lost between us, the program never runs twice.
+        timer = session.loop.call_later(HOLD_TIMEOUT, self._abort, session.sid)
+        self.held[session.sid] = Held(ticket, session, meta.pids, timer)
+        return {"pid": session.pid, "restore_ms": round(restore_ms, 1)}
+
+    def commit(self, ticket: str, sid: Any) -> None:
+        """The source's go: a fresh tracer adopts the held tree and continues it."""
+        if not isinstance(sid, str) or self.tickets.authentic(ticket) != sid:
+            raise MigrationRefused("the ticket is for another session")
+        try:
+            key = bytes.fromhex(sid)
+        except ValueError:
+            key = b""
+        held = self.held.get(key)
+        if held is None:
+            if key and hmac.compare_digest(self.committed.get(key, ""), ticket):
+                return  # a repeated commit (its answer was lost): it runs
+            raise MigrationRefused(f"no migration of that session is waiting on {self.instance}")
+        if not hmac.compare_digest(held.ticket, ticket):
+            raise MigrationRefused("not the ticket of that migration")
+        del self.held[key]
+        held.timer.cancel()
+        session = held.session
+        self.ckpt.adopt(session, held.pids)  # its tracer continues it
         for fd, r in session.outs.items():
             session.loop.add_reader(r, session._readable, fd, r)
         session.reading = True
         if session.unwanted:
             session._watch_inputs(0.001)
         session._abandon = session.loop.call_later(
-            service.config.reconnect_window, service.abandon, session
+            self.service.config.reconnect_window, self.service.abandon, session
         )
-        return {"pid": session.pid, "restore_ms": round(restore_ms, 1)}
+        self.committed[key] = ticket
+        while len(self.committed) > MAX_COMMITTED:
+            del self.committed[next(iter(self.committed))]
+
+    def _abort(self, sid: bytes) -> None:
+        """No commit came: drop the held copy (the source runs the program on)."""
+        held = self.held.pop(sid, None)
+        if held is None:
+            return
+        log.warning("no commit for %s within %.0fs: dropped", held.session.program, HOLD_TIMEOUT)
+        self.service.by_pid.pop(held.session.pid, None)
+        for pid in held.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        if self.service.moved.get(held.session.nonce) == held.session.key:
+            del self.service.moved[held.session.nonce]
+        self.service.forget(held.session)
 
 
 def _pipe() -> tuple[int, int]:
