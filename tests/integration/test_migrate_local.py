@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -214,7 +215,8 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
         stderr=subprocess.PIPE,
     )
     where = Path(scratch() or tempfile.gettempdir())
-    before = set(where.glob("dcp-restore-*"))
+    pattern = f"dcp-{b.name}-restore-*"
+    before = set(where.glob(pattern))
     try:
         assert wait_for(flag.exists, 120), "the counter never started"
         sid = session_of(a, int(flag.read_text()))
@@ -228,7 +230,7 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
 
         mover = threading.Thread(target=attempt)
         mover.start()
-        receiving = wait_for(lambda: bool(set(where.glob("dcp-restore-*")) - before), 120)
+        receiving = wait_for(lambda: bool(set(where.glob(pattern)) - before), 120)
         cluster.kill(b.name)
         mover.join(timeout=300)
         assert receiving, "the target never started receiving"
@@ -239,6 +241,8 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for left in set(where.glob(pattern)) - before:  # the killed target's scratch
+            shutil.rmtree(left, ignore_errors=True)
     lines = out.decode().splitlines()
     assert proc.returncode == 7, err.decode()
     rows = [line.split() for line in lines[:-1]]

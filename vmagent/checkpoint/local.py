@@ -81,12 +81,18 @@ class Checkpointer:
             assert path is not None
             known = C._checked.get(path)
             if known is None:
-                with tempfile.TemporaryDirectory(prefix="dcp-criu-check-") as scratch:
-                    out = os.path.join(scratch, "out")
-                    code = await self.run([path, "check"], out)
-                    said = _read(out)
-                    await self.run([path, "--version"], out)
-                    known = C.verdict(path, _exit_code(code), said, _read(out))
+                # Unnamed files: nothing is left behind if the agent is killed meanwhile.
+                with tempfile.TemporaryFile() as said, tempfile.TemporaryFile() as version:
+                    code = await self.run([path, "check"], said.fileno())
+                    await self.run([path, "--version"], version.fileno())
+                    said.seek(0)
+                    version.seek(0)
+                    known = C.verdict(
+                        path,
+                        _exit_code(code),
+                        said.read(65536).decode(errors="replace"),
+                        version.read(4096).decode(errors="replace"),
+                    )
             self._criu = C.remember(path, known)
         return self._criu
 
@@ -95,8 +101,11 @@ class Checkpointer:
         with contextlib.suppress(C.CheckpointError):
             await self.criu()
 
-    async def run(self, argv: list[str], out: str, keep: tuple[int, ...] = ()) -> int:
-        """Run `argv` as our child (stdout+stderr to `out`, `keep` inherited); its wait status."""
+    async def run(self, argv: list[str], out: str | int, keep: tuple[int, ...] = ()) -> int:
+        """Run `argv` as our child (stdout+stderr to the file or fd `out`, `keep` inherited).
+
+        Its wait status.
+        """
         loop = asyncio.get_running_loop()
         for fd in keep:
             os.set_inheritable(fd, True)
@@ -107,7 +116,15 @@ class Checkpointer:
                 dict(os.environ),
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                    (os.POSIX_SPAWN_DUP2, out, 1)
+                    if isinstance(out, int)
+                    else (
+                        os.POSIX_SPAWN_OPEN,
+                        1,
+                        out,
+                        os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                        0o600,
+                    ),
                     (os.POSIX_SPAWN_DUP2, 1, 2),
                 ],
             )
@@ -142,6 +159,16 @@ class Checkpointer:
             raise C.CheckpointError(f"{session.program} is not running under its tracer")
         directory = images or tempfile.mkdtemp(prefix=f"dcp-ckpt-{session.sid.hex()[:8]}-")
         os.makedirs(directory, exist_ok=True)
+        try:
+            return await self._checkpoint_into(criu, session, restore, images, directory)
+        except BaseException:
+            if images is None:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    async def _checkpoint_into(
+        self, criu: C.Criu, session: Session, restore: bool, images: str | None, directory: str
+    ) -> Checkpoint:
         started = time.perf_counter()
         pids = await self.detach(session)
         ends: list[tuple[int, str]] = []

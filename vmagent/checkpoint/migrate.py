@@ -369,6 +369,14 @@ def scratch() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
+def sweep(where: str, prefix: str) -> None:
+    """Remove scratch directories `prefix`* under `where` (left by a killed agent)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(where):
+            if name.startswith(prefix) and ("migrate-" in name or "restore-" in name):
+                shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+
+
 # -- /proc ------------------------------------------------------------------------------
 
 
@@ -435,6 +443,10 @@ class Migrator:
         self.tickets = tickets
         self.instance = instance
         self.held: dict[bytes, Held] = {}  # session id -> restored, waiting for commit
+        # Scratch directories carry the instance's name: a restarted agent of the
+        # same instance removes what a killed one left (images can be large).
+        self.prefix = f"dcp-{instance}-"
+        sweep(scratch() or tempfile.gettempdir(), self.prefix)
         self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
 
     async def migrate(
@@ -467,7 +479,7 @@ class Migrator:
     async def _move(
         self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, instance: str
     ) -> dict[str, Any]:
-        directory = tempfile.mkdtemp(prefix=f"dcp-migrate-{session.sid.hex()[:8]}-", dir=scratch())
+        directory = tempfile.mkdtemp(prefix=f"{self.prefix}migrate-", dir=scratch())
         session.migrating = True
         started = time.perf_counter()
         pids: tuple[int, ...] = ()
@@ -638,7 +650,7 @@ class Migrator:
             if here._abandon is not None:
                 here._abandon.cancel()
             self.service.forget(here)
-        directory = tempfile.mkdtemp(prefix=f"dcp-restore-{sid_hex[:8]}-", dir=scratch())
+        directory = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
         r, w = _pipe()
         unpacker = asyncio.ensure_future(asyncio.to_thread(unpack, r, directory))
         try:
