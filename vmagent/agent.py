@@ -165,8 +165,8 @@ async def _migration_check(request: web.Request) -> web.Response:
     except ValueError:
         body = None
     try:
-        await request.app[CHECKPOINTER].criu()
         request.app[MIGRATOR].check(ticket, body.get("pids") if isinstance(body, dict) else None)
+        await request.app[CHECKPOINTER].criu()
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
     except CheckpointError as exc:
