@@ -23,6 +23,7 @@ from oss.accounts.store import Accounts, Principal, hash_token
 from oss.billing.pricing import Rates
 from oss.billing.store import Billing, BudgetCheck
 from oss.compute import availability, exectickets, optimizer
+from oss.compute.commands import Command, CommandQueue
 from oss.compute.instances import Instances
 from oss.compute.pool import Provider
 from oss.compute.pools import PoolManager
@@ -107,6 +108,7 @@ class Oss:
         self._token_cache: dict[str, tuple[Principal, float]] = {}
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
+        self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
         self._runner: asyncio.Task[None] | None = None
         self.heartbeats_processed = 0
         self._ticks = 0
@@ -286,7 +288,10 @@ class Oss:
         self.oss_log(f"instance {body.instance} registered at {address}", body.instance)
 
     async def exec_grants(
-        self, assignments: Sequence[Mapping[str, Any]], exec_as: ExecIdentity | None
+        self,
+        assignments: Sequence[Mapping[str, Any]],
+        exec_as: ExecIdentity | None,
+        program_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """A fresh exec ticket per placed process, for instances whose agent sent an exec key.
 
@@ -313,11 +318,14 @@ class Oss:
                 )
                 for _ in range(a["processes"])
             ]
+            if program_id is not None:
+                # The nonce (third field of the public part) finds the session on the agent.
+                self.commands.minted(program_id, a["instance"], (t.split(".")[2] for t in tickets))
             grants.append(dict(instance=a["instance"], address=address, tickets=tickets))
         return grants
 
-    def heartbeat(self, body: AgentHeartbeat) -> None:
-        """An agent is alive (kept in memory, persisted each tick)."""
+    def heartbeat(self, body: AgentHeartbeat) -> list[Command]:
+        """An agent is alive (kept in memory, persisted each tick); its pending commands."""
         if body.instance not in self._last_seen:
             raise Conflict(
                 f"instance {body.instance} is not registered (or failed): register again"
@@ -327,6 +335,7 @@ class Oss:
         self._beats[body.instance] = (now, body.load.model_dump_json())
         self.metrics.heartbeat(body.instance, body.load)
         self.heartbeats_processed += 1
+        return self.commands.for_instance(body.instance, body.done)
 
     async def check_availability(self) -> list[str]:
         """Fail instances silent past the timeout; mark their programs for recovery."""
@@ -385,9 +394,16 @@ class Oss:
         except OssError:
             self.metrics.untake_net_bytes(net)
             raise
-        for pid, reason in res.stopped:
-            await self.program_log(pid, reason)
-            self.oss_log(f"program {pid} {reason}")
+        for st in res.stopped:
+            await self.program_log(st.program_id, st.reason)
+            self.oss_log(f"program {st.program_id} {st.reason}")
+            # Every instance running it freezes, then kills, its processes there; the
+            # home (dcptrace) sees the stop in the program's state and stops its own.
+            for cmd in self.commands.stop(st.program_id, st.instances, st.reason):
+                self.oss_log(
+                    f"program {st.program_id}: {cmd.action} ordered (command {cmd.id})",
+                    cmd.instance,
+                )
 
     async def optimize(self) -> None:
         """Run the optimizer on every running program; log each changed decision."""
@@ -429,6 +445,7 @@ class Oss:
             who.account_id, program_id, "cancelled", f"cancelled by {who.user_id}"
         )
         await self.program_log(program_id, f"cancelled by {who.user_id}")
+        self.commands.forget_program(program_id)
         return prog
 
     async def finish(
@@ -443,6 +460,7 @@ class Oss:
             who.account_id, program_id, state, reason, exit_status, signal
         )
         await self.program_log(program_id, reason)
+        self.commands.forget_program(program_id)
         return prog
 
     async def instance_programs(self, instance: str) -> set[str]:

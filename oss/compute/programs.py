@@ -324,6 +324,8 @@ def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, 
     for k in ("argv", "env", "resource_policy", "scaling_policy"):
         d[k] = json.loads(d[k])
     d.pop("last_metered")
+    stop = d.pop("stop_json", None)
+    d["stop"] = json.loads(stop) if stop else None
     d["placements"] = [
         dict(instance=p["instance"], processes=p["processes"])
         for p in c.execute(
@@ -417,6 +419,11 @@ def end(
         " updated=? WHERE id=?",
         (state, reason, exit_status, signal, now, program_id),
     )
+
+
+def set_stop(c: Conn, program_id: str, stop: Mapping[str, Any]) -> None:
+    """Record why a limit stopped the program (billing's breach: level, resource, limit, value)."""
+    c.execute("UPDATE programs SET stop_json=? WHERE id=?", (to_json(dict(stop)), program_id))
 
 
 def is_placed(c: Conn, program_id: str, instance: str) -> bool:

@@ -49,3 +49,12 @@ V4 = """
 V5 = """
     ALTER TABLE instances ADD COLUMN exec_key TEXT;
 """
+
+# Issue 10 (limits act, autoscaling): why a limit stopped a program (billing's breach),
+# since when a ready instance runs nothing, a failing pool's create back-off.
+V7 = """
+    ALTER TABLE programs ADD COLUMN stop_json TEXT;
+    ALTER TABLE instances ADD COLUMN idle_since REAL;
+    CREATE TABLE pool_backoff(pool TEXT PRIMARY KEY, failures INTEGER NOT NULL,
+        next_try REAL NOT NULL, error TEXT NOT NULL);
+"""
