@@ -21,6 +21,7 @@ from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.trace.enforce import Enforcer, detect
 
 SERVICE: web.AppKey[ExecService] = web.AppKey("service", ExecService)
 SAMPLER: web.AppKey[LoadSampler] = web.AppKey("sampler", LoadSampler)
@@ -103,6 +104,9 @@ class Agent:
             config, TicketCheck(config.token, config.instance, exec_key=config.exec_key)
         )
         self._unauthenticated = [0]  # connections counted by their Gate
+        # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
+        self.enforcer = Enforcer(config.instance, detect(config.instance))
+        self.service.hooks.add(self.enforcer)
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
         self.address = ""
@@ -131,9 +135,14 @@ class Agent:
         self.address = f"{host}:{port}"
         return self.address
 
+    async def on_commands(self, commands: list[dict[str, object]]) -> list[int]:
+        """Carry out the OSS's commands (heartbeat reply); the ids done."""
+        return await self.enforcer.carry_out(commands, list(self.service.sessions.values()))
+
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
+        self.enforcer.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:

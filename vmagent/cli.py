@@ -62,6 +62,7 @@ async def serve(config: AgentConfig) -> None:
                     agent.sampler.memory_mb(),
                     config.call_timeout,
                     config.exec_key,
+                    on_commands=agent.on_commands,
                 )
                 link_task = tasks.create_task(link.run())
             await stop.wait()

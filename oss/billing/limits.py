@@ -75,8 +75,16 @@ def check(levels: Sequence[tuple[Level, Limits, Usage]], delta: Delta) -> None:
         ):
             if add > 0 and limit is not None and now + add > limit:
                 raise LimitExceeded(level.value, resource, limit, now + add)
-        if delta.instances > 0 and budget_state(use.spent_micros, lim) is not BudgetState.OK:
-            raise BudgetExhausted(f"{level.value} has spent {use.spent_micros} micros")
+        state = budget_state(use.spent_micros, lim) if delta.instances > 0 else BudgetState.OK
+        if state is not BudgetState.OK:
+            kind, budget = (
+                ("soft", lim.budget_micros)
+                if state is BudgetState.EXHAUSTED
+                else ("hard", lim.hard_budget_micros)
+            )
+            raise BudgetExhausted(
+                f"{level.value} {kind} budget of {budget} micros reached (spent {use.spent_micros})"
+            )
 
 
 def budget_state(spent_micros: int, lim: Limits) -> BudgetState:

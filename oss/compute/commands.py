@@ -15,7 +15,9 @@ import itertools
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
+Action = Literal["freeze", "kill", "thaw"]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -26,7 +28,7 @@ class Command:
     id: int
     instance: str
     program: str
-    action: str  # freeze | kill | thaw
+    action: Action
     reason: str
     tickets: tuple[str, ...]
 
@@ -50,7 +52,8 @@ class CommandQueue:
         out = []
         for inst in sorted(set(instances) | set(nonces)):
             tickets = tuple(nonces.get(inst, ()))
-            for action in ("freeze", "kill"):
+            actions: tuple[Action, ...] = ("freeze", "kill")
+            for action in actions:
                 cmd = Command(next(self._ids), inst, program, action, reason, tickets)
                 self._queued[inst][cmd.id] = cmd
                 out.append(cmd)

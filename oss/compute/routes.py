@@ -156,7 +156,10 @@ async def h_heartbeat(
     return m.HeartbeatReply(
         commands=[
             m.AgentCommand(
-                id=c.id, program=c.program, action=c.action, reason=c.reason,  # type: ignore[arg-type]
+                id=c.id,
+                program=c.program,
+                action=c.action,
+                reason=c.reason,
                 tickets=list(c.tickets),
             )
             for c in commands

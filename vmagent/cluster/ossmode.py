@@ -61,6 +61,7 @@ T = TypeVar("T")
 TOKEN_ENV = "DCP_TOKEN"
 TIMEOUT_ENV = "DCP_OSS_TIMEOUT"
 FALLBACK_ENV = "DCP_OSS_FALLBACK"  # "local": without OSS instances, run everything here
+WATCH_INTERVAL = 0.25  # seconds between looks at the program's state (limits act)
 SPREAD_WIDTH = 64  # target width of a spread program when the account sets no instance limit
 ARG_MAX = 4096  # the OSS's limits on argv items and their length
 
@@ -147,6 +148,10 @@ class ProgramLink(Protocol):
         """The run ended: record the root's status (None, None: cancel)."""
         ...
 
+    def watch(self, on_stop: Callable[[str], None]) -> None:
+        """Call `on_stop(reason)` (once, on another thread) if a limit stops the program."""
+        ...
+
 
 class OssPlacement(Placement):
     """`Placement` whose choices come from the OSS (grants kept for the ticket)."""
@@ -219,6 +224,10 @@ class OssCoordinator(ClusterCoordinator):
                 return Complete(-errno.EHOSTDOWN)
         return super().on_syscall(call)
 
+    def watch_limits(self, on_stop: Callable[[str], None]) -> None:
+        """Limits act: `on_stop(reason)` once the OSS stops the program (a hard budget...)."""
+        self._link.watch(on_stop)
+
     def _choose(self, ident: Ident) -> str:
         return self.oss_placement.choose_for(ident)
 
@@ -282,6 +291,16 @@ class _Bridge:
             self.loop.close()
 
 
+def stop_line(stop: Any, status_reason: str) -> str:
+    """`stopped: program hard budget of 1000 micros reached (spent 1100) [level program]`."""
+    from oss.billing.limits import Breach, Level
+
+    if stop is None:
+        return status_reason or "stopped by the OSS"
+    b = Breach(Level(stop.level), stop.resource, stop.limit, stop.value)
+    return f"stopped: {b.message()} [level {stop.level}]"
+
+
 def _reason(exc: BaseException) -> str:
     """One line for an OSS client error (the cause of an unreachable OSS, not its repr)."""
     from oss.client import Unreachable
@@ -306,6 +325,9 @@ class OssProgramLink:
         self._width = SPREAD_WIDTH
         self._warned: set[str] = set()
         self.program_id: str | None = None
+        self._on_stop: Callable[[str], None] | None = None
+        self._watching = False
+        self.stopped: str | None = None  # why a limit stopped the program (then no finish)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -362,6 +384,7 @@ class OssProgramLink:
                 f"({FALLBACK_ENV}=local runs it on this machine instead)"
             )
         self.program_id = prog.id
+        self._bridge.loop.call_soon_threadsafe(self._start_watch)
         done: concurrent.futures.Future[str | None] = concurrent.futures.Future()
         done.set_result(prog.id)
         self._submitted = done
@@ -395,6 +418,7 @@ class OssProgramLink:
                 "pending", f"no OSS instance has room for program {prog.id}: processes run here"
             )
         self.program_id = prog.id
+        self._start_watch()
         return prog.id
 
     def _program(self) -> str | None:
@@ -428,6 +452,11 @@ class OssProgramLink:
                     },
                 )
             )
+        except errors.BudgetExhausted as exc:
+            # A soft budget reached: no new instance for the program; it runs here.
+            said = str(exc).removeprefix(errors.BudgetExhausted().message + ": ")
+            self._warn_once("soft", f"{said}: no new instances")
+            return None
         except Exception as exc:  # an OSS failure must not fail the program's exec
             code = exc.code if isinstance(exc, errors.OssError) else type(exc).__name__
             self._warn_once(
@@ -464,8 +493,8 @@ class OssProgramLink:
         from oss import errors
 
         pid = self._program()
-        if pid is None:
-            return
+        if pid is None or self.stopped is not None:
+            return  # a stopped program's end is already recorded by the OSS
         self._bridge.drain(self.config.timeout + 5)
         try:
             if exit_status is None and signal is None:
@@ -474,6 +503,35 @@ class OssProgramLink:
                 self._call(self._client.finish(pid, exit_status, signal))
         except (errors.OssError, TimeoutError) as exc:
             log.warning("the OSS did not record the end of program %s: %s", pid, _reason(exc))
+
+    def watch(self, on_stop: Callable[[str], None]) -> None:
+        """Poll the program's state (each WATCH_INTERVAL) and say once if a limit stopped it."""
+        self._on_stop = on_stop
+        self._bridge.loop.call_soon_threadsafe(self._start_watch)
+
+    def _start_watch(self) -> None:
+        """On the bridge loop: start the watcher once both the program and the callback exist."""
+        if self._watching or self._on_stop is None or self.program_id is None:
+            return
+        self._watching = True
+        self._bridge.later(self._watch(self.program_id, self._on_stop))
+
+    async def _watch(self, pid: str, on_stop: Callable[[str], None]) -> None:
+        from oss import errors
+
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                prog = await self._client.program(pid)
+            except errors.OssError as exc:
+                log.debug("watching program %s: %s", pid, _reason(exc))
+                continue
+            if prog.state in ("stopped_budget", "stopped_limit"):
+                self.stopped = stop_line(prog.stop, prog.status_reason)
+                on_stop(self.stopped)
+                return
+            if prog.state not in ("pending", "running", "recovering"):
+                return
 
     def close(self) -> None:
         """Close the client and the private loop."""
