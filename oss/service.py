@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,11 @@ from oss.billing.store import Billing, BudgetCheck
 from oss.compute import availability, exectickets, optimizer
 from oss.compute.commands import Command, CommandQueue
 from oss.compute.instances import Instances
-from oss.compute.pool import Provider
+from oss.compute.pool import InstanceType, PoolDemand, PoolState, Provider
 from oss.compute.pools import PoolManager
 from oss.compute.programs import Programs
 from oss.db.store import Store
-from oss.errors import Conflict, Forbidden, OssError, Unauthorized
+from oss.errors import Conflict, Forbidden, NoCapacity, OssError, Unauthorized
 from oss.ipc.locking import LockService
 from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
 from oss.schema import VERSIONS
@@ -65,9 +66,19 @@ class OssConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     follow_poll: float = 0.2  # log follow polling period
     token_cache_seconds: float = 5.0  # how long a verified token is trusted
+    idle_grace: float = 30.0  # an idle pool instance beyond the warm target lives this long
+    demand_window: float = 10.0  # placements refused for capacity count this long as demand
+    backoff_base: float = 1.0  # a failing provider: wait min(base * 2**n, 60 s) after n
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval", "heartbeat_timeout", "tick", "provider_timeout"):
+        for name in (
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "tick",
+            "provider_timeout",
+            "demand_window",
+            "backoff_base",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.heartbeat_timeout < self.heartbeat_interval:
@@ -101,7 +112,14 @@ class Oss:
             self.oss_log,
             config.provider_timeout,
             config.public_url,
+            clock=clock,
+            slots_per_cpu=config.slots_per_cpu,
+            idle_grace=config.idle_grace,
+            backoff_base=config.backoff_base,
         )
+        # Autoscaling: (time, instance type or None, processes) of placements refused
+        # for want of capacity; the pool manager counts those of the last window.
+        self._refused: deque[tuple[float, str | None, int]] = deque(maxlen=10_000)
         self._last_seen: dict[str, float] = {}
         self._beats: dict[str, tuple[float, str]] = {}
         self._oss_lines: list[logmod.LogLine] = []
@@ -147,11 +165,42 @@ class Oss:
 
     async def _reconcile_pools(self) -> None:
         try:
-            await self.pools.reconcile()
+            await self.reconcile_pools()
         except (OssError, OSError) as exc:
             log.error("pool reconcile failed: %s", exc)
         except Exception:
             log.exception("pool reconcile crashed")
+
+    async def reconcile_pools(self) -> None:
+        """One pool pass with the demand of now (refused placements, target widths)."""
+        rows = await self.programs.demand()
+        since = self.clock() - self.config.demand_window
+        refused = [(t, n) for ts, t, n in self._refused if ts >= since]
+
+        def demand(state: PoolState, itype: InstanceType) -> PoolDemand:
+            def mine(t: str | None) -> bool:
+                return t is None or t == itype.name
+
+            return PoolDemand(
+                waiting=sum(n for t, n in refused if mine(t))
+                + sum(w for t, w, _ in rows if mine(t)),
+                wanted_width=sum(w for t, _, w in rows if mine(t)),
+            )
+
+        await self.pools.reconcile(demand)
+
+    async def place(
+        self, account_id: str, program_id: str, processes: int, avoid: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Place more processes of a program; a refusal for capacity is demand on the pools."""
+        try:
+            return await self.programs.place(account_id, program_id, processes, avoid)
+        except NoCapacity:
+            prog = await self.programs.program(account_id, program_id)
+            self._refused.append(
+                (self.clock(), prog["resource_policy"].get("instance_type"), processes)
+            )
+            raise
 
     async def tick(self) -> None:
         """One pass of every periodic duty; one failing duty does not stop the others."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from oss.accounts.store import hash_token
 from oss.compute import scheduler
-from oss.compute.pool import InstanceType, PoolState
+from oss.compute.pool import Backoff, InstanceType, PoolState
 from oss.db.store import Conn, Store
 from oss.errors import Conflict, NotFound, Unauthorized
 
@@ -132,25 +132,55 @@ class Instances:
 
         return await self._db.read(op)
 
-    async def pool_states(self) -> list[tuple[PoolState, str, InstanceType]]:
-        """Every pool's fill state, provider name and instance type."""
+    async def pool_states(
+        self, now: float | None = None, slots_per_cpu: int = 1, idle_grace: float = 0.0
+    ) -> list[tuple[PoolState, str, InstanceType]]:
+        """Every pool's fill state, provider name and instance type.
+
+        Also keeps `instances.idle_since` (since when a ready instance runs nothing)
+        up to date, as of `now` (the OSS clock; None: the store's).
+        """
+        at = self._db.clock() if now is None else now
 
         def op(c: Conn) -> list[tuple[PoolState, str, InstanceType]]:
+            c.execute(
+                "UPDATE instances SET idle_since=? WHERE state='ready' AND used_slots=0"
+                " AND idle_since IS NULL AND pool IS NOT NULL",
+                (at,),
+            )
+            c.execute(
+                "UPDATE instances SET idle_since=NULL WHERE idle_since IS NOT NULL"
+                " AND (used_slots>0 OR state!='ready')"
+            )
             out = []
             for p in c.execute(
                 "SELECT p.*, t.cpus, t.memory_mb, t.price_micros_per_s, t.storage FROM pools p"
                 " JOIN instance_types t ON t.name=p.instance_type ORDER BY p.name"
             ).fetchall():
                 rows = c.execute(
-                    "SELECT name, state, used_slots FROM instances WHERE pool=? AND"
-                    " state IN ('pending','ready') ORDER BY created, name",
+                    "SELECT name, state, used_slots, idle_since FROM instances WHERE pool=? AND"
+                    " state IN ('pending','ready','failed') ORDER BY created, name",
                     (p["name"],),
                 ).fetchall()
+                live = [r for r in rows if r["state"] != "failed"]
                 idle = tuple(
-                    r["name"] for r in rows if r["state"] == "ready" and r["used_slots"] == 0
+                    r["name"] for r in live if r["state"] == "ready" and r["used_slots"] == 0
                 )
-                pending = sum(1 for r in rows if r["state"] == "pending")
-                st = PoolState(p["name"], p["warm_target"], p["max_size"], len(rows), idle, pending)
+                pending = sum(1 for r in live if r["state"] == "pending")
+                st = PoolState(
+                    p["name"],
+                    p["warm_target"],
+                    p["max_size"],
+                    len(live),
+                    idle,
+                    pending,
+                    idle_since={
+                        r["name"]: r["idle_since"] for r in live if r["idle_since"] is not None
+                    },
+                    idle_grace=idle_grace,
+                    slots_per_instance=max(1, p["cpus"] * slots_per_cpu),
+                    failed=tuple(r["name"] for r in rows if r["state"] == "failed"),
+                )
                 it = InstanceType(
                     p["instance_type"],
                     p["cpus"],
@@ -161,7 +191,32 @@ class Instances:
                 out.append((st, p["provider"], it))
             return out
 
+        return await self._db.write(op)
+
+    async def pool_backoffs(self) -> dict[str, Backoff]:
+        """Every pool's create back-off (pools that never failed are absent)."""
+
+        def op(c: Conn) -> dict[str, Backoff]:
+            return {
+                r["pool"]: Backoff(r["failures"], r["next_try"], r["error"])
+                for r in c.execute("SELECT * FROM pool_backoff")
+            }
+
         return await self._db.read(op)
+
+    async def set_pool_backoff(self, pool: str, b: Backoff) -> None:
+        """Record a pool's back-off (failures 0: forget it)."""
+
+        def op(c: Conn) -> None:
+            if b.failures == 0:
+                c.execute("DELETE FROM pool_backoff WHERE pool=?", (pool,))
+            else:
+                c.execute(
+                    "INSERT OR REPLACE INTO pool_backoff VALUES(?,?,?,?)",
+                    (pool, b.failures, b.next_try, b.error[:500]),
+                )
+
+        await self._db.write(op)
 
     async def new_pool_instance(self, pool: str) -> tuple[str, str]:
         """Create a pending instance in a pool; return (name, token)."""

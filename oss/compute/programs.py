@@ -292,6 +292,28 @@ class Programs:
 
         return await self._db.read(op)
 
+    async def demand(self) -> list[tuple[str | None, int, int]]:
+        """Per active program: (its instance type or None, processes waiting, width wanted).
+
+        Waiting: the processes a pending or recovering program could not place yet;
+        width wanted: instances its target asks for (at most one per process) beyond
+        those it uses.  The pool manager sums them per pool (autoscaling).
+        """
+
+        def op(c: Conn) -> list[tuple[str | None, int, int]]:
+            return [
+                (r[0], r[1], max(0, min(r[2], r[3] + r[1]) - r[4]))
+                for r in c.execute(
+                    "SELECT json_extract(p.resource_policy, '$.instance_type'),"
+                    " CASE WHEN p.state IN ('pending','recovering') THEN p.lost_processes"
+                    " ELSE 0 END, p.target_instances, p.processes,"
+                    " (SELECT count(*) FROM placements pl WHERE pl.program_id=p.id)"
+                    " FROM programs p WHERE p.state IN ('pending','running','recovering')"
+                )
+            ]
+
+        return await self._db.read(op)
+
     async def set_target(self, program_id: str, target: int) -> None:
         """Set a program's target width (the optimizer's decision)."""
 

@@ -66,7 +66,7 @@ async def h_place(
 ) -> m.PlacementResult:
     pid = r.match_info["program_id"]
     await oss.may_exec_as(principal(who).account_id, b.exec_as)
-    got = await oss.programs.place(principal(who).account_id, pid, b.processes, b.avoid)
+    got = await oss.place(principal(who).account_id, pid, b.processes, b.avoid)
     grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as, pid)]
     return m.PlacementResult(
         program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants

@@ -191,6 +191,7 @@ class BrokenProvider:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.destroyed: list[str] = []
 
     async def create(
         self, name: str, instance_type: InstanceType, credentials: Credentials
@@ -199,12 +200,13 @@ class BrokenProvider:
         raise RuntimeError("hypervisor on fire")
 
     async def destroy(self, name: str) -> None:
-        raise AssertionError("not called")
+        self.destroyed.append(name)
 
 
 def test_failing_provider_marks_instance_failed_and_is_logged(oss_factory: Any) -> None:
     prov = BrokenProvider()
-    srv: OssServer = oss_factory(providers={"broken": prov})
+    clock = Clock()
+    srv: OssServer = oss_factory(clock=clock, providers={"broken": prov})
     admin = srv.account("root", admin=True)
     srv.http(
         "PUT",
@@ -224,7 +226,12 @@ def test_failing_provider_marks_instance_failed_and_is_logged(oss_factory: Any) 
     assert [i["state"] for i in insts] == ["failed", "failed"]
     srv.call(srv.oss.tick())
     log = [ln["text"] for ln in srv.http("GET", "/v1/oss/logs", admin.token).body["lines"]]
-    assert sum("hypervisor on fire" in t for t in log) == 2
-    # The next reconcile tries again (failed instances are not live).
+    assert sum("hypervisor on fire" in t and "back off" not in t for t in log) == 2
+    # Backed off: 2 failures -> 4 s before the next try, then one create at a time, and
+    # the failed instances are destroyed through the provider (one per try as well).
+    assert sum("back off 4 s after 2 failed creates" in t for t in log) == 1, log
     srv.call(srv.oss.pools.reconcile())
-    assert prov.calls == 4
+    assert prov.calls == 2 and prov.destroyed == []
+    clock.advance(4)
+    srv.call(srv.oss.pools.reconcile())
+    assert prov.calls == 3 and len(prov.destroyed) == 1
