@@ -396,13 +396,20 @@ class Oss:
             self._last_seen.pop(n, None)
             self._beats.pop(n, None)
         reason = f"no heartbeat for over {self.config.heartbeat_timeout:g}s"
-        programs = await self.instances.fail_instances(names, reason)
+        lost = await self.instances.fail_instances(names, reason)
+        silent_for = {f.instance: f.silent_for for f in failures}
         for f in failures:
             self.oss_log(
                 f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
             )
-        for p in sorted(set(programs)):
-            await self.program_log(p, f"marked for recovery: instance lost ({reason})")
+            self.commands.drop_instance(f.instance)
+        for program, instance, count, by_client in lost:
+            then = "its client placed them" if by_client else "marked for recovery"
+            await self.program_log(
+                program,
+                f"instance {instance} lost: {count} process(es) ended"
+                f" (silent {silent_for[instance]:.1f} s): {then}",
+            )
         # Replacements: failed instances no longer count as live in their pools.
         self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
         return names

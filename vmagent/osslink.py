@@ -103,6 +103,8 @@ class OssLink:
                 self._done += await self.on_commands([c for c in commands if isinstance(c, dict)])
         except TimeoutError:
             log.warning("OSS commands took longer than %.1fs; they are sent again", self.timeout)
+        except Exception:  # a bug there must not take the link (and the agent) down
+            log.exception("carrying out the OSS's commands failed; they are sent again")
 
     async def run(self) -> None:
         """Register and heartbeat forever, re-registering after any failure."""

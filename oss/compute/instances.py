@@ -314,15 +314,21 @@ class Instances:
 
         return await self._db.read(op)
 
-    async def fail_instances(self, names: Sequence[str], reason: str) -> list[str]:
-        """Mark instances failed; their programs lose those processes and need recovery.
+    async def fail_instances(
+        self, names: Sequence[str], reason: str
+    ) -> list[tuple[str, str, int, bool]]:
+        """Mark instances failed; their programs lose those processes.
 
-        Returns the ids of the programs marked for recovery.
+        A program the OSS places (submitted with processes) is marked for recovery:
+        its lost processes are placed again.  One whose client places each exec
+        (`client_placed`) is not: those processes ended with the instance, and
+        re-placing them would only hold phantom slots; its status names the instance.
+        Returns (program, instance, processes lost, client-placed) per program affected.
         """
         now = self._db.clock()
 
-        def op(c: Conn) -> list[str]:
-            affected: list[str] = []
+        def op(c: Conn) -> list[tuple[str, str, int, bool]]:
+            affected: list[tuple[str, str, int, bool]] = []
             for name in names:
                 cur = c.execute(
                     "UPDATE instances SET state='failed', used_slots=0, dedicated_to=NULL"
@@ -332,21 +338,28 @@ class Instances:
                 if cur.rowcount == 0:
                     continue
                 for p in c.execute(
-                    "SELECT program_id, processes FROM placements WHERE instance=?", (name,)
+                    "SELECT pl.program_id, pl.processes, pr.client_placed FROM placements pl"
+                    " JOIN programs pr ON pr.id=pl.program_id WHERE pl.instance=?",
+                    (name,),
                 ).fetchall():
-                    c.execute(
-                        "UPDATE programs SET state='recovering', lost_processes=lost_processes+?,"
-                        " processes=processes-?, status_reason=?, updated=? WHERE id=? AND"
-                        " state IN ('running','recovering')",
-                        (
-                            p["processes"],
-                            p["processes"],
-                            f"instance {name} failed: {reason}",
-                            now,
-                            p["program_id"],
-                        ),
+                    why = f"instance {name} failed: {reason}"
+                    if p["client_placed"]:
+                        c.execute(
+                            "UPDATE programs SET processes=processes-?, status_reason=?,"
+                            " updated=? WHERE id=? AND state IN ('running','recovering')",
+                            (p["processes"], why, now, p["program_id"]),
+                        )
+                    else:
+                        c.execute(
+                            "UPDATE programs SET state='recovering',"
+                            " lost_processes=lost_processes+?, processes=processes-?,"
+                            " status_reason=?, updated=? WHERE id=? AND"
+                            " state IN ('running','recovering')",
+                            (p["processes"], p["processes"], why, now, p["program_id"]),
+                        )
+                    affected.append(
+                        (p["program_id"], name, p["processes"], bool(p["client_placed"]))
                     )
-                    affected.append(p["program_id"])
                 c.execute("DELETE FROM placements WHERE instance=?", (name,))
             return affected
 

@@ -53,7 +53,7 @@ class PoolManager:
         self._providers = providers
         self._log = oss_log
         self._timeout = provider_timeout
-        self._public_url = public_url
+        self.public_url = public_url  # the OSS URL handed to new instances
         self._clock = clock
         self._slots_per_cpu = slots_per_cpu
         self._idle_grace = idle_grace
@@ -128,7 +128,7 @@ class PoolManager:
         self._log(f"pool {pool}: creating instance {name}")
         try:
             async with asyncio.timeout(self._timeout):
-                await provider.create(name, itype, Credentials(name, token, self._public_url))
+                await provider.create(name, itype, Credentials(name, token, self.public_url))
         except Exception as exc:  # provider code is foreign: any failure fails this instance
             # Failed: the next reconcile destroys what the provider may have made of it.
             await self._instances.set_instance_state(name, "failed")

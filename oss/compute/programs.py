@@ -136,6 +136,10 @@ class Programs:
             p = program_row(c, program_id, account_id)
             if p["state"] not in ("running", "recovering"):
                 raise Conflict(f"program {program_id} is {p['state']}")
+            if not p["client_placed"]:
+                # Its client places processes one exec at a time: recovery must not
+                # re-place those an instance failure ends (they would be phantoms).
+                c.execute("UPDATE programs SET client_placed=1 WHERE id=?", (program_id,))
             return place(c, self._budget, program_id, processes, now, frozenset(avoid))
 
         return await self._db.write(op)
@@ -346,6 +350,7 @@ def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, 
     for k in ("argv", "env", "resource_policy", "scaling_policy"):
         d[k] = json.loads(d[k])
     d.pop("last_metered")
+    d.pop("client_placed", None)
     stop = d.pop("stop_json", None)
     d["stop"] = json.loads(stop) if stop else None
     d["placements"] = [

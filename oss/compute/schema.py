@@ -51,9 +51,11 @@ V5 = """
 """
 
 # Issue 10 (limits act, autoscaling): why a limit stopped a program (billing's breach),
-# since when a ready instance runs nothing, a failing pool's create back-off.
+# whether its processes are placed one exec at a time by its client (never re-placed
+# by recovery), since when a ready instance runs nothing, a failing pool's back-off.
 V7 = """
     ALTER TABLE programs ADD COLUMN stop_json TEXT;
+    ALTER TABLE programs ADD COLUMN client_placed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE instances ADD COLUMN idle_since REAL;
     CREATE TABLE pool_backoff(pool TEXT PRIMARY KEY, failures INTEGER NOT NULL,
         next_try REAL NOT NULL, error TEXT NOT NULL);

@@ -49,9 +49,7 @@ print(json.dumps(out))
 
 def _beat(srv: OssServer, name: str, token: str) -> dict[str, object]:
     load = {"cpu_percent": 1, "memory_used_mb": 1, "runqueue": 0, "processes": 1}
-    r = srv.http(
-        "POST", "/v1/agents/heartbeat", token, {"instance": name, "seq": 2, "load": load}
-    )
+    r = srv.http("POST", "/v1/agents/heartbeat", token, {"instance": name, "seq": 2, "load": load})
     assert r.status == 200, r.body
     return r.body  # type: ignore[no-any-return]
 

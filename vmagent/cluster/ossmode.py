@@ -36,17 +36,21 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from tracer.coordinator import (
+    Allow,
     Complete,
     Coordinator,
     Decision,
     ProcessEvent,
     ProcessExited,
+    Rewrite,
     SyscallCall,
 )
 from tracer.errors import TracerError, UsageError
@@ -61,6 +65,8 @@ T = TypeVar("T")
 TOKEN_ENV = "DCP_TOKEN"
 TIMEOUT_ENV = "DCP_OSS_TIMEOUT"
 FALLBACK_ENV = "DCP_OSS_FALLBACK"  # "local": without OSS instances, run everything here
+LOST_STATUS = 255  # a deputy's exit status when its instance was lost
+LOST_REASON = re.compile(r"instance (\S+) failed: ")  # the OSS's status of such a program
 WATCH_INTERVAL = 0.25  # seconds between looks at the program's state (limits act)
 SPREAD_WIDTH = 64  # target width of a spread program when the account sets no instance limit
 ARG_MAX = 4096  # the OSS's limits on argv items and their length
@@ -148,8 +154,11 @@ class ProgramLink(Protocol):
         """The run ended: record the root's status (None, None: cancel)."""
         ...
 
-    def watch(self, on_stop: Callable[[str], None]) -> None:
-        """Call `on_stop(reason)` (once, on another thread) if a limit stops the program."""
+    def watch(
+        self, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        """Call `on_stop(reason)` (once, on another thread) if a limit stops the program,
+        and `on_lost(instance)` once per instance of the program that failed."""
         ...
 
 
@@ -209,6 +218,10 @@ class OssCoordinator(ClusterCoordinator):
         self._root: int | None = None
         self._root_status: tuple[int | None, int | None] | None = None
         self.refused: str | None = None  # why the OSS could not take the program
+        # Placed processes: pid -> (instance, argv, end status or None while running);
+        # read by the watcher thread (lost instances).
+        self._placed: dict[int, tuple[str, str, int | None]] = {}
+        self._placed_lock = threading.Lock()
 
     def on_syscall(self, call: SyscallCall) -> Decision:
         """The program's first exec submits it; then as ClusterCoordinator."""
@@ -225,8 +238,40 @@ class OssCoordinator(ClusterCoordinator):
         return super().on_syscall(call)
 
     def watch_limits(self, on_stop: Callable[[str], None]) -> None:
-        """Limits act: `on_stop(reason)` once the OSS stops the program (a hard budget...)."""
-        self._link.watch(on_stop)
+        """Limits act: `on_stop(reason)` once the OSS stops the program (a hard budget...).
+
+        Lost instances are said here too: one line per failed instance naming the
+        processes that ended with it (beside each deputy's own line).
+        """
+        self._link.watch(on_stop, self._say_lost)
+
+    def _place(self, call: SyscallCall, decision: Allow | Rewrite) -> Rewrite | None:
+        placed = super()._place(call, decision)
+        if placed is not None and call.argv is not None:
+            argv = b" ".join(a for a in call.argv[:8]).decode(errors="replace")
+            with self._placed_lock:
+                self._placed[call.pid] = (self.instance_of(call.pid), argv[:80], None)
+        return placed
+
+    def lost_on(self, instance: str) -> list[str]:
+        """The placed processes on `instance` still running, or ended lost (status 255)."""
+        with self._placed_lock:
+            return [
+                argv
+                for where, argv, status in self._placed.values()
+                if where == instance and status in (None, LOST_STATUS)
+            ]
+
+    def _say_lost(self, instance: str) -> None:
+        names = self.lost_on(instance)
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        n = len(names)
+        print(
+            f"dcptrace: instance {instance} lost: {n} process{'es' if n != 1 else ''} ended"
+            + (f" ({shown})" if names else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _choose(self, ident: Ident) -> str:
         return self.oss_placement.choose_for(ident)
@@ -238,6 +283,14 @@ class OssCoordinator(ClusterCoordinator):
         """Note the root's end status; release placements (ClusterCoordinator)."""
         if isinstance(event, ProcessExited) and event.pid == self._root:
             self._root_status = (event.exit_status, event.signal)
+        if isinstance(event, ProcessExited):
+            with self._placed_lock:
+                if event.pid in self._placed:
+                    where, argv, _ = self._placed[event.pid]
+                    end = event.exit_status
+                    if end is None:
+                        end = 128 + (event.signal or 0)
+                    self._placed[event.pid] = (where, argv, end)
         super().on_process(event)
 
     def close(self) -> None:
@@ -326,6 +379,8 @@ class OssProgramLink:
         self._warned: set[str] = set()
         self.program_id: str | None = None
         self._on_stop: Callable[[str], None] | None = None
+        self._on_lost: Callable[[str], None] | None = None
+        self._lost_said: set[str] = set()
         self._watching = False
         self.stopped: str | None = None  # why a limit stopped the program (then no finish)
 
@@ -504,9 +559,13 @@ class OssProgramLink:
         except (errors.OssError, TimeoutError) as exc:
             log.warning("the OSS did not record the end of program %s: %s", pid, _reason(exc))
 
-    def watch(self, on_stop: Callable[[str], None]) -> None:
-        """Poll the program's state (each WATCH_INTERVAL) and say once if a limit stopped it."""
+    def watch(
+        self, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        """Poll the program's state (each WATCH_INTERVAL): a limit stopped it, or an
+        instance it ran on failed (its status names the instance: said once each)."""
         self._on_stop = on_stop
+        self._on_lost = on_lost
         self._bridge.loop.call_soon_threadsafe(self._start_watch)
 
     def _start_watch(self) -> None:
@@ -530,6 +589,10 @@ class OssProgramLink:
                 self.stopped = stop_line(prog.stop, prog.status_reason)
                 on_stop(self.stopped)
                 return
+            failed = LOST_REASON.match(prog.status_reason)
+            if failed and self._on_lost and failed[1] not in self._lost_said:
+                self._lost_said.add(failed[1])
+                self._on_lost(failed[1])
             if prog.state not in ("pending", "running", "recovering"):
                 return
 

@@ -132,6 +132,9 @@ def detect(instance: str, root: Path = CGROUP_ROOT) -> Groups | None:
         groups = FreezerV2(root / "dcp" / name)
     else:
         return None
+    base = getattr(groups, "base", None)
+    if isinstance(base, Path):
+        sweep(base.parent)  # what agents that died left behind
     try:
         groups.make(".probe").rmdir()
     except OSError as exc:
@@ -204,21 +207,29 @@ class Enforcer:
         with contextlib.suppress(OSError):
             self.groups.remove(group)
 
-    def close(self) -> None:
-        """Remove the empty groups this agent made."""
+    def close(self, wait: float = 2.0) -> None:
+        """The agent stops: kill what is left in its groups, then remove them."""
         if self.groups is None:
             return
-        for group in set(self._group_of.values()):
-            self._remove(group)
         base = getattr(self.groups, "base", None)
+        groups = set(self._group_of.values())
         if isinstance(base, Path) and base.is_dir():
-            for group in base.iterdir():
-                if group.is_dir():
-                    self._remove(group)
-            with contextlib.suppress(OSError):
-                base.rmdir()
-            with contextlib.suppress(OSError):
-                base.parent.rmdir()  # `dcp`, unless another agent of this host still uses it
+            groups |= {g for g in base.iterdir() if g.is_dir()}
+        deadline = time.monotonic() + wait
+        for group in groups:
+            while True:
+                pids = self.groups.pids(group)
+                for pid in pids:  # orphans outside the program's process group too
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    self.groups.set_frozen(group, False)  # a frozen task dies once thawed
+                if not pids or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            self._remove(group)
+        if isinstance(base, Path):
+            sweep(base.parent)
 
     # -- stop orders -----------------------------------------------------------
 
@@ -337,6 +348,28 @@ class Enforcer:
             self.groups.set_frozen(group, False)
         except OSError as exc:
             log.warning("limits: cannot thaw %s: %s", group, exc)
+
+
+def sweep(root: Path) -> None:
+    """Remove the empty program groups under `root` (`.../dcp`), and it if empty.
+
+    Agents that died (kill -9) leave their groups behind; any agent of the host
+    removes those once empty.  A group in use is not empty: rmdir refuses it.
+    """
+    try:
+        instances = [d for d in root.iterdir() if d.is_dir()]
+    except OSError:
+        return
+    for inst in instances:
+        with contextlib.suppress(OSError):
+            for group in inst.iterdir():
+                if group.is_dir():
+                    with contextlib.suppress(OSError):
+                        group.rmdir()
+        with contextlib.suppress(OSError):
+            inst.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def _signal_group(pid: int, sig: int) -> None:
