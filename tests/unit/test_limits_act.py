@@ -223,3 +223,24 @@ def test_malformed_and_unknown_commands_are_skipped() -> None:
         )
     )
     assert done == [3] and list(enforcer.events) == []
+
+
+# -- the home's lines ---------------------------------------------------------------
+
+
+def test_the_home_stop_line_and_the_lost_instance_pattern() -> None:
+    from oss.models import StopInfo
+    from vmagent.cluster.ossmode import LOST_REASON, stop_line
+
+    stop = StopInfo(level="program", resource="hard_budget_micros", limit=1000, value=1100)
+    assert stop_line(stop, "ignored") == (
+        "stopped: program hard budget of 1000 micros reached (spent 1100) [level program]"
+    )
+    storage = StopInfo(level="user", resource="storage_mb", limit=10, value=12)
+    assert stop_line(storage, "") == (
+        "stopped: user storage (MB) limit of 10 exceeded (measured 12) [level user]"
+    )
+    assert stop_line(None, "stopped: by hand") == "stopped: by hand"
+    m = LOST_REASON.match("instance node2 failed: no heartbeat for over 5s")
+    assert m is not None and m[1] == "node2"
+    assert LOST_REASON.match("running") is None
