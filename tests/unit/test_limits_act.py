@@ -244,3 +244,23 @@ def test_the_home_stop_line_and_the_lost_instance_pattern() -> None:
     m = LOST_REASON.match("instance node2 failed: no heartbeat for over 5s")
     assert m is not None and m[1] == "node2"
     assert LOST_REASON.match("running") is None
+
+
+def test_the_cgroup_files_each_hierarchy_writes(tmp_path: Path) -> None:
+    from vmagent.trace.enforce import FreezerV1, FreezerV2
+
+    v2 = FreezerV2(tmp_path / "v2")
+    g = v2.make("p-prog_1")
+    (g / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    v2.set_frozen(g, True)
+    assert (g / "cgroup.freeze").read_text() == "1\n" and not v2.is_frozen(g)
+    (g / "cgroup.events").write_text("populated 1\nfrozen 1\n")  # the kernel's answer
+    assert v2.is_frozen(g)
+    v2.add(g, 42)
+    assert (g / "cgroup.procs").read_text() == "42\n" and v2.pids(g) == [42]
+    v1 = FreezerV1(tmp_path / "v1")
+    g1 = v1.make("s-ab")
+    v1.set_frozen(g1, True)
+    assert (g1 / "freezer.state").read_text() == "FROZEN\n" and v1.is_frozen(g1)
+    v1.set_frozen(g1, False)
+    assert not v1.is_frozen(g1)
