@@ -188,3 +188,38 @@ def test_a_killed_agent_is_destroyed_through_the_provider_and_named_by_dcptrace(
     assert wait_for(
         lambda: {r["name"]: r["state"] for r in _instances(lab)}[node] == "destroyed", 30
     ), _instances(lab)
+
+
+def _agent_log(name: str) -> str:
+    """The log of local instance `name` (the provider keeps it in its own directory)."""
+    return "".join(
+        p.read_text(errors="replace") for p in Path("/tmp").glob(f"dcp-local-provider-*/{name}.log")
+    )
+
+
+def test_a_hard_budget_stops_a_program_in_a_namespaced_instance(pool_lab: Lab) -> None:
+    lab = pool_lab
+    (node,) = _ready(lab)
+    p = _dcptrace(lab, "./busy.sh 1 & ./busy.sh 1 & wait")
+    try:
+
+        def placed() -> list[dict[str, Any]]:
+            return [q for q in lab.get("/v1/programs") if q["state"] == "running"
+                    and q["processes"] == 2]  # fmt: skip
+
+        assert wait_for(lambda: bool(placed()), 60), lab.get("/v1/programs")
+        prog = placed()[0]
+        _send(lab, "PUT", f"/v1/programs/{prog['id']}/limits", lab.token,
+              {"hard_budget_micros": prog["spent_micros"] + 2})  # fmt: skip
+        out, err = _finish(p)
+        # The agent, PID 1 of its namespace, grouped and froze both children, then killed
+        # them (within a heartbeat of the stop; dcptrace may have seen it first).
+        assert wait_for(lambda: "killed on" in _agent_log(node), 10), _agent_log(node)
+    finally:
+        (lab.data / "go1").touch()  # only now: the children must not end on their own
+    assert p.returncode == 124, err
+    assert err.count("dcptrace: stopped: program hard budget of") == 1, err
+    log = _agent_log(node)
+    assert f"program {prog['id']} frozen on {node}: 2 process(es)" in log, log
+    assert f"program {prog['id']} killed on {node}: 2 process(es)" in log, log
+    assert "by cgroup" in log, log

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,8 @@ class LocalInstanceProvider:
         self.isolate = (os.geteuid() == 0) if isolate is None else isolate
         self.start_timeout = start_timeout
         self.listen_host = listen_host
+        # Agents' logs; a directory made here is removed by close().
+        self._own_logdir = logdir is None
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix="dcp-local-provider-"))
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._agents: dict[str, int] = {}  # name -> the agent's host pid
@@ -174,6 +177,8 @@ class LocalInstanceProvider:
         for fd in (self._lifeline_r, self._lifeline_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self._own_logdir:
+            shutil.rmtree(self.logdir, ignore_errors=True)
 
 
 def make() -> LocalInstanceProvider:

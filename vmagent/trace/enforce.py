@@ -268,7 +268,12 @@ class Enforcer:
             if action not in ACTIONS:
                 log.warning("limits: unknown action %r for program %s ignored", action, program)
             else:
-                await self._act(action, program, reason, self.matching(live, program, tickets))
+                found = self.matching(live, program, tickets)
+                log.info(
+                    "limits: %s %s: %d of %d sessions match its %d tickets",
+                    action, program, len(found), len(live), len(tickets),
+                )  # fmt: skip
+                await self._act(action, program, reason, found)
             self._done.add(cid)
             if len(self._done) > 10_000:
                 self._done.clear()
