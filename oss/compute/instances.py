@@ -142,17 +142,9 @@ class Instances:
         """
         at = self._db.clock() if now is None else now
 
-        def op(c: Conn) -> list[tuple[PoolState, str, InstanceType]]:
-            c.execute(
-                "UPDATE instances SET idle_since=? WHERE state='ready' AND used_slots=0"
-                " AND idle_since IS NULL AND pool IS NOT NULL",
-                (at,),
-            )
-            c.execute(
-                "UPDATE instances SET idle_since=NULL WHERE idle_since IS NOT NULL"
-                " AND (used_slots>0 OR state!='ready')"
-            )
+        def op(c: Conn) -> tuple[list[tuple[PoolState, str, InstanceType]], list[Any]]:
             out = []
+            changes: list[Any] = []  # (idle_since or None, name): written after the read
             for p in c.execute(
                 "SELECT p.*, t.cpus, t.memory_mb, t.price_micros_per_s, t.storage FROM pools p"
                 " JOIN instance_types t ON t.name=p.instance_type ORDER BY p.name"
@@ -163,7 +155,14 @@ class Instances:
                     (p["name"],),
                 ).fetchall()
                 live = [r for r in rows if r["state"] != "failed"]
-                idle = tuple(
+                since: dict[str, float] = {}
+                for r in rows:
+                    idle = r["state"] == "ready" and r["used_slots"] == 0
+                    if idle:
+                        since[r["name"]] = r["idle_since"] if r["idle_since"] is not None else at
+                    if idle != (r["idle_since"] is not None):
+                        changes.append((at if idle else None, r["name"]))
+                idle_names = tuple(
                     r["name"] for r in live if r["state"] == "ready" and r["used_slots"] == 0
                 )
                 pending = sum(1 for r in live if r["state"] == "pending")
@@ -172,11 +171,9 @@ class Instances:
                     p["warm_target"],
                     p["max_size"],
                     len(live),
-                    idle,
+                    idle_names,
                     pending,
-                    idle_since={
-                        r["name"]: r["idle_since"] for r in live if r["idle_since"] is not None
-                    },
+                    idle_since=since,
                     idle_grace=idle_grace,
                     slots_per_instance=max(1, p["cpus"] * slots_per_cpu),
                     failed=tuple(r["name"] for r in rows if r["state"] == "failed"),
@@ -189,9 +186,16 @@ class Instances:
                     p["storage"],
                 )
                 out.append((st, p["provider"], it))
-            return out
+            return out, changes
 
-        return await self._db.write(op)
+        states, changes = await self._db.read(op)
+        if changes:  # a write only when an instance became idle or busy
+
+            def record(c: Conn) -> None:
+                c.executemany("UPDATE instances SET idle_since=? WHERE name=?", changes)
+
+            await self._db.write(record)
+        return states
 
     async def pool_backoffs(self) -> dict[str, Backoff]:
         """Every pool's create back-off (pools that never failed are absent)."""
