@@ -163,7 +163,8 @@ def _sleeper() -> subprocess.Popen[bytes]:
 
 def test_freeze_then_kill_acts_on_the_programs_sessions_only() -> None:
     groups = FakeGroups()
-    enforcer = Enforcer("n0", groups)
+    seen: list[tuple[str, str, str]] = []
+    enforcer = Enforcer("n0", groups, on_event=lambda *e: seen.append(e))
     mine, other = _sleeper(), _sleeper()
     try:
         a, b = FakeSession(mine.pid, "aa"), FakeSession(other.pid, "zz")
@@ -182,6 +183,7 @@ def test_freeze_then_kill_acts_on_the_programs_sessions_only() -> None:
         assert other.poll() is None
         assert [e.kind for e in enforcer.events] == ["frozen", "killed"]
         assert enforcer.events[1].pids == (mine.pid,)
+        assert seen == [("p", "frozen", "frozen by fake: r"), ("p", "killed", "killed by fake: r")]
         # A command seen again (its reply crossed our beat) is acknowledged, not redone.
         assert asyncio.run(enforcer.carry_out(cmds[:1], [a, b])) == [1]  # type: ignore[list-item]
         assert len(enforcer.events) == 2

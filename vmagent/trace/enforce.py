@@ -30,7 +30,7 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -159,10 +159,18 @@ class Event:
 class Enforcer:
     """Session hooks that group programs, and the executor of the OSS's stop orders."""
 
-    def __init__(self, instance: str, groups: Groups | None, keep_events: int = 1000) -> None:
+    def __init__(
+        self,
+        instance: str,
+        groups: Groups | None,
+        keep_events: int = 1000,
+        on_event: Callable[[str, str, str], object] | None = None,
+    ) -> None:
         self.instance = instance
         self.groups = groups
         self.events: deque[Event] = deque(maxlen=keep_events)
+        # (program, kind, text) of each act, for the telemetry uplink (logs stream `event`).
+        self.on_event = on_event
         self._group_of: dict[Session, Path] = {}
         self._done: set[int] = set()
 
@@ -325,6 +333,8 @@ class Enforcer:
             (time.monotonic() - t0) * 1000,
         )
         self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(program, kind, f"{kind} by {ev.how}: {reason}")
         log.warning(
             "limits: program %s %s on %s: %d process(es) %s by %s in %.1f ms: %s",
             program,
