@@ -1,6 +1,7 @@
 """Benchmark: extra latency of a remote exec, and forwarded stdio throughput.
 
     PYTHONPATH=$PWD python bench/bench_remote_exec.py [--runs 200] [--megabytes 1024]
+                                                      [--tracer-only]
 
 - local: fork+exec+wait of /bin/true (posix_spawn from this process);
 - remote: the same, but the process exec'd is the home deputy, which has the
@@ -9,19 +10,25 @@
 - throughput: a remote `head -c N /dev/zero` streamed through agent and deputy
   into a pipe this process drains (output direction), and N bytes written into
   the deputy's stdin and consumed remotely by `cat > /dev/null` (input
-  direction); a native pipe is measured as reference.
+  direction); a native pipe is measured as reference;
+- instance tracer: remote /bin/true on two plain agents on loopback, one as
+  `dcp-agent` runs (every program under its instance tracer) and one built
+  untraced (the agent's internal switch, for this baseline only), interleaved.
 
 Targets (issue 4): extra latency < 20 ms on local instances; >= 500 MB/s.
+Target (issue 10): a traced remote exec within 5 ms of an untraced one.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +47,98 @@ def spawn_wait(path: str, argv: list[str], **kw: object) -> int:
 DROP = TicketDrop()
 
 
-def deputy(inst: Instance, *argv: str) -> list[str]:
+@dataclass(frozen=True)
+class Plain:
+    """An agent this benchmark started itself (name, token, address as `Instance`)."""
+
+    name: str
+    token: str
+    address: str
+    proc: subprocess.Popen[bytes]
+
+
+# An agent as `dcp-agent` builds it (zygote forked before the loop), or untraced.
+AGENT_BOOT = """
+import asyncio, signal, sys
+sys.path.insert(0, sys.argv[4])
+from vmagent.agent import Agent
+from vmagent.config import AgentConfig, read_token
+from vmagent.trace.zygote import Tracing
+name, fd, traced = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+config = AgentConfig(
+    instance=name, token=read_token(None, fd), listen_host="127.0.0.1", listen_port=0
+)
+tracing = Tracing.fork(name) if traced else None
+async def serve():
+    agent = Agent(config, tracing, untraced=not traced)
+    print("listening", await agent.start(), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await agent.close()
+asyncio.run(serve())
+"""
+
+
+def plain_agent(name: str, traced: bool) -> Plain:
+    token = os.urandom(18).hex()
+    r, w = os.pipe()
+    os.write(w, token.encode())
+    os.close(w)
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [PY, "-c", AGENT_BOOT, name, str(r), "1" if traced else "0", root],
+        stdout=subprocess.PIPE,
+        pass_fds=(r,),
+    )
+    os.close(r)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode().split()
+    assert line[:1] == ["listening"], line
+    return Plain(name, token, line[1], proc)
+
+
+def figures(samples: list[float]) -> tuple[float, float, float]:
+    """(min, p10, median) in ms."""
+    ordered = sorted(samples)
+    return ordered[0] * 1e3, ordered[len(ordered) // 10] * 1e3, statistics.median(ordered) * 1e3
+
+
+def traced_vs_untraced(runs: int) -> None:
+    """Remote /bin/true under the instance tracer vs untraced, interleaved."""
+    with open("/proc/loadavg") as f:
+        print(f"load before: {f.read().strip()}")
+    traced, untraced = plain_agent("traced", True), plain_agent("untraced", False)
+    times: dict[str, list[float]] = {"traced": [], "untraced": []}
+    try:
+        for i in range(runs + 10):
+            for agent in (traced, untraced) if i % 2 else (untraced, traced):
+                cmd = deputy(agent, "/bin/true")
+                t = time.perf_counter()
+                assert spawn_wait(PY, cmd) == 0
+                if i >= 10:  # the first rounds warm caches
+                    times[agent.name].append(time.perf_counter() - t)
+    finally:
+        for agent in (traced, untraced):
+            agent.proc.send_signal(signal.SIGTERM)
+            agent.proc.wait()
+    with open("/proc/loadavg") as f:
+        print(f"load after : {f.read().strip()}")
+    t_fig, u_fig = figures(times["traced"]), figures(times["untraced"])
+    for name, fig in (("untraced", u_fig), ("traced", t_fig)):
+        print(
+            f"remote /bin/true, {name:8s}: min {fig[0]:6.2f}  p10 {fig[1]:6.2f}  "
+            f"median {fig[2]:6.2f} ms  (n={runs}, interleaved)"
+        )
+    diff = [t - u for t, u in zip(t_fig, u_fig, strict=True)]
+    print(
+        f"traced - untraced: min {diff[0]:+.2f}  p10 {diff[1]:+.2f}  median {diff[2]:+.2f} ms; "
+        f"ratio of medians {t_fig[2] / u_fig[2]:.2f}x -> "
+        f"{'OK' if diff[2] <= 5 else 'MISSED'} (target <= 5 ms apart)"
+    )
+
+
+def deputy(inst: Instance | Plain, *argv: str) -> list[str]:
     path = os.fsencode(argv[0])
     args = tuple(os.fsencode(a) for a in argv)
     ticket = ticket_for_self(inst.token, inst.name, path, args)
@@ -111,7 +209,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--megabytes", type=int, default=1024)
+    parser.add_argument(
+        "--tracer-only", action="store_true", help="only the traced vs untraced comparison"
+    )
     args = parser.parse_args()
+    traced_vs_untraced(args.runs)
+    if args.tracer_only:
+        DROP.close()
+        return
     nbytes = args.megabytes << 20
     with LocalCluster(1) as cluster:
         inst = cluster.instances[0]

@@ -14,7 +14,6 @@ when a run asks for them: a plain `dcptrace -- prog` never loads `vmagent`.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,7 +78,6 @@ def clustered(
             yield coord
         return
     from vmagent.cluster.coordinator import (
-        TRACE_REMOTE_ENV,
         ClusterCoordinator,
         OssModeUnavailable,
         Target,
@@ -91,10 +89,8 @@ def clustered(
     stack = contextlib.ExitStack()
     try:
         Placement(placement, [])  # validate the policy before starting anything
-        # Opt-in until the tracer can seize programs the agent starts: a dcptrace
-        # start per remote exec costs ~0.1 s (docs/INSTANCES.md, Known limits).
-        trace = os.environ.get(TRACE_REMOTE_ENV) == "1"
-        cluster = stack.enter_context(LocalCluster(instances, trace=trace))
+        # Each agent traces what it runs (vmagent.trace): nothing to ask for here.
+        cluster = stack.enter_context(LocalCluster(instances))
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc

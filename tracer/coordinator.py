@@ -88,14 +88,39 @@ class ProcessExec:
 
 @dataclass(frozen=True, slots=True)
 class ProcessExited:
-    """A traced process ended: `exit_status` or `signal` is set."""
+    """A traced process ended: `exit_status` or `signal` is set.
+
+    `cpu_us` (user + system) and `maxrss_kb` come from the rusage wait4
+    returned with the exit (0 when the tracer did not get one).
+    """
 
     pid: int
     exit_status: int | None
     signal: int | None
+    cpu_us: int = 0
+    maxrss_kb: int = 0
 
 
-ProcessEvent = ProcessSpawned | ProcessExec | ProcessExited
+@dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """What one process consumed, measured by a metering tracer (an instance's).
+
+    Sent once per process, after its `ProcessExited`, with `final` true;
+    `io` holds the counters read at its exit stop (`vmagent.trace.measure`:
+    rchar, wchar, rbytes, wbytes, and whatever else the measure adds), empty
+    when the process died without one (SIGKILL).  `syscalls` counts its
+    intercepted calls by OSS service.
+    """
+
+    pid: int
+    cpu_us: int
+    maxrss_kb: int
+    io: Mapping[str, int] = field(default_factory=dict)
+    syscalls: Mapping[str, int] = field(default_factory=dict)
+    final: bool = True
+
+
+ProcessEvent = ProcessSpawned | ProcessExec | ProcessExited | ProcessUsage
 
 
 class Coordinator(Protocol):
@@ -118,7 +143,7 @@ class Coordinator(Protocol):
         ...
 
     def on_process(self, event: ProcessEvent) -> None:
-        """Learn about process lifecycle (spawn, exec, exit)."""
+        """Learn about process lifecycle (spawn, exec, exit, and usage when metered)."""
         ...
 
     def instance_of(self, pid: int) -> str:

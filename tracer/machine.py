@@ -98,10 +98,19 @@ class EventStop:
 
 
 @dataclass(frozen=True, slots=True)
+class ExitingStop:
+    """PTRACE_EVENT_EXIT: the thread is exiting; /proc still shows its process."""
+
+    tid: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExitStop:
     tid: int
     exit_status: int | None
     signal: int | None
+    cpu_us: int = 0  # utime + stime of wait4's rusage
+    maxrss_kb: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +131,7 @@ class Observed:
 
 Stop = (
     SeccompStop | SyscallExitStop | ForkStop | ExecStop | SignalStop | GroupStop
-    | EventStop | ExitStop | Decided | Observed
+    | EventStop | ExitingStop | ExitStop | Decided | Observed
 )  # fmt: skip
 
 
@@ -187,6 +196,13 @@ class Notify:
 
 
 @dataclass(frozen=True, slots=True)
+class Meter:
+    """Measure process `pid` now: its last live thread is stopped on its way out."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class MirrorStop:
     """The main process stopped from the terminal: stop dcptrace too, as a shell expects."""
 
@@ -195,7 +211,7 @@ class MirrorStop:
 
 Action = (
     Resume | Consult | ApplyRewrite | ApplyComplete | RestoreArgs | Observe | Record
-    | Notify | MirrorStop
+    | Notify | Meter | MirrorStop
 )  # fmt: skip
 
 
@@ -225,6 +241,8 @@ class Process:
     exit_status: int | None = None
     signal: int | None = None
     threads: set[int] = field(default_factory=set)
+    exiting: set[int] = field(default_factory=set)  # threads seen at their exit stop
+    metered: bool = False
 
 
 class Machine:
@@ -380,6 +398,7 @@ class Machine:
             for tid in proc.threads - {stop.former, stop.tid}:
                 self.threads.pop(tid, None)
             proc.threads = {stop.tid}
+            proc.exiting.clear()  # the old leader's exit stop had this tid
             proc.argv = stop.argv
         th.tid = stop.tid
         self.threads[stop.tid] = th
@@ -405,6 +424,18 @@ class Machine:
         th = self._thread(stop.tid)
         return [Resume(stop.tid, self._mode(th))]
 
+    def _exiting(self, stop: ExitingStop) -> list[Action]:
+        th = self._thread(stop.tid)
+        out: list[Action] = []
+        proc = self.processes.get(th.tgid)
+        if proc is not None:
+            proc.exiting.add(stop.tid)
+            if not proc.metered and proc.threads <= proc.exiting:
+                proc.metered = True  # the last live thread: the process's totals are final
+                out.append(Meter(proc.pid))
+        out.append(Resume(stop.tid, Mode.CONT))
+        return out
+
     def _exit(self, stop: ExitStop) -> list[Action]:
         th = self.threads.pop(stop.tid, None)
         if th is None:
@@ -417,7 +448,13 @@ class Machine:
             proc.threads.discard(stop.tid)
             if stop.tid == proc.pid:
                 proc.exit_status, proc.signal = stop.exit_status, stop.signal
-                out.append(Notify(ProcessExited(proc.pid, stop.exit_status, stop.signal)))
+                out.append(
+                    Notify(
+                        ProcessExited(
+                            proc.pid, stop.exit_status, stop.signal, stop.cpu_us, stop.maxrss_kb
+                        )
+                    )
+                )
                 # Threads of an exited group can no longer report anything.
                 for tid in proc.threads:
                     self.threads.pop(tid, None)
@@ -435,6 +472,7 @@ _HANDLERS: dict[type, Any] = {
     SignalStop: Machine._signal,
     GroupStop: Machine._group_stop,
     EventStop: Machine._event,
+    ExitingStop: Machine._exiting,
     ExitStop: Machine._exit,
     Decided: Machine._decided,
     Observed: Machine._observed,

@@ -38,6 +38,7 @@ O_TRACEFORK = 0x2
 O_TRACEVFORK = 0x4
 O_TRACECLONE = 0x8
 O_TRACEEXEC = 0x10
+O_TRACEEXIT = 0x40
 O_TRACESECCOMP = 0x80
 O_EXITKILL = 0x100000
 OPTIONS = (
@@ -46,6 +47,7 @@ OPTIONS = (
 )  # fmt: skip
 
 EVENT_FORK, EVENT_VFORK, EVENT_CLONE, EVENT_EXEC = 1, 2, 3, 4
+EVENT_EXIT = 6
 EVENT_SECCOMP = 7
 EVENT_STOP = 128
 
@@ -92,9 +94,13 @@ def _request(command: int, pid: int, addr: int = 0, data: int = 0) -> int:
         raise PtraceRequestError(pid=pid, request=command, errno=exc.errno or 0) from exc
 
 
-def seize(pid: int) -> None:
-    """Attach to `pid` without stopping it, with DCP's options (EXITKILL included)."""
-    _request(PTRACE_SEIZE, pid, 0, OPTIONS)
+def seize(pid: int, options: int = OPTIONS) -> None:
+    """Attach to `pid` without stopping it, with DCP's options (EXITKILL included).
+
+    An instance tracer adds O_TRACEEXIT: each exiting thread stops once more,
+    while /proc still shows its final I/O counters (tracer.runner meters it).
+    """
+    _request(PTRACE_SEIZE, pid, 0, options)
 
 
 def resume(pid: int, request: int, sig: int = 0) -> None:
@@ -108,6 +114,11 @@ def resume(pid: int, request: int, sig: int = 0) -> None:
 def interrupt(pid: int) -> None:
     """Ask a running tracee to enter a ptrace-stop (PTRACE_EVENT_STOP)."""
     resume(pid, PTRACE_INTERRUPT)
+
+
+def detach(pid: int) -> None:
+    """PTRACE_DETACH a stopped tracee (it runs on, untraced); a vanished one is ignored."""
+    resume(pid, PTRACE_DETACH)
 
 
 def event_message(pid: int) -> int:

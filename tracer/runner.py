@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import stat
 import struct
@@ -19,7 +20,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tracer import ptraceio
-from tracer.coordinator import Complete, Coordinator, ProcessExited, Rewrite, SyscallCall
+from tracer.coordinator import (
+    Complete,
+    Coordinator,
+    ProcessExited,
+    ProcessUsage,
+    Rewrite,
+    SyscallCall,
+)
 from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
@@ -31,10 +39,12 @@ from tracer.machine import (
     Decided,
     EventStop,
     ExecStop,
+    ExitingStop,
     ExitStop,
     ForkStop,
     GroupStop,
     Machine,
+    Meter,
     MirrorStop,
     Notify,
     Observe,
@@ -86,7 +96,13 @@ class Runner:
         report: Callable[[str], None] | None = None,
         dispositions: Mapping[int, signal.Handlers] | None = None,
         complain: Callable[[str], None] | None = None,
+        measure: Callable[[int], dict[str, int]] | None = None,
     ) -> None:
+        # Metering (an instance's tracer): `measure(pid)` reads a process's
+        # counters at its exit stop; each exit is followed by a ProcessUsage.
+        self.measure = measure
+        self._measured: dict[int, dict[str, int]] = {}
+        self._services: dict[int, dict[str, int]] = {}  # pid -> OSS service -> calls
         self.report = report or (lambda line: None)
         # Told why the program could not be started, before its exit is
         # reported (the front may return, and stderr close, right after).
@@ -123,22 +139,27 @@ class Runner:
 
     def run(self) -> Outcome:
         """Spawn the program, trace it until every traced process is gone."""
-        # While calls are served, a call newer than the table must stop too:
-        # it may take a path (as fchmodat2 did) and would get around the map.
-        beyond = max(self.table) + 1 if self.intercept else None
-        filt = PreparedFilter(
-            build_filter(self.intercept, trace_all=self.trace_all, trace_from=beyond),
-            no_new_privs=os.geteuid() != 0,
+        filt = interception_filter(
+            self.table, self.intercept, self.trace_all, no_new_privs=os.geteuid() != 0
         )
         started = time.perf_counter()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         spawned = self._spawned = spawn(
             self.argv, self.env, filt, self.path, mask, self.dispositions
         )
-        machine = self.machine = Machine(
-            spawned.pid, self.intercept, self.trace_all, argv=self.argv
-        )
         self.report(f"pid {spawned.pid}")
+        return self.attach(spawned.pid, started)
+
+    def attach(self, pid: int, started: float | None = None) -> Outcome:
+        """Trace `pid`, already seized by this thread, until every traced process is gone.
+
+        `pid` must be stopped at its gate (or be the fresh child of `run`):
+        its first exec is the program's, made under the filter built from
+        this runner's interception (`interception_filter`).
+        """
+        if started is None:
+            started = time.perf_counter()
+        machine = self.machine = Machine(pid, self.intercept, self.trace_all, argv=self.argv)
         self._loop(machine)
         wall = time.perf_counter() - started
         self._read_exec_error()
@@ -160,21 +181,22 @@ class Runner:
         decode = self._decode
         while machine.alive:
             try:
-                pid, status = os.waitpid(-1, WALL)
+                pid, status, usage = os.wait4(-1, WALL)
             except ChildProcessError:
                 log.warning("no traced process left, %d unaccounted for", len(machine.threads))
                 return
-            stop = decode(pid, status)
+            stop = decode(pid, status, usage)
             if stop is not None:
                 execute(step(stop))
 
-    def _decode(self, pid: int, status: int) -> Stop | None:
-        if os.WIFEXITED(status):
-            return ExitStop(pid, os.WEXITSTATUS(status), None)
-        if os.WIFSIGNALED(status):
+    def _decode(self, pid: int, status: int, usage: resource.struct_rusage) -> Stop | None:
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            cpu_us = round((usage.ru_utime + usage.ru_stime) * 1e6)
+            if os.WIFEXITED(status):
+                return ExitStop(pid, os.WEXITSTATUS(status), None, cpu_us, usage.ru_maxrss)
             if os.WCOREDUMP(status) and self.machine and pid == self.machine.main_pid:
                 self._main_dumped = True
-            return ExitStop(pid, None, os.WTERMSIG(status))
+            return ExitStop(pid, None, os.WTERMSIG(status), cpu_us, usage.ru_maxrss)
         sig = os.WSTOPSIG(status)
         event = status >> 16
         try:
@@ -204,6 +226,8 @@ class Runner:
                 former = ptraceio.event_message(pid)
                 argv = self._exec_argv.pop(former, None) or ptraceio.cmdline(pid)
                 return ExecStop(pid, former, argv)
+            if event == ptraceio.EVENT_EXIT:
+                return ExitingStop(pid)
             if event == ptraceio.EVENT_STOP:
                 if sig in STOP_SIGNALS:
                     return GroupStop(pid, sig)
@@ -236,8 +260,21 @@ class Runner:
                     self._restore_args(tid)
                 case Observe():
                     self._observe(action)
+                case Meter(pid):
+                    if self.measure is not None:
+                        self._measured[pid] = self.measure(pid)
                 case Notify(event):
                     self.coordinator.on_process(event)
+                    if isinstance(event, ProcessExited) and self.measure is not None:
+                        self.coordinator.on_process(
+                            ProcessUsage(
+                                event.pid,
+                                event.cpu_us,
+                                event.maxrss_kb,
+                                self._measured.pop(event.pid, {}),
+                                self._services.pop(event.pid, {}),
+                            )
+                        )
                     main = self.machine.main_pid if self.machine else -1
                     if isinstance(event, ProcessExited) and event.pid == main:
                         self._read_exec_error()
@@ -260,6 +297,10 @@ class Runner:
             log.exception("coordinator failed on %s; the call returns EIO", call.name)
             decision = Complete(-errno.EIO)
         self._calls[action.tid] = call
+        if self.measure is not None:
+            counts = self._services.setdefault(call.pid, {})
+            service = self.table[call.nr].service.value
+            counts[service] = counts.get(service, 0) + 1
         if isinstance(decision, Rewrite) and call.argv is not None:
             self._exec_argv[action.tid] = tuple(a.decode(errors="replace") for a in call.argv)
         self._execute(self.machine.step(Decided(action.tid, decision)))
@@ -379,6 +420,21 @@ class Runner:
         self.trace_out.write(line + "\n")
 
 
+def interception_filter(
+    table: SyscallTable, intercept: frozenset[int], trace_all: bool, no_new_privs: bool
+) -> PreparedFilter:
+    """The seccomp filter a traced program installs before its first exec.
+
+    While calls are served, a call newer than the table must stop too: it may
+    take a path (as fchmodat2 did) and would get around the map.
+    """
+    beyond = max(table) + 1 if intercept else None
+    return PreparedFilter(
+        build_filter(intercept, trace_all=trace_all, trace_from=beyond),
+        no_new_privs=no_new_privs,
+    )
+
+
 # exit_group(126): mov eax, 231; mov edi, 126; syscall
 _EXIT_126 = bytes.fromhex("b8e7000000bf7e0000000f05")
 
@@ -449,8 +505,6 @@ def reraise(sig: int, core_dumped: bool = False) -> None:
     cleaner child removes once dcptrace is gone, so no core of dcptrace
     stays behind; the program's own core is where the kernel put it.
     """
-    import resource
-
     _, hard = resource.getrlimit(resource.RLIMIT_CORE)
     if core_dumped and hard != 0 and _core_pattern_is_relative():
         resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))

@@ -14,6 +14,8 @@ import asyncio
 import hmac
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -22,6 +24,9 @@ from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffe
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.trace.enforce import Enforcer, detect
+from vmagent.trace.zygote import Tracing
+
+ZYGOTE_EXIT = 2.0  # s the agent waits, when closing, for its zygote to be gone
 
 SERVICE: web.AppKey[ExecService] = web.AppKey("service", ExecService)
 SAMPLER: web.AppKey[LoadSampler] = web.AppKey("sampler", LoadSampler)
@@ -95,14 +100,28 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
 
 
 class Agent:
-    """The running agent: listener, sessions, optional OSS link."""
+    """The running agent: listener, sessions, optional OSS link.
 
-    def __init__(self, config: AgentConfig) -> None:
+    Every program runs under the instance tracer: `tracing` is the zygote
+    `dcp-agent` forked before its loop (`Tracing.fork`); without one, a fresh
+    zygote is exec'd.  `untraced` is for a benchmark's baseline only.
+    """
+
+    def __init__(
+        self, config: AgentConfig, tracing: Tracing | None = None, *, untraced: bool = False
+    ) -> None:
         self.config = config
         self.sampler = LoadSampler()
+        if tracing is None and not untraced:
+            tracing = Tracing.spawn(config.instance)
+        self.tracing = tracing
         self.service = ExecService(
-            config, TicketCheck(config.token, config.instance, exec_key=config.exec_key)
+            config,
+            TicketCheck(config.token, config.instance, exec_key=config.exec_key),
+            tracing,
         )
+        # Observers of the OSS's commands to this instance (heartbeat reply `commands`).
+        self.command_handlers: list[Callable[[list[dict[str, Any]]], None]] = []
         self._unauthenticated = [0]  # connections counted by their Gate
         # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
         self.enforcer = Enforcer(config.instance, detect(config.instance))
@@ -135,8 +154,11 @@ class Agent:
         self.address = f"{host}:{port}"
         return self.address
 
-    async def on_commands(self, commands: list[dict[str, object]]) -> list[int]:
-        """Carry out the OSS's commands (heartbeat reply); the ids done."""
+    async def on_commands(self, commands: list[dict[str, Any]]) -> list[int]:
+        """Commands the OSS sent this instance: every handler gets them, in order, then
+        the limits enforcer carries them out; the ids done (acknowledged next beat)."""
+        for handler in self.command_handlers:
+            handler(commands)
         return await self.enforcer.carry_out(commands, list(self.service.sessions.values()))
 
     async def close(self) -> None:
@@ -147,3 +169,10 @@ class Agent:
             self.server.close()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.tracing is not None:
+            self.tracing.close()
+            # Reap the zygote while the loop still handles SIGCHLD: its exit
+            # during the loop's own shutdown would hit a closed wakeup fd.
+            deadline = asyncio.get_running_loop().time() + ZYGOTE_EXIT
+            while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)

@@ -15,15 +15,16 @@ import click
 from vmagent.agent import Agent
 from vmagent.config import AgentConfig, ConfigError, parse_hostport, read_token
 from vmagent.osslink import OssLink, advertised_address
+from vmagent.trace.zygote import Tracing
 
 log = logging.getLogger(__name__)
 
 
-async def serve(config: AgentConfig) -> None:
+async def serve(config: AgentConfig, tracing: Tracing) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     if config.hostname:
         socket.sethostname(config.hostname)
-    agent = Agent(config)
+    agent = Agent(config, tracing)
     address = await agent.start()
     # The parent (LocalCluster, an init script) reads this line to learn the port.
     print(f"listening {address}", flush=True)
@@ -95,7 +96,6 @@ async def serve(config: AgentConfig) -> None:
     type=float,
     help="Seconds a session waits for its deputy to reconnect.",
 )
-@click.option("--trace", is_flag=True, help="Run programs under dcptrace (placement local).")
 @click.option(
     "--lifeline",
     type=int,
@@ -111,7 +111,6 @@ def main(
     listen: str,
     hostname: str | None,
     reconnect_window: float,
-    trace: bool,
     lifeline: int | None,
     verbose: bool,
 ) -> None:
@@ -132,13 +131,14 @@ def main(
             exec_key=token_hex(32) if oss_url else None,
             hostname=hostname,
             reconnect_window=reconnect_window,
-            trace=trace,
             lifeline=lifeline,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    # The instance tracer's zygote: forked here, before the loop or any thread.
+    tracing = Tracing.fork(config.instance)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, tracing))
     except OSError as exc:
         click.echo(f"dcp-agent: {exc}", err=True)
         sys.exit(1)

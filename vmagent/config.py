@@ -37,7 +37,8 @@ class AgentConfig:
     # a restarted agent has a new one, which retires tickets for the old process).
     exec_key: str | None = field(default=None, repr=False)
     call_timeout: float = 5.0  # timeout of every call to the OSS
-    trace: bool = False  # run programs under dcptrace (placement local) on this instance
+    # s from a program's fork to its exec: its instance tracer's seize (slow under TCG)
+    trace_timeout: float = 10.0
     lifeline: int | None = None  # fd whose EOF means "the process that started us died"
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class AgentConfig:
             raise ConfigError("--instance must be a non-empty name without '/'")
         if not self.token:
             raise ConfigError("an instance token is required (--token-file or --token-fd)")
-        if self.reconnect_window <= 0 or self.call_timeout <= 0:
+        if self.reconnect_window <= 0 or self.call_timeout <= 0 or self.trace_timeout <= 0:
             raise ConfigError("timeouts must be positive")
         if self.oss_url is not None and not self.oss_url.startswith(("http://", "https://")):
             raise ConfigError(f"--oss must be an http(s) URL, got {self.oss_url!r}")

@@ -29,10 +29,12 @@ from tracer.machine import (
     Decided,
     EventStop,
     ExecStop,
+    ExitingStop,
     ExitStop,
     ForkStop,
     GroupStop,
     Machine,
+    Meter,
     MirrorStop,
     Mode,
     Notify,
@@ -445,6 +447,42 @@ def test_exit_with_pending_call_forgets_it() -> None:
     m.step(SeccompStop(MAIN, 231, ARGS))  # exit_group never returns
     assert m.step(ExitStop(MAIN, 0, None)) == [Notify(ProcessExited(MAIN, 0, None))]
     assert not m.alive
+
+
+def test_exiting_single_thread_is_metered_then_resumed() -> None:
+    m = make()
+    assert m.step(ExitingStop(MAIN)) == [Meter(MAIN), Resume(MAIN, Mode.CONT)]
+    out = m.step(ExitStop(MAIN, 0, None, cpu_us=1500, maxrss_kb=900))
+    assert out == [Notify(ProcessExited(MAIN, 0, None, 1500, 900))]
+
+
+def test_exiting_is_metered_once_at_the_last_live_thread() -> None:
+    m = make()
+    m.step(ForkStop(MAIN, 1001, thread=True))
+    m.step(ForkStop(MAIN, 1002, thread=True))
+    assert m.step(ExitingStop(1001)) == [Resume(1001, Mode.CONT)]  # pthread_exit
+    assert m.step(ExitStop(1001, 0, None)) == []
+    assert m.step(ExitingStop(MAIN)) == [Resume(MAIN, Mode.CONT)]  # 1002 still runs
+    assert m.step(ExitingStop(1002)) == [Meter(MAIN), Resume(1002, Mode.CONT)]
+    assert m.step(ExitingStop(1002)) == [Resume(1002, Mode.CONT)]  # never twice
+
+
+def test_threads_killed_by_exec_do_not_meter_the_new_image() -> None:
+    m = make()
+    m.step(ForkStop(MAIN, 1001, thread=True))
+    # 1001 execs: the leader (MAIN) is killed by de_thread and stops exiting...
+    assert m.step(ExitingStop(MAIN)) == [Resume(MAIN, Mode.CONT)]
+    m.step(ExecStop(MAIN, 1001, ("new",)))
+    # ...and the new image's own thread exiting is not the process's end.
+    m.step(ForkStop(MAIN, 1003, thread=True))
+    assert m.step(ExitingStop(1003)) == [Resume(1003, Mode.CONT)]
+    assert m.step(ExitingStop(MAIN)) == [Meter(MAIN), Resume(MAIN, Mode.CONT)]
+
+
+def test_exiting_child_process_is_metered_by_its_own_pid() -> None:
+    m = make()
+    m.step(ForkStop(MAIN, 2000, thread=False))
+    assert m.step(ExitingStop(2000)) == [Meter(2000), Resume(2000, Mode.CONT)]
 
 
 # ---- generated sequences: the docstring invariants -------------------------------

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 AT_FDCWD = -100 & 0xFFFFFFFFFFFFFFFF
 AT_EMPTY_PATH = 0x1000
 EXEC_CALLS = frozenset({"execve", "execveat"})
-TRACE_REMOTE_ENV = "DCP_TRACE_REMOTE"  # "1": programs run under dcptrace on their instance
 
 
 class OssModeUnavailable(AgentError):

@@ -106,7 +106,6 @@ class LocalCluster:
         cpus: int | None = None,
         memory_mb: int | None = None,
         reconnect_window: float = 10.0,
-        trace: bool = False,
         start_timeout: float = 15.0,
         prefix: str = "node",
     ) -> None:
@@ -117,7 +116,6 @@ class LocalCluster:
         self.cpus = cpus or os.cpu_count() or 1
         self.memory_mb = memory_mb
         self.reconnect_window = reconnect_window
-        self.trace = trace
         self.start_timeout = start_timeout
         self.tag = secrets.token_hex(3)
         self.names = [f"{prefix}{i}" for i in range(count)]
@@ -209,8 +207,6 @@ class LocalCluster:
             "--lifeline",
             str(self._lifeline_r),
         ]
-        if self.trace:
-            agent += ["--trace"]
         if ns is not None:
             agent += ["--listen", f"0.0.0.0:{AGENT_PORT}", "--hostname", name]
             argv = [

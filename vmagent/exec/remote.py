@@ -18,24 +18,6 @@ from vmagent.exec import tickets
 DEPUTY_SCRIPT = str(Path(__file__).resolve().parent / "deputy.py")
 
 
-PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-
-
-def tracer_prefix() -> tuple[bytes, ...]:
-    """Command prefix that runs a program under dcptrace on an instance (placement local).
-
-    `-I` keeps the program's PYTHON* variables away from the tracer; the project
-    root goes on sys.path explicitly for the same reason.  `--no-state`: the
-    home dcptrace records the run; the one on an instance only enforces.  The
-    prefix is followed by the program's path and its argv[1:].
-    """
-    boot = (
-        f"import sys; sys.path.insert(0, {PROJECT_ROOT!r}); "
-        "from tracer.cli import main; sys.argv[0] = 'dcptrace'; main()"
-    )
-    return (interpreter(), b"-I", b"-c", boot.encode(), b"--no-state", b"--")
-
-
 def interpreter() -> bytes:
     """The real Python binary (not a shim script: a shim costs ~30 ms per exec)."""
     return os.fsencode(os.path.realpath(sys.executable))

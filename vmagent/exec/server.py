@@ -30,10 +30,10 @@ from vmagent.exec import protocol as P
 from vmagent.exec import tickets
 from vmagent.exec.hooks import HookList
 from vmagent.exec.readers import ReaderProbe
-from vmagent.exec.remote import tracer_prefix
 from vmagent.exec.session import Session
-from vmagent.exec.spawn import SpawnFailed, become_subreaper, bind, parse_hello
+from vmagent.exec.spawn import GateClosed, become_subreaper, bind, parse_hello
 from vmagent.exec.tickets import Grant, TicketCheck
+from vmagent.trace.zygote import TracerUnavailable, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,12 @@ class ExecProtocol(asyncio.Protocol):
 class ExecService:
     """All sessions of this agent; reaps children (the agent is a subreaper)."""
 
-    def __init__(self, config: AgentConfig, tickets: TicketCheck) -> None:
+    def __init__(self, config: AgentConfig, tickets: TicketCheck, tracing: Tracing | None) -> None:
         self.config = config
         self.tickets = tickets
-        self.wrap = tracer_prefix() if config.trace else ()
+        # Every program runs under an instance tracer; None only for a benchmark's
+        # untraced baseline (never reachable from the command line).
+        self.tracing = tracing
         self.hooks = HookList()  # other agent services observe sessions through this
         self.sessions: dict[bytes, Session] = {}
         self.by_pid: dict[int, Session] = {}
@@ -187,6 +189,10 @@ class ExecService:
                 return
             if pid == 0:
                 return
+            if self.tracing is not None and pid == self.tracing.pid:
+                if not self.tracing.closed:
+                    log.warning("the instance tracer's zygote (pid %d) died", pid)
+                continue  # replaced at the next session (which is refused meanwhile)
             session = self.by_pid.pop(pid, None)
             if session is not None:
                 session.exited(status)
@@ -234,10 +240,15 @@ class ExecService:
         session.attach(proto, 0)
         try:
             session.start()
-        except SpawnFailed as exc:
+        except GateClosed as exc:  # refused before the hand-off (Yama gate)
             self.counts["failed"] += 1
-            session.fail(exc.errno, str(exc))
+            log.warning("%s not started: %s", program, exc)
+            session.fail(exc.errno, str(exc), exc.status)
             return session
+        except TracerUnavailable:
+            self.counts["failed"] += 1
+            self.forget(session)
+            raise
         except OSError as exc:
             self.counts["failed"] += 1
             session.fail(exc.errno or errno.EIO, f"cannot set up descriptors: {exc.strerror}")
@@ -246,10 +257,8 @@ class ExecService:
             self.counts["failed"] += 1
             self.forget(session)
             raise BadRequest(f"cannot start the program: {exc}") from exc
+        # Forked: the session sends STARTED (or EXIT kind=error) once the exec settles.
         self.by_pid[session.pid] = session
-        self.counts["started"] += 1
-        session.send(P.STARTED, 0, P.unpairs({b"pid": str(session.pid).encode()}))
-        log.info("started %s pid=%d session=%s", program, session.pid, session.sid.hex()[:8])
         return session
 
     def finished(self, session: Session, kind: str, value: int) -> None:

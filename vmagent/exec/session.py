@@ -17,16 +17,28 @@ import asyncio
 import collections
 import contextlib
 import errno
+import logging
 import os
 import signal
+import socket
 import stat
 from typing import TYPE_CHECKING
 
 from vmagent.exec import protocol as P
-from vmagent.exec.spawn import ExecRequest, spawn
+from vmagent.exec.spawn import (
+    GATE_HUNG,
+    ExecRequest,
+    GateClosed,
+    SpawnFailed,
+    fork_program,
+    parse_report,
+)
+from vmagent.trace import channel
 
 if TYPE_CHECKING:
     from vmagent.exec.server import ExecProtocol, ExecService
+
+log = logging.getLogger(__name__)
 
 WATCH_FIRST = 0.001  # first look for a reader of a streamed input (s)
 WATCH_MAX = 0.1  # slowest look, for a program that does not read its input
@@ -64,10 +76,21 @@ class Session:
         self.nonce = ""  # of the ticket that started the session (a resume must show it)
         self._abandon: asyncio.TimerHandle | None = None
         self._drain: asyncio.TimerHandle | None = None
+        self.view = b""  # what the program sees (path maps...), applied by its tracer
+        self.trace_sock: socket.socket | None = None  # channel from the instance tracer
+        self.tracer_pid = 0  # the instance tracer T (killing it kills the whole tree)
+        self._trace_failure = ""  # the tracer's op=failed message
+        self._errors = -1  # the child's exec-report pipe, until it exec'd or failed
+        self._report = b""
+        self._gate_timer: asyncio.TimerHandle | None = None
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
-        """Create the descriptors and fork+exec the program (raises SpawnFailed)."""
+        """Create the descriptors and fork the program; its exec is settled on the loop.
+
+        Raises when nothing was forked (descriptors, a dead instance tracer).
+        The exec's outcome arrives later: STARTED, or EXIT kind=error.
+        """
         sources: dict[int, int] = {}
         ours: list[int] = []
         try:
@@ -99,20 +122,165 @@ class Session:
             for fd in (*self.outs.values(), *self.ins.values()):
                 with contextlib.suppress(OSError):
                     fcntl_setpipe(fd)
-            self.pid = spawn(self.request, sources, self.service.wrap)
+            tracing = self.service.tracing
+            if tracing is None:  # benchmarks' untraced baseline only
+                forked = fork_program(self.request, sources, None)
+            else:
+                gate = tracing.gate(self.view)
+
+                def hand_off(pid: int, go_w: int) -> None:
+                    self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)
+
+                timeout = self.service.config.trace_timeout
+                forked = fork_program(self.request, sources, gate, hand_off, timeout)
+        except GateClosed as exc:
+            self.close_fds()
+            raise GateClosed(self._refusal(str(exc))) from exc
         except Exception:
             self.close_fds()
+            self._close_trace()
             raise
         finally:
             for fd in ours:
                 os.close(fd)
             # The child holds its own blocking ends; ours for the program side are closed.
+        self.pid = forked.pid
+        self._errors = forked.errors
+        os.set_blocking(self._errors, False)
+        self.loop.add_reader(self._errors, self._exec_readable)
+        self._gate_timer = self.loop.call_later(self.service.config.trace_timeout, self._gate_hung)
         self.service.hooks.started(self)
+        if self.trace_sock is not None:
+            self.loop.add_reader(self.trace_sock, self._trace_readable)
         for fd, r in self.outs.items():
             self.loop.add_reader(r, self._readable, fd, r)
         self.reading = True
         if self.unwanted:
             self._watch = self.loop.call_later(WATCH_FIRST, self._watch_inputs, WATCH_FIRST)
+
+    # -- the exec ---------------------------------------------------------------------
+    def _exec_readable(self) -> None:
+        """The child's report pipe: a failure report, or EOF once it exec'd."""
+        try:
+            data = os.read(self._errors, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data and len(self._report) < 4096:
+            self._report += data
+            return
+        self._exec_settled(self._report)
+
+    def _settle_now(self) -> None:
+        """Settle the exec before anything that implies it ended (output, the exit)."""
+        while self._errors >= 0:
+            try:
+                data = os.read(self._errors, 4096)
+            except BlockingIOError:
+                return  # still between fork and exec: the reader settles it
+            except OSError:
+                data = b""
+            if not data:
+                self._exec_settled(self._report)
+            else:
+                self._report += data
+
+    def _gate_hung(self) -> None:
+        self._gate_timer = None
+        if self._errors >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # the reaper takes it
+            self._exec_settled(None)
+
+    def _stop_watching_exec(self) -> None:
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+            self._gate_timer = None
+        if self._errors >= 0:
+            self.loop.remove_reader(self._errors)
+            os.close(self._errors)
+            self._errors = -1
+
+    def _exec_settled(self, report: bytes | None) -> None:
+        """The program exec'd (STARTED) or never will (EXIT kind=error)."""
+        self._stop_watching_exec()
+        failed: SpawnFailed | None = GateClosed(GATE_HUNG) if report is None else None
+        if report is not None:
+            failed = parse_report(report)
+        counts = self.service.counts
+        if failed is None:
+            counts["started"] += 1
+            self.send(P.STARTED, 0, P.unpairs({b"pid": str(self.pid).encode()}))
+            log.info("started %s pid=%d session=%s", self.program, self.pid, self.sid.hex()[:8])
+            return
+        counts["failed"] += 1
+        self.close_fds()
+        if isinstance(failed, GateClosed):
+            message = self._refusal(str(failed))
+            log.warning("%s not started: %s", self.program, message)
+            self.fail(failed.errno, message, failed.status)
+        else:
+            self.fail(failed.errno, str(failed))
+
+    # -- the instance tracer ------------------------------------------------------
+    def _refusal(self, message: str) -> str:
+        """Why the tracer never released the program (its `op=failed`, else `message`)."""
+        if self._trace_failure:
+            return self._cannot_trace(self._trace_failure)
+        if self.trace_sock is not None:
+            with contextlib.suppress(OSError, channel.ChannelError):
+                while True:
+                    data, _fds = channel.receive(self.trace_sock)
+                    if not data:
+                        break
+                    record = channel.decode(data)
+                    if record[b"op"] == channel.OP_FAILED:
+                        message = self._cannot_trace(record.get(b"message", b""))
+                        break
+        self._close_trace()
+        return message
+
+    def _cannot_trace(self, reason: bytes | str) -> str:
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        return f"cannot trace {self.program} on {self.service.config.instance}: {reason}"
+
+    def _trace_readable(self) -> None:
+        """Records from the instance tracer: hand each to the session hooks."""
+        sock = self.trace_sock
+        if sock is None:
+            return
+        while True:
+            try:
+                data, fds = channel.receive(sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self._close_trace()  # the tracer is gone (op=done, or killed)
+                return
+            try:
+                record = channel.decode(data)
+            except channel.ChannelError as exc:
+                log.warning("session %s: %s", self.sid.hex()[:8], exc)
+                continue
+            if record[b"op"] == channel.OP_SEIZED:
+                with contextlib.suppress(channel.ChannelError):
+                    self.tracer_pid = channel.number(record, b"tracer")
+            elif record[b"op"] == channel.OP_FAILED:
+                self._trace_failure = record.get(b"message", b"").decode(errors="replace")
+            self.service.hooks.trace_message(self, record)
+
+    def _close_trace(self) -> None:
+        sock, self.trace_sock = self.trace_sock, None
+        if sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(sock)
+            sock.close()
 
     def _watch_inputs(self, interval: float) -> None:
         """Tell the deputy to start forwarding an input once the program reads it.
@@ -217,6 +385,10 @@ class Session:
 
     # -- program output ----------------------------------------------------------
     def _readable(self, fd: int, r: int) -> None:
+        if self._errors >= 0:
+            self._settle_now()  # output (or EOF) first settles the exec: STARTED goes first
+            if fd not in self.outs:
+                return  # it failed: its descriptors are closed and EXIT sent
         try:
             data = os.read(r, P.CHUNK)
         except BlockingIOError:
@@ -259,6 +431,10 @@ class Session:
     # -- the end ----------------------------------------------------------------
     def exited(self, status: int) -> None:
         """The program was reaped; send EXIT once its output is drained."""
+        if self._errors >= 0:
+            self._settle_now()  # its report is complete now that it is gone
+            if self._errors >= 0:  # the pipe outlived it (cannot happen: CLOEXEC)
+                self._exec_settled(self._report)
         self.status = status
         self.service.hooks.ended(self, status)
         if self.outs:
@@ -302,10 +478,11 @@ class Session:
         )
         self.service.finished(self, kind.decode(), value)
 
-    def fail(self, err: int, message: str) -> None:
-        """The program could not start: report like an exec failure."""
+    def fail(self, err: int, message: str, value: int | None = None) -> None:
+        """The program could not start: report like an exec failure (or with `value`)."""
         self.finished = True
-        value = 126 if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127
+        if value is None:
+            value = 126 if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR) else 127
         self.send(
             P.EXIT,
             0,
@@ -341,7 +518,10 @@ class Session:
             )
 
     def kill(self) -> None:
-        """SIGKILL the program and its process group (its session leader is the program)."""
+        """SIGKILL the program's tracer (EXITKILL: its whole tree) and its process group."""
+        if self.tracer_pid and self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.tracer_pid, signal.SIGKILL)
         if self.pid and self.status is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
@@ -350,6 +530,7 @@ class Session:
 
     def close_fds(self) -> None:
         """Release every descriptor the session holds."""
+        self._stop_watching_exec()
         for fd in list(self.outs):
             self._close_out(fd)
         for fd in list(self.ins):

@@ -1,13 +1,17 @@
 """Starting a remote program: the HELLO request as a value, and fork+exec (adapter).
 
 `parse_hello` is pure (validates the wire request into an `ExecRequest`).
-`spawn` forks the agent and, in the child, recreates the deputy's process
-context exactly: session, signal dispositions and mask, ids, umask, rlimits,
-cwd and every forwarded descriptor at its original number, then execs.
+`fork_program` forks the agent and, in the child, recreates the deputy's
+process context exactly: session, signal dispositions and mask, ids, umask,
+rlimits, cwd and every forwarded descriptor at its original number; then the
+child waits at its `Gate` until its instance tracer has seized it, installs
+the seccomp filter and execs.  The agent learns the exec's outcome from the
+child's report pipe (`Forked.errors`, `parse_report`) on its loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -15,15 +19,41 @@ import fcntl
 import functools
 import os
 import resource
+import select
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from tracer.seccomp import PreparedFilter
 from vmagent.errors import AuthError, BadRequest
 from vmagent.exec import protocol as P
 from vmagent.exec.tickets import Grant, exec_digest
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PTRACER = 0x59616D61  # Yama: who may trace this process (and that one's descendants)
+NOT_TRACED = 125  # exit status of a program whose tracer never released it
+_GATE_CLOSED = b"gate"  # the child's report: its gate closed before it was released
+_READY = b"R"  # the child's first byte when it must name its tracer first (Yama)
+GATE_HUNG = "the instance tracer did not answer"
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Hold the forked child until its tracer has seized it, then install `filter` and exec.
+
+    The child blocks reading a pipe whose write end the agent hands to the
+    tracer with the child's pid (`hand_off`); the tracer writes one byte
+    once it has seized the child.  EOF instead (the tracer refused or died)
+    and the child exits NOT_TRACED without running anything.  The filter is
+    installed right after, before the child takes the program's credentials
+    (`filter` sets no_new_privs only when the agent is not root).  `ptracer`
+    (Yama ptrace_scope 1 only): the process whose descendants may trace the
+    child (the zygote).
+    """
+
+    filter: PreparedFilter
+    ptracer: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,15 +244,54 @@ class SpawnFailed(Exception):
         self.step = step
 
 
-def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...] = ()) -> int:
-    """Fork and exec `request`, with descriptor `sources[n]` placed at number n.
+class GateClosed(SpawnFailed):
+    """The child's tracer never released it: the program did not run."""
 
-    `wrap` prefixes the command (e.g. the tracer: `python3 -m tracer.cli --`).
-    Blocks until the child has exec'd or failed (an exec takes ~1 ms).
+    def __init__(self, message: str = "instance tracer unavailable") -> None:
+        Exception.__init__(self, message)
+        self.errno = errno.EPERM
+        self.step = "trace"
+        self.status = NOT_TRACED
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """A forked child on its way to exec: `errors` reaches EOF once it exec'd.
+
+    Before EOF the child may write its failure report (`failure` reads it).
+    """
+
+    pid: int
+    errors: int
+
+
+def parse_report(report: bytes) -> SpawnFailed | None:
+    """The failure a child's report describes (None for none: it exec'd)."""
+    if not report:
+        return None
+    if report == _GATE_CLOSED:
+        return GateClosed()
+    code, _, step = report.decode(errors="replace").partition(" ")
+    return SpawnFailed(int(code) if code.isdigit() else errno.EIO, step)
+
+
+def fork_program(
+    request: ExecRequest,
+    sources: dict[int, int],
+    gate: Gate | None,
+    hand_off: Callable[[int, int], None] | None = None,
+    timeout: float = 10.0,
+) -> Forked:
+    """Fork the child of `request`, with descriptor `sources[n]` placed at number n.
+
+    With a `gate`, `hand_off(pid, go_w)` gets the child's pid and the write
+    end of its gate (it owns and closes it) before the child may go on; if
+    it raises, the child exits unrun (waited for here) and the exception
+    propagates.  `gate` None runs the program untraced (benchmarks' baseline
+    only).  Returns without waiting for the exec (`timeout` bounds the one
+    wait there is: for a child that must name its tracer first).
     """
     path, argv = request.path, list(request.argv)
-    if wrap:
-        path, argv = wrap[0], [*wrap, request.path, *argv[1:]]
     prctl = _libc().prctl
     # Only ignored dispositions survive exec (caught ones reset by themselves):
     # undo the agent's, apply the deputy's.
@@ -231,12 +300,18 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
     blocked = _signals_of(request.sigblk)
     env = dict(_env_pairs(request.env))
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if gate is not None else (-1, -1)
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish work, never return
         step = "setup"
         try:
             os.close(read_end)
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if gate is not None:
+                os.close(go_w)
+                if gate.ptracer:
+                    prctl(PR_SET_PTRACER, gate.ptracer, 0, 0, 0)
+                    os.write(write_end, _READY)
             os.setsid()
             signal.set_wakeup_fd(-1)
             for sig in default:
@@ -246,6 +321,21 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
                     signal.signal(sig, signal.SIG_IGN)
                 except (OSError, ValueError):
                     pass
+            if gate is not None:
+                # Traced from here on.  The filter goes in with the agent's own
+                # credentials: as root it needs no no_new_privs, so a set-user-ID
+                # program the user runs keeps its privilege, as natively (its
+                # tracer is root too).  The calls below it are served like the
+                # program's (a mapped cwd is the view's).
+                step = "trace"
+                if not os.read(go_r, 1):
+                    os.write(write_end, _GATE_CLOSED)
+                    os._exit(NOT_TRACED)  # never run untraced
+                os.close(go_r)
+                step = "seccomp"
+                err = gate.filter.install()
+                if err:
+                    raise OSError(err, os.strerror(err))
             step = "credentials"
             if os.getuid() == 0:
                 os.setgroups(list(request.groups))
@@ -287,17 +377,39 @@ def spawn(request: ExecRequest, sources: dict[int, int], wrap: tuple[bytes, ...]
         finally:
             os._exit(127)
     os.close(write_end)
+    if gate is None:
+        return Forked(pid, read_end)
+    os.close(go_r)
     try:
-        report = b""
-        while chunk := os.read(read_end, 512):
-            report += chunk
-    finally:
+        if gate.ptracer:  # the tracer may only seize once the child named it
+            ready = _read_report(read_end, timeout, len(_READY))
+            if ready != _READY:  # it died first, or hangs: it never runs
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                raise GateClosed()
+        assert hand_off is not None
+        hand_off(pid, go_w)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(go_w)  # the child reads EOF and exits unrun
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
         os.close(read_end)
-    if report:
-        os.waitpid(pid, 0)
-        code, _, step = report.decode(errors="replace").partition(" ")
-        raise SpawnFailed(int(code) if code.isdigit() else errno.EIO, step)
-    return pid
+        raise
+    return Forked(pid, read_end)
+
+
+def _read_report(fd: int, timeout: float | None, limit: int = 1 << 16) -> bytes | None:
+    """What the child wrote on its error pipe until EOF or `limit` bytes; None on timeout."""
+    report = b""
+    while len(report) < limit:
+        if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+            return None
+        chunk = os.read(fd, min(512, limit - len(report)))
+        if not chunk:
+            break
+        report += chunk
+    return report
 
 
 def _env_pairs(env: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:

@@ -1,0 +1,182 @@
+"""The channel between an agent, its zygote and the instance tracers (codec + socket adapters).
+
+One `SOCK_SEQPACKET` message is one record of key/value pairs
+(`vmagent.exec.protocol.pairs`, the deputy's encoding: no json), all values
+bytes, numbers in decimal.  Records by direction:
+
+agent -> zygote  `op=trace session pid instance view`, with descriptors
+                 `[chan, go_w, pidfd]` (SCM_RIGHTS): trace `pid` (the process
+                 `pidfd` refers to), release it through `go_w`, report on `chan`.
+tracer -> agent  `op=seized pid tracer` (the tracer's own pid)
+                 `op=failed pid message` (the program never runs)
+                 `op=event kind=spawn pid ppid ts` (ppid 0: the session's program)
+                 `op=event kind=exec pid argv ts` (argv: a `protocol.record`)
+                 `op=event kind=exit pid status|signal ts`
+                 `op=usage pid final=1 cpu_us maxrss_kb rchar wchar rbytes wbytes
+                 [net_rx net_tx ...] sys=<service=n,...>` (one per process)
+                 `op=done` (no tracee left: the tracer exits)
+
+`ts` is the tracer's wall clock (seconds, microsecond decimals).  Records
+after `op=seized` are fire-and-forget: the tracer never waits for the agent.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import time
+from collections.abc import Mapping
+
+from vmagent.errors import AgentError
+from vmagent.exec import protocol as P
+
+MAX_MESSAGE = 1 << 20  # a record larger than this is broken (argv is bounded by the kernel)
+MAX_FDS = 3
+
+OP_TRACE = b"trace"
+OP_SEIZED = b"seized"
+OP_FAILED = b"failed"
+OP_EVENT = b"event"
+OP_USAGE = b"usage"
+OP_DONE = b"done"
+
+Record = dict[bytes, bytes]
+
+
+class ChannelError(AgentError):
+    """A tracer channel message is malformed."""
+
+
+def encode(op: bytes, **fields: bytes | int | str) -> bytes:
+    """One message: `op` first, then `fields` (ints and str become their decimal/UTF-8 bytes)."""
+    out: dict[bytes, bytes] = {b"op": op}
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            raise TypeError(f"field {key}: booleans are written as 0/1 ints")
+        if isinstance(value, int):
+            value = str(value).encode()
+        elif isinstance(value, str):
+            value = value.encode()
+        out[key.encode()] = value
+    return P.unpairs(out)
+
+
+def decode(data: bytes) -> Record:
+    """The record of one message; ChannelError if it is not a record with an `op`."""
+    try:
+        record = P.pairs(data)
+    except P.FrameError as exc:
+        raise ChannelError(f"malformed tracer message: {exc}") from exc
+    if not record.get(b"op"):
+        raise ChannelError("tracer message without op")
+    return record
+
+
+def number(record: Record, key: bytes) -> int:
+    """An integer field; ChannelError naming it if absent or not a number."""
+    raw = record.get(key)
+    if raw is None or len(raw) > 24 or not raw.removeprefix(b"-").isdigit():
+        raise ChannelError(f"tracer message field {key.decode()} is not a number")
+    return int(raw)
+
+
+def now() -> bytes:
+    """The `ts` of an event."""
+    return f"{time.time():.6f}".encode()
+
+
+# -- records -------------------------------------------------------------------
+
+
+def trace_request(session: str, pid: int, instance: str, view: bytes) -> bytes:
+    """agent -> zygote: trace `pid` of `session` (sent with `[chan, go_w, pidfd]`)."""
+    return encode(OP_TRACE, session=session, pid=pid, instance=instance, view=view)
+
+
+def spawned(pid: int, ppid: int) -> bytes:
+    return encode(OP_EVENT, kind=b"spawn", pid=pid, ppid=ppid, ts=now())
+
+
+def exec_event(pid: int, argv: tuple[str, ...]) -> bytes:
+    return encode(
+        OP_EVENT, kind=b"exec", pid=pid, argv=P.record([a.encode() for a in argv]), ts=now()
+    )
+
+
+def exited(pid: int, status: int | None, signal: int | None) -> bytes:
+    how: dict[str, bytes | int | str] = {"signal": signal} if signal else {"status": status or 0}
+    return encode(OP_EVENT, kind=b"exit", pid=pid, ts=now(), **how)
+
+
+def usage(
+    pid: int, cpu_us: int, maxrss_kb: int, io: Mapping[str, int], syscalls: Mapping[str, int]
+) -> bytes:
+    """`op=usage`: every counter of `io` becomes a field; `sys` is `service=n,...`."""
+    sys = ",".join(f"{k}={v}" for k, v in sorted(syscalls.items()))
+    fields: dict[str, bytes | int | str] = {"pid": pid, "final": 1}
+    fields.update(cpu_us=cpu_us, maxrss_kb=maxrss_kb)
+    fields.update({k: v for k, v in io.items() if k not in fields})
+    fields["sys"] = sys
+    return encode(OP_USAGE, **fields)
+
+
+def services(record: Record) -> dict[str, int]:
+    """The `sys` field of a usage record as a mapping."""
+    out: dict[str, int] = {}
+    for item in record.get(b"sys", b"").decode(errors="replace").split(","):
+        name, sep, count = item.partition("=")
+        if sep and count.isdigit():
+            out[name] = int(count)
+    return out
+
+
+# -- views (until vmagent.exec.view exists: the path maps only) --------------------
+
+
+def encode_maps(maps: tuple[tuple[str, str], ...]) -> bytes:
+    """A minimal view carrying only path maps: `maps` = record of (virtual, real) records."""
+    if not maps:
+        return b""
+    return P.unpairs({b"maps": P.record([P.record([v.encode(), r.encode()]) for v, r in maps])})
+
+
+def view_maps(view: bytes) -> tuple[tuple[str, str], ...]:
+    """The (virtual, real) path maps of an opaque view; () for an empty one.
+
+    Reads the `maps` field, the one part of a view the instance tracer applies.
+    """
+    if not view:
+        return ()
+    try:
+        fields = P.pairs(view)
+        out = []
+        for item in P.unrecord(fields.get(b"maps", b"")):
+            virtual, real = P.unrecord(item)
+            out.append((virtual.decode(), real.decode()))
+    except (P.FrameError, ValueError) as exc:
+        raise ChannelError(f"malformed view: {exc}") from exc
+    return tuple(out)
+
+
+# -- socket adapters -------------------------------------------------------------
+
+
+def send(sock: socket.socket, message: bytes, fds: tuple[int, ...] = ()) -> None:
+    """Send one message (with descriptors); OSError if the peer is gone."""
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sock.sendmsg([message], ancillary)
+    else:
+        sock.send(message)
+
+
+def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the descriptors that came with it; (b"", []) at EOF."""
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
