@@ -202,3 +202,148 @@ def _memory_mb() -> int:
     except (OSError, ValueError):
         pass
     return 1
+
+
+# -- the OSS of a `dcptrace --instances N` run (issue 10) --------------------------
+
+RUN_ACCOUNT = "run"
+SOCKET_NAME = "oss.sock"
+
+
+class PrivateOssError(RuntimeError):
+    """The OSS of this run could not start."""
+
+
+class PrivateOss:
+    """The OSS a `dcptrace --instances N` run places through, on a loop thread of its own.
+
+    The same `Oss` as `dcp-oss serve`, over SQLite in `data_dir` (a temporary 0700
+    directory: a run's placements are its own business), serving only the agent
+    routes (register, heartbeat, placements and reports from instances) on a unix
+    socket `socket_dir/oss.sock` (`socket_dir` 0700: only this user's agents reach
+    it).  The home side calls the `Oss` directly (`call`), no HTTP.
+
+    Instance tokens are made here, before the OSS is up, so the agents start at
+    once, in parallel with it; the OSS adopts them as it starts.  A run's account
+    may run processes as root (it is the user's own machine).
+    """
+
+    def __init__(self, data_dir: Path, socket_dir: Path, names: list[str]) -> None:
+        import secrets
+
+        self.data_dir = data_dir
+        self.socket_path = socket_dir / SOCKET_NAME
+        self.url = f"unix:{self.socket_path}"
+        self.tokens = {n: "dcpi_" + secrets.token_urlsafe(32) for n in names}
+        self.oss: Any = None
+        self.principal: Any = None
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="dcp-run-oss", daemon=True)
+
+    def start(self) -> None:
+        """Start the OSS thread (returns at once; `wait_ready` waits)."""
+        self._thread.start()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the OSS serves its socket; PrivateOssError if it failed or is late."""
+        if not self._ready.wait(timeout):
+            raise PrivateOssError(f"the OSS of this run did not start in {timeout:.0f} s")
+        if self.error is not None:
+            raise PrivateOssError(f"the OSS of this run failed: {self.error}") from self.error
+
+    def call(self, coro: Any, timeout: float) -> Any:
+        """Run a coroutine on the OSS loop and wait for it (bounded)."""
+        import asyncio
+        import concurrent.futures
+
+        assert self.loop is not None
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise
+
+    def later(self, coro: Any) -> Any:
+        """Run a coroutine on the OSS loop without waiting (a concurrent future)."""
+        import asyncio
+
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def registered(self, timeout: float) -> list[str]:
+        """Wait until every instance registered (bounded); the names still missing."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = self.call(self._missing(), timeout=max(1.0, timeout))
+            if not missing or time.monotonic() >= deadline:
+                return list(missing)
+            time.sleep(0.02)
+
+    async def _missing(self) -> list[str]:
+        ready = set(await self.oss.instances.ready_instances())
+        return [n for n in self.tokens if n not in ready]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop serving, close the OSS, join the thread."""
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import asyncio
+
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported by wait_ready; never a traceback
+            self.error = exc
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        import asyncio
+        import getpass
+
+        from aiohttp import web
+
+        from oss.compute.instances import mint_instance
+        from oss.server import make_app
+        from oss.service import Oss, OssConfig
+
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        # Each local instance takes as many processes as a run may start at once.
+        oss = Oss(OssConfig(data_dir=self.data_dir, slots_per_cpu=64))
+        await oss.start()
+        try:
+            now = oss.clock()
+
+            def adopt(c: Any) -> None:
+                for name, token in self.tokens.items():
+                    mint_instance(c, name, None, token, now)
+
+            await oss.store.write(adopt)
+            _acct, _user, token = await oss.accounts.create_account(
+                RUN_ACCOUNT, True, "sum", getpass.getuser(), True
+            )
+            self.principal = await oss.authenticate(token)
+            self.oss = oss
+            app = make_app(oss, manage=False, scopes=("agent",))
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.UnixSite(runner, str(self.socket_path))
+            await site.start()
+            os.chmod(self.socket_path, 0o600)
+            self._ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await runner.cleanup()
+        finally:
+            await oss.close()

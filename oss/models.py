@@ -154,6 +154,20 @@ class Policies(Api):
 # -- programs ----------------------------------------------------------------
 
 
+# -- issue 10, chunk B: views and placement from an instance ---------------------
+
+ViewPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=4096)]
+
+
+class ViewSpec(Api):
+    """What the program's processes see wherever they run (`--map`), bound into tickets."""
+
+    maps: Annotated[list[tuple[ViewPath, ViewPath]], Field(max_length=256)] = []
+    placement: Literal["spread", "pack", "local"] = "spread"
+    metering: Literal["exec", "full"] = "exec"
+    home: Annotated[str, StringConstraints(max_length=255)] = ""
+
+
 class ProgramSubmit(Api):
     """Submit a program execution."""
 
@@ -173,6 +187,7 @@ class ProgramSubmit(Api):
     limits: LimitsBody | None = None
     storage_mb: NonNeg = 0
     bandwidth_mbps: NonNeg = 0
+    view: ViewSpec | None = None  # issue 10: bound into every exec ticket of the program
 
 
 class Placement(Api):
@@ -232,6 +247,7 @@ class Program(Api):
     created: float
     updated: float
     placements: list[Placement]
+    view: ViewSpec = ViewSpec()
     stop: StopInfo | None = None  # set when a limit stopped it (stopped_budget/stopped_limit)
 
 
@@ -252,6 +268,15 @@ class PlacementRequest(Api):
     exec_as: ExecIdentity | None = None
     # A spread hint: among otherwise equal new instances, these come last (e.g. the
     # instance the previous process went to, so sequential processes alternate).
+    avoid: Annotated[list[Name], Field(max_length=64)] = []
+
+
+class AgentPlacementRequest(Api):
+    """An instance asks to place one exec of a program it runs (recursive placement)."""
+
+    processes: Annotated[int, Field(ge=1, le=1)] = 1
+    parent_pid: Annotated[int, Field(ge=1, le=2**31)]
+    exec_as: ExecIdentity
     avoid: Annotated[list[Name], Field(max_length=64)] = []
 
 

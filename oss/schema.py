@@ -21,6 +21,7 @@ VERSIONS: tuple[Version, ...] = (
     (4, (compute.V4, telemetry.V4)),  # newest-first lists, log reads in chunk order
     (5, (compute.V5,)),  # the agent's exec key
     (6, (accounts.V6,)),  # allow_root
-    (7, (compute.V7,)),  # programs.stop_json, instances.idle_since, pool_backoff
+    (7, (compute.V7,)),  # programs.view_json, programs.placement (issue 10, chunk B)
+    (8, (compute.V_LIMITS,)),  # programs.stop_json/client_placed, idle_since, pool_backoff (E)
 )
 check_sequence(VERSIONS)

@@ -264,14 +264,23 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_app(
-    oss: Oss, *, manage: bool = True, limits: ListenerLimits | None = None
+    oss: Oss,
+    *,
+    manage: bool = True,
+    limits: ListenerLimits | None = None,
+    scopes: tuple[str, ...] | None = None,
 ) -> web.Application:
-    """The aiohttp application; with `manage`, it starts and closes `oss` with the app."""
+    """The aiohttp application; with `manage`, it starts and closes `oss` with the app.
+
+    `scopes` keeps only the routes of those scopes (a `dcptrace --instances` run
+    serves its agents' routes alone: `oss.local.PrivateOss`).
+    """
     app = web.Application(client_max_size=oss.config.max_body_bytes, middlewares=[_errors])
     app[OSS_KEY] = oss
     app[LIMITS_KEY] = limits or ListenerLimits()
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, _dispatch(route))
+        if scopes is None or route.scope in scopes:
+            app.router.add_route(route.method, route.path, _dispatch(route))
     if manage:
 
         async def lifecycle(app: web.Application) -> Any:

@@ -350,6 +350,19 @@ class Oss:
         if exec_as is None:
             return []
         keys = await self.instances.exec_targets([a["instance"] for a in assignments])
+        # Issue 10: each ticket binds the program and the digest of its stored view.
+        bound: dict[str, Any] = {}
+        if program_id is not None:
+            _placement, view = await self.programs.view_of(program_id)
+            bound = dict(
+                program=program_id,
+                view=exectickets.view_digest(
+                    view.get("maps", ()),
+                    view.get("placement", "spread"),
+                    view.get("metering", "exec"),
+                    view.get("home", ""),
+                ),
+            )
         grants = []
         for a in assignments:
             found = keys.get(a["instance"])
@@ -364,6 +377,7 @@ class Oss:
                     gid=exec_as.gid,
                     groups=exec_as.groups,
                     digest=exec_as.digest,
+                    **bound,
                 )
                 for _ in range(a["processes"])
             ]

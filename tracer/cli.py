@@ -266,7 +266,9 @@ def command(
                 kill_tracees(running[0])
 
         try:
-            with compose.coordinator(inner, n, where, oss_url or config.oss) as coordinator:
+            with compose.coordinator(
+                inner, n, where, oss_url or config.oss, mapping
+            ) as coordinator:
                 placed.append(coordinator)
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,

@@ -14,6 +14,7 @@ when a run asks for them: a plain `dcptrace -- prog` never loads `vmagent`.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tracer.syscalls import SyscallTable
 # spelled out here so that parsing options loads no vmagent module; a unit test
 # checks the two agree.
 PLACEMENTS = ("spread", "pack", "local")
+START_TIMEOUT = 15.0  # seconds for the run's OSS and its instances to come up
 
 
 def state_dir(data_dir: str | None) -> Path:
@@ -47,9 +49,17 @@ def embedded(table: SyscallTable, pathmap: PathMap, local: LocalOss | None) -> C
 
 @contextlib.contextmanager
 def coordinator(
-    inner: Coordinator, instances: int, placement: str, oss_url: str | None
+    inner: Coordinator,
+    instances: int,
+    placement: str,
+    oss_url: str | None,
+    maps: dict[str, str] | None = None,
 ) -> Iterator[Coordinator]:
-    """`inner` alone, or wrapped to place exec'd programs on instances."""
+    """`inner` alone, or wrapped to place exec'd programs on instances.
+
+    `maps` (`--map`, `[map]`) become the program's view, which every placed
+    process carries and its instance applies.
+    """
     if instances == 0 and oss_url is None:
         yield inner
         return
@@ -57,13 +67,19 @@ def coordinator(
         import vmagent.cluster.coordinator  # noqa: F401  (a missing package: one line)
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
-    with clustered(inner, instances=instances, placement=placement, oss_url=oss_url) as coord:
+    with clustered(
+        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps
+    ) as coord:
         yield coord
 
 
 @contextlib.contextmanager
 def clustered(
-    inner: Coordinator, instances: int, placement: str, oss_url: str | None
+    inner: Coordinator,
+    instances: int,
+    placement: str,
+    oss_url: str | None,
+    maps: dict[str, str] | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -71,38 +87,60 @@ def clustered(
     options, TracerError for instances that do not start), so dcptrace prints
     one line instead of a traceback.
     """
+    from vmagent.exec.view import View
+
+    view = View.of("", dict(maps or {}), placement)
     if oss_url is not None and instances == 0:
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
-        with oss_clustered(inner, placement, oss_url) as coord:
+        with oss_clustered(inner, placement, oss_url, view=view) as coord:
             yield coord
         return
-    from vmagent.cluster.coordinator import (
-        ClusterCoordinator,
-        OssModeUnavailable,
-        Target,
-    )
+    from oss.local import PrivateOss, PrivateOssError
+    from vmagent.cluster.coordinator import OssModeUnavailable
     from vmagent.cluster.local import LocalCluster
+    from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
     from vmagent.cluster.placement import Placement, UnknownPolicy
     from vmagent.errors import AgentError
 
+    # Always an OSS (issue 10): the run's own, on a thread of this process, serving
+    # its agents on a unix socket; it places every exec, from home or an instance.
     stack = contextlib.ExitStack()
     try:
         Placement(placement, [])  # validate the policy before starting anything
         # Each agent traces what it runs (vmagent.trace): nothing to ask for here.
-        cluster = stack.enter_context(LocalCluster(instances))
+        cluster = LocalCluster(instances)
+        stack.callback(cluster.close)
+        private = PrivateOss(cluster.logdir / "oss", cluster.logdir, cluster.names)
+        cluster.use_oss(private.url, private.tokens)
+        # Before the agents: they register at once (after a failed first try an
+        # agent backs off 0.5 s, which costs more than the OSS's imports slow them).
+        private.start()
+        stack.callback(private.close)
+        cluster.start()
+        private.wait_ready(START_TIMEOUT)
+        missing = private.registered(START_TIMEOUT)
+        if missing:
+            raise TracerError(
+                f"local instances: {', '.join(missing)} did not register with the run's OSS"
+            )
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc
-    except AgentError as exc:
+    except (AgentError, PrivateOssError) as exc:
         stack.close()
         raise TracerError(f"local instances: {exc}") from exc
+    except BaseException:
+        stack.close()
+        raise
     with stack:
-        policy = Placement(placement, [(i.name, i.cpus) for i in cluster.instances])
-        targets = [Target(i.name, i.address, i.token, i.cpus) for i in cluster.instances]
-        local = ClusterCoordinator(inner, targets, policy, cluster.reconnect_window)
+        link = LocalProgramLink(private, view)
+        local = OssCoordinator(
+            inner, placement, link, os.getcwd(), cluster.reconnect_window, view=view
+        )
         try:
             yield local
         finally:
             local.close()
+        stack.close()
         cluster.remove_logs()

@@ -24,6 +24,7 @@ from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffe
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.trace.enforce import Enforcer, detect
+from vmagent.trace.placer import OssPlacements, Placer
 from vmagent.trace.zygote import Tracing
 
 ZYGOTE_EXIT = 2.0  # s the agent waits, when closing, for its zygote to be gone
@@ -122,6 +123,14 @@ class Agent:
         )
         # Observers of the OSS's commands to this instance (heartbeat reply `commands`).
         self.command_handlers: list[Callable[[list[dict[str, Any]]], None]] = []
+        # Issue 10 (B): execs the instance tracers place elsewhere, through the OSS.
+        oss = (
+            OssPlacements(config.oss_url, config.token, config.call_timeout)
+            if config.oss_url
+            else None
+        )
+        self.placer = Placer(oss)
+        self.service.hooks.add(self.placer)
         self._unauthenticated = [0]  # connections counted by their Gate
         # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
         self.enforcer = Enforcer(config.instance, detect(config.instance))
@@ -176,3 +185,4 @@ class Agent:
             deadline = asyncio.get_running_loop().time() + ZYGOTE_EXIT
             while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
+        await self.placer.close()

@@ -48,8 +48,10 @@ class AgentConfig:
             raise ConfigError("an instance token is required (--token-file or --token-fd)")
         if self.reconnect_window <= 0 or self.call_timeout <= 0 or self.trace_timeout <= 0:
             raise ConfigError("timeouts must be positive")
-        if self.oss_url is not None and not self.oss_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--oss must be an http(s) URL, got {self.oss_url!r}")
+        # unix:PATH is a dcptrace run's own OSS (issue 10: `oss.local.PrivateOss`).
+        schemes = ("http://", "https://", "unix:/")
+        if self.oss_url is not None and not self.oss_url.startswith(schemes):
+            raise ConfigError(f"--oss must be an http(s) URL or unix:PATH, got {self.oss_url!r}")
 
 
 MAX_TOKEN = 4096  # bytes; a token file larger than this is not a token

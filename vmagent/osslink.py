@@ -27,10 +27,22 @@ class OssRefused(AgentError):
     """The OSS rejected this instance's credential (401): retrying will not help soon."""
 
 
+UNIX = "unix:"  # an OSS URL `unix:/path/oss.sock`: a dcptrace run's own OSS (issue 10)
+
+
+def http_of(url: str) -> tuple[str, aiohttp.BaseConnector | None]:
+    """(base URL for requests, connector) of an OSS URL, `http(s)://...` or `unix:PATH`."""
+    if url.startswith(UNIX):
+        return "http://oss", aiohttp.UnixConnector(path=url[len(UNIX) :])
+    return url.rstrip("/"), None
+
+
 def advertised_address(listen_host: str, port: int, oss_url: str) -> str:
     """The address the OSS should use for us: the local IP on the route to the OSS."""
     if listen_host not in ("0.0.0.0", "", "::"):
         return f"{listen_host}:{port}"
+    if oss_url.startswith(UNIX):
+        return f"127.0.0.1:{port}"  # an OSS on this host (agents in a netns listen on their IP)
     host = urlsplit(oss_url).hostname or "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((host, 9))  # UDP connect sends nothing; it only picks a route
@@ -52,6 +64,7 @@ class OssLink:
         exec_key: str | None = None,
         on_commands: Callable[[list[dict[str, object]]], Awaitable[list[int]]] | None = None,
     ) -> None:
+        self.oss_url = url
         self.url = url.rstrip("/")
         # The OSS's orders in heartbeat replies (limits act); their ids go back as `done`.
         self.on_commands = on_commands
@@ -109,7 +122,9 @@ class OssLink:
     async def run(self) -> None:
         """Register and heartbeat forever, re-registering after any failure."""
         backoff = 0.5
-        async with aiohttp.ClientSession() as http:
+        base, connector = http_of(self.oss_url)
+        self.url = base
+        async with aiohttp.ClientSession(connector=connector) as http:
             while True:
                 try:
                     reply = await self._post(http, "/v1/agents/register", self.register_body())

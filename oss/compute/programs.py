@@ -9,6 +9,7 @@ functions at the end run inside billing's and telemetry's transactions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -116,8 +117,14 @@ class Programs:
                 "UPDATE programs SET storage_mb=?, bandwidth_mbps=? WHERE id=?",
                 (spec["storage_mb"], spec["bandwidth_mbps"], pid),
             )
+            view = spec.get("view")
+            if view is not None:  # dcptrace's programs: placed by their own policy
+                c.execute(
+                    "UPDATE programs SET view_json=?, placement=? WHERE id=?",
+                    (to_json(view), view.get("placement", "spread"), pid),
+                )
             try:
-                place(c, self._budget, pid, spec["processes"], now)
+                place(c, self._budget, pid, spec["processes"], now, initial=True)
             except NoCapacity:
                 c.execute(
                     "UPDATE programs SET lost_processes=? WHERE id=?", (spec["processes"], pid)
@@ -140,7 +147,7 @@ class Programs:
                 # Its client places processes one exec at a time: recovery must not
                 # re-place those an instance failure ends (they would be phantoms).
                 c.execute("UPDATE programs SET client_placed=1 WHERE id=?", (program_id,))
-            return place(c, self._budget, program_id, processes, now, frozenset(avoid))
+            return place(c, self._budget, program_id, processes, now, tuple(avoid))
 
         return await self._db.write(op)
 
@@ -157,7 +164,7 @@ class Programs:
                 c.execute("SAVEPOINT retry")
                 try:
                     if r["lost_processes"] > 0:
-                        place(c, self._budget, r["id"], r["lost_processes"], now)
+                        place(c, self._budget, r["id"], r["lost_processes"], now, initial=True)
                     c.execute(
                         "UPDATE programs SET state='running', lost_processes=0, status_reason=?"
                         " WHERE id=?",
@@ -235,6 +242,38 @@ class Programs:
                     "SELECT program_id FROM placements WHERE instance=?", (instance,)
                 )
             }
+
+        return await self._db.read(op)
+
+    async def placed_on(self, program_id: str, instance: str) -> str:
+        """The owner account of a program with processes on `instance`; NotFound otherwise.
+
+        What lets an instance place a program's processes (issue 10): it runs one
+        of them now.  Any other program, live or not, is not found for it.
+        """
+
+        def op(c: Conn) -> str:
+            r = c.execute(
+                "SELECT p.account_id, p.state FROM programs p JOIN placements l"
+                " ON l.program_id=p.id WHERE p.id=? AND l.instance=?",
+                (program_id, instance),
+            ).fetchone()
+            if r is None or r["state"] not in ("running", "recovering"):
+                raise NotFound(f"program {program_id} on instance {instance}")
+            return str(r["account_id"])
+
+        return await self._db.read(op)
+
+    async def view_of(self, program_id: str) -> tuple[str, dict[str, Any]]:
+        """(placement policy, stored view) of a program (issue 10: bound into its tickets)."""
+
+        def op(c: Conn) -> tuple[str, dict[str, Any]]:
+            r = c.execute(
+                "SELECT placement, view_json FROM programs WHERE id=?", (program_id,)
+            ).fetchone()
+            if r is None:
+                raise NotFound(f"program {program_id}")
+            return r[0], json.loads(r[1] or "{}")
 
         return await self._db.read(op)
 
@@ -350,7 +389,9 @@ def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, 
     for k in ("argv", "env", "resource_policy", "scaling_policy"):
         d[k] = json.loads(d[k])
     d.pop("last_metered")
-    d.pop("client_placed", None)
+    d["view"] = json.loads(d.pop("view_json", None) or "{}")  # issue 10 (B)
+    d.pop("placement", None)
+    d.pop("client_placed", None)  # issue 10 (E)
     stop = d.pop("stop_json", None)
     d["stop"] = json.loads(stop) if stop else None
     d["placements"] = [
@@ -369,11 +410,14 @@ def place(
     program_id: str,
     processes: int,
     now: float,
-    avoid: frozenset[str] = frozenset(),
+    avoid: Sequence[str] = (),
+    *,
+    initial: bool = False,
 ) -> list[dict[str, Any]]:
     """Decide (scheduler), check limits, reserve: one atomic step in the caller's transaction."""
     p = c.execute(
-        "SELECT account_id, user_id, resource_policy, target_instances FROM programs WHERE id=?",
+        "SELECT account_id, user_id, resource_policy, target_instances, placement"
+        " FROM programs WHERE id=?",
         (program_id,),
     ).fetchone()
     rp = json.loads(p["resource_policy"])
@@ -390,15 +434,16 @@ def place(
             "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)
         )
     }
-    plan = scheduler.place(
-        program_id,
-        processes,
-        policy,
-        candidates(c, program_id, policy),
-        current,
-        p["target_instances"],
-        avoid,
-    )
+    found = candidates(c, program_id, policy)
+    if p["placement"] is None:
+        plan = scheduler.place(
+            program_id, processes, policy, found, current, p["target_instances"], avoid
+        )
+    else:
+        # The processes a submission reserves (the root, which runs at home) are
+        # placed even under `local`, locality first; later ones by the policy.
+        name = "pack" if initial and p["placement"] == "local" else p["placement"]
+        plan = _by_policy(program_id, name, processes, policy, found, current, avoid)
     new = sum(1 for a in plan if a.new_for_program)
     budget.check(c, program_id, new, 0, 0)
     dedicated = policy.tenancy is scheduler.Tenancy.DEDICATED
@@ -422,6 +467,28 @@ def place(
         (processes, now, program_id),
     )
     return [dict(instance=a.instance, processes=a.processes) for a in plan]
+
+
+def _by_policy(
+    program_id: str,
+    name: str,
+    processes: int,
+    policy: scheduler.SelectionPolicy,
+    found: list[scheduler.Candidate],
+    current: dict[str, int],
+    avoid: Sequence[str],
+) -> list[scheduler.Assignment]:
+    """`processes` placed one by one by the program's placement policy (all or nothing)."""
+    now_at = dict(current)
+    used = {cand.name: cand.used_slots for cand in found}
+    out: dict[str, int] = {}
+    for _ in range(processes):
+        view = [dataclasses.replace(cand, used_slots=used[cand.name]) for cand in found]
+        (a,) = scheduler.place_by_policy(program_id, name, policy, view, now_at, avoid)
+        now_at[a.instance] = now_at.get(a.instance, 0) + 1
+        used[a.instance] += 1
+        out[a.instance] = out.get(a.instance, 0) + 1
+    return [scheduler.Assignment(n, k, n not in current) for n, k in sorted(out.items())]
 
 
 def end(

@@ -167,6 +167,36 @@ async def h_heartbeat(
     )
 
 
+async def h_agent_place(
+    oss: Oss, r: web.Request, who: Any, b: m.AgentPlacementRequest, q: Any
+) -> m.PlacementResult:
+    """An instance places one exec of a program it runs (issue 10, recursive placement).
+
+    Only for a program with processes on the asking instance (404 otherwise),
+    by the program's own placement policy, the asker last among equals; the
+    grant's ticket binds the exec, its ids (the owner account may use them),
+    the program and its view, exactly as a placement asked from home.
+    """
+    pid = r.match_info["program_id"]
+    account = await oss.programs.placed_on(pid, str(who))
+    await oss.may_exec_as(account, b.exec_as)
+    got = await oss.place(account, pid, b.processes, [*b.avoid, str(who)][:64])
+    grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as, pid)]
+    where = ", ".join(a["instance"] for a in got)
+    await oss.program_log(pid, f"placed: pid {b.parent_pid} on {who} runs its exec on {where}")
+    return m.PlacementResult(
+        program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
+    )
+
+
+async def h_agent_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any) -> m.Ok:
+    """A process an instance placed ended: its slot is free (404 unless the program runs there)."""
+    pid = r.match_info["program_id"]
+    account = await oss.programs.placed_on(pid, str(who))
+    await oss.programs.release(account, pid, b.instance, b.processes)
+    return m.Ok()
+
+
 P = PROGRAM_PATH
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -285,6 +315,24 @@ ROUTES: tuple[Route, ...] = (
         "Agent registration",
         m.AgentRegister,
         m.AgentRegistered,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/programs/{program_id}/placements",
+        h_agent_place,
+        "agent",
+        "Place an exec of a program the instance runs",
+        m.AgentPlacementRequest,
+        m.PlacementResult,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/programs/{program_id}/release",
+        h_agent_release,
+        "agent",
+        "A process the instance placed ended",
+        m.ReleaseRequest,
+        m.Ok,
     ),
     Route(
         "POST",

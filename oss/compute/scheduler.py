@@ -170,3 +170,80 @@ def _next_new(it: object, free: Mapping[str, int]) -> str | None:
         if free.get(c.name, 0) > 0:
             return str(c.name)
     return None
+
+
+# -- the program's placement policy (issue 10: one policy for home and instances) ----
+
+POLICIES = ("spread", "pack", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One instance as a placement policy sees it, for one program."""
+
+    name: str
+    cpus: int
+    running: int = 0  # this program's processes there now
+    load: float = 0.0  # a tie-breaker only (reported run queue, or used/slots)
+
+
+def choose(policy: str, slots: Sequence[Slot], start: int = 0) -> tuple[str | None, int]:
+    """(instance for the next process or None, the next `start`) under `policy`.
+
+    - spread: the fewest of the program's processes, then the lowest load, equal
+      candidates taken in turn from `start` (6 short children on 3 instances land
+      2 per instance; sequential ones alternate);
+    - pack: the first instance (in the given order) with fewer of the program's
+      processes than CPUs; when all are full, as spread;
+    - local: None (the process runs where it is).
+
+    The local coordinator (`vmagent.cluster.placement.Placement`) keeps `start`
+    as its round-robin cursor; the OSS orders the candidates with the instance
+    the caller avoids last and starts at 0.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown placement {policy!r}: choose one of {', '.join(POLICIES)}")
+    if policy == "local" or not slots:
+        return None, start
+    if policy == "pack":
+        for s in slots:
+            if s.running < s.cpus:
+                return s.name, start
+    count = len(slots)
+    best: Slot | None = None
+    best_at = 0
+    for i in range(count):
+        at = (start + i) % count
+        s = slots[at]
+        if best is None or (s.running, s.load) < (best.running, best.load):
+            best, best_at = s, at
+    assert best is not None
+    return best.name, (best_at + 1) % count
+
+
+def place_by_policy(
+    program: str,
+    policy_name: str,
+    policy: SelectionPolicy,
+    candidates: Sequence[Candidate],
+    current: Mapping[str, int],
+    avoid: Collection[str] = (),
+) -> list[Assignment]:
+    """One process of a program placed by its placement policy (spread, pack, local).
+
+    Hard requirements as `place`; candidates without a free slot are skipped.
+    `avoid` (the instance asking, the ones used last, most recent first) come
+    last among equals, the most recent last of all: sequential processes go
+    round the instances.  NoCapacity when nothing fits, or for `local` (the
+    process stays where it is).
+    """
+    recent = {n: len(avoid) - i for i, n in enumerate(avoid)}
+    fits = [c for c in candidates if c.free > 0 and eligible(c, policy, program)]
+    fits.sort(key=lambda c: (recent.get(c.name, 0), c.name))
+    slots = [
+        Slot(c.name, c.cpus, current.get(c.name, 0), c.used_slots / max(c.slots, 1)) for c in fits
+    ]
+    name, _ = choose(policy_name, slots)
+    if name is None:
+        raise NoCapacity(f"program {program}: placement {policy_name} places nothing here")
+    return [Assignment(name, 1, name not in current)]

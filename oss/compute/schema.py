@@ -50,10 +50,18 @@ V5 = """
     ALTER TABLE instances ADD COLUMN exec_key TEXT;
 """
 
-# Issue 10 (limits act, autoscaling): why a limit stopped a program (billing's breach),
-# whether its processes are placed one exec at a time by its client (never re-placed
-# by recovery), since when a ready instance runs nothing, a failing pool's back-off.
+# Issue 10 (chunk B): the program's view (bound into its exec tickets) and its
+# placement policy (spread | pack | local: oss.compute.scheduler.choose; NULL, as
+# for programs submitted without a view: the width-and-locality rule of `place`).
 V7 = """
+    ALTER TABLE programs ADD COLUMN view_json TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE programs ADD COLUMN placement TEXT;
+"""
+
+# Issue 10 (chunk E: limits act, autoscaling): why a limit stopped a program (billing's
+# breach), whether its processes are placed one exec at a time by its client (never
+# re-placed by recovery), since when a ready instance runs nothing, a pool's back-off.
+V_LIMITS = """
     ALTER TABLE programs ADD COLUMN stop_json TEXT;
     ALTER TABLE programs ADD COLUMN client_placed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE instances ADD COLUMN idle_since REAL;

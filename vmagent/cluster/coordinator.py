@@ -41,6 +41,7 @@ from vmagent.errors import AgentError
 from vmagent.exec import protocol as P
 from vmagent.exec import tickets
 from vmagent.exec.remote import TicketDrop, credentials, deputy_argv, interpreter, remote_exec
+from vmagent.exec.view import EMPTY, View
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,15 @@ class ClusterCoordinator:
         reconnect_window: float | None = None,
         *,
         creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
+        view: View = EMPTY,
+        where: str = HOME,
     ) -> None:
         self.inner = inner
         self._creds = creds  # pid -> (real uid, real gid, groups): what tickets vouch for
+        # The program's view: every placed process carries it (the ticket binds its
+        # digest); `where` names this machine in the deputies' `--parent`.
+        self.view = view
+        self.where = where
         self.targets = {t.name: t for t in targets}
         self.placement = placement
         self.reconnect_window = reconnect_window
@@ -171,15 +178,16 @@ class ClusterCoordinator:
         exec_path = real if fd_relative else path
         bound = remote_exec(exec_path, call.argv)
         ident = Ident(uid, gid, groups, tickets.exec_digest(bound[0], bound[1:]))
-        name = self._choose(ident)
+        name = self._choose(ident, call)
         if name == HOME:
             return None
         target = self.targets[name]
         ticket_file = self.drop.put(self._ticket(target, ident), uid, gid)
         self._ticket_files[call.pid] = ticket_file
         argv = deputy_argv(
-            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window
-        )
+            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window,
+            view=self.view.hex(), parent=f"{self.where}:{call.pid}",
+        )  # fmt: skip
         self.placement.started(name)
         self._where[call.pid] = name
         self._running[call.pid] = name
@@ -190,7 +198,7 @@ class ClusterCoordinator:
             return Rewrite({0: AT_FDCWD, 1: self._interpreter, 2: argv, 4: 0}, observe)
         return Rewrite({0: self._interpreter, 1: argv}, observe)
 
-    def _choose(self, ident: Ident) -> str:
+    def _choose(self, ident: Ident, call: SyscallCall) -> str:
         """Where this exec runs (an instance name or HOME)."""
         return self.placement.choose()
 
@@ -203,6 +211,7 @@ class ClusterCoordinator:
             gid=ident.gid,
             groups=ident.groups,
             digest=ident.digest,
+            view=self.view.digest(),
         )
 
     def close(self) -> None:

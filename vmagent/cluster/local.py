@@ -132,6 +132,18 @@ class LocalCluster:
         # SIGKILL) the write end closes and every agent stops by itself.  Both
         # ends are close-on-exec here, so the traced program never inherits them.
         self._lifeline_r, self._lifeline_w = os.pipe()
+        # Issue 10: the OSS the agents register with (`use_oss`), and their tokens.
+        self.oss_url: str | None = None
+        self._oss_tokens: dict[str, str] = {}
+
+    def use_oss(self, url: str, tokens: dict[str, str]) -> None:
+        """Start the agents registering with the OSS at `url` (before `start`).
+
+        `tokens` are their instance tokens (the OSS knows them): exec tickets
+        then come from the OSS, MAC'd with each agent's exec key.
+        """
+        self.oss_url = url
+        self._oss_tokens = dict(tokens)
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -191,7 +203,7 @@ class LocalCluster:
         return parent
 
     def _start_one(self, name: str, host: str, ns: str | None, cgroups: Path | None) -> None:
-        token = secrets.token_urlsafe(24)
+        token = self._oss_tokens.get(name) or secrets.token_urlsafe(24)
         # The token goes through a pipe the agent inherits, never argv or environ.
         token_r, token_w = os.pipe()
         agent = [
@@ -207,8 +219,12 @@ class LocalCluster:
             "--lifeline",
             str(self._lifeline_r),
         ]
+        if self.oss_url is not None:
+            agent += ["--oss", self.oss_url]
         if ns is not None:
-            agent += ["--listen", f"0.0.0.0:{AGENT_PORT}", "--hostname", name]
+            # With an OSS the agent listens on its lab address: the one it registers.
+            listen = host if self.oss_url is not None else "0.0.0.0"
+            agent += ["--listen", f"{listen}:{AGENT_PORT}", "--hostname", name]
             argv = [
                 "nsenter",
                 f"--net=/run/netns/{ns}",

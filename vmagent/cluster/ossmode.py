@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -58,6 +59,7 @@ from vmagent.cluster.coordinator import EXEC_CALLS, ClusterCoordinator, Ident, T
 from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
 from vmagent.exec.remote import credentials
+from vmagent.exec.view import EMPTY, View
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,7 +171,7 @@ class OssPlacement(Placement):
         super().__init__(policy, [])
         self._link = link
         self._targets = targets  # the coordinator's: a grant's address goes in here
-        self._last: str | None = None
+        self._recent: list[str] = []  # instances granted, most recent first
         self.granted: dict[str, str] = {}  # instance -> the ticket of its latest grant
 
     def choose(self) -> str:
@@ -180,11 +182,13 @@ class OssPlacement(Placement):
         """Ask the OSS for one placement (HOME for `local` or when it cannot place)."""
         if self.policy == "local":
             return HOME
-        avoid = [self._last] if self.policy == "spread" and self._last else []
+        # Spread: the OSS ranks the instances used last after the others (most
+        # recent last), so sequential processes go round the instances.
+        avoid = list(self._recent) if self.policy == "spread" else []
         grant = self._link.place(avoid, ident)
         if grant is None:
             return HOME
-        self._last = grant.instance
+        self._recent = [grant.instance, *(n for n in self._recent if n != grant.instance)][:64]
         self._targets[grant.instance] = Target(grant.instance, grant.address, "", 0)
         self.granted[grant.instance] = grant.ticket
         return grant.instance
@@ -209,8 +213,12 @@ class OssCoordinator(ClusterCoordinator):
         reconnect_window: float | None = None,
         *,
         creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
+        view: View = EMPTY,
     ) -> None:
-        super().__init__(inner, [], Placement(placement, []), reconnect_window, creds=creds)
+        super().__init__(
+            inner, [], Placement(placement, []), reconnect_window, creds=creds, view=view
+        )
+        self._base_view = view  # the OSS stored it with the program; its id goes in
         self.oss_placement = OssPlacement(placement, link, self.targets)
         self.placement = self.oss_placement
         self._link = link
@@ -273,8 +281,13 @@ class OssCoordinator(ClusterCoordinator):
             flush=True,
         )
 
-    def _choose(self, ident: Ident) -> str:
-        return self.oss_placement.choose_for(ident)
+    def _choose(self, ident: Ident, call: SyscallCall) -> str:
+        name = self.oss_placement.choose_for(ident)
+        program = getattr(self._link, "program_id", None)
+        if program and self.view.program != program:
+            # The tickets bind the OSS's program id: the deputies' view names it too.
+            self.view = dataclasses.replace(self._base_view, program=program)
+        return name
 
     def _ticket(self, target: Target, ident: Ident) -> str:
         return self.oss_placement.granted.pop(target.name)
@@ -368,10 +381,11 @@ def _reason(exc: BaseException) -> str:
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
-    def __init__(self, config: OssModeConfig) -> None:
+    def __init__(self, config: OssModeConfig, view: View = EMPTY) -> None:
         from oss.client import OssClient  # pydantic and aiohttp only in --oss mode
 
         self.config = config
+        self.view = view  # submitted with the program (issue 10)
         self._bridge = _Bridge()
         self._client = OssClient(config.url, config.token, timeout=config.timeout)
         self._submitted: concurrent.futures.Future[str | None] | None = None
@@ -449,6 +463,10 @@ class OssProgramLink:
         from oss import models as m
 
         spec: dict[str, Any] = {"argv": argv, "cwd": cwd or "/"}
+        v = self.view
+        spec["view"] = m.ViewSpec.model_validate(
+            {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
+        )
         if self.config.placement == "spread":
             spec["scaling_policy"] = m.ScalingPolicy(
                 min_instances=self._width, max_instances=self._width
@@ -603,6 +621,168 @@ class OssProgramLink:
         self._bridge.close(5.0)
 
 
+class LocalProgramLink:
+    """`ProgramLink` to the OSS of a `dcptrace --instances` run: direct calls, no HTTP.
+
+    The OSS (`oss.local.PrivateOss`) runs on a loop thread of this process;
+    every call runs there under `timeout`.  Failures never fail the program:
+    the process runs here, and the reason is logged once.
+    """
+
+    def __init__(self, private: Any, view: View = EMPTY, timeout: float = 10.0) -> None:
+        self.private = private
+        self.view = view
+        self.timeout = timeout
+        self.program_id: str | None = None
+        self._later: set[concurrent.futures.Future[Any]] = set()
+        self._warned: set[str] = set()
+        self._watch: tuple[Callable[[str], None], Callable[[str], None] | None] | None = None
+        self._watcher: concurrent.futures.Future[Any] | None = None
+        self.stopped: str | None = None  # why a limit stopped the program (then no finish)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        """Submit the program with its view; release the root's slot (it runs here)."""
+        from oss import errors
+
+        try:
+            prog = self.private.call(self._submit(list(argv), cwd), self.timeout)
+        except (errors.OssError, ValueError, TimeoutError) as exc:
+            raise OssCannotRun(f"the OSS of this run did not take the program: {exc}") from exc
+        if prog is None:
+            raise OssCannotRun(
+                "no local instance has room for the program (every one failed): nothing ran"
+            )
+        self.program_id = prog
+        if self._watch is not None:
+            self._start_watch(prog, *self._watch)
+
+    def watch(
+        self, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        """As `OssProgramLink.watch`, reading the run's own OSS directly."""
+        self._watch = (on_stop, on_lost)
+        if self.program_id is not None:
+            self._start_watch(self.program_id, on_stop, on_lost)
+
+    def _start_watch(
+        self, pid: str, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None
+    ) -> None:
+        # Not among `_later` (what finish waits for): it ends with the program's state.
+        self._watcher = self.private.later(self._watching(pid, on_stop, on_lost))
+
+    async def _watching(
+        self, pid: str, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None
+    ) -> None:
+        from oss import errors
+        from oss import models as m
+
+        said: set[str] = set()
+        who = self.private.principal
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                prog = await self.private.oss.programs.program(who.account_id, pid)
+            except errors.OssError:
+                continue
+            if prog["state"] in ("stopped_budget", "stopped_limit"):
+                stop = m.StopInfo.model_validate(prog["stop"]) if prog["stop"] else None
+                self.stopped = stop_line(stop, prog["status_reason"])
+                # Off the OSS's loop: the callback kills tracees and waits for them.
+                threading.Thread(target=on_stop, args=(self.stopped,), daemon=True).start()
+                return
+            failed = LOST_REASON.match(prog["status_reason"])
+            if failed and on_lost is not None and failed[1] not in said:
+                said.add(failed[1])
+                on_lost(failed[1])
+            if prog["state"] not in ("pending", "running", "recovering"):
+                return
+
+    async def _submit(self, argv: list[str], cwd: str) -> str | None:
+        from oss import models as m
+
+        oss, who, v = self.private.oss, self.private.principal, self.view
+        view = m.ViewSpec.model_validate(
+            {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
+        )
+        prog = await oss.submit(who, m.ProgramSubmit(argv=argv, cwd=cwd or "/", view=view))
+        if prog["state"] == "pending":
+            await oss.cancel(who, prog["id"])
+            return None
+        for p in prog["placements"]:
+            await oss.programs.release(who.account_id, prog["id"], p["instance"], p["processes"])
+        return str(prog["id"])
+
+    def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
+        """One placement with its exec ticket, or None (this process runs here)."""
+        if self.program_id is None:
+            return None
+        try:
+            got: Grant | None = self.private.call(self._place(list(avoid), ident), self.timeout)
+        except Exception as exc:  # an OSS failure must not fail the program's exec
+            self._warn_once(
+                f"place:{type(exc).__name__}", f"the OSS placed no process ({exc}): they run here"
+            )
+            return None
+        return got
+
+    async def _place(self, avoid: list[str], ident: Ident) -> Grant | None:
+        from oss import errors
+        from oss import models as m
+
+        oss, who, pid = self.private.oss, self.private.principal, self.program_id
+        try:
+            got = await oss.place(who.account_id, pid, 1, avoid)
+        except errors.BudgetExhausted as exc:
+            said = str(exc).removeprefix(errors.BudgetExhausted().message + ": ")
+            self._warn_once("soft", f"{said}: no new instances")
+            return None
+        except (errors.NoCapacity, errors.LimitExceeded):
+            return None
+        exec_as = m.ExecIdentity(
+            uid=ident.uid, gid=ident.gid, groups=list(ident.groups), digest=ident.digest
+        )
+        for g in await oss.exec_grants(got, exec_as, pid):
+            if g["tickets"]:
+                return Grant(g["instance"], g["address"], g["tickets"][0])
+        for a in got:  # an instance without an exec key: give the slot back
+            await oss.programs.release(who.account_id, pid, a["instance"], a["processes"])
+        return None
+
+    def release(self, instance: str) -> None:
+        """Release one process's placement (in the background)."""
+        if self.program_id is None:
+            return
+        who = self.private.principal
+        fut = self.private.later(
+            self.private.oss.programs.release(who.account_id, self.program_id, instance, 1)
+        )
+        self._later.add(fut)
+        fut.add_done_callback(self._later.discard)
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        """Wait for the releases, then finish (or cancel) the program."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.program_id is None or self.stopped is not None:
+            return  # a stopped program's end is already recorded by the OSS
+        concurrent.futures.wait(list(self._later), self.timeout)
+        oss, who = self.private.oss, self.private.principal
+        try:
+            if exit_status is None and signal is None:
+                self.private.call(oss.cancel(who, self.program_id), self.timeout)
+            else:
+                self.private.call(
+                    oss.finish(who, self.program_id, exit_status, signal), self.timeout
+                )
+        except Exception as exc:
+            log.debug("the OSS of this run did not record the end: %s", exc)
+
+
 @contextlib.contextmanager
 def oss_clustered(
     inner: Coordinator,
@@ -610,13 +790,14 @@ def oss_clustered(
     oss_url: str,
     environ: Mapping[str, str] | None = None,
     reconnect_window: float | None = None,
+    view: View = EMPTY,
 ) -> Iterator[OssCoordinator]:
     """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors."""
     try:
         config = OssModeConfig.load(oss_url, placement, os.environ if environ is None else environ)
     except OssModeError as exc:
         raise UsageError(str(exc)) from exc
-    link = OssProgramLink(config)
+    link = OssProgramLink(config, view)
     try:
         try:
             link.start(link.check())
@@ -624,7 +805,9 @@ def oss_clustered(
             raise UsageError(str(exc)) from exc
         except OssUnreachable as exc:
             raise TracerError(str(exc)) from exc
-        coordinator = OssCoordinator(inner, placement, link, os.getcwd(), reconnect_window)
+        coordinator = OssCoordinator(
+            inner, placement, link, os.getcwd(), reconnect_window, view=view
+        )
         try:
             yield coordinator
         finally:

@@ -1,5 +1,10 @@
 """Where a newly exec'd program runs (pure decisions, no I/O).
 
+The policy itself is the OSS scheduler's (`oss.compute.scheduler.choose`): one
+policy decides at home, in the OSS and for placements asked from an instance.
+This class keeps the small memory a coordinator without an OSS needs (counts,
+round-robin cursor).
+
 `Placement.choose()` is asked once per remote-eligible execve.  It sees the
 instances as values (`InstanceView`) and answers with an instance name.  The
 caller tells it when a placed program starts and ends (`started`/`finished`)
@@ -18,11 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from oss.compute import scheduler
 from vmagent.errors import AgentError, NoInstances
 
 HOME = "home"  # the name of the machine where dcptrace started the program
 
-POLICIES = ("spread", "pack", "local")
+POLICIES = scheduler.POLICIES
 
 
 class UnknownPolicy(AgentError):
@@ -68,25 +74,11 @@ class Placement:
             return HOME
         if not self._order:
             raise NoInstances("no instances to place a program on")
-        if self.policy == "pack":
-            for name in self._order:
-                if self._running[name] < self._cpus[name]:
-                    return name
-        return self._least_loaded()
-
-    def _least_loaded(self) -> str:
-        count = len(self._order)
-        best: str | None = None
-        best_key: tuple[int, float] | None = None
-        # Scan from the cursor so equal candidates are taken in turn.
-        for i in range(count):
-            name = self._order[(self._cursor + i) % count]
-            key = (self._running[name], self._load[name])
-            if best_key is None or key < best_key:
-                best, best_key = name, key
-        assert best is not None
-        self._cursor = (self._order.index(best) + 1) % count
-        return best
+        slots = [scheduler.Slot(v.name, v.cpus, v.running, v.load) for v in self.views()]
+        name, cursor = scheduler.choose(self.policy, slots, self._cursor)
+        assert name is not None
+        self._cursor = cursor
+        return name
 
     def started(self, name: str) -> None:
         """A placed program began running on `name`."""

@@ -62,6 +62,33 @@ FORWARDED = (
 STOPPERS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 WAKE = _signal.SIGRTMIN + 3  # internal: the receiver thread wakes the main thread
 MAX_TICKET = 4096
+SI_KERNEL = 0x80  # si_code of a signal the kernel sent (the terminal's keys)
+SI_USER = 0  # si_code of kill()/killpg()
+
+
+def _group_signal(code: int, sender: int) -> bool:
+    """Did this signal go to our whole process group (terminal, or an agent's killpg)?
+
+    A deputy placed from an instance runs in the group of the program an agent
+    started there (the session leader, the agent's child): a signal from that
+    agent is its delivery of a group signal (it signals deputies no other way).
+    """
+    if code == SI_KERNEL:
+        return True
+    if code != SI_USER:
+        return False
+    try:
+        sid = os.getsid(0)
+        if sid == os.getpid():
+            return False
+        fd = os.open(f"/proc/{sid}/stat", os.O_RDONLY)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return sender == int(stat.rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _say(message: str) -> None:
@@ -83,6 +110,11 @@ def read_ticket(path: str) -> bytes:
         except OSError:
             pass
     return data.strip()
+
+
+# Issue 10: what the deputy says about its program besides the exec (HELLO fields
+# `view`, `parent`), from `--view HEX` and `--parent INSTANCE:PID`.
+EXTRA: dict[bytes, bytes] = {}
 
 
 def _parse(argv: list[str]) -> tuple[str, str, bytes, str, float, list[bytes]]:
@@ -112,12 +144,19 @@ def _parse(argv: list[str]) -> tuple[str, str, bytes, str, float, list[bytes]]:
                 raise SystemExit(f"cannot read the exec ticket: {exc.strerror}") from None
         elif arg == "--reconnect":
             window = float(value)
+        elif arg == "--view":
+            try:
+                EXTRA[b"view"] = bytes.fromhex(value)
+            except ValueError:
+                break
+        elif arg == "--parent":
+            EXTRA[b"parent"] = os.fsencode(value)
         else:
             break
         i += 2
     raise SystemExit(
         "usage: deputy --agent HOST:PORT [--instance NAME] --ticket-file F "
-        "[--reconnect SECONDS] -- PATH ARGV0 [ARGS...]"
+        "[--reconnect SECONDS] [--view HEX] [--parent INSTANCE:PID] -- PATH ARGV0 [ARGS...]"
     )
 
 
@@ -335,7 +374,7 @@ def main(argv: list[str]) -> int:
         return USAGE_STATUS
     fd_records, ins, _outs = classify_fds()
     masks = _signal_masks()
-    hello = build_hello(rest, fd_records, masks)
+    hello = build_hello(rest, fd_records, masks, EXTRA)
     sigs = set(FORWARDED) | set(STOPPERS) | {WAKE}
     # Block before any thread starts so every thread inherits the mask and only
     # the main thread's sigwait sees them.
@@ -352,7 +391,8 @@ def main(argv: list[str]) -> int:
     deputy.inputs.update(ins)  # before the receiver runs: it may get WANT at once
     _thread.start_new_thread(deputy.receive, ())
     while deputy.result is None:
-        sig = _signal.sigwait(sigs)
+        info = _signal.sigwaitinfo(sigs)
+        sig = info.si_signo
         if sig != WAKE and deputy.result is None:
             if sig in STOPPERS:
                 if masks[0] & (1 << (sig - 1)):
@@ -361,6 +401,12 @@ def main(argv: list[str]) -> int:
                 # group, where the kernel discards TSTP/TTIN/TTOU: send SIGSTOP.
                 link.send(P.SIGNAL, _signal.SIGSTOP, b"")
                 os.kill(os.getpid(), _signal.SIGSTOP)  # SIGCONT resumes us, then is forwarded
+            elif _group_signal(info.si_code, info.si_pid):
+                # From the terminal (Ctrl-C, Ctrl-\\, hangup), or the agent's delivery of
+                # one to our group: it went to the whole group here, so it goes to the
+                # remote program's group too, and on down the chain of deputies (as a
+                # tty reaches make's compilers).
+                link.send(P.SIGNAL, sig, P.GROUP)
             else:
                 link.send(P.SIGNAL, sig, b"")
     return deputy.finish()

@@ -104,7 +104,10 @@ def _rlimits() -> bytes:
 
 
 def build_hello(
-    rest: list[bytes], fd_records: list[bytes], masks: tuple[int, int] | None = None
+    rest: list[bytes],
+    fd_records: list[bytes],
+    masks: tuple[int, int] | None = None,
+    extra: dict[bytes, bytes] | None = None,
 ) -> bytes:
     """The HELLO payload describing this process and the program to start."""
     with open("/proc/self/environ", "rb") as f:
@@ -116,19 +119,19 @@ def build_hello(
     # inherited across the exec and must stay ignored remotely.
     ignored, blocked = masks if masks is not None else _signal_masks()
     ignored &= ~((1 << (13 - 1)) | (1 << (25 - 1)))
-    return P.unpairs(
-        {
-            b"path": rest[0],
-            b"argv": P.record(rest[1:]),
-            b"env": P.record(env),
-            b"cwd": os.getcwdb(),
-            b"umask": str(mask).encode(),
-            b"rlimits": _rlimits(),
-            b"fds": P.record(fd_records),
-            b"uid": str(os.getuid()).encode(),
-            b"gid": str(os.getgid()).encode(),
-            b"groups": b",".join(str(g).encode() for g in os.getgroups()),
-            b"sigign": str(ignored).encode(),
-            b"sigblk": str(blocked).encode(),
-        }
-    )
+    fields = {
+        b"path": rest[0],
+        b"argv": P.record(rest[1:]),
+        b"env": P.record(env),
+        b"cwd": os.getcwdb(),
+        b"umask": str(mask).encode(),
+        b"rlimits": _rlimits(),
+        b"fds": P.record(fd_records),
+        b"uid": str(os.getuid()).encode(),
+        b"gid": str(os.getgid()).encode(),
+        b"groups": b",".join(str(g).encode() for g in os.getgroups()),
+        b"sigign": str(ignored).encode(),
+        b"sigblk": str(blocked).encode(),
+    }
+    fields.update(extra or {})  # view, parent (issue 10)
+    return P.unpairs(fields)

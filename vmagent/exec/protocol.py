@@ -65,6 +65,10 @@ KEEPALIVE_CNT = 3
 
 SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT})
 
+# SIGNAL's payload GROUP: deliver to the remote program's process group (a signal
+# the home deputy got from its terminal), not to its pid alone.
+GROUP = b"g"
+
 # Kinds of forwarded descriptors in a HELLO.
 FD_IN = b"in"  # the deputy reads its fd and streams it to the remote program
 FD_OUT = b"out"  # the remote program writes; the agent streams it to the deputy

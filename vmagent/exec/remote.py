@@ -30,16 +30,24 @@ def deputy_argv(
     path: bytes,
     argv: tuple[bytes, ...],
     reconnect_window: float | None = None,
+    view: str = "",
+    parent: str = "",
 ) -> tuple[bytes, ...]:
     """argv of the deputy standing in for `execve(path, argv, ...)` run on `instance`.
 
     The ticket itself is in `ticket_file` (see TicketDrop): argv is world-readable.
+    `view` (hex of `View.encode`) and `parent` (`INSTANCE:PID` of this process)
+    are not secret: the ticket binds the view's digest.
     """
     head: list[bytes] = [b"python3", b"-I", b"-S", os.fsencode(DEPUTY_SCRIPT)]
     head += [b"--agent", agent.encode(), b"--instance", instance.encode()]
     head += [b"--ticket-file", os.fsencode(ticket_file)]
     if reconnect_window is not None:
         head += [b"--reconnect", str(reconnect_window).encode()]
+    if view:
+        head += [b"--view", view.encode()]
+    if parent:
+        head += [b"--parent", parent.encode()]
     return (*head, b"--", *remote_exec(path, argv))
 
 
@@ -168,8 +176,9 @@ def deputy_command(
     path: bytes,
     argv: tuple[bytes, ...],
     reconnect_window: float | None = None,
+    view: str = "",
 ) -> list[str]:
     """A runnable deputy command line (real interpreter) with `ticket` in a ticket file."""
     ticket_file = drop.put(ticket, os.getuid(), os.getgid())
-    args = deputy_argv(address, instance, ticket_file, path, argv, reconnect_window)
+    args = deputy_argv(address, instance, ticket_file, path, argv, reconnect_window, view=view)
     return [os.fsdecode(interpreter()), *(os.fsdecode(a) for a in args[1:])]

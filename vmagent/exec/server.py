@@ -235,6 +235,8 @@ class ExecService:
         program = os.fsdecode(request.argv[0])
         session = Session(self, secrets.token_bytes(16), request, program)
         session.nonce = grant.nonce
+        if request.view is not None:  # the ticket vouched for it: the tracer applies it
+            session.view = request.view.encode()
         self.sessions[session.sid] = session
         self.by_nonce[grant.nonce] = session
         session.attach(proto, 0)

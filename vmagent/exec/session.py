@@ -318,8 +318,8 @@ class Session:
         elif kind == P.SIGNAL:
             if self.status is None and self.pid and 0 < fd < signal.NSIG:
                 with contextlib.suppress(ProcessLookupError):
-                    if fd in JOB_CONTROL:
-                        os.killpg(self.pid, fd)  # stop/continue the whole remote job
+                    if fd in JOB_CONTROL or payload == P.GROUP:
+                        os.killpg(self.pid, fd)  # the whole remote job (a terminal's signal)
                     else:
                         os.kill(self.pid, fd)
         elif kind == P.ACK:

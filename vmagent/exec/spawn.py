@@ -28,6 +28,7 @@ from tracer.seccomp import PreparedFilter
 from vmagent.errors import AuthError, BadRequest
 from vmagent.exec import protocol as P
 from vmagent.exec.tickets import Grant, exec_digest
+from vmagent.exec.view import View, checked
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -84,6 +85,11 @@ class ExecRequest:
     groups: tuple[int, ...]
     sigign: int
     sigblk: int
+    # Issue 10: the program's view as the HELLO carries it (checked against the
+    # ticket by `bind`), and the deputy's own process, `INSTANCE:PID`.
+    view_raw: bytes = b""
+    parent: bytes = b""
+    view: View | None = None  # set by `bind` once the ticket vouched for it
 
 
 MAX_ID = (1 << 32) - 2  # largest uid/gid
@@ -198,6 +204,8 @@ def parse_hello(payload: bytes) -> ExecRequest:
         groups=groups,
         sigign=sigign,
         sigblk=sigblk,
+        view_raw=fields.get(b"view", b""),
+        parent=fields.get(b"parent", b"")[:256],
     )
 
 
@@ -214,7 +222,12 @@ def bind(request: ExecRequest, grant: Grant) -> ExecRequest:
             f"the request names uid {request.uid} gid {request.gid} but the exec ticket "
             f"vouches for uid {grant.uid} gid {grant.gid}"
         )
-    return dataclasses.replace(request, uid=grant.uid, gid=grant.gid, groups=grant.groups)
+    view = checked(request.view_raw, grant.program, grant.view)
+    fds = tuple(dataclasses.replace(f, path=view.real(f.path)) for f in request.fds)
+    return dataclasses.replace(
+        request, uid=grant.uid, gid=grant.gid, groups=grant.groups, view=view,
+        cwd=view.real(request.cwd), fds=fds,
+    )  # fmt: skip
 
 
 def _signals_of(mask: int) -> set[int]:

@@ -2,13 +2,15 @@
 
 A ticket has a public part B and a secret part T:
 
-    B = v2.<key>.<nonce>.<issued_ms>.<expiry_ms>.<uid>.<gid>.<groups>.<digest>
+    B = v3.<key>.<nonce>.<issued_ms>.<expiry_ms>.<uid>.<gid>.<groups>.<digest>.<program>.<view>
     T = hex(hmac-sha256(K, B + "." + instance))
 
 `key` names K: `i` = the instance token (local coordinators mint with it),
 `x` = the agent's per-process exec key (the OSS mints with it).  `digest` is
 `exec_digest(path, argv)` of the one exec the ticket allows; uid/gid/groups are
-the credentials the home side vouched for (`groups` is `-` when empty).  The
+the credentials the home side vouched for (`groups` is `-` when empty);
+`program` the OSS program the exec belongs to (`-`: none) and `view` the digest of
+the program's view (`vmagent.exec.view`), which the HELLO's view must match.  The
 ticket string handed to a deputy is `B.T`; T never crosses the wire: the deputy
 and the agent prove to each other that they hold it (`proof`), so a deputy
 talks only to an agent that knows K, and a stranger who learns B alone (it is
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from oss.compute import exectickets
 from vmagent.errors import AuthError
 
-VERSION = "v2"
+VERSION = exectickets.VERSION  # v2 tickets (no program, no view) are refused
 KEY_TOKEN = "i"  # T is MAC'd with the instance token
 KEY_EXEC = "x"  # T is MAC'd with the agent's exec key (OSS-minted)
 TICKET_TTL = 20.0  # seconds a freshly minted ticket is valid
@@ -71,11 +73,13 @@ def mint(
     ttl: float = TICKET_TTL,
     now: float | None = None,
     key: str = KEY_TOKEN,
+    program: str = exectickets.NO_PROGRAM,
+    view: str | None = None,
 ) -> str:
     """A fresh ticket `B.T` for one exec on `instance`, MAC'd with `token`."""
     return exectickets.mint(
         token, instance, uid=uid, gid=gid, digest=digest, groups=groups, ttl=ttl, now=now,
-        kind=key,
+        kind=key, program=program, view=view,
     )  # fmt: skip
 
 
@@ -92,6 +96,12 @@ class Grant:
     gid: int
     groups: tuple[int, ...]
     digest: str
+    program: str = exectickets.NO_PROGRAM
+    view: str = exectickets.EMPTY_VIEW
+
+
+def _hex(raw: str, size: int) -> bool:
+    return len(raw) == size and all(c in "0123456789abcdef" for c in raw)
 
 
 def _id(raw: str, what: str) -> int:
@@ -103,9 +113,15 @@ def _id(raw: str, what: str) -> int:
 def parse(public: str) -> Grant:
     """The public part of a ticket as a Grant; AuthError if malformed."""
     parts = public.split(".")
-    if len(parts) != 9 or parts[0] != VERSION or parts[1] not in (KEY_TOKEN, KEY_EXEC):
+    if parts and parts[0] in ("v1", "v2"):
+        raise AuthError(f"exec ticket of the old format {parts[0]} (no program or view): refused")
+    if len(parts) != 11 or parts[0] != VERSION or parts[1] not in (KEY_TOKEN, KEY_EXEC):
         raise AuthError("malformed exec ticket")
-    _, key, nonce, issued, expiry, uid, gid, groups, digest = parts
+    _, key, nonce, issued, expiry, uid, gid, groups, digest, program, view = parts
+    if not _hex(view, 32) or not program or len(program) > 64:
+        raise AuthError("malformed exec ticket")
+    if not all(c.isalnum() or c in "_-" for c in program):
+        raise AuthError("malformed exec ticket")
     if not (issued.isdigit() and expiry.isdigit() and len(issued) < 16 and len(expiry) < 16):
         raise AuthError("malformed exec ticket")
     if not nonce or len(nonce) > 64 or len(digest) != 64:
@@ -123,6 +139,8 @@ def parse(public: str) -> Grant:
         _id(gid, "gid"),
         group_ids,
         digest,
+        program,
+        view,
     )
 
 

@@ -25,11 +25,21 @@ from collections.abc import Callable
 from oss.embedded import EmbeddedCoordinator
 from oss.storage.pathmap import PathMap
 from tracer import ptraceio
+from tracer.coordinator import Coordinator
 from tracer.runner import WALL, Runner
 from tracer.syscalls import SyscallTable
+from vmagent.cluster.coordinator import Ident
+from vmagent.exec.view import EMPTY as EMPTY_VIEW
+from vmagent.exec.view import decode as decode_view
 from vmagent.trace import channel
 from vmagent.trace.measure import measure_exit
-from vmagent.trace.placing import InstanceCoordinator, PlacementSource
+from vmagent.trace.placing import (
+    ChannelAsk,
+    Grant,
+    InstanceCoordinator,
+    PlacementSource,
+    PlacingCoordinator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +51,12 @@ def coordinator_for(
     maps: tuple[tuple[str, str], ...],
     report: Callable[[bytes], None],
     source: PlacementSource | None = None,
+    ask: Callable[[Ident, int, list[str]], Grant | None] | None = None,
 ) -> InstanceCoordinator:
-    """T's coordinator for a view with path `maps`."""
-    inner = EmbeddedCoordinator(table, PathMap(dict(maps)))
+    """T's coordinator for a view with path `maps` (placing execs through `ask`, if given)."""
+    inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
+    if ask is not None:
+        inner = PlacingCoordinator(inner, ask)
     return InstanceCoordinator(inner, report, source)
 
 
@@ -58,6 +71,7 @@ class Tracer:
     def __init__(self, table: SyscallTable) -> None:
         self.table = table
         self.chan: socket.socket | None = None
+        self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -67,8 +81,15 @@ class Tracer:
                 channel.send(self.chan, message)
 
     def _runner(self, view: bytes) -> Runner:
-        coordinator = coordinator_for(self.table, channel.view_maps(view), self.report)
+        coordinator = coordinator_for(
+            self.table, channel.view_maps(view), self.report, ask=self.ask
+        )
         return Runner((), {}, "", self.table, coordinator, trace_all=False, measure=measure_exit)
+
+    @staticmethod
+    def _placing(runner: Runner) -> PlacingCoordinator | None:
+        inner = getattr(runner.coordinator, "inner", None)
+        return inner if isinstance(inner, PlacingCoordinator) else None
 
     def serve(
         self, chan: socket.socket, go_w: int, pidfd: int, pid: int, instance: str, view: bytes
@@ -89,7 +110,11 @@ class Tracer:
         finally:
             os.close(pidfd)
         try:
-            runner = self._ready if not view else self._runner(view)
+            # The prepared runner serves a view without maps (most sessions).
+            runner = self._ready if not channel.view_maps(view) else self._runner(view)
+            placing = self._placing(runner)
+            if placing is not None:
+                placing.bind(decode_view(view) if view else EMPTY_VIEW, instance)
         except Exception as exc:
             # A bad view: P must not run untraced nor unmapped.  EXITKILL at our exit.
             log.error("cannot trace pid %d on %s: %s", pid, instance, exc)
@@ -100,7 +125,11 @@ class Tracer:
         os.close(go_w)
         self.report(channel.encode(channel.OP_SEIZED, pid=pid, tracer=os.getpid()))
         self.report(channel.spawned(pid, 0))
-        runner.attach(pid)
+        try:
+            runner.attach(pid)
+        finally:
+            if placing is not None:
+                placing.close()  # the ticket files of deputies that never started
         self.report(channel.encode(channel.OP_DONE))
         return 0
 

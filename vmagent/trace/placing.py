@@ -10,6 +10,10 @@ process event is reported on the tracer's channel either way.
 from __future__ import annotations
 
 import logging
+import os
+import select
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,7 +30,11 @@ from tracer.coordinator import (
     ProcessUsage,
     SyscallCall,
 )
-from vmagent.trace import channel
+from vmagent.cluster.coordinator import ClusterCoordinator, Ident, Target
+from vmagent.cluster.placement import HOME, Placement
+from vmagent.exec.remote import credentials
+from vmagent.exec.view import View
+from vmagent.trace import channel, placer
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +124,112 @@ class InstanceCoordinator:
     def instance_of(self, pid: int) -> str:
         """The inner coordinator's."""
         return self.inner.instance_of(pid)
+
+
+# -- placement from an instance (issue 10, chunk B) ----------------------------------
+
+PLACE_TIMEOUT = 2.0  # s T waits for the agent's answer (the exec is stopped meanwhile)
+
+
+class ChannelAsk:
+    """T's side of placement: `op=place` on its channel, then the agent's answer (bounded).
+
+    The call is stopped anyway, so T waits on its one thread; without an answer
+    in `timeout` the exec runs where it is (one log line per reason).
+    """
+
+    def __init__(self, chan: Callable[[], socket.socket | None], timeout: float = PLACE_TIMEOUT):
+        self._chan = chan
+        self.timeout = timeout
+        self._req = 0
+        self._said: set[str] = set()
+
+    def _once(self, reason: str) -> None:
+        if reason not in self._said:
+            self._said.add(reason)
+            log.warning("an exec runs on this instance: %s", reason)
+
+    def __call__(self, ident: Ident, pid: int, avoid: list[str]) -> Grant | None:
+        """A grant for this exec from the agent (and the OSS), or None: it runs here."""
+        chan = self._chan()
+        if chan is None:
+            return None
+        self._req += 1
+        req = self._req
+        try:
+            channel.send(
+                chan,
+                placer.place_record(
+                    req, pid, ident.uid, ident.gid, ident.groups, ident.digest, avoid
+                ),
+            )
+            deadline = time.monotonic() + self.timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([chan], [], [], left)[0]:
+                    continue
+                data, fds = channel.receive(chan)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    self._once("the agent is gone")
+                    return None
+                record = channel.decode(data)
+                if record.get(b"req") != str(req).encode():
+                    continue  # the late answer of an earlier request
+                if record[b"op"] == placer.OP_GRANT:
+                    return Grant(
+                        record[b"instance"].decode(),
+                        record[b"address"].decode(),
+                        record[b"ticket"].decode(),
+                    )
+                self._once(record.get(b"reason", b"no reason").decode(errors="replace"))
+                return None
+        except (OSError, channel.ChannelError, KeyError, UnicodeDecodeError) as exc:
+            self._once(f"no placement ({type(exc).__name__}: {exc})")
+            return None
+        self._once(f"no answer from the agent in {self.timeout:.0f} s")
+        return None
+
+
+class PlacingCoordinator(ClusterCoordinator):
+    """Places exec'd programs from an instance as the home does: the exec becomes a deputy.
+
+    Same rules as at home (the first exec, the program's own, stays; fexecve and
+    files that are not ELF or `#!` stay); where and with which ticket come from
+    `ask` (the agent and the OSS).  `view` (the session's, naming its program)
+    goes into each deputy's argv; `where` names this instance in its `--parent`.
+    """
+
+    def __init__(
+        self,
+        inner: Coordinator,
+        ask: Callable[[Ident, int, list[str]], Grant | None],
+        *,
+        creds: Callable[[int], tuple[int, int, tuple[int, ...]]] = credentials,
+    ) -> None:
+        super().__init__(inner, [], Placement("spread", []), creds=creds)
+        self._ask = ask
+        self._granted: dict[str, str] = {}  # instance -> ticket of the grant being used
+        self._recent: list[str] = []  # instances granted, most recent first
+
+    def bind(self, view: View, where: str) -> None:
+        """The session's view and this instance's name (set when the session starts)."""
+        self.view = view
+        self.where = where
+
+    def _choose(self, ident: Ident, call: SyscallCall) -> str:
+        if self.view.placement == "local" or not self.view.program:
+            return HOME  # `local`, or a run no OSS knows (its agent could not place it)
+        # Spread: the instances granted last rank last in the OSS (most recent
+        # first), so sequential execs go round the instances, as from home.
+        avoid = self._recent if self.view.placement == "spread" else []
+        grant = self._ask(ident, call.pid, avoid)
+        if grant is None:
+            return HOME
+        self._recent = [grant.instance, *(n for n in self._recent if n != grant.instance)][:32]
+        self.targets[grant.instance] = Target(grant.instance, grant.address, "", 0)
+        self._granted[grant.instance] = grant.ticket
+        return grant.instance
+
+    def _ticket(self, target: Target, ident: Ident) -> str:
+        return self._granted.pop(target.name)

@@ -1,0 +1,89 @@
+"""Benchmark: `make -j6` of a generated C project natively, under dcptrace, on 3 instances.
+
+    PYTHONPATH=$PWD python bench/bench_cluster_make.py [--rounds 5] [--units 12]
+
+Each round builds the same project (tests/integration/cproject.py: 12 units of
+200 functions + main, `make clean` between builds) three ways, interleaved so
+load from other work on the machine hits all three alike:
+
+- native: `make -j6`;
+- dcptrace: `dcptrace --no-state -- make -j6` (the embedded coordinator);
+- cluster: `dcptrace --no-state --instances 3 --placement spread -- make -j6`
+  (3 local instances: the run's OSS, agents, every compile placed; start-up of
+  the instances included).
+
+Also `dcptrace --no-state --instances 3 -- true` alone (the cluster's start-up),
+and the cost of one exec placed from an instance (a placed sh running 20
+`/bin/true`, each placed again, minus the placed sh alone, / 20).
+Prints min / median / max wall seconds per way and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from cproject import generate  # noqa: E402
+
+DCPTRACE = [sys.executable, "-m", "tracer.cli", "--no-state"]
+
+
+def timed(argv: list[str], cwd: Path) -> float:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t = time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=900)
+    took = time.perf_counter() - t
+    if done.returncode != 0:
+        raise SystemExit(f"{argv} failed: {done.stderr.decode(errors='replace')[-2000:]}")
+    return took
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--units", type=int, default=12)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dcp-bench-make-") as tmp:
+        proj = generate(Path(tmp) / "proj", units=args.units)
+        ways = {
+            "native": ["make", "-j6"],
+            "dcptrace": [*DCPTRACE, "--", "make", "-j6"],
+            "cluster": [*DCPTRACE, "--instances", "3", "--placement", "spread", "--",
+                        "make", "-j6"],
+            "cluster start-up (true)": [*DCPTRACE, "--instances", "3", "--", "true"],
+            # A placed sh alone, and running 20 /bin/true each placed again from its
+            # instance: the difference / 20 is one placement from an instance.
+            "placed sh, no exec": [*DCPTRACE, "--instances", "3", "--", "sh", "-c",
+                                   "/bin/sh -c :"],
+            "placed sh, 20 placed execs": [*DCPTRACE, "--instances", "3", "--", "sh", "-c",
+                                           "/bin/sh -c '" + "/bin/true; " * 20 + "'"],
+        }  # fmt: skip
+        times: dict[str, list[float]] = {w: [] for w in ways}
+        print(f"load before: {open('/proc/loadavg').read().strip()}")
+        timed(["make", "-j6"], proj)  # warm the page cache and the compiler
+        for _ in range(args.rounds):
+            for way, argv in ways.items():
+                subprocess.run(["make", "clean"], cwd=proj, capture_output=True, check=True)
+                times[way].append(timed(argv, proj))
+        print(f"load after:  {open('/proc/loadavg').read().strip()}")
+        for way, t in times.items():
+            print(
+                f"{way:26s} min {min(t):6.2f} s  median {statistics.median(t):6.2f} s"
+                f"  max {max(t):6.2f} s  ({len(t)} runs)"
+            )
+        base = statistics.median(times["placed sh, no exec"])
+        per = (statistics.median(times["placed sh, 20 placed execs"]) - base) / 20
+        print(f"one exec placed from an instance (deputy there + remote exec): {per * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`dcptrace --instances 3 --placement spread -- make -j6` on a generated C project.
+
+The compilers run on all three instances (the run record says where each
+process ran), and the output and the binary built equal a native build's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cproject import generate
+
+from tests.conftest import run, traced
+
+pytestmark = pytest.mark.usefixtures("has_ptrace")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    if shutil.which("make") is None or shutil.which("cc") is None:
+        pytest.skip("needs make and cc")
+    return generate(tmp_path / "proj")
+
+
+def test_make_j6_spreads_its_compilers_and_builds_the_same_binary(project: Path) -> None:
+    native = run(["make", "-j6"], cwd=project, timeout=300)
+    assert native.returncode == 0, native.stderr
+    want_binary = (project / "app").read_bytes()
+    want_out = run([str(project / "app")]).stdout
+    assert run(["make", "clean"], cwd=project).returncode == 0
+
+    rec = project.parent / "r.json"
+    res = traced(
+        ["make", "-j6"], "--instances", "3", "--placement", "spread", "--record", str(rec),
+        cwd=project, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    # make -j6 prints in completion order: the same lines, maybe reordered.
+    assert sorted(res.stdout.splitlines()) == sorted(native.stdout.splitlines())
+    assert (project / "app").read_bytes() == want_binary
+    assert run([str(project / "app")]).stdout == want_out
+
+    procs = json.loads(rec.read_text())["processes"]
+    compilers = [p for p in procs if Path(p["argv"][0]).name in ("cc", "gcc") if p["argv"]]
+    assert len(compilers) == 14, [p["argv"] for p in compilers]  # 13 compiles + the link
+    assert {p["instance"] for p in compilers} == {"node0", "node1", "node2"}, compilers
+
+
+WRAPPER = """#!/bin/sh
+read host < /proc/sys/kernel/hostname
+echo "$host" >> "$HOSTS"
+exec cc "$@"
+"""
+
+
+def test_a_placed_make_places_its_compilers_in_turn(project: Path) -> None:
+    """make itself placed on an instance: its compilers are placed from there, same build.
+
+    The compiler is a wrapper that notes, without an exec of its own (a shell
+    builtin reads the UTS hostname), the instance it runs on.
+    """
+    native = run(["make", "-j6"], cwd=project, timeout=300)
+    assert native.returncode == 0, native.stderr
+    want_binary = (project / "app").read_bytes()
+    assert run(["make", "clean"], cwd=project).returncode == 0
+    wrapper = project.parent / "ccwrap"
+    wrapper.write_text(WRAPPER)
+    wrapper.chmod(0o755)
+    hosts = project.parent / "hosts"
+
+    rec = project.parent / "r.json"
+    res = traced(
+        ["sh", "-c", f"HOSTS={hosts} make -j6 CC={wrapper}; true"], "--instances", "3",
+        "--placement", "spread", "--record", str(rec), cwd=project, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    want = native.stdout.replace(b"cc ", f"{wrapper} ".encode())
+    assert sorted(res.stdout.splitlines()) == sorted(want.splitlines())
+    assert (project / "app").read_bytes() == want_binary
+    procs = json.loads(rec.read_text())["processes"]
+    (make,) = [p for p in procs if p["argv"][:1] == ["make"]]
+    assert make["instance"].startswith("node"), procs
+    ran_on = hosts.read_text().split()
+    assert len(ran_on) == 14, ran_on  # 13 compiles and the link
+    assert set(ran_on) == {"node0", "node1", "node2"}, (make["instance"], ran_on)

@@ -1,0 +1,88 @@
+"""An instance tracer places execs as the home does, with grants from its agent (fakes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tracer.coordinator import Allow, Complete, Decision, ProcessEvent, Rewrite, SyscallCall
+from vmagent.cluster.coordinator import Ident
+from vmagent.exec import tickets
+from vmagent.exec.view import View
+from vmagent.trace.placing import Grant, PlacingCoordinator
+
+
+class AllowAll:
+    def interception(self) -> frozenset[str]:
+        return frozenset()
+
+    def on_syscall(self, call: SyscallCall) -> Decision:
+        return Allow()
+
+    def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
+        return None
+
+    def on_process(self, event: ProcessEvent) -> None:
+        pass
+
+    def instance_of(self, pid: int) -> str:
+        return "local"
+
+
+def execve(pid: int, path: bytes, argv: tuple[bytes, ...]) -> SyscallCall:
+    return SyscallCall(pid, pid, 59, "execve", (0,) * 6, {0: path}, {}, argv)
+
+
+class Asks:
+    def __init__(self, grants: list[Grant | None]) -> None:
+        self.grants = grants
+        self.asked: list[tuple[Ident, int, list[str]]] = []
+
+    def __call__(self, ident: Ident, pid: int, avoid: list[str]) -> Grant | None:
+        self.asked.append((ident, pid, list(avoid)))
+        return self.grants.pop(0)
+
+
+@pytest.fixture(autouse=True)
+def _tickets_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+def test_the_program_s_own_exec_stays_and_the_next_becomes_a_deputy() -> None:
+    ask = Asks([Grant("node2", "10.0.0.12:7070", "v3.ticket"), None])
+    c = PlacingCoordinator(AllowAll(), ask, creds=lambda pid: (7, 8, (8,)))
+    view = View.of("prog_1", {"/mnt/v": "/srv/d"})
+    c.bind(view, "node1")
+    assert isinstance(c.on_syscall(execve(5, b"/bin/sh", (b"sh",))), Allow)  # P's own exec
+    assert ask.asked == []
+    placed = c.on_syscall(execve(6, b"/bin/true", (b"true", b"x")))
+    assert isinstance(placed, Rewrite)
+    argv = placed.args[1]
+    assert isinstance(argv, tuple)
+    text = [a.decode() for a in argv]
+    assert text[text.index("--instance") + 1] == "node2"
+    assert text[text.index("--agent") + 1] == "10.0.0.12:7070"
+    assert text[text.index("--view") + 1] == view.hex()
+    assert text[text.index("--parent") + 1] == "node1:6"
+    assert text[-3:] == ["/bin/true", "true", "x"]
+    ident, pid, avoid = ask.asked[0]
+    assert (ident.uid, ident.gid, ident.groups, pid, avoid) == (7, 8, (8,), 6, [])
+    assert ident.digest == tickets.exec_digest(b"/bin/true", (b"true", b"x"))
+    # No grant: the exec runs here; spread asks with the instance granted last.
+    assert isinstance(c.on_syscall(execve(7, b"/bin/true", (b"true",))), Allow)
+    assert ask.asked[1][2] == ["node2"]
+    c.close()
+
+
+@pytest.mark.parametrize("view", [View("prog_1", placement="local"), View("")])
+def test_placement_local_or_a_run_without_an_oss_never_asks(view: View) -> None:
+    ask = Asks([])
+    c = PlacingCoordinator(AllowAll(), ask, creds=lambda pid: (7, 8, ()))
+    c.bind(view, "node1")
+    c.on_syscall(execve(5, b"/bin/sh", (b"sh",)))
+    assert isinstance(c.on_syscall(execve(6, b"/bin/true", (b"true",))), Allow)
+    assert ask.asked == []
+    c.close()
