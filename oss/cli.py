@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from aiohttp import web
 
+from oss import models as m
 from oss.accounts import credentials
 from oss.billing.pricing import Rates
 from oss.compute.pool import Provider
@@ -402,3 +403,112 @@ def lab(
 
 if __name__ == "__main__":
     main()
+
+
+REPORT_INTERVAL = 1.0  # seconds between an agent's telemetry batches (vmagent uplink)
+
+
+@main.command("logs")
+@click.argument("program")
+@click.option("--url", envvar="DCP_OSS_URL", required=True, help="OSS base URL.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the program ends.")
+@click.option("--instance", default=None, help="Only lines from this instance.")
+@click.option(
+    "--stream",
+    type=click.Choice(["stdout", "stderr", "log", "event"]),
+    default=None,
+    help="Only this stream.",
+)
+@click.option("--since", type=float, default=None, help="Only lines at or after this time.")
+def logs(
+    program: str,
+    url: str,
+    follow: bool,
+    instance: str | None,
+    stream: str | None,
+    since: float | None,
+) -> None:
+    """Print PROGRAM's log in time order: `HH:MM:SS.mmm INSTANCE PID STREAM text`.
+
+    The account token comes from the environment variable DCP_TOKEN.
+    """
+    token = os.environ.get("DCP_TOKEN", "").strip()
+    if not token:
+        raise click.UsageError("set the account token in the environment variable DCP_TOKEN")
+    try:
+        asyncio.run(_print_logs(url, token, program, follow, instance, stream, since))
+    except OssError as exc:
+        click.echo(f"dcp-oss logs: {exc.message}", err=True)
+        sys.exit(1)
+    except BrokenPipeError:
+        sys.stderr.close()  # `| head`: the reader has what it wanted
+
+
+async def _print_logs(
+    url: str,
+    token: str,
+    program: str,
+    follow: bool,
+    instance: str | None,
+    stream: str | None,
+    since: float | None,
+) -> None:
+    from oss.client import OssClient
+    from oss.telemetry import logs as logmod
+
+    def line_of(x: m.LogLineOut) -> logmod.LogLine:
+        return logmod.LogLine(x.ts, x.stream, x.text, x.instance, x.pid)
+
+    def emit(lines: list[logmod.LogLine]) -> None:
+        if lines:
+            sys.stdout.write("".join(logmod.render(ln) + "\n" for ln in lines))
+            sys.stdout.flush()
+
+    async with OssClient(url, token, timeout=30.0) as oss:
+
+        async def links() -> list[tuple[logmod.SessionKey, logmod.SessionKey]]:
+            # A nested placement's lines come twice (its instance, the relaying one).
+            return logmod.relay_links((await oss.processes(program)).processes)
+
+        if not follow:
+            cursor, got = 0, []
+            while True:
+                page = await oss.logs(
+                    program, stream, instance=instance, since=since, cursor=cursor
+                )
+                got += [line_of(x) for x in page.lines]
+                if not page.lines:
+                    break
+                cursor = page.cursor
+            emit(logmod.drop_relayed(sorted(got, key=lambda ln: ln.ts), await links()))
+            return
+        held = logmod.Reorder(REPORT_INTERVAL + 0.5)
+        loop = asyncio.get_running_loop()
+        drop = logmod.RelayDropper(REPORT_INTERVAL)
+        drop.link(await links())
+        looked = loop.time()
+        stream_iter = oss.follow(program, stream, instance=instance, since=since).__aiter__()
+        nxt: asyncio.Task[m.LogLineOut] | None = None
+        try:
+            while True:
+                if nxt is None:
+                    nxt = asyncio.ensure_future(stream_iter.__anext__())
+                done, _ = await asyncio.wait({nxt}, timeout=0.25)
+                if done:
+                    try:
+                        x = nxt.result()
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        nxt = None
+                    held.push(line_of(x), loop.time())
+                ready = held.ready(loop.time())
+                if ready and loop.time() - looked >= REPORT_INTERVAL:
+                    drop.link(await links())  # sessions placed since the last look
+                    looked = loop.time()
+                emit(drop(ready, loop.time()))
+        finally:
+            if nxt is not None:
+                nxt.cancel()
+        drop.link(await links())
+        emit(sorted(drop(held.rest(), loop.time()) + drop.rest(), key=lambda ln: ln.ts))

@@ -195,30 +195,45 @@ class OssClient:
             stream if stream in ("stdout", "stderr") else "logs"
         )
         params = dict(filters)
-        if stream == "log":
-            params["stream"] = "log"
+        if stream in ("log", "event"):
+            params["stream"] = stream
         return await self._get(m.LogPage, "GET", path, None, params)
 
     async def follow(
-        self, program_id: str, stream: str | None = None
+        self, program_id: str, stream: str | None = None, **filters: Any
     ) -> AsyncIterator[m.LogLineOut]:
-        """Stream the program's log lines until it ends."""
+        """Stream the program's log lines until it ends (`filters`: instance, since)."""
         if self._session is None:
             await self.__aenter__()
         assert self._session is not None
         path = f"/v1/programs/{program_id}/" + (
             stream if stream in ("stdout", "stderr") else "logs"
         )
+        params = {"follow": "true", **{k: str(v) for k, v in filters.items() if v is not None}}
+        if stream in ("log", "event"):
+            params["stream"] = stream
         async with self._session.get(
             self.base_url + path,
-            params={"follow": "true"},
+            params=params,
             headers={"Authorization": f"Bearer {self._token}"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
         ) as resp:
             if resp.status >= 400:
                 raise _error(resp.status, await resp.read())
             async for line in resp.content:
                 if line.strip():
                     yield m.LogLineOut.model_validate_json(line)
+
+    async def processes(
+        self, program_id: str, final_wait: float = 0.0, expect: int = 0
+    ) -> m.ProcessList:
+        """The program's processes with their measured usage (waiting up to `final_wait`
+        seconds for `expect` of them to be recorded and every one to have its final
+        figures)."""
+        params = {"final_wait": final_wait, "expect": expect} if final_wait else None
+        return await self._get(
+            m.ProcessList, "GET", f"/v1/programs/{program_id}/processes", None, params
+        )
 
     async def report_metrics(self, program_id: str, report: m.MetricsReport) -> None:
         """Add counter increments for a program."""

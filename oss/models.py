@@ -392,6 +392,138 @@ class MetricsJson(Api):
     instances: dict[str, dict[str, float]]
 
 
+# -- telemetry: what agents measure (issue 10, chunk C; logs typed here, filled by D) --
+
+Pid = Annotated[int, Field(ge=1, le=2**31)]
+Stamp = Annotated[float, Field(ge=0, le=1e11)]
+ArgvItem = Annotated[str, StringConstraints(max_length=4096)]
+EventKind = Literal["placed", "spawn", "exec", "exit", "signal", "lost", "frozen", "killed"]
+
+
+class UsageRow(Api):
+    """One process's usage on the reporting instance: totals so far, never increments.
+
+    The OSS keeps the highest figure seen per process, so a row sent twice (a
+    retried batch, a sample and then the final row) is counted once.
+    """
+
+    program_id: Id
+    pid: Pid
+    started: Stamp  # with pid, names the process (pids are reused)
+    parent_instance: Name | None = None  # the instance of the process that placed it
+    parent_pid: Pid | None = None
+    session: Pid | None = None  # the pid of the program its agent session runs
+    argv: Annotated[list[ArgvItem], Field(max_length=256)] = []
+    final: bool = False  # the process ended: these are its last figures
+    exit_status: Annotated[int, Field(ge=0, le=255)] | None = None
+    signal: Annotated[int, Field(ge=1, le=64)] | None = None
+    cpu_us: NonNeg = 0
+    maxrss_kb: NonNeg = 0
+    rchar: NonNeg = 0  # bytes read by any means (/proc/PID/io)
+    wchar: NonNeg = 0
+    rbytes: NonNeg = 0  # bytes read from storage
+    wbytes: NonNeg = 0
+    net_rx: NonNeg = 0  # TCP payload bytes received (sock_diag)
+    net_tx: NonNeg = 0
+    syscalls: dict[ServiceName, NonNeg] = {}
+
+
+class AgentLogLine(Api):
+    """One line a placed process wrote on stdout or stderr."""
+
+    program_id: Id
+    pid: Pid
+    ts: Stamp
+    stream: Literal["stdout", "stderr"]
+    text: Text
+
+
+class EventRow(Api):
+    """A lifecycle event of a placed process (logged as stream `event`)."""
+
+    program_id: Id
+    pid: Pid
+    ts: Stamp
+    kind: EventKind
+    ppid: Pid | None = None
+    argv: Annotated[list[ArgvItem], Field(max_length=256)] = []
+    status: Annotated[int, Field(ge=0, le=255)] | None = None
+    signal: Annotated[int, Field(ge=1, le=64)] | None = None
+    text: Annotated[str, StringConstraints(max_length=4096)] = ""
+
+
+class StorageRow(Api):
+    """The storage a program's view holds, as its instance walked it (kB of st_blocks)."""
+
+    program_id: Id
+    kb: NonNeg
+
+
+class AgentReport(Api):
+    """One batch of an agent's telemetry; `seq` increases per batch (a retry keeps it)."""
+
+    instance: Name
+    seq: Annotated[int, Field(ge=1, le=2**62)]
+    usage: Annotated[list[UsageRow], Field(max_length=4096)] = []
+    logs: Annotated[list[AgentLogLine], Field(max_length=10_000)] = []
+    events: Annotated[list[EventRow], Field(max_length=4096)] = []
+    storage: Annotated[list[StorageRow], Field(max_length=4096)] = []
+
+
+class ReportAck(Api):
+    """The highest batch the OSS holds for the instance; `refused` rows named programs the
+    instance never ran (dropped, counted)."""
+
+    acked_seq: int
+    refused: int = 0
+
+
+class ProcessRow(Api):
+    """One process of a program as the OSS recorded it."""
+
+    pid: int
+    instance: str
+    started: float
+    parent: str | None  # "INSTANCE:PID" of the process that placed it
+    session: int | None  # the pid of its session's program (whose output it shares)
+    argv: list[str]
+    state: Literal["running", "exited", "lost"]
+    ended: float | None
+    exit_status: int | None
+    signal: int | None
+    cpu_seconds: float
+    max_rss_kb: int
+    io_read_bytes: int
+    io_write_bytes: int
+    storage_read_bytes: int
+    storage_write_bytes: int
+    net_rx_bytes: int
+    net_tx_bytes: int
+    syscalls_by_service: dict[str, int]
+
+
+class ProcessQuery(Api):
+    """`?final_wait=S&expect=N`: wait up to S seconds until at least N processes are
+    recorded and every one has ended."""
+
+    final_wait: Annotated[float, Field(ge=0, le=10)] = 0.0
+    expect: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+
+
+class ProcessList(Api):
+    """A program's processes; `incomplete` lists those without final figures yet."""
+
+    processes: list[ProcessRow]
+    incomplete: list[str]  # "INSTANCE:PID"
+
+
+class ProgramMetrics(Counters):
+    """A program's counters with the breakdown by instance and by process."""
+
+    by_instance: dict[str, Counters] = {}
+    by_process: dict[str, Counters] = {}  # "INSTANCE:PID" (the newest MAX_PROCESS_ROWS)
+
+
 # -- instances and pools -----------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -32,15 +33,28 @@ from oss.compute.programs import Programs
 from oss.db.store import Store
 from oss.errors import Conflict, Forbidden, NoCapacity, OssError, Unauthorized
 from oss.ipc.locking import LockService
-from oss.models import AgentHeartbeat, AgentRegister, ExecIdentity, Policies, ProgramSubmit
+from oss.models import (
+    AgentHeartbeat,
+    AgentRegister,
+    AgentReport,
+    ExecIdentity,
+    Policies,
+    ProcessList,
+    ProgramSubmit,
+    ReportAck,
+)
 from oss.schema import VERSIONS
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
+from oss.telemetry.processes import Processes, measured_counters, process_row, seeded
 from oss.telemetry.store import Logs
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FLUSH_TICKS = 5  # persist heartbeats every this many ticks
+PLACED_REMEMBERED = 3600.0  # seconds an instance may report for a program placed there
+PLACED_KEPT = 100_000  # (program, instance) placements remembered for that
+FINAL_POLL = 0.05  # seconds between looks while a processes read waits for final rows
 
 
 class ContextLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -104,6 +118,7 @@ class Oss:
         self.programs = Programs(self.store, BudgetCheck())
         self.billing = Billing(self.store)
         self.logs = Logs(self.store)
+        self.processes = Processes(self.store)
         self.metrics = MetricsCollector()
         self.locks = LockService(self.store, clock)
         self.pools = PoolManager(
@@ -123,6 +138,8 @@ class Oss:
         self._last_seen: dict[str, float] = {}
         self._beats: dict[str, tuple[float, str]] = {}
         self._oss_lines: list[logmod.LogLine] = []
+        self._event_lines: dict[str, list[logmod.LogLine]] = {}  # program -> placed events
+        self._placed_on: dict[tuple[str, str], float] = {}  # (program, instance) -> when
         self._token_cache: dict[str, tuple[Principal, float]] = {}
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
@@ -139,6 +156,7 @@ class Oss:
         now = self.clock()
         # After a restart every ready instance gets a full timeout to heartbeat again.
         self._last_seen = {name: now for name in await self.instances.ready_instances()}
+        await self._seed_metrics()
         self._runner = asyncio.create_task(self._loop(), name="oss-background")
         self.oss_log("oss started")
 
@@ -235,6 +253,12 @@ class Oss:
             await self.instances.flush_heartbeats(beats)
 
     async def _flush_logs(self) -> None:
+        events, self._event_lines = self._event_lines, {}
+        for program_id, lines in events.items():
+            try:
+                await self.logs.append_logs(None, program_id, lines)
+            except OssError as exc:
+                log.warning("placement events of %s not logged: %s", program_id, exc)
         if self._oss_lines:
             lines, self._oss_lines = self._oss_lines, []
             await self.logs.append_logs(None, None, lines)
@@ -347,6 +371,8 @@ class Oss:
         Tickets are bound to `exec_as` (one exec, its uid/gid/groups); without it none
         are minted.  The caller checked that the account may use those ids.
         """
+        if program_id is not None:
+            self.placed(program_id, assignments)  # telemetry: these instances report for it
         if exec_as is None:
             return []
         keys = await self.instances.exec_targets([a["instance"] for a in assignments])
@@ -424,9 +450,83 @@ class Oss:
                 f"instance {instance} lost: {count} process(es) ended"
                 f" (silent {silent_for[instance]:.1f} s): {then}",
             )
+        await self._lose_processes(failures)
         # Replacements: failed instances no longer count as live in their pools.
         self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
         return names
+
+    # -- measured usage (issue 10: telemetry) ----------------------------------
+
+    async def report(self, instance: str, body: AgentReport) -> ReportAck:
+        """Apply an agent's telemetry batch: usage into `processes` and the metrics,
+        output lines and events into the programs' logs.  A replayed batch is acked, not
+        applied again."""
+        if body.instance != instance:
+            raise Unauthorized("token does not belong to this instance")
+        now = self.clock()
+        placed = {
+            prog
+            for prog in {u.program_id for u in body.usage}
+            | {ln.program_id for ln in body.logs}
+            | {e.program_id for e in body.events}
+            if now - self._placed_on.get((prog, instance), -1e18) <= PLACED_REMEMBERED
+        }
+        done = await self.processes.apply(instance, body, placed)
+        for program_id, inst, _pid, delta in done.deltas:
+            self.metrics.report(program_id, measured_counters(delta, inst))
+        if done.refused:
+            self.oss_log(
+                f"refused {done.refused} telemetry row(s) of programs not run here", instance
+            )
+        return ReportAck(acked_seq=done.acked_seq, refused=done.refused)
+
+    def placed(self, program_id: str, assignments: Sequence[Mapping[str, Any]]) -> None:
+        """Processes of a program were placed: their instances may report for it (even
+        after the placement is released), and the program's log gets `placed` events."""
+        now = self.clock()
+        for a in assignments:
+            self._placed_on[(program_id, a["instance"])] = now
+            n = a["processes"]
+            self._event_lines.setdefault(program_id, []).append(
+                logmod.LogLine(
+                    now, "event", f"placed {n} process{'es' if n > 1 else ''}", a["instance"]
+                )
+            )
+        if len(self._placed_on) > PLACED_KEPT:  # forget the oldest half
+            keep = sorted(self._placed_on.items(), key=lambda kv: kv[1])[PLACED_KEPT // 2 :]
+            self._placed_on = dict(keep)
+
+    async def process_list(
+        self, account_id: str, program_id: str, final_wait: float = 0.0, expect: int = 0
+    ) -> ProcessList:
+        """The program's processes; with `final_wait`, first wait (at most that long)
+        until `expect` are recorded and every one has its final figures."""
+        deadline = time.monotonic() + final_wait
+        while True:
+            rows = [process_row(x) for x in await self.processes.processes(account_id, program_id)]
+            incomplete = [f"{p.instance}:{p.pid}" for p in rows if p.state == "running"]
+            done = not incomplete and len(rows) >= expect
+            if done or time.monotonic() >= deadline:
+                return ProcessList(processes=rows, incomplete=incomplete)
+            await asyncio.sleep(FINAL_POLL)
+
+    async def _lose_processes(self, failures: Sequence[availability.Failure]) -> None:
+        """The running processes of failed instances are lost: rows and `lost` events."""
+        now = self.clock()
+        for f in failures:
+            for row in await self.processes.lose(f.instance, now):
+                argv = " ".join(json.loads(row["argv"]))
+                text = (
+                    f"lost: pid {row['pid']} ({argv}) on {f.instance}: silent {f.silent_for:.1f} s"
+                )
+                self._event_lines.setdefault(row["program_id"], []).append(
+                    logmod.LogLine(now, "event", text, f.instance, row["pid"])
+                )
+
+    async def _seed_metrics(self) -> None:
+        """After a restart the collector starts from the durable measured totals."""
+        for program_id, inst, totals in seeded(await self.processes.totals()):
+            self.metrics.report(program_id, measured_counters(totals, inst))
 
     # -- programs ------------------------------------------------------------
 
@@ -442,6 +542,7 @@ class Oss:
         )
         limits = body.limits.model_dump(exclude_none=True) if body.limits else None
         prog = await self.programs.submit(who, spec, limits)
+        self.placed(prog["id"], prog["placements"])
         await self.program_log(
             prog["id"],
             f"submitted by {who.user_id}: {prog['state']}, placements "
@@ -458,12 +559,7 @@ class Oss:
 
     async def meter(self) -> None:
         """Per-second metering into billing records; hard budgets stop programs."""
-        net = self.metrics.take_net_bytes()
-        try:
-            res = await self.billing.meter(self.config.rates, net)
-        except OssError:
-            self.metrics.untake_net_bytes(net)
-            raise
+        res = await self.billing.meter(self.config.rates)
         for st in res.stopped:
             await self.program_log(st.program_id, st.reason)
             self.oss_log(f"program {st.program_id} {st.reason}")

@@ -287,6 +287,7 @@ def command(
                     record = build_record(
                         program, outcome.exit_status, outcome.signal, outcome.machine,
                         outcome.stats, outcome.wall_seconds, coordinator.instance_of, "all",
+                        remote=compose.measured(coordinator),
                     )  # fmt: skip
                     record_out.write(render_record(record))
                 status = _program_status(outcome.exit_status, outcome.signal)

@@ -17,6 +17,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from oss.embedded import EmbeddedCoordinator
 from oss.local import LocalOss, default_data_dir
@@ -144,3 +145,16 @@ def clustered(
             local.close()
         stack.close()
         cluster.remove_logs()
+
+
+RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures
+
+
+def measured(coordinator: Coordinator) -> dict[str, Any] | None:
+    """What the OSS measured of the run's placed processes (None: nothing was placed
+    through an OSS)."""
+    from vmagent.cluster.ossmode import OssCoordinator
+
+    if isinstance(coordinator, OssCoordinator):
+        return coordinator.measured(RECORD_FINAL_WAIT)
+    return None

@@ -102,8 +102,11 @@ def build_record(
     wall_seconds: float,
     instance_of: Callable[[int], str],
     scope: str,
+    *,
+    remote: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON run record."""
+    """The JSON run record; `remote` is the OSS's processes record of the placed processes
+    (`GET /v1/programs/{id}/processes`: their measured usage, issue 10)."""
     processes = [
         {
             "pid": p.pid,
@@ -130,7 +133,33 @@ def build_record(
             "errors_by_name": {stats.name(nr): n for nr, n in stats.errors.most_common()},
         },
     }
+    if remote is not None:
+        add_remote(record, remote)
     return record
+
+
+REMOTE_FIELDS = (
+    "pid", "instance", "parent", "session", "argv", "exit_status", "signal", "cpu_seconds",
+    "max_rss_kb",
+    "io_read_bytes", "io_write_bytes", "net_rx_bytes", "net_tx_bytes", "syscalls_by_service",
+)  # fmt: skip
+
+
+def add_remote(record: dict[str, Any], remote: dict[str, Any]) -> None:
+    """Add the placed processes as the OSS measured them, their syscalls by instance and
+    the processes whose final figures had not arrived (`incomplete`)."""
+    rows = [{k: p.get(k) for k in REMOTE_FIELDS} for p in remote.get("processes", [])]
+    for row in rows:
+        if isinstance(row["signal"], int):
+            row["signal"] = signal.Signals(row["signal"]).name
+    record["placed_processes"] = rows
+    by_instance: dict[str, dict[str, int]] = {}
+    for row in rows:
+        acc = by_instance.setdefault(str(row["instance"]), {})
+        for svc, n in (row["syscalls_by_service"] or {}).items():
+            acc[svc] = acc.get(svc, 0) + int(n)
+    record["syscalls"]["by_instance"] = by_instance
+    record["incomplete"] = list(remote.get("incomplete", []))
 
 
 def render_record(record: dict[str, Any]) -> str:

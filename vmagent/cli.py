@@ -15,6 +15,8 @@ import click
 from vmagent.agent import Agent
 from vmagent.config import AgentConfig, ConfigError, parse_hostport, read_token
 from vmagent.osslink import OssLink, advertised_address
+from vmagent.telemetry.reporter import Reporter
+from vmagent.telemetry.uplink import HttpPost, Uplink
 from vmagent.trace.zygote import Tracing
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ async def serve(config: AgentConfig, tracing: Tracing) -> None:
     try:
         async with asyncio.TaskGroup() as tasks:
             link_task = None
+            telemetry = None
             if config.oss_url:
                 port = int(address.rpartition(":")[2])
                 link = OssLink(
@@ -66,11 +69,50 @@ async def serve(config: AgentConfig, tracing: Tracing) -> None:
                     on_commands=agent.on_commands,
                 )
                 link_task = tasks.create_task(link.run())
+                telemetry = start_telemetry(agent, config, tasks)
             await stop.wait()
             if link_task is not None:
                 link_task.cancel()
+            if telemetry is not None:
+                await telemetry.stop()
     finally:
         await agent.close()
+
+
+class Telemetry:
+    """The agent's telemetry: the reporter observing sessions and its uplink to the OSS."""
+
+    def __init__(self, reporter: Reporter, post: HttpPost, tasks: list[asyncio.Task[None]]) -> None:
+        self.reporter = reporter
+        self.post = post
+        self.tasks = tasks
+
+    async def stop(self) -> None:
+        """Send what waits (briefly), then stop."""
+        await self.reporter.uplink.drain(2.0)
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.post.close()
+
+
+def start_telemetry(agent: Agent, config: AgentConfig, tasks: asyncio.TaskGroup) -> Telemetry:
+    """Report every OSS program's usage, output and events (issue 10)."""
+    assert config.oss_url is not None
+    post = HttpPost(config.oss_url, config.token, config.call_timeout)
+    uplink = Uplink(config.instance, post)
+    reporter = Reporter(uplink)
+    agent.service.hooks.add(reporter)
+    # Limits act: the enforcer's frozen/killed acts become the program's events.
+    agent.enforcer.on_event = reporter.program_event
+    return Telemetry(
+        reporter,
+        post,
+        [
+            tasks.create_task(uplink.run(), name="telemetry-uplink"),
+            tasks.create_task(reporter.run(), name="telemetry-sampler"),
+        ],
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,6 +20,8 @@ from oss.billing import limits as lim
 from oss.billing import pricing
 from oss.compute import programs
 from oss.db.store import Conn, Store, to_json
+from oss.errors import NotFound
+from oss.telemetry import processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +66,14 @@ class Billing:
 
         await self._db.write(op)
 
-    async def meter(self, rates: pricing.Rates, net_bytes: Mapping[str, int]) -> MeterResult:
+    async def meter(self, rates: pricing.Rates) -> MeterResult:
         """Bill every running program for the whole seconds since it was last metered.
 
-        Then stop programs past a limit at any level (`limits.breach`: a hard budget
-        reached, or instances, storage or bandwidth above their limit) in the same
+        Network is billed from the bytes the instances measured (telemetry's
+        `measured_net`), taken in this transaction: bytes are billed exactly once, by
+        the first pass after they were reported.  Then stop programs past a limit at
+        any level (`limits.breach`: a hard budget reached, or instances, storage or
+        bandwidth above their limit, storage and bandwidth as measured) in the same
         transaction: a stopped program is never billed again, so what it is billed
         exceeds its hard budget by at most this pass's charge.
         """
@@ -76,11 +81,14 @@ class Billing:
 
         def op(c: Conn) -> MeterResult:
             n = 0
+            net_bytes = processes.take_net(c)
+            measured_net = dict(net_bytes)  # limits see it whole; billing pops what it bills
             models: dict[str, str] = {}
             secs_by_program: dict[str, int] = {}
+            storage_by_program: dict[str, int] = {}
             for p in programs.metered(c):
                 secs = pricing.whole_seconds(p["last_metered"], now)
-                if secs == 0:
+                if secs == 0 and not net_bytes.get(p["id"]):
                     continue
                 secs_by_program[p["id"]] = secs
                 uses = [
@@ -93,7 +101,14 @@ class Billing:
                     )
                     for r in programs.instance_uses(c, p["id"])
                 ]
-                m = pricing.Metered(secs, uses, p["storage_mb"], net_bytes.get(p["id"], 0))
+                # Storage as the program's instances measured its view; the declared
+                # figure only where none did (no view, or a walk cut at its cap).
+                storage = processes.storage_mb(c, p["id"], now)
+                if storage is None:
+                    storage = p["storage_mb"]
+                else:
+                    storage_by_program[p["id"]] = storage
+                m = pricing.Metered(secs, uses, storage, net_bytes.get(p["id"], 0))
                 if p["account_id"] not in models:
                     models[p["account_id"]] = accounts.pricing_model(c, p["account_id"])
                 model = pricing.PricingModel(models[p["account_id"]])
@@ -123,7 +138,12 @@ class Billing:
                 programs.charge(c, p["id"], ch.amount_micros, end)
                 accounts.add_spent(c, p["account_id"], p["user_id"], ch.amount_micros)
                 n += 1
-            stopped = _stop_breaches(c, now, net_bytes, secs_by_program)
+                net_bytes.pop(p["id"], None)
+            # Bytes measured after a program stopped running (its last processes'
+            # final figures) are billed too: a record of no seconds, network only.
+            for program_id, nbytes in sorted(net_bytes.items()):
+                n += _bill_late_net(c, program_id, nbytes, rates, models)
+            stopped = _stop_breaches(c, now, measured_net, secs_by_program, storage_by_program)
             return MeterResult(n, tuple(stopped))
 
         return await self._db.write(op)
@@ -196,7 +216,11 @@ _STOPPING = ("hard_budget_micros", "max_instances", "max_storage_mb", "max_bandw
 
 
 def _stop_breaches(
-    c: Conn, now: float, net_bytes: Mapping[str, int], secs: Mapping[str, int]
+    c: Conn,
+    now: float,
+    net_bytes: Mapping[str, int],
+    secs: Mapping[str, int],
+    storage: Mapping[str, int],
 ) -> list[Stopped]:
     """Stop every active program past a limit; return what was stopped."""
     # Only programs under some limit that stops can be stopped: find those scopes first.
@@ -222,11 +246,15 @@ def _stop_breaches(
         # Bandwidth as metered this pass (bytes over its whole seconds) where it is
         # above the declared reservation.
         seconds = secs.get(p["id"], 0)
+        use = measured[lim.Level.PROGRAM]
         if seconds and net_bytes.get(p["id"]):
             mbps = net_bytes[p["id"]] * 8 // (1_000_000 * seconds)
-            use = measured[lim.Level.PROGRAM]
             if mbps > use.bandwidth_mbps:
-                measured[lim.Level.PROGRAM] = replace(use, bandwidth_mbps=mbps)
+                use = replace(use, bandwidth_mbps=mbps)
+        # Storage as its instances measured the program's view (declared where none did).
+        if p["id"] in storage:
+            use = replace(use, storage_mb=storage[p["id"]])
+        measured[lim.Level.PROGRAM] = use
         found = lim.breach([(level, limits_) for level, limits_, _ in levels], measured)
         if found is None:
             continue
@@ -241,6 +269,37 @@ def _stop_breaches(
 def stop_info(b: lim.Breach) -> dict[str, Any]:
     """A breach as the API shows it (`Program.stop`)."""
     return dict(level=b.level.value, resource=b.resource, limit=b.limit, value=b.value)
+
+
+def _bill_late_net(
+    c: Conn, program_id: str, nbytes: int, rates: pricing.Rates, models: dict[str, str]
+) -> int:
+    """Bill measured bytes of a program no longer metered; the records written (0/1)."""
+    try:
+        p = programs.program_row(c, program_id, None)
+    except NotFound:
+        return 0
+    if p["account_id"] not in models:
+        models[p["account_id"]] = accounts.pricing_model(c, p["account_id"])
+    model = pricing.PricingModel(models[p["account_id"]])
+    ch = pricing.charge(pricing.Metered(0, [], 0, nbytes), model, rates)
+    detail = dict(
+        instance_micros=0.0,
+        storage_micros=0.0,
+        net_micros=float(ch.net_micros),
+        premium_micros=float(ch.premium_micros),
+    )
+    c.execute(
+        "INSERT INTO billing(program_id, account_id, user_id, start, end, seconds,"
+        " model, amount_micros, detail) VALUES(?,?,?,?,?,?,?,?,?)",
+        (
+            p["id"], p["account_id"], p["user_id"], p["last_metered"], p["last_metered"], 0,
+            model.value, ch.amount_micros, to_json(detail),
+        ),
+    )  # fmt: skip
+    programs.charge(c, p["id"], ch.amount_micros, p["last_metered"])
+    accounts.add_spent(c, p["account_id"], p["user_id"], ch.amount_micros)
+    return 1
 
 
 def limits(c: Conn, scope: str, scope_id: str) -> dict[str, Any]:

@@ -102,8 +102,8 @@ class MetricsCollector:
         self._programs: dict[str, _Acc] = defaultdict(_Acc)
         self._by_instance: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
         self._on_instance: dict[str, set[str]] = defaultdict(set)  # instance -> programs
+        self._instances_of: dict[str, set[str]] = defaultdict(set)  # program -> instances
         self._loads: dict[str, Load] = {}
-        self._net_billed: dict[str, int] = defaultdict(int)
         self.render_lock = asyncio.Lock()  # one exposition render at a time
         self.log_chunks_decoded = Counter(
             "dcp_log_chunks_decoded", "Log chunks decompressed to answer reads", registry=r
@@ -115,6 +115,7 @@ class MetricsCollector:
         inst = r.instance or _NONE
         self._by_instance[(program, inst)].add(r)
         self._on_instance[inst].add(program)
+        self._instances_of[program].add(inst)
         for k, v in r.syscalls.items():
             self._sys.labels(program, inst, k).inc(v)
         for k, f in r.latency_seconds.items():
@@ -177,21 +178,12 @@ class MetricsCollector:
                 out["io_bytes"] = out.get("io_bytes", 0.0) + acc.io_read_bytes + acc.io_write_bytes
         return out
 
-    def take_net_bytes(self) -> dict[str, int]:
-        """Network bytes per program not yet billed; marks them billed."""
-        out = {}
-        for prog, acc in self._programs.items():
-            total = acc.net_rx_bytes + acc.net_tx_bytes
-            delta = total - self._net_billed[prog]
-            if delta > 0:
-                out[prog] = delta
-                self._net_billed[prog] = total
-        return out
-
-    def untake_net_bytes(self, taken: dict[str, int]) -> None:
-        """Give back bytes whose billing failed, so the next pass bills them."""
-        for prog, n in taken.items():
-            self._net_billed[prog] -= n
+    def by_instance(self, program: str) -> dict[str, Counters]:
+        """A program's counters on each instance it reported from."""
+        return {
+            inst: self._by_instance[(program, inst)].model()
+            for inst in sorted(self._instances_of.get(program, ()))
+        }
 
     def exposition(self) -> bytes:
         """Prometheus text format."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Literal
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from oss.api import PROGRAM_PATH, Result, Route, principal
 from oss.errors import InvalidRequest
 from oss.service import Oss
 from oss.telemetry import logs as logmod
+from oss.telemetry import processes as procmod
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 class LogQueryParams(m.Api):
     """Filters for reading a log."""
 
-    stream: Literal["stdout", "stderr", "log"] | None = None
+    stream: Literal["stdout", "stderr", "log", "event"] | None = None
     instance: str | None = Field(None, max_length=64)
     since: float | None = Field(None, ge=0, le=1e11)
     until: float | None = Field(None, ge=0, le=1e11)
@@ -78,6 +80,7 @@ async def _read_log(
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(r)
     cursor = q.cursor
+    seen_end = 0.0  # when this follower first saw the program ended (monotonic)
     try:
         while True:
             lines, cursor, decoded = await oss.logs.read_logs(
@@ -92,13 +95,24 @@ async def _read_log(
                 if r.transport is None or r.transport.is_closing():
                     break  # the follower hung up; nothing to write to notice it by
                 prog = await oss.programs.program(account or "", program)
+                # Instances report a program's last lines up to a batch interval after it
+                # ended: follow on that long after the end before closing.
                 if prog["state"] not in ("pending", "running", "recovering"):
-                    break
+                    now = time.monotonic()
+                    seen_end = seen_end or now
+                    if (
+                        oss.clock() - prog["updated"] >= FOLLOW_AFTER_END
+                        or now - seen_end >= FOLLOW_AFTER_END
+                    ):
+                        break
                 await asyncio.sleep(oss.config.follow_poll)
         await resp.write_eof()
     except ConnectionError:  # includes aiohttp's ClientConnectionResetError
         log.debug("log follower of %s went away", program)  # the client hung up: done
     return resp
+
+
+FOLLOW_AFTER_END = 2.5  # seconds: the agents' report interval, settle time and margin
 
 
 def _out(ln: logmod.LogLine) -> m.LogLineOut:
@@ -147,10 +161,46 @@ async def h_report_metrics(oss: Oss, r: web.Request, who: Any, b: m.MetricsRepor
     return m.Ok()
 
 
-async def h_program_metrics(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Counters:
+async def h_program_metrics(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.ProgramMetrics:
     pid = r.match_info["program_id"]
     await oss.programs.program(principal(who).account_id, pid)
-    return oss.metrics.program(pid)
+    by_process = {
+        f"{row['instance']}:{row['pid']}": _process_counters(row)
+        for row in await oss.processes.newest(pid)
+    }
+    return m.ProgramMetrics(
+        **oss.metrics.program(pid).model_dump(),
+        by_instance=oss.metrics.by_instance(pid),
+        by_process=by_process,
+    )
+
+
+def _process_counters(row: Any) -> m.Counters:
+    p = procmod.process_row(row)
+    return m.Counters(
+        syscalls=p.syscalls_by_service,
+        latency_seconds={},
+        cpu_seconds=p.cpu_seconds,
+        memory_bytes=p.max_rss_kb * 1024,
+        io_read_bytes=p.io_read_bytes,
+        io_write_bytes=p.io_write_bytes,
+        net_rx_bytes=p.net_rx_bytes,
+        net_tx_bytes=p.net_tx_bytes,
+    )
+
+
+async def h_agent_report(
+    oss: Oss, r: web.Request, who: Any, b: m.AgentReport, q: Any
+) -> m.ReportAck:
+    return await oss.report(str(who), b)
+
+
+async def h_processes(
+    oss: Oss, r: web.Request, who: Any, b: Any, q: m.ProcessQuery
+) -> m.ProcessList:
+    return await oss.process_list(
+        principal(who).account_id, r.match_info["program_id"], q.final_wait, q.expect
+    )
 
 
 async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:
@@ -236,7 +286,31 @@ ROUTES: tuple[Route, ...] = (
         m.Ok,
     ),
     Route(
-        "GET", P + "/metrics", h_program_metrics, "account", "Program counters", response=m.Counters
+        "GET",
+        P + "/metrics",
+        h_program_metrics,
+        "account",
+        "Program counters (measured; by instance and by process)",
+        response=m.ProgramMetrics,
+    ),
+    Route(
+        "GET",
+        P + "/processes",
+        h_processes,
+        "account",
+        "The program's processes with their measured usage",
+        response=m.ProcessList,
+        query=m.ProcessQuery,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/report",
+        h_agent_report,
+        "agent",
+        "Agent reports measured usage, output lines and events (a batch per seq)",
+        m.AgentReport,
+        m.ReportAck,
+        big_body=True,
     ),
     Route(
         "GET", "/v1/metrics", h_metrics_json, "account", "Counters as JSON", response=m.MetricsJson

@@ -30,14 +30,7 @@ class Logs:
         instance_owner: str | None = None,
     ) -> int:
         """Append lines (zstd chunks of up to CHUNK_LINES per instance); durable on return."""
-        groups: dict[str | None, list[logmod.LogLine]] = {}
-        for ln in lines:
-            groups.setdefault(ln.instance, []).append(ln)
-        blobs = [
-            (inst, chunk[0].ts, chunk[-1].ts, len(chunk), logmod.encode(chunk))
-            for inst, g in groups.items()
-            for chunk in logmod.chunks_of(g)
-        ]
+        blobs = chunk_blobs(lines)
 
         def op(c: Conn) -> int:
             acct = account_id
@@ -48,13 +41,7 @@ class Logs:
                     c, program_id, instance_owner
                 ):
                     raise NotFound(f"program {program_id} on instance {instance_owner}")
-            for inst, lo, hi, n, blob in blobs:
-                c.execute(
-                    "INSERT INTO log_chunks(account_id, program_id, instance, ts_min, ts_max,"
-                    " n, data) VALUES(?,?,?,?,?,?,?)",
-                    (acct, program_id, inst, lo, hi, n, blob),
-                )
-            return sum(b[3] for b in blobs)
+            return insert_chunks(c, acct, program_id, blobs)
 
         return await self._db.write(op)
 
@@ -98,3 +85,32 @@ class Logs:
             return lines, after, decoded
 
         return await self._db.read(op)
+
+
+# A stored chunk before insertion: (instance, ts_min, ts_max, lines, zstd data).
+Blob = tuple[str | None, float, float, int, bytes]
+
+
+def chunk_blobs(lines: Sequence[logmod.LogLine]) -> list[Blob]:
+    """Lines as compressed chunks, one run per instance (off the writer: zstd costs)."""
+    groups: dict[str | None, list[logmod.LogLine]] = {}
+    for ln in lines:
+        groups.setdefault(ln.instance, []).append(ln)
+    return [
+        (inst, chunk[0].ts, chunk[-1].ts, len(chunk), logmod.encode(chunk))
+        for inst, g in groups.items()
+        for chunk in logmod.chunks_of(g)
+    ]
+
+
+def insert_chunks(
+    c: Conn, account_id: str | None, program_id: str | None, blobs: Sequence[Blob]
+) -> int:
+    """Store compressed chunks in the caller's transaction; the number of lines."""
+    for inst, lo, hi, n, blob in blobs:
+        c.execute(
+            "INSERT INTO log_chunks(account_id, program_id, instance, ts_min, ts_max,"
+            " n, data) VALUES(?,?,?,?,?,?,?)",
+            (account_id, program_id, inst, lo, hi, n, blob),
+        )
+    return sum(b[3] for b in blobs)

@@ -102,10 +102,13 @@ class Lab:
                 p.stdout.close()
 
 
-def start_lab(lab: Lab, listen: str, agents: dict[str, tuple[str, ...]]) -> None:
+def start_lab(
+    lab: Lab, listen: str, agents: dict[str, tuple[str, ...]], serve: tuple[str, ...] = ()
+) -> None:
     """Accounts, instance tokens, `dcp-oss serve` on `listen`, one agent per name.
 
-    `agents` maps each instance name to (command prefix, agent --listen, extra options).
+    `agents` maps each instance name to (command prefix, agent --listen, extra options);
+    `serve`: more options of `dcp-oss serve`.
     """
     # The tests run as root: the operator lets this account run processes as uid 0.
     lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
@@ -113,7 +116,7 @@ def start_lab(lab: Lab, listen: str, agents: dict[str, tuple[str, ...]]) -> None
     tokens = {n: _cli("instance-token", "--data", str(lab.data), n) for n in agents}
     _proc, line = lab.start(
         "oss", "serve", "--listen", f"{listen}:0", "--data", str(lab.data),
-        "--heartbeat-interval", "0.5", "--tick", "0.5",
+        "--heartbeat-interval", "0.5", "--tick", "0.5", *serve,
     )  # fmt: skip
     assert "listening on " in line, line
     lab.url = line.split("listening on ", 1)[1].strip()

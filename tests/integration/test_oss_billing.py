@@ -9,7 +9,7 @@ from oss.billing.pricing import Rates
 pytest_plugins = ["conftest_oss"]
 
 
-def _setup(srv: OssServer) -> None:
+def _setup(srv: OssServer) -> dict[str, str]:
     admin = srv.account("root", admin=True)
     srv.http(
         "PUT",
@@ -18,15 +18,17 @@ def _setup(srv: OssServer) -> None:
         {"name": "t2", "cpus": 2, "memory_mb": 1, "price_micros_per_s": 1000},
     )
     srv.http("PUT", "/v1/pools", admin.token, {"name": "p", "instance_type": "t2"})
-    srv.instance("vm1", cpus=2, pool="p")  # 8 slots
-    srv.instance("vm2", cpus=2, pool="p")
+    return {
+        "vm1": srv.instance("vm1", cpus=2, pool="p"),  # 8 slots
+        "vm2": srv.instance("vm2", cpus=2, pool="p"),
+    }
 
 
 def test_sum_and_premium_models(oss_factory: object) -> None:
     clock = Clock()
     rates = Rates(storage_micros_per_gb_s=1024, net_micros_per_gb=2048, premium_pct=25)
     srv = oss_factory(clock=clock, rates=rates)  # type: ignore[operator]
-    _setup(srv)
+    itokens = _setup(srv)
     plain = srv.account("plain", pricing_model="sum")
     prem = srv.account("prem", pricing_model="premium")
     body = {"argv": ["x"], "processes": 2, "storage_mb": 512}
@@ -35,13 +37,18 @@ def test_sum_and_premium_models(oss_factory: object) -> None:
         "POST", "/v1/programs", prem.token, {**body, "resource_policy": {"tenancy": "dedicated"}}
     ).body
     assert p2["state"] == "running"
-    # 1 GiB of traffic for p1, reported as metrics.
+    # 1 GiB of traffic for p1, measured by the instance it runs on (what a tenant
+    # declares itself is not billed).
     srv.http(
         "POST",
         f"/v1/programs/{p1['id']}/metrics",
         plain.token,
-        {"net_rx_bytes": 1 << 29, "net_tx_bytes": 1 << 29},
+        {"net_rx_bytes": 1 << 40, "net_tx_bytes": 1 << 40},
     )
+    where = p1["placements"][0]["instance"]
+    row = {"program_id": p1["id"], "pid": 7, "started": 1.0}
+    report = {"instance": where, "seq": 1, "usage": [{**row, "net_rx": 1 << 29, "net_tx": 1 << 29}]}
+    assert srv.http("POST", "/v1/agents/report", itokens[where], report).body["acked_seq"] == 1
     clock.advance(10.7)  # 10 whole seconds billed, 0.7 carried over
     srv.call(srv.oss.meter())
     # sum: shared, 2 of 8 slots: 10 s x 1000 x 2/8 = 2500; storage 0.5 GiB x 10 s x 1024 = 5120;

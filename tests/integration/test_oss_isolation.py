@@ -70,8 +70,10 @@ class World:
             {"name": "t", "cpus": 1, "memory_mb": 512, "price_micros_per_s": 7},
         )
         srv.http("PUT", "/v1/pools", self.root.token, {"name": "pool1", "instance_type": "t"})
-        srv.instance("vm1", pool="pool1")
-        srv.instance("vm2", pool="pool1")
+        self.itokens = {
+            "vm1": srv.instance("vm1", pool="pool1"),
+            "vm2": srv.instance("vm2", pool="pool1"),
+        }
         self.prog = srv.http(
             "POST",
             "/v1/programs",
@@ -194,3 +196,19 @@ def test_b_cannot_append_to_or_bill_a(world: World) -> None:
     assert world.srv.http("GET", "/v1/programs", tok["token"]).status == 200
     assert world.srv.http("DELETE", f"/v1/tokens/{tok['id']}", world.b.token).status == 200
     assert world.srv.http("GET", "/v1/programs", tok["token"]).status == 401
+
+
+def test_an_instance_reports_only_for_programs_it_runs(world: World) -> None:
+    """Agent routes: the report route takes rows only for programs placed on (or already
+    recorded on) the token's instance; A's program runs on one of vm1/vm2."""
+    pid = world.prog["id"]
+    here = world.values["instance"]
+    other = "vm2" if here == "vm1" else "vm1"
+    row = {"program_id": pid, "pid": 9, "started": 3.0, "cpu_us": 7}
+    for inst, refused in ((other, 1), (here, 0)):
+        body = {"instance": inst, "seq": 1, "usage": [row]}
+        r = world.srv.http("POST", "/v1/agents/report", world.itokens[inst], body)
+        assert r.status == 200 and r.body["refused"] == refused, r.body
+    procs = world.srv.http("GET", f"/v1/programs/{pid}/processes", world.a.token).body
+    assert [(p["instance"], p["pid"]) for p in procs["processes"]] == [(here, 9)]
+    assert world.srv.http("GET", f"/v1/programs/{pid}/processes", world.b.token).status == 404

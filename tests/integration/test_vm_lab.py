@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from vmcheck import why_no_vm_lab
@@ -245,6 +248,93 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
         pytest.skip(f"dcptrace --oss is not wired in this checkout: {err.strip()[-300:]}")
     assert res.returncode == 5, err
     assert sorted(res.stdout.decode().split()) == ["vm1", "vm2"], err
+
+
+GUEST_PROGRAM = (
+    "/bin/sh -c \"grep -E '^(TracerPid|Seccomp):' /proc/self/status; "
+    'echo guest-line-$(/bin/hostname)"; exit 4'
+)
+QUERY = """
+import json, os, sys, urllib.request
+def get(path):
+    req = urllib.request.Request(sys.argv[1] + path,
+                                 headers={"Authorization": "Bearer " + os.environ["DCP_TOKEN"]})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+prog = get("/v1/programs?limit=1")[0]
+print(json.dumps({"program": prog,
+                  "logs": get("/v1/programs/%s/logs?limit=1000" % prog["id"]),
+                  "metrics": get("/v1/programs/%s/metrics" % prog["id"])}))
+"""
+
+
+def test_a_program_placed_in_a_guest_is_traced_there_and_reported(
+    booted: Lab, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 10 on VMs: the guest's agent traces what it runs (TracerPid is a guest
+    process, the seccomp filter is installed), and the guest's uplink brings the
+    program's stdout, lifecycle events and measured usage to the OSS."""
+    lab = booted
+    if lab.oss is None:
+        pytest.skip(f"no OSS/agent: {lab.oss_missing}")
+    for n in ("vm1", "vm2"):
+        lab.loop.run(lab.registered(n), timeout=150)
+    _acct, _user, token = lab.loop.run(
+        lab.oss.oss.accounts.create_account(  # type: ignore[union-attr]
+            "traced", False, "sum", "u", allow_root=True
+        )
+    )
+    record = tmp_path_factory.mktemp("guest-record") / "run.json"
+    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
+    res = subprocess.run(
+        ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli",
+         "--oss", lab.oss_url, "--placement", "spread", "--record", str(record),
+         "--", "/bin/sh", "-c", GUEST_PROGRAM],
+        capture_output=True, timeout=240, cwd="/", env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    err = res.stderr.decode(errors="replace")
+    assert res.returncode == 4, err
+    out = res.stdout.decode().splitlines()
+    tracer_pid = [int(line.split()[1]) for line in out if line.startswith("TracerPid:")]
+    assert tracer_pid and all(p > 0 for p in tracer_pid), out
+    assert [line.split()[1] for line in out if line.startswith("Seccomp:")] == ["2"], out
+    (guest_line,) = [line for line in out if line.startswith("guest-line-")]
+    assert guest_line in ("guest-line-vm1", "guest-line-vm2"), out
+
+    run = json.loads(record.read_text())
+    rows = run["placed_processes"]
+    assert rows and {r["instance"] for r in rows} <= {"vm1", "vm2"}, rows
+    assert run["incomplete"] == [], run["incomplete"]
+    assert any(r["argv"][:2] == ["/bin/sh", "-c"] for r in rows), rows
+    assert set(run["syscalls"]["by_instance"]) <= {"vm1", "vm2"}
+
+    def reported() -> dict[str, Any] | None:
+        q = subprocess.run(
+            ["ip", "netns", "exec", lab.netns, "/usr/bin/python3", "-I", "-c", QUERY,
+             lab.oss_url],
+            capture_output=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert q.returncode == 0, q.stderr.decode()
+        got: dict[str, Any] = json.loads(q.stdout)
+        texts = [line.get("text", "") for line in got["logs"]["lines"]]
+        return got if guest_line in texts else None
+
+    got = None
+    for _ in range(30):  # the guests' uplinks flush every second (slower under TCG)
+        got = reported()
+        if got is not None:
+            break
+        time.sleep(1)
+    assert got is not None, "the guest's stdout line never reached the OSS log"
+    lines = got["logs"]["lines"]
+    (logged,) = [line for line in lines if line.get("text") == guest_line]
+    assert logged["instance"] in ("vm1", "vm2") and logged["stream"] == "stdout"
+    events = [line["text"] for line in lines if line.get("stream") == "event"]
+    assert any(t.startswith("exec ") for t in events) and any(
+        t.startswith("exit ") for t in events
+    ), events
+    by_instance = got["metrics"]["by_instance"]
+    assert set(by_instance) & {"vm1", "vm2"}, got["metrics"]
 
 
 # ---- failure detection ----------------------------------------------------------------

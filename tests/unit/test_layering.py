@@ -68,7 +68,9 @@ TABLE_OWNER = {
     "instance_types": "oss.compute", "pools": "oss.compute", "instances": "oss.compute",
     "instance_tokens": "oss.compute", "programs": "oss.compute", "placements": "oss.compute",
     "policies": "oss.compute", "limits": "oss.billing", "billing": "oss.billing",
-    "log_chunks": "oss.telemetry", "leases": "oss.ipc",
+    "log_chunks": "oss.telemetry", "leases": "oss.ipc", "processes": "oss.telemetry",
+    "report_seq": "oss.telemetry", "measured_net": "oss.telemetry",
+    "measured_storage": "oss.telemetry",
 }  # fmt: skip
 # (module, table): the only places SQL may name another service's table, and why.
 SQL_EXCEPTIONS = {

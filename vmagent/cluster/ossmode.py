@@ -152,6 +152,10 @@ class ProgramLink(Protocol):
         """A placed process ended (returns at once)."""
         ...
 
+    def processes(self, final_wait: float) -> dict[str, Any] | None:
+        """The OSS's record of the placed processes (`GET /v1/programs/{id}/processes`)."""
+        ...
+
     def finish(self, exit_status: int | None, signal: int | None) -> None:
         """The run ended: record the root's status (None, None: cancel)."""
         ...
@@ -306,6 +310,12 @@ class OssCoordinator(ClusterCoordinator):
                     self._placed[event.pid] = (where, argv, end)
         super().on_process(event)
 
+    def measured(self, final_wait: float) -> dict[str, Any] | None:
+        """The placed processes as the OSS measured them (for --record)."""
+        if self._root is None:
+            return None
+        return self._link.processes(final_wait)
+
     def close(self) -> None:
         """Finish the program with the root's status (cancel it if the root was not seen)."""
         super().close()
@@ -397,6 +407,7 @@ class OssProgramLink:
         self._lost_said: set[str] = set()
         self._watching = False
         self.stopped: str | None = None  # why a limit stopped the program (then no finish)
+        self.placed = 0  # processes placed with a ticket (the record waits for their rows)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -538,6 +549,7 @@ class OssProgramLink:
             return None
         for g in got.exec_grants:
             if g.tickets:
+                self.placed += 1
                 return Grant(g.instance, g.address, g.tickets[0])
         for a in got.assignments:  # placed where no ticket can be had: give it back
             self.release(a.instance)
@@ -560,6 +572,21 @@ class OssProgramLink:
             await self._client.release(pid, instance, 1)
         except errors.OssError as exc:
             log.debug("release of %s on %s: %s", pid, instance, exc)
+
+    def processes(self, final_wait: float) -> dict[str, Any] | None:
+        """The OSS's record of the placed processes, once each has its final figures (at
+        most `final_wait` s); None without a program or when the OSS cannot say."""
+        from oss import errors
+
+        pid = self._program()
+        if pid is None:
+            return None
+        try:
+            got = self._call(self._client.processes(pid, final_wait, self.placed))
+        except (errors.OssError, TimeoutError) as exc:
+            log.warning("the OSS did not give the processes of %s: %s", pid, _reason(exc))
+            return None
+        return got.model_dump(mode="json")
 
     def finish(self, exit_status: int | None, signal: int | None) -> None:
         """Wait for the releases, then finish (or cancel) the program."""
@@ -639,6 +666,7 @@ class LocalProgramLink:
         self._watch: tuple[Callable[[str], None], Callable[[str], None] | None] | None = None
         self._watcher: concurrent.futures.Future[Any] | None = None
         self.stopped: str | None = None  # why a limit stopped the program (then no finish)
+        self.placed = 0  # processes placed with a ticket (the record waits for their rows)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -717,6 +745,21 @@ class LocalProgramLink:
             await oss.programs.release(who.account_id, prog["id"], p["instance"], p["processes"])
         return str(prog["id"])
 
+    def processes(self, final_wait: float) -> dict[str, Any] | None:
+        """The run's OSS's record of the placed processes (for --record)."""
+        if self.program_id is None:
+            return None
+        try:
+            got = self.private.call(self._processes(final_wait), final_wait + self.timeout)
+        except Exception as exc:  # the record goes without them, said once
+            self._warn_once("processes", f"the OSS gave no processes record ({exc})")
+            return None
+        return dict(got.model_dump(mode="json"))
+
+    async def _processes(self, final_wait: float) -> Any:
+        oss, who = self.private.oss, self.private.principal
+        return await oss.process_list(who.account_id, self.program_id, final_wait, self.placed)
+
     def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
         """One placement with its exec ticket, or None (this process runs here)."""
         if self.program_id is None:
@@ -748,6 +791,7 @@ class LocalProgramLink:
         )
         for g in await oss.exec_grants(got, exec_as, pid):
             if g["tickets"]:
+                self.placed += 1
                 return Grant(g["instance"], g["address"], g["tickets"][0])
         for a in got:  # an instance without an exec key: give the slot back
             await oss.programs.release(who.account_id, pid, a["instance"], a["processes"])

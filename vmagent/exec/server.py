@@ -24,6 +24,7 @@ import signal
 import socket
 from collections.abc import Callable
 
+from oss.compute import exectickets
 from vmagent.config import AgentConfig
 from vmagent.errors import AgentError, AuthError, BadRequest
 from vmagent.exec import protocol as P
@@ -158,6 +159,11 @@ class ExecProtocol(asyncio.Protocol):
             self.session.detach(self)
 
 
+def program_of(grant: Grant) -> str | None:
+    """The OSS program an exec ticket vouches for (None: a ticket of no program)."""
+    return grant.program if grant.program not in ("", exectickets.NO_PROGRAM) else None
+
+
 class ExecService:
     """All sessions of this agent; reaps children (the agent is a subreaper)."""
 
@@ -235,6 +241,7 @@ class ExecService:
         program = os.fsdecode(request.argv[0])
         session = Session(self, secrets.token_bytes(16), request, program)
         session.nonce = grant.nonce
+        session.program_id = program_of(grant)
         if request.view is not None:  # the ticket vouched for it: the tracer applies it
             session.view = request.view.encode()
         self.sessions[session.sid] = session

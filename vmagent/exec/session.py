@@ -74,6 +74,7 @@ class Session:
         self.finished = False
         self.forgotten = False
         self.nonce = ""  # of the ticket that started the session (a resume must show it)
+        self.program_id: str | None = None  # the OSS program, as its exec ticket says
         self._abandon: asyncio.TimerHandle | None = None
         self._drain: asyncio.TimerHandle | None = None
         self.view = b""  # what the program sees (path maps...), applied by its tracer
