@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,8 @@ def _in_view(pathmap: PathMap, path: str) -> str:
 # Exit status of a run whose program said 0 while a placed process lost data
 # (the deputy's own status for a lost instance).
 LOST_STATUS = 255
+# After a limit stop, how long deputies may wait for their instances to end their programs.
+DEPUTY_GRACE = 10.0
 
 
 def _fail_on_loss(line: str, placed: list[Coordinator]) -> str:
@@ -241,6 +244,12 @@ def command(
 
         def report(line: str) -> None:
             line = _fail_on_loss(line, placed)
+            if line.startswith(("exit ", "signal ", "dumped ")) and placed:
+                # A limit may have ended the program before the watcher saw the stop.
+                final_stop = getattr(placed[0], "final_stop", None)
+                reason = final_stop() if final_stop is not None else None
+                if reason is not None:
+                    link.send(f"limit {reason}")
             link.send(line)
             if local is None:
                 return
@@ -260,10 +269,22 @@ def command(
         running: list[Runner] = []
 
         def stop_at_limit(reason: str) -> None:
-            """The OSS stopped the program at a limit: say so, then end every tracee here."""
+            """The OSS stopped the program at a limit: say so, then end every tracee here.
+
+            Deputies of placed processes go last: the OSS's stop order freezes, then
+            ends, their programs on the instances, and each deputy then ends with its
+            program; the grace bounds the wait for an instance that does not answer.
+            """
             link.send(f"limit {reason}")
-            if running:
-                kill_tracees(running[0])
+            if not running:
+                return
+            placed_pids = getattr(placed[0], "placed_pids", None) if placed else None
+            if placed_pids is not None:
+                kill_tracees(running[0], spare=placed_pids)
+                deadline = time.monotonic() + DEPUTY_GRACE
+                while placed_pids() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            kill_tracees(running[0])
 
         try:
             with compose.coordinator(
@@ -319,16 +340,21 @@ def command(
     return end.exit_status if end.exit_status is not None else 125
 
 
-def kill_tracees(runner: Runner, rounds: int = 100) -> None:
-    """SIGKILL every traced process, again for those forked meanwhile (from another thread)."""
+def kill_tracees(
+    runner: Runner, rounds: int = 100, spare: Callable[[], Collection[int]] = frozenset
+) -> None:
+    """SIGKILL every traced process but those `spare()` names, again for those forked
+    meanwhile (from another thread)."""
     for _ in range(rounds):
         machine = runner.machine
         if machine is None or not machine.alive:
             return
         try:
-            tgids = {t.tgid for t in list(machine.threads.values())}
+            tgids = {t.tgid for t in list(machine.threads.values())} - set(spare())
         except RuntimeError:  # the tracer thread changed the table under us: look again
             continue
+        if not tgids:
+            return
         for tgid in tgids:
             try:
                 os.kill(tgid, signal.SIGKILL)

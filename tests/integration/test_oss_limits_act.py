@@ -81,7 +81,7 @@ def priced_lab(tmp_path: Path) -> Iterator[Lab]:
     for name in NAMES:
         for root in ("/sys/fs/cgroup/freezer/dcp", "/sys/fs/cgroup/dcp"):
             assert not Path(root, name).exists(), f"{root}/{name} left behind"
-    assert not Path("/sys/fs/cgroup/freezer/dcp").exists()
+    # (.../dcp itself may belong to other agents on this machine: only ours are checked.)
 
 
 def _spinners() -> list[int]:

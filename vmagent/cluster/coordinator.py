@@ -236,6 +236,14 @@ class ClusterCoordinator:
                 self.placement.finished(name)
         self.inner.on_process(event)
 
+    def placed_pids(self) -> frozenset[int]:
+        """Deputies whose placed program still runs (safe to call from another thread)."""
+        while True:
+            try:
+                return frozenset(self._running)
+            except RuntimeError:  # the tracer thread changed it meanwhile
+                continue
+
     def instance_of(self, pid: int) -> str:
         """Where the process's (last) program ran."""
         return self._where.get(pid) or self.inner.instance_of(pid)

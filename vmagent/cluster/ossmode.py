@@ -167,6 +167,10 @@ class ProgramLink(Protocol):
         and `on_lost(instance)` once per instance of the program that failed."""
         ...
 
+    def stop_now(self) -> str | None:
+        """Why a limit stopped the program, asking the OSS once now; None if it did not."""
+        ...
+
 
 class OssPlacement(Placement):
     """`Placement` whose choices come from the OSS (grants kept for the ticket)."""
@@ -256,6 +260,12 @@ class OssCoordinator(ClusterCoordinator):
         processes that ended with it (beside each deputy's own line).
         """
         self._link.watch(on_stop, self._say_lost)
+
+    def final_stop(self) -> str | None:
+        """Asked as the program's main process ends: did a limit stop it?  A stop order
+        can end the program (its children killed on their instances) before the watcher's
+        next look, and the end must still be reported as the limit's."""
+        return self._link.stop_now()
 
     def _place(self, call: SyscallCall, decision: Allow | Rewrite) -> Rewrite | None:
         placed = super()._place(call, decision)
@@ -641,6 +651,22 @@ class OssProgramLink:
             if prog.state not in ("pending", "running", "recovering"):
                 return
 
+    def stop_now(self) -> str | None:
+        """As `ProgramLink.stop_now`: one read of the program (bounded by the timeout)."""
+        from oss import errors
+
+        pid = self.program_id
+        if self.stopped is not None or pid is None:
+            return self.stopped
+        try:
+            prog = self._call(self._client.program(pid))
+        except (errors.OssError, TimeoutError) as exc:
+            log.debug("reading program %s at its end: %s", pid, _reason(exc))
+            return None
+        if prog.state in ("stopped_budget", "stopped_limit"):
+            self.stopped = stop_line(prog.stop, prog.status_reason)
+        return self.stopped
+
     def close(self) -> None:
         """Close the client and the private loop."""
         with contextlib.suppress(Exception):
@@ -729,6 +755,29 @@ class LocalProgramLink:
                 on_lost(failed[1])
             if prog["state"] not in ("pending", "running", "recovering"):
                 return
+
+    def stop_now(self) -> str | None:
+        """As `ProgramLink.stop_now`, reading the run's own OSS directly."""
+        pid = self.program_id
+        if self.stopped is not None or pid is None:
+            return self.stopped
+        try:
+            reason = self.private.call(self._stop_reason(pid), self.timeout)
+        except Exception as exc:  # noqa: BLE001 - the end is reported either way
+            log.debug("reading program %s at its end: %s", pid, exc)
+            return None
+        if reason is not None:
+            self.stopped = reason
+        return self.stopped
+
+    async def _stop_reason(self, pid: str) -> str | None:
+        from oss import models as m
+
+        prog = await self.private.oss.programs.program(self.private.principal.account_id, pid)
+        if prog["state"] not in ("stopped_budget", "stopped_limit"):
+            return None
+        stop = m.StopInfo.model_validate(prog["stop"]) if prog["stop"] else None
+        return stop_line(stop, prog["status_reason"])
 
     async def _submit(self, argv: list[str], cwd: str) -> str | None:
         from oss import models as m
