@@ -21,6 +21,7 @@ import os
 import resource
 import select
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from vmagent.exec.view import View, checked
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PTRACER = 0x59616D61  # Yama: who may trace this process (and that one's descendants)
+CLONE_NEWUTS = 0x04000000
 NOT_TRACED = 125  # exit status of a program whose tracer never released it
 _GATE_CLOSED = b"gate"  # the child's report: its gate closed before it was released
 _READY = b"R"  # the child's first byte when it must name its tracer first (Yama)
@@ -239,6 +241,22 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+def take_hostname(name: str) -> None:
+    """Give this process (and what it starts) a UTS namespace of its own named `name`.
+
+    Issue 11: the program sees one hostname (its view's `home`) on every
+    instance: `hostname`, `uname -n` and /proc/sys/kernel/hostname alike.
+    Nothing to do where the hostname is already `name`.  Needs CAP_SYS_ADMIN
+    (the agent runs as root on local instances and in VMs); OSError otherwise.
+    """
+    if socket.gethostname() == name:
+        return
+    if _libc().unshare(CLONE_NEWUTS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    socket.sethostname(name)
+
+
 def become_subreaper() -> None:
     """Orphans of remote programs are re-parented to the agent (so it can reap/kill them)."""
     _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -349,6 +367,9 @@ def fork_program(
                 err = gate.filter.install()
                 if err:
                     raise OSError(err, os.strerror(err))
+            if request.view is not None and request.view.home and os.geteuid() == 0:
+                step = "hostname"
+                take_hostname(request.view.home)
             step = "credentials"
             if os.getuid() == 0:
                 os.setgroups(list(request.groups))
