@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import WHERE_SH, REPO, dcptrace_argv, secret_file, traced_env, wait_for
+from tests.conftest import REPO, WHERE_SH, dcptrace_argv, secret_file, traced_env, wait_for
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow]
 

@@ -155,7 +155,7 @@ def test_make_j6_on_three_instances_builds_identical_objects(tmp_path: Path) -> 
 @pytest.mark.netns
 @pytest.mark.skipif(not IS_ROOT, reason="instances differ only when namespaced (root)")
 def test_nested_execs_stay_on_the_instance_of_their_program() -> None:
-    script = "sh -c 'echo outer $(sh -c \"$W\"); sh -c \"echo inner \\$(sh -c \\\"\\$W\\\")\"'"
+    script = 'sh -c \'echo outer $(sh -c "$W"); sh -c "echo inner \\$(sh -c \\"\\$W\\")"\''
     traced = dcptrace(
         "--instances", "3", "--", "bash", "-c", script, env=dict(DCPTRACE_ENV, W=WHERE_SH)
     )  # fmt: skip

@@ -91,10 +91,15 @@ class ExecRequest:
     # ticket by `bind`), and the deputy's own process, `INSTANCE:PID`.
     view_raw: bytes = b""
     parent: bytes = b""
+    # Issue 11: the deputy's program pid and its parent's (0: not said), which the
+    # instance tracer answers getpid/getppid with (`vmagent.trace.pidspace`).
+    pid: int = 0
+    ppid: int = 0
     view: View | None = None  # set by `bind` once the ticket vouched for it
 
 
 MAX_ID = (1 << 32) - 2  # largest uid/gid
+MAX_PID = (1 << 31) - 1  # a program pid (vmagent.trace.pidspace numbers reach 2^31 - 1)
 MAX_FD = (1 << 20) - 1  # spawn closes descriptors up to 2^20
 MAX_OFFSET = (1 << 63) - 1
 MAX_MASK = (1 << 64) - 1
@@ -208,6 +213,8 @@ def parse_hello(payload: bytes) -> ExecRequest:
         sigblk=sigblk,
         view_raw=fields.get(b"view", b""),
         parent=fields.get(b"parent", b"")[:256],
+        pid=_int(fields, b"pid", 0, 0, MAX_PID) or 0,
+        ppid=_int(fields, b"ppid", 0, 0, MAX_PID) or 0,
     )
 
 
