@@ -44,11 +44,11 @@ log = logging.getLogger(__name__)
 
 EXEC_CALLS = frozenset({"execve", "execveat"})
 # Calls answered in the program's pids (issue 11; `vmagent.trace.pidspace`):
-# those that return a pid (a child's, a process group's, a session's), and those
-# that take one (negative: a process group, where the call says so).
-PID_RESULTS = frozenset(
-    {"fork", "vfork", "clone", "clone3", "wait4", "getpgrp", "getpgid", "getsid", "setsid"}
-)
+# those that return a process's pid, and those that take one (negative: a process
+# group, where the call says so).  Process group and session ids come back as the
+# instance's: a placed process leads a session of its own there (no native
+# equivalent), and the deputies there find their session leader in /proc by them.
+PID_RESULTS = frozenset({"fork", "vfork", "clone", "clone3", "wait4"})
 PID_ARGS = {  # call -> indexes of its pid arguments
     "kill": (0,),
     "tkill": (0,),
