@@ -121,3 +121,10 @@ def compile_c(directory: Path, source: str, name: str, *flags: str) -> Path:
     if res.returncode != 0:
         pytest.skip(f"cannot build {name} with gcc {' '.join(flags)}: {res.stderr.decode()[:200]}")
     return exe
+
+
+# The instance a shell runs on, with builtins only (no exec to be placed): the
+# programs see their home's hostname everywhere (issue 11), but a namespaced
+# instance's PID 1 is its agent, whose command line ends `--hostname NAME`
+# (dash's `read` drops the NULs).  Prints the home's init line at home.
+WHERE_SH = 'read w < /proc/1/cmdline; echo "${w##*--hostname}"'

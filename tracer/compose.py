@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ def clustered(
     """
     from vmagent.exec.view import View
 
-    view = View.of("", dict(maps or {}), placement)
+    # The program sees its home's hostname on every instance (issue 11).
+    view = View.of("", dict(maps or {}), placement, home=socket.gethostname())
     if oss_url is not None and instances == 0:
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 

@@ -263,8 +263,9 @@ class Machine:
             main_pid: Process(main_pid, 0, argv, threads={main_pid})
         }
         self.main_exit: tuple[int | None, int | None] | None = None
-        # Exits of tasks whose fork event had not arrived yet (waitpid order).
-        self._early_exits: dict[int, tuple[int | None, int | None]] = {}
+        # Exits of tasks whose fork event had not arrived yet (waitpid order):
+        # status, signal, cpu_us, maxrss_kb.
+        self._early_exits: dict[int, tuple[int | None, int | None, int, int]] = {}
         self._now = time.perf_counter
 
     @property
@@ -368,8 +369,8 @@ class Machine:
         if early is not None:
             out: list[Action] = [Notify(ProcessSpawned(stop.child, parent.tgid, stop.thread))]
             if not stop.thread:
-                self.processes[stop.child] = Process(stop.child, parent.tgid, (), *early)
-                out.append(Notify(ProcessExited(stop.child, early[0], early[1])))
+                self.processes[stop.child] = Process(stop.child, parent.tgid, (), *early[:2])
+                out.append(Notify(ProcessExited(stop.child, *early)))
             out.append(Resume(stop.tid, self._mode(parent)))
             return out
         child = self._thread(stop.child)
@@ -443,7 +444,9 @@ class Machine:
         proc = self.processes.get(th.tgid)
         out: list[Action] = []
         if proc is None:
-            self._early_exits[stop.tid] = (stop.exit_status, stop.signal)
+            self._early_exits[stop.tid] = (
+                stop.exit_status, stop.signal, stop.cpu_us, stop.maxrss_kb
+            )  # fmt: skip
         else:
             proc.threads.discard(stop.tid)
             if stop.tid == proc.pid:

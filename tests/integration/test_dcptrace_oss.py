@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,13 +23,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, dcptrace_argv, secret_file, traced_env, wait_for
+from tests.conftest import REPO, WHERE_SH, dcptrace_argv, secret_file, traced_env, wait_for
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow]
 
 MARKER = """#!/bin/sh
-# Which instance runs me: my parent there is its agent (`--instance NAME`).
-where=$(tr '\\0' ' ' < /proc/$PPID/cmdline | sed -n 's/.*--instance \\([^ ]*\\).*/\\1/p')
+# Which instance runs me: my parent there is its agent (`--instance NAME`).  Its
+# real pid, from /proc/self/stat: $PPID is the program's (its home's, issue 11).
+read _ _ _ pp _ < /proc/self/stat
+where=$(tr '\\0' ' ' < /proc/$pp/cmdline | sed -n 's/.*--instance \\([^ ]*\\).*/\\1/p')
 echo "on ${where:-home}"
 exit "${1:-0}"
 """
@@ -239,7 +242,8 @@ def test_background_children_run_on_both_instances_and_the_oss_records_the_run(l
 @pytest.mark.root
 @pytest.mark.netns
 def test_children_run_in_two_namespaced_instances(ns_lab: Lab) -> None:
-    script = "for i in 1 2 3 4; do (hostname) & done; wait; exit 5"
+    # Each child names the instance it runs on (its hostname is the home's, issue 11).
+    script = f'W={shlex.quote(WHERE_SH)}; for i in 1 2 3 4; do (sh -c "$W") & done; wait; exit 5'
     res = dcptrace(ns_lab, ns_lab.url, "sh", "-c", script, token=ns_lab.token)
     assert res.returncode == 5, res.stderr.decode()
     names = sorted(res.stdout.decode().split())

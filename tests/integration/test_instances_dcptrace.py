@@ -7,11 +7,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import WHERE_SH
 
 ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
@@ -33,7 +36,8 @@ def dcptrace(*args: str, cwd: Path | None = None, **kw: object) -> subprocess.Co
 
 
 SIX_CHILDREN = (
-    'for i in 1 2 3 4 5 6; do (echo "child $i on $(hostname)") & done; wait; echo "all done: $?"'
+    'for i in 1 2 3 4 5 6; do (echo "child $i on $(hostname) $(sh -c "$W")") & done; wait; '
+    'echo "all done: $?"'
 )
 
 
@@ -41,14 +45,18 @@ SIX_CHILDREN = (
 @pytest.mark.netns
 @pytest.mark.skipif(not IS_ROOT, reason="hostnames differ only in namespaced instances (root)")
 def test_six_background_children_spread_over_three_instances() -> None:
-    native = subprocess.run(["bash", "-c", SIX_CHILDREN], capture_output=True)
-    traced = dcptrace("--instances", "3", "--placement", "spread", "--", "bash", "-c", SIX_CHILDREN)
+    env = dict(DCPTRACE_ENV, W=WHERE_SH)
+    native = subprocess.run(["bash", "-c", SIX_CHILDREN], capture_output=True, env=env)
+    traced = dcptrace(
+        "--instances", "3", "--placement", "spread", "--", "bash", "-c", SIX_CHILDREN, env=env
+    )  # fmt: skip
     assert traced.returncode == native.returncode == 0, traced.stderr
-    hostnames = re.findall(rb"on (\S+)", traced.stdout)
-    assert set(hostnames) == {b"node0", b"node1", b"node2"}
+    # Every child sees the home's hostname (issue 11), and they ran on all three.
+    assert set(re.findall(rb"on (\S+)", traced.stdout)) == {socket.gethostname().encode()}
+    assert set(re.findall(rb"on \S+ (\S+)", traced.stdout)) == {b"node0", b"node1", b"node2"}
 
     def normal(out: bytes) -> list[bytes]:
-        return sorted(re.sub(rb"on \S+", b"on HOST", out).splitlines())
+        return sorted(re.sub(rb"on .*", b"on HOST", out).splitlines())
 
     assert normal(traced.stdout) == normal(native.stdout)
     assert traced.stdout.endswith(b"all done: 0\n")
@@ -145,10 +153,12 @@ def test_make_j6_on_three_instances_builds_identical_objects(tmp_path: Path) -> 
 
 @pytest.mark.root
 @pytest.mark.netns
-@pytest.mark.skipif(not IS_ROOT, reason="hostnames differ only in namespaced instances (root)")
+@pytest.mark.skipif(not IS_ROOT, reason="instances differ only when namespaced (root)")
 def test_nested_execs_stay_on_the_instance_of_their_program() -> None:
-    script = "sh -c 'echo outer $(hostname); sh -c \"echo inner \\$(hostname)\"'"
-    traced = dcptrace("--instances", "3", "--", "bash", "-c", script)
+    script = 'sh -c \'echo outer $(sh -c "$W"); sh -c "echo inner \\$(sh -c \\"\\$W\\")"\''
+    traced = dcptrace(
+        "--instances", "3", "--", "bash", "-c", script, env=dict(DCPTRACE_ENV, W=WHERE_SH)
+    )  # fmt: skip
     assert traced.returncode == 0, traced.stderr
     outer, inner = traced.stdout.decode().split("\n")[:2]
     assert outer.startswith("outer node") and inner == outer.replace("outer", "inner")

@@ -39,9 +39,9 @@ i = 0
 while i < 600:
     if i == 20:
         with open(flag + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
+            f.write(str(int(open('/proc/self/stat').read().split()[0])))
         os.rename(flag + ".tmp", flag)
-    print(os.getpid(), i, socket.gethostname(), flush=True)
+    print(int(open('/proc/self/stat').read().split()[0]), i, socket.gethostname(), flush=True)
     with open(flag + ".host", "w") as f:
         f.write(socket.gethostname())
     i += 1
@@ -164,7 +164,7 @@ data = bytearray(os.urandom(64 << 20))
 print(hashlib.sha256(data).hexdigest(), socket.gethostname(), flush=True)
 flag = sys.argv[1]
 with open(flag + ".tmp", "w") as f:
-    f.write(str(os.getpid()))
+    f.write(str(int(open('/proc/self/stat').read().split()[0])))
 os.rename(flag + ".tmp", flag)
 while not os.path.exists(flag + ".go"):
     time.sleep(0.01)

@@ -26,8 +26,12 @@ from tests.integration.test_oss_limits_act import _send
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.mark.root]
 
 BUSY = """#!/bin/sh
-# dcp-autoscale-busy: say where, then spin until the test lets this wave go
-echo "on $(hostname) wave $1"
+# dcp-autoscale-busy: say where, then spin until the test lets this wave go (where:
+# the instance's PID 1 is its agent, argv ending `--hostname NAME`; the program's
+# own hostname is the home's everywhere, issue 11)
+read w < /proc/1/cmdline
+w=${w##*--hostname}
+echo "on ${w##*/} wave $1"
 while [ ! -f "go$1" ]; do :; done
 """
 

@@ -14,6 +14,7 @@ import os
 import pty
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import termios
@@ -98,19 +99,29 @@ def test_a_placed_shell_s_execs_are_placed_again() -> None:
             timeout=120,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
-        procs = json.loads(rec.read_text())["processes"]
+        record = json.loads(rec.read_text())
+        procs = record["processes"]
     finally:
         shutil.rmtree(rec_dir, ignore_errors=True)
     (placed_sh,) = [p for p in procs if p["argv"][:1] == ["/bin/sh"]]
     where = placed_sh["instance"]
     assert where.startswith("node"), procs
+    home = socket.gethostname()  # what every process sees (issue 11)
     lines = res.stdout.decode().splitlines()
-    hosts, rest = lines[:2], lines[2:]
-    # Placed from `where`: elsewhere, and round the other instances (spread).
-    assert where not in hosts and len(set(hosts)) == 2, (where, hosts)
-    assert rest == ["y", "x", "status=7"], lines
-    # A grandchild's grandchild: placed from the second level too, its stderr intact.
-    assert res.stderr.decode().strip().splitlines()[-1].startswith("node"), res.stderr
+    assert lines == [home, home, "y", "x", "status=7"], lines
+    # Placed from `where`: elsewhere, round the other instances (spread); the
+    # grandchild's grandchild is placed from the second level too.
+    hosts = [
+        p["instance"]
+        for p in record["placed_processes"]
+        if p["argv"] == ["hostname"] and p["parent"] is not None  # where it was placed
+    ]
+    assert len(hosts) == 3 and set(hosts) - {where} == {"node0", "node1", "node2"} - {where}, (
+        where,
+        hosts,
+    )
+    # ...its stderr intact.
+    assert res.stderr.decode().strip().splitlines()[-1] == home, res.stderr
 
 
 @pytest.fixture(scope="module")

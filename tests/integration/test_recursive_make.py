@@ -50,7 +50,8 @@ def test_make_j6_spreads_its_compilers_and_builds_the_same_binary(project: Path)
 
 
 WRAPPER = """#!/bin/sh
-read host < /proc/sys/kernel/hostname
+read w < /proc/1/cmdline
+host=${w##*--hostname}
 echo "$host" >> "$HOSTS"
 exec cc "$@"
 """
@@ -60,7 +61,8 @@ def test_a_placed_make_places_its_compilers_in_turn(project: Path) -> None:
     """make itself placed on an instance: its compilers are placed from there, same build.
 
     The compiler is a wrapper that notes, without an exec of its own (a shell
-    builtin reads the UTS hostname), the instance it runs on.
+    builtin reads its instance's PID 1, the agent, whose argv ends `--hostname NAME`: the
+    program's own hostname is the home's everywhere), the instance it runs on.
     """
     native = run(["make", "-j6"], cwd=project, timeout=300)
     assert native.returncode == 0, native.stderr

@@ -31,6 +31,7 @@ from vmagent.exec.remote import (
     remote_exec,
     ticket_for_self,
 )
+from vmagent.trace.pidspace import base_for
 
 HELPER = Path(__file__).with_name("trace_agent.py")
 DROP = TicketDrop()
@@ -119,7 +120,13 @@ def test_a_placed_program_runs_under_a_tracer_of_its_instance(
     agent: TracedAgent, tmp_path: Path
 ) -> None:
     out = tmp_path / "status"
-    script = f"cat /proc/self/status > {out}; grep TracerPid /proc/$$/status > {out}.sh"
+    # The shell reads its own status with a builtin: $$ is its program pid (its
+    # deputy's, issue 11), which /proc on the instance does not know.
+    script = (
+        f"cat /proc/self/status > {out}; "
+        f'while read k v; do [ "$k" = TracerPid: ] && echo "$k $v"; done < /proc/self/status'
+        f" > {out}.sh; true"
+    )
     res = agent.run("/bin/sh", "-c", script)
     assert res.returncode == 0, res.stderr
     status = out.read_text()
@@ -205,10 +212,13 @@ def test_a_set_user_id_program_keeps_its_privilege_as_natively(agent: TracedAgen
 
 def test_kill_9_of_the_tracer_kills_the_program_tree(agent: TracedAgent, tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    script = f"sleep 600 & echo $$ $! > {pids}; wait"
+    # $$ and $! are the program's pids (issue 11): the shell's real pid is in
+    # /proc/self/stat, the sleeper's is $! less its instance's base.
+    script = f"sleep 600 & read me _ < /proc/self/stat; echo $me $! > {pids}; wait"
     proc = subprocess.Popen(agent.deputy("/bin/sh", "-c", script), stderr=subprocess.PIPE)
     assert wait_for(lambda: pids.exists() and pids.read_text().endswith("\n"), 60)
     shell, sleeper = (int(p) for p in pids.read_text().split())
+    sleeper -= base_for(agent.name)
     tracer = int(status_field(Path(f"/proc/{shell}/status").read_text(), "TracerPid"))
     assert tracer and ppid_of(tracer) == agent.zygote
     os.kill(tracer, signal.SIGKILL)

@@ -318,6 +318,15 @@ def test_fork_stop_after_child_exit_does_not_resurrect_it() -> None:
     assert not m.alive
 
 
+def test_an_exit_before_its_fork_event_keeps_its_usage() -> None:
+    m = make()
+    m.step(EventStop(2000))  # the child's first stop and exit beat the fork event
+    m.step(ExitStop(2000, 0, None, 1500, 900))
+    actions = m.step(ForkStop(MAIN, 2000, thread=False))
+    exited = [a.event for a in actions if isinstance(a, Notify)][-1]
+    assert exited == ProcessExited(2000, 0, None, 1500, 900)
+
+
 def test_exec_from_a_non_leader_thread() -> None:
     m = make(trace_all=True)
     m.step(ForkStop(MAIN, 1001, thread=True))

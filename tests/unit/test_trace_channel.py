@@ -20,19 +20,23 @@ from tracer.syscalls import by_name
 from vmagent.exec import protocol as P
 from vmagent.trace import channel
 from vmagent.trace.host import coordinator_for, interception
-from vmagent.trace.placing import InstanceCoordinator
+from vmagent.trace.placing import PID_CALLS, InstanceCoordinator
 
 TABLE = table_for("x86_64")
 
 
 def test_records_round_trip_with_their_fields() -> None:
-    record = channel.decode(channel.trace_request("ab12", 4242, "node1", b"\x00view"))
+    record = channel.decode(
+        channel.trace_request("ab12", 4242, "node1", b"\x00view", (31337, 31000))
+    )
     assert record == {
         b"op": b"trace",
         b"session": b"ab12",
         b"pid": b"4242",
         b"instance": b"node1",
         b"view": b"\x00view",
+        b"vpid": b"31337",
+        b"vppid": b"31000",
     }
     assert channel.number(record, b"pid") == 4242
 
@@ -107,7 +111,7 @@ def test_descriptors_travel_with_a_message() -> None:
 
 def test_interception_is_every_exec_plus_the_views_paths() -> None:
     plain = interception(TABLE, ())
-    assert plain == {"execve", "execveat"}
+    assert plain == {"execve", "execveat"} | PID_CALLS  # issue 11: calls in the program's pids
     mapped = interception(TABLE, (("/mnt/v", "/srv"),))
     assert {"execve", "openat", "getcwd"} <= mapped
 

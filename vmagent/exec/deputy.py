@@ -388,6 +388,10 @@ def main(argv: list[str]) -> int:
         return USAGE_STATUS
     fd_records, ins, _outs = classify_fds()
     masks = _signal_masks()
+    # Issue 11: the program's pids, its own and its parent's (the placed process
+    # takes them over; on an instance these calls are answered in the home's pids).
+    EXTRA[b"pid"] = b"%d" % os.getpid()
+    EXTRA[b"ppid"] = b"%d" % os.getppid()
     hello = build_hello(rest, fd_records, masks, EXTRA)
     sigs = set(FORWARDED) | set(STOPPERS) | {WAKE}
     # Block before any thread starts so every thread inherits the mask and only

@@ -138,7 +138,9 @@ class Session:
                 gate = tracing.gate(self.view)
 
                 def hand_off(pid: int, go_w: int) -> None:
-                    self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)
+                    self.trace_sock = tracing.hand_off(
+                        self.sid.hex(), pid, go_w, self.view, (self.request.pid, self.request.ppid)
+                    )
 
                 timeout = self.service.config.trace_timeout
                 spread_pids()

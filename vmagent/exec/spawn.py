@@ -21,6 +21,7 @@ import os
 import resource
 import select
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from vmagent.exec.view import View, checked
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PTRACER = 0x59616D61  # Yama: who may trace this process (and that one's descendants)
+CLONE_NEWUTS = 0x04000000
 NOT_TRACED = 125  # exit status of a program whose tracer never released it
 _GATE_CLOSED = b"gate"  # the child's report: its gate closed before it was released
 _READY = b"R"  # the child's first byte when it must name its tracer first (Yama)
@@ -89,10 +91,15 @@ class ExecRequest:
     # ticket by `bind`), and the deputy's own process, `INSTANCE:PID`.
     view_raw: bytes = b""
     parent: bytes = b""
+    # Issue 11: the deputy's program pid and its parent's (0: not said), which the
+    # instance tracer answers getpid/getppid with (`vmagent.trace.pidspace`).
+    pid: int = 0
+    ppid: int = 0
     view: View | None = None  # set by `bind` once the ticket vouched for it
 
 
 MAX_ID = (1 << 32) - 2  # largest uid/gid
+MAX_PID = (1 << 31) - 1  # a program pid (vmagent.trace.pidspace numbers reach 2^31 - 1)
 MAX_FD = (1 << 20) - 1  # spawn closes descriptors up to 2^20
 MAX_OFFSET = (1 << 63) - 1
 MAX_MASK = (1 << 64) - 1
@@ -206,6 +213,8 @@ def parse_hello(payload: bytes) -> ExecRequest:
         sigblk=sigblk,
         view_raw=fields.get(b"view", b""),
         parent=fields.get(b"parent", b"")[:256],
+        pid=_int(fields, b"pid", 0, 0, MAX_PID) or 0,
+        ppid=_int(fields, b"ppid", 0, 0, MAX_PID) or 0,
     )
 
 
@@ -237,6 +246,22 @@ def _signals_of(mask: int) -> set[int]:
 @functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+def take_hostname(name: str) -> None:
+    """Give this process (and what it starts) a UTS namespace of its own named `name`.
+
+    Issue 11: the program sees one hostname (its view's `home`) on every
+    instance: `hostname`, `uname -n` and /proc/sys/kernel/hostname alike.
+    Nothing to do where the hostname is already `name`.  Needs CAP_SYS_ADMIN
+    (the agent runs as root on local instances and in VMs); OSError otherwise.
+    """
+    if socket.gethostname() == name:
+        return
+    if _libc().unshare(CLONE_NEWUTS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    socket.sethostname(name)
 
 
 def become_subreaper() -> None:
@@ -349,6 +374,9 @@ def fork_program(
                 err = gate.filter.install()
                 if err:
                     raise OSError(err, os.strerror(err))
+            if request.view is not None and request.view.home and os.geteuid() == 0:
+                step = "hostname"
+                take_hostname(request.view.home)
             step = "credentials"
             if os.getuid() == 0:
                 os.setgroups(list(request.groups))

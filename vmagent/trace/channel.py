@@ -103,9 +103,17 @@ def now() -> bytes:
 # -- records -------------------------------------------------------------------
 
 
-def trace_request(session: str, pid: int, instance: str, view: bytes) -> bytes:
-    """agent -> zygote: trace `pid` of `session` (sent with `[chan, go_w, pidfd]`)."""
-    return encode(OP_TRACE, session=session, pid=pid, instance=instance, view=view)
+def trace_request(
+    session: str, pid: int, instance: str, view: bytes, pids: tuple[int, int] = (0, 0)
+) -> bytes:
+    """agent -> zygote: trace `pid` of `session` (sent with `[chan, go_w, pidfd]`).
+
+    `pids` (`vpid`, `vppid`): the program pid `pid` stands for and its parent's.
+    """
+    return encode(
+        OP_TRACE, session=session, pid=pid, instance=instance, view=view,
+        vpid=pids[0], vppid=pids[1],
+    )  # fmt: skip
 
 
 def adopt_request(session: str, pids: tuple[int, ...], instance: str, view: bytes) -> bytes:

@@ -104,9 +104,20 @@ class Tracer:
         return inner if isinstance(inner, PlacingCoordinator) else None
 
     def serve(
-        self, chan: socket.socket, go_w: int, pidfd: int, pid: int, instance: str, view: bytes
+        self,
+        chan: socket.socket,
+        go_w: int,
+        pidfd: int,
+        pid: int,
+        instance: str,
+        view: bytes,
+        pids: tuple[int, int] = (0, 0),
     ) -> int:
-        """Trace `pid` (the process of `pidfd`) to the end; the process exit code of T."""
+        """Trace `pid` (the process of `pidfd`) to the end; the process exit code of T.
+
+        `pids`: the program pid `pid` stands for and its parent's (0: unknown,
+        pids are then the instance's own).
+        """
         self.chan = chan
         try:
             if not same_process(pidfd, pid):
@@ -125,6 +136,8 @@ class Tracer:
             # The prepared runner serves a view without maps (most sessions).
             runner = self._ready if not channel.view_maps(view) else self._runner(view)
             placing = self._placing(runner)
+            if isinstance(runner.coordinator, InstanceCoordinator):
+                runner.coordinator.bind_pids(instance, pid, *pids)
             if placing is not None:
                 placing.bind(decode_view(view) if view else EMPTY_VIEW, instance)
         except Exception as exc:

@@ -9,6 +9,7 @@ process event is reported on the tracer's channel either way.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -28,17 +29,41 @@ from tracer.coordinator import (
     ProcessExited,
     ProcessSpawned,
     ProcessUsage,
+    Rewrite,
     SyscallCall,
 )
+from tracer.decode import signed
 from vmagent.cluster.coordinator import ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer
+from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
 
 EXEC_CALLS = frozenset({"execve", "execveat"})
+# Calls answered in the program's pids (issue 11; `vmagent.trace.pidspace`):
+# those that return a process's pid, and those that take one (negative: a process
+# group, where the call says so).  Process group and session ids come back as the
+# instance's: a placed process leads a session of its own there (no native
+# equivalent), and the deputies there find their session leader in /proc by them.
+PID_RESULTS = frozenset({"fork", "vfork", "clone", "clone3", "wait4"})
+PID_ARGS = {  # call -> indexes of its pid arguments
+    "kill": (0,),
+    "tkill": (0,),
+    "tgkill": (0, 1),
+    "rt_sigqueueinfo": (0,),
+    "rt_tgsigqueueinfo": (0, 1),
+    "pidfd_open": (0,),
+    "wait4": (0,),
+    "getpgid": (0,),
+    "getsid": (0,),
+    "setpgid": (0, 1),
+}
+GROUP_ARGS = frozenset({"kill", "wait4"})  # a negative pid names a process group
+PID_CALLS = frozenset({"getpid", "gettid", "getppid", "waitid"}) | PID_RESULTS | frozenset(PID_ARGS)
+P_PID, P_PGID = 1, 2  # waitid's idtypes naming one pid, one process group
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,15 +110,20 @@ class InstanceCoordinator:
         self.inner = inner
         self.report = report
         self.source: PlacementSource = source or RunHere()
+        self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
+        self._live: set[int] = set()  # the session's processes but its root (real pids)
+        self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
-        self._names = self._inner_names | EXEC_CALLS
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS
 
     def interception(self) -> frozenset[str]:
-        """The view's calls and every exec."""
+        """The view's calls, every exec and the calls that return or take pids."""
         return self._names
 
     def on_syscall(self, call: SyscallCall) -> Decision:
         """An exec asks the placement source (and runs here without a grant)."""
+        if call.name in PID_CALLS and call.name not in self._inner_names:
+            return self._pid_call(call)
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -101,19 +131,66 @@ class InstanceCoordinator:
             return self.inner.on_syscall(call) if call.name in self._inner_names else Allow()
         return self.inner.on_syscall(call)
 
+    def bind_pids(self, instance: str, root: int, pid: int, ppid: int) -> None:
+        """The session's first process `root` stands for program pid `pid`, child of `ppid`."""
+        self.pids.bind(instance, root, pid, ppid)
+        self._tids.add(root)
+
+    def _pid_call(self, call: SyscallCall) -> Decision:
+        """A call that returns or takes pids, in the program's numbers."""
+        pids = self.pids
+        if not pids.bound:
+            return Allow()
+        name = call.name
+        if name == "getpid":
+            return Complete(pids.program(call.pid))
+        if name == "gettid":
+            return Complete(pids.program(call.tid))
+        if name == "getppid":
+            ppid = real_ppid(call.pid)
+            return Complete(pids.parent(call.pid, ppid, ppid in self._live or ppid == pids.root))
+        indexes = PID_ARGS.get(name, ())
+        if name == "waitid":
+            indexes = (1,) if call.args[0] in (P_PID, P_PGID) else ()
+        rewrite: dict[int, int] = {}
+        for index in indexes:
+            pid = signed(call.args[index], 32)
+            group = pid < -1 and name in GROUP_ARGS
+            if group:
+                pid = -pid
+            elif pid <= 0:
+                continue  # the caller, its group, every process: as they are
+            real = pids.real(pid)
+            if real is None and pid in self._tids:
+                real = pid  # a real id the program got from the kernel (glibc's thread ids)
+            if real is None:
+                # Not a process of this instance (a sibling elsewhere, a home one).
+                return Complete(-(errno.ECHILD if name in ("wait4", "waitid") else errno.ESRCH))
+            if real != pid:
+                rewrite[index] = -real if group else real
+        observe = name in PID_RESULTS
+        return Rewrite(rewrite, observe) if rewrite else Allow(observe)
+
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
-        """The inner coordinator's."""
+        """A pid in the program's numbers; otherwise the inner coordinator's."""
+        if call.name in PID_RESULTS:
+            pid = signed(result)
+            return Complete(self.pids.program(pid)) if pid > 0 else None
         return self.inner.on_result(call, result, output)
 
     def on_process(self, event: ProcessEvent) -> None:
         """Report the event on the channel, then pass it on."""
         match event:
             case ProcessSpawned(pid, ppid, thread):
+                self._tids.add(pid)
                 if not thread:
+                    self._live.add(pid)
                     self.report(channel.spawned(pid, ppid))
             case ProcessExec(pid, argv):
                 self.report(channel.exec_event(pid, argv))
             case ProcessExited(pid, status, sig):
+                self._live.discard(pid)
+                self._tids.discard(pid)
                 self.report(channel.exited(pid, status, sig))
                 self.source.finished(pid)
             case ProcessUsage(pid, cpu_us, maxrss_kb, io, syscalls):
@@ -124,6 +201,15 @@ class InstanceCoordinator:
     def instance_of(self, pid: int) -> str:
         """The inner coordinator's."""
         return self.inner.instance_of(pid)
+
+
+def real_ppid(pid: int) -> int:
+    """The real parent of `pid` (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # -- placement from an instance (issue 10, chunk B) ----------------------------------

@@ -142,6 +142,7 @@ def _fork_tracer(listening: socket.socket, table: SyscallTable) -> socket.socket
                 pid,
                 request.get(b"instance", b"").decode(errors="replace"),
                 request.get(b"view", b""),
+                (channel.number(request, b"vpid"), channel.number(request, b"vppid")),
             )
         except BaseException:
             log.exception("instance tracer of pid %d failed", pid)
@@ -240,8 +241,12 @@ class Tracing:
             )
         return Gate(filt, ptracer=self.pid if self._yama else 0)
 
-    def hand_off(self, session: str, pid: int, go_w: int, view: bytes) -> socket.socket:
+    def hand_off(
+        self, session: str, pid: int, go_w: int, view: bytes, pids: tuple[int, int] = (0, 0)
+    ) -> socket.socket:
         """Ask Z for a tracer of `pid` (takes `go_w`); the agent's end of T's channel.
+
+        `pids`: the program pid `pid` stands for and its parent's (issue 11).
 
         A pidfd goes along: should T only get to it after the agent gave up on
         the child (a stopped zygote), it must not seize whatever reused the pid.
@@ -252,7 +257,7 @@ class Tracing:
             pidfd = os.pidfd_open(pid)
             channel.send(
                 self.sock,
-                channel.trace_request(session, pid, self.instance, view),
+                channel.trace_request(session, pid, self.instance, view, pids),
                 (theirs.fileno(), go_w, pidfd),
             )
         except OSError as exc:

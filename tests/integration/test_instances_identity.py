@@ -1,0 +1,121 @@
+"""Issue 11 items 7-8: one hostname and one PID space per program, wherever it runs.
+
+Each case is differential: the same script natively, under plain `dcptrace`
+and under `dcptrace --instances 3 --placement spread`, asserting the native
+behaviour.  Namespaced instances (root) are where the difference would show:
+each has its own UTS and PID namespace, so a placed process would otherwise
+see `node1` and pid 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WHERE_SH, dcptrace_argv, traced_env
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="namespaced instances (own UTS/PID) need root"),
+]
+
+MODES = {
+    "native": [],
+    "plain": dcptrace_argv("--no-state"),
+    "spread": dcptrace_argv("--no-state", "--instances", "3", "--placement", "spread"),
+}
+
+
+def run_all(script: str, cwd: Path | None = None) -> dict[str, subprocess.CompletedProcess]:
+    """`sh -c script` natively, under dcptrace and on three instances."""
+    out = {}
+    for mode, prefix in MODES.items():
+        argv = [*prefix, "--", "sh", "-c", script] if prefix else ["sh", "-c", script]
+        out[mode] = subprocess.run(
+            argv, capture_output=True, env=traced_env(), cwd=cwd, timeout=120
+        )
+        assert out[mode].returncode == 0, (mode, out[mode].stderr)
+    return out
+
+
+HOSTNAMES = (
+    # Each line is a placed exec (or a placed shell's builtin read).
+    "hostname; uname -n; hostname; "
+    "sh -c 'read h < /proc/sys/kernel/hostname; echo $h'; "
+    "python3 -c 'import socket, os; print(socket.gethostname(), os.uname().nodename)'; "
+    'sh -c "' + WHERE_SH.replace('"', '\\"').replace("$", "\\$") + '"'
+)
+
+
+def test_the_program_sees_its_home_hostname_on_every_instance() -> None:
+    home = socket.gethostname()
+    runs = run_all(HOSTNAMES)
+    want = f"{home}\n{home}\n{home}\n{home}\n{home} {home}\n"
+    for mode, res in runs.items():
+        lines = res.stdout.decode()
+        assert lines.startswith(want), (mode, lines)
+    # ...and the execs did run on the instances: the last line is where.
+    assert runs["spread"].stdout.decode().splitlines()[-1].startswith("node"), runs["spread"]
+
+
+# Each line the same natively, under dcptrace and with every exec placed: a placed
+# shell's $$ and $PPID, a pidfile, a child's pid against its own getpid, kill and
+# wait of a background child by the pid `$!` gave, getpid across an exec.
+PIDS = r"""
+echo $$ > outer.pid
+sh -c 'echo $$ $PPID > inner.pid; kill -0 $$ && echo "kill -0 self: ok"'
+read pid ppid < inner.pid
+[ "$ppid" = "$$" ] && echo "placed \$PPID is its parent: ok"
+[ "$pid" != "$$" ] && echo "placed \$\$ is its own: ok"
+sh -c 'echo $$ > child.pid; exec python3 exec.py'
+sh -c 'sh -c "echo \$\$ > bg.pid" & p=$!; wait $p; echo "wait \$!: $?"; echo $p > bg.want'
+cat bg.pid > bg.got
+cmp -s bg.got bg.want && echo "\$! is the child's \$\$: ok"
+sh -c 'sleep 30 & p=$!; kill $p; wait $p; echo "killed by \$!: $?"'
+sh -c '(exit 3) & wait $!; echo "forked child status: $?"'
+python3 tid.py
+"""
+EXEC_PY = """import os
+pid, ppid = (int(open(f).read()) for f in ("child.pid", "outer.pid"))
+print("getpid across exec:", os.getpid() == pid, os.getppid() == ppid)
+"""
+TID_PY = """import os, threading
+print("main tid is pid:", threading.get_native_id() == os.getpid())
+"""
+
+PIDS_WANT = """\
+kill -0 self: ok
+placed $PPID is its parent: ok
+placed $$ is its own: ok
+getpid across exec: True True
+wait $!: 0
+$! is the child's $$: ok
+killed by $!: 143
+forked child status: 3
+main tid is pid: True
+"""
+
+
+def test_a_placed_process_sees_the_program_s_pids(tmp_path: Path) -> None:
+    outs = {}
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "exec.py").write_text(EXEC_PY)
+        (where / "tid.py").write_text(TID_PY)
+        outs[mode] = run_all_one(mode, PIDS, where)
+    for mode, out in outs.items():
+        assert out == PIDS_WANT, (mode, out)
+
+
+def run_all_one(mode: str, script: str, cwd: Path) -> str:
+    prefix = MODES[mode]
+    argv = [*prefix, "--", "sh", "-c", script] if prefix else ["sh", "-c", script]
+    res = subprocess.run(argv, capture_output=True, env=traced_env(), cwd=cwd, timeout=120)
+    assert res.returncode == 0, (mode, res.stderr)
+    return res.stdout.decode()

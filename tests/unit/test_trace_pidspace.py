@@ -1,0 +1,77 @@
+"""The program's pids on an instance (issue 11 item 7): the pure mapping and the calls."""
+
+from __future__ import annotations
+
+import errno
+
+from tracer.arch import table_for
+from tracer.coordinator import Allow, Complete, ProcessSpawned, Rewrite, SyscallCall
+from tracer.syscalls import by_name
+from vmagent.trace.host import coordinator_for
+from vmagent.trace.pidspace import PID_MAX_LIMIT, PidSpace, base_for
+from vmagent.trace.placing import InstanceCoordinator
+
+TABLE = table_for("x86_64")
+NR = by_name(TABLE)
+
+
+def test_bases_keep_instances_apart_and_above_every_home_pid() -> None:
+    assert base_for("node0") == PID_MAX_LIMIT
+    assert base_for("node2") == 3 * PID_MAX_LIMIT
+    assert base_for("n1") != base_for("n0")
+    for name in ("node510", "node511", "some-vm", "x" * 40):
+        assert PID_MAX_LIMIT <= base_for(name) and base_for(name) + PID_MAX_LIMIT - 1 < 2**31
+
+
+def test_the_root_is_its_deputy_and_forked_processes_get_the_instance_s_numbers() -> None:
+    space = PidSpace()
+    assert space.program(5) == 5 and space.real(12345) == 12345  # unbound: as they are
+    space.bind("node1", 5, 31337, 31000)
+    base = 2 * PID_MAX_LIMIT
+    assert space.program(5) == 31337 and space.real(31337) == 5
+    assert space.program(9) == base + 9 and space.real(base + 9) == 9
+    assert space.real(31000) is None  # the deputy's parent is at home, not here
+    assert space.real(PID_MAX_LIMIT + 9) is None  # node0's numbers
+    assert space.parent(5, 1, ours=False) == 31000
+    assert space.parent(9, 5, ours=True) == 31337
+    assert space.parent(11, 9, ours=True) == base + 9
+    assert space.parent(11, 1, ours=False) == 1  # an orphan
+
+
+def call(name: str, *args: int, pid: int = 5, tid: int = 5) -> SyscallCall:
+    regs = (*args, *(0,) * (6 - len(args)))
+    return SyscallCall(pid, tid, NR[name].nr, name, regs)
+
+
+def bound() -> InstanceCoordinator:
+    coordinator = coordinator_for(TABLE, (), lambda _m: None)
+    coordinator.bind_pids("node0", 5, 31337, 31000)
+    coordinator.on_process(ProcessSpawned(9, 5, False))
+    return coordinator
+
+
+def test_calls_answer_and_take_the_program_s_pids() -> None:
+    c = bound()
+    base = PID_MAX_LIMIT
+    assert c.on_syscall(call("getpid")) == Complete(31337)
+    assert c.on_syscall(call("gettid", pid=9, tid=9)) == Complete(base + 9)
+    # kill of the root by its program pid, of a forked child by its number
+    assert c.on_syscall(call("kill", 31337, 15)) == Rewrite({0: 5})
+    assert c.on_syscall(call("kill", base + 9, 15)) == Rewrite({0: 9})
+    assert c.on_syscall(call("kill", -31337 & (2**64 - 1), 15)) == Rewrite({0: -5})
+    assert c.on_syscall(call("kill", 0, 15)) == Allow()
+    # glibc's own thread ids are real: they pass
+    assert c.on_syscall(call("tgkill", 31337, 5, 10)) == Rewrite({0: 5})
+    # not a process of this instance: as if gone, never a local namesake
+    assert c.on_syscall(call("kill", 31000, 15)) == Complete(-errno.ESRCH)
+    assert c.on_syscall(call("wait4", 31000)) == Complete(-errno.ECHILD)
+    fork = call("fork")
+    assert c.on_syscall(fork) == Allow(observe_result=True)
+    assert c.on_result(fork, 9, None) == Complete(base + 9)
+    assert c.on_result(fork, -errno.EAGAIN & (2**64 - 1), None) is None
+
+
+def test_an_unbound_session_keeps_the_instance_s_pids() -> None:
+    c = coordinator_for(TABLE, (), lambda _m: None)
+    assert c.on_syscall(call("getpid")) == Allow()
+    assert c.on_syscall(call("kill", 31000, 15)) == Allow()
