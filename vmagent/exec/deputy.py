@@ -349,8 +349,11 @@ class Deputy:
         if kind == "status":
             return value
         if kind == "signal":
-            _signal.signal(value, _signal.SIG_DFL)
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [value])
+            if value not in (_signal.SIGKILL, _signal.SIGSTOP):
+                # SIGKILL and SIGSTOP take no disposition (signal() gives EINVAL):
+                # they are sent as they are, and SIGKILL kills this process too.
+                _signal.signal(value, _signal.SIG_DFL)
+                _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [value])
             os.kill(os.getpid(), value)
             return 128 + value  # the signal does not kill (e.g. SIGCHLD): like a shell
         program = self.program.decode(errors="replace")

@@ -1,0 +1,81 @@
+"""The seams between instances (issue 11, items 9-14): native vs dcptrace vs cluster.
+
+Each case runs natively, under plain dcptrace and under
+`dcptrace --instances 3 --placement spread`; stdout, stderr and status must match.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import dcptrace_argv, traced_env
+
+pytestmark = pytest.mark.usefixtures("has_ptrace")
+
+CLUSTER = ("--instances", "3", "--placement", "spread")
+MODES = {"dcptrace": (), "cluster": CLUSTER}
+# The one line a cluster run may add on a host without cgroup v2 controllers.
+CGROUP_WARNING = b"dcptrace: WARNING: cgroup v2"
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    """dcptrace alone, or with three spread instances."""
+    return str(request.param)
+
+
+def run(mode: str, argv: list[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+    """(stdout, stderr, status) of `argv` natively or under dcptrace in `mode`."""
+    full = argv if mode == "native" else [*dcptrace_argv(*MODES[mode]), "--", *argv]
+    proc = subprocess.run(full, cwd=cwd, env=traced_env(), capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=240)  # fmt: skip
+    err = b"".join(
+        line for line in proc.stderr.splitlines(keepends=True)
+        if not line.startswith(CGROUP_WARNING)
+    )  # fmt: skip
+    # A shell's job report names the pid, which differs run to run.
+    err = re.sub(rb"(line \d+: +)\d+ ", rb"\1PID ", err)
+    return proc.stdout, err, proc.returncode
+
+
+def differential(argv: list[str], mode: str, cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+    """Run natively and in `mode`; assert they agree; return the native result."""
+    native = run("native", argv, cwd)
+    assert run(mode, argv, cwd) == native
+    return native
+
+
+# --- 11: an exec the kernel refuses fails as it does natively ---------------------
+
+
+def test_bad_interpreter_and_missing_program_fail_as_natively(tmp_path: Path, mode: str) -> None:
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/nonexistent/interpreter\necho never\n")
+    bad.chmod(0o755)
+    chained = tmp_path / "chained.sh"  # its interpreter is a script with a bad one
+    chained.write_text(f"#!{bad}\necho never\n")
+    chained.chmod(0o755)
+    script = (
+        f'{bad}; echo "status $?"; {chained} x; echo "status $?"; '
+        'no-such-program-dcp; echo "status $?"; exec ' + str(bad)
+    )
+    out, err, status = differential(["bash", "-c", script], mode, cwd=tmp_path)
+    assert out == b"status 127\nstatus 127\nstatus 127\n"
+    assert b"cannot execute: required file not found" in err
+    assert status == 127
+
+
+# --- 13: a remote SIGKILL is a SIGKILL at home (137), never a deputy error ----------
+
+
+def test_death_by_sigkill_is_137(mode: str) -> None:
+    script = 'sh -c "kill -KILL \\$\\$"; echo "status $?"; sh -c "kill -KILL \\$\\$"'
+    out, err, status = differential(["bash", "-c", script], mode)
+    assert out == b"status 137\n"
+    assert b"Killed" in err and b"dcp:" not in err
+    assert status == -signal.SIGKILL  # the shell exec'd the last one: it died of it
