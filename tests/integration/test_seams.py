@@ -6,6 +6,7 @@ Each case runs natively, under plain dcptrace and under
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dcptrace_argv, traced_env
+from tests.conftest import dcptrace_argv, traced_env, wait_for
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
@@ -79,3 +80,48 @@ def test_death_by_sigkill_is_137(mode: str) -> None:
     assert out == b"status 137\n"
     assert b"Killed" in err and b"dcp:" not in err
     assert status == -signal.SIGKILL  # the shell exec'd the last one: it died of it
+
+
+# --- 14: SIGKILL of dcptrace --instances leaves nothing behind -----------------------
+
+
+def lab_objects() -> set[str]:
+    """The labs' namespaces, links and agent processes on this machine now."""
+    found = (
+        {f"netns {n}" for n in os.listdir("/run/netns")} if os.path.isdir("/run/netns") else set()
+    )
+    found |= {f"link {n}" for n in os.listdir("/sys/class/net") if n.startswith("dcp")}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vmagent" in argv[:3] or b"net.reaper" in argv[:3]:
+            found.add(f"process {pid} {b' '.join(argv[:3]).decode()}")
+    return {o for o in found if o.startswith(("link", "process")) or "dcp-" in o}
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="namespaced instances need root")
+def test_sigkill_of_dcptrace_leaves_no_namespace_link_or_agent() -> None:
+    before = lab_objects()
+    proc = subprocess.Popen(
+        [*dcptrace_argv(*CLUSTER), "--", "sh", "-c", "echo ready; exec sleep 600"],
+        env=traced_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        during = lab_objects() - before
+        kinds = {o.split()[0] for o in during}
+        assert kinds == {"netns", "link", "process"}, during  # the lab exists
+        # Front and tracer at once (a front killed alone lets the tracer tear down).
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_for(lambda: not (lab_objects() & during), 60), lab_objects() & during
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
