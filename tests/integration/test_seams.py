@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,63 @@ def test_sigkill_of_dcptrace_leaves_no_namespace_link_or_agent() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- 9: EOF, EPIPE and SIGPIPE cross instances as on one machine -----------------
+
+EPIPE_WRITER = (
+    "import signal, sys\n"
+    "signal.signal(signal.SIGPIPE, signal.SIG_IGN)\n"
+    "try:\n"
+    "    while True: sys.stdout.write('x' * 4096); sys.stdout.flush()\n"
+    "except BrokenPipeError:\n"
+    "    sys.stderr.write('EPIPE\\n'); sys.stdout = None; sys.exit(3)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "seq 100000 | head -1; echo ${PIPESTATUS[@]}",
+        "yes | head -2; echo ${PIPESTATUS[@]}",
+        "printf 'a\\nb\\nc\\n' | cat | wc -l; echo ${PIPESTATUS[@]}",
+        f'python3 -c "{EPIPE_WRITER}" | head -c 10; echo; echo ${{PIPESTATUS[@]}}',
+        # Processes sharing a pipe each take what a native read of theirs would.
+        'printf \'a\\nb\\nc\\n\' | (read x; echo "got $x"; head -1; read y; echo "then $y")',
+    ],
+    ids=["seq-head", "yes-head", "eof", "epipe", "shared-read"],
+)
+def test_pipes_eof_epipe_sigpipe(script: str, mode: str) -> None:
+    out, _, status = differential(["bash", "-c", script], mode)
+    assert status == 0 and out
+
+
+def test_seq_head_is_141_0(mode: str) -> None:
+    out, _, _ = differential(["bash", "-c", "seq 100000 | head -1; echo ${PIPESTATUS[@]}"], mode)
+    assert out == b"1\n141 0\n"
+
+
+# --- 10: multiprocessing, 20 runs each ----------------------------------------------
+
+POOL = textwrap.dedent("""
+    import concurrent.futures, multiprocessing, sys
+    def square(x):
+        return x * x
+    if __name__ == "__main__":
+        how = sys.argv[1]
+        if how == "executor":
+            with concurrent.futures.ProcessPoolExecutor(2) as ex:
+                print(sum(ex.map(square, range(100))))
+        else:
+            with multiprocessing.get_context(how).Pool(2) as pool:
+                print(sum(pool.map(square, range(100))))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["spawn", "forkserver", "executor"])
+def test_multiprocessing_twenty_runs(tmp_path: Path, how: str, mode: str) -> None:
+    program = tmp_path / "pool.py"
+    program.write_text(POOL)
+    for _ in range(20):
+        assert differential([sys.executable, str(program), how], mode) == (b"328350\n", b"", 0)

@@ -144,6 +144,35 @@ def elf_interpreter(f: BinaryIO, head: bytes) -> bytes | None:
     return None
 
 
+O_CLOEXEC_OCTAL = 0o2000000  # O_CLOEXEC in /proc/PID/fdinfo's octal `flags:`
+
+
+def holds_socket(pid: int) -> bool:
+    """True when `pid` keeps a socket past exec other than its stdin/out/err.
+
+    A deputy carries a socket only as a byte stream one way; a listening socket,
+    a socketpair passing descriptors (multiprocessing's forkserver, a server
+    handed its listener) is only what it is at home, so such a process stays home.
+    """
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in fds:
+        if int(name) <= 2:
+            continue
+        try:
+            if not stat.S_ISSOCK(os.stat(f"/proc/{pid}/fd/{name}").st_mode):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                flags = next(line for line in f if line.startswith("flags:")).split()[1]
+        except (OSError, StopIteration, IndexError):
+            continue
+        if not int(flags, 8) & O_CLOEXEC_OCTAL:
+            return True
+    return False
+
+
 class ClusterCoordinator:
     """Delegates to `inner`, except for where exec'd programs run."""
 
@@ -208,7 +237,7 @@ class ClusterCoordinator:
             if isinstance(mapped, bytes):
                 path = mapped  # the inner coordinator mapped a virtual path
         real = path if path.startswith(b"/") else os.path.join(call.bases.get(index, b""), path)
-        if not is_placeable_file(real):
+        if not is_placeable_file(real) or holds_socket(call.pid):
             return None
         try:
             uid, gid, groups = self._creds(call.pid)
