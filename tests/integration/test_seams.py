@@ -187,3 +187,15 @@ def test_multiprocessing_twenty_runs(tmp_path: Path, how: str, mode: str) -> Non
     program.write_text(POOL)
     for _ in range(20):
         assert differential([sys.executable, str(program), how], mode) == (b"328350\n", b"", 0)
+
+
+# --- 12: argv[0] is what the program passed ---------------------------------------
+
+
+def test_argv0_is_what_the_program_passed(mode: str) -> None:
+    script = (
+        "cat /proc/self/cmdline; echo; (exec -a renamed cat /proc/self/cmdline); echo; "
+        'sh -c "cat /proc/self/cmdline"; echo'
+    )
+    out, _, _ = differential(["bash", "-c", script], mode)
+    assert out.split(b"\n")[:2] == [b"cat\0/proc/self/cmdline\0", b"renamed\0/proc/self/cmdline\0"]
