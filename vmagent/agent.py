@@ -11,6 +11,7 @@ lost; a session whose deputy never returns has its program killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 import socket
@@ -19,10 +20,14 @@ from typing import Any
 
 from aiohttp import web
 
+from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
+from vmagent.checkpoint.local import Checkpointer
+from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.trace.enforce import Enforcer, detect
 from vmagent.trace.placer import OssPlacements, Placer
 from vmagent.trace.zygote import Tracing
 
@@ -87,6 +92,118 @@ async def _sessions(request: web.Request) -> web.Response:
     )
 
 
+CHECKPOINTER: web.AppKey[Checkpointer] = web.AppKey("checkpointer", Checkpointer)
+
+
+async def _checkpoint(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/checkpoint {"restore": bool, "images": dir?} (vmagent.checkpoint)."""
+    _authorized(request)
+    service = request.app[SERVICE]
+    try:
+        session = service.sessions.get(bytes.fromhex(request.match_info["sid"]))
+    except ValueError:
+        session = None
+    if session is None:
+        raise web.HTTPNotFound(text="no such session\n")
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise web.HTTPBadRequest(text="the body is not JSON\n") from None
+    restore = body.get("restore", False) if isinstance(body, dict) else None
+    images = body.get("images") if isinstance(body, dict) else None
+    if not isinstance(restore, bool) or not (images is None or isinstance(images, str)):
+        raise web.HTTPBadRequest(text='expected {"restore": bool, "images": path}\n')
+    try:
+        done = await request.app[CHECKPOINTER].checkpoint(session, restore=restore, images=images)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done.as_json())
+
+
+MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
+
+
+async def _migrate(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/migrate {"to": HOST:PORT, "instance": NAME, "ticket": T}."""
+    _authorized(request)
+    service = request.app[SERVICE]
+    try:
+        session = service.sessions.get(bytes.fromhex(request.match_info["sid"]))
+    except ValueError:
+        session = None
+    if session is None:
+        raise web.HTTPNotFound(text="no such session\n")
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    fields = [body.get(k) if isinstance(body, dict) else None for k in ("to", "instance", "ticket")]
+    if not all(isinstance(f, str) and f for f in fields):
+        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket"}\n')
+    to, instance, ticket = (str(f) for f in fields)
+    try:
+        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
+def _migration_ticket(request: web.Request) -> str:
+    scheme, _, ticket = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "DCP-Migrate" or not ticket:
+        raise web.HTTPUnauthorized(text="missing migration ticket\n")
+    return ticket
+
+
+async def _migration_check(request: web.Request) -> web.Response:
+    """POST /v1/migrations/check {"pids": [...]}: could this instance take that tree?"""
+    ticket = _migration_ticket(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    try:
+        request.app[MIGRATOR].check(ticket, body.get("pids") if isinstance(body, dict) else None)
+        await request.app[CHECKPOINTER].criu()
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"ok": True})
+
+
+async def _migration_commit(request: web.Request) -> web.Response:
+    """POST /v1/migrations/commit {"session": sid}: the source's go for a restored tree."""
+    ticket = _migration_ticket(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    try:
+        request.app[MIGRATOR].commit(
+            ticket, body.get("session") if isinstance(body, dict) else None
+        )
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"running": True})
+
+
+async def _migration_receive(request: web.Request) -> web.Response:
+    """POST /v1/migrations: a moved session (description + zstd images), restored here."""
+    ticket = _migration_ticket(request)
+    try:
+        done = await request.app[MIGRATOR].receive(ticket, request.content)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except (CheckpointError, asyncio.IncompleteReadError) as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
 def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) -> web.Application:
     """The HTTP side of the agent."""
     app = web.Application()
@@ -96,6 +213,17 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/v1/load", _load)
     app.router.add_get("/v1/sessions", _sessions)
+    app[CHECKPOINTER] = Checkpointer(service)
+    app.router.add_post("/v1/sessions/{sid}/checkpoint", _checkpoint)
+    app[MIGRATOR] = Migrator(
+        app[CHECKPOINTER],
+        MigrationTickets(config.token, config.instance, exec_key=config.exec_key),
+        config.instance,
+    )
+    app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
+    app.router.add_post("/v1/migrations/check", _migration_check)
+    app.router.add_post("/v1/migrations", _migration_receive)
+    app.router.add_post("/v1/migrations/commit", _migration_commit)
     return app
 
 
@@ -131,19 +259,26 @@ class Agent:
         self.placer = Placer(oss)
         self.service.hooks.add(self.placer)
         self._unauthenticated = [0]  # connections counted by their Gate
+        # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
+        self.enforcer = Enforcer(config.instance, detect(config.instance))
+        self.service.hooks.add(self.enforcer)
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
         self.address = ""
+        self._criu_check: asyncio.Future[None] | None = None
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
         self.service.install()
+        app = make_app(self.config, self.service, self.sampler)
         self.runner = web.AppRunner(
-            make_app(self.config, self.service, self.sampler),
+            app,
             access_log=None,
             keepalive_timeout=HTTP_LIFETIME / 2,
         )
         await self.runner.setup()
+        # `criu check` once, in the background: the first checkpoint does not wait for it.
+        self._criu_check = asyncio.ensure_future(app[CHECKPOINTER].warm())
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
@@ -159,14 +294,21 @@ class Agent:
         self.address = f"{host}:{port}"
         return self.address
 
-    def on_commands(self, commands: list[dict[str, Any]]) -> None:
-        """Commands the OSS sent this instance: every handler gets them, in order."""
+    async def on_commands(self, commands: list[dict[str, Any]]) -> list[int]:
+        """Commands the OSS sent this instance: every handler gets them, in order, then
+        the limits enforcer carries them out; the ids done (acknowledged next beat)."""
         for handler in self.command_handlers:
             handler(commands)
+        return await self.enforcer.carry_out(commands, list(self.service.sessions.values()))
 
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
+        if self._criu_check is not None:
+            self._criu_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._criu_check
+        self.enforcer.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:

@@ -225,6 +225,20 @@ class Deputy:
                             _thread.start_new_thread(self.forward_input, (fd, count))
                     elif kind == P.WELCOME:
                         link.session = P.pairs(payload).get(b"session", b"")
+                    elif kind == P.MOVED:
+                        # The program now runs elsewhere: hang up here; the loop's
+                        # reconnect resumes the session at its new agent.
+                        link.move(payload)
+                        old, link.sock = link.sock, None
+                        link.pending = []
+                        if old is not None:
+                            try:
+                                old.shutdown(_socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                            old.close()
+                        link.reconnect("moved")
+                        break
                     elif kind == P.EXIT:
                         fields = P.pairs(payload)
                         link.control(P.BYE)

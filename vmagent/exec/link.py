@@ -129,6 +129,23 @@ class Link:
         self.pending = list(frames)
         self.sock = sock
 
+    def move(self, payload: bytes | bytearray) -> None:
+        """MOVED: resume this session at the agent it names, with the derived key.
+
+        The key is the hex HMAC of the current one over `moved.INSTANCE.SALT`;
+        the agent the program moved to got the same from the one it left.
+        """
+        fields = P.pairs(bytes(payload))
+        agent = fields[b"addr"].decode()
+        host, _, port = agent.rpartition(":")
+        salt = fields[b"salt"]
+        instance = fields[b"instance"]
+        key = _hashlib.hmac_digest(self.secret, b"moved." + instance + b"." + salt, "sha256")
+        self.secret = key.hex().encode()
+        self.addr = (host.strip("[]"), int(port))
+        self.agent = agent
+        self.instance = instance.decode()
+
     def first_frame(self) -> bytes:
         """RESUME once the session is known, else HELLO (seq: the last seq received)."""
         if self.session:

@@ -52,6 +52,9 @@ WANT = 12  # agent -> deputy: the remote program reads stream `fd`: start forwar
 AUTH = 13  # deputy -> agent: record (ticket public part B, challenge c1)
 CHALLENGE = 14  # agent -> deputy: record (HMAC(T, "agent" + c1), challenge c2)
 PROOF = 15  # deputy -> agent: record (HMAC(T, "deputy" + c2,)); then HELLO or RESUME
+# agent -> deputy: the program moved (vmagent.checkpoint): pairs addr, instance, salt;
+# the deputy resumes the session there, with the key `moved_key(T, instance, salt)`.
+MOVED = 16
 NONCE_SIZE = 16  # bytes of each challenge
 # HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
 # reached it (its connection was cut first).  The agent attaches it to the
@@ -67,7 +70,7 @@ KEEPALIVE_IDLE = 5
 KEEPALIVE_INTVL = 2
 KEEPALIVE_CNT = 3
 
-SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT})
+SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT, MOVED})
 
 # SIGNAL's payload GROUP: deliver to the remote program's process group (a signal
 # the home deputy got from its terminal), not to its pid alone.
@@ -176,7 +179,7 @@ class FrameParser:
     @staticmethod
     def check(kind: int, length: int, limit: int = MAX_PAYLOAD) -> None:
         """Raise FrameError for a header no valid peer sends."""
-        if length > limit or kind == 0 or kind > PROOF:
+        if length > limit or kind == 0 or kind > MOVED:
             raise FrameError(f"bad frame header kind={kind} length={length}")
 
 

@@ -121,6 +121,9 @@ class ExecProtocol(asyncio.Protocol):
             self.grant, self._secret = self.service.tickets.secret(
                 items[0].decode("ascii", errors="replace")
             )
+            moved = self.service.moved.get(self.grant.nonce)
+            if moved is not None:  # a session that moved here (vmagent.checkpoint)
+                self._secret = moved
             self._challenge = secrets.token_bytes(P.NONCE_SIZE)
             mine = tickets.proof(self._secret, b"agent", items[1])
             self.write(P.frame(P.CHALLENGE, 0, P.record([mine, self._challenge])))
@@ -179,6 +182,12 @@ class ExecService:
         self.by_nonce: dict[str, Session] = {}  # ticket nonce -> the session it started
         self.probe = ReaderProbe(os.uname().machine)
         self.counts = {"started": 0, "exited": 0, "signaled": 0, "failed": 0, "abandoned": 0}
+        # Helpers the agent runs as its own children (criu): their wait status goes
+        # to these futures, since the reaper below collects every child.
+        self.children: dict[int, asyncio.Future[int]] = {}
+        # Sessions that moved here from another instance: ticket nonce -> the key
+        # their deputy now proves (derived from its ticket's secret on each move).
+        self.moved: dict[str, str] = {}
 
     def install(self) -> None:
         """Reap children on SIGCHLD (call from the running loop)."""
@@ -199,6 +208,11 @@ class ExecService:
                 if not self.tracing.closed:
                     log.warning("the instance tracer's zygote (pid %d) died", pid)
                 continue  # replaced at the next session (which is refused meanwhile)
+            waiter = self.children.pop(pid, None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(status)
+                continue
             session = self.by_pid.pop(pid, None)
             if session is not None:
                 session.exited(status)
@@ -244,6 +258,7 @@ class ExecService:
         session.program_id = program_of(grant)
         if request.view is not None:  # the ticket vouched for it: the tracer applies it
             session.view = request.view.encode()
+        session.key = proto._secret
         self.sessions[session.sid] = session
         self.by_nonce[grant.nonce] = session
         session.attach(proto, 0)
@@ -285,6 +300,9 @@ class ExecService:
     def abandon(self, session: Session) -> None:
         """The deputy never came back: kill the program, drop the session."""
         if session.forgotten:
+            return
+        if session.moved:  # its deputy follows the program elsewhere (or never returns)
+            self.forget(session)
             return
         log.warning(
             "deputy of %s pid=%d did not reconnect within %.1fs: killing it",

@@ -87,6 +87,14 @@ class Session:
         self._errors = -1  # the child's exec-report pipe, until it exec'd or failed
         self._report = b""
         self._gate_timer: asyncio.TimerHandle | None = None
+        # A checkpoint waits here for its tracer's `op=detached` (vmagent.checkpoint).
+        self.detached: asyncio.Future[tuple[int, ...]] | None = None
+        self.key = ""  # what the deputy proves (its ticket's secret, or a moved key)
+        # Migration (vmagent.checkpoint.migrate): while `migrating`, sequenced frames
+        # from the deputy are left unacknowledged (it replays them where the program
+        # lands); once `moved`, the program is no longer here: nothing is killed.
+        self.migrating = False
+        self.moved = False
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -135,6 +143,7 @@ class Session:
                     self.trace_sock = tracing.hand_off(self.sid.hex(), pid, go_w, self.view)
 
                 timeout = self.service.config.trace_timeout
+                spread_pids()
                 forked = fork_program(self.request, sources, gate, hand_off, timeout)
         except GateClosed as exc:
             self.close_fds()
@@ -276,6 +285,12 @@ class Session:
                     self.tracer_pid = channel.number(record, b"tracer")
             elif record[b"op"] == channel.OP_FAILED:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
+            elif record[b"op"] == channel.OP_DETACHED:
+                if self.detached is not None and not self.detached.done():
+                    try:
+                        self.detached.set_result(channel.pids_of(record))
+                    except channel.ChannelError as exc:
+                        self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
 
     def _close_trace(self) -> None:
@@ -305,6 +320,8 @@ class Session:
     # -- frames from the deputy -----------------------------------------------
     def on_frame(self, kind: int, fd: int, seq: int, payload: bytes) -> None:
         """Apply one frame received from the deputy."""
+        if (self.migrating or self.moved) and kind != P.ACK:
+            return  # unacknowledged: replayed to wherever the program runs next
         if kind in P.SEQUENCED and not self.inbox.accept(seq, len(payload)):
             return
         if kind == P.DATA:
@@ -532,6 +549,8 @@ class Session:
 
     def kill(self) -> None:
         """SIGKILL the program's tracer (EXITKILL: its whole tree) and its process group."""
+        if self.moved:
+            return  # the program runs on another instance now
         if self.tracer_pid and self.status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.tracer_pid, signal.SIGKILL)
@@ -568,3 +587,27 @@ def _same_terminal(path: bytes, flags: int, rdev: int) -> int | None:
         return fd
     os.close(fd)
     return None
+
+
+PID_LOW = 10_000  # programs' pids are drawn above this (below: the agent's own helpers)
+PID_SPAN = 1 << 16  # room kept above a program's pid for its descendants (at most)
+
+
+def spread_pids() -> None:
+    """Let the next program's pids start at a random place of this PID namespace.
+
+    A program migrates with its pids (vmagent.checkpoint.migrate), which must be
+    free on the target.  Agents of fresh instances all count up from 1 alike,
+    so sequential pids would collide; random regions rarely do.  Only for an
+    agent that is PID 1 of its own namespace (local instances, VMs): a host
+    namespace's allocation is not ours to move.
+    """
+    if os.getpid() != 1:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/sys/kernel/pid_max") as f:
+            most = int(f.read())
+        top = most - min(PID_SPAN, most // 8)
+        if top > PID_LOW:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(PID_LOW + int.from_bytes(os.urandom(4), "big") % (top - PID_LOW)))

@@ -15,6 +15,18 @@ tracer -> agent  `op=seized pid tracer` (the tracer's own pid)
                  `op=usage pid final=1 cpu_us maxrss_kb rchar wchar rbytes wbytes
                  [net_rx net_tx ...] sys=<service=n,...>` (one per process)
                  `op=done` (no tracee left: the tracer exits)
+agent -> tracer  `op=detach` (checkpoint): the tracer stops every process of the
+                 tree (SIGSTOP, pending while each thread is held at a ptrace
+                 stop outside any intercepted call), detaches every thread and
+                 answers `op=detached pids` (the tree's processes, root first,
+                 comma-separated), then exits; the tree stays stopped, untraced.
+agent -> zygote  `op=adopt session pids instance view`, with `[chan]`: a tracer
+                 seizes every thread of those stopped processes (a restored or
+                 checkpointed tree), answers `op=seized pid tracer`, continues them
+                 (SIGCONT) and serves them as if it had traced them from the start.
+agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
+                 agent's migration, `vmagent.checkpoint.migrate`, told to the
+                 session hooks as a record, for the OSS link and telemetry).
 
 `ts` is the tracer's wall clock (seconds, microsecond decimals).  Records
 after `op=seized` are fire-and-forget: the tracer never waits for the agent.
@@ -39,6 +51,9 @@ OP_FAILED = b"failed"
 OP_EVENT = b"event"
 OP_USAGE = b"usage"
 OP_DONE = b"done"
+OP_DETACH = b"detach"
+OP_DETACHED = b"detached"
+OP_ADOPT = b"adopt"
 
 Record = dict[bytes, bytes]
 
@@ -91,6 +106,24 @@ def now() -> bytes:
 def trace_request(session: str, pid: int, instance: str, view: bytes) -> bytes:
     """agent -> zygote: trace `pid` of `session` (sent with `[chan, go_w, pidfd]`)."""
     return encode(OP_TRACE, session=session, pid=pid, instance=instance, view=view)
+
+
+def adopt_request(session: str, pids: tuple[int, ...], instance: str, view: bytes) -> bytes:
+    """agent -> zygote: adopt the stopped processes `pids` (root first; sent with `[chan]`)."""
+    return encode(OP_ADOPT, session=session, pids=pid_list(pids), instance=instance, view=view)
+
+
+def pid_list(pids: tuple[int, ...]) -> bytes:
+    """`pids` as the comma-separated field of `op=detached` / `op=adopt`."""
+    return ",".join(str(p) for p in pids).encode()
+
+
+def pids_of(record: Record) -> tuple[int, ...]:
+    """The `pids` field; ChannelError if it is not a non-empty list of numbers."""
+    items = record.get(b"pids", b"").split(b",")
+    if not items or not all(i.isdigit() and len(i) < 12 for i in items):
+        raise ChannelError("tracer message field pids is not a list of numbers")
+    return tuple(int(i) for i in items)
 
 
 def spawned(pid: int, ppid: int) -> bytes:

@@ -10,6 +10,16 @@ from the same view) and execs; every process of the tree is reported as
 
 EXITKILL holds from the seize on: if T dies, every tracee dies with it, so
 no process of the session ever runs untraced.
+
+Checkpoints (`vmagent.checkpoint`): T also listens to its channel.  A tiny
+child W of T (the *waker*) waits for the channel to become readable and exits;
+T's `wait4(-1)` sees W's exit among its tracees' stops, so a command is read
+between two stops, never in the middle of one, with no signal and no thread.
+`op=detach` holds every thread at a ptrace stop outside any intercepted call,
+makes SIGSTOP pending on each process and detaches: the tree stops untraced
+(an intercepted call of a detached task could otherwise run unserved).  A T
+forked for `op=adopt` seizes such a stopped tree (restored by CRIU, or left
+stopped after a dump) and continues it under the same rules as a fresh one.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 from collections.abc import Callable
@@ -26,6 +37,7 @@ from oss.embedded import EmbeddedCoordinator
 from oss.storage.pathmap import PathMap
 from tracer import ptraceio
 from tracer.coordinator import Coordinator
+from tracer.machine import EventStop, GroupStop, Machine, Process, Thread
 from tracer.runner import WALL, Runner
 from tracer.syscalls import SyscallTable
 from vmagent.cluster.coordinator import Ident
@@ -80,11 +92,11 @@ class Tracer:
             with contextlib.suppress(OSError):  # the agent is gone: tracing goes on
                 channel.send(self.chan, message)
 
-    def _runner(self, view: bytes) -> Runner:
+    def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
             self.table, channel.view_maps(view), self.report, ask=self.ask
         )
-        return Runner((), {}, "", self.table, coordinator, trace_all=False, measure=measure_exit)
+        return HostRunner(self, coordinator)
 
     @staticmethod
     def _placing(runner: Runner) -> PlacingCoordinator | None:
@@ -131,6 +143,171 @@ class Tracer:
             if placing is not None:
                 placing.close()  # the ticket files of deputies that never started
         self.report(channel.encode(channel.OP_DONE))
+        return 0
+
+    def adopt(self, chan: socket.socket, pids: tuple[int, ...], view: bytes) -> int:
+        """Seize the stopped tree `pids` (root first), continue it, trace it to the end."""
+        self.chan = chan
+        try:
+            runner = self._ready if not view else self._runner(view)
+            runner.adopt(pids)
+        except (ptraceio.PtraceRequestError, OSError) as exc:
+            # What was seized dies with us (EXITKILL); the rest stays stopped for the agent.
+            message = os.strerror(exc.errno) if exc.errno else str(exc)
+            self.report(channel.encode(channel.OP_FAILED, pid=pids[0], message=message))
+            return 1
+        self.report(channel.encode(channel.OP_DONE))
+        return 0
+
+
+class HostRunner(Runner):
+    """`Runner` plus T's channel: commands between stops (`op=detach`), adoption."""
+
+    def __init__(self, tracer: Tracer, coordinator: InstanceCoordinator) -> None:
+        super().__init__(
+            (), {}, "", tracer.table, coordinator, trace_all=False, measure=measure_exit
+        )
+        self.tracer = tracer
+        self.waker = 0
+
+    def adopt(self, pids: tuple[int, ...]) -> None:
+        """Seize every thread of the stopped processes `pids` and run the loop until they end."""
+        root = pids[0]
+        machine = self.machine = Machine(root, self.intercept, self.trace_all)
+        machine.threads.clear()
+        machine.processes.clear()
+        for pid in pids:
+            tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+            machine.processes[pid] = Process(
+                pid, 0 if pid == root else parent_of(pid), ptraceio.cmdline(pid), threads=set(tids)
+            )
+            for tid in tids:
+                ptraceio.seize(tid, OPTIONS)
+                machine.threads[tid] = Thread(tid, pid)
+        self.tracer.report(channel.encode(channel.OP_SEIZED, pid=root, tracer=os.getpid()))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._loop(machine)
+
+    def _loop(self, machine: Machine) -> None:
+        chan = self.tracer.chan
+        if chan is not None:
+            self.waker = spawn_waker(chan)
+        try:
+            while machine.alive:
+                try:
+                    pid, status, usage = os.wait4(-1, WALL)
+                except ChildProcessError:
+                    log.warning("no traced process left, %d unaccounted for", len(machine.threads))
+                    return
+                if pid == self.waker and pid:
+                    self.waker = 0
+                    if self._command(machine):
+                        return
+                    continue
+                stop = self._decode(pid, status, usage)
+                if stop is not None:
+                    self._execute(machine.step(stop))
+        finally:
+            if self.waker:
+                with contextlib.suppress(OSError):
+                    os.kill(self.waker, signal.SIGKILL)
+                    os.waitpid(self.waker, 0)
+                self.waker = 0
+
+    def _command(self, machine: Machine) -> bool:
+        """Serve what arrived on the channel; True once the tree is detached."""
+        chan = self.tracer.chan
+        assert chan is not None
+        chan.setblocking(False)
+        try:
+            data, fds = channel.receive(chan)
+        except BlockingIOError:
+            data, fds = b"?", []  # spurious wake: keep listening
+        except OSError:
+            data, fds = b"", []
+        finally:
+            chan.setblocking(True)
+        for fd in fds:
+            os.close(fd)
+        if not data:
+            return False  # the agent is gone: trace on without listening
+        if data != b"?":
+            try:
+                op = channel.decode(data)[b"op"]
+            except channel.ChannelError as exc:
+                log.warning("tracer channel: %s", exc)
+                op = b""
+            if op == channel.OP_DETACH:
+                pids = self.detach_all(machine)
+                self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
+                return True
+        self.waker = spawn_waker(chan)
+        return False
+
+    def detach_all(self, machine: Machine) -> tuple[int, ...]:
+        """Stop and detach every traced thread; the processes left stopped, root first.
+
+        A thread is let go only at a stop of our own asking (PTRACE_INTERRUPT)
+        outside any intercepted call: a call stopped at its seccomp stop is
+        served first, as always.  SIGSTOP is made pending on every process
+        while all its threads are held, so each stops as soon as it is detached.
+        """
+        asked: set[int] = set()
+        held: set[int] = set()
+        while True:
+            for tid in list(machine.threads):
+                if tid not in asked:
+                    asked.add(tid)
+                    ptraceio.interrupt(tid)
+            if not machine.threads.keys() - held:
+                break
+            try:
+                pid, status, usage = os.wait4(-1, WALL)
+            except ChildProcessError:
+                break
+            stop = self._decode(pid, status, usage)
+            if stop is None:
+                continue
+            th = machine.threads.get(stop.tid)
+            idle = th is not None and th.pending is None
+            if isinstance(stop, (EventStop, GroupStop)) and stop.tid in asked and idle:
+                held.add(stop.tid)
+                continue
+            self._execute(machine.step(stop))
+            if stop.tid in asked and stop.tid in machine.threads:
+                ptraceio.interrupt(stop.tid)  # ask again: it ran on to finish its call
+        live = [p.pid for p in machine.processes.values() if p.threads & held]
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        for tid in held:
+            ptraceio.detach(tid)
+        root = machine.main_pid
+        return tuple(sorted(live, key=lambda p: (p != root, p)))
+
+
+def spawn_waker(chan: socket.socket) -> int:
+    """Fork W: it exits when `chan` is readable (a command or EOF); T's wait4 sees it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            select.select([chan], [], [])
+        finally:
+            os._exit(0)
+    return pid
+
+
+def parent_of(pid: int) -> int:
+    """The parent pid of `pid` from /proc (0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
         return 0
 
 

@@ -91,7 +91,8 @@ def serve(sock: socket.socket, agent: int) -> NoReturn:
             os._exit(0)  # the agent closed its end: the waiting tracer sees EOF too
         try:
             request = channel.decode(data)
-            if request[b"op"] != channel.OP_TRACE or len(fds) != 3:
+            adopting = request[b"op"] == channel.OP_ADOPT and len(fds) == 1
+            if not adopting and (request[b"op"] != channel.OP_TRACE or len(fds) != 3):
                 raise channel.ChannelError("expected op=trace with three descriptors")
         except channel.ChannelError as exc:
             log.error("zygote: %s", exc)
@@ -125,9 +126,14 @@ def _fork_tracer(listening: socket.socket, table: SyscallTable) -> socket.socket
             theirs.close()
             if os.geteuid() == 0:
                 os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) - ZYGOTE_NICE)
-            if not data or len(fds) != 3:
+            if not data or len(fds) not in (1, 3):
                 os._exit(0)  # the zygote is gone, or no session after all
             request = channel.decode(data)
+            if request[b"op"] == channel.OP_ADOPT:  # a checkpointed tree (vmagent.checkpoint)
+                pids = channel.pids_of(request)
+                pid = pids[0]
+                code = tracer.adopt(socket.socket(fileno=fds[0]), pids, request.get(b"view", b""))
+                os._exit(code)
             pid = channel.number(request, b"pid")
             code = tracer.serve(
                 socket.socket(fileno=fds[0]),
@@ -259,6 +265,26 @@ class Tracing:
             os.close(go_w)
             if pidfd >= 0:
                 os.close(pidfd)
+        ours.setblocking(False)
+        return ours
+
+    def adopt(self, session: str, pids: tuple[int, ...], view: bytes) -> socket.socket:
+        """Ask Z for a tracer adopting the stopped tree `pids`; the agent's end of its channel."""
+        if not self.alive():
+            self.restart()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            channel.send(
+                self.sock,
+                channel.adopt_request(session, pids, self.instance, view),
+                (theirs.fileno(),),
+            )
+        except OSError as exc:
+            ours.close()
+            self.restart()
+            raise TracerUnavailable() from exc
+        finally:
+            theirs.close()
         ours.setblocking(False)
         return ours
 

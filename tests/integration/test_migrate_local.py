@@ -1,0 +1,250 @@
+"""Migration of a running program between two local instances (vmagent.checkpoint.migrate).
+
+Real namespaced instances (`LocalCluster`: each agent PID 1 of its own PID
+namespace), real deputies, real instance tracers, real CRIU; skipped with the
+reason when CRIU or root is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from vmagent.checkpoint import criu
+from vmagent.checkpoint.migrate import mint_ticket, scratch
+from vmagent.cluster.local import Instance, LocalCluster
+from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
+from vmagent.exec.session import PID_LOW
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaced instances and CRIU need root")
+
+DROP = TicketDrop()
+
+COUNTER = r"""
+import os, socket, sys, time
+flag = sys.argv[1]
+i = 0
+while i < 600:
+    if i == 20:
+        with open(flag + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(flag + ".tmp", flag)
+    print(os.getpid(), i, socket.gethostname(), flush=True)
+    with open(flag + ".host", "w") as f:
+        f.write(socket.gethostname())
+    i += 1
+    time.sleep(0.01)
+status = open("/proc/self/status").read()
+print("tracer", [l.split()[1] for l in status.splitlines() if l.startswith("TracerPid")][0])
+sys.exit(7)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    try:
+        criu.check()
+    except criu.CriuUnavailable as exc:
+        pytest.skip(str(exc))
+    with LocalCluster(2) as c:
+        yield c
+    DROP.close()
+
+
+def deputy(inst: Instance, *argv: str) -> list[str]:
+    path = os.fsencode(argv[0])
+    args = tuple(os.fsencode(a) for a in argv)
+    ticket = ticket_for_self(inst.token, inst.name, path, args)
+    return deputy_command(DROP, inst.address, inst.name, ticket, path, args)
+
+
+def call(inst: Instance, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        f"http://{inst.address}{path}",
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {inst.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        exc.msg = f"{exc.msg}: {exc.read().decode(errors='replace').strip()}"
+        raise
+
+
+def session_of(inst: Instance, pid: int) -> str:
+    for s in call(inst, "GET", "/v1/sessions")["sessions"]:
+        if s["pid"] == pid and s["running"]:
+            return str(s["session"])
+    raise AssertionError(f"no session of pid {pid} on {inst.name}")
+
+
+def migrate(source: Instance, target: Instance, sid: str) -> Any:
+    ticket = mint_ticket(target.token, target.name, sid)
+    body = {"to": target.address, "instance": target.name, "ticket": ticket}
+    return call(source, "POST", f"/v1/sessions/{sid}/migrate", body)
+
+
+def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", COUNTER, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 60), "the counter never started"
+        pid = int(flag.read_text())
+        assert pid >= PID_LOW  # drawn from a random region: rarely taken on another instance
+        sid = session_of(a, pid)
+        there = migrate(a, b, sid)
+        assert (there["from"], there["to"], there["pid"]) == (a.name, b.name, pid)
+        assert there["freeze_ms"] > 0 and there["zstd_bytes"] > 0
+        host = Path(str(flag) + ".host")
+        assert wait_for(lambda: host.read_text() == b.hostname, 60), "it never ran there"
+        back = migrate(b, a, sid)
+        assert (back["from"], back["to"]) == (b.name, a.name)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = out.decode().splitlines()
+    assert proc.returncode == 7, err.decode()
+    assert lines[-1].startswith("tracer ") and lines[-1] != "tracer 0"
+    rows = [line.split() for line in lines[:-1]]
+    assert [int(n) for _p, n, _h in rows] == list(range(600))  # no gap, no repeat
+    assert {int(p) for p, _n, _h in rows} == {pid}  # the pid it sees never changed
+    hosts = [h for _p, _n, h in rows]
+    seen = [h for i, h in enumerate(hosts) if i == 0 or hosts[i - 1] != h]
+    assert seen == [a.hostname, b.hostname, a.hostname]  # it ran there, then came back
+
+
+def test_a_commit_without_a_held_migration_is_refused_and_a_forged_ticket_too(
+    cluster: LocalCluster,
+) -> None:
+    _a, b = cluster.instances
+    sid = "ab" * 16
+    for ticket, message in (
+        (mint_ticket(b.token, b.name, sid), "no migration of that session is waiting"),
+        (mint_ticket("not-the-token", b.name, sid), "not valid for"),
+    ):
+        req = urllib.request.Request(
+            f"http://{b.address}/v1/migrations/commit",
+            data=json.dumps({"session": sid}).encode(),
+            method="POST",
+            headers={"Authorization": f"DCP-Migrate {ticket}"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=60)
+        assert info.value.code == 409
+        assert message in info.value.read().decode()
+
+
+HOLDER = r"""
+import hashlib, os, socket, sys, time
+data = bytearray(os.urandom(64 << 20))
+print(hashlib.sha256(data).hexdigest(), socket.gethostname(), flush=True)
+flag = sys.argv[1]
+with open(flag + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(flag + ".tmp", flag)
+while not os.path.exists(flag + ".go"):
+    time.sleep(0.01)
+print(hashlib.sha256(data).hexdigest(), socket.gethostname(), flush=True)
+"""
+
+
+def test_a_python_process_with_64_mb_moves_with_its_checksum(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", HOLDER, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 120), "the holder never started"
+        done = migrate(a, b, session_of(a, int(flag.read_text())))
+        assert done["image_bytes"] > 64 << 20
+        Path(str(flag) + ".go").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    (before, host_before), (after, host_after) = (
+        line.split() for line in out.decode().splitlines()
+    )
+    assert before == after
+    assert (host_before, host_after) == (a.hostname, b.hostname)
+
+
+BALLAST = COUNTER.replace("i = 0\n", "ballast = bytearray(os.urandom(256 << 20))\ni = 0\n", 1)
+
+
+def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The target is killed while it receives the images (this test runs last: b dies)."""
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", BALLAST, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    where = Path(scratch() or tempfile.gettempdir())
+    pattern = f"dcp-{b.name}-restore-*"
+    before = set(where.glob(pattern))
+    try:
+        assert wait_for(flag.exists, 120), "the counter never started"
+        sid = session_of(a, int(flag.read_text()))
+        outcome: list[BaseException | Any] = []
+
+        def attempt() -> None:
+            try:
+                outcome.append(migrate(a, b, sid))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        mover = threading.Thread(target=attempt)
+        mover.start()
+        receiving = wait_for(lambda: bool(set(where.glob(pattern)) - before), 120)
+        cluster.kill(b.name)
+        mover.join(timeout=300)
+        assert receiving, "the target never started receiving"
+        assert len(outcome) == 1 and isinstance(outcome[0], urllib.error.HTTPError)
+        assert outcome[0].code == 409 and b.address in outcome[0].msg
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for left in set(where.glob(pattern)) - before:  # the killed target's scratch
+            shutil.rmtree(left, ignore_errors=True)
+    lines = out.decode().splitlines()
+    assert proc.returncode == 7, err.decode()
+    rows = [line.split() for line in lines[:-1]]
+    assert [int(n) for _p, n, _h in rows] == list(range(600))  # ran once: no repeat
+    assert {h for _p, _n, h in rows} == {a.hostname}

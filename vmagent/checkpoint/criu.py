@@ -1,0 +1,160 @@
+"""Where CRIU is, whether it works on this kernel, and its command lines.
+
+Debian 12's criu 3.17 fails `criu check` on newer kernels; `.ci/build-criu.sh`
+installs upstream 4.2.1 under `DEFAULT_PREFIX`.  `find_criu` prefers that
+prefix (or `$DCP_CRIU`), then PATH, and `check` runs `criu check` once per
+binary: without a working CRIU every checkpoint request fails at once with the
+one line of `CriuUnavailable`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from vmagent.errors import AgentError
+
+DEFAULT_PREFIX = "/opt/dcp/criu"
+CHECK_TIMEOUT = 30.0  # s for `criu check` (it probes the kernel; slow under TCG)
+
+
+class CheckpointError(AgentError):
+    """A checkpoint or restore failed."""
+
+
+class CriuUnavailable(CheckpointError):
+    """no working CRIU on this instance"""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"checkpoint unavailable: {reason}")
+        self.reason = reason
+
+
+class CriuFailed(CheckpointError):
+    """CRIU failed"""
+
+    def __init__(self, action: str, detail: str) -> None:
+        super().__init__(f"criu {action} failed: {detail}")
+        self.action = action
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Criu:
+    """A CRIU binary that passed `criu check` on this kernel."""
+
+    path: str
+    version: str
+
+
+def find_criu(env: dict[str, str] | None = None) -> str | None:
+    """The criu binary to use: `$DCP_CRIU`, then `DEFAULT_PREFIX/sbin/criu`, then PATH."""
+    env = dict(os.environ) if env is None else env
+    explicit = env.get("DCP_CRIU")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    built = os.path.join(DEFAULT_PREFIX, "sbin", "criu")
+    if os.access(built, os.X_OK):
+        return built
+    return shutil.which("criu", path=env.get("PATH", os.defpath))
+
+
+_checked: dict[str, Criu | CriuUnavailable] = {}
+
+
+def check(path: str | None = None) -> Criu:
+    """The working CRIU (checked once per binary); CriuUnavailable naming the cause."""
+    path = path if path is not None else find_criu()
+    if path is None:
+        raise CriuUnavailable(
+            f"criu not found (build it with .ci/build-criu.sh into {DEFAULT_PREFIX}, "
+            "or set DCP_CRIU)"
+        )
+    known = _checked.get(path)
+    if known is None:
+        known = _checked[path] = _run_check(path)
+    if isinstance(known, CriuUnavailable):
+        raise known
+    return known
+
+
+def _run_check(path: str) -> Criu | CriuUnavailable:
+    try:
+        done = subprocess.run(
+            [path, "check"], capture_output=True, text=True, timeout=CHECK_TIMEOUT
+        )
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=CHECK_TIMEOUT
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CriuUnavailable(f"{path} does not run: {exc}")
+    return verdict(path, done.returncode, done.stdout + done.stderr, version)
+
+
+def remember(path: str, result: Criu | CriuUnavailable) -> Criu:
+    """Cache the outcome of a check run elsewhere (the agent runs it as its own child)."""
+    _checked[path] = result
+    return check(path)
+
+
+def verdict(path: str, returncode: int, output: str, version: str) -> Criu | CriuUnavailable:
+    """What `criu check`'s exit code and output (and `--version`'s) say about `path`."""
+    said = output.strip()
+    if returncode != 0 or "Looks good" not in said:
+        return CriuUnavailable(f"{path} check failed: {first_error(said)}")
+    number = next(
+        (ln.split(":", 1)[1].strip() for ln in version.splitlines() if ln.startswith("Version:")),
+        "?",
+    )
+    return Criu(path, number)
+
+
+def first_error(output: str) -> str:
+    """The line of CRIU's output that says what went wrong (its first `Error`)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for line in lines:
+        if "Error" in line and "RLIMIT_NOFILE" not in line:  # that one is harmless here
+            return line
+    return lines[-1] if lines else "no output"
+
+
+# -- command lines (pure) -----------------------------------------------------------
+
+
+def dump_argv(criu: str, pid: int, images: str, *, tcp: bool = True) -> list[str]:
+    """Dump the tree of `pid` into `images`, leaving it stopped (the caller decides its fate)."""
+    argv = [criu, "dump", "-t", str(pid), "-D", images, "-o", "dump.log", "-v2"]
+    argv += ["--leave-stopped", "--file-locks"]
+    if tcp:
+        argv.append("--tcp-established")
+    return argv
+
+
+def restore_argv(
+    criu: str, images: str, inherit: Iterable[tuple[int, str]], *, tcp: bool = True
+) -> list[str]:
+    """Restore from `images`, detached and stopped (its tracer adopts it before it runs).
+
+    `inherit`: (our fd, CRIU key such as `pipe:[1234]`) for each file whose other
+    end lives outside the tree (the agent's end of the session's pipes).
+    """
+    argv = [criu, "restore", "-D", images, "-o", "restore.log", "-v2", "-d", "--leave-stopped"]
+    argv.append("--restore-sibling")  # the agent stays its parent (PDEATHSIG, reaping)
+    argv.append("--file-locks")
+    if tcp:
+        argv.append("--tcp-established")
+    for fd, key in inherit:
+        argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    return argv
+
+
+def image_bytes(images: str, names: Sequence[str] | None = None) -> int:
+    """Total size of the image files in `images` (logs aside)."""
+    total = 0
+    for name in names if names is not None else os.listdir(images):
+        if name.endswith(".img"):
+            total += os.path.getsize(os.path.join(images, name))
+    return total

@@ -1,0 +1,321 @@
+"""Checkpoint (and restore) of an exec session's tree on its own instance.
+
+The steps, each bounded by a timeout:
+
+1. *freeze*: the session's instance tracer stops and detaches the tree
+   (`op=detach`, `vmagent.trace.host`): every process is stopped, untraced;
+2. the program's ends of the session's pipes (whose other end is the agent's)
+   are reopened through `/proc/PID/fd` so that a restore can hand them back to
+   CRIU (`--inherit-fd`): stdout/stderr keep reaching the deputy;
+3. `criu dump --leave-stopped` writes the images;
+4. with `restore`: the tree is killed (not reported to the deputy: the session
+   leaves the reaper's table meanwhile), its pids are waited free, and
+   `criu restore -d --leave-stopped` brings it back with the same pids;
+   without: the dumped tree, still stopped, is the one continued;
+5. a fresh instance tracer adopts the stopped tree (`op=adopt`) and continues it.
+
+A failure before the tree is killed gives it back to a tracer: the program
+runs on where it was.  CRIU runs as the agent's own child (its status comes
+through `ExecService.children`: the agent's reaper collects every child).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from vmagent.checkpoint import criu as C
+from vmagent.exec.server import ExecService
+from vmagent.exec.session import Session
+from vmagent.trace import channel
+
+log = logging.getLogger(__name__)
+
+DETACH_TIMEOUT = 10.0  # s for the tracer to stop and detach the tree
+CRIU_TIMEOUT = 120.0  # s for one criu dump or restore
+FREE_TIMEOUT = 10.0  # s for the killed tree's pids to be reaped
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What one checkpoint did (milliseconds, bytes)."""
+
+    pids: tuple[int, ...]
+    images: str
+    image_bytes: int
+    freeze_ms: float  # from the detach request until the tree runs again
+    dump_ms: float
+    restore_ms: float  # 0 without a restore
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "pids": list(self.pids),
+            "images": self.images,
+            "image_bytes": self.image_bytes,
+            "freeze_ms": round(self.freeze_ms, 1),
+            "dump_ms": round(self.dump_ms, 1),
+            "restore_ms": round(self.restore_ms, 1),
+        }
+
+
+class Checkpointer:
+    """Checkpoints of this agent's sessions (one at a time)."""
+
+    def __init__(self, service: ExecService) -> None:
+        self.service = service
+        self._lock = asyncio.Lock()
+        self._criu: C.Criu | None = None
+
+    async def criu(self) -> C.Criu:
+        """The working CRIU, checked once (as our child); CriuUnavailable otherwise."""
+        if self._criu is None:
+            path = C.find_criu()
+            if path is None:
+                C.check(None)  # raises the one line that says so
+            assert path is not None
+            known = C._checked.get(path)
+            if known is None:
+                # Unnamed files: nothing is left behind if the agent is killed meanwhile.
+                with tempfile.TemporaryFile() as said, tempfile.TemporaryFile() as version:
+                    code = await self.run([path, "check"], said.fileno())
+                    await self.run([path, "--version"], version.fileno())
+                    said.seek(0)
+                    version.seek(0)
+                    known = C.verdict(
+                        path,
+                        _exit_code(code),
+                        said.read(65536).decode(errors="replace"),
+                        version.read(4096).decode(errors="replace"),
+                    )
+            self._criu = C.remember(path, known)
+        return self._criu
+
+    async def warm(self) -> None:
+        """Check CRIU ahead of the first request (its verdict is kept either way)."""
+        with contextlib.suppress(C.CheckpointError):
+            await self.criu()
+
+    async def run(self, argv: list[str], out: str | int, keep: tuple[int, ...] = ()) -> int:
+        """Run `argv` as our child (stdout+stderr to the file or fd `out`, `keep` inherited).
+
+        Its wait status.
+        """
+        loop = asyncio.get_running_loop()
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        try:
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                dict(os.environ),
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out, 1)
+                    if isinstance(out, int)
+                    else (
+                        os.POSIX_SPAWN_OPEN,
+                        1,
+                        out,
+                        os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                        0o600,
+                    ),
+                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                ],
+            )
+        except OSError as exc:
+            raise C.CriuFailed(argv[1], f"cannot start {argv[0]}: {exc}") from exc
+        finally:
+            for fd in keep:
+                os.set_inheritable(fd, False)
+        waiter: asyncio.Future[int] = loop.create_future()
+        self.service.children[pid] = waiter  # before the loop can reap it
+        try:
+            async with asyncio.timeout(CRIU_TIMEOUT):
+                return await waiter
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            raise C.CriuFailed(argv[1], f"no answer within {CRIU_TIMEOUT:.0f}s") from None
+
+    async def checkpoint(
+        self, session: Session, *, restore: bool, images: str | None = None
+    ) -> Checkpoint:
+        """Checkpoint `session`'s tree (and restore it in place when `restore`)."""
+        criu = await self.criu()
+        async with self._lock:
+            return await self._checkpoint(criu, session, restore, images)
+
+    async def _checkpoint(
+        self, criu: C.Criu, session: Session, restore: bool, images: str | None
+    ) -> Checkpoint:
+        tracing = self.service.tracing
+        if session.status is not None or session.trace_sock is None or tracing is None:
+            raise C.CheckpointError(f"{session.program} is not running under its tracer")
+        directory = images or tempfile.mkdtemp(prefix=f"dcp-ckpt-{session.sid.hex()[:8]}-")
+        os.makedirs(directory, exist_ok=True)
+        try:
+            return await self._checkpoint_into(criu, session, restore, images, directory)
+        except BaseException:
+            if images is None:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    async def _checkpoint_into(
+        self, criu: C.Criu, session: Session, restore: bool, images: str | None, directory: str
+    ) -> Checkpoint:
+        started = time.perf_counter()
+        pids = await self.detach(session)
+        ends: list[tuple[int, str]] = []
+        try:
+            ends = program_pipe_ends(pids, _session_pipes(session))
+            dump_ms = await self.dump(criu, session, pids, directory)
+            restore_ms = 0.0
+            if restore:
+                restore_ms = await self._restore_in_place(criu, session, pids, directory, ends)
+            self.adopt(session, pids)
+        finally:
+            for fd, _key in ends:
+                os.close(fd)
+        frozen = (time.perf_counter() - started) * 1000
+        result = Checkpoint(pids, directory, C.image_bytes(directory), frozen, dump_ms, restore_ms)
+        log.info("checkpoint of %s: %s", session.program, result.as_json())
+        if restore and images is None:
+            shutil.rmtree(directory, ignore_errors=True)
+        return result
+
+    async def detach(self, session: Session) -> tuple[int, ...]:
+        """Freeze: the session's tracer stops and detaches its tree; the tree's pids."""
+        if session.trace_sock is None:
+            raise C.CheckpointError(f"{session.program} is not running under its tracer")
+        session.detached = asyncio.get_running_loop().create_future()
+        channel.send(session.trace_sock, channel.encode(channel.OP_DETACH))
+        try:
+            async with asyncio.timeout(DETACH_TIMEOUT):
+                pids = await session.detached
+        except TimeoutError:
+            raise C.CheckpointError(
+                f"the tracer of {session.program} did not detach within {DETACH_TIMEOUT:.0f}s"
+            ) from None
+        finally:
+            session.detached = None
+        session.tracer_pid = 0  # that tracer exits: its tree is ours to give back
+        return pids
+
+    async def dump(
+        self, criu: C.Criu, session: Session, pids: tuple[int, ...], directory: str
+    ) -> float:
+        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on."""
+        dumped = time.perf_counter()
+        try:
+            code = await self.run(
+                C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
+            )
+        except BaseException:
+            self.adopt(session, pids)
+            raise
+        if code != 0:
+            self.adopt(session, pids)
+            raise C.CriuFailed("dump", C.first_error(_read(os.path.join(directory, "dump.log"))))
+        return (time.perf_counter() - dumped) * 1000
+
+    async def restore(self, criu: C.Criu, directory: str, ends: list[tuple[int, str]]) -> float:
+        """criu restore (detached, stopped, the agent its parent); ms.  CriuFailed otherwise."""
+        restoring = time.perf_counter()
+        code = await self.run(
+            C.restore_argv(criu.path, directory, ends),
+            os.path.join(directory, "restore.out"),
+            tuple(fd for fd, _key in ends),
+        )
+        if code != 0:
+            raise C.CriuFailed(
+                "restore", C.first_error(_read(os.path.join(directory, "restore.log")))
+            )
+        return (time.perf_counter() - restoring) * 1000
+
+    async def _restore_in_place(
+        self,
+        criu: C.Criu,
+        session: Session,
+        pids: tuple[int, ...],
+        directory: str,
+        ends: list[tuple[int, str]],
+    ) -> float:
+        """Kill the dumped tree, wait its pids free, restore it; ms of the restore."""
+        self.service.by_pid.pop(session.pid, None)  # its death is not the program's end
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        async with asyncio.timeout(FREE_TIMEOUT):
+            while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+                await asyncio.sleep(0.005)
+        try:
+            took = await self.restore(criu, directory, ends)
+        except C.CriuFailed:
+            session.exited(255 << 8)  # dumped and killed, not back: the deputy hears so
+            raise
+        self.service.by_pid[session.pid] = session
+        return took
+
+    def adopt(self, session: Session, pids: tuple[int, ...]) -> None:
+        """A fresh instance tracer takes the stopped tree and continues it."""
+        tracing = self.service.tracing
+        assert tracing is not None
+        session.trace_sock = tracing.adopt(session.sid.hex(), pids, session.view)
+        session.loop.add_reader(session.trace_sock, session._trace_readable)
+
+
+def _session_pipes(session: Session) -> set[int]:
+    """Inodes of the pipes between the agent and the program (the agent holds one end)."""
+    inodes = set()
+    for fd in (*session.outs.values(), *session.ins.values()):
+        with contextlib.suppress(OSError):
+            inodes.add(os.fstat(fd).st_ino)
+    return inodes
+
+
+def program_pipe_ends(pids: tuple[int, ...], inodes: set[int]) -> list[tuple[int, str]]:
+    """The program's end of each pipe in `inodes`, reopened from /proc, with CRIU's key."""
+    out: list[tuple[int, str]] = []
+    seen: set[int] = set()
+    for pid in pids:
+        base = f"/proc/{pid}/fd"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(base):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"{base}/{name}")
+                    if not target.startswith("pipe:["):
+                        continue
+                    ino = int(target[6:-1])
+                    if ino not in inodes or ino in seen:
+                        continue
+                    flags = _fd_flags(pid, name)
+                    mode = os.O_WRONLY if flags & os.O_ACCMODE == os.O_WRONLY else os.O_RDONLY
+                    out.append((os.open(f"{base}/{name}", mode | os.O_CLOEXEC), target))
+                    seen.add(ino)
+    return out
+
+
+def _fd_flags(pid: int, fd: str) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    return 0
+
+
+def _exit_code(status: int) -> int:
+    return os.waitstatus_to_exitcode(status)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-65536:]
+    except OSError:
+        return ""

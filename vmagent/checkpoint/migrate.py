@@ -1,0 +1,811 @@
+"""Migration of a session's tree to another instance, agent to agent.
+
+Source (`Migrator.migrate`, asked by whoever holds both instances' credentials
+with a *migration ticket* minted with the target's token):
+
+1. refuse before freezing anything: a program on a terminal; the target's
+   check (`POST /v1/migrations/check`: ticket, CRIU, every pid of the tree free);
+2. freeze (the tracer detaches the stopped tree), drain the program's output
+   pipes to the deputy, `criu dump --leave-stopped`, tar + zstd the images;
+3. `POST /v1/migrations` to the target (the ticket burnt there): a length-prefixed
+   JSON description of the session (its exec request, pipes, sequence numbers,
+   the deputy's next key) and the compressed images, streamed and bounded;
+4. the target restores the tree with the same pids (its agent becomes their
+   parent), creates the session's pipes anew (`--inherit-fd`), adopts the tree
+   with its own tracer (which continues it) and answers with the pid;
+5. only then the source kills its stopped copy and sends the deputy MOVED
+   (address, instance, salt): the deputy resumes the session at the target,
+   proving the key derived from its ticket's secret (`moved_key`), and replays
+   whatever the source left unacknowledged.
+
+Any failure before step 5 gives the stopped tree back to a tracer on the
+source: the program runs on where it was, and the deputy is made to reconnect
+so the frames held back during the attempt are replayed.  See docs/CHECKPOINT.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import zstandard
+
+from vmagent.checkpoint import criu as C
+from vmagent.checkpoint.local import Checkpointer
+from vmagent.exec import protocol as P
+from vmagent.exec.session import Session
+from vmagent.exec.spawn import ExecRequest, FdSpec
+
+log = logging.getLogger(__name__)
+
+TICKET_TTL = 60.0  # s a migration ticket is valid
+MAX_META = 1 << 20  # bytes of a session description
+MAX_IMAGES = 16 << 30  # bytes of images (compressed, and again uncompressed) a target takes
+CHECK_TIMEOUT = 10.0  # s for the target's check
+TRANSFER_TIMEOUT = 600.0  # s for transfer + restore
+ZSTD_LEVEL = 1  # fast: the tree is frozen while this runs (per block of CHUNK bytes)
+CHUNK = 1 << 20
+HOLD_TIMEOUT = 15.0  # s a restored tree waits (stopped, untraced) for the source's commit
+COMMIT_WINDOW = HOLD_TIMEOUT + 5.0  # s the source asks for the commit before resuming its copy
+LAST_PID = "/proc/sys/kernel/ns_last_pid"
+
+
+class MigrationRefused(C.CheckpointError):
+    """the migration was refused"""
+
+
+# -- tickets (pure) ---------------------------------------------------------------------
+
+
+KEY_TOKEN, KEY_EXEC = "i", "x"  # minted with the instance token / the agent's exec key
+
+
+def mint_ticket(
+    token: str, instance: str, session: str, now: float | None = None, key: str = KEY_TOKEN
+) -> str:
+    """A single-use ticket letting a source agent move `session` to `instance`.
+
+    `m1.<key>.<nonce>.<expiry_ms>.<session>.<mac>`: `key` says which secret of the
+    target made the MAC (its instance token, or the exec key it registered with
+    the OSS, which knows no instance token in clear).
+    """
+    expiry = int(((time.time() if now is None else now) + TICKET_TTL) * 1000)
+    public = f"m1.{key}.{secrets.token_hex(12)}.{expiry}.{session}"
+    return f"{public}.{_ticket_mac(token, instance, public)}"
+
+
+def _ticket_mac(token: str, instance: str, public: str) -> str:
+    return hmac.new(token.encode(), f"migrate.{public}.{instance}".encode(), "sha256").hexdigest()
+
+
+class MigrationTickets:
+    """The target side: verify tickets with this instance's token, each burnt once."""
+
+    def __init__(
+        self,
+        token: str,
+        instance: str,
+        clock: Callable[[], float] = time.time,
+        exec_key: str | None = None,
+    ) -> None:
+        self._keys = {KEY_TOKEN: token}
+        if exec_key:
+            self._keys[KEY_EXEC] = exec_key
+        self._instance = instance
+        self._clock = clock
+        self._used: dict[str, int] = {}
+
+    def _parts(self, ticket: str) -> list[str]:
+        """The ticket's fields once its form and MAC are right; MigrationRefused otherwise."""
+        parts = ticket.split(".")
+        if len(parts) != 6 or parts[0] != "m1" or not parts[3].isdigit() or len(parts[3]) > 15:
+            raise MigrationRefused("malformed migration ticket")
+        key = self._keys.get(parts[1])
+        public = ".".join(parts[:5])
+        if key is None or not hmac.compare_digest(
+            parts[5], _ticket_mac(key, self._instance, public)
+        ):
+            raise MigrationRefused(f"migration ticket not valid for {self._instance}")
+        return parts
+
+    def authentic(self, ticket: str) -> str:
+        """The session id of a ticket this instance's key made (expired or used alike)."""
+        return self._parts(ticket)[4]
+
+    def check(self, ticket: str, *, burn: bool) -> str:
+        """The session id the ticket is for; MigrationRefused naming what is wrong."""
+        parts = self._parts(ticket)
+        nonce, session = parts[2], parts[4]
+        now = int(self._clock() * 1000)
+        expiry = int(parts[3])
+        if expiry < now:
+            raise MigrationRefused("migration ticket expired")
+        if expiry - now > 2 * TICKET_TTL * 1000:
+            raise MigrationRefused("migration ticket lives too long")
+        self._used = {n: e for n, e in self._used.items() if e >= now}
+        if nonce in self._used:
+            raise MigrationRefused("migration ticket already used")
+        if burn:
+            self._used[nonce] = expiry
+        return session
+
+
+def moved_key(key: str, instance: str, salt: str) -> str:
+    """The key a deputy proves after MOVED (`vmagent.exec.link.Link.move` derives the same)."""
+    return hmac.new(key.encode(), f"moved.{instance}.{salt}".encode(), "sha256").hexdigest()
+
+
+# -- the session's description (pure) ----------------------------------------------------
+
+
+def _hex(value: bytes) -> str:
+    return value.hex()
+
+
+def describe(
+    session: Session,
+    pids: tuple[int, ...],
+    pipes: dict[str, dict[int, str]],
+    key: str,
+    out_seq: int,
+) -> dict[str, Any]:
+    """What the target needs to carry the session on (JSON-able)."""
+    r = session.request
+    return {
+        "session": session.sid.hex(),
+        "nonce": session.nonce,
+        "key": key,
+        "program": session.program,
+        "pid": session.pid,
+        "pids": list(pids),
+        "view": _hex(session.view),
+        "request": {
+            "path": _hex(r.path),
+            "argv": [_hex(a) for a in r.argv],
+            "env": [_hex(e) for e in r.env],
+            "cwd": _hex(r.cwd),
+            "umask": r.umask,
+            "rlimits": [list(x) for x in r.rlimits],
+            "fds": [
+                {
+                    "fd": f.fd,
+                    "kind": _hex(f.kind),
+                    "path": _hex(f.path),
+                    "flags": f.flags,
+                    "pos": f.pos,
+                    "rdev": f.rdev,
+                }
+                for f in r.fds
+            ],
+            "uid": r.uid,
+            "gid": r.gid,
+            "groups": list(r.groups),
+            "sigign": r.sigign,
+            "sigblk": r.sigblk,
+        },
+        "outs": {str(fd): k for fd, k in pipes["outs"].items()},
+        "ins": {str(fd): k for fd, k in pipes["ins"].items()},
+        "unwanted": sorted(session.unwanted.values()),
+        "out_seq": out_seq,
+        "in_last": session.inbox.last,
+    }
+
+
+class Description:
+    """A validated session description (MigrationRefused if anything is off)."""
+
+    def __init__(self, raw: Any) -> None:
+        try:
+            self.sid = bytes.fromhex(_str(raw["session"]))
+            self.nonce = _str(raw["nonce"])
+            self.key = _str(raw["key"])
+            self.program = _str(raw["program"])
+            self.pid = _int(raw["pid"])
+            self.pids = tuple(_int(p) for p in raw["pids"])
+            self.view = bytes.fromhex(_str(raw["view"]))
+            q = raw["request"]
+            self.request = ExecRequest(
+                path=bytes.fromhex(_str(q["path"])),
+                argv=tuple(bytes.fromhex(_str(a)) for a in q["argv"]),
+                env=tuple(bytes.fromhex(_str(e)) for e in q["env"]),
+                cwd=bytes.fromhex(_str(q["cwd"])),
+                umask=_int(q["umask"]),
+                rlimits=tuple((_int(a), _int(b, -1), _int(c, -1)) for a, b, c in q["rlimits"]),
+                fds=tuple(
+                    FdSpec(
+                        _int(f["fd"]),
+                        bytes.fromhex(_str(f["kind"])),
+                        bytes.fromhex(_str(f["path"])),
+                        _int(f["flags"]),
+                        _int(f["pos"]),
+                        _int(f["rdev"]),
+                    )
+                    for f in q["fds"]
+                ),
+                uid=_int(q["uid"]),
+                gid=_int(q["gid"]),
+                groups=tuple(_int(g) for g in q["groups"]),
+                sigign=_int(q["sigign"]),
+                sigblk=_int(q["sigblk"]),
+            )
+            self.outs = {_int(int(fd)): _pipe_key(k) for fd, k in raw["outs"].items()}
+            self.ins = {_int(int(fd)): _pipe_key(k) for fd, k in raw["ins"].items()}
+            self.unwanted = {_int(fd) for fd in raw["unwanted"]}
+            self.out_seq = _int(raw["out_seq"])
+            self.in_last = _int(raw["in_last"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MigrationRefused(f"malformed session description: {exc!r}") from None
+        if len(self.sid) != 16 or not self.pids or self.pids[0] != self.pid:
+            raise MigrationRefused("malformed session description: session or pids")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, low: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 1 << 64:
+        raise TypeError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _pipe_key(value: Any) -> str:
+    key = _str(value)
+    if not (key.startswith("pipe:[") and key.endswith("]") and key[6:-1].isdigit()):
+        raise ValueError(f"not a pipe key: {key!r}")
+    return key
+
+
+# -- images on the wire -------------------------------------------------------------------
+
+
+# The images travel as records: a header `>HQ` (name length, size), the name,
+# then blocks `>BI` (1: zstd, 0: raw; length) of at most CHUNK bytes each once
+# inflated; a zero name length ends the stream.  A block zstd cannot shrink by
+# a tenth (judged on its first SAMPLE bytes) goes raw: random pages cost
+# neither end any compression work.
+RECORD = struct.Struct(">HQ")
+BLOCK = struct.Struct(">BI")
+RAW, ZSTD = 0, 1
+SAMPLE = 1 << 14  # bytes of a block tried first
+
+
+def pack(directory: str, fd: int) -> tuple[int, int]:
+    """Write `directory`'s images into the pipe `fd` (closed at the end); (raw, sent) bytes."""
+    raw = sent = 0
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    with open(fd, "wb", buffering=0) as out:
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(".img"):
+                continue
+            encoded = name.encode()
+            with open(os.path.join(directory, name), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                out.write(RECORD.pack(len(encoded), size) + encoded)
+                left = size
+                while left:
+                    data = f.read(min(CHUNK, left))
+                    if not data:
+                        raise OSError(f"{name} shrank while it was sent")
+                    kind, body = RAW, data
+                    # A sample first: a block whose start does not shrink goes raw.
+                    if len(compressor.compress(data[:SAMPLE])) < min(len(data), SAMPLE) * 0.9:
+                        small = compressor.compress(data)
+                        if len(small) < len(data) * 0.9:
+                            kind, body = ZSTD, small
+                    out.write(BLOCK.pack(kind, len(body)))
+                    out.write(body)
+                    sent += BLOCK.size + len(body)
+                    left -= len(data)
+            raw += size
+        out.write(RECORD.pack(0, 0))
+    return raw, sent
+
+
+def unpack(fd: int, directory: str) -> int:
+    """Write the images of the stream in the pipe `fd` into `directory` (bounded); raw bytes."""
+    total = 0
+    decompressor = zstandard.ZstdDecompressor()
+    with open(fd, "rb", buffering=CHUNK) as src:
+
+        def exactly(n: int) -> bytes:
+            data = src.read(n)
+            if len(data) != n:
+                raise MigrationRefused("the images end early")
+            return data
+
+        while True:
+            length, size = RECORD.unpack(exactly(RECORD.size))
+            if length == 0:
+                break
+            name = exactly(length).decode("utf-8", errors="replace")
+            if os.path.basename(name) != name or not name.endswith(".img") or name[0] == ".":
+                raise MigrationRefused(f"unexpected entry in the images: {name!r}")
+            total += size
+            if total > MAX_IMAGES:
+                raise MigrationRefused("the images are larger than this instance takes")
+            with open(os.path.join(directory, name), "xb") as out:
+                left = size
+                while left:
+                    kind, n = BLOCK.unpack(exactly(BLOCK.size))
+                    if n > 2 * CHUNK or kind not in (RAW, ZSTD):
+                        raise MigrationRefused("malformed block in the images")
+                    body = exactly(n)
+                    if kind == ZSTD:
+                        body = decompressor.decompress(body, max_output_size=CHUNK)
+                    if len(body) > left:
+                        raise MigrationRefused("a block runs past its file")
+                    out.write(body)
+                    left -= len(body)
+        while src.read(CHUNK):  # the sender's tail: let it finish writing
+            pass
+    return total
+
+
+def scratch() -> str | None:
+    """Where a migration's images live meanwhile: memory (/dev/shm) when it can, else $TMPDIR.
+
+    They are read back at once (by the sender, by criu restore): a disk would
+    only add its writeback to the freeze.
+    """
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+def sweep(where: str, prefix: str) -> None:
+    """Remove scratch directories `prefix`* under `where` (left by a killed agent)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(where):
+            if name.startswith(prefix) and ("migrate-" in name or "restore-" in name):
+                shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+
+
+# -- /proc ------------------------------------------------------------------------------
+
+
+def tree_of(root: int) -> list[int]:
+    """`root` and its descendants (processes), root first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return out
+
+
+def busy(pids: list[int] | tuple[int, ...]) -> list[int]:
+    """Those of `pids` that name a process (or zombie) here."""
+    return [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def reserve_pids(pids: tuple[int, ...]) -> None:
+    """Let this namespace's next pids come after `pids` (criu's own helpers must not take them).
+
+    The agent is root and (on a local instance) PID 1 of its own namespace, so
+    `ns_last_pid` is its namespace's; elsewhere a failure just leaves the order.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open(LAST_PID) as f:
+            last = int(f.read())
+        if last < max(pids):
+            with open(LAST_PID, "w") as f:
+                f.write(str(max(pids)))
+
+
+# -- the source ---------------------------------------------------------------------------
+
+
+@dataclass
+class Held:
+    """A restored tree, stopped and untraced, waiting for its source's commit."""
+
+    ticket: str
+    session: Session
+    pids: tuple[int, ...]
+    timer: asyncio.TimerHandle
+
+
+MAX_COMMITTED = 64  # commits remembered (a repeated commit is answered "runs")
+
+
+class Migrator:
+    """Both ends of migrations for one agent."""
+
+    def __init__(
+        self, checkpointer: Checkpointer, tickets: MigrationTickets, instance: str
+    ) -> None:
+        self.ckpt = checkpointer
+        self.service = checkpointer.service
+        self.tickets = tickets
+        self.instance = instance
+        self.held: dict[bytes, Held] = {}  # session id -> restored, waiting for commit
+        # Scratch directories carry the instance's name: a restarted agent of the
+        # same instance removes what a killed one left (images can be large).
+        self.prefix = f"dcp-{instance}-"
+        sweep(scratch() or tempfile.gettempdir(), self.prefix)
+        self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
+
+    async def migrate(
+        self, session: Session, to: str, instance: str, ticket: str
+    ) -> dict[str, Any]:
+        """Move `session`'s tree to the agent at `to`; what it took."""
+        criu = await self.ckpt.criu()
+        if session.status is not None or session.moved or session.trace_sock is None:
+            raise MigrationRefused(f"{session.program} is not running here")
+        for fd in session.paths.values():
+            if os.isatty(fd):
+                raise MigrationRefused(f"{session.program} is on a terminal: it cannot migrate yet")
+        tree = tree_of(session.pid)
+        async with aiohttp.ClientSession(
+            headers={"Authorization": f"DCP-Migrate {ticket}"}
+        ) as http:
+            await self._check(http, to, tree)
+            async with self.ckpt._lock:
+                return await self._move(http, criu, session, to, instance)
+
+    async def _check(self, http: aiohttp.ClientSession, to: str, tree: list[int]) -> None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                async with http.post(f"http://{to}/v1/migrations/check", json={"pids": tree}) as r:
+                    if r.status != 200:
+                        raise MigrationRefused(f"{to} refused: {(await r.text()).strip()}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise MigrationRefused(f"{to} cannot be reached: {exc or 'timeout'}") from None
+
+    async def _move(
+        self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, instance: str
+    ) -> dict[str, Any]:
+        directory = tempfile.mkdtemp(prefix=f"{self.prefix}migrate-", dir=scratch())
+        session.migrating = True
+        started = time.perf_counter()
+        pids: tuple[int, ...] = ()
+        try:
+            pids = await self.ckpt.detach(session)
+            self._drain(session)
+            pipes = {
+                "outs": {fd: _key_of(r) for fd, r in session.outs.items()},
+                "ins": {fd: _key_of(w) for fd, w in session.ins.items()},
+            }
+            dump_ms = await self.ckpt.dump(criu, session, pids, directory)
+            salt = secrets.token_hex(8)
+            key = moved_key(session.key, instance, salt)
+            meta = describe(session, pids, pipes, key, session.outbox.next_seq + 1)
+            sending = time.perf_counter()
+            answer, (raw, packed) = await self._send(http, to, meta, directory)
+            transfer_ms = (time.perf_counter() - sending) * 1000
+            await self._commit(http, to, session.sid.hex())
+        except BaseException:
+            if pids and session.trace_sock is None:
+                with contextlib.suppress(Exception):
+                    self.ckpt.adopt(session, pids)  # the program runs on here
+            self._resume_here(session)
+            raise
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        # The target runs it: ours, stopped all along, goes; the deputy follows.
+        frozen = (time.perf_counter() - started) * 1000
+        self.service.by_pid.pop(session.pid, None)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        session.moved = True
+        session.migrating = False
+        session.send(
+            P.MOVED,
+            0,
+            P.unpairs(
+                {b"addr": to.encode(), b"instance": instance.encode(), b"salt": salt.encode()}
+            ),
+        )
+        result = {
+            "from": self.instance,
+            "to": instance,
+            "pid": session.pid,
+            "freeze_ms": round(frozen, 1),
+            "dump_ms": round(dump_ms, 1),
+            "transfer_ms": round(transfer_ms, 1),  # pack, send, unpack, restore, adopt
+            "restore_ms": answer.get("restore_ms", 0),
+            "image_bytes": raw,
+            "zstd_bytes": packed,
+        }
+        log.info("migrated %s: %s", session.program, result)
+        # For the agent's other services (the OSS link, telemetry), as a tracer record would be.
+        self.service.hooks.trace_message(
+            session,
+            {
+                b"op": b"migrated",
+                b"pid": str(session.pid).encode(),
+                b"from": self.instance.encode(),
+                b"to": instance.encode(),
+                b"freeze_ms": f"{frozen:.1f}".encode(),
+            },
+        )
+        return result
+
+    def _drain(self, session: Session) -> None:
+        """Send the deputy what the stopped program wrote; stop reading its pipes here."""
+        for fd, r in list(session.outs.items()):
+            with contextlib.suppress(ValueError, OSError):
+                session.loop.remove_reader(r)
+            with contextlib.suppress(OSError):
+                while data := os.read(r, P.CHUNK):
+                    session.send(P.DATA, fd, data)
+        session.reading = False
+        if session._watch is not None:
+            session._watch.cancel()
+            session._watch = None
+
+    def _resume_here(self, session: Session) -> None:
+        """After a failed attempt: read the pipes again; the deputy reconnects and replays."""
+        session.migrating = False
+        session.reading = False
+        session._flow()
+        if session.unwanted and session._watch is None:
+            session._watch_inputs(0.001)
+        if session.proto is not None:
+            session.proto.close()  # frames held back meanwhile come again on its resume
+
+    async def _send(
+        self, http: aiohttp.ClientSession, to: str, meta: dict[str, Any], directory: str
+    ) -> tuple[dict[str, Any], tuple[int, int]]:
+        """POST the description and the images, packed while they are sent; (answer, sizes)."""
+        head = json.dumps(meta).encode()
+        r, w = _pipe()
+        packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield struct.pack(">I", len(head)) + head
+            while chunk := await asyncio.to_thread(_read_up_to, r, CHUNK):
+                yield chunk
+
+        try:
+            async with asyncio.timeout(TRANSFER_TIMEOUT):
+                async with http.post(f"http://{to}/v1/migrations", data=body()) as resp:
+                    text = await resp.text()
+                    if resp.status != 200:
+                        raise MigrationRefused(f"{to} did not restore it: {text.strip()}")
+                    answer: dict[str, Any] = json.loads(text)
+                    return answer, await packer
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise MigrationRefused(f"{to} lost during the transfer: {exc or 'timeout'}") from None
+        finally:
+            os.close(r)  # a packer still writing gets EPIPE and ends
+            with contextlib.suppress(Exception):
+                await packer
+
+    async def _commit(self, http: aiohttp.ClientSession, to: str, sid: str) -> None:
+        """Tell the target to run its copy; return once it does (MigrationRefused otherwise).
+
+        Our copy stays stopped meanwhile.  A target that says no, or stays silent
+        for COMMIT_WINDOW (by then it has dropped its held copy, HOLD_TIMEOUT),
+        leaves the program to us.
+        """
+        deadline = asyncio.get_running_loop().time() + COMMIT_WINDOW
+        url = f"http://{to}/v1/migrations/commit"
+        while True:
+            try:
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    async with http.post(url, json={"session": sid}) as resp:
+                        if resp.status == 200:
+                            return
+                        text = (await resp.text()).strip()
+                raise MigrationRefused(f"{to} did not run it: {text}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise MigrationRefused(f"{to} never confirmed: {exc or 'timeout'}") from None
+            await asyncio.sleep(0.2)
+
+    # -- the target ------------------------------------------------------------------------
+
+    def check(self, ticket: str, pids: Any) -> None:
+        """The source's question before it freezes anything; MigrationRefused if not."""
+        self.tickets.check(ticket, burn=False)
+        if not isinstance(pids, list) or not pids or not all(isinstance(p, int) for p in pids):
+            raise MigrationRefused('expected {"pids": [numbers]}')
+        taken = busy(pids)
+        if taken:
+            raise MigrationRefused(f"pids {taken} are in use on {self.instance}")
+
+    async def receive(self, ticket: str, stream: aiohttp.StreamReader) -> dict[str, Any]:
+        """Take a moved session: images in, tree restored and adopted; the new pid."""
+        sid_hex = self.tickets.check(ticket, burn=True)
+        criu = await self.ckpt.criu()
+        size = struct.unpack(">I", await stream.readexactly(4))[0]
+        if size > MAX_META:
+            raise MigrationRefused("session description too large")
+        try:
+            meta = Description(json.loads(await stream.readexactly(size)))
+        except ValueError:
+            raise MigrationRefused("session description is not JSON") from None
+        if meta.sid.hex() != sid_hex:
+            raise MigrationRefused("the ticket is for another session")
+        here = self.service.sessions.get(meta.sid)
+        if here is not None and not here.moved:
+            raise MigrationRefused("that session is already here")
+        if here is not None:  # it left from here before and comes back: drop the husk
+            if here._abandon is not None:
+                here._abandon.cancel()
+            self.service.forget(here)
+        directory = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
+        r, w = _pipe()
+        unpacker = asyncio.ensure_future(asyncio.to_thread(unpack, r, directory))
+        try:
+            received = 0
+            try:
+                # One thread hop per CHUNK, however small the pieces the socket gives.
+                pending: list[bytes] = []
+                held = 0
+                while True:
+                    piece = await stream.readany()
+                    if piece:
+                        pending.append(piece)
+                        held += len(piece)
+                        received += len(piece)
+                        if received > MAX_IMAGES:
+                            raise MigrationRefused("the images are larger than this instance takes")
+                    if pending and (held >= CHUNK or not piece):
+                        await asyncio.to_thread(_write_all, w, b"".join(pending))
+                        pending, held = [], 0
+                    if not piece:
+                        break
+            except BrokenPipeError:
+                pass  # the unpacker stopped early: its error says why
+            finally:
+                os.close(w)
+            try:
+                await unpacker
+            except (zstandard.ZstdError, OSError) as exc:
+                raise MigrationRefused(f"the images do not unpack: {exc}") from None
+            return await self._restore(criu, meta, directory, ticket)
+        finally:
+            if not unpacker.done():
+                unpacker.cancel()
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def _restore(
+        self, criu: C.Criu, meta: Description, directory: str, ticket: str
+    ) -> dict[str, Any]:
+        taken = busy(meta.pids)
+        if taken:
+            raise MigrationRefused(f"pids {taken} are in use on {self.instance}")
+        session = Session(self.service, meta.sid, meta.request, meta.program)
+        ends: list[tuple[int, str]] = []
+        try:
+            for fd, key in meta.outs.items():
+                r, w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(r, False)
+                session.outs[fd] = r
+                ends.append((w, key))
+            for fd, key in meta.ins.items():
+                r, w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(w, False)
+                session.ins[fd] = w
+                session.in_buf[fd] = collections.deque()
+                if fd in meta.unwanted:
+                    session.unwanted[os.fstat(r).st_ino] = fd
+                ends.append((r, key))
+            reserve_pids(meta.pids)
+            restore_ms = await self.ckpt.restore(criu, directory, ends)
+        except BaseException:
+            session.close_fds()
+            raise
+        finally:
+            for fd, _key in ends:
+                os.close(fd)
+        session.pid = meta.pid
+        session.view = meta.view
+        session.nonce = meta.nonce
+        session.key = meta.key
+        session.outbox.next_seq = meta.out_seq
+        session.inbox.last = meta.in_last
+        service = self.service
+        service.sessions[session.sid] = session
+        service.by_pid[session.pid] = session
+        service.by_nonce[session.nonce] = session
+        service.moved[session.nonce] = session.key
+        # Held stopped and untraced until the source, whose copy is stopped too,
+        # commits: whatever gets lost between us, the program never runs twice.
+        timer = session.loop.call_later(HOLD_TIMEOUT, self._abort, session.sid)
+        self.held[session.sid] = Held(ticket, session, meta.pids, timer)
+        return {"pid": session.pid, "restore_ms": round(restore_ms, 1)}
+
+    def commit(self, ticket: str, sid: Any) -> None:
+        """The source's go: a fresh tracer adopts the held tree and continues it."""
+        if not isinstance(sid, str) or self.tickets.authentic(ticket) != sid:
+            raise MigrationRefused("the ticket is for another session")
+        try:
+            key = bytes.fromhex(sid)
+        except ValueError:
+            key = b""
+        held = self.held.get(key)
+        if held is None:
+            if key and hmac.compare_digest(self.committed.get(key, ""), ticket):
+                return  # a repeated commit (its answer was lost): it runs
+            raise MigrationRefused(f"no migration of that session is waiting on {self.instance}")
+        if not hmac.compare_digest(held.ticket, ticket):
+            raise MigrationRefused("not the ticket of that migration")
+        del self.held[key]
+        held.timer.cancel()
+        session = held.session
+        self.ckpt.adopt(session, held.pids)  # its tracer continues it
+        for fd, r in session.outs.items():
+            session.loop.add_reader(r, session._readable, fd, r)
+        session.reading = True
+        if session.unwanted:
+            session._watch_inputs(0.001)
+        session._abandon = session.loop.call_later(
+            self.service.config.reconnect_window, self.service.abandon, session
+        )
+        self.committed[key] = ticket
+        while len(self.committed) > MAX_COMMITTED:
+            del self.committed[next(iter(self.committed))]
+
+    def _abort(self, sid: bytes) -> None:
+        """No commit came: drop the held copy (the source runs the program on)."""
+        held = self.held.pop(sid, None)
+        if held is None:
+            return
+        log.warning("no commit for %s within %.0fs: dropped", held.session.program, HOLD_TIMEOUT)
+        self.service.by_pid.pop(held.session.pid, None)
+        for pid in held.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        if self.service.moved.get(held.session.nonce) == held.session.key:
+            del self.service.moved[held.session.nonce]
+        self.service.forget(held.session)
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe as large as CHUNK allows (fewer wake-ups between packer and sender)."""
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK)
+    return r, w
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    """Up to `n` bytes from `fd`, fewer only at EOF."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        part = os.read(fd, n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _key_of(fd: int) -> str:
+    """CRIU's key of the pipe our descriptor `fd` is an end of."""
+    return f"pipe:[{os.fstat(fd).st_ino}]"
