@@ -15,6 +15,12 @@ run after a partial `create()`.
 
 from __future__ import annotations
 
+# pyroute2 forks (netns.create, NetNS).  A module that registers fork handlers
+# while a fork is under way in this thread has its "after" handler run without
+# its "before": concurrent.futures.thread (imported by asyncio's executor on a
+# thread, e.g. the run's own OSS) then prints "release unlocked lock" into the
+# user's stderr.  Importing it first makes that registration happen before any fork.
+import concurrent.futures.thread  # noqa: F401
 import ipaddress
 import logging
 import os

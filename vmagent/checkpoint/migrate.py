@@ -201,6 +201,8 @@ def describe(
         "outs": {str(fd): k for fd, k in pipes["outs"].items()},
         "ins": {str(fd): k for fd, k in pipes["ins"].items()},
         "unwanted": sorted(session.unwanted.values()),
+        # Inputs with a WANT out: the deputy's one DATA (or EOF) for it re-arms them.
+        "asked": sorted(session.asked),
         "out_seq": out_seq,
         "in_last": session.inbox.last,
     }
@@ -246,6 +248,7 @@ class Description:
             self.outs = {_int(int(fd)): _pipe_key(k) for fd, k in raw["outs"].items()}
             self.ins = {_int(int(fd)): _pipe_key(k) for fd, k in raw["ins"].items()}
             self.unwanted = {_int(fd) for fd in raw["unwanted"]}
+            self.asked = {_int(fd) for fd in raw.get("asked", [])}
             self.out_seq = _int(raw["out_seq"])
             self.in_last = _int(raw["in_last"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -707,6 +710,8 @@ class Migrator:
                 session.in_buf[fd] = collections.deque()
                 if fd in meta.unwanted:
                     session.unwanted[os.fstat(r).st_ino] = fd
+                elif fd in meta.asked:
+                    session.asked[fd] = os.fstat(r).st_ino
                 ends.append((r, key))
             reserve_pids(meta.pids)
             restore_ms = await self.ckpt.restore(criu, directory, ends)

@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from tracer.coordinator import (
     Allow,
@@ -88,17 +90,87 @@ def resolve_exec_path(call: SyscallCall) -> tuple[int, bytes] | None:
     return index, path
 
 
-def is_placeable_file(path: bytes) -> bool:
-    """True for an executable regular file starting with '#!' or an ELF header."""
+# binfmt_script: the `#!` line is read up to this many bytes; the kernel follows
+# at most this many interpreters in a chain (a script whose interpreter is a script).
+SHEBANG_MAX = 256
+INTERPRETER_DEPTH = 4
+
+
+def is_placeable_file(path: bytes, depth: int = 0) -> bool:
+    """True when the kernel would exec `path`: an executable regular file starting
+    with '#!' whose interpreter it would exec, or ELF whose loader (PT_INTERP) exists.
+
+    Anything else stays home, where the real execve fails and the caller (a shell,
+    execvp) prints its own message and status (127 `required file not found`).
+    """
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
             return False
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(SHEBANG_MAX)
+            if head.startswith(b"\x7fELF"):
+                loader = elf_interpreter(f, head)
+                return loader is None or os.path.exists(loader)
     except OSError:
         return False
-    return head.startswith(b"#!") or head == b"\x7fELF"
+    if not head.startswith(b"#!") or depth >= INTERPRETER_DEPTH:
+        return False
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words:
+        return False
+    if not words[0].startswith(b"/"):
+        return True  # relative to the process's cwd, not ours: the instance decides
+    return is_placeable_file(words[0], depth + 1)
+
+
+def elf_interpreter(f: BinaryIO, head: bytes) -> bytes | None:
+    """The PT_INTERP path of a 64-bit little-endian ELF file (None: static or unknown)."""
+    if len(head) < 64 or head[4] != 2 or head[5] != 1:
+        return None
+    (phoff,) = struct.unpack_from("<Q", head, 32)
+    phentsize, phnum = struct.unpack_from("<HH", head, 54)
+    for i in range(min(phnum, 64)):
+        f.seek(phoff + i * phentsize)
+        entry = f.read(56)
+        if len(entry) < 56:
+            return None
+        (p_type,) = struct.unpack_from("<I", entry, 0)
+        if p_type == 3:  # PT_INTERP
+            (offset,) = struct.unpack_from("<Q", entry, 8)
+            (size,) = struct.unpack_from("<Q", entry, 32)
+            f.seek(offset)
+            return f.read(min(size, 4096)).split(b"\0", 1)[0]
+    return None
+
+
+O_CLOEXEC_OCTAL = 0o2000000  # O_CLOEXEC in /proc/PID/fdinfo's octal `flags:`
+
+
+def holds_socket(pid: int) -> bool:
+    """True when `pid` keeps a socket past exec other than its stdin/out/err.
+
+    A deputy carries a socket only as a byte stream one way; a listening socket,
+    a socketpair passing descriptors (multiprocessing's forkserver, a server
+    handed its listener) is only what it is at home, so such a process stays home.
+    """
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in fds:
+        if int(name) <= 2:
+            continue
+        try:
+            if not stat.S_ISSOCK(os.stat(f"/proc/{pid}/fd/{name}").st_mode):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                flags = next(line for line in f if line.startswith("flags:")).split()[1]
+        except (OSError, StopIteration, IndexError):
+            continue
+        if not int(flags, 8) & O_CLOEXEC_OCTAL:
+            return True
+    return False
 
 
 class ClusterCoordinator:
@@ -165,7 +237,7 @@ class ClusterCoordinator:
             if isinstance(mapped, bytes):
                 path = mapped  # the inner coordinator mapped a virtual path
         real = path if path.startswith(b"/") else os.path.join(call.bases.get(index, b""), path)
-        if not is_placeable_file(real):
+        if not is_placeable_file(real) or holds_socket(call.pid):
             return None
         try:
             uid, gid, groups = self._creds(call.pid)

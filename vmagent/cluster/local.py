@@ -87,6 +87,14 @@ def cgroup_v2_controllers(root: Path = CGROUP_ROOT) -> set[str]:
         return set()
 
 
+def _start_time(pid: int) -> int:
+    """A process's start time in clock ticks (tells a pid apart from its reuse)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -132,6 +140,10 @@ class LocalCluster:
         # SIGKILL) the write end closes and every agent stops by itself.  Both
         # ends are close-on-exec here, so the traced program never inherits them.
         self._lifeline_r, self._lifeline_w = os.pipe()
+        # The reaper (net.reaper) removes the lab if this process dies without
+        # close(): it reads what to remove from a pipe of its own.
+        self._reaper: subprocess.Popen[bytes] | None = None
+        self._reaper_w = -1
         # Issue 10: the OSS the agents register with (`use_oss`), and their tokens.
         self.oss_url: str | None = None
         self._oss_tokens: dict[str, str] = {}
@@ -163,12 +175,14 @@ class LocalCluster:
 
                 for stale in sweep_dead_labs():
                     log.warning("removed the lab network of a dead dcptrace (%s)", stale)
+                self._start_reaper()
                 self._net = LabNetwork(self.tag)
                 attachments = self._net.create(self.names)
                 cgroups = self._cgroup_parent()
                 for att in attachments:
                     self._start_one(att.name, att.address, att.netns, cgroups)
             else:
+                self._start_reaper()
                 _warn_once(
                     "no-isolation",
                     "not root: local instances are plain processes on 127.0.0.1 "
@@ -183,6 +197,31 @@ class LocalCluster:
             raise
         return list(self.instances)
 
+    def _start_reaper(self) -> None:
+        """Start the lab's reaper before anything exists that it would have to remove."""
+        read_end, self._reaper_w = os.pipe()
+        argv = [sys.executable, "-m", "net.reaper", "--lifeline", str(read_end)]
+        argv += ["--remove", str(self.logdir)]
+        if self.isolate:
+            argv += ["--tag", self.tag]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        try:
+            self._reaper = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+                pass_fds=(read_end,),
+            )  # fmt: skip
+        finally:
+            os.close(read_end)
+
+    def _tell_reaper(self, line: str) -> None:
+        if self._reaper_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._reaper_w, line.encode() + b"\n")
+
     def _cgroup_parent(self) -> Path | None:
         wanted = {"cpu", "memory"}
         if not wanted <= cgroup_v2_controllers():
@@ -196,6 +235,7 @@ class LocalCluster:
         try:
             parent.mkdir()
             self._cgroups.append(parent)
+            self._tell_reaper(f"cgroup {parent}")
             (parent / "cgroup.subtree_control").write_text("+cpu +memory")
         except OSError as exc:
             _warn_once("no-cgroup", f"cannot create cgroups ({exc}): no CPU/memory limits")
@@ -267,10 +307,12 @@ class LocalCluster:
             stderr.close()
         self._procs[name] = proc
         self._tokens[name] = (token, host, ns)
+        self._tell_reaper(f"agent {proc.pid} {_start_time(proc.pid)}")
         if cgroups is not None:
             group = cgroups / name
             group.mkdir()
             self._cgroups.append(group)
+            self._tell_reaper(f"cgroup {group}")
             (group / "cpu.max").write_text(f"{self.cpus * 100000} 100000")
             if self.memory_mb:
                 (group / "memory.max").write_text(str(self.memory_mb << 20))
@@ -300,6 +342,8 @@ class LocalCluster:
             kids = _children(proc.pid)  # unshare's child is the agent (PID 1 inside)
             agent_pid = kids[0] if kids else proc.pid
         self._agent_pids[name] = agent_pid
+        if agent_pid != proc.pid:
+            self._tell_reaper(f"agent {agent_pid} {_start_time(agent_pid)}")
         return Instance(
             name,
             address,
@@ -387,6 +431,21 @@ class LocalCluster:
             self._net.destroy()
             self._net = None
         self.instances.clear()
+        self._release_reaper()
+
+    def _release_reaper(self) -> None:
+        """Everything is down: the reaper exits without touching anything."""
+        self._tell_reaper("release")
+        with contextlib.suppress(OSError):
+            os.close(self._reaper_w)
+        self._reaper_w = -1
+        if self._reaper is not None:
+            try:
+                self._reaper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait()
+            self._reaper = None
 
     def remove_logs(self) -> None:
         """Delete the agents' log directory (kept by close() for post-mortems)."""

@@ -178,7 +178,7 @@ class Deputy:
         self.main = _thread.get_ident()
         self.result: tuple[str, int, bytes, bytes] | None = None  # kind, value, msg, offsets
         self.dead_outputs: set[int] = set()
-        self.inputs: set[int] = set()  # streamed inputs whose thread awaits WANT
+        self.inputs: set[int] = set()  # streamed inputs not at their end (read on WANT)
         # Streams that could not be carried whole (a read or write error other
         # than a reader hanging up): the exit status then says so (`finish`).
         self.broken: list[str] = []
@@ -221,8 +221,8 @@ class Deputy:
                         link.peer_acked = max(link.peer_acked, seq)
                     elif kind == P.WANT:
                         if fd in self.inputs:
-                            self.inputs.discard(fd)
-                            _thread.start_new_thread(self.forward_input, (fd,))
+                            count = int(payload) if payload.isdigit() else 0
+                            _thread.start_new_thread(self.forward_input, (fd, count))
                     elif kind == P.WELCOME:
                         link.session = P.pairs(payload).get(b"session", b"")
                     elif kind == P.MOVED:
@@ -317,17 +317,21 @@ class Deputy:
         finally:
             os.close(fd)
 
-    def forward_input(self, fd: int) -> None:
-        """Input thread, started on WANT: the remote program reads `fd`; stream it.
+    def forward_input(self, fd: int, count: int) -> None:
+        """Input thread, one per WANT: the remote program reads `fd`; one read for it.
 
-        Waiting for WANT keeps the deputy from consuming input that a later
-        process sharing the descriptor would read (`... | while read l; do
-        remote_cmd; done`): a remote program that never reads its stdin leaves
-        every byte in place, as a local one would.
+        The agent sends WANT when the remote program blocks reading its copy of
+        the pipe, with the byte count it asked for, and the next WANT only once
+        this DATA is in that pipe.  So a remote read takes from `fd` what a
+        native read of that size would, and a program that never reads leaves
+        every byte to the next reader: processes that share a pipe
+        (`... | while read l; do remote_cmd; done`, a multiprocessing queue read
+        by workers on several instances) each take their own messages.
         """
+        size = min(count, P.CHUNK) if count > 0 else P.CHUNK
         while True:
             try:
-                data = os.read(fd, P.CHUNK)
+                data = os.read(fd, size)
             except BlockingIOError:
                 _wait_ready(fd, writable=False)  # a non-blocking description: wait
                 continue
@@ -336,10 +340,12 @@ class Deputy:
                 # wait forever) and the exit status says the input was cut.
                 self.broken.append(f"reading descriptor {fd} failed: {exc.strerror}")
                 data = b""
-            if not data:
-                self.link.send(P.EOF, fd, b"")
-                return
-            self.link.send(P.DATA, fd, data)
+            break
+        if not data:
+            self.inputs.discard(fd)
+            self.link.send(P.EOF, fd, b"")
+            return
+        self.link.send(P.DATA, fd, data)
 
     def finish(self) -> int:
         """Mirror the remote outcome on this process (never returns on a signal)."""
@@ -363,8 +369,11 @@ class Deputy:
         if kind == "status":
             return value
         if kind == "signal":
-            _signal.signal(value, _signal.SIG_DFL)
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [value])
+            if value not in (_signal.SIGKILL, _signal.SIGSTOP):
+                # SIGKILL and SIGSTOP take no disposition (signal() gives EINVAL):
+                # they are sent as they are, and SIGKILL kills this process too.
+                _signal.signal(value, _signal.SIG_DFL)
+                _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [value])
             os.kill(os.getpid(), value)
             return 128 + value  # the signal does not kill (e.g. SIGCHLD): like a shell
         program = self.program.decode(errors="replace")

@@ -160,6 +160,8 @@ class Link:
                 if kind != P.DATA or not self.outbox.full():
                     self._write(self._extras() + self.outbox.add(kind, fd, payload))
                     return
+                if self.ack_wanted or self.deferred:
+                    self._write(self._extras())  # the receiver could not: never hold acks
             time.sleep(0.002)  # outbox full: wait for acks (the source pipe fills meanwhile)
 
     def _extras(self) -> bytes:

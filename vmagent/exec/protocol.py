@@ -28,8 +28,12 @@ HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 24  # a peer announcing more is broken or hostile
 PRE_AUTH_MAX = 4096  # largest frame accepted before the peer proved it holds the ticket
 CHUNK = 1 << 18  # how much a forwarder reads from a pipe at once
-ACK_EVERY = 1 << 20  # receiver acknowledges after this many payload bytes
-OUTBOX_LIMIT = 64 << 20  # unacknowledged bytes a sender keeps before it pauses
+# A relayed stream holds little more than a pipe would: a writer on one instance
+# blocks, and gets EPIPE/SIGPIPE when its reader goes, as `seq 100000 | head -1`
+# does natively (a 64 MiB window let seq finish unseen).  The receiver acks
+# often enough that a full window is always acknowledged in part.
+ACK_EVERY = 32 << 10  # receiver acknowledges after this many payload bytes
+OUTBOX_LIMIT = 128 << 10  # unacknowledged stream bytes a sender keeps before it pauses
 
 # Frame kinds.  Unsequenced control frames carry seq 0 (or a seq they report).
 HELLO = 1  # deputy -> agent: start a program (record of key/value pairs)

@@ -16,15 +16,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-# (read-like calls -> index of the fd argument, poll-like calls)
-_CALLS: dict[str, tuple[dict[int, int], frozenset[int]]] = {
+# (read-like calls -> index of the fd argument, poll-like calls, calls whose
+# third argument is the byte count: read, pread64)
+_CALLS: dict[str, tuple[dict[int, int], frozenset[int], frozenset[int]]] = {
     "x86_64": (
         {0: 0, 17: 0, 19: 0, 295: 0, 327: 0, 275: 0, 40: 1, 45: 0, 47: 0},
         frozenset({7, 23, 232, 270, 271, 281, 441}),
+        frozenset({0, 17}),
     ),
     "aarch64": (
         {63: 0, 67: 0, 65: 0, 69: 0, 286: 0, 76: 0, 71: 1, 207: 0, 212: 0},
         frozenset({72, 73, 22, 441}),
+        frozenset({63, 67}),
     ),
 }
 
@@ -55,7 +58,7 @@ class ReaderProbe:
     def __init__(self, machine: str, proc: str = "/proc") -> None:
         if machine not in _CALLS:
             raise UnknownMachine(f"no syscall numbers for {machine}")
-        self.reads, self.polls = _CALLS[machine]
+        self.reads, self.polls, self.counted = _CALLS[machine]
         self.proc = proc
 
     def _ino(self, pid: str, fd: int | str) -> int | None:
@@ -64,10 +67,11 @@ class ReaderProbe:
         except OSError:
             return None
 
-    def waiting(self, session: int, inodes: Iterable[int]) -> set[int]:
-        """The inodes among `inodes` that a process of `session` waits to read."""
+    def waiting(self, session: int, inodes: Iterable[int]) -> dict[int, int]:
+        """The inodes among `inodes` that a process of `session` waits to read, each
+        with how many bytes it asks for (0: not known, as in poll or readv)."""
         wanted = set(inodes)
-        found: set[int] = set()
+        found: dict[int, int] = {}
         try:
             pids = [p for p in os.listdir(self.proc) if p.isdigit()]
         except OSError:
@@ -86,8 +90,9 @@ class ReaderProbe:
             nr, args = call
             if nr in self.reads:
                 ino = self._ino(pid, args[self.reads[nr]])
-                if ino in wanted:
-                    found.add(ino)
+                if ino is not None and ino in wanted:
+                    count = args[2] if nr in self.counted else 0
+                    found[ino] = max(found.get(ino, 0), count)
             elif nr in self.polls:
                 try:
                     fds = os.listdir(f"{self.proc}/{pid}/fd")
@@ -95,6 +100,6 @@ class ReaderProbe:
                     continue
                 for fd in fds:
                     ino = self._ino(pid, fd)
-                    if ino in wanted:
-                        found.add(ino)
+                    if ino is not None and ino in wanted:
+                        found.setdefault(ino, 0)
         return found

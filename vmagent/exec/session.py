@@ -69,6 +69,9 @@ class Session:
         self._unacked_bytes = 0  # delivered since that ack
         self.paths: dict[int, int] = {}  # target fd -> our copy (same file description)
         self.unwanted: dict[int, int] = {}  # pipe inode -> input fd not yet read remotely
+        # Input fds with a WANT out: the deputy answers each with one DATA (or EOF),
+        # which re-arms the watch once it is in the program's pipe.
+        self.asked: dict[int, int] = {}  # input fd -> its pipe inode
         self._watch: asyncio.TimerHandle | None = None
         self.reading = False
         self.finished = False
@@ -128,9 +131,8 @@ class Session:
                     self.in_buf[spec.fd] = collections.deque()
                     sources[spec.fd] = r
                     self.unwanted[os.fstat(r).st_ino] = spec.fd
-            for fd in (*self.outs.values(), *self.ins.values()):
-                with contextlib.suppress(OSError):
-                    fcntl_setpipe(fd)
+            # The program's pipes keep the kernel's default size: a larger one
+            # would let a writer run further ahead of its reader than natively.
             tracing = self.service.tracing
             if tracing is None:  # benchmarks' untraced baseline only
                 forked = fork_program(self.request, sources, None)
@@ -309,8 +311,10 @@ class Session:
         self._watch = None
         if self.status is not None or not self.unwanted or self.forgotten:
             return
-        for ino in self.service.probe.waiting(self.pid, self.unwanted):
-            self.send(P.WANT, self.unwanted.pop(ino), b"")
+        for ino, count in self.service.probe.waiting(self.pid, self.unwanted).items():
+            fd = self.unwanted.pop(ino)
+            self.asked[fd] = ino
+            self.send(P.WANT, fd, str(count).encode() if count else b"")
         if self.unwanted:
             nxt = min(interval * 2, WATCH_MAX)
             self._watch = self.loop.call_later(nxt, self._watch_inputs, nxt)
@@ -394,7 +398,15 @@ class Session:
             return
         self.loop.remove_writer(w)
         if fd in self.in_eof:
+            self.asked.pop(fd, None)
             self._close_in(fd)
+        elif fd in self.asked:
+            # Delivered: the next read of the program asks again (one WANT, one DATA:
+            # a remote read takes what a native read of that size would, no more).
+            self.unwanted[self.asked.pop(fd)] = fd
+            if self._watch is not None:
+                self._watch.cancel()
+            self._watch = self.loop.call_later(WATCH_FIRST, self._watch_inputs, WATCH_FIRST)
         self._delivered(0)
 
     def _close_in(self, fd: int) -> None:
@@ -601,10 +613,3 @@ def spread_pids() -> None:
         if top > PID_LOW:
             with open("/proc/sys/kernel/ns_last_pid", "w") as f:
                 f.write(str(PID_LOW + int.from_bytes(os.urandom(4), "big") % (top - PID_LOW)))
-
-
-def fcntl_setpipe(fd: int, size: int = 1 << 20) -> None:
-    """Grow a pipe to 1 MiB so each read moves more data (fewer loop turns)."""
-    import fcntl
-
-    fcntl.fcntl(fd, 1031, size)  # F_SETPIPE_SZ
