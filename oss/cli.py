@@ -111,6 +111,18 @@ def main(log_level: str) -> None:
     show_default=True,
     help="Open connections from one address; more are closed on arrival.",
 )
+@click.option(
+    "--idle-grace",
+    default=30.0,
+    show_default=True,
+    help="Seconds an idle pool instance beyond the warm target is kept (autoscaling).",
+)
+@click.option(
+    "--backoff-base",
+    default=1.0,
+    show_default=True,
+    help="A failing provider: wait min(BASE * 2**n, 60) s after n failed creates.",
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -128,6 +140,8 @@ def serve(
     body_timeout: float,
     max_connections: int,
     max_connections_per_peer: int,
+    idle_grace: float,
+    backoff_base: float,
 ) -> None:
     """Run the OSS HTTP API."""
     host, port = _hostport(listen)
@@ -143,6 +157,8 @@ def serve(
             slots_per_cpu=slots_per_cpu,
             public_url=public_url,
             rates=Rates(storage_rate, net_rate, premium_pct),
+            idle_grace=idle_grace,
+            backoff_base=backoff_base,
         )
         limits = ListenerLimits(
             header_timeout=header_timeout,
@@ -212,6 +228,9 @@ async def _serve(
     site = GuardedSite(runner, host, port, limits, backlog=1024)
     await site.start()
     addr = runner.addresses[0]
+    if config.public_url is None:
+        # Listening on an ephemeral port: new instances get the address it got.
+        oss.pools.public_url = f"http://{addr[0]}:{addr[1]}"
     click.echo(f"dcp-oss listening on http://{addr[0]}:{addr[1]}", nl=True)
     sys.stdout.flush()
     stop = asyncio.Event()
@@ -222,6 +241,10 @@ async def _serve(
         await stop.wait()
     finally:
         await runner.cleanup()
+        for provider in (providers or {}).values():
+            close = getattr(provider, "close", None)
+            if callable(close):  # local instances: stop their agents
+                await asyncio.to_thread(close)
 
 
 @main.command("instance-token")

@@ -198,8 +198,28 @@ class Placement(Api):
 
 
 ProgramState = Literal[
-    "pending", "running", "recovering", "finished", "failed", "cancelled", "stopped_budget"
+    "pending",
+    "running",
+    "recovering",
+    "finished",
+    "failed",
+    "cancelled",
+    "stopped_budget",
+    "stopped_limit",
 ]
+
+
+class StopInfo(Api):
+    """Why a limit stopped a program (issue 10): the level, the resource, the limit, the value.
+
+    `resource`: hard_budget_micros | instances | storage_mb | bandwidth_mbps; `value` is
+    what was spent or measured when metering stopped it.
+    """
+
+    level: Literal["account", "user", "program"]
+    resource: str
+    limit: int
+    value: int
 
 
 class Program(Api):
@@ -228,6 +248,7 @@ class Program(Api):
     updated: float
     placements: list[Placement]
     view: ViewSpec = ViewSpec()
+    stop: StopInfo | None = None  # set when a limit stopped it (stopped_budget/stopped_limit)
 
 
 class ExecIdentity(Api):
@@ -639,6 +660,33 @@ class AgentHeartbeat(Api):
     instance: Name
     seq: NonNeg
     load: Load
+    # Ids of the commands (HeartbeatReply.commands) it has carried out since its last beat.
+    done: Annotated[list[Annotated[int, Field(ge=1, le=2**62)]], Field(max_length=1024)] = []
+
+
+# -- limits act (issue 10, chunk E) ---------------------------------------------
+
+
+class AgentCommand(Api):
+    """An order for one instance's agent, carried by the heartbeat reply.
+
+    `action`: freeze the program's processes there, kill them, or thaw them.
+    `tickets`: nonces of the exec tickets the OSS minted for the program on this
+    instance (the agent finds the sessions they started).
+    """
+
+    id: int
+    program: str
+    action: Literal["freeze", "kill", "thaw"]
+    reason: str
+    tickets: list[str] = []
+
+
+class HeartbeatReply(Api):
+    """The answer to a heartbeat: commands for this instance only (kept until done)."""
+
+    ok: bool = True
+    commands: list[AgentCommand] = []
 
 
 # -- leases (locking service; instance tokens only) ---------------------------

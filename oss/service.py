@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,13 @@ from oss.accounts.store import Accounts, Principal, hash_token
 from oss.billing.pricing import Rates
 from oss.billing.store import Billing, BudgetCheck
 from oss.compute import availability, exectickets, optimizer
+from oss.compute.commands import Command, CommandQueue
 from oss.compute.instances import Instances
-from oss.compute.pool import Provider
+from oss.compute.pool import InstanceType, PoolDemand, PoolState, Provider
 from oss.compute.pools import PoolManager
 from oss.compute.programs import Programs
 from oss.db.store import Store
-from oss.errors import Conflict, Forbidden, OssError, Unauthorized
+from oss.errors import Conflict, Forbidden, NoCapacity, OssError, Unauthorized
 from oss.ipc.locking import LockService
 from oss.models import (
     AgentHeartbeat,
@@ -78,9 +80,19 @@ class OssConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     follow_poll: float = 0.2  # log follow polling period
     token_cache_seconds: float = 5.0  # how long a verified token is trusted
+    idle_grace: float = 30.0  # an idle pool instance beyond the warm target lives this long
+    demand_window: float = 10.0  # placements refused for capacity count this long as demand
+    backoff_base: float = 1.0  # a failing provider: wait min(base * 2**n, 60 s) after n
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval", "heartbeat_timeout", "tick", "provider_timeout"):
+        for name in (
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "tick",
+            "provider_timeout",
+            "demand_window",
+            "backoff_base",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.heartbeat_timeout < self.heartbeat_interval:
@@ -115,7 +127,14 @@ class Oss:
             self.oss_log,
             config.provider_timeout,
             config.public_url,
+            clock=clock,
+            slots_per_cpu=config.slots_per_cpu,
+            idle_grace=config.idle_grace,
+            backoff_base=config.backoff_base,
         )
+        # Autoscaling: (time, instance type or None, processes) of placements refused
+        # for want of capacity; the pool manager counts those of the last window.
+        self._refused: deque[tuple[float, str | None, int]] = deque(maxlen=10_000)
         self._last_seen: dict[str, float] = {}
         self._beats: dict[str, tuple[float, str]] = {}
         self._oss_lines: list[logmod.LogLine] = []
@@ -124,6 +143,7 @@ class Oss:
         self._token_cache: dict[str, tuple[Principal, float]] = {}
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
+        self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
         self._runner: asyncio.Task[None] | None = None
         self.heartbeats_processed = 0
         self._ticks = 0
@@ -163,11 +183,42 @@ class Oss:
 
     async def _reconcile_pools(self) -> None:
         try:
-            await self.pools.reconcile()
+            await self.reconcile_pools()
         except (OssError, OSError) as exc:
             log.error("pool reconcile failed: %s", exc)
         except Exception:
             log.exception("pool reconcile crashed")
+
+    async def reconcile_pools(self) -> None:
+        """One pool pass with the demand of now (refused placements, target widths)."""
+        rows = await self.programs.demand()
+        since = self.clock() - self.config.demand_window
+        refused = [(t, n) for ts, t, n in self._refused if ts >= since]
+
+        def demand(state: PoolState, itype: InstanceType) -> PoolDemand:
+            def mine(t: str | None) -> bool:
+                return t is None or t == itype.name
+
+            return PoolDemand(
+                waiting=sum(n for t, n in refused if mine(t))
+                + sum(w for t, w, _ in rows if mine(t)),
+                wanted_width=sum(w for t, _, w in rows if mine(t)),
+            )
+
+        await self.pools.reconcile(demand)
+
+    async def place(
+        self, account_id: str, program_id: str, processes: int, avoid: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Place more processes of a program; a refusal for capacity is demand on the pools."""
+        try:
+            return await self.programs.place(account_id, program_id, processes, avoid)
+        except NoCapacity:
+            prog = await self.programs.program(account_id, program_id)
+            self._refused.append(
+                (self.clock(), prog["resource_policy"].get("instance_type"), processes)
+            )
+            raise
 
     async def tick(self) -> None:
         """One pass of every periodic duty; one failing duty does not stop the others."""
@@ -356,11 +407,14 @@ class Oss:
                 )
                 for _ in range(a["processes"])
             ]
+            if program_id is not None:
+                # The nonce (third field of the public part) finds the session on the agent.
+                self.commands.minted(program_id, a["instance"], (t.split(".")[2] for t in tickets))
             grants.append(dict(instance=a["instance"], address=address, tickets=tickets))
         return grants
 
-    def heartbeat(self, body: AgentHeartbeat) -> None:
-        """An agent is alive (kept in memory, persisted each tick)."""
+    def heartbeat(self, body: AgentHeartbeat) -> list[Command]:
+        """An agent is alive (kept in memory, persisted each tick); its pending commands."""
         if body.instance not in self._last_seen:
             raise Conflict(
                 f"instance {body.instance} is not registered (or failed): register again"
@@ -370,6 +424,7 @@ class Oss:
         self._beats[body.instance] = (now, body.load.model_dump_json())
         self.metrics.heartbeat(body.instance, body.load)
         self.heartbeats_processed += 1
+        return self.commands.for_instance(body.instance, body.done)
 
     async def check_availability(self) -> list[str]:
         """Fail instances silent past the timeout; mark their programs for recovery."""
@@ -381,13 +436,20 @@ class Oss:
             self._last_seen.pop(n, None)
             self._beats.pop(n, None)
         reason = f"no heartbeat for over {self.config.heartbeat_timeout:g}s"
-        programs = await self.instances.fail_instances(names, reason)
+        lost = await self.instances.fail_instances(names, reason)
+        silent_for = {f.instance: f.silent_for for f in failures}
         for f in failures:
             self.oss_log(
                 f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
             )
-        for p in sorted(set(programs)):
-            await self.program_log(p, f"marked for recovery: instance lost ({reason})")
+            self.commands.drop_instance(f.instance)
+        for program, instance, count, by_client in lost:
+            then = "its client placed them" if by_client else "marked for recovery"
+            await self.program_log(
+                program,
+                f"instance {instance} lost: {count} process(es) ended"
+                f" (silent {silent_for[instance]:.1f} s): {then}",
+            )
         await self._lose_processes(failures)
         # Replacements: failed instances no longer count as live in their pools.
         self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
@@ -498,9 +560,16 @@ class Oss:
     async def meter(self) -> None:
         """Per-second metering into billing records; hard budgets stop programs."""
         res = await self.billing.meter(self.config.rates)
-        for pid, reason in res.stopped:
-            await self.program_log(pid, reason)
-            self.oss_log(f"program {pid} {reason}")
+        for st in res.stopped:
+            await self.program_log(st.program_id, st.reason)
+            self.oss_log(f"program {st.program_id} {st.reason}")
+            # Every instance running it freezes, then kills, its processes there; the
+            # home (dcptrace) sees the stop in the program's state and stops its own.
+            for cmd in self.commands.stop(st.program_id, st.instances, st.reason):
+                self.oss_log(
+                    f"program {st.program_id}: {cmd.action} ordered (command {cmd.id})",
+                    cmd.instance,
+                )
 
     async def optimize(self) -> None:
         """Run the optimizer on every running program; log each changed decision."""
@@ -542,6 +611,7 @@ class Oss:
             who.account_id, program_id, "cancelled", f"cancelled by {who.user_id}"
         )
         await self.program_log(program_id, f"cancelled by {who.user_id}")
+        self.commands.forget_program(program_id)
         return prog
 
     async def finish(
@@ -556,6 +626,7 @@ class Oss:
             who.account_id, program_id, state, reason, exit_status, signal
         )
         await self.program_log(program_id, reason)
+        self.commands.forget_program(program_id)
         return prog
 
     async def instance_programs(self, instance: str) -> set[str]:

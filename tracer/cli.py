@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from tracer.arch import table_for
 from tracer.compose import PLACEMENTS
 from tracer.coordinator import Coordinator
 from tracer.errors import OutputError, SpawnError, TracerError, UsageError
-from tracer.front import TracerLink, run_split
+from tracer.front import LIMIT_STATUS, TracerLink, run_split
 from tracer.outputs import Output, open_output, stderr_output
 from tracer.report import build_record, render_record, write_summary
 from tracer.runner import Runner, reraise
@@ -256,6 +257,14 @@ def command(
             click.echo(f"dcptrace: {program[0]}: {message}{_in_view(pathmap, path)}", err=True)
 
         inner = compose.embedded(table, pathmap, local)
+        running: list[Runner] = []
+
+        def stop_at_limit(reason: str) -> None:
+            """The OSS stopped the program at a limit: say so, then end every tracee here."""
+            link.send(f"limit {reason}")
+            if running:
+                kill_tracees(running[0])
+
         try:
             with compose.coordinator(
                 inner, n, where, oss_url or config.oss, mapping
@@ -265,6 +274,10 @@ def command(
                     program, env, path, table, coordinator, observe, trace_out,
                     report=report, dispositions=dispositions, complain=complain,
                 )  # fmt: skip
+                running.append(runner)
+                watch = getattr(coordinator, "watch_limits", None)
+                if watch is not None:
+                    watch(stop_at_limit)
                 outcome = runner.run()
                 if summary:
                     summary_out = out_file or stderr_output("summary", sys.stderr)
@@ -294,6 +307,9 @@ def command(
     # No temporary output file outlives a killed front, even one killed at once.
     made = [o.discard for o in (out_file, record_out) if o is not None]
     end = run_split(tracer_main, wait_for_tracer=observe, abandon=made)
+    if end.limit is not None:
+        click.echo(f"dcptrace: {end.limit}", err=True)
+        return LIMIT_STATUS
     if end.outputs_lost:
         return 125  # the tracer said which output and how the program ended
     if end.signal:
@@ -301,6 +317,24 @@ def command(
         reraise(end.signal, end.core_dumped)
         return 128 + end.signal
     return end.exit_status if end.exit_status is not None else 125
+
+
+def kill_tracees(runner: Runner, rounds: int = 100) -> None:
+    """SIGKILL every traced process, again for those forked meanwhile (from another thread)."""
+    for _ in range(rounds):
+        machine = runner.machine
+        if machine is None or not machine.alive:
+            return
+        try:
+            tgids = {t.tgid for t in list(machine.threads.values())}
+        except RuntimeError:  # the tracer thread changed the table under us: look again
+            continue
+        for tgid in tgids:
+            try:
+                os.kill(tgid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> None:

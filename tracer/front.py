@@ -11,8 +11,10 @@ PTRACE_O_EXITKILL then kills every tracee.  No tracee outlives an abnormal end.
 
 Messages tracer -> front, one line each: `pid N`, `exit N`, `signal N`,
 `dumped N` (killed by signal N, core written), `stop N`,
-and `done N` once the observation outputs (summary, record, trace) are finished:
-N is 0 when all were written, 125 when one was lost (the tracer said which).
+`limit TEXT` (the OSS stopped the program at a limit: dcptrace then says TEXT and
+exits LIMIT_STATUS whatever the program's own end), and `done N` once the
+observation outputs (summary, record, trace) are finished: N is 0 when all
+were written, 125 when one was lost (the tracer said which).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from tracer.spawn import CATCHABLE_SIGNALS
 
 _RELEASE = b"r"
+LIMIT_STATUS = 124  # a limit stopped the program (as timeout(1) says its time ran out)
 # Every signal another process sends to dcptrace (kill, sigqueue) is passed to
 # the program's main process, as if sent to it: all of them but SIGKILL and
 # SIGSTOP, which cannot be caught.  The same signals from the terminal, or any
@@ -46,6 +49,7 @@ class MainEnd:
     signal: int | None
     outputs_lost: bool = False  # a requested output (trace, summary, record) was not written
     core_dumped: bool = False  # killed by `signal` with a core written
+    limit: str | None = None  # why the OSS stopped the program (`limit` message)
 
 
 class TracerLink:
@@ -172,6 +176,7 @@ def _follow(status_r: int, tracer_pid: int, until_done: bool) -> MainEnd:
     buf = b""
     end: MainEnd | None = None
     forwarder: _Forwarder | None = None
+    limit: str | None = None
     with os.fdopen(status_r, "rb", buffering=0) as f:
         while True:
             chunk = f.read(4096)
@@ -180,18 +185,23 @@ def _follow(status_r: int, tracer_pid: int, until_done: bool) -> MainEnd:
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                kind, _, value = line.decode().partition(" ")
+                kind, _, value = line.decode(errors="replace").partition(" ")
+                if kind == "limit":
+                    limit = value
+                    continue
                 n = int(value)
                 if kind == "pid":
                     forwarder = _Forwarder(n)
                     forwarder.start()
                 elif kind in ("exit", "signal", "dumped"):
                     end = MainEnd(n, None) if kind == "exit" else MainEnd(None, n)
-                    end = MainEnd(end.exit_status, end.signal, core_dumped=kind == "dumped")
+                    end = MainEnd(
+                        end.exit_status, end.signal, core_dumped=kind == "dumped", limit=limit
+                    )
                     if not until_done:
                         return end
                 elif kind == "done" and end is not None:
-                    return MainEnd(end.exit_status, end.signal, n != 0, end.core_dumped)
+                    return MainEnd(end.exit_status, end.signal, n != 0, end.core_dumped, limit)
                 elif kind == "stop":
                     sent = forwarder is not None and forwarder.stop_sent.is_set()
                     if forwarder is not None:
@@ -200,7 +210,7 @@ def _follow(status_r: int, tracer_pid: int, until_done: bool) -> MainEnd:
     if end is not None:
         # The tracer ended after reporting the main process; when outputs were
         # asked for, ending without `done` means they were not all written.
-        return MainEnd(end.exit_status, end.signal, until_done, end.core_dumped)
+        return MainEnd(end.exit_status, end.signal, until_done, end.core_dumped, limit)
     # The tracer ended without a word about the main process: it failed (its
     # own error line, if it could write one, is already on stderr).
     _, status = os.waitpid(tracer_pid, 0)

@@ -27,6 +27,7 @@ from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.trace.enforce import Enforcer, detect
 from vmagent.trace.placer import OssPlacements, Placer
 from vmagent.trace.zygote import Tracing
 
@@ -258,6 +259,9 @@ class Agent:
         self.placer = Placer(oss)
         self.service.hooks.add(self.placer)
         self._unauthenticated = [0]  # connections counted by their Gate
+        # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
+        self.enforcer = Enforcer(config.instance, detect(config.instance))
+        self.service.hooks.add(self.enforcer)
         self.runner: web.AppRunner | None = None
         self.server: asyncio.Server | None = None
         self.address = ""
@@ -290,14 +294,17 @@ class Agent:
         self.address = f"{host}:{port}"
         return self.address
 
-    def on_commands(self, commands: list[dict[str, Any]]) -> None:
-        """Commands the OSS sent this instance: every handler gets them, in order."""
+    async def on_commands(self, commands: list[dict[str, Any]]) -> list[int]:
+        """Commands the OSS sent this instance: every handler gets them, in order, then
+        the limits enforcer carries them out; the ids done (acknowledged next beat)."""
         for handler in self.command_handlers:
             handler(commands)
+        return await self.enforcer.carry_out(commands, list(self.service.sessions.values()))
 
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
+        self.enforcer.close()
         if self._criu_check is not None:
             self._criu_check.cancel()
             with contextlib.suppress(asyncio.CancelledError):

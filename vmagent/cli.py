@@ -66,6 +66,7 @@ async def serve(config: AgentConfig, tracing: Tracing) -> None:
                     agent.sampler.memory_mb(),
                     config.call_timeout,
                     config.exec_key,
+                    on_commands=agent.on_commands,
                 )
                 link_task = tasks.create_task(link.run())
                 telemetry = start_telemetry(agent, config, tasks)
@@ -102,6 +103,8 @@ def start_telemetry(agent: Agent, config: AgentConfig, tasks: asyncio.TaskGroup)
     uplink = Uplink(config.instance, post)
     reporter = Reporter(uplink)
     agent.service.hooks.add(reporter)
+    # Limits act: the enforcer's frozen/killed acts become the program's events.
+    agent.enforcer.on_event = reporter.program_event
     return Telemetry(
         reporter,
         post,

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -62,9 +62,13 @@ class OssLink:
         memory_mb: int,
         timeout: float = 5.0,
         exec_key: str | None = None,
+        on_commands: Callable[[list[dict[str, object]]], Awaitable[list[int]]] | None = None,
     ) -> None:
         self.oss_url = url
         self.url = url.rstrip("/")
+        # The OSS's orders in heartbeat replies (limits act); their ids go back as `done`.
+        self.on_commands = on_commands
+        self._done: list[int] = []
         self.exec_key = exec_key  # the same key on every (re-)registration of this process
         self.instance = instance
         self.address = address
@@ -100,6 +104,21 @@ class OssLink:
             body["exec_key"] = self.exec_key
         return body
 
+    async def _obey(self, commands: object) -> None:
+        """Carry out the reply's commands (bounded); they are reported done next beat."""
+        if not commands or self.on_commands is None:
+            return
+        if not isinstance(commands, list):
+            log.warning("OSS heartbeat reply: commands is not a list; ignored")
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._done += await self.on_commands([c for c in commands if isinstance(c, dict)])
+        except TimeoutError:
+            log.warning("OSS commands took longer than %.1fs; they are sent again", self.timeout)
+        except Exception:  # a bug there must not take the link (and the agent) down
+            log.exception("carrying out the OSS's commands failed; they are sent again")
+
     async def run(self) -> None:
         """Register and heartbeat forever, re-registering after any failure."""
         backoff = 0.5
@@ -115,16 +134,17 @@ class OssLink:
                     backoff = 0.5
                     while True:
                         self.seq += 1
-                        await self._post(
-                            http,
-                            "/v1/agents/heartbeat",
-                            {
-                                "instance": self.instance,
-                                "seq": self.seq,
-                                "load": self.sample().as_json(),
-                            },
-                        )
+                        body: dict[str, object] = {
+                            "instance": self.instance,
+                            "seq": self.seq,
+                            "load": self.sample().as_json(),
+                        }
+                        if self._done:
+                            body["done"] = self._done[:1024]
+                        answer = await self._post(http, "/v1/agents/heartbeat", body)
+                        del self._done[:1024]  # delivered: the OSS forgets those commands
                         self.heartbeats_sent += 1
+                        await self._obey(answer.get("commands"))
                         await asyncio.sleep(interval)
                 except (aiohttp.ClientError, TimeoutError, AgentError, ValueError) as exc:
                     self.registered.clear()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from oss.accounts import store as accounts
@@ -25,11 +25,25 @@ from oss.telemetry import processes
 
 
 @dataclass(frozen=True, slots=True)
+class Stopped:
+    """A program metering stopped: why, and the instances that were running it."""
+
+    program_id: str
+    breach: lim.Breach
+    instances: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        """The program's status_reason: `stopped: program hard budget of ...`."""
+        return f"stopped: {self.breach.message()}"
+
+
+@dataclass(frozen=True, slots=True)
 class MeterResult:
     """What a metering pass did."""
 
     records: int
-    stopped: tuple[tuple[str, str], ...]  # (program id, reason)
+    stopped: tuple[Stopped, ...]
 
 
 class Billing:
@@ -57,19 +71,26 @@ class Billing:
 
         Network is billed from the bytes the instances measured (telemetry's
         `measured_net`), taken in this transaction: bytes are billed exactly once, by
-        the first pass after they were reported.  Then stop programs whose spending
-        reached a hard budget at any level.
+        the first pass after they were reported.  Then stop programs past a limit at
+        any level (`limits.breach`: a hard budget reached, or instances, storage or
+        bandwidth above their limit, storage and bandwidth as measured) in the same
+        transaction: a stopped program is never billed again, so what it is billed
+        exceeds its hard budget by at most this pass's charge.
         """
         now = self._db.clock()
 
         def op(c: Conn) -> MeterResult:
             n = 0
             net_bytes = processes.take_net(c)
+            measured_net = dict(net_bytes)  # limits see it whole; billing pops what it bills
             models: dict[str, str] = {}
+            secs_by_program: dict[str, int] = {}
+            storage_by_program: dict[str, int] = {}
             for p in programs.metered(c):
                 secs = pricing.whole_seconds(p["last_metered"], now)
                 if secs == 0 and not net_bytes.get(p["id"]):
                     continue
+                secs_by_program[p["id"]] = secs
                 uses = [
                     pricing.InstanceUse(
                         r["instance"],
@@ -85,6 +106,8 @@ class Billing:
                 storage = processes.storage_mb(c, p["id"], now)
                 if storage is None:
                     storage = p["storage_mb"]
+                else:
+                    storage_by_program[p["id"]] = storage
                 m = pricing.Metered(secs, uses, storage, net_bytes.get(p["id"], 0))
                 if p["account_id"] not in models:
                     models[p["account_id"]] = accounts.pricing_model(c, p["account_id"])
@@ -120,32 +143,7 @@ class Billing:
             # final figures) are billed too: a record of no seconds, network only.
             for program_id, nbytes in sorted(net_bytes.items()):
                 n += _bill_late_net(c, program_id, nbytes, rates, models)
-            stopped = []
-            # Only programs under some hard budget can be stopped: find those first.
-            hard = {
-                (r[0], r[1])
-                for r in c.execute(
-                    "SELECT scope, scope_id FROM limits"
-                    " WHERE json_extract(body, '$.hard_budget_micros') IS NOT NULL"
-                )
-            }
-            for p in programs.active_owners(c):
-                if not hard & {
-                    ("account", p["account_id"]),
-                    ("user", p["user_id"]),
-                    ("program", p["id"]),
-                }:
-                    continue
-                levels = _levels(c, p["id"])
-                for level, limits_, use in levels:
-                    if lim.budget_state(use.spent_micros, limits_) is lim.BudgetState.HARD_STOP:
-                        reason = (
-                            f"stopped: {level.value} hard budget of {limits_.hard_budget_micros}"
-                            f" micros reached (spent {use.spent_micros})"
-                        )
-                        programs.end(c, p["id"], "stopped_budget", reason, None, None, now)
-                        stopped.append((p["id"], reason))
-                        break
+            stopped = _stop_breaches(c, now, measured_net, secs_by_program, storage_by_program)
             return MeterResult(n, tuple(stopped))
 
         return await self._db.write(op)
@@ -212,6 +210,65 @@ class BudgetCheck:
 
 
 # -- run inside a transaction (this repository's or compute's) -------------------
+
+
+_STOPPING = ("hard_budget_micros", "max_instances", "max_storage_mb", "max_bandwidth_mbps")
+
+
+def _stop_breaches(
+    c: Conn,
+    now: float,
+    net_bytes: Mapping[str, int],
+    secs: Mapping[str, int],
+    storage: Mapping[str, int],
+) -> list[Stopped]:
+    """Stop every active program past a limit; return what was stopped."""
+    # Only programs under some limit that stops can be stopped: find those scopes first.
+    limited = {
+        (r[0], r[1])
+        for r in c.execute(
+            "SELECT scope, scope_id FROM limits WHERE "
+            + " OR ".join(f"json_extract(body, '$.{k}') IS NOT NULL" for k in _STOPPING)
+        )
+    }
+    if not limited:
+        return []
+    stopped = []
+    for p in programs.active_owners(c):
+        if not limited & {
+            ("account", p["account_id"]),
+            ("user", p["user_id"]),
+            ("program", p["id"]),
+        }:
+            continue
+        levels = _levels(c, p["id"])
+        measured = {level: use for level, _, use in levels}
+        # Bandwidth as metered this pass (bytes over its whole seconds) where it is
+        # above the declared reservation.
+        seconds = secs.get(p["id"], 0)
+        use = measured[lim.Level.PROGRAM]
+        if seconds and net_bytes.get(p["id"]):
+            mbps = net_bytes[p["id"]] * 8 // (1_000_000 * seconds)
+            if mbps > use.bandwidth_mbps:
+                use = replace(use, bandwidth_mbps=mbps)
+        # Storage as its instances measured the program's view (declared where none did).
+        if p["id"] in storage:
+            use = replace(use, storage_mb=storage[p["id"]])
+        measured[lim.Level.PROGRAM] = use
+        found = lim.breach([(level, limits_) for level, limits_, _ in levels], measured)
+        if found is None:
+            continue
+        instances = tuple(r["instance"] for r in programs.instance_uses(c, p["id"]))
+        s = Stopped(p["id"], found, instances)
+        programs.end(c, p["id"], found.state, s.reason, None, None, now)
+        programs.set_stop(c, p["id"], stop_info(found))
+        stopped.append(s)
+    return stopped
+
+
+def stop_info(b: lim.Breach) -> dict[str, Any]:
+    """A breach as the API shows it (`Program.stop`)."""
+    return dict(level=b.level.value, resource=b.resource, limit=b.limit, value=b.value)
 
 
 def _bill_late_net(

@@ -14,7 +14,7 @@ from typing import Any
 
 from oss.accounts.store import hash_token
 from oss.compute import scheduler
-from oss.compute.pool import InstanceType, PoolState
+from oss.compute.pool import Backoff, InstanceType, PoolState
 from oss.db.store import Conn, Store
 from oss.errors import Conflict, NotFound, Unauthorized
 
@@ -132,25 +132,52 @@ class Instances:
 
         return await self._db.read(op)
 
-    async def pool_states(self) -> list[tuple[PoolState, str, InstanceType]]:
-        """Every pool's fill state, provider name and instance type."""
+    async def pool_states(
+        self, now: float | None = None, slots_per_cpu: int = 1, idle_grace: float = 0.0
+    ) -> list[tuple[PoolState, str, InstanceType]]:
+        """Every pool's fill state, provider name and instance type.
 
-        def op(c: Conn) -> list[tuple[PoolState, str, InstanceType]]:
+        Also keeps `instances.idle_since` (since when a ready instance runs nothing)
+        up to date, as of `now` (the OSS clock; None: the store's).
+        """
+        at = self._db.clock() if now is None else now
+
+        def op(c: Conn) -> tuple[list[tuple[PoolState, str, InstanceType]], list[Any]]:
             out = []
+            changes: list[Any] = []  # (idle_since or None, name): written after the read
             for p in c.execute(
                 "SELECT p.*, t.cpus, t.memory_mb, t.price_micros_per_s, t.storage FROM pools p"
                 " JOIN instance_types t ON t.name=p.instance_type ORDER BY p.name"
             ).fetchall():
                 rows = c.execute(
-                    "SELECT name, state, used_slots FROM instances WHERE pool=? AND"
-                    " state IN ('pending','ready') ORDER BY created, name",
+                    "SELECT name, state, used_slots, idle_since FROM instances WHERE pool=? AND"
+                    " state IN ('pending','ready','failed') ORDER BY created, name",
                     (p["name"],),
                 ).fetchall()
-                idle = tuple(
-                    r["name"] for r in rows if r["state"] == "ready" and r["used_slots"] == 0
+                live = [r for r in rows if r["state"] != "failed"]
+                since: dict[str, float] = {}
+                for r in rows:
+                    idle = r["state"] == "ready" and r["used_slots"] == 0
+                    if idle:
+                        since[r["name"]] = r["idle_since"] if r["idle_since"] is not None else at
+                    if idle != (r["idle_since"] is not None):
+                        changes.append((at if idle else None, r["name"]))
+                idle_names = tuple(
+                    r["name"] for r in live if r["state"] == "ready" and r["used_slots"] == 0
                 )
-                pending = sum(1 for r in rows if r["state"] == "pending")
-                st = PoolState(p["name"], p["warm_target"], p["max_size"], len(rows), idle, pending)
+                pending = sum(1 for r in live if r["state"] == "pending")
+                st = PoolState(
+                    p["name"],
+                    p["warm_target"],
+                    p["max_size"],
+                    len(live),
+                    idle_names,
+                    pending,
+                    idle_since=since,
+                    idle_grace=idle_grace,
+                    slots_per_instance=max(1, p["cpus"] * slots_per_cpu),
+                    failed=tuple(r["name"] for r in rows if r["state"] == "failed"),
+                )
                 it = InstanceType(
                     p["instance_type"],
                     p["cpus"],
@@ -159,9 +186,41 @@ class Instances:
                     p["storage"],
                 )
                 out.append((st, p["provider"], it))
-            return out
+            return out, changes
+
+        states, changes = await self._db.read(op)
+        if changes:  # a write only when an instance became idle or busy
+
+            def record(c: Conn) -> None:
+                c.executemany("UPDATE instances SET idle_since=? WHERE name=?", changes)
+
+            await self._db.write(record)
+        return states
+
+    async def pool_backoffs(self) -> dict[str, Backoff]:
+        """Every pool's create back-off (pools that never failed are absent)."""
+
+        def op(c: Conn) -> dict[str, Backoff]:
+            return {
+                r["pool"]: Backoff(r["failures"], r["next_try"], r["error"])
+                for r in c.execute("SELECT * FROM pool_backoff")
+            }
 
         return await self._db.read(op)
+
+    async def set_pool_backoff(self, pool: str, b: Backoff) -> None:
+        """Record a pool's back-off (failures 0: forget it)."""
+
+        def op(c: Conn) -> None:
+            if b.failures == 0:
+                c.execute("DELETE FROM pool_backoff WHERE pool=?", (pool,))
+            else:
+                c.execute(
+                    "INSERT OR REPLACE INTO pool_backoff VALUES(?,?,?,?)",
+                    (pool, b.failures, b.next_try, b.error[:500]),
+                )
+
+        await self._db.write(op)
 
     async def new_pool_instance(self, pool: str) -> tuple[str, str]:
         """Create a pending instance in a pool; return (name, token)."""
@@ -259,15 +318,21 @@ class Instances:
 
         return await self._db.read(op)
 
-    async def fail_instances(self, names: Sequence[str], reason: str) -> list[str]:
-        """Mark instances failed; their programs lose those processes and need recovery.
+    async def fail_instances(
+        self, names: Sequence[str], reason: str
+    ) -> list[tuple[str, str, int, bool]]:
+        """Mark instances failed; their programs lose those processes.
 
-        Returns the ids of the programs marked for recovery.
+        A program the OSS places (submitted with processes) is marked for recovery:
+        its lost processes are placed again.  One whose client places each exec
+        (`client_placed`) is not: those processes ended with the instance, and
+        re-placing them would only hold phantom slots; its status names the instance.
+        Returns (program, instance, processes lost, client-placed) per program affected.
         """
         now = self._db.clock()
 
-        def op(c: Conn) -> list[str]:
-            affected: list[str] = []
+        def op(c: Conn) -> list[tuple[str, str, int, bool]]:
+            affected: list[tuple[str, str, int, bool]] = []
             for name in names:
                 cur = c.execute(
                     "UPDATE instances SET state='failed', used_slots=0, dedicated_to=NULL"
@@ -277,21 +342,28 @@ class Instances:
                 if cur.rowcount == 0:
                     continue
                 for p in c.execute(
-                    "SELECT program_id, processes FROM placements WHERE instance=?", (name,)
+                    "SELECT pl.program_id, pl.processes, pr.client_placed FROM placements pl"
+                    " JOIN programs pr ON pr.id=pl.program_id WHERE pl.instance=?",
+                    (name,),
                 ).fetchall():
-                    c.execute(
-                        "UPDATE programs SET state='recovering', lost_processes=lost_processes+?,"
-                        " processes=processes-?, status_reason=?, updated=? WHERE id=? AND"
-                        " state IN ('running','recovering')",
-                        (
-                            p["processes"],
-                            p["processes"],
-                            f"instance {name} failed: {reason}",
-                            now,
-                            p["program_id"],
-                        ),
+                    why = f"instance {name} failed: {reason}"
+                    if p["client_placed"]:
+                        c.execute(
+                            "UPDATE programs SET processes=processes-?, status_reason=?,"
+                            " updated=? WHERE id=? AND state IN ('running','recovering')",
+                            (p["processes"], why, now, p["program_id"]),
+                        )
+                    else:
+                        c.execute(
+                            "UPDATE programs SET state='recovering',"
+                            " lost_processes=lost_processes+?, processes=processes-?,"
+                            " status_reason=?, updated=? WHERE id=? AND"
+                            " state IN ('running','recovering')",
+                            (p["processes"], p["processes"], why, now, p["program_id"]),
+                        )
+                    affected.append(
+                        (p["program_id"], name, p["processes"], bool(p["client_placed"]))
                     )
-                    affected.append(p["program_id"])
                 c.execute("DELETE FROM placements WHERE instance=?", (name,))
             return affected
 

@@ -143,6 +143,10 @@ class Programs:
             p = program_row(c, program_id, account_id)
             if p["state"] not in ("running", "recovering"):
                 raise Conflict(f"program {program_id} is {p['state']}")
+            if not p["client_placed"]:
+                # Its client places processes one exec at a time: recovery must not
+                # re-place those an instance failure ends (they would be phantoms).
+                c.execute("UPDATE programs SET client_placed=1 WHERE id=?", (program_id,))
             return place(c, self._budget, program_id, processes, now, tuple(avoid))
 
         return await self._db.write(op)
@@ -331,6 +335,28 @@ class Programs:
 
         return await self._db.read(op)
 
+    async def demand(self) -> list[tuple[str | None, int, int]]:
+        """Per active program: (its instance type or None, processes waiting, width wanted).
+
+        Waiting: the processes a pending or recovering program could not place yet;
+        width wanted: instances its target asks for (at most one per process) beyond
+        those it uses.  The pool manager sums them per pool (autoscaling).
+        """
+
+        def op(c: Conn) -> list[tuple[str | None, int, int]]:
+            return [
+                (r[0], r[1], max(0, min(r[2], r[3] + r[1]) - r[4]))
+                for r in c.execute(
+                    "SELECT json_extract(p.resource_policy, '$.instance_type'),"
+                    " CASE WHEN p.state IN ('pending','recovering') THEN p.lost_processes"
+                    " ELSE 0 END, p.target_instances, p.processes,"
+                    " (SELECT count(*) FROM placements pl WHERE pl.program_id=p.id)"
+                    " FROM programs p WHERE p.state IN ('pending','running','recovering')"
+                )
+            ]
+
+        return await self._db.read(op)
+
     async def set_target(self, program_id: str, target: int) -> None:
         """Set a program's target width (the optimizer's decision)."""
 
@@ -365,6 +391,9 @@ def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, 
     d.pop("last_metered")
     d["view"] = json.loads(d.pop("view_json", None) or "{}")  # issue 10 (B)
     d.pop("placement", None)
+    d.pop("client_placed", None)  # issue 10 (E)
+    stop = d.pop("stop_json", None)
+    d["stop"] = json.loads(stop) if stop else None
     d["placements"] = [
         dict(instance=p["instance"], processes=p["processes"])
         for p in c.execute(
@@ -484,6 +513,11 @@ def end(
         " updated=? WHERE id=?",
         (state, reason, exit_status, signal, now, program_id),
     )
+
+
+def set_stop(c: Conn, program_id: str, stop: Mapping[str, Any]) -> None:
+    """Record why a limit stopped the program (billing's breach: level, resource, limit, value)."""
+    c.execute("UPDATE programs SET stop_json=? WHERE id=?", (to_json(dict(stop)), program_id))
 
 
 def is_placed(c: Conn, program_id: str, instance: str) -> bool:

@@ -66,7 +66,7 @@ async def h_place(
 ) -> m.PlacementResult:
     pid = r.match_info["program_id"]
     await oss.may_exec_as(principal(who).account_id, b.exec_as)
-    got = await oss.programs.place(principal(who).account_id, pid, b.processes, b.avoid)
+    got = await oss.place(principal(who).account_id, pid, b.processes, b.avoid)
     grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as, pid)]
     return m.PlacementResult(
         program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
@@ -142,14 +142,29 @@ async def h_register(
     if b.instance != who:
         raise Unauthorized("token does not belong to this instance")
     await oss.register(b, r.remote)
-    return m.AgentRegistered(instance=b.instance, heartbeat_interval=oss.config.heartbeat_interval)
+    # Stop orders ride on heartbeat replies: an agent beats at least once a tick.
+    interval = min(oss.config.heartbeat_interval, oss.config.tick)
+    return m.AgentRegistered(instance=b.instance, heartbeat_interval=interval)
 
 
-async def h_heartbeat(oss: Oss, r: web.Request, who: Any, b: m.AgentHeartbeat, q: Any) -> m.Ok:
+async def h_heartbeat(
+    oss: Oss, r: web.Request, who: Any, b: m.AgentHeartbeat, q: Any
+) -> m.HeartbeatReply:
     if b.instance != who:
         raise Unauthorized("token does not belong to this instance")
-    oss.heartbeat(b)
-    return m.Ok()
+    commands = oss.heartbeat(b)
+    return m.HeartbeatReply(
+        commands=[
+            m.AgentCommand(
+                id=c.id,
+                program=c.program,
+                action=c.action,
+                reason=c.reason,
+                tickets=list(c.tickets),
+            )
+            for c in commands
+        ]
+    )
 
 
 async def h_agent_place(
@@ -165,7 +180,7 @@ async def h_agent_place(
     pid = r.match_info["program_id"]
     account = await oss.programs.placed_on(pid, str(who))
     await oss.may_exec_as(account, b.exec_as)
-    got = await oss.programs.place(account, pid, b.processes, [*b.avoid, str(who)][:64])
+    got = await oss.place(account, pid, b.processes, [*b.avoid, str(who)][:64])
     grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as, pid)]
     where = ", ".join(a["instance"] for a in got)
     await oss.program_log(pid, f"placed: pid {b.parent_pid} on {who} runs its exec on {where}")
@@ -324,8 +339,8 @@ ROUTES: tuple[Route, ...] = (
         "/v1/agents/heartbeat",
         h_heartbeat,
         "agent",
-        "Agent heartbeat",
+        "Agent heartbeat (the reply carries this instance's commands)",
         m.AgentHeartbeat,
-        m.Ok,
+        m.HeartbeatReply,
     ),
 )

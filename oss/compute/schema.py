@@ -57,3 +57,14 @@ V7 = """
     ALTER TABLE programs ADD COLUMN view_json TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE programs ADD COLUMN placement TEXT;
 """
+
+# Issue 10 (chunk E: limits act, autoscaling): why a limit stopped a program (billing's
+# breach), whether its processes are placed one exec at a time by its client (never
+# re-placed by recovery), since when a ready instance runs nothing, a pool's back-off.
+V_LIMITS = """
+    ALTER TABLE programs ADD COLUMN stop_json TEXT;
+    ALTER TABLE programs ADD COLUMN client_placed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE instances ADD COLUMN idle_since REAL;
+    CREATE TABLE pool_backoff(pool TEXT PRIMARY KEY, failures INTEGER NOT NULL,
+        next_try REAL NOT NULL, error TEXT NOT NULL);
+"""

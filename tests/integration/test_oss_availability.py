@@ -191,6 +191,7 @@ class BrokenProvider:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.destroyed: list[str] = []
 
     async def create(
         self, name: str, instance_type: InstanceType, credentials: Credentials
@@ -199,12 +200,13 @@ class BrokenProvider:
         raise RuntimeError("hypervisor on fire")
 
     async def destroy(self, name: str) -> None:
-        raise AssertionError("not called")
+        self.destroyed.append(name)
 
 
 def test_failing_provider_marks_instance_failed_and_is_logged(oss_factory: Any) -> None:
     prov = BrokenProvider()
-    srv: OssServer = oss_factory(providers={"broken": prov})
+    clock = Clock()
+    srv: OssServer = oss_factory(clock=clock, providers={"broken": prov})
     admin = srv.account("root", admin=True)
     srv.http(
         "PUT",
@@ -224,7 +226,41 @@ def test_failing_provider_marks_instance_failed_and_is_logged(oss_factory: Any) 
     assert [i["state"] for i in insts] == ["failed", "failed"]
     srv.call(srv.oss.tick())
     log = [ln["text"] for ln in srv.http("GET", "/v1/oss/logs", admin.token).body["lines"]]
-    assert sum("hypervisor on fire" in t for t in log) == 2
-    # The next reconcile tries again (failed instances are not live).
+    assert sum("hypervisor on fire" in t and "back off" not in t for t in log) == 2
+    # Backed off: 2 failures -> 4 s before the next try, then one create at a time, and
+    # the failed instances are destroyed through the provider (one per try as well).
+    assert sum("back off 4 s after 2 failed creates" in t for t in log) == 1, log
     srv.call(srv.oss.pools.reconcile())
-    assert prov.calls == 4
+    assert prov.calls == 2 and prov.destroyed == []
+    clock.advance(4)
+    srv.call(srv.oss.pools.reconcile())
+    assert prov.calls == 3 and len(prov.destroyed) == 1
+
+
+def test_a_client_placed_program_is_not_re_placed_after_a_failure(oss_factory: Any) -> None:
+    """Processes placed one exec at a time (dcptrace) end with their instance: recovery
+    must not hold phantom slots for them elsewhere; the status names the instance."""
+    clock = Clock()
+    srv: OssServer = oss_factory(clock=clock, heartbeat_timeout=3.0)
+    toks = {n: srv.instance(n, cpus=1) for n in ("vm1", "vm2")}
+    a = srv.account("a")
+    p = srv.http("POST", "/v1/programs", a.token, {"argv": ["make"]}).body
+    for pl in p["placements"]:  # the root runs at the client: its slot is given back
+        srv.http("POST", f"/v1/programs/{p['id']}/release", a.token, pl)
+    r = srv.http("POST", f"/v1/programs/{p['id']}/placements", a.token, {"processes": 2})
+    (where,) = {x["instance"] for x in r.body["assignments"]}
+    other = "vm2" if where == "vm1" else "vm1"
+    clock.advance(4)
+    _beat(srv, other, toks[other])
+    assert srv.call(srv.oss.check_availability()) == [where]
+    srv.call(srv.oss.retry_waiting())
+    got = srv.http("GET", f"/v1/programs/{p['id']}", a.token).body
+    assert got["state"] == "running" and got["lost_processes"] == 0, got
+    assert got["placements"] == [] and got["processes"] == 0, got
+    assert got["status_reason"].startswith(f"instance {where} failed: ")
+    assert srv.http("GET", f"/v1/instances/{other}", a.token).status == 404  # nothing there
+    srv.call(srv.oss.tick())
+    plog = [
+        ln["text"] for ln in srv.http("GET", f"/v1/programs/{p['id']}/logs", a.token).body["lines"]
+    ]
+    assert any(f"instance {where} lost: 2 process(es) ended" in t for t in plog), plog

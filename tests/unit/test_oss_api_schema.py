@@ -86,7 +86,17 @@ def test_agent_wire_contract_shapes() -> None:
         "memory_mb",
     }
     assert set(doc["AgentRegistered"]["properties"]) == {"instance", "heartbeat_interval"}
-    assert set(doc["AgentHeartbeat"]["properties"]) == {"instance", "seq", "load"}
+    # optional `done`: ids of the reply commands carried out (issue 10)
+    assert set(doc["AgentHeartbeat"]["properties"]) == {"instance", "seq", "load", "done"}
+    assert set(doc["AgentHeartbeat"]["required"]) == {"instance", "seq", "load"}
+    assert set(doc["HeartbeatReply"]["properties"]) == {"ok", "commands"}
+    assert set(doc["AgentCommand"]["properties"]) == {
+        "id",
+        "program",
+        "action",
+        "reason",
+        "tickets",
+    }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",
         "memory_used_mb",

@@ -37,17 +37,21 @@ import dataclasses
 import errno
 import logging
 import os
+import re
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from tracer.coordinator import (
+    Allow,
     Complete,
     Coordinator,
     Decision,
     ProcessEvent,
     ProcessExited,
+    Rewrite,
     SyscallCall,
 )
 from tracer.errors import TracerError, UsageError
@@ -63,6 +67,9 @@ T = TypeVar("T")
 TOKEN_ENV = "DCP_TOKEN"
 TIMEOUT_ENV = "DCP_OSS_TIMEOUT"
 FALLBACK_ENV = "DCP_OSS_FALLBACK"  # "local": without OSS instances, run everything here
+LOST_STATUS = 255  # a deputy's exit status when its instance was lost
+LOST_REASON = re.compile(r"instance (\S+) failed: ")  # the OSS's status of such a program
+WATCH_INTERVAL = 0.25  # seconds between looks at the program's state (limits act)
 SPREAD_WIDTH = 64  # target width of a spread program when the account sets no instance limit
 ARG_MAX = 4096  # the OSS's limits on argv items and their length
 
@@ -153,6 +160,13 @@ class ProgramLink(Protocol):
         """The run ended: record the root's status (None, None: cancel)."""
         ...
 
+    def watch(
+        self, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        """Call `on_stop(reason)` (once, on another thread) if a limit stops the program,
+        and `on_lost(instance)` once per instance of the program that failed."""
+        ...
+
 
 class OssPlacement(Placement):
     """`Placement` whose choices come from the OSS (grants kept for the ticket)."""
@@ -216,6 +230,10 @@ class OssCoordinator(ClusterCoordinator):
         self._root: int | None = None
         self._root_status: tuple[int | None, int | None] | None = None
         self.refused: str | None = None  # why the OSS could not take the program
+        # Placed processes: pid -> (instance, argv, end status or None while running);
+        # read by the watcher thread (lost instances).
+        self._placed: dict[int, tuple[str, str, int | None]] = {}
+        self._placed_lock = threading.Lock()
 
     def on_syscall(self, call: SyscallCall) -> Decision:
         """The program's first exec submits it; then as ClusterCoordinator."""
@@ -230,6 +248,42 @@ class OssCoordinator(ClusterCoordinator):
                 log.error("%s", exc)
                 return Complete(-errno.EHOSTDOWN)
         return super().on_syscall(call)
+
+    def watch_limits(self, on_stop: Callable[[str], None]) -> None:
+        """Limits act: `on_stop(reason)` once the OSS stops the program (a hard budget...).
+
+        Lost instances are said here too: one line per failed instance naming the
+        processes that ended with it (beside each deputy's own line).
+        """
+        self._link.watch(on_stop, self._say_lost)
+
+    def _place(self, call: SyscallCall, decision: Allow | Rewrite) -> Rewrite | None:
+        placed = super()._place(call, decision)
+        if placed is not None and call.argv is not None:
+            argv = b" ".join(a for a in call.argv[:8]).decode(errors="replace")
+            with self._placed_lock:
+                self._placed[call.pid] = (self.instance_of(call.pid), argv[:80], None)
+        return placed
+
+    def lost_on(self, instance: str) -> list[str]:
+        """The placed processes on `instance` still running, or ended lost (status 255)."""
+        with self._placed_lock:
+            return [
+                argv
+                for where, argv, status in self._placed.values()
+                if where == instance and status in (None, LOST_STATUS)
+            ]
+
+    def _say_lost(self, instance: str) -> None:
+        names = self.lost_on(instance)
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        n = len(names)
+        print(
+            f"dcptrace: instance {instance} lost: {n} process{'es' if n != 1 else ''} ended"
+            + (f" ({shown})" if names else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _choose(self, ident: Ident, call: SyscallCall) -> str:
         name = self.oss_placement.choose_for(ident)
@@ -246,6 +300,14 @@ class OssCoordinator(ClusterCoordinator):
         """Note the root's end status; release placements (ClusterCoordinator)."""
         if isinstance(event, ProcessExited) and event.pid == self._root:
             self._root_status = (event.exit_status, event.signal)
+        if isinstance(event, ProcessExited):
+            with self._placed_lock:
+                if event.pid in self._placed:
+                    where, argv, _ = self._placed[event.pid]
+                    end = event.exit_status
+                    if end is None:
+                        end = 128 + (event.signal or 0)
+                    self._placed[event.pid] = (where, argv, end)
         super().on_process(event)
 
     def measured(self, final_wait: float) -> dict[str, Any] | None:
@@ -305,6 +367,16 @@ class _Bridge:
             self.loop.close()
 
 
+def stop_line(stop: Any, status_reason: str) -> str:
+    """`stopped: program hard budget of 1000 micros reached (spent 1100) [level program]`."""
+    from oss.billing.limits import Breach, Level
+
+    if stop is None:
+        return status_reason or "stopped by the OSS"
+    b = Breach(Level(stop.level), stop.resource, stop.limit, stop.value)
+    return f"stopped: {b.message()} [level {stop.level}]"
+
+
 def _reason(exc: BaseException) -> str:
     """One line for an OSS client error (the cause of an unreachable OSS, not its repr)."""
     from oss.client import Unreachable
@@ -330,6 +402,11 @@ class OssProgramLink:
         self._width = SPREAD_WIDTH
         self._warned: set[str] = set()
         self.program_id: str | None = None
+        self._on_stop: Callable[[str], None] | None = None
+        self._on_lost: Callable[[str], None] | None = None
+        self._lost_said: set[str] = set()
+        self._watching = False
+        self.stopped: str | None = None  # why a limit stopped the program (then no finish)
         self.placed = 0  # processes placed with a ticket (the record waits for their rows)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -387,6 +464,7 @@ class OssProgramLink:
                 f"({FALLBACK_ENV}=local runs it on this machine instead)"
             )
         self.program_id = prog.id
+        self._bridge.loop.call_soon_threadsafe(self._start_watch)
         done: concurrent.futures.Future[str | None] = concurrent.futures.Future()
         done.set_result(prog.id)
         self._submitted = done
@@ -424,6 +502,7 @@ class OssProgramLink:
                 "pending", f"no OSS instance has room for program {prog.id}: processes run here"
             )
         self.program_id = prog.id
+        self._start_watch()
         return prog.id
 
     def _program(self) -> str | None:
@@ -457,6 +536,11 @@ class OssProgramLink:
                     },
                 )
             )
+        except errors.BudgetExhausted as exc:
+            # A soft budget reached: no new instance for the program; it runs here.
+            said = str(exc).removeprefix(errors.BudgetExhausted().message + ": ")
+            self._warn_once("soft", f"{said}: no new instances")
+            return None
         except Exception as exc:  # an OSS failure must not fail the program's exec
             code = exc.code if isinstance(exc, errors.OssError) else type(exc).__name__
             self._warn_once(
@@ -509,8 +593,8 @@ class OssProgramLink:
         from oss import errors
 
         pid = self._program()
-        if pid is None:
-            return
+        if pid is None or self.stopped is not None:
+            return  # a stopped program's end is already recorded by the OSS
         self._bridge.drain(self.config.timeout + 5)
         try:
             if exit_status is None and signal is None:
@@ -519,6 +603,43 @@ class OssProgramLink:
                 self._call(self._client.finish(pid, exit_status, signal))
         except (errors.OssError, TimeoutError) as exc:
             log.warning("the OSS did not record the end of program %s: %s", pid, _reason(exc))
+
+    def watch(
+        self, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        """Poll the program's state (each WATCH_INTERVAL): a limit stopped it, or an
+        instance it ran on failed (its status names the instance: said once each)."""
+        self._on_stop = on_stop
+        self._on_lost = on_lost
+        self._bridge.loop.call_soon_threadsafe(self._start_watch)
+
+    def _start_watch(self) -> None:
+        """On the bridge loop: start the watcher once both the program and the callback exist."""
+        if self._watching or self._on_stop is None or self.program_id is None:
+            return
+        self._watching = True
+        self._bridge.later(self._watch(self.program_id, self._on_stop))
+
+    async def _watch(self, pid: str, on_stop: Callable[[str], None]) -> None:
+        from oss import errors
+
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                prog = await self._client.program(pid)
+            except errors.OssError as exc:
+                log.debug("watching program %s: %s", pid, _reason(exc))
+                continue
+            if prog.state in ("stopped_budget", "stopped_limit"):
+                self.stopped = stop_line(prog.stop, prog.status_reason)
+                on_stop(self.stopped)
+                return
+            failed = LOST_REASON.match(prog.status_reason)
+            if failed and self._on_lost and failed[1] not in self._lost_said:
+                self._lost_said.add(failed[1])
+                self._on_lost(failed[1])
+            if prog.state not in ("pending", "running", "recovering"):
+                return
 
     def close(self) -> None:
         """Close the client and the private loop."""
@@ -542,6 +663,9 @@ class LocalProgramLink:
         self.program_id: str | None = None
         self._later: set[concurrent.futures.Future[Any]] = set()
         self._warned: set[str] = set()
+        self._watch: tuple[Callable[[str], None], Callable[[str], None] | None] | None = None
+        self._watcher: concurrent.futures.Future[Any] | None = None
+        self.stopped: str | None = None  # why a limit stopped the program (then no finish)
         self.placed = 0  # processes placed with a ticket (the record waits for their rows)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -562,6 +686,49 @@ class LocalProgramLink:
                 "no local instance has room for the program (every one failed): nothing ran"
             )
         self.program_id = prog
+        if self._watch is not None:
+            self._start_watch(prog, *self._watch)
+
+    def watch(
+        self, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        """As `OssProgramLink.watch`, reading the run's own OSS directly."""
+        self._watch = (on_stop, on_lost)
+        if self.program_id is not None:
+            self._start_watch(self.program_id, on_stop, on_lost)
+
+    def _start_watch(
+        self, pid: str, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None
+    ) -> None:
+        # Not among `_later` (what finish waits for): it ends with the program's state.
+        self._watcher = self.private.later(self._watching(pid, on_stop, on_lost))
+
+    async def _watching(
+        self, pid: str, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None
+    ) -> None:
+        from oss import errors
+        from oss import models as m
+
+        said: set[str] = set()
+        who = self.private.principal
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                prog = await self.private.oss.programs.program(who.account_id, pid)
+            except errors.OssError:
+                continue
+            if prog["state"] in ("stopped_budget", "stopped_limit"):
+                stop = m.StopInfo.model_validate(prog["stop"]) if prog["stop"] else None
+                self.stopped = stop_line(stop, prog["status_reason"])
+                # Off the OSS's loop: the callback kills tracees and waits for them.
+                threading.Thread(target=on_stop, args=(self.stopped,), daemon=True).start()
+                return
+            failed = LOST_REASON.match(prog["status_reason"])
+            if failed and on_lost is not None and failed[1] not in said:
+                said.add(failed[1])
+                on_lost(failed[1])
+            if prog["state"] not in ("pending", "running", "recovering"):
+                return
 
     async def _submit(self, argv: list[str], cwd: str) -> str | None:
         from oss import models as m
@@ -612,8 +779,12 @@ class LocalProgramLink:
 
         oss, who, pid = self.private.oss, self.private.principal, self.program_id
         try:
-            got = await oss.programs.place(who.account_id, pid, 1, avoid)
-        except (errors.NoCapacity, errors.LimitExceeded, errors.BudgetExhausted):
+            got = await oss.place(who.account_id, pid, 1, avoid)
+        except errors.BudgetExhausted as exc:
+            said = str(exc).removeprefix(errors.BudgetExhausted().message + ": ")
+            self._warn_once("soft", f"{said}: no new instances")
+            return None
+        except (errors.NoCapacity, errors.LimitExceeded):
             return None
         exec_as = m.ExecIdentity(
             uid=ident.uid, gid=ident.gid, groups=list(ident.groups), digest=ident.digest
@@ -639,8 +810,10 @@ class LocalProgramLink:
 
     def finish(self, exit_status: int | None, signal: int | None) -> None:
         """Wait for the releases, then finish (or cancel) the program."""
-        if self.program_id is None:
-            return
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.program_id is None or self.stopped is not None:
+            return  # a stopped program's end is already recorded by the OSS
         concurrent.futures.wait(list(self._later), self.timeout)
         oss, who = self.private.oss, self.private.principal
         try:

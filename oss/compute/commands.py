@@ -1,0 +1,82 @@
+"""Commands for agents, carried by heartbeat replies (issue 10: limits act).
+
+When metering stops a program, each instance running it gets `freeze` then
+`kill` for it.  A command stays queued for its instance until the agent lists
+its id as done in a later heartbeat (a lost reply is sent again); a command is
+only ever handed to the instance it names.  The OSS also remembers the nonces
+of the exec tickets it minted for each program on each instance, so the agent
+can find the sessions a program started there (kept in memory: after an OSS
+restart a stop order names the program alone).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+Action = Literal["freeze", "kill", "thaw"]
+MAX_NONCES = 4096  # per program and instance; older sessions are long gone
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One order for one instance."""
+
+    id: int
+    instance: str
+    program: str
+    action: Action
+    reason: str
+    tickets: tuple[str, ...]
+
+
+class CommandQueue:
+    """Commands waiting for their instance's heartbeat; minted ticket nonces per program."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._queued: dict[str, dict[int, Command]] = defaultdict(dict)
+        self._nonces: dict[str, dict[str, deque[str]]] = defaultdict(dict)
+
+    def minted(self, program: str, instance: str, nonces: Iterable[str]) -> None:
+        """Tickets for `program` on `instance` were handed out."""
+        per = self._nonces[program].setdefault(instance, deque(maxlen=MAX_NONCES))
+        per.extend(nonces)
+
+    def stop(self, program: str, instances: Iterable[str], reason: str) -> list[Command]:
+        """Queue freeze then kill of `program` on each instance; forget its nonces."""
+        nonces = self._nonces.pop(program, {})
+        out = []
+        for inst in sorted(set(instances) | set(nonces)):
+            tickets = tuple(nonces.get(inst, ()))
+            actions: tuple[Action, ...] = ("freeze", "kill")
+            for action in actions:
+                cmd = Command(next(self._ids), inst, program, action, reason, tickets)
+                self._queued[inst][cmd.id] = cmd
+                out.append(cmd)
+        return out
+
+    def forget_program(self, program: str) -> None:
+        """The program ended on its own: its nonces are of no further use."""
+        self._nonces.pop(program, None)
+
+    def for_instance(self, instance: str, done: Iterable[int]) -> list[Command]:
+        """Drop the commands `instance` says it carried out; return what it still has to do."""
+        queued = self._queued.get(instance)
+        if not queued:
+            return []
+        for i in done:
+            queued.pop(i, None)
+        if not queued:
+            del self._queued[instance]
+            return []
+        return sorted(queued.values(), key=lambda c: c.id)
+
+    def drop_instance(self, instance: str) -> None:
+        """The instance is gone: nothing left to tell it."""
+        self._queued.pop(instance, None)
+        for per in self._nonces.values():
+            per.pop(instance, None)
