@@ -157,6 +157,29 @@ class Processes:
 
         return await self._db.read(op)
 
+    async def migrated(self, program_id: str, instance: str, session_pid: int, now: float) -> None:
+        """A session moved off `instance`: its running rows there end as `migrated` (the
+        target reports the same pids as new rows of its own)."""
+
+        def op(c: Conn) -> None:
+            c.execute(
+                "UPDATE processes SET state='migrated', ended=? WHERE program_id=? AND"
+                " instance=? AND state='running' AND (pid=? OR session_pid=?)",
+                (now, program_id, instance, session_pid, session_pid),
+            )
+
+        await self._db.write(op)
+
+    async def running_on(self, instance: str) -> list[sqlite3.Row]:
+        """Every running process an instance reported, of any program."""
+
+        def op(c: Conn) -> list[sqlite3.Row]:
+            return c.execute(
+                "SELECT * FROM processes WHERE instance=? AND state='running'", (instance,)
+            ).fetchall()
+
+        return await self._db.read(op)
+
     async def newest(self, program_id: str, limit: int = MAX_PROCESS_ROWS) -> list[sqlite3.Row]:
         """The program's newest processes (the caller checked the account)."""
         return await self._db.read(
