@@ -488,7 +488,7 @@ class ProcessRow(Api):
     session: int | None  # the pid of its session's program (whose output it shares)
     argv: list[str]
     state: Literal["running", "exited", "lost", "migrated"]
-    ended: float | None
+    ended: float | None  # for `migrated`: when it left (moved_to, freeze_ms below)
     exit_status: int | None
     signal: int | None
     cpu_seconds: float
@@ -500,6 +500,9 @@ class ProcessRow(Api):
     net_rx_bytes: int
     net_tx_bytes: int
     syscalls_by_service: dict[str, int]
+    # `migrated` (issue 12): the instance it moved to and how long it was frozen
+    moved_to: str | None = None
+    freeze_ms: float | None = None
 
 
 class ProcessQuery(Api):

@@ -519,7 +519,16 @@ class Oss:
         while True:
             rows = [process_row(x) for x in await self.processes.processes(account_id, program_id)]
             incomplete = [f"{p.instance}:{p.pid}" for p in rows if p.state == "running"]
-            done = not incomplete and len(rows) >= expect
+            # A moved process goes on as its target's row: until that row is in, the
+            # process is still to come (and counts once).
+            seen = {(p.instance, p.pid) for p in rows}
+            incomplete += [
+                f"{p.moved_to}:{p.pid}"
+                for p in rows
+                if p.state == "migrated" and (p.moved_to, p.pid) not in seen
+            ]
+            moved = sum(p.state == "migrated" for p in rows)
+            done = not incomplete and len(rows) - moved >= expect
             if done or time.monotonic() >= deadline:
                 return ProcessList(processes=rows, incomplete=incomplete)
             await asyncio.sleep(FINAL_POLL)
@@ -722,7 +731,9 @@ class Oss:
         self.commands.cancel(instance, cmd.id)
         if body.ok:
             now = self.clock()
-            await self.processes.migrated(cmd.program, instance, cmd.pid, now)
+            await self.processes.migrated(
+                cmd.program, instance, cmd.pid, cmd.to, body.freeze_ms, now
+            )
             self._placed_on[(cmd.program, cmd.to)] = now  # the target reports for it now
             self._event_lines.setdefault(cmd.program, []).append(
                 logmod.LogLine(

@@ -157,15 +157,19 @@ class Processes:
 
         return await self._db.read(op)
 
-    async def migrated(self, program_id: str, instance: str, session_pid: int, now: float) -> None:
-        """A session moved off `instance`: its running rows there end as `migrated` (the
-        target reports the same pids as new rows of its own)."""
+    async def migrated(
+        self, program_id: str, instance: str, session_pid: int, to: str, freeze_ms: float,
+        now: float,
+    ) -> None:  # fmt: skip
+        """A session moved off `instance`: its running rows there end as `migrated`, naming
+        the target and the freeze (the target reports the same pids as rows of its own)."""
 
         def op(c: Conn) -> None:
             c.execute(
-                "UPDATE processes SET state='migrated', ended=? WHERE program_id=? AND"
-                " instance=? AND state='running' AND (pid=? OR session_pid=?)",
-                (now, program_id, instance, session_pid, session_pid),
+                "UPDATE processes SET state='migrated', ended=?, moved_to=?, freeze_ms=?"
+                " WHERE program_id=? AND instance=? AND state='running'"
+                " AND (pid=? OR session_pid=?)",
+                (now, to, freeze_ms, program_id, instance, session_pid, session_pid),
             )
 
         await self._db.write(op)
@@ -319,6 +323,7 @@ def process_row(r: sqlite3.Row) -> m.ProcessRow:
         storage_read_bytes=r["rbytes"], storage_write_bytes=r["wbytes"],
         net_rx_bytes=r["net_rx"], net_tx_bytes=r["net_tx"],
         syscalls_by_service=json.loads(r["syscalls_json"]),
+        moved_to=r["moved_to"], freeze_ms=r["freeze_ms"],
     )  # fmt: skip
 
 
