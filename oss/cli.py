@@ -435,7 +435,7 @@ def migrate(program: str, to: str, pid: int | None, url: str) -> None:
     try:
         done = asyncio.run(go())
     except OssError as exc:
-        click.echo(f"dcp-oss migrate: {exc.message}", err=True)
+        click.echo(f"dcp-oss migrate: {exc}", err=True)  # str: the server's own message
         sys.exit(1)
     for x in done.moved:
         click.echo(f"pid {x.pid}: {x.source} -> {x.target}, frozen {x.freeze_ms:.0f} ms")
@@ -458,7 +458,7 @@ def drain(instance: str, url: str) -> None:
     try:
         done = asyncio.run(go())
     except OssError as exc:
-        click.echo(f"dcp-oss drain: {exc.message}", err=True)
+        click.echo(f"dcp-oss drain: {exc}", err=True)  # str: the server's own message
         sys.exit(1)
     for x in done.moved:
         click.echo(f"{instance}: pid {x.pid} -> {x.target}, frozen {x.freeze_ms:.0f} ms")

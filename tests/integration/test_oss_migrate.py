@@ -213,12 +213,14 @@ def test_a_migrate_nowhere_is_one_line_and_the_program_runs_on_where_it_was(lab:
         assert res.returncode == 1 and "no running process 1" in res.stderr, res.stderr
         # A target that does not answer (its agent stopped): the source checks it first,
         # so nothing is frozen; one line; the counter runs on at the source.
-        agent = _agent_of(target)
-        os.kill(agent, signal.SIGSTOP)
+        agents = _agent_of(target)
+        for pid in agents:
+            os.kill(pid, signal.SIGSTOP)
         try:
             res = _dcp_oss(lab, "migrate", program, "--to", target)
         finally:
-            os.kill(agent, signal.SIGCONT)
+            for pid in agents:
+                os.kill(pid, signal.SIGCONT)
         assert res.returncode == 1, res
         assert res.stderr.count("\n") == 1 and res.stderr.startswith(
             "dcp-oss migrate: Migration failed (the program runs on where it was):"
@@ -234,11 +236,15 @@ def test_a_migrate_nowhere_is_one_line_and_the_program_runs_on_where_it_was(lab:
     assert {h for _pid, _i, h in counted} == {source}
 
 
-def _agent_of(name: str) -> int:
-    for pid in _agents():
-        if f"--instance\0{name}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return pid
-    raise AssertionError(f"no agent for {name}")
+def _agent_of(name: str) -> list[int]:
+    """The processes of instance `name`'s agent (its wrapper, itself, its zygote)."""
+    found = [
+        pid
+        for pid in _agents()
+        if f"--instance\0{name}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert found, f"no agent for {name}"
+    return found
 
 
 def test_drain_moves_the_program_off_and_releases_the_instance(lab: Lab) -> None:
