@@ -317,7 +317,6 @@ class Agent:
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
-        self.enforcer.close()
         if self.orders is not None:
             await self.orders.close()
         for post in self._order_posts:
@@ -326,6 +325,7 @@ class Agent:
             self._criu_check.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._criu_check
+        self.enforcer.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:
