@@ -405,6 +405,70 @@ if __name__ == "__main__":
     main()
 
 
+def _account_token() -> str:
+    token = os.environ.get("DCP_TOKEN", "").strip()
+    if not token:
+        raise click.UsageError("set the account token in the environment variable DCP_TOKEN")
+    return token
+
+
+MIGRATE_WAIT = 150.0  # s: the OSS waits up to 60 s per session; a drain moves several
+
+
+@main.command("migrate")
+@click.argument("program")
+@click.option("--to", "to", required=True, help="The instance to move to.")
+@click.option("--pid", type=click.IntRange(1, 2**31), default=None, help="A process of the tree.")
+@click.option("--url", envvar="DCP_OSS_URL", required=True, help="OSS base URL.")
+def migrate(program: str, to: str, pid: int | None, url: str) -> None:
+    """Move a running process tree of PROGRAM (every one without --pid) to instance --to.
+
+    The program keeps its pids, output and exit status; a failed move leaves it running
+    where it was.  The account token comes from DCP_TOKEN.
+    """
+    from oss.client import OssClient
+
+    async def go() -> m.MigrateResult:
+        async with OssClient(url, _account_token(), timeout=MIGRATE_WAIT) as oss:
+            return await oss.migrate(program, to, pid)
+
+    try:
+        done = asyncio.run(go())
+    except OssError as exc:
+        click.echo(f"dcp-oss migrate: {exc}", err=True)  # str: the server's own message
+        sys.exit(1)
+    for x in done.moved:
+        click.echo(f"pid {x.pid}: {x.source} -> {x.target}, frozen {x.freeze_ms:.0f} ms")
+
+
+@main.command("drain")
+@click.argument("instance")
+@click.option("--url", envvar="DCP_OSS_URL", required=True, help="OSS base URL.")
+def drain(instance: str, url: str) -> None:
+    """Move every program off INSTANCE, then release it (admin token in DCP_TOKEN).
+
+    What cannot move stays where it runs, one line each, and the instance with it.
+    """
+    from oss.client import OssClient
+
+    async def go() -> m.DrainResult:
+        async with OssClient(url, _account_token(), timeout=MIGRATE_WAIT) as oss:
+            return await oss.drain(instance)
+
+    try:
+        done = asyncio.run(go())
+    except OssError as exc:
+        click.echo(f"dcp-oss drain: {exc}", err=True)  # str: the server's own message
+        sys.exit(1)
+    for x in done.moved:
+        click.echo(f"{instance}: pid {x.pid} -> {x.target}, frozen {x.freeze_ms:.0f} ms")
+    for line in done.refused:
+        click.echo(f"dcp-oss drain: {instance}: cannot move {line}", err=True)
+    click.echo(f"{instance}: {done.state}")
+    if done.refused:
+        sys.exit(1)
+
+
 REPORT_INTERVAL = 1.0  # seconds between an agent's telemetry batches (vmagent uplink)
 
 

@@ -155,6 +155,19 @@ class OssClient:
         """Cancel a program."""
         return await self._get(m.Program, "POST", f"/v1/programs/{program_id}/cancel")
 
+    async def migrate(self, program_id: str, to: str, pid: int | None = None) -> m.MigrateResult:
+        """Move a running process tree of the program (all of them without `pid`) to `to`."""
+        return await self._get(
+            m.MigrateResult,
+            "POST",
+            f"/v1/programs/{program_id}/migrate",
+            m.MigrateRequest(to=to, pid=pid),
+        )
+
+    async def drain(self, instance: str) -> m.DrainResult:
+        """Move every program off an instance, then release it (admin)."""
+        return await self._get(m.DrainResult, "POST", f"/v1/instances/{instance}/drain")
+
     async def finish(
         self, program_id: str, exit_status: int | None, signal: int | None = None
     ) -> m.Program:

@@ -123,3 +123,9 @@ class RequestTimeout(OssError):
     """The request was not received in time"""
 
     code = "request_timeout"
+
+
+class MigrationFailed(Conflict):
+    """Migration failed (the program runs on where it was)."""
+
+    code = "migration_failed"

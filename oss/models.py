@@ -487,8 +487,8 @@ class ProcessRow(Api):
     parent: str | None  # "INSTANCE:PID" of the process that placed it
     session: int | None  # the pid of its session's program (whose output it shares)
     argv: list[str]
-    state: Literal["running", "exited", "lost"]
-    ended: float | None
+    state: Literal["running", "exited", "lost", "migrated"]
+    ended: float | None  # for `migrated`: when it left (moved_to, freeze_ms below)
     exit_status: int | None
     signal: int | None
     cpu_seconds: float
@@ -500,6 +500,9 @@ class ProcessRow(Api):
     net_rx_bytes: int
     net_tx_bytes: int
     syscalls_by_service: dict[str, int]
+    # `migrated` (issue 12): the instance it moved to and how long it was frozen
+    moved_to: str | None = None
+    freeze_ms: float | None = None
 
 
 class ProcessQuery(Api):
@@ -677,9 +680,14 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw"]
+    action: Literal["freeze", "kill", "thaw", "migrate"]
     reason: str
     tickets: list[str] = []
+    # migrate (issue 12): the session whose program is `pid` goes to instance `to` at
+    # `address`; the agent asks for its ticket (POST /v1/agents/migrations/ticket).
+    pid: int | None = None
+    to: str | None = None
+    address: str | None = None
 
 
 class HeartbeatReply(Api):
@@ -716,3 +724,68 @@ class LeaseOut(Api):
     holder: str
     fencing: int
     expires: float
+
+
+# -- migration (issue 12) ----------------------------------------------------------
+
+
+class MigrateRequest(Api):
+    """Move a program's running process tree(s) to another instance.
+
+    `pid`: a process of the tree to move (its whole session moves); none: every
+    session of the program not already on `to`.
+    """
+
+    to: Name
+    pid: Annotated[int, Field(ge=1, le=2**31)] | None = None
+
+
+class Migration(Api):
+    """One session moved: its program's pid (the same on both instances)."""
+
+    pid: int
+    source: str
+    target: str
+    freeze_ms: float
+    image_bytes: int = 0
+
+
+class MigrateResult(Api):
+    """What a migrate request moved."""
+
+    program: str
+    moved: list[Migration]
+
+
+class DrainResult(Api):
+    """What draining an instance did: the sessions moved off, those refused (a line
+    each), and the instance's state after (`released`, `drained`, or unchanged)."""
+
+    instance: str
+    moved: list[Migration]
+    refused: list[str]
+    state: str
+
+
+class MigrationTicketRequest(Api):
+    """A source agent asks for the ticket of a migrate command it was given."""
+
+    command: Annotated[int, Field(ge=1, le=2**62)]
+    session: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2,128}$")]
+
+
+class MigrationTicket(Api):
+    """A migration ticket for the command's target (60 s, single use)."""
+
+    ticket: str
+
+
+class MigrationOutcome(Api):
+    """A source agent's word on a migrate command: done (with its figures) or refused."""
+
+    command: Annotated[int, Field(ge=1, le=2**62)]
+    ok: bool
+    error: Annotated[str, StringConstraints(max_length=4096)] = ""
+    pid: Annotated[int, Field(ge=0, le=2**31)] = 0
+    freeze_ms: Annotated[float, Field(ge=0, le=1e9)] = 0.0
+    image_bytes: Annotated[int, Field(ge=0, le=2**62)] = 0

@@ -24,5 +24,6 @@ VERSIONS: tuple[Version, ...] = (
     (7, (compute.V7,)),  # programs.view_json, programs.placement (issue 10, chunk B)
     (8, (telemetry.V7,)),  # measured usage: processes, report_seq, measured_net, storage
     (9, (compute.V_LIMITS,)),  # programs.stop_json/client_placed, idle_since, pool_backoff (E)
+    (10, (telemetry.V10,)),  # processes.moved_to, freeze_ms (issue 12: migration)
 )
 check_sequence(VERSIONS)

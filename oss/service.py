@@ -24,20 +24,30 @@ from typing import Any
 from oss.accounts.store import Accounts, Principal, hash_token
 from oss.billing.pricing import Rates
 from oss.billing.store import Billing, BudgetCheck
-from oss.compute import availability, exectickets, optimizer
+from oss.compute import availability, exectickets, migrations, optimizer
 from oss.compute.commands import Command, CommandQueue
 from oss.compute.instances import Instances
 from oss.compute.pool import InstanceType, PoolDemand, PoolState, Provider
 from oss.compute.pools import PoolManager
 from oss.compute.programs import Programs
 from oss.db.store import Store
-from oss.errors import Conflict, Forbidden, NoCapacity, OssError, Unauthorized
+from oss.errors import (
+    Conflict,
+    Forbidden,
+    MigrationFailed,
+    NoCapacity,
+    NotFound,
+    OssError,
+    Unauthorized,
+)
 from oss.ipc.locking import LockService
 from oss.models import (
     AgentHeartbeat,
     AgentRegister,
     AgentReport,
     ExecIdentity,
+    MigrationOutcome,
+    MigrationTicketRequest,
     Policies,
     ProcessList,
     ProgramSubmit,
@@ -72,6 +82,7 @@ class OssConfig:
     data_dir: Path
     heartbeat_interval: float = 1.0  # what agents are told
     heartbeat_timeout: float = 5.0  # silent longer than this -> failed
+    migrate_timeout: float = 60.0  # s a migrate request waits for the source's outcome
     tick: float = 1.0  # period of metering, availability, optimizer, pools
     slots_per_cpu: int = 4  # processes per CPU on an instance
     rates: Rates = field(default_factory=Rates)
@@ -144,6 +155,9 @@ class Oss:
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
         self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
+        # Issue 12: migrate commands given out (by id) and the requests waiting for them.
+        self._moves: dict[int, Command] = {}
+        self._outcomes = migrations.Outcomes()
         self._runner: asyncio.Task[None] | None = None
         self.heartbeats_processed = 0
         self._ticks = 0
@@ -505,7 +519,16 @@ class Oss:
         while True:
             rows = [process_row(x) for x in await self.processes.processes(account_id, program_id)]
             incomplete = [f"{p.instance}:{p.pid}" for p in rows if p.state == "running"]
-            done = not incomplete and len(rows) >= expect
+            # A moved process goes on as its target's row: until that row is in, the
+            # process is still to come (and counts once).
+            seen = {(p.instance, p.pid) for p in rows}
+            incomplete += [
+                f"{p.moved_to}:{p.pid}"
+                for p in rows
+                if p.state == "migrated" and (p.moved_to, p.pid) not in seen
+            ]
+            moved = sum(p.state == "migrated" for p in rows)
+            done = not incomplete and len(rows) - moved >= expect
             if done or time.monotonic() >= deadline:
                 return ProcessList(processes=rows, incomplete=incomplete)
             await asyncio.sleep(FINAL_POLL)
@@ -632,3 +655,130 @@ class Oss:
     async def instance_programs(self, instance: str) -> set[str]:
         """Ids of programs placed on an instance."""
         return await self.programs.instance_programs(instance)
+
+    # -- migration (issue 12) -------------------------------------------------------
+
+    async def migrate(
+        self, who: Principal, program_id: str, to: str, pid: int | None
+    ) -> list[dict[str, Any]]:
+        """Move the program's running session(s) to instance `to`, one after another;
+        MigrationFailed (one line) for the first that cannot move: it runs on."""
+        rows = await self.processes.processes(who.account_id, program_id)  # 404: not yours
+        refs = migrations.sessions_to_move(rows, pid, to)
+        address = await self._target(to)
+        return [await self._move(program_id, ref, to, address) for ref in refs]
+
+    async def _target(self, to: str) -> str:
+        """The address of a ready target with an exec key; one line why not otherwise."""
+        found = await self.instances.exec_targets([to])
+        if to in found:
+            return found[to][0]
+        try:
+            row = (await self.instances.instances(None, to))[0]
+        except NotFound:
+            raise NotFound(f"instance {to}") from None
+        if row["state"] != "ready":
+            raise MigrationFailed(f"instance {to} is {row['state']}, not ready")
+        raise MigrationFailed(f"instance {to} registered no exec key: it cannot take programs")
+
+    async def _move(
+        self, program_id: str, ref: migrations.SessionRef, to: str, address: str
+    ) -> dict[str, Any]:
+        """Order one session's move through its source's heartbeat; wait for the outcome."""
+        if ref.instance not in self._last_seen:
+            raise MigrationFailed(f"the source instance {ref.instance} is not live")
+        cmd = self.commands.migrate(ref.instance, program_id, ref.pid, to, address)
+        self._moves[cmd.id] = cmd
+        waiting = self._outcomes.expect(cmd.id)
+        try:
+            async with asyncio.timeout(self.config.migrate_timeout):
+                outcome = await waiting
+        except TimeoutError:
+            self.commands.cancel(ref.instance, cmd.id)
+            raise MigrationFailed(
+                f"no word from {ref.instance} within {self.config.migrate_timeout:g}s"
+            ) from None
+        finally:
+            self._outcomes.forget(cmd.id)
+        if not outcome["ok"]:
+            raise MigrationFailed(f"pid {ref.pid} on {ref.instance}: {outcome['error']}")
+        return dict(
+            pid=ref.pid,
+            source=ref.instance,
+            target=to,
+            freeze_ms=outcome["freeze_ms"],
+            image_bytes=outcome["image_bytes"],
+        )
+
+    def _own_move(self, instance: str, cid: int) -> Command:
+        cmd = self._moves.get(cid)
+        if cmd is None or cmd.instance != instance:
+            raise NotFound(f"migrate command {cid}")  # another instance's: not there
+        return cmd
+
+    async def migration_ticket(self, instance: str, body: MigrationTicketRequest) -> str:
+        """A ticket for the target of a migrate command given to `instance`."""
+        cmd = self._own_move(instance, body.command)
+        found = await self.instances.exec_targets([cmd.to])
+        if cmd.to not in found:
+            raise MigrationFailed(f"instance {cmd.to} is no longer ready")
+        return migrations.mint_ticket(found[cmd.to][1], cmd.to, body.session)
+
+    async def migration_outcome(self, instance: str, body: MigrationOutcome) -> None:
+        """A source agent's outcome: the record follows a move, the request hears it."""
+        cmd = self._own_move(instance, body.command)
+        del self._moves[cmd.id]
+        self.commands.cancel(instance, cmd.id)
+        if body.ok:
+            now = self.clock()
+            await self.processes.migrated(
+                cmd.program, instance, cmd.pid, cmd.to, body.freeze_ms, now
+            )
+            self._placed_on[(cmd.program, cmd.to)] = now  # the target reports for it now
+            self._event_lines.setdefault(cmd.program, []).append(
+                logmod.LogLine(
+                    now,
+                    "event",
+                    f"migrated from {instance} to {cmd.to} (freeze {body.freeze_ms:.0f} ms)",
+                    cmd.to,
+                    cmd.pid,
+                )
+            )
+            self.oss_log(f"program {cmd.program}: pid {cmd.pid} moved to {cmd.to}", instance)
+        else:
+            self.oss_log(
+                f"program {cmd.program}: pid {cmd.pid} not moved to {cmd.to}: {body.error}",
+                instance,
+            )
+        self._outcomes.resolve(cmd.id, body.model_dump())
+
+    async def drain(self, instance: str) -> dict[str, Any]:
+        """Move every program session off `instance`, then release it (its provider) or
+        mark it drained; what cannot move stays, a line each, and the instance too."""
+        row = (await self.instances.instances(None, instance))[0]  # NotFound
+        rows = await self.processes.running_on(instance)
+        live = [n for n in sorted(await self.instances.ready_instances()) if n != instance]
+        targets = await self.instances.exec_targets(live)
+        names = sorted(targets)
+        moved: list[dict[str, Any]] = []
+        refused: list[str] = []
+        by_program: dict[str, list[Any]] = {}
+        for r in rows:
+            by_program.setdefault(r["program_id"], []).append(r)
+        turn = 0
+        for program_id, prow in sorted(by_program.items()):
+            for ref in migrations.sessions_to_move(prow, None, ""):
+                if not names:
+                    refused.append(f"{program_id} pid {ref.pid}: no other ready instance")
+                    continue
+                to = names[turn % len(names)]
+                turn += 1
+                try:
+                    moved.append(await self._move(program_id, ref, to, targets[to][0]))
+                except MigrationFailed as exc:
+                    refused.append(f"{program_id} pid {ref.pid}: {exc.detail}")
+        state = row["state"]
+        if not refused:
+            state = await self.pools.release(instance, row["pool"])
+            self.oss_log(f"instance {instance} drained: {state}", instance)
+        return dict(instance=instance, moved=moved, refused=refused, state=state)

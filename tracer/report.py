@@ -149,6 +149,14 @@ def add_remote(record: dict[str, Any], remote: dict[str, Any]) -> None:
     """Add the placed processes as the OSS measured them, their syscalls by instance and
     the processes whose final figures had not arrived (`incomplete`)."""
     rows = [{k: p.get(k) for k in REMOTE_FIELDS} for p in remote.get("processes", [])]
+    for row, p in zip(rows, remote.get("processes", []), strict=True):
+        if p.get("state") == "migrated":  # issue 12: it left that instance, running
+            row["migrated"] = {
+                "from": p.get("instance"),
+                "to": p.get("moved_to"),
+                "at": p.get("ended"),
+                "freeze_ms": p.get("freeze_ms"),
+            }
     for row in rows:
         if isinstance(row["signal"], int):
             row["signal"] = signal.Signals(row["signal"]).name

@@ -23,10 +23,12 @@ from aiohttp import web
 from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
 from vmagent.checkpoint.local import Checkpointer
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
+from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
 from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
 from vmagent.trace.placer import OssPlacements, Placer
 from vmagent.trace.zygote import Tracing
@@ -266,6 +268,8 @@ class Agent:
         self.server: asyncio.Server | None = None
         self.address = ""
         self._criu_check: asyncio.Future[None] | None = None
+        self.orders: MigrateOrders | None = None  # the OSS's migrate commands (issue 12)
+        self._order_posts: list[HttpPost] = []
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
@@ -279,6 +283,15 @@ class Agent:
         await self.runner.setup()
         # `criu check` once, in the background: the first checkpoint does not wait for it.
         self._criu_check = asyncio.ensure_future(app[CHECKPOINTER].warm())
+        if self.config.oss_url:
+            c = self.config
+            assert c.oss_url is not None
+            posts = {p: HttpPost(c.oss_url, c.token, c.call_timeout, p) for p in (TICKET, OUTCOME)}
+            self._order_posts = list(posts.values())
+            self.orders = MigrateOrders(
+                app[MIGRATOR], lambda: list(self.service.sessions.values()), http_post(posts.get)
+            )
+            self.command_handlers.append(self.orders.on_commands)
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
@@ -304,6 +317,10 @@ class Agent:
     async def close(self) -> None:
         """Stop listening and kill every program still running."""
         self.service.shutdown()
+        if self.orders is not None:
+            await self.orders.close()
+        for post in self._order_posts:
+            await post.close()
         if self._criu_check is not None:
             self._criu_check.cancel()
             with contextlib.suppress(asyncio.CancelledError):

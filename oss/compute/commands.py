@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-Action = Literal["freeze", "kill", "thaw"]
+Action = Literal["freeze", "kill", "thaw", "migrate"]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -31,6 +31,10 @@ class Command:
     action: Action
     reason: str
     tickets: tuple[str, ...]
+    # migrate (issue 12): the session's program pid, the target instance and its address
+    pid: int = 0
+    to: str = ""
+    address: str = ""
 
 
 class CommandQueue:
@@ -58,6 +62,26 @@ class CommandQueue:
                 self._queued[inst][cmd.id] = cmd
                 out.append(cmd)
         return out
+
+    def migrate(self, instance: str, program: str, pid: int, to: str, address: str) -> Command:
+        """Queue: move the session of `program` whose program is `pid` to `to` (issue 12)."""
+        cmd = Command(
+            next(self._ids), instance, program, "migrate", f"to {to}", (), pid, to, address
+        )
+        self._queued[instance][cmd.id] = cmd
+        return cmd
+
+    def pending(self, instance: str, cid: int) -> Command | None:
+        """The command `cid` if it is (still) queued for `instance`."""
+        return self._queued.get(instance, {}).get(cid)
+
+    def cancel(self, instance: str, cid: int) -> None:
+        """Stop sending command `cid` (its instance may have got it already)."""
+        queued = self._queued.get(instance)
+        if queued is not None:
+            queued.pop(cid, None)
+            if not queued:
+                del self._queued[instance]
 
     def forget_program(self, program: str) -> None:
         """The program ended on its own: its nonces are of no further use."""

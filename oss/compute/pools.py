@@ -134,6 +134,17 @@ class PoolManager:
             await self._instances.set_instance_state(name, "failed")
             raise ProviderError(f"create {name}: {exc!r}", instance=name) from exc
 
+    async def release(self, name: str, pool: str | None) -> str:
+        """Release a drained instance through its pool's provider (`released`), or mark
+        it `drained` when none owns it (nothing is placed on either)."""
+        found = await self._instances.pools(pool) if pool else []
+        provider = self._providers.get(found[0].get("provider") or "") if found else None
+        if provider is None:
+            await self._instances.set_instance_state(name, "drained")
+            return "drained"
+        await self._release(name, provider)
+        return "released"
+
     async def _release(self, name: str, provider: Provider) -> None:
         await self._instances.set_instance_state(name, "destroyed")
         self._log(f"destroying surplus idle instance {name}")

@@ -161,6 +161,9 @@ async def h_heartbeat(
                 action=c.action,
                 reason=c.reason,
                 tickets=list(c.tickets),
+                pid=c.pid if c.action == "migrate" else None,
+                to=c.to if c.action == "migrate" else None,
+                address=c.address if c.action == "migrate" else None,
             )
             for c in commands
         ]
@@ -194,6 +197,37 @@ async def h_agent_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseReques
     pid = r.match_info["program_id"]
     account = await oss.programs.placed_on(pid, str(who))
     await oss.programs.release(account, pid, b.instance, b.processes)
+    return m.Ok()
+
+
+async def h_migrate(
+    oss: Oss, r: web.Request, who: Any, b: m.MigrateRequest, q: Any
+) -> m.MigrateResult:
+    program_id = r.match_info["program_id"]
+    moved = await oss.migrate(principal(who), program_id, b.to, b.pid)
+    return m.MigrateResult(program=program_id, moved=[m.Migration(**x) for x in moved])
+
+
+async def h_drain(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.DrainResult:
+    done = await oss.drain(r.match_info["instance"])
+    return m.DrainResult(
+        instance=done["instance"],
+        moved=[m.Migration(**x) for x in done["moved"]],
+        refused=done["refused"],
+        state=done["state"],
+    )
+
+
+async def h_agent_migration_ticket(
+    oss: Oss, r: web.Request, who: Any, b: m.MigrationTicketRequest, q: Any
+) -> m.MigrationTicket:
+    return m.MigrationTicket(ticket=await oss.migration_ticket(str(who), b))
+
+
+async def h_agent_migration_outcome(
+    oss: Oss, r: web.Request, who: Any, b: m.MigrationOutcome, q: Any
+) -> m.Ok:
+    await oss.migration_outcome(str(who), b)
     return m.Ok()
 
 
@@ -253,6 +287,15 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST",
+        P + "/migrate",
+        h_migrate,
+        "account",
+        "Move a running process tree of the program to another instance",
+        m.MigrateRequest,
+        m.MigrateResult,
+    ),
+    Route(
+        "POST",
         P + "/release",
         h_release,
         "account",
@@ -285,6 +328,14 @@ ROUTES: tuple[Route, ...] = (
         "account",
         "Inspect an instance",
         response=m.Instance,
+    ),
+    Route(
+        "POST",
+        "/v1/instances/{instance}/drain",
+        h_drain,
+        "admin",
+        "Move every program off an instance, then release it",
+        response=m.DrainResult,
     ),
     Route(
         "GET",
@@ -332,6 +383,24 @@ ROUTES: tuple[Route, ...] = (
         "agent",
         "A process the instance placed ended",
         m.ReleaseRequest,
+        m.Ok,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/migrations/ticket",
+        h_agent_migration_ticket,
+        "agent",
+        "The ticket for a migrate command this instance was given",
+        m.MigrationTicketRequest,
+        m.MigrationTicket,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/migrations/outcome",
+        h_agent_migration_outcome,
+        "agent",
+        "The outcome of a migrate command this instance was given",
+        m.MigrationOutcome,
         m.Ok,
     ),
     Route(

@@ -157,6 +157,33 @@ class Processes:
 
         return await self._db.read(op)
 
+    async def migrated(
+        self, program_id: str, instance: str, session_pid: int, to: str, freeze_ms: float,
+        now: float,
+    ) -> None:  # fmt: skip
+        """A session moved off `instance`: its running rows there end as `migrated`, naming
+        the target and the freeze (the target reports the same pids as rows of its own)."""
+
+        def op(c: Conn) -> None:
+            c.execute(
+                "UPDATE processes SET state='migrated', ended=?, moved_to=?, freeze_ms=?"
+                " WHERE program_id=? AND instance=? AND state='running'"
+                " AND (pid=? OR session_pid=?)",
+                (now, to, freeze_ms, program_id, instance, session_pid, session_pid),
+            )
+
+        await self._db.write(op)
+
+    async def running_on(self, instance: str) -> list[sqlite3.Row]:
+        """Every running process an instance reported, of any program."""
+
+        def op(c: Conn) -> list[sqlite3.Row]:
+            return c.execute(
+                "SELECT * FROM processes WHERE instance=? AND state='running'", (instance,)
+            ).fetchall()
+
+        return await self._db.read(op)
+
     async def newest(self, program_id: str, limit: int = MAX_PROCESS_ROWS) -> list[sqlite3.Row]:
         """The program's newest processes (the caller checked the account)."""
         return await self._db.read(
@@ -296,6 +323,7 @@ def process_row(r: sqlite3.Row) -> m.ProcessRow:
         storage_read_bytes=r["rbytes"], storage_write_bytes=r["wbytes"],
         net_rx_bytes=r["net_rx"], net_tx_bytes=r["net_tx"],
         syscalls_by_service=json.loads(r["syscalls_json"]),
+        moved_to=r["moved_to"], freeze_ms=r["freeze_ms"],
     )  # fmt: skip
 
 

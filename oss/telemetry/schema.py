@@ -35,3 +35,10 @@ V7 = """
     CREATE TABLE measured_storage(program_id TEXT NOT NULL, instance TEXT NOT NULL,
         kb INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY(program_id, instance));
 """
+
+# Migration (issue 12): a process's row on the instance it left says where it went and
+# how long it was frozen (its state is `migrated`; the target's row carries it on).
+V10 = """
+    ALTER TABLE processes ADD COLUMN moved_to TEXT;
+    ALTER TABLE processes ADD COLUMN freeze_ms REAL;
+"""

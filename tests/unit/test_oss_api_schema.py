@@ -96,6 +96,9 @@ def test_agent_wire_contract_shapes() -> None:
         "action",
         "reason",
         "tickets",
+        "pid",  # migrate (issue 12): the session's program, target instance and address
+        "to",
+        "address",
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",

@@ -171,6 +171,7 @@ def describe(
         "nonce": session.nonce,
         "key": key,
         "program": session.program,
+        "program_id": session.program_id,
         "pid": session.pid,
         "pids": list(pids),
         "view": _hex(session.view),
@@ -217,6 +218,9 @@ class Description:
             self.nonce = _str(raw["nonce"])
             self.key = _str(raw["key"])
             self.program = _str(raw["program"])
+            # The OSS program (its exec ticket's), so the target reports it (issue 12).
+            pid_ = raw.get("program_id")
+            self.program_id = None if pid_ is None else _str(pid_)
             self.pid = _int(raw["pid"])
             self.pids = tuple(_int(p) for p in raw["pids"])
             self.view = bytes.fromhex(_str(raw["view"]))
@@ -722,6 +726,7 @@ class Migrator:
             for fd, _key in ends:
                 os.close(fd)
         session.pid = meta.pid
+        session.program_id = meta.program_id
         session.view = meta.view
         session.nonce = meta.nonce
         session.key = meta.key
@@ -757,6 +762,7 @@ class Migrator:
         held.timer.cancel()
         session = held.session
         self.ckpt.adopt(session, held.pids)  # its tracer continues it
+        self.service.hooks.started(session)  # telemetry, limits: it runs here now
         for fd, r in session.outs.items():
             session.loop.add_reader(r, session._readable, fd, r)
         session.reading = True

@@ -171,8 +171,14 @@ class Reporter:
         w = self.watches.get(session.sid)
         if w is None:
             return
-        w.traced = True
         op = record.get(b"op")
+        if op == b"migrated":
+            # The tree runs on another instance now, whose agent reports it from here on
+            # (the OSS ends these rows as `migrated`): no final rows from this husk.
+            self.uplink.urgent()
+            del self.watches[session.sid]
+            return
+        w.traced = True
         pid = _int(record, b"pid")
         if pid is None or not 0 < pid <= 2**31:
             return

@@ -232,10 +232,10 @@ class HttpPost:
 
     PATH = "/v1/agents/report"
 
-    def __init__(self, url: str, token: str, timeout: float) -> None:
+    def __init__(self, url: str, token: str, timeout: float, path: str | None = None) -> None:
         self.socket_path = url[len("unix:") :] if url.startswith("unix:") else None
         base = "http://oss" if self.socket_path is not None else url.rstrip("/")
-        self.url = base + self.PATH
+        self.url = base + (path or self.PATH)
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._http: Any = None

@@ -1,0 +1,273 @@
+"""`dcp-oss migrate` and `dcp-oss drain` (issue 12) with real namespaced local instances.
+
+A real `dcp-oss serve` with the local provider (each agent PID 1 of its own PID and
+UTS namespaces, hostname = instance name), a pool of two instances, real CRIU; a
+counter placed by a real `dcptrace --oss --record`.  The order reaches the source
+agent in its heartbeat reply; the agents move the tree between them; the OSS
+updates the record and the program's log.  Skipped with the reason when root or
+CRIU is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import dcptrace_argv, traced_env, wait_for
+from tests.integration.test_dcptrace_oss import Lab, _cli, _env
+from tests.integration.test_oss_limits_act import _send
+from vmagent.checkpoint import criu
+
+pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.mark.root]
+
+# Counts until the file `stop` exists, each line "pid i hostname"; `.host` says where
+# it runs now; exits 7.
+COUNTER = r"""
+import os, socket, sys, time
+flag = sys.argv[1]
+i = 0
+while not os.path.exists("stop"):
+    print(os.getpid(), i, socket.gethostname(), flush=True)
+    with open(flag + ".host.tmp", "w") as f:
+        f.write(socket.gethostname())
+    os.rename(flag + ".host.tmp", flag + ".host")
+    i += 1
+    time.sleep(0.02)
+sys.exit(7)
+"""
+
+
+def _agents() -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"vmagent" in cmd and b"--instance\0p-" in cmd:
+                found.append(int(d.name))
+    return found
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """dcp-oss serve, the local provider, a pool p of two ready instances."""
+    if os.geteuid() != 0:
+        pytest.skip("local instances in their own namespaces need root")
+    try:
+        criu.check()
+    except criu.CriuUnavailable as exc:
+        pytest.skip(str(exc))
+    lab = Lab(tmp_path)
+    try:
+        lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
+        lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
+        _proc, line = lab.start(
+            "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data),
+            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "30", "--tick", "0.5",
+            "--slots-per-cpu", "2", "--provider", "local=vmagent.cluster.provider:make",
+        )  # fmt: skip
+        assert "listening on " in line, line
+        lab.url = line.split("listening on ", 1)[1].strip()
+        itype = {"name": "t", "cpus": 2, "memory_mb": 64, "price_micros_per_s": 1}
+        _send(lab, "PUT", "/v1/instance-types", lab.admin, itype)
+        pool = {"name": "p", "instance_type": "t", "warm_target": 2, "max_size": 2,
+                "provider": "local"}  # fmt: skip
+        _send(lab, "PUT", "/v1/pools", lab.admin, pool)
+        assert wait_for(lambda: len(_ready(lab)) == 2, 60), lab.get("/v1/instances", lab.admin)
+        (lab.data / "counter.py").write_text(COUNTER)
+        yield lab
+    finally:
+        (lab.data / "stop").touch()
+        lab.stop()
+        assert wait_for(lambda: _agents() == [], 20), _agents()
+
+
+def _ready(lab: Lab) -> list[str]:
+    rows = lab.get("/v1/instances", lab.admin)
+    return sorted(r["name"] for r in rows if r["state"] == "ready")
+
+
+def _dcptrace(lab: Lab) -> subprocess.Popen[bytes]:
+    env = dict(traced_env(), DCP_TOKEN=lab.token)
+    env.pop("DCP_OSS_FALLBACK", None)
+    return subprocess.Popen(
+        [*dcptrace_argv("--no-state", "--oss", lab.url, "--record", "run.json"),
+         "--", "sh", "-c", f"{sys.executable} counter.py c; exit $?"],
+        cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _dcp_oss(lab: Lab, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(_env(), DCP_TOKEN=token or lab.token)
+    return subprocess.run(
+        [sys.executable, "-m", "oss", *args, "--url", lab.url],
+        capture_output=True, text=True, env=env, timeout=200,
+    )  # fmt: skip
+
+
+def _placed(lab: Lab) -> tuple[str, dict[str, Any]]:
+    """The running program and its placed counter's row, once reported."""
+    found: list[Any] = []
+
+    def up() -> bool:
+        progs = [p for p in lab.get("/v1/programs") if p["state"] == "running"]
+        if not progs:
+            return False
+        rows = lab.get(f"/v1/programs/{progs[0]['id']}/processes")["processes"]
+        rows = [r for r in rows if r["state"] == "running" and "counter.py" in " ".join(r["argv"])]
+        found[:] = [progs[0]["id"], *rows[:1]]
+        return len(found) == 2 and (lab.data / "c.host").exists()
+
+    assert wait_for(up, 60), lab.get("/v1/programs")
+    return found[0], found[1]
+
+
+def _where(lab: Lab) -> str:
+    try:
+        return (lab.data / "c.host").read_text()
+    except OSError:
+        return ""
+
+
+def _finish(lab: Lab, p: subprocess.Popen[bytes]) -> tuple[str, str]:
+    (lab.data / "stop").touch()
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return out.decode(), err.decode()
+
+
+def _counted(out: str) -> list[tuple[int, int, str]]:
+    rows = [ln.split() for ln in out.splitlines()]
+    return [(int(a), int(b), c) for a, b, c in rows]
+
+
+def test_migrate_moves_a_running_counter_with_its_pid_output_record_and_status(lab: Lab) -> None:
+    p = _dcptrace(lab)
+    try:
+        program, row = _placed(lab)
+        source = row["instance"]
+        (target,) = [n for n in _ready(lab) if n != source]
+        assert _where(lab) == source
+        # Another tenant cannot move it (not found: no sign it exists).
+        other = _cli("account", "create", "--data", str(lab.data), "--allow-root", "other")
+        res = _dcp_oss(lab, "migrate", program, "--to", target, token=other)
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert "No such object" in res.stderr and _where(lab) == source
+        res = _dcp_oss(lab, "migrate", program, "--to", target)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith(f"pid {row['pid']}: {source} -> {target}, frozen "), res
+        assert wait_for(lambda: _where(lab) == target, 30)
+    finally:
+        out, err = _finish(lab, p)
+    assert p.returncode == 7, err
+    assert "Traceback" not in err, err
+    counted = _counted(out)
+    assert [i for _pid, i, _h in counted] == list(range(len(counted)))  # no gap, no repeat
+    assert {pid for pid, _i, _h in counted} == {row["pid"]}  # the same pid
+    hosts = [h for _pid, _i, h in counted]
+    cut = hosts.index(target)
+    assert set(hosts[:cut]) == {source} and set(hosts[cut:]) == {target}, hosts
+    # The record: the counter's row on the source ended `migrated`, its row on the target
+    # exited 7; the log says when it moved and the freeze.
+    record = json.loads((lab.data / "run.json").read_text())
+    mine = [r for r in record["placed_processes"] if r["pid"] == row["pid"]]
+    assert [r["instance"] for r in mine] == [source, target], mine
+    moved = mine[0]["migrated"]
+    assert moved["from"] == source and moved["to"] == target, moved
+    assert moved["freeze_ms"] > 0 and moved["at"] > 0, moved
+    assert "migrated" not in mine[1] and mine[1]["exit_status"] == 7, mine
+    logs = subprocess.run(
+        [sys.executable, "-m", "oss", "logs", program, "--stream", "event", "--url", lab.url],
+        capture_output=True, text=True, env=dict(_env(), DCP_TOKEN=lab.token), timeout=60,
+    )  # fmt: skip
+    lines = [ln for ln in logs.stdout.splitlines() if " migrated from " in ln]
+    assert len(lines) == 1, logs.stdout
+    assert f" {target} {row['pid']} event migrated from {source} to {target} (freeze " in lines[0]
+
+
+def test_a_migrate_nowhere_is_one_line_and_the_program_runs_on_where_it_was(lab: Lab) -> None:
+    p = _dcptrace(lab)
+    try:
+        program, row = _placed(lab)
+        source = row["instance"]
+        (target,) = [n for n in _ready(lab) if n != source]
+        res = _dcp_oss(lab, "migrate", program, "--to", "nowhere")
+        assert res.returncode == 1, res
+        assert res.stderr == "dcp-oss migrate: No such object: instance nowhere\n"
+        res = _dcp_oss(lab, "migrate", program, "--pid", "1", "--to", target)
+        assert res.returncode == 1 and "no running process 1" in res.stderr, res.stderr
+        # A target that does not answer (its agent stopped): the source checks it first,
+        # so nothing is frozen; one line; the counter runs on at the source.
+        agents = _agent_of(target)
+        for pid in agents:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            res = _dcp_oss(lab, "migrate", program, "--to", target)
+        finally:
+            for pid in agents:
+                os.kill(pid, signal.SIGCONT)
+        assert res.returncode == 1, res
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith(
+            "dcp-oss migrate: Migration failed (the program runs on where it was):"
+            f" pid {row['pid']} on {source}: "
+        ), res.stderr
+        before = len((lab.data / "c.host").read_text())  # still written at the source
+        assert _where(lab) == source and before
+    finally:
+        out, err = _finish(lab, p)
+    assert p.returncode == 7, err
+    counted = _counted(out)
+    assert [i for _pid, i, _h in counted] == list(range(len(counted)))
+    assert {h for _pid, _i, h in counted} == {source}
+
+
+def _agent_of(name: str) -> list[int]:
+    """The processes of instance `name`'s agent (its wrapper, itself, its zygote)."""
+    found = [
+        pid
+        for pid in _agents()
+        if f"--instance\0{name}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert found, f"no agent for {name}"
+    return found
+
+
+def test_drain_moves_the_program_off_and_releases_the_instance(lab: Lab) -> None:
+    p = _dcptrace(lab)
+    try:
+        program, row = _placed(lab)
+        source = row["instance"]
+        (target,) = [n for n in _ready(lab) if n != source]
+        res = _dcp_oss(lab, "drain", source)  # a tenant's token: admin only
+        assert res.returncode == 1 and "may not perform" in res.stderr, res.stderr
+        res = _dcp_oss(lab, "drain", source, token=lab.admin)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == [
+            res.stdout.splitlines()[0],
+            f"{source}: released",
+        ], res.stdout
+        assert res.stdout.startswith(f"{source}: pid {row['pid']} -> {target}, frozen ")
+        assert wait_for(lambda: _where(lab) == target, 30)
+        states = {r["name"]: r["state"] for r in lab.get("/v1/instances", lab.admin)}
+        assert states[source] == "destroyed", states
+    finally:
+        out, err = _finish(lab, p)
+    assert p.returncode == 7, err
+    counted = _counted(out)
+    assert [i for _pid, i, _h in counted] == list(range(len(counted)))
+    assert {pid for pid, _i, _h in counted} == {row["pid"]}
