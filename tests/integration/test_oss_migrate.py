@@ -28,16 +28,20 @@ from vmagent.checkpoint import criu
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.mark.root]
 
-# Counts until the file `stop` exists, each line "pid i hostname"; `.host` says where
-# it runs now; exits 7.
+# Counts until the file `stop` exists, each line "pid i instance"; `.host` says where
+# it runs now; exits 7.  The program sees its home's hostname and pids (issue 11): the
+# instance is read from its agent's command line (PID 1 of a namespaced instance, `...
+# --hostname NAME`), the pid from /proc/self/stat (the instance's, as the OSS reports it).
 COUNTER = r"""
-import os, socket, sys, time
+import os, sys, time
 flag = sys.argv[1]
 i = 0
 while not os.path.exists("stop"):
-    print(os.getpid(), i, socket.gethostname(), flush=True)
+    cmd = open("/proc/1/cmdline", "rb").read().split(b"\0")
+    where = cmd[cmd.index(b"--hostname") + 1].decode() if b"--hostname" in cmd else "home"
+    print(int(open("/proc/self/stat").read().split()[0]), i, where, flush=True)
     with open(flag + ".host.tmp", "w") as f:
-        f.write(socket.gethostname())
+        f.write(where)
     os.rename(flag + ".host.tmp", flag + ".host")
     i += 1
     time.sleep(0.02)
