@@ -26,6 +26,7 @@ from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
 from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
+from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.telemetry.uplink import HttpPost
@@ -97,16 +98,21 @@ async def _sessions(request: web.Request) -> web.Response:
 CHECKPOINTER: web.AppKey[Checkpointer] = web.AppKey("checkpointer", Checkpointer)
 
 
-async def _checkpoint(request: web.Request) -> web.Response:
-    """POST /v1/sessions/{sid}/checkpoint {"restore": bool, "images": dir?} (vmagent.checkpoint)."""
+def _session_of(request: web.Request) -> Session:
+    """The session `{sid}` names, for the token's holder (404 if there is none)."""
     _authorized(request)
-    service = request.app[SERVICE]
     try:
-        session = service.sessions.get(bytes.fromhex(request.match_info["sid"]))
+        session = request.app[SERVICE].sessions.get(bytes.fromhex(request.match_info["sid"]))
     except ValueError:
         session = None
     if session is None:
         raise web.HTTPNotFound(text="no such session\n")
+    return session
+
+
+async def _checkpoint(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/checkpoint {"restore": bool, "images": dir?} (vmagent.checkpoint)."""
+    session = _session_of(request)
     try:
         body = await request.json() if request.can_read_body else {}
     except ValueError:
@@ -129,14 +135,7 @@ MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
 
 async def _migrate(request: web.Request) -> web.Response:
     """POST /v1/sessions/{sid}/migrate {"to": HOST:PORT, "instance": NAME, "ticket": T}."""
-    _authorized(request)
-    service = request.app[SERVICE]
-    try:
-        session = service.sessions.get(bytes.fromhex(request.match_info["sid"]))
-    except ValueError:
-        session = None
-    if session is None:
-        raise web.HTTPNotFound(text="no such session\n")
+    session = _session_of(request)
     try:
         body = await request.json()
     except ValueError:
