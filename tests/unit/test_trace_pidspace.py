@@ -8,7 +8,7 @@ from tracer.arch import table_for
 from tracer.coordinator import Allow, Complete, ProcessSpawned, Rewrite, SyscallCall
 from tracer.syscalls import by_name
 from vmagent.trace.host import coordinator_for
-from vmagent.trace.pidspace import PID_MAX_LIMIT, PidSpace, base_for
+from vmagent.trace.pidspace import INSTANCE_SLOTS, PID_MAX_LIMIT, PidSpace, base_for
 from vmagent.trace.placing import InstanceCoordinator
 
 TABLE = table_for("x86_64")
@@ -75,3 +75,18 @@ def test_an_unbound_session_keeps_the_instance_s_pids() -> None:
     c = coordinator_for(TABLE, (), lambda _m: None)
     assert c.on_syscall(call("getpid")) == Allow()
     assert c.on_syscall(call("kill", 31000, 15)) == Allow()
+
+
+def test_a_tree_moved_here_keeps_the_base_it_was_numbered_with() -> None:
+    moved = PidSpace()
+    moved.bind("node1", 100, 4000, 3999, base=base_for("node0"))
+    assert moved.program(101) == base_for("node0") + 101
+    assert moved.real(base_for("node0") + 101) == 101
+    assert moved.real(base_for("node1") + 101) is None
+
+
+def test_a_base_no_instance_could_have_is_ignored_for_the_instance_s_own() -> None:
+    for wrong in (5, PID_MAX_LIMIT + 1, (INSTANCE_SLOTS + 1) * PID_MAX_LIMIT):
+        space = PidSpace()
+        space.bind("node2", 100, 4000, 3999, base=wrong)
+        assert space.base == base_for("node2")

@@ -83,6 +83,9 @@ class Session:
         self.view = b""  # what the program sees (path maps...), applied by its tracer
         self.trace_sock: socket.socket | None = None  # channel from the instance tracer
         self.tracer_pid = 0  # the instance tracer T (killing it kills the whole tree)
+        # The base its forked processes' program pids are numbered with
+        # (`vmagent.trace.pidspace`): 0, this instance's; a migrated tree keeps its origin's.
+        self.pid_base = 0
         self._trace_failure = ""  # the tracer's op=failed message
         self._errors = -1  # the child's exec-report pipe, until it exec'd or failed
         self._report = b""

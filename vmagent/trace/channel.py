@@ -20,10 +20,14 @@ agent -> tracer  `op=detach` (checkpoint): the tracer stops every process of the
                  stop outside any intercepted call), detaches every thread and
                  answers `op=detached pids` (the tree's processes, root first,
                  comma-separated), then exits; the tree stays stopped, untraced.
-agent -> zygote  `op=adopt session pids instance view`, with `[chan]`: a tracer
-                 seizes every thread of those stopped processes (a restored or
-                 checkpointed tree), answers `op=seized pid tracer`, continues them
-                 (SIGCONT) and serves them as if it had traced them from the start.
+agent -> zygote  `op=adopt session pids instance view vpid vppid base`, with `[chan]`:
+                 a tracer seizes every thread of those stopped processes (a restored
+                 or checkpointed tree), answers `op=seized pid tracer`, continues them
+                 (SIGCONT) and serves them as if it had traced them from the start,
+                 in the same program pids: the root (first of `pids`) is `vpid`,
+                 child of `vppid`, and the others `base` + their pid, `base` the one
+                 the tree was numbered with where it started
+                 (`vmagent.trace.pidspace`; 0s: the instance's own pids).
 agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
                  agent's migration, `vmagent.checkpoint.migrate`, told to the
                  session hooks as a record, for the OSS link and telemetry).
@@ -116,9 +120,27 @@ def trace_request(
     )  # fmt: skip
 
 
-def adopt_request(session: str, pids: tuple[int, ...], instance: str, view: bytes) -> bytes:
-    """agent -> zygote: adopt the stopped processes `pids` (root first; sent with `[chan]`)."""
-    return encode(OP_ADOPT, session=session, pids=pid_list(pids), instance=instance, view=view)
+def adopt_request(
+    session: str,
+    pids: tuple[int, ...],
+    instance: str,
+    view: bytes,
+    program: tuple[int, int] = (0, 0),
+    base: int = 0,
+) -> bytes:
+    """agent -> zygote: adopt the stopped processes `pids` (root first; sent with `[chan]`).
+
+    `program` (`vpid`, `vppid`) and `base`: the program pids the tree had (issue 11).
+    """
+    return encode(
+        OP_ADOPT, session=session, pids=pid_list(pids), instance=instance, view=view,
+        vpid=program[0], vppid=program[1], base=base,
+    )  # fmt: skip
+
+
+def optional_number(record: Record, key: bytes) -> int:
+    """An integer field that older peers leave out (0 then); ChannelError if not a number."""
+    return number(record, key) if key in record else 0
 
 
 def pid_list(pids: tuple[int, ...]) -> bytes:

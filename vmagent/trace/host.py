@@ -158,11 +158,29 @@ class Tracer:
         self.report(channel.encode(channel.OP_DONE))
         return 0
 
-    def adopt(self, chan: socket.socket, pids: tuple[int, ...], view: bytes) -> int:
-        """Seize the stopped tree `pids` (root first), continue it, trace it to the end."""
+    def adopt(
+        self,
+        chan: socket.socket,
+        pids: tuple[int, ...],
+        view: bytes,
+        instance: str = "",
+        program: tuple[int, int] = (0, 0),
+        base: int = 0,
+    ) -> int:
+        """Seize the stopped tree `pids` (root first), continue it, trace it to the end.
+
+        `program` (the root's program pid and its parent's) and `base` (the one
+        its other processes were numbered with, where the tree started): the
+        tree keeps the pids it showed the program before (issue 11).
+        """
         self.chan = chan
         try:
-            runner = self._ready if not view else self._runner(view)
+            runner = self._ready if not channel.view_maps(view) else self._runner(view)
+            if isinstance(runner.coordinator, InstanceCoordinator):
+                runner.coordinator.bind_pids(instance, pids[0], *program, base=base)
+            placing = self._placing(runner)
+            if placing is not None:
+                placing.bind(decode_view(view) if view else EMPTY_VIEW, instance)
             runner.adopt(pids)
         except (ptraceio.PtraceRequestError, OSError) as exc:
             # What was seized dies with us (EXITKILL); the rest stays stopped for the agent.
@@ -197,6 +215,8 @@ class HostRunner(Runner):
             for tid in tids:
                 ptraceio.seize(tid, OPTIONS)
                 machine.threads[tid] = Thread(tid, pid)
+            if isinstance(self.coordinator, InstanceCoordinator):
+                self.coordinator.adopted(pid, tids, pid == root)
         self.tracer.report(channel.encode(channel.OP_SEIZED, pid=root, tracer=os.getpid()))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

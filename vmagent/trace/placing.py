@@ -131,10 +131,20 @@ class InstanceCoordinator:
             return self.inner.on_syscall(call) if call.name in self._inner_names else Allow()
         return self.inner.on_syscall(call)
 
-    def bind_pids(self, instance: str, root: int, pid: int, ppid: int) -> None:
-        """The session's first process `root` stands for program pid `pid`, child of `ppid`."""
-        self.pids.bind(instance, root, pid, ppid)
+    def bind_pids(self, instance: str, root: int, pid: int, ppid: int, base: int = 0) -> None:
+        """The session's first process `root` stands for program pid `pid`, child of `ppid`.
+
+        `base`: the one its forked processes are numbered with (0: `instance`'s).
+        """
+        self.pids.bind(instance, root, pid, ppid, base)
         self._tids.add(root)
+
+    def adopted(self, pid: int, tids: list[int], root: bool) -> None:
+        """Process `pid` with threads `tids`, of a tree adopted stopped (a migration)."""
+        self._tids.update(tids)
+        self._tids.add(pid)
+        if not root:
+            self._live.add(pid)
 
     def _pid_call(self, call: SyscallCall) -> Decision:
         """A call that returns or takes pids, in the program's numbers."""
