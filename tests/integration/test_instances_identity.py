@@ -119,3 +119,34 @@ def run_all_one(mode: str, script: str, cwd: Path) -> str:
     res = subprocess.run(argv, capture_output=True, env=traced_env(), cwd=cwd, timeout=120)
     assert res.returncode == 0, (mode, res.stderr)
     return res.stdout.decode()
+
+
+# Signals between processes on different instances (or home): each goes home, where
+# every pid of the program is.  A placed `sleep` is killed by a placed shell (its
+# own instance holds neither that pid nor the sleep), a placed shell checks that
+# its parent at home lives, and a pid that is no process's fails as natively.
+KILLS = r"""
+sleep 30 & p=$!
+sh -c 'kill $1 && echo "kill of a sibling: sent"' _ $p
+wait $p; echo "the sibling died by it: $?"
+sh -c 'kill -0 $PPID && echo "kill -0 of its parent at home: ok"'
+sh -c 'kill -USR1 $$ 2>/dev/null; echo "never"' & wait $!; echo "its own signal: $?"
+sh -c 'kill -0 $1 2>/dev/null; echo "kill of a pid that is gone: $?"' _ $GONE
+"""
+KILLS_WANT = """\
+kill of a sibling: sent
+the sibling died by it: 143
+kill -0 of its parent at home: ok
+its own signal: 138
+kill of a pid that is gone: 1
+"""
+
+
+def test_a_signal_reaches_a_pid_of_the_program_wherever_it_runs(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process (until reused, far off)
+    for mode, prefix in MODES.items():
+        argv = [*prefix, "--", "sh", "-c", KILLS] if prefix else ["sh", "-c", KILLS]
+        env = {**traced_env(), "GONE": str(gone.pid)}
+        res = subprocess.run(argv, capture_output=True, env=env, cwd=tmp_path, timeout=120)
+        assert (res.stdout.decode(), res.returncode) == (KILLS_WANT, 0), (mode, res.stderr)

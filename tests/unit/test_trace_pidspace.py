@@ -90,3 +90,35 @@ def test_a_base_no_instance_could_have_is_ignored_for_the_instance_s_own() -> No
         space = PidSpace()
         space.bind("node2", 100, 4000, 3999, base=wrong)
         assert space.base == base_for("node2")
+
+
+class FakeHome:
+    """A home that records the signals sent there and answers with `errno`."""
+
+    def __init__(self, err: int = 0) -> None:
+        self.sent: list[tuple[int, int]] = []
+        self.err = err
+
+    def __call__(self, pid: int, sig: int) -> int:
+        self.sent.append((pid, sig))
+        return self.err
+
+
+def test_a_signal_for_a_pid_elsewhere_is_sent_at_home() -> None:
+    home = FakeHome()
+    c = coordinator_for(TABLE, (), lambda _m: None, home=home)
+    c.bind_pids("node0", 5, 31337, 31000)
+    assert c.on_syscall(call("kill", 31000, 15)) == Complete(0)
+    assert c.on_syscall(call("kill", -31000 & (2**64 - 1), 2)) == Complete(0)  # its group
+    assert c.on_syscall(call("tkill", 3 * PID_MAX_LIMIT + 7, 10)) == Complete(0)
+    assert c.on_syscall(call("tgkill", 31000, 31000, 12)) == Complete(0)
+    assert home.sent == [(31000, 15), (-31000, 2), (3 * PID_MAX_LIMIT + 7, 10), (31000, 12)]
+    # a thread of a process elsewhere, a wait, a pidfd: not sent
+    assert c.on_syscall(call("tgkill", 31000, 31001, 12)) == Complete(-errno.ESRCH)
+    assert c.on_syscall(call("wait4", 31000)) == Complete(-errno.ECHILD)
+    assert c.on_syscall(call("pidfd_open", 31000)) == Complete(-errno.ESRCH)
+    assert c.on_syscall(call("kill", 31000, 99)) == Complete(-errno.EINVAL)
+    assert len(home.sent) == 4
+    # kill's outcome at home is the program's
+    c.home = FakeHome(errno.EPERM)
+    assert c.on_syscall(call("kill", 1, 15)) == Complete(-errno.EPERM)

@@ -55,6 +55,12 @@ PROOF = 15  # deputy -> agent: record (HMAC(T, "deputy" + c2,)); then HELLO or R
 # agent -> deputy: the program moved (vmagent.checkpoint): pairs addr, instance, salt;
 # the deputy resumes the session there, with the key `moved_key(T, instance, salt)`.
 MOVED = 16
+# Issue 11: a signal from the remote program to one of its pids that its instance
+# does not hold (a process at home, a sibling placed elsewhere) is sent from home,
+# by the deputy, as the program would send it there: the home holds every pid.
+KILL = 17  # agent -> deputy: pairs req, pid (negative: a process group), sig
+KILLED = 18  # deputy -> agent: pairs req, errno (0: sent)
+LAST_KIND = KILLED
 NONCE_SIZE = 16  # bytes of each challenge
 # HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
 # reached it (its connection was cut first).  The agent attaches it to the
@@ -179,7 +185,7 @@ class FrameParser:
     @staticmethod
     def check(kind: int, length: int, limit: int = MAX_PAYLOAD) -> None:
         """Raise FrameError for a header no valid peer sends."""
-        if length > limit or kind == 0 or kind > MOVED:
+        if length > limit or kind == 0 or kind > LAST_KIND:
             raise FrameError(f"bad frame header kind={kind} length={length}")
 
 

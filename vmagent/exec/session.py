@@ -290,6 +290,9 @@ class Session:
                     self.tracer_pid = channel.number(record, b"tracer")
             elif record[b"op"] == channel.OP_FAILED:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
+            elif record[b"op"] == channel.OP_KILL:
+                self._kill_at_home(record)
+                continue  # asked of the deputy, not an event
             elif record[b"op"] == channel.OP_DETACHED:
                 if self.detached is not None and not self.detached.done():
                     try:
@@ -297,6 +300,26 @@ class Session:
                     except channel.ChannelError as exc:
                         self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
+
+    def _kill_at_home(self, record: channel.Record) -> None:
+        """`op=kill` from the tracer: the deputy sends it at home (P.KILL), or ESRCH now."""
+        try:
+            req = record[b"req"]
+            pid, sig = channel.number(record, b"pid"), channel.number(record, b"sig")
+        except (KeyError, channel.ChannelError) as exc:
+            log.warning("session %s: %s", self.sid.hex()[:8], exc)
+            return
+        if self.proto is None or self.moved or len(req) > 24:
+            self._killed(req, errno.ESRCH)  # no deputy to send it: as for a pid that is gone
+            return
+        fields = {b"req": req, b"pid": b"%d" % pid, b"sig": b"%d" % sig}
+        self.proto.write(P.frame(P.KILL, 0, P.unpairs(fields)))
+
+    def _killed(self, req: bytes, err: int) -> None:
+        """Answer the tracer's `op=kill` `req` with `err`."""
+        if self.trace_sock is not None:
+            with contextlib.suppress(OSError):
+                channel.send(self.trace_sock, channel.encode(channel.OP_KILLED, req=req, errno=err))
 
     def _close_trace(self) -> None:
         sock, self.trace_sock = self.trace_sock, None
@@ -349,6 +372,13 @@ class Session:
                         os.killpg(self.pid, fd)  # the whole remote job (a terminal's signal)
                     else:
                         os.kill(self.pid, fd)
+        elif kind == P.KILLED:
+            try:
+                fields = P.pairs(payload)
+            except P.FrameError:
+                fields = {}  # the tracer's deadline answers it
+            err = fields.get(b"errno", b"")
+            self._killed(fields.get(b"req", b""), int(err) if err.isdigit() else errno.EINVAL)
         elif kind == P.ACK:
             self.outbox.ack(seq)
             self._flow()

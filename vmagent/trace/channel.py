@@ -28,6 +28,10 @@ agent -> zygote  `op=adopt session pids instance view vpid vppid base`, with `[c
                  child of `vppid`, and the others `base` + their pid, `base` the one
                  the tree was numbered with where it started
                  (`vmagent.trace.pidspace`; 0s: the instance's own pids).
+tracer -> agent  `op=kill req pid sig`: the program signals its pid `pid` (negative: a
+                 process group) that this instance does not hold: the agent asks
+                 the session's deputy to send it at home (`P.KILL`), then answers
+                 `op=killed req errno` (0: sent; ESRCH when no deputy is there).
 agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
                  agent's migration, `vmagent.checkpoint.migrate`, told to the
                  session hooks as a record, for the OSS link and telemetry).
@@ -58,6 +62,8 @@ OP_DONE = b"done"
 OP_DETACH = b"detach"
 OP_DETACHED = b"detached"
 OP_ADOPT = b"adopt"
+OP_KILL = b"kill"
+OP_KILLED = b"killed"
 
 Record = dict[bytes, bytes]
 

@@ -47,10 +47,12 @@ from vmagent.trace import channel
 from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
+    ChannelKill,
     Grant,
     InstanceCoordinator,
     PlacementSource,
     PlacingCoordinator,
+    SignalHome,
 )
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,14 @@ def coordinator_for(
     report: Callable[[bytes], None],
     source: PlacementSource | None = None,
     ask: Callable[[Ident, int, list[str]], Grant | None] | None = None,
+    home: SignalHome | None = None,
 ) -> InstanceCoordinator:
-    """T's coordinator for a view with path `maps` (placing execs through `ask`, if given)."""
+    """T's coordinator for a view with path `maps` (placing execs through `ask`, if given;
+    sending signals for pids elsewhere through `home`)."""
     inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
     if ask is not None:
         inner = PlacingCoordinator(inner, ask)
-    return InstanceCoordinator(inner, report, source)
+    return InstanceCoordinator(inner, report, source, home)
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
@@ -84,6 +88,7 @@ class Tracer:
         self.table = table
         self.chan: socket.socket | None = None
         self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
+        self.home = ChannelKill(lambda: self.chan, self.ask.next_req)  # issue 11
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -94,7 +99,7 @@ class Tracer:
 
     def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
-            self.table, channel.view_maps(view), self.report, ask=self.ask
+            self.table, channel.view_maps(view), self.report, ask=self.ask, home=self.home
         )
         return HostRunner(self, coordinator)
 
