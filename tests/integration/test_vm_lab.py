@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -202,7 +203,8 @@ def test_programs_run_in_each_vm_through_its_agent(booted: Lab) -> None:
 
 
 def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None:
-    """`dcptrace --oss URL -- sh -c 'hostname; hostname'` from the lab namespace."""
+    """`dcptrace --oss URL` from the lab namespace: each child runs in another guest
+    (its /etc/hostname names it) and sees the home's hostname (issue 11 item 8)."""
     lab = booted
     if lab.oss is None:
         pytest.skip(f"no OSS/agent: {lab.oss_missing}")
@@ -234,7 +236,7 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
             "--",
             "/bin/sh",
             "-c",
-            "/bin/hostname; /bin/hostname; exit 5",
+            "/bin/cat /etc/hostname; /bin/cat /etc/hostname; /bin/hostname; /bin/uname -n; exit 5",
         ],
         capture_output=True,
         timeout=180,
@@ -247,12 +249,14 @@ def test_dcptrace_against_the_oss_runs_children_in_both_vms(booted: Lab) -> None
     if res.returncode != 5 and any(w in err for w in not_wired):
         pytest.skip(f"dcptrace --oss is not wired in this checkout: {err.strip()[-300:]}")
     assert res.returncode == 5, err
-    assert sorted(res.stdout.decode().split()) == ["vm1", "vm2"], err
+    guests, names = res.stdout.decode().split()[:2], res.stdout.decode().split()[2:]
+    assert sorted(guests) == ["vm1", "vm2"], err
+    assert names == [socket.gethostname()] * 2, err
 
 
 GUEST_PROGRAM = (
     "/bin/sh -c \"grep -E '^(TracerPid|Seccomp):' /proc/self/status; "
-    'echo guest-line-$(/bin/hostname)"; exit 4'
+    'echo guest-line-$(/bin/cat /etc/hostname)"; exit 4'
 )
 QUERY = """
 import json, os, sys, urllib.request
