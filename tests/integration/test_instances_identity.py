@@ -150,3 +150,39 @@ def test_a_signal_reaches_a_pid_of_the_program_wherever_it_runs(tmp_path: Path) 
         env = {**traced_env(), "GONE": str(gone.pid)}
         res = subprocess.run(argv, capture_output=True, env=env, cwd=tmp_path, timeout=120)
         assert (res.stdout.decode(), res.returncode) == (KILLS_WANT, 0), (mode, res.stderr)
+
+
+# A pid forked on an instance (a placed Python's child: no home pid) signalled by a
+# process placed from home: its deputy at home holds no such pid, so the OSS orders
+# the instances of the program to send it, and the one whose session forked it does.
+# (A process placed from that Python would reach it through its deputy, which runs
+# where the Python runs.)
+FORKED_PY = """import os, time
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+with open("forked.tmp", "w") as f:
+    f.write(str(child))
+os.rename("forked.tmp", "forked.pid")
+_, status = os.waitpid(child, 0)
+print("the forked child died by signal", os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
+"""
+FORKED = r"""
+python3 forked.py & p=$!
+until [ -s forked.pid ]; do sleep 0.05; done
+sh -c 'kill $(cat forked.pid) && echo "kill of a forked pid: sent"'
+wait $p
+"""
+
+
+def test_a_signal_reaches_a_pid_forked_on_another_instance(tmp_path: Path) -> None:
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "forked.py").write_text(FORKED_PY)
+        out = run_all_one(mode, FORKED, where)
+        assert out == "kill of a forked pid: sent\nthe forked child died by signal 15\n", (
+            mode,
+            out,
+        )

@@ -34,6 +34,7 @@ from vmagent.exec.spawn import (
     parse_report,
 )
 from vmagent.trace import channel
+from vmagent.trace.pidspace import PID_MAX_LIMIT
 
 if TYPE_CHECKING:
     from vmagent.exec.server import ExecProtocol, ExecService
@@ -290,8 +291,7 @@ class Session:
                     self.tracer_pid = channel.number(record, b"tracer")
             elif record[b"op"] == channel.OP_FAILED:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
-            elif record[b"op"] == channel.OP_KILL:
-                self._kill_at_home(record)
+            elif record[b"op"] == channel.OP_KILL and self._kill_at_home(record):
                 continue  # asked of the deputy, not an event
             elif record[b"op"] == channel.OP_DETACHED:
                 if self.detached is not None and not self.detached.done():
@@ -301,21 +301,28 @@ class Session:
                         self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
 
-    def _kill_at_home(self, record: channel.Record) -> None:
-        """`op=kill` from the tracer: the deputy sends it at home (P.KILL), or ESRCH now."""
+    def _kill_at_home(self, record: channel.Record) -> bool:
+        """`op=kill` from the tracer: the deputy sends it at home (P.KILL), or ESRCH now.
+
+        False: a pid forked on an instance (above every home pid), which the
+        session hooks send through the OSS (`vmagent.trace.signals`).
+        """
         try:
             req = record[b"req"]
             pid, sig = channel.number(record, b"pid"), channel.number(record, b"sig")
         except (KeyError, channel.ChannelError) as exc:
             log.warning("session %s: %s", self.sid.hex()[:8], exc)
-            return
-        if self.proto is None or self.moved or len(req) > 24:
-            self._killed(req, errno.ESRCH)  # no deputy to send it: as for a pid that is gone
-            return
+            return True
+        if pid >= PID_MAX_LIMIT:
+            return False
+        if self.proto is None or self.moved or len(req) > 24 or pid <= -PID_MAX_LIMIT:
+            self.killed(req, errno.ESRCH)  # nowhere to send it: as for a pid that is gone
+            return True
         fields = {b"req": req, b"pid": b"%d" % pid, b"sig": b"%d" % sig}
         self.proto.write(P.frame(P.KILL, 0, P.unpairs(fields)))
+        return True
 
-    def _killed(self, req: bytes, err: int) -> None:
+    def killed(self, req: bytes, err: int) -> None:
         """Answer the tracer's `op=kill` `req` with `err`."""
         if self.trace_sock is not None:
             with contextlib.suppress(OSError):
@@ -378,7 +385,7 @@ class Session:
             except P.FrameError:
                 fields = {}  # the tracer's deadline answers it
             err = fields.get(b"errno", b"")
-            self._killed(fields.get(b"req", b""), int(err) if err.isdigit() else errno.EINVAL)
+            self.killed(fields.get(b"req", b""), int(err) if err.isdigit() else errno.EINVAL)
         elif kind == P.ACK:
             self.outbox.ack(seq)
             self._flow()
