@@ -122,3 +122,35 @@ def test_a_signal_for_a_pid_elsewhere_is_sent_at_home() -> None:
     # kill's outcome at home is the program's
     c.home = FakeHome(errno.EPERM)
     assert c.on_syscall(call("kill", 1, 15)) == Complete(-errno.EPERM)
+
+
+def test_t_asks_its_agent_and_takes_the_answer_to_its_own_request() -> None:
+    import socket
+    import threading
+
+    from vmagent.trace import channel
+    from vmagent.trace.placing import ChannelKill
+
+    ours, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reqs = iter(range(7, 100))
+    kill = ChannelKill(lambda: ours, lambda: next(reqs))
+    asked: list[channel.Record] = []
+
+    def answer() -> None:
+        record = channel.decode(channel.receive(agent)[0])
+        asked.append(record)
+        agent.send(channel.encode(channel.OP_KILLED, req=b"6", errno=0))  # a late one
+        agent.send(channel.encode(channel.OP_KILLED, req=record[b"req"], errno=errno.EPERM))
+
+    helper = threading.Thread(target=answer)
+    helper.start()
+    try:
+        assert kill(-31000, 15) == errno.EPERM
+    finally:
+        helper.join()
+    assert (asked[0][b"op"], asked[0][b"pid"], asked[0][b"sig"]) == (b"kill", b"-31000", b"15")
+    kill.timeout = 0.05
+    assert kill(31000, 15) == errno.ESRCH  # no answer: as for a pid that is gone
+    agent.close()
+    assert kill(31000, 15) == errno.ESRCH  # the agent is gone
+    ours.close()
