@@ -692,9 +692,9 @@ class AgentCommand(Api):
     signal: int | None = None
 
 
-class AgentSignalRequest(Api):
-    """A process of the program on the asking instance signals one of the program's
-    pids that instance does not hold (issue 11: `oss.ipc.signals`)."""
+class SignalRequest(Api):
+    """A process of the program (on the asking instance, or at its home) signals one of
+    the program's pids forked on an instance (issue 11: `oss.ipc.signals`)."""
 
     pid: Annotated[int, Field(ge=1, le=2**31 - 1)]
     signal: Annotated[int, Field(ge=0, le=64)]

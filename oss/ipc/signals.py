@@ -12,24 +12,46 @@ instance the program runs on to send the signal (a heartbeat command
 `signal`); the one whose session numbered that pid delivers it, the others
 hold no such pid and ignore it.
 
-Delivery therefore waits for the next heartbeat of the instance that holds
-the pid (at most one tick), and kill's answer is given before it: 0 when the
-program runs on some instance, ESRCH (404) when it runs nowhere.
+The program's home asks the same for its own processes (`OssCoordinator`,
+with the account's token).  Delivery therefore waits for the next heartbeat of
+the instance that holds the pid (at most one tick), and kill's answer is given
+before it: 0 when the program runs on some instance, ESRCH (404) when it runs
+nowhere.
 """
 
 from __future__ import annotations
 
 from oss import models as m
+from oss.errors import Conflict, NotFound
 from oss.service import Oss
 
 
-async def send(oss: Oss, program_id: str, asker: str, body: m.AgentSignalRequest) -> list[str]:
+async def send(oss: Oss, program_id: str, asker: str, body: m.SignalRequest) -> list[str]:
     """Queue `body.signal` for the program's `body.pid` on every instance it runs on.
 
     NotFound unless the program runs on `asker` (an instance signals only for a
     program it runs, as it places only for one).
     """
     await oss.programs.placed_on(program_id, asker)
+    return await _queue(oss, program_id, body)
+
+
+async def send_from_home(
+    oss: Oss, account_id: str, program_id: str, body: m.SignalRequest
+) -> list[str]:
+    """The same for the program's home (its tracer, with the account's token).
+
+    NotFound unless the program is the account's; Conflict (409) once it ended.
+    """
+    program = await oss.programs.program(account_id, program_id)
+    if program["state"] not in ("running", "recovering"):
+        raise Conflict(f"program {program_id} is {program['state']}")
+    return await _queue(oss, program_id, body)
+
+
+async def _queue(oss: Oss, program_id: str, body: m.SignalRequest) -> list[str]:
     instances = await oss.programs.instances_of(program_id)
+    if not instances:
+        raise NotFound(f"program {program_id} runs on no instance")
     oss.commands.signal(instances, program_id, body.pid, body.signal)
     return instances

@@ -153,25 +153,30 @@ def test_a_signal_reaches_a_pid_of_the_program_wherever_it_runs(tmp_path: Path) 
 
 
 # A pid forked on an instance (a placed Python's child: no home pid) signalled by a
-# process placed from home: its deputy at home holds no such pid, so the OSS orders
-# the instances of the program to send it, and the one whose session forked it does.
+# process placed from home, then by the home shell itself: home holds no such pid, so
+# the OSS orders the instances of the program to send it (asked by the placed process's
+# agent, or by the home's coordinator), and the one whose session forked it does.
 # (A process placed from that Python would reach it through its deputy, which runs
 # where the Python runs.)
-FORKED_PY = """import os, time
+FORKED_PY = """import os, sys, time
 child = os.fork()
 if child == 0:
     time.sleep(60)
     os._exit(0)
-with open("forked.tmp", "w") as f:
+with open(sys.argv[1] + ".tmp", "w") as f:
     f.write(str(child))
-os.rename("forked.tmp", "forked.pid")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 _, status = os.waitpid(child, 0)
 print("the forked child died by signal", os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
 """
 FORKED = r"""
-python3 forked.py & p=$!
-until [ -s forked.pid ]; do sleep 0.05; done
-sh -c 'kill $(cat forked.pid) && echo "kill of a forked pid: sent"'
+python3 forked.py one.pid & p=$!
+until [ -s one.pid ]; do sleep 0.05; done
+sh -c 'kill $(cat one.pid) && echo "kill of a forked pid: sent"'
+wait $p
+python3 forked.py two.pid & p=$!
+until [ -s two.pid ]; do sleep 0.05; done
+kill -USR1 $(cat two.pid) && echo "kill from home: sent"
 wait $p
 """
 
@@ -182,7 +187,8 @@ def test_a_signal_reaches_a_pid_forked_on_another_instance(tmp_path: Path) -> No
         where.mkdir()
         (where / "forked.py").write_text(FORKED_PY)
         out = run_all_one(mode, FORKED, where)
-        assert out == "kill of a forked pid: sent\nthe forked child died by signal 15\n", (
-            mode,
-            out,
+        want = (
+            "kill of a forked pid: sent\nthe forked child died by signal 15\n"
+            "kill from home: sent\nthe forked child died by signal 10\n"
         )
+        assert out == want, (mode, out)
