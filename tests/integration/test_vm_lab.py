@@ -356,12 +356,27 @@ wait $p; echo "the sibling died by it: $?"
 /bin/sh -c 'kill -0 $1 2>/dev/null; echo "kill of a pid that is gone: $?"' _ $GONE
 me=$$; /bin/sh -c "[ \$PPID = $me ] && echo 'placed \$PPID is home \$\$: ok'"
 { /bin/sh -c '/usr/bin/seq 100000; echo "seq: $?" >&3' | /usr/bin/head -1; } 3>&1
+/usr/bin/python3 -c "$FORK" | { read c; kill -USR1 $c && echo "home kill: sent"; cat; }
+/usr/bin/python3 -c "$FORK" | { read c; /bin/sh -c 'kill $1 && echo placed kill: sent' _ $c; cat; }
 /usr/bin/python3 -c '
 import multiprocessing as mp
 if __name__ == "__main__":
     with mp.get_context("spawn").Pool(2) as pool:
         print("spawn pool:", sum(pool.map(abs, range(-50, 50))))
 '
+"""
+
+
+# A pid forked in a guest (no home pid), signalled from home and from a placed shell:
+# through the OSS, which orders the guests of the program to send it.
+FORK = """import os, time
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+_, status = os.waitpid(child, 0)
+print("the forked child died by signal", os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
 """
 
 
@@ -378,7 +393,8 @@ def test_one_computer_across_guests_signals_pids_pipes_and_pools(booted: Lab) ->
     )
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: its pid names no process
-    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token, GONE=str(gone.pid))
+    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
+    env.update(GONE=str(gone.pid), FORK=FORK)
     native = subprocess.run(
         ["/bin/sh", "-c", ONE_COMPUTER], capture_output=True, timeout=120, cwd="/", env=env
     )
@@ -392,6 +408,7 @@ def test_one_computer_across_guests_signals_pids_pipes_and_pools(booted: Lab) ->
     assert res.returncode == 0, err
     want = native.stdout.decode()
     assert "the sibling died by it: 143" in want and "seq: 141" in want
+    assert "the forked child died by signal 10" in want and "placed kill: sent" in want
     assert sorted(res.stdout.decode().splitlines()) == sorted(want.splitlines()), err
 
 
