@@ -39,6 +39,7 @@ class RunDefaults:
     instances: int = 0
     placement: str = "spread"
     oss: str | None = None
+    volumes: list[str] = field(default_factory=list)
 
 
 def _real_in_view(pathmap: PathMap, path: str) -> str:
@@ -151,6 +152,13 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     metavar="SRC=DST",
     help="Show real directory DST to the program as SRC (repeatable).",
 )
+@click.option(
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="PATH",
+    help="Make directory PATH one namespace on every instance (repeatable; with --instances).",
+)
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(
     "--instances",
@@ -182,6 +190,7 @@ def command(
     summary: bool,
     record_path: str | None,
     maps: tuple[str, ...],
+    volumes: tuple[str, ...],
     config_path: str | None,
     instances: int | None,
     placement: str | None,
@@ -288,8 +297,9 @@ def command(
 
         try:
             with compose.coordinator(
-                inner, n, where, oss_url or config.oss, mapping
-            ) as coordinator:
+                inner, n, where, oss_url or config.oss, mapping,
+                volumes=tuple(config.volumes) + volumes,
+            ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,

@@ -14,6 +14,7 @@ when a run asks for them: a plain `dcptrace -- prog` never loads `vmagent`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from oss.storage.pathmap import PathMap
 from tracer.coordinator import Coordinator
 from tracer.errors import TracerError, UsageError
 from tracer.syscalls import SyscallTable
+
+log = logging.getLogger(__name__)
 
 # The --placement choices: the policies of vmagent.cluster.placement (POLICIES),
 # spelled out here so that parsing options loads no vmagent module; a unit test
@@ -56,6 +59,7 @@ def coordinator(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    volumes: tuple[str, ...] = (),
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
@@ -70,8 +74,9 @@ def coordinator(
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(
-        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps
-    ) as coord:
+        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps,
+        volumes=volumes,
+    ) as coord:  # fmt: skip
         yield coord
 
 
@@ -82,6 +87,7 @@ def clustered(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    volumes: tuple[str, ...] = (),
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -95,6 +101,8 @@ def clustered(
     # with --oss: VM and Vagrant lab users still tell their instances by hostname.
     home = socket.gethostname() if instances else ""
     view = View.of("", dict(maps or {}), placement, home=home)
+    if volumes and (oss_url is not None or instances == 0):
+        raise UsageError("--volume needs --instances (VMs through --oss: not yet)")
     if oss_url is not None and instances == 0:
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
@@ -102,6 +110,7 @@ def clustered(
             yield coord
         return
     from oss.local import PrivateOss, PrivateOssError
+    from oss.storage.server import StorageError
     from vmagent.cluster.coordinator import OssModeUnavailable
     from vmagent.cluster.local import LocalCluster
     from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
@@ -129,10 +138,12 @@ def clustered(
             raise TracerError(
                 f"local instances: {', '.join(missing)} did not register with the run's OSS"
             )
+        if volumes:  # issue 14: the declared paths are one namespace on every instance
+            view = _with_storage(stack, view, volumes, maps or {}, cluster)
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc
-    except (AgentError, PrivateOssError) as exc:
+    except (AgentError, PrivateOssError, StorageError) as exc:
         stack.close()
         raise TracerError(f"local instances: {exc}") from exc
     except BaseException:
@@ -149,6 +160,36 @@ def clustered(
             local.close()
         stack.close()
         cluster.remove_logs()
+
+
+def _with_storage(
+    stack: contextlib.ExitStack,
+    view: Any,
+    volumes: tuple[str, ...],
+    maps: dict[str, str],
+    cluster: Any,
+) -> Any:
+    """Serve the declared paths from a storage server, mount them on every instance,
+    and return the view that maps them there (the home keeps the real directories)."""
+    import dataclasses
+
+    from oss.storage.run import Agent, RunStorage, StorageOptions
+
+    virtuals = tuple(dict.fromkeys(os.path.normpath(os.path.abspath(v)) for v in volumes))
+    pathmap = PathMap(maps) if maps else None
+    reals = []
+    for v in virtuals:
+        real = os.fsdecode(pathmap.to_real(os.fsencode(v)) or v.encode()) if pathmap else v
+        if not os.path.isdir(real):
+            raise UsageError(f"--volume {v}: {real} is not a directory")
+        reals.append(real)
+    storage = RunStorage(
+        StorageOptions(virtuals), reals, default_data_dir() / "storage", cluster.logdir
+    )
+    stack.callback(storage.close)
+    storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])
+    log.info("storage %s: %s", storage.name, ", ".join(virtuals))
+    return dataclasses.replace(view, maps=tuple(sorted({**dict(view.maps), **storage.view_maps()}.items())))
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures

@@ -18,6 +18,7 @@ class FileConfig(BaseModel):
     instances:  number of local compute instances (like --instances)
     placement:  spread | pack | local (like --placement)
     oss:        URL of a running dcp-oss (like --oss)
+    volumes:    paths that are one namespace on every instance (like --volume)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -26,6 +27,7 @@ class FileConfig(BaseModel):
     instances: int = Field(default=0, ge=0)
     placement: str = "spread"
     oss: str | None = None
+    volumes: list[str] = []
 
     @field_validator("map")
     @classmethod

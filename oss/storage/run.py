@@ -1,0 +1,117 @@
+"""A run's storage (issue 14): its networked volume, mounted on every instance.
+
+`RunStorage` is what the run's owner (dcptrace's cluster set-up) does: start
+the storage server over the declared paths, ask each instance's agent to mount
+the namespace (`POST /v1/storage`), and give the view the maps that send each
+declared path there.  `close()` unmounts everywhere (every file still open is
+published first) and stops the server: what the program wrote is then in the
+user's directories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from oss.storage.policy import StorageLimits
+from oss.storage.server import StorageConfig, StorageError, StorageServer
+
+log = logging.getLogger(__name__)
+
+FS_ROOT = "/run/dcp/fs"  # vmagent.storage.mounts.FS_ROOT: where each instance mounts it
+AGENT_TIMEOUT = 30.0
+
+
+class StorageMountFailed(StorageError):
+    """An instance could not mount the program's storage."""
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An instance's agent, as the run's owner reaches it."""
+
+    name: str
+    address: str  # HOST:PORT
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class StorageOptions:
+    """The run's storage settings (from `--volume` / the config file's [storage])."""
+
+    volumes: tuple[str, ...]  # absolute virtual paths, as the program names them
+    memory_capacity: int | None = 256 << 20
+    disk_capacity: int | None = None
+    limits: StorageLimits = StorageLimits()
+    policy: Mapping[str, object] | None = None
+
+
+def storage_name() -> str:
+    """A name for this run's storage (its state directory, `dcp-oss storage ls NAME`)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+
+
+class RunStorage:
+    """One run's networked volume and its mounts on the instances."""
+
+    def __init__(
+        self, options: StorageOptions, reals: Sequence[str], state_root: Path, socket_dir: Path
+    ) -> None:
+        self.options = options
+        self.name = storage_name()
+        self.key = secrets.token_urlsafe(32)
+        self.server = StorageServer(
+            StorageConfig(self.name, tuple(reals), state_root / self.name, self.key, options.limits)
+        )
+        self.address = self.server.start(f"unix:{socket_dir}/storage.sock")
+        self.agents: list[Agent] = []
+        log.info("storage %s serves %s", self.name, ", ".join(reals))
+
+    def view_maps(self) -> dict[str, str]:
+        """What the program's view maps each declared path to, on every instance."""
+        return {v: f"{FS_ROOT}/{self.name}/v{i}" for i, v in enumerate(self.options.volumes)}
+
+    def mount_on(self, agents: Sequence[Agent]) -> None:
+        """Mount the namespace on each instance (StorageMountFailed names the first that cannot)."""
+        spec = {
+            "name": self.name, "server": self.address, "key": self.key,
+            "host_key": self.server.host_key, "volumes": len(self.options.volumes),
+            "memory_capacity": self.options.memory_capacity,
+            "disk_capacity": self.options.disk_capacity,
+            "policy": dict(self.options.policy or {}),
+        }  # fmt: skip
+        body = json.dumps(spec).encode()
+        for agent in agents:
+            try:
+                _call(agent, "POST", "/v1/storage", body)
+            except (OSError, urllib.error.HTTPError) as exc:
+                raise StorageMountFailed(f"{agent.name}: storage not mounted: {exc}") from exc
+            self.agents.append(agent)
+
+    def close(self) -> None:
+        """Unmount everywhere (publishing open files), then stop the server."""
+        for agent in self.agents:
+            try:
+                _call(agent, "DELETE", f"/v1/storage/{self.name}", b"")
+            except OSError as exc:  # a lost instance: what it fsynced is on the volume
+                log.warning("storage on %s not unmounted: %s", agent.name, exc)
+        self.agents.clear()
+        self.server.stop()
+
+
+def _call(agent: Agent, method: str, path: str, body: bytes) -> None:
+    req = urllib.request.Request(
+        f"http://{agent.address}{path}", data=body or None, method=method,
+        headers={"Authorization": f"Bearer {agent.token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=AGENT_TIMEOUT) as resp:
+        resp.read()
