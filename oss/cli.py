@@ -576,3 +576,8 @@ async def _print_logs(
                 nxt.cancel()
         drop.link(await links())
         emit(sorted(drop(held.rest(), loop.time()) + drop.rest(), key=lambda ln: ln.ts))
+
+
+from oss.storage.cli import storage as _storage  # noqa: E402  (issue 14)
+
+main.add_command(_storage)

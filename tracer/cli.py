@@ -40,6 +40,7 @@ class RunDefaults:
     placement: str = "spread"
     oss: str | None = None
     volumes: list[str] = field(default_factory=list)
+    storage: dict[str, int | str] = field(default_factory=dict)
 
 
 def _real_in_view(pathmap: PathMap, path: str) -> str:
@@ -298,7 +299,7 @@ def command(
         try:
             with compose.coordinator(
                 inner, n, where, oss_url or config.oss, mapping,
-                volumes=tuple(config.volumes) + volumes,
+                volumes=tuple(config.volumes) + volumes, storage=dict(config.storage),
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(

@@ -60,6 +60,7 @@ def coordinator(
     oss_url: str | None,
     maps: dict[str, str] | None = None,
     volumes: tuple[str, ...] = (),
+    storage: dict[str, int | str] | None = None,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
@@ -75,7 +76,7 @@ def coordinator(
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(
         inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps,
-        volumes=volumes,
+        volumes=volumes, storage=storage,
     ) as coord:  # fmt: skip
         yield coord
 
@@ -88,6 +89,7 @@ def clustered(
     oss_url: str | None,
     maps: dict[str, str] | None = None,
     volumes: tuple[str, ...] = (),
+    storage: dict[str, int | str] | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -139,7 +141,7 @@ def clustered(
                 f"local instances: {', '.join(missing)} did not register with the run's OSS"
             )
         if volumes:  # issue 14: the declared paths are one namespace on every instance
-            view = _with_storage(stack, view, volumes, maps or {}, cluster)
+            view = _with_storage(stack, view, volumes, maps or {}, cluster, storage or {})
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc
@@ -168,12 +170,13 @@ def _with_storage(
     volumes: tuple[str, ...],
     maps: dict[str, str],
     cluster: Any,
+    table: dict[str, int | str],
 ) -> Any:
     """Serve the declared paths from a storage server, mount them on every instance,
     and return the view that maps them there (the home keeps the real directories)."""
     import dataclasses
 
-    from oss.storage.run import Agent, RunStorage, StorageOptions
+    from oss.storage.run import Agent, RunStorage, options_from_table
 
     virtuals = tuple(dict.fromkeys(os.path.normpath(os.path.abspath(v)) for v in volumes))
     pathmap = PathMap(maps) if maps else None
@@ -183,8 +186,12 @@ def _with_storage(
         if not os.path.isdir(real):
             raise UsageError(f"--volume {v}: {real} is not a directory")
         reals.append(real)
+    try:
+        options = options_from_table(virtuals, table)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     storage = RunStorage(
-        StorageOptions(virtuals), reals, default_data_dir() / "storage", cluster.logdir
+        options, reals, default_data_dir() / "storage", cluster.logdir
     )
     stack.callback(storage.close)
     storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])

@@ -19,6 +19,7 @@ class FileConfig(BaseModel):
     placement:  spread | pack | local (like --placement)
     oss:        URL of a running dcp-oss (like --oss)
     volumes:    paths that are one namespace on every instance (like --volume)
+    storage:    tiers, policy and limit of those paths (oss.storage.run.TABLE_KEYS)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -28,6 +29,7 @@ class FileConfig(BaseModel):
     placement: str = "spread"
     oss: str | None = None
     volumes: list[str] = []
+    storage: dict[str, int | str] = {}
 
     @field_validator("map")
     @classmethod

@@ -55,6 +55,51 @@ class StorageOptions:
     policy: Mapping[str, object] | None = None
 
 
+TABLE_KEYS = {
+    "memory_mb": "the memory tier's size on each instance (MiB)",
+    "disk_mb": "the disk tier's size on each instance (MiB; default unbounded)",
+    "limit_mb": "the program's storage limit (MiB, measured on the volume)",
+    "promote_after_reads": "opens for reading before a file is promoted to memory",
+    "stream_mb": "a sequential write past this many MiB streams to the networked volume",
+    "largest_in_memory_mb": "files above this many MiB are never put in memory",
+    "prefer": "the tier the program's resource selection prefers (memory, disk, net)",
+}
+
+
+def options_from_table(volumes: tuple[str, ...], table: Mapping[str, object]) -> StorageOptions:
+    """StorageOptions from the config file's [storage] table (ValueError names a bad key)."""
+    unknown = set(table) - set(TABLE_KEYS)
+    if unknown:
+        raise ValueError(f"[storage] has unknown keys: {', '.join(sorted(unknown))}")
+
+    def mib(key: str, default: int | None) -> int | None:
+        value = table.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"[storage] {key} must be a whole number of MiB")
+        return value << 20
+
+    policy: dict[str, object] = {}
+    if "promote_after_reads" in table:
+        policy["promote_after_reads"] = int(table["promote_after_reads"])  # type: ignore[call-overload]
+    if "stream_mb" in table:
+        policy["stream_bytes"] = mib("stream_mb", None)
+    if "largest_in_memory_mb" in table:
+        policy["largest_in_memory"] = mib("largest_in_memory_mb", None)
+    if "prefer" in table:
+        if table["prefer"] not in ("memory", "disk", "net"):
+            raise ValueError("[storage] prefer must be memory, disk or net")
+        policy["preferred"] = table["prefer"]
+    return StorageOptions(
+        volumes,
+        memory_capacity=mib("memory_mb", 256 << 20 >> 20),
+        disk_capacity=mib("disk_mb", None),
+        limits=StorageLimits(program=mib("limit_mb", None)),
+        policy=policy,
+    )
+
+
 def storage_name() -> str:
     """A name for this run's storage (its state directory, `dcp-oss storage ls NAME`)."""
     return f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
@@ -73,6 +118,8 @@ class RunStorage:
             StorageConfig(self.name, tuple(reals), state_root / self.name, self.key, options.limits)
         )
         self.address = self.server.start(f"unix:{socket_dir}/storage.sock")
+        names = {f"v{i}": v for i, v in enumerate(options.volumes)}
+        (state_root / self.name / "volumes.json").write_text(json.dumps(names))
         self.agents: list[Agent] = []
         log.info("storage %s serves %s", self.name, ", ".join(reals))
 

@@ -1,0 +1,133 @@
+"""Issue 14 on local instances: --volume paths are one namespace, tiered, billed.
+
+Each case runs a program natively in one directory and under
+`dcptrace --instances 2 --placement spread --volume .` in another, and
+compares its output and the files it left; the storage's own record
+(`dcp-oss storage ls --json`) says which instance did what and which moves
+were made, with their reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA_DIR, REPO, dcptrace_argv, traced_env
+
+pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.netns]
+
+WRITER = """
+import hashlib, os, sys
+data = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB, the same every run
+os.makedirs("out", exist_ok=True)
+with open("out/data.bin", "wb") as f:
+    f.write(data)
+with open("out/note.txt", "w") as f:
+    f.write("written on one instance\\n")
+print("wrote", len(data))
+"""
+READER = """
+import hashlib
+print(hashlib.sha256(open("out/data.bin", "rb").read()).hexdigest())
+print(open("out/note.txt").read(), end="")
+"""
+TIERS = """
+import hashlib, os
+def digest(p): return hashlib.sha256(open(p, "rb").read()).hexdigest()[:16]
+with open("small.txt", "w") as f:
+    f.write("hot\\n" * 1000)
+for _ in range(4):            # read repeatedly: promoted to memory
+    open("small.txt").read()
+with open("big.bin", "wb") as f:   # a large sequential write: the networked tier
+    for i in range(6):
+        f.write(bytes([i]) * (1 << 20))
+for n in range(4):            # 4 x 400 KiB through a 1 MiB memory tier: it fills
+    with open(f"part{n}.bin", "wb") as f:
+        f.write(bytes([n]) * (400 << 10))
+for p in ["small.txt", "big.bin"] + [f"part{n}.bin" for n in range(4)]:
+    print(p, os.path.getsize(p), digest(p))
+"""
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("local instances with storage need root (mount namespaces, FUSE, tmpfs)")
+    if not Path("/dev/fuse").exists():
+        pytest.skip("no /dev/fuse: dcpfs cannot mount")
+    try:
+        import mfusepy  # noqa: F401
+    except ImportError:
+        pytest.skip("mfusepy is not installed (pip install '.[storage]')")
+
+
+def _run(argv: list[str], cwd: Path, config: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    extra = ["--config", str(config)] if config else []
+    full = [*dcptrace_argv("--instances", "2", "--placement", "spread", "--volume", ".", *extra),
+            "--", *argv]  # fmt: skip
+    return subprocess.run(full, cwd=cwd, env=traced_env(), capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=240)  # fmt: skip
+
+
+def _native(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def _latest_storage() -> dict[str, object]:
+    root = Path(DATA_DIR) / "storage"
+    latest = max(root.iterdir(), key=lambda p: p.stat().st_mtime)
+    out = subprocess.run(
+        [sys.executable, "-m", "oss", "storage", "ls", latest.name, "--data", DATA_DIR, "--json"],
+        env=traced_env(), capture_output=True, check=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_written_on_one_instance_read_whole_on_another(tmp_path: Path) -> None:
+    _require_root()
+    argv = ["sh", "-c", f"python3 -c '{WRITER}' && python3 -c '{READER}'"]
+    (tmp_path / "native").mkdir()
+    (tmp_path / "dcp").mkdir()
+    native = _native(argv, tmp_path / "native")
+    traced = _run(argv, tmp_path / "dcp")
+    assert traced.returncode == native.returncode == 0, traced.stderr
+    assert traced.stdout == native.stdout
+    # Results land in the user's directory, byte-identical to a native run's.
+    assert _files(tmp_path / "dcp") == _files(tmp_path / "native")
+    record = _latest_storage()["instances"]
+    assert isinstance(record, dict)
+    writers = {i for i, r in record.items() if r["files"].get("/v0/out/data.bin", {}).get("writes")}
+    readers = {i for i, r in record.items() if r["files"].get("/v0/out/data.bin", {}).get("reads")}
+    assert writers and readers and writers.isdisjoint(readers), record
+
+
+def test_tiers_promote_stream_and_demote(tmp_path: Path) -> None:
+    _require_root()
+    config = tmp_path / "dcp.toml"
+    config.write_text("[storage]\nmemory_mb = 1\nstream_mb = 2\npromote_after_reads = 3\n")
+    argv = ["sh", "-c", 'python3 -c "$0"', TIERS]  # the python process is placed
+    (tmp_path / "native").mkdir()
+    (tmp_path / "dcp").mkdir()
+    native = _native(argv, tmp_path / "native")
+    traced = _run(argv, tmp_path / "dcp", config)
+    assert traced.returncode == native.returncode == 0, traced.stderr
+    assert traced.stdout == native.stdout  # the program's output is a native run's
+    assert _files(tmp_path / "dcp") == _files(tmp_path / "native")
+    record = _latest_storage()["instances"]
+    assert isinstance(record, dict)
+    moves = [(m["path"], m["from"], m["to"], m["reason"]) for r in record.values() for m in r["moves"]]
+    assert any(p == "/v0/small.txt" and t == "memory" and "promoted" in why
+               for p, _f, t, why in moves), moves  # fmt: skip
+    assert any(p == "/v0/big.bin" and t == "net" and "sequential" in why
+               for p, _f, t, why in moves), moves  # fmt: skip
+    assert any(f == "memory" and "demoted" in why for _p, f, _t, why in moves), moves
