@@ -225,6 +225,11 @@ class _VolumeSftp(asyncssh.SFTPServer):
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         self.posix_rename(oldpath, newpath)
 
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        # The link stores what the program wrote (a path of its view), as natively;
+        # asyncssh's default would rewrite an absolute target into the volume.
+        os.symlink(oldpath, self.map_path(newpath))
+
 
 class StorageServer:
     """One program's networked volume: the SFTP server on a thread of its own."""

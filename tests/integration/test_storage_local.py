@@ -9,6 +9,7 @@ were made, with their reasons.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -131,3 +132,108 @@ def test_tiers_promote_stream_and_demote(tmp_path: Path) -> None:
     assert any(p == "/v0/big.bin" and t == "net" and "sequential" in why
                for p, _f, t, why in moves), moves  # fmt: skip
     assert any(f == "memory" and "demoted" in why for _p, f, _t, why in moves), moves
+
+
+SYNCED = """
+import os, time
+fd = os.open("synced.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, b"fsynced before the instance was lost\\n")
+os.fsync(fd)
+open("ready", "w").close()
+time.sleep(600)  # the test kills this instance now
+"""
+WAITER = """
+import os, time
+while not os.path.exists("go"):
+    time.sleep(0.1)
+print(open("synced.txt").read(), end="")
+"""
+
+
+def _agent_serving(name: str, instance: str) -> int:
+    """The host pid of the agent whose dcpfs serves storage `name` as `instance`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"vmagent.storage.dcpfs" not in argv:
+                continue
+            if f"/run/dcp/fs/{name} " not in Path(f"/proc/{pid}/mountinfo").read_text():
+                continue
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            agent = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if instance.encode() in agent:
+            return parent
+    raise AssertionError(f"no agent of {instance} serves storage {name}")
+
+
+def test_fsynced_data_survives_the_loss_of_its_instance(tmp_path: Path) -> None:
+    _require_root()
+    import signal
+    import time
+
+    argv = ["sh", "-c", 'python3 -c "$0" & python3 -c "$1"; wait', SYNCED, WAITER]
+    full = [*dcptrace_argv("--instances", "3", "--placement", "spread", "--volume", "."),
+            "--", *argv]  # fmt: skip
+    proc = subprocess.Popen(full, cwd=tmp_path, env=traced_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.1)
+        root = Path(DATA_DIR) / "storage"
+        state = max(root.iterdir(), key=lambda p: p.stat().st_mtime)
+        writer = ""
+        while not writer:  # the instances' reports (1 s apart) say where it was written
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            for report in state.glob("report-*.json"):
+                with contextlib.suppress(ValueError):
+                    files = json.loads(report.read_text()).get("files", {})
+                    if files.get("/v0/synced.txt", {}).get("writes"):
+                        writer = report.name[7:-5]
+        os.kill(_agent_serving(state.name, writer), signal.SIGKILL)  # the instance is lost
+        (tmp_path / "go").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "synced.txt").read_bytes() == b"fsynced before the instance was lost\n"
+    assert out == b"fsynced before the instance was lost\n", err
+
+
+FILLER = """
+import errno, os
+fd = os.open("fill.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+total = 0
+try:
+    while True:
+        total += os.write(fd, bytes([total % 251]) * 65536)
+except OSError as e:
+    print(errno.errorcode[e.errno], total)
+os.close(fd)
+"""
+
+
+def test_a_write_past_the_storage_limit_fails_with_edquot(tmp_path: Path) -> None:
+    _require_root()
+    config = tmp_path / "dcp.toml"
+    config.write_text("[storage]\nlimit_mb = 3\n")
+    (tmp_path / "dcp").mkdir()
+    traced = _run(["sh", "-c", 'python3 -c "$0"', FILLER], tmp_path / "dcp", config)
+    assert traced.returncode == 0, traced.stderr
+    name, written = traced.stdout.split()
+    assert name == b"EDQUOT"  # a real errno in the program
+    data = (tmp_path / "dcp" / "fill.bin").read_bytes()
+    assert len(data) == int(written) <= 3 << 20  # nothing written before it is lost
+    assert all(data[i] == (i // 65536 * 65536) % 251 for i in range(0, len(data), 4096))
+    billing = _latest_storage()["billing"]
+    assert isinstance(billing, dict)
+    assert billing["held"]["net"] == len(data)  # measured bytes, not declared
+    assert billing["gib_seconds"]["net"] > 0
+    assert billing["micros"]["net"] == pytest.approx(
+        billing["gib_seconds"]["net"] * billing["prices"]["net"]
+    )

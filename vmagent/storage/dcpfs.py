@@ -471,6 +471,10 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         with self._mutex:
             self.remote.call(lambda: self.sftp.symlink(source, target))
 
+    def link(self, target: str, source: str) -> None:
+        with self._mutex:
+            self.remote.call(lambda: self.sftp.link(source, target))
+
     def chmod(self, path: str, mode: int) -> None:
         with self._mutex:
             self.remote.call(lambda: self.sftp.chmod(path, mode & 0o7777))
