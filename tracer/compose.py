@@ -190,13 +190,12 @@ def _with_storage(
         options = options_from_table(virtuals, table)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    storage = RunStorage(
-        options, reals, default_data_dir() / "storage", cluster.logdir
-    )
+    storage = RunStorage(options, reals, default_data_dir() / "storage", cluster.logdir)
     stack.callback(storage.close)
     storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])
     log.info("storage %s: %s", storage.name, ", ".join(virtuals))
-    return dataclasses.replace(view, maps=tuple(sorted({**dict(view.maps), **storage.view_maps()}.items())))
+    maps_now = {**dict(view.maps), **storage.view_maps()}
+    return dataclasses.replace(view, maps=tuple(sorted(maps_now.items())))
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures

@@ -65,7 +65,10 @@ def ls(program: str | None, data_dir: Path | None, as_json: bool) -> None:
         moves += [(m.get("time", 0), instance, m) for m in report.get("moves", [])]
     click.echo("moves:")
     for _when, instance, m in sorted(moves, key=lambda x: x[0]):
-        click.echo(f"  {instance}: {shown(str(m.get('path')))} {m.get('from')} -> {m.get('to')}: {m.get('reason')}")
+        click.echo(
+            f"  {instance}: {shown(str(m.get('path')))} "
+            f"{m.get('from')} -> {m.get('to')}: {m.get('reason')}"
+        )
     for tier, gs in sorted(billing.get("gib_seconds", {}).items()):
         price = billing.get("prices", {}).get(tier, 0)
         click.echo(f"billing: {tier}: {gs:.6f} GiB-s x {price} micros = {gs * price:.3f} micros")

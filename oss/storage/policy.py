@@ -17,8 +17,8 @@ and the tiers' capacity and use; its outputs are values (`Placement`, `Move`,
 
 from __future__ import annotations
 
-import errno
 import enum
+import errno
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -103,7 +103,9 @@ def streams(offset: int, size: int, sequential: bool, policy: Policy) -> bool:
     return sequential and offset + size > policy.stream_bytes
 
 
-def after_read_open(path: str, heat: Heat, policy: Policy, free: Mapping[Tier, int | None]) -> Move | None:
+def after_read_open(
+    path: str, heat: Heat, policy: Policy, free: Mapping[Tier, int | None]
+) -> Move | None:
     """What an open for reading does to a file's placement (`heat` already counts it).
 
     Repeated reads promote a file to memory (from the net or from disk) when it
@@ -116,7 +118,9 @@ def after_read_open(path: str, heat: Heat, policy: Policy, free: Mapping[Tier, i
     if heat.size <= policy.largest_in_memory and policy.preferred != Tier.DISK:
         return Move(path, heat.tier, Tier.MEMORY, f"promoted: read {heat.reads} times")
     if heat.tier == Tier.NET:
-        return Move(path, Tier.NET, Tier.DISK, f"promoted: read {heat.reads} times, too large for memory")
+        return Move(
+            path, Tier.NET, Tier.DISK, f"promoted: read {heat.reads} times, too large for memory"
+        )
     return None
 
 

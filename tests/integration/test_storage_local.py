@@ -66,7 +66,9 @@ def _require_root() -> None:
         pytest.skip("mfusepy is not installed (pip install '.[storage]')")
 
 
-def _run(argv: list[str], cwd: Path, config: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+def _run(
+    argv: list[str], cwd: Path, config: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
     extra = ["--config", str(config)] if config else []
     full = [*dcptrace_argv("--instances", "2", "--placement", "spread", "--volume", ".", *extra),
             "--", *argv]  # fmt: skip
@@ -126,7 +128,9 @@ def test_tiers_promote_stream_and_demote(tmp_path: Path) -> None:
     assert _files(tmp_path / "dcp") == _files(tmp_path / "native")
     record = _latest_storage()["instances"]
     assert isinstance(record, dict)
-    moves = [(m["path"], m["from"], m["to"], m["reason"]) for r in record.values() for m in r["moves"]]
+    moves = [
+        (m["path"], m["from"], m["to"], m["reason"]) for r in record.values() for m in r["moves"]
+    ]
     assert any(p == "/v0/small.txt" and t == "memory" and "promoted" in why
                for p, _f, t, why in moves), moves  # fmt: skip
     assert any(p == "/v0/big.bin" and t == "net" and "sequential" in why

@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncssh
 import mfusepy as fuse
@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT = 30.0  # seconds for one call to the storage server
 REPORT_EVERY = 1.0  # seconds between reports to the server
 CHUNK = 256 << 10
+STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
+STREAM_REASON = "large sequential write streams to the networked volume"
 
 T = TypeVar("T")
 
@@ -145,7 +147,8 @@ class Remote:
     def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn()` on the loop; SFTP errors become the errno the program sees."""
         future = asyncio.run_coroutine_threadsafe(
-            asyncio.wait_for(fn(), CALL_TIMEOUT), self.loop  # type: ignore[arg-type]
+            asyncio.wait_for(fn(), CALL_TIMEOUT),
+            self.loop,  # type: ignore[arg-type]
         )
         try:
             return future.result(CALL_TIMEOUT + 1)
@@ -288,11 +291,13 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         return free
 
     def _held(self) -> dict[Tier, int]:
-        held = usage_by_tier(
-            Heat(size=c.size, tier=c.tier) for c in self.state.copies.values()
-        )
+        held = usage_by_tier(Heat(size=c.size, tier=c.tier) for c in self.state.copies.values())
         for h in self.state.handles.values():
-            if h.writable and h.fd >= 0 and h.local not in {c.local for c in self.state.copies.values()}:
+            if (
+                h.writable
+                and h.fd >= 0
+                and h.local not in {c.local for c in self.state.copies.values()}
+            ):
                 held[h.tier] += h.size
         return held
 
@@ -326,7 +331,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 try:
                     offset = 0
                     while True:
-                        data = await f.read(CHUNK, offset)
+                        data = cast(bytes, await f.read(CHUNK, offset))
                         if not data:
                             break
                         os.pwrite(fd, data, offset)
@@ -352,7 +357,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         if move.target == Tier.NET:
             self._drop_copy(path)
         else:
-            for demote in to_make_room(move.target, heat.size, self._heats_with_copies(), self._free()):
+            for demote in to_make_room(
+                move.target, heat.size, self._heats_with_copies(), self._free()
+            ):
                 if demote.path != path:
                     self._move(demote)
             try:
@@ -437,8 +444,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def statfs(self, path: str) -> dict[str, Any]:
         st = os.statvfs(self.config.disk_dir)
-        return {k: getattr(st, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree",
-                                            "f_bavail", "f_files", "f_ffree", "f_namemax")}  # fmt: skip
+        return {key: getattr(st, key) for key in STATVFS_KEYS}
 
     def mkdir(self, path: str, mode: int) -> None:
         with self._mutex:
@@ -488,7 +494,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         with self._mutex:
             now = time.time_ns()
             atime, mtime = times if times is not None else (now, now)
-            self.remote.call(lambda: self.sftp.utime(path, times_ns=(int(atime), int(mtime))))
+            self.remote.call(lambda: self.sftp.utime(path, ns=(int(atime), int(mtime))))
             self._fix_copy_version(path)
 
     def _fix_copy_version(self, path: str) -> None:
@@ -580,7 +586,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         with self._mutex:
             remote = handle.remote
             assert remote is not None
-            return self.remote.call(lambda: remote.read(size, offset))  # type: ignore[no-any-return]
+            return cast(bytes, self.remote.call(lambda: remote.read(size, offset)))
 
     def _admit(self, handle: Handle, end: int) -> None:
         """Refuse growth past a limit (EDQUOT/ENOSPC) before a byte is written.
@@ -609,7 +615,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
             self._admit(handle, end)
             handle.sequential = handle.sequential and offset == handle.next_offset
             handle.next_offset = end
-            if handle.remote is None and streams(offset, len(data), handle.sequential, self.config.policy):
+            if handle.remote is None and streams(
+                offset, len(data), handle.sequential, self.config.policy
+            ):
                 self._stream(handle)
             if handle.remote is not None:
                 remote = handle.remote
@@ -641,7 +649,10 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         os.unlink(handle.local)
         handle.local, handle.tier = local, Tier.DISK
         handle.fd = os.open(local, os.O_RDWR)
-        self.state.ledger.add(time.time(), Move(handle.path, Tier.MEMORY, Tier.DISK, "demoted: memory full while writing"))
+        self.state.ledger.add(
+            time.time(),
+            Move(handle.path, Tier.MEMORY, Tier.DISK, "demoted: memory full while writing"),
+        )
         os.pwrite(handle.fd, data, offset)
 
     def _stream(self, handle: Handle) -> None:
@@ -654,7 +665,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
             data = os.pread(handle.fd, CHUNK, offset)
             if not data:
                 break
-            self.remote.call(lambda: remote.write(data, offset))
+            self.remote.call(lambda d=data, o=offset: remote.write(d, o))  # type: ignore[misc]
             offset += len(data)
         os.close(handle.fd)
         with contextlib.suppress(OSError):
@@ -665,7 +676,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self._drop_copy(handle.path)
         self.state.ledger.add(
             time.time(),
-            Move(handle.path, old_tier, Tier.NET, "large sequential write streams to the networked volume"),
+            Move(handle.path, old_tier, Tier.NET, STREAM_REASON),
         )
 
     def _publish(self, handle: Handle, durable: bool) -> None:
