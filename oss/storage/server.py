@@ -68,6 +68,7 @@ class StorageConfig:
     state_dir: Path  # reports, moves, usage, billing
     key: str  # the run's secret (SSH password of user `dcp`); never logged
     limits: StorageLimits = StorageLimits()
+    login_timeout: float = LOGIN_TIMEOUT
     prices: Mapping[str, int] = field(
         default_factory=lambda: {"memory": 40, "disk": 8, "net": 2}
     )  # micro-units per GiB-second
@@ -304,7 +305,7 @@ class StorageServer:
             sftp_factory=lambda chan: _VolumeSftp(chan, self),
             allow_scp=False,
             sftp_version=6,
-            login_timeout=LOGIN_TIMEOUT,
+            login_timeout=self.config.login_timeout,
             keepalive_interval=15,
             keepalive_count_max=3,
             agent_forwarding=False,
