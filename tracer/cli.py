@@ -43,6 +43,14 @@ class RunDefaults:
     storage: dict[str, int | str] = field(default_factory=dict)
 
 
+def _storage_table(config: RunDefaults | FileConfig) -> dict[str, int | str]:
+    """The [storage] table's settings that were given (issue 14)."""
+    table = config.storage
+    if isinstance(table, dict):
+        return table
+    return {k: v for k, v in table.model_dump().items() if v is not None}
+
+
 def _real_in_view(pathmap: PathMap, path: str) -> str:
     """The real path behind a path the program sees (itself when not mapped)."""
     if not pathmap:
@@ -299,7 +307,7 @@ def command(
         try:
             with compose.coordinator(
                 inner, n, where, oss_url or config.oss, mapping,
-                volumes=tuple(config.volumes) + volumes, storage=dict(config.storage),
+                volumes=tuple(config.volumes) + volumes, storage=_storage_table(config),
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(

@@ -140,7 +140,10 @@ class RunStorage:
         for agent in agents:
             try:
                 _call(agent, "POST", "/v1/storage", body)
-            except (OSError, urllib.error.HTTPError) as exc:
+            except urllib.error.HTTPError as exc:
+                why = exc.read(4096).decode(errors="replace").strip() or str(exc)
+                raise StorageMountFailed(f"{agent.name}: storage not mounted: {why}") from exc
+            except OSError as exc:
                 raise StorageMountFailed(f"{agent.name}: storage not mounted: {exc}") from exc
             self.agents.append(agent)
 
