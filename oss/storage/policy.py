@@ -111,6 +111,8 @@ def after_read_open(
     Repeated reads promote a file to memory (from the net or from disk) when it
     is small enough for memory; a large file read repeatedly comes to disk.
     """
+    if policy.preferred == Tier.NET:
+        return None  # the program chose the networked tier: no copies
     if heat.tier == Tier.MEMORY or heat.reads < policy.promote_after_reads:
         if heat.tier == Tier.NET and policy.preferred in (Tier.MEMORY, Tier.DISK):
             return Move(path, Tier.NET, policy.preferred, "preferred by the program's policy")

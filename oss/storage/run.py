@@ -10,11 +10,15 @@ user's directories.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import select
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oss.storage.policy import StorageLimits
-from oss.storage.server import StorageConfig, StorageError, StorageServer
+from oss.storage.server import StorageError
 
 log = logging.getLogger(__name__)
 
 FS_ROOT = "/run/dcp/fs"  # vmagent.storage.mounts.FS_ROOT: where each instance mounts it
 AGENT_TIMEOUT = 30.0
+START_TIMEOUT = 15.0  # seconds for the storage server to listen
+STOP_TIMEOUT = 15.0
 
 
 class StorageMountFailed(StorageError):
@@ -114,14 +120,49 @@ class RunStorage:
         self.options = options
         self.name = storage_name()
         self.key = secrets.token_urlsafe(32)
-        self.server = StorageServer(
-            StorageConfig(self.name, tuple(reals), state_root / self.name, self.key, options.limits)
-        )
-        self.address = self.server.start(f"unix:{socket_dir}/storage.sock")
+        state = state_root / self.name
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
         names = {f"v{i}": v for i, v in enumerate(options.volumes)}
-        (state_root / self.name / "volumes.json").write_text(json.dumps(names))
+        (state / "volumes.json").write_text(json.dumps(names))
+        lim = options.limits
+        config = {
+            "name": self.name, "volumes": list(reals), "state_dir": str(state), "key": self.key,
+            "address": f"unix:{socket_dir}/storage.sock",
+            "limits": {"account": lim.account, "user": lim.user, "program": lim.program,
+                       "volume": lim.volume_capacity},
+        }  # fmt: skip
+        root = str(Path(__file__).resolve().parent.parent.parent)
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # The key goes through the pipe, never argv or environ; the pipe is the lifeline.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "oss.storage.server"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env, cwd="/",
+        )  # fmt: skip
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(config).encode() + b"\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
+        line = self.proc.stdout.readline() if ready else b""
+        try:
+            hello = json.loads(line)
+            self.address, self.host_key = str(hello["address"]), str(hello["host_key"])
+        except (ValueError, KeyError, TypeError):
+            self._stop_server()
+            raise StorageError("the storage server did not start") from None
         self.agents: list[Agent] = []
         log.info("storage %s serves %s", self.name, ", ".join(reals))
+
+    def _stop_server(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # EOF: the server stops
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def view_maps(self) -> dict[str, str]:
         """What the program's view maps each declared path to, on every instance."""
@@ -131,7 +172,7 @@ class RunStorage:
         """Mount the namespace on each instance (StorageMountFailed names the first that cannot)."""
         spec = {
             "name": self.name, "server": self.address, "key": self.key,
-            "host_key": self.server.host_key, "volumes": len(self.options.volumes),
+            "host_key": self.host_key, "volumes": len(self.options.volumes),
             "memory_capacity": self.options.memory_capacity,
             "disk_capacity": self.options.disk_capacity,
             "policy": dict(self.options.policy or {}),
@@ -155,7 +196,7 @@ class RunStorage:
             except OSError as exc:  # a lost instance: what it fsynced is on the volume
                 log.warning("storage on %s not unmounted: %s", agent.name, exc)
         self.agents.clear()
-        self.server.stop()
+        self._stop_server()
 
 
 def _call(agent: Agent, method: str, path: str, body: bytes) -> None:

@@ -414,3 +414,45 @@ def bound_address(sock: socket.socket) -> str:
     if isinstance(name, str):
         return f"unix:{name}"
     return f"{name[0]}:{name[1]}"
+
+
+def main() -> None:
+    """`python -m oss.storage.server`: one JSON config line on stdin, then serve until EOF.
+
+    Prints one JSON line (`address`, `host_key`) once listening.  Its stdin is
+    the lifeline: the run's owner closing it (or dying) stops the server.  A
+    process of its own, so the server's threads never wait on the tracer's GIL.
+    """
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="dcp-storage: %(levelname)s: %(message)s")
+    try:
+        raw = json.loads(sys.stdin.readline())
+        lim = raw.get("limits", {})
+        limits = StorageLimits(
+            lim.get("account"), lim.get("user"), lim.get("program"), lim.get("volume")
+        )
+        config = StorageConfig(
+            str(raw["name"]), tuple(str(v) for v in raw["volumes"]), Path(raw["state_dir"]),
+            str(raw["key"]), limits,
+        )  # fmt: skip
+        address = str(raw["address"])
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"dcp-storage: bad configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+    server = StorageServer(config)
+    try:
+        bound = server.start(address)
+    except StorageError as exc:
+        print(f"dcp-storage: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({"address": bound, "host_key": server.host_key}), flush=True)
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT = 30.0  # seconds for one call to the storage server
 REPORT_EVERY = 1.0  # seconds between reports to the server
 CHUNK = 256 << 10
+MAX_WRITE = 128 << 10  # bytes per FUSE write/read (libfuse 2's largest)
 STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
 STREAM_REASON = "large sequential write streams to the networked volume"
 
@@ -334,7 +335,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                         data = cast(bytes, await f.read(CHUNK, offset))
                         if not data:
                             break
-                        os.pwrite(fd, data, offset)
+                        _pwrite_all(fd, data, offset)
                         offset += len(data)
                 finally:
                     os.close(fd)
@@ -630,7 +631,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def _local_write(self, handle: Handle, data: bytes, offset: int) -> None:
         try:
-            os.pwrite(handle.fd, data, offset)
+            _pwrite_all(handle.fd, data, offset)
             return
         except OSError as exc:
             if exc.errno != errno.ENOSPC or handle.tier != Tier.MEMORY:
@@ -639,7 +640,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         for move in to_make_room(Tier.MEMORY, len(data), self._heats_with_copies(), self._free()):
             self._move(move)
         try:
-            os.pwrite(handle.fd, data, offset)
+            _pwrite_all(handle.fd, data, offset)
             return
         except OSError:
             pass
@@ -653,7 +654,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
             time.time(),
             Move(handle.path, Tier.MEMORY, Tier.DISK, "demoted: memory full while writing"),
         )
-        os.pwrite(handle.fd, data, offset)
+        _pwrite_all(handle.fd, data, offset)
 
     def _stream(self, handle: Handle) -> None:
         """Send this handle's writes to the volume from now on (it bypasses the fast tiers)."""
@@ -800,6 +801,16 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
             self._refresh_usage()
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite every byte (a file system may write fewer than asked, e.g. on a signal)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
+
+
 def _part_name(path: str) -> str:
     head, _, tail = path.rpartition("/")
     return f"{head}/.dcp-part-{secrets.token_hex(6)}-{tail}"[:4000]
@@ -822,6 +833,7 @@ def main() -> None:
     """`python -m vmagent.storage.dcpfs` with its config (JSON) on stdin; mounts and serves."""
     logging.basicConfig(level=logging.INFO, format="dcpfs: %(levelname)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    sys.setswitchinterval(0.0005)  # FUSE threads hand work to the SFTP loop thread and back
     try:
         config = FsConfig.from_json(json.loads(sys.stdin.read()))
     except (KeyError, TypeError, ValueError) as exc:
@@ -838,6 +850,7 @@ def main() -> None:
         fuse.FUSE(
             fs, config.mountpoint, foreground=True, nothreads=False, allow_other=True,
             default_permissions=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
+            big_writes=True, max_write=MAX_WRITE, max_read=MAX_WRITE,
             fsname=f"dcpfs-{config.name}",
         )  # fmt: skip
     finally:

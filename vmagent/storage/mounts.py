@@ -128,6 +128,8 @@ class Mounts:
             await _run(["umount", "-l", m.memory_dir])
         for d in (m.memory_dir, m.disk_dir):
             shutil.rmtree(d, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the program's directory, once every instance left
+                os.rmdir(os.path.dirname(d))
         with contextlib.suppress(OSError):
             os.rmdir(m.mountpoint)
         return True
