@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 30.0  # seconds for one call to the storage server
 REPORT_EVERY = 1.0  # seconds between reports to the server
+# An open for writing reuses a usage reading this recent (the reporter reads it every
+# REPORT_EVERY); the server refuses what a stale reading let through, at publish.
+USAGE_MAX_AGE = 0.5
 CHUNK = 256 << 10
 MAX_WRITE = 128 << 10  # bytes per FUSE write/read (libfuse 2's largest)
 STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
@@ -271,6 +274,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.tier_dirs = {Tier.MEMORY: config.memory_dir, Tier.DISK: config.disk_dir}
         self.capacity = {Tier.MEMORY: config.memory_capacity, Tier.DISK: config.disk_capacity}
         self.started = time.time()
+        self.usage_read = -1e9  # monotonic time of the last usage reading
 
     # -- helpers --------------------------------------------------------------
 
@@ -402,7 +406,13 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.state.handles[fh] = handle
         return fh
 
-    def _refresh_usage(self) -> None:
+    def _refresh_usage(self, max_age: float = 0.0) -> None:
+        """Read the server's measured usage, unless the last reading is younger than `max_age`."""
+        now = time.monotonic()
+        if max_age and now - self.usage_read < max_age:
+            return
+        self.usage_read = now
+
         async def read() -> bytes:
             async with self.sftp.open("/.dcp/usage.json", "rb") as f:
                 return await f.read()  # type: ignore[no-any-return]
@@ -556,7 +566,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
     def _open_write(
         self, path: str, flags: int, mode: int, attrs: asyncssh.SFTPAttrs | None
     ) -> int:
-        self._refresh_usage()
+        self._refresh_usage(USAGE_MAX_AGE)
         heat = self._heat(path)
         heat.writes += 1
         heat.last_access = time.monotonic()
