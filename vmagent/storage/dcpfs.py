@@ -66,6 +66,9 @@ REPORT_EVERY = 1.0  # seconds between reports to the server
 # An open for writing reuses a usage reading this recent (the reporter reads it every
 # REPORT_EVERY); the server refuses what a stale reading let through, at publish.
 USAGE_MAX_AGE = 0.5
+# An open follows its own lookup's getattr: attributes that recent are that lookup's
+# (a close elsewhere in between would be concurrent with this open, not before it).
+LOOKUP_REUSE = 0.01
 CHUNK = 256 << 10
 MAX_WRITE = 128 << 10  # bytes per FUSE write/read (libfuse 2's largest)
 STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
@@ -275,6 +278,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.capacity = {Tier.MEMORY: config.memory_capacity, Tier.DISK: config.disk_capacity}
         self.started = time.time()
         self.usage_read = -1e9  # monotonic time of the last usage reading
+        self.looked_up: tuple[str, Any, float] = ("", None, -1e9)  # the last getattr
 
     # -- helpers --------------------------------------------------------------
 
@@ -297,17 +301,22 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def _held(self) -> dict[Tier, int]:
         held = usage_by_tier(Heat(size=c.size, tier=c.tier) for c in self.state.copies.values())
+        copies = {c.local for c in self.state.copies.values()}
         for h in self.state.handles.values():
-            if (
-                h.writable
-                and h.fd >= 0
-                and h.local not in {c.local for c in self.state.copies.values()}
-            ):
+            if h.writable and h.fd >= 0 and h.local not in copies:
                 held[h.tier] += h.size
         return held
 
     def _stat(self, path: str) -> asyncssh.SFTPAttrs:
         return self.remote.call(lambda: self.sftp.lstat(path))
+
+    def _fresh_stat(self, path: str) -> asyncssh.SFTPAttrs:
+        """The volume's attributes of `path` for an open: the kernel's lookup of this very
+        open just fetched them (reused if under LOOKUP_REUSE old), else one round trip."""
+        seen, attrs, when = self.looked_up
+        if seen == path and time.monotonic() - when < LOOKUP_REUSE:
+            return attrs
+        return self._stat(path)
 
     def _heat(self, path: str) -> Heat:
         return self.state.heat.setdefault(path, Heat())
@@ -434,7 +443,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 now = self.started
                 return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_size": 0,
                         "st_mtime": now, "st_atime": now, "st_ctime": now}  # fmt: skip
-            attrs = _attrs_dict(self._stat(path))
+            remote = self._stat(path)
+            self.looked_up = (path, remote, time.monotonic())
+            attrs = _attrs_dict(remote)
             for h in self.state.handles.values():
                 if h.path == path and h.writable:
                     attrs["st_size"] = h.size
@@ -544,7 +555,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def open(self, path: str, flags: int) -> int:
         with self._mutex:
-            attrs = self._stat(path)
+            attrs = self._fresh_stat(path)
             if (flags & os.O_ACCMODE) != os.O_RDONLY:
                 return self._open_write(path, flags, (attrs.permissions or 0o644) & 0o7777, attrs)
             heat = self._heat(path)
