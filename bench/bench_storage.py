@@ -124,6 +124,7 @@ def main() -> None:
         args.mb, args.opens = 16, 100
     if os.geteuid() != 0:
         raise SystemExit("bench_storage: needs root (local instances, FUSE)")
+    print(f"# 2 CPUs, python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}")
     work = Path(tempfile.mkdtemp(prefix="dcp-bench-storage-", dir="/var/tmp"))
     rows: dict[str, dict[str, object]] = {}
     try:
@@ -171,6 +172,7 @@ def main() -> None:
                 each = ", ".join(f"{o:.3f}" for o in opens)
                 print(f"move 100 MB net -> {target}: {move:.2f} s "
                       f"({100 / move:.0f} MB/s; opens {each} s)")  # fmt: skip
+        print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

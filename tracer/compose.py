@@ -67,6 +67,7 @@ def coordinator(
     `maps` (`--map`, `[map]`) become the program's view, which every placed
     process carries and its instance applies.
     """
+    check_volumes(volumes, instances, oss_url)
     if instances == 0 and oss_url is None:
         yield inner
         return
@@ -79,6 +80,14 @@ def coordinator(
         volumes=volumes, storage=storage,
     ) as coord:  # fmt: skip
         yield coord
+
+
+def check_volumes(volumes: tuple[str, ...], instances: int, oss_url: str | None) -> None:
+    """UsageError unless `--volume` can be honoured here (issue 14)."""
+    if volumes and (oss_url is not None or instances == 0):
+        raise UsageError("--volume needs --instances (VMs through --oss: not yet)")
+    if volumes and os.geteuid() != 0:
+        raise UsageError("--volume needs root: each instance mounts the namespace (FUSE, tmpfs)")
 
 
 @contextlib.contextmanager
@@ -103,8 +112,6 @@ def clustered(
     # with --oss: VM and Vagrant lab users still tell their instances by hostname.
     home = socket.gethostname() if instances else ""
     view = View.of("", dict(maps or {}), placement, home=home)
-    if volumes and (oss_url is not None or instances == 0):
-        raise UsageError("--volume needs --instances (VMs through --oss: not yet)")
     if oss_url is not None and instances == 0:
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 

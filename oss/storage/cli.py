@@ -39,7 +39,7 @@ def ls(program: str | None, data_dir: Path | None, as_json: bool) -> None:
                 click.echo(d.name)
         return
     state = root / program
-    if not state.is_dir() or "/" in program:
+    if "/" in program or program.startswith(".") or not state.is_dir():
         raise click.ClickException(f"no storage recorded for program {program!r} under {root}")
     reports = {p.name[7:-5]: _load(p) for p in sorted(state.glob("report-*.json"))}
     billing = _load(state / "billing.json") or {}

@@ -241,3 +241,12 @@ def test_a_write_past_the_storage_limit_fails_with_edquot(tmp_path: Path) -> Non
     assert billing["micros"]["net"] == pytest.approx(
         billing["gib_seconds"]["net"] * billing["prices"]["net"]
     )
+
+
+def test_volume_without_instances_is_one_usage_line(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*dcptrace_argv("--volume", "."), "--", "true"], cwd=tmp_path, env=traced_env(),
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr == b"dcptrace: --volume needs --instances (VMs through --oss: not yet)\n"
