@@ -250,3 +250,39 @@ def test_volume_without_instances_is_one_usage_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 2
     assert res.stderr == b"dcptrace: --volume needs --instances (VMs through --oss: not yet)\n"
+
+
+UNCLOSED = """
+import glob, os, time
+fd = os.open("open.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, b"written, not closed\\n")
+os.stat(glob.glob("/run/dcp/fs/*/.dcp-sync")[0])  # what a checkpoint does first
+open("ready", "w").close()
+while not os.path.exists("go"):
+    time.sleep(0.1)
+os.close(fd)
+"""
+
+
+def test_a_sync_publishes_files_still_open_for_writing(tmp_path: Path) -> None:
+    _require_root()
+    import time
+
+    full = [*dcptrace_argv("--instances", "1", "--volume", "."), "--",
+            "sh", "-c", 'python3 -c "$0"', UNCLOSED]  # fmt: skip
+    proc = subprocess.Popen(full, cwd=tmp_path, env=traced_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.1)
+        # The writer still holds it open on its instance; its bytes are on the volume.
+        assert (tmp_path / "open.txt").read_bytes() == b"written, not closed\n"
+        (tmp_path / "go").touch()
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

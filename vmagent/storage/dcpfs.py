@@ -71,6 +71,9 @@ USAGE_MAX_AGE = 0.5
 LOOKUP_REUSE = 0.01
 CHUNK = 256 << 10
 MAX_WRITE = 128 << 10  # bytes per FUSE write/read (libfuse 2's largest)
+# A stat of MOUNT/.dcp-sync publishes every file open for writing on this instance
+# (fsynced on the volume) before it returns: a checkpoint or migration does it first.
+SYNC_PATH = "/.dcp-sync"
 STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
 STREAM_REASON = "large sequential write streams to the networked volume"
 
@@ -439,6 +442,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         with self._mutex:
+            if path == SYNC_PATH:
+                self.sync()
+                return {"st_mode": stat.S_IFREG, "st_nlink": 1, "st_size": 0}
             if path == "/":
                 now = self.started
                 return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_size": 0,
@@ -747,6 +753,15 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.state.copies[path] = Copy(handle.tier, handle.local, handle.size, _mtime_ns(attrs_now))
         heat = self._heat(path)
         heat.tier, heat.size = handle.tier, handle.size
+
+    def sync(self) -> None:
+        """Publish every file open for writing here, durably (what a migration needs first)."""
+        with self._mutex:
+            for handle in list(self.state.handles.values()):
+                if handle.writable and handle.dirty:
+                    if handle.fd >= 0:
+                        os.fsync(handle.fd)
+                    self._publish(handle, durable=True)
 
     def flush(self, path: str, fh: int) -> None:
         with self._mutex:
