@@ -231,6 +231,7 @@ class Handle:
     next_offset: int = 0
     sequential: bool = True
     mode: int = 0o644
+    unlinked: bool = False  # its path was removed while open: nothing to publish
 
 
 @dataclass(slots=True)
@@ -442,6 +443,12 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         with self._mutex:
+            handle = self.state.handles.get(fh) if fh is not None else None
+            if handle is not None and (handle.unlinked or not path) and handle.fd >= 0:
+                st = os.fstat(handle.fd)  # a file no name reaches: its staged copy says
+                return {"st_mode": stat.S_IFREG | handle.mode, "st_nlink": 0,
+                        "st_size": handle.size, "st_mtime": st.st_mtime,
+                        "st_atime": st.st_atime, "st_ctime": st.st_ctime}  # fmt: skip
             if path == SYNC_PATH:
                 self.sync()
                 return {"st_mode": stat.S_IFREG, "st_nlink": 1, "st_size": 0}
@@ -463,7 +470,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 return [".", ".."] + [f"v{i}" for i in range(self.config.volumes)]
             names = self.remote.call(lambda: self.sftp.listdir(path))
             return [".", ".."] + [
-                n for n in names if n not in (".", "..") and not n.startswith(".dcp-part-")
+                n
+                for n in names
+                if n not in (".", "..") and not n.startswith((".dcp-part-", ".fuse_hidden"))
             ]
 
     def readlink(self, path: str) -> str:
@@ -488,6 +497,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
             self.remote.call(lambda: self.sftp.remove(path))
             self._drop_copy(path)
             self.state.heat.pop(path, None)
+            for h in self.state.handles.values():
+                if h.path == path and h.writable:
+                    h.unlinked = True  # as natively: its writes go to a file no name reaches
 
     def rename(self, old: str, new: str) -> None:
         with self._mutex:
@@ -500,6 +512,13 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 self.state.copies[new] = copy
             if old in self.state.heat:
                 self.state.heat[new] = self.state.heat.pop(old)
+            hidden = new.rpartition("/")[2].startswith(".fuse_hidden")
+            for h in self.state.handles.values():
+                if h.path == old:
+                    h.path = new  # a writer publishes under the file's new name
+                    # The kernel's unlink of an open file is this rename: as natively,
+                    # what is written to it afterwards goes nowhere a name reaches.
+                    h.unlinked = h.unlinked or (hidden and h.writable)
 
     def symlink(self, target: str, source: str) -> None:
         with self._mutex:
@@ -710,6 +729,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
     def _publish(self, handle: Handle, durable: bool) -> None:
         """Make the handle's bytes the volume's file (atomically), fsynced if `durable`."""
         path = handle.path
+        if handle.unlinked:
+            handle.dirty = False
+            return
         if handle.remote is not None:
             remote = handle.remote
             if durable:
