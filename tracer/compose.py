@@ -198,11 +198,28 @@ def _with_storage(
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     storage = RunStorage(options, reals, default_data_dir() / "storage", cluster.logdir)
+    stack.callback(_remove_instance_dirs, storage.name)  # runs after storage.close
     stack.callback(storage.close)
     storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])
     log.info("storage %s: %s", storage.name, ", ".join(virtuals))
     maps_now = {**dict(view.maps), **storage.view_maps()}
     return dataclasses.replace(view, maps=tuple(sorted(maps_now.items())))
+
+
+def _remove_instance_dirs(name: str) -> None:
+    """What the instances' storage left on this machine's disk (a lost instance unmounts
+    nothing; local instances share this disk)."""
+    import shutil
+
+    from vmagent.storage.mounts import DISK_ROOT, FS_ROOT, TIER_ROOT
+
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for root in (DISK_ROOT, TIER_ROOT, FS_ROOT):
+        where = str(root / name)
+        # Never through a mount here: a namespace mounted in this one is the user's files.
+        if not any(m == where or m.startswith(where + "/") for m in mounts):
+            shutil.rmtree(where, ignore_errors=True)
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures
