@@ -69,7 +69,7 @@ USAGE_MAX_AGE = 0.5
 # An open follows its own lookup's getattr: attributes that recent are that lookup's
 # (a close elsewhere in between would be concurrent with this open, not before it).
 LOOKUP_REUSE = 0.01
-CHUNK = 256 << 10
+CHUNK = 4 << 20  # bytes per SFTP read or write call: asyncssh pipelines it in blocks
 MAX_WRITE = 128 << 10  # bytes per FUSE write/read (libfuse 2's largest)
 # A stat of MOUNT/.dcp-sync publishes every file open for writing on this instance
 # (fsynced on the volume) before it returns: a checkpoint or migration does it first.
