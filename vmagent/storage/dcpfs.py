@@ -248,8 +248,10 @@ class State:
 
 
 def _attrs_dict(a: asyncssh.SFTPAttrs) -> dict[str, Any]:
-    mtime = (a.mtime or 0) + (a.mtime_ns or 0) / 1e9
-    atime = (a.atime or 0) + (a.atime_ns or 0) / 1e9
+    """FUSE attributes (times in nanoseconds: `Dcpfs.use_ns`) of the volume's SFTP v6 ones."""
+    mtime = _mtime_ns(a)
+    atime = (a.atime or 0) * 1_000_000_000 + (a.atime_ns or 0)
+    ctime = (a.ctime or 0) * 1_000_000_000 + (a.ctime_ns or 0) if a.ctime else mtime
     perms = a.permissions or 0
     if a.type == asyncssh.FILEXFER_TYPE_DIRECTORY and not stat.S_IFMT(perms):
         perms |= stat.S_IFDIR
@@ -259,7 +261,7 @@ def _attrs_dict(a: asyncssh.SFTPAttrs) -> dict[str, Any]:
         perms |= stat.S_IFREG
     return {
         "st_mode": perms, "st_size": a.size or 0, "st_uid": a.uid or 0, "st_gid": a.gid or 0,
-        "st_mtime": mtime, "st_atime": atime, "st_ctime": mtime, "st_nlink": 1,
+        "st_mtime": mtime, "st_atime": atime, "st_ctime": ctime, "st_nlink": a.nlink or 1,
     }  # fmt: skip
 
 
@@ -280,7 +282,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self._mutex = threading.RLock()
         self.tier_dirs = {Tier.MEMORY: config.memory_dir, Tier.DISK: config.disk_dir}
         self.capacity = {Tier.MEMORY: config.memory_capacity, Tier.DISK: config.disk_capacity}
-        self.started = time.time()
+        self.started = time.time_ns()  # the root directory's times
         self.usage_read = -1e9  # monotonic time of the last usage reading
         self.looked_up: tuple[str, Any, float] = ("", None, -1e9)  # the last getattr
 
@@ -447,8 +449,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
             if handle is not None and (handle.unlinked or not path) and handle.fd >= 0:
                 st = os.fstat(handle.fd)  # a file no name reaches: its staged copy says
                 return {"st_mode": stat.S_IFREG | handle.mode, "st_nlink": 0,
-                        "st_size": handle.size, "st_mtime": st.st_mtime,
-                        "st_atime": st.st_atime, "st_ctime": st.st_ctime}  # fmt: skip
+                        "st_size": handle.size, "st_mtime": st.st_mtime_ns,
+                        "st_atime": st.st_atime_ns, "st_ctime": st.st_ctime_ns}  # fmt: skip
             if path == SYNC_PATH:
                 self.sync()
                 return {"st_mode": stat.S_IFREG, "st_nlink": 1, "st_size": 0}
