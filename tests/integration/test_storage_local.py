@@ -23,19 +23,26 @@ from tests.conftest import DATA_DIR, REPO, dcptrace_argv, traced_env
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.netns]
 
 WRITER = """
-import hashlib, os, sys
+import hashlib, os, sys, time
 data = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB, the same every run
 os.makedirs("out", exist_ok=True)
 with open("out/data.bin", "wb") as f:
     f.write(data)
 with open("out/note.txt", "w") as f:
     f.write("written on one instance\\n")
-print("wrote", len(data))
+open("written", "w").close()
+for _ in range(600):  # alive until it was read: the reader is placed elsewhere
+    if os.path.exists("read"):
+        break
+    time.sleep(0.1)
 """
 READER = """
-import hashlib
+import hashlib, os, time
+while not os.path.exists("written"):
+    time.sleep(0.1)
 print(hashlib.sha256(open("out/data.bin", "rb").read()).hexdigest())
 print(open("out/note.txt").read(), end="")
+open("read", "w").close()
 """
 TIERS = """
 import hashlib, os
@@ -98,7 +105,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_written_on_one_instance_read_whole_on_another(tmp_path: Path) -> None:
     _require_root()
-    argv = ["sh", "-c", f"python3 -c '{WRITER}' && python3 -c '{READER}'"]
+    argv = ["sh", "-c", 'python3 -c "$0" & python3 -c "$1"; wait', WRITER, READER]
     (tmp_path / "native").mkdir()
     (tmp_path / "dcp").mkdir()
     native = _native(argv, tmp_path / "native")
