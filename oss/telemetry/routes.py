@@ -198,9 +198,17 @@ async def h_agent_report(
 async def h_processes(
     oss: Oss, r: web.Request, who: Any, b: Any, q: m.ProcessQuery
 ) -> m.ProcessList:
-    return await oss.process_list(
+    got = await oss.process_list(
         principal(who).account_id, r.match_info["program_id"], q.final_wait, q.expect
     )
+    if q.offset or q.limit is not None:  # one page (the web view's timeline)
+        end = None if q.limit is None else q.offset + q.limit
+        got = m.ProcessList(
+            processes=got.processes[q.offset : end],
+            incomplete=got.incomplete,
+            total=len(got.processes),
+        )
+    return got
 
 
 async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:
