@@ -190,10 +190,7 @@ class Billing:
 
         return await self._db.read(op)
 
-
-    async def spend(
-        self, account_id: str, user_ids: dict[str, str], limit: int
-    ) -> dict[str, Any]:
+    async def spend(self, account_id: str, user_ids: dict[str, str], limit: int) -> dict[str, Any]:
         """Spent against budgets: the account, each user (id -> name), the newest `limit`
         programs."""
 

@@ -129,8 +129,7 @@ def _instance(oss: Oss, row: dict[str, Any]) -> m.Instance:
 async def h_instances(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.Instance]:
     p = principal(who)
     return [
-        _instance(oss, i)
-        for i in await oss.instances.instances(None if p.admin else p.account_id)
+        _instance(oss, i) for i in await oss.instances.instances(None if p.admin else p.account_id)
     ]
 
 
