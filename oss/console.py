@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from pydantic import BaseModel
@@ -61,21 +61,22 @@ def read_token_file(path: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise click.UsageError(f"cannot open the token file {path}: {exc.strerror}") from exc
+        fail(f"cannot open the token file {path}: {exc.strerror}", EXIT_USAGE)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise click.UsageError(
+            fail(
                 f"refusing the token file {path}: group or others may read it, or it is not "
                 f"yours (mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}; want 0600, "
-                f"uid {os.geteuid()})"
+                f"uid {os.geteuid()})",
+                EXIT_USAGE,
             )
         data = os.read(fd, MAX_TOKEN + 1)
     finally:
         os.close(fd)
     token = data.decode("ascii", errors="replace").strip()
     if len(data) > MAX_TOKEN or not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise click.UsageError(f"the token file {path} does not hold one token")
+        fail(f"the token file {path} does not hold one token", EXIT_USAGE)
     return token
 
 
@@ -85,7 +86,7 @@ def account_token(token_file: str | None) -> str:
         return read_token_file(token_file)
     token = os.environ.get("DCP_TOKEN", "").strip()
     if not token:
-        raise click.UsageError("give the account token by --token-file FILE (0600) or DCP_TOKEN")
+        fail("give the account token by --token-file FILE (0600) or DCP_TOKEN", EXIT_USAGE)
     return token
 
 
@@ -97,7 +98,7 @@ def connection(json_output: bool = True) -> Callable[[Callable[..., Any]], Calla
         def inner(**kw: Any) -> Any:
             url, token_file = kw.pop("oss_url"), kw.pop("token_file")
             if not url:
-                raise click.UsageError("give the OSS by --oss URL or DCP_OSS")
+                fail("give the OSS by --oss URL or DCP_OSS", EXIT_USAGE)
             as_json = bool(kw.pop("as_json", False))
             kw["target"] = Target(url, account_token(token_file), as_json)
             return f(**kw)
@@ -138,7 +139,7 @@ def command_name() -> str:
     return " ".join(["dcp-oss", *reversed(names)])
 
 
-def fail(message: str, code: int = EXIT_REFUSED) -> None:
+def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
     """Print one error line and exit."""
     click.echo(f"{command_name()}: {message}", err=True)
     sys.exit(code)
@@ -151,7 +152,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except Unreachable as exc:
-        fail(f"cannot reach the OSS: {exc}", EXIT_UNREACHABLE)
+        cause = exc.__cause__
+        why = "timed out" if isinstance(cause, TimeoutError) else str(cause or exc)
+        fail(f"cannot reach the OSS: {why}", EXIT_UNREACHABLE)
     except OssError as exc:
         fail(str(exc))  # str: the server's own message (the client rebuilt its error)
     except BrokenPipeError:

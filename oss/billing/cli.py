@@ -24,7 +24,6 @@ async def _user_id(oss: Any, user: str) -> str:
         if user in (u["id"], u["name"]):
             return str(u["id"])
     con.fail(f"no user {user} in this account")
-    raise AssertionError
 
 
 @click.command("bill")
