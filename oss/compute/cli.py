@@ -188,12 +188,6 @@ def programs_cancel(program_ids: tuple[str, ...], target: con.Target) -> None:
 # -- instances -----------------------------------------------------------------------
 
 
-def _load(i: m.Instance) -> str:
-    if i.load is None:
-        return "-"
-    return f"{i.load.cpu_percent:.0f}% rq {i.load.runqueue:.1f}"
-
-
 @click.group()
 def instances() -> None:
     """The instances the account's programs run on (an admin sees all), like virsh list.
@@ -208,7 +202,8 @@ def instances() -> None:
 @click.option("--state", type=click.Choice(["pending", "ready", "failed", "destroyed"]))
 @con.connection()
 def instances_list(state: str | None, target: con.Target) -> None:
-    """Instances: NAME STATE POOL CPUS MEM_MB SLOTS (used/all) LOAD HEARTBEAT (age) ADDRESS.
+    """Instances: NAME STATE POOL CPUS MEM_MB SLOTS (used/all) CPU% RUNQ (their last load)
+    HEARTBEAT (how long ago) ADDRESS.
 
     --json: a list of Instance.
 
@@ -226,11 +221,14 @@ def instances_list(state: str | None, target: con.Target) -> None:
         return con.emit_json(got)
     now = time.time()
     con.table(
-        ["NAME", "STATE", "POOL", "CPUS", "MEM_MB", "SLOTS", "LOAD", "HEARTBEAT", "ADDRESS"],
+        ["NAME", "STATE", "POOL", "CPUS", "MEM_MB", "SLOTS", "CPU%", "RUNQ", "HEARTBEAT",
+         "ADDRESS"],
         [
             [
                 i.name, i.state, i.pool, i.cpus, i.memory_mb, f"{i.used_slots}/{i.slots}",
-                _load(i), con.age(i.seen or i.last_heartbeat, now), i.address,
+                None if i.load is None else f"{i.load.cpu_percent:.0f}",
+                None if i.load is None else f"{i.load.runqueue:.1f}",
+                con.age(i.seen or i.last_heartbeat, now), i.address,
             ]
             for i in got
         ],

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,9 +33,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     try:
         lab.token = _cli("account", "create", "--data", str(lab.data), "acme")
         lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
-        _proc, line = lab.start(
-            "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data)
-        )
+        _proc, line = lab.start("oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data))
         assert "listening on " in line, line
         lab.url = line.split("listening on ", 1)[1].strip()
         yield lab
@@ -115,7 +112,7 @@ def test_programs_list_show_cancel(lab: Lab) -> None:
     assert m.Program.model_validate(shown["program"]).argv == ["/bin/echo", "first"]
     assert m.ProcessList.model_validate(shown["processes"]).processes == []
     text = ok(dcp(lab, "programs", "show", a))
-    assert f"id:" in text and a in text and "argv:" in text and "/bin/echo first" in text
+    assert "id:" in text and a in text and "argv:" in text and "/bin/echo first" in text
     # cancel one, refuse one unknown: exit 1, one line for the unknown one
     res = dcp(lab, "programs", "cancel", b, "no-such-program")
     assert res.stdout == f"{b}: cancelled\n", res.stdout
@@ -228,9 +225,9 @@ def test_logs_of_a_program(lab: Lab) -> None:
     got = [m.LogLineOut.model_validate_json(x) for x in ok(dcp(lab, "logs", prog, "--json"))
            .splitlines()]  # fmt: skip
     assert [x.text for x in got][:2] == ["hello", "note"] and len(got) == len(out)
-    assert ok(dcp(lab, "logs", prog, "--instance", "vm-x", "--since", "1700000000")).count(
-        "\n"
-    ) == 1
+    assert (
+        ok(dcp(lab, "logs", prog, "--instance", "vm-x", "--since", "1700000000")).count("\n") == 1
+    )
     one_line(dcp(lab, "logs", "nope"), 1, "dcp-oss logs: No such object")
 
 
