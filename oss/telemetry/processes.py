@@ -145,6 +145,25 @@ class Processes:
 
         return await self._db.write(op)
 
+    async def page(
+        self, account_id: str, program_id: str, offset: int, limit: int
+    ) -> tuple[list[sqlite3.Row], int]:
+        """One page of the program's processes in start order, and how many it has."""
+
+        def op(c: Conn) -> tuple[list[sqlite3.Row], int]:
+            programs.program_row(c, program_id, account_id)
+            total = c.execute(
+                "SELECT COUNT(*) FROM processes WHERE program_id=?", (program_id,)
+            ).fetchone()[0]
+            rows = c.execute(
+                "SELECT * FROM processes WHERE program_id=? ORDER BY started, instance, pid"
+                " LIMIT ? OFFSET ?",
+                (program_id, limit, offset),
+            ).fetchall()
+            return rows, int(total)
+
+        return await self._db.read(op)
+
     async def digest(self, program_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         """Per program: (rows, ended rows, newest start, migrated rows): what changes when a
         process is placed, ends, is lost or moves (the web view's live updates)."""

@@ -198,17 +198,19 @@ async def h_agent_report(
 async def h_processes(
     oss: Oss, r: web.Request, who: Any, b: Any, q: m.ProcessQuery
 ) -> m.ProcessList:
-    got = await oss.process_list(
+    if q.offset or q.limit is not None:  # one page (the web view's timeline), as it is now
+        rows, total = await oss.processes.page(
+            principal(who).account_id, r.match_info["program_id"], q.offset, q.limit or 1000
+        )
+        procs = [procmod.process_row(x) for x in rows]
+        return m.ProcessList(
+            processes=procs,
+            incomplete=[f"{p.instance}:{p.pid}" for p in procs if p.state == "running"],
+            total=total,
+        )
+    return await oss.process_list(
         principal(who).account_id, r.match_info["program_id"], q.final_wait, q.expect
     )
-    if q.offset or q.limit is not None:  # one page (the web view's timeline)
-        end = None if q.limit is None else q.offset + q.limit
-        got = m.ProcessList(
-            processes=got.processes[q.offset : end],
-            incomplete=got.incomplete,
-            total=len(got.processes),
-        )
-    return got
 
 
 async def h_metrics_json(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.MetricsJson:
