@@ -73,7 +73,9 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OssServer, A
 
 
 def test_a_thousand_instances_and_ten_thousand_processes(
-    big: tuple[OssServer, Account, str], browser: Any, artifacts: Path  # noqa: F811
+    big: tuple[OssServer, Account, str],
+    browser: Any,  # noqa: F811
+    artifacts: Path,  # noqa: F811
 ) -> None:
     from selenium.webdriver.common.by import By
 
