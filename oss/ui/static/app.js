@@ -260,12 +260,6 @@ function drawTimeline() {
   const span = Math.max(t1 - L.t0, 0.001);
   const x = (t) => LABEL + ((t - L.t0) / span) * (w - LABEL - 10);
   const y = (row) => 20 + row * LANE - top;
-  // time axis
-  g.fillStyle = "#67707c"; g.font = "10px DejaVu Sans, sans-serif";
-  for (let i = 0; i <= 4; i++) {
-    const t = L.t0 + (span * i) / 4;
-    g.fillText("+" + (t - L.t0).toFixed(1) + "s", x(t) - 10, 10);
-  }
   const first = Math.max(0, Math.floor((top - 20) / LANE)), last = Math.min(L.lanes.length, first + Math.ceil(h / LANE) + 1);
   for (let r = first; r < last; r++) {
     const lane = L.lanes[r];
@@ -307,6 +301,15 @@ function drawTimeline() {
     if (!from || (!visible(from[1]) && !visible(to[1]))) continue;
     arrow(g, from[0], y(from[1]) + LANE / 2, to[0], y(to[1]) + LANE / 2, color);
   }
+  // the time axis, over whatever scrolled under it
+  g.fillStyle = "#fff"; g.fillRect(0, 0, w, 18);
+  g.fillStyle = "#67707c"; g.font = "10px DejaVu Sans, sans-serif";
+  for (let i = 0; i <= 4; i++) {
+    const t = L.t0 + (span * i) / 4;
+    g.textAlign = i === 0 ? "left" : i === 4 ? "right" : "center";
+    g.fillText("+" + (t - L.t0).toFixed(1) + "s", x(t), 12);
+  }
+  g.textAlign = "left";
   const count = (s) => L.bars.filter((b) => b.state === s).length;
   text($("tl-summary"),
     `${L.bars.length} processes on ${L.names.length} instances: ${count("running")} running, ` +
