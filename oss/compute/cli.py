@@ -160,6 +160,7 @@ def programs_cancel(program_ids: tuple[str, ...], target: con.Target) -> None:
     """
 
     async def go() -> tuple[list[m.Program], list[str]]:
+        from oss.client import Unreachable
         from oss.errors import OssError
 
         done, failed = [], []
@@ -167,10 +168,10 @@ def programs_cancel(program_ids: tuple[str, ...], target: con.Target) -> None:
             for pid in program_ids:
                 try:
                     done.append(await oss.cancel(pid))
+                except Unreachable:
+                    raise
                 except OssError as exc:
-                    if type(exc).__name__ == "Unreachable":
-                        raise
-                    failed.append(f"{pid}: {exc.message}")
+                    failed.append(f"{pid}: {exc}")
         return done, failed
 
     done, failed = con.run(go())
