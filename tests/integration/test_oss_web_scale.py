@@ -47,15 +47,20 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OssServer, A
                     (i % 16, f"10.0.{i // 250}.{i % 250}:7070", name, t0, name),
                 )
             rows = []
+            moved: tuple[int, float] | None = None  # (pid, when) of the last migrated one
             for n in range(PROCESSES):
                 inst = f"vm{n % INSTANCES:04d}"
                 started = t0 - 600 + rnd.random() * 580
                 kind = n % 10
                 ended = None if kind == 0 else started + rnd.random() * 20
                 state = {0: "running", 8: "lost", 9: "migrated"}.get(kind, "exited")
-                parent = (f"vm{(n * 7) % INSTANCES:04d}", 1000 + n // 2) if n % 3 == 0 else None
+                pid = 1000 + n
+                if kind == 0 and moved is not None:  # the process migrated just before
+                    pid, started = moved
+                moved = (pid, ended) if kind == 9 and ended is not None else None
+                parent = (f"vm{(n // 2) % INSTANCES:04d}", 1000 + n // 2) if n % 3 == 0 else None
                 rows.append((
-                    prog, inst, 1000 + n, started, parent and parent[0], parent and parent[1],
+                    prog, inst, pid, started, parent and parent[0], parent and parent[1],
                     json.dumps(["cc", f"f{n}.c"]), ended, 1 if kind == 7 else 0, state,
                     f"vm{(n + 1) % INSTANCES:04d}" if state == "migrated" else None,
                 ))  # fmt: skip
@@ -99,6 +104,8 @@ def test_a_thousand_instances_and_ten_thousand_processes(
     assert len(names) == INSTANCES
     drawn = d.execute_script("return window.dcpTimeline.bars.length")
     assert 0 < drawn < PROCESSES  # only the visible lanes are drawn
+    arrows = d.execute_script("return window.dcpTimeline.arrows")
+    assert arrows["placement"] > 0 and arrows["migration"] > 0, arrows
     draw_ms = d.execute_script(
         "const t = performance.now(); for (let i = 0; i < 10; i++) drawTimeline();"
         "return (performance.now() - t) / 10;"

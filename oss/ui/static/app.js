@@ -287,19 +287,24 @@ function drawTimeline() {
   }
   // arrows: placements (parent -> child on another instance) and migrations
   g.lineWidth = 1.2;
+  const arrows = { placement: 0, migration: 0 };
   for (const b of L.bars) {
     const p = b.p;
-    let from = null, to = null, color = "#1d232b";
+    let from = null, to = null, color = "#1d232b", kind = "placement";
     if (p.parent) {
       const pb = (L.where.get(p.parent) || [])[0];
       if (pb && pb.p.instance !== p.instance) { from = [x(p.started), pb.row]; to = [x(p.started), b.row]; }
     }
     if (p.state === "migrated" && p.moved_to) {
       const tb = (L.where.get(p.moved_to + ":" + p.pid) || []).find((c) => c.p.started >= p.started);
-      if (tb) { from = [x(p.ended || p.started), b.row]; to = [x(tb.p.started), tb.row]; color = "#8a5bd6"; }
+      if (tb) {
+        from = [x(p.ended || p.started), b.row]; to = [x(tb.p.started), tb.row];
+        color = "#8a5bd6"; kind = "migration";
+      }
     }
     if (!from || (!visible(from[1]) && !visible(to[1]))) continue;
     arrow(g, from[0], y(from[1]) + LANE / 2, to[0], y(to[1]) + LANE / 2, color);
+    arrows[kind] += 1;
   }
   // the time axis, over whatever scrolled under it
   g.fillStyle = "#fff"; g.fillRect(0, 0, w, 18);
@@ -315,7 +320,7 @@ function drawTimeline() {
     `${L.bars.length} processes on ${L.names.length} instances: ${count("running")} running, ` +
     `${count("exited") + count("failed")} exited, ${count("lost")} lost, ${count("migrated")} migrated`);
   cv.dataset.bars = String(L.bars.length);
-  window.dcpTimeline = { bars: drawn, instances: L.names, total: L.bars.length };
+  window.dcpTimeline = { bars: drawn, instances: L.names, total: L.bars.length, arrows };
 }
 
 function arrow(g, x0, y0, x1, y1, color) {
