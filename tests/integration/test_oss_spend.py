@@ -41,8 +41,8 @@ def test_spend_per_account_user_and_program_and_billing_filters(oss_factory: obj
         (second["id"], "b --fast", 2000),
         (first["id"], "a", 3000),
     ]
-    assert srv.http("GET", "/v1/spend?limit=1", acme.token).body["programs"][0]["id"] == (
-        second["id"]
+    assert (
+        srv.http("GET", "/v1/spend?limit=1", acme.token).body["programs"][0]["id"] == (second["id"])
     )
     # billing from a time on, and of one user
     late = srv.http("GET", f"/v1/billing?since={since + 0.5}", acme.token).body
