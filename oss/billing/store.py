@@ -206,18 +206,7 @@ class Billing:
                     hard_budget_micros=got.get("hard_budget_micros"),
                 )
 
-            by_user = dict(
-                c.execute(
-                    "SELECT user_id, SUM(spent_micros) FROM programs WHERE account_id=?"
-                    " GROUP BY user_id",
-                    (account_id,),
-                ).fetchall()
-            )
-            progs = c.execute(
-                "SELECT id, argv, spent_micros FROM programs WHERE account_id=?"
-                " ORDER BY created DESC LIMIT ?",
-                (account_id, limit),
-            ).fetchall()
+            by_user, progs = programs.spent(c, account_id, limit)
             return dict(
                 account=level("account", account_id, "", sum(by_user.values())),
                 users=[level("user", u, n, by_user.get(u, 0)) for u, n in user_ids.items()],
