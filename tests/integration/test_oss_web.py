@@ -236,6 +236,12 @@ def test_the_web_view_shows_a_program_live_and_refuses_without_a_token(
         assert [r[:2] for r in rows] == [["n0", "ready"], ["n1", "ready"]], rows
         assert all(r[-1].endswith("s") and r[4] != "-" for r in rows), rows  # age, cpu%
         d.save_screenshot(str(artifacts / "8-instances.png"))
+        # No script error on the way (the refused requests are the only complaints).
+        errors = [
+            e["message"] for e in d.get_log("browser")
+            if e["level"] == "SEVERE" and "status of 401" not in e["message"]
+        ]  # fmt: skip
+        assert errors == [], errors
     finally:
         for fifo in ("go", "end"):
             if fifo not in released and not _release(lab, fifo, 10):

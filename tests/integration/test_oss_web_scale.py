@@ -138,6 +138,8 @@ def test_a_thousand_instances_and_ten_thousand_processes(
     )
     assert tail == f"vm{INSTANCES - 1:04d}"
     d.save_screenshot(str(artifacts / "scale-instances.png"))
+    errors = [e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
     longest = d.execute_script("return window.longest")
     figures = {
         "instances": INSTANCES,

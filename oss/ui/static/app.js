@@ -60,6 +60,12 @@ function showLogin(error) {
   S.token = "";
   sessionStorage.removeItem(KEY);
   if (S.stream) S.stream.abort();
+  // nothing of the last account's view survives into the next one's
+  Object.assign(S, { programs: [], selected: null, procs: [], layout: null, instances: [],
+    logLines: [], logCursor: 0, logProgram: null, stream: null });
+  $("programs").replaceChildren(); $("program-info").replaceChildren();
+  text($("program-title"), "Select a program"); text($("tl-summary"), "");
+  drawTimeline();
   $("app").hidden = true; $("tabs").hidden = true; $("signout").hidden = true;
   $("login").hidden = false;
   text($("login-error"), error || "");
