@@ -234,7 +234,14 @@ def test_the_web_view_shows_a_program_live_and_refuses_without_a_token(
             "two instance rows",
         )
         assert [r[:2] for r in rows] == [["n0", "ready"], ["n1", "ready"]], rows
-        assert all(r[-1].endswith("s") and r[4] != "-" for r in rows), rows  # age, cpu%
+        assert all(r[7].endswith("s") and r[4] != "-" for r in rows), rows  # age, cpu%
+        # each row's CPU sparkline gathers a sample per heartbeat while the tab is open
+        _until(
+            d,
+            "return [...document.querySelectorAll('#instances-rows canvas.spark')]"
+            ".every(c => Number(c.dataset.samples) >= 3)",
+            "three load samples per instance",
+        )
         d.save_screenshot(str(artifacts / "8-instances.png"))
         # No script error on the way (the refused requests are the only complaints).
         errors = [

@@ -24,6 +24,7 @@ const S = {
   procs: [],
   layout: null,
   instances: [],
+  history: new Map(), // instance -> its last load samples
   logLines: [],
   logCursor: 0,
   logProgram: null,
@@ -62,7 +63,7 @@ function showLogin(error) {
   if (S.stream) S.stream.abort();
   // nothing of the last account's view survives into the next one's
   Object.assign(S, { programs: [], selected: null, procs: [], layout: null, instances: [],
-    logLines: [], logCursor: 0, logProgram: null, stream: null });
+    history: new Map(), logLines: [], logCursor: 0, logProgram: null, stream: null });
   $("programs").replaceChildren(); $("program-info").replaceChildren();
   text($("program-title"), "Select a program"); text($("tl-summary"), "");
   drawTimeline();
@@ -355,10 +356,18 @@ function virtualRows(scrollId, spaceId, rowsId, n, render) {
 
 function pad(s, n) { s = String(s == null ? "-" : s); return s.length >= n ? s.slice(0, n - 1) + " " : s + " ".repeat(n - s.length); }
 
+const HISTORY = 60; // load samples kept per instance (one per refresh, about a second)
+
 async function loadInstances() {
   S.instances = await api("/v1/instances");
+  for (const it of S.instances) {
+    const h = S.history.get(it.name) || [];
+    if (it.load && h.at(-1)?.seen !== it.seen) h.push({ seen: it.seen, cpu: it.load.cpu_percent });
+    if (h.length > HISTORY) h.shift();
+    S.history.set(it.name, h);
+  }
   text($("instances-count"), "(" + S.instances.length + ")");
-  text($("instances-head"), pad("NAME", 20) + pad("STATE", 10) + pad("POOL", 10) + pad("SLOTS", 8) + pad("CPU%", 7) + pad("RUNQ", 7) + pad("MEM_MB", 9) + "HEARTBEAT");
+  text($("instances-head"), pad("NAME", 20) + pad("STATE", 10) + pad("POOL", 10) + pad("SLOTS", 8) + pad("CPU%", 7) + pad("RUNQ", 7) + pad("MEM_MB", 9) + pad("HEARTBEAT", 11) + "CPU, LAST MINUTE");
   drawInstances();
 }
 
@@ -368,11 +377,27 @@ function drawInstances() {
     const it = list[i], ld = it.load;
     const beat = it.seen || it.last_heartbeat;
     const stale = it.state === "ready" && beat != null && now() - beat > 10;
-    return div("row" + (it.state === "failed" || stale ? " failed" : ""),
+    const row = div("row" + (it.state === "failed" || stale ? " failed" : ""),
       pad(it.name, 20) + pad(it.state, 10) + pad(it.pool, 10) + pad(it.used_slots + "/" + it.slots, 8) +
       pad(ld ? ld.cpu_percent.toFixed(0) : "-", 7) + pad(ld ? ld.runqueue.toFixed(1) : "-", 7) +
-      pad(ld ? ld.memory_used_mb : "-", 9) + ago(beat));
+      pad(ld ? ld.memory_used_mb : "-", 9) + pad(ago(beat), 11));
+    row.append(sparkline(S.history.get(it.name) || []));
+    return row;
   });
+}
+
+function sparkline(h) { // CPU% of the last samples (0-100% of cpus * 100)
+  const cv = document.createElement("canvas");
+  cv.width = 120; cv.height = 14; cv.className = "spark";
+  const g = cv.getContext("2d");
+  const top = Math.max(100, ...h.map((x) => x.cpu));
+  g.fillStyle = "#4a8fe7";
+  h.forEach((x, i) => {
+    const v = Math.round((x.cpu / top) * 13);
+    g.fillRect(i * 2, 14 - v, 2, v);
+  });
+  cv.dataset.samples = String(h.length);
+  return cv;
 }
 
 // -- spend ----------------------------------------------------------------------------
