@@ -94,7 +94,7 @@ async function listen() {
   let backoff = 1000;
   while (!ctl.signal.aborted && S.token) {
     try {
-      const r = await fetch("/v1/events", { headers: { Authorization: "Bearer " + S.token }, signal: ctl.signal });
+      const r = await fetch("/v1/events?programs=500", { headers: { Authorization: "Bearer " + S.token }, signal: ctl.signal });
       if (r.status === 401 || r.status === 403) return showLogin("refused: the token was not accepted");
       if (!r.ok || !r.body) throw new Error("events: " + r.status);
       text($("live"), "live").className = "on";
