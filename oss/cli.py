@@ -456,6 +456,16 @@ def completion(shell: str) -> None:
     click.echo(cls(main, {}, "dcp-oss", "_DCP_OSS_COMPLETE").source())
 
 
+def _account_token() -> str:
+    """The account token from DCP_TOKEN (kept for commands written before oss.console:
+    new ones take `@oss.console.connection()`, which adds --oss and --token-file)."""
+    from oss import console
+
+    return console.account_token(None)
+
+
+MIGRATE_WAIT = compute_cli.MIGRATE_WAIT  # s: where the migrate/drain commands wait
+
 # Commands against a running OSS (--oss URL, token file or DCP_TOKEN: oss.console), each
 # in its service's room; one line per command or group here.
 main.add_command(compute_cli.programs)
