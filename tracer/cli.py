@@ -238,7 +238,7 @@ def command(
     observe = trace or summary or record_path is not None
     n = config.instances if instances is None else instances
     where = placement or config.placement
-    compose.check_volumes(tuple(config.volumes) + volumes, n, oss_url or config.oss)
+    compose.check_volumes(tuple(config.volumes) + volumes, n, oss_url or config.oss, mapping)
     dispositions = initial_dispositions()
 
     # Output files are opened before the program runs: a bad path is a usage

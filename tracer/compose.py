@@ -67,7 +67,7 @@ def coordinator(
     `maps` (`--map`, `[map]`) become the program's view, which every placed
     process carries and its instance applies.
     """
-    check_volumes(volumes, instances, oss_url)
+    check_volumes(volumes, instances, oss_url, maps or {})
     if instances == 0 and oss_url is None:
         yield inner
         return
@@ -82,12 +82,34 @@ def coordinator(
         yield coord
 
 
-def check_volumes(volumes: tuple[str, ...], instances: int, oss_url: str | None) -> None:
+def check_volumes(
+    volumes: tuple[str, ...], instances: int, oss_url: str | None, maps: dict[str, str]
+) -> None:
     """UsageError unless `--volume` can be honoured here (issue 14)."""
-    if volumes and (oss_url is not None or instances == 0):
+    if not volumes:
+        return
+    if oss_url is not None or instances == 0:
         raise UsageError("--volume needs --instances (VMs through --oss: not yet)")
-    if volumes and os.geteuid() != 0:
+    if os.geteuid() != 0:
         raise UsageError("--volume needs root: each instance mounts the namespace (FUSE, tmpfs)")
+    volume_dirs(volumes, maps)
+
+
+def volume_dirs(
+    volumes: tuple[str, ...], maps: dict[str, str]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The declared paths (absolute, each once) and the real directories behind them."""
+    virtuals = tuple(dict.fromkeys(os.path.normpath(os.path.abspath(v)) for v in volumes))
+    pathmap = PathMap(maps) if maps else None
+    reals = []
+    for v in virtuals:
+        if v == "/" or any(v == p or v.startswith(p + "/") for p in NOT_VOLUMES):
+            raise UsageError(f"--volume {v}: not a directory of the program's own")
+        real = os.fsdecode(pathmap.to_real(os.fsencode(v)) or v.encode()) if pathmap else v
+        if not os.path.isdir(real):
+            raise UsageError(f"--volume {v}: {real} is not a directory")
+        reals.append(real)
+    return virtuals, reals
 
 
 @contextlib.contextmanager
@@ -185,14 +207,7 @@ def _with_storage(
 
     from oss.storage.run import Agent, RunStorage, options_from_table
 
-    virtuals = tuple(dict.fromkeys(os.path.normpath(os.path.abspath(v)) for v in volumes))
-    pathmap = PathMap(maps) if maps else None
-    reals = []
-    for v in virtuals:
-        real = os.fsdecode(pathmap.to_real(os.fsencode(v)) or v.encode()) if pathmap else v
-        if not os.path.isdir(real):
-            raise UsageError(f"--volume {v}: {real} is not a directory")
-        reals.append(real)
+    virtuals, reals = volume_dirs(volumes, maps)
     try:
         options = options_from_table(virtuals, table)
     except ValueError as exc:
@@ -204,6 +219,10 @@ def _with_storage(
     log.info("storage %s: %s", storage.name, ", ".join(virtuals))
     maps_now = {**dict(view.maps), **storage.view_maps()}
     return dataclasses.replace(view, maps=tuple(sorted(maps_now.items())))
+
+
+# The instance's own: what a volume must not be (nor contain, for "/").
+NOT_VOLUMES = ("/proc", "/sys", "/dev", "/run/dcp")
 
 
 def _remove_instance_dirs(name: str) -> None:

@@ -293,3 +293,24 @@ def test_a_sync_publishes_files_still_open_for_writing(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("volume", "message"),
+    [
+        ("/", "--volume /: not a directory of the program's own"),
+        ("/proc/self", "--volume /proc/self: not a directory of the program's own"),
+        ("/nonexistent-dcp", "--volume /nonexistent-dcp: /nonexistent-dcp is not a directory"),
+    ],
+)
+def test_a_volume_that_cannot_be_one_is_refused_before_the_run(
+    tmp_path: Path, volume: str, message: str
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("--volume checks its paths after it checks for root")
+    res = subprocess.run(
+        [*dcptrace_argv("--instances", "1", "--volume", volume), "--", "true"], cwd=tmp_path,
+        env=traced_env(), capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.decode() == f"dcptrace: {message}\n"
