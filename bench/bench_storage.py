@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = Path("/nonexistent")  # set by main() under its work directory
 PLACED = 'python3 -c "$0" "$@"'  # sh runs home; the python it execs is placed
 
 IO = r"""
@@ -98,7 +99,7 @@ print((time.perf_counter() - t) / n * 1e6)
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("DCP_DATA", tempfile.mkdtemp(prefix="dcp-bench-data-"))
+    e.setdefault("DCP_DATA", str(DATA))  # the runs' storage state, removed at the end
     return e
 
 
@@ -106,7 +107,7 @@ def placed(script: str, args: list[str], cwd: Path, table: str) -> dict[str, obj
     """Run `script` on one local instance with `cwd` as a volume; its JSON line."""
     config = cwd.parent / f"{cwd.name}.toml"
     config.write_text(f"[storage]\n{table}\n")
-    dcp = [sys.executable, "-m", "tracer.cli", "--instances", "1", "--volume", "."]
+    dcp = [sys.executable, "-m", "tracer.cli", "--no-state", "--instances", "1", "--volume", "."]
     argv = [*dcp, "--config", str(config), "--", "sh", "-c", PLACED, script, *args]
     res = subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
     if res.returncode != 0:
@@ -126,6 +127,8 @@ def main() -> None:
         raise SystemExit("bench_storage: needs root (local instances, FUSE)")
     print(f"# 2 CPUs, python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}")
     work = Path(tempfile.mkdtemp(prefix="dcp-bench-storage-", dir="/var/tmp"))
+    global DATA
+    DATA = work / "data"
     rows: dict[str, dict[str, object]] = {}
     try:
         native = work / "native"
@@ -150,8 +153,8 @@ def main() -> None:
         plain = subprocess.run([sys.executable, "-c", OPENS, str(small), n],
                                capture_output=True, text=True, check=True)  # fmt: skip
         mapped = subprocess.run(
-            [sys.executable, "-m", "tracer.cli", "--map", f"/dcpbench={work / 'o'}", "--",
-             sys.executable, "-c", OPENS, "/dcpbench/f", n],
+            [sys.executable, "-m", "tracer.cli", "--no-state", "--map",
+             f"/dcpbench={work / 'o'}", "--", sys.executable, "-c", OPENS, "/dcpbench/f", n],
             capture_output=True, text=True, check=True, env=env(),
         )  # fmt: skip
         native_us, traced_us = float(plain.stdout), float(mapped.stdout.split()[-1])
