@@ -425,9 +425,17 @@ def interception_filter(
 ) -> PreparedFilter:
     """The seccomp filter a traced program installs before its first exec.
 
-    While calls are served, a call newer than the table must stop too: it may
-    take a path (as fchmodat2 did) and would get around the map.
+    The interception set is the union of what the coordinator's active services
+    need (`Coordinator.interception`): empty for a plain run, which then gets no
+    filter at all (no per-syscall BPF, no speculative-store-bypass mitigation the
+    kernel turns on for filtered tasks, `Seccomp: 0` and `NoNewPrivs: 0` as in a
+    native run).  Fork, exec and exit are still followed: they are ptrace events.
+    Once anything is intercepted, calls of a foreign ABI (int 0x80, x32) and, as
+    a call newer than the table may take a path (as fchmodat2 did) and get
+    around the map, numbers past the table stop too.
     """
+    if not intercept and not trace_all:
+        return PreparedFilter([], no_new_privs=False)
     beyond = max(table) + 1 if intercept else None
     return PreparedFilter(
         build_filter(intercept, trace_all=trace_all, trace_from=beyond),

@@ -88,9 +88,14 @@ class _SockFprog(ctypes.Structure):
 
 
 class PreparedFilter:
-    """A filter encoded ahead of fork, so the child only makes two prctl calls."""
+    """A filter encoded ahead of fork, so the child only makes two prctl calls.
+
+    An empty `prog` installs nothing (and sets no no_new_privs): a run where no
+    call must stop pays no filter at all (`tracer.runner.interception_filter`).
+    """
 
     def __init__(self, prog: list[Insn], no_new_privs: bool) -> None:
+        self.installs = bool(prog)
         raw = b"".join(struct.pack("<HBBI", *insn) for insn in prog)
         self._buf = ctypes.create_string_buffer(raw, len(raw))
         self._fprog = _SockFprog(len(prog), ctypes.addressof(self._buf))
@@ -102,6 +107,8 @@ class PreparedFilter:
 
     def install(self) -> int:
         """Install in the calling process; returns 0 or an errno (child-side, no raising)."""
+        if not self.installs:
+            return 0
         if self._no_new_privs and self._prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
             return ctypes.get_errno()
         if self._prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(self._fprog), 0, 0):
