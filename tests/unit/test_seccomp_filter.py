@@ -142,3 +142,13 @@ def test_numbers_past_the_table_stop_when_asked() -> None:
     assert run_filter(prog, 1000) == SECCOMP_RET_TRACE
     assert run_filter(prog, 469) == SECCOMP_RET_ALLOW
     assert run_filter(build_filter([257]), 470) == SECCOMP_RET_ALLOW
+
+
+def test_nothing_intercepted_installs_no_filter() -> None:
+    """A plain run (empty interception set, no observation) gets no filter at all."""
+    from tracer.runner import interception_filter
+
+    table = table_for("x86_64")
+    assert not interception_filter(table, frozenset(), False, no_new_privs=True).installs
+    assert interception_filter(table, frozenset(), True, no_new_privs=True).installs
+    assert interception_filter(table, frozenset({59}), False, no_new_privs=True).installs
