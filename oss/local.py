@@ -20,9 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tracer.coordinator import ProcessEvent, ProcessExec, ProcessExited, ProcessSpawned
 
@@ -45,8 +44,7 @@ def default_data_dir() -> Path:
     return Path(base) / "dcp"
 
 
-@dataclass(frozen=True, slots=True)
-class _Finish:
+class _Finish(NamedTuple):
     exit_status: int | None
     signal: int | None
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +88,8 @@ def clustered(
     options, TracerError for instances that do not start), so dcptrace prints
     one line instead of a traceback.
     """
+    import socket  # not on a plain run's start-up
+
     from vmagent.exec.view import View
 
     # The program sees its home's hostname on every local instance (issue 11).  Not yet

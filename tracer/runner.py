@@ -17,7 +17,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tracer import ptraceio
 from tracer.coordinator import (
@@ -69,8 +69,7 @@ _MASK64 = (1 << 64) - 1
 _SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How the traced program ended and what the tracer saw."""
 
     exit_status: int | None
