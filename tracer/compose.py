@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,8 @@ RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final 
 def measured(coordinator: Coordinator) -> dict[str, Any] | None:
     """What the OSS measured of the run's placed processes (None: nothing was placed
     through an OSS)."""
+    if "vmagent.cluster.ossmode" not in sys.modules:
+        return None  # no run through an OSS started: not worth importing it to say so
     from vmagent.cluster.ossmode import OssCoordinator
 
     if isinstance(coordinator, OssCoordinator):
