@@ -28,7 +28,7 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
-from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
+from tracer.decode import AT_FDCWD, MEMORY_FORMATS, POINTER_RESULTS, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
     STOP_SIGNALS,
@@ -126,6 +126,13 @@ class Runner:
         self._calls: dict[int, SyscallCall] = {}
         self._saved: dict[int, ptraceio.Registers] = {}
         self._entry_text: dict[int, str] = {}
+        # --trace reads the tracee's memory while it is stopped: at entry for
+        # these calls' input arguments, at exit for those with an output buffer.
+        # Every other part of a line is written once the tracee runs again.
+        self._read_at_entry = frozenset(
+            nr for nr, s in table.items() if MEMORY_FORMATS.intersection(s.args) - {"buf_out"}
+        )
+        self._read_at_exit = frozenset(nr for nr, s in table.items() if "buf_out" in s.args)
         # argv of an execve the coordinator rewrote (a placed program runs
         # through its deputy): records show what the program asked to run.
         self._exec_argv: dict[int, tuple[str, ...]] = {}
@@ -242,12 +249,16 @@ class Runner:
     # -- actions
 
     def _execute(self, actions: list[Action]) -> None:
+        later: list[Record] = []
         for action in actions:
             match action:
                 case Resume(tid, mode, sig):
                     ptraceio.resume(tid, mode, sig)
                 case Record():
-                    self._record(action)
+                    if self.trace_out is not None and action.nr not in self._read_at_exit:
+                        later.append(action)  # needs no memory: after the resume
+                    else:
+                        self._record(action)
                 case Consult():
                     self._consult(action)
                 case ApplyRewrite(tid, rewrite):
@@ -284,6 +295,8 @@ class Runner:
                             self.report(f"exit {event.exit_status}")
                 case MirrorStop(sig):
                     self.report(f"stop {sig}")
+        for record in later:
+            self._record(record)
 
     def _consult(self, action: Consult) -> None:
         assert self.machine is not None
@@ -397,11 +410,10 @@ class Runner:
         self._execute(self.machine.step(Observed(action.tid, rval)))
 
     def _pre_render(self, tid: int, nr: int, args: tuple[int, ...]) -> None:
-        spec = self.table.get(nr)
-        # Input arguments are rendered at entry: after an execve, or once the
-        # call consumed them, the memory may hold something else.
-        if spec is not None and "buf_out" not in spec.args:
-            self._entry_text[tid] = self.formatter.arguments(tid, spec, args, 0)
+        # Input arguments in memory are rendered at entry: after an execve, or
+        # once the call consumed them, the memory may hold something else.
+        if nr in self._read_at_entry and nr not in self._read_at_exit:
+            self._entry_text[tid] = self.formatter.arguments(tid, self.table[nr], args, 0)
 
     def _record(self, action: Record) -> None:
         rval = signed(action.rval)
