@@ -16,7 +16,10 @@ shared 2-core machine) still gives comparable ratios; min and median over the
 rounds are printed.  Each timed command is the whole process as a shell waits
 for it; this process is a child subreaper and waits for every descendant
 (dcptrace's tracer child records the run after dcptrace returned) before the
-next command starts, so no run's leftovers slow the next.
+next command starts, so no run's leftovers slow the next.  Wall time is what
+the targets are about; CPU time (user + system of every process of the run,
+the tracer's recording after dcptrace returned included) is printed too, as it
+moves less with the load of a shared machine.
 
 dcptrace runs as its console script does (`from tracer.cli import main`) from
 this checkout, with compiled bytecode cached as after `pip install`:
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -53,8 +57,14 @@ def path_calls() -> str:
     return ",".join(f"?{name}" for name in sorted(calls))
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    """Seconds until `argv` exits; then wait for every process it left behind."""
+def cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds until `argv` exits, and CPU seconds of all it ran, left-behinds too."""
+    cpu = cpu_of_children()
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:
@@ -75,29 +85,40 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
             break
     if os.waitstatus_to_exitcode(status) != 0:
         print(f"# note: exit {os.waitstatus_to_exitcode(status)}: {' '.join(argv)}", flush=True)
-    return elapsed
+    return elapsed, cpu_of_children() - cpu
 
 
-def rounds(columns: dict[str, list[str]], env: dict[str, str], n: int) -> dict[str, list[float]]:
+Times = dict[str, list[tuple[float, float]]]  # column -> (wall, cpu) per round
+
+
+def rounds(columns: dict[str, list[str]], env: dict[str, str], n: int) -> Times:
     """Each column once per round, in turn, after one untimed warm-up round."""
     for argv in columns.values():
         timed(argv, env)
-    out: dict[str, list[float]] = {c: [] for c in columns}
+    out: Times = {c: [] for c in columns}
     for _ in range(n):
         for c, argv in columns.items():
             out[c].append(timed(argv, env))
     return out
 
 
-def show(times: dict[str, list[float]], ratios: list[tuple[str, str, float | None]]) -> None:
-    """Seconds per column, then each ratio A/B taken round by round."""
+def wall(times: Times, column: str) -> list[float]:
+    return [w for w, _ in times[column]]
+
+
+def show(times: Times, ratios: list[tuple[str, str, float | None]]) -> None:
+    """Seconds per column, then each ratio A/B taken round by round (wall, then CPU)."""
     for c, v in times.items():
-        low, mid = 1000 * min(v), 1000 * statistics.median(v)
-        print(f"  {c:<34} min {low:8.1f} ms   median {mid:8.1f} ms")
+        w, cpu = [x for x, _ in v], [y for _, y in v]
+        print(f"  {c:<30} wall min {1000 * min(w):7.1f} median {1000 * statistics.median(w):7.1f}"
+              f" ms, cpu median {1000 * statistics.median(cpu):7.1f} ms")  # fmt: skip
     for a, b, target in ratios:
-        r = [x / y for x, y in zip(times[a], times[b], strict=True)]
+        r = [x[0] / y[0] for x, y in zip(times[a], times[b], strict=True)]
+        rc = [x[1] / y[1] for x, y in zip(times[a], times[b], strict=True) if y[1] > 0]
         goal = f"   (target <= {target})" if target else ""
-        print(f"  {a + ' / ' + b:<52} min {min(r):6.2f}   median {statistics.median(r):6.2f}{goal}")
+        shown = f", cpu median {statistics.median(rc):6.2f}" if rc else ""
+        print(f"  {a + ' / ' + b:<48} wall min {min(r):6.2f} median {statistics.median(r):6.2f}"
+              f"{shown}{goal}")  # fmt: skip
 
 
 def main() -> None:
@@ -133,7 +154,9 @@ def main() -> None:
     }  # fmt: skip
     print("start-up (whole process, `true`):")
     times = rounds(start, env, args.runs)
-    fixed = statistics.median(times["dcptrace"]) - statistics.median(times["native true"])
+    fixed = statistics.median(wall(times, "dcptrace")) - statistics.median(
+        wall(times, "native true")
+    )
     show(times, [
         ("dcptrace", "python -c pass", 2.0),
         ("dcptrace --trace", "python -c pass", 2.5),
@@ -161,8 +184,8 @@ def main() -> None:
             ("dcptrace --map dd", "strace --seccomp-bpf paths dd", 1.0),
             ("dcptrace --map dd", "native dd", None),
         ])  # fmt: skip
-        native = statistics.median(times["native dd"])
-        steady_state = (statistics.median(times["dcptrace dd"]) - fixed) / native
+        native = statistics.median(wall(times, "native dd"))
+        steady_state = (statistics.median(wall(times, "dcptrace dd")) - fixed) / native
         print(f"  dcptrace dd / native dd with dcptrace's start-up ({1000 * fixed:.1f} ms) "
               f"taken off, medians: {steady_state:.3f}")  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)

@@ -121,7 +121,16 @@ class Coordinator(Protocol):
     """What the tracer needs from the OSS (embedded or remote)."""
 
     def interception(self) -> frozenset[str]:
-        """Names of the syscalls whose entry must stop the program."""
+        """Names of the syscalls whose entry must stop the program.
+
+        The union of what the run's active services need, and nothing else: a
+        coordinator that wraps another adds its own calls to the inner one's
+        (the cluster's adds execve/execveat, and whatever its services serve).
+        Empty for a plain run, which then gets no seccomp filter at all
+        (`tracer.runner.interception_filter`): a call added here for a cluster
+        service must be added by the cluster coordinator, never by the embedded one,
+        or every plain run pays for it.
+        """
         ...
 
     def on_syscall(self, call: SyscallCall) -> Decision:
