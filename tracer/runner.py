@@ -196,14 +196,14 @@ class Runner:
                 execute(step(stop))
 
     def _decode(self, pid: int, status: int, usage: resource.struct_rusage) -> Stop | None:
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        if status & 0xFF != 0x7F:  # not stopped (WIFSTOPPED): exited or killed
             cpu_us = round((usage.ru_utime + usage.ru_stime) * 1e6)
             if os.WIFEXITED(status):
                 return ExitStop(pid, os.WEXITSTATUS(status), None, cpu_us, usage.ru_maxrss)
             if os.WCOREDUMP(status) and self.machine and pid == self.machine.main_pid:
                 self._main_dumped = True
             return ExitStop(pid, None, os.WTERMSIG(status), cpu_us, usage.ru_maxrss)
-        sig = os.WSTOPSIG(status)
+        sig = (status >> 8) & 0xFF  # WSTOPSIG
         event = status >> 16
         try:
             if event == ptraceio.EVENT_SECCOMP:
@@ -251,6 +251,9 @@ class Runner:
     def _execute(self, actions: list[Action]) -> None:
         later: list[Record] = []
         for action in actions:
+            if type(action) is Resume:  # most actions: no pattern matching on the hot path
+                ptraceio.resume(action.tid, action.mode, action.sig)
+                continue
             match action:
                 case Resume(tid, mode, sig):
                     ptraceio.resume(tid, mode, sig)
