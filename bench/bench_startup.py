@@ -4,7 +4,8 @@ Usage: python bench/bench_startup.py [--runs N] [--dd COUNT] [--no-dd]
 
 Start-up: `true` natively, under `python -c pass` (the same interpreter: the
 floor of any Python tool), `strace -f`, `strace -f --seccomp-bpf -e trace=execve`
-and dcptrace plain, `--trace -o /dev/null`, `--record FILE`, `--summary -o
+and dcptrace plain, `--no-state` (the run not recorded in the local OSS state:
+the tracer's own cost), `--trace -o /dev/null`, `--record FILE`, `--summary -o
 /dev/null`.  Steady state: `dd if=/dev/zero of=/dev/null bs=1 count=COUNT`
 natively, under plain dcptrace (no call intercepted: no seccomp filter) and
 under `dcptrace --map` against `strace --seccomp-bpf` with the same
@@ -148,6 +149,7 @@ def main() -> None:
             "strace", "-f", "--seccomp-bpf", "-e", "trace=execve", "-o", "/dev/null", true
         ],
         "dcptrace": [*DCPTRACE, "--", true],
+        "dcptrace --no-state": [*DCPTRACE, "--no-state", "--", true],
         "dcptrace --trace": [*DCPTRACE, "--trace", "-o", "/dev/null", "--", true],
         "dcptrace --record": [*DCPTRACE, "--record", f"{work}/run.json", "--", true],
         "dcptrace --summary": [*DCPTRACE, "--summary", "-o", "/dev/null", "--", true],
@@ -159,6 +161,7 @@ def main() -> None:
     )
     show(times, [
         ("dcptrace", "python -c pass", 2.0),
+        ("dcptrace --no-state", "python -c pass", None),
         ("dcptrace --trace", "python -c pass", 2.5),
         ("dcptrace --record", "python -c pass", 2.5),
         ("dcptrace --summary", "python -c pass", 2.5),
