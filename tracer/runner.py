@@ -255,8 +255,6 @@ class Runner:
                 ptraceio.resume(action.tid, action.mode, action.sig)
                 continue
             match action:
-                case Resume(tid, mode, sig):
-                    ptraceio.resume(tid, mode, sig)
                 case Record():
                     if self.trace_out is not None and action.nr not in self._read_at_exit:
                         later.append(action)  # needs no memory: after the resume
@@ -441,9 +439,9 @@ def interception_filter(
 
     The interception set is the union of what the coordinator's active services
     need (`Coordinator.interception`): empty for a plain run, which then gets no
-    filter at all (no per-syscall BPF, no speculative-store-bypass mitigation the
-    kernel turns on for filtered tasks, `Seccomp: 0` and `NoNewPrivs: 0` as in a
-    native run).  Fork, exec and exit are still followed: they are ptrace events.
+    filter at all (no BPF run on each syscall, and `Seccomp: 0` and `NoNewPrivs: 0`
+    in /proc/PID/status as natively).  Fork, exec and exit are still followed:
+    they are ptrace events.
     Once anything is intercepted, calls of a foreign ABI (int 0x80, x32) and, as
     a call newer than the table may take a path (as fchmodat2 did) and get
     around the map, numbers past the table stop too.
