@@ -1,10 +1,11 @@
 """Thin adapter over ptrace(2), process_vm_readv/writev(2) and /proc for x86_64.
 
 Every request must come from the thread that seized the tracee (the tracer
-thread).  Requests go straight to libc's ptrace(3) through ctypes, with the
-x86_64 `user_regs_struct` declared here: python-ptrace's binding cost ~5 ms of
-every dcptrace start-up (it imports `platform`, `re` and its own tables) for two
-names.  Failures become `TracerError` subclasses, and a tracee that vanished
+thread).  Requests go straight to libc's ptrace(3) through ctypes (a generic
+wrapper costs ~2.5 us a call, four calls a syscall); python-ptrace supplies the
+register layout, imported on the first register request: its binding costs ~5 ms
+(it imports `platform`, `re` and its own tables), which a plain run never pays.
+Failures become `TracerError` subclasses, and a tracee that vanished
 (ESRCH: killed under us) is a non-event, since waitpid reports its end.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 from typing import Protocol, cast
@@ -83,16 +85,17 @@ _EXIT = struct.Struct("<qB")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-class UserRegs(ctypes.Structure):
-    """struct user_regs_struct of x86_64 (<sys/user.h>), as PTRACE_GETREGS fills it."""
+@functools.cache
+def _user_regs() -> type[ctypes.Structure]:
+    """x86_64 `struct user_regs_struct`, as python-ptrace declares it.
 
-    _fields_ = [
-        (name, ctypes.c_ulong)
-        for name in (
-            "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs "
-            "eflags rsp ss fs_base gs_base ds es fs gs"
-        ).split()
-    ]
+    Imported on the first register request, not at start-up: a plain run (no
+    filter, nothing intercepted) never reads registers and so never pays the
+    ~5 ms python-ptrace's binding costs to import.
+    """
+    from ptrace.binding.func import ptrace_registers_t
+
+    return cast(type[ctypes.Structure], ptrace_registers_t)
 
 
 def _request(command: int, pid: int, addr: int = 0, data: int = 0) -> int:
@@ -186,7 +189,7 @@ class Registers(Protocol):
 
 def get_regs(pid: int) -> Registers:
     """PTRACE_GETREGS."""
-    regs = UserRegs()
+    regs = _user_regs()()
     _request(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
     return cast(Registers, regs)
 
@@ -198,7 +201,7 @@ def set_regs(pid: int, regs: Registers) -> None:
 
 def copy_regs(regs: Registers) -> Registers:
     """An independent copy of a register set."""
-    out = UserRegs()
+    out = _user_regs()()
     src = cast(ctypes.Structure, regs)
     ctypes.memmove(ctypes.addressof(out), ctypes.addressof(src), ctypes.sizeof(src))
     return cast(Registers, out)
