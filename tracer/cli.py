@@ -406,7 +406,20 @@ def main(argv: list[str] | None = None) -> None:
     except TracerError as exc:
         click.echo(f"dcptrace: {exc}", err=True)
         sys.exit(125)
-    sys.exit(code if isinstance(code, int) else 0)
+    status = code if isinstance(code, int) else 0
+    if argv is None:
+        # The console entry leaves without tearing the interpreter down: with every
+        # module of the tracer loaded that costs more than the run of a short
+        # program, and the front holds nothing that needs a finalizer (the tracer
+        # child finishes the outputs and the run's record).
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed pipe: nothing more can be said there
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

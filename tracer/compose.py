@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,8 @@ def clustered(
     options, TracerError for instances that do not start), so dcptrace prints
     one line instead of a traceback.
     """
+    import socket  # not on a plain run's start-up
+
     from vmagent.exec.view import View
 
     # The program sees its home's hostname on every local instance (issue 11).  Not yet
@@ -247,6 +249,8 @@ RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final 
 def measured(coordinator: Coordinator) -> dict[str, Any] | None:
     """What the OSS measured of the run's placed processes (None: nothing was placed
     through an OSS)."""
+    if "vmagent.cluster.ossmode" not in sys.modules:
+        return None  # no run through an OSS started: not worth importing it to say so
     from vmagent.cluster.ossmode import OssCoordinator
 
     if isinstance(coordinator, OssCoordinator):
