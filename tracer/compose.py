@@ -14,8 +14,9 @@ when a run asks for them: a plain `dcptrace -- prog` never loads `vmagent`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from oss.storage.pathmap import PathMap
 from tracer.coordinator import Coordinator
 from tracer.errors import TracerError, UsageError
 from tracer.syscalls import SyscallTable
+
+log = logging.getLogger(__name__)
 
 # The --placement choices: the policies of vmagent.cluster.placement (POLICIES),
 # spelled out here so that parsing options loads no vmagent module; a unit test
@@ -56,12 +59,15 @@ def coordinator(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    volumes: tuple[str, ...] = (),
+    storage: dict[str, int | str] | None = None,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
     `maps` (`--map`, `[map]`) become the program's view, which every placed
     process carries and its instance applies.
     """
+    check_volumes(volumes, instances, oss_url, maps or {})
     if instances == 0 and oss_url is None:
         yield inner
         return
@@ -70,9 +76,40 @@ def coordinator(
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(
-        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps
-    ) as coord:
+        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps,
+        volumes=volumes, storage=storage,
+    ) as coord:  # fmt: skip
         yield coord
+
+
+def check_volumes(
+    volumes: tuple[str, ...], instances: int, oss_url: str | None, maps: dict[str, str]
+) -> None:
+    """UsageError unless `--volume` can be honoured here (issue 14)."""
+    if not volumes:
+        return
+    if oss_url is not None or instances == 0:
+        raise UsageError("--volume needs --instances (VMs through --oss: not yet)")
+    if os.geteuid() != 0:
+        raise UsageError("--volume needs root: each instance mounts the namespace (FUSE, tmpfs)")
+    volume_dirs(volumes, maps)
+
+
+def volume_dirs(
+    volumes: tuple[str, ...], maps: dict[str, str]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The declared paths (absolute, each once) and the real directories behind them."""
+    virtuals = tuple(dict.fromkeys(os.path.normpath(os.path.abspath(v)) for v in volumes))
+    pathmap = PathMap(maps) if maps else None
+    reals = []
+    for v in virtuals:
+        if v == "/" or any(v == p or v.startswith(p + "/") for p in NOT_VOLUMES):
+            raise UsageError(f"--volume {v}: not a directory of the program's own")
+        real = os.fsdecode(pathmap.to_real(os.fsencode(v)) or v.encode()) if pathmap else v
+        if not os.path.isdir(real):
+            raise UsageError(f"--volume {v}: {real} is not a directory")
+        reals.append(real)
+    return virtuals, reals
 
 
 @contextlib.contextmanager
@@ -82,6 +119,8 @@ def clustered(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    volumes: tuple[str, ...] = (),
+    storage: dict[str, int | str] | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -89,6 +128,8 @@ def clustered(
     options, TracerError for instances that do not start), so dcptrace prints
     one line instead of a traceback.
     """
+    import socket  # not on a plain run's start-up
+
     from vmagent.exec.view import View
 
     # The program sees its home's hostname on every instance, local or VM (issue 11
@@ -103,6 +144,7 @@ def clustered(
             yield coord
         return
     from oss.local import PrivateOss, PrivateOssError
+    from oss.storage.server import StorageError
     from vmagent.cluster.coordinator import OssModeUnavailable
     from vmagent.cluster.local import LocalCluster
     from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
@@ -130,10 +172,12 @@ def clustered(
             raise TracerError(
                 f"local instances: {', '.join(missing)} did not register with the run's OSS"
             )
+        if volumes:  # issue 14: the declared paths are one namespace on every instance
+            view = _with_storage(stack, view, volumes, maps or {}, cluster, storage or {})
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc
-    except (AgentError, PrivateOssError) as exc:
+    except (AgentError, PrivateOssError, StorageError) as exc:
         stack.close()
         raise TracerError(f"local instances: {exc}") from exc
     except BaseException:
@@ -152,12 +196,62 @@ def clustered(
         cluster.remove_logs()
 
 
+def _with_storage(
+    stack: contextlib.ExitStack,
+    view: Any,
+    volumes: tuple[str, ...],
+    maps: dict[str, str],
+    cluster: Any,
+    table: dict[str, int | str],
+) -> Any:
+    """Serve the declared paths from a storage server, mount them on every instance,
+    and return the view that maps them there (the home keeps the real directories)."""
+    import dataclasses
+
+    from oss.storage.run import Agent, RunStorage, options_from_table
+
+    virtuals, reals = volume_dirs(volumes, maps)
+    try:
+        options = options_from_table(virtuals, table)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    storage = RunStorage(options, reals, default_data_dir() / "storage", cluster.logdir)
+    stack.callback(_remove_instance_dirs, storage.name)  # runs after storage.close
+    stack.callback(storage.close)
+    storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])
+    log.info("storage %s: %s", storage.name, ", ".join(virtuals))
+    maps_now = {**dict(view.maps), **storage.view_maps()}
+    return dataclasses.replace(view, maps=tuple(sorted(maps_now.items())))
+
+
+# The instance's own: what a volume must not be (nor contain, for "/").
+NOT_VOLUMES = ("/proc", "/sys", "/dev", "/run/dcp")
+
+
+def _remove_instance_dirs(name: str) -> None:
+    """What the instances' storage left on this machine's disk (a lost instance unmounts
+    nothing; local instances share this disk)."""
+    import shutil
+
+    from vmagent.storage.mounts import DISK_ROOT, FS_ROOT, TIER_ROOT
+
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for root in (DISK_ROOT, TIER_ROOT, FS_ROOT):
+        where = str(root / name)
+        # Never through a mount here: a namespace mounted in this one is the user's files.
+        if not any(m == where or m.startswith(where + "/") for m in mounts):
+            shutil.rmtree(where, ignore_errors=True)
+
+
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures
 
 
 def measured(coordinator: Coordinator) -> dict[str, Any] | None:
     """What the OSS measured of the run's placed processes (None: nothing was placed
     through an OSS)."""
+    if "vmagent.cluster.ossmode" not in sys.modules:
+        return None  # no run through an OSS started: not worth importing it to say so
     from vmagent.cluster.ossmode import OssCoordinator
 
     if isinstance(coordinator, OssCoordinator):
