@@ -133,13 +133,15 @@ def test_t_asks_its_agent_and_takes_the_answer_to_its_own_request() -> None:
 
     ours, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     reqs = iter(range(7, 100))
-    kill = ChannelKill(lambda: ours, lambda: next(reqs))
+    kept: list[bytes] = []
+    kill = ChannelKill(lambda: ours, lambda: next(reqs), kept.append)
     asked: list[channel.Record] = []
 
     def answer() -> None:
         record = channel.decode(channel.receive(agent)[0])
         asked.append(record)
         agent.send(channel.encode(channel.OP_KILLED, req=b"6", errno=0))  # a late one
+        agent.send(channel.encode(channel.OP_DETACH))  # a checkpoint meanwhile: kept
         agent.send(channel.encode(channel.OP_KILLED, req=record[b"req"], errno=errno.EPERM))
 
     helper = threading.Thread(target=answer)
@@ -149,6 +151,7 @@ def test_t_asks_its_agent_and_takes_the_answer_to_its_own_request() -> None:
     finally:
         helper.join()
     assert (asked[0][b"op"], asked[0][b"pid"], asked[0][b"sig"]) == (b"kill", b"-31000", b"15")
+    assert [channel.decode(k)[b"op"] for k in kept] == [channel.OP_DETACH]
     kill.timeout = 0.05
     assert kill(31000, 15) == errno.ESRCH  # no answer: as for a pid that is gone
     agent.close()

@@ -87,8 +87,11 @@ class Tracer:
     def __init__(self, table: SyscallTable) -> None:
         self.table = table
         self.chan: socket.socket | None = None
-        self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
-        self.home = ChannelKill(lambda: self.chan, self.ask.next_req)  # issue 11
+        # Commands read off the channel while T waited for an answer there (an
+        # op=detach arriving during a placement or a kill): the runner serves them.
+        self.kept: list[bytes] = []
+        self.ask = ChannelAsk(lambda: self.chan, keep=self.kept.append)  # placement (issue 10)
+        self.home = ChannelKill(lambda: self.chan, self.ask.next_req, self.kept.append)  # 11
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -247,6 +250,9 @@ class HostRunner(Runner):
                 stop = self._decode(pid, status, usage)
                 if stop is not None:
                     self._execute(machine.step(stop))
+                while self.tracer.kept:
+                    if self._obey(machine, self.tracer.kept.pop(0)):
+                        return
         finally:
             if self.waker:
                 with contextlib.suppress(OSError):
@@ -271,17 +277,22 @@ class HostRunner(Runner):
             os.close(fd)
         if not data:
             return False  # the agent is gone: trace on without listening
-        if data != b"?":
-            try:
-                op = channel.decode(data)[b"op"]
-            except channel.ChannelError as exc:
-                log.warning("tracer channel: %s", exc)
-                op = b""
-            if op == channel.OP_DETACH:
-                pids = self.detach_all(machine)
-                self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
-                return True
+        if data != b"?" and self._obey(machine, data):
+            return True
         self.waker = spawn_waker(chan)
+        return False
+
+    def _obey(self, machine: Machine, data: bytes) -> bool:
+        """Carry out one command from the agent; True once the tree is detached."""
+        try:
+            op = channel.decode(data)[b"op"]
+        except channel.ChannelError as exc:
+            log.warning("tracer channel: %s", exc)
+            return False
+        if op == channel.OP_DETACH:
+            pids = self.detach_all(machine)
+            self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
+            return True
         return False
 
     def detach_all(self, machine: Machine) -> tuple[int, ...]:

@@ -262,6 +262,8 @@ PLACE_TIMEOUT = 2.0  # s T waits for the agent's answer (the exec is stopped mea
 
 
 KILL_TIMEOUT = 5.0  # s T waits for a signal sent at home (the call is stopped meanwhile)
+# Answers T may find late on its channel (dropped); anything else is a command it keeps.
+ANSWERS = frozenset({channel.OP_KILLED, placer.OP_GRANT, placer.OP_HOME})
 
 
 class ChannelKill:
@@ -272,9 +274,15 @@ class ChannelKill:
     with one log line.
     """
 
-    def __init__(self, chan: Callable[[], socket.socket | None], reqs: Callable[[], int]):
+    def __init__(
+        self,
+        chan: Callable[[], socket.socket | None],
+        reqs: Callable[[], int],
+        keep: Callable[[bytes], None] = lambda _data: None,
+    ):
         self._chan = chan
         self._reqs = reqs
+        self._keep = keep  # a command that arrived meanwhile (op=detach), for the runner
         self.timeout = KILL_TIMEOUT
         self._said = False
 
@@ -297,6 +305,8 @@ class ChannelKill:
                 record = channel.decode(data)
                 if record[b"op"] == channel.OP_KILLED and record.get(b"req") == req:
                     return channel.number(record, b"errno")
+                if record[b"op"] not in ANSWERS:
+                    self._keep(data)
         except (OSError, channel.ChannelError) as exc:
             log.warning("a signal for pid %d was not sent at home: %s", pid, exc)
             return errno.ESRCH
@@ -313,8 +323,14 @@ class ChannelAsk:
     in `timeout` the exec runs where it is (one log line per reason).
     """
 
-    def __init__(self, chan: Callable[[], socket.socket | None], timeout: float = PLACE_TIMEOUT):
+    def __init__(
+        self,
+        chan: Callable[[], socket.socket | None],
+        timeout: float = PLACE_TIMEOUT,
+        keep: Callable[[bytes], None] = lambda _data: None,
+    ):
         self._chan = chan
+        self._keep = keep  # a command that arrived meanwhile (op=detach), for the runner
         self.timeout = timeout
         self._req = 0
         self._said: set[str] = set()
@@ -353,6 +369,9 @@ class ChannelAsk:
                     self._once("the agent is gone")
                     return None
                 record = channel.decode(data)
+                if record[b"op"] not in ANSWERS:
+                    self._keep(data)
+                    continue
                 if record.get(b"req") != str(req).encode():
                     continue  # the late answer of an earlier request
                 if record[b"op"] == placer.OP_GRANT:
