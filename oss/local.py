@@ -274,6 +274,16 @@ class PrivateOss:
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
+    def note(self, text: str) -> None:
+        """A line for the OSS log (thread-safe, never waits; dropped if the OSS is down)."""
+        loop, oss = self.loop, self.oss
+        if loop is None or oss is None:
+            return
+        try:
+            loop.call_soon_threadsafe(oss.oss_log, text)
+        except RuntimeError:
+            pass  # the loop already ended
+
     def registered(self, timeout: float) -> list[str]:
         """Wait until every instance registered (bounded); the names still missing."""
         import time

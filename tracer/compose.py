@@ -30,7 +30,7 @@ from tracer.syscalls import SyscallTable
 # The --placement choices: the policies of vmagent.cluster.placement (POLICIES),
 # spelled out here so that parsing options loads no vmagent module; a unit test
 # checks the two agree.
-PLACEMENTS = ("spread", "pack", "local")
+PLACEMENTS = ("auto", "spread", "pack", "local")
 START_TIMEOUT = 15.0  # seconds for the run's OSS and its instances to come up
 
 
@@ -99,6 +99,10 @@ def clustered(
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
         with oss_clustered(inner, placement, oss_url, view=view) as coord:
+            if placement == "auto":
+                from vmagent.cluster.advisor import Advisor
+
+                coord.advisor = Advisor("home")  # the OSS knows the instances: it picks
             yield coord
         return
     from oss.local import PrivateOss, PrivateOssError
@@ -143,12 +147,26 @@ def clustered(
         local = OssCoordinator(
             inner, placement, link, os.getcwd(), cluster.reconnect_window, view=view
         )
+        if placement == "auto":
+            local.advisor = local_advisor(cluster.names, cluster.cpus, private)
         try:
             yield local
         finally:
+            if local.advisor is not None:
+                private.note(local.advisor.summary())
             local.close()
         stack.close()
         cluster.remove_logs()
+
+
+def local_advisor(names: list[str], cpus: int, private: Any) -> Any:
+    """The cost model's adapter for local instances: they share this machine's cores."""
+    from oss.compute.costmodel import Site
+    from vmagent.cluster.advisor import Advisor, machine_id
+
+    here = machine_id()
+    sites = [Site(n, cpus, 0.0, here) for n in names]
+    return Advisor("home", others=lambda: sites, note=private.note, machine=here)
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures

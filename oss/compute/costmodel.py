@@ -44,7 +44,7 @@ def shape(path: str, argv: Sequence[str]) -> str:
     Options stay as written (the value after `=` dropped, long ones cut);
     operands become their kind (`*.c`, `*`): `cc -c -O2 a.c -o a.o` and
     `cc -c -O2 b.c -o b.o` share a shape, `cc a.o b.o -o app` does not.
-    Repeated kinds collapse (`cat *` for any number of files).
+    A word repeated next to itself counts once (`cat *` for any number of files).
     """
     words: list[str] = [os.path.basename(path) or path]
     for arg in argv[1 : MAX_SHAPE_WORDS + 1]:
@@ -53,8 +53,8 @@ def shape(path: str, argv: Sequence[str]) -> str:
         else:
             ext = os.path.splitext(os.path.basename(arg))[1]
             word = f"*{ext[:8]}" if ext and ext[1:].isalnum() else "*"
-        if word.startswith("*") and words[-1] == word:
-            continue
+        if words[-1] == word:
+            continue  # `cat *` for any number of files, one `-plugin-opt` for many
         words.append(word)
     return " ".join(words)
 
@@ -221,8 +221,7 @@ def decide(
                 stay,
                 False,
                 Why.SHARED,
-                f"long ({ms:.0f} ms), {stay} busy, but every instance shares "
-                f"{stay}'s cores: stays",
+                f"long ({ms:.0f} ms), {stay} busy, but every instance shares {stay}'s cores: stays",
             )
         elsewhere = f"{best[0] * 1000:.0f} ms on {best[1]}" if best else "no other instance"
         return Verdict(

@@ -96,7 +96,7 @@ class OssModeConfig:
 
     url: str  # the OSS base URL
     token: str = field(repr=False)  # the account's bearer token (DCP_TOKEN)
-    placement: str = "spread"  # spread | pack | local
+    placement: str = "auto"  # auto | spread | pack | local
     timeout: float = 10.0  # seconds, every call to the OSS
     fallback_local: bool = False  # DCP_OSS_FALLBACK=local: no OSS instance -> run here
 
@@ -192,7 +192,7 @@ class OssPlacement(Placement):
             return HOME
         # Spread: the OSS ranks the instances used last after the others (most
         # recent last), so sequential processes go round the instances.
-        avoid = list(self._recent) if self.policy == "spread" else []
+        avoid = list(self._recent) if self.policy in ("spread", "auto") else []
         grant = self._link.place(avoid, ident)
         if grant is None:
             return HOME
