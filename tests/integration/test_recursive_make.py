@@ -88,3 +88,37 @@ def test_a_placed_make_places_its_compilers_in_turn(project: Path) -> None:
     ran_on = hosts.read_text().split()
     assert len(ran_on) == 14, ran_on  # 13 compiles and the link
     assert set(ran_on) == {"node0", "node1", "node2"}, (make["instance"], ran_on)
+
+
+def test_by_default_the_cost_model_keeps_short_compiles_home_and_says_why(
+    project: Path,
+) -> None:
+    """`--placement auto` (the default): local instances share this machine's cores, so no
+    compile is worth a placement; each decision is in the --trace output (with its
+    reason) and in the run's OSS log (-v shows the OSS's log lines), and the build is
+    the native one."""
+    native = run(["make", "-j6"], cwd=project, timeout=300)
+    assert native.returncode == 0, native.stderr
+    want_binary = (project / "app").read_bytes()
+    assert run(["make", "clean"], cwd=project).returncode == 0
+
+    rec = project.parent / "r.json"
+    out = project.parent / "trace.txt"
+    res = traced(
+        ["make", "-j6"], "--instances", "3", "--trace", "-o", str(out), "-v",
+        "--record", str(rec), cwd=project, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.splitlines()) == sorted(native.stdout.splitlines())
+    assert (project / "app").read_bytes() == want_binary
+    procs = json.loads(rec.read_text())["processes"]
+    compilers = [p for p in procs if p["argv"] and Path(p["argv"][0]).name in ("cc", "gcc")]
+    # 13 compiles + the link (a process the tracer saw twice, at fork and at exec, twice)
+    assert len({tuple(p["argv"]) for p in compilers}) == 14, [p["argv"] for p in compilers]
+    assert {p["instance"] for p in compilers} == {"local"}, compilers  # this machine
+    err = res.stderr.decode()
+    # The tracer's decision for each exec, with its reason ...
+    assert "'cc -O1 -c *.c -o *.o' never ran before: stays on home" in err, err[-3000:]
+    # ... and the OSS log's line for each shape and verdict, then the run's summary.
+    assert "placement on home: 'cc -O1 -c *.c -o *.o' never ran before" in err, err[-3000:]
+    assert "execs decided (" in err, err[-3000:]
