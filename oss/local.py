@@ -51,7 +51,7 @@ class _Finish:
     signal: int | None
 
 
-_Item = ProcessEvent | _Finish
+_Item = ProcessEvent | _Finish | str  # str: a line of the run's log (placement decisions)
 
 
 class LocalOss:
@@ -77,6 +77,10 @@ class LocalOss:
     def event(self, event: ProcessEvent) -> None:
         """Queue a process event (thread-safe, never blocks the tracer)."""
         self._put(event)
+
+    def note(self, text: str) -> None:
+        """Queue a line for the run's log (thread-safe, never blocks the tracer)."""
+        self._put(text)
 
     def finish(self, exit_status: int | None, signal: int | None) -> None:
         """The main process ended: record the status."""
@@ -162,7 +166,8 @@ class LocalOss:
                 if isinstance(item, _Finish):
                     await oss.finish(who, self.program_id, item.exit_status, item.signal)
                     return
-                await oss.program_log(self.program_id, _describe(item))
+                text = item if isinstance(item, str) else _describe(item)
+                await oss.program_log(self.program_id, text)
         finally:
             await oss.close()
 

@@ -290,8 +290,9 @@ def command(
 
         try:
             with compose.coordinator(
-                inner, n, where, oss_url or config.oss, mapping
-            ) as coordinator:
+                inner, n, where, oss_url or config.oss, mapping,
+                note=local.note if local is not None else None,
+            ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,

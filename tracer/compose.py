@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,13 @@ def coordinator(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
     `maps` (`--map`, `[map]`) become the program's view, which every placed
-    process carries and its instance applies.
+    process carries and its instance applies.  `note` takes the placement
+    decisions' log lines (the run's record in the local OSS state).
     """
     if instances == 0 and oss_url is None:
         yield inner
@@ -70,7 +72,7 @@ def coordinator(
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(
-        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps
+        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps, note=note
     ) as coord:
         yield coord
 
@@ -82,6 +84,7 @@ def clustered(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -107,66 +110,66 @@ def clustered(
         return
     from oss.local import PrivateOss, PrivateOssError
     from vmagent.cluster.coordinator import OssModeUnavailable
-    from vmagent.cluster.local import LocalCluster
-    from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
+    from vmagent.cluster.localrun import LazyLink, LocalRun, LocalRunError
+    from vmagent.cluster.ossmode import OssCoordinator, ProgramLink
     from vmagent.cluster.placement import Placement, UnknownPolicy
     from vmagent.errors import AgentError
 
     # Always an OSS (issue 10): the run's own, on a thread of this process, serving
     # its agents on a unix socket; it places every exec, from home or an instance.
-    stack = contextlib.ExitStack()
+    # Under auto (the cost model) the OSS and the instances start on the first
+    # placement (`vmagent.cluster.localrun`): local instances share this machine's
+    # cores, so most runs never need them.
     try:
         Placement(placement, [])  # validate the policy before starting anything
         # Each agent traces what it runs (vmagent.trace): nothing to ask for here.
-        cluster = LocalCluster(instances)
-        stack.callback(cluster.close)
-        private = PrivateOss(cluster.logdir / "oss", cluster.logdir, cluster.names)
-        cluster.use_oss(private.url, private.tokens)
-        # Before the agents: they register at once (after a failed first try an
-        # agent backs off 0.5 s, which costs more than the OSS's imports slow them).
-        private.start()
-        stack.callback(private.close)
-        cluster.start()
-        private.wait_ready(START_TIMEOUT)
-        missing = private.registered(START_TIMEOUT)
-        if missing:
-            raise TracerError(
-                f"local instances: {', '.join(missing)} did not register with the run's OSS"
-            )
+        run = LocalRun(instances, view, START_TIMEOUT, PrivateOss, PrivateOssError)
     except (UnknownPolicy, OssModeUnavailable) as exc:
-        stack.close()
         raise UsageError(str(exc)) from exc
-    except (AgentError, PrivateOssError) as exc:
-        stack.close()
+    except AgentError as exc:
         raise TracerError(f"local instances: {exc}") from exc
-    except BaseException:
-        stack.close()
-        raise
-    with stack:
-        link = LocalProgramLink(private, view)
+    link: ProgramLink
+    if placement == "auto":
+        link = LazyLink(run)
+    else:
+        try:
+            link = run.start()
+        except LocalRunError as exc:
+            raise TracerError(f"local instances: {exc}") from exc
+    try:
         local = OssCoordinator(
-            inner, placement, link, os.getcwd(), cluster.reconnect_window, view=view
+            inner, placement, link, os.getcwd(), run.cluster.reconnect_window, view=view
         )
         if placement == "auto":
-            local.advisor = local_advisor(cluster.names, cluster.cpus, private)
+            local.advisor = local_advisor(run, note)
         try:
             yield local
         finally:
             if local.advisor is not None:
-                private.note(local.advisor.summary())
+                line = local.advisor.summary()
+                run.note(line)
+                if note is not None:
+                    note(line)
             local.close()
-        stack.close()
-        cluster.remove_logs()
+    finally:
+        run.close()
+    run.remove_logs()
 
 
-def local_advisor(names: list[str], cpus: int, private: Any) -> Any:
+def local_advisor(run: Any, note: Callable[[str], None] | None) -> Any:
     """The cost model's adapter for local instances: they share this machine's cores."""
     from oss.compute.costmodel import Site
     from vmagent.cluster.advisor import Advisor, machine_id
 
     here = machine_id()
-    sites = [Site(n, cpus, 0.0, here) for n in names]
-    return Advisor("home", others=lambda: sites, note=private.note, machine=here)
+    sites = [Site(n, run.cluster.cpus, 0.0, here) for n in run.cluster.names]
+
+    def noted(text: str) -> None:
+        run.note(text)
+        if note is not None:
+            note(text)
+
+    return Advisor("home", others=lambda: sites, note=noted, machine=here)
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures
