@@ -102,11 +102,18 @@ def clustered(
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
         with oss_clustered(inner, placement, oss_url, view=view) as coord:
+            told: Callable[[str], None] | None = None
             if placement == "auto":
                 from vmagent.cluster.advisor import Advisor
 
-                coord.advisor = Advisor("home")  # the OSS knows the instances: it picks
-            yield coord
+                # The OSS knows the instances (it picks); decisions go to the program's log.
+                told = getattr(getattr(coord, "_link", None), "note", None)
+                coord.advisor = Advisor("home", note=told)
+            try:
+                yield coord
+            finally:
+                if coord.advisor is not None and told is not None:
+                    told(coord.advisor.summary())
         return
     from oss.local import PrivateOss, PrivateOssError
     from vmagent.cluster.coordinator import OssModeUnavailable

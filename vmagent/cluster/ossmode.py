@@ -575,6 +575,21 @@ class OssProgramLink:
         if self.program_id is not None:
             self._bridge.later(self._release(self.program_id, instance))
 
+    def note(self, text: str) -> None:
+        """A line for the program's log in the OSS (in the background; the placement
+        decisions of the cost model).  Dropped before the program is submitted."""
+        if self.program_id is not None:
+            self._bridge.later(self._note(self.program_id, text))
+
+    async def _note(self, pid: str, text: str) -> None:
+        from oss import errors
+        from oss import models as m
+
+        try:
+            await self._client.append_logs(pid, [m.LogLineIn(text=text[:4000])])
+        except errors.OssError as exc:
+            log.debug("placement note for %s: %s", pid, exc)
+
     async def _release(self, pid: str, instance: str) -> None:
         from oss import errors
 
