@@ -111,15 +111,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="workload names (prefixes) to run")
+    ap.add_argument("--spread", action="store_true", help="also --placement spread")
     args = ap.parse_args()
     if shutil.which("make") is None or shutil.which("git") is None:
         raise SystemExit("needs make, cc and git")
+    ways = {k: v for k, v in WAYS.items() if k != "spread" or args.spread}
     with tempfile.TemporaryDirectory(prefix="dcp-bench-place-") as tmpname:
         tmp = Path(tmpname)
         loads = workloads(tmp)
         if args.only:
             loads = {k: v for k, v in loads.items() if any(k.startswith(o) for o in args.only)}
-        times: dict[tuple[str, str], list[float]] = {(w, way): [] for w in loads for way in WAYS}
+        times: dict[tuple[str, str], list[float]] = {(w, way): [] for w in loads for way in ways}
         print(f"load before: {open('/proc/loadavg').read().strip()}", flush=True)
         for argv, cwd, before in loads.values():
             if before:
@@ -127,29 +129,34 @@ def main() -> None:
             timed(argv, cwd)  # warm the page cache
         for r in range(args.rounds):
             for name, (argv, cwd, before) in loads.items():
-                for way, prefix in WAYS.items():
+                for way, prefix in ways.items():
                     if before:
                         subprocess.run(before, cwd=cwd, capture_output=True, check=True)
                     cmd = [*prefix, "--", *argv] if prefix else argv
                     times[(name, way)].append(timed(cmd, cwd))
             print(f"round {r + 1} done", flush=True)
         print(f"load after:  {open('/proc/loadavg').read().strip()}")
+        compared = [w for w in ways if w not in ("native", "dcptrace")]
         print(
             f"{'workload':20s}"
-            + "".join(f"{w:>16s}" for w in WAYS)
-            + "   auto/dcptrace  spread/dcptrace"
+            + "".join(f"{w:>16s}" for w in ways)
+            + "".join(f"{w + '/dcptrace':>24s}" for w in compared)
         )
         for name in loads:
             cells = []
-            for way in WAYS:
+            for way in ways:
                 t = times[(name, way)]
                 cells.append(f"{min(t):6.2f}/{statistics.median(t):6.2f} s")
             base = times[(name, "dcptrace")]
             ratios = []
-            for way in ("auto", "spread"):
+            for way in compared:
                 rs = [a / b for a, b in zip(times[(name, way)], base, strict=True)]
                 ratios.append(f"{statistics.median(rs):5.2f}x (min {min(rs):4.2f})")
-            print(f"{name:20s}" + "".join(f"{c:>16s}" for c in cells) + "   " + "  ".join(ratios))
+            print(
+                f"{name:20s}"
+                + "".join(f"{c:>16s}" for c in cells)
+                + "".join(f"{r:>24s}" for r in ratios)
+            )
         print(
             "cells: min/median wall seconds; ratios: median (min) of per-round ratios;"
             " target auto/dcptrace <= 1.20x"

@@ -30,7 +30,6 @@ never places anything remotely.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -339,6 +338,9 @@ class _Bridge:
     """A private event loop in a thread, running OSS client calls for the tracer thread."""
 
     def __init__(self) -> None:
+        import asyncio  # here: a run that never asks the OSS does not load asyncio
+
+        self._asyncio = asyncio
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="dcp-oss-client", daemon=True
@@ -348,7 +350,7 @@ class _Bridge:
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run `coro` on the loop and wait (the coroutine enforces its own timeout too)."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut = self._asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -357,7 +359,7 @@ class _Bridge:
 
     def later(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         """Run `coro` on the loop without waiting; `drain` waits for it."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut = self._asyncio.run_coroutine_threadsafe(coro, self.loop)
         self._later.add(fut)
         fut.add_done_callback(self._later.discard)
         return fut
@@ -646,6 +648,8 @@ class OssProgramLink:
         self._bridge.later(self._watch(self.program_id, self._on_stop))
 
     async def _watch(self, pid: str, on_stop: Callable[[str], None]) -> None:
+        import asyncio
+
         from oss import errors
 
         while True:
@@ -747,6 +751,8 @@ class LocalProgramLink:
     async def _watching(
         self, pid: str, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None
     ) -> None:
+        import asyncio
+
         from oss import errors
         from oss import models as m
 
