@@ -292,6 +292,7 @@ def command(
             with compose.coordinator(
                 inner, n, where, oss_url or config.oss, mapping,
                 note=local.note if local is not None else None,
+                profiles=state_dir / "placement-profiles.json", keep_profiles=local is not None,
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(

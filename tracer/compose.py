@@ -57,12 +57,16 @@ def coordinator(
     oss_url: str | None,
     maps: dict[str, str] | None = None,
     note: Callable[[str], None] | None = None,
+    profiles: Path | None = None,
+    keep_profiles: bool = False,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
     `maps` (`--map`, `[map]`) become the program's view, which every placed
     process carries and its instance applies.  `note` takes the placement
-    decisions' log lines (the run's record in the local OSS state).
+    decisions' log lines (the run's record in the local OSS state); `profiles` the
+    file of the programs' past run times the cost model reads (and writes back at
+    the end with `keep_profiles`).
     """
     if instances == 0 and oss_url is None:
         yield inner
@@ -72,9 +76,22 @@ def coordinator(
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(
-        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps, note=note
+        inner,
+        instances=instances,
+        placement=placement,
+        oss_url=oss_url,
+        maps=maps,
+        note=note,
+        profiles=profiles,
     ) as coord:
-        yield coord
+        advisor = getattr(coord, "advisor", None)
+        try:
+            yield coord
+        finally:
+            if advisor is not None and profiles is not None and keep_profiles:
+                from vmagent.cluster.advisor import save_history
+
+                save_history(profiles, advisor.history)
 
 
 @contextlib.contextmanager
@@ -85,6 +102,7 @@ def clustered(
     oss_url: str | None,
     maps: dict[str, str] | None = None,
     note: Callable[[str], None] | None = None,
+    profiles: Path | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -104,11 +122,11 @@ def clustered(
         with oss_clustered(inner, placement, oss_url, view=view) as coord:
             told: Callable[[str], None] | None = None
             if placement == "auto":
-                from vmagent.cluster.advisor import Advisor
+                from vmagent.cluster.advisor import Advisor, load_history
 
                 # The OSS knows the instances (it picks); decisions go to the program's log.
                 told = getattr(getattr(coord, "_link", None), "note", None)
-                coord.advisor = Advisor("home", note=told)
+                coord.advisor = Advisor("home", note=told, history=load_history(profiles))
             try:
                 yield coord
             finally:
@@ -148,7 +166,7 @@ def clustered(
             inner, placement, link, os.getcwd(), run.cluster.reconnect_window, view=view
         )
         if placement == "auto":
-            local.advisor = local_advisor(run, note)
+            local.advisor = local_advisor(run, note, profiles)
         try:
             yield local
         finally:
@@ -163,10 +181,10 @@ def clustered(
     run.remove_logs()
 
 
-def local_advisor(run: Any, note: Callable[[str], None] | None) -> Any:
+def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path | None) -> Any:
     """The cost model's adapter for local instances: they share this machine's cores."""
     from oss.compute.costmodel import Site
-    from vmagent.cluster.advisor import Advisor, machine_id
+    from vmagent.cluster.advisor import Advisor, load_history, machine_id
 
     here = machine_id()
     sites = [Site(n, run.cluster.cpus, 0.0, here) for n in run.cluster.names]
@@ -176,7 +194,9 @@ def local_advisor(run: Any, note: Callable[[str], None] | None) -> Any:
         if note is not None:
             note(text)
 
-    return Advisor("home", others=lambda: sites, note=noted, machine=here)
+    return Advisor(
+        "home", others=lambda: sites, note=noted, machine=here, history=load_history(profiles)
+    )
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures

@@ -92,6 +92,26 @@ class History:
         self.profiles[key] = new
         return new
 
+    def dump(self, limit: int = 2000) -> dict[str, list[float]]:
+        """The profiles as JSON data (the most run shapes first, at most `limit`)."""
+        ranked = sorted(self.profiles.items(), key=lambda kv: -kv[1].runs)[:limit]
+        return {k: [p.runs, round(p.seconds, 6)] for k, p in ranked}
+
+    @classmethod
+    def load(cls, data: object) -> History:
+        """Profiles from `dump`'s data; what does not fit is left out."""
+        h = cls()
+        if isinstance(data, dict):
+            for k, v in data.items():
+                if (
+                    isinstance(k, str)
+                    and isinstance(v, list)
+                    and len(v) == 2
+                    and all(isinstance(x, int | float) and x >= 0 for x in v)
+                ):
+                    h.profiles[k] = Profile(int(v[0]), float(v[1]))
+        return h
+
     @classmethod
     def from_records(cls, records: Iterable[tuple[str, Sequence[str], float]]) -> History:
         """A history from past runs: (path, argv, wall seconds), oldest first."""

@@ -107,3 +107,16 @@ def test_without_known_instances_a_long_run_on_a_busy_site_asks_the_oss() -> Non
     assert (v.placed, v.where, v.kind) == (True, "", Why.LONG)
     v = decide(Exec("cc"), Profile(3, 0.01), BUSY_HOME, None, COSTS)
     assert not v.placed
+
+
+def test_profiles_survive_a_dump_and_bad_data_is_left_out() -> None:
+    h = History()
+    h.observe("cc -c *.c", 0.1)
+    h.observe("cc -c *.c", 0.1)
+    h.observe("sim *", 20.0)
+    again = History.load(h.dump())
+    assert again.profiles == h.profiles
+    assert list(h.dump(limit=1)) == ["cc -c *.c"]  # the most run first
+    bad = History.load({"a": [1, -2], "b": "x", "c": [1, 2, 3], "d": [2, 0.5], 3: [1, 1]})
+    assert bad.profiles == {"d": Profile(2, 0.5)}
+    assert History.load(["not", "a", "dict"]).profiles == {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from oss.compute.costmodel import Site, Why
-from vmagent.cluster.advisor import Advisor
+from vmagent.cluster.advisor import PROFILES, Advisor, load_history, save_history
 
 
 class Clock:
@@ -71,3 +73,22 @@ def test_each_shape_and_verdict_is_noted_once_and_counted() -> None:
     assert len(notes) == 1 and "never ran before" in notes[0]
     assert a.counts == {Why.UNKNOWN: 10}
     assert a.summary() == "placement on home: 10 execs decided (unknown 10)"
+
+
+def test_run_times_are_kept_for_the_next_run_readable_only_by_their_user(tmp_path: Path) -> None:
+    clock, notes = Clock(), []
+    a = advisor(clock, notes)
+    a.decide(40, b"/bin/sim", [b"sim", b"x.dat"])
+    a.execed(40, ["sim", "x.dat"])
+    clock.now += 3.0
+    a.exited(40)
+    path = tmp_path / PROFILES
+    save_history(path, a.history)
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = load_history(path)
+    assert again.get("sim *.dat") == a.history.get("sim *.dat")
+    path.write_text("{not json")
+    assert load_history(path).profiles == {}
+    assert load_history(tmp_path / "missing.json").profiles == {}
+    save_history(tmp_path / "no-such-dir" / PROFILES, a.history)  # nothing, no error
+    assert not (tmp_path / "no-such-dir").exists()

@@ -9,15 +9,19 @@ already ran long), the load here (runnable tasks on this machine) and of the
 instances it knows; it logs the verdict (logger `dcp.placement`, INFO: shown by
 `dcptrace --trace` or `-v`) and tells `note` (the OSS log) the first verdict of
 each kind per shape.  It learns each program's wall time from the tracer's
-process events (exec to exit, or to the next exec of the same process).
+process events (exec to exit, or to the next exec of the same process); the
+run times are kept between runs in the local OSS state (`PROFILES`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from oss.compute.costmodel import Costs, Exec, History, Profile, Site, Verdict, decide, shape
 
@@ -45,6 +49,38 @@ def runnable() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return 0.0
+
+
+PROFILES = "placement-profiles.json"  # in the local OSS state directory
+
+
+def load_history(path: Path | None) -> History:
+    """Run times of earlier runs kept in `path` (empty if none or unreadable)."""
+    if path is None:
+        return History()
+    try:
+        return History.load(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.debug("placement profiles in %s not read: %s", path, exc)
+        return History()
+
+
+def save_history(path: Path, history: History) -> None:
+    """Keep the run times for the next runs (0600, replaced whole; its directory must
+    exist: the local OSS state's, which only its user can read)."""
+    if not path.parent.is_dir():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(history.dump(), f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("placement profiles not kept in %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 class Advisor:
