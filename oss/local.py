@@ -51,7 +51,13 @@ class _Finish:
     signal: int | None
 
 
-_Item = ProcessEvent | _Finish | str  # str: a line of the run's log (placement decisions)
+class _Done:
+    """Everything of the run is queued: the writer ends."""
+
+
+_DONE = _Done()
+# str: a line of the run's log (the placement decisions)
+_Item = ProcessEvent | _Finish | _Done | str
 
 
 class LocalOss:
@@ -91,6 +97,7 @@ class LocalOss:
         """Wait (bounded) until everything is written; say so once if it was not."""
         if self._thread.ident is None:
             return  # never started: the program did not run
+        self._put(_DONE)  # what came after the program's end (placement notes) is written too
         self._go.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -163,9 +170,11 @@ class LocalOss:
                     item = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
                     continue
+                if isinstance(item, _Done):
+                    return
                 if isinstance(item, _Finish):
                     await oss.finish(who, self.program_id, item.exit_status, item.signal)
-                    return
+                    continue
                 text = item if isinstance(item, str) else _describe(item)
                 await oss.program_log(self.program_id, text)
         finally:
