@@ -223,6 +223,12 @@ async def _instances(url: str, toks: dict[str, str], start: float, stop: float) 
 
         async def reg(name: str, tok: str) -> None:
             async with sem:
+                for attempt in range(5):  # a loaded machine drops some connections
+                    try:
+                        await register(name, tok)
+                        return
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.5 * (attempt + 1))
                 await register(name, tok)
 
         await asyncio.gather(*(reg(n, t) for n, t in toks.items()))
@@ -602,6 +608,11 @@ def _scrape(url: str, token: str) -> str:
     import urllib.request
 
     req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    for _ in range(4):  # a loaded machine drops some connections
+        try:
+            return urllib.request.urlopen(req, timeout=30).read().decode()
+        except OSError:
+            time.sleep(1.0)
     return urllib.request.urlopen(req, timeout=30).read().decode()
 
 
