@@ -106,7 +106,7 @@ class Advisor:
         self.costs = costs or Costs()
         self._others = others
         self._note = note
-        self._load = load
+        self.load = load  # runnable work here now (a fake in tests)
         self._clock = clock
         self._pending: dict[int, str] = {}  # pid -> shape of the exec asked about
         self._running: dict[int, tuple[str, float]] = {}  # pid -> (shape, exec time)
@@ -122,7 +122,7 @@ class Advisor:
             self.costs.placement_s
         )
         # The load is read only when it matters (a long program): most execs are short.
-        here = Site(self.here, self.cpus, self._load() if long else 0.0, self.machine)
+        here = Site(self.here, self.cpus, self.load() if long else 0.0, self.machine)
         others = self._others() if long and self._others is not None else None
         if long and self._others is not None and others is None:
             others = []
