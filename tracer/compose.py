@@ -130,7 +130,7 @@ def clustered(
             try:
                 yield coord
             finally:
-                if coord.advisor is not None and told is not None:
+                if coord.advisor is not None and coord.advisor.counts and told is not None:
                     told(coord.advisor.summary())
         return
     from oss.local import PrivateOss, PrivateOssError
@@ -170,7 +170,7 @@ def clustered(
         try:
             yield local
         finally:
-            if local.advisor is not None:
+            if local.advisor is not None and local.advisor.counts:
                 line = local.advisor.summary()
                 run.note(line)
                 if note is not None:
@@ -185,6 +185,7 @@ def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path |
     """The cost model's adapter for local instances: they share this machine's cores."""
     from oss.compute.costmodel import Site
     from vmagent.cluster.advisor import Advisor, load_history, machine_id
+    from vmagent.cluster.advisor import log as placement_log
 
     here = machine_id()
     sites = [Site(n, run.cluster.cpus, 0.0, here) for n in run.cluster.names]
@@ -194,9 +195,17 @@ def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path |
         if note is not None:
             note(text)
 
-    return Advisor(
+    advisor = Advisor(
         "home", others=lambda: sites, note=noted, machine=here, history=load_history(profiles)
     )
+    if not advisor.may_place():
+        line = (
+            f"placement on home: {', '.join(run.cluster.names)} share this machine's cores: "
+            "no exec is worth placing, every one runs home"
+        )
+        placement_log.info("%s", line)
+        noted(line)
+    return advisor
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures

@@ -92,3 +92,23 @@ def test_run_times_are_kept_for_the_next_run_readable_only_by_their_user(tmp_pat
     assert load_history(tmp_path / "missing.json").profiles == {}
     save_history(tmp_path / "no-such-dir" / PROFILES, a.history)  # nothing, no error
     assert not (tmp_path / "no-such-dir").exists()
+
+
+def test_execs_are_stopped_only_when_one_may_be_placed_or_decisions_are_shown() -> None:
+    import logging
+
+    local = [Site(f"node{i}", 2, 0.0, "laptop") for i in range(3)]
+    shared = Advisor("home", others=lambda: local, machine="laptop", cpus=2)
+    assert not shared.may_place()
+    remote = Advisor("home", others=lambda: [*local, Site("vm", 2, 0.0, "vm0")], machine="laptop")
+    assert remote.may_place() and remote.needs_execs()
+    assert Advisor("node1").may_place()  # the OSS knows the instances
+    placement = logging.getLogger("dcp.placement")
+    old = placement.level
+    try:
+        placement.setLevel(logging.WARNING)
+        assert not shared.needs_execs()
+        placement.setLevel(logging.INFO)  # --trace / -v: every decision is shown
+        assert shared.needs_execs()
+    finally:
+        placement.setLevel(old)

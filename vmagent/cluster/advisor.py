@@ -113,6 +113,19 @@ class Advisor:
         self._noted: set[tuple[str, str]] = set()
         self.counts: dict[str, int] = {}  # verdict kind -> how many
 
+    def may_place(self) -> bool:
+        """Can any exec be worth placing?  Not when every instance shares this machine's
+        cores (the local instances of `--instances N`): the model keeps all home."""
+        if self._others is None:
+            return True
+        return any(not s.machine or s.machine != self.machine for s in self._others())
+
+    def needs_execs(self) -> bool:
+        """Must the tracer stop each exec for a decision?  Only when one may be placed,
+        or when the decisions are shown (`--trace`, `-v`): otherwise execs run unstopped
+        and the run costs what plain dcptrace costs."""
+        return self.may_place() or log.isEnabledFor(logging.INFO)
+
     def decide(self, pid: int, path: bytes, argv: Sequence[bytes]) -> Verdict:
         """The verdict for `pid` exec'ing `path` with `argv` (logged)."""
         key = shape(os.fsdecode(path), [os.fsdecode(a) for a in argv])

@@ -218,7 +218,10 @@ class ClusterCoordinator:
         self.lost: list[str] = []
 
     def interception(self) -> frozenset[str]:
-        """The inner coordinator's calls plus execve/execveat."""
+        """The inner coordinator's calls plus execve/execveat (unless the cost model
+        can place none and nobody reads its decisions)."""
+        if self.advisor is not None and not self.advisor.needs_execs():
+            return self._inner_calls
         return self._inner_calls | EXEC_CALLS
 
     def on_syscall(self, call: SyscallCall) -> Decision:
