@@ -66,6 +66,16 @@ class Complete:
     writes: tuple[tuple[int, bytes], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Answer later: the thread stays at its syscall stop, every other one runs on.
+
+    For calls that wait on something outside the tracer (a file lock another
+    instance holds).  The runner's owner feeds the decision in with
+    `Runner.decide(tid, decision)` once it has one.
+    """
+
+
 Decision = Allow | Rewrite | Complete
 
 
@@ -130,8 +140,8 @@ class Coordinator(Protocol):
         """Names of the syscalls whose entry must stop the program."""
         ...
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
-        """Decide what happens to one intercepted call."""
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
+        """Decide what happens to one intercepted call (`Defer`: decided later)."""
         ...
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:

@@ -23,6 +23,8 @@ from tracer import ptraceio
 from tracer.coordinator import (
     Complete,
     Coordinator,
+    Decision,
+    Defer,
     ProcessExited,
     ProcessUsage,
     Rewrite,
@@ -125,6 +127,7 @@ class Runner:
             raise TracerError(f"coordinator asks for unknown syscalls: {sorted(unknown)}")
         self.intercept = frozenset(self.names[n].nr for n in coordinator.interception())
         self._calls: dict[int, SyscallCall] = {}
+        self.deferred: dict[int, SyscallCall] = {}  # tid -> a call awaiting `decide`
         self._saved: dict[int, ptraceio.Registers] = {}
         self._entry_text: dict[int, str] = {}
         # argv of an execve the coordinator rewrote (a placed program runs
@@ -297,6 +300,9 @@ class Runner:
             log.exception("coordinator failed on %s; the call returns EIO", call.name)
             decision = Complete(-errno.EIO)
         self._calls[action.tid] = call
+        if isinstance(decision, Defer):
+            self.deferred[action.tid] = call  # stays stopped until `decide`
+            return
         if self.measure is not None:
             counts = self._services.setdefault(call.pid, {})
             service = self.table[call.nr].service.value
@@ -304,6 +310,14 @@ class Runner:
         if isinstance(decision, Rewrite) and call.argv is not None:
             self._exec_argv[action.tid] = tuple(a.decode(errors="replace") for a in call.argv)
         self._execute(self.machine.step(Decided(action.tid, decision)))
+
+    def decide(self, tid: int, decision: Decision) -> None:
+        """The decision on a call the coordinator deferred (ignored if `tid` is gone)."""
+        if self.deferred.pop(tid, None) is None or self.machine is None:
+            return
+        if tid not in self.machine.threads:
+            return
+        self._execute(self.machine.step(Decided(tid, decision)))
 
     def _build_call(self, tid: int, nr: int, args: tuple[int, ...]) -> SyscallCall:
         spec: SyscallSpec = self.table[nr]

@@ -33,6 +33,7 @@ from tracer.coordinator import (
     Complete,
     Coordinator,
     Decision,
+    Defer,
     ProcessEvent,
     ProcessExited,
     Rewrite,
@@ -212,14 +213,12 @@ class ClusterCoordinator:
         """The inner coordinator's calls plus execve/execveat."""
         return self._inner_calls | EXEC_CALLS
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """Place exec'd programs; everything else is the inner coordinator's."""
         if call.name not in EXEC_CALLS:
             return self.inner.on_syscall(call)
-        decision: Decision = (
-            self.inner.on_syscall(call) if call.name in self._inner_calls else Allow()
-        )
-        if isinstance(decision, Complete):
+        decision = self.inner.on_syscall(call) if call.name in self._inner_calls else Allow()
+        if isinstance(decision, (Complete, Defer)):
             return decision
         if not self._seen_first_exec:
             self._seen_first_exec = True  # the tracer starting the program: stays home

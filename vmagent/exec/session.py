@@ -24,6 +24,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING
 
+from vmagent.exec import filelocks
 from vmagent.exec import protocol as P
 from vmagent.exec.spawn import (
     GATE_HUNG,
@@ -95,6 +96,7 @@ class Session:
         # lands); once `moved`, the program is no longer here: nothing is killed.
         self.migrating = False
         self.moved = False
+        self._lock_fds: dict[bytes, int] = {}  # LOCK requests at the deputy
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -287,6 +289,8 @@ class Session:
                     self.tracer_pid = channel.number(record, b"tracer")
             elif record[b"op"] == channel.OP_FAILED:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
+            elif record[b"op"] == filelocks.OP_LOCK:
+                self._lock(record)
             elif record[b"op"] == channel.OP_DETACHED:
                 if self.detached is not None and not self.detached.done():
                     try:
@@ -294,6 +298,45 @@ class Session:
                     except channel.ChannelError as exc:
                         self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
+
+    def _lock(self, record: channel.Record) -> None:
+        """T's `op=lock`: the deputy locks its descriptor, or the kernel here does."""
+        req = record.get(b"req", b"")
+        if record.get(b"call") == filelocks.CANCEL:
+            held = self._lock_fds.pop(req, None)
+            if held is not None:
+                self.send(P.LOCK, held, filelocks.deputy_request(record))
+            return
+        try:
+            pid, fd = channel.number(record, b"pid"), channel.number(record, b"fd")
+        except channel.ChannelError:
+            pid = fd = -1
+        pipes = {**self.outs, **self.ins}
+        found = filelocks.inherited(pid, fd, self.paths, pipes) if pid > 0 else None
+        if found is None or self.finished:
+            self._to_tracer(filelocks.native_record(req))
+            return
+        self._lock_fds[req] = found
+        target = found
+        self.send(P.LOCK, target, filelocks.deputy_request(record))
+
+    def _locked(self, payload: bytes) -> None:
+        """The deputy's LOCKED: pass its answer on to T."""
+        try:
+            fields = P.pairs(payload)
+        except P.FrameError:
+            return
+        req = fields.get(b"req", b"")
+        if self._lock_fds.pop(req, None) is not None:
+            self._to_tracer(
+                filelocks.locked_record(req, fields.get(b"result", b"-5"), fields.get(b"data", b""))
+            )
+
+    def _to_tracer(self, message: bytes) -> None:
+        sock = self.trace_sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                channel.send(sock, message)
 
     def _close_trace(self) -> None:
         sock, self.trace_sock = self.trace_sock, None
@@ -346,6 +389,8 @@ class Session:
                         os.killpg(self.pid, fd)  # the whole remote job (a terminal's signal)
                     else:
                         os.kill(self.pid, fd)
+        elif kind == P.LOCKED:
+            self._locked(payload)
         elif kind == P.ACK:
             self.outbox.ack(seq)
             self._flow()

@@ -44,6 +44,7 @@ from vmagent.cluster.coordinator import Ident
 from vmagent.exec.view import EMPTY as EMPTY_VIEW
 from vmagent.exec.view import decode as decode_view
 from vmagent.trace import channel
+from vmagent.trace.filelocks import POLL, LockForwarder
 from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
@@ -64,12 +65,13 @@ def coordinator_for(
     report: Callable[[bytes], None],
     source: PlacementSource | None = None,
     ask: Callable[[Ident, int, list[str]], Grant | None] | None = None,
+    locks: LockForwarder | None = None,
 ) -> InstanceCoordinator:
     """T's coordinator for a view with path `maps` (placing execs through `ask`, if given)."""
     inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
     if ask is not None:
         inner = PlacingCoordinator(inner, ask)
-    return InstanceCoordinator(inner, report, source)
+    return InstanceCoordinator(inner, report, source, locks)
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
@@ -83,7 +85,12 @@ class Tracer:
     def __init__(self, table: SyscallTable) -> None:
         self.table = table
         self.chan: socket.socket | None = None
-        self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
+        # Channel records read while waiting for something else (lock answers).
+        self.stash: list[channel.Record] = []
+        # placement through the agent (issue 10)
+        self.ask = ChannelAsk(lambda: self.chan, stash=self.stash.append)
+        # lock calls through the agent and the deputy (issue 14)
+        self.locks = LockForwarder(self._send, ptraceio.read_memory)
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -92,9 +99,19 @@ class Tracer:
             with contextlib.suppress(OSError):  # the agent is gone: tracing goes on
                 channel.send(self.chan, message)
 
+    def _send(self, message: bytes) -> bool:
+        """Send one record to the agent; False when it cannot be reached."""
+        if self.chan is None:
+            return False
+        try:
+            channel.send(self.chan, message)
+        except OSError:
+            return False
+        return True
+
     def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
-            self.table, channel.view_maps(view), self.report, ask=self.ask
+            self.table, channel.view_maps(view), self.report, ask=self.ask, locks=self.locks
         )
         return HostRunner(self, coordinator)
 
@@ -182,6 +199,7 @@ class HostRunner(Runner):
         )
         self.tracer = tracer
         self.waker = 0
+        self.waker_timed = False  # the waker also wakes T every POLL (locks wait)
 
     def adopt(self, pids: tuple[int, ...]) -> None:
         """Seize every thread of the stopped processes `pids` and run the loop until they end."""
@@ -222,6 +240,7 @@ class HostRunner(Runner):
                 stop = self._decode(pid, status, usage)
                 if stop is not None:
                     self._execute(machine.step(stop))
+                self._serve_locks()
         finally:
             if self.waker:
                 with contextlib.suppress(OSError):
@@ -248,16 +267,42 @@ class HostRunner(Runner):
             return False  # the agent is gone: trace on without listening
         if data != b"?":
             try:
-                op = channel.decode(data)[b"op"]
+                record = channel.decode(data)
             except channel.ChannelError as exc:
                 log.warning("tracer channel: %s", exc)
-                op = b""
-            if op == channel.OP_DETACH:
+                record = {b"op": b""}
+            if record[b"op"] == channel.OP_DETACH:
                 pids = self.detach_all(machine)
                 self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
                 return True
-        self.waker = spawn_waker(chan)
+            self.tracer.stash.append(record)
+        for tid, decision in self.tracer.locks.interrupting():
+            self.decide(tid, decision)
+        self._serve_locks()
+        if not self.waker:
+            self._arm(chan)
         return False
+
+    def _arm(self, chan: socket.socket) -> None:
+        self.waker_timed = self.tracer.locks.blocked()
+        self.waker = spawn_waker(chan, POLL if self.waker_timed else None)
+
+    def _serve_locks(self) -> None:
+        """Answer the lock calls whose answers arrived; watch signals while some wait."""
+        stash = self.tracer.stash
+        while stash:
+            found = self.tracer.locks.answer(stash.pop(0))
+            if found is not None:
+                self.decide(*found)
+        chan = self.tracer.chan
+        if chan is not None and self.tracer.locks.blocked() and not self.waker_timed:
+            # A call now waits: the waker must also wake us to look at its signals.
+            if self.waker:
+                with contextlib.suppress(OSError):
+                    os.kill(self.waker, signal.SIGKILL)
+                    os.waitpid(self.waker, 0)
+                self.waker = 0
+            self._arm(chan)
 
     def detach_all(self, machine: Machine) -> tuple[int, ...]:
         """Stop and detach every traced thread; the processes left stopped, root first.
@@ -301,15 +346,18 @@ class HostRunner(Runner):
         return tuple(sorted(live, key=lambda p: (p != root, p)))
 
 
-def spawn_waker(chan: socket.socket) -> int:
-    """Fork W: it exits when `chan` is readable (a command or EOF); T's wait4 sees it."""
+def spawn_waker(chan: socket.socket, timeout: float | None = None) -> int:
+    """Fork W: it exits when `chan` is readable (a command or EOF), or after `timeout`.
+
+    T's wait4 sees it exit.
+    """
     pid = os.fork()
     if pid == 0:
         try:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-            select.select([chan], [], [])
+            select.select([chan], [], [], timeout)
         finally:
             os._exit(0)
     return pid
