@@ -37,6 +37,8 @@ class SyscallCall:
     argv: tuple[bytes, ...] | None = None
     # getcwd only: the real working directory of the calling thread.
     cwd: bytes | None = None
+    # `sockaddr_out` arguments: the buffer size the program passed (read at entry).
+    sizes: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

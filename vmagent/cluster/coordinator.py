@@ -231,10 +231,14 @@ class ClusterCoordinator:
         if found is None or call.argv is None:
             return None
         index, path = found
+        given = call.argv
         if isinstance(decision, Rewrite):
             mapped = decision.args.get(index)
             if isinstance(mapped, bytes):
                 path = mapped  # the inner coordinator mapped a virtual path
+            argv_in = decision.args.get(index + 1)
+            if isinstance(argv_in, tuple):
+                given = argv_in  # a mapped script runs as its interpreter (oss.embedded)
         real = path if path.startswith(b"/") else os.path.join(call.bases.get(index, b""), path)
         if not is_placeable_file(real) or holds_socket(call.pid):
             return None
@@ -247,7 +251,7 @@ class ClusterCoordinator:
         # path relative to some other directory (execveat's dirfd) is joined.
         fd_relative = call.name == "execveat" and call.args[0] != AT_FDCWD
         exec_path = real if fd_relative else path
-        bound = remote_exec(exec_path, call.argv)
+        bound = remote_exec(exec_path, given)
         ident = Ident(uid, gid, groups, tickets.exec_digest(bound[0], bound[1:]))
         name = self._choose(ident, call)
         if name == HOME:
@@ -256,7 +260,7 @@ class ClusterCoordinator:
         ticket_file = self.drop.put(self._ticket(target, ident), uid, gid)
         self._ticket_files[call.pid] = ticket_file
         argv = deputy_argv(
-            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window,
+            target.address, name, ticket_file, exec_path, given, self.reconnect_window,
             view=self.view.hex(), parent=f"{self.where}:{call.pid}",
         )  # fmt: skip
         self.placement.started(name)
