@@ -123,6 +123,7 @@ class PathMap:
         touched: bool = False,
     ) -> bytes | None:
         queue = _components(path)
+        touched = touched or self.to_real(b"/" + b"/".join(stack)) is not None
         follow = follow or path.endswith(b"/")  # a trailing slash resolves the last link
         links = 0
         while queue:
@@ -135,11 +136,11 @@ class PathMap:
             virtual = b"/" + b"/".join(stack)
             real = self.to_real(virtual)
             touched = touched or real is not None
-            if stack[0] == b"proc" or (not queue and not follow):
-                continue
+            if stack[0] == b"proc" or (not queue and not follow) or links >= MAX_LINKS:
+                continue  # past MAX_LINKS the kernel's ELOOP is left to the kernel
             target = readlink(real or virtual)
-            if target is None or links >= MAX_LINKS:
-                continue  # not a link, or the kernel's ELOOP is left to the kernel
+            if target is None:
+                continue
             links += 1
             stack.pop()
             if target.startswith(b"/"):
