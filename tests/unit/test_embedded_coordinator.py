@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oss.embedded import LOCAL_INSTANCE, EmbeddedCoordinator
+from oss.embedded import LOCAL_INSTANCE, EmbeddedCoordinator, shebang
 from oss.storage.pathmap import PathMap
 from tracer.arch import table_for
 from tracer.coordinator import (
@@ -288,3 +288,60 @@ def test_on_process_keeps_events_in_order(coord: EmbeddedCoordinator) -> None:
     for e in events:
         coord.on_process(e)
     assert coord.events == events
+
+
+# ---- issue 14: as under a bind mount ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "found"),
+    [
+        (b"#!/bin/sh\necho", (b"/bin/sh", None)),
+        (b"#! /usr/bin/env  python3 -u \n", (b"/usr/bin/env", b"python3 -u")),
+        (b"#!\t/bin/bash\t-e\n", (b"/bin/bash", b"-e")),
+        (b"#!\n", None),
+        (b"\x7fELF", None),
+    ],
+)
+def test_shebang_splits_as_binfmt_script(head: bytes, found: tuple[bytes, bytes | None]) -> None:
+    assert shebang(head) == found
+
+
+def test_a_mapped_script_runs_as_its_interpreter_with_the_path_it_was_named_by(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.sh").write_text("#!/bin/sh -e\necho\n")
+    (tmp_path / "s.sh").chmod(0o755)
+    (tmp_path / "plain").write_text("#!/bin/sh\n")  # not executable: the kernel refuses
+    c = EmbeddedCoordinator(TABLE, PathMap({"/v": str(tmp_path)}))
+    d = c.on_syscall(call("execve", paths={0: b"/v/s.sh"}, argv=(b"s", b"x")))
+    assert d == Rewrite({0: b"/bin/sh", 1: (b"/bin/sh", b"-e", b"/v/s.sh", b"x")})
+    d = c.on_syscall(call("execve", paths={0: b"/v/plain"}, argv=(b"p",)))
+    assert d == Rewrite({0: str(tmp_path / "plain").encode()})
+
+
+def unix(path: bytes) -> bytes:
+    return b"\x01\x00" + path
+
+
+def test_unix_socket_addresses_name_the_real_file(coord: EmbeddedCoordinator) -> None:
+    d = coord.on_syscall(call("bind", (3, BUF, 12), paths={1: b"/data/sock"}))
+    assert d == Rewrite({1: unix(REAL + b"/sock"), 2: len(REAL) + 8})
+    assert coord.on_syscall(call("connect", (3, BUF, 12), paths={1: b"/tmp/s"})) == Allow()
+    long = b"/data/" + b"x" * 90  # fits as named, not once mapped
+    d = coord.on_syscall(call("connect", (3, BUF, 110), paths={1: long}))
+    assert d == Complete(-errno.ENAMETOOLONG)
+
+
+def test_getsockname_shows_the_path_as_named(coord: EmbeddedCoordinator) -> None:
+    c = call("getsockname", (3, BUF, BUF + 512), sizes={1: 110})
+    assert coord.on_syscall(c) == Allow(observe_result=True)
+    out = unix(REAL + b"/sock\0")
+    named = unix(b"/data/sock\0")
+    assert coord.on_result(c, 0, out) == Complete(
+        0, ((BUF, named), (BUF + 512, len(named).to_bytes(4, "little")))
+    )
+    small = call("getpeername", (3, BUF, BUF + 512), sizes={1: 4})
+    got = coord.on_result(small, 0, out)
+    assert got is not None and got.writes[0] == (BUF, named[:4])  # truncated, as the kernel
+    assert coord.on_result(c, 0, unix(b"/tmp/other\0")) is None
