@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import socket
 
 from tracer.coordinator import Allow, Complete, Defer, SyscallCall
 from vmagent.exec import filelocks as L
@@ -19,16 +21,33 @@ def call(name: str, args: tuple[int, ...], pid: int = 40, tid: int = 41) -> Sysc
 
 
 class Fake:
-    """The agent side: what T sent, and a memory and signal state to read."""
+    """The agent side: the lock socket's other end, a memory and signal state to read."""
 
     def __init__(self, reachable: bool = True) -> None:
-        self.sent: list[dict[bytes, bytes]] = []
         self.reachable = reachable
         self.state: SignalState | None = SignalState(0, 0, 0, 0)
+        self.agent: socket.socket | None = None
+        self._sent: list[dict[bytes, bytes]] = []
 
-    def send(self, message: bytes) -> bool:
-        self.sent.append(P.pairs(message))
+    def hand_over(self, message: bytes, fds: tuple[int, ...]) -> bool:
+        assert P.pairs(message)[b"op"] == L.OP_LOCKCHAN and len(fds) == 1
+        if self.reachable:
+            self.agent = socket.socket(fileno=os.dup(fds[0]))
+            self.agent.setblocking(False)
         return self.reachable
+
+    @property
+    def sent(self) -> list[dict[bytes, bytes]]:
+        while self.agent is not None:
+            try:
+                self._sent.append(P.pairs(self.agent.recv(1 << 16)))
+            except BlockingIOError:
+                break
+        return self._sent
+
+    def reply(self, record: bytes) -> None:
+        assert self.agent is not None
+        self.agent.send(record)
 
     def read(self, pid: int, addr: int, size: int) -> bytes:
         assert addr == ADDR
@@ -39,7 +58,8 @@ class Fake:
 
 
 def forwarder(fake: Fake) -> LockForwarder:
-    return LockForwarder(fake.send, fake.read, fake.signals)
+    # No answer window: every call is deferred, answers are read by `drain`.
+    return LockForwarder(fake.hand_over, fake.read, fake.signals, window=0.0)
 
 
 def test_flock_is_sent_to_the_agent_and_deferred() -> None:
@@ -49,9 +69,19 @@ def test_flock_is_sent_to_the_agent_and_deferred() -> None:
     (sent,) = fake.sent
     assert sent[b"op"] == L.OP_LOCK and sent[b"fd"] == b"9" and sent[b"arg"] == b"2"
     assert fw.blocked()
-    tid, decision = fw.answer({b"op": L.OP_LOCKED, b"req": sent[b"req"], b"result": b"0"}) or (0, 0)
-    assert (tid, decision) == (41, Complete(0))
+    fake.reply(L.locked_record(sent[b"req"], b"0", b""))
+    fw.drain()
+    assert fw.take_ready() == [(41, Complete(0))]
     assert not fw.waiting
+
+
+def test_an_answer_within_the_window_completes_the_call_at_once() -> None:
+    fake = Fake()
+    fw = LockForwarder(fake.hand_over, fake.read, fake.signals, window=0.0)
+    fw.on_call(call("flock", (9, 6)))  # opens the socket; deferred
+    fw.window = 5.0
+    fake.reply(L.locked_record(b"2", b"-11", b""))  # the next request's answer, early
+    assert fw.on_call(call("flock", (9, 6))) == Complete(-11)  # LOCK_EX|LOCK_NB: EAGAIN
 
 
 def test_other_fcntl_commands_run_untouched() -> None:

@@ -11,7 +11,8 @@ the deputy takes the lock on its own descriptor, blocking in a thread if it
 must, then answers (LOCKED).  Any other descriptor (a file the program opened
 itself) is locked natively by the instance's kernel (`op=native`).
 
-Records on T's channel (`vmagent.trace.channel`'s encoding):
+Records (`vmagent.trace.channel`'s encoding) on a socket of their own, which T
+hands the agent on its channel first (`op=lockchan`, with the descriptor):
 
 T -> agent   `op=lock req pid fd call cmd arg` (call `flock`: arg the operation;
              `fcntl`: cmd and the 32-byte struct flock); `op=lock req call=cancel`
@@ -31,6 +32,7 @@ from collections.abc import Mapping
 
 from vmagent.exec import protocol as P
 
+OP_LOCKCHAN = b"lockchan"  # T -> agent, with [sock]: lock requests come on sock from now
 OP_LOCK = b"lock"
 OP_LOCKED = b"locked"
 OP_NATIVE = b"native"

@@ -97,6 +97,7 @@ class Session:
         self.migrating = False
         self.moved = False
         self._lock_fds: dict[bytes, int] = {}  # LOCK requests at the deputy
+        self._lock_sock: socket.socket | None = None  # T's lock requests (vmagent.exec.filelocks)
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -274,6 +275,10 @@ class Session:
                 return
             except OSError:
                 data, fds = b"", []
+            if fds and self._lock_sock is None:
+                with contextlib.suppress(channel.ChannelError):
+                    if channel.decode(data)[b"op"] == filelocks.OP_LOCKCHAN:
+                        self._open_locks(fds.pop(0))
             for fd in fds:
                 os.close(fd)
             if not data:
@@ -289,8 +294,6 @@ class Session:
                     self.tracer_pid = channel.number(record, b"tracer")
             elif record[b"op"] == channel.OP_FAILED:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
-            elif record[b"op"] == filelocks.OP_LOCK:
-                self._lock(record)
             elif record[b"op"] == channel.OP_DETACHED:
                 if self.detached is not None and not self.detached.done():
                     try:
@@ -298,6 +301,44 @@ class Session:
                     except channel.ChannelError as exc:
                         self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
+
+    def _open_locks(self, fd: int) -> None:
+        """T's lock socket (`op=lockchan`): its requests are served from now on."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self._lock_sock = sock
+        self.loop.add_reader(sock, self._locks_readable)
+
+    def _locks_readable(self) -> None:
+        sock = self._lock_sock
+        if sock is None:
+            return
+        while True:
+            try:
+                data, fds = channel.receive(sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self._close_locks()
+                return
+            try:
+                record = channel.decode(data)
+            except channel.ChannelError as exc:
+                log.warning("session %s: %s", self.sid.hex()[:8], exc)
+                continue
+            if record[b"op"] == filelocks.OP_LOCK:
+                self._lock(record)
+
+    def _close_locks(self) -> None:
+        sock, self._lock_sock = self._lock_sock, None
+        if sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(sock)
+            sock.close()
 
     def _lock(self, record: channel.Record) -> None:
         """T's `op=lock`: the deputy locks its descriptor, or the kernel here does."""
@@ -333,12 +374,13 @@ class Session:
             )
 
     def _to_tracer(self, message: bytes) -> None:
-        sock = self.trace_sock
+        sock = self._lock_sock
         if sock is not None:
             with contextlib.suppress(OSError):
                 channel.send(sock, message)
 
     def _close_trace(self) -> None:
+        self._close_locks()
         sock, self.trace_sock = self.trace_sock, None
         if sock is not None:
             with contextlib.suppress(ValueError, OSError):

@@ -6,6 +6,12 @@ thread stays stopped, the rest of the tree runs on) and turns the answer into
 the call's decision: the deputy's result (with F_GETLK's struct flock written
 back), or `Allow` for a descriptor the instance's own kernel serves.
 
+Lock traffic has a socket of its own (a SEQPACKET pair whose other end T
+hands the agent once, `op=lockchan`), so answers never wake T's channel
+watcher.  An answer that comes within `WINDOW` (an uncontended lock: one round
+trip) completes the call at once, with no deferral; a call still unanswered
+then is deferred, and the runner's waker watches the lock socket until it is.
+
 A waiting call is interruptible as natively: while calls wait, T looks at their
 threads' pending signals (`interrupting`, every `POLL` seconds); one the thread
 catches, or one that kills it, ends the wait with EINTR, and the deputy undoes
@@ -17,23 +23,29 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import select
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tracer.coordinator import Allow, Complete, Decision, Defer, SyscallCall
 from tracer.decode import signed
 from vmagent.exec import filelocks as L
+from vmagent.trace import channel
 from vmagent.trace.channel import Record
 
 log = logging.getLogger(__name__)
 
 POLL = 0.05  # s between looks at a waiting thread's pending signals
+WINDOW = 0.05  # s T waits for an answer before deferring the call
 LOCK_CALLS = frozenset({"flock", "fcntl"})
 # Signals that leave a waiting lock call waiting unless caught: default-ignored
 # (CHLD, CONT, URG, WINCH) and the stop signals (STOP, TSTP, TTIN, TTOU).
 NOT_INTERRUPTING = frozenset({17, 18, 23, 28, 19, 20, 21, 22})
 
-Send = Callable[[bytes], bool]
+Send = Callable[[bytes, tuple[int, ...]], bool]
 ReadMemory = Callable[[int, int, int], bytes]
 Signals = Callable[[int], "SignalState | None"]
 
@@ -88,14 +100,88 @@ class Waiting:
 
 
 class LockForwarder:
-    """Lock calls of one session's tree, answered by the agent (and the deputy)."""
+    """Lock calls of one session's tree, answered by the agent (and the deputy).
 
-    def __init__(self, send: Send, read_memory: ReadMemory, signals: Signals = signal_state):
-        self._send = send
+    `hand_over(message, fds)` sends a record with descriptors on T's channel
+    (False: no agent).
+    """
+
+    def __init__(
+        self,
+        hand_over: Send,
+        read_memory: ReadMemory,
+        signals: Signals = signal_state,
+        window: float = WINDOW,
+    ):
+        self._hand_over = hand_over
         self._read = read_memory
         self._signals = signals
+        self.window = window
         self._req = 0
+        self.sock: socket.socket | None = None  # T's end of the lock socket
+        self._broken = False
         self.waiting: dict[int, Waiting] = {}  # req -> call
+        self.ready: list[tuple[int, Decision]] = []  # answers read for deferred calls
+
+    def _socket(self) -> socket.socket | None:
+        if self.sock is None and not self._broken:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                handed = self._hand_over(channel.encode(L.OP_LOCKCHAN), (theirs.fileno(),))
+            finally:
+                theirs.close()
+            if handed:
+                self.sock = ours
+            else:
+                ours.close()
+                self._broken = True
+        return self.sock
+
+    def _send(self, message: bytes) -> bool:
+        sock = self._socket()
+        if sock is None:
+            return False
+        try:
+            sock.send(message)
+        except OSError:
+            return False
+        return True
+
+    def drain(self, wait_for: int = 0, timeout: float = 0.0) -> Decision | None:
+        """Read the answers there are (into `ready`); the decision for `wait_for`, if it came.
+
+        Waits up to `timeout` for that one.
+        """
+        sock = self.sock
+        if sock is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                if not select.select([sock], [], [], left)[0]:
+                    return None
+                data, fds = channel.receive(sock)
+            except OSError:
+                return None
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self.sock = None
+                self._broken = True
+                sock.close()
+                return None
+            try:
+                record = channel.decode(data)
+            except channel.ChannelError:
+                continue
+            req = record.get(b"req", b"")
+            found = self.answer(record)
+            if found is None:
+                continue
+            if wait_for and req == b"%d" % wait_for:
+                return found[1]
+            self.ready.append(found)
 
     def on_call(self, call: SyscallCall) -> Decision | Defer:
         """flock, or fcntl with a lock command: ask the agent; anything else runs."""
@@ -116,12 +202,14 @@ class LockForwarder:
         if fd < 0:
             return Allow()  # the kernel's EBADF
         self._req += 1
-        record = L.lock_record(self._req, call.pid, fd, call.name, cmd, arg)
+        req = self._req
+        record = L.lock_record(req, call.pid, fd, call.name, cmd, arg)
         if not self._send(record):
             return Allow()  # no agent: the instance's kernel is all there is
         may_block = L.blocking(call.name, cmd, call.args[1] & 0xFFFFFFFF)
-        self.waiting[self._req] = Waiting(self._req, call, may_block, out)
-        return Defer()
+        self.waiting[req] = Waiting(req, call, may_block, out)
+        decided = self.drain(req, self.window)
+        return decided if decided is not None else Defer()
 
     def answer(self, record: Record) -> tuple[int, Decision] | None:
         """The decision an agent's `op=locked`/`op=native` gives, for its thread."""
@@ -164,6 +252,18 @@ class LockForwarder:
             if wait.call.pid == pid:
                 del self.waiting[req]
                 self._send(L.cancel_record(req))
+
+    def abandon(self) -> list[tuple[int, Decision]]:
+        """No agent any more: every waiting call runs on this kernel as it is."""
+        out: list[tuple[int, Decision]] = [*self.take_ready()]
+        out += [(w.call.tid, Allow()) for w in self.waiting.values()]
+        self.waiting.clear()
+        return out
+
+    def take_ready(self) -> list[tuple[int, Decision]]:
+        """The answers `drain` set aside, for their threads."""
+        ready, self.ready = self.ready, []
+        return ready
 
     def blocked(self) -> bool:
         """Whether some call may wait long (T then looks at signals every POLL)."""

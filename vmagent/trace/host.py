@@ -85,12 +85,9 @@ class Tracer:
     def __init__(self, table: SyscallTable) -> None:
         self.table = table
         self.chan: socket.socket | None = None
-        # Channel records read while waiting for something else (lock answers).
-        self.stash: list[channel.Record] = []
-        # placement through the agent (issue 10)
-        self.ask = ChannelAsk(lambda: self.chan, stash=self.stash.append)
+        self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
         # lock calls through the agent and the deputy (issue 14)
-        self.locks = LockForwarder(self._send, ptraceio.read_memory)
+        self.locks = LockForwarder(self._hand_over, ptraceio.read_memory)
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -99,12 +96,12 @@ class Tracer:
             with contextlib.suppress(OSError):  # the agent is gone: tracing goes on
                 channel.send(self.chan, message)
 
-    def _send(self, message: bytes) -> bool:
-        """Send one record to the agent; False when it cannot be reached."""
+    def _hand_over(self, message: bytes, fds: tuple[int, ...]) -> bool:
+        """Send one record with descriptors to the agent; False when it cannot be reached."""
         if self.chan is None:
             return False
         try:
-            channel.send(self.chan, message)
+            channel.send(self.chan, message, fds)
         except OSError:
             return False
         return True
@@ -199,7 +196,7 @@ class HostRunner(Runner):
         )
         self.tracer = tracer
         self.waker = 0
-        self.waker_timed = False  # the waker also wakes T every POLL (locks wait)
+        self.waker_locks = False  # the waker also watches the lock socket (calls wait)
 
     def adopt(self, pids: tuple[int, ...]) -> None:
         """Seize every thread of the stopped processes `pids` and run the loop until they end."""
@@ -264,7 +261,10 @@ class HostRunner(Runner):
         for fd in fds:
             os.close(fd)
         if not data:
-            return False  # the agent is gone: trace on without listening
+            # The agent is gone: trace on without listening; waiting locks are the kernel's.
+            for tid, decision in self.tracer.locks.abandon():
+                self.decide(tid, decision)
+            return False
         if data != b"?":
             try:
                 record = channel.decode(data)
@@ -275,28 +275,34 @@ class HostRunner(Runner):
                 pids = self.detach_all(machine)
                 self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
                 return True
-            self.tracer.stash.append(record)
-        for tid, decision in self.tracer.locks.interrupting():
-            self.decide(tid, decision)
+        locks = self.tracer.locks
+        if locks.waiting:
+            locks.drain()
+            for tid, decision in locks.interrupting():
+                self.decide(tid, decision)
         self._serve_locks()
         if not self.waker:
             self._arm(chan)
         return False
 
     def _arm(self, chan: socket.socket) -> None:
-        self.waker_timed = self.tracer.locks.blocked()
-        self.waker = spawn_waker(chan, POLL if self.waker_timed else None)
+        locks = self.tracer.locks
+        self.waker_locks = bool(locks.waiting) and locks.sock is not None
+        if self.waker_locks:
+            # Wake on an answer, and every POLL to look at the waiting threads' signals.
+            timeout = POLL if locks.blocked() else None
+            self.waker = spawn_waker(chan, timeout, locks.sock)
+        else:
+            self.waker = spawn_waker(chan)
 
     def _serve_locks(self) -> None:
-        """Answer the lock calls whose answers arrived; watch signals while some wait."""
-        stash = self.tracer.stash
-        while stash:
-            found = self.tracer.locks.answer(stash.pop(0))
-            if found is not None:
-                self.decide(*found)
+        """Answer the deferred lock calls whose answers were read; watch the others."""
+        locks = self.tracer.locks
+        for tid, decision in locks.take_ready():
+            self.decide(tid, decision)
         chan = self.tracer.chan
-        if chan is not None and self.tracer.locks.blocked() and not self.waker_timed:
-            # A call now waits: the waker must also wake us to look at its signals.
+        if chan is not None and locks.waiting and not self.waker_locks:
+            # A call now waits: the waker must watch the lock socket too.
             if self.waker:
                 with contextlib.suppress(OSError):
                     os.kill(self.waker, signal.SIGKILL)
@@ -346,8 +352,10 @@ class HostRunner(Runner):
         return tuple(sorted(live, key=lambda p: (p != root, p)))
 
 
-def spawn_waker(chan: socket.socket, timeout: float | None = None) -> int:
-    """Fork W: it exits when `chan` is readable (a command or EOF), or after `timeout`.
+def spawn_waker(
+    chan: socket.socket, timeout: float | None = None, also: socket.socket | None = None
+) -> int:
+    """Fork W: it exits when `chan` (or `also`) is readable, or after `timeout`.
 
     T's wait4 sees it exit.
     """
@@ -357,7 +365,7 @@ def spawn_waker(chan: socket.socket, timeout: float | None = None) -> int:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-            select.select([chan], [], [], timeout)
+            select.select([chan] if also is None else [chan, also], [], [], timeout)
         finally:
             os._exit(0)
     return pid

@@ -233,14 +233,8 @@ class ChannelAsk:
     in `timeout` the exec runs where it is (one log line per reason).
     """
 
-    def __init__(
-        self,
-        chan: Callable[[], socket.socket | None],
-        timeout: float = PLACE_TIMEOUT,
-        stash: Callable[[channel.Record], None] | None = None,
-    ):
+    def __init__(self, chan: Callable[[], socket.socket | None], timeout: float = PLACE_TIMEOUT):
         self._chan = chan
-        self._stash = stash  # other records read meanwhile (lock answers) go there
         self.timeout = timeout
         self._req = 0
         self._said: set[str] = set()
@@ -275,10 +269,6 @@ class ChannelAsk:
                     self._once("the agent is gone")
                     return None
                 record = channel.decode(data)
-                if record[b"op"] not in (placer.OP_GRANT, placer.OP_HOME):
-                    if self._stash is not None:
-                        self._stash(record)
-                    continue
                 if record.get(b"req") != str(req).encode():
                     continue  # the late answer of an earlier request
                 if record[b"op"] == placer.OP_GRANT:
