@@ -86,6 +86,19 @@ def test_flock_counter_across_instances_ends_at_4_every_round(workdir: Path) -> 
     assert run("cluster", script, workdir)[0] == expected
 
 
+def test_locks_on_files_each_instance_opens_itself_hold_too(workdir: Path) -> None:
+    # `flock FILE cmd` opens FILE in the placed flock(1): local instances share the
+    # host's kernel, which serves such locks natively (T lets them run).
+    if shutil.which("flock") is None:
+        pytest.skip("no flock(1) (util-linux)")
+    script = rounds(
+        "for i in 1 2 3 4; do "
+        "flock c.lock sh -c 'read n < c; sleep 0.02; echo $((n+1)) > c' & done"
+    ).replace(f"-lt {ROUNDS}", "-lt 10")  # 10 rounds: each starts 12 placed processes
+    assert run("native", script, workdir)[0] == b"4\n" * 10
+    assert run("cluster", script, workdir)[0] == b"4\n" * 10
+
+
 def test_fcntl_counter_across_instances_ends_at_4_every_round(
     workdir: Path, lockc: Path
 ) -> None:
