@@ -160,3 +160,19 @@ def test_the_deputy_gets_only_what_it_needs() -> None:
     assert P.pairs(L.deputy_request(record)) == {
         b"req": b"3", b"call": b"fcntl", b"cmd": b"6", b"arg": FLOCK
     }
+
+
+def test_a_native_getlk_names_the_holder_in_the_programs_pids() -> None:
+    fake = Fake()
+    fw = forwarder(fake)
+    c = call("fcntl", (5, L.F_GETLK, ADDR))
+    fw.on_call(c)
+    req = fake.sent[0][b"req"]
+    fake.reply(L.native_record(req))
+    fw.drain()
+    assert fw.take_ready() == [(41, Allow(observe_result=True))]
+    held = b"\x01\x00" + bytes(22) + (77).to_bytes(4, "little") + bytes(4)
+    fw._read = lambda pid, addr, size: held  # type: ignore[method-assign]
+    got = fw.getlk_result(c, 0, lambda real: real + 1000)
+    assert got == Complete(0, ((ADDR, held[:24] + (1077).to_bytes(4, "little") + bytes(4)),))
+    assert fw.getlk_result(c, 0, lambda real: real) is None  # not one of ours: as it is

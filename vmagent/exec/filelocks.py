@@ -44,6 +44,7 @@ F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 36, 37, 38
 LOCK_CMDS = frozenset({F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW})
 GET_CMDS = frozenset({F_GETLK, F_OFD_GETLK})
 FLOCK_SIZE = 32  # sizeof(struct flock) on x86_64
+L_PID = 24  # offset of l_pid in it (l_type, l_whence: 2 bytes each; l_start, l_len: 8, aligned)
 LOCK_NB = 4
 F_UNLCK = 2
 

@@ -221,7 +221,8 @@ class LockForwarder:
         if wait is None:
             return None  # cancelled meanwhile
         if op == L.OP_NATIVE:
-            return wait.call.tid, Allow()
+            # F_GETLK on this kernel: its l_pid is shown in the program's pids at exit.
+            return wait.call.tid, Allow(observe_result=bool(wait.out))
         try:
             result = int(record.get(b"result", b""))
         except ValueError:
@@ -252,6 +253,23 @@ class LockForwarder:
             if wait.call.pid == pid:
                 del self.waiting[req]
                 self._send(L.cancel_record(req))
+
+    def getlk_result(self, call: SyscallCall, result: int, program: Callable[[int], int]) -> (
+        Complete | None
+    ):
+        """A native F_GETLK's holder pid (this instance's number) in the program's pids."""
+        if result != 0:
+            return None
+        addr = call.args[2]
+        data = self._read(call.tid, addr, L.FLOCK_SIZE)
+        if len(data) != L.FLOCK_SIZE or int.from_bytes(data[:2], "little") == L.F_UNLCK:
+            return None
+        real = int.from_bytes(data[L.L_PID : L.L_PID + 4], "little", signed=True)
+        mapped = program(real) if real > 0 else real
+        if mapped == real:
+            return None
+        out = data[: L.L_PID] + mapped.to_bytes(4, "little", signed=True) + data[L.L_PID + 4 :]
+        return Complete(0, ((addr, out),))
 
     def abandon(self) -> list[tuple[int, Decision]]:
         """No agent any more: every waiting call runs on this kernel as it is."""

@@ -183,7 +183,15 @@ class InstanceCoordinator:
         if call.name in PID_RESULTS:
             pid = signed(result)
             return Complete(self.pids.program(pid)) if pid > 0 else None
+        if call.name == "fcntl" and self.locks is not None and call.name not in self._inner_names:
+            return self.locks.getlk_result(call, result, self._holder)
         return self.inner.on_result(call, result, output)
+
+    def _holder(self, real: int) -> int:
+        """A lock holder's program pid: ours if it is a process of this session."""
+        if real == self.pids.root or real in self._live:
+            return self.pids.program(real)
+        return real  # another session's (or nobody visible): the kernel's number
 
     def on_process(self, event: ProcessEvent) -> None:
         """Report the event on the channel, then pass it on."""
