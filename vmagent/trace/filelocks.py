@@ -271,6 +271,15 @@ class LockForwarder:
         out = data[: L.L_PID] + mapped.to_bytes(4, "little", signed=True) + data[L.L_PID + 4 :]
         return Complete(0, ((addr, out),))
 
+    def interrupt_all(self) -> list[tuple[int, Decision]]:
+        """EINTR for every waiting call (the tree is being detached for a checkpoint)."""
+        out = self.take_ready()
+        for req, wait in list(self.waiting.items()):
+            del self.waiting[req]
+            self._send(L.cancel_record(req))
+            out.append((wait.call.tid, Complete(-errno.EINTR)))
+        return out
+
     def abandon(self) -> list[tuple[int, Decision]]:
         """No agent any more: every waiting call runs on this kernel as it is."""
         out: list[tuple[int, Decision]] = [*self.take_ready()]

@@ -318,6 +318,9 @@ class HostRunner(Runner):
         served first, as always.  SIGSTOP is made pending on every process
         while all its threads are held, so each stops as soon as it is detached.
         """
+        # A lock call waiting for its answer would never reach a stop of ours.
+        for tid, decision in self.tracer.locks.interrupt_all():
+            self.decide(tid, decision)
         asked: set[int] = set()
         held: set[int] = set()
         while True:
