@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import dcptrace_argv, traced_env, wait_for
+from tests.integration.test_dcptrace_oss import Lab, dcptrace, ns_lab  # noqa: F401 (fixture)
 
 pytestmark = [
     pytest.mark.root,
@@ -160,6 +161,20 @@ def test_ofd_locks_follow_the_inherited_description(workdir: Path, lockc: Path) 
     expected = b"got\ngot\nbusy\n"
     assert run("native", script, workdir)[0] == expected
     assert run("cluster", script, workdir)[0] == expected
+
+
+def test_flock_counter_through_a_running_oss_and_namespaced_agents(ns_lab: Lab) -> None:
+    # `dcptrace --oss`: two agents in their own net/UTS/PID namespaces, over TCP,
+    # as VMs are reached (the VM variant is test_vm_lab.py's).
+    if shutil.which("flock") is None:
+        pytest.skip("no flock(1) (util-linux)")
+    script = rounds(
+        "for i in 1 2 3 4; do "
+        "( flock 9; read n < c; sleep 0.02; echo $((n+1)) > c ) 9>c.lock & done"
+    ).replace(f"-lt {ROUNDS}", "-lt 5")
+    res = dcptrace(ns_lab, ns_lab.url, "/bin/sh", "-c", script, token=ns_lab.token,
+                   placement="spread")  # fmt: skip
+    assert res.stdout == b"4\n" * 5, res.stderr.decode(errors="replace")
 
 
 def test_a_lost_instance_releases_the_locks_its_program_held(tmp_path: Path, lockc: Path) -> None:
