@@ -93,16 +93,13 @@ def test_locks_on_files_each_instance_opens_itself_hold_too(workdir: Path) -> No
     if shutil.which("flock") is None:
         pytest.skip("no flock(1) (util-linux)")
     script = rounds(
-        "for i in 1 2 3 4; do "
-        "flock c.lock sh -c 'read n < c; sleep 0.02; echo $((n+1)) > c' & done"
+        "for i in 1 2 3 4; do flock c.lock sh -c 'read n < c; sleep 0.02; echo $((n+1)) > c' & done"
     ).replace(f"-lt {ROUNDS}", "-lt 10")  # 10 rounds: each starts 12 placed processes
     assert run("native", script, workdir)[0] == b"4\n" * 10
     assert run("cluster", script, workdir)[0] == b"4\n" * 10
 
 
-def test_fcntl_counter_across_instances_ends_at_4_every_round(
-    workdir: Path, lockc: Path
-) -> None:
+def test_fcntl_counter_across_instances_ends_at_4_every_round(workdir: Path, lockc: Path) -> None:
     # Each placed lockc takes a POSIX write lock on fd 9 (write-only: relayed
     # as a pipe), which its deputy takes at home for it.
     script = rounds(f"for i in 1 2 3 4; do {lockc} count 9 c 9>c.lock & done")
@@ -123,9 +120,7 @@ echo releasing; touch go; wait $h
 
 
 @pytest.mark.parametrize("mode", ["native", "cluster"])
-def test_getlk_names_the_holder_in_the_programs_pids(
-    workdir: Path, lockc: Path, mode: str
-) -> None:
+def test_getlk_names_the_holder_in_the_programs_pids(workdir: Path, lockc: Path, mode: str) -> None:
     out, _ = run(mode, holder_and(workdir, lockc, f"{lockc} test 9; echo holder=$h"), workdir)
     lines = out.decode().split()
     assert lines[0] == "type=W" and lines[1].startswith("pid=")
@@ -154,16 +149,13 @@ def test_a_blocked_lock_waits_and_a_signal_interrupts_it(
 def test_ofd_locks_follow_the_inherited_description(workdir: Path, lockc: Path) -> None:
     # OFD locks belong to the open file description: two placed processes sharing
     # fd 9 share one lock owner (both get it); a fresh open is another owner (busy).
-    script = (
-        f"exec 9<>c.lock\n{lockc} ofd 9\n{lockc} ofd 9\n"
-        f"sh -c '{lockc} ofd 8' 8<>c.lock\n"
-    )
+    script = f"exec 9<>c.lock\n{lockc} ofd 9\n{lockc} ofd 9\nsh -c '{lockc} ofd 8' 8<>c.lock\n"
     expected = b"got\ngot\nbusy\n"
     assert run("native", script, workdir)[0] == expected
     assert run("cluster", script, workdir)[0] == expected
 
 
-def test_flock_counter_through_a_running_oss_and_namespaced_agents(ns_lab: Lab) -> None:
+def test_flock_counter_through_a_running_oss_and_namespaced_agents(ns_lab: Lab) -> None:  # noqa: F811
     # `dcptrace --oss`: two agents in their own net/UTS/PID namespaces, over TCP,
     # as VMs are reached (the VM variant is test_vm_lab.py's).
     if shutil.which("flock") is None:

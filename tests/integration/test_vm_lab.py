@@ -355,9 +355,7 @@ done
 """
 
 
-def test_flock_holds_across_guests(
-    booted: Lab, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_flock_holds_across_guests(booted: Lab, tmp_path_factory: pytest.TempPathFactory) -> None:
     lab = booted
     if lab.oss is None:
         pytest.skip(f"no OSS/agent: {lab.oss_missing}")

@@ -158,7 +158,10 @@ def test_blocking_calls() -> None:
 def test_the_deputy_gets_only_what_it_needs() -> None:
     record = P.pairs(L.lock_record(3, 40, 9, "fcntl", L.F_SETLK, FLOCK))
     assert P.pairs(L.deputy_request(record)) == {
-        b"req": b"3", b"call": b"fcntl", b"cmd": b"6", b"arg": FLOCK
+        b"req": b"3",
+        b"call": b"fcntl",
+        b"cmd": b"6",
+        b"arg": FLOCK,
     }
 
 

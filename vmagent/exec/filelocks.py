@@ -102,9 +102,7 @@ def same_description(pid: int, fd: int, ours: int) -> bool:
     return _libc.syscall(SYS_KCMP, pid, os.getpid(), KCMP_FILE, fd, ours) == 0
 
 
-def inherited(
-    pid: int, fd: int, paths: Mapping[int, int], pipes: Mapping[int, int]
-) -> int | None:
+def inherited(pid: int, fd: int, paths: Mapping[int, int], pipes: Mapping[int, int]) -> int | None:
     """The deputy's descriptor that `pid`'s `fd` is a copy of, or None.
 
     `paths`: deputy fd -> our copy of a reopened file (the program's shares its

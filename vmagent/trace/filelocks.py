@@ -254,9 +254,9 @@ class LockForwarder:
                 del self.waiting[req]
                 self._send(L.cancel_record(req))
 
-    def getlk_result(self, call: SyscallCall, result: int, program: Callable[[int], int]) -> (
-        Complete | None
-    ):
+    def getlk_result(
+        self, call: SyscallCall, result: int, program: Callable[[int], int]
+    ) -> Complete | None:
         """A native F_GETLK's holder pid (this instance's number) in the program's pids."""
         if result != 0:
             return None
