@@ -355,6 +355,7 @@ done
 """
 
 
+@pytest.mark.timeout(900)  # TCG guests on a loaded host: a placed exec can take seconds
 def test_flock_holds_across_guests(booted: Lab, tmp_path_factory: pytest.TempPathFactory) -> None:
     lab = booted
     if lab.oss is None:

@@ -89,6 +89,15 @@ def signal_state(tid: int) -> SignalState | None:
     )
 
 
+def interrupted(tids: frozenset[int]) -> bool:
+    """Would a pending signal interrupt the lock call of one of these threads?"""
+    for tid in tids:
+        state = signal_state(tid)
+        if state is None or interrupts(state):
+            return True
+    return False
+
+
 @dataclass(slots=True)
 class Waiting:
     """A lock call sent to the agent, not answered yet."""
@@ -291,6 +300,10 @@ class LockForwarder:
         """The answers `drain` set aside, for their threads."""
         ready, self.ready = self.ready, []
         return ready
+
+    def blocked_tids(self) -> frozenset[int]:
+        """The threads whose calls may wait long (their signals are watched)."""
+        return frozenset(w.call.tid for w in self.waiting.values() if w.may_block)
 
     def blocked(self) -> bool:
         """Whether some call may wait long (T then looks at signals every POLL)."""

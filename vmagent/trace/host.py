@@ -44,7 +44,7 @@ from vmagent.cluster.coordinator import Ident
 from vmagent.exec.view import EMPTY as EMPTY_VIEW
 from vmagent.exec.view import decode as decode_view
 from vmagent.trace import channel
-from vmagent.trace.filelocks import POLL, LockForwarder
+from vmagent.trace.filelocks import POLL, LockForwarder, interrupted
 from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
@@ -197,6 +197,7 @@ class HostRunner(Runner):
         self.tracer = tracer
         self.waker = 0
         self.waker_locks = False  # the waker also watches the lock socket (calls wait)
+        self.watched: frozenset[int] = frozenset()  # threads whose signals the waker watches
 
     def adopt(self, pids: tuple[int, ...]) -> None:
         """Seize every thread of the stopped processes `pids` and run the loop until they end."""
@@ -288,10 +289,14 @@ class HostRunner(Runner):
     def _arm(self, chan: socket.socket) -> None:
         locks = self.tracer.locks
         self.waker_locks = bool(locks.waiting) and locks.sock is not None
+        self.watched = locks.blocked_tids() if self.waker_locks else frozenset()
         if self.waker_locks:
-            # Wake on an answer, and every POLL to look at the waiting threads' signals.
-            timeout = POLL if locks.blocked() else None
-            self.waker = spawn_waker(chan, timeout, locks.sock)
+            # Wake on an answer, or once a signal would interrupt a waiting thread's
+            # call (the waker looks every POLL: no fork per look).
+            watched = self.watched
+            self.waker = spawn_waker(
+                chan, locks.sock, (lambda: interrupted(watched)) if watched else None
+            )
         else:
             self.waker = spawn_waker(chan)
 
@@ -301,8 +306,9 @@ class HostRunner(Runner):
         for tid, decision in locks.take_ready():
             self.decide(tid, decision)
         chan = self.tracer.chan
-        if chan is not None and locks.waiting and not self.waker_locks:
-            # A call now waits: the waker must watch the lock socket too.
+        stale = locks.waiting and (not self.waker_locks or locks.blocked_tids() != self.watched)
+        if chan is not None and stale:
+            # A call now waits: the waker must watch the lock socket (and its signals).
             if self.waker:
                 with contextlib.suppress(OSError):
                     os.kill(self.waker, signal.SIGKILL)
@@ -356,11 +362,13 @@ class HostRunner(Runner):
 
 
 def spawn_waker(
-    chan: socket.socket, timeout: float | None = None, also: socket.socket | None = None
+    chan: socket.socket,
+    also: socket.socket | None = None,
+    watch: Callable[[], bool] | None = None,
 ) -> int:
-    """Fork W: it exits when `chan` (or `also`) is readable, or after `timeout`.
+    """Fork W: it exits when `chan` (or `also`) is readable, or once `watch()` is true.
 
-    T's wait4 sees it exit.
+    `watch` is looked at every POLL seconds.  T's wait4 sees W exit.
     """
     pid = os.fork()
     if pid == 0:
@@ -368,7 +376,10 @@ def spawn_waker(
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-            select.select([chan] if also is None else [chan, also], [], [], timeout)
+            fds = [chan] if also is None else [chan, also]
+            while not select.select(fds, [], [], POLL if watch else None)[0]:
+                if watch is not None and watch():
+                    break
         finally:
             os._exit(0)
     return pid
