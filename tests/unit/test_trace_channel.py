@@ -111,7 +111,8 @@ def test_descriptors_travel_with_a_message() -> None:
 
 def test_interception_is_every_exec_plus_the_views_paths() -> None:
     plain = interception(TABLE, ())
-    assert plain == {"execve", "execveat"} | PID_CALLS  # issue 11: calls in the program's pids
+    # issue 11: calls in the program's pids; issue 14: lock calls (vmagent.trace.filelocks)
+    assert plain == {"execve", "execveat", "flock", "fcntl"} | PID_CALLS
     mapped = interception(TABLE, (("/mnt/v", "/srv"),))
     assert {"execve", "openat", "getcwd"} <= mapped
 

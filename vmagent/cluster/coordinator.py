@@ -34,6 +34,7 @@ from tracer.coordinator import (
     Complete,
     Coordinator,
     Decision,
+    Defer,
     ProcessEvent,
     ProcessExec,
     ProcessExited,
@@ -224,14 +225,12 @@ class ClusterCoordinator:
             return self._inner_calls
         return self._inner_calls | EXEC_CALLS
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """Place exec'd programs; everything else is the inner coordinator's."""
         if call.name not in EXEC_CALLS:
             return self.inner.on_syscall(call)
-        decision: Decision = (
-            self.inner.on_syscall(call) if call.name in self._inner_calls else Allow()
-        )
-        if isinstance(decision, Complete):
+        decision = self.inner.on_syscall(call) if call.name in self._inner_calls else Allow()
+        if isinstance(decision, (Complete, Defer)):
             return decision
         if not self._seen_first_exec:
             self._seen_first_exec = True  # the tracer starting the program: stays home
@@ -244,10 +243,14 @@ class ClusterCoordinator:
         if found is None or call.argv is None:
             return None
         index, path = found
+        given = call.argv
         if isinstance(decision, Rewrite):
             mapped = decision.args.get(index)
             if isinstance(mapped, bytes):
                 path = mapped  # the inner coordinator mapped a virtual path
+            argv_in = decision.args.get(index + 1)
+            if isinstance(argv_in, tuple):
+                given = argv_in  # a mapped script runs as its interpreter (oss.embedded)
         real = path if path.startswith(b"/") else os.path.join(call.bases.get(index, b""), path)
         # Before the file and socket checks: most execs stay, and cheaply.
         if self.advisor is not None and not self.advisor.decide(call.pid, real, call.argv).placed:
@@ -263,7 +266,7 @@ class ClusterCoordinator:
         # path relative to some other directory (execveat's dirfd) is joined.
         fd_relative = call.name == "execveat" and call.args[0] != AT_FDCWD
         exec_path = real if fd_relative else path
-        bound = remote_exec(exec_path, call.argv)
+        bound = remote_exec(exec_path, given)
         ident = Ident(uid, gid, groups, tickets.exec_digest(bound[0], bound[1:]))
         asked = time.monotonic()
         name = self._choose(ident, call)
@@ -275,7 +278,7 @@ class ClusterCoordinator:
         ticket_file = self.drop.put(self._ticket(target, ident), uid, gid)
         self._ticket_files[call.pid] = ticket_file
         argv = deputy_argv(
-            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window,
+            target.address, name, ticket_file, exec_path, given, self.reconnect_window,
             view=self.view.hex(), parent=f"{self.where}:{call.pid}",
         )  # fmt: skip
         self.placement.started(name)

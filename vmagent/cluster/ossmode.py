@@ -48,6 +48,7 @@ from tracer.coordinator import (
     Complete,
     Coordinator,
     Decision,
+    Defer,
     ProcessEvent,
     ProcessExited,
     Rewrite,
@@ -238,7 +239,7 @@ class OssCoordinator(ClusterCoordinator):
         self._placed: dict[int, tuple[str, str, int | None]] = {}
         self._placed_lock = threading.Lock()
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """The program's first exec submits it; then as ClusterCoordinator."""
         if self._root is None and call.name in EXEC_CALLS:
             self._root = call.pid

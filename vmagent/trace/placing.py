@@ -24,6 +24,7 @@ from tracer.coordinator import (
     Complete,
     Coordinator,
     Decision,
+    Defer,
     ProcessEvent,
     ProcessExec,
     ProcessExited,
@@ -39,6 +40,7 @@ from vmagent.cluster.placement import HOME, Placement
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer
+from vmagent.trace.filelocks import LOCK_CALLS, LockForwarder
 from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
@@ -107,22 +109,27 @@ class InstanceCoordinator:
         inner: Coordinator,
         report: Callable[[bytes], None],
         source: PlacementSource | None = None,
+        locks: LockForwarder | None = None,
     ) -> None:
         self.inner = inner
         self.report = report
         self.source: PlacementSource = source or RunHere()
+        self.locks = locks  # None: lock calls run on this kernel as they are
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
         self._live: set[int] = set()  # the session's processes but its root (real pids)
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS
+        # Lock calls always stop (the filter is built without a forwarder).
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS
 
     def interception(self) -> frozenset[str]:
-        """The view's calls, every exec and the calls that return or take pids."""
+        """The view's calls, every exec, the calls that return or take pids, and locks."""
         return self._names
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """An exec asks the placement source (and runs here without a grant)."""
+        if call.name in LOCK_CALLS and call.name not in self._inner_names:
+            return self.locks.on_call(call) if self.locks is not None else Allow()
         if call.name in PID_CALLS and call.name not in self._inner_names:
             return self._pid_call(call)
         if call.name in EXEC_CALLS:
@@ -177,7 +184,15 @@ class InstanceCoordinator:
         if call.name in PID_RESULTS:
             pid = signed(result)
             return Complete(self.pids.program(pid)) if pid > 0 else None
+        if call.name == "fcntl" and self.locks is not None and call.name not in self._inner_names:
+            return self.locks.getlk_result(call, result, self._holder)
         return self.inner.on_result(call, result, output)
+
+    def _holder(self, real: int) -> int:
+        """A lock holder's program pid: ours if it is a process of this session."""
+        if real == self.pids.root or real in self._live:
+            return self.pids.program(real)
+        return real  # another session's (or nobody visible): the kernel's number
 
     def on_process(self, event: ProcessEvent) -> None:
         """Report the event on the channel, then pass it on."""
@@ -194,6 +209,8 @@ class InstanceCoordinator:
                 self._tids.discard(pid)
                 self.report(channel.exited(pid, status, sig))
                 self.source.finished(pid)
+                if self.locks is not None:
+                    self.locks.gone(pid)
             case ProcessUsage(pid, cpu_us, maxrss_kb, io, syscalls):
                 self.report(channel.usage(pid, cpu_us, maxrss_kb, io, syscalls))
                 return  # the embedded coordinator has no use for it
