@@ -9,12 +9,12 @@ sysctls it changed, the default route's source) is restored when the last
 program leaves the node.
 
 Addresses, routes, policy rules and the qdisc go through pyroute2 (netlink,
-one socket per namespace).  NAT goes through the `nft` command with a JSON
-ruleset, one atomic transaction per program and node (`nft -j -f -`): the
-table is replaced as a whole, so a crash in the middle never leaves half a
-table.  pyroute2's nftables module builds rules expression by expression
-with no atomic replace; measured here, `nft -j -f -` replaces a table in
-~4 ms (docs/NETWORK.md), which a listener pays once.
+one socket per namespace, opened by a thread that entered it).  NAT is one
+JSON nft transaction per program and node, run by libnftables in this
+process (what `nft -j -f` runs): the table is replaced as a whole, so a
+crash in the middle never leaves half a table.  pyroute2's nftables module
+builds rules expression by expression with no atomic replace; the `nft`
+command costs a fork (docs/NETWORK.md has the figures).
 
 Blocking: callers on an event loop run these methods in a thread, under a
 timeout.
@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -109,30 +110,51 @@ def write_sysctls(ns: str | None, values: Mapping[str, str]) -> None:
     in_netns(ns, write)
 
 
-def _nft_argv(ns: str | None, *args: str) -> list[str]:
-    nft = shutil.which("nft") or "/usr/sbin/nft"
-    if ns is None:
-        return [nft, *args]
-    return ["nsenter", f"--net={os.path.join(NETNS_DIR, ns)}", "--", nft, *args]
+NFT_CTX_OUTPUT_JSON = 1 << 4  # libnftables: JSON output, and JSON input with it
+_libnft: Any = None
 
 
-def nft(ns: str | None, ruleset: dict[str, Any] | None = None, *args: str) -> str:
-    """Run nft in namespace `ns`: `-j -f -` with `ruleset`, else `args`."""
-    argv = _nft_argv(ns, "-j", "-f", "-") if ruleset is not None else _nft_argv(ns, *args)
-    try:
-        done = subprocess.run(
-            argv,
-            input=json.dumps(ruleset) if ruleset is not None else None,
-            capture_output=True,
-            text=True,
-            timeout=NFT_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RedirectError(f"nft: {exc}") from exc
-    if done.returncode != 0:
-        raise RedirectError(f"nft: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
-    return done.stdout
+def _nftables() -> Any:
+    global _libnft  # one handle on the shared library per process (a cache, not state)
+    if _libnft is None:
+        try:
+            lib = ctypes.CDLL("libnftables.so.1")
+        except OSError as exc:
+            raise RedirectError(f"libnftables is missing (apt package nftables): {exc}") from exc
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        _libnft = lib
+    return _libnft
+
+
+def nft(ns: str | None, ruleset: dict[str, Any]) -> None:
+    """Run one JSON nft transaction in namespace `ns` (libnftables, in this process).
+
+    In process, not the `nft` command: the OSS of a `dcptrace --instances` run lives
+    in the tracer's process, whose wait4(-1) would reap a child before
+    subprocess could (and a fork costs ~4 ms a transaction).
+    """
+    lib = _nftables()
+    data = json.dumps(ruleset).encode()
+
+    def run() -> None:
+        ctx = lib.nft_ctx_new(0)
+        try:
+            lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
+            lib.nft_ctx_buffer_error(ctx)
+            if lib.nft_run_cmd_from_buffer(ctx, data) != 0:
+                err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+                raise RedirectError(f"nft: {err.strip().splitlines()[-1:] or 'failed'}")
+        finally:
+            lib.nft_ctx_free(ctx)
+
+    in_netns(ns, run)
 
 
 def nat_ruleset(program: str, rules: tuple[Nat, ...]) -> dict[str, Any]:
@@ -314,7 +336,12 @@ def _collect(errors: list[str]) -> Iterator[None]:
 
 
 def _ipr(ns: str | None) -> IPRoute:
-    return IPRoute(netns=ns) if ns else IPRoute()
+    """A netlink socket of namespace `ns`, made on a thread that entered it: pyroute2's own
+    `netns=` forks a helper, which a tracer's wait4(-1) in this process may reap first."""
+    if not ns:
+        return IPRoute()
+    sock = in_netns(ns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0))
+    return IPRoute(use_socket=sock)
 
 
 def _index(ipr: IPRoute, dev: str) -> int:
@@ -416,6 +443,44 @@ def _absent_ok() -> Iterator[None]:
             raise
 
 
+def sweep_prefix(ns: str | None, prefix: str) -> int:
+    """Remove every policy rule and table route (TABLE_BASE..+99) whose destination is
+    inside `prefix` in namespace `ns` (what a dead OSS left); how many went."""
+    import ipaddress
+
+    from oss.network.plan import TABLE_BASE
+
+    net = ipaddress.ip_network(prefix)
+    gone = 0
+    with _ipr(ns) as ipr:
+        for rule in ipr.get_rules(family=2):
+            dst = rule.get_attr("FRA_DST")
+            if dst and ipaddress.ip_address(dst) in net:
+                with _absent_ok():
+                    ipr.rule("del", **_raw_rule(rule))
+                    gone += 1
+        for table in range(TABLE_BASE, TABLE_BASE + 100):
+            for route in ipr.get_routes(family=2, table=table):
+                dst = route.get_attr("RTA_DST")
+                if dst and ipaddress.ip_address(dst) in net:
+                    with _absent_ok():
+                        ipr.route("del", dst=dst, dst_len=32, table=table)
+                        gone += 1
+    return gone
+
+
+def _raw_rule(rule: Any) -> dict[str, Any]:
+    args: dict[str, Any] = dict(
+        priority=rule.get_attr("FRA_PRIORITY"), dst=rule.get_attr("FRA_DST"),
+        dst_len=rule["dst_len"], table=rule.get_attr("FRA_TABLE"),
+    )  # fmt: skip
+    for attr, key in (("FRA_DPORT_RANGE", "dport_range"), ("FRA_IP_PROTO", "ip_proto")):
+        value = rule.get_attr(attr)
+        if value is not None:
+            args[key] = value
+    return args
+
+
 # -- listing (tests and `dcp-oss network`): what a namespace holds -------------------
 
 
@@ -425,14 +490,12 @@ def listing(ns: str | None) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     ip = shutil.which("ip") or "/usr/sbin/ip"
     tc = shutil.which("tc") or "/usr/sbin/tc"
-    pre = [] if ns is None else ["ip", "netns", "exec", ns]
     base = ["nsenter", f"--net={os.path.join(NETNS_DIR, ns)}", "--"] if ns else []
 
     def run(argv: list[str]) -> list[str]:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
         return [line for line in done.stdout.splitlines() if line.strip()]
 
-    del pre
     out["addresses"] = run([*base, ip, "-o", "-4", "addr", "show"])
     out["rules"] = run([*base, ip, "-4", "rule", "show"])
     out["routes"] = [

@@ -129,6 +129,15 @@ def clustered(
             raise TracerError(
                 f"local instances: {', '.join(missing)} did not register with the run's OSS"
             )
+        if cluster.lab is not None:  # one address for the program on its instances (issue 13)
+            from vmagent.network.local import lab_config
+
+            try:
+                net_config, nodes = lab_config(cluster.lab)
+                cluster.reap_prefix(str(net_config.prefix))
+                private.use_network(net_config, nodes, START_TIMEOUT)
+            except Exception as exc:  # one line, not a traceback (netlink, nft, no prefix)
+                raise TracerError(f"local instances: program network: {exc}") from exc
     except (UnknownPolicy, OssModeUnavailable) as exc:
         stack.close()
         raise UsageError(str(exc)) from exc

@@ -44,6 +44,7 @@ from vmagent.cluster.coordinator import Ident
 from vmagent.exec.view import EMPTY as EMPTY_VIEW
 from vmagent.exec.view import decode as decode_view
 from vmagent.trace import channel
+from vmagent.trace.listeners import ChannelRequest, Listeners
 from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
@@ -64,12 +65,13 @@ def coordinator_for(
     report: Callable[[bytes], None],
     source: PlacementSource | None = None,
     ask: Callable[[Ident, int, list[str]], Grant | None] | None = None,
+    listeners: Listeners | None = None,
 ) -> InstanceCoordinator:
     """T's coordinator for a view with path `maps` (placing execs through `ask`, if given)."""
     inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
     if ask is not None:
         inner = PlacingCoordinator(inner, ask)
-    return InstanceCoordinator(inner, report, source)
+    return InstanceCoordinator(inner, report, source, listeners)
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
@@ -84,6 +86,8 @@ class Tracer:
         self.table = table
         self.chan: socket.socket | None = None
         self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
+        # Listening sockets, steered by the OSS (issue 13).
+        self.listeners = Listeners(ChannelRequest(lambda: self.chan), self.report)
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -94,8 +98,9 @@ class Tracer:
 
     def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
-            self.table, channel.view_maps(view), self.report, ask=self.ask
-        )
+            self.table, channel.view_maps(view), self.report, ask=self.ask,
+            listeners=self.listeners,
+        )  # fmt: skip
         return HostRunner(self, coordinator)
 
     @staticmethod

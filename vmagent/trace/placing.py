@@ -38,6 +38,7 @@ from vmagent.cluster.placement import HOME, Placement
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer
+from vmagent.trace.listeners import NET_CALLS, Listeners
 from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
@@ -106,24 +107,31 @@ class InstanceCoordinator:
         inner: Coordinator,
         report: Callable[[bytes], None],
         source: PlacementSource | None = None,
+        listeners: Listeners | None = None,
     ) -> None:
         self.inner = inner
         self.report = report
         self.source: PlacementSource = source or RunHere()
+        # Issue 13: listening sockets reported to the OSS (no agent: nobody asked).
+        self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
         self._live: set[int] = set()  # the session's processes but its root (real pids)
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | NET_CALLS
+        self._net_names = NET_CALLS - self._inner_names
 
     def interception(self) -> frozenset[str]:
-        """The view's calls, every exec and the calls that return or take pids."""
+        """The view's calls, every exec, the calls that return or take pids, and
+        listen/close (listening sockets)."""
         return self._names
 
     def on_syscall(self, call: SyscallCall) -> Decision:
         """An exec asks the placement source (and runs here without a grant)."""
         if call.name in PID_CALLS and call.name not in self._inner_names:
             return self._pid_call(call)
+        if call.name in self._net_names:
+            return self.listeners.on_syscall(call)
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -176,6 +184,8 @@ class InstanceCoordinator:
         if call.name in PID_RESULTS:
             pid = signed(result)
             return Complete(self.pids.program(pid)) if pid > 0 else None
+        if call.name in self._net_names:
+            return self.listeners.on_result(call, signed(result))
         return self.inner.on_result(call, result, output)
 
     def on_process(self, event: ProcessEvent) -> None:
@@ -193,6 +203,8 @@ class InstanceCoordinator:
                 self._tids.discard(pid)
                 self.report(channel.exited(pid, status, sig))
                 self.source.finished(pid)
+                if self.listeners.watched:
+                    self.listeners.exited(pid, self._tids)
             case ProcessUsage(pid, cpu_us, maxrss_kb, io, syscalls):
                 self.report(channel.usage(pid, cpu_us, maxrss_kb, io, syscalls))
                 return  # the embedded coordinator has no use for it
