@@ -101,6 +101,12 @@ class NetLab:
         self.hosts[name] = host
         return host
 
+    def add_bare_host(self, name: str) -> SimHost:
+        """A host namespace with nothing in it (a dcptrace run there makes its own lab)."""
+        host = SimHost(name, self._ns(f"dcph{self.tag}{name}"), "", "")
+        self.hosts[name] = host
+        return host
+
     def add_outside(self, via: str) -> None:
         """An outside namespace on an uplink of host `via` (10.99.1.2, routes to 10.214/16)."""
         host = self.hosts[via]
