@@ -41,7 +41,6 @@ from oss.errors import (
     Unauthorized,
 )
 from oss.ipc.locking import LockService
-from oss.network.manager import Applier, NetworkConfig, NetworkManager
 from oss.models import (
     AgentHeartbeat,
     AgentRegister,
@@ -54,6 +53,7 @@ from oss.models import (
     ProgramSubmit,
     ReportAck,
 )
+from oss.network.manager import Applier, NetworkConfig, NetworkManager
 from oss.schema import VERSIONS
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector

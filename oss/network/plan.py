@@ -241,7 +241,9 @@ def _instance(
     for (proto, port), lst in sorted(owner.items()):
         if lst.instance == me.name:
             if lst.bound == "loopback" and proto == TCP:
-                nat.append(Nat("prerouting", "dnat", "127.0.0.1", daddr=f"{p}/32", dport=port, iif=dev))
+                nat.append(
+                    Nat("prerouting", "dnat", "127.0.0.1", daddr=f"{p}/32", dport=port, iif=dev)
+                )
             continue
         there = by_name[lst.instance]
         rules.add(Rule(p, (port, port), table_of(there), proto))

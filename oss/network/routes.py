@@ -63,9 +63,7 @@ class NetworkOff(Conflict):
 PROTO = {"tcp": 6, "udp": 17}
 
 
-async def h_listener(
-    oss: Oss, r: web.Request, who: Any, b: ListenerReport, q: Any
-) -> ListenerAck:
+async def h_listener(oss: Oss, r: web.Request, who: Any, b: ListenerReport, q: Any) -> ListenerAck:
     program = r.match_info["program_id"]
     await oss.programs.placed_on(program, str(who))  # NotFound unless it runs there
     net = oss.network

@@ -164,7 +164,14 @@ class NetLab:
     def sysctl(ns: str, key: str, value: str) -> None:
         """Set a sysctl inside namespace `ns`."""
         subprocess.run(
-            ["nsenter", f"--net=/run/netns/{ns}", "--", "sh", "-c", f"echo {value} > /proc/sys/{key}"],
+            [
+                "nsenter",
+                f"--net=/run/netns/{ns}",
+                "--",
+                "sh",
+                "-c",
+                f"echo {value} > /proc/sys/{key}",
+            ],
             check=True,
         )
 

@@ -156,8 +156,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     d = tmp_path_factory.mktemp("net")
-    for name, text in (("unix_server.py", UNIX_SERVER), ("unix_client.py", UNIX_CLIENT),
-                       ("wait.py", WAIT), ("prog.sh", PROGRAM.replace("OUTSIDE", OUTSIDE))):
+    for name, text in (
+        ("unix_server.py", UNIX_SERVER),
+        ("unix_client.py", UNIX_CLIENT),
+        ("wait.py", WAIT),
+        ("prog.sh", PROGRAM.replace("OUTSIDE", OUTSIDE)),
+    ):
         (d / name).write_text(text)  # fmt: skip
     (d / "secret.txt").write_text("passed-fd")
     out = Outcome(d)
