@@ -157,17 +157,29 @@ def nft(ns: str | None, ruleset: dict[str, Any]) -> None:
     in_netns(ns, run)
 
 
-def nat_ruleset(program: str, rules: tuple[Nat, ...]) -> dict[str, Any]:
-    """The JSON transaction that replaces `program`'s table by one holding `rules`."""
+def nat_ruleset(program: str, rules: tuple[Nat, ...], guard: str = "") -> dict[str, Any]:
+    """The JSON transaction that replaces `program`'s table by one holding `rules` (and a
+    drop of what arrives on `guard` for 127.0.0.0/8)."""
     table = nft_table(program)
     ident = {"family": "ip", "table": table}
     cmds: list[dict[str, Any]] = [
         {"add": {"table": {"family": "ip", "name": table}}},
         {"delete": {"table": {"family": "ip", "name": table}}},
     ]
-    if not rules:
+    if not rules and not guard:
         return {"nftables": cmds}
     cmds.append({"add": {"table": {"family": "ip", "name": table}}})
+    if guard:
+        cmds.append(
+            {"add": {"chain": {**ident, "name": "guard", "type": "filter", "hook": "prerouting",
+                               "prio": -300, "policy": "accept"}}}
+        )  # fmt: skip
+        match = [
+            _match({"meta": {"key": "iifname"}}, guard),
+            _match({"payload": {"protocol": "ip", "field": "daddr"}}, _prefix("127.0.0.0/8")),
+            {"drop": None},
+        ]
+        cmds.append({"add": {"rule": {**ident, "chain": "guard", "expr": match}}})
     chains = {"output": ("out", -100), "prerouting": ("pre", -100), "postrouting": ("post", 100)}
     for hook, (name, prio) in chains.items():
         cmds.append(
@@ -255,8 +267,8 @@ class Redirector:
                     _shape(ipr, old.shape_dev, state.shape_dev, state.rate_kbit)
         except NetlinkError as exc:
             raise RedirectError(f"{key[0]} {key[1]}: {exc}") from exc
-        if state.nat != old.nat:
-            nft(node.ns, nat_ruleset(program, state.nat))
+        if state.nat != old.nat or state.guard_dev != old.guard_dev:
+            nft(node.ns, nat_ruleset(program, state.nat, state.guard_dev))
         node.programs[program] = state
         return True
 
@@ -278,7 +290,7 @@ class Redirector:
             return
         old = node.programs.pop(program)
         errors: list[str] = []
-        if old.nat:
+        if old.nat or old.guard_dev:
             with _collect(errors):
                 nft(node.ns, nat_ruleset(program, ()))
         with _collect(errors), _ipr(node.ns) as ipr:
@@ -364,12 +376,16 @@ def _routes(ipr: IPRoute, old: NodeState, new: NodeState) -> None:
     gone = {(r.table, r.dst) for r in old.routes} - {(r.table, r.dst) for r in new.routes}
     for r in sorted(new.routes - old.routes):
         ipr.route("replace", **_route_args(ipr, r))
-    for table, dst in gone:
-        with _absent_ok():
-            ipr.route("del", dst=dst, dst_len=32, table=table)
+    for r in sorted(old.routes):
+        if (r.table, r.dst) in gone:
+            kind = {"type": "unreachable"} if r.kind == "unreachable" else {}
+            with _absent_ok():
+                ipr.route("del", dst=r.dst, dst_len=32, table=r.table, **kind)
 
 
 def _route_args(ipr: IPRoute, r: Route) -> dict[str, Any]:
+    if r.kind == "unreachable":
+        return dict(dst=r.dst, dst_len=32, table=r.table, type="unreachable")
     args: dict[str, Any] = dict(
         dst=r.dst, dst_len=32, gateway=r.via, oif=_index(ipr, r.dev), table=r.table
     )

@@ -14,7 +14,9 @@ instance i (holds P)
   - address P/32 on its device; default route with `src P`;
   - sysctls: `accept_local` (packets from P, its own address, arrive from
     other instances), `rp_filter` 0, `route_localnet` (loopback redirect),
-    `ip_local_port_range` = its block;
+    `ip_local_port_range` = its block; with `route_localnet` on, anything that
+    arrives from the wire for 127.0.0.0/8 is dropped (`guard_dev`, before NAT:
+    what kube-proxy's CVE-2020-8558 taught);
   - the `local` policy rule moved after ours (pref `LOCAL_PREF`), so a rule can
     send P:port away although P is local;
   - for every other member j: table `table_of(j)` holds `P via <j or i's
@@ -27,7 +29,9 @@ instance i (holds P)
 host h (no P)
   - forwarding on its bridge and wire devices;
   - per member j: `P via <j if on h, else the peer host on the wire>` in
-    `table_of(j)`; rules for j's block and j's listeners.
+    `table_of(j)`; rules for j's block and j's listeners bound to any
+    address or P (not those bound to loopback: they are the program's own);
+  - `unreachable P` in its main table: what no rule steers fails here.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ PORT_TOP = 60999  # Linux's default ephemeral range ends here
 TABLE_BASE = 7000  # routing table of the instance with slot s: TABLE_BASE + s
 RULE_PREF = 100  # our policy rules
 LOCAL_PREF = 200  # where the `lookup local` rule moves on an instance holding P
+MAIN_TABLE = 254
 TCP, UDP = 6, 17
 BOUND = ("any", "loopback", "program", "other")  # what a listener is bound to
 
@@ -105,13 +110,15 @@ class Rule:
 
 @dataclass(frozen=True, slots=True, order=True)
 class Route:
-    """`ip route replace DST/32 via VIA dev DEV [src SRC] table TABLE`."""
+    """`ip route replace DST/32 via VIA dev DEV [src SRC] table TABLE`, or with `kind`
+    "unreachable": `ip route replace unreachable DST/32 table TABLE`."""
 
     table: int
     dst: str
     via: str
     dev: str
     src: str = ""
+    kind: str = "unicast"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -141,6 +148,7 @@ class NodeState:
     nat: tuple[Nat, ...] = ()
     rate_kbit: int = 0  # egress shaping on `shape_dev` (0: none)
     shape_dev: str = ""
+    guard_dev: str = ""  # drop what arrives on it for 127.0.0.0/8 (route_localnet is on)
 
     @property
     def empty(self) -> bool:
@@ -270,6 +278,7 @@ def _instance(
         nat=tuple(nat),
         rate_kbit=rate_kbit,
         shape_dev=dev if rate_kbit else "",
+        guard_dev=dev,
     )
 
 
@@ -299,6 +308,9 @@ def _host(
             rules.add(Rule(p, (port, port), t, proto))
     if not routes:
         return NodeState()
+    # Whatever no rule steers (a port nobody listens on) ends here, never on the default
+    # route: the program address means nothing beyond these hosts.
+    routes.add(Route(MAIN_TABLE, p, "", "", kind="unreachable"))
     devs = [host.bridge, *([host.wire_dev] if host.wire_dev else []), *host.uplinks]
     sysctls = tuple((f"net/ipv4/conf/{d}/forwarding", "1") for d in devs)
     return NodeState(rules=frozenset(rules), routes=frozenset(routes), sysctls=sysctls)

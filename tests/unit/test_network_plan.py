@@ -119,3 +119,14 @@ def test_moved_moves_the_pids_listeners_or_all_of_the_source() -> None:
 
 def test_no_members_no_host_state() -> None:
     assert plan(ProgramNet("p", P, ()), SPOTS, HOSTS)[("host", "h1")] == NodeState()
+
+
+def test_hosts_end_unsteered_traffic_and_instances_guard_loopback() -> None:
+    states = plan(ProgramNet("p", P, ("a",)), SPOTS, HOSTS)
+    assert Route(254, P, "", "", kind="unreachable") in states[("host", "h1")].routes
+    assert states[("instance", "a")].guard_dev == "eth0"
+    from net.redirector import nat_ruleset
+
+    cmds = nat_ruleset("p", (), "eth0")["nftables"]
+    guard = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    assert guard and guard[0]["chain"] == "guard" and {"drop": None} in guard[0]["expr"]
