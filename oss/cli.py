@@ -401,6 +401,10 @@ def lab(
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
+from oss.network.cli import network as _network  # noqa: E402 - issue 13's command
+
+main.add_command(_network)
+
 if __name__ == "__main__":
     main()
 

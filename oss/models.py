@@ -249,6 +249,7 @@ class Program(Api):
     placements: list[Placement]
     view: ViewSpec = ViewSpec()
     stop: StopInfo | None = None  # set when a limit stopped it (stopped_budget/stopped_limit)
+    address: str | None = None  # the program's address on its instances (issue 13)
 
 
 class ExecIdentity(Api):
@@ -518,6 +519,7 @@ class ProcessList(Api):
 
     processes: list[ProcessRow]
     incomplete: list[str]  # "INSTANCE:PID"
+    address: str | None = None  # the program's address (issue 13), where it has one
 
 
 class ProgramMetrics(Counters):

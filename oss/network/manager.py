@@ -105,6 +105,7 @@ class NetworkManager:
         self.clock = clock
         self._rate_of = rate_of
         self._lock = asyncio.Lock()
+        self._released: dict[str, str] = {}  # program -> the address it had (for records)
         self.last_apply_s = 0.0  # how long the last change took to be in place
 
     def covers(self, instance: str) -> bool:
@@ -168,8 +169,17 @@ class NetworkManager:
                  target, took * 1000)  # fmt: skip
         return took
 
+    async def address_ever(self, program: str) -> str | None:
+        """The program's address, also once it ended (while this OSS runs: run records)."""
+        return await self.address_of(program) or self._released.get(program)
+
     async def release(self, program: str) -> None:
         """The program ended: every node drops it, its address is free."""
+        address = await self.address_of(program)
+        if address is not None:
+            if len(self._released) > 4096:
+                self._released.clear()
+            self._released[program] = address
         async with self._lock:
             async with asyncio.timeout(self.config.apply_timeout):
                 await asyncio.to_thread(self.applier.remove_program, program)

@@ -231,6 +231,7 @@ def test_the_run_ends_well(run: Outcome) -> None:
 
 def test_every_instance_shows_the_program_address(run: Outcome) -> None:
     assert run.address.startswith("10.214."), (run.dir / "addresses").read_text()
+    assert run.record.get("program_address") == run.address  # --record shows it
 
 
 def test_outside_reaches_two_servers_on_two_instances_at_the_program_address(run: Outcome) -> None:
