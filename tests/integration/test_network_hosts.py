@@ -180,3 +180,51 @@ def test_redirect_follows_a_moved_process_across_hosts(hosts: Hosts) -> None:
     shown = hosts.run(m.show("p2"))
     assert isinstance(shown, dict)
     assert [x["instance"] for x in shown["listeners"]] == ["d"], shown
+
+
+def test_bandwidth_cap_shapes_the_instances_egress(hosts: Hosts) -> None:
+    """The tightest bandwidth limit (here 8 Mbit/s) becomes a token bucket on each
+    member's uplink (its share: 4 Mbit/s each); a burst overruns it (overlimits)."""
+    lab = hosts.lab
+    assert hosts.manager is not None and hosts.store is not None
+    config = hosts.manager.config
+    m = NetworkManager(hosts.store, config, Redirector(lab.nodes()), rate_of=lambda c, p: 8000)
+    try:
+        hosts.run(m.join("p3", "a"))
+        hosts.run(m.join("p3", "b"))
+        ns = lab.ns_of("a")
+        qdisc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", "--", "tc", "-s", "qdisc", "show", "dev", "eth0"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "tbf" in qdisc and "rate 4Mbit" in qdisc, qdisc
+        sink = listening_socket(lab.ns_of("b"), "0.0.0.0", 9100)
+        try:
+            sender = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{ns}", "--", "python3", "-c",
+                 "import socket; s = socket.create_connection((%r, 9100));"
+                 " s.sendall(b'x' * (1 << 20)); s.close()" % lab.spots["b"].address],
+            )  # fmt: skip
+            conn, _ = sink.accept()
+            got = 0
+            while chunk := conn.recv(65536):
+                got += len(chunk)
+            conn.close()
+            assert sender.wait(60) == 0 and got == 1 << 20
+        finally:
+            sink.close()
+        stats = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", "--", "tc", "-s", "qdisc", "show", "dev", "eth0"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        overlimits = int(stats.split("overlimits ")[1].split()[0])
+        sent = int(stats.split("Sent ")[1].split()[0])
+        assert sent >= 1 << 20 and overlimits > 0, stats
+        hosts.run(m.release("p3"))
+        after = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", "--", "tc", "qdisc", "show", "dev", "eth0"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "tbf" not in after, after
+    finally:
+        hosts.run(m.close())
