@@ -97,9 +97,14 @@ def paths(pings: int, mb: int) -> None:
         t = time.perf_counter()
         for key, state in plan(net, lab.spots, lab.host_spots()).items():
             red.apply(key, "bench", state)
-        print(f"first apply of 3 nodes (2 instances, 1 host): {(time.perf_counter() - t) * 1e3:.1f} ms")
-        server = subprocess.Popen(_in(lab.ns_of("b"), sys.executable, "-c", PEER, "serve", "", str(PORT), "0"),
-                                  stdout=subprocess.PIPE)  # fmt: skip
+        print(
+            "first apply of 3 nodes (2 instances, 1 host):",
+            f"{(time.perf_counter() - t) * 1e3:.1f} ms",
+        )
+        server = subprocess.Popen(
+            _in(lab.ns_of("b"), sys.executable, "-c", PEER, "serve", "", str(PORT), "0"),
+            stdout=subprocess.PIPE,
+        )
         assert server.stdout is not None and server.stdout.readline().strip() == b"up"
         b_addr = lab.spots["b"].address
         cases = [
@@ -110,24 +115,47 @@ def paths(pings: int, mb: int) -> None:
             ("outside -> P via host (redirector)", lab.outside, address),
         ]
         if lab.outside:  # the outside needs a route to the bridge for the direct case
-            subprocess.run(["ip", "-n", lab.outside, "route", "add", f"{lab.hosts['h1'].subnet}.0/24",
-                            "via", "10.99.1.1"], check=True)  # fmt: skip
+            subprocess.run(
+                [
+                    "ip",
+                    "-n",
+                    lab.outside,
+                    "route",
+                    "add",
+                    f"{lab.hosts['h1'].subnet}.0/24",
+                    "via",
+                    "10.99.1.1",
+                ],
+                check=True,
+            )
         print(f"{'path':50} {'p50 us':>8} {'p99 us':>8} {'MB/s':>8}")
         for label, where, host in cases:
             ns = where if where == lab.outside else lab.ns_of(where)
             med, p99 = [], []
             for _ in range(3):
-                out = subprocess.run(_in(ns, sys.executable, "-c", PEER, "ping", host, str(PORT), str(pings)),
-                                     capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+                out = subprocess.run(
+                    _in(ns, sys.executable, "-c", PEER, "ping", host, str(PORT), str(pings)),
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()
                 med.append(float(out[0]))
                 p99.append(float(out[1]))
             rates = [
-                float(subprocess.run(_in(ns, sys.executable, "-c", PEER, "put", host, str(PORT), str(mb)),
-                                     capture_output=True, text=True, check=True).stdout)
+                float(
+                    subprocess.run(
+                        _in(ns, sys.executable, "-c", PEER, "put", host, str(PORT), str(mb)),
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    ).stdout
+                )
                 for _ in range(3)
-            ]  # fmt: skip
-            print(f"{label:50} {statistics.median(med):8.1f} {statistics.median(p99):8.1f} "
-                  f"{statistics.median(rates):8.0f}")  # fmt: skip
+            ]
+            print(
+                f"{label:50} {statistics.median(med):8.1f} {statistics.median(p99):8.1f} "
+                f"{statistics.median(rates):8.0f}"
+            )
         server.kill()
         server.wait()
         red.close()
@@ -163,28 +191,48 @@ def listen_to_first(runs: int) -> None:
             (Path(d) / "l.py").write_text(LISTENER)
             (Path(d) / "c.py").write_text(CLIENT)
             port = str(9400 + i)
-            script = (f"cd {d}; python3 l.py {port} t & python3 c.py {port} t c; wait")
-            subprocess.run([sys.executable, "-m", "tracer.cli", "--instances", "2", "--placement", "spread",
-                            "--", "sh", "-c", script], cwd=ROOT, check=True, timeout=120,
-                           capture_output=True)  # fmt: skip
+            script = f"cd {d}; python3 l.py {port} t & python3 c.py {port} t c; wait"
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tracer.cli",
+                    "--instances",
+                    "2",
+                    "--placement",
+                    "spread",
+                    "--",
+                    "sh",
+                    "-c",
+                    script,
+                ],
+                cwd=ROOT,
+                check=True,
+                timeout=120,
+                capture_output=True,
+            )
             t0, t1 = (float(x) for x in (Path(d) / "t").read_text().split())
             t2 = float((Path(d) / "c").read_text())
             got.append(((t1 - t0) * 1e3, (t2 - t0) * 1e3))
     listens = sorted(a for a, _ in got)
     firsts = sorted(b for _, b in got)
-    print(f"listen() under --instances (tracer -> agent -> OSS -> redirectors): "
-          f"p50 {listens[len(listens) // 2]:.1f} ms, max {listens[-1]:.1f} ms over {runs}")  # fmt: skip
-    print(f"listen -> first redirected connection from the other instance: "
-          f"p50 {firsts[len(firsts) // 2]:.1f} ms, max {firsts[-1]:.1f} ms")  # fmt: skip
+    print(
+        f"listen() under --instances (tracer -> agent -> OSS -> redirectors): "
+        f"p50 {listens[len(listens) // 2]:.1f} ms, max {listens[-1]:.1f} ms over {runs}"
+    )
+    print(
+        f"listen -> first redirected connection from the other instance: "
+        f"p50 {firsts[len(firsts) // 2]:.1f} ms, max {firsts[-1]:.1f} ms"
+    )
 
 
 def repoint(runs: int) -> None:
-    from oss.db.store import Store
-    from oss.network.manager import NetworkManager
-    from oss.schema import VERSIONS
     from test_network_migrate import PORT as MPORT
     from test_network_migrate import SERVER
 
+    from oss.db.store import Store
+    from oss.network.manager import NetworkManager
+    from oss.schema import VERSIONS
     from tests.integration.test_migrate_local import deputy, migrate, session_of
     from vmagent.checkpoint import criu
     from vmagent.cluster.local import LocalCluster
@@ -209,15 +257,17 @@ def repoint(runs: int) -> None:
                 flag = Path(d) / f"flag{i}"
                 port = MPORT + i  # the last run's server may still hold its port a moment
 
-                def ask(address: str) -> str:
+                def ask(address: str, port: int = port) -> str:
                     try:
                         with socket.create_connection((address, port), timeout=2) as c:
                             return c.recv(64).decode()
                     except OSError:
                         return ""
 
-                proc = subprocess.Popen(deputy(a, "/usr/bin/python3", "-c", SERVER, str(flag), str(port)),
-                                        stdout=subprocess.DEVNULL)  # fmt: skip
+                proc = subprocess.Popen(
+                    deputy(a, "/usr/bin/python3", "-c", SERVER, str(flag), str(port)),
+                    stdout=subprocess.DEVNULL,
+                )
                 address = loop.run_until_complete(m.join("prog", a.name))
                 deadline = time.monotonic() + 60
                 while not flag.exists():
@@ -244,9 +294,11 @@ def repoint(runs: int) -> None:
             loop.close()
     took = sorted(t for t, _ in times)
     first = sorted(f for _, f in times)
-    print(f"re-point after a CRIU migration: moved() p50 {took[len(took) // 2]:.1f} ms, "
-          f"first connection to the moved process p50 {first[len(first) // 2]:.1f} ms "
-          f"(max {first[-1]:.1f}) over {runs}")  # fmt: skip
+    print(
+        f"re-point after a CRIU migration: moved() p50 {took[len(took) // 2]:.1f} ms, "
+        f"first connection to the moved process p50 {first[len(first) // 2]:.1f} ms "
+        f"(max {first[-1]:.1f}) over {runs}"
+    )
 
 
 def main() -> None:

@@ -202,8 +202,8 @@ def test_bandwidth_cap_shapes_the_instances_egress(hosts: Hosts) -> None:
         try:
             sender = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{ns}", "--", "python3", "-c",
-                 "import socket; s = socket.create_connection((%r, 9100));"
-                 " s.sendall(b'x' * (1 << 20)); s.close()" % lab.spots["b"].address],
+                 f"import socket; s = socket.create_connection(({lab.spots['b'].address!r}, 9100));"
+                 " s.sendall(b'x' * (1 << 20)); s.close()"],
             )  # fmt: skip
             conn, _ = sink.accept()
             got = 0
