@@ -8,8 +8,8 @@ import socket
 
 from oss.embedded import EmbeddedCoordinator
 from oss.storage.pathmap import PathMap
-from tracer.coordinator import Allow, Complete, SyscallCall
 from tracer.arch import table_for
+from tracer.coordinator import Allow, Complete, SyscallCall
 from vmagent.trace import channel
 from vmagent.trace.listeners import (
     NET_CALLS,
