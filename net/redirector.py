@@ -2,7 +2,7 @@
 
 A node is a network namespace (an instance's, or the host's: `None` is the
 caller's own).  `Redirector.apply(node, program, state)` makes the node hold
-`state` (an `oss.network.plan.NodeState`) for `program`, changing only what
+`state` (an `net.nodestate.NodeState`) for `program`, changing only what
 differs from what it applied before; `remove(node, program)` takes all of it
 away.  What several programs share on a node (the moved `local` rule, the
 sysctls it changed, the default route's source) is restored when the last
@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from oss.network.plan import Nat, NodeKey, NodeState, Route, Rule
+from net.nodestate import Nat, NodeKey, NodeState, Route, Rule
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ def sweep_prefix(ns: str | None, prefix: str) -> int:
     inside `prefix` in namespace `ns` (what a dead OSS left); how many went."""
     import ipaddress
 
-    from oss.network.plan import TABLE_BASE
+    from net.nodestate import TABLE_BASE
 
     net = ipaddress.ip_network(prefix)
     gone = 0
