@@ -47,6 +47,7 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 NFT_TIMEOUT = 10.0
 RT_TABLE_LOCAL = 255
+RTN_UNREACHABLE = 7
 RULE_PREF = 100
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 T = TypeVar("T")
@@ -464,7 +465,7 @@ def sweep_prefix(ns: str | None, prefix: str) -> int:
     inside `prefix` in namespace `ns` (what a dead OSS left); how many went."""
     import ipaddress
 
-    from net.nodestate import TABLE_BASE
+    from net.nodestate import MAIN_TABLE, TABLE_BASE
 
     net = ipaddress.ip_network(prefix)
     gone = 0
@@ -475,12 +476,13 @@ def sweep_prefix(ns: str | None, prefix: str) -> int:
                 with _absent_ok():
                     ipr.rule("del", **_raw_rule(rule))
                     gone += 1
-        for table in range(TABLE_BASE, TABLE_BASE + 100):
+        for table in (MAIN_TABLE, *range(TABLE_BASE, TABLE_BASE + 100)):
             for route in ipr.get_routes(family=2, table=table):
                 dst = route.get_attr("RTA_DST")
                 if dst and ipaddress.ip_address(dst) in net:
+                    kind = {"type": "unreachable"} if route["type"] == RTN_UNREACHABLE else {}
                     with _absent_ok():
-                        ipr.route("del", dst=dst, dst_len=32, table=table)
+                        ipr.route("del", dst=dst, dst_len=32, table=table, **kind)
                         gone += 1
     return gone
 

@@ -106,6 +106,7 @@ class NetworkManager:
         self._rate_of = rate_of
         self._lock = asyncio.Lock()
         self._released: dict[str, str] = {}  # program -> the address it had (for records)
+        self._members: set[tuple[str, str]] = set()  # (program, instance) joined: no write
         self.last_apply_s = 0.0  # how long the last change took to be in place
 
     def covers(self, instance: str) -> bool:
@@ -125,6 +126,8 @@ class NetworkManager:
         """Give `program` its address on `instance` (None: not an instance of ours)."""
         if not self.covers(instance):
             return None
+        if (program, instance) in self._members:
+            return await self.address_of(program)
         now = self.clock()
 
         def op(c: Conn) -> tuple[str, bool]:
@@ -134,6 +137,7 @@ class NetworkManager:
         address, new = await self.store.write(op)
         if new:
             await self._reapply(program)
+        self._members.add((program, instance))
         return address
 
     async def listen(
@@ -184,6 +188,7 @@ class NetworkManager:
             async with asyncio.timeout(self.config.apply_timeout):
                 await asyncio.to_thread(self.applier.remove_program, program)
         await self.store.write(lambda c: q.release(c, program))
+        self._members = {m for m in self._members if m[0] != program}
 
     async def show(self, program: str) -> dict[str, Any] | None:
         """The program's address, members and listeners (None: it has no address)."""

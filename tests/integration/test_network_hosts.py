@@ -228,3 +228,20 @@ def test_bandwidth_cap_shapes_the_instances_egress(hosts: Hosts) -> None:
         assert "tbf" not in after, after
     finally:
         hosts.run(m.close())
+
+
+def test_the_reaper_sweep_removes_what_a_dead_oss_left(hosts: Hosts) -> None:
+    """A run killed by SIGKILL leaves the host's rules and routes: `sweep_prefix` (what
+    the lab's reaper runs) removes every one of them, and nothing else."""
+    from net.redirector import sweep_prefix
+
+    m, lab = hosts.manager, hosts.lab
+    assert m is not None
+    hosts.run(m.join("p4", "a"))
+    hosts.run(m.listen("p4", "a", 5, 8080, "0.0.0.0"))
+    host = lab.hosts["h1"].ns
+    assert listing(host) != hosts.before[host]
+    assert sweep_prefix(host, str(PREFIX)) >= 4  # block + listener rules, route, unreachable
+    now = listing(host)
+    assert now["rules"] == hosts.before[host]["rules"]
+    assert now["routes"] == hosts.before[host]["routes"]
