@@ -100,6 +100,21 @@ def read_sysctl(ns: str | None, key: str) -> str:
     return in_netns(ns, read)
 
 
+def swap_sysctls(ns: str | None, values: Mapping[str, str]) -> dict[str, str]:
+    """Write /proc/sys/KEY = VALUE for each inside namespace `ns`; the values before."""
+
+    def swap() -> dict[str, str]:
+        before = {}
+        for key, value in values.items():
+            with open(f"/proc/sys/{key}", "r+") as f:
+                before[key] = f.read().strip()
+                f.seek(0)
+                f.write(value)
+        return before
+
+    return in_netns(ns, swap)
+
+
 def write_sysctls(ns: str | None, values: Mapping[str, str]) -> None:
     """Write /proc/sys/KEY = VALUE for each, inside namespace `ns`."""
 
@@ -276,9 +291,7 @@ class Redirector:
     def _shared_up(self, node: _Node, ipr: IPRoute, state: NodeState) -> None:
         wanted = {k: v for k, v in state.sysctls if k not in node.saved_sysctls}
         if wanted:
-            for key in wanted:
-                node.saved_sysctls[key] = read_sysctl(node.ns, key)
-            write_sysctls(node.ns, wanted)
+            node.saved_sysctls.update(swap_sysctls(node.ns, wanted))
         if state.local_pref is not None and node.local_moved is None:
             _move_local(ipr, 0, state.local_pref)
             node.local_moved = state.local_pref
