@@ -51,6 +51,7 @@ from oss.listener import ListenerLimits
 from oss.network import routes as network_routes
 from oss.service import Oss
 from oss.telemetry import routes as telemetry_routes
+from oss.ui import routes as ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ ROUTES: tuple[Route, ...] = (
     + telemetry_routes.ROUTES
     + ipc_routes.ROUTES
     + network_routes.ROUTES
+    + ui_routes.ROUTES
 )
 
 

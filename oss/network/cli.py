@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
+from typing import Any
 
 import click
 
-from oss.errors import OssError
+from oss import console as con
 
 
 @click.command("network")
 @click.argument("program")
-@click.option("--url", envvar="DCP_OSS_URL", required=True, help="OSS base URL.")
-def network(program: str, url: str) -> None:
-    """Show PROGRAM's address, the instances holding it and its listeners (DCP_TOKEN)."""
-    from oss.client import OssClient
+@con.connection()
+def network(program: str, target: con.Target) -> None:
+    """PROGRAM's address, the instances holding it and its listeners (issue 13).
 
-    token = os.environ.get("DCP_TOKEN", "").strip()
-    if not token:
-        raise click.UsageError("set the account token in the environment variable DCP_TOKEN")
+    --json: {"program_id", "address", "instances", "listeners": [{instance, port,
+    proto, bound, pid}]}.
 
-    async def go() -> object:
-        async with OssClient(url, token, timeout=30) as oss:
+    \b
+    Example:
+      dcp-oss network p-3f2a9c
+    """
+
+    async def go() -> Any:
+        async with target.client() as oss:
             return await oss.request("GET", f"/v1/programs/{program}/network")
 
-    try:
-        shown = asyncio.run(go())
-    except OssError as exc:
-        click.echo(f"dcp-oss network: {exc}", err=True)
-        sys.exit(1)
-    assert isinstance(shown, dict)
-    click.echo(f"address {shown['address']}")
-    click.echo(f"instances {' '.join(shown['instances']) or '-'}")
-    for x in shown["listeners"]:
-        click.echo(
-            f"listen {x['proto']}/{x['port']} on {x['instance']} ({x['bound']}, pid {x['pid']})"
-        )
+    shown = con.run(go())
+    if target.json:
+        return con.emit_json(shown)
+    con.fields([("address", shown["address"]), ("instances", " ".join(shown["instances"]))])
+    if shown["listeners"]:
+        click.echo("")
+        con.table(
+            ["PROTO", "PORT", "INSTANCE", "BOUND", "PID"],
+            [[x["proto"], x["port"], x["instance"], x["bound"], x["pid"]]
+             for x in shown["listeners"]],
+        )  # fmt: skip
