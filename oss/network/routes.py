@@ -17,7 +17,6 @@ from pydantic import Field
 
 from oss import models as m
 from oss.api import PROGRAM_PATH, Route, principal
-from oss.errors import Conflict, NotFound
 from oss.service import Oss
 
 
@@ -48,16 +47,13 @@ class NetListener(m.Api):
 
 
 class ProgramNetwork(m.Api):
-    """A program's address and where it listens."""
+    """A program's address and where it listens (address None: it has none, e.g. this
+    OSS has no network prefix, or no process of it was placed yet)."""
 
     program_id: str
-    address: str
+    address: str | None
     instances: list[str]
     listeners: list[NetListener]
-
-
-class NetworkOff(Conflict):
-    """This OSS has no network manager (no prefix configured)."""
 
 
 PROTO = {"tcp": 6, "udp": 17}
@@ -80,11 +76,9 @@ async def h_listener(oss: Oss, r: web.Request, who: Any, b: ListenerReport, q: A
 async def h_network(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> ProgramNetwork:
     program = r.match_info["program_id"]
     await oss.programs.program(principal(who).account_id, program)  # NotFound: not yours
-    if oss.network is None:
-        raise NetworkOff()
-    shown = await oss.network.show(program)
+    shown = await oss.network.show(program) if oss.network is not None else None
     if shown is None:
-        raise NotFound(f"program {program} has no address")
+        return ProgramNetwork(program_id=program, address=None, instances=[], listeners=[])
     return ProgramNetwork(
         program_id=program,
         address=shown["address"],
