@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -272,3 +273,39 @@ def test_redirect_goes_when_its_listener_closes(run: Outcome) -> None:
 def test_nothing_of_the_program_network_remains_on_the_host(run: Outcome) -> None:
     assert run.after == run.before
     assert not any("10.214." in line for lines in run.after.values() for line in lines)
+
+
+def test_sigkill_of_dcptrace_leaves_no_redirect_on_the_host(tmp_path: Path) -> None:
+    """Front and tracer killed at once while a program listens: the lab's reaper removes
+    the host's rules and routes into the run's prefix (`net.redirector.sweep_prefix`)."""
+    if os.geteuid() != 0:
+        pytest.skip("namespaces, netlink and nft need root")
+    (tmp_path / "wait.py").write_text(WAIT)
+    script = (
+        f"cd {tmp_path}; python3 -m http.server 8003 --bind 0.0.0.0 >/dev/null 2>&1 & "
+        "python3 wait.py 8003; echo ready; exec sleep 600"
+    )
+    lab = NetLab()
+    try:
+        host = lab.add_bare_host("k")
+        before = listing(host.ns)
+        proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{host.ns}", "--",
+             *dcptrace_argv("--instances", "2", "--placement", "spread"), "--", "sh", "-c", script],
+            env=traced_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            assert proc.stdout.readline() == b"ready\n"
+            during = listing(host.ns)
+            assert any("dport 8003" in r for r in during["rules"]), during
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert wait_for(lambda: listing(host.ns) == before, 60), listing(host.ns)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        lab.close()
