@@ -163,7 +163,7 @@ class ViewSpec(Api):
     """What the program's processes see wherever they run (`--map`), bound into tickets."""
 
     maps: Annotated[list[tuple[ViewPath, ViewPath]], Field(max_length=256)] = []
-    placement: Literal["spread", "pack", "local"] = "spread"
+    placement: Literal["auto", "spread", "pack", "local"] = "spread"
     metering: Literal["exec", "full"] = "exec"
     home: Annotated[str, StringConstraints(max_length=255)] = ""
 

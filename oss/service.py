@@ -95,6 +95,7 @@ class OssConfig:
     idle_grace: float = 30.0  # an idle pool instance beyond the warm target lives this long
     demand_window: float = 10.0  # placements refused for capacity count this long as demand
     backoff_base: float = 1.0  # a failing provider: wait min(base * 2**n, 60 s) after n
+    durable: bool = True  # False: no fsync per commit (a store that dies with its run)
 
     def __post_init__(self) -> None:
         for name in (
@@ -124,7 +125,7 @@ class Oss:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.data_dir, VERSIONS, clock)
+        self.store = Store(config.data_dir, VERSIONS, clock, durable=config.durable)
         self.accounts = Accounts(self.store)
         self.instances = Instances(self.store)
         self.programs = Programs(self.store, BudgetCheck())

@@ -93,6 +93,9 @@ def result(rval: int, pointer: bool = False) -> str:
 
 
 Decoder = Callable[[int, int, int, int], str]  # (pid, value, size, rval) -> text
+# Argument formats whose text is read from the tracee's memory: at the call's
+# entry, or (`buf_out`) at its exit, while the tracee is stopped.
+MEMORY_FORMATS = frozenset({"path", "target", "str", "buf_in", "buf_out", "argv", "envp"})
 
 
 class Formatter:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -174,4 +173,6 @@ def add_remote(record: dict[str, Any], remote: dict[str, Any]) -> None:
 
 def render_record(record: dict[str, Any]) -> str:
     """The record as the JSON text of a --record file."""
+    import json  # only for --record: not on every start-up
+
     return json.dumps(record, indent=2) + "\n"

@@ -17,7 +17,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tracer import ptraceio
 from tracer.coordinator import (
@@ -28,7 +28,7 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
-from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
+from tracer.decode import AT_FDCWD, MEMORY_FORMATS, POINTER_RESULTS, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
     STOP_SIGNALS,
@@ -69,8 +69,7 @@ _MASK64 = (1 << 64) - 1
 _SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How the traced program ended and what the tracer saw."""
 
     exit_status: int | None
@@ -127,6 +126,13 @@ class Runner:
         self._calls: dict[int, SyscallCall] = {}
         self._saved: dict[int, ptraceio.Registers] = {}
         self._entry_text: dict[int, str] = {}
+        # --trace reads the tracee's memory while it is stopped: at entry for
+        # these calls' input arguments, at exit for those with an output buffer.
+        # Every other part of a line is written once the tracee runs again.
+        self._read_at_entry = frozenset(
+            nr for nr, s in table.items() if MEMORY_FORMATS.intersection(s.args) - {"buf_out"}
+        )
+        self._read_at_exit = frozenset(nr for nr, s in table.items() if "buf_out" in s.args)
         # argv of an execve the coordinator rewrote (a placed program runs
         # through its deputy): records show what the program asked to run.
         self._exec_argv: dict[int, tuple[str, ...]] = {}
@@ -190,14 +196,14 @@ class Runner:
                 execute(step(stop))
 
     def _decode(self, pid: int, status: int, usage: resource.struct_rusage) -> Stop | None:
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        if status & 0xFF != 0x7F:  # not stopped (WIFSTOPPED): exited or killed
             cpu_us = round((usage.ru_utime + usage.ru_stime) * 1e6)
             if os.WIFEXITED(status):
                 return ExitStop(pid, os.WEXITSTATUS(status), None, cpu_us, usage.ru_maxrss)
             if os.WCOREDUMP(status) and self.machine and pid == self.machine.main_pid:
                 self._main_dumped = True
             return ExitStop(pid, None, os.WTERMSIG(status), cpu_us, usage.ru_maxrss)
-        sig = os.WSTOPSIG(status)
+        sig = (status >> 8) & 0xFF  # WSTOPSIG
         event = status >> 16
         try:
             if event == ptraceio.EVENT_SECCOMP:
@@ -243,12 +249,17 @@ class Runner:
     # -- actions
 
     def _execute(self, actions: list[Action]) -> None:
+        later: list[Record] = []
         for action in actions:
+            if type(action) is Resume:  # most actions: no pattern matching on the hot path
+                ptraceio.resume(action.tid, action.mode, action.sig)
+                continue
             match action:
-                case Resume(tid, mode, sig):
-                    ptraceio.resume(tid, mode, sig)
                 case Record():
-                    self._record(action)
+                    if self.trace_out is not None and action.nr not in self._read_at_exit:
+                        later.append(action)  # needs no memory: after the resume
+                    else:
+                        self._record(action)
                 case Consult():
                     self._consult(action)
                 case ApplyRewrite(tid, rewrite):
@@ -285,6 +296,8 @@ class Runner:
                             self.report(f"exit {event.exit_status}")
                 case MirrorStop(sig):
                     self.report(f"stop {sig}")
+        for record in later:
+            self._record(record)
 
     def _consult(self, action: Consult) -> None:
         assert self.machine is not None
@@ -398,11 +411,10 @@ class Runner:
         self._execute(self.machine.step(Observed(action.tid, rval)))
 
     def _pre_render(self, tid: int, nr: int, args: tuple[int, ...]) -> None:
-        spec = self.table.get(nr)
-        # Input arguments are rendered at entry: after an execve, or once the
-        # call consumed them, the memory may hold something else.
-        if spec is not None and "buf_out" not in spec.args:
-            self._entry_text[tid] = self.formatter.arguments(tid, spec, args, 0)
+        # Input arguments in memory are rendered at entry: after an execve, or
+        # once the call consumed them, the memory may hold something else.
+        if nr in self._read_at_entry and nr not in self._read_at_exit:
+            self._entry_text[tid] = self.formatter.arguments(tid, self.table[nr], args, 0)
 
     def _record(self, action: Record) -> None:
         rval = signed(action.rval)
@@ -425,9 +437,17 @@ def interception_filter(
 ) -> PreparedFilter:
     """The seccomp filter a traced program installs before its first exec.
 
-    While calls are served, a call newer than the table must stop too: it may
-    take a path (as fchmodat2 did) and would get around the map.
+    The interception set is the union of what the coordinator's active services
+    need (`Coordinator.interception`): empty for a plain run, which then gets no
+    filter at all (no BPF run on each syscall, and `Seccomp: 0` and `NoNewPrivs: 0`
+    in /proc/PID/status as natively).  Fork, exec and exit are still followed:
+    they are ptrace events.
+    Once anything is intercepted, calls of a foreign ABI (int 0x80, x32) and, as
+    a call newer than the table may take a path (as fchmodat2 did) and get
+    around the map, numbers past the table stop too.
     """
+    if not intercept and not trace_all:
+        return PreparedFilter([], no_new_privs=False)
     beyond = max(table) + 1 if intercept else None
     return PreparedFilter(
         build_filter(intercept, trace_all=trace_all, trace_from=beyond),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Category(enum.Enum):
@@ -49,8 +49,7 @@ ARG_FORMATS = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class SyscallSpec:
+class SyscallSpec(NamedTuple):
     """One syscall of one architecture."""
 
     nr: int

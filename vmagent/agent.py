@@ -30,6 +30,7 @@ from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.network.reporter import ListenerReporter
+from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
 from vmagent.trace.placer import OssPlacements, Placer
@@ -226,6 +227,7 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_post("/v1/migrations/check", _migration_check)
     app.router.add_post("/v1/migrations", _migration_receive)
     app.router.add_post("/v1/migrations/commit", _migration_commit)
+    storage_routes(app, config.instance, _authorized)  # issue 14: program namespaces
     return app
 
 

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -365,6 +364,8 @@ class LocalCluster:
 
     def _health(self, name: str, address: str) -> dict[str, Any]:
         token = self._tokens[name][0]
+        import urllib.request  # here: not loaded by a run that starts no instance
+
         req = urllib.request.Request(
             f"http://{address}/v1/health", headers={"Authorization": f"Bearer {token}"}
         )

@@ -33,6 +33,7 @@ from tracer.coordinator import (
     SyscallCall,
 )
 from tracer.decode import signed
+from vmagent.cluster.advisor import Advisor
 from vmagent.cluster.coordinator import ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement
 from vmagent.exec.remote import credentials
@@ -314,13 +315,17 @@ class PlacingCoordinator(ClusterCoordinator):
         """The session's view and this instance's name (set when the session starts)."""
         self.view = view
         self.where = where
+        if view.placement == "auto":
+            # The instances are the OSS's business: a long program on a busy instance
+            # is placed where the OSS expects it to finish first; the rest stays here.
+            self.advisor = Advisor(where)
 
     def _choose(self, ident: Ident, call: SyscallCall) -> str:
         if self.view.placement == "local" or not self.view.program:
             return HOME  # `local`, or a run no OSS knows (its agent could not place it)
         # Spread: the instances granted last rank last in the OSS (most recent
         # first), so sequential execs go round the instances, as from home.
-        avoid = self._recent if self.view.placement == "spread" else []
+        avoid = self._recent if self.view.placement in ("spread", "auto") else []
         grant = self._ask(ident, call.pid, avoid)
         if grant is None:
             return HOME
