@@ -289,6 +289,17 @@ class PrivateOss:
             fut.cancel()
             raise
 
+    def use_network(self, config: Any, nodes: Any, timeout: float) -> None:
+        """Give the run's program an address on its instances (issue 13): `config` an
+        `oss.network.manager.NetworkConfig`, `nodes` node -> network namespace."""
+        from net.redirector import Redirector
+
+        async def attach() -> None:
+            self.oss.use_network(config, Redirector(nodes))
+            await self.oss.network.start()
+
+        self.call(attach(), timeout)
+
     def later(self, coro: Any) -> Any:
         """Run a coroutine on the OSS loop without waiting (a concurrent future)."""
         import asyncio

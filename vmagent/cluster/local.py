@@ -216,6 +216,15 @@ class LocalCluster:
         finally:
             os.close(read_end)
 
+    @property
+    def lab(self) -> LabNetwork | None:
+        """The lab network of isolated instances (None: plain processes)."""
+        return self._net
+
+    def reap_prefix(self, prefix: str) -> None:
+        """Should this process die, the reaper removes the host's redirects into `prefix`."""
+        self._tell_reaper(f"net {prefix}")
+
     def _tell_reaper(self, line: str) -> None:
         if self._reaper_w >= 0:
             with contextlib.suppress(OSError):

@@ -73,6 +73,8 @@ class LocalRun:
             missing = private.registered(self.start_timeout)
             if missing:
                 raise LocalRunError(f"{', '.join(missing)} did not register with the run's OSS")
+            if cluster.lab is not None:  # one address for the program (issue 13)
+                self._network(private)
         except (AgentError, self._oss_error) as exc:
             self.close()
             if isinstance(exc, LocalRunError):
@@ -83,6 +85,19 @@ class LocalRun:
             raise
         self.private = private
         return LocalProgramLink(private, self.view)
+
+    def _network(self, private: Any) -> None:
+        """The program's address on its instances: the lab as one host for the run's OSS;
+        should this process die, the reaper removes the host's redirects."""
+        from vmagent.network.local import lab_config
+
+        assert self.cluster.lab is not None
+        try:
+            config, nodes = lab_config(self.cluster.lab)
+            self.cluster.reap_prefix(str(config.prefix))
+            private.use_network(config, nodes, self.start_timeout)
+        except Exception as exc:  # netlink, nft, no free prefix: one line, not a traceback
+            raise LocalRunError(f"program network: {exc}") from exc
 
     def note(self, text: str) -> None:
         """A line for the run's OSS log, if it runs."""

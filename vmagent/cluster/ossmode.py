@@ -829,7 +829,12 @@ class LocalProgramLink:
 
     async def _processes(self, final_wait: float) -> Any:
         oss, who = self.private.oss, self.private.principal
-        return await oss.process_list(who.account_id, self.program_id, final_wait, self.placed)
+        got = await oss.process_list(who.account_id, self.program_id, final_wait, self.placed)
+        if oss.network is not None:  # issue 13: the record shows the program's address
+            address = await oss.network.address_ever(self.program_id)
+            if address:
+                got = got.model_copy(update={"address": address})
+        return got
 
     def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
         """One placement with its exec ticket, or None (this process runs here)."""

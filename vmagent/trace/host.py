@@ -45,6 +45,7 @@ from vmagent.exec.view import EMPTY as EMPTY_VIEW
 from vmagent.exec.view import decode as decode_view
 from vmagent.trace import channel
 from vmagent.trace.filelocks import POLL, LockForwarder, interrupted
+from vmagent.trace.listeners import ChannelRequest, Listeners
 from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
@@ -66,12 +67,13 @@ def coordinator_for(
     source: PlacementSource | None = None,
     ask: Callable[[Ident, int, list[str]], Grant | None] | None = None,
     locks: LockForwarder | None = None,
+    listeners: Listeners | None = None,
 ) -> InstanceCoordinator:
     """T's coordinator for a view with path `maps` (placing execs through `ask`, if given)."""
     inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
     if ask is not None:
         inner = PlacingCoordinator(inner, ask)
-    return InstanceCoordinator(inner, report, source, locks)
+    return InstanceCoordinator(inner, report, source, locks=locks, listeners=listeners)
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
@@ -88,6 +90,8 @@ class Tracer:
         self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
         # lock calls through the agent and the deputy (issue 14)
         self.locks = LockForwarder(self._hand_over, ptraceio.read_memory)
+        # Listening sockets, steered by the OSS (issue 13).
+        self.listeners = Listeners(ChannelRequest(lambda: self.chan), self.report)
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -108,8 +112,9 @@ class Tracer:
 
     def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
-            self.table, channel.view_maps(view), self.report, ask=self.ask, locks=self.locks
-        )
+            self.table, channel.view_maps(view), self.report, ask=self.ask,
+            locks=self.locks, listeners=self.listeners,
+        )  # fmt: skip
         return HostRunner(self, coordinator)
 
     @staticmethod

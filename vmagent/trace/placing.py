@@ -41,6 +41,7 @@ from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer
 from vmagent.trace.filelocks import LOCK_CALLS, LockForwarder
+from vmagent.trace.listeners import NET_CALLS, Listeners
 from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
@@ -110,20 +111,25 @@ class InstanceCoordinator:
         report: Callable[[bytes], None],
         source: PlacementSource | None = None,
         locks: LockForwarder | None = None,
+        listeners: Listeners | None = None,
     ) -> None:
         self.inner = inner
         self.report = report
         self.source: PlacementSource = source or RunHere()
         self.locks = locks  # None: lock calls run on this kernel as they are
+        # Issue 13: listening sockets reported to the OSS (no agent: nobody asked).
+        self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
         self._live: set[int] = set()  # the session's processes but its root (real pids)
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
         # Lock calls always stop (the filter is built without a forwarder).
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS
+        self._net_names = NET_CALLS - self._inner_names
 
     def interception(self) -> frozenset[str]:
-        """The view's calls, every exec, the calls that return or take pids, and locks."""
+        """The view's calls, every exec, the calls that return or take pids, locks,
+        and listen/close (listening sockets)."""
         return self._names
 
     def on_syscall(self, call: SyscallCall) -> Decision | Defer:
@@ -132,6 +138,8 @@ class InstanceCoordinator:
             return self.locks.on_call(call) if self.locks is not None else Allow()
         if call.name in PID_CALLS and call.name not in self._inner_names:
             return self._pid_call(call)
+        if call.name in self._net_names:
+            return self.listeners.on_syscall(call)
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -186,6 +194,8 @@ class InstanceCoordinator:
             return Complete(self.pids.program(pid)) if pid > 0 else None
         if call.name == "fcntl" and self.locks is not None and call.name not in self._inner_names:
             return self.locks.getlk_result(call, result, self._holder)
+        if call.name in self._net_names:
+            return self.listeners.on_result(call, signed(result))
         return self.inner.on_result(call, result, output)
 
     def _holder(self, real: int) -> int:
@@ -211,6 +221,8 @@ class InstanceCoordinator:
                 self.source.finished(pid)
                 if self.locks is not None:
                     self.locks.gone(pid)
+                if self.listeners.watched:
+                    self.listeners.exited(pid, self._tids)
             case ProcessUsage(pid, cpu_us, maxrss_kb, io, syscalls):
                 self.report(channel.usage(pid, cpu_us, maxrss_kb, io, syscalls))
                 return  # the embedded coordinator has no use for it
