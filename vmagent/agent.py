@@ -29,6 +29,7 @@ from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffe
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.network.reporter import ListenerReporter
 from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
@@ -266,6 +267,9 @@ class Agent:
         self.signaller = Signaller(config.instance, oss, lambda: self.service.sessions.values())
         self.service.hooks.add(self.signaller)
         self.command_handlers.append(self.signaller.on_commands)
+        # Issue 13: listening sockets the instance tracers see, steered by the OSS.
+        self.listeners = ListenerReporter(oss)
+        self.service.hooks.add(self.listeners)
         self._unauthenticated = [0]  # connections counted by their Gate
         # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
         self.enforcer = Enforcer(config.instance, detect(config.instance))
@@ -344,4 +348,5 @@ class Agent:
             while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
         await self.signaller.close()
+        await self.listeners.close()
         await self.placer.close()

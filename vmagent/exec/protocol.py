@@ -55,11 +55,19 @@ PROOF = 15  # deputy -> agent: record (HMAC(T, "deputy" + c2,)); then HELLO or R
 # agent -> deputy: the program moved (vmagent.checkpoint): pairs addr, instance, salt;
 # the deputy resumes the session there, with the key `moved_key(T, instance, salt)`.
 MOVED = 16
+# File locks on inherited descriptors (issue 14, `vmagent.exec.filelocks`): the remote
+# program locks a descriptor whose open file description is the deputy's, so the
+# deputy takes the lock at home.  LOCK: agent -> deputy, pairs req, call, cmd, arg
+# (call `flock` or `fcntl`; arg the flock operation or the 32-byte struct flock;
+# call `cancel`: give request `req` up).  LOCKED: deputy -> agent, pairs req, result
+# (0 or a negative errno), data (F_GETLK's struct flock).
+LOCK = 17
+LOCKED = 18
 # Issue 11: a signal from the remote program to one of its pids that its instance
 # does not hold (a process at home, a sibling placed elsewhere) is sent from home,
 # by the deputy, as the program would send it there: the home holds every pid.
-KILL = 17  # agent -> deputy: pairs req, pid (negative: a process group), sig
-KILLED = 18  # deputy -> agent: pairs req, errno (0: sent)
+KILL = 19  # agent -> deputy: pairs req, pid (negative: a process group), sig
+KILLED = 20  # deputy -> agent: pairs req, errno (0: sent)
 LAST_KIND = KILLED
 NONCE_SIZE = 16  # bytes of each challenge
 # HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
@@ -76,7 +84,7 @@ KEEPALIVE_IDLE = 5
 KEEPALIVE_INTVL = 2
 KEEPALIVE_CNT = 3
 
-SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT, MOVED})
+SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT, MOVED, LOCK, LOCKED})
 
 # SIGNAL's payload GROUP: deliver to the remote program's process group (a signal
 # the home deputy got from its terminal), not to its pid alone.

@@ -32,6 +32,8 @@ tracer -> agent  `op=kill req pid sig`: the program signals its pid `pid` (negat
                  process group) that this instance does not hold: the agent asks
                  the session's deputy to send it at home (`P.KILL`), then answers
                  `op=killed req errno` (0: sent; ESRCH when no deputy is there).
+tracer -> agent  `op=lockchan` with `[sock]`: T's lock socket (issue 14); lock
+                 requests and answers travel on it (`vmagent.exec.filelocks`).
 agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
                  agent's migration, `vmagent.checkpoint.migrate`, told to the
                  session hooks as a record, for the OSS link and telemetry).
