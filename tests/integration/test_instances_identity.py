@@ -191,4 +191,5 @@ def test_a_signal_reaches_a_pid_forked_on_another_instance(tmp_path: Path) -> No
             "kill of a forked pid: sent\nthe forked child died by signal 15\n"
             "kill from home: sent\nthe forked child died by signal 10\n"
         )
-        assert out == want, (mode, out)
+        # The killer's line and the child's end race natively too: compare as sets.
+        assert sorted(out.splitlines()) == sorted(want.splitlines()), (mode, out)
