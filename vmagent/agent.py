@@ -141,11 +141,12 @@ async def _migrate(request: web.Request) -> web.Response:
     except ValueError:
         body = None
     fields = [body.get(k) if isinstance(body, dict) else None for k in ("to", "instance", "ticket")]
-    if not all(isinstance(f, str) and f for f in fields):
-        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket"}\n')
+    precopy = body.get("precopy", True) if isinstance(body, dict) else None
+    if not all(isinstance(f, str) and f for f in fields) or not isinstance(precopy, bool):
+        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket", "precopy"?: bool}\n')
     to, instance, ticket = (str(f) for f in fields)
     try:
-        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket)
+        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket, precopy)
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
     except CheckpointError as exc:
@@ -205,6 +206,22 @@ async def _migration_receive(request: web.Request) -> web.Response:
     return web.json_response(done)
 
 
+async def _migration_round(request: web.Request) -> web.Response:
+    """POST /v1/migrations/round?session=SID&round=K: a pre-copy round's images."""
+    ticket = _migration_ticket(request)
+    k = request.query.get("round", "")
+    try:
+        done = await request.app[MIGRATOR].receive_round(
+            ticket,
+            request.query.get("session"),
+            int(k) if k.isdigit() and len(k) < 4 else None,
+            request.content,
+        )
+    except (CheckpointError, asyncio.IncompleteReadError) as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
 def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) -> web.Application:
     """The HTTP side of the agent."""
     app = web.Application()
@@ -225,6 +242,7 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_post("/v1/migrations/check", _migration_check)
     app.router.add_post("/v1/migrations", _migration_receive)
     app.router.add_post("/v1/migrations/commit", _migration_commit)
+    app.router.add_post("/v1/migrations/round", _migration_round)
     return app
 
 

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Checkpointer:
         self.service = service
         self._lock = asyncio.Lock()
         self._criu: C.Criu | None = None
+        self._precopy: bool | None = None
 
     async def criu(self) -> C.Criu:
         """The working CRIU, checked once (as our child); CriuUnavailable otherwise."""
@@ -95,6 +97,43 @@ class Checkpointer:
                     )
             self._criu = C.remember(path, known)
         return self._criu
+
+    async def precopy(self, criu: C.Criu) -> bool:
+        """Whether this kernel tracks dirty memory, so pre-dump rounds work (asked once)."""
+        if self._precopy is None:
+            with tempfile.TemporaryFile() as said:
+                code = await self.run(C.precopy_argv(criu.path), said.fileno())
+            self._precopy = code == 0
+        return self._precopy
+
+    async def predump(
+        self, criu: C.Criu, session: Session, directory: str, parent: str | None
+    ) -> tuple[float, int]:
+        """One pre-copy round: the tree stopped only while CRIU collects its dirty pages.
+
+        Its tracer lets it go for the round and a fresh one takes it back after,
+        whatever CRIU said.  (ms the tree was held, bytes of pages written.)
+        """
+        held = time.perf_counter()
+        pids = await self.detach(session)
+        try:
+            code = await self.run(
+                C.predump_argv(criu.path, pids[0], directory, parent),
+                os.path.join(directory, "dump.out"),
+            )
+        finally:
+            self.adopt(session, pids)
+        if code != 0:
+            raise C.CriuFailed(
+                "pre-dump", C.first_error(_read(os.path.join(directory, "dump.log")))
+            )
+        took = (time.perf_counter() - held) * 1000
+        written = sum(
+            os.path.getsize(os.path.join(directory, n))
+            for n in os.listdir(directory)
+            if n.startswith("pages-") and n.endswith(".img")
+        )
+        return took, written
 
     async def warm(self) -> None:
         """Check CRIU ahead of the first request (its verdict is kept either way)."""
@@ -157,6 +196,9 @@ class Checkpointer:
         tracing = self.service.tracing
         if session.status is not None or session.trace_sock is None or tracing is None:
             raise C.CheckpointError(f"{session.program} is not running under its tracer")
+        refused = unmovable(tree_of(session.pid))
+        if refused:
+            raise Unmovable(refused)
         directory = images or tempfile.mkdtemp(prefix=f"dcp-ckpt-{session.sid.hex()[:8]}-")
         os.makedirs(directory, exist_ok=True)
         try:
@@ -208,13 +250,22 @@ class Checkpointer:
         return pids
 
     async def dump(
-        self, criu: C.Criu, session: Session, pids: tuple[int, ...], directory: str
+        self,
+        criu: C.Criu,
+        session: Session,
+        pids: tuple[int, ...],
+        directory: str,
+        parent: str | None = None,
     ) -> float:
-        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on."""
+        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on.
+
+        `parent`: the last pre-copy round's directory, relative to `directory`.
+        """
         dumped = time.perf_counter()
         try:
             code = await self.run(
-                C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
+                C.dump_argv(criu.path, pids[0], directory, parent=parent),
+                os.path.join(directory, "dump.out"),
             )
         except BaseException:
             self.adopt(session, pids)
@@ -268,6 +319,77 @@ class Checkpointer:
         assert tracing is not None
         session.trace_sock = tracing.adopt(session.sid.hex(), pids, session.view)
         session.loop.add_reader(session.trace_sock, session._trace_readable)
+
+
+class Unmovable(C.CheckpointError):
+    """the program holds something CRIU cannot carry"""
+
+
+# Character devices any instance has, that CRIU reopens by path: null, zero, full,
+# random, urandom (major 1).
+PORTABLE_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
+TTY_MAJORS = {4, 5, 136, 137, 138, 139, 140, 141, 142, 143}  # ttys, /dev/tty, ptmx, pts
+
+
+def unmovable(pids: list[int] | tuple[int, ...]) -> str | None:
+    """Why the tree of `pids` cannot be checkpointed yet (one line), None if it can.
+
+    Asked before anything is frozen: a descriptor on a terminal or on a device
+    other than null/zero/full/random/urandom, or a mapping of a device file.
+    """
+    for pid in pids:
+        base = f"/proc/{pid}/fd"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(base):
+                try:
+                    st = os.stat(f"{base}/{name}")
+                    where = os.readlink(f"{base}/{name}")
+                except OSError:
+                    continue
+                if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    continue
+                dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                if stat.S_ISCHR(st.st_mode) and dev in PORTABLE_DEVICES:
+                    continue
+                if stat.S_ISCHR(st.st_mode) and dev[0] in TTY_MAJORS:
+                    return f"pid {pid} is on a terminal ({where}): it cannot be checkpointed yet"
+                return f"pid {pid} holds the device {where}: it cannot be checkpointed yet"
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    if path.startswith("/dev/") and not path.startswith(("/dev/shm/", "/dev/zero")):
+                        return f"pid {pid} maps the device {path}: it cannot be checkpointed yet"
+    return None
+
+
+def tree_of(root: int) -> list[int]:
+    """`root` and its descendants (processes), root first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return out
+
+
+def resident_bytes(pids: list[int] | tuple[int, ...]) -> int:
+    """Resident memory of the processes `pids` (what a dump would copy, roughly)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+    return total
 
 
 def _session_pipes(session: Session) -> set[int]:
