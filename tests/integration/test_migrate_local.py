@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -198,6 +199,66 @@ def test_a_python_process_with_64_mb_moves_with_its_checksum(
     )
     assert before == after
     assert (host_before, host_after) == (a.hostname, b.hostname)
+
+
+# A TCP server and its client in one program, the connection established inside the
+# instance's network namespace (on its loopback): the client sends "i" and prints
+# the server's answer with the host it runs on, until the file `flag.go`; exits 5.
+TCP = r"""
+import os, socket, sys, threading, time
+flag = sys.argv[1]
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+cli = socket.create_connection(srv.getsockname())
+conn, _ = srv.accept()
+def serve():
+    for line in conn.makefile("rb"):
+        conn.sendall(b"served " + line)
+threading.Thread(target=serve, daemon=True).start()
+answers = cli.makefile("rb")
+i = 0
+while not os.path.exists(flag + ".go"):
+    if i == 20:
+        with open(flag + ".tmp", "w") as f:
+            f.write(str(int(open("/proc/self/stat").read().split()[0])))
+        os.rename(flag + ".tmp", flag)
+    cli.sendall(b"%d\n" % i)
+    print(answers.readline().decode().strip(), socket.gethostname(), flush=True)
+    i += 1
+    time.sleep(0.01)
+sys.exit(5)
+"""
+
+
+def test_an_established_tcp_connection_moves_with_its_program(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """CRIU's --tcp-established between instances: the connection is inside the program's
+    instance (its loopback), so both ends move and the stream goes on, no reset."""
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", TCP, str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(flag.exists, 120), "the program never started"
+        done = migrate(a, b, session_of(a, int(flag.read_text())))
+        assert (done["from"], done["to"]) == (a.name, b.name)
+        time.sleep(0.5)  # some more requests on the moved connection (not asserted on)
+        Path(str(flag) + ".go").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 5, err.decode()
+    rows = [line.split() for line in out.decode().splitlines()]
+    assert [r[:2] for r in rows] == [["served", str(i)] for i in range(len(rows))]
+    hosts = [r[2] for r in rows]
+    assert hosts[0] == a.hostname and hosts[-1] == b.hostname, hosts
 
 
 BALLAST = COUNTER.replace("i = 0\n", "ballast = bytearray(os.urandom(256 << 20))\ni = 0\n", 1)

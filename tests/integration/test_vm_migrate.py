@@ -25,7 +25,13 @@ from typing import Any
 import pytest
 from vmcheck import why_no_vm_lab
 
-pytestmark = [pytest.mark.vm, pytest.mark.libvirt, pytest.mark.root, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.libvirt,
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.timeout(900),  # the image is rebuilt when the sources changed
+]
 
 _reason = why_no_vm_lab()
 if _reason:
