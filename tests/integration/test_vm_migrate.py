@@ -11,11 +11,8 @@ deputy's stdout, i.e. what reaches the user's terminal.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
-import http.client
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -37,14 +34,11 @@ _reason = why_no_vm_lab()
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
+from vmagents import AgentRefused, Program, migrate, session_of  # noqa: E402
 from vmlab import Lab, LoopThread, make_lab, remove_tree  # noqa: E402
 
 from images.builder import default_cache_dir  # noqa: E402
-from net import bridge  # noqa: E402
-from vmagent.checkpoint.migrate import mint_ticket  # noqa: E402
-from vmagent.exec import remote  # noqa: E402
 
-AGENT_PORT = 7070
 MB = 64
 
 # Holds MB of random data (its sha256 printed at the start and the end); a thread
@@ -100,104 +94,18 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
             remove_tree(lab.work)
 
 
-DROP = remote.TicketDrop()
-atexit.register(DROP.close)
-
-
-def addr(lab: Lab, name: str) -> str:
-    assert lab.provider is not None
-    return str(lab.provider.address(name))
-
-
-def call(
-    lab: Lab, name: str, method: str, path: str, body: Any = None, timeout: float = 300
-) -> Any:
-    """The agent of `name`, asked from inside the lab namespace with its token."""
-    conn = http.client.HTTPConnection(addr(lab, name), AGENT_PORT, timeout=timeout)
-    conn.sock = bridge.connect(lab.netns, addr(lab, name), AGENT_PORT, timeout)
-    try:
-        headers = {"Authorization": f"Bearer {lab.tokens[name]}"}
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        text = resp.read().decode(errors="replace")
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise AssertionError(f"{name} {path}: {resp.status} {text.strip()}")
-    return json.loads(text)
-
-
-def migrate(lab: Lab, source: str, target: str, sid: str) -> Any:
-    ticket = mint_ticket(lab.tokens[target], target, sid)
-    body = {"to": f"{addr(lab, target)}:{AGENT_PORT}", "instance": target, "ticket": ticket}
-    return call(lab, source, "POST", f"/v1/sessions/{sid}/migrate", body)
-
-
-class Counter:
-    """The counter under its deputy; its stdout lines gathered as they arrive."""
-
-    def __init__(self, lab: Lab, name: str, mb: int) -> None:
-        path = b"/usr/bin/python3"
-        args = (b"python3", b"-c", COUNTER.encode(), str(mb).encode())
-        ticket = remote.ticket_for_self(lab.tokens[name], name, path, args)
-        argv = remote.deputy_command(
-            DROP, f"{addr(lab, name)}:{AGENT_PORT}", name, ticket, path, args
-        )
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.netns, *argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd="/",
-        )
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+class Counter(Program):
+    """The counter; its rows are its lines other than the two sums."""
 
     def rows(self) -> list[list[str]]:
         return [ln.split() for ln in self.lines if not ln.startswith("sum ")]
 
-    def wait_rows(self, n: int, seconds: float = 240) -> None:
-        deadline = time.monotonic() + seconds
-        while len(self.rows()) < n:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the counter stopped at {self.lines[-3:]}: {self.errors()}")
-            time.sleep(0.1)
+    def wait_rows(self, n: int) -> None:
+        self.wait_lines(n + 1)
 
     def host(self) -> str:
         rows = self.rows()
         return rows[-1][3] if rows else ""
-
-    def finish(self) -> int:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"stop\n")
-        self.proc.stdin.close()
-        code = self.proc.wait(timeout=240)
-        self.reader.join(30)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def errors(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read().decode(errors="replace")[-2000:]
-
-
-def session_of(lab: Lab, name: str, pid: int) -> str:
-    for s in call(lab, name, "GET", "/v1/sessions")["sessions"]:
-        if s["pid"] == pid and s["running"]:
-            return str(s["session"])
-    raise AssertionError(f"no session of pid {pid} on {name}")
 
 
 def check_run(counter: Counter, code: int) -> list[str]:
@@ -213,7 +121,7 @@ def check_run(counter: Counter, code: int) -> list[str]:
 
 
 def test_a_64mb_counter_moves_to_the_other_guest_and_back(lab: Lab) -> None:
-    counter = Counter(lab, "vm1", MB)
+    counter = Counter(lab, "vm1", COUNTER, str(MB))
     try:
         counter.wait_rows(5)
         statpid = int(counter.rows()[0][1])
@@ -238,7 +146,7 @@ def test_a_64mb_counter_moves_to_the_other_guest_and_back(lab: Lab) -> None:
 
 def test_a_target_destroyed_mid_migration_leaves_the_program_on_the_source(lab: Lab) -> None:
     assert lab.provider is not None
-    counter = Counter(lab, "vm1", MB)
+    counter = Counter(lab, "vm1", COUNTER, str(MB))
     result: list[Any] = []
     try:
         counter.wait_rows(5)
@@ -247,7 +155,7 @@ def test_a_target_destroyed_mid_migration_leaves_the_program_on_the_source(lab: 
         def move() -> None:
             try:
                 result.append(migrate(lab, "vm1", "vm2", sid))
-            except AssertionError as exc:
+            except AgentRefused as exc:
                 result.append(str(exc))
 
         mover = threading.Thread(target=move)
