@@ -222,6 +222,10 @@ async def _migration_round(request: web.Request) -> web.Response:
     return web.json_response(done)
 
 
+async def _close_migrator(app: web.Application) -> None:
+    app[MIGRATOR].scratch.close()
+
+
 def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) -> web.Application:
     """The HTTP side of the agent."""
     app = web.Application()
@@ -238,6 +242,7 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
         MigrationTickets(config.token, config.instance, exec_key=config.exec_key),
         config.instance,
     )
+    app.on_cleanup.append(_close_migrator)
     app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
     app.router.add_post("/v1/migrations/check", _migration_check)
     app.router.add_post("/v1/migrations", _migration_receive)

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
-from vmagent.checkpoint import criu
+from tests.integration import checkpointing
+from tests.integration.checkpointing import agent_call, criu_or_skip, in_order, started
 from vmagent.checkpoint.migrate import mint_ticket, scratch
 from vmagent.cluster.local import Instance, LocalCluster
 from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
@@ -55,10 +56,7 @@ sys.exit(7)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    try:
-        criu.check()
-    except criu.CriuUnavailable as exc:
-        pytest.skip(str(exc))
+    criu_or_skip()
     with LocalCluster(2) as c:
         yield c
     DROP.close()
@@ -72,26 +70,11 @@ def deputy(inst: Instance, *argv: str) -> list[str]:
 
 
 def call(inst: Instance, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        f"http://{inst.address}{path}",
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {inst.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        exc.msg = f"{exc.msg}: {exc.read().decode(errors='replace').strip()}"
-        raise
+    return agent_call(inst.address, inst.token, method, path, body)
 
 
 def session_of(inst: Instance, pid: int) -> str:
-    for s in call(inst, "GET", "/v1/sessions")["sessions"]:
-        if s["pid"] == pid and s["running"]:
-            return str(s["session"])
-    raise AssertionError(f"no session of pid {pid} on {inst.name}")
+    return checkpointing.session_of(inst.address, inst.token, pid)
 
 
 def migrate(source: Instance, target: Instance, sid: str) -> Any:
@@ -238,25 +221,16 @@ def test_an_established_tcp_connection_moves_with_its_program(
     instance (its loopback), so both ends move and the stream goes on, no reset."""
     a, b = cluster.instances
     flag = tmp_path / "flag"
-    proc = subprocess.Popen(
-        deputy(a, "/usr/bin/python3", "-c", TCP, str(flag)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with started(deputy(a, "/usr/bin/python3", "-c", TCP, str(flag))) as proc:
         assert wait_for(flag.exists, 120), "the program never started"
         done = migrate(a, b, session_of(a, int(flag.read_text())))
         assert (done["from"], done["to"]) == (a.name, b.name)
         time.sleep(0.5)  # some more requests on the moved connection (not asserted on)
         Path(str(flag) + ".go").touch()
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 5, err.decode()
     rows = [line.split() for line in out.decode().splitlines()]
-    assert [r[:2] for r in rows] == [["served", str(i)] for i in range(len(rows))]
+    assert {r[0] for r in rows} == {"served"} and in_order([int(r[1]) for r in rows])
     hosts = [r[2] for r in rows]
     assert hosts[0] == a.hostname and hosts[-1] == b.hostname, hosts
 
@@ -276,7 +250,7 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
         stderr=subprocess.PIPE,
     )
     where = Path(scratch() or tempfile.gettempdir())
-    pattern = f"dcp-{b.name}-restore-*"
+    pattern = f"dcp-mig-{b.name}-*-restore-*"
     before = set(where.glob(pattern))
     try:
         assert wait_for(flag.exists, 120), "the counter never started"

@@ -379,12 +379,58 @@ def scratch() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
-def sweep(where: str, prefix: str) -> None:
-    """Remove scratch directories `prefix`* under `where` (left by a killed agent)."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(where):
-            if name.startswith(prefix) and ("migrate-" in name or "restore-" in name):
-                shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+class Scratch:
+    """This agent's scratch names under `where`: `dcp-mig-<instance>-<tag>-...`.
+
+    The agent holds an flock on `dcp-mig-<instance>-<tag>-lock` while it lives, so
+    a restarted agent of the same instance removes what a killed one left
+    (images can be large) and never what a live one of the same name is
+    using (local instances share /dev/shm; several clusters name theirs alike).
+    """
+
+    def __init__(self, where: str, instance: str) -> None:
+        self.where = where
+        self.instance = instance
+        self.prefix = f"dcp-mig-{instance}-{secrets.token_hex(4)}-"
+        self.sweep()
+        self._lock = os.open(
+            os.path.join(where, self.prefix + "lock"),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def sweep(self) -> None:
+        """Remove the scratch of dead agents (their lock is free), whatever their instance."""
+        start = "dcp-mig-"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.where):
+                if not name.startswith(start) or not name.endswith("-lock"):
+                    continue
+                tag = name[: -len("lock")]
+                path = os.path.join(self.where, name)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live agent's
+                finally:
+                    os.close(fd)
+                for other in os.listdir(self.where):
+                    if other.startswith(tag) and ("migrate-" in other or "restore-" in other):
+                        shutil.rmtree(os.path.join(self.where, other), ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def close(self) -> None:
+        """The agent stops: its lock goes (its scratch is gone already)."""
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.where, self.prefix + "lock"))
+        with contextlib.suppress(OSError):
+            os.close(self._lock)
 
 
 # -- /proc ------------------------------------------------------------------------------
@@ -447,10 +493,8 @@ class Migrator:
         self.tickets = tickets
         self.instance = instance
         self.held: dict[bytes, Held] = {}  # session id -> restored, waiting for commit
-        # Scratch directories carry the instance's name: a restarted agent of the
-        # same instance removes what a killed one left (images can be large).
-        self.prefix = f"dcp-{instance}-"
-        sweep(scratch() or tempfile.gettempdir(), self.prefix)
+        self.scratch = Scratch(scratch() or tempfile.gettempdir(), instance)
+        self.prefix = self.scratch.prefix
         self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
         self.staged: dict[bytes, Staged] = {}  # session id -> pre-copy rounds received
 
