@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import stat
 import tempfile
 import time
@@ -109,18 +110,35 @@ class Checkpointer:
     async def predump(
         self, criu: C.Criu, session: Session, directory: str, parent: str | None
     ) -> tuple[float, int]:
-        """One pre-copy round: the tree stopped only while CRIU collects its dirty pages.
+        """One pre-copy round: the tree held only while CRIU collects its dirty pages.
 
-        Its tracer lets it go for the round and a fresh one takes it back after,
-        whatever CRIU said.  (ms the tree was held, bytes of pages written.)
+        CRIU skips a stopped task in a pre-dump ("Stopped tasks are not
+        supported"), and a tree let go by its tracer is stopped; running untraced
+        it would get ENOSYS for every intercepted call.  So it is held in its
+        cgroup v2 freezer instead: detached (stopped), frozen, continued (still
+        frozen: SIGCONT only ends the stop), pre-dumped (CRIU's ptrace traps win
+        over the freezer's), stopped again, thawed (it stops before user code),
+        and a fresh tracer takes it back.  (ms it was held, bytes of pages.)
         """
         held = time.perf_counter()
         pids = await self.detach(session)
         try:
-            code = await self.run(
-                C.predump_argv(criu.path, pids[0], directory, parent),
-                os.path.join(directory, "dump.out"),
-            )
+            group = freezable_group(pids)
+            if group is None:
+                raise C.CheckpointError(
+                    "pre-copy needs the program in a cgroup v2 group of its own"
+                )
+            await _set_frozen(group, True)
+            try:
+                _signal_all(pids, signal.SIGCONT)
+                code = await self.run(
+                    C.predump_argv(criu.path, pids[0], directory, parent),
+                    os.path.join(directory, "dump.out"),
+                )
+            finally:
+                _signal_all(pids, signal.SIGSTOP)
+                await _set_frozen(group, False)
+                await _all_stopped(pids)
         finally:
             self.adopt(session, pids)
         if code != 0:
@@ -379,6 +397,76 @@ def tree_of(root: int) -> list[int]:
         out.append(pid)
         todo.extend(sorted(children.get(pid, [])))
     return out
+
+
+CGROUP2 = "/sys/fs/cgroup"
+FREEZE_TIMEOUT = 5.0  # s for a cgroup to say frozen, or a thawed tree to stop
+
+
+def freezable_group(pids: list[int] | tuple[int, ...]) -> str | None:
+    """The cgroup v2 directory holding all of `pids` but not this agent, or None.
+
+    Freezing it holds the tree (and any sibling session of the same program,
+    briefly); never the agent's own group, which would freeze the agent.
+    """
+    try:
+        groups = {_cgroup2_of(p) for p in pids}
+        mine = _cgroup2_of(os.getpid())
+    except OSError:
+        return None
+    if len(groups) != 1:
+        return None
+    (path,) = groups
+    if path in (None, "/", mine):
+        return None
+    where = CGROUP2 + path
+    return where if os.path.exists(os.path.join(where, "cgroup.freeze")) else None
+
+
+def _cgroup2_of(pid: int) -> str | None:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return None
+
+
+async def _set_frozen(group: str, frozen: bool) -> None:
+    """Freeze or thaw a cgroup v2 group; wait until the kernel says so."""
+    with open(os.path.join(group, "cgroup.freeze"), "w") as f:
+        f.write("1\n" if frozen else "0\n")
+    want = f"frozen {int(frozen)}"
+    async with asyncio.timeout(FREEZE_TIMEOUT):
+        while True:
+            with open(os.path.join(group, "cgroup.events")) as f:
+                if want in f.read().splitlines():
+                    return
+            await asyncio.sleep(0.002)
+
+
+def _signal_all(pids: list[int] | tuple[int, ...], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def _all_stopped(pids: list[int] | tuple[int, ...]) -> None:
+    """Until every thread of `pids` is stopped (a thawed tree takes its pending SIGSTOP)."""
+
+    def stopped() -> bool:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                            state = f.read().rsplit(b")", 1)[1].split()[0]
+                        if state not in (b"T", b"t"):
+                            return False
+        return True
+
+    async with asyncio.timeout(FREEZE_TIMEOUT):
+        while not stopped():
+            await asyncio.sleep(0.002)
 
 
 def resident_bytes(pids: list[int] | tuple[int, ...]) -> int:

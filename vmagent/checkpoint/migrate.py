@@ -46,7 +46,14 @@ import aiohttp
 import zstandard
 
 from vmagent.checkpoint import criu as C
-from vmagent.checkpoint.local import Checkpointer, Unmovable, resident_bytes, tree_of, unmovable
+from vmagent.checkpoint.local import (
+    Checkpointer,
+    Unmovable,
+    freezable_group,
+    resident_bytes,
+    tree_of,
+    unmovable,
+)
 from vmagent.exec import protocol as P
 from vmagent.exec.session import Session
 from vmagent.exec.spawn import ExecRequest, FdSpec
@@ -521,7 +528,10 @@ class Migrator:
         ) as http:
             await self._check(http, to, tree)
             precopy = (
-                precopy and resident_bytes(tree) >= C.PRECOPY_MIN and await self.ckpt.precopy(criu)
+                precopy
+                and resident_bytes(tree) >= C.PRECOPY_MIN
+                and freezable_group(tree) is not None  # held in its freezer meanwhile
+                and await self.ckpt.precopy(criu)
             )
             async with self.ckpt._lock:
                 return await self._move(http, criu, session, to, instance, precopy)
