@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -140,6 +141,39 @@ def test_a_commit_without_a_held_migration_is_refused_and_a_forged_ticket_too(
             urllib.request.urlopen(req, timeout=60)
         assert info.value.code == 409
         assert message in info.value.read().decode()
+
+
+def post_round(inst: Instance, ticket: str, sid: str, k: int, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(
+        f"http://{inst.address}/v1/migrations/round?session={sid}&round={k}",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"DCP-Migrate {ticket}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_pre_copy_rounds_come_in_order_with_the_session_s_ticket(
+    cluster: LocalCluster,
+) -> None:
+    """The target's checks on pre-copy rounds (the images stream of one empty round)."""
+    _a, b = cluster.instances
+    sid, other = "cd" * 16, "ef" * 16
+    empty = struct.pack(">HQ", 0, 0)  # no image files: the end of the stream
+    ticket = mint_ticket(b.token, b.name, sid)
+    assert post_round(b, mint_ticket("not-the-token", b.name, sid), sid, 0, empty)[0] == 409
+    code, text = post_round(b, ticket, other, 0, empty)
+    assert code == 409 and "another session" in text
+    code, text = post_round(b, ticket, sid, 1, empty)
+    assert code == 409 and "round 1 without round 0" in text
+    assert post_round(b, ticket, sid, 0, empty) == (200, '{"round": 0, "bytes": 0}')
+    code, text = post_round(b, ticket, sid, 0, empty)  # again: the order is kept
+    assert code == 409 and "out of order" in text
+    assert post_round(b, ticket, sid, 1, empty)[0] == 200  # the ticket is not burnt by rounds
 
 
 HOLDER = r"""

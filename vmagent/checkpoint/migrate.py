@@ -826,6 +826,8 @@ class Migrator:
             staged = self.staged[sid] = Staged(base, 0, timer)
         if k != staged.rounds or staged.busy:
             raise MigrationRefused(f"pre-copy round {k} out of order")
+        if k >= C.PRECOPY_ROUNDS:
+            raise MigrationRefused(f"more than {C.PRECOPY_ROUNDS} pre-copy rounds")
         directory = os.path.join(staged.base, f"pre{k}")
         staged.busy = True
         try:
