@@ -561,9 +561,13 @@ class Migrator:
             k = len(written)
             directory = os.path.join(base, f"pre{k}")
             os.mkdir(directory)
-            took, size = await self.ckpt.predump(
-                criu, session, directory, None if k == 0 else f"../pre{k - 1}"
-            )
+            try:
+                took, size = await self.ckpt.predump(
+                    criu, session, directory, None if k == 0 else f"../pre{k - 1}"
+                )
+            except C.CheckpointError as exc:  # the rounds sent so far still count
+                log.warning("pre-copy of %s stopped at round %d: %s", session.program, k, exc)
+                break
             held += took
             written.append(size)
             url = f"http://{to}/v1/migrations/round?session={session.sid.hex()}&round={k}"
