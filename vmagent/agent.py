@@ -25,7 +25,7 @@ from vmagent.checkpoint.local import Checkpointer
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
 from vmagent.config import AgentConfig
-from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
+from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer, extend_http
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
@@ -131,6 +131,9 @@ async def _checkpoint(request: web.Request) -> web.Response:
 
 
 MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
+# s a migration's connections may live once authenticated (HTTP_LIFETIME otherwise): the
+# source's /migrate call, the target's image uploads (bounded by their own stall timeouts).
+MIGRATION_LIFETIME = 20 * 60.0
 
 
 async def _migrate(request: web.Request) -> web.Response:
@@ -145,6 +148,7 @@ async def _migrate(request: web.Request) -> web.Response:
     if not all(isinstance(f, str) and f for f in fields) or not isinstance(precopy, bool):
         raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket", "precopy"?: bool}\n')
     to, instance, ticket = (str(f) for f in fields)
+    extend_http(request.transport, MIGRATION_LIFETIME)  # a move under TCG outlasts 30 s
     try:
         done = await request.app[MIGRATOR].migrate(session, to, instance, ticket, precopy)
     except CriuUnavailable as exc:
@@ -198,6 +202,11 @@ async def _migration_receive(request: web.Request) -> web.Response:
     """POST /v1/migrations: a moved session (description + zstd images), restored here."""
     ticket = _migration_ticket(request)
     try:
+        request.app[MIGRATOR].tickets.authentic(ticket)  # its maker is this instance's
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    extend_http(request.transport, MIGRATION_LIFETIME)
+    try:
         done = await request.app[MIGRATOR].receive(ticket, request.content)
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
@@ -210,6 +219,11 @@ async def _migration_round(request: web.Request) -> web.Response:
     """POST /v1/migrations/round?session=SID&round=K: a pre-copy round's images."""
     ticket = _migration_ticket(request)
     k = request.query.get("round", "")
+    try:
+        request.app[MIGRATOR].tickets.authentic(ticket)
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    extend_http(request.transport, MIGRATION_LIFETIME)
     try:
         done = await request.app[MIGRATOR].receive_round(
             ticket,
