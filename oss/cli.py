@@ -14,15 +14,18 @@ from pathlib import Path
 import click
 from aiohttp import web
 
-from oss import models as m
+from oss.accounts import cli as accounts_cli
 from oss.accounts import credentials
+from oss.billing import cli as billing_cli
 from oss.billing.pricing import Rates
+from oss.compute import cli as compute_cli
 from oss.compute.pool import Provider
 from oss.db import datadir
 from oss.errors import OssError
 from oss.listener import GuardedSite, ListenerLimits
 from oss.server import make_app
 from oss.service import Oss, OssConfig
+from oss.telemetry import cli as telemetry_cli
 
 log = logging.getLogger(__name__)
 DEFAULT_LIMITS = ListenerLimits()
@@ -38,7 +41,16 @@ def _hostport(value: str) -> tuple[str, int]:
 @click.group()
 @click.option("--log-level", default="WARNING", show_default=True, help="Python log level.")
 def main(log_level: str) -> None:
-    """DCP operating system service."""
+    """DCP operating system service: run it (serve, lab), set it up (account,
+    instance-token), and operate a running one (programs, instances, pools, logs, bill,
+    limits, users, migrate, drain; each takes --oss URL and a token, --json for scripts).
+
+    \b
+    Example:
+      export DCP_OSS=http://127.0.0.1:8470 DCP_TOKEN_FILE=~/.dcp/token
+      dcp-oss programs list
+      dcp-oss programs show p-3f2a9c
+    """
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -143,7 +155,12 @@ def serve(
     idle_grace: float,
     backoff_base: float,
 ) -> None:
-    """Run the OSS HTTP API."""
+    """Run the OSS HTTP API (and the web view at /ui).
+
+    \b
+    Example:
+      dcp-oss serve --data /var/lib/dcp --listen 127.0.0.1:8470
+    """
     host, port = _hostport(listen)
     loaded = dict(load_provider(spec) for spec in providers)
     if public_url is None and port != 0:
@@ -254,7 +271,12 @@ async def _serve(
 )
 @click.argument("name")
 def instance_token(data_dir: Path, pool: str | None, name: str) -> None:
-    """Create instance NAME (or re-key it) and print its bearer token."""
+    """Create instance NAME (or re-key it) and print its bearer token.
+
+    \b
+    Example:
+      (umask 077; dcp-oss instance-token --data /var/lib/dcp vm1 > vm1.token)
+    """
     try:
         click.echo(credentials.mint_instance_token_sync(data_dir, name, pool))
     except OssError as exc:
@@ -263,7 +285,12 @@ def instance_token(data_dir: Path, pool: str | None, name: str) -> None:
 
 @main.group()
 def account() -> None:
-    """Manage accounts."""
+    """Manage accounts (on the OSS's data directory).
+
+    \b
+    Example:
+      dcp-oss account create --data /var/lib/dcp --admin ops
+    """
 
 
 @account.command("create")
@@ -280,7 +307,12 @@ def account() -> None:
 def account_create(
     data_dir: Path, admin: bool, pricing: str, user: str, allow_root: bool, name: str
 ) -> None:
-    """Create account NAME and print its first user's token (ids on stderr)."""
+    """Create account NAME and print its first user's token (ids on stderr).
+
+    \b
+    Example:
+      (umask 077; dcp-oss account create --data /var/lib/dcp acme > acme.token)
+    """
     try:
         cred = credentials.create_account_sync(
             data_dir, name, admin=admin, pricing_model=pricing, user=user, allow_root=allow_root
@@ -405,174 +437,43 @@ if __name__ == "__main__":
     main()
 
 
+COMPLETION_HELP = """Print the shell completion script for SHELL (click's).
+
+\b
+Example (bash; zsh and fish alike):
+  eval "$(dcp-oss completion bash)"
+  dcp-oss completion bash > /etc/bash_completion.d/dcp-oss
+"""
+
+
+@main.command("completion", help=COMPLETION_HELP)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(main, {}, "dcp-oss", "_DCP_OSS_COMPLETE").source())
+
+
 def _account_token() -> str:
-    token = os.environ.get("DCP_TOKEN", "").strip()
-    if not token:
-        raise click.UsageError("set the account token in the environment variable DCP_TOKEN")
-    return token
+    """The account token from DCP_TOKEN (kept for commands written before oss.console:
+    new ones take `@oss.console.connection()`, which adds --oss and --token-file)."""
+    from oss import console
+
+    return console.account_token(None)
 
 
-MIGRATE_WAIT = 150.0  # s: the OSS waits up to 60 s per session; a drain moves several
+MIGRATE_WAIT = compute_cli.MIGRATE_WAIT  # s: where the migrate/drain commands wait
 
-
-@main.command("migrate")
-@click.argument("program")
-@click.option("--to", "to", required=True, help="The instance to move to.")
-@click.option("--pid", type=click.IntRange(1, 2**31), default=None, help="A process of the tree.")
-@click.option("--url", envvar="DCP_OSS_URL", required=True, help="OSS base URL.")
-def migrate(program: str, to: str, pid: int | None, url: str) -> None:
-    """Move a running process tree of PROGRAM (every one without --pid) to instance --to.
-
-    The program keeps its pids, output and exit status; a failed move leaves it running
-    where it was.  The account token comes from DCP_TOKEN.
-    """
-    from oss.client import OssClient
-
-    async def go() -> m.MigrateResult:
-        async with OssClient(url, _account_token(), timeout=MIGRATE_WAIT) as oss:
-            return await oss.migrate(program, to, pid)
-
-    try:
-        done = asyncio.run(go())
-    except OssError as exc:
-        click.echo(f"dcp-oss migrate: {exc}", err=True)  # str: the server's own message
-        sys.exit(1)
-    for x in done.moved:
-        click.echo(f"pid {x.pid}: {x.source} -> {x.target}, frozen {x.freeze_ms:.0f} ms")
-
-
-@main.command("drain")
-@click.argument("instance")
-@click.option("--url", envvar="DCP_OSS_URL", required=True, help="OSS base URL.")
-def drain(instance: str, url: str) -> None:
-    """Move every program off INSTANCE, then release it (admin token in DCP_TOKEN).
-
-    What cannot move stays where it runs, one line each, and the instance with it.
-    """
-    from oss.client import OssClient
-
-    async def go() -> m.DrainResult:
-        async with OssClient(url, _account_token(), timeout=MIGRATE_WAIT) as oss:
-            return await oss.drain(instance)
-
-    try:
-        done = asyncio.run(go())
-    except OssError as exc:
-        click.echo(f"dcp-oss drain: {exc}", err=True)  # str: the server's own message
-        sys.exit(1)
-    for x in done.moved:
-        click.echo(f"{instance}: pid {x.pid} -> {x.target}, frozen {x.freeze_ms:.0f} ms")
-    for line in done.refused:
-        click.echo(f"dcp-oss drain: {instance}: cannot move {line}", err=True)
-    click.echo(f"{instance}: {done.state}")
-    if done.refused:
-        sys.exit(1)
-
-
-REPORT_INTERVAL = 1.0  # seconds between an agent's telemetry batches (vmagent uplink)
-
-
-@main.command("logs")
-@click.argument("program")
-@click.option("--url", envvar="DCP_OSS_URL", required=True, help="OSS base URL.")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the program ends.")
-@click.option("--instance", default=None, help="Only lines from this instance.")
-@click.option(
-    "--stream",
-    type=click.Choice(["stdout", "stderr", "log", "event"]),
-    default=None,
-    help="Only this stream.",
-)
-@click.option("--since", type=float, default=None, help="Only lines at or after this time.")
-def logs(
-    program: str,
-    url: str,
-    follow: bool,
-    instance: str | None,
-    stream: str | None,
-    since: float | None,
-) -> None:
-    """Print PROGRAM's log in time order: `HH:MM:SS.mmm INSTANCE PID STREAM text`.
-
-    The account token comes from the environment variable DCP_TOKEN.
-    """
-    token = os.environ.get("DCP_TOKEN", "").strip()
-    if not token:
-        raise click.UsageError("set the account token in the environment variable DCP_TOKEN")
-    try:
-        asyncio.run(_print_logs(url, token, program, follow, instance, stream, since))
-    except OssError as exc:
-        click.echo(f"dcp-oss logs: {exc.message}", err=True)
-        sys.exit(1)
-    except BrokenPipeError:
-        sys.stderr.close()  # `| head`: the reader has what it wanted
-
-
-async def _print_logs(
-    url: str,
-    token: str,
-    program: str,
-    follow: bool,
-    instance: str | None,
-    stream: str | None,
-    since: float | None,
-) -> None:
-    from oss.client import OssClient
-    from oss.telemetry import logs as logmod
-
-    def line_of(x: m.LogLineOut) -> logmod.LogLine:
-        return logmod.LogLine(x.ts, x.stream, x.text, x.instance, x.pid)
-
-    def emit(lines: list[logmod.LogLine]) -> None:
-        if lines:
-            sys.stdout.write("".join(logmod.render(ln) + "\n" for ln in lines))
-            sys.stdout.flush()
-
-    async with OssClient(url, token, timeout=30.0) as oss:
-
-        async def links() -> list[tuple[logmod.SessionKey, logmod.SessionKey]]:
-            # A nested placement's lines come twice (its instance, the relaying one).
-            return logmod.relay_links((await oss.processes(program)).processes)
-
-        if not follow:
-            cursor, got = 0, []
-            while True:
-                page = await oss.logs(
-                    program, stream, instance=instance, since=since, cursor=cursor
-                )
-                got += [line_of(x) for x in page.lines]
-                if not page.lines:
-                    break
-                cursor = page.cursor
-            emit(logmod.drop_relayed(sorted(got, key=lambda ln: ln.ts), await links()))
-            return
-        held = logmod.Reorder(REPORT_INTERVAL + 0.5)
-        loop = asyncio.get_running_loop()
-        drop = logmod.RelayDropper(REPORT_INTERVAL)
-        drop.link(await links())
-        looked = loop.time()
-        stream_iter = oss.follow(program, stream, instance=instance, since=since).__aiter__()
-        nxt: asyncio.Task[m.LogLineOut] | None = None
-        try:
-            while True:
-                if nxt is None:
-                    nxt = asyncio.ensure_future(stream_iter.__anext__())
-                done, _ = await asyncio.wait({nxt}, timeout=0.25)
-                if done:
-                    try:
-                        x = nxt.result()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        nxt = None
-                    held.push(line_of(x), loop.time())
-                ready = held.ready(loop.time())
-                if ready and loop.time() - looked >= REPORT_INTERVAL:
-                    drop.link(await links())  # sessions placed since the last look
-                    looked = loop.time()
-                emit(drop(ready, loop.time()))
-        finally:
-            if nxt is not None:
-                nxt.cancel()
-        drop.link(await links())
-        emit(sorted(drop(held.rest(), loop.time()) + drop.rest(), key=lambda ln: ln.ts))
+# Commands against a running OSS (--oss URL, token file or DCP_TOKEN: oss.console), each
+# in its service's room; one line per command or group here.
+main.add_command(compute_cli.programs)
+main.add_command(compute_cli.instances)
+main.add_command(compute_cli.pools)
+main.add_command(compute_cli.migrate)
+main.add_command(compute_cli.drain)
+main.add_command(telemetry_cli.logs)
+main.add_command(billing_cli.bill)
+main.add_command(billing_cli.limits)
+main.add_command(accounts_cli.users)

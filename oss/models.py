@@ -511,6 +511,9 @@ class ProcessQuery(Api):
 
     final_wait: Annotated[float, Field(ge=0, le=10)] = 0.0
     expect: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    # issue 16: one page of the list (rows in start order); `total` counts them all
+    offset: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    limit: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
 
 class ProcessList(Api):
@@ -518,6 +521,7 @@ class ProcessList(Api):
 
     processes: list[ProcessRow]
     incomplete: list[str]  # "INSTANCE:PID"
+    total: int | None = None  # rows in all (set when a page was asked for)
 
 
 class ProgramMetrics(Counters):
@@ -593,6 +597,10 @@ class Instance(Api):
     used_slots: int
     dedicated: bool
     last_heartbeat: float | None
+    # issue 16: the load it last reported (None: none since the OSS started) and when
+    # its last heartbeat arrived (held in memory; `last_heartbeat` is persisted each tick)
+    load: Load | None = None
+    seen: float | None = None
 
 
 # -- billing -----------------------------------------------------------------
@@ -789,3 +797,32 @@ class MigrationOutcome(Api):
     pid: Annotated[int, Field(ge=0, le=2**31)] = 0
     freeze_ms: Annotated[float, Field(ge=0, le=1e9)] = 0.0
     image_bytes: Annotated[int, Field(ge=0, le=2**62)] = 0
+
+
+# -- operating a cluster (issue 16) ---------------------------------------------------
+
+
+class BillingQuery(Api):
+    """`?since=T&user_id=U`: only records ending at or after T, only user U's programs."""
+
+    since: Annotated[float, Field(ge=0, le=1e11)] | None = None
+    user_id: Id | None = None
+
+
+class Spend(Api):
+    """What one account, user or program spent against its budgets (micros)."""
+
+    level: Literal["account", "user", "program"]
+    id: str
+    name: str
+    spent_micros: int
+    budget_micros: int | None
+    hard_budget_micros: int | None
+
+
+class SpendReport(Api):
+    """Spend against budget at the three levels (the newest `limit` programs)."""
+
+    account: Spend
+    users: list[Spend]
+    programs: list[Spend]

@@ -50,6 +50,7 @@ from oss.ipc import routes as ipc_routes
 from oss.listener import ListenerLimits
 from oss.service import Oss
 from oss.telemetry import routes as telemetry_routes
+from oss.ui import routes as ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ ROUTES: tuple[Route, ...] = (
     + compute_routes.ROUTES
     + telemetry_routes.ROUTES
     + ipc_routes.ROUTES
+    + ui_routes.ROUTES
 )
 
 

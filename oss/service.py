@@ -440,6 +440,10 @@ class Oss:
         self.heartbeats_processed += 1
         return self.commands.for_instance(body.instance, body.done)
 
+    def seen(self, instance: str) -> float | None:
+        """When the instance's last heartbeat arrived (None: not since the OSS started)."""
+        return self._last_seen.get(instance)
+
     async def check_availability(self) -> list[str]:
         """Fail instances silent past the timeout; mark their programs for recovery."""
         failures = availability.silent(self._last_seen, self.clock(), self.config.heartbeat_timeout)

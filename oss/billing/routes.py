@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from oss import models as m
 from oss.accounts.store import Principal
@@ -35,11 +36,29 @@ async def h_put_limits(oss: Oss, r: web.Request, who: Any, b: m.LimitsBody, q: A
     return b
 
 
-async def h_billing(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Billing:
+async def h_billing(oss: Oss, r: web.Request, who: Any, b: Any, q: m.BillingQuery) -> m.Billing:
+    p = principal(who)
+    if q.user_id is not None:
+        await oss.accounts.users(p.account_id, q.user_id)  # 404 for another account's
     total, recs = await oss.billing.billing(
-        principal(who).account_id, r.match_info.get("program_id")
+        p.account_id, r.match_info.get("program_id"), q.since, q.user_id
     )
     return m.Billing(total_micros=total, records=[m.BillingRecord(**x) for x in recs])
+
+
+class SpendQuery(m.Api):
+    """`?limit=N`: the newest N programs."""
+
+    limit: int = Field(200, ge=1, le=10_000)
+
+
+async def h_spend(oss: Oss, r: web.Request, who: Any, b: Any, q: SpendQuery) -> m.SpendReport:
+    p = principal(who)
+    users = {u["id"]: u["name"] for u in await oss.accounts.users(p.account_id)}
+    acct = await oss.accounts.accounts(p.account_id)
+    got = await oss.billing.spend(p.account_id, users, q.limit)
+    got["account"]["name"] = acct[0]["name"] if acct else ""
+    return m.SpendReport.model_validate(got)
 
 
 P = PROGRAM_PATH
@@ -81,6 +100,31 @@ ROUTES: tuple[Route, ...] = (
         m.LimitsBody,
         m.LimitsBody,
     ),
-    Route("GET", P + "/billing", h_billing, "account", "Program billing", response=m.Billing),
-    Route("GET", "/v1/billing", h_billing, "account", "Account billing", response=m.Billing),
+    Route(
+        "GET",
+        P + "/billing",
+        h_billing,
+        "account",
+        "Program billing",
+        response=m.Billing,
+        query=m.BillingQuery,
+    ),
+    Route(
+        "GET",
+        "/v1/billing",
+        h_billing,
+        "account",
+        "Account billing",
+        response=m.Billing,
+        query=m.BillingQuery,
+    ),
+    Route(
+        "GET",
+        "/v1/spend",
+        h_spend,
+        "account",
+        "Spend against budget: the account, its users, its newest programs",
+        response=m.SpendReport,
+        query=SpendQuery,
+    ),
 )

@@ -149,17 +149,28 @@ class Billing:
         return await self._db.write(op)
 
     async def billing(
-        self, account_id: str, program_id: str | None = None
+        self,
+        account_id: str,
+        program_id: str | None = None,
+        since: float | None = None,
+        user_id: str | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
-        """The account's (or one program's) billing records and total."""
+        """The account's (or one program's) billing records and total (records ending at
+        or after `since`, of `user_id`'s programs, if given)."""
 
         def op(c: Conn) -> tuple[int, list[dict[str, Any]]]:
             if program_id is not None:
                 programs.program_row(c, program_id, account_id)
-            q = "SELECT * FROM billing WHERE account_id=?" + (
-                " AND program_id=?" if program_id else ""
-            )
-            args = (account_id, program_id) if program_id else (account_id,)
+            q = "SELECT * FROM billing WHERE account_id=?"
+            args: list[Any] = [account_id]
+            for clause, value in (
+                (" AND program_id=?", program_id),
+                (' AND "end">=?', since),
+                (" AND user_id=?", user_id),
+            ):
+                if value is not None:
+                    q += clause
+                    args.append(value)
             rows = c.execute(q + " ORDER BY id", args).fetchall()
             recs = [
                 dict(
@@ -176,6 +187,35 @@ class Billing:
                 for r in rows
             ]
             return sum(r["amount_micros"] for r in recs), recs
+
+        return await self._db.read(op)
+
+    async def spend(self, account_id: str, user_ids: dict[str, str], limit: int) -> dict[str, Any]:
+        """Spent against budgets: the account, each user (id -> name), the newest `limit`
+        programs."""
+
+        def op(c: Conn) -> dict[str, Any]:
+            def level(kind: str, sid: str, name: str, spent: int) -> dict[str, Any]:
+                got = limits(c, kind, sid)
+                return dict(
+                    level=kind,
+                    id=sid,
+                    name=name,
+                    spent_micros=spent,
+                    budget_micros=got.get("budget_micros"),
+                    hard_budget_micros=got.get("hard_budget_micros"),
+                )
+
+            by_user, progs = programs.spent(c, account_id, limit)
+            return dict(
+                account=level("account", account_id, "", sum(by_user.values())),
+                users=[level("user", u, n, by_user.get(u, 0)) for u, n in user_ids.items()],
+                programs=[
+                    level("program", p["id"], " ".join(json.loads(p["argv"]))[:80],
+                          p["spent_micros"])
+                    for p in progs
+                ],
+            )  # fmt: skip
 
         return await self._db.read(op)
 

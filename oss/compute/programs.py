@@ -585,3 +585,20 @@ def active_owners(c: Conn) -> list[sqlite3.Row]:
         "SELECT id, account_id, user_id FROM programs"
         " WHERE state IN ('running','recovering','pending')"
     ).fetchall()
+
+
+def spent(c: Conn, account_id: str, newest: int) -> tuple[dict[str, int], list[sqlite3.Row]]:
+    """What the account's programs spent, summed per user, and its `newest` programs
+    (id, argv, spent_micros), newest first (billing's spend report)."""
+    by_user = dict(
+        c.execute(
+            "SELECT user_id, SUM(spent_micros) FROM programs WHERE account_id=? GROUP BY user_id",
+            (account_id,),
+        ).fetchall()
+    )
+    rows = c.execute(
+        "SELECT id, argv, spent_micros FROM programs WHERE account_id=?"
+        " ORDER BY created DESC LIMIT ?",
+        (account_id, newest),
+    ).fetchall()
+    return by_user, rows

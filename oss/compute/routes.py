@@ -121,10 +121,15 @@ async def h_create_instance(
     return m.InstanceToken(instance=b.name, token=await oss.mint_instance_token(b.name, b.pool))
 
 
+def _instance(oss: Oss, row: dict[str, Any]) -> m.Instance:
+    """An instance row with its last load and heartbeat (held in memory)."""
+    return m.Instance(**row, load=oss.metrics.load(row["name"]), seen=oss.seen(row["name"]))
+
+
 async def h_instances(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.Instance]:
     p = principal(who)
     return [
-        m.Instance(**i) for i in await oss.instances.instances(None if p.admin else p.account_id)
+        _instance(oss, i) for i in await oss.instances.instances(None if p.admin else p.account_id)
     ]
 
 
@@ -133,7 +138,7 @@ async def h_instance(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.In
     rows = await oss.instances.instances(
         None if p.admin else p.account_id, r.match_info["instance"]
     )
-    return m.Instance(**rows[0])
+    return _instance(oss, rows[0])
 
 
 async def h_register(

@@ -145,6 +145,43 @@ class Processes:
 
         return await self._db.write(op)
 
+    async def page(
+        self, account_id: str, program_id: str, offset: int, limit: int
+    ) -> tuple[list[sqlite3.Row], int]:
+        """One page of the program's processes in start order, and how many it has."""
+
+        def op(c: Conn) -> tuple[list[sqlite3.Row], int]:
+            programs.program_row(c, program_id, account_id)
+            total = c.execute(
+                "SELECT COUNT(*) FROM processes WHERE program_id=?", (program_id,)
+            ).fetchone()[0]
+            rows = c.execute(
+                "SELECT * FROM processes WHERE program_id=? ORDER BY started, instance, pid"
+                " LIMIT ? OFFSET ?",
+                (program_id, limit, offset),
+            ).fetchall()
+            return rows, int(total)
+
+        return await self._db.read(op)
+
+    async def digest(self, program_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        """Per program: (rows, ended rows, newest start, migrated rows): what changes when a
+        process is placed, ends, is lost or moves (the web view's live updates)."""
+
+        def op(c: Conn) -> dict[str, tuple[Any, ...]]:
+            marks = ",".join("?" * len(program_ids))
+            rows = c.execute(
+                "SELECT program_id, COUNT(*), COUNT(ended), MAX(started),"
+                " SUM(state='migrated') + 2 * SUM(state='lost')"
+                f" FROM processes WHERE program_id IN ({marks}) GROUP BY program_id",
+                tuple(program_ids),
+            ).fetchall()
+            return {r[0]: tuple(r[1:]) for r in rows}
+
+        if not program_ids:
+            return {}
+        return await self._db.read(op)
+
     async def processes(self, account_id: str, program_id: str) -> list[sqlite3.Row]:
         """The account's program's processes in start order (NotFound for another's)."""
 

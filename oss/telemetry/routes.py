@@ -198,6 +198,16 @@ async def h_agent_report(
 async def h_processes(
     oss: Oss, r: web.Request, who: Any, b: Any, q: m.ProcessQuery
 ) -> m.ProcessList:
+    if q.offset or q.limit is not None:  # one page (the web view's timeline), as it is now
+        rows, total = await oss.processes.page(
+            principal(who).account_id, r.match_info["program_id"], q.offset, q.limit or 1000
+        )
+        procs = [procmod.process_row(x) for x in rows]
+        return m.ProcessList(
+            processes=procs,
+            incomplete=[f"{p.instance}:{p.pid}" for p in procs if p.state == "running"],
+            total=total,
+        )
     return await oss.process_list(
         principal(who).account_id, r.match_info["program_id"], q.final_wait, q.expect
     )

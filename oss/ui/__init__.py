@@ -1,0 +1,1 @@
+"""The web view (issue 16): programs with their live timelines, instances, spend, logs."""
