@@ -136,13 +136,18 @@ class MigrationTickets:
         """The session id of a ticket this instance's key made (expired or used alike)."""
         return self._parts(ticket)[4]
 
-    def check(self, ticket: str, *, burn: bool) -> str:
-        """The session id the ticket is for; MigrationRefused naming what is wrong."""
+    def check(self, ticket: str, *, burn: bool, in_progress: bool = False) -> str:
+        """The session id the ticket is for; MigrationRefused naming what is wrong.
+
+        `in_progress`: the move this ticket started is under way here (its
+        pre-copy rounds are staged), so its expiry no longer counts: the
+        ticket bounds when a move may start, the staging how long it may take.
+        """
         parts = self._parts(ticket)
         nonce, session = parts[2], parts[4]
         now = int(self._clock() * 1000)
         expiry = int(parts[3])
-        if expiry < now:
+        if expiry < now and not in_progress:
             raise MigrationRefused("migration ticket expired")
         if expiry - now > 2 * TICKET_TTL * 1000:
             raise MigrationRefused("migration ticket lives too long")
@@ -150,7 +155,7 @@ class MigrationTickets:
         if nonce in self._used:
             raise MigrationRefused("migration ticket already used")
         if burn:
-            self._used[nonce] = expiry
+            self._used[nonce] = max(expiry, now + int(STAGED_TTL * 1000))
         return session
 
 
@@ -486,6 +491,7 @@ class Staged:
     base: str
     rounds: int
     timer: asyncio.TimerHandle
+    ticket: str
     busy: bool = False
 
 
@@ -765,9 +771,17 @@ class Migrator:
         if taken:
             raise MigrationRefused(f"pids {taken} are in use on {self.instance}")
 
+    def _in_progress(self, ticket: str) -> bool:
+        """Whether pre-copy rounds of the move `ticket` started are staged here."""
+        try:
+            staged = self.staged.get(bytes.fromhex(self.tickets.authentic(ticket)))
+        except ValueError:
+            return False
+        return staged is not None and hmac.compare_digest(staged.ticket, ticket)
+
     async def receive(self, ticket: str, stream: aiohttp.StreamReader) -> dict[str, Any]:
         """Take a moved session: images in, tree restored and adopted; the new pid."""
-        sid_hex = self.tickets.check(ticket, burn=True)
+        sid_hex = self.tickets.check(ticket, burn=True, in_progress=self._in_progress(ticket))
         criu = await self.ckpt.criu()
         size = struct.unpack(">I", await stream.readexactly(4))[0]
         if size > MAX_META:
@@ -813,7 +827,10 @@ class Migrator:
         self, ticket: str, sid_hex: Any, k: Any, stream: aiohttp.StreamReader
     ) -> dict[str, Any]:
         """Take pre-copy round `k` of a session's move (its pages, kept until the final dump)."""
-        if self.tickets.check(ticket, burn=False) != sid_hex or not isinstance(k, int):
+        going = self._in_progress(ticket)
+        if self.tickets.check(ticket, burn=False, in_progress=going) != sid_hex or not isinstance(
+            k, int
+        ):
             raise MigrationRefused("the ticket is for another session")
         try:
             sid = bytes.fromhex(sid_hex)
@@ -827,7 +844,9 @@ class Migrator:
                 raise MigrationRefused(f"{self.instance} is taking too many migrations")
             base = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
             timer = asyncio.get_running_loop().call_later(STAGED_TTL, self._unstage, sid)
-            staged = self.staged[sid] = Staged(base, 0, timer)
+            staged = self.staged[sid] = Staged(base, 0, timer, ticket)
+        elif not hmac.compare_digest(staged.ticket, ticket):
+            raise MigrationRefused("those pre-copy rounds came with another ticket")
         if k != staged.rounds or staged.busy:
             raise MigrationRefused(f"pre-copy round {k} out of order")
         if k >= C.PRECOPY_ROUNDS:
@@ -845,6 +864,8 @@ class Migrator:
         finally:
             staged.busy = False
         staged.rounds += 1
+        staged.timer.cancel()  # the staging lives STAGED_TTL from its last round
+        staged.timer = asyncio.get_running_loop().call_later(STAGED_TTL, self._unstage, sid)
         return {"round": k, "bytes": size}
 
     def _unstage(self, sid: bytes) -> None:
