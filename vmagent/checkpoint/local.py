@@ -436,12 +436,14 @@ async def _set_frozen(group: str, frozen: bool) -> None:
     with open(os.path.join(group, "cgroup.freeze"), "w") as f:
         f.write("1\n" if frozen else "0\n")
     want = f"frozen {int(frozen)}"
-    async with asyncio.timeout(FREEZE_TIMEOUT):
-        while True:
-            with open(os.path.join(group, "cgroup.events")) as f:
-                if want in f.read().splitlines():
-                    return
-            await asyncio.sleep(0.002)
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while True:
+        with open(os.path.join(group, "cgroup.events")) as f:
+            if want in f.read().splitlines():
+                return
+        if time.monotonic() > deadline:
+            raise C.CheckpointError(f"{group} did not say {want} within {FREEZE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.002)
 
 
 def _signal_all(pids: list[int] | tuple[int, ...], sig: int) -> None:
@@ -464,9 +466,11 @@ async def _all_stopped(pids: list[int] | tuple[int, ...]) -> None:
                             return False
         return True
 
-    async with asyncio.timeout(FREEZE_TIMEOUT):
-        while not stopped():
-            await asyncio.sleep(0.002)
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while not stopped():
+        if time.monotonic() > deadline:
+            raise C.CheckpointError(f"pids {list(pids)} did not stop within {FREEZE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.002)
 
 
 def resident_bytes(pids: list[int] | tuple[int, ...]) -> int:

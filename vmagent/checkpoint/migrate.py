@@ -510,6 +510,7 @@ class Migrator:
         self.prefix = self.scratch.prefix
         self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
         self.staged: dict[bytes, Staged] = {}  # session id -> pre-copy rounds received
+        self.precopy_error = ""  # of the move under way (one at a time: the lock)
 
     async def migrate(
         self, session: Session, to: str, instance: str, ticket: str, precopy: bool = True
@@ -571,8 +572,9 @@ class Migrator:
                 took, size = await self.ckpt.predump(
                     criu, session, directory, None if k == 0 else f"../pre{k - 1}"
                 )
-            except C.CheckpointError as exc:  # the rounds sent so far still count
+            except (C.CheckpointError, OSError) as exc:  # the rounds sent so far still count
                 log.warning("pre-copy of %s stopped at round %d: %s", session.program, k, exc)
+                self.precopy_error = f"round {k}: {exc}"
                 break
             held += took
             written.append(size)
@@ -592,6 +594,7 @@ class Migrator:
         base = tempfile.mkdtemp(prefix=f"{self.prefix}migrate-", dir=scratch())
         rounds: list[int] = []
         precopy_ms = held_ms = 0.0
+        self.precopy_error = ""
         pids: tuple[int, ...] = ()
         try:
             if precopy:
@@ -657,6 +660,7 @@ class Migrator:
             "precopy_rounds": rounds,  # bytes of pages each pre-dump round sent
             "precopy_ms": round(precopy_ms, 1),  # the rounds, the program running between
             "precopy_held_ms": round(held_ms, 1),
+            "precopy_error": self.precopy_error,  # why pre-copy stopped early, if it did
         }
         log.info("migrated %s: %s", session.program, result)
         # For the agent's other services (the OSS link, telemetry), as a tracer record would be.
