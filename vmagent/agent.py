@@ -144,7 +144,7 @@ async def _migrate(request: web.Request) -> web.Response:
     except ValueError:
         body = None
     fields = [body.get(k) if isinstance(body, dict) else None for k in ("to", "instance", "ticket")]
-    precopy = body.get("precopy", True) if isinstance(body, dict) else None
+    precopy = body.get("precopy", False) if isinstance(body, dict) else None
     if not all(isinstance(f, str) and f for f in fields) or not isinstance(precopy, bool):
         raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket", "precopy"?: bool}\n')
     to, instance, ticket = (str(f) for f in fields)

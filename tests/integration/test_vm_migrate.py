@@ -144,10 +144,7 @@ def test_a_64mb_counter_moves_to_the_other_guest_and_back(lab: Lab) -> None:
     finally:
         counter.kill()
     assert check_run(counter, code) == ["vm1", "vm2", "vm1"]
-    # Pre-copy ran (the guests' kernel tracks dirty pages): the first round carried
-    # the data, the final dump only what the counter dirtied since.
-    assert there["precopy_error"] == "" and there["precopy_rounds"], there
-    assert there["precopy_rounds"][0] > MB << 20 and there["image_bytes"] < MB << 20, there
+    assert there["image_bytes"] > MB << 20 and there["precopy_rounds"] == [], there
     assert hashlib.sha256(b"").hexdigest() not in counter.lines[0]
 
 

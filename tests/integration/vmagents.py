@@ -56,7 +56,7 @@ def call(
     return json.loads(text)
 
 
-def migrate(lab: Lab, source: str, target: str, sid: str, precopy: bool = True) -> Any:
+def migrate(lab: Lab, source: str, target: str, sid: str, precopy: bool = False) -> Any:
     """Move session `sid` from `source` to `target` (the source agent's route)."""
     ticket = mint_ticket(lab.tokens[target], target, sid)
     body = {

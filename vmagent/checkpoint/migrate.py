@@ -513,12 +513,13 @@ class Migrator:
         self.precopy_error = ""  # of the move under way (one at a time: the lock)
 
     async def migrate(
-        self, session: Session, to: str, instance: str, ticket: str, precopy: bool = True
+        self, session: Session, to: str, instance: str, ticket: str, precopy: bool = False
     ) -> dict[str, Any]:
         """Move `session`'s tree to the agent at `to`; what it took.
 
-        `precopy`: copy its memory in pre-dump rounds while it runs first, where
-        this kernel tracks dirty pages and the tree is large enough to gain.
+        `precopy` (opt-in, experimental: see docs/CHECKPOINT.md, it does not work
+        in the guests yet): copy its memory in pre-dump rounds while it runs
+        first, where this kernel tracks dirty pages and the tree is large enough.
         """
         criu = await self.ckpt.criu()
         if session.status is not None or session.moved or session.trace_sock is None:
