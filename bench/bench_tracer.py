@@ -6,9 +6,10 @@ Each workload runs natively, under `strace -f -o /dev/null`, under
 `strace -f --seccomp-bpf -e trace=<DCP's interception set>`, under dcptrace
 (default) and under `dcptrace --trace -o /dev/null`; each cell is the best of
 N wall-clock runs, interleaved so machine noise spreads over every column.
-Prints seconds and ratios (dcptrace/native, dcptrace --trace / strace), the
-fixed start-up cost of each column (the same run of /bin/true), and
-dcptrace/native with that fixed cost taken off (the steady-state overhead).
+Prints seconds and ratios (dcptrace/native, dcptrace --trace / strace, the
+latter also round by round: min/median), the fixed start-up cost of each
+column (the same run of /bin/true), and dcptrace/native with that fixed cost
+taken off (the steady-state overhead).
 `--long` adds a 5,000,000-syscall dd in the columns that finish in seconds.
 """
 
@@ -81,6 +82,7 @@ def main() -> None:
     # dcptrace records each run in the local OSS state: keep it out of $HOME.
     data = tempfile.mkdtemp(prefix="dcp-bench-data-")
     env = dict(os.environ, PYTHONPATH=str(REPO), DCP_DATA=data)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode cached, as after pip install
     cols = columns()
     work = dict(WORKLOADS)
     if args.quick:
@@ -94,16 +96,21 @@ def main() -> None:
     shown = ", ".join(f"{c} {1000 * v:.1f} ms" for c, v in start.items())
     print(f"# start-up (/bin/true): {shown}")
     header = f"{'workload':<24}" + "".join(f"{c:>18}" for c in cols)
-    print(header + f"{'dcp/native':>12}{'steady':>8}{'trace/strace':>14}")
+    print(header + f"{'dcp/native':>12}{'steady':>8}{'trace/strace':>14}{'min/median':>16}")
     for name, argv in work.items():
-        best = {c: float("inf") for c in cols}
+        times: dict[str, list[float]] = {c: [] for c in cols}
         for _ in range(args.repeat):
             for c, prefix in cols.items():
-                best[c] = min(best[c], timed([*prefix, *argv], env))
+                times[c].append(timed([*prefix, *argv], env))
+        best = {c: min(v) for c, v in times.items()}
         row = f"{name:<24}" + "".join(f"{best[c]:>17.3f}s" for c in cols)
         row += f"{best['dcptrace'] / best['native']:>12.3f}"
         row += f"{(best['dcptrace'] - fixed) / best['native']:>8.3f}"
         row += f"{best['dcptrace --trace'] / best['strace']:>14.3f}"
+        # The same ratio taken within each round (both ran back to back): min, median.
+        traced, plain = times["dcptrace --trace"], times["strace"]
+        pairs = sorted(t / s for t, s in zip(traced, plain, strict=True))
+        row += f"{pairs[0]:>8.2f}/{pairs[len(pairs) // 2]:.2f}"
         print(row, flush=True)
     if args.long:
         argv = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=5000000"]

@@ -37,8 +37,18 @@ class RunDefaults:
 
     map: dict[str, str] = field(default_factory=dict)
     instances: int = 0
-    placement: str = "spread"
+    placement: str = "auto"
     oss: str | None = None
+    volumes: list[str] = field(default_factory=list)
+    storage: dict[str, int | str] = field(default_factory=dict)
+
+
+def _storage_table(config: RunDefaults | FileConfig) -> dict[str, int | str]:
+    """The [storage] table's settings that were given (issue 14)."""
+    table = config.storage
+    if isinstance(table, dict):
+        return table
+    return {k: v for k, v in table.model_dump().items() if v is not None}
 
 
 def _real_in_view(pathmap: PathMap, path: str) -> str:
@@ -151,6 +161,13 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     metavar="SRC=DST",
     help="Show real directory DST to the program as SRC (repeatable).",
 )
+@click.option(
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="PATH",
+    help="Make directory PATH one namespace on every instance (repeatable; with --instances).",
+)
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(
     "--instances",
@@ -162,7 +179,7 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     "--placement",
     type=click.Choice(PLACEMENTS),
     default=None,
-    help="Where new programs run (default spread).",
+    help="Where new programs run (default auto: a cost model keeps short ones home).",
 )
 @click.option("--oss", "oss_url", metavar="URL", help="Use a running dcp-oss coordinator.")
 @click.option(
@@ -182,6 +199,7 @@ def command(
     summary: bool,
     record_path: str | None,
     maps: tuple[str, ...],
+    volumes: tuple[str, ...],
     config_path: str | None,
     instances: int | None,
     placement: str | None,
@@ -195,6 +213,8 @@ def command(
     logging.basicConfig(
         level=logging.WARNING - 10 * verbose, format="dcptrace: %(levelname)s: %(message)s"
     )
+    if trace:  # placement decisions (home or placed, and why) belong to the trace
+        logging.getLogger("dcp.placement").setLevel(logging.INFO)
     if config_path:
         from tracer.config import load_config  # pydantic costs ~30 ms of start-up
 
@@ -220,6 +240,7 @@ def command(
     observe = trace or summary or record_path is not None
     n = config.instances if instances is None else instances
     where = placement or config.placement
+    compose.check_volumes(tuple(config.volumes) + volumes, n, oss_url or config.oss, mapping)
     dispositions = initial_dispositions()
 
     # Output files are opened before the program runs: a bad path is a usage
@@ -288,8 +309,11 @@ def command(
 
         try:
             with compose.coordinator(
-                inner, n, where, oss_url or config.oss, mapping
-            ) as coordinator:
+                inner, n, where, oss_url or config.oss, mapping,
+                volumes=tuple(config.volumes) + volumes, storage=_storage_table(config),
+                note=local.note if local is not None else None,
+                profiles=state_dir / "placement-profiles.json", keep_profiles=local is not None,
+            ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(
                     program, env, path, table, coordinator, observe, trace_out,
@@ -386,7 +410,20 @@ def main(argv: list[str] | None = None) -> None:
     except TracerError as exc:
         click.echo(f"dcptrace: {exc}", err=True)
         sys.exit(125)
-    sys.exit(code if isinstance(code, int) else 0)
+    status = code if isinstance(code, int) else 0
+    if argv is None:
+        # The console entry leaves without tearing the interpreter down: with every
+        # module of the tracer loaded that costs more than the run of a short
+        # program, and the front holds nothing that needs a finalizer (the tracer
+        # child finishes the outputs and the run's record).
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed pipe: nothing more can be said there
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ when a run asks for them: a plain `dcptrace -- prog` never loads `vmagent`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import socket
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from tracer.coordinator import Coordinator
 from tracer.errors import TracerError, UsageError
 from tracer.syscalls import SyscallTable
 
+log = logging.getLogger(__name__)
+
 # The --placement choices: the policies of vmagent.cluster.placement (POLICIES),
 # spelled out here so that parsing options loads no vmagent module; a unit test
 # checks the two agree.
-PLACEMENTS = ("spread", "pack", "local")
+PLACEMENTS = ("auto", "spread", "pack", "local")
 START_TIMEOUT = 15.0  # seconds for the run's OSS and its instances to come up
 
 
@@ -56,12 +59,21 @@ def coordinator(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    volumes: tuple[str, ...] = (),
+    storage: dict[str, int | str] | None = None,
+    note: Callable[[str], None] | None = None,
+    profiles: Path | None = None,
+    keep_profiles: bool = False,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
     `maps` (`--map`, `[map]`) become the program's view, which every placed
-    process carries and its instance applies.
+    process carries and its instance applies.  `note` takes the placement
+    decisions' log lines (the run's record in the local OSS state); `profiles` the
+    file of the programs' past run times the cost model reads (and writes back at
+    the end with `keep_profiles`).
     """
+    check_volumes(volumes, instances, oss_url, maps or {})
     if instances == 0 and oss_url is None:
         yield inner
         return
@@ -70,9 +82,54 @@ def coordinator(
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(
-        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps
+        inner,
+        instances=instances,
+        placement=placement,
+        oss_url=oss_url,
+        maps=maps,
+        volumes=volumes,
+        storage=storage,
+        note=note,
+        profiles=profiles,
     ) as coord:
-        yield coord
+        advisor = getattr(coord, "advisor", None)
+        try:
+            yield coord
+        finally:
+            if advisor is not None and profiles is not None and keep_profiles:
+                from vmagent.cluster.advisor import save_history
+
+                save_history(profiles, advisor.history)
+
+
+def check_volumes(
+    volumes: tuple[str, ...], instances: int, oss_url: str | None, maps: dict[str, str]
+) -> None:
+    """UsageError unless `--volume` can be honoured here (issue 14)."""
+    if not volumes:
+        return
+    if oss_url is not None or instances == 0:
+        raise UsageError("--volume needs --instances (VMs through --oss: not yet)")
+    if os.geteuid() != 0:
+        raise UsageError("--volume needs root: each instance mounts the namespace (FUSE, tmpfs)")
+    volume_dirs(volumes, maps)
+
+
+def volume_dirs(
+    volumes: tuple[str, ...], maps: dict[str, str]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The declared paths (absolute, each once) and the real directories behind them."""
+    virtuals = tuple(dict.fromkeys(os.path.normpath(os.path.abspath(v)) for v in volumes))
+    pathmap = PathMap(maps) if maps else None
+    reals = []
+    for v in virtuals:
+        if v == "/" or any(v == p or v.startswith(p + "/") for p in NOT_VOLUMES):
+            raise UsageError(f"--volume {v}: not a directory of the program's own")
+        real = os.fsdecode(pathmap.to_real(os.fsencode(v)) or v.encode()) if pathmap else v
+        if not os.path.isdir(real):
+            raise UsageError(f"--volume {v}: {real} is not a directory")
+        reals.append(real)
+    return virtuals, reals
 
 
 @contextlib.contextmanager
@@ -82,6 +139,10 @@ def clustered(
     placement: str,
     oss_url: str | None,
     maps: dict[str, str] | None = None,
+    volumes: tuple[str, ...] = (),
+    storage: dict[str, int | str] | None = None,
+    note: Callable[[str], None] | None = None,
+    profiles: Path | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -89,6 +150,8 @@ def clustered(
     options, TracerError for instances that do not start), so dcptrace prints
     one line instead of a traceback.
     """
+    import socket  # not on a plain run's start-up
+
     from vmagent.exec.view import View
 
     # The program sees its home's hostname on every local instance (issue 11).  Not yet
@@ -99,56 +162,157 @@ def clustered(
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
         with oss_clustered(inner, placement, oss_url, view=view) as coord:
-            yield coord
+            told: Callable[[str], None] | None = None
+            if placement == "auto":
+                from vmagent.cluster.advisor import Advisor, load_history
+
+                # The OSS knows the instances (it picks); decisions go to the program's log.
+                told = getattr(getattr(coord, "_link", None), "note", None)
+                coord.advisor = Advisor("home", note=told, history=load_history(profiles))
+            try:
+                yield coord
+            finally:
+                if coord.advisor is not None and coord.advisor.counts and told is not None:
+                    told(coord.advisor.summary())
         return
     from oss.local import PrivateOss, PrivateOssError
+    from oss.storage.server import StorageError
     from vmagent.cluster.coordinator import OssModeUnavailable
-    from vmagent.cluster.local import LocalCluster
-    from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
+    from vmagent.cluster.localrun import LazyLink, LocalRun, LocalRunError
+    from vmagent.cluster.ossmode import OssCoordinator, ProgramLink
     from vmagent.cluster.placement import Placement, UnknownPolicy
     from vmagent.errors import AgentError
 
     # Always an OSS (issue 10): the run's own, on a thread of this process, serving
     # its agents on a unix socket; it places every exec, from home or an instance.
-    stack = contextlib.ExitStack()
+    # Under auto (the cost model) the OSS and the instances start on the first
+    # placement (`vmagent.cluster.localrun`): local instances share this machine's
+    # cores, so most runs never need them.
     try:
         Placement(placement, [])  # validate the policy before starting anything
         # Each agent traces what it runs (vmagent.trace): nothing to ask for here.
-        cluster = LocalCluster(instances)
-        stack.callback(cluster.close)
-        private = PrivateOss(cluster.logdir / "oss", cluster.logdir, cluster.names)
-        cluster.use_oss(private.url, private.tokens)
-        # Before the agents: they register at once (after a failed first try an
-        # agent backs off 0.5 s, which costs more than the OSS's imports slow them).
-        private.start()
-        stack.callback(private.close)
-        cluster.start()
-        private.wait_ready(START_TIMEOUT)
-        missing = private.registered(START_TIMEOUT)
-        if missing:
-            raise TracerError(
-                f"local instances: {', '.join(missing)} did not register with the run's OSS"
-            )
+        run = LocalRun(instances, view, START_TIMEOUT, PrivateOss, PrivateOssError)
     except (UnknownPolicy, OssModeUnavailable) as exc:
-        stack.close()
         raise UsageError(str(exc)) from exc
-    except (AgentError, PrivateOssError) as exc:
-        stack.close()
+    except AgentError as exc:
         raise TracerError(f"local instances: {exc}") from exc
-    except BaseException:
-        stack.close()
-        raise
-    with stack:
-        link = LocalProgramLink(private, view)
+    link: ProgramLink
+    stack = contextlib.ExitStack()
+    # Declared volumes are mounted on every instance before anything runs there, so
+    # they start the instances now whatever the policy (issue 14).
+    if placement == "auto" and not volumes:
+        link = LazyLink(run)
+    else:
+        try:
+            link = run.start()
+            if volumes:  # issue 14: the declared paths are one namespace on every instance
+                view = _with_storage(stack, view, volumes, maps or {}, run.cluster, storage or {})
+                run.view = link.view = view
+        except (LocalRunError, StorageError) as exc:
+            stack.close()
+            run.close()
+            raise TracerError(f"local instances: {exc}") from exc
+        except BaseException:
+            stack.close()
+            run.close()
+            raise
+    try:
         local = OssCoordinator(
-            inner, placement, link, os.getcwd(), cluster.reconnect_window, view=view
+            inner, placement, link, os.getcwd(), run.cluster.reconnect_window, view=view
         )
+        if placement == "auto":
+            local.advisor = local_advisor(run, note, profiles)
         try:
             yield local
         finally:
+            if local.advisor is not None and local.advisor.counts:
+                line = local.advisor.summary()
+                run.note(line)
+                if note is not None:
+                    note(line)
             local.close()
-        stack.close()
-        cluster.remove_logs()
+    finally:
+        # The storage goes first (unmounts while the agents still run), then the run.
+        try:
+            stack.close()
+        finally:
+            run.close()
+    run.remove_logs()
+
+
+def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path | None) -> Any:
+    """The cost model's adapter for local instances: they share this machine's cores."""
+    from oss.compute.costmodel import Site
+    from vmagent.cluster.advisor import Advisor, load_history, machine_id
+    from vmagent.cluster.advisor import log as placement_log
+
+    here = machine_id()
+    sites = [Site(n, run.cluster.cpus, 0.0, here) for n in run.cluster.names]
+
+    def noted(text: str) -> None:
+        run.note(text)
+        if note is not None:
+            note(text)
+
+    advisor = Advisor(
+        "home", others=lambda: sites, note=noted, machine=here, history=load_history(profiles)
+    )
+    if not advisor.may_place():
+        line = (
+            f"placement on home: {', '.join(run.cluster.names)} share this machine's cores: "
+            "no exec is worth placing, every one runs home"
+        )
+        placement_log.info("%s", line)
+        noted(line)
+    return advisor
+
+
+def _with_storage(
+    stack: contextlib.ExitStack,
+    view: Any,
+    volumes: tuple[str, ...],
+    maps: dict[str, str],
+    cluster: Any,
+    table: dict[str, int | str],
+) -> Any:
+    """Serve the declared paths from a storage server, mount them on every instance,
+    and return the view that maps them there (the home keeps the real directories)."""
+    import dataclasses
+
+    from oss.storage.run import Agent, RunStorage, options_from_table
+
+    virtuals, reals = volume_dirs(volumes, maps)
+    try:
+        options = options_from_table(virtuals, table)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    storage = RunStorage(options, reals, default_data_dir() / "storage", cluster.logdir)
+    stack.callback(_remove_instance_dirs, storage.name)  # runs after storage.close
+    stack.callback(storage.close)
+    storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])
+    log.info("storage %s: %s", storage.name, ", ".join(virtuals))
+    maps_now = {**dict(view.maps), **storage.view_maps()}
+    return dataclasses.replace(view, maps=tuple(sorted(maps_now.items())))
+
+
+# The instance's own: what a volume must not be (nor contain, for "/").
+NOT_VOLUMES = ("/proc", "/sys", "/dev", "/run/dcp")
+
+
+def _remove_instance_dirs(name: str) -> None:
+    """What the instances' storage left on this machine's disk (a lost instance unmounts
+    nothing; local instances share this disk)."""
+    import shutil
+
+    from vmagent.storage.mounts import DISK_ROOT, FS_ROOT, TIER_ROOT
+
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for root in (DISK_ROOT, TIER_ROOT, FS_ROOT):
+        where = str(root / name)
+        # Never through a mount here: a namespace mounted in this one is the user's files.
+        if not any(m == where or m.startswith(where + "/") for m in mounts):
+            shutil.rmtree(where, ignore_errors=True)
 
 
 RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final figures
@@ -157,6 +321,8 @@ RECORD_FINAL_WAIT = 2.0  # seconds the record waits for placed processes' final 
 def measured(coordinator: Coordinator) -> dict[str, Any] | None:
     """What the OSS measured of the run's placed processes (None: nothing was placed
     through an OSS)."""
+    if "vmagent.cluster.ossmode" not in sys.modules:
+        return None  # no run through an OSS started: not worth importing it to say so
     from vmagent.cluster.ossmode import OssCoordinator
 
     if isinstance(coordinator, OssCoordinator):

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import tomllib
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from oss.storage.pathmap import parse_mapping
 from tracer.compose import PLACEMENTS
 from tracer.errors import UsageError
+
+
+class StorageTable(BaseModel):
+    """The [storage] table: tiers, policy and limit of the --volume paths (issue 14).
+
+    memory_mb, disk_mb:   each instance's memory (tmpfs) and disk tier sizes
+    limit_mb:             the program's storage limit (EDQUOT past it)
+    promote_after_reads:  opens for reading before a file is promoted to memory
+    stream_mb:            a sequential write past this streams to the networked volume
+    largest_in_memory_mb: files above this are never put in memory
+    prefer:               memory | disk | net (the program's resource selection)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_mb: int | None = Field(default=None, ge=1)
+    disk_mb: int | None = Field(default=None, ge=1)
+    limit_mb: int | None = Field(default=None, ge=0)
+    promote_after_reads: int | None = Field(default=None, ge=1)
+    stream_mb: int | None = Field(default=None, ge=1)
+    largest_in_memory_mb: int | None = Field(default=None, ge=0)
+    prefer: Literal["memory", "disk", "net"] | None = None
 
 
 class FileConfig(BaseModel):
@@ -18,14 +41,18 @@ class FileConfig(BaseModel):
     instances:  number of local compute instances (like --instances)
     placement:  spread | pack | local (like --placement)
     oss:        URL of a running dcp-oss (like --oss)
+    volumes:    paths that are one namespace on every instance (like --volume)
+    storage:    tiers, policy and limit of those paths (oss.storage.run.TABLE_KEYS)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     map: dict[str, str] = {}
     instances: int = Field(default=0, ge=0)
-    placement: str = "spread"
+    placement: str = "auto"
     oss: str | None = None
+    volumes: list[str] = []
+    storage: StorageTable = StorageTable()
 
     @field_validator("map")
     @classmethod

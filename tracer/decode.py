@@ -93,6 +93,9 @@ def result(rval: int, pointer: bool = False) -> str:
 
 
 Decoder = Callable[[int, int, int, int], str]  # (pid, value, size, rval) -> text
+# Argument formats whose text is read from the tracee's memory: at the call's
+# entry, or (`buf_out`) at its exit, while the tracee is stopped.
+MEMORY_FORMATS = frozenset({"path", "target", "str", "buf_in", "buf_out", "argv", "envp"})
 
 
 class Formatter:
@@ -123,6 +126,8 @@ class Formatter:
             "int": lambda p, v, s, r: str(signed(v, 32)),
             "pid": lambda p, v, s, r: str(signed(v, 32)),
             "size": lambda p, v, s, r: str(v), "ptr": lambda p, v, s, r: hex(v) if v else "NULL",
+            "sockaddr": lambda p, v, s, r: hex(v) if v else "NULL",
+            "sockaddr_out": lambda p, v, s, r: hex(v) if v else "NULL",
         }  # fmt: skip
         self._plans: dict[int, tuple[tuple[Decoder, int, int], ...]] = {}
         self._oflags: dict[int, int] = {}

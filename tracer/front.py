@@ -23,9 +23,8 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tracer.spawn import CATCHABLE_SIGNALS
 
@@ -41,8 +40,7 @@ TTY_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, si
 _FRONT_STOP_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-@dataclass(frozen=True, slots=True)
-class MainEnd:
+class MainEnd(NamedTuple):
     """How the program's main process ended."""
 
     exit_status: int | None
@@ -142,6 +140,8 @@ def run_split(
             link.watch_lifeline()
             code = tracer_main(link)
         except BaseException:
+            import traceback
+
             traceback.print_exc()
             code = 125
         finally:

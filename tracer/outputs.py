@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import tempfile
 from typing import TextIO
 
 from tracer.errors import OutputError, UsageError
@@ -116,6 +115,8 @@ def _open(path: str, what: str) -> Output:
         return Output(what, path, open(real, "w", buffering=_BUFFER))
     directory, name = os.path.split(real)
     try:
+        import tempfile  # only for -o/--record: not on every start-up
+
         fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".dcptrace-part")
     except PermissionError:
         if st is None:

@@ -1,23 +1,22 @@
 """Thin adapter over ptrace(2), process_vm_readv/writev(2) and /proc for x86_64.
 
 Every request must come from the thread that seized the tracee (the tracer
-thread).  python-ptrace supplies the raw binding and the register layout; this
-module adds the requests it lacks (SEIZE, INTERRUPT, LISTEN, GET_SYSCALL_INFO),
-turns its exceptions into `TracerError` subclasses, and treats a tracee that
-vanished (ESRCH: killed under us) as a non-event, since waitpid reports its end.
+thread).  Requests go straight to libc's ptrace(3) through ctypes (a generic
+wrapper costs ~2.5 us a call, four calls a syscall); python-ptrace supplies the
+register layout, imported on the first register request: its binding costs ~5 ms
+(it imports `platform`, `re` and its own tables), which a plain run never pays.
+Failures become `TracerError` subclasses, and a tracee that vanished
+(ESRCH: killed under us) is a non-event, since waitpid reports its end.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 from typing import Protocol, cast
-
-from ptrace.binding.func import ptrace as _ptrace
-from ptrace.binding.func import ptrace_registers_t
-from ptrace.error import PtraceError
 
 from tracer.errors import PtraceRequestError, TracerError
 
@@ -75,8 +74,7 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.argtypes = _libc.process_vm_readv.argtypes
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
 
-# The hot requests (resume, syscall info, event message) go straight to libc:
-# python-ptrace's generic wrapper costs ~2.5 us a call, four calls a syscall.
+# Every request goes straight to libc (no generic wrapper: four calls a syscall).
 _raw_ptrace = _libc.ptrace
 _raw_ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong]
 _raw_ptrace.restype = ctypes.c_long
@@ -87,11 +85,25 @@ _EXIT = struct.Struct("<qB")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
+def _user_regs() -> type[ctypes.Structure]:
+    """x86_64 `struct user_regs_struct`, as python-ptrace declares it.
+
+    Imported on the first register request, not at start-up: a plain run (no
+    filter, nothing intercepted) never reads registers and so never pays the
+    ~5 ms python-ptrace's binding costs to import.
+    """
+    from ptrace.binding.func import ptrace_registers_t
+
+    return cast(type[ctypes.Structure], ptrace_registers_t)
+
+
 def _request(command: int, pid: int, addr: int = 0, data: int = 0) -> int:
-    try:
-        return int(_ptrace(command, pid, addr, data))
-    except PtraceError as exc:
-        raise PtraceRequestError(pid=pid, request=command, errno=exc.errno or 0) from exc
+    """A request that returns 0 or -1 (SEIZE, GETREGS, SETREGS): errors raise."""
+    result = _raw_ptrace(command, pid, addr, data)
+    if result == -1:
+        raise PtraceRequestError(pid=pid, request=command, errno=ctypes.get_errno())
+    return int(result)
 
 
 def seize(pid: int, options: int = OPTIONS) -> None:
@@ -177,7 +189,7 @@ class Registers(Protocol):
 
 def get_regs(pid: int) -> Registers:
     """PTRACE_GETREGS."""
-    regs = ptrace_registers_t()
+    regs = _user_regs()()
     _request(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
     return cast(Registers, regs)
 
@@ -189,7 +201,7 @@ def set_regs(pid: int, regs: Registers) -> None:
 
 def copy_regs(regs: Registers) -> Registers:
     """An independent copy of a register set."""
-    out = ptrace_registers_t()
+    out = _user_regs()()
     src = cast(ctypes.Structure, regs)
     ctypes.memmove(ctypes.addressof(out), ctypes.addressof(src), ctypes.sizeof(src))
     return cast(Registers, out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -168,8 +167,12 @@ def add_remote(record: dict[str, Any], remote: dict[str, Any]) -> None:
             acc[svc] = acc.get(svc, 0) + int(n)
     record["syscalls"]["by_instance"] = by_instance
     record["incomplete"] = list(remote.get("incomplete", []))
+    if remote.get("address"):  # issue 13: the program's one address on its instances
+        record["program_address"] = remote["address"]
 
 
 def render_record(record: dict[str, Any]) -> str:
     """The record as the JSON text of a --record file."""
+    import json  # only for --record: not on every start-up
+
     return json.dumps(record, indent=2) + "\n"

@@ -17,18 +17,20 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tracer import ptraceio
 from tracer.coordinator import (
     Complete,
     Coordinator,
+    Decision,
+    Defer,
     ProcessExited,
     ProcessUsage,
     Rewrite,
     SyscallCall,
 )
-from tracer.decode import AT_FDCWD, POINTER_RESULTS, Formatter, result, signed
+from tracer.decode import AT_FDCWD, MEMORY_FORMATS, POINTER_RESULTS, Formatter, result, signed
 from tracer.errors import TracerError
 from tracer.machine import (
     STOP_SIGNALS,
@@ -69,8 +71,7 @@ _MASK64 = (1 << 64) - 1
 _SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How the traced program ended and what the tracer saw."""
 
     exit_status: int | None
@@ -125,8 +126,16 @@ class Runner:
             raise TracerError(f"coordinator asks for unknown syscalls: {sorted(unknown)}")
         self.intercept = frozenset(self.names[n].nr for n in coordinator.interception())
         self._calls: dict[int, SyscallCall] = {}
+        self.deferred: dict[int, SyscallCall] = {}  # tid -> a call awaiting `decide`
         self._saved: dict[int, ptraceio.Registers] = {}
         self._entry_text: dict[int, str] = {}
+        # --trace reads the tracee's memory while it is stopped: at entry for
+        # these calls' input arguments, at exit for those with an output buffer.
+        # Every other part of a line is written once the tracee runs again.
+        self._read_at_entry = frozenset(
+            nr for nr, s in table.items() if MEMORY_FORMATS.intersection(s.args) - {"buf_out"}
+        )
+        self._read_at_exit = frozenset(nr for nr, s in table.items() if "buf_out" in s.args)
         # argv of an execve the coordinator rewrote (a placed program runs
         # through its deputy): records show what the program asked to run.
         self._exec_argv: dict[int, tuple[str, ...]] = {}
@@ -190,14 +199,14 @@ class Runner:
                 execute(step(stop))
 
     def _decode(self, pid: int, status: int, usage: resource.struct_rusage) -> Stop | None:
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        if status & 0xFF != 0x7F:  # not stopped (WIFSTOPPED): exited or killed
             cpu_us = round((usage.ru_utime + usage.ru_stime) * 1e6)
             if os.WIFEXITED(status):
                 return ExitStop(pid, os.WEXITSTATUS(status), None, cpu_us, usage.ru_maxrss)
             if os.WCOREDUMP(status) and self.machine and pid == self.machine.main_pid:
                 self._main_dumped = True
             return ExitStop(pid, None, os.WTERMSIG(status), cpu_us, usage.ru_maxrss)
-        sig = os.WSTOPSIG(status)
+        sig = (status >> 8) & 0xFF  # WSTOPSIG
         event = status >> 16
         try:
             if event == ptraceio.EVENT_SECCOMP:
@@ -243,12 +252,17 @@ class Runner:
     # -- actions
 
     def _execute(self, actions: list[Action]) -> None:
+        later: list[Record] = []
         for action in actions:
+            if type(action) is Resume:  # most actions: no pattern matching on the hot path
+                ptraceio.resume(action.tid, action.mode, action.sig)
+                continue
             match action:
-                case Resume(tid, mode, sig):
-                    ptraceio.resume(tid, mode, sig)
                 case Record():
-                    self._record(action)
+                    if self.trace_out is not None and action.nr not in self._read_at_exit:
+                        later.append(action)  # needs no memory: after the resume
+                    else:
+                        self._record(action)
                 case Consult():
                     self._consult(action)
                 case ApplyRewrite(tid, rewrite):
@@ -285,6 +299,8 @@ class Runner:
                             self.report(f"exit {event.exit_status}")
                 case MirrorStop(sig):
                     self.report(f"stop {sig}")
+        for record in later:
+            self._record(record)
 
     def _consult(self, action: Consult) -> None:
         assert self.machine is not None
@@ -297,6 +313,9 @@ class Runner:
             log.exception("coordinator failed on %s; the call returns EIO", call.name)
             decision = Complete(-errno.EIO)
         self._calls[action.tid] = call
+        if isinstance(decision, Defer):
+            self.deferred[action.tid] = call  # stays stopped until `decide`
+            return
         if self.measure is not None:
             counts = self._services.setdefault(call.pid, {})
             service = self.table[call.nr].service.value
@@ -304,6 +323,14 @@ class Runner:
         if isinstance(decision, Rewrite) and call.argv is not None:
             self._exec_argv[action.tid] = tuple(a.decode(errors="replace") for a in call.argv)
         self._execute(self.machine.step(Decided(action.tid, decision)))
+
+    def decide(self, tid: int, decision: Decision) -> None:
+        """The decision on a call the coordinator deferred (ignored if `tid` is gone)."""
+        if self.deferred.pop(tid, None) is None or self.machine is None:
+            return
+        if tid not in self.machine.threads:
+            return
+        self._execute(self.machine.step(Decided(tid, decision)))
 
     def _build_call(self, tid: int, nr: int, args: tuple[int, ...]) -> SyscallCall:
         spec: SyscallSpec = self.table[nr]
@@ -326,11 +353,25 @@ class Runner:
                 raw = ptraceio.read_string(tid, args[i])
                 if raw is not None:
                     paths[i] = raw
+        sizes: dict[int, int] = {}
+        for i, fmt in enumerate(spec.args):
+            if fmt == "sockaddr":
+                path = unix_path(_read(tid, args[i], min(args[i + 1] & 0xFFFFFFFF, SUN_LEN)))
+                if path is not None:
+                    paths[i] = path
+                    if not path.startswith(b"/"):
+                        base = self._base(tid, None)
+                        if base is not None:
+                            bases[i] = base
+            elif fmt == "sockaddr_out" and args[i] and args[i + 1]:
+                raw = _read(tid, args[i + 1], 4)
+                if len(raw) == 4:
+                    sizes[i] = struct.unpack("<i", raw)[0]
         argv = None
         if "argv" in spec.args:
             argv = ptraceio.read_string_array(tid, args[spec.args.index("argv")])
         cwd = ptraceio.proc_link(tid, "cwd") if spec.name == "getcwd" else None
-        return SyscallCall(pid, tid, nr, spec.name, args, paths, bases, argv, cwd)
+        return SyscallCall(pid, tid, nr, spec.name, args, paths, bases, argv, cwd, sizes)
 
     @staticmethod
     def _base(tid: int, dirfd: int | None) -> bytes | None:
@@ -391,6 +432,11 @@ class Runner:
             out_index = self.table[call.nr].output_arg()
             if out_index is not None and rval > 0:
                 output = ptraceio.read_memory(action.tid, call.args[out_index], rval)
+            elif call.sizes and rval == 0:  # a socket address the call filled
+                ((index, size),) = call.sizes.items()
+                got = _read(action.tid, call.args[index + 1], 4)
+                length = struct.unpack("<i", got)[0] if len(got) == 4 else 0
+                output = _read(action.tid, call.args[index], max(0, min(length, size, SUN_LEN)))
             replacement = self.coordinator.on_result(call, rval, output)
             if replacement is not None:
                 self._apply_complete(action.tid, replacement, skip_call=False)
@@ -398,11 +444,10 @@ class Runner:
         self._execute(self.machine.step(Observed(action.tid, rval)))
 
     def _pre_render(self, tid: int, nr: int, args: tuple[int, ...]) -> None:
-        spec = self.table.get(nr)
-        # Input arguments are rendered at entry: after an execve, or once the
-        # call consumed them, the memory may hold something else.
-        if spec is not None and "buf_out" not in spec.args:
-            self._entry_text[tid] = self.formatter.arguments(tid, spec, args, 0)
+        # Input arguments in memory are rendered at entry: after an execve, or
+        # once the call consumed them, the memory may hold something else.
+        if nr in self._read_at_entry and nr not in self._read_at_exit:
+            self._entry_text[tid] = self.formatter.arguments(tid, self.table[nr], args, 0)
 
     def _record(self, action: Record) -> None:
         rval = signed(action.rval)
@@ -425,9 +470,17 @@ def interception_filter(
 ) -> PreparedFilter:
     """The seccomp filter a traced program installs before its first exec.
 
-    While calls are served, a call newer than the table must stop too: it may
-    take a path (as fchmodat2 did) and would get around the map.
+    The interception set is the union of what the coordinator's active services
+    need (`Coordinator.interception`): empty for a plain run, which then gets no
+    filter at all (no BPF run on each syscall, and `Seccomp: 0` and `NoNewPrivs: 0`
+    in /proc/PID/status as natively).  Fork, exec and exit are still followed:
+    they are ptrace events.
+    Once anything is intercepted, calls of a foreign ABI (int 0x80, x32) and, as
+    a call newer than the table may take a path (as fchmodat2 did) and get
+    around the map, numbers past the table stop too.
     """
+    if not intercept and not trace_all:
+        return PreparedFilter([], no_new_privs=False)
     beyond = max(table) + 1 if intercept else None
     return PreparedFilter(
         build_filter(intercept, trace_all=trace_all, trace_from=beyond),
@@ -491,6 +544,27 @@ def _has_file_caps(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+SUN_LEN = 110  # sizeof(struct sockaddr_un)
+AF_UNIX = 1
+
+
+def _read(tid: int, addr: int, size: int) -> bytes:
+    """Up to `size` bytes of the tracee's memory (b"" if unreadable)."""
+    if not addr or size <= 0:
+        return b""
+    try:
+        return ptraceio.read_memory(tid, addr, size)
+    except OSError:
+        return b""
+
+
+def unix_path(addr: bytes) -> bytes | None:
+    """The path an AF_UNIX socket address names (None: another family, abstract, unnamed)."""
+    if len(addr) < 3 or int.from_bytes(addr[:2], "little") != AF_UNIX or addr[2] == 0:
+        return None
+    return addr[2:].split(b"\0", 1)[0]
 
 
 def _align(addr: int, to: int = 16) -> int:

@@ -20,6 +20,8 @@ from tracer.errors import SeccompError
 BPF_LD_W_ABS = 0x20
 BPF_JEQ_K = 0x15
 BPF_JGE_K = 0x35
+BPF_JGT_K = 0x25
+BPF_JA = 0x05
 BPF_RET_K = 0x06
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_TRACE = 0x7FF00000
@@ -38,11 +40,13 @@ def build_filter(
 ) -> list[Insn]:
     """A BPF program returning TRACE for `numbers` (or every call) and ALLOW otherwise.
 
-    With `trace_from`, every number from it up also returns TRACE.
+    With `trace_from`, every number from it up also returns TRACE.  The numbers,
+    as runs of consecutive ones, are searched as a binary tree: a call that
+    runs at native speed pays a few compares (about 2 log2 of the runs), not
+    one per intercepted call, as `strace --seccomp-bpf` keeps its own filter short.
     """
     if trace_all:
         return [(BPF_RET_K, 0, 0, SECCOMP_RET_TRACE)]
-    nrs = sorted(set(numbers))
     prog: list[Insn] = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
@@ -54,21 +58,62 @@ def build_filter(
     if trace_from is not None:
         prog.append((BPF_JGE_K, 0, 1, trace_from))
         prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
-    # Each match returns right after its compare: jump offsets stay within the
-    # u8 of struct sock_filter however many calls are intercepted.
-    for nr in nrs:
-        prog.append((BPF_JEQ_K, 0, 1, nr))
-        prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
-    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    prog += _search(_runs(sorted(set(numbers))))
     if len(prog) > BPF_MAXINSNS:
-        raise SeccompError(f"too many syscalls to intercept: {len(nrs)}")
+        raise SeccompError(f"too many syscalls to intercept: {len(set(numbers))}")
     return prog
 
 
-def run_filter(prog: list[Insn], nr: int, arch: int = AUDIT_ARCH_X86_64) -> int:
-    """Evaluate the program on one syscall (for tests: a tiny classic-BPF interpreter)."""
+def _runs(nrs: list[int]) -> list[tuple[int, int]]:
+    """Sorted numbers as (first, last) runs of consecutive numbers."""
+    runs: list[tuple[int, int]] = []
+    for nr in nrs:
+        if runs and runs[-1][1] == nr - 1:
+            runs[-1] = (runs[-1][0], nr)
+        else:
+            runs.append((nr, nr))
+    return runs
+
+
+_LEAF_RUNS = 3  # runs tested one after the other at the bottom of the tree
+
+
+def _search(runs: list[tuple[int, int]]) -> list[Insn]:
+    """Code returning TRACE when the accumulator (nr) is in one of `runs`, else ALLOW.
+
+    Every path ends in a return, so subtrees are laid out one after the other;
+    the long jump over a subtree is a BPF_JA, whose 32-bit offset has no limit
+    (the conditional jumps only skip one or two instructions).
+    """
+    if len(runs) <= _LEAF_RUNS:
+        leaf: list[Insn] = []
+        for first, last in runs:
+            if first == last:
+                leaf += [(BPF_JEQ_K, 0, 1, first), (BPF_RET_K, 0, 0, SECCOMP_RET_TRACE)]
+            else:  # below first: skip both; above last: skip the return
+                leaf += [
+                    (BPF_JGE_K, 0, 2, first),
+                    (BPF_JGT_K, 1, 0, last),
+                    (BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
+                ]
+        return leaf + [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW)]
+    mid = len(runs) // 2
+    low, high = _search(runs[:mid]), _search(runs[mid:])
+    # nr >= the first of the upper half: on into it; else jump over it.
+    return [(BPF_JGE_K, 1, 0, runs[mid][0]), (BPF_JA, 0, 0, len(high)), *high, *low]
+
+
+def run_filter(
+    prog: list[Insn], nr: int, arch: int = AUDIT_ARCH_X86_64, path: list[int] | None = None
+) -> int:
+    """Evaluate the program on one syscall (for tests: a tiny classic-BPF interpreter).
+
+    `path`, if given, receives the index of every instruction executed.
+    """
     acc, pc = 0, 0
     while True:
+        if path is not None:
+            path.append(pc)
         code, jt, jf, k = prog[pc]
         if code == BPF_LD_W_ABS:
             acc = {0: nr, 4: arch}[k]
@@ -76,6 +121,10 @@ def run_filter(prog: list[Insn], nr: int, arch: int = AUDIT_ARCH_X86_64) -> int:
             pc += jt if acc == k else jf
         elif code == BPF_JGE_K:
             pc += jt if acc >= k else jf
+        elif code == BPF_JGT_K:
+            pc += jt if acc > k else jf
+        elif code == BPF_JA:
+            pc += k
         elif code == BPF_RET_K:
             return k
         else:
@@ -88,9 +137,14 @@ class _SockFprog(ctypes.Structure):
 
 
 class PreparedFilter:
-    """A filter encoded ahead of fork, so the child only makes two prctl calls."""
+    """A filter encoded ahead of fork, so the child only makes two prctl calls.
+
+    An empty `prog` installs nothing (and sets no no_new_privs): a run where no
+    call must stop pays no filter at all (`tracer.runner.interception_filter`).
+    """
 
     def __init__(self, prog: list[Insn], no_new_privs: bool) -> None:
+        self.installs = bool(prog)
         raw = b"".join(struct.pack("<HBBI", *insn) for insn in prog)
         self._buf = ctypes.create_string_buffer(raw, len(raw))
         self._fprog = _SockFprog(len(prog), ctypes.addressof(self._buf))
@@ -102,6 +156,8 @@ class PreparedFilter:
 
     def install(self) -> int:
         """Install in the calling process; returns 0 or an errno (child-side, no raising)."""
+        if not self.installs:
+            return 0
         if self._no_new_privs and self._prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
             return ctypes.get_errno()
         if self._prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(self._fprog), 0, 0):

@@ -14,7 +14,7 @@ import os
 import signal
 import stat
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tracer import ptraceio
 from tracer.errors import SpawnError
@@ -46,8 +46,7 @@ def initial_dispositions() -> dict[int, signal.Handlers]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Spawned:
+class Spawned(NamedTuple):
     """A started, seized program; `errors` reports an exec failure in the child."""
 
     pid: int

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Category(enum.Enum):
@@ -41,16 +41,19 @@ class Service(enum.Enum):
 # to the nearest preceding `dirfd`, else the cwd); `target` is a symlink's
 # stored content; `buf_in`/`buf_out` are byte buffers whose length is the next
 # `size` argument (read at entry / at exit); `argv`/`envp` are string arrays.
+# `sockaddr` is a socket address whose length is the next argument (an AF_UNIX
+# one names a path); `sockaddr_out` one the call fills, its length at the
+# pointer that is the next argument.
 ARG_FORMATS = frozenset(
     {
         "int", "uint", "ulong", "ptr", "size", "fd", "dirfd", "path", "target", "str",
         "buf_in", "buf_out", "argv", "envp", "oflags", "mode", "prot", "signo", "pid",
+        "sockaddr", "sockaddr_out",
     }
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class SyscallSpec:
+class SyscallSpec(NamedTuple):
     """One syscall of one architecture."""
 
     nr: int

@@ -29,6 +29,8 @@ from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffe
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.network.reporter import ListenerReporter
+from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
 from vmagent.trace.placer import OssPlacements, Placer
@@ -262,6 +264,7 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_post("/v1/migrations", _migration_receive)
     app.router.add_post("/v1/migrations/commit", _migration_commit)
     app.router.add_post("/v1/migrations/round", _migration_round)
+    storage_routes(app, config.instance, _authorized)  # issue 14: program namespaces
     return app
 
 
@@ -296,6 +299,9 @@ class Agent:
         )
         self.placer = Placer(oss)
         self.service.hooks.add(self.placer)
+        # Issue 13: listening sockets the instance tracers see, steered by the OSS.
+        self.listeners = ListenerReporter(oss)
+        self.service.hooks.add(self.listeners)
         self._unauthenticated = [0]  # connections counted by their Gate
         # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
         self.enforcer = Enforcer(config.instance, detect(config.instance))
@@ -373,4 +379,5 @@ class Agent:
             deadline = asyncio.get_running_loop().time() + ZYGOTE_EXIT
             while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
+        await self.listeners.close()
         await self.placer.close()

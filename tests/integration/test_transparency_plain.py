@@ -303,6 +303,8 @@ def test_status_fields_and_ppid() -> None:
     native = once(False)
     assert native.startswith(b"TracerPid:\t0\n") and native.endswith(b"ppid-is-caller 1\n")
     under = once(True)
+    # A plain run installs no seccomp filter (issue 15): that line reads as natively.
+    assert [x for x in under.splitlines() if x.startswith(b"Seccomp:")] == [b"Seccomp:\t0"]
     if under != native:
         pytest.skip(
             f"remaining difference: {under!r}: serving /proc/PID/status would put open and "

@@ -1,0 +1,1 @@
+"""The instance side of the program's storage (issue 14): its file system and mounts."""
