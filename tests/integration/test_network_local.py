@@ -200,7 +200,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outcome]:
             out.rules_listening = listing(host.ns)["rules"]
             (d / "go").touch()
             assert wait_for(lambda: (d / "closed").exists() or p.poll() is not None, 60)
-            wait_for(lambda: "dport 8001" not in " ".join(listing(host.ns)["rules"]), 10)
+            wait_for(lambda: "dport 8001" not in " ".join(listing(host.ns)["rules"]), 60)
             out.rules_closed = listing(host.ns)["rules"]
             (d / "go2").touch()
             _o, err = p.communicate(timeout=120)

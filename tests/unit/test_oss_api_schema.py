@@ -99,6 +99,7 @@ def test_agent_wire_contract_shapes() -> None:
         "pid",  # migrate (issue 12): the session's program, target instance and address
         "to",
         "address",
+        "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",
