@@ -133,6 +133,30 @@ async def _checkpoint(request: web.Request) -> web.Response:
     return web.json_response(done.as_json())
 
 
+async def _suspend(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/suspend: dump the tree, kill it, hold the session (issue 12)."""
+    session = _session_of(request)
+    try:
+        held = await request.app[CHECKPOINTER].suspend(session)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"pids": list(held.pids), "image_bytes": held.image_bytes})
+
+
+async def _resume(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/resume: restore a suspended session's tree (issue 12)."""
+    session = _session_of(request)
+    try:
+        took = await request.app[CHECKPOINTER].resume(session)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"pid": session.pid, "restore_ms": round(took, 1)})
+
+
 MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
 # s a migration's connections may live once authenticated (HTTP_LIFETIME otherwise): the
 # source's /migrate call, the target's image uploads (bounded by their own stall timeouts).
@@ -254,6 +278,8 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_get("/v1/sessions", _sessions)
     app[CHECKPOINTER] = Checkpointer(service)
     app.router.add_post("/v1/sessions/{sid}/checkpoint", _checkpoint)
+    app.router.add_post("/v1/sessions/{sid}/suspend", _suspend)
+    app.router.add_post("/v1/sessions/{sid}/resume", _resume)
     app[MIGRATOR] = Migrator(
         app[CHECKPOINTER],
         MigrationTickets(config.token, config.instance, exec_key=config.exec_key),

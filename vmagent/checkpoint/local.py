@@ -67,12 +67,23 @@ class Checkpoint:
         }
 
 
+@dataclass(slots=True)
+class Suspended:
+    """A session whose tree was dumped and killed, waiting for `resume` (budget stop)."""
+
+    pids: tuple[int, ...]
+    images: str  # the images directory (0700, the agent's)
+    ends: list[tuple[int, str]]  # the program's pipe ends, held open for the restore
+    image_bytes: int
+
+
 class Checkpointer:
     """Checkpoints of this agent's sessions (one at a time)."""
 
     def __init__(self, service: ExecService) -> None:
         self.service = service
         self._lock = asyncio.Lock()
+        self.suspended: dict[bytes, Suspended] = {}  # by session id
         self._criu: C.Criu | None = None
         self._precopy: bool | None = None
 
@@ -249,6 +260,80 @@ class Checkpointer:
         if restore and images is None:
             shutil.rmtree(directory, ignore_errors=True)
         return result
+
+    async def suspend(self, session: Session, images: str | None = None) -> Suspended:
+        """Dump `session`'s tree and kill it; the session (and its deputy) waits for `resume`.
+
+        The deputy hears nothing: the session leaves the reaper's table and the
+        program's ends of its pipes are held open, so a restore hands them back.
+        A failure before the kill leaves the program running (CheckpointError).
+        """
+        criu = await self.criu()
+        async with self._lock:
+            tracing = self.service.tracing
+            if session.status is not None or session.trace_sock is None or tracing is None:
+                raise C.CheckpointError(f"{session.program} is not running under its tracer")
+            if session.sid in self.suspended:
+                raise C.CheckpointError(f"{session.program} is suspended already")
+            refused = unmovable(tree_of(session.pid))
+            if refused:
+                raise Unmovable(refused)
+            directory = images or tempfile.mkdtemp(prefix=f"dcp-susp-{session.sid.hex()[:8]}-")
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+            pids = await self.detach(session)
+            ends: list[tuple[int, str]] = []
+            try:
+                ends = program_pipe_ends(pids, _session_pipes(session))
+                await self.dump(criu, session, pids, directory)  # adopts again on failure
+            except BaseException:
+                for fd, _key in ends:
+                    os.close(fd)
+                if images is None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            self.service.by_pid.pop(session.pid, None)  # its death is not the program's end
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            held = Suspended(pids, directory, ends, C.image_bytes(directory))
+            self.suspended[session.sid] = held
+            log.info("suspended %s: pids %s, %d bytes in %s", session.program, pids,
+                     held.image_bytes, directory)  # fmt: skip
+            return held
+
+    async def resume(self, session: Session) -> float:
+        """Restore a suspended session's tree with its pids and continue it; ms of the restore.
+
+        CheckpointError if it is not suspended or its pids are not free yet (it
+        stays suspended); a failed restore ends it with status 255 at the deputy.
+        """
+        criu = await self.criu()
+        async with self._lock:
+            held = self.suspended.get(session.sid)
+            if held is None:
+                raise C.CheckpointError(f"{session.program} is not suspended")
+            try:
+                async with asyncio.timeout(FREE_TIMEOUT):
+                    while any(os.path.exists(f"/proc/{pid}") for pid in held.pids):
+                        await asyncio.sleep(0.005)
+            except TimeoutError:
+                raise C.CheckpointError(
+                    f"pids {list(held.pids)} of {session.program} are not free"
+                ) from None
+            del self.suspended[session.sid]
+            try:
+                took = await self.restore(criu, held.images, held.ends)
+            except C.CriuFailed:
+                session.exited(255 << 8)  # dumped and killed, not back: the deputy hears so
+                raise
+            finally:
+                for fd, _key in held.ends:
+                    os.close(fd)
+            self.service.by_pid[session.pid] = session
+            self.adopt(session, held.pids)
+            shutil.rmtree(held.images, ignore_errors=True)
+            return took
 
     async def detach(self, session: Session) -> tuple[int, ...]:
         """Freeze: the session's tracer stops and detaches its tree; the tree's pids."""
