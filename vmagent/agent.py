@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
-from vmagent.checkpoint.local import Checkpointer
+from vmagent.checkpoint.local import Checkpointer, Suspension
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
 from vmagent.config import AgentConfig
@@ -341,6 +341,7 @@ class Agent:
         self.server: asyncio.Server | None = None
         self.address = ""
         self._criu_check: asyncio.Future[None] | None = None
+        self._checkpointer: Checkpointer | None = None
         self.orders: MigrateOrders | None = None  # the OSS's migrate commands (issue 12)
         self._order_posts: list[HttpPost] = []
 
@@ -356,6 +357,8 @@ class Agent:
         await self.runner.setup()
         # `criu check` once, in the background: the first checkpoint does not wait for it.
         self._criu_check = asyncio.ensure_future(app[CHECKPOINTER].warm())
+        self._checkpointer = app[CHECKPOINTER]
+        self.enforcer.suspension = Suspension(app[CHECKPOINTER])  # budget stops (issue 12)
         if self.config.oss_url:
             c = self.config
             assert c.oss_url is not None
@@ -399,6 +402,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._criu_check
         self.enforcer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:

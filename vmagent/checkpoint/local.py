@@ -71,6 +71,7 @@ class Checkpoint:
 class Suspended:
     """A session whose tree was dumped and killed, waiting for `resume` (budget stop)."""
 
+    session: Session
     pids: tuple[int, ...]
     images: str  # the images directory (0700, the agent's)
     ends: list[tuple[int, str]]  # the program's pipe ends, held open for the restore
@@ -273,6 +274,8 @@ class Checkpointer:
             tracing = self.service.tracing
             if session.status is not None or session.trace_sock is None or tracing is None:
                 raise C.CheckpointError(f"{session.program} is not running under its tracer")
+            for sid in [k for k, v in self.suspended.items() if v.session.forgotten]:
+                self._discard(sid)  # its deputy never came back: nothing to resume for
             if session.sid in self.suspended:
                 raise C.CheckpointError(f"{session.program} is suspended already")
             refused = unmovable(tree_of(session.pid))
@@ -296,7 +299,7 @@ class Checkpointer:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
-            held = Suspended(pids, directory, ends, C.image_bytes(directory))
+            held = Suspended(session, pids, directory, ends, C.image_bytes(directory))
             self.suspended[session.sid] = held
             log.info("suspended %s: pids %s, %d bytes in %s", session.program, pids,
                      held.image_bytes, directory)  # fmt: skip
@@ -334,6 +337,22 @@ class Checkpointer:
             self.adopt(session, held.pids)
             shutil.rmtree(held.images, ignore_errors=True)
             return took
+
+    def holds(self, session: Session) -> bool:
+        """Is `session` suspended here?"""
+        return session.sid in self.suspended
+
+    def close(self) -> None:
+        """The agent stops: suspended sessions' images and pipe ends go (they are lost)."""
+        for sid in list(self.suspended):
+            self._discard(sid)
+
+    def _discard(self, sid: bytes) -> None:
+        held = self.suspended.pop(sid)
+        for fd, _key in held.ends:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(held.images, ignore_errors=True)
 
     async def detach(self, session: Session) -> tuple[int, ...]:
         """Freeze: the session's tracer stops and detaches its tree; the tree's pids."""
@@ -426,6 +445,30 @@ class Checkpointer:
             session.sid.hex(), pids, session.view, (session.request.pid, session.request.ppid), base
         )
         session.loop.add_reader(session.trace_sock, session._trace_readable)
+
+
+class Suspension:
+    """The limits enforcer's view of suspend and resume (`vmagent.trace.enforce.Suspension`)."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def holds(self, session: Session) -> bool:
+        return self.checkpointer.holds(session)
+
+    async def suspend(self, session: Session) -> str | None:
+        try:
+            await self.checkpointer.suspend(session)
+        except C.CheckpointError as exc:
+            return str(exc)
+        return None
+
+    async def resume(self, session: Session) -> str | None:
+        try:
+            await self.checkpointer.resume(session)
+        except C.CheckpointError as exc:
+            return str(exc)
+        return None
 
 
 class Unmovable(C.CheckpointError):
