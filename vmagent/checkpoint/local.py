@@ -299,6 +299,10 @@ class Checkpointer:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
+            with contextlib.suppress(TimeoutError):  # reaped: nothing of it is left running
+                async with asyncio.timeout(FREE_TIMEOUT):
+                    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+                        await asyncio.sleep(0.005)
             held = Suspended(session, pids, directory, ends, C.image_bytes(directory))
             self.suspended[session.sid] = held
             log.info("suspended %s: pids %s, %d bytes in %s", session.program, pids,
