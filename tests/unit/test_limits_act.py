@@ -331,3 +331,15 @@ def test_a_checkpointing_kill_suspends_what_it_can_and_kills_the_rest() -> None:
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def test_a_checkpointing_stop_keeps_the_nonces_for_the_resume() -> None:
+    q = CommandQueue()
+    q.minted("p", "n0", ["aa"])
+    stop = q.stop("p", ["n0"], "budget", checkpoint=True)
+    assert [(c.action, c.checkpoint) for c in stop] == [("freeze", False), ("kill", True)]
+    (resume,) = q.resume("p", [], "resumed by u")
+    assert (resume.instance, resume.action, resume.tickets) == ("n0", "resume", ("aa",))
+    assert [c.action for c in q.for_instance("n0", [])] == ["freeze", "kill", "resume"]
+    plain = q.stop("p", ["n0"], "budget")
+    assert not any(c.checkpoint for c in plain) and q.resume("p", [], "r") == []
