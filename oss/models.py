@@ -5,7 +5,7 @@ These are the wire types; /openapi.json is generated from them.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -688,7 +688,7 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate"]
+    action: Literal["freeze", "kill", "thaw", "migrate", "mount", "unmount"]
     reason: str
     tickets: list[str] = []
     # migrate (issue 12): the session whose program is `pid` goes to instance `to` at
@@ -696,6 +696,8 @@ class AgentCommand(Api):
     pid: int | None = None
     to: str | None = None
     address: str | None = None
+    # mount / unmount (issue 14): the program's storage (its server, key and tiers)
+    storage: dict[str, Any] | None = None
 
 
 class HeartbeatReply(Api):

@@ -49,6 +49,7 @@ from oss.errors import (
 from oss.ipc import routes as ipc_routes
 from oss.listener import ListenerLimits
 from oss.service import Oss
+from oss.storage import routes as storage_routes
 from oss.telemetry import routes as telemetry_routes
 from oss.ui import routes as ui_routes
 
@@ -111,6 +112,7 @@ ROUTES: tuple[Route, ...] = (
     + compute_routes.ROUTES
     + telemetry_routes.ROUTES
     + ipc_routes.ROUTES
+    + storage_routes.ROUTES
     + ui_routes.ROUTES
 )
 

@@ -169,6 +169,7 @@ async def h_heartbeat(
                 pid=c.pid if c.action == "migrate" else None,
                 to=c.to if c.action == "migrate" else None,
                 address=c.address if c.action == "migrate" else None,
+                storage=dict(c.storage) if c.storage is not None else None,
             )
             for c in commands
         ]

@@ -1,0 +1,81 @@
+"""`dcptrace --oss URL --volume DIR` (issue 14): the OSS relays the run's storage.
+
+A real `dcp-oss serve`, two real loopback agents and real dcptrace: the run's
+owner holds no instance token, so the OSS hands each instance a process is
+placed on the mount order (heartbeat command), waits for the agent's outcome,
+and orders the unmount at the end.  The VM variants are in test_storage_vm.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_dcptrace_oss import Lab, dcptrace, start_lab
+
+pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.root, pytest.mark.slow]
+
+# Who runs me (my parent on an instance is its agent) and what file system DIR is on.
+RW = """#!/bin/sh
+read _ _ _ pp _ < /proc/self/stat
+where=$(tr '\\0' ' ' < /proc/$pp/cmdline | sed -n 's/.*--instance \\([^ ]*\\).*/\\1/p')
+case "$1" in
+  write) seq 1 40000 > "$2/data.txt"; mkdir -p "$2/sub"
+         echo "from ${where:-home}" > "$2/sub/note" ;;
+  read) echo "sum $(md5sum < "$2/data.txt" | cut -d' ' -f1) $(cat "$2/sub/note")" ;;
+esac
+echo "$1 on ${where:-home} $(stat -f -c %t "$2")"
+"""
+FUSE_MAGIC = "65735546"  # statfs f_type of a FUSE file system (`stat -f -c %t`)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("agents mount FUSE and tmpfs: root")
+    if not Path("/dev/fuse").exists():
+        pytest.skip("no /dev/fuse on this host")
+    lab = Lab(tmp_path_factory.mktemp("oss-storage"))
+    try:
+        start_lab(lab, "127.0.0.1", {n: ("127.0.0.1:0", "") for n in ("n0", "n1")})
+        (lab.data / "rw.sh").write_text(RW)
+        (lab.data / "rw.sh").chmod(0o755)
+        yield lab
+    finally:
+        lab.stop()
+
+
+def test_files_written_on_one_instance_are_read_whole_on_the_other(lab: Lab) -> None:
+    vol = lab.data / "vol"
+    vol.mkdir()
+    rw = lab.data / "rw.sh"
+    script = f"{rw} write {vol} && {rw} read {vol}"
+    res = dcptrace(lab, lab.url, "sh", "-c", script, token=lab.token, volume=str(vol))
+    err = res.stderr.decode()
+    assert res.returncode == 0, err
+    assert "Traceback" not in err and "WARNING" not in err, err
+    lines = res.stdout.decode().splitlines()
+    # Each process ran on an instance, with DIR on that instance's dcpfs mount.
+    (wrote,) = [line.split() for line in lines if line.startswith("write on ")]
+    (read,) = [line.split() for line in lines if line.startswith("read on ")]
+    assert wrote[2] != read[2] and {wrote[2], read[2]} == {"n0", "n1"}, lines
+    assert wrote[3] == read[3] == FUSE_MAGIC, lines
+    # The reader saw the writer's bytes; they are in the user's directory, whole.
+    expected = "".join(f"{i}\n" for i in range(1, 40001)).encode()
+    assert (vol / "data.txt").read_bytes() == expected
+    assert (vol / "sub" / "note").read_text() == f"from {wrote[2]}\n"
+    want = hashlib.md5(expected).hexdigest()
+    assert f"sum {want} from {wrote[2]}" in lines, lines
+    # The OSS unmounted it everywhere at the end: no dcpfs mount left on this host.
+    assert "dcpfs-" not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_volume_under_oss_needs_no_root_here_but_a_directory(lab: Lab) -> None:
+    res = dcptrace(lab, lab.url, "true", token=lab.token, volume=str(lab.data / "missing"))
+    err = res.stderr.decode().strip()
+    assert res.returncode != 0 and "is not a directory" in err, err
+    assert "Traceback" not in err
