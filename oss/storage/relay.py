@@ -97,6 +97,9 @@ class StorageRelay:
         return True
 
     def forget_instance(self, instance: str) -> None:
-        """The instance is gone: nothing of it to unmount."""
+        """The instance is gone: nothing of it to unmount, no order of it to wait for."""
         for instances in self.mounted.values():
             instances.discard(instance)
+        for where, fut in self._waiting.values():
+            if where == instance and not fut.done():
+                fut.set_result((False, f"instance {instance} failed"))
