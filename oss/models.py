@@ -621,6 +621,8 @@ class BillingRecord(Api):
     storage_micros: float
     net_micros: float
     premium_micros: float
+    # A `--oss` run's measured storage (issue 14): GiB-seconds per tier it was billed for
+    storage_gib_seconds: dict[str, float] = {}
 
 
 class Billing(Api):

@@ -84,6 +84,31 @@ async def h_delete(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> Storag
     return StorageUnmounted(program_id=pid, failed=await oss.storage.unmount_all(pid))
 
 
+Tier = Annotated[str, StringConstraints(pattern=r"^(memory|disk|net)$")]
+
+
+class StorageUsageReport(m.Api):
+    """The GiB-seconds per tier a run's storage server measured (billed once each)."""
+
+    gib_seconds: dict[Tier, Annotated[float, Field(ge=0, le=1e12)]]
+
+
+class StorageBilled(m.Api):
+    """What the measured storage was billed (micro-units)."""
+
+    program_id: str
+    amount_micros: int
+
+
+async def h_usage(
+    oss: Oss, r: web.Request, who: Any, b: StorageUsageReport, q: Any
+) -> StorageBilled:
+    pid = r.match_info["program_id"]
+    await oss.programs.program(principal(who).account_id, pid)
+    amount = await oss.billing.bill_storage(pid, b.gib_seconds)
+    return StorageBilled(program_id=pid, amount_micros=amount)
+
+
 async def h_outcome(oss: Oss, r: web.Request, who: Any, b: StorageOutcome, q: Any) -> m.Ok:
     if not isinstance(who, str):
         raise Unauthorized("an instance token is needed")
@@ -117,6 +142,15 @@ ROUTES: tuple[Route, ...] = (
         "account",
         "Unmount the program's storage everywhere (publishing open files) and forget it",
         response=StorageUnmounted,
+    ),
+    Route(
+        "POST",
+        f"{PROGRAM_PATH}/storage/usage",
+        h_usage,
+        "account",
+        "Bill the GiB-seconds per tier the run's storage server measured",
+        StorageUsageReport,
+        StorageBilled,
     ),
     Route(
         "POST",

@@ -122,7 +122,7 @@ class RunStorage:
         self.options = options
         self.name = storage_name()
         self.key = secrets.token_urlsafe(32)
-        state = state_root / self.name
+        self.state = state = state_root / self.name
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         names = {f"v{i}": v for i, v in enumerate(options.volumes)}
         (state / "volumes.json").write_text(json.dumps(names))
@@ -165,6 +165,14 @@ class RunStorage:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+    def gib_seconds(self) -> dict[str, float]:
+        """GiB-seconds per tier the server measured so far (its billing.json)."""
+        try:
+            billed = json.loads((self.state / "billing.json").read_text())
+            return {str(k): float(v) for k, v in billed["gib_seconds"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
 
     def view_maps(self) -> dict[str, str]:
         """What the program's view maps each declared path to, on every instance."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_dcptrace_oss import Lab, dcptrace, start_lab
+from tests.integration.test_dcptrace_oss import Lab, dcptrace, newest_program, start_lab
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.root, pytest.mark.slow]
 
@@ -72,6 +72,12 @@ def test_files_written_on_one_instance_are_read_whole_on_the_other(lab: Lab) -> 
     assert f"sum {want} from {wrote[2]}" in lines, lines
     # The OSS unmounted it everywhere at the end: no dcpfs mount left on this host.
     assert "dcpfs-" not in Path("/proc/self/mountinfo").read_text()
+    # The measured GiB-seconds per tier are in the OSS's ledger, charged to the program.
+    prog = newest_program(lab)
+    records = lab.get(f"/v1/programs/{prog['id']}/billing")["records"]
+    (billed,) = [r for r in records if r["storage_gib_seconds"]]
+    assert billed["storage_gib_seconds"]["net"] > 0, billed
+    assert billed["amount_micros"] >= 1 and billed["storage_micros"] == billed["amount_micros"]
 
 
 def test_a_volume_under_oss_needs_no_root_here_but_a_directory(lab: Lab) -> None:

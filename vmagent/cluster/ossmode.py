@@ -625,6 +625,18 @@ class OssProgramLink:
             return
         for instance, why in (got.get("failed") or {}).items():
             log.warning("the program's storage on %s was not unmounted: %s", instance, why)
+        # Measured bytes per tier over time, into the OSS's ledger (billing.json keeps them too).
+        used = self.storage.gib_seconds()
+        if any(used.values()):
+            try:
+                self._bridge.call(
+                    self._storage_client.request(
+                        "POST", f"/v1/programs/{pid}/storage/usage", {"gib_seconds": used}
+                    ),
+                    self.config.timeout + 5,
+                )
+            except (errors.OssError, TimeoutError) as exc:
+                log.warning("the program's storage was not billed by the OSS: %s", _reason(exc))
 
     def release(self, instance: str) -> None:
         """Release one process's placement in the background."""
