@@ -20,7 +20,12 @@ def _load(path: Path) -> Any:
 
 @click.group()
 def storage() -> None:
-    """A program's storage: files, tiers, moves, billing."""
+    """A program's storage: files, tiers, moves, billing.
+
+    \b
+    Example:
+      dcp-oss storage ls
+    """
 
 
 @storage.command("ls")
@@ -31,6 +36,10 @@ def ls(program: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Each file of PROGRAM's storage (its tier, size and heat per instance) and its moves.
 
     Without PROGRAM, the programs whose storage is recorded.
+
+    \b
+    Example:
+      dcp-oss storage ls myhost-4242-1764500000 --json
     """
     root = (data_dir or default_data_dir()) / "storage"
     if program is None:
