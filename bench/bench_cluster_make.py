@@ -12,7 +12,9 @@ load from other work on the machine hits all three alike:
   (3 local instances: the run's OSS, agents, every compile placed; start-up of
   the instances included).
 
-Also `dcptrace --no-state --instances 3 -- true` alone (the cluster's start-up),
+Also the default placement (`auto`, the cost model: compiles stay home), and
+`dcptrace --no-state --instances 3 [--placement spread] -- true` alone (the
+cluster's start-up: none under auto, which starts instances on first use),
 and the cost of one exec placed from an instance (a placed sh running 20
 `/bin/true`, each placed again, minus the placed sh alone, / 20).
 Prints min / median / max wall seconds per way and the load average.
@@ -59,12 +61,16 @@ def main() -> None:
             "dcptrace": [*DCPTRACE, "--", "make", "-j6"],
             "cluster": [*DCPTRACE, "--instances", "3", "--placement", "spread", "--",
                         "make", "-j6"],
+            "cluster auto (default)": [*DCPTRACE, "--instances", "3", "--", "make", "-j6"],
             "cluster start-up (true)": [*DCPTRACE, "--instances", "3", "--", "true"],
+            "spread start-up (true)": [*DCPTRACE, "--instances", "3", "--placement", "spread",
+                                       "--", "true"],
             # A placed sh alone, and running 20 /bin/true each placed again from its
             # instance: the difference / 20 is one placement from an instance.
-            "placed sh, no exec": [*DCPTRACE, "--instances", "3", "--", "sh", "-c",
-                                   "/bin/sh -c :"],
-            "placed sh, 20 placed execs": [*DCPTRACE, "--instances", "3", "--", "sh", "-c",
+            "placed sh, no exec": [*DCPTRACE, "--instances", "3", "--placement", "spread",
+                                   "--", "sh", "-c", "/bin/sh -c :"],
+            "placed sh, 20 placed execs": [*DCPTRACE, "--instances", "3", "--placement",
+                                           "spread", "--", "sh", "-c",
                                            "/bin/sh -c '" + "/bin/true; " * 20 + "'"],
         }  # fmt: skip
         times: dict[str, list[float]] = {w: [] for w in ways}

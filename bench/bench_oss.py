@@ -98,6 +98,105 @@ def start_server(data: Path, tick: float) -> tuple[subprocess.Popen[str], str]:
     return proc, line.split()[-1]
 
 
+# A bare aiohttp server answering the same routes with fixed JSON: the baseline the
+# OSS's figures are divided by (same load generators, same machine, same run).
+BARE_SERVER = r"""
+import sys
+from aiohttp import web
+ONE = {"assignments": [{"instance": "sim00000", "processes": 1}], "grants": []}
+async def ok(request):
+    if request.can_read_body:
+        await request.read()
+    return web.json_response({"id": "prg_bare", "instance": "x", "heartbeat_interval": 1.0,
+                              "commands": [], "programs": [], **ONE})
+app = web.Application()
+app.router.add_route("*", "/{tail:.*}", ok)
+runner = web.AppRunner(app, access_log=None)
+import asyncio
+async def main():
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    print(f"listening on http://127.0.0.1:{port}", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def start_bare() -> tuple[subprocess.Popen[str], str]:
+    """The baseline: a bare aiohttp handler (no auth, no store, no validation)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BARE_SERVER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise SystemExit(f"the bare aiohttp server did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+def run_load(
+    url: str, admin: str, toks: dict[str, str], args: Any
+) -> tuple[dict[str, Any], float, list[float]]:
+    """The mixed load (heartbeats + API clients) for `args.duration`, then the closed-loop
+    placement storm: (per-generator results, storm placements/s, storm latencies)."""
+    start = time.time() + args.warmup + 5.0  # time for registrations
+    stop = start + args.duration
+    q: Any = mp.Queue()
+    ps = [
+        mp.Process(target=_run_instances, args=(url, toks, start, stop, q)),
+        mp.Process(
+            target=_run_clients, args=(url, admin, args.clients, args.think, start, stop, q)
+        ),
+    ]
+    for p in ps:
+        p.start()
+    res = dict(q.get(timeout=args.duration + 180) for _ in ps)
+    for p in ps:
+        p.join(60)
+    rate, lat = asyncio.run(_place_storm(url, admin, 32, args.storm))
+    return res, rate, lat
+
+
+def baseline_rows(
+    ours: dict[str, Any], storm: tuple[float, list[float]], args: Any
+) -> list[tuple[str, str]]:
+    """The same load against a bare aiohttp handler; the OSS's figures over its."""
+    proc, url = start_bare()
+    try:
+        res, rate, lat = run_load(url, "bare", {n: "t" for n in ours["names"]}, args)
+    finally:
+        proc.kill()
+        proc.wait()
+    bare_api = [x for v in res["clients"]["lat"].values() for x in v]
+    bare_hb = res["instances"]["lat"]
+    api = ours["api"]
+    hb = ours["hb"]
+    return [
+        ("BASELINE: bare aiohttp handler, same load", ""),
+        (
+            "  heartbeat p50 / p99 ms (bare)",
+            f"{pct(bare_hb, 0.5):.1f} / {pct(bare_hb, 0.99):.1f}",
+        ),
+        ("  API p50 / p99 ms (bare)", f"{pct(bare_api, 0.5):.1f} / {pct(bare_api, 0.99):.1f}"),
+        ("  API requests/s (bare)", f"{len(bare_api) / args.duration:,.0f}"),
+        (
+            "  closed-loop requests/s, 32 callers (bare: place+release pairs)",
+            f"{rate:,.0f} (p99 {pct(lat, 0.99):.1f} ms)",
+        ),
+        (
+            "RATIO OSS / bare: heartbeat p99, API p99, closed-loop placements/s",
+            f"{pct(hb, 0.99) / pct(bare_hb, 0.99):.2f}x, "
+            f"{pct(api, 0.99) / pct(bare_api, 0.99):.2f}x, {storm[0] / rate:.2f}x",
+        ),
+    ]
+
+
 # -- load generators (separate processes) --------------------------------------
 
 
@@ -124,6 +223,12 @@ async def _instances(url: str, toks: dict[str, str], start: float, stop: float) 
 
         async def reg(name: str, tok: str) -> None:
             async with sem:
+                for attempt in range(5):  # a loaded machine drops some connections
+                    try:
+                        await register(name, tok)
+                        return
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.5 * (attempt + 1))
                 await register(name, tok)
 
         await asyncio.gather(*(reg(n, t) for n, t in toks.items()))
@@ -360,6 +465,7 @@ def main() -> None:
     ap.add_argument(
         "--inproc-only", action="store_true", help="only the in-process placement measures"
     )
+    ap.add_argument("--no-baseline", action="store_true", help="skip the bare aiohttp baseline run")
     args = ap.parse_args()
     if args.inproc_only:
         with tempfile.TemporaryDirectory(prefix="bench-oss-") as tmp:
@@ -472,6 +578,9 @@ def main() -> None:
         ),
         ("host CPU pressure 'some' avg10 at start / end (incl. this bench)", f"{psi0} / {psi1}"),
     ]
+    if not args.no_baseline:
+        ours = {"names": list(toks), "api": all_lat, "hb": inst["lat"]}
+        rows += baseline_rows(ours, (storm_rate, storm_lat), args)
     for op in sorted(cli["lat"]):
         v = cli["lat"][op]
         rows.append(
@@ -499,6 +608,11 @@ def _scrape(url: str, token: str) -> str:
     import urllib.request
 
     req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    for _ in range(4):  # a loaded machine drops some connections
+        try:
+            return urllib.request.urlopen(req, timeout=30).read().decode()
+        except OSError:
+            time.sleep(1.0)
     return urllib.request.urlopen(req, timeout=30).read().decode()
 
 

@@ -107,7 +107,8 @@ def placed(script: str, args: list[str], cwd: Path, table: str) -> dict[str, obj
     """Run `script` on one local instance with `cwd` as a volume; its JSON line."""
     config = cwd.parent / f"{cwd.name}.toml"
     config.write_text(f"[storage]\n{table}\n")
-    dcp = [sys.executable, "-m", "tracer.cli", "--no-state", "--instances", "1", "--volume", "."]
+    dcp = [sys.executable, "-m", "tracer.cli", "--no-state", "--instances", "1",
+           "--placement", "spread", "--volume", "."]  # fmt: skip
     argv = [*dcp, "--config", str(config), "--", "sh", "-c", PLACED, script, *args]
     res = subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
     if res.returncode != 0:

@@ -7,7 +7,8 @@ anything and keeps the write end of the lifeline pipe (close-on-exec, so no
 program inherits it).  The owner writes `agent PID STARTTIME` for each agent it
 starts and `cgroup PATH` for each cgroup it makes.  When the pipe reaches EOF
 without a `release` line, the owner died without tearing down: the reaper
-kills the agents it was told of (each is PID 1 of its instance, so the
+kills the agents it was told of (`net PREFIX`: the host's program
+redirects into that prefix go too), (each is PID 1 of its instance, so the
 instance's processes go with it), waits for them, and
 removes the cgroups, the lab's links and namespaces (by tag), its marker and
 the log directory.  An orderly `close()` writes `release` first: then the
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     agents: list[tuple[int, int]] = []
     cgroups: list[str] = []
+    nets: list[str] = []  # program address prefixes whose host rules and routes go
     buffer = b""
     while chunk := os.read(args.lifeline, 4096):
         buffer += chunk
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if len(words) == 2 and words[0] == "cgroup":
             cgroups.append(words[1])
+        elif len(words) == 2 and words[0] == "net":
+            nets.append(words[1])
         elif len(words) == 3 and words[0] == "agent":
             with contextlib.suppress(ValueError):
                 agents.append((int(words[1]), int(words[2])))
@@ -82,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     for group in reversed(cgroups):
         with contextlib.suppress(OSError):
             os.rmdir(group)
+    if nets:
+        from net.redirector import sweep_prefix  # pyroute2 only here
+
+        for prefix in nets:
+            with contextlib.suppress(Exception):
+                sweep_prefix(None, prefix)
     if args.tag is not None:
         from net.netns import destroy_by_tag  # pyroute2 only here
 

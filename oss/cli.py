@@ -23,6 +23,7 @@ from oss.compute.pool import Provider
 from oss.db import datadir
 from oss.errors import OssError
 from oss.listener import GuardedSite, ListenerLimits
+from oss.network import cli as network_cli
 from oss.server import make_app
 from oss.service import Oss, OssConfig
 from oss.storage import cli as storage_cli
@@ -478,4 +479,5 @@ main.add_command(telemetry_cli.logs)
 main.add_command(billing_cli.bill)
 main.add_command(billing_cli.limits)
 main.add_command(accounts_cli.users)
+main.add_command(network_cli.network)
 main.add_command(storage_cli.storage)  # issue 14: a program's files, tiers, moves

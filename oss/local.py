@@ -50,7 +50,13 @@ class _Finish(NamedTuple):
     signal: int | None
 
 
-_Item = ProcessEvent | _Finish
+class _Done:
+    """Everything of the run is queued: the writer ends."""
+
+
+_DONE = _Done()
+# str: a line of the run's log (the placement decisions)
+_Item = ProcessEvent | _Finish | _Done | str
 
 
 class LocalOss:
@@ -77,6 +83,10 @@ class LocalOss:
         """Queue a process event (thread-safe, never blocks the tracer)."""
         self._put(event)
 
+    def note(self, text: str) -> None:
+        """Queue a line for the run's log (thread-safe, never blocks the tracer)."""
+        self._put(text)
+
     def finish(self, exit_status: int | None, signal: int | None) -> None:
         """The main process ended: record the status."""
         self._put(_Finish(exit_status, signal))
@@ -86,6 +96,7 @@ class LocalOss:
         """Wait (bounded) until everything is written; say so once if it was not."""
         if self._thread.ident is None:
             return  # never started: the program did not run
+        self._put(_DONE)  # what came after the program's end (placement notes) is written too
         self._go.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -167,10 +178,13 @@ class LocalOss:
                     item = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except TimeoutError:
                     continue
+                if isinstance(item, _Done):
+                    return
                 if isinstance(item, _Finish):
                     await oss.finish(who, self.program_id, item.exit_status, item.signal)
-                    return
-                await oss.program_log(self.program_id, _describe(item))
+                    continue
+                text = item if isinstance(item, str) else _describe(item)
+                await oss.program_log(self.program_id, text)
         finally:
             await oss.close()
 
@@ -275,12 +289,33 @@ class PrivateOss:
             fut.cancel()
             raise
 
+    def use_network(self, config: Any, nodes: Any, timeout: float) -> None:
+        """Give the run's program an address on its instances (issue 13): `config` an
+        `oss.network.manager.NetworkConfig`, `nodes` node -> network namespace."""
+        from net.redirector import Redirector
+
+        async def attach() -> None:
+            self.oss.use_network(config, Redirector(nodes))
+            await self.oss.network.start()
+
+        self.call(attach(), timeout)
+
     def later(self, coro: Any) -> Any:
         """Run a coroutine on the OSS loop without waiting (a concurrent future)."""
         import asyncio
 
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def note(self, text: str) -> None:
+        """A line for the OSS log (thread-safe, never waits; dropped if the OSS is down)."""
+        loop, oss = self.loop, self.oss
+        if loop is None or oss is None:
+            return
+        try:
+            loop.call_soon_threadsafe(oss.oss_log, text)
+        except RuntimeError:
+            pass  # the loop already ended
 
     def registered(self, timeout: float) -> list[str]:
         """Wait until every instance registered (bounded); the names still missing."""
@@ -327,7 +362,9 @@ class PrivateOss:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         # Each local instance takes as many processes as a run may start at once.
-        oss = Oss(OssConfig(data_dir=self.data_dir, slots_per_cpu=64))
+        # Its directory is temporary and removed with the run: nothing in it outlives a
+        # crash, so commits are not fsynced (a placement costs two commits).
+        oss = Oss(OssConfig(data_dir=self.data_dir, slots_per_cpu=64, durable=False))
         await oss.start()
         try:
             now = oss.clock()

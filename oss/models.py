@@ -163,7 +163,7 @@ class ViewSpec(Api):
     """What the program's processes see wherever they run (`--map`), bound into tickets."""
 
     maps: Annotated[list[tuple[ViewPath, ViewPath]], Field(max_length=256)] = []
-    placement: Literal["spread", "pack", "local"] = "spread"
+    placement: Literal["auto", "spread", "pack", "local"] = "spread"
     metering: Literal["exec", "full"] = "exec"
     home: Annotated[str, StringConstraints(max_length=255)] = ""
 
@@ -249,6 +249,7 @@ class Program(Api):
     placements: list[Placement]
     view: ViewSpec = ViewSpec()
     stop: StopInfo | None = None  # set when a limit stopped it (stopped_budget/stopped_limit)
+    address: str | None = None  # the program's address on its instances (issue 13)
 
 
 class ExecIdentity(Api):
@@ -521,6 +522,7 @@ class ProcessList(Api):
 
     processes: list[ProcessRow]
     incomplete: list[str]  # "INSTANCE:PID"
+    address: str | None = None  # the program's address (issue 13), where it has one
     total: int | None = None  # rows in all (set when a page was asked for)
 
 

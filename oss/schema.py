@@ -12,6 +12,7 @@ from oss.billing import schema as billing
 from oss.compute import schema as compute
 from oss.db.migrations import Version, check_sequence
 from oss.ipc import schema as ipc
+from oss.network import schema as network
 from oss.telemetry import schema as telemetry
 
 VERSIONS: tuple[Version, ...] = (
@@ -25,5 +26,6 @@ VERSIONS: tuple[Version, ...] = (
     (8, (telemetry.V7,)),  # measured usage: processes, report_seq, measured_net, storage
     (9, (compute.V_LIMITS,)),  # programs.stop_json/client_placed, idle_since, pool_backoff (E)
     (10, (telemetry.V10,)),  # processes.moved_to, freeze_ms (issue 12: migration)
+    (11, (network.V_NET,)),  # program addresses, members, listeners (issue 13)
 )
 check_sequence(VERSIONS)

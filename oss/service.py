@@ -53,6 +53,7 @@ from oss.models import (
     ProgramSubmit,
     ReportAck,
 )
+from oss.network.manager import Applier, NetworkConfig, NetworkManager
 from oss.schema import VERSIONS
 from oss.storage.relay import StorageRelay
 from oss.telemetry import logs as logmod
@@ -95,6 +96,7 @@ class OssConfig:
     idle_grace: float = 30.0  # an idle pool instance beyond the warm target lives this long
     demand_window: float = 10.0  # placements refused for capacity count this long as demand
     backoff_base: float = 1.0  # a failing provider: wait min(base * 2**n, 60 s) after n
+    durable: bool = True  # False: no fsync per commit (a store that dies with its run)
 
     def __post_init__(self) -> None:
         for name in (
@@ -124,7 +126,7 @@ class Oss:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.store = Store(config.data_dir, VERSIONS, clock)
+        self.store = Store(config.data_dir, VERSIONS, clock, durable=config.durable)
         self.accounts = Accounts(self.store)
         self.instances = Instances(self.store)
         self.programs = Programs(self.store, BudgetCheck())
@@ -161,14 +163,26 @@ class Oss:
         self._outcomes = migrations.Outcomes()
         self.storage = StorageRelay(self.commands)  # issue 14: programs' storage on instances
         self._runner: asyncio.Task[None] | None = None
+        # Issue 13: program addresses and redirects (None: no network prefix configured).
+        self.network: NetworkManager | None = None
         self.heartbeats_processed = 0
         self._ticks = 0
 
     # -- lifecycle -----------------------------------------------------------
 
+    def use_network(self, config: NetworkConfig, applier: Applier) -> None:
+        """Give programs addresses from `config.prefix`, redirected by `applier` (before
+        `start`; issue 13).  The egress of a program's instances is shaped to the
+        tightest bandwidth limit of its account, user and program."""
+        from oss.billing.store import bandwidth_cap_kbit
+
+        self.network = NetworkManager(self.store, config, applier, self.clock, bandwidth_cap_kbit)
+
     async def start(self) -> None:
         """Open the store and start the background loop."""
         await self.store.open()
+        if self.network is not None:
+            await self.network.start()
         now = self.clock()
         # After a restart every ready instance gets a full timeout to heartbeat again.
         self._last_seen = {name: now for name in await self.instances.ready_instances()}
@@ -182,6 +196,8 @@ class Oss:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        if self.network is not None:
+            await self.network.close()
         await self._flush_all()
         await self.store.close()
 
@@ -391,6 +407,9 @@ class Oss:
             self.placed(program_id, assignments)  # telemetry: these instances report for it
         if exec_as is None:
             return []
+        if program_id is not None and self.network is not None:
+            for a in assignments:  # the program's address is there before its process
+                await self.network.join(program_id, a["instance"])
         keys = await self.instances.exec_targets([a["instance"] for a in assignments])
         # Issue 10: each ticket binds the program and the digest of its stored view.
         bound: dict[str, Any] = {}
@@ -593,6 +612,7 @@ class Oss:
         for st in res.stopped:
             await self.program_log(st.program_id, st.reason)
             self.oss_log(f"program {st.program_id} {st.reason}")
+            await self._release_network(st.program_id)
             # Every instance running it freezes, then kills, its processes there; the
             # home (dcptrace) sees the stop in the program's state and stops its own.
             for cmd in self.commands.stop(st.program_id, st.instances, st.reason):
@@ -642,6 +662,7 @@ class Oss:
         )
         await self.program_log(program_id, f"cancelled by {who.user_id}")
         self.commands.forget_program(program_id)
+        await self._release_network(program_id)
         return prog
 
     async def finish(
@@ -657,7 +678,17 @@ class Oss:
         )
         await self.program_log(program_id, reason)
         self.commands.forget_program(program_id)
+        await self._release_network(program_id)
         return prog
+
+    async def _release_network(self, program_id: str) -> None:
+        """The program ended: its address and redirects go (one line if a node failed)."""
+        if self.network is None:
+            return
+        try:
+            await self.network.release(program_id)
+        except Exception as exc:  # noqa: BLE001 - the end is recorded regardless
+            self.oss_log(f"program {program_id}: network set-up not fully removed: {exc}")
 
     async def instance_programs(self, instance: str) -> set[str]:
         """Ids of programs placed on an instance."""
@@ -752,6 +783,14 @@ class Oss:
                 )
             )
             self.oss_log(f"program {cmd.program}: pid {cmd.pid} moved to {cmd.to}", instance)
+            if self.network is not None:  # issue 13: its redirects follow it
+                took = await self.network.moved(cmd.program, cmd.pid, instance, cmd.to)
+                if took:
+                    self.oss_log(
+                        f"program {cmd.program}: redirects re-pointed to {cmd.to} in "
+                        f"{took * 1000:.1f} ms",
+                        cmd.to,
+                    )
         else:
             self.oss_log(
                 f"program {cmd.program}: pid {cmd.pid} not moved to {cmd.to}: {body.error}",

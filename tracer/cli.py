@@ -37,7 +37,7 @@ class RunDefaults:
 
     map: dict[str, str] = field(default_factory=dict)
     instances: int = 0
-    placement: str = "spread"
+    placement: str = "auto"
     oss: str | None = None
     volumes: list[str] = field(default_factory=list)
     storage: dict[str, int | str] = field(default_factory=dict)
@@ -179,7 +179,7 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     "--placement",
     type=click.Choice(PLACEMENTS),
     default=None,
-    help="Where new programs run (default spread).",
+    help="Where new programs run (default auto: a cost model keeps short ones home).",
 )
 @click.option("--oss", "oss_url", metavar="URL", help="Use a running dcp-oss coordinator.")
 @click.option(
@@ -213,6 +213,8 @@ def command(
     logging.basicConfig(
         level=logging.WARNING - 10 * verbose, format="dcptrace: %(levelname)s: %(message)s"
     )
+    if trace:  # placement decisions (home or placed, and why) belong to the trace
+        logging.getLogger("dcp.placement").setLevel(logging.INFO)
     if config_path:
         from tracer.config import load_config  # pydantic costs ~30 ms of start-up
 
@@ -309,6 +311,8 @@ def command(
             with compose.coordinator(
                 inner, n, where, oss_url or config.oss, mapping,
                 volumes=tuple(config.volumes) + volumes, storage=_storage_table(config),
+                note=local.note if local is not None else None,
+                profiles=state_dir / "placement-profiles.json", keep_profiles=local is not None,
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # The --placement choices: the policies of vmagent.cluster.placement (POLICIES),
 # spelled out here so that parsing options loads no vmagent module; a unit test
 # checks the two agree.
-PLACEMENTS = ("spread", "pack", "local")
+PLACEMENTS = ("auto", "spread", "pack", "local")
 START_TIMEOUT = 15.0  # seconds for the run's OSS and its instances to come up
 
 
@@ -61,11 +61,17 @@ def coordinator(
     maps: dict[str, str] | None = None,
     volumes: tuple[str, ...] = (),
     storage: dict[str, int | str] | None = None,
+    note: Callable[[str], None] | None = None,
+    profiles: Path | None = None,
+    keep_profiles: bool = False,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
     `maps` (`--map`, `[map]`) become the program's view, which every placed
-    process carries and its instance applies.
+    process carries and its instance applies.  `note` takes the placement
+    decisions' log lines (the run's record in the local OSS state); `profiles` the
+    file of the programs' past run times the cost model reads (and writes back at
+    the end with `keep_profiles`).
     """
     check_volumes(volumes, instances, oss_url, maps or {})
     if instances == 0 and oss_url is None:
@@ -76,10 +82,24 @@ def coordinator(
     except ImportError as exc:
         raise UsageError("--instances/--oss need the vmagent package, which is missing") from exc
     with clustered(
-        inner, instances=instances, placement=placement, oss_url=oss_url, maps=maps,
-        volumes=volumes, storage=storage,
-    ) as coord:  # fmt: skip
-        yield coord
+        inner,
+        instances=instances,
+        placement=placement,
+        oss_url=oss_url,
+        maps=maps,
+        volumes=volumes,
+        storage=storage,
+        note=note,
+        profiles=profiles,
+    ) as coord:
+        advisor = getattr(coord, "advisor", None)
+        try:
+            yield coord
+        finally:
+            if advisor is not None and profiles is not None and keep_profiles:
+                from vmagent.cluster.advisor import save_history
+
+                save_history(profiles, advisor.history)
 
 
 def check_volumes(
@@ -122,6 +142,8 @@ def clustered(
     maps: dict[str, str] | None = None,
     volumes: tuple[str, ...] = (),
     storage: dict[str, int | str] | None = None,
+    note: Callable[[str], None] | None = None,
+    profiles: Path | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -145,59 +167,109 @@ def clustered(
             if volumes:  # issue 14: served from here, mounted by each VM's agent via the OSS
                 view, run_storage = _oss_storage(stack, view, volumes, maps or {}, oss_url, storage)
             with oss_clustered(inner, placement, oss_url, view=view, storage=run_storage) as coord:
-                yield coord
+                told: Callable[[str], None] | None = None
+                if placement == "auto":
+                    from vmagent.cluster.advisor import Advisor, load_history
+
+                    # The OSS knows the instances (it picks); decisions go to the program's log.
+                    told = getattr(getattr(coord, "_link", None), "note", None)
+                    coord.advisor = Advisor("home", note=told, history=load_history(profiles))
+                try:
+                    yield coord
+                finally:
+                    if coord.advisor is not None and coord.advisor.counts and told is not None:
+                        told(coord.advisor.summary())
         return
     from oss.local import PrivateOss, PrivateOssError
     from oss.storage.server import StorageError
     from vmagent.cluster.coordinator import OssModeUnavailable
-    from vmagent.cluster.local import LocalCluster
-    from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator
+    from vmagent.cluster.localrun import LazyLink, LocalRun, LocalRunError
+    from vmagent.cluster.ossmode import OssCoordinator, ProgramLink
     from vmagent.cluster.placement import Placement, UnknownPolicy
     from vmagent.errors import AgentError
 
     # Always an OSS (issue 10): the run's own, on a thread of this process, serving
     # its agents on a unix socket; it places every exec, from home or an instance.
-    stack = contextlib.ExitStack()
+    # Under auto (the cost model) the OSS and the instances start on the first
+    # placement (`vmagent.cluster.localrun`): local instances share this machine's
+    # cores, so most runs never need them.
     try:
         Placement(placement, [])  # validate the policy before starting anything
         # Each agent traces what it runs (vmagent.trace): nothing to ask for here.
-        cluster = LocalCluster(instances)
-        stack.callback(cluster.close)
-        private = PrivateOss(cluster.logdir / "oss", cluster.logdir, cluster.names)
-        cluster.use_oss(private.url, private.tokens)
-        # Before the agents: they register at once (after a failed first try an
-        # agent backs off 0.5 s, which costs more than the OSS's imports slow them).
-        private.start()
-        stack.callback(private.close)
-        cluster.start()
-        private.wait_ready(START_TIMEOUT)
-        missing = private.registered(START_TIMEOUT)
-        if missing:
-            raise TracerError(
-                f"local instances: {', '.join(missing)} did not register with the run's OSS"
-            )
-        if volumes:  # issue 14: the declared paths are one namespace on every instance
-            view = _with_storage(stack, view, volumes, maps or {}, cluster, storage or {})
+        run = LocalRun(instances, view, START_TIMEOUT, PrivateOss, PrivateOssError)
     except (UnknownPolicy, OssModeUnavailable) as exc:
-        stack.close()
         raise UsageError(str(exc)) from exc
-    except (AgentError, PrivateOssError, StorageError) as exc:
-        stack.close()
+    except AgentError as exc:
         raise TracerError(f"local instances: {exc}") from exc
-    except BaseException:
-        stack.close()
-        raise
-    with stack:
-        link = LocalProgramLink(private, view)
+    link: ProgramLink
+    stack = contextlib.ExitStack()
+    # Declared volumes are mounted on every instance before anything runs there, so
+    # they start the instances now whatever the policy (issue 14).
+    if placement == "auto" and not volumes:
+        link = LazyLink(run)
+    else:
+        try:
+            link = run.start()
+            if volumes:  # issue 14: the declared paths are one namespace on every instance
+                view = _with_storage(stack, view, volumes, maps or {}, run.cluster, storage or {})
+                run.view = link.view = view
+        except (LocalRunError, StorageError) as exc:
+            stack.close()
+            run.close()
+            raise TracerError(f"local instances: {exc}") from exc
+        except BaseException:
+            stack.close()
+            run.close()
+            raise
+    try:
         local = OssCoordinator(
-            inner, placement, link, os.getcwd(), cluster.reconnect_window, view=view
+            inner, placement, link, os.getcwd(), run.cluster.reconnect_window, view=view
         )
+        if placement == "auto":
+            local.advisor = local_advisor(run, note, profiles)
         try:
             yield local
         finally:
+            if local.advisor is not None and local.advisor.counts:
+                line = local.advisor.summary()
+                run.note(line)
+                if note is not None:
+                    note(line)
             local.close()
-        stack.close()
-        cluster.remove_logs()
+    finally:
+        # The storage goes first (unmounts while the agents still run), then the run.
+        try:
+            stack.close()
+        finally:
+            run.close()
+    run.remove_logs()
+
+
+def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path | None) -> Any:
+    """The cost model's adapter for local instances: they share this machine's cores."""
+    from oss.compute.costmodel import Site
+    from vmagent.cluster.advisor import Advisor, load_history, machine_id
+    from vmagent.cluster.advisor import log as placement_log
+
+    here = machine_id()
+    sites = [Site(n, run.cluster.cpus, 0.0, here) for n in run.cluster.names]
+
+    def noted(text: str) -> None:
+        run.note(text)
+        if note is not None:
+            note(text)
+
+    advisor = Advisor(
+        "home", others=lambda: sites, note=noted, machine=here, history=load_history(profiles)
+    )
+    if not advisor.may_place():
+        line = (
+            f"placement on home: {', '.join(run.cluster.names)} share this machine's cores: "
+            "no exec is worth placing, every one runs home"
+        )
+        placement_log.info("%s", line)
+        noted(line)
+    return advisor
 
 
 def _with_storage(

@@ -49,7 +49,7 @@ class FileConfig(BaseModel):
 
     map: dict[str, str] = {}
     instances: int = Field(default=0, ge=0)
-    placement: str = "spread"
+    placement: str = "auto"
     oss: str | None = None
     volumes: list[str] = []
     storage: StorageTable = StorageTable()

@@ -38,6 +38,8 @@ class SyscallCall(NamedTuple):
     argv: tuple[bytes, ...] | None = None
     # getcwd only: the real working directory of the calling thread.
     cwd: bytes | None = None
+    # `sockaddr_out` arguments: the buffer size the program passed (read at entry).
+    sizes: Mapping[int, int] = _NONE
 
 
 class Allow(NamedTuple):
@@ -62,6 +64,15 @@ class Complete(NamedTuple):
 
     result: int
     writes: tuple[tuple[int, bytes], ...] = ()
+
+
+class Defer(NamedTuple):
+    """Answer later: the thread stays at its syscall stop, every other one runs on.
+
+    For calls that wait on something outside the tracer (a file lock another
+    instance holds).  The runner's owner feeds the decision in with
+    `Runner.decide(tid, decision)` once it has one.
+    """
 
 
 Decision = Allow | Rewrite | Complete
@@ -133,8 +144,8 @@ class Coordinator(Protocol):
         """
         ...
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
-        """Decide what happens to one intercepted call."""
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
+        """Decide what happens to one intercepted call (`Defer`: decided later)."""
         ...
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:

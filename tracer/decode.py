@@ -126,6 +126,8 @@ class Formatter:
             "int": lambda p, v, s, r: str(signed(v, 32)),
             "pid": lambda p, v, s, r: str(signed(v, 32)),
             "size": lambda p, v, s, r: str(v), "ptr": lambda p, v, s, r: hex(v) if v else "NULL",
+            "sockaddr": lambda p, v, s, r: hex(v) if v else "NULL",
+            "sockaddr_out": lambda p, v, s, r: hex(v) if v else "NULL",
         }  # fmt: skip
         self._plans: dict[int, tuple[tuple[Decoder, int, int], ...]] = {}
         self._oflags: dict[int, int] = {}

@@ -167,6 +167,8 @@ def add_remote(record: dict[str, Any], remote: dict[str, Any]) -> None:
             acc[svc] = acc.get(svc, 0) + int(n)
     record["syscalls"]["by_instance"] = by_instance
     record["incomplete"] = list(remote.get("incomplete", []))
+    if remote.get("address"):  # issue 13: the program's one address on its instances
+        record["program_address"] = remote["address"]
 
 
 def render_record(record: dict[str, Any]) -> str:

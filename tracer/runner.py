@@ -23,6 +23,8 @@ from tracer import ptraceio
 from tracer.coordinator import (
     Complete,
     Coordinator,
+    Decision,
+    Defer,
     ProcessExited,
     ProcessUsage,
     Rewrite,
@@ -124,6 +126,7 @@ class Runner:
             raise TracerError(f"coordinator asks for unknown syscalls: {sorted(unknown)}")
         self.intercept = frozenset(self.names[n].nr for n in coordinator.interception())
         self._calls: dict[int, SyscallCall] = {}
+        self.deferred: dict[int, SyscallCall] = {}  # tid -> a call awaiting `decide`
         self._saved: dict[int, ptraceio.Registers] = {}
         self._entry_text: dict[int, str] = {}
         # --trace reads the tracee's memory while it is stopped: at entry for
@@ -310,6 +313,9 @@ class Runner:
             log.exception("coordinator failed on %s; the call returns EIO", call.name)
             decision = Complete(-errno.EIO)
         self._calls[action.tid] = call
+        if isinstance(decision, Defer):
+            self.deferred[action.tid] = call  # stays stopped until `decide`
+            return
         if self.measure is not None:
             counts = self._services.setdefault(call.pid, {})
             service = self.table[call.nr].service.value
@@ -317,6 +323,14 @@ class Runner:
         if isinstance(decision, Rewrite) and call.argv is not None:
             self._exec_argv[action.tid] = tuple(a.decode(errors="replace") for a in call.argv)
         self._execute(self.machine.step(Decided(action.tid, decision)))
+
+    def decide(self, tid: int, decision: Decision) -> None:
+        """The decision on a call the coordinator deferred (ignored if `tid` is gone)."""
+        if self.deferred.pop(tid, None) is None or self.machine is None:
+            return
+        if tid not in self.machine.threads:
+            return
+        self._execute(self.machine.step(Decided(tid, decision)))
 
     def _build_call(self, tid: int, nr: int, args: tuple[int, ...]) -> SyscallCall:
         spec: SyscallSpec = self.table[nr]
@@ -339,11 +353,25 @@ class Runner:
                 raw = ptraceio.read_string(tid, args[i])
                 if raw is not None:
                     paths[i] = raw
+        sizes: dict[int, int] = {}
+        for i, fmt in enumerate(spec.args):
+            if fmt == "sockaddr":
+                path = unix_path(_read(tid, args[i], min(args[i + 1] & 0xFFFFFFFF, SUN_LEN)))
+                if path is not None:
+                    paths[i] = path
+                    if not path.startswith(b"/"):
+                        base = self._base(tid, None)
+                        if base is not None:
+                            bases[i] = base
+            elif fmt == "sockaddr_out" and args[i] and args[i + 1]:
+                raw = _read(tid, args[i + 1], 4)
+                if len(raw) == 4:
+                    sizes[i] = struct.unpack("<i", raw)[0]
         argv = None
         if "argv" in spec.args:
             argv = ptraceio.read_string_array(tid, args[spec.args.index("argv")])
         cwd = ptraceio.proc_link(tid, "cwd") if spec.name == "getcwd" else None
-        return SyscallCall(pid, tid, nr, spec.name, args, paths, bases, argv, cwd)
+        return SyscallCall(pid, tid, nr, spec.name, args, paths, bases, argv, cwd, sizes)
 
     @staticmethod
     def _base(tid: int, dirfd: int | None) -> bytes | None:
@@ -404,6 +432,11 @@ class Runner:
             out_index = self.table[call.nr].output_arg()
             if out_index is not None and rval > 0:
                 output = ptraceio.read_memory(action.tid, call.args[out_index], rval)
+            elif call.sizes and rval == 0:  # a socket address the call filled
+                ((index, size),) = call.sizes.items()
+                got = _read(action.tid, call.args[index + 1], 4)
+                length = struct.unpack("<i", got)[0] if len(got) == 4 else 0
+                output = _read(action.tid, call.args[index], max(0, min(length, size, SUN_LEN)))
             replacement = self.coordinator.on_result(call, rval, output)
             if replacement is not None:
                 self._apply_complete(action.tid, replacement, skip_call=False)
@@ -511,6 +544,27 @@ def _has_file_caps(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+SUN_LEN = 110  # sizeof(struct sockaddr_un)
+AF_UNIX = 1
+
+
+def _read(tid: int, addr: int, size: int) -> bytes:
+    """Up to `size` bytes of the tracee's memory (b"" if unreadable)."""
+    if not addr or size <= 0:
+        return b""
+    try:
+        return ptraceio.read_memory(tid, addr, size)
+    except OSError:
+        return b""
+
+
+def unix_path(addr: bytes) -> bytes | None:
+    """The path an AF_UNIX socket address names (None: another family, abstract, unnamed)."""
+    if len(addr) < 3 or int.from_bytes(addr[:2], "little") != AF_UNIX or addr[2] == 0:
+        return None
+    return addr[2:].split(b"\0", 1)[0]
 
 
 def _align(addr: int, to: int = 16) -> int:

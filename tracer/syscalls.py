@@ -41,10 +41,14 @@ class Service(enum.Enum):
 # to the nearest preceding `dirfd`, else the cwd); `target` is a symlink's
 # stored content; `buf_in`/`buf_out` are byte buffers whose length is the next
 # `size` argument (read at entry / at exit); `argv`/`envp` are string arrays.
+# `sockaddr` is a socket address whose length is the next argument (an AF_UNIX
+# one names a path); `sockaddr_out` one the call fills, its length at the
+# pointer that is the next argument.
 ARG_FORMATS = frozenset(
     {
         "int", "uint", "ulong", "ptr", "size", "fd", "dirfd", "path", "target", "str",
         "buf_in", "buf_out", "argv", "envp", "oflags", "mode", "prot", "signo", "pid",
+        "sockaddr", "sockaddr_out",
     }
 )  # fmt: skip
 

@@ -29,6 +29,7 @@ from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffe
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.network.reporter import ListenerReporter
 from vmagent.storage.mounts import MOUNTS, StorageOrders
 from vmagent.storage.mounts import OUTCOME as STORAGE_OUTCOME
 from vmagent.storage.mounts import add_routes as storage_routes
@@ -263,6 +264,9 @@ class Agent:
         )
         self.placer = Placer(oss)
         self.service.hooks.add(self.placer)
+        # Issue 13: listening sockets the instance tracers see, steered by the OSS.
+        self.listeners = ListenerReporter(oss)
+        self.service.hooks.add(self.listeners)
         self._unauthenticated = [0]  # connections counted by their Gate
         # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
         self.enforcer = Enforcer(config.instance, detect(config.instance))
@@ -348,4 +352,5 @@ class Agent:
             deadline = asyncio.get_running_loop().time() + ZYGOTE_EXIT
             while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
+        await self.listeners.close()
         await self.placer.close()

@@ -407,3 +407,14 @@ def _levels(c: Conn, program_id: str) -> list[tuple[lim.Level, lim.Limits, lim.U
 
 
 _NO_LIMITS = lim.Limits()
+
+
+def bandwidth_cap_kbit(c: Conn, program_id: str) -> int:
+    """The tightest `max_bandwidth_mbps` of the program's account, user and program, in
+    kbit/s (0: no limit); the network manager shapes the program's egress to it."""
+    caps = [
+        limits_.max_bandwidth_mbps
+        for _, limits_, _ in _levels(c, program_id)
+        if limits_.max_bandwidth_mbps is not None
+    ]
+    return max(min(caps) * 1000, 8) if caps else 0

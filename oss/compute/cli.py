@@ -125,6 +125,7 @@ def programs_show(program: str, target: con.Target) -> None:
             ("placements", _where(prog)),
             ("exit", _end(prog)),
             ("spent", con.money(prog.spent_micros)),
+            ("address", prog.address),
             ("stopped by", None if prog.stop is None else f"{prog.stop.level} {prog.stop.resource}"
              f" limit {prog.stop.limit}, was {prog.stop.value}"),
         ]

@@ -22,6 +22,7 @@ from oss.db.store import Conn, Store, new_id, to_json
 from oss.errors import BudgetExhausted, Conflict, LimitExceeded, NoCapacity, NotFound
 
 ACTIVE = ("pending", "running", "recovering")
+VIEW_CACHE = 4096  # programs whose view is kept in memory (cleared whole when full)
 
 
 class Budget(Protocol):
@@ -51,6 +52,7 @@ class Programs:
     def __init__(self, db: Store, budget: Budget) -> None:
         self._db = db
         self._budget = budget
+        self._views: dict[str, tuple[str, dict[str, Any]]] = {}  # view_of's, immutable
 
     async def get_policies(self, account_id: str) -> dict[str, Any]:
         """The account's default policies."""
@@ -265,7 +267,14 @@ class Programs:
         return await self._db.read(op)
 
     async def view_of(self, program_id: str) -> tuple[str, dict[str, Any]]:
-        """(placement policy, stored view) of a program (issue 10: bound into its tickets)."""
+        """(placement policy, stored view) of a program (issue 10: bound into its tickets).
+
+        Both are set at submit and never change: kept after the first read (one
+        read less per placement with a ticket).  The caller must not modify them.
+        """
+        hit = self._views.get(program_id)
+        if hit is not None:
+            return hit
 
         def op(c: Conn) -> tuple[str, dict[str, Any]]:
             r = c.execute(
@@ -275,7 +284,11 @@ class Programs:
                 raise NotFound(f"program {program_id}")
             return r[0], json.loads(r[1] or "{}")
 
-        return await self._db.read(op)
+        got = await self._db.read(op)
+        if len(self._views) >= VIEW_CACHE:
+            self._views.clear()
+        self._views[program_id] = got
+        return got
 
     async def check_placed(self, account_id: str, program_id: str, instance: str | None) -> None:
         """NotFound unless the account's program exists (and is placed on `instance`)."""

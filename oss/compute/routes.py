@@ -46,9 +46,10 @@ async def h_programs(
 
 
 async def h_program(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:
-    return m.Program(
-        **await oss.programs.program(principal(who).account_id, r.match_info["program_id"])
-    )
+    prog = await oss.programs.program(principal(who).account_id, r.match_info["program_id"])
+    if oss.network is not None:  # issue 13
+        prog = dict(prog, address=await oss.network.address_ever(prog["id"]))
+    return m.Program(**prog)
 
 
 async def h_cancel(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:

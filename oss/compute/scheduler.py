@@ -23,6 +23,7 @@ import heapq
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from oss.compute import costmodel
 from oss.errors import NoCapacity
 
 
@@ -174,7 +175,7 @@ def _next_new(it: object, free: Mapping[str, int]) -> str | None:
 
 # -- the program's placement policy (issue 10: one policy for home and instances) ----
 
-POLICIES = ("spread", "pack", "local")
+POLICIES = ("auto", "spread", "pack", "local")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +196,10 @@ def choose(policy: str, slots: Sequence[Slot], start: int = 0) -> tuple[str | No
       2 per instance; sequential ones alternate);
     - pack: the first instance (in the given order) with fewer of the program's
       processes than CPUs; when all are full, as spread;
-    - local: None (the process runs where it is).
+    - local: None (the process runs where it is);
+    - auto: the cost model (`oss.compute.costmodel`) decided the process is worth
+      placing; it goes where it is expected to finish first (the lowest load per
+      CPU, then the fewest of the program's processes), equal ones in turn.
 
     The local coordinator (`vmagent.cluster.placement.Placement`) keeps `start`
     as its round-robin cursor; the OSS orders the candidates with the instance
@@ -205,6 +209,13 @@ def choose(policy: str, slots: Sequence[Slot], start: int = 0) -> tuple[str | No
         raise ValueError(f"unknown placement {policy!r}: choose one of {', '.join(POLICIES)}")
     if policy == "local" or not slots:
         return None, start
+    if policy == "auto":
+        order = costmodel.rank(
+            [costmodel.Site(s.name, s.cpus, s.load * max(s.cpus, 1)) for s in slots],
+            {s.name: s.running for s in slots},
+        )
+        at = [s.name for s in slots].index(order[0])
+        return order[0], (at + 1) % len(slots)
     if policy == "pack":
         for s in slots:
             if s.running < s.cpus:

@@ -57,8 +57,9 @@ def to_json(v: Any) -> str:
 class _Writer:
     """The writer thread: group commit of queued operations."""
 
-    def __init__(self, path: Path, versions: Sequence[Version]) -> None:
+    def __init__(self, path: Path, versions: Sequence[Version], durable: bool = True) -> None:
         self._path = path
+        self._durable = durable
         self._versions = versions
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="oss-store-writer", daemon=True)
@@ -86,6 +87,8 @@ class _Writer:
     def _run(self) -> None:
         try:
             conn = connect(self._path)
+            if not self._durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
             migrate(conn, self._versions)
         except BaseException as exc:  # reported to start()
             self._error = exc
@@ -173,11 +176,18 @@ class Store:
         data_dir: Path,
         versions: Sequence[Version],
         clock: Callable[[], float] = time.time,
+        durable: bool = True,
     ) -> None:
-        """`versions`: the schema sequence to migrate to (oss.schema.VERSIONS)."""
+        """`versions`: the schema sequence to migrate to (oss.schema.VERSIONS).
+
+        `durable` False: commits are not fsynced (WAL, synchronous=NORMAL: still
+        consistent, the last commits may be lost with the machine) - only for a
+        store that does not outlive its process (the OSS of a `dcptrace
+        --instances` run, in a temporary directory removed at its end).
+        """
         self.path = datadir.prepare(data_dir)
         self.clock = clock
-        self._writer = _Writer(self.path, versions)
+        self._writer = _Writer(self.path, versions, durable)
         self._local = threading.local()
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []

@@ -25,6 +25,7 @@ def storage() -> None:
     \b
     Example:
       dcp-oss storage ls
+      dcp-oss storage ls s-3f2a9c --json
     """
 
 
@@ -39,7 +40,7 @@ def ls(program: str | None, data_dir: Path | None, as_json: bool) -> None:
 
     \b
     Example:
-      dcp-oss storage ls myhost-4242-1764500000 --json
+      dcp-oss storage ls s-3f2a9c
     """
     root = (data_dir or default_data_dir()) / "storage"
     if program is None:

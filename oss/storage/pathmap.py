@@ -73,59 +73,86 @@ class PathMap:
         """The virtual path a program should see for a real absolute path."""
         return self._swap(real, self.reverse) or real
 
-    def resolve(self, path: bytes, base: bytes | None, readlink: ReadLink) -> bytes | None:
+    def resolve(
+        self, path: bytes, base: bytes | None, readlink: ReadLink, follow: bool = True
+    ) -> bytes | None:
         """The real path to pass to the kernel instead of `path`, or None to keep it.
 
         `base` is the real directory a relative path is resolved against (the
         cwd or the dirfd's path); None when unknown (the path is then kept).
+        As under a bind mount, the walk happens in the program's (virtual)
+        namespace: every symlink on the way is followed by its stored target
+        read as a virtual path (the last component only when `follow`), so a
+        link to `/mnt/v/a` reaches the mapped file and `..` climbs out of a
+        mapped directory to its virtual parent.  Paths that name nothing
+        mapped, lexically, are left to the kernel; so is whatever lies under
+        /proc (its magic links are the caller's, not the tracer's).
         """
         if not path:
             return None
         if path.startswith(b"/"):
             stack: list[bytes] = []
-            touched = self.to_real(b"/") is not None
         else:
             if base is None:
                 return None
             vbase = self.to_virtual(base)
-            touched = vbase != base
             stack = _components(vbase)
-        links = 0
+            if vbase != base:  # a mapped directory: always answered in the view
+                return self._walk_links(stack, path, readlink, follow, touched=True)
+        if self.to_real(b"/") is None and not self._touches(stack, path):
+            return None
+        return self._walk_links(stack, path, readlink, follow)
+
+    def _touches(self, stack: list[bytes], path: bytes) -> bool:
+        """Does some prefix of the lexical walk name a mapped path (or is `..` in it)?"""
+        here = list(stack)
         for comp in _components(path):
             if comp == b"..":
-                real = self._real_of(stack)
-                target = readlink(real) if stack else None
-                if target is not None and links < MAX_LINKS:
-                    links += 1
-                    stack.pop()
-                    if target.startswith(b"/"):
-                        stack = _walk([], self.to_virtual(target))
-                    else:
-                        stack = _walk(stack, target)
+                return True  # climbing may pass a symlink: walk it for real
+            here.append(comp)
+            if self.to_real(b"/" + b"/".join(here)) is not None:
+                return True
+        return False
+
+    def _walk_links(
+        self,
+        stack: list[bytes],
+        path: bytes,
+        readlink: ReadLink,
+        follow: bool,
+        touched: bool = False,
+    ) -> bytes | None:
+        queue = _components(path)
+        touched = touched or self.to_real(b"/" + b"/".join(stack)) is not None
+        follow = follow or path.endswith(b"/")  # a trailing slash resolves the last link
+        links = 0
+        while queue:
+            comp = queue.pop(0)
+            if comp == b"..":
                 if stack:
                     stack.pop()
                 continue
             stack.append(comp)
-            if not touched and self.to_real(b"/" + b"/".join(stack)) is not None:
-                touched = True
-        virtual = b"/" + b"/".join(stack)
-        touched = touched or self.to_real(virtual) is not None
+            virtual = b"/" + b"/".join(stack)
+            real = self.to_real(virtual)
+            touched = touched or real is not None
+            if stack[0] == b"proc" or (not queue and not follow) or links >= MAX_LINKS:
+                continue  # past MAX_LINKS the kernel's ELOOP is left to the kernel
+            target = readlink(real or virtual)
+            if target is None:
+                continue
+            links += 1
+            stack.pop()
+            if target.startswith(b"/"):
+                stack = []
+            queue[:0] = _components(target)
         if not touched:
             return None
+        virtual = b"/" + b"/".join(stack)
         real = self.to_real(virtual) or virtual
         if path.endswith(b"/") and not real.endswith(b"/"):
             real += b"/"
         return real
-
-    def _real_of(self, stack: list[bytes]) -> bytes:
-        virtual = b"/" + b"/".join(stack)
-        return self.to_real(virtual) or virtual
-
-    def map_target(self, target: bytes) -> bytes | None:
-        """The stored content for a new symlink whose target is `target`, or None to keep it."""
-        if not target.startswith(b"/"):
-            return None
-        return self.to_real(b"/" + b"/".join(_walk([], target)))
 
 
 def parse_mapping(spec: str) -> tuple[str, str]:

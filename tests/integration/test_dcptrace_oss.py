@@ -197,7 +197,9 @@ def dcptrace(
         env["DCP_TOKEN"] = token
     if fallback is not None:
         env["DCP_OSS_FALLBACK"] = fallback
+    # Placement mechanics under test: every placeable exec placed (not the cost model).
     options = ["--no-state", "--oss", url]
+    opts = {"placement": "spread", **opts}
     for k, v in opts.items():
         options += [f"--{k}", v]
     return subprocess.run(
@@ -323,7 +325,8 @@ def test_an_oss_gone_mid_run_leaves_the_processes_here(tmp_path: Path) -> None:
         script = "./marker.sh; while [ ! -f gone ]; do :; done; ./marker.sh; exit 6"
         env = dict(traced_env(), DCP_TOKEN=lab.token)
         p = subprocess.Popen(
-            [*dcptrace_argv("--no-state", "--oss", lab.url), "--", "sh", "-c", script],
+            [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread"),
+             "--", "sh", "-c", script],
             cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip

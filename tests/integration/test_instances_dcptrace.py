@@ -70,7 +70,7 @@ def test_exit_statuses_and_signal_deaths_propagate() -> None:
         "exec sh -c 'exit 3'"
     )
     native = subprocess.run(["bash", "-c", script], capture_output=True)
-    traced = dcptrace("--instances", "2", "--", "bash", "-c", script)
+    traced = dcptrace("--instances", "2", "--placement", "spread", "--", "bash", "-c", script)
     assert traced.stdout == native.stdout == b"status 7\nstatus 143\nstatus 139\n"
     assert traced.returncode == native.returncode == 3
 
@@ -85,6 +85,8 @@ def test_hundred_megabyte_pipeline_across_instances(tmp_path: Path) -> None:
     traced = dcptrace(
         "--instances",
         "2",
+        "--placement",
+        "spread",
         "--record",
         str(record),
         "--",
@@ -140,7 +142,18 @@ def test_make_j6_on_three_instances_builds_identical_objects(tmp_path: Path) -> 
     for p in products:
         (src / p).unlink()
     record = tmp_path / "rec.json"
-    traced = dcptrace("--instances", "3", "--record", str(record), "--", "make", "-j6", cwd=src)
+    traced = dcptrace(
+        "--instances",
+        "3",
+        "--placement",
+        "spread",
+        "--record",
+        str(record),
+        "--",
+        "make",
+        "-j6",
+        cwd=src,
+    )
     assert traced.returncode == 0, traced.stderr
     assert sorted(traced.stdout.splitlines()) == sorted(native.stdout.splitlines())
     for p in products:
@@ -157,7 +170,8 @@ def test_make_j6_on_three_instances_builds_identical_objects(tmp_path: Path) -> 
 def test_nested_execs_stay_on_the_instance_of_their_program() -> None:
     script = 'sh -c \'echo outer $(sh -c "$W"); sh -c "echo inner \\$(sh -c \\"\\$W\\")"\''
     traced = dcptrace(
-        "--instances", "3", "--", "bash", "-c", script, env=dict(DCPTRACE_ENV, W=WHERE_SH)
+        "--instances", "3", "--placement", "spread",
+        "--", "bash", "-c", script, env=dict(DCPTRACE_ENV, W=WHERE_SH)
     )  # fmt: skip
     assert traced.returncode == 0, traced.stderr
     outer, inner = traced.stdout.decode().split("\n")[:2]
@@ -203,7 +217,16 @@ def test_stdin_relative_paths_and_shebangless_scripts_match_native(tmp_path: Pat
         ["bash", "-c", body], cwd=tmp_path, input=b"1\n3\n2\n", capture_output=True
     )
     traced = dcptrace(
-        "--instances", "2", "--", "bash", "-c", body, cwd=tmp_path, input=b"1\n3\n2\n"
+        "--instances",
+        "2",
+        "--placement",
+        "spread",
+        "--",
+        "bash",
+        "-c",
+        body,
+        cwd=tmp_path,
+        input=b"1\n3\n2\n",
     )
     assert native.stdout == b"with ./with.sh 1 a b\nwithout ./without.sh x\n3\n2\n1\nmissing 127\n"
     assert (traced.returncode, traced.stdout) == (native.returncode, native.stdout)
@@ -211,7 +234,9 @@ def test_stdin_relative_paths_and_shebangless_scripts_match_native(tmp_path: Pat
 
 def test_remote_programs_run_under_their_instances_tracer() -> None:
     script = 'sh -c "exit 7"; echo "status $?"; grep TracerPid /proc/self/status'
-    traced = dcptrace("--instances", "2", "--", "bash", "-c", script, env=DCPTRACE_ENV)
+    traced = dcptrace(
+        "--instances", "2", "--placement", "spread", "--", "bash", "-c", script, env=DCPTRACE_ENV
+    )
     assert traced.returncode == 0, traced.stderr
     lines = traced.stdout.decode().splitlines()
     assert lines[0] == "status 7"

@@ -105,7 +105,8 @@ def _dcptrace(lab: Lab) -> subprocess.Popen[bytes]:
     env = dict(traced_env(), DCP_TOKEN=lab.token)
     env.pop("DCP_OSS_FALLBACK", None)
     return subprocess.Popen(
-        [*dcptrace_argv("--no-state", "--oss", lab.url, "--record", "run.json"),
+        [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread",
+                        "--record", "run.json"),
          "--", "sh", "-c", f"{sys.executable} counter.py c; exit $?"],
         cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

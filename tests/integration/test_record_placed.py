@@ -28,7 +28,16 @@ def test_placed_processes_are_recorded_with_their_own_argv(tmp_path: Path) -> No
 
 def test_one_instance_means_one_placed_instance(tmp_path: Path) -> None:
     rec = tmp_path / "run.json"
-    res = traced(["sh", "-c", "/bin/true"], "--instances", "1", "--record", str(rec), timeout=120)
+    res = traced(
+        ["sh", "-c", "/bin/true"],
+        "--instances",
+        "1",
+        "--placement",
+        "spread",
+        "--record",
+        str(rec),
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     procs = json.loads(rec.read_text())["processes"]
     assert {p["instance"] for p in procs if p["argv"][:1] == ["/bin/true"]} == {"node0"}

@@ -62,7 +62,8 @@ def test_ctrl_c_reaches_a_placed_process_s_child() -> None:
     # The root sh stays home; the inner sh is placed on node0, its python child runs there.
     inner = 'python3 -c "$P"; echo inner-after'
     proc = subprocess.Popen(
-        [*dcptrace_argv("--instances", "1"), "--", "sh", "-c", f"/bin/sh -c '{inner}'"],
+        [*dcptrace_argv("--instances", "1", "--placement", "spread"),
+         "--", "sh", "-c", f"/bin/sh -c '{inner}'"],
         env=traced_env({"P": GRANDCHILD}), stdin=slave, stdout=slave, stderr=slave,
         start_new_session=True, preexec_fn=make_controlling,
     )  # fmt: skip

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cproject import generate
+from test_local_state import log_text, programs
 
-from tests.conftest import run, traced
+from tests.conftest import dcptrace_argv, run, traced, traced_env, wait_for
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
@@ -88,3 +90,48 @@ def test_a_placed_make_places_its_compilers_in_turn(project: Path) -> None:
     ran_on = hosts.read_text().split()
     assert len(ran_on) == 14, ran_on  # 13 compiles and the link
     assert set(ran_on) == {"node0", "node1", "node2"}, (make["instance"], ran_on)
+
+
+def test_by_default_the_cost_model_keeps_short_compiles_home_and_says_why(
+    project: Path, tmp_path: Path
+) -> None:
+    """`--placement auto` (the default): local instances share this machine's cores, so no
+    compile is worth a placement.  Each decision is in the --trace run's log (with its
+    reason); the first per shape and kind and a summary are in the run's log in the
+    local OSS state, and the run times are kept there for the next run (0600)."""
+    native = run(["make", "-j6"], cwd=project, timeout=300)
+    assert native.returncode == 0, native.stderr
+    want_binary = (project / "app").read_bytes()
+    assert run(["make", "clean"], cwd=project).returncode == 0
+
+    data = tmp_path / "state"
+    rec = project.parent / "r.json"
+    out = project.parent / "trace.txt"
+    res = run(
+        [*dcptrace_argv("--instances", "3", "--trace", "-o", str(out), "--record", str(rec)),
+         "--", "make", "-j6"],
+        cwd=project, env=traced_env({"DCP_DATA": str(data)}), timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.splitlines()) == sorted(native.stdout.splitlines())
+    assert (project / "app").read_bytes() == want_binary
+    procs = json.loads(rec.read_text())["processes"]
+    compilers = [p for p in procs if p["argv"] and Path(p["argv"][0]).name in ("cc", "gcc")]
+    # 13 compiles + the link (gcc's forked children carry its argv: distinct argvs count)
+    assert len({tuple(p["argv"]) for p in compilers}) == 14, [p["argv"] for p in compilers]
+    assert {p["instance"] for p in compilers} == {"local"}, compilers  # this machine
+    err = res.stderr.decode()
+    assert "'cc -O1 -c *.c -o *.o' never ran before: stays on home" in err, err[-3000:]
+
+    progs: list[dict[str, Any]] = []
+
+    def recorded() -> bool:
+        progs[:] = programs(data) if (data / "local-account.token").exists() else []
+        return bool(progs) and "execs decided (" in log_text(progs[0])
+
+    assert wait_for(recorded, 30), progs
+    text = log_text(progs[0])
+    assert "placement on home: 'cc -O1 -c *.c -o *.o' never ran before" in text, text[-3000:]
+    profiles = data / "placement-profiles.json"
+    assert profiles.stat().st_mode & 0o777 == 0o600
+    assert json.loads(profiles.read_text())["cc -O1 -c *.c -o *.o"][0] == 13  # runs

@@ -276,7 +276,7 @@ def test_a_sync_publishes_files_still_open_for_writing(tmp_path: Path) -> None:
     _require_root()
     import time
 
-    full = [*dcptrace_argv("--instances", "1", "--volume", "."), "--",
+    full = [*dcptrace_argv("--instances", "1", "--placement", "spread", "--volume", "."), "--",
             "sh", "-c", 'python3 -c "$0"', UNCLOSED]  # fmt: skip
     proc = subprocess.Popen(full, cwd=tmp_path, env=traced_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip

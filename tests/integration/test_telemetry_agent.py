@@ -129,7 +129,8 @@ def test_follow_ends_with_the_program(tlab: Lab) -> None:
     env["DCP_TOKEN"] = tlab.token
     before = {p["id"] for p in tlab.get("/v1/programs")}
     run = subprocess.Popen(
-        [*dcptrace_argv("--no-state", "--oss", tlab.url), "--", "sh", "-c", script],
+        [*dcptrace_argv("--no-state", "--oss", tlab.url, "--placement", "spread"),
+         "--", "sh", "-c", script],
         cwd=tlab.data, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip

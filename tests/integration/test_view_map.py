@@ -35,7 +35,8 @@ def test_a_placed_cat_reads_through_the_map(data: Path) -> None:
     script = "/bin/cat /mnt/v/a"
     local = traced(["sh", "-c", script], "--no-state", "--map", f"/mnt/v={data}")
     placed = traced(
-        ["sh", "-c", script], "--no-state", "--instances", "2", "--map", f"/mnt/v={data}",
+        ["sh", "-c", script], "--no-state", "--instances", "2", "--placement", "spread",
+        "--map", f"/mnt/v={data}",
         timeout=120,
     )  # fmt: skip
     assert local.returncode == 0, local.stderr
@@ -48,7 +49,8 @@ def test_a_placed_shell_cds_into_the_map(data: Path) -> None:
     script = "/bin/sh -c 'cd /mnt/v && pwd && cat a && /bin/pwd'"
     local = traced(["sh", "-c", script], "--no-state", "--map", f"/mnt/v={data}")
     placed = traced(
-        ["sh", "-c", script], "--no-state", "--instances", "2", "--map", f"/mnt/v={data}",
+        ["sh", "-c", script], "--no-state", "--instances", "2", "--placement", "spread",
+        "--map", f"/mnt/v={data}",
         timeout=120,
     )  # fmt: skip
     assert local.returncode == 0, local.stderr

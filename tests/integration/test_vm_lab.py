@@ -337,6 +337,53 @@ def test_a_program_placed_in_a_guest_is_traced_there_and_reported(
     assert set(by_instance) & {"vm1", "vm2"}, got["metrics"]
 
 
+# Issue 14: the 4-way flock counter with its `flock`s placed in both guests (two
+# kernels): each takes the lock through its deputy on the home's open file
+# description, so the rounds still add up.  The critical section is the home
+# shell's (builtins), the delay a builtin loop: only `flock` runs in the guests.
+LOCK_ROUNDS = 3
+FLOCK_COUNTER = f"""
+r=0
+while [ $r -lt {LOCK_ROUNDS} ]; do
+  echo 0 > c
+  for i in 1 2 3 4; do
+    ( flock 9; read n < c; j=0; while [ $j -lt 3000 ]; do j=$((j+1)); done
+      echo $((n+1)) > c ) 9>c.lock &
+  done
+  wait; read n < c; echo "$n"; r=$((r+1))
+done
+"""
+
+
+@pytest.mark.timeout(900)  # TCG guests on a loaded host: a placed exec can take seconds
+def test_flock_holds_across_guests(booted: Lab, tmp_path_factory: pytest.TempPathFactory) -> None:
+    lab = booted
+    if lab.oss is None:
+        pytest.skip(f"no OSS/agent: {lab.oss_missing}")
+    for n in ("vm1", "vm2"):
+        lab.loop.run(lab.registered(n), timeout=150)
+    _acct, _user, token = lab.loop.run(
+        lab.oss.oss.accounts.create_account(  # type: ignore[union-attr]
+            "locks", False, "sum", "u", allow_root=True
+        )
+    )
+    work = tmp_path_factory.mktemp("flock-counter")
+    record = work / "run.json"
+    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
+    res = subprocess.run(
+        ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli",
+         "--oss", lab.oss_url, "--placement", "spread", "--record", str(record),
+         "--", "/bin/sh", "-c", FLOCK_COUNTER],
+        capture_output=True, timeout=600, cwd=work, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    err = res.stderr.decode(errors="replace")
+    assert res.returncode == 0, err
+    assert res.stdout == b"4\n" * LOCK_ROUNDS, err
+    rows = json.loads(record.read_text())["placed_processes"]
+    flocks = [r["instance"] for r in rows if r["argv"][:1] == ["flock"]]
+    assert set(flocks) == {"vm1", "vm2"}, rows  # both kernels took part
+
+
 # ---- failure detection ----------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ def run_attacked(instances: int, execs: int) -> tuple[Any, dict[str, Any]]:
     shared.chmod(0o777)
     result: dict[str, Any] = {}
     victim = subprocess.Popen(
-        [*dcptrace_argv("--no-state", "--instances", str(instances)), "--",
+        [*dcptrace_argv("--no-state", "--instances", str(instances), "--placement", "spread"), "--",
          "sh", "-c", victim_script(shared, execs)],
         env=traced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

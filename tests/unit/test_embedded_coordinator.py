@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oss.embedded import LOCAL_INSTANCE, EmbeddedCoordinator
+from oss.embedded import LOCAL_INSTANCE, EmbeddedCoordinator, shebang
 from oss.storage.pathmap import PathMap
 from tracer.arch import table_for
 from tracer.coordinator import (
@@ -69,7 +69,9 @@ def test_no_map_intercepts_nothing_and_allows(pathmap: PathMap | None) -> None:
 
 def test_interception_covers_every_path_and_target_call(coord: EmbeddedCoordinator) -> None:
     names = coord.interception()
-    expected = {s.name for s in TABLE.values() if s.path_args() or "target" in s.args} | {"getcwd"}
+    named = {"target", "sockaddr", "sockaddr_out"}
+    expected = {s.name for s in TABLE.values() if s.path_args() or named & set(s.args)}
+    expected |= {"getcwd"}
     # ...and the calls that would get around the map, which are refused.
     assert names == expected | {"io_uring_setup", "open_by_handle_at"}
     assert names <= NAMES.keys()  # the runner rejects unknown names
@@ -148,11 +150,12 @@ def test_rename_rewrites_only_the_mapped_path(coord: EmbeddedCoordinator) -> Non
     assert d == Rewrite({1: REAL + b"/b"})
 
 
-def test_symlinkat_maps_absolute_target_and_link_path(coord: EmbeddedCoordinator) -> None:
+def test_symlinkat_stores_the_target_as_given(coord: EmbeddedCoordinator) -> None:
+    # As under a bind mount: the link holds /data/t, followed in the view later.
     d = coord.on_syscall(
         call("symlinkat", (BUF, AT_FDCWD, BUF + 64), paths={0: b"/data/t", 2: b"/data/l"})
     )
-    assert d == Rewrite({0: REAL + b"/t", 2: REAL + b"/l"})
+    assert d == Rewrite({2: REAL + b"/l"})
 
 
 def test_symlink_relative_target_is_kept(coord: EmbeddedCoordinator) -> None:
@@ -160,7 +163,7 @@ def test_symlink_relative_target_is_kept(coord: EmbeddedCoordinator) -> None:
     d = coord.on_syscall(call("symlink", (BUF, BUF + 64), paths={0: b"t", 1: b"/data/l"}))
     assert d == Rewrite({1: REAL + b"/l"})
     d = coord.on_syscall(call("symlink", (BUF, BUF + 64), paths={0: b"/data/t", 1: b"/tmp/l"}))
-    assert d == Rewrite({0: REAL + b"/t"})
+    assert d == Allow()
 
 
 def test_relative_target_is_never_resolved_against_a_directory(
@@ -215,13 +218,16 @@ def test_getcwd_outside_mapping_runs_natively(coord: EmbeddedCoordinator) -> Non
 
 
 @pytest.mark.parametrize(("name", "path_index"), [("readlink", 0), ("readlinkat", 1)])
-def test_readlink_observes_its_result(
+def test_readlink_observes_only_procs_magic_links(
     coord: EmbeddedCoordinator, name: str, path_index: int
 ) -> None:
+    # A stored link reads back as stored (bind mount); /proc's show real paths.
     d = coord.on_syscall(call(name, paths={path_index: b"/etc/alternatives/x"}))
-    assert d == Allow(observe_result=True)
+    assert d == Allow()
     d = coord.on_syscall(call(name, paths={path_index: b"/data/l"}))
-    assert d == Rewrite({path_index: REAL + b"/l"}, observe_result=True)
+    assert d == Rewrite({path_index: REAL + b"/l"})
+    d = coord.on_syscall(call(name, paths={path_index: b"/proc/self/fd/3"}))
+    assert d == Allow(observe_result=True)
 
 
 def test_on_result_maps_real_target_back_to_virtual(coord: EmbeddedCoordinator) -> None:
@@ -282,3 +288,60 @@ def test_on_process_keeps_events_in_order(coord: EmbeddedCoordinator) -> None:
     for e in events:
         coord.on_process(e)
     assert coord.events == events
+
+
+# ---- issue 14: as under a bind mount ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "found"),
+    [
+        (b"#!/bin/sh\necho", (b"/bin/sh", None)),
+        (b"#! /usr/bin/env  python3 -u \n", (b"/usr/bin/env", b"python3 -u")),
+        (b"#!\t/bin/bash\t-e\n", (b"/bin/bash", b"-e")),
+        (b"#!\n", None),
+        (b"\x7fELF", None),
+    ],
+)
+def test_shebang_splits_as_binfmt_script(head: bytes, found: tuple[bytes, bytes | None]) -> None:
+    assert shebang(head) == found
+
+
+def test_a_mapped_script_runs_as_its_interpreter_with_the_path_it_was_named_by(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.sh").write_text("#!/bin/sh -e\necho\n")
+    (tmp_path / "s.sh").chmod(0o755)
+    (tmp_path / "plain").write_text("#!/bin/sh\n")  # not executable: the kernel refuses
+    c = EmbeddedCoordinator(TABLE, PathMap({"/v": str(tmp_path)}))
+    d = c.on_syscall(call("execve", paths={0: b"/v/s.sh"}, argv=(b"s", b"x")))
+    assert d == Rewrite({0: b"/bin/sh", 1: (b"/bin/sh", b"-e", b"/v/s.sh", b"x")})
+    d = c.on_syscall(call("execve", paths={0: b"/v/plain"}, argv=(b"p",)))
+    assert d == Rewrite({0: str(tmp_path / "plain").encode()})
+
+
+def unix(path: bytes) -> bytes:
+    return b"\x01\x00" + path
+
+
+def test_unix_socket_addresses_name_the_real_file(coord: EmbeddedCoordinator) -> None:
+    d = coord.on_syscall(call("bind", (3, BUF, 12), paths={1: b"/data/sock"}))
+    assert d == Rewrite({1: unix(REAL + b"/sock"), 2: len(REAL) + 8})
+    assert coord.on_syscall(call("connect", (3, BUF, 12), paths={1: b"/tmp/s"})) == Allow()
+    long = b"/data/" + b"x" * 90  # fits as named, not once mapped
+    d = coord.on_syscall(call("connect", (3, BUF, 110), paths={1: long}))
+    assert d == Complete(-errno.ENAMETOOLONG)
+
+
+def test_getsockname_shows_the_path_as_named(coord: EmbeddedCoordinator) -> None:
+    c = call("getsockname", (3, BUF, BUF + 512), sizes={1: 110})
+    assert coord.on_syscall(c) == Allow(observe_result=True)
+    out = unix(REAL + b"/sock\0")
+    named = unix(b"/data/sock\0")
+    assert coord.on_result(c, 0, out) == Complete(
+        0, ((BUF, named), (BUF + 512, len(named).to_bytes(4, "little")))
+    )
+    small = call("getpeername", (3, BUF, BUF + 512), sizes={1: 4})
+    got = coord.on_result(small, 0, out)
+    assert got is not None and got.writes[0] == (BUF, named[:4])  # truncated, as the kernel
+    assert coord.on_result(c, 0, unix(b"/tmp/other\0")) is None

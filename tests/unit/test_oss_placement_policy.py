@@ -73,7 +73,7 @@ def test_local_places_nothing() -> None:
 
 
 def test_unknown_policy_is_refused() -> None:
-    with pytest.raises(ValueError, match="choose one of spread, pack, local"):
+    with pytest.raises(ValueError, match="choose one of auto, spread, pack, local"):
         S.choose("random", [S.Slot("i0", 2)])
 
 

@@ -202,26 +202,32 @@ def test_symlink_loop_is_bounded(pm: PathMap) -> None:
     assert calls <= MAX_LINKS + 5
 
 
-def test_readlink_only_consulted_for_dotdot(pm: PathMap) -> None:
+def test_symlinks_on_the_way_are_followed_in_the_view(pm: PathMap) -> None:
+    # As under a bind mount: /data/l -> /elsewhere is /elsewhere for the program.
     rl = links({b"/srv/dcp/data/l": b"/elsewhere"})
-    assert pm.resolve(b"/data/l/f", None, rl) == b"/srv/dcp/data/l/f"
-    assert rl.seen == []  # type: ignore[attr-defined]
+    assert pm.resolve(b"/data/l/f", None, rl) == b"/elsewhere/f"
 
 
-# ---- map_target ---------------------------------------------------------------
+def test_an_absolute_target_is_read_as_a_virtual_path(pm: PathMap) -> None:
+    # `ln -s /data/a /data/abs` stores /data/a: following it reaches the mapped file.
+    rl = links({b"/srv/dcp/data/abs": b"/data/a"})
+    assert pm.resolve(b"/data/abs", None, rl) == b"/srv/dcp/data/a"
+    assert pm.resolve(b"/data/abs", None, rl, follow=False) == b"/srv/dcp/data/abs"
+    assert pm.resolve(b"/data/abs/", None, rl, follow=False) == b"/srv/dcp/data/a/"
 
 
-def test_map_target(pm: PathMap) -> None:
-    assert pm.map_target(b"/data/f") == b"/srv/dcp/data/f"
-    assert pm.map_target(b"/data//hot/./x") == b"/fast/hot/x"
-    assert pm.map_target(b"/etc/f") is None
-    assert pm.map_target(b"f") is None  # relative targets resolve where the link lives
-    assert pm.map_target(b"../data/f") is None
+def test_dotdot_from_a_mapped_root_climbs_to_its_virtual_parent(pm: PathMap) -> None:
+    # Under a bind mount /data/.. is /, whatever /srv/dcp/data's real parent is.
+    rl = links({b"/srv/dcp/data/up": b"../etc/f"})
+    assert pm.resolve(b"/data/up", None, rl) == b"/etc/f"
+    assert pm.resolve(b"../etc", b"/srv/dcp/data", no_links) == b"/etc"
 
 
-def test_map_target_with_dotdot(pm: PathMap) -> None:
-    real = pm.map_target(b"/data/../etc")
-    assert real is None or posixpath.normpath(real) == b"/etc"
+def test_proc_is_left_to_the_kernel(pm: PathMap) -> None:
+    # /proc/self is the caller's, not the tracer's: never read here.
+    rl = links({b"/proc/self": b"4242"})
+    assert pm.resolve(b"/data/../proc/self/fd/3", None, rl) == b"/proc/self/fd/3"
+    assert not [p for p in rl.seen if p.startswith(b"/proc")]  # type: ignore[attr-defined]
 
 
 # ---- parse_mapping ------------------------------------------------------------

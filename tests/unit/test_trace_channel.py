@@ -20,6 +20,7 @@ from tracer.syscalls import by_name
 from vmagent.exec import protocol as P
 from vmagent.trace import channel
 from vmagent.trace.host import coordinator_for, interception
+from vmagent.trace.listeners import NET_CALLS
 from vmagent.trace.placing import PID_CALLS, InstanceCoordinator
 
 TABLE = table_for("x86_64")
@@ -111,7 +112,9 @@ def test_descriptors_travel_with_a_message() -> None:
 
 def test_interception_is_every_exec_plus_the_views_paths() -> None:
     plain = interception(TABLE, ())
-    assert plain == {"execve", "execveat"} | PID_CALLS  # issue 11: calls in the program's pids
+    # issue 11: calls in the program's pids; issue 13: listen/close of listening sockets;
+    # issue 14: lock calls (vmagent.trace.filelocks)
+    assert plain == {"execve", "execveat", "flock", "fcntl"} | PID_CALLS | NET_CALLS
     mapped = interception(TABLE, (("/mnt/v", "/srv"),))
     assert {"execve", "openat", "getcwd"} <= mapped
 

@@ -86,3 +86,27 @@ def test_placement_local_or_a_run_without_an_oss_never_asks(view: View) -> None:
     assert isinstance(c.on_syscall(execve(6, b"/bin/true", (b"true",))), Allow)
     assert ask.asked == []
     c.close()
+
+
+def test_under_auto_an_instance_keeps_short_and_chained_execs_without_asking() -> None:
+    """The cost model on an instance: an exec never seen, or a chain (env -> python3),
+    runs where it is and its agent is never asked; a long one on a busy instance is."""
+    from oss.compute.costmodel import Profile
+    from tracer.coordinator import ProcessExec
+
+    ask = Asks([Grant("node2", "10.0.0.12:7070", "v3.ticket")])
+    c = PlacingCoordinator(AllowAll(), ask, creds=lambda pid: (7, 8, ()))
+    c.bind(View.of("prog_1", {}, "auto"), "node1")
+    assert c.advisor is not None
+    c.on_syscall(execve(5, b"/bin/sh", (b"sh",)))  # P's own exec
+    c.on_process(ProcessExec(5, ("sh",)))
+    assert isinstance(c.on_syscall(execve(6, b"/usr/bin/env", (b"env", b"python3"))), Allow)
+    c.on_process(ProcessExec(6, ("env", "python3")))
+    assert isinstance(c.on_syscall(execve(6, b"/usr/bin/python3", (b"python3",))), Allow)
+    assert ask.asked == []
+    assert c.advisor.counts == {"unknown": 1, "chain": 1}
+    c.advisor.history.profiles["true *"] = Profile(3, 30.0)  # known to run long
+    c.advisor.load = lambda: 64.0  # a busy instance
+    assert isinstance(c.on_syscall(execve(7, b"/bin/true", (b"true", b"x"))), Rewrite)
+    assert len(ask.asked) == 1
+    c.close()

@@ -72,7 +72,7 @@ def test_local_never_places_remotely() -> None:
 
 
 def test_unknown_policy_is_a_typed_error() -> None:
-    with pytest.raises(UnknownPolicy, match="choose one of spread, pack, local"):
+    with pytest.raises(UnknownPolicy, match="choose one of auto, spread, pack, local"):
         Placement("random", THREE)
 
 

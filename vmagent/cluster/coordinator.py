@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -33,11 +34,14 @@ from tracer.coordinator import (
     Complete,
     Coordinator,
     Decision,
+    Defer,
     ProcessEvent,
+    ProcessExec,
     ProcessExited,
     Rewrite,
     SyscallCall,
 )
+from vmagent.cluster.advisor import Advisor
 from vmagent.cluster.placement import HOME, Placement
 from vmagent.errors import AgentError
 from vmagent.exec import protocol as P
@@ -50,6 +54,9 @@ log = logging.getLogger(__name__)
 AT_FDCWD = -100 & 0xFFFFFFFFFFFFFFFF
 AT_EMPTY_PATH = 0x1000
 EXEC_CALLS = frozenset({"execve", "execveat"})
+# What a placed process costs beyond asking for its placement: the deputy's start
+# and its remote session (bench/bench_cluster_make.py measures ~26 ms in all).
+DEPUTY_START_S = 0.020
 
 
 class OssModeUnavailable(AgentError):
@@ -204,22 +211,26 @@ class ClusterCoordinator:
         self._ticket_files: dict[int, str] = {}  # placed pid -> its ticket file
         self.drop = TicketDrop()
         self.placed = 0
+        # Under --placement auto: the cost model's adapter (set by whoever builds this
+        # coordinator); None: every placeable exec is placed by the policy.
+        self.advisor: Advisor | None = None
         # One line per placed process that lost data (its instance, a refused
         # session, a stream cut): the run must not end in status 0 (tracer.cli).
         self.lost: list[str] = []
 
     def interception(self) -> frozenset[str]:
-        """The inner coordinator's calls plus execve/execveat."""
+        """The inner coordinator's calls plus execve/execveat (unless the cost model
+        can place none and nobody reads its decisions)."""
+        if self.advisor is not None and not self.advisor.needs_execs():
+            return self._inner_calls
         return self._inner_calls | EXEC_CALLS
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """Place exec'd programs; everything else is the inner coordinator's."""
         if call.name not in EXEC_CALLS:
             return self.inner.on_syscall(call)
-        decision: Decision = (
-            self.inner.on_syscall(call) if call.name in self._inner_calls else Allow()
-        )
-        if isinstance(decision, Complete):
+        decision = self.inner.on_syscall(call) if call.name in self._inner_calls else Allow()
+        if isinstance(decision, (Complete, Defer)):
             return decision
         if not self._seen_first_exec:
             self._seen_first_exec = True  # the tracer starting the program: stays home
@@ -232,11 +243,18 @@ class ClusterCoordinator:
         if found is None or call.argv is None:
             return None
         index, path = found
+        given = call.argv
         if isinstance(decision, Rewrite):
             mapped = decision.args.get(index)
             if isinstance(mapped, bytes):
                 path = mapped  # the inner coordinator mapped a virtual path
+            argv_in = decision.args.get(index + 1)
+            if isinstance(argv_in, tuple):
+                given = argv_in  # a mapped script runs as its interpreter (oss.embedded)
         real = path if path.startswith(b"/") else os.path.join(call.bases.get(index, b""), path)
+        # Before the file and socket checks: most execs stay, and cheaply.
+        if self.advisor is not None and not self.advisor.decide(call.pid, real, call.argv).placed:
+            return None
         if not is_placeable_file(real) or holds_socket(call.pid):
             return None
         try:
@@ -248,16 +266,19 @@ class ClusterCoordinator:
         # path relative to some other directory (execveat's dirfd) is joined.
         fd_relative = call.name == "execveat" and call.args[0] != AT_FDCWD
         exec_path = real if fd_relative else path
-        bound = remote_exec(exec_path, call.argv)
+        bound = remote_exec(exec_path, given)
         ident = Ident(uid, gid, groups, tickets.exec_digest(bound[0], bound[1:]))
+        asked = time.monotonic()
         name = self._choose(ident, call)
         if name == HOME:
             return None
+        if self.advisor is not None:
+            self.advisor.placement_took(time.monotonic() - asked + DEPUTY_START_S)
         target = self.targets[name]
         ticket_file = self.drop.put(self._ticket(target, ident), uid, gid)
         self._ticket_files[call.pid] = ticket_file
         argv = deputy_argv(
-            target.address, name, ticket_file, exec_path, call.argv, self.reconnect_window,
+            target.address, name, ticket_file, exec_path, given, self.reconnect_window,
             view=self.view.hex(), parent=f"{self.where}:{call.pid}",
         )  # fmt: skip
         self.placement.started(name)
@@ -296,6 +317,11 @@ class ClusterCoordinator:
 
     def on_process(self, event: ProcessEvent) -> None:
         """Free a placement slot when a deputy ends; pass every event on."""
+        if self.advisor is not None:
+            if isinstance(event, ProcessExec):
+                self.advisor.execed(event.pid, event.argv)
+            elif isinstance(event, ProcessExited):
+                self.advisor.exited(event.pid)
         if isinstance(event, ProcessExited):
             ticket_file = self._ticket_files.pop(event.pid, None)
             if ticket_file is not None:

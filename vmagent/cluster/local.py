@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,6 +216,15 @@ class LocalCluster:
         finally:
             os.close(read_end)
 
+    @property
+    def lab(self) -> LabNetwork | None:
+        """The lab network of isolated instances (None: plain processes)."""
+        return self._net
+
+    def reap_prefix(self, prefix: str) -> None:
+        """Should this process die, the reaper removes the host's redirects into `prefix`."""
+        self._tell_reaper(f"net {prefix}")
+
     def _tell_reaper(self, line: str) -> None:
         if self._reaper_w >= 0:
             with contextlib.suppress(OSError):
@@ -356,6 +364,8 @@ class LocalCluster:
 
     def _health(self, name: str, address: str) -> dict[str, Any]:
         token = self._tokens[name][0]
+        import urllib.request  # here: not loaded by a run that starts no instance
+
         req = urllib.request.Request(
             f"http://{address}/v1/health", headers={"Authorization": f"Bearer {token}"}
         )

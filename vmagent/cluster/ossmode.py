@@ -30,7 +30,6 @@ never places anything remotely.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -49,6 +48,7 @@ from tracer.coordinator import (
     Complete,
     Coordinator,
     Decision,
+    Defer,
     ProcessEvent,
     ProcessExited,
     Rewrite,
@@ -97,7 +97,7 @@ class OssModeConfig:
 
     url: str  # the OSS base URL
     token: str = field(repr=False)  # the account's bearer token (DCP_TOKEN)
-    placement: str = "spread"  # spread | pack | local
+    placement: str = "auto"  # auto | spread | pack | local
     timeout: float = 10.0  # seconds, every call to the OSS
     fallback_local: bool = False  # DCP_OSS_FALLBACK=local: no OSS instance -> run here
 
@@ -193,7 +193,7 @@ class OssPlacement(Placement):
             return HOME
         # Spread: the OSS ranks the instances used last after the others (most
         # recent last), so sequential processes go round the instances.
-        avoid = list(self._recent) if self.policy == "spread" else []
+        avoid = list(self._recent) if self.policy in ("spread", "auto") else []
         grant = self._link.place(avoid, ident)
         if grant is None:
             return HOME
@@ -240,7 +240,7 @@ class OssCoordinator(ClusterCoordinator):
         self._placed: dict[int, tuple[str, str, int | None]] = {}
         self._placed_lock = threading.Lock()
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """The program's first exec submits it; then as ClusterCoordinator."""
         if self._root is None and call.name in EXEC_CALLS:
             self._root = call.pid
@@ -340,6 +340,9 @@ class _Bridge:
     """A private event loop in a thread, running OSS client calls for the tracer thread."""
 
     def __init__(self) -> None:
+        import asyncio  # here: a run that never asks the OSS does not load asyncio
+
+        self._asyncio = asyncio
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="dcp-oss-client", daemon=True
@@ -349,7 +352,7 @@ class _Bridge:
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run `coro` on the loop and wait (the coroutine enforces its own timeout too)."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut = self._asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -358,7 +361,7 @@ class _Bridge:
 
     def later(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         """Run `coro` on the loop without waiting; `drain` waits for it."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut = self._asyncio.run_coroutine_threadsafe(coro, self.loop)
         self._later.add(fut)
         fut.add_done_callback(self._later.discard)
         return fut
@@ -643,6 +646,21 @@ class OssProgramLink:
         if self.program_id is not None:
             self._bridge.later(self._release(self.program_id, instance))
 
+    def note(self, text: str) -> None:
+        """A line for the program's log in the OSS (in the background; the placement
+        decisions of the cost model).  Dropped before the program is submitted."""
+        if self.program_id is not None:
+            self._bridge.later(self._note(self.program_id, text))
+
+    async def _note(self, pid: str, text: str) -> None:
+        from oss import errors
+        from oss import models as m
+
+        try:
+            await self._client.append_logs(pid, [m.LogLineIn(text=text[:4000])])
+        except errors.OssError as exc:
+            log.debug("placement note for %s: %s", pid, exc)
+
     async def _release(self, pid: str, instance: str) -> None:
         from oss import errors
 
@@ -699,6 +717,8 @@ class OssProgramLink:
         self._bridge.later(self._watch(self.program_id, self._on_stop))
 
     async def _watch(self, pid: str, on_stop: Callable[[str], None]) -> None:
+        import asyncio
+
         from oss import errors
 
         while True:
@@ -804,6 +824,8 @@ class LocalProgramLink:
     async def _watching(
         self, pid: str, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None
     ) -> None:
+        import asyncio
+
         from oss import errors
         from oss import models as m
 
@@ -879,7 +901,12 @@ class LocalProgramLink:
 
     async def _processes(self, final_wait: float) -> Any:
         oss, who = self.private.oss, self.private.principal
-        return await oss.process_list(who.account_id, self.program_id, final_wait, self.placed)
+        got = await oss.process_list(who.account_id, self.program_id, final_wait, self.placed)
+        if oss.network is not None:  # issue 13: the record shows the program's address
+            address = await oss.network.address_ever(self.program_id)
+            if address:
+                got = got.model_copy(update={"address": address})
+        return got
 
     def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
         """One placement with its exec ticket, or None (this process runs here)."""

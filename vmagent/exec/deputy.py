@@ -91,6 +91,25 @@ def _group_signal(code: int, sender: int) -> bool:
         return False
 
 
+GET_LOCK = (5, 36)  # F_GETLK, F_OFD_GETLK: the answer carries the struct flock
+LOCK_UN = 8
+F_UNLCK = 2
+SET_OF = {7: 6, 38: 37}  # a blocking set's non-blocking twin (F_SETLKW, F_OFD_SETLKW)
+
+
+def _undo_lock(fd: int, call: bytes, cmd: int, arg: bytes) -> None:
+    """Release what a cancelled request took (an interrupted native wait took nothing)."""
+    import fcntl
+
+    try:
+        if call == b"flock":
+            fcntl.flock(fd, LOCK_UN)
+        elif cmd in SET_OF and len(arg) >= 2:
+            fcntl.fcntl(fd, SET_OF[cmd], F_UNLCK.to_bytes(2, "little") + arg[2:])
+    except OSError:
+        pass
+
+
 def _say(message: str) -> None:
     try:
         os.write(2, b"dcp: " + message.encode(errors="replace") + b"\n")
@@ -183,6 +202,55 @@ class Deputy:
         # than a reader hanging up): the exit status then says so (`finish`).
         self.broken: list[str] = []
         self.loss_note = ""  # where to tell the coordinator that data was lost
+        # File locks the remote program takes on descriptors it inherited from us
+        # (issue 14): taken here, on our open file descriptions (`_lock`).
+        self.lockable: set[int] = set()  # the descriptors described in HELLO
+        self.cancelled: set[bytes] = set()  # LOCK requests given up (a signal came)
+
+    def _lock(self, fd: int, payload: bytes) -> None:
+        """LOCK: take or test a lock on our `fd` for the remote program, in a thread.
+
+        flock locks belong to our open file description, which the remote
+        program's copy of `fd` stands for; POSIX locks to this process, which has
+        the remote program's pid.  A blocking request waits in its thread.
+        """
+        fields = P.pairs(payload)
+        req = fields.get(b"req", b"")
+        call = fields.get(b"call", b"")
+        if call == b"cancel":
+            self.cancelled.add(req)
+            return
+        if fd not in self.lockable or call not in (b"flock", b"fcntl"):
+            self.link.send(P.LOCKED, fd, P.unpairs({b"req": req, b"result": b"-9"}))
+            return
+        cmd = int(fields.get(b"cmd", b"0") or 0)
+        _thread.start_new_thread(self._lock_thread, (fd, req, call, cmd, fields.get(b"arg", b"")))
+
+    def _lock_thread(self, fd: int, req: bytes, call: bytes, cmd: int, arg: bytes) -> None:
+        import fcntl  # a C module, loaded only by programs that lock
+
+        data = b""
+        try:
+            if call == b"flock":
+                fcntl.flock(fd, int(arg))
+            else:
+                data = fcntl.fcntl(fd, cmd, arg)
+            result = 0
+        except OSError as exc:
+            result = -(exc.errno or 5)
+        except (ValueError, OverflowError):
+            result = -22  # EINVAL
+        if req in self.cancelled:
+            # The remote call already returned EINTR: a lock taken since is undone.
+            self.cancelled.discard(req)
+            if result == 0:
+                _undo_lock(fd, call, cmd, arg)
+            return
+        if cmd not in GET_LOCK:
+            data = b""
+        self.link.send(
+            P.LOCKED, fd, P.unpairs({b"req": req, b"result": b"%d" % result, b"data": data})
+        )
 
     def wake(self, result: tuple[str, int, bytes, bytes]) -> None:
         if self.result is None:
@@ -223,6 +291,8 @@ class Deputy:
                         if fd in self.inputs:
                             count = int(payload) if payload.isdigit() else 0
                             _thread.start_new_thread(self.forward_input, (fd, count))
+                    elif kind == P.LOCK:
+                        self._lock(fd, bytes(payload))
                     elif kind == P.WELCOME:
                         link.session = P.pairs(payload).get(b"session", b"")
                     elif kind == P.MOVED:
@@ -416,6 +486,7 @@ def main(argv: list[str]) -> int:
         deputy.result = (kind, 0, str(exc).encode(), b"")
         return deputy.finish()
     deputy.inputs.update(ins)  # before the receiver runs: it may get WANT at once
+    deputy.lockable.update(int(P.unrecord(r)[0]) for r in fd_records)
     _thread.start_new_thread(deputy.receive, ())
     while deputy.result is None:
         info = _signal.sigwaitinfo(sigs)

@@ -55,6 +55,15 @@ PROOF = 15  # deputy -> agent: record (HMAC(T, "deputy" + c2,)); then HELLO or R
 # agent -> deputy: the program moved (vmagent.checkpoint): pairs addr, instance, salt;
 # the deputy resumes the session there, with the key `moved_key(T, instance, salt)`.
 MOVED = 16
+# File locks on inherited descriptors (issue 14, `vmagent.exec.filelocks`): the remote
+# program locks a descriptor whose open file description is the deputy's, so the
+# deputy takes the lock at home.  LOCK: agent -> deputy, pairs req, call, cmd, arg
+# (call `flock` or `fcntl`; arg the flock operation or the 32-byte struct flock;
+# call `cancel`: give request `req` up).  LOCKED: deputy -> agent, pairs req, result
+# (0 or a negative errno), data (F_GETLK's struct flock).
+LOCK = 17
+LOCKED = 18
+LAST_KIND = LOCKED
 NONCE_SIZE = 16  # bytes of each challenge
 # HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
 # reached it (its connection was cut first).  The agent attaches it to the
@@ -70,7 +79,7 @@ KEEPALIVE_IDLE = 5
 KEEPALIVE_INTVL = 2
 KEEPALIVE_CNT = 3
 
-SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT, MOVED})
+SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT, MOVED, LOCK, LOCKED})
 
 # SIGNAL's payload GROUP: deliver to the remote program's process group (a signal
 # the home deputy got from its terminal), not to its pid alone.
@@ -179,7 +188,7 @@ class FrameParser:
     @staticmethod
     def check(kind: int, length: int, limit: int = MAX_PAYLOAD) -> None:
         """Raise FrameError for a header no valid peer sends."""
-        if length > limit or kind == 0 or kind > MOVED:
+        if length > limit or kind == 0 or kind > LAST_KIND:
             raise FrameError(f"bad frame header kind={kind} length={length}")
 
 

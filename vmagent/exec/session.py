@@ -24,6 +24,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING
 
+from vmagent.exec import filelocks
 from vmagent.exec import protocol as P
 from vmagent.exec.spawn import (
     GATE_HUNG,
@@ -95,6 +96,8 @@ class Session:
         # lands); once `moved`, the program is no longer here: nothing is killed.
         self.migrating = False
         self.moved = False
+        self._lock_fds: dict[bytes, int] = {}  # LOCK requests at the deputy
+        self._lock_sock: socket.socket | None = None  # T's lock requests (vmagent.exec.filelocks)
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -272,6 +275,10 @@ class Session:
                 return
             except OSError:
                 data, fds = b"", []
+            if fds and self._lock_sock is None:
+                with contextlib.suppress(channel.ChannelError):
+                    if channel.decode(data)[b"op"] == filelocks.OP_LOCKCHAN:
+                        self._open_locks(fds.pop(0))
             for fd in fds:
                 os.close(fd)
             if not data:
@@ -295,7 +302,85 @@ class Session:
                         self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
 
+    def _open_locks(self, fd: int) -> None:
+        """T's lock socket (`op=lockchan`): its requests are served from now on."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self._lock_sock = sock
+        self.loop.add_reader(sock, self._locks_readable)
+
+    def _locks_readable(self) -> None:
+        sock = self._lock_sock
+        if sock is None:
+            return
+        while True:
+            try:
+                data, fds = channel.receive(sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self._close_locks()
+                return
+            try:
+                record = channel.decode(data)
+            except channel.ChannelError as exc:
+                log.warning("session %s: %s", self.sid.hex()[:8], exc)
+                continue
+            if record[b"op"] == filelocks.OP_LOCK:
+                self._lock(record)
+
+    def _close_locks(self) -> None:
+        sock, self._lock_sock = self._lock_sock, None
+        if sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(sock)
+            sock.close()
+
+    def _lock(self, record: channel.Record) -> None:
+        """T's `op=lock`: the deputy locks its descriptor, or the kernel here does."""
+        req = record.get(b"req", b"")
+        if record.get(b"call") == filelocks.CANCEL:
+            held = self._lock_fds.pop(req, None)
+            if held is not None:
+                self.send(P.LOCK, held, filelocks.deputy_request(record))
+            return
+        try:
+            pid, fd = channel.number(record, b"pid"), channel.number(record, b"fd")
+        except channel.ChannelError:
+            pid = fd = -1
+        pipes = {**self.outs, **self.ins}
+        found = filelocks.inherited(pid, fd, self.paths, pipes) if pid > 0 else None
+        if found is None or self.finished:
+            self._to_tracer(filelocks.native_record(req))
+            return
+        self._lock_fds[req] = found
+        target = found
+        self.send(P.LOCK, target, filelocks.deputy_request(record))
+
+    def _locked(self, payload: bytes) -> None:
+        """The deputy's LOCKED: pass its answer on to T."""
+        try:
+            fields = P.pairs(payload)
+        except P.FrameError:
+            return
+        req = fields.get(b"req", b"")
+        if self._lock_fds.pop(req, None) is not None:
+            self._to_tracer(
+                filelocks.locked_record(req, fields.get(b"result", b"-5"), fields.get(b"data", b""))
+            )
+
+    def _to_tracer(self, message: bytes) -> None:
+        sock = self._lock_sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                channel.send(sock, message)
+
     def _close_trace(self) -> None:
+        self._close_locks()
         sock, self.trace_sock = self.trace_sock, None
         if sock is not None:
             with contextlib.suppress(ValueError, OSError):
@@ -346,6 +431,8 @@ class Session:
                         os.killpg(self.pid, fd)  # the whole remote job (a terminal's signal)
                     else:
                         os.kill(self.pid, fd)
+        elif kind == P.LOCKED:
+            self._locked(payload)
         elif kind == P.ACK:
             self.outbox.ack(seq)
             self._flow()

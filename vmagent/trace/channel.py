@@ -24,6 +24,8 @@ agent -> zygote  `op=adopt session pids instance view`, with `[chan]`: a tracer
                  seizes every thread of those stopped processes (a restored or
                  checkpointed tree), answers `op=seized pid tracer`, continues them
                  (SIGCONT) and serves them as if it had traced them from the start.
+tracer -> agent  `op=lockchan` with `[sock]`: T's lock socket (issue 14); lock
+                 requests and answers travel on it (`vmagent.exec.filelocks`).
 agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
                  agent's migration, `vmagent.checkpoint.migrate`, told to the
                  session hooks as a record, for the OSS link and telemetry).

@@ -44,6 +44,8 @@ from vmagent.cluster.coordinator import Ident
 from vmagent.exec.view import EMPTY as EMPTY_VIEW
 from vmagent.exec.view import decode as decode_view
 from vmagent.trace import channel
+from vmagent.trace.filelocks import POLL, LockForwarder, interrupted
+from vmagent.trace.listeners import ChannelRequest, Listeners
 from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
@@ -64,12 +66,14 @@ def coordinator_for(
     report: Callable[[bytes], None],
     source: PlacementSource | None = None,
     ask: Callable[[Ident, int, list[str]], Grant | None] | None = None,
+    locks: LockForwarder | None = None,
+    listeners: Listeners | None = None,
 ) -> InstanceCoordinator:
     """T's coordinator for a view with path `maps` (placing execs through `ask`, if given)."""
     inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
     if ask is not None:
         inner = PlacingCoordinator(inner, ask)
-    return InstanceCoordinator(inner, report, source)
+    return InstanceCoordinator(inner, report, source, locks=locks, listeners=listeners)
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
@@ -84,6 +88,10 @@ class Tracer:
         self.table = table
         self.chan: socket.socket | None = None
         self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
+        # lock calls through the agent and the deputy (issue 14)
+        self.locks = LockForwarder(self._hand_over, ptraceio.read_memory)
+        # Listening sockets, steered by the OSS (issue 13).
+        self.listeners = Listeners(ChannelRequest(lambda: self.chan), self.report)
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -92,10 +100,21 @@ class Tracer:
             with contextlib.suppress(OSError):  # the agent is gone: tracing goes on
                 channel.send(self.chan, message)
 
+    def _hand_over(self, message: bytes, fds: tuple[int, ...]) -> bool:
+        """Send one record with descriptors to the agent; False when it cannot be reached."""
+        if self.chan is None:
+            return False
+        try:
+            channel.send(self.chan, message, fds)
+        except OSError:
+            return False
+        return True
+
     def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
-            self.table, channel.view_maps(view), self.report, ask=self.ask
-        )
+            self.table, channel.view_maps(view), self.report, ask=self.ask,
+            locks=self.locks, listeners=self.listeners,
+        )  # fmt: skip
         return HostRunner(self, coordinator)
 
     @staticmethod
@@ -182,6 +201,8 @@ class HostRunner(Runner):
         )
         self.tracer = tracer
         self.waker = 0
+        self.waker_locks = False  # the waker also watches the lock socket (calls wait)
+        self.watched: frozenset[int] = frozenset()  # threads whose signals the waker watches
 
     def adopt(self, pids: tuple[int, ...]) -> None:
         """Seize every thread of the stopped processes `pids` and run the loop until they end."""
@@ -222,6 +243,7 @@ class HostRunner(Runner):
                 stop = self._decode(pid, status, usage)
                 if stop is not None:
                     self._execute(machine.step(stop))
+                self._serve_locks()
         finally:
             if self.waker:
                 with contextlib.suppress(OSError):
@@ -245,19 +267,59 @@ class HostRunner(Runner):
         for fd in fds:
             os.close(fd)
         if not data:
-            return False  # the agent is gone: trace on without listening
+            # The agent is gone: trace on without listening; waiting locks are the kernel's.
+            for tid, decision in self.tracer.locks.abandon():
+                self.decide(tid, decision)
+            return False
         if data != b"?":
             try:
-                op = channel.decode(data)[b"op"]
+                record = channel.decode(data)
             except channel.ChannelError as exc:
                 log.warning("tracer channel: %s", exc)
-                op = b""
-            if op == channel.OP_DETACH:
+                record = {b"op": b""}
+            if record[b"op"] == channel.OP_DETACH:
                 pids = self.detach_all(machine)
                 self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
                 return True
-        self.waker = spawn_waker(chan)
+        locks = self.tracer.locks
+        if locks.waiting:
+            locks.drain()
+            for tid, decision in locks.interrupting():
+                self.decide(tid, decision)
+        self._serve_locks()
+        if not self.waker:
+            self._arm(chan)
         return False
+
+    def _arm(self, chan: socket.socket) -> None:
+        locks = self.tracer.locks
+        self.waker_locks = bool(locks.waiting) and locks.sock is not None
+        self.watched = locks.blocked_tids() if self.waker_locks else frozenset()
+        if self.waker_locks:
+            # Wake on an answer, or once a signal would interrupt a waiting thread's
+            # call (the waker looks every POLL: no fork per look).
+            watched = self.watched
+            self.waker = spawn_waker(
+                chan, locks.sock, (lambda: interrupted(watched)) if watched else None
+            )
+        else:
+            self.waker = spawn_waker(chan)
+
+    def _serve_locks(self) -> None:
+        """Answer the deferred lock calls whose answers were read; watch the others."""
+        locks = self.tracer.locks
+        for tid, decision in locks.take_ready():
+            self.decide(tid, decision)
+        chan = self.tracer.chan
+        stale = locks.waiting and (not self.waker_locks or locks.blocked_tids() != self.watched)
+        if chan is not None and stale:
+            # A call now waits: the waker must watch the lock socket (and its signals).
+            if self.waker:
+                with contextlib.suppress(OSError):
+                    os.kill(self.waker, signal.SIGKILL)
+                    os.waitpid(self.waker, 0)
+                self.waker = 0
+            self._arm(chan)
 
     def detach_all(self, machine: Machine) -> tuple[int, ...]:
         """Stop and detach every traced thread; the processes left stopped, root first.
@@ -267,6 +329,9 @@ class HostRunner(Runner):
         served first, as always.  SIGSTOP is made pending on every process
         while all its threads are held, so each stops as soon as it is detached.
         """
+        # A lock call waiting for its answer would never reach a stop of ours.
+        for tid, decision in self.tracer.locks.interrupt_all():
+            self.decide(tid, decision)
         asked: set[int] = set()
         held: set[int] = set()
         while True:
@@ -301,15 +366,25 @@ class HostRunner(Runner):
         return tuple(sorted(live, key=lambda p: (p != root, p)))
 
 
-def spawn_waker(chan: socket.socket) -> int:
-    """Fork W: it exits when `chan` is readable (a command or EOF); T's wait4 sees it."""
+def spawn_waker(
+    chan: socket.socket,
+    also: socket.socket | None = None,
+    watch: Callable[[], bool] | None = None,
+) -> int:
+    """Fork W: it exits when `chan` (or `also`) is readable, or once `watch()` is true.
+
+    `watch` is looked at every POLL seconds.  T's wait4 sees W exit.
+    """
     pid = os.fork()
     if pid == 0:
         try:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-            select.select([chan], [], [])
+            fds = [chan] if also is None else [chan, also]
+            while not select.select(fds, [], [], POLL if watch else None)[0]:
+                if watch is not None and watch():
+                    break
         finally:
             os._exit(0)
     return pid

@@ -134,6 +134,10 @@ class OssPlacements:
                 data = await resp.json(content_type=None)
                 return resp.status, data
 
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST `body` to the OSS at `path` with this instance's token: (status, JSON)."""
+        return await self._post(path, body)
+
     async def place(self, program: str, request: PlaceRequest) -> tuple[str, str, str] | str:
         """(instance, address, ticket) of a placement, or why there is none."""
         status, data = await self._post(

@@ -24,6 +24,7 @@ from tracer.coordinator import (
     Complete,
     Coordinator,
     Decision,
+    Defer,
     ProcessEvent,
     ProcessExec,
     ProcessExited,
@@ -33,11 +34,14 @@ from tracer.coordinator import (
     SyscallCall,
 )
 from tracer.decode import signed
+from vmagent.cluster.advisor import Advisor
 from vmagent.cluster.coordinator import ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer
+from vmagent.trace.filelocks import LOCK_CALLS, LockForwarder
+from vmagent.trace.listeners import NET_CALLS, Listeners
 from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
@@ -106,24 +110,36 @@ class InstanceCoordinator:
         inner: Coordinator,
         report: Callable[[bytes], None],
         source: PlacementSource | None = None,
+        locks: LockForwarder | None = None,
+        listeners: Listeners | None = None,
     ) -> None:
         self.inner = inner
         self.report = report
         self.source: PlacementSource = source or RunHere()
+        self.locks = locks  # None: lock calls run on this kernel as they are
+        # Issue 13: listening sockets reported to the OSS (no agent: nobody asked).
+        self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
         self._live: set[int] = set()  # the session's processes but its root (real pids)
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS
+        # Lock calls always stop (the filter is built without a forwarder).
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS
+        self._net_names = NET_CALLS - self._inner_names
 
     def interception(self) -> frozenset[str]:
-        """The view's calls, every exec and the calls that return or take pids."""
+        """The view's calls, every exec, the calls that return or take pids, locks,
+        and listen/close (listening sockets)."""
         return self._names
 
-    def on_syscall(self, call: SyscallCall) -> Decision:
+    def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """An exec asks the placement source (and runs here without a grant)."""
+        if call.name in LOCK_CALLS and call.name not in self._inner_names:
+            return self.locks.on_call(call) if self.locks is not None else Allow()
         if call.name in PID_CALLS and call.name not in self._inner_names:
             return self._pid_call(call)
+        if call.name in self._net_names:
+            return self.listeners.on_syscall(call)
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -176,7 +192,17 @@ class InstanceCoordinator:
         if call.name in PID_RESULTS:
             pid = signed(result)
             return Complete(self.pids.program(pid)) if pid > 0 else None
+        if call.name == "fcntl" and self.locks is not None and call.name not in self._inner_names:
+            return self.locks.getlk_result(call, result, self._holder)
+        if call.name in self._net_names:
+            return self.listeners.on_result(call, signed(result))
         return self.inner.on_result(call, result, output)
+
+    def _holder(self, real: int) -> int:
+        """A lock holder's program pid: ours if it is a process of this session."""
+        if real == self.pids.root or real in self._live:
+            return self.pids.program(real)
+        return real  # another session's (or nobody visible): the kernel's number
 
     def on_process(self, event: ProcessEvent) -> None:
         """Report the event on the channel, then pass it on."""
@@ -193,6 +219,10 @@ class InstanceCoordinator:
                 self._tids.discard(pid)
                 self.report(channel.exited(pid, status, sig))
                 self.source.finished(pid)
+                if self.locks is not None:
+                    self.locks.gone(pid)
+                if self.listeners.watched:
+                    self.listeners.exited(pid, self._tids)
             case ProcessUsage(pid, cpu_us, maxrss_kb, io, syscalls):
                 self.report(channel.usage(pid, cpu_us, maxrss_kb, io, syscalls))
                 return  # the embedded coordinator has no use for it
@@ -302,13 +332,17 @@ class PlacingCoordinator(ClusterCoordinator):
         """The session's view and this instance's name (set when the session starts)."""
         self.view = view
         self.where = where
+        if view.placement == "auto":
+            # The instances are the OSS's business: a long program on a busy instance
+            # is placed where the OSS expects it to finish first; the rest stays here.
+            self.advisor = Advisor(where)
 
     def _choose(self, ident: Ident, call: SyscallCall) -> str:
         if self.view.placement == "local" or not self.view.program:
             return HOME  # `local`, or a run no OSS knows (its agent could not place it)
         # Spread: the instances granted last rank last in the OSS (most recent
         # first), so sequential execs go round the instances, as from home.
-        avoid = self._recent if self.view.placement == "spread" else []
+        avoid = self._recent if self.view.placement in ("spread", "auto") else []
         grant = self._ask(ident, call.pid, avoid)
         if grant is None:
             return HOME

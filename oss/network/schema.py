@@ -1,0 +1,13 @@
+"""The network service's tables: DDL fragments of the one migration sequence (oss.schema)."""
+
+# Issue 13: the address of each program (released when it ends), the instances it
+# holds that address on, and its listening sockets (one instance per port).
+V_NET = """
+    CREATE TABLE net_addresses(program_id TEXT PRIMARY KEY, address TEXT NOT NULL UNIQUE,
+        allocated REAL NOT NULL);
+    CREATE TABLE net_members(program_id TEXT NOT NULL, instance TEXT NOT NULL,
+        PRIMARY KEY(program_id, instance));
+    CREATE TABLE net_listeners(program_id TEXT NOT NULL, proto INTEGER NOT NULL,
+        port INTEGER NOT NULL, instance TEXT NOT NULL, pid INTEGER NOT NULL,
+        bound TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY(program_id, proto, port));
+"""

@@ -1,0 +1,132 @@
+"""The network planner (oss.network.plan): pure decisions, no netlink."""
+
+from __future__ import annotations
+
+import pytest
+
+from oss.network.plan import (
+    LOCAL_PREF,
+    TABLE_BASE,
+    TCP,
+    HostSpot,
+    InstanceSpot,
+    Listener,
+    Nat,
+    NodeState,
+    PlanError,
+    ProgramNet,
+    Route,
+    Rule,
+    bound_class,
+    moved,
+    plan,
+    port_block,
+)
+
+P = "10.214.0.2"
+SPOTS = {
+    "a": InstanceSpot("a", "10.213.1.10", "10.213.1.1", "h1", 0),
+    "b": InstanceSpot("b", "10.213.1.11", "10.213.1.1", "h1", 1),
+    "c": InstanceSpot("c", "10.213.2.10", "10.213.2.1", "h2", 2),
+}
+HOSTS = {
+    "h1": HostSpot("h1", "br0", "wire0", {"h2": "10.99.0.2"}),
+    "h2": HostSpot("h2", "br0", "wire0", {"h1": "10.99.0.1"}),
+}
+
+
+def test_port_blocks_are_disjoint_and_bounded() -> None:
+    blocks = [port_block(s, 1024) for s in range(27)]
+    assert all(hi + 1 == blocks[i + 1][0] for i, (_lo, hi) in enumerate(blocks[:-1]))
+    assert blocks[0] == (32768, 33791) and blocks[-1][1] <= 60999
+    with pytest.raises(PlanError):
+        port_block(27, 1024)
+
+
+def test_bound_class() -> None:
+    assert bound_class("0.0.0.0", P) == "any" and bound_class("::", P) == "any"
+    assert bound_class("127.0.0.1", P) == "loopback"
+    assert bound_class("::ffff:127.0.0.1", P) == "loopback"
+    assert bound_class(P, P) == "program" and bound_class("::1", P) == "other"
+    assert bound_class("10.213.1.10", P) == "other" and bound_class("junk", P) == "other"
+
+
+def test_instance_holds_the_address_and_routes_other_blocks_and_listeners() -> None:
+    net = ProgramNet("p", P, ("a", "b", "c"), (Listener("b", 8000),))
+    a = plan(net, SPOTS, HOSTS)[("instance", "a")]
+    assert a.addresses == ((P, 32, "eth0"),)
+    assert a.default_src == ("10.213.1.1", "eth0", P) and a.local_pref == LOCAL_PREF
+    assert ("net/ipv4/ip_local_port_range", "32768\t33791") in a.sysctls
+    assert a.routes == {
+        Route(TABLE_BASE + 1, P, "10.213.1.11", "eth0", P),  # b: same host, direct
+        Route(TABLE_BASE + 2, P, "10.213.1.1", "eth0", P),  # c: other host, via gateway
+    }
+    assert Rule(P, (8000, 8000), TABLE_BASE + 1, TCP) in a.rules
+    assert Rule(P, port_block(2, 1024), TABLE_BASE + 2) in a.rules
+    assert Nat("output", "dnat", P, daddr="127.0.0.0/8", dport=8000) in a.nat
+    assert Nat("postrouting", "snat", P, saddr="127.0.0.0/8", oif="eth0") in a.nat
+    b = plan(net, SPOTS, HOSTS)[("instance", "b")]
+    assert not any(r.ports == (8000, 8000) for r in b.rules) and not b.nat  # it listens here
+
+
+def test_hosts_steer_to_their_instances_or_over_the_wire() -> None:
+    net = ProgramNet("p", P, ("a", "c"), (Listener("c", 443),))
+    states = plan(net, SPOTS, HOSTS)
+    h1, h2 = states[("host", "h1")], states[("host", "h2")]
+    assert Route(TABLE_BASE + 2, P, "10.99.0.2", "wire0") in h1.routes
+    assert Route(TABLE_BASE + 2, P, "10.213.2.10", "br0") in h2.routes
+    assert Rule(P, (443, 443), TABLE_BASE + 2, TCP) in h1.rules
+    assert ("net/ipv4/conf/br0/forwarding", "1") in h1.sysctls
+    assert not h1.addresses and h1.default_src is None
+
+
+def test_loopback_listener_is_reached_through_dnat_and_not_from_outside() -> None:
+    net = ProgramNet("p", P, ("a", "b"), (Listener("b", 5432, "loopback"),))
+    states = plan(net, SPOTS, HOSTS)
+    b = states[("instance", "b")]
+    assert b.nat == (Nat("prerouting", "dnat", "127.0.0.1", f"{P}/32", dport=5432, iif="eth0"),)
+    assert not any(r.ports == (5432, 5432) for r in states[("host", "h1")].rules)
+    assert any(r.ports == (5432, 5432) for r in states[("instance", "a")].rules)
+
+
+def test_first_listener_of_a_port_wins() -> None:
+    net = ProgramNet("p", P, ("a", "b"), (Listener("a", 80), Listener("b", 80)))
+    b = plan(net, SPOTS, HOSTS)[("instance", "b")]
+    assert Rule(P, (80, 80), TABLE_BASE + 0, TCP) in b.rules
+
+
+def test_bandwidth_cap_is_shared_by_the_instances() -> None:
+    net = ProgramNet("p", P, ("a", "b"))
+    a = plan(net, SPOTS, HOSTS, rate_kbit=10_000)[("instance", "a")]
+    assert a.rate_kbit == 5_000 and a.shape_dev == "eth0"
+
+
+def test_unknown_instance_or_host_is_an_error() -> None:
+    with pytest.raises(PlanError, match="no known place"):
+        plan(ProgramNet("p", P, ("zz",)), SPOTS, HOSTS)
+    with pytest.raises(PlanError, match="unknown host"):
+        plan(ProgramNet("p", P, ("a",)), SPOTS, {})
+
+
+def test_moved_moves_the_pids_listeners_or_all_of_the_source() -> None:
+    net = ProgramNet("p", P, ("a", "b"), (Listener("a", 80, pid=7), Listener("a", 81, pid=8)))
+    one = moved(net, 7, "a", "c")
+    assert [(x.instance, x.port) for x in one.listeners] == [("c", 80), ("a", 81)]
+    assert one.members == ("a", "b", "c")
+    every = moved(net, 99, "a", "b")
+    assert {x.instance for x in every.listeners} == {"b"} and every.members == ("a", "b")
+
+
+def test_no_members_no_host_state() -> None:
+    assert plan(ProgramNet("p", P, ()), SPOTS, HOSTS)[("host", "h1")] == NodeState()
+
+
+def test_hosts_end_unsteered_traffic_and_instances_guard_loopback() -> None:
+    states = plan(ProgramNet("p", P, ("a",)), SPOTS, HOSTS)
+    assert Route(254, P, "", "", kind="unreachable") in states[("host", "h1")].routes
+    assert states[("instance", "a")].guard_dev == "eth0"
+    from net.redirector import nat_ruleset
+
+    cmds = nat_ruleset("p", (), "eth0")["nftables"]
+    guard = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    assert guard and guard[0]["chain"] == "guard" and {"drop": None} in guard[0]["expr"]

@@ -1,0 +1,83 @@
+"""The instance tracer's listener watch (vmagent.trace.listeners) on real sockets."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from oss.embedded import EmbeddedCoordinator
+from oss.storage.pathmap import PathMap
+from tracer.arch import table_for
+from tracer.coordinator import Allow, Complete, SyscallCall
+from vmagent.trace import channel
+from vmagent.trace.listeners import (
+    NET_CALLS,
+    OP_LISTEN,
+    OP_NETREFUSED,
+    OP_UNLISTEN,
+    Listeners,
+    fd_inode,
+    listening,
+)
+from vmagent.trace.placing import InstanceCoordinator
+
+
+def _call(name: str, fd: int) -> SyscallCall:
+    return SyscallCall(os.getpid(), os.getpid(), 0, name, (fd, 0, 0, 0, 0, 0))
+
+
+def test_listening_reads_the_local_address_of_a_socket_by_inode() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        inode = fd_inode(os.getpid(), s.fileno())
+        assert inode > 0
+        assert listening(os.getpid(), inode) == ("127.0.0.1", s.getsockname()[1])
+    with socket.socket(socket.AF_INET6) as s6:
+        s6.bind(("::", 0))
+        s6.listen(1)
+        assert listening(os.getpid(), fd_inode(os.getpid(), s6.fileno())) == (
+            "::", s6.getsockname()[1])  # fmt: skip
+    assert fd_inode(os.getpid(), 10**6) == 0  # no such descriptor
+
+
+def test_listen_is_reported_refused_becomes_eaddrinuse_close_unlistens() -> None:
+    asked: list[bytes] = []
+    told: list[bytes] = []
+    answer = {b"op": b"netack", b"address": b"10.214.0.2"}
+
+    def ask(message: bytes, req: bytes) -> dict[bytes, bytes]:
+        asked.append(message)
+        return {**answer, b"req": req}
+
+    w = Listeners(ask, told.append)
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen(1)
+        assert w.on_syscall(_call("listen", s.fileno())) == Allow(observe_result=True)
+        assert w.on_result(_call("listen", s.fileno()), 0) is None
+        record = channel.decode(asked[0])
+        assert record[b"op"] == OP_LISTEN and record[b"port"] == str(s.getsockname()[1]).encode()
+        assert record[b"local"] == b"0.0.0.0" and w.address == "10.214.0.2"
+        dup = os.dup(s.fileno())
+        assert w.on_syscall(_call("close", dup)) == Allow(observe_result=True)
+        os.close(dup)
+        assert w.on_result(_call("close", dup), 0) is None and told == []  # still open
+        fd = s.fileno()
+        assert w.on_syscall(_call("close", fd)) == Allow(observe_result=True)
+    assert w.on_result(_call("close", fd), 0) is None
+    assert [channel.decode(m)[b"op"] for m in told] == [OP_UNLISTEN] and not w.watched
+    answer = {b"op": OP_NETREFUSED, b"errno": b"98"}
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen(1)
+        assert w.on_result(_call("listen", s.fileno()), 0) == Complete(-errno.EADDRINUSE)
+
+
+def test_only_instance_tracers_intercept_listen_and_close() -> None:
+    table = table_for("x86_64")
+    embedded = EmbeddedCoordinator(table, PathMap({}))
+    assert not NET_CALLS & embedded.interception()  # plain dcptrace pays nothing
+    instance = InstanceCoordinator(EmbeddedCoordinator(table, PathMap({})), lambda _m: None)
+    assert NET_CALLS <= instance.interception()

@@ -1,0 +1,243 @@
+"""The instance tracer's watch of listening sockets (issue 13): the OSS steers their ports.
+
+Only under `--instances`/`--oss` (instance tracers): `listen` and `close` join
+the calls T intercepts.  At the exit of a successful `listen(fd)` T reads the
+socket's local address and port from /proc/PID/net/tcp{,6} (the socket's inode
+names it) and asks the agent, which asks the OSS, to steer the program's
+address and that port here (`op=listen`); T holds the call until the answer
+(at most `ASK_TIMEOUT`), so once `listen` returns the port is reachable from
+the program's other instances and from outside.  When the OSS answers that
+another instance of the program listens on that port, `listen` fails with
+EADDRINUSE, as a second listener on one machine would.
+
+A `close` of a descriptor naming a watched socket (checked by its inode, one
+readlink, only while some socket is watched) is observed: when the socket is
+gone from /proc/net (its last descriptor closed, in any process) T tells the
+agent `op=unlisten`; the exit of a process checks every watched socket too.
+
+Records: T -> agent `op=listen req pid port proto local`, `op=unlisten pid
+port proto`; agent -> T `op=netack req address` or `op=netrefused req errno`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from tracer.coordinator import Allow, Complete, Decision, SyscallCall
+from vmagent.trace import channel
+
+log = logging.getLogger(__name__)
+
+NET_CALLS = frozenset({"listen", "close"})
+ASK_TIMEOUT = 2.0  # s T holds a listen for the agent's answer
+OP_LISTEN = b"listen"
+OP_UNLISTEN = b"unlisten"
+OP_NETACK = b"netack"
+OP_NETREFUSED = b"netrefused"
+TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True, slots=True)
+class Socket:
+    """A watched listening socket."""
+
+    inode: int
+    pid: int
+    port: int
+    local: str
+    proto: str = "tcp"
+
+
+def fd_inode(pid: int, fd: int) -> int:
+    """The socket inode behind descriptor `fd` of `pid` (0: not a socket, or gone)."""
+    try:
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return 0
+    if link.startswith("socket:[") and link.endswith("]"):
+        return int(link[8:-1])
+    return 0
+
+
+def _ipv4(hexaddr: str) -> str:
+    return socket.inet_ntop(socket.AF_INET, bytes.fromhex(hexaddr)[::-1])
+
+
+def _ipv6(hexaddr: str) -> str:
+    raw = bytes.fromhex(hexaddr)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def listening(pid: int, inode: int) -> tuple[str, int] | None:
+    """(local address, port) of the listening TCP socket `inode` in `pid`'s namespace."""
+    for name, decode in (("tcp", _ipv4), ("tcp6", _ipv6)):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[9] == str(inode):
+                        if cols[3] != TCP_LISTEN:
+                            return None
+                        host, _, port = cols[1].partition(":")
+                        return decode(host), int(port, 16)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def alive(inode: int, where: int) -> bool:
+    """Whether socket `inode` still exists (any state) in the namespace of `where`."""
+    needle = f" {inode} "
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{where}/net/{name}") as f:
+                if needle in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def holders(inodes: set[int], pids: Iterable[int]) -> dict[int, int]:
+    """inode -> a process among `pids` that has a descriptor on it."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            inode = fd_inode(pid, int(fd))
+            if inode in inodes:
+                out.setdefault(inode, pid)
+    return out
+
+
+def listen_record(req: int, s: Socket) -> bytes:
+    """T -> agent: steer the program's address, port `s.port` here (T waits)."""
+    return channel.encode(
+        OP_LISTEN, req=f"n{req}", pid=s.pid, port=s.port, proto=s.proto, local=s.local
+    )
+
+
+def unlisten_record(s: Socket) -> bytes:
+    """T -> agent: the listener on `s.port` closed (fire and forget)."""
+    return channel.encode(OP_UNLISTEN, pid=s.pid, port=s.port, proto=s.proto)
+
+
+class ChannelRequest:
+    """Send a record on T's channel and wait for the answer with the same `req` (bounded)."""
+
+    def __init__(self, chan: Callable[[], socket.socket | None], timeout: float = ASK_TIMEOUT):
+        self._chan = chan
+        self.timeout = timeout
+
+    def __call__(self, message: bytes, req: bytes) -> channel.Record | None:
+        """The answer, or None (no agent, no answer in time)."""
+        chan = self._chan()
+        if chan is None:
+            return None
+        try:
+            channel.send(chan, message)
+            deadline = time.monotonic() + self.timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([chan], [], [], left)[0]:
+                    continue
+                data, fds = channel.receive(chan)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    return None
+                record = channel.decode(data)
+                if record.get(b"req") == req:
+                    return record
+        except (OSError, channel.ChannelError) as exc:
+            log.debug("listener report: %s", exc)
+        return None
+
+
+class Listeners:
+    """Watches `listen`/`close` of one instance tracer's processes."""
+
+    def __init__(
+        self,
+        ask: Callable[[bytes, bytes], channel.Record | None],
+        tell: Callable[[bytes], None],
+    ) -> None:
+        self._ask = ask
+        self._tell = tell
+        self._req = 0
+        self.watched: dict[int, Socket] = {}  # inode -> socket
+        self._closing: dict[int, int] = {}  # tid -> inode of the descriptor it closes
+        self.address = ""  # the program's address, once the OSS said it
+
+    def on_syscall(self, call: SyscallCall) -> Decision:
+        """Observe a listen's result; a close of a watched socket's descriptor."""
+        if call.name == "listen":
+            return Allow(observe_result=True)
+        if not self.watched:
+            return Allow()
+        inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
+        if inode in self.watched:
+            self._closing[call.tid] = inode
+            return Allow(observe_result=True)
+        return Allow()
+
+    def on_result(self, call: SyscallCall, result: int) -> Complete | None:
+        """Report a new listener (EADDRINUSE if the program listens there elsewhere)
+        or a closed one."""
+        if call.name == "close":
+            inode = self._closing.pop(call.tid, 0)
+            if inode and not alive(inode, call.pid):
+                self._gone(inode)
+            return None
+        if result != 0:
+            return None
+        inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
+        found = listening(call.pid, inode) if inode else None
+        if found is None:
+            return None  # not TCP (unix, udp): nothing to steer
+        local, port = found
+        s = Socket(inode, call.pid, port, local)
+        if inode in self.watched:
+            return None  # listen again on the same socket (a backlog change)
+        self._req += 1
+        req = f"n{self._req}".encode()
+        answer = self._ask(listen_record(self._req, s), req)
+        if answer is not None and answer.get(b"op") == OP_NETREFUSED:
+            try:
+                err = int(answer.get(b"errno", b"98"))
+            except ValueError:
+                err = errno.EADDRINUSE
+            return Complete(-err)
+        if answer is not None:
+            self.address = answer.get(b"address", b"").decode(errors="replace")
+        self.watched[inode] = s
+        return None
+
+    def exited(self, pid: int, others: Iterable[int]) -> None:
+        """Process `pid` is exiting (its descriptors still open): a socket of it that no
+        other process of the session (`others`) holds is gone."""
+        mine = [i for i, s in self.watched.items() if s.pid == pid]
+        if not mine:
+            return
+        held = holders(set(mine), [p for p in others if p != pid])
+        for inode in mine:
+            if inode in held:
+                s = self.watched[inode]
+                self.watched[inode] = Socket(inode, held[inode], s.port, s.local, s.proto)
+            else:
+                self._gone(inode)
+
+    def _gone(self, inode: int) -> None:
+        s = self.watched.pop(inode)
+        self._tell(unlisten_record(s))
