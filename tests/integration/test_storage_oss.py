@@ -9,13 +9,16 @@ and orders the unmount at the end.  The VM variants are in test_storage_vm.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_dcptrace_oss import Lab, dcptrace, newest_program, start_lab
+from tests.integration.test_dcptrace_oss import Lab, _cli, dcptrace, newest_program, start_lab
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.root, pytest.mark.slow]
 
@@ -85,3 +88,41 @@ def test_a_volume_under_oss_needs_no_root_here_but_a_directory(lab: Lab) -> None
     err = res.stderr.decode().strip()
     assert res.returncode != 0 and "is not a directory" in err, err
     assert "Traceback" not in err
+
+
+def _call(lab: Lab, method: str, path: str, body: dict[str, object], token: str) -> int:
+    req = urllib.request.Request(
+        lab.url + path, data=json.dumps(body).encode(), method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_only_the_owner_gives_storage_and_only_where_its_program_is_placed(lab: Lab) -> None:
+    """The run's key goes to instances a process of the program is placed on, by the
+    program's own account: another account cannot plant a spec (its own server) on a
+    program, and a program with no process on an instance gets no mount there."""
+    vol = lab.data / "vol2"
+    vol.mkdir()
+    res = dcptrace(lab, lab.url, f"{lab.data}/rw.sh", "write", str(vol), token=lab.token,
+                   volume=str(vol))  # fmt: skip
+    assert res.returncode == 0, res.stderr.decode()
+    prog = newest_program(lab)["id"]
+    spec = {"name": "planted", "server": "127.0.0.1:1", "key": "k" * 43,
+            "host_key": "ssh-ed25519 AAAA", "volumes": 1}  # fmt: skip
+    other = _cli("account", "create", "--data", str(lab.data), "mallory")
+    path = f"/v1/programs/{prog}/storage"
+    assert _call(lab, "PUT", path, spec, other) == 404
+    assert _call(lab, "POST", path + "/mounts", {"instance": "n0"}, other) == 404
+    assert _call(lab, "POST", path + "/usage", {"gib_seconds": {"net": 1e9}}, other) == 404
+    # The owner: the program ended, so it is placed nowhere: no instance mounts for it.
+    assert _call(lab, "PUT", path, spec, lab.token) == 200
+    assert _call(lab, "POST", path + "/mounts", {"instance": "n0"}, lab.token) == 404
+    assert "dcpfs-planted" not in Path("/proc/self/mountinfo").read_text()
+    # An instance token cannot use the account's routes.
+    token_n0 = _cli("instance-token", "--data", str(lab.data), "n9")
+    assert _call(lab, "PUT", path, spec, token_n0) in (401, 403)
