@@ -99,6 +99,7 @@ def test_agent_wire_contract_shapes() -> None:
         "pid",  # migrate (issue 12): the session's program, target instance and address
         "to",
         "address",
+        "storage",  # mount / unmount (issue 14): the program's storage spec
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",
