@@ -26,6 +26,8 @@ UNMOUNT_TIMEOUT = 30.0
 class StorageNotMounted(Conflict):
     """The program's storage could not be mounted on the instance."""
 
+    code = "storage_not_mounted"
+
 
 class StorageRelay:
     """Specs of programs' storage and the mounts the OSS ordered (in memory)."""
