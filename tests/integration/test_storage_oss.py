@@ -33,6 +33,7 @@ case "$1" in
 esac
 echo "$1 on ${where:-home} $(stat -f -c %t "$2")"
 """
+TIERS = Path("/var/tmp/dcp-tiers")  # vmagent.storage.mounts.DISK_ROOT
 FUSE_MAGIC = "65735546"  # statfs f_type of a FUSE file system (`stat -f -c %t`)
 
 
@@ -57,6 +58,7 @@ def test_files_written_on_one_instance_are_read_whole_on_the_other(lab: Lab) -> 
     vol.mkdir()
     rw = lab.data / "rw.sh"
     script = f"{rw} write {vol} && {rw} read {vol}"
+    before = set(TIERS.glob("*"))
     res = dcptrace(lab, lab.url, "sh", "-c", script, token=lab.token, volume=str(vol))
     err = res.stderr.decode()
     assert res.returncode == 0, err
@@ -75,6 +77,8 @@ def test_files_written_on_one_instance_are_read_whole_on_the_other(lab: Lab) -> 
     assert f"sum {want} from {wrote[2]}" in lines, lines
     # The OSS unmounted it everywhere at the end: no dcpfs mount left on this host.
     assert "dcpfs-" not in Path("/proc/self/mountinfo").read_text()
+    # ... and left nothing on the instances' disks (these instances share this one).
+    assert [p for p in set(TIERS.glob("*")) - before if list(p.glob("dcpfs-n?.log"))] == []
     # The measured GiB-seconds per tier are in the OSS's ledger, charged to the program.
     prog = newest_program(lab)
     records = lab.get(f"/v1/programs/{prog['id']}/billing")["records"]

@@ -127,6 +127,9 @@ class Mounts:
             await asyncio.to_thread(m.proc.wait)
         if _mounted(m.memory_dir):
             await _run(["umount", "-l", m.memory_dir])
+        if m.proc.returncode == 0:  # its log only tells a failure; runs must not pile up
+            with contextlib.suppress(OSError):
+                os.unlink(m.log_path)
         for d in (m.memory_dir, m.disk_dir):
             shutil.rmtree(d, ignore_errors=True)
             with contextlib.suppress(OSError):  # the program's directory, once every instance left
