@@ -8,6 +8,7 @@ mount to go; agents (instance tokens) report the outcome of each order
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from oss import models as m
 from oss.api import PROGRAM_PATH, Route, principal
 from oss.errors import Unauthorized
 from oss.service import Oss
+from oss.storage.relay import StorageNotMounted
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
@@ -74,7 +76,14 @@ async def h_mount(oss: Oss, r: web.Request, who: Any, b: StorageMount, q: Any) -
     await oss.programs.program(principal(who).account_id, pid)
     # Only where the program runs: the key goes to no other instance.
     await oss.programs.placed_on(pid, b.instance)
-    await oss.storage.mount(pid, b.instance)
+    started = time.monotonic()
+    try:
+        await oss.storage.mount(pid, b.instance)
+    except StorageNotMounted as exc:
+        await oss.program_log(pid, f"storage not mounted on {b.instance}: {exc.detail}")
+        raise
+    took = time.monotonic() - started
+    await oss.program_log(pid, f"storage mounted on {b.instance} ({took:.1f} s)")
     return StorageMounted(program_id=pid, instances=sorted(oss.storage.mounted.get(pid, ())))
 
 

@@ -84,14 +84,37 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         loop.stop()
 
 
+ACCOUNT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def token(lab: Lab) -> str:
     """An account token (the tests run dcptrace as root: the account may run as root)."""
     assert lab.oss is not None
-    _acct, _user, tok = lab.loop.run(
+    acct, _user, tok = lab.loop.run(
         lab.oss.oss.accounts.create_account("storage", False, "sum", "u", allow_root=True)
     )
+    ACCOUNT["id"] = str(acct["id"])
     return str(tok)
+
+
+def mount_lines(lab: Lab) -> list[str]:
+    """The newest program's log lines about its storage mounts (the OSS's, timed)."""
+    from oss.telemetry.logs import LogQuery
+
+    oss = lab.oss.oss  # type: ignore[union-attr]
+
+    async def read() -> list[str]:
+        for _ in range(60):  # the log is flushed every tick
+            (prog,) = await oss.programs.programs(ACCOUNT["id"], None, 1)
+            lines, _cursor, _n = await oss.logs.read_logs(None, prog["id"], LogQuery())
+            found = [ln.text for _i, ln in lines if ln.text.startswith("storage ")]
+            if found:
+                return found
+            await asyncio.sleep(0.5)
+        return []
+
+    return lab.loop.run(read())
 
 
 @pytest.fixture
@@ -143,6 +166,10 @@ def test_files_written_on_one_vm_are_read_byte_identical_on_the_other(
     assert wrote[3] == read[3] == FUSE_MAGIC, lines
     expected = "".join(f"{i}\n" for i in range(1, 60001)).encode()
     assert f"sum {hashlib.md5(expected).hexdigest()} {wrote[2]}" in lines, lines
+    # The OSS relayed the mount to each guest before its process started there.
+    mounted = mount_lines(lab)
+    print("\n".join(mounted))
+    assert sorted(m.split()[3] for m in mounted) == ["vm1", "vm2"], mounted
     # What the program wrote is in the user's directory, as if it had run here.
     assert (volume / "data.txt").read_bytes() == expected
     assert (volume / "sub" / "writer").read_text() == f"{wrote[2]}\n"
