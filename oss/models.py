@@ -692,16 +692,32 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate", "mount", "unmount"]
+    action: Literal["freeze", "kill", "thaw", "migrate", "signal", "mount", "unmount"]
     reason: str
     tickets: list[str] = []
     # migrate (issue 12): the session whose program is `pid` goes to instance `to` at
     # `address`; the agent asks for its ticket (POST /v1/agents/migrations/ticket).
+    # signal (issue 11): send `signal` to the program's `pid` if it runs there.
     pid: int | None = None
     to: str | None = None
     address: str | None = None
+    signal: int | None = None
     # mount / unmount (issue 14): the program's storage (its server, key and tiers)
     storage: dict[str, Any] | None = None
+
+
+class SignalRequest(Api):
+    """A process of the program (on the asking instance, or at its home) signals one of
+    the program's pids forked on an instance (issue 11: `oss.ipc.signals`)."""
+
+    pid: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    signal: Annotated[int, Field(ge=0, le=64)]
+
+
+class SignalQueued(Api):
+    """The instances the signal was sent to (each delivers it if it holds that pid)."""
+
+    instances: list[str]
 
 
 class HeartbeatReply(Api):

@@ -36,6 +36,7 @@ from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
 from vmagent.trace.placer import OssPlacements, Placer
+from vmagent.trace.signals import Signaller
 from vmagent.trace.zygote import Tracing
 
 ZYGOTE_EXIT = 2.0  # s the agent waits, when closing, for its zygote to be gone
@@ -264,6 +265,10 @@ class Agent:
         )
         self.placer = Placer(oss)
         self.service.hooks.add(self.placer)
+        # Issue 11: signals for pids forked on other instances, through the OSS.
+        self.signaller = Signaller(config.instance, oss, lambda: self.service.sessions.values())
+        self.service.hooks.add(self.signaller)
+        self.command_handlers.append(self.signaller.on_commands)
         # Issue 13: listening sockets the instance tracers see, steered by the OSS.
         self.listeners = ListenerReporter(oss)
         self.service.hooks.add(self.listeners)
@@ -352,5 +357,6 @@ class Agent:
             deadline = asyncio.get_running_loop().time() + ZYGOTE_EXIT
             while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
+        await self.signaller.close()
         await self.listeners.close()
         await self.placer.close()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-Action = Literal["freeze", "kill", "thaw", "migrate", "mount", "unmount"]
+Action = Literal["freeze", "kill", "thaw", "migrate", "signal", "mount", "unmount"]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -35,6 +35,7 @@ class Command:
     pid: int = 0
     to: str = ""
     address: str = ""
+    signal: int = 0  # signal (issue 11): the signal for the program's `pid`
     # mount / unmount (issue 14): the program's storage spec (mount carries its key)
     storage: Mapping[str, object] | None = field(default=None, repr=False)
 
@@ -81,6 +82,18 @@ class CommandQueue:
         cmd = Command(next(self._ids), instance, program, action, name, (), storage=spec)
         self._queued[instance][cmd.id] = cmd
         return cmd
+
+    def signal(self, instances: Iterable[str], program: str, pid: int, sig: int) -> list[Command]:
+        """Queue: send `sig` to the program's `pid`, on each instance that holds it (issue 11)."""
+        out = []
+        for inst in sorted(set(instances)):
+            cmd = Command(
+                next(self._ids), inst, program, "signal", f"signal {sig} to pid {pid}", (),
+                pid, signal=sig,
+            )  # fmt: skip
+            self._queued[inst][cmd.id] = cmd
+            out.append(cmd)
+        return out
 
     def pending(self, instance: str, cid: int) -> Command | None:
         """The command `cid` if it is (still) queued for `instance`."""

@@ -247,6 +247,20 @@ class Programs:
 
         return await self._db.read(op)
 
+    async def instances_of(self, program_id: str) -> list[str]:
+        """The instances a program has processes on now."""
+
+        def op(c: Conn) -> list[str]:
+            return [
+                str(r[0])
+                for r in c.execute(
+                    "SELECT DISTINCT instance FROM placements WHERE program_id=? ORDER BY instance",
+                    (program_id,),
+                )
+            ]
+
+        return await self._db.read(op)
+
     async def placed_on(self, program_id: str, instance: str) -> str:
         """The owner account of a program with processes on `instance`; NotFound otherwise.
 

@@ -167,9 +167,10 @@ async def h_heartbeat(
                 action=c.action,
                 reason=c.reason,
                 tickets=list(c.tickets),
-                pid=c.pid if c.action == "migrate" else None,
+                pid=c.pid if c.action in ("migrate", "signal") else None,
                 to=c.to if c.action == "migrate" else None,
                 address=c.address if c.action == "migrate" else None,
+                signal=c.signal if c.action == "signal" else None,
                 storage=dict(c.storage) if c.storage is not None else None,
             )
             for c in commands

@@ -35,17 +35,28 @@ DROP = TicketDrop()
 COUNTER = r"""
 import os, socket, sys, time
 flag = sys.argv[1]
+child = os.fork()  # forked on the instance: its program pid is base + its pid there
+if child == 0:
+    while True:
+        with open(flag + ".child.tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(flag + ".child.tmp", flag + ".child")
+        time.sleep(0.01)
 i = 0
 while i < 600:
     if i == 20:
         with open(flag + ".tmp", "w") as f:
             f.write(str(int(open('/proc/self/stat').read().split()[0])))
         os.rename(flag + ".tmp", flag)
-    print(int(open('/proc/self/stat').read().split()[0]), i, socket.gethostname(), flush=True)
+    print(int(open('/proc/self/stat').read().split()[0]), i, socket.gethostname(),
+          os.getpid(), flush=True)
     with open(flag + ".host", "w") as f:
         f.write(socket.gethostname())
     i += 1
     time.sleep(0.01)
+os.kill(child, 9)
+os.waitpid(child, 0)
+print("child", child, open(flag + ".child").read())
 status = open("/proc/self/status").read()
 print("tracer", [l.split()[1] for l in status.splitlines() if l.startswith("TracerPid")][0])
 sys.exit(7)
@@ -129,10 +140,15 @@ def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
     lines = out.decode().splitlines()
     assert proc.returncode == 7, err.decode()
     assert lines[-1].startswith("tracer ") and lines[-1] != "tracer 0"
-    rows = [line.split() for line in lines[:-1]]
-    assert [int(n) for _p, n, _h in rows] == list(range(600))  # no gap, no repeat
-    assert {int(p) for p, _n, _h in rows} == {pid}  # the pid it sees never changed
-    hosts = [h for _p, _n, h in rows]
+    # The program pids stay as they were (issue 11): the deputy's for the program,
+    # the one fork returned for its child, forked on the first instance.
+    _word, forked, child_sees = lines[-2].split()
+    assert int(forked) > 1 << 22 and child_sees == forked
+    rows = [line.split() for line in lines[:-2]]
+    assert [int(n) for _p, n, _h, _v in rows] == list(range(600))  # no gap, no repeat
+    assert {int(p) for p, _n, _h, _v in rows} == {pid}  # the pid it has never changed
+    assert {int(v) for _p, _n, _h, v in rows} == {proc.pid}  # nor the pid it sees
+    hosts = [h for _p, _n, h, _v in rows]
     seen = [h for i, h in enumerate(hosts) if i == 0 or hosts[i - 1] != h]
     assert seen == [a.hostname, b.hostname, a.hostname]  # it ran there, then came back
 
@@ -245,6 +261,6 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
             shutil.rmtree(left, ignore_errors=True)
     lines = out.decode().splitlines()
     assert proc.returncode == 7, err.decode()
-    rows = [line.split() for line in lines[:-1]]
-    assert [int(n) for _p, n, _h in rows] == list(range(600))  # ran once: no repeat
-    assert {h for _p, _n, h in rows} == {a.hostname}
+    rows = [line.split() for line in lines[:-2]]
+    assert [int(n) for _p, n, _h, _v in rows] == list(range(600))  # ran once: no repeat
+    assert {h for _p, _n, h, _v in rows} == {a.hostname}

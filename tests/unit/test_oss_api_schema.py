@@ -100,6 +100,7 @@ def test_agent_wire_contract_shapes() -> None:
         "to",
         "address",
         "storage",  # mount / unmount (issue 14): the program's storage spec
+        "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",

@@ -34,6 +34,7 @@ from vmagent.checkpoint import criu as C
 from vmagent.exec.server import ExecService
 from vmagent.exec.session import Session
 from vmagent.trace import channel
+from vmagent.trace.pidspace import base_for
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,10 @@ class Checkpointer:
         """A fresh instance tracer takes the stopped tree and continues it."""
         tracing = self.service.tracing
         assert tracing is not None
-        session.trace_sock = tracing.adopt(session.sid.hex(), pids, session.view)
+        base = session.pid_base or base_for(tracing.instance)  # the pids it showed (issue 11)
+        session.trace_sock = tracing.adopt(
+            session.sid.hex(), pids, session.view, (session.request.pid, session.request.ppid), base
+        )
         session.loop.add_reader(session.trace_sock, session._trace_readable)
 
 

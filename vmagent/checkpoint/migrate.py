@@ -50,6 +50,7 @@ from vmagent.checkpoint.local import Checkpointer
 from vmagent.exec import protocol as P
 from vmagent.exec.session import Session
 from vmagent.exec.spawn import ExecRequest, FdSpec
+from vmagent.trace.pidspace import base_for
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,10 @@ def describe(
         "program_id": session.program_id,
         "pid": session.pid,
         "pids": list(pids),
+        # The program pids the tree shows (issue 11): its root's and the base of the others.
+        "vpid": r.pid,
+        "vppid": r.ppid,
+        "pid_base": session.pid_base or base_for(session.service.config.instance),
         "view": _hex(session.view),
         "request": {
             "path": _hex(r.path),
@@ -248,7 +253,10 @@ class Description:
                 groups=tuple(_int(g) for g in q["groups"]),
                 sigign=_int(q["sigign"]),
                 sigblk=_int(q["sigblk"]),
+                pid=_int(raw.get("vpid", 0)),
+                ppid=_int(raw.get("vppid", 0)),
             )
+            self.pid_base = _int(raw.get("pid_base", 0))
             self.outs = {_int(int(fd)): _pipe_key(k) for fd, k in raw["outs"].items()}
             self.ins = {_int(int(fd)): _pipe_key(k) for fd, k in raw["ins"].items()}
             self.unwanted = {_int(fd) for fd in raw["unwanted"]}
@@ -726,6 +734,7 @@ class Migrator:
             for fd, _key in ends:
                 os.close(fd)
         session.pid = meta.pid
+        session.pid_base = meta.pid_base
         session.program_id = meta.program_id
         session.view = meta.view
         session.nonce = meta.nonce

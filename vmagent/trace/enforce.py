@@ -273,8 +273,8 @@ class Enforcer:
             if cid in self._done:
                 done.append(cid)  # the reply that carried it again crossed our last beat
                 continue
-            if action == "migrate":
-                pass  # issue 12: vmagent.checkpoint.orders carries it out
+            if action in ("migrate", "signal"):
+                pass  # vmagent.checkpoint.orders (issue 12), vmagent.trace.signals (issue 11)
             elif action in ("mount", "unmount"):
                 pass  # issue 14: vmagent.storage.mounts.StorageOrders carries it out
             elif action not in ACTIONS:
