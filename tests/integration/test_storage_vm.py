@@ -38,18 +38,21 @@ from oss.compute.providers.libvirt import DomainState  # noqa: E402
 FUSE_MAGIC = "65735546"  # statfs f_type of a FUSE file system (`stat -f -c %t`)
 
 # Run in a guest (it lives in the volume, so every guest finds it through dcpfs).
-# Its own instance by a builtin: an exec inside it may be placed on another instance.
+# Its instance from the guest kernel's command line, by builtins: the program sees its
+# home's hostname (issue 11), and an exec inside it may be placed on another instance.
 RW = """#!/bin/sh
-read h < /proc/sys/kernel/hostname
+read c < /proc/cmdline
+for w in $c; do case "$w" in dcp.instance=*) h=${w#dcp.instance=} ;; esac; done
 case "$1" in
   write) seq 1 60000 > "$2/data.txt"; mkdir -p "$2/sub"; echo "$h" > "$2/sub/writer" ;;
   read) echo "sum $(md5sum < "$2/data.txt" | cut -d' ' -f1) $(cat "$2/sub/writer")" ;;
   sync) exec /usr/bin/python3 -c '
-import os, socket, sys, time
+import os, sys, time
 fd = os.open(sys.argv[1] + "/durable.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 os.write(fd, bytes(range(256)) * 4096)
 os.fsync(fd)
-print("synced on", socket.gethostname(), flush=True)
+where = [w for w in open("/proc/cmdline").read().split() if w.startswith("dcp.instance=")]
+print("synced on", where[0].split("=", 1)[1], flush=True)
 time.sleep(600)  # the file stays open: only the fsync published it
 ' "$2" ;;
 esac
@@ -210,7 +213,10 @@ def test_fsynced_data_survives_the_destruction_of_the_writers_vm(
                 await asyncio.sleep(0.5)
 
     lab.loop.run(failed())
-    reader = f"/bin/hostname; md5sum < {volume}/durable.bin; stat -f -c %t {volume}"
+    reader = (
+        f"for w in $(cat /proc/cmdline); do case $w in dcp.instance=*) echo ${{w#*=}};; esac; "
+        f"done; md5sum < {volume}/durable.bin; stat -f -c %t {volume}"
+    )
     status, out, err = finish(dcptrace(lab, token, volume, f"/bin/sh -c '{reader}'"))
     assert status == 0, err[-3000:]
     assert out.split() == [survivor, hashlib.md5(expected).hexdigest(), "-", FUSE_MAGIC], out
