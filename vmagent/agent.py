@@ -21,11 +21,11 @@ from typing import Any
 from aiohttp import web
 
 from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
-from vmagent.checkpoint.local import Checkpointer
+from vmagent.checkpoint.local import Checkpointer, Suspension
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
 from vmagent.config import AgentConfig
-from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
+from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer, extend_http
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
@@ -135,7 +135,34 @@ async def _checkpoint(request: web.Request) -> web.Response:
     return web.json_response(done.as_json())
 
 
+async def _suspend(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/suspend: dump the tree, kill it, hold the session (issue 12)."""
+    session = _session_of(request)
+    try:
+        held = await request.app[CHECKPOINTER].suspend(session)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"pids": list(held.pids), "image_bytes": held.image_bytes})
+
+
+async def _resume(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/resume: restore a suspended session's tree (issue 12)."""
+    session = _session_of(request)
+    try:
+        took = await request.app[CHECKPOINTER].resume(session)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"pid": session.pid, "restore_ms": round(took, 1)})
+
+
 MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
+# s a migration's connections may live once authenticated (HTTP_LIFETIME otherwise): the
+# source's /migrate call, the target's image uploads (bounded by their own stall timeouts).
+MIGRATION_LIFETIME = 20 * 60.0
 
 
 async def _migrate(request: web.Request) -> web.Response:
@@ -146,11 +173,13 @@ async def _migrate(request: web.Request) -> web.Response:
     except ValueError:
         body = None
     fields = [body.get(k) if isinstance(body, dict) else None for k in ("to", "instance", "ticket")]
-    if not all(isinstance(f, str) and f for f in fields):
-        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket"}\n')
+    precopy = body.get("precopy", False) if isinstance(body, dict) else None
+    if not all(isinstance(f, str) and f for f in fields) or not isinstance(precopy, bool):
+        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket", "precopy"?: bool}\n')
     to, instance, ticket = (str(f) for f in fields)
+    extend_http(request.transport, MIGRATION_LIFETIME)  # a move under TCG outlasts 30 s
     try:
-        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket)
+        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket, precopy)
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
     except CheckpointError as exc:
@@ -202,12 +231,42 @@ async def _migration_receive(request: web.Request) -> web.Response:
     """POST /v1/migrations: a moved session (description + zstd images), restored here."""
     ticket = _migration_ticket(request)
     try:
+        request.app[MIGRATOR].tickets.authentic(ticket)  # its maker is this instance's
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    extend_http(request.transport, MIGRATION_LIFETIME)
+    try:
         done = await request.app[MIGRATOR].receive(ticket, request.content)
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
     except (CheckpointError, asyncio.IncompleteReadError) as exc:
         raise web.HTTPConflict(text=f"{exc}\n") from None
     return web.json_response(done)
+
+
+async def _migration_round(request: web.Request) -> web.Response:
+    """POST /v1/migrations/round?session=SID&round=K: a pre-copy round's images."""
+    ticket = _migration_ticket(request)
+    k = request.query.get("round", "")
+    try:
+        request.app[MIGRATOR].tickets.authentic(ticket)
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    extend_http(request.transport, MIGRATION_LIFETIME)
+    try:
+        done = await request.app[MIGRATOR].receive_round(
+            ticket,
+            request.query.get("session"),
+            int(k) if k.isdigit() and len(k) < 4 else None,
+            request.content,
+        )
+    except (CheckpointError, asyncio.IncompleteReadError) as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
+async def _close_migrator(app: web.Application) -> None:
+    app[MIGRATOR].scratch.close()
 
 
 def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) -> web.Application:
@@ -221,15 +280,19 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_get("/v1/sessions", _sessions)
     app[CHECKPOINTER] = Checkpointer(service)
     app.router.add_post("/v1/sessions/{sid}/checkpoint", _checkpoint)
+    app.router.add_post("/v1/sessions/{sid}/suspend", _suspend)
+    app.router.add_post("/v1/sessions/{sid}/resume", _resume)
     app[MIGRATOR] = Migrator(
         app[CHECKPOINTER],
         MigrationTickets(config.token, config.instance, exec_key=config.exec_key),
         config.instance,
     )
+    app.on_cleanup.append(_close_migrator)
     app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
     app.router.add_post("/v1/migrations/check", _migration_check)
     app.router.add_post("/v1/migrations", _migration_receive)
     app.router.add_post("/v1/migrations/commit", _migration_commit)
+    app.router.add_post("/v1/migrations/round", _migration_round)
     storage_routes(app, config.instance, _authorized)  # issue 14: program namespaces
     return app
 
@@ -280,6 +343,7 @@ class Agent:
         self.server: asyncio.Server | None = None
         self.address = ""
         self._criu_check: asyncio.Future[None] | None = None
+        self._checkpointer: Checkpointer | None = None
         self.orders: MigrateOrders | None = None  # the OSS's migrate commands (issue 12)
         self._order_posts: list[HttpPost] = []
         self.storage_orders: StorageOrders | None = None
@@ -296,6 +360,8 @@ class Agent:
         await self.runner.setup()
         # `criu check` once, in the background: the first checkpoint does not wait for it.
         self._criu_check = asyncio.ensure_future(app[CHECKPOINTER].warm())
+        self._checkpointer = app[CHECKPOINTER]
+        self.enforcer.suspension = Suspension(app[CHECKPOINTER])  # budget stops (issue 12)
         if self.config.oss_url:
             c = self.config
             assert c.oss_url is not None
@@ -346,6 +412,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._criu_check
         self.enforcer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:

@@ -26,6 +26,8 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -65,13 +67,26 @@ class Checkpoint:
         }
 
 
+@dataclass(slots=True)
+class Suspended:
+    """A session whose tree was dumped and killed, waiting for `resume` (budget stop)."""
+
+    session: Session
+    pids: tuple[int, ...]
+    images: str  # the images directory (0700, the agent's)
+    ends: list[tuple[int, str]]  # the program's pipe ends, held open for the restore
+    image_bytes: int
+
+
 class Checkpointer:
     """Checkpoints of this agent's sessions (one at a time)."""
 
     def __init__(self, service: ExecService) -> None:
         self.service = service
         self._lock = asyncio.Lock()
+        self.suspended: dict[bytes, Suspended] = {}  # by session id
         self._criu: C.Criu | None = None
+        self._precopy: bool | None = None
 
     async def criu(self) -> C.Criu:
         """The working CRIU, checked once (as our child); CriuUnavailable otherwise."""
@@ -96,6 +111,60 @@ class Checkpointer:
                     )
             self._criu = C.remember(path, known)
         return self._criu
+
+    async def precopy(self, criu: C.Criu) -> bool:
+        """Whether this kernel tracks dirty memory, so pre-dump rounds work (asked once)."""
+        if self._precopy is None:
+            with tempfile.TemporaryFile() as said:
+                code = await self.run(C.precopy_argv(criu.path), said.fileno())
+            self._precopy = code == 0
+        return self._precopy
+
+    async def predump(
+        self, criu: C.Criu, session: Session, directory: str, parent: str | None
+    ) -> tuple[float, int]:
+        """One pre-copy round: the tree held only while CRIU collects its dirty pages.
+
+        CRIU skips a stopped task in a pre-dump ("Stopped tasks are not
+        supported"), and a tree let go by its tracer is stopped; running untraced
+        it would get ENOSYS for every intercepted call.  So it is held in its
+        cgroup v2 freezer instead: detached (stopped), frozen, continued (still
+        frozen: SIGCONT only ends the stop), pre-dumped (CRIU's ptrace traps win
+        over the freezer's), stopped again, thawed (it stops before user code),
+        and a fresh tracer takes it back.  (ms it was held, bytes of pages.)
+        """
+        held = time.perf_counter()
+        pids = await self.detach(session)
+        try:
+            group = freezable_group(pids)
+            if group is None:
+                raise C.CheckpointError(
+                    "pre-copy needs the program in a cgroup v2 group of its own"
+                )
+            await _set_frozen(group, True)
+            try:
+                _signal_all(pids, signal.SIGCONT)
+                code = await self.run(
+                    C.predump_argv(criu.path, pids[0], directory, parent),
+                    os.path.join(directory, "dump.out"),
+                )
+            finally:
+                _signal_all(pids, signal.SIGSTOP)
+                await _set_frozen(group, False)
+                await _all_stopped(pids)
+        finally:
+            self.adopt(session, pids)
+        if code != 0:
+            raise C.CriuFailed(
+                "pre-dump", C.first_error(_read(os.path.join(directory, "dump.log")))
+            )
+        took = (time.perf_counter() - held) * 1000
+        written = sum(
+            os.path.getsize(os.path.join(directory, n))
+            for n in os.listdir(directory)
+            if n.startswith("pages-") and n.endswith(".img")
+        )
+        return took, written
 
     async def warm(self) -> None:
         """Check CRIU ahead of the first request (its verdict is kept either way)."""
@@ -158,6 +227,9 @@ class Checkpointer:
         tracing = self.service.tracing
         if session.status is not None or session.trace_sock is None or tracing is None:
             raise C.CheckpointError(f"{session.program} is not running under its tracer")
+        refused = unmovable(tree_of(session.pid))
+        if refused:
+            raise Unmovable(refused)
         directory = images or tempfile.mkdtemp(prefix=f"dcp-ckpt-{session.sid.hex()[:8]}-")
         os.makedirs(directory, exist_ok=True)
         try:
@@ -190,6 +262,102 @@ class Checkpointer:
             shutil.rmtree(directory, ignore_errors=True)
         return result
 
+    async def suspend(self, session: Session, images: str | None = None) -> Suspended:
+        """Dump `session`'s tree and kill it; the session (and its deputy) waits for `resume`.
+
+        The deputy hears nothing: the session leaves the reaper's table and the
+        program's ends of its pipes are held open, so a restore hands them back.
+        A failure before the kill leaves the program running (CheckpointError).
+        """
+        criu = await self.criu()
+        async with self._lock:
+            tracing = self.service.tracing
+            if session.status is not None or session.trace_sock is None or tracing is None:
+                raise C.CheckpointError(f"{session.program} is not running under its tracer")
+            for sid in [k for k, v in self.suspended.items() if v.session.forgotten]:
+                self._discard(sid)  # its deputy never came back: nothing to resume for
+            if session.sid in self.suspended:
+                raise C.CheckpointError(f"{session.program} is suspended already")
+            refused = unmovable(tree_of(session.pid))
+            if refused:
+                raise Unmovable(refused)
+            directory = images or tempfile.mkdtemp(prefix=f"dcp-susp-{session.sid.hex()[:8]}-")
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+            pids = await self.detach(session)
+            ends: list[tuple[int, str]] = []
+            try:
+                ends = program_pipe_ends(pids, _session_pipes(session))
+                await self.dump(criu, session, pids, directory)  # adopts again on failure
+            except BaseException:
+                for fd, _key in ends:
+                    os.close(fd)
+                if images is None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            self.service.by_pid.pop(session.pid, None)  # its death is not the program's end
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            with contextlib.suppress(TimeoutError):  # reaped: nothing of it is left running
+                async with asyncio.timeout(FREE_TIMEOUT):
+                    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+                        await asyncio.sleep(0.005)
+            held = Suspended(session, pids, directory, ends, C.image_bytes(directory))
+            self.suspended[session.sid] = held
+            log.info("suspended %s: pids %s, %d bytes in %s", session.program, pids,
+                     held.image_bytes, directory)  # fmt: skip
+            return held
+
+    async def resume(self, session: Session) -> float:
+        """Restore a suspended session's tree with its pids and continue it; ms of the restore.
+
+        CheckpointError if it is not suspended or its pids are not free yet (it
+        stays suspended); a failed restore ends it with status 255 at the deputy.
+        """
+        criu = await self.criu()
+        async with self._lock:
+            held = self.suspended.get(session.sid)
+            if held is None:
+                raise C.CheckpointError(f"{session.program} is not suspended")
+            try:
+                async with asyncio.timeout(FREE_TIMEOUT):
+                    while any(os.path.exists(f"/proc/{pid}") for pid in held.pids):
+                        await asyncio.sleep(0.005)
+            except TimeoutError:
+                raise C.CheckpointError(
+                    f"pids {list(held.pids)} of {session.program} are not free"
+                ) from None
+            del self.suspended[session.sid]
+            try:
+                took = await self.restore(criu, held.images, held.ends)
+            except C.CriuFailed:
+                session.exited(255 << 8)  # dumped and killed, not back: the deputy hears so
+                raise
+            finally:
+                for fd, _key in held.ends:
+                    os.close(fd)
+            self.service.by_pid[session.pid] = session
+            self.adopt(session, held.pids)
+            shutil.rmtree(held.images, ignore_errors=True)
+            return took
+
+    def holds(self, session: Session) -> bool:
+        """Is `session` suspended here?"""
+        return session.sid in self.suspended
+
+    def close(self) -> None:
+        """The agent stops: suspended sessions' images and pipe ends go (they are lost)."""
+        for sid in list(self.suspended):
+            self._discard(sid)
+
+    def _discard(self, sid: bytes) -> None:
+        held = self.suspended.pop(sid)
+        for fd, _key in held.ends:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(held.images, ignore_errors=True)
+
     async def detach(self, session: Session) -> tuple[int, ...]:
         """Freeze: the session's tracer stops and detaches its tree; the tree's pids."""
         if session.trace_sock is None:
@@ -209,13 +377,22 @@ class Checkpointer:
         return pids
 
     async def dump(
-        self, criu: C.Criu, session: Session, pids: tuple[int, ...], directory: str
+        self,
+        criu: C.Criu,
+        session: Session,
+        pids: tuple[int, ...],
+        directory: str,
+        parent: str | None = None,
     ) -> float:
-        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on."""
+        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on.
+
+        `parent`: the last pre-copy round's directory, relative to `directory`.
+        """
         dumped = time.perf_counter()
         try:
             code = await self.run(
-                C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
+                C.dump_argv(criu.path, pids[0], directory, parent=parent),
+                os.path.join(directory, "dump.out"),
             )
         except BaseException:
             self.adopt(session, pids)
@@ -272,6 +449,175 @@ class Checkpointer:
             session.sid.hex(), pids, session.view, (session.request.pid, session.request.ppid), base
         )
         session.loop.add_reader(session.trace_sock, session._trace_readable)
+
+
+class Suspension:
+    """The limits enforcer's view of suspend and resume (`vmagent.trace.enforce.Suspension`)."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def holds(self, session: Session) -> bool:
+        return self.checkpointer.holds(session)
+
+    async def suspend(self, session: Session) -> str | None:
+        try:
+            await self.checkpointer.suspend(session)
+        except C.CheckpointError as exc:
+            return str(exc)
+        return None
+
+    async def resume(self, session: Session) -> str | None:
+        try:
+            await self.checkpointer.resume(session)
+        except C.CheckpointError as exc:
+            return str(exc)
+        return None
+
+
+class Unmovable(C.CheckpointError):
+    """the program holds something CRIU cannot carry"""
+
+
+# Character devices any instance has, that CRIU reopens by path: null, zero, full,
+# random, urandom (major 1).
+PORTABLE_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
+TTY_MAJORS = {4, 5, 136, 137, 138, 139, 140, 141, 142, 143}  # ttys, /dev/tty, ptmx, pts
+
+
+def unmovable(pids: list[int] | tuple[int, ...]) -> str | None:
+    """Why the tree of `pids` cannot be checkpointed yet (one line), None if it can.
+
+    Asked before anything is frozen: a descriptor on a terminal or on a device
+    other than null/zero/full/random/urandom, or a mapping of a device file.
+    """
+    for pid in pids:
+        base = f"/proc/{pid}/fd"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(base):
+                try:
+                    st = os.stat(f"{base}/{name}")
+                    where = os.readlink(f"{base}/{name}")
+                except OSError:
+                    continue
+                if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    continue
+                dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                if stat.S_ISCHR(st.st_mode) and dev in PORTABLE_DEVICES:
+                    continue
+                if stat.S_ISCHR(st.st_mode) and dev[0] in TTY_MAJORS:
+                    return f"pid {pid} is on a terminal ({where}): it cannot be checkpointed yet"
+                return f"pid {pid} holds the device {where}: it cannot be checkpointed yet"
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    if path.startswith("/dev/") and not path.startswith(("/dev/shm/", "/dev/zero")):
+                        return f"pid {pid} maps the device {path}: it cannot be checkpointed yet"
+    return None
+
+
+def tree_of(root: int) -> list[int]:
+    """`root` and its descendants (processes), root first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return out
+
+
+CGROUP2 = "/sys/fs/cgroup"
+FREEZE_TIMEOUT = 5.0  # s for a cgroup to say frozen, or a thawed tree to stop
+
+
+def freezable_group(pids: list[int] | tuple[int, ...]) -> str | None:
+    """The cgroup v2 directory holding all of `pids` but not this agent, or None.
+
+    Freezing it holds the tree (and any sibling session of the same program,
+    briefly); never the agent's own group, which would freeze the agent.
+    """
+    try:
+        groups = {_cgroup2_of(p) for p in pids}
+        mine = _cgroup2_of(os.getpid())
+    except OSError:
+        return None
+    if len(groups) != 1:
+        return None
+    (path,) = groups
+    if path in (None, "/", mine):
+        return None
+    where = CGROUP2 + path
+    return where if os.path.exists(os.path.join(where, "cgroup.freeze")) else None
+
+
+def _cgroup2_of(pid: int) -> str | None:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return None
+
+
+async def _set_frozen(group: str, frozen: bool) -> None:
+    """Freeze or thaw a cgroup v2 group; wait until the kernel says so."""
+    with open(os.path.join(group, "cgroup.freeze"), "w") as f:
+        f.write("1\n" if frozen else "0\n")
+    want = f"frozen {int(frozen)}"
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while True:
+        with open(os.path.join(group, "cgroup.events")) as f:
+            if want in f.read().splitlines():
+                return
+        if time.monotonic() > deadline:
+            raise C.CheckpointError(f"{group} did not say {want} within {FREEZE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.002)
+
+
+def _signal_all(pids: list[int] | tuple[int, ...], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def _all_stopped(pids: list[int] | tuple[int, ...]) -> None:
+    """Until every thread of `pids` is stopped (a thawed tree takes its pending SIGSTOP)."""
+
+    def stopped() -> bool:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                            state = f.read().rsplit(b")", 1)[1].split()[0]
+                        if state not in (b"T", b"t"):
+                            return False
+        return True
+
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while not stopped():
+        if time.monotonic() > deadline:
+            raise C.CheckpointError(f"pids {list(pids)} did not stop within {FREEZE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.002)
+
+
+def resident_bytes(pids: list[int] | tuple[int, ...]) -> int:
+    """Resident memory of the processes `pids` (what a dump would copy, roughly)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+    return total
 
 
 def _session_pipes(session: Session) -> set[int]:

@@ -728,10 +728,12 @@ def spread_pids() -> None:
     A program migrates with its pids (vmagent.checkpoint.migrate), which must be
     free on the target.  Agents of fresh instances all count up from 1 alike,
     so sequential pids would collide; random regions rarely do.  Only for an
-    agent that is PID 1 of its own namespace (local instances, VMs): a host
-    namespace's allocation is not ours to move.
+    agent that is PID 1 of its own namespace (local instances), or that its
+    guest's init says owns the namespace (`DCP_SPREAD_PIDS=1`: in a VM the
+    whole guest is the instance, its init PID 1): a host namespace's
+    allocation is not ours to move.
     """
-    if os.getpid() != 1:
+    if os.getpid() != 1 and os.environ.get("DCP_SPREAD_PIDS") != "1":
         return
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/sys/kernel/pid_max") as f:
