@@ -206,6 +206,7 @@ ProgramState = Literal[
     "cancelled",
     "stopped_budget",
     "stopped_limit",
+    "suspended",  # at its hard budget, checkpointed; `resume` continues it (issue 12)
 ]
 
 
@@ -649,6 +650,8 @@ class AgentRegister(Api):
         Annotated[str, StringConstraints(min_length=32, max_length=256, pattern=r"^[0-9a-f]+$")]
         | None
     ) = Field(default=None, repr=False, json_schema_extra={"writeOnly": True})
+    # Its CRIU works (issue 12): a hard budget suspends (checkpoints) programs there.
+    checkpoint: bool = False
 
 
 class AgentRegistered(Api):

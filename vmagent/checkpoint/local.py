@@ -166,6 +166,14 @@ class Checkpointer:
         )
         return took, written
 
+    async def works(self) -> bool:
+        """Does CRIU work here (checked once)?  What the agent tells the OSS (issue 12)."""
+        try:
+            await self.criu()
+        except C.CheckpointError:
+            return False
+        return True
+
     async def warm(self) -> None:
         """Check CRIU ahead of the first request (its verdict is kept either way)."""
         with contextlib.suppress(C.CheckpointError):
