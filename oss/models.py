@@ -399,7 +399,10 @@ class MetricsJson(Api):
 Pid = Annotated[int, Field(ge=1, le=2**31)]
 Stamp = Annotated[float, Field(ge=0, le=1e11)]
 ArgvItem = Annotated[str, StringConstraints(max_length=4096)]
-EventKind = Literal["placed", "spawn", "exec", "exit", "signal", "lost", "frozen", "killed"]
+EventKind = Literal[
+    "placed", "spawn", "exec", "exit", "signal", "lost", "frozen", "killed",
+    "suspended", "resumed",  # a budget stop checkpointed it; a resume restored it (issue 12)
+]  # fmt: skip
 
 
 class UsageRow(Api):
