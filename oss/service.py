@@ -676,11 +676,17 @@ class Oss:
                 self.oss_log(f"program {p['id']} {line}")
 
     async def cancel(self, who: Principal, program_id: str) -> dict[str, Any]:
-        """Cancel an active program."""
+        """Cancel an active (or suspended) program."""
+        before = await self.programs.program(who.account_id, program_id)
         prog = await self.programs.end_program(
             who.account_id, program_id, "cancelled", f"cancelled by {who.user_id}"
         )
         await self.program_log(program_id, f"cancelled by {who.user_id}")
+        if before["state"] == "suspended":
+            # Its instances end the suspended sessions (the deputies hear SIGKILL) and
+            # drop their images (issue 12).
+            held = [pl["instance"] for pl in before["placements"]]
+            self.commands.stop(program_id, held, f"cancelled by {who.user_id}")
         self.commands.forget_program(program_id)
         await self._release_network(program_id)
         return prog
