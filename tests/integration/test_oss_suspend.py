@@ -187,3 +187,40 @@ def test_a_budget_stop_suspends_and_resume_gives_the_uninterrupted_output(lab: L
     # Its end, recorded by dcptrace's tracer right after dcptrace returns.
     assert wait_for(lambda: lab.get(f"/v1/programs/{program}")["state"] == "failed", 30)
     assert lab.get(f"/v1/programs/{program}")["exit_status"] == 7
+
+
+def test_a_cancelled_suspended_program_ends_its_dcptrace(lab: Lab) -> None:
+    env = dict(traced_env(), DCP_TOKEN=lab.token)
+    env.pop("DCP_OSS_FALLBACK", None)
+    p = subprocess.Popen(
+        [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread"),
+         "--", "sh", "-c", f"{sys.executable} counter.py 0.05; exit $?"],
+        cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        found: list[dict[str, object]] = []
+
+        def running() -> bool:
+            found[:] = [q for q in lab.get("/v1/programs") if q["state"] == "running"]
+            return bool(found) and bool(found[0]["placements"]) and _at(lab) >= 5
+
+        assert wait_for(running, 60), lab.get("/v1/programs")
+        program = str(found[0]["id"])
+        res = _dcp_oss(lab, "limits", "set", "--program", program, "--hard-budget", "1")
+        assert res.returncode == 0, res.stderr
+        assert wait_for(
+            lambda: "checkpointed and stopped" in _dcp_oss(lab, "logs", program).stdout, 60
+        )
+        assert lab.get(f"/v1/programs/{program}")["state"] == "suspended"
+        res = _dcp_oss(lab, "programs", "cancel", program)
+        assert res.returncode == 0, res.stderr
+        out, err = p.communicate(timeout=60)  # ends: its counter was killed for good
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + 9, err.decode()
+    lines = out.decode().split()
+    assert lines == [str(i) for i in range(1, len(lines) + 1)] and len(lines) < 400, lines
+    assert lab.get(f"/v1/programs/{program}")["state"] == "cancelled"
