@@ -45,7 +45,7 @@ def _hostport(value: str) -> tuple[str, int]:
 def main(log_level: str) -> None:
     """DCP operating system service: run it (serve, lab), set it up (account,
     instance-token), and operate a running one (programs, instances, pools, logs, bill,
-    limits, users, migrate, drain; each takes --oss URL and a token, --json for scripts).
+    limits, users, migrate, drain, resume; each takes --oss URL and a token, --json for scripts).
 
     \b
     Example:
@@ -475,6 +475,7 @@ main.add_command(compute_cli.instances)
 main.add_command(compute_cli.pools)
 main.add_command(compute_cli.migrate)
 main.add_command(compute_cli.drain)
+main.add_command(compute_cli.resume)
 main.add_command(telemetry_cli.logs)
 main.add_command(billing_cli.bill)
 main.add_command(billing_cli.limits)

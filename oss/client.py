@@ -155,6 +155,10 @@ class OssClient:
         """Cancel a program."""
         return await self._get(m.Program, "POST", f"/v1/programs/{program_id}/cancel")
 
+    async def resume(self, program_id: str) -> m.Program:
+        """Continue a program suspended at its hard budget (issue 12)."""
+        return await self._get(m.Program, "POST", f"/v1/programs/{program_id}/resume")
+
     async def migrate(self, program_id: str, to: str, pid: int | None = None) -> m.MigrateResult:
         """Move a running process tree of the program (all of them without `pid`) to `to`."""
         return await self._get(

@@ -206,6 +206,7 @@ ProgramState = Literal[
     "cancelled",
     "stopped_budget",
     "stopped_limit",
+    "suspended",  # at its hard budget, checkpointed; `resume` continues it (issue 12)
 ]
 
 
@@ -398,7 +399,10 @@ class MetricsJson(Api):
 Pid = Annotated[int, Field(ge=1, le=2**31)]
 Stamp = Annotated[float, Field(ge=0, le=1e11)]
 ArgvItem = Annotated[str, StringConstraints(max_length=4096)]
-EventKind = Literal["placed", "spawn", "exec", "exit", "signal", "lost", "frozen", "killed"]
+EventKind = Literal[
+    "placed", "spawn", "exec", "exit", "signal", "lost", "frozen", "killed",
+    "suspended", "resumed",  # a budget stop checkpointed it; a resume restored it (issue 12)
+]  # fmt: skip
 
 
 class UsageRow(Api):
@@ -651,6 +655,8 @@ class AgentRegister(Api):
         Annotated[str, StringConstraints(min_length=32, max_length=256, pattern=r"^[0-9a-f]+$")]
         | None
     ) = Field(default=None, repr=False, json_schema_extra={"writeOnly": True})
+    # Its CRIU works (issue 12): a hard budget suspends (checkpoints) programs there.
+    checkpoint: bool = False
 
 
 class AgentRegistered(Api):

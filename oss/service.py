@@ -151,6 +151,7 @@ class Oss:
         # for want of capacity; the pool manager counts those of the last window.
         self._refused: deque[tuple[float, str | None, int]] = deque(maxlen=10_000)
         self._last_seen: dict[str, float] = {}
+        self._checkpointing: set[str] = set()  # instances whose CRIU works (issue 12)
         self._beats: dict[str, tuple[float, Load]] = {}  # serialised when flushed
         self._oss_lines: list[logmod.LogLine] = []
         self._event_lines: dict[str, list[logmod.LogLine]] = {}  # program -> placed events
@@ -395,7 +396,15 @@ class Oss:
             body.exec_key,
         )
         self._last_seen[body.instance] = self.clock()
-        self.oss_log(f"instance {body.instance} registered at {address}", body.instance)
+        if body.checkpoint:
+            self._checkpointing.add(body.instance)
+        else:
+            self._checkpointing.discard(body.instance)
+        self.oss_log(
+            f"instance {body.instance} registered at {address}"
+            + (" (can checkpoint)" if body.checkpoint else ""),
+            body.instance,
+        )
 
     async def exec_grants(
         self,
@@ -613,10 +622,24 @@ class Oss:
 
     async def meter(self) -> None:
         """Per-second metering into billing records; hard budgets stop programs."""
-        res = await self.billing.meter(self.config.rates)
+        res = await self.billing.meter(
+            self.config.rates, lambda names: set(names) <= self._checkpointing
+        )
         for st in res.stopped:
             await self.program_log(st.program_id, st.reason)
             self.oss_log(f"program {st.program_id} {st.reason}")
+            if st.suspended:
+                # Its instances checkpoint, then kill, its processes and keep the images;
+                # the home (dcptrace) waits; `resume` continues it (issue 12).
+                for cmd in self.commands.stop(
+                    st.program_id, st.instances, st.reason, checkpoint=True
+                ):
+                    self.oss_log(
+                        f"program {st.program_id}: {cmd.action}"
+                        f"{' (checkpoint)' if cmd.checkpoint else ''} ordered (command {cmd.id})",
+                        cmd.instance,
+                    )
+                continue
             await self._release_network(st.program_id)
             # Every instance running it freezes, then kills, its processes there; the
             # home (dcptrace) sees the stop in the program's state and stops its own.
@@ -661,14 +684,29 @@ class Oss:
                 self.oss_log(f"program {p['id']} {line}")
 
     async def cancel(self, who: Principal, program_id: str) -> dict[str, Any]:
-        """Cancel an active program."""
+        """Cancel an active (or suspended) program."""
+        before = await self.programs.program(who.account_id, program_id)
         prog = await self.programs.end_program(
             who.account_id, program_id, "cancelled", f"cancelled by {who.user_id}"
         )
         await self.program_log(program_id, f"cancelled by {who.user_id}")
+        if before["state"] == "suspended":
+            # Its instances end the suspended sessions (the deputies hear SIGKILL) and
+            # drop their images (issue 12).
+            held = [pl["instance"] for pl in before["placements"]]
+            self.commands.stop(program_id, held, f"cancelled by {who.user_id}")
         self.commands.forget_program(program_id)
         await self._release_network(program_id)
         return prog
+
+    async def resume(self, who: Principal, program_id: str) -> dict[str, Any]:
+        """Continue a program suspended at its hard budget (issue 12): refused while a
+        limit that stops it is still past; each instance holding it restores it."""
+        instances = await self.billing.resume(who.account_id, program_id, who.user_id)
+        await self.program_log(program_id, f"resumed by {who.user_id}")
+        for cmd in self.commands.resume(program_id, instances, f"resumed by {who.user_id}"):
+            self.oss_log(f"program {program_id}: resume ordered (command {cmd.id})", cmd.instance)
+        return await self.programs.program(who.account_id, program_id)
 
     async def finish(
         self, who: Principal, program_id: str, exit_status: int | None, signal: int | None

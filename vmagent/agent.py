@@ -391,6 +391,10 @@ class Agent:
         self.address = f"{host}:{port}"
         return self.address
 
+    async def can_checkpoint(self) -> bool:
+        """Does CRIU work here?  Told to the OSS at registration (issue 12: budget stops)."""
+        return self._checkpointer is not None and await self._checkpointer.works()
+
     async def on_commands(self, commands: list[dict[str, Any]]) -> list[int]:
         """Commands the OSS sent this instance: every handler gets them, in order, then
         the limits enforcer carries them out; the ids done (acknowledged next beat)."""

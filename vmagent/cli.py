@@ -67,6 +67,7 @@ async def serve(config: AgentConfig, tracing: Tracing) -> None:
                     config.call_timeout,
                     config.exec_key,
                     on_commands=agent.on_commands,
+                    can_checkpoint=agent.can_checkpoint,
                 )
                 link_task = tasks.create_task(link.run())
                 telemetry = start_telemetry(agent, config, tasks)

@@ -63,7 +63,10 @@ class OssLink:
         timeout: float = 5.0,
         exec_key: str | None = None,
         on_commands: Callable[[list[dict[str, object]]], Awaitable[list[int]]] | None = None,
+        can_checkpoint: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        # Told at registration (issue 12): a hard budget suspends programs here if true.
+        self.can_checkpoint = can_checkpoint
         self.oss_url = url
         self.url = url.rstrip("/")
         # The OSS's orders in heartbeat replies (limits act); their ids go back as `done`.
@@ -127,7 +130,10 @@ class OssLink:
         async with aiohttp.ClientSession(connector=connector) as http:
             while True:
                 try:
-                    reply = await self._post(http, "/v1/agents/register", self.register_body())
+                    announce = self.register_body()
+                    if self.can_checkpoint is not None:
+                        announce["checkpoint"] = await self.can_checkpoint()
+                    reply = await self._post(http, "/v1/agents/register", announce)
                     interval = float(reply.get("heartbeat_interval", 2.0))
                     self.registered.set()
                     log.info("registered with %s as %s", self.url, self.instance)

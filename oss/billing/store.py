@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,7 +21,7 @@ from oss.billing import limits as lim
 from oss.billing import pricing
 from oss.compute import programs
 from oss.db.store import Conn, Store, to_json
-from oss.errors import NotFound
+from oss.errors import BudgetExhausted, Conflict, NotFound
 from oss.telemetry import processes
 
 
@@ -32,11 +32,13 @@ class Stopped:
     program_id: str
     breach: lim.Breach
     instances: tuple[str, ...]
+    suspended: bool = False  # checkpointed at its hard budget, placements kept (issue 12)
 
     @property
     def reason(self) -> str:
-        """The program's status_reason: `stopped: program hard budget of ...`."""
-        return f"stopped: {self.breach.message()}"
+        """The program's status_reason: `stopped: program hard budget of ...`
+        (`suspended: ...` when it was checkpointed)."""
+        return f"{'suspended' if self.suspended else 'stopped'}: {self.breach.message()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,11 @@ class Billing:
 
         await self._db.write(op)
 
-    async def meter(self, rates: pricing.Rates) -> MeterResult:
+    async def meter(
+        self,
+        rates: pricing.Rates,
+        suspendable: Callable[[Sequence[str]], bool] = lambda instances: False,
+    ) -> MeterResult:
         """Bill every running program for the whole seconds since it was last metered.
 
         Network is billed from the bytes the instances measured (telemetry's
@@ -77,6 +83,10 @@ class Billing:
         bandwidth above their limit, storage and bandwidth as measured) in the same
         transaction: a stopped program is never billed again, so what it is billed
         exceeds its hard budget by at most this pass's charge.
+
+        A program at its hard budget whose instances can all checkpoint
+        (`suspendable`, issue 12) is suspended instead: placements kept, not
+        metered while suspended (`resume` continues it).
         """
         now = self._db.clock()
 
@@ -144,8 +154,35 @@ class Billing:
             # final figures) are billed too: a record of no seconds, network only.
             for program_id, nbytes in sorted(net_bytes.items()):
                 n += _bill_late_net(c, program_id, nbytes, rates, models)
-            stopped = _stop_breaches(c, now, measured_net, secs_by_program, storage_by_program)
+            stopped = _stop_breaches(
+                c, now, measured_net, secs_by_program, storage_by_program, suspendable
+            )
             return MeterResult(n, tuple(stopped))
+
+        return await self._db.write(op)
+
+    async def resume(self, account_id: str, program_id: str, user_id: str) -> list[str]:
+        """Run a suspended program again (issue 12); the instances holding it.
+
+        Refused (one line) while it is not suspended, or while a limit that
+        stops it is still past (raise the budget first).  Metering bills it
+        again from now: the time it spent suspended is not charged.
+        """
+        now = self._db.clock()
+
+        def op(c: Conn) -> list[str]:
+            p = programs.program_row(c, program_id, account_id)
+            if p["state"] != programs.SUSPENDED:
+                raise Conflict(f"program {program_id} is {p['state']}, not suspended")
+            levels = _levels(c, program_id)
+            measured = {level: use for level, _, use in levels}
+            found = lim.breach([(level, limits_) for level, limits_, _ in levels], measured)
+            if found is not None:
+                raise BudgetExhausted(
+                    f"program {program_id} stays suspended: {found.message()}; raise it first"
+                )
+            programs.unsuspend(c, program_id, f"resumed by {user_id}", now)
+            return [r["instance"] for r in programs.instance_uses(c, program_id)]
 
         return await self._db.write(op)
 
@@ -289,6 +326,7 @@ def _stop_breaches(
     net_bytes: Mapping[str, int],
     secs: Mapping[str, int],
     storage: Mapping[str, int],
+    suspendable: Callable[[Sequence[str]], bool],
 ) -> list[Stopped]:
     """Stop every active program past a limit; return what was stopped."""
     # Only programs under some limit that stops can be stopped: find those scopes first.
@@ -327,8 +365,14 @@ def _stop_breaches(
         if found is None:
             continue
         instances = tuple(r["instance"] for r in programs.instance_uses(c, p["id"]))
-        s = Stopped(p["id"], found, instances)
-        programs.end(c, p["id"], found.state, s.reason, None, None, now)
+        suspend = (
+            found.resource == "hard_budget_micros" and bool(instances) and suspendable(instances)
+        )
+        s = Stopped(p["id"], found, instances, suspend)
+        if suspend:
+            programs.suspend(c, p["id"], s.reason, now)
+        else:
+            programs.end(c, p["id"], found.state, s.reason, None, None, now)
         programs.set_stop(c, p["id"], stop_info(found))
         stopped.append(s)
     return stopped

@@ -20,6 +20,7 @@ STATES = [
     "cancelled",
     "stopped_budget",
     "stopped_limit",
+    "suspended",
 ]
 
 
@@ -375,6 +376,35 @@ def pools_set(
         f"pool {p.name}: type {p.instance_type.name}, warm {p.warm_target}, max {p.max_size}, "
         f"provider {p.provider} ({p.live} live, {p.idle} idle)"
     )
+
+
+# -- resume (issue 12) ---------------------------------------------------------------------
+
+
+@click.command("resume")
+@click.argument("program")
+@con.connection()
+def resume(program: str, target: con.Target) -> None:
+    """Continue PROGRAM, suspended (checkpointed) at its hard budget.
+
+    Raise the budget first (`dcp-oss limits set`): while it is still reached this is
+    one line and the program stays suspended.  Each instance holding it restores its
+    processes; its dcptrace gets the output and the exit status.  --json: Program.
+
+    \b
+    Example:
+      dcp-oss limits set --program p-3f2a9c --hard-budget 5000000
+      dcp-oss resume p-3f2a9c
+    """
+
+    async def go() -> m.Program:
+        async with target.client() as oss:
+            return await oss.resume(program)
+
+    prog = con.run(go())
+    if target.json:
+        return con.emit_json(prog)
+    click.echo(f"{prog.id}: {prog.state} ({prog.status_reason})")
 
 
 # -- migrate, drain (long: progress on stderr, one summary line) ---------------------------

@@ -22,6 +22,7 @@ from oss.db.store import Conn, Store, new_id, to_json
 from oss.errors import BudgetExhausted, Conflict, LimitExceeded, NoCapacity, NotFound
 
 ACTIVE = ("pending", "running", "recovering")
+SUSPENDED = "suspended"  # stopped at its hard budget, checkpointed: placements kept (issue 12)
 VIEW_CACHE = 4096  # programs whose view is kept in memory (cleared whole when full)
 
 
@@ -212,7 +213,7 @@ class Programs:
 
         def op(c: Conn) -> dict[str, Any]:
             p = program_row(c, program_id, account_id)
-            if p["state"] not in ACTIVE:
+            if p["state"] not in (*ACTIVE, SUSPENDED):
                 raise Conflict(f"program {program_id} already {p['state']}")
             end(c, program_id, state, reason, exit_status, signal, now)
             return program_dict(c, program_id, p["account_id"])
@@ -529,6 +530,23 @@ def end(
         "UPDATE programs SET state=?, status_reason=?, exit_status=?, signal=?, processes=0,"
         " updated=? WHERE id=?",
         (state, reason, exit_status, signal, now, program_id),
+    )
+
+
+def suspend(c: Conn, program_id: str, reason: str, now: float) -> None:
+    """Suspend a running program (issue 12): its placements and slots stay, metering skips it."""
+    c.execute(
+        "UPDATE programs SET state=?, status_reason=?, updated=? WHERE id=?",
+        (SUSPENDED, reason, now, program_id),
+    )
+
+
+def unsuspend(c: Conn, program_id: str, reason: str, now: float) -> None:
+    """A suspended program runs again; metering bills it from `now` (not the pause)."""
+    c.execute(
+        "UPDATE programs SET state='running', status_reason=?, stop_json=NULL, last_metered=?,"
+        " updated=? WHERE id=? AND state=?",
+        (reason, now, now, program_id, SUSPENDED),
     )
 
 

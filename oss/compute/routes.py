@@ -56,6 +56,10 @@ async def h_cancel(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Prog
     return m.Program(**await oss.cancel(principal(who), r.match_info["program_id"]))
 
 
+async def h_resume(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Program:
+    return m.Program(**await oss.resume(principal(who), r.match_info["program_id"]))
+
+
 async def h_finish(oss: Oss, r: web.Request, who: Any, b: m.ProgramFinish, q: Any) -> m.Program:
     return m.Program(
         **await oss.finish(principal(who), r.match_info["program_id"], b.exit_status, b.signal)
@@ -292,6 +296,14 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("GET", P, h_program, "account", "Inspect a program", response=m.Program),
     Route("POST", P + "/cancel", h_cancel, "account", "Cancel a program", response=m.Program),
+    Route(
+        "POST",
+        P + "/resume",
+        h_resume,
+        "account",
+        "Continue a program suspended at its hard budget",
+        response=m.Program,
+    ),
     Route(
         "POST",
         P + "/finish",

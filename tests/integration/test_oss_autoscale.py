@@ -51,8 +51,11 @@ def _agents() -> list[int]:
 
 
 @pytest.fixture
-def pool_lab(tmp_path: Path) -> Iterator[Lab]:
+def pool_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     """dcp-oss serve with the local provider and a pool p (warm 1, max 3) of 2-slot instances."""
+    # Instances without a working CRIU: a hard budget ends the program (with CRIU it
+    # is suspended instead: tests/integration/test_oss_suspend.py).
+    monkeypatch.setenv("DCP_CRIU", "/bin/false")
     if os.geteuid() != 0:
         pytest.skip("local instances in their own namespaces need root")
     lab = Lab(tmp_path)

@@ -42,8 +42,11 @@ def _send(lab: Lab, method: str, path: str, token: str, body: Any) -> Any:
 
 
 @pytest.fixture
-def priced_lab(tmp_path: Path) -> Iterator[Lab]:
+def priced_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     """dcp-oss serve (tick 0.5 s) and three loopback agents on a priced instance type."""
+    # Instances without a working CRIU: a hard budget ends the program (with CRIU it
+    # is suspended instead: tests/integration/test_oss_suspend.py).
+    monkeypatch.setenv("DCP_CRIU", "/bin/false")
     lab = Lab(tmp_path)
     try:
         lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")

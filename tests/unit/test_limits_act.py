@@ -275,6 +275,7 @@ class FakeSuspension:
         self.able = able
         self.held: set[int] = set()
         self.resumed: list[int] = []
+        self.dropped: list[int] = []
 
     def holds(self, session: FakeSession) -> bool:
         return session.pid in self.held
@@ -290,6 +291,10 @@ class FakeSuspension:
         self.held.discard(session.pid)
         self.resumed.append(session.pid)
         return None
+
+    def drop(self, session: FakeSession) -> None:
+        self.held.discard(session.pid)
+        self.dropped.append(session.pid)
 
 
 def test_a_checkpointing_kill_suspends_what_it_can_and_kills_the_rest() -> None:
@@ -331,6 +336,30 @@ def test_a_checkpointing_kill_suspends_what_it_can_and_kills_the_rest() -> None:
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def test_a_plain_kill_ends_a_suspended_session_for_good() -> None:
+    seen: list[tuple[str, str, str]] = []
+    enforcer = Enforcer("n0", FakeGroups(), on_event=lambda *e: seen.append(e))
+    able = _sleeper()
+    suspension = FakeSuspension({able.pid})
+    enforcer.suspension = suspension  # type: ignore[assignment]
+    try:
+        a = FakeSession(able.pid, "aa")
+        enforcer.started(a)  # type: ignore[arg-type]
+        stop = {"program": "p", "reason": "r", "tickets": ["aa"]}
+        asyncio.run(
+            enforcer.carry_out([dict(stop, id=1, action="kill", checkpoint=True)], [a])  # type: ignore[list-item]
+        )
+        assert suspension.held == {able.pid}
+        # the program is cancelled: a kill without checkpoint drops it (its deputy hears it)
+        asyncio.run(enforcer.carry_out([dict(stop, id=2, action="kill")], [a]))  # type: ignore[list-item]
+        assert suspension.dropped == [able.pid] and not suspension.held
+        assert ("p", "killed", f"pid {able.pid} suspended: killed with its images") in seen
+    finally:
+        if able.poll() is None:
+            able.kill()
+        able.wait()
 
 
 def test_a_checkpointing_stop_keeps_the_nonces_for_the_resume() -> None:

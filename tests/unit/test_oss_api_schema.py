@@ -77,6 +77,7 @@ def test_agent_wire_contract_shapes() -> None:
         "cpus",
         "memory_mb",
         "exec_key",  # optional: the agent's key for OSS-minted exec tickets
+        "checkpoint",  # optional (issue 12): its CRIU works, budget stops suspend
     }
     assert set(doc["AgentRegister"]["required"]) == {
         "instance",

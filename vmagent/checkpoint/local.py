@@ -166,6 +166,14 @@ class Checkpointer:
         )
         return took, written
 
+    async def works(self) -> bool:
+        """Does CRIU work here (checked once)?  What the agent tells the OSS (issue 12)."""
+        try:
+            await self.criu()
+        except C.CheckpointError:
+            return False
+        return True
+
     async def warm(self) -> None:
         """Check CRIU ahead of the first request (its verdict is kept either way)."""
         with contextlib.suppress(C.CheckpointError):
@@ -346,6 +354,13 @@ class Checkpointer:
         """Is `session` suspended here?"""
         return session.sid in self.suspended
 
+    def drop(self, session: Session) -> None:
+        """A suspended session is killed for good (its program cancelled): the deputy
+        hears SIGKILL, its images go."""
+        if session.sid in self.suspended:
+            session.exited(signal.SIGKILL)
+            self._discard(session.sid)
+
     def close(self) -> None:
         """The agent stops: suspended sessions' images and pipe ends go (they are lost)."""
         for sid in list(self.suspended):
@@ -459,6 +474,9 @@ class Suspension:
 
     def holds(self, session: Session) -> bool:
         return self.checkpointer.holds(session)
+
+    def drop(self, session: Session) -> None:
+        self.checkpointer.drop(session)
 
     async def suspend(self, session: Session) -> str | None:
         try:

@@ -72,6 +72,19 @@ FALLBACK_ENV = "DCP_OSS_FALLBACK"  # "local": without OSS instances, run everyth
 LOST_STATUS = 255  # a deputy's exit status when its instance was lost
 LOST_REASON = re.compile(r"instance (\S+) failed: ")  # the OSS's status of such a program
 WATCH_INTERVAL = 0.25  # seconds between looks at the program's state (limits act)
+WATCHED = ("pending", "running", "recovering", "suspended")  # states the home waits through
+
+
+def say_suspended(program_id: str) -> None:
+    """The program was checkpointed at its hard budget (issue 12): the home waits for
+    `dcp-oss resume`; said once on stderr."""
+    print(
+        f"dcptrace: suspended at its budget: dcp-oss resume {program_id} after raising it",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 SPREAD_WIDTH = 64  # target width of a spread program when the account sets no instance limit
 ARG_MAX = 4096  # the OSS's limits on argv items and their length
 STORAGE_TIMEOUT = 100.0  # seconds for the OSS to have an instance mount (or unmount) storage
@@ -763,6 +776,7 @@ class OssProgramLink:
 
         from oss import errors
 
+        suspended = False  # said once per suspension
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
@@ -774,11 +788,14 @@ class OssProgramLink:
                 self.stopped = stop_line(prog.stop, prog.status_reason)
                 on_stop(self.stopped)
                 return
+            if prog.state == "suspended" and not suspended:
+                say_suspended(pid)
+            suspended = prog.state == "suspended"
             failed = LOST_REASON.match(prog.status_reason)
             if failed and self._on_lost and failed[1] not in self._lost_said:
                 self._lost_said.add(failed[1])
                 self._on_lost(failed[1])
-            if prog.state not in ("pending", "running", "recovering"):
+            if prog.state not in WATCHED:
                 return
 
     def stop_now(self) -> str | None:
@@ -872,6 +889,7 @@ class LocalProgramLink:
         from oss import models as m
 
         said: set[str] = set()
+        suspended = False  # said once per suspension
         who = self.private.principal
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
@@ -885,11 +903,14 @@ class LocalProgramLink:
                 # Off the OSS's loop: the callback kills tracees and waits for them.
                 threading.Thread(target=on_stop, args=(self.stopped,), daemon=True).start()
                 return
+            if prog["state"] == "suspended" and not suspended:
+                say_suspended(pid)
+            suspended = prog["state"] == "suspended"
             failed = LOST_REASON.match(prog["status_reason"])
             if failed and on_lost is not None and failed[1] not in said:
                 said.add(failed[1])
                 on_lost(failed[1])
-            if prog["state"] not in ("pending", "running", "recovering"):
+            if prog["state"] not in WATCHED:
                 return
 
     def stop_now(self) -> str | None:

@@ -64,6 +64,9 @@ class Suspension(Protocol):
     async def resume(self, session: Session) -> str | None:
         """Restore a suspended session's tree; None, or why it could not."""
 
+    def drop(self, session: Session) -> None:
+        """End a suspended session for good (killed by SIGKILL at its deputy)."""
+
 
 class Groups(Protocol):
     """Per-program process groups that can be frozen as a whole (a cgroup hierarchy)."""
@@ -308,6 +311,8 @@ class Enforcer:
                 )  # fmt: skip
                 if action == "kill" and checkpoint:
                     found = await self._suspend(program, found)
+                elif action == "kill":
+                    found = self._drop(program, found)
                 if action == "resume":
                     await self._resume(program, found)
                 else:
@@ -339,6 +344,17 @@ class Enforcer:
                 continue
             self._said(program, "killed", f"pid {s.pid} cannot be checkpointed ({why}): killed")
             left.append(s)
+        return left
+
+    def _drop(self, program: str, sessions: list[Session]) -> list[Session]:
+        """A plain kill ends suspended sessions for good; the sessions left to kill."""
+        left = []
+        for s in sessions:
+            if self.suspension is not None and self.suspension.holds(s):
+                self.suspension.drop(s)  # nothing of it runs: its pids may be anyone's now
+                self._said(program, "killed", f"pid {s.pid} suspended: killed with its images")
+            else:
+                left.append(s)
         return left
 
     async def _resume(self, program: str, sessions: list[Session]) -> None:
