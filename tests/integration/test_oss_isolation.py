@@ -25,6 +25,11 @@ BODIES: dict[str, Any] = {
     "/v1/users/{user_id}/limits": {"max_instances": 1},
     "/v1/programs/{program_id}/migrate": {"to": "vm2"},
     "/v1/programs/{program_id}/signals": {"pid": 4194305, "signal": 15},
+    "/v1/programs/{program_id}/storage": {
+        "name": "s-1", "server": "10.0.0.1:22", "key": "k" * 32, "host_key": "h", "volumes": 1,
+    },
+    "/v1/programs/{program_id}/storage/mounts": {"instance": "vm1"},
+    "/v1/programs/{program_id}/storage/usage": {"gib_seconds": {"disk": 1.0}},
 }
 
 # Routes without path parameters, and how isolation is checked for them.
