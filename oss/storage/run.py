@@ -79,9 +79,10 @@ def options_from_table(volumes: tuple[str, ...], table: Mapping[str, object]) ->
         raise ValueError(f"[storage] has unknown keys: {', '.join(sorted(unknown))}")
 
     def mib(key: str, default: int | None) -> int | None:
-        value = table.get(key)
+        """`key` of the table (else `default`), both in MiB, as bytes."""
+        value = table.get(key, default)
         if value is None:
-            return default
+            return None
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"[storage] {key} must be a whole number of MiB")
         return value << 20
@@ -99,7 +100,7 @@ def options_from_table(volumes: tuple[str, ...], table: Mapping[str, object]) ->
         policy["preferred"] = table["prefer"]
     return StorageOptions(
         volumes,
-        memory_capacity=mib("memory_mb", 256 << 20 >> 20),
+        memory_capacity=mib("memory_mb", 256),
         disk_capacity=mib("disk_mb", None),
         limits=StorageLimits(program=mib("limit_mb", None)),
         policy=policy,
