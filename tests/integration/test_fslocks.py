@@ -58,7 +58,11 @@ def test_a_four_way_counter_on_three_instances_ends_at_four(
     (tmp_path / "counter").write_text("0")
     (tmp_path / "worker.py").write_text(WORKER)
     script = "for i in 1 2 3 4; do python3 worker.py $0 & done; wait"
-    argv = [*dcptrace_argv("--instances", "3", "--placement", "spread", "--volume", "."),
+    # Copies on the disk tier: each writer's copy is its own (two on one instance).
+    config = tmp_path.parent / f"{tmp_path.name}.toml"
+    config.write_text('[storage]\nprefer = "disk"\n')
+    argv = [*dcptrace_argv("--instances", "3", "--placement", "spread", "--volume", ".",
+                           "--config", str(config)),
             "--", "sh", "-c", script, mode]  # fmt: skip
     done = subprocess.run(argv, cwd=tmp_path, env=traced_env(), capture_output=True,
                           stdin=subprocess.DEVNULL, timeout=180)  # fmt: skip
