@@ -68,3 +68,65 @@ def test_a_four_way_counter_on_three_instances_ends_at_four(
                           stdin=subprocess.DEVNULL, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "counter").read_text() == "4", done.stderr
+
+
+HOLDER = """
+import fcntl, os, time
+fd = os.open("data", os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)       # bytes 0-9
+open("held", "w").close()
+while not os.path.exists("done"):
+    time.sleep(0.05)
+"""
+ASKER = """
+import fcntl, os, signal, struct, time
+while not os.path.exists("held"):
+    time.sleep(0.05)
+fd = os.open("data", os.O_RDWR)
+want = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 5, 1, 0)
+got = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, want))
+print("getlk", {fcntl.F_WRLCK: "write", fcntl.F_UNLCK: "none"}.get(got[0]), got[2], got[3])
+print("getlk free", struct.unpack("hhqqi", fcntl.fcntl(
+    fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 10, 5, 0)))[0]
+    == fcntl.F_UNLCK)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 5)
+except OSError as exc:
+    print("setlk", exc.errno in (11, 13))
+class Alarm(Exception):
+    pass
+def ring(*_):
+    raise Alarm
+signal.signal(signal.SIGALRM, ring)
+signal.setitimer(signal.ITIMER_REAL, 1.0)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, 5)     # F_SETLKW: waits, then the signal ends it
+    print("setlkw granted")
+except Alarm:
+    print("setlkw interrupted")
+open("done", "w").close()
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, 5)         # granted once the holder exits
+print("setlkw granted after the holder")
+"""
+
+
+def test_getlk_setlk_and_an_interrupted_wait_across_instances(tmp_path: Path) -> None:
+    _require_root()
+    (tmp_path / "data").write_text("x" * 20)
+    (tmp_path / "holder.py").write_text(HOLDER)
+    (tmp_path / "asker.py").write_text(ASKER)
+    config = tmp_path.parent / f"{tmp_path.name}.toml"
+    config.write_text('[storage]\nprefer = "disk"\n')
+    argv = [*dcptrace_argv("--instances", "2", "--placement", "spread", "--volume", ".",
+                           "--config", str(config)),
+            "--", "sh", "-c", "python3 holder.py & python3 asker.py; wait"]  # fmt: skip
+    done = subprocess.run(argv, cwd=tmp_path, env=traced_env(), capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == [
+        "getlk write 0 10",
+        "getlk free True",
+        "setlk True",
+        "setlkw interrupted",
+        "setlkw granted after the holder",
+    ], done.stderr
