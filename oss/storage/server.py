@@ -358,10 +358,10 @@ class StorageServer:
                     self._lock_request(process, conn_id, line, calls)
                 if len(buf) > MAX_LOCK_LINE:
                     break  # a line too long: the session ends
-        except (asyncssh.Error, OSError, ValueError):
-            pass
+        except (asyncssh.Error, OSError, ValueError, KeyError, TypeError):
+            pass  # a bad request ends the session (and its locks)
         finally:
-            for task in calls.values():
+            for task in list(calls.values()):
                 task.cancel()
             self.locks.drop_connection(conn_id)
             with contextlib.suppress(Exception):
