@@ -690,9 +690,12 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate", "signal"]
+    action: Literal["freeze", "kill", "thaw", "migrate", "signal", "resume"]
     reason: str
     tickets: list[str] = []
+    # kill with checkpoint (issue 12): suspend (CRIU dump, then kill) the sessions the
+    # agent can checkpoint; `resume` restores them later.
+    checkpoint: bool | None = None
     # migrate (issue 12): the session whose program is `pid` goes to instance `to` at
     # `address`; the agent asks for its ticket (POST /v1/agents/migrations/ticket).
     # signal (issue 11): send `signal` to the program's `pid` if it runs there.

@@ -177,6 +177,11 @@ async def _read_body(r: web.Request, cap: int, timeout: float) -> bytes:
     """The request body, refused (413) past `cap` bytes and (408) past `timeout` seconds."""
     if r.content_length is not None and r.content_length > cap:
         raise PayloadTooLarge(f"limit is {cap} bytes")
+    if r.content.is_eof():  # all of it came with the headers: no wait, so no timer
+        raw = r.content.read_nowait()
+        if len(raw) > cap:
+            raise PayloadTooLarge(f"limit is {cap} bytes")
+        return raw
     parts: list[bytes] = []
     size = 0
     try:

@@ -46,6 +46,7 @@ from oss.models import (
     AgentRegister,
     AgentReport,
     ExecIdentity,
+    Load,
     MigrationOutcome,
     MigrationTicketRequest,
     Policies,
@@ -149,7 +150,7 @@ class Oss:
         # for want of capacity; the pool manager counts those of the last window.
         self._refused: deque[tuple[float, str | None, int]] = deque(maxlen=10_000)
         self._last_seen: dict[str, float] = {}
-        self._beats: dict[str, tuple[float, str]] = {}
+        self._beats: dict[str, tuple[float, Load]] = {}  # serialised when flushed
         self._oss_lines: list[logmod.LogLine] = []
         self._event_lines: dict[str, list[logmod.LogLine]] = {}  # program -> placed events
         self._placed_on: dict[tuple[str, str], float] = {}  # (program, instance) -> when
@@ -273,14 +274,18 @@ class Oss:
         # Heartbeats are liveness hints, not acknowledged data: persisting them every few
         # ticks is enough for a restart (which grants every instance a full timeout anyway).
         if self._beats and self._ticks % HEARTBEAT_FLUSH_TICKS == 0:
-            beats, self._beats = self._beats, {}
-            await self.instances.flush_heartbeats(beats)
+            await self._persist_beats()
 
     async def _flush_all(self) -> None:
         await self._flush_logs()
         if self._beats:
-            beats, self._beats = self._beats, {}
-            await self.instances.flush_heartbeats(beats)
+            await self._persist_beats()
+
+    async def _persist_beats(self) -> None:
+        beats, self._beats = self._beats, {}
+        await self.instances.flush_heartbeats(
+            {name: (t, load.model_dump_json()) for name, (t, load) in beats.items()}
+        )
 
     async def _flush_logs(self) -> None:
         events, self._event_lines = self._event_lines, {}
@@ -454,7 +459,7 @@ class Oss:
             )
         now = self.clock()
         self._last_seen[body.instance] = now
-        self._beats[body.instance] = (now, body.load.model_dump_json())
+        self._beats[body.instance] = (now, body.load)
         self.metrics.heartbeat(body.instance, body.load)
         self.heartbeats_processed += 1
         return self.commands.for_instance(body.instance, body.done)

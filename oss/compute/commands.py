@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-Action = Literal["freeze", "kill", "thaw", "migrate", "signal"]
+Action = Literal["freeze", "kill", "thaw", "migrate", "signal", "resume"]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -36,6 +36,7 @@ class Command:
     to: str = ""
     address: str = ""
     signal: int = 0  # signal (issue 11): the signal for the program's `pid`
+    checkpoint: bool = False  # kill (issue 12): suspend (CRIU dump, then kill) what can be
 
 
 class CommandQueue:
@@ -51,17 +52,37 @@ class CommandQueue:
         per = self._nonces[program].setdefault(instance, deque(maxlen=MAX_NONCES))
         per.extend(nonces)
 
-    def stop(self, program: str, instances: Iterable[str], reason: str) -> list[Command]:
-        """Queue freeze then kill of `program` on each instance; forget its nonces."""
-        nonces = self._nonces.pop(program, {})
+    def stop(
+        self, program: str, instances: Iterable[str], reason: str, checkpoint: bool = False
+    ) -> list[Command]:
+        """Queue freeze then kill of `program` on each instance; forget its nonces.
+
+        With `checkpoint` (issue 12) the kill suspends what the agent can
+        checkpoint, and the nonces are kept for a later `resume`.
+        """
+        nonces = self._nonces.get(program, {}) if checkpoint else self._nonces.pop(program, {})
         out = []
         for inst in sorted(set(instances) | set(nonces)):
             tickets = tuple(nonces.get(inst, ()))
             actions: tuple[Action, ...] = ("freeze", "kill")
             for action in actions:
-                cmd = Command(next(self._ids), inst, program, action, reason, tickets)
+                cmd = Command(
+                    next(self._ids), inst, program, action, reason, tickets,
+                    checkpoint=checkpoint and action == "kill",
+                )  # fmt: skip
                 self._queued[inst][cmd.id] = cmd
                 out.append(cmd)
+        return out
+
+    def resume(self, program: str, instances: Iterable[str], reason: str) -> list[Command]:
+        """Queue: restore the suspended sessions of `program` on each instance (issue 12)."""
+        nonces = self._nonces.get(program, {})
+        out = []
+        for inst in sorted(set(instances) | set(nonces)):
+            tickets = tuple(nonces.get(inst, ()))
+            cmd = Command(next(self._ids), inst, program, "resume", reason, tickets)
+            self._queued[inst][cmd.id] = cmd
+            out.append(cmd)
         return out
 
     def migrate(self, instance: str, program: str, pid: int, to: str, address: str) -> Command:

@@ -171,6 +171,7 @@ async def h_heartbeat(
                 to=c.to if c.action == "migrate" else None,
                 address=c.address if c.action == "migrate" else None,
                 signal=c.signal if c.action == "signal" else None,
+                checkpoint=True if c.checkpoint else None,
             )
             for c in commands
         ]

@@ -100,6 +100,7 @@ def test_agent_wire_contract_shapes() -> None:
         "to",
         "address",
         "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
+        "checkpoint",  # kill (issue 12): suspend what can be checkpointed; `resume` later
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",
