@@ -961,6 +961,12 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 handle.fd = os.open(copy.local, os.O_RDONLY)
                 handle.size = copy.size
 
+    def _drop_page_cache(self, path: str) -> None:
+        """The kernel's cached pages of `path` go (an open does that: no keep_cache), so
+        a read under the lock sees what another instance's holder published."""
+        with contextlib.suppress(OSError):
+            os.close(os.open(self.config.mountpoint + path, os.O_RDONLY | os.O_NONBLOCK))
+
     def flock(self, path: str, owner: int, op: int, fh: int | None = None) -> int:
         """flock(2) on any instance's descriptor of `path`; owner: the open file (kernel's)."""
         kind = "u" if op & fcntl.LOCK_UN else "w" if op & fcntl.LOCK_EX else "r"
@@ -973,6 +979,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         err = int(self.remote.lock_call(req, wait)["errno"])
         if not err and kind != "u":
             self._after_lock(fh)
+            self._drop_page_cache(path)
         return -err
 
     def lock(self, path: str, owner: int, cmd: int, lock: Any, fh: int | None = None) -> int:
@@ -992,6 +999,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         answer = self.remote.lock_call(req, wait)
         if cmd != fcntl.F_GETLK and kind != "u" and not answer["errno"]:
             self._after_lock(fh)
+            self._drop_page_cache(path)
         if cmd == fcntl.F_GETLK and not answer["errno"]:
             if answer["type"] == "u":
                 fl.l_type = fcntl.F_UNLCK
