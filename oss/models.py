@@ -5,7 +5,7 @@ These are the wire types; /openapi.json is generated from them.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -623,6 +623,8 @@ class BillingRecord(Api):
     storage_micros: float
     net_micros: float
     premium_micros: float
+    # A `--oss` run's measured storage (issue 14): GiB-seconds per tier it was billed for
+    storage_gib_seconds: dict[str, float] = {}
 
 
 class Billing(Api):
@@ -690,7 +692,7 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate", "signal", "resume"]
+    action: Literal["freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount"]
     reason: str
     tickets: list[str] = []
     # kill with checkpoint (issue 12): suspend (CRIU dump, then kill) the sessions the
@@ -703,6 +705,8 @@ class AgentCommand(Api):
     to: str | None = None
     address: str | None = None
     signal: int | None = None
+    # mount / unmount (issue 14): the program's storage (its server, key and tiers)
+    storage: dict[str, Any] | None = None
 
 
 class SignalRequest(Api):

@@ -50,6 +50,7 @@ from oss.ipc import routes as ipc_routes
 from oss.listener import ListenerLimits
 from oss.network import routes as network_routes
 from oss.service import Oss
+from oss.storage import routes as storage_routes
 from oss.telemetry import routes as telemetry_routes
 from oss.ui import routes as ui_routes
 
@@ -112,6 +113,7 @@ ROUTES: tuple[Route, ...] = (
     + compute_routes.ROUTES
     + telemetry_routes.ROUTES
     + ipc_routes.ROUTES
+    + storage_routes.ROUTES
     + network_routes.ROUTES
     + ui_routes.ROUTES
 )

@@ -30,6 +30,8 @@ from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.network.reporter import ListenerReporter
+from vmagent.storage.mounts import MOUNTS, StorageOrders
+from vmagent.storage.mounts import OUTCOME as STORAGE_OUTCOME
 from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
@@ -344,6 +346,7 @@ class Agent:
         self._checkpointer: Checkpointer | None = None
         self.orders: MigrateOrders | None = None  # the OSS's migrate commands (issue 12)
         self._order_posts: list[HttpPost] = []
+        self.storage_orders: StorageOrders | None = None
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
@@ -368,6 +371,11 @@ class Agent:
                 app[MIGRATOR], lambda: list(self.service.sessions.values()), http_post(posts.get)
             )
             self.command_handlers.append(self.orders.on_commands)
+            # Issue 14: the OSS relays `dcptrace --oss` runs' storage to this instance.
+            storage_post = HttpPost(c.oss_url, c.token, c.call_timeout, STORAGE_OUTCOME)
+            self._order_posts.append(storage_post)
+            self.storage_orders = StorageOrders(app[MOUNTS], storage_post)
+            self.command_handlers.append(self.storage_orders.on_commands)
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
@@ -395,6 +403,8 @@ class Agent:
         self.service.shutdown()
         if self.orders is not None:
             await self.orders.close()
+        if self.storage_orders is not None:
+            await self.storage_orders.close()
         for post in self._order_posts:
             await post.close()
         if self._criu_check is not None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
-Action = Literal["freeze", "kill", "thaw", "migrate", "signal", "resume"]
+Action = Literal["freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount"]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -37,6 +37,8 @@ class Command:
     address: str = ""
     signal: int = 0  # signal (issue 11): the signal for the program's `pid`
     checkpoint: bool = False  # kill (issue 12): suspend (CRIU dump, then kill) what can be
+    # mount / unmount (issue 14): the program's storage spec (mount carries its key)
+    storage: Mapping[str, object] | None = field(default=None, repr=False)
 
 
 class CommandQueue:
@@ -90,6 +92,15 @@ class CommandQueue:
         cmd = Command(
             next(self._ids), instance, program, "migrate", f"to {to}", (), pid, to, address
         )
+        self._queued[instance][cmd.id] = cmd
+        return cmd
+
+    def storage(
+        self, instance: str, program: str, action: Action, spec: Mapping[str, object]
+    ) -> Command:
+        """Queue: mount (or unmount) the program's storage on `instance` (issue 14)."""
+        name = str(spec.get("name", ""))
+        cmd = Command(next(self._ids), instance, program, action, name, (), storage=spec)
         self._queued[instance][cmd.id] = cmd
         return cmd
 

@@ -296,6 +296,8 @@ class Enforcer:
                 continue
             if action in ("migrate", "signal"):
                 pass  # vmagent.checkpoint.orders (issue 12), vmagent.trace.signals (issue 11)
+            elif action in ("mount", "unmount"):
+                pass  # issue 14: vmagent.storage.mounts.StorageOrders carries it out
             elif action not in ACTIONS:
                 log.warning("limits: unknown action %r for program %s ignored", action, program)
             else:

@@ -122,6 +122,18 @@ def holders(inodes: set[int], pids: Iterable[int]) -> dict[int, int]:
     return out
 
 
+def tgid(tid: int) -> int | None:
+    """The process (thread group) thread `tid` belongs to (None: gone)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def listen_record(req: int, s: Socket) -> bytes:
     """T -> agent: steer the program's address, port `s.port` here (T waits)."""
     return channel.encode(
@@ -230,7 +242,9 @@ class Listeners:
         mine = [i for i, s in self.watched.items() if s.pid == pid]
         if not mine:
             return
-        held = holders(set(mine), [p for p in others if p != pid])
+        # Only other processes count: the exiting process's own threads share its
+        # descriptor table and may still show it while they are being torn down.
+        held = holders(set(mine), [p for p in others if p != pid and tgid(p) != pid])
         for inode in mine:
             if inode in held:
                 s = self.watched[inode]
