@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
@@ -39,6 +40,7 @@ from typing import Any, cast
 import asyncssh
 
 from oss.billing.storage import PRICES, Meter
+from oss.storage.locks import EOF_END, LockTable, Owner, Range
 from oss.storage.policy import StorageLimits, StorageUsage, Tier, admit
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ USER = "dcp"
 TICK = 1.0  # seconds between billing samples and state files
 REPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_REPORT = 4 << 20  # bytes of one report file
+LOCK_SUBSYSTEM = "dcp-lock"  # file locks (oss.storage.locks), on an authenticated connection
+MAX_LOCK_LINE = 4096  # bytes of one lock request
+MAX_LOCK_CALLS = 1024  # lock calls of one connection in flight (waiting) at once
 
 
 class StorageError(Exception):
@@ -97,14 +102,18 @@ class _Auth(asyncssh.SSHServer):
 
     def __init__(self, owner: StorageServer) -> None:
         self.owner = owner
+        self.conn_id = 0
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn_id = id(conn)
         self.owner.connections += 1
         if self.owner.connections > MAX_CONNECTIONS:
             conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.connections -= 1
+        # The lease of an instance's locks is its connection (keepalives end a lost one).
+        self.owner.locks.drop_connection(self.conn_id)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -252,6 +261,7 @@ class StorageServer:
         self._failure: BaseException | None = None
         self._sock: socket.socket | None = None
         self.host_key = ""
+        self.locks = LockTable()
 
     # -- bookkeeping used by the SFTP handlers (on the server's loop) --------
 
@@ -303,6 +313,8 @@ class StorageServer:
             server_host_keys=[key],
             server_factory=lambda: _Auth(self),
             sftp_factory=lambda chan: _VolumeSftp(chan, self),
+            process_factory=self._lock_session,
+            encoding=None,
             allow_scp=False,
             sftp_version=6,
             login_timeout=self.config.login_timeout,
@@ -326,6 +338,83 @@ class StorageServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(acceptor.wait_closed(), 5)
             self._write_state()
+
+    async def _lock_session(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        """The `dcp-lock` subsystem: one JSON request a line, answers as they complete."""
+        if process.subsystem != LOCK_SUBSYSTEM:
+            process.exit(1)  # no shell, no exec: only sftp and the lock service
+            return
+        conn_id = id(process.channel.get_connection())
+        calls: dict[int, asyncio.Task[None]] = {}
+        buf = b""
+        try:
+            while True:
+                chunk = await process.stdin.read(MAX_LOCK_LINE)
+                if not chunk:
+                    break
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    self._lock_request(process, conn_id, line, calls)
+                if len(buf) > MAX_LOCK_LINE:
+                    break  # a line too long: the session ends
+        except (asyncssh.Error, OSError, ValueError, KeyError, TypeError):
+            pass  # a bad request ends the session (and its locks)
+        finally:
+            for task in list(calls.values()):
+                task.cancel()
+            self.locks.drop_connection(conn_id)
+            with contextlib.suppress(Exception):
+                process.exit(0)
+
+    def _lock_request(
+        self, process: asyncssh.SSHServerProcess[bytes], conn_id: int, line: bytes,
+        calls: dict[int, asyncio.Task[None]],
+    ) -> None:  # fmt: skip
+        req = json.loads(line)
+        ident = int(req["id"])
+        if req["op"] == "cancel":
+            task = calls.get(ident)
+            if task is not None:
+                task.cancel()
+            return
+        kind = str(req["kind"])
+        if req["op"] == "drop":
+            self.locks.drop_owner(Owner(conn_id, kind, int(req["owner"])))
+            return
+        if kind not in ("flock", "posix") or str(req["type"]) not in ("r", "w", "u"):
+            raise ValueError("a bad lock request")
+        start, end = int(req["start"]), int(req["end"])
+        if not 0 <= start <= end <= EOF_END:
+            raise ValueError("a bad lock range")
+        want = Range(Owner(conn_id, kind, int(req["owner"])), str(req["type"]), start, end,
+                     int(req["pid"]))  # fmt: skip
+        path = str(req["path"])
+
+        def answer(**fields: object) -> None:
+            with contextlib.suppress(Exception):
+                process.stdout.write(json.dumps({"id": ident, **fields}).encode() + b"\n")
+
+        if req["op"] == "get":
+            held = self.locks.conflict(path, want)
+            if held is None:
+                answer(errno=0, type="u")
+            else:
+                answer(errno=0, type=held.kind, start=held.start, end=held.end, pid=held.pid)
+            return
+        if len(calls) >= MAX_LOCK_CALLS or ident in calls:
+            answer(errno=errno.ENOLCK)
+            return
+
+        async def run() -> None:
+            try:
+                answer(errno=await self.locks.set(path, want, bool(req.get("wait"))))
+            except asyncio.CancelledError:
+                answer(errno=errno.EINTR)
+            finally:
+                calls.pop(ident, None)
+
+        calls[ident] = asyncio.get_running_loop().create_task(run())
 
     def stop(self) -> None:
         """Stop serving; the state files stay (for `dcp-oss storage ls`)."""

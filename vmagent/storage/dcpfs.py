@@ -25,8 +25,10 @@ written is lost.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -43,6 +45,7 @@ from typing import Any, TypeVar, cast
 import asyncssh
 import mfusepy as fuse
 
+from oss.storage.locks import EOF_END
 from oss.storage.policy import (
     Heat,
     Ledger,
@@ -75,6 +78,8 @@ MAX_WRITE = 128 << 10  # bytes per FUSE write/read (libfuse 2's largest)
 # (fsynced on the volume) before it returns: a checkpoint or migration does it first.
 SYNC_PATH = "/.dcp-sync"
 STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
+LOCK_SUBSYSTEM = "dcp-lock"  # oss.storage.locks: flock and POSIX locks of the namespace
+LOCK_POLL = 0.05  # seconds between looks for a FUSE interrupt while a lock call waits
 STREAM_REASON = "large sequential write streams to the networked volume"
 
 T = TypeVar("T")
@@ -130,6 +135,37 @@ class Remote:
         self.thread.start()
         self.conn: asyncssh.SSHClientConnection | None = None
         self.sftp: asyncssh.SFTPClient = self.call(self._connect)
+        self.locks: LockClient | None = None
+        with contextlib.suppress(fuse.FuseOSError):  # an older server: locks stay local
+            self.locks = self.call(self._open_locks)
+
+    async def _open_locks(self) -> LockClient:
+        assert self.conn is not None
+        writer, reader, _ = await self.conn.open_session(subsystem=LOCK_SUBSYSTEM, encoding=None)
+        client = LockClient(writer, reader)
+        client.task = asyncio.get_running_loop().create_task(client.receive())
+        return client
+
+    def lock_call(self, req: dict[str, Any], wait: bool) -> dict[str, Any]:
+        """One lock request; a wait ends when granted, or with EINTR on a FUSE interrupt."""
+        locks = self.locks
+        if locks is None:
+            raise fuse.FuseOSError(errno.ENOLCK)
+        ident = locks.next_id()
+        future = asyncio.run_coroutine_threadsafe(locks.request(ident, req), self.loop)
+        cancelled = False
+        while True:
+            try:
+                return future.result(LOCK_POLL if wait else CALL_TIMEOUT)
+            except concurrent.futures.TimeoutError:
+                if not wait:
+                    future.cancel()
+                    raise fuse.FuseOSError(errno.EIO) from None
+                if not cancelled and fuse._libfuse.fuse_interrupted():
+                    cancelled = True  # the server answers EINTR, or the grant it already made
+                    self.loop.call_soon_threadsafe(locks.cancel, ident)
+            except (OSError, asyncssh.Error, EOFError) as exc:
+                raise fuse.FuseOSError(errno.EIO) from exc
 
     async def _connect(self) -> asyncssh.SFTPClient:
         server = self.config.server
@@ -170,12 +206,67 @@ class Remote:
             raise fuse.FuseOSError(errno.EIO) from exc
 
     def close(self) -> None:
+        if self.locks is not None:
+            self.locks.writer.close()
         if self.conn is not None:
             conn = self.conn
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(_close(conn), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+class LockClient:
+    """The `dcp-lock` session to the storage server (oss.storage.locks): answers by id."""
+
+    def __init__(
+        self, writer: asyncssh.SSHWriter[bytes], reader: asyncssh.SSHReader[bytes]
+    ) -> None:
+        self.writer = writer
+        self.reader = reader
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.ids = iter(range(1, 1 << 62))
+        self.id_lock = threading.Lock()
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def next_id(self) -> int:
+        with self.id_lock:
+            return next(self.ids)
+
+    async def request(self, ident: int, req: dict[str, Any]) -> dict[str, Any]:
+        if self.closed:
+            raise EOFError("the lock service is gone")
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[ident] = future
+        self.writer.write(json.dumps({"id": ident, **req}).encode() + b"\n")
+        try:
+            return await future
+        finally:
+            self.pending.pop(ident, None)
+
+    def cancel(self, ident: int) -> None:
+        self.send({"op": "cancel", "id": ident})
+
+    def send(self, req: dict[str, Any]) -> None:
+        """A request without an answer (on the loop's thread)."""
+        if not self.closed:
+            self.writer.write(json.dumps(req).encode() + b"\n")
+
+    async def receive(self) -> None:
+        try:
+            while line := await self.reader.readline():
+                answer = json.loads(line)
+                future = self.pending.get(int(answer["id"]))
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        except (asyncssh.Error, OSError, ValueError, KeyError) as exc:
+            log.warning("the lock service failed: %s", exc)
+        finally:
+            self.closed = True
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(EOFError("the lock service is gone"))
 
 
 async def _close(conn: asyncssh.SSHClientConnection) -> None:
@@ -826,6 +917,100 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                         with contextlib.suppress(OSError):
                             os.unlink(handle.local)
 
+    # -- locks (served by the storage server for every instance) -------------
+
+    def _before_unlock(self, fh: int | None) -> None:
+        """Publish what this descriptor wrote before its lock goes (as NFS does at unlock)."""
+        with self._mutex:
+            handle = self.state.handles.get(fh) if fh is not None else None
+            if handle is not None and handle.writable and handle.dirty and handle.fd >= 0:
+                self._publish(handle, durable=False)
+
+    def _after_lock(self, fh: int | None) -> None:
+        """A lock granted: the descriptor sees the volume's latest version (close-to-open
+        would show it only at the next open; another instance's holder published it)."""
+        with self._mutex:
+            handle = self.state.handles.get(fh) if fh is not None else None
+            if handle is None or handle.unlinked or (handle.writable and handle.dirty):
+                return
+            path = handle.path
+            if handle.remote is not None:
+                if handle.writable:
+                    return  # streaming: this handle writes the file itself
+                old = handle.remote
+                handle.remote = self.remote.call(lambda: self.sftp.open(path, "rb"))
+                with contextlib.suppress(fuse.FuseOSError):
+                    self.remote.call(lambda: old.close())
+                return
+            attrs = self._fresh_stat(path)
+            if handle.writable:  # rewritten in place: its tier holds this one copy already
+
+                async def whole() -> bytes:
+                    async with self.sftp.open(path, "rb") as f:
+                        return cast(bytes, await f.read())
+
+                data = self.remote.call(whole)
+                os.ftruncate(handle.fd, 0)
+                _pwrite_all(handle.fd, data, 0)
+                handle.size = handle.base = len(data)
+                return
+            if self._valid_copy(path, attrs) is None:
+                copy = self._fetch(path, Tier.DISK)
+                self.state.copies[path] = copy
+                os.close(handle.fd)
+                handle.fd = os.open(copy.local, os.O_RDONLY)
+                handle.size = copy.size
+
+    def _drop_page_cache(self, path: str) -> None:
+        """The kernel's cached pages of `path` go (an open does that: no keep_cache), so
+        a read under the lock sees what another instance's holder published."""
+        with contextlib.suppress(OSError):
+            os.close(os.open(self.config.mountpoint + path, os.O_RDONLY | os.O_NONBLOCK))
+
+    def flock(self, path: str, owner: int, op: int, fh: int | None = None) -> int:
+        """flock(2) on any instance's descriptor of `path`; owner: the open file (kernel's)."""
+        kind = "u" if op & fcntl.LOCK_UN else "w" if op & fcntl.LOCK_EX else "r"
+        wait = kind != "u" and not op & fcntl.LOCK_NB
+        pid = fuse.fuse_get_context()[2]
+        req = dict(op="set", kind="flock", path=path, owner=owner, pid=pid, type=kind,
+                   start=0, end=EOF_END, wait=wait)  # fmt: skip
+        if kind == "u":
+            self._before_unlock(fh)
+        err = int(self.remote.lock_call(req, wait)["errno"])
+        if not err and kind != "u":
+            self._after_lock(fh)
+            self._drop_page_cache(path)
+        return -err
+
+    def lock(self, path: str, owner: int, cmd: int, lock: Any, fh: int | None = None) -> int:
+        """F_GETLK, F_SETLK, F_SETLKW (the kernel hands SEEK_SET ranges; owner: lock_owner)."""
+        fl = lock.contents
+        kind = {fcntl.F_RDLCK: "r", fcntl.F_WRLCK: "w", fcntl.F_UNLCK: "u"}.get(fl.l_type)
+        if kind is None or cmd not in (fcntl.F_GETLK, fcntl.F_SETLK, fcntl.F_SETLKW):
+            return -errno.EINVAL
+        start = int(fl.l_start)
+        end = EOF_END if fl.l_len == 0 else start + int(fl.l_len) - 1
+        wait = cmd == fcntl.F_SETLKW and kind != "u"
+        req = dict(op="get" if cmd == fcntl.F_GETLK else "set", kind="posix", path=path,
+                   owner=owner, pid=int(fl.l_pid), type=kind, start=start, end=end,
+                   wait=wait)  # fmt: skip
+        if kind == "u" and cmd != fcntl.F_GETLK:
+            self._before_unlock(fh)
+        answer = self.remote.lock_call(req, wait)
+        if cmd != fcntl.F_GETLK and kind != "u" and not answer["errno"]:
+            self._after_lock(fh)
+            self._drop_page_cache(path)
+        if cmd == fcntl.F_GETLK and not answer["errno"]:
+            if answer["type"] == "u":
+                fl.l_type = fcntl.F_UNLCK
+            else:
+                fl.l_type = fcntl.F_RDLCK if answer["type"] == "r" else fcntl.F_WRLCK
+                fl.l_whence = os.SEEK_SET
+                fl.l_start = answer["start"]
+                fl.l_len = 0 if answer["end"] == EOF_END else answer["end"] - answer["start"] + 1
+                fl.l_pid = answer["pid"]
+        return -int(answer["errno"])
+
     # -- reports ------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
@@ -889,6 +1074,27 @@ def _reporter(fs: Dcpfs, stop: threading.Event) -> None:
     fs.send_report()
 
 
+class _Fuse(fuse.FUSE):  # type: ignore[misc]
+    """mfusepy, handing lock calls the kernel's lock owner instead of the file handle."""
+
+    def lock(self, path: bytes | None, fip: Any, cmd: int, lock: Any) -> int:
+        owner, fh = (int(fip.contents.lock_owner), int(fip.contents.fh)) if fip else (0, None)
+        name = path.decode() if path else ""
+        return int(self.operations.lock(name, owner, cmd, lock, fh))
+
+    def flock(self, path: bytes, fip: Any, op: int) -> int:
+        owner, fh = (int(fip.contents.lock_owner), int(fip.contents.fh)) if fip else (0, None)
+        return int(self.operations.flock(path.decode(), owner, op, fh))
+
+    def release(self, path: bytes | None, fip: Any) -> int:
+        # The kernel releases an flock with its open file: FUSE says so here (flock_release).
+        locks = self.operations.remote.locks
+        if fip and fip.contents.flock_release and locks is not None:
+            req = {"op": "drop", "kind": "flock", "owner": int(fip.contents.lock_owner), "id": 0}
+            self.operations.remote.loop.call_soon_threadsafe(locks.send, req)
+        return int(super().release(path, fip))
+
+
 def main() -> None:
     """`python -m vmagent.storage.dcpfs` with its config (JSON) on stdin; mounts and serves."""
     logging.basicConfig(level=logging.INFO, format="dcpfs: %(levelname)s: %(message)s")
@@ -907,7 +1113,7 @@ def main() -> None:
     reporter = threading.Thread(target=_reporter, args=(fs, stop), daemon=True)
     reporter.start()
     try:
-        fuse.FUSE(
+        _Fuse(
             fs, config.mountpoint, foreground=True, nothreads=False, allow_other=True,
             default_permissions=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
             big_writes=True, max_write=MAX_WRITE, max_read=MAX_WRITE,
