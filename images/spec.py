@@ -13,6 +13,7 @@ BASE_PACKAGES: tuple[str, ...] = (
     "python3",
     "criu",
     "iproute2",
+    "nftables",  # libnftables1: the agent applies programs' NAT in process (issue 13)
     "procps",
     "kmod",
     "busybox-static",  # the initramfs's only binary, copied out of the rootfs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import ipaddress
 import logging
 import os
 import signal
@@ -137,6 +138,21 @@ def main(log_level: str) -> None:
     show_default=True,
     help="A failing provider: wait min(BASE * 2**n, 60) s after n failed creates.",
 )
+@click.option(
+    "--network-prefix",
+    default=None,
+    metavar="CIDR",
+    help=(
+        "Give every program one address from this private IPv4 prefix, redirected to its "
+        "VMs on --network-bridge (docs/NETWORK.md). Default: no program addresses."
+    ),
+)
+@click.option(
+    "--network-bridge", default="", metavar="DEV", help="The bridge the VMs hang on (this host's)."
+)
+@click.option(
+    "--network-netns", default=None, metavar="NS", help="The namespace that bridge lives in."
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -156,6 +172,9 @@ def serve(
     max_connections_per_peer: int,
     idle_grace: float,
     backoff_base: float,
+    network_prefix: str | None,
+    network_bridge: str,
+    network_netns: str | None,
 ) -> None:
     """Run the OSS HTTP API (and the web view at /ui).
 
@@ -188,8 +207,19 @@ def serve(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    network = None
+    if network_prefix is not None:  # issue 13: program addresses on VMs
+        from oss.network.vms import NetworkOptionError, vm_network_options
+
+        try:
+            prefix, bridge_if = vm_network_options(network_prefix, network_bridge, network_netns)
+        except NetworkOptionError as exc:
+            raise click.UsageError(str(exc)) from exc
+        network = (prefix, network_bridge, bridge_if, network_netns)
+    elif network_bridge or network_netns:
+        raise click.UsageError("--network-bridge/--network-netns need --network-prefix")
     _private_data_dir(data_dir)
-    asyncio.run(_serve(config, host, port, loaded, limits))
+    asyncio.run(_serve(config, host, port, loaded, limits, network))
 
 
 def _private_data_dir(data_dir: Path) -> None:
@@ -232,10 +262,14 @@ async def _serve(
     port: int,
     providers: dict[str, Provider] | None = None,
     limits: ListenerLimits | None = None,
+    network: tuple[ipaddress.IPv4Network, str, ipaddress.IPv4Interface, str | None] | None = None,
 ) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     limits = limits or ListenerLimits()
     oss = Oss(config, providers)
+    if network is not None:
+        prefix, bridge_dev, bridge_if, netns = network
+        oss.use_vm_network(prefix, bridge_dev, bridge_if.network, str(bridge_if.ip), netns)
     runner = web.AppRunner(
         make_app(oss, limits=limits),
         access_log=None,

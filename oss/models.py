@@ -5,7 +5,7 @@ These are the wire types; /openapi.json is generated from them.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -690,7 +690,7 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate"]
+    action: Literal["freeze", "kill", "thaw", "migrate", "network"]
     reason: str
     tickets: list[str] = []
     # migrate (issue 12): the session whose program is `pid` goes to instance `to` at
@@ -698,6 +698,9 @@ class AgentCommand(Api):
     pid: int | None = None
     to: str | None = None
     address: str | None = None
+    # network (issue 13): what this instance must hold for the program
+    # (`net.nodestate.to_wire`; an empty state: drop it).
+    state: dict[str, Any] | None = None
 
 
 class HeartbeatReply(Api):

@@ -29,6 +29,7 @@ from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffe
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.network.orders import NetworkOrders
 from vmagent.network.reporter import ListenerReporter
 from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
@@ -275,6 +276,9 @@ class Agent:
         self._criu_check: asyncio.Future[None] | None = None
         self.orders: MigrateOrders | None = None  # the OSS's migrate commands (issue 12)
         self._order_posts: list[HttpPost] = []
+        # Issue 13 on VMs: the OSS's `network` commands (this instance's node states).
+        self.network_orders = NetworkOrders(config.instance)
+        self.command_handlers.append(self.network_orders.on_commands)
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
@@ -324,6 +328,7 @@ class Agent:
         self.service.shutdown()
         if self.orders is not None:
             await self.orders.close()
+        await self.network_orders.close()
         for post in self._order_posts:
             await post.close()
         if self._criu_check is not None:

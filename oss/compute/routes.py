@@ -170,6 +170,7 @@ async def h_heartbeat(
                 pid=c.pid if c.action == "migrate" else None,
                 to=c.to if c.action == "migrate" else None,
                 address=c.address if c.action == "migrate" else None,
+                state=c.state if c.action == "network" else None,
             )
             for c in commands
         ]

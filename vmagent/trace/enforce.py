@@ -275,6 +275,8 @@ class Enforcer:
                 continue
             if action == "migrate":
                 pass  # issue 12: vmagent.checkpoint.orders carries it out
+            elif action == "network":
+                pass  # issue 13: vmagent.network.orders carries it out
             elif action not in ACTIONS:
                 log.warning("limits: unknown action %r for program %s ignored", action, program)
             else:
