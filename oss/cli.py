@@ -389,6 +389,12 @@ def account_create(
 @click.option("--heartbeat-timeout", default=5.0, show_default=True)
 @click.option("--tick", default=1.0, show_default=True)
 @click.option("--slots-per-cpu", default=4, show_default=True)
+@click.option(
+    "--network-prefix",
+    default=None,
+    metavar="CIDR",
+    help="Program addresses from this private IPv4 prefix, on the lab's bridge (NETWORK.md).",
+)
 def lab(
     config_file: Path,
     data_dir: Path,
@@ -399,6 +405,7 @@ def lab(
     heartbeat_timeout: float,
     tick: float,
     slots_per_cpu: int,
+    network_prefix: str | None,
 ) -> None:
     """Run the OSS with libvirt VMs: own libvirtd, provider, warm pools (stopped on exit).
 
@@ -410,6 +417,14 @@ def lab(
     from oss.compute.providers.libvirtd import LibvirtdError
 
     addr = None if listen == "none" else _hostport(listen)
+    prefix = None
+    if network_prefix is not None:
+        from oss.network.vms import NetworkOptionError, checked_prefix
+
+        try:
+            prefix = checked_prefix(network_prefix)
+        except NetworkOptionError as exc:
+            raise click.UsageError(str(exc)) from exc
     try:
         cfg = labmod.load_config(config_file)
         labmod.check_files(cfg)
@@ -454,7 +469,7 @@ def lab(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-        await labmod.serve_lab(cfg, oss_config, addr, guest_port, stop, announce)
+        await labmod.serve_lab(cfg, oss_config, addr, guest_port, stop, announce, prefix)
 
     try:
         asyncio.run(run())

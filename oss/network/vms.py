@@ -138,6 +138,24 @@ def vm_network_options(
 ) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Interface]:
     """Check `--network-prefix` against the host's bridge: (the prefix, the bridge's
     address); NetworkOptionError (one line) when they cannot work."""
+    net = checked_prefix(prefix)
+    if not bridge:
+        raise NetworkOptionError("--network-prefix needs --network-bridge (the VMs' bridge)")
+    iface = bridge_address(bridge, netns)
+    if iface is None:
+        where = f" in netns {netns}" if netns else ""
+        raise NetworkOptionError(
+            f"--network-bridge {bridge}: no such device with an IPv4 address{where}"
+        )
+    if net.overlaps(iface.network):
+        raise NetworkOptionError(
+            f"--network-prefix {prefix} overlaps the bridge's subnet {iface.network}"
+        )
+    return net, iface
+
+
+def checked_prefix(prefix: str) -> ipaddress.IPv4Network:
+    """`--network-prefix` as a network: private IPv4, /30 or wider (NetworkOptionError)."""
     try:
         net = ipaddress.IPv4Network(prefix, strict=True)
     except ValueError as exc:
@@ -151,18 +169,7 @@ def vm_network_options(
         raise NetworkOptionError(
             f"--network-prefix {prefix}: not a private range (it would shadow real hosts)"
         )
-    if not bridge:
-        raise NetworkOptionError("--network-prefix needs --network-bridge (the VMs' bridge)")
-    iface = bridge_address(bridge, netns)
-    if iface is None:
-        where = f" in netns {netns}" if netns else ""
-        raise NetworkOptionError(f"--network-bridge {bridge}: no such device with an IPv4 "
-                                 f"address{where}")  # fmt: skip
-    if net.overlaps(iface.network):
-        raise NetworkOptionError(
-            f"--network-prefix {prefix} overlaps the bridge's subnet {iface.network}"
-        )
-    return net, iface
+    return net
 
 
 def bridge_address(bridge: str, netns: str | None) -> ipaddress.IPv4Interface | None:

@@ -114,3 +114,14 @@ def test_network_prefix_option_is_checked(args: list[str], why: str, tmp_path: P
     )  # fmt: skip
     assert res.returncode == 2, (args, res.stderr)
     assert why in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+
+
+def test_lab_network_prefix_is_checked(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run(
+        [sys.executable, "-m", "oss.cli", "lab", "--config", str(tmp_path / "lab.toml"),
+         "--data", str(tmp_path / "d"), "--network-prefix", "8.8.8.0/24"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert res.returncode == 2 and "not a private range" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
