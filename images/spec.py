@@ -45,6 +45,10 @@ GUEST_MODULES: tuple[str, ...] = (
     "af_packet_diag",
     "nfnetlink",
     "nf_tables",
+    "nf_nat",  # issue 13: a program's loopback redirect (nft nat chains, dnat/snat)
+    "nft_chain_nat",
+    "nft_nat",
+    "sch_tbf",  # issue 13: a program's bandwidth cap
     "button",  # the ACPI power button (libvirt shutdown, `vagrant halt -f`) as an input device
     "evdev",  # /dev/input/eventN, where dcp-init reads that button
 )

@@ -210,7 +210,7 @@ def test_program_address_across_guests(lab: Lab, client_ns: str, tmp_path: Any) 
          "--oss", lab.oss_url, "--placement", "spread", "--record", str(record),
          "--", "/bin/sh", "-c", PROGRAM, "sh", SERVER, CLIENT, QUIT],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        cwd=tmp_path, env=env,
+        cwd="/", env=env,
     )  # fmt: skip
     try:
         program, address = _program_address(lab, 240)
@@ -220,14 +220,8 @@ def test_program_address_across_guests(lab: Lab, client_ns: str, tmp_path: Any) 
         second = _fetch(client_ns, f"http://{address}:8002/", 240)
         shown = lab.loop.run(lab.oss.oss.network.show(program))
     finally:
-        assert proc.stdin is not None
         try:
-            proc.stdin.write(b"go\n")
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        try:
-            out, err = proc.communicate(timeout=240)
+            out, err = proc.communicate(input=b"go\n", timeout=240)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
