@@ -99,6 +99,7 @@ def test_agent_wire_contract_shapes() -> None:
         "pid",  # migrate (issue 12): the session's program, target instance and address
         "to",
         "address",
+        "state",  # network (issue 13): the instance's node state for the program
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",
