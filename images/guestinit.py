@@ -467,6 +467,9 @@ def supervise(settings: GuestSettings) -> None:
         "HOME": "/root",
         "PYTHONUNBUFFERED": "1",
         "LANG": "C.UTF-8",
+        # The guest is the instance: its agent spreads its programs' pids over the
+        # namespace (a migrated program needs its pids free on the target).
+        "DCP_SPREAD_PIDS": "1",
     }
     delay = 1.0
     if settings.role == "oss":  # private: dcp-oss serve refuses a data dir others can read

@@ -198,6 +198,12 @@ class OssClient:
         body = m.ReleaseRequest(instance=instance, processes=processes)
         await self.request("POST", f"/v1/programs/{program_id}/release", body)
 
+    async def signal(self, program_id: str, pid: int, sig: int) -> m.SignalQueued:
+        """Send `sig` to the program's `pid` forked on one of its instances (issue 11)."""
+        body = m.SignalRequest(pid=pid, signal=sig)
+        data = await self.request("POST", f"/v1/programs/{program_id}/signals", body)
+        return m.SignalQueued.model_validate(data)
+
     async def append_logs(self, program_id: str, lines: list[m.LogLineIn]) -> None:
         """Append stdout/stderr/log lines (durable when this returns)."""
         await self.request("POST", f"/v1/programs/{program_id}/logs", m.LogAppend(lines=lines))

@@ -690,17 +690,33 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate", "network"]
+    action: Literal["freeze", "kill", "thaw", "migrate", "signal", "network"]
     reason: str
     tickets: list[str] = []
     # migrate (issue 12): the session whose program is `pid` goes to instance `to` at
     # `address`; the agent asks for its ticket (POST /v1/agents/migrations/ticket).
+    # signal (issue 11): send `signal` to the program's `pid` if it runs there.
     pid: int | None = None
     to: str | None = None
     address: str | None = None
     # network (issue 13): what this instance must hold for the program
     # (`net.nodestate.to_wire`; an empty state: drop it).
     state: dict[str, Any] | None = None
+    signal: int | None = None
+
+
+class SignalRequest(Api):
+    """A process of the program (on the asking instance, or at its home) signals one of
+    the program's pids forked on an instance (issue 11: `oss.ipc.signals`)."""
+
+    pid: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    signal: Annotated[int, Field(ge=0, le=64)]
+
+
+class SignalQueued(Api):
+    """The instances the signal was sent to (each delivers it if it holds that pid)."""
+
+    instances: list[str]
 
 
 class HeartbeatReply(Api):

@@ -27,5 +27,6 @@ VERSIONS: tuple[Version, ...] = (
     (9, (compute.V_LIMITS,)),  # programs.stop_json/client_placed, idle_since, pool_backoff (E)
     (10, (telemetry.V10,)),  # processes.moved_to, freeze_ms (issue 12: migration)
     (11, (network.V_NET,)),  # program addresses, members, listeners (issue 13)
+    (12, (compute.V_MOVES,)),  # instances.draining, placement_moves (issue 12)
 )
 check_sequence(VERSIONS)

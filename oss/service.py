@@ -796,6 +796,7 @@ class Oss:
             await self.processes.migrated(
                 cmd.program, instance, cmd.pid, cmd.to, body.freeze_ms, now
             )
+            await self.programs.move(cmd.program, instance, cmd.to)  # its slot goes along
             self._placed_on[(cmd.program, cmd.to)] = now  # the target reports for it now
             self._event_lines.setdefault(cmd.program, []).append(
                 logmod.LogLine(
@@ -826,6 +827,14 @@ class Oss:
         """Move every program session off `instance`, then release it (its provider) or
         mark it drained; what cannot move stays, a line each, and the instance too."""
         row = (await self.instances.instances(None, instance))[0]  # NotFound
+        await self.instances.set_draining(instance, True)  # nothing new is placed there
+        try:
+            return await self._drain(instance, row)
+        except BaseException:
+            await self.instances.set_draining(instance, False)
+            raise
+
+    async def _drain(self, instance: str, row: dict[str, Any]) -> dict[str, Any]:
         rows = await self.processes.running_on(instance)
         live = [n for n in sorted(await self.instances.ready_instances()) if n != instance]
         targets = await self.instances.exec_targets(live)
@@ -851,4 +860,6 @@ class Oss:
         if not refused:
             state = await self.pools.release(instance, row["pool"])
             self.oss_log(f"instance {instance} drained: {state}", instance)
+        else:  # what could not move runs on there: the instance takes placements again
+            await self.instances.set_draining(instance, False)
         return dict(instance=instance, moved=moved, refused=refused, state=state)

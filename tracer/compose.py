@@ -154,9 +154,10 @@ def clustered(
 
     from vmagent.exec.view import View
 
-    # The program sees its home's hostname on every local instance (issue 11).  Not yet
-    # with --oss: VM and Vagrant lab users still tell their instances by hostname.
-    home = socket.gethostname() if instances else ""
+    # The program sees its home's hostname on every instance, local or VM (issue 11
+    # item 8); a guest's own name stays in its /etc/hostname, a local instance's in
+    # its agent's command line.
+    home = socket.gethostname()
     view = View.of("", dict(maps or {}), placement, home=home)
     if oss_url is not None and instances == 0:
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used

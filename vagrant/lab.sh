@@ -179,11 +179,11 @@ The lab is up: a coordinator and $made instances, all ready (./lab.sh list).
 Run a program on it from your shell, as root (the account token stays in the
 0600 file $LAB/account.token):
 
-  (cd / && DCP_TOKEN=\$(cat $LAB/account.token) $cmd --oss $URL -- sh -c 'hostname; hostname')
+  (cd / && DCP_TOKEN=\$(cat $LAB/account.token) $cmd --oss $URL -- sh -c 'cat /etc/hostname; cat /etc/hostname')
 
 or the same through this script:
 
-  $HERE/lab.sh run sh -c 'hostname; hostname'
+  $HERE/lab.sh run sh -c 'cat /etc/hostname; cat /etc/hostname'
 
 Programs start in /, a directory every instance has: until DCP's storage
 namespace lands, the instances have no copy of your own directories.

@@ -25,7 +25,7 @@ from vmagent.checkpoint.local import Checkpointer
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
 from vmagent.config import AgentConfig
-from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer
+from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer, extend_http
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
@@ -35,6 +35,7 @@ from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
 from vmagent.trace.placer import OssPlacements, Placer
+from vmagent.trace.signals import Signaller
 from vmagent.trace.zygote import Tracing
 
 ZYGOTE_EXIT = 2.0  # s the agent waits, when closing, for its zygote to be gone
@@ -134,6 +135,9 @@ async def _checkpoint(request: web.Request) -> web.Response:
 
 
 MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
+# s a migration's connections may live once authenticated (HTTP_LIFETIME otherwise): the
+# source's /migrate call, the target's image uploads (bounded by their own stall timeouts).
+MIGRATION_LIFETIME = 20 * 60.0
 
 
 async def _migrate(request: web.Request) -> web.Response:
@@ -144,11 +148,13 @@ async def _migrate(request: web.Request) -> web.Response:
     except ValueError:
         body = None
     fields = [body.get(k) if isinstance(body, dict) else None for k in ("to", "instance", "ticket")]
-    if not all(isinstance(f, str) and f for f in fields):
-        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket"}\n')
+    precopy = body.get("precopy", False) if isinstance(body, dict) else None
+    if not all(isinstance(f, str) and f for f in fields) or not isinstance(precopy, bool):
+        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket", "precopy"?: bool}\n')
     to, instance, ticket = (str(f) for f in fields)
+    extend_http(request.transport, MIGRATION_LIFETIME)  # a move under TCG outlasts 30 s
     try:
-        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket)
+        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket, precopy)
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
     except CheckpointError as exc:
@@ -200,12 +206,42 @@ async def _migration_receive(request: web.Request) -> web.Response:
     """POST /v1/migrations: a moved session (description + zstd images), restored here."""
     ticket = _migration_ticket(request)
     try:
+        request.app[MIGRATOR].tickets.authentic(ticket)  # its maker is this instance's
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    extend_http(request.transport, MIGRATION_LIFETIME)
+    try:
         done = await request.app[MIGRATOR].receive(ticket, request.content)
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
     except (CheckpointError, asyncio.IncompleteReadError) as exc:
         raise web.HTTPConflict(text=f"{exc}\n") from None
     return web.json_response(done)
+
+
+async def _migration_round(request: web.Request) -> web.Response:
+    """POST /v1/migrations/round?session=SID&round=K: a pre-copy round's images."""
+    ticket = _migration_ticket(request)
+    k = request.query.get("round", "")
+    try:
+        request.app[MIGRATOR].tickets.authentic(ticket)
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    extend_http(request.transport, MIGRATION_LIFETIME)
+    try:
+        done = await request.app[MIGRATOR].receive_round(
+            ticket,
+            request.query.get("session"),
+            int(k) if k.isdigit() and len(k) < 4 else None,
+            request.content,
+        )
+    except (CheckpointError, asyncio.IncompleteReadError) as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
+async def _close_migrator(app: web.Application) -> None:
+    app[MIGRATOR].scratch.close()
 
 
 def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) -> web.Application:
@@ -224,10 +260,12 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
         MigrationTickets(config.token, config.instance, exec_key=config.exec_key),
         config.instance,
     )
+    app.on_cleanup.append(_close_migrator)
     app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
     app.router.add_post("/v1/migrations/check", _migration_check)
     app.router.add_post("/v1/migrations", _migration_receive)
     app.router.add_post("/v1/migrations/commit", _migration_commit)
+    app.router.add_post("/v1/migrations/round", _migration_round)
     storage_routes(app, config.instance, _authorized)  # issue 14: program namespaces
     return app
 
@@ -263,6 +301,10 @@ class Agent:
         )
         self.placer = Placer(oss)
         self.service.hooks.add(self.placer)
+        # Issue 11: signals for pids forked on other instances, through the OSS.
+        self.signaller = Signaller(config.instance, oss, lambda: self.service.sessions.values())
+        self.service.hooks.add(self.signaller)
+        self.command_handlers.append(self.signaller.on_commands)
         # Issue 13: listening sockets the instance tracers see, steered by the OSS.
         self.listeners = ListenerReporter(oss)
         self.service.hooks.add(self.listeners)
@@ -347,5 +389,6 @@ class Agent:
             deadline = asyncio.get_running_loop().time() + ZYGOTE_EXIT
             while not self.tracing.reaped() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
+        await self.signaller.close()
         await self.listeners.close()
         await self.placer.close()

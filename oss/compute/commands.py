@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Action = Literal["freeze", "kill", "thaw", "migrate", "network"]
+Action = Literal["freeze", "kill", "thaw", "migrate", "signal", "network"]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -37,6 +37,7 @@ class Command:
     address: str = ""
     # network (issue 13): the instance's node state for the program (wire form)
     state: dict[str, Any] | None = None
+    signal: int = 0  # signal (issue 11): the signal for the program's `pid`
 
 
 class CommandQueue:
@@ -82,6 +83,18 @@ class CommandQueue:
         cmd = Command(next(self._ids), instance, program, "network", "", (), state=state)
         queued[cmd.id] = cmd
         return cmd
+
+    def signal(self, instances: Iterable[str], program: str, pid: int, sig: int) -> list[Command]:
+        """Queue: send `sig` to the program's `pid`, on each instance that holds it (issue 11)."""
+        out = []
+        for inst in sorted(set(instances)):
+            cmd = Command(
+                next(self._ids), inst, program, "signal", f"signal {sig} to pid {pid}", (),
+                pid, signal=sig,
+            )  # fmt: skip
+            self._queued[inst][cmd.id] = cmd
+            out.append(cmd)
+        return out
 
     def pending(self, instance: str, cid: int) -> Command | None:
         """The command `cid` if it is (still) queued for `instance`."""

@@ -307,6 +307,14 @@ class Instances:
 
         return await self._db.read(op)
 
+    async def set_draining(self, name: str, draining: bool) -> None:
+        """A draining instance takes no new placements (its programs are being moved off)."""
+        await self._db.write(
+            lambda c: c.execute(
+                "UPDATE instances SET draining=? WHERE name=?", (int(draining), name)
+            )
+        )
+
     async def ready_instances(self) -> dict[str, float]:
         """Ready instances and their last persisted heartbeat."""
 
@@ -446,7 +454,7 @@ def candidates(
 
     The program's own instances are always included (locality).
     """
-    where = ["state='ready'", "used_slots < slots"]
+    where = ["state='ready'", "used_slots < slots", "draining=0"]
     args: list[Any] = []
     if policy.instance_type is not None:
         where.append("instance_type=?")
@@ -473,13 +481,102 @@ def candidates(
     icols = ", ".join(f"i.{x.strip()}" for x in cols.split(","))
     own = c.execute(
         f"SELECT {icols} FROM placements p CROSS JOIN instances i ON i.name=p.instance"
-        " WHERE p.program_id=? AND i.state='ready'",
+        " WHERE p.program_id=? AND i.state='ready' AND i.draining=0",
         (program_id,),
     ).fetchall()
     seen: dict[str, scheduler.Candidate] = {}
     for r in [*rows, *own]:
         seen[r[0]] = scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
     return list(seen.values())
+
+
+def move_slot(c: Conn, program_id: str, source: str, target: str) -> None:
+    """One process of a program moved from `source` to `target`: its slot goes along.
+
+    The home later releases it naming `source` (where it placed it): the move is
+    remembered so that release follows it (`release_placed`).
+    """
+    r = c.execute(
+        "SELECT processes, account_id, user_id FROM placements WHERE program_id=? AND instance=?",
+        (program_id, source),
+    ).fetchone()
+    if r is None:
+        return  # not counted there (released already): nothing to carry
+    if r["processes"] <= 1:
+        c.execute("DELETE FROM placements WHERE program_id=? AND instance=?", (program_id, source))
+    else:
+        c.execute(
+            "UPDATE placements SET processes=processes-1 WHERE program_id=? AND instance=?",
+            (program_id, source),
+        )
+    dedicated = c.execute(
+        "SELECT 1 FROM instances WHERE name=? AND dedicated_to=?", (source, program_id)
+    ).fetchone()
+    free_slots(c, source, 1, program_id)
+    c.execute(
+        "INSERT INTO placements VALUES(?,?,1,?,?) ON CONFLICT(program_id, instance)"
+        " DO UPDATE SET processes=processes+1",
+        (program_id, target, r["account_id"], r["user_id"]),
+    )
+    c.execute(
+        "UPDATE instances SET used_slots=used_slots+1,"
+        " dedicated_to=CASE WHEN ? THEN ? ELSE dedicated_to END WHERE name=?",
+        (dedicated is not None, program_id, target),
+    )
+    c.execute(
+        "INSERT INTO placement_moves VALUES(?,?,?,1) ON CONFLICT(program_id, source, target)"
+        " DO UPDATE SET processes=processes+1",
+        (program_id, source, target),
+    )
+
+
+def release_placed(c: Conn, program_id: str, instance: str, n: int, hops: int = 8) -> int:
+    """Release up to `n` of a program's processes placed on `instance`; how many were.
+
+    Those that moved away are released where they went (placement_moves), the
+    processes still placed on `instance` first.
+    """
+    done = 0
+    r = c.execute(
+        "SELECT processes FROM placements WHERE program_id=? AND instance=?",
+        (program_id, instance),
+    ).fetchone()
+    moved = c.execute(
+        "SELECT target, processes FROM placement_moves WHERE program_id=? AND source=?"
+        " ORDER BY target",
+        (program_id, instance),
+    ).fetchall()
+    stayed = r["processes"] if r is not None else 0
+    k = min(n, stayed)  # which one ended is not said: those still here first
+    if k > 0:
+        if k == stayed:
+            c.execute(
+                "DELETE FROM placements WHERE program_id=? AND instance=?", (program_id, instance)
+            )
+        else:
+            c.execute(
+                "UPDATE placements SET processes=processes-? WHERE program_id=? AND instance=?",
+                (k, program_id, instance),
+            )
+        free_slots(c, instance, k, program_id)
+        done += k
+    for m in moved:
+        if done >= n or hops <= 0:
+            break
+        take = min(n - done, m["processes"])
+        if m["processes"] == take:
+            c.execute(
+                "DELETE FROM placement_moves WHERE program_id=? AND source=? AND target=?",
+                (program_id, instance, m["target"]),
+            )
+        else:
+            c.execute(
+                "UPDATE placement_moves SET processes=processes-?"
+                " WHERE program_id=? AND source=? AND target=?",
+                (take, program_id, instance, m["target"]),
+            )
+        done += release_placed(c, program_id, m["target"], take, hops - 1)
+    return done
 
 
 def free_slots(c: Conn, instance: str, n: int, program_id: str) -> None:

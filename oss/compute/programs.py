@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from oss.accounts.store import Principal
 from oss.compute import scheduler
-from oss.compute.instances import candidates, free_slots
+from oss.compute.instances import candidates, free_slots, move_slot, release_placed
 from oss.db.store import Conn, Store, new_id, to_json
 from oss.errors import BudgetExhausted, Conflict, LimitExceeded, NoCapacity, NotFound
 
@@ -187,27 +187,16 @@ class Programs:
 
         def op(c: Conn) -> None:
             program_row(c, program_id, account_id)
-            r = c.execute(
-                "SELECT processes FROM placements WHERE program_id=? AND instance=?",
-                (program_id, instance),
-            ).fetchone()
-            if r is None:
+            k = release_placed(c, program_id, instance, n)
+            if k == 0:
                 raise NotFound(f"placement of {program_id} on {instance}")
-            k = min(n, r["processes"])
-            if k == r["processes"]:
-                c.execute(
-                    "DELETE FROM placements WHERE program_id=? AND instance=?",
-                    (program_id, instance),
-                )
-            else:
-                c.execute(
-                    "UPDATE placements SET processes=processes-? WHERE program_id=? AND instance=?",
-                    (k, program_id, instance),
-                )
             c.execute("UPDATE programs SET processes=processes-? WHERE id=?", (k, program_id))
-            free_slots(c, instance, k, program_id)
 
         await self._db.write(op)
+
+    async def move(self, program_id: str, source: str, target: str) -> None:
+        """One of the program's processes moved from `source` to `target` (its slot too)."""
+        await self._db.write(lambda c: move_slot(c, program_id, source, target))
 
     async def end_program(
         self,
@@ -244,6 +233,20 @@ class Programs:
                     "SELECT program_id FROM placements WHERE instance=?", (instance,)
                 )
             }
+
+        return await self._db.read(op)
+
+    async def instances_of(self, program_id: str) -> list[str]:
+        """The instances a program has processes on now."""
+
+        def op(c: Conn) -> list[str]:
+            return [
+                str(r[0])
+                for r in c.execute(
+                    "SELECT DISTINCT instance FROM placements WHERE program_id=? ORDER BY instance",
+                    (program_id,),
+                )
+            ]
 
         return await self._db.read(op)
 
@@ -521,6 +524,7 @@ def end(
             "DELETE FROM placements WHERE program_id=? AND instance=?", (program_id, r["instance"])
         )
         free_slots(c, r["instance"], r["processes"], program_id)
+    c.execute("DELETE FROM placement_moves WHERE program_id=?", (program_id,))
     c.execute(
         "UPDATE programs SET state=?, status_reason=?, exit_status=?, signal=?, processes=0,"
         " updated=? WHERE id=?",

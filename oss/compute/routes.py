@@ -167,10 +167,11 @@ async def h_heartbeat(
                 action=c.action,
                 reason=c.reason,
                 tickets=list(c.tickets),
-                pid=c.pid if c.action == "migrate" else None,
+                pid=c.pid if c.action in ("migrate", "signal") else None,
                 to=c.to if c.action == "migrate" else None,
                 address=c.address if c.action == "migrate" else None,
                 state=c.state if c.action == "network" else None,
+                signal=c.signal if c.action == "signal" else None,
             )
             for c in commands
         ]

@@ -68,3 +68,13 @@ V_LIMITS = """
     CREATE TABLE pool_backoff(pool TEXT PRIMARY KEY, failures INTEGER NOT NULL,
         next_try REAL NOT NULL, error TEXT NOT NULL);
 """
+
+# Issue 12 (migration): an instance being drained takes no new placements; a moved
+# process's slot follows it (placement_moves forwards the home's later release,
+# which names the instance it placed on, to where the process went).
+V_MOVES = """
+    ALTER TABLE instances ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE placement_moves(program_id TEXT NOT NULL, source TEXT NOT NULL,
+        target TEXT NOT NULL, processes INTEGER NOT NULL,
+        PRIMARY KEY(program_id, source, target));
+"""

@@ -10,7 +10,6 @@ status reaches the deputy.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -25,8 +24,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
+from tests.integration import checkpointing
+from tests.integration.checkpointing import agent_call, criu_or_skip
 from tests.integration.test_trace_resident import DROP, TracedAgent
-from vmagent.checkpoint import criu
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="CRIU dumps and restores as root")
 
@@ -48,16 +48,9 @@ sys.exit(7)
 """
 
 
-def _criu_or_skip() -> criu.Criu:
-    try:
-        return criu.check()
-    except criu.CriuUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="module")
 def agent() -> Iterator[TracedAgent]:
-    _criu_or_skip()
+    criu_or_skip()
     a = TracedAgent("ckpt0")
     yield a
     print(a.stop())  # the agent's log, shown when a test failed
@@ -65,26 +58,11 @@ def agent() -> Iterator[TracedAgent]:
 
 
 def call(agent: TracedAgent, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        f"http://{agent.address}{path}",
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {agent.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        exc.msg = f"{exc.msg}: {exc.read().decode(errors='replace').strip()}"
-        raise
+    return agent_call(agent.address, agent.token, method, path, body, timeout=120)
 
 
 def session_of(agent: TracedAgent, pid: int) -> str:
-    for s in call(agent, "GET", "/v1/sessions")["sessions"]:
-        if s["pid"] == pid:
-            return str(s["session"])
-    raise AssertionError(f"no session of pid {pid}")
+    return checkpointing.session_of(agent.address, agent.token, pid)
 
 
 def test_a_counter_survives_checkpoint_and_restore_in_place(

@@ -119,3 +119,77 @@ def run_all_one(mode: str, script: str, cwd: Path) -> str:
     res = subprocess.run(argv, capture_output=True, env=traced_env(), cwd=cwd, timeout=120)
     assert res.returncode == 0, (mode, res.stderr)
     return res.stdout.decode()
+
+
+# Signals between processes on different instances (or home): each goes home, where
+# every pid of the program is.  A placed `sleep` is killed by a placed shell (its
+# own instance holds neither that pid nor the sleep), a placed shell checks that
+# its parent at home lives, and a pid that is no process's fails as natively.
+KILLS = r"""
+sleep 30 & p=$!
+sh -c 'kill $1 && echo "kill of a sibling: sent"' _ $p
+wait $p; echo "the sibling died by it: $?"
+sh -c 'kill -0 $PPID && echo "kill -0 of its parent at home: ok"'
+sh -c 'kill -USR1 $$ 2>/dev/null; echo "never"' & wait $!; echo "its own signal: $?"
+sh -c 'kill -0 $1 2>/dev/null; echo "kill of a pid that is gone: $?"' _ $GONE
+"""
+KILLS_WANT = """\
+kill of a sibling: sent
+the sibling died by it: 143
+kill -0 of its parent at home: ok
+its own signal: 138
+kill of a pid that is gone: 1
+"""
+
+
+def test_a_signal_reaches_a_pid_of_the_program_wherever_it_runs(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process (until reused, far off)
+    for mode, prefix in MODES.items():
+        argv = [*prefix, "--", "sh", "-c", KILLS] if prefix else ["sh", "-c", KILLS]
+        env = {**traced_env(), "GONE": str(gone.pid)}
+        res = subprocess.run(argv, capture_output=True, env=env, cwd=tmp_path, timeout=120)
+        assert (res.stdout.decode(), res.returncode) == (KILLS_WANT, 0), (mode, res.stderr)
+
+
+# A pid forked on an instance (a placed Python's child: no home pid) signalled by a
+# process placed from home, then by the home shell itself: home holds no such pid, so
+# the OSS orders the instances of the program to send it (asked by the placed process's
+# agent, or by the home's coordinator), and the one whose session forked it does.
+# (A process placed from that Python would reach it through its deputy, which runs
+# where the Python runs.)
+FORKED_PY = """import os, sys, time
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(child))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+_, status = os.waitpid(child, 0)
+print("the forked child died by signal", os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
+"""
+FORKED = r"""
+python3 forked.py one.pid & p=$!
+until [ -s one.pid ]; do sleep 0.05; done
+sh -c 'kill $(cat one.pid) && echo "kill of a forked pid: sent"'
+wait $p
+python3 forked.py two.pid & p=$!
+until [ -s two.pid ]; do sleep 0.05; done
+kill -USR1 $(cat two.pid) && echo "kill from home: sent"
+wait $p
+"""
+
+
+def test_a_signal_reaches_a_pid_forked_on_another_instance(tmp_path: Path) -> None:
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "forked.py").write_text(FORKED_PY)
+        out = run_all_one(mode, FORKED, where)
+        want = (
+            "kill of a forked pid: sent\nthe forked child died by signal 15\n"
+            "kill from home: sent\nthe forked child died by signal 10\n"
+        )
+        # The killer's line and the child's end race natively too: compare as sets.
+        assert sorted(out.splitlines()) == sorted(want.splitlines()), (mode, out)

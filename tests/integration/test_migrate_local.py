@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +24,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
-from vmagent.checkpoint import criu
+from tests.integration import checkpointing
+from tests.integration.checkpointing import agent_call, criu_or_skip, in_order, started
 from vmagent.checkpoint.migrate import mint_ticket, scratch
 from vmagent.cluster.local import Instance, LocalCluster
 from vmagent.exec.remote import TicketDrop, deputy_command, ticket_for_self
@@ -35,17 +38,28 @@ DROP = TicketDrop()
 COUNTER = r"""
 import os, socket, sys, time
 flag = sys.argv[1]
+child = os.fork()  # forked on the instance: its program pid is base + its pid there
+if child == 0:
+    while True:
+        with open(flag + ".child.tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(flag + ".child.tmp", flag + ".child")
+        time.sleep(0.01)
 i = 0
 while i < 600:
     if i == 20:
         with open(flag + ".tmp", "w") as f:
             f.write(str(int(open('/proc/self/stat').read().split()[0])))
         os.rename(flag + ".tmp", flag)
-    print(int(open('/proc/self/stat').read().split()[0]), i, socket.gethostname(), flush=True)
+    print(int(open('/proc/self/stat').read().split()[0]), i, socket.gethostname(),
+          os.getpid(), flush=True)
     with open(flag + ".host", "w") as f:
         f.write(socket.gethostname())
     i += 1
     time.sleep(0.01)
+os.kill(child, 9)
+os.waitpid(child, 0)
+print("child", child, open(flag + ".child").read())
 status = open("/proc/self/status").read()
 print("tracer", [l.split()[1] for l in status.splitlines() if l.startswith("TracerPid")][0])
 sys.exit(7)
@@ -54,10 +68,7 @@ sys.exit(7)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    try:
-        criu.check()
-    except criu.CriuUnavailable as exc:
-        pytest.skip(str(exc))
+    criu_or_skip()
     with LocalCluster(2) as c:
         yield c
     DROP.close()
@@ -71,26 +82,11 @@ def deputy(inst: Instance, *argv: str) -> list[str]:
 
 
 def call(inst: Instance, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        f"http://{inst.address}{path}",
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {inst.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        exc.msg = f"{exc.msg}: {exc.read().decode(errors='replace').strip()}"
-        raise
+    return agent_call(inst.address, inst.token, method, path, body)
 
 
 def session_of(inst: Instance, pid: int) -> str:
-    for s in call(inst, "GET", "/v1/sessions")["sessions"]:
-        if s["pid"] == pid and s["running"]:
-            return str(s["session"])
-    raise AssertionError(f"no session of pid {pid} on {inst.name}")
+    return checkpointing.session_of(inst.address, inst.token, pid)
 
 
 def migrate(source: Instance, target: Instance, sid: str) -> Any:
@@ -129,10 +125,15 @@ def test_a_counter_moves_to_another_instance_and_back_without_gap_or_repeat(
     lines = out.decode().splitlines()
     assert proc.returncode == 7, err.decode()
     assert lines[-1].startswith("tracer ") and lines[-1] != "tracer 0"
-    rows = [line.split() for line in lines[:-1]]
-    assert [int(n) for _p, n, _h in rows] == list(range(600))  # no gap, no repeat
-    assert {int(p) for p, _n, _h in rows} == {pid}  # the pid it sees never changed
-    hosts = [h for _p, _n, h in rows]
+    # The program pids stay as they were (issue 11): the deputy's for the program,
+    # the one fork returned for its child, forked on the first instance.
+    _word, forked, child_sees = lines[-2].split()
+    assert int(forked) > 1 << 22 and child_sees == forked
+    rows = [line.split() for line in lines[:-2]]
+    assert [int(n) for _p, n, _h, _v in rows] == list(range(600))  # no gap, no repeat
+    assert {int(p) for p, _n, _h, _v in rows} == {pid}  # the pid it has never changed
+    assert {int(v) for _p, _n, _h, v in rows} == {proc.pid}  # nor the pid it sees
+    hosts = [h for _p, _n, h, _v in rows]
     seen = [h for i, h in enumerate(hosts) if i == 0 or hosts[i - 1] != h]
     assert seen == [a.hostname, b.hostname, a.hostname]  # it ran there, then came back
 
@@ -156,6 +157,39 @@ def test_a_commit_without_a_held_migration_is_refused_and_a_forged_ticket_too(
             urllib.request.urlopen(req, timeout=60)
         assert info.value.code == 409
         assert message in info.value.read().decode()
+
+
+def post_round(inst: Instance, ticket: str, sid: str, k: int, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(
+        f"http://{inst.address}/v1/migrations/round?session={sid}&round={k}",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"DCP-Migrate {ticket}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_pre_copy_rounds_come_in_order_with_the_session_s_ticket(
+    cluster: LocalCluster,
+) -> None:
+    """The target's checks on pre-copy rounds (the images stream of one empty round)."""
+    _a, b = cluster.instances
+    sid, other = "cd" * 16, "ef" * 16
+    empty = struct.pack(">HQ", 0, 0)  # no image files: the end of the stream
+    ticket = mint_ticket(b.token, b.name, sid)
+    assert post_round(b, mint_ticket("not-the-token", b.name, sid), sid, 0, empty)[0] == 409
+    code, text = post_round(b, ticket, other, 0, empty)
+    assert code == 409 and "another session" in text
+    code, text = post_round(b, ticket, sid, 1, empty)
+    assert code == 409 and "round 1 without round 0" in text
+    assert post_round(b, ticket, sid, 0, empty) == (200, '{"round": 0, "bytes": 0}')
+    code, text = post_round(b, ticket, sid, 0, empty)  # again: the order is kept
+    assert code == 409 and "out of order" in text
+    assert post_round(b, ticket, sid, 1, empty)[0] == 200  # the ticket is not burnt by rounds
 
 
 HOLDER = r"""
@@ -200,6 +234,57 @@ def test_a_python_process_with_64_mb_moves_with_its_checksum(
     assert (host_before, host_after) == (a.hostname, b.hostname)
 
 
+# A TCP server and its client in one program, the connection established inside the
+# instance's network namespace (on its loopback): the client sends "i" and prints
+# the server's answer with the host it runs on, until the file `flag.go`; exits 5.
+TCP = r"""
+import os, socket, sys, threading, time
+flag = sys.argv[1]
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+cli = socket.create_connection(srv.getsockname())
+conn, _ = srv.accept()
+def serve():
+    for line in conn.makefile("rb"):
+        conn.sendall(b"served " + line)
+threading.Thread(target=serve, daemon=True).start()
+answers = cli.makefile("rb")
+i = 0
+while not os.path.exists(flag + ".go"):
+    if i == 20:
+        with open(flag + ".tmp", "w") as f:
+            f.write(str(int(open("/proc/self/stat").read().split()[0])))
+        os.rename(flag + ".tmp", flag)
+    cli.sendall(b"%d\n" % i)
+    print(answers.readline().decode().strip(), socket.gethostname(), flush=True)
+    i += 1
+    time.sleep(0.01)
+sys.exit(5)
+"""
+
+
+def test_an_established_tcp_connection_moves_with_its_program(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """CRIU's --tcp-established between instances: the connection is inside the program's
+    instance (its loopback), so both ends move and the stream goes on, no reset."""
+    a, b = cluster.instances
+    flag = tmp_path / "flag"
+    with started(deputy(a, "/usr/bin/python3", "-c", TCP, str(flag))) as proc:
+        assert wait_for(flag.exists, 120), "the program never started"
+        done = migrate(a, b, session_of(a, int(flag.read_text())))
+        assert (done["from"], done["to"]) == (a.name, b.name)
+        time.sleep(0.5)  # some more requests on the moved connection (not asserted on)
+        Path(str(flag) + ".go").touch()
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err.decode()
+    rows = [line.split() for line in out.decode().splitlines()]
+    assert {r[0] for r in rows} == {"served"} and in_order([int(r[1]) for r in rows])
+    hosts = [r[2] for r in rows]
+    assert hosts[0] == a.hostname and hosts[-1] == b.hostname, hosts
+
+
 BALLAST = COUNTER.replace("i = 0\n", "ballast = bytearray(os.urandom(256 << 20))\ni = 0\n", 1)
 
 
@@ -215,7 +300,7 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
         stderr=subprocess.PIPE,
     )
     where = Path(scratch() or tempfile.gettempdir())
-    pattern = f"dcp-{b.name}-restore-*"
+    pattern = f"dcp-mig-{b.name}-*-restore-*"
     before = set(where.glob(pattern))
     try:
         assert wait_for(flag.exists, 120), "the counter never started"
@@ -245,6 +330,6 @@ def test_a_failed_migration_leaves_the_program_running_on_the_source_once(
             shutil.rmtree(left, ignore_errors=True)
     lines = out.decode().splitlines()
     assert proc.returncode == 7, err.decode()
-    rows = [line.split() for line in lines[:-1]]
-    assert [int(n) for _p, n, _h in rows] == list(range(600))  # ran once: no repeat
-    assert {h for _p, _n, h in rows} == {a.hostname}
+    rows = [line.split() for line in lines[:-2]]
+    assert [int(n) for _p, n, _h, _v in rows] == list(range(600))  # ran once: no repeat
+    assert {h for _p, _n, h, _v in rows} == {a.hostname}

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import dcptrace_argv, traced_env, wait_for
+from tests.integration.checkpointing import criu_or_skip, in_order
 from tests.integration.test_dcptrace_oss import Lab, _cli, _env
 from tests.integration.test_oss_limits_act import _send
-from vmagent.checkpoint import criu
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.mark.root]
 
@@ -67,10 +67,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     """dcp-oss serve, the local provider, a pool p of two ready instances."""
     if os.geteuid() != 0:
         pytest.skip("local instances in their own namespaces need root")
-    try:
-        criu.check()
-    except criu.CriuUnavailable as exc:
-        pytest.skip(str(exc))
+    criu_or_skip()
     lab = Lab(tmp_path)
     try:
         lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
@@ -182,7 +179,7 @@ def test_migrate_moves_a_running_counter_with_its_pid_output_record_and_status(l
     assert p.returncode == 7, err
     assert "Traceback" not in err, err
     counted = _counted(out)
-    assert [i for _pid, i, _h in counted] == list(range(len(counted)))  # no gap, no repeat
+    assert in_order([i for _pid, i, _h in counted])  # no gap, no repeat
     assert {pid for pid, _i, _h in counted} == {row["pid"]}  # the same pid
     hosts = [h for _pid, _i, h in counted]
     cut = hosts.index(target)
@@ -237,7 +234,7 @@ def test_a_migrate_nowhere_is_one_line_and_the_program_runs_on_where_it_was(lab:
         out, err = _finish(lab, p)
     assert p.returncode == 7, err
     counted = _counted(out)
-    assert [i for _pid, i, _h in counted] == list(range(len(counted)))
+    assert in_order([i for _pid, i, _h in counted])
     assert {h for _pid, _i, h in counted} == {source}
 
 
@@ -274,5 +271,5 @@ def test_drain_moves_the_program_off_and_releases_the_instance(lab: Lab) -> None
         out, err = _finish(lab, p)
     assert p.returncode == 7, err
     counted = _counted(out)
-    assert [i for _pid, i, _h in counted] == list(range(len(counted)))
+    assert in_order([i for _pid, i, _h in counted])
     assert {pid for pid, _i, _h in counted} == {row["pid"]}

@@ -234,7 +234,7 @@ class Lab:
         values.update(kw)
         return LibvirtConfig(**values)
 
-    async def boot(self, names: list[str]) -> None:
+    async def boot(self, names: list[str], itype: InstanceType | None = None) -> None:
         """Create the instances concurrently and wait for their init to be ready."""
         assert self.provider is not None
         url = self.oss.url if self.oss else f"http://{self.gateway}:9"
@@ -243,7 +243,7 @@ class Lab:
         async with asyncio.TaskGroup() as tg:
             for n in names:
                 cred = Credentials(n, self.tokens[n], url)
-                tg.create_task(self.provider.create(n, InstanceType(), cred))
+                tg.create_task(self.provider.create(n, itype or InstanceType(), cred))
         self.booted += names
         for n in names:
             self.qemu_pids[n] = qemu_pid(self.provider.config.prefix + n)

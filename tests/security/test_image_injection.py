@@ -81,7 +81,7 @@ def agent() -> Iterator[TracedAgent]:
 def test_nobody_cannot_have_an_agent_restore_images_of_its_making(agent: TracedAgent) -> None:
     def unpacked() -> set[Path]:
         places = (Path("/dev/shm"), Path(tempfile.gettempdir()))
-        return {p for place in places for p in place.glob(f"dcp-{agent.name}-restore-*")}
+        return {p for place in places for p in place.glob(f"dcp-mig-{agent.name}-*-restore-*")}
 
     before = unpacked()
     res = as_nobody(INJECT, agent.address, agent.name, timeout=120)

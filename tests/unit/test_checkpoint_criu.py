@@ -60,3 +60,27 @@ def test_command_lines_keep_the_tree_stopped_and_hand_back_the_pipes() -> None:
     assert {"-d", "--leave-stopped", "--restore-sibling"} <= set(restore)
     assert restore[-2:] == ["--inherit-fd", "fd[7]:pipe:[99]"]
     assert "--tcp-established" not in restore
+
+
+def test_pre_copy_command_lines_chain_each_round_to_the_one_before() -> None:
+    first = C.predump_argv("/c", 42, "/b/pre0", None)
+    assert first[:4] == ["/c", "pre-dump", "-t", "42"] and "--track-mem" in first
+    assert "--prev-images-dir" not in first
+    again = C.predump_argv("/c", 42, "/b/pre1", "../pre0")
+    assert again[-2:] == ["--prev-images-dir", "../pre0"]
+    final = C.dump_argv("/c", 42, "/b/final", parent="../pre1")
+    assert final[-3:] == ["--track-mem", "--prev-images-dir", "../pre1"]
+    assert "--leave-stopped" in final
+    assert "--track-mem" not in C.dump_argv("/c", 42, "/b/final")
+
+
+def test_pre_copy_stops_when_the_dirty_set_stops_shrinking_or_is_small() -> None:
+    mb = 1 << 20
+    assert C.keep_copying([64 * mb])  # the first round copied everything: one more
+    assert C.keep_copying([64 * mb, 20 * mb])  # shrank to under half: again
+    assert not C.keep_copying([64 * mb, 40 * mb])  # shrinks too slowly: freeze now
+    assert not C.keep_copying([64 * mb, 1 * mb])  # little left: the final dump takes it
+    assert not C.keep_copying([2 * mb])  # a small tree: one round is enough
+    rounds = [256 * mb, 100 * mb, 40 * mb, 16 * mb]
+    assert len(rounds) == C.PRECOPY_ROUNDS and not C.keep_copying(rounds)  # at most a few
+    assert not C.keep_copying([])

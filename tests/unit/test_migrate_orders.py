@@ -139,3 +139,17 @@ def test_an_order_for_a_session_not_here_is_refused_without_a_ticket() -> None:
     assert posted == [
         (OUTCOME, {"command": 7, "ok": False, "error": "no running session of pid 200 here"})
     ]
+
+
+def test_a_move_under_way_outlives_its_ticket_but_no_replay_does() -> None:
+    now = [1000.0]
+    target = MigrationTickets("instance-token", "n1", clock=lambda: now[0], exec_key="k" * 64)
+    ticket = mint_ticket("k" * 64, "n1", "ab" * 16)  # minted with the wall clock's now
+    now[0] = 1e12  # long after: expired
+    with pytest.raises(MigrationRefused, match="expired"):
+        target.check(ticket, burn=False)
+    # Its pre-copy rounds are staged at the target: the final upload still goes through,
+    # once; the same ticket again is a replay even while a move is under way.
+    assert target.check(ticket, burn=True, in_progress=True) == "ab" * 16
+    with pytest.raises(MigrationRefused, match="already used"):
+        target.check(ticket, burn=True, in_progress=True)

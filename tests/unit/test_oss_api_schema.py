@@ -100,6 +100,7 @@ def test_agent_wire_contract_shapes() -> None:
         "to",
         "address",
         "state",  # network (issue 13): the instance's node state for the program
+        "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",

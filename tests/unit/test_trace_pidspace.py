@@ -8,7 +8,7 @@ from tracer.arch import table_for
 from tracer.coordinator import Allow, Complete, ProcessSpawned, Rewrite, SyscallCall
 from tracer.syscalls import by_name
 from vmagent.trace.host import coordinator_for
-from vmagent.trace.pidspace import PID_MAX_LIMIT, PidSpace, base_for
+from vmagent.trace.pidspace import INSTANCE_SLOTS, PID_MAX_LIMIT, PidSpace, base_for
 from vmagent.trace.placing import InstanceCoordinator
 
 TABLE = table_for("x86_64")
@@ -75,3 +75,85 @@ def test_an_unbound_session_keeps_the_instance_s_pids() -> None:
     c = coordinator_for(TABLE, (), lambda _m: None)
     assert c.on_syscall(call("getpid")) == Allow()
     assert c.on_syscall(call("kill", 31000, 15)) == Allow()
+
+
+def test_a_tree_moved_here_keeps_the_base_it_was_numbered_with() -> None:
+    moved = PidSpace()
+    moved.bind("node1", 100, 4000, 3999, base=base_for("node0"))
+    assert moved.program(101) == base_for("node0") + 101
+    assert moved.real(base_for("node0") + 101) == 101
+    assert moved.real(base_for("node1") + 101) is None
+
+
+def test_a_base_no_instance_could_have_is_ignored_for_the_instance_s_own() -> None:
+    for wrong in (5, PID_MAX_LIMIT + 1, (INSTANCE_SLOTS + 1) * PID_MAX_LIMIT):
+        space = PidSpace()
+        space.bind("node2", 100, 4000, 3999, base=wrong)
+        assert space.base == base_for("node2")
+
+
+class FakeHome:
+    """A home that records the signals sent there and answers with `errno`."""
+
+    def __init__(self, err: int = 0) -> None:
+        self.sent: list[tuple[int, int]] = []
+        self.err = err
+
+    def __call__(self, pid: int, sig: int) -> int:
+        self.sent.append((pid, sig))
+        return self.err
+
+
+def test_a_signal_for_a_pid_elsewhere_is_sent_at_home() -> None:
+    home = FakeHome()
+    c = coordinator_for(TABLE, (), lambda _m: None, home=home)
+    c.bind_pids("node0", 5, 31337, 31000)
+    assert c.on_syscall(call("kill", 31000, 15)) == Complete(0)
+    assert c.on_syscall(call("kill", -31000 & (2**64 - 1), 2)) == Complete(0)  # its group
+    assert c.on_syscall(call("tkill", 3 * PID_MAX_LIMIT + 7, 10)) == Complete(0)
+    assert c.on_syscall(call("tgkill", 31000, 31000, 12)) == Complete(0)
+    assert home.sent == [(31000, 15), (-31000, 2), (3 * PID_MAX_LIMIT + 7, 10), (31000, 12)]
+    # a thread of a process elsewhere, a wait, a pidfd: not sent
+    assert c.on_syscall(call("tgkill", 31000, 31001, 12)) == Complete(-errno.ESRCH)
+    assert c.on_syscall(call("wait4", 31000)) == Complete(-errno.ECHILD)
+    assert c.on_syscall(call("pidfd_open", 31000)) == Complete(-errno.ESRCH)
+    assert c.on_syscall(call("kill", 31000, 99)) == Complete(-errno.EINVAL)
+    assert len(home.sent) == 4
+    # kill's outcome at home is the program's
+    c.home = FakeHome(errno.EPERM)
+    assert c.on_syscall(call("kill", 1, 15)) == Complete(-errno.EPERM)
+
+
+def test_t_asks_its_agent_and_takes_the_answer_to_its_own_request() -> None:
+    import socket
+    import threading
+
+    from vmagent.trace import channel
+    from vmagent.trace.placing import ChannelKill
+
+    ours, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reqs = iter(range(7, 100))
+    kept: list[bytes] = []
+    kill = ChannelKill(lambda: ours, lambda: next(reqs), kept.append)
+    asked: list[channel.Record] = []
+
+    def answer() -> None:
+        record = channel.decode(channel.receive(agent)[0])
+        asked.append(record)
+        agent.send(channel.encode(channel.OP_KILLED, req=b"6", errno=0))  # a late one
+        agent.send(channel.encode(channel.OP_DETACH))  # a checkpoint meanwhile: kept
+        agent.send(channel.encode(channel.OP_KILLED, req=record[b"req"], errno=errno.EPERM))
+
+    helper = threading.Thread(target=answer)
+    helper.start()
+    try:
+        assert kill(-31000, 15) == errno.EPERM
+    finally:
+        helper.join()
+    assert (asked[0][b"op"], asked[0][b"pid"], asked[0][b"sig"]) == (b"kill", b"-31000", b"15")
+    assert [channel.decode(k)[b"op"] for k in kept] == [channel.OP_DETACH]
+    kill.timeout = 0.05
+    assert kill(31000, 15) == errno.ESRCH  # no answer: as for a pid that is gone
+    agent.close()
+    assert kill(31000, 15) == errno.ESRCH  # the agent is gone
+    ours.close()

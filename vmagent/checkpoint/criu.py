@@ -124,13 +124,56 @@ def first_error(output: str) -> str:
 # -- command lines (pure) -----------------------------------------------------------
 
 
-def dump_argv(criu: str, pid: int, images: str, *, tcp: bool = True) -> list[str]:
-    """Dump the tree of `pid` into `images`, leaving it stopped (the caller decides its fate)."""
+def dump_argv(
+    criu: str, pid: int, images: str, *, tcp: bool = True, parent: str | None = None
+) -> list[str]:
+    """Dump the tree of `pid` into `images`, leaving it stopped (the caller decides its fate).
+
+    `parent`: the last pre-dump's directory, relative to `images` (only the pages
+    dirtied since go into `images`; CRIU links `images/parent` to it).
+    """
     argv = [criu, "dump", "-t", str(pid), "-D", images, "-o", "dump.log", "-v2"]
     argv += ["--leave-stopped", "--file-locks"]
     if tcp:
         argv.append("--tcp-established")
+    if parent is not None:
+        argv += ["--track-mem", "--prev-images-dir", parent]
     return argv
+
+
+def predump_argv(criu: str, pid: int, images: str, parent: str | None) -> list[str]:
+    """One pre-copy round: the pages of `pid`'s tree dirtied since `parent` (all, without).
+
+    The tree is stopped only while its pages are collected; CRIU leaves a tree
+    it found stopped stopped again.
+    """
+    argv = [criu, "pre-dump", "-t", str(pid), "-D", images, "-o", "dump.log", "-v2"]
+    argv.append("--track-mem")
+    if parent is not None:
+        argv += ["--prev-images-dir", parent]
+    return argv
+
+
+def precopy_argv(criu: str) -> list[str]:
+    """Whether this kernel tracks dirty memory (pre-dump works): exit status 0 if so."""
+    return [criu, "check", "--feature", "mem_dirty_track"]
+
+
+PRECOPY_ROUNDS = 4  # pre-dump rounds at most before the final dump
+PRECOPY_MIN = 4 << 20  # bytes: below this, a round costs more than the freeze it saves
+PRECOPY_SHRINK = 0.5  # another round only if the last wrote at most this share of the one before
+
+
+def keep_copying(written: Sequence[int]) -> bool:
+    """The stopping rule of pre-copy, given the bytes each round wrote so far.
+
+    Another round while rounds remain, the last round still wrote PRECOPY_MIN
+    or more (the final dump would copy that much frozen), and the dirty set is
+    still shrinking fast (at most PRECOPY_SHRINK of the round before).
+    """
+    if not written or len(written) >= PRECOPY_ROUNDS or written[-1] < PRECOPY_MIN:
+        return False
+    return len(written) == 1 or written[-1] <= written[-2] * PRECOPY_SHRINK
 
 
 def restore_argv(

@@ -26,6 +26,8 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from vmagent.checkpoint import criu as C
 from vmagent.exec.server import ExecService
 from vmagent.exec.session import Session
 from vmagent.trace import channel
+from vmagent.trace.pidspace import base_for
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Checkpointer:
         self.service = service
         self._lock = asyncio.Lock()
         self._criu: C.Criu | None = None
+        self._precopy: bool | None = None
 
     async def criu(self) -> C.Criu:
         """The working CRIU, checked once (as our child); CriuUnavailable otherwise."""
@@ -95,6 +99,60 @@ class Checkpointer:
                     )
             self._criu = C.remember(path, known)
         return self._criu
+
+    async def precopy(self, criu: C.Criu) -> bool:
+        """Whether this kernel tracks dirty memory, so pre-dump rounds work (asked once)."""
+        if self._precopy is None:
+            with tempfile.TemporaryFile() as said:
+                code = await self.run(C.precopy_argv(criu.path), said.fileno())
+            self._precopy = code == 0
+        return self._precopy
+
+    async def predump(
+        self, criu: C.Criu, session: Session, directory: str, parent: str | None
+    ) -> tuple[float, int]:
+        """One pre-copy round: the tree held only while CRIU collects its dirty pages.
+
+        CRIU skips a stopped task in a pre-dump ("Stopped tasks are not
+        supported"), and a tree let go by its tracer is stopped; running untraced
+        it would get ENOSYS for every intercepted call.  So it is held in its
+        cgroup v2 freezer instead: detached (stopped), frozen, continued (still
+        frozen: SIGCONT only ends the stop), pre-dumped (CRIU's ptrace traps win
+        over the freezer's), stopped again, thawed (it stops before user code),
+        and a fresh tracer takes it back.  (ms it was held, bytes of pages.)
+        """
+        held = time.perf_counter()
+        pids = await self.detach(session)
+        try:
+            group = freezable_group(pids)
+            if group is None:
+                raise C.CheckpointError(
+                    "pre-copy needs the program in a cgroup v2 group of its own"
+                )
+            await _set_frozen(group, True)
+            try:
+                _signal_all(pids, signal.SIGCONT)
+                code = await self.run(
+                    C.predump_argv(criu.path, pids[0], directory, parent),
+                    os.path.join(directory, "dump.out"),
+                )
+            finally:
+                _signal_all(pids, signal.SIGSTOP)
+                await _set_frozen(group, False)
+                await _all_stopped(pids)
+        finally:
+            self.adopt(session, pids)
+        if code != 0:
+            raise C.CriuFailed(
+                "pre-dump", C.first_error(_read(os.path.join(directory, "dump.log")))
+            )
+        took = (time.perf_counter() - held) * 1000
+        written = sum(
+            os.path.getsize(os.path.join(directory, n))
+            for n in os.listdir(directory)
+            if n.startswith("pages-") and n.endswith(".img")
+        )
+        return took, written
 
     async def warm(self) -> None:
         """Check CRIU ahead of the first request (its verdict is kept either way)."""
@@ -157,6 +215,9 @@ class Checkpointer:
         tracing = self.service.tracing
         if session.status is not None or session.trace_sock is None or tracing is None:
             raise C.CheckpointError(f"{session.program} is not running under its tracer")
+        refused = unmovable(tree_of(session.pid))
+        if refused:
+            raise Unmovable(refused)
         directory = images or tempfile.mkdtemp(prefix=f"dcp-ckpt-{session.sid.hex()[:8]}-")
         os.makedirs(directory, exist_ok=True)
         try:
@@ -208,13 +269,22 @@ class Checkpointer:
         return pids
 
     async def dump(
-        self, criu: C.Criu, session: Session, pids: tuple[int, ...], directory: str
+        self,
+        criu: C.Criu,
+        session: Session,
+        pids: tuple[int, ...],
+        directory: str,
+        parent: str | None = None,
     ) -> float:
-        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on."""
+        """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on.
+
+        `parent`: the last pre-copy round's directory, relative to `directory`.
+        """
         dumped = time.perf_counter()
         try:
             code = await self.run(
-                C.dump_argv(criu.path, pids[0], directory), os.path.join(directory, "dump.out")
+                C.dump_argv(criu.path, pids[0], directory, parent=parent),
+                os.path.join(directory, "dump.out"),
             )
         except BaseException:
             self.adopt(session, pids)
@@ -266,8 +336,156 @@ class Checkpointer:
         """A fresh instance tracer takes the stopped tree and continues it."""
         tracing = self.service.tracing
         assert tracing is not None
-        session.trace_sock = tracing.adopt(session.sid.hex(), pids, session.view)
+        base = session.pid_base or base_for(tracing.instance)  # the pids it showed (issue 11)
+        session.trace_sock = tracing.adopt(
+            session.sid.hex(), pids, session.view, (session.request.pid, session.request.ppid), base
+        )
         session.loop.add_reader(session.trace_sock, session._trace_readable)
+
+
+class Unmovable(C.CheckpointError):
+    """the program holds something CRIU cannot carry"""
+
+
+# Character devices any instance has, that CRIU reopens by path: null, zero, full,
+# random, urandom (major 1).
+PORTABLE_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
+TTY_MAJORS = {4, 5, 136, 137, 138, 139, 140, 141, 142, 143}  # ttys, /dev/tty, ptmx, pts
+
+
+def unmovable(pids: list[int] | tuple[int, ...]) -> str | None:
+    """Why the tree of `pids` cannot be checkpointed yet (one line), None if it can.
+
+    Asked before anything is frozen: a descriptor on a terminal or on a device
+    other than null/zero/full/random/urandom, or a mapping of a device file.
+    """
+    for pid in pids:
+        base = f"/proc/{pid}/fd"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(base):
+                try:
+                    st = os.stat(f"{base}/{name}")
+                    where = os.readlink(f"{base}/{name}")
+                except OSError:
+                    continue
+                if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    continue
+                dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                if stat.S_ISCHR(st.st_mode) and dev in PORTABLE_DEVICES:
+                    continue
+                if stat.S_ISCHR(st.st_mode) and dev[0] in TTY_MAJORS:
+                    return f"pid {pid} is on a terminal ({where}): it cannot be checkpointed yet"
+                return f"pid {pid} holds the device {where}: it cannot be checkpointed yet"
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    if path.startswith("/dev/") and not path.startswith(("/dev/shm/", "/dev/zero")):
+                        return f"pid {pid} maps the device {path}: it cannot be checkpointed yet"
+    return None
+
+
+def tree_of(root: int) -> list[int]:
+    """`root` and its descendants (processes), root first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return out
+
+
+CGROUP2 = "/sys/fs/cgroup"
+FREEZE_TIMEOUT = 5.0  # s for a cgroup to say frozen, or a thawed tree to stop
+
+
+def freezable_group(pids: list[int] | tuple[int, ...]) -> str | None:
+    """The cgroup v2 directory holding all of `pids` but not this agent, or None.
+
+    Freezing it holds the tree (and any sibling session of the same program,
+    briefly); never the agent's own group, which would freeze the agent.
+    """
+    try:
+        groups = {_cgroup2_of(p) for p in pids}
+        mine = _cgroup2_of(os.getpid())
+    except OSError:
+        return None
+    if len(groups) != 1:
+        return None
+    (path,) = groups
+    if path in (None, "/", mine):
+        return None
+    where = CGROUP2 + path
+    return where if os.path.exists(os.path.join(where, "cgroup.freeze")) else None
+
+
+def _cgroup2_of(pid: int) -> str | None:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return None
+
+
+async def _set_frozen(group: str, frozen: bool) -> None:
+    """Freeze or thaw a cgroup v2 group; wait until the kernel says so."""
+    with open(os.path.join(group, "cgroup.freeze"), "w") as f:
+        f.write("1\n" if frozen else "0\n")
+    want = f"frozen {int(frozen)}"
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while True:
+        with open(os.path.join(group, "cgroup.events")) as f:
+            if want in f.read().splitlines():
+                return
+        if time.monotonic() > deadline:
+            raise C.CheckpointError(f"{group} did not say {want} within {FREEZE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.002)
+
+
+def _signal_all(pids: list[int] | tuple[int, ...], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+async def _all_stopped(pids: list[int] | tuple[int, ...]) -> None:
+    """Until every thread of `pids` is stopped (a thawed tree takes its pending SIGSTOP)."""
+
+    def stopped() -> bool:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError):
+                        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                            state = f.read().rsplit(b")", 1)[1].split()[0]
+                        if state not in (b"T", b"t"):
+                            return False
+        return True
+
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while not stopped():
+        if time.monotonic() > deadline:
+            raise C.CheckpointError(f"pids {list(pids)} did not stop within {FREEZE_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.002)
+
+
+def resident_bytes(pids: list[int] | tuple[int, ...]) -> int:
+    """Resident memory of the processes `pids` (what a dump would copy, roughly)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+    return total
 
 
 def _session_pipes(session: Session) -> set[int]:

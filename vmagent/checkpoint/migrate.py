@@ -46,10 +46,18 @@ import aiohttp
 import zstandard
 
 from vmagent.checkpoint import criu as C
-from vmagent.checkpoint.local import Checkpointer
+from vmagent.checkpoint.local import (
+    Checkpointer,
+    Unmovable,
+    freezable_group,
+    resident_bytes,
+    tree_of,
+    unmovable,
+)
 from vmagent.exec import protocol as P
 from vmagent.exec.session import Session
 from vmagent.exec.spawn import ExecRequest, FdSpec
+from vmagent.trace.pidspace import base_for
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,9 @@ TICKET_TTL = 60.0  # s a migration ticket is valid
 MAX_META = 1 << 20  # bytes of a session description
 MAX_IMAGES = 16 << 30  # bytes of images (compressed, and again uncompressed) a target takes
 CHECK_TIMEOUT = 10.0  # s for the target's check
-TRANSFER_TIMEOUT = 600.0  # s for transfer + restore
+STALL_TIMEOUT = 30.0  # s a transfer may make no progress (a target gone sends no reset)
+RESTORE_WAIT = 150.0  # s for the target's answer once it has the images (criu restore)
+STAGED_TTL = 2 * 60.0  # s a target keeps pre-copy rounds that no final dump followed
 ZSTD_LEVEL = 1  # fast: the tree is frozen while this runs (per block of CHUNK bytes)
 CHUNK = 1 << 20
 HOLD_TIMEOUT = 15.0  # s a restored tree waits (stopped, untraced) for the source's commit
@@ -127,13 +137,18 @@ class MigrationTickets:
         """The session id of a ticket this instance's key made (expired or used alike)."""
         return self._parts(ticket)[4]
 
-    def check(self, ticket: str, *, burn: bool) -> str:
-        """The session id the ticket is for; MigrationRefused naming what is wrong."""
+    def check(self, ticket: str, *, burn: bool, in_progress: bool = False) -> str:
+        """The session id the ticket is for; MigrationRefused naming what is wrong.
+
+        `in_progress`: the move this ticket started is under way here (its
+        pre-copy rounds are staged), so its expiry no longer counts: the
+        ticket bounds when a move may start, the staging how long it may take.
+        """
         parts = self._parts(ticket)
         nonce, session = parts[2], parts[4]
         now = int(self._clock() * 1000)
         expiry = int(parts[3])
-        if expiry < now:
+        if expiry < now and not in_progress:
             raise MigrationRefused("migration ticket expired")
         if expiry - now > 2 * TICKET_TTL * 1000:
             raise MigrationRefused("migration ticket lives too long")
@@ -141,7 +156,7 @@ class MigrationTickets:
         if nonce in self._used:
             raise MigrationRefused("migration ticket already used")
         if burn:
-            self._used[nonce] = expiry
+            self._used[nonce] = max(expiry, now + int(STAGED_TTL * 1000))
         return session
 
 
@@ -174,6 +189,10 @@ def describe(
         "program_id": session.program_id,
         "pid": session.pid,
         "pids": list(pids),
+        # The program pids the tree shows (issue 11): its root's and the base of the others.
+        "vpid": r.pid,
+        "vppid": r.ppid,
+        "pid_base": session.pid_base or base_for(session.service.config.instance),
         "view": _hex(session.view),
         "request": {
             "path": _hex(r.path),
@@ -248,12 +267,16 @@ class Description:
                 groups=tuple(_int(g) for g in q["groups"]),
                 sigign=_int(q["sigign"]),
                 sigblk=_int(q["sigblk"]),
+                pid=_int(raw.get("vpid", 0)),
+                ppid=_int(raw.get("vppid", 0)),
             )
+            self.pid_base = _int(raw.get("pid_base", 0))
             self.outs = {_int(int(fd)): _pipe_key(k) for fd, k in raw["outs"].items()}
             self.ins = {_int(int(fd)): _pipe_key(k) for fd, k in raw["ins"].items()}
             self.unwanted = {_int(fd) for fd in raw["unwanted"]}
             self.asked = {_int(fd) for fd in raw.get("asked", [])}
             self.out_seq = _int(raw["out_seq"])
+            self.rounds = _int(raw.get("rounds", 0))  # pre-copy rounds sent before
             self.in_last = _int(raw["in_last"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MigrationRefused(f"malformed session description: {exc!r}") from None
@@ -376,32 +399,61 @@ def scratch() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
-def sweep(where: str, prefix: str) -> None:
-    """Remove scratch directories `prefix`* under `where` (left by a killed agent)."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(where):
-            if name.startswith(prefix) and ("migrate-" in name or "restore-" in name):
-                shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+class Scratch:
+    """This agent's scratch names under `where`: `dcp-mig-<instance>-<tag>-...`.
+
+    The agent holds an flock on `dcp-mig-<instance>-<tag>-lock` while it lives, so
+    a restarted agent of the same instance removes what a killed one left
+    (images can be large) and never what a live one of the same name is
+    using (local instances share /dev/shm; several clusters name theirs alike).
+    """
+
+    def __init__(self, where: str, instance: str) -> None:
+        self.where = where
+        self.instance = instance
+        self.prefix = f"dcp-mig-{instance}-{secrets.token_hex(4)}-"
+        self.sweep()
+        self._lock = os.open(
+            os.path.join(where, self.prefix + "lock"),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def sweep(self) -> None:
+        """Remove the scratch of dead agents (their lock is free), whatever their instance."""
+        start = "dcp-mig-"
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.where):
+                if not name.startswith(start) or not name.endswith("-lock"):
+                    continue
+                tag = name[: -len("lock")]
+                path = os.path.join(self.where, name)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live agent's
+                finally:
+                    os.close(fd)
+                for other in os.listdir(self.where):
+                    if other.startswith(tag) and ("migrate-" in other or "restore-" in other):
+                        shutil.rmtree(os.path.join(self.where, other), ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def close(self) -> None:
+        """The agent stops: its lock goes (its scratch is gone already)."""
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.where, self.prefix + "lock"))
+        with contextlib.suppress(OSError):
+            os.close(self._lock)
 
 
 # -- /proc ------------------------------------------------------------------------------
-
-
-def tree_of(root: int) -> list[int]:
-    """`root` and its descendants (processes), root first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo.extend(sorted(children.get(pid, [])))
-    return out
 
 
 def busy(pids: list[int] | tuple[int, ...]) -> list[int]:
@@ -437,6 +489,18 @@ class Held:
 
 
 MAX_COMMITTED = 64  # commits remembered (a repeated commit is answered "runs")
+MAX_STAGED = 8  # sessions whose pre-copy rounds a target keeps at once
+
+
+@dataclass
+class Staged:
+    """Pre-copy rounds received for a session's move: `base`/pre0, pre1, ..."""
+
+    base: str
+    rounds: int
+    timer: asyncio.TimerHandle
+    ticket: str
+    busy: bool = False
 
 
 class Migrator:
@@ -450,16 +514,21 @@ class Migrator:
         self.tickets = tickets
         self.instance = instance
         self.held: dict[bytes, Held] = {}  # session id -> restored, waiting for commit
-        # Scratch directories carry the instance's name: a restarted agent of the
-        # same instance removes what a killed one left (images can be large).
-        self.prefix = f"dcp-{instance}-"
-        sweep(scratch() or tempfile.gettempdir(), self.prefix)
+        self.scratch = Scratch(scratch() or tempfile.gettempdir(), instance)
+        self.prefix = self.scratch.prefix
         self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
+        self.staged: dict[bytes, Staged] = {}  # session id -> pre-copy rounds received
+        self.precopy_error = ""  # of the move under way (one at a time: the lock)
 
     async def migrate(
-        self, session: Session, to: str, instance: str, ticket: str
+        self, session: Session, to: str, instance: str, ticket: str, precopy: bool = False
     ) -> dict[str, Any]:
-        """Move `session`'s tree to the agent at `to`; what it took."""
+        """Move `session`'s tree to the agent at `to`; what it took.
+
+        `precopy` (opt-in, experimental: see docs/CHECKPOINT.md, it does not work
+        in the guests yet): copy its memory in pre-dump rounds while it runs
+        first, where this kernel tracks dirty pages and the tree is large enough.
+        """
         criu = await self.ckpt.criu()
         if session.status is not None or session.moved or session.trace_sock is None:
             raise MigrationRefused(f"{session.program} is not running here")
@@ -467,12 +536,21 @@ class Migrator:
             if os.isatty(fd):
                 raise MigrationRefused(f"{session.program} is on a terminal: it cannot migrate yet")
         tree = tree_of(session.pid)
+        refused = unmovable(tree)
+        if refused:
+            raise Unmovable(refused)
         async with aiohttp.ClientSession(
             headers={"Authorization": f"DCP-Migrate {ticket}"}
         ) as http:
             await self._check(http, to, tree)
+            precopy = (
+                precopy
+                and resident_bytes(tree) >= C.PRECOPY_MIN
+                and freezable_group(tree) is not None  # held in its freezer meanwhile
+                and await self.ckpt.precopy(criu)
+            )
             async with self.ckpt._lock:
-                return await self._move(http, criu, session, to, instance)
+                return await self._move(http, criu, session, to, instance, precopy)
 
     async def _check(self, http: aiohttp.ClientSession, to: str, tree: list[int]) -> None:
         try:
@@ -483,36 +561,86 @@ class Migrator:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise MigrationRefused(f"{to} cannot be reached: {exc or 'timeout'}") from None
 
+    async def _precopy(
+        self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, base: str
+    ) -> tuple[list[int], float]:
+        """Pre-dump rounds, each sent to the target while the program runs on.
+
+        Stops by `criu.keep_copying` (few rounds; the dirty set must keep
+        shrinking) or when half the ticket's life is spent.  (bytes per round,
+        ms the rounds held the program stopped in all.)
+        """
+        written: list[int] = []
+        held = 0.0
+        deadline = time.monotonic() + TICKET_TTL / 2
+        while not written or (C.keep_copying(written) and time.monotonic() < deadline):
+            k = len(written)
+            directory = os.path.join(base, f"pre{k}")
+            os.mkdir(directory)
+            try:
+                took, size = await self.ckpt.predump(
+                    criu, session, directory, None if k == 0 else f"../pre{k - 1}"
+                )
+            except (C.CheckpointError, OSError) as exc:  # the rounds sent so far still count
+                log.warning("pre-copy of %s stopped at round %d: %s", session.program, k, exc)
+                self.precopy_error = f"round {k}: {exc}"
+                break
+            held += took
+            written.append(size)
+            url = f"http://{to}/v1/migrations/round?session={session.sid.hex()}&round={k}"
+            await self._send(http, url, None, directory)
+        return written, held
+
     async def _move(
-        self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, instance: str
+        self,
+        http: aiohttp.ClientSession,
+        criu: C.Criu,
+        session: Session,
+        to: str,
+        instance: str,
+        precopy: bool,
     ) -> dict[str, Any]:
-        directory = tempfile.mkdtemp(prefix=f"{self.prefix}migrate-", dir=scratch())
-        session.migrating = True
-        started = time.perf_counter()
+        base = tempfile.mkdtemp(prefix=f"{self.prefix}migrate-", dir=scratch())
+        rounds: list[int] = []
+        precopy_ms = held_ms = 0.0
+        self.precopy_error = ""
         pids: tuple[int, ...] = ()
         try:
+            if precopy:
+                copying = time.perf_counter()
+                rounds, held_ms = await self._precopy(http, criu, session, to, base)
+                precopy_ms = (time.perf_counter() - copying) * 1000
+            directory = os.path.join(base, "final")
+            os.mkdir(directory)
+            session.migrating = True
+            started = time.perf_counter()
             pids = await self.ckpt.detach(session)
             self._drain(session)
             pipes = {
                 "outs": {fd: _key_of(r) for fd, r in session.outs.items()},
                 "ins": {fd: _key_of(w) for fd, w in session.ins.items()},
             }
-            dump_ms = await self.ckpt.dump(criu, session, pids, directory)
+            parent = f"../pre{len(rounds) - 1}" if rounds else None
+            dump_ms = await self.ckpt.dump(criu, session, pids, directory, parent)
             salt = secrets.token_hex(8)
             key = moved_key(session.key, instance, salt)
             meta = describe(session, pids, pipes, key, session.outbox.next_seq + 1)
+            meta["rounds"] = len(rounds)
             sending = time.perf_counter()
-            answer, (raw, packed) = await self._send(http, to, meta, directory)
+            answer, (raw, packed) = await self._send(
+                http, f"http://{to}/v1/migrations", meta, directory
+            )
             transfer_ms = (time.perf_counter() - sending) * 1000
             await self._commit(http, to, session.sid.hex())
         except BaseException:
             if pids and session.trace_sock is None:
                 with contextlib.suppress(Exception):
                     self.ckpt.adopt(session, pids)  # the program runs on here
-            self._resume_here(session)
+            if session.migrating:
+                self._resume_here(session)
             raise
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(base, ignore_errors=True)
         # The target runs it: ours, stopped all along, goes; the deputy follows.
         frozen = (time.perf_counter() - started) * 1000
         self.service.by_pid.pop(session.pid, None)
@@ -538,6 +666,10 @@ class Migrator:
             "restore_ms": answer.get("restore_ms", 0),
             "image_bytes": raw,
             "zstd_bytes": packed,
+            "precopy_rounds": rounds,  # bytes of pages each pre-dump round sent
+            "precopy_ms": round(precopy_ms, 1),  # the rounds, the program running between
+            "precopy_held_ms": round(held_ms, 1),
+            "precopy_error": self.precopy_error,  # why pre-copy stopped early, if it did
         }
         log.info("migrated %s: %s", session.program, result)
         # For the agent's other services (the OSS link, telemetry), as a tracer record would be.
@@ -577,24 +709,39 @@ class Migrator:
             session.proto.close()  # frames held back meanwhile come again on its resume
 
     async def _send(
-        self, http: aiohttp.ClientSession, to: str, meta: dict[str, Any], directory: str
+        self,
+        http: aiohttp.ClientSession,
+        url: str,
+        meta: dict[str, Any] | None,
+        directory: str,
     ) -> tuple[dict[str, Any], tuple[int, int]]:
-        """POST the description and the images, packed while they are sent; (answer, sizes)."""
-        head = json.dumps(meta).encode()
+        """POST the description (if any) and the images, packed while they are sent.
+
+        (answer, sizes).  A target that stops taking bytes for STALL_TIMEOUT
+        (a VM gone: no reset ever comes) fails it, as does one that does not
+        answer within RESTORE_WAIT once it has everything.
+        """
+        head = b"" if meta is None else json.dumps(meta).encode()
         r, w = _pipe()
         packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w))
-
-        async def body() -> AsyncIterator[bytes]:
-            yield struct.pack(">I", len(head)) + head
-            while chunk := await asyncio.to_thread(_read_up_to, r, CHUNK):
-                yield chunk
+        loop = asyncio.get_running_loop()
+        to = url.split("/")[2]
 
         try:
-            async with asyncio.timeout(TRANSFER_TIMEOUT):
-                async with http.post(f"http://{to}/v1/migrations", data=body()) as resp:
+            async with asyncio.timeout(STALL_TIMEOUT) as watch:
+
+                async def body() -> AsyncIterator[bytes]:
+                    if meta is not None:
+                        yield struct.pack(">I", len(head)) + head
+                    while chunk := await asyncio.to_thread(_read_up_to, r, CHUNK):
+                        watch.reschedule(loop.time() + STALL_TIMEOUT)
+                        yield chunk
+                    watch.reschedule(loop.time() + RESTORE_WAIT)
+
+                async with http.post(url, data=body()) as resp:
                     text = await resp.text()
                     if resp.status != 200:
-                        raise MigrationRefused(f"{to} did not restore it: {text.strip()}")
+                        raise MigrationRefused(f"{to} did not take it: {text.strip()}")
                     answer: dict[str, Any] = json.loads(text)
                     return answer, await packer
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -637,9 +784,17 @@ class Migrator:
         if taken:
             raise MigrationRefused(f"pids {taken} are in use on {self.instance}")
 
+    def _in_progress(self, ticket: str) -> bool:
+        """Whether pre-copy rounds of the move `ticket` started are staged here."""
+        try:
+            staged = self.staged.get(bytes.fromhex(self.tickets.authentic(ticket)))
+        except ValueError:
+            return False
+        return staged is not None and hmac.compare_digest(staged.ticket, ticket)
+
     async def receive(self, ticket: str, stream: aiohttp.StreamReader) -> dict[str, Any]:
         """Take a moved session: images in, tree restored and adopted; the new pid."""
-        sid_hex = self.tickets.check(ticket, burn=True)
+        sid_hex = self.tickets.check(ticket, burn=True, in_progress=self._in_progress(ticket))
         criu = await self.ckpt.criu()
         size = struct.unpack(">I", await stream.readexactly(4))[0]
         if size > MAX_META:
@@ -657,7 +812,83 @@ class Migrator:
             if here._abandon is not None:
                 here._abandon.cancel()
             self.service.forget(here)
-        directory = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
+        staged = self.staged.pop(meta.sid, None)
+        if staged is not None:
+            staged.timer.cancel()
+        if meta.rounds and (staged is None or staged.rounds != meta.rounds):
+            if staged is not None:
+                shutil.rmtree(staged.base, ignore_errors=True)
+            raise MigrationRefused("the pre-copy rounds of that session are not all here")
+        if staged is not None and not meta.rounds:
+            shutil.rmtree(staged.base, ignore_errors=True)
+            staged = None
+        if staged is not None:
+            base = staged.base
+        else:
+            base = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
+        directory = os.path.join(base, "final")
+        os.mkdir(directory)
+        if meta.rounds:
+            os.symlink(f"../pre{meta.rounds - 1}", os.path.join(directory, "parent"))
+        try:
+            await self._take(stream, directory)
+            return await self._restore(criu, meta, directory, ticket)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    async def receive_round(
+        self, ticket: str, sid_hex: Any, k: Any, stream: aiohttp.StreamReader
+    ) -> dict[str, Any]:
+        """Take pre-copy round `k` of a session's move (its pages, kept until the final dump)."""
+        going = self._in_progress(ticket)
+        if self.tickets.check(ticket, burn=False, in_progress=going) != sid_hex or not isinstance(
+            k, int
+        ):
+            raise MigrationRefused("the ticket is for another session")
+        try:
+            sid = bytes.fromhex(sid_hex)
+        except ValueError:
+            raise MigrationRefused("the ticket is for another session") from None
+        staged = self.staged.get(sid)
+        if staged is None:
+            if k != 0:
+                raise MigrationRefused(f"pre-copy round {k} without round 0")
+            if len(self.staged) >= MAX_STAGED:
+                raise MigrationRefused(f"{self.instance} is taking too many migrations")
+            base = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
+            timer = asyncio.get_running_loop().call_later(STAGED_TTL, self._unstage, sid)
+            staged = self.staged[sid] = Staged(base, 0, timer, ticket)
+        elif not hmac.compare_digest(staged.ticket, ticket):
+            raise MigrationRefused("those pre-copy rounds came with another ticket")
+        if k != staged.rounds or staged.busy:
+            raise MigrationRefused(f"pre-copy round {k} out of order")
+        if k >= C.PRECOPY_ROUNDS:
+            raise MigrationRefused(f"more than {C.PRECOPY_ROUNDS} pre-copy rounds")
+        directory = os.path.join(staged.base, f"pre{k}")
+        staged.busy = True
+        try:
+            os.mkdir(directory)
+            if k:
+                os.symlink(f"../pre{k - 1}", os.path.join(directory, "parent"))
+            size = await self._take(stream, directory)
+        except BaseException:
+            self._unstage(sid)
+            raise
+        finally:
+            staged.busy = False
+        staged.rounds += 1
+        staged.timer.cancel()  # the staging lives STAGED_TTL from its last round
+        staged.timer = asyncio.get_running_loop().call_later(STAGED_TTL, self._unstage, sid)
+        return {"round": k, "bytes": size}
+
+    def _unstage(self, sid: bytes) -> None:
+        staged = self.staged.pop(sid, None)
+        if staged is not None:
+            staged.timer.cancel()
+            shutil.rmtree(staged.base, ignore_errors=True)
+
+    async def _take(self, stream: aiohttp.StreamReader, directory: str) -> int:
+        """Unpack the images of `stream` into `directory` as they arrive; raw bytes."""
         r, w = _pipe()
         unpacker = asyncio.ensure_future(asyncio.to_thread(unpack, r, directory))
         try:
@@ -684,14 +915,12 @@ class Migrator:
             finally:
                 os.close(w)
             try:
-                await unpacker
+                return await unpacker
             except (zstandard.ZstdError, OSError) as exc:
                 raise MigrationRefused(f"the images do not unpack: {exc}") from None
-            return await self._restore(criu, meta, directory, ticket)
         finally:
             if not unpacker.done():
                 unpacker.cancel()
-            shutil.rmtree(directory, ignore_errors=True)
 
     async def _restore(
         self, criu: C.Criu, meta: Description, directory: str, ticket: str
@@ -726,6 +955,7 @@ class Migrator:
             for fd, _key in ends:
                 os.close(fd)
         session.pid = meta.pid
+        session.pid_base = meta.pid_base
         session.program_id = meta.program_id
         session.view = meta.view
         session.nonce = meta.nonce

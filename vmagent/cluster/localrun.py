@@ -190,3 +190,7 @@ class LazyLink:
     def stop_now(self) -> str | None:
         """As the started link's (None before: no limit acts on a program not submitted)."""
         return self.link.stop_now() if self.link is not None else None
+
+    def signal(self, pid: int, sig: int) -> bool:
+        """As the started link's (False before: no process was forked on an instance)."""
+        return self.link.signal(pid, sig) if self.link is not None else False

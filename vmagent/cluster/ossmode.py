@@ -54,12 +54,14 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
+from tracer.decode import signed
 from tracer.errors import TracerError, UsageError
 from vmagent.cluster.coordinator import EXEC_CALLS, ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import EMPTY, View
+from vmagent.trace.pidspace import PID_MAX_LIMIT
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,6 +173,16 @@ class ProgramLink(Protocol):
         """Why a limit stopped the program, asking the OSS once now; None if it did not."""
         ...
 
+    def signal(self, pid: int, sig: int) -> bool:
+        """Send `sig` to the program's `pid` forked on an instance; False: it runs nowhere."""
+        ...
+
+
+# Issue 11: a pid forked on an instance (`vmagent.trace.pidspace`, above every home
+# pid) is signalled from home through the OSS.  Call -> index of its signal; tgkill
+# only of a main thread (tgid == tid), rt_sigqueueinfo as a kill (no value).
+SIGNAL_CALLS = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1}
+
 
 class OssPlacement(Placement):
     """`Placement` whose choices come from the OSS (grants kept for the ticket)."""
@@ -239,8 +251,16 @@ class OssCoordinator(ClusterCoordinator):
         self._placed: dict[int, tuple[str, str, int | None]] = {}
         self._placed_lock = threading.Lock()
 
+    def interception(self) -> frozenset[str]:
+        """ClusterCoordinator's, plus the calls that signal a pid (issue 11)."""
+        return super().interception() | frozenset(SIGNAL_CALLS)
+
     def on_syscall(self, call: SyscallCall) -> Decision | Defer:
-        """The program's first exec submits it; then as ClusterCoordinator."""
+        """The program's first exec submits it; a signal for a pid forked on an
+        instance goes through the OSS; then as ClusterCoordinator."""
+        index = SIGNAL_CALLS.get(call.name)
+        if index is not None and call.name not in self._inner_calls:
+            return self._signal(call, index)
         if self._root is None and call.name in EXEC_CALLS:
             self._root = call.pid
             argv = [a.decode(errors="replace")[:ARG_MAX] for a in (call.argv or ())[:ARG_MAX]]
@@ -252,6 +272,16 @@ class OssCoordinator(ClusterCoordinator):
                 log.error("%s", exc)
                 return Complete(-errno.EHOSTDOWN)
         return super().on_syscall(call)
+
+    def _signal(self, call: SyscallCall, index: int) -> Decision:
+        """A pid of this machine runs as it is; one forked on an instance goes to the OSS."""
+        pid = signed(call.args[0], 32)
+        if pid < PID_MAX_LIMIT or (call.name == "tgkill" and call.args[0] != call.args[1]):
+            return Allow()
+        sig = call.args[index]
+        if not 0 <= sig < 65:
+            return Complete(-errno.EINVAL)
+        return Complete(0 if self._link.signal(pid, sig) else -errno.ESRCH)
 
     def watch_limits(self, on_stop: Callable[[str], None]) -> None:
         """Limits act: `on_stop(reason)` once the OSS stops the program (a hard budget...).
@@ -573,6 +603,18 @@ class OssProgramLink:
             )
         return None
 
+    def signal(self, pid: int, sig: int) -> bool:
+        """`POST /v1/programs/{id}/signals`; False if the OSS refused or did not answer."""
+        program = self._program()
+        if program is None:
+            return False
+        try:
+            self._call(self._client.signal(program, pid, sig))
+        except Exception as exc:  # kill then fails ESRCH; the program goes on
+            log.debug("signal %d for pid %d: %s", sig, pid, _reason(exc))
+            return False
+        return True
+
     def release(self, instance: str) -> None:
         """Release one process's placement in the background."""
         if self.program_id is not None:
@@ -835,6 +877,26 @@ class LocalProgramLink:
             if address:
                 got = got.model_copy(update={"address": address})
         return got
+
+    def signal(self, pid: int, sig: int) -> bool:
+        """Through the run's OSS (`oss.ipc.signals`); False if it runs nowhere."""
+        if self.program_id is None:
+            return False
+        try:
+            self.private.call(self._signal(pid, sig), self.timeout)
+        except Exception as exc:  # kill then fails ESRCH; the program goes on
+            log.debug("signal %d for pid %d: %s", sig, pid, exc)
+            return False
+        return True
+
+    async def _signal(self, pid: int, sig: int) -> Any:
+        from oss import models as m
+        from oss.ipc import signals
+
+        oss, who, program = self.private.oss, self.private.principal, self.program_id
+        assert program is not None
+        body = m.SignalRequest(pid=pid, signal=sig)
+        return await signals.send_from_home(oss, who.account_id, program, body)
 
     def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
         """One placement with its exec ticket, or None (this process runs here)."""

@@ -46,6 +46,7 @@ from vmagent.exec.link import Link, LostError, Unreachable  # noqa: E402
 LOST_STATUS = 255
 USAGE_STATUS = 2
 EPIPE = 32
+EINVAL = 22
 FORWARDED = (
     _signal.SIGHUP,
     _signal.SIGINT,
@@ -291,6 +292,8 @@ class Deputy:
                         if fd in self.inputs:
                             count = int(payload) if payload.isdigit() else 0
                             _thread.start_new_thread(self.forward_input, (fd, count))
+                    elif kind == P.KILL:
+                        self._kill(payload)
                     elif kind == P.LOCK:
                         self._lock(fd, bytes(payload))
                     elif kind == P.WELCOME:
@@ -324,12 +327,35 @@ class Deputy:
                     elif kind == P.ERROR:
                         self.wake(("refused", 0, bytes(payload), b""))
                         return
-                if link.inbox.ack_due() or link.deferred:
+                if link.inbox.ack_due() or link.deferred or link.replies:
                     link.ack()
         except LostError as exc:
             self.wake(("lost", 0, str(exc).encode(), b""))
         except P.FrameError as exc:
             self.wake(("lost", 0, f"protocol error: {exc}".encode(), b""))
+
+    def _kill(self, payload: bytes | bytearray) -> None:
+        """KILL: the remote program signals a pid of its own that its instance does not
+        hold; we send it here, at home, where that pid is, and answer KILLED.
+
+        The signal is the program's: sent as the program's user, from our pid
+        (the program's, for the process that asked), with kill's own outcome.
+        """
+        try:
+            fields = P.pairs(payload)
+            req = fields[b"req"]
+            pid, sig = int(fields[b"pid"]), int(fields[b"sig"])
+        except (P.FrameError, KeyError, ValueError):
+            return  # malformed: its asker's deadline answers it
+        err = 0
+        if pid in (0, -1) or not 0 <= sig < 65:
+            err = EINVAL  # never our own group nor every process: the agent names a pid
+        else:
+            try:
+                os.kill(pid, sig)
+            except OSError as exc:
+                err = exc.errno or EINVAL
+        self.link.reply(P.frame(P.KILLED, 0, P.unpairs({b"req": req, b"errno": b"%d" % err})))
 
     def _release(self, fd: int) -> None:
         """The remote program closed `fd`: drop our reference (readers see EOF).

@@ -52,6 +52,7 @@ class Link:
         # which may be waiting for us to read).  Senders apply them under the lock.
         self.peer_acked = 0
         self.deferred: list[tuple[int, int]] = []  # (kind, fd) frames to send later
+        self.replies: list[bytes] = []  # unsequenced frames to send later (KILLED)
         # Frames that arrived together with WELCOME on a resume, for the receiver.
         self.pending: list[tuple[int, int, int, bytes | bytearray]] = []
 
@@ -173,7 +174,17 @@ class Link:
         while self.deferred:
             kind, fd = self.deferred.pop(0)
             out += self.outbox.add(kind, fd, b"")
+        while self.replies:
+            out += self.replies.pop(0)
         return out
+
+    def reply(self, frame: bytes) -> None:
+        """From the receiver thread: send an unsequenced frame, never blocking.
+
+        Lost with the connection, if it breaks first: its asker has a deadline.
+        """
+        self.replies.append(frame)
+        self.ack()
 
     def post(self, kind: int, fd: int) -> None:
         """From the receiver thread: send an empty sequenced frame, never blocking."""

@@ -63,7 +63,12 @@ MOVED = 16
 # (0 or a negative errno), data (F_GETLK's struct flock).
 LOCK = 17
 LOCKED = 18
-LAST_KIND = LOCKED
+# Issue 11: a signal from the remote program to one of its pids that its instance
+# does not hold (a process at home, a sibling placed elsewhere) is sent from home,
+# by the deputy, as the program would send it there: the home holds every pid.
+KILL = 19  # agent -> deputy: pairs req, pid (negative: a process group), sig
+KILLED = 20  # deputy -> agent: pairs req, errno (0: sent)
+LAST_KIND = KILLED
 NONCE_SIZE = 16  # bytes of each challenge
 # HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
 # reached it (its connection was cut first).  The agent attaches it to the

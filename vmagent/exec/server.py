@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import socket
+import weakref
 from collections.abc import Callable
 
 from oss.compute import exectickets
@@ -321,6 +322,21 @@ class ExecService:
             self.forget(session)
 
 
+# Open HTTP connections' gates (weak: aiohttp owns the connection once it speaks HTTP).
+_HTTP_GATES: weakref.WeakKeyDictionary[asyncio.BaseTransport, Gate] = weakref.WeakKeyDictionary()
+
+
+def extend_http(transport: asyncio.BaseTransport | None, seconds: float) -> None:
+    """Let an authenticated HTTP request's connection live `seconds` from now.
+
+    For the few routes that legitimately outlast HTTP_LIFETIME (a migration
+    under TCG); called only once the caller proved who it is.
+    """
+    gate = _HTTP_GATES.get(transport) if transport is not None else None
+    if gate is not None and isinstance(transport, asyncio.Transport):
+        gate.extend(transport, seconds)
+
+
 class Gate:
     """Bounds one connection until it authenticates: a deadline and a shared count."""
 
@@ -383,6 +399,7 @@ class Sniffer(asyncio.Protocol):
         else:
             proto = self._http()
             self._gate.extend(self._transport, HTTP_LIFETIME)
+            _HTTP_GATES[self._transport] = self._gate
         self._transport.set_protocol(proto)
         proto.connection_made(self._transport)
         proto.data_received(self._buf)

@@ -35,6 +35,7 @@ from vmagent.exec.spawn import (
     parse_report,
 )
 from vmagent.trace import channel
+from vmagent.trace.pidspace import PID_MAX_LIMIT
 
 if TYPE_CHECKING:
     from vmagent.exec.server import ExecProtocol, ExecService
@@ -84,6 +85,9 @@ class Session:
         self.view = b""  # what the program sees (path maps...), applied by its tracer
         self.trace_sock: socket.socket | None = None  # channel from the instance tracer
         self.tracer_pid = 0  # the instance tracer T (killing it kills the whole tree)
+        # The base its forked processes' program pids are numbered with
+        # (`vmagent.trace.pidspace`): 0, this instance's; a migrated tree keeps its origin's.
+        self.pid_base = 0
         self._trace_failure = ""  # the tracer's op=failed message
         self._errors = -1  # the child's exec-report pipe, until it exec'd or failed
         self._report = b""
@@ -294,6 +298,8 @@ class Session:
                     self.tracer_pid = channel.number(record, b"tracer")
             elif record[b"op"] == channel.OP_FAILED:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
+            elif record[b"op"] == channel.OP_KILL and self._kill_at_home(record):
+                continue  # asked of the deputy, not an event
             elif record[b"op"] == channel.OP_DETACHED:
                 if self.detached is not None and not self.detached.done():
                     try:
@@ -301,6 +307,33 @@ class Session:
                     except channel.ChannelError as exc:
                         self.detached.set_exception(exc)
             self.service.hooks.trace_message(self, record)
+
+    def _kill_at_home(self, record: channel.Record) -> bool:
+        """`op=kill` from the tracer: the deputy sends it at home (P.KILL), or ESRCH now.
+
+        False: a pid forked on an instance (above every home pid), which the
+        session hooks send through the OSS (`vmagent.trace.signals`).
+        """
+        try:
+            req = record[b"req"]
+            pid, sig = channel.number(record, b"pid"), channel.number(record, b"sig")
+        except (KeyError, channel.ChannelError) as exc:
+            log.warning("session %s: %s", self.sid.hex()[:8], exc)
+            return True
+        if pid >= PID_MAX_LIMIT:
+            return False
+        if self.proto is None or self.moved or len(req) > 24 or pid <= -PID_MAX_LIMIT:
+            self.killed(req, errno.ESRCH)  # nowhere to send it: as for a pid that is gone
+            return True
+        fields = {b"req": req, b"pid": b"%d" % pid, b"sig": b"%d" % sig}
+        self.proto.write(P.frame(P.KILL, 0, P.unpairs(fields)))
+        return True
+
+    def killed(self, req: bytes, err: int) -> None:
+        """Answer the tracer's `op=kill` `req` with `err`."""
+        if self.trace_sock is not None:
+            with contextlib.suppress(OSError):
+                channel.send(self.trace_sock, channel.encode(channel.OP_KILLED, req=req, errno=err))
 
     def _open_locks(self, fd: int) -> None:
         """T's lock socket (`op=lockchan`): its requests are served from now on."""
@@ -431,6 +464,13 @@ class Session:
                         os.killpg(self.pid, fd)  # the whole remote job (a terminal's signal)
                     else:
                         os.kill(self.pid, fd)
+        elif kind == P.KILLED:
+            try:
+                fields = P.pairs(payload)
+            except P.FrameError:
+                fields = {}  # the tracer's deadline answers it
+            err = fields.get(b"errno", b"")
+            self.killed(fields.get(b"req", b""), int(err) if err.isdigit() else errno.EINVAL)
         elif kind == P.LOCKED:
             self._locked(payload)
         elif kind == P.ACK:
@@ -688,10 +728,12 @@ def spread_pids() -> None:
     A program migrates with its pids (vmagent.checkpoint.migrate), which must be
     free on the target.  Agents of fresh instances all count up from 1 alike,
     so sequential pids would collide; random regions rarely do.  Only for an
-    agent that is PID 1 of its own namespace (local instances, VMs): a host
-    namespace's allocation is not ours to move.
+    agent that is PID 1 of its own namespace (local instances), or that its
+    guest's init says owns the namespace (`DCP_SPREAD_PIDS=1`: in a VM the
+    whole guest is the instance, its init PID 1): a host namespace's
+    allocation is not ours to move.
     """
-    if os.getpid() != 1:
+    if os.getpid() != 1 and os.environ.get("DCP_SPREAD_PIDS") != "1":
         return
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/sys/kernel/pid_max") as f:

@@ -20,10 +20,18 @@ agent -> tracer  `op=detach` (checkpoint): the tracer stops every process of the
                  stop outside any intercepted call), detaches every thread and
                  answers `op=detached pids` (the tree's processes, root first,
                  comma-separated), then exits; the tree stays stopped, untraced.
-agent -> zygote  `op=adopt session pids instance view`, with `[chan]`: a tracer
-                 seizes every thread of those stopped processes (a restored or
-                 checkpointed tree), answers `op=seized pid tracer`, continues them
-                 (SIGCONT) and serves them as if it had traced them from the start.
+agent -> zygote  `op=adopt session pids instance view vpid vppid base`, with `[chan]`:
+                 a tracer seizes every thread of those stopped processes (a restored
+                 or checkpointed tree), answers `op=seized pid tracer`, continues them
+                 (SIGCONT) and serves them as if it had traced them from the start,
+                 in the same program pids: the root (first of `pids`) is `vpid`,
+                 child of `vppid`, and the others `base` + their pid, `base` the one
+                 the tree was numbered with where it started
+                 (`vmagent.trace.pidspace`; 0s: the instance's own pids).
+tracer -> agent  `op=kill req pid sig`: the program signals its pid `pid` (negative: a
+                 process group) that this instance does not hold: the agent asks
+                 the session's deputy to send it at home (`P.KILL`), then answers
+                 `op=killed req errno` (0: sent; ESRCH when no deputy is there).
 tracer -> agent  `op=lockchan` with `[sock]`: T's lock socket (issue 14); lock
                  requests and answers travel on it (`vmagent.exec.filelocks`).
 agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
@@ -56,6 +64,8 @@ OP_DONE = b"done"
 OP_DETACH = b"detach"
 OP_DETACHED = b"detached"
 OP_ADOPT = b"adopt"
+OP_KILL = b"kill"
+OP_KILLED = b"killed"
 
 Record = dict[bytes, bytes]
 
@@ -118,9 +128,27 @@ def trace_request(
     )  # fmt: skip
 
 
-def adopt_request(session: str, pids: tuple[int, ...], instance: str, view: bytes) -> bytes:
-    """agent -> zygote: adopt the stopped processes `pids` (root first; sent with `[chan]`)."""
-    return encode(OP_ADOPT, session=session, pids=pid_list(pids), instance=instance, view=view)
+def adopt_request(
+    session: str,
+    pids: tuple[int, ...],
+    instance: str,
+    view: bytes,
+    program: tuple[int, int] = (0, 0),
+    base: int = 0,
+) -> bytes:
+    """agent -> zygote: adopt the stopped processes `pids` (root first; sent with `[chan]`).
+
+    `program` (`vpid`, `vppid`) and `base`: the program pids the tree had (issue 11).
+    """
+    return encode(
+        OP_ADOPT, session=session, pids=pid_list(pids), instance=instance, view=view,
+        vpid=program[0], vppid=program[1], base=base,
+    )  # fmt: skip
+
+
+def optional_number(record: Record, key: bytes) -> int:
+    """An integer field that older peers leave out (0 then); ChannelError if not a number."""
+    return number(record, key) if key in record else 0
 
 
 def pid_list(pids: tuple[int, ...]) -> bytes:

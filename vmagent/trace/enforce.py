@@ -273,10 +273,9 @@ class Enforcer:
             if cid in self._done:
                 done.append(cid)  # the reply that carried it again crossed our last beat
                 continue
-            if action == "migrate":
-                pass  # issue 12: vmagent.checkpoint.orders carries it out
-            elif action == "network":
-                pass  # issue 13: vmagent.network.orders carries it out
+            if action in ("migrate", "signal", "network"):
+                pass  # vmagent.checkpoint.orders (issue 12), vmagent.trace.signals (issue 11),
+                # vmagent.network.orders (issue 13)
             elif action not in ACTIONS:
                 log.warning("limits: unknown action %r for program %s ignored", action, program)
             else:

@@ -49,10 +49,12 @@ from vmagent.trace.listeners import ChannelRequest, Listeners
 from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
+    ChannelKill,
     Grant,
     InstanceCoordinator,
     PlacementSource,
     PlacingCoordinator,
+    SignalHome,
 )
 
 log = logging.getLogger(__name__)
@@ -68,12 +70,14 @@ def coordinator_for(
     ask: Callable[[Ident, int, list[str]], Grant | None] | None = None,
     locks: LockForwarder | None = None,
     listeners: Listeners | None = None,
+    home: SignalHome | None = None,
 ) -> InstanceCoordinator:
-    """T's coordinator for a view with path `maps` (placing execs through `ask`, if given)."""
+    """T's coordinator for a view with path `maps` (placing execs through `ask`, if given;
+    sending signals for pids elsewhere through `home`)."""
     inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
     if ask is not None:
         inner = PlacingCoordinator(inner, ask)
-    return InstanceCoordinator(inner, report, source, locks=locks, listeners=listeners)
+    return InstanceCoordinator(inner, report, source, locks=locks, listeners=listeners, home=home)
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
@@ -87,7 +91,11 @@ class Tracer:
     def __init__(self, table: SyscallTable) -> None:
         self.table = table
         self.chan: socket.socket | None = None
-        self.ask = ChannelAsk(lambda: self.chan)  # placement through the agent (issue 10)
+        # Commands read off the channel while T waited for an answer there (an
+        # op=detach arriving during a placement or a kill): the runner serves them.
+        self.kept: list[bytes] = []
+        self.ask = ChannelAsk(lambda: self.chan, keep=self.kept.append)  # placement (issue 10)
+        self.home = ChannelKill(lambda: self.chan, self.ask.next_req, self.kept.append)  # 11
         # lock calls through the agent and the deputy (issue 14)
         self.locks = LockForwarder(self._hand_over, ptraceio.read_memory)
         # Listening sockets, steered by the OSS (issue 13).
@@ -113,7 +121,7 @@ class Tracer:
     def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
             self.table, channel.view_maps(view), self.report, ask=self.ask,
-            locks=self.locks, listeners=self.listeners,
+            locks=self.locks, listeners=self.listeners, home=self.home,
         )  # fmt: skip
         return HostRunner(self, coordinator)
 
@@ -177,11 +185,29 @@ class Tracer:
         self.report(channel.encode(channel.OP_DONE))
         return 0
 
-    def adopt(self, chan: socket.socket, pids: tuple[int, ...], view: bytes) -> int:
-        """Seize the stopped tree `pids` (root first), continue it, trace it to the end."""
+    def adopt(
+        self,
+        chan: socket.socket,
+        pids: tuple[int, ...],
+        view: bytes,
+        instance: str = "",
+        program: tuple[int, int] = (0, 0),
+        base: int = 0,
+    ) -> int:
+        """Seize the stopped tree `pids` (root first), continue it, trace it to the end.
+
+        `program` (the root's program pid and its parent's) and `base` (the one
+        its other processes were numbered with, where the tree started): the
+        tree keeps the pids it showed the program before (issue 11).
+        """
         self.chan = chan
         try:
-            runner = self._ready if not view else self._runner(view)
+            runner = self._ready if not channel.view_maps(view) else self._runner(view)
+            if isinstance(runner.coordinator, InstanceCoordinator):
+                runner.coordinator.bind_pids(instance, pids[0], *program, base=base)
+            placing = self._placing(runner)
+            if placing is not None:
+                placing.bind(decode_view(view) if view else EMPTY_VIEW, instance)
             runner.adopt(pids)
         except (ptraceio.PtraceRequestError, OSError) as exc:
             # What was seized dies with us (EXITKILL); the rest stays stopped for the agent.
@@ -218,6 +244,8 @@ class HostRunner(Runner):
             for tid in tids:
                 ptraceio.seize(tid, OPTIONS)
                 machine.threads[tid] = Thread(tid, pid)
+            if isinstance(self.coordinator, InstanceCoordinator):
+                self.coordinator.adopted(pid, tids, pid == root)
         self.tracer.report(channel.encode(channel.OP_SEIZED, pid=root, tracer=os.getpid()))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -243,6 +271,9 @@ class HostRunner(Runner):
                 stop = self._decode(pid, status, usage)
                 if stop is not None:
                     self._execute(machine.step(stop))
+                while self.tracer.kept:
+                    if self._obey(machine, self.tracer.kept.pop(0)):
+                        return
                 self._serve_locks()
         finally:
             if self.waker:
@@ -271,16 +302,8 @@ class HostRunner(Runner):
             for tid, decision in self.tracer.locks.abandon():
                 self.decide(tid, decision)
             return False
-        if data != b"?":
-            try:
-                record = channel.decode(data)
-            except channel.ChannelError as exc:
-                log.warning("tracer channel: %s", exc)
-                record = {b"op": b""}
-            if record[b"op"] == channel.OP_DETACH:
-                pids = self.detach_all(machine)
-                self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
-                return True
+        if data != b"?" and self._obey(machine, data):
+            return True
         locks = self.tracer.locks
         if locks.waiting:
             locks.drain()
@@ -320,6 +343,19 @@ class HostRunner(Runner):
                     os.waitpid(self.waker, 0)
                 self.waker = 0
             self._arm(chan)
+
+    def _obey(self, machine: Machine, data: bytes) -> bool:
+        """Carry out one command from the agent; True once the tree is detached."""
+        try:
+            op = channel.decode(data)[b"op"]
+        except channel.ChannelError as exc:
+            log.warning("tracer channel: %s", exc)
+            return False
+        if op == channel.OP_DETACH:
+            pids = self.detach_all(machine)
+            self.tracer.report(channel.encode(channel.OP_DETACHED, pids=channel.pid_list(pids)))
+            return True
+        return False
 
     def detach_all(self, machine: Machine) -> tuple[int, ...]:
         """Stop and detach every traced thread; the processes left stopped, root first.

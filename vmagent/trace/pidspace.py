@@ -42,6 +42,11 @@ def base_for(instance: str) -> int:
     return (index % INSTANCE_SLOTS + 1) * PID_MAX_LIMIT
 
 
+def valid_base(base: int) -> bool:
+    """`base` is one `base_for` can give."""
+    return base % PID_MAX_LIMIT == 0 and PID_MAX_LIMIT <= base <= INSTANCE_SLOTS * PID_MAX_LIMIT
+
+
 @dataclass(slots=True)
 class PidSpace:
     """Real pids of one instance session <-> the program's pids.
@@ -60,11 +65,15 @@ class PidSpace:
         """Whether pids are translated at all."""
         return self.root > 0
 
-    def bind(self, instance: str, root: int, root_pid: int, root_ppid: int) -> None:
+    def bind(self, instance: str, root: int, root_pid: int, root_ppid: int, base: int = 0) -> None:
         """On `instance`, the session's process `root` is program pid `root_pid`, child of
-        `root_ppid` (left unbound unless all are pids)."""
+        `root_ppid` (left unbound unless all are pids).
+
+        `base`: the one a tree moved here (a migration) was numbered with where
+        it started, so its processes keep their pids (0: `instance`'s own).
+        """
         if root > 0 and root_pid > 0 and root_ppid >= 0:
-            self.base = base_for(instance)
+            self.base = base if valid_base(base) else base_for(instance)
             self.root, self.root_pid, self.root_ppid = root, root_pid, root_ppid
 
     def program(self, real: int) -> int:

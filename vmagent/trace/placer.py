@@ -163,6 +163,13 @@ class OssPlacements:
             await self.release(program, str(a["instance"]))
         return "the OSS placed it where no exec ticket can be had"
 
+    async def signal(self, program: str, pid: int, sig: int) -> bool:
+        """Ask the OSS to send `sig` to the program's `pid` (issue 11); False: it runs nowhere."""
+        status, _data = await self._post(
+            f"/v1/agents/programs/{program}/signals", {"pid": pid, "signal": sig}
+        )
+        return status == 200
+
     async def release(self, program: str, instance: str) -> None:
         """A process placed from here ended."""
         await self._post(f"/v1/agents/programs/{program}/release", {"instance": instance})

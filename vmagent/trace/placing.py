@@ -66,6 +66,10 @@ PID_ARGS = {  # call -> indexes of its pid arguments
     "setpgid": (0, 1),
 }
 GROUP_ARGS = frozenset({"kill", "wait4"})  # a negative pid names a process group
+# Signals to a pid this instance does not hold are sent at home (`SignalHome`):
+# call -> index of the signal number.  tgkill only of a process's main thread
+# (tgid == tid); rt_sigqueueinfo as a kill (its value does not travel).
+SENT_HOME = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1}
 PID_CALLS = frozenset({"getpid", "gettid", "getppid", "waitid"}) | PID_RESULTS | frozenset(PID_ARGS)
 P_PID, P_PGID = 1, 2  # waitid's idtypes naming one pid, one process group
 
@@ -77,6 +81,14 @@ class Grant:
     instance: str
     address: str
     ticket: str
+
+
+class SignalHome(Protocol):
+    """Sends a signal of the program from its home, where every pid of the program is."""
+
+    def __call__(self, pid: int, sig: int) -> int:
+        """kill(`pid`, `sig`) at home (`pid` negative: a process group); 0 or its errno."""
+        ...
 
 
 class PlacementSource(Protocol):
@@ -112,6 +124,7 @@ class InstanceCoordinator:
         source: PlacementSource | None = None,
         locks: LockForwarder | None = None,
         listeners: Listeners | None = None,
+        home: SignalHome | None = None,
     ) -> None:
         self.inner = inner
         self.report = report
@@ -119,6 +132,7 @@ class InstanceCoordinator:
         self.locks = locks  # None: lock calls run on this kernel as they are
         # Issue 13: listening sockets reported to the OSS (no agent: nobody asked).
         self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
+        self.home = home  # None: a pid elsewhere is ESRCH
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
         self._live: set[int] = set()  # the session's processes but its root (real pids)
         self._tids: set[int] = set()  # every thread and process of the session (real)
@@ -147,10 +161,20 @@ class InstanceCoordinator:
             return self.inner.on_syscall(call) if call.name in self._inner_names else Allow()
         return self.inner.on_syscall(call)
 
-    def bind_pids(self, instance: str, root: int, pid: int, ppid: int) -> None:
-        """The session's first process `root` stands for program pid `pid`, child of `ppid`."""
-        self.pids.bind(instance, root, pid, ppid)
+    def bind_pids(self, instance: str, root: int, pid: int, ppid: int, base: int = 0) -> None:
+        """The session's first process `root` stands for program pid `pid`, child of `ppid`.
+
+        `base`: the one its forked processes are numbered with (0: `instance`'s).
+        """
+        self.pids.bind(instance, root, pid, ppid, base)
         self._tids.add(root)
+
+    def adopted(self, pid: int, tids: list[int], root: bool) -> None:
+        """Process `pid` with threads `tids`, of a tree adopted stopped (a migration)."""
+        self._tids.update(tids)
+        self._tids.add(pid)
+        if not root:
+            self._live.add(pid)
 
     def _pid_call(self, call: SyscallCall) -> Decision:
         """A call that returns or takes pids, in the program's numbers."""
@@ -181,11 +205,31 @@ class InstanceCoordinator:
                 real = pid  # a real id the program got from the kernel (glibc's thread ids)
             if real is None:
                 # Not a process of this instance (a sibling elsewhere, a home one).
-                return Complete(-(errno.ECHILD if name in ("wait4", "waitid") else errno.ESRCH))
+                return self._elsewhere(call, -pid if group else pid)
             if real != pid:
                 rewrite[index] = -real if group else real
         observe = name in PID_RESULTS
         return Rewrite(rewrite, observe) if rewrite else Allow(observe)
+
+    def _elsewhere(self, call: SyscallCall, pid: int) -> Complete:
+        """A call naming program pid `pid` (negative: a group) that this instance lacks.
+
+        A signal goes home, where the pid is (a process there, or the deputy of
+        one placed elsewhere, which passes it on); its outcome is kill's there.
+        A wait is ECHILD: every child of a process is where it is (one placed
+        elsewhere has its deputy here).  The rest, ESRCH, as for a pid that is gone.
+        """
+        name = call.name
+        if name in ("wait4", "waitid"):
+            return Complete(-errno.ECHILD)
+        index = SENT_HOME.get(name)
+        thread = name == "tgkill" and call.args[0] != call.args[1]  # not a main thread
+        if self.home is None or index is None or thread:
+            return Complete(-errno.ESRCH)
+        sig = call.args[index]
+        if not 0 <= sig < 65:
+            return Complete(-errno.EINVAL)
+        return Complete(-self.home(pid, sig))
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
         """A pid in the program's numbers; otherwise the inner coordinator's."""
@@ -247,6 +291,61 @@ def real_ppid(pid: int) -> int:
 PLACE_TIMEOUT = 2.0  # s T waits for the agent's answer (the exec is stopped meanwhile)
 
 
+KILL_TIMEOUT = 5.0  # s T waits for a signal sent at home (the call is stopped meanwhile)
+# Answers T may find late on its channel (dropped); anything else is a command it keeps.
+ANSWERS = frozenset({channel.OP_KILLED, placer.OP_GRANT, placer.OP_HOME})
+
+
+class ChannelKill:
+    """T's side of `SignalHome`: `op=kill` on its channel, the agent's `op=killed` (bounded).
+
+    The agent asks the session's deputy, which sends the signal at home.  No
+    answer in `timeout` (the deputy's connection is being replaced): ESRCH,
+    with one log line.
+    """
+
+    def __init__(
+        self,
+        chan: Callable[[], socket.socket | None],
+        reqs: Callable[[], int],
+        keep: Callable[[bytes], None] = lambda _data: None,
+    ):
+        self._chan = chan
+        self._reqs = reqs
+        self._keep = keep  # a command that arrived meanwhile (op=detach), for the runner
+        self.timeout = KILL_TIMEOUT
+        self._said = False
+
+    def __call__(self, pid: int, sig: int) -> int:
+        chan = self._chan()
+        if chan is None:
+            return errno.ESRCH
+        req = str(self._reqs()).encode()
+        try:
+            channel.send(chan, channel.encode(channel.OP_KILL, req=req, pid=pid, sig=sig))
+            deadline = time.monotonic() + self.timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([chan], [], [], left)[0]:
+                    continue
+                data, fds = channel.receive(chan)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    break
+                record = channel.decode(data)
+                if record[b"op"] == channel.OP_KILLED and record.get(b"req") == req:
+                    return channel.number(record, b"errno")
+                if record[b"op"] not in ANSWERS:
+                    self._keep(data)
+        except (OSError, channel.ChannelError) as exc:
+            log.warning("a signal for pid %d was not sent at home: %s", pid, exc)
+            return errno.ESRCH
+        if not self._said:
+            self._said = True
+            log.warning("a signal for pid %d got no answer from home: ESRCH", pid)
+        return errno.ESRCH
+
+
 class ChannelAsk:
     """T's side of placement: `op=place` on its channel, then the agent's answer (bounded).
 
@@ -254,11 +353,22 @@ class ChannelAsk:
     in `timeout` the exec runs where it is (one log line per reason).
     """
 
-    def __init__(self, chan: Callable[[], socket.socket | None], timeout: float = PLACE_TIMEOUT):
+    def __init__(
+        self,
+        chan: Callable[[], socket.socket | None],
+        timeout: float = PLACE_TIMEOUT,
+        keep: Callable[[bytes], None] = lambda _data: None,
+    ):
         self._chan = chan
+        self._keep = keep  # a command that arrived meanwhile (op=detach), for the runner
         self.timeout = timeout
         self._req = 0
         self._said: set[str] = set()
+
+    def next_req(self) -> int:
+        """A request number no other request on this channel has (placements, kills)."""
+        self._req += 1
+        return self._req
 
     def _once(self, reason: str) -> None:
         if reason not in self._said:
@@ -270,8 +380,7 @@ class ChannelAsk:
         chan = self._chan()
         if chan is None:
             return None
-        self._req += 1
-        req = self._req
+        req = self.next_req()
         try:
             channel.send(
                 chan,
@@ -290,6 +399,9 @@ class ChannelAsk:
                     self._once("the agent is gone")
                     return None
                 record = channel.decode(data)
+                if record[b"op"] not in ANSWERS:
+                    self._keep(data)
+                    continue
                 if record.get(b"req") != str(req).encode():
                     continue  # the late answer of an earlier request
                 if record[b"op"] == placer.OP_GRANT:

@@ -132,7 +132,17 @@ def _fork_tracer(listening: socket.socket, table: SyscallTable) -> socket.socket
             if request[b"op"] == channel.OP_ADOPT:  # a checkpointed tree (vmagent.checkpoint)
                 pids = channel.pids_of(request)
                 pid = pids[0]
-                code = tracer.adopt(socket.socket(fileno=fds[0]), pids, request.get(b"view", b""))
+                code = tracer.adopt(
+                    socket.socket(fileno=fds[0]),
+                    pids,
+                    request.get(b"view", b""),
+                    request.get(b"instance", b"").decode(errors="replace"),
+                    (
+                        channel.optional_number(request, b"vpid"),
+                        channel.optional_number(request, b"vppid"),
+                    ),
+                    channel.optional_number(request, b"base"),
+                )
                 os._exit(code)
             pid = channel.number(request, b"pid")
             code = tracer.serve(
@@ -273,15 +283,25 @@ class Tracing:
         ours.setblocking(False)
         return ours
 
-    def adopt(self, session: str, pids: tuple[int, ...], view: bytes) -> socket.socket:
-        """Ask Z for a tracer adopting the stopped tree `pids`; the agent's end of its channel."""
+    def adopt(
+        self,
+        session: str,
+        pids: tuple[int, ...],
+        view: bytes,
+        program: tuple[int, int] = (0, 0),
+        base: int = 0,
+    ) -> socket.socket:
+        """Ask Z for a tracer adopting the stopped tree `pids`; the agent's end of its channel.
+
+        `program`, `base`: the tree's program pids (`channel.adopt_request`).
+        """
         if not self.alive():
             self.restart()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             channel.send(
                 self.sock,
-                channel.adopt_request(session, pids, self.instance, view),
+                channel.adopt_request(session, pids, self.instance, view, program, base),
                 (theirs.fileno(),),
             )
         except OSError as exc:
