@@ -87,11 +87,11 @@ for port in sys.argv[1:]:
 # The home shell starts two servers and a client (placed on the guests: spread), then
 # waits for the test (a line on stdin) before stopping the servers.
 PROGRAM = """
-python3 -c "$1" 8001 &
-python3 -c "$1" 8002 &
-python3 -c "$2" 8001 8002
+/usr/bin/python3 -c "$1" 8001 &
+/usr/bin/python3 -c "$1" 8002 &
+/usr/bin/python3 -c "$2" 8001 8002
 read go
-python3 -c "$3" 8001 8002
+/usr/bin/python3 -c "$3" 8001 8002
 wait
 echo done
 """
