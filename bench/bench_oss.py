@@ -84,6 +84,11 @@ def start_server(data: Path, tick: float) -> tuple[subprocess.Popen[str], str]:
             "15",
             "--tick",
             str(tick),
+            # Every simulated agent and client connects from 127.0.0.1: the per-peer
+            # cap (256, meant for one real peer) would refuse most of the 1,000 agents'
+            # connections and count their heartbeats as errors.
+            "--max-connections-per-peer",
+            "2048",
         ],
         env=env,
         stdout=subprocess.PIPE,

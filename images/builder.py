@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_FILES = ("base.qcow2", "vmlinuz", "initrd.img", "dcp.box", "manifest.json")
 TOOLS = ("mmdebstrap", "mkfs.ext4", "qemu-img", "modprobe", "depmod", "dpkg-query", "apt-cache")
+GUEST_EXTRAS = ("storage",)  # optional dependencies the guest installs too
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 VAGRANT_KEY_GLOB = "/usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub"
 
@@ -203,7 +204,11 @@ class Builder:
 
     def _python_plan(self) -> pydeps.PythonDepsPlan:
         pyproject = self.config.source_dir / "pyproject.toml"
-        reqs = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        project = tomllib.loads(pyproject.read_text())["project"]
+        reqs = list(project["dependencies"])
+        # The extras a guest's agent uses (dcpfs's FUSE binding: issue 14).
+        for extra in GUEST_EXTRAS:
+            reqs += project.get("optional-dependencies", {}).get(extra, [])
         names = [pydeps.debian_name(r) for r in reqs]
         res = subprocess.run(
             ["apt-cache", "policy", *names], capture_output=True, text=True, timeout=60

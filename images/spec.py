@@ -20,6 +20,9 @@ BASE_PACKAGES: tuple[str, ...] = (
     "dropbear-bin",  # SSH for the Vagrant lab, started only with dcp.ssh=1
     "sudo",
     "ca-certificates",
+    # Issue 14: dcpfs (the program's namespace): fusermount, and libfuse for mfusepy.
+    "fuse3",
+    "libfuse2",
 )
 
 # Loaded by the initramfs so the root file system can be mounted.
@@ -51,6 +54,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "sch_tbf",  # issue 13: a program's bandwidth cap
     "button",  # the ACPI power button (libvirt shutdown, `vagrant halt -f`) as an input device
     "evdev",  # /dev/input/eventN, where dcp-init reads that button
+    "fuse",  # issue 14: dcpfs mounts the program's namespace (--volume)
 )
 
 # DCP's own packages copied into the guest's site-packages.

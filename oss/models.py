@@ -623,6 +623,8 @@ class BillingRecord(Api):
     storage_micros: float
     net_micros: float
     premium_micros: float
+    # A `--oss` run's measured storage (issue 14): GiB-seconds per tier it was billed for
+    storage_gib_seconds: dict[str, float] = {}
 
 
 class Billing(Api):
@@ -690,9 +692,14 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate", "signal", "network"]
+    action: Literal[
+        "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network"
+    ]
     reason: str
     tickets: list[str] = []
+    # kill with checkpoint (issue 12): suspend (CRIU dump, then kill) the sessions the
+    # agent can checkpoint; `resume` restores them later.
+    checkpoint: bool | None = None
     # migrate (issue 12): the session whose program is `pid` goes to instance `to` at
     # `address`; the agent asks for its ticket (POST /v1/agents/migrations/ticket).
     # signal (issue 11): send `signal` to the program's `pid` if it runs there.
@@ -703,6 +710,8 @@ class AgentCommand(Api):
     # (`net.nodestate.to_wire`; an empty state: drop it).
     state: dict[str, Any] | None = None
     signal: int | None = None
+    # mount / unmount (issue 14): the program's storage (its server, key and tiers)
+    storage: dict[str, Any] | None = None
 
 
 class SignalRequest(Api):

@@ -50,6 +50,7 @@ from oss.ipc import routes as ipc_routes
 from oss.listener import ListenerLimits
 from oss.network import routes as network_routes
 from oss.service import Oss
+from oss.storage import routes as storage_routes
 from oss.telemetry import routes as telemetry_routes
 from oss.ui import routes as ui_routes
 
@@ -112,6 +113,7 @@ ROUTES: tuple[Route, ...] = (
     + compute_routes.ROUTES
     + telemetry_routes.ROUTES
     + ipc_routes.ROUTES
+    + storage_routes.ROUTES
     + network_routes.ROUTES
     + ui_routes.ROUTES
 )
@@ -177,6 +179,11 @@ async def _read_body(r: web.Request, cap: int, timeout: float) -> bytes:
     """The request body, refused (413) past `cap` bytes and (408) past `timeout` seconds."""
     if r.content_length is not None and r.content_length > cap:
         raise PayloadTooLarge(f"limit is {cap} bytes")
+    if r.content.is_eof():  # all of it came with the headers: no wait, so no timer
+        raw = r.content.read_nowait()
+        if len(raw) > cap:
+            raise PayloadTooLarge(f"limit is {cap} bytes")
+        return raw
     parts: list[bytes] = []
     size = 0
     try:

@@ -47,6 +47,7 @@ from oss.models import (
     AgentRegister,
     AgentReport,
     ExecIdentity,
+    Load,
     MigrationOutcome,
     MigrationTicketRequest,
     Policies,
@@ -56,6 +57,7 @@ from oss.models import (
 )
 from oss.network.manager import Applier, NetworkConfig, NetworkManager
 from oss.schema import VERSIONS
+from oss.storage.relay import StorageRelay
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
 from oss.telemetry.processes import Processes, measured_counters, process_row, seeded
@@ -150,7 +152,7 @@ class Oss:
         # for want of capacity; the pool manager counts those of the last window.
         self._refused: deque[tuple[float, str | None, int]] = deque(maxlen=10_000)
         self._last_seen: dict[str, float] = {}
-        self._beats: dict[str, tuple[float, str]] = {}
+        self._beats: dict[str, tuple[float, Load]] = {}  # serialised when flushed
         self._oss_lines: list[logmod.LogLine] = []
         self._event_lines: dict[str, list[logmod.LogLine]] = {}  # program -> placed events
         self._placed_on: dict[tuple[str, str], float] = {}  # (program, instance) -> when
@@ -161,6 +163,7 @@ class Oss:
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
         self._outcomes = migrations.Outcomes()
+        self.storage = StorageRelay(self.commands)  # issue 14: programs' storage on instances
         self._runner: asyncio.Task[None] | None = None
         # Issue 13: program addresses and redirects (None: no network prefix configured).
         self.network: NetworkManager | None = None
@@ -298,14 +301,18 @@ class Oss:
         # Heartbeats are liveness hints, not acknowledged data: persisting them every few
         # ticks is enough for a restart (which grants every instance a full timeout anyway).
         if self._beats and self._ticks % HEARTBEAT_FLUSH_TICKS == 0:
-            beats, self._beats = self._beats, {}
-            await self.instances.flush_heartbeats(beats)
+            await self._persist_beats()
 
     async def _flush_all(self) -> None:
         await self._flush_logs()
         if self._beats:
-            beats, self._beats = self._beats, {}
-            await self.instances.flush_heartbeats(beats)
+            await self._persist_beats()
+
+    async def _persist_beats(self) -> None:
+        beats, self._beats = self._beats, {}
+        await self.instances.flush_heartbeats(
+            {name: (t, load.model_dump_json()) for name, (t, load) in beats.items()}
+        )
 
     async def _flush_logs(self) -> None:
         events, self._event_lines = self._event_lines, {}
@@ -481,7 +488,7 @@ class Oss:
             )
         now = self.clock()
         self._last_seen[body.instance] = now
-        self._beats[body.instance] = (now, body.load.model_dump_json())
+        self._beats[body.instance] = (now, body.load)
         self.metrics.heartbeat(body.instance, body.load)
         self.heartbeats_processed += 1
         return self.commands.for_instance(body.instance, body.done)
@@ -507,6 +514,7 @@ class Oss:
                 f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
             )
             self.commands.drop_instance(f.instance)
+            self.storage.forget_instance(f.instance)
         for program, instance, count, by_client in lost:
             then = "its client placed them" if by_client else "marked for recovery"
             await self.program_log(

@@ -108,9 +108,10 @@ def check_volumes(
     """UsageError unless `--volume` can be honoured here (issue 14)."""
     if not volumes:
         return
-    if oss_url is not None or instances == 0:
-        raise UsageError("--volume needs --instances (VMs through --oss: not yet)")
-    if os.geteuid() != 0:
+    if oss_url is None and instances == 0:
+        raise UsageError("--volume needs --instances N or --oss URL (instances to share it)")
+    # Under --oss the instances' agents mount it (root in their VMs); local ones are here.
+    if instances and os.geteuid() != 0:
         raise UsageError("--volume needs root: each instance mounts the namespace (FUSE, tmpfs)")
     volume_dirs(volumes, maps)
 
@@ -162,19 +163,23 @@ def clustered(
     if oss_url is not None and instances == 0:
         from vmagent.cluster.ossmode import oss_clustered  # the OSS client only where it is used
 
-        with oss_clustered(inner, placement, oss_url, view=view) as coord:
-            told: Callable[[str], None] | None = None
-            if placement == "auto":
-                from vmagent.cluster.advisor import Advisor, load_history
+        with contextlib.ExitStack() as stack:
+            run_storage = None
+            if volumes:  # issue 14: served from here, mounted by each VM's agent via the OSS
+                view, run_storage = _oss_storage(stack, view, volumes, maps or {}, oss_url, storage)
+            with oss_clustered(inner, placement, oss_url, view=view, storage=run_storage) as coord:
+                told: Callable[[str], None] | None = None
+                if placement == "auto":
+                    from vmagent.cluster.advisor import Advisor, load_history
 
-                # The OSS knows the instances (it picks); decisions go to the program's log.
-                told = getattr(getattr(coord, "_link", None), "note", None)
-                coord.advisor = Advisor("home", note=told, history=load_history(profiles))
-            try:
-                yield coord
-            finally:
-                if coord.advisor is not None and coord.advisor.counts and told is not None:
-                    told(coord.advisor.summary())
+                    # The OSS knows the instances (it picks); decisions go to the program's log.
+                    told = getattr(getattr(coord, "_link", None), "note", None)
+                    coord.advisor = Advisor("home", note=told, history=load_history(profiles))
+                try:
+                    yield coord
+                finally:
+                    if coord.advisor is not None and coord.advisor.counts and told is not None:
+                        told(coord.advisor.summary())
         return
     from oss.local import PrivateOss, PrivateOssError
     from oss.storage.server import StorageError
@@ -287,13 +292,54 @@ def _with_storage(
         options = options_from_table(virtuals, table)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    storage = RunStorage(options, reals, default_data_dir() / "storage", cluster.logdir)
+    storage = RunStorage(
+        options, reals, default_data_dir() / "storage", f"unix:{cluster.logdir}/storage.sock"
+    )
     stack.callback(_remove_instance_dirs, storage.name)  # runs after storage.close
     stack.callback(storage.close)
     storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])
     log.info("storage %s: %s", storage.name, ", ".join(virtuals))
     maps_now = {**dict(view.maps), **storage.view_maps()}
     return dataclasses.replace(view, maps=tuple(sorted(maps_now.items())))
+
+
+STORAGE_HOST_ENV = "DCP_STORAGE_HOST"  # the address VMs reach this machine at (--oss)
+
+
+def _oss_storage(
+    stack: contextlib.ExitStack,
+    view: Any,
+    volumes: tuple[str, ...],
+    maps: dict[str, str],
+    oss_url: str,
+    table: dict[str, int | str] | None,
+) -> tuple[Any, Any]:
+    """Under --oss: serve the declared paths on TCP at an address the OSS's instances
+    reach (this machine's on the route to the OSS, or $DCP_STORAGE_HOST); the view that
+    maps them to the namespace and the run's storage (the OSS relays it to each VM)."""
+    import dataclasses
+
+    from oss.storage.run import RunStorage, options_from_table
+    from oss.storage.server import StorageError
+    from vmagent.osslink import advertised_address
+
+    virtuals, reals = volume_dirs(volumes, maps)
+    try:
+        options = options_from_table(virtuals, table or {})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    host = os.environ.get(STORAGE_HOST_ENV, "").strip()
+    try:
+        if not host:
+            host = advertised_address("0.0.0.0", 0, oss_url).rpartition(":")[0]
+        address = f"[{host}]:0" if ":" in host else f"{host}:0"
+        storage = RunStorage(options, reals, default_data_dir() / "storage", address)
+    except (OSError, StorageError) as exc:
+        raise TracerError(f"--volume: the storage server did not start: {exc}") from exc
+    stack.callback(storage.close)
+    log.info("storage %s at %s: %s", storage.name, storage.address, ", ".join(virtuals))
+    maps_now = {**dict(view.maps), **storage.view_maps()}
+    return dataclasses.replace(view, maps=tuple(sorted(maps_now.items()))), storage
 
 
 # The instance's own: what a volume must not be (nor contain, for "/").

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
-from vmagent.checkpoint.local import Checkpointer
+from vmagent.checkpoint.local import Checkpointer, Suspension
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
 from vmagent.config import AgentConfig
@@ -31,6 +31,8 @@ from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.network.orders import NetworkOrders
 from vmagent.network.reporter import ListenerReporter
+from vmagent.storage.mounts import MOUNTS, StorageOrders
+from vmagent.storage.mounts import OUTCOME as STORAGE_OUTCOME
 from vmagent.storage.mounts import add_routes as storage_routes
 from vmagent.telemetry.uplink import HttpPost
 from vmagent.trace.enforce import Enforcer, detect
@@ -132,6 +134,30 @@ async def _checkpoint(request: web.Request) -> web.Response:
     except CheckpointError as exc:
         raise web.HTTPConflict(text=f"{exc}\n") from None
     return web.json_response(done.as_json())
+
+
+async def _suspend(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/suspend: dump the tree, kill it, hold the session (issue 12)."""
+    session = _session_of(request)
+    try:
+        held = await request.app[CHECKPOINTER].suspend(session)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"pids": list(held.pids), "image_bytes": held.image_bytes})
+
+
+async def _resume(request: web.Request) -> web.Response:
+    """POST /v1/sessions/{sid}/resume: restore a suspended session's tree (issue 12)."""
+    session = _session_of(request)
+    try:
+        took = await request.app[CHECKPOINTER].resume(session)
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response({"pid": session.pid, "restore_ms": round(took, 1)})
 
 
 MIGRATOR: web.AppKey[Migrator] = web.AppKey("migrator", Migrator)
@@ -255,6 +281,8 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_get("/v1/sessions", _sessions)
     app[CHECKPOINTER] = Checkpointer(service)
     app.router.add_post("/v1/sessions/{sid}/checkpoint", _checkpoint)
+    app.router.add_post("/v1/sessions/{sid}/suspend", _suspend)
+    app.router.add_post("/v1/sessions/{sid}/resume", _resume)
     app[MIGRATOR] = Migrator(
         app[CHECKPOINTER],
         MigrationTickets(config.token, config.instance, exec_key=config.exec_key),
@@ -316,11 +344,13 @@ class Agent:
         self.server: asyncio.Server | None = None
         self.address = ""
         self._criu_check: asyncio.Future[None] | None = None
+        self._checkpointer: Checkpointer | None = None
         self.orders: MigrateOrders | None = None  # the OSS's migrate commands (issue 12)
         self._order_posts: list[HttpPost] = []
         # Issue 13 on VMs: the OSS's `network` commands (this instance's node states).
         self.network_orders = NetworkOrders(config.instance)
         self.command_handlers.append(self.network_orders.on_commands)
+        self.storage_orders: StorageOrders | None = None
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
@@ -334,6 +364,8 @@ class Agent:
         await self.runner.setup()
         # `criu check` once, in the background: the first checkpoint does not wait for it.
         self._criu_check = asyncio.ensure_future(app[CHECKPOINTER].warm())
+        self._checkpointer = app[CHECKPOINTER]
+        self.enforcer.suspension = Suspension(app[CHECKPOINTER])  # budget stops (issue 12)
         if self.config.oss_url:
             c = self.config
             assert c.oss_url is not None
@@ -343,6 +375,11 @@ class Agent:
                 app[MIGRATOR], lambda: list(self.service.sessions.values()), http_post(posts.get)
             )
             self.command_handlers.append(self.orders.on_commands)
+            # Issue 14: the OSS relays `dcptrace --oss` runs' storage to this instance.
+            storage_post = HttpPost(c.oss_url, c.token, c.call_timeout, STORAGE_OUTCOME)
+            self._order_posts.append(storage_post)
+            self.storage_orders = StorageOrders(app[MOUNTS], storage_post)
+            self.command_handlers.append(self.storage_orders.on_commands)
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
@@ -371,6 +408,8 @@ class Agent:
         if self.orders is not None:
             await self.orders.close()
         await self.network_orders.close()
+        if self.storage_orders is not None:
+            await self.storage_orders.close()
         for post in self._order_posts:
             await post.close()
         if self._criu_check is not None:
@@ -378,6 +417,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._criu_check
         self.enforcer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         if self.server is not None:
             self.server.close()
         if self.runner is not None:

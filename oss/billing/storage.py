@@ -11,6 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 GiB = float(1 << 30)
+# Micro-units per GiB-second of each tier: the storage server's (StorageConfig.prices)
+# and the OSS's, which bills a `--oss` run's measured GiB-seconds into its ledger.
+PRICES: Mapping[str, int] = {"memory": 40, "disk": 8, "net": 2}
+
+
+def charge(gib_seconds: Mapping[str, float], prices: Mapping[str, int] = PRICES) -> float:
+    """Micro-units for GiB-seconds per tier (tiers without a price cost nothing)."""
+    return sum(gs * prices.get(tier, 0) for tier, gs in gib_seconds.items())
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ writer transaction.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -145,6 +146,33 @@ class Billing:
                 n += _bill_late_net(c, program_id, nbytes, rates, models)
             stopped = _stop_breaches(c, now, measured_net, secs_by_program, storage_by_program)
             return MeterResult(n, tuple(stopped))
+
+        return await self._db.write(op)
+
+    async def bill_storage(self, program_id: str, gib_seconds: Mapping[str, float]) -> int:
+        """Bill a program's measured storage (GiB-seconds per tier, issue 14) as one record
+        of no seconds; its amount in micro-units (whole, rounded up)."""
+        from oss.billing.storage import charge
+
+        amount = math.ceil(charge(gib_seconds))
+
+        def op(c: Conn) -> int:
+            p = programs.program_row(c, program_id, None)
+            model = accounts.pricing_model(c, p["account_id"])
+            now = self._db.clock()
+            detail = dict(
+                instance_micros=0.0, storage_micros=float(amount), net_micros=0.0,
+                premium_micros=0.0, storage_gib_seconds=dict(gib_seconds),
+            )  # fmt: skip
+            c.execute(
+                "INSERT INTO billing(program_id, account_id, user_id, start, end, seconds,"
+                " model, amount_micros, detail) VALUES(?,?,?,?,?,?,?,?,?)",
+                (p["id"], p["account_id"], p["user_id"], now, now, 0, model, amount,
+                 to_json(detail)),
+            )  # fmt: skip
+            programs.charge(c, p["id"], amount, p["last_metered"])
+            accounts.add_spent(c, p["account_id"], p["user_id"], amount)
+            return amount
 
         return await self._db.write(op)
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Action = Literal["freeze", "kill", "thaw", "migrate", "signal", "network"]
+Action = Literal[
+    "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network"
+]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -38,6 +40,9 @@ class Command:
     # network (issue 13): the instance's node state for the program (wire form)
     state: dict[str, Any] | None = None
     signal: int = 0  # signal (issue 11): the signal for the program's `pid`
+    checkpoint: bool = False  # kill (issue 12): suspend (CRIU dump, then kill) what can be
+    # mount / unmount (issue 14): the program's storage spec (mount carries its key)
+    storage: Mapping[str, object] | None = field(default=None, repr=False)
 
 
 class CommandQueue:
@@ -53,17 +58,37 @@ class CommandQueue:
         per = self._nonces[program].setdefault(instance, deque(maxlen=MAX_NONCES))
         per.extend(nonces)
 
-    def stop(self, program: str, instances: Iterable[str], reason: str) -> list[Command]:
-        """Queue freeze then kill of `program` on each instance; forget its nonces."""
-        nonces = self._nonces.pop(program, {})
+    def stop(
+        self, program: str, instances: Iterable[str], reason: str, checkpoint: bool = False
+    ) -> list[Command]:
+        """Queue freeze then kill of `program` on each instance; forget its nonces.
+
+        With `checkpoint` (issue 12) the kill suspends what the agent can
+        checkpoint, and the nonces are kept for a later `resume`.
+        """
+        nonces = self._nonces.get(program, {}) if checkpoint else self._nonces.pop(program, {})
         out = []
         for inst in sorted(set(instances) | set(nonces)):
             tickets = tuple(nonces.get(inst, ()))
             actions: tuple[Action, ...] = ("freeze", "kill")
             for action in actions:
-                cmd = Command(next(self._ids), inst, program, action, reason, tickets)
+                cmd = Command(
+                    next(self._ids), inst, program, action, reason, tickets,
+                    checkpoint=checkpoint and action == "kill",
+                )  # fmt: skip
                 self._queued[inst][cmd.id] = cmd
                 out.append(cmd)
+        return out
+
+    def resume(self, program: str, instances: Iterable[str], reason: str) -> list[Command]:
+        """Queue: restore the suspended sessions of `program` on each instance (issue 12)."""
+        nonces = self._nonces.get(program, {})
+        out = []
+        for inst in sorted(set(instances) | set(nonces)):
+            tickets = tuple(nonces.get(inst, ()))
+            cmd = Command(next(self._ids), inst, program, "resume", reason, tickets)
+            self._queued[inst][cmd.id] = cmd
+            out.append(cmd)
         return out
 
     def migrate(self, instance: str, program: str, pid: int, to: str, address: str) -> Command:
@@ -82,6 +107,15 @@ class CommandQueue:
             del queued[old.id]
         cmd = Command(next(self._ids), instance, program, "network", "", (), state=state)
         queued[cmd.id] = cmd
+        return cmd
+
+    def storage(
+        self, instance: str, program: str, action: Action, spec: Mapping[str, object]
+    ) -> Command:
+        """Queue: mount (or unmount) the program's storage on `instance` (issue 14)."""
+        name = str(spec.get("name", ""))
+        cmd = Command(next(self._ids), instance, program, action, name, (), storage=spec)
+        self._queued[instance][cmd.id] = cmd
         return cmd
 
     def signal(self, instances: Iterable[str], program: str, pid: int, sig: int) -> list[Command]:

@@ -172,6 +172,8 @@ async def h_heartbeat(
                 address=c.address if c.action == "migrate" else None,
                 state=c.state if c.action == "network" else None,
                 signal=c.signal if c.action == "signal" else None,
+                checkpoint=True if c.checkpoint else None,
+                storage=dict(c.storage) if c.storage is not None else None,
             )
             for c in commands
         ]
@@ -192,12 +194,28 @@ async def h_agent_place(
     account = await oss.programs.placed_on(pid, str(who))
     await oss.may_exec_as(account, b.exec_as)
     got = await oss.place(account, pid, b.processes, [*b.avoid, str(who)][:64])
+    got = await _where_storage_is(oss, account, pid, got)
     grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as, pid)]
     where = ", ".join(a["instance"] for a in got)
     await oss.program_log(pid, f"placed: pid {b.parent_pid} on {who} runs its exec on {where}")
     return m.PlacementResult(
         program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
     )
+
+
+async def _where_storage_is(
+    oss: Oss, account: str, pid: str, got: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Issue 14: a program with storage places recursively only where it is mounted
+    (a mount takes longer than an agent waits); the rest is given back, and the exec
+    runs on the asking instance, which has it."""
+    if pid not in oss.storage.specs:
+        return got
+    mounted = oss.storage.mounted.get(pid, set())
+    for a in got:
+        if a["instance"] not in mounted:
+            await oss.programs.release(account, pid, a["instance"], a["processes"])
+    return [a for a in got if a["instance"] in mounted]
 
 
 async def h_agent_release(oss: Oss, r: web.Request, who: Any, b: m.ReleaseRequest, q: Any) -> m.Ok:

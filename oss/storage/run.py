@@ -115,19 +115,21 @@ class RunStorage:
     """One run's networked volume and its mounts on the instances."""
 
     def __init__(
-        self, options: StorageOptions, reals: Sequence[str], state_root: Path, socket_dir: Path
+        self, options: StorageOptions, reals: Sequence[str], state_root: Path, address: str
     ) -> None:
+        """Start the server over `reals`, listening at `address` (`unix:PATH`: local
+        instances; `HOST:0`: VMs, on an address they reach)."""
         self.options = options
         self.name = storage_name()
         self.key = secrets.token_urlsafe(32)
-        state = state_root / self.name
+        self.state = state = state_root / self.name
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         names = {f"v{i}": v for i, v in enumerate(options.volumes)}
         (state / "volumes.json").write_text(json.dumps(names))
         lim = options.limits
         config = {
             "name": self.name, "volumes": list(reals), "state_dir": str(state), "key": self.key,
-            "address": f"unix:{socket_dir}/storage.sock",
+            "address": address,
             "limits": {"account": lim.account, "user": lim.user, "program": lim.program,
                        "volume": lim.volume_capacity},
         }  # fmt: skip
@@ -164,20 +166,31 @@ class RunStorage:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
+    def gib_seconds(self) -> dict[str, float]:
+        """GiB-seconds per tier the server measured so far (its billing.json)."""
+        try:
+            billed = json.loads((self.state / "billing.json").read_text())
+            return {str(k): float(v) for k, v in billed["gib_seconds"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
     def view_maps(self) -> dict[str, str]:
         """What the program's view maps each declared path to, on every instance."""
         return {v: f"{FS_ROOT}/{self.name}/v{i}" for i, v in enumerate(self.options.volumes)}
 
-    def mount_on(self, agents: Sequence[Agent]) -> None:
-        """Mount the namespace on each instance (StorageMountFailed names the first that cannot)."""
-        spec = {
+    def spec(self) -> dict[str, object]:
+        """What an instance's agent mounts (`POST /v1/storage`; the OSS relays it to VMs)."""
+        return {
             "name": self.name, "server": self.address, "key": self.key,
             "host_key": self.host_key, "volumes": len(self.options.volumes),
             "memory_capacity": self.options.memory_capacity,
             "disk_capacity": self.options.disk_capacity,
             "policy": dict(self.options.policy or {}),
         }  # fmt: skip
-        body = json.dumps(spec).encode()
+
+    def mount_on(self, agents: Sequence[Agent]) -> None:
+        """Mount the namespace on each instance (StorageMountFailed names the first that cannot)."""
+        body = json.dumps(self.spec()).encode()
         for agent in agents:
             try:
                 _call(agent, "POST", "/v1/storage", body)

@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import asyncssh
 
-from oss.billing.storage import Meter
+from oss.billing.storage import PRICES, Meter
 from oss.storage.policy import StorageLimits, StorageUsage, Tier, admit
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class StorageConfig:
     limits: StorageLimits = StorageLimits()
     login_timeout: float = LOGIN_TIMEOUT
     prices: Mapping[str, int] = field(
-        default_factory=lambda: {"memory": 40, "disk": 8, "net": 2}
+        default_factory=lambda: dict(PRICES)
     )  # micro-units per GiB-second
 
 

@@ -24,6 +24,7 @@ BODIES: dict[str, Any] = {
     "/v1/programs/{program_id}/metrics": {"syscalls": {"storage": 1}},
     "/v1/users/{user_id}/limits": {"max_instances": 1},
     "/v1/programs/{program_id}/migrate": {"to": "vm2"},
+    "/v1/programs/{program_id}/signals": {"pid": 4194305, "signal": 15},
 }
 
 # Routes without path parameters, and how isolation is checked for them.

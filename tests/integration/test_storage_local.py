@@ -256,7 +256,8 @@ def test_volume_without_instances_is_one_usage_line(tmp_path: Path) -> None:
         capture_output=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2
-    assert res.stderr == b"dcptrace: --volume needs --instances (VMs through --oss: not yet)\n"
+    want = b"dcptrace: --volume needs --instances N or --oss URL (instances to share it)\n"
+    assert res.stderr == want
 
 
 UNCLOSED = """

@@ -266,3 +266,80 @@ def test_the_cgroup_files_each_hierarchy_writes(tmp_path: Path) -> None:
     assert (g1 / "freezer.state").read_text() == "FROZEN\n" and v1.is_frozen(g1)
     v1.set_frozen(g1, False)
     assert not v1.is_frozen(g1)
+
+
+class FakeSuspension:
+    """Suspends the sessions whose pid is in `able`; remembers what it holds."""
+
+    def __init__(self, able: set[int]) -> None:
+        self.able = able
+        self.held: set[int] = set()
+        self.resumed: list[int] = []
+
+    def holds(self, session: FakeSession) -> bool:
+        return session.pid in self.held
+
+    async def suspend(self, session: FakeSession) -> str | None:
+        if session.pid not in self.able:
+            return "pid holds the device /dev/fuse"
+        os.kill(session.pid, signal.SIGKILL)  # what the checkpointer does after its dump
+        self.held.add(session.pid)
+        return None
+
+    async def resume(self, session: FakeSession) -> str | None:
+        self.held.discard(session.pid)
+        self.resumed.append(session.pid)
+        return None
+
+
+def test_a_checkpointing_kill_suspends_what_it_can_and_kills_the_rest() -> None:
+    groups = FakeGroups()
+    seen: list[tuple[str, str, str]] = []
+    enforcer = Enforcer("n0", groups, on_event=lambda *e: seen.append(e))
+    able, unable = _sleeper(), _sleeper()
+    suspension = FakeSuspension({able.pid})
+    enforcer.suspension = suspension  # type: ignore[assignment]
+    try:
+        a, b = FakeSession(able.pid, "aa"), FakeSession(unable.pid, "aa")
+        enforcer.started(a)  # type: ignore[arg-type]
+        enforcer.started(b)  # type: ignore[arg-type]
+        stop = {"program": "p", "reason": "r", "tickets": ["aa"]}
+        cmds = [
+            dict(stop, id=1, action="freeze"),
+            dict(stop, id=2, action="kill", checkpoint=True),
+        ]
+        asyncio.run(enforcer.carry_out(cmds, [a, b]))  # type: ignore[list-item]
+        assert suspension.held == {able.pid}
+        assert unable.wait(10) == -signal.SIGKILL
+        kinds = [(k, t.split(" (")[0]) for _, k, t in seen]
+        assert ("suspended", f"pid {able.pid} checkpointed and stopped") in kinds
+        assert ("killed", f"pid {unable.pid} cannot be checkpointed") in kinds
+        assert "cannot be checkpointed (pid holds the device /dev/fuse): killed" in seen[2][2]
+        # frozen, thawed for the checkpoint, thawed after the kill of the rest
+        assert [c for c, _ in groups.calls[:2]] == ["freeze", "freeze"]
+        assert groups.calls[2] == ("thaw", enforcer.key_of(a))  # type: ignore[arg-type]
+        # a second stop does not touch the suspended one; resume restores it
+        again = dict(stop, id=3, action="kill", checkpoint=True)
+        asyncio.run(enforcer.carry_out([again], [a]))  # type: ignore[list-item]
+        asyncio.run(
+            enforcer.carry_out([dict(stop, id=4, action="resume")], [a, b])  # type: ignore[list-item]
+        )
+        assert suspension.resumed == [able.pid] and not suspension.held
+        assert seen[-1] == ("p", "resumed", f"pid {able.pid} restored from its checkpoint")
+    finally:
+        for p in (able, unable):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_a_checkpointing_stop_keeps_the_nonces_for_the_resume() -> None:
+    q = CommandQueue()
+    q.minted("p", "n0", ["aa"])
+    stop = q.stop("p", ["n0"], "budget", checkpoint=True)
+    assert [(c.action, c.checkpoint) for c in stop] == [("freeze", False), ("kill", True)]
+    (resume,) = q.resume("p", [], "resumed by u")
+    assert (resume.instance, resume.action, resume.tickets) == ("n0", "resume", ("aa",))
+    assert [c.action for c in q.for_instance("n0", [])] == ["freeze", "kill", "resume"]
+    plain = q.stop("p", ["n0"], "budget")
+    assert not any(c.checkpoint for c in plain) and q.resume("p", [], "r") == []

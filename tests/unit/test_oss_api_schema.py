@@ -100,7 +100,9 @@ def test_agent_wire_contract_shapes() -> None:
         "to",
         "address",
         "state",  # network (issue 13): the instance's node state for the program
+        "storage",  # mount / unmount (issue 14): the program's storage spec
         "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
+        "checkpoint",  # kill (issue 12): suspend what can be checkpointed; `resume` later
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",

@@ -67,12 +67,24 @@ class Checkpoint:
         }
 
 
+@dataclass(slots=True)
+class Suspended:
+    """A session whose tree was dumped and killed, waiting for `resume` (budget stop)."""
+
+    session: Session
+    pids: tuple[int, ...]
+    images: str  # the images directory (0700, the agent's)
+    ends: list[tuple[int, str]]  # the program's pipe ends, held open for the restore
+    image_bytes: int
+
+
 class Checkpointer:
     """Checkpoints of this agent's sessions (one at a time)."""
 
     def __init__(self, service: ExecService) -> None:
         self.service = service
         self._lock = asyncio.Lock()
+        self.suspended: dict[bytes, Suspended] = {}  # by session id
         self._criu: C.Criu | None = None
         self._precopy: bool | None = None
 
@@ -250,6 +262,102 @@ class Checkpointer:
             shutil.rmtree(directory, ignore_errors=True)
         return result
 
+    async def suspend(self, session: Session, images: str | None = None) -> Suspended:
+        """Dump `session`'s tree and kill it; the session (and its deputy) waits for `resume`.
+
+        The deputy hears nothing: the session leaves the reaper's table and the
+        program's ends of its pipes are held open, so a restore hands them back.
+        A failure before the kill leaves the program running (CheckpointError).
+        """
+        criu = await self.criu()
+        async with self._lock:
+            tracing = self.service.tracing
+            if session.status is not None or session.trace_sock is None or tracing is None:
+                raise C.CheckpointError(f"{session.program} is not running under its tracer")
+            for sid in [k for k, v in self.suspended.items() if v.session.forgotten]:
+                self._discard(sid)  # its deputy never came back: nothing to resume for
+            if session.sid in self.suspended:
+                raise C.CheckpointError(f"{session.program} is suspended already")
+            refused = unmovable(tree_of(session.pid))
+            if refused:
+                raise Unmovable(refused)
+            directory = images or tempfile.mkdtemp(prefix=f"dcp-susp-{session.sid.hex()[:8]}-")
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+            pids = await self.detach(session)
+            ends: list[tuple[int, str]] = []
+            try:
+                ends = program_pipe_ends(pids, _session_pipes(session))
+                await self.dump(criu, session, pids, directory)  # adopts again on failure
+            except BaseException:
+                for fd, _key in ends:
+                    os.close(fd)
+                if images is None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            self.service.by_pid.pop(session.pid, None)  # its death is not the program's end
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            with contextlib.suppress(TimeoutError):  # reaped: nothing of it is left running
+                async with asyncio.timeout(FREE_TIMEOUT):
+                    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+                        await asyncio.sleep(0.005)
+            held = Suspended(session, pids, directory, ends, C.image_bytes(directory))
+            self.suspended[session.sid] = held
+            log.info("suspended %s: pids %s, %d bytes in %s", session.program, pids,
+                     held.image_bytes, directory)  # fmt: skip
+            return held
+
+    async def resume(self, session: Session) -> float:
+        """Restore a suspended session's tree with its pids and continue it; ms of the restore.
+
+        CheckpointError if it is not suspended or its pids are not free yet (it
+        stays suspended); a failed restore ends it with status 255 at the deputy.
+        """
+        criu = await self.criu()
+        async with self._lock:
+            held = self.suspended.get(session.sid)
+            if held is None:
+                raise C.CheckpointError(f"{session.program} is not suspended")
+            try:
+                async with asyncio.timeout(FREE_TIMEOUT):
+                    while any(os.path.exists(f"/proc/{pid}") for pid in held.pids):
+                        await asyncio.sleep(0.005)
+            except TimeoutError:
+                raise C.CheckpointError(
+                    f"pids {list(held.pids)} of {session.program} are not free"
+                ) from None
+            del self.suspended[session.sid]
+            try:
+                took = await self.restore(criu, held.images, held.ends)
+            except C.CriuFailed:
+                session.exited(255 << 8)  # dumped and killed, not back: the deputy hears so
+                raise
+            finally:
+                for fd, _key in held.ends:
+                    os.close(fd)
+            self.service.by_pid[session.pid] = session
+            self.adopt(session, held.pids)
+            shutil.rmtree(held.images, ignore_errors=True)
+            return took
+
+    def holds(self, session: Session) -> bool:
+        """Is `session` suspended here?"""
+        return session.sid in self.suspended
+
+    def close(self) -> None:
+        """The agent stops: suspended sessions' images and pipe ends go (they are lost)."""
+        for sid in list(self.suspended):
+            self._discard(sid)
+
+    def _discard(self, sid: bytes) -> None:
+        held = self.suspended.pop(sid)
+        for fd, _key in held.ends:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(held.images, ignore_errors=True)
+
     async def detach(self, session: Session) -> tuple[int, ...]:
         """Freeze: the session's tracer stops and detaches its tree; the tree's pids."""
         if session.trace_sock is None:
@@ -341,6 +449,30 @@ class Checkpointer:
             session.sid.hex(), pids, session.view, (session.request.pid, session.request.ppid), base
         )
         session.loop.add_reader(session.trace_sock, session._trace_readable)
+
+
+class Suspension:
+    """The limits enforcer's view of suspend and resume (`vmagent.trace.enforce.Suspension`)."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def holds(self, session: Session) -> bool:
+        return self.checkpointer.holds(session)
+
+    async def suspend(self, session: Session) -> str | None:
+        try:
+            await self.checkpointer.suspend(session)
+        except C.CheckpointError as exc:
+            return str(exc)
+        return None
+
+    async def resume(self, session: Session) -> str | None:
+        try:
+            await self.checkpointer.resume(session)
+        except C.CheckpointError as exc:
+            return str(exc)
+        return None
 
 
 class Unmovable(C.CheckpointError):

@@ -74,6 +74,7 @@ LOST_REASON = re.compile(r"instance (\S+) failed: ")  # the OSS's status of such
 WATCH_INTERVAL = 0.25  # seconds between looks at the program's state (limits act)
 SPREAD_WIDTH = 64  # target width of a spread program when the account sets no instance limit
 ARG_MAX = 4096  # the OSS's limits on argv items and their length
+STORAGE_TIMEOUT = 100.0  # seconds for the OSS to have an instance mount (or unmount) storage
 
 
 class OssModeError(AgentError):
@@ -434,13 +435,20 @@ def _reason(exc: BaseException) -> str:
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
-    def __init__(self, config: OssModeConfig, view: View = EMPTY) -> None:
+    def __init__(self, config: OssModeConfig, view: View = EMPTY, storage: Any = None) -> None:
         from oss.client import OssClient  # pydantic and aiohttp only in --oss mode
 
         self.config = config
         self.view = view  # submitted with the program (issue 10)
         self._bridge = _Bridge()
         self._client = OssClient(config.url, config.token, timeout=config.timeout)
+        # Issue 14: the run's storage (oss.storage.run.RunStorage), which the OSS relays
+        # to each instance a process is placed on before that process starts there.
+        self.storage = storage
+        self._mounted: set[str] = set()
+        self._storage_client = (
+            OssClient(config.url, config.token, timeout=STORAGE_TIMEOUT) if storage else None
+        )
         self._submitted: concurrent.futures.Future[str | None] | None = None
         self._width = SPREAD_WIDTH
         self._warned: set[str] = set()
@@ -528,6 +536,9 @@ class OssProgramLink:
         prog = await self._client.submit(m.ProgramSubmit(**spec))
         for p in prog.placements:
             await self._client.release(prog.id, p.instance, p.processes)
+        if self.storage is not None:  # before any placement: its instances mount it
+            path = f"/v1/programs/{prog.id}/storage"
+            await self._client.request("PUT", path, self.storage.spec())
         return prog
 
     async def _submit(self, argv: list[str], cwd: str) -> str | None:
@@ -592,6 +603,9 @@ class OssProgramLink:
             return None
         for g in got.exec_grants:
             if g.tickets:
+                if not self._mount_on(pid, g.instance):
+                    self.release(g.instance)
+                    return None
                 self.placed += 1
                 return Grant(g.instance, g.address, g.tickets[0])
         for a in got.assignments:  # placed where no ticket can be had: give it back
@@ -602,6 +616,60 @@ class OssProgramLink:
                 "processes placed there run here",
             )
         return None
+
+    def _mount_on(self, pid: str, instance: str) -> bool:
+        """The run's storage is mounted on `instance` (the first time: the OSS relays it
+        there and waits for the agent); False: it is not, the process runs here."""
+        from oss import errors
+
+        if self.storage is None or instance in self._mounted:
+            return True
+        assert self._storage_client is not None
+        path = f"/v1/programs/{pid}/storage/mounts"
+        try:
+            self._bridge.call(
+                self._storage_client.request("POST", path, {"instance": instance}),
+                STORAGE_TIMEOUT + 5,
+            )
+        except (errors.OssError, TimeoutError) as exc:
+            self._warn_once(
+                f"mount:{instance}",
+                f"the program's storage is not mounted on {instance} ({_reason(exc)}): "
+                "processes placed there run here",
+            )
+            return False
+        self._mounted.add(instance)
+        return True
+
+    def unmount(self) -> None:
+        """Unmount the run's storage on every instance (each publishes what is still open)."""
+        from oss import errors
+
+        pid = self.program_id
+        if self.storage is None or self._storage_client is None or pid is None:
+            return
+        try:
+            got = self._bridge.call(
+                self._storage_client.request("DELETE", f"/v1/programs/{pid}/storage"),
+                STORAGE_TIMEOUT + 5,
+            )
+        except (errors.OssError, TimeoutError) as exc:
+            log.warning("the program's storage was not unmounted: %s", _reason(exc))
+            return
+        for instance, why in (got.get("failed") or {}).items():
+            log.warning("the program's storage on %s was not unmounted: %s", instance, why)
+        # Measured bytes per tier over time, into the OSS's ledger (billing.json keeps them too).
+        used = self.storage.gib_seconds()
+        if any(used.values()):
+            try:
+                self._bridge.call(
+                    self._storage_client.request(
+                        "POST", f"/v1/programs/{pid}/storage/usage", {"gib_seconds": used}
+                    ),
+                    self.config.timeout + 5,
+                )
+            except (errors.OssError, TimeoutError) as exc:
+                log.warning("the program's storage was not billed by the OSS: %s", _reason(exc))
 
     def signal(self, pid: int, sig: int) -> bool:
         """`POST /v1/programs/{id}/signals`; False if the OSS refused or did not answer."""
@@ -730,9 +798,13 @@ class OssProgramLink:
         return self.stopped
 
     def close(self) -> None:
-        """Close the client and the private loop."""
+        """Unmount the run's storage; close the clients and the private loop."""
+        self.unmount()
         with contextlib.suppress(Exception):
             self._call(self._client.close())
+        if self._storage_client is not None:
+            with contextlib.suppress(Exception):
+                self._call(self._storage_client.close())
         self._bridge.close(5.0)
 
 
@@ -973,13 +1045,17 @@ def oss_clustered(
     environ: Mapping[str, str] | None = None,
     reconnect_window: float | None = None,
     view: View = EMPTY,
+    storage: Any = None,
 ) -> Iterator[OssCoordinator]:
-    """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors."""
+    """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors.
+
+    `storage` (oss.storage.run.RunStorage): the run's networked volume, mounted on
+    each instance through the OSS before the first process placed there starts."""
     try:
         config = OssModeConfig.load(oss_url, placement, os.environ if environ is None else environ)
     except OssModeError as exc:
         raise UsageError(str(exc)) from exc
-    link = OssProgramLink(config, view)
+    link = OssProgramLink(config, view, storage)
     try:
         try:
             link.start(link.check())

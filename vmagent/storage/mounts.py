@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,9 @@ class Mounts:
             await asyncio.to_thread(m.proc.wait)
         if _mounted(m.memory_dir):
             await _run(["umount", "-l", m.memory_dir])
+        if m.proc.returncode == 0:  # its log only tells a failure; runs must not pile up
+            with contextlib.suppress(OSError):
+                os.unlink(m.log_path)
         for d in (m.memory_dir, m.disk_dir):
             shutil.rmtree(d, ignore_errors=True)
             with contextlib.suppress(OSError):  # the program's directory, once every instance left
@@ -145,6 +149,72 @@ async def _run(argv: list[str]) -> None:
         *argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     await asyncio.wait_for(proc.wait(), MOUNT_TIMEOUT)
+
+
+OUTCOME = "/v1/agents/storage/outcome"
+SEEN = 4096  # command ids remembered (a reply may carry a command again)
+Post = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
+class StorageOrders:
+    """Carries out the OSS's `mount` / `unmount` commands (`dcptrace --oss`, issue 14).
+
+    Observer of `Agent.command_handlers`.  A mount takes seconds on a TCG guest,
+    longer than a heartbeat may wait: each order runs as a task of its own and its
+    outcome goes back through `POST /v1/agents/storage/outcome`.
+    """
+
+    def __init__(self, mounts: Mounts, post: Post) -> None:
+        self.mounts = mounts
+        self.post = post
+        self._seen: dict[int, None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_commands(self, commands: list[dict[str, Any]]) -> None:
+        """Start each new mount or unmount command (the rest are someone else's)."""
+        for cmd in commands:
+            action = cmd.get("action")
+            if action not in ("mount", "unmount"):
+                continue
+            try:
+                cid, spec = int(cmd["id"]), dict(cmd["storage"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("storage: malformed command ignored (id %r)", cmd.get("id"))
+                continue
+            if cid in self._seen:
+                continue
+            self._seen[cid] = None
+            while len(self._seen) > SEEN:
+                del self._seen[next(iter(self._seen))]
+            task = asyncio.get_running_loop().create_task(
+                self._carry_out(cid, str(action), spec), name=f"storage-{cid}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _carry_out(self, cid: int, action: str, spec: dict[str, Any]) -> None:
+        ok, error = True, ""
+        try:
+            if action == "mount":
+                await self.mounts.mount(spec)
+            else:
+                await self.mounts.unmount(str(spec.get("name", "")))
+        except (StorageMountError, OSError, ValueError, TimeoutError) as exc:
+            ok, error = False, str(exc) or type(exc).__name__
+            log.warning("storage %s of %s failed: %s", action, spec.get("name"), error)
+        body = json.dumps({"command": cid, "ok": ok, "error": error[:4000]}).encode()
+        try:
+            await self.post(body)
+        except Exception as exc:  # the OSS's wait times out and says so
+            log.warning("storage: outcome of command %d not delivered: %s", cid, exc)
+
+    async def close(self) -> None:
+        """Cancel orders still running."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 MOUNTS: web.AppKey[Mounts] = web.AppKey("storage_mounts", Mounts)

@@ -14,6 +14,12 @@ program and the tickets its sessions came with; for each matching session:
   thawed (measured on cgroup v1, docs/OSS.md).  The agent's reaper then
   reports the deaths to the deputies as usual.
 - `thaw`: the reverse of freeze.
+- `kill` with `"checkpoint": true` (issue 12, a budget stop): each session is
+  thawed and suspended first (`Suspension.suspend`: CRIU dump, then the tree
+  is killed without its deputy hearing); one that cannot be checkpointed is
+  killed as above, with one line saying why.
+- `resume` (issue 12): each suspended session of the program is restored with
+  its pids and continued (`Suspension.resume`).
 
 Each act is one event (`frozen`, `killed`, `thawed`: a log line now, and in
 `events` for the telemetry uplink).  Programs whose session started before a
@@ -43,7 +49,20 @@ log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_WAIT = 1.0  # seconds a freeze may take before the kill goes ahead anyway
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
-ACTIONS = ("freeze", "kill", "thaw")
+ACTIONS = ("freeze", "kill", "thaw", "resume")
+
+
+class Suspension(Protocol):
+    """Suspend and resume of sessions (vmagent.checkpoint.local.Checkpointer.suspension)."""
+
+    def holds(self, session: Session) -> bool:
+        """Is `session` suspended (dumped and killed, waiting for resume)?"""
+
+    async def suspend(self, session: Session) -> str | None:
+        """Checkpoint and kill `session`'s tree; None, or why it could not (it runs on)."""
+
+    async def resume(self, session: Session) -> str | None:
+        """Restore a suspended session's tree; None, or why it could not."""
 
 
 class Groups(Protocol):
@@ -173,6 +192,7 @@ class Enforcer:
         self.on_event = on_event
         self._group_of: dict[Session, Path] = {}
         self._done: set[int] = set()
+        self.suspension: Suspension | None = None  # set by the agent where CRIU may work
 
     # -- SessionHooks ----------------------------------------------------------
 
@@ -267,6 +287,7 @@ class Enforcer:
                 program = str(cmd["program"])
                 reason = str(cmd.get("reason", ""))
                 tickets = [str(t) for t in cmd.get("tickets", [])]
+                checkpoint = cmd.get("checkpoint") is True
             except (KeyError, TypeError, ValueError):
                 log.warning("limits: malformed command from the OSS ignored: %.200r", cmd)
                 continue
@@ -276,6 +297,8 @@ class Enforcer:
             if action in ("migrate", "signal", "network"):
                 pass  # vmagent.checkpoint.orders (issue 12), vmagent.trace.signals (issue 11),
                 # vmagent.network.orders (issue 13)
+            elif action in ("mount", "unmount"):
+                pass  # issue 14: vmagent.storage.mounts.StorageOrders carries it out
             elif action not in ACTIONS:
                 log.warning("limits: unknown action %r for program %s ignored", action, program)
             else:
@@ -284,12 +307,55 @@ class Enforcer:
                     "limits: %s %s: %d of %d sessions match its %d tickets",
                     action, program, len(found), len(live), len(tickets),
                 )  # fmt: skip
-                await self._act(action, program, reason, found)
+                if action == "kill" and checkpoint:
+                    found = await self._suspend(program, found)
+                if action == "resume":
+                    await self._resume(program, found)
+                else:
+                    await self._act(action, program, reason, found)
             self._done.add(cid)
             if len(self._done) > 10_000:
                 self._done.clear()
             done.append(cid)
         return done
+
+    async def _suspend(self, program: str, sessions: list[Session]) -> list[Session]:
+        """Suspend what can be checkpointed; the sessions left to kill."""
+        left = []
+        for s in sessions:
+            if self.suspension is not None and self.suspension.holds(s):
+                continue  # suspended already: nothing of it runs
+            group = self._group_of.get(s)
+            if group is not None:
+                self._thaw(group)  # a frozen tree cannot be detached by its tracer
+            else:
+                _signal_group(s.pid, signal.SIGCONT)
+            why = (
+                "this instance cannot checkpoint"
+                if self.suspension is None
+                else await self.suspension.suspend(s)
+            )
+            if why is None:
+                self._said(program, "suspended", f"pid {s.pid} checkpointed and stopped")
+                continue
+            self._said(program, "killed", f"pid {s.pid} cannot be checkpointed ({why}): killed")
+            left.append(s)
+        return left
+
+    async def _resume(self, program: str, sessions: list[Session]) -> None:
+        for s in sessions:
+            if self.suspension is None or not self.suspension.holds(s):
+                continue
+            why = await self.suspension.resume(s)
+            if why is None:
+                self._said(program, "resumed", f"pid {s.pid} restored from its checkpoint")
+            else:
+                self._said(program, "lost", f"pid {s.pid} could not be restored: {why}")
+
+    def _said(self, program: str, kind: str, text: str) -> None:
+        log.warning("limits: program %s on %s: %s", program, self.instance, text)
+        if self.on_event is not None:
+            self.on_event(program, kind, text)
 
     async def _act(self, action: str, program: str, reason: str, sessions: list[Session]) -> None:
         t0 = time.monotonic()

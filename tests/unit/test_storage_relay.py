@@ -1,0 +1,72 @@
+"""The OSS's relay of a program's storage to its instances (issue 14, `--oss`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from oss.compute.commands import CommandQueue
+from oss.storage.relay import StorageNotMounted, StorageRelay
+
+SPEC = {"name": "run-1", "server": "10.0.0.1:2222", "key": "k" * 43, "host_key": "ssh-ed25519 A"}
+
+
+async def _answer(relay: StorageRelay, instance: str, ok: bool, error: str = "") -> dict:
+    """Play the agent: wait for its order, then report the outcome."""
+    while True:
+        cmds = relay.commands.for_instance(instance, [])
+        if cmds:
+            cmd = cmds[-1]
+            assert relay.outcome("someone-else", cmd.id, True, "") is False
+            assert relay.outcome(instance, cmd.id, ok, error) is True
+            return {"action": cmd.action, "storage": dict(cmd.storage or {})}
+        await asyncio.sleep(0)
+
+
+def test_a_mount_is_ordered_once_per_instance_and_carries_the_spec() -> None:
+    async def go() -> None:
+        relay = StorageRelay(CommandQueue())
+        relay.put("p1", SPEC)
+        seen = asyncio.ensure_future(_answer(relay, "vm1", True))
+        await relay.mount("p1", "vm1")
+        assert (await seen) == {"action": "mount", "storage": SPEC}
+        await relay.mount("p1", "vm1")  # mounted already: no second order
+        assert relay.commands.for_instance("vm1", []) == []
+        assert relay.mounted["p1"] == {"vm1"}
+        gone = asyncio.ensure_future(_answer(relay, "vm1", True))
+        assert await relay.unmount_all("p1") == {}
+        # An unmount needs no key.
+        assert (await gone) == {"action": "unmount", "storage": {"name": "run-1"}}
+        assert "p1" not in relay.specs
+
+    asyncio.run(go())
+
+
+def test_a_failed_mount_says_why_and_a_program_without_storage_is_refused() -> None:
+    async def go() -> None:
+        relay = StorageRelay(CommandQueue())
+        with pytest.raises(StorageNotMounted, match="declared no storage"):
+            await relay.mount("p1", "vm1")
+        relay.put("p1", SPEC)
+        seen = asyncio.ensure_future(_answer(relay, "vm1", False, "dcpfs did not mount"))
+        with pytest.raises(StorageNotMounted, match="vm1: dcpfs did not mount"):
+            await relay.mount("p1", "vm1")
+        await seen
+        assert relay.mounted["p1"] == set()
+
+    asyncio.run(go())
+
+
+def test_a_failed_instance_ends_the_wait_for_its_order() -> None:
+    async def go() -> None:
+        relay = StorageRelay(CommandQueue())
+        relay.put("p1", SPEC)
+        waiting = asyncio.ensure_future(relay.mount("p1", "vm2"))
+        while not relay.commands.for_instance("vm2", []):
+            await asyncio.sleep(0)
+        relay.forget_instance("vm2")
+        with pytest.raises(StorageNotMounted, match="instance vm2 failed"):
+            await waiting
+
+    asyncio.run(go())
