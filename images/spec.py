@@ -13,6 +13,7 @@ BASE_PACKAGES: tuple[str, ...] = (
     "python3",
     "criu",
     "iproute2",
+    "nftables",  # libnftables1: the agent applies programs' NAT in process (issue 13)
     "procps",
     "kmod",
     "busybox-static",  # the initramfs's only binary, copied out of the rootfs
@@ -47,6 +48,10 @@ GUEST_MODULES: tuple[str, ...] = (
     "af_packet_diag",
     "nfnetlink",
     "nf_tables",
+    "nf_nat",  # issue 13: a program's loopback redirect (nft nat chains, dnat/snat)
+    "nft_chain_nat",
+    "nft_nat",
+    "sch_tbf",  # issue 13: a program's bandwidth cap
     "button",  # the ACPI power button (libvirt shutdown, `vagrant halt -f`) as an input device
     "evdev",  # /dev/input/eventN, where dcp-init reads that button
     "fuse",  # issue 14: dcpfs mounts the program's namespace (--volume)

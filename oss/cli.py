@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import ipaddress
 import logging
 import os
 import signal
@@ -137,6 +138,21 @@ def main(log_level: str) -> None:
     show_default=True,
     help="A failing provider: wait min(BASE * 2**n, 60) s after n failed creates.",
 )
+@click.option(
+    "--network-prefix",
+    default=None,
+    metavar="CIDR",
+    help=(
+        "Give every program one address from this private IPv4 prefix, redirected to its "
+        "VMs on --network-bridge (docs/NETWORK.md). Default: no program addresses."
+    ),
+)
+@click.option(
+    "--network-bridge", default="", metavar="DEV", help="The bridge the VMs hang on (this host's)."
+)
+@click.option(
+    "--network-netns", default=None, metavar="NS", help="The namespace that bridge lives in."
+)
 def serve(
     listen: str,
     data_dir: Path,
@@ -156,6 +172,9 @@ def serve(
     max_connections_per_peer: int,
     idle_grace: float,
     backoff_base: float,
+    network_prefix: str | None,
+    network_bridge: str,
+    network_netns: str | None,
 ) -> None:
     """Run the OSS HTTP API (and the web view at /ui).
 
@@ -188,8 +207,19 @@ def serve(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    network = None
+    if network_prefix is not None:  # issue 13: program addresses on VMs
+        from oss.network.vms import NetworkOptionError, vm_network_options
+
+        try:
+            prefix, bridge_if = vm_network_options(network_prefix, network_bridge, network_netns)
+        except NetworkOptionError as exc:
+            raise click.UsageError(str(exc)) from exc
+        network = (prefix, network_bridge, bridge_if, network_netns)
+    elif network_bridge or network_netns:
+        raise click.UsageError("--network-bridge/--network-netns need --network-prefix")
     _private_data_dir(data_dir)
-    asyncio.run(_serve(config, host, port, loaded, limits))
+    asyncio.run(_serve(config, host, port, loaded, limits, network))
 
 
 def _private_data_dir(data_dir: Path) -> None:
@@ -232,10 +262,14 @@ async def _serve(
     port: int,
     providers: dict[str, Provider] | None = None,
     limits: ListenerLimits | None = None,
+    network: tuple[ipaddress.IPv4Network, str, ipaddress.IPv4Interface, str | None] | None = None,
 ) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     limits = limits or ListenerLimits()
     oss = Oss(config, providers)
+    if network is not None:
+        prefix, bridge_dev, bridge_if, netns = network
+        oss.use_vm_network(prefix, bridge_dev, bridge_if.network, str(bridge_if.ip), netns)
     runner = web.AppRunner(
         make_app(oss, limits=limits),
         access_log=None,
@@ -355,6 +389,12 @@ def account_create(
 @click.option("--heartbeat-timeout", default=5.0, show_default=True)
 @click.option("--tick", default=1.0, show_default=True)
 @click.option("--slots-per-cpu", default=4, show_default=True)
+@click.option(
+    "--network-prefix",
+    default=None,
+    metavar="CIDR",
+    help="Program addresses from this private IPv4 prefix, on the lab's bridge (NETWORK.md).",
+)
 def lab(
     config_file: Path,
     data_dir: Path,
@@ -365,6 +405,7 @@ def lab(
     heartbeat_timeout: float,
     tick: float,
     slots_per_cpu: int,
+    network_prefix: str | None,
 ) -> None:
     """Run the OSS with libvirt VMs: own libvirtd, provider, warm pools (stopped on exit).
 
@@ -376,6 +417,14 @@ def lab(
     from oss.compute.providers.libvirtd import LibvirtdError
 
     addr = None if listen == "none" else _hostport(listen)
+    prefix = None
+    if network_prefix is not None:
+        from oss.network.vms import NetworkOptionError, checked_prefix
+
+        try:
+            prefix = checked_prefix(network_prefix)
+        except NetworkOptionError as exc:
+            raise click.UsageError(str(exc)) from exc
     try:
         cfg = labmod.load_config(config_file)
         labmod.check_files(cfg)
@@ -420,7 +469,7 @@ def lab(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-        await labmod.serve_lab(cfg, oss_config, addr, guest_port, stop, announce)
+        await labmod.serve_lab(cfg, oss_config, addr, guest_port, stop, announce, prefix)
 
     try:
         asyncio.run(run())

@@ -301,6 +301,7 @@ async def serve_lab(
     guest_port: int,
     stop: asyncio.Event,
     announce: Callable[[LabAddresses], None],
+    network_prefix: ipaddress.IPv4Network | None = None,
 ) -> None:
     """Start the lab, call `announce`, serve until `stop` is set, then release everything.
 
@@ -308,7 +309,9 @@ async def serve_lab(
     and releases the steps already done.
     """
     async with contextlib.AsyncExitStack() as stack:
-        starting = asyncio.create_task(_start(stack, config, oss_config, listen, guest_port))
+        starting = asyncio.create_task(
+            _start(stack, config, oss_config, listen, guest_port, network_prefix)
+        )
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -336,6 +339,7 @@ async def _start(
     oss_config: OssConfig,
     listen: tuple[str, int] | None,
     guest_port: int,
+    network_prefix: ipaddress.IPv4Network | None = None,
 ) -> LabAddresses:
     pids: dict[str, int] = {}
     if config.libvirtd is not None:
@@ -360,6 +364,16 @@ async def _start(
         stack.callback(guest_sock.close)
         public_url = f"http://{host}:{guest_sock.getsockname()[1]}"
     oss = Oss(dataclasses.replace(oss_config, public_url=public_url), {PROVIDER: provider})
+    if network_prefix is not None:  # issue 13: program addresses on the lab's VMs
+        if config.libvirt.bridge is None:
+            raise LabConfigError("--network-prefix needs the lab's bridge ([libvirt] bridge)")
+        if network_prefix.overlaps(config.libvirt.subnet):
+            raise LabConfigError(
+                f"--network-prefix {network_prefix} overlaps the lab's subnet"
+                f" {config.libvirt.subnet}"
+            )
+        oss.use_vm_network(network_prefix, config.libvirt.bridge, config.libvirt.subnet,
+                           str(config.gateway), config.guest_netns)  # fmt: skip
     await oss.start()
     stack.push_async_callback(oss.close)
     stack.push_async_callback(_retire, oss, "lab stopped: its VM was destroyed")

@@ -698,7 +698,9 @@ class AgentCommand(Api):
 
     id: int
     program: str
-    action: Literal["freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount"]
+    action: Literal[
+        "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network"
+    ]
     reason: str
     tickets: list[str] = []
     # kill with checkpoint (issue 12): suspend (CRIU dump, then kill) the sessions the
@@ -710,6 +712,9 @@ class AgentCommand(Api):
     pid: int | None = None
     to: str | None = None
     address: str | None = None
+    # network (issue 13): what this instance must hold for the program
+    # (`net.nodestate.to_wire`; an empty state: drop it).
+    state: dict[str, Any] | None = None
     signal: int | None = None
     # mount / unmount (issue 14): the program's storage (its server, key and tiers)
     storage: dict[str, Any] | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import time
@@ -179,6 +180,30 @@ class Oss:
         from oss.billing.store import bandwidth_cap_kbit
 
         self.network = NetworkManager(self.store, config, applier, self.clock, bandwidth_cap_kbit)
+
+    def use_vm_network(
+        self,
+        prefix: ipaddress.IPv4Network,
+        bridge: str,
+        subnet: ipaddress.IPv4Network,
+        gateway: str,
+        netns: str | None = None,
+    ) -> None:
+        """Program addresses for VM instances on `bridge` (this host's, in `netns`; its
+        address `gateway` on `subnet`): the host is changed here, each instance through
+        `network` commands to its agent (oss.network.vms; issue 13)."""
+        from oss.network.plan import HostSpot
+        from oss.network.vms import SpotBook, VmApplier
+
+        host = HostSpot("host", bridge)
+        spots = SpotBook(host, subnet, gateway)
+        loop = asyncio.get_running_loop()
+
+        def send(instance: str, program: str, state: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self.commands.network, instance, program, state)
+
+        config = NetworkConfig(prefix, spots, {host.name: host})
+        self.use_network(config, VmApplier(host.name, netns, spots, send))
 
     async def start(self) -> None:
         """Open the store and start the background loop."""
@@ -405,6 +430,8 @@ class Oss:
             + (" (can checkpoint)" if body.checkpoint else ""),
             body.instance,
         )
+        if self.network is not None and peer:  # issue 13: where its program addresses go
+            self.network.place(body.instance, peer)
 
     async def exec_grants(
         self,

@@ -29,6 +29,7 @@ from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffe
 from vmagent.exec.session import Session
 from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
+from vmagent.network.orders import NetworkOrders
 from vmagent.network.reporter import ListenerReporter
 from vmagent.storage.mounts import MOUNTS, StorageOrders
 from vmagent.storage.mounts import OUTCOME as STORAGE_OUTCOME
@@ -346,6 +347,9 @@ class Agent:
         self._checkpointer: Checkpointer | None = None
         self.orders: MigrateOrders | None = None  # the OSS's migrate commands (issue 12)
         self._order_posts: list[HttpPost] = []
+        # Issue 13 on VMs: the OSS's `network` commands (this instance's node states).
+        self.network_orders = NetworkOrders(config.instance)
+        self.command_handlers.append(self.network_orders.on_commands)
         self.storage_orders: StorageOrders | None = None
 
     async def start(self) -> str:
@@ -407,6 +411,7 @@ class Agent:
         self.service.shutdown()
         if self.orders is not None:
             await self.orders.close()
+        await self.network_orders.close()
         if self.storage_orders is not None:
             await self.storage_orders.close()
         for post in self._order_posts:

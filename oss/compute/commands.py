@@ -15,9 +15,11 @@ import itertools
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-Action = Literal["freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount"]
+Action = Literal[
+    "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network"
+]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
 
@@ -35,6 +37,8 @@ class Command:
     pid: int = 0
     to: str = ""
     address: str = ""
+    # network (issue 13): the instance's node state for the program (wire form)
+    state: dict[str, Any] | None = None
     signal: int = 0  # signal (issue 11): the signal for the program's `pid`
     checkpoint: bool = False  # kill (issue 12): suspend (CRIU dump, then kill) what can be
     # mount / unmount (issue 14): the program's storage spec (mount carries its key)
@@ -93,6 +97,16 @@ class CommandQueue:
             next(self._ids), instance, program, "migrate", f"to {to}", (), pid, to, address
         )
         self._queued[instance][cmd.id] = cmd
+        return cmd
+
+    def network(self, instance: str, program: str, state: dict[str, Any]) -> Command:
+        """Queue: `instance` must hold `state` for `program` (issue 13); replaces a
+        state for the same program not carried out yet (the newest one counts)."""
+        queued = self._queued[instance]
+        for old in [c for c in queued.values() if c.action == "network" and c.program == program]:
+            del queued[old.id]
+        cmd = Command(next(self._ids), instance, program, "network", "", (), state=state)
+        queued[cmd.id] = cmd
         return cmd
 
     def storage(

@@ -174,6 +174,7 @@ async def h_heartbeat(
                 pid=c.pid if c.action in ("migrate", "signal") else None,
                 to=c.to if c.action == "migrate" else None,
                 address=c.address if c.action == "migrate" else None,
+                state=c.state if c.action == "network" else None,
                 signal=c.signal if c.action == "signal" else None,
                 checkpoint=True if c.checkpoint else None,
                 storage=dict(c.storage) if c.storage is not None else None,

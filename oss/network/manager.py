@@ -33,6 +33,7 @@ from oss.network.plan import (
     Listener,
     NodeKey,
     NodeState,
+    PlanError,
     ProgramNet,
     bound_class,
     max_slots,
@@ -109,6 +110,15 @@ class NetworkManager:
         self._members: set[tuple[str, str]] = set()  # (program, instance) joined: no write
         self.last_apply_s = 0.0  # how long the last change took to be in place
 
+    def place(self, instance: str, address: str) -> bool:
+        """Instance `instance` registered at `address`: learn where it sits when the spots
+        are learned (VMs, `oss.network.vms.SpotBook`); whether it is covered."""
+        from oss.network.vms import SpotBook
+
+        if isinstance(self.config.spots, SpotBook):
+            return self.config.spots.place(instance, address) is not None
+        return self.covers(instance)
+
     def covers(self, instance: str) -> bool:
         """Whether `instance` sits where this manager can redirect."""
         return instance in self.config.spots
@@ -116,7 +126,10 @@ class NetworkManager:
     async def start(self) -> None:
         """Put back what the stored programs need (after an OSS restart)."""
         for program in await self.store.read(q.programs):
-            await self._reapply(program)
+            try:
+                await self._reapply(program)
+            except PlanError as exc:  # VMs: its instances have not registered again yet
+                log.warning("program %s: network not put back yet: %s", program, exc)
 
     async def address_of(self, program: str) -> str | None:
         """The program's address (None: it has none yet)."""

@@ -254,6 +254,11 @@ def _host(
     routes.add(Route(MAIN_TABLE, p, "", "", kind="unreachable"))
     devs = [host.bridge, *([host.wire_dev] if host.wire_dev else []), *host.uplinks]
     sysctls = tuple((f"net/ipv4/conf/{d}/forwarding", "1") for d in devs)
+    # A client on the bridge itself (VMs' host side) is routed back out of the bridge:
+    # an ICMP redirect would send its later packets to P straight to one instance,
+    # whatever the port.
+    sysctls += ((f"net/ipv4/conf/{host.bridge}/send_redirects", "0"),
+                ("net/ipv4/conf/all/send_redirects", "0"))  # fmt: skip
     return NodeState(rules=frozenset(rules), routes=frozenset(routes), sysctls=sysctls)
 
 

@@ -99,6 +99,7 @@ class OssHarness:
         host: str,
         heartbeat_timeout: float,
         providers: dict[str, Any],
+        network: tuple[ipaddress.IPv4Network, str, ipaddress.IPv4Network] | None = None,
     ) -> OssHarness:
         """Serve the OSS on host:<any port> inside `netns` (the guests' gateway)."""
         from oss.server import make_app
@@ -116,6 +117,9 @@ class OssHarness:
             ),
             providers=providers,
         )
+        if network is not None:  # issue 13: program addresses; the host is the lab netns
+            prefix, bridge_dev, subnet = network
+            oss.use_vm_network(prefix, bridge_dev, subnet, host, netns)
         runner = web.AppRunner(make_app(oss), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.SockSite(runner, sock)
@@ -174,6 +178,13 @@ class Lab:
     daemon_pids: dict[str, int] = field(default_factory=dict)
     qemu_pids: dict[str, int] = field(default_factory=dict)
     closed: bool = False
+    network_prefix: ipaddress.IPv4Network | None = None  # issue 13: program addresses
+
+    def build_cached_image(self) -> Image:
+        """The guest image from this checkout, in the shared cache (~/.cache/dcp/images)."""
+        from images.builder import default_cache_dir
+
+        return self.build_image(default_cache_dir())
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -201,6 +212,9 @@ class Lab:
                 str(self.gateway),
                 self.heartbeat_timeout,
                 {"libvirt": TokenKeeper(self.provider, self.tokens)},
+                None
+                if self.network_prefix is None
+                else (self.network_prefix, self.bridge_name, self.subnet),
             )
 
     def provider_config(self, state: Path, **kw: Any) -> LibvirtConfig:

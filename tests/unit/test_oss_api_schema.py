@@ -100,6 +100,7 @@ def test_agent_wire_contract_shapes() -> None:
         "pid",  # migrate (issue 12): the session's program, target instance and address
         "to",
         "address",
+        "state",  # network (issue 13): the instance's node state for the program
         "storage",  # mount / unmount (issue 14): the program's storage spec
         "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
         "checkpoint",  # kill (issue 12): suspend what can be checkpointed; `resume` later

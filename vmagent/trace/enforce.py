@@ -297,8 +297,9 @@ class Enforcer:
             if cid in self._done:
                 done.append(cid)  # the reply that carried it again crossed our last beat
                 continue
-            if action in ("migrate", "signal"):
-                pass  # vmagent.checkpoint.orders (issue 12), vmagent.trace.signals (issue 11)
+            if action in ("migrate", "signal", "network"):
+                pass  # vmagent.checkpoint.orders (issue 12), vmagent.trace.signals (issue 11),
+                # vmagent.network.orders (issue 13)
             elif action in ("mount", "unmount"):
                 pass  # issue 14: vmagent.storage.mounts.StorageOrders carries it out
             elif action not in ACTIONS:
