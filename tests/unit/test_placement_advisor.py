@@ -90,8 +90,10 @@ def test_run_times_are_kept_for_the_next_run_readable_only_by_their_user(tmp_pat
     path.write_text("{not json")
     assert load_history(path).profiles == {}
     assert load_history(tmp_path / "missing.json").profiles == {}
-    save_history(tmp_path / "no-such-dir" / PROFILES, a.history)  # nothing, no error
-    assert not (tmp_path / "no-such-dir").exists()
+    # The run's recorder may not have made the state directory yet: made here, private.
+    save_history(tmp_path / "no-such-dir" / PROFILES, a.history)
+    assert (tmp_path / "no-such-dir").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "no-such-dir" / PROFILES).stat().st_mode & 0o777 == 0o600
 
 
 def test_execs_are_stopped_only_when_one_may_be_placed_or_decisions_are_shown() -> None:

@@ -67,12 +67,13 @@ def load_history(path: Path | None) -> History:
 
 
 def save_history(path: Path, history: History) -> None:
-    """Keep the run times for the next runs (0600, replaced whole; its directory must
-    exist: the local OSS state's, which only its user can read)."""
-    if not path.parent.is_dir():
-        return
+    """Keep the run times for the next runs (0600, replaced whole, in the local OSS
+    state's directory, which only its user can read: made 0700 here if the run's
+    recorder has not made it yet)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(history.dump(), f)
