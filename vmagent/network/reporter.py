@@ -44,6 +44,9 @@ class ListenerReporter:
         self.oss = oss
         self._tasks: set[asyncio.Task[None]] = set()
         self._said: set[str] = set()
+        # Listeners each session reported open: closed for it at its end if T could not
+        # say so (a process killed outright never reaches its exit stop).
+        self._open: dict[bytes, dict[tuple[int, str], tuple[int, str]]] = {}
 
     def started(self, session: Session) -> None:
         """Nothing."""
@@ -52,7 +55,23 @@ class ListenerReporter:
         """Nothing."""
 
     def ended(self, session: Session, status: int) -> None:
-        """Nothing (T reports each closed listener, also at the processes' exits)."""
+        """Close what the session still listens on (T reports each closed listener at the
+        processes' exits; this covers an exit T never saw)."""
+        left = self._open.pop(session.sid, {})
+        if not left or self.oss is None:
+            return
+        program = _program(session)
+        if not program:
+            return
+        for (port, proto), (pid, local) in left.items():
+            task = asyncio.get_running_loop().create_task(
+                self._closed(program, pid, port, proto, local)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _closed(self, program: str, pid: int, port: int, proto: str, local: str) -> None:
+        await self._post(program, b"", pid, port, proto, local, False)
 
     def trace_message(self, session: Session, record: dict[bytes, bytes]) -> None:
         """Post a listener change; answer a listen."""
@@ -65,8 +84,7 @@ class ListenerReporter:
     async def _report(self, session: Session, record: dict[bytes, bytes]) -> None:
         opened = record[b"op"] == OP_LISTEN
         req = record.get(b"req", b"")
-        view = getattr(session.request, "view", None)
-        program = view.program if view is not None else ""
+        program = _program(session)
         answer = channel.encode(OP_NETACK, req=req, address="")
         try:
             port = channel.number(record, b"port")
@@ -78,7 +96,11 @@ class ListenerReporter:
         except (channel.ChannelError, UnicodeDecodeError) as exc:
             log.warning("session %s: %s", session.sid.hex()[:8], exc)
         else:
-            if self.oss is not None and program and program != NO_PROGRAM:
+            if opened:
+                self._open.setdefault(session.sid, {})[(port, proto)] = (pid, local)
+            else:
+                self._open.get(session.sid, {}).pop((port, proto), None)
+            if self.oss is not None and program:
                 answer = await self._post(program, req, pid, port, proto, local, opened)
         if opened:
             sock = getattr(session, "trace_sock", None)
@@ -117,3 +139,10 @@ class ListenerReporter:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _program(session: Session) -> str:
+    """The program a session belongs to ("" for none the OSS knows)."""
+    view = getattr(session.request, "view", None)
+    program = view.program if view is not None else ""
+    return "" if program == NO_PROGRAM else program
