@@ -349,12 +349,12 @@ LOCK_ROUNDS = 3
 FLOCK_COUNTER = f"""
 r=0
 while [ $r -lt {LOCK_ROUNDS} ]; do
-  echo 0 > c
+  echo 0 > "$W/c"
   for i in 1 2 3 4; do
-    ( flock 9; read n < c; j=0; while [ $j -lt 3000 ]; do j=$((j+1)); done
-      echo $((n+1)) > c ) 9>c.lock &
+    ( flock 9; read n < "$W/c"; j=0; while [ $j -lt 3000 ]; do j=$((j+1)); done
+      echo $((n+1)) > "$W/c" ) 9>"$W/c.lock" &
   done
-  wait; read n < c; echo "$n"; r=$((r+1))
+  wait; read n < "$W/c"; echo "$n"; r=$((r+1))
 done
 """
 
@@ -373,12 +373,14 @@ def test_flock_holds_across_guests(booted: Lab, tmp_path_factory: pytest.TempPat
     )
     work = tmp_path_factory.mktemp("flock-counter")
     record = work / "run.json"
-    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
+    # The counter's files are the home's (fd 9 is inherited by each placed flock); the
+    # run starts in /tmp, which the guests have too (a placed process starts in its cwd).
+    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token, W=str(work))
     res = subprocess.run(
         ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli",
          "--oss", lab.oss_url, "--placement", "spread", "--record", str(record),
          "--", "/bin/sh", "-c", FLOCK_COUNTER],
-        capture_output=True, timeout=600, cwd=work, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, timeout=600, cwd="/tmp", env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     err = res.stderr.decode(errors="replace")
     assert res.returncode == 0, err
