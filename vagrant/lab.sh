@@ -179,7 +179,7 @@ The lab is up: a coordinator and $made instances, all ready (./lab.sh list).
 Run a program on it from your shell, as root (the account token stays in the
 0600 file $LAB/account.token):
 
-  (cd / && DCP_TOKEN=\$(cat $LAB/account.token) $cmd --oss $URL -- sh -c 'cat /etc/hostname; cat /etc/hostname')
+  (cd / && DCP_TOKEN=\$(cat $LAB/account.token) $cmd --oss $URL --placement spread -- sh -c 'cat /etc/hostname; cat /etc/hostname')
 
 or the same through this script:
 
@@ -205,7 +205,7 @@ run)
   DCP_TOKEN=$(cat "$LAB/account.token")
   export DCP_TOKEN
   cd /
-  exec ip netns exec "$NETNS" "$PY" -c 'import sys; from tracer.cli import main; sys.argv[0] = "dcptrace"; main()' --oss "$URL" -- "$@"
+  exec ip netns exec "$NETNS" "$PY" -c 'import sys; from tracer.cli import main; sys.argv[0] = "dcptrace"; main()' --oss "$URL" --placement spread -- "$@"
   ;;
 vagrant)
   # vagrant inside the namespace (SSH to the guests needs the lab network).
