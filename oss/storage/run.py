@@ -124,7 +124,12 @@ class RunStorage:
         self.name = storage_name()
         self.key = secrets.token_urlsafe(32)
         self.state = state = state_root / self.name
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The state directory and storage/ under it are private (tokens and keys live
+        # beside them): made 0700 here when this run is the first to need them, since
+        # mkdir(parents=True) would make the missing parents 0755.
+        state_root.parent.parent.mkdir(parents=True, exist_ok=True)
+        for d in (state_root.parent, state_root, state):
+            d.mkdir(exist_ok=True, mode=0o700)
         names = {f"v{i}": v for i, v in enumerate(options.volumes)}
         (state / "volumes.json").write_text(json.dumps(names))
         lim = options.limits
