@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import wait_for
+from tests.integration.test_dcptrace_oss import Lab, _cli
+from tests.integration.test_oss_limits_act import _send
 from vmagent.checkpoint import criu
 
 
@@ -75,3 +80,57 @@ def started(argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
 def in_order(numbers: Sequence[int]) -> bool:
     """0, 1, 2, ... without a gap or a repeat."""
     return list(numbers) == list(range(len(numbers)))
+
+
+def pool_agents() -> list[int]:
+    """The agents the local provider runs for pool p (found by their command line)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"vmagent" in cmd and b"--instance\0p-" in cmd:
+                found.append(int(d.name))
+    return found
+
+
+def ready_instances(lab: Lab) -> list[str]:
+    """The OSS's instances that are ready, by name."""
+    rows = lab.get("/v1/instances", lab.admin)
+    return sorted(r["name"] for r in rows if r["state"] == "ready")
+
+
+@contextlib.contextmanager
+def local_pool(tmp_path: Path, price: int, instances: int, program: str) -> Iterator[Lab]:
+    """dcp-oss serve (tick 0.5 s) with the local provider and a pool p of `instances`
+    ready instances of a type priced `price` micro-units a second; `program` is the
+    data directory's counter.py.  Everything it started is gone at the end, agents too."""
+    if os.geteuid() != 0:
+        pytest.skip("local instances in their own namespaces need root")
+    criu_or_skip()
+    lab = Lab(tmp_path)
+    try:
+        lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
+        lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
+        _proc, line = lab.start(
+            "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data),
+            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "30", "--tick", "0.5",
+            "--slots-per-cpu", "2", "--provider", "local=vmagent.cluster.provider:make",
+        )  # fmt: skip
+        assert "listening on " in line, line
+        lab.url = line.split("listening on ", 1)[1].strip()
+        itype = {"name": "t", "cpus": 2, "memory_mb": 64, "price_micros_per_s": price}
+        _send(lab, "PUT", "/v1/instance-types", lab.admin, itype)
+        pool = {"name": "p", "instance_type": "t", "warm_target": instances,
+                "max_size": instances, "provider": "local"}  # fmt: skip
+        _send(lab, "PUT", "/v1/pools", lab.admin, pool)
+        assert wait_for(lambda: len(ready_instances(lab)) == instances, 60), lab.get(
+            "/v1/instances", lab.admin
+        )
+        (lab.data / "counter.py").write_text(program)
+        yield lab
+    finally:
+        lab.stop()
+        assert wait_for(lambda: pool_agents() == [], 20), pool_agents()

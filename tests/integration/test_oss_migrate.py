@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import dcptrace_argv, traced_env, wait_for
-from tests.integration.checkpointing import criu_or_skip, in_order
+from tests.integration.checkpointing import in_order, local_pool, pool_agents, ready_instances
 from tests.integration.test_dcptrace_oss import Lab, _cli, _env
-from tests.integration.test_oss_limits_act import _send
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.mark.root]
 
@@ -49,53 +48,14 @@ sys.exit(7)
 """
 
 
-def _agents() -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"vmagent" in cmd and b"--instance\0p-" in cmd:
-                found.append(int(d.name))
-    return found
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     """dcp-oss serve, the local provider, a pool p of two ready instances."""
-    if os.geteuid() != 0:
-        pytest.skip("local instances in their own namespaces need root")
-    criu_or_skip()
-    lab = Lab(tmp_path)
-    try:
-        lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
-        lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
-        _proc, line = lab.start(
-            "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data),
-            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "30", "--tick", "0.5",
-            "--slots-per-cpu", "2", "--provider", "local=vmagent.cluster.provider:make",
-        )  # fmt: skip
-        assert "listening on " in line, line
-        lab.url = line.split("listening on ", 1)[1].strip()
-        itype = {"name": "t", "cpus": 2, "memory_mb": 64, "price_micros_per_s": 1}
-        _send(lab, "PUT", "/v1/instance-types", lab.admin, itype)
-        pool = {"name": "p", "instance_type": "t", "warm_target": 2, "max_size": 2,
-                "provider": "local"}  # fmt: skip
-        _send(lab, "PUT", "/v1/pools", lab.admin, pool)
-        assert wait_for(lambda: len(_ready(lab)) == 2, 60), lab.get("/v1/instances", lab.admin)
-        (lab.data / "counter.py").write_text(COUNTER)
-        yield lab
-    finally:
-        (lab.data / "stop").touch()
-        lab.stop()
-        assert wait_for(lambda: _agents() == [], 20), _agents()
-
-
-def _ready(lab: Lab) -> list[str]:
-    rows = lab.get("/v1/instances", lab.admin)
-    return sorted(r["name"] for r in rows if r["state"] == "ready")
+    with local_pool(tmp_path, price=1, instances=2, program=COUNTER) as lab:
+        try:
+            yield lab
+        finally:
+            (lab.data / "stop").touch()
 
 
 def _dcptrace(lab: Lab) -> subprocess.Popen[bytes]:
@@ -163,7 +123,7 @@ def test_migrate_moves_a_running_counter_with_its_pid_output_record_and_status(l
     try:
         program, row = _placed(lab)
         source = row["instance"]
-        (target,) = [n for n in _ready(lab) if n != source]
+        (target,) = [n for n in ready_instances(lab) if n != source]
         assert _where(lab) == source
         # Another tenant cannot move it (not found: no sign it exists).
         other = _cli("account", "create", "--data", str(lab.data), "--allow-root", "other")
@@ -207,7 +167,7 @@ def test_a_migrate_nowhere_is_one_line_and_the_program_runs_on_where_it_was(lab:
     try:
         program, row = _placed(lab)
         source = row["instance"]
-        (target,) = [n for n in _ready(lab) if n != source]
+        (target,) = [n for n in ready_instances(lab) if n != source]
         res = _dcp_oss(lab, "migrate", program, "--to", "nowhere")
         assert res.returncode == 1, res
         assert res.stderr == "dcp-oss migrate: No such object: instance nowhere\n"
@@ -242,7 +202,7 @@ def _agent_of(name: str) -> list[int]:
     """The processes of instance `name`'s agent (its wrapper, itself, its zygote)."""
     found = [
         pid
-        for pid in _agents()
+        for pid in pool_agents()
         if f"--instance\0{name}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert found, f"no agent for {name}"
@@ -254,7 +214,7 @@ def test_drain_moves_the_program_off_and_releases_the_instance(lab: Lab) -> None
     try:
         program, row = _placed(lab)
         source = row["instance"]
-        (target,) = [n for n in _ready(lab) if n != source]
+        (target,) = [n for n in ready_instances(lab) if n != source]
         res = _dcp_oss(lab, "drain", source)  # a tenant's token: admin only
         assert res.returncode == 1 and "may not perform" in res.stderr, res.stderr
         res = _dcp_oss(lab, "drain", source, token=lab.admin)

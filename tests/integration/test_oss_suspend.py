@@ -13,7 +13,6 @@ when root or CRIU is missing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -23,9 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import dcptrace_argv, traced_env, wait_for
-from tests.integration.checkpointing import criu_or_skip
-from tests.integration.test_dcptrace_oss import Lab, _cli, _env
-from tests.integration.test_oss_limits_act import _send
+from tests.integration.checkpointing import local_pool
+from tests.integration.test_dcptrace_oss import Lab, _env
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.mark.root]
 
@@ -44,51 +42,11 @@ sys.exit(7)
 """
 
 
-def _agents() -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"vmagent" in cmd and b"--instance\0p-" in cmd:
-                found.append(int(d.name))
-    return found
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     """dcp-oss serve (tick 0.5 s), the local provider, one ready priced instance."""
-    if os.geteuid() != 0:
-        pytest.skip("local instances in their own namespaces need root")
-    criu_or_skip()
-    lab = Lab(tmp_path)
-    try:
-        lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
-        lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
-        _proc, line = lab.start(
-            "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data),
-            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "30", "--tick", "0.5",
-            "--slots-per-cpu", "2", "--provider", "local=vmagent.cluster.provider:make",
-        )  # fmt: skip
-        assert "listening on " in line, line
-        lab.url = line.split("listening on ", 1)[1].strip()
-        itype = {"name": "t", "cpus": 2, "memory_mb": 64, "price_micros_per_s": 1000}
-        _send(lab, "PUT", "/v1/instance-types", lab.admin, itype)
-        pool = {"name": "p", "instance_type": "t", "warm_target": 1, "max_size": 1,
-                "provider": "local"}  # fmt: skip
-        _send(lab, "PUT", "/v1/pools", lab.admin, pool)
-
-        def ready() -> bool:
-            return any(r["state"] == "ready" for r in lab.get("/v1/instances", lab.admin))
-
-        assert wait_for(ready, 60), lab.get("/v1/instances", lab.admin)
-        (lab.data / "counter.py").write_text(COUNTER)
+    with local_pool(tmp_path, price=1000, instances=1, program=COUNTER) as lab:
         yield lab
-    finally:
-        lab.stop()
-        assert wait_for(lambda: _agents() == [], 20), _agents()
 
 
 def _agent_log() -> str:
