@@ -273,6 +273,16 @@ def become_subreaper() -> None:
 PYTHON_IGNORED = frozenset({int(signal.SIGPIPE), int(signal.SIGXFSZ)})
 
 
+def caught() -> set[int]:
+    """The signals this process has a Python handler for (the agent's)."""
+    out = set()
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            if callable(signal.getsignal(sig)):
+                out.add(int(sig))
+    return out
+
+
 class SpawnFailed(Exception):
     """The child could not exec (errno and the step that failed)."""
 
@@ -339,7 +349,17 @@ def fork_program(
     env = dict(_env_pairs(request.env))
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC) if gate is not None else (-1, -1)
-    pid = os.fork()
+    # Every signal is held from the fork to the exec: until the child has reset
+    # them, the agent's handlers (SIGTERM, SIGINT, SIGCHLD) are its own, and a
+    # signal sent to the program's pid in that window (a sibling's `kill $!`
+    # right after the placement) would run one and be lost.  Held, it stays
+    # pending and is delivered as the program's mask and dispositions say.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
     if pid == 0:  # child: only async-signal-safe-ish work, never return
         step = "setup"
         try:
@@ -352,6 +372,8 @@ def fork_program(
                     os.write(write_end, _READY)
             os.setsid()
             signal.set_wakeup_fd(-1)
+            for sig in caught() - ignore:
+                signal.signal(sig, signal.SIG_DFL)
             for sig in default:
                 signal.signal(sig, signal.SIG_DFL)
             for sig in ignore:
@@ -417,6 +439,7 @@ def fork_program(
                 pass
         finally:
             os._exit(127)
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
     os.close(write_end)
     if gate is None:
         return Forked(pid, read_end)
