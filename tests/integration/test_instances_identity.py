@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,50 @@ def test_a_signal_reaches_a_pid_forked_on_another_instance(tmp_path: Path) -> No
         )
         # The killer's line and the child's end race natively too: compare as sets.
         assert sorted(out.splitlines()) == sorted(want.splitlines()), (mode, out)
+
+
+# /proc/PID of a sibling placed elsewhere, read at home: the program's process there
+# is its deputy, which takes the name and argv of the exec it stands for, so what a
+# native reader finds (pid, parent, name, argv, state) is what this one finds.
+PROC_PY = r"""import os, subprocess, sys, time
+child = "import time; print('ready', flush=True); time.sleep(60)"
+argv = [sys.executable, "-c", child, "one arg", ""]
+p = subprocess.Popen(argv, stdout=subprocess.PIPE)
+assert p.stdout.readline() == b"ready\n"
+def stat():
+    with open(f"/proc/{p.pid}/stat", "rb") as f:
+        text = f.read()
+    comm = text[text.index(b"(") + 1 : text.rindex(b")")]
+    return [int(text.split()[0]), comm, *text.rpartition(b")")[2].split()[:2]]
+deadline = time.monotonic() + 60
+while stat()[2] != b"S" and time.monotonic() < deadline:
+    time.sleep(0.01)  # natively: until it sleeps (it printed, then went to sleep)
+pid, comm, state, ppid = stat()
+print("exists:", os.path.isdir(f"/proc/{p.pid}"))
+print("stat pid, comm, state, ppid:", pid == p.pid, comm.decode(), state.decode(),
+      int(ppid) == os.getpid())
+with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+    print("cmdline is its argv:", f.read() == b"".join(os.fsencode(a) + b"\0" for a in argv))
+with open(f"/proc/{p.pid}/comm") as f:
+    print("comm:", f.read().strip())
+with open(f"/proc/{p.pid}/status") as f:
+    status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+print("status:", status["Name"], status["State"][0], int(status["Pid"]) == p.pid,
+      int(status["PPid"]) == os.getpid())
+p.kill()
+p.wait()
+"""
+
+
+def test_proc_of_a_sibling_elsewhere_read_at_home(tmp_path: Path) -> None:
+    (tmp_path / "proc.py").write_text(PROC_PY)
+    name = os.path.basename(sys.executable)[:15]
+    want = (
+        f"exists: True\nstat pid, comm, state, ppid: True {name} S True\n"
+        f"cmdline is its argv: True\ncomm: {name}\nstatus: {name} S True True\n"
+    )
+    for mode, prefix in MODES.items():
+        # The reader is the program's own process (it stays home); its child is placed.
+        argv = [*prefix, "--", sys.executable, "proc.py"] if prefix else [sys.executable, "proc.py"]
+        res = subprocess.run(argv, capture_output=True, env=traced_env(), cwd=tmp_path, timeout=120)
+        assert (res.stdout.decode(), res.returncode) == (want, 0), (mode, res.stderr)

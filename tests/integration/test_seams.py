@@ -199,3 +199,23 @@ def test_argv0_is_what_the_program_passed(mode: str) -> None:
     )
     out, _, _ = differential(["bash", "-c", script], mode)
     assert out.split(b"\n")[:2] == [b"cat\0/proc/self/cmdline\0", b"renamed\0/proc/self/cmdline\0"]
+
+
+# --- a non-main thread reads relayed stdin (a hang seen once) ------------------------
+
+THREAD_READS = textwrap.dedent("""
+    import sys, threading
+    got = []
+    reader = threading.Thread(target=lambda: got.append(sys.stdin.read()))
+    reader.start()
+    reader.join()  # the main thread waits in futex, not in read: the reader is another task
+    print(len(got[0]), got[0].splitlines()[-1])
+""")
+
+
+def test_a_worker_thread_reads_stdin_while_the_main_thread_joins(mode: str) -> None:
+    # The agent forwards a relayed input once a task of the program blocks reading
+    # it; it looked at each process's main thread only, so this one waited forever.
+    script = f"seq 1000 | {sys.executable} -c '{THREAD_READS}'"
+    out, _, status = differential(["sh", "-c", script], mode)
+    assert (out, status) == (b"3893 1000\n", 0)

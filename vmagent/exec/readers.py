@@ -61,9 +61,9 @@ class ReaderProbe:
         self.reads, self.polls, self.counted = _CALLS[machine]
         self.proc = proc
 
-    def _ino(self, pid: str, fd: int | str) -> int | None:
+    def _ino(self, task: str, fd: int | str) -> int | None:
         try:
-            return os.stat(f"{self.proc}/{pid}/fd/{fd}").st_ino
+            return os.stat(f"{self.proc}/{task}/fd/{fd}").st_ino
         except OSError:
             return None
 
@@ -81,25 +81,36 @@ class ReaderProbe:
                 with open(f"{self.proc}/{pid}/stat") as f:
                     if session_of(f.read()) != session:
                         continue
-                with open(f"{self.proc}/{pid}/syscall") as f:
-                    call = parse_syscall(f.read())
+                # Any thread may be the reader (a worker thread reading stdin while
+                # the main thread joins it): each has its own /proc/.../syscall.
+                tasks = [f"{pid}/task/{tid}" for tid in os.listdir(f"{self.proc}/{pid}/task")]
             except (OSError, ValueError, IndexError):
                 continue
-            if call is None:
-                continue
-            nr, args = call
-            if nr in self.reads:
-                ino = self._ino(pid, args[self.reads[nr]])
-                if ino is not None and ino in wanted:
-                    count = args[2] if nr in self.counted else 0
-                    found[ino] = max(found.get(ino, 0), count)
-            elif nr in self.polls:
-                try:
-                    fds = os.listdir(f"{self.proc}/{pid}/fd")
-                except OSError:
-                    continue
-                for fd in fds:
-                    ino = self._ino(pid, fd)
-                    if ino is not None and ino in wanted:
-                        found.setdefault(ino, 0)
+            for task in tasks:
+                self._look(task, wanted, found)
         return found
+
+    def _look(self, task: str, wanted: set[int], found: dict[int, int]) -> None:
+        """Add to `found` the inode of `wanted` that thread `task` (PID/task/TID) waits on."""
+        try:
+            with open(f"{self.proc}/{task}/syscall") as f:
+                call = parse_syscall(f.read())
+        except (OSError, ValueError):
+            return
+        if call is None:
+            return
+        nr, args = call
+        if nr in self.reads:
+            ino = self._ino(task, args[self.reads[nr]])
+            if ino is not None and ino in wanted:
+                count = args[2] if nr in self.counted else 0
+                found[ino] = max(found.get(ino, 0), count)
+        elif nr in self.polls:
+            try:
+                fds = os.listdir(f"{self.proc}/{task}/fd")
+            except OSError:
+                return
+            for fd in fds:
+                ino = self._ino(task, fd)
+                if ino is not None and ino in wanted:
+                    found.setdefault(ino, 0)
