@@ -326,3 +326,29 @@ def cmdline(pid: int) -> tuple[str, ...]:
     except OSError:
         return ()
     return tuple(a.decode(errors="replace") for a in raw.split(b"\0")[:-1])
+
+
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SETSIGINFO = 0x4203
+SIGINFO_SIZE = 128
+_KILL_INFO = struct.Struct("<iii4xiI")  # si_signo, si_errno, si_code, (pad), si_pid, si_uid
+
+
+def sender(pid: int) -> tuple[int, int, int, int]:
+    """(si_signo, si_code, si_pid, si_uid) of the signal `pid` is stopped delivering."""
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+    if _raw_ptrace(PTRACE_GETSIGINFO, pid, 0, ctypes.addressof(buf)) == -1:
+        raise PtraceRequestError(pid=pid, request=PTRACE_GETSIGINFO, errno=ctypes.get_errno())
+    signo, _err, code, si_pid, si_uid = _KILL_INFO.unpack_from(buf, 0)
+    return signo, code, si_pid, si_uid
+
+
+def set_sender(pid: int, si_pid: int, si_uid: int) -> None:
+    """Rewrite si_pid/si_uid of the kill()-style signal `pid` is stopped delivering."""
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+    if _raw_ptrace(PTRACE_GETSIGINFO, pid, 0, ctypes.addressof(buf)) == -1:
+        raise PtraceRequestError(pid=pid, request=PTRACE_GETSIGINFO, errno=ctypes.get_errno())
+    signo, err, code, _pid, _uid = _KILL_INFO.unpack_from(buf, 0)
+    _KILL_INFO.pack_into(buf, 0, signo, err, code, si_pid, si_uid)
+    if _raw_ptrace(PTRACE_SETSIGINFO, pid, 0, ctypes.addressof(buf)) == -1:
+        raise PtraceRequestError(pid=pid, request=PTRACE_SETSIGINFO, errno=ctypes.get_errno())

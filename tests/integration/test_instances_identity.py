@@ -241,3 +241,36 @@ def test_proc_of_a_sibling_elsewhere_read_at_home(tmp_path: Path) -> None:
         argv = [*prefix, "--", sys.executable, "proc.py"] if prefix else [sys.executable, "proc.py"]
         res = subprocess.run(argv, capture_output=True, env=traced_env(), cwd=tmp_path, timeout=120)
         assert (res.stdout.decode(), res.returncode) == (want, 0), (mode, res.stderr)
+
+
+# si_pid/si_uid of a signal that crossed instances: a placed receiver learns its
+# sender in the program's pids (the home shell, then a shell placed elsewhere), as
+# natively.  The receiver's deputy sees the sender at home; the receiving instance's
+# tracer gives the delivered signal that sender.
+RECV_PY = r"""import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+open("ready.tmp", "w").close()
+os.rename("ready.tmp", "ready")
+for _ in range(2):
+    info = signal.sigwaitinfo({signal.SIGUSR1, signal.SIGUSR2})
+    name = signal.Signals(info.si_signo).name[3:]
+    print(name, info.si_pid, info.si_uid == os.getuid(), flush=True)
+"""
+SENDERS = r"""
+python3 recv.py > got & p=$!
+until [ -e ready ]; do sleep 0.05; done
+kill -USR1 $p
+echo "USR1 $$ True" > want
+sh -c 'echo "USR2 $$ True" >> want; kill -USR2 $1' _ $p
+wait $p
+cmp want got && echo "each signal names its sender"
+"""
+
+
+def test_a_signal_across_instances_names_its_sender(tmp_path: Path) -> None:
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "recv.py").write_text(RECV_PY)
+        out = run_all_one(mode, SENDERS, where)
+        assert out == "each signal names its sender\n", (mode, out, (where / "got").read_text())

@@ -21,7 +21,7 @@ from vmagent.exec import protocol as P
 from vmagent.trace import channel
 from vmagent.trace.host import coordinator_for, interception
 from vmagent.trace.listeners import NET_CALLS
-from vmagent.trace.placing import PID_CALLS, InstanceCoordinator
+from vmagent.trace.placing import PID_CALLS, SIGWAIT, InstanceCoordinator
 
 TABLE = table_for("x86_64")
 
@@ -113,8 +113,8 @@ def test_descriptors_travel_with_a_message() -> None:
 def test_interception_is_every_exec_plus_the_views_paths() -> None:
     plain = interception(TABLE, ())
     # issue 11: calls in the program's pids; issue 13: listen/close of listening sockets;
-    # issue 14: lock calls (vmagent.trace.filelocks)
-    assert plain == {"execve", "execveat", "flock", "fcntl"} | PID_CALLS | NET_CALLS
+    # issue 14: lock calls (vmagent.trace.filelocks); issue 11: sigwaitinfo (its sender)
+    assert plain == {"execve", "execveat", "flock", "fcntl"} | PID_CALLS | NET_CALLS | SIGWAIT
     mapped = interception(TABLE, (("/mnt/v", "/srv"),))
     assert {"execve", "openat", "getcwd"} <= mapped
 

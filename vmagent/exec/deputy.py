@@ -588,6 +588,11 @@ def main(argv: list[str]) -> int:
                 # remote program's group too, and on down the chain of deputies (as a
                 # tty reaches make's compilers).
                 link.send(P.SIGNAL, sig, P.GROUP)
+            elif info.si_code == SI_USER:
+                # Who sent it, in the program's pids (a home pid is one): the remote
+                # process gets it with this sender, as natively (issue 11).
+                sender = {b"from": b"%d" % info.si_pid, b"uid": b"%d" % info.si_uid}
+                link.send(P.SIGNAL, sig, P.unpairs(sender))
             else:
                 link.send(P.SIGNAL, sig, b"")
     return deputy.finish()

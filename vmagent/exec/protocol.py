@@ -89,6 +89,8 @@ SEQUENCED = frozenset({DATA, EOF, SIGNAL, STARTED, EXIT, WANT, MOVED, LOCK, LOCK
 # SIGNAL's payload GROUP: deliver to the remote program's process group (a signal
 # the home deputy got from its terminal), not to its pid alone.
 GROUP = b"g"
+# Otherwise, for a kill(): `from=PID uid=UID`, the sender at home (issue 11: the
+# instance tracer gives the delivered signal that si_pid/si_uid; empty: not known).
 
 # Kinds of forwarded descriptors in a HELLO.
 FD_IN = b"in"  # the deputy reads its fd and streams it to the remote program

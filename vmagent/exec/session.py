@@ -329,6 +329,22 @@ class Session:
         self.proto.write(P.frame(P.KILL, 0, P.unpairs(fields)))
         return True
 
+    def _sender(self, sig: int, payload: bytes) -> None:
+        """Tell the tracer who sent the signal about to be killed with (`op=sigfrom`)."""
+        if not payload or self.trace_sock is None:
+            return
+        try:
+            fields = P.pairs(payload)
+            sender, uid = int(fields[b"from"]), int(fields[b"uid"])
+        except (P.FrameError, KeyError, ValueError):
+            return  # delivered with the agent as its sender
+        record = channel.encode(
+            channel.OP_SIGFROM, pid=self.pid, sig=sig, agent=os.getpid(), uid=uid,
+            **{"from": sender},
+        )  # fmt: skip
+        with contextlib.suppress(OSError):
+            channel.send(self.trace_sock, record)
+
     def killed(self, req: bytes, err: int) -> None:
         """Answer the tracer's `op=kill` `req` with `err`."""
         if self.trace_sock is not None:
@@ -463,6 +479,7 @@ class Session:
                     if fd in JOB_CONTROL or payload == P.GROUP:
                         os.killpg(self.pid, fd)  # the whole remote job (a terminal's signal)
                     else:
+                        self._sender(fd, payload)
                         os.kill(self.pid, fd)
         elif kind == P.KILLED:
             try:

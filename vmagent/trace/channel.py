@@ -32,6 +32,11 @@ tracer -> agent  `op=kill req pid sig`: the program signals its pid `pid` (negat
                  process group) that this instance does not hold: the agent asks
                  the session's deputy to send it at home (`P.KILL`), then answers
                  `op=killed req errno` (0: sent; ESRCH when no deputy is there).
+agent -> tracer  `op=sigfrom pid sig agent from uid`: the agent is about to kill(`pid`,
+                 `sig`) for the program's process `from` of user `uid` (a signal its
+                 deputy caught at home): at that signal's delivery stop, the tracer
+                 makes si_pid/si_uid `from`/`uid` where the kernel wrote the agent's
+                 pid `agent` (issue 11: the sender in the program's pids).
 tracer -> agent  `op=lockchan` with `[sock]`: T's lock socket (issue 14); lock
                  requests and answers travel on it (`vmagent.exec.filelocks`).
 agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
@@ -66,6 +71,7 @@ OP_DETACHED = b"detached"
 OP_ADOPT = b"adopt"
 OP_KILL = b"kill"
 OP_KILLED = b"killed"
+OP_SIGFROM = b"sigfrom"
 
 Record = dict[bytes, bytes]
 

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -37,7 +38,7 @@ from oss.embedded import EmbeddedCoordinator
 from oss.storage.pathmap import PathMap
 from tracer import ptraceio
 from tracer.coordinator import Coordinator
-from tracer.machine import EventStop, GroupStop, Machine, Process, Thread
+from tracer.machine import EventStop, GroupStop, Machine, Process, SignalStop, Stop, Thread
 from tracer.runner import WALL, Runner
 from tracer.syscalls import SyscallTable
 from vmagent.cluster.coordinator import Ident
@@ -60,6 +61,7 @@ from vmagent.trace.placing import (
 log = logging.getLogger(__name__)
 
 OPTIONS = ptraceio.OPTIONS | ptraceio.O_TRACEEXIT
+SI_USER = 0  # si_code of a kill()
 
 
 def coordinator_for(
@@ -229,6 +231,91 @@ class HostRunner(Runner):
         self.waker = 0
         self.waker_locks = False  # the waker also watches the lock socket (calls wait)
         self.watched: frozenset[int] = frozenset()  # threads whose signals the waker watches
+        # Issue 11: senders of signals the agent is about to deliver for a deputy
+        # (`op=sigfrom`): (real pid, sig) -> [(agent pid, program pid, uid)], oldest first.
+        self.senders: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        coordinator.relayed = self.relayed_sender
+
+    def _decode(self, pid: int, status: int, usage: resource.struct_rusage) -> Stop | None:
+        """The runner's, plus the sender of a signal relayed by the agent (issue 11)."""
+        stop = super()._decode(pid, status, usage)
+        if type(stop) is SignalStop:
+            self._relayed(stop)
+        return stop
+
+    def _relayed(self, stop: SignalStop) -> None:
+        """A signal the agent sent for a deputy, delivered to a handler: its real sender.
+
+        The agent writes `op=sigfrom` before its kill(), so it is on the channel
+        (or already read) by the time the signal stops its receiver here.
+        """
+        machine = self.machine
+        th = machine.threads.get(stop.tid) if machine is not None else None
+        try:
+            _signo, code, si_pid, _uid = ptraceio.sender(stop.tid)
+            found = self.relayed_sender(th.tgid if th else stop.tid, stop.sig, code, si_pid)
+            if found is not None:
+                ptraceio.set_sender(stop.tid, *found)
+        except ptraceio.PtraceRequestError:
+            return
+
+    def relayed_sender(self, tgid: int, sig: int, code: int, si_pid: int) -> tuple[int, int] | None:
+        """(program pid, uid) that signal `sig` to `tgid` came from, if the agent relayed
+        it for a deputy (si_code SI_USER, si_pid the agent's); None otherwise."""
+        if code != SI_USER:
+            return None
+        key = (tgid, sig)
+        if key not in self.senders:
+            self._read_senders()
+        waiting = self.senders.get(key)
+        if not waiting:
+            return None
+        for i, (agent, sender, uid) in enumerate(waiting):
+            if si_pid == agent:
+                del waiting[i]
+                if not waiting:
+                    del self.senders[key]
+                return sender, uid
+        return None
+
+    def _read_senders(self) -> None:
+        """Take what is on the channel now: `op=sigfrom` here, the rest for `_obey`."""
+        chan = self.tracer.chan
+        if chan is None:
+            return
+        chan.setblocking(False)
+        try:
+            while True:
+                data, fds = channel.receive(chan)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    return
+                if not self._sigfrom(data):
+                    self.tracer.kept.append(data)
+        except OSError:
+            return  # nothing more (BlockingIOError), or the agent is gone: `_command` sees it
+        finally:
+            chan.setblocking(True)
+
+    def _sigfrom(self, data: bytes) -> bool:
+        """Keep an `op=sigfrom` record; False for any other record."""
+        try:
+            record = channel.decode(data)
+            if record[b"op"] != channel.OP_SIGFROM:
+                return False
+            key = (channel.number(record, b"pid"), channel.number(record, b"sig"))
+            sender = (
+                channel.number(record, b"agent"),
+                channel.number(record, b"from"),
+                channel.number(record, b"uid"),
+            )
+        except channel.ChannelError:
+            return False
+        waiting = self.senders.setdefault(key, [])
+        waiting.append(sender)
+        del waiting[:-16]  # signals that never arrived (their process was gone)
+        return True
 
     def adopt(self, pids: tuple[int, ...]) -> None:
         """Seize every thread of the stopped processes `pids` and run the loop until they end."""
@@ -350,6 +437,9 @@ class HostRunner(Runner):
             op = channel.decode(data)[b"op"]
         except channel.ChannelError as exc:
             log.warning("tracer channel: %s", exc)
+            return False
+        if op == channel.OP_SIGFROM:
+            self._sigfrom(data)
             return False
         if op == channel.OP_DETACH:
             pids = self.detach_all(machine)

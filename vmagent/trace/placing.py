@@ -14,11 +14,13 @@ import logging
 import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from tracer import ptraceio
 from tracer.coordinator import (
     Allow,
     Complete,
@@ -71,6 +73,11 @@ GROUP_ARGS = frozenset({"kill", "wait4"})  # a negative pid names a process grou
 # (tgid == tid); rt_sigqueueinfo as a kill (its value does not travel).
 SENT_HOME = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1}
 PID_CALLS = frozenset({"getpid", "gettid", "getppid", "waitid"}) | PID_RESULTS | frozenset(PID_ARGS)
+# A signal the agent relayed for a deputy names the agent as its sender; a handler
+# gets the real one at its delivery stop (`vmagent.trace.host`), a sigwaitinfo here.
+SIGWAIT = frozenset({"rt_sigtimedwait"})
+SI_USER = 0
+KILL_INFO = struct.Struct("<iii4xiI")  # siginfo head: signo, errno, code, pid, uid
 P_PID, P_PGID = 1, 2  # waitid's idtypes naming one pid, one process group
 
 
@@ -88,6 +95,15 @@ class SignalHome(Protocol):
 
     def __call__(self, pid: int, sig: int) -> int:
         """kill(`pid`, `sig`) at home (`pid` negative: a process group); 0 or its errno."""
+        ...
+
+
+class Relayed(Protocol):
+    """Senders of signals the agent relayed for a deputy (`HostRunner.relayed_sender`)."""
+
+    def __call__(self, tgid: int, sig: int, code: int, si_pid: int) -> tuple[int, int] | None:
+        """(program pid, uid) of the sender of signal `sig` to process `tgid`, when the
+        kernel's si_code/si_pid say the agent relayed it; else None."""
         ...
 
 
@@ -134,11 +150,12 @@ class InstanceCoordinator:
         self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
         self.home = home  # None: a pid elsewhere is ESRCH
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
+        self.relayed: Relayed | None = None  # set by the runner that reads its channel
         self._live: set[int] = set()  # the session's processes but its root (real pids)
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
         # Lock calls always stop (the filter is built without a forwarder).
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS | SIGWAIT
         self._net_names = NET_CALLS - self._inner_names
 
     def interception(self) -> frozenset[str]:
@@ -154,6 +171,8 @@ class InstanceCoordinator:
             return self._pid_call(call)
         if call.name in self._net_names:
             return self.listeners.on_syscall(call)
+        if call.name in SIGWAIT and call.name not in self._inner_names:
+            return Allow(self.relayed is not None and call.args[1] != 0)
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -240,7 +259,24 @@ class InstanceCoordinator:
             return self.locks.getlk_result(call, result, self._holder)
         if call.name in self._net_names:
             return self.listeners.on_result(call, signed(result))
+        if call.name in SIGWAIT and call.name not in self._inner_names:
+            self._sigwaited(call, signed(result))
+            return None
         return self.inner.on_result(call, result, output)
+
+    def _sigwaited(self, call: SyscallCall, sig: int) -> None:
+        """sigwaitinfo took signal `sig` into its siginfo: the relayed sender, if it was."""
+        if sig <= 0 or self.relayed is None or not call.args[1]:
+            return
+        try:
+            head = ptraceio.read_memory(call.pid, call.args[1], KILL_INFO.size)
+            signo, err, code, si_pid, si_uid = KILL_INFO.unpack(head)
+            sender = self.relayed(call.pid, sig, code, si_pid)
+            if sender is not None:
+                out = KILL_INFO.pack(signo, err, code, sender[0], sender[1])
+                ptraceio.write_memory(call.pid, call.args[1], out)
+        except (OSError, ptraceio.PtraceRequestError, struct.error):
+            pass  # the caller is gone, or its buffer: nothing to correct
 
     def _holder(self, real: int) -> int:
         """A lock holder's program pid: ours if it is a process of this session."""
