@@ -202,9 +202,12 @@ class OssClient:
         body = m.ReleaseRequest(instance=instance, processes=processes)
         await self.request("POST", f"/v1/programs/{program_id}/release", body)
 
-    async def signal(self, program_id: str, pid: int, sig: int) -> m.SignalQueued:
-        """Send `sig` to the program's `pid` forked on one of its instances (issue 11)."""
-        body = m.SignalRequest(pid=pid, signal=sig)
+    async def signal(
+        self, program_id: str, pid: int, sig: int, thread: bool = False
+    ) -> m.SignalQueued:
+        """Send `sig` to the program's `pid` forked on one of its instances (issue 11;
+        `thread`: a thread's id, which alone gets it)."""
+        body = m.SignalRequest(pid=pid, signal=sig, thread=thread)
         data = await self.request("POST", f"/v1/programs/{program_id}/signals", body)
         return m.SignalQueued.model_validate(data)
 

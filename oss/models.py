@@ -716,6 +716,7 @@ class AgentCommand(Api):
     # (`net.nodestate.to_wire`; an empty state: drop it).
     state: dict[str, Any] | None = None
     signal: int | None = None
+    thread: bool | None = None  # signal: `pid` names a thread, which alone gets it
     # mount / unmount (issue 14): the program's storage (its server, key and tiers)
     storage: dict[str, Any] | None = None
 
@@ -726,6 +727,8 @@ class SignalRequest(Api):
 
     pid: Annotated[int, Field(ge=1, le=2**31 - 1)]
     signal: Annotated[int, Field(ge=0, le=64)]
+    # tgkill/tkill: `pid` is a thread's id; that thread alone gets it (else the process).
+    thread: bool = False
 
 
 class SignalQueued(Api):

@@ -40,6 +40,7 @@ class Command:
     # network (issue 13): the instance's node state for the program (wire form)
     state: dict[str, Any] | None = None
     signal: int = 0  # signal (issue 11): the signal for the program's `pid`
+    thread: bool = False  # signal: `pid` is a thread's id (tgkill/tkill), which alone gets it
     checkpoint: bool = False  # kill (issue 12): suspend (CRIU dump, then kill) what can be
     # mount / unmount (issue 14): the program's storage spec (mount carries its key)
     storage: Mapping[str, object] | None = field(default=None, repr=False)
@@ -118,13 +119,16 @@ class CommandQueue:
         self._queued[instance][cmd.id] = cmd
         return cmd
 
-    def signal(self, instances: Iterable[str], program: str, pid: int, sig: int) -> list[Command]:
-        """Queue: send `sig` to the program's `pid`, on each instance that holds it (issue 11)."""
+    def signal(
+        self, instances: Iterable[str], program: str, pid: int, sig: int, thread: bool = False
+    ) -> list[Command]:
+        """Queue: send `sig` to the program's `pid` (a thread's id if `thread`), on each
+        instance that holds it (issue 11)."""
         out = []
         for inst in sorted(set(instances)):
             cmd = Command(
                 next(self._ids), inst, program, "signal", f"signal {sig} to pid {pid}", (),
-                pid, signal=sig,
+                pid, signal=sig, thread=thread,
             )  # fmt: skip
             self._queued[inst][cmd.id] = cmd
             out.append(cmd)

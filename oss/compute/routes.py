@@ -176,6 +176,7 @@ async def h_heartbeat(
                 address=c.address if c.action == "migrate" else None,
                 state=c.state if c.action == "network" else None,
                 signal=c.signal if c.action == "signal" else None,
+                thread=True if c.action == "signal" and c.thread else None,
                 checkpoint=True if c.checkpoint else None,
                 storage=dict(c.storage) if c.storage is not None else None,
             )

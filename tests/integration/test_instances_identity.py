@@ -274,3 +274,47 @@ def test_a_signal_across_instances_names_its_sender(tmp_path: Path) -> None:
         (where / "recv.py").write_text(RECV_PY)
         out = run_all_one(mode, SENDERS, where)
         assert out == "each signal names its sender\n", (mode, out, (where / "got").read_text())
+
+
+# tgkill of a thread that is not its process's main one, from another instance: the
+# thread id is a pid of the program, and that thread alone gets the signal (the main
+# thread, which does not block it, would take it if it went to the process).
+THREADED_PY = r"""import os, signal, threading
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append("the main thread"))
+def worker():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    with open("tid.tmp", "w") as f:
+        f.write(str(threading.get_native_id()))
+    os.rename("tid.tmp", "tid")
+    signal.sigwait({signal.SIGUSR1})
+    got.append("the worker")
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+print("taken by", *got)
+"""
+TGKILL_PY = r"""import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+tgid, tid = int(sys.argv[1]), int(sys.argv[2])
+print("tgkill of the worker:", libc.syscall(234, tgid, tid, 10), ctypes.get_errno(), flush=True)
+"""
+TGKILL = r"""
+python3 threaded.py & p=$!
+until [ -s tid ]; do sleep 0.05; done
+[ "$(cat tid)" != "$p" ] && echo "the worker is not the main thread"
+python3 tgkill.py $p $(cat tid) > sent
+wait $p
+cat sent
+"""
+
+
+def test_tgkill_reaches_a_thread_on_another_instance(tmp_path: Path) -> None:
+    want = "the worker is not the main thread\ntaken by the worker\ntgkill of the worker: 0 0\n"
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "threaded.py").write_text(THREADED_PY)
+        (where / "tgkill.py").write_text(TGKILL_PY)
+        out = run_all_one(mode, TGKILL, where)
+        assert out == want, (mode, out)

@@ -103,6 +103,7 @@ def test_agent_wire_contract_shapes() -> None:
         "state",  # network (issue 13): the instance's node state for the program
         "storage",  # mount / unmount (issue 14): the program's storage spec
         "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
+        "thread",  # signal (issue 11): `pid` is a thread's id, which alone gets it
         "checkpoint",  # kill (issue 12): suspend what can be checkpointed; `resume` later
     }
     assert set(doc["Load"]["properties"]) == {

@@ -187,14 +187,16 @@ class ProgramLink(Protocol):
         """Why a limit stopped the program, asking the OSS once now; None if it did not."""
         ...
 
-    def signal(self, pid: int, sig: int) -> bool:
-        """Send `sig` to the program's `pid` forked on an instance; False: it runs nowhere."""
+    def signal(self, pid: int, sig: int, thread: bool = False) -> bool:
+        """Send `sig` to the program's `pid` forked on an instance (a thread's id if
+        `thread`: that thread alone gets it); False: it runs nowhere."""
         ...
 
 
 # Issue 11: a pid forked on an instance (`vmagent.trace.pidspace`, above every home
-# pid) is signalled from home through the OSS.  Call -> index of its signal; tgkill
-# only of a main thread (tgid == tid), rt_sigqueueinfo as a kill (no value).
+# pid) is signalled from home through the OSS.  Call -> index of its signal; tkill and
+# tgkill of a thread other than its main one name that thread, rt_sigqueueinfo is a
+# kill (no value).
 SIGNAL_CALLS = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1}
 
 
@@ -289,13 +291,14 @@ class OssCoordinator(ClusterCoordinator):
 
     def _signal(self, call: SyscallCall, index: int) -> Decision:
         """A pid of this machine runs as it is; one forked on an instance goes to the OSS."""
-        pid = signed(call.args[0], 32)
-        if pid < PID_MAX_LIMIT or (call.name == "tgkill" and call.args[0] != call.args[1]):
+        thread = call.name == "tkill" or (call.name == "tgkill" and call.args[0] != call.args[1])
+        pid = signed(call.args[1 if call.name == "tgkill" else 0], 32)
+        if pid < PID_MAX_LIMIT:
             return Allow()
         sig = call.args[index]
         if not 0 <= sig < 65:
             return Complete(-errno.EINVAL)
-        return Complete(0 if self._link.signal(pid, sig) else -errno.ESRCH)
+        return Complete(0 if self._link.signal(pid, sig, thread) else -errno.ESRCH)
 
     def watch_limits(self, on_stop: Callable[[str], None]) -> None:
         """Limits act: `on_stop(reason)` once the OSS stops the program (a hard budget...).
@@ -684,13 +687,13 @@ class OssProgramLink:
             except (errors.OssError, TimeoutError) as exc:
                 log.warning("the program's storage was not billed by the OSS: %s", _reason(exc))
 
-    def signal(self, pid: int, sig: int) -> bool:
+    def signal(self, pid: int, sig: int, thread: bool = False) -> bool:
         """`POST /v1/programs/{id}/signals`; False if the OSS refused or did not answer."""
         program = self._program()
         if program is None:
             return False
         try:
-            self._call(self._client.signal(program, pid, sig))
+            self._call(self._client.signal(program, pid, sig, thread))
         except Exception as exc:  # kill then fails ESRCH; the program goes on
             log.debug("signal %d for pid %d: %s", sig, pid, _reason(exc))
             return False
@@ -971,24 +974,24 @@ class LocalProgramLink:
                 got = got.model_copy(update={"address": address})
         return got
 
-    def signal(self, pid: int, sig: int) -> bool:
+    def signal(self, pid: int, sig: int, thread: bool = False) -> bool:
         """Through the run's OSS (`oss.ipc.signals`); False if it runs nowhere."""
         if self.program_id is None:
             return False
         try:
-            self.private.call(self._signal(pid, sig), self.timeout)
+            self.private.call(self._signal(pid, sig, thread), self.timeout)
         except Exception as exc:  # kill then fails ESRCH; the program goes on
             log.debug("signal %d for pid %d: %s", sig, pid, exc)
             return False
         return True
 
-    async def _signal(self, pid: int, sig: int) -> Any:
+    async def _signal(self, pid: int, sig: int, thread: bool = False) -> Any:
         from oss import models as m
         from oss.ipc import signals
 
         oss, who, program = self.private.oss, self.private.principal, self.program_id
         assert program is not None
-        body = m.SignalRequest(pid=pid, signal=sig)
+        body = m.SignalRequest(pid=pid, signal=sig, thread=thread)
         return await signals.send_from_home(oss, who.account_id, program, body)
 
     def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:

@@ -232,6 +232,29 @@ def stand_in(path: bytes, argv: list[bytes]) -> None:
     libc.prctl(PR_SET_MM, PR_SET_MM_MAP, ctypes.byref(mm), ctypes.sizeof(mm), 0)
 
 
+ESRCH = 3
+SYS_TGKILL = {b"x86_64": 234, b"aarch64": 131}
+
+
+def _tgkill(tid: int, sig: int) -> int:
+    """tgkill(2) of thread `tid` (of whichever process it belongs to here); 0 or errno."""
+    import ctypes  # only on this rare path
+
+    try:
+        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY)
+        try:
+            status = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        tgid = int(status.split(b"\nTgid:", 1)[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        return ESRCH
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL.get(os.uname().machine.encode(), 234), tgid, tid, sig) != 0:
+        return ctypes.get_errno() or ESRCH
+    return 0
+
+
 def _wait_ready(fd: int, writable: bool) -> None:
     """Block until `fd` is readable (or writable); for descriptors left non-blocking."""
     import select  # a C module, loaded only on this rare path
@@ -402,6 +425,8 @@ class Deputy:
         err = 0
         if pid in (0, -1) or not 0 <= sig < 65:
             err = EINVAL  # never our own group nor every process: the agent names a pid
+        elif fields.get(b"thread") == b"1":
+            err = _tgkill(pid, sig) if pid > 0 else EINVAL
         else:
             try:
                 os.kill(pid, sig)

@@ -326,6 +326,8 @@ class Session:
             self.killed(req, errno.ESRCH)  # nowhere to send it: as for a pid that is gone
             return True
         fields = {b"req": req, b"pid": b"%d" % pid, b"sig": b"%d" % sig}
+        if record.get(b"thread") == b"1":
+            fields[b"thread"] = b"1"  # tgkill/tkill: `pid` is a thread's id
         self.proto.write(P.frame(P.KILL, 0, P.unpairs(fields)))
         return True
 

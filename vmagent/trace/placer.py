@@ -163,11 +163,13 @@ class OssPlacements:
             await self.release(program, str(a["instance"]))
         return "the OSS placed it where no exec ticket can be had"
 
-    async def signal(self, program: str, pid: int, sig: int) -> bool:
-        """Ask the OSS to send `sig` to the program's `pid` (issue 11); False: it runs nowhere."""
-        status, _data = await self._post(
-            f"/v1/agents/programs/{program}/signals", {"pid": pid, "signal": sig}
-        )
+    async def signal(self, program: str, pid: int, sig: int, thread: bool = False) -> bool:
+        """Ask the OSS to send `sig` to the program's `pid` (a thread's id if `thread`)
+        (issue 11); False: it runs nowhere."""
+        body: dict[str, object] = {"pid": pid, "signal": sig}
+        if thread:
+            body["thread"] = True
+        status, _data = await self._post(f"/v1/agents/programs/{program}/signals", body)
         return status == 200
 
     async def release(self, program: str, instance: str) -> None:

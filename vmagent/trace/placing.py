@@ -69,8 +69,9 @@ PID_ARGS = {  # call -> indexes of its pid arguments
 }
 GROUP_ARGS = frozenset({"kill", "wait4"})  # a negative pid names a process group
 # Signals to a pid this instance does not hold are sent at home (`SignalHome`):
-# call -> index of the signal number.  tgkill only of a process's main thread
-# (tgid == tid); rt_sigqueueinfo as a kill (its value does not travel).
+# call -> index of the signal number.  tkill, and tgkill of a thread other than its
+# process's main one, reach that thread alone; rt_sigqueueinfo as a kill (its value
+# does not travel).
 SENT_HOME = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1}
 PID_CALLS = frozenset({"getpid", "gettid", "getppid", "waitid"}) | PID_RESULTS | frozenset(PID_ARGS)
 # A signal the agent relayed for a deputy names the agent as its sender; a handler
@@ -93,8 +94,9 @@ class Grant:
 class SignalHome(Protocol):
     """Sends a signal of the program from its home, where every pid of the program is."""
 
-    def __call__(self, pid: int, sig: int) -> int:
-        """kill(`pid`, `sig`) at home (`pid` negative: a process group); 0 or its errno."""
+    def __call__(self, pid: int, sig: int, thread: bool = False) -> int:
+        """kill(`pid`, `sig`) at home (`pid` negative: a process group; `thread`: a
+        thread's id, which alone gets it, as tgkill/tkill); 0 or its errno."""
         ...
 
 
@@ -242,13 +244,22 @@ class InstanceCoordinator:
         if name in ("wait4", "waitid"):
             return Complete(-errno.ECHILD)
         index = SENT_HOME.get(name)
-        thread = name == "tgkill" and call.args[0] != call.args[1]  # not a main thread
-        if self.home is None or index is None or thread:
+        # tkill, and tgkill of a thread that is not its process's main one, name a
+        # thread (a thread id is a pid of the program: `PidSpace`): that one alone gets it.
+        thread = name == "tkill" or (name == "tgkill" and call.args[0] != call.args[1])
+        if name == "tgkill" and thread:
+            tgid = signed(call.args[0], 32)
+            if self.pids.real(tgid) is not None or tgid in self._tids:
+                return Complete(-errno.ESRCH)  # a process here, without that thread
+            pid = signed(call.args[1], 32)
+            if pid <= 0:
+                return Complete(-errno.EINVAL)
+        if self.home is None or index is None:
             return Complete(-errno.ESRCH)
         sig = call.args[index]
         if not 0 <= sig < 65:
             return Complete(-errno.EINVAL)
-        return Complete(-self.home(pid, sig))
+        return Complete(-self.home(pid, sig, thread))
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
         """A pid in the program's numbers; otherwise the inner coordinator's."""
@@ -352,13 +363,16 @@ class ChannelKill:
         self.timeout = KILL_TIMEOUT
         self._said = False
 
-    def __call__(self, pid: int, sig: int) -> int:
+    def __call__(self, pid: int, sig: int, thread: bool = False) -> int:
         chan = self._chan()
         if chan is None:
             return errno.ESRCH
         req = str(self._reqs()).encode()
+        fields: dict[str, bytes | int | str] = {"req": req, "pid": pid, "sig": sig}
+        if thread:
+            fields["thread"] = 1
         try:
-            channel.send(chan, channel.encode(channel.OP_KILL, req=req, pid=pid, sig=sig))
+            channel.send(chan, channel.encode(channel.OP_KILL, **fields))
             deadline = time.monotonic() + self.timeout
             while (left := deadline - time.monotonic()) > 0:
                 if not select.select([chan], [], [], left)[0]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from vmagent.exec.session import Session
 
 log = logging.getLogger(__name__)
+
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
 
 
 def forked_elsewhere(pid: int) -> bool:
@@ -73,19 +76,22 @@ class Signaller:
             return
         if not forked_elsewhere(pid):
             return
+        thread = record.get(b"thread") == b"1"
         task = asyncio.get_running_loop().create_task(
-            self._ask(session, record.get(b"req", b""), pid, sig)
+            self._ask(session, record.get(b"req", b""), pid, sig, thread)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _ask(self, session: Session, req: bytes, pid: int, sig: int) -> None:
+    async def _ask(
+        self, session: Session, req: bytes, pid: int, sig: int, thread: bool = False
+    ) -> None:
         view = getattr(session.request, "view", None)
         program = session.program_id or (view.program if view is not None else "")
         err = errno.ESRCH
         if self.oss is not None and program and program != NO_PROGRAM:
             try:
-                if await self.oss.signal(program, pid, sig):
+                if await self.oss.signal(program, pid, sig, thread):
                     err = 0
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning("a signal for pid %d did not reach the OSS: %s", pid, exc)
@@ -115,7 +121,15 @@ class Signaller:
             if not ours or not s.pid or s.status is not None:
                 continue
             real = pid - (s.pid_base or base_for(self.instance))
-            if 0 < real < PID_MAX_LIMIT and descends(real, s.pid):
+            if not 0 < real < PID_MAX_LIMIT:
+                continue
+            if cmd.get("thread"):
+                tgid = tgid_of(real)  # a thread: of a process of this session
+                if tgid and descends(tgid, s.pid):
+                    with contextlib.suppress(OSError):
+                        tgkill(tgid, real, sig)
+                    return
+            elif descends(real, s.pid):
                 with contextlib.suppress(OSError):
                     os.kill(real, sig)
                 return
@@ -142,3 +156,23 @@ def descends(pid: int, root: int) -> bool:
             return False
         seen += 1
     return pid == root
+
+
+def tgid_of(tid: int) -> int:
+    """The process (thread group) of thread `tid`, from /proc; 0 when gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """tgkill(2): `sig` to thread `tid` of process `tgid` alone (OSError on failure)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL[os.uname().machine], tgid, tid, sig) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
