@@ -97,10 +97,13 @@ class FakeHome:
 
     def __init__(self, err: int = 0) -> None:
         self.sent: list[tuple[int, int]] = []
+        self.threads: list[int] = []  # the sent ids that name a thread
         self.err = err
 
-    def __call__(self, pid: int, sig: int) -> int:
+    def __call__(self, pid: int, sig: int, thread: bool = False) -> int:
         self.sent.append((pid, sig))
+        if thread:
+            self.threads.append(pid)
         return self.err
 
 
@@ -113,12 +116,17 @@ def test_a_signal_for_a_pid_elsewhere_is_sent_at_home() -> None:
     assert c.on_syscall(call("tkill", 3 * PID_MAX_LIMIT + 7, 10)) == Complete(0)
     assert c.on_syscall(call("tgkill", 31000, 31000, 12)) == Complete(0)
     assert home.sent == [(31000, 15), (-31000, 2), (3 * PID_MAX_LIMIT + 7, 10), (31000, 12)]
-    # a thread of a process elsewhere, a wait, a pidfd: not sent
-    assert c.on_syscall(call("tgkill", 31000, 31001, 12)) == Complete(-errno.ESRCH)
+    assert home.threads == [3 * PID_MAX_LIMIT + 7]  # tkill names a thread
+    # a thread of a process elsewhere: that thread alone (issue 11)
+    assert c.on_syscall(call("tgkill", 31000, 31001, 12)) == Complete(0)
+    assert home.sent[-1] == (31001, 12) and home.threads[-1] == 31001
+    # ...but a thread the process held here lacks is no thread of it
+    assert c.on_syscall(call("tgkill", 31337, 31001, 12)) == Complete(-errno.ESRCH)
+    # a wait, a pidfd: not sent
     assert c.on_syscall(call("wait4", 31000)) == Complete(-errno.ECHILD)
     assert c.on_syscall(call("pidfd_open", 31000)) == Complete(-errno.ESRCH)
     assert c.on_syscall(call("kill", 31000, 99)) == Complete(-errno.EINVAL)
-    assert len(home.sent) == 4
+    assert len(home.sent) == 5
     # kill's outcome at home is the program's
     c.home = FakeHome(errno.EPERM)
     assert c.on_syscall(call("kill", 1, 15)) == Complete(-errno.EPERM)
