@@ -236,11 +236,17 @@ def test_proc_of_a_sibling_elsewhere_read_at_home(tmp_path: Path) -> None:
         f"exists: True\nstat pid, comm, state, ppid: True {name} S True\n"
         f"cmdline is its argv: True\ncomm: {name}\nstatus: {name} S True True\n"
     )
-    for mode, prefix in MODES.items():
-        # The reader is the program's own process (it stays home); its child is placed.
-        argv = [*prefix, "--", sys.executable, "proc.py"] if prefix else [sys.executable, "proc.py"]
-        res = subprocess.run(argv, capture_output=True, env=traced_env(), cwd=tmp_path, timeout=120)
-        assert (res.stdout.decode(), res.returncode) == (want, 0), (mode, res.stderr)
+    for mode in MODES:
+        assert run_at_home(mode, "proc.py", tmp_path) == want, mode
+
+
+def run_at_home(mode: str, script: str, cwd: Path) -> str:
+    """stdout of Python `script` as the program's own process (it stays home; what it
+    starts is placed under spread)."""
+    argv = [*MODES[mode], "--", sys.executable, script] if MODES[mode] else [sys.executable, script]
+    res = subprocess.run(argv, capture_output=True, env=traced_env(), cwd=cwd, timeout=120)
+    assert res.returncode == 0, (mode, res.stderr)
+    return res.stdout.decode()
 
 
 # si_pid/si_uid of a signal that crossed instances: a placed receiver learns its
@@ -318,3 +324,22 @@ def test_tgkill_reaches_a_thread_on_another_instance(tmp_path: Path) -> None:
         (where / "tgkill.py").write_text(TGKILL_PY)
         out = run_all_one(mode, TGKILL, where)
         assert out == want, (mode, out)
+
+
+# pidfd_open and pidfd_send_signal of a sibling placed elsewhere, at home: its pid is
+# its deputy's, a process of this kernel, which forwards the signal and ends with it.
+PIDFD_PY = r"""import os, select, signal, subprocess, sys
+p = subprocess.Popen(["sleep", "60"])
+fd = os.pidfd_open(p.pid)
+print("readable before:", bool(select.select([fd], [], [], 0)[0]))
+signal.pidfd_send_signal(fd, signal.SIGTERM)
+print("readable once it ended:", bool(select.select([fd], [], [], 60)[0]))
+print("its status:", p.wait())
+"""
+
+
+def test_pidfd_of_a_sibling_elsewhere_at_home(tmp_path: Path) -> None:
+    (tmp_path / "pidfd.py").write_text(PIDFD_PY)
+    want = "readable before: False\nreadable once it ended: True\nits status: -15\n"
+    for mode in MODES:
+        assert run_at_home(mode, "pidfd.py", tmp_path) == want, mode

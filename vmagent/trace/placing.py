@@ -238,11 +238,18 @@ class InstanceCoordinator:
         A signal goes home, where the pid is (a process there, or the deputy of
         one placed elsewhere, which passes it on); its outcome is kill's there.
         A wait is ECHILD: every child of a process is where it is (one placed
-        elsewhere has its deputy here).  The rest, ESRCH, as for a pid that is gone.
+        elsewhere has its deputy here).  pidfd_open is ENOSYS (below); the rest,
+        ESRCH, as for a pid that is gone.
         """
         name = call.name
         if name in ("wait4", "waitid"):
             return Complete(-errno.ECHILD)
+        if name == "pidfd_open":
+            # A pidfd names a process of this kernel; one held elsewhere has none.
+            # ENOSYS, as on a kernel without pidfds: programs then fall back to
+            # the pid itself (kill), which reaches it wherever it runs.  (ESRCH
+            # would say it is gone: a supervisor would take it for dead.)
+            return Complete(-errno.ENOSYS)
         index = SENT_HOME.get(name)
         # tkill, and tgkill of a thread that is not its process's main one, name a
         # thread (a thread id is a pid of the program: `PidSpace`): that one alone gets it.
