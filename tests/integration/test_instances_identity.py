@@ -10,6 +10,7 @@ see `node1` and pid 2.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -343,3 +344,46 @@ def test_pidfd_of_a_sibling_elsewhere_at_home(tmp_path: Path) -> None:
     want = "readable before: False\nreadable once it ended: True\nits status: -15\n"
     for mode in MODES:
         assert run_at_home(mode, "pidfd.py", tmp_path) == want, mode
+
+
+# The same for an SA_SIGINFO handler (the signal is delivered, not waited for: the
+# receiving tracer rewrites it at its delivery stop).
+HANDLER_C = r"""
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+static volatile sig_atomic_t got, sender;
+static void on_usr1(int sig, siginfo_t *info, void *ctx) { sender = info->si_pid; got = sig; }
+int main(void) {
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_usr1;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGUSR1, &sa, 0);
+    close(open("ready", O_CREAT | O_WRONLY, 0644));
+    while (!got) pause();
+    printf("USR1 %d\n", (int)sender);
+    return 0;
+}
+"""
+HANDLER = r"""
+./handler > got & p=$!
+until [ -e ready ]; do sleep 0.05; done
+sh -c 'echo "USR1 $$" > want; kill -USR1 $1' _ $p
+wait $p
+cmp want got && echo "the handler names its sender"
+"""
+
+
+def test_a_signal_handler_across_instances_sees_its_sender(tmp_path: Path) -> None:
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler (cc) to build the SA_SIGINFO receiver")
+    (tmp_path / "handler.c").write_text(HANDLER_C)
+    subprocess.run([cc, "-O", "-o", tmp_path / "handler", tmp_path / "handler.c"], check=True)
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        shutil.copy(tmp_path / "handler", where / "handler")
+        out = run_all_one(mode, HANDLER, where)
+        assert out == "the handler names its sender\n", (mode, out, (where / "got").read_text())
