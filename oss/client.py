@@ -203,11 +203,11 @@ class OssClient:
         await self.request("POST", f"/v1/programs/{program_id}/release", body)
 
     async def signal(
-        self, program_id: str, pid: int, sig: int, thread: bool = False
+        self, program_id: str, pid: int, sig: int, thread: bool = False, sender: int = 0
     ) -> m.SignalQueued:
         """Send `sig` to the program's `pid` forked on one of its instances (issue 11;
         `thread`: a thread's id, which alone gets it)."""
-        body = m.SignalRequest(pid=pid, signal=sig, thread=thread)
+        body = m.SignalRequest(pid=pid, signal=sig, thread=thread, sender=sender)
         data = await self.request("POST", f"/v1/programs/{program_id}/signals", body)
         return m.SignalQueued.model_validate(data)
 

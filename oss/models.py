@@ -717,6 +717,7 @@ class AgentCommand(Api):
     state: dict[str, Any] | None = None
     signal: int | None = None
     thread: bool | None = None  # signal: `pid` names a thread, which alone gets it
+    sender: int | None = None  # signal: the sender's program pid (the receiver's si_pid)
     # mount / unmount (issue 14): the program's storage (its server, key and tiers)
     storage: dict[str, Any] | None = None
 
@@ -729,6 +730,8 @@ class SignalRequest(Api):
     signal: Annotated[int, Field(ge=0, le=64)]
     # tgkill/tkill: `pid` is a thread's id; that thread alone gets it (else the process).
     thread: bool = False
+    # The sending process's program pid (0: not said): the receiver's si_pid.
+    sender: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 
 
 class SignalQueued(Api):

@@ -41,6 +41,7 @@ class Command:
     state: dict[str, Any] | None = None
     signal: int = 0  # signal (issue 11): the signal for the program's `pid`
     thread: bool = False  # signal: `pid` is a thread's id (tgkill/tkill), which alone gets it
+    sender: int = 0  # signal: the sending process's program pid (0: not known)
     checkpoint: bool = False  # kill (issue 12): suspend (CRIU dump, then kill) what can be
     # mount / unmount (issue 14): the program's storage spec (mount carries its key)
     storage: Mapping[str, object] | None = field(default=None, repr=False)
@@ -120,7 +121,13 @@ class CommandQueue:
         return cmd
 
     def signal(
-        self, instances: Iterable[str], program: str, pid: int, sig: int, thread: bool = False
+        self,
+        instances: Iterable[str],
+        program: str,
+        pid: int,
+        sig: int,
+        thread: bool = False,
+        sender: int = 0,
     ) -> list[Command]:
         """Queue: send `sig` to the program's `pid` (a thread's id if `thread`), on each
         instance that holds it (issue 11)."""
@@ -128,7 +135,7 @@ class CommandQueue:
         for inst in sorted(set(instances)):
             cmd = Command(
                 next(self._ids), inst, program, "signal", f"signal {sig} to pid {pid}", (),
-                pid, signal=sig, thread=thread,
+                pid, signal=sig, thread=thread, sender=sender,
             )  # fmt: skip
             self._queued[inst][cmd.id] = cmd
             out.append(cmd)

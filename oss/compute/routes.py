@@ -177,6 +177,7 @@ async def h_heartbeat(
                 state=c.state if c.action == "network" else None,
                 signal=c.signal if c.action == "signal" else None,
                 thread=True if c.action == "signal" and c.thread else None,
+                sender=c.sender if c.action == "signal" and c.sender else None,
                 checkpoint=True if c.checkpoint else None,
                 storage=dict(c.storage) if c.storage is not None else None,
             )

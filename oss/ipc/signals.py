@@ -53,5 +53,5 @@ async def _queue(oss: Oss, program_id: str, body: m.SignalRequest) -> list[str]:
     instances = await oss.programs.instances_of(program_id)
     if not instances:
         raise NotFound(f"program {program_id} runs on no instance")
-    oss.commands.signal(instances, program_id, body.pid, body.signal, body.thread)
+    oss.commands.signal(instances, program_id, body.pid, body.signal, body.thread, body.sender)
     return instances

@@ -387,3 +387,38 @@ def test_a_signal_handler_across_instances_sees_its_sender(tmp_path: Path) -> No
         shutil.copy(tmp_path / "handler", where / "handler")
         out = run_all_one(mode, HANDLER, where)
         assert out == "the handler names its sender\n", (mode, out, (where / "got").read_text())
+
+
+# A pid forked on an instance (no home pid: reached through the OSS) gets its signals
+# with their senders too: a shell placed elsewhere, then the home shell.
+FORKED_RECV_PY = r"""import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+child = os.fork()
+if child == 0:
+    for _ in range(2):
+        info = signal.sigwaitinfo({signal.SIGUSR1, signal.SIGUSR2})
+        print(signal.Signals(info.si_signo).name[3:], info.si_pid, flush=True)
+    os._exit(0)
+with open("child.tmp", "w") as f:
+    f.write(str(child))
+os.rename("child.tmp", "child.pid")
+os.waitpid(child, 0)
+"""
+FORKED_SENDERS = r"""
+python3 recv.py > got & p=$!
+until [ -s child.pid ]; do sleep 0.05; done
+sh -c 'echo "USR1 $$" > want; kill -USR1 $(cat child.pid)'
+until [ -s got ]; do sleep 0.05; done
+echo "USR2 $$" >> want; kill -USR2 $(cat child.pid)
+wait $p
+cmp want got && echo "each signal names its sender"
+"""
+
+
+def test_a_signal_to_a_forked_pid_elsewhere_names_its_sender(tmp_path: Path) -> None:
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "recv.py").write_text(FORKED_RECV_PY)
+        out = run_all_one(mode, FORKED_SENDERS, where)
+        assert out == "each signal names its sender\n", (mode, out, (where / "got").read_text())

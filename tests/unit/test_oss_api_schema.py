@@ -104,6 +104,7 @@ def test_agent_wire_contract_shapes() -> None:
         "storage",  # mount / unmount (issue 14): the program's storage spec
         "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
         "thread",  # signal (issue 11): `pid` is a thread's id, which alone gets it
+        "sender",  # signal (issue 11): the sender's program pid (the receiver's si_pid)
         "checkpoint",  # kill (issue 12): suspend what can be checkpointed; `resume` later
     }
     assert set(doc["Load"]["properties"]) == {

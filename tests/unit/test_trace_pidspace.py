@@ -100,7 +100,7 @@ class FakeHome:
         self.threads: list[int] = []  # the sent ids that name a thread
         self.err = err
 
-    def __call__(self, pid: int, sig: int, thread: bool = False) -> int:
+    def __call__(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> int:
         self.sent.append((pid, sig))
         if thread:
             self.threads.append(pid)

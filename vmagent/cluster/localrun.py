@@ -191,6 +191,6 @@ class LazyLink:
         """As the started link's (None before: no limit acts on a program not submitted)."""
         return self.link.stop_now() if self.link is not None else None
 
-    def signal(self, pid: int, sig: int, thread: bool = False) -> bool:
+    def signal(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> bool:
         """As the started link's (False before: no process was forked on an instance)."""
-        return self.link.signal(pid, sig, thread) if self.link is not None else False
+        return self.link.signal(pid, sig, thread, sender) if self.link is not None else False

@@ -187,9 +187,10 @@ class ProgramLink(Protocol):
         """Why a limit stopped the program, asking the OSS once now; None if it did not."""
         ...
 
-    def signal(self, pid: int, sig: int, thread: bool = False) -> bool:
+    def signal(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> bool:
         """Send `sig` to the program's `pid` forked on an instance (a thread's id if
-        `thread`: that thread alone gets it); False: it runs nowhere."""
+        `thread`: that thread alone gets it) from its process `sender`; False: it runs
+        nowhere."""
         ...
 
 
@@ -298,7 +299,7 @@ class OssCoordinator(ClusterCoordinator):
         sig = call.args[index]
         if not 0 <= sig < 65:
             return Complete(-errno.EINVAL)
-        return Complete(0 if self._link.signal(pid, sig, thread) else -errno.ESRCH)
+        return Complete(0 if self._link.signal(pid, sig, thread, call.pid) else -errno.ESRCH)
 
     def watch_limits(self, on_stop: Callable[[str], None]) -> None:
         """Limits act: `on_stop(reason)` once the OSS stops the program (a hard budget...).
@@ -687,13 +688,13 @@ class OssProgramLink:
             except (errors.OssError, TimeoutError) as exc:
                 log.warning("the program's storage was not billed by the OSS: %s", _reason(exc))
 
-    def signal(self, pid: int, sig: int, thread: bool = False) -> bool:
+    def signal(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> bool:
         """`POST /v1/programs/{id}/signals`; False if the OSS refused or did not answer."""
         program = self._program()
         if program is None:
             return False
         try:
-            self._call(self._client.signal(program, pid, sig, thread))
+            self._call(self._client.signal(program, pid, sig, thread, sender))
         except Exception as exc:  # kill then fails ESRCH; the program goes on
             log.debug("signal %d for pid %d: %s", sig, pid, _reason(exc))
             return False
@@ -974,24 +975,24 @@ class LocalProgramLink:
                 got = got.model_copy(update={"address": address})
         return got
 
-    def signal(self, pid: int, sig: int, thread: bool = False) -> bool:
+    def signal(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> bool:
         """Through the run's OSS (`oss.ipc.signals`); False if it runs nowhere."""
         if self.program_id is None:
             return False
         try:
-            self.private.call(self._signal(pid, sig, thread), self.timeout)
+            self.private.call(self._signal(pid, sig, thread, sender), self.timeout)
         except Exception as exc:  # kill then fails ESRCH; the program goes on
             log.debug("signal %d for pid %d: %s", sig, pid, exc)
             return False
         return True
 
-    async def _signal(self, pid: int, sig: int, thread: bool = False) -> Any:
+    async def _signal(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> Any:
         from oss import models as m
         from oss.ipc import signals
 
         oss, who, program = self.private.oss, self.private.principal, self.program_id
         assert program is not None
-        body = m.SignalRequest(pid=pid, signal=sig, thread=thread)
+        body = m.SignalRequest(pid=pid, signal=sig, thread=thread, sender=sender)
         return await signals.send_from_home(oss, who.account_id, program, body)
 
     def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:

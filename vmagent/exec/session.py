@@ -340,8 +340,15 @@ class Session:
             sender, uid = int(fields[b"from"]), int(fields[b"uid"])
         except (P.FrameError, KeyError, ValueError):
             return  # delivered with the agent as its sender
+        self.tell_sender(self.pid, sig, sender, uid)
+
+    def tell_sender(self, pid: int, sig: int, sender: int, uid: int) -> None:
+        """Before the agent kills `pid` (a process of this session) with `sig` for the
+        program's `sender` of user `uid`: the tracer makes that the siginfo's sender."""
+        if self.trace_sock is None:
+            return
         record = channel.encode(
-            channel.OP_SIGFROM, pid=self.pid, sig=sig, agent=os.getpid(), uid=uid,
+            channel.OP_SIGFROM, pid=pid, sig=sig, agent=os.getpid(), uid=uid,
             **{"from": sender},
         )  # fmt: skip
         with contextlib.suppress(OSError):

@@ -163,12 +163,16 @@ class OssPlacements:
             await self.release(program, str(a["instance"]))
         return "the OSS placed it where no exec ticket can be had"
 
-    async def signal(self, program: str, pid: int, sig: int, thread: bool = False) -> bool:
-        """Ask the OSS to send `sig` to the program's `pid` (a thread's id if `thread`)
-        (issue 11); False: it runs nowhere."""
+    async def signal(
+        self, program: str, pid: int, sig: int, thread: bool = False, sender: int = 0
+    ) -> bool:
+        """Ask the OSS to send `sig` to the program's `pid` (a thread's id if `thread`;
+        from program pid `sender`, 0: not said) (issue 11); False: it runs nowhere."""
         body: dict[str, object] = {"pid": pid, "signal": sig}
         if thread:
             body["thread"] = True
+        if 0 < sender < 2**31:
+            body["sender"] = sender
         status, _data = await self._post(f"/v1/agents/programs/{program}/signals", body)
         return status == 200
 

@@ -94,9 +94,10 @@ class Grant:
 class SignalHome(Protocol):
     """Sends a signal of the program from its home, where every pid of the program is."""
 
-    def __call__(self, pid: int, sig: int, thread: bool = False) -> int:
+    def __call__(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> int:
         """kill(`pid`, `sig`) at home (`pid` negative: a process group; `thread`: a
-        thread's id, which alone gets it, as tgkill/tkill); 0 or its errno."""
+        thread's id, which alone gets it, as tgkill/tkill; `sender`: the sending
+        process's program pid); 0 or its errno."""
         ...
 
 
@@ -266,7 +267,7 @@ class InstanceCoordinator:
         sig = call.args[index]
         if not 0 <= sig < 65:
             return Complete(-errno.EINVAL)
-        return Complete(-self.home(pid, sig, thread))
+        return Complete(-self.home(pid, sig, thread, self.pids.program(call.pid)))
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
         """A pid in the program's numbers; otherwise the inner coordinator's."""
@@ -370,7 +371,7 @@ class ChannelKill:
         self.timeout = KILL_TIMEOUT
         self._said = False
 
-    def __call__(self, pid: int, sig: int, thread: bool = False) -> int:
+    def __call__(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> int:
         chan = self._chan()
         if chan is None:
             return errno.ESRCH
@@ -378,6 +379,8 @@ class ChannelKill:
         fields: dict[str, bytes | int | str] = {"req": req, "pid": pid, "sig": sig}
         if thread:
             fields["thread"] = 1
+        if sender > 0:
+            fields["from"] = sender
         try:
             channel.send(chan, channel.encode(channel.OP_KILL, **fields))
             deadline = time.monotonic() + self.timeout

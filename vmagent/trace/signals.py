@@ -77,21 +77,25 @@ class Signaller:
         if not forked_elsewhere(pid):
             return
         thread = record.get(b"thread") == b"1"
+        try:
+            sender = channel.number(record, b"from") if b"from" in record else 0
+        except channel.ChannelError:
+            sender = 0
         task = asyncio.get_running_loop().create_task(
-            self._ask(session, record.get(b"req", b""), pid, sig, thread)
+            self._ask(session, record.get(b"req", b""), pid, sig, thread, sender)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _ask(
-        self, session: Session, req: bytes, pid: int, sig: int, thread: bool = False
+        self, session: Session, req: bytes, pid: int, sig: int, thread: bool, sender: int
     ) -> None:
         view = getattr(session.request, "view", None)
         program = session.program_id or (view.program if view is not None else "")
         err = errno.ESRCH
         if self.oss is not None and program and program != NO_PROGRAM:
             try:
-                if await self.oss.signal(program, pid, sig, thread):
+                if await self.oss.signal(program, pid, sig, thread, sender):
                     err = 0
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning("a signal for pid %d did not reach the OSS: %s", pid, exc)
@@ -123,13 +127,18 @@ class Signaller:
             real = pid - (s.pid_base or base_for(self.instance))
             if not 0 < real < PID_MAX_LIMIT:
                 continue
+            sender = cmd.get("sender")
             if cmd.get("thread"):
                 tgid = tgid_of(real)  # a thread: of a process of this session
                 if tgid and descends(tgid, s.pid):
+                    if isinstance(sender, int) and sender > 0:
+                        s.tell_sender(tgid, sig, sender, s.request.uid)
                     with contextlib.suppress(OSError):
                         tgkill(tgid, real, sig)
                     return
             elif descends(real, s.pid):
+                if isinstance(sender, int) and sender > 0:
+                    s.tell_sender(real, sig, sender, s.request.uid)
                 with contextlib.suppress(OSError):
                     os.kill(real, sig)
                 return
