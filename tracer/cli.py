@@ -41,6 +41,7 @@ class RunDefaults:
     oss: str | None = None
     volumes: list[str] = field(default_factory=list)
     storage: dict[str, int | str] = field(default_factory=dict)
+    share_cwd: bool = True
 
 
 def _storage_table(config: RunDefaults | FileConfig) -> dict[str, int | str]:
@@ -168,6 +169,11 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     metavar="PATH",
     help="Make directory PATH one namespace on every instance (repeatable; with --instances).",
 )
+@click.option(
+    "--no-share-cwd",
+    is_flag=True,
+    help="Keep the working directory out of the instances' namespace (shared by default).",
+)
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(
     "--instances",
@@ -200,6 +206,7 @@ def command(
     record_path: str | None,
     maps: tuple[str, ...],
     volumes: tuple[str, ...],
+    no_share_cwd: bool,
     config_path: str | None,
     instances: int | None,
     placement: str | None,
@@ -313,6 +320,7 @@ def command(
                 volumes=tuple(config.volumes) + volumes, storage=_storage_table(config),
                 note=local.note if local is not None else None,
                 profiles=state_dir / "placement-profiles.json", keep_profiles=local is not None,
+                share_cwd=config.share_cwd and not no_share_cwd,
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(

@@ -42,6 +42,7 @@ class FileConfig(BaseModel):
     placement:  spread | pack | local (like --placement)
     oss:        URL of a running dcp-oss (like --oss)
     volumes:    paths that are one namespace on every instance (like --volume)
+    share_cwd:  the working directory joins them (default true; --no-share-cwd)
     storage:    tiers, policy and limit of those paths (oss.storage.run.TABLE_KEYS)
     """
 
@@ -52,6 +53,7 @@ class FileConfig(BaseModel):
     placement: str = "auto"
     oss: str | None = None
     volumes: list[str] = []
+    share_cwd: bool = True
     storage: StorageTable = StorageTable()
 
     @field_validator("map")

@@ -448,7 +448,13 @@ def _reason(exc: BaseException) -> str:
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
-    def __init__(self, config: OssModeConfig, view: View = EMPTY, storage: Any = None) -> None:
+    def __init__(
+        self,
+        config: OssModeConfig,
+        view: View = EMPTY,
+        storage: Any = None,
+        cwd_note: str | None = None,
+    ) -> None:
         from oss.client import OssClient  # pydantic and aiohttp only in --oss mode
 
         self.config = config
@@ -458,6 +464,8 @@ class OssProgramLink:
         # Issue 14: the run's storage (oss.storage.run.RunStorage), which the OSS relays
         # to each instance a process is placed on before that process starts there.
         self.storage = storage
+        self._spec_given = False  # the spec goes to the OSS with the first mount
+        self._cwd_note = cwd_note  # why the cwd is not shared: said at the first placement
         self._mounted: set[str] = set()
         self._storage_client = (
             OssClient(config.url, config.token, timeout=STORAGE_TIMEOUT) if storage else None
@@ -549,9 +557,6 @@ class OssProgramLink:
         prog = await self._client.submit(m.ProgramSubmit(**spec))
         for p in prog.placements:
             await self._client.release(prog.id, p.instance, p.processes)
-        if self.storage is not None:  # before any placement: its instances mount it
-            path = f"/v1/programs/{prog.id}/storage"
-            await self._client.request("PUT", path, self.storage.spec())
         return prog
 
     async def _submit(self, argv: list[str], cwd: str) -> str | None:
@@ -619,6 +624,8 @@ class OssProgramLink:
                 if not self._mount_on(pid, g.instance):
                     self.release(g.instance)
                     return None
+                if self._cwd_note is not None:
+                    self._warn_once("cwd", self._cwd_note)
                 self.placed += 1
                 return Grant(g.instance, g.address, g.tickets[0])
         for a in got.assignments:  # placed where no ticket can be had: give it back
@@ -634,17 +641,25 @@ class OssProgramLink:
         """The run's storage is mounted on `instance` (the first time: the OSS relays it
         there and waits for the agent); False: it is not, the process runs here."""
         from oss import errors
+        from oss.storage.errors import StorageError
 
         if self.storage is None or instance in self._mounted:
             return True
         assert self._storage_client is not None
         path = f"/v1/programs/{pid}/storage/mounts"
         try:
+            if not self._spec_given:  # the server starts now: the first process placed
+                spec = self.storage.spec()
+                self._bridge.call(
+                    self._storage_client.request("PUT", f"/v1/programs/{pid}/storage", spec),
+                    STORAGE_TIMEOUT + 5,
+                )
+                self._spec_given = True
             self._bridge.call(
                 self._storage_client.request("POST", path, {"instance": instance}),
                 STORAGE_TIMEOUT + 5,
             )
-        except (errors.OssError, TimeoutError) as exc:
+        except (errors.OssError, TimeoutError, StorageError) as exc:
             self._warn_once(
                 f"mount:{instance}",
                 f"the program's storage is not mounted on {instance} ({_reason(exc)}): "
@@ -661,6 +676,8 @@ class OssProgramLink:
         pid = self.program_id
         if self.storage is None or self._storage_client is None or pid is None:
             return
+        if not self._spec_given:
+            return  # nothing was placed: no server ran, no instance mounted
         try:
             got = self._bridge.call(
                 self._storage_client.request("DELETE", f"/v1/programs/{pid}/storage"),
@@ -1067,6 +1084,7 @@ def oss_clustered(
     reconnect_window: float | None = None,
     view: View = EMPTY,
     storage: Any = None,
+    cwd_note: str | None = None,
 ) -> Iterator[OssCoordinator]:
     """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors.
 
@@ -1076,7 +1094,7 @@ def oss_clustered(
         config = OssModeConfig.load(oss_url, placement, os.environ if environ is None else environ)
     except OssModeError as exc:
         raise UsageError(str(exc)) from exc
-    link = OssProgramLink(config, view, storage)
+    link = OssProgramLink(config, view, storage, cwd_note)
     try:
         try:
             link.start(link.check())
