@@ -57,7 +57,7 @@ from oss.models import (
 )
 from oss.network.manager import Applier, NetworkConfig, NetworkManager
 from oss.schema import VERSIONS
-from oss.storage.relay import StorageRelay
+from oss.storage.relay import SqlSpecs, StorageRelay
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
 from oss.telemetry.processes import Processes, measured_counters, process_row, seeded
@@ -164,7 +164,8 @@ class Oss:
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
         self._outcomes = migrations.Outcomes()
-        self.storage = StorageRelay(self.commands)  # issue 14: programs' storage on instances
+        # Issue 14: programs' storage on instances (kept in the store: survives a restart).
+        self.storage = StorageRelay(self.commands, SqlSpecs(self.store, clock))
         self._runner: asyncio.Task[None] | None = None
         # Issue 13: program addresses and redirects (None: no network prefix configured).
         self.network: NetworkManager | None = None
@@ -523,7 +524,7 @@ class Oss:
                 f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
             )
             self.commands.drop_instance(f.instance)
-            self.storage.forget_instance(f.instance)
+            await self.storage.forget_instance(f.instance)
         for program, instance, count, by_client in lost:
             then = "its client placed them" if by_client else "marked for recovery"
             await self.program_log(

@@ -213,9 +213,9 @@ async def _where_storage_is(
     """Issue 14: a program with storage places recursively only where it is mounted
     (a mount takes longer than an agent waits); the rest is given back, and the exec
     runs on the asking instance, which has it."""
-    if pid not in oss.storage.specs:
+    mounted = await oss.storage.mounts(pid)
+    if mounted is None:
         return got
-    mounted = oss.storage.mounted.get(pid, set())
     for a in got:
         if a["instance"] not in mounted:
             await oss.programs.release(account, pid, a["instance"], a["processes"])
