@@ -87,6 +87,14 @@ SYNC_PATH = "/.dcp-sync"
 STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
 LOCK_SUBSYSTEM = "dcp-lock"  # oss.storage.locks: flock and POSIX locks of the namespace
 LOCK_POLL = 0.05  # seconds between looks for a FUSE interrupt while a lock call waits
+# The instance tracer names lockers in the program's pids (a placed process's pid is
+# its deputy's, a forked one's `base + pid`: vmagent.trace.pidspace), which only it
+# knows: before a lock call it sets PID_XATTR ("REAL PROGRAM") on the file, and after
+# an F_GETLK it reads GETLK_XATTR + ".REAL" (the holder's program pid, which the
+# kernel cannot carry: it is no pid of this instance).  Neither touches the volume.
+PID_XATTR = "user.dcp.lockpid"
+GETLK_XATTR = "user.dcp.getlk"
+MAX_PIDS = 4096  # lockers remembered (the oldest go first)
 STREAM_REASON = "large sequential write streams to the networked volume"
 
 T = TypeVar("T")
@@ -385,6 +393,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.started = time.time_ns()  # the root directory's times
         self.usage_read = -1e9  # monotonic time of the last usage reading
         self.looked_up: tuple[str, Any, float] = ("", None, -1e9)  # the last getattr
+        self.program_pids: dict[int, int] = {}  # this instance's pid -> the program's
+        self.getlk_holders: dict[int, int] = {}  # F_GETLK caller's pid -> holder's program pid
         # path -> (monotonic time asked, the volume's attributes); read without the lock
         self.attrs: dict[str, tuple[float, asyncssh.SFTPAttrs]] = {}
 
@@ -1027,7 +1037,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         """flock(2) on any instance's descriptor of `path`; owner: the open file (kernel's)."""
         kind = "u" if op & fcntl.LOCK_UN else "w" if op & fcntl.LOCK_EX else "r"
         wait = kind != "u" and not op & fcntl.LOCK_NB
-        pid = fuse.fuse_get_context()[2]
+        pid = self._program_pid(fuse.fuse_get_context()[2])
         req = dict(op="set", kind="flock", path=path, owner=owner, pid=pid, type=kind,
                    start=0, end=EOF_END, wait=wait)  # fmt: skip
         if kind == "u":
@@ -1048,8 +1058,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         end = EOF_END if fl.l_len == 0 else start + int(fl.l_len) - 1
         wait = cmd == fcntl.F_SETLKW and kind != "u"
         req = dict(op="get" if cmd == fcntl.F_GETLK else "set", kind="posix", path=path,
-                   owner=owner, pid=int(fl.l_pid), type=kind, start=start, end=end,
-                   wait=wait)  # fmt: skip
+                   owner=owner, pid=self._program_pid(int(fl.l_pid)), type=kind, start=start,
+                   end=end, wait=wait)  # fmt: skip
         if kind == "u" and cmd != fcntl.F_GETLK:
             self._before_unlock(fh)
         answer = self.remote.lock_call(req, wait)
@@ -1065,7 +1075,42 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 fl.l_start = answer["start"]
                 fl.l_len = 0 if answer["end"] == EOF_END else answer["end"] - answer["start"] + 1
                 fl.l_pid = answer["pid"]
+                self._remember(self.getlk_holders, fuse.fuse_get_context()[2], answer["pid"])
         return -int(answer["errno"])
+
+    def _program_pid(self, pid: int) -> int:
+        """The program's pid of this instance's `pid` (itself if no tracer named it)."""
+        return self.program_pids.get(pid, pid)
+
+    @staticmethod
+    def _remember(table: dict[int, int], key: int, value: int) -> None:
+        table.pop(key, None)
+        table[key] = value
+        while len(table) > MAX_PIDS:
+            del table[next(iter(table))]
+
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        """Only PID_XATTR, from the instance tracer (no extended attribute reaches the volume)."""
+        if name != PID_XATTR:
+            raise fuse.FuseOSError(errno.ENOTSUP)
+        try:
+            real, program = (int(v) for v in value.split())
+        except ValueError:
+            raise fuse.FuseOSError(errno.EINVAL) from None
+        if real <= 0 or program <= 0:
+            raise fuse.FuseOSError(errno.EINVAL)
+        self._remember(self.program_pids, real, program)
+        return 0
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        """GETLK_XATTR.PID: the holder the last F_GETLK of PID found, in the program's pids."""
+        prefix = GETLK_XATTR + "."
+        if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
+            raise fuse.FuseOSError(errno.ENOTSUP)  # as before: no extended attributes
+        holder = self.getlk_holders.get(int(name[len(prefix) :]))
+        if holder is None:
+            raise fuse.FuseOSError(errno.ENODATA)
+        return str(holder).encode()
 
     # -- reports ------------------------------------------------------------
 

@@ -130,6 +130,8 @@ class InstanceCoordinator:
         self.report = report
         self.source: PlacementSource = source or RunHere()
         self.locks = locks  # None: lock calls run on this kernel as they are
+        if locks is not None:
+            locks.program = self._holder  # how dcpfs names this session's lockers
         # Issue 13: listening sockets reported to the OSS (no agent: nobody asked).
         self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
         self.home = home  # None: a pid elsewhere is ESRCH
