@@ -227,17 +227,29 @@ class RunStorage:
         }  # fmt: skip
 
     def mount_on(self, agents: Sequence[Agent]) -> None:
-        """Mount the namespace on each instance (StorageMountFailed names the first that cannot)."""
+        """Mount the namespace on every instance at once (each agent starts its dcpfs);
+        StorageMountFailed names the first that cannot."""
+        import concurrent.futures
+
         body = json.dumps(self.spec()).encode()
-        for agent in agents:
+
+        def mount(agent: Agent) -> StorageMountFailed | None:
             try:
                 _call(agent, "POST", "/v1/storage", body)
             except urllib.error.HTTPError as exc:
                 why = exc.read(4096).decode(errors="replace").strip() or str(exc)
-                raise StorageMountFailed(f"{agent.name}: storage not mounted: {why}") from exc
+                return StorageMountFailed(f"{agent.name}: storage not mounted: {why}")
             except OSError as exc:
-                raise StorageMountFailed(f"{agent.name}: storage not mounted: {exc}") from exc
-            self.agents.append(agent)
+                return StorageMountFailed(f"{agent.name}: storage not mounted: {exc}")
+            return None
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(agents))) as pool:
+            outcomes = list(pool.map(mount, agents))
+        # Every instance that mounted is unmounted at close, whoever failed.
+        self.agents += [a for a, failed in zip(agents, outcomes, strict=True) if failed is None]
+        for failed in outcomes:
+            if failed is not None:
+                raise failed
 
     def close(self) -> None:
         """Unmount everywhere (publishing open files), then stop the server."""
