@@ -390,7 +390,7 @@ def _oss_storage(
     maps them to the namespace and the run's storage (the OSS relays it to each VM)."""
     import dataclasses
 
-    from oss.storage.errors import StorageError
+    from oss.storage import StorageError
     from oss.storage.run import RunStorage, options_from_table
     from vmagent.osslink import advertised_address
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from oss.storage.errors import StorageError
+from oss.storage import StorageError
 from oss.storage.policy import StorageLimits
 
 log = logging.getLogger(__name__)

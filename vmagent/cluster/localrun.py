@@ -225,7 +225,7 @@ class StorageLink:
         return int(getattr(self.link, "placed", 0))
 
     def _mount(self) -> bool:
-        from oss.storage.errors import StorageError
+        from oss.storage import StorageError
         from oss.storage.run import Agent
 
         with self._lock:

@@ -641,7 +641,7 @@ class OssProgramLink:
         """The run's storage is mounted on `instance` (the first time: the OSS relays it
         there and waits for the agent); False: it is not, the process runs here."""
         from oss import errors
-        from oss.storage.errors import StorageError
+        from oss.storage import StorageError
 
         if self.storage is None or instance in self._mounted:
             return True
