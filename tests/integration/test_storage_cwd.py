@@ -118,3 +118,46 @@ def test_nothing_placed_starts_no_storage(tmp_path: Path) -> None:
     plain = _dcptrace(tmp_path, script="true")
     assert plain.returncode == 0, plain.stderr
     assert _storages() == before
+
+
+SPECIALS = """
+import os, socket, threading
+os.mkfifo("p")
+def w():
+    with open("p", "w") as f:
+        f.write("through the fifo")
+t = threading.Thread(target=w)
+t.start()
+print(open("p").read())
+t.join()
+s = socket.socket(socket.AF_UNIX)
+s.bind("s.sock")
+s.listen(1)
+c = socket.socket(socket.AF_UNIX)
+c.connect("s.sock")
+a, _ = s.accept()
+c.send(b"over the socket")
+print(a.recv(100).decode())
+print(sorted(os.listdir(".")))
+os.rename("p", "q")
+os.unlink("q")
+os.unlink("s.sock")
+print(sorted(os.listdir(".")))
+"""
+
+
+def test_fifos_and_sockets_in_the_cwd_work_on_an_instance(tmp_path: Path) -> None:
+    """mkfifo and an AF_UNIX bind in the shared cwd (the namespace keeps them on the
+    instance that made them: SFTP cannot make them, the kernel serves them by inode)."""
+    _require_root()
+    (tmp_path / "native").mkdir()
+    (tmp_path / "dcp").mkdir()
+    script = 'python3 -c "$0"'  # python is placed
+    native = subprocess.run(["sh", "-c", script, SPECIALS], cwd=tmp_path / "native",
+                            capture_output=True, timeout=60)  # fmt: skip
+    argv = [*dcptrace_argv("--instances", "2", "--placement", "spread"), "--",
+            "sh", "-c", script, SPECIALS]  # fmt: skip
+    traced = subprocess.run(argv, cwd=tmp_path / "dcp", env=traced_env(), capture_output=True,
+                            stdin=subprocess.DEVNULL, timeout=240)  # fmt: skip
+    assert native.returncode == 0, native.stderr
+    assert (traced.stdout, traced.returncode) == (native.stdout, 0), traced.stderr

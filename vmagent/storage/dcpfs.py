@@ -394,6 +394,10 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.usage_read = -1e9  # monotonic time of the last usage reading
         self.looked_up: tuple[str, Any, float] = ("", None, -1e9)  # the last getattr
         self.program_pids: dict[int, int] = {}  # this instance's pid -> the program's
+        # FIFOs and sockets made here (mkfifo, AF_UNIX bind): SFTP cannot make them on
+        # the volume, and the kernel serves them by inode, so they live on this
+        # instance's mount only (path -> attributes).
+        self.specials: dict[str, dict[str, Any]] = {}
         self.getlk_holders: dict[int, int] = {}  # F_GETLK caller's pid -> holder's program pid
         # path -> (monotonic time asked, the volume's attributes); read without the lock
         self.attrs: dict[str, tuple[float, asyncssh.SFTPAttrs]] = {}
@@ -594,6 +598,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         if path == SYNC_PATH:
             self.sync()
             return {"st_mode": stat.S_IFREG, "st_nlink": 1, "st_size": 0}
+        special = self.specials.get(path)
+        if special is not None:
+            return dict(special)
         if path == "/":
             now = self.started
             return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_size": 0,
@@ -611,8 +618,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 return [".", ".."] + [f"v{i}" for i in range(self.config.volumes)]
             asked = time.monotonic()
             entries = self.remote.call(lambda: self.sftp.readdir(path))
-            names = []
             base = path.rstrip("/")
+            names = [p[len(base) + 1 :] for p in self.specials if p.rpartition("/")[0] == base]
             for e in entries:
                 name = e.filename if isinstance(e.filename, str) else e.filename.decode()
                 if name in (".", "..") or name.startswith((".dcp-part-", ".fuse_hidden")):
@@ -630,6 +637,27 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         st = os.statvfs(self.config.disk_dir)
         return {key: getattr(st, key) for key in STATVFS_KEYS}
 
+    def mknod(self, path: str, mode: int, dev: int) -> None:
+        """A FIFO or a socket, on this instance only (see `specials`)."""
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise fuse.FuseOSError(errno.EPERM)  # devices: not in a program's namespace
+        with self._mutex:
+            if path in self.specials:
+                raise fuse.FuseOSError(errno.EEXIST)
+            try:
+                self._stat(path)
+            except fuse.FuseOSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                raise fuse.FuseOSError(errno.EEXIST)
+            uid, gid, _pid = fuse.fuse_get_context()
+            now = time.time_ns()
+            self.specials[path] = {
+                "st_mode": mode, "st_nlink": 1, "st_size": 0, "st_uid": uid, "st_gid": gid,
+                "st_mtime": now, "st_atime": now, "st_ctime": now,
+            }  # fmt: skip
+
     def mkdir(self, path: str, mode: int) -> None:
         with self._mutex:
             attrs = asyncssh.SFTPAttrs(permissions=mode & 0o7777)
@@ -643,6 +671,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def unlink(self, path: str) -> None:
         with self._mutex:
+            if self.specials.pop(path, None) is not None:
+                return
             self._forget_attrs(path)
             self.remote.call(lambda: self.sftp.remove(path))
             self._drop_copy(path)
@@ -653,6 +683,10 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def rename(self, old: str, new: str) -> None:
         with self._mutex:
+            special = self.specials.pop(old, None)
+            if special is not None:  # stays on this instance, under its new name
+                self.specials[new] = special
+                return
             self._forget_attrs(old, new, tree=True)
             self.remote.call(lambda: self.sftp.posix_rename(old, new))
             self._drop_copy(new)
