@@ -161,3 +161,40 @@ def test_fifos_and_sockets_in_the_cwd_work_on_an_instance(tmp_path: Path) -> Non
                             stdin=subprocess.DEVNULL, timeout=240)  # fmt: skip
     assert native.returncode == 0, native.stderr
     assert (traced.stdout, traced.returncode) == (native.stdout, 0), traced.stderr
+
+
+SERVER = """
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.bind("sock")
+s.listen(1)
+open("up", "w").close()
+a, _ = s.accept()
+print("server got", a.recv(100).decode())
+"""
+CLIENT = """
+import os, socket, time
+while not os.path.exists("up"):
+    time.sleep(0.05)
+c = socket.socket(socket.AF_UNIX)
+c.connect("sock")
+c.send(b"hello across instances")
+"""
+
+
+def test_an_af_unix_socket_in_the_cwd_is_reached_from_another_instance(tmp_path: Path) -> None:
+    """Local instances share one kernel: a socket bound in the shared cwd is the home
+    directory's (the kernel finds it by inode; each dcpfs mount numbers its own)."""
+    _require_root()
+    script = 'python3 -c "$0" & python3 -c "$1"; wait'
+    (tmp_path / "native").mkdir()
+    (tmp_path / "dcp").mkdir()
+    native = subprocess.run(["sh", "-c", script, SERVER, CLIENT], cwd=tmp_path / "native",
+                            capture_output=True, timeout=60)  # fmt: skip
+    argv = [*dcptrace_argv("--instances", "2", "--placement", "spread"), "--",
+            "sh", "-c", script, SERVER, CLIENT]  # fmt: skip
+    traced = subprocess.run(argv, cwd=tmp_path / "dcp", env=traced_env(), capture_output=True,
+                            stdin=subprocess.DEVNULL, timeout=240)  # fmt: skip
+    assert native.returncode == 0, native.stderr
+    assert (traced.stdout, traced.returncode) == (native.stdout, 0), traced.stderr
+    assert sorted(p.name for p in (tmp_path / "dcp").iterdir()) == ["sock", "up"]
