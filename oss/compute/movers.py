@@ -298,6 +298,7 @@ class Sample:
 @dataclass
 class _Track:
     session: int
+    seen: float = 0.0  # when the last sample arrived (the OSS's clock)
     samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
 
 
@@ -324,14 +325,18 @@ class Profiles:
         pid: int,
         started: float,
         sample: Sample,
+        seen: float,
     ) -> None:
-        """A process's totals at `sample.at` (an older or repeated sample is ignored)."""
+        """A process's totals at `sample.at` (its instance's clock), arrived at `seen`
+        (the OSS's: staleness never compares the two clocks).  An older or repeated
+        sample is ignored."""
         key = (program, instance, pid, started)
         t = self._tracks.get(key)
         if t is None:
             t = self._tracks[key] = _Track(session)
         if t.samples and sample.at <= t.samples[-1].at:
             return
+        t.seen = seen
         t.samples.append(sample)
         while len(t.samples) > 2 and t.samples[1].at <= sample.at - self.window:
             t.samples.popleft()
@@ -340,7 +345,7 @@ class Profiles:
         """{(program, instance, session): Busy} of every session sampled lately."""
         sums: dict[tuple[str, str, int], list[float]] = {}
         for key, t in list(self._tracks.items()):
-            if not t.samples or t.samples[-1].at < now - self.window:
+            if not t.samples or t.seen < now - self.window:
                 del self._tracks[key]  # ended, or moved away: its figures are stale
                 continue
             first, last = t.samples[0], t.samples[-1]

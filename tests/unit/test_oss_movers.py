@@ -156,10 +156,11 @@ def test_profiles_sum_a_session_s_processes_over_the_window_and_forget_stale_one
     prof = Profiles(window=10.0)
     for t in range(0, 21):  # 20 s: the window keeps the last 10
         at = 100.0 + t
-        # the root waits (a shell); its child computes, throttled to a fifth of a CPU
-        prof.observe("p1", "slow", 7, 7, 1.0, Sample(at, 1000, 0))
-        prof.observe("p1", "slow", 7, 8, 2.0, Sample(at, t * 200_000, t * 800_000))
-    prof.observe("p1", "slow", 7, 8, 2.0, Sample(105.0, 0, 0))  # late: ignored
+        # the root waits (a shell); its child computes, throttled to a fifth of a CPU, and
+        # its instance's clock is 500 s behind the OSS's (only the OSS's says stale)
+        prof.observe("p1", "slow", 7, 7, 1.0, Sample(at, 1000, 0), at)
+        prof.observe("p1", "slow", 7, 8, 2.0, Sample(at - 500, t * 200_000, t * 800_000), at)
+    prof.observe("p1", "slow", 7, 8, 2.0, Sample(-395.0, 0, 0), 121.0)  # late: ignored
     got = prof.busy(120.0)
     b = got[("p1", "slow", 7)]
     assert b.span_s == pytest.approx(10.0, abs=1.0)
@@ -167,7 +168,7 @@ def test_profiles_sum_a_session_s_processes_over_the_window_and_forget_stale_one
     assert b.cpu_s == pytest.approx(b.span_s * 0.2)
     assert prof.programs() == {"p1"}
     assert prof.busy(200.0) == {} and prof.programs() == set()  # nothing sampled lately
-    prof.observe("p2", "fast", 3, 3, 1.0, Sample(300.0, 0, 0))
-    prof.observe("p2", "fast", 3, 3, 1.0, Sample(301.0, 1_000_000, 0))
+    prof.observe("p2", "fast", 3, 3, 1.0, Sample(300.0, 0, 0), 300.0)
+    prof.observe("p2", "fast", 3, 3, 1.0, Sample(301.0, 1_000_000, 0), 301.0)
     prof.forget(["p2"])
     assert prof.busy(301.0) == {}
