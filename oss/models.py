@@ -617,6 +617,8 @@ class Instance(Api):
     # its last heartbeat arrived (held in memory; `last_heartbeat` is persisted each tick)
     load: Load | None = None
     seen: float | None = None
+    # issue 12: its CPU speed as its agent measured it (vmagent.cpuscore; 1.0 = reference)
+    speed: float | None = None
 
 
 # -- billing -----------------------------------------------------------------

@@ -455,6 +455,7 @@ def _instance_row(r: sqlite3.Row) -> dict[str, Any]:
         used_slots=r["used_slots"],
         dedicated=r["dedicated_to"] is not None,
         last_heartbeat=r["last_heartbeat"],
+        speed=r["speed"],
     )
 
 
