@@ -2,7 +2,7 @@
 
 A real `dcp-oss serve` with two pools of namespaced local instances: `p` (fast:
 the instance gets what the host gives it) and `p-slow`, whose instances are
-limited to a tenth of one CPU by a cgroup CPU quota (the local provider's
+limited to a twentieth of one CPU by a cgroup CPU quota (the local provider's
 `make_slow`).  The agents measure their CPU score at registration (the slow one
 scores lower because of the quota: measured, not declared).  A CPU-bound program
 placed by a real `dcptrace --oss` on the cheaper slow instance is moved to the
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import dcptrace_argv, traced_env, wait_for
-from tests.integration.checkpointing import local_pool, ready_instances
+from tests.integration.checkpointing import local_pool, pool_agents, ready_instances
 from tests.integration.test_dcptrace_oss import Lab, _cli, _env
 from tests.integration.test_oss_limits_act import _send
 
@@ -44,13 +44,14 @@ while (i < rounds) if rounds else not os.path.exists(flag + ".stop"):
     print(i, x, flush=True)
     cmd = open("/proc/1/cmdline", "rb").read().split(b"\0")
     where = cmd[cmd.index(b"--hostname") + 1].decode() if b"--hostname" in cmd else "home"
+    cpu = [ln for ln in open("/proc/self/cgroup").read().splitlines() if ":cpu" in ln]
     with open(flag + ".host.tmp", "w") as f:
-        f.write(where)
+        f.write(where + "\n" + "".join(cpu))
     os.rename(flag + ".host.tmp", flag + ".host")
     i += 1
 sys.exit(5)
 """
-ROUNDS = 400  # ~4 s of CPU natively: minutes at a tenth of a CPU, so it moves first
+ROUNDS = 400  # ~4 s of CPU natively: minutes at a twentieth of a CPU: it moves first
 
 
 def _cpu_controller_or_skip() -> None:
@@ -65,7 +66,7 @@ def _cpu_controller_or_skip() -> None:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    """Pool p-slow: one instance at a tenth of a CPU (price 10/s); pool p of a fast type
+    """Pool p-slow: one instance at a twentieth of a CPU (price 10/s); pool p of a fast type
     (price 100/s), empty until the test fills it."""
     _cpu_controller_or_skip()
     serve = (
@@ -108,9 +109,18 @@ def _dcp_oss(lab: Lab, *args: str, token: str) -> subprocess.CompletedProcess[st
 
 
 def _where(lab: Lab, flag: str) -> str:
+    """The instance the program ran on at its last round."""
     try:
-        return (lab.data / f"{flag}.host").read_text()
+        return (lab.data / f"{flag}.host").read_text().split("\n")[0]
     except OSError:
+        return ""
+
+
+def _cpu_cgroup(lab: Lab, flag: str) -> str:
+    """Its CPU cgroup at its last round (a slow instance's quota is one)."""
+    try:
+        return (lab.data / f"{flag}.host").read_text().split("\n", 1)[1]
+    except (OSError, IndexError):
         return ""
 
 
@@ -143,6 +153,7 @@ def test_a_cpu_bound_program_moves_to_the_faster_instance_and_one_with_moves_off
     lab: Lab,
 ) -> None:
     (slow,) = ready_instances(lab)
+    assert pool_agents(lab.url), "the slow instance's agent is not found by its OSS URL"
     # Another tenant whose default policy turns optimizer moves off.
     calm = _cli("account", "create", "--data", str(lab.data), "--allow-root", "calm")
     _send(lab, "PUT", "/v1/policies", calm, {"scaling_policy": {"moves": False}})
@@ -166,6 +177,9 @@ def test_a_cpu_bound_program_moves_to_the_faster_instance_and_one_with_moves_off
         assert speeds[fast] > 1.5 * speeds[slow] > 0, speeds
         # The optimizer sees A CPU-bound on the slow instance and moves it.
         assert wait_for(lambda: _where(lab, "a") == fast, 150), _where(lab, "a")
+        # It runs at the fast instance's speed there: out of the slow one's CPU quota.
+        assert wait_for(lambda: slow not in _cpu_cgroup(lab, "a"), 30), _cpu_cgroup(lab, "a")
+        assert slow in _cpu_cgroup(lab, "b"), _cpu_cgroup(lab, "b")
         # B was as CPU-bound, as old, on the same instance: it held, for its policy.
         lines = _log(lab, f"/v1/programs/{prog_b}/logs", calm)
         holds = [ln["text"] for ln in lines if ln["text"].startswith("optimizer: ")]
