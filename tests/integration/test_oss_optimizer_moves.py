@@ -51,7 +51,7 @@ while (i < rounds) if rounds else not os.path.exists(flag + ".stop"):
     i += 1
 sys.exit(5)
 """
-ROUNDS = 400  # ~4 s of CPU natively: minutes at a twentieth of a CPU: it moves first
+ROUNDS = 300  # ~2 s of CPU natively, idle; over a minute on the slow instance: it moves first
 
 
 def _cpu_controller_or_skip() -> None:
