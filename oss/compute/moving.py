@@ -81,6 +81,9 @@ class Mover:
             return
         self._last_pass = now
         wall = self.oss.clock()
+        for key, at in list(self._failed.items()):
+            if wall - at > FAILED_BACKOFF:
+                del self._failed[key]
         busy = self.profiles.busy(wall)
         bound = sorted(
             {prog for (prog, _i, _s), b in busy.items() if b.fraction >= self.rules.busy_min}
@@ -132,12 +135,12 @@ class Mover:
                 done = await self.oss.move_session(
                     d.program, ref, d.target, f"optimizer: {d.reason}"
                 )
-            except MigrationFailed as exc:
+            except OssError as exc:  # refused, or the target went away meanwhile
                 self._failed[(d.program, d.pid, d.target)] = self.oss.clock()
                 await self._say(
                     d.program,
                     f"optimizer: pid {d.pid} not moved to {d.target} (it runs on at"
-                    f" {d.source}): {exc.detail}",
+                    f" {d.source}): {exc.detail or exc}",
                 )
                 return
             await self._say(
@@ -232,10 +235,8 @@ class Mover:
             if r["state"] == "migrated":
                 left.setdefault(r["pid"], set()).add(r["instance"])
                 last_move = max(last_move or 0.0, r["ended"] or 0.0)
-        for (prog, pid, target), at in list(self._failed.items()):
-            if now - at > FAILED_BACKOFF:
-                del self._failed[(prog, pid, target)]
-            elif prog == program_id:
+        for prog, pid, target in self._failed:
+            if prog == program_id:
                 left.setdefault(pid, set()).add(target)
         sessions = tuple(
             movers.Session(
