@@ -25,6 +25,6 @@ def test_the_score_is_the_median_window_so_a_burst_at_the_start_does_not_count()
     # ten times the rate of the six windows after it.
     clock = SteppingClock(burst=151, fast=0.001, slow=0.01)
     score = measure(windows=7, seconds=0.15, clock=clock)
-    assert score == pytest.approx(CHUNK / 0.01 / REFERENCE_RATE, rel=0.01)
+    assert score == pytest.approx(CHUNK / 0.01 / REFERENCE_RATE, abs=0.002)  # 3 decimals
     steady = measure(windows=7, seconds=0.15, clock=SteppingClock(0, 0.005, 0.005))
-    assert steady == pytest.approx(2 * score, rel=0.01)
+    assert steady == pytest.approx(2 * score, abs=0.002)
