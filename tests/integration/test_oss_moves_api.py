@@ -21,13 +21,14 @@ from tests.conftest import wait_for
 pytest_plugins = ["conftest_oss"]
 
 
-def register(srv: OssServer, name: str, speed: float) -> str:
-    token = srv.call(srv.oss.mint_instance_token(name))
+def register(srv: OssServer, name: str, speed: float | None, pool: str | None = None) -> str:
+    token = srv.call(srv.oss.mint_instance_token(name, pool))
     body = {
         "instance": name, "address": "127.0.0.1:7070", "hostname": name, "cpus": 2,
         "memory_mb": 512, "exec_key": secrets.token_hex(32), "checkpoint": True,
-        "speed": speed,
     }  # fmt: skip
+    if speed is not None:
+        body["speed"] = speed
     r = srv.http("POST", "/v1/agents/register", token, body)
     assert r.status == 200, r.body
     return token
@@ -116,3 +117,30 @@ def test_a_program_whose_policy_turns_moves_off_is_held_with_that_reason(
         "POST", "/v1/programs", beta.token, {"argv": ["x"], "scaling_policy": {"moves": True}}
     ).body
     assert on["scaling_policy"]["moves"] is True
+
+
+def test_an_instance_that_measured_no_speed_has_its_type_s_declared_one(
+    oss_factory: Any,
+) -> None:
+    srv = oss_factory(clock=Clock(), moves_every=0.001)
+    root = srv.account("root", admin=True)
+    fast_type = {"name": "big", "cpus": 2, "memory_mb": 512, "price_micros_per_s": 0,
+                 "speed": 2.0}  # fmt: skip
+    assert srv.http("PUT", "/v1/instance-types", root.token, fast_type).status == 200
+    types = srv.http("GET", "/v1/instance-types", root.token).body
+    assert [t["speed"] for t in types if t["name"] == "big"] == [2.0]
+    pool = {"name": "bigs", "instance_type": "big", "warm_target": 0, "max_size": 1}
+    assert srv.http("PUT", "/v1/pools", root.token, pool).status == 200
+    slow = register(srv, "a-slow", 0.2)
+    register(srv, "bigs-1", None, pool="bigs")  # an agent that sent no score
+    alpha = srv.account("alpha")
+    prog = srv.http("POST", "/v1/programs", alpha.token, {"argv": ["python3"]}).body
+    assert prog["placements"] == [{"instance": "a-slow", "processes": 1}], prog
+    samples(srv, slow, "a-slow", prog["id"], 0)
+    srv.call(srv.oss.mover.tick())
+
+    def moving() -> list[str]:
+        return [t for t in log(srv, alpha.token, prog["id"]) if "moving" in t]
+
+    assert wait_for(lambda: moving() != [], 30), log(srv, alpha.token, prog["id"])
+    assert "bigs-1 (speed 2.00) runs it 10.0x faster" in moving()[0], moving()
