@@ -47,6 +47,7 @@ class Nat:
     dport: int = 0
     iif: str = ""
     oif: str = ""
+    proto: str = "tcp"  # the protocol `dport` is of: "tcp" | "udp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,10 @@ def to_wire(state: NodeState) -> dict[str, Any]:
         sysctls=[list(s) for s in state.sysctls],
         default_src=list(state.default_src) if state.default_src else None,
         local_pref=state.local_pref,
-        nat=[[n.hook, n.kind, n.to, n.daddr, n.saddr, n.dport, n.iif, n.oif] for n in state.nat],
+        nat=[
+            [n.hook, n.kind, n.to, n.daddr, n.saddr, n.dport, n.iif, n.oif, n.proto]
+            for n in state.nat
+        ],  # fmt: skip
         rate_kbit=state.rate_kbit,
         shape_dev=state.shape_dev,
         guard_dev=state.guard_dev,
@@ -133,11 +137,7 @@ def _from_wire(data: object) -> NodeState:
     ds = data.get("default_src")
     default_src = (_ip(ds[0]), _dev(ds[1]), _ip(ds[2])) if ds else None
     lp = data.get("local_pref")
-    nat = tuple(
-        Nat(_one(h, _HOOKS), _one(k, ("dnat", "snat")), _ip(to), _cidr(da), _cidr(sa),
-            _int(dp, 0, 65535), _dev(i) if i else "", _dev(o) if o else "")
-        for h, k, to, da, sa, dp, i, o in data.get("nat", [])
-    )  # fmt: skip
+    nat = tuple(_nat(n) for n in data.get("nat", []))
     shape, guard = data.get("shape_dev", ""), data.get("guard_dev", "")
     return NodeState(
         addresses=addresses,
@@ -151,6 +151,16 @@ def _from_wire(data: object) -> NodeState:
         shape_dev=_dev(shape) if shape else "",
         guard_dev=_dev(guard) if guard else "",
     )
+
+
+def _nat(n: list[Any]) -> Nat:
+    """One NAT rule from the wire (8 items, or 9 with its protocol: older agents' 8)."""
+    h, k, to, da, sa, dp, i, o, *rest = n
+    if len(rest) > 1:
+        raise BadNodeState(f"a NAT rule has 8 or 9 items, not {len(n)}")
+    return Nat(_one(h, _HOOKS), _one(k, ("dnat", "snat")), _ip(to), _cidr(da), _cidr(sa),
+               _int(dp, 0, 65535), _dev(i) if i else "", _dev(o) if o else "",
+               _one(rest[0], ("tcp", "udp")) if rest else "tcp")  # fmt: skip
 
 
 def _ip(v: object) -> str:

@@ -227,7 +227,7 @@ def _expr(n: Nat) -> list[dict[str, Any]]:
     if n.saddr:
         out.append(_match({"payload": {"protocol": "ip", "field": "saddr"}}, _prefix(n.saddr)))
     if n.dport:
-        out.append(_match({"payload": {"protocol": "tcp", "field": "dport"}}, n.dport))
+        out.append(_match({"payload": {"protocol": n.proto, "field": "dport"}}, n.dport))
     out.append({n.kind: {"addr": n.to}})
     return out
 

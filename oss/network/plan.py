@@ -49,6 +49,7 @@ PORT_TOP = 60999  # Linux's default ephemeral range ends here
 RULE_PREF = 100  # our policy rules
 LOCAL_PREF = 200  # where the `lookup local` rule moves on an instance holding P
 TCP, UDP = 6, 17
+PROTO_NAMES = {TCP: "tcp", UDP: "udp"}  # what nft matches a port of
 BOUND = ("any", "loopback", "program", "other")  # what a listener is bound to
 
 
@@ -188,16 +189,16 @@ def _instance(
         rules.add(Rule(p, port_block(other.slot, size), table_of(other)))
     nat: list[Nat] = []
     for (proto, port), lst in sorted(owner.items()):
+        name = PROTO_NAMES.get(proto)
         if lst.instance == me.name:
-            if lst.bound == "loopback" and proto == TCP:
-                nat.append(
-                    Nat("prerouting", "dnat", "127.0.0.1", daddr=f"{p}/32", dport=port, iif=dev)
-                )
+            if lst.bound == "loopback" and name:
+                nat.append(Nat("prerouting", "dnat", "127.0.0.1", daddr=f"{p}/32", dport=port,
+                               iif=dev, proto=name))  # fmt: skip
             continue
         there = by_name[lst.instance]
         rules.add(Rule(p, (port, port), table_of(there), proto))
-        if proto == TCP and lst.bound in ("any", "loopback"):
-            nat.append(Nat("output", "dnat", p, daddr="127.0.0.0/8", dport=port))
+        if name and lst.bound in ("any", "loopback"):
+            nat.append(Nat("output", "dnat", p, daddr="127.0.0.0/8", dport=port, proto=name))
     if any(n.hook == "output" for n in nat):
         nat.append(Nat("postrouting", "snat", p, saddr="127.0.0.0/8", oif=dev))
     conf = f"net/ipv4/conf/{dev}"

@@ -8,6 +8,7 @@ from oss.network.plan import (
     LOCAL_PREF,
     TABLE_BASE,
     TCP,
+    UDP,
     HostSpot,
     InstanceSpot,
     Listener,
@@ -87,6 +88,34 @@ def test_loopback_listener_is_reached_through_dnat_and_not_from_outside() -> Non
     assert b.nat == (Nat("prerouting", "dnat", "127.0.0.1", f"{P}/32", dport=5432, iif="eth0"),)
     assert not any(r.ports == (5432, 5432) for r in states[("host", "h1")].rules)
     assert any(r.ports == (5432, 5432) for r in states[("instance", "a")].rules)
+
+
+def test_udp_listeners_are_steered_by_protocol_and_port() -> None:
+    net = ProgramNet(
+        "p", P, ("a", "b"), (Listener("b", 53, proto=UDP), Listener("b", 5353, "loopback", UDP))
+    )
+    states = plan(net, SPOTS, HOSTS)
+    a, b, h1 = states[("instance", "a")], states[("instance", "b")], states[("host", "h1")]
+    assert {
+        Rule(P, (53, 53), TABLE_BASE + 1, UDP),
+        Rule(P, (5353, 5353), TABLE_BASE + 1, UDP),
+    } <= a.rules
+    assert Nat("output", "dnat", P, daddr="127.0.0.0/8", dport=53, proto="udp") in a.nat
+    assert Nat("output", "dnat", P, daddr="127.0.0.0/8", dport=5353, proto="udp") in a.nat
+    assert b.nat == (
+        Nat("prerouting", "dnat", "127.0.0.1", f"{P}/32", dport=5353, iif="eth0", proto="udp"),
+    )
+    assert Rule(P, (53, 53), TABLE_BASE + 1, UDP) in h1.rules  # from outside: bound to any
+    assert not any(r.ports == (5353, 5353) for r in h1.rules)  # loopback: the program's own
+
+
+def test_a_tcp_and_a_udp_listener_share_a_port_number() -> None:
+    net = ProgramNet("p", P, ("a", "b"), (Listener("a", 53), Listener("b", 53, proto=UDP)))
+    c = plan(ProgramNet("p", P, ("a", "b", "c"), net.listeners), SPOTS, HOSTS)[("instance", "c")]
+    assert {
+        Rule(P, (53, 53), TABLE_BASE + 0, TCP),
+        Rule(P, (53, 53), TABLE_BASE + 1, UDP),
+    } <= c.rules
 
 
 def test_first_listener_of_a_port_wins() -> None:

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _states() -> dict[tuple[str, str], NodeState]:
     net = ProgramNet(
-        "p1", "10.5.0.2", ("a", "b"), (Listener("a", 8000), Listener("b", 9000, "loopback"))
-    )
+        "p1", "10.5.0.2", ("a", "b"),
+        (Listener("a", 8000), Listener("b", 9000, "loopback"), Listener("b", 53, proto=17)),
+    )  # fmt: skip
     spots = {
         "a": InstanceSpot("a", "10.1.0.2", "10.1.0.1", "h", 0),
         "b": InstanceSpot("b", "10.1.0.3", "10.1.0.1", "h", 1),
@@ -47,6 +48,14 @@ def test_every_planned_state_survives_the_wire() -> None:
         (lambda w: w.update(addresses=[["10.5.0.2", 32, "eth0; rm"]]), "device"),
         (lambda w: w.update(rules=[["10.5.0.2", 1, 2, 7000, 6]] * 600), "at most"),
         (lambda w: w.update(nat=[["input", "dnat", "1.2.3.4", "", "", 0, "", ""]]), "not one of"),
+        (
+            lambda w: w.update(nat=[["output", "dnat", "1.2.3.4", "", "", 5, "", "", "sctp"]]),
+            "not one of",
+        ),
+        (
+            lambda w: w.update(nat=[["output", "dnat", "1.2.3.4", "", "", 5, "", "", "udp", 1]]),
+            "8 or 9",
+        ),
     ],
 )
 def test_a_state_no_planner_makes_is_refused(change: object, why: str) -> None:
@@ -54,6 +63,13 @@ def test_a_state_no_planner_makes_is_refused(change: object, why: str) -> None:
     change(wire)  # type: ignore[operator]
     with pytest.raises(BadNodeState, match=why):
         from_wire(wire)
+
+
+def test_an_older_agents_nat_rule_of_8_items_is_tcp() -> None:
+    wire = to_wire(_states()[("instance", "a")])
+    assert {n[-1] for n in wire["nat"]} == {"tcp", "udp"}
+    wire["nat"] = [n[:8] for n in wire["nat"]]
+    assert {n.proto for n in from_wire(wire).nat} == {"tcp"}
 
 
 def test_not_an_object_is_refused() -> None:

@@ -140,6 +140,7 @@ class InstanceCoordinator:
         # Lock calls always stop (the filter is built without a forwarder).
         self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS
         self._net_names = NET_CALLS - self._inner_names
+        self._inner_observes: set[int] = set()  # tids whose bind the inner observes too
 
     def interception(self) -> frozenset[str]:
         """The view's calls, every exec, the calls that return or take pids, locks,
@@ -154,6 +155,17 @@ class InstanceCoordinator:
             return self._pid_call(call)
         if call.name in self._net_names:
             return self.listeners.on_syscall(call)
+        if call.name == "bind" and call.name in NET_CALLS:
+            # The view maps AF_UNIX paths (bind is the inner's too): its decision, and
+            # the result observed for a UDP port (`Listeners.on_result`).
+            inner = self.inner.on_syscall(call)
+            if isinstance(inner, (Allow, Rewrite)) and inner.observe_result:
+                self._inner_observes.add(call.tid)
+            if isinstance(inner, Allow):
+                return Allow(observe_result=True)
+            if isinstance(inner, Rewrite):
+                return Rewrite(inner.args, observe_result=True)
+            return inner
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -240,6 +252,12 @@ class InstanceCoordinator:
             return self.locks.getlk_result(call, result, self._holder)
         if call.name in self._net_names:
             return self.listeners.on_result(call, signed(result))
+        if call.name == "bind" and call.name in NET_CALLS:
+            done = None
+            if call.tid in self._inner_observes:
+                self._inner_observes.discard(call.tid)
+                done = self.inner.on_result(call, result, output)
+            return done if done is not None else self.listeners.on_result(call, signed(result))
         return self.inner.on_result(call, result, output)
 
     def _holder(self, real: int) -> int:
