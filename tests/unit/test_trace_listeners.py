@@ -10,9 +10,10 @@ import socket
 from oss.embedded import EmbeddedCoordinator
 from oss.storage.pathmap import PathMap
 from tracer.arch import table_for
-from tracer.coordinator import Allow, Complete, SyscallCall
+from tracer.coordinator import Allow, Complete, Rewrite, SyscallCall
 from vmagent.trace import channel
 from vmagent.trace.listeners import (
+    IN6_LOOPBACK,
     NET_CALLS,
     OP_LISTEN,
     OP_NETREFUSED,
@@ -135,3 +136,35 @@ def test_binds_that_steer_nothing_are_not_reported() -> None:
         assert w.on_result(call, 0) is None
         assert w.on_result(call, -errno.EADDRINUSE) is None
     assert asked == [] and not w.watched
+
+
+def _connect6(port: int) -> tuple[SyscallCall, ctypes.Array[ctypes.c_char]]:
+    raw = socket.AF_INET6.to_bytes(2, "little") + port.to_bytes(2, "big") + bytes(4)
+    raw += IN6_LOOPBACK + (7).to_bytes(4, "little")  # a scope id, dropped when mapped
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    args = (3, ctypes.addressof(buf), len(raw), 0, 0, 0)
+    return SyscallCall(os.getpid(), os.getpid(), 0, "connect", args), buf
+
+
+def test_a_connect_to_ipv6_loopback_with_nothing_here_goes_through_ipv4() -> None:
+    w = Listeners(lambda _m, _r: None, lambda _m: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: nothing is on the port here
+        call, _buf = _connect6(port)
+        decision = w.on_syscall(call)
+        assert isinstance(decision, Rewrite) and not decision.observe_result
+        mapped = decision.args[1]
+        assert isinstance(mapped, bytes) and decision.args[2] == len(mapped) == 28
+        assert mapped[2:4] == port.to_bytes(2, "big")
+        assert socket.inet_ntop(socket.AF_INET6, mapped[8:24]) == "::ffff:127.0.0.1"
+        assert mapped[24:] == bytes(4)
+        s.listen(1)  # something listens on the port here: left as it is
+        assert w.on_syscall(call) == Allow()
+        assert w.on_result(call, 0) is None
+    raw = socket.AF_INET.to_bytes(2, "little") + (80).to_bytes(2, "big") + bytes(12)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    v4 = SyscallCall(
+        os.getpid(), os.getpid(), 0, "connect", (3, ctypes.addressof(buf), 16, 0, 0, 0)
+    )
+    assert w.on_syscall(v4) == Allow()

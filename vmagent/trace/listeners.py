@@ -20,6 +20,11 @@ agent `op=unlisten`; the exit of a process checks every watched socket too.
 
 A UDP socket has no `listen`: its bind is when it starts to receive.
 
+IPv6 loopback: the program's instances share no IPv6 network, so `connect` to
+`[::1]:port` with nothing on that port here is run as a connect to
+`[::ffff:127.0.0.1]:port` (the same socket, through the IPv4 stack), which the
+instance's NAT steers to the listener on another instance like 127.0.0.1.
+
 Records: T -> agent `op=listen req pid port proto local`, `op=unlisten pid
 port proto`; agent -> T `op=netack req address` or `op=netrefused req errno`.
 """
@@ -35,13 +40,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from tracer.coordinator import Allow, Complete, Decision, SyscallCall
+from tracer.coordinator import Allow, Complete, Decision, Rewrite, SyscallCall
 from tracer.ptraceio import read_memory
 from vmagent.trace import channel
 
 log = logging.getLogger(__name__)
 
-NET_CALLS = frozenset({"listen", "bind", "close"})
+NET_CALLS = frozenset({"listen", "bind", "connect", "close"})
+IN6_LOOPBACK = bytes(15) + b"\x01"
+IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
+SOCKADDR_IN6 = 28
 ASK_TIMEOUT = 2.0  # s T holds a listen for the agent's answer
 OP_LISTEN = b"listen"
 OP_UNLISTEN = b"unlisten"
@@ -121,6 +129,40 @@ def bind_port(pid: int, addr: int, size: int) -> int:
         socket.AF_INET, socket.AF_INET6):  # fmt: skip
         return 0
     return int.from_bytes(head[2:4], "big")
+
+
+def port_used(pid: int, port: int) -> bool:
+    """Whether a TCP socket listens, or a UDP socket is bound, on `port` in `pid`'s
+    namespace (any address, IPv4 or IPv6)."""
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) < 4 or int(cols[1].rpartition(":")[2], 16) != port:
+                        continue
+                    if name.startswith("udp") or cols[3] == TCP_LISTEN:
+                        return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def loopback6(call: SyscallCall) -> Rewrite | None:
+    """A connect to [::1]:port with nothing on that port here, run as one to
+    [::ffff:127.0.0.1]:port (None: any other connect, left as it is)."""
+    size = call.args[2] & 0xFFFFFFFF
+    if size < 24:
+        return None
+    raw = read_memory(call.tid, call.args[1], min(size, SOCKADDR_IN6))
+    if len(raw) < 24 or int.from_bytes(raw[:2], "little") != socket.AF_INET6:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if raw[8:24] != IN6_LOOPBACK or port == 0 or port_used(call.pid, port):
+        return None
+    mapped = raw[:8] + IN6_MAPPED_LOOPBACK + bytes(len(raw) - 24)  # scope id 0
+    return Rewrite({1: mapped, 2: len(mapped)})
 
 
 def alive(inode: int, where: int) -> bool:
@@ -226,6 +268,8 @@ class Listeners:
         descriptor."""
         if call.name in ("listen", "bind"):
             return Allow(observe_result=True)
+        if call.name == "connect":
+            return loopback6(call) or Allow()
         if not self.watched:
             return Allow()
         inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
@@ -242,7 +286,7 @@ class Listeners:
             if inode and not alive(inode, call.pid):
                 self._gone(inode)
             return None
-        if result != 0:
+        if result != 0 or call.name not in ("listen", "bind"):
             return None
         inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
         if not inode or inode in self.watched:

@@ -140,7 +140,8 @@ class InstanceCoordinator:
         # Lock calls always stop (the filter is built without a forwarder).
         self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS
         self._net_names = NET_CALLS - self._inner_names
-        self._inner_observes: set[int] = set()  # tids whose bind the inner observes too
+        self._shared_net = NET_CALLS & self._inner_names
+        self._inner_observes: set[int] = set()  # tids whose call the inner observes too
 
     def interception(self) -> frozenset[str]:
         """The view's calls, every exec, the calls that return or take pids, locks,
@@ -155,14 +156,17 @@ class InstanceCoordinator:
             return self._pid_call(call)
         if call.name in self._net_names:
             return self.listeners.on_syscall(call)
-        if call.name == "bind" and call.name in NET_CALLS:
-            # The view maps AF_UNIX paths (bind is the inner's too): its decision, and
-            # the result observed for a UDP port (`Listeners.on_result`).
+        if call.name in self._shared_net:
+            # The view maps AF_UNIX paths (bind and connect are the inner's too): its
+            # decision first; a plain one is the watch's (a UDP bind's result, a
+            # connect to ::1).
             inner = self.inner.on_syscall(call)
             if isinstance(inner, (Allow, Rewrite)) and inner.observe_result:
                 self._inner_observes.add(call.tid)
             if isinstance(inner, Allow):
-                return Allow(observe_result=True)
+                mine = self.listeners.on_syscall(call)
+                args = mine.args if isinstance(mine, Rewrite) else None
+                return Rewrite(args, observe_result=True) if args else Allow(observe_result=True)
             if isinstance(inner, Rewrite):
                 return Rewrite(inner.args, observe_result=True)
             return inner
@@ -252,7 +256,7 @@ class InstanceCoordinator:
             return self.locks.getlk_result(call, result, self._holder)
         if call.name in self._net_names:
             return self.listeners.on_result(call, signed(result))
-        if call.name == "bind" and call.name in NET_CALLS:
+        if call.name in self._shared_net:
             done = None
             if call.tid in self._inner_observes:
                 self._inner_observes.discard(call.tid)
