@@ -36,17 +36,28 @@ host h (no P)
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from net.nodestate import MAIN_TABLE, TABLE_BASE, Nat, NodeKey, NodeState, Route, Rule
+from net.nodestate import (
+    LOCAL_TABLE,
+    MAIN_TABLE,
+    PIN_PREF,
+    RULE_PREF,
+    TABLE_BASE,
+    Nat,
+    NodeKey,
+    NodeState,
+    Route,
+    Rule,
+)
 
-__all__ = ["MAIN_TABLE", "TABLE_BASE", "Nat", "NodeKey", "NodeState", "Route", "Rule"]
+__all__ = ["MAIN_TABLE", "RULE_PREF", "TABLE_BASE", "Nat", "NodeKey", "NodeState", "Route", "Rule"]
 
 PORT_BASE = 32768  # the first port of the first instance's ephemeral block
 PORT_TOP = 60999  # Linux's default ephemeral range ends here
-RULE_PREF = 100  # our policy rules
 LOCAL_PREF = 200  # where the `lookup local` rule moves on an instance holding P
 TCP, UDP = 6, 17
 PROTO_NAMES = {TCP: "tcp", UDP: "udp"}  # what nft matches a port of
@@ -92,13 +103,24 @@ class Listener:
 
 
 @dataclass(frozen=True, slots=True)
+class Pin:
+    """A connection's local port `port` of P that now lives on `instance` (its process
+    moved there): the port's packets go there, not to the block it was taken from."""
+
+    instance: str
+    port: int
+    proto: int = TCP
+
+
+@dataclass(frozen=True, slots=True)
 class ProgramNet:
-    """One program's address, the instances it runs on and its listeners."""
+    """One program's address, the instances it runs on, its listeners and pinned ports."""
 
     program: str
     address: str
     members: tuple[str, ...]
     listeners: tuple[Listener, ...] = ()
+    pinned: tuple[Pin, ...] = ()
 
 
 def port_block(slot: int, size: int) -> tuple[int, int]:
@@ -146,7 +168,6 @@ def plan(
     rate_kbit: int = 0,
 ) -> dict[NodeKey, NodeState]:
     """Every node's state for `net` (hosts with no member included: they may be entered)."""
-    p = net.address
     members = [spots[m] for m in net.members if m in spots]
     missing = [m for m in net.members if m not in spots]
     if missing:
@@ -164,7 +185,7 @@ def plan(
     for me in members:
         out[("instance", me.name)] = _instance(net, me, members, owner, ports_per_instance, share)
     for host in hosts.values():
-        out[("host", host.name)] = _host(p, host, members, owner, hosts, ports_per_instance)
+        out[("host", host.name)] = _host(net, host, members, owner, hosts, ports_per_instance)
     return out
 
 
@@ -199,6 +220,12 @@ def _instance(
         rules.add(Rule(p, (port, port), table_of(there), proto))
         if name and lst.bound in ("any", "loopback"):
             nat.append(Nat("output", "dnat", p, daddr="127.0.0.0/8", dport=port, proto=name))
+    for pin in net.pinned:
+        if pin.instance == me.name:  # here, although the port is in another's block
+            rules.add(Rule(p, (pin.port, pin.port), LOCAL_TABLE, pin.proto, PIN_PREF))
+        elif pin.instance in by_name:
+            there = by_name[pin.instance]
+            rules.add(Rule(p, (pin.port, pin.port), table_of(there), pin.proto, PIN_PREF))
     if any(n.hook == "output" for n in nat):
         nat.append(Nat("postrouting", "snat", p, saddr="127.0.0.0/8", oif=dev))
     conf = f"net/ipv4/conf/{dev}"
@@ -225,13 +252,14 @@ def _instance(
 
 
 def _host(
-    p: str,
+    net: ProgramNet,
     host: HostSpot,
     members: list[InstanceSpot],
     owner: Mapping[tuple[int, int], Listener],
     hosts: Mapping[str, HostSpot],
     size: int,
 ) -> NodeState:
+    p = net.address
     rules: set[Rule] = set()
     routes: set[Route] = set()
     by_name = {s.name: s for s in members}
@@ -248,6 +276,10 @@ def _host(
         t = table_of(by_name[lst.instance])
         if t in reachable and lst.bound in ("any", "program"):
             rules.add(Rule(p, (port, port), t, proto))
+    for pin in net.pinned:
+        if pin.instance in by_name and table_of(by_name[pin.instance]) in reachable:
+            t = table_of(by_name[pin.instance])
+            rules.add(Rule(p, (pin.port, pin.port), t, pin.proto, PIN_PREF))
     if not routes:
         return NodeState()
     # Whatever no rule steers (a port nobody listens on) ends here, never on the default
@@ -277,4 +309,17 @@ def moved(net: ProgramNet, pid: int, source: str, target: str) -> ProgramNet:
         for x in net.listeners
     )
     members = net.members if target in net.members else (*net.members, target)
-    return ProgramNet(net.program, net.address, members, listeners)
+    return ProgramNet(net.program, net.address, members, listeners, net.pinned)
+
+
+def pins(net: ProgramNet, target: str, ports: list[int], size: int, slot: int) -> ProgramNet:
+    """`net` with the connections' local `ports` found on `target` (slot `slot`) after a
+    migration pinned there: those outside its own block came with the moved process
+    (listeners' ports excepted).  Earlier pins of the same ports are replaced."""
+    lo, hi = port_block(slot, size)
+    listened = {x.port for x in net.listeners if x.proto == TCP}
+    moved_in = {q for q in ports if not lo <= q <= hi and q not in listened}
+    kept = tuple(x for x in net.pinned if x.port not in moved_in)
+    return dataclasses.replace(
+        net, pinned=kept + tuple(Pin(target, q) for q in sorted(moved_in))
+    )

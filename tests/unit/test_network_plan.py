@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from net.nodestate import LOCAL_TABLE
 from oss.network.plan import (
     LOCAL_PREF,
+    PIN_PREF,
     TABLE_BASE,
     TCP,
     UDP,
@@ -14,12 +16,14 @@ from oss.network.plan import (
     Listener,
     Nat,
     NodeState,
+    Pin,
     PlanError,
     ProgramNet,
     Route,
     Rule,
     bound_class,
     moved,
+    pins,
     plan,
     port_block,
 )
@@ -116,6 +120,23 @@ def test_a_tcp_and_a_udp_listener_share_a_port_number() -> None:
         Rule(P, (53, 53), TABLE_BASE + 0, TCP),
         Rule(P, (53, 53), TABLE_BASE + 1, UDP),
     } <= c.rules
+
+
+def test_a_moved_connections_port_is_pinned_to_its_new_instance() -> None:
+    net = ProgramNet("p", P, ("a", "b", "c"), (Listener("a", 8000),))
+    # b restored a connection from a's block (33000) and holds its own (34000) and a
+    # listener's port: only 33000 came with the move.
+    pinned = pins(net, "b", [33000, 34000, 8000], 1024, SPOTS["b"].slot)
+    assert pinned.pinned == (Pin("b", 33000),)
+    states = plan(pinned, SPOTS, HOSTS)
+    a, b, h1 = states[("instance", "a")], states[("instance", "b")], states[("host", "h1")]
+    assert Rule(P, (33000, 33000), LOCAL_TABLE, TCP, PIN_PREF) in b.rules  # delivered here
+    assert Rule(P, (33000, 33000), TABLE_BASE + 1, TCP, PIN_PREF) in a.rules
+    assert Rule(P, (33000, 33000), TABLE_BASE + 1, TCP, PIN_PREF) in h1.rules
+    assert Rule(P, port_block(0, 1024), TABLE_BASE + 0) in h1.rules  # the block stays a's
+    again = pins(pinned, "c", [33000], 1024, SPOTS["c"].slot)  # it moved on to c
+    assert again.pinned == (Pin("c", 33000),)
+    assert moved(again, 1, "a", "b").pinned == again.pinned
 
 
 def test_first_listener_of_a_port_wins() -> None:

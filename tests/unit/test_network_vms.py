@@ -72,6 +72,15 @@ def test_an_older_agents_nat_rule_of_8_items_is_tcp() -> None:
     assert {n.proto for n in from_wire(wire).nat} == {"tcp"}
 
 
+def test_a_pinned_port_and_an_older_agents_rule_of_5_items() -> None:
+    wire = to_wire(_states()[("instance", "a")])
+    wire["rules"].append(["10.5.0.2", 33000, 33000, 255, 6, 90])  # a pin delivered here
+    state = from_wire(wire)
+    assert any(r.table == 255 and r.pref == 90 for r in state.rules)
+    wire["rules"] = [r[:5] for r in wire["rules"] if r[3] != 255]
+    assert {r.pref for r in from_wire(wire).rules} == {100}
+
+
 def test_not_an_object_is_refused() -> None:
     for bad in (None, [], "x", {"addresses": "x"}, {"addresses": [["1.2.3.4"]]}):
         with pytest.raises(BadNodeState):
