@@ -94,21 +94,28 @@ def to_wire(state: NodeState) -> dict[str, Any]:
     """`state` as a JSON object (`from_wire` reads it back)."""
     return dict(
         addresses=[list(a) for a in state.addresses],
-        rules=[
-            [r.dst, r.ports[0], r.ports[1], r.table, r.proto, r.pref] for r in sorted(state.rules)
-        ],
+        rules=[_rule_wire(r) for r in sorted(state.rules)],
         routes=[[r.table, r.dst, r.via, r.dev, r.src, r.kind] for r in sorted(state.routes)],
         sysctls=[list(s) for s in state.sysctls],
         default_src=list(state.default_src) if state.default_src else None,
         local_pref=state.local_pref,
-        nat=[
-            [n.hook, n.kind, n.to, n.daddr, n.saddr, n.dport, n.iif, n.oif, n.proto]
-            for n in state.nat
-        ],  # fmt: skip
+        nat=[_nat_wire(n) for n in state.nat],
         rate_kbit=state.rate_kbit,
         shape_dev=state.shape_dev,
         guard_dev=state.guard_dev,
     )
+
+
+def _rule_wire(r: Rule) -> list[Any]:
+    """A rule as 5 items (what agents before pins read), 6 with a pin's preference."""
+    out: list[Any] = [r.dst, r.ports[0], r.ports[1], r.table, r.proto]
+    return out if r.pref == RULE_PREF else [*out, r.pref]
+
+
+def _nat_wire(n: Nat) -> list[Any]:
+    """A NAT rule as 8 items (what agents before UDP read), 9 for a UDP port."""
+    out: list[Any] = [n.hook, n.kind, n.to, n.daddr, n.saddr, n.dport, n.iif, n.oif]
+    return out if n.proto == "tcp" else [*out, n.proto]
 
 
 def from_wire(data: object) -> NodeState:
