@@ -32,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 from oss.db.store import Conn, Store
 from oss.network import store as q
 from oss.network.plan import (
+    HOME,
+    HomeSpot,
     HostSpot,
     InstanceSpot,
     Listener,
@@ -87,6 +89,7 @@ class NetworkConfig:
     hosts: Mapping[str, HostSpot] = field(default_factory=dict)
     ports_per_instance: int = 1024
     apply_timeout: float = 10.0
+    home: HomeSpot | None = None  # where the program's home is (local runs): its servers too
 
     def __post_init__(self) -> None:
         if self.prefix.num_addresses < 4:
@@ -173,9 +176,15 @@ class NetworkManager:
     async def listen(
         self, program: str, instance: str, pid: int, port: int, local: str, proto: int = 6
     ) -> str:
-        """A listener opened on `instance`; PortTaken if another instance holds the port.
-        Returns the program address."""
-        address = await self.join(program, instance)
+        """A listener opened on `instance` (HOME: at home); PortTaken if another instance
+        holds the port.  Returns the program address."""
+        if instance == HOME and self.config.home is not None:
+            now = self.clock()
+            address: str | None = await self.store.write(
+                lambda c: q.allocate(c, program, self.config.prefix, now)
+            )
+        else:
+            address = await self.join(program, instance)
         if address is None:
             return ""
         listener = Listener(instance, port, bound_class(local, address), proto, pid)
@@ -268,6 +277,7 @@ class NetworkManager:
             states = plan(
                 net, self.config.spots, self.config.hosts,
                 ports_per_instance=self.config.ports_per_instance, rate_kbit=rate,
+                home=self.config.home,
             )  # fmt: skip
             start = time.perf_counter()
             async with asyncio.timeout(self.config.apply_timeout):

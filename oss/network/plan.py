@@ -64,6 +64,10 @@ PROTO_NAMES = {TCP: "tcp", UDP: "udp"}  # what nft matches a port of
 BOUND = ("any", "loopback", "program", "other")  # what a listener is bound to
 
 
+HOME = "home"  # the listeners' instance name of the program's processes at home
+HOME_TABLE = TABLE_BASE + 99  # instances route P:port of a home listener by this table
+
+
 class PlanError(ValueError):
     """The network of a program cannot be planned."""
 
@@ -89,6 +93,15 @@ class HostSpot:
     wire_dev: str = ""  # the device towards other hosts ("" for a single host)
     peers: Mapping[str, str] = field(default_factory=dict)  # host -> its address on the wire
     uplinks: tuple[str, ...] = ()  # more devices outside traffic arrives on (forwarding)
+
+
+@dataclass(frozen=True, slots=True)
+class HomeSpot:
+    """Where the program's home is: on host `host`, reached from its instances at
+    `address` (the host's address on their bridge)."""
+
+    host: str
+    address: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +179,16 @@ def plan(
     *,
     ports_per_instance: int = 1024,
     rate_kbit: int = 0,
+    home: HomeSpot | None = None,
 ) -> dict[NodeKey, NodeState]:
-    """Every node's state for `net` (hosts with no member included: they may be entered)."""
+    """Every node's state for `net` (hosts with no member included: they may be entered).
+
+    With `home`, listeners of instance HOME (servers that run at home, bound to any
+    address or P) are reached at P:port too: the instances route the port to the
+    home's host (`HOME_TABLE`), which DNATs P:port to its own address there.
+    """
     members = [spots[m] for m in net.members if m in spots]
+    p = net.address
     missing = [m for m in net.members if m not in spots]
     if missing:
         raise PlanError(f"instances with no known place: {', '.join(missing)}")
@@ -178,7 +198,8 @@ def plan(
     # The first listener of a port wins (a second one is refused when it reports).
     owner: dict[tuple[int, int], Listener] = {}
     for lst in net.listeners:
-        if lst.instance in net.members:
+        at_home = lst.instance == HOME and home is not None and lst.bound in ("any", "program")
+        if lst.instance in net.members or at_home:
             owner.setdefault((lst.proto, lst.port), lst)
     out: dict[NodeKey, NodeState] = {}
     share = rate_kbit // len(members) if rate_kbit and members else 0
@@ -186,6 +207,15 @@ def plan(
         out[("instance", me.name)] = _instance(net, me, members, owner, ports_per_instance, share)
     for host in hosts.values():
         out[("host", host.name)] = _host(net, host, members, owner, hosts, ports_per_instance)
+    if home is not None and any(x.instance == HOME for x in owner.values()):
+        key = ("host", home.host)
+        state = out.get(key, NodeState())
+        dnat = tuple(
+            Nat("prerouting", "dnat", home.address, daddr=f"{p}/32", dport=x.port,
+                proto=PROTO_NAMES[x.proto])
+            for x in owner.values() if x.instance == HOME and x.proto in PROTO_NAMES
+        )  # fmt: skip
+        out[key] = dataclasses.replace(state, nat=state.nat + dnat)
     return out
 
 
@@ -216,8 +246,11 @@ def _instance(
                 nat.append(Nat("prerouting", "dnat", "127.0.0.1", daddr=f"{p}/32", dport=port,
                                iif=dev, proto=name))  # fmt: skip
             continue
-        there = by_name[lst.instance]
-        rules.add(Rule(p, (port, port), table_of(there), proto))
+        if lst.instance == HOME:  # a server at home: through the gateway, DNAT'ed there
+            routes.add(Route(HOME_TABLE, p, me.gateway, dev, p))
+            rules.add(Rule(p, (port, port), HOME_TABLE, proto))
+        else:
+            rules.add(Rule(p, (port, port), table_of(by_name[lst.instance]), proto))
         if name and lst.bound in ("any", "loopback"):
             nat.append(Nat("output", "dnat", p, daddr="127.0.0.0/8", dport=port, proto=name))
     for pin in net.pinned:
@@ -273,6 +306,8 @@ def _host(
         rules.add(Rule(p, port_block(s.slot, size), table_of(s)))
     reachable = {r.table for r in routes}
     for (proto, port), lst in sorted(owner.items()):
+        if lst.instance not in by_name:
+            continue  # at home: the home's host DNATs it (`plan`)
         t = table_of(by_name[lst.instance])
         if t in reachable and lst.bound in ("any", "program"):
             rules.add(Rule(p, (port, port), t, proto))
@@ -320,6 +355,4 @@ def pins(net: ProgramNet, target: str, ports: list[int], size: int, slot: int) -
     listened = {x.port for x in net.listeners if x.proto == TCP}
     moved_in = {q for q in ports if not lo <= q <= hi and q not in listened}
     kept = tuple(x for x in net.pinned if x.port not in moved_in)
-    return dataclasses.replace(
-        net, pinned=kept + tuple(Pin(target, q) for q in sorted(moved_in))
-    )
+    return dataclasses.replace(net, pinned=kept + tuple(Pin(target, q) for q in sorted(moved_in)))

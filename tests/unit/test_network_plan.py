@@ -6,11 +6,14 @@ import pytest
 
 from net.nodestate import LOCAL_TABLE
 from oss.network.plan import (
+    HOME,
+    HOME_TABLE,
     LOCAL_PREF,
     PIN_PREF,
     TABLE_BASE,
     TCP,
     UDP,
+    HomeSpot,
     HostSpot,
     InstanceSpot,
     Listener,
@@ -137,6 +140,18 @@ def test_a_moved_connections_port_is_pinned_to_its_new_instance() -> None:
     again = pins(pinned, "c", [33000], 1024, SPOTS["c"].slot)  # it moved on to c
     assert again.pinned == (Pin("c", 33000),)
     assert moved(again, 1, "a", "b").pinned == again.pinned
+
+
+def test_a_server_at_home_is_steered_through_the_gateway_and_dnat() -> None:
+    net = ProgramNet("p", P, ("a",), (Listener(HOME, 8010), Listener(HOME, 8011, "loopback")))
+    states = plan(net, SPOTS, HOSTS, home=HomeSpot("h1", "10.213.1.1"))
+    a, h1 = states[("instance", "a")], states[("host", "h1")]
+    assert Route(HOME_TABLE, P, "10.213.1.1", "eth0", P) in a.routes
+    assert Rule(P, (8010, 8010), HOME_TABLE, TCP) in a.rules
+    assert Nat("output", "dnat", P, daddr="127.0.0.0/8", dport=8010) in a.nat
+    assert h1.nat == (Nat("prerouting", "dnat", "10.213.1.1", f"{P}/32", dport=8010),)
+    assert not any(r.ports[0] == 8011 for r in a.rules)  # loopback-bound: home's own
+    assert not any(r.table == HOME_TABLE for r in plan(net, SPOTS, HOSTS)[("instance", "a")].rules)
 
 
 def test_first_listener_of_a_port_wins() -> None:
