@@ -15,6 +15,11 @@ Root only; everything in network namespaces this script makes (and removes).
 1b. UDP RTT the same ways (`--skip udp` leaves it out): p50/p99 of N 64-byte
    datagram ping-pongs to a UDP echo server in b bound to 0.0.0.0 (steered
    by protocol and port; the reply comes from P:port through the redirector).
+2b. What the instance tracer's watch costs a placed process (`--skip
+   connects`): the mean time of a TCP connect+close to a listener of the same
+   process, and of a UDP socket+bind(port 0)+close, placed on an instance by
+   `dcptrace --instances 1 --placement spread` vs natively (each connect and
+   bind now stops once in the instance tracer, as close already did).
 3. Re-point after a migration: a TCP server on a local instance migrated with
    CRIU (as tests/integration/test_network_migrate.py); the manager's `moved`
    time and the time to the first connection reaching the moved process.
@@ -254,6 +259,42 @@ open(sys.argv[3], "w").write(str(time.monotonic()))
 """
 
 
+CONNECTS = r"""
+import socket, sys, time
+n = int(sys.argv[1])
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(128)
+port = srv.getsockname()[1]
+t = time.perf_counter()
+for _ in range(n):
+    c = socket.create_connection(("127.0.0.1", port)); srv.accept()[0].close(); c.close()
+tcp = (time.perf_counter() - t) / n * 1e6
+t = time.perf_counter()
+for _ in range(n):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0)); u.close()
+udp = (time.perf_counter() - t) / n * 1e6
+print(f"{tcp:.1f} {udp:.1f}")
+"""
+
+
+def connect_cost(n: int, runs: int) -> None:
+    """Per-connect and per-bind cost in a placed process vs natively (medians of runs)."""
+    got: dict[str, list[tuple[float, float]]] = {"native": [], "placed": []}
+    for _ in range(runs):
+        for kind in ("native", "placed"):
+            argv = [sys.executable, "-c", CONNECTS, str(n)]
+            if kind == "placed":
+                argv = [sys.executable, "-m", "tracer.cli", "--instances", "1", "--placement",
+                        "spread", "--", *argv]  # fmt: skip
+            out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True,
+                                 timeout=300).stdout.split()  # fmt: skip
+            got[kind].append((float(out[0]), float(out[1])))
+    for kind, rows in got.items():
+        tcp = statistics.median(r[0] for r in rows)
+        udp = statistics.median(r[1] for r in rows)
+        print(f"{kind:7} TCP connect+accept+close {tcp:7.1f} us, UDP socket+bind+close "
+              f"{udp:6.1f} us (median of {runs}, {n} each)")  # fmt: skip
+
+
 def listen_to_first(runs: int) -> None:
     got = []
     for i in range(runs):
@@ -376,7 +417,7 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=5000)
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma list of: paths,udp,listen,repoint")
+    ap.add_argument("--skip", default="", help="comma list of: paths,udp,connects,listen,repoint")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_network: needs root (namespaces, netlink, nft)")
@@ -385,6 +426,8 @@ def main() -> None:
         paths(args.pings, args.mb)
     if "udp" not in skip:
         udp_paths(args.pings)
+    if "connects" not in skip:
+        connect_cost(2000, args.runs)
     if "listen" not in skip:
         listen_to_first(args.runs)
     if "repoint" not in skip:
