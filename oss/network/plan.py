@@ -32,6 +32,12 @@ host h (no P)
     `table_of(j)`; rules for j's block and j's listeners bound to any
     address or P (not those bound to loopback: they are the program's own);
   - `unreachable P` in its main table: what no rule steers fails here.
+
+Listeners are TCP or UDP (rules and NAT match the protocol).  A moved
+connection's port (`Pin`) gets a rule at `PIN_PREF`, before the blocks': to
+its instance everywhere, `lookup local` on that instance.  With a `HomeSpot`
+(local runs), a listener of `HOME` is routed by the instances to the home's
+host (`HOME_TABLE`, via their gateway), which DNATs P:port to its own address.
 """
 
 from __future__ import annotations
