@@ -79,12 +79,42 @@ def one(lab: Any, mb: int, precopy: bool) -> dict[str, Any]:
         prog.kill()
 
 
+PHASES = ("precopy", "check+", "detach", "dump", "zstd", "send", "restore", "commit", "freeze")
+
+
+def phases(r: dict[str, Any]) -> dict[str, float]:
+    """The migration's wall time split by phase (ms): the freeze's parts, and before it.
+
+    `send`: the transfer's part that is neither compressing (source) nor criu
+    restore (target): reading the images, HTTP, unpacking, writing them out.
+    `check+`: the call's remainder (the target's check, the HTTP calls around).
+    """
+    restore = float(r.get("restore_ms", 0))
+    zstd = float(r.get("zstd_ms", 0))
+    send = float(r["transfer_ms"]) - restore - zstd
+    freeze = float(r["freeze_ms"])
+    return {
+        "precopy": float(r["precopy_ms"]),
+        "check+": float(r["total_ms"]) - freeze - float(r["precopy_ms"]),
+        "detach": float(r.get("detach_ms", 0)),
+        "dump": float(r["dump_ms"]),
+        "zstd": zstd,
+        "send": send,
+        "restore": restore,
+        "commit": float(r.get("commit_ms", 0)),
+        "freeze": freeze,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256")
     parser.add_argument("--memory-mb", type=int, default=1536)
     parser.add_argument(
-        "--precopy", action="store_true", help="also the pre-copy rows (experimental: it hangs)"
+        "--precopy",
+        choices=("no", "yes", "both"),
+        default="both",
+        help="moves without pre-copy rounds, with them, or both (default) for each size",
     )
     opts = parser.parse_args()
     why = why_no_vm_lab()
@@ -107,21 +137,33 @@ def main() -> None:
                   f"loadavg {f.read().strip()}")  # fmt: skip
         print(
             f"{'data':>7} {'pre':>4} {'criu d':>7} {'criu r':>7} {'freeze':>7} {'total':>7} "
-            f"{'dump':>6} {'xfer+r':>7} {'tot/(d+r)':>9} {'raw MB':>7} {'zstd MB':>7}  rounds MB"
+            f"{'tot/(d+r)':>9} {'raw MB':>7} {'zstd MB':>7}  rounds MB"
         )
+        rows = []
+        modes = {"no": [False], "yes": [True], "both": [False, True]}[opts.precopy]
         for mb in (int(s) for s in opts.sizes.split(",")):
-            for precopy in (False, True) if opts.precopy else (False,):
+            for precopy in modes:
                 r = one(lab, mb, precopy)
+                rows.append((mb, precopy, r))
                 both = r["criu_dump_ms"] + r["criu_restore_ms"]
                 rounds = ",".join(f"{b / 1e6:.1f}" for b in r["precopy_rounds"]) or "-"
+                if r.get("precopy_error"):
+                    rounds += f" ({r['precopy_error']})"
                 print(
                     f"{mb:>4} MB {'yes' if precopy else 'no':>4} {r['criu_dump_ms']:>5.0f}ms "
                     f"{r['criu_restore_ms']:>5.0f}ms {r['freeze_ms']:>5.0f}ms "
-                    f"{r['total_ms']:>5.0f}ms {r['dump_ms']:>4.0f}ms {r['transfer_ms']:>5.0f}ms "
-                    f"{r['total_ms'] / both:>9.2f} {r['image_bytes'] / 1e6:>7.1f} "
-                    f"{r['zstd_bytes'] / 1e6:>7.1f}  {rounds}",
+                    f"{r['total_ms']:>5.0f}ms {r['total_ms'] / both:>9.2f} "
+                    f"{r['image_bytes'] / 1e6:>7.1f} {r['zstd_bytes'] / 1e6:>7.1f}  {rounds}",
                     flush=True,
                 )
+        # Where the time goes: the freeze phase by phase (ms), and the rest of the total.
+        print(f"\n{'data':>7} {'pre':>4} " + " ".join(f"{p:>8}" for p in PHASES) + "  (ms)")
+        for mb, precopy, r in rows:
+            parts = phases(r)
+            print(
+                f"{mb:>4} MB {'yes' if precopy else 'no':>4} "
+                + " ".join(f"{parts[p]:>8.0f}" for p in PHASES)
+            )
         with open("/proc/loadavg") as f:
             print(f"# loadavg after: {f.read().strip()}")
     finally:

@@ -72,6 +72,8 @@ def test_pre_copy_command_lines_chain_each_round_to_the_one_before() -> None:
     assert final[-3:] == ["--track-mem", "--prev-images-dir", "../pre1"]
     assert "--leave-stopped" in final
     assert "--track-mem" not in C.dump_argv("/c", 42, "/b/final")
+    held = C.predump_argv("/c", 42, "/b/pre0", None, freeze_cgroup="/sys/fs/cgroup/p")
+    assert held[-2:] == ["--freeze-cgroup", "/sys/fs/cgroup/p"]  # not stopped: frozen
 
 
 def test_pre_copy_stops_when_the_dirty_set_stops_shrinking_or_is_small() -> None:

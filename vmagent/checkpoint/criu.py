@@ -141,16 +141,27 @@ def dump_argv(
     return argv
 
 
-def predump_argv(criu: str, pid: int, images: str, parent: str | None) -> list[str]:
+def predump_argv(
+    criu: str, pid: int, images: str, parent: str | None, *, freeze_cgroup: str | None = None
+) -> list[str]:
     """One pre-copy round: the pages of `pid`'s tree dirtied since `parent` (all, without).
 
     The tree is stopped only while its pages are collected; CRIU leaves a tree
-    it found stopped stopped again.
+    it found stopped stopped again (and skips its pages: a pre-dump copies
+    nothing of a stopped task).
+
+    `freeze_cgroup`: the cgroup (v2 directory) the tree is held frozen in.
+    CRIU seizes the frozen tasks, thaws the group so that its parasite can run
+    in them (a task resumed inside a frozen group goes back to the freezer's
+    trap: without this option the pre-dump waits for it forever), and freezes
+    the group again before it lets them go.
     """
     argv = [criu, "pre-dump", "-t", str(pid), "-D", images, "-o", "dump.log", "-v2"]
     argv.append("--track-mem")
     if parent is not None:
         argv += ["--prev-images-dir", parent]
+    if freeze_cgroup is not None:
+        argv += ["--freeze-cgroup", freeze_cgroup]
     return argv
 
 

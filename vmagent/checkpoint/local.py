@@ -129,9 +129,11 @@ class Checkpointer:
         supported"), and a tree let go by its tracer is stopped; running untraced
         it would get ENOSYS for every intercepted call.  So it is held in its
         cgroup v2 freezer instead: detached (stopped), frozen, continued (still
-        frozen: SIGCONT only ends the stop), pre-dumped (CRIU's ptrace traps win
-        over the freezer's), stopped again, thawed (it stops before user code),
-        and a fresh tracer takes it back.  (ms it was held, bytes of pages.)
+        frozen: SIGCONT only ends the stop), pre-dumped with `--freeze-cgroup`
+        (CRIU seizes the frozen tasks, thaws the group for its parasite, which
+        a frozen task would never run, and freezes it again before letting them
+        go: never running untraced), stopped again, thawed (it stops before user
+        code), and a fresh tracer takes it back.  (ms it was held, bytes of pages.)
         """
         held = time.perf_counter()
         pids = await self.detach(session)
@@ -145,7 +147,7 @@ class Checkpointer:
             try:
                 _signal_all(pids, signal.SIGCONT)
                 code = await self.run(
-                    C.predump_argv(criu.path, pids[0], directory, parent),
+                    C.predump_argv(criu.path, pids[0], directory, parent, freeze_cgroup=group),
                     os.path.join(directory, "dump.out"),
                 )
             finally:
@@ -558,10 +560,12 @@ FREEZE_TIMEOUT = 5.0  # s for a cgroup to say frozen, or a thawed tree to stop
 
 
 def freezable_group(pids: list[int] | tuple[int, ...]) -> str | None:
-    """The cgroup v2 directory holding all of `pids` but not this agent, or None.
+    """The cgroup v2 directory holding all of `pids` and nothing else, or None.
 
-    Freezing it holds the tree (and any sibling session of the same program,
-    briefly); never the agent's own group, which would freeze the agent.
+    Never the agent's own group, which would freeze the agent; never one with
+    other processes (a sibling session of the same program): CRIU's
+    `--freeze-cgroup` seizes every task of the group, and another tracer's
+    tasks cannot be seized.
     """
     try:
         groups = {_cgroup2_of(p) for p in pids}
@@ -574,7 +578,14 @@ def freezable_group(pids: list[int] | tuple[int, ...]) -> str | None:
     if path in (None, "/", mine):
         return None
     where = CGROUP2 + path
-    return where if os.path.exists(os.path.join(where, "cgroup.freeze")) else None
+    if not os.path.exists(os.path.join(where, "cgroup.freeze")):
+        return None
+    try:
+        with open(os.path.join(where, "cgroup.procs")) as f:
+            members = {int(line) for line in f if line.strip()}
+    except (OSError, ValueError):
+        return None
+    return where if members <= set(pids) else None
 
 
 def _cgroup2_of(pid: int) -> str | None:

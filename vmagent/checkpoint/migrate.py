@@ -317,9 +317,14 @@ RAW, ZSTD = 0, 1
 SAMPLE = 1 << 14  # bytes of a block tried first
 
 
-def pack(directory: str, fd: int) -> tuple[int, int]:
-    """Write `directory`'s images into the pipe `fd` (closed at the end); (raw, sent) bytes."""
+def pack(directory: str, fd: int, spent: list[float] | None = None) -> tuple[int, int]:
+    """Write `directory`'s images into the pipe `fd` (closed at the end); (raw, sent) bytes.
+
+    `spent`: gets the seconds spent compressing appended (the rest is reading
+    the images and waiting for the sender).
+    """
     raw = sent = 0
+    zstd = 0.0
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     with open(fd, "wb", buffering=0) as out:
         for name in sorted(os.listdir(directory)):
@@ -335,17 +340,21 @@ def pack(directory: str, fd: int) -> tuple[int, int]:
                     if not data:
                         raise OSError(f"{name} shrank while it was sent")
                     kind, body = RAW, data
+                    t = time.perf_counter()
                     # A sample first: a block whose start does not shrink goes raw.
                     if len(compressor.compress(data[:SAMPLE])) < min(len(data), SAMPLE) * 0.9:
                         small = compressor.compress(data)
                         if len(small) < len(data) * 0.9:
                             kind, body = ZSTD, small
+                    zstd += time.perf_counter() - t
                     out.write(BLOCK.pack(kind, len(body)))
                     out.write(body)
                     sent += BLOCK.size + len(body)
                     left -= len(data)
             raw += size
         out.write(RECORD.pack(0, 0))
+    if spent is not None:
+        spent.append(zstd)
     return raw, sent
 
 
@@ -519,6 +528,7 @@ class Migrator:
         self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
         self.staged: dict[bytes, Staged] = {}  # session id -> pre-copy rounds received
         self.precopy_error = ""  # of the move under way (one at a time: the lock)
+        self.zstd_s: list[float] = []  # s the last transfer spent compressing
 
     async def migrate(
         self, session: Session, to: str, instance: str, ticket: str, precopy: bool = False
@@ -615,6 +625,7 @@ class Migrator:
             session.migrating = True
             started = time.perf_counter()
             pids = await self.ckpt.detach(session)
+            detach_ms = (time.perf_counter() - started) * 1000
             self._drain(session)
             pipes = {
                 "outs": {fd: _key_of(r) for fd, r in session.outs.items()},
@@ -631,7 +642,9 @@ class Migrator:
                 http, f"http://{to}/v1/migrations", meta, directory
             )
             transfer_ms = (time.perf_counter() - sending) * 1000
+            committing = time.perf_counter()
             await self._commit(http, to, session.sid.hex())
+            commit_ms = (time.perf_counter() - committing) * 1000
         except BaseException:
             if pids and session.trace_sock is None:
                 with contextlib.suppress(Exception):
@@ -661,9 +674,14 @@ class Migrator:
             "to": instance,
             "pid": session.pid,
             "freeze_ms": round(frozen, 1),
-            "dump_ms": round(dump_ms, 1),
-            "transfer_ms": round(transfer_ms, 1),  # pack, send, unpack, restore, adopt
-            "restore_ms": answer.get("restore_ms", 0),
+            # The freeze, phase by phase (docs/CHECKPOINT.md, "Where the time goes").
+            "detach_ms": round(detach_ms, 1),  # the tracer stops and lets go of the tree
+            "dump_ms": round(dump_ms, 1),  # criu dump (the last pre-copy round's parent)
+            "transfer_ms": round(transfer_ms, 1),  # pack, send, unpack, restore
+            "take_ms": answer.get("take_ms", 0),  # the target: receive and unpack
+            "restore_ms": answer.get("restore_ms", 0),  # the target: criu restore
+            "commit_ms": round(commit_ms, 1),  # the target's tracer adopts and continues it
+            "zstd_ms": round(sum(self.zstd_s) * 1000, 1),  # of transfer_ms: compressing
             "image_bytes": raw,
             "zstd_bytes": packed,
             "precopy_rounds": rounds,  # bytes of pages each pre-dump round sent
@@ -723,7 +741,8 @@ class Migrator:
         """
         head = b"" if meta is None else json.dumps(meta).encode()
         r, w = _pipe()
-        packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w))
+        self.zstd_s = []
+        packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w, self.zstd_s))
         loop = asyncio.get_running_loop()
         to = url.split("/")[2]
 
@@ -831,8 +850,10 @@ class Migrator:
         if meta.rounds:
             os.symlink(f"../pre{meta.rounds - 1}", os.path.join(directory, "parent"))
         try:
+            taking = time.perf_counter()
             await self._take(stream, directory)
-            return await self._restore(criu, meta, directory, ticket)
+            took = (time.perf_counter() - taking) * 1000
+            return {**await self._restore(criu, meta, directory, ticket), "take_ms": round(took, 1)}
         finally:
             shutil.rmtree(base, ignore_errors=True)
 
