@@ -186,7 +186,7 @@ def test_pre_copy_rounds_come_in_order_with_the_session_s_ticket(
     assert code == 409 and "another session" in text
     code, text = post_round(b, ticket, sid, 1, empty)
     assert code == 409 and "round 1 without round 0" in text
-    assert post_round(b, ticket, sid, 0, empty) == (200, '{"round": 0, "bytes": 0}')
+    assert post_round(b, ticket, sid, 0, empty) == (200, '{"round": 0, "bytes": 0, "pages": 0}')
     code, text = post_round(b, ticket, sid, 0, empty)  # again: the order is kept
     assert code == 409 and "out of order" in text
     assert post_round(b, ticket, sid, 1, empty)[0] == 200  # the ticket is not burnt by rounds

@@ -121,7 +121,13 @@ class Checkpointer:
         return self._precopy
 
     async def predump(
-        self, criu: C.Criu, session: Session, directory: str, parent: str | None
+        self,
+        criu: C.Criu,
+        session: Session,
+        directory: str,
+        parent: str | None,
+        *,
+        ps_socket: int | None = None,
     ) -> tuple[float, int]:
         """One pre-copy round: the tree held only while CRIU collects its dirty pages.
 
@@ -146,10 +152,11 @@ class Checkpointer:
             await _set_frozen(group, True)
             try:
                 _signal_all(pids, signal.SIGCONT)
-                code = await self.run(
-                    C.predump_argv(criu.path, pids[0], directory, parent, freeze_cgroup=group),
-                    os.path.join(directory, "dump.out"),
+                argv = C.predump_argv(
+                    criu.path, pids[0], directory, parent, freeze_cgroup=group, ps_socket=ps_socket
                 )
+                keep = () if ps_socket is None else (ps_socket,)
+                code = await self.run(argv, os.path.join(directory, "dump.out"), keep)
             finally:
                 _signal_all(pids, signal.SIGSTOP)
                 await _set_frozen(group, False)
@@ -400,16 +407,20 @@ class Checkpointer:
         pids: tuple[int, ...],
         directory: str,
         parent: str | None = None,
+        *,
+        ps_socket: int | None = None,
     ) -> float:
         """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on.
 
         `parent`: the last pre-copy round's directory, relative to `directory`.
+        `ps_socket`: a connection to the target's page server (the pages go there).
         """
         dumped = time.perf_counter()
         try:
             code = await self.run(
-                C.dump_argv(criu.path, pids[0], directory, parent=parent),
+                C.dump_argv(criu.path, pids[0], directory, parent=parent, ps_socket=ps_socket),
                 os.path.join(directory, "dump.out"),
+                () if ps_socket is None else (ps_socket,),
             )
         except BaseException:
             self.adopt(session, pids)
