@@ -56,7 +56,14 @@ print("ok" if hashlib.sha256(data).digest() == digest else "corrupt", flush=True
 """
 
 
-def one(lab: Any, mb: int, precopy: bool) -> dict[str, Any]:
+MODES = {  # name: (precopy, page_server) of the move
+    "packed": (False, False),  # one frozen dump, its images packed (zstd) over HTTP
+    "pages": (False, True),  # one frozen dump, its pages through the target's page server
+    "fast": (True, True),  # pre-copy rounds, then the final dump; pages by the page server
+}
+
+
+def one(lab: Any, mb: int, mode: str) -> dict[str, Any]:
     from vmagents import Program, call, migrate, session_of
 
     prog = Program(lab, "vm1", HOLD, str(mb))
@@ -67,7 +74,8 @@ def one(lab: Any, mb: int, precopy: bool) -> dict[str, Any]:
         alone = call(lab, "vm1", "POST", f"/v1/sessions/{sid}/checkpoint", {"restore": True})
         time.sleep(2)  # let it run (and dirty pages) again before the move
         t = time.perf_counter()
-        moved = migrate(lab, "vm1", "vm2", sid, precopy=precopy)
+        precopy, pages = MODES[mode]
+        moved = migrate(lab, "vm1", "vm2", sid, precopy=precopy, page_server=pages)
         moved["total_ms"] = (time.perf_counter() - t) * 1000
         code = prog.finish()
         if code != 0 or prog.lines[-1] != "ok":
@@ -111,12 +119,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="16,64,256")
     parser.add_argument("--memory-mb", type=int, default=1536)
     parser.add_argument(
-        "--precopy",
-        choices=("no", "yes", "both"),
-        default="both",
-        help="moves without pre-copy rounds, with them, or both (default) for each size",
+        "--modes",
+        default="packed,pages,fast",
+        help="comma-separated moves per size: packed (the old path), pages (page server), "
+        "fast (pre-copy rounds and the page server: the default)",
     )
     opts = parser.parse_args()
+    if not opts.modes or not set(opts.modes.split(",")) <= set(MODES):
+        raise SystemExit(f"bench_vm_migrate: --modes takes a list of {', '.join(MODES)}")
     why = why_no_vm_lab()
     if why:
         raise SystemExit(f"bench_vm_migrate: {why}")
@@ -136,32 +146,31 @@ def main() -> None:
             print(f"# {os.cpu_count()} host CPUs, TCG guests 1 vCPU {opts.memory_mb} MB, "
                   f"loadavg {f.read().strip()}")  # fmt: skip
         print(
-            f"{'data':>7} {'pre':>4} {'criu d':>7} {'criu r':>7} {'freeze':>7} {'total':>7} "
+            f"{'data':>7} {'mode':>6} {'criu d':>7} {'criu r':>7} {'freeze':>7} {'total':>7} "
             f"{'tot/(d+r)':>9} {'raw MB':>7} {'zstd MB':>7}  rounds MB"
         )
         rows = []
-        modes = {"no": [False], "yes": [True], "both": [False, True]}[opts.precopy]
         for mb in (int(s) for s in opts.sizes.split(",")):
-            for precopy in modes:
-                r = one(lab, mb, precopy)
-                rows.append((mb, precopy, r))
+            for mode in opts.modes.split(","):
+                r = one(lab, mb, mode)
+                rows.append((mb, mode, r))
                 both = r["criu_dump_ms"] + r["criu_restore_ms"]
                 rounds = ",".join(f"{b / 1e6:.1f}" for b in r["precopy_rounds"]) or "-"
                 if r.get("precopy_error"):
                     rounds += f" ({r['precopy_error']})"
                 print(
-                    f"{mb:>4} MB {'yes' if precopy else 'no':>4} {r['criu_dump_ms']:>5.0f}ms "
+                    f"{mb:>4} MB {mode:>6} {r['criu_dump_ms']:>5.0f}ms "
                     f"{r['criu_restore_ms']:>5.0f}ms {r['freeze_ms']:>5.0f}ms "
                     f"{r['total_ms']:>5.0f}ms {r['total_ms'] / both:>9.2f} "
                     f"{r['image_bytes'] / 1e6:>7.1f} {r['zstd_bytes'] / 1e6:>7.1f}  {rounds}",
                     flush=True,
                 )
         # Where the time goes: the freeze phase by phase (ms), and the rest of the total.
-        print(f"\n{'data':>7} {'pre':>4} " + " ".join(f"{p:>8}" for p in PHASES) + "  (ms)")
-        for mb, precopy, r in rows:
+        print(f"\n{'data':>7} {'mode':>6} " + " ".join(f"{p:>8}" for p in PHASES) + "  (ms)")
+        for mb, mode, r in rows:
             parts = phases(r)
             print(
-                f"{mb:>4} MB {'yes' if precopy else 'no':>4} "
+                f"{mb:>4} MB {mode:>6} "
                 + " ".join(f"{parts[p]:>8.0f}" for p in PHASES)
             )
         with open("/proc/loadavg") as f:

@@ -631,6 +631,7 @@ class Migrator:
             log.info("pages of %s go packed (%s): %s", session.program, into, exc or "timeout")
             return None
         sock.setblocking(True)  # CRIU reads and writes it as a blocking socket
+        _bound_stalls(sock)
         return sock
 
     async def _check(self, http: aiohttp.ClientSession, to: str, tree: list[int]) -> None:
@@ -1099,6 +1100,7 @@ class Migrator:
         try:
             await loop.sock_sendall(conn, PAGES_READY)
             conn.setblocking(True)  # CRIU's, from here on
+            _bound_stalls(conn)
             return await self.ckpt.run(
                 C.page_server_argv(criu.path, directory, conn.fileno()),
                 os.path.join(directory, "page-server.out"),
@@ -1293,6 +1295,13 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _bound_stalls(sock: socket.socket) -> None:
+    """Writes to a peer that stopped answering fail after STALL_TIMEOUT (a VM gone sends
+    no reset): CRIU's dump into a dead target's page server ends, and the program runs on."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(STALL_TIMEOUT * 1000))
 
 
 def _retrieved(task: asyncio.Future[int]) -> None:
