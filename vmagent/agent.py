@@ -214,6 +214,8 @@ async def _migration_check(request: web.Request) -> web.Response:
         body = None
     try:
         request.app[MIGRATOR].check(ticket, body.get("pids") if isinstance(body, dict) else None)
+        # Proven: the source's next request here may come after a long pre-dump round.
+        extend_http(request.transport, MIGRATION_LIFETIME)
         await request.app[CHECKPOINTER].criu()
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
@@ -284,6 +286,8 @@ async def _migration_pages(request: web.Request) -> web.Response:
         request.app[MIGRATOR].tickets.authentic(ticket)
     except CheckpointError as exc:
         raise web.HTTPConflict(text=f"{exc}\n") from None
+    # The source's next request on this connection may come after a long pre-dump round.
+    extend_http(request.transport, MIGRATION_LIFETIME)
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if not isinstance(sockname, tuple):
         raise web.HTTPConflict(text="no page server on a unix socket\n")
