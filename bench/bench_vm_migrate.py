@@ -11,11 +11,14 @@ and 1 vCPU under TCG, their agents with Debian's criu 3.17).  For each size N
 - CRIU alone, in the same guest and the same run: the agent's same-instance
   checkpoint with restore (`POST /v1/sessions/{sid}/checkpoint {"restore": true}`):
   the wall time of `criu dump` and of `criu restore` as the agent runs them;
-- DCP: `POST /v1/sessions/{sid}/migrate` vm1 -> vm2 (and with `--precopy`, again
-  with pre-copy rounds, which do not work in the guests yet): total = that call's wall
-  time (the check, pre-copy rounds, freeze, final dump, transfer, restore,
-  commit); freeze = from the tracer's detach until the target said it runs;
-  raw and zstd bytes of the final images; the bytes of each pre-copy round.
+- DCP: `POST /v1/sessions/{sid}/migrate` vm1 -> vm2, once per mode (`--modes`):
+  `packed` (one frozen dump, all images packed over HTTP: the path before the
+  page server), `pages` (one frozen dump, its pages through the target's CRIU
+  page server), `fast` (pre-copy rounds, then the final dump, pages through the
+  page server: the agents' default).  total = that call's wall time; freeze =
+  from the tracer's detach until the target said it runs; raw and zstd bytes
+  of the final images; the bytes of each pre-copy round.  A second table
+  splits each move's time by phase (`phases`).
 
 Then the program is told to end and must report its data's checksum intact.
 """
@@ -165,6 +168,8 @@ def main() -> None:
                     f"{r['image_bytes'] / 1e6:>7.1f} {r['zstd_bytes'] / 1e6:>7.1f}  {rounds}",
                     flush=True,
                 )
+                parts = phases(r)
+                print("#   ms: " + " ".join(f"{p}={parts[p]:.0f}" for p in PHASES), flush=True)
         # Where the time goes: the freeze phase by phase (ms), and the rest of the total.
         print(f"\n{'data':>7} {'mode':>6} " + " ".join(f"{p:>8}" for p in PHASES) + "  (ms)")
         for mb, mode, r in rows:
