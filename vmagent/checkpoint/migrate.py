@@ -548,7 +548,6 @@ class Migrator:
         self.staged: dict[bytes, Staged] = {}  # session id -> pre-copy rounds received
         self.precopy_error = ""  # of the move under way (one at a time: the lock)
         self.zstd_s: list[float] = []  # s the last transfer spent compressing
-        self.page_server = fast  # of the move under way
 
     async def migrate(
         self,
@@ -569,7 +568,7 @@ class Migrator:
         Both default to this agent's `fast` setting.
         """
         precopy = self.fast if precopy is None else precopy
-        self.page_server = self.fast if page_server is None else page_server
+        pages = self.fast if page_server is None else page_server
         criu = await self.ckpt.criu()
         if session.status is not None or session.moved or session.trace_sock is None:
             raise MigrationRefused(f"{session.program} is not running here")
@@ -591,10 +590,10 @@ class Migrator:
                 and await self.ckpt.precopy(criu)
             )
             async with self.ckpt._lock:
-                return await self._move(http, criu, session, to, instance, precopy)
+                return await self._move(http, criu, session, to, instance, precopy, pages)
 
     async def _pages(
-        self, http: aiohttp.ClientSession, to: str, session: Session, into: str
+        self, http: aiohttp.ClientSession, to: str, session: Session, into: str, use: bool
     ) -> socket.socket | None:
         """A connection to a page server the target runs for its directory `into`, or None.
 
@@ -603,7 +602,7 @@ class Migrator:
         target answers a port and a one-use secret; the connection sends the
         secret first and gets PAGES_READY once the target's CRIU has it.
         """
-        if not self.page_server:
+        if not use:
             return None
         url = f"http://{to}/v1/migrations/pages?session={session.sid.hex()}&into={into}"
         loop = asyncio.get_running_loop()
@@ -644,7 +643,13 @@ class Migrator:
             raise MigrationRefused(f"{to} cannot be reached: {exc or 'timeout'}") from None
 
     async def _precopy(
-        self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, base: str
+        self,
+        http: aiohttp.ClientSession,
+        criu: C.Criu,
+        session: Session,
+        to: str,
+        base: str,
+        pages: bool,
     ) -> tuple[list[int], float]:
         """Pre-dump rounds, each sent to the target while the program runs on.
 
@@ -659,7 +664,7 @@ class Migrator:
             k = len(written)
             directory = os.path.join(base, f"pre{k}")
             os.mkdir(directory)
-            ps = await self._pages(http, to, session, f"pre{k}")
+            ps = await self._pages(http, to, session, f"pre{k}", pages)
             try:
                 took, size = await self.ckpt.predump(
                     criu,
@@ -681,8 +686,8 @@ class Migrator:
                 f"&pages={int(ps is not None)}"
             )
             answer, _ = await self._send(http, url, None, directory)
-            pages = answer.get("pages") if ps is not None else size
-            written.append(pages if isinstance(pages, int) else size)
+            served = answer.get("pages") if ps is not None else size
+            written.append(served if isinstance(served, int) else size)
         return written, held
 
     async def _move(
@@ -693,6 +698,7 @@ class Migrator:
         to: str,
         instance: str,
         precopy: bool,
+        pages: bool,
     ) -> dict[str, Any]:
         base = tempfile.mkdtemp(prefix=f"{self.prefix}migrate-", dir=scratch())
         rounds: list[int] = []
@@ -703,11 +709,11 @@ class Migrator:
         try:
             if precopy:
                 copying = time.perf_counter()
-                rounds, held_ms = await self._precopy(http, criu, session, to, base)
+                rounds, held_ms = await self._precopy(http, criu, session, to, base, pages)
                 precopy_ms = (time.perf_counter() - copying) * 1000
             directory = os.path.join(base, "final")
             os.mkdir(directory)
-            ps = await self._pages(http, to, session, "final")  # before the freeze
+            ps = await self._pages(http, to, session, "final", pages)  # before the freeze
             session.migrating = True
             started = time.perf_counter()
             pids = await self.ckpt.detach(session)
