@@ -608,7 +608,9 @@ class Migrator:
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
-            async with asyncio.timeout(CHECK_TIMEOUT):
+            # Generous: this runs before the freeze (a loaded target answers slowly, and
+            # giving up here only means the pages go packed).
+            async with asyncio.timeout(STALL_TIMEOUT):
                 async with http.post(url) as resp:
                     if resp.status != 200:
                         raise OSError((await resp.text()).strip())
