@@ -103,6 +103,7 @@ typedef struct {
     PyObject *error;  /* PtraceRequestError(pid, request, errno) */
     int line_buffered;
     struct buf out;
+    struct buf scratch;  /* strings read from a tracee, reused from call to call */
     struct task *tasks;
     size_t n_tasks, cap_tasks;
     uint64_t calls[MAX_NR], errors[MAX_NR];
@@ -280,15 +281,12 @@ static int render_args(Loop *self, struct buf *b, int pid, const struct spec *s,
     int count = s->nargs;
     if (s->oflags_at >= 0 && !(args[s->oflags_at] & (O_CREAT_BIT | O_TMPFILE_BIT)))
         count = s->oflags_at + 1;  /* the mode only matters when creating */
-    struct buf scratch = {0};
-    int rc = 0;
-    for (int i = 0; i < count && rc == 0; i++) {
-        if (i && put(b, ", ", 2)) { rc = -1; break; }
+    for (int i = 0; i < count; i++) {
+        if (i && put(b, ", ", 2)) return -1;
         uint64_t size = i + 1 < s->nargs ? args[i + 1] : 0;
-        rc = render_arg(self, b, pid, s->fmt[i], args[i], size, rval, &scratch);
+        if (render_arg(self, b, pid, s->fmt[i], args[i], size, rval, &self->scratch)) return -1;
     }
-    PyMem_Free(scratch.data);
-    return rc;
+    return 0;
 }
 
 /* tracer.decode.result */
@@ -650,6 +648,7 @@ static void Loop_dealloc(Loop *self) {
     for (size_t i = 0; i < self->n_tasks; i++) PyMem_Free(self->tasks[i].text.data);
     PyMem_Free(self->tasks);
     PyMem_Free(self->out.data);
+    PyMem_Free(self->scratch.data);
     Py_XDECREF(self->keep);
     Py_XDECREF(self->sink);
     Py_XDECREF(self->error);
