@@ -100,6 +100,7 @@ typedef struct {
     int n_oflags;
     PyObject *keep;  /* owns the strings the tables point into */
     PyObject *sink;  /* str -> None (Output.write), or None: statistics only */
+    int has_sink;
     PyObject *error;  /* PtraceRequestError(pid, request, errno) */
     int line_buffered;
     struct buf out;
@@ -117,8 +118,8 @@ static int buf_reserve(struct buf *b, size_t more) {
     if (b->len + more <= b->cap) return 0;
     size_t cap = b->cap ? b->cap : 256;
     while (cap < b->len + more) cap *= 2;
-    char *p = PyMem_Realloc(b->data, cap);
-    if (!p) { PyErr_NoMemory(); return -1; }
+    char *p = realloc(b->data, cap);  /* not PyMem: the loop runs without the GIL */
+    if (!p) return -1;
     b->data = p;
     b->cap = cap;
     return 0;
@@ -235,7 +236,7 @@ static int render_arg(Loop *self, struct buf *b, int pid, int fmt, uint64_t v, u
     case F_STRING:
         if (!v) return puts_(b, "NULL");
         n = read_string(self, pid, v, scratch);
-        if (n == -2) return -1;
+        if (n == -2) return -1;  /* out of memory */
         if (n < 0) return put_hex(b, v);
         return quote(b, (unsigned char *)scratch->data, (size_t)n, PATH_LIMIT);
     case F_FD:
@@ -338,8 +339,8 @@ static struct task *add_task(Loop *self, int tid) {
     if (t) return t;
     if (self->n_tasks == self->cap_tasks) {
         size_t cap = self->cap_tasks ? self->cap_tasks * 2 : 16;
-        struct task *p = PyMem_Realloc(self->tasks, cap * sizeof *p);
-        if (!p) { PyErr_NoMemory(); return NULL; }
+        struct task *p = realloc(self->tasks, cap * sizeof *p);
+        if (!p) return NULL;
         self->tasks = p;
         self->cap_tasks = cap;
     }
@@ -350,7 +351,7 @@ static struct task *add_task(Loop *self, int tid) {
 }
 
 static void drop_task(Loop *self, struct task *t) {
-    PyMem_Free(t->text.data);
+    free(t->text.data);
     *t = self->tasks[--self->n_tasks];
 }
 
@@ -360,16 +361,38 @@ static double now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static int resume(Loop *self, int pid, long request) {
+/* Why the loop stopped on an error, raised once it holds the GIL again. */
+struct failure {
+    int kind;  /* 0 none, 1 out of memory, 2 a resume failed, 3 wait4 failed */
+    int pid, err;
+    long request;
+};
+
+static int resume(struct failure *f, int pid, long request) {
     if (ptrace((enum __ptrace_request)request, pid, 0, 0) == -1 && errno != ESRCH) {
-        PyObject *exc = PyObject_CallFunction(self->error, "ili", pid, request, (long)errno);
+        f->kind = 2;
+        f->pid = pid;
+        f->request = request;
+        f->err = errno;
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *raise_failure(Loop *self, struct failure *f) {
+    if (f->kind == 2) {
+        PyObject *exc = PyObject_CallFunction(self->error, "ili", f->pid, f->request, (long)f->err);
         if (exc) {
             PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
             Py_DECREF(exc);
         }
-        return -1;
+    } else if (f->kind == 3) {
+        errno = f->err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else {
+        PyErr_NoMemory();
     }
-    return 0;
+    return NULL;
 }
 
 /* The stop Python must handle, with this loop's state of its thread (forgotten). */
@@ -401,53 +424,58 @@ static PyObject *hand_over(Loop *self, int pid, int status, struct rusage *ru) {
 
 /* ---- the loop ---------------------------------------------------------- */
 
+/* Runs without the GIL (another Python thread of the tracer, such as the run's
+   recorder, must not hold up a stop); takes it back to hand a stop over, to
+   write a full buffer to the sink, and to raise. */
 static PyObject *Loop_next(Loop *self, PyObject *Py_UNUSED(ignored)) {
     struct ptrace_info info;
     struct rusage ru;
+    struct failure f = {0};
     int status;
+    pid_t pid;
+    PyThreadState *ts = PyEval_SaveThread();
     for (;;) {
-        pid_t pid;
-        Py_BEGIN_ALLOW_THREADS
         pid = wait4(-1, &status, WALL_FLAG, &ru);
-        Py_END_ALLOW_THREADS
         if (pid < 0) {
             if (errno == EINTR) {
+                PyEval_RestoreThread(ts);
                 if (PyErr_CheckSignals()) return NULL;
+                ts = PyEval_SaveThread();
                 continue;
             }
-            flush_out(self);
-            return PyErr_SetFromErrno(PyExc_OSError);
+            f.kind = 3;
+            f.err = errno;
+            goto fail;
         }
-        if (!WIFSTOPPED(status)) return hand_over(self, pid, status, &ru);
+        if (!WIFSTOPPED(status)) goto python;
         int event = status >> 16, sig = WSTOPSIG(status);
         struct task *t = find_task(self, pid);
         if (event == EVENT_SECCOMP) {
-            if (t && t->held) return hand_over(self, pid, status, &ru);
-            if (ptrace(REQ_GET_SYSCALL_INFO, pid, (void *)sizeof info, &info) == -1)
-                return hand_over(self, pid, status, &ru);
+            if (t && t->held) goto python;
+            if (ptrace(REQ_GET_SYSCALL_INFO, pid, (void *)sizeof info, &info) == -1) goto python;
             uint64_t nr = info.seccomp.nr;
             if (info.arch != AUDIT_ARCH_X86_64 || nr >= MAX_NR || !(self->specs[nr].flags & K_FAST))
-                return hand_over(self, pid, status, &ru);
+                goto python;
             const struct spec *s = &self->specs[nr];
-            if (!t && !(t = add_task(self, pid))) return NULL;
+            if (!t && !(t = add_task(self, pid))) { f.kind = 1; goto fail; }
             t->pending = 1;
             t->nr = (int)nr;
             memcpy(t->args, info.seccomp.args, sizeof t->args);
             t->started = now();
             t->has_text = 0;
-            if (self->sink != Py_None && (s->flags & K_READ_ENTRY) && !(s->flags & K_READ_EXIT)) {
+            if (self->has_sink && (s->flags & K_READ_ENTRY) && !(s->flags & K_READ_EXIT)) {
                 /* Memory of input arguments is read now: later it may hold something else. */
                 t->text.len = 0;
-                if (render_args(self, &t->text, pid, s, t->args, 0)) return NULL;
+                if (render_args(self, &t->text, pid, s, t->args, 0)) { f.kind = 1; goto fail; }
                 t->has_text = 1;
             }
-            if (resume(self, pid, REQ_SYSCALL)) return NULL;
+            if (resume(&f, pid, REQ_SYSCALL)) goto fail;
             continue;
         }
-        if (sig != (SIGTRAP | 0x80) || !t || !t->pending) return hand_over(self, pid, status, &ru);
+        if (sig != (SIGTRAP | 0x80) || !t || !t->pending) goto python;
         if (ptrace(REQ_GET_SYSCALL_INFO, pid, (void *)sizeof info, &info) == -1 ||
             info.op != OP_EXIT)
-            return hand_over(self, pid, status, &ru);
+            goto python;
         int64_t rval = info.exit.rval;
         int nr = t->nr;
         const struct spec *s = &self->specs[nr];
@@ -456,31 +484,45 @@ static PyObject *Loop_next(Loop *self, PyObject *Py_UNUSED(ignored)) {
         self->calls[nr]++;
         self->seconds[nr] += took;
         if (rval < 0 && rval > -4096) self->errors[nr]++;
-        if (self->sink == Py_None) {
-            if (resume(self, pid, REQ_CONT)) return NULL;
+        if (!self->has_sink) {
+            if (resume(&f, pid, REQ_CONT)) goto fail;
             continue;
         }
         struct buf *b = &self->out;
         char head[48];
         int hn = snprintf(head, sizeof head, "%d ", pid);
-        if (put(b, head, (size_t)hn) || puts_(b, s->name) || put(b, "(", 1)) return NULL;
+        f.kind = 1;  /* until the line is complete, a failure is a failed allocation */
+        if (put(b, head, (size_t)hn) || puts_(b, s->name) || put(b, "(", 1)) goto fail;
         if (s->flags & K_READ_EXIT) {  /* an output buffer: read before the tracee runs on */
-            if (render_args(self, b, pid, s, t->args, rval)) return NULL;
-            if (resume(self, pid, REQ_CONT)) return NULL;
+            if (render_args(self, b, pid, s, t->args, rval)) goto fail;
+            f.kind = 0;
+            if (resume(&f, pid, REQ_CONT)) goto fail;
         } else {
-            if (resume(self, pid, REQ_CONT)) return NULL;
-            if (t->has_text) {
-                if (put(b, t->text.data, t->text.len)) return NULL;
-            } else if (render_args(self, b, pid, s, t->args, rval)) {
-                return NULL;
-            }
+            f.kind = 0;
+            if (resume(&f, pid, REQ_CONT)) goto fail;
+            f.kind = 1;
+            if (t->has_text ? put(b, t->text.data, t->text.len)
+                            : render_args(self, b, pid, s, t->args, rval))
+                goto fail;
         }
         t->has_text = 0;
         if (put(b, ") = ", 4) || render_result(self, b, rval, s->flags & K_POINTER) ||
             put(b, "\n", 1))
-            return NULL;
-        if (line_done(self)) return NULL;
+            goto fail;
+        f.kind = 0;
+        if (self->line_buffered || b->len >= (1 << 16)) {
+            PyEval_RestoreThread(ts);
+            if (flush_out(self)) return NULL;
+            ts = PyEval_SaveThread();
+        }
     }
+python:
+    PyEval_RestoreThread(ts);
+    return hand_over(self, pid, status, &ru);
+fail:
+    PyEval_RestoreThread(ts);
+    flush_out(self);
+    return raise_failure(self, &f);
 }
 
 /* ---- Python-facing methods ---------------------------------------------- */
@@ -490,7 +532,7 @@ static PyObject *Loop_hold(Loop *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "ip", &tid, &held)) return NULL;
     struct task *t = find_task(self, tid);
     if (held) {
-        if (!t && !(t = add_task(self, tid))) return NULL;
+        if (!t && !(t = add_task(self, tid))) return PyErr_NoMemory();
         t->held = 1;
         t->pending = 0;
     } else if (t) {
@@ -503,8 +545,8 @@ static PyObject *Loop_write(Loop *self, PyObject *arg) {
     Py_ssize_t n;
     const char *s = PyUnicode_AsUTF8AndSize(arg, &n);
     if (!s) return NULL;
-    if (self->sink == Py_None) Py_RETURN_NONE;
-    if (put(&self->out, s, (size_t)n)) return NULL;
+    if (!self->has_sink) Py_RETURN_NONE;
+    if (put(&self->out, s, (size_t)n)) return PyErr_NoMemory();
     if (line_done(self)) return NULL;
     Py_RETURN_NONE;
 }
@@ -551,11 +593,11 @@ static PyObject *Loop_render(Loop *self, PyObject *args) {
     if (render_args(self, &b, pid, &self->specs[nr], a, rval) ||
         put(&b, " = ", 3) ||
         render_result(self, &b, rval, self->specs[nr].flags & K_POINTER)) {
-        PyMem_Free(b.data);
-        return NULL;
+        free(b.data);
+        return PyErr_NoMemory();
     }
     PyObject *r = PyUnicode_DecodeUTF8(b.data ? b.data : "", (Py_ssize_t)b.len, "surrogateescape");
-    PyMem_Free(b.data);
+    free(b.data);
     return r;
 }
 
@@ -594,6 +636,7 @@ static int Loop_init(Loop *self, PyObject *args, PyObject *kw) {
     if (!self->keep) return -1;
     Py_INCREF(sink);
     Py_XSETREF(self->sink, sink);
+    self->has_sink = sink != Py_None;
     Py_INCREF(error);
     Py_XSETREF(self->error, error);
     self->line_buffered = line_buffered;
@@ -645,10 +688,10 @@ static int Loop_init(Loop *self, PyObject *args, PyObject *kw) {
 }
 
 static void Loop_dealloc(Loop *self) {
-    for (size_t i = 0; i < self->n_tasks; i++) PyMem_Free(self->tasks[i].text.data);
-    PyMem_Free(self->tasks);
-    PyMem_Free(self->out.data);
-    PyMem_Free(self->scratch.data);
+    for (size_t i = 0; i < self->n_tasks; i++) free(self->tasks[i].text.data);
+    free(self->tasks);
+    free(self->out.data);
+    free(self->scratch.data);
     Py_XDECREF(self->keep);
     Py_XDECREF(self->sink);
     Py_XDECREF(self->error);
