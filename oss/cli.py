@@ -10,7 +10,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import click
 from aiohttp import web
@@ -219,7 +221,18 @@ def serve(
     elif network_bridge or network_netns:
         raise click.UsageError("--network-bridge/--network-netns need --network-prefix")
     _private_data_dir(data_dir)
-    asyncio.run(_serve(config, host, port, loaded, limits, network))
+    run_server(_serve(config, host, port, loaded, limits, network))
+
+
+def run_server(main: Coroutine[Any, Any, None]) -> None:
+    """Run the server's event loop: uvloop's when it is installed (about a third less CPU
+    per request than asyncio's selector loop, issue 15), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def _private_data_dir(data_dir: Path) -> None:

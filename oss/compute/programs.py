@@ -9,6 +9,7 @@ functions at the end run inside billing's and telemetry's transactions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -17,7 +18,13 @@ from typing import Any, Protocol
 
 from oss.accounts.store import Principal
 from oss.compute import scheduler
-from oss.compute.instances import candidates, free_slots, move_slot, release_placed
+from oss.compute.instances import (
+    candidates,
+    free_slots,
+    move_slot,
+    own_candidates,
+    release_placed,
+)
 from oss.db.store import Conn, Store, new_id, to_json
 from oss.errors import BudgetExhausted, Conflict, LimitExceeded, NoCapacity, NotFound
 
@@ -451,12 +458,29 @@ def place(
             "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)
         )
     }
-    found = candidates(c, program_id, policy)
-    if p["placement"] is None:
+    plan = None
+    if p["placement"] is None and len(current) >= p["target_instances"]:
+        # As wide as its target: new processes go next to their siblings while those have
+        # room (the scheduler's locality rule), so the siblings' rows decide and the
+        # pre-filter over every ready instance is needed only once they are full.  Same
+        # plan as with every candidate (issue 15: most placements of a running program).
+        with contextlib.suppress(NoCapacity):
+            plan = scheduler.place(
+                program_id,
+                processes,
+                policy,
+                own_candidates(c, program_id),
+                current,
+                p["target_instances"],
+                avoid,
+            )
+    if plan is None and p["placement"] is None:
+        found = candidates(c, program_id, policy)
         plan = scheduler.place(
             program_id, processes, policy, found, current, p["target_instances"], avoid
         )
-    else:
+    elif plan is None:
+        found = candidates(c, program_id, policy)
         # The processes a submission reserves (the root, which runs at home) are
         # placed even under `local`, locality first; later ones by the policy.
         name = "pack" if initial and p["placement"] == "local" else p["placement"]
