@@ -323,10 +323,20 @@ class Programs:
         """The account's programs, newest first."""
 
         def op(c: Conn) -> list[dict[str, Any]]:
-            q = "SELECT id FROM programs WHERE account_id=?" + (" AND state=?" if state else "")
+            # Two queries for the whole page, not two per program (issue 15).
+            q = "SELECT * FROM programs WHERE account_id=?" + (" AND state=?" if state else "")
             args: list[Any] = [account_id] + ([state] if state else [])
-            ids = [r["id"] for r in c.execute(q + " ORDER BY created DESC LIMIT ?", (*args, limit))]
-            return [program_dict(c, i, account_id) for i in ids]
+            rows = c.execute(q + " ORDER BY created DESC LIMIT ?", (*args, limit)).fetchall()
+            placed: dict[str, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
+            for i in range(0, len(rows), 500):  # SQLite's bound-parameter limit
+                ids = [r["id"] for r in rows[i : i + 500]]
+                for pl in c.execute(
+                    "SELECT program_id, instance, processes FROM placements WHERE program_id IN"
+                    f" ({','.join('?' * len(ids))}) ORDER BY program_id, instance",
+                    ids,
+                ):
+                    placed[pl[0]].append(dict(instance=pl[1], processes=pl[2]))
+            return [_as_dict(r, placed[r["id"]]) for r in rows]
 
         return await self._db.read(op)
 
@@ -409,6 +419,18 @@ def program_row(c: Conn, program_id: str, account_id: str | None) -> sqlite3.Row
 def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, Any]:
     """A program as the API shows it, with its placements."""
     r = program_row(c, program_id, account_id)
+    placements = [
+        dict(instance=p["instance"], processes=p["processes"])
+        for p in c.execute(
+            "SELECT instance, processes FROM placements WHERE program_id=? ORDER BY instance",
+            (program_id,),
+        )
+    ]
+    return _as_dict(r, placements)
+
+
+def _as_dict(r: sqlite3.Row, placements: list[dict[str, Any]]) -> dict[str, Any]:
+    """A program row and its placements as the API shows them."""
     d = dict(r)
     for k in ("argv", "env", "resource_policy", "scaling_policy"):
         d[k] = json.loads(d[k])
@@ -418,13 +440,7 @@ def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, 
     d.pop("client_placed", None)  # issue 10 (E)
     stop = d.pop("stop_json", None)
     d["stop"] = json.loads(stop) if stop else None
-    d["placements"] = [
-        dict(instance=p["instance"], processes=p["processes"])
-        for p in c.execute(
-            "SELECT instance, processes FROM placements WHERE program_id=? ORDER BY instance",
-            (program_id,),
-        )
-    ]
+    d["placements"] = placements
     return d
 
 
