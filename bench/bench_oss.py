@@ -111,9 +111,12 @@ def _started(proc: subprocess.Popen[str], what: str) -> str:
     return line.split()[-1]
 
 
+OSS_TREE = ROOT  # --oss-tree: the checkout whose dcp-oss is measured (before/after runs)
+
+
 def start_server(data: Path, tick: float, cpu: int | None) -> tuple[subprocess.Popen[str], str]:
     """`dcp-oss serve` on `data`, pinned to `cpu`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(OSS_TREE)}
     argv = [sys.executable, "-m", "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(data)]
     argv += ["--heartbeat-timeout", "15", "--tick", str(tick)]
     # Every simulated agent and client connects from 127.0.0.1: the per-peer cap (256,
@@ -493,9 +496,15 @@ def main() -> None:
         help="the nice of the server's and the generator's scheduler groups (e.g. -10, as"
         " root: on a machine other sessions load, their pinned cores go mostly to them)",
     )
+    ap.add_argument(
+        "--oss-tree",
+        type=Path,
+        default=ROOT,
+        help="serve the dcp-oss of this checkout (e.g. an older one, for before/after)",
+    )
     args = ap.parse_args()
-    global NICE
-    NICE = args.nice
+    global NICE, OSS_TREE
+    NICE, OSS_TREE = args.nice, args.oss_tree.resolve()
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     args.cpus = (SERVER_CPU, LOAD_CPU) if pin else (None, None)
     if args.inproc_only:
