@@ -205,7 +205,7 @@ def drive(
         start=start,
         stop=stop,
         storm=args.storm,
-        storm_callers=32,
+        storm_callers=args.callers,
         per_program=args.per_program,
         batch=args.batch,
         storms=STORMS,
@@ -367,14 +367,18 @@ def run_rows(res: dict[str, Any], args: Any) -> list[tuple[str, str]]:
             f"{oss['psi0']} / {oss['psi1']}, {oss['load0']:.1f}",
         ),
         (
-            "closed loop, 32 callers: place 1 + release it, pairs/s",
+            f"closed loop, {args.callers} callers: place 1 + release it, pairs/s",
             _storm(storm["pair"]),
         ),
         (
-            f"closed loop, 32 callers: place 1 per request (cancel every {args.per_program})",
+            f"closed loop, {args.callers} callers: place 1 per request (cancel every"
+            f" {args.per_program})",
             _storm(storm["cancel"]),
         ),
-        (f"closed loop, 32 callers: {args.batch} processes per request", _storm(storm["batch"])),
+        (
+            f"closed loop, {args.callers} callers: {args.batch} processes per request",
+            _storm(storm["batch"]),
+        ),
     ]
     if bare is not None:
         b = figures(bare, args.duration)
@@ -411,7 +415,7 @@ def summary_rows(runs: list[dict[str, Any]], args: Any) -> list[tuple[str, str]]
         ("hb_p99", "heartbeat p99 ms (target < 20)", False),
         ("api_p99", "API p99 ms (target < 50)", False),
         ("api_rps", "API requests/s", True),
-        ("pair", "place+release pairs/s, 32 callers", True),
+        ("pair", f"place+release pairs/s, {args.callers} callers", True),
         ("cancel", "placements/s, one per request (target 5,000)", True),
         ("batch", f"process placements/s, {args.batch} per request", True),
     ]
@@ -476,6 +480,7 @@ def main() -> None:
     ap.add_argument("--tick", type=float, default=1.0, help="the server's --tick")
     ap.add_argument("--storm", type=float, default=4.0, help="seconds of each closed-loop storm")
     ap.add_argument("--batch", type=int, default=16, help="processes per batched placement")
+    ap.add_argument("--callers", type=int, default=32, help="closed-loop callers of each storm")
     ap.add_argument(
         "--per-program",
         type=int,
@@ -540,22 +545,14 @@ def main() -> None:
         args.json.write_text(json.dumps(slim))
     show(f"dcp-oss under load: best / median of {len(runs)} run(s)", summary_rows(runs, args))
     if not args.skip_inproc:
-        with tempfile.TemporaryDirectory(prefix="bench-oss-") as tmp:
-            rows = [
-                (
-                    "placements/s in-process, durable (store, + as many releases)",
-                    f"{asyncio.run(bench_store_place(Path(tmp), args.instances, 5.0)):,.0f}",
-                ),
-                (
-                    f"placement decisions/s in-process ({CANDIDATES} pre-filtered candidates)",
-                    f"{bench_scheduler(CANDIDATES, 2.0):,.0f}",
-                ),
-                (
-                    f"placement decisions/s in-process (full scan of {args.instances})",
-                    f"{bench_scheduler(args.instances, 2.0):,.0f}",
-                ),
-            ]
-        show("placement in-process (no HTTP)", rows)
+        # In a child placed like the server (pinned, in a group of its own, at --nice).
+        child = _spawn(
+            [sys.executable, __file__, "--inproc-only", "--instances", str(args.instances)],
+            args.cpus[0],
+            stdout=subprocess.PIPE,
+        )
+        out, _ = child.communicate(timeout=300)
+        print(f"placement in-process (no HTTP), pinned like the server:\n{out}")
 
 
 def _scrape(url: str, token: str) -> str:
