@@ -127,7 +127,7 @@ def start_server(data: Path, tick: float, cpu: int | None) -> tuple[subprocess.P
 
 
 # A bare aiohttp server answering every route with fixed JSON: the baseline the OSS's
-# figures are divided by (same generator, same cores, same run, same event loop).
+# figures are divided by (same generator, same cores, same run, asyncio's loop as dcp-oss).
 BARE_SERVER = r"""
 import asyncio
 from aiohttp import web
@@ -147,11 +147,7 @@ async def main():
     port = site._server.sockets[0].getsockname()[1]
     print(f"listening on http://127.0.0.1:{port}", flush=True)
     await asyncio.Event().wait()
-try:
-    import uvloop
-    uvloop.run(main())
-except ImportError:
-    asyncio.run(main())
+asyncio.run(main())
 """
 
 

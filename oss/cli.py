@@ -10,9 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import click
 from aiohttp import web
@@ -221,18 +219,7 @@ def serve(
     elif network_bridge or network_netns:
         raise click.UsageError("--network-bridge/--network-netns need --network-prefix")
     _private_data_dir(data_dir)
-    run_server(_serve(config, host, port, loaded, limits, network))
-
-
-def run_server(main: Coroutine[Any, Any, None]) -> None:
-    """Run the server's event loop: uvloop's when it is installed (issue 15: 1-6% less
-    CPU per request under bench_oss's mixed load, lower p99), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+    asyncio.run(_serve(config, host, port, loaded, limits, network))
 
 
 def _private_data_dir(data_dir: Path) -> None:

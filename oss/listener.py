@@ -113,7 +113,8 @@ class _Guarded(asyncio.Protocol):
         self._tail = b""  # last bytes seen, to find the end of the headers across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Not an isinstance check: uvloop's TCP transport is no asyncio.Transport subclass.
+        # Not an isinstance check: another loop's TCP transport (uvloop's) is no
+        # asyncio.Transport subclass.
         transport = cast(asyncio.Transport, transport)
         g = self._guard
         peer = transport.get_extra_info("peername")
