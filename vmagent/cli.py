@@ -14,6 +14,7 @@ import click
 
 from vmagent.agent import Agent
 from vmagent.config import AgentConfig, ConfigError, parse_hostport, read_token
+from vmagent.cpuscore import CpuScore
 from vmagent.osslink import OssLink, advertised_address
 from vmagent.telemetry.reporter import Reporter
 from vmagent.telemetry.uplink import HttpPost, Uplink
@@ -68,6 +69,7 @@ async def serve(config: AgentConfig, tracing: Tracing) -> None:
                     config.exec_key,
                     on_commands=agent.on_commands,
                     can_checkpoint=agent.can_checkpoint,
+                    speed=CpuScore().once,  # issue 12: optimizer moves compare speeds
                 )
                 link_task = tasks.create_task(link.run())
                 telemetry = start_telemetry(agent, config, tasks)

@@ -58,6 +58,7 @@ def test_command_lines_keep_the_tree_stopped_and_hand_back_the_pipes() -> None:
     assert "--tcp-established" in dump
     restore = C.restore_argv("/c", "/img", [(7, "pipe:[99]")], tcp=False)
     assert {"-d", "--leave-stopped", "--restore-sibling"} <= set(restore)
+    assert "--manage-cgroups=ignore" in restore  # the target's cgroups, not the source's
     assert restore[-2:] == ["--inherit-fd", "fd[7]:pipe:[99]"]
     assert "--tcp-established" not in restore
 

@@ -187,6 +187,10 @@ def restore_argv(
     argv = [criu, "restore", "-D", images, "-o", "restore.log", "-v2", "-d", "--leave-stopped"]
     argv.append("--restore-sibling")  # the agent stays its parent (PDEATHSIG, reaping)
     argv.append("--file-locks")
+    # The tree joins the restoring agent's cgroups, not the ones it was dumped from:
+    # local instances share a kernel, and the source's (a slow instance's CPU quota, its
+    # program freezer group) must not follow it (issue 12: optimizer moves).
+    argv.append("--manage-cgroups=ignore")
     if tcp:
         argv.append("--tcp-established")
     for fd, key in inherit:
