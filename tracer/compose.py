@@ -251,9 +251,10 @@ def clustered(
     from oss.local import PrivateOss, PrivateOssError
     from vmagent.cluster.coordinator import OssModeUnavailable
     from vmagent.cluster.localrun import LazyLink, LocalRun, LocalRunError, StorageLink
-    from vmagent.cluster.ossmode import OssCoordinator, ProgramLink
+    from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator, ProgramLink
     from vmagent.cluster.placement import Placement, UnknownPolicy
     from vmagent.errors import AgentError
+    from vmagent.network.home import HomeListeners
 
     # Always an OSS (issue 10): the run's own, on a thread of this process, serving
     # its agents on a unix socket; it places every exec, from home or an instance.
@@ -298,6 +299,9 @@ def clustered(
         local = OssCoordinator(
             inner, placement, link, os.getcwd(), run.cluster.reconnect_window, view=view
         )
+        started = link.link if isinstance(link, StorageLink) else link  # under the storage
+        if isinstance(started, LocalProgramLink) and started.private.oss.network is not None:
+            local.home_listeners = HomeListeners(started.home_listener)  # issue 13
         if placement == "auto":
             local.advisor = local_advisor(run, note, profiles)
         try:

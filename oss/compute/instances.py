@@ -488,18 +488,29 @@ def candidates(
         f" ORDER BY price_micros_per_s, used_slots, name LIMIT {CANDIDATES}",
         args,
     ).fetchall()
+    seen: dict[str, scheduler.Candidate] = {}
+    for r in rows:
+        seen[r[0]] = scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+    for cand in own_candidates(c, program_id):
+        seen[cand.name] = cand
+    return list(seen.values())
+
+
+_OWN = (
     # CROSS JOIN fixes the loop order (SQLite's rule): the program's few placements
     # outside, instances by primary key inside; otherwise it walks every ready instance.
-    icols = ", ".join(f"i.{x.strip()}" for x in cols.split(","))
-    own = c.execute(
-        f"SELECT {icols} FROM placements p CROSS JOIN instances i ON i.name=p.instance"
-        " WHERE p.program_id=? AND i.state='ready' AND i.draining=0",
-        (program_id,),
-    ).fetchall()
-    seen: dict[str, scheduler.Candidate] = {}
-    for r in [*rows, *own]:
-        seen[r[0]] = scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
-    return list(seen.values())
+    "SELECT i.name, i.instance_type, i.cpus, i.price_micros_per_s, i.storage, i.slots,"
+    " i.used_slots, i.dedicated_to FROM placements p CROSS JOIN instances i"
+    " ON i.name=p.instance WHERE p.program_id=? AND i.state='ready' AND i.draining=0"
+)
+
+
+def own_candidates(c: Conn, program_id: str) -> list[scheduler.Candidate]:
+    """The ready instances the program already runs on (whatever their free slots)."""
+    return [
+        scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+        for r in c.execute(_OWN, (program_id,))
+    ]
 
 
 def move_slot(c: Conn, program_id: str, source: str, target: str) -> None:

@@ -61,6 +61,7 @@ from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import EMPTY, View
+from vmagent.network.home import HomeListeners
 from vmagent.trace.pidspace import PID_MAX_LIMIT
 
 log = logging.getLogger(__name__)
@@ -260,14 +261,30 @@ class OssCoordinator(ClusterCoordinator):
         self._root: int | None = None
         self._root_status: tuple[int | None, int | None] | None = None
         self.refused: str | None = None  # why the OSS could not take the program
+        # Issue 13: servers at home reached at the program's address (local runs as
+        # root; set by whoever builds this coordinator, before the run starts).
+        self.home_listeners: HomeListeners | None = None
         # Placed processes: pid -> (instance, argv, end status or None while running);
         # read by the watcher thread (lost instances).
         self._placed: dict[int, tuple[str, str, int | None]] = {}
         self._placed_lock = threading.Lock()
 
     def interception(self) -> frozenset[str]:
-        """ClusterCoordinator's, plus the calls that signal a pid (issue 11)."""
-        return super().interception() | frozenset(SIGNAL_CALLS)
+        """ClusterCoordinator's, plus the calls that signal a pid (issue 11), and listen
+        when servers at home are steered (issue 13)."""
+        home = frozenset({"listen"}) if self.home_listeners is not None else frozenset()
+        return super().interception() | frozenset(SIGNAL_CALLS) | home
+
+    def _home_listen(self, call: SyscallCall) -> bool:
+        return (call.name == "listen" and self.home_listeners is not None
+                and call.name not in self._inner_calls)  # fmt: skip
+
+    def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
+        """A listen at home is steered (issue 13); the rest as ClusterCoordinator."""
+        if self._home_listen(call):
+            assert self.home_listeners is not None
+            return self.home_listeners.on_result(call, signed(result))
+        return super().on_result(call, result, output)
 
     def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """The program's first exec submits it; a signal for a pid forked on an
@@ -275,6 +292,8 @@ class OssCoordinator(ClusterCoordinator):
         index = SIGNAL_CALLS.get(call.name)
         if index is not None and call.name not in self._inner_calls:
             return self._signal(call, index)
+        if self._home_listen(call):
+            return Allow(observe_result=True)
         if self._root is None and call.name in EXEC_CALLS:
             self._root = call.pid
             argv = [a.decode(errors="replace")[:ARG_MAX] for a in (call.argv or ())[:ARG_MAX]]
@@ -362,6 +381,8 @@ class OssCoordinator(ClusterCoordinator):
                     if end is None:
                         end = 128 + (event.signal or 0)
                     self._placed[event.pid] = (where, argv, end)
+            if self.home_listeners is not None and self.home_listeners.watched:
+                self.home_listeners.exited(event.pid)
         super().on_process(event)
 
     def measured(self, final_wait: float) -> dict[str, Any] | None:
@@ -1044,6 +1065,29 @@ class LocalProgramLink:
         for a in got:  # an instance without an exec key: give the slot back
             await oss.programs.release(who.account_id, pid, a["instance"], a["processes"])
         return None
+
+    def home_listener(self, pid: int, port: int, proto: str, local: str, opened: bool) -> int:
+        """A server at home opened (or closed) a listener: the run's OSS steers P:port home
+        (issue 13).  0, or EADDRINUSE when an instance of the program holds the port."""
+        from oss.network.plan import HOME
+        from oss.network.store import PortTaken
+
+        net = self.private.oss.network
+        if self.program_id is None or net is None or net.config.home is None:
+            return 0
+        number = 6 if proto == "tcp" else 17
+        program = self.program_id
+        if opened:
+            coro: Any = net.listen(program, HOME, pid, port, local, number)
+        else:
+            coro = net.unlisten(program, HOME, port, number)
+        try:
+            self.private.call(coro, self.timeout)
+        except PortTaken:
+            return errno.EADDRINUSE
+        except Exception as exc:  # the server stays reachable at home's own addresses
+            self._warn_once("home-listen", f"a server at home is not steered ({exc})")
+        return 0
 
     def release(self, instance: str) -> None:
         """Release one process's placement (in the background)."""

@@ -142,6 +142,8 @@ class InstanceCoordinator:
         # Lock calls always stop (the filter is built without a forwarder).
         self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS
         self._net_names = NET_CALLS - self._inner_names
+        self._shared_net = NET_CALLS & self._inner_names
+        self._inner_observes: set[int] = set()  # tids whose call the inner observes too
 
     def interception(self) -> frozenset[str]:
         """The view's calls, every exec, the calls that return or take pids, locks,
@@ -156,6 +158,20 @@ class InstanceCoordinator:
             return self._pid_call(call)
         if call.name in self._net_names:
             return self.listeners.on_syscall(call)
+        if call.name in self._shared_net:
+            # The view maps AF_UNIX paths (bind and connect are the inner's too): its
+            # decision first; a plain one is the watch's (a UDP bind's result, a
+            # connect to ::1).
+            inner = self.inner.on_syscall(call)
+            if isinstance(inner, (Allow, Rewrite)) and inner.observe_result:
+                self._inner_observes.add(call.tid)
+            if isinstance(inner, Allow):
+                mine = self.listeners.on_syscall(call)
+                args = mine.args if isinstance(mine, Rewrite) else None
+                return Rewrite(args, observe_result=True) if args else Allow(observe_result=True)
+            if isinstance(inner, Rewrite):
+                return Rewrite(inner.args, observe_result=True)
+            return inner
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -242,6 +258,12 @@ class InstanceCoordinator:
             return self.locks.getlk_result(call, result, self._holder)
         if call.name in self._net_names:
             return self.listeners.on_result(call, signed(result))
+        if call.name in self._shared_net:
+            done = None
+            if call.tid in self._inner_observes:
+                self._inner_observes.discard(call.tid)
+                done = self.inner.on_result(call, result, output)
+            return done if done is not None else self.listeners.on_result(call, signed(result))
         return self.inner.on_result(call, result, output)
 
     def _holder(self, real: int) -> int:
