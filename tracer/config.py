@@ -43,6 +43,8 @@ class FileConfig(BaseModel):
     oss:        URL of a running dcp-oss (like --oss)
     volumes:    paths that are one namespace on every instance (like --volume)
     storage:    tiers, policy and limit of those paths (oss.storage.run.TABLE_KEYS)
+    checkpoint_every: seconds between checkpoints of placed processes, which are
+                restored on another instance when theirs is lost (like --checkpoint-every)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,6 +55,7 @@ class FileConfig(BaseModel):
     oss: str | None = None
     volumes: list[str] = []
     storage: StorageTable = StorageTable()
+    checkpoint_every: float | None = Field(default=None, gt=0, le=86400)
 
     @field_validator("map")
     @classmethod

@@ -128,6 +128,10 @@ class LazyLink:
         self._lock = threading.Lock()
         self._submit: tuple[list[str], str] | None = None
         self._watch: tuple[Callable[[str], None], Callable[[str], None] | None] | None = None
+        # Issue 12 (failover): handed to the link when the instances start.
+        self.checkpoint_every: float | None = None
+        self.on_restoring: Callable[[set[str]], None] | None = None
+        self.on_restored: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def program_id(self) -> str | None:
@@ -149,6 +153,8 @@ class LazyLink:
                 return self.link
             try:
                 link = self.run.start()
+                link.checkpoint_every = self.checkpoint_every
+                link.on_restoring, link.on_restored = self.on_restoring, self.on_restored
                 argv, cwd = self._submit or (["?"], "/")
                 link.submit(argv, cwd)
             except (LocalRunError, OssCannotRun) as exc:

@@ -505,6 +505,7 @@ def main(argv: list[str]) -> int:
     link = Link(agent, instance, window, ticket)
     deputy = Deputy(link, rest[1] if len(rest) > 1 else rest[0])
     deputy.loss_note = ticket_file + P.LOSS_SUFFIX
+    link.redirect = ticket_file + P.MOVED_SUFFIX  # failover: home says where it went
     try:
         link.open(hello)
     except LostError as exc:
