@@ -380,9 +380,16 @@ class OssCoordinator(ClusterCoordinator):
         names = self.lost_on(instance)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         n = len(names)
+        with self._placed_lock:
+            back = sum(
+                1
+                for nonce, pid in self._nonces.items()
+                if nonce in self._restoring and self._placed.get(pid, ("",))[0] == instance
+            )
         print(
             f"dcptrace: instance {instance} lost: {n} process{'es' if n != 1 else ''} ended"
-            + (f" ({shown})" if names else ""),
+            + (f" ({shown})" if names else "")
+            + (f"; {back} to be restored from checkpoints" if back else ""),
             file=sys.stderr,
             flush=True,
         )
