@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -362,6 +363,8 @@ class OssCoordinator(ClusterCoordinator):
         )
         if not self.drop.redirect(path, note):
             return
+        with contextlib.suppress(OSError):  # its old connection may look alive: hang up
+            os.kill(pid, signal.SIGRTMIN + P.WAKE_RT)
         with self._placed_lock:
             if pid in self._placed:
                 _where, argv, status = self._placed[pid]

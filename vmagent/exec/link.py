@@ -173,6 +173,15 @@ class Link:
             return False
         return True
 
+    def hang_up(self) -> None:
+        """Drop the connection (the receiver thread reconnects, following home's note)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def first_frame(self) -> bytes:
         """RESUME once the session is known, else HELLO (seq: the last seq received)."""
         if self.session:
@@ -287,6 +296,8 @@ class Link:
         delay = 0.05
         last = why
         while True:
+            if self.follow():  # restored from a checkpoint elsewhere: a fresh window there
+                deadline = time.monotonic() + self.window
             try:
                 sock, parser, frames = self.handshake(self.first_frame())
                 while not frames:
@@ -313,7 +324,7 @@ class Link:
                 raise
             except OSError as exc:
                 last = exc.strerror or str(exc)
-            if self.follow():  # restored from a checkpoint elsewhere: a fresh window there
+            if self.follow():
                 deadline = time.monotonic() + self.window
                 delay = 0.05
                 continue

@@ -83,6 +83,10 @@ LOSS_SUFFIX = ".lost"
 # tries to reconnect.
 MOVED_SUFFIX = ".moved"
 GONE = b"gone"
+# The deputy's private signal is SIGRTMIN + WAKE_RT: home sends it after writing the
+# note, so a deputy whose old connection still looks alive (a frozen or partitioned
+# instance) hangs up and follows the note.
+WAKE_RT = 3
 
 # TCP keepalive on exec connections: a peer whose host vanished without a
 # FIN/RST (a VM killed, a cable cut) is noticed after IDLE + INTVL * CNT seconds.
