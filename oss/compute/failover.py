@@ -387,6 +387,18 @@ class Failover:
             f" {ago:.1f} s before (instance {p.lost} lost); output since then comes again",
         )
 
+    def of_program(self, program: str) -> list[m.Restoration]:
+        """The program's restorations: done ones, and those under way (`instance` "")."""
+        pending = [
+            m.Restoration(
+                nonce=p.stored.nonce, pid=p.stored.pid, lost=p.lost, instance="",
+                address="", salt="", taken=p.stored.taken,
+            )  # fmt: skip
+            for p in self.planned
+            if p.stored.program == program
+        ]
+        return list(self.restorations.get(program, [])) + pending
+
     def fence(self, instance: str) -> list[str]:
         """A lost instance registers again: kill what it still runs of the programs it
         held (their sessions were restored elsewhere or lost); the programs fenced."""

@@ -38,7 +38,7 @@ async def h_restorations(
     program = r.match_info["program_id"]
     await oss.programs.program(principal(who).account_id, program)  # 404: not yours
     failover: Failover = oss.failover
-    return list(failover.restorations.get(program, []))
+    return failover.of_program(program)
 
 
 CHECKPOINT_PATH = "/v1/agents/checkpoints/{program_id}/{session}"

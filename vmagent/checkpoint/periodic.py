@@ -168,7 +168,8 @@ class FailoverOrders:
                 continue
             if s.trace_sock is None or self.ckpt.holds(s):
                 continue
-            if now - self.last.get(s.sid, -1e18) >= every:
+            seen = self.last.setdefault(s.sid, now)  # the first one `every` s after it starts
+            if now - seen >= every:
                 out.append(s)
         return out
 

@@ -347,6 +347,22 @@ class OssCoordinator(ClusterCoordinator):
                 if where == instance and status in (None, LOST_STATUS) and pid not in restoring
             ]
 
+    def _gone(self, instance: str) -> None:
+        """Deputies of processes lost with `instance` and not to be restored (no
+        checkpoint) end now, not at the end of their long failover window (issue 12)."""
+        restoring = {pid for nonce, pid in self._nonces.items() if nonce in self._restoring}
+        with self._placed_lock:
+            gone = [
+                pid
+                for pid, (where, _argv, status) in self._placed.items()
+                if where == instance and status is None and pid not in restoring
+            ]
+        for pid in gone:
+            path = self._ticket_files.get(pid)
+            if path is not None and self.drop.redirect(path, P.GONE):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGRTMIN + P.WAKE_RT)
+
     def _restored(self, restored: dict[str, Any]) -> None:
         """A placed process was restored from its checkpoint on another instance (issue
         12): its deputy is told where (a note beside its ticket) and resumes there."""
@@ -380,6 +396,8 @@ class OssCoordinator(ClusterCoordinator):
         )
 
     def _say_lost(self, instance: str) -> None:
+        if self._link.checkpoint_every is not None:
+            self._gone(instance)
         names = self.lost_on(instance)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         n = len(names)
@@ -505,6 +523,26 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def follow_restorations(
+    news: Sequence[dict[str, Any]],
+    seen: set[str],
+    on_restoring: Callable[[set[str]], None] | None,
+    on_restored: Callable[[dict[str, Any]], None] | None,
+) -> set[str]:
+    """Hand the OSS's restorations of the program to the coordinator (issue 12): those
+    under way (no `instance` yet) as a set of nonces, each done one once; the nonces
+    handed on so far."""
+    pending = {str(r["nonce"]) for r in news if not r.get("instance")}
+    if pending and on_restoring is not None:
+        on_restoring(pending)
+    for r in news:
+        if r.get("instance") and str(r["nonce"]) not in seen:
+            seen = seen | {str(r["nonce"])}
+            if on_restored is not None:
+                on_restored(r)
+    return seen
+
+
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
@@ -535,7 +573,7 @@ class OssProgramLink:
         self.checkpoint_every: float | None = None  # issue 12 (failover)
         self.on_restoring: Callable[[set[str]], None] | None = None
         self.on_restored: Callable[[dict[str, Any]], None] | None = None
-        self._restored_seen = 0
+        self._restored_seen: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -860,9 +898,9 @@ class OssProgramLink:
             if self.checkpoint_every is not None and self.on_restored is not None:
                 with contextlib.suppress(errors.OssError, TimeoutError):
                     news = await self._client.request("GET", f"/v1/programs/{pid}/restorations")
-                    for r in news[self._restored_seen :]:
-                        self.on_restored(r)
-                    self._restored_seen = max(self._restored_seen, len(news))
+                    self._restored_seen = follow_restorations(
+                        news, self._restored_seen, self.on_restoring, self.on_restored
+                    )
             failed = LOST_REASON.match(prog.status_reason)
             if failed and self._on_lost and failed[1] not in self._lost_said:
                 self._lost_said.add(failed[1])
@@ -919,7 +957,7 @@ class LocalProgramLink:
         self.checkpoint_every: float | None = None  # issue 12 (failover)
         self.on_restoring: Callable[[set[str]], None] | None = None
         self.on_restored: Callable[[dict[str, Any]], None] | None = None
-        self._restored_seen = 0
+        self._restored_seen: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -929,15 +967,10 @@ class LocalProgramLink:
     def _failover_news(self, pid: str) -> None:
         """Sessions of the program being restored, and those restored since the last
         look, to the coordinator (issue 12); on the OSS's loop."""
-        failover = self.private.oss.failover
-        restoring = failover.restoring.get(pid)
-        if restoring and self.on_restoring is not None:
-            self.on_restoring(set(restoring))
-        news = failover.restorations.get(pid, [])[self._restored_seen :]
-        self._restored_seen += len(news)
-        for r in news:
-            if self.on_restored is not None:
-                self.on_restored(r.model_dump(mode="json"))
+        news = [r.model_dump(mode="json") for r in self.private.oss.failover.of_program(pid)]
+        self._restored_seen = follow_restorations(
+            news, self._restored_seen, self.on_restoring, self.on_restored
+        )
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
         """Submit the program with its view; release the root's slot (it runs here)."""
