@@ -170,6 +170,7 @@ class Oss:
             lambda name: name in self._checkpointing,
             self.oss_log,
             self.program_log,
+            clock=clock,
         )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}

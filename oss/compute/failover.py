@@ -221,7 +221,7 @@ class Failover:
         capable: Callable[[str], bool],
         oss_log: Callable[..., None],
         program_log: Callable[[str, str], Awaitable[None]],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time,  # for planned restores' deadlines
     ) -> None:
         self.store = store
         self.commands = commands
@@ -380,7 +380,7 @@ class Failover:
                 address=p.address, salt=body.salt, taken=s.taken,
             )  # fmt: skip
         )
-        ago = self.clock() - s.taken
+        ago = max(0.0, time.time() - s.taken)  # the agent's wall clock took it
         await self.program_log(
             s.program,
             f"restored: pid {s.pid} ({s.argv}) on {instance} from its checkpoint taken"
