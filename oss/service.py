@@ -171,6 +171,7 @@ class Oss:
             self.oss_log,
             self.program_log,
             clock=clock,
+            runs_on=lambda prog, inst: self.placed(prog, [{"instance": inst, "processes": 1}]),
         )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}

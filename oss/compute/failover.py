@@ -222,6 +222,7 @@ class Failover:
         oss_log: Callable[..., None],
         program_log: Callable[[str, str], Awaitable[None]],
         clock: Callable[[], float] = time.time,  # for planned restores' deadlines
+        runs_on: Callable[[str, str], None] = lambda program, instance: None,
     ) -> None:
         self.store = store
         self.commands = commands
@@ -230,6 +231,7 @@ class Failover:
         self.oss_log = oss_log
         self.program_log = program_log
         self.clock = clock
+        self.runs_on = runs_on  # a restored process runs there now: it reports from it
         self.every: dict[str, float] = {}  # program -> seconds between checkpoints
         self.ordered: dict[str, set[str]] = {}  # program -> instances given its policy
         self.holder: dict[tuple[str, str], str] = {}  # (program, session) -> instance
@@ -370,6 +372,7 @@ class Failover:
         self.planned.remove(p)
         self.restoring.get(s.program, set()).discard(s.nonce)
         self.holder[(s.program, s.session)] = instance
+        self.runs_on(s.program, instance)
         self.ordered.setdefault(s.program, set()).add(instance)
         every = self.every.get(s.program)
         if every is not None:
