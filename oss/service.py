@@ -877,6 +877,7 @@ class Oss:
             )
             await self.programs.move(cmd.program, instance, cmd.to)  # its slot goes along
             self._placed_on[(cmd.program, cmd.to)] = now  # the target reports for it now
+            self.failover.migrated(cmd.program, instance, cmd.to, cmd.pid)  # its checkpoints
             self._event_lines.setdefault(cmd.program, []).append(
                 logmod.LogLine(
                     now,

@@ -237,7 +237,6 @@ class Failover:
         self.holder: dict[tuple[str, str], str] = {}  # (program, session) -> instance
         self.planned: list[Planned] = []
         self.restorations: dict[str, list[m.Restoration]] = {}
-        self.restoring: dict[str, set[str]] = {}  # program -> nonces being restored
         self.fenced: dict[str, set[str]] = {}  # lost instance -> programs it held
 
     # policy ----------------------------------------------------------------------------
@@ -262,7 +261,6 @@ class Failover:
         self.every.pop(program, None)
         self.ordered.pop(program, None)
         self.restorations.pop(program, None)
-        self.restoring.pop(program, None)
         for key in [k for k in self.holder if k[0] == program]:
             del self.holder[key]
         self.planned = [p for p in self.planned if p.stored.program != program]
@@ -282,10 +280,18 @@ class Failover:
             raise Conflict("that session moved meanwhile")
         return stored
 
-    def moved(self, program: str, session: str, to: str) -> None:
-        """A session migrated (its checkpoints now come from `to`)."""
-        if (program, session) in self.holder:
-            self.holder[(program, session)] = to
+    def migrated(self, program: str, source: str, target: str, pid: int) -> None:
+        """A session of the program migrated: its checkpoints now come from `target`,
+        which gets the program's policy.  The session is the one `source` held with
+        root `pid` (or the only one it held)."""
+        held = [
+            s
+            for s in self.store.index.values()
+            if s.program == program and self.holder.get((program, s.session)) == source
+        ]
+        for s in [s for s in held if s.pid == pid] or (held if len(held) == 1 else []):
+            self.holder[(program, s.session)] = target
+        self.granted(program, [target])
 
     # a loss ------------------------------------------------------------------------
 
@@ -302,7 +308,6 @@ class Failover:
                 self.fenced[name].add(stored.program)
                 p = Planned(stored, name, now, {name})
                 out.append(p)
-                self.restoring.setdefault(stored.program, set()).add(stored.nonce)
         self.planned.extend(out)
         return out
 
@@ -341,7 +346,6 @@ class Failover:
     async def _failed(self, p: Planned, why: str) -> None:
         s = p.stored
         self.planned.remove(p)
-        self.restoring.get(s.program, set()).discard(s.nonce)
         await self.program_log(
             s.program, f"lost: pid {s.pid} ({s.argv}) on {p.lost}: not restored: {why}"
         )
@@ -370,7 +374,6 @@ class Failover:
             )
             return  # the next dispatch tries another instance
         self.planned.remove(p)
-        self.restoring.get(s.program, set()).discard(s.nonce)
         self.holder[(s.program, s.session)] = instance
         self.runs_on(s.program, instance)
         self.ordered.setdefault(s.program, set()).add(instance)

@@ -215,3 +215,15 @@ def test_checkpoint_every_must_be_a_positive_number(text: str) -> None:
     with pytest.raises(UsageError, match="--checkpoint-every: expected a positive number"):
         _seconds(text)
     assert _seconds("0.5") == 0.5
+
+
+def test_a_migrated_session_is_checkpointed_from_its_target(tmp_path: Path) -> None:
+    f, queue, _said = make_failover(tmp_path, {})
+    f.want(PROGRAM, 1.0)
+    f.granted(PROGRAM, ["node0"])
+    run(f.receive("node0", PROGRAM, SESSION, Body(checkpoint())))
+    f.migrated(PROGRAM, "node0", "node1", 4242)
+    assert [c.action for c in queue.for_instance("node1", [])] == ["checkpoint"]
+    run(f.receive("node1", PROGRAM, SESSION, Body(checkpoint(pid=4242))))
+    with pytest.raises(Conflict):
+        run(f.receive("node0", PROGRAM, SESSION, Body(checkpoint())))
