@@ -23,30 +23,19 @@ Prints min / median / max wall seconds per way and the load average.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from cproject import generate  # noqa: E402
+from rounds import interleaved, spread, timed  # noqa: E402
 
 DCPTRACE = [sys.executable, "-m", "tracer.cli", "--no-state"]
-
-
-def timed(argv: list[str], cwd: Path) -> float:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    t = time.perf_counter()
-    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=900)
-    took = time.perf_counter() - t
-    if done.returncode != 0:
-        raise SystemExit(f"{argv} failed: {done.stderr.decode(errors='replace')[-2000:]}")
-    return took
 
 
 def main() -> None:
@@ -73,19 +62,13 @@ def main() -> None:
                                            "spread", "--", "sh", "-c",
                                            "/bin/sh -c '" + "/bin/true; " * 20 + "'"],
         }  # fmt: skip
-        times: dict[str, list[float]] = {w: [] for w in ways}
         print(f"load before: {open('/proc/loadavg').read().strip()}")
         timed(["make", "-j6"], proj)  # warm the page cache and the compiler
-        for _ in range(args.rounds):
-            for way, argv in ways.items():
-                subprocess.run(["make", "clean"], cwd=proj, capture_output=True, check=True)
-                times[way].append(timed(argv, proj))
+        clean = ["make", "clean"]
+        times = interleaved({w: (argv, proj, clean) for w, argv in ways.items()}, args.rounds)
         print(f"load after:  {open('/proc/loadavg').read().strip()}")
         for way, t in times.items():
-            print(
-                f"{way:26s} min {min(t):6.2f} s  median {statistics.median(t):6.2f} s"
-                f"  max {max(t):6.2f} s  ({len(t)} runs)"
-            )
+            print(f"{way:26s} {spread(t)}")
         base = statistics.median(times["placed sh, no exec"])
         per = (statistics.median(times["placed sh, 20 placed execs"]) - base) / 20
         print(f"one exec placed from an instance (deputy there + remote exec): {per * 1000:.0f} ms")

@@ -23,19 +23,18 @@ min), with the target (auto at most 1.2x dcptrace).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from cproject import generate  # noqa: E402
+from rounds import interleaved  # noqa: E402
 
 PY = sys.executable
 DCPTRACE = [PY, "-m", "tracer.cli", "--no-state"]
@@ -97,16 +96,6 @@ def workloads(tmp: Path) -> dict[str, tuple[list[str], Path, list[str] | None]]:
     }
 
 
-def timed(argv: list[str], cwd: Path) -> float:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    t = time.perf_counter()
-    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=900)
-    took = time.perf_counter() - t
-    if done.returncode != 0:
-        raise SystemExit(f"{argv} failed: {done.stderr.decode(errors='replace')[-2000:]}")
-    return took
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -121,20 +110,14 @@ def main() -> None:
         loads = workloads(tmp)
         if args.only:
             loads = {k: v for k, v in loads.items() if any(k.startswith(o) for o in args.only)}
-        times: dict[tuple[str, str], list[float]] = {(w, way): [] for w in loads for way in ways}
         print(f"load before: {open('/proc/loadavg').read().strip()}", flush=True)
-        for argv, cwd, before in loads.values():
-            if before:
-                subprocess.run(before, cwd=cwd, capture_output=True, check=True)
-            timed(argv, cwd)  # warm the page cache
-        for r in range(args.rounds):
-            for name, (argv, cwd, before) in loads.items():
-                for way, prefix in ways.items():
-                    if before:
-                        subprocess.run(before, cwd=cwd, capture_output=True, check=True)
-                    cmd = [*prefix, "--", *argv] if prefix else argv
-                    times[(name, way)].append(timed(cmd, cwd))
-            print(f"round {r + 1} done", flush=True)
+        interleaved(loads, 1)  # warm the page cache
+        cases = {
+            (name, way): ([*prefix, "--", *argv] if prefix else argv, cwd, before)
+            for name, (argv, cwd, before) in loads.items()
+            for way, prefix in ways.items()
+        }
+        times = interleaved(cases, args.rounds, progress=True)
         print(f"load after:  {open('/proc/loadavg').read().strip()}")
         compared = [w for w in ways if w not in ("native", "dcptrace")]
         print(

@@ -194,7 +194,7 @@ def clustered(
                         told(coord.advisor.summary())
         return
     from oss.local import PrivateOss, PrivateOssError
-    from oss.storage.server import StorageError
+    from oss.storage import StorageError  # not .server: asyncssh costs ~0.3 s to import
     from vmagent.cluster.coordinator import OssModeUnavailable
     from vmagent.cluster.localrun import LazyLink, LocalRun, LocalRunError
     from vmagent.cluster.ossmode import OssCoordinator, ProgramLink
@@ -349,8 +349,8 @@ def _oss_storage(
     maps them to the namespace and the run's storage (the OSS relays it to each VM)."""
     import dataclasses
 
+    from oss.storage import StorageError
     from oss.storage.run import RunStorage, options_from_table
-    from oss.storage.server import StorageError
     from vmagent.osslink import advertised_address
 
     virtuals, reals = volume_dirs(volumes, maps)

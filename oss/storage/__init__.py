@@ -1,6 +1,16 @@
-"""Storage: what a program's paths mean on the cluster.
+"""Storage: the program's files, one namespace on every instance.
 
-It owns path mapping (`pathmap.py`: virtual -> real paths, resolved component by
-component as the kernel would, used by the embedded OSS for every path-taking
-call); storage tiers come here next.
+Path mapping (`pathmap.py`: virtual -> real paths, resolved component by
+component as the kernel would), the run's SFTP storage server with its lock
+subsystem (`server.py`, `locks.py`), the tier policy (`policy.py`), a run's
+volumes (`run.py`) and their relay to VM instances (`relay.py`).  The errors
+live here so that catching them does not import the server (asyncssh).
 """
+
+
+class StorageError(Exception):
+    """The storage service failed."""
+
+
+class StorageStartError(StorageError):
+    """The storage server did not start."""

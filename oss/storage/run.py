@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from oss.storage import StorageError
 from oss.storage.policy import StorageLimits
-from oss.storage.server import StorageError
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from typing import Any, cast
 import asyncssh
 
 from oss.billing.storage import PRICES, Meter
+from oss.storage import StorageError, StorageStartError
 from oss.storage.locks import EOF_END, LockTable, Owner, Range
 from oss.storage.policy import StorageLimits, StorageUsage, Tier, admit
 
@@ -54,14 +55,6 @@ MAX_REPORT = 4 << 20  # bytes of one report file
 LOCK_SUBSYSTEM = "dcp-lock"  # file locks (oss.storage.locks), on an authenticated connection
 MAX_LOCK_LINE = 4096  # bytes of one lock request
 MAX_LOCK_CALLS = 1024  # lock calls of one connection in flight (waiting) at once
-
-
-class StorageError(Exception):
-    """The storage service failed."""
-
-
-class StorageStartError(StorageError):
-    """The storage server did not start."""
 
 
 @dataclass(frozen=True, slots=True)

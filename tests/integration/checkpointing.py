@@ -103,33 +103,47 @@ def ready_instances(lab: Lab) -> list[str]:
 
 
 @contextlib.contextmanager
-def local_pool(tmp_path: Path, price: int, instances: int, program: str) -> Iterator[Lab]:
-    """dcp-oss serve (tick 0.5 s) with the local provider and a pool p of `instances`
-    ready instances of a type priced `price` micro-units a second; `program` is the
-    data directory's counter.py.  Everything it started is gone at the end, agents too."""
+def local_pool(
+    tmp_path: Path,
+    price: int,
+    instances: int,
+    program: str | None = None,
+    *,
+    max_size: int | None = None,
+    cpus: int = 2,
+    serve: Sequence[str] = ("--heartbeat-timeout", "30", "--slots-per-cpu", "2"),
+    need_criu: bool = True,
+) -> Iterator[Lab]:
+    """dcp-oss serve (tick 0.5 s, and `serve`'s options) with the local provider and a
+    pool p of `instances` warm ready instances (at most `max_size`, default as many) of
+    a `cpus`-CPU type priced `price` micro-units a second; `program`, if given, is the
+    data directory's counter.py.  Skipped without root, or without a working CRIU when
+    `need_criu`.  Everything it started is gone at the end, agents too."""
     if os.geteuid() != 0:
         pytest.skip("local instances in their own namespaces need root")
-    criu_or_skip()
+    if need_criu:
+        criu_or_skip()
     lab = Lab(tmp_path)
     try:
         lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
         lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
         _proc, line = lab.start(
             "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data),
-            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "30", "--tick", "0.5",
-            "--slots-per-cpu", "2", "--provider", "local=vmagent.cluster.provider:make",
+            "--heartbeat-interval", "0.5", "--tick", "0.5", *serve,
+            "--provider", "local=vmagent.cluster.provider:make",
         )  # fmt: skip
         assert "listening on " in line, line
         lab.url = line.split("listening on ", 1)[1].strip()
-        itype = {"name": "t", "cpus": 2, "memory_mb": 64, "price_micros_per_s": price}
+        itype = {"name": "t", "cpus": cpus, "memory_mb": 64, "price_micros_per_s": price}
         _send(lab, "PUT", "/v1/instance-types", lab.admin, itype)
         pool = {"name": "p", "instance_type": "t", "warm_target": instances,
-                "max_size": instances, "provider": "local"}  # fmt: skip
+                "max_size": max_size or instances, "provider": "local"}  # fmt: skip
         _send(lab, "PUT", "/v1/pools", lab.admin, pool)
         assert wait_for(lambda: len(ready_instances(lab)) == instances, 60), lab.get(
             "/v1/instances", lab.admin
         )
-        (lab.data / "counter.py").write_text(program)
+        if program is not None:
+            (lab.data / "counter.py").write_text(program)
         yield lab
     finally:
         lab.stop()

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import dcptrace_argv, traced_env, wait_for
-from tests.integration.test_dcptrace_oss import Lab, _cli
+from tests.integration.checkpointing import local_pool, pool_agents, ready_instances
+from tests.integration.test_dcptrace_oss import Lab
 from tests.integration.test_oss_limits_act import _send
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.mark.root]
@@ -36,52 +37,17 @@ while [ ! -f "go$1" ]; do :; done
 """
 
 
-def _agents() -> list[int]:
-    """Pids of agents the local provider started (by their pool instance names)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"vmagent" in cmd and b"--instance\0p-" in cmd:
-                found.append(int(d.name))
-    return found
-
-
 @pytest.fixture
 def pool_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     """dcp-oss serve with the local provider and a pool p (warm 1, max 3) of 2-slot instances."""
     # Instances without a working CRIU: a hard budget ends the program (with CRIU it
     # is suspended instead: tests/integration/test_oss_suspend.py).
     monkeypatch.setenv("DCP_CRIU", "/bin/false")
-    if os.geteuid() != 0:
-        pytest.skip("local instances in their own namespaces need root")
-    lab = Lab(tmp_path)
-    try:
-        lab.token = _cli("account", "create", "--data", str(lab.data), "--allow-root", "acme")
-        lab.admin = _cli("account", "create", "--data", str(lab.data), "--admin", "op")
-        _proc, line = lab.start(
-            "oss", "serve", "--listen", "127.0.0.1:0", "--data", str(lab.data),
-            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "2", "--tick", "0.5",
-            "--slots-per-cpu", "1", "--idle-grace", "3",
-            "--provider", "local=vmagent.cluster.provider:make",
-        )  # fmt: skip
-        assert "listening on " in line, line
-        lab.url = line.split("listening on ", 1)[1].strip()
-        itype = {"name": "t", "cpus": 2, "memory_mb": 64, "price_micros_per_s": 1}
-        _send(lab, "PUT", "/v1/instance-types", lab.admin, itype)
-        pool = {"name": "p", "instance_type": "t", "warm_target": 1, "max_size": 3,
-                "provider": "local"}  # fmt: skip
-        _send(lab, "PUT", "/v1/pools", lab.admin, pool)
-        assert wait_for(lambda: len(_ready(lab)) == 1, 60), _instances(lab)
+    serve = ("--heartbeat-timeout", "2", "--slots-per-cpu", "1", "--idle-grace", "3")
+    with local_pool(tmp_path, 1, 1, max_size=3, serve=serve, need_criu=False) as lab:
         (lab.data / "busy.sh").write_text(BUSY)
         (lab.data / "busy.sh").chmod(0o755)
         yield lab
-    finally:
-        lab.stop()
-        assert wait_for(lambda: _agents() == [], 20), _agents()
     # The program groups of the agents are gone, those of the one killed -9 too (swept
     # by the agents that stopped after it); .../dcp may hold other agents' groups.
     for root in ("/sys/fs/cgroup/freezer/dcp", "/sys/fs/cgroup/dcp"):
@@ -92,10 +58,6 @@ def pool_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
 
 def _instances(lab: Lab) -> list[dict[str, Any]]:
     return lab.get("/v1/instances", lab.admin)  # type: ignore[no-any-return]
-
-
-def _ready(lab: Lab) -> list[str]:
-    return sorted(r["name"] for r in _instances(lab) if r["state"] == "ready")
 
 
 def _oss_log(lab: Lab) -> list[str]:
@@ -127,13 +89,14 @@ def test_the_pool_grows_to_max_for_refused_placements_and_shrinks_after_idle_gra
     pool_lab: Lab,
 ) -> None:
     lab = pool_lab
-    (warm,) = _ready(lab)
+    (warm,) = ready_instances(lab)
     p = _dcptrace(lab, "for i in 1 2 3 4 5 6; do ./busy.sh 1 & done; wait")
     try:
         # The warm instance takes 2 of the 6 CPU-bound children, 4 are refused (they spin
         # at home): the pool grows to its max of 3.
-        assert wait_for(lambda: len(_ready(lab)) == 3, 90), (_instances(lab), _oss_log(lab))
-        assert warm in _ready(lab)
+        grown = wait_for(lambda: len(ready_instances(lab)) == 3, 90)
+        assert grown, (_instances(lab), _oss_log(lab))
+        assert warm in ready_instances(lab)
     finally:
         (lab.data / "go1").touch()
     out, err = _finish(p)
@@ -142,7 +105,7 @@ def test_the_pool_grows_to_max_for_refused_placements_and_shrinks_after_idle_gra
     where = [ln.split()[1] for ln in out.splitlines()]
     assert len(where) == 6 and where.count(warm) == 2, out
     # Idle past the grace (and the demand window), the two added instances go: back to 1.
-    assert wait_for(lambda: _ready(lab) == [warm], 120), (_instances(lab), _oss_log(lab))
+    assert wait_for(lambda: ready_instances(lab) == [warm], 120), (_instances(lab), _oss_log(lab))
 
     def released_lines() -> list[str]:  # the OSS log is written at its next tick
         return [t for t in _oss_log(lab) if t.startswith("pool p: release ")]
@@ -159,7 +122,7 @@ def test_a_killed_agent_is_destroyed_through_the_provider_and_named_by_dcptrace(
     pool_lab: Lab,
 ) -> None:
     lab = pool_lab
-    (node,) = _ready(lab)
+    (node,) = ready_instances(lab)
     # Two children placed on the one instance; the program then waits for both.
     p = _dcptrace(lab, "./busy.sh 1 & ./busy.sh 1 & wait; echo done")
     try:
@@ -170,7 +133,7 @@ def test_a_killed_agent_is_destroyed_through_the_provider_and_named_by_dcptrace(
 
         assert wait_for(placed, 60), lab.get("/v1/programs")
         agent = next(
-            pid for pid in _agents()
+            pid for pid in pool_agents()
             if f"--instance\0{node}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
         )  # fmt: skip
         os.kill(agent, signal.SIGKILL)  # PID 1 of its namespace: its programs die with it
@@ -198,7 +161,7 @@ def _agent_log(name: str) -> str:
 
 def test_a_hard_budget_stops_a_program_in_a_namespaced_instance(pool_lab: Lab) -> None:
     lab = pool_lab
-    (node,) = _ready(lab)
+    (node,) = ready_instances(lab)
     p = _dcptrace(lab, "./busy.sh 1 & ./busy.sh 1 & wait")
     try:
 

@@ -13,6 +13,7 @@ when root or CRIU is missing.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -70,13 +71,10 @@ def _at(lab: Lab) -> int:
         return 0
 
 
-def test_a_budget_stop_suspends_and_resume_gives_the_uninterrupted_output(lab: Lab) -> None:
-    whole = subprocess.run(
-        [sys.executable, str(lab.data / "counter.py"), "0"], capture_output=True, timeout=60
-    )
-    assert whole.returncode == 7 and whole.stdout.decode().split() == [
-        str(i) for i in range(1, 401)
-    ]
+@contextlib.contextmanager
+def _counting(lab: Lab) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The counter under a real `dcptrace --oss`, placed and past 5; its program id.
+    Killed on the way out if still running."""
     env = dict(traced_env(), DCP_TOKEN=lab.token)
     env.pop("DCP_OSS_FALLBACK", None)
     p = subprocess.Popen(
@@ -93,7 +91,21 @@ def test_a_budget_stop_suspends_and_resume_gives_the_uninterrupted_output(lab: L
             return bool(found) and bool(found[0]["placements"]) and _at(lab) >= 5
 
         assert wait_for(running, 60), lab.get("/v1/programs")
-        program = str(found[0]["id"])
+        yield p, str(found[0]["id"])
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_a_budget_stop_suspends_and_resume_gives_the_uninterrupted_output(lab: Lab) -> None:
+    whole = subprocess.run(
+        [sys.executable, str(lab.data / "counter.py"), "0"], capture_output=True, timeout=60
+    )
+    assert whole.returncode == 7 and whole.stdout.decode().split() == [
+        str(i) for i in range(1, 401)
+    ]
+    with _counting(lab) as (p, program):
         spent = lab.get(f"/v1/programs/{program}")["spent_micros"]
         res = _dcp_oss(lab, "limits", "set", "--program", program, "--hard-budget", str(spent + 1))
         assert res.returncode == 0, res.stderr
@@ -132,10 +144,6 @@ def test_a_budget_stop_suspends_and_resume_gives_the_uninterrupted_output(lab: L
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith(f"{program}: running (resumed by "), res.stdout
         out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     text = err.decode()
     assert "Traceback" not in text, text
     assert p.returncode == 7, text
@@ -148,23 +156,7 @@ def test_a_budget_stop_suspends_and_resume_gives_the_uninterrupted_output(lab: L
 
 
 def test_a_cancelled_suspended_program_ends_its_dcptrace(lab: Lab) -> None:
-    env = dict(traced_env(), DCP_TOKEN=lab.token)
-    env.pop("DCP_OSS_FALLBACK", None)
-    p = subprocess.Popen(
-        [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread"),
-         "--", "sh", "-c", f"{sys.executable} counter.py 0.05; exit $?"],
-        cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        found: list[dict[str, object]] = []
-
-        def running() -> bool:
-            found[:] = [q for q in lab.get("/v1/programs") if q["state"] == "running"]
-            return bool(found) and bool(found[0]["placements"]) and _at(lab) >= 5
-
-        assert wait_for(running, 60), lab.get("/v1/programs")
-        program = str(found[0]["id"])
+    with _counting(lab) as (p, program):
         res = _dcp_oss(lab, "limits", "set", "--program", program, "--hard-budget", "1")
         assert res.returncode == 0, res.stderr
         assert wait_for(
@@ -174,10 +166,6 @@ def test_a_cancelled_suspended_program_ends_its_dcptrace(lab: Lab) -> None:
         res = _dcp_oss(lab, "programs", "cancel", program)
         assert res.returncode == 0, res.stderr
         out, err = p.communicate(timeout=60)  # ends: its counter was killed for good
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert p.returncode == 128 + 9, err.decode()
     lines = out.decode().split()
     assert lines == [str(i) for i in range(1, len(lines) + 1)] and len(lines) < 400, lines
