@@ -82,8 +82,9 @@ def in_order(numbers: Sequence[int]) -> bool:
     return list(numbers) == list(range(len(numbers)))
 
 
-def pool_agents() -> list[int]:
-    """The agents the local provider runs for pool p (found by their command line)."""
+def pool_agents(url: str | None = None) -> list[int]:
+    """The agents the local provider runs for pool p (found by their command line);
+    with `url`, only those of the OSS at `url` (other tests' pools may run meanwhile)."""
     found = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -92,7 +93,8 @@ def pool_agents() -> list[int]:
             except OSError:
                 continue
             if b"vmagent" in cmd and b"--instance\0p-" in cmd:
-                found.append(int(d.name))
+                if url is None or b"--oss\0" + url.encode() + b"\0" in cmd:
+                    found.append(int(d.name))
     return found
 
 
@@ -147,4 +149,5 @@ def local_pool(
         yield lab
     finally:
         lab.stop()
-        assert wait_for(lambda: pool_agents() == [], 20), pool_agents()
+        mine = lab.url or None  # the OSS never started: every pool p agent counts
+        assert wait_for(lambda: pool_agents(mine) == [], 20), pool_agents(mine)

@@ -226,3 +226,63 @@ def test_without_a_checkpoint_the_process_is_lost_with_one_line_at_once(counter:
     lost = [ln for ln in said.splitlines() if "it had no checkpoint" in ln]
     assert len(lost) == 1, said
     assert "restored" not in said
+
+
+def test_under_a_dcp_oss_the_program_policy_restores_it_too(counter: Path, tmp_path: Path) -> None:
+    """`dcptrace --oss URL --checkpoint-every 1` against a real `dcp-oss serve` whose
+    pool's local instances upload their checkpoints over HTTP; the home follows the
+    restoration through `GET /v1/programs/{id}/restorations`."""
+    from tests.integration.checkpointing import local_pool
+
+    serve = ("--heartbeat-timeout", "3", "--slots-per-cpu", "2")
+    with local_pool(tmp_path / "lab", price=1, instances=2, serve=serve) as lab:
+        env = dict(traced_env(), DCP_TOKEN=lab.token)
+        env.pop("DCP_OSS_FALLBACK", None)
+        proc = subprocess.Popen(
+            [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread",
+                            "--checkpoint-every", "1"),
+             "--", "sh", "-c", f"python3 {counter} {N} {PAUSE}"],
+            cwd=counter.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert wait_for(lambda: _at(counter.parent) >= 20, 120), "the counter never started"
+            ((_pid, ns),) = _counters(counter)
+            agents = _pid_ones()
+            assert ns in agents, (ns, agents)
+            since = time.time()
+            store = lab.data / "checkpoints"
+            assert wait_for(
+                lambda: any(f.stat().st_mtime > since for f in store.glob("*/*.ckpt")), 60
+            ), f"no checkpoint reached {store}"
+            os.kill(agents[ns][0], signal.SIGKILL)
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    said = err.decode()
+    assert proc.returncode == 7, said
+    assert out.split()[-1] == b"done" and out.count(b"done") == 1
+    assert set(_numbers(out)) == set(range(1, N + 1)), said
+    assert "restored on" in said, said
+
+
+def _pid_ones() -> dict[str, tuple[int, str]]:
+    """Every agent that is PID 1 of its namespace: pid namespace -> (pid, its OSS)."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            status = (d / "status").read_text()
+            ns = os.readlink(d / "ns" / "pid")
+        except OSError:
+            continue
+        if b"vmagent" not in argv[:3] or b"--oss" not in argv:
+            continue
+        nspid = next(ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:"))
+        if nspid[-1] == "1":
+            found[ns] = (int(d.name), argv[argv.index(b"--oss") + 1].decode())
+    return found
