@@ -280,6 +280,18 @@ class Failover:
             raise Conflict("that session moved meanwhile")
         return stored
 
+    def ended(self, instance: str, program: str, session: str) -> bool:
+        """The session ended on `instance`, which holds it: its checkpoint goes (a
+        program's ended sessions would otherwise pile up until it ends)."""
+        key = (program, session)
+        if self.holder.get(key) != instance:
+            return False
+        del self.holder[key]
+        stored = self.store.index.pop(key, None)
+        if stored is not None:
+            stored.path.unlink(missing_ok=True)
+        return True
+
     def migrated(self, program: str, source: str, target: str, pid: int) -> None:
         """A session of the program migrated: its checkpoints now come from `target`,
         which gets the program's policy.  The session is the one `source` held with

@@ -20,6 +20,12 @@ async def h_put_checkpoint(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -
     return m.Ok()
 
 
+async def h_drop_checkpoint(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> m.Ok:
+    failover: Failover = oss.failover
+    failover.ended(str(who), r.match_info["program_id"], r.match_info["session"])
+    return m.Ok()
+
+
 async def h_get_checkpoint(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> web.FileResponse:
     failover: Failover = oss.failover
     path = failover.serving(str(who), r.match_info["program_id"], r.match_info["session"])
@@ -58,6 +64,14 @@ ROUTES: tuple[Route, ...] = (
         "agent",
         "The last checkpoint of a session, for the instance ordered to restore it",
         content_type="application/octet-stream",
+    ),
+    Route(
+        "DELETE",
+        CHECKPOINT_PATH,
+        h_drop_checkpoint,
+        "agent",
+        "A session ended where it was held: its checkpoint goes",
+        response=m.Ok,
     ),
     Route(
         "POST",

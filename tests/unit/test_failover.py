@@ -227,3 +227,13 @@ def test_a_migrated_session_is_checkpointed_from_its_target(tmp_path: Path) -> N
     run(f.receive("node1", PROGRAM, SESSION, Body(checkpoint(pid=4242))))
     with pytest.raises(Conflict):
         run(f.receive("node0", PROGRAM, SESSION, Body(checkpoint())))
+
+
+def test_an_ended_session_s_checkpoint_goes_only_at_its_holder_s_word(tmp_path: Path) -> None:
+    f, _queue, _said = make_failover(tmp_path, {})
+    f.want(PROGRAM, 1.0)
+    f.granted(PROGRAM, ["node0"])
+    stored = run(f.receive("node0", PROGRAM, SESSION, Body(checkpoint())))
+    assert not f.ended("node1", PROGRAM, SESSION) and stored.path.exists()
+    assert f.ended("node0", PROGRAM, SESSION)
+    assert not stored.path.exists() and f.store.index == {}

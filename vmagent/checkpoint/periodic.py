@@ -106,6 +106,7 @@ class FailoverOrders:
         self.timeout = timeout
         self.every: dict[str, float] = {}  # program -> seconds between checkpoints
         self.last: dict[bytes, float] = {}  # session id -> when its last checkpoint began
+        self.stored: dict[bytes, str] = {}  # session id -> program, of those the OSS holds
         self._seen: dict[int, None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -184,6 +185,9 @@ class FailoverOrders:
                     log.warning("periodic checkpoint of %s: %s", session.program, exc)
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     log.warning("periodic checkpoint of %s not stored: %s", session.program, exc)
+            ended = {s.sid: s for s in self.sessions() if s.status is not None and not s.moved}
+            for sid in [k for k in self.stored if k in ended or k not in self.last]:
+                await self._drop(sid, self.stored.pop(sid))
             live = {s.sid for s in self.sessions()}
             for sid in [k for k in self.last if k not in live]:
                 del self.last[sid]
@@ -210,6 +214,7 @@ class FailoverOrders:
             )
             url = f"{self.base}{CHECKPOINTS}/{session.program_id}/{session.sid.hex()}"
             answer, (raw, packed) = await self.migrator._send(self.http(), url, meta, directory)
+            self.stored[session.sid] = str(session.program_id)
             log.info(
                 "checkpoint of %s stored: frozen %.1f ms, %d bytes (%d packed)",
                 session.program, done.freeze_ms, raw, packed,
@@ -217,6 +222,16 @@ class FailoverOrders:
             return answer
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+    async def _drop(self, sid: bytes, program: str) -> None:
+        """The session ended here: the OSS forgets its checkpoint (best effort)."""
+        url = f"{self.base}{CHECKPOINTS}/{program}/{sid.hex()}"
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self.http().delete(url) as r:
+                    await r.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.debug("checkpoint of an ended session not dropped: %s", exc)
 
     # -- restore on a replacement ---------------------------------------------------------
 
