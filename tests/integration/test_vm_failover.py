@@ -85,7 +85,7 @@ def test_a_destroyed_guest_s_checkpointed_counter_completes_on_the_other(lab: La
     proc = subprocess.Popen(
         ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli",
          "--oss", lab.oss_url, "--placement", "spread", "--checkpoint-every", "2",
-         "--", "/bin/sh", "-c", 'exec python3 -c "$0"', COUNTER],
+         "--", "/bin/sh", "-c", 'exec /usr/bin/python3 -c "$0"', COUNTER],
         cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -102,6 +102,7 @@ def test_a_destroyed_guest_s_checkpointed_counter_completes_on_the_other(lab: La
     try:
         deadline = time.monotonic() + 240
         while not any(ln.startswith("on ") for ln in lines) and time.monotonic() < deadline:
+            assert proc.poll() is None, (proc.returncode, lines, proc.stderr.read())  # type: ignore[union-attr]
             time.sleep(0.2)
         (on,) = [ln for ln in lines if ln.startswith("on ")]
         holder = on.split()[1]
@@ -112,6 +113,7 @@ def test_a_destroyed_guest_s_checkpointed_counter_completes_on_the_other(lab: La
             return any(s.taken > since for s in list(oss.failover.store.index.values()))
 
         while not checkpointed() and time.monotonic() < deadline + 120:
+            assert proc.poll() is None, (proc.returncode, lines[-3:], proc.stderr.read())  # type: ignore[union-attr]
             time.sleep(0.5)
         assert checkpointed(), "no checkpoint reached the OSS"
         before = len(lines)
