@@ -145,7 +145,7 @@ class CheckpointStore:
                         break
             if tail != END:
                 raise InvalidRequest("the checkpoint ends early: kept the last complete one")
-            os.fsync(fd)
+            await asyncio.to_thread(os.fsync, fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):

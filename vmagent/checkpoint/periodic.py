@@ -299,18 +299,21 @@ class FailoverOrders:
         self.ckpt.adopt(session, held.pids)
         self.service.hooks.started(session)
         attach = session.attach
+        watching = [False]
 
         def reattached(proto: Any, peer_last: int) -> None:
-            # Frames after whatever the deputy received: the output since the
-            # checkpoint comes again, as new frames (at-least-once).
-            first = not session.reading and session.proto is None
+            # The deputy received frames past the checkpoint's count: ours come after
+            # them, so the output since the checkpoint arrives again as new frames
+            # (at-least-once), never dropped as replays.  A later attach changes
+            # nothing (the deputy is never ahead of us then).  `attach` starts reading.
             session.outbox.next_seq = max(session.outbox.next_seq, peer_last + 1)
             attach(proto, peer_last)
-            if first:
-                if session.unwanted:
-                    session._watch_inputs(0.001)
-            session._flow()
+            if session.unwanted and not watching[0]:
+                watching[0] = True
+                session._watch_inputs(0.001)
 
+        # Session.attach is where the deputy's last seq is first known; wrapping it for
+        # this one session leaves every other session (and Session) as it is.
         session.attach = reattached  # type: ignore[method-assign]
         session._abandon = session.loop.call_later(
             RESTORED_WINDOW, self.service.abandon, session
