@@ -136,6 +136,9 @@ class ScalingPolicy(Api):
     goal: Goal = Goal.FASTEST
     min_instances: Annotated[int, Field(ge=1, le=10_000)] = 1
     max_instances: Annotated[int, Field(ge=1, le=10_000)] = 1
+    # Issue 12: may the optimizer move its CPU-bound processes to faster instances?
+    # None: as the account's default policy says (on if it says nothing).
+    moves: bool | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> ScalingPolicy:
@@ -434,6 +437,10 @@ class UsageRow(Api):
     net_rx: NonNeg = 0  # TCP payload bytes received (sock_diag)
     net_tx: NonNeg = 0
     syscalls: dict[ServiceName, NonNeg] = {}
+    # Issue 12 (optimizer moves): microseconds it waited runnable (run queue, throttling)
+    # and when a live sample read these totals (the OSS profiles CPU-bound processes).
+    wait_us: NonNeg = 0
+    at: Stamp | None = None
 
 
 class AgentLogLine(Api):
@@ -511,6 +518,7 @@ class ProcessRow(Api):
     # `migrated` (issue 12): the instance it moved to and how long it was frozen
     moved_to: str | None = None
     freeze_ms: float | None = None
+    move_reason: str | None = None  # why it moved: the optimizer's reason, or who asked
 
 
 class ProcessQuery(Api):
@@ -551,6 +559,8 @@ class InstanceTypeBody(Api):
     memory_mb: Annotated[int, Field(ge=1, le=2**40)]
     price_micros_per_s: NonNeg
     storage: Name | None = None
+    # Relative CPU speed (issue 12: used where an instance's agent measured none).
+    speed: Annotated[float, Field(gt=0, le=1e6)] | None = None
 
 
 class PoolCreate(Api):
@@ -610,6 +620,8 @@ class Instance(Api):
     # its last heartbeat arrived (held in memory; `last_heartbeat` is persisted each tick)
     load: Load | None = None
     seen: float | None = None
+    # issue 12: its CPU speed as its agent measured it (vmagent.cpuscore; 1.0 = reference)
+    speed: float | None = None
 
 
 # -- billing -----------------------------------------------------------------
@@ -660,6 +672,8 @@ class AgentRegister(Api):
     ) = Field(default=None, repr=False, json_schema_extra={"writeOnly": True})
     # Its CRIU works (issue 12): a hard budget suspends (checkpoints) programs there.
     checkpoint: bool = False
+    # Its measured CPU score (issue 12, optimizer moves; vmagent.cpuscore: 1.0 = reference).
+    speed: Annotated[float, Field(gt=0, le=1e6)] | None = None
 
 
 class AgentRegistered(Api):

@@ -28,5 +28,6 @@ VERSIONS: tuple[Version, ...] = (
     (10, (telemetry.V10,)),  # processes.moved_to, freeze_ms (issue 12: migration)
     (11, (network.V_NET,)),  # program addresses, members, listeners (issue 13)
     (12, (compute.V_MOVES,)),  # instances.draining, placement_moves (issue 12)
+    (13, (compute.V_SPEED, telemetry.V_MOVE_REASON)),  # speeds, move reasons (issue 12)
 )
 check_sequence(VERSIONS)

@@ -55,8 +55,9 @@ class Instances:
 
         def op(c: Conn) -> None:
             c.execute(
-                "INSERT OR REPLACE INTO instance_types VALUES(?,?,?,?,?)",
-                (t.name, t.cpus, t.memory_mb, t.price_micros_per_s, t.storage),
+                "INSERT OR REPLACE INTO instance_types(name, cpus, memory_mb,"
+                " price_micros_per_s, storage, speed) VALUES(?,?,?,?,?,?)",
+                (t.name, t.cpus, t.memory_mb, t.price_micros_per_s, t.storage, t.speed),
             )
 
         await self._db.write(op)
@@ -67,7 +68,12 @@ class Instances:
         def op(c: Conn) -> list[InstanceType]:
             return [
                 InstanceType(
-                    r["name"], r["cpus"], r["memory_mb"], r["price_micros_per_s"], r["storage"]
+                    r["name"],
+                    r["cpus"],
+                    r["memory_mb"],
+                    r["price_micros_per_s"],
+                    r["storage"],
+                    r["speed"],
                 )
                 for r in c.execute("SELECT * FROM instance_types ORDER BY name")
             ]
@@ -251,8 +257,10 @@ class Instances:
         memory_mb: int,
         slots_per_cpu: int,
         exec_key: str | None = None,
+        speed: float | None = None,
     ) -> None:
-        """An agent registered: the instance is ready (with its exec key, if it sent one)."""
+        """An agent registered: the instance is ready (with its exec key, if it sent one,
+        and its measured CPU score: issue 12)."""
         now = self._db.clock()
 
         def op(c: Conn) -> None:
@@ -263,8 +271,11 @@ class Instances:
                 raise Conflict(f"instance {name} was destroyed")
             c.execute(
                 "UPDATE instances SET state='ready', address=?, hostname=?, cpus=?, memory_mb=?,"
-                " slots=?, last_heartbeat=?, exec_key=? WHERE name=?",
-                (address, hostname, cpus, memory_mb, cpus * slots_per_cpu, now, exec_key, name),
+                " slots=?, last_heartbeat=?, exec_key=?, speed=? WHERE name=?",
+                (
+                    address, hostname, cpus, memory_mb, cpus * slots_per_cpu, now, exec_key,
+                    speed, name,
+                ),  # fmt: skip
             )
 
         await self._db.write(op)
@@ -444,6 +455,7 @@ def _instance_row(r: sqlite3.Row) -> dict[str, Any]:
         used_slots=r["used_slots"],
         dedicated=r["dedicated_to"] is not None,
         last_heartbeat=r["last_heartbeat"],
+        speed=r["speed"],
     )
 
 

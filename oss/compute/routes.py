@@ -89,7 +89,7 @@ async def h_put_type(
     oss: Oss, r: web.Request, who: Any, b: m.InstanceTypeBody, q: Any
 ) -> m.InstanceTypeBody:
     await oss.instances.put_instance_type(
-        InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage)
+        InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage, b.speed)
     )
     return b
 
@@ -102,6 +102,7 @@ async def h_types(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.
             memory_mb=t.memory_mb,
             price_micros_per_s=t.price_micros_per_s,
             storage=t.storage,
+            speed=t.speed,
         )
         for t in await oss.instances.instance_types()
     ]

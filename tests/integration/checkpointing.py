@@ -83,8 +83,8 @@ def in_order(numbers: Sequence[int]) -> bool:
 
 
 def pool_agents(url: str | None = None) -> list[int]:
-    """The agents the local provider runs for pool p (found by their command line);
-    with `url`, only those of the OSS at `url` (other tests' pools may run meanwhile)."""
+    """The agents the local provider runs for pool p (found by their command line), of
+    the OSS at `url` only if given (other tests on the machine may run their own)."""
     found = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -92,9 +92,10 @@ def pool_agents(url: str | None = None) -> list[int]:
                 cmd = (d / "cmdline").read_bytes()
             except OSError:
                 continue
+            if url is not None and f"--oss\0{url}\0".encode() not in cmd:
+                continue
             if b"vmagent" in cmd and b"--instance\0p-" in cmd:
-                if url is None or b"--oss\0" + url.encode() + b"\0" in cmd:
-                    found.append(int(d.name))
+                found.append(int(d.name))
     return found
 
 
@@ -149,5 +150,4 @@ def local_pool(
         yield lab
     finally:
         lab.stop()
-        mine = lab.url or None  # the OSS never started: every pool p agent counts
-        assert wait_for(lambda: pool_agents(mine) == [], 20), pool_agents(mine)
+        assert wait_for(lambda: pool_agents(lab.url) == [], 20), pool_agents(lab.url)

@@ -78,6 +78,7 @@ def test_agent_wire_contract_shapes() -> None:
         "memory_mb",
         "exec_key",  # optional: the agent's key for OSS-minted exec tickets
         "checkpoint",  # optional (issue 12): its CRIU works, budget stops suspend
+        "speed",  # optional (issue 12): its measured CPU score, for optimizer moves
     }
     assert set(doc["AgentRegister"]["required"]) == {
         "instance",
