@@ -191,6 +191,9 @@ class ProgramSubmit(Api):
     storage_mb: NonNeg = 0
     bandwidth_mbps: NonNeg = 0
     view: ViewSpec | None = None  # issue 10: bound into every exec ticket of the program
+    # Issue 12 (failover): checkpoint the placed processes every N seconds; an instance
+    # lost restores them from their last checkpoint on another one.
+    checkpoint_every: Annotated[float, Field(gt=0, le=86400)] | None = None
 
 
 class Placement(Api):
@@ -713,7 +716,8 @@ class AgentCommand(Api):
     id: int
     program: str
     action: Literal[
-        "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network"
+        "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network",
+        "checkpoint", "restore",
     ]
     reason: str
     tickets: list[str] = []
@@ -732,6 +736,10 @@ class AgentCommand(Api):
     signal: int | None = None
     # mount / unmount (issue 14): the program's storage (its server, key and tiers)
     storage: dict[str, Any] | None = None
+    # checkpoint (issue 12, failover): checkpoint the program's sessions every N s;
+    # restore: the session (hex id) to restore from its last checkpoint.
+    every: float | None = None
+    session: str | None = None
 
 
 class SignalRequest(Api):
@@ -876,3 +884,27 @@ class SpendReport(Api):
     account: Spend
     users: list[Spend]
     programs: list[Spend]
+
+
+class RestoreOutcome(Api):
+    """A replacement instance's word on a `restore` command (issue 12, failover)."""
+
+    command: int
+    ok: bool
+    error: Annotated[str, StringConstraints(max_length=4096)] = ""
+    pid: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    salt: Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9a-f]*$")] = ""
+    restore_ms: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Restoration(Api):
+    """A process of the program restored from its checkpoint on another instance: its
+    deputy resumes there (`address`, proving the key derived with `salt`)."""
+
+    nonce: str
+    pid: int
+    lost: str  # the instance that was lost
+    instance: str
+    address: str
+    salt: str
+    taken: float  # when the checkpoint it came from was taken (epoch s)

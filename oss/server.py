@@ -28,6 +28,7 @@ from oss import models as m
 from oss.accounts import routes as accounts_routes
 from oss.api import Caller, NoQuery, Route
 from oss.billing import routes as billing_routes
+from oss.compute import failover_routes
 from oss.compute import routes as compute_routes
 from oss.errors import (
     BudgetExhausted,
@@ -112,6 +113,7 @@ ROUTES: tuple[Route, ...] = (
     + accounts_routes.ROUTES
     + billing_routes.ROUTES
     + compute_routes.ROUTES
+    + failover_routes.ROUTES
     + telemetry_routes.ROUTES
     + ipc_routes.ROUTES
     + storage_routes.ROUTES

@@ -27,6 +27,7 @@ from oss.billing.pricing import Rates
 from oss.billing.store import Billing, BudgetCheck
 from oss.compute import availability, exectickets, migrations, movers, optimizer
 from oss.compute.commands import Command, CommandQueue
+from oss.compute.failover import CheckpointStore, Failover
 from oss.compute.instances import Instances
 from oss.compute.moving import Mover
 from oss.compute.pool import InstanceType, PoolDemand, PoolState, Provider
@@ -166,6 +167,17 @@ class Oss:
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
         self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
+        # Issue 12: periodic checkpoints kept here, restored elsewhere when an instance is lost.
+        self.failover = Failover(
+            CheckpointStore(config.data_dir / "checkpoints"),
+            self.commands,
+            self._restore_targets,
+            lambda name: name in self._checkpointing,
+            self.oss_log,
+            self.program_log,
+            clock=clock,
+            runs_on=lambda prog, inst: self.placed(prog, [{"instance": inst, "processes": 1}]),
+        )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
         self._outcomes = migrations.Outcomes()
@@ -437,6 +449,7 @@ class Oss:
             self._checkpointing.add(body.instance)
         else:
             self._checkpointing.discard(body.instance)
+        self.failover.fence(body.instance)  # issue 12: it was lost; its programs ran on elsewhere
         self.oss_log(
             f"instance {body.instance} registered at {address}"
             + (" (can checkpoint)" if body.checkpoint else "")
@@ -497,6 +510,7 @@ class Oss:
                 for _ in range(a["processes"])
             ]
             if program_id is not None:
+                self.failover.granted(program_id, [a["instance"]])  # issue 12: its policy
                 # The nonce (third field of the public part) finds the session on the agent.
                 self.commands.minted(program_id, a["instance"], (t.split(".")[2] for t in tickets))
             grants.append(dict(instance=a["instance"], address=address, tickets=tickets))
@@ -525,6 +539,7 @@ class Oss:
 
     async def check_availability(self) -> list[str]:
         """Fail instances silent past the timeout; mark their programs for recovery."""
+        await self.failover.dispatch()  # planned restores waiting for a replacement (issue 12)
         failures = availability.silent(self._last_seen, self.clock(), self.config.heartbeat_timeout)
         if not failures:
             return []
@@ -533,6 +548,10 @@ class Oss:
             self._last_seen.pop(n, None)
             self._beats.pop(n, None)
         reason = f"no heartbeat for over {self.config.heartbeat_timeout:g}s"
+        # Issue 12: before the programs say the instance failed, so their homes never
+        # call a process lost that is about to be restored from its checkpoint.
+        held = {n: await self.programs.instance_programs(n) for n in names}
+        self.failover.plan(names, held)
         lost = await self.instances.fail_instances(names, reason)
         silent_for = {f.instance: f.silent_for for f in failures}
         for f in failures:
@@ -549,6 +568,7 @@ class Oss:
                 f" (silent {silent_for[instance]:.1f} s): {then}",
             )
         await self._lose_processes(failures)
+        await self.failover.dispatch()  # issue 12: restores from checkpoints
         # Replacements: failed instances no longer count as live in their pools.
         self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
         return names
@@ -652,7 +672,13 @@ class Oss:
         if spec["scaling_policy"].get("moves") is None:  # issue 12: the account's default
             spec["scaling_policy"]["moves"] = defaults.scaling_policy.moves is not False
         limits = body.limits.model_dump(exclude_none=True) if body.limits else None
+        if body.checkpoint_every is not None and not self._checkpointing:
+            raise Conflict(
+                "checkpoints asked (checkpoint_every) but no instance here has a working CRIU"
+            )
         prog = await self.programs.submit(who, spec, limits)
+        if body.checkpoint_every is not None:  # issue 12: failover from checkpoints
+            self.failover.want(prog["id"], body.checkpoint_every)
         self.placed(prog["id"], prog["placements"])
         await self.program_log(
             prog["id"],
@@ -744,6 +770,7 @@ class Oss:
             held = [pl["instance"] for pl in before["placements"]]
             self.commands.stop(program_id, held, f"cancelled by {who.user_id}")
         self.commands.forget_program(program_id)
+        self.failover.forget(program_id)  # issue 12: its checkpoints go
         self.mover.forget(program_id)
         await self._release_network(program_id)
         return prog
@@ -770,6 +797,7 @@ class Oss:
         )
         await self.program_log(program_id, reason)
         self.commands.forget_program(program_id)
+        self.failover.forget(program_id)  # issue 12: its checkpoints go
         self.mover.forget(program_id)
         await self._release_network(program_id)
         return prog
@@ -782,6 +810,11 @@ class Oss:
             await self.network.release(program_id)
         except Exception as exc:  # noqa: BLE001 - the end is recorded regardless
             self.oss_log(f"program {program_id}: network set-up not fully removed: {exc}")
+
+    async def _restore_targets(self) -> dict[str, str]:
+        """Ready instances with an exec key -> their agent's address (issue 12)."""
+        ready = list(await self.instances.ready_instances())
+        return {n: a for n, (a, _key) in (await self.instances.exec_targets(ready)).items()}
 
     async def instance_programs(self, instance: str) -> set[str]:
         """Ids of programs placed on an instance."""
@@ -888,6 +921,7 @@ class Oss:
             )
             await self.programs.move(cmd.program, instance, cmd.to)  # its slot goes along
             self._placed_on[(cmd.program, cmd.to)] = now  # the target reports for it now
+            self.failover.migrated(cmd.program, instance, cmd.to, cmd.pid)  # its checkpoints
             self._event_lines.setdefault(cmd.program, []).append(
                 logmod.LogLine(
                     now,

@@ -42,6 +42,21 @@ class RunDefaults:
     volumes: list[str] = field(default_factory=list)
     storage: dict[str, int | str] = field(default_factory=dict)
     share_cwd: bool = True
+    checkpoint_every: float | None = None
+
+
+def _seconds(text: str) -> float:
+    """`--checkpoint-every`'s value: a positive number of seconds (UsageError otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86400:  # also refuses nan and inf
+        raise UsageError(
+            "--checkpoint-every: expected a positive number of seconds (at most 86400),"
+            f" got {text!r}"
+        )
+    return value
 
 
 def _storage_table(config: RunDefaults | FileConfig) -> dict[str, int | str]:
@@ -189,6 +204,12 @@ written: the program ran, but what was asked of dcptrace is lost.""",
 )
 @click.option("--oss", "oss_url", metavar="URL", help="Use a running dcp-oss coordinator.")
 @click.option(
+    "--checkpoint-every",
+    "checkpoint_every",
+    metavar="SECONDS",
+    help="Checkpoint placed processes this often; a lost instance's are restored elsewhere.",
+)
+@click.option(
     "--data",
     "data_dir",
     metavar="DIR",
@@ -211,6 +232,7 @@ def command(
     instances: int | None,
     placement: str | None,
     oss_url: str | None,
+    checkpoint_every: str | None,
     data_dir: str | None,
     no_state: bool,
     verbose: int,
@@ -247,6 +269,8 @@ def command(
     observe = trace or summary or record_path is not None
     n = config.instances if instances is None else instances
     where = placement or config.placement
+    every = config.checkpoint_every if checkpoint_every is None else _seconds(checkpoint_every)
+    compose.check_checkpoints(every, n, oss_url or config.oss)
     compose.check_volumes(tuple(config.volumes) + volumes, n, oss_url or config.oss, mapping)
     dispositions = initial_dispositions()
 
@@ -321,6 +345,7 @@ def command(
                 note=local.note if local is not None else None,
                 profiles=state_dir / "placement-profiles.json", keep_profiles=local is not None,
                 share_cwd=config.share_cwd and not no_share_cwd,
+                checkpoint_every=every,
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(

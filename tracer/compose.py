@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # spelled out here so that parsing options loads no vmagent module; a unit test
 # checks the two agree.
 PLACEMENTS = ("auto", "spread", "pack", "local")
+# s a deputy of a checkpointed program waits for its instance (issue 12): the OSS's
+# failure detection, the restore elsewhere and the home's news of it fit in it.
+FAILOVER_WINDOW = 90.0
 START_TIMEOUT = 15.0  # seconds for the run's OSS and its instances to come up
 
 
@@ -65,6 +68,7 @@ def coordinator(
     profiles: Path | None = None,
     keep_profiles: bool = False,
     share_cwd: bool = True,
+    checkpoint_every: float | None = None,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
@@ -74,8 +78,11 @@ def coordinator(
     file of the programs' past run times the cost model reads (and writes back at
     the end with `keep_profiles`).  With `share_cwd` the working directory joins
     the declared paths whenever a process can be placed (`with_cwd`).
+    `checkpoint_every` (issue 12): checkpoint placed processes that often, to
+    restore them elsewhere when their instance is lost.
     """
     check_volumes(volumes, instances, oss_url, maps or {})
+    check_checkpoints(checkpoint_every, instances, oss_url)
     if instances == 0 and oss_url is None:
         yield inner
         return
@@ -97,6 +104,7 @@ def coordinator(
         note=note,
         profiles=profiles,
         cwd_note=cwd_note,
+        checkpoint_every=checkpoint_every,
     ) as coord:
         advisor = getattr(coord, "advisor", None)
         try:
@@ -209,6 +217,7 @@ def clustered(
     note: Callable[[str], None] | None = None,
     profiles: Path | None = None,
     cwd_note: str | None = None,
+    checkpoint_every: float | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -233,8 +242,11 @@ def clustered(
             if volumes:  # issue 14: served from here, mounted by each VM's agent via the OSS
                 view, run_storage = _oss_storage(stack, view, volumes, maps or {}, oss_url, storage)
             with oss_clustered(
-                inner, placement, oss_url, view=view, storage=run_storage, cwd_note=cwd_note
-            ) as coord:
+                inner, placement, oss_url, view=view, storage=run_storage,
+                cwd_note=cwd_note,
+                reconnect_window=FAILOVER_WINDOW if checkpoint_every else None,
+                checkpoint_every=checkpoint_every,
+            ) as coord:  # fmt: skip
                 told: Callable[[str], None] | None = None
                 if placement == "auto":
                     from vmagent.cluster.advisor import Advisor, load_history
@@ -292,13 +304,15 @@ def clustered(
             stack.close()
             run.close()
             raise
+    link.checkpoint_every = checkpoint_every  # issue 12: submitted with the program
     if run_storage is not None:
         # The server and every instance's mount start with the first placement.
         link = StorageLink(link, run_storage, run)
+    window = run.cluster.reconnect_window
+    if checkpoint_every:  # a deputy waits out the loss, the restore and the news of it
+        window = max(window, FAILOVER_WINDOW)
     try:
-        local = OssCoordinator(
-            inner, placement, link, os.getcwd(), run.cluster.reconnect_window, view=view
-        )
+        local = OssCoordinator(inner, placement, link, os.getcwd(), window, view=view)
         started = link.link if isinstance(link, StorageLink) else link  # under the storage
         if isinstance(started, LocalProgramLink) and started.private.oss.network is not None:
             local.home_listeners = HomeListeners(started.home_listener)  # issue 13
@@ -320,6 +334,22 @@ def clustered(
         finally:
             run.close()
     run.remove_logs()
+
+
+def check_checkpoints(every: float | None, instances: int, oss_url: str | None) -> None:
+    """`--checkpoint-every` (issue 12): with instances, and where CRIU works (local
+    instances checkpoint with this machine's CRIU; an OSS says for its own)."""
+    if every is None:
+        return
+    if instances == 0 and oss_url is None:
+        raise UsageError("--checkpoint-every needs --instances N or --oss URL")
+    if instances:
+        from vmagent.checkpoint import criu
+
+        try:
+            criu.check()
+        except criu.CriuUnavailable as exc:
+            raise UsageError(f"--checkpoint-every: {exc}") from exc
 
 
 def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path | None) -> Any:

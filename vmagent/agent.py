@@ -24,6 +24,7 @@ from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
 from vmagent.checkpoint.local import Checkpointer, Suspension
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
+from vmagent.checkpoint.periodic import FailoverOrders
 from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer, extend_http
 from vmagent.exec.session import Session
@@ -389,6 +390,7 @@ class Agent:
         self.network_orders = NetworkOrders(config.instance)
         self.command_handlers.append(self.network_orders.on_commands)
         self.storage_orders: StorageOrders | None = None
+        self.failover: FailoverOrders | None = None  # periodic checkpoints, restores (issue 12)
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
@@ -418,6 +420,12 @@ class Agent:
             self._order_posts.append(storage_post)
             self.storage_orders = StorageOrders(app[MOUNTS], storage_post)
             self.command_handlers.append(self.storage_orders.on_commands)
+            # Issue 12: periodic checkpoints to the OSS, restores on a lost instance's behalf.
+            self.failover = FailoverOrders(
+                app[MIGRATOR], lambda: list(self.service.sessions.values()),
+                c.oss_url, c.token, c.call_timeout,
+            )  # fmt: skip
+            self.command_handlers.append(self.failover.on_commands)
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
@@ -452,6 +460,8 @@ class Agent:
         await self.network_orders.close()
         if self.storage_orders is not None:
             await self.storage_orders.close()
+        if self.failover is not None:
+            await self.failover.close()
         for post in self._order_posts:
             await post.close()
         if self._criu_check is not None:

@@ -179,6 +179,8 @@ async def h_heartbeat(
                 signal=c.signal if c.action == "signal" else None,
                 checkpoint=True if c.checkpoint else None,
                 storage=dict(c.storage) if c.storage is not None else None,
+                every=c.every if c.action == "checkpoint" else None,
+                session=c.session if c.action == "restore" else None,
             )
             for c in commands
         ]

@@ -105,6 +105,8 @@ def test_agent_wire_contract_shapes() -> None:
         "storage",  # mount / unmount (issue 14): the program's storage spec
         "signal",  # signal (issue 11): send it to the program's `pid` if it runs there
         "checkpoint",  # kill (issue 12): suspend what can be checkpointed; `resume` later
+        "every",  # checkpoint (issue 12, failover): the program's interval there
+        "session",  # restore (issue 12, failover): the session to restore from its checkpoint
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",

@@ -128,6 +128,10 @@ class LazyLink:
         self._lock = threading.Lock()
         self._submit: tuple[list[str], str] | None = None
         self._watch: tuple[Callable[[str], None], Callable[[str], None] | None] | None = None
+        # Issue 12 (failover): handed to the link when the instances start.
+        self.checkpoint_every: float | None = None
+        self.on_restoring: Callable[[set[str]], None] | None = None
+        self.on_restored: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def program_id(self) -> str | None:
@@ -149,6 +153,8 @@ class LazyLink:
                 return self.link
             try:
                 link = self.run.start()
+                link.checkpoint_every = self.checkpoint_every
+                link.on_restoring, link.on_restored = self.on_restoring, self.on_restored
                 argv, cwd = self._submit or (["?"], "/")
                 link.submit(argv, cwd)
             except (LocalRunError, OssCannotRun) as exc:
@@ -223,6 +229,35 @@ class StorageLink:
     def placed(self) -> int:
         """The wrapped link's."""
         return int(getattr(self.link, "placed", 0))
+
+    # Issue 12's failover settings are the wrapped link's: the coordinator sets its
+    # restore callbacks here and reads the checkpoint period.
+    @property
+    def checkpoint_every(self) -> float | None:
+        """The wrapped link's."""
+        return getattr(self.link, "checkpoint_every", None)
+
+    @checkpoint_every.setter
+    def checkpoint_every(self, value: float | None) -> None:
+        self.link.checkpoint_every = value
+
+    @property
+    def on_restoring(self) -> Callable[[set[str]], None] | None:
+        """The wrapped link's."""
+        return getattr(self.link, "on_restoring", None)
+
+    @on_restoring.setter
+    def on_restoring(self, value: Callable[[set[str]], None] | None) -> None:
+        self.link.on_restoring = value
+
+    @property
+    def on_restored(self) -> Callable[[dict[str, Any]], None] | None:
+        """The wrapped link's."""
+        return getattr(self.link, "on_restored", None)
+
+    @on_restored.setter
+    def on_restored(self, value: Callable[[dict[str, Any]], None] | None) -> None:
+        self.link.on_restored = value
 
     def _mount(self) -> bool:
         from oss.storage import StorageError

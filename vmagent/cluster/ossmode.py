@@ -37,8 +37,10 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -59,6 +61,7 @@ from tracer.errors import TracerError, UsageError
 from vmagent.cluster.coordinator import EXEC_CALLS, ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
+from vmagent.exec import protocol as P
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import EMPTY, View
 from vmagent.network.home import HomeListeners
@@ -156,6 +159,13 @@ class Grant:
 
 class ProgramLink(Protocol):
     """The OSS as the coordinator uses it (blocking calls, made on the tracer thread)."""
+
+    # Issue 12 (failover): the program's checkpoint interval (submitted with it), and
+    # the coordinator's callbacks for sessions being restored (their ticket nonces) and
+    # restored (`oss.models.Restoration` as a dict), called from the link's watcher.
+    checkpoint_every: float | None
+    on_restoring: Callable[[set[str]], None] | None
+    on_restored: Callable[[dict[str, Any]], None] | None
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
         """Start submitting the program; OssCannotRun if it must not run at all."""
@@ -268,6 +278,12 @@ class OssCoordinator(ClusterCoordinator):
         # read by the watcher thread (lost instances).
         self._placed: dict[int, tuple[str, str, int | None]] = {}
         self._placed_lock = threading.Lock()
+        # Issue 12 (failover): exec ticket nonce -> placed pid; nonces being restored.
+        self._nonces: dict[str, int] = {}
+        self._restoring: set[str] = set()
+        self._last_nonce = ""
+        link.on_restoring = self._restoring.update
+        link.on_restored = self._restored
 
     def interception(self) -> frozenset[str]:
         """ClusterCoordinator's, plus the calls that signal a pid (issue 11), and listen
@@ -332,6 +348,8 @@ class OssCoordinator(ClusterCoordinator):
 
     def _place(self, call: SyscallCall, decision: Allow | Rewrite) -> Rewrite | None:
         placed = super()._place(call, decision)
+        if placed is not None:
+            self._nonces[self._last_nonce] = call.pid
         if placed is not None and call.argv is not None:
             argv = b" ".join(a for a in call.argv[:8]).decode(errors="replace")
             with self._placed_lock:
@@ -340,20 +358,78 @@ class OssCoordinator(ClusterCoordinator):
 
     def lost_on(self, instance: str) -> list[str]:
         """The placed processes on `instance` still running, or ended lost (status 255)."""
+        restoring = {pid for nonce, pid in self._nonces.items() if nonce in self._restoring}
         with self._placed_lock:
             return [
                 argv
-                for where, argv, status in self._placed.values()
-                if where == instance and status in (None, LOST_STATUS)
+                for pid, (where, argv, status) in self._placed.items()
+                if where == instance and status in (None, LOST_STATUS) and pid not in restoring
             ]
 
+    def _gone(self, instance: str) -> None:
+        """Deputies of processes lost with `instance` and not to be restored (no
+        checkpoint) end now, not at the end of their long failover window (issue 12)."""
+        restoring = {pid for nonce, pid in self._nonces.items() if nonce in self._restoring}
+        with self._placed_lock:
+            gone = [
+                pid
+                for pid, (where, _argv, status) in self._placed.items()
+                if where == instance and status is None and pid not in restoring
+            ]
+        for pid in gone:
+            path = self._ticket_files.get(pid)
+            if path is not None and self.drop.redirect(path, P.GONE):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGRTMIN + P.WAKE_RT)
+
+    def _restored(self, restored: dict[str, Any]) -> None:
+        """A placed process was restored from its checkpoint on another instance (issue
+        12): its deputy is told where (a note beside its ticket) and resumes there."""
+        pid = self._nonces.get(str(restored["nonce"]))
+        path = self._ticket_files.get(pid) if pid is not None else None
+        if pid is None or path is None:
+            return
+        note = P.unpairs(
+            {
+                b"addr": str(restored["address"]).encode(),
+                b"instance": str(restored["instance"]).encode(),
+                b"salt": str(restored["salt"]).encode(),
+            }
+        )
+        if not self.drop.redirect(path, note):
+            return
+        with contextlib.suppress(OSError):  # its old connection may look alive: hang up
+            os.kill(pid, signal.SIGRTMIN + P.WAKE_RT)
+        with self._placed_lock:
+            if pid in self._placed:
+                _where, argv, status = self._placed[pid]
+                self._placed[pid] = (str(restored["instance"]), argv, status)
+        self._where[pid] = str(restored["instance"])
+        age = max(0.0, time.time() - float(restored["taken"]))
+        print(
+            f"dcptrace: pid {pid} restored on {restored['instance']} from its checkpoint"
+            f" of {age:.1f} s before (instance {restored['lost']} lost): what it wrote"
+            " since then comes again",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _say_lost(self, instance: str) -> None:
+        if self._link.checkpoint_every is not None:
+            self._gone(instance)
         names = self.lost_on(instance)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         n = len(names)
+        with self._placed_lock:
+            back = sum(
+                1
+                for nonce, pid in self._nonces.items()
+                if nonce in self._restoring and self._placed.get(pid, ("",))[0] == instance
+            )
         print(
             f"dcptrace: instance {instance} lost: {n} process{'es' if n != 1 else ''} ended"
-            + (f" ({shown})" if names else ""),
+            + (f" ({shown})" if names else "")
+            + (f"; {back} to be restored from checkpoints" if back else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -367,7 +443,9 @@ class OssCoordinator(ClusterCoordinator):
         return name
 
     def _ticket(self, target: Target, ident: Ident) -> str:
-        return self.oss_placement.granted.pop(target.name)
+        ticket = self.oss_placement.granted.pop(target.name)
+        self._last_nonce = ticket.split(".")[2] if ticket.count(".") >= 2 else ""
+        return ticket
 
     def on_process(self, event: ProcessEvent) -> None:
         """Note the root's end status; release placements (ClusterCoordinator)."""
@@ -466,6 +544,26 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def follow_restorations(
+    news: Sequence[dict[str, Any]],
+    seen: set[str],
+    on_restoring: Callable[[set[str]], None] | None,
+    on_restored: Callable[[dict[str, Any]], None] | None,
+) -> set[str]:
+    """Hand the OSS's restorations of the program to the coordinator (issue 12): those
+    under way (no `instance` yet) as a set of nonces, each done one once; the nonces
+    handed on so far."""
+    pending = {str(r["nonce"]) for r in news if not r.get("instance")}
+    if pending and on_restoring is not None:
+        on_restoring(pending)
+    for r in news:
+        if r.get("instance") and str(r["nonce"]) not in seen:
+            seen = seen | {str(r["nonce"])}
+            if on_restored is not None:
+                on_restored(r)
+    return seen
+
+
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
@@ -501,6 +599,10 @@ class OssProgramLink:
         self._watching = False
         self.stopped: str | None = None  # why a limit stopped the program (then no finish)
         self.placed = 0  # processes placed with a ticket (the record waits for their rows)
+        self.checkpoint_every: float | None = None  # issue 12 (failover)
+        self.on_restoring: Callable[[set[str]], None] | None = None
+        self.on_restored: Callable[[dict[str, Any]], None] | None = None
+        self._restored_seen: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -575,6 +677,8 @@ class OssProgramLink:
             spec["scaling_policy"] = m.ScalingPolicy(
                 min_instances=self._width, max_instances=self._width
             )
+        if self.checkpoint_every is not None:  # issue 12: failover from checkpoints
+            spec["checkpoint_every"] = self.checkpoint_every
         prog = await self._client.submit(m.ProgramSubmit(**spec))
         for p in prog.placements:
             await self._client.release(prog.id, p.instance, p.processes)
@@ -829,6 +933,12 @@ class OssProgramLink:
             if prog.state == "suspended" and not suspended:
                 say_suspended(pid)
             suspended = prog.state == "suspended"
+            if self.checkpoint_every is not None and self.on_restored is not None:
+                with contextlib.suppress(errors.OssError, TimeoutError):
+                    news = await self._client.request("GET", f"/v1/programs/{pid}/restorations")
+                    self._restored_seen = follow_restorations(
+                        news, self._restored_seen, self.on_restoring, self.on_restored
+                    )
             failed = LOST_REASON.match(prog.status_reason)
             if failed and self._on_lost and failed[1] not in self._lost_said:
                 self._lost_said.add(failed[1])
@@ -882,11 +992,23 @@ class LocalProgramLink:
         self._watcher: concurrent.futures.Future[Any] | None = None
         self.stopped: str | None = None  # why a limit stopped the program (then no finish)
         self.placed = 0  # processes placed with a ticket (the record waits for their rows)
+        self.checkpoint_every: float | None = None  # issue 12 (failover)
+        self.on_restoring: Callable[[set[str]], None] | None = None
+        self.on_restored: Callable[[dict[str, Any]], None] | None = None
+        self._restored_seen: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("%s", message)
+
+    def _failover_news(self, pid: str) -> None:
+        """Sessions of the program being restored, and those restored since the last
+        look, to the coordinator (issue 12); on the OSS's loop."""
+        news = [r.model_dump(mode="json") for r in self.private.oss.failover.of_program(pid)]
+        self._restored_seen = follow_restorations(
+            news, self._restored_seen, self.on_restoring, self.on_restored
+        )
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
         """Submit the program with its view; release the root's slot (it runs here)."""
@@ -944,6 +1066,7 @@ class LocalProgramLink:
             if prog["state"] == "suspended" and not suspended:
                 say_suspended(pid)
             suspended = prog["state"] == "suspended"
+            self._failover_news(pid)
             failed = LOST_REASON.match(prog["status_reason"])
             if failed and on_lost is not None and failed[1] not in said:
                 said.add(failed[1])
@@ -981,7 +1104,12 @@ class LocalProgramLink:
         view = m.ViewSpec.model_validate(
             {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
         )
-        prog = await oss.submit(who, m.ProgramSubmit(argv=argv, cwd=cwd or "/", view=view))
+        prog = await oss.submit(
+            who,
+            m.ProgramSubmit(
+                argv=argv, cwd=cwd or "/", view=view, checkpoint_every=self.checkpoint_every
+            ),
+        )
         if prog["state"] == "pending":
             await oss.cancel(who, prog["id"])
             return None
@@ -1129,6 +1257,7 @@ def oss_clustered(
     view: View = EMPTY,
     storage: Any = None,
     cwd_note: str | None = None,
+    checkpoint_every: float | None = None,
 ) -> Iterator[OssCoordinator]:
     """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors.
 
@@ -1139,6 +1268,7 @@ def oss_clustered(
     except OssModeError as exc:
         raise UsageError(str(exc)) from exc
     link = OssProgramLink(config, view, storage, cwd_note)
+    link.checkpoint_every = checkpoint_every  # issue 12: submitted with the program
     try:
         try:
             link.start(link.check())
