@@ -12,6 +12,14 @@ Root only; everything in network namespaces this script makes (and removes).
    --placement spread`: a server records the time before `listen`, after it
    returns (the tracer waited for the OSS to steer the port) and a client on
    the other instance the time its first `connect` to localhost succeeded.
+1b. UDP RTT the same ways (`--skip udp` leaves it out): p50/p99 of N 64-byte
+   datagram ping-pongs to a UDP echo server in b bound to 0.0.0.0 (steered
+   by protocol and port; the reply comes from P:port through the redirector).
+2b. What the instance tracer's watch costs a placed process (`--skip
+   connects`): the mean time of a TCP connect+close to a listener of the same
+   process, and of a UDP socket+bind(port 0)+close, placed on an instance by
+   `dcptrace --instances 1 --placement spread` vs natively (each connect and
+   bind now stops once in the instance tracer, as close already did).
 3. Re-point after a migration: a TCP server on a local instance migrated with
    CRIU (as tests/integration/test_network_migrate.py); the manager's `moved`
    time and the time to the first connection reaching the moved process.
@@ -163,6 +171,73 @@ def paths(pings: int, mb: int) -> None:
         lab.close()
 
 
+UDP_PEER = r"""
+import socket, sys, time
+mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if mode == "serve":
+    s.bind(("0.0.0.0", port))
+    print("up", flush=True)
+    while True:
+        d, peer = s.recvfrom(2048)
+        s.sendto(d, peer)
+s.settimeout(5)
+msg = b"x" * 64; rtts = []
+for _ in range(n):
+    t = time.perf_counter(); s.sendto(msg, (host, port)); s.recvfrom(2048)
+    rtts.append(time.perf_counter() - t)
+rtts.sort()
+print(rtts[len(rtts) // 2] * 1e6, rtts[int(len(rtts) * 0.99)] * 1e6)
+"""
+
+
+def udp_paths(pings: int) -> None:
+    """UDP ping-pong RTT: directly to b's address vs through the redirector."""
+    from netlab import NetLab
+
+    lab = NetLab()
+    try:
+        lab.add_host("h1", ["a", "b"])
+        lab.add_outside("h1")
+        red = Redirector(lab.nodes())
+        address, port = "10.214.252.2", PORT + 1
+        net = ProgramNet("bench", address, ("a", "b"), (Listener("b", port, proto=17),))
+        for key, state in plan(net, lab.spots, lab.host_spots()).items():
+            red.apply(key, "bench", state)
+        server = subprocess.Popen(
+            _in(lab.ns_of("b"), sys.executable, "-c", UDP_PEER, "serve", "", str(port), "0"),
+            stdout=subprocess.PIPE,
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == b"up"
+        b_addr = lab.spots["b"].address
+        subnet = f"{lab.hosts['h1'].subnet}.0/24"
+        subprocess.run(["ip", "-n", lab.outside, "route", "add", subnet, "via", "10.99.1.1"],
+                       check=True)  # fmt: skip
+        cases = [
+            ("UDP instance a -> b's address (direct)", lab.ns_of("a"), b_addr),
+            ("UDP instance a -> P (redirector: rule)", lab.ns_of("a"), address),
+            ("UDP instance a -> 127.0.0.1 (DNAT+rule)", lab.ns_of("a"), "127.0.0.1"),
+            ("UDP outside -> b's address via host (direct)", lab.outside, b_addr),
+            ("UDP outside -> P via host (redirector)", lab.outside, address),
+        ]
+        print(f"{'path':50} {'p50 us':>8} {'p99 us':>8}")
+        for label, ns, host in cases:
+            med, p99 = [], []
+            for _ in range(3):
+                out = subprocess.run(
+                    _in(ns, sys.executable, "-c", UDP_PEER, "ping", host, str(port), str(pings)),
+                    capture_output=True, text=True, check=True,
+                ).stdout.split()  # fmt: skip
+                med.append(float(out[0]))
+                p99.append(float(out[1]))
+            print(f"{label:50} {statistics.median(med):8.1f} {statistics.median(p99):8.1f}")
+        server.kill()
+        server.wait()
+        red.close()
+    finally:
+        lab.close()
+
+
 LISTENER = r"""
 import socket, sys, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -182,6 +257,42 @@ while True:
         time.sleep(0.001)
 open(sys.argv[3], "w").write(str(time.monotonic()))
 """
+
+
+CONNECTS = r"""
+import socket, sys, time
+n = int(sys.argv[1])
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(128)
+port = srv.getsockname()[1]
+t = time.perf_counter()
+for _ in range(n):
+    c = socket.create_connection(("127.0.0.1", port)); srv.accept()[0].close(); c.close()
+tcp = (time.perf_counter() - t) / n * 1e6
+t = time.perf_counter()
+for _ in range(n):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0)); u.close()
+udp = (time.perf_counter() - t) / n * 1e6
+print(f"{tcp:.1f} {udp:.1f}")
+"""
+
+
+def connect_cost(n: int, runs: int) -> None:
+    """Per-connect and per-bind cost in a placed process vs natively (medians of runs)."""
+    got: dict[str, list[tuple[float, float]]] = {"native": [], "placed": []}
+    for _ in range(runs):
+        for kind in ("native", "placed"):
+            argv = [sys.executable, "-c", CONNECTS, str(n)]
+            if kind == "placed":
+                argv = [sys.executable, "-m", "tracer.cli", "--instances", "1", "--placement",
+                        "spread", "--", *argv]  # fmt: skip
+            out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True,
+                                 timeout=300).stdout.split()  # fmt: skip
+            got[kind].append((float(out[0]), float(out[1])))
+    for kind, rows in got.items():
+        tcp = statistics.median(r[0] for r in rows)
+        udp = statistics.median(r[1] for r in rows)
+        print(f"{kind:7} TCP connect+accept+close {tcp:7.1f} us, UDP socket+bind+close "
+              f"{udp:6.1f} us (median of {runs}, {n} each)")  # fmt: skip
 
 
 def listen_to_first(runs: int) -> None:
@@ -306,13 +417,17 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=5000)
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma list of: paths,listen,repoint")
+    ap.add_argument("--skip", default="", help="comma list of: paths,udp,connects,listen,repoint")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_network: needs root (namespaces, netlink, nft)")
     skip = set(args.skip.split(","))
     if "paths" not in skip:
         paths(args.pings, args.mb)
+    if "udp" not in skip:
+        udp_paths(args.pings)
+    if "connects" not in skip:
+        connect_cost(2000, args.runs)
     if "listen" not in skip:
         listen_to_first(args.runs)
     if "repoint" not in skip:

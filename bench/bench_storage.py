@@ -6,9 +6,10 @@ For each tier (memory, disk, net: `[storage] prefer = ...`) a process placed on
 a local instance (`dcptrace --instances 1 --volume DIR`, the python process
 exec'd by `sh` is placed) writes and reads a file sequentially (1 MiB blocks),
 then does 4 KiB random reads and writes, then opens and closes a small file
-many times.  The reference is the same script run natively on the instance's
-local disk (this machine's /var/tmp: local instances share its disk).  Then:
-the tracer's cost per intercepted open (`dcptrace --map`, no instances, vs
+many times, and stats it and a directory three levels down as often.  The
+reference is the same script run natively on the instance's local disk
+(this machine's /var/tmp: local instances share its disk).  Then: the tracer's
+cost per intercepted open (`dcptrace --map`, no instances, vs
 native), and the time to move a 100 MB file from the networked volume into
 memory and onto disk (the open that promotes it, less a plain open).
 Page caches are not dropped: every column reads what it just wrote, as the
@@ -69,6 +70,12 @@ t = time.perf_counter()
 for _ in range(opens):
     os.close(os.open("small.txt", os.O_RDONLY))
 out["open_close_us"] = (time.perf_counter() - t) / opens * 1e6
+os.makedirs("a/b/c", exist_ok=True)
+for name, path in (("stat_us", "small.txt"), ("stat_depth4_us", "a/b/c")):
+    t = time.perf_counter()
+    for _ in range(opens):
+        os.stat(path)
+    out[name] = (time.perf_counter() - t) / opens * 1e6
 os.unlink("seq.bin")
 print(json.dumps(out))
 """

@@ -8,16 +8,24 @@ Each workload runs natively, under `strace -f -o /dev/null`, under
 N wall-clock runs, interleaved so machine noise spreads over every column.
 Prints seconds and ratios (dcptrace/native, dcptrace --trace / strace, the
 latter also round by round: min/median), the fixed start-up cost of each
-column (the same run of /bin/true), and dcptrace/native with that fixed cost
-taken off (the steady-state overhead).
+column (the same run of /bin/true), dcptrace/native with that fixed cost
+taken off (the steady-state overhead), and dcptrace --trace / strace with each
+one's own start-up taken off (`trace steady`: the cost per traced syscall).
+`cpu t/s` is dcptrace --trace / strace by CPU time (user + system of every
+process of the run, dcptrace's tracer child included: this process is a child
+subreaper and reaps what a run leaves), min/median over the rounds; it moves
+less than wall time with the load of a shared machine.
 `--long` adds a 5,000,000-syscall dd in the columns that finish in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,10 +69,27 @@ def columns() -> dict[str, list[str]]:
     }
 
 
+PR_SET_CHILD_SUBREAPER = 36
+_cpu: dict[str, list[float]] = {}  # " ".join(argv) -> CPU seconds of each of its runs
+
+
+def cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(argv: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one run; its CPU seconds (left-behinds too) go to `_cpu`."""
+    cpu = cpu_of_children()
     start = time.perf_counter()
     rc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
+    while True:  # what the run left (dcptrace's tracer child) was reparented to us
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    _cpu.setdefault(" ".join(argv), []).append(cpu_of_children() - cpu)
     if rc.returncode != 0:
         # find /usr can fail while packages are being installed; say so, keep timing.
         print(f"# note: exit {rc.returncode}: {' '.join(argv[-6:])}", file=sys.stderr)
@@ -79,6 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("strace") is None:
         sys.exit("bench_tracer: strace is not installed (apt-get install strace)")
+    if ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        sys.exit("bench_tracer: cannot become a child subreaper")
     # dcptrace records each run in the local OSS state: keep it out of $HOME.
     data = tempfile.mkdtemp(prefix="dcp-bench-data-")
     env = dict(os.environ, PYTHONPATH=str(REPO), DCP_DATA=data)
@@ -96,7 +123,11 @@ def main() -> None:
     shown = ", ".join(f"{c} {1000 * v:.1f} ms" for c, v in start.items())
     print(f"# start-up (/bin/true): {shown}")
     header = f"{'workload':<24}" + "".join(f"{c:>18}" for c in cols)
-    print(header + f"{'dcp/native':>12}{'steady':>8}{'trace/strace':>14}{'min/median':>16}")
+    print(
+        header
+        + f"{'dcp/native':>12}{'steady':>8}{'trace/strace':>14}{'min/median':>16}"
+        + f"{'trace steady':>14}{'cpu t/s':>14}"
+    )
     for name, argv in work.items():
         times: dict[str, list[float]] = {c: [] for c in cols}
         for _ in range(args.repeat):
@@ -111,6 +142,15 @@ def main() -> None:
         traced, plain = times["dcptrace --trace"], times["strace"]
         pairs = sorted(t / s for t, s in zip(traced, plain, strict=True))
         row += f"{pairs[0]:>8.2f}/{pairs[len(pairs) // 2]:.2f}"
+        trace_steady = (best["dcptrace --trace"] - start["dcptrace --trace"]) / max(
+            best["strace"] - start["strace"], 1e-9
+        )
+        row += f"{trace_steady:>14.3f}"
+        cpu_t = _cpu[" ".join([*cols["dcptrace --trace"], *argv])][-args.repeat :]
+        cpu_s = _cpu[" ".join([*cols["strace"], *argv])][-args.repeat :]
+        cpu_pairs = sorted(t / s for t, s in zip(cpu_t, cpu_s, strict=True) if s > 0)
+        if cpu_pairs:
+            row += f"{cpu_pairs[0]:>8.2f}/{statistics.median(cpu_pairs):.2f}"
         print(row, flush=True)
     if args.long:
         argv = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=5000000"]

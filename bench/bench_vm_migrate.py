@@ -11,11 +11,14 @@ and 1 vCPU under TCG, their agents with Debian's criu 3.17).  For each size N
 - CRIU alone, in the same guest and the same run: the agent's same-instance
   checkpoint with restore (`POST /v1/sessions/{sid}/checkpoint {"restore": true}`):
   the wall time of `criu dump` and of `criu restore` as the agent runs them;
-- DCP: `POST /v1/sessions/{sid}/migrate` vm1 -> vm2 (and with `--precopy`, again
-  with pre-copy rounds, which do not work in the guests yet): total = that call's wall
-  time (the check, pre-copy rounds, freeze, final dump, transfer, restore,
-  commit); freeze = from the tracer's detach until the target said it runs;
-  raw and zstd bytes of the final images; the bytes of each pre-copy round.
+- DCP: `POST /v1/sessions/{sid}/migrate` vm1 -> vm2, once per mode (`--modes`):
+  `packed` (one frozen dump, all images packed over HTTP: the path before the
+  page server), `pages` (one frozen dump, its pages through the target's CRIU
+  page server), `fast` (pre-copy rounds, then the final dump, pages through the
+  page server: the agents' default).  total = that call's wall time; freeze =
+  from the tracer's detach until the target said it runs; raw and zstd bytes
+  of the final images; the bytes of each pre-copy round.  A second table
+  splits each move's time by phase (`phases`).
 
 Then the program is told to end and must report its data's checksum intact.
 """
@@ -56,7 +59,14 @@ print("ok" if hashlib.sha256(data).digest() == digest else "corrupt", flush=True
 """
 
 
-def one(lab: Any, mb: int, precopy: bool) -> dict[str, Any]:
+MODES = {  # name: (precopy, page_server) of the move
+    "packed": (False, False),  # one frozen dump, its images packed (zstd) over HTTP
+    "pages": (False, True),  # one frozen dump, its pages through the target's page server
+    "fast": (True, True),  # pre-copy rounds, then the final dump; pages by the page server
+}
+
+
+def one(lab: Any, mb: int, mode: str) -> dict[str, Any]:
     from vmagents import Program, call, migrate, session_of
 
     prog = Program(lab, "vm1", HOLD, str(mb))
@@ -67,7 +77,8 @@ def one(lab: Any, mb: int, precopy: bool) -> dict[str, Any]:
         alone = call(lab, "vm1", "POST", f"/v1/sessions/{sid}/checkpoint", {"restore": True})
         time.sleep(2)  # let it run (and dirty pages) again before the move
         t = time.perf_counter()
-        moved = migrate(lab, "vm1", "vm2", sid, precopy=precopy)
+        precopy, pages = MODES[mode]
+        moved = migrate(lab, "vm1", "vm2", sid, precopy=precopy, page_server=pages)
         moved["total_ms"] = (time.perf_counter() - t) * 1000
         code = prog.finish()
         if code != 0 or prog.lines[-1] != "ok":
@@ -79,14 +90,46 @@ def one(lab: Any, mb: int, precopy: bool) -> dict[str, Any]:
         prog.kill()
 
 
+PHASES = ("precopy", "check+", "detach", "dump", "zstd", "send", "restore", "commit", "freeze")
+
+
+def phases(r: dict[str, Any]) -> dict[str, float]:
+    """The migration's wall time split by phase (ms): the freeze's parts, and before it.
+
+    `send`: the transfer's part that is neither compressing (source) nor criu
+    restore (target): reading the images, HTTP, unpacking, writing them out.
+    `check+`: the call's remainder (the target's check, the HTTP calls around).
+    """
+    restore = float(r.get("restore_ms", 0))
+    zstd = float(r.get("zstd_ms", 0))
+    send = float(r["transfer_ms"]) - restore - zstd
+    freeze = float(r["freeze_ms"])
+    return {
+        "precopy": float(r["precopy_ms"]),
+        "check+": float(r["total_ms"]) - freeze - float(r["precopy_ms"]),
+        "detach": float(r.get("detach_ms", 0)),
+        "dump": float(r["dump_ms"]),
+        "zstd": zstd,
+        "send": send,
+        "restore": restore,
+        "commit": float(r.get("commit_ms", 0)),
+        "freeze": freeze,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256")
     parser.add_argument("--memory-mb", type=int, default=1536)
     parser.add_argument(
-        "--precopy", action="store_true", help="also the pre-copy rows (experimental: it hangs)"
+        "--modes",
+        default="packed,pages,fast",
+        help="comma-separated moves per size: packed (the old path), pages (page server), "
+        "fast (pre-copy rounds and the page server: the default)",
     )
     opts = parser.parse_args()
+    if not opts.modes or not set(opts.modes.split(",")) <= set(MODES):
+        raise SystemExit(f"bench_vm_migrate: --modes takes a list of {', '.join(MODES)}")
     why = why_no_vm_lab()
     if why:
         raise SystemExit(f"bench_vm_migrate: {why}")
@@ -106,22 +149,35 @@ def main() -> None:
             print(f"# {os.cpu_count()} host CPUs, TCG guests 1 vCPU {opts.memory_mb} MB, "
                   f"loadavg {f.read().strip()}")  # fmt: skip
         print(
-            f"{'data':>7} {'pre':>4} {'criu d':>7} {'criu r':>7} {'freeze':>7} {'total':>7} "
-            f"{'dump':>6} {'xfer+r':>7} {'tot/(d+r)':>9} {'raw MB':>7} {'zstd MB':>7}  rounds MB"
+            f"{'data':>7} {'mode':>6} {'criu d':>7} {'criu r':>7} {'freeze':>7} {'total':>7} "
+            f"{'tot/(d+r)':>9} {'raw MB':>7} {'zstd MB':>7}  rounds MB"
         )
+        rows = []
         for mb in (int(s) for s in opts.sizes.split(",")):
-            for precopy in (False, True) if opts.precopy else (False,):
-                r = one(lab, mb, precopy)
+            for mode in opts.modes.split(","):
+                r = one(lab, mb, mode)
+                rows.append((mb, mode, r))
                 both = r["criu_dump_ms"] + r["criu_restore_ms"]
                 rounds = ",".join(f"{b / 1e6:.1f}" for b in r["precopy_rounds"]) or "-"
+                if r.get("precopy_error"):
+                    rounds += f" ({r['precopy_error']})"
                 print(
-                    f"{mb:>4} MB {'yes' if precopy else 'no':>4} {r['criu_dump_ms']:>5.0f}ms "
+                    f"{mb:>4} MB {mode:>6} {r['criu_dump_ms']:>5.0f}ms "
                     f"{r['criu_restore_ms']:>5.0f}ms {r['freeze_ms']:>5.0f}ms "
-                    f"{r['total_ms']:>5.0f}ms {r['dump_ms']:>4.0f}ms {r['transfer_ms']:>5.0f}ms "
-                    f"{r['total_ms'] / both:>9.2f} {r['image_bytes'] / 1e6:>7.1f} "
-                    f"{r['zstd_bytes'] / 1e6:>7.1f}  {rounds}",
+                    f"{r['total_ms']:>5.0f}ms {r['total_ms'] / both:>9.2f} "
+                    f"{r['image_bytes'] / 1e6:>7.1f} {r['zstd_bytes'] / 1e6:>7.1f}  {rounds}",
                     flush=True,
                 )
+                parts = phases(r)
+                print("#   ms: " + " ".join(f"{p}={parts[p]:.0f}" for p in PHASES), flush=True)
+        # Where the time goes: the freeze phase by phase (ms), and the rest of the total.
+        print(f"\n{'data':>7} {'mode':>6} " + " ".join(f"{p:>8}" for p in PHASES) + "  (ms)")
+        for mb, mode, r in rows:
+            parts = phases(r)
+            print(
+                f"{mb:>4} MB {mode:>6} "
+                + " ".join(f"{parts[p]:>8.0f}" for p in PHASES)
+            )
         with open("/proc/loadavg") as f:
             print(f"# loadavg after: {f.read().strip()}")
     finally:

@@ -10,16 +10,20 @@ from typing import Any
 
 TABLE_BASE = 7000  # routing table of the instance with slot s: TABLE_BASE + s
 MAIN_TABLE = 254
+LOCAL_TABLE = 255  # a pinned port delivered here (a rule's table only)
+RULE_PREF = 100  # our policy rules
+PIN_PREF = 90  # a moved connection's port: before the port blocks' rules
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class Rule:
-    """`ip rule add pref RULE_PREF to DST/32 [ipproto P] dport LO-HI lookup TABLE`."""
+    """`ip rule add pref PREF to DST/32 [ipproto P] dport LO-HI lookup TABLE`."""
 
     dst: str
     ports: tuple[int, int]
     table: int
     proto: int = 0  # 0: any protocol with ports (tcp, udp, sctp)
+    pref: int = RULE_PREF  # PIN_PREF: a moved connection's port, before the blocks
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -47,6 +51,7 @@ class Nat:
     dport: int = 0
     iif: str = ""
     oif: str = ""
+    proto: str = "tcp"  # the protocol `dport` is of: "tcp" | "udp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +94,28 @@ def to_wire(state: NodeState) -> dict[str, Any]:
     """`state` as a JSON object (`from_wire` reads it back)."""
     return dict(
         addresses=[list(a) for a in state.addresses],
-        rules=[[r.dst, r.ports[0], r.ports[1], r.table, r.proto] for r in sorted(state.rules)],
+        rules=[_rule_wire(r) for r in sorted(state.rules)],
         routes=[[r.table, r.dst, r.via, r.dev, r.src, r.kind] for r in sorted(state.routes)],
         sysctls=[list(s) for s in state.sysctls],
         default_src=list(state.default_src) if state.default_src else None,
         local_pref=state.local_pref,
-        nat=[[n.hook, n.kind, n.to, n.daddr, n.saddr, n.dport, n.iif, n.oif] for n in state.nat],
+        nat=[_nat_wire(n) for n in state.nat],
         rate_kbit=state.rate_kbit,
         shape_dev=state.shape_dev,
         guard_dev=state.guard_dev,
     )
+
+
+def _rule_wire(r: Rule) -> list[Any]:
+    """A rule as 5 items (what agents before pins read), 6 with a pin's preference."""
+    out: list[Any] = [r.dst, r.ports[0], r.ports[1], r.table, r.proto]
+    return out if r.pref == RULE_PREF else [*out, r.pref]
+
+
+def _nat_wire(n: Nat) -> list[Any]:
+    """A NAT rule as 8 items (what agents before UDP read), 9 for a UDP port."""
+    out: list[Any] = [n.hook, n.kind, n.to, n.daddr, n.saddr, n.dport, n.iif, n.oif]
+    return out if n.proto == "tcp" else [*out, n.proto]
 
 
 def from_wire(data: object) -> NodeState:
@@ -120,10 +137,7 @@ def _from_wire(data: object) -> NodeState:
         if not isinstance(data.get(key, []), list) or len(data.get(key, [])) > MAX_ITEMS:
             raise BadNodeState(f"{key}: a list of at most {MAX_ITEMS}")
     addresses = tuple((_ip(a), _int(p, 0, 32), _dev(d)) for a, p, d in data.get("addresses", []))
-    rules = frozenset(
-        Rule(_ip(d), (_int(lo, 1, 65535), _int(hi, 1, 65535)), _table(t), _int(p, 0, 255))
-        for d, lo, hi, t, p in data.get("rules", [])
-    )
+    rules = frozenset(_rule(r) for r in data.get("rules", []))
     routes = frozenset(
         Route(_table(t), _ip(d), _ip(v) if v else "", _dev(dv) if dv else "", _ip(s) if s else "",
               _one(k, ("unicast", "unreachable")))
@@ -133,11 +147,7 @@ def _from_wire(data: object) -> NodeState:
     ds = data.get("default_src")
     default_src = (_ip(ds[0]), _dev(ds[1]), _ip(ds[2])) if ds else None
     lp = data.get("local_pref")
-    nat = tuple(
-        Nat(_one(h, _HOOKS), _one(k, ("dnat", "snat")), _ip(to), _cidr(da), _cidr(sa),
-            _int(dp, 0, 65535), _dev(i) if i else "", _dev(o) if o else "")
-        for h, k, to, da, sa, dp, i, o in data.get("nat", [])
-    )  # fmt: skip
+    nat = tuple(_nat(n) for n in data.get("nat", []))
     shape, guard = data.get("shape_dev", ""), data.get("guard_dev", "")
     return NodeState(
         addresses=addresses,
@@ -151,6 +161,27 @@ def _from_wire(data: object) -> NodeState:
         shape_dev=_dev(shape) if shape else "",
         guard_dev=_dev(guard) if guard else "",
     )
+
+
+def _rule(r: list[Any]) -> Rule:
+    """One policy rule from the wire (5 items, or 6 with its preference: older 5)."""
+    d, lo, hi, t, p, *rest = r
+    if len(rest) > 1:
+        raise BadNodeState(f"a rule has 5 or 6 items, not {len(r)}")
+    pref = _one(rest[0], (RULE_PREF, PIN_PREF)) if rest else RULE_PREF
+    table = LOCAL_TABLE if t == LOCAL_TABLE and pref == PIN_PREF else _table(t)
+    ports = (_int(lo, 1, 65535), _int(hi, 1, 65535))
+    return Rule(_ip(d), ports, table, _int(p, 0, 255), int(pref))
+
+
+def _nat(n: list[Any]) -> Nat:
+    """One NAT rule from the wire (8 items, or 9 with its protocol: older agents' 8)."""
+    h, k, to, da, sa, dp, i, o, *rest = n
+    if len(rest) > 1:
+        raise BadNodeState(f"a NAT rule has 8 or 9 items, not {len(n)}")
+    return Nat(_one(h, _HOOKS), _one(k, ("dnat", "snat")), _ip(to), _cidr(da), _cidr(sa),
+               _int(dp, 0, 65535), _dev(i) if i else "", _dev(o) if o else "",
+               _one(rest[0], ("tcp", "udp")) if rest else "tcp")  # fmt: skip
 
 
 def _ip(v: object) -> str:
@@ -197,7 +228,7 @@ def _value(v: object) -> str:
     return str(v)
 
 
-def _one(v: object, allowed: tuple[str, ...]) -> str:
-    if v not in allowed:
-        raise BadNodeState(f"not one of {', '.join(allowed)}: {str(v)[:40]!r}")
-    return str(v)
+def _one(v: object, allowed: tuple[Any, ...]) -> Any:
+    if isinstance(v, bool) or v not in allowed:
+        raise BadNodeState(f"not one of {', '.join(map(str, allowed))}: {str(v)[:40]!r}")
+    return v

@@ -48,7 +48,7 @@ NETNS_DIR = "/run/netns"
 NFT_TIMEOUT = 10.0
 RT_TABLE_LOCAL = 255
 RTN_UNREACHABLE = 7
-RULE_PREF = 100
+TCP_ESTABLISHED = "01"
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 T = TypeVar("T")
 
@@ -227,7 +227,7 @@ def _expr(n: Nat) -> list[dict[str, Any]]:
     if n.saddr:
         out.append(_match({"payload": {"protocol": "ip", "field": "saddr"}}, _prefix(n.saddr)))
     if n.dport:
-        out.append(_match({"payload": {"protocol": "tcp", "field": "dport"}}, n.dport))
+        out.append(_match({"payload": {"protocol": n.proto, "field": "dport"}}, n.dport))
     out.append({n.kind: {"addr": n.to}})
     return out
 
@@ -333,6 +333,27 @@ class Redirector:
         if errors:
             raise RedirectError(f"{key[0]} {key[1]}: " + "; ".join(errors))
 
+    def connections(self, key: NodeKey, address: str) -> list[int]:
+        """Local ports of the established TCP connections from `address` in node `key`."""
+        node = self._nodes.get(key)
+        if node is None:
+            return []
+        want = socket.inet_aton(address)[::-1].hex().upper()
+
+        def read() -> list[int]:
+            ports = []
+            # thread-self: this thread's namespace (`in_netns` entered it), not the process's
+            with open("/proc/thread-self/net/tcp") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    host, _, port = cols[1].partition(":")
+                    if host == want and cols[3] == TCP_ESTABLISHED:
+                        ports.append(int(port, 16))
+            return sorted(set(ports))
+
+        return in_netns(node.ns, read)
+
     def remove_program(self, program: str) -> None:
         """Remove `program` from every node (keeps going past errors; raises the first)."""
         first: RedirectError | None = None
@@ -410,7 +431,7 @@ def _route_args(ipr: IPRoute, r: Route) -> dict[str, Any]:
 
 def _rule_args(r: Rule) -> dict[str, Any]:
     args: dict[str, Any] = dict(
-        priority=RULE_PREF, dst=r.dst, dst_len=32, table=r.table,
+        priority=r.pref, dst=r.dst, dst_len=32, table=r.table,
         dport_range=f"{r.ports[0]}:{r.ports[1]}",
     )  # fmt: skip
     if r.proto:

@@ -20,6 +20,7 @@ from oss.accounts import credentials
 from oss.billing import cli as billing_cli
 from oss.billing.pricing import Rates
 from oss.compute import cli as compute_cli
+from oss.compute.movers import Rules
 from oss.compute.pool import Provider
 from oss.db import datadir
 from oss.errors import OssError
@@ -151,6 +152,14 @@ def main(log_level: str) -> None:
     "--network-bridge", default="", metavar="DEV", help="The bridge the VMs hang on (this host's)."
 )
 @click.option(
+    "--move-min-gain",
+    default=1.5,
+    show_default=True,
+    metavar="RATIO",
+    help="Optimizer moves (issue 12): how much faster a CPU-bound process must run on the "
+    "instance it would move to (above 1; a large value turns moves off for all programs).",
+)
+@click.option(
     "--network-netns", default=None, metavar="NS", help="The namespace that bridge lives in."
 )
 def serve(
@@ -175,6 +184,7 @@ def serve(
     network_prefix: str | None,
     network_bridge: str,
     network_netns: str | None,
+    move_min_gain: float,
 ) -> None:
     """Run the OSS HTTP API (and the web view at /ui).
 
@@ -197,6 +207,7 @@ def serve(
             rates=Rates(storage_rate, net_rate, premium_pct),
             idle_grace=idle_grace,
             backoff_base=backoff_base,
+            move_rules=Rules(min_gain=move_min_gain),
         )
         limits = ListenerLimits(
             header_timeout=header_timeout,

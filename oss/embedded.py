@@ -54,6 +54,7 @@ _OPEN_FLAGS = {"open": 1, "openat": 2}
 _NAMING = frozenset({"path", "target", "sockaddr", "sockaddr_out"})  # formats that name files
 AF_UNIX = 1
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
+NAMESPACE_ROOT = b"/run/dcp/fs/"  # oss.storage.run.FS_ROOT: each instance's dcpfs mounts
 _EXECS = {"execve": 0, "execveat": 1}  # the index of the path (argv follows it)
 
 
@@ -213,6 +214,12 @@ class EmbeddedCoordinator:
     def _socket_path(self, path: bytes, base: bytes | None) -> bytes | Complete | None:
         """The AF_UNIX address naming `path`'s real file (None: as it is)."""
         real = self.pathmap.resolve(path, base, _readlink)
+        if real is not None and real.startswith(NAMESPACE_ROOT):
+            # A socket in the program's namespace (issue 14): the kernel finds a bound
+            # socket by inode, which each instance's dcpfs mount numbers apart, so the
+            # address names the directory itself (the home's, on local instances: one
+            # kernel and disk, so every instance reaches the socket, as before).
+            real = self.pathmap.to_virtual(real)
         if real is None or real == path:
             return None
         if len(real) >= SUN_PATH_MAX:

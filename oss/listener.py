@@ -18,7 +18,7 @@ import logging
 import socket
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -113,7 +113,9 @@ class _Guarded(asyncio.Protocol):
         self._tail = b""  # last bytes seen, to find the end of the headers across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not an isinstance check: another loop's TCP transport (uvloop's) is no
+        # asyncio.Transport subclass.
+        transport = cast(asyncio.Transport, transport)
         g = self._guard
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) else str(peer)

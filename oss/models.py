@@ -136,6 +136,9 @@ class ScalingPolicy(Api):
     goal: Goal = Goal.FASTEST
     min_instances: Annotated[int, Field(ge=1, le=10_000)] = 1
     max_instances: Annotated[int, Field(ge=1, le=10_000)] = 1
+    # Issue 12: may the optimizer move its CPU-bound processes to faster instances?
+    # None: as the account's default policy says (on if it says nothing).
+    moves: bool | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> ScalingPolicy:
@@ -188,6 +191,9 @@ class ProgramSubmit(Api):
     storage_mb: NonNeg = 0
     bandwidth_mbps: NonNeg = 0
     view: ViewSpec | None = None  # issue 10: bound into every exec ticket of the program
+    # Issue 12 (failover): checkpoint the placed processes every N seconds; an instance
+    # lost restores them from their last checkpoint on another one.
+    checkpoint_every: Annotated[float, Field(gt=0, le=86400)] | None = None
 
 
 class Placement(Api):
@@ -431,6 +437,10 @@ class UsageRow(Api):
     net_rx: NonNeg = 0  # TCP payload bytes received (sock_diag)
     net_tx: NonNeg = 0
     syscalls: dict[ServiceName, NonNeg] = {}
+    # Issue 12 (optimizer moves): microseconds it waited runnable (run queue, throttling)
+    # and when a live sample read these totals (the OSS profiles CPU-bound processes).
+    wait_us: NonNeg = 0
+    at: Stamp | None = None
 
 
 class AgentLogLine(Api):
@@ -508,6 +518,7 @@ class ProcessRow(Api):
     # `migrated` (issue 12): the instance it moved to and how long it was frozen
     moved_to: str | None = None
     freeze_ms: float | None = None
+    move_reason: str | None = None  # why it moved: the optimizer's reason, or who asked
 
 
 class ProcessQuery(Api):
@@ -548,6 +559,8 @@ class InstanceTypeBody(Api):
     memory_mb: Annotated[int, Field(ge=1, le=2**40)]
     price_micros_per_s: NonNeg
     storage: Name | None = None
+    # Relative CPU speed (issue 12: used where an instance's agent measured none).
+    speed: Annotated[float, Field(gt=0, le=1e6)] | None = None
 
 
 class PoolCreate(Api):
@@ -607,6 +620,8 @@ class Instance(Api):
     # its last heartbeat arrived (held in memory; `last_heartbeat` is persisted each tick)
     load: Load | None = None
     seen: float | None = None
+    # issue 12: its CPU speed as its agent measured it (vmagent.cpuscore; 1.0 = reference)
+    speed: float | None = None
 
 
 # -- billing -----------------------------------------------------------------
@@ -657,6 +672,8 @@ class AgentRegister(Api):
     ) = Field(default=None, repr=False, json_schema_extra={"writeOnly": True})
     # Its CRIU works (issue 12): a hard budget suspends (checkpoints) programs there.
     checkpoint: bool = False
+    # Its measured CPU score (issue 12, optimizer moves; vmagent.cpuscore: 1.0 = reference).
+    speed: Annotated[float, Field(gt=0, le=1e6)] | None = None
 
 
 class AgentRegistered(Api):
@@ -699,7 +716,8 @@ class AgentCommand(Api):
     id: int
     program: str
     action: Literal[
-        "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network"
+        "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network",
+        "checkpoint", "restore",
     ]
     reason: str
     tickets: list[str] = []
@@ -720,6 +738,10 @@ class AgentCommand(Api):
     sender: int | None = None  # signal: the sender's program pid (the receiver's si_pid)
     # mount / unmount (issue 14): the program's storage (its server, key and tiers)
     storage: dict[str, Any] | None = None
+    # checkpoint (issue 12, failover): checkpoint the program's sessions every N s;
+    # restore: the session (hex id) to restore from its last checkpoint.
+    every: float | None = None
+    session: str | None = None
 
 
 class SignalRequest(Api):
@@ -868,3 +890,27 @@ class SpendReport(Api):
     account: Spend
     users: list[Spend]
     programs: list[Spend]
+
+
+class RestoreOutcome(Api):
+    """A replacement instance's word on a `restore` command (issue 12, failover)."""
+
+    command: int
+    ok: bool
+    error: Annotated[str, StringConstraints(max_length=4096)] = ""
+    pid: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    salt: Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9a-f]*$")] = ""
+    restore_ms: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Restoration(Api):
+    """A process of the program restored from its checkpoint on another instance: its
+    deputy resumes there (`address`, proving the key derived with `salt`)."""
+
+    nonce: str
+    pid: int
+    lost: str  # the instance that was lost
+    instance: str
+    address: str
+    salt: str
+    taken: float  # when the checkpoint it came from was taken (epoch s)

@@ -13,6 +13,7 @@ from oss.compute import schema as compute
 from oss.db.migrations import Version, check_sequence
 from oss.ipc import schema as ipc
 from oss.network import schema as network
+from oss.storage import schema as storage
 from oss.telemetry import schema as telemetry
 
 VERSIONS: tuple[Version, ...] = (
@@ -28,5 +29,7 @@ VERSIONS: tuple[Version, ...] = (
     (10, (telemetry.V10,)),  # processes.moved_to, freeze_ms (issue 12: migration)
     (11, (network.V_NET,)),  # program addresses, members, listeners (issue 13)
     (12, (compute.V_MOVES,)),  # instances.draining, placement_moves (issue 12)
+    (13, (compute.V_SPEED, telemetry.V_MOVE_REASON)),  # speeds, move reasons (issue 12)
+    (14, (storage.V_SPECS,)),  # storage specs and mounts survive a restart (issue 14)
 )
 check_sequence(VERSIONS)

@@ -26,8 +26,9 @@ from pydantic.json_schema import models_json_schema
 
 from oss import models as m
 from oss.accounts import routes as accounts_routes
-from oss.api import Caller, Route
+from oss.api import Caller, NoQuery, Route
 from oss.billing import routes as billing_routes
+from oss.compute import failover_routes
 from oss.compute import routes as compute_routes
 from oss.errors import (
     BudgetExhausted,
@@ -89,6 +90,7 @@ def status_of(exc: OssError) -> int:
 SMALL_BODY = 64 << 10  # bytes: the body cap of every route but the few that carry bulk
 INLINE_BODY = 8 << 10  # bytes: bodies up to this size are validated on the loop
 MAX_ERRORS = 20  # validation errors listed in a 422 (the count says how many in all)
+NO_QUERY = NoQuery()
 
 
 # -- handlers (oss, request, caller, body, query) -> result -------------------
@@ -111,6 +113,7 @@ ROUTES: tuple[Route, ...] = (
     + accounts_routes.ROUTES
     + billing_routes.ROUTES
     + compute_routes.ROUTES
+    + failover_routes.ROUTES
     + telemetry_routes.ROUTES
     + ipc_routes.ROUTES
     + storage_routes.ROUTES
@@ -199,6 +202,8 @@ async def _read_body(r: web.Request, cap: int, timeout: float) -> bytes:
 
 
 def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    no_query = route.query is NoQuery
+
     async def handle(r: web.Request) -> web.StreamResponse:
         oss = r.app[OSS_KEY]
         who: Caller = None
@@ -218,7 +223,10 @@ def _dispatch(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
             else:  # a big body takes milliseconds to validate: not on the loop
                 body = await asyncio.to_thread(_parse_body, route.body, raw)
         try:
-            query = route.query.model_validate(dict(r.query))
+            if no_query and not r.query_string:
+                query: Any = NO_QUERY  # nothing to validate: most requests (issue 15)
+            else:
+                query = route.query.model_validate(dict(r.query))
         except ValidationError as exc:
             raise ValidationFailed(
                 f"{exc.error_count()} error(s) in the query", **_validation_fields(exc)

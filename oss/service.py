@@ -25,9 +25,11 @@ from typing import Any
 from oss.accounts.store import Accounts, Principal, hash_token
 from oss.billing.pricing import Rates
 from oss.billing.store import Billing, BudgetCheck
-from oss.compute import availability, exectickets, migrations, optimizer
+from oss.compute import availability, exectickets, migrations, movers, optimizer
 from oss.compute.commands import Command, CommandQueue
+from oss.compute.failover import CheckpointStore, Failover
 from oss.compute.instances import Instances
+from oss.compute.moving import Mover
 from oss.compute.pool import InstanceType, PoolDemand, PoolState, Provider
 from oss.compute.pools import PoolManager
 from oss.compute.programs import Programs
@@ -57,7 +59,7 @@ from oss.models import (
 )
 from oss.network.manager import Applier, NetworkConfig, NetworkManager
 from oss.schema import VERSIONS
-from oss.storage.relay import StorageRelay
+from oss.storage.relay import SqlSpecs, StorageRelay
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
 from oss.telemetry.processes import Processes, measured_counters, process_row, seeded
@@ -99,6 +101,9 @@ class OssConfig:
     demand_window: float = 10.0  # placements refused for capacity count this long as demand
     backoff_base: float = 1.0  # a failing provider: wait min(base * 2**n, 60 s) after n
     durable: bool = True  # False: no fsync per commit (a store that dies with its run)
+    # Issue 12: optimizer moves (oss.compute.movers), decided every `moves_every` seconds.
+    move_rules: movers.Rules = field(default_factory=movers.Rules)
+    moves_every: float = 2.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -108,6 +113,7 @@ class OssConfig:
             "provider_timeout",
             "demand_window",
             "backoff_base",
+            "moves_every",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -161,10 +167,25 @@ class Oss:
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
         self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
+        # Issue 12: periodic checkpoints kept here, restored elsewhere when an instance is lost.
+        self.failover = Failover(
+            CheckpointStore(config.data_dir / "checkpoints"),
+            self.commands,
+            self._restore_targets,
+            lambda name: name in self._checkpointing,
+            self.oss_log,
+            self.program_log,
+            clock=clock,
+            runs_on=lambda prog, inst: self.placed(prog, [{"instance": inst, "processes": 1}]),
+        )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
         self._outcomes = migrations.Outcomes()
-        self.storage = StorageRelay(self.commands)  # issue 14: programs' storage on instances
+        self._move_reasons: dict[int, str] = {}  # command id -> why it moves (recorded)
+        # Optimizer moves (issue 12): profiles from usage samples, decisions each tick.
+        self.mover = Mover(self, config.move_rules, config.moves_every)
+        # Issue 14: programs' storage on instances (kept in the store: survives a restart).
+        self.storage = StorageRelay(self.commands, SqlSpecs(self.store, clock))
         self._runner: asyncio.Task[None] | None = None
         # Issue 13: program addresses and redirects (None: no network prefix configured).
         self.network: NetworkManager | None = None
@@ -223,6 +244,7 @@ class Oss:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        await self.mover.close()
         if self.network is not None:
             await self.network.close()
         await self._flush_all()
@@ -287,6 +309,7 @@ class Oss:
             self.meter,
             self.retry_waiting,
             self.optimize,
+            self.mover.tick,
         ):
             try:
                 await duty()
@@ -419,15 +442,18 @@ class Oss:
             body.memory_mb,
             self.config.slots_per_cpu,
             body.exec_key,
+            body.speed,
         )
         self._last_seen[body.instance] = self.clock()
         if body.checkpoint:
             self._checkpointing.add(body.instance)
         else:
             self._checkpointing.discard(body.instance)
+        self.failover.fence(body.instance)  # issue 12: it was lost; its programs ran on elsewhere
         self.oss_log(
             f"instance {body.instance} registered at {address}"
-            + (" (can checkpoint)" if body.checkpoint else ""),
+            + (" (can checkpoint)" if body.checkpoint else "")
+            + ("" if body.speed is None else f" (cpu speed {body.speed:.2f})"),
             body.instance,
         )
         if self.network is not None and peer:  # issue 13: where its program addresses go
@@ -484,6 +510,7 @@ class Oss:
                 for _ in range(a["processes"])
             ]
             if program_id is not None:
+                self.failover.granted(program_id, [a["instance"]])  # issue 12: its policy
                 # The nonce (third field of the public part) finds the session on the agent.
                 self.commands.minted(program_id, a["instance"], (t.split(".")[2] for t in tickets))
             grants.append(dict(instance=a["instance"], address=address, tickets=tickets))
@@ -502,12 +529,17 @@ class Oss:
         self.heartbeats_processed += 1
         return self.commands.for_instance(body.instance, body.done)
 
+    def can_checkpoint(self, instance: str) -> bool:
+        """Did the instance's agent say at registration that its CRIU works (issue 12)?"""
+        return instance in self._checkpointing
+
     def seen(self, instance: str) -> float | None:
         """When the instance's last heartbeat arrived (None: not since the OSS started)."""
         return self._last_seen.get(instance)
 
     async def check_availability(self) -> list[str]:
         """Fail instances silent past the timeout; mark their programs for recovery."""
+        await self.failover.dispatch()  # planned restores waiting for a replacement (issue 12)
         failures = availability.silent(self._last_seen, self.clock(), self.config.heartbeat_timeout)
         if not failures:
             return []
@@ -516,6 +548,10 @@ class Oss:
             self._last_seen.pop(n, None)
             self._beats.pop(n, None)
         reason = f"no heartbeat for over {self.config.heartbeat_timeout:g}s"
+        # Issue 12: before the programs say the instance failed, so their homes never
+        # call a process lost that is about to be restored from its checkpoint.
+        held = {n: await self.programs.instance_programs(n) for n in names}
+        self.failover.plan(names, held)
         lost = await self.instances.fail_instances(names, reason)
         silent_for = {f.instance: f.silent_for for f in failures}
         for f in failures:
@@ -523,7 +559,7 @@ class Oss:
                 f"instance {f.instance} failed: silent for {f.silent_for:.1f}s", f.instance
             )
             self.commands.drop_instance(f.instance)
-            self.storage.forget_instance(f.instance)
+            await self.storage.forget_instance(f.instance)
         for program, instance, count, by_client in lost:
             then = "its client placed them" if by_client else "marked for recovery"
             await self.program_log(
@@ -532,6 +568,7 @@ class Oss:
                 f" (silent {silent_for[instance]:.1f} s): {then}",
             )
         await self._lose_processes(failures)
+        await self.failover.dispatch()  # issue 12: restores from checkpoints
         # Replacements: failed instances no longer count as live in their pools.
         self.oss_log(f"requesting replacements for {len(names)} failed instance(s)")
         return names
@@ -553,6 +590,8 @@ class Oss:
             if now - self._placed_on.get((prog, instance), -1e18) <= PLACED_REMEMBERED
         }
         done = await self.processes.apply(instance, body, placed)
+        if done.fresh:
+            self.mover.observe(instance, body, placed)
         for program_id, inst, _pid, delta in done.deltas:
             self.metrics.report(program_id, measured_counters(delta, inst))
         if done.refused:
@@ -630,8 +669,16 @@ class Oss:
         spec["scaling_policy"] = (body.scaling_policy or defaults.scaling_policy).model_dump(
             mode="json"
         )
+        if spec["scaling_policy"].get("moves") is None:  # issue 12: the account's default
+            spec["scaling_policy"]["moves"] = defaults.scaling_policy.moves is not False
         limits = body.limits.model_dump(exclude_none=True) if body.limits else None
+        if body.checkpoint_every is not None and not self._checkpointing:
+            raise Conflict(
+                "checkpoints asked (checkpoint_every) but no instance here has a working CRIU"
+            )
         prog = await self.programs.submit(who, spec, limits)
+        if body.checkpoint_every is not None:  # issue 12: failover from checkpoints
+            self.failover.want(prog["id"], body.checkpoint_every)
         self.placed(prog["id"], prog["placements"])
         await self.program_log(
             prog["id"],
@@ -723,6 +770,8 @@ class Oss:
             held = [pl["instance"] for pl in before["placements"]]
             self.commands.stop(program_id, held, f"cancelled by {who.user_id}")
         self.commands.forget_program(program_id)
+        self.failover.forget(program_id)  # issue 12: its checkpoints go
+        self.mover.forget(program_id)
         await self._release_network(program_id)
         return prog
 
@@ -748,6 +797,8 @@ class Oss:
         )
         await self.program_log(program_id, reason)
         self.commands.forget_program(program_id)
+        self.failover.forget(program_id)  # issue 12: its checkpoints go
+        self.mover.forget(program_id)
         await self._release_network(program_id)
         return prog
 
@@ -759,6 +810,11 @@ class Oss:
             await self.network.release(program_id)
         except Exception as exc:  # noqa: BLE001 - the end is recorded regardless
             self.oss_log(f"program {program_id}: network set-up not fully removed: {exc}")
+
+    async def _restore_targets(self) -> dict[str, str]:
+        """Ready instances with an exec key -> their agent's address (issue 12)."""
+        ready = list(await self.instances.ready_instances())
+        return {n: a for n, (a, _key) in (await self.instances.exec_targets(ready)).items()}
 
     async def instance_programs(self, instance: str) -> set[str]:
         """Ids of programs placed on an instance."""
@@ -774,7 +830,19 @@ class Oss:
         rows = await self.processes.processes(who.account_id, program_id)  # 404: not yours
         refs = migrations.sessions_to_move(rows, pid, to)
         address = await self._target(to)
-        return [await self._move(program_id, ref, to, address) for ref in refs]
+        why = f"requested by {who.user_id}"
+        return [await self._move(program_id, ref, to, address, why) for ref in refs]
+
+    async def move_session(
+        self, program_id: str, ref: migrations.SessionRef, to: str, reason: str
+    ) -> dict[str, Any]:
+        """Move one session to `to` for `reason` (recorded with the move); the optimizer's
+        way in (issue 12).  MigrationFailed (one line): it runs on where it was."""
+        return await self._move(program_id, ref, to, await self._target(to), reason)
+
+    def migrating(self, program_id: str) -> bool:
+        """Is a migration of the program under way (requested, draining or optimizer's)?"""
+        return any(cmd.program == program_id for cmd in self._moves.values())
 
     async def _target(self, to: str) -> str:
         """The address of a ready target with an exec key; one line why not otherwise."""
@@ -790,13 +858,20 @@ class Oss:
         raise MigrationFailed(f"instance {to} registered no exec key: it cannot take programs")
 
     async def _move(
-        self, program_id: str, ref: migrations.SessionRef, to: str, address: str
+        self,
+        program_id: str,
+        ref: migrations.SessionRef,
+        to: str,
+        address: str,
+        reason: str | None = None,
     ) -> dict[str, Any]:
         """Order one session's move through its source's heartbeat; wait for the outcome."""
         if ref.instance not in self._last_seen:
             raise MigrationFailed(f"the source instance {ref.instance} is not live")
         cmd = self.commands.migrate(ref.instance, program_id, ref.pid, to, address)
         self._moves[cmd.id] = cmd
+        if reason is not None:
+            self._move_reasons[cmd.id] = reason
         waiting = self._outcomes.expect(cmd.id)
         try:
             async with asyncio.timeout(self.config.migrate_timeout):
@@ -808,6 +883,7 @@ class Oss:
             ) from None
         finally:
             self._outcomes.forget(cmd.id)
+            self._move_reasons.pop(cmd.id, None)
         if not outcome["ok"]:
             raise MigrationFailed(f"pid {ref.pid} on {ref.instance}: {outcome['error']}")
         return dict(
@@ -837,18 +913,21 @@ class Oss:
         cmd = self._own_move(instance, body.command)
         del self._moves[cmd.id]
         self.commands.cancel(instance, cmd.id)
+        reason = self._move_reasons.pop(cmd.id, None)
         if body.ok:
             now = self.clock()
             await self.processes.migrated(
-                cmd.program, instance, cmd.pid, cmd.to, body.freeze_ms, now
+                cmd.program, instance, cmd.pid, cmd.to, body.freeze_ms, now, reason
             )
             await self.programs.move(cmd.program, instance, cmd.to)  # its slot goes along
             self._placed_on[(cmd.program, cmd.to)] = now  # the target reports for it now
+            self.failover.migrated(cmd.program, instance, cmd.to, cmd.pid)  # its checkpoints
             self._event_lines.setdefault(cmd.program, []).append(
                 logmod.LogLine(
                     now,
                     "event",
-                    f"migrated from {instance} to {cmd.to} (freeze {body.freeze_ms:.0f} ms)",
+                    f"migrated from {instance} to {cmd.to} (freeze {body.freeze_ms:.0f} ms)"
+                    + (f": {reason}" if reason else ""),
                     cmd.to,
                     cmd.pid,
                 )
@@ -899,7 +978,8 @@ class Oss:
                 to = names[turn % len(names)]
                 turn += 1
                 try:
-                    moved.append(await self._move(program_id, ref, to, targets[to][0]))
+                    why = f"draining {instance}"
+                    moved.append(await self._move(program_id, ref, to, targets[to][0], why))
                 except MigrationFailed as exc:
                     refused.append(f"{program_id} pid {ref.pid}: {exc.detail}")
         state = row["state"]

@@ -41,6 +41,22 @@ class RunDefaults:
     oss: str | None = None
     volumes: list[str] = field(default_factory=list)
     storage: dict[str, int | str] = field(default_factory=dict)
+    share_cwd: bool = True
+    checkpoint_every: float | None = None
+
+
+def _seconds(text: str) -> float:
+    """`--checkpoint-every`'s value: a positive number of seconds (UsageError otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86400:  # also refuses nan and inf
+        raise UsageError(
+            "--checkpoint-every: expected a positive number of seconds (at most 86400),"
+            f" got {text!r}"
+        )
+    return value
 
 
 def _storage_table(config: RunDefaults | FileConfig) -> dict[str, int | str]:
@@ -168,6 +184,11 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     metavar="PATH",
     help="Make directory PATH one namespace on every instance (repeatable; with --instances).",
 )
+@click.option(
+    "--no-share-cwd",
+    is_flag=True,
+    help="Keep the working directory out of the instances' namespace (shared by default).",
+)
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(
     "--instances",
@@ -182,6 +203,12 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     help="Where new programs run (default auto: a cost model keeps short ones home).",
 )
 @click.option("--oss", "oss_url", metavar="URL", help="Use a running dcp-oss coordinator.")
+@click.option(
+    "--checkpoint-every",
+    "checkpoint_every",
+    metavar="SECONDS",
+    help="Checkpoint placed processes this often; a lost instance's are restored elsewhere.",
+)
 @click.option(
     "--data",
     "data_dir",
@@ -200,10 +227,12 @@ def command(
     record_path: str | None,
     maps: tuple[str, ...],
     volumes: tuple[str, ...],
+    no_share_cwd: bool,
     config_path: str | None,
     instances: int | None,
     placement: str | None,
     oss_url: str | None,
+    checkpoint_every: str | None,
     data_dir: str | None,
     no_state: bool,
     verbose: int,
@@ -240,6 +269,8 @@ def command(
     observe = trace or summary or record_path is not None
     n = config.instances if instances is None else instances
     where = placement or config.placement
+    every = config.checkpoint_every if checkpoint_every is None else _seconds(checkpoint_every)
+    compose.check_checkpoints(every, n, oss_url or config.oss)
     compose.check_volumes(tuple(config.volumes) + volumes, n, oss_url or config.oss, mapping)
     dispositions = initial_dispositions()
 
@@ -313,6 +344,8 @@ def command(
                 volumes=tuple(config.volumes) + volumes, storage=_storage_table(config),
                 note=local.note if local is not None else None,
                 profiles=state_dir / "placement-profiles.json", keep_profiles=local is not None,
+                share_cwd=config.share_cwd and not no_share_cwd,
+                checkpoint_every=every,
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)
                 runner = Runner(

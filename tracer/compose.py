@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # spelled out here so that parsing options loads no vmagent module; a unit test
 # checks the two agree.
 PLACEMENTS = ("auto", "spread", "pack", "local")
+# s a deputy of a checkpointed program waits for its instance (issue 12): the OSS's
+# failure detection, the restore elsewhere and the home's news of it fit in it.
+FAILOVER_WINDOW = 90.0
 START_TIMEOUT = 15.0  # seconds for the run's OSS and its instances to come up
 
 
@@ -64,6 +67,8 @@ def coordinator(
     note: Callable[[str], None] | None = None,
     profiles: Path | None = None,
     keep_profiles: bool = False,
+    share_cwd: bool = True,
+    checkpoint_every: float | None = None,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
 
@@ -71,12 +76,19 @@ def coordinator(
     process carries and its instance applies.  `note` takes the placement
     decisions' log lines (the run's record in the local OSS state); `profiles` the
     file of the programs' past run times the cost model reads (and writes back at
-    the end with `keep_profiles`).
+    the end with `keep_profiles`).  With `share_cwd` the working directory joins
+    the declared paths whenever a process can be placed (`with_cwd`).
+    `checkpoint_every` (issue 12): checkpoint placed processes that often, to
+    restore them elsewhere when their instance is lost.
     """
     check_volumes(volumes, instances, oss_url, maps or {})
+    check_checkpoints(checkpoint_every, instances, oss_url)
     if instances == 0 and oss_url is None:
         yield inner
         return
+    cwd_note = None
+    if share_cwd:
+        volumes, cwd_note = with_cwd(volumes, instances, oss_url, maps or {})
     try:
         import vmagent.cluster.coordinator  # noqa: F401  (a missing package: one line)
     except ImportError as exc:
@@ -91,6 +103,8 @@ def coordinator(
         storage=storage,
         note=note,
         profiles=profiles,
+        cwd_note=cwd_note,
+        checkpoint_every=checkpoint_every,
     ) as coord:
         advisor = getattr(coord, "advisor", None)
         try:
@@ -133,6 +147,64 @@ def volume_dirs(
     return virtuals, reals
 
 
+def with_cwd(
+    volumes: tuple[str, ...], instances: int, oss_url: str | None, maps: dict[str, str]
+) -> tuple[tuple[str, ...], str | None]:
+    """The declared paths and the working directory, when it can be shared (issue 14).
+
+    The program's working directory is one namespace on every instance by default:
+    a process placed elsewhere starts in it and finds what the others wrote.  It
+    costs nothing until a process is placed (the server and the mounts start with
+    the first placement).  Left out, with the line said at the first placement
+    (None: nothing to say): a directory that holds the instance's own files or
+    the user's private state (`/`, `$HOME` and its ancestors, the DCP state), which
+    local instances share through this machine's disk anyway; and, on local
+    instances, whenever the agents cannot mount (not root, no mfusepy): the same
+    disk shares it then, as before.
+    """
+    try:
+        cwd = os.path.normpath(os.getcwd())
+    except OSError:
+        return volumes, None
+    declared = [os.path.normpath(os.path.abspath(v)) for v in volumes]
+    if any(cwd == v or cwd.startswith(v.rstrip("/") + "/") for v in declared):
+        return volumes, None
+    local = oss_url is None
+    if local and (os.geteuid() != 0 or not _fuse_client()):
+        return volumes, None
+    why = _private_dir(cwd)
+    if why is not None:
+        if local:
+            return volumes, None  # the instances share this machine's disk
+        return volumes, (
+            f"the working directory {cwd} is not shared with the instances ({why}): "
+            "processes placed there start in their instance's own; --volume DIR shares one"
+        )
+    for prefix in (*maps, *maps.values()):
+        if cwd == prefix or cwd.startswith(prefix.rstrip("/") + "/"):
+            return volumes, None  # --map shows it under another name: declare it there
+    return (*volumes, cwd), None
+
+
+def _fuse_client() -> bool:
+    """dcpfs can run here (mfusepy and libfuse; the local instances' mounts need them)."""
+    import importlib.util
+
+    return importlib.util.find_spec("mfusepy") is not None and os.path.exists("/dev/fuse")
+
+
+def _private_dir(path: str) -> str | None:
+    """Why `path` may not be shared as the working directory (None: it may)."""
+    if path == "/" or any(path == p or path.startswith(p + "/") for p in NOT_VOLUMES):
+        return "it holds the instance's own files"
+    home = os.path.normpath(os.path.expanduser("~"))
+    data = os.path.normpath(str(default_data_dir()))
+    for private in (home, data):
+        if private == path or private.startswith(path.rstrip("/") + "/"):
+            return "it holds the user's private files"
+    return None
+
+
 @contextlib.contextmanager
 def clustered(
     inner: Coordinator,
@@ -144,6 +216,8 @@ def clustered(
     storage: dict[str, int | str] | None = None,
     note: Callable[[str], None] | None = None,
     profiles: Path | None = None,
+    cwd_note: str | None = None,
+    checkpoint_every: float | None = None,
 ) -> Iterator[Coordinator]:
     """Start `instances` local instances (or use the OSS's) and place execs on them.
 
@@ -167,7 +241,12 @@ def clustered(
             run_storage = None
             if volumes:  # issue 14: served from here, mounted by each VM's agent via the OSS
                 view, run_storage = _oss_storage(stack, view, volumes, maps or {}, oss_url, storage)
-            with oss_clustered(inner, placement, oss_url, view=view, storage=run_storage) as coord:
+            with oss_clustered(
+                inner, placement, oss_url, view=view, storage=run_storage,
+                cwd_note=cwd_note,
+                reconnect_window=FAILOVER_WINDOW if checkpoint_every else None,
+                checkpoint_every=checkpoint_every,
+            ) as coord:  # fmt: skip
                 told: Callable[[str], None] | None = None
                 if placement == "auto":
                     from vmagent.cluster.advisor import Advisor, load_history
@@ -182,39 +261,42 @@ def clustered(
                         told(coord.advisor.summary())
         return
     from oss.local import PrivateOss, PrivateOssError
-    from oss.storage import StorageError  # not .server: asyncssh costs ~0.3 s to import
     from vmagent.cluster.coordinator import OssModeUnavailable
-    from vmagent.cluster.localrun import LazyLink, LocalRun, LocalRunError
-    from vmagent.cluster.ossmode import OssCoordinator, ProgramLink
+    from vmagent.cluster.localrun import LazyLink, LocalRun, LocalRunError, StorageLink
+    from vmagent.cluster.ossmode import LocalProgramLink, OssCoordinator, ProgramLink
     from vmagent.cluster.placement import Placement, UnknownPolicy
     from vmagent.errors import AgentError
+    from vmagent.network.home import HomeListeners
 
     # Always an OSS (issue 10): the run's own, on a thread of this process, serving
     # its agents on a unix socket; it places every exec, from home or an instance.
     # Under auto (the cost model) the OSS and the instances start on the first
     # placement (`vmagent.cluster.localrun`): local instances share this machine's
     # cores, so most runs never need them.
+    stack = contextlib.ExitStack()
     try:
         Placement(placement, [])  # validate the policy before starting anything
+        run_storage = None
+        if volumes:  # issue 14: the declared paths are one namespace on every instance
+            view, run_storage = _local_storage(stack, view, volumes, maps or {}, storage or {})
         # Each agent traces what it runs (vmagent.trace): nothing to ask for here.
         run = LocalRun(instances, view, START_TIMEOUT, PrivateOss, PrivateOssError)
     except (UnknownPolicy, OssModeUnavailable) as exc:
+        stack.close()
         raise UsageError(str(exc)) from exc
     except AgentError as exc:
+        stack.close()
         raise TracerError(f"local instances: {exc}") from exc
+    except BaseException:
+        stack.close()
+        raise
     link: ProgramLink
-    stack = contextlib.ExitStack()
-    # Declared volumes are mounted on every instance before anything runs there, so
-    # they start the instances now whatever the policy (issue 14).
-    if placement == "auto" and not volumes:
+    if placement == "auto":
         link = LazyLink(run)
     else:
         try:
             link = run.start()
-            if volumes:  # issue 14: the declared paths are one namespace on every instance
-                view = _with_storage(stack, view, volumes, maps or {}, run.cluster, storage or {})
-                run.view = link.view = view
-        except (LocalRunError, StorageError) as exc:
+        except LocalRunError as exc:
             stack.close()
             run.close()
             raise TracerError(f"local instances: {exc}") from exc
@@ -222,10 +304,18 @@ def clustered(
             stack.close()
             run.close()
             raise
+    link.checkpoint_every = checkpoint_every  # issue 12: submitted with the program
+    if run_storage is not None:
+        # The server and every instance's mount start with the first placement.
+        link = StorageLink(link, run_storage, run)
+    window = run.cluster.reconnect_window
+    if checkpoint_every:  # a deputy waits out the loss, the restore and the news of it
+        window = max(window, FAILOVER_WINDOW)
     try:
-        local = OssCoordinator(
-            inner, placement, link, os.getcwd(), run.cluster.reconnect_window, view=view
-        )
+        local = OssCoordinator(inner, placement, link, os.getcwd(), window, view=view)
+        started = link.link if isinstance(link, StorageLink) else link  # under the storage
+        if isinstance(started, LocalProgramLink) and started.private.oss.network is not None:
+            local.home_listeners = HomeListeners(started.home_listener)  # issue 13
         if placement == "auto":
             local.advisor = local_advisor(run, note, profiles)
         try:
@@ -244,6 +334,22 @@ def clustered(
         finally:
             run.close()
     run.remove_logs()
+
+
+def check_checkpoints(every: float | None, instances: int, oss_url: str | None) -> None:
+    """`--checkpoint-every` (issue 12): with instances, and where CRIU works (local
+    instances checkpoint with this machine's CRIU; an OSS says for its own)."""
+    if every is None:
+        return
+    if instances == 0 and oss_url is None:
+        raise UsageError("--checkpoint-every needs --instances N or --oss URL")
+    if instances:
+        from vmagent.checkpoint import criu
+
+        try:
+            criu.check()
+        except criu.CriuUnavailable as exc:
+            raise UsageError(f"--checkpoint-every: {exc}") from exc
 
 
 def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path | None) -> Any:
@@ -273,34 +379,33 @@ def local_advisor(run: Any, note: Callable[[str], None] | None, profiles: Path |
     return advisor
 
 
-def _with_storage(
+def _local_storage(
     stack: contextlib.ExitStack,
     view: Any,
     volumes: tuple[str, ...],
     maps: dict[str, str],
-    cluster: Any,
     table: dict[str, int | str],
-) -> Any:
-    """Serve the declared paths from a storage server, mount them on every instance,
-    and return the view that maps them there (the home keeps the real directories)."""
+) -> tuple[Any, Any]:
+    """The declared paths' storage on local instances (started at the first placement:
+    `StorageLink`), and the view that maps them there (the home keeps the real
+    directories)."""
     import dataclasses
 
-    from oss.storage.run import Agent, RunStorage, options_from_table
+    from oss.storage.run import RunStorage, options_from_table
 
     virtuals, reals = volume_dirs(volumes, maps)
     try:
         options = options_from_table(virtuals, table)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    storage = RunStorage(
-        options, reals, default_data_dir() / "storage", f"unix:{cluster.logdir}/storage.sock"
-    )
+    # The socket's directory is the run's (vmagent.cluster.local.LocalCluster.logdir),
+    # made when the instances start, before the first placement starts the server.
+    storage = RunStorage(options, reals, default_data_dir() / "storage", "", lazy=True)
     stack.callback(_remove_instance_dirs, storage.name)  # runs after storage.close
     stack.callback(storage.close)
-    storage.mount_on([Agent(i.name, i.address, i.token) for i in cluster.instances])
     log.info("storage %s: %s", storage.name, ", ".join(virtuals))
     maps_now = {**dict(view.maps), **storage.view_maps()}
-    return dataclasses.replace(view, maps=tuple(sorted(maps_now.items())))
+    return dataclasses.replace(view, maps=tuple(sorted(maps_now.items()))), storage
 
 
 STORAGE_HOST_ENV = "DCP_STORAGE_HOST"  # the address VMs reach this machine at (--oss)
@@ -333,7 +438,8 @@ def _oss_storage(
         if not host:
             host = advertised_address("0.0.0.0", 0, oss_url).rpartition(":")[0]
         address = f"[{host}]:0" if ":" in host else f"{host}:0"
-        storage = RunStorage(options, reals, default_data_dir() / "storage", address)
+        # The server starts with the first mount (`OssProgramLink._mount_on`).
+        storage = RunStorage(options, reals, default_data_dir() / "storage", address, lazy=True)
     except (OSError, StorageError) as exc:
         raise TracerError(f"--volume: the storage server did not start: {exc}") from exc
     stack.callback(storage.close)

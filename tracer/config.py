@@ -42,7 +42,10 @@ class FileConfig(BaseModel):
     placement:  spread | pack | local (like --placement)
     oss:        URL of a running dcp-oss (like --oss)
     volumes:    paths that are one namespace on every instance (like --volume)
+    share_cwd:  the working directory joins them (default true; --no-share-cwd)
     storage:    tiers, policy and limit of those paths (oss.storage.run.TABLE_KEYS)
+    checkpoint_every: seconds between checkpoints of placed processes, which are
+                restored on another instance when theirs is lost (like --checkpoint-every)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -52,7 +55,9 @@ class FileConfig(BaseModel):
     placement: str = "auto"
     oss: str | None = None
     volumes: list[str] = []
+    share_cwd: bool = True
     storage: StorageTable = StorageTable()
+    checkpoint_every: float | None = Field(default=None, gt=0, le=86400)
 
     @field_validator("map")
     @classmethod

@@ -26,6 +26,18 @@ _O_FLAGS = [
     (0o10000000, "O_PATH"), (0o20000000, "O_TMPFILE"),
 ]  # fmt: skip
 _PROT = [(1, "PROT_READ"), (2, "PROT_WRITE"), (4, "PROT_EXEC")]
+OPEN_FLAGS = tuple(_O_FLAGS)  # what open_flags names, in order (tracer._fastpath's copy)
+
+
+def signal_names() -> dict[int, str]:
+    """The names the `signo` format shows, by number (any other number is shown as is)."""
+    out = {}
+    for n in range(65):
+        try:
+            out[n] = signal.Signals(n).name
+        except ValueError:
+            pass
+    return out
 
 
 def signed(value: int, bits: int = 64) -> int:

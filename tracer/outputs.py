@@ -43,6 +43,11 @@ class Output:
         self._owned = owned  # closed by finish() (not so for sys.stderr)
         self.error: str | None = None
 
+    @property
+    def line_buffered(self) -> bool:
+        """Each line is written at once (dcptrace's stderr), not in 64 KiB blocks (a file)."""
+        return not self._owned
+
     def write(self, text: str) -> None:
         """Write `text`, or drop it once writing has failed."""
         if self._stream is None:

@@ -155,6 +155,7 @@ def add_remote(record: dict[str, Any], remote: dict[str, Any]) -> None:
                 "to": p.get("moved_to"),
                 "at": p.get("ended"),
                 "freeze_ms": p.get("freeze_ms"),
+                "reason": p.get("move_reason"),  # the optimizer's, or who asked
             }
     for row in rows:
         if isinstance(row["signal"], int):

@@ -17,7 +17,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from tracer import ptraceio
 from tracer.coordinator import (
@@ -30,8 +30,17 @@ from tracer.coordinator import (
     Rewrite,
     SyscallCall,
 )
-from tracer.decode import AT_FDCWD, MEMORY_FORMATS, POINTER_RESULTS, Formatter, result, signed
-from tracer.errors import TracerError
+from tracer.decode import (
+    AT_FDCWD,
+    MEMORY_FORMATS,
+    OPEN_FLAGS,
+    POINTER_RESULTS,
+    Formatter,
+    result,
+    signal_names,
+    signed,
+)
+from tracer.errors import PtraceRequestError, TracerError
 from tracer.machine import (
     STOP_SIGNALS,
     Action,
@@ -51,6 +60,7 @@ from tracer.machine import (
     Notify,
     Observe,
     Observed,
+    Pending,
     Record,
     RestoreArgs,
     Resume,
@@ -58,17 +68,38 @@ from tracer.machine import (
     SignalStop,
     Stop,
     SyscallExitStop,
+    Thread,
 )
 from tracer.report import RunStats, Writer
 from tracer.seccomp import PreparedFilter, build_filter
 from tracer.spawn import Spawned, exec_failure, spawn
 from tracer.syscalls import SyscallSpec, SyscallTable, by_name
 
+if TYPE_CHECKING:
+    from tracer._fastpath import Loop
+
 log = logging.getLogger(__name__)
 
 WALL = 0x40000000  # __WALL: wait for threads and processes alike
 _MASK64 = (1 << 64) - 1
 _SIGTRAP_SYSGOOD = signal.SIGTRAP | 0x80
+
+
+class Usage(Protocol):
+    """The fields of wait4's rusage the tracer reads."""
+
+    @property
+    def ru_utime(self) -> float: ...
+    @property
+    def ru_stime(self) -> float: ...
+    @property
+    def ru_maxrss(self) -> int: ...
+
+
+class _Usage(NamedTuple):
+    ru_utime: float
+    ru_stime: float
+    ru_maxrss: int
 
 
 class Outcome(NamedTuple):
@@ -140,6 +171,9 @@ class Runner:
         # through its deputy): records show what the program asked to run.
         self._exec_argv: dict[int, tuple[str, ...]] = {}
         self.machine: Machine | None = None
+        # The C loop of the --trace hot path (tracer._fastpath), when built.
+        self._fast = fast_loop(table, self.intercept, trace_out) if trace_all else None
+        self._write = self._fast.write if self._fast is not None else None
         self._spawned: Spawned | None = None
         self._exec_error: str | None = None
         self._main_dumped = False  # the main process was killed and dumped core
@@ -185,6 +219,9 @@ class Runner:
             self.complain(self._exec_error)
 
     def _loop(self, machine: Machine) -> None:
+        if self._fast is not None:
+            self._fast_loop(machine, self._fast)
+            return
         step = machine.step
         execute = self._execute
         decode = self._decode
@@ -198,7 +235,47 @@ class Runner:
             if stop is not None:
                 execute(step(stop))
 
-    def _decode(self, pid: int, status: int, usage: resource.struct_rusage) -> Stop | None:
+    def _fast_loop(self, machine: Machine, fast: Loop) -> None:
+        """`_loop` with the C loop taking the fast calls' stops (tracer._fastpath).
+
+        Each stop it returns comes with that thread's call in flight, which
+        goes back into the machine (and its entry text into `_entry_text`), so
+        the machine sees what it would have seen had it taken every stop; the
+        C loop is told which threads the machine has a call in flight for, and
+        hands their stops over.
+        """
+        step = machine.step
+        execute = self._execute
+        decode = self._decode
+        threads = machine.threads
+        try:
+            while machine.alive:
+                try:
+                    pid, status, utime, stime, maxrss, handoff = fast.next()
+                except ChildProcessError:
+                    log.warning("no traced process left, %d unaccounted for", len(threads))
+                    return
+                if handoff is not None:
+                    nr, args, started, text = handoff
+                    th = threads.get(pid)
+                    if th is None:
+                        th = threads[pid] = Thread(pid, pid)
+                    th.pending = Pending(nr, args, started, want_exit=True)
+                    if text is not None:
+                        self._entry_text[pid] = text
+                stop = decode(pid, status, _Usage(utime, stime, maxrss))
+                if stop is not None:
+                    execute(step(stop))
+                th = threads.get(pid)
+                fast.hold(pid, th is not None and th.pending is not None)
+        finally:
+            fast.flush()
+            for nr, calls, errors, seconds in fast.stats():
+                self.stats.calls[nr] += calls
+                self.stats.errors[nr] += errors
+                self.stats.seconds[nr] += seconds
+
+    def _decode(self, pid: int, status: int, usage: Usage) -> Stop | None:
         if status & 0xFF != 0x7F:  # not stopped (WIFSTOPPED): exited or killed
             cpu_us = round((usage.ru_utime + usage.ru_stime) * 1e6)
             if os.WIFEXITED(status):
@@ -462,7 +539,56 @@ class Runner:
             line = self.formatter.line(pid, action.nr, action.args, rval)
         else:
             line = f"{pid} {spec.name}({text}) = {result(rval, spec.name in POINTER_RESULTS)}"
-        self.trace_out.write(line + "\n")
+        (self._write or self.trace_out.write)(line + "\n")
+
+
+# Calls whose stops stay in Python even under the C loop: the events inside
+# them (fork, exec, exit) are Python's, and nothing is gained by splitting them.
+_EVENT_CALLS = frozenset(
+    {"fork", "vfork", "clone", "clone3", "execve", "execveat", "exit", "exit_group"}
+)
+_NO_FASTPATH = (
+    "dcptrace: the C fast path (tracer/_fastpath) is not built: --trace runs in pure "
+    "Python, several times slower (pip install -e . builds it)\n"
+)
+
+
+def fast_loop(
+    table: SyscallTable, intercept: frozenset[int], trace_out: Writer | None
+) -> Loop | None:
+    """The C loop for a run that traces every call, or None (then `Runner._loop` does it all).
+
+    DCP_TRACE_FASTPATH=0 turns it off (the differential tests compare both).
+    """
+    if os.environ.get("DCP_TRACE_FASTPATH") == "0":
+        return None
+    try:
+        from tracer._fastpath import Loop
+    except ImportError:
+        if trace_out is not None:
+            os.write(2, _NO_FASTPATH.encode())
+        return None
+    specs = [
+        (
+            nr,
+            s.name,
+            s.args,
+            nr not in intercept and s.name not in _EVENT_CALLS,
+            s.name in POINTER_RESULTS,
+            bool(MEMORY_FORMATS.intersection(s.args) - {"buf_out"}),
+            "buf_out" in s.args,
+        )
+        for nr, s in table.items()
+    ]
+    return Loop(
+        specs,
+        dict(errno.errorcode),
+        signal_names(),
+        list(OPEN_FLAGS),
+        None if trace_out is None else trace_out.write,
+        getattr(trace_out, "line_buffered", True),
+        PtraceRequestError,
+    )
 
 
 def interception_filter(

@@ -24,6 +24,7 @@ from vmagent.checkpoint.criu import CheckpointError, CriuUnavailable
 from vmagent.checkpoint.local import Checkpointer, Suspension
 from vmagent.checkpoint.migrate import MigrationTickets, Migrator
 from vmagent.checkpoint.orders import OUTCOME, TICKET, MigrateOrders, http_post
+from vmagent.checkpoint.periodic import FailoverOrders
 from vmagent.config import AgentConfig
 from vmagent.exec.server import HTTP_LIFETIME, ExecProtocol, ExecService, Sniffer, extend_http
 from vmagent.exec.session import Session
@@ -174,13 +175,23 @@ async def _migrate(request: web.Request) -> web.Response:
     except ValueError:
         body = None
     fields = [body.get(k) if isinstance(body, dict) else None for k in ("to", "instance", "ticket")]
-    precopy = body.get("precopy", False) if isinstance(body, dict) else None
-    if not all(isinstance(f, str) and f for f in fields) or not isinstance(precopy, bool):
-        raise web.HTTPBadRequest(text='expected {"to", "instance", "ticket", "precopy"?: bool}\n')
+    # Pre-copy and the page server: the agent's default (--no-migrate-fast) unless said.
+    precopy = body.get("precopy") if isinstance(body, dict) else False
+    pages = body.get("page_server") if isinstance(body, dict) else False
+    if (
+        not all(isinstance(f, str) and f for f in fields)
+        or not isinstance(precopy, (bool, type(None)))
+        or not isinstance(pages, (bool, type(None)))
+    ):
+        raise web.HTTPBadRequest(
+            text='expected {"to", "instance", "ticket", "precopy"?: bool, "page_server"?: bool}\n'
+        )
     to, instance, ticket = (str(f) for f in fields)
     extend_http(request.transport, MIGRATION_LIFETIME)  # a move under TCG outlasts 30 s
     try:
-        done = await request.app[MIGRATOR].migrate(session, to, instance, ticket, precopy)
+        done = await request.app[MIGRATOR].migrate(
+            session, to, instance, ticket, precopy, page_server=pages
+        )
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
     except CheckpointError as exc:
@@ -204,6 +215,8 @@ async def _migration_check(request: web.Request) -> web.Response:
         body = None
     try:
         request.app[MIGRATOR].check(ticket, body.get("pids") if isinstance(body, dict) else None)
+        # Proven: the source's next request here may come after a long pre-dump round.
+        extend_http(request.transport, MIGRATION_LIFETIME)
         await request.app[CHECKPOINTER].criu()
     except CriuUnavailable as exc:
         raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
@@ -260,8 +273,32 @@ async def _migration_round(request: web.Request) -> web.Response:
             request.query.get("session"),
             int(k) if k.isdigit() and len(k) < 4 else None,
             request.content,
+            pages=request.query.get("pages") == "1",
         )
     except (CheckpointError, asyncio.IncompleteReadError) as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    return web.json_response(done)
+
+
+async def _migration_pages(request: web.Request) -> web.Response:
+    """POST /v1/migrations/pages?session=SID&into=pre<k>|final: a page server for a move."""
+    ticket = _migration_ticket(request)
+    try:
+        request.app[MIGRATOR].tickets.authentic(ticket)
+    except CheckpointError as exc:
+        raise web.HTTPConflict(text=f"{exc}\n") from None
+    # The source's next request on this connection may come after a long pre-dump round.
+    extend_http(request.transport, MIGRATION_LIFETIME)
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, tuple):
+        raise web.HTTPConflict(text="no page server on a unix socket\n")
+    try:
+        done = await request.app[MIGRATOR].serve_pages(
+            ticket, request.query.get("session"), request.query.get("into"), str(sockname[0])
+        )
+    except CriuUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+    except (CheckpointError, OSError) as exc:
         raise web.HTTPConflict(text=f"{exc}\n") from None
     return web.json_response(done)
 
@@ -287,6 +324,7 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
         app[CHECKPOINTER],
         MigrationTickets(config.token, config.instance, exec_key=config.exec_key),
         config.instance,
+        fast=config.migrate_fast,
     )
     app.on_cleanup.append(_close_migrator)
     app.router.add_post("/v1/sessions/{sid}/migrate", _migrate)
@@ -294,6 +332,7 @@ def make_app(config: AgentConfig, service: ExecService, sampler: LoadSampler) ->
     app.router.add_post("/v1/migrations", _migration_receive)
     app.router.add_post("/v1/migrations/commit", _migration_commit)
     app.router.add_post("/v1/migrations/round", _migration_round)
+    app.router.add_post("/v1/migrations/pages", _migration_pages)
     storage_routes(app, config.instance, _authorized)  # issue 14: program namespaces
     return app
 
@@ -351,6 +390,7 @@ class Agent:
         self.network_orders = NetworkOrders(config.instance)
         self.command_handlers.append(self.network_orders.on_commands)
         self.storage_orders: StorageOrders | None = None
+        self.failover: FailoverOrders | None = None  # periodic checkpoints, restores (issue 12)
 
     async def start(self) -> str:
         """Listen; return the bound HOST:PORT."""
@@ -380,6 +420,12 @@ class Agent:
             self._order_posts.append(storage_post)
             self.storage_orders = StorageOrders(app[MOUNTS], storage_post)
             self.command_handlers.append(self.storage_orders.on_commands)
+            # Issue 12: periodic checkpoints to the OSS, restores on a lost instance's behalf.
+            self.failover = FailoverOrders(
+                app[MIGRATOR], lambda: list(self.service.sessions.values()),
+                c.oss_url, c.token, c.call_timeout,
+            )  # fmt: skip
+            self.command_handlers.append(self.failover.on_commands)
         http = self.runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
@@ -414,6 +460,8 @@ class Agent:
         await self.network_orders.close()
         if self.storage_orders is not None:
             await self.storage_orders.close()
+        if self.failover is not None:
+            await self.failover.close()
         for post in self._order_posts:
             await post.close()
         if self._criu_check is not None:

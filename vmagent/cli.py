@@ -14,6 +14,7 @@ import click
 
 from vmagent.agent import Agent
 from vmagent.config import AgentConfig, ConfigError, parse_hostport, read_token
+from vmagent.cpuscore import CpuScore
 from vmagent.osslink import OssLink, advertised_address
 from vmagent.telemetry.reporter import Reporter
 from vmagent.telemetry.uplink import HttpPost, Uplink
@@ -68,6 +69,7 @@ async def serve(config: AgentConfig, tracing: Tracing) -> None:
                     config.exec_key,
                     on_commands=agent.on_commands,
                     can_checkpoint=agent.can_checkpoint,
+                    speed=CpuScore().once,  # issue 12: optimizer moves compare speeds
                 )
                 link_task = tasks.create_task(link.run())
                 telemetry = start_telemetry(agent, config, tasks)
@@ -145,6 +147,14 @@ def start_telemetry(agent: Agent, config: AgentConfig, tasks: asyncio.TaskGroup)
     default=None,
     help="Stop when this inherited fd reaches EOF (the starter died).",
 )
+@click.option(
+    "--migrate-fast/--no-migrate-fast",
+    envvar="DCP_MIGRATE_FAST",
+    default=True,
+    show_default=True,
+    help="Migrations: pre-copy rounds and pages through the target's CRIU page server "
+    "(off: one frozen dump, its images packed over HTTP).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     oss_url: str | None,
@@ -155,6 +165,7 @@ def main(
     hostname: str | None,
     reconnect_window: float,
     lifeline: int | None,
+    migrate_fast: bool,
     verbose: bool,
 ) -> None:
     """Serve exec sessions for deputies; register and heartbeat with the OSS."""
@@ -175,6 +186,7 @@ def main(
             hostname=hostname,
             reconnect_window=reconnect_window,
             lifeline=lifeline,
+            migrate_fast=migrate_fast,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -40,6 +40,9 @@ class AgentConfig:
     # s from a program's fork to its exec: its instance tracer's seize (slow under TCG)
     trace_timeout: float = 10.0
     lifeline: int | None = None  # fd whose EOF means "the process that started us died"
+    # Migrations copy memory in pre-copy rounds while the program runs and stream the
+    # pages through the target's CRIU page server (issue 12); False: one frozen dump, packed.
+    migrate_fast: bool = True
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance:

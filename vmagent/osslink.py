@@ -64,7 +64,10 @@ class OssLink:
         exec_key: str | None = None,
         on_commands: Callable[[list[dict[str, object]]], Awaitable[list[int]]] | None = None,
         can_checkpoint: Callable[[], Awaitable[bool]] | None = None,
+        speed: Callable[[], Awaitable[float]] | None = None,
     ) -> None:
+        # Told at registration (issue 12): the CPU score the optimizer compares.
+        self.speed = speed
         # Told at registration (issue 12): a hard budget suspends programs here if true.
         self.can_checkpoint = can_checkpoint
         self.oss_url = url
@@ -133,6 +136,8 @@ class OssLink:
                     announce = self.register_body()
                     if self.can_checkpoint is not None:
                         announce["checkpoint"] = await self.can_checkpoint()
+                    if self.speed is not None:
+                        announce["speed"] = await self.speed()
                     reply = await self._post(http, "/v1/agents/register", announce)
                     interval = float(reply.get("heartbeat_interval", 2.0))
                     self.registered.set()

@@ -55,6 +55,21 @@ class Billing:
     def __init__(self, db: Store) -> None:
         self._db = db
 
+    async def budget_left(self, program_id: str) -> int | None:
+        """Micros left before the tightest budget, soft or hard, of the program, its user
+        or its account (None: no budget at any level).  Issue 12: optimizer moves."""
+
+        def op(c: Conn) -> int | None:
+            left = None
+            for _, limits_, use in _levels(c, program_id):
+                for budget in (limits_.budget_micros, limits_.hard_budget_micros):
+                    if budget is not None:
+                        room = max(0, budget - use.spent_micros)
+                        left = room if left is None else min(left, room)
+            return left
+
+        return await self._db.read(op)
+
     async def get_limits(self, scope: str, scope_id: str) -> dict[str, Any]:
         """Limits at one scope (empty dict: unlimited)."""
         return await self._db.read(lambda c: limits(c, scope, scope_id))

@@ -146,6 +146,15 @@ def programs_show(program: str, target: con.Target) -> None:
                 for x in procs.processes
             ],
         )  # fmt: skip
+    moves = [x for x in procs.processes if x.moved_to]
+    if moves:  # issue 12: each migration, and why (the optimizer's reason, or who asked)
+        click.echo("\nmigrations:")
+        for x in moves:
+            frozen = "" if x.freeze_ms is None else f", frozen {x.freeze_ms:.0f} ms"
+            click.echo(
+                f"  pid {x.pid}: {x.instance} -> {x.moved_to} at {con.when(x.ended)}{frozen}"
+                + (f": {x.move_reason}" if x.move_reason else "")
+            )
 
 
 @programs.command("cancel")
@@ -269,6 +278,7 @@ def instances_show(name: str, target: con.Target) -> None:
             ("slots", f"{i.used_slots} used of {i.slots}"),
             ("dedicated", "yes" if i.dedicated else "no"),
             ("price", f"{con.money(i.price_micros_per_s)} per s"),
+            ("cpu speed", None if i.speed is None else f"{i.speed:.2f} (measured)"),
             ("load", None if i.load is None else
              f"cpu {i.load.cpu_percent:.1f}%, runqueue {i.load.runqueue:.2f}, "
              f"{i.load.memory_used_mb} MB used, {i.load.processes} processes"),

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Action = Literal[
-    "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network"
+    "freeze", "kill", "thaw", "migrate", "signal", "resume", "mount", "unmount", "network",
+    "checkpoint", "restore",
 ]
 MAX_NONCES = 4096  # per program and instance; older sessions are long gone
 
@@ -45,6 +46,10 @@ class Command:
     checkpoint: bool = False  # kill (issue 12): suspend (CRIU dump, then kill) what can be
     # mount / unmount (issue 14): the program's storage spec (mount carries its key)
     storage: Mapping[str, object] | None = field(default=None, repr=False)
+    # checkpoint (issue 12, failover): seconds between the program's checkpoints there
+    every: float = 0.0
+    # restore (issue 12, failover): the session (hex id) whose last checkpoint to restore
+    session: str = ""
 
 
 class CommandQueue:
@@ -140,6 +145,33 @@ class CommandQueue:
             self._queued[inst][cmd.id] = cmd
             out.append(cmd)
         return out
+
+    def checkpoints(self, instance: str, program: str, every: float) -> Command:
+        """Queue: checkpoint the program's sessions on `instance` every `every` s (issue 12)."""
+        cmd = Command(
+            next(self._ids), instance, program, "checkpoint", f"every {every:g} s", (),
+            every=every,
+        )  # fmt: skip
+        self._queued[instance][cmd.id] = cmd
+        return cmd
+
+    def restore(self, instance: str, program: str, session: str) -> Command:
+        """Queue: restore `session` of `program` from its last checkpoint on `instance`."""
+        cmd = Command(
+            next(self._ids), instance, program, "restore", "failover", (), session=session
+        )
+        self._queued[instance][cmd.id] = cmd
+        return cmd
+
+    def fence(self, instance: str, program: str) -> Command:
+        """Queue: kill whatever `instance` still runs of `program` (a lost instance came
+        back; its sessions were restored elsewhere or lost).  No nonces: the agent
+        matches the sessions tagged with the program."""
+        cmd = Command(
+            next(self._ids), instance, program, "kill", "fenced: the instance was lost", ()
+        )
+        self._queued[instance][cmd.id] = cmd
+        return cmd
 
     def pending(self, instance: str, cid: int) -> Command | None:
         """The command `cid` if it is (still) queued for `instance`."""

@@ -55,8 +55,9 @@ class Instances:
 
         def op(c: Conn) -> None:
             c.execute(
-                "INSERT OR REPLACE INTO instance_types VALUES(?,?,?,?,?)",
-                (t.name, t.cpus, t.memory_mb, t.price_micros_per_s, t.storage),
+                "INSERT OR REPLACE INTO instance_types(name, cpus, memory_mb,"
+                " price_micros_per_s, storage, speed) VALUES(?,?,?,?,?,?)",
+                (t.name, t.cpus, t.memory_mb, t.price_micros_per_s, t.storage, t.speed),
             )
 
         await self._db.write(op)
@@ -67,7 +68,12 @@ class Instances:
         def op(c: Conn) -> list[InstanceType]:
             return [
                 InstanceType(
-                    r["name"], r["cpus"], r["memory_mb"], r["price_micros_per_s"], r["storage"]
+                    r["name"],
+                    r["cpus"],
+                    r["memory_mb"],
+                    r["price_micros_per_s"],
+                    r["storage"],
+                    r["speed"],
                 )
                 for r in c.execute("SELECT * FROM instance_types ORDER BY name")
             ]
@@ -251,8 +257,10 @@ class Instances:
         memory_mb: int,
         slots_per_cpu: int,
         exec_key: str | None = None,
+        speed: float | None = None,
     ) -> None:
-        """An agent registered: the instance is ready (with its exec key, if it sent one)."""
+        """An agent registered: the instance is ready (with its exec key, if it sent one,
+        and its measured CPU score: issue 12)."""
         now = self._db.clock()
 
         def op(c: Conn) -> None:
@@ -263,8 +271,11 @@ class Instances:
                 raise Conflict(f"instance {name} was destroyed")
             c.execute(
                 "UPDATE instances SET state='ready', address=?, hostname=?, cpus=?, memory_mb=?,"
-                " slots=?, last_heartbeat=?, exec_key=? WHERE name=?",
-                (address, hostname, cpus, memory_mb, cpus * slots_per_cpu, now, exec_key, name),
+                " slots=?, last_heartbeat=?, exec_key=?, speed=? WHERE name=?",
+                (
+                    address, hostname, cpus, memory_mb, cpus * slots_per_cpu, now, exec_key,
+                    speed, name,
+                ),  # fmt: skip
             )
 
         await self._db.write(op)
@@ -444,6 +455,7 @@ def _instance_row(r: sqlite3.Row) -> dict[str, Any]:
         used_slots=r["used_slots"],
         dedicated=r["dedicated_to"] is not None,
         last_heartbeat=r["last_heartbeat"],
+        speed=r["speed"],
     )
 
 
@@ -476,18 +488,29 @@ def candidates(
         f" ORDER BY price_micros_per_s, used_slots, name LIMIT {CANDIDATES}",
         args,
     ).fetchall()
+    seen: dict[str, scheduler.Candidate] = {}
+    for r in rows:
+        seen[r[0]] = scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+    for cand in own_candidates(c, program_id):
+        seen[cand.name] = cand
+    return list(seen.values())
+
+
+_OWN = (
     # CROSS JOIN fixes the loop order (SQLite's rule): the program's few placements
     # outside, instances by primary key inside; otherwise it walks every ready instance.
-    icols = ", ".join(f"i.{x.strip()}" for x in cols.split(","))
-    own = c.execute(
-        f"SELECT {icols} FROM placements p CROSS JOIN instances i ON i.name=p.instance"
-        " WHERE p.program_id=? AND i.state='ready' AND i.draining=0",
-        (program_id,),
-    ).fetchall()
-    seen: dict[str, scheduler.Candidate] = {}
-    for r in [*rows, *own]:
-        seen[r[0]] = scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
-    return list(seen.values())
+    "SELECT i.name, i.instance_type, i.cpus, i.price_micros_per_s, i.storage, i.slots,"
+    " i.used_slots, i.dedicated_to FROM placements p CROSS JOIN instances i"
+    " ON i.name=p.instance WHERE p.program_id=? AND i.state='ready' AND i.draining=0"
+)
+
+
+def own_candidates(c: Conn, program_id: str) -> list[scheduler.Candidate]:
+    """The ready instances the program already runs on (whatever their free slots)."""
+    return [
+        scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+        for r in c.execute(_OWN, (program_id,))
+    ]
 
 
 def move_slot(c: Conn, program_id: str, source: str, target: str) -> None:

@@ -24,6 +24,9 @@ class InstanceType:
     memory_mb: int
     price_micros_per_s: int
     storage: str | None = None
+    # Relative CPU speed the type declares (issue 12: the optimizer's fallback where an
+    # instance's agent measured none; 1.0 = vmagent.cpuscore's reference).
+    speed: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ functions at the end run inside billing's and telemetry's transactions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -17,7 +18,13 @@ from typing import Any, Protocol
 
 from oss.accounts.store import Principal
 from oss.compute import scheduler
-from oss.compute.instances import candidates, free_slots, move_slot, release_placed
+from oss.compute.instances import (
+    candidates,
+    free_slots,
+    move_slot,
+    own_candidates,
+    release_placed,
+)
 from oss.db.store import Conn, Store, new_id, to_json
 from oss.errors import BudgetExhausted, Conflict, LimitExceeded, NoCapacity, NotFound
 
@@ -316,10 +323,20 @@ class Programs:
         """The account's programs, newest first."""
 
         def op(c: Conn) -> list[dict[str, Any]]:
-            q = "SELECT id FROM programs WHERE account_id=?" + (" AND state=?" if state else "")
+            # Two queries for the whole page, not two per program (issue 15).
+            q = "SELECT * FROM programs WHERE account_id=?" + (" AND state=?" if state else "")
             args: list[Any] = [account_id] + ([state] if state else [])
-            ids = [r["id"] for r in c.execute(q + " ORDER BY created DESC LIMIT ?", (*args, limit))]
-            return [program_dict(c, i, account_id) for i in ids]
+            rows = c.execute(q + " ORDER BY created DESC LIMIT ?", (*args, limit)).fetchall()
+            placed: dict[str, list[dict[str, Any]]] = {r["id"]: [] for r in rows}
+            for i in range(0, len(rows), 500):  # SQLite's bound-parameter limit
+                ids = [r["id"] for r in rows[i : i + 500]]
+                for pl in c.execute(
+                    "SELECT program_id, instance, processes FROM placements WHERE program_id IN"
+                    f" ({','.join('?' * len(ids))}) ORDER BY program_id, instance",
+                    ids,
+                ):
+                    placed[pl[0]].append(dict(instance=pl[1], processes=pl[2]))
+            return [_as_dict(r, placed[r["id"]]) for r in rows]
 
         return await self._db.read(op)
 
@@ -402,6 +419,18 @@ def program_row(c: Conn, program_id: str, account_id: str | None) -> sqlite3.Row
 def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, Any]:
     """A program as the API shows it, with its placements."""
     r = program_row(c, program_id, account_id)
+    placements = [
+        dict(instance=p["instance"], processes=p["processes"])
+        for p in c.execute(
+            "SELECT instance, processes FROM placements WHERE program_id=? ORDER BY instance",
+            (program_id,),
+        )
+    ]
+    return _as_dict(r, placements)
+
+
+def _as_dict(r: sqlite3.Row, placements: list[dict[str, Any]]) -> dict[str, Any]:
+    """A program row and its placements as the API shows them."""
     d = dict(r)
     for k in ("argv", "env", "resource_policy", "scaling_policy"):
         d[k] = json.loads(d[k])
@@ -411,13 +440,7 @@ def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, 
     d.pop("client_placed", None)  # issue 10 (E)
     stop = d.pop("stop_json", None)
     d["stop"] = json.loads(stop) if stop else None
-    d["placements"] = [
-        dict(instance=p["instance"], processes=p["processes"])
-        for p in c.execute(
-            "SELECT instance, processes FROM placements WHERE program_id=? ORDER BY instance",
-            (program_id,),
-        )
-    ]
+    d["placements"] = placements
     return d
 
 
@@ -451,12 +474,29 @@ def place(
             "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)
         )
     }
-    found = candidates(c, program_id, policy)
-    if p["placement"] is None:
+    plan = None
+    if p["placement"] is None and len(current) >= p["target_instances"]:
+        # As wide as its target: new processes go next to their siblings while those have
+        # room (the scheduler's locality rule), so the siblings' rows decide and the
+        # pre-filter over every ready instance is needed only once they are full.  Same
+        # plan as with every candidate (issue 15: most placements of a running program).
+        with contextlib.suppress(NoCapacity):
+            plan = scheduler.place(
+                program_id,
+                processes,
+                policy,
+                own_candidates(c, program_id),
+                current,
+                p["target_instances"],
+                avoid,
+            )
+    if plan is None and p["placement"] is None:
+        found = candidates(c, program_id, policy)
         plan = scheduler.place(
             program_id, processes, policy, found, current, p["target_instances"], avoid
         )
-    else:
+    elif plan is None:
+        found = candidates(c, program_id, policy)
         # The processes a submission reserves (the root, which runs at home) are
         # placed even under `local`, locality first; later ones by the policy.
         name = "pack" if initial and p["placement"] == "local" else p["placement"]

@@ -89,7 +89,7 @@ async def h_put_type(
     oss: Oss, r: web.Request, who: Any, b: m.InstanceTypeBody, q: Any
 ) -> m.InstanceTypeBody:
     await oss.instances.put_instance_type(
-        InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage)
+        InstanceType(b.name, b.cpus, b.memory_mb, b.price_micros_per_s, b.storage, b.speed)
     )
     return b
 
@@ -102,6 +102,7 @@ async def h_types(oss: Oss, r: web.Request, who: Any, b: Any, q: Any) -> list[m.
             memory_mb=t.memory_mb,
             price_micros_per_s=t.price_micros_per_s,
             storage=t.storage,
+            speed=t.speed,
         )
         for t in await oss.instances.instance_types()
     ]
@@ -180,6 +181,8 @@ async def h_heartbeat(
                 sender=c.sender if c.action == "signal" and c.sender else None,
                 checkpoint=True if c.checkpoint else None,
                 storage=dict(c.storage) if c.storage is not None else None,
+                every=c.every if c.action == "checkpoint" else None,
+                session=c.session if c.action == "restore" else None,
             )
             for c in commands
         ]
@@ -215,9 +218,9 @@ async def _where_storage_is(
     """Issue 14: a program with storage places recursively only where it is mounted
     (a mount takes longer than an agent waits); the rest is given back, and the exec
     runs on the asking instance, which has it."""
-    if pid not in oss.storage.specs:
+    mounted = await oss.storage.mounts(pid)
+    if mounted is None:
         return got
-    mounted = oss.storage.mounted.get(pid, set())
     for a in got:
         if a["instance"] not in mounted:
             await oss.programs.release(account, pid, a["instance"], a["processes"])

@@ -78,3 +78,11 @@ V_MOVES = """
         target TEXT NOT NULL, processes INTEGER NOT NULL,
         PRIMARY KEY(program_id, source, target));
 """
+
+# Issue 12 (optimizer moves): an instance's CPU score as its agent measured it at
+# registration, and the relative speed an instance type declares (used where no
+# score was measured).
+V_SPEED = """
+    ALTER TABLE instances ADD COLUMN speed REAL;
+    ALTER TABLE instance_types ADD COLUMN speed REAL;
+"""

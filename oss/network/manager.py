@@ -7,7 +7,11 @@ The OSS calls it where the program's life changes:
 - `listen` / `unlisten` when an instance tracer reports a listening socket
   opened or closed (the agents' routes): redirects exist only while someone listens;
 - `moved(program, pid, source, target)` when a migration moved a process:
-  its listeners' redirects re-point to the target (the hook issue 12 calls);
+  its listeners' redirects re-point to the target (the hook issue 12 calls),
+  and its connections' ports follow it: the established connections from P
+  found on the target with a local port of another instance's block (CRIU
+  restored them) are pinned there (`plan.Pin`; applier that can read a
+  node's connections only: local instances);
 - `release(program)` when it ends: every node drops it, the address is free.
 
 Each change is planned for every node (`oss.network.plan`, pure) and handed
@@ -23,11 +27,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from oss.db.store import Conn, Store
 from oss.network import store as q
 from oss.network.plan import (
+    HOME,
+    HomeSpot,
     HostSpot,
     InstanceSpot,
     Listener,
@@ -38,6 +44,7 @@ from oss.network.plan import (
     bound_class,
     max_slots,
     moved,
+    pins,
     plan,
 )
 
@@ -64,6 +71,15 @@ class Applier(Protocol):
         ...
 
 
+@runtime_checkable
+class ConnectionReader(Protocol):
+    """An applier that can read a node's connections (`net.redirector.Redirector`)."""
+
+    def connections(self, key: NodeKey, address: str) -> list[int]:
+        """Local ports of the established TCP connections from `address` in node `key`."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkConfig:
     """Where program addresses come from and how nodes are reached (validated)."""
@@ -73,6 +89,7 @@ class NetworkConfig:
     hosts: Mapping[str, HostSpot] = field(default_factory=dict)
     ports_per_instance: int = 1024
     apply_timeout: float = 10.0
+    home: HomeSpot | None = None  # where the program's home is (local runs): its servers too
 
     def __post_init__(self) -> None:
         if self.prefix.num_addresses < 4:
@@ -108,6 +125,9 @@ class NetworkManager:
         self._lock = asyncio.Lock()
         self._released: dict[str, str] = {}  # program -> the address it had (for records)
         self._members: set[tuple[str, str]] = set()  # (program, instance) joined: no write
+        # Moved connections' ports (program -> pins): kept while this OSS runs; an OSS
+        # restart forgets them (they are re-learnt at the next move of that process).
+        self._pinned: dict[str, ProgramNet] = {}
         self.last_apply_s = 0.0  # how long the last change took to be in place
 
     def place(self, instance: str, address: str) -> bool:
@@ -156,9 +176,15 @@ class NetworkManager:
     async def listen(
         self, program: str, instance: str, pid: int, port: int, local: str, proto: int = 6
     ) -> str:
-        """A listener opened on `instance`; PortTaken if another instance holds the port.
-        Returns the program address."""
-        address = await self.join(program, instance)
+        """A listener opened on `instance` (HOME: at home); PortTaken if another instance
+        holds the port.  Returns the program address."""
+        if instance == HOME and self.config.home is not None:
+            now = self.clock()
+            address: str | None = await self.store.write(
+                lambda c: q.allocate(c, program, self.config.prefix, now)
+            )
+        else:
+            address = await self.join(program, instance)
         if address is None:
             return ""
         listener = Listener(instance, port, bound_class(local, address), proto, pid)
@@ -177,9 +203,15 @@ class NetworkManager:
         net = await self.store.read(lambda c: q.program_net(c, program))
         if net is None or not self.covers(target):
             return 0.0
-        after = moved(net, pid, source, target)
+        after = moved(self._with_pins(net), pid, source, target)
         start = time.perf_counter()
         await self.store.write(lambda c: q.move(c, after))
+        spot = self.config.spots.get(target)
+        if isinstance(self.applier, ConnectionReader) and spot is not None:
+            key = ("instance", target)
+            ports = await asyncio.to_thread(self.applier.connections, key, net.address)
+            after = pins(after, target, ports, self.config.ports_per_instance, spot.slot)
+        self._pinned[program] = after
         await self._reapply(program)
         took = time.perf_counter() - start
         log.info("program %s: redirects re-pointed %s -> %s in %.1f ms", program, source,
@@ -202,6 +234,7 @@ class NetworkManager:
                 await asyncio.to_thread(self.applier.remove_program, program)
         await self.store.write(lambda c: q.release(c, program))
         self._members = {m for m in self._members if m[0] != program}
+        self._pinned.pop(program, None)
 
     async def show(self, program: str) -> dict[str, Any] | None:
         """The program's address, members and listeners (None: it has no address)."""
@@ -223,9 +256,17 @@ class NetworkManager:
         async with self._lock:
             await asyncio.to_thread(self.applier.close)
 
+    def _with_pins(self, net: ProgramNet) -> ProgramNet:
+        """`net` with the ports pinned by earlier moves of its processes."""
+        held = self._pinned.get(net.program)
+        if held is None or not held.pinned:
+            return net
+        return ProgramNet(net.program, net.address, net.members, net.listeners, held.pinned)
+
     async def _reapply(self, program: str) -> None:
         def read(c: Conn) -> tuple[ProgramNet | None, int]:
             net = q.program_net(c, program)
+            net = self._with_pins(net) if net is not None else None
             rate = self._rate_of(c, program) if self._rate_of and net else 0
             return net, rate
 
@@ -236,6 +277,7 @@ class NetworkManager:
             states = plan(
                 net, self.config.spots, self.config.hosts,
                 ports_per_instance=self.config.ports_per_instance, rate_kbit=rate,
+                home=self.config.home,
             )  # fmt: skip
             start = time.perf_counter()
             async with asyncio.timeout(self.config.apply_timeout):

@@ -32,24 +32,46 @@ host h (no P)
     `table_of(j)`; rules for j's block and j's listeners bound to any
     address or P (not those bound to loopback: they are the program's own);
   - `unreachable P` in its main table: what no rule steers fails here.
+
+Listeners are TCP or UDP (rules and NAT match the protocol).  A moved
+connection's port (`Pin`) gets a rule at `PIN_PREF`, before the blocks': to
+its instance everywhere, `lookup local` on that instance.  With a `HomeSpot`
+(local runs), a listener of `HOME` is routed by the instances to the home's
+host (`HOME_TABLE`, via their gateway), which DNATs P:port to its own address.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from net.nodestate import MAIN_TABLE, TABLE_BASE, Nat, NodeKey, NodeState, Route, Rule
+from net.nodestate import (
+    LOCAL_TABLE,
+    MAIN_TABLE,
+    PIN_PREF,
+    RULE_PREF,
+    TABLE_BASE,
+    Nat,
+    NodeKey,
+    NodeState,
+    Route,
+    Rule,
+)
 
-__all__ = ["MAIN_TABLE", "TABLE_BASE", "Nat", "NodeKey", "NodeState", "Route", "Rule"]
+__all__ = ["MAIN_TABLE", "RULE_PREF", "TABLE_BASE", "Nat", "NodeKey", "NodeState", "Route", "Rule"]
 
 PORT_BASE = 32768  # the first port of the first instance's ephemeral block
 PORT_TOP = 60999  # Linux's default ephemeral range ends here
-RULE_PREF = 100  # our policy rules
 LOCAL_PREF = 200  # where the `lookup local` rule moves on an instance holding P
 TCP, UDP = 6, 17
+PROTO_NAMES = {TCP: "tcp", UDP: "udp"}  # what nft matches a port of
 BOUND = ("any", "loopback", "program", "other")  # what a listener is bound to
+
+
+HOME = "home"  # the listeners' instance name of the program's processes at home
+HOME_TABLE = TABLE_BASE + 99  # instances route P:port of a home listener by this table
 
 
 class PlanError(ValueError):
@@ -80,6 +102,15 @@ class HostSpot:
 
 
 @dataclass(frozen=True, slots=True)
+class HomeSpot:
+    """Where the program's home is: on host `host`, reached from its instances at
+    `address` (the host's address on their bridge)."""
+
+    host: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     """A listening socket of the program: on `instance`, `port`, bound to `bound`."""
 
@@ -91,13 +122,24 @@ class Listener:
 
 
 @dataclass(frozen=True, slots=True)
+class Pin:
+    """A connection's local port `port` of P that now lives on `instance` (its process
+    moved there): the port's packets go there, not to the block it was taken from."""
+
+    instance: str
+    port: int
+    proto: int = TCP
+
+
+@dataclass(frozen=True, slots=True)
 class ProgramNet:
-    """One program's address, the instances it runs on and its listeners."""
+    """One program's address, the instances it runs on, its listeners and pinned ports."""
 
     program: str
     address: str
     members: tuple[str, ...]
     listeners: tuple[Listener, ...] = ()
+    pinned: tuple[Pin, ...] = ()
 
 
 def port_block(slot: int, size: int) -> tuple[int, int]:
@@ -143,10 +185,16 @@ def plan(
     *,
     ports_per_instance: int = 1024,
     rate_kbit: int = 0,
+    home: HomeSpot | None = None,
 ) -> dict[NodeKey, NodeState]:
-    """Every node's state for `net` (hosts with no member included: they may be entered)."""
-    p = net.address
+    """Every node's state for `net` (hosts with no member included: they may be entered).
+
+    With `home`, listeners of instance HOME (servers that run at home, bound to any
+    address or P) are reached at P:port too: the instances route the port to the
+    home's host (`HOME_TABLE`), which DNATs P:port to its own address there.
+    """
     members = [spots[m] for m in net.members if m in spots]
+    p = net.address
     missing = [m for m in net.members if m not in spots]
     if missing:
         raise PlanError(f"instances with no known place: {', '.join(missing)}")
@@ -156,14 +204,24 @@ def plan(
     # The first listener of a port wins (a second one is refused when it reports).
     owner: dict[tuple[int, int], Listener] = {}
     for lst in net.listeners:
-        if lst.instance in net.members:
+        at_home = lst.instance == HOME and home is not None and lst.bound in ("any", "program")
+        if lst.instance in net.members or at_home:
             owner.setdefault((lst.proto, lst.port), lst)
     out: dict[NodeKey, NodeState] = {}
     share = rate_kbit // len(members) if rate_kbit and members else 0
     for me in members:
         out[("instance", me.name)] = _instance(net, me, members, owner, ports_per_instance, share)
     for host in hosts.values():
-        out[("host", host.name)] = _host(p, host, members, owner, hosts, ports_per_instance)
+        out[("host", host.name)] = _host(net, host, members, owner, hosts, ports_per_instance)
+    if home is not None and any(x.instance == HOME for x in owner.values()):
+        key = ("host", home.host)
+        state = out.get(key, NodeState())
+        dnat = tuple(
+            Nat("prerouting", "dnat", home.address, daddr=f"{p}/32", dport=x.port,
+                proto=PROTO_NAMES[x.proto])
+            for x in owner.values() if x.instance == HOME and x.proto in PROTO_NAMES
+        )  # fmt: skip
+        out[key] = dataclasses.replace(state, nat=state.nat + dnat)
     return out
 
 
@@ -188,16 +246,25 @@ def _instance(
         rules.add(Rule(p, port_block(other.slot, size), table_of(other)))
     nat: list[Nat] = []
     for (proto, port), lst in sorted(owner.items()):
+        name = PROTO_NAMES.get(proto)
         if lst.instance == me.name:
-            if lst.bound == "loopback" and proto == TCP:
-                nat.append(
-                    Nat("prerouting", "dnat", "127.0.0.1", daddr=f"{p}/32", dport=port, iif=dev)
-                )
+            if lst.bound == "loopback" and name:
+                nat.append(Nat("prerouting", "dnat", "127.0.0.1", daddr=f"{p}/32", dport=port,
+                               iif=dev, proto=name))  # fmt: skip
             continue
-        there = by_name[lst.instance]
-        rules.add(Rule(p, (port, port), table_of(there), proto))
-        if proto == TCP and lst.bound in ("any", "loopback"):
-            nat.append(Nat("output", "dnat", p, daddr="127.0.0.0/8", dport=port))
+        if lst.instance == HOME:  # a server at home: through the gateway, DNAT'ed there
+            routes.add(Route(HOME_TABLE, p, me.gateway, dev, p))
+            rules.add(Rule(p, (port, port), HOME_TABLE, proto))
+        else:
+            rules.add(Rule(p, (port, port), table_of(by_name[lst.instance]), proto))
+        if name and lst.bound in ("any", "loopback"):
+            nat.append(Nat("output", "dnat", p, daddr="127.0.0.0/8", dport=port, proto=name))
+    for pin in net.pinned:
+        if pin.instance == me.name:  # here, although the port is in another's block
+            rules.add(Rule(p, (pin.port, pin.port), LOCAL_TABLE, pin.proto, PIN_PREF))
+        elif pin.instance in by_name:
+            there = by_name[pin.instance]
+            rules.add(Rule(p, (pin.port, pin.port), table_of(there), pin.proto, PIN_PREF))
     if any(n.hook == "output" for n in nat):
         nat.append(Nat("postrouting", "snat", p, saddr="127.0.0.0/8", oif=dev))
     conf = f"net/ipv4/conf/{dev}"
@@ -224,13 +291,14 @@ def _instance(
 
 
 def _host(
-    p: str,
+    net: ProgramNet,
     host: HostSpot,
     members: list[InstanceSpot],
     owner: Mapping[tuple[int, int], Listener],
     hosts: Mapping[str, HostSpot],
     size: int,
 ) -> NodeState:
+    p = net.address
     rules: set[Rule] = set()
     routes: set[Route] = set()
     by_name = {s.name: s for s in members}
@@ -244,9 +312,15 @@ def _host(
         rules.add(Rule(p, port_block(s.slot, size), table_of(s)))
     reachable = {r.table for r in routes}
     for (proto, port), lst in sorted(owner.items()):
+        if lst.instance not in by_name:
+            continue  # at home: the home's host DNATs it (`plan`)
         t = table_of(by_name[lst.instance])
         if t in reachable and lst.bound in ("any", "program"):
             rules.add(Rule(p, (port, port), t, proto))
+    for pin in net.pinned:
+        if pin.instance in by_name and table_of(by_name[pin.instance]) in reachable:
+            t = table_of(by_name[pin.instance])
+            rules.add(Rule(p, (pin.port, pin.port), t, pin.proto, PIN_PREF))
     if not routes:
         return NodeState()
     # Whatever no rule steers (a port nobody listens on) ends here, never on the default
@@ -276,4 +350,15 @@ def moved(net: ProgramNet, pid: int, source: str, target: str) -> ProgramNet:
         for x in net.listeners
     )
     members = net.members if target in net.members else (*net.members, target)
-    return ProgramNet(net.program, net.address, members, listeners)
+    return ProgramNet(net.program, net.address, members, listeners, net.pinned)
+
+
+def pins(net: ProgramNet, target: str, ports: list[int], size: int, slot: int) -> ProgramNet:
+    """`net` with the connections' local `ports` found on `target` (slot `slot`) after a
+    migration pinned there: those outside its own block came with the moved process
+    (listeners' ports excepted).  Earlier pins of the same ports are replaced."""
+    lo, hi = port_block(slot, size)
+    listened = {x.port for x in net.listeners if x.proto == TCP}
+    moved_in = {q for q in ports if not lo <= q <= hi and q not in listened}
+    kept = tuple(x for x in net.pinned if x.port not in moved_in)
+    return dataclasses.replace(net, pinned=kept + tuple(Pin(target, q) for q in sorted(moved_in)))

@@ -24,7 +24,8 @@ Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,9
 
 
 class StorageSpec(m.Api):
-    """A program's storage, as its instances' agents mount it (the key stays in memory)."""
+    """A program's storage, as its instances' agents mount it (kept in the OSS's private
+    store until unmounted, never logged)."""
 
     name: Name
     server: Annotated[str, StringConstraints(min_length=3, max_length=300)]  # HOST:PORT
@@ -67,7 +68,7 @@ class StorageOutcome(m.Api):
 async def h_put(oss: Oss, r: web.Request, who: Any, b: StorageSpec, q: Any) -> m.Ok:
     pid = r.match_info["program_id"]
     await oss.programs.program(principal(who).account_id, pid)  # NotFound: not yours
-    oss.storage.put(pid, b.model_dump())
+    await oss.storage.put(pid, b.model_dump())
     return m.Ok()
 
 
@@ -131,7 +132,7 @@ ROUTES: tuple[Route, ...] = (
         f"{PROGRAM_PATH}/storage",
         h_put,
         "account",
-        "Declare the program's storage (its server and key; kept in memory)",
+        "Declare the program's storage (its server and key; kept until it is unmounted)",
         StorageSpec,
         m.Ok,
     ),

@@ -19,6 +19,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -116,51 +117,79 @@ class RunStorage:
     """One run's networked volume and its mounts on the instances."""
 
     def __init__(
-        self, options: StorageOptions, reals: Sequence[str], state_root: Path, address: str
+        self,
+        options: StorageOptions,
+        reals: Sequence[str],
+        state_root: Path,
+        address: str,
+        lazy: bool = False,
     ) -> None:
         """Start the server over `reals`, listening at `address` (`unix:PATH`: local
-        instances; `HOST:0`: VMs, on an address they reach)."""
+        instances; `HOST:0`: VMs, on an address they reach); with `lazy`, only at
+        `start()` (the view's maps are known before: they name no server)."""
         self.options = options
         self.name = storage_name()
         self.key = secrets.token_urlsafe(32)
-        self.state = state = state_root / self.name
+        self.state = state_root / self.name
+        self.reals = tuple(reals)
+        self.listen = address
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = self.host_key = ""
+        self.agents: list[Agent] = []
+        self._starting = threading.Lock()
+        if not lazy:
+            self.start()
+
+    @property
+    def started(self) -> bool:
+        """The server runs (a lazy run's starts with its first placement)."""
+        return self.proc is not None
+
+    def start(self) -> None:
+        """Start the server (once; StorageError if it does not listen)."""
+        with self._starting:
+            if self.proc is None:
+                self._start_server()
+
+    def _start_server(self) -> None:
+        state, lim = self.state, self.options.limits
         # The state directory and storage/ under it are private (tokens and keys live
         # beside them): made 0700 here when this run is the first to need them, since
         # mkdir(parents=True) would make the missing parents 0755.
-        state_root.parent.parent.mkdir(parents=True, exist_ok=True)
-        for d in (state_root.parent, state_root, state):
+        state.parent.parent.parent.mkdir(parents=True, exist_ok=True)
+        for d in (state.parent.parent, state.parent, state):
             d.mkdir(exist_ok=True, mode=0o700)
-        names = {f"v{i}": v for i, v in enumerate(options.volumes)}
+        names = {f"v{i}": v for i, v in enumerate(self.options.volumes)}
         (state / "volumes.json").write_text(json.dumps(names))
-        lim = options.limits
         config = {
-            "name": self.name, "volumes": list(reals), "state_dir": str(state), "key": self.key,
-            "address": address,
+            "name": self.name, "volumes": list(self.reals), "state_dir": str(state),
+            "key": self.key, "address": self.listen,
             "limits": {"account": lim.account, "user": lim.user, "program": lim.program,
                        "volume": lim.volume_capacity},
         }  # fmt: skip
         root = str(Path(__file__).resolve().parent.parent.parent)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         # The key goes through the pipe, never argv or environ; the pipe is the lifeline.
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [sys.executable, "-m", "oss.storage.server"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, cwd="/",
         )  # fmt: skip
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(config).encode() + b"\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
-        line = self.proc.stdout.readline() if ready else b""
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(config).encode() + b"\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+        line = proc.stdout.readline() if ready else b""
         try:
             hello = json.loads(line)
             self.address, self.host_key = str(hello["address"]), str(hello["host_key"])
         except (ValueError, KeyError, TypeError):
             self._stop_server()
             raise StorageError("the storage server did not start") from None
-        self.agents: list[Agent] = []
-        log.info("storage %s serves %s", self.name, ", ".join(reals))
+        log.info("storage %s serves %s", self.name, ", ".join(self.reals))
 
     def _stop_server(self) -> None:
+        if self.proc is None:
+            return
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # EOF: the server stops
@@ -171,6 +200,7 @@ class RunStorage:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        self.proc = None
 
     def gib_seconds(self) -> dict[str, float]:
         """GiB-seconds per tier the server measured so far (its billing.json)."""
@@ -185,7 +215,9 @@ class RunStorage:
         return {v: f"{FS_ROOT}/{self.name}/v{i}" for i, v in enumerate(self.options.volumes)}
 
     def spec(self) -> dict[str, object]:
-        """What an instance's agent mounts (`POST /v1/storage`; the OSS relays it to VMs)."""
+        """What an instance's agent mounts (`POST /v1/storage`; the OSS relays it to VMs).
+        Starts the server if it does not run yet."""
+        self.start()
         return {
             "name": self.name, "server": self.address, "key": self.key,
             "host_key": self.host_key, "volumes": len(self.options.volumes),
@@ -195,17 +227,29 @@ class RunStorage:
         }  # fmt: skip
 
     def mount_on(self, agents: Sequence[Agent]) -> None:
-        """Mount the namespace on each instance (StorageMountFailed names the first that cannot)."""
+        """Mount the namespace on every instance at once (each agent starts its dcpfs);
+        StorageMountFailed names the first that cannot."""
+        import concurrent.futures
+
         body = json.dumps(self.spec()).encode()
-        for agent in agents:
+
+        def mount(agent: Agent) -> StorageMountFailed | None:
             try:
                 _call(agent, "POST", "/v1/storage", body)
             except urllib.error.HTTPError as exc:
                 why = exc.read(4096).decode(errors="replace").strip() or str(exc)
-                raise StorageMountFailed(f"{agent.name}: storage not mounted: {why}") from exc
+                return StorageMountFailed(f"{agent.name}: storage not mounted: {why}")
             except OSError as exc:
-                raise StorageMountFailed(f"{agent.name}: storage not mounted: {exc}") from exc
-            self.agents.append(agent)
+                return StorageMountFailed(f"{agent.name}: storage not mounted: {exc}")
+            return None
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(agents))) as pool:
+            outcomes = list(pool.map(mount, agents))
+        # Every instance that mounted is unmounted at close, whoever failed.
+        self.agents += [a for a, failed in zip(agents, outcomes, strict=True) if failed is None]
+        for failed in outcomes:
+            if failed is not None:
+                raise failed
 
     def close(self) -> None:
         """Unmount everywhere (publishing open files), then stop the server."""

@@ -196,17 +196,18 @@ class Processes:
 
     async def migrated(
         self, program_id: str, instance: str, session_pid: int, to: str, freeze_ms: float,
-        now: float,
+        now: float, reason: str | None = None,
     ) -> None:  # fmt: skip
         """A session moved off `instance`: its running rows there end as `migrated`, naming
-        the target and the freeze (the target reports the same pids as rows of its own)."""
+        the target, the freeze and why it moved (the target reports the same pids as rows
+        of its own)."""
 
         def op(c: Conn) -> None:
             c.execute(
-                "UPDATE processes SET state='migrated', ended=?, moved_to=?, freeze_ms=?"
-                " WHERE program_id=? AND instance=? AND state='running'"
+                "UPDATE processes SET state='migrated', ended=?, moved_to=?, freeze_ms=?,"
+                " move_reason=? WHERE program_id=? AND instance=? AND state='running'"
                 " AND (pid=? OR session_pid=?)",
-                (now, to, freeze_ms, program_id, instance, session_pid, session_pid),
+                (now, to, freeze_ms, reason, program_id, instance, session_pid, session_pid),
             )
 
         await self._db.write(op)
@@ -360,7 +361,7 @@ def process_row(r: sqlite3.Row) -> m.ProcessRow:
         storage_read_bytes=r["rbytes"], storage_write_bytes=r["wbytes"],
         net_rx_bytes=r["net_rx"], net_tx_bytes=r["net_tx"],
         syscalls_by_service=json.loads(r["syscalls_json"]),
-        moved_to=r["moved_to"], freeze_ms=r["freeze_ms"],
+        moved_to=r["moved_to"], freeze_ms=r["freeze_ms"], move_reason=r["move_reason"],
     )  # fmt: skip
 
 

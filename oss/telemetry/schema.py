@@ -42,3 +42,8 @@ V10 = """
     ALTER TABLE processes ADD COLUMN moved_to TEXT;
     ALTER TABLE processes ADD COLUMN freeze_ms REAL;
 """
+
+# Issue 12 (optimizer moves): why a process moved (the optimizer's reason, or who asked).
+V_MOVE_REASON = """
+    ALTER TABLE processes ADD COLUMN move_reason TEXT;
+"""

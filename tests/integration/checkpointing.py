@@ -82,14 +82,17 @@ def in_order(numbers: Sequence[int]) -> bool:
     return list(numbers) == list(range(len(numbers)))
 
 
-def pool_agents() -> list[int]:
-    """The agents the local provider runs for pool p (found by their command line)."""
+def pool_agents(url: str | None = None) -> list[int]:
+    """The agents the local provider runs for pool p (found by their command line), of
+    the OSS at `url` only if given (other tests on the machine may run their own)."""
     found = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 cmd = (d / "cmdline").read_bytes()
             except OSError:
+                continue
+            if url is not None and f"--oss\0{url}\0".encode() not in cmd:
                 continue
             if b"vmagent" in cmd and b"--instance\0p-" in cmd:
                 found.append(int(d.name))
@@ -147,4 +150,4 @@ def local_pool(
         yield lab
     finally:
         lab.stop()
-        assert wait_for(lambda: pool_agents() == [], 20), pool_agents()
+        assert wait_for(lambda: pool_agents(lab.url) == [], 20), pool_agents(lab.url)

@@ -74,7 +74,9 @@ HOLDER = """
 import fcntl, os, time
 fd = os.open("data", os.O_RDWR)
 fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)       # bytes 0-9
-open("held", "w").close()
+with open("held.tmp", "w") as f:            # its pid, as the program sees it
+    f.write(str(os.getpid()))
+os.rename("held.tmp", "held")
 while not os.path.exists("done"):
     time.sleep(0.05)
 """
@@ -86,6 +88,8 @@ fd = os.open("data", os.O_RDWR)
 want = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 5, 1, 0)
 got = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, want))
 print("getlk", {fcntl.F_WRLCK: "write", fcntl.F_UNLCK: "none"}.get(got[0]), got[2], got[3])
+holder = int(open("held").read())
+print("getlk names the holder", got[4] == holder or (got[4], holder))
 print("getlk free", struct.unpack("hhqqi", fcntl.fcntl(
     fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 10, 5, 0)))[0]
     == fcntl.F_UNLCK)
@@ -125,6 +129,7 @@ def test_getlk_setlk_and_an_interrupted_wait_across_instances(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().splitlines() == [
         "getlk write 0 10",
+        "getlk names the holder True",  # the holder's program pid, from another instance
         "getlk free True",
         "setlk True",
         "setlkw interrupted",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
@@ -186,10 +187,62 @@ def test_pre_copy_rounds_come_in_order_with_the_session_s_ticket(
     assert code == 409 and "another session" in text
     code, text = post_round(b, ticket, sid, 1, empty)
     assert code == 409 and "round 1 without round 0" in text
-    assert post_round(b, ticket, sid, 0, empty) == (200, '{"round": 0, "bytes": 0}')
+    assert post_round(b, ticket, sid, 0, empty) == (200, '{"round": 0, "bytes": 0, "pages": 0}')
     code, text = post_round(b, ticket, sid, 0, empty)  # again: the order is kept
     assert code == 409 and "out of order" in text
     assert post_round(b, ticket, sid, 1, empty)[0] == 200  # the ticket is not burnt by rounds
+
+
+def offer_pages(inst: Instance, ticket: str, sid: str, into: str) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        f"http://{inst.address}/v1/migrations/pages?session={sid}&into={into}",
+        data=b"",
+        method="POST",
+        headers={"Authorization": f"DCP-Migrate {ticket}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_page_server_takes_only_the_connection_that_brings_its_secret(
+    cluster: LocalCluster,
+) -> None:
+    """The target's page server for a move: offered for the ticket's session only; a
+    connection without the secret is closed unanswered, the one with it gets READY."""
+    _a, b = cluster.instances
+    sid = "ab" * 16
+    ticket = mint_ticket(b.token, b.name, sid)
+    code, said = offer_pages(b, mint_ticket("not-the-token", b.name, sid), sid, "final")
+    assert code == 409 and "not valid" in said
+    code, said = offer_pages(b, ticket, "ef" * 16, "final")
+    assert code == 409 and "another session" in said
+    code, said = offer_pages(b, ticket, sid, "pre3")
+    assert code == 409 and "round 0 is next" in said
+    code, offer = offer_pages(b, ticket, sid, "final")
+    assert code == 200 and set(offer) == {"port", "secret"}, offer
+    code, said = offer_pages(b, ticket, sid, "final")
+    assert code == 409 and "runs already" in said
+    host = b.address.rsplit(":", 1)[0]
+    with socket.create_connection((host, offer["port"]), timeout=30) as wrong:
+        wrong.sendall(bytes(16))
+        assert wrong.recv(1) == b""  # closed: no page server for it
+    with socket.create_connection((host, offer["port"]), timeout=30) as right:
+        right.sendall(bytes.fromhex(offer["secret"]))
+        assert right.recv(1) == b"\x01"  # its criu page-server has it now
+    # The ticket was not burnt: the move itself may still come (it is refused here
+    # only because the description is empty).
+    req = urllib.request.Request(
+        f"http://{b.address}/v1/migrations",
+        data=struct.pack(">I", 2) + b"{}",
+        method="POST",
+        headers={"Authorization": f"DCP-Migrate {ticket}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=60)
+    assert info.value.code == 409 and "malformed" in info.value.read().decode()
 
 
 HOLDER = r"""
@@ -220,6 +273,8 @@ def test_a_python_process_with_64_mb_moves_with_its_checksum(
         assert wait_for(flag.exists, 120), "the holder never started"
         done = migrate(a, b, session_of(a, int(flag.read_text())))
         assert done["image_bytes"] > 64 << 20
+        # The default path: the pages went through b's page server, not in the packed stream.
+        assert done["page_server"] and done["zstd_bytes"] < 8 << 20, done
         Path(str(flag) + ".go").touch()
         out, err = proc.communicate(timeout=120)
     finally:

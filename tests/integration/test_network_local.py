@@ -4,7 +4,11 @@ One `dcptrace --instances 3 --placement spread --record` run inside a simulated
 host (a network namespace of its own, so the host's redirect rules and the
 final leftover check see only this run) with an "outside" namespace on an
 uplink of that host.  The program starts two HTTP servers (ports 8001, 8002)
-and an AF_UNIX server, each placed on an instance; it curls `localhost` for
+and an AF_UNIX server, each placed on an instance (each server is waited for
+before the next exec: spread's choice depends on the order of the execs, and
+an `&` child's exec races the shell's next ones; tests/unit/
+test_network_spread_order.py replays the order that put both servers on one
+instance under CPU stress); it curls `localhost` for
 both ports and connects to the unix socket from other instances, and curls an
 HTTP server the test runs in the outside namespace twice.  The test reaches
 both servers from outside at the program's address, checks the redirect of
@@ -80,12 +84,13 @@ PROGRAM = r"""
 cd "$1"
 python3 -m http.server 8001 --bind 0.0.0.0 > s1.log 2>&1 &
 S1=$!
+python3 wait.py 8001
 python3 -m http.server 8002 --bind 0.0.0.0 > s2.log 2>&1 &
 S2=$!
+python3 wait.py 8002
 python3 unix_server.py sock > unix_server.out 2>&1 &
 U=$!
 hostname -I > addresses
-python3 wait.py 8001 8002
 for i in 1 2 3; do
     for port in 8001 8002; do
         curl -s -o /dev/null -w '%{http_code}' "http://localhost:$port/?$i" >> curl$port

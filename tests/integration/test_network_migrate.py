@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
 from net.redirector import Redirector, listing
 from oss.db.store import Store
@@ -53,6 +54,13 @@ while True:
 """
 
 
+def _nothing_left(address: str | None) -> None:
+    """No rule or route of this namespace names the program's address any more (this
+    namespace is the machine's own: other runs' rules may come and go meanwhile)."""
+    left = listing(None)
+    assert address and not [x for k in ("rules", "routes") for x in left[k] if address in x]
+
+
 def ask(address: str) -> str:
     """What the server at address:PORT says ("" if nobody answers)."""
     try:
@@ -79,7 +87,6 @@ def test_redirect_follows_a_migrated_listener(cluster: LocalCluster, tmp_path: P
     assert cluster.lab is not None
     a, b = cluster.instances
     config, nodes = lab_config(cluster.lab)
-    before = listing(None)["rules"]
     loop = asyncio.new_event_loop()
     store = Store(tmp_path / "oss", VERSIONS)
     loop.run_until_complete(store.open())
@@ -110,4 +117,87 @@ def test_redirect_follows_a_migrated_listener(cluster: LocalCluster, tmp_path: P
         loop.run_until_complete(manager.release("prog"))
         loop.run_until_complete(store.close())
         loop.close()
-    assert listing(None)["rules"] == before
+    _nothing_left(address)
+
+
+PEER_PORT = 7482
+PEER_ADDRESS = "10.99.2.1"  # on the lab's bridge for this test: beyond the instances' subnet
+CLIENT = r"""
+import os, socket, sys, time
+flag, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(flag + ".tmp", "w") as f:
+    f.write(str(int(open("/proc/self/stat").read().split()[0])))
+os.rename(flag + ".tmp", flag)
+while not os.path.exists(flag + ".go"):
+    time.sleep(0.02)
+c = socket.create_connection((host, port))
+while True:
+    line = c.recv(64)
+    if not line:
+        break
+    cmd = open("/proc/1/cmdline", "rb").read().split(b"\0")
+    c.sendall(cmd[cmd.index(b"--instance") + 1] + b" " + line)
+"""
+
+
+def _say(conn: socket.socket, word: bytes) -> bytes:
+    """Send `word` to the program's process on `conn`; what it answered."""
+    conn.sendall(word)
+    return conn.recv(64)
+
+
+def test_a_connection_to_an_outside_peer_survives_a_migration(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """A process of the program connected to a peer outside the instances (a server on an
+    address of the lab host beyond the instances' subnet, so the connection leaves by
+    the default route, from P): after CRIU moves it (`--tcp-established`) the peer's
+    packets for P:port, a port of the source's block, reach the target."""
+    assert cluster.lab is not None
+    with IPRoute() as ipr:
+        bridge = ipr.link_lookup(ifname=cluster.lab.bridge)[0]
+        ipr.addr("add", index=bridge, address=PEER_ADDRESS, prefixlen=32)
+    a, b = cluster.instances
+    config, nodes = lab_config(cluster.lab)
+    loop = asyncio.new_event_loop()
+    store = Store(tmp_path / "oss", VERSIONS)
+    loop.run_until_complete(store.open())
+    manager = NetworkManager(store, config, Redirector(nodes))
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    peer.bind((PEER_ADDRESS, PEER_PORT))
+    peer.listen(1)
+    peer.settimeout(60)
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen(
+        deputy(a, "/usr/bin/python3", "-c", CLIENT, str(flag), PEER_ADDRESS, str(PEER_PORT)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        address = loop.run_until_complete(manager.join("prog", a.name))
+        assert address is not None
+        assert wait_for(flag.exists, 60), "the client never started"
+        pid = int(flag.read_text())
+        Path(str(flag) + ".go").touch()
+        conn, (source, _port) = peer.accept()
+        conn.settimeout(60)
+        with conn:
+            assert source == address  # it left from P
+            assert _say(conn, b"one") == f"{a.name} one".encode()
+            loop.run_until_complete(manager.join("prog", b.name))  # CRIU binds P on b
+            moved = migrate(a, b, session_of(a, pid))
+            assert (moved["from"], moved["to"]) == (a.name, b.name)
+            loop.run_until_complete(manager.moved("prog", pid, a.name, b.name))
+            assert _say(conn, b"two") == f"{b.name} two".encode()
+            shown = " ".join(listing(None)["rules"])
+            assert f"dport {_port}" in shown, shown  # the port is pinned on the host
+    finally:
+        peer.close()
+        proc.kill()
+        proc.wait()
+        loop.run_until_complete(manager.release("prog"))
+        loop.run_until_complete(store.close())
+        loop.close()
+        with IPRoute() as ipr:
+            ipr.addr("del", index=bridge, address=PEER_ADDRESS, prefixlen=32)
+    _nothing_left(address)

@@ -112,8 +112,11 @@ def test_the_pool_grows_to_max_for_refused_placements_and_shrinks_after_idle_gra
 
     assert wait_for(lambda: sum(t.count(": idle ") for t in released_lines()) == 2, 10)
     log = _oss_log(lab)
-    grew = [t for t in log if t.startswith("pool p: create 2:")]
-    assert len(grew) == 1 and "placements waited" in grew[0] and "max 3" in grew[0], log
+    # Two instances created for the waiting placements: at once, or one tick apart when
+    # the refusals reach the OSS over two ticks (a loaded machine).
+    grew = [t for t in log if t.startswith("pool p: create ")]
+    assert sum(int(t.split()[3].rstrip(":")) for t in grew) == 2, log
+    assert all("placements waited" in t and "max 3" in t for t in grew), log
     states = {r["name"]: r["state"] for r in _instances(lab)}
     assert sorted(states.values()) == ["destroyed", "destroyed", "ready"], states
 

@@ -109,6 +109,7 @@ def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
             "instance": "vm1",
             "pool": "nope",
             "file": "app.js",
+            "session": "ab" * 16,  # issue 12: a session's checkpoint (failover)
         }
         doc = srv.http("GET", "/openapi.json").body
         yield srv, root.token, itok, pools, doc

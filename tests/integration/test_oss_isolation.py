@@ -115,6 +115,7 @@ class World:
             "account_id": self.a.id,
             "instance": self.prog["placements"][0]["instance"],
             "pool": "pool1",
+            "session": "ab" * 16,  # issue 12: a session's checkpoint (failover)
         }
 
 

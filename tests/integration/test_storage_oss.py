@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import dcptrace_argv, traced_env, wait_for
 from tests.integration.test_dcptrace_oss import Lab, _cli, dcptrace, newest_program, start_lab
 
 pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.root, pytest.mark.slow]
@@ -130,3 +133,79 @@ def test_only_the_owner_gives_storage_and_only_where_its_program_is_placed(lab: 
     # An instance token cannot use the account's routes.
     token_n0 = _cli("instance-token", "--data", str(lab.data), "n9")
     assert _call(lab, "PUT", path, spec, token_n0) in (401, 403)
+
+
+def test_a_restarted_oss_keeps_serving_the_programs_storage(tmp_path: Path) -> None:
+    """Issue 14: the spec and the mounts outlive the OSS process.  The writer is placed
+    (its instance mounts through the first OSS); the OSS is restarted on the same
+    port and data while the program waits; then two readers at once are placed (at
+    least one on the instance that has not mounted yet: the restarted OSS must
+    relay that mount from its store), and the unmounts at the end reach both."""
+    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
+        pytest.skip("agents mount FUSE and tmpfs: root and /dev/fuse")
+    lab = Lab(tmp_path / "lab")
+    lab.data.mkdir(mode=0o700)
+    try:
+        start_lab(lab, "127.0.0.1", {n: ("127.0.0.1:0", "") for n in ("n0", "n1")})
+        rw = lab.data / "rw.sh"
+        rw.write_text(RW)
+        rw.chmod(0o755)
+        vol = lab.data / "vol"
+        vol.mkdir()
+        fifo = tmp_path / "go"
+        os.mkfifo(fifo)
+        # `read` is the home shell's builtin: nothing is placed while the OSS restarts.
+        both = f"{{ {rw} read {vol} & {rw} read {vol}; wait; }}"
+        script = f"{rw} write {vol} && read _ < {fifo} && {both}"
+        env = traced_env({"DCP_TOKEN": lab.token})
+        options = ("--no-state", "--oss", lab.url, "--placement", "spread", "--volume", str(vol))
+        argv = [*dcptrace_argv(*options, "--no-share-cwd"), "--", "sh", "-c", script]
+        run = subprocess.Popen(argv, cwd=lab.data, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+        try:
+            assert wait_for(lambda: (vol / "sub" / "note").exists(), 60), "the writer never ran"
+            serve = lab.procs[0]
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(timeout=20)
+            port = lab.url.rpartition(":")[2]
+            _proc, line = lab.start(
+                "oss", "serve", "--listen", f"127.0.0.1:{port}", "--data", str(lab.data),
+                "--heartbeat-interval", "0.5", "--tick", "0.5",
+            )  # fmt: skip
+            assert "listening on " in line, line
+
+            def ready() -> bool:
+                got = lab.get("/v1/instances", lab.admin)
+                return sorted(i["name"] for i in got if i["state"] == "ready") == ["n0", "n1"]
+
+            assert wait_for(ready, 60), "the agents did not come back"
+            with open(fifo, "w") as f:
+                f.write("go\n")
+            out, err = run.communicate(timeout=180)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        text = err.decode()
+        assert run.returncode == 0, text
+        assert "Traceback" not in text and "not mounted" not in text, text
+        # Before the restart only the writer's instance mounted (a recursive placement
+        # goes only where the storage is); the other instance's mount was relayed by
+        # the restarted OSS, from the spec it read back from its store.
+        prog = newest_program(lab)["id"]
+        log = [ln["text"] for ln in lab.get(f"/v1/programs/{prog}/logs")["lines"]]
+        mounted = sorted(t.split()[3] for t in log if t.startswith("storage mounted on "))
+        assert mounted == ["n0", "n1"], log
+        # What the readers printed (processes the restarted OSS's recovery may end are
+        # its business, not storage's): each read the writer's bytes, through dcpfs.
+        lines = out.decode().splitlines()
+        writer = [line.split()[2] for line in lines if line.startswith("write on ")]
+        reads = [line.split() for line in lines if line.startswith("read on ")]
+        assert all(r[3] == FUSE_MAGIC for r in reads), lines
+        want = hashlib.md5("".join(f"{i}\n" for i in range(1, 40001)).encode()).hexdigest()
+        sums = [line for line in lines if line.startswith("sum ")]
+        assert all(line == f"sum {want} from {writer[0]}" for line in sums), lines
+        # The restarted OSS ordered every unmount, the pre-restart mount included.
+        assert "dcpfs-" not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        lab.stop()

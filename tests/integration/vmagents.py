@@ -56,15 +56,28 @@ def call(
     return json.loads(text)
 
 
-def migrate(lab: Lab, source: str, target: str, sid: str, precopy: bool = False) -> Any:
-    """Move session `sid` from `source` to `target` (the source agent's route)."""
+def migrate(
+    lab: Lab,
+    source: str,
+    target: str,
+    sid: str,
+    precopy: bool | None = None,
+    page_server: bool | None = None,
+) -> Any:
+    """Move session `sid` from `source` to `target` (the source agent's route).
+
+    `precopy`, `page_server`: None leaves them to the agent (both on by default).
+    """
     ticket = mint_ticket(lab.tokens[target], target, sid)
-    body = {
+    body: dict[str, Any] = {
         "to": f"{addr(lab, target)}:{AGENT_PORT}",
         "instance": target,
         "ticket": ticket,
-        "precopy": precopy,
     }
+    if precopy is not None:
+        body["precopy"] = precopy
+    if page_server is not None:
+        body["page_server"] = page_server
     return call(lab, source, "POST", f"/v1/sessions/{sid}/migrate", body)
 
 

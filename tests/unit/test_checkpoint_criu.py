@@ -58,6 +58,7 @@ def test_command_lines_keep_the_tree_stopped_and_hand_back_the_pipes() -> None:
     assert "--tcp-established" in dump
     restore = C.restore_argv("/c", "/img", [(7, "pipe:[99]")], tcp=False)
     assert {"-d", "--leave-stopped", "--restore-sibling"} <= set(restore)
+    assert "--manage-cgroups=ignore" in restore  # the target's cgroups, not the source's
     assert restore[-2:] == ["--inherit-fd", "fd[7]:pipe:[99]"]
     assert "--tcp-established" not in restore
 
@@ -72,6 +73,20 @@ def test_pre_copy_command_lines_chain_each_round_to_the_one_before() -> None:
     assert final[-3:] == ["--track-mem", "--prev-images-dir", "../pre1"]
     assert "--leave-stopped" in final
     assert "--track-mem" not in C.dump_argv("/c", 42, "/b/final")
+    held = C.predump_argv("/c", 42, "/b/pre0", None, freeze_cgroup="/sys/fs/cgroup/p")
+    assert held[-2:] == ["--freeze-cgroup", "/sys/fs/cgroup/p"]  # not stopped: frozen
+
+
+def test_pages_go_through_the_target_s_page_server_on_the_given_socket() -> None:
+    final = C.dump_argv("/c", 42, "/b/final", parent="../pre0", ps_socket=9)
+    assert final[-3:] == ["--page-server", "--ps-socket", "9"]
+    assert "--prev-images-dir" in final and "--address" not in final
+    rnd = C.predump_argv("/c", 42, "/b/pre1", "../pre0", freeze_cgroup="/g", ps_socket=8)
+    assert rnd[-5:] == ["--freeze-cgroup", "/g", "--page-server", "--ps-socket", "8"]
+    server = C.page_server_argv("/c", "/t/final", 5)
+    assert server[:4] == ["/c", "page-server", "-D", "/t/final"]
+    assert server[-2:] == ["--ps-socket", "5"] and "--port" not in server
+    assert "--page-server" not in C.dump_argv("/c", 42, "/b/final")
 
 
 def test_pre_copy_stops_when_the_dirty_set_stops_shrinking_or_is_small() -> None:

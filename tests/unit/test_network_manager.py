@@ -101,3 +101,39 @@ def test_config_is_validated() -> None:
     spots = {"x": InstanceSpot("x", "1.1.1.1", "1.1.1.2", "h", 40)}
     with pytest.raises(ValueError, match="at most 27"):
         NetworkConfig(ipaddress.IPv4Network("10.214.0.0/24"), spots)
+
+
+class ReadingApplier(FakeApplier):
+    """A fake that also reads a node's connections (`ConnectionReader`)."""
+
+    def __init__(self, ports: list[int]) -> None:
+        super().__init__()
+        self.ports = ports
+
+    def connections(self, key: NodeKey, address: str) -> list[int]:
+        return self.ports if key == ("instance", "b") else []
+
+
+def test_a_moved_connections_port_is_pinned_and_forgotten_at_the_end(tmp_path: Path) -> None:
+    async def main() -> None:
+        config = NetworkConfig(
+            ipaddress.IPv4Network("10.214.7.0/29"), SPOTS, {"h": HostSpot("h", "br0")}
+        )
+        fake = ReadingApplier([32800, 33900])  # a's block, b's own block
+        m = NetworkManager(Store(tmp_path / "oss", VERSIONS), config, fake)
+        await m.store.open()
+        await m.join("p1", "a")
+        await m.moved("p1", 7, "a", "b")
+        host = fake.held[(("host", "h"), "p1")]
+        pinned = {r.ports for r in host.rules if r.pref == 90}
+        assert pinned == {(32800, 32800)}
+        await m.listen("p1", "b", 7, 8080, "0.0.0.0")  # a later change keeps the pin
+        host = fake.held[(("host", "h"), "p1")]
+        assert {r.ports for r in host.rules if r.pref == 90} == {(32800, 32800)}
+        await m.release("p1")
+        await m.join("p1", "a")
+        host = fake.held[(("host", "h"), "p1")]
+        assert not any(r.pref == 90 for r in host.rules)
+        await m.store.close()
+
+    asyncio.run(main())

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import pytest
 
+from net.nodestate import LOCAL_TABLE
 from oss.network.plan import (
+    HOME,
+    HOME_TABLE,
     LOCAL_PREF,
+    PIN_PREF,
     TABLE_BASE,
     TCP,
+    UDP,
+    HomeSpot,
     HostSpot,
     InstanceSpot,
     Listener,
     Nat,
     NodeState,
+    Pin,
     PlanError,
     ProgramNet,
     Route,
     Rule,
     bound_class,
     moved,
+    pins,
     plan,
     port_block,
 )
@@ -87,6 +95,63 @@ def test_loopback_listener_is_reached_through_dnat_and_not_from_outside() -> Non
     assert b.nat == (Nat("prerouting", "dnat", "127.0.0.1", f"{P}/32", dport=5432, iif="eth0"),)
     assert not any(r.ports == (5432, 5432) for r in states[("host", "h1")].rules)
     assert any(r.ports == (5432, 5432) for r in states[("instance", "a")].rules)
+
+
+def test_udp_listeners_are_steered_by_protocol_and_port() -> None:
+    net = ProgramNet(
+        "p", P, ("a", "b"), (Listener("b", 53, proto=UDP), Listener("b", 5353, "loopback", UDP))
+    )
+    states = plan(net, SPOTS, HOSTS)
+    a, b, h1 = states[("instance", "a")], states[("instance", "b")], states[("host", "h1")]
+    assert {
+        Rule(P, (53, 53), TABLE_BASE + 1, UDP),
+        Rule(P, (5353, 5353), TABLE_BASE + 1, UDP),
+    } <= a.rules
+    assert Nat("output", "dnat", P, daddr="127.0.0.0/8", dport=53, proto="udp") in a.nat
+    assert Nat("output", "dnat", P, daddr="127.0.0.0/8", dport=5353, proto="udp") in a.nat
+    assert b.nat == (
+        Nat("prerouting", "dnat", "127.0.0.1", f"{P}/32", dport=5353, iif="eth0", proto="udp"),
+    )
+    assert Rule(P, (53, 53), TABLE_BASE + 1, UDP) in h1.rules  # from outside: bound to any
+    assert not any(r.ports == (5353, 5353) for r in h1.rules)  # loopback: the program's own
+
+
+def test_a_tcp_and_a_udp_listener_share_a_port_number() -> None:
+    net = ProgramNet("p", P, ("a", "b"), (Listener("a", 53), Listener("b", 53, proto=UDP)))
+    c = plan(ProgramNet("p", P, ("a", "b", "c"), net.listeners), SPOTS, HOSTS)[("instance", "c")]
+    assert {
+        Rule(P, (53, 53), TABLE_BASE + 0, TCP),
+        Rule(P, (53, 53), TABLE_BASE + 1, UDP),
+    } <= c.rules
+
+
+def test_a_moved_connections_port_is_pinned_to_its_new_instance() -> None:
+    net = ProgramNet("p", P, ("a", "b", "c"), (Listener("a", 8000),))
+    # b restored a connection from a's block (33000) and holds its own (34000) and a
+    # listener's port: only 33000 came with the move.
+    pinned = pins(net, "b", [33000, 34000, 8000], 1024, SPOTS["b"].slot)
+    assert pinned.pinned == (Pin("b", 33000),)
+    states = plan(pinned, SPOTS, HOSTS)
+    a, b, h1 = states[("instance", "a")], states[("instance", "b")], states[("host", "h1")]
+    assert Rule(P, (33000, 33000), LOCAL_TABLE, TCP, PIN_PREF) in b.rules  # delivered here
+    assert Rule(P, (33000, 33000), TABLE_BASE + 1, TCP, PIN_PREF) in a.rules
+    assert Rule(P, (33000, 33000), TABLE_BASE + 1, TCP, PIN_PREF) in h1.rules
+    assert Rule(P, port_block(0, 1024), TABLE_BASE + 0) in h1.rules  # the block stays a's
+    again = pins(pinned, "c", [33000], 1024, SPOTS["c"].slot)  # it moved on to c
+    assert again.pinned == (Pin("c", 33000),)
+    assert moved(again, 1, "a", "b").pinned == again.pinned
+
+
+def test_a_server_at_home_is_steered_through_the_gateway_and_dnat() -> None:
+    net = ProgramNet("p", P, ("a",), (Listener(HOME, 8010), Listener(HOME, 8011, "loopback")))
+    states = plan(net, SPOTS, HOSTS, home=HomeSpot("h1", "10.213.1.1"))
+    a, h1 = states[("instance", "a")], states[("host", "h1")]
+    assert Route(HOME_TABLE, P, "10.213.1.1", "eth0", P) in a.routes
+    assert Rule(P, (8010, 8010), HOME_TABLE, TCP) in a.rules
+    assert Nat("output", "dnat", P, daddr="127.0.0.0/8", dport=8010) in a.nat
+    assert h1.nat == (Nat("prerouting", "dnat", "10.213.1.1", f"{P}/32", dport=8010),)
+    assert not any(r.ports[0] == 8011 for r in a.rules)  # loopback-bound: home's own
+    assert not any(r.table == HOME_TABLE for r in plan(net, SPOTS, HOSTS)[("instance", "a")].rules)
 
 
 def test_first_listener_of_a_port_wins() -> None:

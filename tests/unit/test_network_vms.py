@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _states() -> dict[tuple[str, str], NodeState]:
     net = ProgramNet(
-        "p1", "10.5.0.2", ("a", "b"), (Listener("a", 8000), Listener("b", 9000, "loopback"))
-    )
+        "p1", "10.5.0.2", ("a", "b"),
+        (Listener("a", 8000), Listener("b", 9000, "loopback"), Listener("b", 53, proto=17)),
+    )  # fmt: skip
     spots = {
         "a": InstanceSpot("a", "10.1.0.2", "10.1.0.1", "h", 0),
         "b": InstanceSpot("b", "10.1.0.3", "10.1.0.1", "h", 1),
@@ -47,6 +48,14 @@ def test_every_planned_state_survives_the_wire() -> None:
         (lambda w: w.update(addresses=[["10.5.0.2", 32, "eth0; rm"]]), "device"),
         (lambda w: w.update(rules=[["10.5.0.2", 1, 2, 7000, 6]] * 600), "at most"),
         (lambda w: w.update(nat=[["input", "dnat", "1.2.3.4", "", "", 0, "", ""]]), "not one of"),
+        (
+            lambda w: w.update(nat=[["output", "dnat", "1.2.3.4", "", "", 5, "", "", "sctp"]]),
+            "not one of",
+        ),
+        (
+            lambda w: w.update(nat=[["output", "dnat", "1.2.3.4", "", "", 5, "", "", "udp", 1]]),
+            "8 or 9",
+        ),
     ],
 )
 def test_a_state_no_planner_makes_is_refused(change: object, why: str) -> None:
@@ -54,6 +63,22 @@ def test_a_state_no_planner_makes_is_refused(change: object, why: str) -> None:
     change(wire)  # type: ignore[operator]
     with pytest.raises(BadNodeState, match=why):
         from_wire(wire)
+
+
+def test_an_older_agents_nat_rule_of_8_items_is_tcp() -> None:
+    wire = to_wire(_states()[("instance", "a")])
+    assert sorted(len(n) for n in wire["nat"]) == [8, 8, 9]  # only the UDP one says so
+    wire["nat"] = [n[:8] for n in wire["nat"]]
+    assert {n.proto for n in from_wire(wire).nat} == {"tcp"}
+
+
+def test_a_pinned_port_and_an_older_agents_rule_of_5_items() -> None:
+    wire = to_wire(_states()[("instance", "a")])
+    wire["rules"].append(["10.5.0.2", 33000, 33000, 255, 6, 90])  # a pin delivered here
+    state = from_wire(wire)
+    assert any(r.table == 255 and r.pref == 90 for r in state.rules)
+    wire["rules"] = [r[:5] for r in wire["rules"] if r[3] != 255]
+    assert {r.pref for r in from_wire(wire).rules} == {100}
 
 
 def test_not_an_object_is_refused() -> None:

@@ -78,6 +78,7 @@ def test_agent_wire_contract_shapes() -> None:
         "memory_mb",
         "exec_key",  # optional: the agent's key for OSS-minted exec tickets
         "checkpoint",  # optional (issue 12): its CRIU works, budget stops suspend
+        "speed",  # optional (issue 12): its measured CPU score, for optimizer moves
     }
     assert set(doc["AgentRegister"]["required"]) == {
         "instance",
@@ -106,6 +107,8 @@ def test_agent_wire_contract_shapes() -> None:
         "thread",  # signal (issue 11): `pid` is a thread's id, which alone gets it
         "sender",  # signal (issue 11): the sender's program pid (the receiver's si_pid)
         "checkpoint",  # kill (issue 12): suspend what can be checkpointed; `resume` later
+        "every",  # checkpoint (issue 12, failover): the program's interval there
+        "session",  # restore (issue 12, failover): the session to restore from its checkpoint
     }
     assert set(doc["Load"]["properties"]) == {
         "cpu_percent",

@@ -46,6 +46,8 @@ def test_bad_flags_are_usage_errors(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "HOST:PORT" in r.output
     r = CliRunner().invoke(main, ["serve", "--data", str(tmp_path), "--heartbeat-timeout", "0.1"])
     assert r.exit_code == 2 and "heartbeat_timeout" in r.output
+    r = CliRunner().invoke(main, ["serve", "--data", str(tmp_path), "--move-min-gain", "1"])
+    assert r.exit_code == 2 and "min_gain must be above 1" in r.output  # issue 12
 
 
 def test_account_and_instance_token_commands(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ async def _answer(relay: StorageRelay, instance: str, ok: bool, error: str = "")
 def test_a_mount_is_ordered_once_per_instance_and_carries_the_spec() -> None:
     async def go() -> None:
         relay = StorageRelay(CommandQueue())
-        relay.put("p1", SPEC)
+        await relay.put("p1", SPEC)
         seen = asyncio.ensure_future(_answer(relay, "vm1", True))
         await relay.mount("p1", "vm1")
         assert (await seen) == {"action": "mount", "storage": SPEC}
@@ -48,7 +48,7 @@ def test_a_failed_mount_says_why_and_a_program_without_storage_is_refused() -> N
         relay = StorageRelay(CommandQueue())
         with pytest.raises(StorageNotMounted, match="declared no storage"):
             await relay.mount("p1", "vm1")
-        relay.put("p1", SPEC)
+        await relay.put("p1", SPEC)
         seen = asyncio.ensure_future(_answer(relay, "vm1", False, "dcpfs did not mount"))
         with pytest.raises(StorageNotMounted, match="vm1: dcpfs did not mount"):
             await relay.mount("p1", "vm1")
@@ -61,12 +61,58 @@ def test_a_failed_mount_says_why_and_a_program_without_storage_is_refused() -> N
 def test_a_failed_instance_ends_the_wait_for_its_order() -> None:
     async def go() -> None:
         relay = StorageRelay(CommandQueue())
-        relay.put("p1", SPEC)
+        await relay.put("p1", SPEC)
         waiting = asyncio.ensure_future(relay.mount("p1", "vm2"))
         while not relay.commands.for_instance("vm2", []):
             await asyncio.sleep(0)
-        relay.forget_instance("vm2")
+        await relay.forget_instance("vm2")
         with pytest.raises(StorageNotMounted, match="instance vm2 failed"):
             await waiting
+
+    asyncio.run(go())
+
+
+class FakeSpecs:
+    """`SpecStore` in a dict (what outlives one relay: a restarted OSS's store)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[dict, set[str]]] = {}
+
+    async def put(self, program: str, spec: dict) -> None:
+        self.rows[program] = (dict(spec), self.rows.get(program, ({}, set()))[1])
+
+    async def load(self, program: str) -> tuple[dict, set[str]] | None:
+        row = self.rows.get(program)
+        return (dict(row[0]), set(row[1])) if row else None
+
+    async def mounted(self, program: str, instance: str) -> None:
+        self.rows[program][1].add(instance)
+
+    async def forget(self, program: str) -> None:
+        self.rows.pop(program, None)
+
+    async def forget_instance(self, instance: str) -> None:
+        for _spec, instances in self.rows.values():
+            instances.discard(instance)
+
+
+def test_a_restarted_relay_reads_back_the_spec_and_the_mounts() -> None:
+    async def go() -> None:
+        saved = FakeSpecs()
+        first = StorageRelay(CommandQueue(), saved)
+        await first.put("p1", SPEC)
+        seen = asyncio.ensure_future(_answer(first, "vm1", True))
+        await first.mount("p1", "vm1")
+        await seen
+        again = StorageRelay(CommandQueue(), saved)  # the OSS restarted: memory is empty
+        assert await again.mounts("p1") == {"vm1"}
+        assert await again.mounts("p2") is None
+        seen = asyncio.ensure_future(_answer(again, "vm2", True))
+        await again.mount("p1", "vm2")
+        assert (await seen)["storage"] == SPEC
+        both = [asyncio.ensure_future(_answer(again, i, True)) for i in ("vm1", "vm2")]
+        assert await again.unmount_all("p1") == {}
+        assert [(await b)["action"] for b in both] == ["unmount", "unmount"]
+        assert saved.rows == {}
 
     asyncio.run(go())

@@ -125,12 +125,20 @@ def first_error(output: str) -> str:
 
 
 def dump_argv(
-    criu: str, pid: int, images: str, *, tcp: bool = True, parent: str | None = None
+    criu: str,
+    pid: int,
+    images: str,
+    *,
+    tcp: bool = True,
+    parent: str | None = None,
+    ps_socket: int | None = None,
 ) -> list[str]:
     """Dump the tree of `pid` into `images`, leaving it stopped (the caller decides its fate).
 
     `parent`: the last pre-dump's directory, relative to `images` (only the pages
     dirtied since go into `images`; CRIU links `images/parent` to it).
+    `ps_socket`: our descriptor of a connection to the target's `criu page-server`
+    (`page_server_argv`): the pages (and their map) go there, the rest to `images`.
     """
     argv = [criu, "dump", "-t", str(pid), "-D", images, "-o", "dump.log", "-v2"]
     argv += ["--leave-stopped", "--file-locks"]
@@ -138,20 +146,52 @@ def dump_argv(
         argv.append("--tcp-established")
     if parent is not None:
         argv += ["--track-mem", "--prev-images-dir", parent]
-    return argv
+    return argv + _page_server(ps_socket)
 
 
-def predump_argv(criu: str, pid: int, images: str, parent: str | None) -> list[str]:
+def _page_server(ps_socket: int | None) -> list[str]:
+    return [] if ps_socket is None else ["--page-server", "--ps-socket", str(ps_socket)]
+
+
+def page_server_argv(criu: str, images: str, ps_socket: int) -> list[str]:
+    """Take the pages a dump or pre-dump sends over the connected socket `ps_socket`.
+
+    It writes them into `images` (whose `parent` link names the round before)
+    and exits once the dump says it is done.
+    """
+    argv = [criu, "page-server", "-D", images, "-o", "page-server.log", "-v2"]
+    return argv + ["--ps-socket", str(ps_socket)]
+
+
+def predump_argv(
+    criu: str,
+    pid: int,
+    images: str,
+    parent: str | None,
+    *,
+    freeze_cgroup: str | None = None,
+    ps_socket: int | None = None,
+) -> list[str]:
     """One pre-copy round: the pages of `pid`'s tree dirtied since `parent` (all, without).
 
     The tree is stopped only while its pages are collected; CRIU leaves a tree
-    it found stopped stopped again.
+    it found stopped stopped again (and skips its pages: a pre-dump copies
+    nothing of a stopped task).
+
+    `freeze_cgroup`: the cgroup (v2 directory) the tree is held frozen in.
+    CRIU seizes the frozen tasks, thaws the group so that its parasite can run
+    in them (a task resumed inside a frozen group goes back to the freezer's
+    trap: without this option the pre-dump waits for it forever), and freezes
+    the group again before it lets them go.
+    `ps_socket`: as for `dump_argv`.
     """
     argv = [criu, "pre-dump", "-t", str(pid), "-D", images, "-o", "dump.log", "-v2"]
     argv.append("--track-mem")
     if parent is not None:
         argv += ["--prev-images-dir", parent]
-    return argv
+    if freeze_cgroup is not None:
+        argv += ["--freeze-cgroup", freeze_cgroup]
+    return argv + _page_server(ps_socket)
 
 
 def precopy_argv(criu: str) -> list[str]:
@@ -187,6 +227,10 @@ def restore_argv(
     argv = [criu, "restore", "-D", images, "-o", "restore.log", "-v2", "-d", "--leave-stopped"]
     argv.append("--restore-sibling")  # the agent stays its parent (PDEATHSIG, reaping)
     argv.append("--file-locks")
+    # The tree joins the restoring agent's cgroups, not the ones it was dumped from:
+    # local instances share a kernel, and the source's (a slow instance's CPU quota, its
+    # program freezer group) must not follow it (issue 12: optimizer moves).
+    argv.append("--manage-cgroups=ignore")
     if tcp:
         argv.append("--tcp-established")
     for fd, key in inherit:

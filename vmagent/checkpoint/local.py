@@ -121,7 +121,13 @@ class Checkpointer:
         return self._precopy
 
     async def predump(
-        self, criu: C.Criu, session: Session, directory: str, parent: str | None
+        self,
+        criu: C.Criu,
+        session: Session,
+        directory: str,
+        parent: str | None,
+        *,
+        ps_socket: int | None = None,
     ) -> tuple[float, int]:
         """One pre-copy round: the tree held only while CRIU collects its dirty pages.
 
@@ -129,9 +135,11 @@ class Checkpointer:
         supported"), and a tree let go by its tracer is stopped; running untraced
         it would get ENOSYS for every intercepted call.  So it is held in its
         cgroup v2 freezer instead: detached (stopped), frozen, continued (still
-        frozen: SIGCONT only ends the stop), pre-dumped (CRIU's ptrace traps win
-        over the freezer's), stopped again, thawed (it stops before user code),
-        and a fresh tracer takes it back.  (ms it was held, bytes of pages.)
+        frozen: SIGCONT only ends the stop), pre-dumped with `--freeze-cgroup`
+        (CRIU seizes the frozen tasks, thaws the group for its parasite, which
+        a frozen task would never run, and freezes it again before letting them
+        go: never running untraced), stopped again, thawed (it stops before user
+        code), and a fresh tracer takes it back.  (ms it was held, bytes of pages.)
         """
         held = time.perf_counter()
         pids = await self.detach(session)
@@ -144,10 +152,11 @@ class Checkpointer:
             await _set_frozen(group, True)
             try:
                 _signal_all(pids, signal.SIGCONT)
-                code = await self.run(
-                    C.predump_argv(criu.path, pids[0], directory, parent),
-                    os.path.join(directory, "dump.out"),
+                argv = C.predump_argv(
+                    criu.path, pids[0], directory, parent, freeze_cgroup=group, ps_socket=ps_socket
                 )
+                keep = () if ps_socket is None else (ps_socket,)
+                code = await self.run(argv, os.path.join(directory, "dump.out"), keep)
             finally:
                 _signal_all(pids, signal.SIGSTOP)
                 await _set_frozen(group, False)
@@ -398,16 +407,20 @@ class Checkpointer:
         pids: tuple[int, ...],
         directory: str,
         parent: str | None = None,
+        *,
+        ps_socket: int | None = None,
     ) -> float:
         """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on.
 
         `parent`: the last pre-copy round's directory, relative to `directory`.
+        `ps_socket`: a connection to the target's page server (the pages go there).
         """
         dumped = time.perf_counter()
         try:
             code = await self.run(
-                C.dump_argv(criu.path, pids[0], directory, parent=parent),
+                C.dump_argv(criu.path, pids[0], directory, parent=parent, ps_socket=ps_socket),
                 os.path.join(directory, "dump.out"),
+                () if ps_socket is None else (ps_socket,),
             )
         except BaseException:
             self.adopt(session, pids)
@@ -558,10 +571,12 @@ FREEZE_TIMEOUT = 5.0  # s for a cgroup to say frozen, or a thawed tree to stop
 
 
 def freezable_group(pids: list[int] | tuple[int, ...]) -> str | None:
-    """The cgroup v2 directory holding all of `pids` but not this agent, or None.
+    """The cgroup v2 directory holding all of `pids` and nothing else, or None.
 
-    Freezing it holds the tree (and any sibling session of the same program,
-    briefly); never the agent's own group, which would freeze the agent.
+    Never the agent's own group, which would freeze the agent; never one with
+    other processes (a sibling session of the same program): CRIU's
+    `--freeze-cgroup` seizes every task of the group, and another tracer's
+    tasks cannot be seized.
     """
     try:
         groups = {_cgroup2_of(p) for p in pids}
@@ -574,7 +589,14 @@ def freezable_group(pids: list[int] | tuple[int, ...]) -> str | None:
     if path in (None, "/", mine):
         return None
     where = CGROUP2 + path
-    return where if os.path.exists(os.path.join(where, "cgroup.freeze")) else None
+    if not os.path.exists(os.path.join(where, "cgroup.freeze")):
+        return None
+    try:
+        with open(os.path.join(where, "cgroup.procs")) as f:
+            members = {int(line) for line in f if line.strip()}
+    except (OSError, ValueError):
+        return None
+    return where if members <= set(pids) else None
 
 
 def _cgroup2_of(pid: int) -> str | None:

@@ -35,11 +35,12 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import struct
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -73,6 +74,10 @@ CHUNK = 1 << 20
 HOLD_TIMEOUT = 15.0  # s a restored tree waits (stopped, untraced) for the source's commit
 COMMIT_WINDOW = HOLD_TIMEOUT + 5.0  # s the source asks for the commit before resuming its copy
 LAST_PID = "/proc/sys/kernel/ns_last_pid"
+PAGES_ACCEPT = 10.0  # s a target's page server waits for its source to connect and prove itself
+PAGES_WAIT = 60.0  # s a target waits, once it has the other images, for its page server to end
+PAGES_SECRET = 2.0  # s a connection to it may take to send the secret
+PAGES_READY = b"\x01"  # the target's answer to the right secret: its page server takes over
 
 
 class MigrationRefused(C.CheckpointError):
@@ -277,6 +282,10 @@ class Description:
             self.asked = {_int(fd) for fd in raw.get("asked", [])}
             self.out_seq = _int(raw["out_seq"])
             self.rounds = _int(raw.get("rounds", 0))  # pre-copy rounds sent before
+            # The final dump's pages came through the target's page server (not in the stream).
+            self.pages = raw.get("pages", False)
+            if not isinstance(self.pages, bool):
+                raise TypeError("pages must be true or false")
             self.in_last = _int(raw["in_last"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MigrationRefused(f"malformed session description: {exc!r}") from None
@@ -317,9 +326,14 @@ RAW, ZSTD = 0, 1
 SAMPLE = 1 << 14  # bytes of a block tried first
 
 
-def pack(directory: str, fd: int) -> tuple[int, int]:
-    """Write `directory`'s images into the pipe `fd` (closed at the end); (raw, sent) bytes."""
+def pack(directory: str, fd: int, spent: list[float] | None = None) -> tuple[int, int]:
+    """Write `directory`'s images into the pipe `fd` (closed at the end); (raw, sent) bytes.
+
+    `spent`: gets the seconds spent compressing appended (the rest is reading
+    the images and waiting for the sender).
+    """
     raw = sent = 0
+    zstd = 0.0
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     with open(fd, "wb", buffering=0) as out:
         for name in sorted(os.listdir(directory)):
@@ -335,17 +349,21 @@ def pack(directory: str, fd: int) -> tuple[int, int]:
                     if not data:
                         raise OSError(f"{name} shrank while it was sent")
                     kind, body = RAW, data
+                    t = time.perf_counter()
                     # A sample first: a block whose start does not shrink goes raw.
                     if len(compressor.compress(data[:SAMPLE])) < min(len(data), SAMPLE) * 0.9:
                         small = compressor.compress(data)
                         if len(small) < len(data) * 0.9:
                             kind, body = ZSTD, small
+                    zstd += time.perf_counter() - t
                     out.write(BLOCK.pack(kind, len(body)))
                     out.write(body)
                     sent += BLOCK.size + len(body)
                     left -= len(data)
             raw += size
         out.write(RECORD.pack(0, 0))
+    if spent is not None:
+        spent.append(zstd)
     return raw, sent
 
 
@@ -501,14 +519,24 @@ class Staged:
     timer: asyncio.TimerHandle
     ticket: str
     busy: bool = False
+    # Page servers started for its directories (`pre<k>`, `final`): their exit status.
+    serving: dict[str, asyncio.Task[int]] = field(default_factory=dict)
 
 
 class Migrator:
     """Both ends of migrations for one agent."""
 
     def __init__(
-        self, checkpointer: Checkpointer, tickets: MigrationTickets, instance: str
+        self,
+        checkpointer: Checkpointer,
+        tickets: MigrationTickets,
+        instance: str,
+        *,
+        fast: bool = True,
     ) -> None:
+        # `fast`: pre-copy rounds (where they work) and pages streamed through the
+        # target's page server, unless a request says otherwise (`--no-migrate-fast`).
+        self.fast = fast
         self.ckpt = checkpointer
         self.service = checkpointer.service
         self.tickets = tickets
@@ -519,16 +547,28 @@ class Migrator:
         self.committed: dict[bytes, str] = {}  # session id -> ticket, newest last
         self.staged: dict[bytes, Staged] = {}  # session id -> pre-copy rounds received
         self.precopy_error = ""  # of the move under way (one at a time: the lock)
+        self.zstd_s: list[float] = []  # s the last transfer spent compressing
 
     async def migrate(
-        self, session: Session, to: str, instance: str, ticket: str, precopy: bool = False
+        self,
+        session: Session,
+        to: str,
+        instance: str,
+        ticket: str,
+        precopy: bool | None = None,
+        *,
+        page_server: bool | None = None,
     ) -> dict[str, Any]:
         """Move `session`'s tree to the agent at `to`; what it took.
 
-        `precopy` (opt-in, experimental: see docs/CHECKPOINT.md, it does not work
-        in the guests yet): copy its memory in pre-dump rounds while it runs
-        first, where this kernel tracks dirty pages and the tree is large enough.
+        `precopy`: copy its memory in pre-dump rounds while it runs first, where
+        this kernel tracks dirty pages and the tree is large enough.
+        `page_server`: CRIU sends the pages straight to the target's page server
+        (where the target offers one; else they go packed with the rest).
+        Both default to this agent's `fast` setting.
         """
+        precopy = self.fast if precopy is None else precopy
+        pages = self.fast if page_server is None else page_server
         criu = await self.ckpt.criu()
         if session.status is not None or session.moved or session.trace_sock is None:
             raise MigrationRefused(f"{session.program} is not running here")
@@ -550,7 +590,50 @@ class Migrator:
                 and await self.ckpt.precopy(criu)
             )
             async with self.ckpt._lock:
-                return await self._move(http, criu, session, to, instance, precopy)
+                return await self._move(http, criu, session, to, instance, precopy, pages)
+
+    async def _pages(
+        self, http: aiohttp.ClientSession, to: str, session: Session, into: str, use: bool
+    ) -> socket.socket | None:
+        """A connection to a page server the target runs for its directory `into`, or None.
+
+        Without one (this move does not use it, the target offers none or it
+        cannot be reached) the pages go packed with the other images.  The
+        target answers a port and a one-use secret; the connection sends the
+        secret first and gets PAGES_READY once the target's CRIU has it.
+        """
+        if not use:
+            return None
+        url = f"http://{to}/v1/migrations/pages?session={session.sid.hex()}&into={into}"
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
+        try:
+            # Generous: this runs before the freeze (a loaded target answers slowly, and
+            # giving up here only means the pages go packed).
+            async with asyncio.timeout(STALL_TIMEOUT):
+                async with http.post(url) as resp:
+                    if resp.status != 200:
+                        raise OSError((await resp.text()).strip())
+                    offer = await resp.json()
+                port, secret = int(offer["port"]), bytes.fromhex(offer["secret"])
+                host = to.rsplit(":", 1)[0].strip("[]")
+                family, kind, proto, _name, address = (
+                    await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                )[0]
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                await loop.sock_sendall(sock, secret)
+                if await loop.sock_recv(sock, 1) != PAGES_READY:
+                    raise OSError("its page server did not take the connection")
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            if sock is not None:
+                sock.close()
+            log.info("pages of %s go packed (%s): %s", session.program, into, exc or "timeout")
+            return None
+        sock.setblocking(True)  # CRIU reads and writes it as a blocking socket
+        _bound_stalls(sock)
+        return sock
 
     async def _check(self, http: aiohttp.ClientSession, to: str, tree: list[int]) -> None:
         try:
@@ -562,7 +645,13 @@ class Migrator:
             raise MigrationRefused(f"{to} cannot be reached: {exc or 'timeout'}") from None
 
     async def _precopy(
-        self, http: aiohttp.ClientSession, criu: C.Criu, session: Session, to: str, base: str
+        self,
+        http: aiohttp.ClientSession,
+        criu: C.Criu,
+        session: Session,
+        to: str,
+        base: str,
+        pages: bool,
     ) -> tuple[list[int], float]:
         """Pre-dump rounds, each sent to the target while the program runs on.
 
@@ -577,18 +666,30 @@ class Migrator:
             k = len(written)
             directory = os.path.join(base, f"pre{k}")
             os.mkdir(directory)
+            ps = await self._pages(http, to, session, f"pre{k}", pages)
             try:
                 took, size = await self.ckpt.predump(
-                    criu, session, directory, None if k == 0 else f"../pre{k - 1}"
+                    criu,
+                    session,
+                    directory,
+                    None if k == 0 else f"../pre{k - 1}",
+                    ps_socket=None if ps is None else ps.fileno(),
                 )
             except (C.CheckpointError, OSError) as exc:  # the rounds sent so far still count
                 log.warning("pre-copy of %s stopped at round %d: %s", session.program, k, exc)
                 self.precopy_error = f"round {k}: {exc}"
                 break
+            finally:
+                if ps is not None:
+                    ps.close()
             held += took
-            written.append(size)
-            url = f"http://{to}/v1/migrations/round?session={session.sid.hex()}&round={k}"
-            await self._send(http, url, None, directory)
+            url = (
+                f"http://{to}/v1/migrations/round?session={session.sid.hex()}&round={k}"
+                f"&pages={int(ps is not None)}"
+            )
+            answer, _ = await self._send(http, url, None, directory)
+            served = answer.get("pages") if ps is not None else size
+            written.append(served if isinstance(served, int) else size)
         return written, held
 
     async def _move(
@@ -599,39 +700,52 @@ class Migrator:
         to: str,
         instance: str,
         precopy: bool,
+        pages: bool,
     ) -> dict[str, Any]:
         base = tempfile.mkdtemp(prefix=f"{self.prefix}migrate-", dir=scratch())
         rounds: list[int] = []
         precopy_ms = held_ms = 0.0
         self.precopy_error = ""
         pids: tuple[int, ...] = ()
+        ps: socket.socket | None = None
         try:
             if precopy:
                 copying = time.perf_counter()
-                rounds, held_ms = await self._precopy(http, criu, session, to, base)
+                rounds, held_ms = await self._precopy(http, criu, session, to, base, pages)
                 precopy_ms = (time.perf_counter() - copying) * 1000
             directory = os.path.join(base, "final")
             os.mkdir(directory)
+            ps = await self._pages(http, to, session, "final", pages)  # before the freeze
             session.migrating = True
             started = time.perf_counter()
             pids = await self.ckpt.detach(session)
+            detach_ms = (time.perf_counter() - started) * 1000
             self._drain(session)
             pipes = {
                 "outs": {fd: _key_of(r) for fd, r in session.outs.items()},
                 "ins": {fd: _key_of(w) for fd, w in session.ins.items()},
             }
             parent = f"../pre{len(rounds) - 1}" if rounds else None
-            dump_ms = await self.ckpt.dump(criu, session, pids, directory, parent)
+            fd = None if ps is None else ps.fileno()
+            try:
+                dump_ms = await self.ckpt.dump(criu, session, pids, directory, parent, ps_socket=fd)
+            except C.CriuFailed as exc:
+                if ps is None:
+                    raise
+                raise MigrationRefused(f"dump into the page server of {to} failed: {exc}") from None
             salt = secrets.token_hex(8)
             key = moved_key(session.key, instance, salt)
             meta = describe(session, pids, pipes, key, session.outbox.next_seq + 1)
             meta["rounds"] = len(rounds)
+            meta["pages"] = ps is not None
             sending = time.perf_counter()
             answer, (raw, packed) = await self._send(
                 http, f"http://{to}/v1/migrations", meta, directory
             )
             transfer_ms = (time.perf_counter() - sending) * 1000
+            committing = time.perf_counter()
             await self._commit(http, to, session.sid.hex())
+            commit_ms = (time.perf_counter() - committing) * 1000
         except BaseException:
             if pids and session.trace_sock is None:
                 with contextlib.suppress(Exception):
@@ -640,6 +754,8 @@ class Migrator:
                 self._resume_here(session)
             raise
         finally:
+            if ps is not None:
+                ps.close()
             shutil.rmtree(base, ignore_errors=True)
         # The target runs it: ours, stopped all along, goes; the deputy follows.
         frozen = (time.perf_counter() - started) * 1000
@@ -661,11 +777,17 @@ class Migrator:
             "to": instance,
             "pid": session.pid,
             "freeze_ms": round(frozen, 1),
-            "dump_ms": round(dump_ms, 1),
-            "transfer_ms": round(transfer_ms, 1),  # pack, send, unpack, restore, adopt
-            "restore_ms": answer.get("restore_ms", 0),
-            "image_bytes": raw,
-            "zstd_bytes": packed,
+            # The freeze, phase by phase (docs/CHECKPOINT.md, "Where the time goes").
+            "detach_ms": round(detach_ms, 1),  # the tracer stops and lets go of the tree
+            "dump_ms": round(dump_ms, 1),  # criu dump (the last pre-copy round's parent)
+            "transfer_ms": round(transfer_ms, 1),  # pack, send, unpack, restore
+            "take_ms": answer.get("take_ms", 0),  # the target: receive and unpack
+            "restore_ms": answer.get("restore_ms", 0),  # the target: criu restore
+            "commit_ms": round(commit_ms, 1),  # the target's tracer adopts and continues it
+            "zstd_ms": round(sum(self.zstd_s) * 1000, 1),  # of transfer_ms: compressing
+            "image_bytes": raw + int(answer.get("pages", 0)),
+            "zstd_bytes": packed,  # of the images that went packed (not the page server's)
+            "page_server": ps is not None,
             "precopy_rounds": rounds,  # bytes of pages each pre-dump round sent
             "precopy_ms": round(precopy_ms, 1),  # the rounds, the program running between
             "precopy_held_ms": round(held_ms, 1),
@@ -723,7 +845,8 @@ class Migrator:
         """
         head = b"" if meta is None else json.dumps(meta).encode()
         r, w = _pipe()
-        packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w))
+        self.zstd_s = []
+        packer = asyncio.ensure_future(asyncio.to_thread(pack, directory, w, self.zstd_s))
         loop = asyncio.get_running_loop()
         to = url.split("/")[2]
 
@@ -815,29 +938,46 @@ class Migrator:
         staged = self.staged.pop(meta.sid, None)
         if staged is not None:
             staged.timer.cancel()
-        if meta.rounds and (staged is None or staged.rounds != meta.rounds):
+        served = staged.serving.pop("final", None) if staged is not None else None
+        try:
+            if meta.rounds and (staged is None or staged.rounds != meta.rounds):
+                raise MigrationRefused("the pre-copy rounds of that session are not all here")
+            if meta.pages and served is None:
+                raise MigrationRefused("no page server took the pages of that session here")
+        except MigrationRefused:
             if staged is not None:
-                shutil.rmtree(staged.base, ignore_errors=True)
-            raise MigrationRefused("the pre-copy rounds of that session are not all here")
-        if staged is not None and not meta.rounds:
-            shutil.rmtree(staged.base, ignore_errors=True)
+                self._drop_staged(staged)
+            raise
+        if staged is not None and not meta.rounds and not meta.pages:
+            self._drop_staged(staged)
             staged = None
         if staged is not None:
             base = staged.base
         else:
             base = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
         directory = os.path.join(base, "final")
-        os.mkdir(directory)
-        if meta.rounds:
-            os.symlink(f"../pre{meta.rounds - 1}", os.path.join(directory, "parent"))
+        _images_dir(directory, meta.rounds)
         try:
+            taking = time.perf_counter()
             await self._take(stream, directory)
-            return await self._restore(criu, meta, directory, ticket)
+            if meta.pages:
+                assert served is not None
+                await self._served(served, directory)
+            took = (time.perf_counter() - taking) * 1000
+            return {
+                **await self._restore(criu, meta, directory, ticket),
+                "take_ms": round(took, 1),
+                "pages": _pages_bytes(directory) if meta.pages else 0,
+            }
         finally:
+            if served is not None:
+                served.cancel()
+            if staged is not None:
+                self._drop_staged(staged)
             shutil.rmtree(base, ignore_errors=True)
 
     async def receive_round(
-        self, ticket: str, sid_hex: Any, k: Any, stream: aiohttp.StreamReader
+        self, ticket: str, sid_hex: Any, k: Any, stream: aiohttp.StreamReader, pages: bool = False
     ) -> dict[str, Any]:
         """Take pre-copy round `k` of a session's move (its pages, kept until the final dump)."""
         going = self._in_progress(ticket)
@@ -849,10 +989,86 @@ class Migrator:
             sid = bytes.fromhex(sid_hex)
         except ValueError:
             raise MigrationRefused("the ticket is for another session") from None
+        if sid not in self.staged and k != 0:
+            raise MigrationRefused(f"pre-copy round {k} without round 0")
+        staged = self._staging(sid_hex, ticket)
+        if k != staged.rounds or staged.busy:
+            raise MigrationRefused(f"pre-copy round {k} out of order")
+        if k >= C.PRECOPY_ROUNDS:
+            raise MigrationRefused(f"more than {C.PRECOPY_ROUNDS} pre-copy rounds")
+        directory = os.path.join(staged.base, f"pre{k}")
+        served = staged.serving.pop(f"pre{k}", None)
+        if pages and served is None:
+            self._unstage(sid)
+            raise MigrationRefused(f"no page server took the pages of round {k} here")
+        staged.busy = True
+        try:
+            _images_dir(directory, k)
+            size = await self._take(stream, directory)
+            if served is not None and pages:
+                await self._served(served, directory)
+        except BaseException:
+            self._unstage(sid)
+            raise
+        finally:
+            staged.busy = False
+            if served is not None:
+                served.cancel()
+        staged.rounds += 1
+        staged.timer.cancel()  # the staging lives STAGED_TTL from its last round
+        staged.timer = asyncio.get_running_loop().call_later(STAGED_TTL, self._unstage, sid)
+        return {"round": k, "bytes": size, "pages": _pages_bytes(directory)}
+
+    async def serve_pages(self, ticket: str, sid_hex: Any, into: Any, host: str) -> dict[str, Any]:
+        """Run a page server for the move's next images directory (`pre<k>` or `final`).
+
+        The source connects to the port answered and sends the secret first;
+        one such connection within PAGES_ACCEPT gets PAGES_READY and is handed
+        to `criu page-server`, which writes the pages the source's criu dump or
+        pre-dump sends into that directory (its `parent` the round before).
+        The round's or the move's own POST then waits for it to end.
+        """
+        going = self._in_progress(ticket)
+        if not isinstance(sid_hex, str) or not isinstance(into, str):
+            raise MigrationRefused("expected ?session=SID&into=pre<k>|final")
+        if self.tickets.check(ticket, burn=False, in_progress=going) != sid_hex:
+            raise MigrationRefused("the ticket is for another session")
+        criu = await self.ckpt.criu()
+        staged = self._staging(sid_hex, ticket)
+        k = staged.rounds
+        if into == "final":
+            parent = k
+        elif into == f"pre{k}" and k < C.PRECOPY_ROUNDS:
+            parent = k
+        else:
+            raise MigrationRefused(f"no page server for {into!r} now (round {k} is next)")
+        if into in staged.serving or staged.busy:
+            raise MigrationRefused(f"a page server for {into} runs already")
+        directory = os.path.join(staged.base, into)
+        _images_dir(directory, parent)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.bind((host, 0))
+            listener.listen(1)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        secret = secrets.token_bytes(16)
+        served = asyncio.ensure_future(self._page_server(criu, listener, secret, directory))
+        served.add_done_callback(_retrieved)  # a page server nobody waited for is no error
+        staged.serving[into] = served
+        return {"port": listener.getsockname()[1], "secret": secret.hex()}
+
+    def _staging(self, sid_hex: str, ticket: str) -> Staged:
+        """The staging of the move of session `sid_hex` (made for its first round or pages)."""
+        try:
+            sid = bytes.fromhex(sid_hex)
+        except ValueError:
+            raise MigrationRefused("the ticket is for another session") from None
         staged = self.staged.get(sid)
         if staged is None:
-            if k != 0:
-                raise MigrationRefused(f"pre-copy round {k} without round 0")
             if len(self.staged) >= MAX_STAGED:
                 raise MigrationRefused(f"{self.instance} is taking too many migrations")
             base = tempfile.mkdtemp(prefix=f"{self.prefix}restore-", dir=scratch())
@@ -860,32 +1076,74 @@ class Migrator:
             staged = self.staged[sid] = Staged(base, 0, timer, ticket)
         elif not hmac.compare_digest(staged.ticket, ticket):
             raise MigrationRefused("those pre-copy rounds came with another ticket")
-        if k != staged.rounds or staged.busy:
-            raise MigrationRefused(f"pre-copy round {k} out of order")
-        if k >= C.PRECOPY_ROUNDS:
-            raise MigrationRefused(f"more than {C.PRECOPY_ROUNDS} pre-copy rounds")
-        directory = os.path.join(staged.base, f"pre{k}")
-        staged.busy = True
+        return staged
+
+    async def _page_server(
+        self, criu: C.Criu, listener: socket.socket, secret: bytes, directory: str
+    ) -> int:
+        """Take the source's connection (the right secret first), run criu page-server on it."""
+        loop = asyncio.get_running_loop()
+        conn: socket.socket | None = None
         try:
-            os.mkdir(directory)
-            if k:
-                os.symlink(f"../pre{k - 1}", os.path.join(directory, "parent"))
-            size = await self._take(stream, directory)
-        except BaseException:
-            self._unstage(sid)
-            raise
+            async with asyncio.timeout(PAGES_ACCEPT):
+                while conn is None:
+                    conn, _peer = await loop.sock_accept(listener)
+                    got = b""
+                    with contextlib.suppress(OSError, TimeoutError):
+                        async with asyncio.timeout(PAGES_SECRET):  # one silent peer blocks not
+                            while len(got) < len(secret):
+                                piece = await loop.sock_recv(conn, len(secret) - len(got))
+                                if not piece:
+                                    break
+                                got += piece
+                    if not hmac.compare_digest(got, secret):
+                        conn.close()
+                        conn = None
+        except TimeoutError:
+            raise MigrationRefused(
+                f"the source did not reach its page server within {PAGES_ACCEPT:.0f}s"
+            ) from None
         finally:
-            staged.busy = False
-        staged.rounds += 1
-        staged.timer.cancel()  # the staging lives STAGED_TTL from its last round
-        staged.timer = asyncio.get_running_loop().call_later(STAGED_TTL, self._unstage, sid)
-        return {"round": k, "bytes": size}
+            listener.close()
+        try:
+            await loop.sock_sendall(conn, PAGES_READY)
+            conn.setblocking(True)  # CRIU's, from here on
+            _bound_stalls(conn)
+            return await self.ckpt.run(
+                C.page_server_argv(criu.path, directory, conn.fileno()),
+                os.path.join(directory, "page-server.out"),
+                (conn.fileno(),),
+            )
+        finally:
+            conn.close()
+
+    async def _served(self, served: asyncio.Task[int], directory: str) -> None:
+        """Until the page server of `directory` has ended; MigrationRefused unless it went well."""
+        try:
+            async with asyncio.timeout(PAGES_WAIT):
+                code = await served
+        except TimeoutError:
+            raise MigrationRefused(
+                f"the page server did not end within {PAGES_WAIT:.0f}s"
+            ) from None
+        except C.CheckpointError as exc:
+            raise MigrationRefused(str(exc)) from None
+        if code != 0:
+            said = C.first_error(_read_tail(os.path.join(directory, "page-server.log")))
+            raise MigrationRefused(f"criu page-server failed: {said}")
 
     def _unstage(self, sid: bytes) -> None:
         staged = self.staged.pop(sid, None)
         if staged is not None:
-            staged.timer.cancel()
-            shutil.rmtree(staged.base, ignore_errors=True)
+            self._drop_staged(staged)
+
+    @staticmethod
+    def _drop_staged(staged: Staged) -> None:
+        staged.timer.cancel()
+        for task in staged.serving.values():
+            task.cancel()
+        staged.serving.clear()
+        shutil.rmtree(staged.base, ignore_errors=True)
 
     async def _take(self, stream: aiohttp.StreamReader, directory: str) -> int:
         """Unpack the images of `stream` into `directory` as they arrive; raw bytes."""
@@ -1045,6 +1303,44 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _bound_stalls(sock: socket.socket) -> None:
+    """Writes to a peer that stopped answering fail after STALL_TIMEOUT (a VM gone sends
+    no reset): CRIU's dump into a dead target's page server ends, and the program runs on."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(STALL_TIMEOUT * 1000))
+
+
+def _retrieved(task: asyncio.Future[int]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _images_dir(directory: str, parent: int) -> None:
+    """Make an images directory (if its page server has not) linked to `pre<parent - 1>`."""
+    if os.path.isdir(directory):
+        return
+    os.mkdir(directory)
+    if parent:
+        os.symlink(f"../pre{parent - 1}", os.path.join(directory, "parent"))
+
+
+def _pages_bytes(directory: str) -> int:
+    """Bytes of the pages in `directory` (not its parents')."""
+    return sum(
+        os.path.getsize(os.path.join(directory, n))
+        for n in os.listdir(directory)
+        if n.startswith("pages-") and n.endswith(".img")
+    )
+
+
+def _read_tail(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-65536:]
+    except OSError:
+        return ""
 
 
 def _key_of(fd: int) -> str:

@@ -128,6 +128,10 @@ class LazyLink:
         self._lock = threading.Lock()
         self._submit: tuple[list[str], str] | None = None
         self._watch: tuple[Callable[[str], None], Callable[[str], None] | None] | None = None
+        # Issue 12 (failover): handed to the link when the instances start.
+        self.checkpoint_every: float | None = None
+        self.on_restoring: Callable[[set[str]], None] | None = None
+        self.on_restored: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def program_id(self) -> str | None:
@@ -149,6 +153,8 @@ class LazyLink:
                 return self.link
             try:
                 link = self.run.start()
+                link.checkpoint_every = self.checkpoint_every
+                link.on_restoring, link.on_restored = self.on_restoring, self.on_restored
                 argv, cwd = self._submit or (["?"], "/")
                 link.submit(argv, cwd)
             except (LocalRunError, OssCannotRun) as exc:
@@ -194,3 +200,120 @@ class LazyLink:
     def signal(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> bool:
         """As the started link's (False before: no process was forked on an instance)."""
         return self.link.signal(pid, sig, thread, sender) if self.link is not None else False
+
+
+class StorageLink:
+    """A `ProgramLink` that mounts the run's storage on every local instance before the
+    first process is placed (issue 14): the storage server and the instances' dcpfs
+    start then, not with the run, so a run that places nothing pays nothing for them.
+
+    Every instance mounts at once (an instance may place an exec on another, which
+    must find the namespace there).  A mount that fails is said once and every
+    process runs here, where the real directories are.
+    """
+
+    def __init__(self, link: Any, storage: Any, run: LocalRun) -> None:
+        self.link = link
+        self.storage = storage  # oss.storage.run.RunStorage, lazy
+        self.run = run
+        self._mounted = False
+        self._failed = False
+        self._lock = threading.Lock()
+
+    @property
+    def program_id(self) -> str | None:
+        """The wrapped link's."""
+        return getattr(self.link, "program_id", None)
+
+    @property
+    def placed(self) -> int:
+        """The wrapped link's."""
+        return int(getattr(self.link, "placed", 0))
+
+    # Issue 12's failover settings are the wrapped link's: the coordinator sets its
+    # restore callbacks here and reads the checkpoint period.
+    @property
+    def checkpoint_every(self) -> float | None:
+        """The wrapped link's."""
+        return getattr(self.link, "checkpoint_every", None)
+
+    @checkpoint_every.setter
+    def checkpoint_every(self, value: float | None) -> None:
+        self.link.checkpoint_every = value
+
+    @property
+    def on_restoring(self) -> Callable[[set[str]], None] | None:
+        """The wrapped link's."""
+        return getattr(self.link, "on_restoring", None)
+
+    @on_restoring.setter
+    def on_restoring(self, value: Callable[[set[str]], None] | None) -> None:
+        self.link.on_restoring = value
+
+    @property
+    def on_restored(self) -> Callable[[dict[str, Any]], None] | None:
+        """The wrapped link's."""
+        return getattr(self.link, "on_restored", None)
+
+    @on_restored.setter
+    def on_restored(self, value: Callable[[dict[str, Any]], None] | None) -> None:
+        self.link.on_restored = value
+
+    def _mount(self) -> bool:
+        from oss.storage import StorageError
+        from oss.storage.run import Agent
+
+        with self._lock:
+            if self._mounted or self._failed:
+                return self._mounted
+            cluster = self.run.cluster
+            self.storage.listen = f"unix:{cluster.logdir}/storage.sock"
+            try:
+                agents = [Agent(i.name, i.address, i.token) for i in cluster.instances]
+                self.storage.mount_on(agents)
+            except StorageError as exc:
+                self._failed = True
+                log.warning("the program's storage is not mounted (%s): processes run here", exc)
+                return False
+            self._mounted = True
+            return True
+
+    def submit(self, argv: Sequence[str], cwd: str) -> None:
+        """As the wrapped link's."""
+        self.link.submit(argv, cwd)
+
+    def place(self, avoid: Sequence[str], ident: Ident) -> Grant | None:
+        """A placement, once the instances mount the storage (None: runs here)."""
+        grant: Grant | None = self.link.place(avoid, ident)
+        if grant is not None and not self._mount():
+            self.link.release(grant.instance)
+            return None
+        return grant
+
+    def release(self, instance: str) -> None:
+        """As the wrapped link's."""
+        self.link.release(instance)
+
+    def processes(self, final_wait: float) -> dict[str, Any] | None:
+        """As the wrapped link's."""
+        result: dict[str, Any] | None = self.link.processes(final_wait)
+        return result
+
+    def finish(self, exit_status: int | None, signal: int | None) -> None:
+        """As the wrapped link's."""
+        self.link.finish(exit_status, signal)
+
+    def watch(
+        self, on_stop: Callable[[str], None], on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        """As the wrapped link's."""
+        self.link.watch(on_stop, on_lost)
+
+    def stop_now(self) -> str | None:
+        """As the wrapped link's."""
+        reason: str | None = self.link.stop_now()
+        return reason
+
+    def signal(self, pid: int, sig: int, thread: bool = False, sender: int = 0) -> bool:
+        """As the wrapped link's."""
+        return bool(self.link.signal(pid, sig, thread, sender))

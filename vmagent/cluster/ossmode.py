@@ -37,8 +37,10 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -59,8 +61,10 @@ from tracer.errors import TracerError, UsageError
 from vmagent.cluster.coordinator import EXEC_CALLS, ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement, UnknownPolicy
 from vmagent.errors import AgentError
+from vmagent.exec import protocol as P
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import EMPTY, View
+from vmagent.network.home import HomeListeners
 from vmagent.trace.pidspace import PID_MAX_LIMIT
 
 log = logging.getLogger(__name__)
@@ -155,6 +159,13 @@ class Grant:
 
 class ProgramLink(Protocol):
     """The OSS as the coordinator uses it (blocking calls, made on the tracer thread)."""
+
+    # Issue 12 (failover): the program's checkpoint interval (submitted with it), and
+    # the coordinator's callbacks for sessions being restored (their ticket nonces) and
+    # restored (`oss.models.Restoration` as a dict), called from the link's watcher.
+    checkpoint_every: float | None
+    on_restoring: Callable[[set[str]], None] | None
+    on_restored: Callable[[dict[str, Any]], None] | None
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
         """Start submitting the program; OssCannotRun if it must not run at all."""
@@ -263,14 +274,36 @@ class OssCoordinator(ClusterCoordinator):
         self._root: int | None = None
         self._root_status: tuple[int | None, int | None] | None = None
         self.refused: str | None = None  # why the OSS could not take the program
+        # Issue 13: servers at home reached at the program's address (local runs as
+        # root; set by whoever builds this coordinator, before the run starts).
+        self.home_listeners: HomeListeners | None = None
         # Placed processes: pid -> (instance, argv, end status or None while running);
         # read by the watcher thread (lost instances).
         self._placed: dict[int, tuple[str, str, int | None]] = {}
         self._placed_lock = threading.Lock()
+        # Issue 12 (failover): exec ticket nonce -> placed pid; nonces being restored.
+        self._nonces: dict[str, int] = {}
+        self._restoring: set[str] = set()
+        self._last_nonce = ""
+        link.on_restoring = self._restoring.update
+        link.on_restored = self._restored
 
     def interception(self) -> frozenset[str]:
-        """ClusterCoordinator's, plus the calls that signal a pid (issue 11)."""
-        return super().interception() | frozenset(SIGNAL_CALLS)
+        """ClusterCoordinator's, plus the calls that signal a pid (issue 11), and listen
+        when servers at home are steered (issue 13)."""
+        home = frozenset({"listen"}) if self.home_listeners is not None else frozenset()
+        return super().interception() | frozenset(SIGNAL_CALLS) | home
+
+    def _home_listen(self, call: SyscallCall) -> bool:
+        return (call.name == "listen" and self.home_listeners is not None
+                and call.name not in self._inner_calls)  # fmt: skip
+
+    def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
+        """A listen at home is steered (issue 13); the rest as ClusterCoordinator."""
+        if self._home_listen(call):
+            assert self.home_listeners is not None
+            return self.home_listeners.on_result(call, signed(result))
+        return super().on_result(call, result, output)
 
     def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """The program's first exec submits it; a signal for a pid forked on an
@@ -278,6 +311,8 @@ class OssCoordinator(ClusterCoordinator):
         index = SIGNAL_CALLS.get(call.name)
         if index is not None and call.name not in self._inner_calls:
             return self._signal(call, index)
+        if self._home_listen(call):
+            return Allow(observe_result=True)
         if self._root is None and call.name in EXEC_CALLS:
             self._root = call.pid
             argv = [a.decode(errors="replace")[:ARG_MAX] for a in (call.argv or ())[:ARG_MAX]]
@@ -317,6 +352,8 @@ class OssCoordinator(ClusterCoordinator):
 
     def _place(self, call: SyscallCall, decision: Allow | Rewrite) -> Rewrite | None:
         placed = super()._place(call, decision)
+        if placed is not None:
+            self._nonces[self._last_nonce] = call.pid
         if placed is not None and call.argv is not None:
             argv = b" ".join(a for a in call.argv[:8]).decode(errors="replace")
             with self._placed_lock:
@@ -325,20 +362,78 @@ class OssCoordinator(ClusterCoordinator):
 
     def lost_on(self, instance: str) -> list[str]:
         """The placed processes on `instance` still running, or ended lost (status 255)."""
+        restoring = {pid for nonce, pid in self._nonces.items() if nonce in self._restoring}
         with self._placed_lock:
             return [
                 argv
-                for where, argv, status in self._placed.values()
-                if where == instance and status in (None, LOST_STATUS)
+                for pid, (where, argv, status) in self._placed.items()
+                if where == instance and status in (None, LOST_STATUS) and pid not in restoring
             ]
 
+    def _gone(self, instance: str) -> None:
+        """Deputies of processes lost with `instance` and not to be restored (no
+        checkpoint) end now, not at the end of their long failover window (issue 12)."""
+        restoring = {pid for nonce, pid in self._nonces.items() if nonce in self._restoring}
+        with self._placed_lock:
+            gone = [
+                pid
+                for pid, (where, _argv, status) in self._placed.items()
+                if where == instance and status is None and pid not in restoring
+            ]
+        for pid in gone:
+            path = self._ticket_files.get(pid)
+            if path is not None and self.drop.redirect(path, P.GONE):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGRTMIN + P.WAKE_RT)
+
+    def _restored(self, restored: dict[str, Any]) -> None:
+        """A placed process was restored from its checkpoint on another instance (issue
+        12): its deputy is told where (a note beside its ticket) and resumes there."""
+        pid = self._nonces.get(str(restored["nonce"]))
+        path = self._ticket_files.get(pid) if pid is not None else None
+        if pid is None or path is None:
+            return
+        note = P.unpairs(
+            {
+                b"addr": str(restored["address"]).encode(),
+                b"instance": str(restored["instance"]).encode(),
+                b"salt": str(restored["salt"]).encode(),
+            }
+        )
+        if not self.drop.redirect(path, note):
+            return
+        with contextlib.suppress(OSError):  # its old connection may look alive: hang up
+            os.kill(pid, signal.SIGRTMIN + P.WAKE_RT)
+        with self._placed_lock:
+            if pid in self._placed:
+                _where, argv, status = self._placed[pid]
+                self._placed[pid] = (str(restored["instance"]), argv, status)
+        self._where[pid] = str(restored["instance"])
+        age = max(0.0, time.time() - float(restored["taken"]))
+        print(
+            f"dcptrace: pid {pid} restored on {restored['instance']} from its checkpoint"
+            f" of {age:.1f} s before (instance {restored['lost']} lost): what it wrote"
+            " since then comes again",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _say_lost(self, instance: str) -> None:
+        if self._link.checkpoint_every is not None:
+            self._gone(instance)
         names = self.lost_on(instance)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         n = len(names)
+        with self._placed_lock:
+            back = sum(
+                1
+                for nonce, pid in self._nonces.items()
+                if nonce in self._restoring and self._placed.get(pid, ("",))[0] == instance
+            )
         print(
             f"dcptrace: instance {instance} lost: {n} process{'es' if n != 1 else ''} ended"
-            + (f" ({shown})" if names else ""),
+            + (f" ({shown})" if names else "")
+            + (f"; {back} to be restored from checkpoints" if back else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -352,7 +447,9 @@ class OssCoordinator(ClusterCoordinator):
         return name
 
     def _ticket(self, target: Target, ident: Ident) -> str:
-        return self.oss_placement.granted.pop(target.name)
+        ticket = self.oss_placement.granted.pop(target.name)
+        self._last_nonce = ticket.split(".")[2] if ticket.count(".") >= 2 else ""
+        return ticket
 
     def on_process(self, event: ProcessEvent) -> None:
         """Note the root's end status; release placements (ClusterCoordinator)."""
@@ -366,6 +463,8 @@ class OssCoordinator(ClusterCoordinator):
                     if end is None:
                         end = 128 + (event.signal or 0)
                     self._placed[event.pid] = (where, argv, end)
+            if self.home_listeners is not None and self.home_listeners.watched:
+                self.home_listeners.exited(event.pid)
         super().on_process(event)
 
     def measured(self, final_wait: float) -> dict[str, Any] | None:
@@ -449,10 +548,36 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def follow_restorations(
+    news: Sequence[dict[str, Any]],
+    seen: set[str],
+    on_restoring: Callable[[set[str]], None] | None,
+    on_restored: Callable[[dict[str, Any]], None] | None,
+) -> set[str]:
+    """Hand the OSS's restorations of the program to the coordinator (issue 12): those
+    under way (no `instance` yet) as a set of nonces, each done one once; the nonces
+    handed on so far."""
+    pending = {str(r["nonce"]) for r in news if not r.get("instance")}
+    if pending and on_restoring is not None:
+        on_restoring(pending)
+    for r in news:
+        if r.get("instance") and str(r["nonce"]) not in seen:
+            seen = seen | {str(r["nonce"])}
+            if on_restored is not None:
+                on_restored(r)
+    return seen
+
+
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
-    def __init__(self, config: OssModeConfig, view: View = EMPTY, storage: Any = None) -> None:
+    def __init__(
+        self,
+        config: OssModeConfig,
+        view: View = EMPTY,
+        storage: Any = None,
+        cwd_note: str | None = None,
+    ) -> None:
         from oss.client import OssClient  # pydantic and aiohttp only in --oss mode
 
         self.config = config
@@ -462,6 +587,8 @@ class OssProgramLink:
         # Issue 14: the run's storage (oss.storage.run.RunStorage), which the OSS relays
         # to each instance a process is placed on before that process starts there.
         self.storage = storage
+        self._spec_given = False  # the spec goes to the OSS with the first mount
+        self._cwd_note = cwd_note  # why the cwd is not shared: said at the first placement
         self._mounted: set[str] = set()
         self._storage_client = (
             OssClient(config.url, config.token, timeout=STORAGE_TIMEOUT) if storage else None
@@ -476,6 +603,10 @@ class OssProgramLink:
         self._watching = False
         self.stopped: str | None = None  # why a limit stopped the program (then no finish)
         self.placed = 0  # processes placed with a ticket (the record waits for their rows)
+        self.checkpoint_every: float | None = None  # issue 12 (failover)
+        self.on_restoring: Callable[[set[str]], None] | None = None
+        self.on_restored: Callable[[dict[str, Any]], None] | None = None
+        self._restored_seen: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -550,12 +681,11 @@ class OssProgramLink:
             spec["scaling_policy"] = m.ScalingPolicy(
                 min_instances=self._width, max_instances=self._width
             )
+        if self.checkpoint_every is not None:  # issue 12: failover from checkpoints
+            spec["checkpoint_every"] = self.checkpoint_every
         prog = await self._client.submit(m.ProgramSubmit(**spec))
         for p in prog.placements:
             await self._client.release(prog.id, p.instance, p.processes)
-        if self.storage is not None:  # before any placement: its instances mount it
-            path = f"/v1/programs/{prog.id}/storage"
-            await self._client.request("PUT", path, self.storage.spec())
         return prog
 
     async def _submit(self, argv: list[str], cwd: str) -> str | None:
@@ -623,6 +753,8 @@ class OssProgramLink:
                 if not self._mount_on(pid, g.instance):
                     self.release(g.instance)
                     return None
+                if self._cwd_note is not None:
+                    self._warn_once("cwd", self._cwd_note)
                 self.placed += 1
                 return Grant(g.instance, g.address, g.tickets[0])
         for a in got.assignments:  # placed where no ticket can be had: give it back
@@ -638,17 +770,25 @@ class OssProgramLink:
         """The run's storage is mounted on `instance` (the first time: the OSS relays it
         there and waits for the agent); False: it is not, the process runs here."""
         from oss import errors
+        from oss.storage import StorageError
 
         if self.storage is None or instance in self._mounted:
             return True
         assert self._storage_client is not None
         path = f"/v1/programs/{pid}/storage/mounts"
         try:
+            if not self._spec_given:  # the server starts now: the first process placed
+                spec = self.storage.spec()
+                self._bridge.call(
+                    self._storage_client.request("PUT", f"/v1/programs/{pid}/storage", spec),
+                    STORAGE_TIMEOUT + 5,
+                )
+                self._spec_given = True
             self._bridge.call(
                 self._storage_client.request("POST", path, {"instance": instance}),
                 STORAGE_TIMEOUT + 5,
             )
-        except (errors.OssError, TimeoutError) as exc:
+        except (errors.OssError, TimeoutError, StorageError) as exc:
             self._warn_once(
                 f"mount:{instance}",
                 f"the program's storage is not mounted on {instance} ({_reason(exc)}): "
@@ -665,6 +805,8 @@ class OssProgramLink:
         pid = self.program_id
         if self.storage is None or self._storage_client is None or pid is None:
             return
+        if not self._spec_given:
+            return  # nothing was placed: no server ran, no instance mounted
         try:
             got = self._bridge.call(
                 self._storage_client.request("DELETE", f"/v1/programs/{pid}/storage"),
@@ -795,6 +937,12 @@ class OssProgramLink:
             if prog.state == "suspended" and not suspended:
                 say_suspended(pid)
             suspended = prog.state == "suspended"
+            if self.checkpoint_every is not None and self.on_restored is not None:
+                with contextlib.suppress(errors.OssError, TimeoutError):
+                    news = await self._client.request("GET", f"/v1/programs/{pid}/restorations")
+                    self._restored_seen = follow_restorations(
+                        news, self._restored_seen, self.on_restoring, self.on_restored
+                    )
             failed = LOST_REASON.match(prog.status_reason)
             if failed and self._on_lost and failed[1] not in self._lost_said:
                 self._lost_said.add(failed[1])
@@ -848,11 +996,23 @@ class LocalProgramLink:
         self._watcher: concurrent.futures.Future[Any] | None = None
         self.stopped: str | None = None  # why a limit stopped the program (then no finish)
         self.placed = 0  # processes placed with a ticket (the record waits for their rows)
+        self.checkpoint_every: float | None = None  # issue 12 (failover)
+        self.on_restoring: Callable[[set[str]], None] | None = None
+        self.on_restored: Callable[[dict[str, Any]], None] | None = None
+        self._restored_seen: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("%s", message)
+
+    def _failover_news(self, pid: str) -> None:
+        """Sessions of the program being restored, and those restored since the last
+        look, to the coordinator (issue 12); on the OSS's loop."""
+        news = [r.model_dump(mode="json") for r in self.private.oss.failover.of_program(pid)]
+        self._restored_seen = follow_restorations(
+            news, self._restored_seen, self.on_restoring, self.on_restored
+        )
 
     def submit(self, argv: Sequence[str], cwd: str) -> None:
         """Submit the program with its view; release the root's slot (it runs here)."""
@@ -910,6 +1070,7 @@ class LocalProgramLink:
             if prog["state"] == "suspended" and not suspended:
                 say_suspended(pid)
             suspended = prog["state"] == "suspended"
+            self._failover_news(pid)
             failed = LOST_REASON.match(prog["status_reason"])
             if failed and on_lost is not None and failed[1] not in said:
                 said.add(failed[1])
@@ -947,7 +1108,12 @@ class LocalProgramLink:
         view = m.ViewSpec.model_validate(
             {"maps": list(v.maps), "placement": v.placement, "metering": v.metering, "home": v.home}
         )
-        prog = await oss.submit(who, m.ProgramSubmit(argv=argv, cwd=cwd or "/", view=view))
+        prog = await oss.submit(
+            who,
+            m.ProgramSubmit(
+                argv=argv, cwd=cwd or "/", view=view, checkpoint_every=self.checkpoint_every
+            ),
+        )
         if prog["state"] == "pending":
             await oss.cancel(who, prog["id"])
             return None
@@ -1032,6 +1198,29 @@ class LocalProgramLink:
             await oss.programs.release(who.account_id, pid, a["instance"], a["processes"])
         return None
 
+    def home_listener(self, pid: int, port: int, proto: str, local: str, opened: bool) -> int:
+        """A server at home opened (or closed) a listener: the run's OSS steers P:port home
+        (issue 13).  0, or EADDRINUSE when an instance of the program holds the port."""
+        from oss.network.plan import HOME
+        from oss.network.store import PortTaken
+
+        net = self.private.oss.network
+        if self.program_id is None or net is None or net.config.home is None:
+            return 0
+        number = 6 if proto == "tcp" else 17
+        program = self.program_id
+        if opened:
+            coro: Any = net.listen(program, HOME, pid, port, local, number)
+        else:
+            coro = net.unlisten(program, HOME, port, number)
+        try:
+            self.private.call(coro, self.timeout)
+        except PortTaken:
+            return errno.EADDRINUSE
+        except Exception as exc:  # the server stays reachable at home's own addresses
+            self._warn_once("home-listen", f"a server at home is not steered ({exc})")
+        return 0
+
     def release(self, instance: str) -> None:
         """Release one process's placement (in the background)."""
         if self.program_id is None:
@@ -1071,6 +1260,8 @@ def oss_clustered(
     reconnect_window: float | None = None,
     view: View = EMPTY,
     storage: Any = None,
+    cwd_note: str | None = None,
+    checkpoint_every: float | None = None,
 ) -> Iterator[OssCoordinator]:
     """The coordinator of `dcptrace --oss URL`; set-up errors as the tracer's errors.
 
@@ -1080,7 +1271,8 @@ def oss_clustered(
         config = OssModeConfig.load(oss_url, placement, os.environ if environ is None else environ)
     except OssModeError as exc:
         raise UsageError(str(exc)) from exc
-    link = OssProgramLink(config, view, storage)
+    link = OssProgramLink(config, view, storage, cwd_note)
+    link.checkpoint_every = checkpoint_every  # issue 12: submitted with the program
     try:
         try:
             link.start(link.check())

@@ -12,6 +12,13 @@ every process of the instance with it, as a crashed VM would.  The network is
 the host's (the agents listen on 127.0.0.1), so an OSS on loopback is reachable.
 Without root they are plain processes.  Every agent holds a lifeline pipe: when
 the OSS process ends, however it ends, its local instances stop by themselves.
+
+`cpu_quota` (root, a cgroup CPU controller: v2 `cpu.max` or v1 `cpu.cfs_quota_us`)
+makes slow instances: each agent, and everything its instance runs, gets at most
+that fraction of one CPU (`make_slow`: a twentieth) from the moment it listens (its own
+start-up at that rate would take minutes; the CPU score it measures when it
+registers comes after, and sees the quota).  Issue 12: a slow pool beside a fast
+one, for the optimizer's moves to faster instances.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 STOP_WAIT = 5.0  # seconds an agent has to stop on SIGTERM before SIGKILL
+CGROUP = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000  # the quota's period (the kernel's default)
+SLOW_QUOTA = 0.02  # make_slow: a fiftieth of one CPU per instance
 
 
 def _children(pid: int) -> list[int]:
@@ -55,7 +65,12 @@ class LocalInstanceProvider:
         isolate: bool | None = None,
         start_timeout: float = 30.0,
         listen_host: str = "127.0.0.1",
+        cpu_quota: float | None = None,
     ) -> None:
+        if cpu_quota is not None and not 0 < cpu_quota <= 64:
+            raise ClusterError("local", "cpu_quota must be in (0, 64] CPUs")
+        self.cpu_quota = cpu_quota
+        self._groups: dict[str, Path] = {}  # name -> its CPU cgroup (cpu_quota)
         self.isolate = (os.geteuid() == 0) if isolate is None else isolate
         self.start_timeout = start_timeout
         self.listen_host = listen_host
@@ -91,6 +106,11 @@ class LocalInstanceProvider:
                 "unshare", "--uts", "--pid", "--mount", "--mount-proc", "--fork",
                 "--kill-child", "--", *agent,
             ]  # fmt: skip
+        if self.cpu_quota is not None:
+            # The agent joins its group before anything of it runs: `sh` writes its own
+            # pid there, then becomes the agent's command.
+            procs = self._cpu_group(name) / "cgroup.procs"
+            argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *argv]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])]
@@ -112,12 +132,64 @@ class LocalInstanceProvider:
         self._procs[name] = proc
         try:
             self._wait_listening(name, proc)
+            if self.cpu_quota is not None:
+                self._limit(name)
         except BaseException:
             self._stop(name)
             raise
         kids = _children(proc.pid) if self.isolate else []
         self._agents[name] = kids[0] if kids else proc.pid
         log.info("local instance %s: agent pid %d", name, self._agents[name])
+
+    def _cpu_group(self, name: str) -> Path:
+        """A cgroup of the CPU controller for instance `name` (made here, no limit yet)."""
+        leaf = f"dcp-local-{os.getpid()}-{name}"
+        try:
+            v2 = CGROUP / "cgroup.controllers"
+            if v2.exists() and "cpu" in v2.read_text().split():
+                (CGROUP / "cgroup.subtree_control").write_text("+cpu\n")
+                group = CGROUP / leaf
+            elif (CGROUP / "cpu" / "cpu.cfs_quota_us").exists():
+                group = CGROUP / "cpu" / leaf
+            else:
+                raise ClusterError(name, "no cgroup CPU controller here to limit its CPU")
+            group.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ClusterError(name, f"cannot limit its CPU: {exc}") from exc
+        self._groups[name] = group
+        return group
+
+    def _limit(self, name: str) -> None:
+        """Instance `name` gets at most `cpu_quota` CPUs from now on."""
+        assert self.cpu_quota is not None
+        group = self._groups[name]
+        quota = max(1000, int(self.cpu_quota * CPU_PERIOD_US))
+        try:
+            if (group / "cpu.max").exists():
+                (group / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}\n")
+            else:
+                (group / "cpu.cfs_period_us").write_text(f"{CPU_PERIOD_US}\n")
+                (group / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+        except OSError as exc:
+            raise ClusterError(name, f"cannot limit its CPU: {exc}") from exc
+
+    def _drop_group(self, name: str) -> None:
+        """Remove instance `name`'s CPU cgroup once its processes are gone (best effort)."""
+        group = self._groups.pop(name, None)
+        if group is None:
+            return
+        deadline = time.monotonic() + STOP_WAIT
+        while True:
+            try:
+                group.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("cgroup %s not removed: still busy", group)
+                    return
+                time.sleep(0.05)
 
     def _wait_listening(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
@@ -155,6 +227,7 @@ class LocalInstanceProvider:
         proc = self._procs.pop(name, None)
         agent = self._agents.pop(name, None)
         if proc is None:
+            self._drop_group(name)
             return
         for pid in {agent or proc.pid, proc.pid}:
             with contextlib.suppress(ProcessLookupError):
@@ -169,6 +242,7 @@ class LocalInstanceProvider:
             proc.wait(timeout=STOP_WAIT)
         if proc.stdout is not None:
             proc.stdout.close()
+        self._drop_group(name)
 
     def close(self) -> None:
         """Stop every agent this provider started."""
@@ -184,3 +258,9 @@ class LocalInstanceProvider:
 def make() -> LocalInstanceProvider:
     """The factory `dcp-oss serve --provider local=vmagent.cluster.provider:make` calls."""
     return LocalInstanceProvider()
+
+
+def make_slow() -> LocalInstanceProvider:
+    """Slow local instances, a twentieth of one CPU each (`--provider
+    slow=vmagent.cluster.provider:make_slow`; demos and tests of optimizer moves)."""
+    return LocalInstanceProvider(cpu_quota=SLOW_QUOTA)

@@ -61,7 +61,7 @@ FORWARDED = (
 # Job control: forwarded, then the deputy stops itself so that the parent's
 # waitpid(WUNTRACED) and the shell's job table see the job stopped.
 STOPPERS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
-WAKE = _signal.SIGRTMIN + 3  # internal: the receiver thread wakes the main thread
+WAKE = _signal.SIGRTMIN + P.WAKE_RT  # the receiver thread wakes the main thread (and home)
 MAX_TICKET = 4096
 SI_KERNEL = 0x80  # si_code of a signal the kernel sent (the terminal's keys)
 SI_USER = 0  # si_code of kill()/killpg()
@@ -561,6 +561,15 @@ class Deputy:
         return LOST_STATUS
 
 
+def _noted(path: str) -> bool:
+    """Is there a note from home at `path` (failover, issue 12)?"""
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return bool(path)
+
+
 def main(argv: list[str]) -> int:
     """Run PATH remotely and mirror it; return the exit status."""
     try:
@@ -582,6 +591,7 @@ def main(argv: list[str]) -> int:
     link = Link(agent, instance, window, ticket)
     deputy = Deputy(link, rest[1] if len(rest) > 1 else rest[0])
     deputy.loss_note = ticket_file + P.LOSS_SUFFIX
+    link.redirect = ticket_file + P.MOVED_SUFFIX  # failover: home says where it went
     try:
         link.open(hello)
     except LostError as exc:
@@ -599,6 +609,8 @@ def main(argv: list[str]) -> int:
     while deputy.result is None:
         info = _signal.sigwaitinfo(sigs)
         sig = info.si_signo
+        if sig == WAKE and deputy.result is None and _noted(link.redirect):
+            link.hang_up()  # home says the program runs elsewhere now: the receiver follows
         if sig != WAKE and deputy.result is None:
             if sig in STOPPERS:
                 if masks[0] & (1 << (sig - 1)):

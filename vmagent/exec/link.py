@@ -55,6 +55,7 @@ class Link:
         self.replies: list[bytes] = []  # unsequenced frames to send later (KILLED)
         # Frames that arrived together with WELCOME on a resume, for the receiver.
         self.pending: list[tuple[int, int, int, bytes | bytearray]] = []
+        self.redirect = ""  # where home says the program went after a loss (issue 12)
 
     def dial(self) -> _socket.socket:
         sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
@@ -146,6 +147,40 @@ class Link:
         self.addr = (host.strip("[]"), int(port))
         self.agent = agent
         self.instance = instance.decode()
+
+    def follow(self) -> bool:
+        """Home's note that the program was restored on another instance (failover,
+        issue 12): move there, as on MOVED.  Unreachable if home says it is gone."""
+        if not self.redirect:
+            return False
+        try:
+            fd = os.open(self.redirect, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(self.redirect)
+            except OSError:
+                pass
+        if data == P.GONE:
+            raise Unreachable("its instance was lost and it had no checkpoint")
+        try:
+            self.move(data)
+        except (KeyError, ValueError, P.FrameError):
+            return False
+        return True
+
+    def hang_up(self) -> None:
+        """Drop the connection (the receiver thread reconnects, following home's note)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def first_frame(self) -> bytes:
         """RESUME once the session is known, else HELLO (seq: the last seq received)."""
@@ -261,6 +296,8 @@ class Link:
         delay = 0.05
         last = why
         while True:
+            if self.follow():  # restored from a checkpoint elsewhere: a fresh window there
+                deadline = time.monotonic() + self.window
             try:
                 sock, parser, frames = self.handshake(self.first_frame())
                 while not frames:
@@ -287,6 +324,10 @@ class Link:
                 raise
             except OSError as exc:
                 last = exc.strerror or str(exc)
+            if self.follow():
+                deadline = time.monotonic() + self.window
+                delay = 0.05
+                continue
             if time.monotonic() + delay > deadline:
                 raise Unreachable(last)
             time.sleep(delay)

@@ -77,6 +77,16 @@ AGAIN = 1
 # Not on the wire: a deputy that lost data leaves a note at its ticket file's
 # path + LOSS_SUFFIX, which the home coordinator reads when the deputy exits.
 LOSS_SUFFIX = ".lost"
+# Failover (issue 12): path + MOVED_SUFFIX, written by the home coordinator when the
+# program was restored from a checkpoint elsewhere (a MOVED frame's payload), or
+# `gone` when its instance was lost without one; the deputy reads it while it
+# tries to reconnect.
+MOVED_SUFFIX = ".moved"
+GONE = b"gone"
+# The deputy's private signal is SIGRTMIN + WAKE_RT: home sends it after writing the
+# note, so a deputy whose old connection still looks alive (a frozen or partitioned
+# instance) hangs up and follows the note.
+WAKE_RT = 3
 
 # TCP keepalive on exec connections: a peer whose host vanished without a
 # FIN/RST (a VM killed, a cable cut) is noticed after IDLE + INTVL * CNT seconds.

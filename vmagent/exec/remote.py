@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vmagent.exec import protocol as P
 from vmagent.exec import tickets
 
 # The deputy runs as a file (python -I -S ignores PYTHONPATH and site-packages,
@@ -112,6 +113,32 @@ class TicketDrop:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         return text or "a placed process lost data"
+
+    def redirect(self, path: str, note: bytes) -> bool:
+        """Leave the deputy of ticket `path` a note (`protocol.MOVED_SUFFIX`): where its
+        program was restored, or GONE.  Owned by the ticket's uid, 0600; False if its
+        directory is gone (the deputy ended)."""
+        where = os.path.dirname(path)
+        try:
+            st = os.stat(where)
+            tmp = os.path.join(where, "." + secrets.token_hex(8))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600)
+        except OSError:
+            return False
+        try:
+            if os.geteuid() == 0 and st.st_uid != 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.write(fd, note)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path + P.MOVED_SUFFIX)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        return True
 
     def discard(self, path: str) -> None:
         """Delete a ticket file its deputy did not consume (the deputy died first)."""

@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from oss.network.manager import NetworkConfig
-from oss.network.plan import HostSpot, InstanceSpot, NodeKey
+from oss.network.plan import HomeSpot, HostSpot, InstanceSpot, NodeKey
 
 if TYPE_CHECKING:
     from net.netns import LabNetwork
@@ -63,5 +63,6 @@ def lab_config(lab: LabNetwork) -> tuple[NetworkConfig, dict[NodeKey, str | None
     }
     nodes: dict[NodeKey, str | None] = {("host", HOME): None}
     nodes.update({("instance", a.name): a.netns for a in lab.attachments})
-    config = NetworkConfig(prefix, spots, {HOME: HostSpot(HOME, lab.bridge)})
+    home = HomeSpot(HOME, lab.gateway)  # the run's home is this host: its servers too
+    config = NetworkConfig(prefix, spots, {HOME: HostSpot(HOME, lab.bridge)}, home=home)
     return config, nodes

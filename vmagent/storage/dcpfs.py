@@ -72,6 +72,13 @@ USAGE_MAX_AGE = 0.5
 # An open follows its own lookup's getattr: attributes that recent are that lookup's
 # (a close elsewhere in between would be concurrent with this open, not before it).
 LOOKUP_REUSE = 0.01
+# Attributes a stat, a lookup or a permission check gets from the cache, this young at
+# most (as NFS's attribute cache; an open always asks the volume: close-to-open).  A
+# change made through this mount drops them at once; one made on another instance is
+# seen by a stat within ATTR_TTL, by an open at once.  The kernel keeps a name's lookup
+# as long (ENTRY_TTL), never a missing name's: a file created elsewhere is found at once.
+ATTR_TTL = 1.0
+ENTRY_TTL = ATTR_TTL
 CHUNK = 4 << 20  # bytes per SFTP read or write call: asyncssh pipelines it in blocks
 MAX_WRITE = 128 << 10  # bytes per FUSE write/read (libfuse 2's largest)
 # A stat of MOUNT/.dcp-sync publishes every file open for writing on this instance
@@ -80,6 +87,14 @@ SYNC_PATH = "/.dcp-sync"
 STATVFS_KEYS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
 LOCK_SUBSYSTEM = "dcp-lock"  # oss.storage.locks: flock and POSIX locks of the namespace
 LOCK_POLL = 0.05  # seconds between looks for a FUSE interrupt while a lock call waits
+# The instance tracer names lockers in the program's pids (a placed process's pid is
+# its deputy's, a forked one's `base + pid`: vmagent.trace.pidspace), which only it
+# knows: before a lock call it sets PID_XATTR ("REAL PROGRAM") on the file, and after
+# an F_GETLK it reads GETLK_XATTR + ".REAL" (the holder's program pid, which the
+# kernel cannot carry: it is no pid of this instance).  Neither touches the volume.
+PID_XATTR = "user.dcp.lockpid"
+GETLK_XATTR = "user.dcp.getlk"
+MAX_PIDS = 4096  # lockers remembered (the oldest go first)
 STREAM_REASON = "large sequential write streams to the networked volume"
 
 T = TypeVar("T")
@@ -361,7 +376,9 @@ def _mtime_ns(a: asyncssh.SFTPAttrs) -> int:
 
 
 class Dcpfs(fuse.Operations):  # type: ignore[misc]
-    """The FUSE operations (one lock: every operation sees a consistent state)."""
+    """The FUSE operations.  One lock makes every operation that changes the state see
+    a consistent one; a stat (getattr) and a read of a local copy take none, so they
+    never wait behind another file's round trip."""
 
     use_ns = True  # utimens gets nanoseconds
 
@@ -376,6 +393,14 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.started = time.time_ns()  # the root directory's times
         self.usage_read = -1e9  # monotonic time of the last usage reading
         self.looked_up: tuple[str, Any, float] = ("", None, -1e9)  # the last getattr
+        self.program_pids: dict[int, int] = {}  # this instance's pid -> the program's
+        # FIFOs and sockets made here (mkfifo, AF_UNIX bind): SFTP cannot make them on
+        # the volume, and the kernel serves them by inode, so they live on this
+        # instance's mount only (path -> attributes).
+        self.specials: dict[str, dict[str, Any]] = {}
+        self.getlk_holders: dict[int, int] = {}  # F_GETLK caller's pid -> holder's program pid
+        # path -> (monotonic time asked, the volume's attributes); read without the lock
+        self.attrs: dict[str, tuple[float, asyncssh.SFTPAttrs]] = {}
 
     # -- helpers --------------------------------------------------------------
 
@@ -405,7 +430,35 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         return held
 
     def _stat(self, path: str) -> asyncssh.SFTPAttrs:
-        return self.remote.call(lambda: self.sftp.lstat(path))
+        """The volume's attributes of `path` now (one round trip; cached for stats)."""
+        asked = time.monotonic()
+        try:
+            attrs = self.remote.call(lambda: self.sftp.lstat(path))
+        except fuse.FuseOSError:
+            self.attrs.pop(path, None)
+            raise
+        self.attrs[path] = (asked, attrs)
+        return attrs
+
+    def _cached_stat(self, path: str) -> asyncssh.SFTPAttrs:
+        """`path`'s attributes, from the cache if under ATTR_TTL old (no lock needed)."""
+        cached = self.attrs.get(path)
+        if cached is not None and time.monotonic() - cached[0] < ATTR_TTL:
+            return cached[1]
+        attrs = self._stat(path)
+        self.looked_up = (path, attrs, time.monotonic())
+        return attrs
+
+    def _forget_attrs(self, *paths: str, tree: bool = False) -> None:
+        """Drop cached attributes of `paths` and their directories (and, with `tree`,
+        of everything under them: a renamed or removed directory)."""
+        for path in paths:
+            self.attrs.pop(path, None)
+            self.attrs.pop(path.rpartition("/")[0] or "/", None)
+            if tree:
+                under = path.rstrip("/") + "/"
+                for name in [p for p in list(self.attrs) if p.startswith(under)]:
+                    self.attrs.pop(name, None)
 
     def _fresh_stat(self, path: str) -> asyncssh.SFTPAttrs:
         """The volume's attributes of `path` for an open: the kernel's lookup of this very
@@ -535,38 +588,46 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
     # -- FUSE operations ----------------------------------------------------
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        with self._mutex:
-            handle = self.state.handles.get(fh) if fh is not None else None
-            if handle is not None and (handle.unlinked or not path) and handle.fd >= 0:
-                st = os.fstat(handle.fd)  # a file no name reaches: its staged copy says
-                return {"st_mode": stat.S_IFREG | handle.mode, "st_nlink": 0,
-                        "st_size": handle.size, "st_mtime": st.st_mtime_ns,
-                        "st_atime": st.st_atime_ns, "st_ctime": st.st_ctime_ns}  # fmt: skip
-            if path == SYNC_PATH:
-                self.sync()
-                return {"st_mode": stat.S_IFREG, "st_nlink": 1, "st_size": 0}
-            if path == "/":
-                now = self.started
-                return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_size": 0,
-                        "st_mtime": now, "st_atime": now, "st_ctime": now}  # fmt: skip
-            remote = self._stat(path)
-            self.looked_up = (path, remote, time.monotonic())
-            attrs = _attrs_dict(remote)
-            for h in self.state.handles.values():
-                if h.path == path and h.writable:
-                    attrs["st_size"] = h.size
-            return attrs
+        # Without the lock: a stat must not wait behind another file's round trip.
+        handle = self.state.handles.get(fh) if fh is not None else None
+        if handle is not None and (handle.unlinked or not path) and handle.fd >= 0:
+            st = os.fstat(handle.fd)  # a file no name reaches: its staged copy says
+            return {"st_mode": stat.S_IFREG | handle.mode, "st_nlink": 0,
+                    "st_size": handle.size, "st_mtime": st.st_mtime_ns,
+                    "st_atime": st.st_atime_ns, "st_ctime": st.st_ctime_ns}  # fmt: skip
+        if path == SYNC_PATH:
+            self.sync()
+            return {"st_mode": stat.S_IFREG, "st_nlink": 1, "st_size": 0}
+        special = self.specials.get(path)
+        if special is not None:
+            return dict(special)
+        if path == "/":
+            now = self.started
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_size": 0,
+                    "st_mtime": now, "st_atime": now, "st_ctime": now}  # fmt: skip
+        # An open descriptor's attributes are those its open revalidated (or newer).
+        attrs = _attrs_dict(self._cached_stat(path))
+        for h in list(self.state.handles.values()):
+            if h.path == path and h.writable:
+                attrs["st_size"] = h.size
+        return attrs
 
     def readdir(self, path: str, fh: int) -> list[str]:
         with self._mutex:
             if path == "/":
                 return [".", ".."] + [f"v{i}" for i in range(self.config.volumes)]
-            names = self.remote.call(lambda: self.sftp.listdir(path))
-            return [".", ".."] + [
-                n
-                for n in names
-                if n not in (".", "..") and not n.startswith((".dcp-part-", ".fuse_hidden"))
-            ]
+            asked = time.monotonic()
+            entries = self.remote.call(lambda: self.sftp.readdir(path))
+            base = path.rstrip("/")
+            names = [p[len(base) + 1 :] for p in self.specials if p.rpartition("/")[0] == base]
+            for e in entries:
+                name = e.filename if isinstance(e.filename, str) else e.filename.decode()
+                if name in (".", "..") or name.startswith((".dcp-part-", ".fuse_hidden")):
+                    continue
+                names.append(name)
+                if e.attrs.type is not None and e.attrs.size is not None:
+                    self.attrs[f"{base}/{name}"] = (asked, e.attrs)  # what `ls -l` stats next
+            return [".", ".."] + names
 
     def readlink(self, path: str) -> str:
         with self._mutex:
@@ -576,17 +637,43 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         st = os.statvfs(self.config.disk_dir)
         return {key: getattr(st, key) for key in STATVFS_KEYS}
 
+    def mknod(self, path: str, mode: int, dev: int) -> None:
+        """A FIFO or a socket, on this instance only (see `specials`)."""
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise fuse.FuseOSError(errno.EPERM)  # devices: not in a program's namespace
+        with self._mutex:
+            if path in self.specials:
+                raise fuse.FuseOSError(errno.EEXIST)
+            try:
+                self._stat(path)
+            except fuse.FuseOSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                raise fuse.FuseOSError(errno.EEXIST)
+            uid, gid, _pid = fuse.fuse_get_context()
+            now = time.time_ns()
+            self.specials[path] = {
+                "st_mode": mode, "st_nlink": 1, "st_size": 0, "st_uid": uid, "st_gid": gid,
+                "st_mtime": now, "st_atime": now, "st_ctime": now,
+            }  # fmt: skip
+
     def mkdir(self, path: str, mode: int) -> None:
         with self._mutex:
             attrs = asyncssh.SFTPAttrs(permissions=mode & 0o7777)
+            self._forget_attrs(path)
             self.remote.call(lambda: self.sftp.mkdir(self._remote(path), attrs))
 
     def rmdir(self, path: str) -> None:
         with self._mutex:
+            self._forget_attrs(path, tree=True)
             self.remote.call(lambda: self.sftp.rmdir(path))
 
     def unlink(self, path: str) -> None:
         with self._mutex:
+            if self.specials.pop(path, None) is not None:
+                return
+            self._forget_attrs(path)
             self.remote.call(lambda: self.sftp.remove(path))
             self._drop_copy(path)
             self.state.heat.pop(path, None)
@@ -596,6 +683,11 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def rename(self, old: str, new: str) -> None:
         with self._mutex:
+            special = self.specials.pop(old, None)
+            if special is not None:  # stays on this instance, under its new name
+                self.specials[new] = special
+                return
+            self._forget_attrs(old, new, tree=True)
             self.remote.call(lambda: self.sftp.posix_rename(old, new))
             self._drop_copy(new)
             copy = self.state.copies.pop(old, None)
@@ -615,25 +707,30 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def symlink(self, target: str, source: str) -> None:
         with self._mutex:
+            self._forget_attrs(target)
             self.remote.call(lambda: self.sftp.symlink(source, target))
 
     def link(self, target: str, source: str) -> None:
         with self._mutex:
+            self._forget_attrs(target, source)
             self.remote.call(lambda: self.sftp.link(source, target))
 
     def chmod(self, path: str, mode: int) -> None:
         with self._mutex:
+            self._forget_attrs(path)
             self.remote.call(lambda: self.sftp.chmod(path, mode & 0o7777))
             self._fix_copy_version(path)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self._mutex:
+            self._forget_attrs(path)
             self.remote.call(lambda: self.sftp.chown(path, uid, gid))
 
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
         with self._mutex:
             now = time.time_ns()
             atime, mtime = times if times is not None else (now, now)
+            self._forget_attrs(path)
             self.remote.call(lambda: self.sftp.utime(path, ns=(int(atime), int(mtime))))
             self._fix_copy_version(path)
 
@@ -657,6 +754,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                     os.ftruncate(handle.fd, length)
                 handle.size, handle.dirty = length, True
                 return
+            self._forget_attrs(path)
             self.remote.call(lambda: self.sftp.truncate(path, length))
             self._drop_copy(path)
 
@@ -668,6 +766,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 f = await self.sftp.open(path, "wb", attrs)
                 await f.close()
 
+            self._forget_attrs(path)
             self.remote.call(make)
             return self._open_write(path, os.O_TRUNC, mode & 0o7777, None)
 
@@ -825,6 +924,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         if handle.unlinked:
             handle.dirty = False
             return
+        self._forget_attrs(path)
         if handle.remote is not None:
             remote = handle.remote
             if durable:
@@ -971,7 +1071,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         """flock(2) on any instance's descriptor of `path`; owner: the open file (kernel's)."""
         kind = "u" if op & fcntl.LOCK_UN else "w" if op & fcntl.LOCK_EX else "r"
         wait = kind != "u" and not op & fcntl.LOCK_NB
-        pid = fuse.fuse_get_context()[2]
+        pid = self._program_pid(fuse.fuse_get_context()[2])
         req = dict(op="set", kind="flock", path=path, owner=owner, pid=pid, type=kind,
                    start=0, end=EOF_END, wait=wait)  # fmt: skip
         if kind == "u":
@@ -992,8 +1092,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         end = EOF_END if fl.l_len == 0 else start + int(fl.l_len) - 1
         wait = cmd == fcntl.F_SETLKW and kind != "u"
         req = dict(op="get" if cmd == fcntl.F_GETLK else "set", kind="posix", path=path,
-                   owner=owner, pid=int(fl.l_pid), type=kind, start=start, end=end,
-                   wait=wait)  # fmt: skip
+                   owner=owner, pid=self._program_pid(int(fl.l_pid)), type=kind, start=start,
+                   end=end, wait=wait)  # fmt: skip
         if kind == "u" and cmd != fcntl.F_GETLK:
             self._before_unlock(fh)
         answer = self.remote.lock_call(req, wait)
@@ -1009,7 +1109,42 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 fl.l_start = answer["start"]
                 fl.l_len = 0 if answer["end"] == EOF_END else answer["end"] - answer["start"] + 1
                 fl.l_pid = answer["pid"]
+                self._remember(self.getlk_holders, fuse.fuse_get_context()[2], answer["pid"])
         return -int(answer["errno"])
+
+    def _program_pid(self, pid: int) -> int:
+        """The program's pid of this instance's `pid` (itself if no tracer named it)."""
+        return self.program_pids.get(pid, pid)
+
+    @staticmethod
+    def _remember(table: dict[int, int], key: int, value: int) -> None:
+        table.pop(key, None)
+        table[key] = value
+        while len(table) > MAX_PIDS:
+            del table[next(iter(table))]
+
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        """Only PID_XATTR, from the instance tracer (no extended attribute reaches the volume)."""
+        if name != PID_XATTR:
+            raise fuse.FuseOSError(errno.ENOTSUP)
+        try:
+            real, program = (int(v) for v in value.split())
+        except ValueError:
+            raise fuse.FuseOSError(errno.EINVAL) from None
+        if real <= 0 or program <= 0:
+            raise fuse.FuseOSError(errno.EINVAL)
+        self._remember(self.program_pids, real, program)
+        return 0
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        """GETLK_XATTR.PID: the holder the last F_GETLK of PID found, in the program's pids."""
+        prefix = GETLK_XATTR + "."
+        if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
+            raise fuse.FuseOSError(errno.ENOTSUP)  # as before: no extended attributes
+        holder = self.getlk_holders.get(int(name[len(prefix) :]))
+        if holder is None:
+            raise fuse.FuseOSError(errno.ENODATA)
+        return str(holder).encode()
 
     # -- reports ------------------------------------------------------------
 
@@ -1042,8 +1177,9 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
         with contextlib.suppress(fuse.FuseOSError):
             self.remote.call(put)
-        with self._mutex:
-            self._refresh_usage()
+        # Outside the lock: the reading's round trip must not hold up the program's calls
+        # (limits and usage are replaced whole, each one assignment).
+        self._refresh_usage()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -1115,7 +1251,7 @@ def main() -> None:
     try:
         _Fuse(
             fs, config.mountpoint, foreground=True, nothreads=False, allow_other=True,
-            default_permissions=True, attr_timeout=0, entry_timeout=0, negative_timeout=0,
+            default_permissions=True, attr_timeout=0, entry_timeout=ENTRY_TTL, negative_timeout=0,
             big_writes=True, max_write=MAX_WRITE, max_read=MAX_WRITE,
             fsname=f"dcpfs-{config.name}",
         )  # fmt: skip

@@ -333,6 +333,7 @@ class Reporter:
         members = sampler.sessions_members(set(roots))
         self.net.look([st.pid for group in members.values() for st in group])
         rows: list[Row] = []
+        at = round(self.clock(), 3)  # when these totals were read (issue 12: profiles)
         for root, w in roots.items():
             for st in members.get(root, ()):
                 if st.pid in w.gone:
@@ -344,7 +345,7 @@ class Reporter:
                     continue
                 fig["net_rx"], fig["net_tx"] = self.net.totals(st.pid)
                 w.last[st.pid] = fig
-                rows.append(self._row(w, st.pid, fig))
+                rows.append({**self._row(w, st.pid, fig), "at": at})
         if rows and self.loop is not None:
             self.loop.call_soon_threadsafe(self._send_samples, rows)
 

@@ -75,12 +75,30 @@ def parse_io(raw: bytes) -> dict[str, int]:
     return out
 
 
+def wait_us(pid: int) -> int | None:
+    """Microseconds the process waited runnable for a CPU (/proc/PID/schedstat's run
+    delay: the run queue, and a cgroup quota's throttling), None if unreadable.
+
+    The thread group leader's figure: a multi-threaded process's other threads' waits
+    are not in it (its CPU time from stat covers them all).  Issue 12: with CPU time it
+    says whether a process is CPU-bound on a throttled instance too.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            return int(f.read().split()[1]) // 1000
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def usage_of(pid: int) -> dict[str, int] | None:
-    """Live totals of one process (cpu_us, maxrss_kb, rchar, wchar, rbytes, wbytes)."""
+    """Live totals of one process (cpu_us, wait_us, maxrss_kb, rchar, wchar, rbytes, wbytes)."""
     st = read_stat(pid)
     if st is None:
         return None
     out = {"cpu_us": st.cpu_us}
+    wait = wait_us(pid)
+    if wait is not None:
+        out["wait_us"] = wait
     try:
         with open(f"/proc/{pid}/io", "rb") as f:
             out.update(parse_io(f.read()))

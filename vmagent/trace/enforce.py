@@ -302,6 +302,8 @@ class Enforcer:
                 # vmagent.network.orders (issue 13)
             elif action in ("mount", "unmount"):
                 pass  # issue 14: vmagent.storage.mounts.StorageOrders carries it out
+            elif action in ("checkpoint", "restore"):
+                pass  # issue 12, failover: vmagent.checkpoint.periodic.FailoverOrders
             elif action not in ACTIONS:
                 log.warning("limits: unknown action %r for program %s ignored", action, program)
             else:

@@ -38,6 +38,13 @@ from vmagent.trace.channel import Record
 
 log = logging.getLogger(__name__)
 
+# Where each instance mounts the program's namespace (vmagent.storage.mounts.FS_ROOT):
+# its dcpfs serves locks for every instance, so it must name lockers in the program's
+# pids, which this tracer knows (vmagent.storage.dcpfs.PID_XATTR, GETLK_XATTR).
+NAMESPACE_ROOT = "/run/dcp/fs/"
+PID_XATTR = "user.dcp.lockpid"
+GETLK_XATTR = "user.dcp.getlk"
+
 POLL = 0.05  # s between looks at a waiting thread's pending signals
 WINDOW = 0.05  # s T waits for an answer before deferring the call
 LOCK_CALLS = frozenset({"flock", "fcntl"})
@@ -131,6 +138,10 @@ class LockForwarder:
         self._broken = False
         self.waiting: dict[int, Waiting] = {}  # req -> call
         self.ready: list[tuple[int, Decision]] = []  # answers read for deferred calls
+        # A process's program pid (set by the session's coordinator); named: the
+        # (pid, program pid) pairs dcpfs was told already.
+        self.program: Callable[[int], int] | None = None
+        self._named: set[tuple[int, int]] = set()
 
     def _socket(self) -> socket.socket | None:
         if self.sock is None and not self._broken:
@@ -231,6 +242,8 @@ class LockForwarder:
             return None  # cancelled meanwhile
         if op == L.OP_NATIVE:
             # F_GETLK on this kernel: its l_pid is shown in the program's pids at exit.
+            if not wait.out:
+                self._name_locker(wait.call)
             return wait.call.tid, Allow(observe_result=bool(wait.out))
         try:
             result = int(record.get(b"result", b""))
@@ -263,10 +276,38 @@ class LockForwarder:
                 del self.waiting[req]
                 self._send(L.cancel_record(req))
 
+    def _namespace_file(self, call: SyscallCall) -> str | None:
+        """The /proc path of the call's descriptor if it is a file of the program's
+        namespace (dcpfs), else None."""
+        link = f"/proc/{call.pid}/fd/{signed(call.args[0], 32)}"
+        try:
+            return link if os.readlink(link).startswith(NAMESPACE_ROOT) else None
+        except OSError:
+            return None
+
+    def _name_locker(self, call: SyscallCall) -> None:
+        """Tell dcpfs the locker's program pid before its lock call runs (what another
+        instance's F_GETLK then shows)."""
+        if self.program is None:
+            return
+        named = (call.pid, self.program(call.pid))
+        if named[0] == named[1] or named in self._named:
+            return
+        path = self._namespace_file(call)
+        if path is None:
+            return
+        try:
+            os.setxattr(path, PID_XATTR, b"%d %d" % named)
+        except OSError as exc:  # an older dcpfs: the holder shows its instance's pid
+            log.debug("lock holder not named to dcpfs: %s", exc)
+            return
+        self._named.add(named)
+
     def getlk_result(
         self, call: SyscallCall, result: int, program: Callable[[int], int]
     ) -> Complete | None:
-        """A native F_GETLK's holder pid (this instance's number) in the program's pids."""
+        """A native F_GETLK's holder pid (this instance's number) in the program's pids;
+        on the namespace's files, the holder dcpfs found (on any instance)."""
         if result != 0:
             return None
         addr = call.args[2]
@@ -275,6 +316,12 @@ class LockForwarder:
             return None
         real = int.from_bytes(data[L.L_PID : L.L_PID + 4], "little", signed=True)
         mapped = program(real) if real > 0 else real
+        path = self._namespace_file(call)
+        if path is not None:
+            try:
+                mapped = int(os.getxattr(path, f"{GETLK_XATTR}.{call.pid}"))
+            except (OSError, ValueError):
+                pass  # an older dcpfs: as the kernel says
         if mapped == real:
             return None
         out = data[: L.L_PID] + mapped.to_bytes(4, "little", signed=True) + data[L.L_PID + 4 :]

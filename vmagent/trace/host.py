@@ -28,7 +28,6 @@ import contextlib
 import errno
 import logging
 import os
-import resource
 import select
 import signal
 import socket
@@ -39,7 +38,7 @@ from oss.storage.pathmap import PathMap
 from tracer import ptraceio
 from tracer.coordinator import Coordinator
 from tracer.machine import EventStop, GroupStop, Machine, Process, SignalStop, Stop, Thread
-from tracer.runner import WALL, Runner
+from tracer.runner import WALL, Runner, Usage
 from tracer.syscalls import SyscallTable
 from vmagent.cluster.coordinator import Ident
 from vmagent.exec.view import EMPTY as EMPTY_VIEW
@@ -236,7 +235,7 @@ class HostRunner(Runner):
         self.senders: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         coordinator.relayed = self.relayed_sender
 
-    def _decode(self, pid: int, status: int, usage: resource.struct_rusage) -> Stop | None:
+    def _decode(self, pid: int, status: int, usage: Usage) -> Stop | None:
         """The runner's, plus the sender of a signal relayed by the agent (issue 11)."""
         stop = super()._decode(pid, status, usage)
         if type(stop) is SignalStop:

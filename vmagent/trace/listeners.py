@@ -1,11 +1,14 @@
 """The instance tracer's watch of listening sockets (issue 13): the OSS steers their ports.
 
-Only under `--instances`/`--oss` (instance tracers): `listen` and `close` join
-the calls T intercepts.  At the exit of a successful `listen(fd)` T reads the
-socket's local address and port from /proc/PID/net/tcp{,6} (the socket's inode
-names it) and asks the agent, which asks the OSS, to steer the program's
-address and that port here (`op=listen`); T holds the call until the answer
-(at most `ASK_TIMEOUT`), so once `listen` returns the port is reachable from
+Only under `--instances`/`--oss` (instance tracers): `listen`, `bind` and
+`close` join the calls T intercepts.  At the exit of a successful `listen(fd)`
+T reads the socket's local address and port from /proc/PID/net/tcp{,6} (the
+socket's inode names it); at the exit of a successful `bind(fd)` of a UDP
+socket to a port the program named (not 0: an ephemeral port is its
+instance's already) from /proc/PID/net/udp{,6}.  Either way T asks the agent,
+which asks the OSS, to steer the program's address and that port here
+(`op=listen`); T holds the call until the answer (at most `ASK_TIMEOUT`), so
+once `listen` (a UDP `bind`) returns the port is reachable from
 the program's other instances and from outside.  When the OSS answers that
 another instance of the program listens on that port, `listen` fails with
 EADDRINUSE, as a second listener on one machine would.
@@ -14,6 +17,13 @@ A `close` of a descriptor naming a watched socket (checked by its inode, one
 readlink, only while some socket is watched) is observed: when the socket is
 gone from /proc/net (its last descriptor closed, in any process) T tells the
 agent `op=unlisten`; the exit of a process checks every watched socket too.
+
+A UDP socket has no `listen`: its bind is when it starts to receive.
+
+IPv6 loopback: the program's instances share no IPv6 network, so `connect` to
+`[::1]:port` with nothing on that port here is run as a connect to
+`[::ffff:127.0.0.1]:port` (the same socket, through the IPv4 stack), which the
+instance's NAT steers to the listener on another instance like 127.0.0.1.
 
 Records: T -> agent `op=listen req pid port proto local`, `op=unlisten pid
 port proto`; agent -> T `op=netack req address` or `op=netrefused req errno`.
@@ -30,12 +40,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from tracer.coordinator import Allow, Complete, Decision, SyscallCall
+from tracer.coordinator import Allow, Complete, Decision, Rewrite, SyscallCall
+from tracer.ptraceio import read_memory
 from vmagent.trace import channel
 
 log = logging.getLogger(__name__)
 
-NET_CALLS = frozenset({"listen", "close"})
+NET_CALLS = frozenset({"listen", "bind", "connect", "close"})
+IN6_LOOPBACK = bytes(15) + b"\x01"
+IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
+SOCKADDR_IN6 = 28
 ASK_TIMEOUT = 2.0  # s T holds a listen for the agent's answer
 OP_LISTEN = b"listen"
 OP_UNLISTEN = b"unlisten"
@@ -76,28 +90,85 @@ def _ipv6(hexaddr: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, words)
 
 
-def listening(pid: int, inode: int) -> tuple[str, int] | None:
-    """(local address, port) of the listening TCP socket `inode` in `pid`'s namespace."""
-    for name, decode in (("tcp", _ipv4), ("tcp6", _ipv6)):
+def _socket_row(pid: int, inode: int, names: tuple[str, ...]) -> tuple[str, str, int] | None:
+    """(state, local address, port) of socket `inode` in /proc/PID/net/NAME for NAME in
+    `names` (tcp, tcp6, udp, udp6)."""
+    for name in names:
+        decode = _ipv6 if name.endswith("6") else _ipv4
         try:
             with open(f"/proc/{pid}/net/{name}") as f:
                 next(f, None)
                 for line in f:
                     cols = line.split()
                     if len(cols) > 9 and cols[9] == str(inode):
-                        if cols[3] != TCP_LISTEN:
-                            return None
                         host, _, port = cols[1].partition(":")
-                        return decode(host), int(port, 16)
+                        return cols[3], decode(host), int(port, 16)
         except (OSError, ValueError):
             continue
     return None
 
 
+def listening(pid: int, inode: int) -> tuple[str, int] | None:
+    """(local address, port) of the listening TCP socket `inode` in `pid`'s namespace."""
+    row = _socket_row(pid, inode, ("tcp", "tcp6"))
+    if row is None or row[0] != TCP_LISTEN:
+        return None
+    return row[1], row[2]
+
+
+def datagram(pid: int, inode: int) -> tuple[str, int] | None:
+    """(local address, port) of the UDP socket `inode` in `pid`'s namespace."""
+    row = _socket_row(pid, inode, ("udp", "udp6"))
+    return None if row is None else (row[1], row[2])
+
+
+def bind_port(pid: int, addr: int, size: int) -> int:
+    """The port a `bind(fd, addr, size)` of `pid` named (0: none, or not AF_INET/INET6)."""
+    head = read_memory(pid, addr, min(size, 4)) if size >= 4 else b""
+    if len(head) < 4 or int.from_bytes(head[:2], "little") not in (
+        socket.AF_INET, socket.AF_INET6):  # fmt: skip
+        return 0
+    return int.from_bytes(head[2:4], "big")
+
+
+def port_used(pid: int, port: int) -> bool:
+    """Whether a TCP socket listens, or a UDP socket is bound, on `port` in `pid`'s
+    namespace (any address, IPv4 or IPv6)."""
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) < 4 or int(cols[1].rpartition(":")[2], 16) != port:
+                        continue
+                    if name.startswith("udp") or cols[3] == TCP_LISTEN:
+                        return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def loopback6(call: SyscallCall) -> Rewrite | None:
+    """A connect to [::1]:port with nothing on that port here, run as one to
+    [::ffff:127.0.0.1]:port (None: any other connect, left as it is)."""
+    size = call.args[2] & 0xFFFFFFFF
+    if size < 24:
+        return None
+    raw = read_memory(call.tid, call.args[1], min(size, SOCKADDR_IN6))
+    if len(raw) < 24 or int.from_bytes(raw[:2], "little") != socket.AF_INET6:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if raw[8:24] != IN6_LOOPBACK or port == 0 or port_used(call.pid, port):
+        return None
+    mapped = raw[:8] + IN6_MAPPED_LOOPBACK + bytes(len(raw) - 24)  # scope id 0
+    return Rewrite({1: mapped, 2: len(mapped)})
+
+
 def alive(inode: int, where: int) -> bool:
     """Whether socket `inode` still exists (any state) in the namespace of `where`."""
     needle = f" {inode} "
-    for name in ("tcp", "tcp6"):
+    for name in ("tcp", "tcp6", "udp", "udp6"):
         try:
             with open(f"/proc/{where}/net/{name}") as f:
                 if needle in f.read():
@@ -193,9 +264,12 @@ class Listeners:
         self.address = ""  # the program's address, once the OSS said it
 
     def on_syscall(self, call: SyscallCall) -> Decision:
-        """Observe a listen's result; a close of a watched socket's descriptor."""
-        if call.name == "listen":
+        """Observe a listen's or a bind's result; a close of a watched socket's
+        descriptor."""
+        if call.name in ("listen", "bind"):
             return Allow(observe_result=True)
+        if call.name == "connect":
+            return loopback6(call) or Allow()
         if not self.watched:
             return Allow()
         inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
@@ -212,16 +286,26 @@ class Listeners:
             if inode and not alive(inode, call.pid):
                 self._gone(inode)
             return None
-        if result != 0:
+        if result != 0 or call.name not in ("listen", "bind"):
             return None
         inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
-        found = listening(call.pid, inode) if inode else None
+        if not inode or inode in self.watched:
+            return None  # not a socket; listen again on the same socket (a backlog change)
+        if call.name == "bind":
+            # Only UDP: a TCP socket is steered when it listens.  Port 0 asked the
+            # kernel for an ephemeral one: in this instance's block, routed here already.
+            if bind_port(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF) == 0:
+                return None
+            found, proto = datagram(call.pid, inode), "udp"
+        else:
+            found, proto = listening(call.pid, inode), "tcp"
         if found is None:
-            return None  # not TCP (unix, udp): nothing to steer
+            return None  # not TCP (unix) at listen, not UDP at bind: nothing to steer
         local, port = found
-        s = Socket(inode, call.pid, port, local)
-        if inode in self.watched:
-            return None  # listen again on the same socket (a backlog change)
+        return self._steer(Socket(inode, call.pid, port, local, proto))
+
+    def _steer(self, s: Socket) -> Complete | None:
+        """Ask for socket `s`'s port here; EADDRINUSE when another instance holds it."""
         self._req += 1
         req = f"n{self._req}".encode()
         answer = self._ask(listen_record(self._req, s), req)
@@ -233,7 +317,7 @@ class Listeners:
             return Complete(-err)
         if answer is not None:
             self.address = answer.get(b"address", b"").decode(errors="replace")
-        self.watched[inode] = s
+        self.watched[s.inode] = s
         return None
 
     def exited(self, pid: int, others: Iterable[int]) -> None:

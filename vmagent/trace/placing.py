@@ -149,6 +149,8 @@ class InstanceCoordinator:
         self.report = report
         self.source: PlacementSource = source or RunHere()
         self.locks = locks  # None: lock calls run on this kernel as they are
+        if locks is not None:
+            locks.program = self._holder  # how dcpfs names this session's lockers
         # Issue 13: listening sockets reported to the OSS (no agent: nobody asked).
         self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
         self.home = home  # None: a pid elsewhere is ESRCH
@@ -160,6 +162,8 @@ class InstanceCoordinator:
         # Lock calls always stop (the filter is built without a forwarder).
         self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS | SIGWAIT
         self._net_names = NET_CALLS - self._inner_names
+        self._shared_net = NET_CALLS & self._inner_names
+        self._inner_observes: set[int] = set()  # tids whose call the inner observes too
 
     def interception(self) -> frozenset[str]:
         """The view's calls, every exec, the calls that return or take pids, locks,
@@ -176,6 +180,20 @@ class InstanceCoordinator:
             return self.listeners.on_syscall(call)
         if call.name in SIGWAIT and call.name not in self._inner_names:
             return Allow(self.relayed is not None and call.args[1] != 0)
+        if call.name in self._shared_net:
+            # The view maps AF_UNIX paths (bind and connect are the inner's too): its
+            # decision first; a plain one is the watch's (a UDP bind's result, a
+            # connect to ::1).
+            inner = self.inner.on_syscall(call)
+            if isinstance(inner, (Allow, Rewrite)) and inner.observe_result:
+                self._inner_observes.add(call.tid)
+            if isinstance(inner, Allow):
+                mine = self.listeners.on_syscall(call)
+                args = mine.args if isinstance(mine, Rewrite) else None
+                return Rewrite(args, observe_result=True) if args else Allow(observe_result=True)
+            if isinstance(inner, Rewrite):
+                return Rewrite(inner.args, observe_result=True)
+            return inner
         if call.name in EXEC_CALLS:
             if self.source.grant(call) is not None:
                 # Placing from an instance lands with the placement chunk.
@@ -281,6 +299,12 @@ class InstanceCoordinator:
         if call.name in SIGWAIT and call.name not in self._inner_names:
             self._sigwaited(call, signed(result))
             return None
+        if call.name in self._shared_net:
+            done = None
+            if call.tid in self._inner_observes:
+                self._inner_observes.discard(call.tid)
+                done = self.inner.on_result(call, result, output)
+            return done if done is not None else self.listeners.on_result(call, signed(result))
         return self.inner.on_result(call, result, output)
 
     def _sigwaited(self, call: SyscallCall, sig: int) -> None:

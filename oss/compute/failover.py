@@ -1,0 +1,427 @@
+"""Failover from checkpoints (issue 12): the OSS's half.
+
+A program submitted with `checkpoint_every` (dcptrace `--checkpoint-every`, the
+config file's `checkpoint_every`, the API's `ProgramSubmit.checkpoint_every`)
+gets a `checkpoint` order on every instance it is placed on; their agents
+checkpoint its sessions that often (`vmagent.checkpoint.periodic`) and stream
+each checkpoint here: a length-prefixed JSON description of the session, then
+its CRIU images packed as a migration packs them (blocks zstd-compressed where
+that pays).  `CheckpointStore` keeps the last complete one per session under
+the OSS's data directory (`checkpoints/`, 0700, files 0600): a new one is
+written beside it and renamed over it only once whole, so a checkpoint cut by
+its instance's loss never replaces a good one.
+
+When the availability manager declares an instance lost, `Failover.plan` takes
+the sessions that had a checkpoint there (before the program's status says the
+instance failed, so the home never calls them lost), and `dispatch` orders a
+replacement (another ready instance whose CRIU works; when none is, the next
+one the pool boots) to `restore` each.  The replacement fetches the checkpoint
+(only the instance given that order may), restores and continues it, and says
+`{pid, salt}`; the program's home reads the restorations and sends each deputy
+to its new instance.  Sessions without a checkpoint are lost as before.  A lost
+instance that comes back is fenced: it gets a kill of each program it held at
+its loss before anything else, and its uploads are refused (the replacement
+holds those sessions now), so a process never runs twice for long.
+
+The policy, the index and the restorations live in memory (an OSS restart
+forgets them; the files stay and are removed with their program).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oss import models as m
+from oss.compute.commands import CommandQueue
+from oss.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+MAX_META = 1 << 20  # bytes of a session description
+MAX_CHECKPOINT = 16 << 30  # bytes of one stored checkpoint (description and packed images)
+END = struct.pack(">HQ", 0, 0)  # the packed images' last record (vmagent.checkpoint.migrate)
+BODY_TIMEOUT = 600.0  # s to receive one checkpoint
+RESTORE_TIMEOUT = 300.0  # s a replacement has to say how its restore went
+WAIT_FOR_REPLACEMENT = 600.0  # s a planned restore waits for a ready instance (a pool boots)
+CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class Stored:
+    """The last complete checkpoint of one session."""
+
+    program: str
+    session: str
+    instance: str  # where it was taken (the session's holder)
+    pid: int
+    nonce: str  # of the exec ticket that started the session (its deputy's)
+    argv: str
+    taken: float
+    size: int
+    path: Path
+
+
+@dataclass(slots=True)
+class Planned:
+    """A restore to order: a session of a lost instance that had a checkpoint."""
+
+    stored: Stored
+    lost: str
+    since: float
+    tried: set[str] = field(default_factory=set)
+    command: int = 0  # the restore command under way (0: none yet)
+    target: str = ""
+    address: str = ""
+    ordered: float = 0.0
+
+
+class CheckpointStore:
+    """Checkpoint files under `root`: `<program>/<session>.ckpt`, 0700 dirs, 0600 files."""
+
+    def __init__(self, root: Path, cap: int = MAX_CHECKPOINT) -> None:
+        self.root = root
+        self.cap = cap
+        self.index: dict[tuple[str, str], Stored] = {}
+
+    def _dir(self, program: str) -> Path:
+        if not program.replace("-", "").replace("_", "").isalnum():
+            raise InvalidRequest("malformed program id")
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        d = self.root / program
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    async def receive(
+        self, program: str, session: str, instance: str, body: Any, timeout: float = BODY_TIMEOUT
+    ) -> Stored:
+        """Store the checkpoint streaming in `body` (an aiohttp StreamReader).
+
+        It replaces the session's last one only once complete (the images'
+        end record seen, the size within the cap); InvalidRequest otherwise.
+        """
+        if len(session) != 32 or not all(c in "0123456789abcdef" for c in session):
+            raise InvalidRequest("malformed session id")
+        final = self._dir(program) / f"{session}.ckpt"
+        part = final.with_suffix(f".part{os.getpid()}-{time.monotonic_ns()}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(part, flags, 0o600)
+        try:
+            async with asyncio.timeout(timeout):
+                head = await body.readexactly(4)
+                size = struct.unpack(">I", head)[0]
+                if size > MAX_META:
+                    raise PayloadTooLarge("session description too large")
+                raw = await body.readexactly(size)
+                meta = _meta(raw, program, session)
+                total, tail = len(head) + size, b""
+                await asyncio.to_thread(_write_all, fd, head + raw)
+                pending: list[bytes] = []
+                held = 0
+                while True:
+                    piece = await body.readany()
+                    if piece:
+                        pending.append(piece)
+                        held += len(piece)
+                        total += len(piece)
+                        tail = (tail + piece)[-len(END) :]
+                        if total > self.cap:
+                            raise PayloadTooLarge(f"a checkpoint is limited to {self.cap} bytes")
+                    if pending and (held >= CHUNK or not piece):
+                        await asyncio.to_thread(_write_all, fd, b"".join(pending))
+                        pending, held = [], 0
+                    if not piece:
+                        break
+            if tail != END:
+                raise InvalidRequest("the checkpoint ends early: kept the last complete one")
+            await asyncio.to_thread(os.fsync, fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
+        os.close(fd)
+        os.replace(part, final)
+        stored = Stored(
+            program, session, instance, int(meta["pid"]), str(meta["nonce"]),
+            " ".join(_argv(meta))[:200], float(meta.get("taken") or time.time()), total, final,
+        )  # fmt: skip
+        self.index[(program, session)] = stored
+        return stored
+
+    def drop_program(self, program: str) -> None:
+        """The program ended: its checkpoints go."""
+        for key in [k for k in self.index if k[0] == program]:
+            del self.index[key]
+        where = self.root / program
+        if where.is_dir() and not where.is_symlink():
+            shutil.rmtree(where, ignore_errors=True)
+
+
+def _meta(raw: bytes, program: str, session: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+        ok = (
+            isinstance(meta, dict)
+            and meta.get("session") == session
+            and meta.get("program_id") == program
+            and isinstance(meta.get("pid"), int)
+            and isinstance(meta.get("nonce"), str)
+            and isinstance(meta.get("key"), str)
+        )
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidRequest("malformed session description")
+    return dict(meta)
+
+
+def _argv(meta: dict[str, Any]) -> list[str]:
+    try:
+        return [bytes.fromhex(a).decode(errors="replace") for a in meta["request"]["argv"]]
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# -- the decisions --------------------------------------------------------------------
+
+
+def choose_target(candidates: Collection[str], load: dict[str, int], tried: Collection[str]) -> str:
+    """The replacement for a restore (pure): the least-loaded candidate not tried yet
+    (ties by name); "" when none is left."""
+    left = sorted(c for c in candidates if c not in tried)
+    return min(left, key=lambda c: (load.get(c, 0), c)) if left else ""
+
+
+class Failover:
+    """Checkpoint policies, the stored checkpoints, and restores after a loss."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        commands: CommandQueue,
+        targets: Callable[[], Awaitable[dict[str, str]]],
+        capable: Callable[[str], bool],
+        oss_log: Callable[..., None],
+        program_log: Callable[[str, str], Awaitable[None]],
+        clock: Callable[[], float] = time.time,  # for planned restores' deadlines
+        runs_on: Callable[[str, str], None] = lambda program, instance: None,
+    ) -> None:
+        self.store = store
+        self.commands = commands
+        self.targets = targets  # ready instances -> their agent's address
+        self.capable = capable  # does the instance's CRIU work?
+        self.oss_log = oss_log
+        self.program_log = program_log
+        self.clock = clock
+        self.runs_on = runs_on  # a restored process runs there now: it reports from it
+        self.every: dict[str, float] = {}  # program -> seconds between checkpoints
+        self.ordered: dict[str, set[str]] = {}  # program -> instances given its policy
+        self.holder: dict[tuple[str, str], str] = {}  # (program, session) -> instance
+        self.planned: list[Planned] = []
+        self.restorations: dict[str, list[m.Restoration]] = {}
+        self.fenced: dict[str, set[str]] = {}  # lost instance -> programs it held
+
+    # policy ----------------------------------------------------------------------------
+
+    def want(self, program: str, every: float) -> None:
+        """The program asks for a checkpoint every `every` seconds."""
+        self.every[program] = every
+
+    def granted(self, program: str, instances: Sequence[str]) -> None:
+        """Processes of the program were placed: each instance gets its policy once."""
+        every = self.every.get(program)
+        if every is None:
+            return
+        told = self.ordered.setdefault(program, set())
+        for inst in instances:
+            if inst not in told:
+                told.add(inst)
+                self.commands.checkpoints(inst, program, every)
+
+    def forget(self, program: str) -> None:
+        """The program ended: policy, checkpoints and restorations go."""
+        self.every.pop(program, None)
+        self.ordered.pop(program, None)
+        self.restorations.pop(program, None)
+        for key in [k for k in self.holder if k[0] == program]:
+            del self.holder[key]
+        self.planned = [p for p in self.planned if p.stored.program != program]
+        self.store.drop_program(program)
+
+    # checkpoints in ------------------------------------------------------------------
+
+    async def receive(self, instance: str, program: str, session: str, body: Any) -> Stored:
+        """An instance's checkpoint of one of its sessions; refused from any other."""
+        if program not in self.every or instance not in self.ordered.get(program, set()):
+            raise Forbidden(f"no checkpoints of program {program} were asked of {instance}")
+        holder = self.holder.get((program, session))
+        if holder is not None and holder != instance:
+            raise Conflict(f"that session is held by {holder} now")
+        stored = await self.store.receive(program, session, instance, body)
+        if self.holder.setdefault((program, session), instance) != instance:
+            raise Conflict("that session moved meanwhile")
+        return stored
+
+    def ended(self, instance: str, program: str, session: str) -> bool:
+        """The session ended on `instance`, which holds it: its checkpoint goes (a
+        program's ended sessions would otherwise pile up until it ends)."""
+        key = (program, session)
+        if self.holder.get(key) != instance:
+            return False
+        del self.holder[key]
+        stored = self.store.index.pop(key, None)
+        if stored is not None:
+            stored.path.unlink(missing_ok=True)
+        return True
+
+    def migrated(self, program: str, source: str, target: str, pid: int) -> None:
+        """A session of the program migrated: its checkpoints now come from `target`,
+        which gets the program's policy.  The session is the one `source` held with
+        root `pid` (or the only one it held)."""
+        held = [
+            s
+            for s in self.store.index.values()
+            if s.program == program and self.holder.get((program, s.session)) == source
+        ]
+        for s in [s for s in held if s.pid == pid] or (held if len(held) == 1 else []):
+            self.holder[(program, s.session)] = target
+        self.granted(program, [target])
+
+    # a loss ------------------------------------------------------------------------
+
+    def plan(self, lost: Sequence[str], programs: dict[str, set[str]]) -> list[Planned]:
+        """Instances are declared lost: the sessions they held that have a checkpoint are
+        to be restored; `programs` (instance -> programs placed there) is fenced."""
+        now = self.clock()
+        out = []
+        for name in lost:
+            self.fenced.setdefault(name, set()).update(programs.get(name, set()))
+            for stored in self.store.index.values():
+                if self.holder.get((stored.program, stored.session)) != name:
+                    continue
+                self.fenced[name].add(stored.program)
+                p = Planned(stored, name, now, {name})
+                out.append(p)
+        self.planned.extend(out)
+        return out
+
+    async def dispatch(self) -> None:
+        """Order each planned restore not under way to a replacement; time out the rest."""
+        if not self.planned:
+            return
+        now = self.clock()
+        ready = {n: a for n, a in (await self.targets()).items() if self.capable(n)}
+        load: dict[str, int] = {}
+        for p in self.planned:
+            if p.command:
+                load[p.target] = load.get(p.target, 0) + 1
+        for p in list(self.planned):
+            s = p.stored
+            if p.command and now - p.ordered > RESTORE_TIMEOUT:
+                self.commands.cancel(p.target, p.command)
+                await self._failed(p, f"{p.target} did not answer within {RESTORE_TIMEOUT:g} s")
+                continue
+            if p.command:
+                continue
+            target = choose_target(ready, load, p.tried)
+            if not target:
+                if now - p.since > WAIT_FOR_REPLACEMENT:
+                    await self._failed(p, "no instance could take it")
+                continue
+            cmd = self.commands.restore(target, s.program, s.session)
+            p.command, p.target, p.address, p.ordered = cmd.id, target, ready[target], now
+            p.tried.add(target)
+            load[target] = load.get(target, 0) + 1
+            self.oss_log(
+                f"program {s.program}: restore of pid {s.pid} from its checkpoint ordered"
+                f" (command {cmd.id})", target,
+            )  # fmt: skip
+
+    async def _failed(self, p: Planned, why: str) -> None:
+        s = p.stored
+        self.planned.remove(p)
+        await self.program_log(
+            s.program, f"lost: pid {s.pid} ({s.argv}) on {p.lost}: not restored: {why}"
+        )
+
+    def serving(self, instance: str, program: str, session: str) -> Path:
+        """The checkpoint file a restore command asked `instance` to fetch."""
+        for p in self.planned:
+            s = p.stored
+            if (s.program, s.session, p.target) == (program, session, instance) and p.command:
+                return s.path
+        raise NotFound("no restore of that session was ordered to this instance")
+
+    async def outcome(self, instance: str, body: m.RestoreOutcome) -> None:
+        """A replacement's word on its restore command."""
+        found = [p for p in self.planned if p.command == body.command and p.target == instance]
+        if not found:
+            raise NotFound("no such restore command for this instance")
+        p = found[0]
+        s = p.stored
+        self.commands.cancel(instance, p.command)
+        if not body.ok:
+            log.warning("restore of %s on %s failed: %s", s.session[:8], instance, body.error)
+            p.command, p.target = 0, ""
+            await self.program_log(
+                s.program, f"restore of pid {s.pid} on {instance} failed: {body.error}"
+            )
+            return  # the next dispatch tries another instance
+        self.planned.remove(p)
+        self.holder[(s.program, s.session)] = instance
+        self.runs_on(s.program, instance)
+        self.ordered.setdefault(s.program, set()).add(instance)
+        every = self.every.get(s.program)
+        if every is not None:
+            self.commands.checkpoints(instance, s.program, every)
+        self.restorations.setdefault(s.program, []).append(
+            m.Restoration(
+                nonce=s.nonce, pid=body.pid, lost=p.lost, instance=instance,
+                address=p.address, salt=body.salt, taken=s.taken,
+            )  # fmt: skip
+        )
+        ago = max(0.0, time.time() - s.taken)  # the agent's wall clock took it
+        await self.program_log(
+            s.program,
+            f"restored: pid {s.pid} ({s.argv}) on {instance} from its checkpoint taken"
+            f" {ago:.1f} s before (instance {p.lost} lost); output since then comes again",
+        )
+
+    def of_program(self, program: str) -> list[m.Restoration]:
+        """The program's restorations: done ones, and those under way (`instance` "")."""
+        pending = [
+            m.Restoration(
+                nonce=p.stored.nonce, pid=p.stored.pid, lost=p.lost, instance="",
+                address="", salt="", taken=p.stored.taken,
+            )  # fmt: skip
+            for p in self.planned
+            if p.stored.program == program
+        ]
+        return list(self.restorations.get(program, [])) + pending
+
+    def fence(self, instance: str) -> list[str]:
+        """A lost instance registers again: kill what it still runs of the programs it
+        held (their sessions were restored elsewhere or lost); the programs fenced."""
+        programs = sorted(self.fenced.pop(instance, set()))
+        for program in programs:
+            self.commands.fence(instance, program)
+            self.oss_log(f"program {program}: fenced on {instance} (it was lost)", instance)
+        return programs
