@@ -177,6 +177,7 @@ class Oss:
             self.program_log,
             clock=clock,
             runs_on=lambda prog, inst: self.placed(prog, [{"instance": inst, "processes": 1}]),
+            prepare=self._storage_for_restore,
         )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
@@ -810,6 +811,12 @@ class Oss:
             await self.network.release(program_id)
         except Exception as exc:  # noqa: BLE001 - the end is recorded regardless
             self.oss_log(f"program {program_id}: network set-up not fully removed: {exc}")
+
+    async def _storage_for_restore(self, program: str, instance: str) -> None:
+        """A restore target mounts the program's storage first (issue 14): the restored
+        process holds files and a working directory in it.  StorageNotMounted if not."""
+        if await self.storage.mounts(program) is not None:
+            await self.storage.mount(program, instance)
 
     async def _restore_targets(self) -> dict[str, str]:
         """Ready instances with an exec key -> their agent's address (issue 12)."""

@@ -52,6 +52,7 @@ MAX_META = 1 << 20  # bytes of a session description
 MAX_CHECKPOINT = 16 << 30  # bytes of one stored checkpoint (description and packed images)
 END = struct.pack(">HQ", 0, 0)  # the packed images' last record (vmagent.checkpoint.migrate)
 BODY_TIMEOUT = 600.0  # s to receive one checkpoint
+PREPARING = -1  # Planned.command while its target is readied (`Failover.prepare`)
 RESTORE_TIMEOUT = 300.0  # s a replacement has to say how its restore went
 WAIT_FOR_REPLACEMENT = 600.0  # s a planned restore waits for a ready instance (a pool boots)
 CHUNK = 1 << 20
@@ -223,6 +224,7 @@ class Failover:
         program_log: Callable[[str, str], Awaitable[None]],
         clock: Callable[[], float] = time.time,  # for planned restores' deadlines
         runs_on: Callable[[str, str], None] = lambda program, instance: None,
+        prepare: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.commands = commands
@@ -232,6 +234,10 @@ class Failover:
         self.program_log = program_log
         self.clock = clock
         self.runs_on = runs_on  # a restored process runs there now: it reports from it
+        # Readies an instance for one of the program's processes before its restore is
+        # ordered there (issue 14: its storage mounted; raises why it cannot).
+        self.prepare = prepare
+        self._preparing: set[asyncio.Task[None]] = set()
         self.every: dict[str, float] = {}  # program -> seconds between checkpoints
         self.ordered: dict[str, set[str]] = {}  # program -> instances given its policy
         self.holder: dict[tuple[str, str], str] = {}  # (program, session) -> instance
@@ -334,9 +340,9 @@ class Failover:
             if p.command:
                 load[p.target] = load.get(p.target, 0) + 1
         for p in list(self.planned):
-            s = p.stored
             if p.command and now - p.ordered > RESTORE_TIMEOUT:
-                self.commands.cancel(p.target, p.command)
+                if p.command > 0:
+                    self.commands.cancel(p.target, p.command)
                 await self._failed(p, f"{p.target} did not answer within {RESTORE_TIMEOUT:g} s")
                 continue
             if p.command:
@@ -346,14 +352,42 @@ class Failover:
                 if now - p.since > WAIT_FOR_REPLACEMENT:
                     await self._failed(p, "no instance could take it")
                 continue
-            cmd = self.commands.restore(target, s.program, s.session)
-            p.command, p.target, p.address, p.ordered = cmd.id, target, ready[target], now
+            p.target, p.address, p.ordered = target, ready[target], now
             p.tried.add(target)
             load[target] = load.get(target, 0) + 1
-            self.oss_log(
-                f"program {s.program}: restore of pid {s.pid} from its checkpoint ordered"
-                f" (command {cmd.id})", target,
-            )  # fmt: skip
+            if self.prepare is None:
+                self._order(p)
+                continue
+            p.command = PREPARING  # the tick goes on: a mount may take a while
+            task = asyncio.create_task(self._prepare_then_order(p))
+            self._preparing.add(task)
+            task.add_done_callback(self._preparing.discard)
+
+    async def _prepare_then_order(self, p: Planned) -> None:
+        """Ready `p`'s target (`prepare`), then order the restore; a target that cannot be
+        readied is given up for another at the next dispatch."""
+        s = p.stored
+        assert self.prepare is not None
+        try:
+            await self.prepare(s.program, p.target)
+        except Exception as exc:  # noqa: BLE001 - any failure: say it, try elsewhere
+            why = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+            await self.program_log(
+                s.program, f"restore of pid {s.pid} on {p.target} not ordered: {why}"
+            )
+            p.command = 0
+            return
+        if p in self.planned and p.command == PREPARING:
+            self._order(p)
+
+    def _order(self, p: Planned) -> None:
+        s = p.stored
+        cmd = self.commands.restore(p.target, s.program, s.session)
+        p.command = cmd.id
+        self.oss_log(
+            f"program {s.program}: restore of pid {s.pid} from its checkpoint ordered"
+            f" (command {cmd.id})", p.target,
+        )  # fmt: skip
 
     async def _failed(self, p: Planned, why: str) -> None:
         s = p.stored
@@ -366,7 +400,7 @@ class Failover:
         """The checkpoint file a restore command asked `instance` to fetch."""
         for p in self.planned:
             s = p.stored
-            if (s.program, s.session, p.target) == (program, session, instance) and p.command:
+            if (s.program, s.session, p.target) == (program, session, instance) and p.command > 0:
                 return s.path
         raise NotFound("no restore of that session was ordered to this instance")
 
