@@ -69,7 +69,8 @@ async def serve(config: AgentConfig, tracing: Tracing) -> None:
                     config.exec_key,
                     on_commands=agent.on_commands,
                     can_checkpoint=agent.can_checkpoint,
-                    speed=CpuScore().once,  # issue 12: optimizer moves compare speeds
+                    # issue 12: optimizer moves compare speeds
+                    speed=CpuScore().once if config.cpu_score else None,
                 )
                 link_task = tasks.create_task(link.run())
                 telemetry = start_telemetry(agent, config, tasks)
@@ -155,6 +156,14 @@ def start_telemetry(agent: Agent, config: AgentConfig, tasks: asyncio.TaskGroup)
     help="Migrations: pre-copy rounds and pages through the target's CRIU page server "
     "(off: one frozen dump, its images packed over HTTP).",
 )
+@click.option(
+    "--cpu-score/--no-cpu-score",
+    envvar="DCP_CPU_SCORE",
+    default=True,
+    show_default=True,
+    help="Measure this instance's CPU speed (~1 s of CPU) and send it when registering "
+    "(the optimizer compares instances by it).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     oss_url: str | None,
@@ -166,6 +175,7 @@ def main(
     reconnect_window: float,
     lifeline: int | None,
     migrate_fast: bool,
+    cpu_score: bool,
     verbose: bool,
 ) -> None:
     """Serve exec sessions for deputies; register and heartbeat with the OSS."""
@@ -187,6 +197,7 @@ def main(
             reconnect_window=reconnect_window,
             lifeline=lifeline,
             migrate_fast=migrate_fast,
+            cpu_score=cpu_score,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -43,6 +43,9 @@ class AgentConfig:
     # Migrations copy memory in pre-copy rounds while the program runs and stream the
     # pages through the target's CRIU page server (issue 12); False: one frozen dump, packed.
     migrate_fast: bool = True
+    # Measure the CPU score sent at registration (issue 12, optimizer moves); off where
+    # every instance shares this machine's cores (`dcptrace --instances`).
+    cpu_score: bool = True
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance:

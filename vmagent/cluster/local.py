@@ -266,6 +266,7 @@ class LocalCluster:
             str(self.reconnect_window),
             "--lifeline",
             str(self._lifeline_r),
+            "--no-cpu-score",  # one machine's cores: the same speed, not worth 1 s of CPU each
         ]
         if self.oss_url is not None:
             agent += ["--oss", self.oss_url]
