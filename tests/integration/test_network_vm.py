@@ -84,11 +84,26 @@ for port in sys.argv[1:]:
         print("quit", port, exc, flush=True)
 """
 
+# Waits until localhost:PORT answers (argv ends with "w": not taken for a server).
+WAITER = """
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen(f"http://localhost:{sys.argv[1]}/", timeout=5).read()
+        break
+    except OSError:
+        time.sleep(1)
+"""
 # The home shell starts two servers and a client (placed on the guests: spread), then
 # waits for the test (a line on stdin) before stopping the servers.
+# Each server is waited for before the next exec: spread's choice depends on the
+# order of the execs, and an `&` child's exec races the shell's next ones
+# (tests/unit/test_network_spread_order.py).
 PROGRAM = """
 /usr/bin/python3 -c "$1" 8001 &
+/usr/bin/python3 -c "$4" 8001 w
 /usr/bin/python3 -c "$1" 8002 &
+/usr/bin/python3 -c "$4" 8002 w
 /usr/bin/python3 -c "$2" 8001 8002
 read go
 /usr/bin/python3 -c "$3" 8001 8002
@@ -208,7 +223,7 @@ def test_program_address_across_guests(lab: Lab, client_ns: str, tmp_path: Any) 
     proc = subprocess.Popen(
         ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli",
          "--oss", lab.oss_url, "--placement", "spread", "--record", str(record),
-         "--", "/bin/sh", "-c", PROGRAM, "sh", SERVER, CLIENT, QUIT],
+         "--", "/bin/sh", "-c", PROGRAM, "sh", SERVER, CLIENT, QUIT, WAITER],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         cwd="/", env=env,
     )  # fmt: skip
