@@ -41,7 +41,7 @@ class RunDefaults:
     oss: str | None = None
     volumes: list[str] = field(default_factory=list)
     storage: dict[str, int | str] = field(default_factory=dict)
-    share_cwd: bool = True
+    share_cwd: bool | None = None
     checkpoint_every: float | None = None
 
 
@@ -185,9 +185,11 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     help="Make directory PATH one namespace on every instance (repeatable; with --instances).",
 )
 @click.option(
-    "--no-share-cwd",
-    is_flag=True,
-    help="Keep the working directory out of the instances' namespace (shared by default).",
+    "--share-cwd/--no-share-cwd",
+    default=None,
+    help="Make the working directory one namespace on every instance (default: on with "
+    "--instances, off with --oss: a process holding a file it writes there cannot move "
+    "yet).",
 )
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(
@@ -227,7 +229,7 @@ def command(
     record_path: str | None,
     maps: tuple[str, ...],
     volumes: tuple[str, ...],
-    no_share_cwd: bool,
+    share_cwd: bool | None,
     config_path: str | None,
     instances: int | None,
     placement: str | None,
@@ -344,7 +346,7 @@ def command(
                 volumes=tuple(config.volumes) + volumes, storage=_storage_table(config),
                 note=local.note if local is not None else None,
                 profiles=state_dir / "placement-profiles.json", keep_profiles=local is not None,
-                share_cwd=config.share_cwd and not no_share_cwd,
+                share_cwd=config.share_cwd if share_cwd is None else share_cwd,
                 checkpoint_every=every,
             ) as coordinator:  # fmt: skip
                 placed.append(coordinator)

@@ -67,7 +67,7 @@ def coordinator(
     note: Callable[[str], None] | None = None,
     profiles: Path | None = None,
     keep_profiles: bool = False,
-    share_cwd: bool = True,
+    share_cwd: bool | None = None,
     checkpoint_every: float | None = None,
 ) -> Iterator[Coordinator]:
     """`inner` alone, or wrapped to place exec'd programs on instances.
@@ -76,8 +76,8 @@ def coordinator(
     process carries and its instance applies.  `note` takes the placement
     decisions' log lines (the run's record in the local OSS state); `profiles` the
     file of the programs' past run times the cost model reads (and writes back at
-    the end with `keep_profiles`).  With `share_cwd` the working directory joins
-    the declared paths whenever a process can be placed (`with_cwd`).
+    the end with `keep_profiles`).  With `share_cwd` (default: local instances
+    only) the working directory joins the declared paths (`with_cwd`).
     `checkpoint_every` (issue 12): checkpoint placed processes that often, to
     restore them elsewhere when their instance is lost.
     """
@@ -87,7 +87,11 @@ def coordinator(
         yield inner
         return
     cwd_note = None
-    if share_cwd:
+    # By default the working directory is shared with local instances only: under
+    # --oss a checkpoint or migration of a process holding a file it writes in a
+    # shared volume fails (its staged writes live on its instance), so there it is
+    # asked for (--share-cwd; docs/STORAGE.md).
+    if share_cwd if share_cwd is not None else oss_url is None:
         volumes, cwd_note = with_cwd(volumes, instances, oss_url, maps or {})
     try:
         import vmagent.cluster.coordinator  # noqa: F401  (a missing package: one line)

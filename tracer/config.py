@@ -42,7 +42,8 @@ class FileConfig(BaseModel):
     placement:  spread | pack | local (like --placement)
     oss:        URL of a running dcp-oss (like --oss)
     volumes:    paths that are one namespace on every instance (like --volume)
-    share_cwd:  the working directory joins them (default true; --no-share-cwd)
+    share_cwd:  the working directory joins them (default: with `instances`, not
+                with `oss`; --share-cwd / --no-share-cwd)
     storage:    tiers, policy and limit of those paths (oss.storage.run.TABLE_KEYS)
     checkpoint_every: seconds between checkpoints of placed processes, which are
                 restored on another instance when theirs is lost (like --checkpoint-every)
@@ -55,7 +56,7 @@ class FileConfig(BaseModel):
     placement: str = "auto"
     oss: str | None = None
     volumes: list[str] = []
-    share_cwd: bool = True
+    share_cwd: bool | None = None
     storage: StorageTable = StorageTable()
     checkpoint_every: float | None = Field(default=None, gt=0, le=86400)
 
