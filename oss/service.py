@@ -59,7 +59,7 @@ from oss.models import (
 )
 from oss.network.manager import Applier, NetworkConfig, NetworkManager
 from oss.schema import VERSIONS
-from oss.storage.relay import SqlSpecs, StorageRelay
+from oss.storage.relay import SqlSpecs, StorageNotMounted, StorageRelay
 from oss.telemetry import logs as logmod
 from oss.telemetry.metrics import MetricsCollector
 from oss.telemetry.processes import Processes, measured_counters, process_row, seeded
@@ -177,7 +177,7 @@ class Oss:
             self.program_log,
             clock=clock,
             runs_on=lambda prog, inst: self.placed(prog, [{"instance": inst, "processes": 1}]),
-            prepare=self._storage_for_restore,
+            prepare=self._storage_on,
         )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
@@ -812,9 +812,9 @@ class Oss:
         except Exception as exc:  # noqa: BLE001 - the end is recorded regardless
             self.oss_log(f"program {program_id}: network set-up not fully removed: {exc}")
 
-    async def _storage_for_restore(self, program: str, instance: str) -> None:
-        """A restore target mounts the program's storage first (issue 14): the restored
-        process holds files and a working directory in it.  StorageNotMounted if not."""
+    async def _storage_on(self, program: str, instance: str) -> None:
+        """A restore or migration target mounts the program's storage first (issue 14):
+        the process holds files and a working directory in it.  StorageNotMounted if not."""
         if await self.storage.mounts(program) is not None:
             await self.storage.mount(program, instance)
 
@@ -875,6 +875,12 @@ class Oss:
         """Order one session's move through its source's heartbeat; wait for the outcome."""
         if ref.instance not in self._last_seen:
             raise MigrationFailed(f"the source instance {ref.instance} is not live")
+        try:
+            await self._storage_on(program_id, to)
+        except StorageNotMounted as exc:
+            raise MigrationFailed(
+                f"instance {to} could not mount the program's storage: {exc.detail}"
+            ) from None
         cmd = self.commands.migrate(ref.instance, program_id, ref.pid, to, address)
         self._moves[cmd.id] = cmd
         if reason is not None:
