@@ -84,26 +84,16 @@ for port in sys.argv[1:]:
         print("quit", port, exc, flush=True)
 """
 
-# Waits until localhost:PORT answers (argv ends with "w": not taken for a server).
-WAITER = """
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        urllib.request.urlopen(f"http://localhost:{sys.argv[1]}/", timeout=5).read()
-        break
-    except OSError:
-        time.sleep(1)
-"""
 # The home shell starts two servers and a client (placed on the guests: spread), then
-# waits for the test (a line on stdin) before stopping the servers.
-# Each server is waited for before the next exec: spread's choice depends on the
-# order of the execs, and an `&` child's exec races the shell's next ones
-# (tests/unit/test_network_spread_order.py).
+# waits for the test (a line on stdin) before stopping the servers.  Each server is
+# started once the one before listens (the test sends a line; `read` runs no exec):
+# spread's choice depends on the order of the execs, and an `&` child's exec races the
+# shell's next ones (tests/unit/test_network_spread_order.py).
 PROGRAM = """
 /usr/bin/python3 -c "$1" 8001 &
-/usr/bin/python3 -c "$4" 8001 w
+read first
 /usr/bin/python3 -c "$1" 8002 &
-/usr/bin/python3 -c "$4" 8002 w
+read second
 /usr/bin/python3 -c "$2" 8001 8002
 read go
 /usr/bin/python3 -c "$3" 8001 8002
@@ -212,6 +202,18 @@ def _program_address(lab: Lab, seconds: float) -> tuple[str, str]:
 
 
 @pytest.mark.timeout(600)
+def _listening(lab: Lab, program: str, port: int, seconds: float) -> bool:
+    """Does the OSS know a listener of the program on `port` (within `seconds`)?"""
+    assert lab.oss is not None and lab.oss.oss.network is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        shown = lab.loop.run(lab.oss.oss.network.show(program))
+        if shown and any(x["port"] == port for x in shown["listeners"]):
+            return True
+        time.sleep(1)
+    return False
+
+
 def test_program_address_across_guests(lab: Lab, client_ns: str, tmp_path: Any) -> None:
     assert lab.oss is not None and lab.oss.oss.network is not None
     before = _host_listing(lab)
@@ -223,13 +225,19 @@ def test_program_address_across_guests(lab: Lab, client_ns: str, tmp_path: Any) 
     proc = subprocess.Popen(
         ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli",
          "--oss", lab.oss_url, "--placement", "spread", "--record", str(record),
-         "--", "/bin/sh", "-c", PROGRAM, "sh", SERVER, CLIENT, QUIT, WAITER],
+         "--", "/bin/sh", "-c", PROGRAM, "sh", SERVER, CLIENT, QUIT],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         cwd="/", env=env,
     )  # fmt: skip
     try:
         program, address = _program_address(lab, 240)
         assert ipaddress.IPv4Address(address) in PREFIX
+        assert proc.stdin is not None
+        for port in (8001, 8002):  # the next exec once this server listens
+            listening = _listening(lab, program, port, 240)
+            assert listening, lab.loop.run(lab.oss.oss.network.show(program))
+            proc.stdin.write(b"next\n")
+            proc.stdin.flush()
         # The outside reaches both servers at the program's one address.
         first = _fetch(client_ns, f"http://{address}:8001/", 240)
         second = _fetch(client_ns, f"http://{address}:8002/", 240)
