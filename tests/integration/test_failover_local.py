@@ -79,9 +79,8 @@ def _descends(pid: int, root: int) -> bool:
     return False
 
 
-def _agents(root: int) -> dict[str, tuple[int, str]]:
-    """The run's agents (PID 1 of their namespaces, under `root`): pid namespace ->
-    (pid, OSS socket)."""
+def _pid_ones() -> dict[str, tuple[int, str]]:
+    """Every agent that is PID 1 of its namespace: pid namespace -> (pid, its OSS)."""
     found = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -95,9 +94,15 @@ def _agents(root: int) -> dict[str, tuple[int, str]]:
         if b"vmagent" not in argv[:3] or b"--oss" not in argv:
             continue
         nspid = next(ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:"))
-        if nspid[-1] == "1" and _descends(int(d.name), root):
+        if nspid[-1] == "1":
             found[ns] = (int(d.name), argv[argv.index(b"--oss") + 1].decode())
     return found
+
+
+def _agents(root: int) -> dict[str, tuple[int, str]]:
+    """The run's agents (PID 1 of their namespaces, under `root`): pid namespace ->
+    (pid, OSS socket)."""
+    return {ns: a for ns, a in _pid_ones().items() if _descends(a[0], root)}
 
 
 def _counters(path: Path) -> list[tuple[int, str]]:
@@ -270,23 +275,3 @@ def test_under_a_dcp_oss_the_program_policy_restores_it_too(counter: Path, tmp_p
     assert out.split()[-1] == b"done" and out.count(b"done") == 1
     assert set(_numbers(out)) == set(range(1, N + 1)), said
     assert "restored on" in said, said
-
-
-def _pid_ones() -> dict[str, tuple[int, str]]:
-    """Every agent that is PID 1 of its namespace: pid namespace -> (pid, its OSS)."""
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-            status = (d / "status").read_text()
-            ns = os.readlink(d / "ns" / "pid")
-        except OSError:
-            continue
-        if b"vmagent" not in argv[:3] or b"--oss" not in argv:
-            continue
-        nspid = next(ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:"))
-        if nspid[-1] == "1":
-            found[ns] = (int(d.name), argv[argv.index(b"--oss") + 1].decode())
-    return found
