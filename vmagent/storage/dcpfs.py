@@ -37,7 +37,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -401,6 +401,11 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.getlk_holders: dict[int, int] = {}  # F_GETLK caller's pid -> holder's program pid
         # path -> (monotonic time asked, the volume's attributes); read without the lock
         self.attrs: dict[str, tuple[float, asyncssh.SFTPAttrs]] = {}
+        # Bumped at both ends of every change made here (`_changing`): a stat answered
+        # across one (a lock-free stat racing a close's publish) may describe the old
+        # file, so it goes to its caller but not into the cache.
+        self.attrs_epoch = 0
+        self.attrs_changing = 0  # changes made here in flight
 
     # -- helpers --------------------------------------------------------------
 
@@ -431,13 +436,14 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def _stat(self, path: str) -> asyncssh.SFTPAttrs:
         """The volume's attributes of `path` now (one round trip; cached for stats)."""
-        asked = time.monotonic()
+        asked, epoch = time.monotonic(), self.attrs_epoch if not self.attrs_changing else -1
         try:
             attrs = self.remote.call(lambda: self.sftp.lstat(path))
         except fuse.FuseOSError:
             self.attrs.pop(path, None)
             raise
-        self.attrs[path] = (asked, attrs)
+        if self._may_cache(epoch):
+            self.attrs[path] = (asked, attrs)
         return attrs
 
     def _cached_stat(self, path: str) -> asyncssh.SFTPAttrs:
@@ -449,9 +455,23 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         self.looked_up = (path, attrs, time.monotonic())
         return attrs
 
-    def _forget_attrs(self, *paths: str, tree: bool = False) -> None:
-        """Drop cached attributes of `paths` and their directories (and, with `tree`,
-        of everything under them: a renamed or removed directory)."""
+    @contextlib.contextmanager
+    def _changing(self, *paths: str, tree: bool = False) -> Iterator[None]:
+        """Around a change made here to `paths` on the volume: their cached attributes
+        (and their directories', and with `tree` everything under them: a renamed or
+        removed directory) are dropped before and after it, and a stat in flight
+        meanwhile is answered but not cached (it may have seen the old file)."""
+        self.attrs_epoch += 1
+        self.attrs_changing += 1
+        self._drop_attrs(paths, tree)
+        try:
+            yield
+        finally:
+            self.attrs_epoch += 1
+            self.attrs_changing -= 1
+            self._drop_attrs(paths, tree)
+
+    def _drop_attrs(self, paths: tuple[str, ...], tree: bool) -> None:
         for path in paths:
             self.attrs.pop(path, None)
             self.attrs.pop(path.rpartition("/")[0] or "/", None)
@@ -459,6 +479,10 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 under = path.rstrip("/") + "/"
                 for name in [p for p in list(self.attrs) if p.startswith(under)]:
                     self.attrs.pop(name, None)
+
+    def _may_cache(self, epoch: int) -> bool:
+        """Whether an answer asked for at `epoch` predates no change made here since."""
+        return epoch == self.attrs_epoch and not self.attrs_changing
 
     def _fresh_stat(self, path: str) -> asyncssh.SFTPAttrs:
         """The volume's attributes of `path` for an open: the kernel's lookup of this very
@@ -616,7 +640,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         with self._mutex:
             if path == "/":
                 return [".", ".."] + [f"v{i}" for i in range(self.config.volumes)]
-            asked = time.monotonic()
+            asked, epoch = time.monotonic(), self.attrs_epoch if not self.attrs_changing else -1
             entries = self.remote.call(lambda: self.sftp.readdir(path))
             base = path.rstrip("/")
             names = [p[len(base) + 1 :] for p in self.specials if p.rpartition("/")[0] == base]
@@ -625,7 +649,7 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 if name in (".", "..") or name.startswith((".dcp-part-", ".fuse_hidden")):
                     continue
                 names.append(name)
-                if e.attrs.type is not None and e.attrs.size is not None:
+                if e.attrs.type is not None and e.attrs.size is not None and self._may_cache(epoch):
                     self.attrs[f"{base}/{name}"] = (asked, e.attrs)  # what `ls -l` stats next
             return [".", ".."] + names
 
@@ -661,20 +685,20 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
     def mkdir(self, path: str, mode: int) -> None:
         with self._mutex:
             attrs = asyncssh.SFTPAttrs(permissions=mode & 0o7777)
-            self._forget_attrs(path)
-            self.remote.call(lambda: self.sftp.mkdir(self._remote(path), attrs))
+            with self._changing(path):
+                self.remote.call(lambda: self.sftp.mkdir(self._remote(path), attrs))
 
     def rmdir(self, path: str) -> None:
         with self._mutex:
-            self._forget_attrs(path, tree=True)
-            self.remote.call(lambda: self.sftp.rmdir(path))
+            with self._changing(path, tree=True):
+                self.remote.call(lambda: self.sftp.rmdir(path))
 
     def unlink(self, path: str) -> None:
         with self._mutex:
             if self.specials.pop(path, None) is not None:
                 return
-            self._forget_attrs(path)
-            self.remote.call(lambda: self.sftp.remove(path))
+            with self._changing(path):
+                self.remote.call(lambda: self.sftp.remove(path))
             self._drop_copy(path)
             self.state.heat.pop(path, None)
             for h in self.state.handles.values():
@@ -687,8 +711,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
             if special is not None:  # stays on this instance, under its new name
                 self.specials[new] = special
                 return
-            self._forget_attrs(old, new, tree=True)
-            self.remote.call(lambda: self.sftp.posix_rename(old, new))
+            with self._changing(old, new, tree=True):
+                self.remote.call(lambda: self.sftp.posix_rename(old, new))
             self._drop_copy(new)
             copy = self.state.copies.pop(old, None)
             if copy is not None:
@@ -707,31 +731,31 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
 
     def symlink(self, target: str, source: str) -> None:
         with self._mutex:
-            self._forget_attrs(target)
-            self.remote.call(lambda: self.sftp.symlink(source, target))
+            with self._changing(target):
+                self.remote.call(lambda: self.sftp.symlink(source, target))
 
     def link(self, target: str, source: str) -> None:
         with self._mutex:
-            self._forget_attrs(target, source)
-            self.remote.call(lambda: self.sftp.link(source, target))
+            with self._changing(target, source):
+                self.remote.call(lambda: self.sftp.link(source, target))
 
     def chmod(self, path: str, mode: int) -> None:
         with self._mutex:
-            self._forget_attrs(path)
-            self.remote.call(lambda: self.sftp.chmod(path, mode & 0o7777))
+            with self._changing(path):
+                self.remote.call(lambda: self.sftp.chmod(path, mode & 0o7777))
             self._fix_copy_version(path)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self._mutex:
-            self._forget_attrs(path)
-            self.remote.call(lambda: self.sftp.chown(path, uid, gid))
+            with self._changing(path):
+                self.remote.call(lambda: self.sftp.chown(path, uid, gid))
 
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
         with self._mutex:
             now = time.time_ns()
             atime, mtime = times if times is not None else (now, now)
-            self._forget_attrs(path)
-            self.remote.call(lambda: self.sftp.utime(path, ns=(int(atime), int(mtime))))
+            with self._changing(path):
+                self.remote.call(lambda: self.sftp.utime(path, ns=(int(atime), int(mtime))))
             self._fix_copy_version(path)
 
     def _fix_copy_version(self, path: str) -> None:
@@ -754,8 +778,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                     os.ftruncate(handle.fd, length)
                 handle.size, handle.dirty = length, True
                 return
-            self._forget_attrs(path)
-            self.remote.call(lambda: self.sftp.truncate(path, length))
+            with self._changing(path):
+                self.remote.call(lambda: self.sftp.truncate(path, length))
             self._drop_copy(path)
 
     def create(self, path: str, mode: int, fi: Any = None) -> int:
@@ -766,8 +790,8 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                 f = await self.sftp.open(path, "wb", attrs)
                 await f.close()
 
-            self._forget_attrs(path)
-            self.remote.call(make)
+            with self._changing(path):
+                self.remote.call(make)
             return self._open_write(path, os.O_TRUNC, mode & 0o7777, None)
 
     def open(self, path: str, flags: int) -> int:
@@ -924,15 +948,15 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
         if handle.unlinked:
             handle.dirty = False
             return
-        self._forget_attrs(path)
         if handle.remote is not None:
             remote = handle.remote
-            if durable:
-                self.remote.call(lambda: remote.fsync())
-            if not handle.published:
-                tmp = handle.remote_tmp
-                self.remote.call(lambda: self.sftp.posix_rename(tmp, path))
-                handle.published = True
+            with self._changing(path):
+                if durable:
+                    self.remote.call(lambda: remote.fsync())
+                if not handle.published:
+                    tmp = handle.remote_tmp
+                    self.remote.call(lambda: self.sftp.posix_rename(tmp, path))
+                    handle.published = True
             handle.dirty = False
             self._heat(path).size = handle.size
             return
@@ -953,12 +977,13 @@ class Dcpfs(fuse.Operations):  # type: ignore[misc]
                     await f.fsync()
             await self.sftp.posix_rename(tmp, path)
 
-        try:
-            self.remote.call(upload)
-        except fuse.FuseOSError:
-            with contextlib.suppress(fuse.FuseOSError):
-                self.remote.call(lambda: self.sftp.remove(tmp))
-            raise
+        with self._changing(path):
+            try:
+                self.remote.call(upload)
+            except fuse.FuseOSError:
+                with contextlib.suppress(fuse.FuseOSError):
+                    self.remote.call(lambda: self.sftp.remove(tmp))
+                raise
         handle.dirty = False
         attrs_now = self._stat(path)
         old = self.state.copies.get(path)
