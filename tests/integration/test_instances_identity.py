@@ -422,3 +422,38 @@ def test_a_signal_to_a_forked_pid_elsewhere_names_its_sender(tmp_path: Path) -> 
         (where / "recv.py").write_text(FORKED_RECV_PY)
         out = run_all_one(mode, FORKED_SENDERS, where)
         assert out == "each signal names its sender\n", (mode, out, (where / "got").read_text())
+
+
+# A sender forked on an instance (no home pid: the signal goes home through its
+# session root's deputy) is named as itself, not as that root: the placed receiver
+# and a home one (the shell's own child, a subshell that stays home) both see it.
+FORKED_SENDER_PY = r"""import os, signal, sys
+child = os.fork()
+if child == 0:
+    with open(sys.argv[2], "w") as f:
+        f.write(f"{sys.argv[3]} {os.getpid()}\n")
+    os.kill(int(sys.argv[1]), getattr(signal, "SIG" + sys.argv[3]))
+    os._exit(0)
+os.waitpid(child, 0)
+print("the sender is not its parent:", child != os.getpid(), flush=True)
+"""
+FORKED_SENDER = r"""
+python3 recv.py > got & p=$!
+until [ -e ready ]; do sleep 0.05; done
+python3 sender.py $p want USR1
+python3 sender.py $p want.2 USR2
+cat want.2 >> want
+wait $p
+cut -d' ' -f1,2 got | cmp - want && echo "each signal names its forked sender"
+"""
+
+
+def test_a_signal_from_a_process_forked_elsewhere_names_it(tmp_path: Path) -> None:
+    want = "the sender is not its parent: True\n" * 2 + "each signal names its forked sender\n"
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "recv.py").write_text(RECV_PY)
+        (where / "sender.py").write_text(FORKED_SENDER_PY)
+        out = run_all_one(mode, FORKED_SENDER, where)
+        assert out == want, (mode, out, (where / "got").read_text())

@@ -255,6 +255,30 @@ def _tgkill(tid: int, sig: int) -> int:
     return 0
 
 
+SI_QUEUE = -1  # si_code of sigqueue(): the one a process may give another's siginfo
+FORKED_ELSEWHERE = 1 << 22  # program pids from here up name processes forked on instances
+SYS_RT_SIGQUEUEINFO = {b"x86_64": 129, b"aarch64": 138}
+
+
+def _sigqueue_from(pid: int, sig: int, sender: int) -> int:
+    """`sig` to `pid` naming program pid `sender` (a process forked on an instance, which
+    has no pid here) in its siginfo; 0 or errno.
+
+    kill() would name us (its session's root).  The kernel lets a process set
+    si_pid only with si_code SI_QUEUE; a deputy that receives it passes the
+    sender on (`main`), and the receiving tracer delivers it as a kill's (SI_USER).
+    """
+    import ctypes  # only on this rare path
+
+    info = (ctypes.c_int * 32)()  # siginfo_t: 128 bytes
+    info[0], info[2], info[4], info[5] = sig, SI_QUEUE, sender, os.getuid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = SYS_RT_SIGQUEUEINFO.get(os.uname().machine.encode(), 129)
+    if libc.syscall(nr, pid, sig, ctypes.byref(info)) != 0:
+        return ctypes.get_errno() or ESRCH
+    return 0
+
+
 def _wait_ready(fd: int, writable: bool) -> None:
     """Block until `fd` is readable (or writable); for descriptors left non-blocking."""
     import select  # a C module, loaded only on this rare path
@@ -427,6 +451,8 @@ class Deputy:
             err = EINVAL  # never our own group nor every process: the agent names a pid
         elif fields.get(b"thread") == b"1":
             err = _tgkill(pid, sig) if pid > 0 else EINVAL
+        elif fields.get(b"from", b"").isdigit() and pid > 0:
+            err = _sigqueue_from(pid, sig, int(fields[b"from"]))
         else:
             try:
                 os.kill(pid, sig)
@@ -625,7 +651,9 @@ def main(argv: list[str]) -> int:
                 # remote program's group too, and on down the chain of deputies (as a
                 # tty reaches make's compilers).
                 link.send(P.SIGNAL, sig, P.GROUP)
-            elif info.si_code == SI_USER:
+            elif info.si_code == SI_USER or (
+                info.si_code == SI_QUEUE and info.si_pid >= FORKED_ELSEWHERE
+            ):
                 # Who sent it, in the program's pids (a home pid is one): the remote
                 # process gets it with this sender, as natively (issue 11).
                 sender = {b"from": b"%d" % info.si_pid, b"uid": b"%d" % info.si_uid}

@@ -328,6 +328,9 @@ class Session:
         fields = {b"req": req, b"pid": b"%d" % pid, b"sig": b"%d" % sig}
         if record.get(b"thread") == b"1":
             fields[b"thread"] = b"1"  # tgkill/tkill: `pid` is a thread's id
+        sender = record.get(b"from", b"")
+        if sender.isdigit() and int(sender) >= PID_MAX_LIMIT:
+            fields[b"from"] = sender  # forked here: the deputy names it as the sender
         self.proto.write(P.frame(P.KILL, 0, P.unpairs(fields)))
         return True
 
