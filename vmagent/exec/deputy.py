@@ -279,6 +279,56 @@ def _sigqueue_from(pid: int, sig: int, sender: int) -> int:
     return 0
 
 
+PROC_FILES = (b"stat", b"status", b"cmdline", b"comm")
+MAX_PROC_FILE = 16384
+
+
+def _tracer_of(pid: object) -> int:
+    """The TracerPid in /proc/`pid`/status (0: untraced or gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            return int(f.read().split(b"\nTracerPid:", 1)[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def proc_view(pid: int, chained: bool = False) -> dict[bytes, bytes]:
+    """The PROCD fields of /proc/`pid` (0: the program's pids), of our program alone.
+
+    At home, a process of the program is one its home tracer traces, the one
+    that traces us: a process outside the program is ESRCH, as one that does
+    not exist.  `chained`: we run on an instance (placed from there), where
+    our instance's tracer answers /proc/N with home's, checked there, so what
+    we read is the program's already (a listing may hold that instance's own
+    pids too: their /proc, read through home, is then ENOENT).
+    """
+    ours = _tracer_of("self")
+    if pid < 0 or not (ours or chained):
+        return {b"errno": b"%d" % ESRCH}
+    if pid == 0:
+        found = [n for n in os.listdir("/proc") if n.isdigit()]
+        if not chained:
+            found = [n for n in found if _tracer_of(n) == ours]
+        try:
+            with open("/proc/sys/kernel/pid_max", "rb") as f:
+                pid_max = f.read(32)
+        except OSError:
+            pid_max = b""
+        return {b"errno": b"0", b"pids": ",".join(found).encode(), b"pid_max": pid_max}
+    if not chained and _tracer_of(pid) != ours:
+        return {b"errno": b"%d" % ESRCH}
+    answer = {b"errno": b"0"}
+    for name in PROC_FILES:
+        try:
+            with open(f"/proc/{pid}/{name.decode()}", "rb") as f:
+                answer[name] = f.read(MAX_PROC_FILE)
+        except OSError:
+            return {b"errno": b"%d" % ESRCH}  # gone meanwhile
+    if not chained and _tracer_of(pid) != ours:
+        return {b"errno": b"%d" % ESRCH}  # its pid was reused meanwhile
+    return answer
+
+
 def _wait_ready(fd: int, writable: bool) -> None:
     """Block until `fd` is readable (or writable); for descriptors left non-blocking."""
     import select  # a C module, loaded only on this rare path
@@ -393,6 +443,8 @@ class Deputy:
                             _thread.start_new_thread(self.forward_input, (fd, count))
                     elif kind == P.KILL:
                         self._kill(payload)
+                    elif kind == P.PROC:
+                        self._proc(payload)
                     elif kind == P.LOCK:
                         self._lock(fd, bytes(payload))
                     elif kind == P.WELCOME:
@@ -459,6 +511,20 @@ class Deputy:
             except OSError as exc:
                 err = exc.errno or EINVAL
         self.link.reply(P.frame(P.KILLED, 0, P.unpairs({b"req": req, b"errno": b"%d" % err})))
+
+    def _proc(self, payload: bytes | bytearray) -> None:
+        """PROC: the remote program reads /proc of one of its pids its instance does not
+        hold; we read it here, where that pid is, and answer PROCD (`proc_view`)."""
+        try:
+            fields = P.pairs(payload)
+            req, pid = fields[b"req"], int(fields[b"pid"])
+        except (P.FrameError, KeyError, ValueError):
+            return  # malformed: its asker's deadline answers it
+        # `--parent INSTANCE:PID`: placed from an instance (home's deputies say `home`).
+        chained = not EXTRA.get(b"parent", b"home:").startswith(b"home:")
+        answer = proc_view(pid, chained)
+        answer[b"req"] = req
+        self.link.reply(P.frame(P.PROCD, 0, P.unpairs(answer)))
 
     def _release(self, fd: int) -> None:
         """The remote program closed `fd`: drop our reference (readers see EOF).

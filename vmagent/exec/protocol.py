@@ -68,7 +68,13 @@ LOCKED = 18
 # by the deputy, as the program would send it there: the home holds every pid.
 KILL = 19  # agent -> deputy: pairs req, pid (negative: a process group), sig
 KILLED = 20  # deputy -> agent: pairs req, errno (0: sent)
-LAST_KIND = KILLED
+# Issue 11: /proc/PID of a program pid its instance does not hold is read at home.
+# PROC: agent -> deputy, pairs req, pid (0: the program's pids at home).  PROCD:
+# deputy -> agent, pairs req, errno, and the files (`stat`, `status`, `cmdline`,
+# `comm`) or `pids` (comma-separated).
+PROC = 21
+PROCD = 22
+LAST_KIND = PROCD
 NONCE_SIZE = 16  # bytes of each challenge
 # HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
 # reached it (its connection was cut first).  The agent attaches it to the
