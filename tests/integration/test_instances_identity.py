@@ -476,7 +476,7 @@ test -d /proc/$1 && echo "test -d: a directory"
 line=$(ps -o pid=,comm= -p $1); echo "ps: $?"
 [ "$line" = "$(printf "%${#2}s sleep" $1)" ] && echo "ps -o pid=,comm=: the sleep"
 cat /proc/$1/comm
-tr "\0" " " < /proc/$1/cmdline; echo
+tr "\0" "," < /proc/$1/cmdline; echo
 grep -E "^(Name|Pid|PPid):" /proc/$1/status | cut -f2 | tr "\n" " " > status
 [ "$(cat status)" = "sleep $1 $3 " ] && echo "status: Name, Pid, PPid"
 cut -d" " -f1-4 /proc/$1/stat | cmp -s - home.stat && echo "stat: as at home"
@@ -490,7 +490,7 @@ test -d: a directory
 ps: 0
 ps -o pid=,comm=: the sleep
 sleep
-sleep 60 
+sleep,60,
 status: Name, Pid, PPid
 stat: as at home
 python isdir: True

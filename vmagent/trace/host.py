@@ -91,6 +91,11 @@ def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> froz
     return coordinator_for(table, maps, lambda _m: None).interception()
 
 
+def at_cwd_only(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """Of `interception`, the calls that stop only with dirfd AT_FDCWD."""
+    return coordinator_for(table, maps, lambda _m: None).at_cwd_only()
+
+
 class Tracer:
     """One T: a runner prepared ahead (for the empty view), then one session traced."""
 

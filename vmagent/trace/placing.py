@@ -189,6 +189,12 @@ class InstanceCoordinator:
         self._shared_net = NET_CALLS & self._inner_names
         self._inner_observes: set[int] = set()  # tids whose call the inner observes too
 
+    def at_cwd_only(self) -> frozenset[str]:
+        """Of `interception`, the calls that need to stop only with dirfd AT_FDCWD (the
+        /proc paths of issue 11, when nothing else here wants them)."""
+        others = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS | SIGWAIT
+        return procview.AT_CALLS - others
+
     def interception(self) -> frozenset[str]:
         """The view's calls, every exec, the calls that return or take pids, locks,
         and listen/close (listening sockets)."""
