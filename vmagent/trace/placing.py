@@ -273,9 +273,10 @@ class InstanceCoordinator:
             except OSError as exc:
                 log.warning("no snapshot of /proc/%d: %s", pid, exc)
                 where = None
-            if where is None:
-                return Complete(-errno.ENOENT)
-            return Rewrite({index: where + rest})
+            if where is not None:
+                return Rewrite({index: where + rest})
+            # Not a process of the program at home (pid 1, a pid that is gone): this
+            # instance's own /proc/N, as before (usually none, in its pid namespace).
         return None
 
     def _listing_call(self, call: SyscallCall) -> Decision:
