@@ -175,7 +175,12 @@ class InstanceCoordinator:
         # /proc/N of a pid elsewhere: a snapshot of home's (None: not found).
         self.proc = proc
         self.snapshots = procview.Snapshots(proc.files if proc else lambda _pid: None)
-        self._listed: set[tuple[int, int]] = set()  # (pid, fd) of /proc listings extended
+        # (pid, fd) of a listing of /proc under way -> ADDED once home's pids were added
+        self._listed: dict[tuple[int, int], bool] = {}
+        # pid -> the program's home pids when its listing of /proc began, and the
+        # snapshots made since: while it reads the entries, a pid outside that set
+        # is this instance's own (no round trip home), one inside is fetched once.
+        self._scan: dict[int, tuple[frozenset[int], dict[int, bytes]]] = {}
         self._listing: set[int] = set()  # tids in a getdents64 of /proc
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
         self.relayed: Relayed | None = None  # set by the runner that reads its channel
@@ -267,12 +272,18 @@ class InstanceCoordinator:
                 real = pid  # a real id the program got from the kernel (glibc's thread ids)
             if real is not None:
                 return Rewrite({index: b"/proc/%d%s" % (real, rest)}) if real != pid else None
-            uid, gid, _groups = credentials(call.pid)
-            try:
-                where = self.snapshots.path(pid, uid, gid)
-            except OSError as exc:
-                log.warning("no snapshot of /proc/%d: %s", pid, exc)
-                where = None
+            scan = self._scan.get(call.pid)
+            if scan is not None and pid not in scan[0]:
+                return None  # listed here, not the program's at home: this instance's own
+            where = scan[1].get(pid) if scan is not None else None
+            if where is None:
+                uid, gid, _groups = credentials(call.pid)
+                try:
+                    where = self.snapshots.path(pid, uid, gid)
+                except OSError as exc:
+                    log.warning("no snapshot of /proc/%d: %s", pid, exc)
+                if where is not None and scan is not None:
+                    scan[1][pid] = where
             if where is not None:
                 return Rewrite({index: where + rest})
             # Not a process of the program at home (pid 1, a pid that is gone): this
@@ -283,6 +294,12 @@ class InstanceCoordinator:
         """getdents64 of /proc: its result is extended (`_listed_result`)."""
         if procview.fd_path(call.pid, signed(call.args[0], 32)) != b"/proc":
             return Allow()
+        key = (call.pid, signed(call.args[0], 32))
+        if key not in self._listed and self.proc is not None:
+            # A listing begins: its entries are looked up against home's pids of now.
+            home = [p for p in self.proc.pids() if self.pids.real(p) is None]
+            self._scan[call.pid] = (frozenset(home), {})
+            self._listed[key] = False
         self._listing.add(call.tid)
         return Allow(observe_result=True)
 
@@ -290,14 +307,18 @@ class InstanceCoordinator:
         """At the end of a listing of /proc, the program's pids this instance does not hold
         (once per listing: the next call ends it)."""
         key = (call.pid, signed(call.args[0], 32))
-        if result != 0 or key in self._listed or self.proc is None:
-            self._listed.discard(key)
-            return None
-        self._listed.add(key)
-        elsewhere = [p for p in dict.fromkeys(self.proc.pids()) if self.pids.real(p) is None]
-        records = procview.dirents(elsewhere, call.args[2] & 0xFFFFFFFF)
+        added = self._listed.get(key)
+        if added is None or result > 0:
+            return None  # on with this instance's entries
+        scan = self._scan.get(call.pid)
+        records = b""
+        if not added and result == 0 and scan is not None:
+            records = procview.dirents(sorted(scan[0]), call.args[2] & 0xFFFFFFFF)
         if not records:
+            del self._listed[key]  # the listing is over, and what it learnt of home
+            self._scan.pop(call.pid, None)
             return None
+        self._listed[key] = True
         return Complete(len(records), ((call.args[1], records),))
 
     def close(self) -> None:
@@ -444,6 +465,7 @@ class InstanceCoordinator:
             case ProcessExec(pid, argv):
                 self.report(channel.exec_event(pid, argv))
             case ProcessExited(pid, status, sig):
+                self._scan.pop(pid, None)
                 self._live.discard(pid)
                 self._tids.discard(pid)
                 self.report(channel.exited(pid, status, sig))
