@@ -117,3 +117,37 @@ def test_close_removes_every_snapshot(coordinator: Fixture) -> None:
     assert root and os.path.isdir(root)
     c.close()
     assert not os.path.exists(root)
+
+
+def _getdents(fd: int) -> SyscallCall:
+    nr = by_name(TABLE)["getdents64"].nr
+    return SyscallCall(os.getpid(), os.getpid(), nr, "getdents64", (fd, 0x1000, 4096, 0, 0, 0))
+
+
+def test_a_listing_of_proc_ends_with_home_s_pids_and_asks_home_once(
+    coordinator: Fixture,
+) -> None:
+    c, home = coordinator
+    fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        listing = _getdents(fd)
+        assert c.on_syscall(listing) == Allow(observe_result=True)
+        assert c.on_result(listing, 4000, None) is None  # this instance's own entries
+        # While they are read: a pid home does not list is looked up here, no question
+        # home; the program's pid at home is fetched once for the whole listing.
+        assert c.on_syscall(_call("newfstatat", b"/proc/1234")) == Allow()
+        first = c.on_syscall(_call("newfstatat", b"/proc/500"))
+        second = c.on_syscall(_call("openat", b"/proc/500/stat"))
+        assert isinstance(first, Rewrite) and isinstance(second, Rewrite)
+        assert second.args[1] == first.args[1] + b"/stat"  # type: ignore[operator]
+        assert home.asked == [500]
+        assert c.on_syscall(listing) == Allow(observe_result=True)
+        added = c.on_result(listing, 0, None)
+        assert added is not None and added.result > 0
+        ((address, records),) = added.writes
+        assert address == 0x1000 and b"500\0" in records and b"77\0" not in records  # 77: here
+        assert c.on_syscall(listing) == Allow(observe_result=True)
+        assert c.on_result(listing, 0, None) is None  # the end, once
+        assert c._scan == {} and c._listed == {}
+    finally:
+        os.close(fd)
