@@ -166,7 +166,9 @@ class Oss:
         self._token_cache: dict[str, tuple[Principal, float]] = {}
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
-        self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
+        # Limits act: orders for agents (heartbeat replies).  Ids from the wall clock's ms:
+        # past every id an earlier run of this OSS gave the agents (they skip ids seen).
+        self.commands = CommandQueue(first=int(time.time() * 1000))
         # Issue 12: periodic checkpoints kept here, restored elsewhere when an instance is lost.
         self.failover = Failover(
             CheckpointStore(config.data_dir / "checkpoints"),
