@@ -525,7 +525,7 @@ class Failover:
             await self.program_log(
                 s.program, f"restore of pid {s.pid} on {p.target} not ordered: {why}"
             )
-            p.failures.append(f"{p.target}: {why}")
+            p.failures.append(f"{p.target}: {' '.join(why.split())[:300]}")
             p.command = 0
             return
         if p in self.planned and p.command == PREPARING:
@@ -572,7 +572,8 @@ class Failover:
         self.commands.cancel(instance, p.command)
         if not body.ok:
             log.warning("restore of %s on %s failed: %s", s.session[:8], instance, body.error)
-            p.failures.append(f"{instance}: {(body.error or 'no reason given')[:300]}")
+            why = " ".join((body.error or "no reason given").split())  # one line
+            p.failures.append(f"{instance}: {why[:300]}")
             p.command, p.target = 0, ""
             await self.program_log(
                 s.program, f"restore of pid {s.pid} on {instance} failed: {body.error}"
