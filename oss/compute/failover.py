@@ -54,6 +54,7 @@ from typing import Any
 from oss import models as m
 from oss.compute import failover_store as q
 from oss.compute.commands import CommandQueue
+from oss.db.store import Store
 from oss.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class Failover:
         clock: Callable[[], float] = time.time,  # for planned restores' deadlines
         runs_on: Callable[[str, str], None] = lambda program, instance: None,
         prepare: Callable[[str, str], Awaitable[None]] | None = None,
-        saved: Any = None,
+        saved: Store | None = None,
     ) -> None:
         self.store = store
         self.commands = commands
@@ -303,7 +304,7 @@ class Failover:
         self.planned: list[Planned] = []
         self.restorations: dict[str, list[m.Restoration]] = {}
         self.fenced: dict[str, set[str]] = {}  # lost instance -> programs it held
-        # The OSS's store (oss.db.store.Store; None: memory only): each change is a row.
+        # The OSS's store (None: memory only): each change of the state is a row there.
         self.saved = saved
         self._saving: set[asyncio.Future[Any]] = set()
 
@@ -370,7 +371,6 @@ class Failover:
                      s.session[:8], p.lost)  # fmt: skip
         return got.capable
 
-    # policy ----------------------------------------------------------------------------
     # policy ----------------------------------------------------------------------------
 
     def want(self, program: str, every: float) -> None:
