@@ -47,9 +47,11 @@ class Body:
         return out
 
 
-def checkpoint(images: bytes = b"x" * 50_000, *, whole: bool = True, pid: int = 4242) -> bytes:
+def checkpoint(
+    images: bytes = b"x" * 50_000, *, whole: bool = True, pid: int = 4242, key: str = "k"
+) -> bytes:
     meta = {
-        "session": SESSION, "program_id": PROGRAM, "pid": pid, "nonce": "n1", "key": "k",
+        "session": SESSION, "program_id": PROGRAM, "pid": pid, "nonce": "n1", "key": key,
         "request": {"argv": [b"python3".hex()]}, "taken": 1000.0,
     }  # fmt: skip
     head = json.dumps(meta).encode()
@@ -262,6 +264,9 @@ def test_a_restore_failed_on_every_instance_is_given_up_at_once(tmp_path: Path) 
     assert restoring == [] and ended == [given_up.error]
 
 
+KEY = b"a-session-key-that-stays-in-its-file"
+
+
 def stored_failover(tmp_path: Path, ready: dict[str, str]) -> tuple[Failover, Any, list[str]]:
     """A Failover whose state is rows of a real OSS store in `tmp_path`."""
     from oss.db.store import Store
@@ -284,13 +289,16 @@ def test_the_failover_state_outlives_the_oss(tmp_path: Path) -> None:
         f.granted(PROGRAM, ["node0", "node1"])
         f.capability("node0", True)
         f.capability("nocriu", False)
-        await f.receive("node0", PROGRAM, SESSION, Body(checkpoint(pid=7)))
+        await f.receive("node0", PROGRAM, SESSION, Body(checkpoint(pid=7, key=KEY.decode())))
         await f.receive("node0", PROGRAM, "cd" * 16, Body(checkpoint(pid=8).replace(
             SESSION.encode(), b"cd" * 16)))  # fmt: skip
         f.migrated(PROGRAM, "node0", "node2", 8)
         f.plan(["node0"], {"node0": {"prog_other"}})
         await f.flush()
         await store.close()
+        # The session's key is in its checkpoint file only, never in a row.
+        assert KEY in f.store.index[(PROGRAM, SESSION)].path.read_bytes()
+        assert not [p for p in (tmp_path / "data").iterdir() if KEY in p.read_bytes()]
 
     async def after() -> None:
         f, store, _said = stored_failover(tmp_path, {"node1": "a:1"})
