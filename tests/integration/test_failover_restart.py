@@ -71,7 +71,8 @@ def test_a_restarted_oss_keeps_checkpointing_and_restores_a_lost_instance_s_prog
     counter = work / "counter.py"
     counter.write_text(COUNTER)
     try:
-        agents = {n: (*ISOLATED, "127.0.0.1:0", "") for n in ("n0", "n1")}
+        # -v: the agents' INFO lines (checkpoints, restores) are in lab/proc*.log.
+        agents = {n: (*ISOLATED, "127.0.0.1:0", "-v") for n in ("n0", "n1")}
         start_lab(lab, "127.0.0.1", agents, serve=SERVE)
         env = dict(traced_env(), DCP_TOKEN=lab.token)
         env.pop("DCP_OSS_FALLBACK", None)
