@@ -166,7 +166,9 @@ class Oss:
         self._token_cache: dict[str, tuple[Principal, float]] = {}
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
-        self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
+        # Limits act: orders for agents (heartbeat replies).  Ids from the wall clock's ms:
+        # past every id an earlier run of this OSS gave the agents (they skip ids seen).
+        self.commands = CommandQueue(first=int(time.time() * 1000))
         # Issue 12: periodic checkpoints kept here, restored elsewhere when an instance is lost.
         self.failover = Failover(
             CheckpointStore(config.data_dir / "checkpoints"),
@@ -178,6 +180,7 @@ class Oss:
             clock=clock,
             runs_on=lambda prog, inst: self.placed(prog, [{"instance": inst, "processes": 1}]),
             prepare=self._storage_on,
+            saved=self.store,  # a restarted OSS reads its policies and index back
         )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
@@ -235,6 +238,8 @@ class Oss:
         now = self.clock()
         # After a restart every ready instance gets a full timeout to heartbeat again.
         self._last_seen = {name: now for name in await self.instances.ready_instances()}
+        # Issue 12: checkpoint policies, stored checkpoints, restores still to do.
+        self._checkpointing |= await self.failover.load(set(self._last_seen))
         await self._seed_metrics()
         self._runner = asyncio.create_task(self._loop(), name="oss-background")
         self.oss_log("oss started")
@@ -248,6 +253,7 @@ class Oss:
         await self.mover.close()
         if self.network is not None:
             await self.network.close()
+        await self.failover.flush()
         await self._flush_all()
         await self.store.close()
 
@@ -450,6 +456,7 @@ class Oss:
             self._checkpointing.add(body.instance)
         else:
             self._checkpointing.discard(body.instance)
+        self.failover.capability(body.instance, bool(body.checkpoint))  # kept over a restart
         self.failover.fence(body.instance)  # issue 12: it was lost; its programs ran on elsewhere
         self.oss_log(
             f"instance {body.instance} registered at {address}"

@@ -216,6 +216,13 @@ class Store:
         self._writer.submit(fn, fut)
         return await fut
 
+    def submit(self, fn: Callable[[Conn], T]) -> asyncio.Future[T]:
+        """Queue `fn` for the writer now, in order with every other write (for a caller
+        that cannot wait); the future resolves once it is committed."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writer.submit(fn, fut)
+        return fut
+
     async def read(self, fn: Callable[[Conn], T]) -> T:
         """Run `fn` on a reader connection (sees committed state)."""
         if self._readers is None or self._closed:

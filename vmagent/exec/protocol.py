@@ -85,8 +85,8 @@ AGAIN = 1
 LOSS_SUFFIX = ".lost"
 # Failover (issue 12): path + MOVED_SUFFIX, written by the home coordinator when the
 # program was restored from a checkpoint elsewhere (a MOVED frame's payload), or
-# `gone` when its instance was lost without one; the deputy reads it while it
-# tries to reconnect.
+# `gone` when its instance was lost without one (`gone:` and the OSS's reason when
+# the OSS gave its restore up); the deputy reads it while it tries to reconnect.
 MOVED_SUFFIX = ".moved"
 GONE = b"gone"
 # The deputy's private signal is SIGRTMIN + WAKE_RT: home sends it after writing the
