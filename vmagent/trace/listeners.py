@@ -27,6 +27,10 @@ instance's NAT steers to the listener on another instance like 127.0.0.1.
 
 Records: T -> agent `op=listen req pid port proto local`, `op=unlisten pid
 port proto`; agent -> T `op=netack req address` or `op=netrefused req errno`.
+
+AF_UNIX path sockets (`vmagent.trace.unixsock`): a bind is told and watched
+like a listener (its end too); a connect to a path no socket of this kernel
+is bound to may be relayed to the instance that holds it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 from tracer.coordinator import Allow, Complete, Decision, Rewrite, SyscallCall
 from tracer.ptraceio import read_memory
 from vmagent.trace import channel
+from vmagent.trace import unixsock as U
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +260,10 @@ class Listeners:
         self,
         ask: Callable[[bytes, bytes], channel.Record | None],
         tell: Callable[[bytes], None],
+        ask_long: Callable[[bytes, bytes], channel.Record | None] | None = None,
     ) -> None:
         self._ask = ask
+        self._ask_long = ask_long or ask  # a relay's set-up (the OSS, another agent)
         self._tell = tell
         self._req = 0
         self.watched: dict[int, Socket] = {}  # inode -> socket
@@ -269,7 +276,7 @@ class Listeners:
         if call.name in ("listen", "bind"):
             return Allow(observe_result=True)
         if call.name == "connect":
-            return loopback6(call) or Allow()
+            return loopback6(call) or self._unix_connect(call)
         if not self.watched:
             return Allow()
         inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
@@ -283,7 +290,10 @@ class Listeners:
         or a closed one."""
         if call.name == "close":
             inode = self._closing.pop(call.tid, 0)
-            if inode and not alive(inode, call.pid):
+            s = self.watched.get(inode)
+            if s is not None and not (
+                U.alive(call.pid, inode) if s.proto == "unix" else alive(inode, call.pid)
+            ):
                 self._gone(inode)
             return None
         if result != 0 or call.name not in ("listen", "bind"):
@@ -292,6 +302,9 @@ class Listeners:
         if not inode or inode in self.watched:
             return None  # not a socket; listen again on the same socket (a backlog change)
         if call.name == "bind":
+            named = U.sockaddr_path(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF)
+            if named is not None:
+                return self._unix_bound(call.pid, inode, named)
             # Only UDP: a TCP socket is steered when it listens.  Port 0 asked the
             # kernel for an ephemeral one: in this instance's block, routed here already.
             if bind_port(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF) == 0:
@@ -338,4 +351,50 @@ class Listeners:
 
     def _gone(self, inode: int) -> None:
         s = self.watched.pop(inode)
-        self._tell(unlisten_record(s))
+        self._tell(U.gone_record(s.pid, s.local) if s.proto == "unix" else unlisten_record(s))
+
+    def _unix_bound(self, pid: int, inode: int, named: bytes) -> Complete | None:
+        """Tell the agent of a path socket bound here (EADDRINUSE: bound on another
+        instance of the program)."""
+        path = U.absolute(pid, named)
+        if path is None:
+            return None
+        self._req += 1
+        answer = self._ask(
+            U.bind_record(self._req, pid, path, U.kind_of(pid, inode)), f"u{self._req}".encode()
+        )
+        if answer is not None and answer.get(b"op") == OP_NETREFUSED:
+            return Complete(-_errno(answer, errno.EADDRINUSE))
+        self.watched[inode] = Socket(inode, pid, 0, path, "unix")
+        return None
+
+    def _unix_connect(self, call: SyscallCall) -> Decision:
+        """A connect to a path bound on no socket of this kernel: through the agent's
+        relay when another instance of the program holds it."""
+        named = U.sockaddr_path(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF)
+        if named is None:
+            return Allow()
+        path = U.absolute(call.pid, named)
+        if path is None or U.bound_here(call.pid, path, named):
+            return Allow()
+        kind = U.kind_of(call.pid, fd_inode(call.pid, call.args[0] & 0xFFFFFFFF))
+        self._req += 1
+        req = f"u{self._req}".encode()
+        answer = self._ask_long(U.connect_record(self._req, call.pid, path, kind), req)
+        if answer is None:
+            return Allow()
+        if answer.get(b"op") == OP_NETREFUSED:
+            return Complete(-_errno(answer, errno.ECONNREFUSED))
+        name = answer.get(b"name", b"")
+        if answer.get(b"op") != U.OP_UNIXRELAY or not name.isalnum() or len(name) > 64:
+            return Allow()
+        address = U.relay_address(name)
+        return Rewrite({1: address, 2: len(address)})
+
+
+def _errno(answer: channel.Record, default: int) -> int:
+    """The errno of an `op=netrefused` answer."""
+    try:
+        return int(answer.get(b"errno", str(default).encode()))
+    except ValueError:
+        return default

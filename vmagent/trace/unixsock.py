@@ -1,0 +1,123 @@
+"""AF_UNIX path sockets between kernels (issue 13): what the instance tracer reads.
+
+A `bind` of a path socket is told to the agent (`op=unixbind req pid path
+kind`, T waits for the answer, as for a TCP listener), its end too
+(`op=unixgone pid path`).  A `connect` to a path no socket of this kernel is
+bound to is asked about (`op=unixconnect req pid path kind`): the agent
+answers `op=unixrelay req name=HEX` when the OSS knows the path bound on
+another instance and the binder's agent connected to it (T then runs the
+connect to the abstract socket `\\0dcp-relay-HEX` the agent splices to it),
+`op=netrefused req errno=E` when that cannot be (a datagram or seqpacket
+socket: EOPNOTSUPP; the binder's socket does not listen: ECONNREFUSED), or
+`op=netack req`: nothing is known, the connect runs as it is.
+
+Paths are absolute (a relative one is joined to the caller's working
+directory): the program's instances see one file tree.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from tracer.ptraceio import read_memory
+from vmagent.trace import channel
+
+SUN_LEN = 110  # sizeof(struct sockaddr_un)
+MAX_PATH = 107
+OP_UNIXBIND = b"unixbind"
+OP_UNIXGONE = b"unixgone"
+OP_UNIXCONNECT = b"unixconnect"
+OP_UNIXRELAY = b"unixrelay"
+RELAY_PREFIX = b"dcp-relay-"
+RELAY_TIMEOUT = 30.0  # s T holds a connect for the agent's relay (OSS, the binder's agent)
+KINDS = {1: "stream", 2: "dgram", 5: "seqpacket"}  # /proc/net/unix Type
+LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix Flags
+
+
+def sockaddr_path(tid: int, addr: int, size: int) -> bytes | None:
+    """The path an AF_UNIX address in `tid`'s memory names (None: another family,
+    abstract, unnamed)."""
+    if size < 3 or addr == 0:
+        return None
+    try:
+        raw = read_memory(tid, addr, min(size, SUN_LEN))
+    except OSError:
+        return None
+    if len(raw) < 3 or int.from_bytes(raw[:2], "little") != socket.AF_UNIX or raw[2] == 0:
+        return None
+    return raw[2:].split(b"\0", 1)[0]
+
+
+def absolute(pid: int, path: bytes) -> str | None:
+    """`path` made absolute against `pid`'s working directory (None: too long, or gone)."""
+    if not path.startswith(b"/"):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd").encode(errors="surrogateescape")
+        except OSError:
+            return None
+        path = os.path.join(cwd, path)
+    path = os.path.normpath(path)
+    if len(path) > MAX_PATH:
+        return None
+    return path.decode(errors="surrogateescape")
+
+
+def unix_table(pid: int) -> list[tuple[int, int, int, str]]:
+    """(inode, type, flags, path) of the AF_UNIX sockets of `pid`'s network namespace."""
+    out: list[tuple[int, int, int, str]] = []
+    try:
+        with open(f"/proc/{pid}/net/unix", errors="surrogateescape") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split(None, 7)
+                if len(cols) < 7:
+                    continue
+                path = cols[7].rstrip("\n") if len(cols) > 7 else ""
+                out.append((int(cols[6]), int(cols[4], 16), int(cols[3], 16), path))
+    except (OSError, ValueError):
+        return out
+    return out
+
+
+def kind_of(pid: int, inode: int) -> str:
+    """"stream", "dgram" or "seqpacket" of socket `inode` ("" if not an AF_UNIX one)."""
+    for ino, kind, _flags, _path in unix_table(pid):
+        if ino == inode:
+            return KINDS.get(kind, "")
+    return ""
+
+
+def bound_here(pid: int, path: str, named: bytes) -> bool:
+    """Whether a socket of this kernel is bound to `path` (absolute) or to `named` as
+    the program wrote it (a relative name shows as given)."""
+    given = named.decode(errors="surrogateescape")
+    for _ino, _kind, _flags, shown in unix_table(pid):
+        if shown and not shown.startswith("@") and shown in (path, given):
+            return True
+    return False
+
+
+def alive(pid: int, inode: int) -> bool:
+    """Whether AF_UNIX socket `inode` still exists in `pid`'s network namespace."""
+    return any(ino == inode for ino, _k, _f, _p in unix_table(pid))
+
+
+def relay_address(name: bytes) -> bytes:
+    """The sockaddr_un of the agent's relay socket `\\0dcp-relay-NAME`."""
+    return socket.AF_UNIX.to_bytes(2, "little") + b"\0" + RELAY_PREFIX + name
+
+
+def bind_record(req: int, pid: int, path: str, kind: str) -> bytes:
+    """T -> agent: `path` is bound here (T waits)."""
+    return channel.encode(OP_UNIXBIND, req=f"u{req}", pid=pid, path=path, kind=kind)
+
+
+def gone_record(pid: int, path: str) -> bytes:
+    """T -> agent: the socket bound to `path` is gone (fire and forget)."""
+    return channel.encode(OP_UNIXGONE, pid=pid, path=path)
+
+
+def connect_record(req: int, pid: int, path: str, kind: str) -> bytes:
+    """T -> agent: reach `path`, bound on no socket of this kernel (T waits)."""
+    return channel.encode(OP_UNIXCONNECT, req=f"u{req}", pid=pid, path=path, kind=kind)
