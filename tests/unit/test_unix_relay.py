@@ -1,0 +1,203 @@
+"""AF_UNIX path sockets between kernels (issue 13): the tracer's side on real sockets,
+the OSS's registry and tickets, and the agents' relay spliced over real TCP and unix
+sockets (the OSS's answer is the one fake: the tickets in it are minted for real)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from oss.errors import Conflict
+from oss.network.unixpaths import Bound, UnixPaths, mint_relay_ticket
+from tracer.coordinator import Allow, Complete, Rewrite, SyscallCall
+from vmagent.network.unixrelay import RelayRefused, RelayTickets, UnixRelay, add_routes
+from vmagent.trace import channel
+from vmagent.trace import unixsock as U
+from vmagent.trace.listeners import OP_NETREFUSED, Listeners
+
+KEY, INSTANCE, PROGRAM = "k" * 64, "vm1", "p1"
+
+
+def _sockaddr(name: bytes) -> tuple[int, ctypes.Array[ctypes.c_char]]:
+    raw = socket.AF_UNIX.to_bytes(2, "little") + name + b"\0"
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    return len(raw), buf
+
+
+def _call(
+    name: str, fd: int, buf: ctypes.Array[ctypes.c_char] | None = None, size: int = 0
+) -> SyscallCall:
+    addr = ctypes.addressof(buf) if buf is not None else 0
+    return SyscallCall(os.getpid(), os.getpid(), 0, name, (fd, addr, size, 0, 0, 0))
+
+
+def test_a_ticket_reaches_one_socket_of_one_program_once() -> None:
+    now = 1_000_000.0
+    tickets = RelayTickets(KEY, INSTANCE, clock=lambda: now)
+    ticket = mint_relay_ticket(KEY, INSTANCE, PROGRAM, "/srv/a.sock", now=now)
+    for program, path in ((PROGRAM, "/srv/b.sock"), ("p2", "/srv/a.sock")):
+        with pytest.raises(RelayRefused, match="another socket"):
+            tickets.check(ticket, program, path)
+    with pytest.raises(RelayRefused, match="not valid for vm2"):
+        RelayTickets(KEY, "vm2", clock=lambda: now).check(ticket, PROGRAM, "/srv/a.sock")
+    with pytest.raises(RelayRefused, match="not valid"):
+        RelayTickets("x" * 64, INSTANCE, clock=lambda: now).check(ticket, PROGRAM, "/srv/a.sock")
+    with pytest.raises(RelayRefused, match="expired"):
+        RelayTickets(KEY, INSTANCE, clock=lambda: now + 60).check(ticket, PROGRAM, "/srv/a.sock")
+    tickets.check(ticket, PROGRAM, "/srv/a.sock")
+    with pytest.raises(RelayRefused, match="already used"):
+        tickets.check(ticket, PROGRAM, "/srv/a.sock")
+    with pytest.raises(RelayRefused, match="malformed"):
+        RelayTickets(None, INSTANCE).check(ticket, PROGRAM, "/srv/a.sock")  # no exec key
+
+
+def test_the_oss_keeps_one_instance_per_path_until_it_is_gone() -> None:
+    paths = UnixPaths()
+    paths.bind(PROGRAM, "/srv/a.sock", Bound("vm1", 10, "stream"))
+    with pytest.raises(Conflict):
+        paths.bind(PROGRAM, "/srv/a.sock", Bound("vm2", 11, "stream"))
+    paths.bind("p2", "/srv/a.sock", Bound("vm2", 11, "stream"))  # another program's
+    paths.unbind(PROGRAM, "/srv/a.sock", "vm2")  # not vm2's: kept
+    assert paths.find(PROGRAM, "/srv/a.sock") == Bound("vm1", 10, "stream")
+    paths.lost("vm2")
+    assert paths.find("p2", "/srv/a.sock") is None
+    paths.release(PROGRAM)
+    assert paths.find(PROGRAM, "/srv/a.sock") is None
+
+
+def test_a_bind_is_told_and_a_connect_elsewhere_asks_for_a_relay(tmp_path: Path) -> None:
+    asked: list[dict[bytes, bytes]] = []
+    told: list[bytes] = []
+    answers: dict[bytes, dict[bytes, bytes]] = {
+        U.OP_UNIXBIND: {b"op": b"netack"},
+        U.OP_UNIXCONNECT: {b"op": U.OP_UNIXRELAY, b"name": b"ab12"},
+    }
+
+    def ask(message: bytes, req: bytes) -> dict[bytes, bytes]:
+        record = channel.decode(message)
+        asked.append(record)
+        return {**answers[record[b"op"]], b"req": req}
+
+    w = Listeners(ask, told.append)
+    here = tmp_path / "here.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        size, buf = _sockaddr(str(here).encode())
+        s.bind(str(here))
+        assert w.on_result(_call("bind", s.fileno(), buf, size), 0) is None
+        assert asked[-1][b"op"] == U.OP_UNIXBIND and asked[-1][b"path"] == str(here).encode()
+        assert asked[-1][b"kind"] == b"stream"
+        s.listen(1)
+        # A connect to a path bound on this kernel runs as it is, without asking.
+        with socket.socket(socket.AF_UNIX) as c:
+            assert w.on_syscall(_call("connect", c.fileno(), buf, size)) == Allow()
+            assert len(asked) == 1
+            # One bound nowhere here is asked about and run against the agent's relay.
+            size2, buf2 = _sockaddr(str(tmp_path / "there.sock").encode())
+            decided = w.on_syscall(_call("connect", c.fileno(), buf2, size2))
+            assert asked[-1][b"op"] == U.OP_UNIXCONNECT
+            address = U.relay_address(b"ab12")
+            assert decided == Rewrite({1: address, 2: len(address)})
+            answers[U.OP_UNIXCONNECT] = {b"op": OP_NETREFUSED, b"errno": b"95"}
+            decided = w.on_syscall(_call("connect", c.fileno(), buf2, size2))
+            assert decided == Complete(-errno.EOPNOTSUPP)
+            # Abstract names belong to the namespace: never asked about.
+            size3, buf3 = _sockaddr(b"\0abstract")
+            assert w.on_syscall(_call("connect", c.fileno(), buf3, size3)) == Allow()
+            assert len(asked) == 3
+        fd = s.fileno()
+        assert w.on_syscall(_call("close", fd)) == Allow(observe_result=True)
+    assert w.on_result(_call("close", fd), 0) is None
+    gone = channel.decode(told[-1])
+    assert gone[b"op"] == U.OP_UNIXGONE and gone[b"path"] == str(here).encode()
+    assert not w.watched
+
+
+class _Oss:
+    """The OSS's answer to a connect: the binder's agent and a real ticket."""
+
+    def __init__(self, address: str, kind: str = "stream") -> None:
+        self.address, self.kind = address, kind
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        ticket = mint_relay_ticket(KEY, INSTANCE, PROGRAM, body["path"])
+        return 200, {"instance": INSTANCE, "address": self.address, "kind": self.kind,
+                     "ticket": ticket}  # fmt: skip
+
+
+def _echo_upper(server: socket.socket) -> None:
+    conn, _ = server.accept()
+    with conn:
+        got = b""
+        while data := conn.recv(65536):
+            got += data
+        conn.sendall(got.upper() + b"bye\n")
+
+
+def test_the_relay_carries_bytes_and_eofs_both_ways(tmp_path: Path) -> None:
+    path = str(tmp_path / "srv.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    echo = threading.Thread(target=_echo_upper, args=(server,), daemon=True)
+    echo.start()
+    payload = b"ping\n" + b"x" * 300_000
+
+    def client(name: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX) as c:
+            c.settimeout(30)
+            c.connect(b"\0" + U.RELAY_PREFIX + name)
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            got = b""
+            while data := c.recv(65536):
+                got += data
+            return got
+
+    async def main() -> None:
+        binder = UnixRelay(INSTANCE, KEY, None)
+        binder.bound[(PROGRAM, path)] = os.getpid()
+        app = web.Application()
+        add_routes(app, binder)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        asker = UnixRelay("vm2", "y" * 64, _Oss(f"127.0.0.1:{port}"))
+        try:
+            answer = channel.decode(
+                await asker._connect(PROGRAM, b"u1", os.getpid(), path, "stream")
+            )
+            assert answer[b"op"] == U.OP_UNIXRELAY, answer
+            got = await asyncio.to_thread(client, answer[b"name"])
+            assert got == payload.upper() + b"bye\n"
+            # A path the binder's tracer did not report is not reached: ECONNREFUSED.
+            answer = channel.decode(
+                await asker._connect(PROGRAM, b"u2", os.getpid(), path + "x", "stream")
+            )
+            assert answer[b"op"] == OP_NETREFUSED and answer[b"errno"] == b"111", answer
+            # Datagram sockets do not cross kernels.
+            dgram = UnixRelay("vm2", None, _Oss(f"127.0.0.1:{port}", "dgram"))
+            answer = channel.decode(await dgram._connect(PROGRAM, b"u3", 1, path, "dgram"))
+            assert answer[b"errno"] == str(errno.EOPNOTSUPP).encode()
+            answer = channel.decode(await dgram._connect(PROGRAM, b"u4", 1, path, "stream"))
+            assert answer[b"errno"] == str(errno.EPROTOTYPE).encode()
+        finally:
+            await asker.close()
+            await binder.close()
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.close()
+        echo.join(timeout=30)
