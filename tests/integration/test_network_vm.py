@@ -12,6 +12,7 @@ Run only under the machine's VM lock:
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -281,9 +282,18 @@ def test_program_address_across_guests(lab: Lab, client_ns: str, tmp_path: Any) 
 # AF_UNIX between kernels: a stream server on one guest, its client on the other.  The
 # server also binds a datagram socket (PATH.d), which a datagram client cannot reach
 # across kernels (EOPNOTSUPP); the stream bytes and the EOFs cross through the agents.
+# Each side first tries to send a descriptor with its first bytes (SCM_RIGHTS): natively
+# it goes; across kernels the sendmsg fails with EOPNOTSUPP and the bytes go without it.
 UNIX_PEER = """
 import errno, os, socket, sys
 role, path = sys.argv[1], sys.argv[2]
+def first(sock, data):
+    try:
+        socket.send_fds(sock, [data], [0])
+        print(role, "fds sent", flush=True)
+    except OSError as exc:
+        print(role, "fds", exc.errno, flush=True)
+        sock.sendall(data)
 if role == "server":
     dg = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     dg.bind(path + ".d")
@@ -295,7 +305,8 @@ if role == "server":
     got = b""
     while b := c.recv(65536):
         got += b
-    c.sendall(got.upper() + b"bye\\n")
+    first(c, got.upper())
+    c.sendall(b"bye\\n")
     c.close()
     s.close()
     dg.close()
@@ -308,10 +319,11 @@ else:
         g.connect(path + ".d")
         print("dgram connected", flush=True)
     except OSError as exc:
-        print("dgram", errno.errorcode.get(exc.errno, exc.errno), flush=True)
+        print("dgram", exc.errno, flush=True)
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(path)
-    c.sendall(b"ping 1\\nping 2\\n" + b"x" * 200000 + b"\\n")
+    first(c, b"ping 1\\n")
+    c.sendall(b"ping 2\\n" + b"x" * 200000 + b"\\n")
     c.shutdown(socket.SHUT_WR)
     got = b""
     while b := c.recv(65536):
@@ -347,6 +359,7 @@ def _unix_native(path: str) -> list[str]:
             server.kill()
             server.wait()
     assert "dgram connected" in client.stdout
+    assert "client fds sent" in client.stdout and "server fds sent" in out
     return sorted(x for x in (client.stdout + out).splitlines() if " got " in x)
 
 
@@ -397,5 +410,8 @@ def test_unix_stream_across_guests(lab: Lab, tmp_path: Any) -> None:
     assert set(where) == {"server", "client"} and where["server"] != where["client"], rows
     # The same bytes both ways and both EOFs, as on one machine; datagrams refused.
     assert sorted(x for x in text.splitlines() if " got " in x) == native, text
-    assert "dgram EOPNOTSUPP" in text.splitlines(), text
+    lines = text.splitlines()
+    assert f"dgram {errno.EOPNOTSUPP}" in lines, text
+    assert f"client fds {errno.EOPNOTSUPP}" in lines, text
+    assert f"server fds {errno.EOPNOTSUPP}" in lines, text
     assert lab.oss.oss.unix_paths.find(program, path) is None  # the server unbound it

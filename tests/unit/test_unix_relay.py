@@ -201,3 +201,41 @@ def test_the_relay_carries_bytes_and_eofs_both_ways(tmp_path: Path) -> None:
     finally:
         server.close()
         echo.join(timeout=30)
+
+
+def _msghdr(with_fd: bool) -> tuple[int, list[Any]]:
+    """A msghdr in this process's memory (SCM_RIGHTS of fd 0, or SCM_CREDENTIALS)."""
+    kind = 1 if with_fd else 2
+    body = (0).to_bytes(4, "little") if with_fd else bytes(12)
+    cmsg = (16 + len(body)).to_bytes(8, "little") + (1).to_bytes(4, "little")
+    cmsg += kind.to_bytes(4, "little") + body
+    control = ctypes.create_string_buffer(cmsg, len(cmsg))
+    data = ctypes.create_string_buffer(b"x", 1)
+    iov = ctypes.create_string_buffer(
+        ctypes.addressof(data).to_bytes(8, "little") + (1).to_bytes(8, "little"), 16
+    )
+    head = bytes(16) + ctypes.addressof(iov).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    head += ctypes.addressof(control).to_bytes(8, "little") + len(cmsg).to_bytes(8, "little")
+    head += bytes(8)
+    msg = ctypes.create_string_buffer(head, len(head))
+    return ctypes.addressof(msg), [msg, control, data, iov]
+
+
+def test_descriptors_sent_on_a_relayed_socket_fail_with_eopnotsupp() -> None:
+    w = Listeners(lambda _m, _r: None, lambda _m: None)
+    relay = socket.socket(socket.AF_UNIX)
+    relay.bind(b"\0" + U.RELAY_PREFIX + os.urandom(8).hex().encode())
+    relay.listen(1)
+    with relay, socket.socket(socket.AF_UNIX) as c:
+        c.connect(relay.getsockname())
+        with_fd, kept = _msghdr(True)
+        plain, kept2 = _msghdr(False)
+        call = _call("sendmsg", c.fileno())._replace(args=(c.fileno(), with_fd, 0, 0, 0, 0))
+        assert w.on_syscall(call) == Complete(-errno.EOPNOTSUPP)
+        call = _call("sendmsg", c.fileno())._replace(args=(c.fileno(), plain, 0, 0, 0, 0))
+        assert w.on_syscall(call) == Allow()  # credentials only: nothing to refuse
+    a, b = socket.socketpair()
+    with a, b:  # not a relay: descriptors pass as natively
+        call = _call("sendmsg", a.fileno())._replace(args=(a.fileno(), with_fd, 0, 0, 0, 0))
+        assert w.on_syscall(call) == Allow()
+    del kept, kept2

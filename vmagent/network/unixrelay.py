@@ -24,9 +24,9 @@ SO_PEERCRED pid is checked; anyone else is closed); T runs the program's
 connect to it.  From then on both agents copy bytes both ways; an EOF on one
 side is a `shutdown(SHUT_WR)` on the other, so EOF crosses too.
 
-Not relayed: SCM_RIGHTS/SCM_CREDENTIALS (the agents read bytes only: a
-descriptor sent lands in the relaying agent and is closed; see
-docs/NETWORK.md), SO_PEERCRED (the relaying agent's), `getpeername` (the
+Not relayed: SCM_RIGHTS (the tracers fail such a `sendmsg` on a relayed
+socket with EOPNOTSUPP: both ends' peers are named `\0dcp-relay-...`),
+SCM_CREDENTIALS (the agents read bytes only), SO_PEERCRED (the relaying agent's), `getpeername` (the
 relay's abstract name).
 """
 
@@ -334,6 +334,8 @@ class UnixRelay:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
+            # Named so that the binder's tracer knows the server's end as relayed.
+            sock.bind(b"\0" + RELAY_PREFIX + b"peer-" + secrets.token_hex(8).encode())
             fd = os.open(root + path, os.O_PATH | os.O_CLOEXEC)
             try:
                 async with asyncio.timeout(CALL_TIMEOUT):

@@ -51,7 +51,7 @@ from vmagent.trace import unixsock as U
 
 log = logging.getLogger(__name__)
 
-NET_CALLS = frozenset({"listen", "bind", "connect", "close"})
+NET_CALLS = frozenset({"listen", "bind", "connect", "close", "sendmsg"})
 IN6_LOOPBACK = bytes(15) + b"\x01"
 IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
 SOCKADDR_IN6 = 28
@@ -277,6 +277,11 @@ class Listeners:
             return Allow(observe_result=True)
         if call.name == "connect":
             return loopback6(call) or self._unix_connect(call)
+        if call.name == "sendmsg":
+            fd = call.args[0] & 0xFFFFFFFF
+            if U.sends_descriptors(call.tid, call.args[1]) and U.relayed(call.pid, fd):
+                return Complete(-errno.EOPNOTSUPP)  # a descriptor cannot cross kernels
+            return Allow()
         if not self.watched:
             return Allow()
         inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)

@@ -11,14 +11,20 @@ connect to the abstract socket `\\0dcp-relay-HEX` the agent splices to it),
 socket: EOPNOTSUPP; the binder's socket does not listen: ECONNREFUSED), or
 `op=netack req`: nothing is known, the connect runs as it is.
 
+A `sendmsg` carrying SCM_RIGHTS on a relayed socket (its peer is an agent's
+relay socket, `\0dcp-relay-...`, on either end) fails with EOPNOTSUPP: a
+descriptor cannot cross kernels, and the relay carries bytes only.
+
 Paths are absolute (a relative one is joined to the caller's working
 directory): the program's instances see one file tree.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
+from collections.abc import Callable
 
 from tracer.ptraceio import read_memory
 from vmagent.trace import channel
@@ -121,3 +127,70 @@ def gone_record(pid: int, path: str) -> bytes:
 def connect_record(req: int, pid: int, path: str, kind: str) -> bytes:
     """T -> agent: reach `path`, bound on no socket of this kernel (T waits)."""
     return channel.encode(OP_UNIXCONNECT, req=f"u{req}", pid=pid, path=path, kind=kind)
+
+
+MSGHDR = 56  # sizeof(struct msghdr) on 64-bit
+MAX_CONTROL = 4096  # bytes of ancillary data read
+SOL_SOCKET, SCM_RIGHTS = 1, 1
+PIDFD_GETFD = 438  # the same number on every architecture
+
+
+def sends_descriptors(tid: int, msghdr: int) -> bool:
+    """Whether the msghdr at `msghdr` in `tid`'s memory carries SCM_RIGHTS."""
+    try:
+        head = read_memory(tid, msghdr, MSGHDR)
+        if len(head) < MSGHDR:
+            return False
+        control = int.from_bytes(head[32:40], "little")
+        size = min(int.from_bytes(head[40:48], "little"), MAX_CONTROL)
+        raw = read_memory(tid, control, size) if control and size >= 16 else b""
+    except OSError:
+        return False
+    at = 0
+    while at + 16 <= len(raw):  # struct cmsghdr: len (8), level (4), type (4)
+        length = int.from_bytes(raw[at : at + 8], "little")
+        level = int.from_bytes(raw[at + 8 : at + 12], "little")
+        kind = int.from_bytes(raw[at + 12 : at + 16], "little")
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
+            return True
+        if length < 16:
+            return False
+        at += (length + 7) & ~7
+    return False
+
+
+def _syscall() -> Callable[..., int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    call: Callable[..., int] = libc.syscall
+    return call
+
+
+def peer_name(pid: int, fd: int) -> bytes:
+    """The address of the peer of `pid`'s socket `fd` (b"": none, not a unix socket, or
+    the descriptor cannot be borrowed)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return b""
+    try:
+        mine = _syscall()(PIDFD_GETFD, pidfd, fd, 0)
+        if mine < 0:
+            return b""
+        try:
+            with socket.socket(fileno=os.dup(mine)) as s:
+                if s.family != socket.AF_UNIX:
+                    return b""
+                peer = s.getpeername()
+        finally:
+            os.close(mine)
+    except OSError:
+        return b""
+    finally:
+        os.close(pidfd)
+    return peer if isinstance(peer, bytes) else peer.encode(errors="surrogateescape")
+
+
+def relayed(pid: int, fd: int) -> bool:
+    """Whether socket `fd` of `pid` is one end of an agents' relay (its peer is the
+    agent's socket `\\0dcp-relay-...`)."""
+    return peer_name(pid, fd).startswith(b"\0" + RELAY_PREFIX)
