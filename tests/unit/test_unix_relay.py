@@ -95,6 +95,7 @@ def test_a_bind_is_told_and_a_connect_elsewhere_asks_for_a_relay(tmp_path: Path)
         assert w.on_result(_call("bind", s.fileno(), buf, size), 0) is None
         assert asked[-1][b"op"] == U.OP_UNIXBIND and asked[-1][b"path"] == str(here).encode()
         assert asked[-1][b"kind"] == b"stream"
+        assert int(asked[-1][b"ino"]) == os.stat(here).st_ino
         s.listen(1)
         # A connect to a path bound on this kernel runs as it is, without asking.
         with socket.socket(socket.AF_UNIX) as c:
@@ -164,7 +165,20 @@ def test_the_relay_carries_bytes_and_eofs_both_ways(tmp_path: Path) -> None:
 
     async def main() -> None:
         binder = UnixRelay(INSTANCE, KEY, None)
-        binder.bound[(PROGRAM, path)] = os.getpid()
+        st = os.stat(path)
+        binder.bound[(PROGRAM, path)] = (os.getpid(), st.st_dev, st.st_ino)
+        # A path the program replaced after its bind (here: by a link to another
+        # socket) is not followed by the binder's agent, which connects as root.
+        other = str(tmp_path / "other.sock")
+        decoy = socket.socket(socket.AF_UNIX)
+        decoy.bind(other)
+        decoy.listen(1)
+        with socket.socket(socket.AF_UNIX) as was:
+            was.bind(path + ".link")
+            st = os.stat(path + ".link")
+            binder.bound[(PROGRAM, path + ".link")] = (os.getpid(), st.st_dev, st.st_ino)
+        os.unlink(path + ".link")
+        os.symlink(other, path + ".link")
         app = web.Application()
         add_routes(app, binder)
         runner = web.AppRunner(app)
@@ -185,6 +199,13 @@ def test_the_relay_carries_bytes_and_eofs_both_ways(tmp_path: Path) -> None:
                 await asker._connect(PROGRAM, b"u2", os.getpid(), path + "x", "stream")
             )
             assert answer[b"op"] == OP_NETREFUSED and answer[b"errno"] == b"111", answer
+            answer = channel.decode(
+                await asker._connect(PROGRAM, b"u5", os.getpid(), path + ".link", "stream")
+            )
+            assert answer[b"op"] == OP_NETREFUSED and answer[b"errno"] == b"111", answer
+            decoy.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                decoy.accept()  # nobody came
             # Datagram sockets do not cross kernels.
             dgram = UnixRelay("vm2", None, _Oss(f"127.0.0.1:{port}", "dgram"))
             answer = channel.decode(await dgram._connect(PROGRAM, b"u3", 1, path, "dgram"))
@@ -195,6 +216,7 @@ def test_the_relay_carries_bytes_and_eofs_both_ways(tmp_path: Path) -> None:
             await asker.close()
             await binder.close()
             await runner.cleanup()
+            decoy.close()
 
     try:
         asyncio.run(main())

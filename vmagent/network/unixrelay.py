@@ -41,6 +41,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -121,7 +122,8 @@ class UnixRelay:
     def __init__(self, instance: str, exec_key: str | None, oss: Poster | None) -> None:
         self.oss = oss
         self.tickets = RelayTickets(exec_key, instance)
-        self.bound: dict[tuple[str, str], int] = {}  # (program, path) -> binder pid
+        # (program, path) -> (binder pid, st_dev, st_ino of the socket file it bound)
+        self.bound: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._by_session: dict[bytes, set[tuple[str, str]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._socks: set[socket.socket] = set()
@@ -164,9 +166,12 @@ class UnixRelay:
                 raise channel.ChannelError(f"bad socket path {path!r}")
         except (channel.ChannelError, UnicodeDecodeError) as exc:
             log.warning("session %s: %s", session.sid.hex()[:8], exc)
-        else:
+            self._answer(session, op, answer)
+            return
+        try:
             if op == OP_UNIXBIND:
-                answer = await self._bind(session, program, req, pid, path, kind)
+                file = (channel.number(record, b"dev"), channel.number(record, b"ino"))
+                answer = await self._bind(session, program, req, (pid, *file), path, kind)
             elif op == OP_UNIXGONE:
                 self.bound.pop((program, path), None)
                 self._by_session.get(session.sid, set()).discard((program, path))
@@ -174,6 +179,12 @@ class UnixRelay:
                     await self._post_bind(program, path, pid, kind, False)
             else:
                 answer = await self._connect(program, req, pid, path, kind)
+        except channel.ChannelError as exc:
+            log.warning("session %s: %s", session.sid.hex()[:8], exc)
+        self._answer(session, op, answer)
+
+    @staticmethod
+    def _answer(session: Session, op: bytes, answer: bytes) -> None:
         if op != OP_UNIXGONE:
             sock = getattr(session, "trace_sock", None)
             if sock is not None:
@@ -181,14 +192,20 @@ class UnixRelay:
                     sock.send(answer)
 
     async def _bind(
-        self, session: Session, program: str, req: bytes, pid: int, path: str, kind: str
+        self,
+        session: Session,
+        program: str,
+        req: bytes,
+        held: tuple[int, int, int],
+        path: str,
+        kind: str,
     ) -> bytes:
         if not program:
             return channel.encode(OP_NETACK, req=req)
-        status = await self._post_bind(program, path, pid, kind, True)
+        status = await self._post_bind(program, path, held[0], kind, True)
         if status == 409:
             return channel.encode(OP_NETREFUSED, req=req, errno=errno.EADDRINUSE)
-        self.bound[(program, path)] = pid
+        self.bound[(program, path)] = held
         self._by_session.setdefault(session.sid, set()).add((program, path))
         return channel.encode(OP_NETACK, req=req)
 
@@ -310,10 +327,10 @@ class UnixRelay:
     async def serve(self, ticket: str, program: str, path: str, host: str) -> dict[str, Any]:
         """Connect to `path` for a relay ticket's bearer; a port and a secret to reach it."""
         self.tickets.check(ticket, program, path)
-        pid = self.bound.get((program, path))
-        if pid is None:
+        held = self.bound.get((program, path))
+        if held is None:
             raise RelayRefused(f"{path} is not bound here", errno.ECONNREFUSED)
-        real = await self._open(pid, path)
+        real = await self._open(held, path)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -328,16 +345,22 @@ class UnixRelay:
         self._spawn(self._relay_end(listener, secret, real))
         return {"port": listener.getsockname()[1], "secret": secret.hex()}
 
-    async def _open(self, pid: int, path: str) -> socket.socket:
-        """A connection to the socket at `path` as the binder's root sees it."""
+    async def _open(self, held: tuple[int, int, int], path: str) -> socket.socket:
+        """A connection to the socket at `path` as the binder's root sees it, if it is
+        still the socket file the binder's tracer saw (not a link or another file the
+        program put there: this agent connects as root)."""
+        pid, dev, ino = held
         root = f"/proc/{pid}/root" if os.path.exists(f"/proc/{pid}/root") else ""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
             # Named so that the binder's tracer knows the server's end as relayed.
             sock.bind(b"\0" + RELAY_PREFIX + b"peer-" + secrets.token_hex(8).encode())
-            fd = os.open(root + path, os.O_PATH | os.O_CLOEXEC)
+            fd = os.open(root + path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISSOCK(st.st_mode):
+                    raise ConnectionRefusedError(errno.ECONNREFUSED, "not the socket bound")
                 async with asyncio.timeout(CALL_TIMEOUT):
                     await asyncio.get_running_loop().sock_connect(sock, f"/proc/self/fd/{fd}")
             finally:

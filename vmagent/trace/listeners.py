@@ -362,12 +362,12 @@ class Listeners:
         """Tell the agent of a path socket bound here (EADDRINUSE: bound on another
         instance of the program)."""
         path = U.absolute(pid, named)
-        if path is None:
+        file = U.socket_file(pid, path) if path is not None else None
+        if path is None or file is None:
             return None
         self._req += 1
-        answer = self._ask(
-            U.bind_record(self._req, pid, path, U.kind_of(pid, inode)), f"u{self._req}".encode()
-        )
+        record = U.bind_record(self._req, pid, path, U.kind_of(pid, inode), file)
+        answer = self._ask(record, f"u{self._req}".encode())
         if answer is not None and answer.get(b"op") == OP_NETREFUSED:
             return Complete(-_errno(answer, errno.EADDRINUSE))
         self.watched[inode] = Socket(inode, pid, 0, path, "unix")

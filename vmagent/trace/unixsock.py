@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import stat
 from collections.abc import Callable
 
 from tracer.ptraceio import read_memory
@@ -114,9 +115,21 @@ def relay_address(name: bytes) -> bytes:
     return socket.AF_UNIX.to_bytes(2, "little") + b"\0" + RELAY_PREFIX + name
 
 
-def bind_record(req: int, pid: int, path: str, kind: str) -> bytes:
-    """T -> agent: `path` is bound here (T waits)."""
-    return channel.encode(OP_UNIXBIND, req=f"u{req}", pid=pid, path=path, kind=kind)
+def socket_file(pid: int, path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the socket file at `path` as `pid` sees it (None: not a socket
+    file there, e.g. a symbolic link put in its place)."""
+    try:
+        st = os.stat(f"/proc/{pid}/root{path}", follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def bind_record(req: int, pid: int, path: str, kind: str, file: tuple[int, int]) -> bytes:
+    """T -> agent: `path` is bound here, its socket file is `file` (T waits)."""
+    return channel.encode(
+        OP_UNIXBIND, req=f"u{req}", pid=pid, path=path, kind=kind, dev=file[0], ino=file[1]
+    )
 
 
 def gone_record(pid: int, path: str) -> bytes:
