@@ -22,6 +22,7 @@ class UnixBindReport(m.Api):
     path: SocketPath
     pid: Annotated[int, Field(ge=0, le=1 << 22)] = 0
     kind: Literal["stream", "dgram", "seqpacket"] = "stream"
+    boot: Annotated[str, Field(max_length=64)] = ""
     open: bool = True
 
 
@@ -38,11 +39,13 @@ class UnixConnectRequest(m.Api):
 
 
 class UnixRelayOffer(m.Api):
-    """The binder's agent, the socket's type and a one-use ticket to reach it there."""
+    """The binder's agent, the socket's type, its kernel's boot id and a one-use ticket
+    to reach it there."""
 
     instance: str
     address: str
     kind: str
+    boot: str
     ticket: str
 
 
@@ -50,7 +53,7 @@ async def h_unix_bind(oss: Oss, r: web.Request, who: Any, b: UnixBindReport, q: 
     program = r.match_info["program_id"]
     await oss.programs.placed_on(program, str(who))  # NotFound unless it runs there
     if b.open:
-        oss.unix_paths.bind(program, b.path, Bound(str(who), b.pid, b.kind))
+        oss.unix_paths.bind(program, b.path, Bound(str(who), b.pid, b.kind, b.boot))
     else:
         oss.unix_paths.unbind(program, b.path, str(who))
     return UnixBindAck(path=b.path)
@@ -72,6 +75,7 @@ async def h_unix_connect(
         instance=held.instance,
         address=address,
         kind=held.kind,
+        boot=held.boot,
         ticket=mint_relay_ticket(key, held.instance, program, b.path),
     )
 

@@ -63,6 +63,7 @@ class Bound:
     instance: str
     pid: int
     kind: str
+    boot: str = ""  # the binder's kernel (its boot id): instances sharing one need no relay
 
 
 class UnixPaths:
@@ -72,9 +73,12 @@ class UnixPaths:
         self._paths: dict[str, dict[str, Bound]] = {}
 
     def bind(self, program: str, path: str, bound: Bound) -> None:
-        """Record a bind; Conflict when another instance of the program holds `path`."""
+        """Record a bind; Conflict when another kernel's instance of the program holds
+        `path` (on one kernel the file is one: the last bind has it, as natively)."""
         held = self._paths.setdefault(program, {}).get(path)
-        if held is not None and held.instance != bound.instance:
+        if held is not None and held.instance != bound.instance and (
+            not held.boot or held.boot != bound.boot
+        ):
             raise Conflict(f"{path} is bound on instance {held.instance}")
         self._paths[program][path] = bound
 

@@ -19,7 +19,13 @@ from aiohttp import web
 from oss.errors import Conflict
 from oss.network.unixpaths import Bound, UnixPaths, mint_relay_ticket
 from tracer.coordinator import Allow, Complete, Rewrite, SyscallCall
-from vmagent.network.unixrelay import RelayRefused, RelayTickets, UnixRelay, add_routes
+from vmagent.network.unixrelay import (
+    RelayRefused,
+    RelayTickets,
+    UnixRelay,
+    add_routes,
+    boot_id,
+)
 from vmagent.trace import channel
 from vmagent.trace import unixsock as U
 from vmagent.trace.listeners import OP_NETREFUSED, Listeners
@@ -66,6 +72,10 @@ def test_the_oss_keeps_one_instance_per_path_until_it_is_gone() -> None:
     with pytest.raises(Conflict):
         paths.bind(PROGRAM, "/srv/a.sock", Bound("vm2", 11, "stream"))
     paths.bind("p2", "/srv/a.sock", Bound("vm2", 11, "stream"))  # another program's
+    # Two instances of one kernel share the file: the last bind has it, as natively.
+    paths.bind("p3", "/srv/a.sock", Bound("vm1", 10, "stream", "b1"))
+    paths.bind("p3", "/srv/a.sock", Bound("vm2", 12, "stream", "b1"))
+    assert paths.find("p3", "/srv/a.sock") == Bound("vm2", 12, "stream", "b1")
     paths.unbind(PROGRAM, "/srv/a.sock", "vm2")  # not vm2's: kept
     assert paths.find(PROGRAM, "/srv/a.sock") == Bound("vm1", 10, "stream")
     paths.lost("vm2")
@@ -125,13 +135,13 @@ def test_a_bind_is_told_and_a_connect_elsewhere_asks_for_a_relay(tmp_path: Path)
 class _Oss:
     """The OSS's answer to a connect: the binder's agent and a real ticket."""
 
-    def __init__(self, address: str, kind: str = "stream") -> None:
-        self.address, self.kind = address, kind
+    def __init__(self, address: str, kind: str = "stream", boot: str = "another") -> None:
+        self.address, self.kind, self.boot = address, kind, boot
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         ticket = mint_relay_ticket(KEY, INSTANCE, PROGRAM, body["path"])
         return 200, {"instance": INSTANCE, "address": self.address, "kind": self.kind,
-                     "ticket": ticket}  # fmt: skip
+                     "boot": self.boot, "ticket": ticket}  # fmt: skip
 
 
 def _echo_upper(server: socket.socket) -> None:
@@ -206,6 +216,10 @@ def test_the_relay_carries_bytes_and_eofs_both_ways(tmp_path: Path) -> None:
             decoy.setblocking(False)
             with pytest.raises(BlockingIOError):
                 decoy.accept()  # nobody came
+            # A socket bound on this kernel (local instances): connected as it is.
+            same = UnixRelay("vm2", None, _Oss(f"127.0.0.1:{port}", "dgram", boot_id()))
+            answer = channel.decode(await same._connect(PROGRAM, b"u6", 1, path, "dgram"))
+            assert answer[b"op"] == b"netack", answer
             # Datagram sockets do not cross kernels.
             dgram = UnixRelay("vm2", None, _Oss(f"127.0.0.1:{port}", "dgram"))
             answer = channel.decode(await dgram._connect(PROGRAM, b"u3", 1, path, "dgram"))

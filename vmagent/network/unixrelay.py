@@ -4,10 +4,12 @@ Binder's side: T tells `op=unixbind` of every path socket a process binds;
 the agent keeps (program, path) -> pid and posts it to the OSS
 (`oss.network.unix`); `op=unixgone` undoes both.
 
-Connecting side: T asks `op=unixconnect` for a path no socket of its kernel
-is bound to.  The agent asks the OSS, which answers the binder's agent
-address, the socket's type and a one-use relay ticket minted with the
-binder's exec key.  Only stream sockets are relayed: a datagram or
+Connecting side: T asks `op=unixconnect` for a path no socket of its network
+namespace is bound to.  The agent asks the OSS, which answers the binder's
+agent address, the socket's type, the binder's kernel (boot id) and a
+one-use relay ticket minted with the binder's exec key.  The same kernel
+(local instances, each its own network namespace) needs no relay: the
+connect runs as it is.  Only stream sockets are relayed: a datagram or
 seqpacket socket on either end is refused with EOPNOTSUPP (EPROTOTYPE when
 the two types differ, as natively).  The agent then `POST /v1/unixrelay`
 (`Authorization: DCP-Unix TICKET`, body `{"program", "path"}`, at most
@@ -128,6 +130,7 @@ class UnixRelay:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._socks: set[socket.socket] = set()
         self._http: aiohttp.ClientSession | None = None
+        self.boot = boot_id()
 
     # -- session hooks ------------------------------------------------------------------
 
@@ -212,7 +215,7 @@ class UnixRelay:
     async def _post_bind(self, program: str, path: str, pid: int, kind: str, opened: bool) -> int:
         if self.oss is None:
             return 0
-        body = dict(path=path, pid=pid, kind=kind or "stream", open=opened)
+        body = dict(path=path, pid=pid, kind=kind or "stream", boot=self.boot, open=opened)
         try:
             status, _data = await self.oss.post(
                 f"/v1/agents/programs/{program}/network/unix", body
@@ -235,8 +238,12 @@ class UnixRelay:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.info("the OSS did not answer a unix connect: %s", exc or "timeout")
             return channel.encode(OP_NETACK, req=req)
-        if status != 200 or not isinstance(offer, dict):
-            return channel.encode(OP_NETACK, req=req)  # bound nowhere else: as it is
+        if status != 200 or not isinstance(offer, dict) or (
+            self.boot and offer.get("boot") == self.boot
+        ):
+            # Bound nowhere else, or on this kernel (local instances: the connect reaches
+            # it natively from any network namespace, SCM_RIGHTS included).
+            return channel.encode(OP_NETACK, req=req)
         theirs = str(offer.get("kind", ""))
         if kind != "stream" or theirs != "stream":
             refused = errno.EPROTOTYPE if kind != theirs else errno.EOPNOTSUPP
@@ -442,6 +449,15 @@ async def _copy(src: socket.socket, dst: socket.socket) -> None:
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+
+def boot_id() -> str:
+    """This kernel's boot id ("" if unreadable)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()[:64]
+    except OSError:
+        return ""
 
 
 def _keepalive(sock: socket.socket) -> None:
