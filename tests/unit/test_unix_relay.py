@@ -16,8 +16,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from oss.embedded import EmbeddedCoordinator
 from oss.errors import Conflict
 from oss.network.unixpaths import Bound, UnixPaths, mint_relay_ticket
+from oss.storage.pathmap import PathMap
+from tracer.arch import table_for
 from tracer.coordinator import Allow, Complete, Rewrite, SyscallCall
 from vmagent.network.unixrelay import (
     RelayRefused,
@@ -28,7 +31,8 @@ from vmagent.network.unixrelay import (
 )
 from vmagent.trace import channel
 from vmagent.trace import unixsock as U
-from vmagent.trace.listeners import OP_NETREFUSED, Listeners
+from vmagent.trace.listeners import OP_NETREFUSED, Listeners, trap_relayed
+from vmagent.trace.placing import InstanceCoordinator
 
 KEY, INSTANCE, PROGRAM = "k" * 64, "vm1", "p1"
 
@@ -275,3 +279,16 @@ def test_descriptors_sent_on_a_relayed_socket_fail_with_eopnotsupp() -> None:
         call = _call("sendmsg", a.fileno())._replace(args=(a.fileno(), with_fd, 0, 0, 0, 0))
         assert w.on_syscall(call) == Allow()
     del kept, kept2
+
+
+def test_sendmsg_is_trapped_only_where_a_relay_can_exist() -> None:
+    table = table_for("x86_64")
+    coordinator = InstanceCoordinator(EmbeddedCoordinator(table, PathMap({})), print)
+    assert "sendmsg" in coordinator.interception()
+    trap_relayed(False)  # an agent of a dcptrace run's own OSS: one kernel
+    try:
+        coordinator = InstanceCoordinator(EmbeddedCoordinator(table, PathMap({})), print)
+        assert "sendmsg" not in coordinator.interception()
+        assert "connect" in coordinator.interception()
+    finally:
+        trap_relayed(True)

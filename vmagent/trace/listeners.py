@@ -51,7 +51,23 @@ from vmagent.trace import unixsock as U
 
 log = logging.getLogger(__name__)
 
-NET_CALLS = frozenset({"listen", "bind", "connect", "close", "sendmsg"})
+NET_CALLS = frozenset({"listen", "bind", "connect", "close"})
+# Checked for descriptors sent on a relayed AF_UNIX socket (`unixsock`): one stop per
+# sendmsg, so only where a relay can exist (`trap_relayed`).
+RELAY_CALLS = frozenset({"sendmsg"})
+_relays = [True]
+
+
+def trap_relayed(on: bool) -> None:
+    """Whether instance tracers of this process (and the zygote it forks) stop at
+    `sendmsg`: off for an agent whose instances share its kernel (a `dcptrace` run's
+    own OSS, `unix:PATH`) or that has no OSS (no relay then).  Before any tracing."""
+    _relays[0] = on
+
+
+def net_calls() -> frozenset[str]:
+    """The calls the listener watch intercepts."""
+    return NET_CALLS | RELAY_CALLS if _relays[0] else NET_CALLS
 IN6_LOOPBACK = bytes(15) + b"\x01"
 IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
 SOCKADDR_IN6 = 28

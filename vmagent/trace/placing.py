@@ -43,7 +43,7 @@ from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer
 from vmagent.trace.filelocks import LOCK_CALLS, LockForwarder
-from vmagent.trace.listeners import NET_CALLS, Listeners
+from vmagent.trace.listeners import Listeners, net_calls
 from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,10 @@ class InstanceCoordinator:
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
         # Lock calls always stop (the filter is built without a forwarder).
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS | SIGWAIT
-        self._net_names = NET_CALLS - self._inner_names
-        self._shared_net = NET_CALLS & self._inner_names
+        net = net_calls()
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net | SIGWAIT
+        self._net_names = net - self._inner_names
+        self._shared_net = net & self._inner_names
         self._inner_observes: set[int] = set()  # tids whose call the inner observes too
 
     def interception(self) -> frozenset[str]:
