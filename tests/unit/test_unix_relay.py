@@ -31,7 +31,13 @@ from vmagent.network.unixrelay import (
 )
 from vmagent.trace import channel
 from vmagent.trace import unixsock as U
-from vmagent.trace.listeners import OP_NETREFUSED, Listeners, trap_relayed
+from vmagent.trace.listeners import (
+    OP_NETACK,
+    OP_NETREFUSED,
+    ChannelRequest,
+    Listeners,
+    trap_relayed,
+)
 from vmagent.trace.placing import InstanceCoordinator
 
 KEY, INSTANCE, PROGRAM = "k" * 64, "vm1", "p1"
@@ -292,3 +298,18 @@ def test_sendmsg_is_trapped_only_where_a_relay_can_exist() -> None:
         assert "connect" in coordinator.interception()
     finally:
         trap_relayed(True)
+
+
+def test_a_command_arriving_while_t_waits_for_a_relay_is_kept() -> None:
+    ours, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kept: list[bytes] = []
+    with ours, agent:
+        ask = ChannelRequest(lambda: ours, 5.0, keep=kept.append)
+        detach = channel.encode(b"detach", session="s")
+        channel.send(agent, detach)
+        channel.send(agent, channel.encode(OP_NETACK, req="u0"))  # a late answer: dropped
+        channel.send(agent, channel.encode(U.OP_UNIXRELAY, req="u1", name="ab"))
+        answer = ask(U.connect_record(1, 1, "/x", "stream"), b"u1")
+        assert answer is not None and answer[b"name"] == b"ab"
+        assert kept == [detach]
+        assert channel.decode(agent.recv(4096))[b"op"] == U.OP_UNIXCONNECT

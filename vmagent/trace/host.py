@@ -102,8 +102,8 @@ class Tracer:
         self.locks = LockForwarder(self._hand_over, ptraceio.read_memory)
         # Listening sockets, steered by the OSS (issue 13).
         self.listeners = Listeners(
-            ChannelRequest(lambda: self.chan), self.report,
-            ChannelRequest(lambda: self.chan, RELAY_TIMEOUT),
+            ChannelRequest(lambda: self.chan, keep=self.kept.append), self.report,
+            ChannelRequest(lambda: self.chan, RELAY_TIMEOUT, keep=self.kept.append),
         )  # fmt: skip
         self._ready = self._runner(b"")  # built while T waits for its session
 

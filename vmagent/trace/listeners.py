@@ -77,6 +77,7 @@ OP_UNLISTEN = b"unlisten"
 OP_NETACK = b"netack"
 OP_NETREFUSED = b"netrefused"
 TCP_LISTEN = "0A"
+ANSWERS = frozenset({OP_NETACK, OP_NETREFUSED, U.OP_UNIXRELAY})  # the agent's, to T's asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +242,15 @@ def unlisten_record(s: Socket) -> bytes:
 class ChannelRequest:
     """Send a record on T's channel and wait for the answer with the same `req` (bounded)."""
 
-    def __init__(self, chan: Callable[[], socket.socket | None], timeout: float = ASK_TIMEOUT):
+    def __init__(
+        self,
+        chan: Callable[[], socket.socket | None],
+        timeout: float = ASK_TIMEOUT,
+        keep: Callable[[bytes], None] = lambda _data: None,
+    ) -> None:
         self._chan = chan
         self.timeout = timeout
+        self._keep = keep  # a command that arrived meanwhile (op=detach), for the runner
 
     def __call__(self, message: bytes, req: bytes) -> channel.Record | None:
         """The answer, or None (no agent, no answer in time)."""
@@ -262,7 +269,9 @@ class ChannelRequest:
                 if not data:
                     return None
                 record = channel.decode(data)
-                if record.get(b"req") == req:
+                if record.get(b"op") not in ANSWERS:
+                    self._keep(data)
+                elif record.get(b"req") == req:
                     return record
         except (OSError, channel.ChannelError) as exc:
             log.debug("listener report: %s", exc)
