@@ -29,8 +29,9 @@ Records: T -> agent `op=listen req pid port proto local`, `op=unlisten pid
 port proto`; agent -> T `op=netack req address` or `op=netrefused req errno`.
 
 AF_UNIX path sockets (`vmagent.trace.unixsock`): a bind is told and watched
-like a listener (its end too); a connect to a path no socket of this kernel
-is bound to may be relayed to the instance that holds it.
+like a listener (its end too); a connect to a path no socket of this network
+namespace is bound to may be relayed to the instance that holds it; a
+`sendmsg` with descriptors on a relayed socket fails with EOPNOTSUPP.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ NET_CALLS = frozenset({"listen", "bind", "connect", "close"})
 # sendmsg, so only where a relay can exist (`trap_relayed`).
 RELAY_CALLS = frozenset({"sendmsg"})
 _relays = [True]
+IN6_LOOPBACK = bytes(15) + b"\x01"
+IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
+SOCKADDR_IN6 = 28
+ASK_TIMEOUT = 2.0  # s T holds a listen for the agent's answer
+OP_LISTEN = b"listen"
+OP_UNLISTEN = b"unlisten"
+OP_NETACK = b"netack"
+OP_NETREFUSED = b"netrefused"
+TCP_LISTEN = "0A"
+ANSWERS = frozenset({OP_NETACK, OP_NETREFUSED, U.OP_UNIXRELAY})  # the agent's, to T's asks
 
 
 def trap_relayed(on: bool) -> None:
@@ -68,16 +79,6 @@ def trap_relayed(on: bool) -> None:
 def net_calls() -> frozenset[str]:
     """The calls the listener watch intercepts."""
     return NET_CALLS | RELAY_CALLS if _relays[0] else NET_CALLS
-IN6_LOOPBACK = bytes(15) + b"\x01"
-IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
-SOCKADDR_IN6 = 28
-ASK_TIMEOUT = 2.0  # s T holds a listen for the agent's answer
-OP_LISTEN = b"listen"
-OP_UNLISTEN = b"unlisten"
-OP_NETACK = b"netack"
-OP_NETREFUSED = b"netrefused"
-TCP_LISTEN = "0A"
-ANSWERS = frozenset({OP_NETACK, OP_NETREFUSED, U.OP_UNIXRELAY})  # the agent's, to T's asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,8 +400,8 @@ class Listeners:
         return None
 
     def _unix_connect(self, call: SyscallCall) -> Decision:
-        """A connect to a path bound on no socket of this kernel: through the agent's
-        relay when another instance of the program holds it."""
+        """A connect to a path bound on no socket of this network namespace: through
+        the agent's relay when another kernel's instance of the program holds it."""
         named = U.sockaddr_path(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF)
         if named is None:
             return Allow()
