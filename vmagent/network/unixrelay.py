@@ -16,7 +16,7 @@ the two types differ, as natively).  The agent then `POST /v1/unixrelay`
 `MAX_BODY` bytes) to the binder's agent, which checks the ticket (its MAC,
 expiry, nonce unused, the program and the path's digest) and that one of
 its own tracers reported that path for that program, connects to the real
-socket (through the binder's root: `/proc/PID/root/PATH`; ECONNREFUSED and
+socket (through the binder's root, `/proc/PID/root/PATH`; ECONNREFUSED and
 the like go back as `{"errno": E}` with 409), and answers a TCP port and a
 one-use 16-byte secret, as migration's page server does.  The connecting
 agent connects, sends the secret first (`SECRET_WAIT` to do it, one
@@ -26,10 +26,14 @@ SO_PEERCRED pid is checked; anyone else is closed); T runs the program's
 connect to it.  From then on both agents copy bytes both ways; an EOF on one
 side is a `shutdown(SHUT_WR)` on the other, so EOF crosses too.
 
+The binder's agent connects as root: only to the socket file the binder's
+tracer saw at bind (its st_dev/st_ino, the path's last link not followed), so
+a program cannot swap its path for a link to another socket.
+
 Not relayed: SCM_RIGHTS (the tracers fail such a `sendmsg` on a relayed
-socket with EOPNOTSUPP: both ends' peers are named `\0dcp-relay-...`),
-SCM_CREDENTIALS (the agents read bytes only), SO_PEERCRED (the relaying agent's), `getpeername` (the
-relay's abstract name).
+socket with EOPNOTSUPP: both ends' peers are named `\\0dcp-relay-...`),
+SCM_CREDENTIALS (the agents read bytes only), SO_PEERCRED (the relaying
+agent's), `getpeername` (the relay's abstract name).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ socket: EOPNOTSUPP; the binder's socket does not listen: ECONNREFUSED), or
 `op=netack req`: nothing is known, the connect runs as it is.
 
 A `sendmsg` carrying SCM_RIGHTS on a relayed socket (its peer is an agent's
-relay socket, `\0dcp-relay-...`, on either end) fails with EOPNOTSUPP: a
+relay socket, `\\0dcp-relay-...`, on either end) fails with EOPNOTSUPP: a
 descriptor cannot cross kernels, and the relay carries bytes only.
 
 Paths are absolute (a relative one is joined to the caller's working
