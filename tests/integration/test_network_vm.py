@@ -116,6 +116,9 @@ def lab(request: pytest.FixtureRequest, loop: LoopThread) -> Iterator[Lab]:
     failed_before = request.session.testsfailed
     lab = make_lab(loop, "n")
     lab.network_prefix = PREFIX
+    # Nothing here tests failure detection: a TCG guest starved for seconds on a loaded
+    # host must not be declared lost (its programs fenced) mid-test.
+    lab.heartbeat_timeout = 30.0
     try:
         lab.image = lab.build_cached_image()
         loop.run(lab.start(), timeout=120)
