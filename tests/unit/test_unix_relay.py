@@ -280,6 +280,15 @@ def test_descriptors_sent_on_a_relayed_socket_fail_with_eopnotsupp() -> None:
         assert w.on_syscall(call) == Complete(-errno.EOPNOTSUPP)
         call = _call("sendmsg", c.fileno())._replace(args=(c.fileno(), plain, 0, 0, 0, 0))
         assert w.on_syscall(call) == Allow()  # credentials only: nothing to refuse
+        # sendmmsg: the second message carries a descriptor (struct mmsghdr: 64 bytes).
+        head = ctypes.string_at(plain, 56) + bytes(8) + ctypes.string_at(with_fd, 56) + bytes(8)
+        vec = ctypes.create_string_buffer(head, len(head))
+        call = _call("sendmmsg", c.fileno())._replace(
+            args=(c.fileno(), ctypes.addressof(vec), 2, 0, 0, 0)
+        )
+        assert w.on_syscall(call) == Complete(-errno.EOPNOTSUPP)
+        call = call._replace(args=(c.fileno(), ctypes.addressof(vec), 1, 0, 0, 0))
+        assert w.on_syscall(call) == Allow()
     a, b = socket.socketpair()
     with a, b:  # not a relay: descriptors pass as natively
         call = _call("sendmsg", a.fileno())._replace(args=(a.fileno(), with_fd, 0, 0, 0, 0))
@@ -294,7 +303,7 @@ def test_sendmsg_is_trapped_only_where_a_relay_can_exist() -> None:
     trap_relayed(False)  # an agent of a dcptrace run's own OSS: one kernel
     try:
         coordinator = InstanceCoordinator(EmbeddedCoordinator(table, PathMap({})), print)
-        assert "sendmsg" not in coordinator.interception()
+        assert not {"sendmsg", "sendmmsg"} & coordinator.interception()
         assert "connect" in coordinator.interception()
     finally:
         trap_relayed(True)

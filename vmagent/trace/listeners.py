@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 
 NET_CALLS = frozenset({"listen", "bind", "connect", "close"})
 # Checked for descriptors sent on a relayed AF_UNIX socket (`unixsock`): one stop per
-# sendmsg, so only where a relay can exist (`trap_relayed`).
-RELAY_CALLS = frozenset({"sendmsg"})
+# call, so only where a relay can exist (`trap_relayed`).
+RELAY_CALLS = frozenset({"sendmsg", "sendmmsg"})
 _relays = [True]
 IN6_LOOPBACK = bytes(15) + b"\x01"
 IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
@@ -71,7 +71,7 @@ ANSWERS = frozenset({OP_NETACK, OP_NETREFUSED, U.OP_UNIXRELAY})  # the agent's, 
 
 def trap_relayed(on: bool) -> None:
     """Whether instance tracers of this process (and the zygote it forks) stop at
-    `sendmsg`: off for an agent whose instances share its kernel (a `dcptrace` run's
+    `sendmsg`/`sendmmsg`: off for an agent whose instances share its kernel (a `dcptrace` run's
     own OSS, `unix:PATH`) or that has no OSS (no relay then).  Before any tracing."""
     _relays[0] = on
 
@@ -303,9 +303,14 @@ class Listeners:
             return Allow(observe_result=True)
         if call.name == "connect":
             return loopback6(call) or self._unix_connect(call)
-        if call.name == "sendmsg":
+        if call.name in RELAY_CALLS:
             fd = call.args[0] & 0xFFFFFFFF
-            if U.sends_descriptors(call.tid, call.args[1]) and U.relayed(call.pid, fd):
+            carries = (
+                U.sends_descriptors(call.tid, call.args[1])
+                if call.name == "sendmsg"
+                else U.any_sends_descriptors(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF)
+            )
+            if carries and U.relayed(call.pid, fd):
                 return Complete(-errno.EOPNOTSUPP)  # a descriptor cannot cross kernels
             return Allow()
         if not self.watched:

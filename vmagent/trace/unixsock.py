@@ -143,6 +143,8 @@ def connect_record(req: int, pid: int, path: str, kind: str) -> bytes:
 
 
 MSGHDR = 56  # sizeof(struct msghdr) on 64-bit
+MMSGHDR = 64  # sizeof(struct mmsghdr): a msghdr, its msg_len, padding
+MAX_VLEN = 1024  # UIO_MAXIOV: the most messages one sendmmsg sends
 MAX_CONTROL = 4096  # bytes of ancillary data read
 SOL_SOCKET, SCM_RIGHTS = 1, 1
 PIDFD_GETFD = 438  # the same number on every architecture
@@ -170,6 +172,13 @@ def sends_descriptors(tid: int, msghdr: int) -> bool:
             return False
         at += (length + 7) & ~7
     return False
+
+
+def any_sends_descriptors(tid: int, msgvec: int, vlen: int) -> bool:
+    """Whether any of the `vlen` mmsghdr at `msgvec` (a sendmmsg) carries SCM_RIGHTS."""
+    return any(
+        sends_descriptors(tid, msgvec + i * MMSGHDR) for i in range(min(vlen, MAX_VLEN))
+    )
 
 
 def _syscall() -> Callable[..., int]:
