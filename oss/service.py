@@ -563,6 +563,7 @@ class Oss:
             )
             self.commands.drop_instance(f.instance)
             await self.storage.forget_instance(f.instance)
+            self.unix_paths.lost(f.instance)  # issue 13: its path sockets went with it
         for program, instance, count, by_client in lost:
             then = "its client placed them" if by_client else "marked for recovery"
             await self.program_log(
