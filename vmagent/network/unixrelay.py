@@ -57,6 +57,7 @@ import aiohttp
 from aiohttp import web
 
 from oss.network.unixpaths import path_digest, relay_mac
+from vmagent.errors import AgentError
 from vmagent.network.reporter import Poster, _program
 from vmagent.trace import channel
 from vmagent.trace.listeners import OP_NETACK, OP_NETREFUSED
@@ -84,7 +85,7 @@ MAX_TICKET_LIFE = 30_000  # ms: a ticket living longer was not minted by our OSS
 NONCES = 4096  # tickets remembered as used (expired ones are dropped first)
 
 
-class RelayRefused(Exception):
+class RelayRefused(AgentError):
     """the relay was refused"""
 
 
