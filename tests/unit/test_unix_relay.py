@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -322,3 +323,45 @@ def test_a_command_arriving_while_t_waits_for_a_relay_is_kept() -> None:
         assert answer is not None and answer[b"name"] == b"ab"
         assert kept == [detach]
         assert channel.decode(agent.recv(4096))[b"op"] == U.OP_UNIXCONNECT
+
+
+def test_the_relay_route_bounds_and_checks_before_connecting(tmp_path: Path) -> None:
+    path = str(tmp_path / "srv.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen(1)
+        server.setblocking(False)
+
+        async def main() -> dict[str, int]:
+            binder = UnixRelay(INSTANCE, KEY, None)
+            st = os.stat(path)
+            binder.bound[(PROGRAM, path)] = (os.getpid(), st.st_dev, st.st_ino)
+            app = web.Application()
+            add_routes(app, binder)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/unixrelay"
+            body = {"program": PROGRAM, "path": path}
+            good = mint_relay_ticket(KEY, INSTANCE, PROGRAM, path)
+            forged = mint_relay_ticket("z" * 64, INSTANCE, PROGRAM, path)
+            out: dict[str, int] = {}
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(30)) as http:
+                    async with http.post(url, json=body) as r:
+                        out["no ticket"] = r.status
+                    big = {**body, "pad": "x" * 8192}
+                    headers = {"Authorization": f"DCP-Unix {good}"}
+                    async with http.post(url, json=big, headers=headers) as r:
+                        out["big"] = r.status
+                    headers = {"Authorization": f"DCP-Unix {forged}"}
+                    async with http.post(url, json=body, headers=headers) as r:
+                        out["forged"] = (await r.json())["errno"]
+            finally:
+                await binder.close()
+                await runner.cleanup()
+            return out
+
+        assert asyncio.run(main()) == {"no ticket": 401, "big": 413, "forged": errno.EACCES}
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing reached the socket
