@@ -58,6 +58,7 @@ from oss.models import (
     ReportAck,
 )
 from oss.network.manager import Applier, NetworkConfig, NetworkManager
+from oss.network.unixpaths import UnixPaths
 from oss.schema import VERSIONS
 from oss.storage.relay import SqlSpecs, StorageNotMounted, StorageRelay
 from oss.telemetry import logs as logmod
@@ -193,6 +194,7 @@ class Oss:
         self._runner: asyncio.Task[None] | None = None
         # Issue 13: program addresses and redirects (None: no network prefix configured).
         self.network: NetworkManager | None = None
+        self.unix_paths = UnixPaths()  # issue 13: AF_UNIX paths bound per instance
         self.heartbeats_processed = 0
         self._ticks = 0
 
@@ -568,6 +570,7 @@ class Oss:
             )
             self.commands.drop_instance(f.instance)
             await self.storage.forget_instance(f.instance)
+            self.unix_paths.lost(f.instance)  # issue 13: its path sockets went with it
         for program, instance, count, by_client in lost:
             then = "its client placed them" if by_client else "marked for recovery"
             await self.program_log(
@@ -812,6 +815,7 @@ class Oss:
 
     async def _release_network(self, program_id: str) -> None:
         """The program ended: its address and redirects go (one line if a node failed)."""
+        self.unix_paths.release(program_id)
         if self.network is None:
             return
         try:

@@ -58,6 +58,7 @@ from vmagent.trace.placing import (
     PlacingCoordinator,
     SignalHome,
 )
+from vmagent.trace.unixsock import RELAY_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,10 @@ class Tracer:
         # lock calls through the agent and the deputy (issue 14)
         self.locks = LockForwarder(self._hand_over, ptraceio.read_memory)
         # Listening sockets, steered by the OSS (issue 13).
-        self.listeners = Listeners(ChannelRequest(lambda: self.chan), self.report)
+        self.listeners = Listeners(
+            ChannelRequest(lambda: self.chan, keep=self.kept.append), self.report,
+            ChannelRequest(lambda: self.chan, RELAY_TIMEOUT, keep=self.kept.append),
+        )  # fmt: skip
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:

@@ -43,7 +43,7 @@ from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
 from vmagent.trace import channel, placer, procview
 from vmagent.trace.filelocks import LOCK_CALLS, LockForwarder
-from vmagent.trace.listeners import NET_CALLS, Listeners
+from vmagent.trace.listeners import Listeners, net_calls
 from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
@@ -188,16 +188,17 @@ class InstanceCoordinator:
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
         # Lock calls always stop (the filter is built without a forwarder).
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS | SIGWAIT
+        net = net_calls()
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net | SIGWAIT
         self._names |= procview.CALLS  # /proc/N of the program's pids (issue 11)
-        self._net_names = NET_CALLS - self._inner_names
-        self._shared_net = NET_CALLS & self._inner_names
+        self._net_names = net - self._inner_names
+        self._shared_net = net & self._inner_names
         self._inner_observes: set[int] = set()  # tids whose call the inner observes too
 
     def at_cwd_only(self) -> frozenset[str]:
         """Of `interception`, the calls that need to stop only with dirfd AT_FDCWD (the
         /proc paths of issue 11, when nothing else here wants them)."""
-        others = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS | SIGWAIT
+        others = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net_calls() | SIGWAIT
         return procview.AT_CALLS - others
 
     def interception(self) -> frozenset[str]:
