@@ -45,6 +45,7 @@ from oss.errors import StoreError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 30000  # how long a connection waits for another process's lock
+SHORT_PAGE = 100  # rows up to which a page read is `short` (runs on the loop: Store.read)
 Conn = sqlite3.Connection
 
 
@@ -231,6 +232,7 @@ class Store:
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []
         self._lock = threading.Lock()
+        self._loop_conn: Conn | None = None  # short reads, on the event loop
         self._closed = False
 
     async def open(self) -> None:
@@ -248,6 +250,9 @@ class Store:
             for c in self._reader_conns:
                 c.close()
             self._reader_conns.clear()
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
 
     async def write(self, fn: Callable[[Conn], T]) -> T:
         """Run `fn` in the writer's transaction; returns after the commit is durable."""
@@ -255,10 +260,30 @@ class Store:
         self._writer.submit(fn, fut)
         return await fut
 
-    async def read(self, fn: Callable[[Conn], T]) -> T:
-        """Run `fn` on a reader connection (sees committed state)."""
+    async def read(self, fn: Callable[[Conn], T], *, short: bool = False) -> T:
+        """Run `fn` on a reader connection (sees committed state).
+
+        `short`: `fn` reads a few rows by index (a program, a page of ten): it runs
+        on the event loop's own connection, without the two thread hand-offs a
+        reader thread costs (more than such a read itself: issue 15).  If it would
+        wait for a lock there, it runs on a reader thread instead.
+        """
         if self._readers is None or self._closed:
             raise StoreError("the store is not open")
+        if short:
+            conn = self._loop_conn
+            if conn is None:
+                conn = self._loop_conn = connect(self.path)
+                conn.execute("PRAGMA busy_timeout=0")  # never wait on the loop
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc):
+                    raise
+                # Busy (a WAL reset in progress, rare): a reader thread waits instead.
+            finally:
+                conn.execute("COMMIT")
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, fn)
 
     def _read(self, fn: Callable[[Conn], T]) -> T:
