@@ -48,7 +48,7 @@ class Instances:
                 raise Unauthorized()
             return str(r["instance"])
 
-        return await self._db.read(op)
+        return await self._db.read(op, short=True)
 
     async def put_instance_type(self, t: InstanceType) -> None:
         """Create or replace an instance type."""
