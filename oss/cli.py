@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import inspect
 import ipaddress
@@ -266,11 +265,6 @@ def load_provider(spec: str) -> tuple[str, Provider]:
 # how long a loop callback waits for it (the default 5 ms shows up directly in p99).
 GIL_SWITCH_INTERVAL = 0.0005
 SHUTDOWN_TIMEOUT = 5.0  # seconds open requests (log followers) get on SIGTERM
-# The loop allocates short-lived objects by the thousand a second: with the default
-# thresholds (700, 10, 10) the cycle collector took 6% of its CPU under bench_oss's
-# load (issue 15).  Young collections run 50x less often; the start-up heap (modules,
-# models, routes) is frozen out of every scan.
-GC_THRESHOLDS = (35_000, 10, 10)
 
 
 async def _serve(
@@ -297,8 +291,6 @@ async def _serve(
     await runner.setup()
     site = GuardedSite(runner, host, port, limits, backlog=1024)
     await site.start()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     addr = runner.addresses[0]
     if config.public_url is None:
         # Listening on an ephemeral port: new instances get the address it got.
