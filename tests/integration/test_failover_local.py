@@ -192,6 +192,79 @@ def test_a_killed_instance_s_counter_is_restored_on_the_other_and_completes(
     assert "1 to be restored from checkpoints" in said, said
 
 
+# Holds `held` open for writing across a checkpoint, then rewrites and extends it (fsync:
+# the volume has it) before its instance is lost.  Each step is a closed file the test sees.
+HOLDER = r"""
+import os, sys, time
+def mark(name):
+    open(name, "w").close()
+def wait(name):
+    while not os.path.exists(name):
+        time.sleep(0.05)
+f = open("held", "w")
+f.write("a")
+f.flush()
+mark("ready")
+wait("go")  # a checkpoint was taken since `ready`
+f.seek(0)
+f.write("bbbb")
+f.flush()
+os.fsync(f.fileno())
+mark("wrote")
+wait("end")  # its first instance is gone
+f.close()
+print(open("held").read(), flush=True)
+sys.exit(7)
+"""
+
+
+def test_a_file_held_open_for_writing_and_changed_after_the_checkpoint_is_restored(
+    counter: Path,
+) -> None:
+    """CRIU checks each open file's size: the checkpoint carries the file as it was
+    then, the restore puts it back, and the program writes again what it wrote after."""
+    where = counter.parent
+    holder = where / "holder.py"
+    holder.write_text(HOLDER)
+    argv = dcptrace_argv(
+        "--instances", "2", "--placement", "spread", "--checkpoint-every", "1",
+        "--", "sh", "-c", f"python3 {holder}",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=where, env=traced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: (where / "ready").exists(), 120), "the holder never started"
+        assert wait_for(lambda: len(_counters(holder)) == 1, 30), _counters(holder)
+        ((_pid, ns),) = _counters(holder)
+        agents = _agents(proc.pid)
+        store = Path(agents[ns][1].removeprefix("unix:")).parent / "oss" / "checkpoints"
+
+        def newer(than: float) -> bool:
+            return any(f.stat().st_mtime > than for f in store.glob("*/*.ckpt"))
+
+        since = time.time()
+        assert wait_for(lambda: newer(since), 60), f"no checkpoint reached {store}"
+        since = time.time()  # the one stored then may have begun before `ready`: one more
+        assert wait_for(lambda: newer(since), 60), f"no second checkpoint reached {store}"
+        (where / "go").touch()
+        assert wait_for(lambda: (where / "wrote").exists(), 60), "the holder never rewrote"
+        os.kill(agents[ns][0], signal.SIGKILL)
+        assert wait_for(lambda: (_pid, ns) not in _counters(holder), 30)
+        (where / "end").touch()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    said = err.decode()
+    assert proc.returncode == 7, said
+    assert out.split() == [b"bbbb"], (out, said)
+    assert "restored on" in said and "from its checkpoint" in said, said
+    assert (where / "held").read_text() == "bbbb"
+
+
 def test_a_frozen_instance_that_comes_back_is_fenced(
     run: subprocess.Popen[bytes], counter: Path
 ) -> None:

@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from vmagent.checkpoint import carried
 from vmagent.checkpoint import criu as C
 from vmagent.exec.server import ExecService
 from vmagent.exec.session import Session
@@ -231,15 +232,29 @@ class Checkpointer:
             raise C.CriuFailed(argv[1], f"no answer within {CRIU_TIMEOUT:.0f}s") from None
 
     async def checkpoint(
-        self, session: Session, *, restore: bool, images: str | None = None
+        self,
+        session: Session,
+        *,
+        restore: bool,
+        images: str | None = None,
+        carry: bool = False,
     ) -> Checkpoint:
-        """Checkpoint `session`'s tree (and restore it in place when `restore`)."""
+        """Checkpoint `session`'s tree (and restore it in place when `restore`).
+
+        `carry`: the images also hold the files the tree has open for writing in
+        program storage, read before it runs on (`vmagent.checkpoint.carried`).
+        """
         criu = await self.criu()
         async with self._lock:
-            return await self._checkpoint(criu, session, restore, images)
+            return await self._checkpoint(criu, session, restore, images, carry)
 
     async def _checkpoint(
-        self, criu: C.Criu, session: Session, restore: bool, images: str | None
+        self,
+        criu: C.Criu,
+        session: Session,
+        restore: bool,
+        images: str | None,
+        carry: bool = False,
     ) -> Checkpoint:
         tracing = self.service.tracing
         if session.status is not None or session.trace_sock is None or tracing is None:
@@ -250,14 +265,20 @@ class Checkpointer:
         directory = images or tempfile.mkdtemp(prefix=f"dcp-ckpt-{session.sid.hex()[:8]}-")
         os.makedirs(directory, exist_ok=True)
         try:
-            return await self._checkpoint_into(criu, session, restore, images, directory)
+            return await self._checkpoint_into(criu, session, restore, images, directory, carry)
         except BaseException:
             if images is None:
                 shutil.rmtree(directory, ignore_errors=True)
             raise
 
     async def _checkpoint_into(
-        self, criu: C.Criu, session: Session, restore: bool, images: str | None, directory: str
+        self,
+        criu: C.Criu,
+        session: Session,
+        restore: bool,
+        images: str | None,
+        directory: str,
+        carry: bool = False,
     ) -> Checkpoint:
         started = time.perf_counter()
         pids = await self.detach(session)
@@ -265,6 +286,12 @@ class Checkpointer:
         try:
             ends = program_pipe_ends(pids, _session_pipes(session))
             dump_ms = await self.dump(criu, session, pids, directory)
+            if carry:  # still stopped (--leave-stopped): the files are as dumped
+                try:
+                    await asyncio.to_thread(carried.carry, pids, directory)
+                except BaseException:
+                    self.adopt(session, pids)
+                    raise
             restore_ms = 0.0
             if restore:
                 restore_ms = await self._restore_in_place(criu, session, pids, directory, ends)

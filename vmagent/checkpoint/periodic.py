@@ -20,7 +20,9 @@ session's deputy, told by its home where the program went, resumes the
 session here proving `moved_key(key, instance, salt)`.  The output written
 after the checkpoint is written again (at-least-once from the checkpoint):
 a restored session numbers its frames after whatever the deputy received, so
-nothing it sends is taken for a replay.
+nothing it sends is taken for a replay.  The files it held open for writing in
+program storage are carried by the checkpoint and put back before the restore
+(`vmagent.checkpoint.carried`): what it wrote to them after is written again.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 
 import aiohttp
 
+from vmagent.checkpoint import carried
 from vmagent.checkpoint import criu as C
 from vmagent.checkpoint.local import Checkpointer
 from vmagent.checkpoint.migrate import (
@@ -204,7 +207,7 @@ class FailoverOrders:
                 "ins": {fd: _key_of(w) for fd, w in session.ins.items()},
             }
             out_seq = session.outbox.next_seq
-            done = await self.ckpt.checkpoint(session, restore=False, images=directory)
+            done = await self.ckpt.checkpoint(session, restore=False, images=directory, carry=True)
             meta = describe(session, done.pids, pipes, session.key, out_seq)
             meta.update(
                 taken=time.time(),
@@ -283,6 +286,9 @@ class FailoverOrders:
             meta = Description(raw)
             if meta.program_id != program or meta.sid.hex() != sid:
                 raise MigrationRefused("the checkpoint is of another session")
+            # The files it wrote after the checkpoint, as they were then (CRIU checks
+            # their sizes): the program writes again what it wrote after.
+            await asyncio.to_thread(carried.put_back, directory)
             async with self.ckpt._lock:
                 answer = await self.migrator._restore(criu, meta, directory, f"failover.{sid}")
                 self._run(meta)
