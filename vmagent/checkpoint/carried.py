@@ -73,9 +73,9 @@ def carry(pids: tuple[int, ...], directory: str) -> int:
                     st = os.fstat(f.fileno())
                     if st.st_size > MAX_FILE or total + st.st_size > MAX_TOTAL:
                         log.warning(
-                            "checkpoint: %s (%d bytes) is over the %d bytes carried; a restore"
-                            " of this checkpoint will fail if it changes", path, st.st_size,
-                            MAX_FILE,
+                            "checkpoint: %s (%d bytes) is over what is carried (%d bytes a file,"
+                            " %d a checkpoint): a restore of this checkpoint fails if it"
+                            " changes", path, st.st_size, MAX_FILE, MAX_TOTAL,
                         )  # fmt: skip
                         continue
                     data = f.read(MAX_FILE + 1)
