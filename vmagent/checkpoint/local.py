@@ -7,10 +7,10 @@ The steps, each bounded by a timeout:
 2. the program's ends of the session's pipes (whose other end is the agent's)
    are reopened through `/proc/PID/fd` so that a restore can hand them back to
    CRIU (`--inherit-fd`): stdout/stderr keep reaching the deputy;
-3. the files the tree writes in the program's storage (dcpfs stages them on this
-   instance until close) are published, fsynced, with the sizes the dump records:
-   a restore elsewhere reopens them from the volume;
-   `criu dump --leave-stopped` writes the images;
+3. for a move (`vmagent.checkpoint.migrate`), the files the tree writes in the
+   program's storage (dcpfs stages them on this instance until close) are
+   published, fsynced, with the sizes the dump records: the target reopens them
+   from the volume; `criu dump --leave-stopped` writes the images;
 4. with `restore`: the tree is killed (not reported to the deputy: the session
    leaves the reaper's table meanwhile), its pids are waited free, and
    `criu restore -d --leave-stopped` brings it back with the same pids;
@@ -414,15 +414,19 @@ class Checkpointer:
         parent: str | None = None,
         *,
         ps_socket: int | None = None,
+        publish: bool = False,
     ) -> float:
         """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on.
 
         `parent`: the last pre-copy round's directory, relative to `directory`.
         `ps_socket`: a connection to the target's page server (the pages go there).
+        `publish`: the files it writes in the program's storage first (`publish_held`:
+        a move; not a checkpoint the program runs on after, whose files change since).
         """
         dumped = time.perf_counter()
         try:
-            await publish_held(pids)
+            if publish:
+                await publish_held(pids)
             code = await self.run(
                 C.dump_argv(criu.path, pids[0], directory, parent=parent, ps_socket=ps_socket),
                 os.path.join(directory, "dump.out"),
