@@ -914,3 +914,5 @@ class Restoration(Api):
     address: str
     salt: str
     taken: float  # when the checkpoint it came from was taken (epoch s)
+    # Why it was given up ("" unless it was: then `instance` is "" and its deputy ends).
+    error: str = ""

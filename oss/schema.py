@@ -31,5 +31,6 @@ VERSIONS: tuple[Version, ...] = (
     (12, (compute.V_MOVES,)),  # instances.draining, placement_moves (issue 12)
     (13, (compute.V_SPEED, telemetry.V_MOVE_REASON)),  # speeds, move reasons (issue 12)
     (14, (storage.V_SPECS,)),  # storage specs and mounts survive a restart (issue 14)
+    (15, (compute.V_FAILOVER,)),  # failover policies, checkpoint index survive (issue 12)
 )
 check_sequence(VERSIONS)

@@ -50,6 +50,7 @@ from oss.errors import (
 from oss.ipc import routes as ipc_routes
 from oss.listener import ListenerLimits
 from oss.network import routes as network_routes
+from oss.network import unix as unix_routes
 from oss.service import Oss
 from oss.storage import routes as storage_routes
 from oss.telemetry import routes as telemetry_routes
@@ -118,6 +119,7 @@ ROUTES: tuple[Route, ...] = (
     + ipc_routes.ROUTES
     + storage_routes.ROUTES
     + network_routes.ROUTES
+    + unix_routes.ROUTES
     + ui_routes.ROUTES
 )
 

@@ -58,6 +58,7 @@ from oss.models import (
     ReportAck,
 )
 from oss.network.manager import Applier, NetworkConfig, NetworkManager
+from oss.network.unixpaths import UnixPaths
 from oss.schema import VERSIONS
 from oss.storage.relay import SqlSpecs, StorageNotMounted, StorageRelay
 from oss.telemetry import logs as logmod
@@ -166,7 +167,9 @@ class Oss:
         self._token_cache: dict[str, tuple[Principal, float]] = {}
         self._instance_cache: dict[str, tuple[str, float]] = {}
         self._decided: dict[str, str] = {}
-        self.commands = CommandQueue()  # limits act: orders for agents (heartbeat replies)
+        # Limits act: orders for agents (heartbeat replies).  Ids from the wall clock's ms:
+        # past every id an earlier run of this OSS gave the agents (they skip ids seen).
+        self.commands = CommandQueue(first=int(time.time() * 1000))
         # Issue 12: periodic checkpoints kept here, restored elsewhere when an instance is lost.
         self.failover = Failover(
             CheckpointStore(config.data_dir / "checkpoints"),
@@ -178,6 +181,7 @@ class Oss:
             clock=clock,
             runs_on=lambda prog, inst: self.placed(prog, [{"instance": inst, "processes": 1}]),
             prepare=self._storage_on,
+            saved=self.store,  # a restarted OSS reads its policies and index back
         )
         # Issue 12: migrate commands given out (by id) and the requests waiting for them.
         self._moves: dict[int, Command] = {}
@@ -190,6 +194,7 @@ class Oss:
         self._runner: asyncio.Task[None] | None = None
         # Issue 13: program addresses and redirects (None: no network prefix configured).
         self.network: NetworkManager | None = None
+        self.unix_paths = UnixPaths()  # issue 13: AF_UNIX paths bound per instance
         self.heartbeats_processed = 0
         self._ticks = 0
 
@@ -235,6 +240,8 @@ class Oss:
         now = self.clock()
         # After a restart every ready instance gets a full timeout to heartbeat again.
         self._last_seen = {name: now for name in await self.instances.ready_instances()}
+        # Issue 12: checkpoint policies, stored checkpoints, restores still to do.
+        self._checkpointing |= await self.failover.load(set(self._last_seen))
         await self._seed_metrics()
         self._runner = asyncio.create_task(self._loop(), name="oss-background")
         self.oss_log("oss started")
@@ -248,6 +255,7 @@ class Oss:
         await self.mover.close()
         if self.network is not None:
             await self.network.close()
+        await self.failover.flush()
         await self._flush_all()
         await self.store.close()
 
@@ -450,6 +458,7 @@ class Oss:
             self._checkpointing.add(body.instance)
         else:
             self._checkpointing.discard(body.instance)
+        self.failover.capability(body.instance, bool(body.checkpoint))  # kept over a restart
         self.failover.fence(body.instance)  # issue 12: it was lost; its programs ran on elsewhere
         self.oss_log(
             f"instance {body.instance} registered at {address}"
@@ -561,6 +570,7 @@ class Oss:
             )
             self.commands.drop_instance(f.instance)
             await self.storage.forget_instance(f.instance)
+            self.unix_paths.lost(f.instance)  # issue 13: its path sockets went with it
         for program, instance, count, by_client in lost:
             then = "its client placed them" if by_client else "marked for recovery"
             await self.program_log(
@@ -805,6 +815,7 @@ class Oss:
 
     async def _release_network(self, program_id: str) -> None:
         """The program ended: its address and redirects go (one line if a node failed)."""
+        self.unix_paths.release(program_id)
         if self.network is None:
             return
         try:

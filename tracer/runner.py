@@ -592,7 +592,11 @@ def fast_loop(
 
 
 def interception_filter(
-    table: SyscallTable, intercept: frozenset[int], trace_all: bool, no_new_privs: bool
+    table: SyscallTable,
+    intercept: frozenset[int],
+    trace_all: bool,
+    no_new_privs: bool,
+    at_cwd: frozenset[int] = frozenset(),
 ) -> PreparedFilter:
     """The seccomp filter a traced program installs before its first exec.
 
@@ -600,7 +604,8 @@ def interception_filter(
     need (`Coordinator.interception`): empty for a plain run, which then gets no
     filter at all (no BPF run on each syscall, and `Seccomp: 0` and `NoNewPrivs: 0`
     in /proc/PID/status as natively).  Fork, exec and exit are still followed:
-    they are ptrace events.
+    they are ptrace events.  Calls of `at_cwd` (and not of `intercept`) stop only
+    with the directory descriptor AT_FDCWD (`build_filter`).
     Once anything is intercepted, calls of a foreign ABI (int 0x80, x32) and, as
     a call newer than the table may take a path (as fchmodat2 did) and get
     around the map, numbers past the table stop too.
@@ -609,7 +614,7 @@ def interception_filter(
         return PreparedFilter([], no_new_privs=False)
     beyond = max(table) + 1 if intercept else None
     return PreparedFilter(
-        build_filter(intercept, trace_all=trace_all, trace_from=beyond),
+        build_filter(intercept, trace_all=trace_all, trace_from=beyond, at_cwd=at_cwd),
         no_new_privs=no_new_privs,
     )
 

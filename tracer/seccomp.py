@@ -31,22 +31,31 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 BPF_MAXINSNS = 4096
+ARG0_LOW = 16  # seccomp_data.args[0], low 32 bits (little-endian)
+AT_FDCWD = 0xFFFFFF9C  # -100 as the 32-bit int the *at calls take
 
 Insn = tuple[int, int, int, int]  # code, jt, jf, k
 
 
 def build_filter(
-    numbers: Iterable[int], trace_all: bool = False, trace_from: int | None = None
+    numbers: Iterable[int],
+    trace_all: bool = False,
+    trace_from: int | None = None,
+    at_cwd: Iterable[int] = (),
 ) -> list[Insn]:
     """A BPF program returning TRACE for `numbers` (or every call) and ALLOW otherwise.
 
-    With `trace_from`, every number from it up also returns TRACE.  The numbers,
+    With `trace_from`, every number from it up also returns TRACE.  The *at
+    calls in `at_cwd` (and not in `numbers`) return TRACE only when their
+    first argument, the directory descriptor, is AT_FDCWD: a path relative to
+    an open directory runs at native speed (a program walking a tree).  The numbers,
     as runs of consecutive ones, are searched as a binary tree: a call that
     runs at native speed pays a few compares (about 2 log2 of the runs), not
     one per intercepted call, as `strace --seccomp-bpf` keeps its own filter short.
     """
     if trace_all:
         return [(BPF_RET_K, 0, 0, SECCOMP_RET_TRACE)]
+    numbers = set(numbers)
     prog: list[Insn] = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
@@ -58,9 +67,17 @@ def build_filter(
     if trace_from is not None:
         prog.append((BPF_JGE_K, 0, 1, trace_from))
         prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
-    prog += _search(_runs(sorted(set(numbers))))
+    for nr in sorted(set(at_cwd) - numbers):
+        prog += [
+            (BPF_JEQ_K, 0, 4, nr),
+            (BPF_LD_W_ABS, 0, 0, ARG0_LOW),
+            (BPF_JEQ_K, 0, 1, AT_FDCWD),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        ]
+    prog += _search(_runs(sorted(numbers)))
     if len(prog) > BPF_MAXINSNS:
-        raise SeccompError(f"too many syscalls to intercept: {len(set(numbers))}")
+        raise SeccompError(f"too many syscalls to intercept: {len(numbers)}")
     return prog
 
 
@@ -104,11 +121,16 @@ def _search(runs: list[tuple[int, int]]) -> list[Insn]:
 
 
 def run_filter(
-    prog: list[Insn], nr: int, arch: int = AUDIT_ARCH_X86_64, path: list[int] | None = None
+    prog: list[Insn],
+    nr: int,
+    arch: int = AUDIT_ARCH_X86_64,
+    path: list[int] | None = None,
+    arg0: int = 0,
 ) -> int:
     """Evaluate the program on one syscall (for tests: a tiny classic-BPF interpreter).
 
-    `path`, if given, receives the index of every instruction executed.
+    `path`, if given, receives the index of every instruction executed; `arg0`
+    is the call's first argument.
     """
     acc, pc = 0, 0
     while True:
@@ -116,7 +138,7 @@ def run_filter(
             path.append(pc)
         code, jt, jf, k = prog[pc]
         if code == BPF_LD_W_ABS:
-            acc = {0: nr, 4: arch}[k]
+            acc = {0: nr, 4: arch, ARG0_LOW: arg0 & 0xFFFFFFFF}[k]
         elif code == BPF_JEQ_K:
             pc += jt if acc == k else jf
         elif code == BPF_JGE_K:

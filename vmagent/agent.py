@@ -32,6 +32,8 @@ from vmagent.exec.tickets import TicketCheck
 from vmagent.load import LoadSampler
 from vmagent.network.orders import NetworkOrders
 from vmagent.network.reporter import ListenerReporter
+from vmagent.network.unixrelay import UnixRelay
+from vmagent.network.unixrelay import add_routes as add_unix_relay
 from vmagent.storage.mounts import MOUNTS, StorageOrders
 from vmagent.storage.mounts import OUTCOME as STORAGE_OUTCOME
 from vmagent.storage.mounts import add_routes as storage_routes
@@ -375,6 +377,9 @@ class Agent:
         # Issue 13: listening sockets the instance tracers see, steered by the OSS.
         self.listeners = ListenerReporter(oss)
         self.service.hooks.add(self.listeners)
+        # Issue 13 on VMs: AF_UNIX path sockets between kernels, relayed agent to agent.
+        self.unix_relay = UnixRelay(config.instance, config.exec_key, oss)
+        self.service.hooks.add(self.unix_relay)
         self._unauthenticated = [0]  # connections counted by their Gate
         # Limits act (issue 10): programs grouped in cgroups, the OSS's stop orders.
         self.enforcer = Enforcer(config.instance, detect(config.instance))
@@ -396,6 +401,7 @@ class Agent:
         """Listen; return the bound HOST:PORT."""
         self.service.install()
         app = make_app(self.config, self.service, self.sampler)
+        add_unix_relay(app, self.unix_relay)
         self.runner = web.AppRunner(
             app,
             access_log=None,
@@ -484,4 +490,5 @@ class Agent:
                 await asyncio.sleep(0.01)
         await self.signaller.close()
         await self.listeners.close()
+        await self.unix_relay.close()
         await self.placer.close()

@@ -18,6 +18,7 @@ from vmagent.cpuscore import CpuScore
 from vmagent.osslink import OssLink, advertised_address
 from vmagent.telemetry.reporter import Reporter
 from vmagent.telemetry.uplink import HttpPost, Uplink
+from vmagent.trace.listeners import trap_relayed
 from vmagent.trace.zygote import Tracing
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,8 @@ def main(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    # Issue 13: sendmsg is checked for descriptors only where AF_UNIX relays can exist.
+    trap_relayed(bool(config.oss_url) and not str(config.oss_url).startswith("unix:"))
     # The instance tracer's zygote: forked here, before the loop or any thread.
     tracing = Tracing.fork(config.instance)
     try:

@@ -82,7 +82,7 @@ class Accounts:
                 raise Unauthorized()
             return Principal(r["account_id"], r["user_id"], bool(r["admin"]), r["id"])
 
-        return await self._db.read(op)
+        return await self._db.read(op, short=True)
 
     async def accounts(self, account_id: str | None) -> list[dict[str, Any]]:
         """All accounts (None) or one."""

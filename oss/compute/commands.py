@@ -55,8 +55,10 @@ class Command:
 class CommandQueue:
     """Commands waiting for their instance's heartbeat; minted ticket nonces per program."""
 
-    def __init__(self) -> None:
-        self._ids = itertools.count(1)
+    def __init__(self, first: int = 1) -> None:
+        """`first`: the first command's id (agents ignore an id they saw before: an OSS
+        restarted beside running agents starts past the ids its last run gave out)."""
+        self._ids = itertools.count(first)
         self._queued: dict[str, dict[int, Command]] = defaultdict(dict)
         self._nonces: dict[str, dict[str, deque[str]]] = defaultdict(dict)
 

@@ -23,8 +23,15 @@ instance that comes back is fenced: it gets a kill of each program it held at
 its loss before anything else, and its uploads are refused (the replacement
 holds those sessions now), so a process never runs twice for long.
 
-The policy, the index and the restorations live in memory (an OSS restart
-forgets them; the files stay and are removed with their program).
+The policies, the index, the restorations, the instances to fence and those whose
+CRIU works are also rows of the OSS's store (`oss.compute.failover_store`), written
+as they change: a restarted OSS reads them back (`Failover.load`), keeps only the
+checkpoints whose file is whole, removes files no row names, and plans again the
+restores of sessions held by instances lost before it stopped.
+
+A restore that failed on every instance that could take it is given up at once:
+the program's restorations say so (`Restoration.error`), and its home ends the
+session's deputy with that cause instead of letting it wait out its window.
 """
 
 from __future__ import annotations
@@ -35,15 +42,19 @@ import json
 import logging
 import os
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from oss import models as m
+from oss.compute import failover_store as q
 from oss.compute.commands import CommandQueue
+from oss.db.store import Store
 from oss.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -85,6 +96,7 @@ class Planned:
     target: str = ""
     address: str = ""
     ordered: float = 0.0
+    failures: list[str] = field(default_factory=list)  # "instance: why" of each failed try
 
 
 class CheckpointStore:
@@ -161,6 +173,53 @@ class CheckpointStore:
         self.index[(program, session)] = stored
         return stored
 
+    def path(self, program: str, session: str) -> Path:
+        """Where the session's checkpoint is kept."""
+        return self.root / program / f"{session}.ckpt"
+
+    def whole(self, program: str, session: str) -> dict[str, Any] | None:
+        """The description in the session's checkpoint file and its size, if the file is
+        whole (a regular file of ours, its description of this session, its images'
+        end record last); None otherwise."""
+        path = self.path(program, session)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return None
+            head = os.pread(fd, 4, 0)
+            size = struct.unpack(">I", head)[0] if len(head) == 4 else MAX_META + 1
+            if size > MAX_META or st.st_size < 4 + size + len(END):
+                return None
+            if os.pread(fd, len(END), st.st_size - len(END)) != END:
+                return None
+            meta = _meta(os.pread(fd, size, 4), program, session)
+        except (OSError, InvalidRequest):
+            return None
+        finally:
+            os.close(fd)
+        return dict(meta, size=st.st_size)
+
+    def tidy(self, keep: Collection[tuple[str, str]]) -> None:
+        """Remove what no checkpoint in `keep` ((program, session)) is: files of
+        checkpoints without an index row, uploads cut by a stop, emptied directories."""
+        if not self.root.is_dir() or self.root.is_symlink():
+            return
+        os.chmod(self.root, 0o700)
+        for d in self.root.iterdir():
+            if not d.is_dir() or d.is_symlink():
+                d.unlink(missing_ok=True)
+                continue
+            for f in d.iterdir():
+                kept = f.suffix == ".ckpt" and (d.name, f.name.removesuffix(".ckpt")) in keep
+                if not kept:
+                    shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+
     def drop_program(self, program: str) -> None:
         """The program ended: its checkpoints go."""
         for key in [k for k in self.index if k[0] == program]:
@@ -225,6 +284,7 @@ class Failover:
         clock: Callable[[], float] = time.time,  # for planned restores' deadlines
         runs_on: Callable[[str, str], None] = lambda program, instance: None,
         prepare: Callable[[str, str], Awaitable[None]] | None = None,
+        saved: Store | None = None,
     ) -> None:
         self.store = store
         self.commands = commands
@@ -244,12 +304,79 @@ class Failover:
         self.planned: list[Planned] = []
         self.restorations: dict[str, list[m.Restoration]] = {}
         self.fenced: dict[str, set[str]] = {}  # lost instance -> programs it held
+        # The OSS's store (None: memory only): each change of the state is a row there.
+        self.saved = saved
+        self._saving: set[asyncio.Future[Any]] = set()
+
+    # the store ------------------------------------------------------------------------
+
+    def _save(self, fn: Callable[[Any], None]) -> None:
+        """Write a change to the store behind the caller (in order with every write)."""
+        if self.saved is None:
+            return
+        fut = self.saved.submit(fn)
+        self._saving.add(fut)
+        fut.add_done_callback(self._saved)
+
+    def _saved(self, fut: asyncio.Future[Any]) -> None:
+        self._saving.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("failover state not saved: %s", fut.exception())
+
+    async def flush(self) -> None:
+        """Wait for the changes on their way to the store."""
+        if self._saving:
+            await asyncio.gather(*list(self._saving), return_exceptions=True)
+
+    def capability(self, instance: str, ok: bool) -> None:
+        """The instance's agent said at registration whether its CRIU works."""
+        self._save(lambda c: q.capable(c, instance, ok))
+
+    async def load(self, ready: Collection[str]) -> set[str]:
+        """Read the state back after a restart: the policies, the checkpoints whose file
+        is whole (the rest go, rows and files), the restorations, the instances to
+        fence; sessions held by a lost instance (`ready` are not) are planned again.
+        The instances whose CRIU works."""
+        if self.saved is None:
+            return set()
+        got: q.Saved = await self.saved.read(q.load)
+        self.every.update(got.every)
+        for program, told in got.ordered.items():
+            self.ordered.setdefault(program, set()).update(told)
+        for program, done in got.restorations.items():
+            self.restorations.setdefault(program, []).extend(done)
+        for instance, programs in got.fenced.items():
+            self.fenced.setdefault(instance, set()).update(programs)
+        gone: list[tuple[str, str]] = []
+        for row in got.checkpoints:
+            found = await asyncio.to_thread(self.store.whole, row.program, row.session)
+            if found is None or row.program not in self.every:
+                gone.append((row.program, row.session))
+                continue
+            key = (row.program, row.session)
+            self.holder[key] = row.holder
+            self.store.index[key] = Stored(
+                row.program, row.session, row.instance, int(found["pid"]), str(found["nonce"]),
+                " ".join(_argv(found))[:200], float(found.get("taken") or row.taken),
+                int(found["size"]), self.store.path(row.program, row.session),
+            )  # fmt: skip
+        for program, session in gone:
+            log.warning("checkpoint of %s session %s not whole: dropped", program, session[:8])
+            await self.saved.write(partial(q.drop, program=program, session=session))
+        await asyncio.to_thread(self.store.tidy, set(self.store.index))
+        lost = [name for name in self.fenced if name not in ready]
+        for p in self._held_by(lost):
+            s = p.stored
+            log.info("restore of %s session %s (lost on %s) planned again", s.program,
+                     s.session[:8], p.lost)  # fmt: skip
+        return got.capable
 
     # policy ----------------------------------------------------------------------------
 
     def want(self, program: str, every: float) -> None:
         """The program asks for a checkpoint every `every` seconds."""
         self.every[program] = every
+        self._save(lambda c: q.want(c, program, every))
 
     def granted(self, program: str, instances: Sequence[str]) -> None:
         """Processes of the program were placed: each instance gets its policy once."""
@@ -261,6 +388,7 @@ class Failover:
             if inst not in told:
                 told.add(inst)
                 self.commands.checkpoints(inst, program, every)
+                self._save(partial(q.ordered, program=program, instance=inst))
 
     def forget(self, program: str) -> None:
         """The program ended: policy, checkpoints and restorations go."""
@@ -271,6 +399,7 @@ class Failover:
             del self.holder[key]
         self.planned = [p for p in self.planned if p.stored.program != program]
         self.store.drop_program(program)
+        self._save(lambda c: q.forget(c, program))
 
     # checkpoints in ------------------------------------------------------------------
 
@@ -284,6 +413,12 @@ class Failover:
         stored = await self.store.receive(program, session, instance, body)
         if self.holder.setdefault((program, session), instance) != instance:
             raise Conflict("that session moved meanwhile")
+        if self.saved is not None:  # the file is whole and in place: now its row
+            row = q.Row(
+                program, session, instance, instance, stored.pid, stored.nonce, stored.argv,
+                stored.taken, stored.size,
+            )  # fmt: skip
+            await self.saved.write(lambda c: q.put(c, row))
         return stored
 
     def ended(self, instance: str, program: str, session: str) -> bool:
@@ -294,6 +429,7 @@ class Failover:
             return False
         del self.holder[key]
         stored = self.store.index.pop(key, None)
+        self._save(lambda c: q.drop(c, program, session))
         if stored is not None:
             stored.path.unlink(missing_ok=True)
         return True
@@ -309,6 +445,7 @@ class Failover:
         ]
         for s in [s for s in held if s.pid == pid] or (held if len(held) == 1 else []):
             self.holder[(program, s.session)] = target
+            self._save(partial(q.hold, program=program, session=s.session, holder=target))
         self.granted(program, [target])
 
     # a loss ------------------------------------------------------------------------
@@ -316,16 +453,27 @@ class Failover:
     def plan(self, lost: Sequence[str], programs: dict[str, set[str]]) -> list[Planned]:
         """Instances are declared lost: the sessions they held that have a checkpoint are
         to be restored; `programs` (instance -> programs placed there) is fenced."""
-        now = self.clock()
-        out = []
         for name in lost:
-            self.fenced.setdefault(name, set()).update(programs.get(name, set()))
-            for stored in self.store.index.values():
-                if self.holder.get((stored.program, stored.session)) != name:
-                    continue
-                self.fenced[name].add(stored.program)
-                p = Planned(stored, name, now, {name})
-                out.append(p)
+            fenced = self.fenced.setdefault(name, set())
+            fenced.update(programs.get(name, set()))
+            fenced.update(
+                s.program
+                for s in self.store.index.values()
+                if self.holder.get((s.program, s.session)) == name
+            )
+            self._save(partial(q.fence, instance=name, programs=set(fenced)))
+        return self._held_by(lost)
+
+    def _held_by(self, lost: Sequence[str]) -> list[Planned]:
+        """Plan the restores of the checkpointed sessions `lost` instances held."""
+        now = self.clock()
+        out = [
+            Planned(stored, name, now, {name})
+            for name in lost
+            for stored in self.store.index.values()
+            if self.holder.get((stored.program, stored.session)) == name
+            and not any(p.stored is stored for p in self.planned)
+        ]
         self.planned.extend(out)
         return out
 
@@ -349,7 +497,9 @@ class Failover:
                 continue
             target = choose_target(ready, load, p.tried)
             if not target:
-                if now - p.since > WAIT_FOR_REPLACEMENT:
+                if p.failures:  # every instance that could take it failed: say so now
+                    await self._failed(p, "its restore failed on " + "; on ".join(p.failures))
+                elif now - p.since > WAIT_FOR_REPLACEMENT:
                     await self._failed(p, "no instance could take it")
                 continue
             p.target, p.address, p.ordered = target, ready[target], now
@@ -375,6 +525,7 @@ class Failover:
             await self.program_log(
                 s.program, f"restore of pid {s.pid} on {p.target} not ordered: {why}"
             )
+            p.failures.append(f"{p.target}: {' '.join(why.split())[:300]}")
             p.command = 0
             return
         if p in self.planned and p.command == PREPARING:
@@ -390,8 +541,15 @@ class Failover:
         )  # fmt: skip
 
     async def _failed(self, p: Planned, why: str) -> None:
+        """Give the restore up: the program's log and its home hear why."""
         s = p.stored
         self.planned.remove(p)
+        given_up = m.Restoration(
+            nonce=s.nonce, pid=s.pid, lost=p.lost, instance="", address="", salt="",
+            taken=s.taken, error=why[:1000],
+        )  # fmt: skip
+        self.restorations.setdefault(s.program, []).append(given_up)
+        self._save(lambda c: q.restored(c, s.program, given_up))
         await self.program_log(
             s.program, f"lost: pid {s.pid} ({s.argv}) on {p.lost}: not restored: {why}"
         )
@@ -414,6 +572,8 @@ class Failover:
         self.commands.cancel(instance, p.command)
         if not body.ok:
             log.warning("restore of %s on %s failed: %s", s.session[:8], instance, body.error)
+            why = " ".join((body.error or "no reason given").split())  # one line
+            p.failures.append(f"{instance}: {why[:300]}")
             p.command, p.target = 0, ""
             await self.program_log(
                 s.program, f"restore of pid {s.pid} on {instance} failed: {body.error}"
@@ -426,12 +586,18 @@ class Failover:
         every = self.every.get(s.program)
         if every is not None:
             self.commands.checkpoints(instance, s.program, every)
-        self.restorations.setdefault(s.program, []).append(
-            m.Restoration(
-                nonce=s.nonce, pid=body.pid, lost=p.lost, instance=instance,
-                address=p.address, salt=body.salt, taken=s.taken,
-            )  # fmt: skip
-        )
+        done = m.Restoration(
+            nonce=s.nonce, pid=body.pid, lost=p.lost, instance=instance,
+            address=p.address, salt=body.salt, taken=s.taken,
+        )  # fmt: skip
+        self.restorations.setdefault(s.program, []).append(done)
+
+        def saved(c: Any) -> None:
+            q.hold(c, s.program, s.session, instance)
+            q.ordered(c, s.program, instance)
+            q.restored(c, s.program, done)
+
+        self._save(saved)
         ago = max(0.0, time.time() - s.taken)  # the agent's wall clock took it
         await self.program_log(
             s.program,
@@ -455,6 +621,8 @@ class Failover:
         """A lost instance registers again: kill what it still runs of the programs it
         held (their sessions were restored elsewhere or lost); the programs fenced."""
         programs = sorted(self.fenced.pop(instance, set()))
+        if programs:
+            self._save(lambda c: q.unfence(c, instance))
         for program in programs:
             self.commands.fence(instance, program)
             self.oss_log(f"program {program}: fenced on {instance} (it was lost)", instance)

@@ -15,7 +15,7 @@ from typing import Any
 from oss.accounts.store import hash_token
 from oss.compute import scheduler
 from oss.compute.pool import Backoff, InstanceType, PoolState
-from oss.db.store import Conn, Store
+from oss.db.store import SHORT_PAGE, Conn, Store
 from oss.errors import Conflict, NotFound, Unauthorized
 
 CANDIDATES = 32  # instances the SQL pre-filter hands the scheduler (plus the program's own)
@@ -48,7 +48,7 @@ class Instances:
                 raise Unauthorized()
             return str(r["instance"])
 
-        return await self._db.read(op)
+        return await self._db.read(op, short=True)
 
     async def put_instance_type(self, t: InstanceType) -> None:
         """Create or replace an instance type."""
@@ -399,7 +399,7 @@ class Instances:
             )
             return {r[0]: (r[1], r[2]) for r in c.execute(q, list(names))}
 
-        return await self._db.read(op) if names else {}
+        return await self._db.read(op, short=len(names) <= SHORT_PAGE) if names else {}
 
 
 # -- run inside a transaction (this repository's or the programs repository's) ----

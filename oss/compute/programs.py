@@ -25,7 +25,7 @@ from oss.compute.instances import (
     own_candidates,
     release_placed,
 )
-from oss.db.store import Conn, Store, new_id, to_json
+from oss.db.store import SHORT_PAGE, Conn, Store, new_id, to_json
 from oss.errors import BudgetExhausted, Conflict, LimitExceeded, NoCapacity, NotFound
 
 ACTIVE = ("pending", "running", "recovering")
@@ -229,7 +229,7 @@ class Programs:
 
     async def program(self, account_id: str, program_id: str) -> dict[str, Any]:
         """One program of the account."""
-        return await self._db.read(lambda c: program_dict(c, program_id, account_id))
+        return await self._db.read(lambda c: program_dict(c, program_id, account_id), short=True)
 
     async def instance_programs(self, instance: str) -> set[str]:
         """Ids of programs placed on an instance."""
@@ -295,7 +295,7 @@ class Programs:
                 raise NotFound(f"program {program_id}")
             return r[0], json.loads(r[1] or "{}")
 
-        got = await self._db.read(op)
+        got = await self._db.read(op, short=True)
         if len(self._views) >= VIEW_CACHE:
             self._views.clear()
         self._views[program_id] = got
@@ -338,7 +338,7 @@ class Programs:
                     placed[pl[0]].append(dict(instance=pl[1], processes=pl[2]))
             return [_as_dict(r, placed[r["id"]]) for r in rows]
 
-        return await self._db.read(op)
+        return await self._db.read(op, short=limit <= SHORT_PAGE)
 
     async def active_programs(self) -> list[dict[str, Any]]:
         """Every active program with its placements (for the optimizer)."""

@@ -86,3 +86,24 @@ V_SPEED = """
     ALTER TABLE instances ADD COLUMN speed REAL;
     ALTER TABLE instance_types ADD COLUMN speed REAL;
 """
+
+# Issue 12 (failover): what a restarted OSS needs to keep failing over — programs'
+# checkpoint policies and the instances told them, the index of the stored checkpoints
+# (the files are under `checkpoints/`; a row is only kept with its whole file), the
+# restorations for the programs' homes, the lost instances still to be fenced, and the
+# instances whose CRIU works.  Nothing secret: the session key is in the file only.
+V_FAILOVER = """
+    CREATE TABLE failover_policies(program_id TEXT PRIMARY KEY, every REAL NOT NULL);
+    CREATE TABLE failover_ordered(program_id TEXT NOT NULL, instance TEXT NOT NULL,
+        PRIMARY KEY(program_id, instance));
+    CREATE TABLE failover_checkpoints(program_id TEXT NOT NULL, session TEXT NOT NULL,
+        holder TEXT NOT NULL, instance TEXT NOT NULL, pid INTEGER NOT NULL,
+        nonce TEXT NOT NULL, argv TEXT NOT NULL, taken REAL NOT NULL, size INTEGER NOT NULL,
+        PRIMARY KEY(program_id, session));
+    CREATE TABLE failover_restorations(id INTEGER PRIMARY KEY, program_id TEXT NOT NULL,
+        restoration_json TEXT NOT NULL);
+    CREATE INDEX failover_restorations_program ON failover_restorations(program_id);
+    CREATE TABLE failover_fenced(instance TEXT NOT NULL, program_id TEXT NOT NULL,
+        PRIMARY KEY(instance, program_id));
+    CREATE TABLE checkpoint_instances(instance TEXT PRIMARY KEY);
+"""

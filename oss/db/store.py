@@ -4,13 +4,17 @@ The store runs operations; it knows no service.  Each service's repository
 (`oss/<service>/store.py`, `instances.py`, `programs.py`) holds its queries and
 runs them through `Store.write`/`Store.read`; `oss.schema` is the schema.
 
-Threading: one writer thread owns the only write connection; readers use a
-small thread pool, each thread with its own connection (WAL lets them read
-while the writer writes).  Nothing touches SQLite on the event loop.
+Threading: the only write connection runs the write operations on the event
+loop and commits (fsync) on a writer thread of its own; readers use a small
+thread pool, each thread with its own connection (WAL lets them read while the
+writer writes).  A write operation is a few short statements: on the loop it
+costs less than the GIL hand-offs a thread of its own cost it per statement
+(issue 15); waits (another process's lock, fsync) never happen on the loop.
 
-Group commit: the writer drains its queue and runs each queued operation in
-its own SAVEPOINT inside one `BEGIN IMMEDIATE` transaction, then commits once
-(one fsync) and only then resolves the callers' futures.  So:
+Group commit: the writer takes every queued operation and runs each in its own
+SAVEPOINT inside one `BEGIN IMMEDIATE` transaction, then commits once (one
+fsync) and only then resolves the callers' futures; operations queued during
+the commit make the next batch.  So:
 
 * an acknowledged write is on disk (synchronous=FULL fsyncs the WAL at commit);
 * operations are serialised, each sees every earlier one: the limit check and
@@ -25,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import secrets
 import sqlite3
 import threading
@@ -41,6 +44,8 @@ from oss.errors import StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+BUSY_TIMEOUT_MS = 30000  # how long a connection waits for another process's lock
+SHORT_PAGE = 100  # rows up to which a page read is `short` (runs on the loop: Store.read)
 Conn = sqlite3.Connection
 
 
@@ -55,96 +60,131 @@ def to_json(v: Any) -> str:
 
 
 class _Writer:
-    """The writer thread: group commit of queued operations."""
+    """The only write connection: group commit of queued operations.
+
+    The operations run on the event loop that submitted them, the transaction's
+    BEGIN IMMEDIATE too (it waits for no lock there: another process's lock makes
+    it wait on the writer's thread instead); only COMMIT, the fsync, runs on the
+    writer's thread.  Run on a thread of their own, the operations' statements each
+    gave the GIL up and waited to get it back from the loop: two context switches
+    per statement, which cost more than the statements on a loaded core (issue 15).
+    """
 
     def __init__(self, path: Path, versions: Sequence[Version], durable: bool = True) -> None:
         self._path = path
         self._durable = durable
         self._versions = versions
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="oss-store-writer", daemon=True)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._queue: list[tuple[Callable[[Conn], Any], asyncio.Future[Any]]] = []
+        self._thread: ThreadPoolExecutor | None = None
+        self._conn: Conn | None = None
+        self._driver: asyncio.Task[None] | None = None
         self._closed = False
 
     def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise StoreError(str(self._error)) from self._error
-
-    def stop(self) -> None:
-        self._closed = True
-        self._q.put(None)
-        self._thread.join()
-
-    def submit(self, fn: Callable[[Conn], Any], fut: asyncio.Future[Any]) -> None:
-        # Checked here so a write after close fails instead of waiting forever.
-        if self._closed or not self._thread.is_alive():
-            raise StoreError("the store is closed")
-        self._q.put((fn, fut))
-
-    def _run(self) -> None:
+        """Open the connection and migrate (blocking: call it off the loop)."""
         try:
             conn = connect(self._path)
             if not self._durable:
                 conn.execute("PRAGMA synchronous=NORMAL")
             migrate(conn, self._versions)
-        except BaseException as exc:  # reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        stop = False
-        while not stop:
-            item = self._q.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < 512:
+            # BEGIN IMMEDIATE runs on the loop: it must not wait there (see _begin).
+            conn.execute("PRAGMA busy_timeout=0")
+        except BaseException as exc:
+            raise StoreError(str(exc)) from exc
+        self._conn = conn
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oss-store-writer")
+
+    async def stop(self) -> None:
+        """Finish the queued operations, then close the connection."""
+        self._closed = True
+        if self._driver is not None and not self._driver.done():
+            await asyncio.wait([self._driver])
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def submit(self, fn: Callable[[Conn], Any], fut: asyncio.Future[Any]) -> None:
+        # Checked here so a write after close fails instead of waiting forever.
+        if self._closed or self._conn is None:
+            raise StoreError("the store is closed")
+        self._queue.append((fn, fut))
+        if self._driver is None or self._driver.done():
+            self._driver = fut.get_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        """Batches until the queue is empty: each one's operations, then one COMMIT."""
+        loop = asyncio.get_running_loop()
+        assert self._conn is not None and self._thread is not None
+        conn, thread = self._conn, self._thread
+        while self._queue:
+            batch, self._queue = self._queue[:512], self._queue[512:]
+            try:
+                await self._begin(loop, conn, thread)
+                results = self._run(conn, batch)
+                await _finish(loop.run_in_executor(thread, conn.execute, "COMMIT"))
+            except Exception as exc:  # disk full, I/O error...: the whole batch fails, loudly
+                log.exception("store commit failed")
                 try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._commit(conn, batch)
-        conn.close()
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("store rollback failed")
+                err = StoreError(f"commit failed: {exc}")
+                results = [(fut, None, err) for _, fut in batch]
+            _resolve_all(results)
 
     @staticmethod
-    def _commit(conn: Conn, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any]]]) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+    async def _begin(
+        loop: asyncio.AbstractEventLoop, conn: Conn, thread: ThreadPoolExecutor
+    ) -> None:
+        """BEGIN IMMEDIATE: on the loop; if another process holds the write lock, on the
+        writer's thread, waiting up to BUSY_TIMEOUT_MS for it."""
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, fut in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    r = fn(conn)
-                except BaseException as exc:  # the op's own failure: roll back just it
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((fut, None, exc))
-                else:
-                    conn.execute("RELEASE op")
-                    results.append((fut, r, None))
-            conn.execute("COMMIT")
-        except Exception as exc:  # disk full, I/O error...: the whole batch fails, loudly
-            log.exception("store commit failed")
+            return
+        except sqlite3.OperationalError as exc:
+            if conn.in_transaction or "locked" not in str(exc):
+                raise
+
+        def wait() -> None:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.exception("store rollback failed")
-            err = StoreError(f"commit failed: {exc}")
-            results = [(fut, None, err) for _, fut in batch]
-        # One wake-up per loop for the whole batch, not one per operation.
-        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for item in results:
-            by_loop.setdefault(item[0].get_loop(), []).append(item)
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_resolve_all, items)
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                conn.execute("PRAGMA busy_timeout=0")
+
+        await _finish(loop.run_in_executor(thread, wait))
+
+    @staticmethod
+    def _run(
+        conn: Conn, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any]]]
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Each operation in its own savepoint: a failing one rolls back alone."""
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for fn, fut in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                r = fn(conn)
+            except BaseException as exc:  # the op's own failure: roll back just it
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((fut, None, exc))
+            else:
+                conn.execute("RELEASE op")
+                results.append((fut, r, None))
+        return results
+
+
+async def _finish(step: asyncio.Future[Any]) -> Any:
+    """Await a step on the writer's thread to its end, even when cancelled meanwhile:
+    the connection must not be used on the loop while the thread still uses it."""
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait([step])
+        raise
 
 
 def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -164,7 +204,7 @@ def connect(path: Path) -> Conn:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
 
 
@@ -192,6 +232,7 @@ class Store:
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []
         self._lock = threading.Lock()
+        self._loop_conn: Conn | None = None  # short reads, on the event loop
         self._closed = False
 
     async def open(self) -> None:
@@ -202,13 +243,16 @@ class Store:
     async def close(self) -> None:
         """Finish queued writes and close every connection."""
         self._closed = True
-        await asyncio.to_thread(self._writer.stop)
+        await self._writer.stop()
         if self._readers is not None:
             self._readers.shutdown(wait=True)
         with self._lock:
             for c in self._reader_conns:
                 c.close()
             self._reader_conns.clear()
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
 
     async def write(self, fn: Callable[[Conn], T]) -> T:
         """Run `fn` in the writer's transaction; returns after the commit is durable."""
@@ -216,10 +260,37 @@ class Store:
         self._writer.submit(fn, fut)
         return await fut
 
-    async def read(self, fn: Callable[[Conn], T]) -> T:
-        """Run `fn` on a reader connection (sees committed state)."""
+    def submit(self, fn: Callable[[Conn], T]) -> asyncio.Future[T]:
+        """Queue `fn` for the writer now, in order with every other write (for a caller
+        that cannot wait); the future resolves once it is committed."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writer.submit(fn, fut)
+        return fut
+
+    async def read(self, fn: Callable[[Conn], T], *, short: bool = False) -> T:
+        """Run `fn` on a reader connection (sees committed state).
+
+        `short`: `fn` reads a few rows by index (a program, a page of ten): it runs
+        on the event loop's own connection, without the two thread hand-offs a
+        reader thread costs (more than such a read itself: issue 15).  If it would
+        wait for a lock there, it runs on a reader thread instead.
+        """
         if self._readers is None or self._closed:
             raise StoreError("the store is not open")
+        if short:
+            conn = self._loop_conn
+            if conn is None:
+                conn = self._loop_conn = connect(self.path)
+                conn.execute("PRAGMA busy_timeout=0")  # never wait on the loop
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc):
+                    raise
+                # Busy (a WAL reset in progress, rare): a reader thread waits instead.
+            finally:
+                conn.execute("COMMIT")
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read, fn)
 
     def _read(self, fn: Callable[[Conn], T]) -> T:

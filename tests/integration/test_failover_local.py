@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from oss.compute.failover import END
 from tests.conftest import dcptrace_argv, traced_env, wait_for
 from tests.integration.checkpointing import criu_or_skip
 
@@ -275,3 +276,28 @@ def test_under_a_dcp_oss_the_program_policy_restores_it_too(counter: Path, tmp_p
     assert out.split()[-1] == b"done" and out.count(b"done") == 1
     assert set(_numbers(out)) == set(range(1, N + 1)), said
     assert "restored on" in said, said
+
+
+def test_a_restore_failing_everywhere_ends_the_run_at_once_naming_why(
+    run: subprocess.Popen[bytes], counter: Path
+) -> None:
+    """The only other instance cannot restore the checkpoint (its images are cut away
+    after the holder is killed): the OSS gives the restore up at once and the deputy
+    ends with one line naming why, not after its 90 s failover window."""
+    pid, ns, agents = _holder(run, counter)
+    agent, oss = agents[ns]
+    os.kill(agent, signal.SIGKILL)
+    assert wait_for(lambda: not Path(f"/proc/{agent}").exists(), 30)
+    store = Path(oss.removeprefix("unix:")).parent / "oss" / "checkpoints"
+    # No upload of the killed agent is under way any more: none can replace the file.
+    assert wait_for(lambda: not list(store.glob("*/*.part*")), 30), list(store.glob("*/*"))
+    (ckpt,) = store.glob("*/*.ckpt")
+    data = ckpt.read_bytes()
+    head = 4 + int.from_bytes(data[:4], "big")
+    ckpt.write_bytes(data[:head] + END)  # the description, then no images at all
+    _out, err = run.communicate(timeout=80)
+    said = err.decode()
+    assert run.returncode == 255, said
+    why = [ln for ln in said.splitlines() if "it was not restored: its restore failed on" in ln]
+    assert len(why) == 1, said
+    assert "restored on" not in said and "Traceback" not in said, said

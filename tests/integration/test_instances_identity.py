@@ -422,3 +422,85 @@ def test_a_signal_to_a_forked_pid_elsewhere_names_its_sender(tmp_path: Path) -> 
         (where / "recv.py").write_text(FORKED_RECV_PY)
         out = run_all_one(mode, FORKED_SENDERS, where)
         assert out == "each signal names its sender\n", (mode, out, (where / "got").read_text())
+
+
+# A sender forked on an instance (no home pid: the signal goes home through its
+# session root's deputy) is named as itself, not as that root: the placed receiver
+# and a home one (the shell's own child, a subshell that stays home) both see it.
+FORKED_SENDER_PY = r"""import os, signal, sys
+child = os.fork()
+if child == 0:
+    with open(sys.argv[2], "w") as f:
+        f.write(f"{sys.argv[3]} {os.getpid()}\n")
+    os.kill(int(sys.argv[1]), getattr(signal, "SIG" + sys.argv[3]))
+    os._exit(0)
+os.waitpid(child, 0)
+print("the sender is not its parent:", child != os.getpid(), flush=True)
+"""
+FORKED_SENDER = r"""
+python3 recv.py > got & p=$!
+until [ -e ready ]; do sleep 0.05; done
+python3 sender.py $p want USR1
+python3 sender.py $p want.2 USR2
+cat want.2 >> want
+wait $p
+cut -d' ' -f1,2 got | cmp - want && echo "each signal names its forked sender"
+"""
+
+
+def test_a_signal_from_a_process_forked_elsewhere_names_it(tmp_path: Path) -> None:
+    want = "the sender is not its parent: True\n" * 2 + "each signal names its forked sender\n"
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        (where / "recv.py").write_text(RECV_PY)
+        (where / "sender.py").write_text(FORKED_SENDER_PY)
+        out = run_all_one(mode, FORKED_SENDER, where)
+        assert out == want, (mode, out, (where / "got").read_text())
+
+
+# /proc/PID and `ps -p PID` of a sibling held elsewhere, read on an instance: the
+# `sleep` is placed on one instance, the shell that inspects it on another (and its
+# cat, grep, cut, ps and python3 on others still: they read through that shell's
+# instance).  What they find is what the home shell finds with its builtins (once
+# the sleep sleeps), and ps pads the pid as home's pid_max says; once the sleep is
+# gone, nothing.
+PROC_ELSEWHERE = r"""
+sleep 60 & p=$!
+pid_max=$(cat /proc/sys/kernel/pid_max)
+stat=
+until [ "${stat#* (sleep) S }" != "$stat" ]; do sleep 0.05; read stat < /proc/$p/stat; done
+echo "$stat" | cut -d' ' -f1-4 > home.stat
+sh -c '
+test -d /proc/$1 && echo "test -d: a directory"
+line=$(ps -o pid=,comm= -p $1); echo "ps: $?"
+[ "$line" = "$(printf "%${#2}s sleep" $1)" ] && echo "ps -o pid=,comm=: the sleep"
+cat /proc/$1/comm
+tr "\0" "," < /proc/$1/cmdline; echo
+grep -E "^(Name|Pid|PPid):" /proc/$1/status | cut -f2 | tr "\n" " " > status
+[ "$(cat status)" = "sleep $1 $3 " ] && echo "status: Name, Pid, PPid"
+cut -d" " -f1-4 /proc/$1/stat | cmp -s - home.stat && echo "stat: as at home"
+python3 -c "import os, sys; print(\"python isdir:\", os.path.isdir(\"/proc/\" + sys.argv[1]))" $1
+' _ $p $pid_max $$
+kill $p; wait $p
+sh -c 'test -d /proc/$1 || echo "gone: no directory"; ps -o pid=,comm= -p $1; echo "ps: $?"' _ $p
+"""
+PROC_ELSEWHERE_WANT = """\
+test -d: a directory
+ps: 0
+ps -o pid=,comm=: the sleep
+sleep
+sleep,60,
+status: Name, Pid, PPid
+stat: as at home
+python isdir: True
+gone: no directory
+ps: 1
+"""
+
+
+def test_proc_and_ps_of_a_sibling_elsewhere_on_an_instance(tmp_path: Path) -> None:
+    for mode in MODES:
+        where = tmp_path / mode
+        where.mkdir()
+        assert run_all_one(mode, PROC_ELSEWHERE, where) == PROC_ELSEWHERE_WANT, mode

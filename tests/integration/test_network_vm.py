@@ -12,6 +12,7 @@ Run only under the machine's VM lock:
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -115,6 +116,9 @@ def lab(request: pytest.FixtureRequest, loop: LoopThread) -> Iterator[Lab]:
     failed_before = request.session.testsfailed
     lab = make_lab(loop, "n")
     lab.network_prefix = PREFIX
+    # Nothing here tests failure detection: a TCG guest starved for seconds on a loaded
+    # host must not be declared lost (its programs fenced) mid-test.
+    lab.heartbeat_timeout = 30.0
     try:
         lab.image = lab.build_cached_image()
         loop.run(lab.start(), timeout=120)
@@ -276,3 +280,141 @@ def test_program_address_across_guests(lab: Lab, client_ns: str, tmp_path: Any) 
         after = _host_listing(lab)
     assert after == before
     assert lab.loop.run(lab.oss.oss.network.address_of(program)) is None
+
+
+# AF_UNIX between kernels: a stream server on one guest, its client on the other.  The
+# server also binds a datagram socket (PATH.d), which a datagram client cannot reach
+# across kernels (EOPNOTSUPP); the stream bytes and the EOFs cross through the agents.
+# Each side first tries to send a descriptor with its first bytes (SCM_RIGHTS): natively
+# it goes; across kernels the sendmsg fails with EOPNOTSUPP and the bytes go without it.
+UNIX_PEER = """
+import errno, os, socket, sys
+role, path = sys.argv[1], sys.argv[2]
+def first(sock, data):
+    try:
+        socket.send_fds(sock, [data], [0])
+        print(role, "fds sent", flush=True)
+    except OSError as exc:
+        print(role, "fds", exc.errno, flush=True)
+        sock.sendall(data)
+if role == "server":
+    dg = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dg.bind(path + ".d")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)
+    print("server listening", flush=True)
+    c, _ = s.accept()
+    got = b""
+    while b := c.recv(65536):
+        got += b
+    first(c, got.upper())
+    c.sendall(b"bye\\n")
+    c.close()
+    s.close()
+    dg.close()
+    os.unlink(path)
+    os.unlink(path + ".d")
+    print("server got", len(got), got[:14], flush=True)
+else:
+    g = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        g.connect(path + ".d")
+        print("dgram connected", flush=True)
+    except OSError as exc:
+        print("dgram", exc.errno, flush=True)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    first(c, b"ping 1\\n")
+    c.sendall(b"ping 2\\n" + b"x" * 200000 + b"\\n")
+    c.shutdown(socket.SHUT_WR)
+    got = b""
+    while b := c.recv(65536):
+        got += b
+    print("client got", len(got), got[:14], got[-8:], flush=True)
+"""
+
+UNIX_PROGRAM = """
+/usr/bin/python3 -c "$1" server "$2" &
+read first
+/usr/bin/python3 -c "$1" client "$2"
+wait
+echo done
+"""
+
+
+def _unix_native(path: str) -> list[str]:
+    """The server's and the client's stream lines when both run on this machine."""
+    server = subprocess.Popen(
+        [sys.executable, "-I", "-c", UNIX_PEER, "server", path],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "server listening"
+        client = subprocess.run(
+            [sys.executable, "-I", "-c", UNIX_PEER, "client", path],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        out, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert "dgram connected" in client.stdout
+    assert "client fds sent" in client.stdout and "server fds sent" in out
+    return sorted(x for x in (client.stdout + out).splitlines() if " got " in x)
+
+
+def _unix_bound(lab: Lab, path: str, seconds: float) -> str | None:
+    """The program the OSS knows `path` bound for (within `seconds`)."""
+    assert lab.oss is not None
+    paths = lab.oss.oss.unix_paths
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for program in list(paths._paths):
+            if paths.find(program, path) is not None:
+                return program
+        time.sleep(0.5)
+    return None
+
+
+def test_unix_stream_across_guests(lab: Lab, tmp_path: Any) -> None:
+    assert lab.oss is not None
+    path = f"/tmp/dcp-unixrelay-{os.getpid()}.sock"
+    native = _unix_native(str(tmp_path / "native.sock"))
+    _acct, _user, token = lab.loop.run(
+        lab.oss.oss.accounts.create_account("unixvm", False, "sum", "u", allow_root=True)
+    )
+    record = tmp_path / "run.json"
+    env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli",
+         "--oss", lab.oss_url, "--placement", "spread", "--record", str(record),
+         "--", "/bin/sh", "-c", UNIX_PROGRAM, "sh", UNIX_PEER, path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd="/", env=env,
+    )  # fmt: skip
+    try:
+        program = _unix_bound(lab, path, 240)
+        assert proc.stdin is not None
+        proc.stdin.write(b"next\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text, errtext = out.decode(errors="replace"), err.decode(errors="replace")
+    assert program is not None, errtext[-3000:]
+    assert proc.returncode == 0, errtext[-3000:]
+    rows = json.loads(record.read_text())["placed_processes"]
+    where = {r["argv"][3]: r["instance"] for r in rows if r["argv"][2:3] == [UNIX_PEER]}
+    assert set(where) == {"server", "client"} and where["server"] != where["client"], rows
+    # The same bytes both ways and both EOFs, as on one machine; datagrams refused.
+    assert sorted(x for x in text.splitlines() if " got " in x) == native, text
+    lines = text.splitlines()
+    assert f"dgram {errno.EOPNOTSUPP}" in lines, text
+    assert f"client fds {errno.EOPNOTSUPP}" in lines, text
+    assert f"server fds {errno.EOPNOTSUPP}" in lines, text
+    assert lab.oss.oss.unix_paths.find(program, path) is None  # the server unbound it

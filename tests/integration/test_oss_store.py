@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,65 @@ def test_failed_commit_fails_the_batch_and_the_writer_survives(tmp_path: Path) -
                 await s.write(sabotage)
             assert await s.write(lambda c: 42) == 42  # the writer thread is still there
         finally:
+            await s.close()
+
+    asyncio.run(go())
+
+
+# Holds the database's write lock (another process, as a second `dcp-oss` command
+# would) until a line arrives on stdin.
+HOLD_LOCK = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+c.execute("COMMIT")
+"""
+
+
+def test_a_write_waits_for_another_process_lock_off_the_loop(tmp_path: Path) -> None:
+    """Write operations and short reads run on the event loop (issue 15): a write that
+    must wait for another process's lock waits on the writer's thread, and the loop
+    goes on answering meanwhile."""
+
+    async def go() -> None:
+        s = Store(tmp_path, VERSIONS)
+        await s.open()
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            HOLD_LOCK,
+            str(s.path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert holder.stdin is not None and holder.stdout is not None
+        try:
+            assert await asyncio.wait_for(holder.stdout.readline(), 60) == b"locked\n"
+            here = threading.get_ident()
+            assert await s.read(lambda c: threading.get_ident(), short=True) == here
+            assert await s.read(lambda c: threading.get_ident()) != here  # a reader thread
+
+            def add(c: Any) -> int:
+                return int(c.execute("INSERT INTO leases VALUES('late',NULL,1,0)").rowcount)
+
+            def count(c: Any) -> int:
+                return int(c.execute("SELECT count(*) FROM leases").fetchone()[0])
+
+            write = asyncio.ensure_future(s.write(add))
+            for _ in range(20):  # the loop runs, short reads answer, the write waits
+                assert await s.read(count, short=True) == 0
+                await asyncio.sleep(0.01)
+            assert not write.done()
+            holder.stdin.write(b"go\n")
+            await holder.stdin.drain()
+            assert await asyncio.wait_for(write, 60) == 1
+            assert await asyncio.wait_for(holder.wait(), 60) == 0
+        finally:
+            if holder.returncode is None:
+                holder.kill()
+                await holder.wait()
             await s.close()
 
     asyncio.run(go())

@@ -47,9 +47,11 @@ class Body:
         return out
 
 
-def checkpoint(images: bytes = b"x" * 50_000, *, whole: bool = True, pid: int = 4242) -> bytes:
+def checkpoint(
+    images: bytes = b"x" * 50_000, *, whole: bool = True, pid: int = 4242, key: str = "k"
+) -> bytes:
     meta = {
-        "session": SESSION, "program_id": PROGRAM, "pid": pid, "nonce": "n1", "key": "k",
+        "session": SESSION, "program_id": PROGRAM, "pid": pid, "nonce": "n1", "key": key,
         "request": {"argv": [b"python3".hex()]}, "taken": 1000.0,
     }  # fmt: skip
     head = json.dumps(meta).encode()
@@ -237,3 +239,138 @@ def test_an_ended_session_s_checkpoint_goes_only_at_its_holder_s_word(tmp_path: 
     assert not f.ended("node1", PROGRAM, SESSION) and stored.path.exists()
     assert f.ended("node0", PROGRAM, SESSION)
     assert not stored.path.exists() and f.store.index == {}
+
+
+def test_a_restore_failed_on_every_instance_is_given_up_at_once(tmp_path: Path) -> None:
+    """Issue 12: not after the 600 s wait for a replacement: the home hears why."""
+    f, queue, said = make_failover(tmp_path, {"node1": "a:1"})
+    f.want(PROGRAM, 1.0)
+    f.granted(PROGRAM, ["node0"])
+    run(f.receive("node0", PROGRAM, SESSION, Body(checkpoint())))
+    f.plan(["node0"], {})
+    run(f.dispatch())
+    (order,) = [c for c in queue.for_instance("node1", []) if c.action == "restore"]
+    run(f.outcome("node1", m.RestoreOutcome(command=order.id, ok=False, error="criu said no")))
+    run(f.dispatch())  # the clock stands still: only the failures decide
+    (given_up,) = f.of_program(PROGRAM)
+    assert given_up.instance == "" and given_up.error == "its restore failed on node1: criu said no"
+    assert f.planned == [] and any("not restored: its restore failed on node1" in s for s in said)
+    # The home hands it on once, as done, and never as under way.
+    restoring: list[set[str]] = []
+    ended: list[str] = []
+    news = [r.model_dump(mode="json") for r in f.of_program(PROGRAM)]
+    seen = follow_restorations(news, set(), restoring.append, lambda r: ended.append(r["error"]))
+    follow_restorations(news, seen, restoring.append, lambda r: ended.append(r["error"]))
+    assert restoring == [] and ended == [given_up.error]
+
+
+KEY = b"a-session-key-that-stays-in-its-file"
+
+
+def stored_failover(tmp_path: Path, ready: dict[str, str]) -> tuple[Failover, Any, list[str]]:
+    """A Failover whose state is rows of a real OSS store in `tmp_path`."""
+    from oss.db.store import Store
+    from oss.schema import VERSIONS
+
+    f, _queue, said = make_failover(tmp_path / "checkpoints", ready)
+    f.saved = Store(tmp_path / "data", VERSIONS)
+    return f, f.saved, said
+
+
+def test_the_failover_state_outlives_the_oss(tmp_path: Path) -> None:
+    """Issue 12: a restarted OSS still takes the program's checkpoints, knows which
+    instance holds each session, and restores a session of an instance it had
+    declared lost before it stopped; its home's restorations are there too."""
+
+    async def before() -> None:
+        f, store, _said = stored_failover(tmp_path, {})
+        await store.open()
+        f.want(PROGRAM, 2.0)
+        f.granted(PROGRAM, ["node0", "node1"])
+        f.capability("node0", True)
+        f.capability("nocriu", False)
+        await f.receive("node0", PROGRAM, SESSION, Body(checkpoint(pid=7, key=KEY.decode())))
+        await f.receive("node0", PROGRAM, "cd" * 16, Body(checkpoint(pid=8).replace(
+            SESSION.encode(), b"cd" * 16)))  # fmt: skip
+        f.migrated(PROGRAM, "node0", "node2", 8)
+        f.plan(["node0"], {"node0": {"prog_other"}})
+        await f.flush()
+        await store.close()
+        # The session's key is in its checkpoint file only, never in a row.
+        assert KEY in f.store.index[(PROGRAM, SESSION)].path.read_bytes()
+        assert not [p for p in (tmp_path / "data").iterdir() if KEY in p.read_bytes()]
+
+    async def after() -> None:
+        f, store, _said = stored_failover(tmp_path, {"node1": "a:1"})
+        await store.open()
+        assert await f.load({"node1", "node2"}) == {"node0"}
+        assert f.every == {PROGRAM: 2.0}
+        assert f.ordered[PROGRAM] == {"node0", "node1", "node2"}
+        assert f.holder == {(PROGRAM, SESSION): "node0", (PROGRAM, "cd" * 16): "node2"}
+        assert f.store.index[(PROGRAM, SESSION)].pid == 7
+        assert f.fenced == {"node0": {PROGRAM, "prog_other"}}
+        # node0 was lost before the stop: its session is restored now.
+        assert [(p.stored.session, p.lost) for p in f.planned] == [(SESSION, "node0")]
+        await f.dispatch()
+        (order,) = [c for c in f.commands.for_instance("node1", []) if c.action == "restore"]
+        await f.outcome("node1", m.RestoreOutcome(command=order.id, ok=True, pid=7, salt="5a"))
+        # The node2 holder's checkpoints are still taken.
+        await f.receive("node2", PROGRAM, "cd" * 16, Body(checkpoint(pid=8).replace(
+            SESSION.encode(), b"cd" * 16)))  # fmt: skip
+        await f.flush()
+        await store.close()
+        g, store, _said = stored_failover(tmp_path, {})
+        await store.open()
+        await g.load({"node1", "node2"})
+        assert g.planned == [] and g.holder[(PROGRAM, SESSION)] == "node1"
+        assert [(r.instance, r.salt) for r in g.of_program(PROGRAM)] == [("node1", "5a")]
+        g.forget(PROGRAM)
+        await g.flush()
+        await store.close()
+        h, store, _said = stored_failover(tmp_path, {})
+        await store.open()
+        await h.load(set())
+        assert h.every == {} and h.store.index == {} and h.of_program(PROGRAM) == []
+        await store.close()
+
+    run(before())
+    run(after())
+
+
+def test_a_checkpoint_row_without_its_whole_file_is_no_checkpoint(tmp_path: Path) -> None:
+    """Issue 12: at start only rows whose file is whole stay; files no row names and
+    cut uploads go."""
+    other = "cd" * 16
+
+    async def before() -> None:
+        f, store, _said = stored_failover(tmp_path, {})
+        await store.open()
+        f.want(PROGRAM, 1.0)
+        f.granted(PROGRAM, ["node0"])
+        await f.receive("node0", PROGRAM, SESSION, Body(checkpoint()))
+        await f.receive("node0", PROGRAM, other, Body(checkpoint().replace(
+            SESSION.encode(), other.encode())))  # fmt: skip
+        await f.flush()
+        await store.close()
+
+    run(before())
+    where = tmp_path / "checkpoints" / PROGRAM
+    cut = where / f"{other}.ckpt"
+    cut.write_bytes(cut.read_bytes()[:-3])  # the end record is not whole
+    orphan = where / f"{'ef' * 16}.ckpt"
+    orphan.write_bytes(checkpoint())
+    (where / f"{SESSION}.part9-1").write_bytes(b"half")
+
+    async def after() -> None:
+        f, store, _said = stored_failover(tmp_path, {})
+        await store.open()
+        await f.load(set())
+        assert set(f.store.index) == {(PROGRAM, SESSION)}
+        assert sorted(p.name for p in where.iterdir()) == [f"{SESSION}.ckpt"]
+        assert where.stat().st_mode & 0o777 == 0o700
+        rows = await store.read(lambda c: c.execute(
+            "SELECT session FROM failover_checkpoints").fetchall())  # fmt: skip
+        assert [r[0] for r in rows] == [SESSION]
+        await store.close()
+
+    run(after())

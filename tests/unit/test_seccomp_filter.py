@@ -181,3 +181,17 @@ def test_runs_of_consecutive_numbers_trace_exactly_the_members(numbers: set[int]
     for nr in range(0, 610):
         expected = SECCOMP_RET_TRACE if nr in numbers else SECCOMP_RET_ALLOW
         assert run_filter(prog, nr) == expected, nr
+
+
+def test_at_cwd_calls_trace_only_with_at_fdcwd() -> None:
+    # openat (257) stops for a path from the working directory, not one relative to
+    # an open directory; a call both lists name stops always.
+    prog = build_filter([2, 262], at_cwd=[257, 262])
+    at_fdcwd = -100
+    assert run_filter(prog, 257, arg0=at_fdcwd) == SECCOMP_RET_TRACE
+    assert run_filter(prog, 257, arg0=at_fdcwd & 0xFFFFFFFF) == SECCOMP_RET_TRACE
+    assert run_filter(prog, 257, arg0=3) == SECCOMP_RET_ALLOW
+    assert run_filter(prog, 262, arg0=3) == SECCOMP_RET_TRACE
+    assert run_filter(prog, 2, arg0=3) == SECCOMP_RET_TRACE
+    assert run_filter(prog, 0, arg0=at_fdcwd) == SECCOMP_RET_ALLOW
+    assert run_filter(prog, 257, arch=AUDIT_ARCH_I386, arg0=3) == SECCOMP_RET_TRACE

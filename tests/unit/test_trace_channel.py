@@ -18,9 +18,9 @@ from tracer.coordinator import (
 )
 from tracer.syscalls import by_name
 from vmagent.exec import protocol as P
-from vmagent.trace import channel
-from vmagent.trace.host import coordinator_for, interception
-from vmagent.trace.listeners import NET_CALLS
+from vmagent.trace import channel, procview
+from vmagent.trace.host import at_cwd_only, coordinator_for, interception
+from vmagent.trace.listeners import net_calls
 from vmagent.trace.placing import PID_CALLS, SIGWAIT, InstanceCoordinator
 
 TABLE = table_for("x86_64")
@@ -114,9 +114,13 @@ def test_interception_is_every_exec_plus_the_views_paths() -> None:
     plain = interception(TABLE, ())
     # issue 11: calls in the program's pids; issue 13: listen/close of listening sockets;
     # issue 14: lock calls (vmagent.trace.filelocks); issue 11: sigwaitinfo (its sender)
-    assert plain == {"execve", "execveat", "flock", "fcntl"} | PID_CALLS | NET_CALLS | SIGWAIT
+    # and the paths that can name /proc/N (those with a dirfd only from AT_FDCWD)
+    want = {"execve", "execveat", "flock", "fcntl"} | PID_CALLS | net_calls() | SIGWAIT
+    assert plain == want | procview.CALLS
+    assert at_cwd_only(TABLE, ()) == procview.AT_CALLS
     mapped = interception(TABLE, (("/mnt/v", "/srv"),))
     assert {"execve", "openat", "getcwd"} <= mapped
+    assert "openat" not in at_cwd_only(TABLE, (("/mnt/v", "/srv"),))  # the map's: always
 
 
 def test_coordinator_reports_events_and_runs_execs_here() -> None:

@@ -388,10 +388,18 @@ class OssCoordinator(ClusterCoordinator):
 
     def _restored(self, restored: dict[str, Any]) -> None:
         """A placed process was restored from its checkpoint on another instance (issue
-        12): its deputy is told where (a note beside its ticket) and resumes there."""
+        12): its deputy is told where (a note beside its ticket) and resumes there.  If
+        the OSS gave its restore up, the deputy ends now with the OSS's reason."""
         pid = self._nonces.get(str(restored["nonce"]))
         path = self._ticket_files.get(pid) if pid is not None else None
         if pid is None or path is None:
+            return
+        if restored.get("error"):
+            self._restoring.discard(str(restored["nonce"]))
+            cause = str(restored["error"]).encode(errors="replace")[:2000]
+            if self.drop.redirect(path, P.GONE + b":" + cause):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGRTMIN + P.WAKE_RT)
             return
         note = P.unpairs(
             {
@@ -555,13 +563,13 @@ def follow_restorations(
     on_restored: Callable[[dict[str, Any]], None] | None,
 ) -> set[str]:
     """Hand the OSS's restorations of the program to the coordinator (issue 12): those
-    under way (no `instance` yet) as a set of nonces, each done one once; the nonces
-    handed on so far."""
-    pending = {str(r["nonce"]) for r in news if not r.get("instance")}
+    under way (no `instance` yet, no `error`) as a set of nonces, each done or given-up
+    one once; the nonces handed on so far."""
+    pending = {str(r["nonce"]) for r in news if not r.get("instance") and not r.get("error")}
     if pending and on_restoring is not None:
         on_restoring(pending)
     for r in news:
-        if r.get("instance") and str(r["nonce"]) not in seen:
+        if (r.get("instance") or r.get("error")) and str(r["nonce"]) not in seen:
             seen = seen | {str(r["nonce"])}
             if on_restored is not None:
                 on_restored(r)

@@ -255,6 +255,80 @@ def _tgkill(tid: int, sig: int) -> int:
     return 0
 
 
+SI_QUEUE = -1  # si_code of sigqueue(): the one a process may give another's siginfo
+FORKED_ELSEWHERE = 1 << 22  # program pids from here up name processes forked on instances
+SYS_RT_SIGQUEUEINFO = {b"x86_64": 129, b"aarch64": 138}
+
+
+def _sigqueue_from(pid: int, sig: int, sender: int) -> int:
+    """`sig` to `pid` naming program pid `sender` (a process forked on an instance, which
+    has no pid here) in its siginfo; 0 or errno.
+
+    kill() would name us (its session's root).  The kernel lets a process set
+    si_pid only with si_code SI_QUEUE; a deputy that receives it passes the
+    sender on (`main`), and the receiving tracer delivers it as a kill's (SI_USER).
+    """
+    import ctypes  # only on this rare path
+
+    info = (ctypes.c_int * 32)()  # siginfo_t: 128 bytes
+    info[0], info[2], info[4], info[5] = sig, SI_QUEUE, sender, os.getuid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr = SYS_RT_SIGQUEUEINFO.get(os.uname().machine.encode(), 129)
+    if libc.syscall(nr, pid, sig, ctypes.byref(info)) != 0:
+        return ctypes.get_errno() or ESRCH
+    return 0
+
+
+PROC_FILES = (b"stat", b"status", b"cmdline", b"comm")
+MAX_PROC_FILE = 16384
+
+
+def _tracer_of(pid: object) -> int:
+    """The TracerPid in /proc/`pid`/status (0: untraced or gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            return int(f.read().split(b"\nTracerPid:", 1)[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def proc_view(pid: int, chained: bool = False) -> dict[bytes, bytes]:
+    """The PROCD fields of /proc/`pid` (0: the program's pids), of our program alone.
+
+    At home, a process of the program is one its home tracer traces, the one
+    that traces us: a process outside the program is ESRCH, as one that does
+    not exist.  `chained`: we run on an instance (placed from there), where
+    our instance's tracer answers /proc/N with home's, checked there, so what
+    we read is the program's already (a listing may hold that instance's own
+    pids too: their /proc, read through home, is then ENOENT).
+    """
+    ours = _tracer_of("self")
+    if pid < 0 or not (ours or chained):
+        return {b"errno": b"%d" % ESRCH}
+    if pid == 0:
+        found = [n for n in os.listdir("/proc") if n.isdigit()]
+        if not chained:
+            found = [n for n in found if _tracer_of(n) == ours]
+        try:
+            with open("/proc/sys/kernel/pid_max", "rb") as f:
+                pid_max = f.read(32)
+        except OSError:
+            pid_max = b""
+        return {b"errno": b"0", b"pids": ",".join(found).encode(), b"pid_max": pid_max}
+    if not chained and _tracer_of(pid) != ours:
+        return {b"errno": b"%d" % ESRCH}
+    answer = {b"errno": b"0"}
+    for name in PROC_FILES:
+        try:
+            with open(f"/proc/{pid}/{name.decode()}", "rb") as f:
+                answer[name] = f.read(MAX_PROC_FILE)
+        except OSError:
+            return {b"errno": b"%d" % ESRCH}  # gone meanwhile
+    if not chained and _tracer_of(pid) != ours:
+        return {b"errno": b"%d" % ESRCH}  # its pid was reused meanwhile
+    return answer
+
+
 def _wait_ready(fd: int, writable: bool) -> None:
     """Block until `fd` is readable (or writable); for descriptors left non-blocking."""
     import select  # a C module, loaded only on this rare path
@@ -369,6 +443,8 @@ class Deputy:
                             _thread.start_new_thread(self.forward_input, (fd, count))
                     elif kind == P.KILL:
                         self._kill(payload)
+                    elif kind == P.PROC:
+                        self._proc(payload)
                     elif kind == P.LOCK:
                         self._lock(fd, bytes(payload))
                     elif kind == P.WELCOME:
@@ -427,12 +503,28 @@ class Deputy:
             err = EINVAL  # never our own group nor every process: the agent names a pid
         elif fields.get(b"thread") == b"1":
             err = _tgkill(pid, sig) if pid > 0 else EINVAL
+        elif fields.get(b"from", b"").isdigit() and pid > 0:
+            err = _sigqueue_from(pid, sig, int(fields[b"from"]))
         else:
             try:
                 os.kill(pid, sig)
             except OSError as exc:
                 err = exc.errno or EINVAL
         self.link.reply(P.frame(P.KILLED, 0, P.unpairs({b"req": req, b"errno": b"%d" % err})))
+
+    def _proc(self, payload: bytes | bytearray) -> None:
+        """PROC: the remote program reads /proc of one of its pids its instance does not
+        hold; we read it here, where that pid is, and answer PROCD (`proc_view`)."""
+        try:
+            fields = P.pairs(payload)
+            req, pid = fields[b"req"], int(fields[b"pid"])
+        except (P.FrameError, KeyError, ValueError):
+            return  # malformed: its asker's deadline answers it
+        # `--parent INSTANCE:PID`: placed from an instance (home's deputies say `home`).
+        chained = not EXTRA.get(b"parent", b"home:").startswith(b"home:")
+        answer = proc_view(pid, chained)
+        answer[b"req"] = req
+        self.link.reply(P.frame(P.PROCD, 0, P.unpairs(answer)))
 
     def _release(self, fd: int) -> None:
         """The remote program closed `fd`: drop our reference (readers see EOF).
@@ -625,7 +717,9 @@ def main(argv: list[str]) -> int:
                 # remote program's group too, and on down the chain of deputies (as a
                 # tty reaches make's compilers).
                 link.send(P.SIGNAL, sig, P.GROUP)
-            elif info.si_code == SI_USER:
+            elif info.si_code == SI_USER or (
+                info.si_code == SI_QUEUE and info.si_pid >= FORKED_ELSEWHERE
+            ):
                 # Who sent it, in the program's pids (a home pid is one): the remote
                 # process gets it with this sender, as natively (issue 11).
                 sender = {b"from": b"%d" % info.si_pid, b"uid": b"%d" % info.si_uid}

@@ -167,6 +167,9 @@ class Link:
                 pass
         if data == P.GONE:
             raise Unreachable("its instance was lost and it had no checkpoint")
+        if data.startswith(P.GONE + b":"):  # the OSS gave its restore up: why
+            why = data[len(P.GONE) + 1 :].decode(errors="replace")
+            raise Unreachable(f"its instance was lost and it was not restored: {why}")
         try:
             self.move(data)
         except (KeyError, ValueError, P.FrameError):

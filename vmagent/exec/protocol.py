@@ -68,7 +68,13 @@ LOCKED = 18
 # by the deputy, as the program would send it there: the home holds every pid.
 KILL = 19  # agent -> deputy: pairs req, pid (negative: a process group), sig
 KILLED = 20  # deputy -> agent: pairs req, errno (0: sent)
-LAST_KIND = KILLED
+# Issue 11: /proc/PID of a program pid its instance does not hold is read at home.
+# PROC: agent -> deputy, pairs req, pid (0: the program's pids at home).  PROCD:
+# deputy -> agent, pairs req, errno, and the files (`stat`, `status`, `cmdline`,
+# `comm`) or `pids` (comma-separated).
+PROC = 21
+PROCD = 22
+LAST_KIND = PROCD
 NONCE_SIZE = 16  # bytes of each challenge
 # HELLO's fd field: AGAIN marks a deputy's retry of a HELLO whose answer never
 # reached it (its connection was cut first).  The agent attaches it to the
@@ -79,8 +85,8 @@ AGAIN = 1
 LOSS_SUFFIX = ".lost"
 # Failover (issue 12): path + MOVED_SUFFIX, written by the home coordinator when the
 # program was restored from a checkpoint elsewhere (a MOVED frame's payload), or
-# `gone` when its instance was lost without one; the deputy reads it while it
-# tries to reconnect.
+# `gone` when its instance was lost without one (`gone:` and the OSS's reason when
+# the OSS gave its restore up); the deputy reads it while it tries to reconnect.
 MOVED_SUFFIX = ".moved"
 GONE = b"gone"
 # The deputy's private signal is SIGRTMIN + WAKE_RT: home sends it after writing the

@@ -300,6 +300,9 @@ class Session:
                 self._trace_failure = record.get(b"message", b"").decode(errors="replace")
             elif record[b"op"] == channel.OP_KILL and self._kill_at_home(record):
                 continue  # asked of the deputy, not an event
+            elif record[b"op"] == channel.OP_PROC:
+                self._proc_at_home(record)
+                continue
             elif record[b"op"] == channel.OP_DETACHED:
                 if self.detached is not None and not self.detached.done():
                     try:
@@ -328,8 +331,31 @@ class Session:
         fields = {b"req": req, b"pid": b"%d" % pid, b"sig": b"%d" % sig}
         if record.get(b"thread") == b"1":
             fields[b"thread"] = b"1"  # tgkill/tkill: `pid` is a thread's id
+        sender = record.get(b"from", b"")
+        if sender.isdigit() and int(sender) >= PID_MAX_LIMIT:
+            fields[b"from"] = sender  # forked here: the deputy names it as the sender
         self.proto.write(P.frame(P.KILL, 0, P.unpairs(fields)))
         return True
+
+    def _proc_at_home(self, record: channel.Record) -> None:
+        """`op=proc` from the tracer: the deputy reads /proc/PID at home (P.PROC)."""
+        req = record.get(b"req", b"")
+        try:
+            pid = channel.number(record, b"pid")
+        except channel.ChannelError:
+            pid = -1
+        if self.proto is None or self.moved or len(req) > 24 or not 0 <= pid < PID_MAX_LIMIT:
+            self._procd({b"req": req, b"errno": b"%d" % errno.ESRCH})
+            return
+        self.proto.write(P.frame(P.PROC, 0, P.unpairs({b"req": req, b"pid": b"%d" % pid})))
+
+    def _procd(self, fields: dict[bytes, bytes]) -> None:
+        """Answer the tracer's `op=proc` with the deputy's fields (`P.PROCD`)."""
+        if self.trace_sock is not None:
+            with contextlib.suppress(OSError):
+                channel.send(self.trace_sock, channel.encode(channel.OP_PROCD, **{
+                    k.decode(): v for k, v in fields.items() if k != b"op"
+                }))  # fmt: skip
 
     def _sender(self, sig: int, payload: bytes) -> None:
         """Tell the tracer who sent the signal about to be killed with (`op=sigfrom`)."""
@@ -490,6 +516,9 @@ class Session:
                     else:
                         self._sender(fd, payload)
                         os.kill(self.pid, fd)
+        elif kind == P.PROCD:
+            with contextlib.suppress(P.FrameError):  # malformed: the tracer's deadline answers
+                self._procd(P.pairs(payload))
         elif kind == P.KILLED:
             try:
                 fields = P.pairs(payload)

@@ -37,6 +37,11 @@ agent -> tracer  `op=sigfrom pid sig agent from uid`: the agent is about to kill
                  deputy caught at home): at that signal's delivery stop, the tracer
                  makes si_pid/si_uid `from`/`uid` where the kernel wrote the agent's
                  pid `agent` (issue 11: the sender in the program's pids).
+tracer -> agent  `op=proc req pid`: the program reads /proc/`pid` of a program pid this
+                 instance does not hold (pid 0: lists /proc): the agent asks the
+                 session's deputy (`P.PROC`), which reads it at home, then answers
+                 `op=procd req errno` with `stat status cmdline comm` (or `pids`,
+                 comma-separated); ESRCH: no such process of the program there.
 tracer -> agent  `op=lockchan` with `[sock]`: T's lock socket (issue 14); lock
                  requests and answers travel on it (`vmagent.exec.filelocks`).
 agent hooks      `op=migrated pid from to freeze_ms` (not from a tracer: the source
@@ -72,6 +77,8 @@ OP_ADOPT = b"adopt"
 OP_KILL = b"kill"
 OP_KILLED = b"killed"
 OP_SIGFROM = b"sigfrom"
+OP_PROC = b"proc"
+OP_PROCD = b"procd"
 
 Record = dict[bytes, bytes]
 

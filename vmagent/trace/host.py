@@ -50,12 +50,15 @@ from vmagent.trace.measure import measure_exit
 from vmagent.trace.placing import (
     ChannelAsk,
     ChannelKill,
+    ChannelProc,
     Grant,
+    HomeProc,
     InstanceCoordinator,
     PlacementSource,
     PlacingCoordinator,
     SignalHome,
 )
+from vmagent.trace.unixsock import RELAY_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +75,26 @@ def coordinator_for(
     locks: LockForwarder | None = None,
     listeners: Listeners | None = None,
     home: SignalHome | None = None,
+    proc: HomeProc | None = None,
 ) -> InstanceCoordinator:
     """T's coordinator for a view with path `maps` (placing execs through `ask`, if given;
     sending signals for pids elsewhere through `home`)."""
     inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
     if ask is not None:
         inner = PlacingCoordinator(inner, ask)
-    return InstanceCoordinator(inner, report, source, locks=locks, listeners=listeners, home=home)
+    return InstanceCoordinator(
+        inner, report, source, locks=locks, listeners=listeners, home=home, proc=proc
+    )
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
     """The calls a program of a view with `maps` stops on (what its filter must trap)."""
     return coordinator_for(table, maps, lambda _m: None).interception()
+
+
+def at_cwd_only(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """Of `interception`, the calls that stop only with dirfd AT_FDCWD."""
+    return coordinator_for(table, maps, lambda _m: None).at_cwd_only()
 
 
 class Tracer:
@@ -97,10 +108,14 @@ class Tracer:
         self.kept: list[bytes] = []
         self.ask = ChannelAsk(lambda: self.chan, keep=self.kept.append)  # placement (issue 10)
         self.home = ChannelKill(lambda: self.chan, self.ask.next_req, self.kept.append)  # 11
+        self.proc = ChannelProc(lambda: self.chan, self.ask.next_req, self.kept.append)  # 11
         # lock calls through the agent and the deputy (issue 14)
         self.locks = LockForwarder(self._hand_over, ptraceio.read_memory)
         # Listening sockets, steered by the OSS (issue 13).
-        self.listeners = Listeners(ChannelRequest(lambda: self.chan), self.report)
+        self.listeners = Listeners(
+            ChannelRequest(lambda: self.chan, keep=self.kept.append), self.report,
+            ChannelRequest(lambda: self.chan, RELAY_TIMEOUT, keep=self.kept.append),
+        )  # fmt: skip
         self._ready = self._runner(b"")  # built while T waits for its session
 
     def report(self, message: bytes) -> None:
@@ -122,7 +137,7 @@ class Tracer:
     def _runner(self, view: bytes) -> HostRunner:
         coordinator = coordinator_for(
             self.table, channel.view_maps(view), self.report, ask=self.ask,
-            locks=self.locks, listeners=self.listeners, home=self.home,
+            locks=self.locks, listeners=self.listeners, home=self.home, proc=self.proc,
         )  # fmt: skip
         return HostRunner(self, coordinator)
 
@@ -183,6 +198,8 @@ class Tracer:
         finally:
             if placing is not None:
                 placing.close()  # the ticket files of deputies that never started
+            if isinstance(runner.coordinator, InstanceCoordinator):
+                runner.coordinator.close()  # its /proc snapshots
         self.report(channel.encode(channel.OP_DONE))
         return 0
 
@@ -209,7 +226,11 @@ class Tracer:
             placing = self._placing(runner)
             if placing is not None:
                 placing.bind(decode_view(view) if view else EMPTY_VIEW, instance)
-            runner.adopt(pids)
+            try:
+                runner.adopt(pids)
+            finally:
+                if isinstance(runner.coordinator, InstanceCoordinator):
+                    runner.coordinator.close()  # its /proc snapshots
         except (ptraceio.PtraceRequestError, OSError) as exc:
             # What was seized dies with us (EXITKILL); the rest stays stopped for the agent.
             message = os.strerror(exc.errno) if exc.errno else str(exc)

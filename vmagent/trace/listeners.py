@@ -27,6 +27,11 @@ instance's NAT steers to the listener on another instance like 127.0.0.1.
 
 Records: T -> agent `op=listen req pid port proto local`, `op=unlisten pid
 port proto`; agent -> T `op=netack req address` or `op=netrefused req errno`.
+
+AF_UNIX path sockets (`vmagent.trace.unixsock`): a bind is told and watched
+like a listener (its end too); a connect to a path no socket of this network
+namespace is bound to may be relayed to the instance that holds it; a
+`sendmsg` with descriptors on a relayed socket fails with EOPNOTSUPP.
 """
 
 from __future__ import annotations
@@ -43,10 +48,15 @@ from dataclasses import dataclass
 from tracer.coordinator import Allow, Complete, Decision, Rewrite, SyscallCall
 from tracer.ptraceio import read_memory
 from vmagent.trace import channel
+from vmagent.trace import unixsock as U
 
 log = logging.getLogger(__name__)
 
 NET_CALLS = frozenset({"listen", "bind", "connect", "close"})
+# Checked for descriptors sent on a relayed AF_UNIX socket (`unixsock`): one stop per
+# call, so only where a relay can exist (`trap_relayed`).
+RELAY_CALLS = frozenset({"sendmsg", "sendmmsg"})
+_relays = [True]
 IN6_LOOPBACK = bytes(15) + b"\x01"
 IN6_MAPPED_LOOPBACK = bytes(10) + b"\xff\xff" + bytes((127, 0, 0, 1))
 SOCKADDR_IN6 = 28
@@ -56,6 +66,19 @@ OP_UNLISTEN = b"unlisten"
 OP_NETACK = b"netack"
 OP_NETREFUSED = b"netrefused"
 TCP_LISTEN = "0A"
+ANSWERS = frozenset({OP_NETACK, OP_NETREFUSED, U.OP_UNIXRELAY})  # the agent's, to T's asks
+
+
+def trap_relayed(on: bool) -> None:
+    """Whether instance tracers of this process (and the zygote it forks) stop at
+    `sendmsg`/`sendmmsg`: off for an agent whose instances share its kernel (a `dcptrace` run's
+    own OSS, `unix:PATH`) or that has no OSS (no relay then).  Before any tracing."""
+    _relays[0] = on
+
+
+def net_calls() -> frozenset[str]:
+    """The calls the listener watch intercepts."""
+    return NET_CALLS | RELAY_CALLS if _relays[0] else NET_CALLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +243,15 @@ def unlisten_record(s: Socket) -> bytes:
 class ChannelRequest:
     """Send a record on T's channel and wait for the answer with the same `req` (bounded)."""
 
-    def __init__(self, chan: Callable[[], socket.socket | None], timeout: float = ASK_TIMEOUT):
+    def __init__(
+        self,
+        chan: Callable[[], socket.socket | None],
+        timeout: float = ASK_TIMEOUT,
+        keep: Callable[[bytes], None] = lambda _data: None,
+    ) -> None:
         self._chan = chan
         self.timeout = timeout
+        self._keep = keep  # a command that arrived meanwhile (op=detach), for the runner
 
     def __call__(self, message: bytes, req: bytes) -> channel.Record | None:
         """The answer, or None (no agent, no answer in time)."""
@@ -241,7 +270,9 @@ class ChannelRequest:
                 if not data:
                     return None
                 record = channel.decode(data)
-                if record.get(b"req") == req:
+                if record.get(b"op") not in ANSWERS:
+                    self._keep(data)
+                elif record.get(b"req") == req:
                     return record
         except (OSError, channel.ChannelError) as exc:
             log.debug("listener report: %s", exc)
@@ -255,8 +286,10 @@ class Listeners:
         self,
         ask: Callable[[bytes, bytes], channel.Record | None],
         tell: Callable[[bytes], None],
+        ask_long: Callable[[bytes, bytes], channel.Record | None] | None = None,
     ) -> None:
         self._ask = ask
+        self._ask_long = ask_long or ask  # a relay's set-up (the OSS, another agent)
         self._tell = tell
         self._req = 0
         self.watched: dict[int, Socket] = {}  # inode -> socket
@@ -269,7 +302,17 @@ class Listeners:
         if call.name in ("listen", "bind"):
             return Allow(observe_result=True)
         if call.name == "connect":
-            return loopback6(call) or Allow()
+            return loopback6(call) or self._unix_connect(call)
+        if call.name in RELAY_CALLS:
+            fd = call.args[0] & 0xFFFFFFFF
+            carries = (
+                U.sends_descriptors(call.tid, call.args[1])
+                if call.name == "sendmsg"
+                else U.any_sends_descriptors(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF)
+            )
+            if carries and U.relayed(call.pid, fd):
+                return Complete(-errno.EOPNOTSUPP)  # a descriptor cannot cross kernels
+            return Allow()
         if not self.watched:
             return Allow()
         inode = fd_inode(call.pid, call.args[0] & 0xFFFFFFFF)
@@ -283,7 +326,10 @@ class Listeners:
         or a closed one."""
         if call.name == "close":
             inode = self._closing.pop(call.tid, 0)
-            if inode and not alive(inode, call.pid):
+            s = self.watched.get(inode)
+            if s is not None and not (
+                U.alive(call.pid, inode) if s.proto == "unix" else alive(inode, call.pid)
+            ):
                 self._gone(inode)
             return None
         if result != 0 or call.name not in ("listen", "bind"):
@@ -292,6 +338,9 @@ class Listeners:
         if not inode or inode in self.watched:
             return None  # not a socket; listen again on the same socket (a backlog change)
         if call.name == "bind":
+            named = U.sockaddr_path(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF)
+            if named is not None:
+                return self._unix_bound(call.pid, inode, named)
             # Only UDP: a TCP socket is steered when it listens.  Port 0 asked the
             # kernel for an ephemeral one: in this instance's block, routed here already.
             if bind_port(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF) == 0:
@@ -338,4 +387,50 @@ class Listeners:
 
     def _gone(self, inode: int) -> None:
         s = self.watched.pop(inode)
-        self._tell(unlisten_record(s))
+        self._tell(U.gone_record(s.pid, s.local) if s.proto == "unix" else unlisten_record(s))
+
+    def _unix_bound(self, pid: int, inode: int, named: bytes) -> Complete | None:
+        """Tell the agent of a path socket bound here (EADDRINUSE: bound on another
+        instance of the program)."""
+        path = U.absolute(pid, named)
+        file = U.socket_file(pid, path) if path is not None else None
+        if path is None or file is None:
+            return None
+        self._req += 1
+        record = U.bind_record(self._req, pid, path, U.kind_of(pid, inode), file)
+        answer = self._ask(record, f"u{self._req}".encode())
+        if answer is not None and answer.get(b"op") == OP_NETREFUSED:
+            return Complete(-_errno(answer, errno.EADDRINUSE))
+        self.watched[inode] = Socket(inode, pid, 0, path, "unix")
+        return None
+
+    def _unix_connect(self, call: SyscallCall) -> Decision:
+        """A connect to a path bound on no socket of this network namespace: through
+        the agent's relay when another kernel's instance of the program holds it."""
+        named = U.sockaddr_path(call.tid, call.args[1], call.args[2] & 0xFFFFFFFF)
+        if named is None:
+            return Allow()
+        path = U.absolute(call.pid, named)
+        if path is None or U.bound_here(call.pid, path, named):
+            return Allow()
+        kind = U.kind_of(call.pid, fd_inode(call.pid, call.args[0] & 0xFFFFFFFF))
+        self._req += 1
+        req = f"u{self._req}".encode()
+        answer = self._ask_long(U.connect_record(self._req, call.pid, path, kind), req)
+        if answer is None:
+            return Allow()
+        if answer.get(b"op") == OP_NETREFUSED:
+            return Complete(-_errno(answer, errno.ECONNREFUSED))
+        name = answer.get(b"name", b"")
+        if answer.get(b"op") != U.OP_UNIXRELAY or not name.isalnum() or len(name) > 64:
+            return Allow()
+        address = U.relay_address(name)
+        return Rewrite({1: address, 2: len(address)})
+
+
+def _errno(answer: channel.Record, default: int) -> int:
+    """The errno of an `op=netrefused` answer."""
+    try:
+        return int(answer.get(b"errno", str(default).encode()))
+    except ValueError:
+        return default

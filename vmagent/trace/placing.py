@@ -41,9 +41,9 @@ from vmagent.cluster.coordinator import ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement
 from vmagent.exec.remote import credentials
 from vmagent.exec.view import View
-from vmagent.trace import channel, placer
+from vmagent.trace import channel, placer, procview
 from vmagent.trace.filelocks import LOCK_CALLS, LockForwarder
-from vmagent.trace.listeners import NET_CALLS, Listeners
+from vmagent.trace.listeners import Listeners, net_calls
 from vmagent.trace.pidspace import PidSpace
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ PID_CALLS = frozenset({"getpid", "gettid", "getppid", "waitid"}) | PID_RESULTS |
 # gets the real one at its delivery stop (`vmagent.trace.host`), a sigwaitinfo here.
 SIGWAIT = frozenset({"rt_sigtimedwait"})
 SI_USER = 0
+PID_MAX = b"/proc/sys/kernel/pid_max"
 KILL_INFO = struct.Struct("<iii4xiI")  # siginfo head: signo, errno, code, pid, uid
 P_PID, P_PGID = 1, 2  # waitid's idtypes naming one pid, one process group
 
@@ -98,6 +99,22 @@ class SignalHome(Protocol):
         """kill(`pid`, `sig`) at home (`pid` negative: a process group; `thread`: a
         thread's id, which alone gets it, as tgkill/tkill; `sender`: the sending
         process's program pid); 0 or its errno."""
+        ...
+
+
+class HomeProc(Protocol):
+    """Home's /proc of the program's processes (`ChannelProc`)."""
+
+    def files(self, pid: int) -> dict[str, bytes] | None:
+        """Home's /proc/`pid` files, if it is a process of the program; else None."""
+        ...
+
+    def pids(self) -> list[int]:
+        """The program's pids at home."""
+        ...
+
+    def pid_max(self) -> bytes:
+        """Home's /proc/sys/kernel/pid_max (b"": not known)."""
         ...
 
 
@@ -144,6 +161,7 @@ class InstanceCoordinator:
         locks: LockForwarder | None = None,
         listeners: Listeners | None = None,
         home: SignalHome | None = None,
+        proc: HomeProc | None = None,
     ) -> None:
         self.inner = inner
         self.report = report
@@ -154,16 +172,34 @@ class InstanceCoordinator:
         # Issue 13: listening sockets reported to the OSS (no agent: nobody asked).
         self.listeners = listeners or Listeners(lambda _m, _r: None, lambda _m: None)
         self.home = home  # None: a pid elsewhere is ESRCH
+        # /proc/N of a pid elsewhere: a snapshot of home's (None: not found).
+        self.proc = proc
+        self.snapshots = procview.Snapshots(proc.files if proc else lambda _pid: None)
+        # (pid, fd) of a listing of /proc under way -> ADDED once home's pids were added
+        self._listed: dict[tuple[int, int], bool] = {}
+        # pid -> the program's home pids when its listing of /proc began, and the
+        # snapshots made since: while it reads the entries, a pid outside that set
+        # is this instance's own (no round trip home), one inside is fetched once.
+        self._scan: dict[int, tuple[frozenset[int], dict[int, bytes]]] = {}
+        self._listing: set[int] = set()  # tids in a getdents64 of /proc
         self.pids = PidSpace()  # bound when the session starts (`Tracer.serve`)
         self.relayed: Relayed | None = None  # set by the runner that reads its channel
         self._live: set[int] = set()  # the session's processes but its root (real pids)
         self._tids: set[int] = set()  # every thread and process of the session (real)
         self._inner_names = inner.interception()
         # Lock calls always stop (the filter is built without a forwarder).
-        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | NET_CALLS | SIGWAIT
-        self._net_names = NET_CALLS - self._inner_names
-        self._shared_net = NET_CALLS & self._inner_names
+        net = net_calls()
+        self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net | SIGWAIT
+        self._names |= procview.CALLS  # /proc/N of the program's pids (issue 11)
+        self._net_names = net - self._inner_names
+        self._shared_net = net & self._inner_names
         self._inner_observes: set[int] = set()  # tids whose call the inner observes too
+
+    def at_cwd_only(self) -> frozenset[str]:
+        """Of `interception`, the calls that need to stop only with dirfd AT_FDCWD (the
+        /proc paths of issue 11, when nothing else here wants them)."""
+        others = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net_calls() | SIGWAIT
+        return procview.AT_CALLS - others
 
     def interception(self) -> frozenset[str]:
         """The view's calls, every exec, the calls that return or take pids, locks,
@@ -172,6 +208,15 @@ class InstanceCoordinator:
 
     def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """An exec asks the placement source (and runs here without a grant)."""
+        if call.name in procview.CALLS:
+            if self.proc is not None and self.pids.bound:
+                if call.name in procview.LISTING_CALLS:
+                    return self._listing_call(call)
+                found = self._proc_path(call)
+                if found is not None:
+                    return found
+            if call.name not in self._inner_names:
+                return Allow()
         if call.name in LOCK_CALLS and call.name not in self._inner_names:
             return self.locks.on_call(call) if self.locks is not None else Allow()
         if call.name in PID_CALLS and call.name not in self._inner_names:
@@ -200,6 +245,86 @@ class InstanceCoordinator:
                 log.warning("exec placement is not implemented on instances: runs here")
             return self.inner.on_syscall(call) if call.name in self._inner_names else Allow()
         return self.inner.on_syscall(call)
+
+    def _proc_path(self, call: SyscallCall) -> Decision | None:
+        """A path under /proc/N in the program's pids: N's /proc here (its real pid), or a
+        snapshot of home's when this instance does not hold N; None: not such a path."""
+        for index, path in call.paths.items():
+            if path == PID_MAX and self.proc is not None:
+                # ps sizes its pid column from it: home's, as the pids are home's.
+                value = self.proc.pid_max()
+                if value and value.strip().isdigit():
+                    uid, gid, _groups = credentials(call.pid)
+                    try:
+                        return Rewrite({index: self.snapshots.single("pid_max", value, uid, gid)})
+                    except OSError as exc:
+                        log.warning("home's pid_max not shown: %s", exc)
+                return None
+            if not path.startswith(b"/"):
+                if call.bases.get(index) != b"/proc":
+                    continue  # relative to /proc/N: N is already the real one or a snapshot
+                path = b"/proc/" + path
+            found = procview.proc_pid(path)
+            if found is None:
+                continue
+            pid, rest = found
+            real = self.pids.real(pid)
+            if real is None and pid in self._tids:
+                real = pid  # a real id the program got from the kernel (glibc's thread ids)
+            if real is not None:
+                return Rewrite({index: b"/proc/%d%s" % (real, rest)}) if real != pid else None
+            scan = self._scan.get(call.pid)
+            if scan is not None and pid not in scan[0]:
+                return None  # listed here, not the program's at home: this instance's own
+            where = scan[1].get(pid) if scan is not None else None
+            if where is None:
+                uid, gid, _groups = credentials(call.pid)
+                try:
+                    where = self.snapshots.path(pid, uid, gid)
+                except OSError as exc:
+                    log.warning("no snapshot of /proc/%d: %s", pid, exc)
+                if where is not None and scan is not None:
+                    scan[1][pid] = where
+            if where is not None:
+                return Rewrite({index: where + rest})
+            # Not a process of the program at home (pid 1, a pid that is gone): this
+            # instance's own /proc/N, as before (usually none, in its pid namespace).
+        return None
+
+    def _listing_call(self, call: SyscallCall) -> Decision:
+        """getdents64 of /proc: its result is extended (`_listed_result`)."""
+        if procview.fd_path(call.pid, signed(call.args[0], 32)) != b"/proc":
+            return Allow()
+        key = (call.pid, signed(call.args[0], 32))
+        if key not in self._listed and self.proc is not None:
+            # A listing begins: its entries are looked up against home's pids of now.
+            home = [p for p in self.proc.pids() if self.pids.real(p) is None]
+            self._scan[call.pid] = (frozenset(home), {})
+            self._listed[key] = False
+        self._listing.add(call.tid)
+        return Allow(observe_result=True)
+
+    def _listed_result(self, call: SyscallCall, result: int) -> Complete | None:
+        """At the end of a listing of /proc, the program's pids this instance does not hold
+        (once per listing: the next call ends it)."""
+        key = (call.pid, signed(call.args[0], 32))
+        added = self._listed.get(key)
+        if added is None or result > 0:
+            return None  # on with this instance's entries
+        scan = self._scan.get(call.pid)
+        records = b""
+        if not added and result == 0 and scan is not None:
+            records = procview.dirents(sorted(scan[0]), call.args[2] & 0xFFFFFFFF)
+        if not records:
+            del self._listed[key]  # the listing is over, and what it learnt of home
+            self._scan.pop(call.pid, None)
+            return None
+        self._listed[key] = True
+        return Complete(len(records), ((call.args[1], records),))
+
+    def close(self) -> None:
+        """Remove the /proc snapshots."""
+        self.snapshots.close()
 
     def bind_pids(self, instance: str, root: int, pid: int, ppid: int, base: int = 0) -> None:
         """The session's first process `root` stands for program pid `pid`, child of `ppid`.
@@ -289,6 +414,9 @@ class InstanceCoordinator:
 
     def on_result(self, call: SyscallCall, result: int, output: bytes | None) -> Complete | None:
         """A pid in the program's numbers; otherwise the inner coordinator's."""
+        if call.tid in self._listing and call.name in procview.LISTING_CALLS:
+            self._listing.discard(call.tid)
+            return self._listed_result(call, signed(result))
         if call.name in PID_RESULTS:
             pid = signed(result)
             return Complete(self.pids.program(pid)) if pid > 0 else None
@@ -338,6 +466,7 @@ class InstanceCoordinator:
             case ProcessExec(pid, argv):
                 self.report(channel.exec_event(pid, argv))
             case ProcessExited(pid, status, sig):
+                self._scan.pop(pid, None)
                 self._live.discard(pid)
                 self._tids.discard(pid)
                 self.report(channel.exited(pid, status, sig))
@@ -372,7 +501,7 @@ PLACE_TIMEOUT = 2.0  # s T waits for the agent's answer (the exec is stopped mea
 
 KILL_TIMEOUT = 5.0  # s T waits for a signal sent at home (the call is stopped meanwhile)
 # Answers T may find late on its channel (dropped); anything else is a command it keeps.
-ANSWERS = frozenset({channel.OP_KILLED, placer.OP_GRANT, placer.OP_HOME})
+ANSWERS = frozenset({channel.OP_KILLED, channel.OP_PROCD, placer.OP_GRANT, placer.OP_HOME})
 
 
 class ChannelKill:
@@ -406,21 +535,10 @@ class ChannelKill:
         if sender > 0:
             fields["from"] = sender
         try:
-            channel.send(chan, channel.encode(channel.OP_KILL, **fields))
-            deadline = time.monotonic() + self.timeout
-            while (left := deadline - time.monotonic()) > 0:
-                if not select.select([chan], [], [], left)[0]:
-                    continue
-                data, fds = channel.receive(chan)
-                for fd in fds:
-                    os.close(fd)
-                if not data:
-                    break
-                record = channel.decode(data)
-                if record[b"op"] == channel.OP_KILLED and record.get(b"req") == req:
-                    return channel.number(record, b"errno")
-                if record[b"op"] not in ANSWERS:
-                    self._keep(data)
+            answer = exchange(chan, channel.encode(channel.OP_KILL, **fields),
+                              channel.OP_KILLED, req, self.timeout, self._keep)  # fmt: skip
+            if answer is not None:
+                return channel.number(answer, b"errno")
         except (OSError, channel.ChannelError) as exc:
             log.warning("a signal for pid %d was not sent at home: %s", pid, exc)
             return errno.ESRCH
@@ -428,6 +546,92 @@ class ChannelKill:
             self._said = True
             log.warning("a signal for pid %d got no answer from home: ESRCH", pid)
         return errno.ESRCH
+
+
+def exchange(
+    chan: socket.socket,
+    message: bytes,
+    op: bytes,
+    req: bytes,
+    timeout: float,
+    keep: Callable[[bytes], None],
+) -> channel.Record | None:
+    """Send `message`, then the agent's `op` record answering `req` (None: none in
+    `timeout`, or the agent is gone); commands that arrive meanwhile go to `keep`."""
+    channel.send(chan, message)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([chan], [], [], left)[0]:
+            continue
+        data, fds = channel.receive(chan)
+        for fd in fds:
+            os.close(fd)
+        if not data:
+            return None
+        record = channel.decode(data)
+        if record[b"op"] == op and record.get(b"req") == req:
+            return record
+        if record[b"op"] not in ANSWERS:
+            keep(data)
+    return None
+
+
+class ChannelProc:
+    """T's side of /proc at home: `op=proc` on its channel, the agent's `op=procd` (bounded).
+
+    `files(pid)`: home's /proc/`pid` files of a process of the program (None:
+    none, or no answer); `pids()`: the program's pids at home.
+    """
+
+    def __init__(
+        self,
+        chan: Callable[[], socket.socket | None],
+        reqs: Callable[[], int],
+        keep: Callable[[bytes], None] = lambda _data: None,
+    ):
+        self._chan = chan
+        self._reqs = reqs
+        self._keep = keep
+        self.timeout = KILL_TIMEOUT
+        self._pid_max = b""
+
+    def _ask(self, pid: int) -> channel.Record | None:
+        chan = self._chan()
+        if chan is None:
+            return None
+        req = str(self._reqs()).encode()
+        message = channel.encode(channel.OP_PROC, req=req, pid=pid)
+        try:
+            answer = exchange(chan, message, channel.OP_PROCD, req, self.timeout, self._keep)
+            if answer is None or channel.number(answer, b"errno") != 0:
+                return None
+        except (OSError, channel.ChannelError) as exc:
+            log.warning("/proc/%d was not read at home: %s", pid, exc)
+            return None
+        return answer
+
+    def files(self, pid: int) -> dict[str, bytes] | None:
+        """Home's /proc/`pid` (`procview.FILES`), if it is a process of the program."""
+        answer = self._ask(pid) if pid > 0 else None
+        if answer is None:
+            return None
+        return {name: answer.get(name.encode(), b"") for name in procview.FILES}
+
+    def pids(self) -> list[int]:
+        """The program's pids at home (none when home does not answer)."""
+        answer = self._ask(0)
+        if answer is None:
+            return []
+        if not self._pid_max:
+            self._pid_max = answer.get(b"pid_max", b"")
+        items = answer.get(b"pids", b"").split(b",")
+        return [int(i) for i in items if i.isdigit() and len(i) < 11]
+
+    def pid_max(self) -> bytes:
+        """Home's pid_max (asked once, with the program's pids)."""
+        if not self._pid_max:
+            self.pids()
+        return self._pid_max
 
 
 class ChannelAsk:

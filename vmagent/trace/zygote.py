@@ -243,12 +243,15 @@ class Tracing:
         key = (hashlib.sha256(view).hexdigest()[:32], nnp)
         filt = self._filters.get(key)
         if filt is None:
-            names = host.interception(self.table, channel.view_maps(view))
+            maps = channel.view_maps(view)
+            at_cwd = host.at_cwd_only(self.table, maps)
+            names = host.interception(self.table, maps) - at_cwd
             numbers = by_name(self.table)
             intercept = frozenset(numbers[n].nr for n in names)
             filt = self._filters[key] = interception_filter(
-                self.table, intercept, trace_all=False, no_new_privs=nnp
-            )
+                self.table, intercept, trace_all=False, no_new_privs=nnp,
+                at_cwd=frozenset(numbers[n].nr for n in at_cwd if n in numbers),
+            )  # fmt: skip
         return Gate(filt, ptracer=self.pid if self._yama else 0)
 
     def hand_off(
