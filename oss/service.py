@@ -890,7 +890,7 @@ class Oss:
             await self._storage_on(program_id, to)
         except StorageNotMounted as exc:
             raise MigrationFailed(
-                f"instance {to} could not mount the program's storage: {exc.detail}"
+                f"the program's storage could not be mounted on {exc.detail}"
             ) from None
         cmd = self.commands.migrate(ref.instance, program_id, ref.pid, to, address)
         self._moves[cmd.id] = cmd

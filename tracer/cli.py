@@ -188,8 +188,7 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     "--share-cwd/--no-share-cwd",
     default=None,
     help="Make the working directory one namespace on every instance (default: on with "
-    "--instances, off with --oss: a process holding a file it writes there cannot move "
-    "yet).",
+    "--instances or --oss).",
 )
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(

@@ -194,4 +194,4 @@ class StorageRelay:
             instances.discard(instance)
         for where, fut in self._waiting.values():
             if where == instance and not fut.done():
-                fut.set_result((False, f"instance {instance} failed"))
+                fut.set_result((False, "the instance failed"))

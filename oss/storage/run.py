@@ -33,7 +33,7 @@ from oss.storage.policy import StorageLimits
 log = logging.getLogger(__name__)
 
 FS_ROOT = "/run/dcp/fs"  # vmagent.storage.mounts.FS_ROOT: where each instance mounts it
-AGENT_TIMEOUT = 30.0
+AGENT_TIMEOUT = 75.0  # above an agent's own wait for dcpfs (vmagent.storage.mounts)
 START_TIMEOUT = 15.0  # seconds for the storage server to listen
 STOP_TIMEOUT = 15.0
 

@@ -58,12 +58,12 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             (lab.data / "stop").touch()
 
 
-def _dcptrace(lab: Lab) -> subprocess.Popen[bytes]:
+def _dcptrace(lab: Lab, *options: str) -> subprocess.Popen[bytes]:
     env = dict(traced_env(), DCP_TOKEN=lab.token)
     env.pop("DCP_OSS_FALLBACK", None)
     return subprocess.Popen(
         [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread",
-                        "--record", "run.json"),
+                        "--record", "run.json", *options),
          "--", "sh", "-c", f"{sys.executable} counter.py c; exit $?"],
         cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -163,7 +163,9 @@ def test_migrate_moves_a_running_counter_with_its_pid_output_record_and_status(l
 
 
 def test_a_migrate_nowhere_is_one_line_and_the_program_runs_on_where_it_was(lab: Lab) -> None:
-    p = _dcptrace(lab)
+    # Without storage: the target's own check is asked (with it, the target's mount
+    # fails first, also before anything is frozen).
+    p = _dcptrace(lab, "--no-share-cwd")
     try:
         program, row = _placed(lab)
         source = row["instance"]
@@ -233,3 +235,68 @@ def test_drain_moves_the_program_off_and_releases_the_instance(lab: Lab) -> None
     counted = _counted(out)
     assert in_order([i for _pid, i, _h in counted])
     assert {pid for pid, _i, _h in counted} == {row["pid"]}
+
+
+# Writes out.txt through one descriptor: half of it, then (told so by `half`, whose
+# content is where it runs) waits for `go`, then the rest; `end` says where it ended.
+# The working directory is the program's storage (the default under --oss): out.txt
+# is staged on the instance until its close, so the move publishes it first.
+WRITER = r"""
+import os, sys, time
+def where():
+    cmd = open("/proc/1/cmdline", "rb").read().split(b"\0")
+    return cmd[cmd.index(b"--hostname") + 1].decode() if b"--hostname" in cmd else "home"
+with open("out.txt", "w") as f:
+    for i in range(20000):
+        f.write(f"{i} {i * i}\n")
+        if i == 9999:
+            f.flush()
+            with open("half.tmp", "w") as h:
+                h.write(where())
+            os.rename("half.tmp", "half")
+            while not os.path.exists("go"):
+                time.sleep(0.02)
+with open("end", "w") as e:
+    e.write(where())
+sys.exit(3)
+"""
+
+
+def test_a_process_writing_a_file_in_the_shared_cwd_moves_and_the_file_is_whole(
+    lab: Lab, tmp_path: Path
+) -> None:
+    native = tmp_path / "native"
+    native.mkdir()
+    (native / "go").touch()
+    (native / "writer.py").write_text(WRITER)
+    ran = subprocess.run([sys.executable, "writer.py"], cwd=native, timeout=60)
+    assert ran.returncode == 3
+    (lab.data / "writer.py").write_text(WRITER)
+    env = dict(traced_env(), DCP_TOKEN=lab.token)
+    env.pop("DCP_OSS_FALLBACK", None)
+    p = subprocess.Popen(
+        [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread",
+                        "--record", "run.json"),
+         "--", "sh", "-c", f"{sys.executable} writer.py; exit $?"],
+        cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: (lab.data / "half").exists(), 90), p.poll()
+        source = (lab.data / "half").read_text()
+        (target,) = [n for n in ready_instances(lab) if n != source]
+        (program,) = [q["id"] for q in lab.get("/v1/programs") if q["state"] == "running"]
+        # Half of out.txt is written and its descriptor open on the source: not on the
+        # volume yet (staged there until its close).
+        assert not (lab.data / "out.txt").exists() or (lab.data / "out.txt").stat().st_size == 0
+        res = _dcp_oss(lab, "migrate", program, "--to", target)
+        assert res.returncode == 0, res.stderr
+        (lab.data / "go").touch()
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 3, err
+    assert (lab.data / "end").read_text() == target
+    assert (lab.data / "out.txt").read_bytes() == (native / "out.txt").read_bytes()

@@ -130,16 +130,20 @@ def volume(lab: Lab) -> Path:
     return vol
 
 
-def dcptrace(lab: Lab, token: str, vol: Path, script: str) -> subprocess.Popen[bytes]:
-    """`dcptrace --oss URL --volume VOL -- sh -c SCRIPT` in the lab namespace."""
+def dcptrace(
+    lab: Lab, token: str, vol: Path, script: str, *, in_cwd: bool = False
+) -> subprocess.Popen[bytes]:
+    """`dcptrace --oss URL --volume VOL -- sh -c SCRIPT` in the lab namespace (from `/`);
+    `in_cwd`: from VOL, declaring nothing (the working directory is shared by default)."""
     env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
     env.pop("DCP_STORAGE_HOST", None)
+    declared = [] if in_cwd else ["--volume", str(vol)]
     return subprocess.Popen(
         ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli", "--no-state",
-         "--oss", lab.oss_url, "--placement", "spread", "--volume", str(vol),
+         "--oss", lab.oss_url, "--placement", "spread", *declared,
          "--", "/bin/sh", "-c", script],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        cwd="/", env=env, start_new_session=True,
+        cwd=vol if in_cwd else "/", env=env, start_new_session=True,
     )  # fmt: skip
 
 
@@ -176,6 +180,25 @@ def test_files_written_on_one_vm_are_read_byte_identical_on_the_other(
     # What the program wrote is in the user's directory, as if it had run here.
     assert (volume / "data.txt").read_bytes() == expected
     assert (volume / "sub" / "writer").read_text() == f"{wrote[2]}\n"
+
+
+def test_the_working_directory_is_one_namespace_on_both_vms_without_a_flag(
+    lab: Lab, token: str, volume: Path
+) -> None:
+    status, out, err = finish(
+        dcptrace(lab, token, volume, "./rw.sh write .; ./rw.sh read .", in_cwd=True)
+    )
+    assert status == 0, err[-3000:]
+    assert "not shared" not in err, err[-3000:]
+    lines = out.splitlines()
+    (wrote,) = [line.split() for line in lines if line.startswith("write on ")]
+    (read,) = [line.split() for line in lines if line.startswith("read on ")]
+    # Each guest saw "." on its own dcpfs mount, the reader what the writer wrote.
+    assert {wrote[2], read[2]} == {"vm1", "vm2"}, lines
+    assert wrote[3] == read[3] == FUSE_MAGIC, lines
+    expected = "".join(f"{i}\n" for i in range(1, 60001)).encode()
+    assert f"sum {hashlib.md5(expected).hexdigest()} {wrote[2]}" in lines, lines
+    assert (volume / "data.txt").read_bytes() == expected
 
 
 def test_fsynced_data_survives_the_destruction_of_the_writers_vm(

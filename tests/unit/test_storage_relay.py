@@ -66,7 +66,7 @@ def test_a_failed_instance_ends_the_wait_for_its_order() -> None:
         while not relay.commands.for_instance("vm2", []):
             await asyncio.sleep(0)
         await relay.forget_instance("vm2")
-        with pytest.raises(StorageNotMounted, match="instance vm2 failed"):
+        with pytest.raises(StorageNotMounted, match="vm2: the instance failed"):
             await waiting
 
     asyncio.run(go())

@@ -7,7 +7,10 @@ The steps, each bounded by a timeout:
 2. the program's ends of the session's pipes (whose other end is the agent's)
    are reopened through `/proc/PID/fd` so that a restore can hand them back to
    CRIU (`--inherit-fd`): stdout/stderr keep reaching the deputy;
-3. `criu dump --leave-stopped` writes the images;
+3. for a move (`vmagent.checkpoint.migrate`), the files the tree writes in the
+   program's storage (dcpfs stages them on this instance until close) are
+   published, fsynced, with the sizes the dump records: the target reopens them
+   from the volume; `criu dump --leave-stopped` writes the images;
 4. with `restore`: the tree is killed (not reported to the deputy: the session
    leaves the reaper's table meanwhile), its pids are waited free, and
    `criu restore -d --leave-stopped` brings it back with the same pids;
@@ -36,6 +39,7 @@ from vmagent.checkpoint import carried
 from vmagent.checkpoint import criu as C
 from vmagent.exec.server import ExecService
 from vmagent.exec.session import Session
+from vmagent.storage.mounts import held_mounts, publish_open
 from vmagent.trace import channel
 from vmagent.trace.pidspace import base_for
 
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 DETACH_TIMEOUT = 10.0  # s for the tracer to stop and detach the tree
 CRIU_TIMEOUT = 120.0  # s for one criu dump or restore
 FREE_TIMEOUT = 10.0  # s for the killed tree's pids to be reaped
+PUBLISH_TIMEOUT = 120.0  # s for the program's storage to publish what the tree writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,14 +441,19 @@ class Checkpointer:
         parent: str | None = None,
         *,
         ps_socket: int | None = None,
+        publish: bool = False,
     ) -> float:
         """criu dump of the detached tree (left stopped); ms.  On failure the tree runs on.
 
         `parent`: the last pre-copy round's directory, relative to `directory`.
         `ps_socket`: a connection to the target's page server (the pages go there).
+        `publish`: the files it writes in the program's storage first (`publish_held`:
+        a move; not a checkpoint the program runs on after, whose files change since).
         """
         dumped = time.perf_counter()
         try:
+            if publish:
+                await publish_held(pids)
             code = await self.run(
                 C.dump_argv(criu.path, pids[0], directory, parent=parent, ps_socket=ps_socket),
                 os.path.join(directory, "dump.out"),
@@ -574,6 +584,28 @@ def unmovable(pids: list[int] | tuple[int, ...]) -> str | None:
                     if path.startswith("/dev/") and not path.startswith(("/dev/shm/", "/dev/zero")):
                         return f"pid {pid} maps the device {path}: it cannot be checkpointed yet"
     return None
+
+
+async def publish_held(pids: tuple[int, ...]) -> None:
+    """Publish the files the stopped tree writes in the program's storage (issue 14).
+
+    dcpfs keeps a file open for writing on this instance until its close; a
+    restore elsewhere reopens it by name from the volume, whose size must be the
+    one the dump records: so after the freeze, before the dump.  CheckpointError
+    (one line naming the mount) if it cannot.
+    """
+    for mountpoint in held_mounts(pids):
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await asyncio.to_thread(publish_open, mountpoint)
+        except TimeoutError:
+            raise C.CheckpointError(
+                f"the files open in {mountpoint} were not published within {PUBLISH_TIMEOUT:.0f}s"
+            ) from None
+        except OSError as exc:
+            raise C.CheckpointError(
+                f"the files open in {mountpoint} could not be published: {exc.strerror or exc}"
+            ) from None
 
 
 def tree_of(root: int) -> list[int]:

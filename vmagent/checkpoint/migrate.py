@@ -728,7 +728,9 @@ class Migrator:
             parent = f"../pre{len(rounds) - 1}" if rounds else None
             fd = None if ps is None else ps.fileno()
             try:
-                dump_ms = await self.ckpt.dump(criu, session, pids, directory, parent, ps_socket=fd)
+                dump_ms = await self.ckpt.dump(
+                    criu, session, pids, directory, parent, ps_socket=fd, publish=True
+                )
             except C.CriuFailed as exc:
                 if ps is None:
                     raise

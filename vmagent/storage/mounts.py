@@ -31,7 +31,9 @@ FS_ROOT = Path("/run/dcp/fs")
 TIER_ROOT = Path("/run/dcp/tiers")
 DISK_ROOT = Path("/var/tmp/dcp-tiers")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-MOUNT_TIMEOUT = 15.0
+# A slow instance (a TCG guest, a CPU quota) starts dcpfs slowly; those who order a mount
+# wait longer (oss.storage.relay.MOUNT_TIMEOUT, oss.storage.run.AGENT_TIMEOUT).
+MOUNT_TIMEOUT = 60.0
 UNMOUNT_TIMEOUT = 30.0
 MAX_SPEC = 1 << 16
 
@@ -43,6 +45,35 @@ class StorageMountError(Exception):
 def fs_root(name: str) -> str:
     """Where a program's namespace is mounted on every instance (what its view maps to)."""
     return str(FS_ROOT / name)
+
+
+def held_mounts(pids: tuple[int, ...] | list[int]) -> list[str]:
+    """The program namespaces mounted here in which `pids` hold a file open or mapped."""
+    prefix = f"{FS_ROOT}/"
+    held: set[str] = set()
+
+    def note(path: str) -> None:
+        if path.startswith(prefix):
+            held.add(prefix + path[len(prefix) :].split("/", 1)[0])
+
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    note(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6:
+                        note(fields[5].strip())
+    return sorted(held)
+
+
+def publish_open(mountpoint: str) -> None:
+    """Publish, fsynced, every file open for writing in the mount (dcpfs.SYNC_PATH: a
+    stat of it returns once they are on the volume); OSError if dcpfs could not."""
+    os.stat(os.path.join(mountpoint, ".dcp-sync"))
 
 
 @dataclass(slots=True)
