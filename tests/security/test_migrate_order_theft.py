@@ -103,7 +103,7 @@ def test_migrate_orders_reach_only_their_instance_and_owner(oss_factory: Any) ->
     )
     owner.start()
     try:
-        assert wait_for(lambda: bool(srv.oss.commands.pending("n0", 1)), 10)
+        assert wait_for(lambda: bool(srv.oss.commands.for_instance("n0", [])), 10)
         res = as_nobody(
             ATTACK, srv.url, prog["id"],
             env={"PATH": "/usr/bin:/bin", "N1_TOKEN": n1, "TENANT_TOKEN": other.token},
