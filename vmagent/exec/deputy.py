@@ -298,9 +298,10 @@ def proc_view(pid: int, chained: bool = False) -> dict[bytes, bytes]:
     At home, a process of the program is one its home tracer traces, the one
     that traces us: a process outside the program is ESRCH, as one that does
     not exist.  `chained`: we run on an instance (placed from there), where
-    our instance's tracer answers /proc/N with home's, checked there, so what
-    we read is the program's already (a listing may hold that instance's own
-    pids too: their /proc, read through home, is then ENOENT).
+    our instance's tracer answers /proc/N with home's, checked there, or with that
+    instance's own /proc/N for a pid home does not know as the program's: an
+    untraced one of those (the agent, PID 1) is ESRCH (a listing may hold that
+    instance's own pids too: their /proc, read through home, is then ENOENT).
     """
     ours = _tracer_of("self")
     if pid < 0 or not (ours or chained):
@@ -326,7 +327,20 @@ def proc_view(pid: int, chained: bool = False) -> dict[bytes, bytes]:
             return {b"errno": b"%d" % ESRCH}  # gone meanwhile
     if not chained and _tracer_of(pid) != ours:
         return {b"errno": b"%d" % ESRCH}  # its pid was reused meanwhile
+    if chained and _status_tracer(answer[b"status"]) == 0:
+        # Our instance's tracer answers a pid home does not know as the program's with
+        # that instance's own /proc/N: an untraced process (its agent, PID 1) is no
+        # process of any program; the asker then reads its own instance's /proc/N.
+        return {b"errno": b"%d" % ESRCH}
     return answer
+
+
+def _status_tracer(status: bytes) -> int:
+    """The TracerPid of a /proc/N/status text (0: untraced, or not found)."""
+    try:
+        return int(status.split(b"\nTracerPid:", 1)[1].split()[0])
+    except (ValueError, IndexError):
+        return 0
 
 
 def _wait_ready(fd: int, writable: bool) -> None:
