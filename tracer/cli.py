@@ -188,7 +188,7 @@ written: the program ran, but what was asked of dcptrace is lost.""",
     "--share-cwd/--no-share-cwd",
     default=None,
     help="Make the working directory one namespace on every instance (default: on with "
-    "--instances or --oss).",
+    "--instances, off with --oss).",
 )
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(

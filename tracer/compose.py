@@ -76,8 +76,8 @@ def coordinator(
     process carries and its instance applies.  `note` takes the placement
     decisions' log lines (the run's record in the local OSS state); `profiles` the
     file of the programs' past run times the cost model reads (and writes back at
-    the end with `keep_profiles`).  Unless `share_cwd` is False the working
-    directory joins the declared paths (`with_cwd`).
+    the end with `keep_profiles`).  With `share_cwd` (default: local instances
+    only) the working directory joins the declared paths (`with_cwd`).
     `checkpoint_every` (issue 12): checkpoint placed processes that often, to
     restore them elsewhere when their instance is lost.
     """
@@ -87,8 +87,11 @@ def coordinator(
         yield inner
         return
     cwd_note = None
-    # By default the working directory joins the namespace (--no-share-cwd keeps it out).
-    if share_cwd is not False:
+    # By default the working directory is shared with local instances only: under
+    # --oss it is asked for (--share-cwd; docs/STORAGE.md): with it on by default,
+    # execs placed again from an instance were not placed (test_recursive_grandchild)
+    # and an optimizer move's starved instance did not start the programs in time.
+    if share_cwd if share_cwd is not None else oss_url is None:
         volumes, cwd_note = with_cwd(volumes, instances, oss_url, maps or {})
     try:
         import vmagent.cluster.coordinator  # noqa: F401  (a missing package: one line)

@@ -276,7 +276,7 @@ def test_a_process_writing_a_file_in_the_shared_cwd_moves_and_the_file_is_whole(
     env.pop("DCP_OSS_FALLBACK", None)
     p = subprocess.Popen(
         [*dcptrace_argv("--no-state", "--oss", lab.url, "--placement", "spread",
-                        "--record", "run.json"),
+                        "--record", "run.json", "--share-cwd"),
          "--", "sh", "-c", f"{sys.executable} writer.py; exit $?"],
         cwd=lab.data, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

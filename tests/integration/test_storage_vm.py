@@ -134,10 +134,10 @@ def dcptrace(
     lab: Lab, token: str, vol: Path, script: str, *, in_cwd: bool = False
 ) -> subprocess.Popen[bytes]:
     """`dcptrace --oss URL --volume VOL -- sh -c SCRIPT` in the lab namespace (from `/`);
-    `in_cwd`: from VOL, declaring nothing (the working directory is shared by default)."""
+    `in_cwd`: from VOL, declaring only `--share-cwd` (off by default under --oss)."""
     env = dict(os.environ, PYTHONPATH=str(source_checkout()), DCP_TOKEN=token)
     env.pop("DCP_STORAGE_HOST", None)
-    declared = [] if in_cwd else ["--volume", str(vol)]
+    declared = ["--share-cwd"] if in_cwd else ["--volume", str(vol)]
     return subprocess.Popen(
         ["ip", "netns", "exec", lab.netns, sys.executable, "-m", "tracer.cli", "--no-state",
          "--oss", lab.oss_url, "--placement", "spread", *declared,
@@ -182,7 +182,7 @@ def test_files_written_on_one_vm_are_read_byte_identical_on_the_other(
     assert (volume / "sub" / "writer").read_text() == f"{wrote[2]}\n"
 
 
-def test_the_working_directory_is_one_namespace_on_both_vms_without_a_flag(
+def test_the_working_directory_is_one_namespace_on_both_vms_with_share_cwd(
     lab: Lab, token: str, volume: Path
 ) -> None:
     status, out, err = finish(
