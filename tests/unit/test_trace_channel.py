@@ -18,7 +18,7 @@ from tracer.coordinator import (
 )
 from tracer.syscalls import by_name
 from vmagent.exec import protocol as P
-from vmagent.trace import channel, procview
+from vmagent.trace import channel
 from vmagent.trace.host import at_cwd_only, coordinator_for, interception
 from vmagent.trace.listeners import net_calls
 from vmagent.trace.placing import PID_CALLS, SIGWAIT, InstanceCoordinator
@@ -116,8 +116,8 @@ def test_interception_is_every_exec_plus_the_views_paths() -> None:
     # issue 14: lock calls (vmagent.trace.filelocks); issue 11: sigwaitinfo (its sender)
     # and the paths that can name /proc/N (those with a dirfd only from AT_FDCWD)
     want = {"execve", "execveat", "flock", "fcntl"} | PID_CALLS | net_calls() | SIGWAIT
-    assert plain == want | procview.CALLS
-    assert at_cwd_only(TABLE, ()) == procview.AT_CALLS
+    assert plain == want  # no maps: no stop per path (/proc/N is served with maps only)
+    assert at_cwd_only(TABLE, ()) == frozenset()
     mapped = interception(TABLE, (("/mnt/v", "/srv"),))
     assert {"execve", "openat", "getcwd"} <= mapped
     assert "openat" not in at_cwd_only(TABLE, (("/mnt/v", "/srv"),))  # the map's: always

@@ -30,8 +30,16 @@ HOME_FILES = {
 def test_proc_pid_takes_paths_under_proc_digits_only() -> None:
     assert procview.proc_pid(b"/proc/500") == (500, b"")
     assert procview.proc_pid(b"/proc/500/stat") == (500, b"/stat")
-    for other in (b"/proc/self/stat", b"/proc/sys/kernel/pid_max", b"/proc", b"/proc/",
-                  b"/proc/05/stat", b"/procs/5", b"/tmp/proc/5", b"/proc/12345678901"):
+    for other in (
+        b"/proc/self/stat",
+        b"/proc/sys/kernel/pid_max",
+        b"/proc",
+        b"/proc/",
+        b"/proc/05/stat",
+        b"/procs/5",
+        b"/tmp/proc/5",
+        b"/proc/12345678901",
+    ):
         assert procview.proc_pid(other) is None, other  # fmt: skip
 
 
@@ -74,7 +82,9 @@ def _call(name: str, path: bytes, base: bytes | None = None) -> SyscallCall:
 @pytest.fixture
 def coordinator() -> Iterator[Fixture]:
     home = FakeHome()
-    c = coordinator_for(TABLE, (), lambda _m: None, proc=home)
+    c = coordinator_for(
+        TABLE, (("/mnt/v", "/srv"),), lambda _m: None, proc=home
+    )  # maps: path calls stop
     c.bind_pids("node1", os.getpid(), 77, 1)  # this instance holds program pid 77 only
     yield c, home
     c.close()

@@ -190,7 +190,13 @@ class InstanceCoordinator:
         # Lock calls always stop (the filter is built without a forwarder).
         net = net_calls()
         self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net | SIGWAIT
-        self._names |= procview.CALLS  # /proc/N of the program's pids (issue 11)
+        # /proc/N of the program's pids (issue 11): only where the view stops path calls
+        # already (its maps: the shared cwd, volumes), so a view without maps pays no stop
+        # per path (a placed Python's start-up stopped thousands of times).
+        self._proc_calls = (
+            procview.CALLS if self._inner_names & procview.PATH_CALLS else frozenset()
+        )
+        self._names |= self._proc_calls
         self._net_names = net - self._inner_names
         self._shared_net = net & self._inner_names
         self._inner_observes: set[int] = set()  # tids whose call the inner observes too
@@ -199,7 +205,7 @@ class InstanceCoordinator:
         """Of `interception`, the calls that need to stop only with dirfd AT_FDCWD (the
         /proc paths of issue 11, when nothing else here wants them)."""
         others = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net_calls() | SIGWAIT
-        return procview.AT_CALLS - others
+        return (procview.AT_CALLS & self._proc_calls) - others
 
     def interception(self) -> frozenset[str]:
         """The view's calls, every exec, the calls that return or take pids, locks,
@@ -208,7 +214,7 @@ class InstanceCoordinator:
 
     def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """An exec asks the placement source (and runs here without a grant)."""
-        if call.name in procview.CALLS:
+        if call.name in self._proc_calls:
             if self.proc is not None and self.pids.bound:
                 if call.name in procview.LISTING_CALLS:
                     return self._listing_call(call)
