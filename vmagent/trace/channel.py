@@ -55,9 +55,11 @@ after `op=seized` are fire-and-forget: the tracer never waits for the agent.
 from __future__ import annotations
 
 import array
+import os
+import select
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from vmagent.errors import AgentError
 from vmagent.exec import protocol as P
@@ -264,3 +266,35 @@ def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     return data, list(fds)
+
+
+def exchange(
+    chan: socket.socket,
+    message: bytes,
+    req: bytes,
+    timeout: float,
+    keep: Callable[[bytes], None],
+    answers: frozenset[bytes],
+    ops: frozenset[bytes] | None = None,
+) -> Record | None:
+    """Send `message`, then the agent's record answering `req` with an op of `ops`
+    (default: any of `answers`); None: none in `timeout`, or the agent is gone.  Records
+    whose op is not one of `answers` are commands that arrived meanwhile: they go to
+    `keep`; a late answer to an earlier request is dropped."""
+    send(chan, message)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([chan], [], [], left)[0]:
+            continue
+        data, fds = receive(chan)
+        for fd in fds:
+            os.close(fd)
+        if not data:
+            return None
+        record = decode(data)
+        op = record.get(b"op")
+        if op not in answers:
+            keep(data)
+        elif op in (ops or answers) and record.get(b"req") == req:
+            return record
+    return None

@@ -39,9 +39,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import socket
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -259,21 +257,7 @@ class ChannelRequest:
         if chan is None:
             return None
         try:
-            channel.send(chan, message)
-            deadline = time.monotonic() + self.timeout
-            while (left := deadline - time.monotonic()) > 0:
-                if not select.select([chan], [], [], left)[0]:
-                    continue
-                data, fds = channel.receive(chan)
-                for fd in fds:
-                    os.close(fd)
-                if not data:
-                    return None
-                record = channel.decode(data)
-                if record.get(b"op") not in ANSWERS:
-                    self._keep(data)
-                elif record.get(b"req") == req:
-                    return record
+            return channel.exchange(chan, message, req, self.timeout, self._keep, ANSWERS)
         except (OSError, channel.ChannelError) as exc:
             log.debug("listener report: %s", exc)
         return None

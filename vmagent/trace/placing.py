@@ -541,8 +541,9 @@ class ChannelKill:
         if sender > 0:
             fields["from"] = sender
         try:
-            answer = exchange(chan, channel.encode(channel.OP_KILL, **fields),
-                              channel.OP_KILLED, req, self.timeout, self._keep)  # fmt: skip
+            answer = channel.exchange(chan, channel.encode(channel.OP_KILL, **fields), req,
+                                      self.timeout, self._keep, ANSWERS,
+                                      frozenset({channel.OP_KILLED}))  # fmt: skip
             if answer is not None:
                 return channel.number(answer, b"errno")
         except (OSError, channel.ChannelError) as exc:
@@ -552,34 +553,6 @@ class ChannelKill:
             self._said = True
             log.warning("a signal for pid %d got no answer from home: ESRCH", pid)
         return errno.ESRCH
-
-
-def exchange(
-    chan: socket.socket,
-    message: bytes,
-    op: bytes,
-    req: bytes,
-    timeout: float,
-    keep: Callable[[bytes], None],
-) -> channel.Record | None:
-    """Send `message`, then the agent's `op` record answering `req` (None: none in
-    `timeout`, or the agent is gone); commands that arrive meanwhile go to `keep`."""
-    channel.send(chan, message)
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([chan], [], [], left)[0]:
-            continue
-        data, fds = channel.receive(chan)
-        for fd in fds:
-            os.close(fd)
-        if not data:
-            return None
-        record = channel.decode(data)
-        if record[b"op"] == op and record.get(b"req") == req:
-            return record
-        if record[b"op"] not in ANSWERS:
-            keep(data)
-    return None
 
 
 class ChannelProc:
@@ -608,7 +581,9 @@ class ChannelProc:
         req = str(self._reqs()).encode()
         message = channel.encode(channel.OP_PROC, req=req, pid=pid)
         try:
-            answer = exchange(chan, message, channel.OP_PROCD, req, self.timeout, self._keep)
+            answer = channel.exchange(
+                chan, message, req, self.timeout, self._keep, ANSWERS, frozenset({channel.OP_PROCD})
+            )
             if answer is None or channel.number(answer, b"errno") != 0:
                 return None
         except (OSError, channel.ChannelError) as exc:
