@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,14 @@ def dcptrace_argv(*options: str) -> list[str]:
 # (set for the whole test process, so every subprocess inherits it).
 DATA_DIR = tempfile.mkdtemp(prefix="dcp-test-data-")
 os.environ["DCP_DATA"] = DATA_DIR
+_DATA_OWNER = os.getpid()
+
+
+@atexit.register
+def _remove_data_dir() -> None:
+    """Removed with the test process that made it (a fork's exit leaves it)."""
+    if os.getpid() == _DATA_OWNER:
+        shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
 def traced_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -137,6 +137,8 @@ class RunStorage:
         self.address = self.host_key = ""
         self.agents: list[Agent] = []
         self._starting = threading.Lock()
+        self._ordering = threading.Lock()  # orders to the running server (fence)
+        self.fenced: set[str] = set()
         if not lazy:
             self.start()
 
@@ -201,6 +203,23 @@ class RunStorage:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.proc = None
+
+    def fence(self, instance: str) -> None:
+        """`instance` was declared lost: the server closes its connections and refuses it
+        from now on, so a copy of the program still running there (frozen, partitioned)
+        writes nothing more into the volume while another is restored from a checkpoint."""
+        with self._ordering:
+            proc = self.proc
+            if proc is None or proc.stdin is None or instance in self.fenced:
+                return
+            self.fenced.add(instance)
+            try:
+                proc.stdin.write(f"fence {instance}\n".encode())
+                proc.stdin.flush()
+            except OSError as exc:  # the server is gone: nothing is written through it
+                log.warning("storage %s: %s not fenced: %s", self.name, instance, exc)
+                return
+        log.warning("storage %s: instance %s fenced (declared lost)", self.name, instance)
 
     def gib_seconds(self) -> dict[str, float]:
         """GiB-seconds per tier the server measured so far (its billing.json)."""

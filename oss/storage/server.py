@@ -91,20 +91,27 @@ class _Accounts:
 
 
 class _Auth(asyncssh.SSHServer):
-    """Password authentication with the run's key, and nothing else."""
+    """Password authentication with the run's key, and nothing else.
+
+    An instance's dcpfs logs in as `dcp@INSTANCE` (plain `dcp`: a client that names
+    none): the name is what a fence (`StorageServer.fence`) closes and refuses."""
 
     def __init__(self, owner: StorageServer) -> None:
         self.owner = owner
         self.conn_id = 0
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.instance = ""
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn_id = id(conn)
+        self.conn = conn
         self.owner.connections += 1
         if self.owner.connections > MAX_CONNECTIONS:
             conn.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.connections -= 1
+        self.owner.by_instance.get(self.instance, set()).discard(self)
         # The lease of an instance's locks is its connection (keepalives end a lost one).
         self.owner.locks.drop_connection(self.conn_id)
 
@@ -122,7 +129,16 @@ class _Auth(asyncssh.SSHServer):
 
     def validate_password(self, username: str, password: str) -> bool:
         good = hmac.compare_digest(password.encode(), self.owner.config.key.encode())
-        return good and username == USER
+        user, _, instance = username.partition("@")
+        if not good or user != USER or (instance and not REPORT_NAME.match(instance)):
+            return False
+        if instance in self.owner.fenced:
+            log.warning("instance %s is fenced (declared lost): its login is refused", instance)
+            return False
+        self.instance = instance
+        if instance:
+            self.owner.by_instance.setdefault(instance, set()).add(self)
+        return True
 
 
 class _VolumeSftp(asyncssh.SFTPServer):
@@ -255,6 +271,10 @@ class StorageServer:
         self._sock: socket.socket | None = None
         self.host_key = ""
         self.locks = LockTable()
+        # Instances declared lost (`fence`): their connections are closed and their
+        # logins refused, so a copy left running there writes nothing more.
+        self.fenced: set[str] = set()
+        self.by_instance: dict[str, set[_Auth]] = {}
 
     # -- bookkeeping used by the SFTP handlers (on the server's loop) --------
 
@@ -271,6 +291,22 @@ class StorageServer:
         """Measured bytes; the program's are its user's and account's too on a private OSS."""
         total = self.accounts.total()
         return StorageUsage(account=total, user=total, program=total, volume=total)
+
+    def fence(self, instance: str) -> None:
+        """`instance` was declared lost: close its connections, refuse its logins from now
+        on (any thread).  What it wrote before is kept; nothing after reaches the volume."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.fenced.add(instance)
+            return
+        loop.call_soon_threadsafe(self._fence, instance)
+
+    def _fence(self, instance: str) -> None:
+        self.fenced.add(instance)
+        for auth in list(self.by_instance.pop(instance, set())):
+            if auth.conn is not None:
+                auth.conn.abort()  # now: nothing it still sends is applied
+        log.warning("instance %s fenced: its storage connections are closed", instance)
 
     # -- life cycle ----------------------------------------------------------
 
@@ -530,8 +566,11 @@ def main() -> None:
         sys.exit(1)
     print(json.dumps({"address": bound, "host_key": server.host_key}), flush=True)
     try:
-        while sys.stdin.buffer.read(4096):
-            pass
+        # Then one order a line: `fence INSTANCE` (declared lost); EOF stops the server.
+        for line in iter(lambda: sys.stdin.buffer.readline(256), b""):
+            verb, _, name = line.decode(errors="replace").strip().partition(" ")
+            if verb == "fence" and REPORT_NAME.match(name):
+                server.fence(name)
     finally:
         server.stop()
 

@@ -14,6 +14,7 @@ the reason when root or CRIU is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,15 +33,19 @@ pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.root]
 N = 400  # numbers the counter writes, PAUSE s apart
 # The counter rewrites `at` in place: a restored run does again what it did after its
 # checkpoint, and a rename of a temporary file done then is not undone (the second
-# rename would find no temporary file: docs/CHECKPOINT.md, what is lost).
+# rename would find no temporary file: docs/CHECKPOINT.md, what is lost).  Six digits
+# over the same six bytes, never truncated: its size never changes, so CRIU's check of
+# an open file's size holds even when a frozen instance's old copy rewrote it while
+# the checkpoint was being restored elsewhere (docs/CHECKPOINT.md, never twice).
 PAUSE = 0.05
 COUNTER = r"""
 import os, sys, time
 n, pause = int(sys.argv[1]), float(sys.argv[2])
 for i in range(1, n + 1):
     print(i, flush=True)
-    with open("at", "w") as f:  # in place, not tmp + rename: see below
-        f.write(str(i))
+    fd = os.open("at", os.O_WRONLY | os.O_CREAT, 0o644)  # in place, not tmp + rename
+    os.pwrite(fd, b"%06d" % i, 0)
+    os.close(fd)
     time.sleep(pause)
 print("done", flush=True)
 sys.exit(7)
@@ -273,17 +278,22 @@ def test_a_frozen_instance_that_comes_back_is_fenced(
     os.kill(agent, signal.SIGSTOP)  # silent: the OSS declares it lost; the counter runs on
     try:
         other = [n for n in agents if n != ns]
-        assert wait_for(lambda: any(n in other for _p, n in _counters(counter)), 120), (
-            _counters(counter), run.poll(),
-        )  # fmt: skip
+        moved = wait_for(lambda: any(n in other for _p, n in _counters(counter)), 120)
     finally:
-        os.kill(agent, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # gone with a run that ended
+            os.kill(agent, signal.SIGCONT)
+    if not moved:
+        gone = run.poll() is not None
+        said = run.communicate(timeout=30)[1].decode(errors="replace") if gone else ""
+        raise AssertionError(f"not restored elsewhere: {_counters(counter)}, {run.poll()}: {said}")
     # Back, it registers again and is told to kill the program's old copy.
     assert wait_for(lambda: (pid, ns) not in _counters(counter), 60), _counters(counter)
     out, err = run.communicate(timeout=240)
     assert run.returncode == 7, err.decode()
     assert out.split()[-1] == b"done" and out.count(b"done") == 1
     assert set(_numbers(out)) == set(range(1, N + 1))
+    # Once restored elsewhere, the frozen instance was cut off from the program's files.
+    assert b" fenced (declared lost)" in err, err.decode()
 
 
 def test_without_a_checkpoint_the_process_is_lost_with_one_line_at_once(counter: Path) -> None:

@@ -51,7 +51,7 @@ while (i < rounds) if rounds else not os.path.exists(flag + ".stop"):
     i += 1
 sys.exit(5)
 """
-ROUNDS = 300  # ~2 s of CPU natively, idle; over a minute on the slow instance: it moves first
+ROUNDS = 500  # ~3.5 s of CPU natively, idle; minutes on the slow instance: it moves first
 
 
 def _cpu_controller_or_skip() -> None:
@@ -92,7 +92,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 def _dcptrace(lab: Lab, token: str, rounds: int, flag: str) -> subprocess.Popen[bytes]:
     env = dict(traced_env(), DCP_TOKEN=token)
     env.pop("DCP_OSS_FALLBACK", None)
-    # --no-share-cwd: the slow instance's whole quota (a fiftieth of a CPU) would be
+    # --no-share-cwd: the slow instance's whole quota (a twentieth of a CPU) would be
     # shared by its dcpfs and two CPU-bound programs; FLAG.host through the program's
     # storage took minutes there.  A move of a process writing in the shared cwd:
     # test_oss_migrate.py (the same move).

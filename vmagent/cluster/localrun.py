@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vmagent.cluster.coordinator import Ident
-from vmagent.cluster.ossmode import Grant, LocalProgramLink, OssCannotRun
+from vmagent.cluster.ossmode import Grant, LocalProgramLink, OssCannotRun, fencing
 from vmagent.errors import AgentError
 from vmagent.exec.view import View
 
@@ -257,7 +257,7 @@ class StorageLink:
 
     @on_restored.setter
     def on_restored(self, value: Callable[[dict[str, Any]], None] | None) -> None:
-        self.link.on_restored = value
+        self.link.on_restored = None if value is None else fencing(self.storage, value)
 
     def _mount(self) -> bool:
         from oss.storage import StorageError

@@ -576,6 +576,22 @@ def follow_restorations(
     return seen
 
 
+def fencing(
+    storage: Any, on_restored: Callable[[dict[str, Any]], None]
+) -> Callable[[dict[str, Any]], None]:
+    """`on_restored`, then the lost instance is fenced from the run's storage
+    (`RunStorage.fence`): the deputy follows the restored copy now, and the old one,
+    if its instance is only frozen or cut off, writes nothing more into the program's
+    files until it is killed when its instance is back."""
+
+    def restored(news: dict[str, Any]) -> None:
+        on_restored(news)
+        if not news.get("error") and news.get("lost"):
+            storage.fence(str(news["lost"]))
+
+    return restored
+
+
 class OssProgramLink:
     """`ProgramLink` over HTTP: the typed `oss.client.OssClient` on a private loop."""
 
@@ -948,8 +964,11 @@ class OssProgramLink:
             if self.checkpoint_every is not None and self.on_restored is not None:
                 with contextlib.suppress(errors.OssError, TimeoutError):
                     news = await self._client.request("GET", f"/v1/programs/{pid}/restorations")
+                    restored = self.on_restored
+                    if self.storage is not None and restored is not None:
+                        restored = fencing(self.storage, restored)
                     self._restored_seen = follow_restorations(
-                        news, self._restored_seen, self.on_restoring, self.on_restored
+                        news, self._restored_seen, self.on_restoring, restored
                     )
             failed = LOST_REASON.match(prog.status_reason)
             if failed and self._on_lost and failed[1] not in self._lost_said:

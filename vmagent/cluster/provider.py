@@ -45,7 +45,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 STOP_WAIT = 5.0  # seconds an agent has to stop on SIGTERM before SIGKILL
 CGROUP = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000  # the quota's period (the kernel's default)
-SLOW_QUOTA = 0.02  # make_slow: a fiftieth of one CPU per instance
+SLOW_QUOTA = 0.05  # make_slow: a twentieth of one CPU per instance (the agent takes ~1.5% of it)
 
 
 def _children(pid: int) -> list[int]:

@@ -190,7 +190,7 @@ class Remote:
             return [pinned], [], []  # the run's server only, whatever its address
 
         options: dict[str, Any] = dict(
-            username="dcp", password=self.config.key, known_hosts=known,
+            username=f"dcp@{self.config.instance}", password=self.config.key, known_hosts=known,
             client_keys=None, agent_path=None, preferred_auth="password",
             keepalive_interval=15, config=None,
         )  # fmt: skip
