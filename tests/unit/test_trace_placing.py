@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from tracer.coordinator import Allow, Complete, Decision, ProcessEvent, Rewrite,
 from vmagent.cluster.coordinator import Ident
 from vmagent.exec import tickets
 from vmagent.exec.view import View
-from vmagent.trace.placing import Grant, PlacingCoordinator
+from vmagent.trace import channel, placer
+from vmagent.trace.placing import ChannelAsk, Grant, PlacingCoordinator
 
 
 class AllowAll:
@@ -110,3 +113,51 @@ def test_under_auto_an_instance_keeps_short_and_chained_execs_without_asking() -
     assert isinstance(c.on_syscall(execve(7, b"/bin/true", (b"true", b"x"))), Rewrite)
     assert len(ask.asked) == 1
     c.close()
+
+
+# -- ChannelAsk: T's placement question over a real socket pair -------------------------
+
+IDENT = Ident(1000, 1000, (1000,), "d" * 64)
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def test_a_grant_answers_the_question_and_a_command_meanwhile_is_kept() -> None:
+    t, agent = _pair()
+    kept: list[bytes] = []
+    ask = ChannelAsk(lambda: t, timeout=5, keep=kept.append)
+    detach = channel.encode(b"detach", pid=7)
+    agent.send(placer.home_record(0, "a late answer to an earlier question"))
+    agent.send(detach)
+    agent.send(placer.grant_record(1, "node1", "10.0.0.2:7000", "tkt"))
+    assert ask(IDENT, 42, ["node0"]) == Grant("node1", "10.0.0.2:7000", "tkt")
+    assert kept == [detach]
+    asked = channel.decode(agent.recv(65536))
+    assert asked[b"op"] == placer.OP_PLACE and asked[b"req"] == b"1" and asked[b"pid"] == b"42"
+
+
+def test_a_refusal_a_gone_agent_and_silence_each_run_the_exec_here(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    t, agent = _pair()
+    ask = ChannelAsk(lambda: t, timeout=0.2)
+    agent.send(placer.home_record(1, "no instance has room"))
+    assert ask(IDENT, 42, []) is None
+    assert ask(IDENT, 42, []) is None  # nobody answers req 2 in time
+    for _ in range(2):
+        agent.recv(65536)  # questions 1 and 2
+
+    def hang_up() -> None:  # once question 3 arrives, while T waits for its answer
+        agent.recv(65536)
+        agent.close()
+
+    threading.Thread(target=hang_up).start()
+    assert ask(IDENT, 42, []) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "an exec runs on this instance: no instance has room",
+        "an exec runs on this instance: no answer from the agent in 0 s",
+        "an exec runs on this instance: the agent is gone",
+    ], said

@@ -89,6 +89,10 @@ class ChannelError(AgentError):
     """A tracer channel message is malformed."""
 
 
+class AgentGone(ChannelError):
+    """The agent closed the channel while T waited for an answer."""
+
+
 def encode(op: bytes, **fields: bytes | int | str) -> bytes:
     """One message: `op` first, then `fields` (ints and str become their decimal/UTF-8 bytes)."""
     out: dict[bytes, bytes] = {b"op": op}
@@ -278,9 +282,9 @@ def exchange(
     ops: frozenset[bytes] | None = None,
 ) -> Record | None:
     """Send `message`, then the agent's record answering `req` with an op of `ops`
-    (default: any of `answers`); None: none in `timeout`, or the agent is gone.  Records
-    whose op is not one of `answers` are commands that arrived meanwhile: they go to
-    `keep`; a late answer to an earlier request is dropped."""
+    (default: any of `answers`); None: none in `timeout`; AgentGone: the agent closed the
+    channel.  Records whose op is not one of `answers` are commands that arrived
+    meanwhile: they go to `keep`; a late answer to an earlier request is dropped."""
     send(chan, message)
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
@@ -290,7 +294,7 @@ def exchange(
         for fd in fds:
             os.close(fd)
         if not data:
-            return None
+            raise AgentGone("the agent is gone")
         record = decode(data)
         op = record.get(b"op")
         if op not in answers:

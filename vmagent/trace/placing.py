@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import select
 import socket
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -508,6 +505,7 @@ PLACE_TIMEOUT = 2.0  # s T waits for the agent's answer (the exec is stopped mea
 KILL_TIMEOUT = 5.0  # s T waits for a signal sent at home (the call is stopped meanwhile)
 # Answers T may find late on its channel (dropped); anything else is a command it keeps.
 ANSWERS = frozenset({channel.OP_KILLED, channel.OP_PROCD, placer.OP_GRANT, placer.OP_HOME})
+PLACE_ANSWERS = frozenset({placer.OP_GRANT, placer.OP_HOME})  # to op=place
 
 
 class ChannelKill:
@@ -586,6 +584,8 @@ class ChannelProc:
             )
             if answer is None or channel.number(answer, b"errno") != 0:
                 return None
+        except channel.AgentGone:
+            return None  # as no answer: the view reads this instance's /proc
         except (OSError, channel.ChannelError) as exc:
             log.warning("/proc/%d was not read at home: %s", pid, exc)
             return None
@@ -650,37 +650,24 @@ class ChannelAsk:
         if chan is None:
             return None
         req = self.next_req()
+        message = placer.place_record(
+            req, pid, ident.uid, ident.gid, ident.groups, ident.digest, avoid
+        )
         try:
-            channel.send(
-                chan,
-                placer.place_record(
-                    req, pid, ident.uid, ident.gid, ident.groups, ident.digest, avoid
-                ),
-            )
-            deadline = time.monotonic() + self.timeout
-            while (left := deadline - time.monotonic()) > 0:
-                if not select.select([chan], [], [], left)[0]:
-                    continue
-                data, fds = channel.receive(chan)
-                for fd in fds:
-                    os.close(fd)
-                if not data:
-                    self._once("the agent is gone")
-                    return None
-                record = channel.decode(data)
-                if record[b"op"] not in ANSWERS:
-                    self._keep(data)
-                    continue
-                if record.get(b"req") != str(req).encode():
-                    continue  # the late answer of an earlier request
-                if record[b"op"] == placer.OP_GRANT:
-                    return Grant(
-                        record[b"instance"].decode(),
-                        record[b"address"].decode(),
-                        record[b"ticket"].decode(),
-                    )
+            record = channel.exchange(chan, message, str(req).encode(), self.timeout,
+                                      self._keep, ANSWERS, PLACE_ANSWERS)  # fmt: skip
+            if record is not None and record[b"op"] == placer.OP_GRANT:
+                return Grant(
+                    record[b"instance"].decode(),
+                    record[b"address"].decode(),
+                    record[b"ticket"].decode(),
+                )
+            if record is not None:
                 self._once(record.get(b"reason", b"no reason").decode(errors="replace"))
                 return None
+        except channel.AgentGone:
+            self._once("the agent is gone")
+            return None
         except (OSError, channel.ChannelError, KeyError, UnicodeDecodeError) as exc:
             self._once(f"no placement ({type(exc).__name__}: {exc})")
             return None
