@@ -4,6 +4,7 @@ instances, instance types, pools, agent registration and heartbeats.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -224,7 +225,8 @@ async def h_agent_place(
     got = await _where_storage_is(oss, account, pid, got)
     grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as, pid)]
     where = ", ".join(a["instance"] for a in got)
-    await oss.program_log(pid, f"placed: pid {b.parent_pid} on {who} runs its exec on {where}")
+    said = f"runs its exec on {where}" if got else "runs its exec there (no instance given)"
+    await oss.program_log(pid, f"placed: pid {b.parent_pid} on {who} {said}")
     return m.PlacementResult(
         program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants
     )
@@ -235,13 +237,15 @@ async def _where_storage_is(
 ) -> list[dict[str, Any]]:
     """Issue 14: a program with storage places recursively only where it is mounted
     (a mount takes longer than an agent waits); the rest is given back, and the exec
-    runs on the asking instance, which has it."""
+    runs on the asking instance, which has it.  The instance chosen but not mounted
+    starts mounting now (`mount_soon`), so the program's next execs can go there."""
     mounted = await oss.storage.mounts(pid)
     if mounted is None:
         return got
     for a in got:
         if a["instance"] not in mounted:
             await oss.programs.release(account, pid, a["instance"], a["processes"])
+            oss.storage.mount_soon(pid, a["instance"], partial(oss.program_log, pid))
     return [a for a in got if a["instance"] in mounted]
 
 

@@ -15,7 +15,7 @@ later processes are placed on, and still orders the unmounts at the end.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from oss.compute.commands import CommandQueue
@@ -104,6 +104,7 @@ class StorageRelay:
         # command id -> (its instance, the future of its outcome)
         self._waiting: dict[int, tuple[str, asyncio.Future[tuple[bool, str]]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._soon: dict[tuple[str, str], asyncio.Task[None]] = {}  # mount_soon's, running
 
     async def put(self, program: str, spec: Mapping[str, Any]) -> None:
         """Remember the program's storage (replacing an earlier spec)."""
@@ -144,9 +145,35 @@ class StorageRelay:
             if self.saved is not None:
                 await self.saved.mounted(program, instance)
 
+    def mount_soon(
+        self, program: str, instance: str, said: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Start mounting the program's storage on `instance` (the OSS chose it for one of
+        the program's execs but it has no mount yet); `said(line)` gets the outcome.  An
+        exec placed from an instance waits seconds at most, a mount takes a heartbeat and
+        dcpfs's start: this one runs on while that exec stays where it was asked, and the
+        next can go there."""
+        key = (program, instance)
+        if key in self._soon or instance in self.mounted.get(program, set()):
+            return
+
+        async def mount() -> None:
+            try:
+                await self.mount(program, instance)
+                await said(f"storage mounted on {instance} (for execs placed from instances)")
+            except StorageNotMounted as exc:
+                await said(f"storage not mounted on {instance}: {exc.detail}")
+            finally:
+                self._soon.pop(key, None)
+
+        self._soon[key] = asyncio.get_running_loop().create_task(mount())
+
     async def unmount_all(self, program: str) -> dict[str, str]:
         """Order every instance that mounted the program's storage to unmount it; forget
         the spec.  Instances that did not confirm, with why."""
+        soon = [t for (p, _i), t in self._soon.items() if p == program]
+        if soon:  # mounts under way end first, so that they are unmounted too
+            await asyncio.wait(soon, timeout=UNMOUNT_TIMEOUT)
         await self._spec(program)
         spec = self.specs.pop(program, None)
         instances = sorted(self.mounted.pop(program, set()))

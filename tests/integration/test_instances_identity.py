@@ -504,3 +504,21 @@ def test_proc_and_ps_of_a_sibling_elsewhere_on_an_instance(tmp_path: Path) -> No
         where = tmp_path / mode
         where.mkdir()
         assert run_all_one(mode, PROC_ELSEWHERE, where) == PROC_ELSEWHERE_WANT, mode
+
+
+# A background job killed by the shell, then waited for: dash says `Terminated` on
+# stderr and `wait` gives 143, as natively, whether the job ran home or on an instance
+# (its deputy dies by the signal its process died by).
+KILL_WAIT = 'sleep 10 & p=$!; sleep 0.3; kill $p; wait $p; echo "st=$?"; sleep 10 & kill $!; wait'
+
+
+def test_a_killed_background_job_is_reported_as_natively() -> None:
+    said = {}
+    for mode, prefix in MODES.items():
+        argv = [*prefix, "--", "dash", "-c", KILL_WAIT] if prefix else ["dash", "-c", KILL_WAIT]
+        res = subprocess.run(argv, capture_output=True, env=traced_env(), timeout=120)
+        err = [ln for ln in res.stderr.decode().splitlines() if not ln.startswith("dcptrace:")]
+        said[mode] = (res.stdout.decode(), err, res.returncode)
+    assert said["native"][0] == "st=143\n", said["native"]
+    assert said["plain"] == said["native"], said
+    assert said["spread"] == said["native"], said

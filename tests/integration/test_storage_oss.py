@@ -90,6 +90,53 @@ def test_files_written_on_one_instance_are_read_whole_on_the_other(lab: Lab) -> 
     assert billed["amount_micros"] >= 1 and billed["storage_micros"] == billed["amount_micros"]
 
 
+def test_execs_placed_from_an_instance_spread_once_the_other_has_mounted(lab: Lab) -> None:
+    """A placed sh's own execs are placed by its agent through the OSS; the program has
+    storage, so only where it is mounted.  The other instance, chosen for one of them
+    but not mounted yet, starts mounting then (that exec runs beside the sh); once it
+    has, the sh's next exec goes there and reads the writer's bytes through its dcpfs."""
+    vol = lab.data / "vol3"
+    vol.mkdir()
+    rw, go = lab.data / "rw.sh", lab.data / "vol3-go"
+    # The placed sh writes (an exec of its own), waits for the test's word, then reads.
+    inner = f"{rw} write {vol}; while [ ! -e {go} ]; do sleep 0.2; done; {rw} read {vol}"
+    env = traced_env({"DCP_TOKEN": lab.token})
+    options = ("--no-state", "--oss", lab.url, "--placement", "spread", "--volume", str(vol))
+    argv = [*dcptrace_argv(*options, "--no-share-cwd"), "--", "sh", "-c", f"/bin/sh -c '{inner}'"]
+    run = subprocess.Popen(argv, cwd=lab.data, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+
+        def soon_mounted() -> bool:
+            running = [p for p in lab.get("/v1/programs")[:1] if p["state"] == "running"]
+            if not running:
+                return False
+            log = lab.get(f"/v1/programs/{running[0]['id']}/logs")["lines"]
+            return any(ln["text"].endswith("(for execs placed from instances)") for ln in log)
+
+        assert wait_for(soon_mounted, 60), "no instance mounted for execs placed from one"
+        go.touch()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    prog = newest_program(lab)["id"]
+    log = [ln["text"] for ln in lab.get(f"/v1/programs/{prog}/logs")["lines"]]
+    soon = [t.split()[3] for t in log if t.endswith("(for execs placed from instances)")]
+    (wrote,) = [line.split() for line in lines if line.startswith("write on ")]
+    (read,) = [line.split() for line in lines if line.startswith("read on ")]
+    # The writer ran beside the placed sh, its child ("home": no agent is its parent);
+    # the reader was placed from the sh's instance on the one that mounted meanwhile.
+    assert wrote[2] == "home" and wrote[3] == FUSE_MAGIC, lines
+    assert soon == [read[2]] and read[3] == FUSE_MAGIC, (lines, log)
+    want = hashlib.md5("".join(f"{i}\n" for i in range(1, 40001)).encode()).hexdigest()
+    assert f"sum {want} from home" in lines, lines
+    assert "dcpfs-" not in Path("/proc/self/mountinfo").read_text()
+
+
 def test_a_volume_under_oss_needs_no_root_here_but_a_directory(lab: Lab) -> None:
     res = dcptrace(lab, lab.url, "true", token=lab.token, volume=str(lab.data / "missing"))
     err = res.stderr.decode().strip()

@@ -116,3 +116,32 @@ def test_a_restarted_relay_reads_back_the_spec_and_the_mounts() -> None:
         assert saved.rows == {}
 
     asyncio.run(go())
+
+
+def test_mount_soon_mounts_once_in_the_background_and_the_end_waits_for_it() -> None:
+    async def go() -> None:
+        relay = StorageRelay(CommandQueue())
+        await relay.put("p1", SPEC)
+        said: list[str] = []
+
+        async def say(line: str) -> None:
+            said.append(line)
+
+        relay.mount_soon("p1", "vm1", say)
+        relay.mount_soon("p1", "vm1", say)  # under way: not a second order
+        await asyncio.sleep(0)
+        assert len(relay.commands.for_instance("vm1", [])) == 1
+        # The run ends while the mount is under way: the unmount waits, then reaches it.
+        ending = asyncio.ensure_future(relay.unmount_all("p1"))
+        assert (await _answer(relay, "vm1", True))["action"] == "mount"
+        while not [c for c in relay.commands.for_instance("vm1", []) if c.action == "unmount"]:
+            await asyncio.sleep(0)
+        assert (await _answer(relay, "vm1", True))["action"] == "unmount"
+        assert await ending == {}
+        assert said == ["storage mounted on vm1 (for execs placed from instances)"]
+        relay.mount_soon("p2", "vm1", say)  # a program with no storage: one line, no order
+        await asyncio.sleep(0.01)
+        assert said[-1] == "storage not mounted on vm1: program p2 declared no storage"
+        assert relay.commands.for_instance("vm1", []) == []
+
+    asyncio.run(go())
