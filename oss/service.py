@@ -194,7 +194,7 @@ class Oss:
         self._runner: asyncio.Task[None] | None = None
         # Issue 13: program addresses and redirects (None: no network prefix configured).
         self.network: NetworkManager | None = None
-        self.unix_paths = UnixPaths()  # issue 13: AF_UNIX paths bound per instance
+        self.unix_paths = UnixPaths(self.store)  # issue 13: AF_UNIX paths bound per instance
         self.heartbeats_processed = 0
         self._ticks = 0
 
@@ -242,6 +242,7 @@ class Oss:
         self._last_seen = {name: now for name in await self.instances.ready_instances()}
         # Issue 12: checkpoint policies, stored checkpoints, restores still to do.
         self._checkpointing |= await self.failover.load(set(self._last_seen))
+        await self.unix_paths.load()  # issue 13: the AF_UNIX paths bound before
         await self._seed_metrics()
         self._runner = asyncio.create_task(self._loop(), name="oss-background")
         self.oss_log("oss started")
@@ -256,6 +257,7 @@ class Oss:
         if self.network is not None:
             await self.network.close()
         await self.failover.flush()
+        await self.unix_paths.flush()
         await self._flush_all()
         await self.store.close()
 

@@ -11,3 +11,11 @@ V_NET = """
         port INTEGER NOT NULL, instance TEXT NOT NULL, pid INTEGER NOT NULL,
         bound TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY(program_id, proto, port));
 """
+
+# Issue 13: AF_UNIX paths a program bound on its instances (so that a restarted OSS
+# still relays a connect on another kernel to them).
+V_UNIX = """
+    CREATE TABLE net_unix_paths(program_id TEXT NOT NULL, path TEXT NOT NULL,
+        instance TEXT NOT NULL, pid INTEGER NOT NULL, kind TEXT NOT NULL,
+        boot TEXT NOT NULL, PRIMARY KEY(program_id, path));
+"""

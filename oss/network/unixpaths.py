@@ -4,9 +4,9 @@ VMs are separate kernels: a socket bound to a path on one is not reached by
 `connect` on another.  The instance tracers tell their agent of every
 `bind` of a path socket (and of its end); the agent posts it here
 (`POST /v1/agents/programs/{program}/network/unix`) and the OSS keeps
-(program, path) -> (instance, socket type) in memory, for the program's life
-(an OSS restart forgets them: sockets bound before are then reached on their
-own instance only).  A second bind of a path the program holds on another
+(program, path) -> (instance, socket type) for the program's life, in memory and
+in its store (`net_unix_paths`, written behind each change: a restarted OSS reads
+them back).  A second bind of a path the program holds on another
 instance gets 409 (EADDRINUSE, as the second bind of one path on a machine).
 
 A tracer seeing `connect` to a path nothing on its kernel is bound to asks
@@ -21,13 +21,20 @@ binder's own tracer reported are reachable that way.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from oss.db.store import Conn, Store
 from oss.errors import Conflict
+
+log = logging.getLogger(__name__)
 
 TICKET_TTL = 20.0  # s a relay ticket is valid
 VERSION = "u1"
@@ -67,20 +74,56 @@ class Bound:
 
 
 class UnixPaths:
-    """(program, path) -> the instance whose kernel holds the socket (in memory)."""
+    """(program, path) -> the instance whose kernel holds the socket (in memory, and a
+    row each in `saved`, the OSS's store, when given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, saved: Store | None = None) -> None:
         self._paths: dict[str, dict[str, Bound]] = {}
+        self.saved = saved
+        self._saving: set[asyncio.Future[Any]] = set()
+
+    def _save(self, fn: Callable[[Conn], Any]) -> None:
+        """Write a change to the store behind the caller (in order with every write)."""
+        if self.saved is None:
+            return
+        fut = self.saved.submit(fn)
+        self._saving.add(fut)
+        fut.add_done_callback(self._saved)
+
+    def _saved(self, fut: asyncio.Future[Any]) -> None:
+        self._saving.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("AF_UNIX path table not saved: %s", fut.exception())
+
+    async def flush(self) -> None:
+        """Wait for the changes on their way to the store."""
+        if self._saving:
+            await asyncio.gather(*list(self._saving), return_exceptions=True)
+
+    async def load(self) -> int:
+        """Read the table back after a restart (the paths read)."""
+        if self.saved is None:
+            return 0
+        rows = await self.saved.read(_load)
+        for program, path, bound in rows:
+            self._paths.setdefault(program, {})[path] = bound
+        return len(rows)
 
     def bind(self, program: str, path: str, bound: Bound) -> None:
         """Record a bind; Conflict when another kernel's instance of the program holds
         `path` (on one kernel the file is one: the last bind has it, as natively)."""
         held = self._paths.setdefault(program, {}).get(path)
-        if held is not None and held.instance != bound.instance and (
-            not held.boot or held.boot != bound.boot
+        if (
+            held is not None
+            and held.instance != bound.instance
+            and (not held.boot or held.boot != bound.boot)
         ):
             raise Conflict(f"{path} is bound on instance {held.instance}")
         self._paths[program][path] = bound
+        row = (program, path, bound.instance, bound.pid, bound.kind, bound.boot)
+        self._save(lambda c: c.execute(
+            "INSERT OR REPLACE INTO net_unix_paths VALUES(?,?,?,?,?,?)", row
+        ))  # fmt: skip
 
     def unbind(self, program: str, path: str, instance: str) -> None:
         """Forget `path` if `instance` holds it."""
@@ -90,6 +133,10 @@ class UnixPaths:
             del paths[path]
             if not paths:
                 self._paths.pop(program, None)
+            self._save(lambda c: c.execute(
+                "DELETE FROM net_unix_paths WHERE program_id=? AND path=? AND instance=?",
+                (program, path, instance),
+            ))  # fmt: skip
 
     def find(self, program: str, path: str) -> Bound | None:
         """Where `path` is bound for `program` (None: nowhere)."""
@@ -97,7 +144,10 @@ class UnixPaths:
 
     def release(self, program: str) -> None:
         """The program ended."""
-        self._paths.pop(program, None)
+        if self._paths.pop(program, None) is not None:
+            self._save(lambda c: c.execute(
+                "DELETE FROM net_unix_paths WHERE program_id=?", (program,)
+            ))  # fmt: skip
 
     def lost(self, instance: str) -> None:
         """An instance is gone: its sockets with it."""
@@ -105,3 +155,10 @@ class UnixPaths:
             for path, held in list(self._paths[program].items()):
                 if held.instance == instance:
                     self.unbind(program, path, instance)
+
+
+def _load(c: Conn) -> list[tuple[str, str, Bound]]:
+    return [
+        (r["program_id"], r["path"], Bound(r["instance"], r["pid"], r["kind"], r["boot"]))
+        for r in c.execute("SELECT * FROM net_unix_paths")
+    ]

@@ -365,3 +365,46 @@ def test_the_relay_route_bounds_and_checks_before_connecting(tmp_path: Path) -> 
         assert asyncio.run(main()) == {"no ticket": 401, "big": 413, "forged": errno.EACCES}
         with pytest.raises(BlockingIOError):
             server.accept()  # nothing reached the socket
+
+
+def test_the_path_table_outlives_the_oss(tmp_path: Path) -> None:
+    """A restarted OSS still knows where each path is bound (rows of its real store):
+    binds, an unbind, a lost instance and an ended program are all as they were."""
+    from oss.db.store import Store
+    from oss.schema import VERSIONS
+
+    async def before() -> None:
+        store = Store(tmp_path / "data", VERSIONS)
+        await store.open()
+        paths = UnixPaths(store)
+        paths.bind(PROGRAM, "/srv/a.sock", Bound("vm1", 10, "stream", "b1"))
+        paths.bind(PROGRAM, "/srv/b.sock", Bound("vm1", 11, "dgram"))
+        paths.bind(PROGRAM, "/srv/c.sock", Bound("vm2", 12, "seqpacket"))
+        paths.bind("p2", "/srv/a.sock", Bound("vm3", 13, "stream"))
+        paths.bind("p3", "/srv/a.sock", Bound("vm1", 14, "stream"))
+        paths.unbind(PROGRAM, "/srv/b.sock", "vm1")
+        paths.lost("vm2")
+        paths.release("p3")
+        await paths.flush()
+        await store.close()
+
+    async def after() -> UnixPaths:
+        store = Store(tmp_path / "data", VERSIONS)
+        await store.open()
+        paths = UnixPaths(store)
+        assert await paths.load() == 2
+        await store.close()
+        return paths
+
+    asyncio.run(before())
+    paths = asyncio.run(after())
+    assert paths.find(PROGRAM, "/srv/a.sock") == Bound("vm1", 10, "stream", "b1")
+    assert paths.find("p2", "/srv/a.sock") == Bound("vm3", 13, "stream")
+    for program, path in (
+        (PROGRAM, "/srv/b.sock"),
+        (PROGRAM, "/srv/c.sock"),
+        ("p3", "/srv/a.sock"),
+    ):
+        assert paths.find(program, path) is None
+    with pytest.raises(Conflict):  # held on vm1 still, for a bind elsewhere
+        paths.bind(PROGRAM, "/srv/a.sock", Bound("vm4", 20, "stream"))
