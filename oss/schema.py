@@ -32,6 +32,6 @@ VERSIONS: tuple[Version, ...] = (
     (13, (compute.V_SPEED, telemetry.V_MOVE_REASON)),  # speeds, move reasons (issue 12)
     (14, (storage.V_SPECS,)),  # storage specs and mounts survive a restart (issue 14)
     (15, (compute.V_FAILOVER,)),  # failover policies, checkpoint index survive (issue 12)
-    (16, (network.V_UNIX,)),  # AF_UNIX paths bound per instance survive (issue 13)
+    (16, (network.V_UNIX,)),  # AF_UNIX paths, moved connections' pins survive (13)
 )
 check_sequence(VERSIONS)

@@ -10,8 +10,9 @@ The OSS calls it where the program's life changes:
   its listeners' redirects re-point to the target (the hook issue 12 calls),
   and its connections' ports follow it: the established connections from P
   found on the target with a local port of another instance's block (CRIU
-  restored them) are pinned there (`plan.Pin`; applier that can read a
-  node's connections only: local instances);
+  restored them) are pinned there (`plan.Pin`, rows of `net_pins`: a restarted
+  OSS steers them as before; applier that can read a node's connections only:
+  local instances);
 - `release(program)` when it ends: every node drops it, the address is free.
 
 Each change is planned for every node (`oss.network.plan`, pure) and handed
@@ -125,9 +126,6 @@ class NetworkManager:
         self._lock = asyncio.Lock()
         self._released: dict[str, str] = {}  # program -> the address it had (for records)
         self._members: set[tuple[str, str]] = set()  # (program, instance) joined: no write
-        # Moved connections' ports (program -> pins): kept while this OSS runs; an OSS
-        # restart forgets them (they are re-learnt at the next move of that process).
-        self._pinned: dict[str, ProgramNet] = {}
         self.last_apply_s = 0.0  # how long the last change took to be in place
 
     def place(self, instance: str, address: str) -> bool:
@@ -203,7 +201,7 @@ class NetworkManager:
         net = await self.store.read(lambda c: q.program_net(c, program))
         if net is None or not self.covers(target):
             return 0.0
-        after = moved(self._with_pins(net), pid, source, target)
+        after = moved(net, pid, source, target)
         start = time.perf_counter()
         await self.store.write(lambda c: q.move(c, after))
         spot = self.config.spots.get(target)
@@ -211,7 +209,8 @@ class NetworkManager:
             key = ("instance", target)
             ports = await asyncio.to_thread(self.applier.connections, key, net.address)
             after = pins(after, target, ports, self.config.ports_per_instance, spot.slot)
-        self._pinned[program] = after
+        # Kept with the program's other rows: a restarted OSS steers them as before.
+        await self.store.write(lambda c: q.set_pins(c, program, after.pinned))
         await self._reapply(program)
         took = time.perf_counter() - start
         log.info("program %s: redirects re-pointed %s -> %s in %.1f ms", program, source,
@@ -234,7 +233,6 @@ class NetworkManager:
                 await asyncio.to_thread(self.applier.remove_program, program)
         await self.store.write(lambda c: q.release(c, program))
         self._members = {m for m in self._members if m[0] != program}
-        self._pinned.pop(program, None)
 
     async def show(self, program: str) -> dict[str, Any] | None:
         """The program's address, members and listeners (None: it has no address)."""
@@ -256,17 +254,9 @@ class NetworkManager:
         async with self._lock:
             await asyncio.to_thread(self.applier.close)
 
-    def _with_pins(self, net: ProgramNet) -> ProgramNet:
-        """`net` with the ports pinned by earlier moves of its processes."""
-        held = self._pinned.get(net.program)
-        if held is None or not held.pinned:
-            return net
-        return ProgramNet(net.program, net.address, net.members, net.listeners, held.pinned)
-
     async def _reapply(self, program: str) -> None:
         def read(c: Conn) -> tuple[ProgramNet | None, int]:
             net = q.program_net(c, program)
-            net = self._with_pins(net) if net is not None else None
             rate = self._rate_of(c, program) if self._rate_of and net else 0
             return net, rate
 

@@ -13,9 +13,13 @@ V_NET = """
 """
 
 # Issue 13: AF_UNIX paths a program bound on its instances (so that a restarted OSS
-# still relays a connect on another kernel to them).
+# still relays a connect on another kernel to them), and the ports of connections that
+# moved with a migrated process (pinned to its instance, in order).
 V_UNIX = """
     CREATE TABLE net_unix_paths(program_id TEXT NOT NULL, path TEXT NOT NULL,
         instance TEXT NOT NULL, pid INTEGER NOT NULL, kind TEXT NOT NULL,
         boot TEXT NOT NULL, PRIMARY KEY(program_id, path));
+    CREATE TABLE net_pins(program_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        instance TEXT NOT NULL, port INTEGER NOT NULL, proto INTEGER NOT NULL,
+        PRIMARY KEY(program_id, seq));
 """

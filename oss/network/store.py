@@ -10,7 +10,7 @@ import ipaddress
 
 from oss.db.store import Conn
 from oss.errors import Conflict
-from oss.network.plan import Listener, ProgramNet
+from oss.network.plan import Listener, Pin, ProgramNet
 
 
 class PortTaken(Conflict):
@@ -114,7 +114,20 @@ def program_net(c: Conn, program_id: str) -> ProgramNet | None:
             "SELECT * FROM net_listeners WHERE program_id=? ORDER BY proto, port", (program_id,)
         )
     )
-    return ProgramNet(program_id, address, members, listeners)
+    pinned = tuple(
+        Pin(r["instance"], r["port"], r["proto"])
+        for r in c.execute("SELECT * FROM net_pins WHERE program_id=? ORDER BY seq", (program_id,))
+    )
+    return ProgramNet(program_id, address, members, listeners, pinned)
+
+
+def set_pins(c: Conn, program_id: str, pinned: tuple[Pin, ...]) -> None:
+    """The ports pinned by moves of the program's processes (replacing what was)."""
+    c.execute("DELETE FROM net_pins WHERE program_id=?", (program_id,))
+    c.executemany(
+        "INSERT INTO net_pins VALUES(?,?,?,?,?)",
+        [(program_id, i, x.instance, x.port, x.proto) for i, x in enumerate(pinned)],
+    )
 
 
 def programs(c: Conn) -> list[str]:
@@ -124,5 +137,5 @@ def programs(c: Conn) -> list[str]:
 
 def release(c: Conn, program_id: str) -> None:
     """Free the program's address, members and listeners."""
-    for table in ("net_listeners", "net_members", "net_addresses"):
+    for table in ("net_listeners", "net_members", "net_addresses", "net_pins"):
         c.execute(f"DELETE FROM {table} WHERE program_id=?", (program_id,))

@@ -114,7 +114,9 @@ class ReadingApplier(FakeApplier):
         return self.ports if key == ("instance", "b") else []
 
 
-def test_a_moved_connections_port_is_pinned_and_forgotten_at_the_end(tmp_path: Path) -> None:
+def test_a_moved_connections_port_is_pinned_kept_after_a_restart_and_forgotten_at_the_end(
+    tmp_path: Path,
+) -> None:
     async def main() -> None:
         config = NetworkConfig(
             ipaddress.IPv4Network("10.214.7.0/29"), SPOTS, {"h": HostSpot("h", "br0")}
@@ -130,6 +132,15 @@ def test_a_moved_connections_port_is_pinned_and_forgotten_at_the_end(tmp_path: P
         await m.listen("p1", "b", 7, 8080, "0.0.0.0")  # a later change keeps the pin
         host = fake.held[(("host", "h"), "p1")]
         assert {r.ports for r in host.rules if r.pref == 90} == {(32800, 32800)}
+        # A restarted OSS (a new manager on the same store) puts the pin back too.
+        await m.store.close()
+        again = ReadingApplier([])
+        m = NetworkManager(Store(tmp_path / "oss", VERSIONS), config, again)
+        await m.store.open()
+        await m.start()
+        host = again.held[(("host", "h"), "p1")]
+        assert {r.ports for r in host.rules if r.pref == 90} == {(32800, 32800)}
+        fake = again
         await m.release("p1")
         await m.join("p1", "a")
         host = fake.held[(("host", "h"), "p1")]
