@@ -162,7 +162,10 @@ class StorageRelay:
                 await self.mount(program, instance)
                 await said(f"storage mounted on {instance} (for execs placed from instances)")
             except StorageNotMounted as exc:
-                await said(f"storage not mounted on {instance}: {exc.detail}")
+                await said(
+                    f"storage not mounted on {instance} (for execs placed from instances):"
+                    f" {exc.detail}"
+                )
             finally:
                 self._soon.pop(key, None)
 

@@ -102,7 +102,9 @@ def token(lab: Lab) -> str:
 
 
 def mount_lines(lab: Lab) -> list[str]:
-    """The newest program's log lines about its storage mounts (the OSS's, timed)."""
+    """The newest program's log lines about the storage mounts its home asked for (the
+    OSS's, timed); not those of an instance that mounted for execs placed from another
+    (`StorageRelay.mount_soon`, which the home's own request for it may follow)."""
     from oss.telemetry.logs import LogQuery
 
     oss = lab.oss.oss  # type: ignore[union-attr]
@@ -111,7 +113,11 @@ def mount_lines(lab: Lab) -> list[str]:
         for _ in range(60):  # the log is flushed every tick
             (prog,) = await oss.programs.programs(ACCOUNT["id"], None, 1)
             lines, _cursor, _n = await oss.logs.read_logs(None, prog["id"], LogQuery())
-            found = [ln.text for _i, ln in lines if ln.text.startswith("storage ")]
+            found = [
+                ln.text
+                for _i, ln in lines
+                if ln.text.startswith("storage ") and "for execs placed from" not in ln.text
+            ]
             if found:
                 return found
             await asyncio.sleep(0.5)

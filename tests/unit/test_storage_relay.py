@@ -141,7 +141,10 @@ def test_mount_soon_mounts_once_in_the_background_and_the_end_waits_for_it() -> 
         assert said == ["storage mounted on vm1 (for execs placed from instances)"]
         relay.mount_soon("p2", "vm1", say)  # a program with no storage: one line, no order
         await asyncio.sleep(0.01)
-        assert said[-1] == "storage not mounted on vm1: program p2 declared no storage"
+        assert said[-1] == (
+            "storage not mounted on vm1 (for execs placed from instances):"
+            " program p2 declared no storage"
+        )
         assert relay.commands.for_instance("vm1", []) == []
 
     asyncio.run(go())
