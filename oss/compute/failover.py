@@ -54,7 +54,7 @@ from typing import Any
 from oss import models as m
 from oss.compute import failover_store as q
 from oss.compute.commands import CommandQueue
-from oss.db.store import Store
+from oss.db.store import Store, WriteBehind
 from oss.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -306,27 +306,17 @@ class Failover:
         self.fenced: dict[str, set[str]] = {}  # lost instance -> programs it held
         # The OSS's store (None: memory only): each change of the state is a row there.
         self.saved = saved
-        self._saving: set[asyncio.Future[Any]] = set()
+        self._behind = WriteBehind("failover state")
 
     # the store ------------------------------------------------------------------------
 
     def _save(self, fn: Callable[[Any], None]) -> None:
         """Write a change to the store behind the caller (in order with every write)."""
-        if self.saved is None:
-            return
-        fut = self.saved.submit(fn)
-        self._saving.add(fut)
-        fut.add_done_callback(self._saved)
-
-    def _saved(self, fut: asyncio.Future[Any]) -> None:
-        self._saving.discard(fut)
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error("failover state not saved: %s", fut.exception())
+        self._behind.save(self.saved, fn)
 
     async def flush(self) -> None:
         """Wait for the changes on their way to the store."""
-        if self._saving:
-            await asyncio.gather(*list(self._saving), return_exceptions=True)
+        await self._behind.flush()
 
     def capability(self, instance: str, ok: bool) -> None:
         """The instance's agent said at registration whether its CRIU works."""

@@ -305,3 +305,31 @@ class Store:
             return fn(conn)
         finally:
             conn.execute("COMMIT")
+
+
+class WriteBehind:
+    """Changes written to a store behind their caller, who cannot wait (in order with every
+    other write); a change that fails is logged as `what` not saved.  `store` None: memory
+    only, nothing written."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def save(self, store: Store | None, fn: Callable[[Conn], Any]) -> None:
+        """Queue `fn` for `store`'s writer now."""
+        if store is None:
+            return
+        fut = store.submit(fn)
+        self._pending.add(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future[Any]) -> None:
+        self._pending.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("%s not saved: %s", self.what, fut.exception())
+
+    async def flush(self) -> None:
+        """Wait for the changes on their way to the store."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)

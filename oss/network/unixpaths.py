@@ -21,7 +21,6 @@ binder's own tracer reported are reachable that way.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from oss.db.store import Conn, Store
+from oss.db.store import Conn, Store, WriteBehind
 from oss.errors import Conflict
 
 log = logging.getLogger(__name__)
@@ -80,25 +79,15 @@ class UnixPaths:
     def __init__(self, saved: Store | None = None) -> None:
         self._paths: dict[str, dict[str, Bound]] = {}
         self.saved = saved
-        self._saving: set[asyncio.Future[Any]] = set()
+        self._behind = WriteBehind("AF_UNIX path table")
 
     def _save(self, fn: Callable[[Conn], Any]) -> None:
         """Write a change to the store behind the caller (in order with every write)."""
-        if self.saved is None:
-            return
-        fut = self.saved.submit(fn)
-        self._saving.add(fut)
-        fut.add_done_callback(self._saved)
-
-    def _saved(self, fut: asyncio.Future[Any]) -> None:
-        self._saving.discard(fut)
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error("AF_UNIX path table not saved: %s", fut.exception())
+        self._behind.save(self.saved, fn)
 
     async def flush(self) -> None:
         """Wait for the changes on their way to the store."""
-        if self._saving:
-            await asyncio.gather(*list(self._saving), return_exceptions=True)
+        await self._behind.flush()
 
     async def load(self) -> int:
         """Read the table back after a restart (the paths read)."""
