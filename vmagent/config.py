@@ -33,6 +33,7 @@ class AgentConfig:
     hostname: str | None = None  # set the UTS hostname first (fresh UTS namespace only)
     reconnect_window: float = 10.0  # how long a session waits for its deputy to come back
     drain_grace: float = 0.5  # after the program exits, wait this long for its pipes' EOF
+    tracer_grace: float = 1.0  # ... and this long for its instance tracer's end
     # Per-process key for exec tickets minted by the OSS (sent when registering;
     # a restarted agent has a new one, which retires tickets for the old process).
     exec_key: str | None = field(default=None, repr=False)

@@ -61,14 +61,17 @@ PROTO = {"tcp": 6, "udp": 17}
 
 async def h_listener(oss: Oss, r: web.Request, who: Any, b: ListenerReport, q: Any) -> ListenerAck:
     program = r.match_info["program_id"]
-    await oss.programs.placed_on(program, str(who))  # NotFound unless it runs there
     net = oss.network
+    if not b.open and net is not None:
+        # A close may come after the instance's last process of the program was released
+        # (its heartbeat raced the report): it ends only what this instance holds.
+        await net.unlisten(program, str(who), b.port, PROTO[b.proto])
+    await oss.programs.placed_on(program, str(who))  # NotFound unless it runs there
     if net is None:
         return ListenerAck(address="")
     if b.open:
         address = await net.listen(program, str(who), b.pid, b.port, b.local, PROTO[b.proto])
     else:
-        await net.unlisten(program, str(who), b.port, PROTO[b.proto])
         address = await net.address_of(program) or ""
     return ListenerAck(address=address)
 

@@ -287,6 +287,7 @@ class Session:
                 os.close(fd)
             if not data:
                 self._close_trace()  # the tracer is gone (op=done, or killed)
+                self._maybe_finish()
                 return
             try:
                 record = channel.decode(data)
@@ -651,13 +652,18 @@ class Session:
                 self._exec_settled(self._report)
         self.status = status
         self.service.hooks.ended(self, status)
-        if self.outs:
-            # Output still in the pipes, or an orphan of the program holds them open.
-            self._drain = self.loop.call_later(self.service.config.drain_grace, self._finish)
+        if self.outs or self.trace_sock is not None:
+            # Output still in the pipes, or an orphan of the program holds them open;
+            # or the instance tracer has not ended yet (it removes what it kept of
+            # other processes, /proc snapshots, before it does): both bounded.
+            grace = self.service.config.drain_grace
+            if self.trace_sock is not None:
+                grace = max(grace, self.service.config.tracer_grace)
+            self._drain = self.loop.call_later(grace, self._finish)
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self.status is not None and not self.outs:
+        if self.status is not None and not self.outs and self.trace_sock is None:
             self._finish()
 
     def _finish(self) -> None:

@@ -122,6 +122,10 @@ class ListenerReporter:
             return channel.encode(OP_NETACK, req=req, address="")
         if status == 409:
             return channel.encode(OP_NETREFUSED, req=req, errno=errno.EADDRINUSE)
+        if status == 404 and not opened:
+            # The instance's last process of the program was released first: the OSS
+            # ended the listener all the same.
+            return channel.encode(OP_NETACK, req=req, address="")
         if status != 200 or not isinstance(data, dict):
             self._once(f"the OSS refused a listener report ({status})")
             return channel.encode(OP_NETACK, req=req, address="")
