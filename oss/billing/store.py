@@ -307,6 +307,8 @@ class BudgetCheck:
         self, c: Conn, program_id: str, instances: int, storage_mb: int, bandwidth_mbps: int
     ) -> None:
         """Raise LimitExceeded/BudgetExhausted if the program may not add these resources."""
+        if instances <= 0 and storage_mb <= 0 and bandwidth_mbps <= 0:
+            return  # adds nothing: no limit nor budget can refuse it (`lim.check`)
         lim.check(_levels(c, program_id), lim.Delta(instances, storage_mb, bandwidth_mbps))
 
     def set_program_limits(self, c: Conn, program_id: str, body: Mapping[str, Any]) -> None:

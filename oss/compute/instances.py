@@ -502,11 +502,13 @@ _OWN = (
     "SELECT i.name, i.instance_type, i.cpus, i.price_micros_per_s, i.storage, i.slots,"
     " i.used_slots, i.dedicated_to FROM placements p CROSS JOIN instances i"
     " ON i.name=p.instance WHERE p.program_id=? AND i.state='ready' AND i.draining=0"
+    " AND i.used_slots < i.slots"
 )
 
 
 def own_candidates(c: Conn, program_id: str) -> list[scheduler.Candidate]:
-    """The ready instances the program already runs on (whatever their free slots)."""
+    """The ready instances the program already runs on that have a free slot (the
+    scheduler passes over full ones: a wide program's full instances are not read)."""
     return [
         scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
         for r in c.execute(_OWN, (program_id,))

@@ -150,14 +150,20 @@ class Programs:
         now = self._db.clock()
 
         def op(c: Conn) -> list[dict[str, Any]]:
-            p = program_row(c, program_id, account_id)
+            p = c.execute(
+                f"SELECT state, client_placed, {_PLACING} FROM programs"
+                " WHERE id=? AND account_id=?",
+                (program_id, account_id),
+            ).fetchone()
+            if p is None:
+                raise NotFound(f"program {program_id}")
             if p["state"] not in ("running", "recovering"):
                 raise Conflict(f"program {program_id} is {p['state']}")
             if not p["client_placed"]:
                 # Its client places processes one exec at a time: recovery must not
                 # re-place those an instance failure ends (they would be phantoms).
                 c.execute("UPDATE programs SET client_placed=1 WHERE id=?", (program_id,))
-            return place(c, self._budget, program_id, processes, now, tuple(avoid))
+            return place(c, self._budget, program_id, processes, now, tuple(avoid), row=p)
 
         return await self._db.write(op)
 
@@ -444,6 +450,27 @@ def _as_dict(r: sqlite3.Row, placements: list[dict[str, Any]]) -> dict[str, Any]
     return d
 
 
+def _width(c: Conn, program_id: str) -> int:
+    """How many instances the program's processes are placed on."""
+    return int(
+        c.execute("SELECT count(*) FROM placements WHERE program_id=?", (program_id,)).fetchone()[0]
+    )
+
+
+def _current(c: Conn, program_id: str) -> dict[str, int]:
+    """Instance -> the program's processes placed there."""
+    return {
+        r[0]: r[1]
+        for r in c.execute(
+            "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)
+        )
+    }
+
+
+# The program's columns a placement reads.
+_PLACING = "account_id, user_id, resource_policy, target_instances, placement"
+
+
 def place(
     c: Conn,
     budget: Budget,
@@ -453,13 +480,13 @@ def place(
     avoid: Sequence[str] = (),
     *,
     initial: bool = False,
+    row: sqlite3.Row | None = None,
 ) -> list[dict[str, Any]]:
-    """Decide (scheduler), check limits, reserve: one atomic step in the caller's transaction."""
-    p = c.execute(
-        "SELECT account_id, user_id, resource_policy, target_instances, placement"
-        " FROM programs WHERE id=?",
-        (program_id,),
-    ).fetchone()
+    """Decide (scheduler), check limits, reserve: one atomic step in the caller's transaction.
+
+    `row`: the program's `_PLACING` columns, when the caller read them already.
+    """
+    p = row or c.execute(f"SELECT {_PLACING} FROM programs WHERE id=?", (program_id,)).fetchone()
     rp = json.loads(p["resource_policy"])
     policy = scheduler.SelectionPolicy(
         rp.get("instance_type"),
@@ -468,28 +495,26 @@ def place(
         rp.get("storage"),
         scheduler.Tenancy(rp.get("tenancy", "shared")),
     )
-    current = {
-        r[0]: r[1]
-        for r in c.execute(
-            "SELECT instance, processes FROM placements WHERE program_id=?", (program_id,)
-        )
-    }
     plan = None
-    if p["placement"] is None and len(current) >= p["target_instances"]:
+    if p["placement"] is None and _width(c, program_id) >= p["target_instances"]:
         # As wide as its target: new processes go next to their siblings while those have
-        # room (the scheduler's locality rule), so the siblings' rows decide and the
-        # pre-filter over every ready instance is needed only once they are full.  Same
-        # plan as with every candidate (issue 15: most placements of a running program).
+        # room (the scheduler's locality rule), so its instances with a free slot decide,
+        # standing for every instance it uses (the scheduler adds none while one of them
+        # has room, and their process counts do not enter its choice); the pre-filter
+        # over every ready instance is needed only once they are full.  Same plan as with
+        # every candidate (issue 15: most placements of a running program).
+        own = own_candidates(c, program_id)
         with contextlib.suppress(NoCapacity):
             plan = scheduler.place(
                 program_id,
                 processes,
                 policy,
-                own_candidates(c, program_id),
-                current,
+                own,
+                dict.fromkeys((x.name for x in own), 0),
                 p["target_instances"],
                 avoid,
             )
+    current = {} if plan is not None else _current(c, program_id)
     if plan is None and p["placement"] is None:
         found = candidates(c, program_id, policy)
         plan = scheduler.place(
@@ -514,13 +539,13 @@ def place(
             "UPDATE instances SET used_slots=used_slots+?, dedicated_to=? WHERE name=?",
             (a.processes, program_id if dedicated else None, a.instance),
         )
+    # Pending or running: running now; recovering stays so (its lost processes are placed
+    # by `retry_waiting`).
     c.execute(
-        "UPDATE programs SET processes=processes+?, state='running', status_reason='running',"
-        " updated=? WHERE id=? AND state IN ('pending','running')",
-        (processes, now, program_id),
-    )
-    c.execute(
-        "UPDATE programs SET processes=processes+?, updated=? WHERE id=? AND state='recovering'",
+        "UPDATE programs SET processes=processes+?, updated=?,"
+        " state=CASE state WHEN 'recovering' THEN state ELSE 'running' END,"
+        " status_reason=CASE state WHEN 'recovering' THEN status_reason ELSE 'running' END"
+        " WHERE id=? AND state IN ('pending','running','recovering')",
         (processes, now, program_id),
     )
     return [dict(instance=a.instance, processes=a.processes) for a in plan]
