@@ -151,7 +151,7 @@ class Programs:
 
         def op(c: Conn) -> list[dict[str, Any]]:
             p = c.execute(
-                f"SELECT state, client_placed, {_PLACING} FROM programs"
+                f"SELECT client_placed, {_PLACING} FROM programs"
                 " WHERE id=? AND account_id=?",
                 (program_id, account_id),
             ).fetchone()
@@ -468,7 +468,7 @@ def _current(c: Conn, program_id: str) -> dict[str, int]:
 
 
 # The program's columns a placement reads.
-_PLACING = "account_id, user_id, resource_policy, target_instances, placement"
+_PLACING = "state, account_id, user_id, resource_policy, target_instances, placement"
 
 
 def place(
@@ -539,15 +539,19 @@ def place(
             "UPDATE instances SET used_slots=used_slots+?, dedicated_to=? WHERE name=?",
             (a.processes, program_id if dedicated else None, a.instance),
         )
-    # Pending or running: running now; recovering stays so (its lost processes are placed
-    # by `retry_waiting`).
-    c.execute(
-        "UPDATE programs SET processes=processes+?, updated=?,"
-        " state=CASE state WHEN 'recovering' THEN state ELSE 'running' END,"
-        " status_reason=CASE state WHEN 'recovering' THEN status_reason ELSE 'running' END"
-        " WHERE id=? AND state IN ('pending','running','recovering')",
-        (processes, now, program_id),
-    )
+    if p["state"] in ("running", "recovering"):
+        # Its state stays (a recovering one's lost processes are placed by
+        # `retry_waiting`): the three indexes on state are not rewritten.
+        c.execute(
+            "UPDATE programs SET processes=processes+?, updated=? WHERE id=?",
+            (processes, now, program_id),
+        )
+    elif p["state"] == "pending":
+        c.execute(
+            "UPDATE programs SET processes=processes+?, state='running',"
+            " status_reason='running', updated=? WHERE id=?",
+            (processes, now, program_id),
+        )
     return [dict(instance=a.instance, processes=a.processes) for a in plan]
 
 
