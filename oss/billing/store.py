@@ -240,7 +240,7 @@ class Billing:
 
         def op(c: Conn) -> tuple[int, list[dict[str, Any]]]:
             if program_id is not None:
-                programs.program_row(c, program_id, account_id)
+                programs.check_program(c, program_id, account_id)
             q = "SELECT * FROM billing WHERE account_id=?"
             args: list[Any] = [account_id]
             for clause, value in (

@@ -200,7 +200,7 @@ class Programs:
         """Some of a program's processes on an instance ended."""
 
         def op(c: Conn) -> None:
-            program_row(c, program_id, account_id)
+            check_program(c, program_id, account_id)
             k = release_placed(c, program_id, instance, n)
             if k == 0:
                 raise NotFound(f"placement of {program_id} on {instance}")
@@ -311,7 +311,7 @@ class Programs:
         """NotFound unless the account's program exists (and is placed on `instance`)."""
 
         def op(c: Conn) -> None:
-            program_row(c, program_id, account_id)
+            check_program(c, program_id, account_id)
             if (
                 instance is not None
                 and not c.execute(
@@ -420,6 +420,14 @@ def program_row(c: Conn, program_id: str, account_id: str | None) -> sqlite3.Row
     if r is None:
         raise NotFound(f"program {program_id}")
     return r
+
+
+def check_program(c: Conn, program_id: str, account_id: str | None) -> None:
+    """NotFound unless the program exists and is the account's (tenant isolation; None:
+    any account's)."""
+    r = c.execute("SELECT account_id FROM programs WHERE id=?", (program_id,)).fetchone()
+    if r is None or (account_id is not None and r[0] != account_id):
+        raise NotFound(f"program {program_id}")
 
 
 def program_dict(c: Conn, program_id: str, account_id: str | None) -> dict[str, Any]:

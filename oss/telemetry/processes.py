@@ -151,7 +151,7 @@ class Processes:
         """One page of the program's processes in start order, and how many it has."""
 
         def op(c: Conn) -> tuple[list[sqlite3.Row], int]:
-            programs.program_row(c, program_id, account_id)
+            programs.check_program(c, program_id, account_id)
             total = c.execute(
                 "SELECT COUNT(*) FROM processes WHERE program_id=?", (program_id,)
             ).fetchone()[0]
@@ -186,7 +186,7 @@ class Processes:
         """The account's program's processes in start order (NotFound for another's)."""
 
         def op(c: Conn) -> list[sqlite3.Row]:
-            programs.program_row(c, program_id, account_id)
+            programs.check_program(c, program_id, account_id)
             return c.execute(
                 "SELECT * FROM processes WHERE program_id=? ORDER BY started, instance, pid",
                 (program_id,),

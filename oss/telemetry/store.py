@@ -58,7 +58,7 @@ class Logs:
 
         def op(c: Conn) -> tuple[list[tuple[int, logmod.LogLine]], int, int]:
             if program_id is not None:
-                programs.program_row(c, program_id, account_id)
+                programs.check_program(c, program_id, account_id)
             # The last chunk first: chunks committed while this page is read are not
             # skipped by the cursor (the read transaction is one snapshot anyway).
             last = c.execute(
