@@ -460,11 +460,15 @@ def _instance_row(r: sqlite3.Row) -> dict[str, Any]:
 
 
 def candidates(
-    c: Conn, program_id: str, policy: scheduler.SelectionPolicy
+    c: Conn,
+    program_id: str,
+    policy: scheduler.SelectionPolicy,
+    own: list[scheduler.Candidate] | None = None,
 ) -> list[scheduler.Candidate]:
     """Pre-filter in SQL (ready, free slots, hard requirements), capped for speed.
 
-    The program's own instances are always included (locality).
+    The program's own instances with a free slot are always included (locality);
+    `own`: those, when the caller read them already (`own_candidates`).
     """
     where = ["state='ready'", "used_slots < slots", "draining=0"]
     args: list[Any] = []
@@ -491,7 +495,7 @@ def candidates(
     seen: dict[str, scheduler.Candidate] = {}
     for r in rows:
         seen[r[0]] = scheduler.Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
-    for cand in own_candidates(c, program_id):
+    for cand in own_candidates(c, program_id) if own is None else own:
         seen[cand.name] = cand
     return list(seen.values())
 

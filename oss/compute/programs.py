@@ -504,14 +504,15 @@ def place(
         scheduler.Tenancy(rp.get("tenancy", "shared")),
     )
     plan = None
-    if p["placement"] is None and _width(c, program_id) >= p["target_instances"]:
+    own = own_candidates(c, program_id) if p["placement"] is None else None
+    target = p["target_instances"]
+    if own and (len(own) >= target or _width(c, program_id) >= target):
         # As wide as its target: new processes go next to their siblings while those have
         # room (the scheduler's locality rule), so its instances with a free slot decide,
         # standing for every instance it uses (the scheduler adds none while one of them
         # has room, and their process counts do not enter its choice); the pre-filter
         # over every ready instance is needed only once they are full.  Same plan as with
         # every candidate (issue 15: most placements of a running program).
-        own = own_candidates(c, program_id)
         with contextlib.suppress(NoCapacity):
             plan = scheduler.place(
                 program_id,
@@ -519,14 +520,14 @@ def place(
                 policy,
                 own,
                 dict.fromkeys((x.name for x in own), 0),
-                p["target_instances"],
+                target,
                 avoid,
             )
     current = {} if plan is not None else _current(c, program_id)
     if plan is None and p["placement"] is None:
-        found = candidates(c, program_id, policy)
+        found = candidates(c, program_id, policy, own)
         plan = scheduler.place(
-            program_id, processes, policy, found, current, p["target_instances"], avoid
+            program_id, processes, policy, found, current, target, avoid
         )
     elif plan is None:
         found = candidates(c, program_id, policy)
