@@ -659,9 +659,7 @@ def usage(c: Conn, scope: str, scope_id: str) -> tuple[int, int, int, int]:
     scope; an account's or user's total is kept by accounts (0 here).
     """
     if scope == "program":
-        inst = c.execute(
-            "SELECT count(*) FROM placements WHERE program_id=?", (scope_id,)
-        ).fetchone()[0]
+        inst = _width(c, scope_id)
         r = c.execute(
             "SELECT storage_mb, bandwidth_mbps, spent_micros FROM programs WHERE id=?",
             (scope_id,),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +22,7 @@ from test_oss_exec_grants import AS_USER, register
 
 from oss.network.manager import NetworkConfig
 from oss.network.plan import HostSpot, InstanceSpot
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-from test_network_manager import FakeApplier  # noqa: E402
+from tests.unit.test_network_manager import FakeApplier
 
 pytest_plugins = ["conftest_oss"]
 
