@@ -225,11 +225,12 @@ async def h_agent_place(
     got = await _where_storage_is(oss, account, pid, chosen)
     grants = [m.ExecGrant(**g) for g in await oss.exec_grants(got, b.exec_as, pid)]
     where = ", ".join(a["instance"] for a in got)
-    said = (
-        f"runs its exec on {where}" if got
-        else "runs its exec there (the instance chosen mounts the program's storage first)"
-        if chosen else "runs its exec there (no instance given)"
-    )  # fmt: skip
+    if got:
+        said = f"runs its exec on {where}"
+    elif chosen:
+        said = "runs its exec there (the instance chosen mounts the program's storage first)"
+    else:
+        said = "runs its exec there (no instance given)"
     await oss.program_log(pid, f"placed: pid {b.parent_pid} on {who} {said}")
     return m.PlacementResult(
         program_id=pid, assignments=[m.Placement(**a) for a in got], exec_grants=grants

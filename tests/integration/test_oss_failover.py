@@ -87,9 +87,12 @@ def test_a_lost_instance_s_checkpoint_is_restored_elsewhere_and_it_is_fenced(
     # The order goes out once the target is readied for it (its storage, if any: a task
     # of the OSS's own), so it may come with a later heartbeat.
     ordered: list[dict[str, Any]] = []
-    assert wait_for(
-        lambda: bool(ordered.extend(c for c in beat(srv, t1, "n1") if c["action"] == "restore")
-                     or ordered), 10)  # fmt: skip
+
+    def restore_ordered() -> bool:
+        ordered.extend(c for c in beat(srv, t1, "n1") if c["action"] == "restore")
+        return bool(ordered)
+
+    assert wait_for(restore_ordered, 10)
     (restore,) = ordered
     assert (restore["program"], restore["session"]) == (pid, SESSION)
     assert srv.http("GET", path, t0).status == 404  # only the instance ordered to restore
