@@ -115,6 +115,10 @@ def _follows(call: SyscallCall, index: int) -> bool:
     return True
 
 
+# The directories (and links) whose links `_magic` finds, as whole path components.
+MAGIC_LINKS = (b"/proc", b"/dev/fd", b"/dev/stdin", b"/dev/stdout", b"/dev/stderr")
+
+
 def _magic(call: SyscallCall) -> bool:
     """Is the link a readlink reads one of /proc's (fd, cwd, exe: real paths, shown virtual)?
 
@@ -148,6 +152,14 @@ class EmbeddedCoordinator:
         names = {s.name for s in self.table.values() if _NAMING & set(s.args)}
         names.add("getcwd")
         return frozenset(names | _REFUSED_WHEN_MAPPED)
+
+    def acts_under(self) -> tuple[bytes, ...]:
+        """Where a path must be for `on_syscall` to do anything with it: the map's
+        virtual and real directories and the magic links', as whole components (a
+        path naming none of them lexically, without `..`, is the kernel's:
+        `PathMap.resolve`).  An instance tracer lets the others go unseen
+        (`vmagent.trace.placing.InstanceCoordinator.skippable`)."""
+        return (*MAGIC_LINKS, *(p for pair in self.pathmap.pairs for p in pair))
 
     def on_syscall(self, call: SyscallCall) -> Decision:
         """Rewrite mapped paths; answer getcwd with the virtual directory."""

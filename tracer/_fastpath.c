@@ -14,6 +14,12 @@
  *
  * The tables it renders with (syscall names and formats, errno names, signal
  * names, O_* flags) are handed in by Python, so the two paths share one source.
+ *
+ * Without --trace it can also let go, at their seccomp stop, the calls a
+ * coordinator traps for one path prefix alone (an instance tracer's /proc view,
+ * issue 11): a call whose path cannot be under the prefix, or a directory listing
+ * of another directory, is resumed here with no round trip through Python
+ * (`skip`, `may_name`).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,6 +50,7 @@
 #define O_CREAT_BIT 0100
 #define O_TMPFILE_BIT 020000000
 #define AT_FDCWD_VALUE (-100)
+#define MAX_PREFIXES 64
 
 /* Argument formats (tracer.syscalls.ARG_FORMATS), as tracer.decode renders them. */
 enum fmt {
@@ -52,6 +59,9 @@ enum fmt {
 };
 
 enum flag { K_KNOWN = 1, K_FAST = 2, K_POINTER = 4, K_READ_ENTRY = 8, K_READ_EXIT = 16 };
+
+/* Loop.skip: how a skippable call names what it touches (0: not skippable). */
+enum skip { S_NONE = 0, S_LISTING = 1, S_PATH0 = 2 /* S_PATH0 + i: path in argument i */ };
 
 struct spec {
     char name[32];
@@ -107,6 +117,10 @@ typedef struct {
     struct buf scratch;  /* strings read from a tracee, reused from call to call */
     struct task *tasks;
     size_t n_tasks, cap_tasks;
+    uint8_t skip[MAX_NR];  /* enum skip, per call number */
+    char *prefixes[MAX_PREFIXES];  /* what a skipped call cannot name (no trailing slash) */
+    size_t prefix_lens[MAX_PREFIXES];
+    int n_prefixes;
     uint64_t calls[MAX_NR], errors[MAX_NR];
     double seconds[MAX_NR];
     long page;
@@ -422,6 +436,82 @@ static PyObject *hand_over(Loop *self, int pid, int status, struct rusage *ru) {
     return Py_BuildValue("(iiddlN)", pid, status, utime, stime, ru->ru_maxrss, handoff);
 }
 
+/* ---- calls let go without Python (Loop.skip) ---------------------------- */
+
+/* Is `path` (n bytes) one of the prefixes or under one? */
+static int under_prefix(const Loop *self, const char *path, size_t n) {
+    for (int i = 0; i < self->n_prefixes; i++) {
+        size_t k = self->prefix_lens[i];
+        if (n >= k && memcmp(path, self->prefixes[i], k) == 0 && (n == k || path[k] == '/'))
+            return 1;
+    }
+    return 0;
+}
+
+/* Has `path` (n bytes) a ".." component? */
+static int climbs(const char *p, size_t n) {
+    for (size_t i = 0; i + 1 < n; i++)
+        if (p[i] == '.' && p[i + 1] == '.' && (i == 0 || p[i - 1] == '/') &&
+            (i + 2 == n || p[i + 2] == '/'))
+            return 1;
+    return 0;
+}
+
+/* What /proc/TID/`what` links to, into `into` (no NUL); its length or -1. */
+static ssize_t link_of(int tid, const char *what, char *into, size_t size) {
+    char link[64];
+    snprintf(link, sizeof link, "/proc/%d/%s", tid, what);
+    return readlink(link, into, size);
+}
+
+/* Could this call of thread `tid` name something under a prefix?  1 when it
+   could or when that cannot be told (Python decides, as without this loop), 0
+   when it cannot.  Lexically, as the coordinators decide (`oss.storage.pathmap`
+   leaves a path that names nothing mapped to the kernel, `vmagent.trace.procview`
+   looks at /proc/N alone): a path with a ".." component may climb anywhere; any
+   other is its directory's path (the working directory's, or the directory
+   descriptor's) joined with it, and may name a prefix only if that is under one.
+   A listing (getdents64) may, only if its descriptor is one of the prefixes. */
+static int may_name(Loop *self, int tid, int nr, const uint64_t *args) {
+    int how = self->skip[nr];
+    char target[2 * PATH_LIMIT + 2];
+    if (how == S_LISTING) {
+        char fd[32];
+        snprintf(fd, sizeof fd, "fd/%d", (int)args[0]);
+        ssize_t n = link_of(tid, fd, target, PATH_LIMIT);
+        if (n < 0) return 1;
+        for (int i = 0; i < self->n_prefixes; i++)
+            if ((size_t)n == self->prefix_lens[i] && !memcmp(target, self->prefixes[i], (size_t)n))
+                return 1;
+        return 0;
+    }
+    int at = how - S_PATH0;
+    ssize_t n = read_string(self, tid, args[at], &self->scratch);
+    if (n < 0 || (size_t)n >= PATH_LIMIT) return 1;  /* a bad address (the call's EFAULT) */
+    const char *path = self->scratch.data;
+    if (climbs(path, (size_t)n)) return 1;
+    if (n > 0 && path[0] == '/') return under_prefix(self, path, (size_t)n);
+    /* Relative (or empty, with AT_EMPTY_PATH): from its directory (a directory
+       descriptor before the path, or the working directory). */
+    ssize_t m;
+    if (self->specs[nr].fmt[0] == F_DIRFD && (int)args[0] != AT_FDCWD_VALUE) {
+        char fd[32];
+        snprintf(fd, sizeof fd, "fd/%d", (int)args[0]);
+        m = link_of(tid, fd, target, PATH_LIMIT);
+    } else {
+        m = link_of(tid, "cwd", target, PATH_LIMIT);
+    }
+    if (m < 0 || m >= PATH_LIMIT) return 1;
+    if (m == 0 || target[0] != '/') return 0;  /* a pipe, a socket...: no directory of a path */
+    size_t len = (size_t)m;
+    if (n > 0) {
+        if (len > 1) target[len++] = '/';
+        memcpy(target + len, path, (size_t)n);
+        len += (size_t)n;
+    }
+    return under_prefix(self, target, len);
+}
+
 /* ---- the loop ---------------------------------------------------------- */
 
 /* Runs without the GIL (another Python thread of the tracer, such as the run's
@@ -454,8 +544,13 @@ static PyObject *Loop_next(Loop *self, PyObject *Py_UNUSED(ignored)) {
             if (t && t->held) goto python;
             if (ptrace(REQ_GET_SYSCALL_INFO, pid, (void *)sizeof info, &info) == -1) goto python;
             uint64_t nr = info.seccomp.nr;
-            if (info.arch != AUDIT_ARCH_X86_64 || nr >= MAX_NR || !(self->specs[nr].flags & K_FAST))
-                goto python;
+            if (info.arch != AUDIT_ARCH_X86_64 || nr >= MAX_NR) goto python;
+            if (self->skip[nr]) {
+                if (may_name(self, pid, (int)nr, info.seccomp.args)) goto python;
+                if (resume(&f, pid, REQ_CONT)) goto fail;
+                continue;
+            }
+            if (!(self->specs[nr].flags & K_FAST)) goto python;
             const struct spec *s = &self->specs[nr];
             if (!t && !(t = add_task(self, pid))) { f.kind = 1; goto fail; }
             t->pending = 1;
@@ -621,17 +716,50 @@ static int fmt_code(const char *f) {
     return F_OTHER;
 }
 
-/* Loop(specs, errnames, signames, oflags, sink, line_buffered, error)
-   specs: [(nr, name, (fmt, ...), fast, pointer, read_entry, read_exit)] */
+/* Loop(specs, errnames, signames, oflags, sink, line_buffered, error, skip=[], prefixes=[])
+   specs: [(nr, name, (fmt, ...), fast, pointer, read_entry, read_exit)]
+   skip: [(nr, how)], how -1 for a listing (getdents64: its fd) or the index of
+   the path argument: calls let go when they cannot name a path under one of
+   `prefixes` (absolute paths, bytes; Loop.skip). */
 static int Loop_init(Loop *self, PyObject *args, PyObject *kw) {
-    PyObject *specs, *errnames, *signames, *oflags, *sink, *error;
+    PyObject *specs, *errnames, *signames, *oflags, *sink, *error, *skip = NULL, *prefixes = NULL;
     int line_buffered;
     static char *names[] = {"specs", "errnames", "signames", "oflags", "sink",
-                            "line_buffered", "error", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!O!O!OpO", names, &PyList_Type, &specs,
+                            "line_buffered", "error", "skip", "prefixes", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!O!O!OpO|O!O!", names, &PyList_Type, &specs,
                                      &PyDict_Type, &errnames, &PyDict_Type, &signames,
-                                     &PyList_Type, &oflags, &sink, &line_buffered, &error))
+                                     &PyList_Type, &oflags, &sink, &line_buffered, &error,
+                                     &PyList_Type, &skip, &PyList_Type, &prefixes))
         return -1;
+    for (int i = 0; i < self->n_prefixes; i++) free(self->prefixes[i]);
+    self->n_prefixes = 0;
+    for (Py_ssize_t i = 0; prefixes && i < PyList_GET_SIZE(prefixes); i++) {
+        char *text;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(PyList_GET_ITEM(prefixes, i), &text, &len)) return -1;
+        if (self->n_prefixes == MAX_PREFIXES || len < 1 || len >= PATH_LIMIT || text[0] != '/') {
+            PyErr_SetString(PyExc_ValueError, "prefixes: at most 64 absolute paths");
+            return -1;
+        }
+        while (len > 0 && text[len - 1] == '/') len--;  /* "/" itself: every path */
+        char *copy = malloc((size_t)len + 1);
+        if (!copy) { PyErr_NoMemory(); return -1; }
+        memcpy(copy, text, (size_t)len);
+        copy[len] = 0;
+        self->prefixes[self->n_prefixes] = copy;
+        self->prefix_lens[self->n_prefixes++] = (size_t)len;
+    }
+    memset(self->skip, 0, sizeof self->skip);
+    for (Py_ssize_t i = 0; skip && i < PyList_GET_SIZE(skip); i++) {
+        int nr, how;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(skip, i), "ii", &nr, &how)) return -1;
+        if (nr < 0 || nr >= MAX_NR || how < -1 || how > 5 || !self->n_prefixes) {
+            PyErr_SetString(PyExc_ValueError, "skip: a call number, -1 or an argument index, "
+                                              "and prefixes");
+            return -1;
+        }
+        self->skip[nr] = (uint8_t)(how < 0 ? S_LISTING : S_PATH0 + how);
+    }
     self->keep = PyList_New(0);
     if (!self->keep) return -1;
     Py_INCREF(sink);
@@ -692,6 +820,7 @@ static void Loop_dealloc(Loop *self) {
     free(self->tasks);
     free(self->out.data);
     free(self->scratch.data);
+    for (int i = 0; i < self->n_prefixes; i++) free(self->prefixes[i]);
     Py_XDECREF(self->keep);
     Py_XDECREF(self->sink);
     Py_XDECREF(self->error);

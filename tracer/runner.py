@@ -102,6 +102,21 @@ class _Usage(NamedTuple):
     ru_maxrss: int
 
 
+class PathSkip(NamedTuple):
+    """Calls a coordinator traps for the paths under a few prefixes alone.
+
+    Without --trace the C loop (`tracer._fastpath`) lets go, at their seccomp stop,
+    those that cannot name anything under `prefixes`, judged lexically: a path
+    without a `..` component that is not under one, absolute or joined to its
+    directory's (`paths`); a listing of another directory (`listings`, getdents64).
+    The coordinator sees only the others.
+    """
+
+    prefixes: tuple[bytes, ...]
+    paths: frozenset[str]
+    listings: frozenset[str] = frozenset()
+
+
 class Outcome(NamedTuple):
     """How the traced program ended and what the tracer saw."""
 
@@ -129,6 +144,7 @@ class Runner:
         dispositions: Mapping[int, signal.Handlers] | None = None,
         complain: Callable[[str], None] | None = None,
         measure: Callable[[int], dict[str, int]] | None = None,
+        skip: PathSkip | None = None,
     ) -> None:
         # Metering (an instance's tracer): `measure(pid)` reads a process's
         # counters at its exit stop; each exit is followed by a ProcessUsage.
@@ -171,8 +187,12 @@ class Runner:
         # through its deputy): records show what the program asked to run.
         self._exec_argv: dict[int, tuple[str, ...]] = {}
         self.machine: Machine | None = None
-        # The C loop of the --trace hot path (tracer._fastpath), when built.
-        self._fast = fast_loop(table, self.intercept, trace_out) if trace_all else None
+        # The C loop of the --trace hot path (tracer._fastpath), when built; without
+        # --trace, the one that lets go the calls `skip` names.
+        if trace_all:
+            self._fast = fast_loop(table, self.intercept, trace_out)
+        else:
+            self._fast = fast_loop(table, self.intercept, None, skip) if skip else None
         self._write = self._fast.write if self._fast is not None else None
         self._spawned: Spawned | None = None
         self._exec_error: str | None = None
@@ -219,21 +239,30 @@ class Runner:
             self.complain(self._exec_error)
 
     def _loop(self, machine: Machine) -> None:
-        if self._fast is not None:
+        if self._fast is not None and self.trace_all:
             self._fast_loop(machine, self._fast)
             return
         step = machine.step
         execute = self._execute
         decode = self._decode
+        wait = self._wait
         while machine.alive:
             try:
-                pid, status, usage = os.wait4(-1, WALL)
+                pid, status, usage = wait()
             except ChildProcessError:
                 log.warning("no traced process left, %d unaccounted for", len(machine.threads))
                 return
             stop = decode(pid, status, usage)
             if stop is not None:
                 execute(step(stop))
+
+    def _wait(self) -> tuple[int, int, Usage]:
+        """The next stop of any traced thread (without --trace: through the C loop,
+        which first lets go the calls of `skip` that cannot name its prefix)."""
+        if self._fast is None:
+            return os.wait4(-1, WALL)
+        pid, status, utime, stime, maxrss, _none = self._fast.next()  # no call in flight
+        return pid, status, _Usage(utime, stime, maxrss)
 
     def _fast_loop(self, machine: Machine, fast: Loop) -> None:
         """`_loop` with the C loop taking the fast calls' stops (tracer._fastpath).
@@ -553,10 +582,24 @@ _NO_FASTPATH = (
 )
 
 
+def skips_available() -> bool:
+    """Whether a runner given a `PathSkip` lets calls go in C (built, not turned off);
+    without, every trapped call goes through Python."""
+    if os.environ.get("DCP_TRACE_FASTPATH") == "0":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("tracer._fastpath") is not None
+
+
 def fast_loop(
-    table: SyscallTable, intercept: frozenset[int], trace_out: Writer | None
+    table: SyscallTable,
+    intercept: frozenset[int],
+    trace_out: Writer | None,
+    skip: PathSkip | None = None,
 ) -> Loop | None:
-    """The C loop for a run that traces every call, or None (then `Runner._loop` does it all).
+    """The C loop for a run that traces every call (`skip` None), or for one that does not
+    and lets go the calls `skip` names; None: `Runner._loop` does it all in Python.
 
     DCP_TRACE_FASTPATH=0 turns it off (the differential tests compare both).
     """
@@ -573,7 +616,7 @@ def fast_loop(
             nr,
             s.name,
             s.args,
-            nr not in intercept and s.name not in _EVENT_CALLS,
+            skip is None and nr not in intercept and s.name not in _EVENT_CALLS,
             s.name in POINTER_RESULTS,
             bool(MEMORY_FORMATS.intersection(s.args) - {"buf_out"}),
             "buf_out" in s.args,
@@ -588,7 +631,38 @@ def fast_loop(
         None if trace_out is None else trace_out.write,
         getattr(trace_out, "line_buffered", True),
         PtraceRequestError,
+        skip=_skips(table, skip) if skip else [],
+        prefixes=list(skip.prefixes) if skip else [],
     )
+
+
+def single_path_calls(table: SyscallTable) -> frozenset[str]:
+    """The calls the C loop can judge by their path (`PathSkip.paths`): one `path`
+    argument, first or after a directory descriptor, and nothing else that names a
+    file (no link target, socket address or exec)."""
+    out = set()
+    for s in table.values():
+        if s.args.count("path") != 1 or {"target", "sockaddr", "sockaddr_out", "argv"} & set(
+            s.args
+        ):
+            continue
+        at = s.args.index("path")
+        if at == 0 or (at == 1 and s.args[0] == "dirfd"):
+            out.add(s.name)
+    return frozenset(out)
+
+
+def _skips(table: SyscallTable, skip: PathSkip) -> list[tuple[int, int]]:
+    """(nr, how) of `skip`'s calls for the C loop: -1 for a listing, else the index of
+    the path argument."""
+    judged = single_path_calls(table)
+    out = []
+    for nr, s in table.items():
+        if s.name in skip.listings:
+            out.append((nr, -1))
+        elif s.name in skip.paths and s.name in judged:
+            out.append((nr, s.args.index("path")))
+    return out
 
 
 def interception_filter(

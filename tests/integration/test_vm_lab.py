@@ -401,6 +401,11 @@ ONE_COMPUTER = r"""
 sleep 30 & p=$!
 /bin/sh -c 'kill $1 && echo "kill of a sibling: sent"' _ $p
 wait $p; echo "the sibling died by it: $?"
+sleep 300 & q=$!
+stat=; until [ "${stat#* (sleep) S }" != "$stat" ]; do sleep 0.1; read stat < /proc/$q/stat; done
+/bin/sh -c 'test -d /proc/$1 && echo "/proc of a sibling: a directory"
+  echo "its comm: $(cat /proc/$1/comm), ps: $(/bin/ps -o comm= -p $1)"' _ $q
+kill $q; wait $q
 /bin/sh -c 'kill -0 $PPID && echo "kill -0 of its parent at home: ok"'
 /bin/sh -c 'kill -0 $1 2>/dev/null; echo "kill of a pid that is gone: $?"' _ $GONE
 me=$$; /bin/sh -c "[ \$PPID = $me ] && echo 'placed \$PPID is home \$\$: ok'"
@@ -457,6 +462,7 @@ def test_one_computer_across_guests_signals_pids_pipes_and_pools(booted: Lab) ->
     assert res.returncode == 0, err
     want = native.stdout.decode()
     assert "the sibling died by it: 143" in want and "seq: 141" in want
+    assert "its comm: sleep, ps: sleep" in want
     assert "the forked child died by signal 10" in want and "placed kill: sent" in want
     assert sorted(res.stdout.decode().splitlines()) == sorted(want.splitlines()), err
 

@@ -16,9 +16,10 @@ from tracer.coordinator import (
     ProcessUsage,
     SyscallCall,
 )
+from tracer.runner import PathSkip, skips_available
 from tracer.syscalls import by_name
 from vmagent.exec import protocol as P
-from vmagent.trace import channel
+from vmagent.trace import channel, procview
 from vmagent.trace.host import at_cwd_only, coordinator_for, interception
 from vmagent.trace.listeners import net_calls
 from vmagent.trace.placing import PID_CALLS, SIGWAIT, InstanceCoordinator
@@ -116,11 +117,22 @@ def test_interception_is_every_exec_plus_the_views_paths() -> None:
     # issue 14: lock calls (vmagent.trace.filelocks); issue 11: sigwaitinfo (its sender)
     # and the paths that can name /proc/N (those with a dirfd only from AT_FDCWD)
     want = {"execve", "execveat", "flock", "fcntl"} | PID_CALLS | net_calls() | SIGWAIT
-    assert plain == want  # no maps: no stop per path (/proc/N is served with maps only)
-    assert at_cwd_only(TABLE, ()) == frozenset()
+    if skips_available():
+        # no maps: the paths stop for /proc/N alone, and the C loop lets the others go
+        assert plain == want | procview.CALLS
+        assert at_cwd_only(TABLE, ()) == procview.AT_CALLS
+        skip = coordinator_for(TABLE, (), lambda _m: None).skippable()
+        assert skip == PathSkip((b"/proc",), procview.PATH_CALLS, procview.LISTING_CALLS)
+    else:
+        assert plain == want  # no maps and no C loop: no stop per path
+        assert at_cwd_only(TABLE, ()) == frozenset()
     mapped = interception(TABLE, (("/mnt/v", "/srv"),))
     assert {"execve", "openat", "getcwd"} <= mapped
     assert "openat" not in at_cwd_only(TABLE, (("/mnt/v", "/srv"),))  # the map's: always
+    skip = coordinator_for(TABLE, (("/mnt/v", "/srv"),), lambda _m: None).skippable()
+    assert skip is not None and {"openat", "stat", "unlink"} <= skip.paths
+    assert "execve" not in skip.paths and "rename" not in skip.paths  # two paths: Python
+    assert {b"/proc", b"/dev/fd", b"/mnt/v", b"/srv"} <= set(skip.prefixes)
 
 
 def test_coordinator_reports_events_and_runs_execs_here() -> None:

@@ -79,12 +79,12 @@ def coordinator_for(
 ) -> InstanceCoordinator:
     """T's coordinator for a view with path `maps` (placing execs through `ask`, if given;
     sending signals for pids elsewhere through `home`)."""
-    inner: Coordinator = EmbeddedCoordinator(table, PathMap(dict(maps)))
-    if ask is not None:
-        inner = PlacingCoordinator(inner, ask)
+    embedded = EmbeddedCoordinator(table, PathMap(dict(maps)))
+    inner: Coordinator = embedded if ask is None else PlacingCoordinator(embedded, ask)
     return InstanceCoordinator(
-        inner, report, source, locks=locks, listeners=listeners, home=home, proc=proc
-    )
+        inner, report, source, locks=locks, listeners=listeners, home=home, proc=proc,
+        view=(table, embedded.acts_under()),
+    )  # fmt: skip
 
 
 def interception(table: SyscallTable, maps: tuple[tuple[str, str], ...]) -> frozenset[str]:
@@ -245,8 +245,9 @@ class HostRunner(Runner):
 
     def __init__(self, tracer: Tracer, coordinator: InstanceCoordinator) -> None:
         super().__init__(
-            (), {}, "", tracer.table, coordinator, trace_all=False, measure=measure_exit
-        )
+            (), {}, "", tracer.table, coordinator, trace_all=False, measure=measure_exit,
+            skip=coordinator.skippable(),
+        )  # fmt: skip
         self.tracer = tracer
         self.waker = 0
         self.waker_locks = False  # the waker also watches the lock socket (calls wait)
@@ -366,7 +367,7 @@ class HostRunner(Runner):
         try:
             while machine.alive:
                 try:
-                    pid, status, usage = os.wait4(-1, WALL)
+                    pid, status, usage = self._wait()
                 except ChildProcessError:
                     log.warning("no traced process left, %d unaccounted for", len(machine.threads))
                     return

@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tracer import ptraceio
 from tracer.coordinator import (
@@ -33,6 +33,7 @@ from tracer.coordinator import (
     SyscallCall,
 )
 from tracer.decode import signed
+from tracer.runner import PathSkip, single_path_calls, skips_available
 from vmagent.cluster.advisor import Advisor
 from vmagent.cluster.coordinator import ClusterCoordinator, Ident, Target
 from vmagent.cluster.placement import HOME, Placement
@@ -42,6 +43,9 @@ from vmagent.trace import channel, placer, procview
 from vmagent.trace.filelocks import LOCK_CALLS, LockForwarder
 from vmagent.trace.listeners import Listeners, net_calls
 from vmagent.trace.pidspace import PidSpace
+
+if TYPE_CHECKING:
+    from tracer.syscalls import SyscallTable
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,7 @@ class InstanceCoordinator:
         listeners: Listeners | None = None,
         home: SignalHome | None = None,
         proc: HomeProc | None = None,
+        view: tuple[SyscallTable, tuple[bytes, ...]] | None = None,
     ) -> None:
         self.inner = inner
         self.report = report
@@ -187,12 +192,13 @@ class InstanceCoordinator:
         # Lock calls always stop (the filter is built without a forwarder).
         net = net_calls()
         self._names = self._inner_names | EXEC_CALLS | PID_CALLS | LOCK_CALLS | net | SIGWAIT
-        # /proc/N of the program's pids (issue 11): only where the view stops path calls
-        # already (its maps: the shared cwd, volumes), so a view without maps pays no stop
-        # per path (a placed Python's start-up stopped thousands of times).
-        self._proc_calls = (
-            procview.CALLS if self._inner_names & procview.PATH_CALLS else frozenset()
-        )
+        # /proc/N of the program's pids (issue 11): where the view stops path calls
+        # already (its maps: the shared cwd, volumes), or where the C loop lets every
+        # other path go at its stop (`skippable`: a placed Python's start-up stops about
+        # a thousand times, a few µs each there against ~100 µs through Python).
+        maps = bool(self._inner_names & procview.PATH_CALLS)
+        self._proc_calls = procview.CALLS if maps or skips_available() else frozenset()
+        self._skip = self._skippable(view, maps, self._names - self._inner_names)
         self._names |= self._proc_calls
         self._net_names = net - self._inner_names
         self._shared_net = net & self._inner_names
@@ -208,6 +214,31 @@ class InstanceCoordinator:
         """The view's calls, every exec, the calls that return or take pids, locks,
         and listen/close (listening sockets)."""
         return self._names
+
+    def skippable(self) -> PathSkip | None:
+        """The calls trapped for their paths alone, which the runner's C loop lets go
+        unseen here when they cannot name a path under /proc or the view's maps."""
+        return self._skip
+
+    def _skippable(
+        self,
+        view: tuple[SyscallTable, tuple[bytes, ...]] | None,
+        maps: bool,
+        mine: frozenset[str],
+    ) -> PathSkip | None:
+        """`skippable`: what `_proc_path` and `_listing_call` would allow as it is, and
+        what the inner coordinator leaves to the kernel (`view`: the table and the
+        prefixes it acts under, `EmbeddedCoordinator.acts_under`).  None: every call
+        stops in Python (a view with maps but not what to judge them by)."""
+        listings = procview.LISTING_CALLS - mine - self._inner_names
+        if not maps:
+            paths = procview.PATH_CALLS - mine - self._inner_names
+            return PathSkip((b"/proc",), paths, listings)
+        if view is None:
+            return None
+        table, acts_under = view
+        paths = (single_path_calls(table) & (self._inner_names | procview.PATH_CALLS)) - mine
+        return PathSkip((b"/proc", *acts_under), paths, listings)
 
     def on_syscall(self, call: SyscallCall) -> Decision | Defer:
         """An exec asks the placement source (and runs here without a grant)."""
