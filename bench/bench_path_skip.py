@@ -1,6 +1,6 @@
 """What trapping path calls for /proc costs a placed process (issue 11), three ways.
 
-Usage: python bench/bench_path_skip.py [--rounds N]
+Usage: python bench/bench_path_skip.py [--rounds N] [--pin CPU]
 
 An instance tracer serves /proc/N of a sibling held elsewhere by trapping the path
 calls and getdents64 (`vmagent.trace.procview`).  Each workload runs natively and
@@ -17,6 +17,11 @@ which these workloads never touch, so every call is the kernel's as it is.
 The traced run is timed inside its driver process (the driver's own start-up is
 not in the figure); cases run interleaved round by round, and the ratios to `base`
 are taken within each round (min / median over the rounds).
+
+`--pin CPU` runs everything on one CPU.  On a virtual machine whose idle vCPUs halt
+(this workplace's), a ptrace stop that wakes the tracer on the other vCPU and the
+resume that wakes the tracee back cost ~70 µs of wake-ups; on one CPU they are a
+context switch (~4 µs), so both figures are worth a look.
 """
 
 from __future__ import annotations
@@ -116,13 +121,18 @@ def run(mode: str, argv: list[str]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--pin", type=int, help="run every process on this CPU")
     args = ap.parse_args()
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})
     try:
         from tracer import _fastpath  # noqa: F401
     except ImportError:
         msg = "bench_path_skip: tracer._fastpath is not built (pip install -e .)"
         raise SystemExit(msg) from None
-    print(f"# {os.cpu_count()} CPUs, {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
+    pinned = f", pinned to CPU {args.pin}" if args.pin is not None else ""
+    print(f"# {os.cpu_count()} CPUs{pinned}, {args.rounds} rounds,"
+          f" load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"{'workload':28} {'mode':12} {'wall min':>9} {'median':>9} {'to python':>9}"
           f" {'x base min':>10} {'median':>7} {'x native':>8}")  # fmt: skip
     for name, argv in WORKLOADS.items():
