@@ -258,7 +258,7 @@ class Runner:
 
     def _wait(self) -> tuple[int, int, Usage]:
         """The next stop of any traced thread (without --trace: through the C loop,
-        which first lets go the calls of `skip` that cannot name its prefix)."""
+        which first lets go the calls of `skip` that cannot name its prefixes)."""
         if self._fast is None:
             return os.wait4(-1, WALL)
         pid, status, utime, stime, maxrss, _none = self._fast.next()  # no call in flight

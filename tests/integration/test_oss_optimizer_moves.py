@@ -2,7 +2,7 @@
 
 A real `dcp-oss serve` with two pools of namespaced local instances: `p` (fast:
 the instance gets what the host gives it) and `p-slow`, whose instances are
-limited to a twentieth of one CPU by a cgroup CPU quota (the local provider's
+limited to a tenth of one CPU by a cgroup CPU quota (the local provider's
 `make_slow`).  The agents measure their CPU score at registration (the slow one
 scores lower because of the quota: measured, not declared).  A CPU-bound program
 placed by a real `dcptrace --oss` on the cheaper slow instance is moved to the
@@ -33,21 +33,25 @@ pytestmark = [pytest.mark.usefixtures("has_ptrace"), pytest.mark.slow, pytest.ma
 
 # ROUNDS rounds of pure-Python work (0: until FLAG.stop exists), a line each; where it
 # runs goes to FLAG.host (the instance, from its agent's command line), not stdout, so
-# stdout is the same wherever it ran; exit 5.
+# stdout is the same wherever it ran; exit 5.  Its files are looked at every tenth
+# round: each look stops it in its instance tracer, which on a throttled instance
+# can wait for the next quota period, and a process stopped that often is not
+# CPU-bound to the optimizer (it is not runnable while stopped).
 WORK = r"""
 import os, sys
 rounds, flag = int(sys.argv[1]), sys.argv[2]
 x, i = 1, 0
-while (i < rounds) if rounds else not os.path.exists(flag + ".stop"):
+while (i < rounds) if rounds else not (i % 10 == 0 and os.path.exists(flag + ".stop")):
     for _ in range(100_000):
         x = (x * 1103515245 + 12345) & 0x7FFFFFFF
     print(i, x, flush=True)
-    cmd = open("/proc/1/cmdline", "rb").read().split(b"\0")
-    where = cmd[cmd.index(b"--hostname") + 1].decode() if b"--hostname" in cmd else "home"
-    cpu = [ln for ln in open("/proc/self/cgroup").read().splitlines() if ":cpu" in ln]
-    with open(flag + ".host.tmp", "w") as f:
-        f.write(where + "\n" + "".join(cpu))
-    os.rename(flag + ".host.tmp", flag + ".host")
+    if i % 10 == 0:
+        cmd = open("/proc/1/cmdline", "rb").read().split(b"\0")
+        where = cmd[cmd.index(b"--hostname") + 1].decode() if b"--hostname" in cmd else "home"
+        cpu = [ln for ln in open("/proc/self/cgroup").read().splitlines() if ":cpu" in ln]
+        with open(flag + ".host.tmp", "w") as f:
+            f.write(where + "\n" + "".join(cpu))
+        os.rename(flag + ".host.tmp", flag + ".host")
     i += 1
 sys.exit(5)
 """
@@ -66,7 +70,7 @@ def _cpu_controller_or_skip() -> None:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    """Pool p-slow: one instance at a twentieth of a CPU (price 10/s); pool p of a fast type
+    """Pool p-slow: one instance at a tenth of a CPU (price 10/s); pool p of a fast type
     (price 100/s), empty until the test fills it."""
     _cpu_controller_or_skip()
     serve = (
@@ -92,7 +96,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 def _dcptrace(lab: Lab, token: str, rounds: int, flag: str) -> subprocess.Popen[bytes]:
     env = dict(traced_env(), DCP_TOKEN=token)
     env.pop("DCP_OSS_FALLBACK", None)
-    # --no-share-cwd: the slow instance's whole quota (a twentieth of a CPU) would be
+    # --no-share-cwd: the slow instance's whole quota (a tenth of a CPU) would be
     # shared by its dcpfs and two CPU-bound programs; FLAG.host through the program's
     # storage took minutes there.  A move of a process writing in the shared cwd:
     # test_oss_migrate.py (the same move).

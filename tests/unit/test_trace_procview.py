@@ -161,3 +161,25 @@ def test_a_listing_of_proc_ends_with_home_s_pids_and_asks_home_once(
         assert c._scan == {} and c._listed == {}
     finally:
         os.close(fd)
+
+
+def test_a_pid_that_is_not_the_program_s_is_asked_home_once_a_second() -> None:
+    asked: list[int] = []
+    now = [100.0]
+
+    def fetch(pid: int) -> dict[str, bytes] | None:
+        asked.append(pid)
+        return {"comm": b"sleep\n"} if pid == 7 else None
+
+    snaps = procview.Snapshots(fetch, clock=lambda: now[0])
+    try:
+        uid, gid = os.geteuid(), os.getegid()
+        assert snaps.path(1, uid, gid) is None and snaps.path(1, uid, gid) is None
+        assert asked == [1]  # known not home's: the instance's own /proc/1, no round trip
+        first = snaps.path(7, uid, gid)
+        second = snaps.path(7, uid, gid)
+        assert first and second and first != second and asked == [1, 7, 7]  # fresh each read
+        now[0] += procview.ABSENT_FOR + 0.01
+        assert snaps.path(1, uid, gid) is None and asked == [1, 7, 7, 1]  # asked again
+    finally:
+        snaps.close()

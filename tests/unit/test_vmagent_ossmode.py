@@ -318,3 +318,67 @@ def test_openapi_documents_the_exec_key_grants_and_hint() -> None:
     assert "avoid" in schemas["PlacementRequest"]["properties"]
     assert not any("exec_key" in s.get("properties", {}) for n, s in schemas.items()
                    if n != "AgentRegister")  # fmt: skip
+
+
+# -- an instance that cannot mount the program's storage -----------------------------------
+
+
+class _Answer:
+    """What `OssClient.place` returns, as far as `OssProgramLink.place` reads it."""
+
+    def __init__(self, instance: str) -> None:
+        grant = type("G", (), {"instance": instance, "address": "10.0.0.9:7070", "tickets": ["t"]})
+        self.exec_grants = [grant]
+        self.assignments: list[object] = []
+
+
+def test_an_instance_that_cannot_mount_the_storage_is_said_once_and_then_avoided(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import concurrent.futures
+
+    from vmagent.cluster.ossmode import OssProgramLink
+
+    cfg = OssModeConfig.load("http://o:1", "spread", {"DCP_TOKEN": "tok"})
+    link = OssProgramLink(cfg, storage=object())
+    asked: list[list[str]] = []  # each placement's `avoid`
+    mounts: list[str] = []
+    released: list[str] = []
+
+    class Client:
+        def place(self, pid: str, n: int, avoid: list[str], exec_as: object) -> str:
+            asked.append(avoid)
+            return "vm2" if "vm2" not in avoid else "vm3"
+
+    class Storage:
+        def request(self, method: str, path: str, body: dict[str, str]) -> dict[str, str]:
+            return body
+
+    def call(body: object, _timeout: float) -> None:  # the OSS relays the mount
+        if isinstance(body, dict) and "instance" in body:
+            mounts.append(body["instance"])
+            if body["instance"] == "vm2":
+                raise TimeoutError("the agent did not mount")
+
+    done: concurrent.futures.Future[str | None] = concurrent.futures.Future()
+    done.set_result("p1")
+    link._submitted = done
+    link._spec_given = True
+    link._client = Client()  # type: ignore[assignment]
+    link._storage_client = Storage()  # type: ignore[assignment]
+    link._call = lambda where: _Answer(where)  # type: ignore[assignment,method-assign,return-value]
+    link._bridge.call = call  # type: ignore[assignment,method-assign]
+    link.release = released.append  # type: ignore[method-assign]
+    ident = Ident(0, 0, (), "d" * 64)
+    try:
+        with caplog.at_level("WARNING"):
+            assert link.place(["home"], ident) is None  # vm2 cannot mount: runs here
+            grant = link.place(["home"], ident)
+            assert grant is not None and grant.instance == "vm3"
+            assert link.place(["home"], ident) is not None
+    finally:
+        link._bridge.close(5.0)
+    assert asked == [["home"], ["home", "vm2"], ["home", "vm2"]]
+    assert mounts == ["vm2", "vm3"] and released == ["vm2"]
+    said = [r.getMessage() for r in caplog.records if "not mounted on vm2" in r.getMessage()]
+    assert len(said) == 1 and "processes placed there run here" in said[0], said

@@ -614,6 +614,8 @@ class OssProgramLink:
         self._spec_given = False  # the spec goes to the OSS with the first mount
         self._cwd_note = cwd_note  # why the cwd is not shared: said at the first placement
         self._mounted: set[str] = set()
+        # A mount failed there: said once, avoided by every later placement.
+        self._unmountable: set[str] = set()
         self._storage_client = (
             OssClient(config.url, config.token, timeout=STORAGE_TIMEOUT) if storage else None
         )
@@ -752,7 +754,7 @@ class OssProgramLink:
                 self._client.place(
                     pid,
                     1,
-                    list(avoid),
+                    [*avoid, *sorted(self._unmountable)],  # where the storage is not: never
                     exec_as={
                         "uid": ident.uid,
                         "gid": ident.gid,
@@ -798,6 +800,8 @@ class OssProgramLink:
 
         if self.storage is None or instance in self._mounted:
             return True
+        if instance in self._unmountable:
+            return False  # said once: no second wait for a mount that failed
         assert self._storage_client is not None
         path = f"/v1/programs/{pid}/storage/mounts"
         try:
@@ -813,6 +817,7 @@ class OssProgramLink:
                 STORAGE_TIMEOUT + 5,
             )
         except (errors.OssError, TimeoutError, StorageError) as exc:
+            self._unmountable.add(instance)
             self._warn_once(
                 f"mount:{instance}",
                 f"the program's storage is not mounted on {instance} ({_reason(exc)}): "

@@ -15,7 +15,7 @@ the OSS process ends, however it ends, its local instances stop by themselves.
 
 `cpu_quota` (root, a cgroup CPU controller: v2 `cpu.max` or v1 `cpu.cfs_quota_us`)
 makes slow instances: each agent, and everything its instance runs, gets at most
-that fraction of one CPU (`make_slow`: a twentieth) from the moment it listens (its own
+that fraction of one CPU (`make_slow`: a tenth) from the moment it listens (its own
 start-up at that rate would take minutes; the CPU score it measures when it
 registers comes after, and sees the quota).  Issue 12: a slow pool beside a fast
 one, for the optimizer's moves to faster instances.
@@ -45,7 +45,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 STOP_WAIT = 5.0  # seconds an agent has to stop on SIGTERM before SIGKILL
 CGROUP = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000  # the quota's period (the kernel's default)
-SLOW_QUOTA = 0.05  # make_slow: a twentieth of one CPU per instance (the agent takes ~1.5% of it)
+SLOW_QUOTA = 0.1  # make_slow: a tenth of one CPU per instance (the agent takes ~1.5% of it)
 
 
 def _children(pid: int) -> list[int]:
@@ -261,6 +261,6 @@ def make() -> LocalInstanceProvider:
 
 
 def make_slow() -> LocalInstanceProvider:
-    """Slow local instances, a twentieth of one CPU each (`--provider
+    """Slow local instances, a tenth of one CPU each (`--provider
     slow=vmagent.cluster.provider:make_slow`; demos and tests of optimizer moves)."""
     return LocalInstanceProvider(cpu_quota=SLOW_QUOTA)

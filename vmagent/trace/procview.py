@@ -25,6 +25,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 
 FILES = ("stat", "status", "cmdline", "comm")
@@ -41,6 +42,8 @@ AT_CALLS = frozenset({"openat", "newfstatat", "statx", "faccessat", "faccessat2"
 LISTING_CALLS = frozenset({"getdents64"})
 CALLS = PATH_CALLS | LISTING_CALLS
 DT_DIR = 4
+ABSENT_FOR = 1.0  # s a pid found not to be the program's at home is taken as such
+ABSENT_MAX = 4096  # remembered absent pids before the expired ones are dropped
 DIRENT = struct.Struct("<QqHB")  # linux_dirent64 head: ino, off, reclen, type
 
 
@@ -68,13 +71,26 @@ def dirents(pids: Iterable[int], room: int) -> bytes:
 
 
 class Snapshots:
-    """Private copies of home's /proc/N, fetched through `fetch` (None: no such process)."""
+    """Private copies of home's /proc/N, fetched through `fetch` (None: no such process).
 
-    def __init__(self, fetch: Callable[[int], dict[str, bytes] | None]) -> None:
+    A pid that is no process of the program at home is remembered as such for
+    `ABSENT_FOR` seconds: a program that reads /proc/N of a process of the instance
+    (`/proc/1/cmdline`, a monitor's loop) pays the round trip home once a second, not
+    at every read.  Only a pid the program did not have a moment ago and forks at
+    home within that second reads the instance's /proc/N (nothing) meanwhile.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[int], dict[str, bytes] | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.fetch = fetch
+        self.clock = clock
         self.root = ""  # made at the first read: 0711, root's (entries are per user)
         self._seq = 0
         self._last: dict[int, str] = {}  # pid -> its newest snapshot
+        self._absent: dict[int, float] = {}  # pid -> until when it is known not home's
 
     def _root(self) -> str:
         if not self.root:
@@ -84,10 +100,17 @@ class Snapshots:
 
     def path(self, pid: int, uid: int, gid: int) -> bytes | None:
         """A fresh snapshot directory of /proc/`pid` for user `uid`; None: none at home."""
+        now = self.clock()
+        if self._absent.get(pid, now) > now:
+            return None
         files = self.fetch(pid)
         if files is None:
+            if len(self._absent) >= ABSENT_MAX:
+                self._absent = {p: t for p, t in self._absent.items() if t > now}
+            self._absent[pid] = now + ABSENT_FOR
             self._drop(pid)
             return None
+        self._absent.pop(pid, None)
         self._seq += 1
         where = os.path.join(self._root(), f"{pid}.{self._seq}")
         os.mkdir(where, 0o700)
