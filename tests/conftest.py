@@ -117,6 +117,17 @@ def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
     return predicate()
 
 
+def needs_fastpath() -> None:
+    """Skip the calling test module (with the reason) where tracer._fastpath is not built."""
+    try:
+        from tracer import _fastpath  # noqa: F401
+    except ImportError:
+        pytest.skip(
+            "tracer._fastpath is not built (pip install -e . or setup.py build_ext --inplace)",
+            allow_module_level=True,
+        )
+
+
 def compile_c(directory: Path, source: str, name: str, *flags: str) -> Path:
     """Compile a C test program with gcc; skip (saying why) where that cannot be done."""
     import shutil

@@ -16,10 +16,10 @@
  * names, O_* flags) are handed in by Python, so the two paths share one source.
  *
  * Without --trace it can also let go, at their seccomp stop, the calls a
- * coordinator traps for one path prefix alone (an instance tracer's /proc view,
- * issue 11): a call whose path cannot be under the prefix, or a directory listing
- * of another directory, is resumed here with no round trip through Python
- * (`skip`, `may_name`).
+ * coordinator traps for the paths under a few prefixes alone (an instance
+ * tracer's: /proc for siblings held elsewhere, issue 11, and the view's maps): a
+ * call whose path cannot be under one, or a listing of another directory, is
+ * resumed here with no round trip through Python (`skip`, `may_name`).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -464,6 +464,13 @@ static ssize_t link_of(int tid, const char *what, char *into, size_t size) {
     return readlink(link, into, size);
 }
 
+/* What descriptor `fd` of thread `tid` names (link_of /proc/TID/fd/FD). */
+static ssize_t fd_link(int tid, uint64_t fd, char *into, size_t size) {
+    char what[32];
+    snprintf(what, sizeof what, "fd/%d", (int)fd);
+    return link_of(tid, what, into, size);
+}
+
 /* Could this call of thread `tid` name something under a prefix?  1 when it
    could or when that cannot be told (Python decides, as without this loop), 0
    when it cannot.  Lexically, as the coordinators decide (`oss.storage.pathmap`
@@ -476,9 +483,7 @@ static int may_name(Loop *self, int tid, int nr, const uint64_t *args) {
     int how = self->skip[nr];
     char target[2 * PATH_LIMIT + 2];
     if (how == S_LISTING) {
-        char fd[32];
-        snprintf(fd, sizeof fd, "fd/%d", (int)args[0]);
-        ssize_t n = link_of(tid, fd, target, PATH_LIMIT);
+        ssize_t n = fd_link(tid, args[0], target, PATH_LIMIT);
         if (n < 0) return 1;
         for (int i = 0; i < self->n_prefixes; i++)
             if ((size_t)n == self->prefix_lens[i] && !memcmp(target, self->prefixes[i], (size_t)n))
@@ -493,14 +498,9 @@ static int may_name(Loop *self, int tid, int nr, const uint64_t *args) {
     if (n > 0 && path[0] == '/') return under_prefix(self, path, (size_t)n);
     /* Relative (or empty, with AT_EMPTY_PATH): from its directory (a directory
        descriptor before the path, or the working directory). */
-    ssize_t m;
-    if (self->specs[nr].fmt[0] == F_DIRFD && (int)args[0] != AT_FDCWD_VALUE) {
-        char fd[32];
-        snprintf(fd, sizeof fd, "fd/%d", (int)args[0]);
-        m = link_of(tid, fd, target, PATH_LIMIT);
-    } else {
-        m = link_of(tid, "cwd", target, PATH_LIMIT);
-    }
+    ssize_t m = self->specs[nr].fmt[0] == F_DIRFD && (int)args[0] != AT_FDCWD_VALUE
+                    ? fd_link(tid, args[0], target, PATH_LIMIT)
+                    : link_of(tid, "cwd", target, PATH_LIMIT);
     if (m < 0 || m >= PATH_LIMIT) return 1;
     if (m == 0 || target[0] != '/') return 0;  /* a pipe, a socket...: no directory of a path */
     size_t len = (size_t)m;

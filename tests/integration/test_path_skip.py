@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, compile_c
+from tests.conftest import REPO, compile_c, needs_fastpath
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
-try:
-    from tracer import _fastpath  # noqa: F401
-except ImportError:
-    pytest.skip(
-        "tracer._fastpath is not built (pip install -e . or setup.py build_ext --inplace)",
-        allow_module_level=True,
-    )
+needs_fastpath()
 
 CALLS_C = r"""
 #define _GNU_SOURCE

@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compile_c, dcptrace_argv, traced_env
+from tests.conftest import compile_c, dcptrace_argv, needs_fastpath, traced_env
 
 pytestmark = pytest.mark.usefixtures("has_ptrace")
 
-try:
-    from tracer import _fastpath  # noqa: F401
-except ImportError:
-    pytest.skip(
-        "tracer._fastpath is not built (pip install -e . or setup.py build_ext --inplace)",
-        allow_module_level=True,
-    )
+needs_fastpath()
 
 # Every argument format the C loop renders, errors, a string running into an
 # unreadable page, a signal handled mid-run.
