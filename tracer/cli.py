@@ -187,8 +187,8 @@ written: the program ran, but what was asked of dcptrace is lost.""",
 @click.option(
     "--share-cwd/--no-share-cwd",
     default=None,
-    help="Make the working directory one namespace on every instance (default: on with "
-    "--instances, off with --oss).",
+    help="Make the working directory one namespace on every instance, local or VM "
+    "(default: on; not / or $HOME).",
 )
 @click.option("--config", "config_path", metavar="FILE", help="TOML configuration file.")
 @click.option(

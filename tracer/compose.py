@@ -76,8 +76,8 @@ def coordinator(
     process carries and its instance applies.  `note` takes the placement
     decisions' log lines (the run's record in the local OSS state); `profiles` the
     file of the programs' past run times the cost model reads (and writes back at
-    the end with `keep_profiles`).  With `share_cwd` (default: local instances
-    only) the working directory joins the declared paths (`with_cwd`).
+    the end with `keep_profiles`).  Unless `share_cwd` is False the working
+    directory joins the declared paths (`with_cwd`).
     `checkpoint_every` (issue 12): checkpoint placed processes that often, to
     restore them elsewhere when their instance is lost.
     """
@@ -87,12 +87,11 @@ def coordinator(
         yield inner
         return
     cwd_note = None
-    # By default the working directory is shared with local instances only: under
-    # --oss it is asked for (--share-cwd; docs/STORAGE.md): with it on by default,
-    # execs placed again from an instance were not placed (test_recursive_grandchild)
-    # and an optimizer move's starved instance did not start the programs in time.
-    if share_cwd if share_cwd is not None else oss_url is None:
-        volumes, cwd_note = with_cwd(volumes, instances, oss_url, maps or {})
+    # The working directory is one namespace on every instance, local or VM, unless
+    # --no-share-cwd (docs/STORAGE.md); `/`, which no one shares, goes unsaid unless
+    # asked for (a run from `/` means to start placed processes in the instance's).
+    if share_cwd is not False:
+        volumes, cwd_note = with_cwd(volumes, instances, oss_url, maps or {}, bool(share_cwd))
     try:
         import vmagent.cluster.coordinator  # noqa: F401  (a missing package: one line)
     except ImportError as exc:
@@ -152,7 +151,11 @@ def volume_dirs(
 
 
 def with_cwd(
-    volumes: tuple[str, ...], instances: int, oss_url: str | None, maps: dict[str, str]
+    volumes: tuple[str, ...],
+    instances: int,
+    oss_url: str | None,
+    maps: dict[str, str],
+    asked: bool = False,
 ) -> tuple[tuple[str, ...], str | None]:
     """The declared paths and the working directory, when it can be shared (issue 14).
 
@@ -164,7 +167,8 @@ def with_cwd(
     the user's private state (`/`, `$HOME` and its ancestors, the DCP state), which
     local instances share through this machine's disk anyway; and, on local
     instances, whenever the agents cannot mount (not root, no mfusepy): the same
-    disk shares it then, as before.
+    disk shares it then, as before.  `/` goes unsaid unless the sharing was `asked`
+    for: a run from `/` starts its placed processes in the instance's own on purpose.
     """
     try:
         cwd = os.path.normpath(os.getcwd())
@@ -178,8 +182,8 @@ def with_cwd(
         return volumes, None
     why = _private_dir(cwd)
     if why is not None:
-        if local:
-            return volumes, None  # the instances share this machine's disk
+        if local or (cwd == "/" and not asked):
+            return volumes, None  # the instances share this machine's disk, or nobody asked
         return volumes, (
             f"the working directory {cwd} is not shared with the instances ({why}): "
             "processes placed there start in their instance's own; --volume DIR shares one"

@@ -42,8 +42,7 @@ class FileConfig(BaseModel):
     placement:  spread | pack | local (like --placement)
     oss:        URL of a running dcp-oss (like --oss)
     volumes:    paths that are one namespace on every instance (like --volume)
-    share_cwd:  the working directory joins them (default: with `instances`, not
-                with `oss`; --share-cwd / --no-share-cwd)
+    share_cwd:  the working directory joins them (default: yes; --no-share-cwd)
     storage:    tiers, policy and limit of those paths (oss.storage.run.TABLE_KEYS)
     checkpoint_every: seconds between checkpoints of placed processes, which are
                 restored on another instance when theirs is lost (like --checkpoint-every)

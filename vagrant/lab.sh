@@ -185,8 +185,8 @@ or the same through this script:
 
   $HERE/lab.sh run sh -c 'cat /etc/hostname; cat /etc/hostname'
 
-Programs start in /, a directory every instance has: until DCP's storage
-namespace lands, the instances have no copy of your own directories.
+Programs start in /, a directory every instance has (from another directory,
+that directory is served to the instances by the run's storage server).
 Halt: ./lab.sh vagrant halt   start again: ./lab.sh up   remove: ./lab.sh down
 EOF
   ;;

@@ -188,6 +188,7 @@ def dcptrace(
     *argv: str,
     token: str | None = None,
     fallback: str | None = None,
+    flags: tuple[str, ...] = (),
     **opts: str,
 ) -> Any:
     env = traced_env()
@@ -202,6 +203,7 @@ def dcptrace(
     opts = {"placement": "spread", **opts}
     for k, v in opts.items():
         options += [f"--{k}", v]
+    options += flags
     return subprocess.run(
         [*dcptrace_argv(*options), "--", *argv],
         cwd=lab.data if lab else "/", env=env, capture_output=True, timeout=120,

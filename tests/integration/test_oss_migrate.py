@@ -10,6 +10,7 @@ CRIU is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -200,6 +201,17 @@ def test_a_migrate_nowhere_is_one_line_and_the_program_runs_on_where_it_was(lab:
     assert {h for _pid, _i, h in counted} == {source}
 
 
+def _storage_mounted(name: str) -> bool:
+    """Does instance `name` (its agent's mount namespace) have a program's dcpfs mounted?"""
+    for pid in _agent_of(name):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+                fields = line.split()
+                if fields[4].startswith("/run/dcp/fs/") and "fuse" in fields:
+                    return True
+    return False
+
+
 def _agent_of(name: str) -> list[int]:
     """The processes of instance `name`'s agent (its wrapper, itself, its zygote)."""
     found = [
@@ -229,6 +241,10 @@ def test_drain_moves_the_program_off_and_releases_the_instance(lab: Lab) -> None
         assert wait_for(lambda: _where(lab) == target, 30)
         states = {r["name"]: r["state"] for r in lab.get("/v1/instances", lab.admin)}
         assert states[source] == "destroyed", states
+        # The program's storage (its working directory) is still mounted on the target:
+        # the source's unmount at its release did not take it from there (local instances
+        # share this machine's disk; removing a mountpoint detaches it everywhere).
+        assert _storage_mounted(target), target
     finally:
         out, err = _finish(lab, p)
     assert p.returncode == 7, err

@@ -138,8 +138,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 def test_with_a_running_dcp_oss_an_instance_places_through_it(lab: Lab) -> None:
     """`--oss URL`: a placed sh's children are placed again by its agent over HTTP, logged."""
+    # Without the shared cwd: with it, an exec placed from an instance goes only where
+    # the storage is mounted, so the first ones run beside their parent while the
+    # other instance mounts (test_storage_oss.py covers that).
     res = dcptrace(lab, lab.url, "sh", "-c", "/bin/sh -c './marker.sh; ./marker.sh 4'",
-                   token=lab.token)  # fmt: skip
+                   token=lab.token, flags=("--no-share-cwd",))  # fmt: skip
     assert res.returncode == 4, res.stderr
     where = res.stdout.decode().split("\n")[:-1]
     # Each marker names the agent that started it: placed again, not the sh's child.

@@ -284,7 +284,10 @@ def test_a_nested_placements_line_is_logged_once(tlab: Lab) -> None:
     """A placed `sh` whose child is placed again: the child's lines come from its own
     instance and, relayed through the placing session's pipes, from the first one."""
     script = "sh -c './emit.sh deep; true'; true"
-    res = dcptrace(tlab, tlab.url, "sh", "-c", script, token=tlab.token, placement="spread")
+    # Without the shared cwd, whose first execs placed from an instance run beside
+    # their parent while the other instance mounts (test_storage_oss.py).
+    res = dcptrace(tlab, tlab.url, "sh", "-c", script, token=tlab.token, placement="spread",
+                   flags=("--no-share-cwd",))  # fmt: skip
     assert res.returncode == 0 and res.stdout == b"alpha\nbeta\ngamma", res.stderr.decode()
     prog = newest_program(tlab)
     done = settled(tlab, prog["id"], 1)

@@ -35,9 +35,11 @@ def test_a_directory_of_the_instance_or_of_private_files_is_not_shared(
     cwd = {"/": "/", "/proc": "/proc", "home": str(home), "home-parent": str(home.parent),
            "data-parent": str(tmp_path / "state")}[where]  # fmt: skip
     monkeypatch.chdir(cwd)
-    volumes, note = with_cwd((), 0, OSS, {})
+    volumes, note = with_cwd((), 0, OSS, {}, asked=True)
     assert volumes == ()
     assert note is not None and note.startswith(f"the working directory {cwd} is not shared")
+    # By default the same is said, but for `/`: a run from there means it.
+    assert with_cwd((), 0, OSS, {})[1] == (None if cwd == "/" else note)
     assert "--volume DIR" in note
     # Local instances share this machine's disk: nothing to say there.
     assert with_cwd((), 3, None, {})[1] is None

@@ -27,8 +27,9 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-FS_ROOT = Path("/run/dcp/fs")
-TIER_ROOT = Path("/run/dcp/tiers")
+RUN_ROOT = Path("/run/dcp")
+FS_ROOT = RUN_ROOT / "fs"
+TIER_ROOT = RUN_ROOT / "tiers"
 DISK_ROOT = Path("/var/tmp/dcp-tiers")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # A slow instance (a TCG guest, a CPU quota) starts dcpfs slowly; those who order a mount
@@ -94,6 +95,26 @@ def _mounted(path: str) -> bool:
         return False
 
 
+async def own_run_root() -> None:
+    """Give a local instance a `RUN_ROOT` of its own (a tmpfs in its mount namespace).
+
+    Local instances have mount namespaces of their own on this machine's disk, so
+    their mountpoints `FS_ROOT/NAME` are one directory.  Removing a directory
+    detaches what is mounted on it in every namespace: one instance removing its
+    mountpoint after its unmount (a drained instance, at its end) took the
+    program's namespace from under the processes of every other instance (a
+    process moved there found its working directory no longer at its path:
+    ENOENT).  A VM's /run is its own already; an agent is PID 1 only in the
+    namespaces a local instance starts it in (`unshare --pid --mount-proc`).
+    """
+    if os.getpid() != 1 or os.geteuid() != 0 or _mounted(str(RUN_ROOT)):
+        return
+    os.makedirs(RUN_ROOT, mode=0o755, exist_ok=True)
+    await _run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "dcp-run", str(RUN_ROOT)])
+    if not _mounted(str(RUN_ROOT)):
+        raise StorageMountError(f"could not mount this instance's own {RUN_ROOT}")
+
+
 class Mounts:
     """Mounted program namespaces of this instance."""
 
@@ -108,6 +129,7 @@ class Mounts:
             raise StorageMountError("bad storage name")
         if name in self.mounts:
             return self.mounts[name].mountpoint
+        await own_run_root()
         mountpoint = fs_root(name)
         memory_dir = str(TIER_ROOT / name / self.instance)
         disk_dir = str(DISK_ROOT / name / self.instance)
