@@ -154,6 +154,7 @@ class Oss:
             slots_per_cpu=config.slots_per_cpu,
             idle_grace=config.idle_grace,
             backoff_base=config.backoff_base,
+            released=self._released,
         )
         # Autoscaling: (time, instance type or None, processes) of placements refused
         # for want of capacity; the pool manager counts those of the last window.
@@ -973,6 +974,11 @@ class Oss:
                 instance,
             )
         self._outcomes.resolve(cmd.id, body.model_dump())
+
+    async def _released(self, instance: str) -> None:
+        """A provider destroyed the instance on purpose: the program storage it mounted
+        went with it (its agent unmounted), so a run's end orders it nothing."""
+        await self.storage.forget_instance(instance, "the instance was released")
 
     async def drain(self, instance: str) -> dict[str, Any]:
         """Move every program session off `instance`, then release it (its provider) or

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from oss.compute.instances import Instances
@@ -47,8 +47,10 @@ class PoolManager:
         slots_per_cpu: int = 1,
         idle_grace: float = 0.0,
         backoff_base: float = 1.0,
+        released: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        """`oss_log`: a line for the OSS log; `public_url`: the OSS URL new instances get."""
+        """`oss_log`: a line for the OSS log; `public_url`: the OSS URL new instances get;
+        `released`: told each instance a provider destroyed on purpose (idle, drained)."""
         self._instances = instances
         self._providers = providers
         self._log = oss_log
@@ -58,6 +60,7 @@ class PoolManager:
         self._slots_per_cpu = slots_per_cpu
         self._idle_grace = idle_grace
         self._base = backoff_base
+        self._released = released
         self._busy: set[str] = set()
         self._said: dict[str, str] = {}  # pool -> its last "cannot" line (said once)
 
@@ -153,6 +156,8 @@ class PoolManager:
                 await provider.destroy(name)
         except Exception as exc:  # provider code is foreign
             raise ProviderError(f"destroy {name}: {exc!r}", instance=name) from exc
+        if self._released is not None:
+            await self._released(name)
 
     async def _destroy_failed(self, pool: str, name: str, provider: Provider) -> None:
         """A failed instance (silent, or its create failed) is destroyed through its provider."""

@@ -216,12 +216,12 @@ class StorageRelay:
         fut.set_result((ok, error))
         return True
 
-    async def forget_instance(self, instance: str) -> None:
-        """The instance is gone: nothing of it to unmount, no order of it to wait for."""
+    async def forget_instance(self, instance: str, why: str = "the instance failed") -> None:
+        """The instance is gone (`why`): nothing of it to unmount, no order of it to wait for."""
         if self.saved is not None:
             await self.saved.forget_instance(instance)
         for instances in self.mounted.values():
             instances.discard(instance)
         for where, fut in self._waiting.values():
             if where == instance and not fut.done():
-                fut.set_result((False, "the instance failed"))
+                fut.set_result((False, why))
