@@ -462,7 +462,8 @@ NOT_VOLUMES = ("/proc", "/sys", "/dev", "/run/dcp")
 
 def _remove_instance_dirs(name: str) -> None:
     """What the instances' storage left on this machine's disk (a lost instance unmounts
-    nothing; local instances share this disk)."""
+    nothing; local instances share this disk: its disk tier always, `/run/dcp` only
+    for an agent not isolated, as a namespaced one mounts its own: `own_run_root`)."""
     import shutil
 
     from vmagent.storage.mounts import DISK_ROOT, FS_ROOT, TIER_ROOT
